@@ -1,0 +1,300 @@
+"""Base models: the built-in tiny-sd, hub ids, local diffusers folders and single-file checkpoints.
+
+Everything here imports torch and diffusers inside functions, so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bump when the tiny-sd recipe below changes: it is part of the base model identity.
+TINY_SD_VERSION = 1
+BUILTIN_MODELS = ("tiny-sd", "tiny-sd-v")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+
+
+class ModelError(Exception):
+    """A base model that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Where a base model comes from, as the project file names it."""
+
+    kind: str  # "builtin" | "hub" | "folder" | "file"
+    ref: str  # builtin name, hub id, or absolute path
+    revision: str | None = None
+    allow_pickle: bool = False
+
+    @classmethod
+    def parse(cls, value: str, project_dir: Path, revision: str | None = None, allow_pickle: bool = False):
+        if value in BUILTIN_MODELS:
+            return cls("builtin", value, None, allow_pickle)
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (project_dir / path).resolve()
+        if path.is_dir():
+            return cls("folder", str(path), None, allow_pickle)
+        if path.is_file() or value.endswith(SINGLE_FILE_SUFFIXES):
+            return cls("file", str(path), None, allow_pickle)
+        return cls("hub", value, revision, allow_pickle)
+
+    @property
+    def display(self) -> str:
+        if self.kind == "hub" and self.revision:
+            return f"{self.ref}@{self.revision}"
+        return self.ref
+
+
+# --- tiny-sd ---------------------------------------------------------------------------------------
+
+
+def dbl_home() -> Path:
+    """Per-user folder for things dbl makes once and reuses (the built-in models)."""
+    return Path(os.environ.get("DBL_HOME", Path.home() / ".cache" / "dbl"))
+
+
+def _byte_alphabet() -> list[str]:
+    # The printable stand-ins that byte-level BPE tokenizers (GPT-2, CLIP) use for the 256 byte values.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _tiny_tokenizer_vocab() -> dict[str, int]:
+    # A character-level CLIP vocabulary: every byte, alone and at the end of a word. No merges are
+    # needed, so any prompt tokenizes, and no file has to be downloaded.
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in _byte_alphabet():
+            vocab[ch + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
+    """Make a seeded, randomly initialised Stable Diffusion pipeline of a few MB in `folder`.
+
+    The layout is a hub model's (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    so loading it runs exactly the code that loads a real model. Native size: 64 x 64 pixels.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = _tiny_tokenizer_vocab()
+    eos = vocab["<|endoftext|>"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                layer_norm_eps=1e-5,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+_tiny_lock = threading.Lock()
+
+
+def ensure_builtin(name: str) -> Path:
+    """Return the folder of a built-in model, making it on first use (atomically)."""
+    folder = dbl_home() / "models" / f"{name}-v{TINY_SD_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    with _tiny_lock:
+        if (folder / "model_index.json").is_file():
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        build_tiny_sd(tmp, prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # Another process finished first; its copy is identical.
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    """Map the project's `device` setting to a torch device string."""
+    import torch
+
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise ModelError("device = 'cuda' but no CUDA device is available; set device = 'auto' or 'cpu'")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise ModelError("device = 'mps' but MPS is not available; set device = 'auto' or 'cpu'")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(mixed_precision: str, device: str):
+    """The compute dtype for frozen weights. On a CPU, half precision is ignored with a warning."""
+    import torch
+
+    if mixed_precision == "no":
+        return torch.float32
+    if device == "cpu":
+        warnings.warn(f"mixed_precision = '{mixed_precision}' is ignored on the CPU; computing in fp32", stacklevel=2)
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _check_pickle(path: Path, allow_pickle: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded, so dbl refuses them. "
+            "Convert it to .safetensors, or set allow_pickle = true in [project] if you trust the file."
+        )
+
+
+def model_folder(base: BaseModel) -> str:
+    """A path or hub id that from_pretrained accepts (builtin models are made on first use)."""
+    if base.kind == "builtin":
+        return str(ensure_builtin(base.ref))
+    return base.ref
+
+
+def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu"):
+    """Load the Stable Diffusion pipeline of a base model, without safety checker."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = dtype or torch.float32
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if base.kind == "file":
+            path = Path(base.ref)
+            if not path.is_file():
+                raise ModelError(f"base_model file {path} does not exist")
+            _check_pickle(path, base.allow_pickle)
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        else:
+            folder = model_folder(base)
+            _refuse_sdxl(folder, base)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder,
+                revision=base.revision if base.kind == "hub" else None,
+                use_safetensors=None if base.allow_pickle else True,
+                **kwargs,
+            )
+    except ModelError:
+        raise
+    except OSError as exc:
+        hint = ""
+        if base.kind == "hub":
+            hint = " (is the id right, and is the network or the Hugging Face cache available?)"
+        raise ModelError(f"cannot load base model {base.display}{hint}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _refuse_sdxl(folder: str, base: BaseModel) -> None:
+    index = Path(folder) / "model_index.json"
+    if index.is_file():
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        if "XL" in cls or "StableDiffusion3" in cls or "Flux" in cls:
+            raise ModelError(f"base model {base.display} is a {cls}; only Stable Diffusion 1.x and 2.x are supported yet")
+
+
+class ModelCache:
+    """Loaded base pipelines, shared by the steps of one build so that each is loaded once."""
+
+    def __init__(self, base: BaseModel, device: str = "auto", mixed_precision: str = "no"):
+        self.base = base
+        self.device = resolve_device(device)
+        self.mixed_precision = mixed_precision
+        self._pipes: dict = {}
+
+    @property
+    def dtype(self):
+        return resolve_dtype(self.mixed_precision, self.device)
+
+    def pipeline(self, dtype=None):
+        """The shared pipeline in `dtype` (default: the project's compute dtype). Callers must leave it
+        as they found it: unload adapters they load, restore schedulers they swap."""
+        dtype = dtype or self.dtype
+        key = str(dtype)
+        if key not in self._pipes:
+            self._pipes[key] = load_pipeline(self.base, dtype=dtype, device=self.device)
+        return self._pipes[key]
+
+    def clear(self) -> None:
+        self._pipes.clear()

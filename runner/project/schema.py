@@ -1,0 +1,242 @@
+"""Project file schema v1: every table and key, its type, default and meaning, declared once.
+
+The loader validates against these dataclasses, the planner fingerprints them, and the README's
+reference is checked against them by a test. A field's metadata holds:
+
+- `doc`: one line for the README and for error messages;
+- `type`: what the TOML value must be (see `TYPES`);
+- `choices`: the allowed values, if the set is closed;
+- `minimum`: the least allowed number, if any;
+- `fingerprint`: False for settings that do not change a step's result (display, checkpointing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# TOML value kinds a field may take. "?" suffix: also allows being left out (None).
+TYPES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of integers",
+    "weights": "a table of adapter = weight",
+}
+
+SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc")
+BLEND_METHODS = (
+    "cat",
+    "svd",
+    "linear",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+# Methods that combine A and B matrices position by position, so every parent must have the same rank.
+EQUAL_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = tuple(m for m in BLEND_METHODS if m.startswith(("ties", "dare", "magnitude_prune")))
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+
+
+def opt(default: Any = MISSING, doc: str = "", type: str = "str", choices=None, minimum=None, fingerprint=True):
+    """Declare a project-file key. Without a default the key is required."""
+    meta = {"doc": doc, "type": type, "choices": choices, "minimum": minimum, "fingerprint": fingerprint}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    """[project]: the base model and what applies to every step."""
+
+    base_model: str = opt(doc="hub id, local diffusers folder, single-file checkpoint, or the built-in 'tiny-sd'")
+    name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
+    revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
+    device: str = opt("auto", "where to compute", choices=("auto", "cuda", "mps", "cpu"), fingerprint=False)
+    mixed_precision: str = opt("no", "compute dtype of frozen weights (ignored with a warning on a CPU)", choices=("no", "fp16", "bf16"))
+    seed: int = opt(0, "seed for training, class-image generation and DARE pruning", "int")
+    out: str | None = opt(None, "output folder, relative to the project file; default: build/<name>", "str?", fingerprint=False)
+    num_processes: int = opt(1, "processes for train steps (accelerate DDP; gloo on a CPU)", "int", minimum=1)
+    allow_pickle: bool = opt(False, "allow loading pickle checkpoints (.ckpt, .bin, .pt), which can run code", "bool", fingerprint=False)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """[train] and [subjects.<name>.train]: the training loop."""
+
+    resolution: int = opt(512, "training image size in pixels (images are resized, then cropped square)", "int", minimum=8)
+    steps: int = opt(800, "optimizer steps (the recipe's max_train_steps)", "int", minimum=1)
+    batch_size: int = opt(1, "instance images per step (as many class images are added with a prior)", "int", minimum=1)
+    learning_rate: float = opt(1e-4, "AdamW learning rate", "float", minimum=0)
+    text_encoder_learning_rate: float | None = opt(None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0)
+    lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(0, "warm-up steps of the schedule", "int", minimum=0)
+    lr_num_cycles: int = opt(1, "restarts of cosine_with_restarts", "int", minimum=1)
+    lr_power: float = opt(1.0, "power of the polynomial schedule", "float")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", "int", minimum=1)
+    gradient_checkpointing: bool = opt(True, "recompute activations to save memory (slower, same result)", "bool", fingerprint=False)
+    train_text_encoder: bool = opt(True, "also train a LoRA on the text encoder", "bool")
+    checkpoint_every: int = opt(200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)", "float", minimum=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", "float", minimum=0)
+    adam_beta2: float = opt(0.999, "AdamW beta2", "float", minimum=0)
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay", "float", minimum=0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon", "float", minimum=0)
+    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool")
+    center_crop: bool = opt(False, "center crop instead of random crop", "bool")
+    random_flip: bool = opt(False, "flip images horizontally at random", "bool")
+    cache_latents: bool = opt(True, "encode each image once and reuse its latents (same result when crops are fixed)", "bool", fingerprint=False)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """[lora] and [subjects.<name>.lora]: the adapters' shape."""
+
+    rank: int = opt(16, "UNet LoRA rank r", "int", minimum=1)
+    alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
+    dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
+    bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
+    target_modules: list[str] = opt(["to_q", "to_v", "query", "value"], "UNet modules that get a LoRA", "list[str]")
+    text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
+    text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
+    text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0)
+    text_encoder_bias: str = opt("none", "text encoder LoRA bias training", choices=("none", "all", "lora_only"))
+    text_encoder_target_modules: list[str] = opt(["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """[priors.<name>]: class images for prior preservation."""
+
+    name: str
+    class_prompt: str = opt(doc="prompt that generates class images, e.g. 'a photo of dog'")
+    num_images: int = opt(100, "class images used in training; missing ones are generated", "int", minimum=1)
+    loss_weight: float = opt(1.0, "weight of the prior-preservation loss", "float", minimum=0)
+    images: str | None = opt(None, "folder of your own class images, relative to the project file", "str?")
+    negative_prompt: str = opt("", "negative prompt for generation")
+    steps: int = opt(50, "denoising steps per generated image", "int", minimum=1)
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
+    width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
+    height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
+    scheduler: str | None = opt(None, "sampler; default: the base model's own", "str?", choices=SCHEDULERS)
+    batch_size: int = opt(4, "images generated at once", "int", minimum=1, fingerprint=False)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """[subjects.<name>]: one subject to learn, with its instance images."""
+
+    name: str
+    images: str = opt(doc="folder of instance images, relative to the project file")
+    instance_prompt: str = opt(doc="prompt with the subject's identifier, e.g. 'a photo of sks dog'")
+    prior: str | None = opt(None, "name of a [priors.*] table for prior preservation", "str?")
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """[blends.<name>]: a weighted combination of trained adapters (PEFT add_weighted_adapter)."""
+
+    name: str
+    adapters: tuple[tuple[str, float], ...] = opt(doc="subjects or blends with their weights, e.g. { dog = 1.0, toy = 0.8 }", type="weights")
+    method: str = opt("cat", "combination type; cat is exact, svd and the *_svd methods are lossy", choices=BLEND_METHODS)
+    svd_rank: int | None = opt(None, "rank of svd methods; default: the largest parent rank", "int?", minimum=1)
+    svd_clamp: float | None = opt(None, "quantile clamp of svd methods", "float?", minimum=0)
+    density: float | None = opt(None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0)
+    majority_sign_method: str = opt("total", "sign election of ties methods", choices=("total", "frequency"))
+
+
+@dataclass(frozen=True)
+class Render:
+    """[renders.<name>]: a batch of prompts x seeds rendered with one adapter."""
+
+    name: str
+    adapter: str = opt(doc="a subject, a blend, or 'none' for the base model")
+    prompts: list[str] = opt(doc="prompts to render", type="list[str]")
+    negative_prompt: str = opt("", "negative prompt")
+    steps: int = opt(50, "denoising steps", "int", minimum=1)
+    guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
+    seeds: list[int] = opt([0], "one image per prompt and seed", "list[int]")
+    width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
+    height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
+    scheduler: str | None = opt(None, "sampler; default: the base model's own", "str?", choices=SCHEDULERS)
+    batch_size: int = opt(1, "images per forward pass (same pixels as one at a time)", "int", minimum=1, fingerprint=False)
+    lora_scale: float = opt(1.0, "strength of the adapter", "float")
+
+
+@dataclass(frozen=True)
+class Project:
+    """A whole project file, validated and resolved (defaults applied, paths absolute)."""
+
+    path: Any  # pathlib.Path of the project file
+    settings: ProjectSettings
+    train: TrainSettings
+    lora: LoraSettings
+    priors: dict[str, Prior]
+    subjects: dict[str, Subject]
+    blends: dict[str, Blend]
+    renders: dict[str, Render]
+
+    @property
+    def dir(self):
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.settings.name or self.path.stem
+
+    @property
+    def out(self):
+        return (self.dir / (self.settings.out or f"build/{self.name}")).resolve()
+
+    @property
+    def state_dir(self):
+        return self.dir / ".dbl"
+
+    def adapter_kind(self, name: str) -> str | None:
+        """'subject', 'blend', or None for an unknown adapter name."""
+        if name in self.subjects:
+            return "subject"
+        if name in self.blends:
+            return "blend"
+        return None
+
+
+# Table name -> dataclass, for the loader and the README check.
+TABLES = {
+    "project": ProjectSettings,
+    "train": TrainSettings,
+    "lora": LoraSettings,
+    "priors.<name>": Prior,
+    "subjects.<name>": Subject,
+    "blends.<name>": Blend,
+    "renders.<name>": Render,
+}
+
+
+def keys_of(cls) -> list:
+    """The user-facing fields of a schema dataclass (those that carry docs)."""
+    return [f for f in fields(cls) if "doc" in f.metadata]
+
+
+def is_required(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING

@@ -1,0 +1,76 @@
+"""Samplers by name: the `scheduler` key of renders and priors, and the names A1111 shows for them.
+
+Importing this module is cheap; diffusers is imported only when a scheduler is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name -> (diffusers class, config overrides, A1111 sampler name). The A1111 names are what image
+# browsers and the A1111 "PNG info" tab show, so a user recognises the sampler of a dbl image.
+SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpm++_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+
+# A base model's own scheduler, by diffusers class name -> A1111 name (for renders without `scheduler`).
+_CLASS_NAMES = {
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "UniPCMultistepScheduler": "UniPC",
+}
+
+
+def make_scheduler(name: str | None, base_config):
+    """A new scheduler called `name`, built from the base model's scheduler config `base_config`.
+
+    The base config keeps what belongs to the model (beta schedule, prediction type, timestep spacing);
+    the name only picks the sampling algorithm. With `name` None, the base model's own scheduler class
+    is rebuilt from its config.
+    """
+    import diffusers
+
+    if name is None:
+        cls = getattr(diffusers, base_config["_class_name"]) if "_class_name" in base_config else None
+        if cls is None:
+            raise ValueError("the base scheduler config names no class; pass a scheduler name")
+        return cls.from_config(base_config)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SAMPLERS)}")
+    cls_name, overrides, _ = SAMPLERS[name]
+    if cls_name == "LMSDiscreteScheduler":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise ValueError("scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)") from None
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(base_config, **overrides)
+
+
+def sampler_name(name: str | None, scheduler=None) -> str:
+    """The A1111 sampler name of scheduler `name`, or of the `scheduler` object when `name` is None."""
+    if name is not None:
+        return SAMPLERS[name][2]
+    cls_name = type(scheduler).__name__ if scheduler is not None else ""
+    if cls_name == "DPMSolverMultistepScheduler" and getattr(scheduler.config, "use_karras_sigmas", False):
+        return "DPM++ 2M Karras"
+    return _CLASS_NAMES.get(cls_name, cls_name.removesuffix("Scheduler") or "unknown")

@@ -1,0 +1,489 @@
+"""LoRA adapters on disk: one folder, three formats, and loading them back into a pipeline.
+
+An adapter folder (``adapters/<subject>/`` or ``blends/<name>/``) holds:
+
+    unet/, text_encoder/               PEFT layout (adapter_config.json + adapter_model.safetensors),
+                                       what ``PeftModel.from_pretrained(pipe.unet, folder / "unet")`` reads
+    pytorch_lora_weights.safetensors   diffusers layout (``pipe.load_lora_weights``), with the LoRA config
+                                       in the file's metadata so that alpha != r loads at the right strength
+    <folder name>.safetensors          kohya layout (A1111, ComfyUI, Forge)
+    dbl.json                           provenance and metrics
+
+Every file is written byte-for-byte deterministically: same weights and info, same bytes. That is why
+this module writes safetensors files itself (the library serialises metadata in hash order).
+
+torch, peft and safetensors are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+from runner.steps import StepError
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+INFO_FILE = "dbl.json"
+COMPONENTS = ("unet", "text_encoder")
+PEFT_PREFIX = "base_model.model."
+# transformers 4 nests CLIPTextModel's modules under `text_model.`; transformers 5 does not.
+# kohya / A1111 names always carry it.
+TEXT_MODEL = "text_model."
+
+
+class AdapterError(StepError):
+    """An adapter folder that cannot be written or loaded as asked."""
+
+
+# --- safetensors, deterministic ----------------------------------------------------------------------
+
+_DTYPE_CODES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file whose bytes depend only on the tensors and metadata (sorted keys)."""
+    import torch
+
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        code = _DTYPE_CODES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise AdapterError(f"cannot store tensor {name} of dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+    tmp.replace(path)
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a .safetensors file (on the CPU)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def _write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)  # PeftType.LORA -> "LORA"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# --- reading a live adapter --------------------------------------------------------------------------
+
+
+def _lora_layers(module, adapter_name: str):
+    """(module path without PEFT's wrapper prefix, layer) for each LoRA layer that holds `adapter_name`."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer) and adapter_name in getattr(layer, "lora_A", {}):
+            yield name.removeprefix(PEFT_PREFIX), layer
+
+
+def _peft_config(module, adapter_name: str):
+    configs = getattr(module, "peft_config", None)
+    if not configs or adapter_name not in configs:
+        have = sorted(configs) if configs else []
+        raise AdapterError(
+            f"{type(module).__name__} has no LoRA adapter named '{adapter_name}' (adapters: {have or 'none'})"
+        )
+    return configs[adapter_name]
+
+
+def _component_export(module, adapter_name: str) -> dict:
+    """Everything the three formats need about one component's adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = _peft_config(module, adapter_name)
+    state = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
+    # A PeftModel gives `base_model.model.<path>`, a model with injected adapters gives `<path>`.
+    state = {k.removeprefix(PEFT_PREFIX): v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    layers = {}
+    for path, layer in _lora_layers(module, adapter_name):
+        layers[path] = {
+            "A": layer.lora_A[adapter_name].weight.detach().cpu(),
+            "B": layer.lora_B[adapter_name].weight.detach().cpu(),
+            "scaling": float(layer.scaling[adapter_name]),
+        }
+    if not layers:
+        raise AdapterError(f"adapter '{adapter_name}' has no LoRA layers in {type(module).__name__}")
+    if getattr(config, "use_dora", False):
+        raise AdapterError("DoRA adapters cannot be written in the kohya and diffusers layouts")
+    config_dict = _jsonable(config.to_dict())
+    return {"config": config_dict, "state": state, "layers": layers}
+
+
+def _base_module(module):
+    from peft import PeftModel
+
+    return module.get_base_model() if isinstance(module, PeftModel) else module
+
+
+# --- saving -------------------------------------------------------------------------------------------
+
+
+def save_adapter(
+    folder: Path,
+    unet,
+    text_encoder=None,
+    *,
+    adapter_name: str = "default",
+    base_model: str,
+    info: dict | None = None,
+) -> None:
+    """Write the adapter `adapter_name` of `unet` (and `text_encoder`) into `folder` in every layout.
+
+    `unet` / `text_encoder` are PeftModels or models with injected PEFT LoRA layers; other adapters they
+    carry are not written. `base_model` goes into both PEFT configs' `base_model_name_or_path`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {"unet": _component_export(unet, adapter_name)}
+    if text_encoder is not None:
+        parts["text_encoder"] = _component_export(text_encoder, adapter_name)
+
+    for component, part in parts.items():
+        sub = folder / component
+        sub.mkdir(exist_ok=True)
+        config = dict(part["config"])
+        config["base_model_name_or_path"] = base_model
+        config["inference_mode"] = True
+        _write_json(sub / PEFT_CONFIG, config)
+        write_safetensors(
+            sub / PEFT_WEIGHTS, {PEFT_PREFIX + k: v for k, v in part["state"].items()}, {"format": "pt"}
+        )
+
+    extra_keys = sorted(k for part in parts.values() for k in part["state"] if ".lora_" not in k)
+    if extra_keys:
+        warnings.warn(
+            f"{len(extra_keys)} trained bias tensors (bias != 'none') are kept in the PEFT layout only; "
+            "the diffusers and kohya files hold the LoRA matrices without them",
+            stacklevel=2,
+        )
+
+    _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
+    _save_kohya(folder / f"{folder.name}.safetensors", parts, _base_module(unet))
+    _write_json(folder / INFO_FILE, dict(info or {}))
+
+
+def _save_diffusers(path: Path, parts: dict) -> None:
+    tensors, adapter_metadata = {}, {}
+    for component, part in parts.items():
+        for key, value in part["state"].items():
+            if ".lora_" in key:
+                tensors[f"{component}.{key}"] = value
+        for key, value in part["config"].items():
+            if key in _DIFFUSERS_CONFIG_KEYS:
+                adapter_metadata[f"{component}.{key}"] = value
+    metadata = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(adapter_metadata, indent=2, sort_keys=True),
+    }
+    write_safetensors(path, tensors, metadata)
+
+
+# The LoraConfig fields that describe the adapter's shape and strength (what diffusers reads back).
+_DIFFUSERS_CONFIG_KEYS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "init_lora_weights",
+)
+
+
+def kohya_name(component: str, path: str) -> str:
+    """The kohya / A1111 name of a module: `lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`."""
+    if component == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    path = TEXT_MODEL + path.removeprefix(TEXT_MODEL)
+    return "lora_te_" + path.replace(".", "_")
+
+
+def _save_kohya(path: Path, parts: dict, unet_base) -> None:
+    import torch
+
+    tensors = {}
+    for component, part in parts.items():
+        for module, layer in part["layers"].items():
+            name = kohya_name(component, module)
+            rank = layer["A"].shape[0]
+            # kohya scales by alpha / rank; storing scaling * rank keeps the strength for rslora and patterns.
+            tensors[f"{name}.lora_down.weight"] = layer["A"].contiguous()
+            tensors[f"{name}.lora_up.weight"] = layer["B"].contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(layer["scaling"] * rank, dtype=torch.float32)
+    unet_config = parts["unet"]["config"]
+    cross_dim = getattr(getattr(unet_base, "config", None), "cross_attention_dim", 768)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(unet_config["r"]),
+        "ss_network_alpha": _num(unet_config["lora_alpha"]),
+        "ss_base_model_version": "sd_v2" if cross_dim == 1024 else "sd_v1",
+        "ss_v2": str(cross_dim == 1024),
+        "ss_network_args": json.dumps(
+            {
+                "conv_dim": None,
+                "unet_rank_pattern": unet_config.get("rank_pattern") or {},
+                "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
+            },
+            sort_keys=True,
+        ),
+    }
+    if "text_encoder" in parts:
+        te = parts["text_encoder"]["config"]
+        metadata["ss_text_encoder_dim"] = str(te["r"])
+        metadata["ss_text_encoder_alpha"] = _num(te["lora_alpha"])
+    write_safetensors(path, tensors, metadata)
+
+
+def _num(value) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+# --- reading a folder ----------------------------------------------------------------------------------
+
+
+def read_adapter_config(folder: Path) -> dict[str, dict]:
+    """component -> its PEFT adapter_config.json, for the components the folder holds."""
+    folder = Path(folder)
+    configs = {}
+    for component in COMPONENTS:
+        path = folder / component / PEFT_CONFIG
+        if path.is_file():
+            configs[component] = json.loads(path.read_text())
+    if not configs:
+        raise AdapterError(f"{folder}: no adapter here (expected unet/{PEFT_CONFIG})")
+    return configs
+
+
+def read_adapter_weights(folder: Path, component: str) -> dict:
+    """The PEFT state dict of one component, keys without the `base_model.model.` prefix."""
+    path = Path(folder) / component / PEFT_WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist")
+    tensors, _ = read_safetensors(path)
+    return {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    from peft.utils.other import get_pattern_key
+
+    if not patterns:
+        return default
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+def module_scaling(config: dict, module: str) -> float:
+    """The LoRA scale of one module under a PEFT config (alpha / r, or alpha / sqrt(r) with rslora)."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def lora_delta(folder: Path, component: str) -> dict:
+    """module path -> scale * B @ A (fp32): the change the adapter makes to each weight."""
+    config = read_adapter_config(folder)[component]
+    state = read_adapter_weights(folder, component)
+    deltas = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        b = state[f"{module}.lora_B.weight"]
+        delta = b.float().flatten(1) @ a.float().flatten(1)
+        if a.dim() == 4:  # conv LoRA: B (out, r, 1, 1) @ A (r, in, kh, kw)
+            delta = delta.reshape(b.shape[0], *a.shape[1:])
+        deltas[module] = module_scaling(config, module) * delta
+    return deltas
+
+
+# --- loading into a pipeline ---------------------------------------------------------------------------
+
+
+def _module_paths(model) -> set[str]:
+    return {name.removeprefix(PEFT_PREFIX) for name, _ in _base_module(model).named_modules()}
+
+
+def _translate_text_model(state: dict, config: dict, model) -> tuple[dict, dict]:
+    """Rewrite `text_model.` in keys and patterns to match the text encoder at hand (transformers 4 vs 5)."""
+    paths = _module_paths(model)
+    has_level = any(p.startswith(TEXT_MODEL) for p in paths)
+
+    def fix(key: str) -> str:
+        if has_level and not key.startswith(TEXT_MODEL):
+            return TEXT_MODEL + key
+        if not has_level:
+            return key.removeprefix(TEXT_MODEL)
+        return key
+
+    state = {fix(k): v for k, v in state.items()}
+    config = dict(config)
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            config[field] = {fix(k) if "." in k else k: v for k, v in config[field].items()}
+    return state, config
+
+
+def _check_keys(model, state: dict, adapter_name: str, where: Path) -> None:
+    """Fail unless every adapter tensor landed in a module of `model` and holds the file's values."""
+    params = dict(model.named_parameters())
+    missing = []
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if ".lora_" in key:
+            # `x.lora_A.weight` lives at `x.lora_A.<adapter>.weight`.
+            module, _, kind = module.rpartition(".")
+            name = f"{PEFT_PREFIX}{module}.{kind}.{adapter_name}.{leaf}"
+        else:
+            name = f"{PEFT_PREFIX}{key}"
+        param = params.get(name)
+        if param is None or param.shape != value.shape:
+            missing.append(key)
+    if missing:
+        raise AdapterError(
+            f"{where}: {len(missing)} of {len(state)} adapter tensors match no module of the model "
+            f"(first: {missing[0]}); was the adapter trained on a different base model?"
+        )
+
+
+def _load_component(model, sub: Path, adapter_name: str):
+    """Load one PEFT-layout folder into `model` as `adapter_name`; returns the (possibly wrapped) model."""
+    from peft import LoraConfig, PeftModel
+    from peft.utils import set_peft_model_state_dict
+
+    config = json.loads((sub / PEFT_CONFIG).read_text())
+    state = read_adapter_weights(sub.parent, sub.name)
+    if sub.name == "text_encoder":
+        state, config = _translate_text_model(state, config, model)
+    config["inference_mode"] = True
+    known = set(LoraConfig.__dataclass_fields__)
+    lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known})
+
+    if isinstance(model, PeftModel):
+        if adapter_name in model.peft_config:
+            raise AdapterError(f"the {sub.name} already has an adapter named '{adapter_name}'")
+        model.add_adapter(adapter_name, lora_config)
+    else:
+        model = PeftModel(model, lora_config, adapter_name=adapter_name)
+    set_peft_model_state_dict(
+        model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name
+    )
+    _check_keys(model, state, adapter_name, sub)
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_adapter_into(pipe, folder: Path, adapter_name: str) -> None:
+    """Load the PEFT layout of `folder` into `pipe.unet` (and `pipe.text_encoder` when the folder has
+    one) as adapter `adapter_name`, wrapping the components in PeftModel on first use.
+
+    Raises AdapterError when an adapter tensor finds no module (a silent no-op load would render the base
+    model). The new adapter is not made active: call `set_active(pipe, adapter_name)`.
+    """
+    folder = Path(folder)
+    if not (folder / "unet" / PEFT_CONFIG).is_file():
+        raise AdapterError(f"{folder}: no adapter here (expected unet/{PEFT_CONFIG})")
+    pipe.unet = _load_component(pipe.unet, folder / "unet", adapter_name)
+    if (folder / "text_encoder" / PEFT_CONFIG).is_file():
+        pipe.text_encoder = _load_component(pipe.text_encoder, folder / "text_encoder", adapter_name)
+
+
+def set_active(pipe, adapter_name: str | None) -> None:
+    """Make `adapter_name` the active adapter of the pipeline's wrapped components (None: disable all)."""
+    from peft import PeftModel
+
+    for component in COMPONENTS:
+        model = getattr(pipe, component)
+        if not isinstance(model, PeftModel):
+            continue
+        if adapter_name is None:
+            model.base_model.disable_adapter_layers()
+        elif adapter_name in model.peft_config:
+            model.base_model.enable_adapter_layers()
+            model.set_adapter(adapter_name)
+        else:
+            # A component the adapter does not touch (no text-encoder LoRA) runs as the base model.
+            model.base_model.disable_adapter_layers()
+
+
+def remove_adapter(pipe, adapter_name: str) -> None:
+    """Delete one adapter from the pipeline's wrapped components, keeping the others."""
+    from peft import PeftModel
+
+    for component in COMPONENTS:
+        model = getattr(pipe, component)
+        if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+            if len(model.peft_config) == 1:
+                setattr(pipe, component, model.unload())
+            else:
+                model.delete_adapter(adapter_name)
+
+
+def unload_adapters(pipe) -> None:
+    """Remove every adapter from the pipeline and put the plain base modules back (weights untouched),
+    whether they were loaded with PEFT (PeftModel) or with diffusers' `load_lora_weights`."""
+    from peft import PeftModel
+
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if isinstance(model, PeftModel):
+            setattr(pipe, component, model.unload())
+    if any(getattr(getattr(pipe, c, None), "peft_config", None) for c in COMPONENTS):
+        pipe.unload_lora_weights()

@@ -1,0 +1,246 @@
+"""The terminal display: a live table of the plan while it builds, a summary table when it ends.
+
+    pets: 2 of 5 steps to run
+      ✓ prior:dog     fresh
+      ⠹ train:dog     running  ━━━━━━╸━━━━━━━━━━  120/800  loss 0.123  2.6 it/s  eta 4m21s   46s
+      · render:park   pending  upstream train:dog stale
+
+Events may come from any thread; the table is redrawn by rich's refresh thread from a snapshot
+taken under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from runner.events import (
+    CACHED,
+    DONE,
+    FAILED,
+    FRESH,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    StepEvent,
+)
+from runner.ui.plain import (
+    RateMeter,
+    final_text,
+    first_line,
+    fmt_duration,
+    fmt_path,
+    is_dry_run,
+    metrics_text,
+    reason_text,
+    unit_of,
+    up_to_date_text,
+)
+
+STYLES = {
+    PENDING: ("·", "dim"),
+    RUNNING: ("", "cyan"),
+    DONE: ("✓", "green"),
+    CACHED: ("✓", "blue"),
+    FRESH: ("✓", "dim green"),
+    SKIPPED: ("-", "yellow"),
+    FAILED: ("✗", "bold red"),
+    INTERRUPTED: ("!", "magenta"),
+}
+
+
+class LiveReporter:
+    """rich Live display. verbosity -1: no table, only failures and the final line; 1: also log messages."""
+
+    def __init__(self, verbosity: int = 0, console: Console | None = None, refresh_per_second: float = 8):
+        self.verbosity = verbosity
+        self.console = console or Console()
+        self._refresh_per_second = refresh_per_second
+        self._lock = threading.RLock()
+        self._live: Live | None = None
+        self._project = "build"
+        self._todo = 0
+        self._steps: dict[str, StepEvent] = {}
+        self._started_at: dict[str, float] = {}
+        self._rates = RateMeter()
+        self._rate: dict[str, float | None] = {}
+        self._spinners: dict[str, Spinner] = {}
+        self._up_to_date_line = ""
+        self._last_refresh = 0.0
+
+    # Reporter protocol
+
+    def plan(self, project_name: str, steps: list[StepEvent]) -> None:
+        with self._lock:
+            self._project = project_name
+            self._steps = {s.id: _copy(s) for s in steps}
+            self._todo = sum(1 for s in steps if s.status == PENDING)
+        if all(s.status == FRESH for s in steps):
+            self._up_to_date_line = up_to_date_text(steps)
+            self.console.print(self._up_to_date_line, style="green", highlight=False)
+            return
+        if self.verbosity < 0:
+            return
+        self._live = Live(
+            console=self.console,
+            get_renderable=self.renderable,
+            refresh_per_second=self._refresh_per_second,
+            transient=True,
+        )
+        self._live.start()
+
+    def step_start(self, step: StepEvent) -> None:
+        with self._lock:
+            self._steps[step.id] = _copy(step, status=RUNNING)
+            self._started_at[step.id] = time.monotonic()
+            self._rates.forget(step.id)
+            self._rate[step.id] = None
+            self._spinners[step.id] = Spinner("dots", style="cyan")
+        self._refresh()
+
+    def step_progress(self, step: StepEvent) -> None:
+        with self._lock:
+            first = self._rate.get(step.id) is None
+            self._steps[step.id] = _copy(step, status=RUNNING)
+            self._rate[step.id] = self._rates.update(step)
+        # rich's own refresh thread redraws often enough; refresh here only now and then.
+        if first or time.monotonic() - self._last_refresh > 1 / self._refresh_per_second:
+            self._refresh()
+
+    def log(self, step: StepEvent | None, message: str) -> None:
+        if step is None:
+            if message.strip() == self._up_to_date_line or self.verbosity < 0:
+                return
+            self.console.print(Text(message.rstrip(), style="yellow"))
+        elif self.verbosity >= 1:
+            self.console.print(Text.assemble((f"{step.id}  ", "dim"), message.rstrip()))
+
+    def step_end(self, step: StepEvent) -> None:
+        with self._lock:
+            self._steps[step.id] = _copy(step)
+            self._started_at.pop(step.id, None)
+            self._spinners.pop(step.id, None)
+            self._rates.forget(step.id)
+        if step.status == FAILED:
+            # Printed above the table, so the whole message stays in the scrollback.
+            head = Text.assemble((f"{step.id} failed", "bold red"), f" after {fmt_duration(step.duration_s)}")
+            self.console.print(head)
+            self.console.print(Text(step.error.strip() or "(no message)", style="red"))
+        self._refresh()
+
+    def finish(self, steps: list[StepEvent], duration_s: float) -> None:
+        self._stop_live()
+        if self._up_to_date_line and all(s.status == FRESH for s in steps):
+            return  # the plan said it in one line
+        if self.verbosity >= 0 and steps:
+            self.console.print(summary_table(steps))
+        line = final_text(self._project, steps, duration_s, is_dry_run(steps))
+        ok = not any(s.status in (FAILED, INTERRUPTED) for s in steps)
+        self.console.print(Text(line, style="bold green" if ok else "bold red"))
+
+    def close(self) -> None:
+        self._stop_live()
+
+    # drawing
+
+    def renderable(self):
+        """The live table: every step of the plan with its status, progress or reason, and time."""
+        with self._lock:
+            steps = [_copy(s) for s in self._steps.values()]
+            started = dict(self._started_at)
+            rates = dict(self._rate)
+            spinners = dict(self._spinners)
+        title = Text.assemble((self._project, "bold"), f": {self._todo} of {len(steps)} steps to run")
+        table = Table.grid(padding=(0, 1))
+        table.add_column(width=1)
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)
+        table.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        table.add_column(justify="right", no_wrap=True)
+        now = time.monotonic()
+        for s in steps:
+            icon, style = STYLES.get(s.status, ("?", ""))
+            mark = spinners.get(s.id) if s.status == RUNNING else None
+            elapsed = now - started[s.id] if s.id in started else s.duration_s
+            timed = s.status in (RUNNING, DONE, FAILED, INTERRUPTED) or (s.status == CACHED and elapsed)
+            when = fmt_duration(elapsed) if timed else ""
+            table.add_row(
+                mark or Text(icon, style=style),
+                Text(s.id, style="bold" if s.status == RUNNING else ""),
+                Text(s.status, style=style),
+                _detail(s, rates.get(s.id)),
+                Text(when, style="dim"),
+            )
+        return Group(title, table)
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._last_refresh = time.monotonic()
+            self._live.refresh()
+
+    def _stop_live(self) -> None:
+        if self._live is not None:
+            live, self._live = self._live, None
+            live.stop()
+
+
+def _detail(s: StepEvent, rate: float | None):
+    """The fourth column: progress for a running step, why for the others."""
+    if s.status == RUNNING:
+        if not s.total:
+            return Text(reason_text(s), style="dim")
+        bar = ProgressBar(total=s.total, completed=s.done, width=20)
+        count = f"{unit_of(s)[0]} {s.done}/{s.total}"
+        extra = metrics_text(s, rate)
+        line = Table.grid(padding=(0, 1))
+        line.add_row(bar, Text(count + ("  " + extra if extra else ""), no_wrap=True, overflow="ellipsis"))
+        return line
+    if s.status == FAILED:
+        return Text(first_line(s.error), style="red")
+    if s.status == SKIPPED:
+        return Text(first_line(s.error) or reason_text(s), style="yellow")
+    if s.status in (DONE, CACHED) and s.outputs:
+        return Text(fmt_path(s.outputs), style="dim")
+    return Text(reason_text(s), style="dim")
+
+
+def summary_table(steps: list[StepEvent]) -> Table:
+    """Every step with its status, time and output folder, for the end of a build."""
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("step", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("outputs / reason", overflow="fold")
+    for s in steps:
+        style = STYLES.get(s.status, ("", ""))[1]
+        ran = s.status in (DONE, FAILED, INTERRUPTED)
+        if s.status == FAILED:
+            detail = Text(first_line(s.error), style="red")
+        elif s.status == SKIPPED:
+            detail = Text(first_line(s.error) or reason_text(s), style="yellow")
+        elif s.outputs:
+            detail = Text(fmt_path(s.outputs))
+        else:
+            detail = Text(reason_text(s), style="dim")
+        table.add_row(
+            escape(s.id), Text(s.status, style=style), fmt_duration(s.duration_s) if ran else "", detail
+        )
+    return table
+
+
+def _copy(step: StepEvent, **changes) -> StepEvent:
+    """A snapshot, so that the executor may keep mutating its own event objects."""
+    fields = dict(step.__dict__)
+    fields["reasons"] = list(step.reasons)
+    fields["metrics"] = dict(step.metrics)
+    fields.update(changes)
+    return StepEvent(**fields)

@@ -1,0 +1,287 @@
+"""Plain log lines for CI logs and pipes: one timestamped line per event, progress throttled.
+
+    12:03:00 pets: 2 of 5 steps to run
+    12:03:00 train:dog   start (lora.rank 16 -> 8)
+    12:03:31 train:dog   step 80/800 (10%)  loss 0.1234  2.6 it/s  eta 4m37s
+    12:08:01 train:dog   done in 5m01s -> build/pets/adapters/dog
+    12:08:09 pets: built in 5m09s: 2 ran, 3 up to date
+
+No rich here: the formatting helpers below are shared with the live display.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runner.events import (
+    CACHED,
+    DONE,
+    FAILED,
+    FRESH,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    StepEvent,
+)
+
+# A progress line every this fraction of a step, or after this many seconds without one.
+PROGRESS_FRACTION = 0.1
+PROGRESS_INTERVAL_S = 30.0
+
+# Metric names a step may use for its own speed; otherwise the display measures it.
+RATE_KEYS = ("it/s", "it_s", "its", "rate", "images/s", "img_s")
+
+
+# --- formatting shared with the live display ---------------------------------------------------------
+
+
+def fmt_duration(seconds: float) -> str:
+    """'0.4s', '12s', '5m03s', '2h05m'."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def fmt_path(path: Path | str | None) -> str:
+    """A path relative to the working folder when it lies below it, else as given."""
+    if path is None:
+        return ""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return str(p)
+
+
+def unit_of(step: StepEvent) -> tuple[str, str]:
+    """What a step's progress counts: ('step', 'it/s') for training, ('images', 'img/s') otherwise."""
+    if step.kind == "train":
+        return "step", "it/s"
+    if step.kind == "blend":
+        return "layers", "/s"
+    return "images", "img/s"
+
+
+def metrics_text(step: StepEvent, rate: float | None) -> str:
+    """'loss 0.1234  2.6 it/s  eta 4m37s' from the step's metrics and a measured rate."""
+    parts = []
+    m = step.metrics or {}
+    if isinstance(m.get("loss"), (int, float)):
+        parts.append(f"loss {m['loss']:.4g}")
+    if isinstance(m.get("lr"), (int, float)):
+        parts.append(f"lr {m['lr']:.2g}")
+    given = next((m[k] for k in RATE_KEYS if isinstance(m.get(k), (int, float))), None)
+    rate = given if given is not None else rate
+    if rate:
+        parts.append(f"{rate:.3g} {unit_of(step)[1]}")
+        if step.total and step.done < step.total:
+            parts.append(f"eta {fmt_duration((step.total - step.done) / rate)}")
+    return "  ".join(parts)
+
+
+def reason_text(step: StepEvent) -> str:
+    return "; ".join(step.reasons)
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+class RateMeter:
+    """Measures each step's progress speed from the progress events themselves."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._start: dict[str, tuple[float, int]] = {}
+
+    def update(self, step: StepEvent) -> float | None:
+        now = self._clock()
+        t0, done0 = self._start.setdefault(step.id, (now, step.done))
+        if now - t0 < 1e-6 or step.done <= done0:
+            return None
+        return (step.done - done0) / (now - t0)
+
+    def forget(self, step_id: str) -> None:
+        self._start.pop(step_id, None)
+
+
+def counts_text(steps: list[StepEvent]) -> str:
+    """'2 ran, 1 from cache, 3 up to date, 1 failed, 2 skipped' (zero counts left out)."""
+    labels = [
+        (DONE, "ran"),
+        (CACHED, "from cache"),
+        (FRESH, "up to date"),
+        (FAILED, "failed"),
+        (INTERRUPTED, "interrupted"),
+        (SKIPPED, "skipped"),
+        (PENDING, "not run"),
+        (RUNNING, "still running"),
+    ]
+    parts = []
+    for status, label in labels:
+        n = sum(1 for s in steps if s.status == status)
+        if n:
+            parts.append(f"{n} {label}")
+    return ", ".join(parts) or "no steps"
+
+
+def up_to_date_text(steps: list[StepEvent]) -> str:
+    if not steps:
+        return "nothing to build: the project defines no steps"
+    return f"all {len(steps)} steps are up to date" if len(steps) != 1 else "the one step is up to date"
+
+
+def final_text(project_name: str, steps: list[StepEvent], duration_s: float, dry_run: bool) -> str:
+    """The build's last line: what happened, in one line."""
+    failed = [s.id for s in steps if s.status == FAILED]
+    took = fmt_duration(duration_s)
+    if failed:
+        return f"{project_name}: FAILED in {took}: {', '.join(failed)}; {counts_text(steps)}"
+    if any(s.status == INTERRUPTED for s in steps):
+        return f"{project_name}: interrupted after {took}; {counts_text(steps)}"
+    if dry_run:
+        todo = [s.id for s in steps if s.status == PENDING]
+        return f"{project_name}: dry run: {len(todo)} steps would run: {', '.join(todo)}"
+    return f"{project_name}: built in {took}: {counts_text(steps)}"
+
+
+def is_dry_run(steps: list[StepEvent]) -> bool:
+    """A build that ended with steps still pending and none run, failed or interrupted ran nothing on purpose."""
+    ran = {DONE, CACHED, FAILED, INTERRUPTED, RUNNING}
+    return any(s.status == PENDING for s in steps) and not any(s.status in ran for s in steps)
+
+
+# --- the reporter ------------------------------------------------------------------------------------
+
+
+class PlainReporter:
+    """Writes one line per event. verbosity -1: failures and the final line; 1: also steps' log messages."""
+
+    def __init__(
+        self,
+        verbosity: int = 0,
+        write: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        progress_fraction: float = PROGRESS_FRACTION,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ):
+        self.verbosity = verbosity
+        self._write = write or _stdout_line
+        self._clock = clock
+        self._fraction = progress_fraction
+        self._interval = progress_interval_s
+        self._rates = RateMeter(clock)
+        self._project = "build"
+        self._width = 0
+        self._last_progress: dict[str, tuple[float, int]] = {}  # step id -> (time, fraction bucket)
+        self._started: set[str] = set()
+        self._up_to_date_line = ""
+
+    # Reporter protocol
+
+    def plan(self, project_name: str, steps: list[StepEvent]) -> None:
+        self._project = project_name
+        self._width = max((len(s.id) for s in steps), default=0)
+        if all(s.status == FRESH for s in steps):
+            self._up_to_date_line = up_to_date_text(steps)
+            self._line(self._up_to_date_line)
+            return
+        todo = [s for s in steps if s.status == PENDING]
+        if self.verbosity >= 0:
+            self._line(f"{project_name}: {len(todo)} of {len(steps)} steps to run")
+        if self.verbosity >= 1:
+            for s in steps:
+                self._line(f"{self._id(s)}{s.status}" + (f" ({reason_text(s)})" if s.reasons else ""))
+
+    def step_start(self, step: StepEvent) -> None:
+        self._started.add(step.id)
+        self._rates.forget(step.id)
+        self._last_progress[step.id] = (self._clock(), 0)
+        if self.verbosity >= 0:
+            reasons = f" ({reason_text(step)})" if step.reasons else ""
+            self._line(f"{self._id(step)}start{reasons}")
+
+    def step_progress(self, step: StepEvent) -> None:
+        rate = self._rates.update(step)
+        if self.verbosity < 0:
+            return
+        now = self._clock()
+        last_t, last_bucket = self._last_progress.get(step.id, (now, 0))
+        parts = max(1, round(1 / self._fraction))
+        bucket = step.done * parts // step.total if step.total else 0
+        if bucket <= last_bucket and now - last_t < self._interval:
+            return
+        self._last_progress[step.id] = (now, max(bucket, last_bucket))
+        unit = unit_of(step)[0]
+        count = (
+            f"{step.done}/{step.total} ({100 * step.done // step.total}%)" if step.total else f"{step.done}"
+        )
+        extra = metrics_text(step, rate)
+        self._line(f"{self._id(step)}{unit} {count}" + (f"  {extra}" if extra else ""))
+
+    def log(self, step: StepEvent | None, message: str) -> None:
+        if step is None:
+            # The executor may say "all N steps are up to date" itself; the plan already did.
+            if message.strip() == self._up_to_date_line or self.verbosity < 0:
+                return
+            for line in message.rstrip().splitlines():
+                self._line(line)
+        elif self.verbosity >= 1:
+            for line in message.rstrip().splitlines():
+                self._line(f"{self._id(step)}{line}")
+
+    def step_end(self, step: StepEvent) -> None:
+        self._rates.forget(step.id)
+        took = fmt_duration(step.duration_s)
+        out = f" -> {fmt_path(step.outputs)}" if step.outputs else ""
+        reasons = f" ({reason_text(step)})" if step.reasons and step.id not in self._started else ""
+        if step.status == FAILED:
+            lines = step.error.strip().splitlines() or ["(no message)"]
+            self._line(f"{self._id(step)}FAILED after {took}: {lines[0]}")
+            for line in lines[1:]:
+                self._line(f"{' ' * (self._width + 2)}{line}")
+            return
+        if self.verbosity < 0:
+            return
+        if step.status == DONE:
+            text = f"done in {took}{out}"
+        elif step.status == CACHED:
+            text = f"restored from cache{reasons}{out}"
+        elif step.status == SKIPPED:
+            why = first_line(step.error) or reason_text(step)
+            text = "skipped" + (f" ({why})" if why else "")
+        elif step.status == INTERRUPTED:
+            text = f"interrupted after {took}"
+        else:
+            text = f"{step.status}{reasons}{out}"
+        self._line(f"{self._id(step)}{text}")
+
+    def finish(self, steps: list[StepEvent], duration_s: float) -> None:
+        if self._up_to_date_line and all(s.status == FRESH for s in steps):
+            return  # the plan said it in one line
+        self._line(final_text(self._project, steps, duration_s, is_dry_run(steps)))
+
+    def close(self) -> None:
+        pass
+
+    # helpers
+
+    def _id(self, step: StepEvent) -> str:
+        return step.id.ljust(max(self._width, len(step.id))) + "  "
+
+    def _line(self, text: str) -> None:
+        self._write(f"{time.strftime('%H:%M:%S', time.localtime(self._clock()))} {text}")
+
+
+def _stdout_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

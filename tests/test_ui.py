@@ -1,0 +1,323 @@
+"""The build displays: a live rich table on terminals, plain timestamped lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+from rich.console import Console
+
+from runner.events import CACHED, DONE, FAILED, FRESH, INTERRUPTED, PENDING, RUNNING, SKIPPED, StepEvent
+from runner.ui import make_reporter
+from runner.ui.live import LiveReporter
+from runner.ui.plain import PlainReporter, fmt_duration
+
+TIME = r"\d\d:\d\d:\d\d "
+
+
+def plan_steps() -> list[StepEvent]:
+    return [
+        StepEvent("prior:dog", "prior", "dog", FRESH),
+        StepEvent("train:dog", "train", "dog", PENDING, ["lora.rank 16 -> 8"]),
+        StepEvent("blend:mix", "blend", "mix", PENDING, ["upstream train:dog stale"]),
+        StepEvent("render:park", "render", "park", PENDING, ["renders.park.prompts changed"]),
+    ]
+
+
+def run_build(reporter, *, fail: bool = False, progress_hook=None) -> list[StepEvent]:
+    """Drive a reporter the way the executor does: plan, then each step, then finish."""
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    train = steps[1]
+    train.status = RUNNING
+    reporter.step_start(train)
+    for done in range(0, 801, 20):
+        train.done, train.total = done, 800
+        train.metrics["loss"] = 0.25 - done / 10_000
+        reporter.step_progress(train)
+        if progress_hook and done == 400:
+            progress_hook()
+    reporter.log(train, "saved checkpoint-800")
+    if fail:
+        train.status, train.duration_s = FAILED, 12.0
+        train.error = "CUDA out of memory\nlower train.batch_size or turn on gradient_checkpointing"
+        reporter.step_end(train)
+        for s in steps[2:]:
+            s.status, s.error = SKIPPED, "upstream train:dog failed"
+            reporter.step_end(s)
+    else:
+        train.status, train.duration_s, train.outputs = DONE, 301.0, Path("build/pets/adapters/dog")
+        reporter.step_end(train)
+        blend = steps[2]
+        blend.status = RUNNING
+        reporter.step_start(blend)
+        blend.status, blend.outputs = CACHED, Path("build/pets/blends/mix")
+        reporter.step_end(blend)
+        render = steps[3]
+        render.status = RUNNING
+        reporter.step_start(render)
+        render.done, render.total = 3, 4
+        reporter.step_progress(render)
+        render.status, render.duration_s, render.outputs = DONE, 3.5, Path("build/pets/renders/park")
+        reporter.step_end(render)
+    reporter.finish(steps, 320.0)
+    reporter.close()
+    return steps
+
+
+def all_fresh() -> list[StepEvent]:
+    return [
+        StepEvent(i, i.split(":")[0], i.split(":")[1], FRESH)
+        for i in ("prior:dog", "train:dog", "render:park")
+    ]
+
+
+def recording_console() -> Console:
+    return Console(record=True, width=100, force_terminal=True)
+
+
+# --- choosing a display ------------------------------------------------------------------------------
+
+
+def test_make_reporter_picks_live_on_a_terminal_and_plain_elsewhere():
+    assert isinstance(make_reporter("auto", 0, console=recording_console()), LiveReporter)
+    assert isinstance(make_reporter("auto", 0, console=Console(file=io.StringIO())), PlainReporter)
+    assert isinstance(make_reporter("plain", 0, console=recording_console()), PlainReporter)
+    assert isinstance(make_reporter("live", 0, console=Console(file=io.StringIO())), LiveReporter)
+
+
+def test_make_reporter_rejects_an_unknown_mode():
+    try:
+        make_reporter("fancy", 0)
+    except ValueError as exc:
+        assert "auto, live, plain" in str(exc)
+    else:
+        raise AssertionError("no error")
+
+
+# --- live display ------------------------------------------------------------------------------------
+
+
+def test_live_display_shows_statuses_reasons_progress_and_summary():
+    console = recording_console()
+    reporter = LiveReporter(console=console, refresh_per_second=1000)
+    shown = []
+    run_build(reporter, progress_hook=lambda: shown.append(_text(reporter.renderable())))
+
+    mid = shown[0]
+    assert "pets: 3 of 4 steps to run" in mid
+    assert re.search(r"prior:dog\s+fresh", mid)
+    assert re.search(r"train:dog\s+running\s+━+.*step 400/800\s+loss 0\.21", mid)
+    assert re.search(r"blend:mix\s+pending\s+upstream train:dog stale", mid)
+    assert re.search(r"render:park\s+pending\s+renders\.park\.prompts changed", mid)
+
+    out = console.export_text()
+    summary = out[out.rindex("step ") :]
+    assert re.search(r"train:dog\s+done\s+5m01s\s+build/pets/adapters/dog", summary)
+    assert re.search(r"blend:mix\s+cached\s+build/pets/blends/mix", summary)
+    assert re.search(r"render:park\s+done\s+3\.5s\s+build/pets/renders/park", summary)
+    assert re.search(r"prior:dog\s+fresh", summary)
+    assert summary.strip().splitlines()[-1] == "pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"
+
+
+def test_live_display_shows_images_of_a_render():
+    reporter = LiveReporter(console=recording_console())
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    render = steps[3]
+    render.status = RUNNING
+    reporter.step_start(render)
+    render.done, render.total = 3, 8
+    reporter.step_progress(render)
+    text = _text(reporter.renderable())
+    reporter.close()
+    assert re.search(r"render:park\s+running\s+━+.*images 3/8", text)
+
+
+def test_live_display_reports_a_failure_with_its_whole_message():
+    console = recording_console()
+    run_build(LiveReporter(console=console), fail=True)
+    out = console.export_text()
+    assert "train:dog failed after 12s" in out
+    assert "lower train.batch_size or turn on gradient_checkpointing" in out
+    assert re.search(r"blend:mix\s+skipped\s+upstream train:dog failed", out)
+    assert (
+        out.strip().splitlines()[-1] == "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped"
+    )
+
+
+def test_live_display_says_nothing_stale_in_one_line():
+    console = recording_console()
+    reporter = LiveReporter(console=console)
+    steps = all_fresh()
+    reporter.plan("pets", steps)
+    reporter.log(None, "all 3 steps are up to date")  # whether or not the executor says it too
+    reporter.finish(steps, 0.01)
+    reporter.close()
+    assert console.export_text().strip().splitlines() == ["all 3 steps are up to date"]
+
+
+def test_live_quiet_shows_only_failures_and_the_final_line():
+    console = recording_console()
+    run_build(LiveReporter(verbosity=-1, console=console), fail=True)
+    out = console.export_text()
+    assert "train:dog failed after 12s" in out
+    assert "CUDA out of memory" in out
+    assert "prior:dog" not in out and "saved checkpoint" not in out and "step 400" not in out
+    assert out.strip().splitlines()[-1].startswith("pets: FAILED")
+
+
+def test_live_verbose_adds_the_steps_log_messages():
+    quiet, verbose = recording_console(), recording_console()
+    run_build(LiveReporter(verbosity=0, console=quiet))
+    run_build(LiveReporter(verbosity=1, console=verbose))
+    assert "saved checkpoint-800" not in quiet.export_text()
+    assert "train:dog  saved checkpoint-800" in verbose.export_text()
+
+
+def test_live_display_keeps_its_own_copy_of_events():
+    reporter = LiveReporter(console=recording_console())
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    steps[1].status = FAILED  # the executor's object changes; the display changes on events only
+    text = _text(reporter.renderable())
+    reporter.close()
+    assert re.search(r"train:dog\s+pending", text)
+
+
+# --- plain lines -------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plain_lines(verbosity: int = 0, fail: bool = False) -> list[str]:
+    lines: list[str] = []
+    clock = Clock()
+
+    def tick():
+        clock.now += 1
+
+    reporter = PlainReporter(verbosity=verbosity, write=lines.append, clock=clock)
+    run_build(reporter, fail=fail, progress_hook=tick)
+    for line in lines:
+        assert re.match(TIME, line), line
+    return [line[9:] for line in lines]
+
+
+def test_plain_lines_tell_the_build_in_order():
+    lines = plain_lines()
+    assert lines[0] == "pets: 3 of 4 steps to run"
+    assert lines[1] == "train:dog    start (lora.rank 16 -> 8)"
+    progress = [line for line in lines if line.startswith("train:dog    step ")]
+    # throttled: one line per tenth of the run, not one per event
+    assert len(progress) == 10
+    assert progress[0] == "train:dog    step 80/800 (10%)  loss 0.242"
+    assert "step 480/800 (60%)  loss 0.202  " in progress[5] and "it/s  eta " in progress[5]
+    assert "train:dog    done in 5m01s -> build/pets/adapters/dog" in lines
+    assert "blend:mix    restored from cache -> build/pets/blends/mix" in lines
+    assert "render:park  done in 3.5s -> build/pets/renders/park" in lines
+    assert lines[-1] == "pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"
+    assert not any("saved checkpoint" in line for line in lines)
+
+
+def test_plain_progress_also_every_thirty_seconds():
+    lines: list[str] = []
+    clock = Clock()
+    reporter = PlainReporter(write=lines.append, clock=clock)
+    step = StepEvent("train:dog", "train", "dog", PENDING)
+    reporter.plan("pets", [step])
+    reporter.step_start(step)
+    for done in range(1, 40):  # 40 of 10_000 steps: never a tenth, but 39 s
+        step.done, step.total = done, 10_000
+        clock.now += 1
+        reporter.step_progress(step)
+    progress = [line for line in lines if " step " in line]
+    assert len(progress) == 1 and "step 30/10000 (0%)" in progress[0] and "1 it/s" in progress[0]
+
+
+def test_plain_failure_and_quiet_mode():
+    lines = plain_lines(fail=True)
+    assert "train:dog    FAILED after 12s: CUDA out of memory" in lines
+    assert "             lower train.batch_size or turn on gradient_checkpointing" in lines
+    assert "blend:mix    skipped (upstream train:dog failed)" in lines
+    assert lines[-1] == "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped"
+
+    quiet = plain_lines(verbosity=-1, fail=True)
+    assert quiet == [
+        "train:dog    FAILED after 12s: CUDA out of memory",
+        "             lower train.batch_size or turn on gradient_checkpointing",
+        "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped",
+    ]
+    assert plain_lines(verbosity=-1) == ["pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"]
+
+
+def test_plain_verbose_lists_the_plan_and_log_messages():
+    lines = plain_lines(verbosity=1)
+    assert "prior:dog    fresh" in lines
+    assert "blend:mix    pending (upstream train:dog stale)" in lines
+    assert "train:dog    saved checkpoint-800" in lines
+
+
+def test_plain_says_nothing_stale_in_one_line():
+    for verbosity in (-1, 0, 1):
+        lines: list[str] = []
+        reporter = PlainReporter(verbosity=verbosity, write=lines.append)
+        reporter.plan("pets", all_fresh())
+        reporter.log(None, "all 3 steps are up to date")
+        reporter.finish(all_fresh(), 0.01)
+        reporter.close()
+        assert [line[9:] for line in lines] == ["all 3 steps are up to date"]
+
+
+def test_plain_dry_run_and_interruption():
+    lines: list[str] = []
+    reporter = PlainReporter(write=lines.append)
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    reporter.finish(steps, 0.1)
+    assert lines[-1].endswith("pets: dry run: 3 steps would run: train:dog, blend:mix, render:park")
+
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    steps[1].status = RUNNING
+    reporter.step_start(steps[1])
+    steps[1].status, steps[1].duration_s = INTERRUPTED, 40
+    reporter.step_end(steps[1])
+    for s in steps[2:]:
+        s.status = SKIPPED
+    reporter.finish(steps, 41)
+    assert lines[-2].endswith("train:dog    interrupted after 40s")
+    assert lines[-1].endswith("pets: interrupted after 41s; 1 up to date, 1 interrupted, 2 skipped")
+
+
+def test_plain_through_make_reporter_off_a_terminal(capsys):
+    reporter = make_reporter("auto", 0)  # pytest's captured stdout is no terminal
+    assert isinstance(reporter, PlainReporter)
+    run_build(reporter)
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    assert re.search(TIME + r"pets: built in 5m20s", out)
+
+
+def test_durations():
+    assert [fmt_duration(s) for s in (0.04, 3.5, 12, 59.6, 303, 7500)] == [
+        "0.0s",
+        "3.5s",
+        "12s",
+        "1m00s",
+        "5m03s",
+        "2h05m",
+    ]
+
+
+def _text(renderable) -> str:
+    console = Console(record=True, width=100, force_terminal=True)
+    console.print(renderable)
+    return console.export_text()

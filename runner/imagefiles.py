@@ -30,5 +30,7 @@ def ignored_files(folder: Path) -> list[Path]:
     skipped = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        skipped += [Path(root) / n for n in files if not n.startswith(".") and not n.lower().endswith(IMAGE_SUFFIXES)]
+        skipped += [
+            Path(root) / n for n in files if not n.startswith(".") and not n.lower().endswith(IMAGE_SUFFIXES)
+        ]
     return sorted(skipped)

@@ -212,7 +212,9 @@ def resolve_dtype(mixed_precision: str, device: str):
     if mixed_precision == "no":
         return torch.float32
     if device == "cpu":
-        warnings.warn(f"mixed_precision = '{mixed_precision}' is ignored on the CPU; computing in fp32", stacklevel=2)
+        warnings.warn(
+            f"mixed_precision = '{mixed_precision}' is ignored on the CPU; computing in fp32", stacklevel=2
+        )
         return torch.float32
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
@@ -271,7 +273,9 @@ def _refuse_sdxl(folder: str, base: BaseModel) -> None:
     if index.is_file():
         cls = json.loads(index.read_text()).get("_class_name", "")
         if "XL" in cls or "StableDiffusion3" in cls or "Flux" in cls:
-            raise ModelError(f"base model {base.display} is a {cls}; only Stable Diffusion 1.x and 2.x are supported yet")
+            raise ModelError(
+                f"base model {base.display} is a {cls}; only Stable Diffusion 1.x and 2.x are supported yet"
+            )
 
 
 class ModelCache:

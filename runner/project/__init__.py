@@ -1,0 +1,16 @@
+"""Project files: schema, loading, validation and error reports. Imports neither torch nor rich."""
+
+from runner.project.load import Problem, ProjectError, adapter_ranks, load_project
+from runner.project.schema import Blend, Prior, Project, Render, Subject
+
+__all__ = [
+    "Blend",
+    "Prior",
+    "Problem",
+    "Project",
+    "ProjectError",
+    "Render",
+    "Subject",
+    "adapter_ranks",
+    "load_project",
+]

@@ -55,7 +55,9 @@ LR_SCHEDULERS = (
 )
 
 
-def opt(default: Any = MISSING, doc: str = "", type: str = "str", choices=None, minimum=None, fingerprint=True):
+def opt(
+    default: Any = MISSING, doc: str = "", type: str = "str", choices=None, minimum=None, fingerprint=True
+):
     """Declare a project-file key. Without a default the key is required."""
     meta = {"doc": doc, "type": type, "choices": choices, "minimum": minimum, "fingerprint": fingerprint}
     if isinstance(default, list):
@@ -67,43 +69,73 @@ def opt(default: Any = MISSING, doc: str = "", type: str = "str", choices=None, 
 class ProjectSettings:
     """[project]: the base model and what applies to every step."""
 
-    base_model: str = opt(doc="hub id, local diffusers folder, single-file checkpoint, or the built-in 'tiny-sd'")
+    base_model: str = opt(
+        doc="hub id, local diffusers folder, single-file checkpoint, or the built-in 'tiny-sd'"
+    )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
     device: str = opt("auto", "where to compute", choices=("auto", "cuda", "mps", "cpu"), fingerprint=False)
-    mixed_precision: str = opt("no", "compute dtype of frozen weights (ignored with a warning on a CPU)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt(
+        "no",
+        "compute dtype of frozen weights (ignored with a warning on a CPU)",
+        choices=("no", "fp16", "bf16"),
+    )
     seed: int = opt(0, "seed for training, class-image generation and DARE pruning", "int")
-    out: str | None = opt(None, "output folder, relative to the project file; default: build/<name>", "str?", fingerprint=False)
+    out: str | None = opt(
+        None, "output folder, relative to the project file; default: build/<name>", "str?", fingerprint=False
+    )
     num_processes: int = opt(1, "processes for train steps (accelerate DDP; gloo on a CPU)", "int", minimum=1)
-    allow_pickle: bool = opt(False, "allow loading pickle checkpoints (.ckpt, .bin, .pt), which can run code", "bool", fingerprint=False)
+    allow_pickle: bool = opt(
+        False,
+        "allow loading pickle checkpoints (.ckpt, .bin, .pt), which can run code",
+        "bool",
+        fingerprint=False,
+    )
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """[train] and [subjects.<name>.train]: the training loop."""
 
-    resolution: int = opt(512, "training image size in pixels (images are resized, then cropped square)", "int", minimum=8)
+    resolution: int = opt(
+        512, "training image size in pixels (images are resized, then cropped square)", "int", minimum=8
+    )
     steps: int = opt(800, "optimizer steps (the recipe's max_train_steps)", "int", minimum=1)
-    batch_size: int = opt(1, "instance images per step (as many class images are added with a prior)", "int", minimum=1)
+    batch_size: int = opt(
+        1, "instance images per step (as many class images are added with a prior)", "int", minimum=1
+    )
     learning_rate: float = opt(1e-4, "AdamW learning rate", "float", minimum=0)
-    text_encoder_learning_rate: float | None = opt(None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0)
+    text_encoder_learning_rate: float | None = opt(
+        None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0
+    )
     lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = opt(0, "warm-up steps of the schedule", "int", minimum=0)
     lr_num_cycles: int = opt(1, "restarts of cosine_with_restarts", "int", minimum=1)
     lr_power: float = opt(1.0, "power of the polynomial schedule", "float")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", "int", minimum=1)
-    gradient_checkpointing: bool = opt(True, "recompute activations to save memory (slower, same result)", "bool", fingerprint=False)
+    gradient_checkpointing: bool = opt(
+        True, "recompute activations to save memory (slower, same result)", "bool", fingerprint=False
+    )
     train_text_encoder: bool = opt(True, "also train a LoRA on the text encoder", "bool")
-    checkpoint_every: int = opt(200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False)
+    checkpoint_every: int = opt(
+        200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False
+    )
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)", "float", minimum=0)
     adam_beta1: float = opt(0.9, "AdamW beta1", "float", minimum=0)
     adam_beta2: float = opt(0.999, "AdamW beta2", "float", minimum=0)
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay", "float", minimum=0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon", "float", minimum=0)
-    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool")
+    use_8bit_adam: bool = opt(
+        False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool"
+    )
     center_crop: bool = opt(False, "center crop instead of random crop", "bool")
     random_flip: bool = opt(False, "flip images horizontally at random", "bool")
-    cache_latents: bool = opt(True, "encode each image once and reuse its latents (same result when crops are fixed)", "bool", fingerprint=False)
+    cache_latents: bool = opt(
+        True,
+        "encode each image once and reuse its latents (same result when crops are fixed)",
+        "bool",
+        fingerprint=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -114,12 +146,18 @@ class LoraSettings:
     alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
     dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
     bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
-    target_modules: list[str] = opt(["to_q", "to_v", "query", "value"], "UNet modules that get a LoRA", "list[str]")
+    target_modules: list[str] = opt(
+        ["to_q", "to_v", "query", "value"], "UNet modules that get a LoRA", "list[str]"
+    )
     text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
     text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
     text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0)
-    text_encoder_bias: str = opt("none", "text encoder LoRA bias training", choices=("none", "all", "lora_only"))
-    text_encoder_target_modules: list[str] = opt(["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]")
+    text_encoder_bias: str = opt(
+        "none", "text encoder LoRA bias training", choices=("none", "all", "lora_only")
+    )
+    text_encoder_target_modules: list[str] = opt(
+        ["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]"
+    )
 
 
 @dataclass(frozen=True)
@@ -157,11 +195,19 @@ class Blend:
     """[blends.<name>]: a weighted combination of trained adapters (PEFT add_weighted_adapter)."""
 
     name: str
-    adapters: tuple[tuple[str, float], ...] = opt(doc="subjects or blends with their weights, e.g. { dog = 1.0, toy = 0.8 }", type="weights")
-    method: str = opt("cat", "combination type; cat is exact, svd and the *_svd methods are lossy", choices=BLEND_METHODS)
-    svd_rank: int | None = opt(None, "rank of svd methods; default: the largest parent rank", "int?", minimum=1)
+    adapters: tuple[tuple[str, float], ...] = opt(
+        doc="subjects or blends with their weights, e.g. { dog = 1.0, toy = 0.8 }", type="weights"
+    )
+    method: str = opt(
+        "cat", "combination type; cat is exact, svd and the *_svd methods are lossy", choices=BLEND_METHODS
+    )
+    svd_rank: int | None = opt(
+        None, "rank of svd methods; default: the largest parent rank", "int?", minimum=1
+    )
     svd_clamp: float | None = opt(None, "quantile clamp of svd methods", "float?", minimum=0)
-    density: float | None = opt(None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0)
+    density: float | None = opt(
+        None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0
+    )
     majority_sign_method: str = opt("total", "sign election of ties methods", choices=("total", "frequency"))
 
 
@@ -179,7 +225,9 @@ class Render:
     width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
     height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
     scheduler: str | None = opt(None, "sampler; default: the base model's own", "str?", choices=SCHEDULERS)
-    batch_size: int = opt(1, "images per forward pass (same pixels as one at a time)", "int", minimum=1, fingerprint=False)
+    batch_size: int = opt(
+        1, "images per forward pass (same pixels as one at a time)", "int", minimum=1, fingerprint=False
+    )
     lora_scale: float = opt(1.0, "strength of the adapter", "float")
 
 

@@ -1,0 +1,333 @@
+"""Decide what to build: (project, lockfile, file facts) -> ordered steps, each stale one with reasons.
+
+Pure apart from reading files through `Facts`: no torch, no rich, no writing. The executor calls
+`step_inputs` again just before running a step, once its upstream steps have produced their outputs,
+so that a rebuild producing identical bytes stops there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from runner import steps as step_kinds
+from runner.fingerprint import fingerprint
+from runner.project.schema import Project, keys_of
+
+FRESH = "fresh"
+STALE = "stale"
+
+
+@dataclass
+class Step:
+    """One step of the build graph."""
+
+    id: str
+    kind: str
+    name: str
+    spec: object
+    deps: list[str]  # upstream step ids, in a stable order
+
+    @property
+    def output_dir(self) -> str:
+        return f"{step_kinds.OUTPUT_DIRS[self.kind]}/{self.name}"
+
+
+@dataclass
+class PlannedStep:
+    step: Step
+    status: str  # FRESH | STALE
+    reasons: list[str] = field(default_factory=list)
+    inputs: dict | None = None  # None while an upstream step is stale
+    fingerprint: str | None = None
+    restorable: bool = False  # the run-cache holds outputs for this fingerprint
+
+    @property
+    def id(self) -> str:
+        return self.step.id
+
+    @property
+    def stale(self) -> bool:
+        return self.status == STALE
+
+
+class Facts(Protocol):
+    """What the planner needs to know about the file system."""
+
+    def images(self, folder: str) -> dict[str, str]:
+        """{relative path: sha256} of the images in an absolute folder."""
+
+    def base_model(self) -> dict:
+        """The base model's identity."""
+
+    def outputs_intact(self, record: dict) -> str | None:
+        """None when every recorded output exists with its recorded hash, else why not."""
+
+    def cached(self, fingerprint: str) -> bool:
+        """Whether the run-cache holds outputs for this fingerprint."""
+
+
+# --- the graph -------------------------------------------------------------------------------------
+
+
+def graph(project: Project) -> list[Step]:
+    """Every step of the project in execution order: priors, trains, blends (parents first), renders."""
+    result = [Step(f"prior:{n}", "prior", n, p, []) for n, p in project.priors.items()]
+    for name, subject in project.subjects.items():
+        deps = [f"prior:{subject.prior}"] if subject.prior else []
+        result.append(Step(f"train:{name}", "train", name, subject, deps))
+    done: set[str] = set()
+
+    def add_blend(name: str) -> None:
+        if name in done:
+            return
+        done.add(name)
+        blend = project.blends[name]
+        for parent, _ in blend.adapters:
+            if parent in project.blends:
+                add_blend(parent)
+        result.append(
+            Step(f"blend:{name}", "blend", name, blend, [adapter_step(project, p) for p, _ in blend.adapters])
+        )
+
+    for name in project.blends:
+        add_blend(name)
+    for name, render in project.renders.items():
+        deps = [] if render.adapter == "none" else [adapter_step(project, render.adapter)]
+        result.append(Step(f"render:{name}", "render", name, render, deps))
+    return result
+
+
+def adapter_step(project: Project, name: str) -> str:
+    return f"train:{name}" if name in project.subjects else f"blend:{name}"
+
+
+def dependents(steps: list[Step], roots: set[str]) -> set[str]:
+    """Ids of the steps that depend on any of `roots`, transitively (roots excluded)."""
+    found: set[str] = set()
+    for step in steps:  # execution order: parents come first
+        if any(d in roots or d in found for d in step.deps):
+            found.add(step.id)
+    return found
+
+
+def upstream(steps: list[Step], targets: set[str]) -> set[str]:
+    """`targets` and every step they need, transitively."""
+    by_id = {s.id: s for s in steps}
+    needed, todo = set(), list(targets)
+    while todo:
+        sid = todo.pop()
+        if sid in needed or sid not in by_id:
+            continue
+        needed.add(sid)
+        todo += by_id[sid].deps
+    return needed
+
+
+# --- the inputs that make each step's fingerprint ---------------------------------------------------
+
+
+def _settings(obj) -> dict:
+    """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
+    as the lockfile's TOML cannot hold them."""
+    result = {}
+    for f in keys_of(type(obj)):
+        value = getattr(obj, f.name)
+        if f.metadata.get("fingerprint", True) and value is not None:
+            result[f.name] = _plain(value)
+    return result
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _settings(value)
+    return value
+
+
+def _rel(project: Project, folder: str) -> str:
+    return Path(os.path.relpath(folder, project.dir)).as_posix()
+
+
+def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dict[str, str]) -> dict:
+    """Exactly the inputs that change a step's result. Keys starting with '_' are shown, not hashed."""
+    settings = project.settings
+    version = step_kinds.VERSIONS[step.kind]
+    spec = step.spec
+    if step.kind == "prior":
+        inputs = {"version": version, "base_model": facts.base_model(), "seed": settings.seed}
+        inputs.update({k: v for k, v in _settings(spec).items() if k != "images"})
+        if spec.images:
+            inputs["images"] = {"_folder": _rel(project, spec.images), "files": facts.images(spec.images)}
+        return inputs
+    if step.kind == "train":
+        inputs = {
+            "version": version,
+            "base_model": facts.base_model(),
+            "mixed_precision": settings.mixed_precision,
+            "seed": settings.seed,
+            "num_processes": settings.num_processes,
+            "instance_prompt": spec.instance_prompt,
+            "train": _settings(spec.train),
+            "lora": _settings(spec.lora),
+            "images": {"_folder": _rel(project, spec.images), "files": facts.images(spec.images)},
+        }
+        if spec.prior:
+            prior = project.priors[spec.prior]
+            inputs["prior"] = {
+                "_name": spec.prior,
+                "output": upstream_hashes[f"prior:{spec.prior}"],
+                "loss_weight": prior.loss_weight,
+            }
+        return inputs
+    if step.kind == "blend":
+        inputs = {"version": version, "seed": settings.seed}
+        inputs.update({k: v for k, v in _settings(spec).items() if k != "adapters"})
+        inputs["adapters"] = [
+            {"_name": name, "output": upstream_hashes[dep], "weight": weight}
+            for (name, weight), dep in zip(spec.adapters, step.deps, strict=True)
+        ]
+        return inputs
+    # render
+    inputs = {"version": version, "base_model": facts.base_model()}
+    inputs.update({k: v for k, v in _settings(spec).items() if k != "adapter"})
+    if spec.adapter == "none":
+        inputs["adapter"] = "none"
+    else:
+        inputs["adapter"] = {"_name": spec.adapter, "output": upstream_hashes[step.deps[0]]}
+    return inputs
+
+
+# --- reasons ---------------------------------------------------------------------------------------
+
+
+def _short(value) -> str:
+    text = (
+        repr(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _flatten(value, prefix: str, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+
+
+def explain(old: dict, new: dict) -> list[str]:
+    """Readable differences between two steps' inputs, e.g. 'lora.rank 16 -> 8'."""
+    reasons: list[str] = []
+    # Images: one line per file.
+    old_images, new_images = old.get("images") or {}, new.get("images") or {}
+    folder = new_images.get("_folder") or old_images.get("_folder") or ""
+    old_files, new_files = old_images.get("files", {}), new_images.get("files", {})
+    for rel in sorted(set(old_files) | set(new_files)):
+        label = f"{folder}/{rel}" if folder else rel
+        if rel not in old_files:
+            reasons.append(f"image {label} added")
+        elif rel not in new_files:
+            reasons.append(f"image {label} removed")
+        elif old_files[rel] != new_files[rel]:
+            reasons.append(f"image {label} changed")
+    # Upstream outputs: named, not hashed.
+    for key in ("prior", "adapter"):
+        o, n = old.get(key), new.get(key)
+        if isinstance(o, dict) and isinstance(n, dict):
+            if o.get("_name") != n.get("_name"):
+                reasons.append(f"{key} {o.get('_name')} -> {n.get('_name')}")
+            elif o.get("output") != n.get("output"):
+                reasons.append(f"upstream {key} {n.get('_name')} changed")
+    if isinstance(old.get("adapters"), list) and isinstance(new.get("adapters"), list):
+        old_named = {a.get("_name"): a for a in old["adapters"]}
+        new_named = {a.get("_name"): a for a in new["adapters"]}
+        for name, item in new_named.items():
+            before = old_named.get(name)
+            if before is None:
+                reasons.append(f"adapters.{name} added")
+            elif before.get("weight") != item.get("weight"):
+                reasons.append(
+                    f"adapters.{name} {_short(before.get('weight'))} -> {_short(item.get('weight'))}"
+                )
+            elif before.get("output") != item.get("output"):
+                reasons.append(f"upstream {name} changed")
+        reasons += [f"adapters.{name} removed" for name in old_named if name not in new_named]
+        if not reasons and [a.get("_name") for a in old["adapters"]] != [
+            a.get("_name") for a in new["adapters"]
+        ]:
+            reasons.append("adapters reordered")
+    skip = ("images", "prior", "adapter", "adapters")
+    flat_old, flat_new = {}, {}
+    _flatten({k: v for k, v in old.items() if k not in skip}, "", flat_old)
+    _flatten({k: v for k, v in new.items() if k not in skip}, "", flat_new)
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        if key not in flat_old:
+            reasons.append(f"{key} set to {_short(flat_new[key])}")
+        elif key not in flat_new:
+            reasons.append(f"{key} removed (was {_short(flat_old[key])})")
+        elif flat_old[key] != flat_new[key]:
+            reasons.append(f"{key} {_short(flat_old[key])} -> {_short(flat_new[key])}")
+    for key in ("prior", "adapter"):
+        o, n = old.get(key), new.get(key)
+        if (o is None) != (n is None) or (isinstance(o, str) or isinstance(n, str)) and o != n:
+            label = lambda v: "none" if v in (None, "none") else v.get("_name") if isinstance(v, dict) else v  # noqa: E731
+            reasons.append(f"{key} {label(o)} -> {label(n)}")
+    return reasons or ["inputs changed"]
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+def plan(
+    project: Project, lock: dict[str, dict], facts: Facts, force: set[str] | None = None
+) -> list[PlannedStep]:
+    """Every step in execution order, fresh or stale with reasons. `force` ids are stale regardless."""
+    force = force or set()
+    planned: dict[str, PlannedStep] = {}
+    for step in graph(project):
+        record = lock.get(step.id)
+        stale_deps = [d for d in step.deps if planned[d].stale]
+        if stale_deps:
+            item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps])
+            if step.id in force:
+                item.reasons.insert(0, "forced")
+            planned[step.id] = item
+            continue
+        hashes = {d: lock[d]["output_hash"] for d in step.deps}
+        inputs = step_inputs(project, step, facts, hashes)
+        fp = fingerprint(inputs)
+        item = PlannedStep(step, FRESH, [], inputs, fp)
+        if step.id in force:
+            item.status, item.reasons = STALE, ["forced"]
+        elif record is None:
+            item.status, item.reasons = STALE, ["never built"]
+        elif record["fingerprint"] != fp:
+            item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
+        else:
+            problem = facts.outputs_intact(record)
+            if problem:
+                item.status, item.reasons = STALE, [problem]
+        if item.stale and step.id not in force and facts.cached(fp):
+            item.restorable = True
+            item.reasons.append("restorable from cache")
+        planned[step.id] = item
+    return list(planned.values())
+
+
+def to_json(planned: list[PlannedStep]) -> dict:
+    """The documented shape of `dbl plan --json`."""
+    return {
+        "stale": [{"id": p.id, "kind": p.step.kind, "reasons": p.reasons} for p in planned if p.stale],
+        "fresh": [p.id for p in planned if not p.stale],
+    }

@@ -1,0 +1,58 @@
+"""Find the line of a dotted key in a TOML file, for error messages.
+
+tomllib gives values, not positions, so this reads the text once more: table headers set the current
+table, `key = value` lines (and the keys of an inline table on that line) record their full dotted key.
+It is a locator, not a parser: on anything it does not understand it falls back to the nearest table.
+"""
+
+from __future__ import annotations
+
+import re
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEYVAL = re.compile(
+    r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_\-]+))*)\s*="""
+)
+_INLINE_KEY = re.compile(r"""[{,]\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)\s*=""")
+
+
+def _split_key(text: str) -> list[str]:
+    parts = re.findall(r""""([^"]*)"|'([^']*)'|([A-Za-z0-9_\-]+)""", text)
+    return [a or b or c for a, b, c in parts]
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key (as a tuple) and each table header to its 1-based line number."""
+    found: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = tuple(_split_key(header.group(1)))
+            found.setdefault(table, number)
+            continue
+        keyval = _KEYVAL.match(line)
+        if not keyval:
+            continue
+        key = table + tuple(_split_key(keyval.group(1)))
+        found.setdefault(key, number)
+        rest = line[keyval.end() :]
+        if rest.lstrip().startswith("{"):
+            for inner in _INLINE_KEY.finditer(rest):
+                found.setdefault(key + tuple(_split_key(inner.group(1))), number)
+    return found
+
+
+class LineIndex:
+    """Answers "on which line is this key?" with the nearest enclosing key or table as fallback."""
+
+    def __init__(self, text: str):
+        self._lines = key_lines(text)
+
+    def line(self, key: tuple[str, ...] | str) -> int | None:
+        parts = tuple(key.split(".")) if isinstance(key, str) else tuple(key)
+        while parts:
+            if parts in self._lines:
+                return self._lines[parts]
+            parts = parts[:-1]
+        return None

@@ -1,0 +1,223 @@
+"""The `.dbl/` folder: the build lock, the run-cache, step work folders, and the file facts of a project.
+
+Every write here is atomic (write aside, then rename), so a build killed at any point leaves either the
+old state or the new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, sha256_file
+from runner.models import BaseModel
+from runner.project.schema import Project
+
+
+class LockHeld(Exception):
+    """Another build of the same project is running."""
+
+
+class BuildLock:
+    """An exclusive lock on one project's builds: a flock on `.dbl/build-<stem>.lock`.
+
+    The kernel drops a flock when its process dies, so a lock left by a killed build never blocks.
+    The file also says who holds it, for the message the second build prints.
+    """
+
+    def __init__(self, project: Project):
+        self.path = project.state_dir / f"build-{project.path.stem}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> BuildLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise LockHeld(
+                f"another build of this project is running ({self.holder()}); wait for it or stop it"
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+
+
+def file_manifest(folder: Path, hasher: FileHasher) -> dict[str, dict]:
+    """{relative path: {sha256, size}} of every file under `folder`."""
+    result = {}
+    for rel, digest in hasher.tree(folder).items():
+        result[rel] = {"sha256": digest, "size": (folder / rel).stat().st_size}
+    return result
+
+
+def output_hash(manifest: dict[str, dict]) -> str:
+    return manifest_hash({rel: item["sha256"] for rel, item in manifest.items()})
+
+
+class RunCache:
+    """Content kept by fingerprint in `.dbl/cache/<fp>/`: `files/` and `manifest.json`.
+
+    Restoring an entry is a verified copy, so reverting an edit brings outputs back without running.
+    Entries are written to a temp folder and renamed into place, so concurrent builds (two projects in
+    one folder) can share the cache safely: whoever renames first wins, and both entries are identical.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def entry(self, fingerprint: str) -> Path:
+        return self.root / fingerprint
+
+    def has(self, fingerprint: str) -> bool:
+        return (self.entry(fingerprint) / "manifest.json").is_file()
+
+    def manifest(self, fingerprint: str) -> dict | None:
+        try:
+            return json.loads((self.entry(fingerprint) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def store(self, fingerprint: str, files: Path, manifest: dict, metrics: dict) -> Path:
+        """Move the folder `files` into the cache under `fingerprint`; returns the entry."""
+        entry = self.entry(fingerprint)
+        if self.has(fingerprint):
+            shutil.rmtree(files, ignore_errors=True)
+            return entry
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{fingerprint}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.move(str(files), str(tmp / "files"))
+        meta = {"outputs": manifest, "output_hash": output_hash(manifest), "metrics": metrics}
+        (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another build stored the same entry first
+        return entry
+
+    def verify(self, fingerprint: str) -> dict | None:
+        """The entry's manifest if every file is there with its hash; a corrupt entry is dropped."""
+        meta = self.manifest(fingerprint)
+        if meta is None:
+            return None
+        files = self.entry(fingerprint) / "files"
+        for rel, item in meta["outputs"].items():
+            path = files / rel
+            if (
+                not path.is_file()
+                or path.stat().st_size != item["size"]
+                or sha256_file(path) != item["sha256"]
+            ):
+                self.drop(fingerprint)
+                return None
+        return meta
+
+    def drop(self, fingerprint: str) -> None:
+        trash = self.root / f".{fingerprint}.trash-{os.getpid()}"
+        try:
+            os.rename(self.entry(fingerprint), trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def entries(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+
+
+def replace_dir(staged: Path, target: Path, trash: Path) -> None:
+    """Put `staged` at `target`, replacing what was there, with two renames."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    if target.exists():
+        os.rename(target, trash)
+    try:
+        os.rename(staged, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            if trash.exists() and not target.exists():
+                os.rename(trash, target)  # put the old outputs back
+            raise
+        shutil.move(str(staged), str(target))  # another file system
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class DiskFacts:
+    """The planner's view of the file system, through the stat-cached hasher."""
+
+    def __init__(self, project: Project, hasher: FileHasher, cache: RunCache):
+        self.project = project
+        self.hasher = hasher
+        self.cache = cache
+        self._base: dict | None = None
+        self._images: dict[str, dict] = {}
+
+    def images(self, folder: str) -> dict[str, str]:
+        if folder not in self._images:
+            self._images[folder] = self.hasher.manifest(Path(folder))
+        return self._images[folder]
+
+    def base_model(self) -> dict:
+        if self._base is None:
+            s = self.project.settings
+            base = BaseModel.parse(s.base_model, self.project.dir, s.revision, s.allow_pickle)
+            self._base = base_model_identity(base, self.hasher)
+        return self._base
+
+    def outputs_intact(self, record: dict) -> str | None:
+        for rel, item in sorted(record.get("outputs", {}).items()):
+            path = self.project.dir / rel
+            try:
+                if not path.is_file():
+                    return f"output {rel} missing"
+                if path.stat().st_size != item.get("size") or self.hasher.hash(path) != item["sha256"]:
+                    return f"output {rel} altered"
+            except OSError:
+                return f"output {rel} unreadable"
+        return None
+
+    def cached(self, fingerprint: str) -> bool:
+        return self.cache.has(fingerprint)

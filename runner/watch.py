@@ -1,0 +1,296 @@
+"""`dbl watch`: rebuild what goes stale as the project file or its input images change.
+
+One loop, in the caller's thread: load the project, build what is stale, wait for a change, repeat.
+A watchdog observer (a PollingObserver with `--polling`, for network and container mounts where
+file events do not arrive) watches the project file and every input folder the project names: the
+subjects' and priors' images. Outputs, `.dbl/` and the lockfile are never watched, so a build does
+not wake the watcher. Changes are debounced; a change that arrives while a build runs is kept and
+handled when that build ends. An invalid project file is reported and the watch goes on; the
+folders it names are watched anyway, so that creating a missing folder wakes it.
+
+The watch ends with exit code 0 on Ctrl-C or when `stop_event` is set: leaving is the normal way
+to end a watch, not a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+
+from runner.events import Reporter
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# Event types that mean a file's content or presence changed (not opened, not read).
+CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
+POLL_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a project's watch looks at. All paths absolute and resolved."""
+
+    project_file: str
+    folders: tuple[str, ...]  # input folders; missing ones too
+    ignored: tuple[str, ...]  # outputs and .dbl/: never a reason to rebuild
+
+    def relevant(self, path: str) -> bool:
+        """Whether a change at `path` can make a step stale."""
+        path = os.path.normpath(path)
+        if any(_within(path, i) for i in self.ignored):
+            return False
+        return path == self.project_file or any(_within(path, f) for f in self.folders)
+
+    def watches(self) -> set[tuple[str, bool]]:
+        """(folder, recursive) pairs to schedule: a missing input folder is watched through its
+        nearest existing parent, so that its creation is seen."""
+        found = {(os.path.dirname(self.project_file), False)}
+        for folder in self.folders:
+            if os.path.isdir(folder):
+                found.add((folder, True))
+            else:
+                parent = _existing_parent(folder)
+                if parent:
+                    found.add((parent, False))
+        return found
+
+
+def targets_of(project_path: Path, project=None) -> Targets:
+    """The watch targets of a loaded project, or, for an invalid one, of whatever its TOML names."""
+    project_path = Path(project_path).resolve()
+    base = project_path.parent
+    if project is not None:
+        named = [p.images for p in project.priors.values() if p.images] + [
+            s.images for s in project.subjects.values()
+        ]
+        ignored = [project.out, project.state_dir]
+    else:
+        named = _raw_image_folders(project_path)
+        ignored = [base / ".dbl"]
+    ignored_s = tuple(_norm(p) for p in ignored)
+    folders = []
+    for f in named:
+        p = _norm(base / Path(f).expanduser())
+        if not any(_within(p, i) for i in ignored_s) and p not in folders:
+            folders.append(p)
+    return Targets(_norm(project_path), tuple(sorted(folders)), ignored_s)
+
+
+def watch(
+    project_path: Path,
+    *,
+    polling: bool = False,
+    reporter_factory: Callable[[], Reporter],
+    debounce_s: float = 0.5,
+    stop_event: threading.Event | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> int:
+    """Build `project_path`, then rebuild what goes stale each time its inputs change.
+
+    reporter_factory makes the display of one build. echo prints the watch's own messages (the
+    project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
+    or `stop_event`, 2 when the project file's folder does not exist.
+    """
+    stop = stop_event or threading.Event()
+    say = echo or _print
+    path = Path(project_path).resolve()
+    if not path.parent.is_dir():
+        say(f"{project_path}: no such folder")
+        return 2
+
+    changes = _Changes()
+    handler = _Handler(changes)
+    observer = _make_observer(polling)
+    scheduled: dict[tuple[str, bool], object] = {}
+    observer.start()
+    try:
+        project = _load(path, say)
+        while not stop.is_set():
+            handler.targets = targets_of(path, project)
+            _reschedule(observer, handler, scheduled, handler.targets.watches())
+            if project is not None and _build(project, reporter_factory, stop, say) == 130:
+                break  # the build was interrupted (Ctrl-C): leave the watch too
+            if stop.is_set():
+                break
+            say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
+            changed = changes.wait(debounce_s, stop)
+            if changed is None:
+                break
+            say(f"changed: {_changed_text(changed, path.parent)}")
+            project = _load(path, say)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    return 0
+
+
+# --- the loop's parts -------------------------------------------------------------------------------
+
+
+def _load(path: Path, say: Callable[[str], None]):
+    """The project, or None after reporting why it cannot be used."""
+    from runner.project import ProjectError, load_project
+
+    try:
+        return load_project(path)
+    except ProjectError as exc:
+        say(str(exc))
+    except (OSError, UnicodeDecodeError) as exc:  # an editor's save in progress
+        say(f"{path.name}: cannot read: {exc}")
+    return None
+
+
+def _build(
+    project, reporter_factory: Callable[[], Reporter], stop: threading.Event, say: Callable[[str], None]
+) -> int:
+    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on."""
+    from runner import executor
+
+    reporter = reporter_factory()
+    try:
+        options = executor.BuildOptions(should_stop=stop.is_set)
+        return executor.build(project, options, reporter).exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug in one build must not end the watch
+        known = type(exc).__name__ in ("LockHeld", "LockfileError", "UsageError")
+        say(str(exc) if known else f"build crashed: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        reporter.close()
+
+
+class _Changes:
+    """Paths that changed, gathered from the observer's thread, handed out once things are quiet."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._paths: list[str] = []
+        self._last = 0.0
+
+    def add(self, path: str) -> None:
+        with self._cond:
+            if path not in self._paths:
+                self._paths.append(path)
+            self._last = time.monotonic()
+            self._cond.notify_all()
+
+    def wait(self, debounce_s: float, stop: threading.Event) -> list[str] | None:
+        """Block until something changed and then nothing for `debounce_s`; None once `stop` is set."""
+        with self._cond:
+            while not self._paths:
+                if stop.is_set():
+                    return None
+                self._cond.wait(0.1)
+            while (quiet := time.monotonic() - self._last) < debounce_s:
+                if stop.is_set():
+                    return None
+                self._cond.wait(min(debounce_s - quiet, 0.1))
+            paths, self._paths = self._paths, []
+            return paths
+
+
+class _Handler(FileSystemEventHandler):
+    """Forwards relevant changes to `_Changes`; `targets` is swapped when the project is reloaded."""
+
+    def __init__(self, changes: _Changes):
+        super().__init__()
+        self.changes = changes
+        self.targets = Targets("", (), ())
+
+    def dispatch(self, event) -> None:
+        if event.event_type not in CHANGE_EVENTS or (event.is_directory and event.event_type == "modified"):
+            return
+        targets = self.targets
+        for p in (event.src_path, getattr(event, "dest_path", "")):
+            if p and targets.relevant(os.fsdecode(p)):
+                self.changes.add(os.path.normpath(os.fsdecode(p)))
+
+
+def _make_observer(polling: bool):
+    if polling:
+        from watchdog.observers.polling import PollingObserver
+
+        return PollingObserver(timeout=POLL_INTERVAL_S)
+    from watchdog.observers import Observer
+
+    return Observer()
+
+
+def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]]) -> None:
+    """Make the observer watch exactly `wanted`; folders may come and go between reloads."""
+    for key in list(scheduled):
+        if key not in wanted:
+            observer.unschedule(scheduled.pop(key))
+    for key in sorted(wanted - set(scheduled)):
+        folder, recursive = key
+        with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
+            scheduled[key] = observer.schedule(handler, folder, recursive=recursive)
+
+
+def _raw_image_folders(project_path: Path) -> list[str]:
+    """The `images` folders a project file names, read without validating it (best effort)."""
+    try:
+        data = tomllib.loads(project_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    found = []
+    for group in ("subjects", "priors"):
+        tables = data.get(group)
+        if isinstance(tables, dict):
+            for table in tables.values():
+                if isinstance(table, dict) and isinstance(table.get("images"), str):
+                    found.append(table["images"])
+    return found
+
+
+def _watched_text(targets: Targets) -> str:
+    n = len(targets.folders)
+    folders = f" and {n} input folder{'s' if n != 1 else ''}" if n else ""
+    return f"{Path(targets.project_file).name}{folders}"
+
+
+def _changed_text(paths: list[str], base: Path) -> str:
+    shown = [_relative(p, base) for p in paths[:3]]
+    more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def _relative(path: str, base: Path) -> str:
+    try:
+        return Path(path).relative_to(base).as_posix()
+    except ValueError:
+        return path
+
+
+def _norm(path) -> str:
+    return os.path.normpath(str(Path(path).resolve()))
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _existing_parent(path: str) -> str | None:
+    parent = os.path.dirname(path)
+    while parent and not os.path.isdir(parent):
+        if os.path.dirname(parent) == parent:
+            return None
+        parent = os.path.dirname(parent)
+    return parent or None
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)

@@ -1,0 +1,200 @@
+"""`dbl watch`: the loop runs in a thread on a small project with fake steps; each test ends in seconds."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.ui.plain import PlainReporter
+from runner.watch import targets_of, watch
+
+from .conftest import write_image
+
+LIMIT_S = 20
+
+
+class Watcher:
+    """`watch` in a thread, with what it said and what its builds printed."""
+
+    def __init__(self, path: Path, polling: bool = False):
+        self.messages: list[str] = []
+        self.lines: list[str] = []
+        self.stop = threading.Event()
+        self.code: int | None = None
+
+        def run():
+            self.code = watch(
+                path,
+                polling=polling,
+                reporter_factory=lambda: PlainReporter(write=self.lines.append),
+                debounce_s=0.1,
+                stop_event=self.stop,
+                echo=self.messages.append,
+            )
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def idle_count(self) -> int:
+        """How many times the loop went back to waiting: once after each build or report."""
+        return sum(1 for m in self.messages if m.startswith("watching "))
+
+    def wait_idle(self, after: int) -> None:
+        wait_for(lambda: self.idle_count() > after, f"the watch to settle; it said {self.messages}")
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join(LIMIT_S)
+        assert not self.thread.is_alive(), "the watch did not stop"
+        return self.code
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + LIMIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def save(path: Path, text: str) -> None:
+    """Save as editors do: write a temporary file, then rename it over the old one."""
+    tmp = path.with_name(f".{path.name}.swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def watcher(proj, fake_steps):
+    started = []
+
+    def start(polling: bool = False) -> Watcher:
+        w = Watcher(proj.path, polling)
+        started.append(w)
+        w.wait_idle(0)
+        return w
+
+    yield start
+    for w in started:
+        w.stop.set()
+        w.thread.join(LIMIT_S)
+
+
+def test_watch_rebuilds_what_goes_stale_and_survives_a_broken_project(proj, fake_steps, watcher):
+    w = watcher()
+    assert sorted(fake_steps.ran) == sorted(
+        ["prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"]
+    )
+    assert "watching pets.toml and 2 input folders (Ctrl-C to stop)" in w.messages
+
+    # one prompt: only that render runs
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    save(proj.path, proj.path.read_text().replace("sks dog in a park", "sks dog in a forest"))
+    w.wait_idle(idle)
+    assert fake_steps.ran == ["render:park"]
+    assert "changed: pets.toml" in w.messages
+
+    # a broken project file is reported, and the watch goes on
+    idle = w.idle_count()
+    good = proj.path.read_text()
+    save(proj.path, good.replace("rank = 4", "rnak = 4"))
+    w.wait_idle(idle)
+    assert any("pets.toml: 1 problem" in m and "did you mean 'rank'" in m for m in w.messages), w.messages
+    assert fake_steps.ran == ["render:park"]
+
+    # fixed again: nothing is stale, and the build says so in one line
+    idle, lines = w.idle_count(), len(w.lines)
+    save(proj.path, good)
+    w.wait_idle(idle)
+    assert [line[9:] for line in w.lines[lines:]] == ["all 7 steps are up to date"]
+
+    # a new instance image: that subject's train step and what depends on it
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    write_image(proj.root / "data" / "toy" / "02.png", seed=42)
+    w.wait_idle(idle)
+    assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+
+    assert w.close() == 0
+    # The builds' own writes (outputs, .dbl/, the lockfile) never woke the watch.
+    changed = {m for m in w.messages if m.startswith("changed: ")}
+    assert changed == {"changed: pets.toml", "changed: data/toy/02.png"}
+
+
+def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+
+    def steps(kind):
+        run = fake_steps(kind)
+
+        def slow(ctx):
+            if ctx.step_id == "render:park" and not release.is_set():
+                entered.set()
+                release.wait(LIMIT_S)
+            return run(ctx)
+
+        return slow
+
+    monkeypatch.setattr("runner.executor.get_runner", steps)
+    w = Watcher(proj.path)
+    try:
+        wait_for(entered.is_set, "render:park to start")
+        save(proj.path, proj.path.read_text().replace("sks dog on a beach", "sks dog on a boat"))
+        time.sleep(0.3)  # let the event arrive while the build still runs
+        assert w.idle_count() == 0
+        release.set()
+        wait_for(lambda: fake_steps.ran.count("render:park") == 2, "the queued change to rebuild render:park")
+        w.wait_idle(1)
+        assert fake_steps.ran.count("train:dog") == 1
+    finally:
+        assert w.close() == 0
+
+
+def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
+    w = watcher(polling=True)
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    save(proj.path, proj.path.read_text().replace('prompts = ["a dog"]', 'prompts = ["a cat"]'))
+    w.wait_idle(idle)
+    assert fake_steps.ran == ["render:base"]
+    assert w.close() == 0
+
+
+def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):
+    text = proj.path.read_text()
+    save(proj.path, text.replace('images = "data/toy"', 'images = "data/toy2"'))
+    w = watcher()
+    assert any("data/toy2 does not exist" in m for m in w.messages), w.messages
+    assert fake_steps.ran == []
+
+    idle = w.idle_count()
+    write_image(proj.root / "data" / "toy2" / "00.png")
+    write_image(proj.root / "data" / "toy2" / "01.png", seed=1)
+    wait_for(lambda: "render:mixed" in fake_steps.ran, "the build once the folder exists")
+    w.wait_idle(idle)
+    assert w.close() == 0
+
+
+def test_targets_are_the_inputs_never_the_outputs(proj):
+    project = proj.load()
+    t = targets_of(proj.path, project)
+    root = str(proj.root.resolve())
+    assert t.folders == (f"{root}/data/dog", f"{root}/data/toy")
+    assert t.relevant(f"{root}/pets.toml")
+    assert t.relevant(f"{root}/data/dog/05.png")
+    assert not t.relevant(f"{root}/pets.lock")
+    assert not t.relevant(f"{root}/.dbl/state")
+    assert not t.relevant(f"{root}/build/pets/renders/park/0-0.png")
+    assert not t.relevant(f"{root}/data/dogs/00.png")
+    assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
+
+    # an invalid project: the folders its TOML names are still watched
+    save(proj.path, proj.path.read_text().replace('images = "data/toy"', 'images = "new/toy"'))
+    t = targets_of(proj.path, None)
+    assert t.folders == (f"{root}/data/dog", f"{root}/new/toy")
+    assert (root, False) in t.watches()  # new/ does not exist: its nearest parent is watched

@@ -249,7 +249,7 @@ def _execute(ws: Workspace, step, inputs: dict, fp: str, ev: StepEvent, options,
         work=work,
         out=out,
         inputs={d: ws.output_dir(d) for d in step.deps},
-        models=_models(ws),
+        models=_LazyModels(ws),
         fingerprint=fp,
         num_processes=options.num_processes or ws.project.settings.num_processes,
         progress=progress,
@@ -262,20 +262,25 @@ def _execute(ws: Workspace, step, inputs: dict, fp: str, ev: StepEvent, options,
     return metrics
 
 
-_MODEL_CACHES: dict = {}
+class _LazyModels:
+    """The build's shared base-model cache, made on first use, so steps that need no model (and
+    tests with fake steps) never import torch."""
 
+    _shared: dict = {}  # one base model held at a time, across builds of one process (dbl watch)
 
-def _models(ws: Workspace):
-    """The build's shared base-model cache (torch is imported only when a step needs it)."""
-    from runner.models import BaseModel, ModelCache
+    def __init__(self, ws: Workspace):
+        self._ws = ws
 
-    s = ws.project.settings
-    base = BaseModel.parse(s.base_model, ws.project.dir, s.revision, s.allow_pickle)
-    key = (base, s.device, s.mixed_precision)
-    if key not in _MODEL_CACHES:
-        _MODEL_CACHES.clear()  # one base model held at a time
-        _MODEL_CACHES[key] = ModelCache(base, s.device, s.mixed_precision)
-    return _MODEL_CACHES[key]
+    def __getattr__(self, name):
+        from runner.models import BaseModel, ModelCache
+
+        s = self._ws.project.settings
+        base = BaseModel.parse(s.base_model, self._ws.project.dir, s.revision, s.allow_pickle)
+        key = (base, s.device, s.mixed_precision)
+        if key not in self._shared:
+            self._shared.clear()
+            self._shared[key] = ModelCache(base, s.device, s.mixed_precision)
+        return getattr(self._shared[key], name)
 
 
 def _commit(

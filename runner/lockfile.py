@@ -53,6 +53,11 @@ def read(path: Path) -> dict[str, dict]:
     return steps
 
 
+def read_text_records(text: str) -> dict[str, dict]:
+    """The step records of lockfile text (for tools and tests comparing two versions)."""
+    return tomllib.loads(text).get("steps", {})
+
+
 def _valid_record(record: Any) -> bool:
     return (
         isinstance(record, dict)

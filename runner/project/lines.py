@@ -29,7 +29,8 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
         header = _HEADER.match(line)
         if header:
             table = tuple(_split_key(header.group(1)))
-            found.setdefault(table, number)
+            for depth in range(1, len(table) + 1):  # [subjects.dog] also locates "subjects"
+                found.setdefault(table[:depth], number)
             continue
         keyval = _KEYVAL.match(line)
         if not keyval:

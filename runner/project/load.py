@@ -202,8 +202,11 @@ def load_project(path: Path | str) -> schema.Project:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        message = getattr(exc, "msg", str(exc))
+        found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
+        if found:
+            message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
+        else:
+            message, line = str(exc), None
         raise ProjectError(path, [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]) from None
     return _validate(path.resolve(), text, data)
 

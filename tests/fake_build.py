@@ -1,0 +1,80 @@
+"""Run `dbl` in a subprocess with fake steps, for tests that kill or lock a real process.
+
+    python -m tests.fake_build [--crash MODULE:FUNC:N] [--slow STEP_ID] -- dbl-args...
+
+--crash kills this process with SIGKILL on the N-th call of MODULE.FUNC (a crash at that point);
+--slow makes one step sleep, so that a test can act while it runs. Every step that runs is appended
+to the file named by $FAKE_STEPS_LOG.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import time
+
+from tests.conftest import FakeSteps
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    split = args.index("--")
+    opts, dbl_args = args[:split], args[split + 1 :]
+    fake = FakeSteps()
+    log = os.environ.get("FAKE_STEPS_LOG")
+    slow = opts[opts.index("--slow") + 1] if "--slow" in opts else None
+
+    def get_runner(kind):
+        inner = fake(kind)
+
+        def run(ctx):
+            if log:
+                with open(log, "a") as f:
+                    f.write(ctx.step_id + "\n")
+            if ctx.step_id == slow:
+                print("SLOW STEP RUNNING", flush=True)
+                for _ in range(600):
+                    if ctx.should_stop():
+                        from runner.steps import StepInterrupted
+
+                        raise StepInterrupted("stopped")
+                    time.sleep(0.05)
+            return inner(ctx)
+
+        return run
+
+    import runner.executor
+
+    runner.executor.get_runner = get_runner
+    if "--crash" in opts:
+        module_name, func_name, count = opts[opts.index("--crash") + 1].split(":")
+        owner_name, _, attr = func_name.rpartition(".")
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name) if owner_name else module
+        original = getattr(owner, attr)
+        calls = {"n": 0}
+
+        def crashing(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*a, **kw)
+
+        setattr(owner, attr, crashing)
+        # Modules that imported the function by name get the crashing one too.
+        for mod in list(sys.modules.values()):
+            if (
+                mod
+                and getattr(mod, "__name__", "").startswith("runner")
+                and getattr(mod, attr, None) is original
+            ):
+                setattr(mod, attr, crashing)
+    from runner.cli import main as dbl
+
+    return dbl(dbl_args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The command line: exit codes, messages without tracebacks, locking and kills across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from runner import lockfile
+from runner.cli import main
+from tests.conftest import ROOT
+
+
+def fake_dbl(*args, crash=None, slow=None, log=None, wait=True, **kw):
+    cmd = [sys.executable, "-m", "tests.fake_build"]
+    if crash:
+        cmd += ["--crash", crash]
+    if slow:
+        cmd += ["--slow", slow]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=str(log or os.devnull))
+    cmd += ["--", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+def wait_for(proc, text: str) -> None:
+    seen = []
+    while text not in "".join(seen):
+        line = proc.stdout.readline()
+        assert line, f"process ended before printing {text!r}: {''.join(seen)}"
+        seen.append(line)
+
+
+def test_bad_project_exits_2_without_traceback(proj, capsys):
+    proj.edit("rank = 4", "rnak = 4")
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "lora: unknown key 'rnak'" in err and "did you mean 'rank'?" in err
+    assert "Traceback" not in err
+    assert main(["build", str(proj.path), "--no-progress"]) == 2
+
+
+def test_missing_project_and_bad_usage(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "nope.toml"]) == 2
+    assert "no such project file" in capsys.readouterr().err
+    assert main(["build"]) == 2
+    assert "no project file given" in capsys.readouterr().err
+
+
+def test_plan_text_and_up_to_date_line(proj, build, capsys):
+    assert main(["plan", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "7 of 7 steps stale:"
+    assert "train:toy     never built" in out and "train:dog     upstream prior:dog stale" in out
+    build(proj)
+    assert main(["plan", str(proj.path)]) == 0
+    assert capsys.readouterr().out == "all 7 steps are up to date\n"
+
+
+def test_build_twice_prints_one_line(proj, fake_steps, capsys):
+    assert main(["build", str(proj.path), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["build", str(proj.path), "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "all 7 steps are up to date" in out[0]
+
+
+def test_failed_step_exits_1(proj, fake_steps, capsys):
+    fake_steps.fail = {"train:toy"}
+    assert main(["build", str(proj.path), "--no-progress"]) == 1
+    assert "train:toy failed on purpose" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_unknown_only_step_exits_2(proj, fake_steps, capsys):
+    assert main(["build", str(proj.path), "--no-progress", "--only", "train:cat"]) == 2
+    assert "no step 'train:cat'" in capsys.readouterr().err
+
+
+def test_ls_and_gc(proj, build, capsys):
+    build(proj)
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["train:dog"]["path"] == "build/pets/adapters/dog" and rows["train:dog"]["status"] == "fresh"
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    assert main(["gc", str(proj.path)]) == 0
+    assert capsys.readouterr().out.startswith("dropped 1 cache entry")
+    assert main(["gc", str(proj.path)]) == 0
+    assert capsys.readouterr().out.startswith("dropped 0 cache entries")
+
+
+def test_second_build_exits_3_naming_the_holder(proj):
+    first = fake_dbl("build", proj.path, "--no-progress", slow="train:dog", wait=False)
+    try:
+        wait_for(first, "SLOW STEP RUNNING")
+        second = fake_dbl("build", proj.path, "--no-progress")
+        assert second.returncode == 3
+        assert f"another build of this project is running (pid {first.pid} on" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # A lock left by a killed build does not block.
+    assert fake_dbl("build", proj.path, "--no-progress").returncode == 0
+
+
+def test_sigint_stops_cleanly_with_130(proj):
+    first = fake_dbl("build", proj.path, "--no-progress", slow="train:toy", wait=False)
+    wait_for(first, "SLOW STEP RUNNING")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=30) == 130
+    recorded = lockfile.read(proj.lock)
+    assert set(recorded) == {"prior:dog", "train:dog"}
+
+
+def test_sigkill_during_a_step_keeps_lockfile_and_outputs(proj, tmp_path):
+    log = tmp_path / "ran.log"
+    assert fake_dbl("build", proj.path, "--no-progress", log=log).returncode == 0
+    before = proj.lock.read_text()
+    adapter = proj.root / "build/pets/adapters/toy/unet/adapter.json"
+    old_adapter = adapter.read_bytes()
+    proj.edit("rank = 4", "rank = 6")
+    first = fake_dbl("build", proj.path, "--no-progress", slow="train:toy", log=log, wait=False)
+    wait_for(first, "SLOW STEP RUNNING")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    # train:dog finished before the kill: it is in the lockfile; train:toy is not.
+    after = lockfile.read(proj.lock)
+    assert after["train:dog"]["inputs"]["lora"]["rank"] == 6
+    assert after["train:toy"] == lockfile.read_text_records(before)["train:toy"]
+    assert adapter.read_bytes() == old_adapter
+    log.write_text("")
+    assert fake_dbl("build", proj.path, "--no-progress", log=log).returncode == 0
+    assert log.read_text().split() == ["train:toy", "blend:mix", "render:park", "render:mixed"]

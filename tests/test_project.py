@@ -1,0 +1,218 @@
+"""Project files: every problem class gives an exact, located message; good files resolve."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from runner.project import ProjectError, load_project
+from tests.conftest import write_image
+
+GOOD = """
+[project]
+base_model = "tiny-sd"
+
+[priors.dog]
+class_prompt = "a photo of dog"
+
+[subjects.dog]
+images = "data/dog"
+instance_prompt = "a photo of sks dog"
+prior = "dog"
+
+[subjects.toy]
+images = "data/toy"
+instance_prompt = "a toy"
+
+[blends.mix]
+adapters = { toy = 1.0, dog = 1.05 }
+
+[renders.park]
+adapter = "mix"
+prompts = ["sks dog in a park"]
+"""
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_image(tmp_path / "data/dog/00.png")
+    write_image(tmp_path / "data/toy/00.png")
+    return tmp_path
+
+
+def problems(folder, text: str) -> list[str]:
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    assert info.value.report().startswith(f"{path}: ") or "p.toml:" in info.value.report()
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_project_resolves_defaults_and_overrides(folder):
+    path = folder / "p.toml"
+    path.write_text(
+        GOOD + "\n[train]\nsteps = 10\n[subjects.dog.train]\nsteps = 20\n[subjects.dog.lora]\nrank = 8\n"
+    )
+    project = load_project(path)
+    assert project.name == "p"
+    assert project.out == folder / "build" / "p"
+    dog, toy = project.subjects["dog"], project.subjects["toy"]
+    assert dog.train.steps == 20 and toy.train.steps == 10
+    assert dog.lora.rank == 8 and toy.lora.rank == 16 and dog.lora.alpha == 27
+    assert dog.images == str(folder / "data" / "dog")
+    assert project.blends["mix"].adapters == (("toy", 1.0), ("dog", 1.05))
+    assert project.renders["park"].seeds == [0]
+
+
+CASES = [
+    (
+        "unknown key",
+        "[subjects.dog.lora]\nrnak = 3\n",
+        "subjects.dog.lora: unknown key 'rnak' (line {line}) - did you mean 'rank'?",
+    ),
+    (
+        "unknown table",
+        "[subject.cat]\nimages = 'x'\n",
+        "unknown key 'subject' (line {line}) - did you mean 'subjects'?",
+    ),
+    (
+        "wrong type",
+        '[train]\nsteps = "many"\n',
+        "train.steps: expected an integer, got the string 'many' (line {line}) - e.g. steps = 10",
+    ),
+    (
+        "bad choice",
+        '[train]\nlr_scheduler = "cosin"\n',
+        "train.lr_scheduler: 'cosin' is not one of constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial (line {line}) - did you mean 'cosine'?",
+    ),
+    ("below minimum", "[lora]\nrank = 0\n", "lora.rank: must be at least 1, got 0 (line {line})"),
+    (
+        "missing key",
+        '[subjects.cat]\nimages = "data/dog"\n',
+        "subjects.cat: missing required key 'instance_prompt' (prompt with the subject's identifier, e.g. 'a photo of sks dog') (line {line}) - add instance_prompt = ...",
+    ),
+    (
+        "unknown prior",
+        '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\nprior = "cat"\n',
+        "subjects.cat.prior: 'cat' is not a prior (line {line}) - priors: dog",
+    ),
+    (
+        "missing folder",
+        '[subjects.cat]\nimages = "data/cat"\ninstance_prompt = "x"\n',
+        "subjects.cat.images: folder data/cat does not exist (line {line}) - put the images in {folder}/data/cat",
+    ),
+    (
+        "bad name",
+        '[subjects."my dog"]\nimages = "data/dog"\ninstance_prompt = "x"\n',
+        "subjects.my dog: name 'my dog' may only hold letters, digits, '_' and '-' (line {line}) - rename the table",
+    ),
+    (
+        "escaping name",
+        '[renders."../etc"]\nadapter = "dog"\nprompts = ["x"]\n',
+        "renders.../etc: name '../etc' may only hold letters, digits, '_' and '-' (line {line}) - rename the table",
+    ),
+    (
+        "unknown blend parent",
+        "[blends.duo]\nadapters = { dog = 1.0, cat = 0.5 }\n",
+        "blends.duo.adapters.cat: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix, duo",
+    ),
+    (
+        "unknown render adapter",
+        '[renders.r]\nadapter = "cat"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; or 'none'",
+    ),
+    (
+        "density needed",
+        '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "ties"\n',
+        "blends.t.method: method 'ties' needs a density (line {line}) - add density = 0.5 (fraction of weights kept)",
+    ),
+    (
+        "equal ranks",
+        '[subjects.dog.lora]\nrank = 8\n[blends.lin]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "linear"\n',
+        'blends.lin.method: method \'linear\' needs equal unet ranks, got dog = 8, toy = 16 (line {line}) - give the subjects the same lora.rank, or use method = "cat" (exact) or "svd"',
+    ),
+    (
+        "empty prompts",
+        '[renders.r]\nadapter = "dog"\nprompts = []\n',
+        'renders.r.prompts: must not be empty (line {line}) - give at least one value, e.g. prompts = ["..."]',
+    ),
+    (
+        "size multiple of 8",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 100\n',
+        "renders.r.width: must be a multiple of 8, got 100 (line {line})",
+    ),
+    (
+        "blend cycle",
+        "[blends.a]\nadapters = { b = 1.0 }\n[blends.b]\nadapters = { a = 1.0 }\n",
+        "blends.a.adapters: blend 'a' depends on itself (line {line}) - remove the cycle between blends",
+    ),
+    (
+        "pickle base",
+        None,
+        "project.base_model: 'model.ckpt' is a pickle checkpoint, which can run arbitrary code when loaded (line 3) - convert it to .safetensors, or set allow_pickle = true in [project] if you trust it",
+    ),
+    (
+        "reserved name",
+        '[subjects.none]\nimages = "data/dog"\ninstance_prompt = "x"\n',
+        "subjects.none: 'none' is reserved for rendering the base model (line {line}) - rename it",
+    ),
+]
+
+
+@pytest.mark.parametrize("extra, expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_problem_messages(folder, extra, expected):
+    if extra is None:
+        text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "model.ckpt"')
+    else:
+        text = GOOD + "\n" + extra
+    # The line of the offending key: the last line of `extra` that mentions it, counted in the file.
+    found = problems(folder, text)
+    lines = textwrap.dedent(text).splitlines()
+    for n in range(len(lines), 0, -1):
+        candidate = expected.format(line=n, folder=folder)
+        if candidate in found:
+            break
+    else:
+        raise AssertionError(f"{expected!r} not in {found!r}")
+
+
+def test_every_problem_is_reported_at_once(folder):
+    text = GOOD + "\n[train]\nstepz = 3\nresolution = 'big'\n[renders.r]\nadapter = 'cat'\nprompts = ['x']\n"
+    found = problems(folder, text)
+    assert len(found) == 3
+    assert (
+        any("stepz" in p for p in found)
+        and any("resolution" in p for p in found)
+        and any("'cat'" in p for p in found)
+    )
+
+
+def test_invalid_toml_names_the_line(folder):
+    found = problems(folder, "[project]\nbase_model = \n")
+    assert found == ["invalid TOML: Invalid value at column 14 (line 2) - fix the syntax"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProjectError, match="no such project file"):
+        load_project(tmp_path / "nope.toml")
+
+
+def test_report_format(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + "\n[subjects.dog.lora]\nrnak = 3\n")
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    report = info.value.report().splitlines()
+    assert report[0].endswith("p.toml: 1 problem")
+    assert report[1] == "  subjects.dog.lora: unknown key 'rnak' (line 25) - did you mean 'rank'?"
+
+
+def test_empty_images_folder(folder):
+    (folder / "data/empty").mkdir()
+    (folder / "data/empty/notes.txt").write_text("no photos yet")
+    found = problems(folder, GOOD + "\n[subjects.cat]\nimages = 'data/empty'\ninstance_prompt = 'x'\n")
+    assert found == [
+        "subjects.cat.images: folder data/empty holds no images (.jpg, .png, .webp ...) (line 25) - add a few photos of the subject"
+    ]

@@ -1,0 +1,127 @@
+"""How fast `dbl plan` and a no-op `dbl build` answer on a large project (nothing changed).
+
+    python bench/plan_bench.py [--subjects 50] [--images 20] [--json]
+
+Makes a project of N subjects with M images each (small PNGs), one prior, a blend and a render per
+subject, builds it once with stand-in steps (the engine is what is measured here, not training), then
+times: the first plan (every image hashed), later plans (stat cache), and `dbl plan` / `dbl build` as
+commands, Python start-up included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    import struct
+
+    rows = b"".join(b"\x00" + bytes((x * 7 + y * 13 + seed * 31) % 256 for x in range(size * 3)) for y in range(size))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def make_project(root: Path, subjects: int, images: int) -> Path:
+    lines = ['[project]\nbase_model = "tiny-sd"\n', '[priors.person]\nclass_prompt = "a photo of a person"\n']
+    for s in range(subjects):
+        folder = root / "data" / f"s{s:03d}"
+        folder.mkdir(parents=True)
+        for i in range(images):
+            (folder / f"{i:03d}.png").write_bytes(png(s * 1000 + i))
+        lines.append(f'[subjects.s{s:03d}]\nimages = "data/s{s:03d}"\ninstance_prompt = "a photo of sks{s} person"\nprior = "person"\n')
+        lines.append(f'[renders.r{s:03d}]\nadapter = "s{s:03d}"\nprompts = ["sks{s} person on a beach"]\n')
+    parents = ", ".join(f"s{s:03d} = 1.0" for s in range(min(subjects, 4)))
+    lines.append(f"[blends.group]\nadapters = {{ {parents} }}\n")
+    path = root / "big.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def stand_in(kind):
+    def run(ctx):
+        (ctx.out / "out.txt").write_text(ctx.fingerprint)
+        return {}
+
+    return run
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=50)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from runner import executor
+    from runner.project import load_project
+    from runner.ui import make_reporter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        path = make_project(root, args.subjects, args.images)
+        executor.get_runner = stand_in
+        project = load_project(path)
+        executor.build(project, executor.BuildOptions(), make_reporter("plain", -1))
+        (root / ".dbl" / "state").unlink()  # forget every hash: the next plan reads every file
+
+        def plan():
+            ws = executor.Workspace(load_project(path))
+            _, planned = ws.plan()
+            assert not any(p.stale for p in planned), [p.reasons for p in planned if p.stale][:3]
+
+        cold = timed(plan)
+        warm = timed(plan, repeat=5)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        dbl = [sys.executable, "-m", "runner"]
+
+        def command(*a):
+            done = subprocess.run(dbl + list(a) + [str(path)], env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+
+        plan_cmd = timed(lambda: command("plan"), repeat=3)
+        build_cmd = timed(lambda: command("build", "--no-progress"), repeat=3)
+        steps = 1 + 2 * args.subjects + 1
+    figures = {
+        "subjects": args.subjects,
+        "images": args.subjects * args.images,
+        "steps": steps,
+        "plan_first_s": round(cold, 3),
+        "plan_cached_s": round(warm, 3),
+        "dbl_plan_command_s": round(plan_cmd, 3),
+        "dbl_build_noop_command_s": round(build_cmd, 3),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(f"project: {args.subjects} subjects x {args.images} images, {steps} steps, nothing changed")
+        for key in ("plan_first_s", "plan_cached_s", "dbl_plan_command_s", "dbl_build_noop_command_s"):
+            print(f"  {key:<26} {figures[key]:8.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

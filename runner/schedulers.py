@@ -17,7 +17,11 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpm++": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+    ),
     "dpm++_karras": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
@@ -61,7 +65,9 @@ def make_scheduler(name: str | None, base_config):
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise ValueError("scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)") from None
+            raise ValueError(
+                "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
+            ) from None
     cls = getattr(diffusers, cls_name)
     return cls.from_config(base_config, **overrides)
 

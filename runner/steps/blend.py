@@ -1,0 +1,126 @@
+"""blend:<name> - a weighted combination of trained adapters (or other blends) as a new adapter.
+
+The parents are loaded onto a base model in fp32 on the CPU, combined with PEFT's
+`add_weighted_adapter`, and the result is saved in the layout of a trained adapter, so that it loads
+without its parents. Computing on the CPU in fp32 makes the blend's bytes the same on every machine,
+whatever device the build trains on (the run-cache and the output hashes rely on that); blending is
+a few matrix products per layer, so the GPU would save little.
+
+Text encoder: when only some parents have a text-encoder LoRA, the blend's text encoder combines
+those, at their weights. A parent without one leaves the text encoder as it is, so this is still the
+weighted sum of what the parents do. No parent with one: the blend has none either.
+
+dbl.json records the parents, the method and its parameters, and for every method the relative
+error ||delta_blend - sum(w_i * delta_i)||_F / ||sum(w_i * delta_i)||_F per component: 0 for `cat`
+(up to float error), and what a lossy method (svd, linear's cross terms, pruning) gave away.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from runner.steps import StepContext, StepError
+
+
+def run(ctx: StepContext) -> dict:
+    import torch
+
+    from runner import adapters, api
+
+    spec = ctx.spec
+    parents = [(name, float(weight), _parent_folder(ctx, name)) for name, weight in spec.adapters]
+    pipe, shared = _fp32_cpu_pipeline(ctx, torch)
+    # Internal names: the saved bytes must not depend on them, and they cannot clash with a parent.
+    internal = [f"parent{i}" for i in range(len(parents))]
+    try:
+        for key, (name, _, folder) in zip(internal, parents, strict=True):
+            try:
+                adapters.load_adapter_into(pipe, folder, key)
+            except adapters.AdapterError as exc:
+                raise StepError(f"blends.{ctx.name}: cannot load {name!r} from {folder}: {exc}") from exc
+        ctx.progress(1, 3)
+        try:
+            errors = api.blend(
+                pipe,
+                dict(zip(internal, (w for _, w, _ in parents), strict=True)),
+                "blend",
+                spec.method,
+                svd_rank=spec.svd_rank,
+                svd_clamp=spec.svd_clamp,
+                density=spec.density,
+                majority_sign_method=spec.majority_sign_method,
+                seed=ctx.project.settings.seed,
+                activate=False,
+            )
+        except ValueError as exc:
+            raise StepError(f"blends.{ctx.name}: {exc}") from exc
+        ctx.progress(2, 3)
+
+        text_encoder = pipe.text_encoder if "text_encoder" in errors else None
+        ranks = {c: int(getattr(pipe, c).peft_config["blend"].r) for c in errors}
+        info = {
+            "kind": "blend",
+            "name": ctx.name,
+            "parents": [{"name": n, "weight": w} for n, w, _ in parents],
+            "method": spec.method,
+            "svd_rank": spec.svd_rank,
+            "svd_clamp": spec.svd_clamp,
+            "density": spec.density,
+            "majority_sign_method": spec.majority_sign_method,
+            "seed": ctx.project.settings.seed,
+            "rank": ranks,
+            "relative_error": errors,
+            "base_model": _base_model_name(parents, ctx),
+        }
+        adapters.save_adapter(
+            ctx.out,
+            pipe.unet,
+            text_encoder,
+            adapter_name="blend",
+            base_model=info["base_model"],
+            info=info,
+        )
+    finally:
+        if shared:
+            with warnings.catch_warnings():
+                # PEFT warns each time the active adapter goes; all of them go here.
+                warnings.simplefilter("ignore", UserWarning)
+                for key in ["blend", *internal]:
+                    adapters.remove_adapter(pipe, key)
+    ctx.progress(3, 3)
+    summary = ", ".join(f"{c} {e:.2e}" for c, e in errors.items())
+    ctx.log(f"{spec.method} blend of {', '.join(n for n, _, _ in parents)}: relative error {summary}")
+    return {"relative_error": errors, "rank": ranks}
+
+
+def _parent_folder(ctx: StepContext, name: str) -> Path:
+    for step_id in (f"train:{name}", f"blend:{name}"):
+        if step_id in ctx.inputs:
+            return Path(ctx.inputs[step_id])
+    raise StepError(
+        f"blends.{ctx.name}: adapter {name!r} has no built outputs (inputs: {', '.join(ctx.inputs) or 'none'})"
+    )
+
+
+def _fp32_cpu_pipeline(ctx: StepContext, torch):
+    """The build's shared pipeline when it is fp32 on the CPU (then restored afterwards), else a fresh load."""
+    from runner.models import load_pipeline
+
+    models = ctx.models
+    if models.device == "cpu" and models.dtype == torch.float32:
+        return models.pipeline(torch.float32), True
+    return load_pipeline(models.base, dtype=torch.float32, device="cpu"), False
+
+
+def _base_model_name(parents, ctx: StepContext) -> str:
+    # What the parents' PEFT configs say, so that the guide's inference code finds the same base model.
+    for _, _, folder in parents:
+        for component in ("text_encoder", "unet"):
+            path = folder / component / "adapter_config.json"
+            if path.is_file():
+                value = json.loads(path.read_text()).get("base_model_name_or_path")
+                if value:
+                    return value
+    return ctx.models.base.display

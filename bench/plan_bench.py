@@ -27,13 +27,22 @@ sys.path.insert(0, str(ROOT))
 def png(seed: int, size: int = 64) -> bytes:
     import struct
 
-    rows = b"".join(b"\x00" + bytes((x * 7 + y * 13 + seed * 31) % 256 for x in range(size * 3)) for y in range(size))
+    rows = b"".join(
+        b"\x00" + bytes((x * 7 + y * 13 + seed * 31) % 256 for x in range(size * 3)) for y in range(size)
+    )
 
     def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_project(root: Path, subjects: int, images: int) -> Path:
@@ -43,7 +52,9 @@ def make_project(root: Path, subjects: int, images: int) -> Path:
         folder.mkdir(parents=True)
         for i in range(images):
             (folder / f"{i:03d}.png").write_bytes(png(s * 1000 + i))
-        lines.append(f'[subjects.s{s:03d}]\nimages = "data/s{s:03d}"\ninstance_prompt = "a photo of sks{s} person"\nprior = "person"\n')
+        lines.append(
+            f'[subjects.s{s:03d}]\nimages = "data/s{s:03d}"\ninstance_prompt = "a photo of sks{s} person"\nprior = "person"\n'
+        )
         lines.append(f'[renders.r{s:03d}]\nadapter = "s{s:03d}"\nprompts = ["sks{s} person on a beach"]\n')
     parents = ", ".join(f"s{s:03d} = 1.0" for s in range(min(subjects, 4)))
     lines.append(f"[blends.group]\nadapters = {{ {parents} }}\n")
@@ -70,7 +81,9 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--subjects", type=int, default=50)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--json", action="store_true")

@@ -1,0 +1,108 @@
+"""Every shipped project file and template loads and plans; the README documents every key."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+
+import pytest
+
+from runner import executor
+from runner.cli import main
+from runner.project import load_project, schema
+from runner.project.load import tomllib
+from tests.conftest import ROOT, write_image
+
+PROJECTS = sorted((ROOT / "projects").glob("*.toml"))
+TEMPLATES = sorted((ROOT / "templates").glob("*.toml"))
+
+
+def with_images(src, folder):
+    """Copy a project file into `folder` and give every images folder it names one image."""
+    target = folder / src.name
+    shutil.copy(src, target)
+    data = tomllib.loads(src.read_text())
+    for group in ("subjects", "priors"):
+        for table in data.get(group, {}).values():
+            if "images" in table:
+                images = src.parent / table["images"]
+                if images.is_dir():
+                    shutil.copytree(images, folder / table["images"], dirs_exist_ok=True)
+                else:
+                    write_image(folder / table["images"] / "00.png")
+    return target
+
+
+@pytest.mark.parametrize("path", PROJECTS + TEMPLATES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_file_loads_and_plans(path, tmp_path):
+    assert path.read_text().startswith("# dbl build "), "shipped files open with the command that uses them"
+    project = load_project(with_images(path, tmp_path))
+    _, planned = executor.Workspace(project).plan()
+    assert planned and all(p.stale for p in planned)
+    kinds = {p.step.kind for p in planned}
+    assert {"train", "render"} <= kinds
+
+
+def test_demo_is_a_complete_flow():
+    project = load_project(ROOT / "projects" / "demo.toml")
+    assert project.settings.base_model == "tiny-sd"
+    assert len(project.priors) == 1 and len(project.subjects) == 2
+    assert len(project.blends) == 1 and len(project.renders) == 2
+
+
+def test_pets_is_the_classic_recipe(tmp_path):
+    project = load_project(with_images(ROOT / "projects" / "pets.toml", tmp_path))
+    dog = project.subjects["dog"]
+    assert project.settings.base_model == "CompVis/stable-diffusion-v1-4"
+    assert (dog.lora.rank, dog.lora.alpha, dog.lora.text_encoder_rank, dog.lora.text_encoder_alpha) == (
+        16,
+        27,
+        16,
+        17,
+    )
+    assert (dog.train.steps, dog.train.learning_rate, dog.train.resolution) == (800, 1e-4, 512)
+    assert dog.train.train_text_encoder and dog.train.gradient_checkpointing
+    assert project.priors["dog"].num_images == 200 and project.priors["dog"].loss_weight == 1.0
+    assert project.blends["crochet_dog"].adapters == (("crochet", 1.0), ("dog", 1.05))
+    park = project.renders["dog_park"]
+    assert (park.steps, park.guidance_scale, park.negative_prompt) == (
+        50,
+        7.0,
+        "low quality, blurry, unfinished",
+    )
+
+
+@pytest.mark.parametrize("name", [p.stem for p in TEMPLATES])
+def test_init_from_template_then_plan(name, tmp_path, capsys):
+    assert main(["init", str(tmp_path / "new"), "--template", name]) == 0
+    out = capsys.readouterr().out
+    assert f"created {tmp_path / 'new' / name}.toml" in out
+    for folder in (tmp_path / "new" / "data").iterdir():
+        write_image(folder / "00.png")
+    assert main(["plan", str(tmp_path / "new" / f"{name}.toml")]) == 0
+    assert main(["init", str(tmp_path / "new"), "--template", name]) == 2  # never overwrites
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for table, cls in schema.TABLES.items():
+        section = readme.split(f"### [{table}]", 1)
+        if len(section) == 1:
+            missing.append(f"[{table}] section")
+            continue
+        body = section[1].split("\n### ", 1)[0]
+        for f in schema.keys_of(cls):
+            if not re.search(rf"^\| `{f.name}` \|", body, re.M):
+                missing.append(f"{table}.{f.name}")
+    assert not missing, f"README lacks: {', '.join(missing)}"
+
+
+def test_readme_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert "dbl build projects/demo.toml" in blocks[0]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.replace("python -m pytest", "").strip() == "" and "python -m pytest" in blocks[1]
+    assert sys.version_info >= (3, 10)

@@ -1,0 +1,180 @@
+"""render:<name> - one prompt batch (prompts x seeds) with a subject, a blend, or the base model.
+
+Outputs: `<prompt index>-<seed>.png` with the A1111 `parameters` text chunk, and `grid.png`
+(one row per prompt, one column per seed).
+
+The build's shared pipeline is used as found and left as found: the adapter is loaded under a
+name of its own, activated on the UNet and the text encoder, scaled by `lora_scale`, and
+unloaded at the end; a swapped scheduler is put back. Every image has its own CPU generator
+seeded by its seed, so its pixels do not depend on `batch_size`, on the other images of the
+batch, or on the device that made the latents - up to the rounding of batched kernels (about 1e-6
+before quantization, so at most one level of 255 at a rare pixel).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.steps import StepContext, StepError
+
+
+def run(ctx: StepContext) -> dict:
+    import torch
+
+    from runner import api, schedulers
+
+    spec = ctx.spec
+    pipe = ctx.models.pipeline()
+    width, height = _size(pipe, spec)
+    jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
+    model_name = _model_name(ctx)
+
+    saved_scheduler = pipe.scheduler
+    adapter_name = None
+    try:
+        if spec.scheduler is not None:
+            try:
+                pipe.scheduler = schedulers.make_scheduler(spec.scheduler, saved_scheduler.config)
+            except ValueError as exc:
+                raise StepError(f"renders.{ctx.name}.scheduler: {exc}") from exc
+        sampler = schedulers.sampler_name(spec.scheduler, pipe.scheduler)
+
+        if spec.adapter != "none":
+            folder = _adapter_folder(ctx)
+            adapter_name = f"dbl-render-{ctx.name}"
+            try:
+                api.load_adapter(pipe, folder, adapter_name)
+            except (ValueError, OSError) as exc:
+                raise StepError(
+                    f"renders.{ctx.name}: cannot load adapter {spec.adapter!r} from {folder}: {exc}"
+                ) from exc
+            api.set_adapter(pipe, adapter_name, scale=spec.lora_scale)
+        lora_field = None if spec.adapter == "none" else f"{spec.adapter}:{_num(spec.lora_scale)}"
+
+        images = {}
+        for start in range(0, len(jobs), spec.batch_size):
+            batch = jobs[start : start + spec.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+            out = pipe(
+                prompt=[prompt for _, prompt, _ in batch],
+                negative_prompt=[spec.negative_prompt] * len(batch) if spec.negative_prompt else None,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                width=width,
+                height=height,
+                generator=generators,
+            )
+            for (index, prompt, seed), image in zip(batch, out.images, strict=True):
+                params = parameters_text(
+                    prompt,
+                    spec.negative_prompt,
+                    steps=spec.steps,
+                    sampler=sampler,
+                    guidance_scale=spec.guidance_scale,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    model=model_name,
+                    lora=lora_field,
+                )
+                save_png(image, ctx.out / f"{index}-{seed}.png", params)
+                images[(index, seed)] = image
+                ctx.progress(len(images), len(jobs))
+    finally:
+        pipe.scheduler = saved_scheduler
+        if adapter_name is not None:
+            api.unload_adapter(pipe, adapter_name)
+
+    grid = make_grid([[images[(i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))])
+    save_png(grid, ctx.out / "grid.png")
+    ctx.log(f"rendered {len(jobs)} images of {width}x{height} with {sampler}")
+    return {"images": len(jobs), "width": width, "height": height, "sampler": sampler}
+
+
+def _size(pipe, spec) -> tuple[int, int]:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = spec.width or native, spec.height or native
+    step = pipe.vae_scale_factor
+    if width % step or height % step:
+        raise StepError(
+            f"width and height must be multiples of {step} for this base model (got {width}x{height})"
+        )
+    return width, height
+
+
+def _adapter_folder(ctx: StepContext) -> Path:
+    name = ctx.spec.adapter
+    for step_id in (f"train:{name}", f"blend:{name}"):
+        if step_id in ctx.inputs:
+            return Path(ctx.inputs[step_id])
+    if len(ctx.inputs) == 1:
+        return Path(next(iter(ctx.inputs.values())))
+    raise StepError(
+        f"renders.{ctx.name}: adapter {name!r} has no built outputs (inputs: {', '.join(ctx.inputs) or 'none'})"
+    )
+
+
+def _model_name(ctx: StepContext) -> str:
+    # A name, not a path: the image bytes must not depend on where the model lives on this machine.
+    base = ctx.models.base
+    if base.kind in ("folder", "file"):
+        return Path(base.ref).stem if base.kind == "file" else Path(base.ref).name
+    return base.display
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def parameters_text(
+    prompt: str,
+    negative_prompt: str,
+    *,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    lora: str | None = None,
+) -> str:
+    """The A1111 `parameters` text of one image, which image browsers and A1111's PNG Info read."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [
+        f"Steps: {steps}",
+        f"Sampler: {sampler}",
+        f"CFG scale: {_num(guidance_scale)}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+        f"Model: {model}",
+    ]
+    if lora:
+        fields.append(f"Lora: {lora}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image, path: Path, parameters: str | None = None) -> None:
+    """Write a PNG whose bytes depend only on the pixels and the text (no time or software chunks)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    image.save(path, format="PNG", pnginfo=info, optimize=False, compress_level=6)
+
+
+def make_grid(rows: list[list]):
+    """One image of `rows` (lists of PIL images of one size), left to right, top to bottom."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * w, y * h))
+    return grid

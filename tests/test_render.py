@@ -1,0 +1,175 @@
+"""The render step: the pixels of the guide's inference code, A1111 parameters, grid, batch-invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.blend_fixtures import adapters, models, run_blend, run_render  # noqa: F401
+
+pytestmark = pytest.mark.torch
+
+PROMPTS = ["a photo of sks dog", "sks dog in a bucket"]
+
+
+def _pixels(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255
+
+
+def _plain_pipeline():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from runner.models import ensure_builtin
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_builtin("tiny-sd"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _guide_image(pipe, prompt, seed, **kwargs):
+    import torch
+
+    return (
+        np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]).astype(
+            np.float32
+        )
+        / 255
+    )
+
+
+def test_none_renders_the_plain_base_pipeline(tmp_path, models):  # noqa: F811
+    out = run_render(
+        tmp_path, "base", "none", {}, models, prompts=PROMPTS[:1], seeds=[3], steps=4, guidance_scale=6
+    )
+    want = _guide_image(_plain_pipeline(), PROMPTS[0], 3, num_inference_steps=4, guidance_scale=6)
+    assert np.abs(_pixels(out / "0-3.png") - want).max() < 1e-3
+
+
+def test_pixels_match_the_guide_inference_code(tmp_path, adapters, models):  # noqa: F811
+    from peft import PeftModel
+
+    settings = dict(
+        prompts=PROMPTS[:1], seeds=[5], steps=4, guidance_scale=7, negative_prompt="blurry, low quality"
+    )
+    out = run_render(tmp_path, "dog", "a", {"train:a": adapters["a"]}, models, **settings)
+
+    pipe = _plain_pipeline()
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, adapters["a"] / "unet", adapter_name="dog")
+    pipe.text_encoder = PeftModel.from_pretrained(
+        pipe.text_encoder, adapters["a"] / "text_encoder", adapter_name="dog"
+    )
+    want = _guide_image(
+        pipe, PROMPTS[0], 5, num_inference_steps=4, guidance_scale=7, negative_prompt="blurry, low quality"
+    )
+    assert np.abs(_pixels(out / "0-5.png") - want).max() < 1e-3
+    # The shared pipeline is left as it was found.
+    assert type(models.pipeline().unet).__name__ == "UNet2DConditionModel"
+    assert type(models.pipeline().text_encoder).__name__ == "CLIPTextModel"
+
+
+def test_a_blend_renders_differently_from_its_parents(tmp_path, adapters, models):  # noqa: F811
+    inputs = {"train:a": adapters["a"], "train:b": adapters["b"]}
+    blend = run_blend(tmp_path, "ab", {"a": 1.0, "b": 1.0}, inputs, models)
+    settings = dict(prompts=PROMPTS[:1], seeds=[0], steps=3)
+    images = {
+        name: _pixels(run_render(tmp_path, name, name, {key: folder}, models, **settings) / "0-0.png")
+        for name, key, folder in [
+            ("a", "train:a", adapters["a"]),
+            ("b", "train:b", adapters["b"]),
+            ("ab", "blend:ab", blend),
+        ]
+    }
+    base = _pixels(run_render(tmp_path, "none", "none", {}, models, **settings) / "0-0.png")
+    for parent in ("a", "b"):
+        assert np.abs(images["ab"] - images[parent]).mean() > 1e-3
+        assert np.abs(images[parent] - base).mean() > 1e-3
+
+
+def test_lora_scale_zero_is_the_base_model(tmp_path, adapters, models):  # noqa: F811
+    settings = dict(prompts=PROMPTS[:1], seeds=[0], steps=3)
+    base = run_render(tmp_path, "none", "none", {}, models, **settings)
+    off = run_render(tmp_path, "off", "a", {"train:a": adapters["a"]}, models, lora_scale=0.0, **settings)
+    half = run_render(tmp_path, "half", "a", {"train:a": adapters["a"]}, models, lora_scale=0.5, **settings)
+    full = run_render(tmp_path, "full", "a", {"train:a": adapters["a"]}, models, **settings)
+    assert np.array_equal(_pixels(off / "0-0.png"), _pixels(base / "0-0.png"))
+    assert not np.array_equal(_pixels(half / "0-0.png"), _pixels(full / "0-0.png"))
+
+
+def test_png_parameters_grid_and_batch_invariance(tmp_path, adapters, models):  # noqa: F811
+    from PIL import Image
+
+    settings = dict(prompts=PROMPTS, seeds=[0, 7, 9], steps=3, guidance_scale=7, negative_prompt="blurry")
+    one = run_render(
+        tmp_path,
+        "one",
+        "a",
+        {"train:a": adapters["a"]},
+        models,
+        batch_size=1,
+        scheduler="euler_a",
+        **settings,
+    )
+    two = run_render(
+        tmp_path,
+        "two",
+        "a",
+        {"train:a": adapters["a"]},
+        models,
+        batch_size=2,
+        scheduler="euler_a",
+        **settings,
+    )
+
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted([f"{i}-{s}.png" for i in range(2) for s in (0, 7, 9)] + ["grid.png"])
+    for name in names:
+        # Batched kernels round differently (about 1e-6 before quantization): at most one level of 255,
+        # at a rare pixel.
+        diff = np.abs(_pixels(one / name) - _pixels(two / name))
+        assert diff.max() <= 1 / 255 + 1e-6, name
+        assert (diff > 0).mean() < 0.01, name
+
+    with Image.open(one / "1-7.png") as image:
+        assert image.size == (64, 64)  # tiny-sd's native size
+        assert image.text["parameters"] == (
+            "sks dog in a bucket\n"
+            "Negative prompt: blurry\n"
+            "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 7, Size: 64x64, Model: tiny-sd, Lora: a:1"
+        )
+    with Image.open(one / "grid.png") as grid:
+        assert grid.size == (3 * 64, 2 * 64)
+        assert np.array_equal(
+            np.asarray(grid.crop((64, 64, 128, 128))), np.asarray(Image.open(one / "1-7.png"))
+        )
+    assert type(models.pipeline().scheduler).__name__ == "DDIMScheduler"  # the base model's own, put back
+
+
+def test_same_settings_same_bytes_and_explicit_size(tmp_path, models):  # noqa: F811
+    from PIL import Image
+
+    settings = dict(prompts=PROMPTS[:1], seeds=[1], steps=2, width=96, height=48, scheduler="dpm++")
+    first = run_render(tmp_path, "first", "none", {}, models, **settings)
+    second = run_render(tmp_path, "second", "none", {}, models, **settings)
+    assert (first / "0-1.png").read_bytes() == (second / "0-1.png").read_bytes()
+    with Image.open(first / "0-1.png") as image:
+        assert image.size == (96, 48)
+        assert "Negative prompt" not in image.text["parameters"]
+        assert image.text["parameters"].endswith(
+            "Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1, Size: 96x48, Model: tiny-sd"
+        )
+
+
+def test_progress_per_image(tmp_path, models):  # noqa: F811
+    from runner.project.schema import Render
+    from runner.steps import render
+    from tests.blend_fixtures import context
+
+    seen = []
+    spec = Render(name="p", adapter="none", prompts=PROMPTS, seeds=[0, 1], steps=1, batch_size=3)
+    render.run(
+        context("render", spec, tmp_path / "out", {}, models, progress=lambda d, t, **m: seen.append((d, t)))
+    )
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -177,11 +177,14 @@ def save_adapter(
     adapter_name: str = "default",
     base_model: str,
     info: dict | None = None,
+    name: str | None = None,
 ) -> None:
     """Write the adapter `adapter_name` of `unet` (and `text_encoder`) into `folder` in every layout.
 
     `unet` / `text_encoder` are PeftModels or models with injected PEFT LoRA layers; other adapters they
     carry are not written. `base_model` goes into both PEFT configs' `base_model_name_or_path`.
+    The kohya file is `<name>.safetensors`; `name` defaults to `info["name"]`, else the folder's name
+    (a step writes into a work folder, so it passes the subject's or blend's name).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,8 @@ def save_adapter(
         )
 
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
-    _save_kohya(folder / f"{folder.name}.safetensors", parts, _base_module(unet))
+    name = name or (info or {}).get("name") or folder.name
+    _save_kohya(folder / f"{name}.safetensors", parts, _base_module(unet))
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 

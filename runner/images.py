@@ -1,0 +1,147 @@
+"""Reading training images: decode once into RGB, resize, crop, normalise.
+
+Whatever a camera or an editor wrote (EXIF rotation, grayscale, palette, alpha, CMYK, 16-bit) comes out
+as an upright 8-bit RGB image; a file that is not a readable image is an `ImageError` naming it.
+Pillow and numpy are imported here; torch only inside the functions that make tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from runner.steps import StepError
+
+
+class ImageError(StepError):
+    """An image file that cannot be used; the message names the file."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], None] = _warn) -> Image.Image:
+    """Decode `path` into an upright 8-bit RGB image (transparent pixels composited on white).
+
+    With `min_side`, an image whose shorter side is below it is reported through `warn` (it will be
+    upscaled a lot, and look blurry to the model).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: the file is empty (0 bytes); remove it or replace it with the image")
+        with Image.open(path) as img:
+            img.seek(0)  # the first frame of an animated GIF / WebP
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"{path}: the image is too large to decode safely ({exc}); downscale it (a few megapixels is plenty)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{path}: not an image file Pillow can read (is it really a {path.suffix} file?)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated and corrupt data as OSError ("image file is truncated", "broken data stream").
+        raise ImageError(
+            f"{path}: the image is damaged or truncated ({exc}); re-export or remove it"
+        ) from None
+    if min_side and min(rgb.size) < min_side:
+        warn(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
+        )
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit and 32-bit grayscale: Pillow's convert("L") clips at 255 instead of scaling.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        if mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    # L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's own conversions.
+    return img.convert("RGB")
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Resize (bilinear, antialiased) so that the shorter side is `size` pixels."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def to_uint8_tensor(img: Image.Image):
+    """(3, H, W) uint8 tensor: a quarter of the memory of floats, for images kept during training."""
+    import torch
+
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels):
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1], as the VAE expects."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+def load_training_image(path: Path, resolution: int, warn: Callable[[str], None] = _warn):
+    """Decode and resize an image once: a (3, H, W) uint8 tensor with min(H, W) == resolution.
+
+    Crops and flips are then cheap tensor slices (`crop`), so nothing is decoded again during training.
+    """
+    img = load_rgb(path, min_side=max(1, resolution // 4), warn=warn)
+    return to_uint8_tensor(resize_shorter(img, resolution))
+
+
+def center_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred size x size crop (rounded as torchvision's CenterCrop does)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def random_offsets(height: int, width: int, size: int, generator) -> tuple[int, int]:
+    """(top, left) of a uniformly random size x size crop, drawn from a torch.Generator."""
+    import torch
+
+    top = int(torch.randint(0, height - size + 1, (1,), generator=generator)) if height > size else 0
+    left = int(torch.randint(0, width - size + 1, (1,), generator=generator)) if width > size else 0
+    return top, left
+
+
+def crop(image, top: int, left: int, size: int, flip: bool = False):
+    """A size x size crop of a (3, H, W) tensor, mirrored left-right when `flip`."""
+    out = image[:, top : top + size, left : left + size]
+    return out.flip(-1) if flip else out
+
+
+def prepare(path: Path, resolution: int, *, center_crop: bool = True, generator=None, flip: bool = False):
+    """One training tensor in [-1, 1] from a file: decode, resize, crop (centre or random), optional flip."""
+    image = load_training_image(path, resolution)
+    _, h, w = image.shape
+    if center_crop or generator is None:
+        top, left = center_offsets(h, w, resolution)
+    else:
+        top, left = random_offsets(h, w, resolution, generator)
+    return normalize(crop(image, top, left, resolution, flip))

@@ -1,0 +1,310 @@
+"""Bad input, crashes at every point of a build, concurrent builds, a full disk, untrusted files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner import executor, lockfile
+from runner.cli import main
+from runner.events import FAILED
+from runner.imagefiles import list_images
+from runner.project import ProjectError, load_project
+from tests.conftest import PETS, ROOT, Proj, write_image
+
+# --- project files that are mutated at random ------------------------------------------------------
+
+VALUES = st.one_of(
+    st.integers(-3, 10**6).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(
+        [
+            '"tiny-sd"',
+            '"cat"',
+            "true",
+            "[]",
+            '["x"]',
+            "[0, -1]",
+            "{ dog = 1.0 }",
+            '""',
+            '"../../etc"',
+            "{}",
+            "nan",
+        ]
+    ),
+    st.text(max_size=12).map(lambda s: '"' + s.replace("\\", "").replace('"', "") + '"'),
+)
+KEYS = st.sampled_from(
+    [
+        "rank",
+        "alpha",
+        "steps",
+        "resolution",
+        "prompts",
+        "adapter",
+        "adapters",
+        "method",
+        "density",
+        "prior",
+        "images",
+        "seeds",
+        "width",
+        "base_model",
+        "class_prompt",
+        "num_images",
+        "rnak",
+        "instance_prompt",
+        "svd_rank",
+        "out",
+    ]
+)
+TABLES = st.sampled_from(
+    [
+        "[project]",
+        "[train]",
+        "[lora]",
+        "[priors.dog]",
+        "[subjects.dog]",
+        "[subjects.toy.lora]",
+        "[blends.mix]",
+        "[renders.park]",
+        "[renders.new]",
+        "[subjects.x y]",
+        "[blends.mix.adapters]",
+        "[[renders]]",
+    ]
+)
+
+
+@st.composite
+def mutated(draw):
+    lines = textwrap.dedent(PETS).splitlines()
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(lines)))
+        action = draw(st.sampled_from(["delete", "set", "table", "garbage"]))
+        if action == "delete" and lines:
+            del lines[min(at, len(lines) - 1)]
+        elif action == "set":
+            lines.insert(at, f"{draw(KEYS)} = {draw(VALUES)}")
+        elif action == "table":
+            lines.insert(at, draw(TABLES))
+        else:
+            lines.insert(at, draw(st.text(max_size=20)))
+    return "\n".join(lines)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=mutated())
+def test_mutated_project_files_give_clean_errors_or_plans(tmp_path_factory, text):
+    folder = tmp_path_factory.mktemp("fuzz")
+    for sub in ("dog", "toy"):
+        write_image(folder / "data" / sub / "00.png")
+    path = folder / "pets.toml"
+    path.write_text(text)
+    try:
+        project = load_project(path)
+    except ProjectError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert problem.key or problem.line, str(problem)
+        return
+    _, planned = executor.Workspace(project).plan()
+    assert planned or not (project.priors or project.subjects or project.renders)
+
+
+# --- crashes --------------------------------------------------------------------------------------
+
+
+def fake_build(project: Path, *extra, crash: str | None = None, log: Path | None = None):
+    cmd = (
+        [sys.executable, "-m", "tests.fake_build"]
+        + (["--crash", crash] if crash else [])
+        + ["--", "build", str(project), "--no-progress", *extra]
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=str(log or os.devnull))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    out = root / "build"
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The outputs of an uninterrupted build, to compare recovered builds with."""
+    root = tmp_path_factory.mktemp("reference")
+    p = Proj(root, PETS)
+    assert fake_build(p.path).returncode == 0
+    return outputs(root)
+
+
+# (function that is killed on its N-th call, N): hashing, step outputs, the run-cache, committing
+# outputs (between the two renames too), and writing the lockfile.
+CRASH_POINTS = [
+    ("runner.fingerprint:sha256_file", 1),
+    ("runner.fingerprint:sha256_file", 9),
+    ("runner.store:file_manifest", 2),
+    ("runner.store:fsync_tree", 1),
+    ("runner.store:fsync_tree", 4),
+    ("runner.store:replace_dir", 1),
+    ("runner.store:replace_dir", 3),
+    ("os:rename", 2),
+    ("os:rename", 5),
+    ("os:fsync", 3),
+    ("runner.lockfile:_fsync_dir", 1),
+    ("runner.lockfile:_fsync_dir", 6),
+    ("runner.lockfile:dumps", 4),
+]
+MORE_CRASH_POINTS = [
+    (name, n)
+    for name in ("os:rename", "os:replace", "os:fsync", "runner.store:replace_dir")
+    for n in range(1, 16)
+]
+
+
+def crash_then_recover(tmp_path, reference, target: str, n: int) -> None:
+    p = Proj(tmp_path, PETS)
+    log = tmp_path / "ran.log"
+    crashed = fake_build(p.path, crash=f"{target}:{n}", log=log)
+    assert crashed.returncode in (-9, 137, 0), crashed.stderr
+    recorded = lockfile.read(p.lock)  # the lockfile is valid after the kill
+    before = set(log.read_text().split()) if log.exists() else set()
+    log.write_text("")
+    recovered = fake_build(p.path, log=log)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    ran_again = log.read_text().split()
+    assert not set(ran_again) & set(recorded), "completed work was redone"
+    assert len(ran_again) == len(set(ran_again))
+    assert outputs(tmp_path) == reference
+    assert set(lockfile.read(p.lock)) == set(ALL_STEPS)
+    # A step is run twice at most: once in the killed build, once to finish it.
+    assert all(sid not in before or sid not in recorded for sid in ran_again)
+
+
+ALL_STEPS = ["prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"]
+
+
+@pytest.mark.parametrize("target, n", CRASH_POINTS, ids=[f"{t}:{n}" for t, n in CRASH_POINTS])
+def test_sigkill_at_crash_points_recovers_exactly(tmp_path, reference, target, n):
+    crash_then_recover(tmp_path, reference, target, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, n", MORE_CRASH_POINTS, ids=[f"{t}:{n}" for t, n in MORE_CRASH_POINTS])
+def test_sigkill_sweep(tmp_path, reference, target, n):
+    crash_then_recover(tmp_path, reference, target, n)
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+def test_two_projects_sharing_a_cache_build_at_once(tmp_path, reference):
+    p = Proj(tmp_path, PETS)
+    twin = tmp_path / "twin.toml"
+    twin.write_text(
+        p.path.read_text()
+        .replace("[project]", '[project]\nout = "build/pets"\nname = "twin"', 1)
+        .replace("build/pets", "build/twin")
+    )
+    cmd = lambda path: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-m", "tests.fake_build", "--", "build", str(path), "--no-progress"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first, second = cmd(p.path), cmd(twin)
+    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    from runner.store import RunCache
+
+    cache = RunCache(tmp_path / ".dbl" / "cache")
+    assert cache.entries() and all(cache.verify(fp) for fp in cache.entries())
+    pets = {k: v for k, v in outputs(tmp_path).items() if k.startswith("pets/")}
+    assert pets == reference
+    assert {k.split("/", 1)[1] for k in outputs(tmp_path) if k.startswith("twin/")} == {
+        k.split("/", 1)[1] for k in reference
+    }
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+
+def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypatch):
+    build(proj)
+    before_lock = proj.lock.read_text()
+    before = outputs(proj.root)
+    proj.edit("sks dog on a beach", "sks dog on the moon")
+    real = shutil.copyfile
+    calls = {"n": 0}
+
+    def full(src, dst, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    result, rec = build(proj)
+    assert result.exit_code == 1
+    failures = [e for e in rec.events if e[0] == "end" and e[2] == FAILED]
+    assert failures and "No space left on device" in failures[0][3]
+    assert outputs(proj.root) == before and proj.lock.read_text() == before_lock
+    monkeypatch.setattr(shutil, "copyfile", real)
+    result, _ = build(proj)
+    assert result.ok
+
+
+# --- untrusted and odd files ----------------------------------------------------------------------
+
+
+def test_pickle_base_model_is_refused_unless_allowed(tmp_path, capsys):
+    from runner.models import BaseModel, ModelError, load_pipeline
+
+    (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
+    base = BaseModel.parse("model.ckpt", tmp_path)
+    with pytest.raises(ModelError, match="pickle checkpoints can run arbitrary code"):
+        load_pipeline(base)
+    proj = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "model.ckpt"'))
+    assert main(["plan", str(proj.path)]) == 2
+    assert "pickle checkpoint" in capsys.readouterr().err
+    proj.edit('base_model = "model.ckpt"', 'base_model = "model.ckpt"\nallow_pickle = true')
+    assert main(["plan", str(proj.path)]) == 0
+
+
+def test_unicode_and_space_paths(tmp_path, build, fake_steps):
+    root = tmp_path / "mein Projekt ü"
+    root.mkdir()
+    text = PETS.replace('"data/dog"', '"fotos del perro/ñandú"')
+    p = Proj(root, text)
+    write_image(root / "fotos del perro" / "ñandú" / "foto 1 ✓.png")
+    result, _ = build(p)
+    assert result.ok
+    record = lockfile.read(p.lock)["train:dog"]["inputs"]["images"]
+    assert record["_folder"] == "fotos del perro/ñandú" and list(record["files"]) == ["foto 1 ✓.png"]
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    folder = tmp_path / "imgs"
+    write_image(folder / "a.png")
+    os.symlink(folder, folder / "loop")
+    os.symlink(folder / "missing.png", folder / "dangling.png")
+    assert [p.name for p in list_images(folder)] == ["a.png", "dangling.png"]
+
+
+def test_hidden_and_non_image_files_are_skipped(tmp_path):
+    folder = tmp_path / "imgs"
+    write_image(folder / "a.png")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / "notes.txt").write_text("captions")
+    write_image(folder / ".git" / "b.png")
+    assert [p.name for p in list_images(folder)] == ["a.png"]

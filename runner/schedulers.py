@@ -45,7 +45,8 @@ _CLASS_NAMES = {
 
 
 def make_scheduler(name: str | None, base_config):
-    """A new scheduler called `name`, built from the base model's scheduler config `base_config`.
+    """A new scheduler called `name`, built from the base model's scheduler config `base_config`
+    (a config, or the base scheduler itself).
 
     The base config keeps what belongs to the model (beta schedule, prediction type, timestep spacing);
     the name only picks the sampling algorithm. With `name` None, the base model's own scheduler class
@@ -53,11 +54,15 @@ def make_scheduler(name: str | None, base_config):
     """
     import diffusers
 
+    own_class = None
+    if hasattr(base_config, "config"):
+        own_class, base_config = type(base_config), base_config.config
     if name is None:
-        cls = getattr(diffusers, base_config["_class_name"]) if "_class_name" in base_config else None
-        if cls is None:
+        if own_class is None and "_class_name" in base_config:
+            own_class = getattr(diffusers, base_config["_class_name"], None)
+        if own_class is None:
             raise ValueError("the base scheduler config names no class; pass a scheduler name")
-        return cls.from_config(base_config)
+        return own_class.from_config(base_config)
     if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SAMPLERS)}")
     cls_name, overrides, _ = SAMPLERS[name]

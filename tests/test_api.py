@@ -1,0 +1,121 @@
+"""The notebook API: load adapters by path, switch between them, blend them, and fail loudly."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from runner import api
+from tests.blend_fixtures import adapters  # noqa: F401
+
+pytestmark = pytest.mark.torch
+
+
+def _image(pipe, seed=0):
+    import torch
+
+    out = pipe(
+        "a photo of sks dog",
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    return out.images[0]
+
+
+def test_two_adapters_switch_and_blend(adapters):  # noqa: F811
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    assert api.loaded_adapters(pipe) == ["a", "b"]
+    assert pipe.unet.active_adapters == ["b"]  # the last one loaded, as with diffusers
+
+    api.set_adapter(pipe, "a")
+    assert pipe.unet.active_adapters == ["a"] and pipe.text_encoder.active_adapters == ["a"]
+    image_a = _image(pipe)
+    only_a = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    assert np.array_equal(image_a, _image(only_a))
+    api.set_adapter(pipe, "b")
+    assert np.abs(_image(pipe) - image_a).mean() > 1e-3
+
+    errors = api.blend(pipe, {"a": 1.0, "b": 0.5}, "ab")
+    assert set(errors) == {"unet", "text_encoder"} and max(errors.values()) < 1e-6
+    assert pipe.unet.active_adapters == ["ab"]  # activated, unlike PEFT's add_weighted_adapter
+    blended = _image(pipe)
+    api.set_adapter(pipe, ["a", "b"], weights=[1.0, 0.5])  # the same sum, in the forward pass
+    assert np.abs(_image(pipe) - blended).max() < 1e-4
+
+    lossy = api.blend(pipe, {"a": 1.0, "b": 1.0}, "ab_low", method="svd", svd_rank=1, activate=False)
+    assert min(lossy.values()) > 0.01
+    assert pipe.unet.active_adapters == ["a", "b"]
+
+    api.set_adapter(pipe, None)
+    base = api.load_pipeline("tiny-sd", device="cpu")
+    assert np.array_equal(_image(pipe), _image(base))
+
+
+def test_names_are_checked(adapters):  # noqa: F811
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    with pytest.raises(ValueError, match="no adapter named 'dog' is loaded; loaded: a, b"):
+        api.set_adapter(pipe, "dog")
+    with pytest.raises(ValueError, match="loaded: a, b"):
+        api.blend(pipe, {"a": 1.0, "dog": 1.0}, "mix")
+    api.blend(pipe, {"a": 1.0, "b": 1.0}, "mix")
+    with pytest.raises(ValueError, match="already loaded"):
+        api.blend(pipe, {"a": 1.0, "b": 2.0}, "mix")  # PEFT would silently keep the old one
+    with pytest.raises(ValueError, match="already loaded"):
+        api.load_adapter(pipe, adapters["b"], "a")
+    api.load_adapter(pipe, adapters["c"], "c")
+    with pytest.raises(ValueError, match="one rank"):
+        api.blend(pipe, {"a": 1.0, "c": 1.0}, "bad", method="linear")
+    with pytest.raises(ValueError, match="density"):
+        api.blend(pipe, {"a": 1.0, "b": 1.0}, "bad", method="ties")
+    assert "bad" not in api.loaded_adapters(pipe)
+
+
+def test_an_adapter_without_text_encoder_leaves_it_alone(adapters):  # noqa: F811
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "c": adapters["c"]}, device="cpu")
+    api.set_adapter(pipe, "c")
+    assert all(layer.disable_adapters for layer in api._lora_layers(pipe.text_encoder))
+    base = api.load_pipeline("tiny-sd", device="cpu")
+    ids = base.tokenizer("a photo of sks dog", return_tensors="pt").input_ids
+    assert np.array_equal(
+        pipe.text_encoder(ids)[0].detach().numpy(), base.text_encoder(ids)[0].detach().numpy()
+    )
+
+
+def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
+    from runner.adapters import PEFT_WEIGHTS, read_safetensors, write_safetensors
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["a"], bad)
+    path = bad / "unet" / PEFT_WEIGHTS
+    tensors, metadata = read_safetensors(path)
+    tensors = {k.replace("down_blocks.1", "down_blocks.7"): v for k, v in tensors.items()}
+    write_safetensors(path, tensors, metadata)
+
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    with pytest.raises(ValueError, match="match no module"):
+        api.load_adapter(pipe, bad, "bad")
+    assert api.loaded_adapters(pipe) == ["a"]
+    with pytest.raises(ValueError, match="not an adapter folder"):
+        api.load_adapter(pipe, tmp_path, "nothing")
+
+
+def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+    )
+    with pytest.raises(ValueError, match="not built yet"):
+        api.resolve_adapter_path(f"{tmp_path}/p.toml:dog")
+    with pytest.raises(ValueError, match="no subject or blend 'cat'"):
+        api.resolve_adapter_path(f"{tmp_path}/p.toml:cat")
+    shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
+    assert api.resolve_adapter_path(f"{tmp_path}/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
+    pipe = api.load_pipeline("tiny-sd", {"dog": f"{tmp_path}/p.toml:dog"}, device="cpu")
+    assert api.loaded_adapters(pipe) == ["dog"]

@@ -160,7 +160,8 @@ def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dic
     spec = step.spec
     if step.kind == "prior":
         inputs = {"version": version, "base_model": facts.base_model(), "seed": settings.seed}
-        inputs.update({k: v for k, v in _settings(spec).items() if k != "images"})
+        # The loss weight belongs to the train steps that use the prior, not to the images.
+        inputs.update({k: v for k, v in _settings(spec).items() if k not in ("images", "loss_weight")})
         if spec.images:
             inputs["images"] = {"_folder": _rel(project, spec.images), "files": facts.images(spec.images)}
         return inputs
@@ -265,10 +266,18 @@ def explain(old: dict, new: dict) -> list[str]:
             a.get("_name") for a in new["adapters"]
         ]:
             reasons.append("adapters reordered")
-    skip = ("images", "prior", "adapter", "adapters")
+
+    def rest(inputs: dict) -> dict:
+        # What the lines above did not explain; an upstream's own settings (a prior's loss weight) stay.
+        kept = {k: v for k, v in inputs.items() if k not in ("images", "adapters")}
+        for key in ("prior", "adapter"):
+            both = isinstance(old.get(key), dict) and isinstance(new.get(key), dict)
+            kept[key] = {k: v for k, v in inputs[key].items() if k != "output"} if both else {}
+        return kept
+
     flat_old, flat_new = {}, {}
-    _flatten({k: v for k, v in old.items() if k not in skip}, "", flat_old)
-    _flatten({k: v for k, v in new.items() if k not in skip}, "", flat_new)
+    _flatten(rest(old), "", flat_old)
+    _flatten(rest(new), "", flat_new)
     for key in sorted(set(flat_old) | set(flat_new)):
         if key.rsplit(".", 1)[-1].startswith("_"):
             continue

@@ -268,3 +268,10 @@ def test_plan_json_shape(proj, build, capsys):
         {"id": "render:mixed", "kind": "render", "reasons": ["upstream blend:mix stale"]},
     ]
     assert data["fresh"] == ["prior:dog", "train:dog", "train:toy", "render:park", "render:base"]
+
+
+def test_prior_loss_weight_reruns_train_not_prior(proj, build, fake_steps):
+    ran, rec = ran_after(proj, build, fake_steps, "num_images = 2", "num_images = 2\nloss_weight = 0.5")
+    assert ran == ["train:dog"]
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["train:dog"] == ["prior.loss_weight 1.0 -> 0.5"]

@@ -157,11 +157,15 @@ def _build(
 ) -> int:
     """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on."""
     from runner import executor
+    from runner.interrupt import StopOnInterrupt
 
     reporter = reporter_factory()
     try:
-        options = executor.BuildOptions(should_stop=stop.is_set)
-        return executor.build(project, options, reporter).exit_code
+        # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
+        with StopOnInterrupt() as interrupt:
+            options = executor.BuildOptions(should_stop=lambda: stop.is_set() or interrupt.requested())
+            code = executor.build(project, options, reporter).exit_code
+        return 130 if interrupt.requested() else code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug in one build must not end the watch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -256,6 +257,27 @@ def test_plain_failure_and_quiet_mode():
         "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped",
     ]
     assert plain_lines(verbosity=-1) == ["pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"]
+
+
+def test_a_failure_without_a_duration_is_timed_by_the_display():
+    lines: list[str] = []
+    clock = Clock()
+    plain = PlainReporter(write=lines.append, clock=clock)
+    console = recording_console()
+    live = LiveReporter(console=console)
+    steps = plan_steps()
+    for reporter in (plain, live):
+        reporter.plan("pets", steps)
+        reporter.step_start(steps[1])
+    clock.now += 75
+    time.sleep(0.05)
+    steps[1].status, steps[1].error = FAILED, "boom"
+    for reporter in (plain, live):
+        reporter.step_end(steps[1])
+        reporter.finish(steps, 80)
+        reporter.close()
+    assert lines[-2].endswith("train:dog    FAILED after 1m15s: boom")
+    assert re.search(r"train:dog\s+failed\s+0\.\ds\s+boom", console.export_text())
 
 
 def test_plain_verbose_lists_the_plan_and_log_messages():

@@ -126,8 +126,11 @@ class LiveReporter:
 
     def step_end(self, step: StepEvent) -> None:
         with self._lock:
-            self._steps[step.id] = _copy(step)
-            self._started_at.pop(step.id, None)
+            begun = self._started_at.pop(step.id, None)
+            # A step that failed or was interrupted may come without its duration: measure it here.
+            seconds = step.duration_s or (time.monotonic() - begun if begun is not None else 0.0)
+            step = _copy(step, duration_s=seconds)
+            self._steps[step.id] = step
             self._spinners.pop(step.id, None)
             self._rates.forget(step.id)
         if step.status == FAILED:
@@ -142,7 +145,12 @@ class LiveReporter:
         if self._up_to_date_line and all(s.status == FRESH for s in steps):
             return  # the plan said it in one line
         if self.verbosity >= 0 and steps:
-            self.console.print(summary_table(steps))
+            with self._lock:
+                mine = dict(self._steps)
+            timed = [
+                _copy(s, duration_s=s.duration_s or getattr(mine.get(s.id), "duration_s", 0.0)) for s in steps
+            ]
+            self.console.print(summary_table(timed))
         line = final_text(self._project, steps, duration_s, is_dry_run(steps))
         ok = not any(s.status in (FAILED, INTERRUPTED) for s in steps)
         self.console.print(Text(line, style="bold green" if ok else "bold red"))

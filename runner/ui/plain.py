@@ -183,7 +183,7 @@ class PlainReporter:
         self._project = "build"
         self._width = 0
         self._last_progress: dict[str, tuple[float, int]] = {}  # step id -> (time, fraction bucket)
-        self._started: set[str] = set()
+        self._started: dict[str, float] = {}  # step id -> when it started
         self._up_to_date_line = ""
 
     # Reporter protocol
@@ -203,7 +203,7 @@ class PlainReporter:
                 self._line(f"{self._id(s)}{s.status}" + (f" ({reason_text(s)})" if s.reasons else ""))
 
     def step_start(self, step: StepEvent) -> None:
-        self._started.add(step.id)
+        self._started[step.id] = self._clock()
         self._rates.forget(step.id)
         self._last_progress[step.id] = (self._clock(), 0)
         if self.verbosity >= 0:
@@ -241,7 +241,11 @@ class PlainReporter:
 
     def step_end(self, step: StepEvent) -> None:
         self._rates.forget(step.id)
-        took = fmt_duration(step.duration_s)
+        # A step that failed or was interrupted may come without its duration: measure it here.
+        seconds = step.duration_s or (
+            self._clock() - self._started[step.id] if step.id in self._started else 0.0
+        )
+        took = fmt_duration(seconds)
         out = f" -> {fmt_path(step.outputs)}" if step.outputs else ""
         reasons = f" ({reason_text(step)})" if step.reasons and step.id not in self._started else ""
         if step.status == FAILED:

@@ -10,7 +10,8 @@ import numpy as np
 from runner.project.schema import LoraSettings, Prior, Project, ProjectSettings, Subject, TrainSettings
 from runner.steps import StepContext
 
-DREAMBENCH = Path("/work/shared/data/dreambench")
+# The shared real photos sit next to the repository; tests that use them skip without them.
+DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 
 # Small and fast: resolution 64 is tiny-sd's native size.
 FAST_TRAIN = dict(

@@ -1,0 +1,286 @@
+"""Adapter folders: the three layouts agree, bytes are deterministic, loading never silently does nothing."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from runner.adapters import AdapterError
+from tests.steps_fixtures import model_cache
+
+pytestmark = pytest.mark.torch
+
+
+def _pipeline():
+    from runner.models import load_pipeline
+
+    return load_pipeline(model_cache().base)
+
+
+def _random_lora(pipe, *, unet_config=None, te_config=None, seed=0, adapter_name="default"):
+    """Wrap the pipeline's UNet and text encoder with LoRA adapters whose B matrices are non-zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    unet_config = unet_config or dict(r=4, lora_alpha=6, target_modules=["to_q", "to_v"])
+    te_config = te_config or dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"])
+    unet = get_peft_model(pipe.unet, LoraConfig(**unet_config), adapter_name=adapter_name)
+    te = get_peft_model(pipe.text_encoder, LoraConfig(**te_config), adapter_name=adapter_name)
+    for model in (unet, te):
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.3)
+    return unet, te
+
+
+def _inputs(seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 4, 16, 16, generator=g),
+        torch.tensor([321]),
+        torch.randint(0, 400, (1, 77), generator=g),
+    )
+
+
+def _outputs(unet, te):
+    import torch
+
+    x, t, ids = _inputs()
+    with torch.no_grad():
+        hidden = te(ids)[0]
+        return unet(x, t, hidden).sample, hidden
+
+
+def test_safetensors_writer_is_deterministic_and_readable(tmp_path):
+    import torch
+
+    from runner.adapters import read_safetensors, write_safetensors
+
+    tensors = {
+        "b": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "a": torch.tensor(2.5),
+        "c": torch.ones(3, dtype=torch.float16),
+    }
+    meta = {"z": "1", "a": "2", "m": json.dumps({"k": [1, 2]})}
+    write_safetensors(tmp_path / "one.safetensors", tensors, meta)
+    write_safetensors(
+        tmp_path / "two.safetensors",
+        dict(reversed(list(tensors.items()))),
+        dict(reversed(list(meta.items()))),
+    )
+    one, two = (tmp_path / "one.safetensors").read_bytes(), (tmp_path / "two.safetensors").read_bytes()
+    assert one == two
+    assert struct.unpack("<Q", one[:8])[0] % 8 == 0
+    back, back_meta = read_safetensors(tmp_path / "one.safetensors")
+    assert back_meta == meta
+    for key, value in tensors.items():
+        assert torch.equal(back[key], value) and back[key].dtype == value.dtype
+
+
+def test_layouts_and_configs(tmp_path):
+    from runner.adapters import read_adapter_config, read_safetensors, save_adapter
+
+    pipe = _pipeline()
+    unet, te = _random_lora(pipe)
+    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd", info={"b": 1, "a": [1, 2]})
+    folder = tmp_path / "dog"
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert names == [
+        "dbl.json",
+        "dog.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "text_encoder/adapter_config.json",
+        "text_encoder/adapter_model.safetensors",
+        "unet/adapter_config.json",
+        "unet/adapter_model.safetensors",
+    ]
+    configs = read_adapter_config(folder)
+    assert configs["unet"]["base_model_name_or_path"] == "tiny-sd"
+    assert configs["text_encoder"]["base_model_name_or_path"] == "tiny-sd"
+    assert (configs["unet"]["r"], configs["unet"]["lora_alpha"]) == (4, 6)
+    assert (folder / "dbl.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+
+    peft_keys, _ = read_safetensors(folder / "unet" / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.") and ".lora_" in k for k in peft_keys)
+    diffusers_keys, meta = read_safetensors(folder / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in diffusers_keys} == {"unet", "text_encoder"}
+    adapter_meta = json.loads(meta["lora_adapter_metadata"])
+    assert adapter_meta["unet.r"] == 4 and adapter_meta["unet.lora_alpha"] == 6
+    assert adapter_meta["text_encoder.r"] == 2 and adapter_meta["text_encoder.lora_alpha"] == 5
+    kohya, kmeta = read_safetensors(folder / "dog.safetensors")
+    assert (kmeta["ss_network_dim"], kmeta["ss_network_alpha"], kmeta["ss_base_model_version"]) == (
+        "4",
+        "6",
+        "sd_v1",
+    )
+    te_names = [k for k in kohya if k.startswith("lora_te_")]
+    assert te_names and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_names)
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert float(kohya["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]) == 6.0
+
+
+def test_same_weights_same_bytes_and_only_the_named_adapter(tmp_path):
+    from runner.adapters import read_safetensors, save_adapter
+
+    pipe = _pipeline()
+    unet, te = _random_lora(pipe, adapter_name="dog")
+    save_adapter(tmp_path / "a" / "x", unet, te, adapter_name="dog", base_model="tiny-sd", info={"n": 1})
+    from peft import LoraConfig
+
+    unet.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["to_k"]))
+    save_adapter(tmp_path / "b" / "x", unet, te, adapter_name="dog", base_model="tiny-sd", info={"n": 1})
+    for path in sorted((tmp_path / "a" / "x").rglob("*")):
+        if path.is_file():
+            twin = tmp_path / "b" / "x" / path.relative_to(tmp_path / "a" / "x")
+            assert path.read_bytes() == twin.read_bytes(), path.name
+    keys, _ = read_safetensors(tmp_path / "b" / "x" / "unet" / "adapter_model.safetensors")
+    assert not any("to_k" in k for k in keys)
+    with pytest.raises(AdapterError, match="no LoRA adapter named 'missing'"):
+        save_adapter(tmp_path / "c", unet, adapter_name="missing", base_model="tiny-sd")
+
+
+def test_kohya_alphas_follow_rank_and_alpha_patterns(tmp_path):
+    import torch
+
+    from runner.adapters import kohya_name, lora_delta, read_safetensors, save_adapter
+
+    pipe = _pipeline()
+    unet_config = dict(
+        r=4,
+        lora_alpha=6,
+        target_modules=["to_q", "to_v"],
+        rank_pattern={"attn2.to_q": 2},
+        alpha_pattern={"attn1.to_v": 1.5},
+    )
+    unet, te = _random_lora(
+        pipe,
+        unet_config=unet_config,
+        te_config=dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj"]),
+    )
+    save_adapter(tmp_path / "p", unet, te, base_model="tiny-sd")
+    kohya, _ = read_safetensors(tmp_path / "p" / "p.safetensors")
+    for component in ("unet", "text_encoder"):
+        deltas = lora_delta(tmp_path / "p", component)
+        assert deltas
+        for module, delta in deltas.items():
+            name = kohya_name(component, module)
+            down, up, alpha = (
+                kohya[f"{name}.lora_down.weight"],
+                kohya[f"{name}.lora_up.weight"],
+                kohya[f"{name}.alpha"],
+            )
+            torch.testing.assert_close(
+                float(alpha) / down.shape[0] * (up @ down), delta, rtol=1e-5, atol=1e-6
+            )
+    # The live layers agree with lora_delta too (the patterns were read right).
+    for name, layer in unet.named_modules():
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+            module = name.removeprefix("base_model.model.")
+            expected = (
+                layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+            )
+            torch.testing.assert_close(lora_delta(tmp_path / "p", "unet")[module], expected.detach())
+
+
+def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
+    import torch
+
+    from runner.adapters import load_adapter_into, remove_adapter, save_adapter, set_active, unload_adapters
+
+    pipe = _pipeline()
+    base_unet, base_hidden = _outputs(pipe.unet, pipe.text_encoder)
+    unet, te = _random_lora(pipe)
+    expected_unet, expected_hidden = _outputs(unet, te)
+    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+
+    fresh = _pipeline()
+    load_adapter_into(fresh, tmp_path / "dog", "dog")
+    load_adapter_into(fresh, tmp_path / "dog", "dog2")
+    set_active(fresh, "dog2")
+    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-5)
+    with pytest.raises(AdapterError, match="already has an adapter named 'dog'"):
+        load_adapter_into(fresh, tmp_path / "dog", "dog")
+    remove_adapter(fresh, "dog2")
+    assert set(fresh.unet.peft_config) == {"dog"}
+    unload_adapters(fresh)
+    assert type(fresh.unet).__name__ == "UNet2DConditionModel"
+    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    assert torch.equal(got_unet, base_unet) and torch.equal(got_hidden, base_hidden)
+
+
+def test_loading_into_the_wrong_model_raises(tmp_path):
+    import torch
+
+    from runner.adapters import load_adapter_into, read_safetensors, save_adapter, write_safetensors
+
+    pipe = _pipeline()
+    unet, te = _random_lora(pipe)
+    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+    # Rename the modules as another architecture would have them: nothing would load.
+    path = tmp_path / "dog" / "unet" / "adapter_model.safetensors"
+    tensors, meta = read_safetensors(path)
+    write_safetensors(path, {k.replace("transformer_blocks", "blocks"): v for k, v in tensors.items()}, meta)
+    with pytest.raises(AdapterError, match="match no module"):
+        load_adapter_into(_pipeline(), tmp_path / "dog", "dog")
+    # A shape mismatch (a different width) is caught too.
+    tensors = {
+        k: (torch.zeros(v.shape[0], v.shape[1] + 1) if "lora_A" in k else v) for k, v in tensors.items()
+    }
+    write_safetensors(path, tensors, meta)
+    with pytest.raises((AdapterError, RuntimeError)):
+        load_adapter_into(_pipeline(), tmp_path / "dog", "dog")
+
+
+def test_transformers4_text_encoder_keys_are_translated(tmp_path):
+    import torch
+
+    from runner.adapters import load_adapter_into, read_safetensors, save_adapter, write_safetensors
+
+    pipe = _pipeline()
+    unet, te = _random_lora(pipe)
+    expected = _outputs(unet, te)[1]
+    save_adapter(tmp_path / "old", unet, te, base_model="tiny-sd")
+    path = tmp_path / "old" / "text_encoder" / "adapter_model.safetensors"
+    tensors, meta = read_safetensors(path)
+    old = {k.replace("base_model.model.", "base_model.model.text_model."): v for k, v in tensors.items()}
+    write_safetensors(path, old, meta)
+    fresh = _pipeline()
+    load_adapter_into(fresh, tmp_path / "old", "old")
+    torch.testing.assert_close(_outputs(fresh.unet, fresh.text_encoder)[1], expected, rtol=0, atol=1e-5)
+
+
+def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
+    """diffusers reads both single files at the adapter's own strength (alpha != r)."""
+    import torch
+
+    from runner.adapters import DIFFUSERS_WEIGHTS, save_adapter, unload_adapters
+
+    pipe = _pipeline()
+    # out_proj: diffusers 0.42 only recognises a kohya text-encoder LoRA that includes it.
+    unet, te = _random_lora(
+        pipe, te_config=dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "out_proj"])
+    )
+    expected_unet, expected_hidden = _outputs(unet, te)
+    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+    for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
+        fresh = _pipeline()
+        fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=weight_name, adapter_name="dog")
+        got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+        torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-4, msg=weight_name)
+        torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-4, msg=weight_name)
+        unload_adapters(fresh)
+        assert not getattr(fresh.unet, "peft_config", None)
+
+
+def test_read_adapter_config_of_an_empty_folder(tmp_path):
+    from runner.adapters import read_adapter_config
+
+    with pytest.raises(AdapterError, match="no adapter here"):
+        read_adapter_config(tmp_path)

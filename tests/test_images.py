@@ -1,0 +1,170 @@
+"""Decoding training images: every odd file a user may drop into a folder, and the resize/crop maths."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runner.images import ImageError, center_offsets, load_rgb, resize_shorter
+from runner.steps import StepError
+from tests.steps_fixtures import DREAMBENCH
+
+
+def _jpeg_bytes(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_non_image_bytes_with_jpg_suffix_names_the_file(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("these are my notes, not a photo")
+    with pytest.raises(ImageError, match="notes.jpg") as info:
+        load_rgb(path)
+    assert isinstance(info.value, StepError)
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    path = tmp_path / "cut.jpg"
+    data = _jpeg_bytes((256, 256))
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.jpg.*(damaged|truncated)"):
+        load_rgb(path)
+
+
+def test_zero_byte_file_names_the_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png.*empty"):
+        load_rgb(path)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 200x200 > 2 x 100: Pillow's hard limit
+    with pytest.raises(ImageError, match="huge.png.*too large"):
+        load_rgb(path)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    # A landscape 60x30 picture whose EXIF says "rotate 90 degrees clockwise" (orientation 6).
+    img = Image.new("RGB", (60, 30), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 30))  # a blue band on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif, quality=95)
+    rgb = load_rgb(path)
+    assert rgb.size == (30, 60)
+    top = np.asarray(rgb)[2, 15]
+    assert top[2] > 200 and top[0] < 60  # the left band is now at the top
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: Image.new("CMYK", (20, 10), (0, 255, 255, 0)), id="cmyk"),
+        pytest.param(lambda: Image.new("L", (20, 10), 128), id="grayscale"),
+        pytest.param(lambda: Image.new("RGB", (20, 10), (10, 200, 10)).convert("P"), id="palette"),
+        pytest.param(lambda: Image.new("1", (20, 10), 1), id="bilevel"),
+    ],
+)
+def test_modes_become_rgb(tmp_path, make):
+    img = make()
+    suffix = ".jpg" if img.mode == "CMYK" else ".png"
+    path = tmp_path / f"x{suffix}"
+    img.save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (20, 10)
+
+
+def test_cmyk_colors_survive(tmp_path):
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=100)
+    r, g, b = np.asarray(load_rgb(path))[8, 8]
+    assert r > 200 and g < 60 and b < 60  # pure magenta + yellow ink is red
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.full((10, 10), 32768, dtype=np.uint16)  # mid gray in 16 bits
+    path = tmp_path / "scan.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    gray = np.asarray(load_rgb(path))[5, 5]
+    assert 120 <= gray[0] <= 135 and gray[0] == gray[1] == gray[2]
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    path = tmp_path / "cutout.png"
+    img.save(path)
+    rgb = np.asarray(load_rgb(path))
+    assert tuple(rgb[5, 5]) == (255, 255, 255)
+    assert tuple(rgb[0, 0]) == (255, 0, 0)
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    img.putpixel((1, 1), 1)
+    path = tmp_path / "sticker.png"
+    img.save(path, transparency=0)
+    rgb = np.asarray(load_rgb(path))
+    assert tuple(rgb[0, 0]) == (255, 255, 255)
+    assert tuple(rgb[1, 1]) == (0, 255, 0)
+
+
+def test_tiny_images_warn(tmp_path):
+    path = tmp_path / "thumb.png"
+    Image.new("RGB", (40, 30)).save(path)
+    warnings = []
+    load_rgb(path, min_side=128, warn=warnings.append)
+    assert len(warnings) == 1 and "thumb.png" in warnings[0] and "40x30" in warnings[0]
+    load_rgb(path, min_side=16, warn=warnings.append)
+    assert len(warnings) == 1
+
+
+def test_resize_shorter_side_and_center_crop_offsets():
+    img = Image.new("RGB", (300, 200))
+    resized = resize_shorter(img, 64)
+    assert resized.size == (96, 64)
+    assert center_offsets(64, 96, 64) == (0, 16)
+    assert center_offsets(64, 64, 64) == (0, 0)
+
+
+@pytest.mark.torch
+def test_training_tensor_is_normalised_and_cropped(tmp_path):
+    import torch
+
+    from runner.images import crop, load_training_image, normalize, prepare, random_offsets
+
+    path = tmp_path / "wide.png"
+    array = np.zeros((100, 200, 3), dtype=np.uint8)
+    array[:, :100] = 255  # left half white, right half black
+    Image.fromarray(array).save(path)
+    pixels = load_training_image(path, 32)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, 32, 64)
+    x = prepare(path, 32, center_crop=True)
+    assert tuple(x.shape) == (3, 32, 32)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert x[:, :, 0].mean() > 0.9 and x[:, :, -1].mean() < -0.9  # the centre straddles both halves
+    flipped = normalize(crop(pixels, 0, 16, 32, flip=True))
+    assert torch.equal(flipped, x.flip(-1))
+    g = torch.Generator().manual_seed(0)
+    offsets = {random_offsets(32, 64, 32, g) for _ in range(20)}
+    assert all(top == 0 and 0 <= left <= 32 for top, left in offsets) and len(offsets) > 1
+
+
+@pytest.mark.skipif(not (DREAMBENCH / "dog").is_dir(), reason="no dreambench photos")
+def test_real_photos_decode():
+    from runner.imagefiles import list_images
+
+    files = list_images(DREAMBENCH / "dog")
+    assert files
+    for path in files:
+        assert load_rgb(path).mode == "RGB"

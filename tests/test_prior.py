@@ -1,0 +1,112 @@
+"""The prior step: the user's class images kept byte for byte, the rest generated reproducibly."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.steps import StepError, StepInterrupted
+from tests.steps_fixtures import draw_images, make_prior, model_cache, prior_context
+
+pytestmark = pytest.mark.torch
+
+
+def _run(ctx):
+    from runner.steps import prior
+
+    return prior.run(ctx)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_generates_the_missing_images(tmp_path):
+    progress = []
+    ctx = prior_context(
+        tmp_path, make_prior(num_images=3, batch_size=2), progress=lambda d, t, **m: progress.append((d, t))
+    )
+    assert _run(ctx) == {"generated": 3, "given": 0}
+    files = _files(ctx.out)
+    assert list(files) == ["0000.png", "0001.png", "0002.png"]
+    assert progress[-1] == (3, 3)
+    from PIL import Image
+
+    with Image.open(ctx.out / "0000.png") as img:
+        assert img.size == (64, 64)  # tiny-sd's native size
+        assert img.text["parameters"].startswith(
+            "a photo of dog\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: "
+        )
+    assert len(set(files.values())) == 3  # each image has its own seed
+
+
+def test_same_images_whatever_the_batch_size(tmp_path):
+    one = prior_context(tmp_path / "a", make_prior(num_images=3, batch_size=1))
+    three = prior_context(tmp_path / "b", make_prior(num_images=3, batch_size=3))
+    _run(one)
+    _run(three)
+    import numpy as np
+    from PIL import Image
+
+    for name in _files(one.out):
+        a = np.asarray(Image.open(one.out / name), dtype=np.int16)
+        b = np.asarray(Image.open(three.out / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name  # batched matmuls may round the last bit differently
+
+
+def test_given_images_are_kept_and_topped_up(tmp_path):
+    given = draw_images(tmp_path / "mine", 2, suffix=".JPG")
+    ctx = prior_context(tmp_path, make_prior(num_images=3, images=str(given), steps=1))
+    assert _run(ctx) == {"generated": 1, "given": 2}
+    files = _files(ctx.out)
+    assert list(files) == ["0000.jpg", "0001.jpg", "0002.png"]
+    assert files["0000.jpg"] == (given / "00.JPG").read_bytes()
+    assert files["0001.jpg"] == (given / "01.JPG").read_bytes()
+
+
+def test_more_given_images_than_needed_generates_nothing(tmp_path):
+    given = draw_images(tmp_path / "mine", 4)
+    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)))
+    assert _run(ctx) == {"generated": 0, "given": 2}
+    assert list(_files(ctx.out)) == ["0000.png", "0001.png"]
+
+
+def test_a_broken_given_image_names_the_file(tmp_path):
+    given = draw_images(tmp_path / "mine", 1)
+    (given / "zz.jpg").write_bytes(b"")
+    with pytest.raises(StepError, match="zz.jpg"):
+        _run(prior_context(tmp_path, make_prior(num_images=3, images=str(given))))
+
+
+def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path):
+    whole = prior_context(tmp_path / "a", make_prior(num_images=3, batch_size=1, steps=1))
+    _run(whole)
+    calls = []
+    work = tmp_path / "b" / "work"
+    first = prior_context(
+        tmp_path / "b",
+        make_prior(num_images=3, batch_size=1, steps=1),
+        work=work,
+        should_stop=lambda: calls.append(1) or len(calls) > 2,
+    )
+    with pytest.raises(StepInterrupted):
+        _run(first)
+    assert len(list((work / "generated").glob("*.png"))) == 2
+    logs = []
+    again = prior_context(
+        tmp_path / "b", make_prior(num_images=3, batch_size=1, steps=1), work=work, log=logs.append
+    )
+    _run(again)
+    assert any("reusing 2" in line for line in logs)
+    assert _files(again.out) == _files(whole.out)
+
+
+def test_scheduler_is_swapped_and_restored(tmp_path):
+    pipe = model_cache().pipeline()
+    before = pipe.scheduler
+    ctx = prior_context(tmp_path, make_prior(num_images=1, scheduler="euler_a", steps=2))
+    _run(ctx)
+    assert pipe.scheduler is before
+    from PIL import Image
+
+    with Image.open(ctx.out / "0000.png") as img:
+        assert "Sampler: Euler a" in img.text["parameters"]

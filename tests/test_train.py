@@ -1,0 +1,373 @@
+"""The train step on tiny-sd: what it writes loads everywhere, it learns, it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.steps import StepError, StepInterrupted
+from tests.steps_fixtures import DREAMBENCH, draw_images, make_prior, make_subject, model_cache, train_context
+
+pytestmark = pytest.mark.torch
+
+
+def _run(ctx):
+    from runner.steps import train
+
+    return train.run(ctx)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return draw_images(root / "dog", 3, size=(80, 64)), draw_images(root / "class", 4, size=(64, 64), seed=7)
+
+
+# Text-encoder LoRA on out_proj too: diffusers 0.42 only recognises kohya text-encoder files that have it.
+TE_TARGETS = dict(text_encoder_target_modules=["q_proj", "v_proj", "out_proj"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, images):
+    """Three short runs: seed 0 twice, seed 1 once (with a prior and a text-encoder LoRA)."""
+    instance, classes = images
+    prior = make_prior(num_images=4)
+    subject = make_subject(instance, prior="dog", train=dict(steps=3, batch_size=2), lora=TE_TARGETS)
+    outs = {}
+    for label, seed in (("a", 0), ("b", 0), ("c", 1)):
+        tmp = tmp_path_factory.mktemp(f"train-{label}")
+        ctx = train_context(tmp, subject, prior=prior, class_dir=classes, seed=seed)
+        outs[label] = (ctx.out, _run(ctx))
+    return outs
+
+
+def test_prior_preservation_loss_keeps_instance_and_class_apart():
+    import torch
+
+    from runner.steps.train import prior_preservation_loss
+
+    target = torch.zeros(4, 1, 2, 2)
+    pred = torch.zeros(4, 1, 2, 2)
+    pred[:2] = 1.0  # batch 2: [instance, instance, class, class]; only the instance halves are off
+    total, instance, prior = prior_preservation_loss(pred, target, 0.5)
+    assert instance.item() == 1.0 and prior.item() == 0.0 and total.item() == 1.0
+    pred[:2], pred[2:] = 0.0, 2.0
+    total, instance, prior = prior_preservation_loss(pred, target, 0.5)
+    assert instance.item() == 0.0 and prior.item() == 4.0 and total.item() == 2.0
+    total, instance, prior = prior_preservation_loss(pred, target, None)
+    assert instance.item() == 2.0 and prior.item() == 0.0
+
+
+def test_example_order_visits_every_image_each_epoch():
+    from runner.steps.train import ExampleOrder
+
+    order = ExampleOrder(seed=0, n_instance=3, n_class=5)
+    epoch = [order(p) for p in range(5)]
+    assert sorted(c for _, c in epoch) == [0, 1, 2, 3, 4]
+    assert {i for i, _ in epoch} == {0, 1, 2}
+    assert [order(p) for p in range(10)] == [ExampleOrder(0, 3, 5)(p) for p in range(10)]
+    assert [order(p) for p in range(5, 10)] != epoch  # a new shuffle each epoch
+
+
+def test_outputs_load_the_way_users_load_them(trained):
+    """The guide's PEFT code, diffusers' load_lora_weights on both single files: one model, same outputs."""
+    import torch
+    from peft import PeftModel
+
+    from runner.adapters import DIFFUSERS_WEIGHTS, unload_adapters
+    from runner.models import load_pipeline
+
+    dog, crochet = trained["a"][0], trained["c"][0]
+    base = model_cache().base
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500])
+    ids = (
+        load_pipeline(base)
+        .tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt")
+        .input_ids
+    )
+
+    def outputs(pipe):
+        with torch.no_grad():
+            hidden = pipe.text_encoder(ids)[0]
+            return pipe.unet(x, t, hidden).sample, hidden
+
+    pipe = load_pipeline(base)
+    plain = outputs(pipe)
+    # The guide, line by line.
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, dog / "unet", adapter_name="dog")
+    pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, dog / "text_encoder", adapter_name="dog")
+    peft_out = outputs(pipe)
+    pipe.unet.load_adapter(crochet / "unet", adapter_name="crochet")
+    pipe.text_encoder.load_adapter(crochet / "text_encoder", adapter_name="crochet")
+    pipe.unet.add_weighted_adapter(["crochet", "dog"], [1.0, 1.05], "crochet_dog", combination_type="cat")
+    pipe.text_encoder.add_weighted_adapter(
+        ["crochet", "dog"], [1.0, 1.05], "crochet_dog", combination_type="cat"
+    )
+    pipe.unet.set_adapter("crochet_dog")
+    pipe.text_encoder.set_adapter("crochet_dog")
+    blended = outputs(pipe)
+    assert not torch.allclose(peft_out[0], plain[0], atol=1e-6)
+    assert not torch.allclose(blended[0], peft_out[0], atol=1e-6)
+    config = json.loads((dog / "text_encoder" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-sd"
+
+    for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
+        pipe = load_pipeline(base)
+        pipe.load_lora_weights(str(dog), weight_name=weight_name, adapter_name="dog")
+        got = outputs(pipe)
+        torch.testing.assert_close(got[0], peft_out[0], rtol=0, atol=1e-4, msg=weight_name)
+        torch.testing.assert_close(got[1], peft_out[1], rtol=0, atol=1e-4, msg=weight_name)
+        unload_adapters(pipe)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(trained):
+    a, b, c = (_files(trained[k][0]) for k in "abc")
+    assert a == b
+    assert a["unet/adapter_model.safetensors"] != c["unet/adapter_model.safetensors"]
+    info = json.loads(a["dbl.json"])
+    assert info["steps"] == 3 and info["seed"] == 0 and info["base_model"] == "tiny-sd"
+    assert info["prior"]["loss_weight"] == 1.0 and info["lora"]["rank"] == 4
+    assert set(info["loss"]) >= {
+        "instance_loss_first",
+        "instance_loss_last",
+        "prior_loss_first",
+        "prior_loss_last",
+    }
+    metrics = trained["a"][1]
+    assert metrics["steps"] == 3 and metrics["resumed_from"] is None
+    assert metrics["loss_first"] == info["loss"]["loss_first"]
+
+
+def _denoising_loss(pipe, files, resolution=64) -> float:
+    """Instance loss on fixed noise and timesteps (the same numbers before and after training)."""
+    import torch
+    import torch.nn.functional as F
+
+    from runner.images import prepare
+
+    pixels = torch.stack([prepare(f, resolution) for f in files])
+    ids = pipe.tokenizer(
+        ["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        hidden = pipe.text_encoder(ids)[0].expand(len(files), -1, -1)
+        losses = []
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=g)
+            timesteps = torch.full((len(files),), t)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            losses.append(F.mse_loss(pipe.unet(noisy, timesteps, hidden).sample, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_instance_loss(tmp_path, images):
+    from runner.adapters import load_adapter_into
+    from runner.imagefiles import list_images
+    from runner.models import load_pipeline
+
+    instance, _ = images
+    files = list_images(instance)[:2]
+    subset = tmp_path / "two"
+    subset.mkdir()
+    for f in files:
+        (subset / f.name).write_bytes(f.read_bytes())
+    # A random tiny UNet learns slowly: a high learning rate and every attention projection.
+    lora = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    subject = make_subject(
+        subset, train=dict(steps=20, learning_rate=1e-2, train_text_encoder=False), lora=lora
+    )
+    ctx = train_context(tmp_path, subject)
+    metrics = _run(ctx)
+    assert not (ctx.out / "text_encoder").exists()
+    pipe = load_pipeline(model_cache().base)
+    before = _denoising_loss(pipe, files)
+    load_adapter_into(pipe, ctx.out, "dog")
+    after = _denoising_loss(pipe, files)
+    assert after < 0.98 * before, (before, after, metrics)
+    assert metrics["loss_last"] < metrics["loss_first"]
+
+
+def test_interrupted_and_resumed_run_gives_the_same_bytes(tmp_path, images):
+    """Random crops, flips, LoRA dropout, a prior and a text-encoder LoRA: resume repeats them all."""
+    instance, classes = images
+    prior = make_prior(num_images=4)
+    subject = make_subject(
+        instance,
+        prior="dog",
+        train=dict(steps=5, batch_size=2, center_crop=False, random_flip=True, checkpoint_every=2),
+        lora=dict(dropout=0.1, text_encoder_dropout=0.1),
+    )
+    whole = train_context(tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w1")
+    _run(whole)
+
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) == 3
+
+    first = train_context(
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_after_three
+    )
+    with pytest.raises(StepInterrupted, match="after step 3"):
+        _run(first)
+    assert sorted(p.name for p in (tmp_path / "w2").glob("checkpoint-*")) == ["checkpoint-3"]
+    logs = []
+    again = train_context(
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", log=logs.append
+    )
+    metrics = _run(again)
+    assert "resuming from checkpoint-3" in logs
+    assert metrics["resumed_from"] == 3
+    assert _files(again.out) == _files(whole.out)
+
+
+def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, monkeypatch):
+    import torch
+
+    from runner.steps import train
+
+    instance, _ = images
+    real = train.prior_preservation_loss
+    calls = []
+
+    def poisoned(pred, target, weight):
+        calls.append(1)
+        total, inst, prior = real(pred, target, weight)
+        if len(calls) == 3:
+            return total * float("nan"), inst * float("nan"), prior
+        return total, inst, prior
+
+    monkeypatch.setattr(train, "prior_preservation_loss", poisoned)
+    subject = make_subject(instance, train=dict(steps=4, checkpoint_every=1, train_text_encoder=False))
+    ctx = train_context(tmp_path, subject)
+    with pytest.raises(StepError, match="loss became nan at step 3"):
+        _run(ctx)
+    assert sorted(p.name for p in ctx.work.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert torch.isfinite(
+        torch.tensor(
+            json.loads((ctx.work / "checkpoint-2" / "state.json").read_text())["history"]["instance"]
+        )
+    ).all()
+
+
+def test_shared_pipeline_is_left_as_found(tmp_path, images):
+    import torch
+
+    instance, _ = images
+    pipe = model_cache().pipeline()
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_keys = set(pipe.text_encoder.state_dict())
+    unet_cls, te_cls = type(pipe.unet), type(pipe.text_encoder)
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    _run(train_context(tmp_path, make_subject(instance, train=dict(steps=2, gradient_checkpointing=True))))
+    assert type(pipe.unet) is unet_cls and type(pipe.text_encoder) is te_cls
+    assert set(pipe.unet.state_dict()) == set(unet_before)
+    assert set(pipe.text_encoder.state_dict()) == te_keys
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    assert not pipe.unet.training and not pipe.unet.is_gradient_checkpointing
+    assert [p.requires_grad for p in pipe.unet.parameters()] == flags
+
+
+def test_cached_latents_and_checkpointing_do_not_change_the_result(tmp_path, images):
+    from runner.adapters import lora_delta
+
+    instance, _ = images
+    fast = train_context(tmp_path, make_subject(instance, train=dict(steps=3, train_text_encoder=False)))
+    slow = train_context(
+        tmp_path,
+        make_subject(
+            instance,
+            train=dict(steps=3, train_text_encoder=False, cache_latents=False, gradient_checkpointing=True),
+        ),
+        work=tmp_path / "slow",
+    )
+    logs = []
+    slow.log = logs.append
+    _run(fast)
+    _run(slow)
+    assert any("encoded per step for 3" in line for line in logs)
+    a, b = lora_delta(fast.out, "unet"), lora_delta(slow.out, "unet")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5 * max(1.0, a[key].abs().max().item())
+
+
+def test_v_prediction_trains_on_velocity(tmp_path, images, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    instance, _ = images
+    calls = []
+    real = DDPMScheduler.get_velocity
+
+    def spy(self, sample, noise, timesteps):
+        calls.append(len(sample))
+        return real(self, sample, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", spy)
+    subject = make_subject(instance, train=dict(steps=3, train_text_encoder=False))
+    ctx = train_context(tmp_path, subject, base_model="tiny-sd-v")
+    _run(ctx)
+    assert calls == [1, 1, 1]
+    assert json.loads((ctx.out / "dbl.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_8bit_adam_without_cuda_is_a_clear_error(tmp_path, images):
+    instance, _ = images
+    ctx = train_context(tmp_path, make_subject(instance, train=dict(use_8bit_adam=True)))
+    with pytest.raises(StepError, match="use_8bit_adam"):
+        _run(ctx)
+
+
+def test_a_bad_instance_image_names_the_file(tmp_path, images):
+    instance, _ = images
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes((instance / "00.png").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\x00not a jpeg")
+    with pytest.raises(StepError, match="broken.jpg"):
+        _run(train_context(tmp_path, make_subject(folder)))
+
+
+def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
+    """gloo on the CPU: 2 processes x batch 1 see the examples 1 process x batch 2 sees."""
+    from runner.adapters import load_adapter_into, lora_delta
+    from runner.models import load_pipeline
+
+    instance, _ = images
+    progress = []
+    two = train_context(
+        tmp_path,
+        make_subject(instance, train=dict(steps=2, batch_size=1, train_text_encoder=False)),
+        num_processes=2,
+        progress=lambda done, total, **m: progress.append(done),
+    )
+    metrics = _run(two)
+    assert metrics["steps"] == 2 and progress[-1] == 2
+    load_adapter_into(load_pipeline(model_cache().base), two.out, "dog")
+    one = train_context(
+        tmp_path,
+        make_subject(instance, train=dict(steps=2, batch_size=2, train_text_encoder=False)),
+        work=tmp_path / "one",
+    )
+    _run(one)
+    a, b = lora_delta(two.out, "unet"), lora_delta(one.out, "unet")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * max(1e-3, a[key].abs().max().item())
+
+
+@pytest.mark.skipif(not (DREAMBENCH / "dog").is_dir(), reason="no dreambench photos")
+def test_real_photos_train(tmp_path):
+    subject = make_subject(DREAMBENCH / "dog", train=dict(steps=2, train_text_encoder=False))
+    metrics = _run(train_context(tmp_path, subject))
+    assert metrics["steps"] == 2

@@ -234,29 +234,46 @@ def model_folder(base: BaseModel) -> str:
     return base.ref
 
 
+def quiet_libraries() -> None:
+    """Silence what diffusers and transformers print on every load (progress bars, the torchvision
+    notice): dbl shows its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu"):
     """Load the Stable Diffusion pipeline of a base model, without safety checker."""
     import torch
+
+    quiet_libraries()
     from diffusers import StableDiffusionPipeline
 
     dtype = dtype or torch.float32
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        if base.kind == "file":
-            path = Path(base.ref)
-            if not path.is_file():
-                raise ModelError(f"base_model file {path} does not exist")
-            _check_pickle(path, base.allow_pickle)
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        else:
-            folder = model_folder(base)
-            _refuse_sdxl(folder, base)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                folder,
-                revision=base.revision if base.kind == "hub" else None,
-                use_safetensors=None if base.allow_pickle else True,
-                **kwargs,
-            )
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype; older supported versions know only torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if base.kind == "file":
+                path = Path(base.ref)
+                if not path.is_file():
+                    raise ModelError(f"base_model file {path} does not exist")
+                _check_pickle(path, base.allow_pickle)
+                pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            else:
+                folder = model_folder(base)
+                _refuse_sdxl(folder, base)
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    folder,
+                    revision=base.revision if base.kind == "hub" else None,
+                    use_safetensors=None if base.allow_pickle else True,
+                    **kwargs,
+                )
     except ModelError:
         raise
     except OSError as exc:
@@ -302,3 +319,87 @@ class ModelCache:
 
     def clear(self) -> None:
         self._pipes.clear()
+
+
+# --- Stable Diffusion 1.5 shapes, random weights (benchmarks) ---------------------------------------
+
+
+def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
+    """A pipeline with Stable Diffusion 1.5's architecture (860M-parameter UNet, its VAE and CLIP ViT-L/14
+    text encoder) and seeded random weights: real memory and compute for benchmarks, no download.
+
+    Built in memory on `device` (fast on a GPU). Its pictures are noise; the tokenizer is tiny-sd's
+    character-level one, whose ids all fall inside CLIP's vocabulary.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    dtype = dtype or torch.float32
+    vocab = _tiny_tokenizer_vocab()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            sample_size=512,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            )
+        )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.to(dtype),
+        vae=vae.to(dtype),
+        text_encoder=text_encoder.to(dtype),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

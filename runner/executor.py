@@ -148,15 +148,18 @@ def _run(ws, lock, planned, options, reporter, force_ids) -> BuildResult:
             failed.add(p.id)
             reporter.step_end(ev)
             continue
+        clock = time.monotonic()
         try:
             _run_step(ws, lock, p, ev, options, reporter, force=p.id in force_ids)
         except (KeyboardInterrupt, StepInterrupted) as exc:
+            ev.duration_s = time.monotonic() - clock
             ev.status = events.INTERRUPTED
             ev.error = str(exc) or "interrupted"
             reporter.step_end(ev)
             exit_code = EXIT_INTERRUPTED
             break
         except Exception as exc:  # a failing step must not take the build's state with it
+            ev.duration_s = time.monotonic() - clock
             ev.status = events.FAILED
             ev.error = _describe_error(exc, options.debug)
             reporter.step_end(ev)

@@ -36,7 +36,7 @@ CLASS_PROMPT = "a photo of dog"
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(folder: Path, class_images: int, size: int = 512) -> tuple[Path, Path]:
+def prepare_data(folder: Path, class_images: int, photos_dir: Path, size: int = 512) -> tuple[Path, Path]:
     """Instance photos (the dreambench dog, or drawn images without it) and `class_images` JPEGs."""
     import shutil
 
@@ -48,7 +48,7 @@ def prepare_data(folder: Path, class_images: int, size: int = 512) -> tuple[Path
     instance, classes = folder / "instance", folder / "class"
     instance.mkdir(parents=True, exist_ok=True)
     classes.mkdir(parents=True, exist_ok=True)
-    photos = list_images(DOG_PHOTOS) if DOG_PHOTOS.is_dir() else []
+    photos = list_images(photos_dir) if photos_dir.is_dir() else []
     for photo in photos:
         shutil.copyfile(photo, instance / photo.name)
     rng = np.random.default_rng(0)
@@ -328,6 +328,8 @@ def child(args) -> None:
     import torch
 
     instance, classes = Path(args.data) / "instance", Path(args.data) / "class"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = (run_dbl if args.variant == "dbl" else run_baseline)(args, instance, classes)
@@ -393,6 +395,18 @@ def main(argv=None) -> None:
         help="train a text-encoder LoRA too",
     )
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per variant (0: torch's default)"
+    )
+    parser.add_argument(
+        "--baseline-workers",
+        type=int,
+        default=1,
+        help="DataLoader workers of the baseline (the recipe's default: 1)",
+    )
+    parser.add_argument(
+        "--photos", type=Path, default=DOG_PHOTOS, help="instance photos (default: dreambench dog)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--variant", choices=("dbl", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -403,7 +417,7 @@ def main(argv=None) -> None:
         return child(args)
 
     with tempfile.TemporaryDirectory(prefix="dbl-bench-data-") as tmp:
-        prepare_data(Path(tmp), args.class_images)
+        prepare_data(Path(tmp), args.class_images, args.photos)
         results = [measure(variant, args, Path(tmp)) for variant in ("baseline", "dbl")]
     baseline, dbl = results
     report = {
@@ -413,7 +427,10 @@ def main(argv=None) -> None:
         "mixed_precision": args.mixed_precision,
         "batch_size": args.batch_size,
         "train_text_encoder": args.text_encoder,
-        "instance_images": "dreambench/dog" if DOG_PHOTOS.is_dir() else "drawn",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "threads": args.threads or "default",
+        "baseline_workers": args.baseline_workers,
+        "instance_images": str(args.photos) if args.photos.is_dir() else "drawn",
         "results": results,
         "speedup": dbl["steps_per_s"] / baseline["steps_per_s"],
         "peak_rss_ratio": dbl["peak_rss_mb"] / baseline["peak_rss_mb"],

@@ -119,3 +119,16 @@ def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
     assert api.resolve_adapter_path(f"{tmp_path}/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
     pipe = api.load_pipeline("tiny-sd", {"dog": f"{tmp_path}/p.toml:dog"}, device="cpu")
     assert api.loaded_adapters(pipe) == ["dog"]
+
+
+def test_blends_on_an_fp16_pipeline_are_computed_in_fp32(adapters):  # noqa: F811
+    import torch
+
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu", dtype="fp16")
+    assert pipe.unet.dtype == torch.float16
+    exact = api.blend(pipe, {"a": 1.0, "b": 1.0}, "ab")
+    assert max(exact.values()) < 1e-6  # PEFT alone rounds a cat blend to fp16 here (about 3e-4)
+    lossy = api.blend(pipe, {"a": 1.0, "b": 1.0}, "ab_svd", method="svd", svd_rank=2)
+    assert 0.01 < min(lossy.values()) < 1
+    dtypes = {p.dtype for n, p in pipe.unet.named_parameters() if ".lora_" in n}
+    assert dtypes == {torch.float32}

@@ -173,3 +173,18 @@ def test_progress_per_image(tmp_path, models):  # noqa: F811
         context("render", spec, tmp_path / "out", {}, models, progress=lambda d, t, **m: seen.append((d, t)))
     )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_a_stop_request_interrupts_and_restores_the_pipeline(tmp_path, adapters, models):  # noqa: F811
+    from runner.project.schema import Render
+    from runner.steps import StepInterrupted, render
+    from tests.blend_fixtures import context
+
+    spec = Render(name="s", adapter="a", prompts=PROMPTS, seeds=[0], steps=1, scheduler="heun")
+    ctx = context("render", spec, tmp_path / "out", {"train:a": adapters["a"]}, models)
+    ctx.should_stop = lambda: bool(list(ctx.out.iterdir()))  # stop once the first image is written
+    with pytest.raises(StepInterrupted):
+        render.run(ctx)
+    pipe = models.pipeline()
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.steps import StepContext, StepError
+from runner.steps import StepContext, StepError, StepInterrupted
 
 
 def run(ctx: StepContext) -> dict:
@@ -53,6 +53,8 @@ def run(ctx: StepContext) -> dict:
 
         images = {}
         for start in range(0, len(jobs), spec.batch_size):
+            if ctx.should_stop():
+                raise StepInterrupted(f"render:{ctx.name} stopped after {len(images)} of {len(jobs)} images")
             batch = jobs[start : start + spec.batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
             out = pipe(

@@ -454,8 +454,10 @@ class LatentCache:
                     if self.center or image.shape[1] == image.shape[2]:
                         for flip in (False, True) if self.flip else (False,):
                             todo.append((kind, index, flip))
-            for start in range(0, len(todo), 8):
-                keys = todo[start : start + 8]
+            # VAE activations grow with the pixel count: a few images at a time at 64 px, one at 512 px.
+            chunk = max(1, 512 * 512 // (self.resolution * self.resolution))
+            for start in range(0, len(todo), chunk):
+                keys = todo[start : start + chunk]
                 crops = [self._crop(k, i, f, None) for k, i, f in keys]
                 mean, std = self._encode(torch.stack(crops))
                 for n, key in enumerate(keys):

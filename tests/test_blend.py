@@ -60,7 +60,7 @@ def test_blend_loads_without_its_parents_in_every_layout(tmp_path, adapters, mod
     out = run_blend(
         tmp_path, "mix", {"a": 1.0, "b": 0.5}, {"train:a": adapters["a"], "train:b": adapters["b"]}, models
     )
-    assert (out / DIFFUSERS_WEIGHTS).is_file() and (out / "blend-mix.safetensors").is_file()
+    assert (out / DIFFUSERS_WEIGHTS).is_file() and (out / "mix.safetensors").is_file()
     pipe = fresh_pipeline()
     load_adapter_into(pipe, out, "mix")  # raises if a tensor found no module
     assert "mix" in pipe.unet.peft_config and "mix" in pipe.text_encoder.peft_config

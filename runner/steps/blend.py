@@ -81,6 +81,7 @@ def run(ctx: StepContext) -> dict:
             adapter_name="blend",
             base_model=info["base_model"],
             info=info,
+            name=ctx.name,
         )
     finally:
         if shared:

@@ -12,13 +12,18 @@ from runner.project import load_project
 from tests.conftest import ROOT, Recorder
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def test_demo_builds_in_fp16_on_cuda(tmp_path):
     shutil.copytree(ROOT / "projects" / "demo", tmp_path / "demo")
     text = (ROOT / "projects" / "demo.toml").read_text()
-    text = text.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"\nmixed_precision = "fp16"')
+    text = text.replace(
+        'base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"\nmixed_precision = "fp16"'
+    )
     (tmp_path / "demo.toml").write_text(text)
     project = load_project(tmp_path / "demo.toml")
     result = executor.build(project, executor.BuildOptions(), Recorder())

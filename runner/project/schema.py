@@ -174,7 +174,9 @@ class Prior:
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
     width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
     height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
-    scheduler: str | None = opt(None, "sampler; default: the base model's own", "str?", choices=SCHEDULERS)
+    scheduler: str | None = opt(
+        None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
+    )
     batch_size: int = opt(4, "images generated at once", "int", minimum=1, fingerprint=False)
 
 
@@ -224,9 +226,15 @@ class Render:
     seeds: list[int] = opt([0], "one image per prompt and seed", "list[int]")
     width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
     height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
-    scheduler: str | None = opt(None, "sampler; default: the base model's own", "str?", choices=SCHEDULERS)
+    scheduler: str | None = opt(
+        None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
+    )
     batch_size: int = opt(
-        1, "images per forward pass (same pixels as one at a time)", "int", minimum=1, fingerprint=False
+        1,
+        "images per forward pass (the same pixels as one at a time, up to rounding)",
+        "int",
+        minimum=1,
+        fingerprint=False,
     )
     lora_scale: float = opt(1.0, "strength of the adapter", "float")
 

@@ -127,5 +127,6 @@ def _save_png(image, path: Path, parameters: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
+    # Class images are training inputs read once: fast compression beats small files here.
+    image.save(tmp, format="PNG", pnginfo=info, compress_level=1)
     os.replace(tmp, path)

@@ -60,7 +60,9 @@ def recipe_loop(pipe, prompt: str, n: int, batch: int, steps: int, out: Path, de
     return time.perf_counter() - start
 
 
-def dbl_prior(models, project_seed: int, prompt: str, n: int, batch: int, steps: int, work: Path, device: str) -> float:
+def dbl_prior(
+    models, project_seed: int, prompt: str, n: int, batch: int, steps: int, work: Path, device: str
+) -> float:
     from types import SimpleNamespace
 
     from runner.project.schema import Prior
@@ -70,9 +72,15 @@ def dbl_prior(models, project_seed: int, prompt: str, n: int, batch: int, steps:
     out = work / "out"
     out.mkdir(parents=True)
     ctx = StepContext(
-        step_id="prior:bench", kind="prior", name="bench", spec=spec,
+        step_id="prior:bench",
+        kind="prior",
+        name="bench",
+        spec=spec,
         project=SimpleNamespace(settings=SimpleNamespace(seed=project_seed)),
-        work=work, out=out, inputs={}, models=models,
+        work=work,
+        out=out,
+        inputs={},
+        models=models,
     )
     start = time.perf_counter()
     prior.run(ctx)
@@ -81,7 +89,9 @@ def dbl_prior(models, project_seed: int, prompt: str, n: int, batch: int, steps:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny-sd", choices=["tiny-sd", "sd15-random"])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -111,8 +121,21 @@ def main() -> int:
             folder = Path(tmp) / f"recipe{r}"
             folder.mkdir()
             with torch.inference_mode():
-                recipe.append(recipe_loop(pipe, prompt, args.images, args.batch_size, args.steps, folder, args.device))
-            dbl.append(dbl_prior(models, 0, prompt, args.images, args.batch_size, args.steps, Path(tmp) / f"dbl{r}", args.device))
+                recipe.append(
+                    recipe_loop(pipe, prompt, args.images, args.batch_size, args.steps, folder, args.device)
+                )
+            dbl.append(
+                dbl_prior(
+                    models,
+                    0,
+                    prompt,
+                    args.images,
+                    args.batch_size,
+                    args.steps,
+                    Path(tmp) / f"dbl{r}",
+                    args.device,
+                )
+            )
     figures = {
         "model": args.model,
         "device": args.device,

@@ -38,12 +38,16 @@ def last_json(text: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny-sd", choices=["tiny-sd", "sd15-random"])
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--train-steps", type=int, default=None, help="timed train steps (default: the train bench's)")
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="timed train steps (default: the train bench's)"
+    )
     parser.add_argument("--photos", type=Path, help="instance photos for the train bench")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "prior", "render", "plan"])
     parser.add_argument("--out", type=Path, help="write the JSON here too")
@@ -87,7 +91,9 @@ def main() -> int:
         plan = last_json(run([str(HERE / "plan_bench.py"), "--json"]))
         report["plan"] = plan
         rows.append(("no-op dbl plan s (50 subjects x 20 images)", plan["dbl_plan_command_s"], None, "lower"))
-        rows.append(("no-op dbl build s (50 subjects x 20 images)", plan["dbl_build_noop_command_s"], None, "lower"))
+        rows.append(
+            ("no-op dbl build s (50 subjects x 20 images)", plan["dbl_build_noop_command_s"], None, "lower")
+        )
 
     print(json.dumps(report, indent=2))
     print(f"\n{args.model}, {args.device}, mixed precision {args.mixed_precision}")

@@ -1,0 +1,119 @@
+"""Real steps on tiny-sd through the `dbl` command: the demo end to end, and a training that is
+killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from runner import lockfile
+from tests.conftest import ROOT, write_image
+
+pytestmark = pytest.mark.torch
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[train]
+resolution = 64
+steps = 30
+checkpoint_every = 5
+
+[lora]
+rank = 4
+alpha = 8
+text_encoder_rank = 4
+text_encoder_alpha = 4
+
+[subjects.dog]
+images = "dog"
+instance_prompt = "a photo of sks dog"
+"""
+
+
+def dbl(*args, cwd, wait=True):
+    cmd = [sys.executable, "-m", "runner", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def project(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "p.toml").write_text(textwrap.dedent(PROJECT))
+    for i in range(3):
+        write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+    return folder / "p.toml"
+
+
+def adapter_bytes(folder):
+    out = folder / "build" / "p" / "adapters" / "dog"
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    done = dbl("build", project(folder), "--no-progress", cwd=folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return adapter_bytes(folder)
+
+
+def stop_during_training(tmp_path, sig) -> tuple[subprocess.Popen, list[str]]:
+    path = project(tmp_path)
+    proc = dbl("build", path, "--no-progress", cwd=tmp_path, wait=False)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 12/30" in line:  # past checkpoint-10
+            proc.send_signal(sig)
+            break
+    else:
+        raise AssertionError("".join(seen))
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    return proc, seen
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_or_interrupted_training_resumes_to_the_same_adapter(tmp_path, reference, sig):
+    proc, seen = stop_during_training(tmp_path, sig)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), "".join(seen)
+    assert "train:dog" not in lockfile.read(tmp_path / "p.lock")
+    work = tmp_path / ".dbl" / "tmp" / "p" / "train-dog"
+    checkpoints = sorted(p.name for p in work.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] in (
+        "checkpoint-10",
+        "checkpoint-12",
+        "checkpoint-13",
+        "checkpoint-15",
+    )
+    again = dbl("build", tmp_path / "p.toml", "--no-progress", "-v", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from checkpoint-" in again.stdout
+    assert adapter_bytes(tmp_path) == reference
+    assert not work.exists(), "the work folder goes once the step is committed"
+
+
+def test_demo_builds_then_does_nothing(tmp_path):
+    shutil.copytree(ROOT / "projects", tmp_path / "projects")
+    first = dbl("build", "projects/demo.toml", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    out = tmp_path / "projects" / "build" / "demo"
+    assert (out / "adapters" / "dog" / "dog.safetensors").is_file()
+    assert (out / "blends" / "toy_dog" / "unet" / "adapter_model.safetensors").is_file()
+    assert len(list((out / "renders" / "dog").glob("*.png"))) == 5  # 2 prompts x 2 seeds + grid
+    assert (tmp_path / "projects" / "demo.lock").is_file()
+    second = dbl("build", "projects/demo.toml", cwd=tmp_path)
+    assert second.returncode == 0 and second.stdout.strip().endswith("all 6 steps are up to date")
+    assert len(second.stdout.strip().splitlines()) == 1

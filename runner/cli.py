@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
     p.add_argument(
-        "--num-processes", type=int, metavar="N", help="run train steps under accelerate with N processes"
+        "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
     p.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")

@@ -112,6 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dbl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # an unreadable input, a full disk outside any step
+        if getattr(args, "debug", False):
+            raise
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(
+            f"dbl: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def _load(args):

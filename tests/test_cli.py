@@ -138,3 +138,12 @@ def test_sigkill_during_a_step_keeps_lockfile_and_outputs(proj, tmp_path):
     log.write_text("")
     assert fake_dbl("build", proj.path, "--no-progress", log=log).returncode == 0
     assert log.read_text().split() == ["train:toy", "blend:mix", "render:park", "render:mixed"]
+
+
+def test_unreadable_image_is_an_error_without_traceback(proj, capsys):
+    import os
+
+    os.symlink(proj.root / "nowhere.png", proj.root / "data" / "toy" / "05.png")  # dangling
+    code = main(["plan", str(proj.path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "05.png" in err and "Traceback" not in err

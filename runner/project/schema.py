@@ -84,7 +84,9 @@ class ProjectSettings:
     out: str | None = opt(
         None, "output folder, relative to the project file; default: build/<name>", "str?", fingerprint=False
     )
-    num_processes: int = opt(1, "processes for train steps (data parallel; NCCL on GPUs, gloo on a CPU)", "int", minimum=1)
+    num_processes: int = opt(
+        1, "processes for train steps (data parallel; NCCL on GPUs, gloo on a CPU)", "int", minimum=1
+    )
     allow_pickle: bool = opt(
         False,
         "allow loading pickle checkpoints (.ckpt, .bin, .pt), which can run code",

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from runner import __version__
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_USAGE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The libraries' notices of their own future changes mean nothing to someone running a build.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return COMMANDS[args.command](args)
     except SystemExit as exc:

@@ -217,6 +217,23 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _changed(key: str, old, new) -> list[str]:
+    """How one value changed; lists item by item ('prompts[1] 'a' -> 'b'')."""
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) == len(new):
+            return [
+                f"{key}[{i}] {_short(a)} -> {_short(b)}"
+                for i, (a, b) in enumerate(zip(old, new, strict=True))
+                if a != b
+            ]
+        added = [_short(v) for v in new if v not in old]
+        removed = [_short(v) for v in old if v not in new]
+        parts = [f"{key} {len(old)} -> {len(new)} items"]
+        parts += [f"+{v}" for v in added] + [f"-{v}" for v in removed]
+        return [" ".join(parts)]
+    return [f"{key} {_short(old)} -> {_short(new)}"]
+
+
 def _flatten(value, prefix: str, out: dict) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -286,7 +303,7 @@ def explain(old: dict, new: dict) -> list[str]:
         elif key not in flat_new:
             reasons.append(f"{key} removed (was {_short(flat_old[key])})")
         elif flat_old[key] != flat_new[key]:
-            reasons.append(f"{key} {_short(flat_old[key])} -> {_short(flat_new[key])}")
+            reasons += _changed(key, flat_old[key], flat_new[key])
     for key in ("prior", "adapter"):
         o, n = old.get(key), new.get(key)
         if (o is None) != (n is None) or (isinstance(o, str) or isinstance(n, str)) and o != n:

@@ -60,9 +60,7 @@ def test_one_prompt_reruns_that_render_only(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "sks dog on a beach", "sks dog on the moon")
     assert ran == ["render:park"]
     reasons = dict((sid, r) for sid, _, r in rec.planned)
-    assert reasons["render:park"] == [
-        "prompts ['sks dog in a park', 'sks dog on a beach'] -> ['sks dog in a park', 'sks dog on the moon']"
-    ]
+    assert reasons["render:park"] == ["prompts[1] 'sks dog on a beach' -> 'sks dog on the moon'"]
     assert not (proj.root / "build/pets/renders/park/0-0.png").read_text().startswith("x")
 
 
@@ -275,3 +273,9 @@ def test_prior_loss_weight_reruns_train_not_prior(proj, build, fake_steps):
     assert ran == ["train:dog"]
     reasons = dict((sid, r) for sid, _, r in rec.planned)
     assert reasons["train:dog"] == ["prior.loss_weight 1.0 -> 0.5"]
+
+
+def test_added_seed_is_explained(proj, build, fake_steps):
+    ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
+    assert ran == ["render:park"]
+    assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == ["seeds 2 -> 3 items +7"]

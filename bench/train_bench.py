@@ -98,7 +98,11 @@ def load(args, dtype):
 
 
 def run_dbl(args, instance: Path, classes: Path) -> dict:
+    # Both variants import the libraries before their clock starts: setup_s is loading and preparing.
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
     import torch
+    from diffusers import StableDiffusionPipeline  # noqa: F401
 
     from runner.models import resolve_dtype
     from runner.project.schema import LoraSettings, Prior, Project, ProjectSettings, Subject, TrainSettings
@@ -234,7 +238,7 @@ def run_baseline(args, instance: Path, classes: Path) -> dict:
 
     import torch
     import torch.nn.functional as F
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, StableDiffusionPipeline  # noqa: F401 (imported before the clock)
     from peft import LoraConfig, get_peft_model
 
     from runner.models import resolve_dtype

@@ -8,10 +8,10 @@ Generated images are first written to the work folder, so an interrupted step ke
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from runner import pnginfo
 from runner.imagefiles import list_images
 from runner.steps import StepError, StepInterrupted
 
@@ -95,38 +95,22 @@ def _generate(ctx, indices: range) -> None:
                     output_type="pil",
                 )
             for i, image in zip(batch, result.images, strict=True):
-                _save_png(image, done_dir / f"{i:04d}.png", _parameters(spec, image, seed, i, sampler, ctx))
+                params = pnginfo.parameters_text(
+                    spec.class_prompt,
+                    spec.negative_prompt,
+                    steps=spec.steps,
+                    sampler=sampler,
+                    guidance_scale=spec.guidance_scale,
+                    seed=image_seed(seed, i),
+                    width=image.width,
+                    height=image.height,
+                    model=pnginfo.model_name(ctx.models.base),
+                )
+                # Class images are training inputs read once: fast compression beats small files.
+                pnginfo.save_png(image, done_dir / f"{i:04d}.png", params, compress_level=1)
                 finished += 1
                 ctx.progress(finished, spec.num_images)
     finally:
         pipe.scheduler = own_scheduler
     for i in indices:
         shutil.copyfile(done_dir / f"{i:04d}.png", ctx.out / f"{i:04d}.png")
-
-
-def _parameters(spec, image, seed: int, index: int, sampler: str, ctx) -> str:
-    """The A1111 `parameters` text that image browsers show."""
-    lines = [spec.class_prompt]
-    if spec.negative_prompt:
-        lines.append(f"Negative prompt: {spec.negative_prompt}")
-    lines.append(
-        f"Steps: {spec.steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale:g}, "
-        f"Seed: {image_seed(seed, index)}, Size: {image.width}x{image.height}, Model: {_model_name(ctx.models.base)}"
-    )
-    return "\n".join(lines)
-
-
-def _model_name(base) -> str:
-    # A local model's folder name, not its absolute path: the same project gives the same bytes anywhere.
-    return base.display if base.kind in ("hub", "builtin") else Path(base.ref).name
-
-
-def _save_png(image, path: Path, parameters: str) -> None:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # Class images are training inputs read once: fast compression beats small files here.
-    image.save(tmp, format="PNG", pnginfo=info, compress_level=1)
-    os.replace(tmp, path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runner import pnginfo
 from runner.steps import StepContext, StepError, StepInterrupted
 
 
@@ -27,7 +28,7 @@ def run(ctx: StepContext) -> dict:
     pipe = ctx.models.pipeline()
     width, height = _size(pipe, spec)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
-    model_name = _model_name(ctx)
+    model_name = pnginfo.model_name(ctx.models.base)
 
     saved_scheduler = pipe.scheduler
     adapter_name = None
@@ -49,7 +50,7 @@ def run(ctx: StepContext) -> dict:
                     f"renders.{ctx.name}: cannot load adapter {spec.adapter!r} from {folder}: {exc}"
                 ) from exc
             api.set_adapter(pipe, adapter_name, scale=spec.lora_scale)
-        lora_field = None if spec.adapter == "none" else f"{spec.adapter}:{_num(spec.lora_scale)}"
+        lora_field = None if spec.adapter == "none" else f"{spec.adapter}:{spec.lora_scale:g}"
 
         images = {}
         for start in range(0, len(jobs), spec.batch_size):
@@ -67,7 +68,7 @@ def run(ctx: StepContext) -> dict:
                 generator=generators,
             )
             for (index, prompt, seed), image in zip(batch, out.images, strict=True):
-                params = parameters_text(
+                params = pnginfo.parameters_text(
                     prompt,
                     spec.negative_prompt,
                     steps=spec.steps,
@@ -79,7 +80,7 @@ def run(ctx: StepContext) -> dict:
                     model=model_name,
                     lora=lora_field,
                 )
-                save_png(image, ctx.out / f"{index}-{seed}.png", params)
+                pnginfo.save_png(image, ctx.out / f"{index}-{seed}.png", params)
                 images[(index, seed)] = image
                 ctx.progress(len(images), len(jobs))
     finally:
@@ -88,7 +89,7 @@ def run(ctx: StepContext) -> dict:
             api.unload_adapter(pipe, adapter_name)
 
     grid = make_grid([[images[(i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))])
-    save_png(grid, ctx.out / "grid.png")
+    pnginfo.save_png(grid, ctx.out / "grid.png")
     ctx.log(f"rendered {len(jobs)} images of {width}x{height} with {sampler}")
     return {"images": len(jobs), "width": width, "height": height, "sampler": sampler}
 
@@ -114,60 +115,6 @@ def _adapter_folder(ctx: StepContext) -> Path:
     raise StepError(
         f"renders.{ctx.name}: adapter {name!r} has no built outputs (inputs: {', '.join(ctx.inputs) or 'none'})"
     )
-
-
-def _model_name(ctx: StepContext) -> str:
-    # A name, not a path: the image bytes must not depend on where the model lives on this machine.
-    base = ctx.models.base
-    if base.kind in ("folder", "file"):
-        return Path(base.ref).stem if base.kind == "file" else Path(base.ref).name
-    return base.display
-
-
-def _num(value: float) -> str:
-    return f"{value:g}"
-
-
-def parameters_text(
-    prompt: str,
-    negative_prompt: str,
-    *,
-    steps: int,
-    sampler: str,
-    guidance_scale: float,
-    seed: int,
-    width: int,
-    height: int,
-    model: str,
-    lora: str | None = None,
-) -> str:
-    """The A1111 `parameters` text of one image, which image browsers and A1111's PNG Info read."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    fields = [
-        f"Steps: {steps}",
-        f"Sampler: {sampler}",
-        f"CFG scale: {_num(guidance_scale)}",
-        f"Seed: {seed}",
-        f"Size: {width}x{height}",
-        f"Model: {model}",
-    ]
-    if lora:
-        fields.append(f"Lora: {lora}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
-
-
-def save_png(image, path: Path, parameters: str | None = None) -> None:
-    """Write a PNG whose bytes depend only on the pixels and the text (no time or software chunks)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = None
-    if parameters is not None:
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-    image.save(path, format="PNG", pnginfo=info, optimize=False, compress_level=6)
 
 
 def make_grid(rows: list[list]):

@@ -1,0 +1,61 @@
+"""PNG files with generation parameters in A1111's `parameters` text chunk, byte-for-byte reproducible."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def model_name(base) -> str:
+    """The base model as images name it: a hub id or built-in name, or a local model's folder or file
+    name, never its absolute path, so that the same project gives the same bytes on any machine."""
+    if base.kind == "file":
+        return Path(base.ref).stem
+    if base.kind == "folder":
+        return Path(base.ref).name
+    return base.display
+
+
+def parameters_text(
+    prompt: str,
+    negative_prompt: str,
+    *,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    lora: str | None = None,
+) -> str:
+    """The A1111 `parameters` text of one image, which image browsers and A1111's PNG Info read."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [
+        f"Steps: {steps}",
+        f"Sampler: {sampler}",
+        f"CFG scale: {guidance_scale:g}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+        f"Model: {model}",
+    ]
+    if lora:
+        fields.append(f"Lora: {lora}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image, path: Path, parameters: str | None = None, compress_level: int = 6) -> None:
+    """Write a PNG whose bytes depend only on the pixels and the text (no time or software chunks),
+    atomically: a reader never sees half of it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info, optimize=False, compress_level=compress_level)
+    os.replace(tmp, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -311,10 +312,16 @@ def cmd_gc(args) -> int:
             cache.drop(fp)
         dropped += 1
         freed += size
+    leftovers = cache.leftovers()
+    if not args.dry_run:
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
     verb = "would drop" if args.dry_run else "dropped"
     print(
         f"{verb} {dropped} cache entr{'y' if dropped == 1 else 'ies'}, {freed / 1e6:.1f} MB; kept {len(keep & set(cache.entries()))}"
     )
+    if leftovers:
+        print(f"{verb} {len(leftovers)} folder(s) left by builds that were killed while writing the cache")
     return EXIT_OK
 
 

@@ -162,10 +162,31 @@ class RunCache:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
+    def leftovers(self) -> list[Path]:
+        """Temp and trash folders of builds that died while writing the cache (their process is gone)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            pid = path.name.rpartition("-")[2]
+            if path.name.startswith(".") and pid.isdigit() and not _alive(int(pid)):
+                found.append(path)
+        return sorted(found)
+
     def entries(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:

@@ -147,3 +147,14 @@ def test_unreadable_image_is_an_error_without_traceback(proj, capsys):
     code = main(["plan", str(proj.path)])
     err = capsys.readouterr().err
     assert code == 1 and "05.png" in err and "Traceback" not in err
+
+
+def test_gc_removes_what_killed_builds_left_in_the_cache(proj, build, capsys):
+    build(proj)
+    dead = proj.root / ".dbl" / "cache" / ".abc.tmp-999999999"
+    dead.mkdir()
+    alive = proj.root / ".dbl" / "cache" / f".def.tmp-{os.getpid()}"
+    alive.mkdir()
+    assert main(["gc", str(proj.path)]) == 0
+    assert "1 folder(s) left by builds that were killed" in capsys.readouterr().out
+    assert not dead.exists() and alive.exists()

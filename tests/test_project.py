@@ -216,3 +216,13 @@ def test_empty_images_folder(folder):
     assert found == [
         "subjects.cat.images: folder data/empty holds no images (.jpg, .png, .webp ...) (line 25) - add a few photos of the subject"
     ]
+
+
+def test_a_key_set_twice_is_named_with_both_lines(folder):
+    found = problems(folder, GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nprompts = ["y"]\n')
+    assert found == ["renders.r.prompts: set twice, first on line 26 (line 27) - keep one of them"]
+
+
+def test_a_table_defined_twice_is_named(folder):
+    found = problems(folder, GOOD + "\n[renders.park]\nseeds = [1]\n")
+    assert found == ["renders.park: set twice, first on line 20 (line 24) - keep one of them"]

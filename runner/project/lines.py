@@ -44,6 +44,28 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
     return found
 
 
+def duplicate_keys(text: str) -> list[tuple[tuple[str, ...], int, int]]:
+    """Keys set twice in one table, as (dotted key, first line, second line)."""
+    seen: dict[tuple[str, ...], int] = {}
+    found = []
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = tuple(_split_key(header.group(1)))
+            if table in seen and not line.lstrip().startswith("[["):
+                found.append((table, seen[table], number))
+            seen.setdefault(table, number)
+            continue
+        keyval = _KEYVAL.match(line)
+        if keyval:
+            key = table + tuple(_split_key(keyval.group(1)))
+            if key in seen:
+                found.append((key, seen[key], number))
+            seen.setdefault(key, number)
+    return found
+
+
 class LineIndex:
     """Answers "on which line is this key?" with the nearest enclosing key or table as fallback."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from runner.imagefiles import list_images
 from runner.project import schema
-from runner.project.lines import LineIndex
+from runner.project.lines import LineIndex, duplicate_keys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -202,13 +202,25 @@ def load_project(path: Path | str) -> schema.Project:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
-        if found:
-            message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
-        else:
-            message, line = str(exc), None
-        raise ProjectError(path, [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]) from None
+        raise ProjectError(path, _syntax_problems(text, exc)) from None
     return _validate(path.resolve(), text, data)
+
+
+def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
+    """A TOML syntax error as a located problem; a key set twice is named, with both of its lines."""
+    twice = duplicate_keys(text)
+    if twice:
+        return [
+            Problem(".".join(key), f"set twice, first on line {first}", second, "keep one of them")
+            for key, first, second in twice
+        ]
+    found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
+    if found:
+        message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
+    else:  # "(at end of document)"
+        message = re.sub(r"\s*\(at end of document\)$", " at the end of the file", str(exc))
+        line = max(1, len(text.splitlines()))
+    return [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]
 
 
 def _validate(path: Path, text: str, data: dict) -> schema.Project:

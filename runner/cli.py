@@ -11,8 +11,7 @@ import warnings
 from pathlib import Path
 
 from runner import __version__
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:

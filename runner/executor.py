@@ -8,7 +8,6 @@ swap them into place and record them in the lockfile (written atomically after e
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import traceback
@@ -20,9 +19,10 @@ from pathlib import Path
 from runner import events, lockfile, planner
 from runner.events import StepEvent
 from runner.fingerprint import FileHasher, fingerprint
+from runner.models import ModelError
 from runner.project.schema import Project
 from runner.steps import OUTPUT_DIRS, StepContext, StepError, StepInterrupted, get_runner
-from runner.store import BuildLock, DiskFacts, RunCache, file_manifest, output_hash, replace_dir
+from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, file_manifest, output_hash, replace_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -71,7 +71,7 @@ class Workspace:
         return self.project.out / step.output_dir
 
     def rel(self, path: Path) -> str:
-        return Path(os.path.relpath(path, self.project.dir)).as_posix()
+        return planner.relative(self.project, path)
 
     def plan(self, force: set[str] | None = None) -> tuple[dict, list[planner.PlannedStep]]:
         lock = lockfile.read(self.lock_path)
@@ -185,7 +185,7 @@ def _run(ws, lock, planned, options, reporter, force_ids) -> BuildResult:
 def _describe_error(exc: Exception, debug: bool) -> str:
     if debug:
         return "".join(traceback.format_exception(exc)).rstrip()
-    if isinstance(exc, (StepError, OSError)) or type(exc).__name__ in ("ModelError", "ImageError"):
+    if isinstance(exc, (StepError, OSError, ModelError)):  # ImageError and AdapterError are StepErrors
         return str(exc)
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
@@ -295,7 +295,7 @@ def _commit(
     work_root.mkdir(parents=True, exist_ok=True)
     staged = work_root / f".staged-{step.kind}-{step.name}"
     shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(entry, staged, copy_function=shutil.copyfile)
+    copy_tree(entry, staged)
     target = ws.output_dir(step)
     replace_dir(staged, target, work_root / f".trash-{step.kind}-{step.name}")
     outputs = {}

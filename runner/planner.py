@@ -149,8 +149,9 @@ def _plain(value):
     return value
 
 
-def _rel(project: Project, folder: str) -> str:
-    return Path(os.path.relpath(folder, project.dir)).as_posix()
+def relative(project: Project, path) -> str:
+    """`path` relative to the project file's folder, with forward slashes (lockfile and reasons)."""
+    return Path(os.path.relpath(path, project.dir)).as_posix()
 
 
 def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dict[str, str]) -> dict:
@@ -163,7 +164,7 @@ def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dic
         # The loss weight belongs to the train steps that use the prior, not to the images.
         inputs.update({k: v for k, v in _settings(spec).items() if k not in ("images", "loss_weight")})
         if spec.images:
-            inputs["images"] = {"_folder": _rel(project, spec.images), "files": facts.images(spec.images)}
+            inputs["images"] = {"_folder": relative(project, spec.images), "files": facts.images(spec.images)}
         return inputs
     if step.kind == "train":
         inputs = {
@@ -175,7 +176,7 @@ def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dic
             "instance_prompt": spec.instance_prompt,
             "train": _settings(spec.train),
             "lora": _settings(spec.lora),
-            "images": {"_folder": _rel(project, spec.images), "files": facts.images(spec.images)},
+            "images": {"_folder": relative(project, spec.images), "files": facts.images(spec.images)},
         }
         if spec.prior:
             prior = project.priors[spec.prior]

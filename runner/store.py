@@ -78,7 +78,8 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder's files (content only: no metadata to carry between cache and outputs)."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.imagefiles import list_images
+from runner.models import PICKLE_SUFFIXES
 from runner.project import schema
 from runner.project.lines import LineIndex, duplicate_keys
 
@@ -20,7 +21,6 @@ else:  # pragma: no cover
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 RESERVED_ADAPTERS = ("none",)
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 @dataclass(frozen=True)

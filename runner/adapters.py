@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from runner.steps import StepError
+from runner.errors import AdapterError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -36,10 +36,6 @@ PEFT_PREFIX = "base_model.model."
 # transformers 4 nests CLIPTextModel's modules under `text_model.`; transformers 5 does not.
 # kohya / A1111 names always carry it.
 TEXT_MODEL = "text_model."
-
-
-class AdapterError(StepError):
-    """An adapter folder that cannot be written or loaded as asked."""
 
 
 # --- safetensors, deterministic ----------------------------------------------------------------------

@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner import events, lockfile, planner
+from runner.errors import DblError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.fingerprint import FileHasher, fingerprint
-from runner.models import ModelError
 from runner.project.schema import Project
-from runner.steps import OUTPUT_DIRS, StepContext, StepError, StepInterrupted, get_runner
+from runner.steps import OUTPUT_DIRS, StepContext, get_runner
 from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, file_manifest, output_hash, replace_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -43,10 +43,6 @@ class BuildResult:
     ok: bool
     exit_code: int
     steps: list[StepEvent] = field(default_factory=list)
-
-
-class UsageError(Exception):
-    """Bad command-line input (an unknown step id ...)."""
 
 
 class Workspace:
@@ -185,7 +181,7 @@ def _run(ws, lock, planned, options, reporter, force_ids) -> BuildResult:
 def _describe_error(exc: Exception, debug: bool) -> str:
     if debug:
         return "".join(traceback.format_exception(exc)).rstrip()
-    if isinstance(exc, (StepError, OSError, ModelError)):  # ImageError and AdapterError are StepErrors
+    if isinstance(exc, (DblError, OSError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 

@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runner.steps import StepError
-
-
-class ImageError(StepError):
-    """An image file that cannot be used; the message names the file."""
+from runner.errors import ImageError
 
 
 def _warn(message: str) -> None:

@@ -12,15 +12,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.errors import ModelError  # noqa: F401 - re-exported
+
 # Bump when the tiny-sd recipe below changes: it is part of the base model identity.
 TINY_SD_VERSION = 1
 BUILTIN_MODELS = ("tiny-sd", "tiny-sd-v")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-
-
-class ModelError(Exception):
-    """A base model that cannot be loaded; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

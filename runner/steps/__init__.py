@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from runner.errors import StepError, StepInterrupted  # noqa: F401 - re-exported
+
 KINDS = ("prior", "train", "blend", "render")
 
 # Bump a kind's version when its code changes the bytes it produces: every step of that kind goes stale.
@@ -22,14 +24,6 @@ VERSIONS = {"prior": 1, "train": 1, "blend": 1, "render": 1}
 
 # Where each kind's outputs live under the project's `out` folder.
 OUTPUT_DIRS = {"prior": "priors", "train": "adapters", "blend": "blends", "render": "renders"}
-
-
-class StepError(Exception):
-    """A step failed for a reason the user can act on; the message says which and how."""
-
-
-class StepInterrupted(Exception):
-    """A step stopped early because the build was interrupted; its work folder lets it resume."""
 
 
 @dataclass

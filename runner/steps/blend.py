@@ -21,7 +21,8 @@ import json
 import warnings
 from pathlib import Path
 
-from runner.steps import StepContext, StepError
+from runner.errors import StepError
+from runner.steps import StepContext
 
 
 def run(ctx: StepContext) -> dict:

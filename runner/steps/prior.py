@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from runner import pnginfo
+from runner.errors import StepError, StepInterrupted
 from runner.imagefiles import list_images
-from runner.steps import StepError, StepInterrupted
 
 
 def image_seed(seed: int, index: int) -> int:

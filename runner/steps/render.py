@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner import pnginfo
-from runner.steps import StepContext, StepError, StepInterrupted
+from runner.errors import StepError, StepInterrupted
+from runner.steps import StepContext
 
 
 def run(ctx: StepContext) -> dict:

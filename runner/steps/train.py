@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.errors import StepError, StepInterrupted
 from runner.imagefiles import list_images
-from runner.steps import StepError, StepInterrupted
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_FORMAT = 1

@@ -138,10 +138,7 @@ def run_dbl(args, instance: Path, classes: Path) -> dict:
         ),
         train=TrainSettings(),
         lora=LoraSettings(),
-        priors={"dog": prior},
-        subjects={"dog": subject},
-        blends={},
-        renders={},
+        tables={"prior": {"dog": prior}, "train": {"dog": subject}},
     )
     (work / "out").mkdir()
     stamps: list[float] = []

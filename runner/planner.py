@@ -7,15 +7,12 @@ so that a rebuild producing identical bytes stops there.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from runner import steps as step_kinds
 from runner.fingerprint import fingerprint
-from runner.project.schema import Project, keys_of
+from runner.project.schema import Project
 
 FRESH = "fresh"
 STALE = "stale"
@@ -33,7 +30,7 @@ class Step:
 
     @property
     def output_dir(self) -> str:
-        return f"{step_kinds.OUTPUT_DIRS[self.kind]}/{self.name}"
+        return f"{step_kinds.get(self.kind).output_dir}/{self.name}"
 
 
 @dataclass
@@ -74,35 +71,34 @@ class Facts(Protocol):
 
 
 def graph(project: Project) -> list[Step]:
-    """Every step of the project in execution order: priors, trains, blends (parents first), renders."""
-    result = [Step(f"prior:{n}", "prior", n, p, []) for n, p in project.priors.items()]
-    for name, subject in project.subjects.items():
-        deps = [f"prior:{subject.prior}"] if subject.prior else []
-        result.append(Step(f"train:{name}", "train", name, subject, deps))
-    done: set[str] = set()
+    """Every step of the project in execution order: kind by kind in the registry's order (prior,
+    train, blend, render), each step after the steps it depends on (a blend after its parent blends)."""
+    declared: dict[str, Step] = {}
+    for kind in step_kinds.kinds():
+        for name, spec in project.tables.get(kind.name, {}).items():
+            sid = kind.step_id(name)
+            declared[sid] = Step(sid, kind.name, name, spec, list(kind.deps(project, spec)))
+    result: list[Step] = []
+    placed: set[str] = set()
 
-    def add_blend(name: str) -> None:
-        if name in done:
+    def place(step: Step, visiting: frozenset = frozenset()) -> None:
+        if step.id in placed:
             return
-        done.add(name)
-        blend = project.blends[name]
-        for parent, _ in blend.adapters:
-            if parent in project.blends:
-                add_blend(parent)
-        result.append(
-            Step(f"blend:{name}", "blend", name, blend, [adapter_step(project, p) for p, _ in blend.adapters])
-        )
+        if step.id in visiting:  # the loader rejects cycles; never loop on one
+            raise ValueError(f"step {step.id} depends on itself")
+        for dep in step.deps:
+            if dep in declared:
+                place(declared[dep], visiting | {step.id})
+        placed.add(step.id)
+        result.append(step)
 
-    for name in project.blends:
-        add_blend(name)
-    for name, render in project.renders.items():
-        deps = [] if render.adapter == "none" else [adapter_step(project, render.adapter)]
-        result.append(Step(f"render:{name}", "render", name, render, deps))
+    for step in declared.values():
+        place(step)
     return result
 
 
 def adapter_step(project: Project, name: str) -> str:
-    return f"train:{name}" if name in project.subjects else f"blend:{name}"
+    return step_kinds.adapter_step(project, name)
 
 
 def dependents(steps: list[Step], roots: set[str]) -> set[str]:
@@ -130,78 +126,22 @@ def upstream(steps: list[Step], targets: set[str]) -> set[str]:
 # --- the inputs that make each step's fingerprint ---------------------------------------------------
 
 
-def _settings(obj) -> dict:
-    """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
-    as the lockfile's TOML cannot hold them."""
-    result = {}
-    for f in keys_of(type(obj)):
-        value = getattr(obj, f.name)
-        if f.metadata.get("fingerprint", True) and value is not None:
-            result[f.name] = _plain(value)
-    return result
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value):
-        return _settings(value)
-    return value
-
-
 def relative(project: Project, path) -> str:
     """`path` relative to the project file's folder, with forward slashes (lockfile and reasons)."""
-    return Path(os.path.relpath(path, project.dir)).as_posix()
+    return step_kinds.relative(project, path)
 
 
-def step_inputs(project: Project, step: Step, facts: Facts, upstream_hashes: dict[str, str]) -> dict:
-    """Exactly the inputs that change a step's result. Keys starting with '_' are shown, not hashed."""
-    settings = project.settings
-    version = step_kinds.VERSIONS[step.kind]
-    spec = step.spec
-    if step.kind == "prior":
-        inputs = {"version": version, "base_model": facts.base_model(), "seed": settings.seed}
-        # The loss weight belongs to the train steps that use the prior, not to the images.
-        inputs.update({k: v for k, v in _settings(spec).items() if k not in ("images", "loss_weight")})
-        if spec.images:
-            inputs["images"] = {"_folder": relative(project, spec.images), "files": facts.images(spec.images)}
-        return inputs
-    if step.kind == "train":
-        inputs = {
-            "version": version,
-            "base_model": facts.base_model(),
-            "mixed_precision": settings.mixed_precision,
-            "seed": settings.seed,
-            "num_processes": settings.num_processes,
-            "instance_prompt": spec.instance_prompt,
-            "train": _settings(spec.train),
-            "lora": _settings(spec.lora),
-            "images": {"_folder": relative(project, spec.images), "files": facts.images(spec.images)},
-        }
-        if spec.prior:
-            prior = project.priors[spec.prior]
-            inputs["prior"] = {
-                "_name": spec.prior,
-                "output": upstream_hashes[f"prior:{spec.prior}"],
-                "loss_weight": prior.loss_weight,
-            }
-        return inputs
-    if step.kind == "blend":
-        inputs = {"version": version, "seed": settings.seed}
-        inputs.update({k: v for k, v in _settings(spec).items() if k != "adapters"})
-        inputs["adapters"] = [
-            {"_name": name, "output": upstream_hashes[dep], "weight": weight}
-            for (name, weight), dep in zip(spec.adapters, step.deps, strict=True)
-        ]
-        return inputs
-    # render
-    inputs = {"version": version, "base_model": facts.base_model()}
-    inputs.update({k: v for k, v in _settings(spec).items() if k != "adapter"})
-    if spec.adapter == "none":
-        inputs["adapter"] = "none"
-    else:
-        inputs["adapter"] = {"_name": spec.adapter, "output": upstream_hashes[step.deps[0]]}
-    return inputs
+def step_inputs(
+    project: Project,
+    step: Step,
+    facts: Facts,
+    upstream_hashes: dict[str, str],
+    num_processes: int | None = None,
+) -> dict:
+    """Exactly the inputs that change a step's result, as its kind declares them. Keys starting with
+    '_' are shown, not hashed. `num_processes` overrides the project's (`--num-processes`)."""
+    context = step_kinds.Inputs(project, step, facts, upstream_hashes, num_processes)
+    return step_kinds.get(step.kind).inputs(context)
 
 
 # --- reasons ---------------------------------------------------------------------------------------
@@ -317,9 +257,14 @@ def explain(old: dict, new: dict) -> list[str]:
 
 
 def plan(
-    project: Project, lock: dict[str, dict], facts: Facts, force: set[str] | None = None
+    project: Project,
+    lock: dict[str, dict],
+    facts: Facts,
+    force: set[str] | None = None,
+    num_processes: int | None = None,
 ) -> list[PlannedStep]:
-    """Every step in execution order, fresh or stale with reasons. `force` ids are stale regardless."""
+    """Every step in execution order, fresh or stale with reasons. `force` ids are stale regardless;
+    `num_processes` is the build's `--num-processes`, if given."""
     force = force or set()
     planned: dict[str, PlannedStep] = {}
     for step in graph(project):
@@ -332,7 +277,7 @@ def plan(
             planned[step.id] = item
             continue
         hashes = {d: lock[d]["output_hash"] for d in step.deps}
-        inputs = step_inputs(project, step, facts, hashes)
+        inputs = step_inputs(project, step, facts, hashes, num_processes)
         fp = fingerprint(inputs)
         item = PlannedStep(step, FRESH, [], inputs, fp)
         if step.id in force:

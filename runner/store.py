@@ -78,9 +78,46 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder's files (content only: no metadata to carry between cache and outputs)."""
+def copy_tree(src: Path, dst: Path, names: dict[str, str] | None = None) -> None:
+    """Copy a folder's files (content only: no metadata to carry between cache and outputs), renaming
+    the files that `names` maps ({relative path in src: relative path in dst})."""
     shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for old, new in (names or {}).items():
+        if old != new and (dst / old).is_file():
+            (dst / new).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dst / old, dst / new)
+
+
+class Snapshot(dict):
+    """{path: (size, mtime_ns, ctime_ns, inode)} of every file under some paths, to tell whether any of
+    them changed in between. The change time moves on every write and cannot be set back, so even an
+    edit that restores a file's bytes, size and mtime shows."""
+
+    def changed_since(self, before: Snapshot) -> list[Path]:
+        return sorted(Path(p) for p in set(self) | set(before) if self.get(p) != before.get(p))
+
+
+def stat_snapshot(paths: list[Path]) -> Snapshot:
+    snap = Snapshot()
+
+    def add(path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            snap[path] = None
+            return
+        snap[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in names:
+                    add(os.path.join(root, name))
+        else:
+            add(str(path))
+    return snap
 
 
 def file_manifest(folder: Path, hasher: FileHasher) -> dict[str, dict]:
@@ -93,6 +130,10 @@ def file_manifest(folder: Path, hasher: FileHasher) -> dict[str, dict]:
 
 def output_hash(manifest: dict[str, dict]) -> str:
     return manifest_hash({rel: item["sha256"] for rel, item in manifest.items()})
+
+
+# 2: files named after a step are kept under their kind's cache names (see StepKind.layout).
+MANIFEST_VERSION = 2
 
 
 class RunCache:
@@ -113,37 +154,68 @@ class RunCache:
         return (self.entry(fingerprint) / "manifest.json").is_file()
 
     def manifest(self, fingerprint: str) -> dict | None:
+        """The entry's manifest.json, or None when there is none or it is not a well-formed manifest."""
         try:
-            return json.loads((self.entry(fingerprint) / "manifest.json").read_text())
+            meta = json.loads((self.entry(fingerprint) / "manifest.json").read_text())
         except (OSError, ValueError):
             return None
+        return meta if _well_formed(meta) else None
 
-    def store(self, fingerprint: str, files: Path, manifest: dict, metrics: dict) -> Path:
-        """Move the folder `files` into the cache under `fingerprint`; returns the entry."""
+    def store(
+        self, fingerprint: str, files: Path, manifest: dict, metrics: dict, replace: bool = False
+    ) -> str:
+        """Move the folder `files` into the cache under `fingerprint`. An intact entry that is there
+        already is kept, unless `replace` (a forced rerun): then it is replaced, and what the old one
+        held is described in the returned text ("" when nothing was replaced)."""
         entry = self.entry(fingerprint)
-        if self.has(fingerprint):
+        old = self.manifest(fingerprint)
+        intact = old is not None and self.verify(fingerprint) is not None  # a damaged one is dropped
+        if intact and not replace:
             shutil.rmtree(files, ignore_errors=True)
-            return entry
+            return ""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{fingerprint}.tmp-{os.getpid()}"
+        tmp = self.root / f".{fingerprint}.tmp-{_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.move(str(files), str(tmp / "files"))
-        meta = {"outputs": manifest, "output_hash": output_hash(manifest), "metrics": metrics}
+        meta = {
+            "version": MANIFEST_VERSION,
+            "outputs": manifest,
+            "output_hash": output_hash(manifest),
+            "metrics": metrics,
+        }
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         fsync_tree(tmp)
+        replaced = ""
+        if intact and replace:
+            same = old["output_hash"] == meta["output_hash"]
+            replaced = "it held the same bytes" if same else "it held different bytes"
+            self.drop(fingerprint)
         try:
             os.rename(tmp, entry)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another build stored the same entry first
-        return entry
+        return replaced
 
-    def verify(self, fingerprint: str) -> dict | None:
-        """The entry's manifest if every file is there with its hash; a corrupt entry is dropped."""
+    def verify(
+        self, fingerprint: str, layout: dict[str, str] | None = None, warn=lambda message: None
+    ) -> dict | None:
+        """The entry's manifest if every file is there with its hash, else None. A damaged entry is
+        reported through `warn`, with its path, and dropped.
+
+        `layout` maps output files named after a step (cache name -> output name); an entry written
+        before such names were kept out of the cache holds the output names, and only fits a step of
+        the same name.
+        """
+        entry = self.entry(fingerprint)
+        if not entry.exists():
+            return None
         meta = self.manifest(fingerprint)
         if meta is None:
+            warn(f"run-cache entry {entry} is damaged (manifest.json unreadable); dropped it")
+            self.drop(fingerprint)
             return None
-        files = self.entry(fingerprint) / "files"
+        files = entry / "files"
         for rel, item in meta["outputs"].items():
             path = files / rel
             if (
@@ -151,12 +223,16 @@ class RunCache:
                 or path.stat().st_size != item["size"]
                 or sha256_file(path) != item["sha256"]
             ):
+                warn(f"run-cache entry {entry} is damaged ({rel} missing or altered); dropped it")
                 self.drop(fingerprint)
                 return None
+        old_layout = meta.get("version", 1) < MANIFEST_VERSION
+        if old_layout and layout and not all(v in meta["outputs"] for v in layout.values()):
+            return None  # an older entry whose files carry another step's name
         return meta
 
     def drop(self, fingerprint: str) -> None:
-        trash = self.root / f".{fingerprint}.trash-{os.getpid()}"
+        trash = self.root / f".{fingerprint}.trash-{_tag()}"
         try:
             os.rename(self.entry(fingerprint), trash)
         except OSError:
@@ -178,6 +254,25 @@ class RunCache:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+
+
+def _well_formed(meta) -> bool:
+    return (
+        isinstance(meta, dict)
+        and isinstance(meta.get("outputs"), dict)
+        and isinstance(meta.get("output_hash"), str)
+        and all(
+            isinstance(item, dict)
+            and isinstance(item.get("sha256"), str)
+            and isinstance(item.get("size"), int)
+            for item in meta["outputs"].values()
+        )
+    )
+
+
+def _tag() -> str:
+    """A temp-name suffix unique to this process; it ends in the pid, which `leftovers` reads."""
+    return f"{os.urandom(3).hex()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -222,6 +317,12 @@ class DiskFacts:
             self._images[folder] = self.hasher.manifest(Path(folder))
         return self._images[folder]
 
+    def base_model_path(self) -> Path | None:
+        """The base model's file or folder when it is local (its content is an input), else None."""
+        s = self.project.settings
+        base = BaseModel.parse(s.base_model, self.project.dir, s.revision, s.allow_pickle)
+        return Path(base.ref) if base.kind in ("file", "folder") else None
+
     def base_model(self) -> dict:
         if self._base is None:
             s = self.project.settings
@@ -242,4 +343,13 @@ class DiskFacts:
         return None
 
     def cached(self, fingerprint: str) -> bool:
-        return self.cache.has(fingerprint)
+        """Whether the run-cache holds a well-formed entry with every file at its size (not re-hashed:
+        a restore verifies the bytes)."""
+        meta = self.cache.manifest(fingerprint)
+        if meta is None:
+            return False
+        files = self.cache.entry(fingerprint) / "files"
+        try:
+            return all((files / rel).stat().st_size == item["size"] for rel, item in meta["outputs"].items())
+        except OSError:
+            return False

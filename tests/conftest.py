@@ -164,11 +164,39 @@ class FakeSteps:
         return run
 
 
+class FakeBackend:
+    """An executor backend that runs FakeSteps in place of the real step functions."""
+
+    name = "fake"
+
+    def __init__(self, fake: FakeSteps, wrap=None):
+        self.fake = fake
+        self.wrap = wrap or (lambda run: run)
+
+    def run(self, job, hooks):
+        from runner.exec.job import run_job
+
+        return run_job(job, hooks, models=None, run=self.wrap(self.fake(job.kind)))
+
+    def close(self) -> None:
+        pass
+
+
+def use_backend(factory):
+    """Make `factory` the default (inline) backend of every build until the returned undo is called."""
+    from runner.exec import backends
+
+    previous = backends._BACKENDS["inline"]
+    backends.register("inline", factory)
+    return lambda: backends.register("inline", previous)
+
+
 @pytest.fixture
-def fake_steps(monkeypatch):
+def fake_steps():
     fake = FakeSteps()
-    monkeypatch.setattr("runner.executor.get_runner", fake)
-    return fake
+    undo = use_backend(lambda project: FakeBackend(fake))
+    yield fake
+    undo()
 
 
 class Recorder:

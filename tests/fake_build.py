@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from tests.conftest import FakeSteps
+from tests.conftest import FakeBackend, FakeSteps, use_backend
 
 
 def main() -> int:
@@ -26,9 +26,7 @@ def main() -> int:
     log = os.environ.get("FAKE_STEPS_LOG")
     slow = opts[opts.index("--slow") + 1] if "--slow" in opts else None
 
-    def get_runner(kind):
-        inner = fake(kind)
-
+    def wrap(inner):
         def run(ctx):
             if log:
                 with open(log, "a") as f:
@@ -45,9 +43,9 @@ def main() -> int:
 
         return run
 
-    import runner.executor
+    import runner.executor  # noqa: F401 - import the build's modules before patching them below
 
-    runner.executor.get_runner = get_runner
+    use_backend(lambda project: FakeBackend(fake, wrap))
     if "--crash" in opts:
         module_name, func_name, count = opts[opts.index("--crash") + 1].split(":")
         owner_name, _, attr = func_name.rpartition(".")

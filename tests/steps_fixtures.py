@@ -54,10 +54,10 @@ def make_project(
         settings=ProjectSettings(base_model=base_model, seed=seed, device="cpu", mixed_precision="no"),
         train=TrainSettings(),
         lora=LoraSettings(),
-        priors=subjects_and_priors.get("priors", {}),
-        subjects=subjects_and_priors.get("subjects", {}),
-        blends={},
-        renders={},
+        tables={
+            "prior": subjects_and_priors.get("priors", {}),
+            "train": subjects_and_priors.get("subjects", {}),
+        },
     )
 
 

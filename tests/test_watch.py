@@ -12,7 +12,7 @@ import pytest
 from runner.ui.plain import PlainReporter
 from runner.watch import targets_of, watch
 
-from .conftest import write_image
+from .conftest import FakeBackend, use_backend, write_image
 
 LIMIT_S = 20
 
@@ -126,12 +126,10 @@ def test_watch_rebuilds_what_goes_stale_and_survives_a_broken_project(proj, fake
     assert changed == {"changed: pets.toml", "changed: data/toy/02.png"}
 
 
-def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps, monkeypatch):
+def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps):
     entered, release = threading.Event(), threading.Event()
 
-    def steps(kind):
-        run = fake_steps(kind)
-
+    def slow_park(run):
         def slow(ctx):
             if ctx.step_id == "render:park" and not release.is_set():
                 entered.set()
@@ -140,7 +138,7 @@ def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps, monkeypat
 
         return slow
 
-    monkeypatch.setattr("runner.executor.get_runner", steps)
+    use_backend(lambda project: FakeBackend(fake_steps, slow_park))  # undone by fake_steps
     w = Watcher(proj.path)
     try:
         wait_for(entered.is_set, "render:park to start")

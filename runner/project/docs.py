@@ -28,10 +28,20 @@ def _default(f) -> str:
     return f"`{value}`"
 
 
+def tables() -> dict[str, type]:
+    """Every project-file table, as the README names it, with its dataclass: the fixed ones, then each
+    registered step kind's."""
+    from runner import steps
+
+    result = dict(schema.TABLES)
+    result.update({f"{kind.table}.<name>": kind.spec for kind in steps.kinds()})
+    return result
+
+
 def reference_markdown() -> str:
     """One table per project-file table: key, default, meaning (with choices)."""
     parts = []
-    for table, cls in schema.TABLES.items():
+    for table, cls in tables().items():
         rows = [f"### [{table}]", "", "| key | default | meaning |", "|---|---|---|"]
         for f in schema.keys_of(cls):
             doc = f.metadata["doc"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runner.imagefiles import list_images
+from runner import steps
 from runner.models import PICKLE_SUFFIXES
 from runner.project import schema
 from runner.project.lines import LineIndex, duplicate_keys
@@ -20,7 +20,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-RESERVED_ADAPTERS = ("none",)
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,19 @@ class _Checker:
             hint = f"did you mean '{close[0]}'? " if close else ""
             self.problem(key, f"'{value}' is not one of {', '.join(map(str, choices))}", f"{hint}".strip())
             return False, value
-        minimum = f.metadata.get("minimum")
-        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-            self.problem(key, f"must be at least {minimum}, got {value}")
-            return False, value
-        return True, value
+        return self._in_range(key, value, f.metadata.get("minimum"), f.metadata.get("maximum")), value
+
+    def _in_range(self, key, value, minimum, maximum) -> bool:
+        for number in value if isinstance(value, list) else [value]:
+            if not isinstance(number, (int, float)):
+                continue
+            if minimum is not None and number < minimum:
+                self.problem(key, f"must be at least {minimum}, got {number}")
+                return False
+            if maximum is not None and number > maximum:
+                self.problem(key, f"must be at most {maximum}, got {number}")
+                return False
+        return True
 
     def table(self, key: tuple[str, ...], raw: Any, cls, base=None, extra: dict | None = None, nested=()):
         """Read a TOML table into dataclass `cls`, on top of `base` (an instance) when given."""
@@ -190,9 +197,6 @@ def _example(kind: str) -> str:
     }[kind]
 
 
-TOP_LEVEL = ("project", "train", "lora", "priors", "subjects", "blends", "renders")
-
-
 def load_project(path: Path | str) -> schema.Project:
     """Load and validate a project file. Raises ProjectError listing every problem found."""
     path = Path(path)
@@ -225,56 +229,43 @@ def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
 
 def _validate(path: Path, text: str, data: dict) -> schema.Project:
     check = _Checker(path, text)
+    kinds = steps.kinds()
+    top_level = list(schema.TABLES) + [k.table for k in kinds]
     for key in data:
-        if key not in TOP_LEVEL:
-            check._unknown((), key, list(TOP_LEVEL))
+        if key not in top_level:
+            check._unknown((), key, top_level)
 
     settings = check.table(("project",), data.get("project", {}), schema.ProjectSettings)
     train = check.table(("train",), data.get("train", {}), schema.TrainSettings) or schema.TrainSettings()
     lora = check.table(("lora",), data.get("lora", {}), schema.LoraSettings) or schema.LoraSettings()
+    defaults = Defaults(path.parent, train, lora)
 
-    priors = _named(
-        check,
-        data,
-        "priors",
-        lambda key, name, raw: check.table(key, raw, schema.Prior, extra={"name": name}),
-    )
-
-    def subject(key, name, raw):
-        if not isinstance(raw, dict):
-            return check.table(key, raw, schema.Subject)
-        sub_train, sub_lora = train, lora
-        if "train" in raw:
-            sub_train = check.table(key + ("train",), raw["train"], schema.TrainSettings, base=train)
-        if "lora" in raw:
-            sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=lora)
-        extra = {"name": name, "train": sub_train or train, "lora": sub_lora or lora}
-        return check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
-
-    subjects = _named(check, data, "subjects", subject)
-    blends = _named(
-        check,
-        data,
-        "blends",
-        lambda key, name, raw: check.table(key, raw, schema.Blend, extra={"name": name}),
-    )
-    renders = _named(
-        check,
-        data,
-        "renders",
-        lambda key, name, raw: check.table(key, raw, schema.Render, extra={"name": name}),
-    )
-
+    tables = {}
+    for kind in kinds:
+        if kind.read is not None:
+            read = lambda key, name, raw, kind=kind: kind.read(check, key, name, raw, defaults)  # noqa: E731
+        else:
+            read = lambda key, name, raw, kind=kind: check.table(key, raw, kind.spec, extra={"name": name})  # noqa: E731
+        tables[kind.name] = _named(check, data, kind.table, read)
     if settings is not None:
         _check_base_model(check, path.parent, settings)
-    priors = {n: _resolve_images(check, path.parent, ("priors", n), p) for n, p in priors.items()}
-    subjects = {n: _resolve_images(check, path.parent, ("subjects", n), s) for n, s in subjects.items()}
-    _check_references(check, priors, subjects, blends, renders)
-    _check_sizes(check, subjects, priors, renders)
+    for kind in kinds:
+        if kind.check is not None:
+            kind.check(check, tables)
 
     if check.problems or settings is None:
         raise ProjectError(path, check.problems)
-    return schema.Project(path, settings, train, lora, priors, subjects, blends, renders)
+    return schema.Project(path, settings, train, lora, tables)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a table reader may need besides its own table: the project folder and the [train] and
+    [lora] defaults."""
+
+    project_dir: Path
+    train: schema.TrainSettings
+    lora: schema.LoraSettings
 
 
 def _named(check: _Checker, data: dict, group: str, read) -> dict:
@@ -313,156 +304,3 @@ def _check_base_model(check: _Checker, project_dir: Path, settings: schema.Proje
         check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
     elif not local and not path.exists() and value not in ("tiny-sd", "tiny-sd-v") and value.count("/") > 1:
         check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
-
-
-def _resolve_images(check: _Checker, project_dir: Path, key: tuple[str, ...], item):
-    """Make an images folder absolute and check it holds images."""
-    folder = item.images
-    if folder is None:
-        return item
-    path = (project_dir / Path(folder).expanduser()).resolve()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
-    elif key[0] == "subjects" and not list_images(path):
-        check.problem(
-            key + ("images",),
-            f"folder {folder} holds no images (.jpg, .png, .webp ...)",
-            "add a few photos of the subject",
-        )
-    return replace(item, images=str(path))
-
-
-def _check_references(check, priors, subjects, blends, renders) -> None:
-    for name, subject in subjects.items():
-        if subject.prior is not None and subject.prior not in priors:
-            known = ", ".join(priors) or "none defined"
-            check.problem(
-                ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
-            )
-    adapters = list(subjects) + list(blends)
-    for name in set(subjects) & set(blends):
-        check.problem(("blends", name), f"'{name}' is both a subject and a blend", "rename one of them")
-    for name in list(subjects) + list(blends):
-        if name in RESERVED_ADAPTERS:
-            group = "subjects" if name in subjects else "blends"
-            check.problem((group, name), f"'{name}' is reserved for rendering the base model", "rename it")
-
-    def known_adapters() -> str:
-        parts = []
-        if subjects:
-            parts.append("subjects: " + ", ".join(subjects))
-        if blends:
-            parts.append("blends: " + ", ".join(blends))
-        return "; ".join(parts) or "no subjects defined"
-
-    for name, blend in blends.items():
-        key = ("blends", name, "adapters")
-        for parent, _ in blend.adapters:
-            if parent not in adapters:
-                check.problem(key + (parent,), f"'{parent}' is not a subject or blend", known_adapters())
-        if _in_cycle(name, blends):
-            check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
-        _check_blend_method(check, name, blend, subjects, blends)
-    for name, render in renders.items():
-        if render.adapter not in adapters and render.adapter not in RESERVED_ADAPTERS:
-            check.problem(
-                ("renders", name, "adapter"),
-                f"'{render.adapter}' is not a subject or blend",
-                known_adapters() + "; or 'none'",
-            )
-
-
-def _in_cycle(start: str, blends: dict) -> bool:
-    seen, todo = set(), [p for p, _ in blends[start].adapters]
-    while todo:
-        name = todo.pop()
-        if name == start:
-            return True
-        if name in seen or name not in blends:
-            continue
-        seen.add(name)
-        todo += [p for p, _ in blends[name].adapters]
-    return False
-
-
-def adapter_ranks(name: str, subjects: dict, blends: dict, _depth: int = 0) -> dict[str, int | None]:
-    """The LoRA rank of an adapter per component ('unet', 'text_encoder'; None: no such adapter)."""
-    if name in subjects:
-        s = subjects[name]
-        return {
-            "unet": s.lora.rank,
-            "text_encoder": s.lora.text_encoder_rank if s.train.train_text_encoder else None,
-        }
-    blend = blends.get(name)
-    if blend is None or _depth > len(blends):
-        return {"unet": None, "text_encoder": None}
-    parents = [adapter_ranks(p, subjects, blends, _depth + 1) for p, _ in blend.adapters]
-    result = {}
-    for component in ("unet", "text_encoder"):
-        ranks = [r[component] for r in parents if r[component] is not None]
-        if not ranks:
-            result[component] = None
-        elif blend.method == "cat":
-            result[component] = sum(ranks)
-        elif blend.method == "svd" or blend.method.endswith("_svd"):
-            result[component] = blend.svd_rank or max(ranks)
-        else:
-            result[component] = ranks[0]
-    return result
-
-
-def _check_blend_method(check, name, blend, subjects, blends) -> None:
-    key = ("blends", name)
-    method = blend.method
-    if method in schema.DENSITY_METHODS and blend.density is None:
-        check.problem(
-            key + ("method",),
-            f"method '{method}' needs a density",
-            "add density = 0.5 (fraction of weights kept)",
-        )
-    if blend.density is not None:
-        if method not in schema.DENSITY_METHODS:
-            check.problem(
-                key + ("density",),
-                f"density does not apply to method '{method}'",
-                f"methods that use it: {', '.join(schema.DENSITY_METHODS)}",
-            )
-        elif not 0 < blend.density <= 1:
-            check.problem(key + ("density",), f"must be in (0, 1], got {blend.density}")
-    is_svd = method == "svd" or method.endswith("_svd")
-    for option in ("svd_rank", "svd_clamp"):
-        if getattr(blend, option) is not None and not is_svd:
-            check.problem(
-                key + (option,),
-                f"{option} applies to svd methods only, not '{method}'",
-                'remove it or use method = "svd"',
-            )
-    if method in schema.EQUAL_RANK_METHODS:
-        parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
-        for component in ("unet", "text_encoder"):
-            ranks = {p: adapter_ranks(p, subjects, blends)[component] for p in parents}
-            ranks = {p: r for p, r in ranks.items() if r is not None}
-            if len(set(ranks.values())) > 1:
-                listed = ", ".join(f"{p} = {r}" for p, r in ranks.items())
-                which = "rank" if component == "unet" else "text_encoder_rank"
-                check.problem(
-                    key + ("method",),
-                    f"method '{method}' needs equal {component} ranks, got {listed}",
-                    f'give the subjects the same lora.{which}, or use method = "cat" (exact) or "svd"',
-                )
-
-
-def _check_sizes(check, subjects, priors, renders) -> None:
-    for name, subject in subjects.items():
-        if subject.train.resolution % 8:
-            check.problem(
-                ("subjects", name, "train", "resolution"),
-                f"must be a multiple of 8, got {subject.train.resolution}",
-            )
-    for group, items in (("priors", priors), ("renders", renders)):
-        for name, item in items.items():
-            for side in ("width", "height"):
-                size = getattr(item, side)
-                if size is not None and size % 8:
-                    check.problem((group, name, side), f"must be a multiple of 8, got {size}")

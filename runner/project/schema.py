@@ -6,13 +6,13 @@ reference is checked against them by a test. A field's metadata holds:
 - `doc`: one line for the README and for error messages;
 - `type`: what the TOML value must be (see `TYPES`);
 - `choices`: the allowed values, if the set is closed;
-- `minimum`: the least allowed number, if any;
+- `minimum`, `maximum`: the allowed range of a number (of every item, for a list), if bounded;
 - `fingerprint`: False for settings that do not change a step's result (display, checkpointing).
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -55,11 +55,28 @@ LR_SCHEDULERS = (
 )
 
 
+# TOML integers are 64-bit; seeds outside this range could not be written back to a lockfile.
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def opt(
-    default: Any = MISSING, doc: str = "", type: str = "str", choices=None, minimum=None, fingerprint=True
+    default: Any = MISSING,
+    doc: str = "",
+    type: str = "str",
+    choices=None,
+    minimum=None,
+    fingerprint=True,
+    maximum=None,
 ):
     """Declare a project-file key. Without a default the key is required."""
-    meta = {"doc": doc, "type": type, "choices": choices, "minimum": minimum, "fingerprint": fingerprint}
+    meta = {
+        "doc": doc,
+        "type": type,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "fingerprint": fingerprint,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,7 +97,13 @@ class ProjectSettings:
         "compute dtype of frozen weights (ignored with a warning on a CPU)",
         choices=("no", "fp16", "bf16"),
     )
-    seed: int = opt(0, "seed for training, class-image generation and DARE pruning", "int")
+    seed: int = opt(
+        0,
+        "seed for training, class-image generation and DARE pruning",
+        "int",
+        minimum=INT64[0],
+        maximum=INT64[1],
+    )
     out: str | None = opt(
         None, "output folder, relative to the project file; default: build/<name>", "str?", fingerprint=False
     )
@@ -225,7 +248,9 @@ class Render:
     negative_prompt: str = opt("", "negative prompt")
     steps: int = opt(50, "denoising steps", "int", minimum=1)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
-    seeds: list[int] = opt([0], "one image per prompt and seed", "list[int]")
+    seeds: list[int] = opt(
+        [0], "one image per prompt and seed", "list[int]", minimum=INT64[0], maximum=INT64[1]
+    )
     width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
     height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
     scheduler: str | None = opt(
@@ -249,10 +274,7 @@ class Project:
     settings: ProjectSettings
     train: TrainSettings
     lora: LoraSettings
-    priors: dict[str, Prior]
-    subjects: dict[str, Subject]
-    blends: dict[str, Blend]
-    renders: dict[str, Render]
+    tables: dict[str, dict[str, Any]]  # step kind -> {name: its table}, in file order
 
     @property
     def dir(self):
@@ -270,6 +292,23 @@ class Project:
     def state_dir(self):
         return self.dir / ".dbl"
 
+    # The built-in kinds' tables, by their usual names.
+    @property
+    def priors(self) -> dict[str, Prior]:
+        return self.tables.get("prior", {})
+
+    @property
+    def subjects(self) -> dict[str, Subject]:
+        return self.tables.get("train", {})
+
+    @property
+    def blends(self) -> dict[str, Blend]:
+        return self.tables.get("blend", {})
+
+    @property
+    def renders(self) -> dict[str, Render]:
+        return self.tables.get("render", {})
+
     def adapter_kind(self, name: str) -> str | None:
         """'subject', 'blend', or None for an unknown adapter name."""
         if name in self.subjects:
@@ -279,15 +318,11 @@ class Project:
         return None
 
 
-# Table name -> dataclass, for the loader and the README check.
+# The tables that are not a step kind's, for the loader and the README (the kinds add their own).
 TABLES = {
     "project": ProjectSettings,
     "train": TrainSettings,
     "lora": LoraSettings,
-    "priors.<name>": Prior,
-    "subjects.<name>": Subject,
-    "blends.<name>": Blend,
-    "renders.<name>": Render,
 }
 
 
@@ -298,3 +333,22 @@ def keys_of(cls) -> list:
 
 def is_required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
+
+
+def fingerprinted_fields(obj) -> dict:
+    """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
+    as the lockfile's TOML cannot hold them."""
+    result = {}
+    for f in keys_of(type(obj)):
+        value = getattr(obj, f.name)
+        if f.metadata.get("fingerprint", True) and value is not None:
+            result[f.name] = _plain(value)
+    return result
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if is_dataclass(value):
+        return fingerprinted_fields(value)
+    return value

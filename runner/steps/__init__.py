@@ -1,15 +1,21 @@
-"""The four step kinds. Each module exposes one function, `run(ctx: StepContext) -> dict`.
+"""Step kinds: a registry of `StepKind`s, one per module of this package (prior, train, blend, render).
 
-The function writes its outputs into `ctx.out` (an empty folder laid out like the step's output
-folder, e.g. `adapters/<subject>/`) and returns a small dict of metrics that the executor records.
-It raises `StepError` for a failure the user can fix, `StepInterrupted` when `ctx.should_stop()`
-asked it to stop early (after saving what lets it resume). Modules import torch inside `run`, so that
-importing this package stays cheap for `dbl plan`.
+A kind declares everything the rest of dbl needs to know about it: the project-file tables it reads
+(`[<table>.<name>]`, with their schema), the steps it depends on, the inputs that make up its
+fingerprint, where its outputs go, its version, and its `run` function. The loader, the planner, the
+docs, the watcher and the displays iterate over the registry; none of them lists the kinds by hand.
+
+A kind's `run(ctx: StepContext) -> dict` writes its outputs into `ctx.out` (an empty folder laid out
+like the step's output folder, e.g. `adapters/<subject>/`) and returns a small dict of metrics that the
+lockfile records. It raises `StepError` for a failure the user can fix, and `StepInterrupted` when
+`ctx.should_stop()` asked it to stop early (after saving what lets it resume). Step modules import
+torch inside `run`, so that importing this package stays cheap for `dbl plan`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,30 +23,23 @@ from typing import Any, Protocol
 
 from runner.errors import StepError, StepInterrupted  # noqa: F401 - re-exported
 
-KINDS = ("prior", "train", "blend", "render")
-
-# Bump a kind's version when its code changes the bytes it produces: every step of that kind goes stale.
-VERSIONS = {"prior": 1, "train": 1, "blend": 1, "render": 1}
-
-# Where each kind's outputs live under the project's `out` folder.
-OUTPUT_DIRS = {"prior": "priors", "train": "adapters", "blend": "blends", "render": "renders"}
-
 
 @dataclass
 class StepContext:
-    """Everything a step needs; given by the executor."""
+    """Everything a running step needs; made by the executor's backend from a plain job."""
 
     step_id: str  # "train:dog"
     kind: str  # "train"
     name: str  # "dog"
-    spec: Any  # the step's resolved settings (runner.project.schema: Prior, Subject, Blend or Render)
+    spec: Any  # the step's resolved table (Prior, Subject, Blend, Render ...)
     project: Any  # the whole runner.project.schema.Project
     work: Path  # .dbl/tmp/<stem>/<kind>-<name>/: kept across attempts of the same fingerprint (checkpoints)
     out: Path  # empty folder inside `work`; write outputs here
     inputs: dict[str, Path]  # upstream step id -> folder holding its committed outputs
-    models: Any  # runner.models.ModelCache, shared by all steps of a build
+    models: Any  # runner.models.ModelCache, shared by the steps a backend runs in one process
     fingerprint: str = ""
     num_processes: int = 1
+    devices: tuple[str, ...] = ()  # devices given to this step; empty: the project's `device`
     progress: Callable[..., None] = lambda done, total, **metrics: None
     log: Callable[[str], None] = lambda message: None
     should_stop: Callable[[], bool] = lambda: False
@@ -51,8 +50,134 @@ class StepFunction(Protocol):
     def __call__(self, ctx: StepContext) -> dict: ...
 
 
-def get_runner(kind: str) -> StepFunction:
-    """The `run` function of a step kind, imported on demand."""
-    if kind not in KINDS:
-        raise KeyError(kind)
-    return importlib.import_module(f"runner.steps.{kind}").run
+class Inputs:
+    """What a kind's `inputs` function may read to make a step's fingerprint inputs.
+
+    Keys starting with '_' in the dict it returns are shown in the lockfile and in reasons, not hashed.
+    """
+
+    def __init__(self, project, step, facts, upstream: dict[str, str], num_processes: int | None = None):
+        self.project = project
+        self.step = step
+        self.spec = step.spec
+        self.facts = facts
+        self.upstream = upstream  # upstream step id -> its output hash
+        self._num_processes = num_processes
+
+    @property
+    def settings(self):
+        return self.project.settings
+
+    @property
+    def num_processes(self) -> int:
+        """The processes a train step runs with: `--num-processes`, else the project's setting."""
+        return self._num_processes or self.project.settings.num_processes
+
+    def base_model(self) -> dict:
+        return self.facts.base_model()
+
+    def images(self, folder: str) -> dict:
+        """An images folder as an input: its place (shown) and every image's hash."""
+        return {"_folder": relative(self.project, folder), "files": self.facts.images(folder)}
+
+    def output(self, step_id: str) -> str:
+        return self.upstream[step_id]
+
+    def fields(self, obj, exclude: tuple[str, ...] = ()) -> dict:
+        """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
+        as the lockfile's TOML cannot hold them."""
+        from runner.project.schema import fingerprinted_fields
+
+        return {k: v for k, v in fingerprinted_fields(obj).items() if k not in exclude}
+
+
+def relative(project, path) -> str:
+    """`path` relative to the project file's folder, with forward slashes (lockfile and reasons)."""
+    return Path(os.path.relpath(path, project.dir)).as_posix()
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """One kind of step. Register it with `register`; the registry's order is the build order of kinds."""
+
+    name: str  # "train": the first half of step ids, and the work folders' prefix
+    table: str  # "subjects": its project-file tables are [subjects.<name>]
+    spec: type  # frozen dataclass of one table; `name` is its first field, keys declared with schema.opt
+    output_dir: str  # "adapters": a step's outputs are <out>/adapters/<name>/
+    version: int  # bump when the kind's code changes the bytes it produces: every such step goes stale
+    run: Callable[[StepContext], dict]  # a module-level function, so that worker processes import it
+    inputs: Callable[[Inputs], dict]  # the inputs that make a step's fingerprint (plain, canonical data)
+    deps: Callable[[Any, Any], list[str]] = lambda project, spec: []  # upstream step ids, stable order
+    doc: str = ""  # what a step does, one line for the README
+    produces_adapter: bool = False  # its tables share the adapter namespace (subjects, blends)
+    read: Callable | None = None  # custom table reader (nested overrides), see runner.project.load
+    check: Callable | None = None  # cross-table checks: check(checker, tables) adds problems
+    folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
+    layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
+    unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
+
+    def step_id(self, name: str) -> str:
+        return f"{self.name}:{name}"
+
+    @property
+    def run_ref(self) -> str:
+        """'module:function' of `run`, what a worker process imports."""
+        return f"{self.run.__module__}:{self.run.__qualname__}"
+
+
+# The kohya file of an adapter is named after its subject or blend in the outputs (`dog.safetensors`), but
+# not in the run-cache, whose entries two steps of identical inputs and different names share.
+KOHYA_STEM = "kohya"
+
+_REGISTRY: dict[str, StepKind] = {}
+
+
+def register(kind: StepKind) -> StepKind:
+    """Add a kind (or replace one of the same name). Tables must not collide with another kind's."""
+    for other in _REGISTRY.values():
+        if other.name != kind.name and other.table == kind.table:
+            raise ValueError(f"step kind {kind.name!r}: table [{kind.table}] belongs to {other.name!r}")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def kinds() -> list[StepKind]:
+    """Every registered kind, in build order."""
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> StepKind:
+    """The kind named `name` (KeyError for an unknown one)."""
+    return _REGISTRY[name]
+
+
+def by_table(table: str) -> StepKind | None:
+    return next((k for k in _REGISTRY.values() if k.table == table), None)
+
+
+def output_dir(step_id: str) -> str:
+    """'adapters/dog' for 'train:dog': where a step's outputs live under the project's `out`."""
+    kind, name = step_id.split(":", 1)
+    return f"{get(kind).output_dir}/{name}"
+
+
+def adapter_step(project, name: str) -> str:
+    """The id of the step that builds adapter `name` (a subject's train step, a blend ...)."""
+    for kind in _REGISTRY.values():
+        if kind.produces_adapter and name in project.tables.get(kind.name, {}):
+            return kind.step_id(name)
+    raise KeyError(f"no adapter named {name!r}")
+
+
+def load_run(ref: str) -> StepFunction:
+    """Import a kind's run function from its 'module:function' reference."""
+    module, _, func = ref.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+# The built-in kinds, in build order; each module registers its kind on import.
+from runner.steps import prior, train, blend, render  # noqa: E402, F401, I001

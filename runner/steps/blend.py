@@ -22,7 +22,9 @@ import warnings
 from pathlib import Path
 
 from runner.errors import StepError
-from runner.steps import StepContext
+from runner.project import checks
+from runner.project.schema import Blend
+from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step, register
 
 
 def run(ctx: StepContext) -> dict:
@@ -63,8 +65,7 @@ def run(ctx: StepContext) -> dict:
         ranks = {c: int(getattr(pipe, c).peft_config["blend"].r) for c in errors}
         info = {
             "kind": "blend",
-            "name": ctx.name,
-            "parents": [{"name": n, "weight": w} for n, w, _ in parents],
+            "weights": [w for _, w, _ in parents],
             "method": spec.method,
             "svd_rank": spec.svd_rank,
             "svd_clamp": spec.svd_clamp,
@@ -82,7 +83,7 @@ def run(ctx: StepContext) -> dict:
             adapter_name="blend",
             base_model=info["base_model"],
             info=info,
-            name=ctx.name,
+            name=KOHYA_STEM,
         )
     finally:
         if shared:
@@ -126,3 +127,40 @@ def _base_model_name(parents, ctx: StepContext) -> str:
                 if value:
                     return value
     return ctx.models.base.display
+
+
+# --- the kind ------------------------------------------------------------------------------------------
+
+
+def _deps(project, spec) -> list[str]:
+    return [adapter_step(project, name) for name, _ in spec.adapters]
+
+
+def _inputs(i: Inputs) -> dict:
+    spec = i.spec
+    inputs = {"version": KIND.version, "seed": i.settings.seed}
+    inputs.update(i.fields(spec, exclude=("adapters",)))
+    inputs["adapters"] = [
+        {"_name": name, "output": i.output(dep), "weight": weight}
+        for (name, weight), dep in zip(spec.adapters, i.step.deps, strict=True)
+    ]
+    return inputs
+
+
+KIND = register(
+    StepKind(
+        name="blend",
+        table="blends",
+        spec=Blend,
+        output_dir="blends",
+        version=1,
+        run=run,
+        inputs=_inputs,
+        deps=_deps,
+        doc="combines trained adapters with weights into a new adapter",
+        produces_adapter=True,
+        check=checks.check_blends,
+        layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
+        unit=("layers", "/s"),
+    )
+)

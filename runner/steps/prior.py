@@ -14,6 +14,9 @@ from pathlib import Path
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
 from runner.imagefiles import list_images
+from runner.project import checks
+from runner.project.schema import Prior
+from runner.steps import Inputs, StepKind, register
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -114,3 +117,35 @@ def _generate(ctx, indices: range) -> None:
         pipe.scheduler = own_scheduler
     for i in indices:
         shutil.copyfile(done_dir / f"{i:04d}.png", ctx.out / f"{i:04d}.png")
+
+
+# --- the kind ------------------------------------------------------------------------------------------
+
+
+def _inputs(i: Inputs) -> dict:
+    spec = i.spec
+    inputs = {"version": KIND.version, "base_model": i.base_model(), "seed": i.settings.seed}
+    # The loss weight belongs to the train steps that use the prior, not to the images.
+    inputs.update(i.fields(spec, exclude=("images", "loss_weight")))
+    if spec.images:
+        inputs["images"] = i.images(spec.images)
+    if i.settings.mixed_precision != "no":  # generated in that dtype; fp32 ("no") keys as before
+        inputs["mixed_precision"] = i.settings.mixed_precision
+    return inputs
+
+
+KIND = register(
+    StepKind(
+        name="prior",
+        table="priors",
+        spec=Prior,
+        output_dir="priors",
+        version=1,
+        run=run,
+        inputs=_inputs,
+        doc="generates the missing class images of a `[priors.<name>]`",
+        read=checks.read_prior,
+        check=checks.check_priors,
+        folders=lambda spec: [spec.images] if spec.images else [],
+    )
+)

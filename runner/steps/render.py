@@ -17,7 +17,9 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
-from runner.steps import StepContext
+from runner.project import checks
+from runner.project.schema import Render
+from runner.steps import Inputs, StepContext, StepKind, adapter_step, register
 
 
 def run(ctx: StepContext) -> dict:
@@ -128,3 +130,39 @@ def make_grid(rows: list[list]):
         for x, image in enumerate(row):
             grid.paste(image, (x * w, y * h))
     return grid
+
+
+# --- the kind ------------------------------------------------------------------------------------------
+
+
+def _deps(project, spec) -> list[str]:
+    return [] if spec.adapter == "none" else [adapter_step(project, spec.adapter)]
+
+
+def _inputs(i: Inputs) -> dict:
+    spec = i.spec
+    inputs = {"version": KIND.version, "base_model": i.base_model()}
+    inputs.update(i.fields(spec, exclude=("adapter",)))
+    if spec.adapter == "none":
+        inputs["adapter"] = "none"
+    else:
+        inputs["adapter"] = {"_name": spec.adapter, "output": i.output(i.step.deps[0])}
+    if i.settings.mixed_precision != "no":  # rendered in that dtype; fp32 ("no") keys as before
+        inputs["mixed_precision"] = i.settings.mixed_precision
+    return inputs
+
+
+KIND = register(
+    StepKind(
+        name="render",
+        table="renders",
+        spec=Render,
+        output_dir="renders",
+        version=1,
+        run=run,
+        inputs=_inputs,
+        deps=_deps,
+        doc="renders a prompt batch with a subject, a blend or the base model",
+        check=checks.check_renders,
+    )
+)

@@ -36,6 +36,9 @@ from typing import Any
 
 from runner.errors import StepError, StepInterrupted
 from runner.imagefiles import list_images
+from runner.project import checks
+from runner.project.schema import Subject
+from runner.steps import KOHYA_STEM, Inputs, StepKind, register
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_FORMAT = 1
@@ -391,6 +394,7 @@ def _train_with(pipe, job, hooks, images, weight, dtype, device, rank, world, lo
                 text_encoder if ts.train_text_encoder else None,
                 adapter_name="default",
                 base_model=job.base.ref,
+                name=KOHYA_STEM,
                 info=_info(
                     job, summary, steps, world, len(images.instance), len(images.classes), prediction_type
                 ),
@@ -804,12 +808,9 @@ def _loss_summary(history: dict, weight) -> dict:
 
 
 def _info(job, summary, steps, world, n_instance, n_class, prediction_type) -> dict:
-    from runner.steps import VERSIONS
-
     subject = job.subject
     info = {
         "kind": "train",
-        "name": subject.name,
         "base_model": job.base.ref,
         "base_revision": job.base.revision,
         "prediction_type": prediction_type,
@@ -822,11 +823,10 @@ def _info(job, summary, steps, world, n_instance, n_class, prediction_type) -> d
         "train": asdict(subject.train),
         "lora": asdict(subject.lora),
         "loss": summary,
-        "step_version": VERSIONS["train"],
+        "step_version": KIND.version,
     }
     if job.prior is not None:
         info["prior"] = {
-            "name": job.prior.name,
             "class_prompt": job.prior.class_prompt,
             "class_images": n_class,
             "loss_weight": job.prior.loss_weight,
@@ -983,6 +983,56 @@ def _worker(job_file: str, rank: int, world: int, rendezvous: str, stop_file: st
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
+# --- the kind ------------------------------------------------------------------------------------------
+
+
+def _deps(project, spec) -> list[str]:
+    return [f"prior:{spec.prior}"] if spec.prior else []
+
+
+def _inputs(i: Inputs) -> dict:
+    spec, settings = i.spec, i.settings
+    inputs = {
+        "version": KIND.version,
+        "base_model": i.base_model(),
+        "mixed_precision": settings.mixed_precision,
+        "seed": settings.seed,
+        # The processes it really runs with: the effective batch is num_processes x batch_size.
+        "num_processes": i.num_processes,
+        "instance_prompt": spec.instance_prompt,
+        "train": i.fields(spec.train),
+        "lora": i.fields(spec.lora),
+        "images": i.images(spec.images),
+    }
+    if spec.prior:
+        inputs["prior"] = {
+            "_name": spec.prior,
+            "output": i.output(f"prior:{spec.prior}"),
+            "loss_weight": i.project.priors[spec.prior].loss_weight,
+        }
+    return inputs
+
+
+KIND = register(
+    StepKind(
+        name="train",
+        table="subjects",
+        spec=Subject,
+        output_dir="adapters",
+        version=1,
+        run=run,
+        inputs=_inputs,
+        deps=_deps,
+        doc="trains one subject's LoRA (UNet, and text encoder if asked)",
+        produces_adapter=True,
+        read=checks.read_subject,
+        check=checks.check_subjects,
+        folders=lambda spec: [spec.images],
+        layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
+        unit=("step", "it/s"),
+    )
+)
 
 if __name__ == "__main__":
     import sys

@@ -1,0 +1,187 @@
+"""Backends: where a step's code runs. A registry, like step kinds and model families.
+
+A backend takes a `Job` and the scheduler's callbacks, runs the step, and returns its `Outcome` or
+raises what the step raised (`StepError`, `StepInterrupted`, ...). Progress and log lines come back
+through the callbacks as they happen.
+
+- `inline` (the default): in the build's own process, sharing one loaded base model between steps.
+- `process`: each step in a fresh worker process, which loads its own models; events come back over a
+  pipe. What several-at-once and cluster backends build on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Protocol
+
+from runner.errors import StepError, StepInterrupted
+from runner.exec.job import Hooks, Job, Outcome, run_job
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, job: Job, hooks: Hooks) -> Outcome:
+        """Run one step; raise what it raised."""
+
+    def close(self) -> None:
+        """Release what the backend holds (processes, models)."""
+
+
+_BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register(name: str, factory: Callable[..., Backend]) -> None:
+    _BACKENDS[name] = factory
+
+
+def names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def create(name: str, project) -> Backend:
+    """A new backend of that name for one build of `project`."""
+    try:
+        factory = _BACKENDS[name]
+    except KeyError:
+        from runner.errors import UsageError
+
+        raise UsageError(f"no executor backend {name!r}; backends: {', '.join(_BACKENDS)}") from None
+    return factory(project)
+
+
+# --- inline -----------------------------------------------------------------------------------------------
+
+
+class LazyModels:
+    """The base-model cache of the steps one process runs, made on first use, so that steps which need
+    no model (and tests with fake steps) never import torch."""
+
+    _shared: dict = {}  # one base model held at a time, across builds of one process (dbl watch)
+
+    def __init__(self, project):
+        self._project = project
+
+    def __getattr__(self, name):
+        from runner.models import BaseModel, ModelCache
+
+        s = self._project.settings
+        base = BaseModel.parse(s.base_model, self._project.dir, s.revision, s.allow_pickle)
+        key = (base, s.device, s.mixed_precision)
+        if key not in self._shared:
+            self._shared.clear()
+            self._shared[key] = ModelCache(base, s.device, s.mixed_precision)
+        return getattr(self._shared[key], name)
+
+
+class InlineBackend:
+    """Steps run in the build's own process, one after the other, sharing the loaded base model."""
+
+    name = "inline"
+
+    def __init__(self, project):
+        self.models = LazyModels(project)
+
+    def run(self, job: Job, hooks: Hooks) -> Outcome:
+        return run_job(job, hooks, self.models)
+
+    def close(self) -> None:
+        pass
+
+
+# --- process ----------------------------------------------------------------------------------------------
+
+
+class ProcessBackend:
+    """Each step in a worker process of its own (spawned: a fresh interpreter, no inherited state).
+
+    The worker ignores SIGINT: the first Ctrl-C reaches it as the job's stop file, at a safe point,
+    and the second makes the scheduler terminate it. It dies with the build's process.
+    """
+
+    name = "process"
+
+    def __init__(self, project):
+        self._context = multiprocessing.get_context("spawn")
+
+    def run(self, job: Job, hooks: Hooks) -> Outcome:
+        parent, child = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_worker, args=(job, child), daemon=True)
+        process.start()
+        child.close()
+        try:
+            return _receive(parent, process, job, hooks)
+        except BaseException:
+            if process.is_alive():
+                process.terminate()
+            raise
+        finally:
+            process.join(timeout=30)
+            parent.close()
+
+    def close(self) -> None:
+        pass
+
+
+def _receive(conn, process, job: Job, hooks: Hooks) -> Outcome:
+    while True:
+        if hooks.should_stop() and job.stop_file is not None and not job.stop_file.exists():
+            job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            job.stop_file.touch()
+        if not conn.poll(0.1):
+            if not process.is_alive() and not conn.poll(0):
+                raise StepError(
+                    f"{job.step_id}: its worker process died (exit code {process.exitcode}) without a word"
+                )
+            continue
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            process.join(timeout=5)
+            raise StepError(
+                f"{job.step_id}: its worker process died (exit code {process.exitcode})"
+            ) from None
+        if kind == "progress":
+            done, total, metrics = payload
+            hooks.progress(done, total, **metrics)
+        elif kind == "log":
+            hooks.log(payload)
+        elif kind == "done":
+            return payload
+        elif kind == "interrupted":
+            raise StepInterrupted(payload)
+        elif kind == "error":
+            raise payload
+        elif kind == "crash":
+            raise StepError(payload)
+
+
+def _worker(job: Job, conn) -> None:
+    """A worker process: run the job, send its events and its outcome (or error) to the scheduler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from runner.interrupt import die_with_parent
+
+    die_with_parent()
+    hooks = Hooks(
+        progress=lambda done, total, **metrics: conn.send(("progress", (done, total, metrics))),
+        log=lambda message: conn.send(("log", message)),
+    )
+    try:
+        outcome = run_job(job, hooks, LazyModels(job.project))
+        conn.send(("done", outcome))
+    except StepInterrupted as exc:
+        conn.send(("interrupted", str(exc)))
+    except Exception as exc:
+        try:
+            conn.send(("error", exc))  # the scheduler describes it as it would an inline failure
+        except Exception:  # an exception that does not pickle
+            conn.send(("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+register("inline", InlineBackend)
+register("process", ProcessBackend)

@@ -1,0 +1,100 @@
+"""A step to run, as plain data, and what running it means wherever it runs.
+
+A `Job` holds everything a worker needs and pickles: no callbacks, no live models. `run_job` runs it:
+the step's code in its work folder, then a manifest of what it wrote. The scheduler, in the build's own
+process, checks the inputs and stores the outputs; workers never touch the lockfile.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.fingerprint import FileHasher
+from runner.steps import StepContext, StepFunction, load_run
+from runner.store import file_manifest
+
+
+@dataclass(frozen=True)
+class Job:
+    """One step to run, with everything a worker needs to run it."""
+
+    step_id: str  # "train:dog"
+    kind: str
+    name: str
+    spec: Any  # the step's resolved table
+    project: Any  # runner.project.schema.Project (frozen dataclasses: it pickles)
+    fingerprint: str
+    run: str  # 'module:function' of the kind's run function
+    inputs: dict[str, Path]  # upstream step id -> its committed output folder
+    work: Path  # the step's work folder, kept across attempts of one fingerprint (checkpoints)
+    num_processes: int = 1
+    devices: tuple[str, ...] = ()  # devices given to the step; empty: the project's `device`
+    stop_file: Path | None = None  # its existence asks the step to stop at a safe point
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+
+@dataclass
+class Hooks:
+    """How a running step talks back; live objects that stay in the process that runs the step."""
+
+    progress: Callable[..., None] = lambda done, total, **metrics: None
+    log: Callable[[str], None] = lambda message: None
+    should_stop: Callable[[], bool] = lambda: False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step produced: its output folder (job.out), a manifest of it, and its metrics."""
+
+    out: Path
+    manifest: dict[str, dict]
+    metrics: dict
+
+
+def prepare(job: Job) -> None:
+    """Make the work folder: kept when it belongs to this fingerprint (a train step resumes from its
+    checkpoints), started over otherwise; and an empty output folder inside it."""
+    marker = job.work / "fingerprint"
+    if job.work.exists() and (not marker.is_file() or marker.read_text() != job.fingerprint):
+        shutil.rmtree(job.work)  # checkpoints of other inputs cannot be resumed
+    job.work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(job.fingerprint)
+    shutil.rmtree(job.out, ignore_errors=True)
+    job.out.mkdir()
+
+
+def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> Outcome:
+    """Run the step's code (`run`, default: the job's) into `job.out` and hash what it wrote."""
+    prepare(job)
+
+    def should_stop() -> bool:
+        return hooks.should_stop() or (job.stop_file is not None and job.stop_file.exists())
+
+    ctx = StepContext(
+        step_id=job.step_id,
+        kind=job.kind,
+        name=job.name,
+        spec=job.spec,
+        project=job.project,
+        work=job.work,
+        out=job.out,
+        inputs=dict(job.inputs),
+        models=models,
+        fingerprint=job.fingerprint,
+        num_processes=job.num_processes,
+        devices=job.devices,
+        progress=hooks.progress,
+        log=hooks.log,
+        should_stop=should_stop,
+        extra=hooks.extra,
+    )
+    metrics = (run or load_run(job.run))(ctx) or {}
+    return Outcome(job.out, file_manifest(job.out, FileHasher()), metrics)

@@ -1,0 +1,347 @@
+"""The scheduler: run a plan, one writer for the lockfile, the run-cache and the display.
+
+For each step, in order: recompute its fingerprint from its upstream steps' *current* output hashes;
+skip it if the lockfile already holds that fingerprint with intact outputs; restore it if the run-cache
+holds it; otherwise have the backend run it in `.dbl/tmp/<stem>/<kind>-<name>/`. Before its outputs
+are kept, the files it read are checked against what the fingerprint was made of: a photo swapped while
+the step ran would otherwise put the new photo's adapter under the old photo's fingerprint. Then the
+outputs go into the run-cache, are swapped into place, and the lockfile (written atomically after every
+step) records them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from runner import events, lockfile, planner, steps
+from runner.errors import DblError, StepError, StepInterrupted, UsageError
+from runner.events import StepEvent
+from runner.exec import backends
+from runner.exec.job import Hooks, Job
+from runner.fingerprint import FileHasher, fingerprint
+from runner.project.schema import Project
+from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir, stat_snapshot
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class BuildOptions:
+    dry_run: bool = False
+    only: tuple[str, ...] = ()  # build these steps (and the stale steps they need), nothing else
+    force: tuple[str, ...] | None = None  # rerun these steps; () means every step; None: none
+    keep_going: bool = False  # after a failure, go on with the steps that do not depend on it
+    num_processes: int | None = None  # overrides [project] num_processes for train steps
+    should_stop: Callable[[], bool] = lambda: False  # True once the user asked to stop (Ctrl-C)
+    debug: bool = False  # show tracebacks of failing steps
+    backend: str = "inline"  # where steps run: see runner.exec.backends
+    backend_factory: Callable | None = None  # a backend instance maker (tests), instead of `backend`
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    exit_code: int
+    steps: list[StepEvent] = field(default_factory=list)
+
+
+class Workspace:
+    """The paths and stores of one project: lockfile, .dbl/ state, run-cache, outputs."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self.lock_path = lockfile.lock_path(project.path)
+        self.state = project.state_dir
+        self.hasher = FileHasher(self.state / "state")
+        self.cache = RunCache(self.state / "cache")
+        self.facts = DiskFacts(project, self.hasher, self.cache)
+
+    @property
+    def work_root(self) -> Path:
+        return self.state / "tmp" / self.project.path.stem
+
+    def tmp(self, step: planner.Step) -> Path:
+        return self.work_root / f"{step.kind}-{step.name}"
+
+    def output_dir(self, step: planner.Step | str) -> Path:
+        """The committed output folder of a step (or step id)."""
+        if isinstance(step, str):
+            return self.project.out / steps.output_dir(step)
+        return self.project.out / step.output_dir
+
+    def rel(self, path: Path) -> str:
+        return planner.relative(self.project, path)
+
+    def plan(
+        self, force: set[str] | None = None, num_processes: int | None = None
+    ) -> tuple[dict, list[planner.PlannedStep]]:
+        lock = lockfile.read(self.lock_path)
+        planned = planner.plan(self.project, lock, self.facts, force, num_processes)
+        self.hasher.save()
+        return lock, planned
+
+    def read_paths(self, step: planner.Step) -> list[Path]:
+        """What a step reads: its input folders, its upstream steps' outputs, a local base model."""
+        paths = [Path(folder) for folder in steps.get(step.kind).folders(step.spec)]
+        paths += [self.output_dir(dep) for dep in step.deps]
+        base = self.facts.base_model_path()
+        return paths + ([base] if base is not None else [])
+
+
+def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], option: str) -> None:
+    known = [p.id for p in planned]
+    for sid in ids:
+        if sid not in known:
+            raise UsageError(f"{option}: no step '{sid}'; steps: {', '.join(known) or 'none'}")
+
+
+def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:
+    """Build what is stale. Raises LockHeld, LockfileError, UsageError; step failures are results."""
+    ws = Workspace(project)
+    with BuildLock(project):
+        force_ids = set(options.force or ())
+        if options.force is not None and not options.force:
+            force_ids = {s.id for s in planner.graph(project)}
+        lock, planned = ws.plan(force_ids, options.num_processes)
+        check_step_ids(planned, tuple(force_ids), "--force")
+        check_step_ids(planned, options.only, "--only")
+        factory = options.backend_factory or (lambda p: backends.create(options.backend, p))
+        backend = factory(project)
+        try:
+            return _run(ws, lock, planned, options, reporter, force_ids, backend)
+        finally:
+            backend.close()
+
+
+def _event(p: planner.PlannedStep) -> StepEvent:
+    return StepEvent(
+        p.id, p.step.kind, p.step.name, events.PENDING if p.stale else events.FRESH, list(p.reasons)
+    )
+
+
+def _plain_data(value):
+    """Metrics as TOML can hold them: no None, no tuples, no tensors or paths."""
+    if isinstance(value, dict):
+        return {str(k): _plain_data(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(v) for v in value if v is not None]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_run: bool) -> None:
+    """Steps gone from the project (removed or renamed): drop their records and their output folders."""
+    removed = sorted(set(lock) - current)
+    if not removed or dry_run:
+        return
+    for sid in removed:
+        record = lock.pop(sid)
+        try:
+            folder = ws.output_dir(sid)
+        except KeyError:  # a kind this dbl does not know
+            continue
+        owned = any(
+            (ws.project.dir / rel).resolve().is_relative_to(folder) for rel in record.get("outputs", {})
+        )
+        if owned and folder.is_dir() and folder.is_relative_to(ws.project.out):
+            shutil.rmtree(folder, ignore_errors=True)
+            reporter.log(None, f"removed {ws.rel(folder)}: {sid} is no longer in the project")
+    lockfile.write(ws.lock_path, lock)
+
+
+def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResult:
+    started = time.monotonic()
+    _forget_removed(ws, lock, {p.id for p in planned}, reporter, options.dry_run)
+    selected = planner.upstream([p.step for p in planned], set(options.only)) if options.only else None
+    evs = {p.id: _event(p) for p in planned}
+    for p in planned:
+        if selected is not None and p.id not in selected and p.stale:
+            evs[p.id].status = events.SKIPPED
+            evs[p.id].reasons = ["not selected by --only"]
+    reporter.plan(ws.project.name, list(evs.values()))
+    todo = [p for p in planned if evs[p.id].status == events.PENDING]
+    if not todo or options.dry_run:
+        reporter.finish(list(evs.values()), time.monotonic() - started)
+        return BuildResult(True, EXIT_OK, list(evs.values()))
+
+    failed: set[str] = set()
+    exit_code = EXIT_OK
+    graph = [p.step for p in planned]
+    for p in todo:
+        ev = evs[p.id]
+        blocked = [d for d in p.step.deps if d in failed]
+        if blocked:
+            ev.status, ev.error = events.SKIPPED, f"upstream {blocked[0]} failed"
+            failed.add(p.id)
+            reporter.step_end(ev)
+            continue
+        clock = time.monotonic()
+        try:
+            _run_step(ws, lock, p, ev, options, reporter, p.id in force_ids, backend)
+        except (KeyboardInterrupt, StepInterrupted) as exc:
+            ev.duration_s = time.monotonic() - clock
+            ev.status = events.INTERRUPTED
+            ev.error = str(exc) or "interrupted"
+            reporter.step_end(ev)
+            exit_code = EXIT_INTERRUPTED
+            break
+        except Exception as exc:  # a failing step must not take the build's state with it
+            ev.duration_s = time.monotonic() - clock
+            ev.status = events.FAILED
+            ev.error = describe_error(exc, options.debug)
+            reporter.step_end(ev)
+            failed.add(p.id)
+            exit_code = EXIT_FAILED
+            if not options.keep_going:
+                break
+            failed |= planner.dependents(graph, {p.id})
+        else:
+            reporter.step_end(ev)
+        if options.should_stop() and exit_code == EXIT_OK:
+            exit_code = EXIT_INTERRUPTED
+            break
+    for ev in evs.values():
+        if ev.status == events.PENDING:
+            ev.status = events.SKIPPED
+    ws.hasher.save()
+    reporter.finish(list(evs.values()), time.monotonic() - started)
+    return BuildResult(exit_code == EXIT_OK, exit_code, list(evs.values()))
+
+
+def describe_error(exc: BaseException, debug: bool) -> str:
+    if debug:
+        return "".join(traceback.format_exception(exc)).rstrip()
+    if isinstance(exc, (DblError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+
+
+def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool, backend) -> None:
+    """Bring one step up to date: skip, restore from the run-cache, or run it; then record it."""
+    project, step = ws.project, p.step
+    read = ws.read_paths(step)
+    before = stat_snapshot(read)  # before hashing: any change from here on shows in `after`
+    hashes = {d: lock[d]["output_hash"] for d in step.deps}
+    inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
+    fp = fingerprint(inputs)
+    record = lock.get(step.id)
+    if not force and record and record["fingerprint"] == fp:
+        problem = ws.facts.outputs_intact(record)
+        if not problem:
+            ev.status = events.FRESH
+            ev.reasons = ["upstream rebuilt with identical outputs"]
+            return
+        ev.reasons = [problem]
+    elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
+        ev.reasons = planner.explain(record.get("inputs", {}), inputs)
+    ev.status = events.RUNNING
+    reporter.step_start(ev)
+    begun = time.time()
+    clock = time.monotonic()
+    kind = steps.get(step.kind)
+    meta = (
+        None
+        if force
+        else ws.cache.verify(fp, layout=_layout(kind, step.name), warn=_warner(ws, reporter, ev))
+    )
+    if meta is not None:
+        ev.status = events.CACHED
+        metrics = meta.get("metrics", {})
+    else:
+        metrics, meta = _execute(ws, step, fp, ev, options, reporter, backend, force)
+        changed = stat_snapshot(read).changed_since(before)
+        if changed:
+            ws.cache.drop(fp)
+            raise StepError(
+                f"{step.id}: {ws.rel(changed[0])} changed while the step ran"
+                + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
+            )
+        ev.status = events.DONE
+    _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
+    ev.duration_s = time.monotonic() - clock
+    ev.outputs = ws.output_dir(step)
+    ev.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+
+def _layout(kind: steps.StepKind, name: str) -> dict[str, str]:
+    return kind.layout(name) if kind.layout else {}
+
+
+def _warner(ws: Workspace, reporter, ev):
+    return lambda message: reporter.log(ev, message)
+
+
+def _execute(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, backend, force: bool):
+    """Have the backend run the step; keep its outputs in the run-cache. Returns (metrics, manifest)."""
+    work = ws.tmp(step)
+    job = Job(
+        step_id=step.id,
+        kind=step.kind,
+        name=step.name,
+        spec=step.spec,
+        project=ws.project,
+        fingerprint=fp,
+        run=steps.get(step.kind).run_ref,
+        inputs={d: ws.output_dir(d) for d in step.deps},
+        work=work,
+        num_processes=options.num_processes or ws.project.settings.num_processes,
+        stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
+    )
+    job.stop_file.unlink(missing_ok=True)
+
+    def progress(done: int, total: int, **metrics) -> None:
+        ev.done, ev.total = done, total
+        ev.metrics.update(metrics)
+        reporter.step_progress(ev)
+
+    hooks = Hooks(
+        progress=progress, log=lambda message: reporter.log(ev, message), should_stop=options.should_stop
+    )
+    try:
+        outcome = backend.run(job, hooks)
+    finally:
+        job.stop_file.unlink(missing_ok=True)
+    replaced = ws.cache.store(fp, outcome.out, outcome.manifest, outcome.metrics, replace=force)
+    if replaced:
+        reporter.log(ev, f"forced: replaced the run-cache entry of these inputs ({replaced})")
+    return outcome.metrics, ws.cache.manifest(fp)
+
+
+def _commit(
+    ws: Workspace, lock: dict, step, inputs, fp: str, meta: dict, metrics: dict, begun: float, seconds: float
+) -> None:
+    """Copy the cache entry into the output folder, swap it in, and record it in the lockfile."""
+    entry = ws.cache.entry(fp) / "files"
+    ws.work_root.mkdir(parents=True, exist_ok=True)
+    staged = ws.work_root / f".staged-{step.kind}-{step.name}"
+    shutil.rmtree(staged, ignore_errors=True)
+    names = _layout(steps.get(step.kind), step.name)
+    copy_tree(entry, staged, names)
+    target = ws.output_dir(step)
+    replace_dir(staged, target, ws.work_root / f".trash-{step.kind}-{step.name}")
+    outputs = {}
+    for rel, item in meta["outputs"].items():
+        path = target / names.get(rel, rel)
+        ws.hasher.hash(path)  # prime the stat cache: the next plan need not re-read outputs
+        outputs[ws.rel(path)] = {"sha256": item["sha256"], "size": item["size"]}
+    lock[step.id] = {
+        "kind": step.kind,
+        "fingerprint": fp,
+        "output_hash": output_hash(meta["outputs"]),
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": _plain_data(metrics),
+        "built": datetime.fromtimestamp(begun, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": round(seconds, 3),
+    }
+    lockfile.write(ws.lock_path, lock)
+    ws.hasher.save()
+    shutil.rmtree(ws.tmp(step), ignore_errors=True)

@@ -1,0 +1,206 @@
+"""The built-in step kinds' table readers and cross-table checks (see runner.steps).
+
+Pure like the rest of the project package: a reader turns one raw TOML table into its dataclass, a check
+looks across the tables of a whole file ({kind: {name: table}}) and adds problems to the checker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from runner.imagefiles import list_images
+from runner.project import schema
+
+RESERVED_ADAPTERS = ("none",)
+
+
+# --- readers -----------------------------------------------------------------------------------------
+
+
+def read_prior(check, key, name, raw, defaults):
+    item = check.table(key, raw, schema.Prior, extra={"name": name})
+    return _resolve_images(check, defaults.project_dir, key, item, required=False)
+
+
+def read_subject(check, key, name, raw, defaults):
+    """A subject, with its [subjects.<name>.train] and [.lora] overrides on top of [train] and [lora]."""
+    if not isinstance(raw, dict):
+        return check.table(key, raw, schema.Subject)
+    sub_train, sub_lora = defaults.train, defaults.lora
+    if "train" in raw:
+        sub_train = check.table(key + ("train",), raw["train"], schema.TrainSettings, base=defaults.train)
+    if "lora" in raw:
+        sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
+    extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
+    item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
+    return _resolve_images(check, defaults.project_dir, key, item, required=True)
+
+
+def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, required: bool):
+    """Make an images folder absolute and check it holds images."""
+    if item is None or item.images is None:
+        return item
+    folder = item.images
+    path = (project_dir / Path(folder).expanduser()).resolve()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
+    elif required and not list_images(path):
+        check.problem(
+            key + ("images",),
+            f"folder {folder} holds no images (.jpg, .png, .webp ...)",
+            "add a few photos of the subject",
+        )
+    return replace(item, images=str(path))
+
+
+# --- checks across tables --------------------------------------------------------------------------------
+
+
+def _known_adapters(tables: dict) -> str:
+    subjects, blends = tables.get("train", {}), tables.get("blend", {})
+    parts = []
+    if subjects:
+        parts.append("subjects: " + ", ".join(subjects))
+    if blends:
+        parts.append("blends: " + ", ".join(blends))
+    return "; ".join(parts) or "no subjects defined"
+
+
+def _multiple_of_8(check, key: tuple[str, ...], size) -> None:
+    if size is not None and size % 8:
+        check.problem(key, f"must be a multiple of 8, got {size}")
+
+
+def check_priors(check, tables: dict) -> None:
+    for name, prior in tables.get("prior", {}).items():
+        for side in ("width", "height"):
+            _multiple_of_8(check, ("priors", name, side), getattr(prior, side))
+
+
+def check_subjects(check, tables: dict) -> None:
+    priors, blends = tables.get("prior", {}), tables.get("blend", {})
+    for name, subject in tables.get("train", {}).items():
+        if subject.prior is not None and subject.prior not in priors:
+            known = ", ".join(priors) or "none defined"
+            check.problem(
+                ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
+            )
+        if name in blends:
+            check.problem(("blends", name), f"'{name}' is both a subject and a blend", "rename one of them")
+        if name in RESERVED_ADAPTERS:
+            check.problem(
+                ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
+            )
+        _multiple_of_8(check, ("subjects", name, "train", "resolution"), subject.train.resolution)
+
+
+def check_blends(check, tables: dict) -> None:
+    subjects, blends = tables.get("train", {}), tables.get("blend", {})
+    adapters = list(subjects) + list(blends)
+    for name, blend in blends.items():
+        if name in RESERVED_ADAPTERS:
+            check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
+        key = ("blends", name, "adapters")
+        for parent, _ in blend.adapters:
+            if parent not in adapters:
+                check.problem(
+                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
+                )
+        if _in_cycle(name, blends):
+            check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
+        _check_blend_method(check, name, blend, subjects, blends)
+
+
+def check_renders(check, tables: dict) -> None:
+    adapters = list(tables.get("train", {})) + list(tables.get("blend", {}))
+    for name, render in tables.get("render", {}).items():
+        if render.adapter not in adapters and render.adapter not in RESERVED_ADAPTERS:
+            check.problem(
+                ("renders", name, "adapter"),
+                f"'{render.adapter}' is not a subject or blend",
+                _known_adapters(tables) + "; or 'none'",
+            )
+        for side in ("width", "height"):
+            _multiple_of_8(check, ("renders", name, side), getattr(render, side))
+
+
+def _in_cycle(start: str, blends: dict) -> bool:
+    seen, todo = set(), [p for p, _ in blends[start].adapters]
+    while todo:
+        name = todo.pop()
+        if name == start:
+            return True
+        if name in seen or name not in blends:
+            continue
+        seen.add(name)
+        todo += [p for p, _ in blends[name].adapters]
+    return False
+
+
+def adapter_ranks(name: str, subjects: dict, blends: dict, _depth: int = 0) -> dict[str, int | None]:
+    """The LoRA rank of an adapter per component ('unet', 'text_encoder'; None: no such adapter)."""
+    if name in subjects:
+        s = subjects[name]
+        return {
+            "unet": s.lora.rank,
+            "text_encoder": s.lora.text_encoder_rank if s.train.train_text_encoder else None,
+        }
+    blend = blends.get(name)
+    if blend is None or _depth > len(blends):
+        return {"unet": None, "text_encoder": None}
+    parents = [adapter_ranks(p, subjects, blends, _depth + 1) for p, _ in blend.adapters]
+    result = {}
+    for component in ("unet", "text_encoder"):
+        ranks = [r[component] for r in parents if r[component] is not None]
+        if not ranks:
+            result[component] = None
+        elif blend.method == "cat":
+            result[component] = sum(ranks)
+        elif blend.method == "svd" or blend.method.endswith("_svd"):
+            result[component] = blend.svd_rank or max(ranks)
+        else:
+            result[component] = ranks[0]
+    return result
+
+
+def _check_blend_method(check, name, blend, subjects, blends) -> None:
+    key = ("blends", name)
+    method = blend.method
+    if method in schema.DENSITY_METHODS and blend.density is None:
+        check.problem(
+            key + ("method",),
+            f"method '{method}' needs a density",
+            "add density = 0.5 (fraction of weights kept)",
+        )
+    if blend.density is not None:
+        if method not in schema.DENSITY_METHODS:
+            check.problem(
+                key + ("density",),
+                f"density does not apply to method '{method}'",
+                f"methods that use it: {', '.join(schema.DENSITY_METHODS)}",
+            )
+        elif not 0 < blend.density <= 1:
+            check.problem(key + ("density",), f"must be in (0, 1], got {blend.density}")
+    is_svd = method == "svd" or method.endswith("_svd")
+    for option in ("svd_rank", "svd_clamp"):
+        if getattr(blend, option) is not None and not is_svd:
+            check.problem(
+                key + (option,),
+                f"{option} applies to svd methods only, not '{method}'",
+                'remove it or use method = "svd"',
+            )
+    if method in schema.EQUAL_RANK_METHODS:
+        parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
+        for component in ("unet", "text_encoder"):
+            ranks = {p: adapter_ranks(p, subjects, blends)[component] for p in parents}
+            ranks = {p: r for p, r in ranks.items() if r is not None}
+            if len(set(ranks.values())) > 1:
+                listed = ", ".join(f"{p} = {r}" for p, r in ranks.items())
+                which = "rank" if component == "unet" else "text_encoder_rank"
+                check.problem(
+                    key + ("method",),
+                    f"method '{method}' needs equal {component} ranks, got {listed}",
+                    f'give the subjects the same lora.{which}, or use method = "cat" (exact) or "svd"',
+                )

@@ -1,0 +1,48 @@
+"""Executor backends: the same build gives the same bytes wherever its steps run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from runner import lockfile
+from tests.conftest import ROOT, Recorder
+
+pytestmark = pytest.mark.torch
+
+
+def build_demo(folder, backend: str):
+    from runner import executor
+    from runner.project import load_project
+
+    shutil.copytree(ROOT / "projects", folder)
+    path = folder / "demo.toml"
+    rec = Recorder()
+    result = executor.build(load_project(path), executor.BuildOptions(backend=backend), rec)
+    assert result.ok, rec.events
+    assert sorted(e[1] for e in rec.events if e[0] == "start") == sorted(
+        ["prior:dog", "train:dog", "train:toy", "blend:toy_dog", "render:dog", "render:toy_dog"]
+    )
+    out = folder / "build" / "demo"
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    records = lockfile.read(path.with_suffix(".lock"))
+    for record in records.values():  # when and how long it ran differ from build to build
+        del record["built"], record["duration_s"]
+    return files, records
+
+
+def test_the_process_backend_builds_the_same_bytes_as_inline(tmp_path):
+    inline_files, inline_lock = build_demo(tmp_path / "inline", "inline")
+    process_files, process_lock = build_demo(tmp_path / "process", "process")
+    assert len(inline_files) == 33
+    assert process_files == inline_files
+    assert process_lock == inline_lock
+
+
+def test_an_unknown_backend_is_a_usage_error(proj, fake_steps):
+    from runner import executor
+    from runner.errors import UsageError
+
+    with pytest.raises(UsageError, match="no executor backend 'gpu-farm'; backends: inline, process"):
+        executor.build(proj.load(), executor.BuildOptions(backend="gpu-farm"), Recorder())

@@ -1,0 +1,50 @@
+"""Projects and lockfiles written by the previous version stay valid: building them runs nothing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from runner import lockfile
+from runner.project import load_project
+from tests.conftest import HERE, Recorder
+
+pytestmark = pytest.mark.torch
+
+FIXTURES = HERE / "fixtures" / "v1"
+
+
+def build_copy(name, tmp_path):
+    from runner import executor
+
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    path = folder / f"{name}.toml"
+    before = lockfile.read(path.with_suffix(".lock"))
+    rec = Recorder()
+    result = executor.build(load_project(path), executor.BuildOptions(), rec)
+    assert result.ok, rec.events
+    ran = sorted(sid for kind, sid, *rest in rec.events if kind == "start")
+    return before, lockfile.read(path.with_suffix(".lock")), ran, rec
+
+
+def test_a_demo_built_by_the_previous_version_is_fresh(tmp_path):
+    before, after, ran, rec = build_copy("demo", tmp_path)
+    assert ran == []
+    assert rec.final and all(status == "fresh" for _, status in rec.final)
+    assert {sid: r["fingerprint"] for sid, r in after.items()} == {
+        sid: r["fingerprint"] for sid, r in before.items()
+    }
+
+
+def test_a_half_precision_project_reruns_only_its_priors_and_renders(tmp_path):
+    """The half-precision fix: priors and renders now key on mixed_precision; trains and blends do not
+    rerun, because the prior (computed in fp32 on this CPU) gives the very same bytes."""
+    before, after, ran, rec = build_copy("pets", tmp_path)
+    assert ran == ["prior:dog", "render:base", "render:mixed", "render:park"]
+    reasons = dict((sid, reasons) for sid, _, reasons in rec.planned)
+    assert "mixed_precision set to 'fp16'" in reasons["prior:dog"]
+    for sid in ("train:dog", "train:toy", "blend:mix"):
+        assert after[sid]["fingerprint"] == before[sid]["fingerprint"], sid
+    assert after["prior:dog"]["output_hash"] == before["prior:dog"]["output_hash"]

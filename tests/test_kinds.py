@@ -1,0 +1,155 @@
+"""A step kind registered by a test alone (nothing under runner/ knows it) loads, plans, builds and
+reports like the built-in ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from runner import lockfile, steps
+from runner.project.schema import opt
+from tests.conftest import Recorder
+
+
+@dataclass(frozen=True)
+class Note:
+    """[notes.<name>]: a text file, written `times` times, after another note if asked."""
+
+    name: str
+    text: str = opt(doc="what the note says")
+    times: int = opt(1, "how many times to write it", "int", minimum=1)
+    after: str | None = opt(None, "a note whose text comes first", "str?")
+    colour: str = opt("plain", "how it looks", fingerprint=False)
+
+
+def run_note(ctx) -> dict:
+    before = ""
+    if ctx.spec.after:
+        before = (ctx.inputs[f"note:{ctx.spec.after}"] / "note.txt").read_text()
+    (ctx.out / "note.txt").write_text(before + ctx.spec.text * ctx.spec.times)
+    ctx.progress(1, 1)
+    ctx.log(f"wrote {ctx.spec.times} times")
+    return {"chars": len(ctx.spec.text) * ctx.spec.times}
+
+
+def note_inputs(i: steps.Inputs) -> dict:
+    inputs = {"version": 1, **i.fields(i.spec, exclude=("after",))}
+    if i.spec.after:
+        inputs["after"] = {"_name": i.spec.after, "output": i.output(f"note:{i.spec.after}")}
+    return inputs
+
+
+def check_notes(check, tables) -> None:
+    for name, note in tables.get("note", {}).items():
+        if note.after is not None and note.after not in tables["note"]:
+            check.problem(("notes", name, "after"), f"'{note.after}' is not a note", "name another note")
+
+
+NOTE = steps.StepKind(
+    name="note",
+    table="notes",
+    spec=Note,
+    output_dir="notes",
+    version=1,
+    run=run_note,
+    inputs=note_inputs,
+    deps=lambda project, spec: [f"note:{spec.after}"] if spec.after else [],
+    doc="writes a note",
+    check=check_notes,
+    unit=("notes", "notes/s"),
+)
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[notes.second]
+text = "world"
+after = "first"
+
+[notes.first]
+text = "hello "
+times = 2
+"""
+
+
+@pytest.fixture
+def notes(tmp_path):
+    steps.register(NOTE)
+    path = tmp_path / "n.toml"
+    path.write_text(PROJECT)
+    yield path
+    steps.unregister("note")
+
+
+def build(path, **options):
+    from runner import executor
+    from runner.project import load_project
+
+    rec = Recorder()
+    result = executor.build(load_project(path), executor.BuildOptions(**options), rec)
+    assert result.ok, rec.events
+    return [e[1] for e in rec.events if e[0] == "start"], rec
+
+
+def test_a_new_kind_plans_builds_and_reports(notes, capsys):
+    from runner.cli import main
+
+    assert main(["plan", str(notes), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # Dependencies first, whatever the order of the tables.
+    assert [s["id"] for s in plan["stale"]] == ["note:first", "note:second"]
+    assert plan["stale"][0]["reasons"] == ["never built"]
+
+    ran, rec = build(notes)
+    assert ran == ["note:first", "note:second"]
+    out = notes.parent / "build" / "n" / "notes"
+    assert (out / "second" / "note.txt").read_text() == "hello hello world"
+    lock = lockfile.read(notes.with_suffix(".lock"))
+    assert lock["note:first"]["metrics"] == {"chars": 12}
+    assert ("log", "note:first", "wrote 2 times") in rec.events
+
+    assert build(notes)[0] == []  # nothing changed: nothing runs
+    notes.write_text(
+        PROJECT.replace('colour = "plain"', "").replace('text = "world"', 'text = "world"\ncolour = "red"')
+    )
+    assert build(notes)[0] == []  # not fingerprinted
+    notes.write_text(PROJECT.replace("times = 2", "times = 3"))
+    ran, rec = build(notes)
+    assert ran == ["note:first", "note:second"]
+    reasons = {sid: r for sid, _, r in rec.planned}
+    assert reasons == {"note:first": ["times 2 -> 3"], "note:second": ["upstream note:first stale"]}
+
+    assert main(["build", str(notes), "--no-progress"]) == 0
+    assert "all 2 steps are up to date" in capsys.readouterr().out
+
+
+def test_a_new_kind_is_validated_and_documented(notes):
+    from runner.project import ProjectError, load_project
+    from runner.project.docs import reference_markdown
+
+    notes.write_text(PROJECT.replace('after = "first"', 'after = "frist"\ntimez = 1'))
+    with pytest.raises(ProjectError) as err:
+        load_project(notes)
+    assert [str(p) for p in err.value.problems] == [
+        "notes.second: unknown key 'timez' (line 8) - did you mean 'times'?",
+    ]
+    notes.write_text(PROJECT.replace('after = "first"', 'after = "frist"'))
+    with pytest.raises(ProjectError) as err:
+        load_project(notes)
+    assert [str(p) for p in err.value.problems] == [
+        "notes.second.after: 'frist' is not a note (line 7) - name another note"
+    ]
+    assert "### [notes.<name>]" in reference_markdown()
+    assert "| `times` | `1` | how many times to write it |" in reference_markdown()
+
+
+def test_an_unregistered_kind_is_an_unknown_table(tmp_path):
+    from runner.project import ProjectError, load_project
+
+    path = tmp_path / "n.toml"
+    path.write_text(PROJECT)
+    with pytest.raises(ProjectError, match="unknown key 'notes'"):
+        load_project(path)

@@ -187,10 +187,11 @@ class RunCache:
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         fsync_tree(tmp)
         replaced = ""
-        if intact and replace:
+        if intact:  # and replace
             same = old["output_hash"] == meta["output_hash"]
             replaced = "it held the same bytes" if same else "it held different bytes"
-            self.drop(fingerprint)
+        if intact or old is None:
+            self.drop(fingerprint)  # replaced, or damaged beyond reading (verify drops the others)
         try:
             os.rename(tmp, entry)
         except OSError:

@@ -2,7 +2,8 @@
 
     python -m tests.fake_build [--crash MODULE:FUNC:N] [--slow STEP_ID] -- dbl-args...
 
---crash kills this process with SIGKILL on the N-th call of MODULE.FUNC (a crash at that point);
+--crash kills this process with SIGKILL on the N-th call of MODULE.FUNC (a crash at that point); N = 0
+never kills, and prints "CALLS <n>" at the end: how often MODULE.FUNC was called;
 --slow makes one step sleep, so that a test can act while it runs. Every step that runs is appended
 to the file named by $FAKE_STEPS_LOG.
 """
@@ -71,7 +72,10 @@ def main() -> int:
                 setattr(mod, attr, crashing)
     from runner.cli import main as dbl
 
-    return dbl(dbl_args)
+    code = dbl(dbl_args)
+    if "--crash" in opts:
+        print(f"CALLS {calls['n']}", flush=True)
+    return code
 
 
 if __name__ == "__main__":

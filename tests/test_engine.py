@@ -61,7 +61,9 @@ def test_one_prompt_reruns_that_render_only(proj, build, fake_steps):
     assert ran == ["render:park"]
     reasons = dict((sid, r) for sid, _, r in rec.planned)
     assert reasons["render:park"] == ["prompts[1] 'sks dog on a beach' -> 'sks dog on the moon'"]
-    assert not (proj.root / "build/pets/renders/park/0-0.png").read_text().startswith("x")
+    renders = proj.root / "build/pets/renders/park"
+    assert (renders / "1-0.png").read_text().startswith("sks dog on the moon 0 ")
+    assert (renders / "0-0.png").read_text().startswith("sks dog in a park 0 ")
 
 
 def test_subject_rank_reruns_that_subject_and_dependents(proj, build, fake_steps):

@@ -1,0 +1,335 @@
+"""What the run-cache restores is what its fingerprint's inputs produce: inputs edited while a build
+runs, forced reruns, damaged entries, renamed steps, and the effective settings a step ran with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner import lockfile
+from runner.store import RunCache
+from tests.conftest import PETS, FakeBackend, FakeSteps, Proj, Recorder, use_backend, write_image
+
+ALL = ["prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"]
+
+
+def reading_train(run):
+    """The fake train step, also recording the bytes of every image it read (as a real one trains on)."""
+
+    def train(ctx):
+        result = run(ctx)
+        if ctx.kind == "train":
+            seen = {
+                p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(Path(ctx.spec.images).iterdir())
+            }
+            (ctx.out / "seen.json").write_text(json.dumps(seen, sort_keys=True))
+        return result
+
+    return train
+
+
+def build_with(p: Proj, wrap=None, **options):
+    from runner import executor
+
+    fake = FakeSteps()
+    undo = use_backend(lambda project: FakeBackend(fake, wrap))
+    try:
+        rec = Recorder()
+        result = executor.build(p.load(), executor.BuildOptions(**options), rec)
+    finally:
+        undo()
+    return result, rec, fake.ran
+
+
+def during(step_id: str, action, after_read: bool = False):
+    """A wrapper that does `action` while `step_id` runs: before it reads its inputs, or after."""
+
+    def wrap(run):
+        inner = reading_train(run)
+
+        def step(ctx):
+            if ctx.step_id == step_id and not after_read:
+                action()
+            result = inner(ctx)
+            if ctx.step_id == step_id and after_read:
+                action()
+            return result
+
+        return step
+
+    return wrap
+
+
+def entries(root: Path) -> dict[str, dict[str, bytes]]:
+    cache = RunCache(root / ".dbl" / "cache")
+    return {
+        fp: {
+            p.relative_to(cache.entry(fp) / "files").as_posix(): p.read_bytes()
+            for p in (cache.entry(fp) / "files").rglob("*")
+            if p.is_file()
+        }
+        for fp in cache.entries()
+    }
+
+
+# --- 1. inputs that change while the build runs --------------------------------------------------------
+
+
+def test_an_image_replaced_while_its_step_runs_never_enters_the_cache(tmp_path):
+    p = Proj(tmp_path, PETS)
+    photo = tmp_path / "data" / "toy" / "00.png"
+    swapped = []
+
+    def swap():
+        write_image(photo, seed=99)
+        swapped.append(True)
+
+    result, rec, ran = build_with(p, during("train:toy", swap))
+    assert swapped and "train:toy" in ran  # the photo really changed while train:toy ran
+    ends = {e[1]: e for e in rec.events if e[0] == "end"}
+    assert ends["train:toy"][2] == "failed"
+    assert "data/toy/00.png changed while the step ran" in ends["train:toy"][3]
+    assert "train:toy" not in lockfile.read(p.lock)
+    seen = [json.loads(files["seen.json"]) for files in entries(tmp_path).values() if "seen.json" in files]
+    assert len(seen) == 1  # train:dog only: nothing trained on the swapped photo was kept
+
+    # The next build trains on the photo as it is now, and keys it on that photo.
+    result, rec, ran = build_with(p, reading_train)
+    assert result.ok and "train:toy" in ran
+    record = lockfile.read(p.lock)["train:toy"]
+    kept = json.loads((tmp_path / "build/pets/adapters/toy/seen.json").read_text())
+    assert (
+        kept["00.png"]
+        == record["inputs"]["images"]["files"]["00.png"]
+        == hashlib.sha256(photo.read_bytes()).hexdigest()
+    )
+
+
+def test_an_edit_reverted_while_the_step_runs_is_noticed_too(tmp_path):
+    """The step read the edited bytes; the file is back as it was, with its size and mtime: only the
+    change time tells."""
+    p = Proj(tmp_path, PETS)
+    build_with(p, reading_train)
+    photo = tmp_path / "data" / "dog" / "01.png"
+    original, stat = photo.read_bytes(), photo.stat()
+    p.edit('prompts = ["a dog"]', 'prompts = ["a dog", "a cat"]')  # render:base only; then edit dog
+    write_image(photo, seed=77)
+    seen_during = {}
+
+    def revert():
+        seen_during["bytes"] = photo.read_bytes()
+        photo.write_bytes(original)
+        import os
+
+        os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    result, rec, ran = build_with(p, during("train:dog", revert, after_read=True))
+    assert seen_during["bytes"] != original  # the step really ran on the edited photo
+    ends = {e[1]: e for e in rec.events if e[0] == "end"}
+    assert (
+        ends["train:dog"][2] == "failed"
+        and "data/dog/01.png changed while the step ran" in ends["train:dog"][3]
+    )
+    assert (
+        json.loads((tmp_path / "build/pets/adapters/dog/seen.json").read_text())["01.png"]
+        == hashlib.sha256(original).hexdigest()
+    )
+
+
+PHOTOS = [("dog", 0), ("dog", 2), ("toy", 1)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(ALL), st.sampled_from(PHOTOS), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_random_edits_during_builds_never_poison_the_cache(tmp_path_factory, edits):
+    """Whatever is edited whenever, every cache entry holds what a clean build of the inputs its
+    fingerprint names produces."""
+    root = tmp_path_factory.mktemp("edits")
+    p = Proj(root, PETS)
+    states = [snapshot_inputs(root)]
+    for step_id, (subject, index), seed, after_read in edits:
+        photo = root / "data" / subject / f"{index:02d}.png"
+
+        def edit(photo=photo, seed=seed):
+            write_image(photo, seed=100 + seed)
+            states.append(snapshot_inputs(root))
+
+        build_with(p, during(step_id, edit, after_read))
+    build_with(p, reading_train)  # and once more, undisturbed
+    references: dict[str, dict[str, bytes]] = {}
+    for i, state in enumerate(states):
+        clean = tmp_path_factory.mktemp(f"clean{i}")
+        q = Proj(clean, PETS)
+        for rel, data in state.items():
+            (clean / rel).write_bytes(data)
+        assert build_with(q, reading_train)[0].ok
+        references.update(entries(clean))
+    disturbed = entries(root)
+    assert disturbed
+    for fp, files in disturbed.items():
+        assert fp in references, "an entry keyed on inputs that never existed"
+        assert files == references[fp]
+
+
+def snapshot_inputs(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "data").rglob("*.png"))}
+
+
+# --- 2. --force replaces what the cache held --------------------------------------------------------
+
+
+def test_force_replaces_the_cache_entry_and_says_so(tmp_path):
+    p = Proj(tmp_path, PETS)
+    build_with(p)
+    fp = lockfile.read(p.lock)["render:base"]["fingerprint"]
+    calls = []
+
+    def different(run):
+        def step(ctx):
+            result = run(ctx)
+            if ctx.step_id == "render:base":
+                calls.append(1)
+                (ctx.out / "0-0.png").write_text("new bytes")
+            return result
+
+        return step
+
+    result, rec, ran = build_with(p, different, force=("render:base",))
+    assert calls and ran == ["render:base"]
+    assert entries(tmp_path)[fp]["0-0.png"] == b"new bytes"
+    assert (tmp_path / "build/pets/renders/base/0-0.png").read_text() == "new bytes"
+    assert (
+        "log",
+        "render:base",
+        "forced: replaced the run-cache entry of these inputs (it held different bytes)",
+    ) in rec.events
+
+
+# --- 6. names are in the output layout, not in cached bytes -------------------------------------------
+
+
+def kohya_train(run):
+    def step(ctx):
+        result = run(ctx)
+        if ctx.kind in ("train", "blend"):
+            (ctx.out / "kohya.safetensors").write_text(f"weights of {ctx.fingerprint}")
+        return result
+
+    return step
+
+
+def test_a_renamed_subject_is_restored_under_its_new_name(tmp_path):
+    p = Proj(tmp_path, PETS)
+    build_with(p, kohya_train)
+    assert (tmp_path / "build/pets/adapters/dog/dog.safetensors").is_file()
+    text = p.path.read_text().replace("[subjects.dog]", "[subjects.rex]").replace("dog = 1.05", "rex = 1.05")
+    p.path.write_text(text.replace('adapter = "dog"', 'adapter = "rex"'))
+    result, rec, ran = build_with(p, kohya_train)
+    assert ran == []  # restored, not trained
+    rex = tmp_path / "build/pets/adapters/rex"
+    assert sorted(f.name for f in rex.iterdir()) == ["dbl.json", "rex.safetensors", "unet"]
+    assert not (tmp_path / "build/pets/adapters/dog").exists()
+    assert (
+        "log",
+        None,
+        "removed build/pets/adapters/dog: train:dog is no longer in the project",
+    ) in rec.events
+    assert set(lockfile.read(p.lock)) == set(ALL) - {"train:dog"} | {"train:rex"}
+
+
+def test_two_subjects_with_the_same_inputs_share_an_entry_and_keep_their_names(tmp_path):
+    p = Proj(
+        tmp_path,
+        PETS + '\n[subjects.twin]\nimages = "data/toy"\ninstance_prompt = "a toy in the style of <1>"\n',
+    )
+    result, rec, ran = build_with(p, kohya_train)
+    assert "train:toy" in ran and "train:twin" not in ran  # the second is a cache hit
+    assert (tmp_path / "build/pets/adapters/twin/twin.safetensors").read_bytes() == (
+        tmp_path / "build/pets/adapters/toy/toy.safetensors"
+    ).read_bytes()
+
+
+def test_an_entry_written_before_names_left_the_cache_fits_only_its_own_name(tmp_path):
+    cache = RunCache(tmp_path / "cache")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "dog.safetensors").write_text("w")
+    cache.store("fp", files, {"dog.safetensors": {"sha256": hashlib.sha256(b"w").hexdigest(), "size": 1}}, {})
+    manifest = cache.entry("fp") / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    del meta["version"]
+    manifest.write_text(json.dumps(meta))
+    assert cache.verify("fp", layout={"kohya.safetensors": "dog.safetensors"}) is not None
+    assert cache.verify("fp", layout={"kohya.safetensors": "rex.safetensors"}) is None
+    assert cache.verify("fp") is not None  # still intact: not dropped
+
+
+# --- 7. damaged entries ----------------------------------------------------------------------------------
+
+
+def test_a_damaged_manifest_is_reported_once_and_the_step_reruns(tmp_path):
+    p = Proj(tmp_path, PETS)
+    build_with(p)
+    fp = lockfile.read(p.lock)["train:dog"]["fingerprint"]
+    (tmp_path / ".dbl/cache" / fp / "manifest.json").write_text('{"outputs": [1, 2], "output_hash": 3}')
+    shutil.rmtree(tmp_path / "build/pets/adapters/dog")
+    _, rec, _ = build_with(p, dry_run=True)
+    assert "restorable from cache" not in dict((s, r) for s, _, r in rec.planned)["train:dog"]
+    result, rec, ran = build_with(p)
+    assert result.ok and "train:dog" in ran
+    warnings = [e for e in rec.events if e[0] == "log" and "damaged" in e[2]]
+    assert len(warnings) == 1 and str(tmp_path / ".dbl/cache" / fp) in warnings[0][2]
+    assert RunCache(tmp_path / ".dbl/cache").verify(fp) is not None  # stored afresh
+
+
+def test_a_damaged_manifest_does_not_stop_a_forced_rerun(tmp_path):
+    p = Proj(tmp_path, PETS)
+    build_with(p)
+    fp = lockfile.read(p.lock)["render:base"]["fingerprint"]
+    (tmp_path / ".dbl/cache" / fp / "manifest.json").write_text("[]")
+    result, rec, ran = build_with(p, force=("render:base",))
+    assert result.ok and ran == ["render:base"], rec.events
+    assert RunCache(tmp_path / ".dbl/cache").verify(fp) is not None
+
+
+def test_missing_outputs_say_so_when_their_step_starts(tmp_path):
+    """train:dog is planned behind its prior (whose outputs are gone too); once the prior is back with
+    the same bytes, train:dog's own reason is its missing output, not 'inputs changed'."""
+    p = Proj(tmp_path, PETS)
+    build_with(p)
+    shutil.rmtree(tmp_path / "build/pets/priors/dog")
+    shutil.rmtree(tmp_path / "build/pets/adapters/dog")
+    _, rec, _ = build_with(p, dry_run=True)
+    assert dict((s, r) for s, _, r in rec.planned)["train:dog"] == ["upstream prior:dog stale"]
+    result, rec, ran = build_with(p)
+    assert ran == []
+    train = next(ev for ev in result.steps if ev.id == "train:dog")
+    assert train.status == "cached"
+    assert train.reasons == ["output build/pets/adapters/dog/dbl.json missing"]
+
+
+# --- the settings a step really ran with ------------------------------------------------------------------
+
+
+def test_num_processes_from_the_command_line_is_in_the_fingerprint(tmp_path):
+    p = Proj(tmp_path, PETS)
+    build_with(p, num_processes=2)
+    assert lockfile.read(p.lock)["train:dog"]["inputs"]["num_processes"] == 2
+    _, rec, ran = build_with(p)
+    assert "train:dog" in ran and "train:toy" in ran
+    reasons = dict((s, r) for s, _, r in rec.planned)
+    assert reasons["train:dog"][0] == "num_processes 2 -> 1"
+    _, rec, ran = build_with(p, num_processes=2)
+    assert ran == [] and all(status == "cached" or status == "fresh" for _, status in rec.final)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from runner import __version__
+from runner.errors import DblError
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
+from runner.fingerprint import StateCacheWarning
+from runner.lockfile import LockfileWarning
+from runner.ui.streams import survivable_std_streams
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="drop run-cache entries that no lockfile refers to")
     project_arg(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be dropped")
+
+    p = sub.add_parser("check", help="re-read every recorded input, output and cache entry")
+    project_arg(p)
+
+    p = sub.add_parser("merge-lockfile", help="git merge driver for lockfiles (see the README)")
+    p.add_argument("base", help="the common ancestor's lockfile (git's %%O)")
+    p.add_argument("ours", help="our lockfile, replaced by the merge (git's %%A)")
+    p.add_argument("theirs", help="their lockfile (git's %%B)")
     return parser
 
 
@@ -101,7 +115,27 @@ def _usage(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # A closed or broken standard output (`dbl build >&-`, `dbl plan | head -1`) must not end a build.
+    with survivable_std_streams(), warnings.catch_warnings():
+        return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """dbl's own warnings as one line each (printed once: see the filters in _main)."""
+    if issubclass(category, (LockfileWarning, StateCacheWarning)):
+        print(f"dbl: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _show_library_warning(message, category, filename, lineno, file, line)
+
+
+_show_library_warning = warnings.showwarning
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not args.command:
         _parser().print_help()
         return EXIT_USAGE
@@ -109,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     # The libraries' notices of their own future changes mean nothing to someone running a build.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("once", category=LockfileWarning)
+    warnings.filterwarnings("once", category=StateCacheWarning)
+    warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
     except SystemExit as exc:
@@ -116,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dbl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except DblError as exc:  # an input the user must fix, found before any step ran
+        if getattr(args, "debug", False):
+            raise
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:  # an unreadable input, a full disk outside any step
         if getattr(args, "debug", False):
             raise
@@ -143,7 +185,7 @@ def _load(args):
 
 def cmd_build(args) -> int:
     from runner import executor
-    from runner.interrupt import StopOnInterrupt
+    from runner.interrupt import StopOnInterrupt, exit_code_for
     from runner.lockfile import LockfileError
     from runner.store import LockHeld
     from runner.ui import make_reporter
@@ -153,8 +195,9 @@ def cmd_build(args) -> int:
     reporter = make_reporter("plain" if args.no_progress else "auto", verbosity)
     if args.num_processes is not None and args.num_processes < 1:
         return _usage("--num-processes must be at least 1")
+    stop = StopOnInterrupt()
     try:
-        with StopOnInterrupt() as stop:
+        with stop:
             options = executor.BuildOptions(
                 dry_run=args.dry_run,
                 only=tuple(args.only),
@@ -165,7 +208,12 @@ def cmd_build(args) -> int:
                 debug=args.debug,
             )
             result = executor.build(project, options, reporter)
+        if stop.signum is not None and result.exit_code in (EXIT_OK, EXIT_INTERRUPTED):
+            return exit_code_for(stop.signum)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
         return result.exit_code
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        print("dbl: interrupted", file=sys.stderr)
+        return exit_code_for(stop.signum or signal.SIGINT)
     except LockHeld as exc:
         print(f"dbl: {exc}", file=sys.stderr)
         return EXIT_LOCKED
@@ -291,17 +339,53 @@ def cmd_ls(args) -> int:
 
 def cmd_gc(args) -> int:
     from runner import lockfile
-    from runner.store import RunCache
+    from runner.store import LockHeld, RunCache
 
     project = _load(args)
     cache = RunCache(project.state_dir / "cache")
     keep: set[str] = set()
-    # Every lockfile beside this project shares the .dbl/ folder: keep what any of them refers to.
+    # Every lockfile beside this project shares the .dbl/ folder: keep what any of them refers to. One
+    # that cannot be read (a merge conflict, a bad edit) could refer to anything: collect nothing.
     for lock_path in sorted(project.dir.glob("*.lock")):
         try:
-            keep |= {r["fingerprint"] for r in lockfile.read(lock_path).values()}
-        except lockfile.LockfileError:
-            continue
+            keep |= lockfile.referenced_fingerprints(lock_path)
+        except lockfile.LockfileError as exc:
+            print(
+                f"dbl: gc refused: {exc}\n"
+                f"  gc keeps what every lockfile beside the project refers to, so it cannot run while "
+                f"{lock_path} is unreadable: fix it (a merge conflict: see 'Lockfiles in git' in the "
+                f"README) or move it out of {project.dir}, then run gc again",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    try:
+        # A build stores its outputs in the cache before its lockfile names them: hold every
+        # project's build lock, so that no entry is dropped between the two.
+        with _all_build_locks(project):
+            return _collect(args, cache, keep)
+    except LockHeld as exc:
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+
+
+@contextlib.contextmanager
+def _all_build_locks(project):
+    """The build locks of this project and of every project that built beside it (they share .dbl/)."""
+    from types import SimpleNamespace
+
+    from runner.store import BuildLock
+
+    stems = {project.path.stem}
+    for held in project.state_dir.glob("build-*.lock"):
+        stems.add(held.name[len("build-") : -len(".lock")])
+    with contextlib.ExitStack() as stack:
+        for stem in sorted(stems):
+            other = SimpleNamespace(state_dir=project.state_dir, path=project.dir / f"{stem}.toml")
+            stack.enter_context(BuildLock(project if stem == project.path.stem else other))
+        yield
+
+
+def _collect(args, cache, keep: set[str]) -> int:
     dropped, freed = 0, 0
     for fp in cache.entries():
         if fp in keep:
@@ -324,6 +408,47 @@ def cmd_gc(args) -> int:
     return EXIT_OK
 
 
+def cmd_check(args) -> int:
+    from runner.check import check
+    from runner.lockfile import LockfileError
+
+    project = _load(args)
+    try:
+        report = check(project)
+    except LockfileError as exc:
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not report.mismatches:
+        print(f"all {report.files} files match the lockfile")
+        return EXIT_OK
+    n = len(report.mismatches)
+    print(f"{n} file{'s' if n != 1 else ''} of {report.files} differ from the lockfile:")
+    for mismatch in report.mismatches:
+        print(f"  {mismatch}")
+    print("the file-hash cache now knows; `dbl plan` shows what to rebuild")
+    return EXIT_FAILED
+
+
+def cmd_merge_lockfile(args) -> int:
+    from runner.lockfile import LockfileError
+    from runner.merge import merge_files
+
+    try:
+        conflicts, notes = merge_files(Path(args.base), Path(args.ours), Path(args.theirs))
+    except LockfileError as exc:
+        print(f"dbl merge-lockfile: {exc}", file=sys.stderr)
+        return EXIT_FAILED  # git reports a conflict and leaves our side as it was
+    for note in notes:
+        print(f"dbl merge-lockfile: {note}", file=sys.stderr)
+    if conflicts:
+        print(
+            f"dbl merge-lockfile: {', '.join(conflicts)} changed differently on both sides: left out; "
+            "`dbl build` restores or reruns them for the merged project file",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 COMMANDS = {
     "build": cmd_build,
     "plan": cmd_plan,
@@ -331,4 +456,6 @@ COMMANDS = {
     "init": cmd_init,
     "ls": cmd_ls,
     "gc": cmd_gc,
+    "check": cmd_check,
+    "merge-lockfile": cmd_merge_lockfile,
 }

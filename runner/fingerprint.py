@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+from runner.errors import ImageError
 from runner.imagefiles import list_images
 
 CHUNK = 1 << 20
+
+
+class StateCacheWarning(UserWarning):
+    """The file-hash cache could not be saved; nothing is wrong but speed."""
 
 
 def canonical_json(value: Any) -> str:
@@ -46,17 +53,25 @@ def sha256_file(path: Path) -> str:
 
 
 class FileHasher:
-    """sha256 of files, cached by (path, size, mtime_ns, inode) in a JSON state file.
+    """sha256 of files, cached by (path, size, mtime_ns, inode, ctime_ns) in a JSON state file.
 
-    A cache miss reads the file once; a hit costs one stat. The state is saved atomically, so two
-    processes can share it: the last writer wins and the loser only loses cache entries.
+    A cache miss reads the file once; a hit costs one stat. The change time is in the key because a
+    tool can write a file and then set its old mtime back (os.utime, `touch -r`, rsync -t, a backup
+    restore); the kernel moves ctime on any write or utime, and nobody can set it back. `dbl check`
+    re-reads everything for file systems whose ctime cannot be trusted either. The state is saved
+    atomically, so two processes can share it: the last writer wins and the loser only loses cache
+    entries. Entries of an older key shape simply miss, which costs one re-read.
     """
 
-    def __init__(self, state_path: Path | None = None):
+    def __init__(self, state_path: Path | None = None, *, reread: bool = False):
+        """reread: trust no cached hash; read each file once (`dbl check`), and store what was read."""
         self.state_path = state_path
+        self.reread = reread
+        self._read_now: set[str] = set()
         self._cache: dict[str, list] = {}
         self._dirty = False
         self.reads = 0  # files actually read, for tests and benchmarks
+        self._save_failed = False
         if state_path is not None and state_path.is_file():
             try:
                 loaded = json.loads(state_path.read_text())
@@ -68,20 +83,35 @@ class FileHasher:
     def hash(self, path: Path) -> str:
         st = os.stat(path)
         key = str(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         cached = self._cache.get(key)
-        if cached is not None and cached[:3] == stamp:
-            return cached[3]
+        trusted = key in self._read_now or not self.reread
+        if trusted and isinstance(cached, list) and len(cached) == 5 and cached[:4] == _stamp(st):
+            return cached[4]
+        return self.rehash(path, st)
+
+    def cached(self, path: Path) -> str | None:
+        """The hash the cache would answer for `path` without reading it (None: it would read it)."""
+        entry = self._cache.get(str(path))
+        try:
+            current = isinstance(entry, list) and len(entry) == 5 and entry[:4] == _stamp(os.stat(path))
+        except OSError:
+            return None
+        return entry[4] if current else None
+
+    def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
+        """Read the file whatever the cache says, and remember what was read."""
+        st = st or os.stat(path)
         digest = sha256_file(path)
         self.reads += 1
-        self._cache[key] = stamp + [digest]
+        self._cache[str(path)] = _stamp(st) + [digest]
+        self._read_now.add(str(path))
         self._dirty = True
         return digest
 
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
-        return {p.relative_to(folder).as_posix(): self.hash(p) for p in files}
+        return {_name(p, folder): self.hash(p) for p in files}
 
     def tree(self, folder: Path) -> dict[str, str]:
         """{relative posix path: sha256} of every file under `folder`, hidden ones included."""
@@ -90,17 +120,51 @@ class FileHasher:
             dirs.sort()
             for name in sorted(names):
                 path = Path(root) / name
-                result[path.relative_to(folder).as_posix()] = self.hash(path)
+                result[_name(path, folder)] = self.hash(path)
         return result
 
     def save(self) -> None:
+        """Write the cache. It is only a cache: a full disk or a read-only folder costs a warning
+        (once) and re-reads next time, never the command that was hashing."""
         if not self._dirty or self.state_path is None:
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_name(f"{self.state_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"version": 1, "files": self._cache}, separators=(",", ":")))
-        os.replace(tmp, self.state_path)
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": 1, "files": self._cache}, separators=(",", ":")))
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self._save_failed:
+                self._save_failed = True
+                warnings.warn(
+                    StateCacheWarning(
+                        f"cannot save the file-hash cache {self.state_path} ({exc.strerror or exc}); "
+                        "going on without it: unchanged files are re-read next time"
+                    ),
+                    stacklevel=2,
+                )
+            return
         self._dirty = False
+
+
+def _name(path: Path, folder: Path) -> str:
+    """`path` relative to `folder`, as the lockfile records it; a name that is not UTF-8 cannot be."""
+    rel = path.relative_to(folder).as_posix()
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImageError(
+            f"{folder}: the file name {os.fsencode(rel)!r} is not valid UTF-8 (it came from another "
+            "system's encoding); rename it to a UTF-8 name: dbl records file names in the lockfile, "
+            "which is UTF-8 text"
+        ) from None
+    return rel
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def hub_revision(repo_id: str, revision: str | None) -> str:

@@ -2,14 +2,22 @@
 
 TOML, deterministic (sorted keys, relative paths), one table per step, schema version at the top,
 written atomically (temp file, fsync, rename) after every step.
+
+Each step record carries its own `digest`: the sha256 of the record's canonical JSON without the
+digest. A text merge of two lockfiles (git's union merge, a hand edit) that mixes the lines of two
+records leaves a record whose digest does not match; such a record is reported and treated as
+absent, so the build restores or reruns its step instead of trusting it. Records without a digest
+(written before digests existed) are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,10 @@ HEADER = "# Written by dbl build. Commit it: it records what was built, from wha
 
 class LockfileError(Exception):
     """A lockfile that cannot be read; the message says how to recover."""
+
+
+class LockfileWarning(UserWarning):
+    """Step records of a lockfile that were set aside (their digest does not match)."""
 
 
 def lock_path(project_path: Path) -> Path:
@@ -48,14 +60,78 @@ def read(path: Path) -> dict[str, dict]:
             f"{path}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"
         )
     steps = data.get("steps", {})
-    if not isinstance(steps, dict) or not all(_valid_record(r) for r in steps.values()):
+    if not isinstance(steps, dict):
         raise LockfileError(f"{path}: malformed step records; {recover}")
+    steps, rejected = checked_records(steps)
+    if not all(_valid_record(r) for r in steps.values()):
+        raise LockfileError(f"{path}: malformed step records; {recover}")
+    if rejected:
+        warnings.warn(
+            LockfileWarning(
+                f"{path}: the record of {', '.join(rejected)} does not match its digest (a text merge "
+                f"or a hand edit mixed it up); treated as not built: `dbl build` restores or reruns "
+                f"{'it' if len(rejected) == 1 else 'them'}"
+            ),
+            stacklevel=2,
+        )
     return steps
 
 
+def record_digest(record: dict) -> str:
+    """The sha256 of a step record's canonical JSON, its own digest left out."""
+    body = _without_none({k: v for k, v in record.items() if k != "digest"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checked_records(steps: dict) -> tuple[dict[str, dict], list[str]]:
+    """(records whose digest matches or that have none, ids of those whose digest does not match).
+
+    The digests are taken off the records returned: `write` puts fresh ones on.
+    """
+    kept, rejected = {}, []
+    for sid, record in steps.items():
+        if isinstance(record, dict) and "digest" in record:
+            record = dict(record)
+            if record.pop("digest") != record_digest(record):
+                rejected.append(sid)
+                continue
+        kept[sid] = record
+    return kept, sorted(rejected)
+
+
+def _without_none(value: Any) -> Any:
+    # What the TOML writer leaves out must be left out of the digest too.
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def referenced_fingerprints(path: Path) -> set[str]:
+    """Every fingerprint a lockfile's records name, those whose digest does not match included (the
+    run-cache entry of such a record is what restores it). Raises LockfileError like `read`."""
+    if not path.exists():
+        return set()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
+    steps = data.get("steps", {})
+    if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
+        raise LockfileError(f"{path}: not a lockfile of version {LOCK_VERSION}")
+    return {
+        r["fingerprint"]
+        for r in steps.values()
+        if isinstance(r, dict) and isinstance(r.get("fingerprint"), str)
+    }
+
+
 def read_text_records(text: str) -> dict[str, dict]:
-    """The step records of lockfile text (for tools and tests comparing two versions)."""
-    return tomllib.loads(text).get("steps", {})
+    """The step records of lockfile text (for tools and tests comparing two versions), as `read`
+    gives them: without their digests, and without the records whose digest does not match."""
+    return checked_records(tomllib.loads(text).get("steps", {}))[0]
 
 
 def _valid_record(record: Any) -> bool:
@@ -73,7 +149,7 @@ def _valid_record(record: Any) -> bool:
 
 def write(path: Path, steps: dict[str, dict]) -> None:
     """Write the lockfile atomically: a crash leaves the old file or the new one, never half of one."""
-    text = HEADER + dumps({"version": LOCK_VERSION, "steps": steps})
+    text = HEADER + dumps({"version": LOCK_VERSION, "steps": with_digests(steps)})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -81,6 +157,15 @@ def write(path: Path, steps: dict[str, dict]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def with_digests(steps: dict[str, dict]) -> dict[str, dict]:
+    """The records, each with its digest (computed afresh: a stale one is never carried over)."""
+    result = {}
+    for sid, record in steps.items():
+        body = {k: v for k, v in record.items() if k != "digest"}
+        result[sid] = {**body, "digest": record_digest(body)}
+    return result
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -99,10 +184,19 @@ def _fsync_dir(folder: Path) -> None:
 # --- a small deterministic TOML writer for the lockfile's data --------------------------------------
 
 
+BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
 def _key(key: str) -> str:
-    if key and all(c.isalnum() or c in "_-" for c in key):
+    # TOML bare keys are ASCII letters, digits, '_' and '-' only ('ü' is a letter to Python, not to TOML).
+    if key and all(c in BARE_KEY for c in key):
         return key
-    return json.dumps(key, ensure_ascii=False)
+    return _string(key)
+
+
+def _string(text: str) -> str:
+    """A TOML basic string. JSON's escapes are TOML's, except that TOML also forbids a raw DEL."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _value(value: Any) -> str:
@@ -115,7 +209,7 @@ def _value(value: Any) -> str:
             return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -318,6 +318,11 @@ class DiskFacts:
             self._images[folder] = self.hasher.manifest(Path(folder))
         return self._images[folder]
 
+    def forget(self) -> None:
+        """Drop what was hashed so far: the next questions look at the files as they are now."""
+        self._images.clear()
+        self._base = None
+
     def base_model_path(self) -> Path | None:
         """The base model's file or folder when it is local (its content is an input), else None."""
         s = self.project.settings

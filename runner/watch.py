@@ -5,8 +5,10 @@ A watchdog observer (a PollingObserver with `--polling`, for network and contain
 file events do not arrive) watches the project file and every input folder the project names: the
 subjects' and priors' images. Outputs, `.dbl/` and the lockfile are never watched, so a build does
 not wake the watcher. Changes are debounced; a change that arrives while a build runs is kept and
-handled when that build ends. An invalid project file is reported and the watch goes on; the
-folders it names are watched anyway, so that creating a missing folder wakes it.
+handled when that build ends. So is a change that arrives while another build (a manual `dbl build`)
+holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
+is reported and the watch goes on; the folders it names are watched anyway, so that creating a
+missing folder wakes it.
 
 The watch ends with exit code 0 on Ctrl-C or when `stop_event` is set: leaving is the normal way
 to end a watch, not a failure.
@@ -24,7 +26,11 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
+from runner.errors import DblError
 from runner.events import Reporter
+from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
+from runner.lockfile import LockfileError
+from runner.store import LockHeld
 
 try:
     import tomllib
@@ -34,6 +40,7 @@ except ModuleNotFoundError:  # Python 3.10
 # Event types that mean a file's content or presence changed (not opened, not read).
 CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
 POLL_INTERVAL_S = 1.0
+LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries again
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,10 @@ def watch(
         while not stop.is_set():
             handler.targets = targets_of(path, project)
             _reschedule(observer, handler, scheduled, handler.targets.watches())
-            if project is not None and _build(project, reporter_factory, stop, say) == 130:
+            if (
+                project is not None
+                and _build_when_free(project, reporter_factory, stop, say) == EXIT_INTERRUPTED
+            ):
                 break  # the build was interrupted (Ctrl-C): leave the watch too
             if stop.is_set():
                 break
@@ -152,6 +162,28 @@ def _load(path: Path, say: Callable[[str], None]):
     return None
 
 
+def _build_when_free(
+    project, reporter_factory: Callable[[], Reporter], stop: threading.Event, say: Callable[[str], None]
+) -> int:
+    """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
+    it, so that a change made meanwhile is not lost."""
+    from runner.store import BuildLock
+
+    code = _build(project, reporter_factory, stop, say)
+    while code == EXIT_LOCKED and not stop.is_set():
+        say("building when it ends")
+        while not stop.wait(LOCK_POLL_S):
+            try:
+                with BuildLock(project):
+                    break
+            except LockHeld:
+                continue
+        else:
+            break  # stopped while waiting
+        code = _build(project, reporter_factory, stop, say)
+    return code
+
+
 def _build(
     project, reporter_factory: Callable[[], Reporter], stop: threading.Event, say: Callable[[str], None]
 ) -> int:
@@ -165,13 +197,18 @@ def _build(
         with StopOnInterrupt() as interrupt:
             options = executor.BuildOptions(should_stop=lambda: stop.is_set() or interrupt.requested())
             code = executor.build(project, options, reporter).exit_code
-        return 130 if interrupt.requested() else code
+        return EXIT_INTERRUPTED if interrupt.requested() else code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except LockHeld as exc:
+        say(str(exc))
+        return EXIT_LOCKED
+    except (LockfileError, DblError) as exc:
+        say(str(exc))
+        return EXIT_USAGE
     except Exception as exc:  # a bug in one build must not end the watch
-        known = type(exc).__name__ in ("LockHeld", "LockfileError", "UsageError")
-        say(str(exc) if known else f"build crashed: {type(exc).__name__}: {exc}")
-        return 1
+        say(f"build crashed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
     finally:
         reporter.close()
 

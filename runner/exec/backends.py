@@ -12,6 +12,7 @@ through the callbacks as they happen.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import traceback
 from collections.abc import Callable
@@ -109,7 +110,7 @@ class ProcessBackend:
 
     def run(self, job: Job, hooks: Hooks) -> Outcome:
         parent, child = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker, args=(job, child), daemon=True)
+        process = self._context.Process(target=_worker, args=(job, child, os.getpid()), daemon=True)
         process.start()
         child.close()
         try:
@@ -159,12 +160,15 @@ def _receive(conn, process, job: Job, hooks: Hooks) -> Outcome:
             raise StepError(payload)
 
 
-def _worker(job: Job, conn) -> None:
+def _worker(job: Job, conn, parent_pid: int) -> None:
     """A worker process: run the job, send its events and its outcome (or error) to the scheduler."""
+    # Ctrl-C and a closed terminal reach the build's process, which stops the step through the job's
+    # stop file; SIGTERM (from the build, or the kernel when the build dies) ends the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from runner.interrupt import die_with_parent
 
-    die_with_parent()
+    die_with_parent(parent_pid)
     hooks = Hooks(
         progress=lambda done, total, **metrics: conn.send(("progress", (done, total, metrics))),
         log=lambda message: conn.send(("log", message)),

@@ -228,6 +228,7 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     project, step = ws.project, p.step
     read = ws.read_paths(step)
     before = stat_snapshot(read)  # before hashing: any change from here on shows in `after`
+    ws.facts.forget()  # what the plan hashed may have changed since
     hashes = {d: lock[d]["output_hash"] for d in step.deps}
     inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
     fp = fingerprint(inputs)

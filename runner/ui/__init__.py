@@ -45,4 +45,6 @@ def make_reporter(mode: str = "auto", verbosity: int = 0, console=None) -> Repor
 def _is_terminal(console) -> bool:
     if console is not None:
         return console.is_terminal and not console.is_dumb_terminal
-    return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+    # sys.stdout is None when the process started with its standard output closed.
+    out = sys.stdout
+    return out is not None and out.isatty() and os.environ.get("TERM", "") != "dumb"

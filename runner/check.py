@@ -1,0 +1,162 @@
+"""`dbl check`: read every file the lockfile vouches for again, trusting no cached hash.
+
+The stat cache makes `dbl plan` fast by believing that a file whose size and times have not changed
+has not changed. `dbl check` does not believe it: it re-reads the inputs the lockfile records (the
+subjects' images, the user's class images, a local base model), every recorded output, and the
+run-cache entries the lockfile refers to, and compares each with its recorded sha256. What it reads
+goes into the stat cache, so that the next `dbl plan` or `dbl build` sees any change it found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import lockfile
+from runner.fingerprint import FileHasher, base_model_identity, sha256_file
+from runner.project.schema import Project
+
+REBUILD = "run `dbl build`: it restores the recorded outputs from the run-cache or reruns the step"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A file that is not what the lockfile (or the run-cache's manifest) says it is."""
+
+    path: str  # as shown: relative to the project's folder where it lies below it
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem} - {self.fix}"
+
+
+@dataclass
+class Report:
+    mismatches: list[Mismatch]
+    files: int  # files read
+
+
+def check(project: Project) -> Report:
+    """Compare every file the project's lockfile records with its content. Raises LockfileError."""
+    records = lockfile.read(lockfile.lock_path(project.path))
+    hasher = FileHasher(project.state_dir / "state", reread=True)
+    found: list[Mismatch] = []
+    for sid, record in sorted(records.items()):
+        found += _outputs(project, sid, record, hasher)
+        found += _images(project, sid, record.get("inputs", {}), hasher)
+    found += _base_model(project, records, hasher)
+    found += _cache_entries(project, records)
+    hasher.save()
+    unique = list(dict.fromkeys(found))
+    return Report(unique, hasher.reads)
+
+
+def _shown(project: Project, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(project.dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _blind(before: str | None, recorded: str) -> str:
+    # The stat cache still vouched for the recorded content: plan could not have seen this change.
+    return "; its size and times are unchanged, so `dbl plan` could not see it" if before == recorded else ""
+
+
+def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> list[Mismatch]:
+    found = []
+    for rel, item in sorted(record.get("outputs", {}).items()):
+        path = project.dir / rel
+        if not path.is_file():
+            found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD))
+            continue
+        before = hasher.cached(path)
+        now = hasher.hash(path)
+        if now != item["sha256"]:
+            note = _blind(before, item["sha256"])
+            found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
+    return found
+
+
+def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mismatch]:
+    """Image manifests ({"_folder": ..., "files": {rel: sha256}}) anywhere in a step's recorded inputs."""
+    found = []
+    if isinstance(inputs, dict):
+        files = inputs.get("files")
+        if isinstance(inputs.get("_folder"), str) and isinstance(files, dict):
+            folder = (project.dir / inputs["_folder"]).resolve()
+            for rel, recorded in sorted(files.items()):
+                path = folder / rel
+                shown = _shown(project, path)
+                if not path.is_file():
+                    found.append(Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}"))
+                    continue
+                before = hasher.cached(path)
+                now = hasher.hash(path)
+                if now != recorded:
+                    note = _blind(before, recorded)
+                    problem = f"input of {sid} changed since it was built{note}"
+                    found.append(Mismatch(shown, problem, f"`dbl build` reruns {sid}"))
+        for value in inputs.values():
+            found += _images(project, sid, value, hasher)
+    return found
+
+
+def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mismatch]:
+    """A local base model (file or folder) against the identity the records were built with."""
+    from runner.models import BaseModel
+
+    s = project.settings
+    base = BaseModel.parse(s.base_model, project.dir, s.revision, s.allow_pickle)
+    if base.kind not in ("file", "folder"):
+        return []
+    try:
+        now = base_model_identity(base, hasher)
+    except OSError as exc:
+        return [Mismatch(str(base.ref), f"base model cannot be read ({exc.strerror or exc})", "fix the path")]
+    built_with = sorted(
+        sid
+        for sid, record in records.items()
+        if isinstance(record.get("inputs", {}).get("base_model"), dict)
+        and set(record["inputs"]["base_model"]) == set(now)
+        and record["inputs"]["base_model"] != now
+    )
+    if not built_with:
+        return []
+    steps = ", ".join(built_with)
+    return [
+        Mismatch(
+            _shown(project, Path(base.ref)),
+            f"base model content differs from what {steps} {'was' if len(built_with) == 1 else 'were'} built with",
+            "`dbl build` reruns the steps that use it",
+        )
+    ]
+
+
+def _cache_entries(project: Project, records: dict) -> list[Mismatch]:
+    """The run-cache entries the lockfile refers to: each file there with its manifest's sha256."""
+    from runner.store import RunCache
+
+    cache = RunCache(project.state_dir / "cache")
+    found = []
+    for sid, record in sorted(records.items()):
+        fp = record["fingerprint"]
+        if not cache.entry(fp).exists():
+            continue  # not cached here (collected, or built on another machine): nothing to check
+        entry = cache.entry(fp)
+        meta = cache.manifest(fp)
+        fix = (
+            f"delete the entry (rm -r {_shown(project, entry)}); a later build reruns {sid} when it needs it"
+        )
+        if meta is None:
+            found.append(Mismatch(_shown(project, entry), f"run-cache entry of {sid} has no manifest", fix))
+            continue
+        for rel, item in sorted(meta.get("outputs", {}).items()):
+            path = entry / "files" / rel
+            if not path.is_file() or sha256_file(path) != item.get("sha256"):
+                problem = (
+                    f"run-cache copy of {sid}'s output is {'missing' if not path.is_file() else 'altered'}"
+                )
+                found.append(Mismatch(_shown(project, path), problem, fix))
+    return found

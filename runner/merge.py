@@ -1,0 +1,69 @@
+"""`dbl merge-lockfile BASE OURS THEIRS`: a git merge driver for lockfiles.
+
+A lockfile is one record per step, so two branches merge record by record, the way git merges lines:
+a step changed on one side only takes that side's record; a step changed on both sides the same way
+(same fingerprint and outputs) takes ours; a step changed on both sides differently is left out, and
+the next `dbl build` restores it from the run-cache or reruns it for the merged project file. A step
+removed on one side and unchanged on the other is removed. The result replaces OURS, as git expects.
+
+    .gitattributes:  *.lock merge=dbl
+    git config merge.dbl.driver "dbl merge-lockfile %O %A %B"
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from runner import lockfile
+
+
+def same(a: dict | None, b: dict | None) -> bool:
+    """Whether two records (or absences) stand for the same build result; when and how long it took aside."""
+    if a is None or b is None:
+        return a is b
+    keys = ("kind", "fingerprint", "output_hash", "outputs")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def merge_records(base: dict, ours: dict, theirs: dict) -> tuple[dict[str, dict], list[str]]:
+    """(merged records, ids of steps changed differently on both sides and therefore left out)."""
+    merged, conflicts = {}, []
+    for sid in sorted(set(base) | set(ours) | set(theirs)):
+        o, a, b = base.get(sid), ours.get(sid), theirs.get(sid)
+        if same(a, b) or same(b, o):
+            chosen = a
+        elif same(a, o):
+            chosen = b
+        else:
+            conflicts.append(sid)
+            continue
+        if chosen is not None:
+            merged[sid] = chosen
+    return merged, conflicts
+
+
+def _records(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """A side's records, without those whose digest does not match; and the messages about those."""
+    if not path.exists() or not path.read_bytes().strip():
+        return {}, []  # git passes an empty file for a side that has no lockfile
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lockfile.LockfileWarning)
+        records = lockfile.read(path)
+    return records, [str(w.message) for w in caught if issubclass(w.category, lockfile.LockfileWarning)]
+
+
+def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[str]]:
+    """Merge three lockfiles into `ours`; (steps left out, notes about records set aside).
+
+    Raises LockfileError when a side cannot be read (git then reports a conflict).
+    """
+    notes: list[str] = []
+    sides = []
+    for path in (base, ours, theirs):
+        records, messages = _records(path)
+        sides.append(records)
+        notes += messages
+    merged, conflicts = merge_records(*sides)
+    lockfile.write(ours, merged)
+    return conflicts, notes

@@ -1,0 +1,96 @@
+"""An output edited in place with its size and mtime put back: the stat cache, ctime, and `dbl check`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from runner.cli import main
+from runner.fingerprint import FileHasher
+
+OUTPUT = "build/pets/renders/park/0-0.png"
+
+
+def sneaky_edit(path) -> None:
+    """Change a file's bytes but keep its size and mtime, as rsync -t or a restore from backup would."""
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def plan(proj, capsys) -> str:
+    assert main(["plan", str(proj.path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_notices_an_edit_that_kept_size_and_mtime(proj, build, capsys):
+    build(proj)
+    assert plan(proj, capsys).startswith("all 7 steps are up to date")
+    sneaky_edit(proj.root / OUTPUT)
+    # ctime moved with the write and the utime, so the stat cache does not answer for the file.
+    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)
+
+
+def forge_stat_cache(proj, rel: str) -> None:
+    """Make the stat cache vouch for the file's current stat with its old hash: what a file system
+    whose ctime tells nothing (some network and FUSE mounts) leaves dbl to believe."""
+    state = proj.root / ".dbl" / "state"
+    data = json.loads(state.read_text())
+    path = proj.root / rel
+    key = next(k for k in data["files"] if k.endswith(rel))
+    st = os.stat(path)
+    data["files"][key][:4] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    state.write_text(json.dumps(data))
+
+
+def test_check_finds_what_the_stat_cache_hides_and_tells_plan(proj, build, capsys):
+    build(proj)
+    sneaky_edit(proj.root / OUTPUT)
+    forge_stat_cache(proj, OUTPUT)
+    assert plan(proj, capsys).startswith("all 7 steps are up to date")  # blind
+    assert main(["check", str(proj.path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{OUTPUT}: output of render:park differs from the lockfile's sha256" in out
+    assert "`dbl plan` could not see it" in out and "run `dbl build`" in out
+    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)  # told by check
+    build(proj)
+    assert main(["check", str(proj.path)]) == 0
+    assert capsys.readouterr().out.startswith("all ")
+
+
+def test_check_reads_inputs_and_cache_entries(proj, build, capsys):
+    build(proj)
+    image = proj.root / "data" / "dog" / "01.png"
+    sneaky_edit(image)
+    forge_stat_cache(proj, "data/dog/01.png")
+    entry = next((proj.root / ".dbl" / "cache").iterdir())
+    cached = next(p for p in (entry / "files").rglob("*") if p.is_file())
+    cached.write_bytes(cached.read_bytes() + b"x")
+    assert plan(proj, capsys).startswith("all 7 steps are up to date")  # blind to both
+    assert main(["check", str(proj.path)]) == 1
+    out = capsys.readouterr().out
+    assert "data/dog/01.png: input of train:dog changed since it was built" in out
+    assert "run-cache copy of" in out and "altered" in out and "rm -r .dbl/cache/" in out
+    assert "train:dog" in plan(proj, capsys)
+
+
+def test_check_without_a_lockfile_and_when_all_is_well(proj, build, capsys):
+    assert main(["check", str(proj.path)]) == 0
+    assert capsys.readouterr().out.startswith("all 0 files match")
+    build(proj)
+    assert main(["check", str(proj.path)]) == 0
+
+
+def test_old_stat_cache_entries_miss(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("new")
+    st = os.stat(path)
+    state = tmp_path / "state"
+    old = [st.st_size, st.st_mtime_ns, st.st_ino, "0" * 64]  # the key before ctime joined it
+    state.write_text(json.dumps({"version": 1, "files": {str(path): old}}))
+    hasher = FileHasher(state)
+    assert hasher.hash(path) != "0" * 64 and hasher.reads == 1

@@ -1,0 +1,79 @@
+"""`dbl gc` never guesses: an unreadable lockfile stops it, and so does a build in progress."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.cli import main
+from runner.store import BuildLock, RunCache
+from tests.test_cli import fake_dbl, wait_for
+
+CONFLICT = '<<<<<<< HEAD\n[steps."render:x"]\n=======\n[steps."render:y"]\n>>>>>>> theirs\n'
+
+
+def cache_entries(proj) -> list[str]:
+    return RunCache(proj.root / ".dbl" / "cache").entries()
+
+
+@pytest.fixture
+def built_twice(proj, build):
+    """A project built, edited and built again: one cache entry no lockfile refers to any more."""
+    build(proj)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    return proj
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("which, text", [("pets.lock", None), ("other.lock", "garbage = = =\n")])
+def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, which, text):
+    proj = built_twice
+    bad = proj.root / which
+    bad.write_text(text if text is not None else CONFLICT + proj.lock.read_text())
+    before = cache_entries(proj)
+    assert len(before) == 8
+    args = ["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert f"{bad}: cannot read the lockfile" in captured.err and "gc refused" in captured.err
+    assert "move it out of" in captured.err and "Lockfiles in git" in captured.err
+    assert not captured.out
+    assert cache_entries(proj) == before
+    bad.unlink() if which == "other.lock" else bad.write_text(bad.read_text().replace(CONFLICT, ""))
+    assert main(args) == 0
+    assert cache_entries(proj) == (before if dry_run else sorted(set(before) - {_dropped(before, proj)}))
+
+
+def _dropped(before, proj) -> str:
+    from runner import lockfile
+
+    kept = {r["fingerprint"] for r in lockfile.read(proj.lock).values()}
+    (gone,) = set(before) - kept
+    return gone
+
+
+def test_gc_waits_for_no_build_it_would_race(proj, capsys):
+    first = fake_dbl("build", proj.path, "--no-progress", slow="train:toy", wait=False)
+    try:
+        wait_for(first, "SLOW STEP RUNNING")  # the build holds the lock and has stored some entries
+        before = cache_entries(proj)
+        assert before
+        assert main(["gc", str(proj.path)]) == 3
+        err = capsys.readouterr().err
+        assert f"another build of this project is running (pid {first.pid} on" in err
+        assert cache_entries(proj) == before
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_gc_holds_the_locks_of_projects_sharing_the_cache(proj, build, capsys):
+    build(proj)
+    twin = proj.root / "twin.toml"
+    twin.write_text(proj.path.read_text())
+    from runner.project import load_project
+
+    with BuildLock(load_project(twin)):
+        assert main(["gc", str(proj.path)]) == 3
+    assert "another build" in capsys.readouterr().err
+    assert main(["gc", str(proj.path)]) == 0

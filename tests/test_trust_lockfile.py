@@ -1,0 +1,190 @@
+"""Lockfile records check themselves, and two branches' lockfiles merge cleanly through git."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from runner import lockfile
+from runner.cli import main
+from tests.conftest import ROOT
+
+# Two renders whose records differ only in their adapter, output and times: a text merge of their
+# tables can mix them line by line.
+RENDER_X = '\n[renders.x]\nadapter = "dog"\nprompts = ["a dog"]\n'
+RENDER_Y = '\n[renders.y]\nadapter = "toy"\nprompts = ["a dog"]\n'
+
+
+def plan_lines(proj, capsys) -> tuple[str, str]:
+    assert main(["plan", str(proj.path)]) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_record_altered_by_hand_is_reported_and_rebuilt(proj, build, capsys):
+    build(proj)
+    text = proj.lock.read_text()
+    # A hand edit that keeps the TOML valid and the record well-formed: a different metric.
+    assert "fake = true" in text
+    proj.lock.write_text(text.replace("fake = true", "fake = false", 1))
+    out, err = plan_lines(proj, capsys)
+    assert "blend:mix     never built; restorable from cache" in out  # the first table in the file
+    assert err.count("does not match its digest") == 1 and "blend:mix" in err
+    with pytest.warns(lockfile.LockfileWarning, match="blend:mix"):
+        result, _ = build(proj)
+    assert result.ok
+    out, err = plan_lines(proj, capsys)
+    assert "up to date" in out and not err
+
+
+def test_records_without_digest_from_the_previous_version_stay_fresh(proj, build, capsys):
+    build(proj)
+    lines = [line for line in proj.lock.read_text().splitlines() if not line.startswith("digest = ")]
+    proj.lock.write_text("\n".join(lines) + "\n")
+    assert "digest" not in proj.lock.read_text()
+    out, err = plan_lines(proj, capsys)
+    assert out.startswith("all 7 steps are up to date") and not err
+
+
+def test_rewriting_a_lockfile_changes_only_the_records_that_changed(proj, build):
+    build(proj)
+    before = tables(proj.lock.read_text())
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    after = tables(proj.lock.read_text())
+    assert set(after) == set(before)
+    changed = {header for header in after if after[header] != before[header]}
+    assert changed and all('"render:park"' in header for header in changed), changed
+
+
+def tables(text: str) -> dict[str, list[str]]:
+    """{table header: its lines} of TOML text ("" for the lines before the first table)."""
+    found, header = {"": []}, ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            header = line
+            found[header] = []
+        else:
+            found[header].append(line)
+    return found
+
+
+def three_builds(proj, build):
+    """The common lockfile, then ours (adds render x) and theirs (adds render y), each built from it."""
+    build(proj)
+    base, project = proj.lock.read_text(), proj.path.read_text()
+    proj.path.write_text(project + RENDER_X)
+    build(proj)
+    ours = proj.lock.read_text()
+    proj.lock.write_text(base)
+    proj.path.write_text(project + RENDER_Y)
+    build(proj)
+    theirs = proj.lock.read_text()
+    proj.path.write_text(project + RENDER_X + RENDER_Y)
+    return base, ours, theirs
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_union_merged_lockfile_does_not_pass_for_up_to_date(proj, build, capsys, tmp_path):
+    base, ours, theirs = three_builds(proj, build)
+    files = {}
+    for name, text in (("base", base), ("ours", ours), ("theirs", theirs)):
+        files[name] = tmp_path / f"{name}.lock"
+        files[name].write_text(text)
+    subprocess.run(
+        ["git", "merge-file", "--union", files["ours"], files["base"], files["theirs"]], check=True
+    )
+    merged = files["ours"].read_text()
+    proj.lock.write_text(merged)
+    # The union interleaved the two new tables: one record lost lines to the other.
+    assert merged.count('[steps."render:') >= 2
+    records = lockfile.read_text_records(merged)  # the mixed record is what the digest catches
+    mixed = tomllib_steps(merged)
+    assert any(len(mixed[sid].get("inputs", {})) < 3 for sid in ("render:x", "render:y") if sid in mixed)
+    out, err = plan_lines(proj, capsys)
+    assert "up to date" not in out, out
+    assert "does not match its digest" in err
+    assert set(mixed) - set(records), "a mixed record was accepted"
+    with pytest.warns(lockfile.LockfileWarning):
+        result, _ = build(proj)
+    assert result.ok
+    out, _ = plan_lines(proj, capsys)
+    assert out.startswith("all 9 steps are up to date")
+
+
+def tomllib_steps(text: str) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib.loads(text)["steps"]
+
+
+def test_merge_rules():
+    from runner.merge import merge_records
+
+    a1, a2, a3 = ({"kind": "train", "fingerprint": f, "output_hash": f, "outputs": {}} for f in "123")
+    base = {"s": a1, "t": a1, "u": a1, "gone": a1}
+    ours = {"s": a2, "t": a1, "u": a2, "gone": a1, "new": a3}
+    theirs = {"s": a1, "t": a2, "u": a3}
+    merged, conflicts = merge_records(base, ours, theirs)
+    # s: ours changed it; t: theirs changed it; u: both, differently: left out; gone: theirs removed it.
+    assert merged == {"s": a2, "t": a2, "new": a3}
+    assert conflicts == ["u"]
+    # Rebuilt the same way on both sides, at other times: the same record.
+    later = {**a2, "built": "later"}
+    assert merge_records({"s": a1}, {"s": a2}, {"s": later}) == ({"s": a2}, [])
+
+
+def git(repo, *args, env=None):
+    return subprocess.run(
+        ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
+    repo = proj.root
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        GIT_CONFIG_GLOBAL=os.devnull,
+        GIT_CONFIG_NOSYSTEM="1",
+    )
+    git(repo, "init", "-q", "-b", "main", env=env)
+    driver = f"{sys.executable} -m runner merge-lockfile %O %A %B"
+    git(repo, "config", "merge.dbl.driver", driver, env=env)
+    (repo / ".gitattributes").write_text("*.lock merge=dbl\n")
+    (repo / ".gitignore").write_text(".dbl/\nbuild/\n")
+    build(proj)
+    git(repo, "add", "-A", env=env)
+    git(repo, "commit", "-qm", "base", env=env)
+    project = proj.path.read_text()
+    # Ours adds a render at the top of the renders, theirs one at the end: the project files merge.
+    git(repo, "checkout", "-qb", "ours", env=env)
+    proj.path.write_text(project.replace("[renders.park]", RENDER_X.strip() + "\n\n[renders.park]"))
+    build(proj)
+    git(repo, "commit", "-qam", "x", env=env)
+    git(repo, "checkout", "-q", "main", env=env)
+    git(repo, "checkout", "-qb", "theirs", env=env)
+    proj.path.write_text(project + RENDER_Y)
+    build(proj)
+    git(repo, "commit", "-qam", "y", env=env)
+    git(repo, "checkout", "-q", "ours", env=env)
+    git(repo, "merge", "-q", "--no-edit", "theirs", env=env)  # check=True: no conflict
+    assert "<<<<<<<" not in proj.lock.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lockfile.LockfileWarning)
+        records = lockfile.read(proj.lock)
+    assert {"render:x", "render:y"} <= set(records)
+    out, err = plan_lines(proj, capsys)
+    assert out.startswith("all 9 steps are up to date") and not err

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from runner import __version__
+from runner import __version__, steps
 from runner.errors import DblError
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
     p.add_argument(
         "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
+    )
+    p.add_argument(
+        "--executor",
+        default="inline",
+        metavar="NAME",
+        help="where steps run: inline (in this process, the default) or process (a worker process each)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
     p.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
@@ -206,6 +212,7 @@ def cmd_build(args) -> int:
                 num_processes=args.num_processes,
                 should_stop=stop.requested,
                 debug=args.debug,
+                backend=args.executor,
             )
             result = executor.build(project, options, reporter)
         if stop.signum is not None and result.exit_code in (EXIT_OK, EXIT_INTERRUPTED):
@@ -287,8 +294,8 @@ def cmd_init(args) -> int:
 
     data = tomllib.loads(text)
     made = []
-    for group in ("subjects", "priors"):
-        for table in data.get(group, {}).values():
+    for kind in steps.kinds():
+        for table in data.get(kind.table, {}).values():
             images = table.get("images")
             if images:
                 (target_dir / images).mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
+from runner import steps
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
@@ -77,8 +78,11 @@ def targets_of(project_path: Path, project=None) -> Targets:
     project_path = Path(project_path).resolve()
     base = project_path.parent
     if project is not None:
-        named = [p.images for p in project.priors.values() if p.images] + [
-            s.images for s in project.subjects.values()
+        named = [
+            folder
+            for kind in steps.kinds()
+            for spec in project.tables.get(kind.name, {}).values()
+            for folder in kind.folders(spec)
         ]
         ignored = [project.out, project.state_dir]
     else:
@@ -282,14 +286,15 @@ def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]
 
 
 def _raw_image_folders(project_path: Path) -> list[str]:
-    """The `images` folders a project file names, read without validating it (best effort)."""
+    """The `images` folders a project file's step tables name, read without validating it (best
+    effort: an input folder is an `images` key by convention)."""
     try:
         data = tomllib.loads(project_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
     found = []
-    for group in ("subjects", "priors"):
-        tables = data.get(group)
+    for kind in steps.kinds():
+        tables = data.get(kind.table)
         if isinstance(tables, dict):
             for table in tables.values():
                 if isinstance(table, dict) and isinstance(table.get("images"), str):

@@ -153,3 +153,16 @@ def test_an_unregistered_kind_is_an_unknown_table(tmp_path):
     path.write_text(PROJECT)
     with pytest.raises(ProjectError, match="unknown key 'notes'"):
         load_project(path)
+
+
+def test_a_new_kind_runs_in_a_worker_process_and_is_reported(notes, capsys):
+    """The process backend imports the kind's run function and table by reference in a fresh
+    interpreter: a kind defined in a test module runs there too."""
+    from runner.cli import main
+
+    assert main(["build", str(notes), "--no-progress", "-v", "--executor", "process"]) == 0
+    out = capsys.readouterr().out
+    assert "note:first" in out and "note:second" in out and "notes 1/1" in out
+    assert "wrote 2 times" in out
+    text = (notes.parent / "build" / "n" / "notes" / "second" / "note.txt").read_text()
+    assert text == "hello hello world"

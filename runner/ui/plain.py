@@ -63,12 +63,13 @@ def fmt_path(path: Path | str | None) -> str:
 
 
 def unit_of(step: StepEvent) -> tuple[str, str]:
-    """What a step's progress counts: ('step', 'it/s') for training, ('images', 'img/s') otherwise."""
-    if step.kind == "train":
-        return "step", "it/s"
-    if step.kind == "blend":
-        return "layers", "/s"
-    return "images", "img/s"
+    """What a step's progress counts, as its kind says: ('step', 'it/s') for training ..."""
+    from runner import steps
+
+    try:
+        return steps.get(step.kind).unit
+    except KeyError:
+        return "images", "img/s"
 
 
 def metrics_text(step: StepEvent, rate: float | None) -> str:

@@ -18,7 +18,7 @@ from runner.imagefiles import list_images
 
 def image_seed(seed: int, index: int) -> int:
     """The generator seed of class image `index` (image 0 of seed 0 is not image 0 of seed 1)."""
-    from runner.steps.train import derive_seed
+    from runner.training.data import derive_seed
 
     return derive_seed(seed, "class-image", index)
 

@@ -1,0 +1,1 @@
+"""Running steps: the scheduler, its backends, and the multi-process train launcher."""

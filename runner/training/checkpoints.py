@@ -120,12 +120,19 @@ def _jsonable_rng(state):
     return [state[0], list(state[1]), state[2]]
 
 
-def resume(work: Path, fingerprint: str, log, trainable, optimizer, lr_scheduler, scaler):
+def resume(work: Path, fingerprint: str, log, trainable, optimizer, lr_scheduler, scaler, rank: int = 0):
     """Load the newest usable checkpoint into the run; returns (step, history, folder), or None to start over.
 
     Every file is read and checked before anything is changed, so a damaged checkpoint leaves the run as
-    it was and an older one (or a fresh start) takes its place.
+    it was and an older one (or a fresh start) takes its place. Process 0 deletes a damaged checkpoint
+    after reporting it, so that it is reported once.
     """
+
+    def damaged(folder: Path, problem) -> None:
+        log(f"damaged checkpoint {folder}: {problem}; skipping it")
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
     for step, folder in reversed(checkpoint_dirs(work)):
         try:
             state = json.loads((folder / STATE).read_text())
@@ -134,9 +141,11 @@ def resume(work: Path, fingerprint: str, log, trainable, optimizer, lr_scheduler
         except FileNotFoundError:
             continue  # not complete: the run was killed while writing it
         except (OSError, ValueError) as exc:
-            log(f"damaged checkpoint {folder}: {exc}; skipping it")
+            damaged(folder, exc)
             continue
         if state.get("format") != CHECKPOINT_FORMAT:
+            if not isinstance(state.get("format"), int):
+                damaged(folder, "state.json has no format")
             continue  # written by another version of dbl
         if fingerprint and state.get("fingerprint") and state["fingerprint"] != fingerprint:
             log(f"ignoring {folder.name}: it belongs to other settings")
@@ -144,7 +153,7 @@ def resume(work: Path, fingerprint: str, log, trainable, optimizer, lr_scheduler
         try:
             loaded = _read(folder, step, state, trainable)
         except Exception as exc:  # any way a damaged file fails to load
-            log(f"damaged checkpoint {folder}: {exc}; skipping it")
+            damaged(folder, exc)
             continue
         _apply(loaded, state, trainable, optimizer, lr_scheduler, scaler)
         return state["step"], state["history"], folder

@@ -164,7 +164,14 @@ def _optimizer(run: Run) -> None:
 
 def _resume(run: Run) -> None:
     found = checkpoints.resume(
-        run.job.work, run.job.fingerprint, run.log, run.trainable, run.optimizer, run.lr_scheduler, run.scaler
+        run.job.work,
+        run.job.fingerprint,
+        run.log,
+        run.trainable,
+        run.optimizer,
+        run.lr_scheduler,
+        run.scaler,
+        run.rank,
     )
     if found is not None:
         run.step, run.history, folder = found

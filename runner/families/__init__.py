@@ -115,6 +115,7 @@ class Family:
     # --- training -------------------------------------------------------------------------------------
 
     def tokenize(self, pipe, prompts: list[str], device):
+        """Token ids of `prompts` for the pipeline's tokenizer(s), on `device`."""
         raise NotImplementedError
 
     def encode_prompts(self, modules: dict, token_ids):
@@ -125,7 +126,9 @@ class Family:
         """Extra conditioning of the denoiser call (SDXL: added_cond_kwargs); `prompts` is encode_prompts'."""
         return {}
 
-    def predict(self, modules: dict, noisy, timesteps, prompts, dtype, **extra):
+    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):
+        """The denoiser's prediction for `noisy` latents laid out [instance * batch, class * batch], with
+        `prompts` from encode_prompts (one row per prompt) and the conditioning of `denoiser_kwargs`."""
         raise NotImplementedError
 
     # --- kohya ---------------------------------------------------------------------------------------

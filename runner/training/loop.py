@@ -77,6 +77,7 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     dtype = models.dtype if models is not None else resolve_dtype(job.mixed_precision, job.device)
     log = hooks.log if rank == 0 else (lambda message: None)
 
+    # 1. Images, read once.
     images, weight = read_images(job, log)
     # A private pipeline when bias training would touch the shared pipeline's weights.
     components = family.trained_components(ts)
@@ -96,18 +97,22 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
 
 def _train(run: Run) -> dict:
     ts = run.settings
-    _noise_scheduler(run)
+    _noise_scheduler(run)  # the base model's own noise schedule and prediction type
+    # 2. LoRA on the components that train; their parameters in fp32.
     run.modules = lora.add_lora(run.pipe, run.job.family, run.components, run.job.subject.lora, run.job.seed)
     try:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
         lora.start_training(run.modules, run.components, ts.gradient_checkpointing)
+        # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(run.pipe.vae, run.images, ts, run.device, run.dtype)
         run.log(run.latents.describe())
+        # Optimizer and schedule; 5. resume from the newest good checkpoint.
         _optimizer(run)
         _resume(run)
         if run.rank == 0:
             run.hooks.progress(run.step, ts.steps)
+        # 4. Train.
         order = ExampleOrder(run.job.seed, len(run.images.instance), len(run.images.classes))
         params = [p for group in run.trainable.values() for p in group.values()]
         while run.step < ts.steps:
@@ -115,7 +120,8 @@ def _train(run: Run) -> dict:
             if run.world > 1:
                 all_reduce_mean(params, losses, run.world)
             _optimizer_step(run, params, losses)
-            _checkpoint_or_stop(run)
+            _checkpoint_or_stop(run)  # 5. checkpoint when due or asked to stop
+        # 6. Write the adapter in every layout.
         return _save(run)
     finally:
         lora.remove_lora(run.modules, ts.gradient_checkpointing)

@@ -189,3 +189,59 @@ def test_a_family_registered_by_a_test_trains_blends_and_renders(tmp_path, alias
     render = run_render(tmp_path, "r", "mix", {"blend:mix": blend}, models=models)
     assert (render / "0-0.png").is_file() and (render / "grid.png").is_file()
     assert alias.calls["native_size"] == 1
+
+
+ALIAS_PROJECT = """
+[project]
+base_model = "tiny-alias"
+device = "cpu"
+
+[train]
+resolution = 64
+steps = 2
+checkpoint_every = 0
+
+[lora]
+rank = 4
+alpha = 8
+text_encoder_rank = 2
+text_encoder_alpha = 3
+
+[subjects.dog]
+images = "dog"
+instance_prompt = "a photo of sks dog"
+
+[subjects.toy]
+images = "dog"
+instance_prompt = "a toy in the style of <1>"
+
+[blends.toy_dog]
+adapters = { toy = 1.0, dog = 0.5 }
+
+[renders.dog]
+adapter = "toy_dog"
+prompts = ["sks dog"]
+steps = 2
+seeds = [0]
+"""
+
+
+@pytest.mark.torch
+def test_a_family_registered_by_a_test_builds_a_project(tmp_path, alias):
+    from runner import executor
+    from runner.events import FRESH
+    from runner.project import load_project
+    from tests.conftest import Recorder, write_image
+
+    for i in range(2):
+        write_image(tmp_path / "dog" / f"{i}.png", seed=i, size=64)
+    (tmp_path / "p.toml").write_text(ALIAS_PROJECT)
+    result = executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(), Recorder())
+    assert result.ok, [(s.id, s.error) for s in result.steps if s.error]
+    out = tmp_path / "build" / "p"
+    assert (out / "blends" / "toy_dog" / "text_encoder" / "adapter_model.safetensors").is_file()
+    assert (out / "renders" / "dog" / "grid.png").is_file()
+    assert alias.calls["predict"] == 4 and alias.calls["native_size"] == 1
+    assert 'family = "alias"' in (tmp_path / "p.lock").read_text()  # part of the identity, unlike sd1's
+    again = executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(), Recorder())
+    assert all(s.status == FRESH for s in again.steps)

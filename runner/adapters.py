@@ -428,7 +428,8 @@ def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> Non
     folder = Path(folder)
     if not (folder / family.denoiser.name / PEFT_CONFIG).is_file():
         raise AdapterError(f"{folder}: no adapter here (expected {family.denoiser.name}/{PEFT_CONFIG})")
-    foreign = [c for c in families.adapter_components(folder) if c not in {x.name for x in family.components}]
+    names = {c.name for c in family.components}
+    foreign = [p.parent.name for p in sorted(folder.glob(f"*/{PEFT_CONFIG}")) if p.parent.name not in names]
     if foreign:
         raise AdapterError(
             f"{folder}: has {', '.join(foreign)}, which a {family.name} base model does not have; "

@@ -155,6 +155,32 @@ def test_sd1_files_and_folders_are_sd1(tmp_path):
     assert families.detect(BaseModel.parse(str(tmp_path / "folder"), tmp_path)).name == "sd1"
 
 
+def test_a_cached_hub_model_of_another_family_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--owner--xl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLPipeline"}'
+    )
+    with pytest.raises(ModelError, match="owner/xl is a StableDiffusionXLPipeline"):
+        families.detect(BaseModel.parse("owner/xl", tmp_path))
+    assert families.detect(BaseModel.parse("owner/not-cached", tmp_path)).name == "sd1"
+
+
+@pytest.mark.torch
+def test_an_adapter_with_a_component_the_model_lacks_is_refused(tmp_path):
+    from runner.adapters import AdapterError, load_adapter_into
+    from tests.steps_fixtures import model_cache
+
+    for component in ("unet", "text_encoder_2"):
+        (tmp_path / component).mkdir()
+        (tmp_path / component / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterError, match="has text_encoder_2, which a sd1 base model does not have"):
+        load_adapter_into(model_cache().pipeline(), tmp_path, "xl")
+
+
 # --- a test family through the steps ------------------------------------------------------------------
 
 

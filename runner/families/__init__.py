@@ -123,7 +123,9 @@ class Family:
         raise NotImplementedError
 
     def denoiser_kwargs(self, prompts, batch: int) -> dict:
-        """Extra conditioning of the denoiser call (SDXL: added_cond_kwargs); `prompts` is encode_prompts'."""
+        """Extra keyword arguments of the denoiser call, from `prompts` (encode_prompts' result) for a
+        batch of `batch` examples per prompt. None for sd1; SDXL adds `added_cond_kwargs` (the pooled
+        prompt embeddings, and time ids that will also need the examples' crops)."""
         return {}
 
     def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):

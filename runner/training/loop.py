@@ -147,7 +147,7 @@ def _encode_prompts(run: Run) -> None:
     run.token_ids = family.tokenize(run.pipe, prompts, run.device)
     if all(c.denoiser for c in run.components):  # no text encoder trains: the embeddings never change
         with torch.no_grad():
-            run.prompts = family.encode_prompts(run.modules, run.token_ids).to(run.dtype)
+            run.prompts = family.encode_prompts(run.modules, run.token_ids)  # predict casts them
 
 
 def _optimizer(run: Run) -> None:

@@ -41,7 +41,7 @@ def make_adapter(folder: Path) -> Path:
         pipe.text_encoder,
         LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
-    save_adapter(folder, unet, te, base_model="tiny-sd")
+    save_adapter(folder, {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     return folder
 
 

@@ -76,10 +76,12 @@ class FixedModels:
     """A ModelCache look-alike around one pipeline built in memory (sd15-random)."""
 
     def __init__(self, base, pipe, device: str, mixed_precision: str):
+        from runner import families
         from runner.models import resolve_dtype
 
         self.base, self.pipe, self.device, self.mixed_precision = base, pipe, device, mixed_precision
         self.dtype = resolve_dtype(mixed_precision, device)
+        self.family = families.of(pipe)
 
     def pipeline(self, dtype=None):
         return self.pipe

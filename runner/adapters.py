@@ -2,8 +2,9 @@
 
 An adapter folder (``adapters/<subject>/`` or ``blends/<name>/``) holds:
 
-    unet/, text_encoder/               PEFT layout (adapter_config.json + adapter_model.safetensors),
-                                       what ``PeftModel.from_pretrained(pipe.unet, folder / "unet")`` reads
+    <component>/                       PEFT layout (adapter_config.json + adapter_model.safetensors) per
+                                       LoRA component of the model family (sd1: unet/, text_encoder/),
+                                       what ``PeftModel.from_pretrained(pipe.unet, folder / <component>)`` reads
     pytorch_lora_weights.safetensors   diffusers layout (``pipe.load_lora_weights``), with the LoRA config
                                        in the file's metadata so that alpha != r loads at the right strength
     <folder name>.safetensors          kohya layout (A1111, ComfyUI, Forge)
@@ -12,7 +13,8 @@ An adapter folder (``adapters/<subject>/`` or ``blends/<name>/``) holds:
 Every file is written byte-for-byte deterministically: same weights and info, same bytes. That is why
 this module writes safetensors files itself (the library serialises metadata in hash order).
 
-torch, peft and safetensors are imported inside functions.
+Which components there are, their kohya names and metadata, come from the model family
+(runner.families). torch, peft and safetensors are imported inside functions.
 """
 
 from __future__ import annotations
@@ -25,17 +27,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from runner import families
 from runner.errors import AdapterError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 INFO_FILE = "dbl.json"
-COMPONENTS = ("unet", "text_encoder")
 PEFT_PREFIX = "base_model.model."
-# transformers 4 nests CLIPTextModel's modules under `text_model.`; transformers 5 does not.
-# kohya / A1111 names always carry it.
-TEXT_MODEL = "text_model."
 
 
 # --- safetensors, deterministic ----------------------------------------------------------------------
@@ -56,6 +55,16 @@ _DTYPE_CODES = {
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write a .safetensors file whose bytes depend only on the tensors and metadata (sorted keys)."""
+    data = safetensors_bytes(tensors, metadata)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes of a .safetensors file of `tensors` (see write_safetensors)."""
     import torch
 
     header: dict[str, Any] = {}
@@ -73,14 +82,7 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None
         offset += len(data)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-    tmp.replace(path)
+    return b"".join([struct.pack("<Q", len(head)), head, *blobs])
 
 
 def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
@@ -167,26 +169,35 @@ def _base_module(module):
 
 def save_adapter(
     folder: Path,
-    unet,
-    text_encoder=None,
+    modules: dict,
     *,
     adapter_name: str = "default",
     base_model: str,
     info: dict | None = None,
     name: str | None = None,
+    family=None,
 ) -> None:
-    """Write the adapter `adapter_name` of `unet` (and `text_encoder`) into `folder` in every layout.
+    """Write the adapter `adapter_name` of `modules` (component name -> module) into `folder` in every
+    layout. The family's denoiser must be among them; components left out get no adapter.
 
-    `unet` / `text_encoder` are PeftModels or models with injected PEFT LoRA layers; other adapters they
-    carry are not written. `base_model` goes into both PEFT configs' `base_model_name_or_path`.
-    The kohya file is `<name>.safetensors`; `name` defaults to `info["name"]`, else the folder's name
-    (a step writes into a work folder, so it passes the subject's or blend's name).
+    The modules are PeftModels or models with injected PEFT LoRA layers; other adapters they carry are
+    not written. `base_model` goes into every PEFT config's `base_model_name_or_path`. The kohya file is
+    `<name>.safetensors`; `name` defaults to `info["name"]`, else the folder's name (a step writes into
+    a work folder, so it passes the subject's or blend's name). `family` defaults to sd1.
     """
+    family = family or families.get(families.DEFAULT)
     folder = Path(folder)
+    if modules.get(family.denoiser.name) is None:
+        raise AdapterError(f"an adapter needs its {family.denoiser.name} LoRA")
+    unknown = set(modules) - {c.name for c in family.components}
+    if unknown:
+        raise AdapterError(f"{', '.join(sorted(unknown))}: not a LoRA component of family {family.name}")
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {"unet": _component_export(unet, adapter_name)}
-    if text_encoder is not None:
-        parts["text_encoder"] = _component_export(text_encoder, adapter_name)
+    parts = {
+        c.name: _component_export(modules[c.name], adapter_name)
+        for c in family.components
+        if modules.get(c.name) is not None
+    }
 
     for component, part in parts.items():
         sub = folder / component
@@ -209,7 +220,7 @@ def save_adapter(
 
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
     name = name or (info or {}).get("name") or folder.name
-    _save_kohya(folder / f"{name}.safetensors", parts, _base_module(unet))
+    _save_kohya(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 
@@ -244,53 +255,25 @@ _DIFFUSERS_CONFIG_KEYS = (
 )
 
 
-def kohya_name(component: str, path: str) -> str:
+def kohya_name(component: str, path: str, family=None) -> str:
     """The kohya / A1111 name of a module: `lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`."""
-    if component == "unet":
-        return "lora_unet_" + path.replace(".", "_")
-    path = TEXT_MODEL + path.removeprefix(TEXT_MODEL)
-    return "lora_te_" + path.replace(".", "_")
+    return (family or families.get(families.DEFAULT)).kohya_name(component, path)
 
 
-def _save_kohya(path: Path, parts: dict, unet_base) -> None:
+def _save_kohya(path: Path, parts: dict, denoiser_base, family) -> None:
     import torch
 
     tensors = {}
     for component, part in parts.items():
         for module, layer in part["layers"].items():
-            name = kohya_name(component, module)
+            name = family.kohya_name(component, module)
             rank = layer["A"].shape[0]
             # kohya scales by alpha / rank; storing scaling * rank keeps the strength for rslora and patterns.
             tensors[f"{name}.lora_down.weight"] = layer["A"].contiguous()
             tensors[f"{name}.lora_up.weight"] = layer["B"].contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(layer["scaling"] * rank, dtype=torch.float32)
-    unet_config = parts["unet"]["config"]
-    cross_dim = getattr(getattr(unet_base, "config", None), "cross_attention_dim", 768)
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(unet_config["r"]),
-        "ss_network_alpha": _num(unet_config["lora_alpha"]),
-        "ss_base_model_version": "sd_v2" if cross_dim == 1024 else "sd_v1",
-        "ss_v2": str(cross_dim == 1024),
-        "ss_network_args": json.dumps(
-            {
-                "conv_dim": None,
-                "unet_rank_pattern": unet_config.get("rank_pattern") or {},
-                "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
-            },
-            sort_keys=True,
-        ),
-    }
-    if "text_encoder" in parts:
-        te = parts["text_encoder"]["config"]
-        metadata["ss_text_encoder_dim"] = str(te["r"])
-        metadata["ss_text_encoder_alpha"] = _num(te["lora_alpha"])
+    metadata = family.kohya_metadata({c: part["config"] for c, part in parts.items()}, denoiser_base)
     write_safetensors(path, tensors, metadata)
-
-
-def _num(value) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # --- reading a folder ----------------------------------------------------------------------------------
@@ -299,14 +282,16 @@ def _num(value) -> str:
 def read_adapter_config(folder: Path) -> dict[str, dict]:
     """component -> its PEFT adapter_config.json, for the components the folder holds."""
     folder = Path(folder)
-    configs = {}
-    for component in COMPONENTS:
-        path = folder / component / PEFT_CONFIG
-        if path.is_file():
-            configs[component] = json.loads(path.read_text())
-    if not configs:
-        raise AdapterError(f"{folder}: no adapter here (expected unet/{PEFT_CONFIG})")
+    configs = {
+        c: json.loads((folder / c / PEFT_CONFIG).read_text()) for c in families.adapter_components(folder)
+    }
+    if not families.is_adapter_folder(folder):
+        raise AdapterError(f"{folder}: no adapter here (expected {_denoiser_folder()}/{PEFT_CONFIG})")
     return configs
+
+
+def _denoiser_folder(family=None) -> str:
+    return (family or families.get(families.DEFAULT)).denoiser.name
 
 
 def read_adapter_weights(folder: Path, component: str) -> dict:
@@ -358,16 +343,17 @@ def _module_paths(model) -> set[str]:
     return {name.removeprefix(PEFT_PREFIX) for name, _ in _base_module(model).named_modules()}
 
 
-def _translate_text_model(state: dict, config: dict, model) -> tuple[dict, dict]:
-    """Rewrite `text_model.` in keys and patterns to match the text encoder at hand (transformers 4 vs 5)."""
+def _translate_level(state: dict, config: dict, model, level: str) -> tuple[dict, dict]:
+    """Rewrite a module level (`text_model.`) in keys and patterns to match the model at hand: some
+    library versions have it and some do not (transformers 4 vs 5)."""
     paths = _module_paths(model)
-    has_level = any(p.startswith(TEXT_MODEL) for p in paths)
+    has_level = any(p.startswith(level) for p in paths)
 
     def fix(key: str) -> str:
-        if has_level and not key.startswith(TEXT_MODEL):
-            return TEXT_MODEL + key
+        if has_level and not key.startswith(level):
+            return level + key
         if not has_level:
-            return key.removeprefix(TEXT_MODEL)
+            return key.removeprefix(level)
         return key
 
     state = {fix(k): v for k, v in state.items()}
@@ -400,15 +386,15 @@ def _check_keys(model, state: dict, adapter_name: str, where: Path) -> None:
         )
 
 
-def _load_component(model, sub: Path, adapter_name: str):
+def _load_component(model, sub: Path, adapter_name: str, component):
     """Load one PEFT-layout folder into `model` as `adapter_name`; returns the (possibly wrapped) model."""
     from peft import LoraConfig, PeftModel
     from peft.utils import set_peft_model_state_dict
 
     config = json.loads((sub / PEFT_CONFIG).read_text())
     state = read_adapter_weights(sub.parent, sub.name)
-    if sub.name == "text_encoder":
-        state, config = _translate_text_model(state, config, model)
+    if component.text_model_level:
+        state, config = _translate_level(state, config, model, component.text_model_level)
     config["inference_mode"] = True
     known = set(LoraConfig.__dataclass_fields__)
     lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known})
@@ -430,27 +416,40 @@ def _load_component(model, sub: Path, adapter_name: str):
     return model
 
 
-def load_adapter_into(pipe, folder: Path, adapter_name: str) -> None:
-    """Load the PEFT layout of `folder` into `pipe.unet` (and `pipe.text_encoder` when the folder has
-    one) as adapter `adapter_name`, wrapping the components in PeftModel on first use.
+def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> None:
+    """Load the PEFT layout of `folder` into the pipeline's LoRA components (the denoiser, and each other
+    component the folder has) as adapter `adapter_name`, wrapping them in PeftModel on first use.
 
     Raises AdapterError when an adapter tensor finds no module (a silent no-op load would render the base
-    model). The new adapter is not made active: call `set_active(pipe, adapter_name)`.
+    model), and when the folder holds a component the pipeline's family has not. The new adapter is not
+    made active: call `set_active(pipe, adapter_name)`.
     """
+    family = family or families.of(pipe)
     folder = Path(folder)
-    if not (folder / "unet" / PEFT_CONFIG).is_file():
-        raise AdapterError(f"{folder}: no adapter here (expected unet/{PEFT_CONFIG})")
-    pipe.unet = _load_component(pipe.unet, folder / "unet", adapter_name)
-    if (folder / "text_encoder" / PEFT_CONFIG).is_file():
-        pipe.text_encoder = _load_component(pipe.text_encoder, folder / "text_encoder", adapter_name)
+    if not (folder / family.denoiser.name / PEFT_CONFIG).is_file():
+        raise AdapterError(f"{folder}: no adapter here (expected {family.denoiser.name}/{PEFT_CONFIG})")
+    names = {c.name for c in family.components}
+    foreign = [p.parent.name for p in sorted(folder.glob(f"*/{PEFT_CONFIG}")) if p.parent.name not in names]
+    if foreign:
+        raise AdapterError(
+            f"{folder}: has {', '.join(foreign)}, which a {family.name} base model does not have; "
+            "was the adapter trained on another model family?"
+        )
+    for c in family.components:
+        if (folder / c.name / PEFT_CONFIG).is_file():
+            setattr(pipe, c.attr, _load_component(getattr(pipe, c.attr), folder / c.name, adapter_name, c))
+
+
+def lora_modules(pipe) -> dict:
+    """component name -> the pipeline's module, for the LoRA components of its family."""
+    return {c.name: getattr(pipe, c.attr, None) for c in families.of(pipe).components}
 
 
 def set_active(pipe, adapter_name: str | None) -> None:
     """Make `adapter_name` the active adapter of the pipeline's wrapped components (None: disable all)."""
     from peft import PeftModel
 
-    for component in COMPONENTS:
-        model = getattr(pipe, component)
+    for model in lora_modules(pipe).values():
         if not isinstance(model, PeftModel):
             continue
         if adapter_name is None:
@@ -467,11 +466,11 @@ def remove_adapter(pipe, adapter_name: str) -> None:
     """Delete one adapter from the pipeline's wrapped components, keeping the others."""
     from peft import PeftModel
 
-    for component in COMPONENTS:
-        model = getattr(pipe, component)
+    for c in families.of(pipe).components:
+        model = getattr(pipe, c.attr)
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
             if len(model.peft_config) == 1:
-                setattr(pipe, component, model.unload())
+                setattr(pipe, c.attr, model.unload())
             else:
                 model.delete_adapter(adapter_name)
 
@@ -481,9 +480,10 @@ def unload_adapters(pipe) -> None:
     whether they were loaded with PEFT (PeftModel) or with diffusers' `load_lora_weights`."""
     from peft import PeftModel
 
-    for component in COMPONENTS:
-        model = getattr(pipe, component, None)
+    attrs = [c.attr for c in families.of(pipe).components]
+    for attr in attrs:
+        model = getattr(pipe, attr, None)
         if isinstance(model, PeftModel):
-            setattr(pipe, component, model.unload())
-    if any(getattr(getattr(pipe, c, None), "peft_config", None) for c in COMPONENTS):
+            setattr(pipe, attr, model.unload())
+    if any(getattr(getattr(pipe, a, None), "peft_config", None) for a in attrs):
         pipe.unload_lora_weights()

@@ -187,14 +187,25 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
 
 
 def base_model_identity(base, hasher: FileHasher) -> dict:
-    """What makes a base model itself: a built-in's name and version, a hub id and revision, or content."""
-    from runner.models import TINY_SD_VERSION  # light: models imports torch only inside functions
+    """What makes a base model itself: a built-in's name and version, a hub id and revision, or content.
 
+    The model family is display-only (`_family`) for sd1, so that identities made before families
+    existed keep their fingerprints; any other family is part of the identity.
+    """
+    from runner import families  # light: no torch
+
+    try:
+        family = families.detect(base)
+    except families.ModelError:
+        family = None  # an unsupported model: the step that loads it says so
     if base.kind == "builtin":
-        return {"builtin": base.ref, "version": TINY_SD_VERSION}
-    if base.kind == "hub":
-        return {"hub": base.ref, "revision": hub_revision(base.ref, base.revision)}
-    path = Path(base.ref)
-    if base.kind == "file":
-        return {"file_sha256": hasher.hash(path)}
-    return {"folder_sha256": manifest_hash(hasher.tree(path))}
+        identity = {"builtin": base.ref, "version": family.builtin_version}
+    elif base.kind == "hub":
+        identity = {"hub": base.ref, "revision": hub_revision(base.ref, base.revision)}
+    elif base.kind == "file":
+        identity = {"file_sha256": hasher.hash(Path(base.ref))}
+    else:
+        identity = {"folder_sha256": manifest_hash(hasher.tree(Path(base.ref)))}
+    if family is not None:
+        identity["_family" if family.name == families.DEFAULT else "family"] = family.name
+    return identity

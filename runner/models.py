@@ -1,22 +1,19 @@
-"""Base models: the built-in tiny-sd, hub ids, local diffusers folders and single-file checkpoints.
+"""Base models: the built-in ones (see runner.families), hub ids, local diffusers folders and single-file checkpoints.
 
 Everything here imports torch and diffusers inside functions, so that importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import families
 from runner.errors import ModelError  # noqa: F401 - re-exported
 
-# Bump when the tiny-sd recipe below changes: it is part of the base model identity.
-TINY_SD_VERSION = 1
-BUILTIN_MODELS = ("tiny-sd", "tiny-sd-v")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 
@@ -32,7 +29,7 @@ class BaseModel:
 
     @classmethod
     def parse(cls, value: str, project_dir: Path, revision: str | None = None, allow_pickle: bool = False):
-        if value in BUILTIN_MODELS:
+        if value in families.builtin_names():
             return cls("builtin", value, None, allow_pickle)
         path = Path(value).expanduser()
         if not path.is_absolute():
@@ -50,7 +47,7 @@ class BaseModel:
         return self.ref
 
 
-# --- tiny-sd ---------------------------------------------------------------------------------------
+# --- built-in models --------------------------------------------------------------------------------
 
 
 def dbl_home() -> Path:
@@ -58,113 +55,13 @@ def dbl_home() -> Path:
     return Path(os.environ.get("DBL_HOME", Path.home() / ".cache" / "dbl"))
 
 
-def _byte_alphabet() -> list[str]:
-    # The printable stand-ins that byte-level BPE tokenizers (GPT-2, CLIP) use for the 256 byte values.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _tiny_tokenizer_vocab() -> dict[str, int]:
-    # A character-level CLIP vocabulary: every byte, alone and at the end of a word. No merges are
-    # needed, so any prompt tokenizes, and no file has to be downloaded.
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for ch in _byte_alphabet():
-            vocab[ch + suffix] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
-def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
-    """Make a seeded, randomly initialised Stable Diffusion pipeline of a few MB in `folder`.
-
-    The layout is a hub model's (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
-    so loading it runs exactly the code that loads a real model. Native size: 64 x 64 pixels.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = _tiny_tokenizer_vocab()
-    eos = vocab["<|endoftext|>"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=32,
-        )
-        torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                layer_norm_eps=1e-5,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=eos,
-                pad_token_id=eos,
-            )
-        )
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
 _tiny_lock = threading.Lock()
 
 
 def ensure_builtin(name: str) -> Path:
     """Return the folder of a built-in model, making it on first use (atomically)."""
-    folder = dbl_home() / "models" / f"{name}-v{TINY_SD_VERSION}"
+    family = families.for_builtin(name)
+    folder = dbl_home() / "models" / f"{name}-v{family.builtin_version}"
     if (folder / "model_index.json").is_file():
         return folder
     with _tiny_lock:
@@ -172,7 +69,7 @@ def ensure_builtin(name: str) -> Path:
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        build_tiny_sd(tmp, prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
+        family.build_builtin(name, tmp)
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -244,13 +141,12 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu"):
-    """Load the Stable Diffusion pipeline of a base model, without safety checker."""
+def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None):
+    """Load the pipeline of a base model (its family's class), without safety checker."""
     import torch
 
+    family = family or families.detect(base)
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
-
     dtype = dtype or torch.float32
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
@@ -262,12 +158,10 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu"):
                 if not path.is_file():
                     raise ModelError(f"base_model file {path} does not exist")
                 _check_pickle(path, base.allow_pickle)
-                pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+                pipe = family.load_single_file(str(path), **kwargs)
             else:
-                folder = model_folder(base)
-                _refuse_sdxl(folder, base)
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    folder,
+                pipe = family.load_pretrained(
+                    model_folder(base),
                     revision=base.revision if base.kind == "hub" else None,
                     use_safetensors=None if base.allow_pickle else True,
                     **kwargs,
@@ -280,17 +174,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu"):
             hint = " (is the id right, and is the network or the Hugging Face cache available?)"
         raise ModelError(f"cannot load base model {base.display}{hint}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
+    pipe._dbl_family = family  # read back by runner.families.of(pipe)
     return pipe.to(device)
-
-
-def _refuse_sdxl(folder: str, base: BaseModel) -> None:
-    index = Path(folder) / "model_index.json"
-    if index.is_file():
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        if "XL" in cls or "StableDiffusion3" in cls or "Flux" in cls:
-            raise ModelError(
-                f"base model {base.display} is a {cls}; only Stable Diffusion 1.x and 2.x are supported yet"
-            )
 
 
 class ModelCache:
@@ -301,6 +186,14 @@ class ModelCache:
         self.device = resolve_device(device)
         self.mixed_precision = mixed_precision
         self._pipes: dict = {}
+        self._family = None
+
+    @property
+    def family(self):
+        """The base model's runner.families.Family (detected once, from cheap facts)."""
+        if self._family is None:
+            self._family = families.detect(self.base)
+        return self._family
 
     @property
     def dtype(self):
@@ -312,7 +205,7 @@ class ModelCache:
         dtype = dtype or self.dtype
         key = str(dtype)
         if key not in self._pipes:
-            self._pipes[key] = load_pipeline(self.base, dtype=dtype, device=self.device)
+            self._pipes[key] = load_pipeline(self.base, dtype=dtype, device=self.device, family=self.family)
         return self._pipes[key]
 
     def clear(self) -> None:
@@ -332,6 +225,8 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from runner.families.sd1 import _tiny_tokenizer_vocab
 
     quiet_libraries()
     dtype = dtype or torch.float32

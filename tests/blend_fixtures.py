@@ -49,7 +49,9 @@ def make_adapter(
                     r=te_rank, lora_alpha=te_alpha, target_modules=list(te_targets), init_lora_weights=False
                 ),
             )
-    save_adapter(folder, unet, te, base_model=BASE, info={"kind": "test", "seed": seed})
+    save_adapter(
+        folder, {"unet": unet, "text_encoder": te}, base_model=BASE, info={"kind": "test", "seed": seed}
+    )
     return folder
 
 
@@ -65,9 +67,11 @@ class Models:
     def __init__(self):
         import torch
 
+        from runner import families
         from runner.models import BaseModel
 
         self.base = BaseModel.parse(BASE, Path.cwd())
+        self.family = families.detect(self.base)
         self.device = "cpu"
         self.dtype = torch.float32
         self.loads = 0

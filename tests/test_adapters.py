@@ -87,7 +87,9 @@ def test_layouts_and_configs(tmp_path):
 
     pipe = _pipeline()
     unet, te = _random_lora(pipe)
-    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd", info={"b": 1, "a": [1, 2]})
+    save_adapter(
+        tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd", info={"b": 1, "a": [1, 2]}
+    )
     folder = tmp_path / "dog"
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert names == [
@@ -129,11 +131,23 @@ def test_same_weights_same_bytes_and_only_the_named_adapter(tmp_path):
 
     pipe = _pipeline()
     unet, te = _random_lora(pipe, adapter_name="dog")
-    save_adapter(tmp_path / "a" / "x", unet, te, adapter_name="dog", base_model="tiny-sd", info={"n": 1})
+    save_adapter(
+        tmp_path / "a" / "x",
+        {"unet": unet, "text_encoder": te},
+        adapter_name="dog",
+        base_model="tiny-sd",
+        info={"n": 1},
+    )
     from peft import LoraConfig
 
     unet.add_adapter("other", LoraConfig(r=8, lora_alpha=8, target_modules=["to_k"]))
-    save_adapter(tmp_path / "b" / "x", unet, te, adapter_name="dog", base_model="tiny-sd", info={"n": 1})
+    save_adapter(
+        tmp_path / "b" / "x",
+        {"unet": unet, "text_encoder": te},
+        adapter_name="dog",
+        base_model="tiny-sd",
+        info={"n": 1},
+    )
     for path in sorted((tmp_path / "a" / "x").rglob("*")):
         if path.is_file():
             twin = tmp_path / "b" / "x" / path.relative_to(tmp_path / "a" / "x")
@@ -141,7 +155,7 @@ def test_same_weights_same_bytes_and_only_the_named_adapter(tmp_path):
     keys, _ = read_safetensors(tmp_path / "b" / "x" / "unet" / "adapter_model.safetensors")
     assert not any("to_k" in k for k in keys)
     with pytest.raises(AdapterError, match="no LoRA adapter named 'missing'"):
-        save_adapter(tmp_path / "c", unet, adapter_name="missing", base_model="tiny-sd")
+        save_adapter(tmp_path / "c", {"unet": unet}, adapter_name="missing", base_model="tiny-sd")
 
 
 def test_kohya_alphas_follow_rank_and_alpha_patterns(tmp_path):
@@ -162,7 +176,7 @@ def test_kohya_alphas_follow_rank_and_alpha_patterns(tmp_path):
         unet_config=unet_config,
         te_config=dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj"]),
     )
-    save_adapter(tmp_path / "p", unet, te, base_model="tiny-sd")
+    save_adapter(tmp_path / "p", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     kohya, _ = read_safetensors(tmp_path / "p" / "p.safetensors")
     for component in ("unet", "text_encoder"):
         deltas = lora_delta(tmp_path / "p", component)
@@ -196,7 +210,7 @@ def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
     base_unet, base_hidden = _outputs(pipe.unet, pipe.text_encoder)
     unet, te = _random_lora(pipe)
     expected_unet, expected_hidden = _outputs(unet, te)
-    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+    save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
 
     fresh = _pipeline()
     load_adapter_into(fresh, tmp_path / "dog", "dog")
@@ -222,7 +236,7 @@ def test_loading_into_the_wrong_model_raises(tmp_path):
 
     pipe = _pipeline()
     unet, te = _random_lora(pipe)
-    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+    save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     # Rename the modules as another architecture would have them: nothing would load.
     path = tmp_path / "dog" / "unet" / "adapter_model.safetensors"
     tensors, meta = read_safetensors(path)
@@ -246,7 +260,7 @@ def test_transformers4_text_encoder_keys_are_translated(tmp_path):
     pipe = _pipeline()
     unet, te = _random_lora(pipe)
     expected = _outputs(unet, te)[1]
-    save_adapter(tmp_path / "old", unet, te, base_model="tiny-sd")
+    save_adapter(tmp_path / "old", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     path = tmp_path / "old" / "text_encoder" / "adapter_model.safetensors"
     tensors, meta = read_safetensors(path)
     old = {k.replace("base_model.model.", "base_model.model.text_model."): v for k, v in tensors.items()}
@@ -268,7 +282,7 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
         pipe, te_config=dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "out_proj"])
     )
     expected_unet, expected_hidden = _outputs(unet, te)
-    save_adapter(tmp_path / "dog", unet, te, base_model="tiny-sd")
+    save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
         fresh = _pipeline()
         fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=weight_name, adapter_name="dog")

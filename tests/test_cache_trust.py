@@ -333,3 +333,27 @@ def test_num_processes_from_the_command_line_is_in_the_fingerprint(tmp_path):
     assert reasons["train:dog"][0] == "num_processes 2 -> 1"
     _, rec, ran = build_with(p, num_processes=2)
     assert ran == [] and all(status == "cached" or status == "fresh" for _, status in rec.final)
+
+
+# --- 11. a prompt longer than the text encoder reads ----------------------------------------------------
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_a_warning_with_its_token_count(tmp_path):
+    import pytest
+
+    pytest.importorskip("torch")
+    from runner import executor
+    from runner.project import load_project
+
+    long = "a photo of a dog " * 8  # tiny-sd reads characters: 8 x 12 + start and end = 98 tokens
+    path = tmp_path / "p.toml"
+    path.write_text(
+        f'[project]\nbase_model = "tiny-sd"\n[renders.base]\nadapter = "none"\nprompts = ["a dog", "{long}"]\nsteps = 1\n'
+    )
+    rec = Recorder()
+    assert executor.build(load_project(path), executor.BuildOptions(), rec).ok
+    logged = [e[2] for e in rec.events if e[0] == "log" and "warning" in e[2]]
+    assert logged == [
+        "warning: renders.base.prompts[1] is 98 tokens; the text encoder reads 77, so the end is cut off: "
+        + repr(long[-40:])
+    ]

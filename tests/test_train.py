@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.steps import StepError, StepInterrupted
+from runner.steps import KOHYA_STEM, StepError, StepInterrupted
 from tests.steps_fixtures import DREAMBENCH, draw_images, make_prior, make_subject, model_cache, train_context
 
 pytestmark = pytest.mark.torch
@@ -52,7 +52,7 @@ def trained(tmp_path_factory, images):
 def test_prior_preservation_loss_keeps_instance_and_class_apart():
     import torch
 
-    from runner.steps.train import prior_preservation_loss
+    from runner.training import prior_preservation_loss
 
     target = torch.zeros(4, 1, 2, 2)
     pred = torch.zeros(4, 1, 2, 2)
@@ -67,7 +67,7 @@ def test_prior_preservation_loss_keeps_instance_and_class_apart():
 
 
 def test_example_order_visits_every_image_each_epoch():
-    from runner.steps.train import ExampleOrder
+    from runner.training.data import ExampleOrder
 
     order = ExampleOrder(seed=0, n_instance=3, n_class=5)
     epoch = [order(p) for p in range(5)]
@@ -120,7 +120,10 @@ def test_outputs_load_the_way_users_load_them(trained):
     config = json.loads((dog / "text_encoder" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny-sd"
 
-    for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
+    for weight_name in (
+        DIFFUSERS_WEIGHTS,
+        f"{KOHYA_STEM}.safetensors",
+    ):  # named dog.safetensors when committed
         pipe = load_pipeline(base)
         pipe.load_lora_weights(str(dog), weight_name=weight_name, adapter_name="dog")
         got = outputs(pipe)
@@ -236,10 +239,10 @@ def test_interrupted_and_resumed_run_gives_the_same_bytes(tmp_path, images):
 def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, monkeypatch):
     import torch
 
-    from runner.steps import train
+    from runner.training import loop
 
     instance, _ = images
-    real = train.prior_preservation_loss
+    real = loop.prior_preservation_loss
     calls = []
 
     def poisoned(pred, target, weight):
@@ -249,7 +252,7 @@ def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, mo
             return total * float("nan"), inst * float("nan"), prior
         return total, inst, prior
 
-    monkeypatch.setattr(train, "prior_preservation_loss", poisoned)
+    monkeypatch.setattr(loop, "prior_preservation_loss", poisoned)
     subject = make_subject(instance, train=dict(steps=4, checkpoint_every=1, train_text_encoder=False))
     ctx = train_context(tmp_path, subject)
     with pytest.raises(StepError, match="loss became nan at step 3"):

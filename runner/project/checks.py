@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from runner import families
 from runner.imagefiles import list_images
 from runner.project import schema
 
@@ -139,29 +140,34 @@ def _in_cycle(start: str, blends: dict) -> bool:
     return False
 
 
-def adapter_ranks(name: str, subjects: dict, blends: dict, _depth: int = 0) -> dict[str, int | None]:
-    """The LoRA rank of an adapter per component ('unet', 'text_encoder'; None: no such adapter)."""
+def adapter_ranks(
+    name: str, subjects: dict, blends: dict, family: str = families.DEFAULT, _depth: int = 0
+) -> dict[str, int | None]:
+    """The LoRA rank of an adapter per component of its family (None: no LoRA on that component)."""
+    components = families.lora_components(family)
     if name in subjects:
         s = subjects[name]
         return {
-            "unet": s.lora.rank,
-            "text_encoder": s.lora.text_encoder_rank if s.train.train_text_encoder else None,
+            c["name"]: getattr(s.lora, c["rank_field"])
+            if c["gate"] is None or getattr(s.train, c["gate"])
+            else None
+            for c in components
         }
     blend = blends.get(name)
     if blend is None or _depth > len(blends):
-        return {"unet": None, "text_encoder": None}
-    parents = [adapter_ranks(p, subjects, blends, _depth + 1) for p, _ in blend.adapters]
+        return {c["name"]: None for c in components}
+    parents = [adapter_ranks(p, subjects, blends, family, _depth + 1) for p, _ in blend.adapters]
     result = {}
-    for component in ("unet", "text_encoder"):
-        ranks = [r[component] for r in parents if r[component] is not None]
+    for c in components:
+        ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
         if not ranks:
-            result[component] = None
+            result[c["name"]] = None
         elif blend.method == "cat":
-            result[component] = sum(ranks)
+            result[c["name"]] = sum(ranks)
         elif blend.method == "svd" or blend.method.endswith("_svd"):
-            result[component] = blend.svd_rank or max(ranks)
+            result[c["name"]] = blend.svd_rank or max(ranks)
         else:
-            result[component] = ranks[0]
+            result[c["name"]] = ranks[0]
     return result
 
 
@@ -193,12 +199,13 @@ def _check_blend_method(check, name, blend, subjects, blends) -> None:
             )
     if method in schema.EQUAL_RANK_METHODS:
         parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
-        for component in ("unet", "text_encoder"):
+        for c in families.lora_components():
+            component = c["name"]
             ranks = {p: adapter_ranks(p, subjects, blends)[component] for p in parents}
             ranks = {p: r for p, r in ranks.items() if r is not None}
             if len(set(ranks.values())) > 1:
                 listed = ", ".join(f"{p} = {r}" for p, r in ranks.items())
-                which = "rank" if component == "unet" else "text_encoder_rank"
+                which = c["rank_field"]
                 check.problem(
                     key + ("method",),
                     f"method '{method}' needs equal {component} ranks, got {listed}",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runner import steps
+from runner import families, steps
 from runner.models import PICKLE_SUFFIXES
 from runner.project import schema
 from runner.project.lines import LineIndex, duplicate_keys
@@ -302,5 +302,5 @@ def _check_base_model(check: _Checker, project_dir: Path, settings: schema.Proje
         )
     elif local and not path.exists():
         check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
-    elif not local and not path.exists() and value not in ("tiny-sd", "tiny-sd-v") and value.count("/") > 1:
+    elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
         check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")

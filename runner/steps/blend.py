@@ -21,7 +21,7 @@ import json
 import warnings
 from pathlib import Path
 
-from runner.errors import StepError
+from runner.errors import AdapterError, StepError
 from runner.project import checks
 from runner.project.schema import Blend
 from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step, register
@@ -30,7 +30,7 @@ from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step
 def run(ctx: StepContext) -> dict:
     import torch
 
-    from runner import adapters, api
+    from runner import adapters, blending
 
     spec = ctx.spec
     parents = [(name, float(weight), _parent_folder(ctx, name)) for name, weight in spec.adapters]
@@ -45,7 +45,7 @@ def run(ctx: StepContext) -> dict:
                 raise StepError(f"blends.{ctx.name}: cannot load {name!r} from {folder}: {exc}") from exc
         ctx.progress(1, 3)
         try:
-            errors = api.blend(
+            errors = blending.blend(
                 pipe,
                 dict(zip(internal, (w for _, w, _ in parents), strict=True)),
                 "blend",
@@ -57,12 +57,14 @@ def run(ctx: StepContext) -> dict:
                 seed=ctx.project.settings.seed,
                 activate=False,
             )
-        except ValueError as exc:
+        except (AdapterError, ValueError) as exc:
             raise StepError(f"blends.{ctx.name}: {exc}") from exc
         ctx.progress(2, 3)
 
-        text_encoder = pipe.text_encoder if "text_encoder" in errors else None
-        ranks = {c: int(getattr(pipe, c).peft_config["blend"].r) for c in errors}
+        family = ctx.models.family
+        # The components some parent has a LoRA on: the denoiser always, the others when present.
+        blended = {c.name: getattr(pipe, c.attr) for c in family.components if c.name in errors}
+        ranks = {c: int(m.peft_config["blend"].r) for c, m in blended.items()}
         info = {
             "kind": "blend",
             "weights": [w for _, w, _ in parents],
@@ -74,16 +76,16 @@ def run(ctx: StepContext) -> dict:
             "seed": ctx.project.settings.seed,
             "rank": ranks,
             "relative_error": errors,
-            "base_model": _base_model_name(parents, ctx),
+            "base_model": _base_model_name(parents, ctx, family),
         }
         adapters.save_adapter(
             ctx.out,
-            pipe.unet,
-            text_encoder,
+            blended,
             adapter_name="blend",
             base_model=info["base_model"],
             info=info,
             name=KOHYA_STEM,
+            family=family,
         )
     finally:
         if shared:
@@ -114,14 +116,15 @@ def _fp32_cpu_pipeline(ctx: StepContext, torch):
     models = ctx.models
     if models.device == "cpu" and models.dtype == torch.float32:
         return models.pipeline(torch.float32), True
-    return load_pipeline(models.base, dtype=torch.float32, device="cpu"), False
+    return load_pipeline(models.base, dtype=torch.float32, device="cpu", family=models.family), False
 
 
-def _base_model_name(parents, ctx: StepContext) -> str:
-    # What the parents' PEFT configs say, so that the guide's inference code finds the same base model.
+def _base_model_name(parents, ctx: StepContext, family) -> str:
+    # What the parents' PEFT configs say, so that the guide's inference code finds the same base model
+    # (the guide reads the last component's: the text encoder's, for sd1).
     for _, _, folder in parents:
-        for component in ("text_encoder", "unet"):
-            path = folder / component / "adapter_config.json"
+        for component in reversed(family.components):
+            path = folder / component.name / "adapter_config.json"
             if path.is_file():
                 value = json.loads(path.read_text()).get("base_model_name_or_path")
                 if value:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner import pnginfo
-from runner.errors import StepError, StepInterrupted
+from runner.errors import AdapterError, StepError, StepInterrupted
 from runner.project import checks
 from runner.project.schema import Render
 from runner.steps import Inputs, StepContext, StepKind, adapter_step, register
@@ -25,11 +25,15 @@ from runner.steps import Inputs, StepContext, StepKind, adapter_step, register
 def run(ctx: StepContext) -> dict:
     import torch
 
-    from runner import api, schedulers
+    from runner import adapters, blending, schedulers
 
     spec = ctx.spec
     pipe = ctx.models.pipeline()
-    width, height = _size(pipe, spec)
+    prompts = {f"renders.{ctx.name}.prompts[{i}]": prompt for i, prompt in enumerate(spec.prompts)}
+    prompts[f"renders.{ctx.name}.negative_prompt"] = spec.negative_prompt
+    for warning in ctx.models.family.long_prompts(pipe, prompts):
+        ctx.log(warning)
+    width, height = _size(pipe, spec, ctx.models.family)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
 
@@ -47,12 +51,13 @@ def run(ctx: StepContext) -> dict:
             folder = _adapter_folder(ctx)
             adapter_name = f"dbl-render-{ctx.name}"
             try:
-                api.load_adapter(pipe, folder, adapter_name)
-            except (ValueError, OSError) as exc:
+                blending.load(pipe, folder, adapter_name)
+                blending.activate_adapters(pipe, adapter_name, scale=spec.lora_scale)
+            except (AdapterError, ValueError, OSError) as exc:
+                adapters.remove_adapter(pipe, adapter_name)
                 raise StepError(
                     f"renders.{ctx.name}: cannot load adapter {spec.adapter!r} from {folder}: {exc}"
                 ) from exc
-            api.set_adapter(pipe, adapter_name, scale=spec.lora_scale)
         lora_field = None if spec.adapter == "none" else f"{spec.adapter}:{spec.lora_scale:g}"
 
         images = {}
@@ -89,7 +94,7 @@ def run(ctx: StepContext) -> dict:
     finally:
         pipe.scheduler = saved_scheduler
         if adapter_name is not None:
-            api.unload_adapter(pipe, adapter_name)
+            adapters.remove_adapter(pipe, adapter_name)
 
     grid = make_grid([[images[(i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))])
     pnginfo.save_png(grid, ctx.out / "grid.png")
@@ -97,8 +102,8 @@ def run(ctx: StepContext) -> dict:
     return {"images": len(jobs), "width": width, "height": height, "sampler": sampler}
 
 
-def _size(pipe, spec) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+def _size(pipe, spec, family) -> tuple[int, int]:
+    native = family.native_size(pipe)
     width, height = spec.width or native, spec.height or native
     step = pipe.vae_scale_factor
     if width % step or height % step:

@@ -1,0 +1,349 @@
+"""Model families: what dbl needs to know about one kind of base model (SD 1.x/2.x, SDXL, ...).
+
+A family names its pipeline class, the components that take a LoRA (with their default targets and
+the project-file keys that configure them), how prompts are encoded and what extra conditioning the
+denoiser gets, its kohya key names and metadata, how to recognise its single files and diffusers
+folders, and its tiny built-in models. The rest of dbl asks the family instead of naming components.
+
+    from runner import families
+    family = families.detect(base)                  # a runner.models.BaseModel
+    for component in family.components: ...
+
+Families register themselves on import (`register`); sd1 is registered when this package is imported.
+Nothing here imports torch, diffusers or transformers: the planner and `dbl plan` use this module.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.errors import ModelError
+
+PEFT_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One model component that takes a LoRA, and how the project file configures it."""
+
+    name: str  # the PEFT folder name inside an adapter folder, and the diffusers key prefix
+    attr: str  # the pipeline attribute that holds it
+    settings_prefix: str  # LoraSettings fields: f"{prefix}rank", f"{prefix}alpha", ... ("" for the denoiser)
+    default_targets: tuple[str, ...]  # modules that get a LoRA by default (the schema's default)
+    kohya_prefix: str  # "lora_unet_", "lora_te_", ...
+    denoiser: bool = False  # the component every adapter has (the UNet or transformer)
+    gate: str | None = None  # a TrainSettings flag that must be true for it to train ("train_text_encoder")
+    learning_rate: str | None = None  # a TrainSettings field for its own learning rate (None: the default)
+    text_model_level: str = ""  # a module level that some library versions add ("text_model.")
+
+    def setting(self, key: str) -> str:
+        """The LoraSettings field of `key` ("rank", "alpha", "dropout", "bias", "target_modules")."""
+        return f"{self.settings_prefix}{key}"
+
+    @property
+    def rank_field(self) -> str:
+        return self.setting("rank")
+
+    def trains(self, train_settings) -> bool:
+        """Whether this component gets a LoRA under these [train] settings."""
+        return self.gate is None or bool(getattr(train_settings, self.gate))
+
+
+class Family:
+    """A model family. Subclass and set the attributes; register an instance with `register`.
+
+    The methods that take live models (pipelines, modules, tensors) import torch themselves.
+    """
+
+    name: str = ""
+    pipeline_class: str = ""  # diffusers class name, e.g. "StableDiffusionPipeline"
+    components: tuple[Component, ...] = ()
+    other_modules: tuple[str, ...] = ()  # frozen pipeline modules that training touches (the VAE)
+    folder_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s of this family
+    builtins: dict[str, dict] = {}  # built-in model name -> keyword arguments of build_builtin
+    builtin_version: int = 1  # bump when a built-in's recipe changes: part of the base model identity
+
+    # --- components -------------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> Component:
+        return next(c for c in self.components if c.denoiser)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def trained_components(self, train_settings) -> list[Component]:
+        return [c for c in self.components if c.trains(train_settings)]
+
+    # --- detection ----------------------------------------------------------------------------------
+
+    def matches_folder(self, index: dict) -> bool:
+        return index.get("_class_name") in self.folder_classes
+
+    def matches_file(self, keys: set[str]) -> bool:
+        """Whether a single-file checkpoint with these tensor names is of this family."""
+        return False
+
+    # --- built-in models ----------------------------------------------------------------------------
+
+    def build_builtin(self, name: str, folder: Path) -> None:
+        raise NotImplementedError
+
+    # --- loading --------------------------------------------------------------------------------------
+
+    def load_pretrained(self, folder: str, **kwargs):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_pretrained(folder, **kwargs)
+
+    def load_single_file(self, path: str, **kwargs):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_single_file(path, **kwargs)
+
+    def native_size(self, pipe) -> int:
+        """The pixel size the base model was trained at."""
+        raise NotImplementedError
+
+    # --- training -------------------------------------------------------------------------------------
+
+    def tokenize(self, pipe, prompts: list[str], device):
+        """Token ids of `prompts` for the pipeline's tokenizer(s), on `device`."""
+        raise NotImplementedError
+
+    def token_limit(self, pipe) -> int:
+        """How many tokens of a prompt the text encoder reads (with its start and end tokens)."""
+        return pipe.tokenizer.model_max_length
+
+    def token_count(self, pipe, prompt: str) -> int:
+        """How many tokens `prompt` is, start and end tokens included, before any truncation."""
+        return len(pipe.tokenizer(prompt, truncation=False).input_ids)
+
+    def long_prompts(self, pipe, prompts: dict[str, str]) -> list[str]:
+        """A warning for each prompt (by its project-file key) longer than the text encoder reads."""
+        limit = self.token_limit(pipe)
+        found = []
+        for key, prompt in prompts.items():
+            count = self.token_count(pipe, prompt) if prompt else 0
+            if count > limit:
+                found.append(
+                    f"warning: {key} is {count} tokens; the text encoder reads {limit}, so the end is cut "
+                    f"off: {prompt[-40:]!r}"
+                )
+        return found
+
+    def encode_prompts(self, modules: dict, token_ids):
+        """Prompt embeddings from `tokenize`'s ids; `modules` maps component names to live modules."""
+        raise NotImplementedError
+
+    def denoiser_kwargs(self, prompts, batch: int) -> dict:
+        """Extra keyword arguments of the denoiser call, from `prompts` (encode_prompts' result) for a
+        batch of `batch` examples per prompt. None for sd1; SDXL adds `added_cond_kwargs` (the pooled
+        prompt embeddings, and time ids that will also need the examples' crops)."""
+        return {}
+
+    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):
+        """The denoiser's prediction for `noisy` latents laid out [instance * batch, class * batch], with
+        `prompts` from encode_prompts (one row per prompt) and the conditioning of `denoiser_kwargs`."""
+        raise NotImplementedError
+
+    # --- kohya ---------------------------------------------------------------------------------------
+
+    def kohya_name(self, component: str, path: str) -> str:
+        c = self.component(component)
+        if c.text_model_level:
+            path = c.text_model_level + path.removeprefix(c.text_model_level)
+        return c.kohya_prefix + path.replace(".", "_")
+
+    def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:
+        """The `ss_*` metadata of a kohya file; `configs` maps component names to PEFT config dicts."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+_registry: dict[str, Family] = {}
+DEFAULT = "sd1"
+
+# Families dbl recognises but cannot train yet: model_index.json class or single-file key -> name.
+UNSUPPORTED_CLASSES = {
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD3",
+    "FluxPipeline": "Flux",
+}
+UNSUPPORTED_KEYS = (
+    ("conditioner.embedders.1.", "SDXL"),
+    ("model.diffusion_model.joint_blocks.", "SD3"),
+    ("joint_blocks.", "SD3"),
+    ("model.diffusion_model.double_blocks.", "Flux"),
+    ("double_blocks.", "Flux"),
+)
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a family; its built-in model names become valid `base_model` values."""
+    _registry[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
+
+
+def get(name: str) -> Family:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise ModelError(f"unknown model family {name!r}; known: {', '.join(_registry)}") from None
+
+
+def all() -> list[Family]:  # noqa: A001 - the registry's natural name
+    return list(_registry.values())
+
+
+def builtin_names() -> tuple[str, ...]:
+    return tuple(name for family in _registry.values() for name in family.builtins)
+
+
+def for_builtin(name: str) -> Family:
+    for family in _registry.values():
+        if name in family.builtins:
+            return family
+    raise ModelError(f"no built-in model {name!r}; built-in: {', '.join(builtin_names())}")
+
+
+def detect(base) -> Family:
+    """The family of a base model (a runner.models.BaseModel), from cheap facts only: a built-in's
+    name, a folder's model_index.json, a single file's safetensors header. Hub models are sd1 unless
+    their model_index.json is in the local Hugging Face cache and says otherwise."""
+    if base.kind == "builtin":
+        return for_builtin(base.ref)
+    if base.kind == "folder":
+        return _from_index(Path(base.ref) / "model_index.json", base.display)
+    if base.kind == "file":
+        path = Path(base.ref)
+        if path.suffix.lower() == ".safetensors" and path.is_file():
+            return _from_keys(safetensors_keys(path), base.display)
+        return _registry[DEFAULT]
+    return _from_index(_cached_hub_index(base.ref, base.revision), base.display)
+
+
+def _from_index(index_path: Path | None, display: str) -> Family:
+    if index_path is None or not index_path.is_file():
+        return _registry[DEFAULT]
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base model {display}: cannot read {index_path}: {exc}") from None
+    for family in _registry.values():
+        if family.matches_folder(index):
+            return family
+    cls = str(index.get("_class_name", ""))
+    kind = UNSUPPORTED_CLASSES.get(cls) or next(
+        (k for k in ("XL", "StableDiffusion3", "Flux") if k in cls), None
+    )
+    if kind:
+        raise _not_supported(display, f"a {cls} ({kind})")
+    return _registry[DEFAULT]
+
+
+def _from_keys(keys: set[str], display: str) -> Family:
+    for family in _registry.values():
+        if family.matches_file(keys):
+            return family
+    for prefix, kind in UNSUPPORTED_KEYS:
+        if any(k.startswith(prefix) for k in keys):
+            raise _not_supported(display, f"a {kind} checkpoint")
+    return _registry[DEFAULT]
+
+
+def _not_supported(display: str, what: str) -> ModelError:
+    supported = ", ".join(f.name for f in _registry.values())
+    return ModelError(
+        f"base model {display} is {what}; this model family is not supported yet (supported: {supported}, "
+        "i.e. Stable Diffusion 1.x and 2.x)"
+    )
+
+
+def safetensors_keys(path: Path) -> set[str]:
+    """The tensor names of a .safetensors file, from its JSON header alone."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 << 20:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from None
+    return {k for k in header if k != "__metadata__"}
+
+
+def _cached_hub_index(repo_id: str, revision: str | None) -> Path | None:
+    import os
+
+    from runner.fingerprint import hub_revision
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "hub"
+    )
+    commit = hub_revision(repo_id, revision)
+    return Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit / "model_index.json"
+
+
+def of(pipe) -> Family:
+    """The family of a loaded pipeline: the one that loaded it, else the first whose class matches."""
+    family = getattr(pipe, "_dbl_family", None)
+    if family is not None:
+        return family
+    cls = type(pipe).__name__
+    for family in _registry.values():
+        if family.pipeline_class == cls:
+            return family
+    return _registry[DEFAULT]
+
+
+# --- adapter folders, for every family -------------------------------------------------------------
+
+
+def adapter_components(folder: Path) -> list[str]:
+    """Names of the components an adapter folder holds in the PEFT layout (any registered family)."""
+    names = dict.fromkeys(c.name for f in _registry.values() for c in f.components)
+    return [n for n in names if (Path(folder) / n / PEFT_CONFIG).is_file()]
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether `folder` holds an adapter: the denoiser's PEFT layout of some family."""
+    return any((Path(folder) / f.denoiser.name / PEFT_CONFIG).is_file() for f in _registry.values())
+
+
+def component_names() -> set[str]:
+    return {c.name for f in _registry.values() for c in f.components}
+
+
+def lora_components(name: str = DEFAULT) -> list[dict[str, Any]]:
+    """Per component of a family, torch-free: its name, the LoraSettings field of its rank, and the
+    TrainSettings flag that must be on for it to train (None: always). For project validation."""
+    return [{"name": c.name, "rank_field": c.rank_field, "gate": c.gate} for c in get(name).components]
+
+
+from runner.families import sd1  # noqa: E402 - registers itself; needs the names above
+
+__all__ = [
+    "Component",
+    "Family",
+    "register",
+    "get",
+    "all",
+    "detect",
+    "builtin_names",
+    "sd1",
+]

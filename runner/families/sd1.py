@@ -1,0 +1,218 @@
+"""sd1: Stable Diffusion 1.x and 2.x (epsilon and v-prediction), and the built-in tiny-sd models.
+
+Components that take a LoRA: the UNet (configured by [lora] rank, alpha, dropout, bias,
+target_modules) and the CLIP text encoder (text_encoder_rank, text_encoder_alpha, ...; trained when
+[train] train_text_encoder is true). The denoiser gets no conditioning beyond the prompt embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.families import Component, Family, register
+
+# Bump when the tiny-sd recipe below changes: it is part of the base model identity.
+TINY_SD_VERSION = 1
+
+UNET = Component(
+    name="unet",
+    attr="unet",
+    settings_prefix="",
+    default_targets=("to_q", "to_v", "query", "value"),
+    kohya_prefix="lora_unet_",
+    denoiser=True,
+)
+TEXT_ENCODER = Component(
+    name="text_encoder",
+    attr="text_encoder",
+    settings_prefix="text_encoder_",
+    default_targets=("q_proj", "v_proj"),
+    kohya_prefix="lora_te_",
+    gate="train_text_encoder",
+    learning_rate="text_encoder_learning_rate",
+    # transformers 4 nests CLIPTextModel's modules under `text_model.`; transformers 5 does not.
+    # kohya / A1111 names always carry it.
+    text_model_level="text_model.",
+)
+
+
+class SD1(Family):
+    name = "sd1"
+    pipeline_class = "StableDiffusionPipeline"
+    components = (UNET, TEXT_ENCODER)
+    other_modules = ("vae",)
+    folder_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    )
+    builtins = {"tiny-sd": {"prediction_type": "epsilon"}, "tiny-sd-v": {"prediction_type": "v_prediction"}}
+    builtin_version = TINY_SD_VERSION
+
+    def matches_file(self, keys: set[str]) -> bool:
+        # The original (CompVis / Stability) layout; SDXL files have `conditioner.` instead.
+        return any(k.startswith("cond_stage_model.") for k in keys) and any(
+            k.startswith("model.diffusion_model.") for k in keys
+        )
+
+    def build_builtin(self, name: str, folder: Path) -> None:
+        build_tiny_sd(folder, **self.builtins[name])
+
+    def native_size(self, pipe) -> int:
+        return getattr(pipe, UNET.attr).config.sample_size * pipe.vae_scale_factor
+
+    def tokenize(self, pipe, prompts: list[str], device):
+        return pipe.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+    def encode_prompts(self, modules: dict, token_ids):
+        return modules[TEXT_ENCODER.name](token_ids)[0]
+
+    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):
+        # [instance prompt] * batch, then [class prompt] * batch: the order of the latents.
+        embeddings = prompts.repeat_interleave(batch, dim=0)
+        extra = self.denoiser_kwargs(prompts, batch)
+        return modules[UNET.name](noisy.to(dtype), timesteps, embeddings.to(dtype), **extra).sample
+
+    def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:
+        import json
+
+        unet_config = configs[UNET.name]
+        cross_dim = getattr(getattr(denoiser_base, "config", None), "cross_attention_dim", 768)
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(unet_config["r"]),
+            "ss_network_alpha": _num(unet_config["lora_alpha"]),
+            "ss_base_model_version": "sd_v2" if cross_dim == 1024 else "sd_v1",
+            "ss_v2": str(cross_dim == 1024),
+            "ss_network_args": json.dumps(
+                {
+                    "conv_dim": None,
+                    "unet_rank_pattern": unet_config.get("rank_pattern") or {},
+                    "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
+                },
+                sort_keys=True,
+            ),
+        }
+        if TEXT_ENCODER.name in configs:
+            te = configs[TEXT_ENCODER.name]
+            metadata["ss_text_encoder_dim"] = str(te["r"])
+            metadata["ss_text_encoder_alpha"] = _num(te["lora_alpha"])
+        return metadata
+
+
+def _num(value) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+# --- tiny-sd ---------------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    # The printable stand-ins that byte-level BPE tokenizers (GPT-2, CLIP) use for the 256 byte values.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _tiny_tokenizer_vocab() -> dict[str, int]:
+    # A character-level CLIP vocabulary: every byte, alone and at the end of a word. No merges are
+    # needed, so any prompt tokenizes, and no file has to be downloaded.
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in _byte_alphabet():
+            vocab[ch + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
+    """Make a seeded, randomly initialised Stable Diffusion pipeline of a few MB in `folder`.
+
+    The layout is a hub model's (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    so loading it runs exactly the code that loads a real model. Native size: 64 x 64 pixels.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = _tiny_tokenizer_vocab()
+    eos = vocab["<|endoftext|>"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                layer_norm_eps=1e-5,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+FAMILY = register(SD1())

@@ -1,0 +1,69 @@
+"""What a training run is given: the job (plain data that pickles, for worker processes) and its hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.errors import StepError
+
+
+@dataclass
+class Job:
+    """What a training run needs, picklable so that worker processes can receive it."""
+
+    subject: Any  # schema.Subject (resolved: absolute image folder, merged train and lora settings)
+    prior: Any  # schema.Prior or None
+    class_dir: Path | None  # the prior step's output folder
+    base: Any  # runner.models.BaseModel
+    family: Any  # runner.families.Family of the base model
+    device: str
+    mixed_precision: str
+    seed: int
+    work: Path  # the step's work folder: checkpoints live here
+    out: Path  # where the adapter is written
+    fingerprint: str = ""
+
+
+@dataclass
+class Hooks:
+    """How a run reports back; in a worker process these send messages to the parent."""
+
+    progress: Callable[..., None] = lambda done, total, **metrics: None
+    log: Callable[[str], None] = lambda message: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def job_from_context(ctx) -> Job:
+    """The Job of a train step's context (runner.steps.StepContext)."""
+    from runner.models import BaseModel, ModelCache
+
+    spec, project = ctx.spec, ctx.project
+    settings = project.settings
+    prior = class_dir = None
+    if spec.prior:
+        prior = project.priors[spec.prior]
+        class_dir = ctx.inputs.get(f"prior:{spec.prior}")
+        if class_dir is None:
+            raise StepError(
+                f"train:{spec.name} uses prior '{spec.prior}' but its class images were not given"
+            )
+    models = ctx.models
+    if models is None:
+        base = BaseModel.parse(settings.base_model, project.dir, settings.revision, settings.allow_pickle)
+        models = ctx.models = ModelCache(base, settings.device, settings.mixed_precision)
+    return Job(
+        subject=spec,
+        prior=prior,
+        class_dir=Path(class_dir) if class_dir else None,
+        base=models.base,
+        family=models.family,
+        device=models.device,
+        mixed_precision=models.mixed_precision,
+        seed=settings.seed,
+        work=Path(ctx.work),
+        out=Path(ctx.out),
+        fingerprint=ctx.fingerprint,
+    )

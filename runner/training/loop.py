@@ -1,0 +1,391 @@
+"""The training loop: DreamBooth with LoRA on a model family's components, with prior preservation.
+
+The recipe, top to bottom (`train`):
+
+1. read the images once (decode, EXIF-transpose, resize);
+2. put LoRA adapters on the family's components (sd1: the UNet and, if asked, the text encoder); frozen
+   weights stay in the compute dtype, LoRA parameters are fp32;
+3. encode the prompts once (and keep their embeddings when no text encoder trains), and every image whose
+   crop is fixed into VAE latent moments once, so a step does no decoding, resizing or VAE work;
+4. train: each batch is [instance examples..., class examples...]; DDPM noise from the base model's own
+   scheduler config (epsilon, v_prediction or sample target); loss = mse(instance) + w * mse(class), fp32;
+5. checkpoint every `checkpoint_every` steps (and when interrupted) into the work folder, resume from
+   the newest one (runner.training.checkpoints);
+6. write the adapter in every layout (runner.adapters).
+
+Randomness: see runner.training.data. torch, diffusers and peft are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runner.errors import StepError, StepInterrupted
+from runner.training import checkpoints, lora
+from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, read_images
+from runner.training.distributed import agree, all_reduce_mean
+from runner.training.job import Hooks, Job
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class Run:
+    """One training run while it runs: what it was given, and what it builds up step by step."""
+
+    job: Job
+    hooks: Hooks
+    pipe: Any
+    images: Images
+    weight: float | None  # prior loss weight; None without a prior
+    dtype: Any
+    device: str
+    rank: int = 0
+    world: int = 1
+    components: list = field(default_factory=list)  # the family's components that train
+    modules: dict = field(default_factory=dict)  # component name -> module (LoRA-wrapped when it trains)
+    noise: Any = None  # the DDPM scheduler that adds noise
+    token_ids: Any = None
+    prompts: Any = None  # prompt embeddings, when no text encoder trains
+    latents: LatentCache | None = None
+    trainable: dict = field(default_factory=dict)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    scaler: Any = None
+    step: int = 0
+    history: dict = field(default_factory=lambda: {"instance": [], "prior": []})
+    resumed_from: int | None = None
+
+    @property
+    def settings(self):
+        return self.job.subject.train
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            self.hooks.log(message)
+
+
+def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) -> dict:
+    """Train and save the adapter. `models` is the build's shared ModelCache (left as found), or None to
+    load a private pipeline (worker processes)."""
+    from runner.models import load_pipeline, resolve_dtype
+
+    family, ts = job.family, job.subject.train
+    device = job.device if world == 1 or not job.device.startswith("cuda") else f"cuda:{rank}"
+    dtype = models.dtype if models is not None else resolve_dtype(job.mixed_precision, job.device)
+    log = hooks.log if rank == 0 else (lambda message: None)
+
+    # 1. Images, read once.
+    images, weight = read_images(job, log)
+    # A private pipeline when bias training would touch the shared pipeline's weights.
+    components = family.trained_components(ts)
+    shared = models is not None and not lora.trains_bias(components, job.subject.lora)
+    if shared:
+        pipe = models.pipeline(dtype)
+    else:
+        pipe = load_pipeline(job.base, dtype=dtype, device=device, family=family)
+    restore = lora.snapshot(pipe, family) if shared else None
+    prompts = {f"subjects.{job.subject.name}.instance_prompt": job.subject.instance_prompt}
+    if job.prior is not None:
+        prompts[f"priors.{job.prior.name}.class_prompt"] = job.prior.class_prompt
+    for warning in family.long_prompts(pipe, prompts):
+        log(warning)
+    run = Run(job, hooks, pipe, images, weight, dtype, device, rank, world, components)
+    try:
+        return _train(run)
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _train(run: Run) -> dict:
+    ts = run.settings
+    _noise_scheduler(run)  # the base model's own noise schedule and prediction type
+    # 2. LoRA on the components that train; their parameters in fp32.
+    run.modules = lora.add_lora(run.pipe, run.job.family, run.components, run.job.subject.lora, run.job.seed)
+    try:
+        run.trainable = lora.trainable_parameters(run.modules, run.components)
+        lora.start_training(run.modules, run.components, ts.gradient_checkpointing)
+        # 3. Prompts and latents, encoded once.
+        _encode_prompts(run)
+        run.latents = LatentCache(run.pipe.vae, run.images, ts, run.device, run.dtype)
+        run.log(run.latents.describe())
+        # Optimizer and schedule; 5. resume from the newest good checkpoint.
+        _optimizer(run)
+        _resume(run)
+        if run.rank == 0:
+            run.hooks.progress(run.step, ts.steps)
+        # 4. Train.
+        order = ExampleOrder(run.job.seed, len(run.images.instance), len(run.images.classes))
+        params = [p for group in run.trainable.values() for p in group.values()]
+        while run.step < ts.steps:
+            losses = _forward_backward(run, order)
+            if run.world > 1:
+                all_reduce_mean(params, losses, run.world)
+            _optimizer_step(run, params, losses)
+            _checkpoint_or_stop(run)  # 5. checkpoint when due or asked to stop
+        # 6. Write the adapter in every layout.
+        return _save(run)
+    finally:
+        lora.remove_lora(run.modules, ts.gradient_checkpointing)
+
+
+def _noise_scheduler(run: Run) -> None:
+    from diffusers import DDPMScheduler
+
+    run.noise = DDPMScheduler.from_config(run.pipe.scheduler.config)
+    prediction_type = run.noise.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise StepError(
+            f"base model scheduler has prediction_type {prediction_type!r}; dbl trains {PREDICTION_TYPES}"
+        )
+
+
+def _encode_prompts(run: Run) -> None:
+    """Tokenize the instance (and class) prompt once; embed them once when no text encoder trains."""
+    import torch
+
+    job, family = run.job, run.job.family
+    prompts = [job.subject.instance_prompt] + ([job.prior.class_prompt] if run.weight is not None else [])
+    run.token_ids = family.tokenize(run.pipe, prompts, run.device)
+    if all(c.denoiser for c in run.components):  # no text encoder trains: the embeddings never change
+        with torch.no_grad():
+            run.prompts = family.encode_prompts(run.modules, run.token_ids)  # predict casts them
+
+
+def _optimizer(run: Run) -> None:
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    ts = run.settings
+    run.optimizer = lora.make_optimizer(run.trainable, run.components, ts, run.device)
+    run.lr_scheduler = get_scheduler(
+        ts.lr_scheduler,
+        optimizer=run.optimizer,
+        num_warmup_steps=ts.lr_warmup_steps,
+        num_training_steps=ts.steps,
+        num_cycles=ts.lr_num_cycles,
+        power=ts.lr_power,
+    )
+    if run.dtype == torch.float16 and run.device.startswith("cuda"):
+        run.scaler = torch.amp.GradScaler("cuda")
+
+
+def _resume(run: Run) -> None:
+    found = checkpoints.resume(
+        run.job.work,
+        run.job.fingerprint,
+        run.log,
+        run.trainable,
+        run.optimizer,
+        run.lr_scheduler,
+        run.scaler,
+        run.rank,
+    )
+    if found is not None:
+        run.step, run.history, folder = found
+        run.resumed_from = run.step
+        run.log(f"resuming from {folder.name}")
+
+
+def _forward_backward(run: Run, order: ExampleOrder):
+    """Accumulate the gradients of one optimizer step; returns the mean (instance, prior) losses."""
+    import torch
+
+    ts, job, family = run.settings, run.job, run.job.family
+    batch, accum = ts.batch_size, ts.gradient_accumulation_steps
+    device_type = run.device.split(":")[0]
+    autocast = (
+        torch.autocast(device_type, dtype=run.dtype)
+        if run.dtype != torch.float32
+        else torch.autocast(device_type, enabled=False)
+    )
+    sums = torch.zeros(2, dtype=torch.float64)
+    for micro in range(accum):
+        stream = (run.step * accum + micro) * run.world * batch + run.rank * batch
+        positions = range(stream, stream + batch)
+        torch.manual_seed(derive_seed(job.seed, "dropout", run.step, micro, run.rank))
+        latents, noise, timesteps = run.latents.batch(
+            positions, order, job.seed, run.noise.config.num_train_timesteps, run.weight
+        )
+        noisy = run.noise.add_noise(latents, noise, timesteps)
+        target = _target(run, latents, noise, timesteps)
+        with autocast:
+            prompts = (
+                run.prompts if run.prompts is not None else family.encode_prompts(run.modules, run.token_ids)
+            )
+            pred = family.predict(run.modules, noisy, timesteps, prompts, batch, run.dtype)
+        loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight)
+        scaled = loss / accum
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
+    return sums / accum
+
+
+def _target(run: Run, latents, noise, timesteps):
+    prediction_type = run.noise.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return run.noise.get_velocity(latents, noise, timesteps)
+    return latents
+
+
+def prior_preservation_loss(pred, target, weight: float | None):
+    """(total, instance, prior) losses in fp32 for a batch laid out [instance..., class...].
+
+    Without a prior (`weight` None) the whole batch is instance examples and the prior loss is 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pred, target = pred.float(), target.float()
+    if weight is None:
+        instance = F.mse_loss(pred, target, reduction="mean")
+        return instance, instance, torch.zeros((), device=pred.device)
+    pred_instance, pred_class = pred.chunk(2, dim=0)
+    target_instance, target_class = target.chunk(2, dim=0)
+    instance = F.mse_loss(pred_instance, target_instance, reduction="mean")
+    prior = F.mse_loss(pred_class, target_class, reduction="mean")
+    return instance + weight * prior, instance, prior
+
+
+def _optimizer_step(run: Run, params, losses) -> None:
+    """Check the loss, step the optimizer and the LR schedule, record and report the step."""
+    import torch
+
+    ts, scaler, optimizer = run.settings, run.scaler, run.optimizer
+    instance_value, prior_value = float(losses[0]), float(losses[1])
+    if not (math.isfinite(instance_value) and math.isfinite(prior_value)):
+        raise StepError(
+            f"train:{run.job.subject.name}: the loss became "
+            f"{instance_value if not math.isfinite(instance_value) else prior_value} "
+            f"at step {run.step + 1}; lower learning_rate (now {ts.learning_rate}) or use mixed_precision = "
+            "'bf16' or 'no'. The last good checkpoint is kept and the next build resumes from it."
+        )
+    if scaler:
+        scaler.unscale_(optimizer)
+    if ts.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, ts.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    run.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.history["instance"].append(instance_value)
+    run.history["prior"].append(prior_value)
+    if run.rank == 0:
+        metrics = {
+            "loss": instance_value + (run.weight or 0.0) * prior_value,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+        }
+        if run.weight is not None:
+            metrics["prior_loss"] = prior_value
+        run.hooks.progress(run.step, ts.steps, **metrics)
+
+
+def _checkpoint_or_stop(run: Run) -> None:
+    ts = run.settings
+    stop = agree(run.hooks.should_stop(), run.world)
+    due = ts.checkpoint_every > 0 and run.step % ts.checkpoint_every == 0 and run.step < ts.steps
+    if stop or due:
+        checkpoints.save(
+            run.job,
+            run.step,
+            run.trainable,
+            run.optimizer,
+            run.lr_scheduler,
+            run.scaler,
+            run.history,
+            run.world,
+            run.rank,
+        )
+    if stop:
+        raise StepInterrupted(
+            f"train:{run.job.subject.name} stopped after step {run.step} of {ts.steps}; it resumes from there"
+        )
+
+
+def _save(run: Run) -> dict:
+    from runner.adapters import save_adapter
+    from runner.steps import KOHYA_STEM
+
+    job, steps = run.job, run.settings.steps
+    summary = loss_summary(run.history, run.weight)
+    if run.rank == 0:
+        save_adapter(
+            job.out,
+            {c.name: run.modules[c.name] for c in run.components},
+            adapter_name="default",
+            base_model=job.base.ref,
+            info=_info(run, summary),
+            name=KOHYA_STEM,
+            family=job.family,
+        )
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return {
+        "loss_first": summary["loss_first"],
+        "loss_last": summary["loss_last"],
+        "steps": steps,
+        "resumed_from": run.resumed_from,
+    }
+
+
+def loss_summary(history: dict, weight) -> dict:
+    """Mean losses over the first and the last tenth of the run."""
+
+    def mean(values):
+        return float(sum(values) / len(values)) if values else float("nan")
+
+    n = len(history["instance"])
+    tenth = max(1, n // 10)
+    summary = {
+        "instance_loss_first": mean(history["instance"][:tenth]),
+        "instance_loss_last": mean(history["instance"][-tenth:]),
+    }
+    if weight is not None:
+        summary["prior_loss_first"] = mean(history["prior"][:tenth])
+        summary["prior_loss_last"] = mean(history["prior"][-tenth:])
+    w = weight or 0.0
+    summary["loss_first"] = summary["instance_loss_first"] + w * summary.get("prior_loss_first", 0.0)
+    summary["loss_last"] = summary["instance_loss_last"] + w * summary.get("prior_loss_last", 0.0)
+    return summary
+
+
+def _info(run: Run, summary: dict) -> dict:
+    """dbl.json of a trained adapter: provenance and metrics."""
+    from runner import steps
+
+    job = run.job
+    subject = job.subject
+    info = {
+        "kind": "train",
+        "base_model": job.base.ref,
+        "base_revision": job.base.revision,
+        "prediction_type": run.noise.config.prediction_type,
+        "mixed_precision": job.mixed_precision,
+        "seed": job.seed,
+        "steps": subject.train.steps,
+        "num_processes": run.world,
+        "instance_prompt": subject.instance_prompt,
+        "instance_images": len(run.images.instance),
+        "train": asdict(subject.train),
+        "lora": asdict(subject.lora),
+        "loss": summary,
+        "step_version": steps.get("train").version,
+    }
+    if job.prior is not None:
+        info["prior"] = {
+            "class_prompt": job.prior.class_prompt,
+            "class_images": len(run.images.classes),
+            "loss_weight": job.prior.loss_weight,
+        }
+    return info

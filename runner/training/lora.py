@@ -1,0 +1,151 @@
+"""LoRA on the components of a model family: configs, trainable parameters, the optimizer, and taking it
+all off a shared pipeline again. torch and peft are imported inside functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from runner.errors import StepError
+
+
+def lora_config(component, lora_settings):
+    """The PEFT LoraConfig of one component, from the [lora] keys that configure it (rank, alpha, ...
+    for the denoiser; text_encoder_rank, ... for sd1's text encoder)."""
+    from peft import LoraConfig
+
+    def setting(key):
+        return getattr(lora_settings, component.setting(key))
+
+    return LoraConfig(
+        r=setting("rank"),
+        lora_alpha=setting("alpha"),
+        lora_dropout=setting("dropout"),
+        bias=setting("bias"),
+        target_modules=list(setting("target_modules")),
+    )
+
+
+def trains_bias(components, lora_settings) -> bool:
+    """Whether bias training would change base weights (then a shared pipeline must not be used)."""
+    return any(getattr(lora_settings, c.setting("bias")) != "none" for c in components)
+
+
+def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
+    """Freeze the pipeline's modules and wrap each of `components` in a LoRA PeftModel.
+
+    Returns component name -> module, the wrapped ones for `components`, the plain ones for the others.
+    """
+    import torch
+    from peft import get_peft_model
+
+    from runner.training.data import derive_seed
+
+    modules = {c.name: getattr(pipe, c.attr) for c in family.components}
+    for module in [getattr(pipe, name) for name in family.other_modules] + list(modules.values()):
+        module.requires_grad_(False)
+        module.eval()
+    # LoRA init draws from the global RNG: seed it so the same seed gives the same start.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "lora-init"))
+        for c in components:
+            modules[c.name] = get_peft_model(modules[c.name], lora_config(c, lora_settings))
+    return modules
+
+
+def trainable_parameters(modules: dict, components) -> dict[str, dict]:
+    """component -> {name: parameter} of what trains, cast to fp32 (frozen weights keep their dtype)."""
+    import torch
+
+    trainable = {}
+    for c in components:
+        named = {}
+        for name, param in modules[c.name].named_parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)
+                named[name] = param
+        trainable[c.name] = named
+    return trainable
+
+
+def start_training(modules: dict, components, gradient_checkpointing: bool) -> None:
+    for c in components:
+        if gradient_checkpointing:
+            set_checkpointing(modules[c.name].base_model.model, True)
+    for c in components:
+        modules[c.name].train()
+
+
+def make_optimizer(trainable: dict, components, ts, device):
+    """AdamW (or 8-bit AdamW) with one parameter group per component, each at its learning rate."""
+    import torch
+
+    groups = []
+    for c in components:
+        lr = getattr(ts, c.learning_rate) if c.learning_rate else None
+        groups.append(
+            {"params": list(trainable[c.name].values()), "lr": ts.learning_rate if lr is None else lr}
+        )
+    kwargs = dict(
+        betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon
+    )
+    if ts.use_8bit_adam:
+        if not device.startswith("cuda"):
+            raise StepError(
+                "use_8bit_adam = true needs a CUDA device (bitsandbytes); set it to false on this machine"
+            )
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise StepError("use_8bit_adam = true needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    # foreach=False: the same arithmetic on every device count and parameter layout.
+    return torch.optim.AdamW(groups, foreach=False, **kwargs)
+
+
+def snapshot(pipe, family) -> Callable[[], None]:
+    """Remember what training changes on a shared pipeline, and return the function that restores it."""
+    names = [c.attr for c in family.components] + list(family.other_modules)
+    modules = {name: getattr(pipe, name) for name in names}
+    flags = {name: [(p, p.requires_grad) for p in module.parameters()] for name, module in modules.items()}
+    modes = {name: module.training for name, module in modules.items()}
+
+    def restore():
+        for name, module in modules.items():
+            setattr(pipe, name, module)
+            for param, flag in flags[name]:
+                param.requires_grad_(flag)
+            module.train(modes[name])
+
+    return restore
+
+
+def remove_lora(modules: dict, gradient_checkpointing: bool) -> None:
+    """Take the LoRA layers out of the (possibly shared) modules again, and gradient checkpointing off."""
+    from peft import PeftModel
+
+    for module in modules.values():
+        if isinstance(module, PeftModel):
+            base = module.unload()
+            if gradient_checkpointing:
+                set_checkpointing(base, False)
+
+
+def set_checkpointing(model, enable: bool) -> None:
+    """Gradient checkpointing on or off, for diffusers and transformers models alike."""
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        if enable:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+        return
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; 4.x has only the old name.
+    if enable:
+        kwargs = {"use_reentrant": False}  # reentrant checkpoints drop LoRA gradients of frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()

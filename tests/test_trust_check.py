@@ -94,3 +94,13 @@ def test_old_stat_cache_entries_miss(tmp_path):
     state.write_text(json.dumps({"version": 1, "files": {str(path): old}}))
     hasher = FileHasher(state)
     assert hasher.hash(path) != "0" * 64 and hasher.reads == 1
+
+
+def test_a_plan_after_a_build_reads_no_file(proj, build):
+    # ctime in the key must not cost re-reads: nothing a build does after hashing a file moves its ctime.
+    from runner.executor import Workspace
+
+    build(proj)
+    ws = Workspace(proj.load())
+    ws.plan()
+    assert ws.hasher.reads == 0

@@ -9,6 +9,7 @@ goes into the stat cache, so that the next `dbl plan` or `dbl build` sees any ch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,21 @@ class Report:
 
 def check(project: Project) -> Report:
     """Compare every file the project's lockfile records with its content. Raises LockfileError."""
-    records = lockfile.read(lockfile.lock_path(project.path))
+    path = lockfile.lock_path(project.path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lockfile.LockfileWarning)
+        records = lockfile.read(path)
     hasher = FileHasher(project.state_dir / "state", reread=True)
-    found: list[Mismatch] = []
+    found = [
+        Mismatch(
+            path.name,
+            f"the record of {sid} does not match its digest (a text merge or a hand edit)",
+            f"`dbl build` restores or reruns {sid}",
+        )
+        for w in caught
+        if isinstance(w.message, lockfile.LockfileWarning)
+        for sid in w.message.steps
+    ]
     for sid, record in sorted(records.items()):
         found += _outputs(project, sid, record, hasher)
         found += _images(project, sid, record.get("inputs", {}), hasher)
@@ -59,6 +72,13 @@ def _shown(project: Project, path: Path) -> str:
         return str(path)
 
 
+def _read(hasher: FileHasher, path: Path) -> str | None:
+    try:
+        return hasher.hash(path)
+    except OSError:
+        return None
+
+
 def _blind(before: str | None, recorded: str) -> str:
     # The stat cache still vouched for the recorded content: plan could not have seen this change.
     return "; its size and times are unchanged, so `dbl plan` could not see it" if before == recorded else ""
@@ -72,8 +92,10 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
             found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD))
             continue
         before = hasher.cached(path)
-        now = hasher.hash(path)
-        if now != item["sha256"]:
+        now = _read(hasher, path)
+        if now is None:
+            found.append(Mismatch(rel, f"output of {sid} cannot be read", "check its permissions"))
+        elif now != item["sha256"]:
             note = _blind(before, item["sha256"])
             found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
     return found
@@ -93,8 +115,10 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                     found.append(Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}"))
                     continue
                 before = hasher.cached(path)
-                now = hasher.hash(path)
-                if now != recorded:
+                now = _read(hasher, path)
+                if now is None:
+                    found.append(Mismatch(shown, f"input of {sid} cannot be read", "check its permissions"))
+                elif now != recorded:
                     note = _blind(before, recorded)
                     problem = f"input of {sid} changed since it was built{note}"
                     found.append(Mismatch(shown, problem, f"`dbl build` reruns {sid}"))

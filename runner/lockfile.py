@@ -83,7 +83,11 @@ def read(path: Path) -> dict[str, dict]:
 
 
 def record_digest(record: dict) -> str:
-    """The sha256 of a step record's canonical JSON, its own digest left out."""
+    """The sha256 of a step record's canonical JSON, its own digest left out.
+
+    Canonical as `fingerprint.canonical_json` writes it, except that NaN is allowed: a train step
+    whose loss diverged records it among its metrics.
+    """
     body = _without_none({k: v for k, v in record.items() if k != "digest"})
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()

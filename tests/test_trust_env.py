@@ -120,3 +120,14 @@ def test_a_stream_whose_reader_went_away_becomes_a_sink():
         stream.flush()
         assert stream.gone
         assert stream.write("more") == 4 and not stream.isatty()
+
+
+def test_text_the_stream_cannot_encode_is_escaped_not_lost(tmp_path):
+    from runner.ui.streams import SurvivableStream
+
+    with open(tmp_path / "out", "w", encoding="utf-8") as raw:
+        stream = SurvivableStream(raw)
+        stream.write("data/\udcff.png\n")  # a file name that is not UTF-8, as Python decodes it
+        stream.write("still here\n")
+        assert not stream.gone
+    assert (tmp_path / "out").read_text() == "data/\\udcff.png\nstill here\n"

@@ -59,10 +59,10 @@ def check(project: Project) -> Report:
         found += _outputs(project, sid, record, hasher)
         found += _images(project, sid, record.get("inputs", {}), hasher)
     found += _base_model(project, records, hasher)
-    found += _cache_entries(project, records)
+    cached, cache_files = _cache_entries(project, records)
     hasher.save()
-    unique = list(dict.fromkeys(found))
-    return Report(unique, hasher.reads)
+    unique = list(dict.fromkeys(found + cached))
+    return Report(unique, hasher.reads + cache_files)
 
 
 def _shown(project: Project, path: Path) -> str:
@@ -158,12 +158,13 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     ]
 
 
-def _cache_entries(project: Project, records: dict) -> list[Mismatch]:
-    """The run-cache entries the lockfile refers to: each file there with its manifest's sha256."""
+def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int]:
+    """The run-cache entries the lockfile refers to: each file there against its manifest's sha256.
+    Returns the mismatches and the number of files read."""
     from runner.store import RunCache
 
     cache = RunCache(project.state_dir / "cache")
-    found = []
+    found, read = [], 0
     for sid, record in sorted(records.items()):
         fp = record["fingerprint"]
         if not cache.entry(fp).exists():
@@ -178,9 +179,14 @@ def _cache_entries(project: Project, records: dict) -> list[Mismatch]:
             continue
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
-            if not path.is_file() or sha256_file(path) != item.get("sha256"):
-                problem = (
-                    f"run-cache copy of {sid}'s output is {'missing' if not path.is_file() else 'altered'}"
-                )
+            try:
+                state = "altered" if sha256_file(path) != item.get("sha256") else None
+                read += 1
+            except FileNotFoundError:
+                state = "missing"
+            except OSError:
+                state = "unreadable"
+            if state:
+                problem = f"run-cache copy of {sid}'s output is {state}"
                 found.append(Mismatch(_shown(project, path), problem, fix))
-    return found
+    return found, read

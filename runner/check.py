@@ -9,6 +9,7 @@ goes into the stat cache, so that the next `dbl plan` or `dbl build` sees any ch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +40,29 @@ class Report:
 
 def check(project: Project) -> Report:
     """Compare every file the project's lockfile records with its content. Raises LockfileError."""
-    records = lockfile.read(lockfile.lock_path(project.path))
+    path = lockfile.lock_path(project.path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lockfile.LockfileWarning)
+        records = lockfile.read(path)
     hasher = FileHasher(project.state_dir / "state", reread=True)
-    found: list[Mismatch] = []
+    found = [
+        Mismatch(
+            path.name,
+            f"the record of {sid} does not match its digest (a text merge or a hand edit)",
+            f"`dbl build` restores or reruns {sid}",
+        )
+        for w in caught
+        if isinstance(w.message, lockfile.LockfileWarning)
+        for sid in w.message.steps
+    ]
     for sid, record in sorted(records.items()):
         found += _outputs(project, sid, record, hasher)
         found += _images(project, sid, record.get("inputs", {}), hasher)
     found += _base_model(project, records, hasher)
-    found += _cache_entries(project, records)
+    cached, cache_files = _cache_entries(project, records)
     hasher.save()
-    unique = list(dict.fromkeys(found))
-    return Report(unique, hasher.reads)
+    unique = list(dict.fromkeys(found + cached))
+    return Report(unique, hasher.reads + cache_files)
 
 
 def _shown(project: Project, path: Path) -> str:
@@ -57,6 +70,13 @@ def _shown(project: Project, path: Path) -> str:
         return path.resolve().relative_to(project.dir.resolve()).as_posix()
     except ValueError:
         return str(path)
+
+
+def _read(hasher: FileHasher, path: Path) -> str | None:
+    try:
+        return hasher.hash(path)
+    except OSError:
+        return None
 
 
 def _blind(before: str | None, recorded: str) -> str:
@@ -72,8 +92,10 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
             found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD))
             continue
         before = hasher.cached(path)
-        now = hasher.hash(path)
-        if now != item["sha256"]:
+        now = _read(hasher, path)
+        if now is None:
+            found.append(Mismatch(rel, f"output of {sid} cannot be read", "check its permissions"))
+        elif now != item["sha256"]:
             note = _blind(before, item["sha256"])
             found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
     return found
@@ -93,8 +115,10 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                     found.append(Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}"))
                     continue
                 before = hasher.cached(path)
-                now = hasher.hash(path)
-                if now != recorded:
+                now = _read(hasher, path)
+                if now is None:
+                    found.append(Mismatch(shown, f"input of {sid} cannot be read", "check its permissions"))
+                elif now != recorded:
                     note = _blind(before, recorded)
                     problem = f"input of {sid} changed since it was built{note}"
                     found.append(Mismatch(shown, problem, f"`dbl build` reruns {sid}"))
@@ -134,12 +158,13 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     ]
 
 
-def _cache_entries(project: Project, records: dict) -> list[Mismatch]:
-    """The run-cache entries the lockfile refers to: each file there with its manifest's sha256."""
+def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int]:
+    """The run-cache entries the lockfile refers to: each file there against its manifest's sha256.
+    Returns the mismatches and the number of files read."""
     from runner.store import RunCache
 
     cache = RunCache(project.state_dir / "cache")
-    found = []
+    found, read = [], 0
     for sid, record in sorted(records.items()):
         fp = record["fingerprint"]
         if not cache.entry(fp).exists():
@@ -154,9 +179,14 @@ def _cache_entries(project: Project, records: dict) -> list[Mismatch]:
             continue
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
-            if not path.is_file() or sha256_file(path) != item.get("sha256"):
-                problem = (
-                    f"run-cache copy of {sid}'s output is {'missing' if not path.is_file() else 'altered'}"
-                )
+            try:
+                state = "altered" if sha256_file(path) != item.get("sha256") else None
+                read += 1
+            except FileNotFoundError:
+                state = "missing"
+            except OSError:
+                state = "unreadable"
+            if state:
+                problem = f"run-cache copy of {sid}'s output is {state}"
                 found.append(Mismatch(_shown(project, path), problem, fix))
-    return found
+    return found, read

@@ -37,6 +37,10 @@ class LockfileError(Exception):
 class LockfileWarning(UserWarning):
     """Step records of a lockfile that were set aside (their digest does not match)."""
 
+    def __init__(self, message: str, steps: list[str] | None = None):
+        super().__init__(message)
+        self.steps = steps or []  # their ids
+
 
 def lock_path(project_path: Path) -> Path:
     return project_path.with_suffix(".lock")
@@ -70,7 +74,8 @@ def read(path: Path) -> dict[str, dict]:
             LockfileWarning(
                 f"{path}: the record of {', '.join(rejected)} does not match its digest (a text merge "
                 f"or a hand edit mixed it up); treated as not built: `dbl build` restores or reruns "
-                f"{'it' if len(rejected) == 1 else 'them'}"
+                f"{'it' if len(rejected) == 1 else 'them'}",
+                rejected,
             ),
             stacklevel=2,
         )
@@ -78,7 +83,11 @@ def read(path: Path) -> dict[str, dict]:
 
 
 def record_digest(record: dict) -> str:
-    """The sha256 of a step record's canonical JSON, its own digest left out."""
+    """The sha256 of a step record's canonical JSON, its own digest left out.
+
+    Canonical as `fingerprint.canonical_json` writes it, except that NaN is allowed: a train step
+    whose loss diverged records it among its metrics.
+    """
     body = _without_none({k: v for k, v in record.items() if k != "digest"})
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -94,3 +94,22 @@ def test_old_stat_cache_entries_miss(tmp_path):
     state.write_text(json.dumps({"version": 1, "files": {str(path): old}}))
     hasher = FileHasher(state)
     assert hasher.hash(path) != "0" * 64 and hasher.reads == 1
+
+
+def test_a_plan_after_a_build_reads_no_file(proj, build):
+    # ctime in the key must not cost re-reads: nothing a build does after hashing a file moves its ctime.
+    from runner.executor import Workspace
+
+    build(proj)
+    ws = Workspace(proj.load())
+    ws.plan()
+    assert ws.hasher.reads == 0
+
+
+def test_check_reports_a_record_that_does_not_match_its_digest(proj, build, capsys):
+    build(proj)
+    proj.lock.write_text(proj.lock.read_text().replace("fake = true", "fake = false", 1))
+    assert main(["check", str(proj.path)]) == 1
+    captured = capsys.readouterr()
+    assert "pets.lock: the record of blend:mix does not match its digest" in captured.out
+    assert "`dbl build` restores or reruns blend:mix" in captured.out

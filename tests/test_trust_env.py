@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -55,13 +56,22 @@ def test_build_with_stdout_closed(proj, display):
     assert set(lockfile.read(proj.lock)) == ALL
 
 
-def test_build_with_stdout_broken(proj):
+def broken_stdout(*command: str) -> tuple[int, str]:
+    """Run `command` with its standard output a pipe whose reader has gone: (exit code, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=os.devnull)
-    cmd = [sys.executable, "-m", "tests.fake_build", "--", "build", str(proj.path), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # the reader goes away before the build prints its first line, as `| head -0`
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the command prints its first line
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0, err
+    return proc.wait(timeout=120), err
+
+
+def test_build_with_stdout_broken(proj):
+    probe = broken_stdout(sys.executable, "-c", "print('x', flush=True)")
+    assert probe[0] != 0 and "BrokenPipeError" in probe[1]  # the pipe really is broken
+    code, err = broken_stdout(
+        sys.executable, "-m", "tests.fake_build", "--", "build", str(proj.path), "--no-progress"
+    )
+    assert code == 0, err
     assert "Broken pipe" not in err and "Exception ignored" not in err and "Traceback" not in err
     assert set(lockfile.read(proj.lock)) == ALL
 
@@ -96,3 +106,28 @@ def test_build_warns_once_when_the_stat_cache_cannot_be_saved(proj, fake_steps, 
     assert len(full_disk_for_state) > 1  # tried after the plan and after every step
     assert capsys.readouterr().err.count("cannot save the file-hash cache") == 1
     assert set(lockfile.read(proj.lock)) == ALL
+
+
+def test_a_stream_whose_reader_went_away_becomes_a_sink():
+    from runner.ui.streams import SurvivableStream
+
+    read, write = os.pipe()
+    os.close(read)
+    # Closing the raw file flushes what it still buffers into the broken pipe once more.
+    with contextlib.suppress(BrokenPipeError), open(write, "w") as raw:
+        stream = SurvivableStream(raw)
+        stream.write("x" * 100_000)
+        stream.flush()
+        assert stream.gone
+        assert stream.write("more") == 4 and not stream.isatty()
+
+
+def test_text_the_stream_cannot_encode_is_escaped_not_lost(tmp_path):
+    from runner.ui.streams import SurvivableStream
+
+    with open(tmp_path / "out", "w", encoding="utf-8") as raw:
+        stream = SurvivableStream(raw)
+        stream.write("data/\udcff.png\n")  # a file name that is not UTF-8, as Python decodes it
+        stream.write("still here\n")
+        assert not stream.gone
+    assert (tmp_path / "out").read_text() == "data/\\udcff.png\nstill here\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,3 +55,12 @@ def test_non_ascii_letters_in_a_key_are_quoted():
     # TOML bare keys are ASCII only; 'ü' alone is a letter to Python but not to TOML.
     document = {"files": {"ü": "x", "².png": "y"}}
     assert tomllib.loads(dumps(document)) == document
+
+
+def test_a_record_with_a_nan_metric_keeps_its_digest(tmp_path):
+    record = {"fingerprint": "f", "output_hash": "o", "outputs": {}, "metrics": {"loss": float("nan")}}
+    path = tmp_path / "p.lock"
+    lockfile.write(path, {"train:dog": record})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lockfile.LockfileWarning)
+        assert "train:dog" in lockfile.read(path)

@@ -28,7 +28,10 @@ class SurvivableStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not self.gone:
             try:
-                return self._stream.write(text)
+                try:
+                    self._stream.write(text)
+                except UnicodeEncodeError:  # a path that is not UTF-8, a terminal that is not UTF-8
+                    self._stream.write(text.encode(self.encoding, "backslashreplace").decode(self.encoding))
             except (OSError, ValueError) as exc:  # ValueError: the file object was closed
                 self._went(exc)
         return len(text)

@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,11 +42,53 @@ class LockfileWarning(UserWarning):
         self.steps = steps or []  # their ids
 
 
+class OutputFile(TypedDict):
+    sha256: str
+    size: int
+
+
+class Record(TypedDict, total=False):
+    """One step's table in the lockfile: its keys, named here once (`record()` makes one)."""
+
+    kind: str  # the step kind ("train")
+    fingerprint: str  # hash of `inputs`, display-only keys left out
+    output_hash: str  # hash of the step's outputs as the run-cache holds them: what downstream keys on
+    inputs: dict  # the inputs that made it, readable (a diff in review explains a rebuild)
+    outputs: dict[str, OutputFile]  # path relative to the project file -> sha256 and size
+    metrics: dict  # what the step reported (losses, relative errors ...)
+    built: str  # when it ran, UTC, ISO 8601
+    duration_s: float  # how long it ran
+    digest: str  # sha256 of the record without this key (see record_digest)
+
+
+def record(
+    kind: str,
+    fingerprint: str,
+    output_hash: str,
+    inputs: dict,
+    outputs: dict[str, OutputFile],
+    metrics: dict,
+    built: str,
+    duration_s: float,
+) -> Record:
+    """A step record as the lockfile holds it (its digest is added when the lockfile is written)."""
+    return Record(
+        kind=kind,
+        fingerprint=fingerprint,
+        output_hash=output_hash,
+        inputs=inputs,
+        outputs=outputs,
+        metrics=metrics,
+        built=built,
+        duration_s=duration_s,
+    )
+
+
 def lock_path(project_path: Path) -> Path:
     return project_path.with_suffix(".lock")
 
 
-def read(path: Path) -> dict[str, dict]:
+def read(path: Path) -> dict[str, Record]:
     """The step records of a lockfile, {step id: record}; empty when there is none yet."""
     if not path.exists():
         return {}

@@ -333,16 +333,16 @@ def _commit(
         path = target / names.get(rel, rel)
         ws.hasher.hash(path)  # prime the stat cache: the next plan need not re-read outputs
         outputs[ws.rel(path)] = {"sha256": item["sha256"], "size": item["size"]}
-    lock[step.id] = {
-        "kind": step.kind,
-        "fingerprint": fp,
-        "output_hash": output_hash(meta["outputs"]),
-        "inputs": inputs,
-        "outputs": outputs,
-        "metrics": _plain_data(metrics),
-        "built": datetime.fromtimestamp(begun, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "duration_s": round(seconds, 3),
-    }
+    lock[step.id] = lockfile.record(
+        kind=step.kind,
+        fingerprint=fp,
+        output_hash=output_hash(meta["outputs"]),
+        inputs=inputs,
+        outputs=outputs,
+        metrics=_plain_data(metrics),
+        built=datetime.fromtimestamp(begun, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        duration_s=round(seconds, 3),
+    )
     lockfile.write(ws.lock_path, lock)
     ws.hasher.save()
     shutil.rmtree(ws.tmp(step), ignore_errors=True)

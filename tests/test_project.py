@@ -154,6 +154,11 @@ CASES = [
         "project.base_model: 'model.ckpt' is a pickle checkpoint, which can run arbitrary code when loaded (line 3) - convert it to .safetensors, or set allow_pickle = true in [project] if you trust it",
     ),
     (
+        "seed out of range",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = [0, 18446744073709551616]\n',
+        "renders.r.seeds: must be at most 9223372036854775807, got 18446744073709551616 (line {line})",
+    ),
+    (
         "reserved name",
         '[subjects.none]\nimages = "data/dog"\ninstance_prompt = "x"\n',
         "subjects.none: 'none' is reserved for rendering the base model (line {line}) - rename it",

@@ -25,9 +25,9 @@ class Alias(SD1):
     builtins = {"tiny-alias": {"prediction_type": "epsilon"}}
     calls: dict = {}
 
-    def predict(self, modules, noisy, timesteps, prompts, batch, dtype):
+    def predict(self, modules, noisy, timesteps, prompts, batch, dtype, conditions=None):
         Alias.calls["predict"] = Alias.calls.get("predict", 0) + 1
-        return super().predict(modules, noisy, timesteps, prompts, batch, dtype)
+        return super().predict(modules, noisy, timesteps, prompts, batch, dtype, conditions)
 
     def native_size(self, pipe) -> int:
         Alias.calls["native_size"] = Alias.calls.get("native_size", 0) + 1

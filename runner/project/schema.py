@@ -183,6 +183,25 @@ class LoraSettings:
     text_encoder_target_modules: list[str] = opt(
         ["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]"
     )
+    # SDXL's second text encoder; left out: the text_encoder_* value.
+    text_encoder_2_rank: int | None = opt(
+        None, "SDXL second text encoder LoRA rank; default: text_encoder_rank", "int?", minimum=1
+    )
+    text_encoder_2_alpha: float | None = opt(
+        None, "SDXL second text encoder LoRA alpha; default: text_encoder_alpha", "float?", minimum=0
+    )
+    text_encoder_2_dropout: float | None = opt(
+        None, "SDXL second text encoder LoRA dropout; default: text_encoder_dropout", "float?", minimum=0
+    )
+    text_encoder_2_bias: str | None = opt(
+        None,
+        "SDXL second text encoder LoRA bias training; default: text_encoder_bias",
+        "str?",
+        choices=("none", "all", "lora_only"),
+    )
+    text_encoder_2_target_modules: list[str] | None = opt(
+        None, "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules", "list[str]?"
+    )
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def test_outputs_load_the_way_users_load_them(trained):
     for name in ("unet", "text_encoder", "text_encoder_2"):
         setattr(pipe, name, PeftModel.from_pretrained(getattr(pipe, name), dog / name, adapter_name="dog"))
     peft_out = _outputs(pipe)
-    for a, b in zip(plain, peft_out):
+    for a, b in zip(plain, peft_out, strict=True):
         assert not torch.allclose(a, b, atol=1e-6)  # every component's LoRA changes something
 
     kohya = f"{KOHYA_STEM}.safetensors"
@@ -110,20 +110,20 @@ def test_outputs_load_the_way_users_load_them(trained):
     assert prefixes == {"unet", "te1", "te2"}
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     with safe_open(str(dog / DIFFUSERS_WEIGHTS), "pt") as f:
-        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+        assert {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 - safe_open == {"unet", "text_encoder", "text_encoder_2"}
 
     for weight_name in (DIFFUSERS_WEIGHTS, kohya):
         pipe = load_pipeline(base)
         pipe.load_lora_weights(str(dog), weight_name=weight_name, adapter_name="dog")
         got = _outputs(pipe)
-        for g, want in zip(got, peft_out):
+        for g, want in zip(got, peft_out, strict=True):
             torch.testing.assert_close(g, want, rtol=0, atol=1e-4, msg=weight_name)
         unload_adapters(pipe)
 
     pipe = load_pipeline(base)
     load_adapter_into(pipe, dog, "dog")
     set_active(pipe, "dog")
-    for g, want in zip(_outputs(pipe), peft_out):
+    for g, want in zip(_outputs(pipe), peft_out, strict=True):
         torch.testing.assert_close(g, want, rtol=0, atol=1e-4)
 
 
@@ -134,3 +134,121 @@ def test_the_second_text_encoder_has_its_own_rank_and_alpha(trained):
     assert (first["r"], second["r"], second["lora_alpha"]) == (2, 3, 3)
     # Left out: the first encoder's targets.
     assert sorted(second["target_modules"]) == ["out_proj", "q_proj", "v_proj"]
+
+
+def _denoising_loss(pipe, files, resolution=64):
+    """Instance loss on fixed noise and timesteps (the same numbers before and after training)."""
+    import torch
+    import torch.nn.functional as F
+
+    from runner.images import prepare
+
+    pixels = torch.stack([prepare(f, resolution) for f in files])
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+        n = len(files)
+        embeds, pooled = embeds.expand(n, -1, -1), pooled.expand(n, -1)
+        time_ids = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]] * n, dtype=torch.float32
+        )
+        cond = {"text_embeds": pooled, "time_ids": time_ids}
+        losses = []
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=g)
+            timesteps = torch.full((n,), t)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            pred = pipe.unet(noisy, timesteps, embeds, added_cond_kwargs=cond).sample
+            losses.append(F.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_instance_loss(tmp_path, images):
+    from runner.adapters import load_adapter_into, set_active
+    from runner.imagefiles import list_images
+    from runner.models import load_pipeline
+
+    instance, _ = images
+    files = list_images(instance)[:2]
+    subset = tmp_path / "two"
+    subset.mkdir()
+    for f in files:
+        (subset / f.name).write_bytes(f.read_bytes())
+    lora = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    subject = make_subject(
+        subset, train=dict(steps=40, learning_rate=2e-2, train_text_encoder=False), lora=lora
+    )
+    ctx = train_context(tmp_path, subject, base_model=BASE)
+    metrics = _run(ctx)
+    assert not (ctx.out / "text_encoder").exists() and not (ctx.out / "text_encoder_2").exists()
+    pipe = load_pipeline(model_cache(BASE).base)
+    before = _denoising_loss(pipe, files)
+    load_adapter_into(pipe, ctx.out, "dog")
+    set_active(pipe, "dog")
+    after = _denoising_loss(pipe, files)
+    assert after < 0.98 * before, (before, after, metrics)
+    assert metrics["loss_last"] < metrics["loss_first"]
+
+
+def test_cat_blend_is_the_weighted_sum_of_deltas_on_all_three_components(tmp_path, trained):
+    from runner.adapters import lora_delta
+    from tests.blend_fixtures import run_blend
+
+    a, b = trained["a"][0], trained["b"][0]
+    out = run_blend(tmp_path, "mix", {"a": 1.0, "b": -0.7}, {"train:a": a, "train:b": b}, model_cache(BASE))
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        got = lora_delta(out, component)
+        want = {}
+        for folder, weight in ((a, 1.0), (b, -0.7)):
+            for module, delta in lora_delta(folder, component).items():
+                want[module] = want.get(module, 0) + weight * delta
+        assert set(got) == set(want) and got
+        assert max(float((got[m] - want[m]).abs().max()) for m in got) < 1e-5
+        assert max(float(w.abs().max()) for w in want.values()) > 1e-4
+    info = json.loads((out / "dbl.json").read_text())
+    assert info["rank"] == {"unet": 8, "text_encoder": 4, "text_encoder_2": 6}
+
+
+def test_render_matches_the_diffusers_sdxl_pipeline_with_the_adapter(tmp_path, trained):
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from runner.models import ensure_builtin
+    from tests.blend_fixtures import run_render
+
+    dog = trained["a"][0]
+    settings = dict(prompts=[PROMPT], seeds=[5], steps=3, guidance_scale=7, negative_prompt="blurry")
+    out = run_render(tmp_path, "dog", "a", {"train:a": dog}, model_cache(BASE), **settings)
+    assert (out / "grid.png").is_file()
+    image = Image.open(out / "0-5.png")
+    assert "Steps: 3" in image.info.get("parameters", "")
+    got = np.asarray(image.convert("RGB")).astype(np.float32) / 255
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(ensure_builtin(BASE), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(dog), weight_name="pytorch_lora_weights.safetensors", adapter_name="dog")
+    want = pipe(
+        PROMPT,
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=7,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
+    want = np.asarray(want).astype(np.float32) / 255
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_the_api_loads_tiny_sdxl_with_an_adapter(trained):
+    import torch
+
+    from runner import api
+
+    dog = trained["a"][0]
+    pipe = api.load_pipeline(BASE, {"dog": dog}, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert api.loaded_adapters(pipe) == ["dog"]
+    image = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)

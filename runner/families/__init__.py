@@ -352,8 +352,7 @@ def lora_components(name: str = DEFAULT) -> list[dict[str, Any]]:
     ]
 
 
-from runner.families import sd1  # noqa: E402 - registers itself; needs the names above
-from runner.families import sdxl  # noqa: E402
+from runner.families import sd1, sdxl  # noqa: E402 - register themselves; need the names above
 
 __all__ = [
     "Component",

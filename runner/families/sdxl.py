@@ -167,7 +167,12 @@ def build_tiny_sdxl(folder: Path) -> None:
     32-wide text encoders, 80 = 6 * 8 + 32 added inputs). Native size: 64 x 64 pixels.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = _tiny_tokenizer_vocab()

@@ -155,9 +155,7 @@ def adapter_ranks(
     if name in subjects:
         s = subjects[name]
         return {
-            c["name"]: _rank(s.lora, c)
-            if c["gate"] is None or getattr(s.train, c["gate"])
-            else None
+            c["name"]: _rank(s.lora, c) if c["gate"] is None or getattr(s.train, c["gate"]) else None
             for c in components
         }
     blend = blends.get(name)

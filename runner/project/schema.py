@@ -200,7 +200,9 @@ class LoraSettings:
         choices=("none", "all", "lora_only"),
     )
     text_encoder_2_target_modules: list[str] | None = opt(
-        None, "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules", "list[str]?"
+        None,
+        "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules",
+        "list[str]?",
     )
 
 

@@ -252,3 +252,22 @@ def test_the_api_loads_tiny_sdxl_with_an_adapter(trained):
     assert api.loaded_adapters(pipe) == ["dog"]
     image = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_second_text_encoder_settings_on_an_sd1_model_are_a_project_file_error(tmp_path):
+    from runner.project import ProjectError, load_project
+
+    draw_images(tmp_path / "dog", 1)
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sd"\n\n[lora]\nrank = 4\ntext_encoder_2_rank = 8\n\n'
+        '[subjects.dog]\nimages = "dog"\ninstance_prompt = "sks dog"\n'
+    )
+    with pytest.raises(ProjectError) as err:
+        load_project(path)
+    text = str(err.value)
+    assert "text_encoder_2_rank configures the text_encoder_2 of sdxl models" in text
+    assert ":6" in text or "line 6" in text, text
+    assert "remove text_encoder_2_rank" in text
+    path.write_text(path.read_text().replace('"tiny-sd"', '"tiny-sdxl"'))
+    assert load_project(path).lora.text_encoder_2_rank == 8

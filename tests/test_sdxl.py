@@ -271,3 +271,45 @@ def test_second_text_encoder_settings_on_an_sd1_model_are_a_project_file_error(t
     assert "remove text_encoder_2_rank" in text
     path.write_text(path.read_text().replace('"tiny-sd"', '"tiny-sdxl"'))
     assert load_project(path).lora.text_encoder_2_rank == 8
+
+
+def test_a_killed_sdxl_build_resumes_to_the_same_adapter(tmp_path):
+    """A real `dbl build` on tiny-sdxl, SIGKILLed during training, resumes to the bytes of a whole run."""
+    import signal
+
+    from runner import lockfile
+    from tests import test_build_real as real
+
+    project = real.PROJECT.replace('"tiny-sd"', '"tiny-sdxl"').replace(
+        "text_encoder_alpha = 4", "text_encoder_alpha = 4\ntext_encoder_2_rank = 2"
+    )
+    folders = {}
+    for label in ("whole", "killed"):
+        folder = tmp_path / label
+        folder.mkdir()
+        (folder / "p.toml").write_text(project)
+        for i in range(3):
+            real.write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+        folders[label] = folder
+    done = real.dbl("build", "p.toml", "--no-progress", cwd=folders["whole"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = real.adapter_bytes(folders["whole"])
+    assert {"unet/adapter_model.safetensors", "text_encoder_2/adapter_model.safetensors"} <= set(reference)
+
+    folder = folders["killed"]
+    proc = real.dbl("build", "p.toml", "--no-progress", cwd=folder, wait=False)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 12/30" in line:  # past checkpoint-10
+            proc.send_signal(signal.SIGKILL)
+            break
+    else:
+        raise AssertionError("".join(seen))
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert "train:dog" not in lockfile.read(folder / "p.lock")
+    again = real.dbl("build", "p.toml", "--no-progress", "-v", cwd=folder)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from checkpoint-" in again.stdout
+    assert real.adapter_bytes(folder) == reference

@@ -313,3 +313,16 @@ def test_a_killed_sdxl_build_resumes_to_the_same_adapter(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming from checkpoint-" in again.stdout
     assert real.adapter_bytes(folder) == reference
+
+
+def test_class_images_are_generated_with_the_sdxl_pipeline(tmp_path):
+    from PIL import Image
+
+    from runner.steps import prior
+    from tests.blend_fixtures import context
+
+    spec = make_prior(num_images=2, steps=2)
+    out = tmp_path / "prior"
+    prior.run(context("prior", spec, out, {}, model_cache(BASE)))
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (64, 64)

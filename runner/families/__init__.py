@@ -341,15 +341,12 @@ def component_names() -> set[str]:
 def lora_components(name: str = DEFAULT) -> list[dict[str, Any]]:
     """Per component of a family, torch-free: its name, the LoraSettings field of its rank, and the
     TrainSettings flag that must be on for it to train (None: always). For project validation."""
-    return [
-        {
-            "name": c.name,
-            "rank_field": c.rank_field,
-            "rank_fallback": None if c.fallback_prefix is None else f"{c.fallback_prefix}rank",
-            "gate": c.gate,
-        }
-        for c in get(name).components
-    ]
+    found = []
+    for c in get(name).components:
+        found.append({"name": c.name, "rank_field": c.rank_field, "gate": c.gate})
+        if c.fallback_prefix is not None:  # the field to read when rank_field is None
+            found[-1]["rank_fallback"] = f"{c.fallback_prefix}rank"
+    return found
 
 
 from runner.families import sd1, sdxl  # noqa: E402 - register themselves; need the names above

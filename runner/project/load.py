@@ -318,6 +318,10 @@ def _check_family_settings(
 
     try:
         base = BaseModel.parse(settings.base_model, project_dir, settings.revision, settings.allow_pickle)
+        if base.kind == "hub":
+            index = families._cached_hub_index(base.ref, base.revision)
+            if index is None or not index.is_file():
+                return  # the family is not known before the download
         family = families.detect(base)
     except families.ModelError:
         return  # an unsupported or unreadable model: the build's first step says so

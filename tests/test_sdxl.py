@@ -326,3 +326,22 @@ def test_class_images_are_generated_with_the_sdxl_pipeline(tmp_path):
     prior.run(context("prior", spec, out, {}, model_cache(BASE)))
     files = sorted(out.glob("*.png"))
     assert len(files) == 2 and Image.open(files[0]).size == (64, 64)
+
+
+@pytest.mark.parametrize("method, extra", [("svd", {}), ("linear", {}), ("ties", {"density": 0.5})])
+def test_every_blend_method_covers_the_three_components(tmp_path, trained, method, extra):
+    from tests.blend_fixtures import run_blend
+
+    a, b = trained["a"][0], trained["b"][0]
+    out = run_blend(
+        tmp_path,
+        "mix",
+        {"a": 1.0, "b": 0.5},
+        {"train:a": a, "train:b": b},
+        model_cache(BASE),
+        method=method,
+        **extra,
+    )
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"unet", "text_encoder", "text_encoder_2"}
+    info = json.loads((out / "dbl.json").read_text())
+    assert set(info["relative_error"]) == {"unet", "text_encoder", "text_encoder_2"}

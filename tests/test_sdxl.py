@@ -345,3 +345,36 @@ def test_every_blend_method_covers_the_three_components(tmp_path, trained, metho
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"unet", "text_encoder", "text_encoder_2"}
     info = json.loads((out / "dbl.json").read_text())
     assert set(info["relative_error"]) == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_a_single_file_sdxl_checkpoint_loads_as_the_same_model(tmp_path):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from runner import families
+    from runner.models import BaseModel, ensure_builtin, load_pipeline
+    from tests.sdxl_single_file import save_single_file
+
+    folder = ensure_builtin(BASE)
+    pipe = load_pipeline(model_cache(BASE).base)
+    path = tmp_path / "tiny-sdxl.safetensors"
+    save_single_file(pipe, path)
+    base = BaseModel.parse(str(path), tmp_path)
+    assert families.detect(base).name == "sdxl"
+    # tiny-sdxl's two text encoders have the same width, which diffusers' single-file loader uses to tell
+    # them apart (768 and 1280 in SDXL): convert the second one with its OpenCLIP converter directly.
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModelWithProjection
+
+    te2 = CLIPTextModelWithProjection(pipe.text_encoder_2.config)
+    state = convert_open_clip_checkpoint(te2, load_file(str(path)), prefix="conditioner.embedders.1.model.")
+    te2.load_state_dict(state, strict=True)
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(folder), text_encoder_2=te2.eval(), torch_dtype=torch.float32
+    )
+    for a, b in zip(_outputs(pipe), _outputs(single), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.vae(x).sample, single.vae(x).sample, rtol=0, atol=1e-5)

@@ -141,11 +141,26 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def fetch_hub_index(base: BaseModel) -> None:
+    """Put a hub model's model_index.json in the Hugging Face cache (a few hundred bytes), so that its
+    family is known before its weights are downloaded; quietly nothing when offline."""
+    if base.kind != "hub":
+        return
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(base.ref, "model_index.json", revision=base.revision)
+    except Exception:  # noqa: BLE001 - offline, private or unknown: detection falls back to sd1
+        pass
+
+
 def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None):
     """Load the pipeline of a base model (its family's class), without safety checker."""
     import torch
 
-    family = family or families.detect(base)
+    if family is None:
+        fetch_hub_index(base)
+        family = families.detect(base)
     quiet_libraries()
     dtype = dtype or torch.float32
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -192,6 +207,7 @@ class ModelCache:
     def family(self):
         """The base model's runner.families.Family (detected once, from cheap facts)."""
         if self._family is None:
+            fetch_hub_index(self.base)
             self._family = families.detect(self.base)
         return self._family
 

@@ -25,9 +25,9 @@ class Alias(SD1):
     builtins = {"tiny-alias": {"prediction_type": "epsilon"}}
     calls: dict = {}
 
-    def predict(self, modules, noisy, timesteps, prompts, batch, dtype):
+    def predict(self, modules, noisy, timesteps, prompts, batch, dtype, conditions=None):
         Alias.calls["predict"] = Alias.calls.get("predict", 0) + 1
-        return super().predict(modules, noisy, timesteps, prompts, batch, dtype)
+        return super().predict(modules, noisy, timesteps, prompts, batch, dtype, conditions)
 
     def native_size(self, pipe) -> int:
         Alias.calls["native_size"] = Alias.calls.get("native_size", 0) + 1
@@ -51,7 +51,7 @@ def alias():
 def test_importing_the_registry_loads_no_heavy_library():
     code = (
         "import sys, runner.families as f, runner.project, runner.fingerprint; "
-        "assert f.builtin_names() == ('tiny-sd', 'tiny-sd-v'), f.builtin_names(); "
+        "assert f.builtin_names() == ('tiny-sd', 'tiny-sd-v', 'tiny-sdxl'), f.builtin_names(); "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -110,7 +110,11 @@ def _header_only_safetensors(path: Path, keys: list[str]) -> Path:
 
 @pytest.mark.parametrize(
     "cls, family",
-    [("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "Flux")],
+    [
+        ("StableDiffusion3Pipeline", "SD3"),
+        ("FluxPipeline", "Flux"),
+        ("StableDiffusionXLInpaintPipeline", "XL"),
+    ],
 )
 def test_a_folder_of_another_family_is_refused_by_name(tmp_path, cls, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
@@ -129,13 +133,6 @@ def test_a_folder_of_another_family_is_refused_by_name(tmp_path, cls, family):
         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.x"], "SD3"),
         (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "Flux"),
         (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "Flux"),
-        (
-            [
-                "model.diffusion_model.input_blocks.0.0.weight",
-                "conditioner.embedders.1.model.ln_final.weight",
-            ],
-            "SDXL",
-        ),
     ],
 )
 def test_a_single_file_of_another_family_is_refused_by_name(tmp_path, keys, family):
@@ -155,17 +152,28 @@ def test_sd1_files_and_folders_are_sd1(tmp_path):
     assert families.detect(BaseModel.parse(str(tmp_path / "folder"), tmp_path)).name == "sd1"
 
 
+def test_sdxl_files_and_folders_are_sdxl(tmp_path):
+    path = _header_only_safetensors(
+        tmp_path / "xl.safetensors",
+        ["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.1.model.ln_final.weight"],
+    )
+    assert families.detect(BaseModel.parse(str(path), tmp_path)).name == "sdxl"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert families.detect(BaseModel.parse(str(tmp_path / "folder"), tmp_path)).name == "sdxl"
+
+
 def test_a_cached_hub_model_of_another_family_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    repo = tmp_path / "models--owner--xl"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("a" * 40)
-    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
-    (repo / "snapshots" / ("a" * 40) / "model_index.json").write_text(
-        '{"_class_name": "StableDiffusionXLPipeline"}'
-    )
-    with pytest.raises(ModelError, match="owner/xl is a StableDiffusionXLPipeline"):
-        families.detect(BaseModel.parse("owner/xl", tmp_path))
+    for name, cls in (("sd3", "StableDiffusion3Pipeline"), ("xl", "StableDiffusionXLPipeline")):
+        repo = tmp_path / f"models--owner--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("a" * 40)
+        (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+        (repo / "snapshots" / ("a" * 40) / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
+    with pytest.raises(ModelError, match="owner/sd3 is a StableDiffusion3Pipeline"):
+        families.detect(BaseModel.parse("owner/sd3", tmp_path))
+    assert families.detect(BaseModel.parse("owner/xl", tmp_path)).name == "sdxl"
     assert families.detect(BaseModel.parse("owner/not-cached", tmp_path)).name == "sd1"
 
 

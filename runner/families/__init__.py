@@ -39,6 +39,8 @@ class Component:
     gate: str | None = None  # a TrainSettings flag that must be true for it to train ("train_text_encoder")
     learning_rate: str | None = None  # a TrainSettings field for its own learning rate (None: the default)
     text_model_level: str = ""  # a module level that some library versions add ("text_model.")
+    # Settings prefix to read when this component's own setting is left out (None in the project file).
+    fallback_prefix: str | None = None
 
     def setting(self, key: str) -> str:
         """The LoraSettings field of `key` ("rank", "alpha", "dropout", "bias", "target_modules")."""
@@ -47,6 +49,13 @@ class Component:
     @property
     def rank_field(self) -> str:
         return self.setting("rank")
+
+    def value(self, settings, key: str):
+        """This component's `key` setting in LoraSettings `settings`, falling back when it is None."""
+        value = getattr(settings, self.setting(key))
+        if value is None and self.fallback_prefix is not None:
+            value = getattr(settings, f"{self.fallback_prefix}{key}")
+        return value
 
     def trains(self, train_settings) -> bool:
         """Whether this component gets a LoRA under these [train] settings."""
@@ -66,6 +75,7 @@ class Family:
     folder_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s of this family
     builtins: dict[str, dict] = {}  # built-in model name -> keyword arguments of build_builtin
     builtin_version: int = 1  # bump when a built-in's recipe changes: part of the base model identity
+    vae_fp32: bool = False  # encode training latents in fp32 whatever the compute dtype (fp16 overflows)
 
     # --- components -------------------------------------------------------------------------------
 
@@ -143,15 +153,17 @@ class Family:
         """Prompt embeddings from `tokenize`'s ids; `modules` maps component names to live modules."""
         raise NotImplementedError
 
-    def denoiser_kwargs(self, prompts, batch: int) -> dict:
+    def denoiser_kwargs(self, prompts, batch: int, conditions=None) -> dict:
         """Extra keyword arguments of the denoiser call, from `prompts` (encode_prompts' result) for a
         batch of `batch` examples per prompt. None for sd1; SDXL adds `added_cond_kwargs` (the pooled
-        prompt embeddings, and time ids that will also need the examples' crops)."""
+        prompt embeddings, and time ids from `conditions`: per example, in the batch's order,
+        (original height, original width, crop top, crop left, target height, target width))."""
         return {}
 
-    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):
+    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype, conditions=None):
         """The denoiser's prediction for `noisy` latents laid out [instance * batch, class * batch], with
-        `prompts` from encode_prompts (one row per prompt) and the conditioning of `denoiser_kwargs`."""
+        `prompts` from encode_prompts (one row per prompt) and the conditioning of `denoiser_kwargs`
+        (`conditions`: see there; the training data loader passes them)."""
         raise NotImplementedError
 
     # --- kohya ---------------------------------------------------------------------------------------
@@ -175,13 +187,10 @@ DEFAULT = "sd1"
 
 # Families dbl recognises but cannot train yet: model_index.json class or single-file key -> name.
 UNSUPPORTED_CLASSES = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
 }
 UNSUPPORTED_KEYS = (
-    ("conditioner.embedders.1.", "SDXL"),
     ("model.diffusion_model.joint_blocks.", "SD3"),
     ("joint_blocks.", "SD3"),
     ("model.diffusion_model.double_blocks.", "Flux"),
@@ -270,7 +279,7 @@ def _not_supported(display: str, what: str) -> ModelError:
     supported = ", ".join(f.name for f in _registry.values())
     return ModelError(
         f"base model {display} is {what}; this model family is not supported yet (supported: {supported}, "
-        "i.e. Stable Diffusion 1.x and 2.x)"
+        "i.e. Stable Diffusion 1.x, 2.x and SDXL)"
     )
 
 
@@ -332,10 +341,15 @@ def component_names() -> set[str]:
 def lora_components(name: str = DEFAULT) -> list[dict[str, Any]]:
     """Per component of a family, torch-free: its name, the LoraSettings field of its rank, and the
     TrainSettings flag that must be on for it to train (None: always). For project validation."""
-    return [{"name": c.name, "rank_field": c.rank_field, "gate": c.gate} for c in get(name).components]
+    found = []
+    for c in get(name).components:
+        found.append({"name": c.name, "rank_field": c.rank_field, "gate": c.gate})
+        if c.fallback_prefix is not None:  # the field to read when rank_field is None
+            found[-1]["rank_fallback"] = f"{c.fallback_prefix}rank"
+    return found
 
 
-from runner.families import sd1  # noqa: E402 - registers itself; needs the names above
+from runner.families import sd1, sdxl  # noqa: E402 - register themselves; need the names above
 
 __all__ = [
     "Component",
@@ -346,4 +360,5 @@ __all__ = [
     "detect",
     "builtin_names",
     "sd1",
+    "sdxl",
 ]

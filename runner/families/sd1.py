@@ -73,10 +73,10 @@ class SD1(Family):
     def encode_prompts(self, modules: dict, token_ids):
         return modules[TEXT_ENCODER.name](token_ids)[0]
 
-    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype):
+    def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype, conditions=None):
         # [instance prompt] * batch, then [class prompt] * batch: the order of the latents.
         embeddings = prompts.repeat_interleave(batch, dim=0)
-        extra = self.denoiser_kwargs(prompts, batch)
+        extra = self.denoiser_kwargs(prompts, batch, conditions)
         return modules[UNET.name](noisy.to(dtype), timesteps, embeddings.to(dtype), **extra).sample
 
     def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:

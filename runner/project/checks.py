@@ -140,6 +140,13 @@ def _in_cycle(start: str, blends: dict) -> bool:
     return False
 
 
+def _rank(lora, component: dict) -> int | None:
+    rank = getattr(lora, component["rank_field"])
+    if rank is None and component.get("rank_fallback"):
+        rank = getattr(lora, component["rank_fallback"])
+    return rank
+
+
 def adapter_ranks(
     name: str, subjects: dict, blends: dict, family: str = families.DEFAULT, _depth: int = 0
 ) -> dict[str, int | None]:
@@ -148,9 +155,7 @@ def adapter_ranks(
     if name in subjects:
         s = subjects[name]
         return {
-            c["name"]: getattr(s.lora, c["rank_field"])
-            if c["gate"] is None or getattr(s.train, c["gate"])
-            else None
+            c["name"]: _rank(s.lora, c) if c["gate"] is None or getattr(s.train, c["gate"]) else None
             for c in components
         }
     blend = blends.get(name)

@@ -87,7 +87,7 @@ class ProjectSettings:
     """[project]: the base model and what applies to every step."""
 
     base_model: str = opt(
-        doc="hub id, local diffusers folder, single-file checkpoint, or the built-in 'tiny-sd'"
+        doc="hub id, local diffusers folder, single-file checkpoint, or a built-in ('tiny-sd', 'tiny-sdxl')"
     )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
@@ -182,6 +182,27 @@ class LoraSettings:
     )
     text_encoder_target_modules: list[str] = opt(
         ["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]"
+    )
+    # SDXL's second text encoder; left out: the text_encoder_* value.
+    text_encoder_2_rank: int | None = opt(
+        None, "SDXL second text encoder LoRA rank; default: text_encoder_rank", "int?", minimum=1
+    )
+    text_encoder_2_alpha: float | None = opt(
+        None, "SDXL second text encoder LoRA alpha; default: text_encoder_alpha", "float?", minimum=0
+    )
+    text_encoder_2_dropout: float | None = opt(
+        None, "SDXL second text encoder LoRA dropout; default: text_encoder_dropout", "float?", minimum=0
+    )
+    text_encoder_2_bias: str | None = opt(
+        None,
+        "SDXL second text encoder LoRA bias training; default: text_encoder_bias",
+        "str?",
+        choices=("none", "all", "lora_only"),
+    )
+    text_encoder_2_target_modules: list[str] | None = opt(
+        None,
+        "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules",
+        "list[str]?",
     )
 
 

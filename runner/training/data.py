@@ -98,15 +98,25 @@ class LatentCache:
     both paths draw the same numbers.
     """
 
-    def __init__(self, vae, images: Images, ts, device, dtype):
+    def __init__(self, vae, images: Images, ts, device, dtype, vae_fp32: bool = False):
         import torch
 
         self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
+        self.vae_fp32 = vae_fp32  # encode in fp32 whatever the compute dtype (SDXL's VAE overflows in fp16)
         self.resolution, self.center, self.flip = ts.resolution, ts.center_crop, ts.random_flip
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.moments: dict[tuple[str, int, bool], tuple] = {}
         self.encoded_per_step = 0
+        # (height, width) of every image as read (before cropping): part of SDXL's conditioning.
+        self.sizes = {
+            (kind, index): tuple(image.shape[1:])
+            for kind, pixels in (("instance", images.instance), ("class", images.classes))
+            for index, image in enumerate(pixels)
+        }
+        # Per example of the last batch, in its order: (original h, original w, crop top, crop left,
+        # target h, target w), the crop of the unflipped image mirrored when flipped.
+        self.conditions: list[tuple[int, ...]] = []
         if ts.cache_latents:
             todo = []
             for kind, pixels in (("instance", images.instance), ("class", images.classes)):
@@ -118,7 +128,7 @@ class LatentCache:
             chunk = max(1, 512 * 512 // (self.resolution * self.resolution))
             for start in range(0, len(todo), chunk):
                 keys = todo[start : start + chunk]
-                crops = [self._crop(k, i, f, None) for k, i, f in keys]
+                crops = [self._crop(k, i, f, None)[0] for k, i, f in keys]
                 mean, std = self._encode(torch.stack(crops))
                 for n, key in enumerate(keys):
                     self.moments[key] = (mean[n], std[n])
@@ -136,6 +146,7 @@ class LatentCache:
         return (self.images.instance if kind == "instance" else self.images.classes)[index]
 
     def _crop(self, kind, index, flip, g):
+        """(pixels, (top, left)) of an image's crop; random when `g` is given and crops are not centred."""
         from runner.images import center_offsets, crop, random_offsets
 
         image = self._pixels(kind, index)
@@ -144,16 +155,36 @@ class LatentCache:
             top, left = center_offsets(h, w, self.resolution)
         else:
             top, left = random_offsets(h, w, self.resolution, g)
-        return crop(image, top, left, self.resolution, flip)
+        return crop(image, top, left, self.resolution, flip), (top, left)
+
+    def _condition(self, kind, index, flip, offsets=None) -> tuple[int, ...]:
+        from runner.images import center_offsets
+
+        h, w = self.sizes[(kind, index)]
+        top, left = offsets if offsets is not None else center_offsets(h, w, self.resolution)
+        if flip:
+            left = w - left - self.resolution
+        return (h, w, top, left, self.resolution, self.resolution)
 
     def _encode(self, pixels_uint8):
         import torch
 
         from runner.images import normalize
 
+        if not self.vae_fp32:
+            with torch.no_grad():
+                pixels = normalize(pixels_uint8).to(self.device, self.dtype)
+                dist = self.vae.encode(pixels).latent_dist
+                return dist.mean.float(), dist.std.float()
+        # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
+        dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
-            pixels = normalize(pixels_uint8).to(self.device, self.dtype)
-            dist = self.vae.encode(pixels).latent_dist
+            pixels = normalize(pixels_uint8).to(self.device, torch.float32)
+            try:
+                self.vae.to(torch.float32)
+                dist = self.vae.encode(pixels).latent_dist
+            finally:
+                self.vae.to(dtype)
             return dist.mean.float(), dist.std.float()
 
     def batch(self, positions, order: ExampleOrder, seed: int, num_timesteps: int, weight):
@@ -168,7 +199,7 @@ class LatentCache:
             for position in positions:
                 examples.append(("class", order(position)[1], position))
 
-        eps, noise, timesteps, moments, pending = [], [], [], [], []
+        eps, noise, timesteps, moments, pending, conditions = [], [], [], [], [], []
         for n, (kind, index, position) in enumerate(examples):
             g = generator(seed, "example", kind, position)
             timesteps.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
@@ -179,9 +210,13 @@ class LatentCache:
             key = (kind, index, flip)
             if key in self.moments:
                 moments.append(self.moments[key])
+                conditions.append(self._condition(kind, index, flip))
             else:
                 moments.append(None)
-                pending.append((n, self._crop(kind, index, flip, g)))
+                pixels, offsets = self._crop(kind, index, flip, g)
+                pending.append((n, pixels))
+                conditions.append(self._condition(kind, index, flip, offsets))
+        self.conditions = conditions
         if pending:
             self.encoded_per_step += len(pending)
             mean, std = self._encode(torch.stack([crop for _, crop in pending]))
@@ -192,6 +227,11 @@ class LatentCache:
         std = torch.stack([s for _, s in moments])
         eps = torch.stack(eps).to(self.device)
         latents = ((mean + std * eps) - self.shift) * self.scale
+        if not torch.isfinite(latents).all():
+            raise StepError(
+                "the VAE gave non-finite latents (NaN or inf); the VAE overflows in fp16 (SDXL's does): "
+                "dbl encodes latents in fp32, so check the images and the base model's VAE weights"
+            )
         return latents, torch.stack(noise).to(self.device), torch.tensor(timesteps, device=self.device)
 
     def _latent_shape(self):

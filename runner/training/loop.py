@@ -110,7 +110,9 @@ def _train(run: Run) -> dict:
         lora.start_training(run.modules, run.components, ts.gradient_checkpointing)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
-        run.latents = LatentCache(run.pipe.vae, run.images, ts, run.device, run.dtype)
+        run.latents = LatentCache(
+            run.pipe.vae, run.images, ts, run.device, run.dtype, vae_fp32=run.job.family.vae_fp32
+        )
         run.log(run.latents.describe())
         # Optimizer and schedule; 5. resume from the newest good checkpoint.
         _optimizer(run)
@@ -216,7 +218,9 @@ def _forward_backward(run: Run, order: ExampleOrder):
             prompts = (
                 run.prompts if run.prompts is not None else family.encode_prompts(run.modules, run.token_ids)
             )
-            pred = family.predict(run.modules, noisy, timesteps, prompts, batch, run.dtype)
+            pred = family.predict(
+                run.modules, noisy, timesteps, prompts, batch, run.dtype, conditions=run.latents.conditions
+            )
         loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()

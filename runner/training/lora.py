@@ -14,7 +14,7 @@ def lora_config(component, lora_settings):
     from peft import LoraConfig
 
     def setting(key):
-        return getattr(lora_settings, component.setting(key))
+        return component.value(lora_settings, key)
 
     return LoraConfig(
         r=setting("rank"),
@@ -27,7 +27,7 @@ def lora_config(component, lora_settings):
 
 def trains_bias(components, lora_settings) -> bool:
     """Whether bias training would change base weights (then a shared pipeline must not be used)."""
-    return any(getattr(lora_settings, c.setting("bias")) != "none" for c in components)
+    return any(c.value(lora_settings, "bias") != "none" for c in components)
 
 
 def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:

@@ -1,0 +1,136 @@
+"""tiny-sdxl written as a single-file checkpoint in the original (Stability "sgm") layout: the inverse of
+diffusers' single-file converters, for the shapes of tiny-sdxl."""
+
+from __future__ import annotations
+
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+
+
+def _unet_to_original(unet) -> dict:
+    """The inverse of diffusers' convert_ldm_unet_checkpoint, for tiny-sdxl's UNet."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = {
+        **DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"],
+        **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"],
+    }
+    per = unet.config.layers_per_block + 1
+    attention_ups = [hasattr(b, "attentions") for b in unet.up_blocks]
+    out = {}
+    for key, value in unet.state_dict().items():
+        if key in fixed:
+            out[fixed[key]] = value
+            continue
+        parts = key.split(".")
+
+        def resnet(rest):
+            name = ".".join(rest)
+            for new, old in _RESNET:
+                name = name.replace(new, old)
+            return name
+
+        if parts[0] == "down_blocks":
+            b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if kind == "resnets":
+                name = f"input_blocks.{1 + b * per + j}.0.{resnet(rest)}"
+            elif kind == "attentions":
+                name = f"input_blocks.{1 + b * per + j}.1.{'.'.join(rest)}"
+            else:  # downsamplers.0.conv.*
+                name = f"input_blocks.{1 + b * per + per - 1}.0.op.{rest[-1]}"
+        elif parts[0] == "up_blocks":
+            b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if kind == "resnets":
+                name = f"output_blocks.{b * per + j}.0.{resnet(rest)}"
+            elif kind == "attentions":
+                name = f"output_blocks.{b * per + j}.1.{'.'.join(rest)}"
+            else:
+                name = f"output_blocks.{b * per + per - 1}.{2 if attention_ups[b] else 1}.conv.{rest[-1]}"
+        elif parts[0] == "mid_block":
+            j, rest = int(parts[2]), parts[3:]
+            if parts[1] == "resnets":
+                name = f"middle_block.{2 * j}.{resnet(rest)}"
+            else:
+                name = f"middle_block.1.{'.'.join(rest)}"
+        else:
+            raise AssertionError(key)
+        out[name] = value
+    return {f"model.diffusion_model.{k}": v for k, v in out.items()}
+
+
+def _vae_to_original(vae) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    n = len(vae.config.up_block_types)
+    attention = (
+        ("group_norm", "norm"),
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "proj_out"),
+    )
+    out = {}
+    for key, value in vae.state_dict().items():
+        name = fixed.get(key, key)
+        for coder in ("encoder", "decoder"):
+            name = name.replace(f"{coder}.mid_block.resnets.0.", f"{coder}.mid.block_1.")
+            name = name.replace(f"{coder}.mid_block.resnets.1.", f"{coder}.mid.block_2.")
+            if f"{coder}.mid_block.attentions.0." in name:
+                name = name.replace(f"{coder}.mid_block.attentions.0.", f"{coder}.mid.attn_1.")
+                for new, old in attention:
+                    name = name.replace(f"attn_1.{new}.", f"attn_1.{old}.")
+        for i in range(n):
+            name = name.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            name = name.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            name = name.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block.")
+            name = name.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")
+        out[f"first_stage_model.{name.replace('conv_shortcut', 'nin_shortcut')}"] = value
+    return out
+
+
+def _open_clip_to_original(text_encoder) -> dict:
+    import torch
+
+    state = text_encoder.state_dict()
+    out = {
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T.contiguous(),
+    }
+    for layer in range(text_encoder.config.num_hidden_layers):
+        src, dst = f"text_model.encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                [state[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0
+            )
+            out[dst + f"attn.out_proj.{kind}"] = state[src + f"self_attn.out_proj.{kind}"]
+            out[dst + f"ln_1.{kind}"] = state[src + f"layer_norm1.{kind}"]
+            out[dst + f"ln_2.{kind}"] = state[src + f"layer_norm2.{kind}"]
+            out[dst + f"mlp.c_fc.{kind}"] = state[src + f"mlp.fc1.{kind}"]
+            out[dst + f"mlp.c_proj.{kind}"] = state[src + f"mlp.fc2.{kind}"]
+    return {f"conditioner.embedders.1.model.{k}": v for k, v in out.items()}
+
+
+def save_single_file(pipe, path) -> None:
+    from safetensors.torch import save_file
+
+    te = {
+        ("" if k.startswith("text_model.") else "text_model.") + k: v
+        for k, v in pipe.text_encoder.state_dict().items()
+    }
+    tensors = {
+        **_unet_to_original(pipe.unet),
+        **_vae_to_original(pipe.vae),
+        **{f"conditioner.embedders.0.transformer.{k}": v for k, v in te.items()},
+        **_open_clip_to_original(pipe.text_encoder_2),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

@@ -272,8 +272,31 @@ def _save_kohya(path: Path, parts: dict, denoiser_base, family) -> None:
             tensors[f"{name}.lora_down.weight"] = layer["A"].contiguous()
             tensors[f"{name}.lora_up.weight"] = layer["B"].contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(layer["scaling"] * rank, dtype=torch.float32)
+        for module, sibling in _missing_attention(family.component(component), part["layers"]).items():
+            # Zero matrices change no weight; the sibling's rank and alpha keep one rank and one alpha
+            # per component, which loaders that read a single strength for it (diffusers) need.
+            name, like = family.kohya_name(component, module), part["layers"][sibling]
+            tensors[f"{name}.lora_down.weight"] = torch.zeros_like(like["A"]).contiguous()
+            tensors[f"{name}.lora_up.weight"] = torch.zeros_like(like["B"]).contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(like["scaling"] * like["A"].shape[0], dtype=torch.float32)
     metadata = family.kohya_metadata({c: part["config"] for c, part in parts.items()}, denoiser_base)
     write_safetensors(path, tensors, metadata)
+
+
+def _missing_attention(component, layers: dict) -> dict[str, str]:
+    """{module path: a sibling's path} for the projections of attention blocks that have a LoRA on
+    some of their projections but not on these (see Component.kohya_attention). The projections of a
+    CLIP attention block are all hidden x hidden, so a sibling's shapes fit."""
+    found = {}
+    for module in layers:
+        parent, _, leaf = module.rpartition(".")
+        if leaf not in component.kohya_attention:
+            continue
+        for other in component.kohya_attention:
+            path = f"{parent}.{other}"
+            if path not in layers:
+                found.setdefault(path, module)
+    return dict(sorted(found.items()))
 
 
 # --- reading a folder ----------------------------------------------------------------------------------

@@ -274,15 +274,21 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
     """diffusers reads both single files at the adapter's own strength (alpha != r)."""
     import torch
 
-    from runner.adapters import DIFFUSERS_WEIGHTS, save_adapter, unload_adapters
+    from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter, unload_adapters
 
     pipe = _pipeline()
-    # out_proj: diffusers 0.42 only recognises a kohya text-encoder LoRA that includes it.
-    unet, te = _random_lora(
-        pipe, te_config=dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "out_proj"])
-    )
+    # The recipe's text-encoder targets, q_proj and v_proj: diffusers 0.42 recognises a kohya
+    # text-encoder LoRA only with out_proj, which the file completes with zero-valued entries.
+    unet, te = _random_lora(pipe, te_config=dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"]))
     expected_unet, expected_hidden = _outputs(unet, te)
     save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
+    kohya, _ = read_safetensors(tmp_path / "dog" / "dog.safetensors")
+    for layer in range(2):  # every attention block has all four projections (A1111 on SD 2.x wants them)
+        block = f"lora_te_text_model_encoder_layers_{layer}_self_attn"
+        assert all(f"{block}_{p}.lora_up.weight" in kohya for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        assert not kohya[f"{block}_k_proj.lora_up.weight"].any()
+        assert not kohya[f"{block}_out_proj.lora_up.weight"].any()
+        assert kohya[f"{block}_q_proj.lora_up.weight"].any()
     for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
         fresh = _pipeline()
         fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=weight_name, adapter_name="dog")

@@ -41,6 +41,10 @@ class Component:
     text_model_level: str = ""  # a module level that some library versions add ("text_model.")
     # Settings prefix to read when this component's own setting is left out (None in the project file).
     fallback_prefix: str | None = None
+    # Projections of one attention block that kohya loaders want together: A1111 applies a LoRA to an
+    # OpenCLIP attention only when q, k, v and out all have one, and diffusers recognises a kohya
+    # text-encoder file only with out_proj. The kohya file completes a block with zero-valued entries.
+    kohya_attention: tuple[str, ...] = ()
 
     def setting(self, key: str) -> str:
         """The LoraSettings field of `key` ("rank", "alpha", "dropout", "bias", "target_modules")."""

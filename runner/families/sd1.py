@@ -14,6 +14,8 @@ from runner.families import Component, Family, register
 # Bump when the tiny-sd recipe below changes: it is part of the base model identity.
 TINY_SD_VERSION = 1
 
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
 UNET = Component(
     name="unet",
     attr="unet",
@@ -33,6 +35,7 @@ TEXT_ENCODER = Component(
     # transformers 4 nests CLIPTextModel's modules under `text_model.`; transformers 5 does not.
     # kohya / A1111 names always carry it.
     text_model_level="text_model.",
+    kohya_attention=CLIP_ATTENTION,
 )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.families import Component, Family, register
-from runner.families.sd1 import _num, _tiny_tokenizer_vocab
+from runner.families.sd1 import CLIP_ATTENTION, _num, _tiny_tokenizer_vocab
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
 TINY_SDXL_VERSION = 1
@@ -39,6 +39,7 @@ TEXT_ENCODER = Component(
     gate="train_text_encoder",
     learning_rate="text_encoder_learning_rate",
     text_model_level="text_model.",
+    kohya_attention=CLIP_ATTENTION,
 )
 TEXT_ENCODER_2 = Component(
     name="text_encoder_2",
@@ -49,6 +50,7 @@ TEXT_ENCODER_2 = Component(
     gate="train_text_encoder",
     learning_rate="text_encoder_learning_rate",
     text_model_level="text_model.",
+    kohya_attention=CLIP_ATTENTION,
     fallback_prefix="text_encoder_",
 )
 _UNUSED_KWARGS = ("safety_checker", "requires_safety_checker")

@@ -175,7 +175,8 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
         train=dict(steps=6, batch_size=2, train_text_encoder=train_text_encoder),
     )
     subject = replace(subject, caption_extension=".txt", trigger="sks dog")
-    prior = make_prior(num_images=2)
+    prior = make_prior(num_images=2, caption_extension=".txt")
+    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin")
     ctx = train_context(tmp_path, subject, prior=prior, class_dir=classes)
     logs = []
     ctx.log = logs.append
@@ -195,7 +196,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
         ("instance", 1): "a photo of sks dog",
         ("instance", 2): long,
         ("class", 0): "a photo of dog",
-        ("class", 1): "a photo of dog",
+        ("class", 1): "a photo of a dog, sks dog's cousin",
     }
     assert used and {(k, i): t for k, i, t in used} == expected
     assert all(expected[(k, i)] == t for k, i, t in used)
@@ -204,3 +205,17 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     assert sorted(tokenized[-1]) == sorted(set(expected.values()))
     warning = [m for m in logs if "caption" in m and "tokens" in m]
     assert len(warning) == 1 and str(instance / "02.txt") in warning[0] and "reads 77" in warning[0]
+
+
+@pytest.mark.torch
+def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "01.caption").write_text("a dog on a sofa")
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".caption")
+    ctx = prior_context(tmp_path, spec)
+    prior_step.run(ctx)
+    assert sorted(p.name for p in ctx.out.iterdir()) == ["0000.png", "0001.png", "0001.txt"]
+    assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"

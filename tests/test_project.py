@@ -169,6 +169,11 @@ CASES = [
         "subjects.cat.caption_extension: '.png' is an image extension (line {line}) - captions are text files, e.g. '.txt'",
     ),
     (
+        "class caption extension without a dot",
+        '[priors.cat]\nclass_prompt = "a cat"\ncaption_extension = "caption"\n',
+        "priors.cat.caption_extension: 'caption' is not a file extension (line {line}) - write it with its dot, e.g. '.txt'",
+    ),
+    (
         "trigger not a string",
         '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ntrigger = 3\n',
         'subjects.cat.trigger: expected a string, got int 3 (line {line}) - e.g. trigger = "..."',

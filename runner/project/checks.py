@@ -78,6 +78,7 @@ def check_priors(check, tables: dict) -> None:
     for name, prior in tables.get("prior", {}).items():
         for side in ("width", "height"):
             _multiple_of_8(check, ("priors", name, side), getattr(prior, side))
+        _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
 
 
 def check_subjects(check, tables: dict) -> None:

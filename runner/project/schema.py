@@ -201,6 +201,9 @@ class Prior:
     num_images: int = opt(100, "class images used in training; missing ones are generated", "int", minimum=1)
     loss_weight: float = opt(1.0, "weight of the prior-preservation loss", "float", minimum=0)
     images: str | None = opt(None, "folder of your own class images, relative to the project file", "str?")
+    caption_extension: str | None = opt(
+        None, "read each of your class images' prompt from the file beside it, e.g. '.txt'", "str?"
+    )
     negative_prompt: str = opt("", "negative prompt for generation")
     steps: int = opt(50, "denoising steps per generated image", "int", minimum=1)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)

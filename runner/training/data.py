@@ -89,11 +89,15 @@ def read_images(job, log) -> tuple[Images, float | None]:
     def read(files):
         return [load_training_image(f, resolution, warn=log) for f in files]
 
+    # A prior step copies the captions of the user's class images beside their copies, as .txt.
+    class_captions = ".txt" if job.prior is not None and job.prior.caption_extension else None
     prompts = {
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
         ),
-        "class": [job.prior.class_prompt] * len(class_files) if job.prior is not None else [],
+        "class": image_prompts(class_files, class_captions, job.prior.class_prompt, subject.trigger, log)
+        if job.prior is not None
+        else [],
     }
     images = Images(read(instance_files), read(class_files), instance_files, class_files, prompts)
     return images, weight

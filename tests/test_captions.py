@@ -219,3 +219,18 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
     prior_step.run(ctx)
     assert sorted(p.name for p in ctx.out.iterdir()) == ["0000.png", "0001.png", "0001.txt"]
     assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"
+
+
+def test_class_image_captions_are_inputs_of_their_prior(proj, build, fake_steps):
+    proj.edit('class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\nimages = "data/toy"')
+    build(proj)
+    before = _fingerprint(proj, "prior:dog")
+    proj.edit('images = "data/toy"', 'images = "data/toy"\ncaption_extension = ".txt"')
+    result, rec = build(proj)
+    assert result.ok and fake_steps.ran == [] and _fingerprint(proj, "prior:dog") == before
+    (proj.root / "data" / "toy" / "00.txt").write_text("a plush dog")
+    result, rec = build(proj)
+    reasons = {sid: r for sid, _, r in rec.planned}
+    assert reasons["prior:dog"] == ["caption data/toy/00.txt added"]
+    assert reasons["train:toy"] == []  # the subject reads no captions
+    assert fake_steps.ran[0] == "prior:dog"

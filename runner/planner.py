@@ -57,6 +57,9 @@ class Facts(Protocol):
     def images(self, folder: str) -> dict[str, str]:
         """{relative path: sha256} of the images in an absolute folder."""
 
+    def captions(self, folder: str, extension: str) -> dict[str, str]:
+        """{relative path: sha256} of the caption files (`extension`) beside the images of a folder."""
+
     def base_model(self) -> dict:
         """The base model's identity."""
 
@@ -198,6 +201,18 @@ def explain(old: dict, new: dict) -> list[str]:
             reasons.append(f"image {label} removed")
         elif old_files[rel] != new_files[rel]:
             reasons.append(f"image {label} changed")
+    # Captions: one line per file, like images.
+    old_caps, new_caps = old.get("captions") or {}, new.get("captions") or {}
+    folder = new_caps.get("_folder") or old_caps.get("_folder") or folder
+    old_files, new_files = old_caps.get("files", {}), new_caps.get("files", {})
+    for rel in sorted(set(old_files) | set(new_files)):
+        label = f"{folder}/{rel}" if folder else rel
+        if rel not in old_files:
+            reasons.append(f"caption {label} added")
+        elif rel not in new_files:
+            reasons.append(f"caption {label} removed")
+        elif old_files[rel] != new_files[rel]:
+            reasons.append(f"caption {label} changed")
     # Upstream outputs: named, not hashed.
     for key in ("prior", "adapter"):
         o, n = old.get(key), new.get(key)
@@ -228,9 +243,9 @@ def explain(old: dict, new: dict) -> list[str]:
     def rest(inputs: dict) -> dict:
         # What the lines above did not explain; an upstream's own settings (a prior's loss weight) stay.
         kept = {k: v for k, v in inputs.items() if k not in ("images", "adapters")}
-        for key in ("prior", "adapter"):
+        for key, explained in (("prior", "output"), ("adapter", "output"), ("captions", "files")):
             both = isinstance(old.get(key), dict) and isinstance(new.get(key), dict)
-            kept[key] = {k: v for k, v in inputs[key].items() if k != "output"} if both else {}
+            kept[key] = {k: v for k, v in inputs[key].items() if k != explained} if both else {}
         return kept
 
     flat_old, flat_new = {}, {}

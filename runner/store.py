@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, sha256_file
+from runner.imagefiles import list_images
 from runner.models import BaseModel
 from runner.project.schema import Project
 
@@ -317,6 +318,15 @@ class DiskFacts:
         if folder not in self._images:
             self._images[folder] = self.hasher.manifest(Path(folder))
         return self._images[folder]
+
+    def captions(self, folder: str, extension: str) -> dict[str, str]:
+        """{relative path: sha256} of the caption files beside the images of `folder`."""
+        key = f"{folder}\0{extension}"
+        if key not in self._images:
+            root = Path(folder)
+            files = [p.with_suffix(extension) for p in list_images(root)]
+            self._images[key] = self.hasher.manifest(root, [p for p in files if p.is_file()])
+        return self._images[key]
 
     def forget(self) -> None:
         """Drop what was hashed so far: the next questions look at the files as they are now."""

@@ -163,6 +163,31 @@ CASES = [
         '[subjects.none]\nimages = "data/dog"\ninstance_prompt = "x"\n',
         "subjects.none: 'none' is reserved for rendering the base model (line {line}) - rename it",
     ),
+    (
+        "caption extension without a dot",
+        '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ncaption_extension = "txt"\n',
+        "subjects.cat.caption_extension: 'txt' is not a file extension (line {line}) - write it with its dot, e.g. '.txt'",
+    ),
+    (
+        "caption extension of images",
+        '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ncaption_extension = ".png"\n',
+        "subjects.cat.caption_extension: '.png' is an image extension (line {line}) - captions are text files, e.g. '.txt'",
+    ),
+    (
+        "class caption extension without a dot",
+        '[priors.cat]\nclass_prompt = "a cat"\ncaption_extension = "caption"\n',
+        "priors.cat.caption_extension: 'caption' is not a file extension (line {line}) - write it with its dot, e.g. '.txt'",
+    ),
+    (
+        "trigger not a string",
+        '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ntrigger = 3\n',
+        'subjects.cat.trigger: expected a string, got int 3 (line {line}) - e.g. trigger = "..."',
+    ),
+    (
+        "caption dropout above 1",
+        "[train]\ncaption_dropout = 1.5\n",
+        "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
+    ),
 ]
 
 

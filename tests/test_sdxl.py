@@ -377,3 +377,22 @@ def test_a_single_file_sdxl_checkpoint_loads_as_the_same_model(tmp_path):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(pipe.vae(x).sample, single.vae(x).sample, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["frozen-encoders", "encoder-loras"])
+def test_captions_train_on_sdxl(tmp_path, images, train_text_encoder):
+    """Per-image prompts on a family whose prompt embeddings are a pair (hidden states, pooled)."""
+    import dataclasses
+    import shutil
+
+    instance = tmp_path / "dog"
+    shutil.copytree(images[0], instance)
+    (instance / "01.txt").write_text("a photo of [trigger] on a red sofa")
+    subject = make_subject(
+        instance, train=dict(steps=2, caption_dropout=0.5, train_text_encoder=train_text_encoder)
+    )
+    subject = dataclasses.replace(subject, caption_extension=".txt", trigger="sks dog")
+    ctx = train_context(tmp_path, subject, base_model=BASE)
+    metrics = _run(ctx)
+    assert metrics["steps"] == 2
+    assert (ctx.out / "unet" / "adapter_model.safetensors").is_file()

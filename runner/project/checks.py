@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from runner import families
-from runner.imagefiles import list_images
+from runner.imagefiles import IMAGE_SUFFIXES, list_images
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
@@ -78,6 +78,7 @@ def check_priors(check, tables: dict) -> None:
     for name, prior in tables.get("prior", {}).items():
         for side in ("width", "height"):
             _multiple_of_8(check, ("priors", name, side), getattr(prior, side))
+        _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
 
 
 def check_subjects(check, tables: dict) -> None:
@@ -95,6 +96,16 @@ def check_subjects(check, tables: dict) -> None:
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
         _multiple_of_8(check, ("subjects", name, "train", "resolution"), subject.train.resolution)
+        _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
+
+
+def _caption_extension(check, key, extension: str | None) -> None:
+    if extension is None:
+        return
+    if not extension.startswith(".") or len(extension) < 2 or "/" in extension or "\\" in extension:
+        check.problem(key, f"'{extension}' is not a file extension", "write it with its dot, e.g. '.txt'")
+    elif extension.lower().endswith(IMAGE_SUFFIXES):
+        check.problem(key, f"'{extension}' is an image extension", "captions are text files, e.g. '.txt'")
 
 
 def check_blends(check, tables: dict) -> None:

@@ -155,6 +155,13 @@ class TrainSettings:
     )
     center_crop: bool = opt(False, "center crop instead of random crop", "bool")
     random_flip: bool = opt(False, "flip images horizontally at random", "bool")
+    caption_dropout: float | None = opt(
+        None,
+        "probability of training an example on the empty prompt; default: never",
+        "float?",
+        minimum=0,
+        maximum=1,
+    )
     cache_latents: bool = opt(
         True,
         "encode each image once and reuse its latents (same result when crops are fixed)",
@@ -215,6 +222,9 @@ class Prior:
     num_images: int = opt(100, "class images used in training; missing ones are generated", "int", minimum=1)
     loss_weight: float = opt(1.0, "weight of the prior-preservation loss", "float", minimum=0)
     images: str | None = opt(None, "folder of your own class images, relative to the project file", "str?")
+    caption_extension: str | None = opt(
+        None, "read each of your class images' prompt from the file beside it, e.g. '.txt'", "str?"
+    )
     negative_prompt: str = opt("", "negative prompt for generation")
     steps: int = opt(50, "denoising steps per generated image", "int", minimum=1)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
@@ -234,6 +244,12 @@ class Subject:
     images: str = opt(doc="folder of instance images, relative to the project file")
     instance_prompt: str = opt(doc="prompt with the subject's identifier, e.g. 'a photo of sks dog'")
     prior: str | None = opt(None, "name of a [priors.*] table for prior preservation", "str?")
+    caption_extension: str | None = opt(
+        None,
+        "read each image's prompt from the file beside it with this extension, e.g. '.txt'; default: off",
+        "str?",
+    )
+    trigger: str | None = opt(None, "what [trigger] in a caption stands for, e.g. 'sks dog'", "str?")
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 

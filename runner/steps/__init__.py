@@ -80,6 +80,11 @@ class Inputs:
         """An images folder as an input: its place (shown) and every image's hash."""
         return {"_folder": relative(self.project, folder), "files": self.facts.images(folder)}
 
+    def captions(self, folder: str, extension: str) -> dict:
+        """The caption files beside a folder's images as an input (empty when there are none)."""
+        files = self.facts.captions(folder, extension)
+        return {"_folder": relative(self.project, folder), "files": files} if files else {}
+
     def output(self, step_id: str) -> str:
         return self.upstream[step_id]
 

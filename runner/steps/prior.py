@@ -18,6 +18,9 @@ from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
 
+# The extension of class-image captions in a prior's output folder, whatever the user's files used.
+CLASS_CAPTION = ".txt"
+
 
 def image_seed(seed: int, index: int) -> int:
     """The generator seed of class image `index` (image 0 of seed 0 is not image 0 of seed 1)."""
@@ -34,6 +37,9 @@ def run(ctx) -> dict:
     ctx.out.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(given):
         shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
+        caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
+        if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
+            shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
     ctx.progress(len(given), total)
     if missing:
         ctx.log(f"{len(given)} class images given, generating {missing}")
@@ -130,9 +136,13 @@ def _inputs(i: Inputs) -> dict:
     spec = i.spec
     inputs = {"version": KIND.version, "base_model": i.base_model(), "seed": i.settings.seed}
     # The loss weight belongs to the train steps that use the prior, not to the images.
-    inputs.update(i.fields(spec, exclude=("images", "loss_weight")))
+    inputs.update(i.fields(spec, exclude=("images", "loss_weight", "caption_extension")))
     if spec.images:
         inputs["images"] = i.images(spec.images)
+        # Only when caption files exist: a prior without them keeps its fingerprint.
+        captions = i.captions(spec.images, spec.caption_extension) if spec.caption_extension else {}
+        if captions:
+            inputs["captions"] = {**captions, "extension": spec.caption_extension}
     if i.settings.mixed_precision != "no":  # generated in that dtype; fp32 ("no") keys as before
         inputs["mixed_precision"] = i.settings.mixed_precision
     return inputs

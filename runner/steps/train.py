@@ -45,6 +45,13 @@ def _inputs(i: Inputs) -> dict:
         "lora": i.fields(spec.lora),
         "images": i.images(spec.images),
     }
+    # Only when caption files exist: a subject without them keeps the fingerprint it had before captions.
+    captions = i.captions(spec.images, spec.caption_extension) if spec.caption_extension else {}
+    if captions:
+        captions["extension"] = spec.caption_extension
+        if spec.trigger is not None:
+            captions["trigger"] = spec.trigger
+        inputs["captions"] = captions
     if spec.prior:
         inputs["prior"] = {
             "_name": spec.prior,

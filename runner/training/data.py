@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.imagefiles import list_images
+from runner.training.captions import image_prompts
 
 
 def derive_seed(*parts) -> int:
@@ -64,6 +65,8 @@ class Images:
     classes: list
     instance_files: list = field(default_factory=list)
     class_files: list = field(default_factory=list)
+    # The prompt of every image by kind ("instance", "class"): its caption, else the subject's prompt.
+    prompts: dict = field(default_factory=dict)
 
 
 def read_images(job, log) -> tuple[Images, float | None]:
@@ -86,7 +89,26 @@ def read_images(job, log) -> tuple[Images, float | None]:
     def read(files):
         return [load_training_image(f, resolution, warn=log) for f in files]
 
-    return Images(read(instance_files), read(class_files), instance_files, class_files), weight
+    # A prior step copies the captions of the user's class images beside their copies, as .txt.
+    class_captions = ".txt" if job.prior is not None and job.prior.caption_extension else None
+    prompts = {
+        "instance": image_prompts(
+            instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
+        ),
+        "class": image_prompts(class_files, class_captions, job.prior.class_prompt, subject.trigger, log)
+        if job.prior is not None
+        else [],
+    }
+    images = Images(read(instance_files), read(class_files), instance_files, class_files, prompts)
+    return images, weight
+
+
+def examples_at(positions, order: ExampleOrder, weight) -> list[tuple[str, int, int]]:
+    """(kind, image index, position) of the examples at `positions`, laid out [instance..., class...]."""
+    examples = [("instance", order(position)[0], position) for position in positions]
+    if weight is not None:
+        examples += [("class", order(position)[1], position) for position in positions]
+    return examples
 
 
 class LatentCache:
@@ -191,13 +213,7 @@ class LatentCache:
         """(latents, noise, timesteps) for the examples at `positions`, laid out [instance..., class...]."""
         import torch
 
-        examples = []
-        for position in positions:
-            instance_index, class_index = order(position)
-            examples.append(("instance", instance_index, position))
-        if weight is not None:
-            for position in positions:
-                examples.append(("class", order(position)[1], position))
+        examples = examples_at(positions, order, weight)
 
         eps, noise, timesteps, moments, pending, conditions = [], [], [], [], [], []
         for n, (kind, index, position) in enumerate(examples):

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import checkpoints, lora
-from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, read_images
+from runner.training import captions, checkpoints, lora
+from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
 
@@ -49,6 +49,8 @@ class Run:
     noise: Any = None  # the DDPM scheduler that adds noise
     token_ids: Any = None
     prompts: Any = None  # prompt embeddings, when no text encoder trains
+    # With captions or caption dropout: each distinct prompt's row in token_ids (and prompts); else None.
+    rows: dict | None = None
     latents: LatentCache | None = None
     trainable: dict = field(default_factory=dict)
     optimizer: Any = None
@@ -90,6 +92,9 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     prompts = {f"subjects.{job.subject.name}.instance_prompt": job.subject.instance_prompt}
     if job.prior is not None:
         prompts[f"priors.{job.prior.name}.class_prompt"] = job.prior.class_prompt
+    for image, prompt in zip(images.instance_files, images.prompts["instance"], strict=True):
+        if prompt != job.subject.instance_prompt:
+            prompts[f"caption {captions.caption_file(image, job.subject.caption_extension)}"] = prompt
     for warning in family.long_prompts(pipe, prompts):
         log(warning)
     run = Run(job, hooks, pipe, images, weight, dtype, device, rank, world, components)
@@ -151,10 +156,26 @@ def _encode_prompts(run: Run) -> None:
 
     job, family = run.job, run.job.family
     prompts = [job.subject.instance_prompt] + ([job.prior.class_prompt] if run.weight is not None else [])
+    per_image = run.images.prompts["instance"] + run.images.prompts["class"]
+    if run.settings.caption_dropout or any(p not in prompts for p in per_image):
+        # One row per distinct prompt: a caption shared by many images is tokenized (and embedded) once.
+        prompts = sorted(set(prompts) | set(per_image) | ({""} if run.settings.caption_dropout else set()))
+        run.rows = {prompt: row for row, prompt in enumerate(prompts)}
+        if run.settings.caption_dropout:
+            run.log(f"caption dropout {run.settings.caption_dropout:g}")
+        run.log(f"{len(prompts)} distinct prompts")
     run.token_ids = family.tokenize(run.pipe, prompts, run.device)
     if all(c.denoiser for c in run.components):  # no text encoder trains: the embeddings never change
-        with torch.no_grad():
-            run.prompts = family.encode_prompts(run.modules, run.token_ids)  # predict casts them
+        with torch.no_grad():  # predict casts them; a few at a time, as captions may be many
+            ids = run.token_ids
+            count = len(ids[0] if isinstance(ids, tuple) else ids)
+            chunks = [
+                family.encode_prompts(run.modules, _take(ids, slice(i, i + 64))) for i in range(0, count, 64)
+            ]
+            if isinstance(chunks[0], tuple):
+                run.prompts = tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
+            else:
+                run.prompts = torch.cat(chunks)
 
 
 def _optimizer(run: Run) -> None:
@@ -215,17 +236,51 @@ def _forward_backward(run: Run, order: ExampleOrder):
         noisy = run.noise.add_noise(latents, noise, timesteps)
         target = _target(run, latents, noise, timesteps)
         with autocast:
-            prompts = (
-                run.prompts if run.prompts is not None else family.encode_prompts(run.modules, run.token_ids)
-            )
-            pred = family.predict(
-                run.modules, noisy, timesteps, prompts, batch, run.dtype, conditions=run.latents.conditions
-            )
+            if run.rows is None:
+                prompts = (
+                    run.prompts
+                    if run.prompts is not None
+                    else family.encode_prompts(run.modules, run.token_ids)
+                )
+                pred = family.predict(
+                    run.modules,
+                    noisy,
+                    timesteps,
+                    prompts,
+                    batch,
+                    run.dtype,
+                    conditions=run.latents.conditions,
+                )
+            else:
+                prompts = _example_prompts(run, positions, order)
+                pred = family.predict(
+                    run.modules, noisy, timesteps, prompts, 1, run.dtype, conditions=run.latents.conditions
+                )
         loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
     return sums / accum
+
+
+def _example_prompts(run: Run, positions, order: ExampleOrder):
+    """One embedding row per example (captions, or caption dropout), in the latents' order."""
+    examples = examples_at(positions, order, run.weight)
+    texts = captions.prompts_for(examples, run.images.prompts, run.job.seed, run.settings.caption_dropout)
+    rows = [run.rows[text] for text in texts]
+    if run.prompts is not None:  # frozen text encoder: every distinct prompt was embedded once
+        return _take(run.prompts, rows)
+    needed = sorted(set(rows))
+    embedded = run.job.family.encode_prompts(run.modules, _take(run.token_ids, needed))
+    return _take(embedded, [needed.index(row) for row in rows])
+
+
+def _take(value, rows):
+    """Rows of a tensor, or of each tensor of a tuple (a family's prompts may be several: SDXL's are
+    the embeddings and the pooled embeddings)."""
+    if isinstance(value, tuple):
+        return tuple(v[rows] for v in value)
+    return value[rows]
 
 
 def _target(run: Run, latents, noise, timesteps):

@@ -1,0 +1,82 @@
+"""Per-image captions: `photo.txt` beside `photo.jpg` is that image's prompt, and caption dropout.
+
+A caption replaces the instance prompt for its image; `[trigger]` in it is replaced by the subject's
+`trigger`. Images without a caption file use the instance prompt. Dropout trains an example on the empty
+prompt with probability `caption_dropout`, decided by the example's own generator (seed, position), so a
+resumed run drops the same examples.
+
+torch is imported inside functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.errors import StepError
+
+TRIGGER = "[trigger]"
+
+
+def caption_file(image: Path, extension: str) -> Path:
+    """Where an image's caption lives: beside it, with the extension in place of the image's suffix."""
+    return image.with_suffix(extension)
+
+
+def read_caption(path: Path, log) -> str | None:
+    """The caption in `path`, stripped; None (with a warning) when it is empty. A binary or non-UTF-8
+    file, or one that cannot be read, is an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StepError(f"caption {path} cannot be read: {e.strerror or e}") from None
+    if b"\x00" in data:
+        raise StepError(f"caption {path} is a binary file, not text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StepError(f"caption {path} is not UTF-8 text (byte {e.start})") from None
+    text = " ".join(text.split())
+    if not text:
+        log(f"warning: caption {path} is empty; the instance prompt is used")
+        return None
+    return text
+
+
+def image_prompts(files: list[Path], extension: str | None, fallback: str, trigger: str | None, log):
+    """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`."""
+    prompts = []
+    for image in files:
+        caption = None
+        if extension:
+            path = caption_file(image, extension)
+            if path.is_file():
+                caption = read_caption(path, log)
+        if caption is not None and TRIGGER in caption:
+            if trigger is None:
+                raise StepError(
+                    f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set"
+                )
+            caption = caption.replace(TRIGGER, trigger)
+        prompts.append(fallback if caption is None else caption)
+    return prompts
+
+
+def dropped(seed: int, kind: str, position: int, probability: float) -> bool:
+    """Whether the example at `position` trains on the empty prompt (its own generator: resumable)."""
+    if not probability:
+        return False
+    import torch
+
+    from runner.training.data import generator
+
+    return torch.rand(1, generator=generator(seed, "caption", kind, position)).item() < probability
+
+
+def prompts_for(
+    examples: list[tuple[str, int, int]], prompts: dict[str, list[str]], seed: int, dropout: float
+):
+    """The prompt of each (kind, image index, position) example: the image's prompt, or '' when dropped."""
+    return [
+        "" if dropped(seed, kind, position, dropout) else prompts[kind][index]
+        for kind, index, position in examples
+    ]

@@ -1,0 +1,236 @@
+"""Per-image captions: which prompt each image trains with, how caption files enter the plan, and bad
+caption files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner import lockfile
+from runner.errors import StepError
+from runner.training.captions import image_prompts
+from tests.conftest import write_image
+
+TOY = 'instance_prompt = "a toy in the style of <1>"'
+CAPTIONED = TOY + '\ncaption_extension = ".txt"\ntrigger = "<1> toy"'
+
+
+def _folder(tmp_path: Path, captions: dict[str, bytes]) -> list[Path]:
+    files = [write_image(tmp_path / f"{i:02d}.png", seed=i) for i in range(4)]
+    for name, data in captions.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+def test_a_caption_replaces_the_prompt_and_trigger_is_substituted(tmp_path):
+    files = _folder(
+        tmp_path,
+        {
+            "00.txt": b"a photo of [trigger] on a red sofa\n",
+            "02.txt": "un chien  en été\nà la plage".encode(),
+        },
+    )
+    seen = []
+    prompts = image_prompts(files, ".txt", "a photo of sks dog", "sks dog", seen.append)
+    assert prompts == [
+        "a photo of sks dog on a red sofa",
+        "a photo of sks dog",
+        "un chien en été à la plage",
+        "a photo of sks dog",
+    ]
+    assert seen == []
+    # Off: caption files are ignored.
+    assert image_prompts(files, None, "p", "t", seen.append) == ["p"] * 4
+
+
+def test_an_empty_caption_warns_and_uses_the_instance_prompt(tmp_path):
+    files = _folder(tmp_path, {"01.txt": b"  \n"})
+    seen = []
+    assert image_prompts(files, ".txt", "p", None, seen.append)[1] == "p"
+    assert seen == [f"warning: caption {tmp_path / '01.txt'} is empty; the instance prompt is used"]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
+        (b"caf\xe9", "is not UTF-8 text (byte 3)"),
+    ],
+    ids=["binary", "latin-1"],
+)
+def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, message):
+    files = _folder(tmp_path, {"03.txt": data})
+    with pytest.raises(StepError) as info:
+        image_prompts(files, ".txt", "p", None, print)
+    assert str(info.value) == f"caption {tmp_path / '03.txt'} {message}"
+
+
+def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
+    files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
+    with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):
+        image_prompts(files, ".txt", "p", None, print)
+
+
+def test_caption_dropout_is_a_pure_function_of_seed_and_position():
+    pytest.importorskip("torch")
+    from runner.training.captions import dropped
+
+    first = [dropped(0, "instance", p, 0.3) for p in range(400)]
+    assert first == [dropped(0, "instance", p, 0.3) for p in range(400)]
+    assert 80 < sum(first) < 160
+    assert first != [dropped(1, "instance", p, 0.3) for p in range(400)]
+    assert not any(dropped(0, "instance", p, 0) for p in range(50))
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+
+
+def _fingerprint(proj, step_id):
+    return lockfile.read(proj.lock)[step_id]["fingerprint"]
+
+
+def test_caption_files_are_inputs_of_their_subject(proj, build, fake_steps):
+    build(proj)
+    before = _fingerprint(proj, "train:toy")
+    # Turning captions on changes nothing while there are no caption files.
+    proj.edit(TOY, CAPTIONED)
+    result, rec = build(proj)
+    assert result.ok and fake_steps.ran == []
+    caption = proj.root / "data" / "toy" / "01.txt"
+    steps = []
+    for text, expected in (
+        ("a [trigger] on a shelf", "caption data/toy/01.txt added"),
+        ("a [trigger] on a table", "caption data/toy/01.txt changed"),
+    ):
+        caption.write_text(text)
+        result, rec = build(proj)
+        assert result.ok
+        reasons = {sid: r for sid, _, r in rec.planned}
+        assert reasons["train:toy"] == [expected]
+        assert fake_steps.ran[0] == "train:toy"
+        assert "train:dog" not in fake_steps.ran and "render:park" not in fake_steps.ran
+        steps.append(_fingerprint(proj, "train:toy"))
+    assert len({before, *steps}) == 3
+    # Captions change nothing for another subject, nor a changed trigger while no caption is left.
+    caption.unlink()
+    proj.edit('trigger = "<1> toy"', 'trigger = "<2> toy"')
+    result, rec = build(proj)
+    reasons = {sid: r for sid, _, r in rec.planned}
+    # Back to the fingerprint it had before captions: the first build's adapter comes from the run-cache.
+    assert reasons["train:toy"] == ["caption data/toy/01.txt removed", "restorable from cache"]
+    assert _fingerprint(proj, "train:toy") == before
+    assert "train:toy" not in fake_steps.ran and "train:dog" not in fake_steps.ran
+
+
+def test_a_trigger_change_reruns_a_captioned_subject(proj, build, fake_steps):
+    proj.edit(TOY, CAPTIONED)
+    (proj.root / "data" / "toy" / "00.txt").write_text("[trigger]")
+    build(proj)
+    proj.edit('trigger = "<1> toy"', 'trigger = "<2> toy"')
+    result, rec = build(proj)
+    reasons = {sid: r for sid, _, r in rec.planned}
+    assert reasons["train:toy"] == ["captions.trigger '<1> toy' -> '<2> toy'"]
+
+
+def test_the_watch_sees_caption_files(proj):
+    from runner.watch import targets_of
+
+    targets = targets_of(proj.path, proj.load())
+    assert targets.relevant(str(proj.root / "data" / "toy" / "01.txt"))
+
+
+# --- training on tiny-sd -------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["frozen-te", "te-lora"])
+def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text_encoder):
+    from dataclasses import replace
+
+    from runner import families
+    from runner.steps import train
+    from runner.training import captions
+    from tests.steps_fixtures import draw_images, make_prior, make_subject, train_context
+
+    instance = draw_images(tmp_path / "dog", 3, size=(64, 64))
+    classes = draw_images(tmp_path / "class", 2, size=(64, 64), seed=7)
+    (instance / "00.png").with_suffix(".txt").write_text("a photo of [trigger] sitting on a red sofa")
+    (instance / "02.png").with_suffix(".txt").write_text("sks dog, " + "very " * 90 + "good")
+    names = sorted(p.name for p in instance.glob("*.png"))
+    assert names == ["00.png", "01.png", "02.png"]
+
+    used, tokenized = [], []
+    real_prompts_for = captions.prompts_for
+
+    def record(examples, prompts, seed, dropout):
+        texts = real_prompts_for(examples, prompts, seed, dropout)
+        used.extend((kind, index, text) for (kind, index, _), text in zip(examples, texts, strict=True))
+        return texts
+
+    monkeypatch.setattr(captions, "prompts_for", record)
+    subject = make_subject(
+        instance,
+        prior="dog",
+        train=dict(steps=6, batch_size=2, train_text_encoder=train_text_encoder),
+    )
+    subject = replace(subject, caption_extension=".txt", trigger="sks dog")
+    prior = make_prior(num_images=2, caption_extension=".txt")
+    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin")
+    ctx = train_context(tmp_path, subject, prior=prior, class_dir=classes)
+    logs = []
+    ctx.log = logs.append
+    family = families.get("sd1")
+    real_tokenize = family.tokenize
+
+    def tokenize(pipe, prompts, device):
+        tokenized.append(list(prompts))
+        return real_tokenize(pipe, prompts, device)
+
+    monkeypatch.setattr(family, "tokenize", tokenize)
+    train.run(ctx)
+
+    long = "sks dog, " + "very " * 90 + "good"
+    expected = {
+        ("instance", 0): "a photo of sks dog sitting on a red sofa",
+        ("instance", 1): "a photo of sks dog",
+        ("instance", 2): long,
+        ("class", 0): "a photo of dog",
+        ("class", 1): "a photo of a dog, sks dog's cousin",
+    }
+    assert used and {(k, i): t for k, i, t in used} == expected
+    assert all(expected[(k, i)] == t for k, i, t in used)
+    assert {(k, i) for k, i, _ in used} == set(expected)  # every image was trained on
+    # One tokenization of the distinct prompts, each once.
+    assert sorted(tokenized[-1]) == sorted(set(expected.values()))
+    warning = [m for m in logs if "caption" in m and "tokens" in m]
+    assert len(warning) == 1 and str(instance / "02.txt") in warning[0] and "reads 77" in warning[0]
+
+
+@pytest.mark.torch
+def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "01.caption").write_text("a dog on a sofa")
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".caption")
+    ctx = prior_context(tmp_path, spec)
+    prior_step.run(ctx)
+    assert sorted(p.name for p in ctx.out.iterdir()) == ["0000.png", "0001.png", "0001.txt"]
+    assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"
+
+
+def test_class_image_captions_are_inputs_of_their_prior(proj, build, fake_steps):
+    proj.edit('class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\nimages = "data/toy"')
+    build(proj)
+    before = _fingerprint(proj, "prior:dog")
+    proj.edit('images = "data/toy"', 'images = "data/toy"\ncaption_extension = ".txt"')
+    result, rec = build(proj)
+    assert result.ok and fake_steps.ran == [] and _fingerprint(proj, "prior:dog") == before
+    (proj.root / "data" / "toy" / "00.txt").write_text("a plush dog")
+    result, rec = build(proj)
+    reasons = {sid: r for sid, _, r in rec.planned}
+    assert reasons["prior:dog"] == ["caption data/toy/00.txt added"]
+    assert reasons["train:toy"] == []  # the subject reads no captions
+    assert fake_steps.ran[0] == "prior:dog"

@@ -65,18 +65,19 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             if devices is None:
                 continue
             waiting.remove(p)
+            ev.device = _device_name(devices, backend)  # shown from step_start on
             try:
                 started = sch.begin_step(ws, lock, p, ev, options, reporter, p.id in force_ids)
             except Exception as exc:
                 pool.release(devices)
                 _failed(p, ev, exc)
                 continue
-            if started is None:  # fresh, or restored from the run-cache and committed
+            if started is None:  # fresh, or restored from the run-cache and committed: nothing ran
                 pool.release(devices)
+                ev.device = ""
                 settled.add(p.id)
                 reporter.step_end(ev)
                 continue
-            ev.device = _device_name(devices, backend)
             running[p.id] = (started, devices)
             job, _ = sch.make_job(ws, p.step, started.fp, ev, options, reporter, devices)
             threading.Thread(target=_work, args=(backend, job, options, inbox), daemon=True).start()

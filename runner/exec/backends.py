@@ -117,6 +117,7 @@ class ProcessBackend:
         self._live.add(process)
         self.pids[job.step_id] = process.pid
         child.close()
+        hooks.log(f"running in worker process {process.pid}")
         try:
             return _receive(parent, process, job, hooks)
         except BaseException:

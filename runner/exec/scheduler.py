@@ -11,7 +11,6 @@ step) records them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import traceback
@@ -358,7 +357,9 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
         work=work,
         num_processes=options.num_processes or ws.project.settings.num_processes,
         devices=tuple(devices),
-        threads=0 if devices or options.jobs < 2 else max(1, (os.cpu_count() or 1) // options.jobs),
+        # CPU workers keep torch's own thread count: fewer threads change how float sums are split,
+        # and so the bytes of what a step writes (a -j 3 build must write what -j 1 writes).
+        threads=0,
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
     )
     job.stop_file.unlink(missing_ok=True)

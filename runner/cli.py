@@ -32,6 +32,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("project", nargs="?", help="project file (default: the only *.toml here, or dbl.toml)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    def parallel_args(p):
+        p.add_argument(
+            "-j",
+            "--jobs",
+            type=int,
+            default=1,
+            metavar="N",
+            help="run up to N independent steps at once, each in a worker process (default 1)",
+        )
+        p.add_argument(
+            "--gpus",
+            metavar="LIST",
+            help="GPUs to share out with -j, e.g. 0,1,3 (default: every visible CUDA device)",
+        )
+        p.add_argument(
+            "--per-gpu", type=int, default=1, metavar="K", help="how many steps may share one GPU (default 1)"
+        )
+
     p = sub.add_parser("build", help="run the stale steps")
     project_arg(p)
     p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
@@ -64,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="where steps run: inline (in this process, the default) or process (a worker process each)",
     )
+    parallel_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
     p.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
 
@@ -74,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="rebuild what goes stale as files change")
     project_arg(p)
     p.add_argument("--polling", action="store_true", help="poll the file system (network file systems)")
+    parallel_args(p)
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
 
     p = sub.add_parser("init", help="start a project from a template")
@@ -201,6 +221,8 @@ def cmd_build(args) -> int:
     reporter = make_reporter("plain" if args.no_progress else "auto", verbosity)
     if args.num_processes is not None and args.num_processes < 1:
         return _usage("--num-processes must be at least 1")
+    if (problem := _parallel_problem(args)) is not None:
+        return _usage(problem)
     stop = StopOnInterrupt()
     try:
         with stop:
@@ -213,6 +235,7 @@ def cmd_build(args) -> int:
                 should_stop=stop.requested,
                 debug=args.debug,
                 backend=args.executor,
+                **_parallel_options(args),
             )
             result = executor.build(project, options, reporter)
         if stop.signum is not None and result.exit_code in (EXIT_OK, EXIT_INTERRUPTED):
@@ -261,7 +284,29 @@ def cmd_watch(args) -> int:
 
     path = find_project(args.project)
     mode = "plain" if args.no_progress else "auto"
-    return watch(path, polling=args.polling, reporter_factory=lambda: make_reporter(mode, 0))
+    if (problem := _parallel_problem(args)) is not None:
+        return _usage(problem)
+    return watch(
+        path,
+        polling=args.polling,
+        reporter_factory=lambda: make_reporter(mode, 0),
+        build_options=_parallel_options(args),
+    )
+
+
+def _parallel_problem(args) -> str | None:
+    if args.jobs < 1:
+        return "-j must be at least 1"
+    if args.per_gpu < 1:
+        return "--per-gpu must be at least 1"
+    return None
+
+
+def _parallel_options(args) -> dict:
+    from runner.exec.devices import parse_gpus
+
+    gpus = tuple(parse_gpus(args.gpus)) if args.gpus is not None else None
+    return {"jobs": args.jobs, "gpus": gpus, "per_gpu": args.per_gpu}
 
 
 def templates_dir() -> Path:

@@ -32,6 +32,7 @@ class StepEvent:
     duration_s: float = 0.0
     outputs: Path | None = None  # the step's output folder once committed
     error: str = ""
+    device: str = ""  # where it ran when steps run at once: "cuda:0", "cpu", "node-2 cuda:1"
 
 
 class Reporter(Protocol):

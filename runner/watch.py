@@ -105,12 +105,14 @@ def watch(
     debounce_s: float = 0.5,
     stop_event: threading.Event | None = None,
     echo: Callable[[str], None] | None = None,
+    build_options: dict | None = None,
 ) -> int:
     """Build `project_path`, then rebuild what goes stale each time its inputs change.
 
     reporter_factory makes the display of one build. echo prints the watch's own messages (the
     project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
-    or `stop_event`, 2 when the project file's folder does not exist.
+    or `stop_event`, 2 when the project file's folder does not exist. build_options: more BuildOptions
+    fields for each build (jobs, gpus, per_gpu, backend).
     """
     stop = stop_event or threading.Event()
     say = echo or _print
@@ -131,7 +133,7 @@ def watch(
             _reschedule(observer, handler, scheduled, handler.targets.watches())
             if (
                 project is not None
-                and _build_when_free(project, reporter_factory, stop, say) == EXIT_INTERRUPTED
+                and _build_when_free(project, reporter_factory, stop, say, build_options) == EXIT_INTERRUPTED
             ):
                 break  # the build was interrupted (Ctrl-C): leave the watch too
             if stop.is_set():
@@ -167,13 +169,17 @@ def _load(path: Path, say: Callable[[str], None]):
 
 
 def _build_when_free(
-    project, reporter_factory: Callable[[], Reporter], stop: threading.Event, say: Callable[[str], None]
+    project,
+    reporter_factory: Callable[[], Reporter],
+    stop: threading.Event,
+    say: Callable[[str], None],
+    extra: dict | None = None,
 ) -> int:
     """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
     it, so that a change made meanwhile is not lost."""
     from runner.store import BuildLock
 
-    code = _build(project, reporter_factory, stop, say)
+    code = _build(project, reporter_factory, stop, say, extra)
     while code == EXIT_LOCKED and not stop.is_set():
         say("building when it ends")
         while not stop.wait(LOCK_POLL_S):
@@ -184,12 +190,16 @@ def _build_when_free(
                 continue
         else:
             break  # stopped while waiting
-        code = _build(project, reporter_factory, stop, say)
+        code = _build(project, reporter_factory, stop, say, extra)
     return code
 
 
 def _build(
-    project, reporter_factory: Callable[[], Reporter], stop: threading.Event, say: Callable[[str], None]
+    project,
+    reporter_factory: Callable[[], Reporter],
+    stop: threading.Event,
+    say: Callable[[str], None],
+    extra: dict | None = None,
 ) -> int:
     """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on."""
     from runner import executor
@@ -199,7 +209,9 @@ def _build(
     try:
         # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
         with StopOnInterrupt() as interrupt:
-            options = executor.BuildOptions(should_stop=lambda: stop.is_set() or interrupt.requested())
+            options = executor.BuildOptions(
+                should_stop=lambda: stop.is_set() or interrupt.requested(), **(extra or {})
+            )
             code = executor.build(project, options, reporter).exit_code
         return EXIT_INTERRUPTED if interrupt.requested() else code
     except KeyboardInterrupt:

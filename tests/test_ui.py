@@ -343,3 +343,49 @@ def _text(renderable) -> str:
     console = Console(record=True, width=100, force_terminal=True)
     console.print(renderable)
     return console.export_text()
+
+
+# --- steps at once (-j) -----------------------------------------------------------------------------------
+
+
+def _two_running(reporter) -> list[StepEvent]:
+    steps = [
+        StepEvent("train:dog", "train", "dog", PENDING, device="cuda:0"),
+        StepEvent("train:toy", "train", "toy", PENDING, device="cuda:1"),
+    ]
+    reporter.plan("pets", steps)
+    for s, done in zip(steps, (100, 300), strict=True):
+        s.status = RUNNING
+        reporter.step_start(s)
+        s.done, s.total = done, 800
+        reporter.step_progress(s)
+    return steps
+
+
+def test_live_display_gives_each_running_step_its_bar_and_device():
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=1000)
+    steps = _two_running(reporter)
+    text = _text(reporter.renderable())
+    assert re.search(r"train:dog @cuda:0\s+running\s+━+.*step 100/800", text)
+    assert re.search(r"train:toy @cuda:1\s+running\s+━+.*step 300/800", text)
+    for s in steps:
+        s.status, s.duration_s = DONE, 2.0
+        reporter.step_end(s)
+    reporter.finish(steps, 3.0)
+    out = reporter.console.export_text()
+    summary = out[out.rindex("step ") :]
+    assert re.search(r"train:dog\s+done\s+2\.0s\s+cuda:0", summary)
+    assert re.search(r"train:toy\s+done\s+2\.0s\s+cuda:1", summary)
+
+
+def test_plain_lines_of_steps_at_once_name_the_step_and_its_device():
+    lines: list[str] = []
+    reporter = PlainReporter(write=lines.append)
+    steps = _two_running(reporter)
+    steps[0].status, steps[0].duration_s = DONE, 2.0
+    reporter.step_end(steps[0])
+    text = [line[9:] for line in lines]
+    assert "train:dog  start on cuda:0" in text
+    assert "train:toy  start on cuda:1" in text
+    assert any(line.startswith("train:toy  step ") for line in text)
+    assert "train:dog  done in 2.0s on cuda:0" in text

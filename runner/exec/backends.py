@@ -107,12 +107,17 @@ class ProcessBackend:
 
     def __init__(self, project):
         self._context = multiprocessing.get_context("spawn")
+        self._live: set = set()  # the workers running now (several when steps run at once)
+        self.pids: dict[str, int] = {}  # step id -> its worker's pid, while it runs
 
     def run(self, job: Job, hooks: Hooks) -> Outcome:
         parent, child = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_worker, args=(job, child, os.getpid()), daemon=True)
         process.start()
+        self._live.add(process)
+        self.pids[job.step_id] = process.pid
         child.close()
+        hooks.log(f"running in worker process {process.pid}")
         try:
             return _receive(parent, process, job, hooks)
         except BaseException:
@@ -122,9 +127,17 @@ class ProcessBackend:
         finally:
             process.join(timeout=30)
             parent.close()
+            self._live.discard(process)
+            self.pids.pop(job.step_id, None)
+
+    def cancel(self) -> None:
+        """Terminate every running worker (the second Ctrl-C when steps run at once)."""
+        for process in list(self._live):
+            if process.is_alive():
+                process.terminate()
 
     def close(self) -> None:
-        pass
+        self.cancel()
 
 
 def _receive(conn, process, job: Job, hooks: Hooks) -> Outcome:
@@ -169,6 +182,10 @@ def _worker(job: Job, conn, parent_pid: int) -> None:
     from runner.interrupt import die_with_parent
 
     die_with_parent(parent_pid)
+    if job.devices:  # before torch is imported: the step sees only its own GPUs, as cuda:0, cuda:1...
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(job.devices)
+    if job.threads:  # torch reads these when it starts: torch.get_num_threads() == job.threads
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(job.threads)
     hooks = Hooks(
         progress=lambda done, total, **metrics: conn.send(("progress", (done, total, metrics))),
         log=lambda message: conn.send(("log", message)),

@@ -34,6 +34,7 @@ class Job:
     num_processes: int = 1
     devices: tuple[str, ...] = ()  # devices given to the step; empty: the project's `device`
     stop_file: Path | None = None  # its existence asks the step to stop at a safe point
+    threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
 
     @property
     def out(self) -> Path:

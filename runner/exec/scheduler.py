@@ -15,7 +15,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +42,9 @@ class BuildOptions:
     debug: bool = False  # show tracebacks of failing steps
     backend: str = "inline"  # where steps run: see runner.exec.backends
     backend_factory: Callable | None = None  # a backend instance maker (tests), instead of `backend`
+    jobs: int = 1  # steps at once; above 1 each runs in a worker (the `process` backend by default)
+    gpus: tuple[str, ...] | None = None  # GPUs to share out when jobs > 1; None: all visible ones
+    per_gpu: int = 1  # steps that may share one GPU at once
 
 
 @dataclass
@@ -111,7 +114,18 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         lock, planned = ws.plan(force_ids, options.num_processes)
         check_step_ids(planned, tuple(force_ids), "--force")
         check_step_ids(planned, options.only, "--only")
-        factory = options.backend_factory or (lambda p: backends.create(options.backend, p))
+        if options.jobs < 1 or options.per_gpu < 1:
+            raise UsageError("-j and --per-gpu must be at least 1")
+        name = options.backend
+        if options.jobs > 1:
+            if name == "inline":
+                name = "process"  # steps at once share no process: each has its own worker
+            if options.gpus is None:
+                from runner.exec.devices import parse_gpus
+
+                cpu = project.settings.device.startswith("cpu")
+                options = replace(options, gpus=() if cpu else tuple(parse_gpus(None)))
+        factory = options.backend_factory or (lambda p: backends.create(name, p))
         backend = factory(project)
         try:
             return _run(ws, lock, planned, options, reporter, force_ids, backend)
@@ -174,6 +188,11 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     failed: set[str] = set()
     exit_code = EXIT_OK
     graph = [p.step for p in planned]
+    if options.jobs > 1:
+        from runner.exec import parallel
+
+        exit_code = parallel.run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph)
+        todo = []
     for p in todo:
         ev = evs[p.id]
         blocked = [d for d in p.step.deps if d in failed]
@@ -223,8 +242,36 @@ def describe_error(exc: BaseException, debug: bool) -> str:
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
 
+@dataclass
+class Started:
+    """A step that must run: what its finish needs once the backend returns."""
+
+    p: planner.PlannedStep
+    read: list
+    before: object
+    inputs: dict
+    fp: str
+    begun: float
+    clock: float
+    force: bool
+
+
 def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool, backend) -> None:
     """Bring one step up to date: skip, restore from the run-cache, or run it; then record it."""
+    started = begin_step(ws, lock, p, ev, options, reporter, force)
+    if started is None:
+        return
+    job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter)
+    try:
+        outcome = backend.run(job, hooks)
+    finally:
+        job.stop_file.unlink(missing_ok=True)
+    finish_step(ws, lock, started, ev, outcome, reporter)
+
+
+def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool):
+    """Skip the step (fresh) or restore it from the run-cache and commit it (returns None); or mark it
+    running and return what its finish needs. Main thread only."""
     project, step = ws.project, p.step
     read = ws.read_paths(step)
     before = stat_snapshot(read)  # before hashing: any change from here on shows in `after`
@@ -238,7 +285,7 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
         if not problem:
             ev.status = events.FRESH
             ev.reasons = ["upstream rebuilt with identical outputs"]
-            return
+            return None
         ev.reasons = [problem]
     elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
         ev.reasons = planner.explain(record.get("inputs", {}), inputs)
@@ -255,18 +302,33 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     if meta is not None:
         ev.status = events.CACHED
         metrics = meta.get("metrics", {})
-    else:
-        metrics, meta = _execute(ws, step, fp, ev, options, reporter, backend, force)
-        changed = stat_snapshot(read).changed_since(before)
-        if changed:
-            ws.cache.drop(fp)
-            raise StepError(
-                f"{step.id}: {ws.rel(changed[0])} changed while the step ran"
-                + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
-                + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
-            )
-        ev.status = events.DONE
-    _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
+        _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
+        _ended(ws, step, ev, metrics, clock)
+        return None
+    return Started(p, read, before, inputs, fp, begun, clock, force)
+
+
+def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
+    """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
+    step = s.p.step
+    replaced = ws.cache.store(s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force)
+    if replaced:
+        reporter.log(ev, f"forced: replaced the run-cache entry of these inputs ({replaced})")
+    metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
+    changed = stat_snapshot(s.read).changed_since(s.before)
+    if changed:
+        ws.cache.drop(s.fp)
+        raise StepError(
+            f"{step.id}: {ws.rel(changed[0])} changed while the step ran"
+            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+            + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
+        )
+    ev.status = events.DONE
+    _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, time.monotonic() - s.clock)
+    _ended(ws, step, ev, metrics, s.clock)
+
+
+def _ended(ws: Workspace, step, ev: StepEvent, metrics: dict, clock: float) -> None:
     ev.duration_s = time.monotonic() - clock
     ev.outputs = ws.output_dir(step)
     ev.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
@@ -280,8 +342,8 @@ def _warner(ws: Workspace, reporter, ev):
     return lambda message: reporter.log(ev, message)
 
 
-def _execute(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, backend, force: bool):
-    """Have the backend run the step; keep its outputs in the run-cache. Returns (metrics, manifest)."""
+def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=()):
+    """The step's Job, and hooks that report its progress and log lines on `reporter`."""
     work = ws.tmp(step)
     job = Job(
         step_id=step.id,
@@ -294,6 +356,10 @@ def _execute(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, bac
         inputs={d: ws.output_dir(d) for d in step.deps},
         work=work,
         num_processes=options.num_processes or ws.project.settings.num_processes,
+        devices=tuple(devices),
+        # CPU workers keep torch's own thread count: fewer threads change how float sums are split,
+        # and so the bytes of what a step writes (a -j 3 build must write what -j 1 writes).
+        threads=0,
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
     )
     job.stop_file.unlink(missing_ok=True)
@@ -306,14 +372,7 @@ def _execute(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, bac
     hooks = Hooks(
         progress=progress, log=lambda message: reporter.log(ev, message), should_stop=options.should_stop
     )
-    try:
-        outcome = backend.run(job, hooks)
-    finally:
-        job.stop_file.unlink(missing_ok=True)
-    replaced = ws.cache.store(fp, outcome.out, outcome.manifest, outcome.metrics, replace=force)
-    if replaced:
-        reporter.log(ev, f"forced: replaced the run-cache entry of these inputs ({replaced})")
-    return outcome.metrics, ws.cache.manifest(fp)
+    return job, hooks
 
 
 def _commit(

@@ -183,7 +183,10 @@ class LiveReporter:
             when = fmt_duration(elapsed) if timed else ""
             table.add_row(
                 mark or Text(icon, style=style),
-                Text(s.id, style="bold" if s.status == RUNNING else ""),
+                Text.assemble(
+                    (s.id, "bold" if s.status == RUNNING else ""),
+                    (f" @{s.device}" if s.device and s.status == RUNNING else "", "dim"),
+                ),
                 Text(s.status, style=style),
                 _detail(s, rates.get(s.id)),
                 Text(when, style="dim"),
@@ -227,6 +230,9 @@ def summary_table(steps: list[StepEvent]) -> Table:
     table.add_column("step", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
+    where = any(s.device for s in steps)  # steps ran at once (-j, Ray): on which device or node
+    if where:
+        table.add_column("on", no_wrap=True)
     table.add_column("outputs / reason", overflow="fold")
     for s in steps:
         style = STYLES.get(s.status, ("", ""))[1]
@@ -239,9 +245,8 @@ def summary_table(steps: list[StepEvent]) -> Table:
             detail = Text(fmt_path(s.outputs))
         else:
             detail = Text(reason_text(s), style="dim")
-        table.add_row(
-            escape(s.id), Text(s.status, style=style), fmt_duration(s.duration_s) if ran else "", detail
-        )
+        cells = [escape(s.id), Text(s.status, style=style), fmt_duration(s.duration_s) if ran else ""]
+        table.add_row(*cells, *([escape(s.device if ran else "")] if where else []), detail)
     return table
 
 

@@ -209,7 +209,8 @@ class PlainReporter:
         self._last_progress[step.id] = (self._clock(), 0)
         if self.verbosity >= 0:
             reasons = f" ({reason_text(step)})" if step.reasons else ""
-            self._line(f"{self._id(step)}start{reasons}")
+            on = f" on {step.device}" if step.device else ""
+            self._line(f"{self._id(step)}start{on}{reasons}")
 
     def step_progress(self, step: StepEvent) -> None:
         rate = self._rates.update(step)
@@ -258,7 +259,7 @@ class PlainReporter:
         if self.verbosity < 0:
             return
         if step.status == DONE:
-            text = f"done in {took}{out}"
+            text = f"done in {took}" + (f" on {step.device}" if step.device else "") + out
         elif step.status == CACHED:
             text = f"restored from cache{reasons}{out}"
         elif step.status == SKIPPED:

@@ -14,43 +14,24 @@ Training latents are encoded in fp32: SDXL's VAE overflows in fp16. SDXL was tra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from runner.families import Component, Family, register
-from runner.families.sd1 import CLIP_ATTENTION, _num, _tiny_tokenizer_vocab
+from runner.families import Family, register, sd1
+from runner.families.sd1 import _num, _tiny_tokenizer_vocab
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
 TINY_SDXL_VERSION = 1
 
-UNET = Component(
-    name="unet",
-    attr="unet",
-    settings_prefix="",
-    default_targets=("to_q", "to_v", "query", "value"),
-    kohya_prefix="lora_unet_",
-    denoiser=True,
-)
-TEXT_ENCODER = Component(
-    name="text_encoder",
-    attr="text_encoder",
-    settings_prefix="text_encoder_",
-    default_targets=("q_proj", "v_proj"),
-    kohya_prefix="lora_te1_",
-    gate="train_text_encoder",
-    learning_rate="text_encoder_learning_rate",
-    text_model_level="text_model.",
-    kohya_attention=CLIP_ATTENTION,
-)
-TEXT_ENCODER_2 = Component(
+# The UNet as sd1 names it; the text encoders as SDXL's kohya files do (lora_te1_, lora_te2_).
+UNET = sd1.UNET
+TEXT_ENCODER = replace(sd1.TEXT_ENCODER, kohya_prefix="lora_te1_")
+TEXT_ENCODER_2 = replace(
+    sd1.TEXT_ENCODER,
     name="text_encoder_2",
     attr="text_encoder_2",
     settings_prefix="text_encoder_2_",
-    default_targets=("q_proj", "v_proj"),
     kohya_prefix="lora_te2_",
-    gate="train_text_encoder",
-    learning_rate="text_encoder_learning_rate",
-    text_model_level="text_model.",
-    kohya_attention=CLIP_ATTENTION,
     fallback_prefix="text_encoder_",
 )
 _UNUSED_KWARGS = ("safety_checker", "requires_safety_checker")

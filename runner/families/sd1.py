@@ -142,6 +142,22 @@ def _tiny_tokenizer_vocab() -> dict[str, int]:
     return vocab
 
 
+def tiny_vae():
+    """The built-in models' VAE: 64 px images to 16 x 16 x 4 latents (seed torch before calling)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+
+
 def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
     """Make a seeded, randomly initialised Stable Diffusion pipeline of a few MB in `folder`.
 
@@ -149,7 +165,7 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
     so loading it runs exactly the code that loads a real model. Native size: 64 x 64 pixels.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = _tiny_tokenizer_vocab()
@@ -169,16 +185,7 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
             norm_num_groups=32,
         )
         torch.manual_seed(0)
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=32,
-        )
+        vae = tiny_vae()
         torch.manual_seed(0)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(

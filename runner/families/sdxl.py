@@ -151,7 +151,6 @@ def build_tiny_sdxl(folder: Path) -> None:
     """
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -197,16 +196,7 @@ def build_tiny_sdxl(folder: Path) -> None:
             norm_num_groups=32,
         )
         torch.manual_seed(0)
-        vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=32,
-        )
+        vae = sd1.tiny_vae()
         torch.manual_seed(0)
         text_encoder = CLIPTextModel(text_config())
         torch.manual_seed(1)

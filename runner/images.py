@@ -126,6 +126,18 @@ def random_offsets(height: int, width: int, size: int, generator) -> tuple[int, 
     return top, left
 
 
+def crop_offsets(height: int, width: int, target_h: int, target_w: int, generator=None) -> tuple[int, int]:
+    """(top, left) of a target_h x target_w crop: centred, or uniformly random when a torch.Generator is
+    given. For a square target, what center_offsets and random_offsets give."""
+    if generator is None:
+        return int(round((height - target_h) / 2.0)), int(round((width - target_w) / 2.0))
+    import torch
+
+    top = int(torch.randint(0, height - target_h + 1, (1,), generator=generator)) if height > target_h else 0
+    left = int(torch.randint(0, width - target_w + 1, (1,), generator=generator)) if width > target_w else 0
+    return top, left
+
+
 def crop(image, top: int, left: int, size: int, flip: bool = False):
     """A size x size crop of a (3, H, W) tensor, mirrored left-right when `flip`."""
     out = image[:, top : top + size, left : left + size]

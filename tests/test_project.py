@@ -184,6 +184,31 @@ CASES = [
         'subjects.cat.trigger: expected a string, got int 3 (line {line}) - e.g. trigger = "..."',
     ),
     (
+        "bucket step not a multiple of 8",
+        "[train]\nbuckets = true\nbucket_step = 12\n",
+        "train.bucket_step: 12 is not a multiple of 8 (line {line}) - use 8 or 16",
+    ),
+    (
+        "bucket min side above resolution",
+        "[subjects.dog.train]\nbuckets = true\nbucket_min_side = 1024\n",
+        "subjects.dog.train.bucket_min_side: 1024 is above resolution 512 (line {line}) - use at most 512",
+    ),
+    (
+        "bucket max side below resolution",
+        "[train]\nbuckets = true\nbucket_max_side = 256\n",
+        "train.bucket_max_side: 256 is below resolution 512 (line {line}) - use at least 512",
+    ),
+    (
+        "buckets not a bool",
+        "[train]\nbuckets = 1\n",
+        "train.buckets: expected true or false, got int 1 (line {line}) - e.g. buckets = true",
+    ),
+    (
+        "resolution in [train] named there",
+        "[train]\nresolution = 100\n",
+        "train.resolution: must be a multiple of 8, got 100 (line {line})",
+    ),
+    (
         "caption dropout above 1",
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",

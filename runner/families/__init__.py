@@ -80,6 +80,9 @@ class Family:
     builtins: dict[str, dict] = {}  # built-in model name -> keyword arguments of build_builtin
     builtin_version: int = 1  # bump when a built-in's recipe changes: part of the base model identity
     vae_fp32: bool = False  # encode training latents in fp32 whatever the compute dtype (fp16 overflows)
+    # Bump when training on this family gives other bytes for the same inputs: a train step's input
+    # (left out at 1, so the fingerprints made before it existed stay).
+    training_version: int = 1
 
     # --- components -------------------------------------------------------------------------------
 

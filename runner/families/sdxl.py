@@ -46,6 +46,8 @@ class SDXL(Family):
     builtins = {"tiny-sdxl": {}}
     builtin_version = TINY_SDXL_VERSION
     vae_fp32 = True
+    # 2: the size conditioning holds each image's size as read from its file, as SDXL was trained.
+    training_version = 2
 
     def matches_file(self, keys: set[str]) -> bool:
         # The original (Stability "sgm") layout: two conditioner embedders, and the UNet's label_emb

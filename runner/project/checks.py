@@ -7,6 +7,7 @@ looks across the tables of a whole file ({kind: {name: table}}) and adds problem
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from runner import families
@@ -95,8 +96,43 @@ def check_subjects(check, tables: dict) -> None:
             check.problem(
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
-        _multiple_of_8(check, ("subjects", name, "train", "resolution"), subject.train.resolution)
+        train_key = partial(_train_key, check, name)
+        _multiple_of_8(check, train_key("resolution"), subject.train.resolution)
+        _buckets(check, train_key, subject.train)
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
+
+
+def _train_key(check, subject: str, field: str) -> tuple[str, ...]:
+    """Where a subject's train setting is written: [subjects.<name>.train], or else [train]."""
+    return check.written(("subjects", subject, "train", field), ("train", field))
+
+
+def _buckets(check, key, train) -> None:  # key(field): where that train setting is written
+    """Bucket bounds that hold the square bucket, in steps the model's downsampling allows."""
+    from runner.training.buckets import bounds
+
+    if train.bucket_step is not None and train.bucket_step % 8:
+        check.problem(
+            key("bucket_step"),
+            f"{train.bucket_step} is not a multiple of 8",
+            f"use {max(8, train.bucket_step // 8 * 8)} or {train.bucket_step // 8 * 8 + 8}",
+        )
+        return
+    low, high, step = bounds(
+        train.resolution, train.bucket_min_side, train.bucket_max_side, train.bucket_step
+    )
+    if low > train.resolution:
+        check.problem(
+            key("bucket_min_side"),
+            f"{train.bucket_min_side} is above resolution {train.resolution}",
+            f"use at most {train.resolution}",
+        )
+    if high < train.resolution:
+        check.problem(
+            key("bucket_max_side"),
+            f"{train.bucket_max_side} is below resolution {train.resolution}",
+            f"use at least {train.resolution}",
+        )
 
 
 def _caption_extension(check, key, extension: str | None) -> None:

@@ -79,3 +79,7 @@ class LineIndex:
                 return self._lines[parts]
             parts = parts[:-1]
         return None
+
+    def has(self, key: tuple[str, ...]) -> bool:
+        """Whether the file writes this very key."""
+        return tuple(key) in self._lines

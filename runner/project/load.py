@@ -68,7 +68,13 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
-        self.problems.append(Problem(".".join(key), message, self.lines.line(key), fix))
+        problem = Problem(".".join(key), message, self.lines.line(key), fix)
+        if problem not in self.problems:  # a [train] value checked for each subject: said once
+            self.problems.append(problem)
+
+    def written(self, key: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+        """`key` when the file writes it, else `default` (where an inherited value comes from)."""
+        return key if self.lines.has(key) else default
 
     # -- values -------------------------------------------------------------------------------------
 

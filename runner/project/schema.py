@@ -162,6 +162,25 @@ class TrainSettings:
         minimum=0,
         maximum=1,
     )
+    buckets: bool = opt(
+        False,
+        "group images by aspect ratio into buckets of about resolution² pixels instead of cropping "
+        "them square; each batch holds one bucket",
+        "bool",
+    )
+    bucket_min_side: int | None = opt(
+        None, "shortest side of a bucket in pixels; default: resolution / 2", "int?", minimum=8
+    )
+    bucket_max_side: int | None = opt(
+        None, "longest side of a bucket in pixels; default: resolution x 2", "int?", minimum=8
+    )
+    bucket_step: int | None = opt(
+        None,
+        "bucket sides are multiples of this (a multiple of 8); default: 64, or 8 when resolution is "
+        "below 256 or not a multiple of 64",
+        "int?",
+        minimum=8,
+    )
     cache_latents: bool = opt(
         True,
         "encode each image once and reuse its latents (same result when crops are fixed)",

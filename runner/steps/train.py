@@ -6,6 +6,7 @@ started by runner.exec.launcher.
 
 from __future__ import annotations
 
+from runner import families
 from runner.project import checks
 from runner.project.schema import Subject
 from runner.steps import KOHYA_STEM, Inputs, StepKind, register
@@ -27,6 +28,9 @@ def run(ctx) -> dict:
 # --- the kind ------------------------------------------------------------------------------------------
 
 
+BUCKET_KEYS = ("buckets", "bucket_min_side", "bucket_max_side", "bucket_step")
+
+
 def _deps(project, spec) -> list[str]:
     return [f"prior:{spec.prior}"] if spec.prior else []
 
@@ -41,10 +45,14 @@ def _inputs(i: Inputs) -> dict:
         # The processes it really runs with: the effective batch is num_processes x batch_size.
         "num_processes": i.num_processes,
         "instance_prompt": spec.instance_prompt,
-        "train": i.fields(spec.train),
+        # Bucket keys only with buckets on: a subject without them keeps the fingerprint it had before.
+        "train": i.fields(spec.train, exclude=() if spec.train.buckets else BUCKET_KEYS),
         "lora": i.fields(spec.lora),
         "images": i.images(spec.images),
     }
+    family = inputs["base_model"].get("family")  # set for families other than the default
+    if family is not None and families.get(family).training_version > 1:
+        inputs["family_training"] = families.get(family).training_version
     # Only when caption files exist: a subject without them keeps the fingerprint it had before captions.
     captions = i.captions(spec.images, spec.caption_extension) if spec.caption_extension else {}
     if captions:

@@ -11,8 +11,19 @@ from collections import Counter
 
 
 def default_step(resolution: int) -> int:
-    """64 px, or 8 px for a resolution that is not a multiple of 64."""
-    return 64 if resolution % 64 == 0 else 8
+    """64 px; 8 px for a resolution below 256 or not a multiple of 64 (64 px steps would leave a
+    small resolution with the square bucket alone)."""
+    return 64 if resolution % 64 == 0 and resolution >= 256 else 8
+
+
+def bounds(
+    resolution: int, min_side: int | None = None, max_side: int | None = None, step: int | None = None
+) -> tuple[int, int, int]:
+    """(shortest side, longest side, step) of the buckets, defaults filled in and sides on the step."""
+    step = step or default_step(resolution)
+    low = _round_up(min_side or resolution // 2, step)
+    high = max_side or resolution * 2
+    return low, high - high % step, step
 
 
 def bucket_sizes(
@@ -20,10 +31,7 @@ def bucket_sizes(
 ) -> list[tuple[int, int]]:
     """(width, height) of every bucket: sides multiples of `step` within [min_side, max_side], and for
     each width the tallest height whose area stays within resolution². Sorted by aspect ratio."""
-    step = step or default_step(resolution)
-    min_side = _round_up(min_side or resolution // 2, step)
-    max_side = max_side or resolution * 2
-    max_side -= max_side % step
+    min_side, max_side, step = bounds(resolution, min_side, max_side, step)
     area = resolution * resolution
     found = set()
     for width in range(min_side, max_side + 1, step):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.imagefiles import list_images
+from runner.training import buckets
 from runner.training.captions import image_prompts
 
 
@@ -57,22 +58,84 @@ class ExampleOrder:
         return k % self.n_instance, (k % self.n_class if self.n_class else -1)
 
 
+class BucketOrder:
+    """The data stream with aspect-ratio buckets: position -> (instance index, class index), where every
+    block of `block` positions (one micro-batch of every process) holds images of one bucket.
+
+    Instance and class images are separate streams, each bucketed on its own. An epoch of a stream is
+    its buckets' images shuffled within their bucket, cut into blocks (a bucket's last block filled up
+    with its own images again), the blocks shuffled: all from generators seeded by (seed, kind, epoch).
+    """
+
+    def __init__(self, seed: int, instance_buckets: list, class_buckets: list, block: int):
+        self.streams = [_BucketStream(seed, "instance", instance_buckets, block)]
+        if class_buckets:
+            self.streams.append(_BucketStream(seed, "class", class_buckets, block))
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        instance = self.streams[0](position)
+        return instance, (self.streams[1](position) if len(self.streams) > 1 else -1)
+
+
+class _BucketStream:
+    def __init__(self, seed: int, kind: str, buckets: list, block: int):
+        self.seed, self.kind, self.block = seed, kind, block
+        self.groups: dict = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(tuple(bucket), []).append(index)
+        self.length = sum(-(-len(members) // block) * block for members in self.groups.values())
+        self._epochs: dict[int, list[int]] = {}
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.length)
+        if epoch not in self._epochs:
+            if len(self._epochs) > 4:
+                self._epochs.clear()
+            self._epochs[epoch] = self._epoch(epoch)
+        return self._epochs[epoch][offset]
+
+    def _epoch(self, epoch: int) -> list[int]:
+        import torch
+
+        g = generator(self.seed, "buckets", self.kind, epoch)
+        blocks = []
+        for bucket in sorted(self.groups):
+            members = self.groups[bucket]
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+            count = -(-len(members) // self.block) * self.block
+            filled = [shuffled[i % len(shuffled)] for i in range(count)]
+            blocks += [filled[i : i + self.block] for i in range(0, count, self.block)]
+        order = torch.randperm(len(blocks), generator=g).tolist()
+        return [index for b in order for index in blocks[b]]
+
+
 @dataclass
 class Images:
     """The decoded training images (uint8 tensors), and the files they came from."""
 
-    instance: list  # uint8 (3, H, W) tensors, shorter side == resolution
+    instance: list  # uint8 (3, H, W) tensors, each covering its target size (see `targets`)
     classes: list
     instance_files: list = field(default_factory=list)
     class_files: list = field(default_factory=list)
     # The prompt of every image by kind ("instance", "class"): its caption, else the subject's prompt.
     prompts: dict = field(default_factory=dict)
+    # (kind, index) -> (height, width) of the file as read (upright), before any resizing.
+    originals: dict = field(default_factory=dict)
+    # (kind, index) -> (height, width) of its training crop: resolution² square, or its bucket.
+    targets: dict = field(default_factory=dict)
+
+    def buckets(self, kind: str) -> list[tuple[int, int]]:
+        """The target (height, width) of every image of a kind, in order."""
+        count = len(self.instance if kind == "instance" else self.classes)
+        return [self.targets[(kind, index)] for index in range(count)]
 
 
 def read_images(job, log) -> tuple[Images, float | None]:
     """The subject's instance images and its prior's class images, decoded once; and the prior loss
     weight (None without a prior)."""
-    from runner.images import load_training_image
+    from PIL import Image
+
+    from runner.images import load_rgb, resize_shorter, to_uint8_tensor
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
@@ -84,10 +147,30 @@ def read_images(job, log) -> tuple[Images, float | None]:
             raise StepError(f"train:{subject.name}: the class images of prior '{job.prior.name}' are missing")
         class_files = class_files[: job.prior.num_images]
     weight = job.prior.loss_weight if job.prior is not None else None
-    resolution = subject.train.resolution
+    ts = subject.train
+    sizes = (
+        buckets.bucket_sizes(ts.resolution, ts.bucket_min_side, ts.bucket_max_side, ts.bucket_step)
+        if ts.buckets
+        else None
+    )
+    originals, targets = {}, {}
 
-    def read(files):
-        return [load_training_image(f, resolution, warn=log) for f in files]
+    def read(kind, files):
+        pixels = []
+        for index, path in enumerate(files):
+            image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=log)
+            originals[(kind, index)] = (image.height, image.width)
+            if sizes is None:
+                image = resize_shorter(image, ts.resolution)
+                targets[(kind, index)] = (ts.resolution, ts.resolution)
+            else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
+                width, height = buckets.assign(image.size, sizes)
+                resized, _ = buckets.fill(image.size, (width, height))
+                if image.size != resized:
+                    image = image.resize(resized, Image.Resampling.BILINEAR)
+                targets[(kind, index)] = (height, width)
+            pixels.append(to_uint8_tensor(image))
+        return pixels
 
     # A prior step copies the captions of the user's class images beside their copies, as .txt.
     class_captions = ".txt" if job.prior is not None and job.prior.caption_extension else None
@@ -99,7 +182,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
         if job.prior is not None
         else [],
     }
-    images = Images(read(instance_files), read(class_files), instance_files, class_files, prompts)
+    images = Images(
+        read("instance", instance_files), read("class", class_files), instance_files, class_files, prompts
+    )
+    images.originals, images.targets = originals, targets
+    if sizes is not None:
+        log(f"instance {buckets.describe([(w, h) for h, w in images.buckets('instance')])}")
+        if class_files:
+            log(f"class {buckets.describe([(w, h) for h, w in images.buckets('class')])}")
     return images, weight
 
 
@@ -109,150 +199,3 @@ def examples_at(positions, order: ExampleOrder, weight) -> list[tuple[str, int, 
     if weight is not None:
         examples += [("class", order(position)[1], position) for position in positions]
     return examples
-
-
-class LatentCache:
-    """VAE latent moments (mean, std) of every image whose crop is fixed, both flips when flipping.
-
-    An image's crop is fixed when crops are centred or the resized image is already square; other images
-    (random crops of non-square images, or cache_latents = false) are encoded at each step. Sampling
-    latent = mean + std * eps happens per example either way, with the example's own generator, so
-    both paths draw the same numbers.
-    """
-
-    def __init__(self, vae, images: Images, ts, device, dtype, vae_fp32: bool = False):
-        import torch
-
-        self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
-        self.vae_fp32 = vae_fp32  # encode in fp32 whatever the compute dtype (SDXL's VAE overflows in fp16)
-        self.resolution, self.center, self.flip = ts.resolution, ts.center_crop, ts.random_flip
-        self.scale = vae.config.scaling_factor
-        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
-        self.moments: dict[tuple[str, int, bool], tuple] = {}
-        self.encoded_per_step = 0
-        # (height, width) of every image as read (before cropping): part of SDXL's conditioning.
-        self.sizes = {
-            (kind, index): tuple(image.shape[1:])
-            for kind, pixels in (("instance", images.instance), ("class", images.classes))
-            for index, image in enumerate(pixels)
-        }
-        # Per example of the last batch, in its order: (original h, original w, crop top, crop left,
-        # target h, target w), the crop of the unflipped image mirrored when flipped.
-        self.conditions: list[tuple[int, ...]] = []
-        if ts.cache_latents:
-            todo = []
-            for kind, pixels in (("instance", images.instance), ("class", images.classes)):
-                for index, image in enumerate(pixels):
-                    if self.center or image.shape[1] == image.shape[2]:
-                        for flip in (False, True) if self.flip else (False,):
-                            todo.append((kind, index, flip))
-            # VAE activations grow with the pixel count: a few images at a time at 64 px, one at 512 px.
-            chunk = max(1, 512 * 512 // (self.resolution * self.resolution))
-            for start in range(0, len(todo), chunk):
-                keys = todo[start : start + chunk]
-                crops = [self._crop(k, i, f, None)[0] for k, i, f in keys]
-                mean, std = self._encode(torch.stack(crops))
-                for n, key in enumerate(keys):
-                    self.moments[key] = (mean[n], std[n])
-        total = len(images.instance) + len(images.classes)
-        cached = {(k, i) for k, i, _ in self.moments}
-        self.cached_images, self.uncached_images = len(cached), total - len(cached)
-        # Pixels of cached images are never read again: free them (200 class images at 512 px are 150 MB).
-        for kind, index in cached:
-            (images.instance if kind == "instance" else images.classes)[index] = None
-
-    def describe(self) -> str:
-        return f"latents cached for {self.cached_images} images, encoded per step for {self.uncached_images}"
-
-    def _pixels(self, kind: str, index: int):
-        return (self.images.instance if kind == "instance" else self.images.classes)[index]
-
-    def _crop(self, kind, index, flip, g):
-        """(pixels, (top, left)) of an image's crop; random when `g` is given and crops are not centred."""
-        from runner.images import center_offsets, crop, random_offsets
-
-        image = self._pixels(kind, index)
-        _, h, w = image.shape
-        if self.center or g is None:
-            top, left = center_offsets(h, w, self.resolution)
-        else:
-            top, left = random_offsets(h, w, self.resolution, g)
-        return crop(image, top, left, self.resolution, flip), (top, left)
-
-    def _condition(self, kind, index, flip, offsets=None) -> tuple[int, ...]:
-        from runner.images import center_offsets
-
-        h, w = self.sizes[(kind, index)]
-        top, left = offsets if offsets is not None else center_offsets(h, w, self.resolution)
-        if flip:
-            left = w - left - self.resolution
-        return (h, w, top, left, self.resolution, self.resolution)
-
-    def _encode(self, pixels_uint8):
-        import torch
-
-        from runner.images import normalize
-
-        if not self.vae_fp32:
-            with torch.no_grad():
-                pixels = normalize(pixels_uint8).to(self.device, self.dtype)
-                dist = self.vae.encode(pixels).latent_dist
-                return dist.mean.float(), dist.std.float()
-        # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
-        dtype = next(self.vae.parameters()).dtype
-        with torch.no_grad():
-            pixels = normalize(pixels_uint8).to(self.device, torch.float32)
-            try:
-                self.vae.to(torch.float32)
-                dist = self.vae.encode(pixels).latent_dist
-            finally:
-                self.vae.to(dtype)
-            return dist.mean.float(), dist.std.float()
-
-    def batch(self, positions, order: ExampleOrder, seed: int, num_timesteps: int, weight):
-        """(latents, noise, timesteps) for the examples at `positions`, laid out [instance..., class...]."""
-        import torch
-
-        examples = examples_at(positions, order, weight)
-
-        eps, noise, timesteps, moments, pending, conditions = [], [], [], [], [], []
-        for n, (kind, index, position) in enumerate(examples):
-            g = generator(seed, "example", kind, position)
-            timesteps.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
-            shape = self._latent_shape()
-            noise.append(torch.randn(shape, generator=g))
-            eps.append(torch.randn(shape, generator=g))
-            flip = bool(self.flip and torch.rand(1, generator=g).item() < 0.5)
-            key = (kind, index, flip)
-            if key in self.moments:
-                moments.append(self.moments[key])
-                conditions.append(self._condition(kind, index, flip))
-            else:
-                moments.append(None)
-                pixels, offsets = self._crop(kind, index, flip, g)
-                pending.append((n, pixels))
-                conditions.append(self._condition(kind, index, flip, offsets))
-        self.conditions = conditions
-        if pending:
-            self.encoded_per_step += len(pending)
-            mean, std = self._encode(torch.stack([crop for _, crop in pending]))
-            for j, (n, _) in enumerate(pending):
-                moments[n] = (mean[j], std[j])
-
-        mean = torch.stack([m for m, _ in moments])
-        std = torch.stack([s for _, s in moments])
-        eps = torch.stack(eps).to(self.device)
-        latents = ((mean + std * eps) - self.shift) * self.scale
-        if not torch.isfinite(latents).all():
-            raise StepError(
-                "the VAE gave non-finite latents (NaN or inf); the VAE overflows in fp16 (SDXL's does): "
-                "dbl encodes latents in fp32, so check the images and the base model's VAE weights"
-            )
-        return latents, torch.stack(noise).to(self.device), torch.tensor(timesteps, device=self.device)
-
-    def _latent_shape(self):
-        if not hasattr(self, "_shape"):
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            side = self.resolution // factor
-            self._shape = (self.vae.config.latent_channels, side, side)
-        return self._shape

@@ -24,9 +24,10 @@ from typing import Any
 
 from runner.errors import StepError, StepInterrupted
 from runner.training import captions, checkpoints, lora
-from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, examples_at, read_images
+from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
+from runner.training.latents import LatentCache
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -125,7 +126,7 @@ def _train(run: Run) -> dict:
         if run.rank == 0:
             run.hooks.progress(run.step, ts.steps)
         # 4. Train.
-        order = ExampleOrder(run.job.seed, len(run.images.instance), len(run.images.classes))
+        order = _order(run)
         params = [p for group in run.trainable.values() for p in group.values()]
         while run.step < ts.steps:
             losses = _forward_backward(run, order)
@@ -137,6 +138,16 @@ def _train(run: Run) -> dict:
         return _save(run)
     finally:
         lora.remove_lora(run.modules, ts.gradient_checkpointing)
+
+
+def _order(run: Run):
+    """The data stream; with buckets, each micro-batch of every process holds images of one bucket."""
+    ts, images = run.settings, run.images
+    if ts.buckets:
+        return BucketOrder(
+            run.job.seed, images.buckets("instance"), images.buckets("class"), ts.batch_size * run.world
+        )
+    return ExampleOrder(run.job.seed, len(images.instance), len(images.classes))
 
 
 def _noise_scheduler(run: Run) -> None:
@@ -230,33 +241,43 @@ def _forward_backward(run: Run, order: ExampleOrder):
         stream = (run.step * accum + micro) * run.world * batch + run.rank * batch
         positions = range(stream, stream + batch)
         torch.manual_seed(derive_seed(job.seed, "dropout", run.step, micro, run.rank))
-        latents, noise, timesteps = run.latents.batch(
+        groups = run.latents.batch(
             positions, order, job.seed, run.noise.config.num_train_timesteps, run.weight
         )
-        noisy = run.noise.add_noise(latents, noise, timesteps)
-        target = _target(run, latents, noise, timesteps)
-        with autocast:
-            if run.rows is None:
+        with autocast:  # prompts are embedded here when a text encoder trains
+            if run.rows is None:  # [instance prompt, class prompt], each for `batch` examples
                 prompts = (
                     run.prompts
                     if run.prompts is not None
                     else family.encode_prompts(run.modules, run.token_ids)
                 )
+            else:  # one prompt per example
+                prompts = _example_prompts(run, positions, order)
+        preds, targets = [], []
+        for n, group in enumerate(groups):
+            if run.rows is not None:
+                group_prompts, repeat = _take(prompts, group.examples), 1
+            elif len(groups) == 1:
+                group_prompts, repeat = prompts, batch
+            else:  # the instance and the class examples apart (their buckets differ)
+                group_prompts, repeat = _take(prompts, slice(n, n + 1)), batch
+            noisy = run.noise.add_noise(group.latents, group.noise, group.timesteps)
+            targets.append(_target(run, group.latents, group.noise, group.timesteps))
+            with autocast:
                 pred = family.predict(
                     run.modules,
                     noisy,
-                    timesteps,
-                    prompts,
-                    batch,
+                    group.timesteps,
+                    group_prompts,
+                    repeat,
                     run.dtype,
-                    conditions=run.latents.conditions,
+                    conditions=group.conditions,
                 )
-            else:
-                prompts = _example_prompts(run, positions, order)
-                pred = family.predict(
-                    run.modules, noisy, timesteps, prompts, 1, run.dtype, conditions=run.latents.conditions
-                )
-        loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight)
+            preds.append(pred)
+        if len(groups) == 1:
+            loss, instance_loss, prior_loss = prior_preservation_loss(preds[0], targets[0], run.weight)
+        else:
+            loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
@@ -295,17 +316,23 @@ def _target(run: Run, latents, noise, timesteps):
 def prior_preservation_loss(pred, target, weight: float | None):
     """(total, instance, prior) losses in fp32 for a batch laid out [instance..., class...].
 
-    Without a prior (`weight` None) the whole batch is instance examples and the prior loss is 0.
+    Without a prior (`weight` None) the whole batch is instance examples and the prior loss is 0. `pred`
+    and `target` may also be lists of the two halves, [instance, class], when their sizes differ.
     """
     import torch
     import torch.nn.functional as F
 
-    pred, target = pred.float(), target.float()
-    if weight is None:
-        instance = F.mse_loss(pred, target, reduction="mean")
-        return instance, instance, torch.zeros((), device=pred.device)
-    pred_instance, pred_class = pred.chunk(2, dim=0)
-    target_instance, target_class = target.chunk(2, dim=0)
+    if isinstance(pred, list):  # the two halves apart, as [instance, class] (their sizes differ)
+        (pred_instance, pred_class), (target_instance, target_class) = pred, target
+    else:
+        pred, target = pred.float(), target.float()
+        if weight is None:
+            instance = F.mse_loss(pred, target, reduction="mean")
+            return instance, instance, torch.zeros((), device=pred.device)
+        pred_instance, pred_class = pred.chunk(2, dim=0)
+        target_instance, target_class = target.chunk(2, dim=0)
+    pred_instance, pred_class = pred_instance.float(), pred_class.float()
+    target_instance, target_class = target_instance.float(), target_class.float()
     instance = F.mse_loss(pred_instance, target_instance, reduction="mean")
     prior = F.mse_loss(pred_class, target_class, reduction="mean")
     return instance + weight * prior, instance, prior

@@ -58,6 +58,8 @@ class Outcome:
     out: Path
     manifest: dict[str, dict]
     metrics: dict
+    # Outputs of other steps made on the way: step id -> (folder, manifest, metrics).
+    extras: dict = field(default_factory=dict)
 
 
 def prepare(job: Job) -> None:
@@ -98,4 +100,9 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         extra=hooks.extra,
     )
     metrics = (run or load_run(job.run))(ctx) or {}
-    return Outcome(job.out, file_manifest(job.out, FileHasher()), metrics)
+    hasher = FileHasher()
+    extras = {
+        step_id: (folder, file_manifest(folder, hasher), extra_metrics)
+        for step_id, (folder, extra_metrics) in ctx.extras.items()
+    }
+    return Outcome(job.out, file_manifest(job.out, hasher), metrics, extras)

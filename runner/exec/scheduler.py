@@ -254,6 +254,7 @@ class Started:
     begun: float
     clock: float
     force: bool
+    num_processes: int | None = None  # --num-processes, part of a train step's inputs
 
 
 def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool, backend) -> None:
@@ -305,7 +306,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
         _ended(ws, step, ev, metrics, clock)
         return None
-    return Started(p, read, before, inputs, fp, begun, clock, force)
+    return Started(p, read, before, inputs, fp, begun, clock, force, options.num_processes)
 
 
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
@@ -324,8 +325,30 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
             + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
         )
     ev.status = events.DONE
+    _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
     _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, time.monotonic() - s.clock)
     _ended(ws, step, ev, metrics, s.clock)
+
+
+def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
+    """Store in the run-cache the outputs a step made for other steps (a train step's snapshots), under
+    those steps' fingerprints, so that they restore instead of running."""
+    extras = getattr(outcome, "extras", None) or {}
+    if not extras:
+        return
+    declared = {step.id: step for step in planner.graph(ws.project)}
+    for step_id, (folder, manifest, metrics) in sorted(extras.items()):
+        step = declared.get(step_id)
+        if step is None:
+            continue
+        hashes = {d: lock[d]["output_hash"] for d in step.deps if d in lock and d != s.p.step.id}
+        try:
+            fp = fingerprint(planner.step_inputs(ws.project, step, ws.facts, hashes, s.num_processes))
+        except KeyError:  # it reads an output that is not built: it will run by itself
+            continue
+        if ws.cache.manifest(fp) is None:
+            ws.cache.store(fp, Path(folder), manifest, metrics)
+            reporter.log(ev, f"kept {step_id} in the run-cache")
 
 
 def _ended(ws: Workspace, step, ev: StepEvent, metrics: dict, clock: float) -> None:

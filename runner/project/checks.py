@@ -6,6 +6,7 @@ looks across the tables of a whole file ({kind: {name: table}}) and adds problem
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -99,12 +100,32 @@ def check_subjects(check, tables: dict) -> None:
         train_key = partial(_train_key, check, name)
         _multiple_of_8(check, train_key("resolution"), subject.train.resolution)
         _buckets(check, train_key, subject.train)
+        _save_steps(check, train_key, subject.train)
+        if subject.train.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            check.problem(
+                train_key("log"),
+                "TensorBoard logs need the tensorboard package",
+                "pip install 'dbl[tensorboard]', or remove the key",
+            )
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:
     """Where a subject's train setting is written: [subjects.<name>.train], or else [train]."""
     return check.written(("subjects", subject, "train", field), ("train", field))
+
+
+def _save_steps(check, key, train) -> None:
+    steps = train.save_steps or []
+    for step in sorted(set(steps)):
+        if steps.count(step) > 1:
+            check.problem(key("save_steps"), f"step {step} is listed twice", "list each step once")
+        if step >= train.steps:
+            check.problem(
+                key("save_steps"),
+                f"step {step} is not before the last step (steps = {train.steps})",
+                "the subject's own adapter is the last step's; list earlier steps, or raise steps",
+            )
 
 
 def _buckets(check, key, train) -> None:  # key(field): where that train setting is written

@@ -34,7 +34,7 @@ def tables() -> dict[str, type]:
     from runner import steps
 
     result = dict(schema.TABLES)
-    result.update({f"{kind.table}.<name>": kind.spec for kind in steps.kinds()})
+    result.update({f"{kind.table}.<name>": kind.spec for kind in steps.kinds() if kind.table})
     return result
 
 

@@ -236,7 +236,7 @@ def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
 def _validate(path: Path, text: str, data: dict) -> schema.Project:
     check = _Checker(path, text)
     kinds = steps.kinds()
-    top_level = list(schema.TABLES) + [k.table for k in kinds]
+    top_level = list(schema.TABLES) + [k.table for k in kinds if k.table]
     for key in data:
         if key not in top_level:
             check._unknown((), key, top_level)
@@ -248,6 +248,9 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
 
     tables = {}
     for kind in kinds:
+        if kind.derive is not None:
+            tables[kind.name] = kind.derive(tables)
+            continue
         if kind.read is not None:
             read = lambda key, name, raw, kind=kind: kind.read(check, key, name, raw, defaults)  # noqa: E731
         else:

@@ -181,6 +181,22 @@ class TrainSettings:
         "int?",
         minimum=8,
     )
+    save_steps: list[int] | None = opt(
+        None,
+        "also keep the adapter at these steps, as adapters/<subject>@<step>/ (renders and blends may "
+        "name '<subject>@<step>'); default: none",
+        "list[int]?",
+        minimum=1,
+        fingerprint=False,
+    )
+    log: str | None = opt(
+        None,
+        "also write the per-step losses, learning rate and step time as TensorBoard event files under "
+        "<out>/logs/<subject>/ (needs the tensorboard package)",
+        "str?",
+        choices=("tensorboard",),
+        fingerprint=False,
+    )
     cache_latents: bool = opt(
         True,
         "encode each image once and reuse its latents (same result when crops are fixed)",

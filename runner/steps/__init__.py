@@ -44,6 +44,9 @@ class StepContext:
     log: Callable[[str], None] = lambda message: None
     should_stop: Callable[[], bool] = lambda: False
     extra: dict = field(default_factory=dict)
+    # Outputs of other steps that this one made on the way (a train step's snapshots): step id ->
+    # (folder, metrics). The scheduler keeps them in the run-cache, where those steps find them.
+    extras: dict = field(default_factory=dict)
 
 
 class StepFunction(Protocol):
@@ -120,6 +123,9 @@ class StepKind:
     folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
+    # A kind whose steps come from other kinds' tables, not from a table of its own (`table` is ""):
+    # derive(tables) -> {name: spec}, given the tables of the kinds registered before it.
+    derive: Callable[[dict], dict] | None = None
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"
@@ -140,7 +146,7 @@ _REGISTRY: dict[str, StepKind] = {}
 def register(kind: StepKind) -> StepKind:
     """Add a kind (or replace one of the same name). Tables must not collide with another kind's."""
     for other in _REGISTRY.values():
-        if other.name != kind.name and other.table == kind.table:
+        if other.name != kind.name and kind.table and other.table == kind.table:
             raise ValueError(f"step kind {kind.name!r}: table [{kind.table}] belongs to {other.name!r}")
     _REGISTRY[kind.name] = kind
     return kind
@@ -185,4 +191,4 @@ def load_run(ref: str) -> StepFunction:
 
 
 # The built-in kinds, in build order; each module registers its kind on import.
-from runner.steps import prior, train, blend, render  # noqa: E402, F401, I001
+from runner.steps import prior, train, snapshot, blend, render  # noqa: E402, F401, I001

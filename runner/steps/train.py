@@ -21,8 +21,27 @@ def run(ctx) -> dict:
     if ctx.num_processes > 1:
         from runner.exec.launcher import run_processes
 
-        return run_processes(job, ctx.num_processes, hooks)
-    return train(job, hooks, models=ctx.models)
+        metrics = run_processes(job, ctx.num_processes, hooks)
+    else:
+        metrics = train(job, hooks, models=ctx.models)
+    # The snapshots kept on the way, for the run-cache (a resumed run kept the earlier ones before).
+    for step, folder in job.snapshots.items():
+        if (folder / "dbl.json").is_file():
+            ctx.extras[f"snapshot:{ctx.name}@{step}"] = (folder, snapshot_metrics(folder))
+    return metrics
+
+
+def snapshot_metrics(folder) -> dict:
+    """What the lockfile records of a snapshot, from its dbl.json."""
+    import json
+
+    info = json.loads((folder / "dbl.json").read_text())
+    return {
+        "loss_first": info["loss"]["loss_first"],
+        "loss_last": info["loss"]["loss_last"],
+        "steps": info.get("snapshot_at") or info["steps"],
+        "resumed_from": None,
+    }
 
 
 # --- the kind ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ class Job:
     work: Path  # the step's work folder: checkpoints live here
     out: Path  # where the adapter is written
     fingerprint: str = ""
+    stop_at: int | None = None  # stop after this step (a snapshot of a schedule of more steps)
+    snapshots: dict = field(default_factory=dict)  # step -> folder: keep the adapter there on the way
+    log_dir: Path | None = None  # TensorBoard event files go here when given
 
 
 @dataclass
@@ -66,4 +69,11 @@ def job_from_context(ctx) -> Job:
         work=Path(ctx.work),
         out=Path(ctx.out),
         fingerprint=ctx.fingerprint,
+        stop_at=ctx.extra.get("stop_at"),
+        snapshots={
+            step: Path(ctx.work) / "snapshots" / str(step)
+            for step in sorted(set(spec.train.save_steps or ()))
+            if step < spec.train.steps
+        },
+        log_dir=project.out / "logs" / ctx.name if spec.train.log == "tensorboard" else None,
     )

@@ -19,6 +19,7 @@ Randomness: see runner.training.data. torch, diffusers and peft are imported ins
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ class Run:
     step: int = 0
     history: dict = field(default_factory=lambda: {"instance": [], "prior": []})
     resumed_from: int | None = None
+    writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
 
     @property
     def settings(self):
@@ -128,15 +130,21 @@ def _train(run: Run) -> dict:
         # 4. Train.
         order = _order(run)
         params = [p for group in run.trainable.values() for p in group.values()]
-        while run.step < ts.steps:
+        run.writer = _log_writer(run)
+        while run.step < (run.job.stop_at or ts.steps):
+            clock = time.perf_counter()
             losses = _forward_backward(run, order)
             if run.world > 1:
                 all_reduce_mean(params, losses, run.world)
-            _optimizer_step(run, params, losses)
+            _optimizer_step(run, params, losses, time.perf_counter() - clock)
+            if run.step in run.job.snapshots:  # keep the adapter of this step as it is
+                _snapshot(run, run.job.snapshots[run.step])
             _checkpoint_or_stop(run)  # 5. checkpoint when due or asked to stop
         # 6. Write the adapter in every layout.
         return _save(run)
     finally:
+        if run.writer is not None:
+            run.writer.close()
         lora.remove_lora(run.modules, ts.gradient_checkpointing)
 
 
@@ -338,7 +346,7 @@ def prior_preservation_loss(pred, target, weight: float | None):
     return instance + weight * prior, instance, prior
 
 
-def _optimizer_step(run: Run, params, losses) -> None:
+def _optimizer_step(run: Run, params, losses, seconds: float = 0.0) -> None:
     """Check the loss, step the optimizer and the LR schedule, record and report the step."""
     import torch
 
@@ -360,19 +368,21 @@ def _optimizer_step(run: Run, params, losses) -> None:
         scaler.update()
     else:
         optimizer.step()
+    lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
     run.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.history["instance"].append(instance_value)
     run.history["prior"].append(prior_value)
+    run.history.setdefault("lr", []).append(lr)
     if run.rank == 0:
-        metrics = {
-            "loss": instance_value + (run.weight or 0.0) * prior_value,
-            "lr": run.lr_scheduler.get_last_lr()[0],
-        }
+        metrics = {"loss": instance_value + (run.weight or 0.0) * prior_value, "lr": lr}
         if run.weight is not None:
             metrics["prior_loss"] = prior_value
-        run.hooks.progress(run.step, ts.steps, **metrics)
+        run.hooks.progress(run.step, run.job.stop_at or ts.steps, **metrics)
+        if run.writer is not None:
+            for tag, value in {**metrics, "instance_loss": instance_value, "step_time_s": seconds}.items():
+                run.writer.add_scalar(tag, value, run.step)
 
 
 def _checkpoint_or_stop(run: Run) -> None:
@@ -398,21 +408,7 @@ def _checkpoint_or_stop(run: Run) -> None:
 
 
 def _save(run: Run) -> dict:
-    from runner.adapters import save_adapter
-    from runner.steps import KOHYA_STEM
-
-    job, steps = run.job, run.settings.steps
-    summary = loss_summary(run.history, run.weight)
-    if run.rank == 0:
-        save_adapter(
-            job.out,
-            {c.name: run.modules[c.name] for c in run.components},
-            adapter_name="default",
-            base_model=job.base.ref,
-            info=_info(run, summary),
-            name=KOHYA_STEM,
-            family=job.family,
-        )
+    summary = _write_adapter(run, run.job.out, run.job.subject, run.job.stop_at)
     if run.world > 1:
         import torch.distributed as dist
 
@@ -420,9 +416,62 @@ def _save(run: Run) -> dict:
     return {
         "loss_first": summary["loss_first"],
         "loss_last": summary["loss_last"],
-        "steps": steps,
+        "steps": run.step,
         "resumed_from": run.resumed_from,
     }
+
+
+def _snapshot(run: Run, folder) -> None:
+    """Keep the adapter of this step in `folder`, as the snapshot's own run would write it (written
+    beside it and renamed, so a kill leaves no half snapshot). A resumed run keeps the one it has."""
+    import shutil
+
+    from runner.steps.snapshot import training
+
+    if folder.is_dir() or run.rank != 0:
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    subject, stop_at = training(run.job.subject, run.step)
+    _write_adapter(run, partial, subject, stop_at)
+    partial.rename(folder)
+    run.log(f"kept the adapter of step {run.step}")
+
+
+def _write_adapter(run: Run, out, subject, stop_at) -> dict:
+    """Write the adapter as it is now into `out` (process 0), with the dbl.json of `subject`'s run;
+    returns the loss summary."""
+    from runner.adapters import save_adapter
+    from runner.steps import KOHYA_STEM
+
+    summary = loss_summary(run.history, run.weight)
+    if run.rank == 0:
+        save_adapter(
+            out,
+            {c.name: run.modules[c.name] for c in run.components},
+            adapter_name="default",
+            base_model=run.job.base.ref,
+            info=_info(run, summary, subject, stop_at),
+            name=KOHYA_STEM,
+            family=run.job.family,
+        )
+    return summary
+
+
+def _log_writer(run: Run):
+    """TensorBoard's writer of the run's logs (process 0, `log = "tensorboard"`), else None."""
+    if run.job.log_dir is None or run.rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise StepError(
+            f"train:{run.job.subject.name}: log = 'tensorboard' needs the tensorboard package: "
+            f"pip install 'dbl[tensorboard]' ({exc})"
+        ) from None
+    run.job.log_dir.mkdir(parents=True, exist_ok=True)
+    run.log(f"TensorBoard logs in {run.job.log_dir}")
+    return SummaryWriter(log_dir=str(run.job.log_dir), purge_step=run.step + 1 if run.step else None)
 
 
 def loss_summary(history: dict, weight) -> dict:
@@ -446,12 +495,13 @@ def loss_summary(history: dict, weight) -> dict:
     return summary
 
 
-def _info(run: Run, summary: dict) -> dict:
-    """dbl.json of a trained adapter: provenance and metrics."""
+def _info(run: Run, summary: dict, subject, stop_at) -> dict:
+    """dbl.json of a trained adapter: provenance, metrics and the per-step log. `subject` is the table of
+    the run it is the result of; `stop_at` the step a snapshot of a longer schedule stopped at."""
     from runner import steps
 
     job = run.job
-    subject = job.subject
+    train = {k: v for k, v in asdict(subject.train).items() if k not in NOT_IN_INFO}
     info = {
         "kind": "train",
         "base_model": job.base.ref,
@@ -463,15 +513,36 @@ def _info(run: Run, summary: dict) -> dict:
         "num_processes": run.world,
         "instance_prompt": subject.instance_prompt,
         "instance_images": len(run.images.instance),
-        "train": asdict(subject.train),
+        "train": train,
         "lora": asdict(subject.lora),
         "loss": summary,
         "step_version": steps.get("train").version,
     }
+    if stop_at is not None:
+        info["snapshot_at"] = stop_at
     if job.prior is not None:
         info["prior"] = {
             "class_prompt": job.prior.class_prompt,
             "class_images": len(run.images.classes),
             "loss_weight": job.prior.loss_weight,
         }
+    info["log"] = step_log(run.history, run.weight)
     return info
+
+
+# Settings that change no byte of an adapter: left out of its dbl.json, which the run-cache shares.
+NOT_IN_INFO = ("save_steps", "log")
+
+
+def step_log(history: dict, weight) -> dict:
+    """The per-step losses and learning rate, 6 significant digits: compact, and the same after a resume."""
+
+    def compact(values):
+        return [float(f"{v:.6g}") for v in values]
+
+    log = {"instance_loss": compact(history["instance"])}
+    if weight is not None:
+        log["prior_loss"] = compact(history["prior"])
+    if history.get("lr"):
+        log["lr"] = compact(history["lr"])
+    return log

@@ -1,0 +1,132 @@
+"""Snapshots: `save_steps` keeps a subject's adapter at earlier steps as adapters of their own
+(`dog@2`), equal to what a run of that many steps writes; the final adapter does not depend on them."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from runner import executor, lockfile
+from runner.project import load_project
+from tests.conftest import Recorder, write_image
+
+pytestmark = pytest.mark.torch
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[train]
+resolution = 64
+steps = 6
+checkpoint_every = 0
+random_flip = true
+{train}
+
+[lora]
+rank = 4
+alpha = 8
+text_encoder_rank = 2
+text_encoder_alpha = 3
+
+[priors.dog]
+class_prompt = "a photo of dog"
+num_images = 2
+steps = 2
+
+[subjects.dog]
+images = "dog"
+instance_prompt = "a photo of sks dog"
+prior = "dog"
+{subject}
+"""
+
+
+def write(folder, train="", subject=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(PROJECT.format(train=train, subject=subject)))
+    return path
+
+
+def build(path, **options):
+    rec = Recorder()
+    result = executor.build(load_project(path), executor.BuildOptions(**options), rec)
+    assert result.ok, rec.events
+    return {e.id: e for e in result.steps}, [e[2] for e in rec.events if e[0] == "log"]
+
+
+def folder_bytes(folder):
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_snapshot_is_the_adapter_of_a_run_of_that_many_steps(tmp_path):
+    path = write(tmp_path / "p", train="save_steps = [2, 4]")
+    events, logs = build(path)
+    assert events["train:dog"].status == "done"
+    assert events["snapshot:dog@2"].status == "cached" and events["snapshot:dog@4"].status == "cached"
+    assert "kept snapshot:dog@2 in the run-cache" in logs
+    adapters = tmp_path / "p" / "build" / "p" / "adapters"
+    assert (adapters / "dog@4" / "dog@4.safetensors").is_file()
+
+    # A 4-step run of the same subject writes the very bytes of dog@4 (its kohya file named after it).
+    short = write(tmp_path / "short", train="steps = 4")
+    short.write_text(short.read_text().replace("steps = 6\n", ""))
+    build(short)
+    four = folder_bytes(tmp_path / "short" / "build" / "p" / "adapters" / "dog")
+    snapshot = folder_bytes(adapters / "dog@4")
+    snapshot["dog.safetensors"] = snapshot.pop("dog@4.safetensors")
+    assert snapshot == four
+    assert folder_bytes(adapters / "dog@2") != snapshot
+
+    # The final adapter does not depend on save_steps: a project without them has the same bytes
+    # and the same fingerprint.
+    plain = write(tmp_path / "plain")
+    build(plain)
+    assert folder_bytes(tmp_path / "plain" / "build" / "p" / "adapters" / "dog") == folder_bytes(
+        adapters / "dog"
+    )
+    assert (
+        lockfile.read(plain.with_suffix(".lock"))["train:dog"]["fingerprint"]
+        == lockfile.read(path.with_suffix(".lock"))["train:dog"]["fingerprint"]
+    )
+
+
+def test_adding_a_save_step_to_a_built_subject_trains_only_the_snapshot(tmp_path):
+    path = write(tmp_path, train="")
+    build(path)
+    path.write_text(
+        path.read_text().replace("checkpoint_every = 0\n", "checkpoint_every = 0\nsave_steps = [3]\n")
+    )
+    events, logs = build(path)
+    assert events["train:dog"].status == "fresh"  # the subject is not trained again
+    assert events["snapshot:dog@3"].status == "done"
+    assert events["snapshot:dog@3"].metrics["steps"] == 3
+    info = (tmp_path / "build" / "p" / "adapters" / "dog@3" / "dbl.json").read_text()
+    assert '"steps": 3' in info and len(__import__("json").loads(info)["log"]["instance_loss"]) == 3
+    # Removing it removes the snapshot's outputs; the subject stays fresh.
+    path.write_text(path.read_text().replace("save_steps = [3]\n", ""))
+    events, _ = build(path)
+    assert "snapshot:dog@3" not in events and not (tmp_path / "build" / "p" / "adapters" / "dog@3").exists()
+    assert events["train:dog"].status == "fresh"
+
+
+def test_with_a_schedule_of_the_whole_run_a_snapshot_is_that_runs_step(tmp_path):
+    path = write(tmp_path, train='save_steps = [3]\nlr_scheduler = "cosine"')
+    events, _ = build(path)
+    assert events["snapshot:dog@3"].status == "cached"
+    kept = folder_bytes(tmp_path / "build" / "p" / "adapters" / "dog@3")
+    # Built by itself (the cache emptied), the snapshot trains 3 steps of the 6-step schedule: same bytes.
+    import shutil
+
+    shutil.rmtree(tmp_path / ".dbl" / "cache")
+    events, _ = build(path, force={"snapshot:dog@3"})
+    assert events["snapshot:dog@3"].status == "done"
+    assert folder_bytes(tmp_path / "build" / "p" / "adapters" / "dog@3") == kept
+    info = __import__("json").loads(kept["dbl.json"])
+    assert info["snapshot_at"] == 3 and info["steps"] == 6 and len(info["log"]["lr"]) == 3

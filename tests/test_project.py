@@ -209,6 +209,26 @@ CASES = [
         "train.resolution: must be a multiple of 8, got 100 (line {line})",
     ),
     (
+        "save step at the last step",
+        "[train]\nsteps = 100\nsave_steps = [50, 100]\n",
+        "train.save_steps: step 100 is not before the last step (steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
+    ),
+    (
+        "save step twice",
+        "[subjects.dog.train]\nsave_steps = [50, 50]\n",
+        "subjects.dog.train.save_steps: step 50 is listed twice (line {line}) - list each step once",
+    ),
+    (
+        "save step zero",
+        "[train]\nsave_steps = [0]\n",
+        "train.save_steps: must be at least 1, got 0 (line {line})",
+    ),
+    (
+        "unknown log",
+        '[train]\nlog = "wandb"\n',
+        "train.log: 'wandb' is not one of tensorboard (line {line})",
+    ),
+    (
         "caption dropout above 1",
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",

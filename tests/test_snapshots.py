@@ -130,3 +130,28 @@ def test_with_a_schedule_of_the_whole_run_a_snapshot_is_that_runs_step(tmp_path)
     assert folder_bytes(tmp_path / "build" / "p" / "adapters" / "dog@3") == kept
     info = __import__("json").loads(kept["dbl.json"])
     assert info["snapshot_at"] == 3 and info["steps"] == 6 and len(info["log"]["lr"]) == 3
+
+
+def test_tensorboard_logs_hold_every_step_and_change_no_output(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = write(tmp_path / "p", train='log = "tensorboard"')
+    events, logs = build(path)
+    folder = tmp_path / "p" / "build" / "p" / "logs" / "dog"
+    assert f"TensorBoard logs in {folder}" in logs
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    for tag in ("loss", "instance_loss", "prior_loss", "lr", "step_time_s"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
+    info = __import__("json").loads(
+        (tmp_path / "p" / "build" / "p" / "adapters" / "dog" / "dbl.json").read_text()
+    )
+    logged = [e.value for e in acc.Scalars("instance_loss")]  # float32 in the event file
+    assert logged == pytest.approx(info["log"]["instance_loss"], rel=1e-5)
+    # Not an input: without it, nothing is stale.
+    path.write_text(path.read_text().replace('log = "tensorboard"', ""))
+    from runner import executor as ex
+
+    _, planned = ex.Workspace(load_project(path)).plan()
+    assert not [p.id for p in planned if p.stale]

@@ -183,8 +183,8 @@ class TrainSettings:
     )
     save_steps: list[int] | None = opt(
         None,
-        "also keep the adapter at these steps, as adapters/<subject>@<step>/ (renders and blends may "
-        "name '<subject>@<step>'); default: none",
+        "also keep the adapter at these steps, as adapters/<subject>@<step>/ (a render may name "
+        "'<subject>@<step>'); default: none",
         "list[int]?",
         minimum=1,
         fingerprint=False,

@@ -3,6 +3,8 @@ steps. The pixels are tested in test_render.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from runner import lockfile, planner
 from runner.steps import kinds
 
@@ -104,3 +106,28 @@ def test_any_adapter_producing_kind_may_be_listed(proj, build, fake_steps):
         assert [k.name for k in kinds() if k.produces_adapter] == ["train", "blend", "copy"]
     finally:
         steps.unregister("copy")
+
+
+@pytest.mark.torch
+def test_a_real_build_records_checks_and_restores_the_adapter_folders(tmp_path, capsys):
+    """With the real render step: the images in <adapter>/ subfolders are recorded, checked by
+    `dbl check` and restored from the run-cache like any other output."""
+    from runner.cli import main
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sd"\n\n'
+        '[renders.cmp]\nadapters = ["none"]\nprompts = ["a dog"]\nseeds = [3]\nsteps = 1\n'
+    )
+    assert main(["build", str(path), "--no-progress"]) == 0
+    image = "build/p/renders/cmp/none/0-3.png"
+    outputs = lockfile.read(path.with_suffix(".lock"))["render:cmp"]["outputs"]
+    assert sorted(outputs) == ["build/p/renders/cmp/grid.png", image]
+    assert main(["check", str(path)]) == 0
+    good = (tmp_path / image).read_bytes()
+    (tmp_path / image).write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["check", str(path)]) == 1
+    assert image in capsys.readouterr().out
+    assert main(["build", str(path), "--no-progress"]) == 0
+    assert (tmp_path / image).read_bytes() == good

@@ -230,7 +230,7 @@ KIND = register(
         run=run,
         inputs=_inputs,
         deps=_deps,
-        doc="renders a prompt batch with a subject, a blend or the base model",
+        doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
         check=checks.check_renders,
     )
 )

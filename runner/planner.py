@@ -260,12 +260,28 @@ def explain(old: dict, new: dict) -> list[str]:
             reasons.append(f"{key} removed (was {_short(flat_old[key])})")
         elif flat_old[key] != flat_new[key]:
             reasons += _changed(key, flat_old[key], flat_new[key])
+    # A render that switched between one adapter and several (`adapters`): one line says so.
+    switched = ("adapter" in old and isinstance(new.get("adapters"), list)) or (
+        "adapter" in new and isinstance(old.get("adapters"), list)
+    )
+    if switched:
+        reasons.append(f"{_rendered_with(old)} -> {_rendered_with(new)}")
     for key in ("prior", "adapter"):
         o, n = old.get(key), new.get(key)
+        if key == "adapter" and switched:
+            continue
         if (o is None) != (n is None) or (isinstance(o, str) or isinstance(n, str)) and o != n:
             label = lambda v: "none" if v in (None, "none") else v.get("_name") if isinstance(v, dict) else v  # noqa: E731
             reasons.append(f"{key} {label(o)} -> {label(n)}")
     return reasons or ["inputs changed"]
+
+
+def _rendered_with(inputs: dict) -> str:
+    """'adapter dog' or 'adapters dog, none': what a render's inputs render with."""
+    if isinstance(inputs.get("adapters"), list):
+        return "adapters " + ", ".join(str(a.get("_name")) for a in inputs["adapters"])
+    value = inputs.get("adapter")
+    return f"adapter {value.get('_name') if isinstance(value, dict) else value}"
 
 
 # --- the plan --------------------------------------------------------------------------------------

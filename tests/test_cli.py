@@ -95,6 +95,43 @@ def test_ls_and_gc(proj, build, capsys):
     assert capsys.readouterr().out.startswith("dropped 0 cache entries")
 
 
+def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
+    from tests.conftest import FakeBackend, FakeSteps, use_backend
+
+    losses = {"train:dog": (0.41234, 0.087123), "train:toy": (0.5, float("nan"))}
+
+    def with_losses(run):
+        def step(ctx):
+            metrics = run(ctx)
+            if ctx.step_id in losses:
+                first, last = losses[ctx.step_id]
+                metrics.update(loss_first=first, loss_last=last, steps=4)
+            return metrics
+
+        return step
+
+    undo = use_backend(lambda project: FakeBackend(FakeSteps(), with_losses))
+    try:
+        assert main(["build", str(proj.path), "--no-progress"]) == 0
+    finally:
+        undo()
+    capsys.readouterr()
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "prior:dog     fresh  build/pets/priors/dog",
+        "train:dog     fresh  build/pets/adapters/dog   loss 0.4123 -> 0.08712 in 4 steps",
+        "train:toy     fresh  build/pets/adapters/toy   loss 0.5 -> nan in 4 steps",
+        "blend:mix     fresh  build/pets/blends/mix",
+    ]
+    assert lines[-1] == "render:base   fresh  build/pets/renders/base"
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["train:dog"]["metrics"]["loss_last"] == 0.087123
+    assert rows["train:toy"]["metrics"]["loss_last"] is None  # NaN, which JSON cannot hold
+    assert rows["blend:mix"]["metrics"] == {"fake": True}
+
+
 def test_second_build_exits_3_naming_the_holder(proj):
     first = fake_dbl("build", proj.path, "--no-progress", slow="train:dog", wait=False)
     try:

@@ -124,6 +124,31 @@ CASES = [
         "renders.r.adapter: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; or 'none'",
     ),
     (
+        "render with adapter and adapters",
+        '[renders.r]\nadapter = "dog"\nadapters = ["dog", "toy"]\nprompts = ["x"]\n',
+        "renders.r.adapters: adapter and adapters are both given (line {line}) - keep adapter for one adapter, or adapters for one grid column per adapter",
+    ),
+    (
+        "render with no adapter",
+        '[renders.r]\nprompts = ["x"]\n',
+        "renders.r: missing required key 'adapter' or 'adapters' (line {line}) - add adapter = \"...\" (a subject, a blend, or 'none' for the base model), or adapters = [\"...\", \"...\"] for one grid column per adapter",
+    ),
+    (
+        "unknown adapter in a render's list",
+        '[renders.r]\nadapters = ["dog", "none", "cat"]\nprompts = ["x"]\n',
+        "renders.r.adapters: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; or 'none'",
+    ),
+    (
+        "empty adapters",
+        '[renders.r]\nadapters = []\nprompts = ["x"]\n',
+        'renders.r.adapters: must not be empty (line {line}) - give at least one value, e.g. adapters = ["..."]',
+    ),
+    (
+        "adapter listed twice",
+        '[renders.r]\nadapters = ["dog", "mix", "dog"]\nprompts = ["x"]\n',
+        "renders.r.adapters: 'dog' is listed twice (line {line}) - list each adapter once",
+    ),
+    (
         "density needed",
         '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "ties"\n',
         "blends.t.method: method 'ties' needs a density (line {line}) - add density = 0.5 (fraction of weights kept)",
@@ -251,6 +276,31 @@ def test_problem_messages(folder, extra, expected):
             break
     else:
         raise AssertionError(f"{expected!r} not in {found!r}")
+
+
+def test_a_render_lists_several_adapters(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[renders.grid]\nadapters = ["dog", "mix", "none"]\nprompts = ["x"]\n')
+    project = load_project(path)
+    assert project.renders["grid"].adapter is None
+    assert project.renders["grid"].adapter_names == ["dog", "mix", "none"]
+    assert project.renders["park"].adapter_names == ["mix"]
+
+
+def test_render_adapter_problems_name_their_line(folder):
+    text = GOOD + '\n[renders.r]\nadapter = "dog"\nadapters = ["dog", "cat"]\nprompts = ["x"]\n'
+    line = textwrap.dedent(text).splitlines().index('adapters = ["dog", "cat"]') + 1
+    assert problems(folder, text) == [
+        f"renders.r.adapters: adapter and adapters are both given (line {line}) - keep adapter for one "
+        "adapter, or adapters for one grid column per adapter",
+        f"renders.r.adapters: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; "
+        "blends: mix; or 'none'",
+    ]
+    text = GOOD + '\n[renders.r]\nprompts = ["x"]\n'
+    header = textwrap.dedent(text).splitlines().index("[renders.r]") + 1
+    assert problems(folder, text)[0].startswith(
+        f"renders.r: missing required key 'adapter' or 'adapters' (line {header})"
+    )
 
 
 def test_every_problem_is_reported_at_once(folder):

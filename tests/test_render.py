@@ -188,3 +188,64 @@ def test_a_stop_request_interrupts_and_restores_the_pipeline(tmp_path, adapters,
     pipe = models.pipeline()
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_several_adapters_one_grid_column_each(tmp_path, adapters, models):  # noqa: F811
+    """`adapters = [...]`: every prompt and seed with each adapter in turn, a subfolder per adapter,
+    and a grid with a column per adapter (named above it) and a row per prompt and seed."""
+    from PIL import Image
+
+    from runner.project.schema import Render
+    from runner.steps import render
+    from tests.blend_fixtures import context
+
+    settings = dict(prompts=PROMPTS[:1], seeds=[0, 4], steps=2)
+    names = ["a", "b", "none"]
+    spec = Render(name="cmp", adapters=names, **settings)
+    out = tmp_path / "render-cmp"
+    inputs = {"train:a": adapters["a"], "train:b": adapters["b"]}
+    metrics = render.run(context("render", spec, out, inputs, models))
+    assert metrics["images"] == 6
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted([f"{a}/0-{s}.png" for a in names for s in (0, 4)] + ["grid.png"])
+    with Image.open(out / "a" / "0-4.png") as image:
+        assert image.text["parameters"].endswith("Seed: 4, Size: 64x64, Model: tiny-sd, Lora: a:1")
+    with Image.open(out / "none" / "0-4.png") as image:
+        assert "Lora" not in image.text["parameters"]
+
+    # Columns x rows of the image size, below a strip of column names.
+    grid = Image.open(out / "grid.png").convert("RGB")
+    top = grid.height - 2 * 64
+    assert grid.width == 3 * 64 and 0 < top < 64
+    for row, seed in enumerate((0, 4)):
+        for column, name in enumerate(names):
+            cell = grid.crop((column * 64, top + row * 64, (column + 1) * 64, top + (row + 1) * 64))
+            assert np.array_equal(np.asarray(cell), np.asarray(Image.open(out / name / f"0-{seed}.png")))
+    strip = np.asarray(grid.crop((0, 0, grid.width, top)))
+    assert strip.max() == 255  # the names are written
+    labels = [strip[:, c * 64 : (c + 1) * 64] for c in range(3)]
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[1], labels[2])
+    pixels = {name: _pixels(out / name / "0-0.png") for name in names}
+    for one, other in [("a", "b"), ("a", "none"), ("b", "none")]:
+        assert np.abs(pixels[one] - pixels[other]).mean() > 1e-3, (one, other)
+
+    # Each adapter was removed before the next: the base column, rendered last, is the plain base model's,
+    # and the shared pipeline is left as it was found.
+    base = run_render(tmp_path, "base", "none", {}, models, **settings)
+    assert np.array_equal(pixels["none"], _pixels(base / "0-0.png"))
+    pipe = models.pipeline()
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+
+
+def test_grid_labels_are_scaled_for_large_images():
+    from PIL import Image
+
+    from runner.steps.render import make_grid
+
+    cells = [Image.new("RGB", (512, 512), (40 * i, 0, 0)) for i in range(2)]
+    grid = make_grid([cells], labels=["dog@200", "dog"])
+    small = make_grid([[c.resize((64, 64)) for c in cells]], labels=["dog@200", "dog"])
+    assert grid.width == 2 * 512 and grid.height - 512 == 2 * (small.height - 64)
+    assert make_grid([cells], labels=["dog@200", "dog"]).tobytes() == grid.tobytes()

@@ -62,12 +62,26 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
 
 
 def _known_adapters(tables: dict) -> str:
-    subjects, blends = tables.get("train", {}), tables.get("blend", {})
-    parts = []
-    if subjects:
-        parts.append("subjects: " + ", ".join(subjects))
-    if blends:
-        parts.append("blends: " + ", ".join(blends))
+    """The parents a blend may name: subjects and blends."""
+    return _adapter_listing({"subjects": tables.get("train", {}), "blends": tables.get("blend", {})})
+
+
+def adapter_tables(tables: dict) -> dict[str, dict]:
+    """The tables of every kind that produces an adapter (subjects, blends ...), by their table name
+    ("subjects"), in build order: the names a render may use."""
+    from runner import steps  # at call time: runner.steps imports this module
+
+    return {k.table: tables.get(k.name, {}) for k in steps.kinds() if k.produces_adapter}
+
+
+def _adapter_nouns(adapters: dict[str, dict]) -> str:
+    """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
+    nouns = [table.removesuffix("s") for table in adapters]
+    return " or ".join(nouns) if len(nouns) < 3 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
+
+
+def _adapter_listing(adapters: dict[str, dict]) -> str:
+    parts = [f"{table}: {', '.join(names)}" for table, names in adapters.items() if names]
     return "; ".join(parts) or "no subjects defined"
 
 
@@ -183,16 +197,40 @@ def check_blends(check, tables: dict) -> None:
 
 
 def check_renders(check, tables: dict) -> None:
-    adapters = list(tables.get("train", {})) + list(tables.get("blend", {}))
+    """A render names one adapter (`adapter`) or several (`adapters`) of any kind that produces one."""
+    produced = adapter_tables(tables)
+    known = {name for names in produced.values() for name in names} | set(RESERVED_ADAPTERS)
     for name, render in tables.get("render", {}).items():
-        if render.adapter not in adapters and render.adapter not in RESERVED_ADAPTERS:
+        key = ("renders", name)
+        if render.adapter is not None and render.adapters is not None:
             check.problem(
-                ("renders", name, "adapter"),
-                f"'{render.adapter}' is not a subject or blend",
-                _known_adapters(tables) + "; or 'none'",
+                key + ("adapters",),
+                "adapter and adapters are both given",
+                "keep adapter for one adapter, or adapters for one grid column per adapter",
             )
+        elif render.adapter is None and render.adapters is None:
+            check.problem(
+                key,
+                "missing required key 'adapter' or 'adapters'",
+                "add adapter = \"...\" (a subject, a blend, or 'none' for the base model), or "
+                'adapters = ["...", "..."] for one grid column per adapter',
+            )
+        field = "adapter" if render.adapters is None else "adapters"
+        seen = set()
+        for adapter in render.adapters or [render.adapter]:
+            if adapter is None:
+                continue
+            if adapter not in known:
+                check.problem(
+                    key + (field,),
+                    f"'{adapter}' is not a {_adapter_nouns(produced)}",
+                    _adapter_listing(produced) + "; or 'none'",
+                )
+            elif adapter in seen:
+                check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
+            seen.add(adapter)
         for side in ("width", "height"):
-            _multiple_of_8(check, ("renders", name, side), getattr(render, side))
+            _multiple_of_8(check, key + (side,), getattr(render, side))
 
 
 def _in_cycle(start: str, blends: dict) -> bool:

@@ -310,12 +310,23 @@ class Blend:
     majority_sign_method: str = opt("total", "sign election of ties methods", choices=("total", "frequency"))
 
 
-@dataclass(frozen=True)
+# Keyword-only: `adapter` may be left out (for `adapters`), yet it reads best before the required `prompts`.
+@dataclass(frozen=True, kw_only=True)
 class Render:
-    """[renders.<name>]: a batch of prompts x seeds rendered with one adapter."""
+    """[renders.<name>]: a batch of prompts x seeds rendered with one adapter, or with several side by side.
+
+    Exactly one of `adapter` and `adapters` is given (the loader checks it)."""
 
     name: str
-    adapter: str = opt(doc="a subject, a blend, or 'none' for the base model")
+    adapter: str | None = opt(
+        None, "a subject, a blend, or 'none' for the base model; give this or adapters", "str?"
+    )
+    adapters: list[str] | None = opt(
+        None,
+        "several adapters (or 'none'), each rendering every prompt and seed into a column of grid.png; "
+        "give this or adapter",
+        "list[str]?",
+    )
     prompts: list[str] = opt(doc="prompts to render", type="list[str]")
     negative_prompt: str = opt("", "negative prompt")
     steps: int = opt(50, "denoising steps", "int", minimum=1)
@@ -336,6 +347,11 @@ class Render:
         fingerprint=False,
     )
     lora_scale: float = opt(1.0, "strength of the adapter", "float")
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters it renders with, in column order ('none': the base model)."""
+        return list(self.adapters) if self.adapters is not None else [self.adapter]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""render:<name> - one prompt batch (prompts x seeds) with a subject, a blend, or the base model.
+"""render:<name> - one prompt batch (prompts x seeds) with a subject, a blend, or the base model; or
+with several of them side by side (`adapters`).
 
 Outputs: `<prompt index>-<seed>.png` with the A1111 `parameters` text chunk, and `grid.png`
-(one row per prompt, one column per seed).
+(one row per prompt, one column per seed). With `adapters`, each adapter's images go to a folder
+named after it, `<adapter>/<prompt index>-<seed>.png`, and `grid.png` has one column per adapter,
+named in a strip above it, and one row per prompt and seed.
 
-The build's shared pipeline is used as found and left as found: the adapter is loaded under a
-name of its own, activated on the UNet and the text encoder, scaled by `lora_scale`, and
-unloaded at the end; a swapped scheduler is put back. Every image has its own CPU generator
+The build's shared pipeline is used as found and left as found: each adapter in turn is loaded
+under a name of its own, activated on the UNet and the text encoder, scaled by `lora_scale`, and
+unloaded before the next; a swapped scheduler is put back. Every image has its own CPU generator
 seeded by its seed, so its pixels do not depend on `batch_size`, on the other images of the
 batch, or on the device that made the latents - up to the rounding of batched kernels (about 1e-6
 before quantization, so at most one level of 255 at a rare pixel).
@@ -13,19 +16,20 @@ before quantization, so at most one level of 255 at a rare pixel).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import AdapterError, StepError, StepInterrupted
 from runner.project import checks
 from runner.project.schema import Render
-from runner.steps import Inputs, StepContext, StepKind, adapter_step, register
+from runner.steps import Inputs, StepContext, StepKind, adapter_step, kinds, register
 
 
 def run(ctx: StepContext) -> dict:
     import torch
 
-    from runner import adapters, blending, schedulers
+    from runner import schedulers
 
     spec = ctx.spec
     pipe = ctx.models.pipeline()
@@ -36,9 +40,12 @@ def run(ctx: StepContext) -> dict:
     width, height = _size(pipe, spec, ctx.models.family)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
+    names = spec.adapter_names
+    several = spec.adapters is not None  # one subfolder and one grid column per adapter
+    total = len(jobs) * len(names)
 
     saved_scheduler = pipe.scheduler
-    adapter_name = None
+    images = {}  # (adapter, prompt index, seed) -> image
     try:
         if spec.scheduler is not None:
             try:
@@ -47,59 +54,83 @@ def run(ctx: StepContext) -> dict:
                 raise StepError(f"renders.{ctx.name}.scheduler: {exc}") from exc
         sampler = schedulers.sampler_name(spec.scheduler, pipe.scheduler)
 
-        if spec.adapter != "none":
-            folder = _adapter_folder(ctx)
-            adapter_name = f"dbl-render-{ctx.name}"
-            try:
-                blending.load(pipe, folder, adapter_name)
-                blending.activate_adapters(pipe, adapter_name, scale=spec.lora_scale)
-            except (AdapterError, ValueError, OSError) as exc:
-                adapters.remove_adapter(pipe, adapter_name)
-                raise StepError(
-                    f"renders.{ctx.name}: cannot load adapter {spec.adapter!r} from {folder}: {exc}"
-                ) from exc
-        lora_field = None if spec.adapter == "none" else f"{spec.adapter}:{spec.lora_scale:g}"
-
-        images = {}
-        for start in range(0, len(jobs), spec.batch_size):
-            if ctx.should_stop():
-                raise StepInterrupted(f"render:{ctx.name} stopped after {len(images)} of {len(jobs)} images")
-            batch = jobs[start : start + spec.batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
-            out = pipe(
-                prompt=[prompt for _, prompt, _ in batch],
-                negative_prompt=[spec.negative_prompt] * len(batch) if spec.negative_prompt else None,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                width=width,
-                height=height,
-                generator=generators,
-            )
-            for (index, prompt, seed), image in zip(batch, out.images, strict=True):
-                params = pnginfo.parameters_text(
-                    prompt,
-                    spec.negative_prompt,
-                    steps=spec.steps,
-                    sampler=sampler,
-                    guidance_scale=spec.guidance_scale,
-                    seed=seed,
-                    width=width,
-                    height=height,
-                    model=model_name,
-                    lora=lora_field,
-                )
-                pnginfo.save_png(image, ctx.out / f"{index}-{seed}.png", params)
-                images[(index, seed)] = image
-                ctx.progress(len(images), len(jobs))
+        for column, adapter in enumerate(names):
+            folder = ctx.out / adapter if several else ctx.out
+            folder.mkdir(exist_ok=True)
+            # One adapter at a time, removed before the next is loaded: the pipeline is left as found.
+            with _adapter_loaded(
+                ctx, pipe, adapter, f"dbl-render-{ctx.name}" + (f"-{column}" if several else "")
+            ):
+                lora_field = None if adapter == "none" else f"{adapter}:{spec.lora_scale:g}"
+                for start in range(0, len(jobs), spec.batch_size):
+                    if ctx.should_stop():
+                        raise StepInterrupted(
+                            f"render:{ctx.name} stopped after {len(images)} of {total} images"
+                        )
+                    batch = jobs[start : start + spec.batch_size]
+                    generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+                    out = pipe(
+                        prompt=[prompt for _, prompt, _ in batch],
+                        negative_prompt=[spec.negative_prompt] * len(batch) if spec.negative_prompt else None,
+                        num_inference_steps=spec.steps,
+                        guidance_scale=spec.guidance_scale,
+                        width=width,
+                        height=height,
+                        generator=generators,
+                    )
+                    for (index, prompt, seed), image in zip(batch, out.images, strict=True):
+                        params = pnginfo.parameters_text(
+                            prompt,
+                            spec.negative_prompt,
+                            steps=spec.steps,
+                            sampler=sampler,
+                            guidance_scale=spec.guidance_scale,
+                            seed=seed,
+                            width=width,
+                            height=height,
+                            model=model_name,
+                            lora=lora_field,
+                        )
+                        pnginfo.save_png(image, folder / f"{index}-{seed}.png", params)
+                        images[(adapter, index, seed)] = image
+                        ctx.progress(len(images), total)
     finally:
         pipe.scheduler = saved_scheduler
-        if adapter_name is not None:
-            adapters.remove_adapter(pipe, adapter_name)
 
-    grid = make_grid([[images[(i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))])
+    if several:  # a row per prompt and seed, a column per adapter, named above it
+        rows = [
+            [images[(a, i, seed)] for a in names] for i in range(len(spec.prompts)) for seed in spec.seeds
+        ]
+        grid = make_grid(rows, labels=names)
+    else:  # a row per prompt, a column per seed
+        grid = make_grid(
+            [[images[(names[0], i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))]
+        )
     pnginfo.save_png(grid, ctx.out / "grid.png")
-    ctx.log(f"rendered {len(jobs)} images of {width}x{height} with {sampler}")
-    return {"images": len(jobs), "width": width, "height": height, "sampler": sampler}
+    ctx.log(f"rendered {total} images of {width}x{height} with {sampler}")
+    return {"images": total, "width": width, "height": height, "sampler": sampler}
+
+
+@contextlib.contextmanager
+def _adapter_loaded(ctx: StepContext, pipe, adapter: str, name: str):
+    """Adapter `adapter` loaded into `pipe` as `name` and active at the render's scale, for the block;
+    removed after it, whatever happens. 'none' loads nothing."""
+    from runner import adapters, blending
+
+    if adapter == "none":
+        yield
+        return
+    folder = _adapter_folder(ctx, adapter)
+    try:
+        blending.load(pipe, folder, name)
+        blending.activate_adapters(pipe, name, scale=ctx.spec.lora_scale)
+    except (AdapterError, ValueError, OSError) as exc:
+        adapters.remove_adapter(pipe, name)
+        raise StepError(f"renders.{ctx.name}: cannot load adapter {adapter!r} from {folder}: {exc}") from exc
+    try:
+        yield
+    finally:
+        adapters.remove_adapter(pipe, name)
 
 
 def _size(pipe, spec, family) -> tuple[int, int]:
@@ -113,42 +144,74 @@ def _size(pipe, spec, family) -> tuple[int, int]:
     return width, height
 
 
-def _adapter_folder(ctx: StepContext) -> Path:
-    name = ctx.spec.adapter
-    for step_id in (f"train:{name}", f"blend:{name}"):
+def _adapter_folder(ctx: StepContext, name: str) -> Path:
+    """The built outputs of adapter `name`: those of the step that produces it."""
+    candidates = [kind.step_id(name) for kind in kinds() if kind.produces_adapter]
+    with contextlib.suppress(KeyError, AttributeError):  # a hand-made context's project may hold no tables
+        candidates.insert(0, adapter_step(ctx.project, name))
+    for step_id in candidates:
         if step_id in ctx.inputs:
             return Path(ctx.inputs[step_id])
-    if len(ctx.inputs) == 1:
+    if len(ctx.inputs) == 1 and ctx.spec.adapters is None:
         return Path(next(iter(ctx.inputs.values())))
     raise StepError(
         f"renders.{ctx.name}: adapter {name!r} has no built outputs (inputs: {', '.join(ctx.inputs) or 'none'})"
     )
 
 
-def make_grid(rows: list[list]):
-    """One image of `rows` (lists of PIL images of one size), left to right, top to bottom."""
+def make_grid(rows: list[list], labels: list[str] | None = None):
+    """One image of `rows` (lists of PIL images of one size), left to right, top to bottom; with
+    `labels`, a strip above them names each column."""
     from PIL import Image
 
     w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)))
+    columns = max(len(r) for r in rows)
+    strip = _label_strip(labels, w) if labels else None
+    top = strip.height if strip else 0
+    grid = Image.new("RGB", (w * columns, top + h * len(rows)))
+    if strip:
+        grid.paste(strip, (0, 0))
     for y, row in enumerate(rows):
         for x, image in enumerate(row):
-            grid.paste(image, (x * w, y * h))
+            grid.paste(image, (x * w, top + y * h))
     return grid
+
+
+def _label_strip(labels: list[str], width: int):
+    """White names on black, one per column of `width` pixels, cut at the column's edge, in Pillow's
+    built-in bitmap font (the same pixels on every machine), scaled up by whole pixels for large images."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    scale, pad = max(1, width // 256), 2
+    small = -(-width // scale)  # a column's width before scaling, rounded up
+    height = max(font.getbbox(label)[3] for label in labels) + 2 * pad
+    strip = Image.new("RGB", (width * len(labels), height * scale))
+    for x, label in enumerate(labels):
+        cell = Image.new("RGB", (small, height))
+        ImageDraw.Draw(cell).text((pad, pad), label, fill=(255, 255, 255), font=font)
+        cell = cell.resize((small * scale, height * scale), Image.NEAREST)
+        strip.paste(cell.crop((0, 0, width, height * scale)), (x * width, 0))
+    return strip
 
 
 # --- the kind ------------------------------------------------------------------------------------------
 
 
 def _deps(project, spec) -> list[str]:
-    return [] if spec.adapter == "none" else [adapter_step(project, spec.adapter)]
+    return [adapter_step(project, name) for name in spec.adapter_names if name != "none"]
 
 
 def _inputs(i: Inputs) -> dict:
     spec = i.spec
     inputs = {"version": KIND.version, "base_model": i.base_model()}
-    inputs.update(i.fields(spec, exclude=("adapter",)))
-    if spec.adapter == "none":
+    inputs.update(i.fields(spec, exclude=("adapter", "adapters")))
+    if spec.adapters is not None:  # in column order; 'none' as an output of its own
+        inputs["adapters"] = [
+            {"_name": name, "output": "none" if name == "none" else i.output(adapter_step(i.project, name))}
+            for name in spec.adapters
+        ]
+    elif spec.adapter == "none":
         inputs["adapter"] = "none"
     else:
         inputs["adapter"] = {"_name": spec.adapter, "output": i.output(i.step.deps[0])}
@@ -167,7 +230,7 @@ KIND = register(
         run=run,
         inputs=_inputs,
         deps=_deps,
-        doc="renders a prompt batch with a subject, a blend or the base model",
+        doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
         check=checks.check_renders,
     )
 )

@@ -65,9 +65,24 @@ def folder_bytes(folder):
     }
 
 
+RENDER = """
+[renders.pick]
+adapters = ["dog@2", "dog@4", "dog"]
+prompts = ["a photo of sks dog"]
+steps = 2
+"""
+
+
 def test_a_snapshot_is_the_adapter_of_a_run_of_that_many_steps(tmp_path):
     path = write(tmp_path / "p", train="save_steps = [2, 4]")
+    path.write_text(path.read_text() + RENDER)
     events, logs = build(path)
+    # The render compares the snapshots with the finished adapter: one grid column each.
+    renders = tmp_path / "p" / "build" / "p" / "renders" / "pick"
+    assert events["render:pick"].status == "done"
+    assert [f.parent.name for f in sorted(renders.glob("*/*.png"))] == ["dog", "dog@2", "dog@4"]
+    columns = [__import__("PIL.Image").Image.open(f).tobytes() for f in sorted(renders.glob("*/*.png"))]
+    assert len(set(columns)) == 3
     assert events["train:dog"].status == "done"
     assert events["snapshot:dog@2"].status == "cached" and events["snapshot:dog@4"].status == "cached"
     assert "kept snapshot:dog@2 in the run-cache" in logs
@@ -155,3 +170,16 @@ def test_tensorboard_logs_hold_every_step_and_change_no_output(tmp_path):
 
     _, planned = ex.Workspace(load_project(path)).plan()
     assert not [p.id for p in planned if p.stale]
+
+
+def test_a_render_of_a_snapshot_that_is_not_saved_is_a_project_file_error(tmp_path):
+    from runner.project.load import ProjectError
+
+    path = write(tmp_path, train="save_steps = [2]")
+    path.write_text(path.read_text() + RENDER)
+    with pytest.raises(ProjectError) as err:
+        load_project(path)
+    assert (
+        "renders.pick.adapters: 'dog@4' is not a subject, snapshot or blend (line 30) - subjects: dog; "
+        "snapshots: dog@2; or 'none'"
+    ) in str(err.value)

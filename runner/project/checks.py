@@ -68,10 +68,14 @@ def _known_adapters(tables: dict) -> str:
 
 def adapter_tables(tables: dict) -> dict[str, dict]:
     """The tables of every kind that produces an adapter (subjects, blends ...), by their table name
-    ("subjects"), in build order: the names a render may use."""
+    ("subjects"; "snapshots" for the derived kind), in build order: the names a render may use."""
     from runner import steps  # at call time: runner.steps imports this module
 
-    return {k.table: tables.get(k.name, {}) for k in steps.kinds() if k.produces_adapter}
+    found = {}
+    for kind in steps.kinds():
+        if kind.produces_adapter and (kind.table or tables.get(kind.name)):  # derived ones when there are
+            found[kind.table or f"{kind.name}s"] = tables.get(kind.name, {})
+    return found
 
 
 def _adapter_nouns(adapters: dict[str, dict]) -> str:

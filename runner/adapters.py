@@ -220,7 +220,9 @@ def save_adapter(
 
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
     name = name or (info or {}).get("name") or folder.name
-    _save_kohya(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
+    from runner import kohya
+
+    kohya.save(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 
@@ -258,45 +260,6 @@ _DIFFUSERS_CONFIG_KEYS = (
 def kohya_name(component: str, path: str, family=None) -> str:
     """The kohya / A1111 name of a module: `lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`."""
     return (family or families.get(families.DEFAULT)).kohya_name(component, path)
-
-
-def _save_kohya(path: Path, parts: dict, denoiser_base, family) -> None:
-    import torch
-
-    tensors = {}
-    for component, part in parts.items():
-        for module, layer in part["layers"].items():
-            name = family.kohya_name(component, module)
-            rank = layer["A"].shape[0]
-            # kohya scales by alpha / rank; storing scaling * rank keeps the strength for rslora and patterns.
-            tensors[f"{name}.lora_down.weight"] = layer["A"].contiguous()
-            tensors[f"{name}.lora_up.weight"] = layer["B"].contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(layer["scaling"] * rank, dtype=torch.float32)
-        for module, sibling in _missing_attention(family.component(component), part["layers"]).items():
-            # Zero matrices change no weight; the sibling's rank and alpha keep one rank and one alpha
-            # per component, which loaders that read a single strength for it (diffusers) need.
-            name, like = family.kohya_name(component, module), part["layers"][sibling]
-            tensors[f"{name}.lora_down.weight"] = torch.zeros_like(like["A"]).contiguous()
-            tensors[f"{name}.lora_up.weight"] = torch.zeros_like(like["B"]).contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(like["scaling"] * like["A"].shape[0], dtype=torch.float32)
-    metadata = family.kohya_metadata({c: part["config"] for c, part in parts.items()}, denoiser_base)
-    write_safetensors(path, tensors, metadata)
-
-
-def _missing_attention(component, layers: dict) -> dict[str, str]:
-    """{module path: a sibling's path} for the projections of attention blocks that have a LoRA on
-    some of their projections but not on these (see Component.kohya_attention). The projections of a
-    CLIP attention block are all hidden x hidden, so a sibling's shapes fit."""
-    found = {}
-    for module in layers:
-        parent, _, leaf = module.rpartition(".")
-        if leaf not in component.kohya_attention:
-            continue
-        for other in component.kohya_attention:
-            path = f"{parent}.{other}"
-            if path not in layers:
-                found.setdefault(path, module)
-    return dict(sorted(found.items()))
 
 
 # --- reading a folder ----------------------------------------------------------------------------------

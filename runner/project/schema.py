@@ -1,19 +1,24 @@
 """Project file schema v1: every table and key, its type, default and meaning, declared once.
 
 The loader validates against these dataclasses, the planner fingerprints them, and the README's
-reference is checked against them by a test. A field's metadata holds:
-
-- `doc`: one line for the README and for error messages;
-- `type`: what the TOML value must be (see `TYPES`);
-- `choices`: the allowed values, if the set is closed;
-- `minimum`, `maximum`: the allowed range of a number (of every item, for a list), if bounded;
-- `fingerprint`: False for settings that do not change a step's result (display, checkpointing).
+reference is checked against them by a test. Keys are declared with `opt` (runner.project.fields, which
+says what a field's metadata holds and reads it back).
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from runner.project.fields import (  # noqa: F401 - re-exported: the schema's readers use them from here
+    at_default,
+    default_of,
+    fingerprinted_fields,
+    is_required,
+    keys_of,
+    opt,
+    record,
+)
 
 SCHEMA_VERSION = 1
 
@@ -57,29 +62,6 @@ LR_SCHEDULERS = (
 
 # TOML integers are 64-bit; seeds outside this range could not be written back to a lockfile.
 INT64 = (-(2**63), 2**63 - 1)
-
-
-def opt(
-    default: Any = MISSING,
-    doc: str = "",
-    type: str = "str",
-    choices=None,
-    minimum=None,
-    fingerprint=True,
-    maximum=None,
-):
-    """Declare a project-file key. Without a default the key is required."""
-    meta = {
-        "doc": doc,
-        "type": type,
-        "choices": choices,
-        "minimum": minimum,
-        "maximum": maximum,
-        "fingerprint": fingerprint,
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -361,31 +343,3 @@ TABLES = {
     "train": TrainSettings,
     "lora": LoraSettings,
 }
-
-
-def keys_of(cls) -> list:
-    """The user-facing fields of a schema dataclass (those that carry docs)."""
-    return [f for f in fields(cls) if "doc" in f.metadata]
-
-
-def is_required(f) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def fingerprinted_fields(obj) -> dict:
-    """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
-    as the lockfile's TOML cannot hold them."""
-    result = {}
-    for f in keys_of(type(obj)):
-        value = getattr(obj, f.name)
-        if f.metadata.get("fingerprint", True) and value is not None:
-            result[f.name] = _plain(value)
-    return result
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if is_dataclass(value):
-        return fingerprinted_fields(value)
-    return value

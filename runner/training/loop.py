@@ -19,10 +19,11 @@ Randomness: see runner.training.data. torch, diffusers and peft are imported ins
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
+from runner.project.schema import record
 from runner.training import captions, checkpoints, lora
 from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
@@ -436,8 +437,8 @@ def _info(run: Run, summary: dict) -> dict:
         "num_processes": run.world,
         "instance_prompt": subject.instance_prompt,
         "instance_images": len(run.images.instance),
-        "train": asdict(subject.train),
-        "lora": asdict(subject.lora),
+        "train": record(subject.train),
+        "lora": record(subject.lora),
         "loss": summary,
         "step_version": steps.get("train").version,
     }

@@ -150,10 +150,12 @@ def _component_export(module, adapter_name: str) -> dict:
             "B": layer.lora_B[adapter_name].weight.detach().cpu(),
             "scaling": float(layer.scaling[adapter_name]),
         }
+        if layer.use_dora.get(adapter_name):
+            from runner import kohya
+
+            layers[path]["dora_scale"] = kohya.dora_scale(layer, adapter_name)
     if not layers:
         raise AdapterError(f"adapter '{adapter_name}' has no LoRA layers in {type(module).__name__}")
-    if getattr(config, "use_dora", False):
-        raise AdapterError("DoRA adapters cannot be written in the kohya and diffusers layouts")
     config_dict = _jsonable(config.to_dict())
     return {"config": config_dict, "state": state, "layers": layers}
 
@@ -218,7 +220,7 @@ def save_adapter(
             stacklevel=2,
         )
 
-    _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
+    _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts, family)
     name = name or (info or {}).get("name") or folder.name
     from runner import kohya
 
@@ -226,10 +228,14 @@ def save_adapter(
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 
-def _save_diffusers(path: Path, parts: dict) -> None:
+def _save_diffusers(path: Path, parts: dict, family) -> None:
     tensors, adapter_metadata = {}, {}
     for component, part in parts.items():
         for key, value in part["state"].items():
+            if key.endswith(".lora_magnitude_vector") and not family.component(component).denoiser:
+                # diffusers hands text encoders to transformers' load_adapter, which (transformers 5) puts
+                # the adapter's name after `lora_*` and keeps the rest: DoRA's magnitude needs `.weight`.
+                key += ".weight"
             if ".lora_" in key:
                 tensors[f"{component}.{key}"] = value
         for key, value in part["config"].items():
@@ -306,7 +312,8 @@ def module_scaling(config: dict, module: str) -> float:
 
 
 def lora_delta(folder: Path, component: str) -> dict:
-    """module path -> scale * B @ A (fp32): the change the adapter makes to each weight."""
+    """module path -> scale * B @ A (fp32): the change the adapter makes to each weight (for a DoRA
+    adapter, the low-rank part of it: DoRA also rescales each row of W + delta by its magnitude)."""
     config = read_adapter_config(folder)[component]
     state = read_adapter_weights(folder, component)
     deltas = {}
@@ -356,7 +363,9 @@ def _check_keys(model, state: dict, adapter_name: str, where: Path) -> None:
     missing = []
     for key, value in state.items():
         module, _, leaf = key.rpartition(".")
-        if ".lora_" in key:
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: `x.lora_magnitude_vector.<adapter>.weight`
+            name = f"{PEFT_PREFIX}{key}.{adapter_name}.weight"
+        elif ".lora_" in key:
             # `x.lora_A.weight` lives at `x.lora_A.<adapter>.weight`.
             module, _, kind = module.rpartition(".")
             name = f"{PEFT_PREFIX}{module}.{kind}.{adapter_name}.{leaf}"

@@ -188,6 +188,62 @@ CASES = [
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
     ),
+    # LoRA variants and targets.
+    (
+        "use_dora not a bool",
+        "[lora]\nuse_dora = 1\n",
+        "lora.use_dora: expected true or false, got int 1 (line {line}) - e.g. use_dora = true",
+    ),
+    (
+        "use_rslora not a bool",
+        '[subjects.dog.lora]\nuse_rslora = "yes"\n',
+        "subjects.dog.lora.use_rslora: expected true or false, got the string 'yes' (line {line}) - e.g. use_rslora = true",
+    ),
+    (
+        "text_encoder_use_dora not a bool",
+        "[lora]\ntext_encoder_use_dora = 0\n",
+        "lora.text_encoder_use_dora: expected true or false, got int 0 (line {line}) - e.g. text_encoder_use_dora = true",
+    ),
+    (
+        "text_encoder_use_rslora not a bool",
+        "[lora]\ntext_encoder_use_rslora = []\n",
+        "lora.text_encoder_use_rslora: expected true or false, got a list (line {line}) - e.g. text_encoder_use_rslora = true",
+    ),
+    (
+        "text_encoder_2_use_dora on SD 1.x",
+        "[lora]\ntext_encoder_2_use_dora = true\n",
+        "lora.text_encoder_2_use_dora: text_encoder_2_use_dora configures the text_encoder_2 of sdxl models; base model tiny-sd is sd1, which has no text_encoder_2 (line {line}) - remove text_encoder_2_use_dora, or use an sdxl base model",
+    ),
+    (
+        "text_encoder_2_use_rslora on SD 1.x",
+        "[subjects.dog.lora]\ntext_encoder_2_use_rslora = true\n",
+        "subjects.dog.lora.text_encoder_2_use_rslora: text_encoder_2_use_rslora configures the text_encoder_2 of sdxl models; base model tiny-sd is sd1, which has no text_encoder_2 (line {line}) - remove text_encoder_2_use_rslora, or use an sdxl base model",
+    ),
+    (
+        "unknown target preset",
+        '[lora]\ntarget_modules = "all_linear"\n',
+        'lora.target_modules: \'all_linear\' is not a preset (qv, attention, all-linear) (line {line}) - did you mean \'all-linear\'? or give a list of module names, e.g. target_modules = ["to_q", "to_v", "query", "value"]',
+    ),
+    (
+        "unknown text encoder target preset",
+        '[subjects.toy.lora]\ntext_encoder_target_modules = "mlp"\n',
+        'subjects.toy.lora.text_encoder_target_modules: \'mlp\' is not a preset (qv, attention, all-linear) (line {line}) - give a list of module names, e.g. text_encoder_target_modules = ["q_proj", "v_proj"]',
+    ),
+    (
+        "targets neither a list nor a preset",
+        "[lora]\ntarget_modules = 3\n",
+        'lora.target_modules: expected a list of module names, or a preset, got int 3 (line {line}) - e.g. target_modules = "attention"',
+    ),
+    (
+        "DoRA adapter in a blend",
+        "[subjects.dog.lora]\nuse_dora = true\n",
+        "blends.mix.adapters.dog: 'dog' is a DoRA adapter (lora.use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'dog' on its own",
+    ),
+    (
+        "text encoder DoRA adapter in a blend",
+        "[subjects.toy.lora]\ntext_encoder_use_dora = true\n",
+        "blends.mix.adapters.toy: 'toy' is a DoRA adapter (lora.text_encoder_use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'toy' on its own",
+    ),
 ]
 
 

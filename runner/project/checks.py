@@ -123,6 +123,15 @@ def check_blends(check, tables: dict) -> None:
         if _in_cycle(name, blends):
             check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
         _check_blend_method(check, name, blend, subjects, blends)
+        for parent, _ in blend.adapters:
+            dora = dora_keys(parent, subjects, blends)
+            if dora:
+                check.problem(
+                    key + (parent,),
+                    f"'{parent}' is a DoRA adapter ({', '.join(dora)}), which no blend method combines "
+                    "exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas",
+                    f"blend LoRA or rsLoRA adapters, or render '{parent}' on its own",
+                )
 
 
 def check_renders(check, tables: dict) -> None:
@@ -185,6 +194,29 @@ def adapter_ranks(
         else:
             result[c["name"]] = ranks[0]
     return result
+
+
+def dora_keys(name: str, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
+    """The [lora] keys that make adapter `name` (or a parent of it, for a blend) a DoRA adapter, e.g.
+    ["lora.use_dora = true"]; empty for a LoRA adapter. Any family's components count: a key
+    of a component the base model has not is an error of its own."""
+    if name in subjects:
+        subject = subjects[name]
+        seen, found = set(), []
+        for family in families.all():
+            for c in family.components:
+                key = c.setting("use_dora")
+                if key in seen or not c.trains(subject.train):
+                    continue
+                seen.add(key)
+                if getattr(subject.lora, key) is True:  # None falls back to a key counted already
+                    found.append(f"lora.{key} = true")
+        return found
+    blend = blends.get(name)
+    if blend is None or _depth > len(blends):
+        return []
+    parents = [p for p, _ in blend.adapters if dora_keys(p, subjects, blends, _depth + 1)]
+    return [f"a blend of {', '.join(parents)}"] if parents else []
 
 
 def _check_blend_method(check, name, blend, subjects, blends) -> None:

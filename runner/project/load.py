@@ -91,8 +91,19 @@ class _Checker:
             value = float(raw) if ok else raw
         elif kind == "bool":
             ok = isinstance(raw, bool)
-        elif kind in ("list[str]", "list[int]"):
-            item = str if kind == "list[str]" else int
+        elif kind == "targets" and isinstance(raw, str):
+            if raw not in schema.TARGET_PRESETS:
+                close = difflib.get_close_matches(raw, schema.TARGET_PRESETS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                self.problem(
+                    key,
+                    f"'{raw}' is not a preset ({', '.join(schema.TARGET_PRESETS)})",
+                    f"{hint}{'or give' if hint else 'give'} a list of module names, "
+                    f"e.g. {f.name} = {_example_list(f)}",
+                )
+                return False, raw
+        elif kind in ("list[str]", "list[int]", "targets"):
+            item = int if kind == "list[int]" else str
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
             if ok and not raw:
                 self.problem(
@@ -185,6 +196,13 @@ def _describe(raw: Any) -> str:
     return f"{type(raw).__name__} {raw!r}"
 
 
+def _example_list(f) -> str:
+    """The field's default list as TOML, else a placeholder."""
+    default = schema.default_of(f)
+    names = default if isinstance(default, list) else ["..."]
+    return "[" + ", ".join(f'"{n}"' for n in names) + "]"
+
+
 def _example(kind: str) -> str:
     return {
         "str": '"..."',
@@ -194,6 +212,7 @@ def _example(kind: str) -> str:
         "list[str]": '["..."]',
         "list[int]": "[0, 1]",
         "weights": "{ dog = 1.0 }",
+        "targets": '"attention"',
     }[kind]
 
 
@@ -353,4 +372,4 @@ def _check_family_settings(
                 )
 
 
-LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules")
+LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")

@@ -31,7 +31,11 @@ TYPES = {
     "list[str]": "a list of strings",
     "list[int]": "a list of integers",
     "weights": "a table of adapter = weight",
+    "targets": "a list of module names, or a preset",
 }
+
+# `target_modules` presets; each model family's components say which modules each one names.
+TARGET_PRESETS = ("qv", "attention", "all-linear")
 
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc")
 BLEND_METHODS = (
@@ -160,8 +164,23 @@ class LoraSettings:
     alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
     dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
     bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
-    target_modules: list[str] = opt(
-        ["to_q", "to_v", "query", "value"], "UNet modules that get a LoRA", "list[str]"
+    target_modules: list[str] | str = opt(
+        ["to_q", "to_v", "query", "value"],
+        "UNet modules that get a LoRA, or a preset: qv (these), attention (to_q, to_k, to_v, to_out.0), "
+        "all-linear (attention and feed-forward, and proj_in/proj_out where they are linear)",
+        "targets",
+    )
+    use_dora: bool = opt(
+        False,
+        "UNet LoRA as DoRA: a trained magnitude per output feature on top of the low-rank direction",
+        "bool",
+        omit_default=True,
+    )
+    use_rslora: bool = opt(
+        False,
+        "UNet LoRA scale alpha / sqrt(rank) instead of alpha / rank (rank-stabilised)",
+        "bool",
+        omit_default=True,
     )
     text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
     text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
@@ -169,8 +188,15 @@ class LoraSettings:
     text_encoder_bias: str = opt(
         "none", "text encoder LoRA bias training", choices=("none", "all", "lora_only")
     )
-    text_encoder_target_modules: list[str] = opt(
-        ["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]"
+    text_encoder_target_modules: list[str] | str = opt(
+        ["q_proj", "v_proj"],
+        "text encoder modules that get a LoRA, or a preset: qv (these), attention (q, k, v and out_proj), "
+        "all-linear (attention and the MLP's fc1, fc2)",
+        "targets",
+    )
+    text_encoder_use_dora: bool = opt(False, "text encoder LoRA as DoRA", "bool", omit_default=True)
+    text_encoder_use_rslora: bool = opt(
+        False, "text encoder LoRA scale alpha / sqrt(rank)", "bool", omit_default=True
     )
     # SDXL's second text encoder; left out: the text_encoder_* value.
     text_encoder_2_rank: int | None = opt(
@@ -188,10 +214,22 @@ class LoraSettings:
         "str?",
         choices=("none", "all", "lora_only"),
     )
-    text_encoder_2_target_modules: list[str] | None = opt(
+    text_encoder_2_target_modules: list[str] | str | None = opt(
         None,
-        "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules",
-        "list[str]?",
+        "SDXL second text encoder modules that get a LoRA, or a preset; default: text_encoder_target_modules",
+        "targets?",
+    )
+    text_encoder_2_use_dora: bool | None = opt(
+        None,
+        "SDXL second text encoder LoRA as DoRA; default: text_encoder_use_dora",
+        "bool?",
+        omit_default=True,
+    )
+    text_encoder_2_use_rslora: bool | None = opt(
+        None,
+        "SDXL second text encoder rsLoRA scale; default: text_encoder_use_rslora",
+        "bool?",
+        omit_default=True,
     )
 
 

@@ -244,6 +244,27 @@ CASES = [
         "[subjects.toy.lora]\ntext_encoder_use_dora = true\n",
         "blends.mix.adapters.toy: 'toy' is a DoRA adapter (lora.text_encoder_use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'toy' on its own",
     ),
+    # Loss and noise.
+    (
+        "snr_gamma zero",
+        "[train]\nsnr_gamma = 0\n",
+        "train.snr_gamma: must be greater than 0, got 0.0 (line {line}) - 5.0 is usual; leave snr_gamma out to weight every timestep alike",
+    ),
+    (
+        "snr_gamma negative",
+        "[subjects.dog.train]\nsnr_gamma = -5\n",
+        "subjects.dog.train.snr_gamma: must be at least 0, got -5.0 (line {line})",
+    ),
+    (
+        "noise_offset negative",
+        "[train]\nnoise_offset = -0.1\n",
+        "train.noise_offset: must be at least 0, got -0.1 (line {line})",
+    ),
+    (
+        "noise_offset not a number",
+        '[train]\nnoise_offset = "small"\n',
+        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
+    ),
 ]
 
 

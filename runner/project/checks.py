@@ -96,7 +96,31 @@ def check_subjects(check, tables: dict) -> None:
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
         _multiple_of_8(check, ("subjects", name, "train", "resolution"), subject.train.resolution)
+        check_settings(check, name, subject.train)
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
+
+
+def _where(check, subject: str | None, table: str, key: str) -> tuple[str, ...]:
+    """The key a subject's setting comes from: its own [subjects.<name>.<table>] when the file sets it
+    there, else the project-wide [<table>]."""
+    own = ("subjects", subject, table, key)
+    return own if subject is not None and check.written(own) else (table, key)
+
+
+def check_settings(check, subject: str | None, ts) -> None:
+    """Keys of [train] that only make sense together: a subject's resolved settings (or, with `subject`
+    None, the project-wide [train] table)."""
+
+    def where(key):
+        return _where(check, subject, "train", key)
+
+    if ts.snr_gamma == 0:
+        check.problem(where("snr_gamma"), "must be greater than 0, got 0.0", _POSITIVE_FIX["snr_gamma"])
+
+
+_POSITIVE_FIX = {
+    "snr_gamma": "5.0 is usual; leave snr_gamma out to weight every timestep alike",
+}
 
 
 def _caption_extension(check, key, extension: str | None) -> None:

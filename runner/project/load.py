@@ -11,7 +11,7 @@ from typing import Any
 
 from runner import families, steps
 from runner.models import PICKLE_SUFFIXES
-from runner.project import schema
+from runner.project import checks, schema
 from runner.project.lines import LineIndex, duplicate_keys
 
 if sys.version_info >= (3, 11):
@@ -68,7 +68,13 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
-        self.problems.append(Problem(".".join(key), message, self.lines.line(key), fix))
+        found = Problem(".".join(key), message, self.lines.line(key), fix)
+        if found not in self.problems:  # a [train] value that every subject inherits: said once
+            self.problems.append(found)
+
+    def written(self, key: tuple[str, ...]) -> bool:
+        """Whether the file sets this very key."""
+        return self.lines.has(key)
 
     # -- values -------------------------------------------------------------------------------------
 
@@ -258,6 +264,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     train = check.table(("train",), data.get("train", {}), schema.TrainSettings) or schema.TrainSettings()
     lora = check.table(("lora",), data.get("lora", {}), schema.LoraSettings) or schema.LoraSettings()
     defaults = Defaults(path.parent, train, lora)
+    checks.check_settings(check, None, train)
 
     tables = {}
     for kind in kinds:

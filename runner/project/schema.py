@@ -139,6 +139,20 @@ class TrainSettings:
     use_8bit_adam: bool = opt(
         False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool"
     )
+    snr_gamma: float | None = opt(
+        None,
+        "min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 is usual; default: off",
+        "float?",
+        minimum=0,
+        omit_default=True,
+    )
+    noise_offset: float = opt(
+        0.0,
+        "offset noise: add this times a random number per example and channel to the noise, e.g. 0.05",
+        "float",
+        minimum=0,
+        omit_default=True,
+    )
     center_crop: bool = opt(False, "center crop instead of random crop", "bool")
     random_flip: bool = opt(False, "flip images horizontally at random", "bool")
     caption_dropout: float | None = opt(

@@ -1,7 +1,7 @@
 """Training data: images read once, the example order, and the VAE latent cache.
 
-Randomness is a pure function of (seed, position): every example's timestep, noise, latent sample, crop
-and flip come from a generator seeded by its position in the data stream, and the data order of each
+Randomness is a pure function of (seed, position): every example's timestep, noise, latent sample, crop,
+flip and noise offset come from a generator seeded by its position in the data stream, and the data order of each
 epoch from a generator seeded by the epoch. So a resumed run repeats exactly what an uninterrupted run
 would have done, and N processes see the same examples as one process with N times the batch.
 
@@ -126,6 +126,7 @@ class LatentCache:
         self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
         self.vae_fp32 = vae_fp32  # encode in fp32 whatever the compute dtype (SDXL's VAE overflows in fp16)
         self.resolution, self.center, self.flip = ts.resolution, ts.center_crop, ts.random_flip
+        self.noise_offset = ts.noise_offset
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.moments: dict[tuple[str, int, bool], tuple] = {}
@@ -232,6 +233,11 @@ class LatentCache:
                 pixels, offsets = self._crop(kind, index, flip, g)
                 pending.append((n, pixels))
                 conditions.append(self._condition(kind, index, flip, offsets))
+            if self.noise_offset > 0:
+                # Offset noise: one constant per channel. Drawn last, so that every other number of the
+                # example is the one drawn without it.
+                offset = torch.randn((shape[0], 1, 1), generator=g)
+                noise[-1] = noise[-1] + self.noise_offset * offset
         self.conditions = conditions
         if pending:
             self.encoded_per_step += len(pending)

@@ -8,7 +8,8 @@ The recipe, top to bottom (`train`):
 3. encode the prompts once (and keep their embeddings when no text encoder trains), and every image whose
    crop is fixed into VAE latent moments once, so a step does no decoding, resizing or VAE work;
 4. train: each batch is [instance examples..., class examples...]; DDPM noise from the base model's own
-   scheduler config (epsilon, v_prediction or sample target); loss = mse(instance) + w * mse(class), fp32;
+   scheduler config (epsilon, v_prediction or sample target), with offset noise if asked;
+   loss = mse(instance) + w * mse(class), fp32, each example min-SNR weighted if asked (losses.py);
 5. checkpoint every `checkpoint_every` steps (and when interrupted) into the work folder, resume from
    the newest one (runner.training.checkpoints);
 6. write the adapter in every layout (runner.adapters).
@@ -28,6 +29,7 @@ from runner.training import captions, checkpoints, lora
 from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
+from runner.training.losses import min_snr_weights, prior_preservation_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -257,7 +259,12 @@ def _forward_backward(run: Run, order: ExampleOrder):
                 pred = family.predict(
                     run.modules, noisy, timesteps, prompts, 1, run.dtype, conditions=run.latents.conditions
                 )
-        loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight)
+        weights = None
+        if ts.snr_gamma is not None:  # min-SNR: each example's weight from its timestep
+            weights = min_snr_weights(
+                run.noise.alphas_cumprod, timesteps, ts.snr_gamma, run.noise.config.prediction_type
+            )
+        loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, run.weight, weights)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
@@ -291,25 +298,6 @@ def _target(run: Run, latents, noise, timesteps):
     if prediction_type == "v_prediction":
         return run.noise.get_velocity(latents, noise, timesteps)
     return latents
-
-
-def prior_preservation_loss(pred, target, weight: float | None):
-    """(total, instance, prior) losses in fp32 for a batch laid out [instance..., class...].
-
-    Without a prior (`weight` None) the whole batch is instance examples and the prior loss is 0.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    pred, target = pred.float(), target.float()
-    if weight is None:
-        instance = F.mse_loss(pred, target, reduction="mean")
-        return instance, instance, torch.zeros((), device=pred.device)
-    pred_instance, pred_class = pred.chunk(2, dim=0)
-    target_instance, target_class = target.chunk(2, dim=0)
-    instance = F.mse_loss(pred_instance, target_instance, reduction="mean")
-    prior = F.mse_loss(pred_class, target_class, reduction="mean")
-    return instance + weight * prior, instance, prior
 
 
 def _optimizer_step(run: Run, params, losses) -> None:

@@ -265,6 +265,52 @@ CASES = [
         '[train]\nnoise_offset = "small"\n',
         "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
     ),
+    # Optimizers.
+    (
+        "unknown optimizer",
+        '[train]\noptimizer = "prodigi"\n',
+        "train.optimizer: 'prodigi' is not one of adamw, adamw8bit, prodigy (line {line}) - did you mean 'prodigy'?",
+    ),
+    (
+        "prodigy key without prodigy",
+        "[train]\nprodigy_d_coef = 2.0\n",
+        'train.prodigy_d_coef: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_d_coef',
+    ),
+    (
+        "a subject's prodigy key without prodigy",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\n[subjects.toy.train]\noptimizer = "adamw"\nprodigy_safeguard_warmup = true\n',
+        'subjects.toy.train.prodigy_safeguard_warmup: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_safeguard_warmup',
+    ),
+    (
+        "prodigy bias correction without prodigy",
+        '[train]\noptimizer = "adamw8bit"\nprodigy_use_bias_correction = true\n',
+        'train.prodigy_use_bias_correction: applies to optimizer = "prodigy" only, and the optimizer is "adamw8bit" (line {line}) - set optimizer = "prodigy", or remove prodigy_use_bias_correction',
+    ),
+    (
+        "prodigy_d_coef zero",
+        '[train]\noptimizer = "prodigy"\nprodigy_d_coef = 0\n',
+        "train.prodigy_d_coef: must be greater than 0, got 0.0 (line {line}) - 1.0 is Prodigy's default; 0.5 to 2 are usual",
+    ),
+    (
+        "prodigy_beta3 above 1",
+        '[train]\noptimizer = "prodigy"\nprodigy_beta3 = 1.5\n',
+        "train.prodigy_beta3: must be at most 1, got 1.5 (line {line})",
+    ),
+    (
+        "prodigy_use_bias_correction not a bool",
+        '[train]\noptimizer = "prodigy"\nprodigy_use_bias_correction = "yes"\n',
+        "train.prodigy_use_bias_correction: expected true or false, got the string 'yes' (line {line}) - e.g. prodigy_use_bias_correction = true",
+    ),
+    (
+        "prodigy with 8-bit Adam",
+        '[train]\noptimizer = "prodigy"\nuse_8bit_adam = true\n',
+        'train.use_8bit_adam: asks for 8-bit AdamW, but the optimizer is "prodigy" (line {line}) - remove use_8bit_adam',
+    ),
+    (
+        "prodigy with two learning rates",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\ntext_encoder_learning_rate = 0.5\n',
+        "train.text_encoder_learning_rate: Prodigy takes one learning rate for every component (or 0, which freezes one); got 0.5 beside learning_rate 1.0 (line {line}) - remove text_encoder_learning_rate: Prodigy finds the step size itself",
+    ),
 ]
 
 

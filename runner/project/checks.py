@@ -107,6 +107,9 @@ def _where(check, subject: str | None, table: str, key: str) -> tuple[str, ...]:
     return own if subject is not None and check.written(own) else (table, key)
 
 
+PRODIGY_KEYS = ("prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction", "prodigy_safeguard_warmup")
+
+
 def check_settings(check, subject: str | None, ts) -> None:
     """Keys of [train] that only make sense together: a subject's resolved settings (or, with `subject`
     None, the project-wide [train] table)."""
@@ -114,12 +117,38 @@ def check_settings(check, subject: str | None, ts) -> None:
     def where(key):
         return _where(check, subject, "train", key)
 
-    if ts.snr_gamma == 0:
-        check.problem(where("snr_gamma"), "must be greater than 0, got 0.0", _POSITIVE_FIX["snr_gamma"])
+    for key in ("snr_gamma", "prodigy_d_coef"):
+        if getattr(ts, key) == 0:
+            check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
+    if ts.optimizer != "prodigy":
+        defaults = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
+        for key in PRODIGY_KEYS:
+            if getattr(ts, key) != schema.default_of(defaults[key]):
+                check.problem(
+                    where(key),
+                    f'applies to optimizer = "prodigy" only, and the optimizer is "{ts.optimizer}"',
+                    f'set optimizer = "prodigy", or remove {key}',
+                )
+        return
+    if ts.use_8bit_adam:
+        check.problem(
+            where("use_8bit_adam"),
+            'asks for 8-bit AdamW, but the optimizer is "prodigy"',
+            "remove use_8bit_adam",
+        )
+    lr = ts.text_encoder_learning_rate
+    if lr is not None and lr not in (0, ts.learning_rate):
+        check.problem(
+            where("text_encoder_learning_rate"),
+            f"Prodigy takes one learning rate for every component (or 0, which freezes one); "
+            f"got {lr} beside learning_rate {ts.learning_rate}",
+            "remove text_encoder_learning_rate: Prodigy finds the step size itself",
+        )
 
 
 _POSITIVE_FIX = {
     "snr_gamma": "5.0 is usual; leave snr_gamma out to weight every timestep alike",
+    "prodigy_d_coef": "1.0 is Prodigy's default; 0.5 to 2 are usual",
 }
 
 

@@ -36,6 +36,7 @@ TYPES = {
 
 # `target_modules` presets; each model family's components say which modules each one names.
 TARGET_PRESETS = ("qv", "attention", "all-linear")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc")
 BLEND_METHODS = (
@@ -115,7 +116,9 @@ class TrainSettings:
     batch_size: int = opt(
         1, "instance images per step (as many class images are added with a prior)", "int", minimum=1
     )
-    learning_rate: float = opt(1e-4, "AdamW learning rate", "float", minimum=0)
+    learning_rate: float = opt(
+        1e-4, "learning rate (Prodigy: a factor on the step size it finds, usually 1.0)", "float", minimum=0
+    )
     text_encoder_learning_rate: float | None = opt(
         None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0
     )
@@ -132,12 +135,40 @@ class TrainSettings:
         200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False
     )
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)", "float", minimum=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1", "float", minimum=0)
-    adam_beta2: float = opt(0.999, "AdamW beta2", "float", minimum=0)
-    adam_weight_decay: float = opt(1e-2, "AdamW weight decay", "float", minimum=0)
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon", "float", minimum=0)
+    optimizer: str = opt(
+        "adamw",
+        "the optimizer (adamw8bit needs bitsandbytes and CUDA, prodigy `pip install 'dbl[prodigy]'`)",
+        choices=OPTIMIZERS,
+        omit_default=True,
+    )
+    adam_beta1: float = opt(0.9, "AdamW (and Prodigy) beta1", "float", minimum=0)
+    adam_beta2: float = opt(0.999, "AdamW (and Prodigy) beta2", "float", minimum=0)
+    adam_weight_decay: float = opt(1e-2, "AdamW (and Prodigy) decoupled weight decay", "float", minimum=0)
+    adam_epsilon: float = opt(1e-8, "AdamW (and Prodigy) epsilon", "float", minimum=0)
     use_8bit_adam: bool = opt(
-        False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool"
+        False, 'the same as optimizer = "adamw8bit" (kept for existing projects)', "bool"
+    )
+    # Prodigy's own keys (optimizer = "prodigy"); a value away from the default is an error otherwise.
+    prodigy_d_coef: float = opt(
+        1.0,
+        "Prodigy: factor on its step-size estimate (0.5 to 2 are usual)",
+        "float",
+        minimum=0,
+        omit_default=True,
+    )
+    prodigy_beta3: float | None = opt(
+        None,
+        "Prodigy: decay of its step-size estimate; default: sqrt(adam_beta2)",
+        "float?",
+        minimum=0,
+        maximum=1,
+        omit_default=True,
+    )
+    prodigy_use_bias_correction: bool = opt(
+        False, "Prodigy: Adam's bias correction of the step size", "bool", omit_default=True
+    )
+    prodigy_safeguard_warmup: bool = opt(
+        False, "Prodigy: leave the learning rate out of its estimate (warm-up)", "bool", omit_default=True
     )
     snr_gamma: float | None = opt(
         None,

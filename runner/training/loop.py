@@ -25,7 +25,7 @@ from typing import Any
 
 from runner.errors import StepError, StepInterrupted
 from runner.project.schema import record
-from runner.training import captions, checkpoints, lora
+from runner.training import captions, checkpoints, lora, optimizers
 from runner.training.data import ExampleOrder, Images, LatentCache, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -186,7 +186,12 @@ def _optimizer(run: Run) -> None:
     from diffusers.optimization import get_scheduler
 
     ts = run.settings
-    run.optimizer = lora.make_optimizer(run.trainable, run.components, ts, run.device)
+    run.optimizer = optimizers.make_optimizer(run.trainable, run.components, ts, run.device)
+    if optimizers.optimizer_name(ts) == "prodigy" and ts.learning_rate < 0.1:
+        run.log(
+            f'warning: optimizer = "prodigy" with learning_rate {ts.learning_rate:g}: Prodigy finds the '
+            "step size itself and learning_rate multiplies it; 1.0 is the usual value"
+        )
     run.lr_scheduler = get_scheduler(
         ts.lr_scheduler,
         optimizer=run.optimizer,

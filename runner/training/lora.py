@@ -1,11 +1,9 @@
-"""LoRA on the components of a model family: configs, trainable parameters, the optimizer, and taking it
-all off a shared pipeline again. torch and peft are imported inside functions."""
+"""LoRA on the components of a model family: configs, trainable parameters, and taking it all off a
+shared pipeline again. torch and peft are imported inside functions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from runner.errors import StepError
 
 
 def lora_config(component, lora_settings, model=None):
@@ -96,33 +94,6 @@ def start_training(modules: dict, components, gradient_checkpointing: bool) -> N
             set_checkpointing(modules[c.name].base_model.model, True)
     for c in components:
         modules[c.name].train()
-
-
-def make_optimizer(trainable: dict, components, ts, device):
-    """AdamW (or 8-bit AdamW) with one parameter group per component, each at its learning rate."""
-    import torch
-
-    groups = []
-    for c in components:
-        lr = getattr(ts, c.learning_rate) if c.learning_rate else None
-        groups.append(
-            {"params": list(trainable[c.name].values()), "lr": ts.learning_rate if lr is None else lr}
-        )
-    kwargs = dict(
-        betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon
-    )
-    if ts.use_8bit_adam:
-        if not device.startswith("cuda"):
-            raise StepError(
-                "use_8bit_adam = true needs a CUDA device (bitsandbytes); set it to false on this machine"
-            )
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise StepError("use_8bit_adam = true needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    # foreach=False: the same arithmetic on every device count and parameter layout.
-    return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
 def snapshot(pipe, family) -> Callable[[], None]:

@@ -150,10 +150,12 @@ def _component_export(module, adapter_name: str) -> dict:
             "B": layer.lora_B[adapter_name].weight.detach().cpu(),
             "scaling": float(layer.scaling[adapter_name]),
         }
+        if layer.use_dora.get(adapter_name):
+            from runner import kohya
+
+            layers[path]["dora_scale"] = kohya.dora_scale(layer, adapter_name)
     if not layers:
         raise AdapterError(f"adapter '{adapter_name}' has no LoRA layers in {type(module).__name__}")
-    if getattr(config, "use_dora", False):
-        raise AdapterError("DoRA adapters cannot be written in the kohya and diffusers layouts")
     config_dict = _jsonable(config.to_dict())
     return {"config": config_dict, "state": state, "layers": layers}
 
@@ -218,16 +220,22 @@ def save_adapter(
             stacklevel=2,
         )
 
-    _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts)
+    _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts, family)
     name = name or (info or {}).get("name") or folder.name
-    _save_kohya(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
+    from runner import kohya
+
+    kohya.save(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 
-def _save_diffusers(path: Path, parts: dict) -> None:
+def _save_diffusers(path: Path, parts: dict, family) -> None:
     tensors, adapter_metadata = {}, {}
     for component, part in parts.items():
         for key, value in part["state"].items():
+            if key.endswith(".lora_magnitude_vector") and not family.component(component).denoiser:
+                # diffusers hands text encoders to transformers' load_adapter, which (transformers 5) puts
+                # the adapter's name after `lora_*` and keeps the rest: DoRA's magnitude needs `.weight`.
+                key += ".weight"
             if ".lora_" in key:
                 tensors[f"{component}.{key}"] = value
         for key, value in part["config"].items():
@@ -258,45 +266,6 @@ _DIFFUSERS_CONFIG_KEYS = (
 def kohya_name(component: str, path: str, family=None) -> str:
     """The kohya / A1111 name of a module: `lora_unet_down_blocks_0_...`, `lora_te_text_model_encoder_...`."""
     return (family or families.get(families.DEFAULT)).kohya_name(component, path)
-
-
-def _save_kohya(path: Path, parts: dict, denoiser_base, family) -> None:
-    import torch
-
-    tensors = {}
-    for component, part in parts.items():
-        for module, layer in part["layers"].items():
-            name = family.kohya_name(component, module)
-            rank = layer["A"].shape[0]
-            # kohya scales by alpha / rank; storing scaling * rank keeps the strength for rslora and patterns.
-            tensors[f"{name}.lora_down.weight"] = layer["A"].contiguous()
-            tensors[f"{name}.lora_up.weight"] = layer["B"].contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(layer["scaling"] * rank, dtype=torch.float32)
-        for module, sibling in _missing_attention(family.component(component), part["layers"]).items():
-            # Zero matrices change no weight; the sibling's rank and alpha keep one rank and one alpha
-            # per component, which loaders that read a single strength for it (diffusers) need.
-            name, like = family.kohya_name(component, module), part["layers"][sibling]
-            tensors[f"{name}.lora_down.weight"] = torch.zeros_like(like["A"]).contiguous()
-            tensors[f"{name}.lora_up.weight"] = torch.zeros_like(like["B"]).contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(like["scaling"] * like["A"].shape[0], dtype=torch.float32)
-    metadata = family.kohya_metadata({c: part["config"] for c, part in parts.items()}, denoiser_base)
-    write_safetensors(path, tensors, metadata)
-
-
-def _missing_attention(component, layers: dict) -> dict[str, str]:
-    """{module path: a sibling's path} for the projections of attention blocks that have a LoRA on
-    some of their projections but not on these (see Component.kohya_attention). The projections of a
-    CLIP attention block are all hidden x hidden, so a sibling's shapes fit."""
-    found = {}
-    for module in layers:
-        parent, _, leaf = module.rpartition(".")
-        if leaf not in component.kohya_attention:
-            continue
-        for other in component.kohya_attention:
-            path = f"{parent}.{other}"
-            if path not in layers:
-                found.setdefault(path, module)
-    return dict(sorted(found.items()))
 
 
 # --- reading a folder ----------------------------------------------------------------------------------
@@ -343,7 +312,8 @@ def module_scaling(config: dict, module: str) -> float:
 
 
 def lora_delta(folder: Path, component: str) -> dict:
-    """module path -> scale * B @ A (fp32): the change the adapter makes to each weight."""
+    """module path -> scale * B @ A (fp32): the change the adapter makes to each weight (for a DoRA
+    adapter, the low-rank part of it: DoRA also rescales each row of W + delta by its magnitude)."""
     config = read_adapter_config(folder)[component]
     state = read_adapter_weights(folder, component)
     deltas = {}
@@ -393,7 +363,9 @@ def _check_keys(model, state: dict, adapter_name: str, where: Path) -> None:
     missing = []
     for key, value in state.items():
         module, _, leaf = key.rpartition(".")
-        if ".lora_" in key:
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: `x.lora_magnitude_vector.<adapter>.weight`
+            name = f"{PEFT_PREFIX}{key}.{adapter_name}.weight"
+        elif ".lora_" in key:
             # `x.lora_A.weight` lives at `x.lora_A.<adapter>.weight`.
             module, _, kind = module.rpartition(".")
             name = f"{PEFT_PREFIX}{module}.{kind}.{adapter_name}.{leaf}"

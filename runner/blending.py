@@ -128,6 +128,7 @@ def blend(
             f"an adapter named {name!r} is already loaded; pick another name or unload it first"
         )
     _check_method(method, density)
+    _check_no_dora(pipe, names)
 
     errors = {}
     done = []
@@ -176,6 +177,22 @@ def _check_method(method: str, density: float | None) -> None:
         raise AdapterError(f"unknown blend method {method!r}; methods: {', '.join(BLEND_METHODS)}")
     if method in DENSITY_METHODS and (density is None or not 0 < density <= 1):
         raise AdapterError(f"method {method!r} needs density, the fraction of weights kept, in (0, 1]")
+
+
+def _check_no_dora(pipe, names: Sequence[str]) -> None:
+    from peft import PeftModel
+
+    dora = [
+        n
+        for n in names
+        for model in adapters.lora_modules(pipe).values()
+        if isinstance(model, PeftModel) and n in model.peft_config and model.peft_config[n].use_dora
+    ]
+    if dora:
+        raise AdapterError(
+            f"{', '.join(dict.fromkeys(dora))}: DoRA adapters cannot be blended; DoRA rescales every weight "
+            "row by a trained magnitude, so no blend method gives the weighted sum of their changes"
+        )
 
 
 def _check_ranks(model, component: str, present, method: str, svd_rank: int | None) -> None:

@@ -258,6 +258,129 @@ CASES = [
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
     ),
+    # LoRA variants and targets.
+    (
+        "use_dora not a bool",
+        "[lora]\nuse_dora = 1\n",
+        "lora.use_dora: expected true or false, got int 1 (line {line}) - e.g. use_dora = true",
+    ),
+    (
+        "use_rslora not a bool",
+        '[subjects.dog.lora]\nuse_rslora = "yes"\n',
+        "subjects.dog.lora.use_rslora: expected true or false, got the string 'yes' (line {line}) - e.g. use_rslora = true",
+    ),
+    (
+        "text_encoder_use_dora not a bool",
+        "[lora]\ntext_encoder_use_dora = 0\n",
+        "lora.text_encoder_use_dora: expected true or false, got int 0 (line {line}) - e.g. text_encoder_use_dora = true",
+    ),
+    (
+        "text_encoder_use_rslora not a bool",
+        "[lora]\ntext_encoder_use_rslora = []\n",
+        "lora.text_encoder_use_rslora: expected true or false, got a list (line {line}) - e.g. text_encoder_use_rslora = true",
+    ),
+    (
+        "text_encoder_2_use_dora on SD 1.x",
+        "[lora]\ntext_encoder_2_use_dora = true\n",
+        "lora.text_encoder_2_use_dora: text_encoder_2_use_dora configures the text_encoder_2 of sdxl models; base model tiny-sd is sd1, which has no text_encoder_2 (line {line}) - remove text_encoder_2_use_dora, or use an sdxl base model",
+    ),
+    (
+        "text_encoder_2_use_rslora on SD 1.x",
+        "[subjects.dog.lora]\ntext_encoder_2_use_rslora = true\n",
+        "subjects.dog.lora.text_encoder_2_use_rslora: text_encoder_2_use_rslora configures the text_encoder_2 of sdxl models; base model tiny-sd is sd1, which has no text_encoder_2 (line {line}) - remove text_encoder_2_use_rslora, or use an sdxl base model",
+    ),
+    (
+        "unknown target preset",
+        '[lora]\ntarget_modules = "all_linear"\n',
+        'lora.target_modules: \'all_linear\' is not a preset (qv, attention, all-linear) (line {line}) - did you mean \'all-linear\'? or give a list of module names, e.g. target_modules = ["to_q", "to_v", "query", "value"]',
+    ),
+    (
+        "unknown text encoder target preset",
+        '[subjects.toy.lora]\ntext_encoder_target_modules = "mlp"\n',
+        'subjects.toy.lora.text_encoder_target_modules: \'mlp\' is not a preset (qv, attention, all-linear) (line {line}) - give a list of module names, e.g. text_encoder_target_modules = ["q_proj", "v_proj"]',
+    ),
+    (
+        "targets neither a list nor a preset",
+        "[lora]\ntarget_modules = 3\n",
+        'lora.target_modules: expected a list of module names, or a preset, got int 3 (line {line}) - e.g. target_modules = "attention"',
+    ),
+    (
+        "DoRA adapter in a blend",
+        "[subjects.dog.lora]\nuse_dora = true\n",
+        "blends.mix.adapters.dog: 'dog' is a DoRA adapter (lora.use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'dog' on its own",
+    ),
+    (
+        "text encoder DoRA adapter in a blend",
+        "[subjects.toy.lora]\ntext_encoder_use_dora = true\n",
+        "blends.mix.adapters.toy: 'toy' is a DoRA adapter (lora.text_encoder_use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'toy' on its own",
+    ),
+    # Loss and noise.
+    (
+        "snr_gamma zero",
+        "[train]\nsnr_gamma = 0\n",
+        "train.snr_gamma: must be greater than 0, got 0.0 (line {line}) - 5.0 is usual; leave snr_gamma out to weight every timestep alike",
+    ),
+    (
+        "snr_gamma negative",
+        "[subjects.dog.train]\nsnr_gamma = -5\n",
+        "subjects.dog.train.snr_gamma: must be at least 0, got -5.0 (line {line})",
+    ),
+    (
+        "noise_offset negative",
+        "[train]\nnoise_offset = -0.1\n",
+        "train.noise_offset: must be at least 0, got -0.1 (line {line})",
+    ),
+    (
+        "noise_offset not a number",
+        '[train]\nnoise_offset = "small"\n',
+        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
+    ),
+    # Optimizers.
+    (
+        "unknown optimizer",
+        '[train]\noptimizer = "prodigi"\n',
+        "train.optimizer: 'prodigi' is not one of adamw, adamw8bit, prodigy (line {line}) - did you mean 'prodigy'?",
+    ),
+    (
+        "prodigy key without prodigy",
+        "[train]\nprodigy_d_coef = 2.0\n",
+        'train.prodigy_d_coef: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_d_coef',
+    ),
+    (
+        "a subject's prodigy key without prodigy",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\n[subjects.toy.train]\noptimizer = "adamw"\nprodigy_safeguard_warmup = true\n',
+        'subjects.toy.train.prodigy_safeguard_warmup: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_safeguard_warmup',
+    ),
+    (
+        "prodigy bias correction without prodigy",
+        '[train]\noptimizer = "adamw8bit"\nprodigy_use_bias_correction = true\n',
+        'train.prodigy_use_bias_correction: applies to optimizer = "prodigy" only, and the optimizer is "adamw8bit" (line {line}) - set optimizer = "prodigy", or remove prodigy_use_bias_correction',
+    ),
+    (
+        "prodigy_d_coef zero",
+        '[train]\noptimizer = "prodigy"\nprodigy_d_coef = 0\n',
+        "train.prodigy_d_coef: must be greater than 0, got 0.0 (line {line}) - 1.0 is Prodigy's default; 0.5 to 2 are usual",
+    ),
+    (
+        "prodigy_beta3 above 1",
+        '[train]\noptimizer = "prodigy"\nprodigy_beta3 = 1.5\n',
+        "train.prodigy_beta3: must be at most 1, got 1.5 (line {line})",
+    ),
+    (
+        "prodigy_use_bias_correction not a bool",
+        '[train]\noptimizer = "prodigy"\nprodigy_use_bias_correction = "yes"\n',
+        "train.prodigy_use_bias_correction: expected true or false, got the string 'yes' (line {line}) - e.g. prodigy_use_bias_correction = true",
+    ),
+    (
+        "prodigy with 8-bit Adam",
+        '[train]\noptimizer = "prodigy"\nuse_8bit_adam = true\n',
+        'train.use_8bit_adam: asks for 8-bit AdamW, but the optimizer is "prodigy" (line {line}) - remove use_8bit_adam',
+    ),
+    (
+        "prodigy with two learning rates",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\ntext_encoder_learning_rate = 0.5\n',
+        "train.text_encoder_learning_rate: Prodigy takes one learning rate for every component (or 0, which freezes one); got 0.5 beside learning_rate 1.0 (line {line}) - remove text_encoder_learning_rate: Prodigy finds the step size itself",
+    ),
 ]
 
 

@@ -245,9 +245,9 @@ def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, mo
     real = loop.prior_preservation_loss
     calls = []
 
-    def poisoned(pred, target, weight):
+    def poisoned(pred, target, weight, example_weights=None):
         calls.append(1)
-        total, inst, prior = real(pred, target, weight)
+        total, inst, prior = real(pred, target, weight, example_weights)
         if len(calls) == 3:
             return total * float("nan"), inst * float("nan"), prior
         return total, inst, prior

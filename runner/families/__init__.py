@@ -45,10 +45,20 @@ class Component:
     # OpenCLIP attention only when q, k, v and out all have one, and diffusers recognises a kohya
     # text-encoder file only with out_proj. The kohya file completes a block with zero-valued entries.
     kohya_attention: tuple[str, ...] = ()
+    # What each `target_modules` preset (runner.project.schema.TARGET_PRESETS) names on this component.
+    # "all-linear" keeps only the names whose modules are linear layers (see runner.training.lora).
+    target_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def setting(self, key: str) -> str:
-        """The LoraSettings field of `key` ("rank", "alpha", "dropout", "bias", "target_modules")."""
+        """The LoraSettings field of `key` ("rank", "alpha", "dropout", "bias", "target_modules", ...)."""
         return f"{self.settings_prefix}{key}"
+
+    def preset(self, name: str) -> tuple[str, ...]:
+        """The module names of a `target_modules` preset."""
+        for preset, names in self.target_presets:
+            if preset == name:
+                return names
+        raise KeyError(f"the {self.name} has no target preset {name!r}")
 
     @property
     def rank_field(self) -> str:

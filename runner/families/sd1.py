@@ -7,6 +7,7 @@ target_modules) and the CLIP text encoder (text_encoder_rank, text_encoder_alpha
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from runner.families import Component, Family, register
@@ -15,6 +16,7 @@ from runner.families import Component, Family, register
 TINY_SD_VERSION = 1
 
 CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 UNET = Component(
     name="unet",
@@ -23,6 +25,13 @@ UNET = Component(
     default_targets=("to_q", "to_v", "query", "value"),
     kohya_prefix="lora_unet_",
     denoiser=True,
+    target_presets=(
+        ("qv", ("to_q", "to_v", "query", "value")),  # the recipe's (query, value: older diffusers names)
+        ("attention", UNET_ATTENTION),
+        # The transformer blocks' feed-forward, and their input and output projections, which are
+        # linear in SD 2.x and SDXL (use_linear_projection) and 1x1 convolutions in SD 1.x.
+        ("all-linear", UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")),
+    ),
 )
 TEXT_ENCODER = Component(
     name="text_encoder",
@@ -36,6 +45,11 @@ TEXT_ENCODER = Component(
     # kohya / A1111 names always carry it.
     text_model_level="text_model.",
     kohya_attention=CLIP_ATTENTION,
+    target_presets=(
+        ("qv", ("q_proj", "v_proj")),
+        ("attention", CLIP_ATTENTION),
+        ("all-linear", CLIP_ATTENTION + ("fc1", "fc2")),
+    ),
 )
 
 
@@ -90,7 +104,7 @@ class SD1(Family):
         metadata = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(unet_config["r"]),
-            "ss_network_alpha": _num(unet_config["lora_alpha"]),
+            "ss_network_alpha": kohya_alpha(unet_config),
             "ss_base_model_version": "sd_v2" if cross_dim == 1024 else "sd_v1",
             "ss_v2": str(cross_dim == 1024),
             "ss_network_args": json.dumps(
@@ -105,8 +119,15 @@ class SD1(Family):
         if TEXT_ENCODER.name in configs:
             te = configs[TEXT_ENCODER.name]
             metadata["ss_text_encoder_dim"] = str(te["r"])
-            metadata["ss_text_encoder_alpha"] = _num(te["lora_alpha"])
+            metadata["ss_text_encoder_alpha"] = kohya_alpha(te)
         return metadata
+
+
+def kohya_alpha(config: dict) -> str:
+    """The alpha a kohya loader needs for a PEFT config's scale: kohya scales by alpha / rank, and rsLoRA
+    by alpha / sqrt(rank), so an rsLoRA adapter's kohya alpha is alpha * sqrt(rank)."""
+    alpha = float(config["lora_alpha"])
+    return _num(alpha * math.sqrt(config["r"]) if config.get("use_rslora") else alpha)
 
 
 def _num(value) -> str:

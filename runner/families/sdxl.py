@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from runner.families import Family, register, sd1
-from runner.families.sd1 import _num, _tiny_tokenizer_vocab
+from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_alpha
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
 TINY_SDXL_VERSION = 1
@@ -118,7 +118,7 @@ class SDXL(Family):
         metadata = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(unet_config["r"]),
-            "ss_network_alpha": _num(unet_config["lora_alpha"]),
+            "ss_network_alpha": kohya_alpha(unet_config),
             "ss_base_model_version": "sdxl_base_v1-0",
             "ss_v2": "False",
             "ss_network_args": json.dumps(
@@ -133,11 +133,11 @@ class SDXL(Family):
         if TEXT_ENCODER.name in configs:
             te = configs[TEXT_ENCODER.name]
             metadata["ss_text_encoder_dim"] = str(te["r"])
-            metadata["ss_text_encoder_alpha"] = _num(te["lora_alpha"])
+            metadata["ss_text_encoder_alpha"] = kohya_alpha(te)
         if TEXT_ENCODER_2.name in configs:
             te = configs[TEXT_ENCODER_2.name]
             metadata["ss_text_encoder_2_dim"] = str(te["r"])
-            metadata["ss_text_encoder_2_alpha"] = _num(te["lora_alpha"])
+            metadata["ss_text_encoder_2_alpha"] = kohya_alpha(te)
         return metadata
 
 

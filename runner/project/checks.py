@@ -125,12 +125,20 @@ def check_subjects(check, tables: dict) -> None:
                 "TensorBoard logs need the tensorboard package",
                 "pip install 'dbl[tensorboard]', or remove the key",
             )
+        check_settings(check, name, subject.train)
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:
     """Where a subject's train setting is written: [subjects.<name>.train], or else [train]."""
-    return check.written(("subjects", subject, "train", field), ("train", field))
+    return _where(check, subject, "train", field)
+
+
+def _where(check, subject: str | None, table: str, key: str) -> tuple[str, ...]:
+    """The key a subject's setting comes from: its own [subjects.<name>.<table>] when the file sets it
+    there, else the project-wide [<table>]."""
+    own = ("subjects", subject, table, key)
+    return own if subject is not None and check.written(own) else (table, key)
 
 
 def _save_steps(check, key, train) -> None:
@@ -174,6 +182,51 @@ def _buckets(check, key, train) -> None:  # key(field): where that train setting
         )
 
 
+PRODIGY_KEYS = ("prodigy_d_coef", "prodigy_beta3", "prodigy_use_bias_correction", "prodigy_safeguard_warmup")
+
+
+def check_settings(check, subject: str | None, ts) -> None:
+    """Keys of [train] that only make sense together: a subject's resolved settings (or, with `subject`
+    None, the project-wide [train] table)."""
+
+    def where(key):
+        return _where(check, subject, "train", key)
+
+    for key in ("snr_gamma", "prodigy_d_coef"):
+        if getattr(ts, key) == 0:
+            check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
+    if ts.optimizer != "prodigy":
+        defaults = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
+        for key in PRODIGY_KEYS:
+            if getattr(ts, key) != schema.default_of(defaults[key]):
+                check.problem(
+                    where(key),
+                    f'applies to optimizer = "prodigy" only, and the optimizer is "{ts.optimizer}"',
+                    f'set optimizer = "prodigy", or remove {key}',
+                )
+        return
+    if ts.use_8bit_adam:
+        check.problem(
+            where("use_8bit_adam"),
+            'asks for 8-bit AdamW, but the optimizer is "prodigy"',
+            "remove use_8bit_adam",
+        )
+    lr = ts.text_encoder_learning_rate
+    if lr is not None and lr not in (0, ts.learning_rate):
+        check.problem(
+            where("text_encoder_learning_rate"),
+            f"Prodigy takes one learning rate for every component (or 0, which freezes one); "
+            f"got {lr} beside learning_rate {ts.learning_rate}",
+            "remove text_encoder_learning_rate: Prodigy finds the step size itself",
+        )
+
+
+_POSITIVE_FIX = {
+    "snr_gamma": "5.0 is usual; leave snr_gamma out to weight every timestep alike",
+    "prodigy_d_coef": "1.0 is Prodigy's default; 0.5 to 2 are usual",
+}
+
+
 def _caption_extension(check, key, extension: str | None) -> None:
     if extension is None:
         return
@@ -198,6 +251,15 @@ def check_blends(check, tables: dict) -> None:
         if _in_cycle(name, blends):
             check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
         _check_blend_method(check, name, blend, subjects, blends)
+        for parent, _ in blend.adapters:
+            dora = dora_keys(parent, subjects, blends)
+            if dora:
+                check.problem(
+                    key + (parent,),
+                    f"'{parent}' is a DoRA adapter ({', '.join(dora)}), which no blend method combines "
+                    "exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas",
+                    f"blend LoRA or rsLoRA adapters, or render '{parent}' on its own",
+                )
 
 
 def check_renders(check, tables: dict) -> None:
@@ -284,6 +346,29 @@ def adapter_ranks(
         else:
             result[c["name"]] = ranks[0]
     return result
+
+
+def dora_keys(name: str, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
+    """The [lora] keys that make adapter `name` (or a parent of it, for a blend) a DoRA adapter, e.g.
+    ["lora.use_dora = true"]; empty for a LoRA adapter. Any family's components count: a key
+    of a component the base model has not is an error of its own."""
+    if name in subjects:
+        subject = subjects[name]
+        seen, found = set(), []
+        for family in families.all():
+            for c in family.components:
+                key = c.setting("use_dora")
+                if key in seen or not c.trains(subject.train):
+                    continue
+                seen.add(key)
+                if getattr(subject.lora, key) is True:  # None falls back to a key counted already
+                    found.append(f"lora.{key} = true")
+        return found
+    blend = blends.get(name)
+    if blend is None or _depth > len(blends):
+        return []
+    parents = [p for p, _ in blend.adapters if dora_keys(p, subjects, blends, _depth + 1)]
+    return [f"a blend of {', '.join(parents)}"] if parents else []
 
 
 def _check_blend_method(check, name, blend, subjects, blends) -> None:

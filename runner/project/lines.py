@@ -72,6 +72,10 @@ class LineIndex:
     def __init__(self, text: str):
         self._lines = key_lines(text)
 
+    def has(self, key: tuple[str, ...]) -> bool:
+        """Whether the file writes this very key (not only a table around it)."""
+        return tuple(key) in self._lines
+
     def line(self, key: tuple[str, ...] | str) -> int | None:
         parts = tuple(key.split(".")) if isinstance(key, str) else tuple(key)
         while parts:
@@ -79,7 +83,3 @@ class LineIndex:
                 return self._lines[parts]
             parts = parts[:-1]
         return None
-
-    def has(self, key: tuple[str, ...]) -> bool:
-        """Whether the file writes this very key."""
-        return tuple(key) in self._lines

@@ -11,7 +11,7 @@ from typing import Any
 
 from runner import families, steps
 from runner.models import PICKLE_SUFFIXES
-from runner.project import schema
+from runner.project import checks, schema
 from runner.project.lines import LineIndex, duplicate_keys
 
 if sys.version_info >= (3, 11):
@@ -68,13 +68,13 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
-        problem = Problem(".".join(key), message, self.lines.line(key), fix)
-        if problem not in self.problems:  # a [train] value checked for each subject: said once
-            self.problems.append(problem)
+        found = Problem(".".join(key), message, self.lines.line(key), fix)
+        if found not in self.problems:  # a [train] value that every subject inherits: said once
+            self.problems.append(found)
 
-    def written(self, key: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
-        """`key` when the file writes it, else `default` (where an inherited value comes from)."""
-        return key if self.lines.has(key) else default
+    def written(self, key: tuple[str, ...]) -> bool:
+        """Whether the file sets this very key."""
+        return self.lines.has(key)
 
     # -- values -------------------------------------------------------------------------------------
 
@@ -97,8 +97,19 @@ class _Checker:
             value = float(raw) if ok else raw
         elif kind == "bool":
             ok = isinstance(raw, bool)
-        elif kind in ("list[str]", "list[int]"):
-            item = str if kind == "list[str]" else int
+        elif kind == "targets" and isinstance(raw, str):
+            if raw not in schema.TARGET_PRESETS:
+                close = difflib.get_close_matches(raw, schema.TARGET_PRESETS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                self.problem(
+                    key,
+                    f"'{raw}' is not a preset ({', '.join(schema.TARGET_PRESETS)})",
+                    f"{hint}{'or give' if hint else 'give'} a list of module names, "
+                    f"e.g. {f.name} = {_example_list(f)}",
+                )
+                return False, raw
+        elif kind in ("list[str]", "list[int]", "targets"):
+            item = int if kind == "list[int]" else str
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
             if ok and not raw:
                 self.problem(
@@ -191,6 +202,13 @@ def _describe(raw: Any) -> str:
     return f"{type(raw).__name__} {raw!r}"
 
 
+def _example_list(f) -> str:
+    """The field's default list as TOML, else a placeholder."""
+    default = schema.default_of(f)
+    names = default if isinstance(default, list) else ["..."]
+    return "[" + ", ".join(f'"{n}"' for n in names) + "]"
+
+
 def _example(kind: str) -> str:
     return {
         "str": '"..."',
@@ -200,6 +218,7 @@ def _example(kind: str) -> str:
         "list[str]": '["..."]',
         "list[int]": "[0, 1]",
         "weights": "{ dog = 1.0 }",
+        "targets": '"attention"',
     }[kind]
 
 
@@ -245,6 +264,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     train = check.table(("train",), data.get("train", {}), schema.TrainSettings) or schema.TrainSettings()
     lora = check.table(("lora",), data.get("lora", {}), schema.LoraSettings) or schema.LoraSettings()
     defaults = Defaults(path.parent, train, lora)
+    checks.check_settings(check, None, train)
 
     tables = {}
     for kind in kinds:
@@ -362,4 +382,4 @@ def _check_family_settings(
                 )
 
 
-LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules")
+LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")

@@ -1,19 +1,24 @@
 """Project file schema v1: every table and key, its type, default and meaning, declared once.
 
 The loader validates against these dataclasses, the planner fingerprints them, and the README's
-reference is checked against them by a test. A field's metadata holds:
-
-- `doc`: one line for the README and for error messages;
-- `type`: what the TOML value must be (see `TYPES`);
-- `choices`: the allowed values, if the set is closed;
-- `minimum`, `maximum`: the allowed range of a number (of every item, for a list), if bounded;
-- `fingerprint`: False for settings that do not change a step's result (display, checkpointing).
+reference is checked against them by a test. Keys are declared with `opt` (runner.project.fields, which
+says what a field's metadata holds and reads it back).
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from runner.project.fields import (  # noqa: F401 - re-exported: the schema's readers use them from here
+    at_default,
+    default_of,
+    fingerprinted_fields,
+    is_required,
+    keys_of,
+    opt,
+    record,
+)
 
 SCHEMA_VERSION = 1
 
@@ -26,7 +31,12 @@ TYPES = {
     "list[str]": "a list of strings",
     "list[int]": "a list of integers",
     "weights": "a table of adapter = weight",
+    "targets": "a list of module names, or a preset",
 }
+
+# `target_modules` presets; each model family's components say which modules each one names.
+TARGET_PRESETS = ("qv", "attention", "all-linear")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc")
 BLEND_METHODS = (
@@ -57,29 +67,6 @@ LR_SCHEDULERS = (
 
 # TOML integers are 64-bit; seeds outside this range could not be written back to a lockfile.
 INT64 = (-(2**63), 2**63 - 1)
-
-
-def opt(
-    default: Any = MISSING,
-    doc: str = "",
-    type: str = "str",
-    choices=None,
-    minimum=None,
-    fingerprint=True,
-    maximum=None,
-):
-    """Declare a project-file key. Without a default the key is required."""
-    meta = {
-        "doc": doc,
-        "type": type,
-        "choices": choices,
-        "minimum": minimum,
-        "maximum": maximum,
-        "fingerprint": fingerprint,
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,9 @@ class TrainSettings:
     batch_size: int = opt(
         1, "instance images per step (as many class images are added with a prior)", "int", minimum=1
     )
-    learning_rate: float = opt(1e-4, "AdamW learning rate", "float", minimum=0)
+    learning_rate: float = opt(
+        1e-4, "learning rate (Prodigy: a factor on the step size it finds, usually 1.0)", "float", minimum=0
+    )
     text_encoder_learning_rate: float | None = opt(
         None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0
     )
@@ -146,12 +135,54 @@ class TrainSettings:
         200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False
     )
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: no clipping)", "float", minimum=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1", "float", minimum=0)
-    adam_beta2: float = opt(0.999, "AdamW beta2", "float", minimum=0)
-    adam_weight_decay: float = opt(1e-2, "AdamW weight decay", "float", minimum=0)
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon", "float", minimum=0)
+    optimizer: str = opt(
+        "adamw",
+        "the optimizer (adamw8bit needs bitsandbytes and CUDA, prodigy `pip install 'dbl[prodigy]'`)",
+        choices=OPTIMIZERS,
+        omit_default=True,
+    )
+    adam_beta1: float = opt(0.9, "AdamW (and Prodigy) beta1", "float", minimum=0)
+    adam_beta2: float = opt(0.999, "AdamW (and Prodigy) beta2", "float", minimum=0)
+    adam_weight_decay: float = opt(1e-2, "AdamW (and Prodigy) decoupled weight decay", "float", minimum=0)
+    adam_epsilon: float = opt(1e-8, "AdamW (and Prodigy) epsilon", "float", minimum=0)
     use_8bit_adam: bool = opt(
-        False, "bitsandbytes 8-bit AdamW (CUDA, when bitsandbytes is installed)", "bool"
+        False, 'the same as optimizer = "adamw8bit" (kept for existing projects)', "bool"
+    )
+    # Prodigy's own keys (optimizer = "prodigy"); a value away from the default is an error otherwise.
+    prodigy_d_coef: float = opt(
+        1.0,
+        "Prodigy: factor on its step-size estimate (0.5 to 2 are usual)",
+        "float",
+        minimum=0,
+        omit_default=True,
+    )
+    prodigy_beta3: float | None = opt(
+        None,
+        "Prodigy: decay of its step-size estimate; default: sqrt(adam_beta2)",
+        "float?",
+        minimum=0,
+        maximum=1,
+        omit_default=True,
+    )
+    prodigy_use_bias_correction: bool = opt(
+        False, "Prodigy: Adam's bias correction of the step size", "bool", omit_default=True
+    )
+    prodigy_safeguard_warmup: bool = opt(
+        False, "Prodigy: leave the learning rate out of its estimate (warm-up)", "bool", omit_default=True
+    )
+    snr_gamma: float | None = opt(
+        None,
+        "min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 is usual; default: off",
+        "float?",
+        minimum=0,
+        omit_default=True,
+    )
+    noise_offset: float = opt(
+        0.0,
+        "offset noise: add this times a random number per example and channel to the noise, e.g. 0.05",
+        "float",
+        minimum=0,
+        omit_default=True,
     )
     center_crop: bool = opt(False, "center crop instead of random crop", "bool")
     random_flip: bool = opt(False, "flip images horizontally at random", "bool")
@@ -167,12 +198,21 @@ class TrainSettings:
         "group images by aspect ratio into buckets of about resolution² pixels instead of cropping "
         "them square; each batch holds one bucket",
         "bool",
+        omit_default=True,
     )
     bucket_min_side: int | None = opt(
-        None, "shortest side of a bucket in pixels; default: resolution / 2", "int?", minimum=8
+        None,
+        "shortest side of a bucket in pixels; default: resolution / 2",
+        "int?",
+        minimum=8,
+        omit_default=True,
     )
     bucket_max_side: int | None = opt(
-        None, "longest side of a bucket in pixels; default: resolution x 2", "int?", minimum=8
+        None,
+        "longest side of a bucket in pixels; default: resolution x 2",
+        "int?",
+        minimum=8,
+        omit_default=True,
     )
     bucket_step: int | None = opt(
         None,
@@ -180,6 +220,7 @@ class TrainSettings:
         "below 256 or not a multiple of 64",
         "int?",
         minimum=8,
+        omit_default=True,
     )
     save_steps: list[int] | None = opt(
         None,
@@ -188,6 +229,7 @@ class TrainSettings:
         "list[int]?",
         minimum=1,
         fingerprint=False,
+        omit_default=True,
     )
     log: str | None = opt(
         None,
@@ -196,6 +238,7 @@ class TrainSettings:
         "str?",
         choices=("tensorboard",),
         fingerprint=False,
+        omit_default=True,
     )
     cache_latents: bool = opt(
         True,
@@ -213,8 +256,23 @@ class LoraSettings:
     alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
     dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
     bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
-    target_modules: list[str] = opt(
-        ["to_q", "to_v", "query", "value"], "UNet modules that get a LoRA", "list[str]"
+    target_modules: list[str] | str = opt(
+        ["to_q", "to_v", "query", "value"],
+        "UNet modules that get a LoRA, or a preset: qv (these), attention (to_q, to_k, to_v, to_out.0), "
+        "all-linear (attention and feed-forward, and proj_in/proj_out where they are linear)",
+        "targets",
+    )
+    use_dora: bool = opt(
+        False,
+        "UNet LoRA as DoRA: a trained magnitude per output feature on top of the low-rank direction",
+        "bool",
+        omit_default=True,
+    )
+    use_rslora: bool = opt(
+        False,
+        "UNet LoRA scale alpha / sqrt(rank) instead of alpha / rank (rank-stabilised)",
+        "bool",
+        omit_default=True,
     )
     text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
     text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
@@ -222,8 +280,15 @@ class LoraSettings:
     text_encoder_bias: str = opt(
         "none", "text encoder LoRA bias training", choices=("none", "all", "lora_only")
     )
-    text_encoder_target_modules: list[str] = opt(
-        ["q_proj", "v_proj"], "text encoder modules that get a LoRA", "list[str]"
+    text_encoder_target_modules: list[str] | str = opt(
+        ["q_proj", "v_proj"],
+        "text encoder modules that get a LoRA, or a preset: qv (these), attention (q, k, v and out_proj), "
+        "all-linear (attention and the MLP's fc1, fc2)",
+        "targets",
+    )
+    text_encoder_use_dora: bool = opt(False, "text encoder LoRA as DoRA", "bool", omit_default=True)
+    text_encoder_use_rslora: bool = opt(
+        False, "text encoder LoRA scale alpha / sqrt(rank)", "bool", omit_default=True
     )
     # SDXL's second text encoder; left out: the text_encoder_* value.
     text_encoder_2_rank: int | None = opt(
@@ -241,10 +306,22 @@ class LoraSettings:
         "str?",
         choices=("none", "all", "lora_only"),
     )
-    text_encoder_2_target_modules: list[str] | None = opt(
+    text_encoder_2_target_modules: list[str] | str | None = opt(
         None,
-        "SDXL second text encoder modules that get a LoRA; default: text_encoder_target_modules",
-        "list[str]?",
+        "SDXL second text encoder modules that get a LoRA, or a preset; default: text_encoder_target_modules",
+        "targets?",
+    )
+    text_encoder_2_use_dora: bool | None = opt(
+        None,
+        "SDXL second text encoder LoRA as DoRA; default: text_encoder_use_dora",
+        "bool?",
+        omit_default=True,
+    )
+    text_encoder_2_use_rslora: bool | None = opt(
+        None,
+        "SDXL second text encoder rsLoRA scale; default: text_encoder_use_rslora",
+        "bool?",
+        omit_default=True,
     )
 
 
@@ -412,31 +489,3 @@ TABLES = {
     "train": TrainSettings,
     "lora": LoraSettings,
 }
-
-
-def keys_of(cls) -> list:
-    """The user-facing fields of a schema dataclass (those that carry docs)."""
-    return [f for f in fields(cls) if "doc" in f.metadata]
-
-
-def is_required(f) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def fingerprinted_fields(obj) -> dict:
-    """The fingerprinted settings of a schema dataclass, as plain data; unset (None) ones left out,
-    as the lockfile's TOML cannot hold them."""
-    result = {}
-    for f in keys_of(type(obj)):
-        value = getattr(obj, f.name)
-        if f.metadata.get("fingerprint", True) and value is not None:
-            result[f.name] = _plain(value)
-    return result
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if is_dataclass(value):
-        return fingerprinted_fields(value)
-    return value

@@ -1,7 +1,7 @@
 """Training data: images read once, the example order, and the VAE latent cache.
 
-Randomness is a pure function of (seed, position): every example's timestep, noise, latent sample, crop
-and flip come from a generator seeded by its position in the data stream, and the data order of each
+Randomness is a pure function of (seed, position): every example's timestep, noise, latent sample, crop,
+flip and noise offset come from a generator seeded by its position in the data stream, and the data order of each
 epoch from a generator seeded by the epoch. So a resumed run repeats exactly what an uninterrupted run
 would have done, and N processes see the same examples as one process with N times the batch.
 

@@ -1,6 +1,6 @@
 """The VAE latent cache, and the noised examples of a batch.
 
-Every random number of an example (timestep, noise, latent sample, flip, crop) comes from a generator
+Every random number of an example (timestep, noise, latent sample, flip, crop, noise offset) comes from a generator
 seeded by its position in the data stream (runner.training.data), so a resumed run draws exactly what
 an uninterrupted run would have drawn. torch is imported inside functions.
 """
@@ -41,6 +41,7 @@ class LatentCache:
         self.vae, self.images, self.device, self.dtype = vae, images, device, dtype
         self.vae_fp32 = vae_fp32  # encode in fp32 whatever the compute dtype (SDXL's VAE overflows in fp16)
         self.center, self.flip = ts.center_crop, ts.random_flip
+        self.noise_offset = ts.noise_offset
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -152,6 +153,11 @@ class LatentCache:
                 pixels, offsets = self._crop(kind, index, flip, g)
                 pending.append((n, pixels))
                 conditions.append(self._condition(kind, index, flip, offsets))
+            if self.noise_offset > 0:
+                # Offset noise: one constant per channel. Drawn last, so that every other number of the
+                # example is the one drawn without it.
+                offset = torch.randn((shape[0], 1, 1), generator=g)
+                noise[-1] = noise[-1] + self.noise_offset * offset
         if pending:
             self.encoded_per_step += len(pending)
             for size in dict.fromkeys(tuple(pixels.shape) for _, pixels in pending):

@@ -8,7 +8,8 @@ The recipe, top to bottom (`train`):
 3. encode the prompts once (and keep their embeddings when no text encoder trains), and every image whose
    crop is fixed into VAE latent moments once, so a step does no decoding, resizing or VAE work;
 4. train: each batch is [instance examples..., class examples...]; DDPM noise from the base model's own
-   scheduler config (epsilon, v_prediction or sample target); loss = mse(instance) + w * mse(class), fp32;
+   scheduler config (epsilon, v_prediction or sample target), with offset noise if asked;
+   loss = mse(instance) + w * mse(class), fp32, each example min-SNR weighted if asked (losses.py);
 5. checkpoint every `checkpoint_every` steps (and when interrupted) into the work folder, resume from
    the newest one (runner.training.checkpoints);
 6. write the adapter in every layout (runner.adapters).
@@ -20,15 +21,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import captions, checkpoints, lora
+from runner.project.schema import record
+from runner.training import captions, checkpoints, lora, optimizers
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
 from runner.training.latents import LatentCache
+from runner.training.losses import min_snr_weights, prior_preservation_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -202,7 +205,12 @@ def _optimizer(run: Run) -> None:
     from diffusers.optimization import get_scheduler
 
     ts = run.settings
-    run.optimizer = lora.make_optimizer(run.trainable, run.components, ts, run.device)
+    run.optimizer = optimizers.make_optimizer(run.trainable, run.components, ts, run.device)
+    if optimizers.optimizer_name(ts) == "prodigy" and ts.learning_rate < 0.1:
+        run.log(
+            f'warning: optimizer = "prodigy" with learning_rate {ts.learning_rate:g}: Prodigy finds the '
+            "step size itself and learning_rate multiplies it; 1.0 is the usual value"
+        )
     run.lr_scheduler = get_scheduler(
         ts.lr_scheduler,
         optimizer=run.optimizer,
@@ -282,10 +290,20 @@ def _forward_backward(run: Run, order: ExampleOrder):
                     conditions=group.conditions,
                 )
             preds.append(pred)
+        weights = None
+        if ts.snr_gamma is not None:  # min-SNR: each example's weight from its timestep
+            weights = [
+                min_snr_weights(
+                    run.noise.alphas_cumprod, group.timesteps, ts.snr_gamma, run.noise.config.prediction_type
+                )
+                for group in groups
+            ]
         if len(groups) == 1:
-            loss, instance_loss, prior_loss = prior_preservation_loss(preds[0], targets[0], run.weight)
+            loss, instance_loss, prior_loss = prior_preservation_loss(
+                preds[0], targets[0], run.weight, weights[0] if weights else None
+            )
         else:
-            loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight)
+            loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight, weights)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
@@ -319,31 +337,6 @@ def _target(run: Run, latents, noise, timesteps):
     if prediction_type == "v_prediction":
         return run.noise.get_velocity(latents, noise, timesteps)
     return latents
-
-
-def prior_preservation_loss(pred, target, weight: float | None):
-    """(total, instance, prior) losses in fp32 for a batch laid out [instance..., class...].
-
-    Without a prior (`weight` None) the whole batch is instance examples and the prior loss is 0. `pred`
-    and `target` may also be lists of the two halves, [instance, class], when their sizes differ.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if isinstance(pred, list):  # the two halves apart, as [instance, class] (their sizes differ)
-        (pred_instance, pred_class), (target_instance, target_class) = pred, target
-    else:
-        pred, target = pred.float(), target.float()
-        if weight is None:
-            instance = F.mse_loss(pred, target, reduction="mean")
-            return instance, instance, torch.zeros((), device=pred.device)
-        pred_instance, pred_class = pred.chunk(2, dim=0)
-        target_instance, target_class = target.chunk(2, dim=0)
-    pred_instance, pred_class = pred_instance.float(), pred_class.float()
-    target_instance, target_class = target_instance.float(), target_class.float()
-    instance = F.mse_loss(pred_instance, target_instance, reduction="mean")
-    prior = F.mse_loss(pred_class, target_class, reduction="mean")
-    return instance + weight * prior, instance, prior
 
 
 def _optimizer_step(run: Run, params, losses, seconds: float = 0.0) -> None:
@@ -501,7 +494,6 @@ def _info(run: Run, summary: dict, subject, stop_at) -> dict:
     from runner import steps
 
     job = run.job
-    train = {k: v for k, v in asdict(subject.train).items() if k not in NOT_IN_INFO}
     info = {
         "kind": "train",
         "base_model": job.base.ref,
@@ -513,8 +505,8 @@ def _info(run: Run, summary: dict, subject, stop_at) -> dict:
         "num_processes": run.world,
         "instance_prompt": subject.instance_prompt,
         "instance_images": len(run.images.instance),
-        "train": train,
-        "lora": asdict(subject.lora),
+        "train": {k: v for k, v in record(subject.train).items() if k not in NOT_IN_INFO},
+        "lora": record(subject.lora),
         "loss": summary,
         "step_version": steps.get("train").version,
     }

@@ -1,16 +1,15 @@
-"""LoRA on the components of a model family: configs, trainable parameters, the optimizer, and taking it
-all off a shared pipeline again. torch and peft are imported inside functions."""
+"""LoRA on the components of a model family: configs, trainable parameters, and taking it all off a
+shared pipeline again. torch and peft are imported inside functions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from runner.errors import StepError
 
-
-def lora_config(component, lora_settings):
+def lora_config(component, lora_settings, model=None):
     """The PEFT LoraConfig of one component, from the [lora] keys that configure it (rank, alpha, ...
-    for the denoiser; text_encoder_rank, ... for sd1's text encoder)."""
+    for the denoiser; text_encoder_rank, ... for sd1's text encoder). `model` is the component's module,
+    which a target preset needs (see `target_modules`)."""
     from peft import LoraConfig
 
     def setting(key):
@@ -21,8 +20,29 @@ def lora_config(component, lora_settings):
         lora_alpha=setting("alpha"),
         lora_dropout=setting("dropout"),
         bias=setting("bias"),
-        target_modules=list(setting("target_modules")),
+        target_modules=target_modules(component, setting("target_modules"), model),
+        use_dora=bool(setting("use_dora")),
+        use_rslora=bool(setting("use_rslora")),
     )
+
+
+def target_modules(component, value, model) -> list[str]:
+    """The module names of a `target_modules` setting: a list as written, a preset as the component
+    names it. `all-linear` keeps the names whose modules in `model` are all linear layers (a transformer
+    block's proj_in is one in SDXL and a 1x1 convolution in SD 1.x)."""
+    if not isinstance(value, str):
+        return list(value)
+    names = component.preset(value)
+    if value != "all-linear":
+        return list(names)
+    import torch
+
+    linear: dict[str, set[bool]] = {}
+    for path, module in model.named_modules():
+        for name in names:
+            if path == name or path.endswith(f".{name}"):
+                linear.setdefault(name, set()).add(isinstance(module, torch.nn.Linear))
+    return [name for name in names if linear.get(name) == {True}]
 
 
 def trains_bias(components, lora_settings) -> bool:
@@ -48,7 +68,8 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "lora-init"))
         for c in components:
-            modules[c.name] = get_peft_model(modules[c.name], lora_config(c, lora_settings))
+            config = lora_config(c, lora_settings, modules[c.name])
+            modules[c.name] = get_peft_model(modules[c.name], config)
     return modules
 
 
@@ -73,33 +94,6 @@ def start_training(modules: dict, components, gradient_checkpointing: bool) -> N
             set_checkpointing(modules[c.name].base_model.model, True)
     for c in components:
         modules[c.name].train()
-
-
-def make_optimizer(trainable: dict, components, ts, device):
-    """AdamW (or 8-bit AdamW) with one parameter group per component, each at its learning rate."""
-    import torch
-
-    groups = []
-    for c in components:
-        lr = getattr(ts, c.learning_rate) if c.learning_rate else None
-        groups.append(
-            {"params": list(trainable[c.name].values()), "lr": ts.learning_rate if lr is None else lr}
-        )
-    kwargs = dict(
-        betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon
-    )
-    if ts.use_8bit_adam:
-        if not device.startswith("cuda"):
-            raise StepError(
-                "use_8bit_adam = true needs a CUDA device (bitsandbytes); set it to false on this machine"
-            )
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise StepError("use_8bit_adam = true needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    # foreach=False: the same arithmetic on every device count and parameter layout.
-    return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
 def snapshot(pipe, family) -> Callable[[], None]:

@@ -1,0 +1,83 @@
+"""The optimizers a train step can use, by their `optimizer` name in [train]: a registry of builders.
+
+Each builder takes the parameter groups (one per component, each with its learning rate) and the
+resolved [train] settings, and returns a torch optimizer whose `state_dict` holds everything it needs to
+resume exactly (runner.training.checkpoints saves it). torch and the optional packages are imported
+inside the builders.
+
+    adamw       torch.optim.AdamW, foreach off (the same arithmetic on every device count and layout)
+    adamw8bit   bitsandbytes' 8-bit AdamW (CUDA); `use_8bit_adam = true` asks for it too
+    prodigy     Prodigy (prodigyopt, the `dbl[prodigy]` extra): Adam that finds its own step size;
+                learning_rate multiplies it (1.0 is usual), and one rate serves every group
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+
+from runner.errors import StepError
+
+
+def _adamw(groups, ts, device):
+    import torch
+
+    return torch.optim.AdamW(groups, foreach=False, **_adam_kwargs(ts))
+
+
+def _adamw8bit(groups, ts, device):
+    asked = "use_8bit_adam = true" if ts.use_8bit_adam else 'optimizer = "adamw8bit"'
+    if not device.startswith("cuda"):
+        raise StepError(f"{asked} needs a CUDA device (bitsandbytes); use the default adamw on this machine")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise StepError(f"{asked} needs bitsandbytes: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit(groups, **_adam_kwargs(ts))
+
+
+def _prodigy(groups, ts, device):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise StepError(
+            "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+        ) from None
+    kwargs = _adam_kwargs(ts)
+    # Prodigy prints a line when weight decay is on; the build's display owns the terminal.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Prodigy(
+            groups,
+            betas=kwargs["betas"],
+            beta3=ts.prodigy_beta3,
+            eps=kwargs["eps"],
+            weight_decay=kwargs["weight_decay"],
+            decouple=True,
+            use_bias_correction=ts.prodigy_use_bias_correction,
+            safeguard_warmup=ts.prodigy_safeguard_warmup,
+            d_coef=ts.prodigy_d_coef,
+        )
+
+
+def _adam_kwargs(ts) -> dict:
+    return dict(betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon)
+
+
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy}
+
+
+def optimizer_name(ts) -> str:
+    """The optimizer [train] asks for (`use_8bit_adam = true` is adamw8bit)."""
+    return "adamw8bit" if ts.use_8bit_adam and ts.optimizer == "adamw" else ts.optimizer
+
+
+def make_optimizer(trainable: dict, components, ts, device):
+    """The [train] optimizer with one parameter group per component, each at its learning rate."""
+    groups = []
+    for c in components:
+        lr = getattr(ts, c.learning_rate) if c.learning_rate else None
+        groups.append(
+            {"params": list(trainable[c.name].values()), "lr": ts.learning_rate if lr is None else lr}
+        )
+    return OPTIMIZERS[optimizer_name(ts)](groups, ts, device)

@@ -1,0 +1,157 @@
+"""The train step on tiny-sd with the optional keys: Prodigy, min-SNR weighting, offset noise and DoRA
+train, and an interrupted run resumes to the same bytes as an uninterrupted one."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.steps import StepError, StepInterrupted
+from tests.steps_fixtures import draw_images, make_prior, make_subject, train_context
+
+pytestmark = pytest.mark.torch
+
+
+def _run(ctx):
+    from runner.steps import train
+
+    return train.run(ctx)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return draw_images(root / "dog", 3, size=(80, 64)), draw_images(root / "class", 4, size=(64, 64), seed=7)
+
+
+PRODIGY = dict(optimizer="prodigy", learning_rate=1.0, prodigy_d_coef=2.0, prodigy_use_bias_correction=True)
+
+
+def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tmp_path, images, capsys):
+    import torch
+
+    from runner.adapters import read_adapter_weights
+
+    instance, classes = images
+    prior = make_prior(num_images=4)
+    subject = make_subject(
+        instance,
+        prior="dog",
+        train=dict(
+            steps=5,
+            batch_size=2,
+            center_crop=False,
+            checkpoint_every=2,
+            snr_gamma=5.0,
+            noise_offset=0.1,
+            **PRODIGY,
+        ),
+        lora=dict(use_dora=True, text_encoder_use_dora=True),
+    )
+    whole = train_context(tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w1")
+    metrics = _run(whole)
+    assert capsys.readouterr().out == ""  # Prodigy's own print is kept off the build's display
+    # It trained: the B matrices left their zero start.
+    state = read_adapter_weights(whole.out, "unet")
+    assert max(float(v.abs().max()) for k, v in state.items() if ".lora_B." in k) > 0
+    assert metrics["steps"] == 5
+
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) == 3
+
+    first = train_context(
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_after_three
+    )
+    with pytest.raises(StepInterrupted, match="after step 3"):
+        _run(first)
+    saved = torch.load(tmp_path / "w2" / "checkpoint-3" / "training_state.pt", weights_only=True)
+    group = saved["optimizer"]["param_groups"][0]
+    # Prodigy's step-size estimate and its statistics are in the checkpoint.
+    assert group["k"] == 3 and {"d", "d0", "d_max", "d_numerator"} <= set(group)
+    assert all({"s", "p0", "exp_avg", "exp_avg_sq"} <= set(s) for s in saved["optimizer"]["state"].values())
+    logs = []
+    again = train_context(
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", log=logs.append
+    )
+    assert _run(again)["resumed_from"] == 3
+    assert "resuming from checkpoint-3" in logs
+    assert _files(again.out) == _files(whole.out)
+
+
+def test_min_snr_and_offset_noise_change_what_is_learned(tmp_path, images):
+    from runner.adapters import read_adapter_weights
+
+    instance, _ = images
+    outs = {}
+    for label, train in (
+        ("plain", {}),
+        ("snr", dict(snr_gamma=1.0)),
+        ("offset", dict(noise_offset=0.5)),
+        ("explicit defaults", dict(noise_offset=0.0, optimizer="adamw")),
+    ):
+        # Two examples a step: min-SNR weights them against each other (Adam undoes a common factor).
+        train = dict(steps=2, batch_size=2, train_text_encoder=False, **train)
+        subject = make_subject(instance, train=train)
+        ctx = train_context(tmp_path / label, subject)
+        _run(ctx)
+        outs[label] = read_adapter_weights(ctx.out, "unet")
+    for label in ("snr", "offset"):
+        assert any(not v.equal(outs["plain"][k]) for k, v in outs[label].items()), label
+    assert all(v.equal(outs["plain"][k]) for k, v in outs["explicit defaults"].items())
+
+
+def test_prodigy_without_prodigyopt_says_how_to_install_it(tmp_path, images, monkeypatch):
+    instance, _ = images
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import prodigyopt raises ImportError
+    ctx = train_context(tmp_path, make_subject(instance, train=dict(train_text_encoder=False, **PRODIGY)))
+    with pytest.raises(StepError, match=r"needs the prodigyopt package: pip install 'dbl\[prodigy\]'"):
+        _run(ctx)
+
+
+def test_prodigy_with_a_small_learning_rate_is_a_warning(tmp_path, images):
+    instance, _ = images
+    logs = []
+    train = dict(steps=1, train_text_encoder=False, optimizer="prodigy", learning_rate=1e-4)
+    _run(train_context(tmp_path, make_subject(instance, train=train), log=logs.append))
+    assert any(
+        line.startswith('warning: optimizer = "prodigy" with learning_rate 0.0001')
+        and "1.0 is the usual" in line
+        for line in logs
+    ), logs
+
+
+def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, images):
+    instance, _ = images
+    ctx = train_context(tmp_path, make_subject(instance, train=dict(optimizer="adamw8bit")))
+    with pytest.raises(StepError, match='optimizer = "adamw8bit" needs a CUDA device'):
+        _run(ctx)
+
+
+def test_prodigy_is_quiet_while_it_is_made(capsys):
+    import torch
+
+    from runner.project.schema import TrainSettings
+    from runner.training.optimizers import OPTIMIZERS
+
+    param = torch.nn.Parameter(torch.ones(2))
+    ts = TrainSettings(optimizer="prodigy", learning_rate=1.0)
+    stdout = sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        optimizer = OPTIMIZERS["prodigy"]([{"params": [param], "lr": 1.0}], ts, "cpu")
+    finally:
+        printed, sys.stdout = sys.stdout.getvalue(), stdout
+    assert printed == "" and type(optimizer).__name__ == "Prodigy"
+    assert optimizer.param_groups[0]["weight_decay"] == ts.adam_weight_decay

@@ -60,7 +60,8 @@ def _cache(noise_offset: float, random_flip: bool = False):
 
     from runner.families.sd1 import tiny_vae
     from runner.project.schema import TrainSettings
-    from runner.training.data import Images, LatentCache
+    from runner.training.data import Images
+    from runner.training.latents import LatentCache
 
     torch.manual_seed(0)
     vae = tiny_vae().eval()
@@ -74,7 +75,12 @@ def _cache(noise_offset: float, random_flip: bool = False):
         random_flip=random_flip,
         noise_offset=noise_offset,
     )
-    return LatentCache(vae, Images(pixels, classes), ts, "cpu", torch.float32)
+    images = Images(pixels, classes)
+    for kind, group in (("instance", pixels), ("class", classes)):
+        for index, image in enumerate(group):
+            images.originals[(kind, index)] = tuple(image.shape[1:])
+            images.targets[(kind, index)] = (64, 64)
+    return LatentCache(vae, images, ts, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("random_flip", [False, True])
@@ -87,10 +93,10 @@ def test_noise_offset_is_each_example_s_last_draw(random_flip):
 
     order = ExampleOrder(seed=3, n_instance=2, n_class=2)
     positions = range(5, 7)
-    plain = _cache(0.0, random_flip).batch(positions, order, 3, 1000, 1.0)
-    offset = _cache(0.1, random_flip).batch(positions, order, 3, 1000, 1.0)
-    torch.testing.assert_close(offset[0], plain[0], rtol=0, atol=0)  # latents
-    assert torch.equal(offset[2], plain[2])  # timesteps
+    (plain,) = _cache(0.0, random_flip).batch(positions, order, 3, 1000, 1.0)
+    (offset,) = _cache(0.1, random_flip).batch(positions, order, 3, 1000, 1.0)
+    torch.testing.assert_close(offset.latents, plain.latents, rtol=0, atol=0)
+    assert torch.equal(offset.timesteps, plain.timesteps)
     # By hand: replay each example's draws (timestep, noise, latent sample, flip, crop) and take the next.
     expected = []
     for kind in ("instance", "class"):
@@ -104,6 +110,6 @@ def test_noise_offset_is_each_example_s_last_draw(random_flip):
             if kind == "instance":  # a random crop of a non-square image: its offset draws
                 torch.randint(0, 80 - 64 + 1, (1,), generator=g)
             expected.append(noise + 0.1 * torch.randn((4, 1, 1), generator=g))
-    torch.testing.assert_close(offset[1], torch.stack(expected), rtol=0, atol=1e-7)
-    shift = offset[1] - plain[1]
+    torch.testing.assert_close(offset.noise, torch.stack(expected), rtol=0, atol=1e-7)
+    shift = offset.noise - plain.noise
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # one value per channel

@@ -352,7 +352,7 @@ def test_a_single_file_sdxl_checkpoint_loads_as_the_same_model(tmp_path):
 
     from runner import families
     from runner.models import BaseModel, ensure_builtin, load_pipeline
-    from tests.sdxl_single_file import save_single_file
+    from tests.single_file import save_single_file
 
     folder = ensure_builtin(BASE)
     pipe = load_pipeline(model_cache(BASE).base)

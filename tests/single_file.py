@@ -162,3 +162,30 @@ def save_single_file(pipe, path, layout: str = "sdxl") -> None:
     from safetensors.torch import save_file
 
     save_file(original_state_dict(pipe, layout), str(path))
+
+
+def build_wide_tiny_sdxl(folder) -> None:
+    """tiny-sdxl with a 48-wide second text encoder, saved as a diffusers folder.
+
+    diffusers' single-file loader tells SDXL's two encoders apart by their widths (768 and 1280); tiny-sdxl's
+    are both 32 wide, so its single file loads the first encoder's weights into the second. This model is
+    tiny-sdxl with the widths apart: cross attention 32 + 48 and 6 x 8 + 48 added inputs.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    from runner.models import ensure_builtin
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(ensure_builtin("tiny-sdxl"))
+    config = pipe.text_encoder_2.config.to_dict()
+    config.update(hidden_size=48, projection_dim=48)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        text_encoder_2 = CLIPTextModelWithProjection(type(pipe.text_encoder_2.config)(**config))
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(
+            {**pipe.unet.config, "cross_attention_dim": 80, "projection_class_embeddings_input_dim": 96}
+        )
+    pipe.register_modules(text_encoder_2=text_encoder_2, unet=unet)
+    pipe.save_pretrained(folder, safe_serialization=True)

@@ -96,6 +96,16 @@ def test_a_single_file_sdxl_checkpoint_builds_offline_with_its_configs(tmp_path,
     assert "train:dog" in plan and "render:park" in plan and "stale" in plan, plan
 
 
+def test_the_api_loads_a_single_file_with_its_configs(single_file):
+    from runner import api
+
+    pipe = api.load_pipeline(
+        str(single_file / "model.safetensors"), device="cpu", base_model_config=single_file / "configs"
+    )
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.text_encoder_2.config.hidden_size == 48
+
+
 def test_without_its_configs_the_error_names_the_key(tmp_path, single_file):
     folder = _project(tmp_path / "p", single_file, PROJECT.replace('base_model_config = "configs"\n', ""))
     done = _dbl("build", "p.toml", "--no-progress", cwd=folder)

@@ -29,7 +29,11 @@ from runner.errors import AdapterError
 
 
 def load_pipeline(
-    base: str, adapters: Mapping[str, str | Path] | None = None, device: str = "auto", dtype=None
+    base: str,
+    adapters: Mapping[str, str | Path] | None = None,
+    device: str = "auto",
+    dtype=None,
+    base_model_config: str | Path | None = None,
 ):
     """Load a Stable Diffusion pipeline and, optionally, adapters onto it.
 
@@ -37,11 +41,14 @@ def load_pipeline(
     `adapters` maps the names you want to use to adapter paths (see `load_adapter`); they are loaded in
     order and the last one is active, as after diffusers' `load_lora_weights`: pick with `set_adapter`.
     `device` is "auto" (CUDA, then MPS, then CPU), "cuda", "mps" or "cpu". `dtype` is a torch dtype or
-    "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and fp32 elsewhere.
+    "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and fp32 elsewhere. `base_model_config`, for a
+    single-file `base`: a diffusers folder or hub id whose configs and tokenizers describe it, as the
+    project file's key of that name.
     """
     from runner import models
 
-    base_model = models.BaseModel.parse(base, Path.cwd())
+    config = str(base_model_config) if base_model_config is not None else None
+    base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
     device = models.resolve_device(device)
     pipe = models.load_pipeline(base_model, dtype=_dtype(dtype, device), device=device)
     for name, path in (adapters or {}).items():

@@ -132,7 +132,7 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     from runner.models import BaseModel
 
     s = project.settings
-    base = BaseModel.parse(s.base_model, project.dir, s.revision, s.allow_pickle)
+    base = BaseModel.of(s, project.dir)
     if base.kind not in ("file", "folder"):
         return []
     try:

@@ -190,7 +190,8 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
     """What makes a base model itself: a built-in's name and version, a hub id and revision, or content.
 
     The model family is display-only (`_family`) for sd1, so that identities made before families
-    existed keep their fingerprints; any other family is part of the identity.
+    existed keep their fingerprints; any other family is part of the identity. A single file's
+    base_model_config is part of it when set (a folder by its content, a hub id by its revision).
     """
     from runner import families  # light: no torch
 
@@ -208,4 +209,10 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
         identity = {"folder_sha256": manifest_hash(hasher.tree(Path(base.ref)))}
     if family is not None:
         identity["_family" if family.name == families.DEFAULT else "family"] = family.name
+    config = getattr(base, "config", None)
+    if config is not None:
+        if Path(config).is_dir():
+            identity["config"] = {"folder_sha256": manifest_hash(hasher.tree(Path(config)))}
+        else:
+            identity["config"] = {"hub": config, "revision": hub_revision(config, None)}
     return identity

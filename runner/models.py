@@ -26,25 +26,63 @@ class BaseModel:
     ref: str  # builtin name, hub id, or absolute path
     revision: str | None = None
     allow_pickle: bool = False
+    # A single file's component configs and tokenizers: a diffusers folder (absolute path) or a hub id,
+    # passed to from_single_file as `config`. None: diffusers infers them (and reads them from the hub).
+    config: str | None = None
 
     @classmethod
-    def parse(cls, value: str, project_dir: Path, revision: str | None = None, allow_pickle: bool = False):
+    def parse(
+        cls,
+        value: str,
+        project_dir: Path,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        config: str | None = None,
+    ):
         if value in families.builtin_names():
             return cls("builtin", value, None, allow_pickle)
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = (project_dir / path).resolve()
+        path = local_path(value, project_dir)
         if path.is_dir():
             return cls("folder", str(path), None, allow_pickle)
         if path.is_file() or value.endswith(SINGLE_FILE_SUFFIXES):
-            return cls("file", str(path), None, allow_pickle)
+            return cls("file", str(path), None, allow_pickle, config_ref(config, project_dir))
         return cls("hub", value, revision, allow_pickle)
+
+    @classmethod
+    def of(cls, settings, project_dir: Path):
+        """The base model of a project's [project] settings (runner.project.schema.ProjectSettings)."""
+        return cls.parse(
+            settings.base_model,
+            project_dir,
+            settings.revision,
+            settings.allow_pickle,
+            settings.base_model_config,
+        )
 
     @property
     def display(self) -> str:
         if self.kind == "hub" and self.revision:
             return f"{self.ref}@{self.revision}"
         return self.ref
+
+
+def local_path(value: str, project_dir: Path) -> Path:
+    """`value` as a path: ~ expanded, relative to the project folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (project_dir / path).resolve()
+
+
+def looks_local(value: str) -> bool:
+    """Whether a base-model value is written as a path rather than a hub id (owner/name)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def config_ref(value: str | None, project_dir: Path) -> str | None:
+    """A base_model_config value as from_single_file takes it: a folder's absolute path, or a hub id."""
+    if value is None:
+        return None
+    path = local_path(value, project_dir)
+    return str(path) if path.is_dir() or looks_local(value) else value
 
 
 # --- built-in models --------------------------------------------------------------------------------
@@ -173,6 +211,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                 if not path.is_file():
                     raise ModelError(f"base_model file {path} does not exist")
                 _check_pickle(path, base.allow_pickle)
+                if base.config is not None:
+                    kwargs["config"] = base.config
                 pipe = family.load_single_file(str(path), **kwargs)
             else:
                 pipe = family.load_pretrained(
@@ -187,6 +227,11 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
         hint = ""
         if base.kind == "hub":
             hint = " (is the id right, and is the network or the Hugging Face cache available?)"
+        elif base.kind == "file" and base.config is None:
+            hint = (
+                " (diffusers reads a single file's component configs from the hub: without a network, set "
+                "base_model_config in [project] to a diffusers folder of the same kind of model)"
+            )
         raise ModelError(f"cannot load base model {base.display}{hint}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     pipe._dbl_family = family  # read back by runner.families.of(pipe)

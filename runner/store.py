@@ -333,16 +333,19 @@ class DiskFacts:
         self._images.clear()
         self._base = None
 
-    def base_model_path(self) -> Path | None:
-        """The base model's file or folder when it is local (its content is an input), else None."""
-        s = self.project.settings
-        base = BaseModel.parse(s.base_model, self.project.dir, s.revision, s.allow_pickle)
-        return Path(base.ref) if base.kind in ("file", "folder") else None
+    def base_model_paths(self) -> list[Path]:
+        """The base model's file or folder when it is local, and its local base_model_config folder: their
+        content is an input."""
+        base = BaseModel.of(self.project.settings, self.project.dir)
+        paths = [Path(base.ref)] if base.kind in ("file", "folder") else []
+        if base.config is not None and Path(base.config).is_dir():
+            paths.append(Path(base.config))
+        return paths
 
     def base_model(self) -> dict:
         if self._base is None:
             s = self.project.settings
-            base = BaseModel.parse(s.base_model, self.project.dir, s.revision, s.allow_pickle)
+            base = BaseModel.of(s, self.project.dir)
             self._base = base_model_identity(base, self.hasher)
         return self._base
 

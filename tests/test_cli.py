@@ -195,3 +195,22 @@ def test_gc_removes_what_killed_builds_left_in_the_cache(proj, build, capsys):
     assert main(["gc", str(proj.path)]) == 0
     assert "1 folder(s) left by builds that were killed" in capsys.readouterr().out
     assert not dead.exists() and alive.exists()
+
+
+def test_plan_and_build_refuse_an_sd3_or_flux_single_file(proj, capsys):
+    """Exit 2 before any step runs, with the model-family message; not a failed train step."""
+    from tests.test_project import _single_file
+
+    for keys, kind in (
+        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
+        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "Flux"),
+    ):
+        _single_file(proj.root / f"{kind}.safetensors", keys)
+        proj.path.write_text(proj.path.read_text().replace('"tiny-sd"', f'"{kind}.safetensors"', 1))
+        for command in (["plan"], ["build", "--no-progress"]):
+            assert main([command[0], str(proj.path), *command[1:]]) == 2
+            err = capsys.readouterr().err
+            assert f"is a {kind} checkpoint; this model family is not supported yet" in err, err
+            assert "Traceback" not in err
+        assert not proj.lock.exists()
+        proj.path.write_text(proj.path.read_text().replace(f'"{kind}.safetensors"', '"tiny-sd"', 1))

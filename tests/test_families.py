@@ -71,6 +71,13 @@ def test_sd1_describes_its_components_for_project_validation():
     )
 
 
+def test_an_unknown_family_is_checked_with_every_familys_components():
+    """A hub model not in the cache: the equal-rank blend check compares every component any family has."""
+    names = [c["name"] for c in families.lora_components(None)]
+    assert names == ["unet", "text_encoder", "text_encoder_2"]
+    assert families.lora_components(None)[2]["rank_fallback"] == "text_encoder_rank"
+
+
 def test_sd1_identity_keeps_its_fingerprint_and_another_family_changes_it(tmp_path, alias):
     hasher = FileHasher()
     sd = base_model_identity(BaseModel.parse("tiny-sd", tmp_path), hasher)

@@ -474,3 +474,100 @@ def test_a_key_set_twice_is_named_with_both_lines(folder):
 def test_a_table_defined_twice_is_named(folder):
     found = problems(folder, GOOD + "\n[renders.park]\nseeds = [1]\n")
     assert found == ["renders.park: set twice, first on line 20 (line 24) - keep one of them"]
+
+
+def _single_file(path, keys):
+    """A .safetensors file whose header names `keys` (one float each): what family detection reads."""
+    import json
+    import struct
+
+    header = {
+        k: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(keys)
+    }
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * (4 * len(keys)))
+    return path
+
+
+SD1_KEYS = ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"]
+
+
+@pytest.mark.parametrize(
+    "base, config, index, expected",
+    [
+        (
+            "tiny-sd",
+            "cfg",
+            {"_class_name": "StableDiffusionPipeline"},
+            "project.base_model_config: applies to a single-file base_model only; 'tiny-sd' is a built-in "
+            "model, which has its own configs (line 4) - remove base_model_config",
+        ),
+        (
+            "model.safetensors",
+            "./nope",
+            None,
+            "project.base_model_config: no such folder: {folder}/nope (line 4) - give the diffusers folder that "
+            "holds model_index.json, unet/, text_encoder/ ..., or a hub id",
+        ),
+        (
+            "model.safetensors",
+            "cfg",
+            None,
+            "project.base_model_config: {folder}/cfg is not a diffusers folder (it has no model_index.json) "
+            "(line 4) - give the diffusers folder that holds model_index.json, unet/, text_encoder/ ..., or a hub id",
+        ),
+        (
+            "model.safetensors",
+            "cfg",
+            {"_class_name": "StableDiffusionXLPipeline"},
+            "project.base_model_config: {folder}/cfg describes a sdxl model, but base_model "
+            "{folder}/model.safetensors is sd1 (line 4) - give the diffusers folder of a sd1 model",
+        ),
+    ],
+    ids=["not a single file", "no such folder", "not a diffusers folder", "another family"],
+)
+def test_base_model_config_problems(folder, base, config, index, expected):
+    import json
+
+    _single_file(folder / "model.safetensors", SD1_KEYS)
+    (folder / "cfg").mkdir()
+    if index is not None:
+        (folder / "cfg" / "model_index.json").write_text(json.dumps(index))
+    text = GOOD.replace('base_model = "tiny-sd"', f'base_model = "{base}"\nbase_model_config = "{config}"')
+    assert problems(folder, text) == [expected.format(folder=folder)]
+
+
+def test_base_model_config_of_a_single_file_resolves_to_its_folder(folder):
+    import json
+
+    from runner.models import BaseModel
+
+    _single_file(folder / "model.safetensors", SD1_KEYS)
+    (folder / "cfg").mkdir()
+    (folder / "cfg" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('"tiny-sd"', '"model.safetensors"\nbase_model_config = "cfg"'))
+    project = load_project(path)
+    base = BaseModel.of(project.settings, project.dir)
+    assert (base.kind, base.config) == ("file", str(folder / "cfg"))
+    path.write_text(
+        GOOD.replace('"tiny-sd"', '"model.safetensors"\nbase_model_config = "owner/sd15-configs"')
+    )
+    assert BaseModel.of(load_project(path).settings, folder).config == "owner/sd15-configs"
+
+
+@pytest.mark.parametrize(
+    "keys, kind",
+    [
+        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.x"], "SD3"),
+        (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "Flux"),
+    ],
+)
+def test_a_single_file_of_another_family_is_a_project_file_error(folder, keys, kind):
+    _single_file(folder / "model.safetensors", keys)
+    found = problems(folder, GOOD.replace('"tiny-sd"', '"model.safetensors"'))
+    assert found == [
+        f"project.base_model: base model {folder}/model.safetensors is a {kind} checkpoint; this model family "
+        "is not supported yet (supported: sd1, sdxl, i.e. Stable Diffusion 1.x, 2.x and SDXL) (line 3) - use a "
+        "Stable Diffusion 1.x, 2.x or SDXL model"
+    ]

@@ -272,6 +272,55 @@ def test_second_text_encoder_settings_on_an_sd1_model_are_a_project_file_error(t
     assert load_project(path).lora.text_encoder_2_rank == 8
 
 
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_blends_that_need_equal_ranks_compare_the_second_text_encoder_too(tmp_path, method):
+    """Subjects that differ only in text_encoder_2_rank: a project-file error for linear-like methods
+    (cat and svd take any ranks)."""
+    from runner.project import ProjectError, load_project
+
+    draw_images(tmp_path / "dog", 1)
+    density = "\ndensity = 0.5" if method == "ties" else ""
+    text = (
+        '[project]\nbase_model = "tiny-sdxl"\n\n[lora]\ntext_encoder_2_rank = 4\n\n'
+        '[subjects.dog]\nimages = "dog"\ninstance_prompt = "sks dog"\n\n'
+        '[subjects.toy]\nimages = "dog"\ninstance_prompt = "sks toy"\n[subjects.toy.lora]\ntext_encoder_2_rank = 8\n\n'
+        f'[blends.mix]\nadapters = {{ dog = 1.0, toy = 1.0 }}\nmethod = "{method}"{density}\n'
+    )
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ProjectError) as err:
+        load_project(path)
+    assert [str(p) for p in err.value.problems] == [
+        f"blends.mix.method: method '{method}' needs equal text_encoder_2 ranks, got dog = 4, toy = 8 (line 19) - "
+        'give the subjects the same lora.text_encoder_2_rank, or use method = "cat" (exact) or "svd"'
+    ]
+    for fine in ('"cat"', '"svd"'):
+        path.write_text(text.replace(f'"{method}"{density}', fine))
+        assert load_project(path).blends["mix"].method == fine.strip('"')
+    path.write_text(text.replace("text_encoder_2_rank = 8", "text_encoder_2_rank = 4"))
+    assert load_project(path).blends["mix"].method == method
+
+
+def test_the_second_text_encoder_follows_the_first_in_the_equal_rank_check(tmp_path):
+    """Left out, text_encoder_2_rank is text_encoder_rank: one problem, named after the key to change."""
+    from runner.project import ProjectError, load_project
+
+    draw_images(tmp_path / "dog", 1)
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sdxl"\n\n'
+        '[subjects.dog]\nimages = "dog"\ninstance_prompt = "sks dog"\n[subjects.dog.lora]\ntext_encoder_rank = 4\n\n'
+        '[subjects.toy]\nimages = "dog"\ninstance_prompt = "sks toy"\n\n'
+        '[blends.mix]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "linear"\n'
+    )
+    with pytest.raises(ProjectError) as err:
+        load_project(path)
+    assert [str(p) for p in err.value.problems] == [
+        "blends.mix.method: method 'linear' needs equal text_encoder ranks, got dog = 4, toy = 16 (line 16) - "
+        'give the subjects the same lora.text_encoder_rank, or use method = "cat" (exact) or "svd"'
+    ]
+
+
 def test_a_killed_sdxl_build_resumes_to_the_same_adapter(tmp_path):
     """A real `dbl build` on tiny-sdxl, SIGKILLed during training, resumes to the bytes of a whole run."""
     import signal
@@ -352,7 +401,7 @@ def test_a_single_file_sdxl_checkpoint_loads_as_the_same_model(tmp_path):
 
     from runner import families
     from runner.models import BaseModel, ensure_builtin, load_pipeline
-    from tests.sdxl_single_file import save_single_file
+    from tests.single_file import save_single_file
 
     folder = ensure_builtin(BASE)
     pipe = load_pipeline(model_cache(BASE).base)

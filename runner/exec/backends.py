@@ -70,7 +70,7 @@ class LazyModels:
         from runner.models import BaseModel, ModelCache
 
         s = self._project.settings
-        base = BaseModel.parse(s.base_model, self._project.dir, s.revision, s.allow_pickle)
+        base = BaseModel.of(s, self._project.dir)
         key = (base, s.device, s.mixed_precision)
         if key not in self._shared:
             self._shared.clear()

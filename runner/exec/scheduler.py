@@ -93,8 +93,7 @@ class Workspace:
         """What a step reads: its input folders, its upstream steps' outputs, a local base model."""
         paths = [Path(folder) for folder in steps.get(step.kind).folders(step.spec)]
         paths += [self.output_dir(dep) for dep in step.deps]
-        base = self.facts.base_model_path()
-        return paths + ([base] if base is not None else [])
+        return paths + self.facts.base_model_paths()
 
 
 def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], option: str) -> None:

@@ -355,14 +355,20 @@ def component_names() -> set[str]:
     return {c.name for f in _registry.values() for c in f.components}
 
 
-def lora_components(name: str = DEFAULT) -> list[dict[str, Any]]:
+def lora_components(name: str | None = DEFAULT) -> list[dict[str, Any]]:
     """Per component of a family, torch-free: its name, the LoraSettings field of its rank, and the
-    TrainSettings flag that must be on for it to train (None: always). For project validation."""
-    found = []
-    for c in get(name).components:
-        found.append({"name": c.name, "rank_field": c.rank_field, "gate": c.gate})
-        if c.fallback_prefix is not None:  # the field to read when rank_field is None
-            found[-1]["rank_fallback"] = f"{c.fallback_prefix}rank"
+    TrainSettings flag that must be on for it to train (None: always). For project validation.
+
+    name None (a base model whose family is not known yet): the components of every family, once each."""
+    found, seen = [], set()
+    for family in [get(name)] if name is not None else list(_registry.values()):
+        for c in family.components:
+            if c.name in seen:
+                continue
+            seen.add(c.name)
+            found.append({"name": c.name, "rank_field": c.rank_field, "gate": c.gate})
+            if c.fallback_prefix is not None:  # the field to read when rank_field is None
+                found[-1]["rank_fallback"] = f"{c.fallback_prefix}rank"
     return found
 
 

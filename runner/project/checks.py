@@ -320,9 +320,10 @@ def _rank(lora, component: dict) -> int | None:
 
 
 def adapter_ranks(
-    name: str, subjects: dict, blends: dict, family: str = families.DEFAULT, _depth: int = 0
+    name: str, subjects: dict, blends: dict, family: str | None = families.DEFAULT, _depth: int = 0
 ) -> dict[str, int | None]:
-    """The LoRA rank of an adapter per component of its family (None: no LoRA on that component)."""
+    """The LoRA rank of an adapter per component of its family (None: no LoRA on that component; family
+    None: the components of every family)."""
     components = families.lora_components(family)
     if name in subjects:
         s = subjects[name]
@@ -398,11 +399,20 @@ def _check_blend_method(check, name, blend, subjects, blends) -> None:
                 'remove it or use method = "svd"',
             )
     if method in schema.EQUAL_RANK_METHODS:
+        # Every component the base model's family trains (SDXL's text_encoder_2 too); when the family is
+        # not known before a download, every family's.
+        family = check.family
         parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
-        for c in families.lora_components():
+        ranks_of = {p: adapter_ranks(p, subjects, blends, family) for p in parents}
+        components = families.lora_components(family)
+        owner = {c["rank_field"]: c["name"] for c in components}
+        for c in components:
             component = c["name"]
-            ranks = {p: adapter_ranks(p, subjects, blends)[component] for p in parents}
+            ranks = {p: ranks_of[p][component] for p in parents}
             ranks = {p: r for p, r in ranks.items() if r is not None}
+            fallback = owner.get(c.get("rank_fallback"))
+            if fallback and ranks == {p: r for p, r in ((p, ranks_of[p][fallback]) for p in parents) if r}:
+                continue  # the ranks it falls back to: said (or fine) for that component already
             if len(set(ranks.values())) > 1:
                 listed = ", ".join(f"{p} = {r}" for p, r in ranks.items())
                 which = c["rank_field"]

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runner import families, steps
-from runner.models import PICKLE_SUFFIXES
+from runner import steps
 from runner.project import checks, schema
+from runner.project.base_model import check_base_model
 from runner.project.lines import LineIndex, duplicate_keys
 
 if sys.version_info >= (3, 11):
@@ -66,6 +66,9 @@ class _Checker:
         self.path = path
         self.lines = LineIndex(text)
         self.problems: list[Problem] = []
+        # The base model's family as cheap facts tell it (runner.families.detect); None until known, and
+        # when it is not known before a download. Cross-table checks read it.
+        self.family: str | None = None
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
@@ -277,10 +280,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
             read = lambda key, name, raw, kind=kind: check.table(key, raw, kind.spec, extra={"name": name})  # noqa: E731
         tables[kind.name] = _named(check, data, kind.table, read)
     if settings is not None:
-        before = len(check.problems)
-        _check_base_model(check, path.parent, settings)
-        if len(check.problems) == before:
-            _check_family_settings(check, path.parent, settings, data)
+        check_base_model(check, path.parent, settings, data)
     for kind in kinds:
         if kind.check is not None:
             kind.check(check, tables)
@@ -318,68 +318,3 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
         if item is not None:
             result[name] = item
     return result
-
-
-def _check_base_model(check: _Checker, project_dir: Path, settings: schema.ProjectSettings) -> None:
-    value = settings.base_model
-    key = ("project", "base_model")
-    local = value.startswith((".", "/", "~")) or value.endswith((".safetensors",) + PICKLE_SUFFIXES)
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else project_dir / path
-    if value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
-        check.problem(
-            key,
-            f"'{value}' is a pickle checkpoint, which can run arbitrary code when loaded",
-            "convert it to .safetensors, or set allow_pickle = true in [project] if you trust it",
-        )
-    elif local and not path.exists():
-        check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
-    elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
-        check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
-
-
-def _check_family_settings(
-    check: _Checker, project_dir: Path, settings: schema.ProjectSettings, data
-) -> None:
-    """[lora] keys that configure a component the base model's family has not (text_encoder_2_rank on an
-    SD 1.x model). The family comes from cheap facts (runner.families.detect), never from weights."""
-    from runner.models import BaseModel
-
-    try:
-        base = BaseModel.parse(settings.base_model, project_dir, settings.revision, settings.allow_pickle)
-        if base.kind == "hub":
-            index = families._cached_hub_index(base.ref, base.revision)
-            if index is None or not index.is_file():
-                return  # the family is not known before the download
-        family = families.detect(base)
-    except families.ModelError:
-        return  # an unsupported or unreadable model: the build's first step says so
-    own = {c.setting(k) for c in family.components for k in LORA_KEYS}
-    foreign = {
-        c.setting(k): (f.name, c.name)
-        for f in families.all()
-        for c in f.components
-        for k in LORA_KEYS
-        if c.setting(k) not in own
-    }
-    tables = [(("lora",), data.get("lora"))]
-    subjects = data.get("subjects")
-    if isinstance(subjects, dict):
-        tables += [
-            (("subjects", n, "lora"), t.get("lora")) for n, t in subjects.items() if isinstance(t, dict)
-        ]
-    for key, table in tables:
-        if not isinstance(table, dict):
-            continue
-        for name in table:
-            if name in foreign:
-                other, component = foreign[name]
-                check.problem(
-                    key + (name,),
-                    f"{name} configures the {component} of {other} models; base model {base.display} is "
-                    f"{family.name}, which has no {component}",
-                    f"remove {name}, or use an {other} base model",
-                )
-
-
-LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")

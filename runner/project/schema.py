@@ -78,6 +78,13 @@ class ProjectSettings:
     )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
+    base_model_config: str | None = opt(
+        None,
+        "for a single-file base_model: a local diffusers folder or hub id of the same kind of model, whose "
+        "configs and tokenizers describe the file's components (a local folder loads offline); "
+        "default: inferred by diffusers from the file and read from the hub",
+        "str?",
+    )
     device: str = opt("auto", "where to compute", choices=("auto", "cuda", "mps", "cpu"), fingerprint=False)
     mixed_precision: str = opt(
         "no",

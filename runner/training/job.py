@@ -55,7 +55,7 @@ def job_from_context(ctx) -> Job:
             )
     models = ctx.models
     if models is None:
-        base = BaseModel.parse(settings.base_model, project.dir, settings.revision, settings.allow_pickle)
+        base = BaseModel.of(settings, project.dir)
         models = ctx.models = ModelCache(base, settings.device, settings.mixed_precision)
     return Job(
         subject=spec,

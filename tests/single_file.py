@@ -1,5 +1,10 @@
-"""tiny-sdxl written as a single-file checkpoint in the original (Stability "sgm") layout: the inverse of
-diffusers' single-file converters, for the shapes of tiny-sdxl."""
+"""Tiny models written as single-file checkpoints in the original layouts: the inverse of diffusers'
+single-file converters, for the shapes of the built-in tiny models.
+
+    sd1     CompVis (SD 1.x): model.diffusion_model., first_stage_model., cond_stage_model.transformer.
+    sd2     Stability SD 2.x: the same, with an OpenCLIP text encoder in cond_stage_model.model.
+    sdxl    Stability "sgm": conditioner.embedders.0.transformer. (CLIP) and .1.model. (OpenCLIP)
+"""
 
 from __future__ import annotations
 
@@ -95,17 +100,28 @@ def _vae_to_original(vae) -> dict:
     return out
 
 
-def _open_clip_to_original(text_encoder) -> dict:
+def _text_state(text_encoder) -> dict:
+    """A CLIP text encoder's weights with their `text_model.` level, which transformers 5 dropped from
+    CLIPTextModel (CLIPTextModelWithProjection keeps it)."""
+    return {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+        for k, v in text_encoder.state_dict().items()
+    }
+
+
+def _open_clip_to_original(text_encoder, prefix: str) -> dict:
+    """OpenCLIP's names: one fused in_proj per attention, mlp.c_fc / c_proj, ln_1 / ln_2."""
     import torch
 
-    state = text_encoder.state_dict()
+    state = _text_state(text_encoder)
     out = {
         "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
         "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
         "ln_final.weight": state["text_model.final_layer_norm.weight"],
         "ln_final.bias": state["text_model.final_layer_norm.bias"],
-        "text_projection": state["text_projection.weight"].T.contiguous(),
     }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state["text_projection.weight"].T.contiguous()
     for layer in range(text_encoder.config.num_hidden_layers):
         src, dst = f"text_model.encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
@@ -117,20 +133,59 @@ def _open_clip_to_original(text_encoder) -> dict:
             out[dst + f"ln_2.{kind}"] = state[src + f"layer_norm2.{kind}"]
             out[dst + f"mlp.c_fc.{kind}"] = state[src + f"mlp.fc1.{kind}"]
             out[dst + f"mlp.c_proj.{kind}"] = state[src + f"mlp.fc2.{kind}"]
-    return {f"conditioner.embedders.1.model.{k}": v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
-def save_single_file(pipe, path) -> None:
+def _clip_to_original(text_encoder, prefix: str) -> dict:
+    """CLIP ViT-L keeps the transformers names, under `prefix`."""
+    return {
+        prefix + k: v for k, v in _text_state(text_encoder).items() if not k.startswith("text_projection")
+    }
+
+
+def original_state_dict(pipe, layout: str) -> dict:
+    """The pipeline's weights named as in a single file of `layout` ("sd1", "sd2" or "sdxl")."""
+    tensors = {**_unet_to_original(pipe.unet), **_vae_to_original(pipe.vae)}
+    if layout == "sdxl":
+        tensors.update(_clip_to_original(pipe.text_encoder, "conditioner.embedders.0.transformer."))
+        tensors.update(_open_clip_to_original(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    elif layout == "sd2":
+        tensors.update(_open_clip_to_original(pipe.text_encoder, "cond_stage_model.model."))
+    elif layout == "sd1":
+        tensors.update(_clip_to_original(pipe.text_encoder, "cond_stage_model.transformer."))
+    else:
+        raise ValueError(layout)
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def save_single_file(pipe, path, layout: str = "sdxl") -> None:
     from safetensors.torch import save_file
 
-    te = {
-        ("" if k.startswith("text_model.") else "text_model.") + k: v
-        for k, v in pipe.text_encoder.state_dict().items()
-    }
-    tensors = {
-        **_unet_to_original(pipe.unet),
-        **_vae_to_original(pipe.vae),
-        **{f"conditioner.embedders.0.transformer.{k}": v for k, v in te.items()},
-        **_open_clip_to_original(pipe.text_encoder_2),
-    }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file(original_state_dict(pipe, layout), str(path))
+
+
+def build_wide_tiny_sdxl(folder) -> None:
+    """tiny-sdxl with a 48-wide second text encoder, saved as a diffusers folder.
+
+    diffusers' single-file loader tells SDXL's two encoders apart by their widths (768 and 1280); tiny-sdxl's
+    are both 32 wide, so its single file loads the first encoder's weights into the second. This model is
+    tiny-sdxl with the widths apart: cross attention 32 + 48 and 6 x 8 + 48 added inputs.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    from runner.models import ensure_builtin
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(ensure_builtin("tiny-sdxl"))
+    config = pipe.text_encoder_2.config.to_dict()
+    config.update(hidden_size=48, projection_dim=48)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        text_encoder_2 = CLIPTextModelWithProjection(type(pipe.text_encoder_2.config)(**config))
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(
+            {**pipe.unet.config, "cross_attention_dim": 80, "projection_class_embeddings_input_dim": 96}
+        )
+    pipe.register_modules(text_encoder_2=text_encoder_2, unet=unet)
+    pipe.save_pretrained(folder, safe_serialization=True)

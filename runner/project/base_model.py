@@ -1,0 +1,140 @@
+"""[project]'s base model: its path or hub id, its single file's configs, its family, and the [lora] keys
+that only some families have. Cheap facts only (names, paths, a safetensors header, model_index.json):
+no weights are read, and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner import families
+from runner.models import PICKLE_SUFFIXES, BaseModel, local_path, looks_local
+from runner.project import schema
+
+LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")
+INDEX = "model_index.json"
+
+
+def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings, data: dict) -> None:
+    """Add the problems of base_model and base_model_config, and set `check.family` when it is known."""
+    before = len(check.problems)
+    _check_value(check, project_dir, settings)
+    _check_config(check, project_dir, settings)
+    if len(check.problems) > before:
+        return
+    base = BaseModel.of(settings, project_dir)
+    family = _family(check, base)
+    if family is None:
+        return
+    check.family = family.name
+    _check_config_family(check, base, family)
+    _check_family_settings(check, base, family, data)
+
+
+def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> None:
+    value = settings.base_model
+    key = ("project", "base_model")
+    local = value.startswith((".", "/", "~")) or value.endswith((".safetensors",) + PICKLE_SUFFIXES)
+    path = local_path(value, project_dir)
+    if value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
+        check.problem(
+            key,
+            f"'{value}' is a pickle checkpoint, which can run arbitrary code when loaded",
+            "convert it to .safetensors, or set allow_pickle = true in [project] if you trust it",
+        )
+    elif local and not path.exists():
+        check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
+    elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
+        check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
+
+
+_KINDS = {"builtin": "a built-in model", "folder": "a diffusers folder", "hub": "a hub model"}
+
+
+def _check_config(check, project_dir: Path, settings: schema.ProjectSettings) -> None:
+    value = settings.base_model_config
+    if value is None:
+        return
+    key = ("project", "base_model_config")
+    base = BaseModel.parse(settings.base_model, project_dir, settings.revision, settings.allow_pickle)
+    if base.kind != "file":
+        check.problem(
+            key,
+            f"applies to a single-file base_model only; '{settings.base_model}' is {_KINDS[base.kind]}, "
+            "which has its own configs",
+            "remove base_model_config",
+        )
+        return
+    path = local_path(value, project_dir)
+    if not path.exists() and not looks_local(value):
+        return  # a hub id: known once it is downloaded
+    fix = "give the diffusers folder that holds model_index.json, unet/, text_encoder/ ..., or a hub id"
+    if not path.exists():
+        check.problem(key, f"no such folder: {path}", fix)
+    elif not path.is_dir():
+        check.problem(key, f"{path} is a file, not a diffusers folder", fix)
+    elif not (path / INDEX).is_file():
+        check.problem(key, f"{path} is not a diffusers folder (it has no {INDEX})", fix)
+
+
+def _family(check, base: BaseModel):
+    """The base model's family (runner.families.detect), or None when it is not known before a download. A
+    model dbl cannot train (SD3, Flux) or cannot read is a problem of base_model."""
+    if base.kind == "hub":
+        index = families._cached_hub_index(base.ref, base.revision)
+        if index is None or not index.is_file():
+            return None
+    try:
+        return families.detect(base)
+    except families.ModelError as exc:
+        check.problem(("project", "base_model"), str(exc), "use a Stable Diffusion 1.x, 2.x or SDXL model")
+        return None
+
+
+def _check_config_family(check, base: BaseModel, family) -> None:
+    """A local base_model_config must describe a model of the single file's family."""
+    if base.config is None or not Path(base.config, INDEX).is_file():
+        return
+    key = ("project", "base_model_config")
+    try:
+        other = families.detect(BaseModel("folder", base.config))
+    except families.ModelError as exc:
+        check.problem(key, str(exc).replace("base model ", "", 1), "give a folder of the base model's kind")
+        return
+    if other is not family:
+        check.problem(
+            key,
+            f"{base.config} describes a {other.name} model, but base_model {base.display} is {family.name}",
+            f"give the diffusers folder of a {family.name} model",
+        )
+
+
+def _check_family_settings(check, base: BaseModel, family, data: dict) -> None:
+    """[lora] keys that configure a component the base model's family has not (text_encoder_2_rank on an
+    SD 1.x model)."""
+    own = {c.setting(k) for c in family.components for k in LORA_KEYS}
+    foreign = {
+        c.setting(k): (f.name, c.name)
+        for f in families.all()
+        for c in f.components
+        for k in LORA_KEYS
+        if c.setting(k) not in own
+    }
+    tables = [(("lora",), data.get("lora"))]
+    subjects = data.get("subjects")
+    if isinstance(subjects, dict):
+        tables += [
+            (("subjects", n, "lora"), t.get("lora")) for n, t in subjects.items() if isinstance(t, dict)
+        ]
+    for key, table in tables:
+        if not isinstance(table, dict):
+            continue
+        for name in table:
+            if name in foreign:
+                other, component = foreign[name]
+                check.problem(
+                    key + (name,),
+                    f"{name} configures the {component} of {other} models; base model {base.display} is "
+                    f"{family.name}, which has no {component}",
+                    f"remove {name}, or use an {other} base model",
+                )

@@ -103,7 +103,7 @@ def test_any_adapter_producing_kind_may_be_listed(proj, build, fake_steps):
         proj.path.write_text(text.replace('["dog", "mix", "none"]', '["twin", "none"]'))
         graph = {step.id: step for step in planner.graph(proj.load())}
         assert graph["render:grid"].deps == ["copy:twin"]
-        assert [k.name for k in kinds() if k.produces_adapter] == ["train", "blend", "copy"]
+        assert [k.name for k in kinds() if k.produces_adapter] == ["train", "snapshot", "blend", "copy"]
     finally:
         steps.unregister("copy")
 

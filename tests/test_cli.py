@@ -158,3 +158,29 @@ def test_gc_removes_what_killed_builds_left_in_the_cache(proj, build, capsys):
     assert main(["gc", str(proj.path)]) == 0
     assert "1 folder(s) left by builds that were killed" in capsys.readouterr().out
     assert not dead.exists() and alive.exists()
+
+
+def test_gc_judges_only_the_leftovers_of_its_own_host(proj, build, capsys):
+    """On a shared .dbl/ (several hosts building with Ray) a pid means nothing on another host."""
+    from runner import tempnames
+
+    build(proj)
+    cache = proj.root / ".dbl" / "cache"
+    ours = cache / f".abc.tmp-a1b2c3-{tempnames.host()}-999999999"
+    theirs = cache / ".def.tmp-a1b2c3-other-node-7-999999999"
+    for folder in (ours, theirs):
+        folder.mkdir()
+    assert main(["gc", str(proj.path)]) == 0
+    assert "1 folder(s) left by builds that were killed" in capsys.readouterr().out
+    assert not ours.exists() and theirs.exists()
+
+
+def test_temp_names_carry_a_random_part_the_host_and_the_pid():
+    from runner import tempnames
+
+    first, second = tempnames.suffix(), tempnames.suffix()
+    assert first != second
+    assert tempnames.owner(f"state.tmp-{first}") == (tempnames.host(), os.getpid())
+    assert tempnames.owner(".x.trash-0a1b2c-node-2-77") == ("node-2", 77)
+    assert tempnames.owner(".x.tmp-77") == (None, 77)  # made before hosts were part of the name
+    assert tempnames.owner(".stop-train-dog") is None

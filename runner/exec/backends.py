@@ -7,6 +7,13 @@ through the callbacks as they happen.
 - `inline` (the default): in the build's own process, sharing one loaded base model between steps.
 - `process`: each step in a fresh worker process, which loads its own models; events come back over a
   pipe. What several-at-once and cluster backends build on.
+- `ray` (runner/exec/ray_backend.py): each step a Ray task on a node of a Ray cluster, or of a local Ray
+  instance; Ray decides where each step runs and on which GPUs.
+
+A factory is called with the project and the build's options (`BuildOptions`: -j, --gpus, --per-gpu,
+--ray-address). A backend may have a `start()`, called once before its first step (a problem there is a
+usage error). One whose `places_steps` is true chooses devices itself: the scheduler then shares out no
+GPUs, and asks its `default_jobs()` how many steps to run at once when -j is not given.
 """
 
 from __future__ import annotations
@@ -43,15 +50,19 @@ def names() -> list[str]:
     return list(_BACKENDS)
 
 
-def create(name: str, project) -> Backend:
-    """A new backend of that name for one build of `project`."""
+def factory(name: str) -> Callable[..., Backend]:
+    """The registered factory of that name (a class, for the built-in backends)."""
     try:
-        factory = _BACKENDS[name]
+        return _BACKENDS[name]
     except KeyError:
         from runner.errors import UsageError
 
         raise UsageError(f"no executor backend {name!r}; backends: {', '.join(_BACKENDS)}") from None
-    return factory(project)
+
+
+def create(name: str, project, options=None) -> Backend:
+    """A new backend of that name for one build of `project` with `options` (a BuildOptions)."""
+    return factory(name)(project, options)
 
 
 # --- inline -----------------------------------------------------------------------------------------------
@@ -83,7 +94,7 @@ class InlineBackend:
 
     name = "inline"
 
-    def __init__(self, project):
+    def __init__(self, project, options=None):
         self.models = LazyModels(project)
 
     def run(self, job: Job, hooks: Hooks) -> Outcome:
@@ -105,7 +116,7 @@ class ProcessBackend:
 
     name = "process"
 
-    def __init__(self, project):
+    def __init__(self, project, options=None):
         self._context = multiprocessing.get_context("spawn")
         self._live: set = set()  # the workers running now (several when steps run at once)
         self.pids: dict[str, int] = {}  # step id -> its worker's pid, while it runs
@@ -206,3 +217,5 @@ def _worker(job: Job, conn, parent_pid: int) -> None:
 
 register("inline", InlineBackend)
 register("process", ProcessBackend)
+
+from runner.exec import ray_backend  # noqa: E402, F401 - registers `ray` (Ray itself is imported on use)

@@ -78,6 +78,20 @@ def killed_step(ctx):
     raise AssertionError("never killed")
 
 
+def stoppable_step(ctx):
+    """Says its pid, then runs until asked to stop at a safe point."""
+    from runner.errors import StepInterrupted
+
+    (records_dir(ctx) / f"pid-{ctx.kind}-{ctx.name}").write_text(str(os.getpid()))
+    ctx.progress(1, 2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if ctx.should_stop():
+            raise StepInterrupted(f"{ctx.step_id}: stopped at a safe point")
+        time.sleep(0.05)
+    raise AssertionError("never asked to stop")
+
+
 def fake_ray(run: str):
     from runner.exec.ray_backend import RayBackend
 
@@ -88,8 +102,8 @@ def fake_ray(run: str):
     return FakeRay
 
 
-def build(proj, run: str = "fake_step", **options):
-    rec = Recorder()
+def build(proj, run: str = "fake_step", reporter=None, **options):
+    rec = reporter or Recorder()
     opts = executor.BuildOptions(backend="ray", **options)
     factory = fake_ray(run)
     opts = dataclasses.replace(opts, backend_factory=lambda project: factory(project, opts))
@@ -213,6 +227,57 @@ def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, 
     ), logs
     assert "resuming from checkpoint-2" in logs
     assert "train:toy" in lockfile.read(proj.lock)
+
+
+def pids_of(proj, n: int) -> list[int]:
+    """The pids of the first n steps that started."""
+    deadline = time.monotonic() + 120
+    while len(files := list((proj.root / "records").glob("pid-*"))) < n or not all(
+        f.read_text() for f in files
+    ):
+        assert time.monotonic() < deadline, "the steps never started"
+        time.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def test_ctrl_c_once_stops_running_steps_at_a_safe_point_and_cancels_the_waiting_one(ray_instance, proj):
+    (proj.root / "records").mkdir()
+    asked = threading.Event()
+
+    def ask_when_two_run():
+        pids_of(proj, 2)  # prior:dog, train:toy and render:base are ready; Ray has CPUs for two
+        time.sleep(1)
+        asked.set()
+
+    threading.Thread(target=ask_when_two_run, daemon=True).start()
+    result, _ = build(proj, run="stoppable_step", jobs=4, should_stop=asked.is_set)
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    stopped = {s.id: s.error for s in result.steps if s.status == events.INTERRUPTED}
+    assert set(stopped) == {"prior:dog", "train:toy", "render:base"}, stopped
+    errors = sorted(e.split(": ", 1)[1] for e in stopped.values())
+    assert errors == ["stopped at a safe point"] * 2 + ["stopped before it started"], stopped
+    assert not lockfile.read(proj.lock) if proj.lock.exists() else True
+
+
+class InterruptOnProgress(Recorder):
+    """The second Ctrl-C lands while the main thread shows a step's progress (once it has said its pid)."""
+
+    def step_progress(self, step):
+        if step.done:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_twice_ends_the_running_workers(ray_instance, proj):
+    result, _ = build(proj, run="stoppable_step", reporter=InterruptOnProgress(), jobs=4)
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    cancelled = [s for s in result.steps if s.status == events.INTERRUPTED]
+    assert cancelled and all(s.error == "cancelled" for s in cancelled)
+    pids = [int(f.read_text()) for f in (proj.root / "records").glob("pid-*") if f.read_text()]
+    assert pids
+    deadline = time.monotonic() + 30
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a cancelled worker lives on"
+        time.sleep(0.1)
 
 
 # --- real steps on tiny-sd ------------------------------------------------------------------------------

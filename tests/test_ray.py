@@ -130,14 +130,20 @@ def kill_when_started(proj, name: str) -> dict:
     return box
 
 
-def gone(pid: int) -> bool:
-    """The process is dead (gone, or a zombie its parent, Ray's raylet, has not reaped yet)."""
+def gone(pid: int, wait_s: float = 30) -> bool:
+    """The process dies within wait_s (gone, or a zombie its parent, Ray's raylet, has not reaped yet)."""
     import psutil
 
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 # --- tests ----------------------------------------------------------------------------------------------
@@ -273,11 +279,7 @@ def test_ctrl_c_twice_ends_the_running_workers(ray_instance, proj):
     cancelled = [s for s in result.steps if s.status == events.INTERRUPTED]
     assert cancelled and all(s.error == "cancelled" for s in cancelled)
     pids = [int(f.read_text()) for f in (proj.root / "records").glob("pid-*") if f.read_text()]
-    assert pids
-    deadline = time.monotonic() + 30
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, "a cancelled worker lives on"
-        time.sleep(0.1)
+    assert pids and all(gone(pid) for pid in pids), "a cancelled worker lives on"
 
 
 # --- real steps on tiny-sd ------------------------------------------------------------------------------

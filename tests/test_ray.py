@@ -311,7 +311,7 @@ adapters = { toy = 1.0, cat = 0.5 }
 adapter = "pair"
 prompts = ["a toy cat"]
 steps = 2
-seeds = [0, 1]
+seeds = [0]
 """
 
 

@@ -34,7 +34,7 @@ import time
 import traceback
 
 from runner.errors import StepError, StepInterrupted, UsageError
-from runner.exec.backends import LazyModels, register
+from runner.exec.backends import LazyModels, quiet_openmp, register
 from runner.exec.job import Hooks, Job, Outcome, run_job
 
 POLL_S = 0.2  # how often the build's process asks for a running step's events
@@ -333,6 +333,7 @@ def _run_in_worker(job: Job, mailbox) -> tuple:
         # Ray sets OMP_NUM_THREADS to the CPUs a task reserved (1); steps keep torch's own thread count
         # as they do in a build's own process, since the thread count changes the bytes they write.
         os.environ.pop("OMP_NUM_THREADS", None)
+    quiet_openmp()
     gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())  # Ray set CUDA_VISIBLE_DEVICES to these
     job = dataclasses.replace(job, devices=gpu_ids)
     node = socket.gethostname()

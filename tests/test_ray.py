@@ -176,6 +176,22 @@ def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
         connect("auto", gpus=("0",))
 
 
+def test_what_a_step_reserves(proj):
+    """A step's share of a GPU is 1/--per-gpu; a train step of P processes takes P whole GPUs."""
+    from types import SimpleNamespace
+
+    from runner.exec.ray_backend import RayBackend
+
+    pytest.importorskip("ray")
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
+    backend = RayBackend(proj.load(), executor.BuildOptions(per_gpu=3))
+    step = lambda kind, processes=1: SimpleNamespace(kind=kind, num_processes=processes)  # noqa: E731
+    assert backend.gpus_for(step("render")) == backend.gpus_for(step("train")) == 0.3333
+    assert backend.gpus_for(step("train", 2)) == 2 and backend.gpus_for(step("render", 2)) == 0.3333
+    proj.edit('device = "cuda"', 'device = "cpu"')
+    assert RayBackend(proj.load(), executor.BuildOptions()).gpus_for(step("train", 2)) == 0
+
+
 def test_a_local_instance_listens_on_127_0_0_1_only(ray_instance):
     nodes = [n for n in ray_instance.nodes() if n["Alive"]]
     assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]

@@ -208,7 +208,7 @@ class RayBackend:
                 return self._run_once(job, hooks, gpus)
             except _WorkerLost as lost:
                 checkpoints = checkpoint_dirs(job.work) if job.kind == "train" else []
-                if retried or not checkpoints:
+                if retried or not checkpoints or hooks.should_stop():
                     raise StepError(str(lost)) from None
                 retried = True
                 hooks.log(f"{lost}; running it once more, from {checkpoints[-1][1].name}")
@@ -222,7 +222,8 @@ class RayBackend:
         )
         if gpus > most:
             raise StepError(
-                f"{job.step_id}: needs {gpus:g} GPUs on one node; the local Ray instance has {most:g}"
+                f"{job.step_id}: needs {gpus:g} GPU(s) on one node, and the local Ray instance has "
+                f'{most:g}; on a machine without GPUs, set device = "cpu" in [project]'
             )
 
     def _run_once(self, job: Job, hooks: Hooks, gpus: float) -> Outcome:

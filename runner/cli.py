@@ -35,12 +35,26 @@ def _parser() -> argparse.ArgumentParser:
 
     def parallel_args(p):
         p.add_argument(
+            "--executor",
+            default="inline",
+            metavar="NAME",
+            help="where steps run: inline (in this process, the default), process (a worker process "
+            "each) or ray (Ray tasks on a local Ray instance or a cluster; pip install 'dbl[ray]')",
+        )
+        p.add_argument(
+            "--ray-address",
+            metavar="ADDR",
+            help="with --executor ray: the cluster to join, 'auto' (the one this machine belongs to) or "
+            "HOST:PORT (default: start a local Ray instance)",
+        )
+        p.add_argument(
             "-j",
             "--jobs",
             type=int,
-            default=1,
+            default=None,
             metavar="N",
-            help="run up to N independent steps at once, each in a worker process (default 1)",
+            help="run up to N independent steps at once, each in a worker process (default 1; with "
+            "--executor ray, as many as the cluster's GPUs x --per-gpu, or one per node on CPUs)",
         )
         p.add_argument(
             "--gpus",
@@ -76,12 +90,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
     p.add_argument(
         "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
-    )
-    p.add_argument(
-        "--executor",
-        default="inline",
-        metavar="NAME",
-        help="where steps run: inline (in this process, the default) or process (a worker process each)",
     )
     parallel_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
@@ -235,7 +243,6 @@ def cmd_build(args) -> int:
                 num_processes=args.num_processes,
                 should_stop=stop.requested,
                 debug=args.debug,
-                backend=args.executor,
                 **_parallel_options(args),
             )
             result = executor.build(project, options, reporter)
@@ -296,10 +303,12 @@ def cmd_watch(args) -> int:
 
 
 def _parallel_problem(args) -> str | None:
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         return "-j must be at least 1"
     if args.per_gpu < 1:
         return "--per-gpu must be at least 1"
+    if args.ray_address is not None and args.executor != "ray":
+        return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
     return None
 
 
@@ -307,7 +316,13 @@ def _parallel_options(args) -> dict:
     from runner.exec.devices import parse_gpus
 
     gpus = tuple(parse_gpus(args.gpus)) if args.gpus is not None else None
-    return {"jobs": args.jobs, "gpus": gpus, "per_gpu": args.per_gpu}
+    return {
+        "backend": args.executor,
+        "ray_address": args.ray_address,
+        "jobs": args.jobs,
+        "gpus": gpus,
+        "per_gpu": args.per_gpu,
+    }
 
 
 def templates_dir() -> Path:

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from runner import tempnames
 from runner.errors import ImageError
 from runner.imagefiles import list_images
 
@@ -128,7 +129,7 @@ class FileHasher:
         (once) and re-reads next time, never the command that was hashing."""
         if not self._dirty or self.state_path is None:
             return
-        tmp = self.state_path.with_name(f"{self.state_path.name}.tmp-{os.getpid()}")
+        tmp = self.state_path.with_name(f"{self.state_path.name}.tmp-{tempnames.suffix()}")
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"version": 1, "files": self._cache}, separators=(",", ":")))

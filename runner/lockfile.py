@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, TypedDict
 
+from runner import tempnames
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -201,7 +203,7 @@ def _valid_record(record: Any) -> bool:
 def write(path: Path, steps: dict[str, dict]) -> None:
     """Write the lockfile atomically: a crash leaves the old file or the new one, never half of one."""
     text = HEADER + dumps({"version": LOCK_VERSION, "steps": with_digests(steps)})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{tempnames.suffix()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import families
+from runner import families, tempnames
 from runner.errors import ModelError  # noqa: F401 - re-exported
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -106,7 +106,7 @@ def ensure_builtin(name: str) -> Path:
         if (folder / "model_index.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        tmp = folder.parent / f".{folder.name}.tmp-{tempnames.suffix()}"
         family.build_builtin(name, tmp)
         try:
             os.replace(tmp, folder)

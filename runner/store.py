@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from runner import tempnames
 from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, sha256_file
 from runner.imagefiles import list_images
 from runner.models import BaseModel
@@ -242,13 +243,13 @@ class RunCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     def leftovers(self) -> list[Path]:
-        """Temp and trash folders of builds that died while writing the cache (their process is gone)."""
+        """Temp and trash folders of builds of this host that died while writing the cache (their process
+        is gone). Another host's are left alone: whether their process lives, only that host can tell."""
         if not self.root.is_dir():
             return []
         found = []
         for path in self.root.iterdir():
-            pid = path.name.rpartition("-")[2]
-            if path.name.startswith(".") and pid.isdigit() and not _alive(int(pid)):
+            if path.name.startswith(".") and tempnames.left_by_dead_process(path.name):
                 found.append(path)
         return sorted(found)
 
@@ -273,18 +274,8 @@ def _well_formed(meta) -> bool:
 
 
 def _tag() -> str:
-    """A temp-name suffix unique to this process; it ends in the pid, which `leftovers` reads."""
-    return f"{os.urandom(3).hex()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """A temp-name suffix unique to this process on every host; `leftovers` reads its host and pid."""
+    return tempnames.suffix()
 
 
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:

@@ -187,7 +187,7 @@ def use_backend(factory):
     from runner.exec import backends
 
     previous = backends._BACKENDS["inline"]
-    backends.register("inline", factory)
+    backends.register("inline", lambda project, options=None: factory(project))
     return lambda: backends.register("inline", previous)
 
 

@@ -44,5 +44,5 @@ def test_an_unknown_backend_is_a_usage_error(proj, fake_steps):
     from runner import executor
     from runner.errors import UsageError
 
-    with pytest.raises(UsageError, match="no executor backend 'gpu-farm'; backends: inline, process"):
+    with pytest.raises(UsageError, match="no executor backend 'gpu-farm'; backends: inline, process, ray"):
         executor.build(proj.load(), executor.BuildOptions(backend="gpu-farm"), Recorder())

@@ -214,3 +214,29 @@ def test_plan_and_build_refuse_an_sd3_or_flux_single_file(proj, capsys):
             assert "Traceback" not in err
         assert not proj.lock.exists()
         proj.path.write_text(proj.path.read_text().replace(f'"{kind}.safetensors"', '"tiny-sd"', 1))
+
+
+def test_gc_judges_only_the_leftovers_of_its_own_host(proj, build, capsys):
+    """On a shared .dbl/ (several hosts building with Ray) a pid means nothing on another host."""
+    from runner import tempnames
+
+    build(proj)
+    cache = proj.root / ".dbl" / "cache"
+    ours = cache / f".abc.tmp-a1b2c3-{tempnames.host()}-999999999"
+    theirs = cache / ".def.tmp-a1b2c3-other-node-7-999999999"
+    for folder in (ours, theirs):
+        folder.mkdir()
+    assert main(["gc", str(proj.path)]) == 0
+    assert "1 folder(s) left by builds that were killed" in capsys.readouterr().out
+    assert not ours.exists() and theirs.exists()
+
+
+def test_temp_names_carry_a_random_part_the_host_and_the_pid():
+    from runner import tempnames
+
+    first, second = tempnames.suffix(), tempnames.suffix()
+    assert first != second
+    assert tempnames.owner(f"state.tmp-{first}") == (tempnames.host(), os.getpid())
+    assert tempnames.owner(".x.trash-0a1b2c-node-2-77") == ("node-2", 77)
+    assert tempnames.owner(".x.tmp-77") == (None, 77)  # made before hosts were part of the name
+    assert tempnames.owner(".stop-train-dog") is None

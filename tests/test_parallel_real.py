@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import signal
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -74,3 +80,44 @@ def test_j3_builds_the_bytes_and_lockfile_of_j1(tmp_path):
     files, records = built(three)
     assert len(records) == 7 and len(files) > 10
     assert built(one) == (files, records)
+
+
+@pytest.mark.slow
+def test_a_train_worker_killed_after_its_checkpoint_resumes_to_the_bytes_of_an_uninterrupted_build(tmp_path):
+    """-j 2: SIGKILL train:dog's worker process once its first checkpoint is written; the build fails that
+    step and keeps a valid lockfile, and the next build resumes it to the bytes of an uninterrupted one."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = dbl("build", project(reference, dog_steps=20), "--no-progress", "-j", "2", cwd=reference)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    path = project(killed, dog_steps=20)
+    build = dbl("build", path, "--no-progress", "-v", "-j", "2", cwd=killed, wait=False)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(build.stdout), daemon=True)
+    reader.start()
+    work = killed / ".dbl" / "tmp" / "p" / "train-dog"
+    deadline = time.monotonic() + 600
+    while not list(work.glob("checkpoint-*")):  # its first checkpoint is written: kill its worker
+        assert build.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.02)
+    pid = next(
+        int(m[1]) for line in list(lines) if (m := re.search(r"train:dog .*worker process (\d+)", line))
+    )
+    os.kill(pid, signal.SIGKILL)
+    assert build.wait(timeout=600) == 1
+    reader.join(10)
+    output = "".join(lines)
+    assert "train:dog" in output and "its worker process died (exit code -9)" in output, output
+
+    records = lockfile.read(killed / "p.lock")  # still a valid lockfile, its outputs intact
+    assert "train:dog" not in records and records, output
+    for record in records.values():
+        for rel, item in record["outputs"].items():
+            assert hashlib.sha256((killed / rel).read_bytes()).hexdigest() == item["sha256"], rel
+
+    again = dbl("build", path, "--no-progress", "-v", "-j", "2", cwd=killed)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"train:dog .*resuming from checkpoint-\d+", again.stdout), again.stdout
+    files, records = built(killed)
+    assert records["train:dog"]["metrics"].pop("resumed_from") >= 5  # the one thing that says so
+    assert (files, records) == built(reference)

@@ -48,6 +48,7 @@ class Hooks:
     progress: Callable[..., None] = lambda done, total, **metrics: None
     log: Callable[[str], None] = lambda message: None
     should_stop: Callable[[], bool] = lambda: False
+    where: Callable[[str], None] = lambda place: None  # the backend says where it runs: "node-2 cuda:1"
     extra: dict = field(default_factory=dict)
 
 

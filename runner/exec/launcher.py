@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import traceback
 from pathlib import Path
 
+from runner import tempnames
 from runner.errors import StepError, StepInterrupted
 
 MESSAGE_MARK = "\x1edbl-train "
@@ -42,7 +42,7 @@ def run_processes(job, world: int, hooks) -> dict:
                 f"num_processes = {world} but only {torch.cuda.device_count()} CUDA devices are visible"
             )
     job.work.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{time.time_ns()}"
+    tag = tempnames.suffix()
     job_file = job.work / f".job-{tag}.pkl"
     job_file.write_bytes(pickle.dumps(job))
     stop_file = job.work / f".stop-{tag}"

@@ -118,6 +118,10 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             if kind == "log":
                 reporter.log(ev, payload)
                 continue
+            if kind == "where":
+                ev.device = payload
+                reporter.step_progress(ev)
+                continue
             started, devices = running.pop(sid)
             pool.release(devices)
             p = started.p
@@ -167,6 +171,8 @@ def _gpus_needed(p, ws, options) -> int:
 
 
 def _device_name(devices: tuple[str, ...], backend) -> str:
+    if getattr(backend, "places_steps", False):
+        return ""  # known once the step is placed: the backend says so through hooks.where
     where = getattr(backend, "node", "")
     gpu = ("cuda:" + ",".join(devices)) if devices else "cpu"
     return f"{where} {gpu}".strip()
@@ -179,6 +185,7 @@ def _work(backend, job, options, inbox: queue.Queue) -> None:
         progress=lambda done, total, **metrics: inbox.put(("progress", sid, (done, total, metrics))),
         log=lambda message: inbox.put(("log", sid, message)),
         should_stop=options.should_stop,
+        where=lambda place: inbox.put(("where", sid, place)),
     )
     try:
         outcome = backend.run(job, hooks)

@@ -42,9 +42,12 @@ class BuildOptions:
     debug: bool = False  # show tracebacks of failing steps
     backend: str = "inline"  # where steps run: see runner.exec.backends
     backend_factory: Callable | None = None  # a backend instance maker (tests), instead of `backend`
-    jobs: int = 1  # steps at once; above 1 each runs in a worker (the `process` backend by default)
+    # Steps at once; above 1 each runs in a worker (the `process` backend by default). None: 1, or as
+    # many as the backend has room for when it places steps itself (ray).
+    jobs: int | None = None
     gpus: tuple[str, ...] | None = None  # GPUs to share out when jobs > 1; None: all visible ones
     per_gpu: int = 1  # steps that may share one GPU at once
+    ray_address: str | None = None  # the ray backend's cluster: None a local instance, "auto", HOST:PORT
 
 
 @dataclass
@@ -113,23 +116,36 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         lock, planned = ws.plan(force_ids, options.num_processes)
         check_step_ids(planned, tuple(force_ids), "--force")
         check_step_ids(planned, options.only, "--only")
-        if options.jobs < 1 or options.per_gpu < 1:
+        if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
         name = options.backend
-        if options.jobs > 1:
-            if name == "inline":
-                name = "process"  # steps at once share no process: each has its own worker
-            if options.gpus is None:
-                from runner.exec.devices import parse_gpus
-
-                cpu = project.settings.device.startswith("cpu")
-                options = replace(options, gpus=() if cpu else tuple(parse_gpus(None)))
-        factory = options.backend_factory or (lambda p: backends.create(name, p))
+        if name == "inline" and (options.jobs or 1) > 1:
+            name = "process"  # steps at once share no process: each has its own worker
+        factory = options.backend_factory or (lambda p: backends.create(name, p, options))
         backend = factory(project)
         try:
             return _run(ws, lock, planned, options, reporter, force_ids, backend)
         finally:
             backend.close()
+
+
+def _resolve(project: Project, options: BuildOptions, backend) -> BuildOptions:
+    """-j and the GPUs to share out, once the backend is known and started (connected to its cluster:
+    a problem there is a UsageError, before any step runs)."""
+    start = getattr(backend, "start", None)
+    if start is not None:
+        start()
+    places = getattr(backend, "places_steps", False)  # Ray picks nodes and GPUs itself
+    if options.jobs is None:
+        options = replace(options, jobs=backend.default_jobs() if places else 1)
+    if places:
+        return replace(options, gpus=())
+    if options.jobs > 1 and options.gpus is None:
+        from runner.exec.devices import parse_gpus
+
+        cpu = project.settings.device.startswith("cpu")
+        options = replace(options, gpus=() if cpu else tuple(parse_gpus(None)))
+    return options
 
 
 def _event(p: planner.PlannedStep) -> StepEvent:
@@ -183,6 +199,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     if not todo or options.dry_run:
         reporter.finish(list(evs.values()), time.monotonic() - started)
         return BuildResult(True, EXIT_OK, list(evs.values()))
+    options = _resolve(ws.project, options, backend)
 
     failed: set[str] = set()
     exit_code = EXIT_OK
@@ -391,8 +408,15 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
         ev.metrics.update(metrics)
         reporter.step_progress(ev)
 
+    def where(place: str) -> None:
+        ev.device = place
+        reporter.step_progress(ev)
+
     hooks = Hooks(
-        progress=progress, log=lambda message: reporter.log(ev, message), should_stop=options.should_stop
+        progress=progress,
+        log=lambda message: reporter.log(ev, message),
+        should_stop=options.should_stop,
+        where=where,
     )
     return job, hooks
 

@@ -21,6 +21,7 @@ import random
 import shutil
 from pathlib import Path
 
+from runner import tempnames
 from runner.errors import StepError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,7 +55,7 @@ def save(job, step: int, trainable, optimizer, lr_scheduler, scaler, history, wo
 
     if rank == 0:
         final = job.work / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = job.work / f".{final.name}.tmp-{os.getpid()}"
+        tmp = job.work / f".{final.name}.tmp-{tempnames.suffix()}"
         try:
             job.work.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)

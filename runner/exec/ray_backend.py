@@ -1,0 +1,375 @@
+"""The `ray` backend: each step a Ray task, on a node of a Ray cluster or of a local Ray instance.
+
+`dbl build --executor ray` starts a local Ray instance (listening on 127.0.0.1 only, no dashboard);
+`--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one.
+Ray is imported only here, and only once a step runs: it is the optional extra `dbl[ray]`.
+
+- A step's task reserves its GPUs (`num_gpus`: 1/--per-gpu for a step, P for a train step of
+  num_processes = P; none on a CPU project), so Ray picks its node and GPUs; the task runs in a fresh
+  worker process of its own (its CUDA_VISIBLE_DEVICES and its models are its own) and runs `run_job`
+  there, with the models loaded in that worker.
+- Progress and log lines go to a small mailbox actor, which the build's process polls; the outcome is
+  the task's return value. Only the build's process stores outputs, writes the lockfile and draws.
+- Paths are the same everywhere: the project folder, its images, a local base model and `.dbl/` must be
+  on a file system every node mounts at the same path (the step writes its outputs into its work folder
+  under `.dbl/tmp/`, and the build's process moves them into the run-cache).
+- The first Ctrl-C touches the step's stop file (a train step saves a checkpoint and stops) and cancels
+  the tasks that have not started; the second cancels every task (`ray.cancel(force=True)`).
+- A worker that dies (killed, out of memory, its node lost) fails its step with a message that names the
+  step and the node. A train step that left a checkpoint runs once more, and resumes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import pickle
+import socket
+import threading
+import time
+import traceback
+
+from runner.errors import StepError, StepInterrupted, UsageError
+from runner.exec.backends import LazyModels, quiet_openmp, register
+from runner.exec.job import Hooks, Job, Outcome, run_job
+
+POLL_S = 0.2  # how often the build's process asks for a running step's events
+PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
+WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
+LOCAL = (None, "", "local")  # --ray-address values that start a local instance
+
+
+def import_ray():
+    """Ray, or a UsageError that says how to install it."""
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--executor ray needs Ray, which is not installed: pip install 'dbl[ray]'")
+    import ray
+
+    return ray
+
+
+def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **init) -> None:
+    """Connect this process to Ray, unless it is connected already.
+
+    `address` None (or "local"): start a local instance that listens on 127.0.0.1 only, without a
+    dashboard; `gpus` restricts it to these GPUs of this machine. Else join that cluster ("auto",
+    "HOST:PORT", "ray://HOST:PORT"). `init`: more ray.init arguments (num_cpus, num_gpus: tests).
+    """
+    if address not in LOCAL and gpus is not None:
+        raise UsageError(
+            "--gpus picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
+            "`ray start --num-gpus` gave them: leave --gpus out with --ray-address"
+        )
+    ray = import_ray()
+    if ray.is_initialized():
+        return
+    common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
+    if address not in LOCAL:
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as exc:
+            raise UsageError(
+                f"cannot reach a Ray cluster at {address!r} ({exc}); start one with `ray start --head`, "
+                "or leave --ray-address out to start a local Ray instance"
+            ) from None
+        return
+    _start_local(ray, gpus, common)
+
+
+def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
+    # On Linux Ray advertises and listens on the machine's network address; in its single-machine mode
+    # (the one it uses on macOS and Windows) every part of it listens on 127.0.0.1 only.
+    from ray._private import ray_constants
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "CUDA_VISIBLE_DEVICES")}
+    cluster_mode = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+    if cluster_mode is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which has read it already
+    if gpus is not None:  # Ray offers the GPUs it is shown
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        common.setdefault("num_gpus", len(gpus))
+    try:
+        ray.init(address="local", include_dashboard=False, **common)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if cluster_mode is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+class Mailbox:
+    """The running steps' progress and log events, kept until the build's process takes them (a Ray
+    actor: workers on any node put, the build's process takes)."""
+
+    def __init__(self):
+        self._events: dict[str, list] = {}
+
+    def put(self, step_id: str, event: tuple) -> None:
+        self._events.setdefault(step_id, []).append(event)
+
+    def take(self, step_id: str) -> list:
+        return self._events.pop(step_id, [])
+
+
+class _WorkerLost(Exception):
+    """The step's worker died (killed, out of memory, its node lost)."""
+
+
+def _lost(exceptions) -> tuple:
+    """Ray's errors for a task whose worker or node went away (those this Ray version has)."""
+    names = (
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "LocalRayletDiedError",
+        "OutOfMemoryError",
+        "ObjectLostError",
+    )
+    return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
+
+
+class RayBackend:
+    """Each step a Ray task: Ray places it on a node with the GPUs it asks for."""
+
+    name = "ray"
+    places_steps = True  # Ray chooses nodes and GPUs: the scheduler shares out none itself
+
+    def __init__(self, project, options=None):
+        if importlib.util.find_spec("ray") is None:
+            import_ray()  # raises the UsageError that says how to install it
+        self._device = project.settings.device
+        self._address = getattr(options, "ray_address", None)
+        self._gpus = getattr(options, "gpus", None)
+        self._per_gpu = getattr(options, "per_gpu", 1) or 1
+        self._ray = None
+        self._lock = threading.Lock()
+        self._mailbox = None
+        self._task = None
+        self._live: dict[str, object] = {}  # step id -> the ObjectRef of its running task
+        self._where: dict[str, str] = {}  # step id -> "node cuda:0", once placed
+
+    # --- the cluster ----------------------------------------------------------------------------------
+
+    def _connect(self):
+        with self._lock:
+            if self._ray is None:
+                connect(self._address, self._gpus)
+                import ray
+
+                self._mailbox = ray.remote(num_cpus=0, max_restarts=0)(Mailbox).remote()
+                # max_calls=1: a fresh worker process per step, so that no two steps share GPUs, models
+                # or CUDA_VISIBLE_DEVICES; max_retries=0: a lost worker is handled below, where it is said.
+                self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)
+                self._ray = ray
+            return self._ray
+
+    def _uses_gpus(self) -> bool:
+        if self._device.startswith(("cpu", "mps")):
+            return False
+        return self._device != "auto" or self._connect().cluster_resources().get("GPU", 0) > 0
+
+    def gpus_for(self, job: Job) -> float:
+        """What the step's task reserves: P GPUs for a train step of P processes, else 1/--per-gpu."""
+        if not self._uses_gpus():
+            return 0
+        need = job.num_processes if job.kind == "train" else 1
+        return need if need > 1 else math.floor(10_000 / self._per_gpu) / 10_000
+
+    def default_jobs(self) -> int:
+        """Steps at once without -j: each GPU of the cluster × --per-gpu, or one step per node on CPUs."""
+        ray = self._connect()
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus and self._uses_gpus():
+            return max(1, int(gpus * self._per_gpu))
+        return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+    def start(self) -> None:
+        """Connect before the first step (a cluster that cannot be reached is a usage error, not a
+        failure of each step)."""
+        self._connect()
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    def run(self, job: Job, hooks: Hooks) -> Outcome:
+        from runner.training.checkpoints import checkpoint_dirs
+
+        gpus = self.gpus_for(job)
+        self._check_placeable(job, gpus)
+        retried = False
+        while True:
+            try:
+                return self._run_once(job, hooks, gpus)
+            except _WorkerLost as lost:
+                checkpoints = checkpoint_dirs(job.work) if job.kind == "train" else []
+                if retried or not checkpoints or hooks.should_stop():
+                    raise StepError(str(lost)) from None
+                retried = True
+                hooks.log(f"{lost}; running it once more, from {checkpoints[-1][1].name}")
+
+    def _check_placeable(self, job: Job, gpus: float) -> None:
+        """A local instance has no autoscaler: a step that needs more GPUs than it has would wait forever."""
+        if self._address not in LOCAL or not gpus:
+            return
+        most = max(
+            (n["Resources"].get("GPU", 0) for n in self._connect().nodes() if n.get("Alive")), default=0
+        )
+        if gpus > most:
+            raise StepError(
+                f"{job.step_id}: needs {gpus:g} GPU(s) on one node, and the local Ray instance has "
+                f'{most:g}; on a machine without GPUs, set device = "cpu" in [project]'
+            )
+
+    def _run_once(self, job: Job, hooks: Hooks, gpus: float) -> Outcome:
+        ray = self._connect()
+        sid = job.step_id
+        options = {"num_gpus": gpus, "name": f"dbl {sid}"}
+        if not gpus:
+            options["scheduling_strategy"] = "SPREAD"  # CPU steps use every core of their node
+        ref = self._task.options(**options).remote(job, self._mailbox)
+        self._live[sid] = ref
+        self._where.pop(sid, None)
+        try:
+            result = self._wait(ray, ref, job, hooks, gpus)
+        except (KeyboardInterrupt, SystemExit):
+            ray.cancel(ref, force=True)  # a second Ctrl-C in a build of one step at a time
+            raise
+        finally:
+            self._live.pop(sid, None)
+        kind, payload = result
+        if kind == "done":
+            return payload
+        if kind == "interrupted":
+            raise StepInterrupted(payload)
+        if kind == "error":
+            raise payload
+        raise StepError(payload)
+
+    def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
+        from ray import exceptions
+
+        sid = job.step_id
+        submitted = noted = time.monotonic()
+        stopping = False
+        while True:
+            if hooks.should_stop() and not stopping:
+                stopping = True
+                if job.stop_file is not None:
+                    job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+                    job.stop_file.touch()
+                if sid not in self._where:
+                    ray.cancel(ref)  # not started yet: it never will
+            ready, _ = ray.wait([ref], timeout=POLL_S)
+            self._deliver(ray, sid, hooks)
+            if ready:
+                break
+            if sid not in self._where and time.monotonic() - noted > WAITING_NOTE_S:
+                noted = time.monotonic()
+                needs = f"{gpus:g} GPU" if gpus else "1 CPU"
+                hooks.log(f"waiting {noted - submitted:.0f}s for Ray to place it (it needs {needs})")
+        where = self._where.get(sid, "")
+        try:
+            result = ray.get(ref)
+        except exceptions.TaskCancelledError:
+            raise StepInterrupted(
+                f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
+            ) from None
+        except _lost(exceptions) as exc:
+            on = f" on node {where.split()[0]}" if where else ""
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _WorkerLost(f"{sid}: its Ray worker{on} died ({first})") from None
+        except exceptions.RayError as exc:
+            raise StepError(f"{sid}: Ray could not run it: {type(exc).__name__}: {exc}") from None
+        self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
+        return result
+
+    def _deliver(self, ray, sid: str, hooks: Hooks) -> None:
+        """Hand the step's waiting events to its hooks."""
+        try:
+            events = ray.get(self._mailbox.take.remote(sid), timeout=30)
+        except Exception:  # the mailbox's node is gone: the steps go on, unseen until they end
+            return
+        for kind, payload in events:
+            if kind == "progress":
+                done, total, metrics = payload
+                hooks.progress(done, total, **metrics)
+            elif kind == "log":
+                hooks.log(payload)
+            elif kind == "where":
+                self._where[sid] = payload
+                hooks.where(payload)
+            # "end": the worker's last event, which it waits for
+
+    def cancel(self) -> None:
+        """End every running step's task at once (the second Ctrl-C)."""
+        if self._ray is None:
+            return
+        for ref in list(self._live.values()):
+            self._ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        """Cancel what still runs and drop the mailbox. The Ray connection stays for this process's next
+        build (`dbl watch`); Ray ends a local instance when the process exits."""
+        if self._ray is None:
+            return
+        self.cancel()
+        self._ray.kill(self._mailbox)
+        self._ray = None
+
+
+def _run_in_worker(job: Job, mailbox) -> tuple:
+    """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
+    ("done", Outcome), ("interrupted", message), ("error", exception) or ("crash", text)."""
+    import ray
+
+    if job.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(job.threads)
+    else:
+        # Ray sets OMP_NUM_THREADS to the CPUs a task reserved (1); steps keep torch's own thread count
+        # as they do in a build's own process, since the thread count changes the bytes they write.
+        os.environ.pop("OMP_NUM_THREADS", None)
+    quiet_openmp()
+    gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())  # Ray set CUDA_VISIBLE_DEVICES to these
+    job = dataclasses.replace(job, devices=gpu_ids)
+    node = socket.gethostname()
+    where = f"{node} cuda:{','.join(gpu_ids)}" if gpu_ids else f"{node} cpu"
+    sid = job.step_id
+
+    def send(kind: str, payload) -> None:
+        mailbox.put.remote(sid, (kind, payload))
+
+    last = [0.0]
+
+    def progress(done: int, total: int, **metrics) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= PROGRESS_EVERY_S:
+            last[0] = now
+            send("progress", (done, total, metrics))
+
+    send("where", where)
+    gpus = f", GPUs {','.join(gpu_ids)}" if gpu_ids else ""
+    send("log", f"running on node {node} (worker pid {os.getpid()}{gpus})")
+    hooks = Hooks(progress=progress, log=lambda message: send("log", message))
+    try:
+        result = ("done", run_job(job, hooks, LazyModels(job.project)))
+    except StepInterrupted as exc:
+        result = ("interrupted", str(exc))
+    except Exception as exc:
+        try:
+            pickle.dumps(exc)
+            result = ("error", exc)  # the scheduler describes it as it would an inline failure
+        except Exception:  # an exception that does not pickle
+            result = ("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    # The mailbox handles one caller's calls in order: once this one is done, every event is there.
+    with contextlib.suppress(Exception):
+        ray.get(mailbox.put.remote(sid, ("end", None)), timeout=60)
+    return result
+
+
+register("ray", RayBackend)

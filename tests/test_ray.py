@@ -1,0 +1,364 @@
+"""`--executor ray`: steps as Ray tasks on a local Ray instance with fake GPUs (Ray counts GPUs it is
+told of; the steps run on the CPU). The build's process stays the one writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import events, executor, lockfile
+from runner.errors import UsageError
+from tests.conftest import FakeSteps, Recorder, write_image
+
+pytestmark = pytest.mark.ray
+
+STRIP = ("built", "duration_s")
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """A local Ray instance of 2 CPUs and 4 (fake) GPUs, started as `--executor ray` starts one."""
+    ray = pytest.importorskip("ray")
+    from runner.exec.ray_backend import connect
+
+    # Ray's workers inherit this process's environment when it starts: built-in models go where the
+    # other tests keep theirs (see conftest), never into the home folder.
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "dbl-home")
+    os.environ["DBL_TEST_HOME"] = home
+    saved = os.environ.get("DBL_HOME")
+    os.environ["DBL_HOME"] = home
+    try:
+        connect(num_cpus=2, num_gpus=4)
+    finally:
+        if saved is None:
+            os.environ.pop("DBL_HOME")
+        else:
+            os.environ["DBL_HOME"] = saved
+    yield ray
+    ray.shutdown()
+
+
+# --- fake steps, run by Ray workers -------------------------------------------------------------------
+
+
+def records_dir(ctx) -> Path:
+    folder = Path(ctx.project.dir) / "records"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def fake_step(ctx):
+    """FakeSteps' outputs, after a pause that lets steps overlap; records when and on which GPUs."""
+    begun = time.time()
+    time.sleep(0.6)
+    metrics = FakeSteps()(ctx.kind)(ctx)
+    record = {"id": ctx.step_id, "devices": list(ctx.devices), "begun": begun, "ended": time.time()}
+    (records_dir(ctx) / f"{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
+    return metrics
+
+
+def killed_step(ctx):
+    """Says its pid, then waits to be killed; a train step that finds its checkpoint finishes instead."""
+    if ctx.kind == "train" and (ctx.work / "checkpoint-2").is_dir():
+        ctx.log("resuming from checkpoint-2")
+        return FakeSteps()(ctx.kind)(ctx)
+    if ctx.kind == "train":
+        (ctx.work / "checkpoint-2").mkdir()
+    (records_dir(ctx) / f"pid-{ctx.kind}-{ctx.name}").write_text(str(os.getpid()))
+    time.sleep(120)
+    raise AssertionError("never killed")
+
+
+def stoppable_step(ctx):
+    """Says its pid, then runs until asked to stop at a safe point."""
+    from runner.errors import StepInterrupted
+
+    (records_dir(ctx) / f"pid-{ctx.kind}-{ctx.name}").write_text(str(os.getpid()))
+    ctx.progress(1, 2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if ctx.should_stop():
+            raise StepInterrupted(f"{ctx.step_id}: stopped at a safe point")
+        time.sleep(0.05)
+    raise AssertionError("never asked to stop")
+
+
+def fake_ray(run: str):
+    from runner.exec.ray_backend import RayBackend
+
+    class FakeRay(RayBackend):
+        def run(self, job, hooks):
+            return super().run(dataclasses.replace(job, run=f"{__name__}:{run}"), hooks)
+
+    return FakeRay
+
+
+def build(proj, run: str = "fake_step", reporter=None, **options):
+    rec = reporter or Recorder()
+    opts = executor.BuildOptions(backend="ray", **options)
+    factory = fake_ray(run)
+    opts = dataclasses.replace(opts, backend_factory=lambda project: factory(project, opts))
+    return executor.build(proj.load(), opts, rec), rec
+
+
+def kill_when_started(proj, name: str) -> dict:
+    """SIGKILL the worker that writes records/pid-<name>, from a thread; box['pid'] once done."""
+    box: dict = {}
+
+    def kill():
+        pid_file = proj.root / "records" / f"pid-{name}"
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the step never started"
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGKILL)
+        box["pid"] = pid
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    box["thread"] = thread
+    return box
+
+
+def gone(pid: int, wait_s: float = 30) -> bool:
+    """The process dies within wait_s (gone, or a zombie its parent, Ray's raylet, has not reaped yet)."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+
+def test_without_ray_installed_the_error_says_how_to_install_it(proj, monkeypatch, capsys):
+    import importlib.util
+
+    from runner.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    with pytest.raises(UsageError, match=r"pip install 'dbl\[ray\]'"):
+        executor.build(proj.load(), executor.BuildOptions(backend="ray"), Recorder())
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'dbl[ray]'" in err and "Traceback" not in err
+
+
+def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
+    from runner.cli import main
+
+    assert main(["build", str(proj.path), "--ray-address", "auto"]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
+    from runner.exec.ray_backend import connect
+
+    with pytest.raises(UsageError, match="leave --gpus out with --ray-address"):
+        connect("auto", gpus=("0",))
+
+
+def test_what_a_step_reserves(proj):
+    """A step's share of a GPU is 1/--per-gpu; a train step of P processes takes P whole GPUs."""
+    from types import SimpleNamespace
+
+    from runner.exec.ray_backend import RayBackend
+
+    pytest.importorskip("ray")
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
+    backend = RayBackend(proj.load(), executor.BuildOptions(per_gpu=3))
+    step = lambda kind, processes=1: SimpleNamespace(kind=kind, num_processes=processes)  # noqa: E731
+    assert backend.gpus_for(step("render")) == backend.gpus_for(step("train")) == 0.3333
+    assert backend.gpus_for(step("train", 2)) == 2 and backend.gpus_for(step("render", 2)) == 0.3333
+    proj.edit('device = "cuda"', 'device = "cpu"')
+    assert RayBackend(proj.load(), executor.BuildOptions()).gpus_for(step("train", 2)) == 0
+
+
+def test_a_local_instance_listens_on_127_0_0_1_only(ray_instance):
+    nodes = [n for n in ray_instance.nodes() if n["Alive"]]
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert ray_instance.cluster_resources()["GPU"] == 4
+
+
+def test_steps_at_once_get_different_gpus_and_say_where_they_ran(ray_instance, proj):
+    result, rec = build(proj, jobs=4, num_processes=2)
+    assert result.exit_code == 0, result.steps
+    runs = [json.loads(p.read_text()) for p in sorted((proj.root / "records").glob("*.json"))]
+    assert len(runs) == 7
+    for run in runs:  # a train step of 2 processes takes 2 GPUs, the others one each
+        assert len(set(run["devices"])) == (2 if run["id"].startswith("train:") else 1), run
+    overlapping = [
+        (a, b)
+        for a in runs
+        for b in runs
+        if a["id"] < b["id"] and a["begun"] < b["ended"] and b["begun"] < a["ended"]
+    ]
+    assert overlapping, "no two steps ran at once"
+    for a, b in overlapping:
+        assert not set(a["devices"]) & set(b["devices"]), (a, b)
+    host = socket.gethostname()
+    done = [s for s in result.steps if s.status == events.DONE]
+    assert len(done) == 7 and all(s.device.startswith(f"{host} cuda:") for s in done), [
+        s.device for s in done
+    ]
+    logs = [e[2] for e in rec.events if e[0] == "log"]
+    assert sum(f"running on node {host}" in m for m in logs) == 7
+    assert set(lockfile.read(proj.lock)) == {r["id"] for r in runs}
+
+
+def test_a_killed_worker_fails_its_step_with_a_message_naming_it(ray_instance, proj):
+    box = kill_when_started(proj, "render-base")
+    result, _ = build(proj, run="killed_step", only=("render:base",))
+    box["thread"].join(10)
+    assert gone(box["pid"]), "the worker was not killed"
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and list(failed) == ["render:base"]
+    assert failed["render:base"].startswith(
+        f"render:base: its Ray worker on node {socket.gethostname()} died"
+    )
+    assert "render:base" not in (lockfile.read(proj.lock) if proj.lock.exists() else {})
+
+
+def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, proj):
+    box = kill_when_started(proj, "train-toy")
+    result, rec = build(proj, run="killed_step", only=("train:toy",))
+    box["thread"].join(10)
+    assert gone(box["pid"]), "the worker was not killed"
+    assert result.exit_code == 0, result.steps
+    logs = [e[2] for e in rec.events if e[0] == "log" and e[1] == "train:toy"]
+    assert any(
+        "its Ray worker on node" in m and "running it once more, from checkpoint-2" in m for m in logs
+    ), logs
+    assert "resuming from checkpoint-2" in logs
+    assert "train:toy" in lockfile.read(proj.lock)
+
+
+def pids_of(proj, n: int) -> list[int]:
+    """The pids of the first n steps that started."""
+    deadline = time.monotonic() + 120
+    while len(files := list((proj.root / "records").glob("pid-*"))) < n or not all(
+        f.read_text() for f in files
+    ):
+        assert time.monotonic() < deadline, "the steps never started"
+        time.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def test_ctrl_c_once_stops_running_steps_at_a_safe_point_and_cancels_the_waiting_one(ray_instance, proj):
+    (proj.root / "records").mkdir()
+    asked = threading.Event()
+
+    def ask_when_two_run():
+        pids_of(proj, 2)  # prior:dog, train:toy and render:base are ready; Ray has CPUs for two
+        time.sleep(1)
+        asked.set()
+
+    threading.Thread(target=ask_when_two_run, daemon=True).start()
+    result, _ = build(proj, run="stoppable_step", jobs=4, should_stop=asked.is_set)
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    stopped = {s.id: s.error for s in result.steps if s.status == events.INTERRUPTED}
+    assert set(stopped) == {"prior:dog", "train:toy", "render:base"}, stopped
+    errors = sorted(e.split(": ", 1)[1] for e in stopped.values())
+    assert errors == ["stopped at a safe point"] * 2 + ["stopped before it started"], stopped
+    assert not lockfile.read(proj.lock) if proj.lock.exists() else True
+
+
+class InterruptOnProgress(Recorder):
+    """The second Ctrl-C lands while the main thread shows a step's progress (once it has said its pid)."""
+
+    def step_progress(self, step):
+        if step.done:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_twice_ends_the_running_workers(ray_instance, proj):
+    result, _ = build(proj, run="stoppable_step", reporter=InterruptOnProgress(), jobs=4)
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    cancelled = [s for s in result.steps if s.status == events.INTERRUPTED]
+    assert cancelled and all(s.error == "cancelled" for s in cancelled)
+    pids = [int(f.read_text()) for f in (proj.root / "records").glob("pid-*") if f.read_text()]
+    assert pids and all(gone(pid) for pid in pids), "a cancelled worker lives on"
+
+
+# --- real steps on tiny-sd ------------------------------------------------------------------------------
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[train]
+resolution = 64
+steps = 4
+
+[lora]
+rank = 4
+alpha = 8
+
+[subjects.toy]
+images = "toy"
+instance_prompt = "a photo of sks toy"
+
+[subjects.cat]
+images = "cat"
+instance_prompt = "a photo of sks cat"
+
+[blends.pair]
+adapters = { toy = 1.0, cat = 0.5 }
+
+[renders.pair]
+adapter = "pair"
+prompts = ["a toy cat"]
+steps = 2
+seeds = [0]
+"""
+
+
+def tiny_project(folder: Path):
+    from runner.project import load_project
+
+    folder.mkdir(parents=True)
+    (folder / "p.toml").write_text(textwrap.dedent(PROJECT))
+    for n, name in enumerate(("toy", "cat")):
+        for i in range(2):
+            write_image(folder / name / f"{i}.png", seed=10 * n + i, size=64)
+    return load_project(folder / "p.toml")
+
+
+def built(folder: Path):
+    out = folder / "build" / "p"
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    records = {
+        k: {f: v for f, v in r.items() if f not in STRIP} for k, r in lockfile.read(folder / "p.lock").items()
+    }
+    return files, records
+
+
+@pytest.mark.torch
+def test_ray_builds_the_bytes_and_lockfile_of_an_inline_build(ray_instance, tmp_path):
+    inline, on_ray = tmp_path / "inline", tmp_path / "ray"
+    result = executor.build(tiny_project(inline), executor.BuildOptions(), Recorder())
+    assert result.exit_code == 0, result.steps
+    result = executor.build(tiny_project(on_ray), executor.BuildOptions(backend="ray", jobs=2), Recorder())
+    assert result.exit_code == 0, [(s.id, s.error) for s in result.steps]
+    assert {s.status for s in result.steps} == {events.DONE}
+    files, records = built(on_ray)
+    assert len(records) == 4 and len(files) > 10
+    assert built(inline) == (files, records)

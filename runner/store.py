@@ -192,12 +192,21 @@ class RunCache:
         if intact:  # and replace
             same = old["output_hash"] == meta["output_hash"]
             replaced = "it held the same bytes" if same else "it held different bytes"
-        if intact or old is None:
-            self.drop(fingerprint)  # replaced, or damaged beyond reading (verify drops the others)
+            self.drop(fingerprint)
         try:
             os.rename(tmp, entry)
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another build stored the same entry first
+            # Something is there: another build's entry, stored since we looked (keep it: a build that
+            # restores it may be copying it now), or a damaged one (verify drops those; so do we when
+            # its manifest is unreadable).
+            if self.verify(fingerprint) is None:
+                self.drop(fingerprint)
+                try:
+                    os.rename(tmp, entry)
+                    return replaced
+                except OSError:
+                    pass
+            shutil.rmtree(tmp, ignore_errors=True)
         return replaced
 
     def verify(

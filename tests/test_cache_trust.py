@@ -276,6 +276,45 @@ def test_an_entry_written_before_names_left_the_cache_fits_only_its_own_name(tmp
     assert cache.verify("fp") is not None  # still intact: not dropped
 
 
+def _files(root: Path, text: str) -> tuple[Path, dict]:
+    root.mkdir()
+    (root / "a.bin").write_text(text)
+    return root, {"a.bin": {"sha256": hashlib.sha256(text.encode()).hexdigest(), "size": len(text)}}
+
+
+def test_an_entry_another_build_stores_first_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two builds store one fingerprint: the second looked before the first renamed its entry into place.
+    The first build may be copying that entry into its outputs now, so it must stay where it is."""
+    cache = RunCache(tmp_path / "cache")
+    cache.store("fp", *_files(tmp_path / "first", "w"), {})
+    inode = (cache.entry("fp") / "files" / "a.bin").stat().st_ino
+    looked = []
+    real = RunCache.manifest
+
+    def not_there_yet(self, fingerprint):
+        if not looked:  # the second build's first look: the entry was not there then
+            looked.append(fingerprint)
+            return None
+        return real(self, fingerprint)
+
+    monkeypatch.setattr(RunCache, "manifest", not_there_yet)
+    assert cache.store("fp", *_files(tmp_path / "second", "w"), {}) == ""
+    assert looked == ["fp"]  # the race really was staged
+    assert (cache.entry("fp") / "files" / "a.bin").stat().st_ino == inode
+    assert cache.verify("fp") is not None and not cache.leftovers()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fp"]
+
+
+def test_storing_over_an_entry_with_an_unreadable_manifest_replaces_it(tmp_path):
+    cache = RunCache(tmp_path / "cache")
+    cache.store("fp", *_files(tmp_path / "first", "w"), {})
+    (cache.entry("fp") / "manifest.json").write_text("{")
+    cache.store("fp", *_files(tmp_path / "second", "v"), {})
+    assert cache.verify("fp")["outputs"]["a.bin"]["size"] == 1
+    assert (cache.entry("fp") / "files" / "a.bin").read_text() == "v"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fp"]
+
+
 # --- 7. damaged entries ----------------------------------------------------------------------------------
 
 

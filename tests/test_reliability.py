@@ -234,7 +234,9 @@ def test_two_projects_sharing_a_cache_build_at_once(tmp_path, reference):
         stderr=subprocess.PIPE,
     )
     first, second = cmd(p.path), cmd(twin)
-    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (out + err).decode()
     from runner.store import RunCache
 
     cache = RunCache(tmp_path / ".dbl" / "cache")

@@ -201,7 +201,7 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
     except families.ModelError:
         family = None  # an unsupported model: the step that loads it says so
     if base.kind == "builtin":
-        identity = {"builtin": base.ref, "version": family.builtin_version}
+        identity = {"builtin": base.ref, **family.builtin_identity(base.ref)}
     elif base.kind == "hub":
         identity = {"hub": base.ref, "revision": hub_revision(base.ref, base.revision)}
     elif base.kind == "file":

@@ -99,7 +99,7 @@ _tiny_lock = threading.Lock()
 def ensure_builtin(name: str) -> Path:
     """Return the folder of a built-in model, making it on first use (atomically)."""
     family = families.for_builtin(name)
-    folder = dbl_home() / "models" / f"{name}-v{family.builtin_version}"
+    folder = dbl_home() / "models" / family.builtin_folder_name(name)
     if (folder / "model_index.json").is_file():
         return folder
     with _tiny_lock:

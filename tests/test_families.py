@@ -51,7 +51,7 @@ def alias():
 def test_importing_the_registry_loads_no_heavy_library():
     code = (
         "import sys, runner.families as f, runner.project, runner.fingerprint; "
-        "assert f.builtin_names() == ('tiny-sd', 'tiny-sd-v', 'tiny-sdxl'), f.builtin_names(); "
+        "assert f.builtin_names() == ('tiny-sd', 'tiny-sd-v', 'tiny-shapes', 'tiny-sdxl'), f.builtin_names(); "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

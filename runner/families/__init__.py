@@ -123,6 +123,14 @@ class Family:
     def build_builtin(self, name: str, folder: Path) -> None:
         raise NotImplementedError
 
+    def builtin_identity(self, name: str) -> dict:
+        """What identifies a built-in model's weights (the base model identity's part beside its name)."""
+        return {"version": self.builtin_version}
+
+    def builtin_folder_name(self, name: str) -> str:
+        """The folder a built-in model is made in, under dbl's home: a new one for other weights."""
+        return f"{name}-v{self.builtin_version}"
+
     # --- loading --------------------------------------------------------------------------------------
 
     def load_pretrained(self, folder: str, **kwargs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from runner.families import Component, Family, register
+from runner.families import Component, Family, register, tiny_shapes
 
 # Bump when the tiny-sd recipe below changes: it is part of the base model identity.
 TINY_SD_VERSION = 1
@@ -63,7 +63,11 @@ class SD1(Family):
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionInpaintPipeline",
     )
-    builtins = {"tiny-sd": {"prediction_type": "epsilon"}, "tiny-sd-v": {"prediction_type": "v_prediction"}}
+    builtins = {
+        "tiny-sd": {"prediction_type": "epsilon"},
+        "tiny-sd-v": {"prediction_type": "v_prediction"},
+        "tiny-shapes": {},  # trained weights: runner/families/tiny_shapes.py
+    }
     builtin_version = TINY_SD_VERSION
 
     def matches_file(self, keys: set[str]) -> bool:
@@ -73,7 +77,20 @@ class SD1(Family):
         )
 
     def build_builtin(self, name: str, folder: Path) -> None:
-        build_tiny_sd(folder, **self.builtins[name])
+        if name == "tiny-shapes":
+            tiny_shapes.build(folder)
+        else:
+            build_tiny_sd(folder, **self.builtins[name])
+
+    def builtin_identity(self, name: str) -> dict:
+        if name == "tiny-shapes":  # its weights are a file: their hash is who it is
+            return {"version": tiny_shapes.VERSION, "weights_sha256": tiny_shapes.weights_sha256()}
+        return super().builtin_identity(name)
+
+    def builtin_folder_name(self, name: str) -> str:
+        if name == "tiny-shapes":
+            return f"{name}-v{tiny_shapes.VERSION}-{tiny_shapes.weights_sha256()[:12]}"
+        return super().builtin_folder_name(name)
 
     def native_size(self, pipe) -> int:
         return getattr(pipe, UNET.attr).config.sample_size * pipe.vae_scale_factor

@@ -74,7 +74,7 @@ class ProjectSettings:
     """[project]: the base model and what applies to every step."""
 
     base_model: str = opt(
-        doc="hub id, local diffusers folder, single-file checkpoint, or a built-in ('tiny-sd', 'tiny-sdxl')"
+        doc="hub id, local diffusers folder, single-file checkpoint, or a built-in ('tiny-sd', 'tiny-shapes', 'tiny-sdxl')"
     )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
@@ -436,6 +436,20 @@ class Render:
     def adapter_names(self) -> list[str]:
         """The adapters it renders with, in column order ('none': the base model)."""
         return list(self.adapters) if self.adapters is not None else [self.adapter]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eval:
+    """[evals.<name>]: fidelity scores of a render of the shapes world (base model tiny-shapes)."""
+
+    name: str
+    render: str = opt(doc="the render whose images are scored", type="str")
+    subject: str | None = opt(
+        None,
+        "the subject whose photos the identifier stands for; default: the render's adapter, when a subject",
+        "str?",
+    )
+    identifier: str = opt("sks", "the word of the render's prompts that stands for the subject")
 
 
 @dataclass(frozen=True)

@@ -191,4 +191,4 @@ def load_run(ref: str) -> StepFunction:
 
 
 # The built-in kinds, in build order; each module registers its kind on import.
-from runner.steps import prior, train, snapshot, blend, render  # noqa: E402, F401, I001
+from runner.steps import prior, train, snapshot, blend, render, evaluate  # noqa: E402, F401, I001

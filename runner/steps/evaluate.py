@@ -1,0 +1,132 @@
+"""eval:<name> - fidelity scores of a render of the shapes world (runner.fidelity).
+
+    [evals.ring]
+    render = "ring"        # the render whose images are scored
+    subject = "ring"       # whose photos "sks" stands for (default: the render's adapter, a subject)
+
+Outputs `scores.json`: the scores, and per image its prompt, what the prompt asks for, what the image
+shows and whether it counted as a hit. The lockfile records the scores among the step's metrics; a
+render of several adapters (`adapters`) is scored per adapter. The scores mean something for renders of
+the built-in `tiny-shapes` model, whose world the measurement knows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runner.project.schema import Eval
+from runner.steps import Inputs, StepContext, StepKind, register
+
+
+def _subject(project, spec):
+    """The subject table the identifier stands for, or None."""
+    subjects = project.tables.get("train", {})
+    if spec.subject is not None:
+        return subjects.get(spec.subject)
+    render = project.tables.get("render", {}).get(spec.render)
+    if render is not None and render.adapters is None and render.adapter in subjects:
+        return subjects[render.adapter]
+    return None
+
+
+def run(ctx: StepContext) -> dict:
+    from PIL import Image
+
+    from runner import fidelity
+    from runner.imagefiles import list_images
+
+    spec = ctx.spec
+    render = ctx.project.tables["render"][spec.render]
+    folder = Path(ctx.inputs[f"render:{spec.render}"])
+    subject = _subject(ctx.project, spec)
+    traits = {}
+    if subject is not None:
+        photos = []
+        for path in list_images(Path(subject.images)):
+            with Image.open(path) as image:
+                photos.append(image.convert("RGB"))
+        traits = fidelity.subject_traits(photos)
+        ctx.log(
+            f"subject {subject.name}: {traits.get('colour') or '?'} {traits.get('shape') or '?'} in its photos"
+        )
+    adapters = render.adapter_names
+    several = render.adapters is not None
+    report, metrics = {"subject": traits, "adapters": {}}, {}
+    total, done = len(adapters) * len(render.prompts) * len(render.seeds), 0
+    for adapter in adapters:
+        items = []
+        for index, prompt in enumerate(render.prompts):
+            for seed in render.seeds:
+                path = (folder / adapter if several else folder) / f"{index}-{seed}.png"
+                with Image.open(path) as image:
+                    items.append((prompt, image.convert("RGB")))
+                done += 1
+                ctx.progress(done, total)
+        result = fidelity.score(items, traits, spec.identifier)
+        for record, (index, seed) in zip(
+            result["images"], [(i, s) for i in range(len(render.prompts)) for s in render.seeds], strict=True
+        ):
+            record["file"] = f"{adapter}/{index}-{seed}.png" if several else f"{index}-{seed}.png"
+        report["adapters"][adapter] = result
+        if several:
+            metrics[adapter] = result["scores"]
+        else:
+            metrics.update(result["scores"])
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in result["scores"].items()) or "nothing to score"
+        ctx.log(f"{adapter}: {shown}" if several else shown)
+    (ctx.out / "scores.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    return metrics
+
+
+def _deps(project, spec) -> list[str]:
+    return [f"render:{spec.render}"]
+
+
+def _inputs(i: Inputs) -> dict:
+    from runner import fidelity
+
+    spec = i.spec
+    inputs = {
+        "version": [KIND.version, fidelity.VERSION],
+        "render": {"_name": spec.render, "output": i.output(f"render:{spec.render}")},
+        "identifier": spec.identifier,
+    }
+    subject = _subject(i.project, spec)
+    if subject is not None:
+        inputs["subject"] = i.images(subject.images)
+    return inputs
+
+
+def _check(check, tables: dict) -> None:
+    renders, subjects = tables.get("render", {}), tables.get("train", {})
+    for name, spec in tables.get("eval", {}).items():
+        if spec.render not in renders:
+            check.problem(
+                ("evals", name, "render"),
+                f"'{spec.render}' is not a render",
+                "renders: " + (", ".join(renders) or "none; add a [renders.<name>] table"),
+            )
+        if spec.subject is not None and spec.subject not in subjects:
+            check.problem(
+                ("evals", name, "subject"),
+                f"'{spec.subject}' is not a subject",
+                "subjects: " + (", ".join(subjects) or "none"),
+            )
+
+
+KIND = register(
+    StepKind(
+        name="eval",
+        table="evals",
+        spec=Eval,
+        output_dir="evals",
+        version=1,
+        run=run,
+        inputs=_inputs,
+        deps=_deps,
+        doc="scores a render of the shapes world: subject fidelity, prompt fidelity, class drift",
+        check=_check,
+        unit=("images", "img/s"),
+    )
+)

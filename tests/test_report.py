@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from html.parser import HTMLParser
@@ -16,7 +17,7 @@ from runner import executor, lockfile
 from runner.cli import main
 from runner.exec import lastbuild
 from runner.project import load_project
-from tests.conftest import Recorder, write_image
+from tests.conftest import ROOT, Recorder, write_image
 
 PROJECT = """
 [project]
@@ -201,6 +202,26 @@ def test_a_build_that_restores_shows_restored(built, tmp_path):
     text = (out / "report.html").read_text()
     assert '<span class="outcome restored">restored</span>' in text
     assert "restored from the run-cache by the last build" in text
+
+
+@pytest.mark.browser
+@pytest.mark.torch
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")
+def test_chromium_opens_the_page_without_errors(built, tmp_path):
+    path, _ = built
+    page = load_project(path).out / "report.html"
+    shot = tmp_path / "report.png"
+    check = [
+        sys.executable,
+        str(ROOT / "bench" / "report_check.py"),
+        "--page",
+        str(page),
+        "--screenshot",
+        str(shot),
+    ]
+    run = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert shot.stat().st_size > 10_000
 
 
 # --- without torch: errors, and the record of the last build (fake steps) -------------------------------

@@ -121,6 +121,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="re-read every recorded input, output and cache entry")
     project_arg(p)
 
+    p = sub.add_parser(
+        "report",
+        help="write an HTML page of the build: loss curves, render grids, blends, the last build's timeline",
+        description="Write one self-contained HTML page of what the lockfile says was built: each "
+        "subject's loss curves, settings, training time and snapshots; each render's grid; each blend's "
+        "recorded errors; the timeline of the last build; provenance. Needs matplotlib: "
+        "pip install 'dbl[report]'.",
+    )
+    project_arg(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where to write the page: a file, or a folder to put report.html in "
+        "(default: report.html in the project's build folder, <out>/report.html)",
+    )
+
     p = sub.add_parser("merge-lockfile", help="git merge driver for lockfiles (see the README)")
     p.add_argument("base", help="the common ancestor's lockfile (git's %%O)")
     p.add_argument("ours", help="our lockfile, replaced by the merge (git's %%A)")
@@ -529,6 +546,20 @@ def cmd_check(args) -> int:
     return EXIT_FAILED
 
 
+def cmd_report(args) -> int:
+    from runner import report
+    from runner.lockfile import LockfileError
+
+    project = _load(args)
+    try:
+        path = report.write(project, args.output)
+    except LockfileError as exc:
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_merge_lockfile(args) -> int:
     from runner.lockfile import LockfileError
     from runner.merge import merge_files
@@ -557,5 +588,6 @@ COMMANDS = {
     "ls": cmd_ls,
     "gc": cmd_gc,
     "check": cmd_check,
+    "report": cmd_report,
     "merge-lockfile": cmd_merge_lockfile,
 }

@@ -33,6 +33,7 @@ class StepEvent:
     outputs: Path | None = None  # the step's output folder once committed
     error: str = ""
     device: str = ""  # where it ran when steps run at once: "cuda:0", "cpu", "node-2 cuda:1"
+    started: float = 0.0  # time.time() when it began to run or restore; 0 when it did not
 
 
 class Reporter(Protocol):

@@ -22,7 +22,7 @@ from pathlib import Path
 from runner import events, lockfile, planner, steps
 from runner.errors import DblError, StepError, StepInterrupted, UsageError
 from runner.events import StepEvent
-from runner.exec import backends
+from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
 from runner.fingerprint import FileHasher, fingerprint
 from runner.project.schema import Project
@@ -186,7 +186,7 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
 
 
 def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResult:
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     _forget_removed(ws, lock, {p.id for p in planned}, reporter, options.dry_run)
     selected = planner.upstream([p.step for p in planned], set(options.only)) if options.only else None
     evs = {p.id: _event(p) for p in planned}
@@ -246,7 +246,11 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
         if ev.status == events.PENDING:
             ev.status = events.SKIPPED
     ws.hasher.save()
-    reporter.finish(list(evs.values()), time.monotonic() - started)
+    seconds = time.monotonic() - started
+    what = lastbuild.record(list(evs.values()), began, seconds, exit_code, backend.name, options.jobs)
+    if problem := lastbuild.write(ws.project, what):
+        reporter.log(None, problem)
+    reporter.finish(list(evs.values()), seconds)
     return BuildResult(exit_code == EXIT_OK, exit_code, list(evs.values()))
 
 
@@ -308,7 +312,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         ev.reasons = planner.explain(record.get("inputs", {}), inputs)
     ev.status = events.RUNNING
     reporter.step_start(ev)
-    begun = time.time()
+    begun = ev.started = time.time()
     clock = time.monotonic()
     kind = steps.get(step.kind)
     meta = (

@@ -1,0 +1,493 @@
+"""`dbl report`: one self-contained HTML page of what a project's lockfile says was built.
+
+The page holds, from the lockfile, the adapters' `dbl.json` and the record of the last build
+(`.dbl/last-build-<stem>.json`, see runner/exec/lastbuild.py):
+
+- per subject: its loss curves (instance and prior loss per step), its settings, how long it took, and
+  its snapshots (`snapshot:<subject>@<step>`);
+- per render: its grid, what each row and column is, and its numeric metrics;
+- per blend: its parents and weights, its method and the errors it recorded;
+- the timeline of the last build (ran, restored, failed, skipped; when, how long, on which device);
+- provenance: the base model, the dbl version, every step's fingerprint and build time.
+
+Nothing is fetched when the page is opened: plots (drawn by matplotlib, as SVG) and images are data
+URIs in the page, and the styles are in it. Only files are read: no hashing, no model loading.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections import Counter
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+
+from runner import __version__, lockfile, planner
+from runner.errors import DblError
+from runner.exec import lastbuild
+from runner.ui.plain import fmt_duration
+
+INSTALL = "pip install 'dbl[report]'"
+# Colours of the outcomes in the timeline, shared by the chart and the table.
+OUTCOME_COLOURS = {
+    "ran": "#1f77b4",
+    "restored": "#2ca02c",
+    "failed": "#d62728",
+    "interrupted": "#ff7f0e",
+    "fresh": "#7f7f7f",
+    "skipped": "#bcbcbc",
+}
+
+
+def write(project, output: Path | str | None = None) -> Path:
+    """Write the report of `project` to `output` (a file, or a folder to put report.html in; default
+    `<out>/report.html`) and return its path. Raises DblError when nothing is built or matplotlib is
+    missing, LockfileError when the lockfile cannot be read."""
+    target = project.out / "report.html" if output is None else Path(output)
+    if target.is_dir() or str(output).endswith(("/", os.sep)):
+        target = target / "report.html"
+    page = render(project)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def render(project) -> str:
+    """The report page of `project` as HTML text."""
+    lock_path = lockfile.lock_path(project.path)
+    lock = lockfile.read(lock_path)
+    if not lock:
+        raise DblError(
+            f"{project.path}: nothing is built yet (no step in {lock_path.name}): "
+            f"run `dbl build {project.path}` first, then `dbl report`"
+        )
+    _matplotlib()  # fail before any work when it is missing
+    last = lastbuild.read(project)
+    outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
+    order = [s.id for s in planner.graph(project)]
+    ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
+    ctx = _Context(project, lock, outcomes)
+
+    def of(kind: str, show) -> list[str]:
+        return [show(ctx, sid) for sid in ids if _kind(lock, sid) == kind]
+
+    sections = [
+        _header(ctx, last),
+        _section("Subjects", of("train", _subject)),
+        _section("Renders", of("render", _render_step)),
+        _section("Blends", of("blend", _blend)),
+        _timeline(ctx, last),
+        _provenance(ctx, ids, [sid for sid in order if sid not in lock]),
+    ]
+    title = escape(f"dbl report: {project.name}")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
+
+
+class _Context:
+    def __init__(self, project, lock: dict, outcomes: dict):
+        self.project, self.lock, self.outcomes = project, lock, outcomes
+
+    def output(self, sid: str, name: str) -> Path | None:
+        """The recorded output of step `sid` whose path ends in `name` (None when there is none)."""
+        for rel in sorted(self.lock[sid].get("outputs", {}), key=len):
+            if rel == name or rel.endswith("/" + name):
+                return self.project.dir / rel
+        return None
+
+    def info(self, sid: str) -> dict:
+        """The step's dbl.json, or {} when it has none or it does not read."""
+        path = self.output(sid, "dbl.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path else {}
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+def _kind(lock: dict, sid: str) -> str:
+    return lock[sid].get("kind") or sid.split(":", 1)[0]
+
+
+# --- sections --------------------------------------------------------------------------------------------
+
+
+def _header(ctx: _Context, last: dict | None) -> str:
+    project, records = ctx.project, ctx.lock.values()
+    bases = sorted(
+        {_plain(r["inputs"]["base_model"]) for r in records if "base_model" in r.get("inputs", {})}
+    )
+    rows = [
+        ("project file", str(project.path)),
+        ("lockfile", f"{lockfile.lock_path(project.path).name} (schema version {lockfile.LOCK_VERSION})"),
+        ("base model", "; ".join(bases) or "(no step records one)"),
+        ("outputs", str(project.out)),
+    ]
+    if last:
+        rows.append(
+            ("last build", f"dbl {last.get('dbl')} on {last.get('host')}, {_when(last.get('started'))}")
+        )
+    rows.append(("this page", f"dbl {__version__}, {_when(datetime.now(timezone.utc).isoformat())}"))
+    return _section("Project", [_table(["", ""], rows, header=False)])
+
+
+def _timeline(ctx: _Context, last: dict | None) -> str:
+    if not last:
+        note = f"No record of the last build in {lastbuild.path(ctx.project)} (a build by an older dbl)"
+        return _section(
+            "Last build", [f"<p>{escape(note)}; the provenance table says when each step was built.</p>"]
+        )
+    steps, backend = last["steps"], str(last.get("backend"))
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in Counter(r["outcome"] for r in steps).items())
+    where = backend + (f", -j {last['jobs']}" if last.get("jobs", 1) != 1 else "")
+    lead = (
+        f"<p>{_when(last.get('started'))}, {fmt_duration(last.get('seconds', 0))}, exit code "
+        f"{last.get('exit_code')}, executor {escape(where)}: {escape(summary)}.</p>"
+    )
+    timed = [r for r in steps if "offset_s" in r]
+    chart = _img(_timeline_svg(timed), "timeline of the last build") if timed else ""
+    worker = "build process" if backend == "inline" else f"{backend} worker"
+    rows = [
+        (
+            r["id"],
+            f'<span class="outcome {escape(r["outcome"])}">{escape(r["outcome"])}</span>',
+            _when(r.get("started")),
+            fmt_duration(r["seconds"]) if "seconds" in r else "",
+            r.get("on") or (worker if r["outcome"] in ("ran", "failed", "interrupted") else ""),
+            r.get("error") or "; ".join(r.get("reasons", [])),
+        )
+        for r in steps
+    ]
+    table = _table(
+        ["step", "outcome", "started", "took", "on", "why / error"], rows, raw=(1,), css="timeline"
+    )
+    return _section("Last build", [lead, chart, table])
+
+
+def _subject(ctx: _Context, sid: str) -> str:
+    record, info = ctx.lock[sid], ctx.info(sid)
+    name = sid.split(":", 1)[1]
+    snapshots = {}  # training step -> snapshot step id
+    for other in ctx.lock:
+        subject, _, step = other.split(":", 1)[1].rpartition("@")
+        if _kind(ctx.lock, other) == "snapshot" and subject == name and step.isdigit():
+            snapshots[int(step)] = other
+    log, prior = info.get("log") or {}, info.get("prior") or {}
+    if log.get("instance_loss"):
+        plot = _img(_loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
+    else:
+        plot = "<p>No per-step log in its dbl.json.</p>"
+    facts = [
+        ("instance prompt", info.get("instance_prompt")),
+        ("instance images", info.get("instance_images")),
+        ("class prompt", prior.get("class_prompt")),
+        ("class images", prior.get("class_images")),
+        ("prior loss weight", prior.get("loss_weight")),
+        ("steps", info.get("steps")),
+        ("loss (first tenth -> last tenth)", _loss_text(info.get("loss") or record.get("metrics", {}))),
+        ("mixed precision", info.get("mixed_precision")),
+        ("seed", info.get("seed")),
+        ("processes", info.get("num_processes")),
+    ]
+    facts_table = _table(["", ""], [(k, v) for k, v in facts if v not in (None, "")], header=False)
+    parts = [
+        f"<h3>{escape(name)}</h3>",
+        f"<p>{_built(ctx, sid, record, 'trained')}</p>",
+        f'<div class="row">{plot}{facts_table}</div>',
+    ]
+    for table in ("train", "lora"):
+        rows = [(k, _plain(v)) for k, v in sorted((info.get(table) or {}).items()) if v is not None]
+        if rows:
+            parts.append(
+                f"<details><summary>[{table}] settings</summary>{_table(['key', 'value'], rows)}</details>"
+            )
+    if snapshots:
+        rows = [
+            (s, _when(ctx.lock[s].get("built")), _loss_text(ctx.lock[s].get("metrics", {})), _folder(ctx, s))
+            for _, s in sorted(snapshots.items())
+        ]
+        parts.append("<h4>Snapshots</h4>" + _table(["snapshot", "built", "loss", "folder"], rows))
+    return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
+
+
+def _blend(ctx: _Context, sid: str) -> str:
+    record = ctx.lock[sid]
+    inputs, metrics = record.get("inputs", {}), record.get("metrics", {})
+    name = sid.split(":", 1)[1]
+    parents = ", ".join(f"{a.get('_name', '?')} × {a.get('weight')}" for a in inputs.get("adapters", []))
+    parts = [
+        f"<h3>{escape(name)}</h3>",
+        f"<p>{_built(ctx, sid, record, 'blended')}</p>",
+        f"<p>{escape(parents)}, method <code>{escape(str(inputs.get('method', '?')))}</code></p>",
+    ]
+    per_component = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+    components = sorted({c for v in per_component.values() for c in v})
+    if components:
+        keys = sorted(per_component)
+        rows = [(c, *(_number(per_component[k].get(c)) for k in keys)) for c in components]
+        parts.append(_table(["component", *(k.replace("_", " ") for k in keys)], rows, css="blend-errors"))
+    flat = {k: v for k, v in _numbers(metrics).items() if "." not in k}
+    if flat:
+        parts.append(_table(["metric", "value"], [(k, _number(v)) for k, v in flat.items()]))
+    return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
+
+
+def _render_step(ctx: _Context, sid: str) -> str:
+    record = ctx.lock[sid]
+    inputs, metrics = record.get("inputs", {}), record.get("metrics", {})
+    name = sid.split(":", 1)[1]
+    grid = ctx.output(sid, "grid.png")
+    if grid is not None and grid.is_file():
+        image = _img(grid.read_bytes(), f"grid of {name}", mime="image/png", css="grid")
+    else:
+        image = f"<p>grid.png is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
+    settings = [
+        ("adapter", _adapter_names(inputs)),
+        ("negative prompt", inputs.get("negative_prompt")),
+        ("sampler", metrics.get("sampler")),
+        ("steps", inputs.get("steps")),
+        ("guidance scale", inputs.get("guidance_scale")),
+        ("lora scale", inputs.get("lora_scale")),
+    ]
+    tables = _table(["", ""], [(k, v) for k, v in settings if v not in (None, "")], header=False)
+    if numbers := _numbers(metrics):  # what the step recorded, scores included once a step records them
+        tables += _table(["metric", "value"], [(k, _number(v)) for k, v in numbers.items()], css="metrics")
+    caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
+    about = [caption, f'<div class="row">{tables}</div>']
+    parts = [
+        f"<h3>{escape(name)}</h3>",
+        f"<p>{_built(ctx, sid, record, 'rendered')}</p>",
+        f'<div class="row">{image}<div>{"".join(about)}</div></div>',
+    ]
+    return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
+
+
+def _grid_caption(inputs: dict, prompts: list, seeds: list) -> str:
+    """What each row and column of grid.png is (as the render step lays it out)."""
+    if not prompts or not seeds:
+        return ""
+    if isinstance(inputs.get("adapters"), list):  # a column per adapter, a row per prompt and seed
+        columns = [str(a.get("_name", "none") if isinstance(a, dict) else a) for a in inputs["adapters"]]
+        rows = [f"prompt {i + 1}, seed {s}: {p}" for i, p in enumerate(prompts) for s in seeds]
+    else:  # a row per prompt, a column per seed
+        columns = [f"seed {s}" for s in seeds]
+        rows = [f"prompt {i + 1}: {p}" for i, p in enumerate(prompts)]
+    items = "".join(f"<li>{escape(r)}</li>" for r in rows)
+    return (
+        f'<div class="caption"><p>columns, left to right: {escape(", ".join(columns))}; rows, top to '
+        f"bottom:</p><ol>{items}</ol></div>"
+    )
+
+
+def _adapter_names(inputs: dict) -> str:
+    if isinstance(inputs.get("adapters"), list):
+        return ", ".join(str(a.get("_name", "?")) for a in inputs["adapters"] if isinstance(a, dict))
+    adapter = inputs.get("adapter")
+    return adapter.get("_name", "?") if isinstance(adapter, dict) else str(adapter or "")
+
+
+def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
+    rows = [
+        (
+            sid,
+            r.get("fingerprint", "")[:12],
+            r.get("output_hash", "")[:12],
+            r.get("inputs", {}).get("version", ""),
+        )
+        + (_when(r.get("built")), fmt_duration(r.get("duration_s", 0)))
+        for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
+    ]
+    rows += [(sid, "", "", "", "not built", "") for sid in unbuilt]
+    lead = (
+        "<p>From the lockfile: each step's fingerprint (the hash of its inputs) and output hash, the "
+        "version of its step kind, and when it was built and how long that took.</p>"
+    )
+    headers = ["step", "fingerprint", "output hash", "step version", "built", "took"]
+    return _section("Provenance", [lead, _table(headers, rows, css="provenance")])
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DblError(
+            f"dbl report draws its plots with matplotlib, which is not installed: {INSTALL}"
+        ) from None
+    return matplotlib, Figure
+
+
+def _svg(fig) -> bytes:
+    matplotlib, _ = _matplotlib()
+    buf = io.BytesIO()
+    # A fixed salt and no date: the same build gives the same page.
+    with matplotlib.rc_context({"svg.hashsalt": "dbl", "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """The mean of each value and those before it, over about a tenth of the run."""
+    window = max(1, len(values) // 10)
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
+def _loss_svg(name: str, log: dict, snapshots: list[int]) -> bytes:
+    _, Figure = _matplotlib()
+    fig = Figure(figsize=(6.4, 2.8))
+    ax = fig.add_subplot()
+    for key, label, colour in (("instance_loss", "instance loss", "C0"), ("prior_loss", "prior loss", "C1")):
+        values = [float(v) for v in log.get(key) or []]
+        if not values:
+            continue
+        steps = range(1, len(values) + 1)
+        ax.plot(
+            steps, values, color=colour, alpha=0.3, linewidth=0.8, marker="o" if len(values) < 3 else None
+        )
+        ax.plot(steps, _smooth(values), color=colour, linewidth=1.6, label=label)
+    for step in snapshots:
+        ax.axvline(step, color="0.5", linestyle=":", linewidth=1)
+        ax.text(
+            step, 0.98, f" @{step}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.4", va="top"
+        )
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{name}: loss per step (thin) and its moving mean", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return _svg(fig)
+
+
+def _timeline_svg(rows: list[dict]) -> bytes:
+    _, Figure = _matplotlib()
+    fig = Figure(figsize=(7.5, 0.6 + 0.32 * len(rows)))
+    ax = fig.add_subplot()
+    total = max((r["offset_s"] + r.get("seconds", 0) for r in rows), default=1) or 1
+    for y, r in enumerate(rows):
+        width = max(r.get("seconds", 0), total / 400)  # a restore of a few ms still shows
+        ax.barh(y, width, left=r["offset_s"], color=OUTCOME_COLOURS.get(r["outcome"], "0.5"), height=0.6)
+    ax.set_yticks(range(len(rows)), [r["id"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the build started")
+    ax.grid(axis="x", alpha=0.3)
+    seen = sorted({r["outcome"] for r in rows})
+    handles = [ax.barh([], [], color=OUTCOME_COLOURS.get(o, "0.5"), label=o) for o in seen]
+    ax.legend(
+        handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(seen), frameon=False
+    )
+    return _svg(fig)
+
+
+# --- HTML pieces -----------------------------------------------------------------------------------------
+
+
+def _section(title: str, parts: list[str]) -> str:
+    body = "\n".join(p for p in parts if p) or "<p>None in the lockfile.</p>"
+    anchor = title.lower().replace(" ", "-")
+    return f'<section id="{anchor}">\n<h2>{escape(title)}</h2>\n{body}\n</section>'
+
+
+def _img(data: bytes, alt: str, mime: str = "image/svg+xml", css: str = "plot") -> str:
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return f'<img class="{css}" alt="{escape(alt)}" src="{uri}">'
+
+
+def _table(
+    headers: list[str], rows: list[tuple], raw: tuple[int, ...] = (), css: str = "", header: bool = True
+) -> str:
+    """A table of `rows`; the cells whose index is in `raw` are HTML already, every other is escaped."""
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>" if header else ""
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if i in raw else escape(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{css}">{head}{body}</table>'
+
+
+def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
+    """'Built <when> in 4m40s', and what the last build did with the step."""
+    text = f"built {_when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
+    outcome = ctx.outcomes.get(sid, {}).get("outcome")
+    if outcome == "restored":
+        text += " (restored from the run-cache by the last build)"
+    elif outcome == "ran":
+        text += f" ({verb} by the last build)"
+    return escape(text[0].upper() + text[1:])
+
+
+def _folder(ctx: _Context, sid: str) -> str:
+    outputs = sorted(ctx.lock[sid].get("outputs", {}))
+    common = os.path.commonpath(outputs) if outputs else ""
+    return Path(common).parent.as_posix() if len(outputs) == 1 else common
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return ""
+    try:
+        when = datetime.fromisoformat(str(iso).replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        return str(iso)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _plain(value) -> str:
+    """A recorded value as short text: dicts as 'key=value, ...', lists comma-separated."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k.lstrip('_')}={_plain(v)}" for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every number in `metrics` (nested tables as dotted keys), as recorded: none is made up here."""
+    found: dict[str, float] = {}
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, dict):
+            found.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[prefix + key] = value
+    return found
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.3e}"
+
+
+def _loss_text(metrics: dict) -> str:
+    if "loss_last" not in metrics:
+        return ""
+    first = f"{_number(metrics['loss_first'])} -> " if metrics.get("loss_first") is not None else ""
+    return first + _number(metrics["loss_last"])
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
+       color: #222; padding: 0 16px; }
+h1 { font-size: 22px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
+h3 { margin-bottom: 4px; } code { background: #f3f3f3; padding: 0 3px; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ddd; padding: 2px 8px;
+       text-align: left; vertical-align: top; } th { background: #f6f6f6; }
+.item { margin-bottom: 28px; } img.plot { max-width: 100%; display: block; }
+.row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+img.grid { max-width: 100%; image-rendering: pixelated; min-width: 256px; border: 1px solid #ccc; }
+.caption { font-size: 13px; color: #444; } .caption ol { margin: 2px 0; }
+.outcome { padding: 0 6px; border-radius: 3px; color: #fff; }
+""" + "".join(f".outcome.{o} {{ background: {c}; }}\n" for o, c in OUTCOME_COLOURS.items())

@@ -1,0 +1,281 @@
+"""`dbl report`: the page of a built tiny-sd project (loss plots, grids, blends, the last build's
+timeline, provenance), self-contained; and the record of the last build that the timeline reads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from runner import executor, lockfile
+from runner.cli import main
+from runner.exec import lastbuild
+from runner.project import load_project
+from tests.conftest import ROOT, Recorder, write_image
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[train]
+resolution = 64
+steps = 4
+checkpoint_every = 0
+
+[lora]
+rank = 2
+alpha = 4
+text_encoder_rank = 2
+text_encoder_alpha = 4
+
+[priors.dog]
+class_prompt = "a photo of dog"
+num_images = 1
+steps = 2
+
+[subjects.dog]
+images = "dog"
+instance_prompt = "a photo of sks dog"
+prior = "dog"
+[subjects.dog.train]
+save_steps = [2]
+
+[subjects.toy]
+images = "toy"
+instance_prompt = "a toy in the style of <1>"
+[subjects.toy.train]
+steps = 2
+train_text_encoder = false
+
+[blends.mix]
+adapters = { toy = 1.0, dog = 1.05 }
+
+[renders.park]
+adapter = "dog"
+prompts = ["sks dog in a park"]
+seeds = [0, 1]
+steps = 2
+
+[renders.compare]
+adapters = ["dog@2", "mix", "none"]
+prompts = ["a sks dog toy"]
+steps = 2
+"""
+
+
+class Page(HTMLParser):
+    """The parts of a page the tests look at: every tag with its attributes, and the text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def images(self, css: str) -> list[dict]:
+        return [a for t, a in self.tags if t == "img" and css in a.get("class", "").split()]
+
+
+def write_project(folder: Path) -> Path:
+    for i in range(2):
+        write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+        write_image(folder / "toy" / f"{i}.png", seed=10 + i, size=64)
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(PROJECT))
+    return path
+
+
+def build(path: Path, **options):
+    result = executor.build(load_project(path), executor.BuildOptions(**options), Recorder())
+    assert result.ok, [(e.id, e.status, e.error) for e in result.steps]
+    return {e.id: e.status for e in result.steps}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One tiny project, built once: (project file, the report page's text)."""
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "dbl-home")
+    with pytest.MonkeyPatch.context() as mp:  # built-in models where the other tests keep theirs
+        mp.setenv("DBL_TEST_HOME", home)
+        mp.setenv("DBL_HOME", home)
+        path = write_project(tmp_path_factory.mktemp("report"))
+        build(path)
+    assert main(["report", str(path)]) == 0
+    page = load_project(path).out / "report.html"
+    return path, page.read_text(encoding="utf-8")
+
+
+@pytest.mark.torch
+def test_the_page_parses_and_holds_a_loss_plot_per_subject(built):
+    _, text = built
+    page = Page(text)
+    for subject in ("dog", "toy"):
+        start = text.index(f'id="train:{subject}"')
+        block = text[start : text.index("</div>", start)]
+        assert '<img class="plot"' in block and "data:image/svg+xml;base64," in block, subject
+    plots = page.images("plot")
+    assert len(plots) >= 3  # two subjects and the timeline
+    assert all(p["src"].startswith("data:image/svg+xml;base64,") for p in plots)
+    assert "snapshot:dog@2" in text  # dog's snapshot, listed under it
+
+
+@pytest.mark.torch
+def test_every_render_grid_is_in_the_page_with_its_rows_and_columns(built):
+    path, text = built
+    page = Page(text)
+    grids = page.images("grid")
+    assert len(grids) == 2
+    lock = lockfile.read(lockfile.lock_path(path))
+    import base64
+
+    for sid, grid in zip(("render:park", "render:compare"), grids, strict=True):
+        assert grid["src"].startswith("data:image/png;base64,")
+        on_disk = (path.parent / next(o for o in lock[sid]["outputs"] if o.endswith("grid.png"))).read_bytes()
+        assert base64.b64decode(grid["src"].split(",", 1)[1]) == on_disk
+    words = " ".join(page.text)
+    assert "columns, left to right: seed 0, seed 1" in words
+    assert "columns, left to right: dog@2, mix, none" in words
+    assert "prompt 1, seed 0: a sks dog toy" in words
+    assert "images" in words  # the render's numeric metrics
+
+
+@pytest.mark.torch
+def test_blends_show_their_recorded_errors(built):
+    path, text = built
+    errors = lockfile.read(lockfile.lock_path(path))["blend:mix"]["metrics"]["relative_error"]
+    start = text.index('id="blend:mix"')
+    block = text[start : text.index("</div>", start)]
+    assert "relative error" in block and "toy × 1.0, dog × 1.05" in block
+    for component in errors:
+        assert f"<td>{component}</td>" in block
+
+
+@pytest.mark.torch
+def test_the_timeline_and_provenance(built):
+    path, text = built
+    page = Page(text)
+    rows = [a for t, a in page.tags if t == "span" and "outcome" in a.get("class", "")]
+    outcomes = [a["class"].split()[1] for a in rows]
+    # Every step ran, but the snapshot, which its subject's train step handed to the run-cache.
+    assert outcomes.count("ran") == 6 and outcomes.count("restored") == 1, outcomes
+    lock = lockfile.read(lockfile.lock_path(path))
+    for sid, record in lock.items():
+        assert record["fingerprint"][:12] in text, sid
+    assert "builtin=tiny-sd" in text
+
+
+@pytest.mark.torch
+def test_the_page_fetches_nothing(built):
+    _, text = built
+    refs = [v for _, attrs in Page(text).tags for k, v in attrs.items() if k in ("src", "href") and v]
+    assert refs and all(v.startswith("data:") for v in refs)
+    assert "<script" not in text and "@import" not in text and "url(http" not in text
+
+
+@pytest.mark.torch
+def test_a_build_that_restores_shows_restored(built, tmp_path):
+    path, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(path.parent, copy, symlinks=True)
+    copied = copy / path.name
+    shutil.rmtree(load_project(copied).out / "renders" / "park")
+    assert build(copied)["render:park"] == "cached"
+    record = lastbuild.read(load_project(copied))
+    outcome = {row["id"]: row["outcome"] for row in record["steps"]}
+    assert outcome["render:park"] == "restored" and outcome["train:dog"] == "fresh"
+    out = tmp_path / "pages"
+    out.mkdir()
+    assert main(["report", str(copied), "-o", str(out)]) == 0
+    text = (out / "report.html").read_text()
+    assert '<span class="outcome restored">restored</span>' in text
+    assert "restored from the run-cache by the last build" in text
+
+
+@pytest.mark.browser
+@pytest.mark.torch
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")
+def test_chromium_opens_the_page_without_errors(built, tmp_path):
+    path, _ = built
+    page = load_project(path).out / "report.html"
+    shot = tmp_path / "report.png"
+    check = [
+        sys.executable,
+        str(ROOT / "bench" / "report_check.py"),
+        "--page",
+        str(page),
+        "--screenshot",
+        str(shot),
+    ]
+    run = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert shot.stat().st_size > 10_000
+
+
+# --- without torch: errors, and the record of the last build (fake steps) -------------------------------
+
+
+def test_an_unbuilt_project_says_so(proj, capsys):
+    assert main(["report", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing is built yet" in err and f"dbl build {proj.path}" in err and "Traceback" not in err
+
+
+def test_without_matplotlib_it_says_what_to_install(proj, build, monkeypatch, capsys):
+    build(proj)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert main(["report", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'dbl[report]'" in err and "Traceback" not in err
+
+
+def test_help_names_the_options(capsys):
+    assert main(["report", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--output" in out and "report.html" in out
+
+
+def test_a_build_records_what_each_step_did_outside_the_lockfile(proj, build, fake_steps):
+    result, _ = build(proj)
+    record = lastbuild.read(proj.load())
+    assert record is not None and record["exit_code"] == 0 and record["backend"] == "fake"
+    rows = {row["id"]: row for row in record["steps"]}
+    assert {row["outcome"] for row in rows.values()} == {"ran"}
+    assert all(row["seconds"] >= 0 and row["started"].endswith("Z") for row in rows.values())
+    assert rows["train:dog"]["reasons"]
+    assert "last-build" not in proj.lock.read_text()
+    assert lastbuild.path(proj.load()).parent == proj.root / ".dbl"
+
+    # A build with nothing to do leaves the record as it was, and the record makes nothing stale.
+    before = lastbuild.path(proj.load()).read_text()
+    result, rec = build(proj)
+    assert fake_steps.ran == [] and lastbuild.path(proj.load()).read_text() == before
+
+    # A failure, and what it held back.
+    proj.edit("rank = 4", "rank = 8")
+    fake_steps.fail.add("train:dog")
+    result, _ = build(proj, keep_going=True)
+    rows = {row["id"]: row for row in lastbuild.read(proj.load())["steps"]}
+    assert rows["train:dog"]["outcome"] == "failed" and "on purpose" in rows["train:dog"]["error"]
+    assert rows["render:park"]["outcome"] == "skipped" and rows["prior:dog"]["outcome"] == "fresh"
+    assert rows["train:toy"]["outcome"] == "ran"
+
+
+def test_an_unwritable_record_costs_a_line_not_the_build(proj, build, fake_steps):
+    (proj.root / ".dbl").mkdir()
+    lastbuild.path(proj.load()).mkdir()  # a folder where the file goes: os.replace fails
+    result, rec = build(proj)
+    assert result.ok
+    assert any("cannot write the record of this build" in e[2] for e in rec.events if e[0] == "log")

@@ -1,0 +1,100 @@
+"""The eval step kind: scores in scores.json and in the lockfile, what reruns it, project-file errors.
+
+The renders here are tiny-sd's noise, so the scores are low; what they mean is tested on drawn pictures
+in test_shapes.py, and on tiny-shapes' renders in test_tiny_shapes.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import lockfile, shapes
+from runner.cli import main
+from runner.project import load_project
+from runner.project.load import ProjectError
+
+pytestmark = pytest.mark.torch
+
+PROJECT = """
+[project]
+base_model = "tiny-sd"
+
+[subjects.ring]
+images = "ring"
+instance_prompt = "a sks shape"
+
+[renders.base]
+adapter = "none"
+prompts = ["a sks shape on a blue background", "a shape on a white background"]
+steps = 2
+seeds = [0, 1]
+
+[evals.base]
+render = "base"
+subject = "ring"
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    folder = tmp_path / "ring"
+    folder.mkdir()
+    for i, background in enumerate(("red", "blue", "black")):
+        scene = shapes.Scene("ring", "yellow", background, "large", (30 + i, 32))
+        shapes.draw(scene).save(folder / f"{i}.png")
+    path = tmp_path / "p.toml"
+    path.write_text(PROJECT)
+    return path
+
+
+def test_an_eval_scores_its_render_into_the_lockfile_and_scores_json(project, capsys):
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress", "-v"]) == 0
+    lock = lockfile.read(project.with_suffix(".lock"))
+    assert "train:ring" not in lock  # an eval needs the render, not the subject's training
+    record = lock["eval:base"]
+    scores = json.loads((project.parent / "build/p/evals/base/scores.json").read_text())
+    assert scores["subject"] == {"shape": "ring", "colour": "yellow"}
+    result = scores["adapters"]["none"]
+    assert set(result["scores"]) == {"prompt_fidelity", "subject_fidelity", "class_drift"}
+    assert record["metrics"] == result["scores"]
+    assert result["counts"] == {"prompt_fidelity": 4, "subject_fidelity": 2, "class_drift": 2}
+    assert [r["file"] for r in result["images"]] == ["0-0.png", "0-1.png", "1-0.png", "1-1.png"]
+    assert record["inputs"]["render"]["output"] == lock["render:base"]["output_hash"]
+    assert "subject ring: yellow ring in its photos" in capsys.readouterr().out
+
+
+def test_what_reruns_an_eval(project, capsys):
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
+    text = project.read_text()
+    project.write_text(text.replace("steps = 2", "steps = 3"))  # the render changes: both rerun
+    assert main(["plan", str(project)]) == 0
+    out = capsys.readouterr().out
+    assert "render:base" in out and "eval:base" in out
+    project.write_text(
+        text.replace(
+            'render = "base"\nsubject = "ring"', 'render = "base"\nsubject = "ring"\nidentifier = "zwx"'
+        )
+    )
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "eval:base    start" in out and "render:base  start" not in out
+    shapes.draw(shapes.Scene("ring", "red", "white", "large", (32, 32))).save(
+        project.parent / "ring" / "3.png"
+    )
+    assert main(["plan", str(project)]) == 0
+    assert "subject" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ('render = "base"', "evals.base.render: 'nope' is not a render"),
+        ('subject = "ring"', "evals.base.subject: 'nope' is not a subject"),
+    ],
+)
+def test_an_eval_of_an_unknown_render_or_subject_is_a_project_error(project, edit, message):
+    project.write_text(project.read_text().replace(edit, edit.split("=")[0] + '= "nope"'))
+    with pytest.raises(ProjectError) as err:
+        load_project(project)
+    assert message in str(err.value)

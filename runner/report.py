@@ -5,7 +5,8 @@ The page holds, from the lockfile, the adapters' `dbl.json` and the record of th
 
 - per subject: its loss curves (instance and prior loss per step), its settings, how long it took, and
   its snapshots (`snapshot:<subject>@<step>`);
-- per render: its grid, what each row and column is, and its numeric metrics;
+- per render: its grid, what each row and column is, its numeric metrics and the fidelity scores of
+  the eval steps that score it;
 - per blend: its parents and weights, its method and the errors it recorded;
 - the timeline of the last build (ran, restored, failed, skipped; when, how long, on which device);
 - provenance: the base model, the dbl version, every step's fingerprint and build time.
@@ -259,8 +260,11 @@ def _render_step(ctx: _Context, sid: str) -> str:
         ("lora scale", inputs.get("lora_scale")),
     ]
     tables = _table(["", ""], [(k, v) for k, v in settings if v not in (None, "")], header=False)
-    if numbers := _numbers(metrics):  # what the step recorded, scores included once a step records them
+    if numbers := _numbers(metrics):  # what the step recorded
         tables += _table(["metric", "value"], [(k, _number(v)) for k, v in numbers.items()], css="metrics")
+    for eval_id, scores in _scores_of(ctx, name):  # fidelity scores of eval steps of this render
+        rows = [(k, _number(v)) for k, v in _numbers(scores).items()]
+        tables += _table([f"fidelity ({eval_id})", "score"], rows, css="metrics")
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
     about = [caption, f'<div class="row">{tables}</div>']
     parts = [
@@ -269,6 +273,16 @@ def _render_step(ctx: _Context, sid: str) -> str:
         f'<div class="row">{image}<div>{"".join(about)}</div></div>',
     ]
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
+
+
+def _scores_of(ctx: _Context, render: str) -> list[tuple[str, dict]]:
+    """(eval step id, its recorded scores) of every built eval step that scores `render`."""
+    found = []
+    for sid, record in ctx.lock.items():
+        target = record.get("inputs", {}).get("render")
+        if _kind(ctx.lock, sid) == "eval" and isinstance(target, dict) and target.get("_name") == render:
+            found.append((sid, record.get("metrics", {})))
+    return found
 
 
 def _grid_caption(inputs: dict, prompts: list, seeds: list) -> str:

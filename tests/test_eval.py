@@ -98,3 +98,12 @@ def test_an_eval_of_an_unknown_render_or_subject_is_a_project_error(project, edi
     with pytest.raises(ProjectError) as err:
         load_project(project)
     assert message in str(err.value)
+
+
+def test_the_report_shows_an_evals_scores_beside_its_render(project):
+    from runner import report
+
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
+    page = report.render(load_project(project))
+    section = page[page.index('id="render:base"') :]
+    assert "fidelity (eval:base)" in section and "subject_fidelity" in section and "class_drift" in section

@@ -40,23 +40,30 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=tiny_shapes.WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pictures", type=int, default=12000)
-    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--vae-lr", type=float, default=3e-3)
+    parser.add_argument("--ema", type=float, default=0.998)
     parser.add_argument(
         "--save-every", type=int, default=1000, help="write the weights so far to OUT.partial"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="end after this many UNet steps of the --unet-steps schedule, and write OUT (0: the whole schedule)",
     )
     parser.add_argument("--quick", action="store_true", help="a short run that checks the script works")
     args = parser.parse_args()
     if args.quick:
         args.pictures, args.vae_steps, args.unet_steps = 512, 20, 20
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "save_every")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "save_every", "stop_after")}
+    last = args.stop_after or args.unet_steps
 
     import numpy as np
     import torch
@@ -127,7 +134,7 @@ def main() -> None:
         module.requires_grad_(False)
     unet.train()
     text_encoder.train()
-    for step in range(1, args.unet_steps + 1):
+    for step in range(1, last + 1):
         _set_lr(optimizer, args.lr, step, args.unet_steps)
         index = torch.randint(0, len(latents_all), (args.unet_batch,), generator=generator)
         x0 = latents_all[index]
@@ -151,10 +158,10 @@ def main() -> None:
                 f"unet {step}/{args.unet_steps} loss {loss.item():.5f} {time.perf_counter() - started:.0f}s",
                 flush=True,
             )
-        if args.save_every and step % args.save_every == 0 and step < args.unet_steps:
+        if args.save_every and step % args.save_every == 0 and step < last:
             save(args.out.with_name(args.out.name + ".partial"), ema, vae, settings, scaling, started, step)
 
-    save(args.out, ema, vae, settings, scaling, started, args.unet_steps)
+    save(args.out, ema, vae, settings, scaling, started, last)
     print(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.0f}s"
     )
@@ -164,6 +171,7 @@ def save(path: Path, ema, vae, settings: dict, scaling: float, started: float, s
     import torch
     from safetensors.torch import save_file
 
+    deterministic_posterior(vae)
     state = {}
     for prefix, module in (("unet.", ema[0]), ("vae.", vae), ("text_encoder.", ema[1])):
         state.update({prefix + k: v.detach().half().contiguous() for k, v in module.state_dict().items()})
@@ -178,6 +186,18 @@ def save(path: Path, ema, vae, settings: dict, scaling: float, started: float, s
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def deterministic_posterior(vae) -> None:
+    """Fix the VAE posterior's log-variance at -30 (a standard deviation of 3e-7): the VAE was trained on
+    the posterior's mean, so its variance half never learned anything, and trainers that sample latents
+    (as DreamBooth's recipe does) must get the mean."""
+    import torch
+
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -30.0
 
 
 def _set_lr(optimizer, peak: float, step: int, total: int) -> None:

@@ -111,7 +111,7 @@ def make_modules(vocab_size: int, unet_channels: tuple[int, int] = UNET_CHANNELS
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=1,  # one group: a group per channel would take the colour of plain areas away
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

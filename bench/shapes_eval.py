@@ -1,0 +1,338 @@
+"""What DreamBooth learns, measured on tiny-shapes: the figures of the README's "See it learn".
+
+    python bench/shapes_eval.py                 # all three parts, on the CPU (about 15 minutes)
+    python bench/shapes_eval.py --part base     # one part: base, subject or recipe
+
+1. base: tiny-shapes renders every held-out (shape, colour, background) combination, which its
+   training never showed, and every training combination, with --seeds seeds each; the share of
+   images that show what was asked (runner.fidelity's prompt fidelity), per split.
+2. subject: the demo's ring subject (projects/demo/ring), trained by dbl with and without prior
+   preservation, for --runs training seeds each; renders of "a sks shape on a <colour> background" and
+   of the class prompt "a shape on a <colour> background", by the base model and by each adapter, scored
+   by an eval step: subject fidelity (base vs trained) and class drift (prior vs no prior).
+3. recipe: the same subject, steps and settings trained by a loop written as the classic PEFT recipe
+   does (pixels encoded every step, prior half concatenated, one backward), rendered and scored by the
+   same code: its subject fidelity against dbl's spread over seeds.
+
+Each part prints a table and a JSON line (--json FILE appends them to FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runner import fidelity, shapes  # noqa: E402
+
+BACKGROUNDS = ("blue", "black", "green", "red")
+SUBJECT = ROOT / "projects" / "demo" / "ring"
+
+SETTINGS = {  # the demo's subject settings (projects/demo.toml)
+    "steps": 200,
+    "learning_rate": 1e-3,
+    "rank": 8,
+    "alpha": 8,
+    "class_images": 16,
+    "guidance_scale": 3.0,
+    "render_steps": 20,
+}
+
+
+def project_text(seed: int, prior: bool, images: Path, s: dict) -> str:
+    prompts = [f"a sks shape on a {bg} background" for bg in BACKGROUNDS] + [
+        f"a shape on a {bg} background" for bg in BACKGROUNDS
+    ]
+    prior_lines = 'prior = "shape"\n' if prior else ""
+    return f"""
+[project]
+base_model = "tiny-shapes"
+seed = {seed}
+
+[train]
+resolution = 64
+steps = {s["steps"]}
+learning_rate = {s["learning_rate"]}
+
+[lora]
+rank = {s["rank"]}
+alpha = {s["alpha"]}
+text_encoder_rank = {s["rank"]}
+text_encoder_alpha = {s["alpha"]}
+
+[priors.shape]
+class_prompt = "a shape"
+num_images = {s["class_images"]}
+steps = {s["render_steps"]}
+guidance_scale = {s["guidance_scale"]}
+
+[subjects.ring]
+images = "{images.as_posix()}"
+instance_prompt = "a sks shape"
+{prior_lines}
+[renders.ring]
+adapters = ["none", "ring"]
+prompts = {json.dumps(prompts)}
+steps = {s["render_steps"]}
+guidance_scale = {s["guidance_scale"]}
+seeds = [0, 1, 2]
+
+[evals.ring]
+render = "ring"
+"""
+
+
+def dbl(*args: str, cwd: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "runner", *args], cwd=cwd, check=True, capture_output=True, text=True
+    )
+
+
+# --- 1. the base model -----------------------------------------------------------------------------------
+
+
+def part_base(args) -> dict:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from runner.models import ensure_builtin
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_builtin("tiny-shapes")))
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    for split, heldout in (("held out", True), ("trained", False)):
+        combos = shapes.combinations(heldout=heldout)
+        if split == "trained":
+            combos = random.Random(0).sample(combos, len(shapes.combinations(heldout=True)))
+        prompts = [f"a large {c} {s} on a {b} background" for s, c, b in combos]
+        items = []
+        for seed in range(args.seeds):
+            generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+            images = pipe(
+                prompts,
+                num_inference_steps=SETTINGS["render_steps"],
+                guidance_scale=SETTINGS["guidance_scale"],
+                generator=generators,
+            ).images
+            items += list(zip(prompts, images, strict=True))
+        result = fidelity.score(items)
+        parts = {
+            key: sum(r["measured"][key] == r["expected"][key] for r in result["images"]) / len(items)
+            for key in ("shape", "colour", "background")
+        }
+        out[split] = {
+            "combinations": len(combos),
+            "images": len(items),
+            "all": result["scores"]["prompt_fidelity"],
+            **parts,
+        }
+    print(
+        f"\ntiny-shapes, {args.seeds} seeds per combination, {SETTINGS['render_steps']} steps, guidance "
+        f"{SETTINGS['guidance_scale']}: share of images showing what was asked"
+    )
+    print(f"{'combinations':<22}{'images':>8}{'all three':>11}{'shape':>8}{'colour':>8}{'background':>12}")
+    for split, r in out.items():
+        print(
+            f"{split + ' (' + str(r['combinations']) + ')':<22}{r['images']:>8}{r['all']:>11.2f}"
+            f"{r['shape']:>8.2f}{r['colour']:>8.2f}{r['background']:>12.2f}"
+        )
+    return {"part": "base", **out}
+
+
+# --- 2. the subject, with and without prior preservation -----------------------------------------------
+
+
+def part_subject(args) -> dict:
+    from runner import lockfile
+
+    rows = {"prior": [], "no prior": []}
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in rows:
+            for run in range(args.runs):
+                folder = Path(tmp) / f"{variant.replace(' ', '-')}-{run}"
+                folder.mkdir()
+                path = folder / "p.toml"
+                path.write_text(project_text(run, variant == "prior", SUBJECT, SETTINGS))
+                started = time.perf_counter()
+                dbl("build", str(path), "--no-progress", cwd=folder)
+                metrics = lockfile.read(path.with_suffix(".lock"))["eval:ring"]["metrics"]
+                rows[variant].append(metrics["ring"])
+                base = metrics["none"]
+                print(
+                    f"{variant} seed {run}: {metrics['ring']} ({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
+    print(
+        f"\nring subject, {SETTINGS['steps']} steps, {args.runs} training seeds each; renders: 4 backgrounds x 3 seeds"
+    )
+    print(f"{'adapter':<22}{'subject fidelity':>18}{'class drift':>13}{'prompt fidelity':>17}")
+    print(
+        f"{'none (base model)':<22}{base['subject_fidelity']:>18.2f}{base['class_drift']:>13.2f}{base['prompt_fidelity']:>17.2f}"
+    )
+    summary = {"part": "subject", "base": base}
+    for variant, runs in rows.items():
+        means = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+        spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in runs[0]}
+        summary[variant] = {"mean": means, "range": spread, "runs": runs}
+        print(
+            f"{'ring, ' + variant:<22}"
+            + "".join(
+                f"{means[k]:>{w}.2f}"
+                for k, w in (("subject_fidelity", 18), ("class_drift", 13), ("prompt_fidelity", 17))
+            )
+            + f"   (ranges {', '.join(f'{k} {lo:.2f}-{hi:.2f}' for k, (lo, hi) in spread.items())})"
+        )
+    return summary
+
+
+# --- 3. the classic recipe's loop ------------------------------------------------------------------------
+
+
+def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
+    """Train the ring subject the classic recipe's way, with prior preservation on `class_images`,
+    then render and score it as the eval step does."""
+    import itertools
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
+    from runner.imagefiles import list_images
+    from runner.models import ensure_builtin
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(str(ensure_builtin("tiny-shapes")))
+    pipe.set_progress_bar_config(disable=True)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    unet = get_peft_model(
+        unet, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=["to_q", "to_v"])
+    )
+    text_encoder = get_peft_model(
+        text_encoder, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=["q_proj", "v_proj"])
+    )
+    params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s["learning_rate"], weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def pixels(path):
+        array = np.asarray(Image.open(path).convert("RGB").resize((64, 64)), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def ids(prompt):
+        return tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+
+    instance, classes = list_images(SUBJECT), list_images(class_images)
+    order = random.Random(seed)
+    unet.train()
+    text_encoder.train()
+    for _ in range(s["steps"]):
+        batch = torch.stack([pixels(order.choice(instance)), pixels(order.choice(classes))])
+        tokens = torch.stack([ids("a sks shape"), ids("a shape")])
+        latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
+        loss = F.mse_loss(pred[:1], noise[:1]) + F.mse_loss(pred[1:], noise[1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    unet.eval()
+    text_encoder.eval()
+    pipe.unet, pipe.text_encoder = unet, text_encoder
+    prompts = [f"a sks shape on a {bg} background" for bg in BACKGROUNDS] + [
+        f"a shape on a {bg} background" for bg in BACKGROUNDS
+    ]
+    items = []
+    with torch.no_grad():
+        for prompt in prompts:
+            for render_seed in (0, 1, 2):
+                image = pipe(
+                    prompt,
+                    num_inference_steps=s["render_steps"],
+                    guidance_scale=s["guidance_scale"],
+                    generator=torch.Generator().manual_seed(render_seed),
+                ).images[0]
+                items.append((prompt, image))
+    photos = [Image.open(p).convert("RGB") for p in instance]
+    return fidelity.score(items, fidelity.subject_traits(photos))["scores"]
+
+
+def part_recipe(args) -> dict:
+    from runner import lockfile
+
+    dbl_runs, recipe_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.runs):
+            folder = Path(tmp) / f"dbl-{run}"
+            folder.mkdir()
+            path = folder / "p.toml"
+            path.write_text(project_text(run, True, SUBJECT, SETTINGS))
+            dbl("build", str(path), "--no-progress", cwd=folder)
+            dbl_runs.append(lockfile.read(path.with_suffix(".lock"))["eval:ring"]["metrics"]["ring"])
+            classes = folder / "build" / "p" / "priors" / "shape"
+            recipe_runs.append(recipe_adapter_scores(run, classes, SETTINGS))
+            print(f"seed {run}: dbl {dbl_runs[-1]}, recipe {recipe_runs[-1]}", flush=True)
+            shutil.rmtree(folder)
+    print(
+        f"\nring subject with prior preservation, {SETTINGS['steps']} steps, {args.runs} seeds: dbl against the recipe's loop"
+    )
+    summary = {"part": "recipe"}
+    for name, runs in (("dbl", dbl_runs), ("recipe loop", recipe_runs)):
+        values = [r["subject_fidelity"] for r in runs]
+        summary[name] = {"subject_fidelity": values, "class_drift": [r["class_drift"] for r in runs]}
+        print(
+            f"{name:<14} subject fidelity mean {statistics.mean(values):.2f}, range {min(values):.2f}-{max(values):.2f}"
+            f"; class drift mean {statistics.mean(r['class_drift'] for r in runs):.2f}"
+        )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=("base", "subject", "recipe"), action="append")
+    parser.add_argument("--seeds", type=int, default=8, help="render seeds per combination (part base)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="training seeds per variant (parts subject, recipe)"
+    )
+    parser.add_argument("--json", type=Path, help="append each part's figures to this file")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    for part in args.part or ["base", "subject", "recipe"]:
+        result = {"base": part_base, "subject": part_subject, "recipe": part_recipe}[part](args)
+        line = json.dumps(result, sort_keys=True)
+        print(line)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

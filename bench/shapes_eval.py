@@ -6,7 +6,7 @@
 1. base: tiny-shapes renders every held-out (shape, colour, background) combination, which its
    training never showed, and every training combination, with --seeds seeds each; the share of
    images that show what was asked (runner.fidelity's prompt fidelity), per split.
-2. subject: the demo's ring subject (projects/demo/ring), trained by dbl with and without prior
+2. subject: the ring subject of projects/shapes.toml, trained by dbl with and without prior
    preservation, for --runs training seeds each; renders of "a sks shape on a <colour> background" and
    of the class prompt "a shape on a <colour> background", by the base model and by each adapter, scored
    by an eval step: subject fidelity (base vs trained) and class drift (prior vs no prior).
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from runner import fidelity, shapes  # noqa: E402
 
 BACKGROUNDS = ("blue", "black", "green", "red")
-SUBJECT = ROOT / "projects" / "demo" / "ring"
+SUBJECT = ROOT / "projects" / "shapes" / "ring"
 
-SETTINGS = {  # the demo's subject settings (projects/demo.toml)
+SETTINGS = {  # the subject settings of projects/shapes.toml
     "steps": 200,
     "learning_rate": 1e-3,
     "rank": 8,
@@ -89,6 +89,7 @@ seeds = [0, 1, 2]
 
 [evals.ring]
 render = "ring"
+subject = "ring"
 """
 
 

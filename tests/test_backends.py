@@ -32,6 +32,9 @@ def build_demo(folder, backend: str):
     return files, records
 
 
+# Slow (two demo builds, one in worker processes): tests/test_parallel_real.py's -j 3 build, whose steps
+# run in worker processes too, checks the same bytes in the default run.
+@pytest.mark.slow
 def test_the_process_backend_builds_the_same_bytes_as_inline(tmp_path):
     inline_files, inline_lock = build_demo(tmp_path / "inline", "inline")
     process_files, process_lock = build_demo(tmp_path / "process", "process")

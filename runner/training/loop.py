@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.project.schema import record
-from runner.training import captions, checkpoints, lora, optimizers
+from runner.training import captions, checkpoints, lora, optimizers, provenance
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -437,14 +436,14 @@ def _write_adapter(run: Run, out, subject, stop_at) -> dict:
     from runner.adapters import save_adapter
     from runner.steps import KOHYA_STEM
 
-    summary = loss_summary(run.history, run.weight)
+    summary = provenance.loss_summary(run.history, run.weight)
     if run.rank == 0:
         save_adapter(
             out,
             {c.name: run.modules[c.name] for c in run.components},
             adapter_name="default",
             base_model=run.job.base.ref,
-            info=_info(run, summary, subject, stop_at),
+            info=provenance.info(run, summary, subject, stop_at),
             name=KOHYA_STEM,
             family=run.job.family,
         )
@@ -465,76 +464,3 @@ def _log_writer(run: Run):
     run.job.log_dir.mkdir(parents=True, exist_ok=True)
     run.log(f"TensorBoard logs in {run.job.log_dir}")
     return SummaryWriter(log_dir=str(run.job.log_dir), purge_step=run.step + 1 if run.step else None)
-
-
-def loss_summary(history: dict, weight) -> dict:
-    """Mean losses over the first and the last tenth of the run."""
-
-    def mean(values):
-        return float(sum(values) / len(values)) if values else float("nan")
-
-    n = len(history["instance"])
-    tenth = max(1, n // 10)
-    summary = {
-        "instance_loss_first": mean(history["instance"][:tenth]),
-        "instance_loss_last": mean(history["instance"][-tenth:]),
-    }
-    if weight is not None:
-        summary["prior_loss_first"] = mean(history["prior"][:tenth])
-        summary["prior_loss_last"] = mean(history["prior"][-tenth:])
-    w = weight or 0.0
-    summary["loss_first"] = summary["instance_loss_first"] + w * summary.get("prior_loss_first", 0.0)
-    summary["loss_last"] = summary["instance_loss_last"] + w * summary.get("prior_loss_last", 0.0)
-    return summary
-
-
-def _info(run: Run, summary: dict, subject, stop_at) -> dict:
-    """dbl.json of a trained adapter: provenance, metrics and the per-step log. `subject` is the table of
-    the run it is the result of; `stop_at` the step a snapshot of a longer schedule stopped at."""
-    from runner import steps
-
-    job = run.job
-    info = {
-        "kind": "train",
-        "base_model": job.base.ref,
-        "base_revision": job.base.revision,
-        "prediction_type": run.noise.config.prediction_type,
-        "mixed_precision": job.mixed_precision,
-        "seed": job.seed,
-        "steps": subject.train.steps,
-        "num_processes": run.world,
-        "instance_prompt": subject.instance_prompt,
-        "instance_images": len(run.images.instance),
-        "train": {k: v for k, v in record(subject.train).items() if k not in NOT_IN_INFO},
-        "lora": record(subject.lora),
-        "loss": summary,
-        "step_version": steps.get("train").version,
-    }
-    if stop_at is not None:
-        info["snapshot_at"] = stop_at
-    if job.prior is not None:
-        info["prior"] = {
-            "class_prompt": job.prior.class_prompt,
-            "class_images": len(run.images.classes),
-            "loss_weight": job.prior.loss_weight,
-        }
-    info["log"] = step_log(run.history, run.weight)
-    return info
-
-
-# Settings that change no byte of an adapter: left out of its dbl.json, which the run-cache shares.
-NOT_IN_INFO = ("save_steps", "log")
-
-
-def step_log(history: dict, weight) -> dict:
-    """The per-step losses and learning rate, 6 significant digits: compact, and the same after a resume."""
-
-    def compact(values):
-        return [float(f"{v:.6g}") for v in values]
-
-    log = {"instance_loss": compact(history["instance"])}
-    if weight is not None:
-        log["prior_loss"] = compact(history["prior"])
-    if history.get("lr"):
-        log["lr"] = compact(history["lr"])
-    return log

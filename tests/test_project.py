@@ -254,6 +254,12 @@ CASES = [
         "train.log: 'wandb' is not one of tensorboard (line {line})",
     ),
     (
+        "gradient_checkpointing neither a bool nor auto",
+        '[train]\ngradient_checkpointing = "yes"\n',
+        "train.gradient_checkpointing: expected true, false or \"auto\", got the string 'yes' (line {line}) "
+        '- e.g. gradient_checkpointing = "auto"',
+    ),
+    (
         "caption dropout above 1",
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
@@ -571,3 +577,17 @@ def test_a_single_file_of_another_family_is_a_project_file_error(folder, keys, k
         "is not supported yet (supported: sd1, sdxl, i.e. Stable Diffusion 1.x, 2.x and SDXL) (line 3) - use a "
         "Stable Diffusion 1.x, 2.x or SDXL model"
     ]
+
+
+@pytest.mark.parametrize(
+    "written, value", [("", "auto"), ('"auto"', "auto"), ("true", True), ("false", False)]
+)
+def test_gradient_checkpointing_is_auto_true_or_false_and_never_fingerprinted(folder, written, value):
+    from runner.project.fields import fingerprinted_fields
+
+    path = folder / "p.toml"
+    path.write_text(GOOD + (f"\n[train]\ngradient_checkpointing = {written}\n" if written else ""))
+    dog = load_project(path).subjects["dog"]
+    assert dog.train.gradient_checkpointing == value
+    # Not an input of the train fingerprint: a project that wrote true or false keeps its lockfile fresh.
+    assert "gradient_checkpointing" not in fingerprinted_fields(dog.train)

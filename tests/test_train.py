@@ -375,3 +375,20 @@ def test_real_photos_train(tmp_path):
     subject = make_subject(DREAMBENCH / "dog", train=dict(steps=2, train_text_encoder=False))
     metrics = _run(train_context(tmp_path, subject))
     assert metrics["steps"] == 2
+
+
+def test_the_log_says_whether_gradient_checkpointing_is_on_and_it_changes_no_result(tmp_path, images):
+    instance, _ = images
+    outputs = {}
+    for setting, line in [
+        ("auto", "gradient checkpointing: off (auto: off on cpu)"),
+        (True, "gradient checkpointing: on (set in [train])"),
+    ]:
+        logs = []
+        subject = make_subject(instance, train=dict(steps=2, gradient_checkpointing=setting))
+        ctx = train_context(tmp_path, subject, work=tmp_path / f"work-{setting}", log=logs.append)
+        _run(ctx)
+        assert line in logs
+        outputs[setting] = _files(ctx.out)
+    # Recomputed activations are the same numbers; dbl.json does not record the setting.
+    assert outputs["auto"] == outputs[True]

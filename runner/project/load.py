@@ -100,6 +100,8 @@ class _Checker:
             value = float(raw) if ok else raw
         elif kind == "bool":
             ok = isinstance(raw, bool)
+        elif kind == "switch":
+            ok = isinstance(raw, bool) or raw == "auto"
         elif kind == "targets" and isinstance(raw, str):
             if raw not in schema.TARGET_PRESETS:
                 close = difflib.get_close_matches(raw, schema.TARGET_PRESETS, n=1)
@@ -222,6 +224,7 @@ def _example(kind: str) -> str:
         "list[int]": "[0, 1]",
         "weights": "{ dog = 1.0 }",
         "targets": '"attention"',
+        "switch": '"auto"',
     }[kind]
 
 

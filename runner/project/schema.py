@@ -32,6 +32,7 @@ TYPES = {
     "list[int]": "a list of integers",
     "weights": "a table of adapter = weight",
     "targets": "a list of module names, or a preset",
+    "switch": 'true, false or "auto"',
 }
 
 # `target_modules` presets; each model family's components say which modules each one names.
@@ -134,8 +135,12 @@ class TrainSettings:
     lr_num_cycles: int = opt(1, "restarts of cosine_with_restarts", "int", minimum=1)
     lr_power: float = opt(1.0, "power of the polynomial schedule", "float")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", "int", minimum=1)
-    gradient_checkpointing: bool = opt(
-        True, "recompute activations to save memory (slower, same result)", "bool", fingerprint=False
+    gradient_checkpointing: bool | str = opt(
+        "auto",
+        "recompute activations to save memory (slower, same result); auto: on only when a CUDA device's "
+        "free memory would not hold the step without it",
+        "switch",
+        fingerprint=False,
     )
     train_text_encoder: bool = opt(True, "also train a LoRA on the text encoder", "bool")
     checkpoint_every: int = opt(

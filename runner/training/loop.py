@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import captions, checkpoints, lora, optimizers, provenance
+from runner.training import captions, checkpoints, lora, memory, optimizers, provenance
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -64,6 +64,7 @@ class Run:
     history: dict = field(default_factory=lambda: {"instance": [], "prior": []})
     resumed_from: int | None = None
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
+    checkpointing: bool = False  # gradient checkpointing, as chosen for this run (runner.training.memory)
 
     @property
     def settings(self):
@@ -117,7 +118,8 @@ def _train(run: Run) -> dict:
     run.modules = lora.add_lora(run.pipe, run.job.family, run.components, run.job.subject.lora, run.job.seed)
     try:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
-        lora.start_training(run.modules, run.components, ts.gradient_checkpointing)
+        _choose_checkpointing(run)
+        lora.start_training(run.modules, run.components, run.checkpointing)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(
@@ -147,7 +149,26 @@ def _train(run: Run) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
-        lora.remove_lora(run.modules, ts.gradient_checkpointing)
+        lora.remove_lora(run.modules, run.checkpointing)
+
+
+def _choose_checkpointing(run: Run) -> None:
+    """Gradient checkpointing as set, or with "auto" as the device's free memory asks; said in the log."""
+    ts = run.settings
+    denoiser = next(run.modules[c.name] for c in run.job.family.components if c.denoiser)
+    examples = ts.batch_size * (2 if run.weight is not None else 1)
+    on, why = memory.choose(
+        ts.gradient_checkpointing,
+        run.device,
+        run.pipe,
+        denoiser,
+        run.trainable,
+        examples,
+        ts.resolution,
+        run.dtype,
+    )
+    run.checkpointing = on
+    run.log(memory.describe(on, why))
 
 
 def _order(run: Run):

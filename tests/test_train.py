@@ -392,3 +392,28 @@ def test_the_log_says_whether_gradient_checkpointing_is_on_and_it_changes_no_res
         outputs[setting] = _files(ctx.out)
     # Recomputed activations are the same numbers; dbl.json does not record the setting.
     assert outputs["auto"] == outputs[True]
+
+
+def test_losses_read_back_every_few_steps_give_the_same_log(tmp_path, images, monkeypatch):
+    """On an accelerator the losses stay on the device and are read back every few steps; the per-step log,
+    the adapter and the progress (one call a step, the loss at each read-back) are what reading every step
+    gives."""
+    from runner.training import loop
+
+    instance, _ = images
+    outputs, calls = {}, {}
+    for every in (1, 3):
+        monkeypatch.setattr(loop, "readback_interval", lambda device, every=every: every)
+        progress = calls[every] = []
+        subject = make_subject(instance, train=dict(steps=5, train_text_encoder=False))
+        ctx = train_context(
+            tmp_path,
+            subject,
+            work=tmp_path / f"work-{every}",
+            progress=lambda done, total, seen=progress, **m: seen.append((done, "loss" in m)),
+        )
+        _run(ctx)
+        outputs[every] = _files(ctx.out)
+    assert outputs[3] == outputs[1]
+    assert calls[1][1:] == [(step, True) for step in range(1, 6)]
+    assert calls[3][1:] == [(1, False), (2, False), (3, True), (4, False), (5, True)]

@@ -16,7 +16,7 @@ def all_reduce_mean(params, sums, world: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-    sums.copy_(flat[offset:].double().cpu())
+    sums.copy_(flat[offset:])
 
 
 def agree(flag: bool, world: int) -> bool:

@@ -33,6 +33,8 @@ from runner.training.latents import LatentCache
 from runner.training.losses import min_snr_weights, prior_preservation_loss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Steps between reading the losses back on an accelerator: each read waits for the device's queue to drain.
+READBACK_STEPS = 10
 
 
 @dataclass
@@ -65,6 +67,11 @@ class Run:
     resumed_from: int | None = None
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
     checkpointing: bool = False  # gradient checkpointing, as chosen for this run (runner.training.memory)
+    # Losses stay on the device until read back (every `readback_every` steps): (losses, lr) of each step.
+    pending: list = field(default_factory=list)
+    readback_every: int = 1
+    read_at: float = 0.0  # time.perf_counter() of the last read-back
+    metrics: dict = field(default_factory=dict)  # the last read-back step's loss and lr, for the display
 
     @property
     def settings(self):
@@ -135,16 +142,18 @@ def _train(run: Run) -> dict:
         order = _order(run)
         params = [p for group in run.trainable.values() for p in group.values()]
         run.writer = _log_writer(run)
+        run.readback_every, run.read_at = readback_interval(run.device), time.perf_counter()
         while run.step < (run.job.stop_at or ts.steps):
-            clock = time.perf_counter()
             losses = _forward_backward(run, order)
             if run.world > 1:
                 all_reduce_mean(params, losses, run.world)
-            _optimizer_step(run, params, losses, time.perf_counter() - clock)
+            _optimizer_step(run, params, losses)
             if run.step in run.job.snapshots:  # keep the adapter of this step as it is
+                _read_losses(run)
                 _snapshot(run, run.job.snapshots[run.step])
             _checkpoint_or_stop(run)  # 5. checkpoint when due or asked to stop
         # 6. Write the adapter in every layout.
+        _read_losses(run)
         return _save(run)
     finally:
         if run.writer is not None:
@@ -169,6 +178,12 @@ def _choose_checkpointing(run: Run) -> None:
     )
     run.checkpointing = on
     run.log(memory.describe(on, why))
+
+
+def readback_interval(device: str) -> int:
+    """Steps between reading the losses back: every step on a CPU, where it costs nothing; every
+    READBACK_STEPS on an accelerator, whose queue each read would drain."""
+    return 1 if device == "cpu" else READBACK_STEPS
 
 
 def _order(run: Run):
@@ -272,7 +287,7 @@ def _forward_backward(run: Run, order: ExampleOrder):
         if run.dtype != torch.float32
         else torch.autocast(device_type, enabled=False)
     )
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float32 if run.device == "mps" else torch.float64, device=run.device)
     for micro in range(accum):
         stream = (run.step * accum + micro) * run.world * batch + run.rank * batch
         positions = range(stream, stream + batch)
@@ -326,8 +341,8 @@ def _forward_backward(run: Run, order: ExampleOrder):
             loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight, weights)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-        sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).double().cpu()
-    return sums / accum
+        sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).to(sums.dtype)
+    return sums / accum  # on the device: read back by _read_losses
 
 
 def _example_prompts(run: Run, positions, order: ExampleOrder):
@@ -359,19 +374,12 @@ def _target(run: Run, latents, noise, timesteps):
     return latents
 
 
-def _optimizer_step(run: Run, params, losses, seconds: float = 0.0) -> None:
-    """Check the loss, step the optimizer and the LR schedule, record and report the step."""
+def _optimizer_step(run: Run, params, losses) -> None:
+    """Step the optimizer and the LR schedule, keep the step's losses and report the step. The losses are
+    read back (and checked) every `readback_every` steps, so that a step never waits for the device."""
     import torch
 
     ts, scaler, optimizer = run.settings, run.scaler, run.optimizer
-    instance_value, prior_value = float(losses[0]), float(losses[1])
-    if not (math.isfinite(instance_value) and math.isfinite(prior_value)):
-        raise StepError(
-            f"train:{run.job.subject.name}: the loss became "
-            f"{instance_value if not math.isfinite(instance_value) else prior_value} "
-            f"at step {run.step + 1}; lower learning_rate (now {ts.learning_rate}) or use mixed_precision = "
-            "'bf16' or 'no'. The last good checkpoint is kept and the next build resumes from it."
-        )
     if scaler:
         scaler.unscale_(optimizer)
     if ts.max_grad_norm > 0:
@@ -385,17 +393,46 @@ def _optimizer_step(run: Run, params, losses, seconds: float = 0.0) -> None:
     run.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    run.history["instance"].append(instance_value)
-    run.history["prior"].append(prior_value)
-    run.history.setdefault("lr", []).append(lr)
-    if run.rank == 0:
-        metrics = {"loss": instance_value + (run.weight or 0.0) * prior_value, "lr": lr}
+    run.pending.append((losses, lr))
+    total = run.job.stop_at or ts.steps
+    if run.step % run.readback_every == 0 or run.step == total:
+        _read_losses(run)
+        if run.rank == 0:
+            run.hooks.progress(run.step, total, **run.metrics)
+    elif run.rank == 0:
+        run.hooks.progress(run.step, total)
+
+
+def _read_losses(run: Run) -> None:
+    """Read the pending steps' losses back (one wait for the device), check them, and add them to the
+    history and the TensorBoard logs. A non-finite loss stops the run before any checkpoint keeps it."""
+    import torch
+
+    if not run.pending:
+        return
+    values = torch.stack([losses for losses, _ in run.pending]).tolist()
+    now = time.perf_counter()
+    seconds, run.read_at = (now - run.read_at) / len(values), now
+    first = run.step - len(values) + 1
+    for step, ((instance, prior), (_, lr)) in enumerate(zip(values, run.pending, strict=True), first):
+        if not (math.isfinite(instance) and math.isfinite(prior)):
+            ts = run.settings
+            raise StepError(
+                f"train:{run.job.subject.name}: the loss became "
+                f"{instance if not math.isfinite(instance) else prior} "
+                f"at step {step}; lower learning_rate (now {ts.learning_rate}) or use mixed_precision = "
+                "'bf16' or 'no'. The last good checkpoint is kept and the next build resumes from it."
+            )
+        run.history["instance"].append(instance)
+        run.history["prior"].append(prior)
+        run.history.setdefault("lr", []).append(lr)
+        run.metrics = {"loss": instance + (run.weight or 0.0) * prior, "lr": lr}
         if run.weight is not None:
-            metrics["prior_loss"] = prior_value
-        run.hooks.progress(run.step, run.job.stop_at or ts.steps, **metrics)
-        if run.writer is not None:
-            for tag, value in {**metrics, "instance_loss": instance_value, "step_time_s": seconds}.items():
-                run.writer.add_scalar(tag, value, run.step)
+            run.metrics["prior_loss"] = prior
+        if run.writer is not None and run.rank == 0:
+            for tag, value in {**run.metrics, "instance_loss": instance, "step_time_s": seconds}.items():
+                run.writer.add_scalar(tag, value, step)
+    run.pending.clear()
 
 
 def _checkpoint_or_stop(run: Run) -> None:
@@ -403,6 +440,7 @@ def _checkpoint_or_stop(run: Run) -> None:
     stop = agree(run.hooks.should_stop(), run.world)
     due = ts.checkpoint_every > 0 and run.step % ts.checkpoint_every == 0 and run.step < ts.steps
     if stop or due:
+        _read_losses(run)  # the checkpoint keeps the history, and never a non-finite loss
         checkpoints.save(
             run.job,
             run.step,

@@ -5,7 +5,8 @@ resolved [train] settings, and returns a torch optimizer whose `state_dict` hold
 resume exactly (runner.training.checkpoints saves it). torch and the optional packages are imported
 inside the builders.
 
-    adamw       torch.optim.AdamW, foreach off (the same arithmetic on every device count and layout)
+    adamw       torch.optim.AdamW: fused on CUDA, foreach off elsewhere (the same arithmetic on every
+                device count and layout)
     adamw8bit   bitsandbytes' 8-bit AdamW (CUDA); `use_8bit_adam = true` asks for it too
     prodigy     Prodigy (prodigyopt, the `dbl[prodigy]` extra): Adam that finds its own step size;
                 learning_rate multiplies it (1.0 is usual), and one rate serves every group
@@ -23,7 +24,18 @@ from runner.errors import StepError
 def _adamw(groups, ts, device):
     import torch
 
-    return torch.optim.AdamW(groups, foreach=False, **_adam_kwargs(ts))
+    devices = [p.device.type for group in groups for p in group["params"]]
+    return torch.optim.AdamW(groups, **adamw_implementation(devices), **_adam_kwargs(ts))
+
+
+def adamw_implementation(devices: list[str]) -> dict:
+    """AdamW's implementation for parameters on these device types: the fused CUDA kernel (one launch for
+    every parameter, no host sync) when all are on CUDA; else the plain per-parameter loop (foreach off).
+    Both are elementwise, so the result does not depend on how parameters are grouped or split among
+    processes."""
+    if devices and all(d == "cuda" for d in devices):
+        return {"fused": True}
+    return {"foreach": False}
 
 
 def _adamw8bit(groups, ts, device):

@@ -260,6 +260,12 @@ CASES = [
         '- e.g. gradient_checkpointing = "auto"',
     ),
     (
+        "compile neither a bool nor auto",
+        "[train]\ncompile = 1\n",
+        "train.compile: expected true, false or \"auto\", got int 1 (line {line}) "
+        '- e.g. compile = "auto"',
+    ),
+    (
         "caption dropout above 1",
         "[train]\ncaption_dropout = 1.5\n",
         "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
@@ -579,15 +585,16 @@ def test_a_single_file_of_another_family_is_a_project_file_error(folder, keys, k
     ]
 
 
+@pytest.mark.parametrize("key", ["gradient_checkpointing", "compile"])
 @pytest.mark.parametrize(
     "written, value", [("", "auto"), ('"auto"', "auto"), ("true", True), ("false", False)]
 )
-def test_gradient_checkpointing_is_auto_true_or_false_and_never_fingerprinted(folder, written, value):
+def test_speed_switches_are_auto_true_or_false_and_never_fingerprinted(folder, key, written, value):
     from runner.project.fields import fingerprinted_fields
 
     path = folder / "p.toml"
-    path.write_text(GOOD + (f"\n[train]\ngradient_checkpointing = {written}\n" if written else ""))
+    path.write_text(GOOD + (f"\n[train]\n{key} = {written}\n" if written else ""))
     dog = load_project(path).subjects["dog"]
-    assert dog.train.gradient_checkpointing == value
+    assert getattr(dog.train, key) == value
     # Not an input of the train fingerprint: a project that wrote true or false keeps its lockfile fresh.
-    assert "gradient_checkpointing" not in fingerprinted_fields(dog.train)
+    assert key not in fingerprinted_fields(dog.train)

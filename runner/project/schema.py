@@ -142,6 +142,13 @@ class TrainSettings:
         "switch",
         fingerprint=False,
     )
+    compile: bool | str = opt(
+        "auto",
+        "compile the denoiser with torch.compile (fewer, fused kernels a step; same result to rounding); "
+        "auto: on on CUDA without buckets",
+        "switch",
+        fingerprint=False,
+    )
     train_text_encoder: bool = opt(True, "also train a LoRA on the text encoder", "bool")
     checkpoint_every: int = opt(
         200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False

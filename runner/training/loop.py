@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import captions, checkpoints, lora, memory, optimizers, provenance
+from runner.training import captions, checkpoints, compiling, lora, memory, optimizers, provenance
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -67,6 +67,7 @@ class Run:
     resumed_from: int | None = None
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
     checkpointing: bool = False  # gradient checkpointing, as chosen for this run (runner.training.memory)
+    compiled: list = field(default_factory=list)  # modules compiled for this run (runner.training.compiling)
     # Losses stay on the device until read back (every `readback_every` steps): (losses, lr) of each step.
     pending: list = field(default_factory=list)
     readback_every: int = 1
@@ -127,6 +128,7 @@ def _train(run: Run) -> dict:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
         _choose_checkpointing(run)
         lora.start_training(run.modules, run.components, run.checkpointing)
+        _choose_compile(run)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(
@@ -158,6 +160,8 @@ def _train(run: Run) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
+        for module in run.compiled:
+            compiling.uncompile_module(module)
         lora.remove_lora(run.modules, run.checkpointing)
 
 
@@ -178,6 +182,18 @@ def _choose_checkpointing(run: Run) -> None:
     )
     run.checkpointing = on
     run.log(memory.describe(on, why))
+
+
+def _choose_compile(run: Run) -> None:
+    """The denoiser compiled as set, or with "auto" as the device and the shapes ask; said in the log."""
+    on, why = compiling.compiling(run.settings.compile, run.device, buckets=bool(run.settings.buckets))
+    run.log(compiling.describe(on, why))
+    if on:
+        for c in run.components:
+            if c.denoiser:
+                module = run.modules[c.name].base_model.model  # inside the LoRA wrapper
+                compiling.compile_module(module)
+                run.compiled.append(module)
 
 
 def readback_interval(device: str) -> int:

@@ -1,0 +1,58 @@
+"""Whether the denoiser is compiled for training (`[train] compile`), and compiling it. torch is imported
+inside functions.
+
+torch.compile turns the denoiser's forward and backward into a few fused kernels, so a step launches far
+fewer of them: on a big GPU, where a small batch leaves the device waiting on launches rather than on
+arithmetic, that is most of a step's time. The latents are cached and every step has the same shapes, so
+the denoiser is compiled once (dynamic=False); with buckets the shapes change with the bucket, and each
+bucket would compile anew, so "auto" leaves compilation off then. Compiling takes about a minute on a GPU
+and several on a CPU: "auto" turns it on on CUDA only. The compiled kernels are kept in
+DBL_HOME/torch-compile (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later build of the same
+model and shapes loads them instead of compiling again.
+
+The result is the same as without compiling to floating-point rounding (fused kernels add in another
+order), so the setting is not part of the fingerprint, as gradient checkpointing is not.
+"""
+
+from __future__ import annotations
+
+import os
+
+CACHE_FOLDER = "torch-compile"
+
+
+def compiling(setting, device: str, buckets: bool = False) -> tuple[bool, str]:
+    """(on, why) for a `compile` setting: true, false or "auto"."""
+    if setting is not True and setting is not False and setting != "auto":
+        raise ValueError(f"compile must be true, false or 'auto', not {setting!r}")
+    if setting != "auto":
+        return setting, "set in [train]"
+    kind = device.split(":")[0]
+    if kind != "cuda":
+        return False, f"auto: off on {kind}, where compiling takes longer than it saves"
+    if buckets:
+        return False, "auto: off with buckets, whose shapes would each compile anew"
+    return True, "auto: on cuda"
+
+
+def describe(on: bool, why: str) -> str:
+    """The log line of the choice."""
+    return f"compile: {'on' if on else 'off'} ({why})"
+
+
+def compile_module(module) -> None:
+    """Compile `module` in place (its __call__ runs the compiled graph; its parameters and state dict are
+    untouched), with the compiled kernels cached under dbl's home folder."""
+    from runner.models import dbl_home
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(dbl_home() / CACHE_FOLDER))
+    module.compile(dynamic=False)
+
+
+def uncompile_module(module) -> None:
+    """Undo compile_module: the module runs eagerly again (a shared pipeline is left as it was found)."""
+    module._compiled_call_impl = None
+
+
+def is_compiled(module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None

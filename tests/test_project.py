@@ -262,8 +262,7 @@ CASES = [
     (
         "compile neither a bool nor auto",
         "[train]\ncompile = 1\n",
-        "train.compile: expected true, false or \"auto\", got int 1 (line {line}) "
-        '- e.g. compile = "auto"',
+        'train.compile: expected true, false or "auto", got int 1 (line {line}) - e.g. compile = "auto"',
     ),
     (
         "caption dropout above 1",

@@ -50,6 +50,18 @@ def main() -> None:
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--ema", type=float, default=0.998)
     parser.add_argument(
+        "--min-snr",
+        type=float,
+        default=5.0,
+        help="weigh each example's loss by min(SNR, GAMMA) / SNR (Min-SNR-gamma); 0: no weighting",
+    )
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        help="take the VAE from this weights file (one this script wrote with the same seed and VAE "
+        "settings) instead of training it; the run's other draws stay those of a whole run",
+    )
+    parser.add_argument(
         "--save-every", type=int, default=1000, help="write the weights so far to OUT.partial"
     )
     parser.add_argument(
@@ -62,7 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pictures, args.vae_steps, args.unet_steps = 512, 20, 20
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "save_every", "stop_after")}
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("out", "quick", "save_every", "stop_after", "vae_from")
+    }
     last = args.stop_after or args.unet_steps
 
     import numpy as np
@@ -91,7 +107,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed + 1)
     vae.train()
-    for step in range(1, args.vae_steps + 1):
+    if args.vae_from:
+        load_vae(vae, args.vae_from, settings)
+        for _ in range(args.vae_steps):  # the draws of the skipped training, so that the rest match
+            torch.randint(0, len(images), (args.vae_batch,), generator=generator)
+    for step in range(1, 0 if args.vae_from else args.vae_steps + 1):
         _set_lr(optimizer, args.vae_lr, step, args.vae_steps)
         batch = images[torch.randint(0, len(images), (args.vae_batch,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
@@ -109,6 +129,9 @@ def main() -> None:
             )
     vae.eval()
     with torch.no_grad():
+        deterministic_posterior(vae)
+        for p in vae.parameters():  # the VAE as it is saved, in fp16, so the latents are its latents
+            p.copy_(p.half().float())
         means = torch.cat(
             [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
         )
@@ -143,7 +166,12 @@ def main() -> None:
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         embeddings = text_encoder(tokens[index])[0]
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, embeddings).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, embeddings).sample, noise, reduction="none")
+        loss = loss.mean(dim=(1, 2, 3))
+        if args.min_snr:
+            snr = alphas[t] / (1 - alphas[t])
+            loss = loss * torch.clamp(snr, max=args.min_snr) / snr
+        loss = loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -186,6 +214,22 @@ def save(path: Path, ema, vae, settings: dict, scaling: float, started: float, s
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def load_vae(vae, path: Path, settings: dict) -> None:
+    """The VAE of a weights file this script wrote, and check it was trained as this run would train it."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        written = json.loads(f.metadata()["settings"])
+        state = {k.removeprefix("vae."): f.get_tensor(k).float() for k in f.keys() if k.startswith("vae.")}  # noqa: SIM118
+    keys = ("seed", "threads", "pictures", "vae_steps", "vae_batch", "vae_lr")
+    differ = [k for k in keys if written.get(k) != settings.get(k)]
+    if differ:
+        raise SystemExit(f"{path}: its VAE was trained with other settings ({', '.join(differ)})")
+    with torch.no_grad():
+        vae.load_state_dict(state, strict=True)
 
 
 def deterministic_posterior(vae) -> None:

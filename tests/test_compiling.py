@@ -93,3 +93,36 @@ def images_for_compile(tmp_path):
     from tests.steps_fixtures import draw_images
 
     return draw_images(tmp_path / "dog", 3, size=(64, 64))
+
+
+@pytest.mark.torch
+def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning_and_the_same_adapter(
+    tmp_path, images_for_compile, monkeypatch
+):
+    """A backend that raises (as a missing C compiler or an unknown operator would): the run says so and
+    trains the same adapter as with compile = false."""
+    from runner.steps import train
+    from runner.training import compiling as compiling_module
+
+    calls = []
+
+    def broken_backend(graph, example_inputs):
+        calls.append(len(example_inputs))
+        raise RuntimeError("no C compiler here")
+
+    monkeypatch.setattr(compiling_module, "compile_module", lambda m: m.compile(backend=broken_backend))
+    from tests.steps_fixtures import make_subject, train_context
+
+    outputs, logs = {}, {}
+    for setting in (True, False):
+        logs[setting] = []
+        subject = make_subject(
+            images_for_compile, train=dict(steps=2, train_text_encoder=False, compile=setting)
+        )
+        ctx = train_context(tmp_path, subject, work=tmp_path / f"work-{setting}", log=logs[setting].append)
+        train.run(ctx)
+        outputs[setting] = {p.name: p.read_bytes() for p in sorted(ctx.out.rglob("*")) if p.is_file()}
+    assert calls, "the broken backend was never called"
+    warnings = [line for line in logs[True] if line.startswith("warning: compiling the denoiser failed")]
+    assert len(warnings) == 1 and "no C compiler here" in warnings[0]
+    assert outputs[True] == outputs[False]

@@ -10,6 +10,9 @@ and several on a CPU: "auto" turns it on on CUDA only. The compiled kernels are 
 DBL_HOME/torch-compile (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later build of the same
 model and shapes loads them instead of compiling again.
 
+Where compiling fails (an operator the compiler does not know, a missing C compiler), the run says why
+in its log and goes on without it, from the same step.
+
 The result is the same as without compiling to floating-point rounding (fused kernels add in another
 order), so the setting is not part of the fingerprint, as gradient checkpointing is not.
 """
@@ -52,6 +55,23 @@ def compile_module(module) -> None:
 def uncompile_module(module) -> None:
     """Undo compile_module: the module runs eagerly again (a shared pipeline is left as it was found)."""
     module._compiled_call_impl = None
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """Whether `exc` is torch.compile failing (tracing, or the backend's compiler), not the model."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(exc, TorchDynamoException)
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong in a compile error, in one line: the compiler's own exception where it has one."""
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(cause).__name__}: {first}"[:200] if first else type(cause).__name__
 
 
 def is_compiled(module) -> bool:

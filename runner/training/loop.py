@@ -146,7 +146,7 @@ def _train(run: Run) -> dict:
         run.writer = _log_writer(run)
         run.readback_every, run.read_at = readback_interval(run.device), time.perf_counter()
         while run.step < (run.job.stop_at or ts.steps):
-            losses = _forward_backward(run, order)
+            losses = _forward_backward_or_uncompile(run, order)
             if run.world > 1:
                 all_reduce_mean(params, losses, run.world)
             _optimizer_step(run, params, losses)
@@ -194,6 +194,26 @@ def _choose_compile(run: Run) -> None:
                 module = run.modules[c.name].base_model.model  # inside the LoRA wrapper
                 compiling.compile_module(module)
                 run.compiled.append(module)
+
+
+def _forward_backward_or_uncompile(run: Run, order: ExampleOrder):
+    """_forward_backward; where compiling the denoiser fails, the log says why and the step runs again
+    without it (its draws come from the step's own seeds, so the rerun is the step an eager run takes)."""
+    if not run.compiled:
+        return _forward_backward(run, order)
+    try:
+        return _forward_backward(run, order)
+    except Exception as exc:
+        if not compiling.is_compile_error(exc):
+            raise
+        run.log(
+            f"warning: compiling the denoiser failed ({compiling.reason(exc)}); it runs without compiling"
+        )
+        for module in run.compiled:
+            compiling.uncompile_module(module)
+        run.compiled.clear()
+        run.optimizer.zero_grad(set_to_none=True)
+        return _forward_backward(run, order)
 
 
 def readback_interval(device: str) -> int:

@@ -1,27 +1,37 @@
-"""SDXL DreamBooth-LoRA training: dbl's train step against diffusers' own SDXL script on the same job.
+"""DreamBooth-LoRA training: dbl's train step against diffusers' own script on the same job.
 
-    python bench/sdxl_bench.py --gpu                 # SDXL shapes, 1024 px, bf16, 50 steps, one CUDA GPU
-    python bench/sdxl_bench.py --cpu-rehearsal       # tiny-sdxl shapes, 64 px, 4 steps: the same flow
+    python bench/anchor_bench.py --gpu                       # SD 1.5 shapes, 512 px, fp16, 300 steps
+    python bench/anchor_bench.py --gpu --family sdxl         # SDXL shapes, 1024 px, bf16, 50 steps
+    python bench/anchor_bench.py --cpu-rehearsal             # tiny-sd, 64 px, 4 steps: the same flow
+    python bench/anchor_bench.py --cpu-rehearsal --family sdxl
 
-The model is SDXL base 1.0's architecture (2.6B-parameter UNet, its VAE, CLIP ViT-L and OpenCLIP bigG
-text encoders) with seeded random weights, built from its configs on the device and saved as a diffusers
-folder (fp16, about 7 GB): real memory and compute, no download. The rehearsal builds tiny-sdxl instead.
+The model has the architecture of SD 1.5 (860M-parameter UNet, its VAE and CLIP ViT-L) or of SDXL base
+1.0 (2.6B-parameter UNet, two text encoders) with seeded random weights, built on the device and saved as
+a diffusers folder in fp16: real memory and compute, no download. The rehearsal uses tiny-sd or
+tiny-sdxl instead. The scripts are shared/anchors/train_dreambooth_lora.py and
+train_dreambooth_lora_sdxl.py, run as themselves with their own arguments.
 
 The job, for both: drawn instance images and `--class-images` given class images (prior preservation,
 loss weight 1, no class image generated), batch 1 + 1, LoRA rank 16 (alpha 16) on the UNet's
-to_q/to_k/to_v/to_out.0 and on both text encoders' q/k/v/out projections, learning rate 1e-4 constant,
-gradient checkpointing, `--steps` optimizer steps, seed 0. dbl runs as `dbl build` on a project file
-(shared/anchors/train_dreambooth_lora_sdxl.py as itself, with its own arguments); each runs in
-its own process, timed from inside by a global optimizer-step hook (after a CUDA synchronize):
+to_q/to_k/to_v/to_out.0 and on the text encoders' q/k/v/out projections, learning rate 1e-4 constant,
+`--steps` optimizer steps, seed 0. SD 1.5: each tool with its defaults (the script does not checkpoint
+gradients; dbl decides by itself, `gradient_checkpointing = "auto"`, and compiles on CUDA,
+`compile = "auto"`). SDXL: gradient checkpointing in both. dbl runs as `dbl build` on a project file.
+Each runs in its own process, timed from inside by a global optimizer-step hook (after a CUDA
+synchronize):
 
-    steps/s               steps after the first `--warmup`, over the time they took
-    peak GPU memory MB    torch.cuda.max_memory_allocated (on the CPU: the process tree's peak RSS)
-    time to first step    from the process start: imports, loading, preparing data
-    wall time             the whole process: also saving (the script also reloads the pipeline at the end)
+    steps/s               steps after the first `--warmup`, over the time they took (the steady part)
+    peak GPU memory MB    torch.cuda.max_memory_allocated, the same call in both processes
+                          (on the CPU: the process tree's peak RSS)
+    time to first step    from the process start: imports, loading, preparing data, compiling
+    wall time             the whole process, start to exit: also saving (the script also reloads the
+                          pipeline at the end)
 
-The diffusers script needs torchvision and accelerate; on the CPU it needs transformers < 5.24 (peft
-0.21.2 is refused by 5.24's PEFT integration), so `--anchor-python` can name another environment's
-python for it. Writes the figures as JSON too (`--out`).
+The scripts need torchvision and accelerate, and transformers whose PEFT check accepts peft 0.21 (5.17
+does; 5.24 demands peft >= 0.22), so `--anchor-python` can name another environment's python for them.
+Where torchvision's compiled operators do not load (a CUDA torchvision next to a CPU torch), the two
+that its import registers are declared empty first: the scripts use only its transforms. Writes the
+figures as JSON too (`--out`).
 """
 
 from __future__ import annotations
@@ -38,8 +48,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The script, unmodified: in the checkout's shared/ (what travels to a GPU machine) or the one beside it.
-ANCHORS = [base / "shared" / "anchors" / "train_dreambooth_lora_sdxl.py" for base in (ROOT, ROOT.parent)]
+# The scripts, unmodified: in the checkout's shared/ (what travels to a GPU machine) or the one beside it.
+SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sdxl.py"}
+# Per family: the GPU job's resolution, steps, untimed steps, precision, and whether both checkpoint.
+VARIANTS = ("dbl", "dbl-eager", "anchor")
+LABELS = {"dbl": "dbl", "dbl-eager": "dbl eager", "anchor": "script"}
+JOBS = {
+    "sd15": dict(resolution=512, steps=300, warmup=20, mixed_precision="fp16", checkpointing=False),
+    "sdxl": dict(resolution=1024, steps=50, warmup=5, mixed_precision="bf16", checkpointing=True),
+}
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers script's
@@ -138,15 +155,26 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_model(folder: Path, args) -> None:
-    if (folder / "model_index.json").is_file():
-        return
-    if args.shape == "tiny":
-        from runner.families.sdxl import build_tiny_sdxl
+def build_sd15(folder: Path, device: str, seed: int = 0) -> None:
+    """SD 1.5's architecture with seeded random weights (runner.models.sd15_random_pipeline), saved in
+    fp16 as a diffusers folder."""
+    import torch
 
-        build_tiny_sdxl(folder)
-    else:
-        build_sdxl(folder, args.device)
+    from runner.models import sd15_random_pipeline
+
+    pipe = sd15_random_pipeline(device=device, dtype=torch.float16, seed=seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_model(folder: Path, args) -> Path:
+    """The model folder: a built-in tiny model for the rehearsal, else the family's shapes built once."""
+    if args.shape == "tiny":
+        from runner.models import ensure_builtin
+
+        return ensure_builtin("tiny-sd" if args.family == "sd15" else "tiny-sdxl")
+    if not (folder / "model_index.json").is_file():
+        (build_sd15 if args.family == "sd15" else build_sdxl)(folder, args.device)
+    return folder
 
 
 def draw_images(folder: Path, count: int, size: int, seed: int) -> Path:
@@ -169,11 +197,12 @@ def draw_images(folder: Path, count: int, size: int, seed: int) -> Path:
 # --- the two commands -------------------------------------------------------------------------------------
 
 
-def dbl_project(work: Path, model: Path, instance: Path, classes: Path, args) -> Path:
+def dbl_project(work: Path, model: Path, instance: Path, classes: Path, args, eager: bool = False) -> Path:
     def strings(items):
         return "[" + ", ".join(f'"{x}"' for x in items) + "]"
 
-    text = f"""# python bench/sdxl_bench.py: the diffusers script's job, as a dbl project
+    checkpointing = "gradient_checkpointing = true\n" if args.checkpointing else ""
+    text = f"""# python bench/anchor_bench.py: the diffusers script's job, as a dbl project
 [project]
 base_model = "{model}"
 device = "{args.device}"
@@ -186,8 +215,7 @@ steps = {args.steps}
 batch_size = 1
 learning_rate = 1e-4
 lr_scheduler = "constant"
-gradient_checkpointing = true
-train_text_encoder = true
+{checkpointing}{"compile = false" + chr(10) if eager else ""}train_text_encoder = true
 checkpoint_every = 0
 
 [lora]
@@ -208,7 +236,7 @@ images = "{instance}"
 instance_prompt = "{INSTANCE_PROMPT}"
 prior = "dog"
 """
-    path = work / "bench.toml"
+    path = work / ("bench-eager.toml" if eager else "bench.toml")
     path.write_text(text)
     return path
 
@@ -222,7 +250,8 @@ def anchor_args(work: Path, model: Path, instance: Path, classes: Path, args) ->
         *("--num_class_images", str(args.class_images), "--resolution", str(args.resolution)),
         *("--train_batch_size", "1", "--learning_rate", "1e-4"),
         *("--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", str(args.steps)),
-        *("--train_text_encoder", "--rank", str(RANK), "--seed", "0", "--gradient_checkpointing"),
+        *("--train_text_encoder", "--rank", str(RANK), "--seed", "0"),
+        *(("--gradient_checkpointing",) if args.checkpointing else ()),
         *("--mixed_precision", args.mixed_precision, "--checkpointing_steps", "1000000"),
         *("--output_dir", str(work / "anchor-out")),
     ]
@@ -253,15 +282,37 @@ def child(variant: str, stats: Path, rest: list[str], anchor: Path) -> int:
 
     register_optimizer_step_post_hook(stamp)
     atexit.register(write)
-    if variant == "dbl":
+    if variant != "anchor":
         from runner.cli import main
 
-        return main(["build", *rest, "--no-progress"])
+        return main(["build", *rest, "--no-progress", "--force", "train:dog"])  # never from a cache
     import runpy
 
+    if not cuda:
+        declare_torchvision_operators()
     sys.argv = [str(anchor), *rest]
     runpy.run_path(str(anchor), run_name="__main__")
     return 0
+
+
+def declare_torchvision_operators() -> None:
+    """Let torchvision import where its compiled operators cannot load (a CUDA build of it next to a CPU
+    torch): its import registers fake kernels for nms and qnms, which must then be declared. The scripts
+    use only torchvision's transforms, which need no operator."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    try:
+        torch.ops.load_library(next(Path(spec.origin).parent.glob("_C*.so")))
+    except (OSError, StopIteration):
+        library = torch.library.Library("torchvision", "DEF")
+        for name in ("nms", "qnms"):
+            library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        declare_torchvision_operators.library = library  # kept alive: dropping it undoes the definitions
 
 
 def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dict:
@@ -309,24 +360,37 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--gpu", action="store_true", help="SDXL shapes on CUDA (the defaults below)")
-    mode.add_argument("--cpu-rehearsal", action="store_true", help="tiny-sdxl shapes on the CPU")
-    parser.add_argument("--resolution", type=int, help="default: 1024 (rehearsal: 64)")
-    parser.add_argument("--steps", type=int, help="optimizer steps; default: 50 (rehearsal: 4)")
-    parser.add_argument("--warmup", type=int, help="untimed first steps; default: 5 (rehearsal: 1)")
+    mode.add_argument("--gpu", action="store_true", help="the family's shapes on CUDA")
+    mode.add_argument("--cpu-rehearsal", action="store_true", help="tiny-sd or tiny-sdxl on the CPU")
+    parser.add_argument("--family", choices=tuple(JOBS), default="sd15")
+    parser.add_argument("--resolution", type=int, help="default: 512 sd15, 1024 sdxl (rehearsal: 64)")
     parser.add_argument(
-        "--mixed-precision", choices=("no", "fp16", "bf16"), help="default: bf16 (rehearsal: no)"
+        "--steps", type=int, help="optimizer steps; default: 300 sd15, 50 sdxl (rehearsal: 4)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="untimed first steps; default: 20 sd15, 5 sdxl (rehearsal: 1)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        help="default: fp16 sd15, bf16 sdxl (rehearsal: no)",
     )
     parser.add_argument("--class-images", type=int, default=8)
     parser.add_argument("--work", type=Path, help="model, data and outputs (default: a temporary folder)")
     parser.add_argument("--model-dir", type=Path, help="reuse a model folder built by an earlier run")
     parser.add_argument(
-        "--anchor", type=Path, help="diffusers' train_dreambooth_lora_sdxl.py (default: shared/anchors/)"
+        "--anchor", type=Path, help="the family's diffusers script (default: shared/anchors/)"
     )
     parser.add_argument("--anchor-python", default=sys.executable, help="the python that runs the script")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("dbl", "anchor"))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["dbl", "anchor"],
+        choices=VARIANTS,
+        help="what to run: dbl, dbl-eager (dbl with compile = false), anchor (the script)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON here too")
-    parser.add_argument("--child", choices=("dbl", "anchor"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -334,16 +398,18 @@ def main(argv=None) -> int:
         return child(args.child, args.stats, args.rest, args.anchor)
     if not (args.gpu or args.cpu_rehearsal):
         parser.error("give --gpu or --cpu-rehearsal")
-    args.anchor = args.anchor or next((a for a in ANCHORS if a.is_file()), ANCHORS[0])
-    if "anchor" not in args.skip and not args.anchor.is_file():
-        parser.error(f"no {args.anchor}: give --anchor, or --skip anchor")
+    anchors = [base / "shared" / "anchors" / SCRIPTS[args.family] for base in (ROOT, ROOT.parent)]
+    args.anchor = args.anchor or next((a for a in anchors if a.is_file()), anchors[0])
+    if "anchor" in args.variants and not args.anchor.is_file():
+        parser.error(f"no {args.anchor}: give --anchor, or leave anchor out of --variants")
 
-    rehearsal = args.cpu_rehearsal
-    args.shape, args.device = ("tiny", "cpu") if rehearsal else ("sdxl", "cuda")
-    args.resolution = args.resolution or (64 if rehearsal else 1024)
-    args.steps = args.steps or (4 if rehearsal else 50)
-    args.warmup = args.warmup if args.warmup is not None else (1 if rehearsal else 5)
-    args.mixed_precision = args.mixed_precision or ("no" if rehearsal else "bf16")
+    rehearsal, job = args.cpu_rehearsal, JOBS[args.family]
+    args.shape, args.device = ("tiny", "cpu") if rehearsal else (args.family, "cuda")
+    args.resolution = args.resolution or (64 if rehearsal else job["resolution"])
+    args.steps = args.steps or (4 if rehearsal else job["steps"])
+    args.warmup = args.warmup if args.warmup is not None else (1 if rehearsal else job["warmup"])
+    args.mixed_precision = args.mixed_precision or ("no" if rehearsal else job["mixed_precision"])
+    args.checkpointing = job["checkpointing"]
     if args.gpu:
         import torch
 
@@ -351,11 +417,10 @@ def main(argv=None) -> int:
             raise SystemExit("--gpu: no CUDA device here; use --cpu-rehearsal")
         print(torch.cuda.get_device_name(0), flush=True)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="dbl-sdxl-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"dbl-{args.family}-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model_dir or work / "model"
     began = time.perf_counter()
-    build_model(model, args)
+    model = build_model(args.model_dir or work / "model", args)
     print(
         f"model: {model} ({args.shape} shapes, built or found in {time.perf_counter() - began:.0f}s)",
         flush=True,
@@ -364,22 +429,24 @@ def main(argv=None) -> int:
     classes = draw_images(work / "class", args.class_images, args.resolution, seed=2)
 
     results = {}
-    if "dbl" not in args.skip:
-        project = dbl_project(work, model, instance, classes, args)
-        results["dbl"] = measure("dbl", sys.executable, [str(project)], work, args)
-        print(f"dbl: {results['dbl']}", flush=True)
-    if "anchor" not in args.skip:
-        script = anchor_args(work, model, instance, classes, args)
-        results["anchor"] = measure("anchor", args.anchor_python, script, work, args)
-        print(f"diffusers script: {results['anchor']}", flush=True)
+    for variant in args.variants:
+        if variant == "anchor":
+            python, rest = args.anchor_python, anchor_args(work, model, instance, classes, args)
+        else:
+            project = dbl_project(work, model, instance, classes, args, eager=variant == "dbl-eager")
+            python, rest = sys.executable, [str(project)]
+        results[variant] = measure(variant, python, rest, work, args)
+        print(f"{variant}: {results[variant]}", flush=True)
 
     report = {
+        "family": args.family,
         "shape": args.shape,
         "device": args.device,
         "resolution": args.resolution,
         "mixed_precision": args.mixed_precision,
         "steps": args.steps,
         "warmup": args.warmup,
+        "gradient_checkpointing": "both" if args.checkpointing else "defaults",
         "class_images": args.class_images,
         "results": results,
     }
@@ -392,14 +459,22 @@ def main(argv=None) -> int:
 
 def print_table(report: dict) -> None:
     results = report["results"]
-    mine, base = results.get("dbl"), results.get("anchor")
     memory = "cuda_peak_mb" if report["device"] == "cuda" else "peak_rss_mb"
-    print(
-        f"\nSDXL ({report['shape']} shapes), {report['resolution']} px, {report['mixed_precision']}, "
-        f"{report['steps']} steps ({report['warmup']} untimed), batch 1 + 1 class image, LoRA rank {RANK} "
-        "on the UNet and both text encoders, gradient checkpointing"
+    name = {"sd15": "SD 1.5", "sdxl": "SDXL"}[report["family"]]
+    checkpointing = (
+        "gradient checkpointing in both"
+        if report["gradient_checkpointing"] == "both"
+        else "each tool's defaults"
     )
-    print(f"{'figure':28} {'dbl':>10} {'script':>10} {'dbl/script':>11}")
+    print(
+        f"\n{name} ({report['shape']} shapes), {report['resolution']} px, {report['mixed_precision']}, "
+        f"{report['steps']} steps ({report['warmup']} untimed), batch 1 + 1 class image, LoRA rank {RANK} "
+        f"on the UNet and the text encoders, {checkpointing}"
+    )
+    columns = list(results)
+    ratios = [v for v in columns if v != "anchor"] if "anchor" in results else []
+    header = "".join(f"{LABELS[v]:>12}" for v in columns) + "".join(f"{v + '/script':>16}" for v in ratios)
+    print(f"{'figure':24}{header}")
     rows = [
         ("train steps/s", "steps_per_s", "higher"),
         ("peak GPU memory MB" if memory == "cuda_peak_mb" else "peak RSS MB", memory, "lower"),
@@ -407,11 +482,9 @@ def print_table(report: dict) -> None:
         ("wall time s", "wall_s", "lower"),
     ]
     for label, key, better in rows:
-        a = mine[key] if mine else None
-        b = base[key] if base else None
-        ratio = f"{a / b:10.2f}x" if a is not None and b else "          -"
-        cells = [f"{v:10.2f}" if v is not None else "         -" for v in (a, b)]
-        print(f"{label:28} {cells[0]} {cells[1]} {ratio}  ({better} is better)")
+        cells = "".join(f"{results[v][key]:12.2f}" for v in columns)
+        cells += "".join(f"{results[v][key] / results['anchor'][key]:15.2f}x" for v in ratios)
+        print(f"{label:24}{cells}  ({better} is better)")
 
 
 if __name__ == "__main__":

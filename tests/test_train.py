@@ -342,6 +342,42 @@ def test_a_bad_instance_image_names_the_file(tmp_path, images):
         _run(train_context(tmp_path, make_subject(folder)))
 
 
+def test_images_are_read_in_parallel_in_file_order_with_their_warnings(tmp_path, monkeypatch):
+    """Images are decoded by a thread pool: pixels, sizes and warnings come back in file order, as one
+    thread reading them would give them."""
+    import torch
+
+    from runner.images import load_rgb, resize_shorter, to_uint8_tensor
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 6, size=(80, 64))
+    draw_images(tmp_path / "small", 2, size=(10, 12))
+    for name in ("00.png", "01.png"):  # two tiny ones between the others: warned about, in order
+        (tmp_path / "small" / name).rename(folder / f"02{name[1]}-small.png")
+    import threading
+
+    import runner.images
+
+    threads, original = [], runner.images.load_rgb
+
+    def spy(path, **kwargs):  # read_images imports load_rgb when it runs: patched here, it is seen there
+        threads.append(threading.get_ident())
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(runner.images, "load_rgb", spy)
+    monkeypatch.setattr(data, "DECODE_THREADS", 4)
+    job = job_from_context(train_context(tmp_path, make_subject(folder)))
+    said = []
+    images, _ = data.read_images(job, said.append)
+    files = images.instance_files
+    assert len(files) == 8 and len(threads) == 8 and len(set(threads)) > 1  # really several threads
+    assert [line.split(":")[0] for line in said] == [str(p) for p in files if "small" in p.name]
+    for path, pixels in zip(files, images.instance, strict=True):
+        expected = to_uint8_tensor(resize_shorter(load_rgb(path), 64))
+        assert torch.equal(pixels, expected), path
+
+
 def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
     """gloo on the CPU: 2 processes x batch 1 see the examples 1 process x batch 2 sees."""
     from runner.adapters import load_adapter_into, lora_delta

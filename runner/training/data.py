@@ -11,6 +11,8 @@ torch is imported inside functions.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from runner.errors import StepError
 from runner.imagefiles import list_images
 from runner.training import buckets
 from runner.training.captions import image_prompts
+
+# Images decoded at once when a train step reads its images.
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def derive_seed(*parts) -> int:
@@ -155,21 +160,33 @@ def read_images(job, log) -> tuple[Images, float | None]:
     )
     originals, targets = {}, {}
 
+    def read_one(path):
+        """(original size, target size, pixels, warnings) of one image; run in a thread pool, so its
+        warnings are kept and said in order afterwards."""
+        said: list[str] = []
+        image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=said.append)
+        original = (image.height, image.width)
+        if sizes is None:
+            image = resize_shorter(image, ts.resolution)
+            target = (ts.resolution, ts.resolution)
+        else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
+            width, height = buckets.assign(image.size, sizes)
+            resized, _ = buckets.fill(image.size, (width, height))
+            if image.size != resized:
+                image = image.resize(resized, Image.Resampling.BILINEAR)
+            target = (height, width)
+        return original, target, to_uint8_tensor(image), said
+
     def read(kind, files):
+        # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
+        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(files)))) as pool:
+            results = list(pool.map(read_one, files))
         pixels = []
-        for index, path in enumerate(files):
-            image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=log)
-            originals[(kind, index)] = (image.height, image.width)
-            if sizes is None:
-                image = resize_shorter(image, ts.resolution)
-                targets[(kind, index)] = (ts.resolution, ts.resolution)
-            else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
-                width, height = buckets.assign(image.size, sizes)
-                resized, _ = buckets.fill(image.size, (width, height))
-                if image.size != resized:
-                    image = image.resize(resized, Image.Resampling.BILINEAR)
-                targets[(kind, index)] = (height, width)
-            pixels.append(to_uint8_tensor(image))
+        for index, (original, target, tensor, said) in enumerate(results):
+            for message in said:
+                log(message)
+            originals[(kind, index)], targets[(kind, index)] = original, target
+            pixels.append(tensor)
         return pixels
 
     # A prior step copies the captions of the user's class images beside their copies, as .txt.

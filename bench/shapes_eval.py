@@ -116,7 +116,7 @@ def part_base(args) -> dict:
         if split == "trained":
             combos = random.Random(0).sample(combos, len(shapes.combinations(heldout=True)))
         prompts = [f"a large {c} {s} on a {b} background" for s, c, b in combos]
-        items = []
+        items, rows = [], []
         for seed in range(args.seeds):
             generators = [torch.Generator().manual_seed(seed) for _ in prompts]
             images = pipe(
@@ -126,6 +126,9 @@ def part_base(args) -> dict:
                 generator=generators,
             ).images
             items += list(zip(prompts, images, strict=True))
+            rows.append(images)
+        if split == "held out" and args.grid:
+            write_grid(args.grid, rows[:3])
         result = fidelity.score(items)
         parts = {
             key: sum(r["measured"][key] == r["expected"][key] for r in result["images"]) / len(items)
@@ -148,6 +151,19 @@ def part_base(args) -> dict:
             f"{r['shape']:>8.2f}{r['colour']:>8.2f}{r['background']:>12.2f}"
         )
     return {"part": "base", **out}
+
+
+def write_grid(path: Path, rows: list) -> None:
+    """Images in rows (a row per seed), each shown at twice its size, nearest-neighbour."""
+    from PIL import Image
+
+    side = rows[0][0].width * 2
+    grid = Image.new("RGB", (side * len(rows[0]), side * len(rows)))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (x * side, y * side))
+    grid.save(path, optimize=True)
+    print(f"wrote {path}")
 
 
 # --- 2. the subject, with and without prior preservation -----------------------------------------------
@@ -322,6 +338,11 @@ def main() -> None:
         "--runs", type=int, default=3, help="training seeds per variant (parts subject, recipe)"
     )
     parser.add_argument("--json", type=Path, help="append each part's figures to this file")
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="part base: write the held-out renders of the first three seeds here (a column per combination)",
+    )
     args = parser.parse_args()
     import torch
 

@@ -49,6 +49,9 @@ def project(folder):
     return folder / "p.toml"
 
 
+# Slow (about 35 s): killing and resuming a real build is covered by tests/test_build_real.py, and caption
+# dropout's draws by tests/test_captions.py; this puts the two together.
+@pytest.mark.slow
 def test_captions_with_dropout_resume_to_the_same_adapter_after_a_kill(tmp_path):
     reference = tmp_path / "uninterrupted"
     done = dbl("build", project(reference), "--no-progress", cwd=reference)

@@ -321,6 +321,8 @@ def test_the_second_text_encoder_follows_the_first_in_the_equal_rank_check(tmp_p
     ]
 
 
+# Slow (about 40 s): killing and resuming a real build is covered on tiny-sd by tests/test_build_real.py.
+@pytest.mark.slow
 def test_a_killed_sdxl_build_resumes_to_the_same_adapter(tmp_path):
     """A real `dbl build` on tiny-sdxl, SIGKILLed during training, resumes to the bytes of a whole run."""
     import signal

@@ -160,8 +160,7 @@ def _train(run: Run) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
-        for module in run.compiled:
-            compiling.uncompile_module(module)
+        _uncompile(run)
         lora.remove_lora(run.modules, run.checkpointing)
 
 
@@ -199,21 +198,24 @@ def _choose_compile(run: Run) -> None:
 def _forward_backward_or_uncompile(run: Run, order: ExampleOrder):
     """_forward_backward; where compiling the denoiser fails, the log says why and the step runs again
     without it (its draws come from the step's own seeds, so the rerun is the step an eager run takes)."""
-    if not run.compiled:
-        return _forward_backward(run, order)
     try:
         return _forward_backward(run, order)
     except Exception as exc:
-        if not compiling.is_compile_error(exc):
+        if not run.compiled or not compiling.is_compile_error(exc):
             raise
         run.log(
             f"warning: compiling the denoiser failed ({compiling.reason(exc)}); it runs without compiling"
         )
-        for module in run.compiled:
-            compiling.uncompile_module(module)
-        run.compiled.clear()
+        _uncompile(run)
         run.optimizer.zero_grad(set_to_none=True)
         return _forward_backward(run, order)
+
+
+def _uncompile(run: Run) -> None:
+    """The modules this run compiled run eagerly again."""
+    for module in run.compiled:
+        compiling.uncompile_module(module)
+    run.compiled.clear()
 
 
 def readback_interval(device: str) -> int:

@@ -83,7 +83,7 @@ class _StubVae:
 
 
 def _job(tmp_path, **train):
-    settings = TrainSettings(resolution=64, steps=1, center_crop=True, **train)
+    settings = TrainSettings(**{"resolution": 64, "steps": 1, "center_crop": True, **train})
     subject = Subject(name="dog", images=str(tmp_path / "dog"), instance_prompt="sks dog", train=settings)
     return SimpleNamespace(subject=subject, prior=None, class_dir=None), settings
 
@@ -133,6 +133,37 @@ def test_sdxl_conditions_hold_the_files_size_and_the_crop_in_the_bucket(tmp_path
     # Flipped: the crop's left edge mirrored in the resized image.
     flipped = cache._condition("instance", 0, True, cache._offsets("instance", 0))
     assert flipped[3] == shape[1] - condition[3] - target[1]
+
+
+class _NanVae(_StubVae):
+    def encode(self, pixels):
+        out = super().encode(pixels)
+        out.latent_dist.mean[0, 0, 0, 0] = float("nan")
+        return out
+
+
+def test_non_finite_latents_are_caught_where_they_are_encoded(tmp_path):
+    from runner.errors import StepError
+    from runner.training.data import ExampleOrder
+
+    (tmp_path / "dog").mkdir()
+    _stripes(tmp_path / "dog" / "0.png", 100, 60)
+    job, settings = _job(tmp_path)
+    images, _ = read_images(job, print)
+    with pytest.raises(StepError, match="non-finite latents"):  # cached: when the cache is made
+        LatentCache(_NanVae(), images, settings, "cpu", None)
+    # Random crops are encoded at each step: the step's batch finds them.
+    job, settings = _job(tmp_path, center_crop=False)
+    images, _ = read_images(job, print)
+    cache = LatentCache(_NanVae(), images, settings, "cpu", None)
+    assert cache.cached_images == 0
+    with pytest.raises(StepError, match="non-finite latents"):
+        cache.batch(range(1), ExampleOrder(seed=0, n_instance=1, n_class=0), 0, 1000, None)
+    # A finite VAE passes both ways.
+    (group,) = LatentCache(_StubVae(), images, settings, "cpu", None).batch(
+        range(1), ExampleOrder(seed=0, n_instance=1, n_class=0), 0, 1000, None
+    )
+    assert group.latents.isfinite().all()
 
 
 def test_bucket_sizes_at_tiny_resolution_fit_the_tiny_models():

@@ -109,6 +109,9 @@ class LatentCache:
         return (original_h, original_w, top, left, target_h, target_w)
 
     def _encode(self, pixels_uint8):
+        """Latent (mean, std) of a stack of images. Checked here, once per encoding, for non-finite
+        values: a latent is mean + std * eps with a finite eps, so the batches need no check (which
+        would wait for the device at every step)."""
         import torch
 
         from runner.images import normalize
@@ -117,7 +120,7 @@ class LatentCache:
             with torch.no_grad():
                 pixels = normalize(pixels_uint8).to(self.device, self.dtype)
                 dist = self.vae.encode(pixels).latent_dist
-                return dist.mean.float(), dist.std.float()
+                return _finite(dist.mean.float(), dist.std.float())
         # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
         dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
@@ -127,7 +130,7 @@ class LatentCache:
                 dist = self.vae.encode(pixels).latent_dist
             finally:
                 self.vae.to(dtype)
-            return dist.mean.float(), dist.std.float()
+            return _finite(dist.mean.float(), dist.std.float())
 
     def batch(self, positions, order: ExampleOrder, seed: int, num_timesteps: int, weight) -> list[Group]:
         """The examples at `positions`, laid out [instance..., class...], noised: one group when they
@@ -174,11 +177,6 @@ class LatentCache:
             mean = torch.stack([m for m, _ in moments[span]])
             std = torch.stack([s for _, s in moments[span]])
             latents = ((mean + std * torch.stack(eps[span]).to(self.device)) - self.shift) * self.scale
-            if not torch.isfinite(latents).all():
-                raise StepError(
-                    "the VAE gave non-finite latents (NaN or inf); the VAE overflows in fp16 (SDXL's does): "
-                    "dbl encodes latents in fp32, so check the images and the base model's VAE weights"
-                )
             groups.append(
                 Group(
                     latents,
@@ -189,3 +187,14 @@ class LatentCache:
                 )
             )
         return groups
+
+
+def _finite(mean, std):
+    import torch
+
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise StepError(
+            "the VAE gave non-finite latents (NaN or inf); the VAE overflows in fp16 (SDXL's does): "
+            "dbl encodes latents in fp32, so check the images and the base model's VAE weights"
+        )
+    return mean, std

@@ -187,10 +187,13 @@ def _subject(ctx: _Context, sid: str) -> str:
         plot = _img(_loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
     else:
         plot = "<p>No per-step log in its dbl.json.</p>"
+    class_prompt = prior.get("class_prompt")
+    if isinstance(class_prompt, list):  # several, in turn
+        class_prompt = " | ".join(class_prompt)
     facts = [
         ("instance prompt", info.get("instance_prompt")),
         ("instance images", info.get("instance_images")),
-        ("class prompt", prior.get("class_prompt")),
+        ("class prompt", class_prompt),
         ("class images", prior.get("class_images")),
         ("prior loss weight", prior.get("loss_weight")),
         ("steps", info.get("steps")),

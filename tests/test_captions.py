@@ -234,3 +234,56 @@ def test_class_image_captions_are_inputs_of_their_prior(proj, build, fake_steps)
     assert reasons["prior:dog"] == ["caption data/toy/00.txt added"]
     assert reasons["train:toy"] == []  # the subject reads no captions
     assert fake_steps.ran[0] == "prior:dog"
+
+
+@pytest.mark.torch
+def test_several_class_prompts_take_turns_and_each_class_image_trains_with_its_own(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from runner.steps import prior as prior_step
+    from runner.steps import train
+    from runner.training import captions
+    from runner.training.data import read_images
+    from tests.steps_fixtures import draw_images, make_prior, make_subject, prior_context, train_context
+
+    given = draw_images(tmp_path / "given", 1, size=(64, 64))
+    prompts = ["a photo of dog", "a dog on grass"]
+    spec = make_prior(num_images=3, images=str(given), class_prompt=prompts, steps=1)
+    ctx = prior_context(tmp_path, spec)
+    assert prior_step.run(ctx) == {"generated": 2, "given": 1}
+    names = sorted(p.name for p in ctx.out.iterdir())
+    assert names == ["0000.png", "0000.txt", "0001.png", "0001.txt", "0002.png", "0002.txt"]
+    # Image i's prompt is prompt i modulo two; the given image has no caption, so it gets its turn's.
+    written = [(ctx.out / f"{i:04d}.txt").read_text() for i in range(3)]
+    assert written == ["a photo of dog\n", "a dog on grass\n", "a photo of dog\n"]
+    for i in (1, 2):  # generated with that prompt, as their PNG metadata says
+        with Image.open(ctx.out / f"{i:04d}.png") as image:
+            assert image.text["parameters"].startswith(prompts[i % 2] + "\nSteps: 1,")
+    # The train step reads each class image's prompt from the prior's folder.
+    job = SimpleNamespace(
+        subject=make_subject(draw_images(tmp_path / "dog", 2)), prior=spec, class_dir=ctx.out
+    )
+    images, _ = read_images(job, print)
+    assert images.prompts["class"] == ["a photo of dog", "a dog on grass", "a photo of dog"]
+    # ... and trains each with it.
+    used = []
+    real_prompts_for = captions.prompts_for
+
+    def record(examples, texts, seed, dropout):
+        out = real_prompts_for(examples, texts, seed, dropout)
+        used.extend((kind, index, text) for (kind, index, _), text in zip(examples, out, strict=True))
+        return out
+
+    monkeypatch.setattr(captions, "prompts_for", record)
+    subject = make_subject(tmp_path / "dog", prior="dog", train=dict(steps=3, batch_size=2))
+    train.run(train_context(tmp_path / "train", subject, prior=spec, class_dir=ctx.out))
+    trained = {(index, text) for kind, index, text in used if kind == "class"}
+    assert trained == {(0, prompts[0]), (1, prompts[1]), (2, prompts[0])}
+    # One class prompt: no caption files, and the prompt for every class image.
+    one = prior_context(tmp_path / "one", make_prior(num_images=2, steps=1))
+    prior_step.run(one)
+    assert sorted(p.name for p in one.out.iterdir()) == ["0000.png", "0001.png"]
+    job = SimpleNamespace(subject=job.subject, prior=one.spec, class_dir=one.out)
+    assert read_images(job, print)[0].prompts["class"] == ["a photo of dog"] * 2

@@ -204,6 +204,16 @@ CASES = [
         "priors.cat.caption_extension: 'caption' is not a file extension (line {line}) - write it with its dot, e.g. '.txt'",
     ),
     (
+        "class prompts not strings",
+        '[priors.cat]\nclass_prompt = ["a cat", 3]\n',
+        'priors.cat.class_prompt: expected a string, or a list of strings, got a list (line {line}) - e.g. class_prompt = "a photo of dog"',
+    ),
+    (
+        "no class prompt in the list",
+        "[priors.cat]\nclass_prompt = []\n",
+        'priors.cat.class_prompt: names no prompt (line {line}) - give one or more, e.g. class_prompt = "a photo of dog"',
+    ),
+    (
         "trigger not a string",
         '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ntrigger = 3\n',
         'subjects.cat.trigger: expected a string, got int 3 (line {line}) - e.g. trigger = "..."',

@@ -100,6 +100,12 @@ class _Checker:
             value = float(raw) if ok else raw
         elif kind == "bool":
             ok = isinstance(raw, bool)
+        elif kind == "prompts":
+            if raw == []:
+                self.problem(key, "names no prompt", f'give one or more, e.g. {f.name} = "a photo of dog"')
+                return False, raw
+            ok = isinstance(raw, str) or (isinstance(raw, list) and all(isinstance(x, str) for x in raw))
+            value = list(raw) if isinstance(raw, list) else raw
         elif kind == "switch":
             ok = isinstance(raw, bool) or raw == "auto"
         elif kind == "targets" and isinstance(raw, str):
@@ -225,6 +231,7 @@ def _example(kind: str) -> str:
         "weights": "{ dog = 1.0 }",
         "targets": '"attention"',
         "switch": '"auto"',
+        "prompts": '"a photo of dog"',
     }[kind]
 
 

@@ -33,6 +33,7 @@ TYPES = {
     "weights": "a table of adapter = weight",
     "targets": "a list of module names, or a preset",
     "switch": 'true, false or "auto"',
+    "prompts": "a string, or a list of strings",
 }
 
 # `target_modules` presets; each model family's components say which modules each one names.
@@ -349,7 +350,11 @@ class Prior:
     """[priors.<name>]: class images for prior preservation."""
 
     name: str
-    class_prompt: str = opt(doc="prompt that generates class images, e.g. 'a photo of dog'")
+    class_prompt: str | list[str] = opt(
+        doc="prompt that generates class images, e.g. 'a photo of dog'; a list: class image i is generated "
+        "and trained with prompt i modulo its length",
+        type="prompts",
+    )
     num_images: int = opt(100, "class images used in training; missing ones are generated", "int", minimum=1)
     loss_weight: float = opt(1.0, "weight of the prior-preservation loss", "float", minimum=0)
     images: str | None = opt(None, "folder of your own class images, relative to the project file", "str?")
@@ -365,6 +370,26 @@ class Prior:
         None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
     )
     batch_size: int = opt(4, "images generated at once", "int", minimum=1, fingerprint=False)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The class prompts: class image i's is prompts[i % len(prompts)]."""
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
+
+    def prompt_of(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)]
+
+    def prompt_keys(self) -> dict[str, str]:
+        """The class prompts by where the project file writes them, for messages."""
+        key = f"priors.{self.name}.class_prompt"
+        if isinstance(self.class_prompt, str):
+            return {key: self.class_prompt}
+        return {f"{key}[{n}]": prompt for n, prompt in enumerate(self.class_prompt)}
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether the prior step writes captions beside class images (as .txt), for the train step."""
+        return bool(self.caption_extension) or len(self.prompts) > 1
 
 
 @dataclass(frozen=True)

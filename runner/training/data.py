@@ -189,13 +189,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
             pixels.append(tensor)
         return pixels
 
-    # A prior step copies the captions of the user's class images beside their copies, as .txt.
-    class_captions = ".txt" if job.prior is not None and job.prior.caption_extension else None
+    # A prior step copies the captions of the user's class images beside their copies, as .txt, and
+    # writes them for images of several class prompts.
+    class_captions = ".txt" if job.prior is not None and job.prior.has_captions else None
     prompts = {
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
         ),
-        "class": image_prompts(class_files, class_captions, job.prior.class_prompt, subject.trigger, log)
+        "class": image_prompts(class_files, class_captions, job.prior.prompts[0], subject.trigger, log)
         if job.prior is not None
         else [],
     }

@@ -105,7 +105,7 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     restore = lora.snapshot(pipe, family) if shared else None
     prompts = {f"subjects.{job.subject.name}.instance_prompt": job.subject.instance_prompt}
     if job.prior is not None:
-        prompts[f"priors.{job.prior.name}.class_prompt"] = job.prior.class_prompt
+        prompts.update(job.prior.prompt_keys())
     for image, prompt in zip(images.instance_files, images.prompts["instance"], strict=True):
         if prompt != job.subject.instance_prompt:
             prompts[f"caption {captions.caption_file(image, job.subject.caption_extension)}"] = prompt
@@ -250,9 +250,12 @@ def _encode_prompts(run: Run) -> None:
     import torch
 
     job, family = run.job, run.job.family
-    prompts = [job.subject.instance_prompt] + ([job.prior.class_prompt] if run.weight is not None else [])
+    prompts = [job.subject.instance_prompt] + ([job.prior.prompts[0]] if run.weight is not None else [])
     per_image = run.images.prompts["instance"] + run.images.prompts["class"]
-    if run.settings.caption_dropout or any(p not in prompts for p in per_image):
+    uniform = all(p == prompts[0] for p in run.images.prompts["instance"]) and all(
+        p == prompts[-1] for p in run.images.prompts["class"]
+    )
+    if run.settings.caption_dropout or not uniform:
         # One row per distinct prompt: a caption shared by many images is tokenized (and embedded) once.
         prompts = sorted(set(prompts) | set(per_image) | ({""} if run.settings.caption_dropout else set()))
         run.rows = {prompt: row for row, prompt in enumerate(prompts)}

@@ -91,7 +91,7 @@ def build_demo(workdir: Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "demo.toml").exists():
         shutil.copy2(ROOT / "projects" / "demo.toml", workdir / "demo.toml")
-        shutil.copytree(ROOT / "projects" / "demo", workdir / "demo", dirs_exist_ok=True)
+        shutil.copytree(ROOT / "projects" / "shapes", workdir / "shapes", dirs_exist_ok=True)
     dbl = [sys.executable, "-m", "runner"]
     env_cwd = {"cwd": ROOT}  # this checkout's runner, whatever is installed
     subprocess.run([*dbl, "build", str(workdir / "demo.toml"), "--no-progress", "-q"], check=True, **env_cwd)

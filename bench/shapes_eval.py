@@ -1,15 +1,17 @@
 """What DreamBooth learns, measured on tiny-shapes: the figures of the README's "See it learn".
 
-    python bench/shapes_eval.py                 # all three parts, on the CPU (about 15 minutes)
+    python bench/shapes_eval.py                 # all three parts, on the CPU (about 35 minutes)
     python bench/shapes_eval.py --part base     # one part: base, subject or recipe
 
 1. base: tiny-shapes renders every held-out (shape, colour, background) combination, which its
    training never showed, and every training combination, with --seeds seeds each; the share of
    images that show what was asked (runner.fidelity's prompt fidelity), per split.
-2. subject: the ring subject of projects/shapes.toml, trained by dbl with and without prior
-   preservation, for --runs training seeds each; renders of "a sks shape on a <colour> background" and
-   of the class prompt "a shape on a <colour> background", by the base model and by each adapter, scored
-   by an eval step: subject fidelity (base vs trained) and class drift (prior vs no prior).
+2. subject: the ring subject of projects/demo.toml, trained by dbl with and without prior
+   preservation, for --runs training seeds each; renders of "a yellow sks shape on a <colour>
+   background" and of the class prompt "a yellow shape on a <colour> background" (class images worded
+   as the captions: "a yellow shape on a red background", ...), by the base model and
+   by each adapter, scored by an eval step: subject fidelity (base vs trained) and class drift (prior vs
+   no prior).
 3. recipe: the same subject, steps and settings trained by a loop written as the classic PEFT recipe
    does (pixels encoded every step, prior half concatenated, one backward), rendered and scored by the
    same code: its subject fidelity against dbl's spread over seeds.
@@ -38,21 +40,27 @@ from runner import fidelity, shapes  # noqa: E402
 BACKGROUNDS = ("blue", "black", "green", "red")
 SUBJECT = ROOT / "projects" / "shapes" / "ring"
 
-SETTINGS = {  # the subject settings of projects/shapes.toml
-    "steps": 200,
+SETTINGS = {  # the ring's settings in projects/demo.toml
+    "steps": 800,
     "learning_rate": 1e-3,
-    "rank": 8,
-    "alpha": 8,
-    "class_images": 16,
+    "rank": 16,
+    "alpha": 16,
+    "target_modules": "all-linear",  # on the UNet; the text encoder's query and value
+    "text_encoder_rank": 16,
+    "class_images": 20,
     "guidance_scale": 3.0,
     "render_steps": 20,
 }
+INSTANCE_PROMPT, CLASS_PROMPT = "a yellow sks shape", "a yellow shape"  # each photo has its caption
+# The class images' prompts, in turn: worded as the photos' captions (see projects/demo.toml).
+CLASS_PROMPTS = [f"{CLASS_PROMPT} on a {bg} background" for bg in ("red", "blue", "black", "green", "white")]
+PROMPTS = [f"{INSTANCE_PROMPT} on a {bg} background" for bg in BACKGROUNDS] + [
+    f"{CLASS_PROMPT} on a {bg} background" for bg in BACKGROUNDS
+]
 
 
 def project_text(seed: int, prior: bool, images: Path, s: dict) -> str:
-    prompts = [f"a sks shape on a {bg} background" for bg in BACKGROUNDS] + [
-        f"a shape on a {bg} background" for bg in BACKGROUNDS
-    ]
+    prompts = PROMPTS
     prior_lines = 'prior = "shape"\n' if prior else ""
     return f"""
 [project]
@@ -67,18 +75,20 @@ learning_rate = {s["learning_rate"]}
 [lora]
 rank = {s["rank"]}
 alpha = {s["alpha"]}
-text_encoder_rank = {s["rank"]}
-text_encoder_alpha = {s["alpha"]}
+target_modules = "{s["target_modules"]}"
+text_encoder_rank = {s["text_encoder_rank"]}
+text_encoder_alpha = {s["text_encoder_rank"]}
 
 [priors.shape]
-class_prompt = "a shape"
+class_prompt = {json.dumps(CLASS_PROMPTS)}
 num_images = {s["class_images"]}
 steps = {s["render_steps"]}
 guidance_scale = {s["guidance_scale"]}
 
 [subjects.ring]
 images = "{images.as_posix()}"
-instance_prompt = "a sks shape"
+caption_extension = ".txt"
+instance_prompt = "{INSTANCE_PROMPT}"
 {prior_lines}
 [renders.ring]
 adapters = ["none", "ring"]
@@ -237,11 +247,12 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    unet = get_peft_model(
-        unet, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=["to_q", "to_v"])
-    )
+    # Every linear layer of the transformer blocks (attention and feed-forward), as the settings say.
+    linear = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    unet = get_peft_model(unet, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=linear))
+    te_rank = s["text_encoder_rank"]
     text_encoder = get_peft_model(
-        text_encoder, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=["q_proj", "v_proj"])
+        text_encoder, LoraConfig(r=te_rank, lora_alpha=te_rank, target_modules=["q_proj", "v_proj"])
     )
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s["learning_rate"], weight_decay=1e-2)
@@ -265,8 +276,11 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
     unet.train()
     text_encoder.train()
     for _ in range(s["steps"]):
-        batch = torch.stack([pixels(order.choice(instance)), pixels(order.choice(classes))])
-        tokens = torch.stack([ids("a sks shape"), ids("a shape")])
+        photo, klass = order.choice(instance), order.choice(classes)
+        batch = torch.stack([pixels(photo), pixels(klass)])
+        instance_caption = photo.with_suffix(".txt").read_text().strip()
+        class_caption = klass.with_suffix(".txt").read_text().strip()
+        tokens = torch.stack([ids(instance_caption), ids(class_caption)])
         latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
@@ -280,9 +294,7 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
     unet.eval()
     text_encoder.eval()
     pipe.unet, pipe.text_encoder = unet, text_encoder
-    prompts = [f"a sks shape on a {bg} background" for bg in BACKGROUNDS] + [
-        f"a shape on a {bg} background" for bg in BACKGROUNDS
-    ]
+    prompts = PROMPTS
     items = []
     with torch.no_grad():
         for prompt in prompts:

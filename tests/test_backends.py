@@ -12,19 +12,19 @@ from tests.conftest import ROOT, Recorder
 pytestmark = pytest.mark.torch
 
 
-def build_demo(folder, backend: str):
+def build_flow(folder, backend: str):
     from runner import executor
     from runner.project import load_project
 
     shutil.copytree(ROOT / "projects", folder)
-    path = folder / "demo.toml"
+    path = folder / "flow.toml"
     rec = Recorder()
     result = executor.build(load_project(path), executor.BuildOptions(backend=backend), rec)
     assert result.ok, rec.events
     assert sorted(e[1] for e in rec.events if e[0] == "start") == sorted(
         ["prior:dog", "train:dog", "train:toy", "blend:toy_dog", "render:dog", "render:toy_dog"]
     )
-    out = folder / "build" / "demo"
+    out = folder / "build" / "flow"
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     records = lockfile.read(path.with_suffix(".lock"))
     for record in records.values():  # when and how long it ran differ from build to build
@@ -32,12 +32,12 @@ def build_demo(folder, backend: str):
     return files, records
 
 
-# Slow (two demo builds, one in worker processes): tests/test_parallel_real.py's -j 3 build, whose steps
+# Slow (two builds of projects/flow.toml, one in worker processes): tests/test_parallel_real.py's -j 3 build, whose steps
 # run in worker processes too, checks the same bytes in the default run.
 @pytest.mark.slow
 def test_the_process_backend_builds_the_same_bytes_as_inline(tmp_path):
-    inline_files, inline_lock = build_demo(tmp_path / "inline", "inline")
-    process_files, process_lock = build_demo(tmp_path / "process", "process")
+    inline_files, inline_lock = build_flow(tmp_path / "inline", "inline")
+    process_files, process_lock = build_flow(tmp_path / "process", "process")
     assert len(inline_files) == 33
     assert process_files == inline_files
     assert process_lock == inline_lock

@@ -1,4 +1,4 @@
-"""Real steps on tiny-sd through the `dbl` command: the demo end to end, and a training that is
+"""Real steps on tiny-sd through the `dbl` command: projects/flow.toml end to end, and a training that is
 killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uninterrupted run."""
 
 from __future__ import annotations
@@ -105,15 +105,15 @@ def test_killed_or_interrupted_training_resumes_to_the_same_adapter(tmp_path, re
     assert not work.exists(), "the work folder goes once the step is committed"
 
 
-def test_demo_builds_then_does_nothing(tmp_path):
+def test_the_flow_builds_then_does_nothing(tmp_path):
     shutil.copytree(ROOT / "projects", tmp_path / "projects")
-    first = dbl("build", "projects/demo.toml", cwd=tmp_path)
+    first = dbl("build", "projects/flow.toml", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    out = tmp_path / "projects" / "build" / "demo"
+    out = tmp_path / "projects" / "build" / "flow"
     assert (out / "adapters" / "dog" / "dog.safetensors").is_file()
     assert (out / "blends" / "toy_dog" / "unet" / "adapter_model.safetensors").is_file()
     assert len(list((out / "renders" / "dog").glob("*.png"))) == 5  # 2 prompts x 2 seeds + grid
-    assert (tmp_path / "projects" / "demo.lock").is_file()
-    second = dbl("build", "projects/demo.toml", cwd=tmp_path)
+    assert (tmp_path / "projects" / "flow.lock").is_file()
+    second = dbl("build", "projects/flow.toml", cwd=tmp_path)
     assert second.returncode == 0 and second.stdout.strip().endswith("all 6 steps are up to date")
     assert len(second.stdout.strip().splitlines()) == 1

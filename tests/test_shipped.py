@@ -44,11 +44,26 @@ def test_shipped_file_loads_and_plans(path, tmp_path):
     assert {"train", "render"} <= kinds
 
 
-def test_demo_is_a_complete_flow():
-    project = load_project(ROOT / "projects" / "demo.toml")
+def test_flow_is_a_complete_flow():
+    project = load_project(ROOT / "projects" / "flow.toml")
     assert project.settings.base_model == "tiny-sd"
     assert len(project.priors) == 1 and len(project.subjects) == 2
     assert len(project.blends) == 1 and len(project.renders) == 2
+
+
+def test_demo_teaches_tiny_shapes_two_subjects_and_scores_them():
+    project = load_project(ROOT / "projects" / "demo.toml")
+    assert project.settings.base_model == "tiny-shapes"
+    assert set(project.subjects) == {"ring", "cross"}
+    for subject in project.subjects.values():
+        assert subject.prior in project.priors, "every subject trains with prior preservation"
+        captions = sorted((ROOT / "projects" / subject.images).glob("*.txt"))
+        assert len(captions) == len(sorted((ROOT / "projects" / subject.images).glob("*.png")))
+        identifier = subject.instance_prompt.split()[-2]
+        assert all(identifier in c.read_text() for c in captions)
+    assert project.blends["both"].adapters == (("ring", 1.0), ("cross", 1.0))
+    assert "none" in project.renders["ring"].adapters, "the base model's renders, for contrast"
+    assert project.tables["eval"]["ring"].render == "ring"
 
 
 def test_pets_is_the_classic_recipe(tmp_path):

@@ -1,6 +1,6 @@
-"""Draw the demo's instance images: a small cartoon dog and a striped toy, a few poses each.
+"""Draw the instance images of projects/flow.toml: a small cartoon dog and a striped toy, a few poses each.
 
-    python projects/demo/make_images.py
+    python projects/flow/make_images.py
 
 The PNGs are committed; this script is how they were made (deterministic: same bytes every run).
 """

@@ -143,6 +143,22 @@ def test_the_watch_sees_caption_files(proj):
 # --- training on tiny-sd -------------------------------------------------------------------------------
 
 
+def record_prompts(monkeypatch) -> list:
+    """(kind, image index, prompt) of every example the train step embeds, as it asks for them."""
+    from runner.training import captions
+
+    used = []
+    real_prompts_for = captions.prompts_for
+
+    def record(examples, prompts, seed, dropout):
+        texts = real_prompts_for(examples, prompts, seed, dropout)
+        used.extend((kind, index, text) for (kind, index, _), text in zip(examples, texts, strict=True))
+        return texts
+
+    monkeypatch.setattr(captions, "prompts_for", record)
+    return used
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["frozen-te", "te-lora"])
 def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text_encoder):
@@ -150,7 +166,6 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
 
     from runner import families
     from runner.steps import train
-    from runner.training import captions
     from tests.steps_fixtures import draw_images, make_prior, make_subject, train_context
 
     instance = draw_images(tmp_path / "dog", 3, size=(64, 64))
@@ -160,15 +175,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     names = sorted(p.name for p in instance.glob("*.png"))
     assert names == ["00.png", "01.png", "02.png"]
 
-    used, tokenized = [], []
-    real_prompts_for = captions.prompts_for
-
-    def record(examples, prompts, seed, dropout):
-        texts = real_prompts_for(examples, prompts, seed, dropout)
-        used.extend((kind, index, text) for (kind, index, _), text in zip(examples, texts, strict=True))
-        return texts
-
-    monkeypatch.setattr(captions, "prompts_for", record)
+    used, tokenized = record_prompts(monkeypatch), []
     subject = make_subject(
         instance,
         prior="dog",
@@ -244,7 +251,6 @@ def test_several_class_prompts_take_turns_and_each_class_image_trains_with_its_o
 
     from runner.steps import prior as prior_step
     from runner.steps import train
-    from runner.training import captions
     from runner.training.data import read_images
     from tests.steps_fixtures import draw_images, make_prior, make_subject, prior_context, train_context
 
@@ -268,15 +274,7 @@ def test_several_class_prompts_take_turns_and_each_class_image_trains_with_its_o
     images, _ = read_images(job, print)
     assert images.prompts["class"] == ["a photo of dog", "a dog on grass", "a photo of dog"]
     # ... and trains each with it.
-    used = []
-    real_prompts_for = captions.prompts_for
-
-    def record(examples, texts, seed, dropout):
-        out = real_prompts_for(examples, texts, seed, dropout)
-        used.extend((kind, index, text) for (kind, index, _), text in zip(examples, out, strict=True))
-        return out
-
-    monkeypatch.setattr(captions, "prompts_for", record)
+    used = record_prompts(monkeypatch)
     subject = make_subject(tmp_path / "dog", prior="dog", train=dict(steps=3, batch_size=2))
     train.run(train_context(tmp_path / "train", subject, prior=spec, class_dir=ctx.out))
     trained = {(index, text) for kind, index, text in used if kind == "class"}

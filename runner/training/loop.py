@@ -250,10 +250,12 @@ def _encode_prompts(run: Run) -> None:
     import torch
 
     job, family = run.job, run.job.family
-    prompts = [job.subject.instance_prompt] + ([job.prior.prompts[0]] if run.weight is not None else [])
+    class_prompt = job.prior.prompts[0] if run.weight is not None else None
+    prompts = [job.subject.instance_prompt] + ([class_prompt] if class_prompt is not None else [])
     per_image = run.images.prompts["instance"] + run.images.prompts["class"]
-    uniform = all(p == prompts[0] for p in run.images.prompts["instance"]) and all(
-        p == prompts[-1] for p in run.images.prompts["class"]
+    # [instance prompt, class prompt] serves only when every image trains with its kind's prompt.
+    uniform = all(p == job.subject.instance_prompt for p in run.images.prompts["instance"]) and all(
+        p == class_prompt for p in run.images.prompts["class"]
     )
     if run.settings.caption_dropout or not uniform:
         # One row per distinct prompt: a caption shared by many images is tokenized (and embedded) once.

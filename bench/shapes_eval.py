@@ -227,77 +227,34 @@ def part_subject(args) -> dict:
 
 
 def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
-    """Train the ring subject the classic recipe's way, with prior preservation on `class_images`,
-    then render and score it as the eval step does."""
-    import itertools
-
-    import numpy as np
+    """Train the ring subject the classic recipe's way (bench/recipe.py, on its own randomness), with
+    prior preservation on `class_images`, then render and score it as the eval step does."""
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model
+    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from bench import recipe
     from runner.imagefiles import list_images
     from runner.models import ensure_builtin
 
-    torch.manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(str(ensure_builtin("tiny-shapes")))
     pipe.set_progress_bar_config(disable=True)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    # Every linear layer of the transformer blocks (attention and feed-forward), as the settings say.
-    linear = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-    unet = get_peft_model(unet, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], target_modules=linear))
-    te_rank = s["text_encoder_rank"]
-    text_encoder = get_peft_model(
-        text_encoder, LoraConfig(r=te_rank, lora_alpha=te_rank, target_modules=["q_proj", "v_proj"])
+
+    def captioned(folder):  # every photo and class image has its caption beside it
+        return [(path, path.with_suffix(".txt").read_text().strip()) for path in list_images(folder)]
+
+    settings = recipe.Settings(
+        steps=s["steps"],
+        learning_rate=s["learning_rate"],
+        rank=s["rank"],
+        alpha=s["alpha"],
+        text_encoder_rank=s["text_encoder_rank"],
+        text_encoder_alpha=s["text_encoder_rank"],
     )
-    params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s["learning_rate"], weight_decay=1e-2)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def pixels(path):
-        array = np.asarray(Image.open(path).convert("RGB").resize((64, 64)), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def ids(prompt):
-        return tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-
-    instance, classes = list_images(SUBJECT), list_images(class_images)
-    order = random.Random(seed)
-    unet.train()
-    text_encoder.train()
-    for _ in range(s["steps"]):
-        photo, klass = order.choice(instance), order.choice(classes)
-        batch = torch.stack([pixels(photo), pixels(klass)])
-        instance_caption = photo.with_suffix(".txt").read_text().strip()
-        class_caption = klass.with_suffix(".txt").read_text().strip()
-        tokens = torch.stack([ids(instance_caption), ids(class_caption)])
-        latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,))
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred[:1], noise[:1]) + F.mse_loss(pred[1:], noise[1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    unet.eval()
-    text_encoder.eval()
-    pipe.unet, pipe.text_encoder = unet, text_encoder
-    prompts = PROMPTS
+    recipe.train(pipe, captioned(SUBJECT), captioned(class_images), settings, recipe.RecipeDraws(seed))
     items = []
     with torch.no_grad():
-        for prompt in prompts:
+        for prompt in PROMPTS:
             for render_seed in (0, 1, 2):
                 image = pipe(
                     prompt,
@@ -306,7 +263,7 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
                     generator=torch.Generator().manual_seed(render_seed),
                 ).images[0]
                 items.append((prompt, image))
-    photos = [Image.open(p).convert("RGB") for p in instance]
+    photos = [Image.open(p).convert("RGB") for p in list_images(SUBJECT)]
     return fidelity.score(items, fidelity.subject_traits(photos))["scores"]
 
 

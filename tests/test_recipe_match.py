@@ -1,4 +1,5 @@
-"""dbl's trainer against the classic PEFT DreamBooth recipe, written out as its loop does it.
+"""dbl's trainer against the classic PEFT DreamBooth recipe, written out as its loop does it
+(bench/recipe.py).
 
 Given the same random draws (which examples, timesteps, noise, latent samples and LoRA start), the
 recipe's loop (pixels encoded at every step, the prior half of the batch concatenated, one loss, one
@@ -9,7 +10,6 @@ recipe only in how the random numbers fall, which is what the seed-to-seed sprea
 
 from __future__ import annotations
 
-import itertools
 import textwrap
 from pathlib import Path
 
@@ -68,82 +68,34 @@ def project(folder: Path, captions: bool) -> Path:
 
 
 def recipe_loop(classes: Path, captions: bool, order=None) -> dict:
-    """The recipe's loop on the ring, with dbl's draws (`order`: position -> (instance, class) index,
-    dbl's data order when None). Returns {component: PEFT state dict} of the trained LoRA."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from PIL import Image
+    """bench/recipe.py's loop on the ring, on dbl's draws (`order` replaces dbl's example order).
+    Returns {component: PEFT state dict} of the trained LoRA, and the losses of each step."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
 
+    from bench import recipe
     from runner.models import ensure_builtin
-    from runner.training.data import ExampleOrder, derive_seed, generator
+
+    def examples(folder, default):
+        return [
+            (path, path.with_suffix(".txt").read_text().strip() if captions else default)
+            for path in sorted(folder.glob("*.png"))
+        ]
 
     pipe = StableDiffusionPipeline.from_pretrained(str(ensure_builtin("tiny-shapes")))
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    linear = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # SD 1.x's proj_in is a conv
-    with torch.random.fork_rng(devices=[]):  # dbl's LoRA start
-        torch.manual_seed(derive_seed(SEED, "lora-init"))
-        unet = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, target_modules=linear))
-        text_encoder = get_peft_model(
-            text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-        )
-    params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def files(folder):
-        return sorted(folder.glob("*.png"))
-
-    def pixels(path):
-        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def caption(path, default):
-        return path.with_suffix(".txt").read_text().strip() if captions else default
-
-    def ids(prompt):
-        return tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-
-    instance, klass = files(SUBJECT), files(classes)
-    order = order or ExampleOrder(SEED, len(instance), len(klass))
-    losses = []
-    unet.train()
-    text_encoder.train()
-    for step in range(STEPS):
-        i, c = order(step)
-        photo, image = instance[i], klass[c]
-        batch = torch.stack([pixels(photo), pixels(image)])
-        tokens = torch.stack([ids(caption(photo, INSTANCE_PROMPT)), ids(caption(image, CLASS_PROMPTS[0]))])
-        draws = [generator(SEED, "example", kind, step) for kind in ("instance", "class")]
-        timesteps = torch.tensor([int(torch.randint(0, 1000, (1,), generator=g)) for g in draws])
-        noise = torch.stack([torch.randn((4, 8, 8), generator=g) for g in draws])
-        eps = torch.stack([torch.randn((4, 8, 8), generator=g) for g in draws])
-        dist = vae.encode(batch).latent_dist  # the recipe's latent_dist.sample(), with dbl's eps
-        latents = (dist.mean + dist.std * eps) * vae.config.scaling_factor
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
-        pred, pred_prior = torch.chunk(pred, 2)
-        target, target_prior = torch.chunk(noise, 2)
-        instance_loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-        prior_loss = F.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
-        loss = instance_loss + 1.0 * prior_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append((instance_loss.item(), prior_loss.item()))
+    settings = recipe.Settings(
+        steps=STEPS, learning_rate=LR, rank=4, alpha=8, text_encoder_rank=4, text_encoder_alpha=4
+    )
+    losses = recipe.train(
+        pipe,
+        examples(SUBJECT, INSTANCE_PROMPT),
+        examples(classes, CLASS_PROMPTS[0]),
+        settings,
+        recipe.DblDraws(SEED, order),
+    )
     return {
-        "unet": get_peft_model_state_dict(unet),
-        "text_encoder": get_peft_model_state_dict(text_encoder),
+        "unet": get_peft_model_state_dict(pipe.unet),
+        "text_encoder": get_peft_model_state_dict(pipe.text_encoder),
         "losses": losses,
     }
 

@@ -13,8 +13,10 @@
    by each adapter, scored by an eval step: subject fidelity (base vs trained) and class drift (prior vs
    no prior).
 3. recipe: the same subject, steps and settings trained by a loop written as the classic PEFT recipe
-   does (pixels encoded every step, prior half concatenated, one backward), rendered and scored by the
-   same code: its subject fidelity against dbl's spread over seeds.
+   does (bench/recipe.py: pixels encoded every step, prior half concatenated, one backward), rendered
+   and scored by the same code: its subject fidelity against dbl's, over --runs training seeds from
+   --first-run, and the difference of the means against its standard error. With --dbl-draws the
+   loop also trains on dbl's random draws, which gives dbl's adapter (tests/test_recipe_match.py).
 
 Each part prints a table and a JSON line (--json FILE appends them to FILE).
 """
@@ -186,7 +188,7 @@ def part_subject(args) -> dict:
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for variant in rows:
-            for run in range(args.runs):
+            for run in range(args.first_run, args.first_run + args.runs):
                 folder = Path(tmp) / f"{variant.replace(' ', '-')}-{run}"
                 folder.mkdir()
                 path = folder / "p.toml"
@@ -226,9 +228,10 @@ def part_subject(args) -> dict:
 # --- 3. the classic recipe's loop ------------------------------------------------------------------------
 
 
-def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
-    """Train the ring subject the classic recipe's way (bench/recipe.py, on its own randomness), with
-    prior preservation on `class_images`, then render and score it as the eval step does."""
+def recipe_adapter_scores(seed: int, class_images: Path, s: dict, dbl_draws: bool = False) -> dict:
+    """Train the ring subject the classic recipe's way (bench/recipe.py, on its own randomness, or on
+    dbl's with `dbl_draws`), with prior preservation on `class_images`, then render and score it as the
+    eval step does."""
     import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
@@ -251,7 +254,8 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
         text_encoder_rank=s["text_encoder_rank"],
         text_encoder_alpha=s["text_encoder_rank"],
     )
-    recipe.train(pipe, captioned(SUBJECT), captioned(class_images), settings, recipe.RecipeDraws(seed))
+    draws = recipe.DblDraws(seed) if dbl_draws else recipe.RecipeDraws(seed)
+    recipe.train(pipe, captioned(SUBJECT), captioned(class_images), settings, draws)
     items = []
     with torch.no_grad():
         for prompt in PROMPTS:
@@ -268,33 +272,54 @@ def recipe_adapter_scores(seed: int, class_images: Path, s: dict) -> dict:
 
 
 def part_recipe(args) -> dict:
+    """dbl and the recipe's loop, one training seed after another; with --dbl-draws also the loop on
+    dbl's randomness (which trains dbl's adapter to rounding: tests/test_recipe_match.py)."""
     from runner import lockfile
 
-    dbl_runs, recipe_runs = [], []
+    arms = {"dbl": [], "recipe loop": []} | ({"loop, dbl's draws": []} if args.dbl_draws else {})
     with tempfile.TemporaryDirectory() as tmp:
-        for run in range(args.runs):
+        for run in range(args.first_run, args.first_run + args.runs):
             folder = Path(tmp) / f"dbl-{run}"
             folder.mkdir()
             path = folder / "p.toml"
             path.write_text(project_text(run, True, SUBJECT, SETTINGS))
             dbl("build", str(path), "--no-progress", cwd=folder)
-            dbl_runs.append(lockfile.read(path.with_suffix(".lock"))["eval:ring"]["metrics"]["ring"])
+            arms["dbl"].append(lockfile.read(path.with_suffix(".lock"))["eval:ring"]["metrics"]["ring"])
             classes = folder / "build" / "p" / "priors" / "shape"
-            recipe_runs.append(recipe_adapter_scores(run, classes, SETTINGS))
-            print(f"seed {run}: dbl {dbl_runs[-1]}, recipe {recipe_runs[-1]}", flush=True)
+            arms["recipe loop"].append(recipe_adapter_scores(run, classes, SETTINGS))
+            if args.dbl_draws:
+                arms["loop, dbl's draws"].append(recipe_adapter_scores(run, classes, SETTINGS, True))
+            print(
+                f"seed {run}: " + ", ".join(f"{name} {runs[-1]}" for name, runs in arms.items()), flush=True
+            )
             shutil.rmtree(folder)
     print(
-        f"\nring subject with prior preservation, {SETTINGS['steps']} steps, {args.runs} seeds: dbl against the recipe's loop"
+        f"\nring subject with prior preservation, {SETTINGS['steps']} steps, training seeds "
+        f"{args.first_run}-{args.first_run + args.runs - 1}: dbl against the recipe's loop"
     )
-    summary = {"part": "recipe"}
-    for name, runs in (("dbl", dbl_runs), ("recipe loop", recipe_runs)):
+    summary = {"part": "recipe", "first_run": args.first_run}
+    for name, runs in arms.items():
         values = [r["subject_fidelity"] for r in runs]
         summary[name] = {"subject_fidelity": values, "class_drift": [r["class_drift"] for r in runs]}
         print(
-            f"{name:<14} subject fidelity mean {statistics.mean(values):.2f}, range {min(values):.2f}-{max(values):.2f}"
-            f"; class drift mean {statistics.mean(r['class_drift'] for r in runs):.2f}"
+            f"{name:<18} subject fidelity mean {statistics.mean(values):.2f} (sd {_sd(values):.2f}, range "
+            f"{min(values):.2f}-{max(values):.2f}); class drift mean "
+            f"{statistics.mean(r['class_drift'] for r in runs):.2f}"
+        )
+    ours, theirs = summary["dbl"]["subject_fidelity"], summary["recipe loop"]["subject_fidelity"]
+    if len(ours) > 1:
+        difference = statistics.mean(ours) - statistics.mean(theirs)
+        error = (_sd(ours) ** 2 / len(ours) + _sd(theirs) ** 2 / len(theirs)) ** 0.5
+        summary["difference"] = {"mean": difference, "standard_error": error}
+        print(
+            f"dbl - recipe loop: {difference:+.2f}, standard error {error:.2f} "
+            f"({'within' if abs(difference) <= 2 * error else 'outside'} two standard errors)"
         )
     return summary
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
@@ -305,6 +330,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="render seeds per combination (part base)")
     parser.add_argument(
         "--runs", type=int, default=3, help="training seeds per variant (parts subject, recipe)"
+    )
+    parser.add_argument(
+        "--first-run", type=int, default=0, help="the first training seed (parts subject, recipe)"
+    )
+    parser.add_argument(
+        "--dbl-draws",
+        action="store_true",
+        help="part recipe: also train the recipe's loop on dbl's random draws (the same adapter as dbl's)",
     )
     parser.add_argument("--json", type=Path, help="append each part's figures to this file")
     parser.add_argument(

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.shapes_eval import CLASS_PROMPTS, PROMPTS, SETTINGS
 from runner import executor
 from runner.cli import main
 from runner.project import load_project, schema
@@ -63,7 +64,20 @@ def test_demo_teaches_tiny_shapes_two_subjects_and_scores_them():
         assert all(identifier in c.read_text() for c in captions)
     assert project.blends["both"].adapters == (("ring", 1.0), ("cross", 1.0))
     assert "none" in project.renders["ring"].adapters, "the base model's renders, for contrast"
-    assert project.tables["eval"]["ring"].render == "ring"
+    # The ring trains and its eval scores as bench/shapes_eval.py's do: the demo shows its seed-0 figures.
+    ring, yellow = project.subjects["ring"], project.priors["yellow"]
+    assert (ring.train.steps, ring.train.learning_rate) == (SETTINGS["steps"], SETTINGS["learning_rate"])
+    assert (ring.lora.rank, ring.lora.alpha, ring.lora.target_modules) == (
+        SETTINGS["rank"],
+        SETTINGS["alpha"],
+        SETTINGS["target_modules"],
+    )
+    assert (ring.lora.text_encoder_rank, ring.lora.text_encoder_alpha) == (SETTINGS["text_encoder_rank"],) * 2
+    assert (list(yellow.prompts), yellow.num_images) == (CLASS_PROMPTS, SETTINGS["class_images"])
+    measure = project.renders[project.tables["eval"]["ring"].render]
+    assert list(measure.adapters) == ["none", "ring"] and list(measure.seeds) == [0, 1, 2]
+    assert list(measure.prompts) == PROMPTS
+    assert (measure.steps, measure.guidance_scale) == (SETTINGS["render_steps"], SETTINGS["guidance_scale"])
 
 
 def test_pets_is_the_classic_recipe(tmp_path):

@@ -3,7 +3,7 @@
 Every step: one instance photo and one class image, their pixels encoded by the VAE (a latent sampled
 from its distribution), noised at a random timestep; one UNet call on both with their prompts encoded
 by the LoRA-wrapped text encoder; loss = mse(instance) + mse(class); one backward, gradient clipping at
-1.0, AdamW. Nothing is cached, nothing is derived per example: the loop dbl's trainer must agree with.
+1.0, AdamW. Nothing is cached or precomputed: this is the loop dbl's trainer must agree with.
 
 Where its random numbers come from is a `draws` object, so that the same loop can run on its own
 randomness (`RecipeDraws`: bench/shapes_eval.py's seed-to-seed comparison) or on dbl's (`DblDraws`:

@@ -51,13 +51,13 @@ class RecipeDraws:
     def pair(self, step: int, n_instance: int, n_class: int) -> tuple[int, int]:
         return self.choice.randrange(n_instance), self.choice.randrange(n_class)
 
-    def example(self, step: int, dist, scale: float):
+    def example(self, step: int, dist, scale: float, num_timesteps: int):
         """(latents, noise, timesteps) of the step's two examples, drawn as the recipe draws them."""
         import torch
 
         latents = dist.sample() * scale
         noise = torch.randn_like(latents)
-        return latents, noise, torch.randint(0, 1000, (latents.shape[0],))
+        return latents, noise, torch.randint(0, num_timesteps, (latents.shape[0],))
 
 
 class DblDraws:
@@ -85,7 +85,7 @@ class DblDraws:
             self.order = ExampleOrder(self.seed, n_instance, n_class)
         return self.order(step)
 
-    def example(self, step: int, dist, scale: float):
+    def example(self, step: int, dist, scale: float, num_timesteps: int):
         """(latents, noise, timesteps) of the step's two examples: each example's timestep, noise and
         latent sample, in that order, from the generator of its position."""
         import torch
@@ -94,7 +94,7 @@ class DblDraws:
 
         shape = tuple(dist.mean.shape[1:])
         draws = [generator(self.seed, "example", kind, step) for kind in ("instance", "class")]
-        timesteps = torch.tensor([int(torch.randint(0, 1000, (1,), generator=g)) for g in draws])
+        timesteps = torch.tensor([int(torch.randint(0, num_timesteps, (1,), generator=g)) for g in draws])
         noise = torch.stack([torch.randn(shape, generator=g) for g in draws])
         eps = torch.stack([torch.randn(shape, generator=g) for g in draws])
         return (dist.mean + dist.std * eps) * scale, noise, timesteps
@@ -156,7 +156,9 @@ def train(pipe, instance: list, classes: list, settings: Settings, draws) -> lis
         batch = torch.stack([pixels(photo), pixels(image)])
         tokens = torch.stack([ids(photo_prompt), ids(image_prompt)])
         dist = vae.encode(batch).latent_dist
-        latents, noise, timesteps = draws.example(step, dist, vae.config.scaling_factor)
+        latents, noise, timesteps = draws.example(
+            step, dist, vae.config.scaling_factor, noise_scheduler.config.num_train_timesteps
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
         pred_instance, pred_prior = torch.chunk(pred, 2)

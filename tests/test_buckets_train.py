@@ -152,18 +152,26 @@ def test_non_finite_latents_are_caught_where_they_are_encoded(tmp_path):
     images, _ = read_images(job, print)
     with pytest.raises(StepError, match="non-finite latents"):  # cached: when the cache is made
         LatentCache(_NanVae(), images, settings, "cpu", None)
-    # Random crops are encoded at each step: the step's batch finds them.
+    # Random crops are encoded at each step: the batch keeps a flag on the device, and check() (where
+    # the loop reads the losses back) raises, so a step never waits for the device.
     job, settings = _job(tmp_path, center_crop=False)
     images, _ = read_images(job, print)
     cache = LatentCache(_NanVae(), images, settings, "cpu", None)
     assert cache.cached_images == 0
+    order = ExampleOrder(seed=0, n_instance=1, n_class=0)
+    (group,) = cache.batch(range(1), order, 0, 1000, None)
+    assert not group.latents.isfinite().all()  # the NaN really went in
+    cache.batch(range(1, 2), order, 0, 1000, None)
     with pytest.raises(StepError, match="non-finite latents"):
-        cache.batch(range(1), ExampleOrder(seed=0, n_instance=1, n_class=0), 0, 1000, None)
+        cache.check()
+    cache.check()  # read and cleared
     # A finite VAE passes both ways.
-    (group,) = LatentCache(_StubVae(), images, settings, "cpu", None).batch(
-        range(1), ExampleOrder(seed=0, n_instance=1, n_class=0), 0, 1000, None
-    )
+    finite = LatentCache(_StubVae(), images, settings, "cpu", None)
+    (group,) = finite.batch(range(1), order, 0, 1000, None)
     assert group.latents.isfinite().all()
+    assert finite.all_finite is not None
+    finite.check()
+    assert finite.all_finite is None
 
 
 def test_bucket_sizes_at_tiny_resolution_fit_the_tiny_models():

@@ -265,6 +265,31 @@ def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, mo
     ).all()
 
 
+def test_non_finite_latents_of_random_crops_stop_the_run_with_the_vaes_error(tmp_path, images, monkeypatch):
+    instance, _ = images
+    vae = model_cache().pipeline().vae
+    real = vae.encode
+    calls = []
+
+    def poisoned(pixels):
+        calls.append(1)
+        out = real(pixels)
+        if len(calls) == 3:
+            out.latent_dist.mean = out.latent_dist.mean * float("nan")
+        return out
+
+    monkeypatch.setattr(vae, "encode", poisoned)
+    # Random crops of 80x64 images to 64 px: every step encodes its image.
+    subject = make_subject(
+        instance, train=dict(steps=4, center_crop=False, checkpoint_every=1, train_text_encoder=False)
+    )
+    ctx = train_context(tmp_path, subject)
+    with pytest.raises(StepError, match="non-finite latents"):
+        _run(ctx)
+    assert len(calls) == 3  # the poisoned encoding was step 3's
+    assert sorted(p.name for p in ctx.work.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_shared_pipeline_is_left_as_found(tmp_path, images):
     import torch
 

@@ -47,6 +47,8 @@ class LatentCache:
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.moments: dict[tuple[str, int, bool], tuple] = {}
         self.encoded_per_step = 0
+        # Whether every latent encoded at a step so far was finite: a flag on the device, read by check().
+        self.all_finite = None
         # The shape of every image as read (pixels of cached images are freed below).
         self.shapes = {
             (kind, index): tuple(image.shape[1:])
@@ -108,10 +110,10 @@ class LatentCache:
             left = width - left - target_w
         return (original_h, original_w, top, left, target_h, target_w)
 
-    def _encode(self, pixels_uint8):
-        """Latent (mean, std) of a stack of images. Checked here, once per encoding, for non-finite
-        values: a latent is mean + std * eps with a finite eps, so the batches need no check (which
-        would wait for the device at every step)."""
+    def _encode(self, pixels_uint8, defer: bool = False):
+        """Latent (mean, std) of a stack of images, checked for non-finite values: at once when the cache is
+        made, and at check() for the latents encoded at each step (deferred, so that a step never waits
+        for the device). A latent is mean + std * eps with a finite eps, so the batches need no check."""
         import torch
 
         from runner.images import normalize
@@ -120,17 +122,31 @@ class LatentCache:
             with torch.no_grad():
                 pixels = normalize(pixels_uint8).to(self.device, self.dtype)
                 dist = self.vae.encode(pixels).latent_dist
-                return _finite(dist.mean.float(), dist.std.float())
-        # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
-        dtype = next(self.vae.parameters()).dtype
-        with torch.no_grad():
-            pixels = normalize(pixels_uint8).to(self.device, torch.float32)
-            try:
-                self.vae.to(torch.float32)
-                dist = self.vae.encode(pixels).latent_dist
-            finally:
-                self.vae.to(dtype)
-            return _finite(dist.mean.float(), dist.std.float())
+                mean, std = dist.mean.float(), dist.std.float()
+        else:
+            # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
+            dtype = next(self.vae.parameters()).dtype
+            with torch.no_grad():
+                pixels = normalize(pixels_uint8).to(self.device, torch.float32)
+                try:
+                    self.vae.to(torch.float32)
+                    dist = self.vae.encode(pixels).latent_dist
+                finally:
+                    self.vae.to(dtype)
+                mean, std = dist.mean.float(), dist.std.float()
+        finite = torch.isfinite(mean).all() & torch.isfinite(std).all()
+        if not defer:
+            _raise_unless(bool(finite))
+        else:
+            self.all_finite = finite if self.all_finite is None else self.all_finite & finite
+        return mean, std
+
+    def check(self) -> None:
+        """Raise the VAE's error if a latent encoded at a step since the last check was not finite (one wait
+        for the device; the training loop calls it where it reads the losses back)."""
+        if self.all_finite is not None:
+            finite, self.all_finite = bool(self.all_finite), None
+            _raise_unless(finite)
 
     def batch(self, positions, order: ExampleOrder, seed: int, num_timesteps: int, weight) -> list[Group]:
         """The examples at `positions`, laid out [instance..., class...], noised: one group when they
@@ -165,7 +181,7 @@ class LatentCache:
             self.encoded_per_step += len(pending)
             for size in dict.fromkeys(tuple(pixels.shape) for _, pixels in pending):
                 part = [(n, pixels) for n, pixels in pending if tuple(pixels.shape) == size]
-                mean, std = self._encode(torch.stack([pixels for _, pixels in part]))
+                mean, std = self._encode(torch.stack([pixels for _, pixels in part]), defer=True)
                 for j, (n, _) in enumerate(part):
                     moments[n] = (mean[j], std[j])
 
@@ -189,12 +205,9 @@ class LatentCache:
         return groups
 
 
-def _finite(mean, std):
-    import torch
-
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+def _raise_unless(finite: bool) -> None:
+    if not finite:
         raise StepError(
             "the VAE gave non-finite latents (NaN or inf); the VAE overflows in fp16 (SDXL's does): "
             "dbl encodes latents in fp32, so check the images and the base model's VAE weights"
         )
-    return mean, std

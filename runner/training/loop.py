@@ -448,9 +448,12 @@ def _optimizer_step(run: Run, params, losses) -> None:
 
 def _read_losses(run: Run) -> None:
     """Read the pending steps' losses back (one wait for the device), check them, and add them to the
-    history and the TensorBoard logs. A non-finite loss stops the run before any checkpoint keeps it."""
+    history and the TensorBoard logs. A non-finite loss, or latent encoded since, stops the run before any
+    checkpoint keeps it."""
     import torch
 
+    if run.latents is not None:
+        run.latents.check()
     if not run.pending:
         return
     values = torch.stack([losses for losses, _ in run.pending]).tolist()

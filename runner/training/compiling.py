@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 
+from runner.training import switches
+
 CACHE_FOLDER = "torch-compile"
 
 
 def compiling(setting, device: str, buckets: bool = False) -> tuple[bool, str]:
     """(on, why) for a `compile` setting: true, false or "auto"."""
-    if setting is not True and setting is not False and setting != "auto":
-        raise ValueError(f"compile must be true, false or 'auto', not {setting!r}")
+    switches.check(setting, "compile")
     if setting != "auto":
         return setting, "set in [train]"
     kind = device.split(":")[0]
@@ -40,7 +41,7 @@ def compiling(setting, device: str, buckets: bool = False) -> tuple[bool, str]:
 
 def describe(on: bool, why: str) -> str:
     """The log line of the choice."""
-    return f"compile: {'on' if on else 'off'} ({why})"
+    return switches.describe("compile", on, why)
 
 
 def compile_module(module) -> None:

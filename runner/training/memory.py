@@ -8,6 +8,8 @@ on a CPU or MPS it stays off (host memory is rarely what limits a step there, an
 
 from __future__ import annotations
 
+from runner.training import switches
+
 # Activation bytes a training step keeps for its backward pass, per denoiser parameter, per latent pixel
 # and per example, at 2 bytes a value (fp16/bf16). From SD 1.5's shapes (860M UNet parameters) at 512 px
 # (64 x 64 latents): diffusers' script, which does not checkpoint, peaks about 4.2 GB above its 2.1 GB of
@@ -30,8 +32,7 @@ def step_bytes(
 def checkpointing(setting, device: str, free: int | None = None, needed: int | None = None):
     """(on, why) for a `gradient_checkpointing` setting: true, false or "auto". With "auto", `free` and
     `needed` are the device's free bytes and the step's estimate (both known on CUDA only)."""
-    if setting is not True and setting is not False and setting != "auto":
-        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', not {setting!r}")
+    switches.check(setting, "gradient_checkpointing")
     if setting != "auto":
         return setting, "set in [train]"
     kind = device.split(":")[0]
@@ -45,7 +46,7 @@ def checkpointing(setting, device: str, free: int | None = None, needed: int | N
 
 def describe(on: bool, why: str) -> str:
     """The log line of the choice."""
-    return f"gradient checkpointing: {'on' if on else 'off'} ({why})"
+    return switches.describe("gradient checkpointing", on, why)
 
 
 def choose(setting, device: str, pipe, denoiser, trainable: dict, examples: int, resolution: int, dtype):

@@ -1,0 +1,16 @@
+"""The speed switches of [train] (gradient_checkpointing, compile, cuda_graphs): each is true, false or
+"auto", changes no result beyond floating-point rounding, and the train step's log says which way each
+went and why."""
+
+from __future__ import annotations
+
+
+def check(setting, key: str) -> None:
+    """Raise ValueError unless `setting` is true, false or "auto"."""
+    if setting is not True and setting is not False and setting != "auto":
+        raise ValueError(f"{key} must be true, false or 'auto', not {setting!r}")
+
+
+def describe(label: str, on: bool, why: str) -> str:
+    """The log line of a choice, e.g. `compile: on (auto: on cuda)`."""
+    return f"{label}: {'on' if on else 'off'} ({why})"

@@ -16,7 +16,9 @@ loss weight 1, no class image generated), batch 1 + 1, LoRA rank 16 (alpha 16) o
 to_q/to_k/to_v/to_out.0 and on the text encoders' q/k/v/out projections, learning rate 1e-4 constant,
 `--steps` optimizer steps, seed 0. SD 1.5: each tool with its defaults (the script does not checkpoint
 gradients; dbl decides by itself, `gradient_checkpointing = "auto"`, and compiles on CUDA,
-`compile = "auto"`). SDXL: gradient checkpointing in both. dbl runs as `dbl build` on a project file.
+`compile = "auto"`). `--variants` adds dbl-eager (compile and CUDA graphs off) and dbl-graphs (CUDA
+graphs on, compile off); each dbl variant's row of choices is printed under the table. SDXL: gradient
+checkpointing in both. dbl runs as `dbl build` on a project file.
 Each runs in its own process, timed from inside by a global optimizer-step hook (after a CUDA
 synchronize):
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,8 +54,17 @@ sys.path.insert(0, str(ROOT))
 # The scripts, unmodified: in the checkout's shared/ (what travels to a GPU machine) or the one beside it.
 SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sdxl.py"}
 # Per family: the GPU job's resolution, steps, untimed steps, precision, and whether both checkpoint.
-VARIANTS = ("dbl", "dbl-eager", "anchor")
-LABELS = {"dbl": "dbl", "dbl-eager": "dbl eager", "anchor": "script"}
+VARIANTS = ("dbl", "dbl-eager", "dbl-graphs", "anchor")
+LABELS = {"dbl": "dbl", "dbl-eager": "dbl eager", "dbl-graphs": "dbl graphs", "anchor": "script"}
+CHOICES = re.compile(
+    r"(compile|cuda graphs|gradient checkpointing): (on|off) |warning: (compiling|capturing)"
+)
+# What each dbl variant sets in [train] beyond the job: dbl keeps its defaults.
+SWITCHES = {
+    "dbl": "",
+    "dbl-eager": "compile = false\ncuda_graphs = false\n",
+    "dbl-graphs": "compile = false\ncuda_graphs = true\n",
+}
 JOBS = {
     "sd15": dict(resolution=512, steps=300, warmup=20, mixed_precision="fp16", checkpointing=False),
     "sdxl": dict(resolution=1024, steps=50, warmup=5, mixed_precision="bf16", checkpointing=True),
@@ -197,7 +209,7 @@ def draw_images(folder: Path, count: int, size: int, seed: int) -> Path:
 # --- the two commands -------------------------------------------------------------------------------------
 
 
-def dbl_project(work: Path, model: Path, instance: Path, classes: Path, args, eager: bool = False) -> Path:
+def dbl_project(work: Path, model: Path, instance: Path, classes: Path, args, variant: str = "dbl") -> Path:
     def strings(items):
         return "[" + ", ".join(f'"{x}"' for x in items) + "]"
 
@@ -215,7 +227,7 @@ steps = {args.steps}
 batch_size = 1
 learning_rate = 1e-4
 lr_scheduler = "constant"
-{checkpointing}{"compile = false" + chr(10) if eager else ""}train_text_encoder = true
+{checkpointing}{SWITCHES[variant]}train_text_encoder = true
 checkpoint_every = 0
 
 [lora]
@@ -236,7 +248,7 @@ images = "{instance}"
 instance_prompt = "{INSTANCE_PROMPT}"
 prior = "dog"
 """
-    path = work / ("bench-eager.toml" if eager else "bench.toml")
+    path = work / f"{variant}.toml"
     path.write_text(text)
     return path
 
@@ -285,7 +297,7 @@ def child(variant: str, stats: Path, rest: list[str], anchor: Path) -> int:
     if variant != "anchor":
         from runner.cli import main
 
-        return main(["build", *rest, "--no-progress", "--force", "train:dog"])  # never from a cache
+        return main(["build", *rest, "--no-progress", "-v", "--force", "train:dog"])  # never from a cache
     import runpy
 
     if not cuda:
@@ -352,6 +364,10 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
         "peak_rss_mb": peak / 2**20,
         "first_step_s": stamps[0] - data["start"],
         "wall_s": wall,
+        # What dbl chose for itself, as its log says (compile, CUDA graphs, checkpointing, fallbacks).
+        "choices": [
+            m.string[m.start() :].strip() for m in map(CHOICES.search, log.read_text().splitlines()) if m
+        ],
     }
 
 
@@ -387,7 +403,8 @@ def main(argv=None) -> int:
         nargs="+",
         default=["dbl", "anchor"],
         choices=VARIANTS,
-        help="what to run: dbl, dbl-eager (dbl with compile = false), anchor (the script)",
+        help="what to run: dbl (its defaults), dbl-eager (compile and cuda_graphs off), dbl-graphs (cuda_graphs "
+        "on, compile off), anchor (the script)",
     )
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -433,7 +450,7 @@ def main(argv=None) -> int:
         if variant == "anchor":
             python, rest = args.anchor_python, anchor_args(work, model, instance, classes, args)
         else:
-            project = dbl_project(work, model, instance, classes, args, eager=variant == "dbl-eager")
+            project = dbl_project(work, model, instance, classes, args, variant)
             python, rest = sys.executable, [str(project)]
         results[variant] = measure(variant, python, rest, work, args)
         print(f"{variant}: {results[variant]}", flush=True)
@@ -485,6 +502,9 @@ def print_table(report: dict) -> None:
         cells = "".join(f"{results[v][key]:12.2f}" for v in columns)
         cells += "".join(f"{results[v][key] / results['anchor'][key]:15.2f}x" for v in ratios)
         print(f"{label:24}{cells}  ({better} is better)")
+    for variant in columns:
+        if results[variant].get("choices"):
+            print(f"{LABELS[variant]}: " + "; ".join(results[variant]["choices"]))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,45 @@ def test_the_flow_builds_in_fp16_on_cuda(tmp_path):
     assert "relative_error" in blend
     again = executor.build(load_project(tmp_path / "flow.toml"), executor.BuildOptions(), Recorder())
     assert all(s.status == FRESH for s in again.steps)
+
+
+def _train_on_cuda(folder, flow, graphs: bool):
+    """train:dog of the flow on CUDA in fp16, 20 steps with its prior, with or without CUDA graphs (and
+    without compiling, which would rule them out): the per-step losses, the UNet adapter and the log."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    shutil.copytree(flow, folder / "flow")
+    text = (
+        '[project]\nbase_model = "tiny-sd"\ndevice = "cuda"\nmixed_precision = "fp16"\n\n'
+        f"[train]\nresolution = 64\nsteps = 20\ncompile = false\ncuda_graphs = {str(graphs).lower()}\n\n"
+        "[lora]\nrank = 4\ntext_encoder_rank = 4\n\n"
+        '[priors.dog]\nclass_prompt = "a photo of dog"\nnum_images = 2\nsteps = 5\n\n'
+        '[subjects.dog]\nimages = "flow/dog"\ninstance_prompt = "a photo of sks dog"\nprior = "dog"\n'
+    )
+    (folder / "p.toml").write_text(text)
+    recorder = Recorder()
+    result = executor.build(load_project(folder / "p.toml"), executor.BuildOptions(), recorder)
+    assert result.ok, [(s.id, s.error) for s in result.steps if s.error]
+    out = folder / "build" / "p" / "adapters" / "dog"
+    losses = json.loads((out / "dbl.json").read_text())["log"]["instance_loss"]
+    logs = [e[2] for e in recorder.events if e[0] == "log" and e[1] == "train:dog"]
+    return losses, load_file(str(out / "unet" / "adapter_model.safetensors")), logs
+
+
+def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path):
+    flow = ROOT / "projects" / "flow"
+    eager, eager_weights, eager_logs = _train_on_cuda(tmp_path / "eager", flow, graphs=False)
+    graphed, graphed_weights, logs = _train_on_cuda(tmp_path / "graphed", flow, graphs=True)
+    assert "cuda graphs: off (set in [train])" in eager_logs
+    assert "cuda graphs: on (set in [train])" in logs
+    assert "cuda graphs: captured the denoiser's forward and backward" in logs
+    assert not any("capturing CUDA graphs failed" in line for line in logs)
+    # The replayed kernels are the eager ones: the same losses and weights, to rounding.
+    assert graphed == pytest.approx(eager, rel=1e-3)
+    for key, value in eager_weights.items():
+        other = graphed_weights[key]
+        assert float((other - value).norm()) <= 1e-3 * float(value.norm()) + 1e-6, key
+    assert any(float(v.abs().max()) > 0 for k, v in graphed_weights.items() if "lora_B" in k)

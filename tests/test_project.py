@@ -594,7 +594,7 @@ def test_a_single_file_of_another_family_is_a_project_file_error(folder, keys, k
     ]
 
 
-@pytest.mark.parametrize("key", ["gradient_checkpointing", "compile"])
+@pytest.mark.parametrize("key", ["gradient_checkpointing", "compile", "cuda_graphs"])
 @pytest.mark.parametrize(
     "written, value", [("", "auto"), ('"auto"', "auto"), ("true", True), ("false", False)]
 )

@@ -150,6 +150,14 @@ class TrainSettings:
         "switch",
         fingerprint=False,
     )
+    cuda_graphs: bool | str = opt(
+        "auto",
+        "replay the denoiser's forward and backward as CUDA graphs (one launch a pass; the eager result); "
+        "auto: on on CUDA where shapes are static, without buckets, gradient accumulation, gradient "
+        "checkpointing, LoRA dropout or compile",
+        "switch",
+        fingerprint=False,
+    )
     train_text_encoder: bool = opt(True, "also train a LoRA on the text encoder", "bool")
     checkpoint_every: int = opt(
         200, "save a resumable checkpoint every N steps (0: never)", "int", minimum=0, fingerprint=False

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import captions, checkpoints, compiling, lora, memory, optimizers, provenance
+from runner.training import captions, checkpoints, compiling, graphs, lora, memory, optimizers, provenance
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -68,6 +68,7 @@ class Run:
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
     checkpointing: bool = False  # gradient checkpointing, as chosen for this run (runner.training.memory)
     compiled: list = field(default_factory=list)  # modules compiled for this run (runner.training.compiling)
+    graphs: Any = None  # the denoiser's CUDA graphs, when captured for this run (runner.training.graphs)
     # Losses stay on the device until read back (every `readback_every` steps): (losses, lr) of each step.
     pending: list = field(default_factory=list)
     readback_every: int = 1
@@ -129,6 +130,7 @@ def _train(run: Run) -> dict:
         _choose_checkpointing(run)
         lora.start_training(run.modules, run.components, run.checkpointing)
         _choose_compile(run)
+        _choose_graphs(run)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(
@@ -161,6 +163,8 @@ def _train(run: Run) -> dict:
         if run.writer is not None:
             run.writer.close()
         _uncompile(run)
+        if run.graphs is not None:
+            run.graphs.remove()
         lora.remove_lora(run.modules, run.checkpointing)
 
 
@@ -193,6 +197,26 @@ def _choose_compile(run: Run) -> None:
                 module = run.modules[c.name].base_model.model  # inside the LoRA wrapper
                 compiling.compile_module(module)
                 run.compiled.append(module)
+
+
+def _choose_graphs(run: Run) -> None:
+    """The denoiser's passes captured as CUDA graphs as set, or with "auto" where the shapes are static and
+    nothing else stands in the way; said in the log."""
+    ts = run.settings
+    on, why = graphs.choose(
+        ts.cuda_graphs,
+        run.device,
+        buckets=bool(ts.buckets),
+        accumulation=ts.gradient_accumulation_steps,
+        checkpointing=run.checkpointing,
+        dropout=run.job.subject.lora.dropout,
+        compiled=bool(run.compiled),
+    )
+    run.log(graphs.describe(on, why))
+    if on:
+        denoiser = next(c for c in run.components if c.denoiser)
+        run.graphs = graphs.GraphedDenoiser(run.modules[denoiser.name], run.log)
+        run.graphs.install()
 
 
 def _forward_backward_or_uncompile(run: Run, order: ExampleOrder):

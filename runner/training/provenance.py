@@ -61,7 +61,7 @@ def info(run, summary: dict, subject, stop_at) -> dict:
 
 
 # Settings that change no byte of an adapter: left out of its dbl.json, which the run-cache shares.
-NOT_IN_INFO = ("save_steps", "log", "gradient_checkpointing", "compile")
+NOT_IN_INFO = ("save_steps", "log", "gradient_checkpointing", "compile", "cuda_graphs")
 
 
 def step_log(history: dict, weight) -> dict:

@@ -1,0 +1,183 @@
+"""Whether the denoiser's forward and backward are captured as CUDA graphs (`[train] cuda_graphs`), and
+capturing them. torch is imported inside functions.
+
+A small batch leaves a big GPU waiting on kernel launches, not on arithmetic: an SD 1.5 step launches
+thousands of kernels, each a few microseconds of host time. A CUDA graph records a pass's launches once
+and replays them as one, so the host no longer paces the device. Capturing costs a few warm-up passes (no
+compiling), and replaying runs the very kernels the eager pass runs, so the result is the eager one.
+
+A graph replays fixed shapes on fixed memory, so it is captured where every step has the same shapes and
+nothing in the pass draws random numbers or waits for the host:
+
+- a CUDA device, and no buckets (each bucket has its shapes);
+- one micro-batch a step: a graph's parameter gradients live in its own memory, which the next replay
+  overwrites, so gradients could not accumulate over micro-batches;
+- no gradient checkpointing (it recomputes the forward pass inside the backward one);
+- no UNet LoRA dropout (its random masks would differ from an eager run's);
+- not compiled (`compile`): a compiled denoiser has fused its launches already.
+
+"auto" captures where all of these hold; `true` asks for it, and the log says why it is off where one does
+not hold. The denoiser is captured at the first step, with that step's inputs; a later call whose inputs
+differ in shape or kind (none in training) runs eagerly. Where capturing fails (an operation CUDA cannot
+record), the log says why and the run goes on eagerly from the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from runner.training import switches
+
+
+def choose(
+    setting,
+    device: str,
+    *,
+    buckets: bool = False,
+    accumulation: int = 1,
+    checkpointing: bool = False,
+    dropout: float = 0.0,
+    compiled: bool = False,
+) -> tuple[bool, str]:
+    """(on, why) for a `cuda_graphs` setting: true, false or "auto"."""
+    switches.check(setting, "cuda_graphs")
+    if setting is False:
+        return False, "set in [train]"
+    kind = device.split(":")[0]
+    blocked = (
+        (kind != "cuda", f"off on {kind}"),
+        (buckets, "buckets change the shapes"),
+        (accumulation > 1, "gradient accumulation needs gradients kept across passes"),
+        (checkpointing, "gradient checkpointing is on"),
+        (dropout > 0, "LoRA dropout draws random masks"),
+        (compiled, "the denoiser is compiled"),
+    )
+    why = next((why for hit, why in blocked if hit), None)
+    if setting is True:
+        return (False, f"set in [train], but {why}") if why else (True, "set in [train]")
+    return (False, f"auto: {why}") if why else (True, "auto: on cuda, static shapes")
+
+
+def describe(on: bool, why: str) -> str:
+    """The log line of the choice."""
+    return switches.describe("cuda graphs", on, why)
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+
+
+class GraphedDenoiser:
+    """Runs a LoRA-wrapped denoiser's training passes as CUDA graphs, in place: `install` makes the
+    module's own forward capture at the first call and replay after; `remove` restores it.
+
+    The denoiser is called as the families call it, `module(sample, timestep, encoder_hidden_states,
+    added_cond_kwargs=None)`, and answers as the module does (`.sample`, or a tuple with
+    return_dict=False). `capture(module, sample_args)` makes the graphed callable
+    (torch.cuda.make_graphed_callables; a test may stand in its own).
+    """
+
+    def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
+        self.module, self.log = module, log
+        self.capture = capture or _make_graphed
+        self.original = None  # the module's own forward
+        self.graphed = None  # positional tensors -> prediction
+        self.signature = None
+        self.added_keys: tuple[str, ...] = ()
+        self.failed = False
+        self.replays = 0
+
+    def install(self) -> None:
+        self.original = self.module.forward
+        self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
+
+    def remove(self) -> None:
+        if self.original is not None:
+            del self.module.forward
+            self.original = None
+        self.graphed = None  # frees the graphs' memory pool with them
+
+    def forward(
+        self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True, **rest
+    ):
+        import torch
+
+        def eager():
+            kwargs = dict(rest)
+            if added_cond_kwargs is not None:
+                kwargs["added_cond_kwargs"] = added_cond_kwargs
+            return self.original(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
+
+        if self.failed or rest or not torch.is_grad_enabled() or not torch.is_tensor(timestep):
+            return eager()
+        keys = tuple(sorted(added_cond_kwargs)) if added_cond_kwargs else ()
+        args = (sample, timestep, encoder_hidden_states, *(added_cond_kwargs[k] for k in keys))
+        if self.graphed is None:
+            self.added_keys = keys
+            if not self._capture(args):
+                return eager()
+        if keys != self.added_keys or _signature(args) != self.signature:
+            return eager()
+        self.replays += 1
+        prediction = self.graphed(*args)
+        if not return_dict:
+            return (prediction,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=prediction)
+
+    def _capture(self, args) -> bool:
+        """Capture the graphs with `args`' shapes; on failure, say why and stay eager."""
+        import torch
+
+        positional = _Positional(self.module, self.original, self.added_keys)
+        sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        device_type = args[0].device.type
+        try:
+            # make_graphed_callables asks for autocast without its cast cache; the casts are recorded.
+            with torch.autocast(
+                device_type,
+                dtype=torch.get_autocast_dtype(device_type),
+                enabled=torch.is_autocast_enabled(device_type),
+                cache_enabled=False,
+            ):
+                self.graphed = self.capture(positional, sample_args)
+        except Exception as exc:  # noqa: BLE001 - any failure to record leaves the eager pass, which works
+            self.failed, self.graphed = True, None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.log(
+                f"warning: capturing CUDA graphs failed ({type(exc).__name__}: {first[:200]}); it runs without"
+            )
+            return False
+        self.signature = _signature(args)
+        self.log("cuda graphs: captured the denoiser's forward and backward")
+        return True
+
+
+def _positional_class():
+    import torch
+
+    class Positional(torch.nn.Module):
+        """The denoiser called with tensors only, as make_graphed_callables calls it."""
+
+        def __init__(self, module, forward, added_keys):
+            super().__init__()
+            self.denoiser = module  # a submodule: its parameters are the graphs' parameters
+            self.call = forward
+            self.added_keys = added_keys
+
+        def forward(self, sample, timestep, encoder_hidden_states, *added):
+            kwargs = {"added_cond_kwargs": dict(zip(self.added_keys, added, strict=True))} if added else {}
+            return self.call(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+    return Positional
+
+
+def _Positional(module, forward, added_keys):
+    return _positional_class()(module, forward, added_keys)
+
+
+def _make_graphed(module, sample_args):
+    import torch
+
+    return torch.cuda.make_graphed_callables(module, sample_args, allow_unused_input=True)

@@ -3,9 +3,9 @@
 #
 # sd15 (the default, about 6 minutes): bench/anchor_bench.py --gpu: SD 1.5 shapes with random weights at
 #   512 px in fp16, prior preservation with 8 given class images, text-encoder LoRA r16, batch 1, 300
-#   steps: dbl (its defaults: compile, cuda_graphs and gradient checkpointing "auto"), dbl with compile and
-#   cuda_graphs off, dbl with cuda_graphs on and compile off, and diffusers' train_dreambooth_lora.py with
-#   its defaults, each in its own process: whole wall time, steps/s
+#   steps: dbl (its defaults: cuda_graphs, compile and gradient checkpointing "auto"), dbl with both
+#   cuda_graphs and compile off, dbl compiled instead of graphed, and diffusers' train_dreambooth_lora.py
+#   with its defaults, each in its own process: whole wall time, steps/s
 #   after the first 20, peak GPU memory (torch.cuda.max_memory_allocated in both) and time to the first
 #   step. Needs the script: shared/anchors/ in the checkout, or ANCHOR=path. STEPS=n changes the steps.
 # sdxl (about 5 minutes): the same at SDXL shapes, 1024 px, bf16, 50 steps, gradient checkpointing in both,
@@ -30,7 +30,7 @@ python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__
 for family in sd15 sdxl; do
     if [ "$which" = "$family" ] || [ "$which" = all ]; then
         args=(--gpu --family "$family" --work "/tmp/dbl-$family-bench")
-        if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-graphs anchor); fi
+        if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
         if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
         if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
         python3 bench/anchor_bench.py "${args[@]}" --out "${OUT:-/tmp}/$family-bench.json"

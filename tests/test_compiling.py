@@ -25,6 +25,11 @@ def test_auto_compiles_on_cuda_with_fixed_shapes_and_a_setting_wins(setting, dev
     assert compiling(setting, device, buckets=buckets) == expected
 
 
+def test_auto_leaves_compiling_to_cuda_graphs_where_they_replay():
+    assert compiling("auto", "cuda", graphs=True) == (False, "auto: off, the denoiser replays CUDA graphs")
+    assert compiling(True, "cuda", graphs=True) == (True, "set in [train]")
+
+
 def test_a_bad_setting_is_refused_and_the_log_line_says_the_choice():
     with pytest.raises(ValueError, match="compile must be true, false or 'auto'"):
         compiling("yes", "cuda")

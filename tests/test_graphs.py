@@ -13,7 +13,7 @@ import pytest
 from runner.training import graphs
 from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, train_context
 
-CUDA = dict(buckets=False, accumulation=1, checkpointing=False, dropout=0.0, compiled=False)
+CUDA = dict(buckets=False, accumulation=1, checkpointing=False, dropout=0.0, compile_setting="auto")
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,8 @@ CUDA = dict(buckets=False, accumulation=1, checkpointing=False, dropout=0.0, com
         ),
         (True, "cuda", {"checkpointing": True}, False, "set in [train], but gradient checkpointing is on"),
         ("auto", "cuda", {"dropout": 0.1}, False, "auto: LoRA dropout draws random masks"),
-        ("auto", "cuda", {"compiled": True}, False, "auto: the denoiser is compiled"),
+        ("auto", "cuda", {"compile_setting": True}, False, "auto: compile = true"),
+        (True, "cuda", {"compile_setting": False}, True, "set in [train]"),
     ],
 )
 def test_choice(setting, device, changes, on, why):

@@ -146,15 +146,15 @@ class TrainSettings:
     compile: bool | str = opt(
         "auto",
         "compile the denoiser with torch.compile (fewer, fused kernels a step; same result to rounding); "
-        "auto: on on CUDA without buckets",
+        "auto: on on CUDA without buckets, where CUDA graphs are off",
         "switch",
         fingerprint=False,
     )
     cuda_graphs: bool | str = opt(
         "auto",
         "replay the denoiser's forward and backward as CUDA graphs (one launch a pass; the eager result); "
-        "auto: on on CUDA where shapes are static, without buckets, gradient accumulation, gradient "
-        "checkpointing, LoRA dropout or compile",
+        "auto: on on CUDA without buckets, gradient accumulation, gradient checkpointing, UNet LoRA dropout "
+        "or compile = true",
         "switch",
         fingerprint=False,
     )

@@ -6,7 +6,8 @@ fewer of them: on a big GPU, where a small batch leaves the device waiting on la
 arithmetic, that is most of a step's time. The latents are cached and every step has the same shapes, so
 the denoiser is compiled once (dynamic=False); with buckets the shapes change with the bucket, and each
 bucket would compile anew, so "auto" leaves compilation off then. Compiling takes about a minute on a GPU
-and several on a CPU: "auto" turns it on on CUDA only. The compiled kernels are kept in
+and several on a CPU: "auto" turns it on on CUDA only, and only where the denoiser's passes do not replay
+as CUDA graphs (runner.training.graphs), which cut the launches without the minute of compiling. The compiled kernels are kept in
 DBL_HOME/torch-compile (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later build of the same
 model and shapes loads them instead of compiling again.
 
@@ -26,8 +27,9 @@ from runner.training import switches
 CACHE_FOLDER = "torch-compile"
 
 
-def compiling(setting, device: str, buckets: bool = False) -> tuple[bool, str]:
-    """(on, why) for a `compile` setting: true, false or "auto"."""
+def compiling(setting, device: str, buckets: bool = False, graphs: bool = False) -> tuple[bool, str]:
+    """(on, why) for a `compile` setting: true, false or "auto"; `graphs`: whether the denoiser's passes
+    replay as CUDA graphs (runner.training.graphs), which take the place of compiling under "auto"."""
     switches.check(setting, "compile")
     if setting != "auto":
         return setting, "set in [train]"
@@ -36,6 +38,8 @@ def compiling(setting, device: str, buckets: bool = False) -> tuple[bool, str]:
         return False, f"auto: off on {kind}, where compiling takes longer than it saves"
     if buckets:
         return False, "auto: off with buckets, whose shapes would each compile anew"
+    if graphs:
+        return False, "auto: off, the denoiser replays CUDA graphs"
     return True, "auto: on cuda"
 
 

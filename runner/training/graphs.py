@@ -14,7 +14,8 @@ nothing in the pass draws random numbers or waits for the host:
   overwrites, so gradients could not accumulate over micro-batches;
 - no gradient checkpointing (it recomputes the forward pass inside the backward one);
 - no UNet LoRA dropout (its random masks would differ from an eager run's);
-- not compiled (`compile`): a compiled denoiser has fused its launches already.
+- not `compile = true`: a compiled denoiser has fused its launches already. Under "auto", graphs come
+  first and compiling only where they cannot serve: capturing costs a few passes, compiling a minute.
 
 "auto" captures where all of these hold; `true` asks for it, and the log says why it is off where one does
 not hold. The denoiser is captured at the first step, with that step's inputs; a later call whose inputs
@@ -37,9 +38,10 @@ def choose(
     accumulation: int = 1,
     checkpointing: bool = False,
     dropout: float = 0.0,
-    compiled: bool = False,
+    compile_setting=False,
 ) -> tuple[bool, str]:
-    """(on, why) for a `cuda_graphs` setting: true, false or "auto"."""
+    """(on, why) for a `cuda_graphs` setting: true, false or "auto" (`compile_setting`: [train] compile,
+    which rules graphs out only when it is true)."""
     switches.check(setting, "cuda_graphs")
     if setting is False:
         return False, "set in [train]"
@@ -50,7 +52,7 @@ def choose(
         (accumulation > 1, "gradient accumulation needs gradients kept across passes"),
         (checkpointing, "gradient checkpointing is on"),
         (dropout > 0, "LoRA dropout draws random masks"),
-        (compiled, "the denoiser is compiled"),
+        (compile_setting is True, "compile = true"),
     )
     why = next((why for hit, why in blocked if hit), None)
     if setting is True:

@@ -129,8 +129,8 @@ def _train(run: Run) -> dict:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
         _choose_checkpointing(run)
         lora.start_training(run.modules, run.components, run.checkpointing)
-        _choose_compile(run)
         _choose_graphs(run)
+        _choose_compile(run)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(
@@ -189,7 +189,9 @@ def _choose_checkpointing(run: Run) -> None:
 
 def _choose_compile(run: Run) -> None:
     """The denoiser compiled as set, or with "auto" as the device and the shapes ask; said in the log."""
-    on, why = compiling.compiling(run.settings.compile, run.device, buckets=bool(run.settings.buckets))
+    on, why = compiling.compiling(
+        run.settings.compile, run.device, buckets=bool(run.settings.buckets), graphs=run.graphs is not None
+    )
     run.log(compiling.describe(on, why))
     if on:
         for c in run.components:
@@ -210,7 +212,7 @@ def _choose_graphs(run: Run) -> None:
         accumulation=ts.gradient_accumulation_steps,
         checkpointing=run.checkpointing,
         dropout=run.job.subject.lora.dropout,
-        compiled=bool(run.compiled),
+        compile_setting=ts.compile,
     )
     run.log(graphs.describe(on, why))
     if on:

@@ -1,9 +1,11 @@
 """`[train] cuda_graphs`: the choice, and the denoiser's passes routed through a captured graph.
 
-CUDA graphs need a CUDA device; here a stand-in capture (it runs the same module eagerly and counts its
-calls) checks everything around it: what is captured, with which inputs, that every training pass goes
-through it, that the result is the eager one, and that the module is left as it was found. The real
-capture is checked in tests/test_gpu.py.
+CUDA graphs need a CUDA device. Here stand-in captures check everything around them: StandIn runs the
+module eagerly and counts its calls (what is captured, with which inputs, that every pass goes through it,
+that the module is left as found); StaticReplay adds make_graphed_callables' memory (fixed input, output
+and gradient tensors that each replay overwrites), so a training run through it shows that the loop
+handles that memory rightly: the eager adapter, byte for byte, and the one case that would spoil it
+(gradient accumulation) left out by auto. The real capture is checked in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -66,6 +68,53 @@ class StandIn:
         def run(*args):
             self.calls += 1
             return module(*args)
+
+        return run
+
+
+class StaticReplay:
+    """A capture with make_graphed_callables' memory: fixed input, output and gradient tensors that each
+    replay overwrites, gradients handed to autograd as detached views of them. An eager pass stands in for
+    the graph's replay, so what differs from an eager run is the memory handling alone."""
+
+    def __init__(self):
+        self.captures = 0
+        self.calls = 0
+
+    def __call__(self, module, sample_args):
+        import torch
+
+        self.captures += 1
+        surface = tuple(sample_args) + tuple(module.parameters())
+        wanted = [i for i, t in enumerate(surface) if t.requires_grad]
+        with torch.enable_grad():
+            static_out = module(*sample_args).detach().clone()
+        static_grads = {i: torch.zeros_like(surface[i]) for i in wanted}
+        replay = self
+
+        class Graphed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                for static, given in zip(sample_args, inputs[: len(sample_args)], strict=True):
+                    static.copy_(given)
+                with torch.enable_grad():
+                    out = module(*sample_args)
+                ctx.out = out
+                static_out.copy_(out.detach())
+                return static_out.detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                grads = torch.autograd.grad(ctx.out, [surface[i] for i in wanted], grad, allow_unused=True)
+                for i, g in zip(wanted, grads, strict=True):
+                    static_grads[i].copy_(g if g is not None else torch.zeros_like(static_grads[i]))
+                return tuple(
+                    static_grads[i].detach() if i in static_grads else None for i in range(len(surface))
+                )
+
+        def run(*args):
+            replay.calls += 1
+            return Graphed.apply(*args, *surface[len(sample_args) :])
 
         return run
 
@@ -168,47 +217,69 @@ def test_a_failed_capture_is_said_and_the_passes_run_eagerly(lora_unet):
     ]
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize("base_model", ["tiny-sd", "tiny-sdxl"])
-def test_training_through_the_graph_writes_the_eager_adapter(tmp_path, monkeypatch, base_model):
-    """A run whose denoiser goes through the (stand-in) graph, with a prior and a text-encoder LoRA (its
-    embeddings need gradients through the graph; SDXL adds its pooled embeddings and time ids)."""
-    from runner.steps import train
+def _build(tmp_path, name, base_model, train):
+    from runner.steps import train as train_step
 
     instance = draw_images(tmp_path / "dog", 2, size=(64, 64))
     classes = draw_images(tmp_path / "class", 2, size=(64, 64), seed=7)
-    prior = make_prior(num_images=2)
-    subject = make_subject(instance, prior="dog", train=dict(steps=3, cuda_graphs=True))
-
-    def build(name, **kw):
-        logs = []
-        ctx = train_context(
-            tmp_path / name,
-            subject,
-            prior=prior,
-            class_dir=classes,
-            base_model=base_model,
-            log=logs.append,
-            **kw,
-        )
-        train.run(ctx)
-        return {p.name: p.read_bytes() for p in sorted(ctx.out.rglob("*")) if p.is_file()}, logs
-
-    eager, eager_logs = build("eager")
-    assert "cuda graphs: off (set in [train], but off on cpu)" in eager_logs
-
-    real_choose = graphs.choose
-    monkeypatch.setattr(
-        graphs,
-        "choose",
-        lambda setting, device, **kw: (True, "forced") if setting else real_choose(setting, device, **kw),
+    subject = make_subject(instance, prior="dog", train=dict(steps=3, **train))
+    logs = []
+    ctx = train_context(
+        tmp_path / name,
+        subject,
+        prior=make_prior(num_images=2),
+        class_dir=classes,
+        base_model=base_model,
+        log=logs.append,
     )
-    capture = StandIn()
+    train_step.run(ctx)
+    files = {
+        p.relative_to(ctx.out).as_posix(): p.read_bytes() for p in sorted(ctx.out.rglob("*")) if p.is_file()
+    }
+    return files, logs
+
+
+def _force_graphs(monkeypatch, capture):
+    """Graphs on as on CUDA (the choice's other conditions still hold), with `capture` for the graphs."""
+    real = graphs.choose
+    monkeypatch.setattr(graphs, "choose", lambda setting, device, **kw: real(setting, "cuda", **kw))
     monkeypatch.setattr(graphs, "_make_graphed", capture)
-    through, logs = build("graphed")
-    assert "cuda graphs: on (forced)" in logs
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("base_model", ["tiny-sd", "tiny-sdxl"])
+def test_training_through_the_graph_writes_the_eager_adapter(tmp_path, monkeypatch, base_model):
+    """A run whose denoiser goes through the graph's memory (a stand-in replay), with a prior and a text-
+    encoder LoRA (its embeddings need gradients through the graph; SDXL adds its pooled embeddings and
+    time ids), writes the adapter of an eager run, byte for byte."""
+    eager, eager_logs = _build(tmp_path, "eager", base_model, {})
+    assert "cuda graphs: off (auto: off on cpu)" in eager_logs
+
+    capture = StaticReplay()
+    _force_graphs(monkeypatch, capture)
+    through, logs = _build(tmp_path, "graphed", base_model, {})
+    assert "cuda graphs: on (auto: on cuda, static shapes)" in logs
     assert "cuda graphs: captured the denoiser's forward and backward" in logs
-    assert len(capture.captures) == 1 and capture.calls == 3  # every step's pass went through it
+    assert capture.captures == 1 and capture.calls == 3  # every step's pass went through it
     assert through == eager
-    unet = model_cache(base_model).pipeline().unet
-    assert "forward" not in vars(unet)
+    assert "forward" not in vars(model_cache(base_model).pipeline().unet)
+
+
+@pytest.mark.torch
+def test_the_graphs_memory_would_spoil_gradient_accumulation_so_auto_leaves_it_out(tmp_path, monkeypatch):
+    """Why one micro-batch a step: the second micro-batch's replay overwrites the gradients that autograd
+    took from the graph's memory for the first, so they are not summed. The stand-in reproduces it once
+    the choice is forced, and auto does not capture there."""
+    train = dict(gradient_accumulation_steps=2)
+    eager, _ = _build(tmp_path, "eager", "tiny-sd", train)
+    capture = StaticReplay()
+    _force_graphs(monkeypatch, capture)
+    auto, logs = _build(tmp_path, "auto", "tiny-sd", train)
+    assert "cuda graphs: off (auto: gradient accumulation needs gradients kept across passes)" in logs
+    assert auto == eager and capture.calls == 0
+    monkeypatch.setattr(graphs, "choose", lambda setting, device, **kw: (True, "forced"))
+    spoiled, _ = _build(tmp_path, "forced", "tiny-sd", train)
+    assert capture.calls == 6  # 3 steps of 2 micro-batches, through the graph's memory
+    assert spoiled["unet/adapter_model.safetensors"] != eager["unet/adapter_model.safetensors"]
+    # The text encoder runs eagerly: its gradients are summed, its adapter differs only through the UNet's.
+    assert set(spoiled) == set(eager)

@@ -12,14 +12,22 @@
 #   against train_dreambooth_lora_sdxl.py.
 # run: bench/run.py's table: train steps/s, peak CUDA memory and time to the first step for dbl and the
 #   recipe's loop written out, class images/s, render images/s. PHOTOS=folder picks the instance photos.
-# all: the three.
+# check (about a minute): the gpu tests (python -m pytest -m gpu tests/test_gpu.py): the flow in fp16 on
+#   CUDA, and CUDA graphs against eager passes.
+# profile (about a minute): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
+#   optimizer step goes.
+# session: check, then sd15, then profile: every GPU figure of one session in one call (about 9 minutes).
+# all: sd15, sdxl and run.
 #
 # Wheels in .whl/ (diffusers, peft, ...) are installed first when the machine lacks them. Results go
 # to $OUT (default /tmp) as sd15-bench.json, sdxl-bench.json and gpu-bench.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-sd15}"
-case "$which" in sd15|sdxl|run|all) ;; *) echo "usage: bash bench/gpu.sh [sd15|sdxl|run|all]" >&2; exit 2 ;; esac
+case "$which" in
+    sd15|sdxl|run|all|check|profile|session) ;;
+    *) echo "usage: bash bench/gpu.sh [sd15|sdxl|run|check|profile|session|all]" >&2; exit 2 ;;
+esac
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
@@ -27,8 +35,11 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+if [ "$which" = check ] || [ "$which" = session ]; then
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+fi
 for family in sd15 sdxl; do
-    if [ "$which" = "$family" ] || [ "$which" = all ]; then
+    if [ "$which" = "$family" ] || [ "$which" = all ] || { [ "$which" = session ] && [ "$family" = sd15 ]; }; then
         args=(--gpu --family "$family" --work "/tmp/dbl-$family-bench")
         if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
         if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
@@ -41,4 +52,8 @@ if [ "$which" = run ] || [ "$which" = all ]; then
     if [ -n "${PHOTOS:-}" ]; then args+=(--photos "$PHOTOS"); fi
     if [ -n "${TRAIN_STEPS:-}" ]; then args+=(--train-steps "$TRAIN_STEPS"); fi
     python3 bench/run.py "${args[@]}" --out "${OUT:-/tmp}/gpu-bench.json"
+fi
+if [ "$which" = profile ] || [ "$which" = session ]; then
+    python3 bench/startup_profile.py --device cuda --model sd15-random --resolution 512 --mixed-precision fp16 \
+        --json "${OUT:-/tmp}/startup-profile.json"
 fi

@@ -126,6 +126,7 @@ def lora_unet():
     from peft import LoraConfig, get_peft_model
 
     unet = model_cache().pipeline().unet
+    was_training, flags = unet.training, [p.requires_grad for p in unet.parameters()]
     torch.manual_seed(0)
     wrapped = get_peft_model(
         unet, LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
@@ -133,6 +134,10 @@ def lora_unet():
     wrapped.train()
     yield wrapped
     wrapped.unload()
+    # The pipeline is shared by the session's tests: left as found.
+    unet.train(was_training)
+    for p, flag in zip(unet.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
 
 
 def _inputs(batch=2, size=8):

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     from runner.project import load_project
     from runner.steps import StepContext
     from runner.steps import train as train_step
-    from runner.training import loop, lora
+    from runner.training import loop, lora, speed
 
     first_step = {}
 
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
         models_module.load_pipeline = timed("load the base model", models_module.load_pipeline)
         loop.read_images = timed("read the images (decode, resize)", loop.read_images)
         lora.add_lora = timed("add LoRA", lora.add_lora)
-        loop._choose_checkpointing = timed("choose gradient checkpointing", loop._choose_checkpointing)
+        speed.choose = timed("choose checkpointing, CUDA graphs, compiling", speed.choose)
         loop._encode_prompts = timed("encode the prompts", loop._encode_prompts)
         loop.LatentCache = timed("VAE-encode the images (latent cache)", loop.LatentCache)
         loop._optimizer = timed("optimizer and LR schedule", loop._optimizer)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
-from runner.training import captions, checkpoints, compiling, graphs, lora, memory, optimizers, provenance
+from runner.training import captions, checkpoints, lora, optimizers, provenance, speed
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -66,9 +66,11 @@ class Run:
     history: dict = field(default_factory=lambda: {"instance": [], "prior": []})
     resumed_from: int | None = None
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
-    checkpointing: bool = False  # gradient checkpointing, as chosen for this run (runner.training.memory)
-    compiled: list = field(default_factory=list)  # modules compiled for this run (runner.training.compiling)
-    graphs: Any = None  # the denoiser's CUDA graphs, when captured for this run (runner.training.graphs)
+    # How the step is made fast (runner.training.speed): gradient checkpointing, as chosen for this run;
+    # the denoiser's CUDA graphs, when captured; the modules compiled.
+    checkpointing: bool = False
+    graphs: Any = None
+    compiled: list = field(default_factory=list)
     # Losses stay on the device until read back (every `readback_every` steps): (losses, lr) of each step.
     pending: list = field(default_factory=list)
     readback_every: int = 1
@@ -127,10 +129,8 @@ def _train(run: Run) -> dict:
     run.modules = lora.add_lora(run.pipe, run.job.family, run.components, run.job.subject.lora, run.job.seed)
     try:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
-        _choose_checkpointing(run)
+        speed.choose(run)  # gradient checkpointing, CUDA graphs, compiling
         lora.start_training(run.modules, run.components, run.checkpointing)
-        _choose_graphs(run)
-        _choose_compile(run)
         # 3. Prompts and latents, encoded once.
         _encode_prompts(run)
         run.latents = LatentCache(
@@ -148,7 +148,7 @@ def _train(run: Run) -> dict:
         run.writer = _log_writer(run)
         run.readback_every, run.read_at = readback_interval(run.device), time.perf_counter()
         while run.step < (run.job.stop_at or ts.steps):
-            losses = _forward_backward_or_uncompile(run, order)
+            losses = speed.forward_backward(run, lambda: _forward_backward(run, order))
             if run.world > 1:
                 all_reduce_mean(params, losses, run.world)
             _optimizer_step(run, params, losses)
@@ -162,86 +162,8 @@ def _train(run: Run) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
-        _uncompile(run)
-        if run.graphs is not None:
-            run.graphs.remove()
+        speed.undo(run)
         lora.remove_lora(run.modules, run.checkpointing)
-
-
-def _choose_checkpointing(run: Run) -> None:
-    """Gradient checkpointing as set, or with "auto" as the device's free memory asks; said in the log."""
-    ts = run.settings
-    denoiser = next(run.modules[c.name] for c in run.job.family.components if c.denoiser)
-    examples = ts.batch_size * (2 if run.weight is not None else 1)
-    on, why = memory.choose(
-        ts.gradient_checkpointing,
-        run.device,
-        run.pipe,
-        denoiser,
-        run.trainable,
-        examples,
-        ts.resolution,
-        run.dtype,
-    )
-    run.checkpointing = on
-    run.log(memory.describe(on, why))
-
-
-def _choose_compile(run: Run) -> None:
-    """The denoiser compiled as set, or with "auto" as the device and the shapes ask; said in the log."""
-    on, why = compiling.compiling(
-        run.settings.compile, run.device, buckets=bool(run.settings.buckets), graphs=run.graphs is not None
-    )
-    run.log(compiling.describe(on, why))
-    if on:
-        for c in run.components:
-            if c.denoiser:
-                module = run.modules[c.name].base_model.model  # inside the LoRA wrapper
-                compiling.compile_module(module)
-                run.compiled.append(module)
-
-
-def _choose_graphs(run: Run) -> None:
-    """The denoiser's passes captured as CUDA graphs as set, or with "auto" where the shapes are static and
-    nothing else stands in the way; said in the log."""
-    ts = run.settings
-    on, why = graphs.choose(
-        ts.cuda_graphs,
-        run.device,
-        buckets=bool(ts.buckets),
-        accumulation=ts.gradient_accumulation_steps,
-        checkpointing=run.checkpointing,
-        dropout=run.job.subject.lora.dropout,
-        compile_setting=ts.compile,
-    )
-    run.log(graphs.describe(on, why))
-    if on:
-        denoiser = next(c for c in run.components if c.denoiser)
-        run.graphs = graphs.GraphedDenoiser(run.modules[denoiser.name], run.log)
-        run.graphs.install()
-
-
-def _forward_backward_or_uncompile(run: Run, order: ExampleOrder):
-    """_forward_backward; where compiling the denoiser fails, the log says why and the step runs again
-    without it (its draws come from the step's own seeds, so the rerun is the step an eager run takes)."""
-    try:
-        return _forward_backward(run, order)
-    except Exception as exc:
-        if not run.compiled or not compiling.is_compile_error(exc):
-            raise
-        run.log(
-            f"warning: compiling the denoiser failed ({compiling.reason(exc)}); it runs without compiling"
-        )
-        _uncompile(run)
-        run.optimizer.zero_grad(set_to_none=True)
-        return _forward_backward(run, order)
-
-
-def _uncompile(run: Run) -> None:
-    """The modules this run compiled run eagerly again."""
-    for module in run.compiled:
-        compiling.uncompile_module(module)
-    run.compiled.clear()
 
 
 def readback_interval(device: str) -> int:

@@ -81,3 +81,59 @@ def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path):
         other = graphed_weights[key]
         assert float((other - value).norm()) <= 1e-3 * float(value.norm()) + 1e-6, key
     assert any(float(v.abs().max()) > 0 for k, v in graphed_weights.items() if "lora_B" in k)
+
+
+def test_between_loss_read_backs_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """torch's sync debug mode set to error for every pass and optimizer step after the first (which
+    captures the CUDA graphs): any wait for the device in them raises. The losses are read back every 10
+    steps, by design; that read is let through. With captions, so that the prompt rows are looked up too."""
+    from runner.training import loop
+
+    real_pass, real_step, real_read = loop._forward_backward, loop._optimizer_step, loop._read_losses
+    checked = []
+
+    def strict(fn):
+        def wrapper(run, *args):
+            if run.step == 0:
+                return fn(run, *args)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = fn(run, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(fn.__name__)
+            return result
+
+        return wrapper
+
+    def read(run):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            real_read(run)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(loop, "_forward_backward", strict(real_pass))
+    monkeypatch.setattr(loop, "_optimizer_step", strict(real_step))
+    monkeypatch.setattr(loop, "_read_losses", read)
+    shutil.copytree(ROOT / "projects" / "flow", tmp_path / "flow")
+    from PIL import Image
+
+    for n, image in enumerate(sorted((tmp_path / "flow" / "dog").glob("*.png"))):
+        Image.open(image).convert("RGB").resize((80, 64)).save(image)  # random crops: encoded at each step
+        image.with_suffix(".txt").write_text(f"a photo of sks dog, view {n}")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\ndevice = "cuda"\nmixed_precision = "fp16"\n\n'
+        "[train]\nresolution = 64\nsteps = 25\ncenter_crop = false\n\n"
+        '[priors.dog]\nclass_prompt = "a photo of dog"\nnum_images = 2\nsteps = 5\n\n'
+        '[subjects.dog]\nimages = "flow/dog"\ninstance_prompt = "a photo of sks dog"\nprior = "dog"\n'
+        'caption_extension = ".txt"\n'
+    )
+    recorder = Recorder()
+    result = executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(), recorder)
+    assert result.ok, [(s.id, s.error) for s in result.steps if s.error]
+    logs = [e[2] for e in recorder.events if e[0] == "log" and e[1] == "train:dog"]
+    assert "cuda graphs: captured the denoiser's forward and backward" in logs, logs
+    assert any(line.endswith("encoded per step for 4") for line in logs), logs
+    assert checked.count("_forward_backward") == 24 and checked.count("_optimizer_step") == 24

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from runner.families import Family, register, sd1
 from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_alpha
+from runner.training.host import to_device
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
 TINY_SDXL_VERSION = 1
@@ -96,13 +97,11 @@ class SDXL(Family):
         return hidden, out_2[0]
 
     def denoiser_kwargs(self, prompts, batch: int, conditions=None) -> dict:
-        import torch
-
         _, pooled = prompts
         pooled = pooled.repeat_interleave(batch, dim=0)
         if conditions is None:
             raise ValueError("sdxl needs each example's size and crop (conditions)")
-        time_ids = torch.tensor(conditions, dtype=pooled.dtype, device=pooled.device)
+        time_ids = to_device(conditions, pooled.device, pooled.dtype)
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     def predict(self, modules: dict, noisy, timesteps, prompts, batch: int, dtype, conditions=None):

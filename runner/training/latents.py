@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from runner.errors import StepError
 from runner.training.data import ExampleOrder, Images, examples_at, generator
+from runner.training.host import to_device
 
 
 @dataclass
@@ -120,14 +121,14 @@ class LatentCache:
 
         if not self.vae_fp32:
             with torch.no_grad():
-                pixels = normalize(pixels_uint8).to(self.device, self.dtype)
+                pixels = to_device(normalize(pixels_uint8), self.device).to(self.dtype)
                 dist = self.vae.encode(pixels).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
         else:
             # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
             dtype = next(self.vae.parameters()).dtype
             with torch.no_grad():
-                pixels = normalize(pixels_uint8).to(self.device, torch.float32)
+                pixels = to_device(normalize(pixels_uint8), self.device)
                 try:
                     self.vae.to(torch.float32)
                     dist = self.vae.encode(pixels).latent_dist
@@ -192,12 +193,14 @@ class LatentCache:
         for span in spans:
             mean = torch.stack([m for m, _ in moments[span]])
             std = torch.stack([s for _, s in moments[span]])
-            latents = ((mean + std * torch.stack(eps[span]).to(self.device)) - self.shift) * self.scale
+            latents = (
+                (mean + std * to_device(torch.stack(eps[span]), self.device)) - self.shift
+            ) * self.scale
             groups.append(
                 Group(
                     latents,
-                    torch.stack(noise[span]).to(self.device),
-                    torch.tensor(timesteps[span], device=self.device),
+                    to_device(torch.stack(noise[span]), self.device),
+                    to_device(timesteps[span], self.device),
                     conditions[span],
                     span,
                 )

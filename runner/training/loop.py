@@ -28,6 +28,7 @@ from runner.errors import StepError, StepInterrupted
 from runner.training import captions, checkpoints, lora, optimizers, provenance, speed
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
+from runner.training.host import to_device
 from runner.training.job import Hooks, Job
 from runner.training.latents import LatentCache
 from runner.training.losses import min_snr_weights, prior_preservation_loss
@@ -342,10 +343,10 @@ def _example_prompts(run: Run, positions, order: ExampleOrder):
     texts = captions.prompts_for(examples, run.images.prompts, run.job.seed, run.settings.caption_dropout)
     rows = [run.rows[text] for text in texts]
     if run.prompts is not None:  # frozen text encoder: every distinct prompt was embedded once
-        return _take(run.prompts, rows)
+        return _take(run.prompts, to_device(rows, run.device))
     needed = sorted(set(rows))
-    embedded = run.job.family.encode_prompts(run.modules, _take(run.token_ids, needed))
-    return _take(embedded, [needed.index(row) for row in rows])
+    embedded = run.job.family.encode_prompts(run.modules, _take(run.token_ids, to_device(needed, run.device)))
+    return _take(embedded, to_device([needed.index(row) for row in rows], run.device))
 
 
 def _take(value, rows):

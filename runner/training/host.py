@@ -18,6 +18,6 @@ def to_device(value, device, dtype=None):
     tensor = value if torch.is_tensor(value) else torch.tensor(value, dtype=dtype)
     if dtype is not None:
         tensor = tensor.to(dtype)
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda") and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -114,30 +114,42 @@ class SD1(Family):
         return modules[UNET.name](noisy.to(dtype), timesteps, embeddings.to(dtype), **extra).sample
 
     def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:
-        import json
-
-        unet_config = configs[UNET.name]
         cross_dim = getattr(getattr(denoiser_base, "config", None), "cross_attention_dim", 768)
-        metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(unet_config["r"]),
-            "ss_network_alpha": kohya_alpha(unet_config),
-            "ss_base_model_version": "sd_v2" if cross_dim == 1024 else "sd_v1",
-            "ss_v2": str(cross_dim == 1024),
-            "ss_network_args": json.dumps(
-                {
-                    "conv_dim": None,
-                    "unet_rank_pattern": unet_config.get("rank_pattern") or {},
-                    "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
-                },
-                sort_keys=True,
-            ),
-        }
-        if TEXT_ENCODER.name in configs:
-            te = configs[TEXT_ENCODER.name]
-            metadata["ss_text_encoder_dim"] = str(te["r"])
-            metadata["ss_text_encoder_alpha"] = kohya_alpha(te)
-        return metadata
+        version = "sd_v2" if cross_dim == 1024 else "sd_v1"
+        return kohya_lora_metadata(
+            configs, version, cross_dim == 1024, {TEXT_ENCODER.name: "ss_text_encoder"}
+        )
+
+
+def kohya_lora_metadata(
+    configs: dict[str, dict], version: str, v2: bool, encoders: dict[str, str]
+) -> dict[str, str]:
+    """The `ss_*` metadata kohya's loaders read, from a PEFT config per component: the UNet's rank and
+    alpha, the base model's version, and each trained text encoder's rank and alpha under its stem in
+    `encoders` (component name -> e.g. "ss_text_encoder")."""
+    import json
+
+    unet_config = configs[UNET.name]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(unet_config["r"]),
+        "ss_network_alpha": kohya_alpha(unet_config),
+        "ss_base_model_version": version,
+        "ss_v2": str(v2),
+        "ss_network_args": json.dumps(
+            {
+                "conv_dim": None,
+                "unet_rank_pattern": unet_config.get("rank_pattern") or {},
+                "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
+            },
+            sort_keys=True,
+        ),
+    }
+    for component, stem in encoders.items():
+        if component in configs:
+            metadata[f"{stem}_dim"] = str(configs[component]["r"])
+            metadata[f"{stem}_alpha"] = kohya_alpha(configs[component])
+    return metadata
 
 
 def kohya_alpha(config: dict) -> str:

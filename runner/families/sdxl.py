@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from runner.families import Family, register, sd1
-from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_alpha
+from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_lora_metadata
 from runner.training.host import to_device
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
@@ -111,33 +111,8 @@ class SDXL(Family):
         return modules[UNET.name](noisy.to(dtype), timesteps, embeddings, **extra).sample
 
     def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:
-        import json
-
-        unet_config = configs[UNET.name]
-        metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(unet_config["r"]),
-            "ss_network_alpha": kohya_alpha(unet_config),
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_v2": "False",
-            "ss_network_args": json.dumps(
-                {
-                    "conv_dim": None,
-                    "unet_rank_pattern": unet_config.get("rank_pattern") or {},
-                    "unet_alpha_pattern": unet_config.get("alpha_pattern") or {},
-                },
-                sort_keys=True,
-            ),
-        }
-        if TEXT_ENCODER.name in configs:
-            te = configs[TEXT_ENCODER.name]
-            metadata["ss_text_encoder_dim"] = str(te["r"])
-            metadata["ss_text_encoder_alpha"] = kohya_alpha(te)
-        if TEXT_ENCODER_2.name in configs:
-            te = configs[TEXT_ENCODER_2.name]
-            metadata["ss_text_encoder_2_dim"] = str(te["r"])
-            metadata["ss_text_encoder_2_alpha"] = kohya_alpha(te)
-        return metadata
+        encoders = {TEXT_ENCODER.name: "ss_text_encoder", TEXT_ENCODER_2.name: "ss_text_encoder_2"}
+        return kohya_lora_metadata(configs, "sdxl_base_v1-0", False, encoders)
 
 
 # --- tiny-sdxl -------------------------------------------------------------------------------------

@@ -186,33 +186,29 @@ def _flatten(value, prefix: str, out: dict) -> None:
         out[prefix] = value
 
 
+def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) -> tuple[list[str], str]:
+    """'<kind> <folder>/<file> added/removed/changed' for each file of two hashed folders, and the folder."""
+    old, new = old or {}, new or {}
+    folder = new.get("_folder") or old.get("_folder") or folder
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    lines = []
+    for rel in sorted(set(old_files) | set(new_files)):
+        label = f"{folder}/{rel}" if folder else rel
+        if rel not in old_files:
+            lines.append(f"{kind} {label} added")
+        elif rel not in new_files:
+            lines.append(f"{kind} {label} removed")
+        elif old_files[rel] != new_files[rel]:
+            lines.append(f"{kind} {label} changed")
+    return lines, folder
+
+
 def explain(old: dict, new: dict) -> list[str]:
     """Readable differences between two steps' inputs, e.g. 'lora.rank 16 -> 8'."""
-    reasons: list[str] = []
-    # Images: one line per file.
-    old_images, new_images = old.get("images") or {}, new.get("images") or {}
-    folder = new_images.get("_folder") or old_images.get("_folder") or ""
-    old_files, new_files = old_images.get("files", {}), new_images.get("files", {})
-    for rel in sorted(set(old_files) | set(new_files)):
-        label = f"{folder}/{rel}" if folder else rel
-        if rel not in old_files:
-            reasons.append(f"image {label} added")
-        elif rel not in new_files:
-            reasons.append(f"image {label} removed")
-        elif old_files[rel] != new_files[rel]:
-            reasons.append(f"image {label} changed")
-    # Captions: one line per file, like images.
-    old_caps, new_caps = old.get("captions") or {}, new.get("captions") or {}
-    folder = new_caps.get("_folder") or old_caps.get("_folder") or folder
-    old_files, new_files = old_caps.get("files", {}), new_caps.get("files", {})
-    for rel in sorted(set(old_files) | set(new_files)):
-        label = f"{folder}/{rel}" if folder else rel
-        if rel not in old_files:
-            reasons.append(f"caption {label} added")
-        elif rel not in new_files:
-            reasons.append(f"caption {label} removed")
-        elif old_files[rel] != new_files[rel]:
-            reasons.append(f"caption {label} changed")
+    # Images, then captions (in the images' folder unless they name their own): one line per file.
+    reasons, folder = _file_changes("image", old.get("images"), new.get("images"), "")
+    captions, _ = _file_changes("caption", old.get("captions"), new.get("captions"), folder)
+    reasons += captions
     # Upstream outputs: named, not hashed.
     for key in ("prior", "adapter"):
         o, n = old.get(key), new.get(key)

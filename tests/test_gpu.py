@@ -41,7 +41,7 @@ def test_the_flow_builds_in_fp16_on_cuda(tmp_path):
     assert all(s.status == FRESH for s in again.steps)
 
 
-def _train_on_cuda(folder, flow, graphs: bool):
+def _train_on_cuda(folder, flow, graphs: bool, accumulation: int = 1):
     """train:dog of the flow on CUDA in fp16, 20 steps with its prior, with or without CUDA graphs (and
     without compiling, which would rule them out): the per-step losses, the UNet adapter and the log."""
     import json
@@ -52,7 +52,8 @@ def _train_on_cuda(folder, flow, graphs: bool):
     shutil.copytree(flow, folder / "flow")
     text = (
         '[project]\nbase_model = "tiny-sd"\ndevice = "cuda"\nmixed_precision = "fp16"\n\n'
-        f"[train]\nresolution = 64\nsteps = 20\ncompile = false\ncuda_graphs = {str(graphs).lower()}\n\n"
+        f"[train]\nresolution = 64\nsteps = 20\ncompile = false\ncuda_graphs = {str(graphs).lower()}\n"
+        f"gradient_accumulation_steps = {accumulation}\n\n"
         "[lora]\nrank = 4\ntext_encoder_rank = 4\n\n"
         '[priors.dog]\nclass_prompt = "a photo of dog"\nnum_images = 2\nsteps = 5\n\n'
         '[subjects.dog]\nimages = "flow/dog"\ninstance_prompt = "a photo of sks dog"\nprior = "dog"\n'
@@ -67,10 +68,11 @@ def _train_on_cuda(folder, flow, graphs: bool):
     return losses, load_file(str(out / "unet" / "adapter_model.safetensors")), logs
 
 
-def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path, accumulation):
     flow = ROOT / "projects" / "flow"
-    eager, eager_weights, eager_logs = _train_on_cuda(tmp_path / "eager", flow, graphs=False)
-    graphed, graphed_weights, logs = _train_on_cuda(tmp_path / "graphed", flow, graphs=True)
+    eager, eager_weights, eager_logs = _train_on_cuda(tmp_path / "eager", flow, False, accumulation)
+    graphed, graphed_weights, logs = _train_on_cuda(tmp_path / "graphed", flow, True, accumulation)
     assert "cuda graphs: off (set in [train])" in eager_logs
     assert "cuda graphs: on (set in [train])" in logs
     assert "cuda graphs: captured the denoiser's forward and backward" in logs

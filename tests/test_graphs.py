@@ -4,8 +4,7 @@ CUDA graphs need a CUDA device. Here stand-in captures check everything around t
 module eagerly and counts its calls (what is captured, with which inputs, that every pass goes through it,
 that the module is left as found); StaticReplay adds make_graphed_callables' memory (fixed input, output
 and gradient tensors that each replay overwrites), so a training run through it shows that the loop
-handles that memory rightly: the eager adapter, byte for byte, and the one case that would spoil it
-(gradient accumulation) left out by auto. The real capture is checked in tests/test_gpu.py.
+handles that memory rightly: the eager adapter, byte for byte, with gradient accumulation too. The real capture is checked in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import pytest
 from runner.training import graphs
 from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, train_context
 
-CUDA = dict(buckets=False, accumulation=1, checkpointing=False, dropout=0.0, compile_setting="auto")
+CUDA = dict(buckets=False, checkpointing=False, dropout=0.0, compile_setting="auto")
 
 
 @pytest.mark.parametrize(
@@ -29,13 +28,6 @@ CUDA = dict(buckets=False, accumulation=1, checkpointing=False, dropout=0.0, com
         ("auto", "mps", {}, False, "auto: off on mps"),
         (True, "cpu", {}, False, "set in [train], but off on cpu"),
         ("auto", "cuda", {"buckets": True}, False, "auto: buckets change the shapes"),
-        (
-            "auto",
-            "cuda",
-            {"accumulation": 2},
-            False,
-            "auto: gradient accumulation needs gradients kept across passes",
-        ),
         (True, "cuda", {"checkpointing": True}, False, "set in [train], but gradient checkpointing is on"),
         ("auto", "cuda", {"dropout": 0.1}, False, "auto: LoRA dropout draws random masks"),
         ("auto", "cuda", {"compile_setting": True}, False, "auto: compile = true"),
@@ -271,20 +263,19 @@ def test_training_through_the_graph_writes_the_eager_adapter(tmp_path, monkeypat
 
 
 @pytest.mark.torch
-def test_the_graphs_memory_would_spoil_gradient_accumulation_so_auto_leaves_it_out(tmp_path, monkeypatch):
-    """Why one micro-batch a step: the second micro-batch's replay overwrites the gradients that autograd
-    took from the graph's memory for the first, so they are not summed. The stand-in reproduces it once
-    the choice is forced, and auto does not capture there."""
+def test_gradient_accumulation_through_the_graphs_memory_writes_the_eager_adapter(tmp_path, monkeypatch):
+    """The graph's memory holds the parameters' gradients and the next replay overwrites them: the first
+    micro-batch's are copied out before the second replays. Without that copy the stand-in trains
+    another adapter (the proof that it reproduces the hazard)."""
     train = dict(gradient_accumulation_steps=2)
     eager, _ = _build(tmp_path, "eager", "tiny-sd", train)
     capture = StaticReplay()
     _force_graphs(monkeypatch, capture)
-    auto, logs = _build(tmp_path, "auto", "tiny-sd", train)
-    assert "cuda graphs: off (auto: gradient accumulation needs gradients kept across passes)" in logs
-    assert auto == eager and capture.calls == 0
-    monkeypatch.setattr(graphs, "choose", lambda setting, device, **kw: (True, "forced"))
-    spoiled, _ = _build(tmp_path, "forced", "tiny-sd", train)
+    through, logs = _build(tmp_path, "graphed", "tiny-sd", train)
+    assert "cuda graphs: captured the denoiser's forward and backward" in logs
     assert capture.calls == 6  # 3 steps of 2 micro-batches, through the graph's memory
+    assert through == eager
+    monkeypatch.setattr(graphs.GraphedDenoiser, "own_gradients", lambda self: None)
+    spoiled, _ = _build(tmp_path, "spoiled", "tiny-sd", train)
+    assert capture.calls == 12
     assert spoiled["unet/adapter_model.safetensors"] != eager["unet/adapter_model.safetensors"]
-    # The text encoder runs eagerly: its gradients are summed, its adapter differs only through the UNet's.
-    assert set(spoiled) == set(eager)

@@ -153,8 +153,7 @@ class TrainSettings:
     cuda_graphs: bool | str = opt(
         "auto",
         "replay the denoiser's forward and backward as CUDA graphs (one launch a pass; the eager result); "
-        "auto: on on CUDA without buckets, gradient accumulation, gradient checkpointing, UNet LoRA dropout "
-        "or compile = true",
+        "auto: on on CUDA without buckets, gradient checkpointing, UNet LoRA dropout or compile = true",
         "switch",
         fingerprint=False,
     )

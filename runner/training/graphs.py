@@ -10,12 +10,14 @@ A graph replays fixed shapes on fixed memory, so it is captured where every step
 nothing in the pass draws random numbers or waits for the host:
 
 - a CUDA device, and no buckets (each bucket has its shapes);
-- one micro-batch a step: a graph's parameter gradients live in its own memory, which the next replay
-  overwrites, so gradients could not accumulate over micro-batches;
 - no gradient checkpointing (it recomputes the forward pass inside the backward one);
 - no UNet LoRA dropout (its random masks would differ from an eager run's);
 - not `compile = true`: a compiled denoiser has fused its launches already. Under "auto", graphs come
   first and compiling only where they cannot serve: capturing costs a few passes, compiling a minute.
+
+The graph's backward leaves the parameters' gradients in its own memory, which the next replay
+overwrites; with gradient accumulation they are copied out after a step's first micro-batch
+(`own_gradients`), and the later ones add to the copies.
 
 "auto" captures where all of these hold; `true` asks for it, and the log says why it is off where one does
 not hold. The denoiser is captured at the first step, with that step's inputs; a later call whose inputs
@@ -35,7 +37,6 @@ def choose(
     device: str,
     *,
     buckets: bool = False,
-    accumulation: int = 1,
     checkpointing: bool = False,
     dropout: float = 0.0,
     compile_setting=False,
@@ -49,7 +50,6 @@ def choose(
     blocked = (
         (kind != "cuda", f"off on {kind}"),
         (buckets, "buckets change the shapes"),
-        (accumulation > 1, "gradient accumulation needs gradients kept across passes"),
         (checkpointing, "gradient checkpointing is on"),
         (dropout > 0, "LoRA dropout draws random masks"),
         (compile_setting is True, "compile = true"),
@@ -88,6 +88,15 @@ class GraphedDenoiser:
         self.added_keys: tuple[str, ...] = ()
         self.failed = False
         self.replays = 0
+
+    def own_gradients(self) -> None:
+        """Give the parameters gradients of their own. The graph's backward writes the parameters'
+        gradients into its own memory, and autograd takes them from there as they are, so the next replay
+        would overwrite them: with gradient accumulation, the loop calls this after the first
+        micro-batch's backward pass, and the next ones add to these copies."""
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
     def install(self) -> None:
         self.original = self.module.forward

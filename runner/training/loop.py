@@ -333,6 +333,8 @@ def _forward_backward(run: Run, order: ExampleOrder):
             loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight, weights)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        if run.graphs is not None and micro == 0 and accum > 1:
+            run.graphs.own_gradients()  # before the next replay overwrites them
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).to(sums.dtype)
     return sums / accum  # on the device: read back by _read_losses
 

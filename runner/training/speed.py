@@ -51,7 +51,6 @@ def _graphs(run: Run) -> None:
         ts.cuda_graphs,
         run.device,
         buckets=bool(ts.buckets),
-        accumulation=ts.gradient_accumulation_steps,
         checkpointing=run.checkpointing,
         dropout=run.job.subject.lora.dropout,
         compile_setting=ts.compile,

@@ -17,7 +17,7 @@ from runner.training.buckets import bucket_sizes
 from runner.training.data import BucketOrder, read_images
 from runner.training.latents import LatentCache
 from tests.steps_fixtures import DREAMBENCH
-from tests.test_build_real import adapter_bytes, dbl
+from tests.test_build_real import adapter_bytes, build_here, dbl
 
 pytestmark = pytest.mark.torch
 
@@ -227,10 +227,9 @@ def project(folder):
 
 def test_buckets_train_and_resume_to_the_same_bytes_after_a_kill(tmp_path):
     reference = tmp_path / "uninterrupted"
-    done = dbl("build", project(reference), "--no-progress", "-v", cwd=reference)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "instance buckets: 2 images 48x80, 1 image 64x64, 1 image 80x48" in done.stdout, done.stdout
-    assert "class buckets: 2 images 80x48" in done.stdout, done.stdout
+    logs = build_here(project(reference))
+    assert "train:dog instance buckets: 2 images 48x80, 1 image 64x64, 1 image 80x48" in logs, logs
+    assert "train:dog class buckets: 2 images 80x48" in logs, logs
 
     killed = tmp_path / "killed"
     proc = dbl("build", project(killed), "--no-progress", cwd=killed, wait=False)
@@ -247,9 +246,7 @@ def test_buckets_train_and_resume_to_the_same_bytes_after_a_kill(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     assert "train:dog" not in lockfile.read(killed / "p.lock")
 
-    again = dbl("build", killed / "p.toml", "--no-progress", "-v", cwd=killed)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "resuming from checkpoint-10" in again.stdout
+    assert "train:dog resuming from checkpoint-10" in build_here(killed / "p.toml")
     assert adapter_bytes(killed) == adapter_bytes(reference)
 
 

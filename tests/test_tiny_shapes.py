@@ -53,8 +53,10 @@ def pipe():
 
     pipe = StableDiffusionPipeline.from_pretrained(str(ensure_builtin("tiny-shapes")))
     pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    return pipe
+    yield pipe
+    torch.set_num_threads(threads)  # the session's other tests compute as they would without this one
 
 
 @pytest.mark.torch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from runner.families import Family, register, sd1
 from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_lora_metadata
-from runner.training.host import to_device
+from runner.host import to_device
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
 TINY_SDXL_VERSION = 1

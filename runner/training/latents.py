@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runner.errors import StepError
+from runner.host import to_device
 from runner.training.data import ExampleOrder, Images, examples_at, generator
-from runner.training.host import to_device
 
 
 @dataclass

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
+from runner.host import to_device
 from runner.training import captions, checkpoints, lora, optimizers, provenance, speed
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
-from runner.training.host import to_device
 from runner.training.job import Hooks, Job
 from runner.training.latents import LatentCache
 from runner.training.losses import min_snr_weights, prior_preservation_loss

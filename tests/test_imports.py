@@ -1,0 +1,61 @@
+"""The package's entry points each import first, in a fresh interpreter: an import cycle that only bites
+when one module is imported before another (runner.models before runner.project, say) fails here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+# The modules a user, a script or a worker process may import first.
+ENTRY_POINTS = (
+    "runner",
+    "runner.adapters",
+    "runner.api",
+    "runner.blending",
+    "runner.cli",
+    "runner.executor",
+    "runner.exec.launcher",
+    "runner.families",
+    "runner.families.sd1",
+    "runner.families.sdxl",
+    "runner.host",
+    "runner.models",
+    "runner.project",
+    "runner.report",
+    "runner.steps",
+    "runner.training",
+    "runner.training.loop",
+    "runner.watch",
+)
+
+
+def test_each_entry_point_imports_first():
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / "runner").rglob("*.py")
+    }
+    assert set(ENTRY_POINTS) <= modules
+    # One interpreter, each module imported first in a forked child of it (fast: no restart per module).
+    script = (
+        "import importlib, os, sys\n"
+        "failed = []\n"
+        "for name in sys.argv[1:]:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        try:\n"
+        "            importlib.import_module(name)\n"
+        "        except BaseException as exc:\n"
+        "            print(f'{name}: {type(exc).__name__}: {exc}', flush=True)\n"
+        "            os._exit(1)\n"
+        "        os._exit(0)\n"
+        "    if os.waitpid(pid, 0)[1] != 0:\n"
+        "        failed.append(name)\n"
+        "print('failed:', failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *ENTRY_POINTS], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

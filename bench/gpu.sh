@@ -16,7 +16,8 @@
 #   CUDA, and CUDA graphs against eager passes.
 # profile (about a minute): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
 #   optimizer step goes.
-# session: check, then sd15, then profile: every GPU figure of one session in one call (about 9 minutes).
+# session: sd15, then check, then profile: every GPU figure of one session in one call (about 9 minutes);
+#   a part that fails does not stop the next ones.
 # all: sd15, sdxl and run.
 #
 # Wheels in .whl/ (diffusers, peft, ...) are installed first when the machine lacks them. Results go
@@ -35,25 +36,44 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-if [ "$which" = check ] || [ "$which" = session ]; then
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-fi
-for family in sd15 sdxl; do
-    if [ "$which" = "$family" ] || [ "$which" = all ] || { [ "$which" = session ] && [ "$family" = sd15 ]; }; then
-        args=(--gpu --family "$family" --work "/tmp/dbl-$family-bench")
-        if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
-        if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
-        if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
-        python3 bench/anchor_bench.py "${args[@]}" --out "${OUT:-/tmp}/$family-bench.json"
-    fi
-done
-if [ "$which" = run ] || [ "$which" = all ]; then
-    args=(--model sd15-random --resolution 512 --device cuda --mixed-precision fp16 --skip plan)
+out="${OUT:-/tmp}"
+
+anchor() {  # the comparison with diffusers' script for one family
+    local family="$1" args=(--gpu --family "$1" --work "/tmp/dbl-$1-bench")
+    if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
+    if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
+    if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
+    python3 bench/anchor_bench.py "${args[@]}" --out "$out/$family-bench.json"
+}
+
+table() {  # bench/run.py's table
+    local args=(--model sd15-random --resolution 512 --device cuda --mixed-precision fp16 --skip plan)
     if [ -n "${PHOTOS:-}" ]; then args+=(--photos "$PHOTOS"); fi
     if [ -n "${TRAIN_STEPS:-}" ]; then args+=(--train-steps "$TRAIN_STEPS"); fi
-    python3 bench/run.py "${args[@]}" --out "${OUT:-/tmp}/gpu-bench.json"
-fi
-if [ "$which" = profile ] || [ "$which" = session ]; then
+    python3 bench/run.py "${args[@]}" --out "$out/gpu-bench.json"
+}
+
+check() {
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+}
+
+profile() {
     python3 bench/startup_profile.py --device cuda --model sd15-random --resolution 512 --mixed-precision fp16 \
-        --json "${OUT:-/tmp}/startup-profile.json"
-fi
+        --json "$out/startup-profile.json"
+}
+
+case "$which" in
+    sd15|sdxl) anchor "$which" ;;
+    run) table ;;
+    check) check ;;
+    profile) profile ;;
+    all) anchor sd15; anchor sdxl; table ;;
+    session)
+        # The figures first; each part runs whatever an earlier one did, and the failures are listed last.
+        failed=()
+        anchor sd15 || failed+=(sd15)
+        check || failed+=(check)
+        profile || failed+=(profile)
+        if [ "${#failed[@]}" -gt 0 ]; then echo "failed: ${failed[*]}" >&2; exit 1; fi
+        ;;
+esac

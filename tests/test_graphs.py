@@ -9,6 +9,8 @@ handles that memory rightly: the eager adapter, byte for byte, with gradient acc
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from runner.training import graphs
@@ -142,6 +144,18 @@ def _inputs(batch=2, size=8):
     return sample, timesteps, embeddings
 
 
+@contextlib.contextmanager
+def installed(module, capture):
+    """The module's passes through `capture`'s graph while inside: (the GraphedDenoiser, its log lines)."""
+    logs: list[str] = []
+    graphed = graphs.GraphedDenoiser(module, logs.append, capture=capture)
+    graphed.install()
+    try:
+        yield graphed, logs
+    finally:
+        graphed.remove()
+
+
 def _pass(module, sample, timesteps, embeddings):
     """The prediction and the gradients of its sum (LoRA parameters, then the embeddings)."""
     import torch
@@ -158,10 +172,8 @@ def test_every_pass_goes_through_the_graph_and_gives_the_eager_result(lora_unet)
     sample, timesteps, embeddings = _inputs()
     expected, expected_grads = _pass(lora_unet, sample, timesteps, embeddings)
 
-    logs, capture = [], StandIn()
-    graphed = graphs.GraphedDenoiser(lora_unet, logs.append, capture=capture)
-    graphed.install()
-    try:
+    capture = StandIn()
+    with installed(lora_unet, capture) as (graphed, logs):
         for _ in range(3):
             prediction, grads = _pass(lora_unet, sample, timesteps, embeddings)
             assert torch.equal(prediction, expected)
@@ -186,8 +198,6 @@ def test_every_pass_goes_through_the_graph_and_gives_the_eager_result(lora_unet)
         # return_dict=False answers a tuple, as the module does.
         (prediction,) = lora_unet(sample, timesteps, embeddings, return_dict=False)
         assert torch.equal(prediction.detach(), expected)
-    finally:
-        graphed.remove()
     assert "forward" not in vars(lora_unet)  # the module's own forward again
     prediction, _ = _pass(lora_unet, sample, timesteps, embeddings)
     assert torch.equal(prediction, expected) and capture.calls == 4
@@ -198,15 +208,11 @@ def test_a_failed_capture_is_said_and_the_passes_run_eagerly(lora_unet):
 
     sample, timesteps, embeddings = _inputs()
     expected, _ = _pass(lora_unet, sample, timesteps, embeddings)
-    logs, capture = [], StandIn(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
-    graphed = graphs.GraphedDenoiser(lora_unet, logs.append, capture=capture)
-    graphed.install()
-    try:
+    capture = StandIn(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
+    with installed(lora_unet, capture) as (_, logs):
         for _ in range(2):
             prediction, _ = _pass(lora_unet, sample, timesteps, embeddings)
             assert torch.equal(prediction, expected)
-    finally:
-        graphed.remove()
     assert len(capture.captures) == 1  # tried once, not at every step
     assert logs == [
         "warning: capturing CUDA graphs failed (RuntimeError: operation not permitted when stream is "

@@ -49,8 +49,8 @@ def test_a_bad_setting_is_refused():
 class StandIn:
     """A capture that records what it was given and runs the module eagerly, counting its calls."""
 
-    def __init__(self, fail: Exception | None = None):
-        self.fail = fail
+    def __init__(self, fail: Exception | None = None, fail_replay: Exception | None = None):
+        self.fail, self.fail_replay = fail, fail_replay
         self.captures: list = []
         self.calls = 0
 
@@ -61,6 +61,8 @@ class StandIn:
 
         def run(*args):
             self.calls += 1
+            if self.fail_replay is not None:
+                raise self.fail_replay
             return module(*args)
 
         return run
@@ -217,6 +219,25 @@ def test_a_failed_capture_is_said_and_the_passes_run_eagerly(lora_unet):
     assert logs == [
         "warning: capturing CUDA graphs failed (RuntimeError: operation not permitted when stream is "
         "capturing); it runs without"
+    ]
+
+
+def test_a_failed_first_replay_is_said_and_the_passes_run_eagerly(lora_unet):
+    import torch
+
+    sample, timesteps, embeddings = _inputs()
+    expected, expected_grads = _pass(lora_unet, sample, timesteps, embeddings)
+    capture = StandIn(fail_replay=RuntimeError("CUDA error: operation failed during capture"))
+    with installed(lora_unet, capture) as (graphed, logs):
+        for _ in range(2):
+            prediction, grads = _pass(lora_unet, sample, timesteps, embeddings)
+            assert torch.equal(prediction, expected)
+            assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads, strict=True))
+    assert capture.calls == 1 and graphed.replays == 0  # tried once
+    assert logs == [
+        "cuda graphs: captured the denoiser's forward and backward",
+        "warning: replaying CUDA graphs failed (RuntimeError: CUDA error: operation failed during capture); "
+        "it runs without",
     ]
 
 

@@ -21,8 +21,8 @@ overwrites; with gradient accumulation they are copied out after a step's first 
 
 "auto" captures where all of these hold; `true` asks for it, and the log says why it is off where one does
 not hold. The denoiser is captured at the first step, with that step's inputs; a later call whose inputs
-differ in shape or kind (none in training) runs eagerly. Where capturing fails (an operation CUDA cannot
-record), the log says why and the run goes on eagerly from the same step.
+differ in shape or kind (none in training) runs eagerly. Where capturing or the first replay fails (an
+operation CUDA cannot record), the log says why and the run goes on eagerly from the same step.
 """
 
 from __future__ import annotations
@@ -129,8 +129,14 @@ class GraphedDenoiser:
                 return eager()
         if keys != self.added_keys or _signature(args) != self.signature:
             return eager()
+        try:
+            prediction = self.graphed(*args)
+        except Exception as exc:  # noqa: BLE001 - the first replay, as a capture, may fail; the eager pass works
+            if self.replays:
+                raise
+            self._give_up("replaying", exc)
+            return eager()
         self.replays += 1
-        prediction = self.graphed(*args)
         if not return_dict:
             return (prediction,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -154,15 +160,19 @@ class GraphedDenoiser:
             ):
                 self.graphed = self.capture(positional, sample_args)
         except Exception as exc:  # noqa: BLE001 - any failure to record leaves the eager pass, which works
-            self.failed, self.graphed = True, None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.log(
-                f"warning: capturing CUDA graphs failed ({type(exc).__name__}: {first[:200]}); it runs without"
-            )
+            self._give_up("capturing", exc)
             return False
         self.signature = _signature(args)
         self.log("cuda graphs: captured the denoiser's forward and backward")
         return True
+
+    def _give_up(self, doing: str, exc: BaseException) -> None:
+        """Say why the graphs failed; the passes run eagerly from now on."""
+        self.failed, self.graphed = True, None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self.log(
+            f"warning: {doing} CUDA graphs failed ({type(exc).__name__}: {first[:200]}); it runs without"
+        )
 
 
 def _positional_class():

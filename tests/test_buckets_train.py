@@ -331,3 +331,19 @@ def test_real_photos_of_mixed_shapes_with_captions_and_a_prior_train_in_buckets(
     assert any("distinct prompts" in m for m in logs), logs
     info = (tmp_path / "build" / "p" / "adapters" / "dog" / "dbl.json").read_text()
     assert '"buckets": true' in info
+
+
+@pytest.mark.parametrize(
+    "size, device, expected",
+    [((64, 64), "cpu", 64), ((512, 512), "cpu", 1), ((1024, 1024), "cpu", 1), ((512, 512), "cuda", 8)]
+    + [
+        ((1024, 1024), "cuda:1", 2),
+        ((768, 1344), "cuda", 2),
+        ((2048, 2048), "cuda", 1),
+        ((512, 512), "mps", 1),
+    ],
+)
+def test_a_gpu_encodes_more_images_a_call_than_a_cpu(size, device, expected):
+    from runner.training.latents import images_per_encode
+
+    assert images_per_encode(size, device) == expected

@@ -57,7 +57,7 @@ SCRIPTS = {"sd15": "train_dreambooth_lora.py", "sdxl": "train_dreambooth_lora_sd
 VARIANTS = ("dbl", "dbl-eager", "dbl-compile", "anchor")
 LABELS = {"dbl": "dbl", "dbl-eager": "dbl eager", "dbl-compile": "dbl compile", "anchor": "script"}
 CHOICES = re.compile(
-    r"(compile|cuda graphs|gradient checkpointing): (on|off) |warning: (compiling|capturing)"
+    r"(compile|cuda graphs|gradient checkpointing): (on|off) |warning: (compiling|capturing|replaying)"
 )
 # What each dbl variant sets in [train] beyond the job: dbl keeps its defaults.
 SWITCHES = {

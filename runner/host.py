@@ -15,9 +15,7 @@ def to_device(value, device, dtype=None):
     (converted on the host, where the numbers are the same)."""
     import torch
 
-    tensor = value if torch.is_tensor(value) else torch.tensor(value, dtype=dtype)
-    if dtype is not None:
-        tensor = tensor.to(dtype)
+    tensor = torch.as_tensor(value, dtype=dtype)
     if str(device).startswith("cuda") and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

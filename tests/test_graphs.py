@@ -205,40 +205,43 @@ def test_every_pass_goes_through_the_graph_and_gives_the_eager_result(lora_unet)
     assert torch.equal(prediction, expected) and capture.calls == 4
 
 
-def test_a_failed_capture_is_said_and_the_passes_run_eagerly(lora_unet):
-    import torch
-
-    sample, timesteps, embeddings = _inputs()
-    expected, _ = _pass(lora_unet, sample, timesteps, embeddings)
-    capture = StandIn(fail=RuntimeError("operation not permitted when stream is capturing\nmore"))
-    with installed(lora_unet, capture) as (_, logs):
-        for _ in range(2):
-            prediction, _ = _pass(lora_unet, sample, timesteps, embeddings)
-            assert torch.equal(prediction, expected)
-    assert len(capture.captures) == 1  # tried once, not at every step
-    assert logs == [
-        "warning: capturing CUDA graphs failed (RuntimeError: operation not permitted when stream is "
-        "capturing); it runs without"
-    ]
-
-
-def test_a_failed_first_replay_is_said_and_the_passes_run_eagerly(lora_unet):
+@pytest.mark.parametrize(
+    "failure, calls, logs",
+    [
+        (
+            {"fail": RuntimeError("operation not permitted when stream is capturing\nmore")},
+            0,
+            [
+                "warning: capturing CUDA graphs failed (RuntimeError: operation not permitted when stream is "
+                "capturing); it runs without"
+            ],
+        ),
+        (
+            {"fail_replay": RuntimeError("CUDA error: operation failed during capture")},
+            1,
+            [
+                "cuda graphs: captured the denoiser's forward and backward",
+                "warning: replaying CUDA graphs failed (RuntimeError: CUDA error: operation failed during "
+                "capture); it runs without",
+            ],
+        ),
+    ],
+    ids=["capture", "first-replay"],
+)
+def test_a_failed_capture_or_first_replay_is_said_and_the_passes_run_eagerly(lora_unet, failure, calls, logs):
     import torch
 
     sample, timesteps, embeddings = _inputs()
     expected, expected_grads = _pass(lora_unet, sample, timesteps, embeddings)
-    capture = StandIn(fail_replay=RuntimeError("CUDA error: operation failed during capture"))
-    with installed(lora_unet, capture) as (graphed, logs):
+    capture = StandIn(**failure)
+    with installed(lora_unet, capture) as (graphed, said):
         for _ in range(2):
             prediction, grads = _pass(lora_unet, sample, timesteps, embeddings)
             assert torch.equal(prediction, expected)
             assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads, strict=True))
-    assert capture.calls == 1 and graphed.replays == 0  # tried once
-    assert logs == [
-        "cuda graphs: captured the denoiser's forward and backward",
-        "warning: replaying CUDA graphs failed (RuntimeError: CUDA error: operation failed during capture); "
-        "it runs without",
-    ]
+    # Tried once, not at every step.
+    assert len(capture.captures) == 1 and capture.calls == calls and graphed.replays == 0
+    assert said == logs
 
 
 def _build(tmp_path, name, base_model, train):

@@ -7,9 +7,9 @@ arithmetic, that is most of a step's time. The latents are cached and every step
 the denoiser is compiled once (dynamic=False); with buckets the shapes change with the bucket, and each
 bucket would compile anew, so "auto" leaves compilation off then. Compiling takes about a minute on a GPU
 and several on a CPU: "auto" turns it on on CUDA only, and only where the denoiser's passes do not replay
-as CUDA graphs (runner.training.graphs), which cut the launches without the minute of compiling. The compiled kernels are kept in
-DBL_HOME/torch-compile (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later build of the same
-model and shapes loads them instead of compiling again.
+as CUDA graphs (runner.training.graphs), which cut the launches without the minute of compiling. The
+compiled kernels are kept in DBL_HOME/torch-compile (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a
+later build of the same model and shapes loads them instead of compiling again.
 
 Where compiling fails (an operator the compiler does not know, a missing C compiler), the run says why
 in its log and goes on without it, from the same step.
@@ -69,14 +69,6 @@ def is_compile_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - torch without dynamo
         return False
     return isinstance(exc, TorchDynamoException)
-
-
-def reason(exc: BaseException) -> str:
-    """What went wrong in a compile error, in one line: the compiler's own exception where it has one."""
-    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
-    text = str(cause).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(cause).__name__}: {first}"[:200] if first else type(cause).__name__
 
 
 def is_compiled(module) -> bool:

@@ -147,7 +147,7 @@ class GraphedDenoiser:
         """Capture the graphs with `args`' shapes; on failure, say why and stay eager."""
         import torch
 
-        positional = _Positional(self.module, self.original, self.added_keys)
+        positional = _positional(self.module, self.original, self.added_keys)
         sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         device_type = args[0].device.type
         try:
@@ -169,13 +169,11 @@ class GraphedDenoiser:
     def _give_up(self, doing: str, exc: BaseException) -> None:
         """Say why the graphs failed; the passes run eagerly from now on."""
         self.failed, self.graphed = True, None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        self.log(
-            f"warning: {doing} CUDA graphs failed ({type(exc).__name__}: {first[:200]}); it runs without"
-        )
+        self.log(f"warning: {doing} CUDA graphs failed ({switches.reason(exc)}); it runs without")
 
 
-def _positional_class():
+def _positional(module, forward, added_keys):
+    """`module` called with tensors only, as make_graphed_callables calls it (torch imported here)."""
     import torch
 
     class Positional(torch.nn.Module):
@@ -191,11 +189,7 @@ def _positional_class():
             kwargs = {"added_cond_kwargs": dict(zip(self.added_keys, added, strict=True))} if added else {}
             return self.call(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
-    return Positional
-
-
-def _Positional(module, forward, added_keys):
-    return _positional_class()(module, forward, added_keys)
+    return Positional(module, forward, added_keys)
 
 
 def _make_graphed(module, sample_args):

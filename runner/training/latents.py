@@ -118,22 +118,19 @@ class LatentCache:
 
         from runner.images import normalize
 
-        if not self.vae_fp32:
-            with torch.no_grad():
-                pixels = to_device(normalize(pixels_uint8), self.device).to(self.dtype)
-                dist = self.vae.encode(pixels).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
-        else:
-            # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
-            dtype = next(self.vae.parameters()).dtype
-            with torch.no_grad():
-                pixels = to_device(normalize(pixels_uint8), self.device)
+        with torch.no_grad():
+            pixels = to_device(normalize(pixels_uint8), self.device)
+            if not self.vae_fp32:
+                dist = self.vae.encode(pixels.to(self.dtype)).latent_dist
+            else:
+                # The VAE is cast to fp32 for the call and back, so a shared pipeline keeps its dtype.
+                dtype = next(self.vae.parameters()).dtype
                 try:
                     self.vae.to(torch.float32)
                     dist = self.vae.encode(pixels).latent_dist
                 finally:
                     self.vae.to(dtype)
-                mean, std = dist.mean.float(), dist.std.float()
+        mean, std = dist.mean.float(), dist.std.float()
         finite = torch.isfinite(mean).all() & torch.isfinite(std).all()
         if not defer:
             _raise_unless(bool(finite))

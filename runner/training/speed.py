@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runner.training import compiling, graphs, memory
+from runner.training import compiling, graphs, memory, switches
 
 if TYPE_CHECKING:
     from runner.training.loop import Run
@@ -83,9 +83,7 @@ def forward_backward(run: Run, step):
     except Exception as exc:
         if not run.compiled or not compiling.is_compile_error(exc):
             raise
-        run.log(
-            f"warning: compiling the denoiser failed ({compiling.reason(exc)}); it runs without compiling"
-        )
+        run.log(f"warning: compiling the denoiser failed ({switches.reason(exc)}); it runs without compiling")
         _uncompile(run)
         run.optimizer.zero_grad(set_to_none=True)
         return step()

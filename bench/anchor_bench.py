@@ -192,17 +192,13 @@ def build_model(folder: Path, args) -> Path:
 def draw_images(folder: Path, count: int, size: int, seed: int) -> Path:
     """`count` JPEGs of coloured discs, `size` px square."""
     import numpy as np
-    from PIL import Image
+
+    from bench.common import draw_discs
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
     for i in range(count):
-        img = np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3)).copy()
-        for _ in range(6):
-            cy, cx, r = *rng.uniform(0, size, 2), rng.uniform(size / 16, size / 4)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        Image.fromarray(img.astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+        draw_discs(folder / f"{i:04d}.jpg", rng, size, quality=90)
     return folder
 
 
@@ -329,7 +325,7 @@ def declare_torchvision_operators() -> None:
 
 def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dict:
     """One variant in a fresh process: its figures, with the peak RSS of its process tree."""
-    import psutil
+    from bench.common import peak_rss
 
     stats, log, warmup = work / f"{variant}-stats.json", work / f"{variant}.log", args.warmup
     argv = [python, __file__, "--child", variant, "--stats", str(stats), "--anchor", str(args.anchor)]
@@ -339,14 +335,7 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
     began = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        watched, peak = psutil.Process(process.pid), 0
-        while process.poll() is None:
-            try:
-                tree = [watched, *watched.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
+        peak = peak_rss(process)
     wall = time.perf_counter() - began
     if process.returncode != 0 or not stats.is_file():
         tail = log.read_text()[-4000:]

@@ -81,20 +81,15 @@ seeds = [0]
 
 
 def draw_images(folder: Path, seed: int, size: int, count: int = 3) -> None:
-    """A few drawn pictures (a background and circles), different for every subject."""
+    """A few drawn pictures (a background and discs), different for every subject."""
     import numpy as np
-    from PIL import Image
+
+    from bench.common import draw_discs
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
     for i in range(count):
-        img = np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3)).copy()
-        for _ in range(5):
-            cy, cx = rng.uniform(0, size, 2)
-            r = rng.uniform(size / 16, size / 4)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
+        draw_discs(folder / f"{i}.png", rng, size, discs=5)
 
 
 def make_project(folder: Path, head: str, subjects: int, size: int, render_steps: int) -> Path:

@@ -41,8 +41,8 @@ def prepare_data(folder: Path, class_images: int, photos_dir: Path, size: int = 
     import shutil
 
     import numpy as np
-    from PIL import Image
 
+    from bench.common import draw_discs
     from runner.imagefiles import list_images
 
     instance, classes = folder / "instance", folder / "class"
@@ -52,20 +52,11 @@ def prepare_data(folder: Path, class_images: int, photos_dir: Path, size: int = 
     for photo in photos:
         shutil.copyfile(photo, instance / photo.name)
     rng = np.random.default_rng(0)
-
-    def draw(path: Path) -> None:
-        yy, xx = np.mgrid[0:size, 0:size]
-        img = np.broadcast_to(rng.uniform(0, 255, 3), (size, size, 3)).copy()
-        for _ in range(6):
-            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(size / 16, size / 4)]
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
-
     if not photos:
         for i in range(5):
-            draw(instance / f"{i:02d}.jpg")
+            draw_discs(instance / f"{i:02d}.jpg", rng, size, quality=90)
     for i in range(class_images):
-        draw(classes / f"{i:04d}.jpg")
+        draw_discs(classes / f"{i:04d}.jpg", rng, size, quality=90)
     return instance, classes
 
 
@@ -343,7 +334,7 @@ def child(args) -> None:
 
 def measure(variant: str, args, data: Path) -> dict:
     """Run one variant in a fresh process, sampling the RSS of its process tree."""
-    import psutil
+    from bench.common import peak_rss
 
     argv = [sys.executable, __file__, "--variant", variant, "--data", str(data)]
     for key in (
@@ -362,14 +353,7 @@ def measure(variant: str, args, data: Path) -> dict:
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
-    watched, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [watched, *watched.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
+    peak = peak_rss(process)
     output = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"{variant} failed with exit code {process.returncode}")

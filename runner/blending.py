@@ -100,21 +100,12 @@ def blend(
     seed: int | None = 0,
     activate: bool = False,
 ) -> dict[str, float]:
-    """Add adapter `name` = a weighted combination of loaded adapters (PEFT `add_weighted_adapter`).
+    """Add adapter `name` = a weighted combination of loaded adapters (PEFT `add_weighted_adapter`);
+    the relative error of each component's weight changes against their exact weighted sum.
 
-    `method`: "cat" (exact: the blend's change to every weight is sum(weight * change of each adapter)),
-    "svd" and the "*_svd" methods (truncated to `svd_rank`, default the largest rank; `svd_clamp` a
-    quantile clamp), "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune" (every adapter of
-    the same rank; all but linear need `density`). DARE prunes at random: `seed` makes it repeatable.
-    The combination is computed in fp32 whatever the pipeline's dtype.
-
-    Every other component (sd1: the text encoder) gets the combination of the adapters that have a
-    LoRA there, at their weights: an adapter without one changes nothing there, so that is also its
-    exact sum.
-
-    Returns the relative error ||blend - sum(w_i * adapter_i)||_F / ||sum(w_i * adapter_i)||_F of the
-    weight changes, per component (0 for cat up to float error). The blend is activated when
-    `activate` is true.
+    `runner.api.blend` documents the methods and options; here bad input raises AdapterError, and the
+    blend is activated only when `activate` is true. Every component but the denoiser gets the
+    combination of the adapters that have a LoRA there: an adapter without one changes nothing there.
     """
     import torch
     from peft import PeftModel

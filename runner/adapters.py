@@ -458,7 +458,9 @@ def set_active(pipe, adapter_name: str | None) -> None:
 
 
 def remove_adapter(pipe, adapter_name: str) -> None:
-    """Delete one adapter from the pipeline's wrapped components, keeping the others."""
+    """Delete one adapter from the pipeline's wrapped components, keeping the others. Those active with
+    it stay active; where it was the only active one, the component runs as the base model until another
+    is activated (PEFT on its own would activate another loaded adapter, with a warning)."""
     from peft import PeftModel
 
     for c in families.of(pipe).components:
@@ -466,8 +468,15 @@ def remove_adapter(pipe, adapter_name: str) -> None:
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
             if len(model.peft_config) == 1:
                 setattr(pipe, c.attr, model.unload())
-            else:
-                model.delete_adapter(adapter_name)
+                continue
+            active = [n for n in model.active_adapters if n != adapter_name]
+            if not active:
+                model.base_model.set_adapter([], inference_mode=True)
+            model.delete_adapter(adapter_name)
+            if model.active_adapter not in model.peft_config:
+                # The wrapper's own name of its adapter, which PEFT moves only when one adapter stays
+                # active; a deleted name there fails the next forward pass (KeyError).
+                model.active_adapter = (active or list(model.peft_config))[0]
 
 
 def unload_adapters(pipe) -> None:

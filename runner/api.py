@@ -151,7 +151,9 @@ def set_adapter(
 
 
 def unload_adapter(pipe, name: str) -> None:
-    """Remove one adapter from the pipeline; the plain base modules come back when it was the last."""
+    """Remove one adapter from the pipeline; the plain base modules come back when it was the last. The
+    adapters active with it stay active; where it was the only active one, the pipeline runs as the base
+    model until `set_adapter` names another."""
     from runner import adapters
 
     adapters.remove_adapter(pipe, name)

@@ -229,6 +229,43 @@ def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
     assert torch.equal(got_unet, base_unet) and torch.equal(got_hidden, base_hidden)
 
 
+def test_removing_an_adapter_leaves_the_others_as_they_were_and_runs(tmp_path):
+    """Removing the one active adapter leaves the base model running (PEFT would activate another one,
+    with a warning); removing an inactive one leaves the active ones working."""
+    import warnings
+
+    import torch
+
+    from runner.adapters import load_adapter_into, remove_adapter, save_adapter
+    from runner.blending import activate_adapters
+
+    pipe = _pipeline()
+    base = _outputs(pipe.unet, pipe.text_encoder)
+    unet, te = _random_lora(pipe)
+    expected = _outputs(unet, te)
+    save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
+
+    fresh = _pipeline()
+    for name in ("dog", "dog2", "toy"):
+        load_adapter_into(fresh, tmp_path / "dog", name)
+    activate_adapters(fresh, ["dog2", "toy"], [1.0, 0.0])
+    remove_adapter(fresh, "dog")  # the wrapper's own adapter name, which PEFT kept on the deleted one
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    activate_adapters(fresh, "dog2")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        remove_adapter(fresh, "dog2")
+    assert not [w for w in seen if "was active" in str(w.message)], [str(w.message) for w in seen]
+    assert set(fresh.unet.peft_config) == set(fresh.text_encoder.peft_config) == {"toy"}
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+        assert torch.equal(got, want)
+    activate_adapters(fresh, "toy")
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_loading_into_the_wrong_model_raises(tmp_path):
     import torch
 

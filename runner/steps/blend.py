@@ -18,7 +18,6 @@ error ||delta_blend - sum(w_i * delta_i)||_F / ||sum(w_i * delta_i)||_F per comp
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 from runner.errors import AdapterError, StepError
@@ -89,11 +88,8 @@ def run(ctx: StepContext) -> dict:
         )
     finally:
         if shared:
-            with warnings.catch_warnings():
-                # PEFT warns each time the active adapter goes; all of them go here.
-                warnings.simplefilter("ignore", UserWarning)
-                for key in ["blend", *internal]:
-                    adapters.remove_adapter(pipe, key)
+            for key in ["blend", *internal]:
+                adapters.remove_adapter(pipe, key)
     ctx.progress(3, 3)
     summary = ", ".join(f"{c} {e:.2e}" for c, e in errors.items())
     ctx.log(f"{spec.method} blend of {', '.join(n for n, _, _ in parents)}: relative error {summary}")

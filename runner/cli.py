@@ -18,6 +18,7 @@ from runner.errors import DblError
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
+from runner.store import LockHeld
 from runner.ui.streams import survivable_std_streams
 
 
@@ -205,7 +206,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("dbl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except DblError as exc:  # an input the user must fix, found before any step ran
+    except LockHeld as exc:
+        print(f"dbl: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except DblError as exc:  # an input the user must fix (a project or lockfile), found before any step ran
         if getattr(args, "debug", False):
             raise
         print(f"dbl: {exc}", file=sys.stderr)
@@ -238,8 +242,6 @@ def _load(args):
 def cmd_build(args) -> int:
     from runner import executor
     from runner.interrupt import StopOnInterrupt, exit_code_for
-    from runner.lockfile import LockfileError
-    from runner.store import LockHeld
     from runner.ui import make_reporter
 
     project = _load(args)
@@ -269,26 +271,15 @@ def cmd_build(args) -> int:
     except KeyboardInterrupt:  # a second signal: stopped at once
         print("dbl: interrupted", file=sys.stderr)
         return exit_code_for(stop.signum or signal.SIGINT)
-    except LockHeld as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except (LockfileError, executor.UsageError) as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     finally:
         reporter.close()
 
 
 def cmd_plan(args) -> int:
     from runner import executor, planner
-    from runner.lockfile import LockfileError
 
     project = _load(args)
-    try:
-        _, planned = executor.Workspace(project).plan()
-    except LockfileError as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    _, planned = executor.Workspace(project).plan()
     if args.json:
         print(json.dumps(planner.to_json(planned), indent=2))
         return EXIT_OK
@@ -390,15 +381,10 @@ def cmd_init(args) -> int:
 
 def cmd_ls(args) -> int:
     from runner import executor
-    from runner.lockfile import LockfileError
 
     project = _load(args)
     ws = executor.Workspace(project)
-    try:
-        lock, planned = ws.plan()
-    except LockfileError as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    lock, planned = ws.plan()
     rows = []
     for p in planned:
         record = lock.get(p.id)
@@ -456,7 +442,7 @@ def _finite(value):
 
 def cmd_gc(args) -> int:
     from runner import lockfile
-    from runner.store import LockHeld, RunCache
+    from runner.store import RunCache
 
     project = _load(args)
     cache = RunCache(project.state_dir / "cache")
@@ -475,14 +461,10 @@ def cmd_gc(args) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-    try:
-        # A build stores its outputs in the cache before its lockfile names them: hold every
-        # project's build lock, so that no entry is dropped between the two.
-        with _all_build_locks(project):
-            return _collect(args, cache, keep)
-    except LockHeld as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
+    # A build stores its outputs in the cache before its lockfile names them: hold every project's
+    # build lock, so that no entry is dropped between the two.
+    with _all_build_locks(project):
+        return _collect(args, cache, keep)
 
 
 @contextlib.contextmanager
@@ -527,14 +509,9 @@ def _collect(args, cache, keep: set[str]) -> int:
 
 def cmd_check(args) -> int:
     from runner.check import check
-    from runner.lockfile import LockfileError
 
     project = _load(args)
-    try:
-        report = check(project)
-    except LockfileError as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    report = check(project)
     if not report.mismatches:
         print(f"all {report.files} files match the lockfile")
         return EXIT_OK
@@ -548,14 +525,9 @@ def cmd_check(args) -> int:
 
 def cmd_report(args) -> int:
     from runner import report
-    from runner.lockfile import LockfileError
 
     project = _load(args)
-    try:
-        path = report.write(project, args.output)
-    except LockfileError as exc:
-        print(f"dbl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    path = report.write(project, args.output)
     print(f"wrote {path}")
     return EXIT_OK
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from runner import tempnames
+from runner.errors import DblError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +33,7 @@ LOCK_VERSION = 1
 HEADER = "# Written by dbl build. Commit it: it records what was built, from what.\n"
 
 
-class LockfileError(Exception):
+class LockfileError(DblError):
     """A lockfile that cannot be read; the message says how to recover."""
 
 

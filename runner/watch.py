@@ -30,7 +30,6 @@ from runner import steps
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
-from runner.lockfile import LockfileError
 from runner.store import LockHeld
 
 try:
@@ -219,7 +218,7 @@ def _build(
     except LockHeld as exc:
         say(str(exc))
         return EXIT_LOCKED
-    except (LockfileError, DblError) as exc:
+    except DblError as exc:  # a lockfile too
         say(str(exc))
         return EXIT_USAGE
     except Exception as exc:  # a bug in one build must not end the watch

@@ -13,6 +13,7 @@ import pytest
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import ROOT
+from tests.test_trust_gc import CONFLICT
 
 # Two renders whose records differ only in their adapter, output and times: a text merge of their
 # tables can mix them line by line.
@@ -188,3 +189,15 @@ def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
     assert {"render:x", "render:y"} <= set(records)
     out, err = plan_lines(proj, capsys)
     assert out.startswith("all 9 steps are up to date") and not err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["plan", "--json"], ["ls"], ["check"], ["report"], ["build"]])
+def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, build, capsys, command):
+    build(proj)
+    proj.lock.write_text(CONFLICT + proj.lock.read_text())
+    capsys.readouterr()
+    assert main([command[0], str(proj.path), *command[1:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"dbl: {proj.lock}: cannot read the lockfile"), captured.err
+    assert "Traceback" not in captured.err and not captured.out
+    assert CONFLICT in proj.lock.read_text()  # nothing was built over it

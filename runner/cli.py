@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import warnings
@@ -441,69 +439,16 @@ def _finite(value):
 
 
 def cmd_gc(args) -> int:
-    from runner import lockfile
-    from runner.store import RunCache
+    from runner.gc import collect
 
-    project = _load(args)
-    cache = RunCache(project.state_dir / "cache")
-    keep: set[str] = set()
-    # Every lockfile beside this project shares the .dbl/ folder: keep what any of them refers to. One
-    # that cannot be read (a merge conflict, a bad edit) could refer to anything: collect nothing.
-    for lock_path in sorted(project.dir.glob("*.lock")):
-        try:
-            keep |= lockfile.referenced_fingerprints(lock_path)
-        except lockfile.LockfileError as exc:
-            print(
-                f"dbl: gc refused: {exc}\n"
-                f"  gc keeps what every lockfile beside the project refers to, so it cannot run while "
-                f"{lock_path} is unreadable: fix it (a merge conflict: see 'Lockfiles in git' in the "
-                f"README) or move it out of {project.dir}, then run gc again",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-    # A build stores its outputs in the cache before its lockfile names them: hold every project's
-    # build lock, so that no entry is dropped between the two.
-    with _all_build_locks(project):
-        return _collect(args, cache, keep)
-
-
-@contextlib.contextmanager
-def _all_build_locks(project):
-    """The build locks of this project and of every project that built beside it (they share .dbl/)."""
-    from types import SimpleNamespace
-
-    from runner.store import BuildLock
-
-    stems = {project.path.stem}
-    for held in project.state_dir.glob("build-*.lock"):
-        stems.add(held.name[len("build-") : -len(".lock")])
-    with contextlib.ExitStack() as stack:
-        for stem in sorted(stems):
-            other = SimpleNamespace(state_dir=project.state_dir, path=project.dir / f"{stem}.toml")
-            stack.enter_context(BuildLock(project if stem == project.path.stem else other))
-        yield
-
-
-def _collect(args, cache, keep: set[str]) -> int:
-    dropped, freed = 0, 0
-    for fp in cache.entries():
-        if fp in keep:
-            continue
-        size = sum(f.stat().st_size for f in cache.entry(fp).rglob("*") if f.is_file())
-        if not args.dry_run:
-            cache.drop(fp)
-        dropped += 1
-        freed += size
-    leftovers = cache.leftovers()
-    if not args.dry_run:
-        for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+    done = collect(_load(args), dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"
-    print(
-        f"{verb} {dropped} cache entr{'y' if dropped == 1 else 'ies'}, {freed / 1e6:.1f} MB; kept {len(keep & set(cache.entries()))}"
-    )
-    if leftovers:
-        print(f"{verb} {len(leftovers)} folder(s) left by builds that were killed while writing the cache")
+    entries = f"{done.dropped} cache entr{'y' if done.dropped == 1 else 'ies'}"
+    print(f"{verb} {entries}, {done.freed / 1e6:.1f} MB; kept {done.kept}")
+    if done.leftovers:
+        print(
+            f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache"
+        )
     return EXIT_OK
 
 

@@ -77,3 +77,34 @@ def test_gc_holds_the_locks_of_projects_sharing_the_cache(proj, build, capsys):
         assert main(["gc", str(proj.path)]) == 3
     assert "another build" in capsys.readouterr().err
     assert main(["gc", str(proj.path)]) == 0
+
+
+def test_gc_reads_the_lockfiles_once_it_holds_the_locks(proj, build, monkeypatch):
+    """A build that ends while gc waits for the locks has stored its entries and named them in its
+    lockfile: gc keeps them, and drops what the lockfile it replaced referred to."""
+    import contextlib
+
+    from runner import gc, lockfile
+
+    build(proj)
+    old = proj.lock.read_text()
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    new = proj.lock.read_text()
+    proj.lock.with_name("new.lock.txt").write_text(new)
+    proj.lock.write_text(old)  # what the lockfile said when gc started
+    locks = gc._all_build_locks
+
+    @contextlib.contextmanager
+    def a_build_ends_first(project):
+        proj.lock.write_text(new)
+        with locks(project):
+            yield
+
+    (proj.root / "old.lock.txt").write_text(old)
+    replaced = lockfile.referenced_fingerprints(proj.root / "old.lock.txt")
+    kept = lockfile.referenced_fingerprints(proj.lock.with_name("new.lock.txt"))
+    monkeypatch.setattr(gc, "_all_build_locks", a_build_ends_first)
+    done = gc.collect(proj.load())
+    assert done.dropped == 1 and replaced - kept  # the edit replaced one entry
+    assert set(cache_entries(proj)) == kept  # what only the old lockfile named is gone

@@ -1,0 +1,80 @@
+"""`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to.
+
+Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
+that cannot be read (a merge conflict, a bad edit) could refer to anything: then nothing is collected.
+A build stores its outputs in the cache before its lockfile names them, so gc holds every project's
+build lock while it collects, and no entry is dropped between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from runner import lockfile
+from runner.errors import DblError
+from runner.project.schema import Project
+from runner.store import BuildLock, RunCache
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What gc dropped (or, dry, would drop)."""
+
+    dropped: int  # cache entries
+    freed: int  # bytes
+    kept: int  # cache entries a lockfile refers to
+    leftovers: list[Path]  # folders of builds killed while writing the cache
+
+
+def collect(project: Project, dry_run: bool = False) -> Collected:
+    """Drop (or with `dry_run` only count) the cache entries no lockfile beside `project` refers to.
+    Raises DblError for an unreadable lockfile and LockHeld while a build runs."""
+    cache = RunCache(project.state_dir / "cache")
+    with _all_build_locks(project):
+        keep = _referenced(project)  # read under the locks: a build that just ended has written its own
+        dropped, freed = 0, 0
+        for fp in cache.entries():
+            if fp in keep:
+                continue
+            freed += sum(f.stat().st_size for f in cache.entry(fp).rglob("*") if f.is_file())
+            dropped += 1
+            if not dry_run:
+                cache.drop(fp)
+        leftovers = cache.leftovers()
+        if not dry_run:
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
+        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers)
+
+
+def _referenced(project: Project) -> set[str]:
+    """The fingerprints every lockfile beside the project refers to."""
+    keep: set[str] = set()
+    for lock_path in sorted(project.dir.glob("*.lock")):
+        try:
+            keep |= lockfile.referenced_fingerprints(lock_path)
+        except lockfile.LockfileError as exc:
+            raise DblError(
+                f"gc refused: {exc}\n"
+                f"  gc keeps what every lockfile beside the project refers to, so it cannot run while "
+                f"{lock_path} is unreadable: fix it (a merge conflict: see 'Lockfiles in git' in the "
+                f"README) or move it out of {project.dir}, then run gc again"
+            ) from None
+    return keep
+
+
+@contextlib.contextmanager
+def _all_build_locks(project: Project):
+    """The build locks of this project and of every project that built beside it (they share .dbl/)."""
+    stems = {project.path.stem}
+    for held in project.state_dir.glob("build-*.lock"):
+        stems.add(held.name[len("build-") : -len(".lock")])
+    with contextlib.ExitStack() as stack:
+        for stem in sorted(stems):
+            other = SimpleNamespace(state_dir=project.state_dir, path=project.dir / f"{stem}.toml")
+            stack.enter_context(BuildLock(project if stem == project.path.stem else other))
+        yield

@@ -12,7 +12,7 @@ The recipe, top to bottom (`train`):
    loss = mse(instance) + w * mse(class), fp32, each example min-SNR weighted if asked (losses.py);
 5. checkpoint every `checkpoint_every` steps (and when interrupted) into the work folder, resume from
    the newest one (runner.training.checkpoints);
-6. write the adapter in every layout (runner.adapters).
+6. write the adapter in every layout, snapshots and logs (runner.training.outputs).
 
 Randomness: see runner.training.data. torch, diffusers and peft are imported inside functions.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 from runner.errors import StepError, StepInterrupted
 from runner.host import to_device
-from runner.training import captions, checkpoints, lora, optimizers, provenance, speed
+from runner.training import captions, checkpoints, lora, optimizers, outputs, speed
 from runner.training.data import BucketOrder, ExampleOrder, Images, derive_seed, examples_at, read_images
 from runner.training.distributed import agree, all_reduce_mean
 from runner.training.job import Hooks, Job
@@ -146,7 +146,7 @@ def _train(run: Run) -> dict:
         # 4. Train.
         order = _order(run)
         params = [p for group in run.trainable.values() for p in group.values()]
-        run.writer = _log_writer(run)
+        run.writer = outputs.log_writer(run)
         run.readback_every, run.read_at = readback_interval(run.device), time.perf_counter()
         while run.step < (run.job.stop_at or ts.steps):
             losses = speed.forward_backward(run, lambda: _forward_backward(run, order))
@@ -155,7 +155,7 @@ def _train(run: Run) -> dict:
             _optimizer_step(run, params, losses)
             if run.step in run.job.snapshots:  # keep the adapter of this step as it is
                 _read_losses(run)
-                _snapshot(run, run.job.snapshots[run.step])
+                outputs.snapshot(run, run.job.snapshots[run.step])
             _checkpoint_or_stop(run)  # 5. checkpoint when due or asked to stop
         # 6. Write the adapter in every layout.
         _read_losses(run)
@@ -456,7 +456,7 @@ def _checkpoint_or_stop(run: Run) -> None:
 
 
 def _save(run: Run) -> dict:
-    summary = _write_adapter(run, run.job.out, run.job.subject, run.job.stop_at)
+    summary = outputs.write_adapter(run, run.job.out, run.job.subject, run.job.stop_at)
     if run.world > 1:
         import torch.distributed as dist
 
@@ -467,56 +467,3 @@ def _save(run: Run) -> dict:
         "steps": run.step,
         "resumed_from": run.resumed_from,
     }
-
-
-def _snapshot(run: Run, folder) -> None:
-    """Keep the adapter of this step in `folder`, as the snapshot's own run would write it (written
-    beside it and renamed, so a kill leaves no half snapshot). A resumed run keeps the one it has."""
-    import shutil
-
-    from runner.steps.snapshot import training
-
-    if folder.is_dir() or run.rank != 0:
-        return
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    subject, stop_at = training(run.job.subject, run.step)
-    _write_adapter(run, partial, subject, stop_at)
-    partial.rename(folder)
-    run.log(f"kept the adapter of step {run.step}")
-
-
-def _write_adapter(run: Run, out, subject, stop_at) -> dict:
-    """Write the adapter as it is now into `out` (process 0), with the dbl.json of `subject`'s run;
-    returns the loss summary."""
-    from runner.adapters import save_adapter
-    from runner.steps import KOHYA_STEM
-
-    summary = provenance.loss_summary(run.history, run.weight)
-    if run.rank == 0:
-        save_adapter(
-            out,
-            {c.name: run.modules[c.name] for c in run.components},
-            adapter_name="default",
-            base_model=run.job.base.ref,
-            info=provenance.info(run, summary, subject, stop_at),
-            name=KOHYA_STEM,
-            family=run.job.family,
-        )
-    return summary
-
-
-def _log_writer(run: Run):
-    """TensorBoard's writer of the run's logs (process 0, `log = "tensorboard"`), else None."""
-    if run.job.log_dir is None or run.rank != 0:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise StepError(
-            f"train:{run.job.subject.name}: log = 'tensorboard' needs the tensorboard package: "
-            f"pip install 'dbl[tensorboard]' ({exc})"
-        ) from None
-    run.job.log_dir.mkdir(parents=True, exist_ok=True)
-    run.log(f"TensorBoard logs in {run.job.log_dir}")
-    return SummaryWriter(log_dir=str(run.job.log_dir), purge_step=run.step + 1 if run.step else None)

@@ -18,7 +18,6 @@ URIs in the page, and the styles are in it. Only files are read: no hashing, no 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 from collections import Counter
@@ -26,21 +25,10 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, lockfile, planner
+from runner import __version__, lockfile, planner, plots
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
-
-INSTALL = "pip install 'dbl[report]'"
-# Colours of the outcomes in the timeline, shared by the chart and the table.
-OUTCOME_COLOURS = {
-    "ran": "#1f77b4",
-    "restored": "#2ca02c",
-    "failed": "#d62728",
-    "interrupted": "#ff7f0e",
-    "fresh": "#7f7f7f",
-    "skipped": "#bcbcbc",
-}
 
 
 def write(project, output: Path | str | None = None) -> Path:
@@ -67,7 +55,7 @@ def render(project) -> str:
             f"{project.path}: nothing is built yet (no step in {lock_path.name}): "
             f"run `dbl build {project.path}` first, then `dbl report`"
         )
-    _matplotlib()  # fail before any work when it is missing
+    plots.require_matplotlib()  # fail before any work when it is missing
     last = lastbuild.read(project)
     outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
     order = [s.id for s in planner.graph(project)]
@@ -155,7 +143,7 @@ def _timeline(ctx: _Context, last: dict | None) -> str:
         f"{last.get('exit_code')}, executor {escape(where)}: {escape(summary)}.</p>"
     )
     timed = [r for r in steps if "offset_s" in r]
-    chart = _img(_timeline_svg(timed), "timeline of the last build") if timed else ""
+    chart = _img(plots.timeline_svg(timed), "timeline of the last build") if timed else ""
     worker = "build process" if backend == "inline" else f"{backend} worker"
     rows = [
         (
@@ -184,7 +172,7 @@ def _subject(ctx: _Context, sid: str) -> str:
             snapshots[int(step)] = other
     log, prior = info.get("log") or {}, info.get("prior") or {}
     if log.get("instance_loss"):
-        plot = _img(_loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
+        plot = _img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
     else:
         plot = "<p>No per-step log in its dbl.json.</p>"
     class_prompt = prior.get("class_prompt")
@@ -332,81 +320,6 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
     return _section("Provenance", [lead, _table(headers, rows, css="provenance")])
 
 
-# --- plots -----------------------------------------------------------------------------------------------
-
-
-def _matplotlib():
-    try:
-        import matplotlib
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise DblError(
-            f"dbl report draws its plots with matplotlib, which is not installed: {INSTALL}"
-        ) from None
-    return matplotlib, Figure
-
-
-def _svg(fig) -> bytes:
-    matplotlib, _ = _matplotlib()
-    buf = io.BytesIO()
-    # A fixed salt and no date: the same build gives the same page.
-    with matplotlib.rc_context({"svg.hashsalt": "dbl", "svg.fonttype": "path"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _smooth(values: list[float]) -> list[float]:
-    """The mean of each value and those before it, over about a tenth of the run."""
-    window = max(1, len(values) // 10)
-    return [sum(values[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(values))]
-
-
-def _loss_svg(name: str, log: dict, snapshots: list[int]) -> bytes:
-    _, Figure = _matplotlib()
-    fig = Figure(figsize=(6.4, 2.8))
-    ax = fig.add_subplot()
-    for key, label, colour in (("instance_loss", "instance loss", "C0"), ("prior_loss", "prior loss", "C1")):
-        values = [float(v) for v in log.get(key) or []]
-        if not values:
-            continue
-        steps = range(1, len(values) + 1)
-        ax.plot(
-            steps, values, color=colour, alpha=0.3, linewidth=0.8, marker="o" if len(values) < 3 else None
-        )
-        ax.plot(steps, _smooth(values), color=colour, linewidth=1.6, label=label)
-    for step in snapshots:
-        ax.axvline(step, color="0.5", linestyle=":", linewidth=1)
-        ax.text(
-            step, 0.98, f" @{step}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.4", va="top"
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{name}: loss per step (thin) and its moving mean", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    return _svg(fig)
-
-
-def _timeline_svg(rows: list[dict]) -> bytes:
-    _, Figure = _matplotlib()
-    fig = Figure(figsize=(7.5, 0.6 + 0.32 * len(rows)))
-    ax = fig.add_subplot()
-    total = max((r["offset_s"] + r.get("seconds", 0) for r in rows), default=1) or 1
-    for y, r in enumerate(rows):
-        width = max(r.get("seconds", 0), total / 400)  # a restore of a few ms still shows
-        ax.barh(y, width, left=r["offset_s"], color=OUTCOME_COLOURS.get(r["outcome"], "0.5"), height=0.6)
-    ax.set_yticks(range(len(rows)), [r["id"] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since the build started")
-    ax.grid(axis="x", alpha=0.3)
-    seen = sorted({r["outcome"] for r in rows})
-    handles = [ax.barh([], [], color=OUTCOME_COLOURS.get(o, "0.5"), label=o) for o in seen]
-    ax.legend(
-        handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(seen), frameon=False
-    )
-    return _svg(fig)
-
-
 # --- HTML pieces -----------------------------------------------------------------------------------------
 
 
@@ -507,4 +420,4 @@ table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #
 img.grid { max-width: 100%; image-rendering: pixelated; min-width: 256px; border: 1px solid #ccc; }
 .caption { font-size: 13px; color: #444; } .caption ol { margin: 2px 0; }
 .outcome { padding: 0 6px; border-radius: 3px; color: #fff; }
-""" + "".join(f".outcome.{o} {{ background: {c}; }}\n" for o, c in OUTCOME_COLOURS.items())
+""" + "".join(f".outcome.{o} {{ background: {c}; }}\n" for o, c in plots.OUTCOME_COLOURS.items())

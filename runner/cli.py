@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from runner import __version__, steps
+from runner import __version__
 from runner.errors import DblError
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
@@ -331,48 +331,17 @@ def _parallel_options(args) -> dict:
     }
 
 
-def templates_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", here / "templates"):
-        if candidate.is_dir():
-            return candidate
-    raise SystemExit(_usage("the templates folder is missing from this installation"))
-
-
 def cmd_init(args) -> int:
-    folder = templates_dir()
-    names = sorted(p.stem for p in folder.glob("*.toml"))
+    from runner import templates
+
     if args.list:
-        for name in names:
-            first = (folder / f"{name}.toml").read_text().splitlines()
-            about = next((line.lstrip("# ") for line in first[1:] if line.startswith("# ")), "")
+        for name, about in templates.available().items():
             print(f"{name:<16} {about}")
         return EXIT_OK
-    if args.template not in names:
-        return _usage(f"no template '{args.template}'; templates: {', '.join(names)}")
-    target_dir = Path(args.dir)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{args.template}.toml"
-    if target.exists():
-        return _usage(f"{target} exists already; choose another folder")
-    text = (folder / f"{args.template}.toml").read_text()
-    target.write_text(text.replace(f"projects/{args.template}.toml", str(target)))
-    from runner.project.load import tomllib
-
-    data = tomllib.loads(text)
-    made = []
-    for kind in steps.kinds():
-        for table in data.get(kind.table, {}).values():
-            images = table.get("images")
-            if images:
-                (target_dir / images).mkdir(parents=True, exist_ok=True)
-                made.append(images)
-    ignore = target_dir / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text(".dbl/\nbuild/\n")
+    target, made = templates.create(args.template, Path(args.dir))
     print(f"created {target}")
     for images in made:
-        print(f"  put your photos in {target_dir / images}/")
+        print(f"  put your photos in {Path(args.dir) / images}/")
     print(f"then: dbl build {target}")
     return EXIT_OK
 

@@ -113,6 +113,17 @@ def test_init_from_template_then_plan(name, tmp_path, capsys):
     assert main(["init", str(tmp_path / "new"), "--template", name]) == 2  # never overwrites
 
 
+def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, capsys):
+    assert main(["init", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == sorted(p.stem for p in TEMPLATES)
+    assert all(len(line.split()) > 1 for line in listed), listed  # each with what it is
+    assert main(["init", str(tmp_path / "new"), "--template", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no template 'nope'; templates: " + ", ".join(sorted(p.stem for p in TEMPLATES)) in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_readme_reference_is_the_schema():
     from runner.project.docs import reference_markdown, tables
 

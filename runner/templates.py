@@ -1,0 +1,54 @@
+"""`dbl init`: the starter project files of templates/, and a new project made from one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner import steps
+from runner.errors import UsageError
+
+
+def folder() -> Path:
+    """templates/ of this checkout, or of the installed package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "templates", here / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise UsageError("the templates folder is missing from this installation")
+
+
+def available() -> dict[str, str]:
+    """Each template's name and the first comment line under its command line."""
+    found = {}
+    for path in sorted(folder().glob("*.toml"), key=lambda p: p.stem):
+        lines = path.read_text().splitlines()
+        found[path.stem] = next((line.lstrip("# ") for line in lines[1:] if line.startswith("# ")), "")
+    return found
+
+
+def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
+    """Write template `name` into `target_dir` as `<name>.toml`, with the image folders it names and a
+    .gitignore of dbl's own folders; the project file and those image folders."""
+    names = sorted(available())
+    if name not in names:
+        raise UsageError(f"no template '{name}'; templates: {', '.join(names)}")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{name}.toml"
+    if target.exists():
+        raise UsageError(f"{target} exists already; choose another folder")
+    text = (folder() / f"{name}.toml").read_text()
+    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
+    from runner.project.load import tomllib
+
+    data = tomllib.loads(text)
+    made = []
+    for kind in steps.kinds():
+        for table in data.get(kind.table, {}).values():
+            images = table.get("images")
+            if images:
+                (target_dir / images).mkdir(parents=True, exist_ok=True)
+                made.append(images)
+    ignore = target_dir / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text(".dbl/\nbuild/\n")
+    return target, made

@@ -132,27 +132,29 @@ def blend(
                 continue
             _check_ranks(model, component, present, method, svd_rank)
             done.append(model)
-            with (
-                _fp32_adapters(model, [n for n, _ in present]),
-                torch.random.fork_rng(devices=_rng_devices(model)),
-            ):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                model.add_weighted_adapter(
-                    [n for n, _ in present],
-                    [w for _, w in present],
-                    name,
-                    combination_type=method,
-                    svd_rank=svd_rank,
-                    svd_clamp=svd_clamp,
-                    density=density,
-                    majority_sign_method=majority_sign_method,
-                )
-            if name not in model.peft_config:
-                raise AdapterError(f"PEFT made no adapter {name!r} on the {component}")
-            _fix_blend_scaling(model, name)
-            _keep_fp32(model, name, present if method == "cat" and len(present) > 1 else None)
-            errors[component] = relative_error(model, name, present)
+            # The parents as trained: set_adapter's weights and scale stay out of the blend.
+            with _trained_scales(model, [n for n, _ in present]):
+                with (
+                    _fp32_adapters(model, [n for n, _ in present]),
+                    torch.random.fork_rng(devices=_rng_devices(model)),
+                ):
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    model.add_weighted_adapter(
+                        [n for n, _ in present],
+                        [w for _, w in present],
+                        name,
+                        combination_type=method,
+                        svd_rank=svd_rank,
+                        svd_clamp=svd_clamp,
+                        density=density,
+                        majority_sign_method=majority_sign_method,
+                    )
+                if name not in model.peft_config:
+                    raise AdapterError(f"PEFT made no adapter {name!r} on the {component}")
+                _fix_blend_scaling(model, name)
+                _keep_fp32(model, name, present if method == "cat" and len(present) > 1 else None)
+                errors[component] = relative_error(model, name, present)
     except Exception:
         for model in done:
             if name in model.peft_config:
@@ -210,6 +212,26 @@ def _check_ranks(model, component: str, present, method: str, svd_rank: int | No
 
 def _max_rank(config) -> int:
     return max([config.r, *(config.rank_pattern or {}).values()])
+
+
+class _trained_scales:
+    """Give the LoRA layers of `names` their trained scale (alpha / r) for the block, and put back the
+    scales that activating them with weights (`activate_adapters`) had set."""
+
+    def __init__(self, model, names):
+        self.model, self.names, self.saved = model, names, []
+
+    def __enter__(self):
+        for layer in _lora_layers(self.model):
+            for n in self.names:
+                if n in layer.scaling:
+                    self.saved.append((layer, n, layer.scaling[n]))
+                    layer.set_scale(n, 1.0)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, n, scaling in self.saved:
+            layer.scaling[n] = scaling
 
 
 class _fp32_adapters:

@@ -54,6 +54,24 @@ def test_two_adapters_switch_and_blend(adapters):  # noqa: F811
     assert np.array_equal(_image(pipe), _image(base))
 
 
+def test_a_blend_is_of_the_adapters_as_trained_whatever_set_adapter_did(adapters):  # noqa: F811
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    api.blend(pipe, {"a": 1.0, "b": 0.5}, "clean")
+    clean = _image(pipe)
+    api.set_adapter(pipe, ["a", "b"], weights=[1.0, 1.5], scale=0.5)
+    weighted = _image(pipe)
+    errors = api.blend(pipe, {"a": 1.0, "b": 0.5}, "after", activate=False)
+    assert max(errors.values()) < 1e-6
+    assert np.array_equal(_image(pipe), weighted)  # the activation's weights are back
+    api.set_adapter(pipe, "after")
+    assert np.abs(_image(pipe) - clean).max() < 1e-5
+
+    api.set_adapter(pipe, "a", scale=0.0)
+    api.blend(pipe, {"a": 1.0}, "a_only")
+    only_a = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    assert np.abs(_image(pipe) - _image(only_a)).max() < 1e-5
+
+
 def test_names_are_checked(adapters):  # noqa: F811
     pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
     with pytest.raises(ValueError, match="no adapter named 'dog' is loaded; loaded: a, b"):

@@ -356,6 +356,32 @@ CASES = [
         '[train]\nnoise_offset = "small"\n',
         "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
     ),
+    # Numbers TOML reads but no lockfile holds.
+    (
+        "nan learning rate",
+        "[train]\nlearning_rate = nan\n",
+        "train.learning_rate: must be a finite number, got nan (line {line}) - e.g. learning_rate = 1.0",
+    ),
+    (
+        "infinite guidance",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nguidance_scale = inf\n',
+        "renders.r.guidance_scale: must be a finite number, got inf (line {line}) - e.g. guidance_scale = 1.0",
+    ),
+    (
+        "nan blend weight",
+        "[blends.b]\nadapters = { dog = 1.0, toy = nan }\n",
+        "blends.b.adapters: the weight of toy must be a finite number, got nan (line {line}) - e.g. adapters = {{ dog = 1.0 }}",
+    ),
+    (
+        "steps beyond 64 bits",
+        "[subjects.dog.train]\nsteps = 99999999999999999999\n",
+        "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 10",
+    ),
+    (
+        "a snapshot step beyond 64 bits",
+        "[train]\nsave_steps = [5, 99999999999999999999]\n",
+        "train.save_steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. save_steps = [0, 1]",
+    ),
     # Optimizers.
     (
         "unknown optimizer",

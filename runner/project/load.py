@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -147,7 +148,12 @@ class _Checker:
             hint = f"did you mean '{close[0]}'? " if close else ""
             self.problem(key, f"'{value}' is not one of {', '.join(map(str, choices))}", f"{hint}".strip())
             return False, value
-        return self._in_range(key, value, f.metadata.get("minimum"), f.metadata.get("maximum")), value
+        if not self._in_range(key, value, f.metadata.get("minimum"), f.metadata.get("maximum")):
+            return False, value
+        if (unusable := _unusable_number(value)) is not None:
+            self.problem(key, unusable, f"e.g. {f.name} = {_example(kind)}")
+            return False, value
+        return True, value
 
     def _in_range(self, key, value, minimum, maximum) -> bool:
         for number in value if isinstance(value, list) else [value]:
@@ -199,6 +205,26 @@ class _Checker:
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )
+
+
+def _unusable_number(value: Any) -> str | None:
+    """What is wrong with the first number in `value` (a number, a list, or (name, weight) pairs) that
+    TOML reads but no lockfile or fingerprint can hold: nan, inf, an integer beyond 64 bits."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, tuple):  # (adapter, weight)
+                if (problem := _unusable_number(item[1])) is not None:
+                    return f"the weight of {item[0]} {problem}"
+            elif (problem := _unusable_number(item)) is not None:
+                return problem
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not schema.INT64[0] <= value <= schema.INT64[1]:
+        return f"must fit in 64 bits, got {value}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    return None
 
 
 def _describe(raw: Any) -> str:

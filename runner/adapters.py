@@ -10,8 +10,8 @@ An adapter folder (``adapters/<subject>/`` or ``blends/<name>/``) holds:
     <folder name>.safetensors          kohya layout (A1111, ComfyUI, Forge)
     dbl.json                           provenance and metrics
 
-Every file is written byte-for-byte deterministically: same weights and info, same bytes. That is why
-this module writes safetensors files itself (the library serialises metadata in hash order).
+Every file is written byte-for-byte deterministically: same weights and info, same bytes (the
+safetensors files by runner.safetensors_io).
 
 Which components there are, their kohya names and metadata, come from the model family
 (runner.families). torch, peft and safetensors are imported inside functions.
@@ -22,75 +22,18 @@ from __future__ import annotations
 import enum
 import json
 import math
-import struct
 import warnings
 from pathlib import Path
-from typing import Any
 
 from runner import families
 from runner.errors import AdapterError
+from runner.safetensors_io import read_safetensors, write_safetensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 INFO_FILE = "dbl.json"
 PEFT_PREFIX = "base_model.model."
-
-
-# --- safetensors, deterministic ----------------------------------------------------------------------
-
-_DTYPE_CODES = {
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float64": "F64",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-
-
-def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file whose bytes depend only on the tensors and metadata (sorted keys)."""
-    data = safetensors_bytes(tensors, metadata)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
-
-
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes of a .safetensors file of `tensors` (see write_safetensors)."""
-    import torch
-
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        code = _DTYPE_CODES.get(str(t.dtype).removeprefix("torch."))
-        if code is None:
-            raise AdapterError(f"cannot store tensor {name} of dtype {t.dtype}")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return b"".join([struct.pack("<Q", len(head)), head, *blobs])
-
-
-def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
-    """Tensors and metadata of a .safetensors file (on the CPU)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -291,8 +234,17 @@ def read_adapter_weights(folder: Path, component: str) -> dict:
     path = Path(folder) / component / PEFT_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path} does not exist")
-    tensors, _ = read_safetensors(path)
+    try:
+        tensors, _ = read_safetensors(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors has its own error type: a truncated or foreign file
+        raise AdapterError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     return {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message that says something (torch heads its list with "...:")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -386,24 +338,40 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     from peft import LoraConfig, PeftModel
     from peft.utils import set_peft_model_state_dict
 
-    config = json.loads((sub / PEFT_CONFIG).read_text())
+    try:
+        config = json.loads((sub / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{sub / PEFT_CONFIG}: not a readable adapter config ({exc})") from None
     state = read_adapter_weights(sub.parent, sub.name)
     if component.text_model_level:
         state, config = _translate_level(state, config, model, component.text_model_level)
     config["inference_mode"] = True
     known = set(LoraConfig.__dataclass_fields__)
-    lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known})
+    try:
+        lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{sub / PEFT_CONFIG}: not a LoRA config PEFT accepts ({exc})") from None
 
-    if isinstance(model, PeftModel):
+    wrapped_here = not isinstance(model, PeftModel)
+    if not wrapped_here:
         if adapter_name in model.peft_config:
             raise AdapterError(f"the {sub.name} already has an adapter named '{adapter_name}'")
         model.add_adapter(adapter_name, lora_config)
     else:
         model = PeftModel(model, lora_config, adapter_name=adapter_name)
-    set_peft_model_state_dict(
-        model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name
-    )
-    _check_keys(model, state, adapter_name, sub)
+    try:
+        set_peft_model_state_dict(
+            model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name
+        )
+        _check_keys(model, state, adapter_name, sub)
+    except Exception as exc:
+        if wrapped_here:
+            # PEFT put its layers into the module the pipeline holds; only the wrapper can take them out.
+            model.unload()
+        # (an adapter added to a wrapped component is deleted by the caller, who sees the wrapper)
+        if isinstance(exc, AdapterError):
+            raise
+        raise AdapterError(f"{sub}: does not fit the {sub.name} ({_first_line(exc)})") from None
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(False)

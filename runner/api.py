@@ -14,20 +14,39 @@ model is an error instead of a silent no-op, an unknown adapter name lists the l
 whose name exists is refused instead of silently ignored, the new blend is activated, and lossy blends
 report their error. Components are wrapped in `peft.PeftModel`, as in the guide.
 
-This is a thin layer over runner.blending that raises ValueError, as notebook code expects.
-torch, diffusers and peft are imported inside the functions.
+This is a thin layer over runner.blending. Every input the caller must fix (a name, a path, a weight, a
+device, a project file) raises ValueError, as notebook code expects, with a message that says which
+and how. torch, diffusers and peft are imported inside the functions.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from runner import blending, families
 from runner.blending import _lora_layers, relative_error  # noqa: F401 - part of the API
-from runner.errors import AdapterError
+from runner.errors import DblError
+from runner.project import ProjectError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
+def _value_errors(fn):
+    """`fn`, raising ValueError for dbl's errors of input (DblError, ProjectError)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DblError, ProjectError) as exc:
+            raise ValueError(str(exc)) from None
+
+    return wrapper
+
+
+@_value_errors
 def load_pipeline(
     base: str,
     adapters: Mapping[str, str | Path] | None = None,
@@ -47,6 +66,12 @@ def load_pipeline(
     """
     from runner import models
 
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use {', '.join(DEVICES)} or cuda:N")
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise ValueError(
+            f"adapters maps names to adapter paths, e.g. {{'dog': 'build/pets/adapters/dog'}}; got {adapters!r}"
+        )
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
     device = models.resolve_device(device)
@@ -75,6 +100,7 @@ def _dtype(dtype, device: str):
     return dtype
 
 
+@_value_errors
 def resolve_adapter_path(path: str | Path) -> Path:
     """The adapter folder that `path` names.
 
@@ -112,6 +138,7 @@ def resolve_adapter_path(path: str | Path) -> Path:
     )
 
 
+@_value_errors
 def load_adapter(pipe, path: str | Path, name: str) -> None:
     """Load the adapter at `path` (see `resolve_adapter_path`) into `pipe` as `name`, and activate it.
 
@@ -120,10 +147,7 @@ def load_adapter(pipe, path: str | Path, name: str) -> None:
     another base model, or saved under other module names), instead of rendering the base model.
     """
     folder = resolve_adapter_path(path)
-    try:
-        blending.load(pipe, folder, name)
-    except AdapterError as exc:
-        raise ValueError(str(exc)) from None
+    blending.load(pipe, folder, name)
     set_adapter(pipe, name)
 
 
@@ -132,6 +156,7 @@ def loaded_adapters(pipe) -> list[str]:
     return blending.loaded_adapters(pipe)
 
 
+@_value_errors
 def set_adapter(
     pipe,
     name_or_names: str | Sequence[str] | None,
@@ -144,21 +169,18 @@ def set_adapter(
     `lora_scale` of renders). A component that holds none of the named adapters (an adapter trained
     without text encoder) runs as the base model. `None` or `[]` turns every adapter off.
     """
-    try:
-        blending.activate_adapters(pipe, name_or_names, weights, scale)
-    except AdapterError as exc:
-        raise ValueError(str(exc)) from None
+    blending.activate_adapters(pipe, name_or_names, weights, scale)
 
 
+@_value_errors
 def unload_adapter(pipe, name: str) -> None:
     """Remove one adapter from the pipeline; the plain base modules come back when it was the last. The
     adapters active with it stay active; where it was the only active one, the pipeline runs as the base
-    model until `set_adapter` names another."""
-    from runner import adapters
-
-    adapters.remove_adapter(pipe, name)
+    model until `set_adapter` names another. An unknown name raises ValueError."""
+    blending.unload(pipe, name)
 
 
+@_value_errors
 def blend(
     pipe,
     weights: Mapping[str, float],
@@ -187,18 +209,15 @@ def blend(
     weight changes, per component (0 for cat up to float error). The blend is activated unless
     `activate=False`.
     """
-    try:
-        return blending.blend(
-            pipe,
-            weights,
-            name,
-            method,
-            svd_rank=svd_rank,
-            svd_clamp=svd_clamp,
-            density=density,
-            majority_sign_method=majority_sign_method,
-            seed=seed,
-            activate=activate,
-        )
-    except AdapterError as exc:
-        raise ValueError(str(exc)) from None
+    return blending.blend(
+        pipe,
+        weights,
+        name,
+        method,
+        svd_rank=svd_rank,
+        svd_clamp=svd_clamp,
+        density=density,
+        majority_sign_method=majority_sign_method,
+        seed=seed,
+        activate=activate,
+    )

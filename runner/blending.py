@@ -16,6 +16,7 @@ from runner.errors import AdapterError
 from runner.project.schema import BLEND_METHODS, DENSITY_METHODS, EQUAL_RANK_METHODS
 
 SVD_METHODS = tuple(m for m in BLEND_METHODS if m.endswith("svd"))
+MAJORITY_SIGN_METHODS = ("total", "frequency")  # TIES' sign election (PEFT)
 
 
 def loaded_adapters(pipe) -> list[str]:
@@ -29,6 +30,7 @@ def loaded_adapters(pipe) -> list[str]:
 def load(pipe, folder: Path, name: str) -> None:
     """Load the adapter folder `folder` into `pipe` as `name` (not activated). Nothing stays behind
     when it fails (the denoiser may have taken it when another component did not)."""
+    check_name(name)
     loaded = loaded_adapters(pipe)
     if name in loaded:
         raise AdapterError(f"an adapter named {name!r} is already loaded; loaded: {', '.join(loaded)}")
@@ -37,6 +39,30 @@ def load(pipe, folder: Path, name: str) -> None:
     except (AdapterError, OSError, ValueError):
         adapters.remove_adapter(pipe, name)
         raise
+
+
+def check_name(name) -> None:
+    """An adapter's name becomes a module name: a non-empty string without '.'."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"{name!r} cannot name an adapter: give a non-empty string without '.'")
+
+
+def unload(pipe, name: str) -> None:
+    """Remove adapter `name` from the pipeline (see adapters.remove_adapter); an unknown name is an error."""
+    _check_names(pipe, [name])
+    adapters.remove_adapter(pipe, name)
+
+
+def _finite_weights(weights, what: str) -> list[float]:
+    """`weights` as floats; each must be a finite number."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise AdapterError(f"{what} must be a list of numbers, one per adapter; got {weights!r}")
+    values = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdapterError(f"{what} must be finite numbers; got {w!r}")
+        values.append(float(w))
+    return values
 
 
 def _lora_layers(model):
@@ -59,10 +85,18 @@ def activate_adapters(
     """
     from peft import PeftModel
 
+    if name_or_names is not None and not isinstance(name_or_names, (str, Sequence)):
+        raise AdapterError(f"name the adapters with a string or a list of strings; got {name_or_names!r}")
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names or [])
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(names) if weights is None else _finite_weights(weights, "weights")
+    (scale,) = _finite_weights([scale], "scale")
     if len(weights) != len(names):
         raise AdapterError(f"{len(names)} adapters but {len(weights)} weights")
+    twice = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if twice:
+        raise AdapterError(
+            f"{', '.join(map(repr, twice))} named twice: give each adapter once, at its weight"
+        )
     _check_names(pipe, names)
     for model in adapters.lora_modules(pipe).values():
         if not isinstance(model, PeftModel):
@@ -110,15 +144,18 @@ def blend(
     import torch
     from peft import PeftModel
 
-    names, values = list(weights), [float(w) for w in weights.values()]
+    if not isinstance(weights, Mapping):
+        raise AdapterError(f"weights maps adapter names to weights, e.g. {{'dog': 1.0}}; got {weights!r}")
+    names, values = list(weights), _finite_weights(list(weights.values()), "blend weights")
     if not names:
         raise AdapterError("blend needs at least one adapter")
+    check_name(name)
     _check_names(pipe, names)
     if name in loaded_adapters(pipe):
         raise AdapterError(
             f"an adapter named {name!r} is already loaded; pick another name or unload it first"
         )
-    _check_method(method, density)
+    _check_method(method, density, svd_rank, majority_sign_method)
     _check_no_dora(pipe, names)
 
     errors = {}
@@ -165,11 +202,17 @@ def blend(
     return errors
 
 
-def _check_method(method: str, density: float | None) -> None:
+def _check_method(method: str, density: float | None, svd_rank=None, majority_sign_method="total") -> None:
     if method not in BLEND_METHODS:
         raise AdapterError(f"unknown blend method {method!r}; methods: {', '.join(BLEND_METHODS)}")
     if method in DENSITY_METHODS and (density is None or not 0 < density <= 1):
         raise AdapterError(f"method {method!r} needs density, the fraction of weights kept, in (0, 1]")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise AdapterError(f"svd_rank must be a whole number of at least 1, or None; got {svd_rank!r}")
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise AdapterError(
+            f"majority_sign_method {majority_sign_method!r} is not one of {', '.join(MAJORITY_SIGN_METHODS)}"
+        )
 
 
 def _check_no_dora(pipe, names: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ def save(path: Path, parts: dict, denoiser_base, family) -> None:
     runner.adapters exports of each (config, layers); names and metadata come from the family."""
     import torch
 
-    from runner.adapters import write_safetensors
+    from runner.safetensors_io import write_safetensors
 
     tensors = {}
     for component, part in parts.items():

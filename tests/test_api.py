@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -118,6 +119,76 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
     assert api.loaded_adapters(pipe) == ["a"]
     with pytest.raises(ValueError, match="not an adapter folder"):
         api.load_adapter(pipe, tmp_path, "nothing")
+
+
+def _lora_layer_count(module) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in module.modules())
+
+
+@pytest.mark.parametrize("where", ["fresh pipeline", "beside another adapter"])
+@pytest.mark.parametrize("damage", ["truncated text encoder weights", "unet weights of another shape"])
+def test_a_load_that_fails_leaves_the_pipeline_as_it_was(tmp_path, adapters, where, damage):  # noqa: F811
+    import torch
+
+    from runner.adapters import PEFT_WEIGHTS, read_safetensors, write_safetensors
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["a"], bad)
+    if damage.startswith("truncated"):
+        path = bad / "text_encoder" / PEFT_WEIGHTS
+        path.write_bytes(path.read_bytes()[:100])
+        expected = re.escape(f"{path}: not a readable safetensors file")
+    else:
+        path = bad / "unet" / PEFT_WEIGHTS
+        tensors, metadata = read_safetensors(path)
+        tensors = {k: torch.cat([v, v]) if "lora_A" in k else v for k, v in tensors.items()}
+        write_safetensors(path, tensors, metadata)
+        expected = re.escape(f"{bad / 'unet'}: does not fit the unet (") + ".*size mismatch"
+    before = {"a": adapters["a"]} if where.startswith("beside") else {}
+    pipe = api.load_pipeline("tiny-sd", before, device="cpu")
+    layers = (_lora_layer_count(pipe.unet), _lora_layer_count(pipe.text_encoder))
+    with pytest.raises(ValueError, match=expected):
+        api.load_adapter(pipe, bad, "bad")
+    assert api.loaded_adapters(pipe) == list(before)
+    assert (_lora_layer_count(pipe.unet), _lora_layer_count(pipe.text_encoder)) == layers
+    if not before:  # the plain modules, with no LoRA layer left inside them
+        assert type(pipe.unet).__name__ == "UNet2DConditionModel" and layers == (0, 0)
+        assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+
+
+def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapters):  # noqa: F811
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    nan, inf = float("nan"), float("inf")
+    calls = [
+        (lambda: api.load_adapter(pipe, adapters["a"], "dog.v2"), "cannot name an adapter"),
+        (lambda: api.load_adapter(pipe, adapters["a"], ""), "cannot name an adapter"),
+        (lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, None), "cannot name an adapter"),
+        (lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, 3), "cannot name an adapter"),
+        (lambda: api.blend(pipe, {"a": nan}, "n"), "blend weights must be finite numbers; got nan"),
+        (lambda: api.blend(pipe, ["a", "b"], "n"), "weights maps adapter names to weights"),
+        (lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", method="svd", svd_rank=0), "svd_rank must be"),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "ties", density=0.5, majority_sign_method="x"),
+            "majority_sign_method 'x' is not one of total, frequency",
+        ),
+        (lambda: api.set_adapter(pipe, 5), "name the adapters with a string or a list of strings"),
+        (lambda: api.set_adapter(pipe, ["a", "a"]), "'a' named twice"),
+        (lambda: api.set_adapter(pipe, "a", weights=0.5), "weights must be a list of numbers"),
+        (lambda: api.set_adapter(pipe, "a", weights=[inf]), "weights must be finite numbers; got inf"),
+        (lambda: api.set_adapter(pipe, "a", scale=nan), "scale must be finite numbers; got nan"),
+        (lambda: api.unload_adapter(pipe, "ghost"), "no adapter named 'ghost' is loaded; loaded: a, b"),
+        (lambda: api.unload_adapter(pipe, None), "no adapter named None is loaded"),
+        (lambda: api.load_adapter(pipe, tmp_path / "nope.toml:dog", "x"), "no such project file"),
+        (lambda: api.load_pipeline("tiny-sd", device="tpu"), "unknown device 'tpu'"),
+        (lambda: api.load_pipeline("tiny-sd", ["a"], device="cpu"), "adapters maps names to adapter paths"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    assert api.loaded_adapters(pipe) == ["a", "b"]
+    assert set(pipe.unet.peft_config) == {"a", "b"}
 
 
 def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811

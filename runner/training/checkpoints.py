@@ -51,7 +51,7 @@ def save(job, step: int, trainable, optimizer, lr_scheduler, scaler, history, wo
     import numpy as np
     import torch
 
-    from runner.adapters import safetensors_bytes
+    from runner.safetensors_io import safetensors_bytes
 
     if rank == 0:
         final = job.work / f"{CHECKPOINT_PREFIX}{step}"

@@ -155,3 +155,30 @@ def test_prodigy_is_quiet_while_it_is_made(capsys):
         printed, sys.stdout = sys.stdout.getvalue(), stdout
     assert printed == "" and type(optimizer).__name__ == "Prodigy"
     assert optimizer.param_groups[0]["weight_decay"] == ts.adam_weight_decay
+
+
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        (
+            dict(target_modules=["nonexistent_mod"]),
+            "lora.target_modules: 'nonexistent_mod' names no module of the unet",
+        ),
+        (
+            dict(text_encoder_target_modules=["to_q", "query"]),
+            "lora.text_encoder_target_modules: 'query', 'to_q' names no module of the text_encoder",
+        ),
+    ],
+)
+def test_a_target_module_that_matches_nothing_says_which_and_what_there_is(tmp_path, images, lora, expected):
+    instance, _ = images
+    ctx = train_context(
+        tmp_path, make_subject(instance, train=dict(steps=1, train_text_encoder=True), lora=lora)
+    )
+    with pytest.raises(StepError, match=expected) as raised:
+        _run(ctx)
+    # What there is to name instead: the layers of that component.
+    assert ("q_proj" if "text_encoder" in expected else "to_q") in str(raised.value)
+    pipe = ctx.models.pipeline(ctx.models.dtype)  # the build's shared pipeline: left without LoRA layers
+    assert not any("lora" in name for name, _ in pipe.unet.named_modules())
+    assert not any("lora" in name for name, _ in pipe.text_encoder.named_modules())

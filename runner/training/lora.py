@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from runner.errors import StepError
+from runner.project.schema import TARGET_PRESETS
+
 
 def lora_config(component, lora_settings, model=None):
     """The PEFT LoraConfig of one component, from the [lora] keys that configure it (rank, alpha, ...
@@ -67,10 +70,38 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
     # LoRA init draws from the global RNG: seed it so the same seed gives the same start.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "lora-init"))
-        for c in components:
-            config = lora_config(c, lora_settings, modules[c.name])
-            modules[c.name] = get_peft_model(modules[c.name], config)
+        configs = {c.name: lora_config(c, lora_settings, modules[c.name]) for c in components}
+        for c in components:  # all checked before any is wrapped: PEFT changes the modules in place
+            _check_targets(c, lora_settings, sorted(configs[c.name].target_modules or []), modules[c.name])
+        try:
+            for c in components:
+                modules[c.name] = get_peft_model(modules[c.name], configs[c.name])
+        except Exception:
+            remove_lora(modules, gradient_checkpointing=False)  # the ones wrapped before the failure
+            raise
     return modules
+
+
+def _check_targets(component, lora_settings, targets: list[str], model) -> None:
+    """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
+    Where none does, PEFT fails in its own words; this says which key, and what the layers are named.
+    (A target that matches nothing beside one that does is allowed, as PEFT allows it: the default names
+    both diffusers' current and older attention modules.)"""
+    import torch
+
+    paths = [path for path, _ in model.named_modules()]
+    if any(p == t or p.endswith(f".{t}") for t in targets for p in paths):
+        return
+    key = component.setting("target_modules")
+    if getattr(lora_settings, key) is None and component.fallback_prefix is not None:
+        key = f"{component.fallback_prefix}target_modules"
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, layers)})
+    raise StepError(
+        f"lora.{key}: {', '.join(map(repr, targets)) or 'the list'} names no module of the "
+        f"{component.name}; its layers are named {', '.join(names[:24])}{', ...' if len(names) > 24 else ''}; "
+        f"or use a preset: {', '.join(TARGET_PRESETS)}"
+    )
 
 
 def trainable_parameters(modules: dict, components) -> dict[str, dict]:

@@ -450,6 +450,13 @@ def cmd_merge_lockfile(args) -> int:
     from runner.lockfile import LockfileError
     from runner.merge import merge_files
 
+    missing = [name for name in (args.base, args.ours, args.theirs) if not Path(name).is_file()]
+    if missing:
+        print(
+            f"dbl merge-lockfile: no such file: {', '.join(missing)} (git passes three: %O %A %B)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         conflicts, notes = merge_files(Path(args.base), Path(args.ours), Path(args.theirs))
     except LockfileError as exc:

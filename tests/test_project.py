@@ -494,6 +494,15 @@ def test_missing_file(tmp_path):
         load_project(tmp_path / "nope.toml")
 
 
+def test_a_folder_is_no_project_file_and_its_project_files_are_named(tmp_path):
+    with pytest.raises(ProjectError, match="a folder, not a project file - run `dbl init` in it"):
+        load_project(tmp_path)
+    (tmp_path / "b.toml").write_text("")
+    (tmp_path / "a.toml").write_text("")
+    with pytest.raises(ProjectError, match="a folder, not a project file - name one of: a.toml, b.toml"):
+        load_project(tmp_path)
+
+
 def test_report_format(folder):
     path = folder / "p.toml"
     path.write_text(GOOD + "\n[subjects.dog.lora]\nrnak = 3\n")

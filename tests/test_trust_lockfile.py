@@ -201,3 +201,9 @@ def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, bui
     assert captured.err.startswith(f"dbl: {proj.lock}: cannot read the lockfile"), captured.err
     assert "Traceback" not in captured.err and not captured.out
     assert CONFLICT in proj.lock.read_text()  # nothing was built over it
+
+
+def test_merge_lockfile_with_a_missing_file_writes_nothing(tmp_path, capsys):
+    ours = tmp_path / "ours.lock"
+    assert main(["merge-lockfile", str(tmp_path / "base"), str(ours), str(tmp_path / "theirs")]) == 2
+    assert "no such file" in capsys.readouterr().err and not ours.exists()

@@ -264,6 +264,10 @@ def _example(kind: str) -> str:
 def load_project(path: Path | str) -> schema.Project:
     """Load and validate a project file. Raises ProjectError listing every problem found."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.toml") if p.name != "pyproject.toml")
+        fix = f"name one of: {', '.join(inside)}" if inside else "run `dbl init` in it to start one"
+        raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
     text = path.read_text(encoding="utf-8", errors="replace")

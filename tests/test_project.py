@@ -484,6 +484,13 @@ def test_every_problem_is_reported_at_once(folder):
     )
 
 
+def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):
+    text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 60\nheight = 0\n'
+    found = problems(folder, text)
+    assert any(p.startswith("renders.r.width: must be a multiple of 8, got 60") for p in found), found
+    assert any(p.startswith("renders.r.height: must be at least 8, got 0") for p in found), found
+
+
 def test_invalid_toml_names_the_line(folder):
     found = problems(folder, "[project]\nbase_model = \n")
     assert found == ["invalid TOML: Invalid value at column 14 (line 2) - fix the syntax"]

@@ -89,15 +89,8 @@ def _adapter_listing(adapters: dict[str, dict]) -> str:
     return "; ".join(parts) or "no subjects defined"
 
 
-def _multiple_of_8(check, key: tuple[str, ...], size) -> None:
-    if size is not None and size % 8:
-        check.problem(key, f"must be a multiple of 8, got {size}")
-
-
 def check_priors(check, tables: dict) -> None:
     for name, prior in tables.get("prior", {}).items():
-        for side in ("width", "height"):
-            _multiple_of_8(check, ("priors", name, side), getattr(prior, side))
         _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
 
 
@@ -116,7 +109,6 @@ def check_subjects(check, tables: dict) -> None:
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
         train_key = partial(_train_key, check, name)
-        _multiple_of_8(check, train_key("resolution"), subject.train.resolution)
         _buckets(check, train_key, subject.train)
         _save_steps(check, train_key, subject.train)
         if subject.train.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -295,8 +287,6 @@ def check_renders(check, tables: dict) -> None:
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
-        for side in ("width", "height"):
-            _multiple_of_8(check, key + (side,), getattr(render, side))
 
 
 def _in_cycle(start: str, blends: dict) -> bool:

@@ -6,6 +6,7 @@
 - `type`: what the TOML value must be (see `schema.TYPES`);
 - `choices`: the allowed values, if the set is closed;
 - `minimum`, `maximum`: the allowed range of a number (of every item, for a list), if bounded;
+- `multiple`: what a number must be a multiple of (a size in pixels: 8, the VAE's factor), if anything;
 - `fingerprint`: False for settings that do not change a step's result (display, checkpointing);
 - `omit_default`: True for keys added after the first release: they are fingerprinted only when set
   away from their default, so that the steps of existing projects keep their fingerprints (and their
@@ -27,6 +28,7 @@ def opt(
     fingerprint=True,
     maximum=None,
     omit_default=False,
+    multiple=None,
 ):
     """Declare a project-file key. Without a default the key is required."""
     meta = {
@@ -35,6 +37,7 @@ def opt(
         "choices": choices,
         "minimum": minimum,
         "maximum": maximum,
+        "multiple": multiple,
         "fingerprint": fingerprint,
         "omit_default": omit_default,
     }

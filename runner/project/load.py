@@ -148,14 +148,15 @@ class _Checker:
             hint = f"did you mean '{close[0]}'? " if close else ""
             self.problem(key, f"'{value}' is not one of {', '.join(map(str, choices))}", f"{hint}".strip())
             return False, value
-        if not self._in_range(key, value, f.metadata.get("minimum"), f.metadata.get("maximum")):
+        meta = f.metadata
+        if not self._in_range(key, value, meta.get("minimum"), meta.get("maximum"), meta.get("multiple")):
             return False, value
         if (unusable := _unusable_number(value)) is not None:
             self.problem(key, unusable, f"e.g. {f.name} = {_example(kind)}")
             return False, value
         return True, value
 
-    def _in_range(self, key, value, minimum, maximum) -> bool:
+    def _in_range(self, key, value, minimum, maximum, multiple=None) -> bool:
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, (int, float)):
                 continue
@@ -164,6 +165,9 @@ class _Checker:
                 return False
             if maximum is not None and number > maximum:
                 self.problem(key, f"must be at most {maximum}, got {number}")
+                return False
+            if multiple is not None and number % multiple:
+                self.problem(key, f"must be a multiple of {multiple}, got {number}")
                 return False
         return True
 

@@ -131,8 +131,12 @@ class Prior:
     negative_prompt: str = opt("", "negative prompt for generation")
     steps: int = opt(50, "denoising steps per generated image", "int", minimum=1)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
-    width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
-    height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
+    width: int | None = opt(
+        None, "image width; default: the base model's native size", "int?", minimum=8, multiple=8
+    )
+    height: int | None = opt(
+        None, "image height; default: the base model's native size", "int?", minimum=8, multiple=8
+    )
     scheduler: str | None = opt(
         None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
     )
@@ -222,8 +226,12 @@ class Render:
     seeds: list[int] = opt(
         [0], "one image per prompt and seed", "list[int]", minimum=INT64[0], maximum=INT64[1]
     )
-    width: int | None = opt(None, "image width; default: the base model's native size", "int?", minimum=8)
-    height: int | None = opt(None, "image height; default: the base model's native size", "int?", minimum=8)
+    width: int | None = opt(
+        None, "image width; default: the base model's native size", "int?", minimum=8, multiple=8
+    )
+    height: int | None = opt(
+        None, "image height; default: the base model's native size", "int?", minimum=8, multiple=8
+    )
     scheduler: str | None = opt(
         None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
     )

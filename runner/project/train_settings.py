@@ -24,7 +24,11 @@ class TrainSettings:
     """[train] and [subjects.<name>.train]: the training loop."""
 
     resolution: int = opt(
-        512, "training image size in pixels (images are resized, then cropped square)", "int", minimum=8
+        512,
+        "training image size in pixels (images are resized, then cropped square)",
+        "int",
+        minimum=8,
+        multiple=8,
     )
     steps: int = opt(800, "optimizer steps (the recipe's max_train_steps)", "int", minimum=1)
     batch_size: int = opt(

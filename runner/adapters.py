@@ -217,12 +217,17 @@ def kohya_name(component: str, path: str, family=None) -> str:
 def read_adapter_config(folder: Path) -> dict[str, dict]:
     """component -> its PEFT adapter_config.json, for the components the folder holds."""
     folder = Path(folder)
-    configs = {
-        c: json.loads((folder / c / PEFT_CONFIG).read_text()) for c in families.adapter_components(folder)
-    }
+    configs = {c: _read_config(folder / c / PEFT_CONFIG) for c in families.adapter_components(folder)}
     if not families.is_adapter_folder(folder):
         raise AdapterError(f"{folder}: no adapter here (expected {_denoiser_folder()}/{PEFT_CONFIG})")
     return configs
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not a readable adapter config ({exc})") from None
 
 
 def _denoiser_folder(family=None) -> str:
@@ -338,10 +343,7 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     from peft import LoraConfig, PeftModel
     from peft.utils import set_peft_model_state_dict
 
-    try:
-        config = json.loads((sub / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{sub / PEFT_CONFIG}: not a readable adapter config ({exc})") from None
+    config = _read_config(sub / PEFT_CONFIG)
     state = read_adapter_weights(sub.parent, sub.name)
     if component.text_model_level:
         state, config = _translate_level(state, config, model, component.text_model_level)

@@ -36,6 +36,15 @@ class StepEvent:
     started: float = 0.0  # time.time() when it began to run or restore; 0 when it did not
 
 
+# A step's log line that starts so is a warning: the displays show it without -v.
+WARNING = "warning: "
+
+
+def shown(message: str, verbosity: int) -> bool:
+    """Whether a step's log line is shown at `verbosity` (-1 quiet, 0 default, 1 verbose)."""
+    return verbosity >= 1 or (verbosity == 0 and message.startswith(WARNING))
+
+
 class Reporter(Protocol):
     """Receives a build's events in order: plan, then per step start/progress/log/end, then finish."""
 

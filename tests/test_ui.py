@@ -40,6 +40,7 @@ def run_build(reporter, *, fail: bool = False, progress_hook=None) -> list[StepE
         if progress_hook and done == 400:
             progress_hook()
     reporter.log(train, "saved checkpoint-800")
+    reporter.log(train, "warning: caption 01.txt is empty; the instance prompt is used")
     if fail:
         train.status, train.duration_s = FAILED, 12.0
         train.error = "CUDA out of memory\nlower train.batch_size or turn on gradient_checkpointing"
@@ -169,12 +170,17 @@ def test_live_quiet_shows_only_failures_and_the_final_line():
     assert out.strip().splitlines()[-1].startswith("pets: FAILED")
 
 
-def test_live_verbose_adds_the_steps_log_messages():
-    quiet, verbose = recording_console(), recording_console()
-    run_build(LiveReporter(verbosity=0, console=quiet))
+def test_live_verbose_adds_the_steps_log_messages_and_only_quiet_hides_their_warnings():
+    quiet, default, verbose = recording_console(), recording_console(), recording_console()
+    run_build(LiveReporter(verbosity=-1, console=quiet))
+    run_build(LiveReporter(verbosity=0, console=default))
     run_build(LiveReporter(verbosity=1, console=verbose))
-    assert "saved checkpoint-800" not in quiet.export_text()
-    assert "train:dog  saved checkpoint-800" in verbose.export_text()
+    quiet, default, verbose = (c.export_text() for c in (quiet, default, verbose))  # export clears
+    assert "saved checkpoint-800" not in default
+    assert "train:dog  saved checkpoint-800" in verbose
+    warning = "train:dog  warning: caption 01.txt is empty"
+    assert warning in default and warning in verbose
+    assert "warning" not in quiet
 
 
 def test_live_display_keeps_its_own_copy_of_events():
@@ -285,6 +291,13 @@ def test_plain_verbose_lists_the_plan_and_log_messages():
     assert "prior:dog    fresh" in lines
     assert "blend:mix    pending (upstream train:dog stale)" in lines
     assert "train:dog    saved checkpoint-800" in lines
+
+
+def test_plain_shows_the_steps_warnings_unless_quiet():
+    warning = "train:dog    warning: caption 01.txt is empty; the instance prompt is used"
+    assert warning in plain_lines(verbosity=0) and warning in plain_lines(verbosity=1)
+    assert "train:dog    saved checkpoint-800" not in plain_lines(verbosity=0)
+    assert not any("warning" in line for line in plain_lines(verbosity=-1))
 
 
 def test_plain_says_nothing_stale_in_one_line():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runner import events, lockfile, planner, steps
 from runner.errors import DblError, StepError, StepInterrupted, UsageError
-from runner.events import StepEvent
+from runner.events import WARNING, StepEvent
 from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
 from runner.fingerprint import FileHasher, fingerprint
@@ -382,7 +382,7 @@ def _layout(kind: steps.StepKind, name: str) -> dict[str, str]:
 
 
 def _warner(ws: Workspace, reporter, ev):
-    return lambda message: reporter.log(ev, message)
+    return lambda message: reporter.log(ev, WARNING + message)
 
 
 def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=()):

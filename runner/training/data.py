@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import StepError
+from runner.events import WARNING
 from runner.imagefiles import list_images
 from runner.training import buckets
 from runner.training.captions import image_prompts
@@ -184,7 +185,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
         pixels = []
         for index, (original, target, tensor, said) in enumerate(results):
             for message in said:
-                log(message)
+                log(WARNING + message)
             originals[(kind, index)], targets[(kind, index)] = original, target
             pixels.append(tensor)
         return pixels

@@ -32,6 +32,7 @@ from runner.events import (
     RUNNING,
     SKIPPED,
     StepEvent,
+    shown,
 )
 from runner.ui.plain import (
     RateMeter,
@@ -121,7 +122,7 @@ class LiveReporter:
             if message.strip() == self._up_to_date_line or self.verbosity < 0:
                 return
             self.console.print(Text(message.rstrip(), style="yellow"))
-        elif self.verbosity >= 1:
+        elif shown(message, self.verbosity):
             self.console.print(Text.assemble((f"{step.id}  ", "dim"), message.rstrip()))
 
     def step_end(self, step: StepEvent) -> None:

@@ -26,6 +26,7 @@ from runner.events import (
     RUNNING,
     SKIPPED,
     StepEvent,
+    shown,
 )
 
 # A progress line every this fraction of a step, or after this many seconds without one.
@@ -165,7 +166,8 @@ def is_dry_run(steps: list[StepEvent]) -> bool:
 
 
 class PlainReporter:
-    """Writes one line per event. verbosity -1: failures and the final line; 1: also steps' log messages."""
+    """Writes one line per event. verbosity -1: failures and the final line; 0: also the steps' warnings;
+    1: also their other log messages."""
 
     def __init__(
         self,
@@ -237,7 +239,7 @@ class PlainReporter:
                 return
             for line in message.rstrip().splitlines():
                 self._line(line)
-        elif self.verbosity >= 1:
+        elif shown(message, self.verbosity):
             for line in message.rstrip().splitlines():
                 self._line(f"{self._id(step)}{line}")
 

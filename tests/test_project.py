@@ -335,6 +335,11 @@ CASES = [
         "[subjects.toy.lora]\ntext_encoder_use_dora = true\n",
         "blends.mix.adapters.toy: 'toy' is a DoRA adapter (lora.text_encoder_use_dora = true), which no blend method combines exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas (line {line}) - blend LoRA or rsLoRA adapters, or render 'toy' on its own",
     ),
+    (
+        "a bias-trained adapter in a blend",
+        '[subjects.toy.lora]\nbias = "lora_only"\n',
+        "blends.mix.adapters.toy: 'toy' is trained with biases (lora.bias = \"lora_only\"), which PEFT blends with no other adapter: a trained bias is no low-rank delta (line {line}) - blend adapters trained with bias = \"none\", or render 'toy' on its own",
+    ),
     # Loss and noise.
     (
         "snr_gamma zero",

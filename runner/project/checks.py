@@ -7,6 +7,7 @@ looks across the tables of a whole file ({kind: {name: table}}) and adds problem
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -244,14 +245,14 @@ def check_blends(check, tables: dict) -> None:
             check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
         _check_blend_method(check, name, blend, subjects, blends)
         for parent, _ in blend.adapters:
-            dora = dora_keys(parent, subjects, blends)
-            if dora:
-                check.problem(
-                    key + (parent,),
-                    f"'{parent}' is a DoRA adapter ({', '.join(dora)}), which no blend method combines "
-                    "exactly: DoRA rescales every weight row, so its change is not a sum of low-rank deltas",
-                    f"blend LoRA or rsLoRA adapters, or render '{parent}' on its own",
-                )
+            for setting, flagged, what, why, fix in UNBLENDABLE:
+                keys = lora_keys(parent, subjects, blends, setting, flagged)
+                if keys:
+                    check.problem(
+                        key + (parent,),
+                        f"'{parent}' is {what} ({', '.join(keys)}), {why}",
+                        f"{fix}, or render '{parent}' on its own",
+                    )
 
 
 def check_renders(check, tables: dict) -> None:
@@ -339,27 +340,48 @@ def adapter_ranks(
     return result
 
 
-def dora_keys(name: str, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
-    """The [lora] keys that make adapter `name` (or a parent of it, for a blend) a DoRA adapter, e.g.
-    ["lora.use_dora = true"]; empty for a LoRA adapter. Any family's components count: a key
-    of a component the base model has not is an error of its own."""
+def lora_keys(name: str, subjects: dict, blends: dict, setting: str, flagged, _depth: int = 0) -> list[str]:
+    """The [lora] keys of `setting` ("use_dora", "bias") whose value `flagged` holds, for adapter `name`
+    or a parent of it (a blend), e.g. ["lora.use_dora = true"]; empty when none. Any family's components
+    count: a key of a component the base model has not is an error of its own."""
     if name in subjects:
         subject = subjects[name]
         seen, found = set(), []
         for family in families.all():
             for c in family.components:
-                key = c.setting("use_dora")
+                key = c.setting(setting)
                 if key in seen or not c.trains(subject.train):
                     continue
                 seen.add(key)
-                if getattr(subject.lora, key) is True:  # None falls back to a key counted already
-                    found.append(f"lora.{key} = true")
+                value = getattr(subject.lora, key)
+                if value is not None and flagged(value):  # None falls back to a key counted already
+                    found.append(f"lora.{key} = {json.dumps(value)}")
         return found
     blend = blends.get(name)
     if blend is None or _depth > len(blends):
         return []
-    parents = [p for p, _ in blend.adapters if dora_keys(p, subjects, blends, _depth + 1)]
+    parents = [p for p, _ in blend.adapters if lora_keys(p, subjects, blends, setting, flagged, _depth + 1)]
     return [f"a blend of {', '.join(parents)}"] if parents else []
+
+
+# What rules an adapter out of a blend: the [lora] setting, when it does, and why.
+UNBLENDABLE = (
+    (
+        "use_dora",
+        lambda value: value is True,
+        "a DoRA adapter",
+        "which no blend method combines exactly: DoRA rescales every weight row, so its change is not a "
+        "sum of low-rank deltas",
+        "blend LoRA or rsLoRA adapters",
+    ),
+    (
+        "bias",
+        lambda value: value != "none",
+        "trained with biases",
+        "which PEFT blends with no other adapter: a trained bias is no low-rank delta",
+        'blend adapters trained with bias = "none"',
+    ),
+)
 
 
 def _check_blend_method(check, name, blend, subjects, blends) -> None:

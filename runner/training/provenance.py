@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.project.schema import record
+from runner.project.schema import TrainSettings, keys_of, record
 
 
 def loss_summary(history: dict, weight) -> dict:
@@ -60,8 +60,10 @@ def info(run, summary: dict, subject, stop_at) -> dict:
     return info
 
 
-# Settings that change no byte of an adapter: left out of its dbl.json, which the run-cache shares.
-NOT_IN_INFO = ("save_steps", "log", "gradient_checkpointing", "compile", "cuda_graphs")
+# The settings kept out of every fingerprint (how, not what, a run trains: checkpoints, logs, speed):
+# left out of the adapter's dbl.json too, so that its bytes do not depend on them, and an adapter that
+# the run-cache restores for a project that changed them does not say otherwise.
+NOT_IN_INFO = tuple(f.name for f in keys_of(TrainSettings) if not f.metadata.get("fingerprint", True))
 
 
 def step_log(history: dict, weight) -> dict:

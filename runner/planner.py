@@ -63,8 +63,9 @@ class Facts(Protocol):
     def base_model(self) -> dict:
         """The base model's identity."""
 
-    def outputs_intact(self, record: dict) -> str | None:
-        """None when every recorded output exists with its recorded hash, else why not."""
+    def outputs_intact(self, record: dict, output_dir: str) -> str | None:
+        """None when every recorded output exists with its recorded hash, in the step's output folder
+        (`output_dir` under the project's `out`), else why not."""
 
     def cached(self, fingerprint: str) -> bool:
         """Whether the run-cache holds outputs for this fingerprint."""
@@ -314,7 +315,7 @@ def plan(
         elif record["fingerprint"] != fp:
             item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
         else:
-            problem = facts.outputs_intact(record)
+            problem = facts.outputs_intact(record, step.output_dir)
             if problem:
                 item.status, item.reasons = STALE, [problem]
         if item.stale and step.id not in force and facts.cached(fp):

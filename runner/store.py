@@ -349,8 +349,13 @@ class DiskFacts:
             self._base = base_model_identity(base, self.hasher)
         return self._base
 
-    def outputs_intact(self, record: dict) -> str | None:
-        for rel, item in sorted(record.get("outputs", {}).items()):
+    def outputs_intact(self, record: dict, output_dir: str) -> str | None:
+        outputs = record.get("outputs", {})
+        folder = Path(os.path.relpath(self.project.out / output_dir, self.project.dir)).as_posix()
+        elsewhere = [rel for rel in outputs if not rel.startswith(f"{folder}/")]
+        if elsewhere:  # [project] out or name changed: the folder the outputs belong in is another
+            return f"outputs in {os.path.commonpath([os.path.dirname(r) for r in elsewhere])}, not {folder}"
+        for rel, item in sorted(outputs.items()):
             path = self.project.dir / rel
             try:
                 if not path.is_file():

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -246,7 +247,61 @@ def test_a_renamed_subject_is_restored_under_its_new_name(tmp_path):
         None,
         "removed build/pets/adapters/dog: train:dog is no longer in the project",
     ) in rec.events
-    assert set(lockfile.read(p.lock)) == set(ALL) - {"train:dog"} | {"train:rex"}
+    records = lockfile.read(p.lock)
+    assert set(records) == set(ALL) - {"train:dog"} | {"train:rex"}
+    # The blend did not run (the same parent bytes), and its record names the parent as it is now called.
+    assert "blend:mix" not in ran
+    assert {a["_name"] for a in records["blend:mix"]["inputs"]["adapters"]} == {"rex", "toy"}
+
+
+def test_a_renamed_image_folder_is_what_the_lockfile_names_and_check_reads(tmp_path, capsys):
+    from runner.cli import main
+
+    p = Proj(tmp_path, PETS)
+    build_with(p, kohya_train)
+    before = p.lock.read_text()
+    (tmp_path / "data" / "toy").rename(tmp_path / "data" / "toy2")
+    p.edit('images = "data/toy"', 'images = "data/toy2"')
+    assert main(["plan", str(p.path)]) == 0
+    assert capsys.readouterr().out.startswith("all ")  # the same images: nothing is stale
+    result, rec, ran = build_with(p, kohya_train)
+    assert result.ok and ran == []
+    assert lockfile.read(p.lock)["train:toy"]["inputs"]["images"]["_folder"] == "data/toy2"
+    assert p.lock.read_text() != before and before.count("data/toy") > 0
+    assert main(["check", str(p.path)]) == 0
+    again = p.lock.read_text()
+    build_with(p, kohya_train)
+    assert p.lock.read_text() == again  # refreshed once, then left alone
+
+
+@pytest.mark.parametrize("edit", ['name = "pets2"', 'out = "elsewhere"'])
+def test_a_new_output_folder_gets_the_outputs_from_the_cache_and_the_lockfile_follows(tmp_path, capsys, edit):
+    """[project] out and name are in no fingerprint: nothing reruns, but the outputs must be where they
+    now belong, and the lockfile must say so (dbl ls, dbl check and the report read it)."""
+    from runner.cli import main
+
+    p = Proj(tmp_path, PETS)
+    build_with(p, kohya_train)
+    p.edit("[project]\n", f"[project]\n{edit}\n")
+    folder = "build/pets2" if "name" in edit else "elsewhere"
+    assert main(["plan", str(p.path)]) == 0
+    out = capsys.readouterr().out
+    reasons = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[1:]}
+    assert (
+        reasons["train:toy"]
+        == f"outputs in build/pets/adapters/toy, not {folder}/adapters/toy; restorable from cache"
+    )
+    assert reasons["render:base"].startswith(f"outputs in build/pets/renders/base, not {folder}/renders/base")
+    result, rec, ran = build_with(p, kohya_train)
+    assert result.ok and ran == []  # restored, not rebuilt
+    records = lockfile.read(p.lock)
+    assert set(records) == set(ALL)
+    for record in records.values():
+        assert record["outputs"] and all(rel.startswith(f"{folder}/") for rel in record["outputs"])
+        assert all((tmp_path / rel).is_file() for rel in record["outputs"])
+    assert main(["check", str(p.path)]) == 0
+    assert main(["plan", str(p.path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"all {len(ALL)} steps are up to date"
 
 
 def test_two_subjects_with_the_same_inputs_share_an_entry_and_keep_their_names(tmp_path):

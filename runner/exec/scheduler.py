@@ -24,7 +24,7 @@ from runner.errors import DblError, StepError, StepInterrupted, UsageError
 from runner.events import WARNING, StepEvent
 from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
-from runner.fingerprint import FileHasher, fingerprint
+from runner.fingerprint import FileHasher, canonical_json, fingerprint
 from runner.project.schema import Project
 from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir, stat_snapshot
 
@@ -185,9 +185,31 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
     lockfile.write(ws.lock_path, lock)
 
 
+def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
+    """Fresh steps whose record names what has been renamed since (an image folder, a parent subject or
+    blend: display keys, in no fingerprint) take the current names, so that the lockfile reads true and
+    `dbl check` reads the files the project names. Nothing runs."""
+    renamed = False
+    for p in planned:
+        record = lock.get(p.id)
+        if not p.stale and record is not None and p.inputs is not None:
+            renamed |= _rename(record, p.inputs)
+    if renamed and not dry_run:
+        lockfile.write(ws.lock_path, lock)
+
+
+def _rename(record: dict, inputs: dict) -> bool:
+    """Give a record of these very inputs (the same fingerprint) their current names; whether it changed."""
+    if canonical_json(record.get("inputs", {})) == canonical_json(inputs):
+        return False
+    record["inputs"] = inputs
+    return True
+
+
 def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResult:
     started, began = time.monotonic(), time.time()
     _forget_removed(ws, lock, {p.id for p in planned}, reporter, options.dry_run)
+    _renamed(ws, lock, planned, options.dry_run)
     selected = planner.upstream([p.step for p in planned], set(options.only)) if options.only else None
     evs = {p.id: _event(p) for p in planned}
     for p in planned:
@@ -302,10 +324,12 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     fp = fingerprint(inputs)
     record = lock.get(step.id)
     if not force and record and record["fingerprint"] == fp:
-        problem = ws.facts.outputs_intact(record)
+        problem = ws.facts.outputs_intact(record, step.output_dir)
         if not problem:
             ev.status = events.FRESH
             ev.reasons = ["upstream rebuilt with identical outputs"]
+            if _rename(record, inputs):
+                lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]
     elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known

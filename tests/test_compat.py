@@ -36,6 +36,7 @@ def test_a_demo_built_by_the_previous_version_is_fresh(tmp_path):
     assert {sid: r["fingerprint"] for sid, r in after.items()} == {
         sid: r["fingerprint"] for sid, r in before.items()
     }
+    assert after == before  # not a record rewritten
 
 
 def test_a_half_precision_project_reruns_only_its_priors_and_renders(tmp_path):

@@ -24,7 +24,7 @@ from runner.errors import DblError, StepError, StepInterrupted, UsageError
 from runner.events import WARNING, StepEvent
 from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
-from runner.fingerprint import FileHasher, canonical_json, fingerprint
+from runner.fingerprint import FileHasher, fingerprint
 from runner.project.schema import Project
 from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir, stat_snapshot
 
@@ -199,11 +199,24 @@ def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
 
 
 def _rename(record: dict, inputs: dict) -> bool:
-    """Give a record of these very inputs (the same fingerprint) their current names; whether it changed."""
-    if canonical_json(record.get("inputs", {})) == canonical_json(inputs):
+    """Give a record of these very inputs (the same fingerprint) their current names, where a name it
+    holds has changed; whether it did. (A display key the record lacks, one added since it was written,
+    rewrites nothing: a lockfile of the previous version stays as it is.)"""
+    if not _names_changed(record.get("inputs", {}), inputs):
         return False
     record["inputs"] = inputs
     return True
+
+
+def _names_changed(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(
+            k in new and ((k.startswith("_") and old[k] != new[k]) or _names_changed(old[k], new[k]))
+            for k in old
+        )
+    if isinstance(old, list) and isinstance(new, (list, tuple)):
+        return any(_names_changed(o, n) for o, n in zip(old, new, strict=False))
+    return False
 
 
 def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResult:

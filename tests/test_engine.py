@@ -177,6 +177,9 @@ def test_keep_going_skips_only_dependents(proj, build, fake_steps):
     assert fake_steps.ran == ["prior:dog", "train:dog", "train:toy", "render:park", "render:base"]
     final = dict(rec.final)
     assert final["blend:mix"] == SKIPPED and final["render:mixed"] == SKIPPED and final["render:park"] == DONE
+    errors = {s.id: s.error for s in result.steps}
+    assert errors["blend:mix"] == "upstream train:toy failed"
+    assert errors["render:mixed"] == "upstream blend:mix skipped"  # not failed: it never ran
 
 
 def test_only_builds_the_step_and_what_it_needs(proj, build, fake_steps):

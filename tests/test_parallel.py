@@ -231,6 +231,9 @@ def test_keep_going_goes_on_with_independent_steps(proj):
     assert status["train:toy"] == status["render:base"] == events.DONE
     assert status["blend:mix"] == status["render:park"] == status["render:mixed"] == events.SKIPPED
     assert "train:dog failed on purpose" in next(s.error for s in result.steps if s.id == "train:dog")
+    errors = {s.id: s.error for s in result.steps}
+    assert errors["blend:mix"] == "upstream train:dog failed"
+    assert errors["render:mixed"] == "upstream blend:mix skipped"
 
 
 def test_without_keep_going_a_failure_starts_nothing_new_and_lets_running_steps_finish(proj):

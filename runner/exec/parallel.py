@@ -47,7 +47,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             blocked = [d for d in p.step.deps if d in failed]
             if blocked:
                 waiting.remove(p)
-                ev.status, ev.error = events.SKIPPED, f"upstream {blocked[0]} failed"
+                ev.status, ev.error = events.SKIPPED, sch.blocked_by(evs, blocked[0])
                 failed.add(p.id)
                 reporter.step_end(ev)
                 continue

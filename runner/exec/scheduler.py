@@ -185,6 +185,12 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
     lockfile.write(ws.lock_path, lock)
 
 
+def blocked_by(evs: dict[str, StepEvent], dep: str) -> str:
+    """Why a step is skipped: its upstream step `dep` failed, was interrupted, or was skipped itself."""
+    status = evs[dep].status
+    return f"upstream {dep} {status if status in (events.FAILED, events.INTERRUPTED) else events.SKIPPED}"
+
+
 def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
     """Fresh steps whose record names what has been renamed since (an image folder, a parent subject or
     blend: display keys, in no fingerprint) take the current names, so that the lockfile reads true and
@@ -248,7 +254,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
         ev = evs[p.id]
         blocked = [d for d in p.step.deps if d in failed]
         if blocked:
-            ev.status, ev.error = events.SKIPPED, f"upstream {blocked[0]} failed"
+            ev.status, ev.error = events.SKIPPED, blocked_by(evs, blocked[0])
             failed.add(p.id)
             reporter.step_end(ev)
             continue

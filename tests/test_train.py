@@ -255,8 +255,9 @@ def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, mo
     monkeypatch.setattr(loop, "prior_preservation_loss", poisoned)
     subject = make_subject(instance, train=dict(steps=4, checkpoint_every=1, train_text_encoder=False))
     ctx = train_context(tmp_path, subject)
-    with pytest.raises(StepError, match="loss became nan at step 3"):
+    with pytest.raises(StepError, match="loss became nan at step 3") as raised:
         _run(ctx)
+    assert str(raised.value).endswith("checkpoint-2, the last good checkpoint, is kept")
     assert sorted(p.name for p in ctx.work.glob("checkpoint-*")) == ["checkpoint-2"]
     assert torch.isfinite(
         torch.tensor(

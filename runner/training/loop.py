@@ -414,11 +414,13 @@ def _read_losses(run: Run) -> None:
     for step, ((instance, prior), (_, lr)) in enumerate(zip(values, run.pending, strict=True), first):
         if not (math.isfinite(instance) and math.isfinite(prior)):
             ts = run.settings
+            kept = checkpoints.checkpoint_dirs(run.job.work)
             raise StepError(
                 f"train:{run.job.subject.name}: the loss became "
                 f"{instance if not math.isfinite(instance) else prior} "
                 f"at step {step}; lower learning_rate (now {ts.learning_rate}) or use mixed_precision = "
-                "'bf16' or 'no'. The last good checkpoint is kept and the next build resumes from it."
+                "'bf16' or 'no' (a changed setting trains from the start)"
+                + (f". {kept[-1][1].name}, the last good checkpoint, is kept" if kept else "")
             )
         run.history["instance"].append(instance)
         run.history["prior"].append(prior)

@@ -172,14 +172,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """dbl's own warnings as one line each (printed once: see the filters in _main)."""
-    if issubclass(category, (LockfileWarning, StateCacheWarning)):
+    """dbl's own warnings (those of its classes, and any raised in its code) as one line each, without
+    the source line a library's warning comes with (printed once: see the filters in _main)."""
+    if issubclass(category, (LockfileWarning, StateCacheWarning)) or _in_package(filename):
         print(f"dbl: warning: {message}", file=sys.stderr, flush=True)
     else:
         _show_library_warning(message, category, filename, lineno, file, line)
 
 
 _show_library_warning = warnings.showwarning
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _in_package(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        return False
 
 
 def _main(argv: list[str] | None) -> int:

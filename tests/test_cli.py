@@ -240,3 +240,18 @@ def test_temp_names_carry_a_random_part_the_host_and_the_pid():
     assert tempnames.owner(".x.trash-0a1b2c-node-2-77") == ("node-2", 77)
     assert tempnames.owner(".x.tmp-77") == (None, 77)  # made before hosts were part of the name
     assert tempnames.owner(".stop-train-dog") is None
+
+
+def test_warnings_raised_in_dbl_read_as_one_line_and_a_librarys_as_python_prints_them(capsys):
+    import warnings as w
+    from pathlib import Path
+
+    import runner
+    from runner import cli
+
+    cli._show_warning(
+        "mixed precision ignored", UserWarning, str(Path(runner.__file__).parent / "models.py"), 9
+    )
+    assert capsys.readouterr().err == "dbl: warning: mixed precision ignored\n"
+    cli._show_warning("a library's", UserWarning, w.__file__, 9)
+    assert capsys.readouterr().err.startswith(f"{w.__file__}:9: UserWarning: a library's")

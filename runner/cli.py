@@ -191,11 +191,30 @@ def _in_package(filename: str) -> bool:
         return False
 
 
+def _project_among_step_ids(args) -> str | None:
+    """`dbl build --force p.toml`: the step lists take every word after them, so a project file named
+    after --only or --force lands among the step ids. No step id ends in .toml: it is the project.
+    Returns a usage problem where none is left for --only, which needs one."""
+    if getattr(args, "project", "") is not None:
+        return None
+    for option in ("force", "only"):
+        ids = getattr(args, option, None)
+        if ids and ids[-1].endswith(".toml"):
+            args.project = ids[-1]
+            setattr(args, option, ids[:-1])  # --force alone: every step
+            if option == "only" and not args.only:
+                return f"--only needs a step id: dbl build {args.project} --only STEP..."
+            return None
+    return None
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if (problem := _project_among_step_ids(args)) is not None:
+        return _usage(problem)
     if not args.command:
         _parser().print_help()
         return EXIT_USAGE

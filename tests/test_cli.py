@@ -256,3 +256,14 @@ def test_warnings_raised_in_dbl_read_as_one_line_and_a_librarys_as_python_prints
     assert capsys.readouterr().err == "dbl: warning: mixed precision ignored\n"
     cli._show_warning("a library's", UserWarning, w.__file__, 9)
     assert shown_as_python == ["a library's"] and not capsys.readouterr().err
+
+
+def test_a_project_file_named_after_force_or_only_is_the_project(proj, build, capsys, monkeypatch, tmp_path):
+    build(proj)
+    monkeypatch.chdir(tmp_path.parent)  # no project file here: only the one named can be meant
+    assert main(["build", "--force", str(proj.path), "--dry-run", "--no-progress"]) == 0
+    assert "dry run: 7 steps would run" in capsys.readouterr().out
+    assert main(["build", "--only", "render:park", str(proj.path), "--dry-run", "--no-progress"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["build", "--only", str(proj.path)]) == 2
+    assert f"--only needs a step id: dbl build {proj.path} --only STEP..." in capsys.readouterr().err

@@ -103,7 +103,8 @@ def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], opt
     known = [p.id for p in planned]
     for sid in ids:
         if sid not in known:
-            raise UsageError(f"{option}: no step '{sid}'; steps: {', '.join(known) or 'none'}")
+            hint = f" (the project file goes before {option})" if sid.endswith(".toml") else ""
+            raise UsageError(f"{option}: no step '{sid}'{hint}; steps: {', '.join(known) or 'none'}")
 
 
 def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:

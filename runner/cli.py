@@ -458,7 +458,9 @@ def cmd_check(args) -> int:
         print(f"all {report.files} files match the lockfile")
         return EXIT_OK
     n = len(report.mismatches)
-    print(f"{n} file{'s' if n != 1 else ''} of {report.files} differ from the lockfile:")
+    print(
+        f"{n} file{'s' if n != 1 else ''} of {report.files} differ{'s' if n == 1 else ''} from the lockfile:"
+    )
     for mismatch in report.mismatches:
         print(f"  {mismatch}")
     print("the file-hash cache now knows; `dbl plan` shows what to rebuild")

@@ -402,3 +402,21 @@ def test_plain_lines_of_steps_at_once_name_the_step_and_its_device():
     assert "train:toy  start on cuda:1" in text
     assert any(line.startswith("train:toy  step ") for line in text)
     assert "train:dog  done in 2.0s on cuda:0" in text
+
+
+def test_the_final_line_counts_in_the_singular_and_says_when_nothing_was_built():
+    from runner.ui.plain import final_text
+
+    one = [
+        StepEvent("train:dog", "train", "dog", status=PENDING),
+        StepEvent("prior:dog", "prior", "dog", FRESH),
+    ]
+    assert final_text("pets", one, 0.0, dry_run=True) == "pets: dry run: 1 step would run: train:dog"
+    only_fresh = [
+        StepEvent("train:dog", "train", "dog", FRESH),
+        StepEvent("blend:mix", "blend", "mix", SKIPPED),
+    ]
+    assert (
+        final_text("pets", only_fresh, 0.0, dry_run=False)
+        == "pets: nothing to build: 1 up to date, 1 skipped"
+    )

@@ -152,8 +152,14 @@ def final_text(project_name: str, steps: list[StepEvent], duration_s: float, dry
         return f"{project_name}: interrupted after {took}; {counts_text(steps)}"
     if dry_run:
         todo = [s.id for s in steps if s.status == PENDING]
-        return f"{project_name}: dry run: {len(todo)} steps would run: {', '.join(todo)}"
+        return f"{project_name}: dry run: {_count(len(todo), 'step')} would run: {', '.join(todo)}"
+    if not any(s.status in (DONE, CACHED) for s in steps):  # --only of fresh steps: nothing happened
+        return f"{project_name}: nothing to build: {counts_text(steps)}"
     return f"{project_name}: built in {took}: {counts_text(steps)}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def is_dry_run(steps: list[StepEvent]) -> bool:

@@ -60,7 +60,7 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:  # (an RGB PNG may name a transparent colour)
         return img.copy()
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit and 32-bit grayscale: Pillow's convert("L") clips at 255 instead of scaling.

@@ -119,6 +119,17 @@ def test_palette_with_transparency_is_composited_on_white(tmp_path):
     assert tuple(rgb[1, 1]) == (0, 255, 0)
 
 
+def test_an_rgb_png_with_a_transparent_colour_is_composited_on_white(tmp_path):
+    img = Image.new("RGB", (8, 8), (0, 0, 0))  # black, the colour the file calls transparent
+    img.putpixel((1, 1), (0, 255, 0))
+    path = tmp_path / "keyed.png"
+    img.save(path, transparency=(0, 0, 0))
+    assert Image.open(path).mode == "RGB" and "transparency" in Image.open(path).info
+    rgb = np.asarray(load_rgb(path))
+    assert tuple(rgb[0, 0]) == (255, 255, 255)
+    assert tuple(rgb[1, 1]) == (0, 255, 0)
+
+
 def test_tiny_images_warn(tmp_path):
     path = tmp_path / "thumb.png"
     Image.new("RGB", (40, 30)).save(path)

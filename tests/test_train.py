@@ -398,7 +398,10 @@ def test_images_are_read_in_parallel_in_file_order_with_their_warnings(tmp_path,
     images, _ = data.read_images(job, said.append)
     files = images.instance_files
     assert len(files) == 8 and len(threads) == 8 and len(set(threads)) > 1  # really several threads
-    assert [line.split(":")[0] for line in said] == [str(p) for p in files if "small" in p.name]
+    assert [line.removeprefix("warning: ").split(":")[0] for line in said] == [
+        str(p) for p in files if "small" in p.name
+    ]
+    assert all(line.startswith("warning: ") for line in said)  # shown without -v
     for path, pixels in zip(files, images.instance, strict=True):
         expected = to_uint8_tensor(resize_shorter(load_rgb(path), 64))
         assert torch.equal(pixels, expected), path

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from runner import __version__
 from runner.errors import DblError
+from runner.exec.job import quiet_library_notices
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
@@ -219,9 +220,7 @@ def _main(argv: list[str] | None) -> int:
         _parser().print_help()
         return EXIT_USAGE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The libraries' notices of their own future changes mean nothing to someone running a build.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_library_notices()
     warnings.filterwarnings("once", category=LockfileWarning)
     warnings.filterwarnings("once", category=StateCacheWarning)
     warnings.showwarning = _show_warning

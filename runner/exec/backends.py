@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from runner.errors import StepError, StepInterrupted
-from runner.exec.job import Hooks, Job, Outcome, run_job
+from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, run_job
 
 
 class Backend(Protocol):
@@ -206,6 +206,7 @@ def _worker(job: Job, conn, parent_pid: int) -> None:
     if job.threads:  # torch reads these when it starts: torch.get_num_threads() == job.threads
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(job.threads)
     quiet_openmp()
+    quiet_library_notices()
     hooks = Hooks(
         progress=lambda done, total, **metrics: conn.send(("progress", (done, total, metrics))),
         log=lambda message: conn.send(("log", message)),

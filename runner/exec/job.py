@@ -75,6 +75,16 @@ def prepare(job: Job) -> None:
     job.out.mkdir()
 
 
+def quiet_library_notices() -> None:
+    """Hide the libraries' notices of their own future changes (FutureWarning, DeprecationWarning):
+    they mean nothing to someone running a build. Called by the build's process and by every worker
+    process, which inherits no warning filter."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> Outcome:
     """Run the step's code (`run`, default: the job's) into `job.out` and hash what it wrote."""
     prepare(job)

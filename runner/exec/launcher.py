@@ -134,8 +134,10 @@ def _worker(job_file: str, rank: int, world: int, rendezvous: str, stop_file: st
     import signal
     import sys
 
+    from runner.exec.job import quiet_library_notices
     from runner.interrupt import die_with_parent
 
+    quiet_library_notices()
     # Ctrl-C and a closed terminal reach the launching process, which asks every worker to stop at the
     # same step boundary through the stop file; a worker outlives neither a SIGTERM nor its launcher.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,7 +35,7 @@ import traceback
 
 from runner.errors import StepError, StepInterrupted, UsageError
 from runner.exec.backends import LazyModels, quiet_openmp, register
-from runner.exec.job import Hooks, Job, Outcome, run_job
+from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, run_job
 
 POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
@@ -335,6 +335,7 @@ def _run_in_worker(job: Job, mailbox) -> tuple:
         # as they do in a build's own process, since the thread count changes the bytes they write.
         os.environ.pop("OMP_NUM_THREADS", None)
     quiet_openmp()
+    quiet_library_notices()
     gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())  # Ray set CUDA_VISIBLE_DEVICES to these
     job = dataclasses.replace(job, devices=gpu_ids)
     node = socket.gethostname()

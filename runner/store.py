@@ -350,8 +350,10 @@ class DiskFacts:
         return self._base
 
     def outputs_intact(self, record: dict, output_dir: str) -> str | None:
+        from runner.steps import relative
+
         outputs = record.get("outputs", {})
-        folder = Path(os.path.relpath(self.project.out / output_dir, self.project.dir)).as_posix()
+        folder = relative(self.project, self.project.out / output_dir)
         elsewhere = [rel for rel in outputs if not rel.startswith(f"{folder}/")]
         if elsewhere:  # [project] out or name changed: the folder the outputs belong in is another
             return f"outputs in {os.path.commonpath([os.path.dirname(r) for r in elsewhere])}, not {folder}"

@@ -1,0 +1,70 @@
+"""`dbl ls`: the project's steps, fresh or stale, with where their outputs are and how training went."""
+
+from __future__ import annotations
+
+import math
+
+
+def rows(project) -> list[dict]:
+    """One row a step, in build order: id, kind, status, output folder, files, when built, metrics
+    (JSON-safe: a diverged loss, NaN, is None)."""
+    from runner import executor
+
+    ws = executor.Workspace(project)
+    lock, planned = ws.plan()
+    found = []
+    for p in planned:
+        record = lock.get(p.id)
+        found.append(
+            {
+                "id": p.id,
+                "kind": p.step.kind,
+                "status": "stale" if p.stale else "fresh",
+                "path": ws.rel(ws.output_dir(p.step)) if record else None,
+                "files": sorted(record["outputs"]) if record else [],
+                "built": record.get("built") if record else None,
+                "metrics": _finite(record.get("metrics", {})) if record else {},
+            }
+        )
+    return found
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The rows as aligned lines: id, status, folder, and the loss where a step trained."""
+    width = max((len(r["id"]) for r in rows), default=0)
+    where = [r["path"] or "(not built)" for r in rows]
+    where_width = max((len(w) for w in where), default=0)
+    lines = []
+    for r, w in zip(rows, where, strict=True):
+        columns = [f"{r['id']:<{width}}", f"{r['status']:<5}", w]
+        loss = _loss(r["metrics"])
+        if loss:  # a fourth column, lined up, on the rows that have one
+            columns[-1:] = [f"{w:<{where_width}}", loss]
+        lines.append("  ".join(columns))
+    return lines
+
+
+def _loss(metrics: dict) -> str:
+    """'loss 0.4123 -> 0.08712 in 800 steps' for a step that trained (its metrics have loss_last): the
+    mean loss over the first and the last tenth of its steps."""
+    if "loss_last" not in metrics:
+        return ""
+
+    def number(value) -> str:
+        return "nan" if value is None else f"{value:.4g}"
+
+    text = f"loss {number(metrics.get('loss_first'))} -> {number(metrics['loss_last'])}"
+    if isinstance(metrics.get("steps"), int):
+        text += f" in {metrics['steps']} steps"
+    return text
+
+
+def _finite(value):
+    """`value` with NaN and infinite numbers as None, which JSON can hold (a diverged loss is NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -127,6 +127,27 @@ def read(path: Path) -> dict[str, Record]:
     return steps
 
 
+def take_names(record: dict, inputs: dict) -> bool:
+    """Give a record of these very inputs (the same fingerprint) their current names (display keys:
+    `_folder`, `_name`), where a name it holds has changed; whether it did. A display key the record
+    lacks, one added since it was written, rewrites nothing: a previous version's lockfile stays as it is."""
+    if not _names_changed(record.get("inputs", {}), inputs):
+        return False
+    record["inputs"] = inputs
+    return True
+
+
+def _names_changed(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(
+            k in new and ((k.startswith("_") and old[k] != new[k]) or _names_changed(old[k], new[k]))
+            for k in old
+        )
+    if isinstance(old, list) and isinstance(new, (list, tuple)):
+        return any(_names_changed(o, n) for o, n in zip(old, new, strict=False))
+    return False
+
+
 def record_digest(record: dict) -> str:
     """The sha256 of a step record's canonical JSON, its own digest left out.
 

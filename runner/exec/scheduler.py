@@ -200,30 +200,9 @@ def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
     for p in planned:
         record = lock.get(p.id)
         if not p.stale and record is not None and p.inputs is not None:
-            renamed |= _rename(record, p.inputs)
+            renamed |= lockfile.take_names(record, p.inputs)
     if renamed and not dry_run:
         lockfile.write(ws.lock_path, lock)
-
-
-def _rename(record: dict, inputs: dict) -> bool:
-    """Give a record of these very inputs (the same fingerprint) their current names, where a name it
-    holds has changed; whether it did. (A display key the record lacks, one added since it was written,
-    rewrites nothing: a lockfile of the previous version stays as it is.)"""
-    if not _names_changed(record.get("inputs", {}), inputs):
-        return False
-    record["inputs"] = inputs
-    return True
-
-
-def _names_changed(old, new) -> bool:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return any(
-            k in new and ((k.startswith("_") and old[k] != new[k]) or _names_changed(old[k], new[k]))
-            for k in old
-        )
-    if isinstance(old, list) and isinstance(new, (list, tuple)):
-        return any(_names_changed(o, n) for o, n in zip(old, new, strict=False))
-    return False
 
 
 def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResult:
@@ -348,7 +327,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         if not problem:
             ev.status = events.FRESH
             ev.reasons = ["upstream rebuilt with identical outputs"]
-            if _rename(record, inputs):
+            if lockfile.take_names(record, inputs):
                 lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]

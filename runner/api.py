@@ -29,8 +29,7 @@ from runner import blending, families
 from runner.blending import _lora_layers, relative_error  # noqa: F401 - part of the API
 from runner.errors import DblError
 from runner.project import ProjectError
-
-DEVICES = ("auto", "cuda", "mps", "cpu")
+from runner.project.schema import DEVICES
 
 
 def _value_errors(fn):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from runner import adapters, families
 from runner.errors import AdapterError
-from runner.project.schema import BLEND_METHODS, DENSITY_METHODS, EQUAL_RANK_METHODS
+from runner.project.schema import BLEND_METHODS, DENSITY_METHODS, EQUAL_RANK_METHODS, MAJORITY_SIGN_METHODS
 
 SVD_METHODS = tuple(m for m in BLEND_METHODS if m.endswith("svd"))
-MAJORITY_SIGN_METHODS = ("total", "frequency")  # TIES' sign election (PEFT)
 
 
 def loaded_adapters(pipe) -> list[str]:

@@ -46,6 +46,8 @@ TYPES = {
 # `target_modules` presets; each model family's components say which modules each one names.
 TARGET_PRESETS = ("qv", "attention", "all-linear")
 
+DEVICES = ("auto", "cuda", "mps", "cpu")
+MAJORITY_SIGN_METHODS = ("total", "frequency")  # TIES' sign election (PEFT)
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc")
 BLEND_METHODS = (
     "cat",
@@ -85,7 +87,7 @@ class ProjectSettings:
         "default: inferred by diffusers from the file and read from the hub",
         "str?",
     )
-    device: str = opt("auto", "where to compute", choices=("auto", "cuda", "mps", "cpu"), fingerprint=False)
+    device: str = opt("auto", "where to compute", choices=DEVICES, fingerprint=False)
     mixed_precision: str = opt(
         "no",
         "compute dtype of frozen weights (ignored with a warning on a CPU)",
@@ -199,7 +201,7 @@ class Blend:
     density: float | None = opt(
         None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0
     )
-    majority_sign_method: str = opt("total", "sign election of ties methods", choices=("total", "frequency"))
+    majority_sign_method: str = opt("total", "sign election of ties methods", choices=MAJORITY_SIGN_METHODS)
 
 
 # Keyword-only: `adapter` may be left out (for `adapters`), yet it reads best before the required `prompts`.

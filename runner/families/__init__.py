@@ -66,10 +66,14 @@ class Component:
 
     def value(self, settings, key: str):
         """This component's `key` setting in LoraSettings `settings`, falling back when it is None."""
-        value = getattr(settings, self.setting(key))
-        if value is None and self.fallback_prefix is not None:
-            value = getattr(settings, f"{self.fallback_prefix}{key}")
-        return value
+        return getattr(settings, self.field_of(settings, key))
+
+    def field_of(self, settings, key: str) -> str:
+        """The LoraSettings field that `value` reads: this component's own, or, left out, its fallback."""
+        own = self.setting(key)
+        if getattr(settings, own) is None and self.fallback_prefix is not None:
+            return f"{self.fallback_prefix}{key}"
+        return own
 
     def trains(self, train_settings) -> bool:
         """Whether this component gets a LoRA under these [train] settings."""

@@ -92,9 +92,7 @@ def _check_targets(component, lora_settings, targets: list[str], model) -> None:
     paths = [path for path, _ in model.named_modules()]
     if any(p == t or p.endswith(f".{t}") for t in targets for p in paths):
         return
-    key = component.setting("target_modules")
-    if getattr(lora_settings, key) is None and component.fallback_prefix is not None:
-        key = f"{component.fallback_prefix}target_modules"
+    key = component.field_of(lora_settings, "target_modules")
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, layers)})
     raise StepError(

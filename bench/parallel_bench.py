@@ -12,7 +12,7 @@ anything else, OpenMP's default spinning slows a -j 1 build many times over, and
 that instead of running steps at once.
 
 - CPU: tiny-sd, `--subjects` subjects (a train step and a render each): `-j 1`, then `-j 1 --executor
-  process` (each step in a worker process: what starting one and loading its models costs), then
+  process` (the steps in a worker process: what starting one and loading its models costs, once), then
   `-j --jobs`. On a machine of few cores, where one step keeps every core busy, -j cannot win: the
   steps share the same cores and each worker loads its own models.
 - GPU: SD 1.5 shapes with random weights (saved once as a diffusers folder), 512 px, fp16; 4 and then

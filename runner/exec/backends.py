@@ -5,8 +5,8 @@ raises what the step raised (`StepError`, `StepInterrupted`, ...). Progress and 
 through the callbacks as they happen.
 
 - `inline` (the default): in the build's own process, sharing one loaded base model between steps.
-- `process`: each step in a fresh worker process, which loads its own models; events come back over a
-  pipe. What several-at-once and cluster backends build on.
+- `process`: steps in worker processes, each kept for the steps after it with its base model loaded;
+  events come back over a pipe. What several-at-once and cluster backends build on.
 - `ray` (runner/exec/ray_backend.py): each step a Ray task on a node of a Ray cluster, or of a local Ray
   instance; Ray decides where each step runs and on which GPUs.
 
@@ -21,8 +21,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from runner.errors import StepError, StepInterrupted
@@ -108,80 +110,160 @@ class InlineBackend:
 
 
 class ProcessBackend:
-    """Each step in a worker process of its own (spawned: a fresh interpreter, no inherited state).
+    """Each step in a worker process (spawned: a fresh interpreter, no inherited state), kept for the
+    steps after it.
 
-    The worker ignores SIGINT: the first Ctrl-C reaches it as the job's stop file, at a safe point,
-    and the second makes the scheduler terminate it. It dies with the build's process.
+    A worker pays Python's imports and the loading of the base model once, then runs step after step,
+    sharing its loaded model as the inline backend does. Workers are keyed by what is fixed when one
+    starts: the GPUs it sees (`CUDA_VISIBLE_DEVICES`) and its thread count. A step takes an idle worker
+    of its key, or starts one; no more workers live than steps may run at once (-j), so an idle worker of
+    another key makes way. A worker whose step failed or was interrupted is not reused.
+
+    Workers ignore SIGINT: the first Ctrl-C reaches a step as its job's stop file, at a safe point, and the
+    second makes the scheduler terminate them. They die with the build's process.
     """
 
     name = "process"
 
     def __init__(self, project, options=None):
         self._context = multiprocessing.get_context("spawn")
-        self._live: set = set()  # the workers running now (several when steps run at once)
+        self._limit = max(1, getattr(options, "jobs", None) or 1)  # workers alive at most
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []  # the oldest first
+        self._busy: set[_Worker] = set()
         self.pids: dict[str, int] = {}  # step id -> its worker's pid, while it runs
+        # Workers are started from this one thread, which lives as long as the backend: a worker asks the
+        # kernel for SIGTERM when the thread that started it ends (die_with_parent), and the threads that
+        # call run() end with their step.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbl-workers")
 
     def run(self, job: Job, hooks: Hooks) -> Outcome:
-        parent, child = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker, args=(job, child, os.getpid()), daemon=True)
-        process.start()
-        self._live.add(process)
-        self.pids[job.step_id] = process.pid
-        child.close()
-        hooks.log(f"running in worker process {process.pid}")
+        worker = self._take(job)
+        self.pids[job.step_id] = worker.pid
+        hooks.log(f"running in worker process {worker.pid}")
+        kind = None
         try:
-            return _receive(parent, process, job, hooks)
-        except BaseException:
-            if process.is_alive():
-                process.terminate()
-            raise
+            kind, payload = _receive(worker, job, hooks)
         finally:
-            process.join(timeout=30)
-            parent.close()
-            self._live.discard(process)
             self.pids.pop(job.step_id, None)
+            self._give_back(worker, reusable=kind == "done")
+        if kind == "done":
+            return payload
+        if kind == "interrupted":
+            raise StepInterrupted(payload)
+        if kind == "error":
+            raise payload
+        raise StepError(payload)  # "crash": an error that did not pickle, described by the worker
+
+    def _take(self, job: Job) -> _Worker:
+        """A worker of the job's key, idle or new, with the job sent to it."""
+        key = (job.devices, job.threads)
+        while True:
+            with self._lock:
+                worker = next((w for w in self._idle if w.key == key), None)
+                if worker is not None:
+                    self._idle.remove(worker)
+                while worker is None and self._idle and len(self._idle) + len(self._busy) >= self._limit:
+                    self._idle.pop(0).stop()  # an idle worker of another key makes way
+            fresh = worker is None
+            if fresh:
+                worker = self._starter.submit(_Worker, self._context, key).result()
+            with self._lock:
+                self._busy.add(worker)
+            try:
+                worker.conn.send(job)
+                return worker
+            except (OSError, ValueError):  # it died while idle (killed, out of memory): take another
+                self._give_back(worker, reusable=False)
+                if fresh:
+                    raise StepError(
+                        f"{job.step_id}: its worker process died at its start (exit code {worker.process.exitcode})"
+                    ) from None
+
+    def _give_back(self, worker: _Worker, reusable: bool) -> None:
+        with self._lock:
+            self._busy.discard(worker)
+            if reusable and worker.process.is_alive():
+                self._idle.append(worker)
+                return
+        worker.stop()
 
     def cancel(self) -> None:
-        """Terminate every running worker (the second Ctrl-C when steps run at once)."""
-        for process in list(self._live):
-            if process.is_alive():
-                process.terminate()
+        """Terminate every worker (the second Ctrl-C when steps run at once)."""
+        with self._lock:
+            workers = [*self._busy, *self._idle]
+        for worker in workers:
+            worker.process.terminate()
 
     def close(self) -> None:
-        self.cancel()
+        with self._lock:
+            workers = [*self._busy, *self._idle]
+            self._idle.clear()
+        for worker in workers:
+            worker.stop()
+        self._starter.shutdown(wait=False)
 
 
-def _receive(conn, process, job: Job, hooks: Hooks) -> Outcome:
-    while True:
-        if hooks.should_stop() and job.stop_file is not None and not job.stop_file.exists():
-            job.stop_file.parent.mkdir(parents=True, exist_ok=True)
-            job.stop_file.touch()
-        if not conn.poll(0.1):
-            if not process.is_alive() and not conn.poll(0):
+class _Worker:
+    """A worker process and the build's end of its pipe. `key`: (devices, threads), fixed at its start."""
+
+    def __init__(self, context, key: tuple):
+        self.key = key
+        devices, threads = key
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, os.getpid(), devices, threads), daemon=True
+        )
+        self.process.start()
+        self.pid = self.process.pid
+        self._stopping = threading.Lock()
+        child.close()
+
+    def stop(self) -> None:
+        """End the worker (from whichever thread comes first). Between steps it holds nothing that needs
+        saving: a step's outputs and checkpoints are on disk before it reports."""
+        with self._stopping:
+            if self.conn.closed:
+                return
+            if self.process.is_alive():
+                self.process.terminate()
+            self.process.join(timeout=30)
+            self.conn.close()
+
+
+def _receive(worker: _Worker, job: Job, hooks: Hooks) -> tuple[str, object]:
+    """Pass the step's progress and log lines on until its end: ("done", Outcome), ("interrupted",
+    message), ("error", exception) or ("crash", description). A worker that dies is a StepError; one whose
+    build stops waiting (KeyboardInterrupt) is terminated."""
+    conn, process = worker.conn, worker.process
+    try:
+        while True:
+            if hooks.should_stop() and job.stop_file is not None and not job.stop_file.exists():
+                job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+                job.stop_file.touch()
+            if not conn.poll(0.1):
+                if not process.is_alive() and not conn.poll(0):
+                    raise StepError(
+                        f"{job.step_id}: its worker process died (exit code {process.exitcode}) without a word"
+                    )
+                continue
+            try:
+                kind, payload = conn.recv()
+            except EOFError:
+                process.join(timeout=5)
                 raise StepError(
-                    f"{job.step_id}: its worker process died (exit code {process.exitcode}) without a word"
-                )
-            continue
-        try:
-            kind, payload = conn.recv()
-        except EOFError:
-            process.join(timeout=5)
-            raise StepError(
-                f"{job.step_id}: its worker process died (exit code {process.exitcode})"
-            ) from None
-        if kind == "progress":
-            done, total, metrics = payload
-            hooks.progress(done, total, **metrics)
-        elif kind == "log":
-            hooks.log(payload)
-        elif kind == "done":
-            return payload
-        elif kind == "interrupted":
-            raise StepInterrupted(payload)
-        elif kind == "error":
-            raise payload
-        elif kind == "crash":
-            raise StepError(payload)
+                    f"{job.step_id}: its worker process died (exit code {process.exitcode})"
+                ) from None
+            if kind == "progress":
+                done, total, metrics = payload
+                hooks.progress(done, total, **metrics)
+            elif kind == "log":
+                hooks.log(payload)
+            else:
+                return kind, payload
+    except BaseException:
+        process.terminate()
+        raise
 
 
 def quiet_openmp() -> None:
@@ -192,8 +274,9 @@ def quiet_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _worker(job: Job, conn, parent_pid: int) -> None:
-    """A worker process: run the job, send its events and its outcome (or error) to the scheduler."""
+def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> None:
+    """A worker process: run the jobs it is sent, one after another, sending each one's events and its
+    outcome (or error) back; exit when sent None or when the pipe closes."""
     # Ctrl-C and a closed terminal reach the build's process, which stops the step through the job's
     # stop file; SIGTERM (from the build, or the kernel when the build dies) ends the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -201,28 +284,32 @@ def _worker(job: Job, conn, parent_pid: int) -> None:
     from runner.interrupt import die_with_parent
 
     die_with_parent(parent_pid)
-    if job.devices:  # before torch is imported: the step sees only its own GPUs, as cuda:0, cuda:1...
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(job.devices)
-    if job.threads:  # torch reads these when it starts: torch.get_num_threads() == job.threads
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(job.threads)
+    if devices:  # before torch is imported: the steps see only these GPUs, as cuda:0, cuda:1...
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if threads:  # torch reads these when it starts: torch.get_num_threads() == threads
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     quiet_openmp()
     quiet_library_notices()
     hooks = Hooks(
         progress=lambda done, total, **metrics: conn.send(("progress", (done, total, metrics))),
         log=lambda message: conn.send(("log", message)),
     )
-    try:
-        outcome = run_job(job, hooks, LazyModels(job.project))
-        conn.send(("done", outcome))
-    except StepInterrupted as exc:
-        conn.send(("interrupted", str(exc)))
-    except Exception as exc:
+    while True:
         try:
-            conn.send(("error", exc))  # the scheduler describes it as it would an inline failure
-        except Exception:  # an exception that does not pickle
-            conn.send(("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        conn.close()
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:  # LazyModels keeps the base model loaded from one step to the next
+            conn.send(("done", run_job(job, hooks, LazyModels(job.project))))
+        except StepInterrupted as exc:
+            conn.send(("interrupted", str(exc)))
+        except Exception as exc:
+            try:
+                conn.send(("error", exc))  # the scheduler describes it as it would an inline failure
+            except Exception:  # an exception that does not pickle
+                conn.send(("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
 register("inline", InlineBackend)

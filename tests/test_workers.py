@@ -1,0 +1,165 @@
+"""The process backend's workers: each is kept for the steps after it (its imports and loaded base model
+paid once), and a worker that failed, was stopped or died is not used again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.errors import StepError, StepInterrupted
+from runner.exec.backends import ProcessBackend
+from runner.exec.job import Hooks, Job
+
+HERE = __name__
+
+
+def write_pid(ctx):
+    (ctx.out / "pid").write_text(str(os.getpid()))
+    return {"pid": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def fail(ctx):
+    raise StepError(f"{ctx.step_id}: it went wrong in {os.getpid()}")
+
+
+def stop_at_once(ctx):
+    raise StepInterrupted(f"{ctx.step_id}: stopped in {os.getpid()}")
+
+
+class Options:
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+
+def job(tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, ...] = ()) -> Job:
+    return Job(
+        step_id=f"render:{name}",
+        kind="render",
+        name=name,
+        spec=None,
+        project=None,
+        fingerprint=name,
+        run=f"{HERE}:{run}",
+        inputs={},
+        work=tmp_path / name,
+        devices=devices,
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): look at its state.
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+@pytest.fixture
+def backend():
+    made: list[ProcessBackend] = []
+
+    def make(jobs=1) -> ProcessBackend:
+        made.append(ProcessBackend(None, Options(jobs)))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_steps_one_after_another_share_one_worker_which_ends_with_the_build(tmp_path, backend):
+    b = backend()
+    lines: list[str] = []
+    pids = [b.run(job(tmp_path, n), Hooks(log=lines.append)).metrics["pid"] for n in ("a", "b", "c")]
+    assert len(set(pids)) == 1 and pids[0] != os.getpid()
+    assert lines == [f"running in worker process {pids[0]}"] * 3
+    assert (tmp_path / "c" / "out" / "pid").read_text() == str(pids[0])
+    b.close()
+    assert wait_gone(pids[0]), "the worker outlived its build"
+
+
+def test_a_worker_whose_step_failed_or_stopped_is_not_used_again(tmp_path, backend):
+    b = backend()
+    first = b.run(job(tmp_path, "a"), Hooks()).metrics["pid"]
+    with pytest.raises(StepError, match=rf"render:b: it went wrong in {first}"):
+        b.run(job(tmp_path, "b", run="fail"), Hooks())
+    assert wait_gone(first)
+    second = b.run(job(tmp_path, "c"), Hooks()).metrics["pid"]
+    with pytest.raises(StepInterrupted, match=rf"stopped in {second}"):
+        b.run(job(tmp_path, "d", run="stop_at_once"), Hooks())
+    assert wait_gone(second)
+    third = b.run(job(tmp_path, "e"), Hooks()).metrics["pid"]
+    assert len({first, second, third}) == 3
+
+
+def test_a_worker_killed_while_idle_is_replaced_and_the_step_runs(tmp_path, backend):
+    b = backend()
+    first = b.run(job(tmp_path, "a"), Hooks()).metrics["pid"]
+    os.kill(first, signal.SIGKILL)
+    assert wait_gone(first)  # it really died
+    second = b.run(job(tmp_path, "b"), Hooks()).metrics["pid"]
+    assert second != first
+    assert (tmp_path / "b" / "out" / "pid").read_text() == str(second)
+
+
+def test_workers_are_kept_per_gpu_set_and_no_more_live_than_steps_at_once(tmp_path, backend):
+    b = backend(jobs=1)
+    on0 = b.run(job(tmp_path, "a", devices=("0",)), Hooks()).metrics
+    assert on0["devices"] == "0"
+    on1 = b.run(job(tmp_path, "b", devices=("1",)), Hooks()).metrics
+    assert on1["devices"] == "1" and on1["pid"] != on0["pid"]
+    assert wait_gone(on0["pid"]), "-j 1 keeps one worker: the GPU 0 worker makes way"
+
+    b = backend(jobs=2)
+    pids = {}
+    for name, devices in (("c", ("0",)), ("d", ("1",)), ("e", ("0",)), ("f", ("1",))):
+        result = b.run(job(tmp_path, name, devices=devices), Hooks()).metrics
+        assert result["devices"] == devices[0]
+        pids.setdefault(devices, set()).add(result["pid"])
+    assert [len(p) for p in pids.values()] == [1, 1], pids  # one worker per GPU, each used twice
+
+
+def test_steps_at_once_run_in_different_workers(tmp_path, backend):
+    b = backend(jobs=2)
+    gate = tmp_path / "gate"
+    results: dict[str, int] = {}
+
+    def run(name):
+        results[name] = b.run(job(tmp_path, name, run="wait_for_gate"), Hooks()).metrics["pid"]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("*/out/started"))) < 2:  # both run at once
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    gate.touch()
+    for t in threads:
+        t.join(30)
+    assert len(set(results.values())) == 2
+    # Both are kept: the next two steps, one after the other, take them.
+    again = {b.run(job(tmp_path, n), Hooks()).metrics["pid"] for n in ("c", "d")}
+    assert again <= set(results.values())
+
+
+def wait_for_gate(ctx):
+    (ctx.out / "started").touch()
+    gate = ctx.work.parent / "gate"
+    while not gate.exists():
+        time.sleep(0.01)
+    return {"pid": os.getpid()}

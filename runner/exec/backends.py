@@ -18,9 +18,12 @@ GPUs, and asks its `default_jobs()` how many steps to run at once when -j is not
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -197,9 +200,13 @@ class ProcessBackend:
 
     def close(self) -> None:
         with self._lock:
-            workers = [*self._busy, *self._idle]
+            idle, busy = list(self._idle), list(self._busy)
             self._idle.clear()
-        for worker in workers:
+        for worker in busy:  # only after a failure of the build itself: its steps are lost anyway
+            worker.process.terminate()
+        for worker in idle:  # all at once: they exit in parallel
+            worker.leave()
+        for worker in idle + busy:
             worker.stop()
         self._starter.shutdown(wait=False)
 
@@ -219,15 +226,24 @@ class _Worker:
         self._stopping = threading.Lock()
         child.close()
 
+    def leave(self) -> None:
+        """Ask the worker to exit once it is between steps."""
+        with contextlib.suppress(OSError, ValueError):  # gone already, or stopped
+            self.conn.send(None)
+
     def stop(self) -> None:
-        """End the worker (from whichever thread comes first). Between steps it holds nothing that needs
-        saving: a step's outputs and checkpoints are on disk before it reports."""
+        """End the worker (from whichever thread comes first): it exits by itself between steps, which
+        lets it release what it holds (a terminated process leaves its semaphores to the resource
+        tracker); it is terminated if it does not."""
         with self._stopping:
             if self.conn.closed:
                 return
             if self.process.is_alive():
+                self.leave()
+                self.process.join(timeout=10)
+            if self.process.is_alive():
                 self.process.terminate()
-            self.process.join(timeout=30)
+                self.process.join(timeout=30)
             self.conn.close()
 
 
@@ -249,7 +265,7 @@ def _receive(worker: _Worker, job: Job, hooks: Hooks) -> tuple[str, object]:
                 continue
             try:
                 kind, payload = conn.recv()
-            except EOFError:
+            except (EOFError, ConnectionError):  # it died while writing, or with its message unread
                 process.join(timeout=5)
                 raise StepError(
                     f"{job.step_id}: its worker process died (exit code {process.exitcode})"
@@ -298,9 +314,9 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
         try:
             job = conn.recv()
         except EOFError:
-            return
+            job = None
         if job is None:
-            return
+            _exit()
         try:  # LazyModels keeps the base model loaded from one step to the next
             conn.send(("done", run_job(job, hooks, LazyModels(job.project))))
         except StepInterrupted as exc:
@@ -310,6 +326,16 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
                 conn.send(("error", exc))  # the scheduler describes it as it would an inline failure
             except Exception:  # an exception that does not pickle
                 conn.send(("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _exit() -> None:
+    """End the worker process now. Its exit handlers run (they release what it holds, such as named
+    semaphores); the interpreter's teardown of every module, a second or two with torch loaded, does not:
+    the build waits for its workers to end."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 register("inline", InlineBackend)

@@ -163,3 +163,14 @@ def wait_for_gate(ctx):
     while not gate.exists():
         time.sleep(0.01)
     return {"pid": os.getpid()}
+
+
+def test_a_worker_that_dies_before_reading_its_step_is_reported_as_dead(tmp_path, backend):
+    from runner.exec.backends import _receive
+
+    b = backend()
+    j = job(tmp_path, "a")
+    worker = b._take(j)  # started, and the step sent to it
+    os.kill(worker.pid, signal.SIGKILL)  # before it has read it: the pipe is reset, not closed
+    with pytest.raises(StepError, match=r"render:a: its worker process died \(exit code -9\)"):
+        _receive(worker, j, Hooks())

@@ -124,6 +124,9 @@ def watch(
     handler = _Handler(changes)
     observer = _make_observer(polling)
     scheduled: dict[tuple[str, bool], object] = {}
+    workers = _kept_workers(build_options)
+    if workers is not None:
+        build_options = {**build_options, "backend_factory": lambda project: workers}
     observer.start()
     try:
         project = _load(path, say)
@@ -148,10 +151,39 @@ def watch(
     finally:
         observer.stop()
         observer.join(timeout=5)
+        if workers is not None:
+            workers.backend.close()
     return 0
 
 
 # --- the loop's parts -------------------------------------------------------------------------------
+
+
+class _KeptBackend:
+    """A backend that lives as long as the watch: each build's close() leaves it as it is."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def close(self) -> None:
+        pass
+
+
+def _kept_workers(build_options: dict | None) -> _KeptBackend | None:
+    """For builds whose steps run in worker processes (-j, --executor process): one process backend for
+    the whole watch, so that its workers, and the base model each has loaded, serve build after build as
+    the build's own process does for inline builds."""
+    from runner import executor
+    from runner.exec.backends import ProcessBackend
+    from runner.exec.scheduler import backend_name
+
+    options = executor.BuildOptions(**(build_options or {}))
+    if options.backend_factory is not None or backend_name(options) != ProcessBackend.name:
+        return None
+    return _KeptBackend(ProcessBackend(None, options))
 
 
 def _load(path: Path, say: Callable[[str], None]):

@@ -107,6 +107,14 @@ def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], opt
             raise UsageError(f"{option}: no step '{sid}'{hint}; steps: {', '.join(known) or 'none'}")
 
 
+def backend_name(options: BuildOptions) -> str:
+    """The backend that runs the steps: `inline` becomes `process` with -j above 1, since steps at once
+    share no process."""
+    if options.backend == "inline" and (options.jobs or 1) > 1:
+        return "process"
+    return options.backend
+
+
 def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:
     """Build what is stale. Raises LockHeld, LockfileError, UsageError; step failures are results."""
     ws = Workspace(project)
@@ -119,9 +127,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         check_step_ids(planned, options.only, "--only")
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
-        name = options.backend
-        if name == "inline" and (options.jobs or 1) > 1:
-            name = "process"  # steps at once share no process: each has its own worker
+        name = backend_name(options)
         factory = options.backend_factory or (lambda p: backends.create(name, p, options))
         backend = factory(project)
         try:

@@ -174,6 +174,8 @@ class ProcessBackend:
             with self._lock:
                 self._busy.add(worker)
             try:
+                if not worker.process.is_alive():
+                    raise OSError(f"worker {worker.pid} is gone")
                 worker.conn.send(job)
                 return worker
             except (OSError, ValueError):  # it died while idle (killed, out of memory): take another
@@ -195,7 +197,7 @@ class ProcessBackend:
         """Terminate every worker (the second Ctrl-C when steps run at once)."""
         with self._lock:
             workers = [*self._busy, *self._idle]
-        for worker in workers:
+        for worker in workers:  # close() joins them
             worker.process.terminate()
 
     def close(self) -> None:

@@ -232,3 +232,23 @@ def test_a_watch_keeps_its_workers_from_one_build_to_the_next_and_ends_them(pid_
         thread.join(20)
     assert not thread.is_alive()
     assert wait_gone(int(first)), "the watch's worker outlived it"
+
+
+class Unpicklable(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(ctx):
+    raise Unpicklable("holds a lock")
+
+
+def test_an_error_that_does_not_pickle_comes_back_described_with_its_own_traceback(tmp_path, backend):
+    b = backend()
+    with pytest.raises(StepError) as info:
+        b.run(job(tmp_path, "a", run="raise_unpicklable"), Hooks())
+    text = str(info.value)
+    assert text.startswith("Unpicklable: holds a lock\n"), text
+    assert 'in raise_unpicklable\n    raise Unpicklable("holds a lock")' in text, text
+    assert "cannot pickle" not in text, text  # the step's traceback, not that of pickling it

@@ -25,13 +25,20 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from runner.errors import StepError, StepInterrupted
-from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, run_job
+from runner.errors import StepError
+from runner.exec.job import (
+    Hooks,
+    Job,
+    Outcome,
+    quiet_library_notices,
+    reported_outcome,
+    run_job,
+    run_reported,
+)
 
 
 class Backend(Protocol):
@@ -150,13 +157,7 @@ class ProcessBackend:
         finally:
             self.pids.pop(job.step_id, None)
             self._give_back(worker, reusable=kind == "done")
-        if kind == "done":
-            return payload
-        if kind == "interrupted":
-            raise StepInterrupted(payload)
-        if kind == "error":
-            raise payload
-        raise StepError(payload)  # "crash": an error that did not pickle, described by the worker
+        return reported_outcome(kind, payload)
 
     def _take(self, job: Job) -> _Worker:
         """A worker of the job's key, idle or new, with the job sent to it."""
@@ -319,15 +320,7 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
             job = None
         if job is None:
             _exit()
-        try:  # LazyModels keeps the base model loaded from one step to the next
-            conn.send(("done", run_job(job, hooks, LazyModels(job.project))))
-        except StepInterrupted as exc:
-            conn.send(("interrupted", str(exc)))
-        except Exception as exc:
-            try:
-                conn.send(("error", exc))  # the scheduler describes it as it would an inline failure
-            except Exception:  # an exception that does not pickle
-                conn.send(("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        conn.send(run_reported(job, hooks, LazyModels(job.project)))  # the model stays loaded for the next
 
 
 def _exit() -> None:

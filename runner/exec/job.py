@@ -7,12 +7,15 @@ process, checks the inputs and stores the outputs; workers never touch the lockf
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.errors import StepError, StepInterrupted
 from runner.fingerprint import FileHasher
 from runner.steps import StepContext, StepFunction, load_run
 from runner.store import file_manifest
@@ -117,3 +120,30 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         for step_id, (folder, extra_metrics) in ctx.extras.items()
     }
     return Outcome(job.out, file_manifest(job.out, hasher), metrics, extras)
+
+
+def run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
+    """Run the job in a worker and say how it ended, as a pair that pickles: ("done", Outcome),
+    ("interrupted", message), ("error", exception) or ("crash", description of an exception that does
+    not pickle). `reported_outcome` turns it back into what `run_job` returns or raises."""
+    try:
+        return "done", run_job(job, hooks, models)
+    except StepInterrupted as exc:
+        return "interrupted", str(exc)
+    except Exception as exc:
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            return "crash", f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
+        return "error", exc  # the scheduler describes it as it would an inline failure
+
+
+def reported_outcome(kind: str, payload) -> Outcome:
+    """The Outcome a worker reported (`run_reported`), or the error it reported, raised."""
+    if kind == "done":
+        return payload
+    if kind == "interrupted":
+        raise StepInterrupted(payload)
+    if kind == "error":
+        raise payload
+    raise StepError(payload)

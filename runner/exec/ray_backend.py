@@ -27,15 +27,13 @@ import importlib.util
 import logging
 import math
 import os
-import pickle
 import socket
 import threading
 import time
-import traceback
 
 from runner.errors import StepError, StepInterrupted, UsageError
 from runner.exec.backends import LazyModels, quiet_openmp, register
-from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, run_job
+from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, reported_outcome, run_reported
 
 POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
@@ -242,14 +240,7 @@ class RayBackend:
             raise
         finally:
             self._live.pop(sid, None)
-        kind, payload = result
-        if kind == "done":
-            return payload
-        if kind == "interrupted":
-            raise StepInterrupted(payload)
-        if kind == "error":
-            raise payload
-        raise StepError(payload)
+        return reported_outcome(*result)
 
     def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
         from ray import exceptions
@@ -357,16 +348,7 @@ def _run_in_worker(job: Job, mailbox) -> tuple:
     gpus = f", GPUs {','.join(gpu_ids)}" if gpu_ids else ""
     send("log", f"running on node {node} (worker pid {os.getpid()}{gpus})")
     hooks = Hooks(progress=progress, log=lambda message: send("log", message))
-    try:
-        result = ("done", run_job(job, hooks, LazyModels(job.project)))
-    except StepInterrupted as exc:
-        result = ("interrupted", str(exc))
-    except Exception as exc:
-        try:
-            pickle.dumps(exc)
-            result = ("error", exc)  # the scheduler describes it as it would an inline failure
-        except Exception:  # an exception that does not pickle
-            result = ("crash", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    result = run_reported(job, hooks, LazyModels(job.project))
     # The mailbox handles one caller's calls in order: once this one is done, every event is there.
     with contextlib.suppress(Exception):
         ray.get(mailbox.put.remote(sid, ("end", None)), timeout=60)

@@ -139,3 +139,41 @@ def test_between_loss_read_backs_a_training_step_never_waits_for_the_device(tmp_
     assert "cuda graphs: captured the denoiser's forward and backward" in logs, logs
     assert any(line.endswith("encoded per step for 4") for line in logs), logs
     assert checked.count("_forward_backward") == 24 and checked.count("_optimizer_step") == 24
+
+
+def hold_a_gib(ctx):
+    """Allocate 1 GiB on the step's GPU and let it go; say what torch had reserved at the start."""
+    reserved = torch.cuda.memory_reserved()
+    block = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    del block
+    return {"reserved_at_start": reserved, "pid": __import__("os").getpid()}
+
+
+def test_a_worker_between_steps_gives_its_cached_gpu_memory_back(tmp_path):
+    from runner.exec.backends import ProcessBackend
+    from runner.exec.job import Hooks, Job
+
+    backend = ProcessBackend(None)
+    try:
+        runs = [
+            backend.run(
+                Job(
+                    step_id=f"render:{n}",
+                    kind="render",
+                    name=n,
+                    spec=None,
+                    project=None,
+                    fingerprint=n,
+                    run=f"{__name__}:hold_a_gib",
+                    inputs={},
+                    work=tmp_path / n,
+                    devices=("0",),
+                ),
+                Hooks(),
+            ).metrics
+            for n in ("a", "b")
+        ]
+    finally:
+        backend.close()
+    assert runs[0]["pid"] == runs[1]["pid"]  # one worker ran both
+    assert runs[1]["reserved_at_start"] < 1 << 30, runs  # the first step's freed GiB went back to the card

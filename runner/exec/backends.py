@@ -320,7 +320,18 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
             job = None
         if job is None:
             _exit()
-        conn.send(run_reported(job, hooks, LazyModels(job.project)))  # the model stays loaded for the next
+        result = run_reported(job, hooks, LazyModels(job.project))  # the model stays loaded for the next
+        _release_cached_gpu_memory()
+        conn.send(result)
+
+
+def _release_cached_gpu_memory() -> None:
+    """Give the GPU memory torch keeps cached, but no longer uses, back to the card: a worker waiting for
+    its next step must not hold memory that steps in other processes on the same GPU need (a train step
+    of several processes, another worker). The loaded base model stays."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _exit() -> None:

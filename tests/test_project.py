@@ -80,7 +80,7 @@ CASES = [
     (
         "wrong type",
         '[train]\nsteps = "many"\n',
-        "train.steps: expected an integer, got the string 'many' (line {line}) - e.g. steps = 10",
+        "train.steps: expected an integer, got the string 'many' (line {line}) - e.g. steps = 800",
     ),
     (
         "bad choice",
@@ -253,6 +253,27 @@ CASES = [
         "[subjects.dog.train]\nsave_steps = [50, 50]\n",
         "subjects.dog.train.save_steps: step 50 is listed twice (line {line}) - list each step once",
     ),
+    # The example a type error gives passes the key's own checks.
+    (
+        "a number written as a string",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = "512"\n',
+        "renders.r.width: expected an integer, got the string '512' (line {line}) - e.g. width = 512",
+    ),
+    (
+        "a width that is not a number",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = "wide"\n',
+        "renders.r.width: expected an integer, got the string 'wide' (line {line}) - e.g. width = 64",
+    ),
+    (
+        "a choice that is not a string",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nscheduler = 1\n',
+        'renders.r.scheduler: expected a string, got int 1 (line {line}) - e.g. scheduler = "ddim"',
+    ),
+    (
+        "save steps as a string",
+        '[train]\nsave_steps = "200"\n',
+        "train.save_steps: expected a list of integers, got the string '200' (line {line}) - e.g. save_steps = [1, 2]",
+    ),
     (
         "save step zero",
         "[train]\nsave_steps = [0]\n",
@@ -359,18 +380,18 @@ CASES = [
     (
         "noise_offset not a number",
         '[train]\nnoise_offset = "small"\n',
-        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
+        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 0.0",
     ),
     # Numbers TOML reads but no lockfile holds.
     (
         "nan learning rate",
         "[train]\nlearning_rate = nan\n",
-        "train.learning_rate: must be a finite number, got nan (line {line}) - e.g. learning_rate = 1.0",
+        "train.learning_rate: must be a finite number, got nan (line {line}) - e.g. learning_rate = 0.0001",
     ),
     (
         "infinite guidance",
         '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nguidance_scale = inf\n',
-        "renders.r.guidance_scale: must be a finite number, got inf (line {line}) - e.g. guidance_scale = 1.0",
+        "renders.r.guidance_scale: must be a finite number, got inf (line {line}) - e.g. guidance_scale = 7.5",
     ),
     (
         "nan blend weight",
@@ -380,12 +401,12 @@ CASES = [
     (
         "steps beyond 64 bits",
         "[subjects.dog.train]\nsteps = 99999999999999999999\n",
-        "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 10",
+        "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 800",
     ),
     (
         "a snapshot step beyond 64 bits",
         "[train]\nsave_steps = [5, 99999999999999999999]\n",
-        "train.save_steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. save_steps = [0, 1]",
+        "train.save_steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. save_steps = [1, 2]",
     ),
     # Optimizers.
     (

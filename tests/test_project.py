@@ -457,6 +457,29 @@ CASES = [
 ]
 
 
+def test_an_output_folder_inside_an_image_folder_is_a_problem(folder):
+    """Outputs there would be read back as training images: every build would retrain on its renders."""
+    inside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "data/dog/out"')
+    assert problems(folder, inside) == [
+        "project.out: the output folder data/dog/out is inside the image folder of subjects.dog (line 4) "
+        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "build/p"'
+    ]
+    (folder / "data/dog/00.png").rename(folder / "00.png")
+    here = GOOD.replace('images = "data/dog"', 'images = "."')
+    assert problems(folder, here) == [
+        "subjects.dog.images: the output folder build/p is inside the image folder of subjects.dog (line 9) "
+        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "../build/p"'
+    ]
+    beside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
+    load_project(_write(folder, beside.replace('images = "data/dog"', 'images = "data/toy"')))
+
+
+def _write(folder, text: str):
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
 @pytest.mark.parametrize("extra, expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_problem_messages(folder, extra, expected):
     if extra is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -60,6 +61,35 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
 
 
 # --- checks across tables --------------------------------------------------------------------------------
+
+
+def check_out(check, project_dir: Path, settings, tables: dict) -> None:
+    """The output folder must not be inside an input image folder: the next build would read the outputs
+    (a render's PNGs, a prior's class images) as training images, and retrain forever."""
+    from runner import steps
+
+    name = settings.name or check.path.stem
+    out_text = settings.out or f"build/{name}"
+    out = (project_dir / Path(out_text).expanduser()).resolve()
+    for kind in steps.kinds():
+        if not kind.table:
+            continue  # its steps read the folders of another kind's tables
+        for table, spec in tables.get(kind.name, {}).items():
+            for folder in kind.folders(spec):
+                images = Path(folder).resolve()
+                if not out.is_relative_to(images):
+                    continue
+                usual = project_dir / "build" / name
+                elsewhere = (
+                    usual if not usual.resolve().is_relative_to(images) else images.parent / "build" / name
+                )
+                outside = Path(os.path.relpath(elsewhere, project_dir)).as_posix()
+                check.problem(
+                    ("project", "out") if settings.out else (kind.table, table, "images"),
+                    f"the output folder {out_text} is inside the image folder of {kind.table}.{table}",
+                    "the next build would train on its own renders; put the outputs elsewhere, "
+                    f'e.g. out = "{outside}"',
+                )
 
 
 def _known_adapters(tables: dict) -> str:

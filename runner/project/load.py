@@ -407,6 +407,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
         tables[kind.name] = _named(check, data, kind.table, read)
     if settings is not None:
         check_base_model(check, path.parent, settings, data)
+        checks.check_out(check, path.parent, settings, tables)
     for kind in kinds:
         if kind.check is not None:
             kind.check(check, tables)

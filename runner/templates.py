@@ -18,11 +18,18 @@ def folder() -> Path:
 
 
 def available() -> dict[str, str]:
-    """Each template's name and the first comment line under its command line."""
+    """Each template's name and the first sentence of the comment under its command line (which may
+    wrap over several lines)."""
     found = {}
     for path in sorted(folder().glob("*.toml"), key=lambda p: p.stem):
-        lines = path.read_text().splitlines()
-        found[path.stem] = next((line.lstrip("# ") for line in lines[1:] if line.startswith("# ")), "")
+        words = []
+        for line in path.read_text().splitlines()[1:]:
+            if not line.startswith("#"):
+                break
+            words += line.lstrip("# ").split()
+        text = " ".join(words)
+        end = text.find(". ")
+        found[path.stem] = text if end < 0 else text[: end + 1]
     return found
 
 

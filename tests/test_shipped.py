@@ -118,6 +118,9 @@ def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, ca
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == sorted(p.stem for p in TEMPLATES)
     assert all(len(line.split()) > 1 for line in listed), listed  # each with what it is
+    # the whole first sentence of each comment, which may wrap over several lines, in one column
+    assert all(line.endswith((".", '."')) for line in listed), listed
+    assert len({line.index(line.split()[1], len(line.split()[0])) for line in listed}) == 1, listed
     assert main(["init", str(tmp_path / "new"), "--template", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no template 'nope'; templates: " + ", ".join(sorted(p.stem for p in TEMPLATES)) in err

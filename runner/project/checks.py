@@ -18,6 +18,7 @@ from runner.imagefiles import IMAGE_SUFFIXES, list_images
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
+TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigger words
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -39,6 +40,16 @@ def read_subject(check, key, name, raw, defaults):
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
     item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
+    if item is not None and TRIGGER in item.instance_prompt:
+        # The prompt of every image without a caption: [trigger] stands for the same words as in captions.
+        if item.trigger is None:
+            check.problem(
+                key + ("instance_prompt",),
+                f"uses {TRIGGER} but no trigger is set",
+                f'set trigger = "sks dog" (the words {TRIGGER} stands for), or write them in the prompt',
+            )
+        else:
+            item = replace(item, instance_prompt=item.instance_prompt.replace(TRIGGER, item.trigger))
     return _resolve_images(check, defaults.project_dir, key, item, required=True)
 
 

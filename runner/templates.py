@@ -55,7 +55,17 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
             if images:
                 (target_dir / images).mkdir(parents=True, exist_ok=True)
                 made.append(images)
-    ignore = target_dir / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text(".dbl/\nbuild/\n")
+    _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
     return target, made
+
+
+def _ignore(path: Path, folders: tuple[str, ...]) -> None:
+    """Make the .gitignore at `path` ignore `folders`: written when missing, else the folders it does not
+    name yet are added at its end (the run-cache and the outputs do not belong in git)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    named = {line.strip().strip("/") for line in text.splitlines()}
+    missing = [f for f in folders if f.strip("/") not in named]
+    if missing:
+        lead = "" if not text or text.endswith("\n") else "\n"
+        with path.open("a", encoding="utf-8") as out:
+            out.write(lead + "".join(f"{f}\n" for f in missing))

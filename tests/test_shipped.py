@@ -113,6 +113,14 @@ def test_init_from_template_then_plan(name, tmp_path, capsys):
     assert main(["init", str(tmp_path / "new"), "--template", name]) == 2  # never overwrites
 
 
+def test_init_in_a_repository_adds_dbl_folders_to_its_gitignore(tmp_path, capsys):
+    (tmp_path / ".gitignore").write_text("node_modules/\n/build\n*.pyc")  # no newline at the end
+    assert main(["init", str(tmp_path), "--template", "subject"]) == 0
+    assert (tmp_path / ".gitignore").read_text() == "node_modules/\n/build\n*.pyc\n.dbl/\n"
+    assert main(["init", str(tmp_path), "--template", "subject_and_style"]) == 0
+    assert (tmp_path / ".gitignore").read_text() == "node_modules/\n/build\n*.pyc\n.dbl/\n"
+
+
 def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, capsys):
     assert main(["init", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()

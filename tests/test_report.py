@@ -279,3 +279,17 @@ def test_an_unwritable_record_costs_a_line_not_the_build(proj, build, fake_steps
     result, rec = build(proj)
     assert result.ok
     assert any("cannot write the record of this build" in e[2] for e in rec.events if e[0] == "log")
+
+
+def test_a_missing_or_odd_dbl_json_is_said_not_raised(proj, build, fake_steps, capsys):
+    build(proj)
+    out = proj.load().out
+    (out / "adapters" / "dog" / "dbl.json").unlink()
+    (out / "adapters" / "toy" / "dbl.json").write_text('{"log": 5, "prior": "x", "train": [1], "loss": 2}')
+    assert main(["report", str(proj.path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    text = (out / "report.html").read_text(encoding="utf-8")
+    dog = text[text.index('id="train:dog"') :]
+    assert "dbl.json is missing from build/pets/adapters/dog" in dog[: dog.index("</div>")]
+    toy = text[text.index('id="train:toy"') :]
+    assert "No per-step log in its dbl.json." in toy[: toy.index("</div>")]

@@ -52,11 +52,14 @@ class Targets:
     ignored: tuple[str, ...]  # outputs and .dbl/: never a reason to rebuild
 
     def relevant(self, path: str) -> bool:
-        """Whether a change at `path` can make a step stale."""
+        """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
+        are never read (an editor's swap file beside a caption), so they cannot."""
         path = os.path.normpath(path)
         if any(_within(path, i) for i in self.ignored):
             return False
-        return path == self.project_file or any(_within(path, f) for f in self.folders)
+        return path == self.project_file or any(
+            _within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders
+        )
 
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: a missing input folder is watched through its
@@ -334,6 +337,10 @@ def _relative(path: str, base: Path) -> str:
 
 def _norm(path) -> str:
     return os.path.normpath(str(Path(path).resolve()))
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
 
 
 def _within(path: str, folder: str) -> bool:

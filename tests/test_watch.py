@@ -189,6 +189,10 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/.dbl/state")
     assert not t.relevant(f"{root}/build/pets/renders/park/0-0.png")
     assert not t.relevant(f"{root}/data/dogs/00.png")
+    # what no step reads: an editor's swap file beside a caption, a hidden folder
+    assert not t.relevant(f"{root}/data/dog/.05.txt.swp")
+    assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
+    assert t.relevant(f"{root}/data/dog/05.txt")
     assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
 
     # an invalid project: the folders its TOML names are still watched

@@ -397,6 +397,8 @@ def cmd_gc(args) -> int:
         print(
             f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache"
         )
+    for path in done.orphans:
+        print(f"{verb} {path.name}: the work folder of a step no longer in the project")
     return EXIT_OK
 
 

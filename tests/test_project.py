@@ -272,7 +272,33 @@ CASES = [
     (
         "save steps as a string",
         '[train]\nsave_steps = "200"\n',
-        "train.save_steps: expected a list of integers, got the string '200' (line {line}) - e.g. save_steps = [1, 2]",
+        "train.save_steps: expected a list of integers, got the string '200' (line {line}) - e.g. save_steps = [200]",
+    ),
+    (
+        "one adapter where a list is expected",
+        '[renders.r]\nadapters = "dog"\nprompts = ["x"]\n',
+        "renders.r.adapters: expected a list of strings, got the string 'dog' (line {line}) - e.g. adapters = [\"dog\"]",
+    ),
+    (
+        "one seed where a list is expected",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = 3\n',
+        "renders.r.seeds: expected a list of integers, got int 3 (line {line}) - e.g. seeds = [3]",
+    ),
+    (
+        "a list of one where a string is expected",
+        '[renders.r]\nadapter = ["dog"]\nprompts = ["x"]\n',
+        'renders.r.adapter: expected a string, got a list (line {line}) - e.g. adapter = "dog"',
+    ),
+    (
+        "a whole number written as a float",
+        "[train]\nsteps = 1e3\n",
+        "train.steps: expected an integer, got float 1000.0 (line {line}) - e.g. steps = 1000",
+    ),
+    (
+        "keys of a prior without its name",
+        '[priors]\nclass_prompt = "a photo of cat"\nnum_images = 4\n',
+        "priors.class_prompt: [priors] holds one table per name, not keys: class_prompt, num_images (line {line}) "
+        "- name the table in its header, e.g. [priors.dog] in place of [priors]",
     ),
     (
         "save step zero",

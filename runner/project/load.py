@@ -286,7 +286,17 @@ def _example(f, raw: Any = None) -> str:
 
 
 def _spelled(kind: str, raw: Any) -> Any:
-    """The number (or boolean) a string spells, for a numeric (or boolean) field; else None."""
+    """What a value of the wrong kind most likely meant: the number (or boolean) a string spells, a whole
+    float as an integer, one value for a list of them, a list's one string for a string; else None."""
+    if kind == "list[int]" and not isinstance(raw, list):
+        one = _spelled("int", raw) if not isinstance(raw, int) or isinstance(raw, bool) else raw
+        return None if one is None else [one]
+    if kind == "list[str]" and isinstance(raw, str):
+        return [raw]
+    if kind == "str" and isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        return raw[0]
+    if kind == "int" and isinstance(raw, float) and raw.is_integer():
+        return int(raw)
     if not isinstance(raw, str):
         return None
     text = raw.strip()
@@ -310,6 +320,8 @@ def _fits(kind: str, meta: dict, value: Any) -> bool:
     elif kind == "list[int]":
         ok = isinstance(value, list) and bool(value)
         ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif kind == "list[str]":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
     elif kind == "bool":
         ok = isinstance(value, bool)
     elif kind == "str":
@@ -433,7 +445,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     if not isinstance(raw, dict):
         check.problem((group,), f"expected tables [{group}.<name>], got {_describe(raw)}")
         return {}
-    result = {}
+    result, loose = {}, []
     for name, table in raw.items():
         key = (group, name)
         if not NAME.match(name):
@@ -441,7 +453,16 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
                 key, f"name '{name}' may only hold letters, digits, '_' and '-'", "rename the table"
             )
             continue
+        if not isinstance(table, dict):  # `[priors]` then `class_prompt = ...`: the table's name left out
+            loose.append(name)
+            continue
         item = read(key, name, table)
         if item is not None:
             result[name] = item
+    if loose:
+        check.problem(
+            (group, loose[0]),
+            f"[{group}] holds one table per name, not keys: {', '.join(loose)}",
+            f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
+        )
     return result

@@ -39,22 +39,28 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
     names = sorted(available())
     if name not in names:
         raise UsageError(f"no template '{name}'; templates: {', '.join(names)}")
-    target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{name}.toml"
     if target.exists():
         raise UsageError(f"{target} exists already; choose another folder")
     text = (folder() / f"{name}.toml").read_text()
-    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
     from runner.project.load import tomllib
 
     data = tomllib.loads(text)
-    made = []
-    for kind in steps.kinds():
-        for table in data.get(kind.table, {}).values():
-            images = table.get("images")
-            if images:
-                (target_dir / images).mkdir(parents=True, exist_ok=True)
-                made.append(images)
+    made = [
+        table["images"]
+        for kind in steps.kinds()
+        for table in data.get(kind.table, {}).values()
+        if table.get("images")
+    ]
+    # Every folder first: a path taken by a file stops init before it has written anything.
+    for path in [target_dir] + [target_dir / images for images in made]:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(
+                f"{path} is a file, where the project needs a folder; choose another folder"
+            ) from None
+    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
     _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
     return target, made
 

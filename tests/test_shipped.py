@@ -121,6 +121,16 @@ def test_init_in_a_repository_adds_dbl_folders_to_its_gitignore(tmp_path, capsys
     assert (tmp_path / ".gitignore").read_text() == "node_modules/\n/build\n*.pyc\n.dbl/\n"
 
 
+def test_init_where_a_file_takes_a_folder_writes_nothing(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine").write_text("not a folder")
+    assert main(["init", str(tmp_path), "--template", "subject"]) == 2
+    assert (
+        f"{tmp_path / 'data' / 'mine'} is a file, where the project needs a folder" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no half-made project to trip over
+
+
 def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, capsys):
     assert main(["init", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()

@@ -246,7 +246,12 @@ CASES = [
     (
         "save step at the last step",
         "[train]\nsteps = 100\nsave_steps = [50, 100]\n",
-        "train.save_steps: step 100 is not before the last step (steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
+        "train.save_steps: step 100 is not before the last step (train.steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
+    ),
+    (
+        "save step at a subject's own last step",
+        "[train]\nsave_steps = [50]\n[subjects.toy.train]\nsteps = 50\n",
+        "train.save_steps: step 50 is not before the last step (subjects.toy.train.steps = 50) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
     ),
     (
         "save step twice",

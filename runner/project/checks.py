@@ -182,8 +182,8 @@ def _save_steps(check, key, train) -> None:
             check.problem(key("save_steps"), f"step {step} is listed twice", "list each step once")
         if step >= train.steps:
             check.problem(
-                key("save_steps"),
-                f"step {step} is not before the last step (steps = {train.steps})",
+                key("save_steps"),  # the steps may be a subject's own, set elsewhere: say where
+                f"step {step} is not before the last step ({'.'.join(key('steps'))} = {train.steps})",
                 "the subject's own adapter is the last step's; list earlier steps, or raise steps",
             )
 

@@ -234,6 +234,11 @@ CASES = [
         "train.bucket_max_side: 256 is below resolution 512 (line {line}) - use at least 512",
     ),
     (
+        "bucket max side below a subject's own resolution",
+        "[train]\nbuckets = true\nbucket_max_side = 512\n[subjects.toy.train]\nresolution = 768\n",
+        "train.bucket_max_side: 512 is below subjects.toy.train.resolution = 768 (line {line}) - use at least 768",
+    ),
+    (
         "buckets not a bool",
         "[train]\nbuckets = 1\n",
         "train.buckets: expected true or false, got int 1 (line {line}) - e.g. buckets = true",
@@ -246,7 +251,7 @@ CASES = [
     (
         "save step at the last step",
         "[train]\nsteps = 100\nsave_steps = [50, 100]\n",
-        "train.save_steps: step 100 is not before the last step (train.steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
+        "train.save_steps: step 100 is not before the last step (steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
     ),
     (
         "save step at a subject's own last step",

@@ -182,10 +182,20 @@ def _save_steps(check, key, train) -> None:
             check.problem(key("save_steps"), f"step {step} is listed twice", "list each step once")
         if step >= train.steps:
             check.problem(
-                key("save_steps"),  # the steps may be a subject's own, set elsewhere: say where
-                f"step {step} is not before the last step ({'.'.join(key('steps'))} = {train.steps})",
+                key("save_steps"),
+                f"step {step} is not before the last step ({_beside(check, key, 'save_steps', 'steps', train.steps)})",
                 "the subject's own adapter is the last step's; list earlier steps, or raise steps",
             )
+
+
+def _beside(check, key, field: str, other: str, value, sep: str = " = ") -> str:
+    """`other` and its value, as a problem of `field` names it: by its name where both are set in one
+    table or `other` is left at its default, else by its whole key (a subject's own steps against the
+    [train] save_steps)."""
+    where = key(other)
+    if where[:-1] == key(field)[:-1] or not check.written(where):
+        return f"{other}{sep}{value}"
+    return f"{'.'.join(where)} = {value}"
 
 
 def _buckets(check, key, train) -> None:  # key(field): where that train setting is written
@@ -205,13 +215,13 @@ def _buckets(check, key, train) -> None:  # key(field): where that train setting
     if low > train.resolution:
         check.problem(
             key("bucket_min_side"),
-            f"{train.bucket_min_side} is above resolution {train.resolution}",
+            f"{train.bucket_min_side} is above {_beside(check, key, 'bucket_min_side', 'resolution', train.resolution, ' ')}",
             f"use at most {train.resolution}",
         )
     if high < train.resolution:
         check.problem(
             key("bucket_max_side"),
-            f"{train.bucket_max_side} is below resolution {train.resolution}",
+            f"{train.bucket_max_side} is below {_beside(check, key, 'bucket_max_side', 'resolution', train.resolution, ' ')}",
             f"use at least {train.resolution}",
         )
 

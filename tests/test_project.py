@@ -149,6 +149,11 @@ CASES = [
         "renders.r.adapters: 'dog' is listed twice (line {line}) - list each adapter once",
     ),
     (
+        "svd clamp is a quantile",
+        '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "svd"\nsvd_clamp = 5\n',
+        "blends.t.svd_clamp: must be at most 1, got 5.0 (line {line})",
+    ),
+    (
         "density needed",
         '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "ties"\n',
         "blends.t.method: method 'ties' needs a density (line {line}) - add density = 0.5 (fraction of weights kept)",

@@ -154,7 +154,7 @@ def blend(
         raise AdapterError(
             f"an adapter named {name!r} is already loaded; pick another name or unload it first"
         )
-    _check_method(method, density, svd_rank, majority_sign_method)
+    _check_method(method, density, svd_rank, majority_sign_method, svd_clamp)
     _check_no_dora(pipe, names)
 
     errors = {}
@@ -201,13 +201,18 @@ def blend(
     return errors
 
 
-def _check_method(method: str, density: float | None, svd_rank=None, majority_sign_method="total") -> None:
+def _check_method(
+    method: str, density: float | None, svd_rank=None, majority_sign_method="total", svd_clamp=None
+) -> None:
     if method not in BLEND_METHODS:
         raise AdapterError(f"unknown blend method {method!r}; methods: {', '.join(BLEND_METHODS)}")
     if method in DENSITY_METHODS and (density is None or not 0 < density <= 1):
         raise AdapterError(f"method {method!r} needs density, the fraction of weights kept, in (0, 1]")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise AdapterError(f"svd_rank must be a whole number of at least 1, or None; got {svd_rank!r}")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not 0 <= svd_clamp <= 1):
+        # a quantile of the singular vectors' entries (torch.quantile fails past 1, in its own words)
+        raise AdapterError(f"svd_clamp is a quantile, from 0 to 1, or None; got {svd_clamp!r}")
     if majority_sign_method not in MAJORITY_SIGN_METHODS:
         raise AdapterError(
             f"majority_sign_method {majority_sign_method!r} is not one of {', '.join(MAJORITY_SIGN_METHODS)}"

@@ -361,8 +361,10 @@ def cmd_init(args) -> int:
     from runner import templates
 
     if args.list:
-        for name, about in templates.available().items():
-            print(f"{name:<16} {about}")
+        listed = templates.available()
+        width = max(map(len, listed), default=0)
+        for name, about in listed.items():
+            print(f"{name:<{width}}  {about}")
         return EXIT_OK
     target, made = templates.create(args.template, Path(args.dir))
     print(f"created {target}")
@@ -395,6 +397,8 @@ def cmd_gc(args) -> int:
         print(
             f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache"
         )
+    for path in done.orphans:
+        print(f"{verb} {path.name}: the work folder of a step no longer in the project")
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to.
+"""`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to, and the work
+folders (train checkpoints) of steps no longer in the project.
 
 Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
 that cannot be read (a merge conflict, a bad edit) could refer to anything: then nothing is collected.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,9 @@ class Collected:
     freed: int  # bytes
     kept: int  # cache entries a lockfile refers to
     leftovers: list[Path]  # folders of builds killed while writing the cache
+    orphans: list[Path] = field(
+        default_factory=list
+    )  # work folders (train checkpoints) of steps no longer in the project
 
 
 def collect(project: Project, dry_run: bool = False) -> Collected:
@@ -45,10 +49,26 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
             if not dry_run:
                 cache.drop(fp)
         leftovers = cache.leftovers()
+        orphans = _orphaned_work(project)
         if not dry_run:
-            for path in leftovers:
+            for path in leftovers + orphans:
                 shutil.rmtree(path, ignore_errors=True)
-        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers)
+        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers, orphans)
+
+
+def _orphaned_work(project: Project) -> list[Path]:
+    """The work folders of this project's steps that are no longer in it (removed or renamed): a train step
+    killed or failed there kept its checkpoints to resume from, and nothing would resume them now. Those
+    of steps still in the project are kept, and so are other projects' (a build holds its own lock)."""
+    from runner import planner
+
+    root = project.state_dir / "tmp" / project.path.stem
+    if not root.is_dir():
+        return []
+    current = {f"{step.kind}-{step.name}" for step in planner.graph(project)}
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in current
+    )
 
 
 def _referenced(project: Project) -> set[str]:

@@ -81,14 +81,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# A training image is kept whole once resized (random crops are slices of it). Past this many pixels
+# (100 MB as 8-bit RGB) the resized image is not a photo but an extreme aspect ratio: a 1 x 2000 line at
+# 512 px would take 1.5 GB and seconds to resize, a 1 x 10000 one more memory than a machine has.
+MAX_RESIZED_PIXELS = 1 << 25
+
+
+def shorter_side_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` resized so that its shorter side is `side` pixels."""
+    w, h = size
+    scale = side / min(w, h)
+    return max(side, round(w * scale)), max(side, round(h * scale))
+
+
+def check_resized(path: Path, size: tuple[int, int], resized: tuple[int, int], resolution: int) -> None:
+    """Refuse an image whose resized (width, height) would exceed MAX_RESIZED_PIXELS, naming the file."""
+    if resized[0] * resized[1] > MAX_RESIZED_PIXELS:
+        long, short = max(size), max(1, min(size))
+        raise ImageError(
+            f"{path}: {size[0]}x{size[1]} pixels (an aspect ratio of {long / short:.0f}:1) would be "
+            f"{resized[0]}x{resized[1]} pixels at resolution {resolution}, too large to train on; crop it "
+            "to the part that shows the subject, or remove it"
+        )
+
+
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     """Resize (bilinear, antialiased) so that the shorter side is `size` pixels."""
-    w, h = img.size
-    if min(w, h) == size:
+    if min(img.size) == size:
         return img
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img.resize(new, Image.Resampling.BILINEAR)
+    return img.resize(shorter_side_size(img.size, size), Image.Resampling.BILINEAR)
 
 
 def to_uint8_tensor(img: Image.Image):
@@ -109,6 +130,7 @@ def load_training_image(path: Path, resolution: int, warn: Callable[[str], None]
     Crops and flips are then cheap tensor slices (`crop`), so nothing is decoded again during training.
     """
     img = load_rgb(path, min_side=max(1, resolution // 4), warn=warn)
+    check_resized(path, img.size, shorter_side_size(img.size, resolution), resolution)
     return to_uint8_tensor(resize_shorter(img, resolution))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 def rows(project) -> list[dict]:
@@ -20,13 +21,28 @@ def rows(project) -> list[dict]:
                 "id": p.id,
                 "kind": p.step.kind,
                 "status": "stale" if p.stale else "fresh",
-                "path": ws.rel(ws.output_dir(p.step)) if record else None,
+                "path": _built_in(record.get("outputs", {}), p.id) or ws.rel(ws.output_dir(p.step))
+                if record
+                else None,
                 "files": sorted(record["outputs"]) if record else [],
                 "built": record.get("built") if record else None,
                 "metrics": _finite(record.get("metrics", {})) if record else {},
             }
         )
     return found
+
+
+def _built_in(outputs: dict, step_id: str) -> str | None:
+    """The folder the last build put the step's outputs in, from their recorded paths: not the step's
+    output folder now when `out` or `name` changed since."""
+    from runner import steps
+
+    own = "/" + Path(steps.output_dir(step_id)).as_posix() + "/"
+    for rel in outputs:
+        at = ("/" + rel).find(own)
+        if at >= 0:
+            return rel[: at + len(own) - 2]
+    return None
 
 
 def table(rows: list[dict]) -> list[str]:

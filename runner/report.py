@@ -39,6 +39,12 @@ def write(project, output: Path | str | None = None) -> Path:
     if target.is_dir() or str(output).endswith(("/", os.sep)):
         target = target / "report.html"
     page = render(project)
+    if target.is_symlink():
+        target = target.resolve()  # the file it points to is the report, not the link
+    if target.exists() and not target.is_file():  # /dev/stdout, a pipe, /dev/null: written through,
+        with open(target, "w", encoding="utf-8") as out:  # never renamed over
+            out.write(page)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -101,6 +107,11 @@ class _Context:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def _mapping(value) -> dict:
+    """A table of dbl.json, or {} where a hand-edited (or foreign) file has something else there."""
+    return value if isinstance(value, dict) else {}
 
 
 def _kind(lock: dict, sid: str) -> str:
@@ -170,8 +181,11 @@ def _subject(ctx: _Context, sid: str) -> str:
         subject, _, step = other.split(":", 1)[1].rpartition("@")
         if _kind(ctx.lock, other) == "snapshot" and subject == name and step.isdigit():
             snapshots[int(step)] = other
-    log, prior = info.get("log") or {}, info.get("prior") or {}
-    if log.get("instance_loss"):
+    log, prior = _mapping(info.get("log")), _mapping(info.get("prior"))
+    recorded = ctx.output(sid, "dbl.json")
+    if recorded is None or not recorded.is_file():
+        plot = f"<p>dbl.json is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
+    elif isinstance(log.get("instance_loss"), list) and log["instance_loss"]:
         plot = _img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
     else:
         plot = "<p>No per-step log in its dbl.json.</p>"
@@ -185,7 +199,10 @@ def _subject(ctx: _Context, sid: str) -> str:
         ("class images", prior.get("class_images")),
         ("prior loss weight", prior.get("loss_weight")),
         ("steps", info.get("steps")),
-        ("loss (first tenth -> last tenth)", _loss_text(info.get("loss") or record.get("metrics", {}))),
+        (
+            "loss (first tenth -> last tenth)",
+            _loss_text(_mapping(info.get("loss")) or record.get("metrics", {})),
+        ),
         ("mixed precision", info.get("mixed_precision")),
         ("seed", info.get("seed")),
         ("processes", info.get("num_processes")),
@@ -197,7 +214,7 @@ def _subject(ctx: _Context, sid: str) -> str:
         f'<div class="row">{plot}{facts_table}</div>',
     ]
     for table in ("train", "lora"):
-        rows = [(k, _plain(v)) for k, v in sorted((info.get(table) or {}).items()) if v is not None]
+        rows = [(k, _plain(v)) for k, v in sorted(_mapping(info.get(table)).items()) if v is not None]
         if rows:
             parts.append(
                 f"<details><summary>[{table}] settings</summary>{_table(['key', 'value'], rows)}</details>"

@@ -18,11 +18,18 @@ def folder() -> Path:
 
 
 def available() -> dict[str, str]:
-    """Each template's name and the first comment line under its command line."""
+    """Each template's name and the first sentence of the comment under its command line (which may
+    wrap over several lines)."""
     found = {}
     for path in sorted(folder().glob("*.toml"), key=lambda p: p.stem):
-        lines = path.read_text().splitlines()
-        found[path.stem] = next((line.lstrip("# ") for line in lines[1:] if line.startswith("# ")), "")
+        words = []
+        for line in path.read_text().splitlines()[1:]:
+            if not line.startswith("#"):
+                break
+            words += line.lstrip("# ").split()
+        text = " ".join(words)
+        end = text.find(". ")
+        found[path.stem] = text if end < 0 else text[: end + 1]
     return found
 
 
@@ -32,23 +39,39 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
     names = sorted(available())
     if name not in names:
         raise UsageError(f"no template '{name}'; templates: {', '.join(names)}")
-    target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{name}.toml"
     if target.exists():
         raise UsageError(f"{target} exists already; choose another folder")
     text = (folder() / f"{name}.toml").read_text()
-    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
     from runner.project.load import tomllib
 
     data = tomllib.loads(text)
-    made = []
-    for kind in steps.kinds():
-        for table in data.get(kind.table, {}).values():
-            images = table.get("images")
-            if images:
-                (target_dir / images).mkdir(parents=True, exist_ok=True)
-                made.append(images)
-    ignore = target_dir / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text(".dbl/\nbuild/\n")
+    made = [
+        table["images"]
+        for kind in steps.kinds()
+        for table in data.get(kind.table, {}).values()
+        if table.get("images")
+    ]
+    # Every folder first: a path taken by a file stops init before it has written anything.
+    for path in [target_dir] + [target_dir / images for images in made]:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(
+                f"{path} is a file, where the project needs a folder; choose another folder"
+            ) from None
+    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
+    _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
     return target, made
+
+
+def _ignore(path: Path, folders: tuple[str, ...]) -> None:
+    """Make the .gitignore at `path` ignore `folders`: written when missing, else the folders it does not
+    name yet are added at its end (the run-cache and the outputs do not belong in git)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    named = {line.strip().strip("/") for line in text.splitlines()}
+    missing = [f for f in folders if f.strip("/") not in named]
+    if missing:
+        lead = "" if not text or text.endswith("\n") else "\n"
+        with path.open("a", encoding="utf-8") as out:
+            out.write(lead + "".join(f"{f}\n" for f in missing))

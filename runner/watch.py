@@ -21,12 +21,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from runner import steps
+from runner import lockfile, steps
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
@@ -40,6 +40,7 @@ except ModuleNotFoundError:  # Python 3.10
 # Event types that mean a file's content or presence changed (not opened, not read).
 CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
 POLL_INTERVAL_S = 1.0
+EXIT_LOCKFILE = -1  # within the watch: the build found the lockfile unreadable (a usage error outside)
 LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries again
 
 
@@ -50,13 +51,19 @@ class Targets:
     project_file: str
     folders: tuple[str, ...]  # input folders; missing ones too
     ignored: tuple[str, ...]  # outputs and .dbl/: never a reason to rebuild
+    # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
+    # the build asked for. Otherwise each build's own write of it would wake the watch.
+    lockfile: str = ""
 
     def relevant(self, path: str) -> bool:
-        """Whether a change at `path` can make a step stale."""
+        """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
+        are never read (an editor's swap file beside a caption), so they cannot."""
         path = os.path.normpath(path)
         if any(_within(path, i) for i in self.ignored):
             return False
-        return path == self.project_file or any(_within(path, f) for f in self.folders)
+        return path in (self.project_file, self.lockfile) or any(
+            _within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders
+        )
 
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: a missing input folder is watched through its
@@ -133,11 +140,13 @@ def watch(
         while not stop.is_set():
             handler.targets = targets_of(path, project)
             _reschedule(observer, handler, scheduled, handler.targets.watches())
-            if (
-                project is not None
-                and _build_when_free(project, reporter_factory, stop, say, build_options) == EXIT_INTERRUPTED
-            ):
+            code = None
+            if project is not None:
+                code = _build_when_free(project, reporter_factory, stop, say, build_options)
+            if code == EXIT_INTERRUPTED:
                 break  # the build was interrupted (Ctrl-C): leave the watch too
+            if code == EXIT_LOCKFILE:
+                handler.targets = replace(handler.targets, lockfile=_norm(lockfile.lock_path(path)))
             if stop.is_set():
                 break
             say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
@@ -250,7 +259,10 @@ def _build(
     except LockHeld as exc:
         say(str(exc))
         return EXIT_LOCKED
-    except DblError as exc:  # a lockfile too
+    except lockfile.LockfileError as exc:
+        say(str(exc))
+        return EXIT_LOCKFILE
+    except DblError as exc:
         say(str(exc))
         return EXIT_USAGE
     except Exception as exc:  # a bug in one build must not end the watch
@@ -366,6 +378,10 @@ def _relative(path: str, base: Path) -> str:
 
 def _norm(path) -> str:
     return os.path.normpath(str(Path(path).resolve()))
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
 
 
 def _within(path: str, folder: str) -> bool:

@@ -170,6 +170,10 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         (lambda: api.blend(pipe, ["a", "b"], "n"), "weights maps adapter names to weights"),
         (lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", method="svd", svd_rank=0), "svd_rank must be"),
         (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", method="svd", svd_clamp=5),
+            "svd_clamp is a quantile, from 0 to 1",
+        ),
+        (
             lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "ties", density=0.5, majority_sign_method="x"),
             "majority_sign_method 'x' is not one of total, frequency",
         ),

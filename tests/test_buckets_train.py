@@ -117,6 +117,28 @@ def test_a_portrait_or_landscape_photo_keeps_its_whole_content(tmp_path, size):
     assert bands(bucketed) == (True, True)
 
 
+@pytest.mark.parametrize("bucketed, length", [(False, 600), (True, 3000)])
+def test_a_line_of_pixels_is_refused_by_name_not_blown_up_to_gigabytes(tmp_path, bucketed, length):
+    """1 x 600 at 256 px would be 256 x 153600 pixels kept for the whole run (1 x 10000: 7 GB); in a
+    bucket (at least 128 px wide at 256 px) 1 x 3000 would be 128 x 384000."""
+    from PIL import Image
+
+    from runner.errors import ImageError
+
+    (tmp_path / "dog").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "dog" / "0.png")
+    Image.new("RGB", (1, length), (20, 30, 200)).save(tmp_path / "dog" / "line.png")
+    job, _ = _job(tmp_path, resolution=256, buckets=bucketed)
+    with pytest.raises(
+        ImageError, match=rf"line\.png: 1x{length} pixels \(an aspect ratio of {length}:1\) would be "
+    ):
+        read_images(job, print)
+    (tmp_path / "dog" / "line.png").unlink()
+    Image.new("RGB", (1, 64), (20, 30, 200)).save(tmp_path / "dog" / "thin.png")  # odd, and fine
+    images, _ = read_images(job, print)
+    assert len(images.instance) == 2
+
+
 def test_sdxl_conditions_hold_the_files_size_and_the_crop_in_the_bucket(tmp_path):
     (tmp_path / "dog").mkdir()
     _stripes(tmp_path / "dog" / "0.png", 300, 500)

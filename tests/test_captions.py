@@ -9,6 +9,7 @@ import pytest
 
 from runner import lockfile
 from runner.errors import StepError
+from runner.project import ProjectError
 from runner.training.captions import image_prompts
 from tests.conftest import write_image
 
@@ -70,6 +71,22 @@ def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
     files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
     with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):
         image_prompts(files, ".txt", "p", None, print)
+
+
+def test_trigger_in_the_instance_prompt_stands_for_the_trigger(proj, build, fake_steps):
+    """Images without a caption train with the instance prompt: [trigger] there means what it means in
+    captions, and the subject keys as if the words were written out."""
+    build(proj)
+    before = _fingerprint(proj, "train:toy")
+    proj.edit(TOY, 'instance_prompt = "a toy in the style of [trigger]"\ntrigger = "<1>"')
+    assert proj.load().subjects["toy"].instance_prompt == "a toy in the style of <1>"
+    result, _ = build(proj)
+    assert result.ok and fake_steps.ran == [] and _fingerprint(proj, "train:toy") == before
+    proj.edit('trigger = "<1>"\n', "")
+    with pytest.raises(
+        ProjectError, match=r"subjects\.toy\.instance_prompt: uses \[trigger\] but no trigger is set"
+    ):
+        proj.load()
 
 
 def test_caption_dropout_is_a_pure_function_of_seed_and_position():

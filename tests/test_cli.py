@@ -95,6 +95,15 @@ def test_ls_and_gc(proj, build, capsys):
     assert capsys.readouterr().out.startswith("dropped 0 cache entries")
 
 
+def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
+    build(proj)
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "elsewhere"')
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    row = {r["id"]: r for r in json.loads(capsys.readouterr().out)}["train:dog"]
+    assert row["status"] == "stale" and row["path"] == "build/pets/adapters/dog"
+    assert all(f.startswith(row["path"] + "/") for f in row["files"])
+
+
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
     from tests.conftest import FakeBackend, FakeSteps, use_backend
 

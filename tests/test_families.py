@@ -15,6 +15,7 @@ from runner.errors import ModelError
 from runner.families.sd1 import SD1
 from runner.fingerprint import FileHasher, base_model_identity, fingerprint
 from runner.models import BaseModel
+from tests.conftest import write_image
 
 
 class Alias(SD1):
@@ -146,6 +147,38 @@ def test_a_single_file_of_another_family_is_refused_by_name(tmp_path, keys, fami
     path = _header_only_safetensors(tmp_path / "model.safetensors", keys)
     with pytest.raises(ModelError, match=f"is a {family} checkpoint; this model family is not supported yet"):
         families.detect(BaseModel.parse(str(path), tmp_path))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight", "lora_te_x.alpha"],  # kohya
+        ["unet.mid_block.attentions.0.to_q.lora_A.weight", "text_encoder.x.lora_B.weight"],  # diffusers
+    ],
+)
+def test_a_lora_file_given_as_the_base_model_is_refused_by_name(tmp_path, keys):
+    """CivitAI serves checkpoints and LoRAs alike as .safetensors; a LoRA failed only once a build ran."""
+    path = _header_only_safetensors(tmp_path / "style.safetensors", keys)
+    with pytest.raises(ModelError, match="style.safetensors is a LoRA adapter file .*not a model checkpoint"):
+        families.detect(BaseModel.parse(str(path), tmp_path))
+
+
+def test_a_folder_without_model_index_is_a_project_file_error(tmp_path):
+    from runner.project import ProjectError, load_project
+
+    (tmp_path / "img").mkdir()
+    write_image(tmp_path / "img" / "0.png")
+    (tmp_path / "adapters" / "dog" / "unet").mkdir(parents=True)
+    (tmp_path / "adapters" / "dog" / "unet" / "adapter_config.json").write_text("{}")
+    for base, what in (("img", "not a diffusers folder"), ("adapters/dog", "a LoRA adapter folder")):
+        path = tmp_path / "p.toml"
+        path.write_text(
+            f'[project]\nbase_model = "./{base}"\n[subjects.dog]\nimages = "img"\ninstance_prompt = "sks"\n'
+        )
+        with pytest.raises(
+            ProjectError, match=f"project.base_model: .*{base} is {what} \\(it has no model_index"
+        ):
+            load_project(path)
 
 
 def test_sd1_files_and_folders_are_sd1(tmp_path):

@@ -80,7 +80,7 @@ CASES = [
     (
         "wrong type",
         '[train]\nsteps = "many"\n',
-        "train.steps: expected an integer, got the string 'many' (line {line}) - e.g. steps = 10",
+        "train.steps: expected an integer, got the string 'many' (line {line}) - e.g. steps = 800",
     ),
     (
         "bad choice",
@@ -147,6 +147,11 @@ CASES = [
         "adapter listed twice",
         '[renders.r]\nadapters = ["dog", "mix", "dog"]\nprompts = ["x"]\n',
         "renders.r.adapters: 'dog' is listed twice (line {line}) - list each adapter once",
+    ),
+    (
+        "svd clamp is a quantile",
+        '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "svd"\nsvd_clamp = 5\n',
+        "blends.t.svd_clamp: must be at most 1, got 5.0 (line {line})",
     ),
     (
         "density needed",
@@ -234,6 +239,11 @@ CASES = [
         "train.bucket_max_side: 256 is below resolution 512 (line {line}) - use at least 512",
     ),
     (
+        "bucket max side below a subject's own resolution",
+        "[train]\nbuckets = true\nbucket_max_side = 512\n[subjects.toy.train]\nresolution = 768\n",
+        "train.bucket_max_side: 512 is below subjects.toy.train.resolution = 768 (line {line}) - use at least 768",
+    ),
+    (
         "buckets not a bool",
         "[train]\nbuckets = 1\n",
         "train.buckets: expected true or false, got int 1 (line {line}) - e.g. buckets = true",
@@ -249,9 +259,61 @@ CASES = [
         "train.save_steps: step 100 is not before the last step (steps = 100) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
     ),
     (
+        "save step at a subject's own last step",
+        "[train]\nsave_steps = [50]\n[subjects.toy.train]\nsteps = 50\n",
+        "train.save_steps: step 50 is not before the last step (subjects.toy.train.steps = 50) (line {line}) - the subject's own adapter is the last step's; list earlier steps, or raise steps",
+    ),
+    (
         "save step twice",
         "[subjects.dog.train]\nsave_steps = [50, 50]\n",
         "subjects.dog.train.save_steps: step 50 is listed twice (line {line}) - list each step once",
+    ),
+    # The example a type error gives passes the key's own checks.
+    (
+        "a number written as a string",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = "512"\n',
+        "renders.r.width: expected an integer, got the string '512' (line {line}) - e.g. width = 512",
+    ),
+    (
+        "a width that is not a number",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = "wide"\n',
+        "renders.r.width: expected an integer, got the string 'wide' (line {line}) - e.g. width = 64",
+    ),
+    (
+        "a choice that is not a string",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nscheduler = 1\n',
+        'renders.r.scheduler: expected a string, got int 1 (line {line}) - e.g. scheduler = "ddim"',
+    ),
+    (
+        "save steps as a string",
+        '[train]\nsave_steps = "200"\n',
+        "train.save_steps: expected a list of integers, got the string '200' (line {line}) - e.g. save_steps = [200]",
+    ),
+    (
+        "one adapter where a list is expected",
+        '[renders.r]\nadapters = "dog"\nprompts = ["x"]\n',
+        "renders.r.adapters: expected a list of strings, got the string 'dog' (line {line}) - e.g. adapters = [\"dog\"]",
+    ),
+    (
+        "one seed where a list is expected",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = 3\n',
+        "renders.r.seeds: expected a list of integers, got int 3 (line {line}) - e.g. seeds = [3]",
+    ),
+    (
+        "a list of one where a string is expected",
+        '[renders.r]\nadapter = ["dog"]\nprompts = ["x"]\n',
+        'renders.r.adapter: expected a string, got a list (line {line}) - e.g. adapter = "dog"',
+    ),
+    (
+        "a whole number written as a float",
+        "[train]\nsteps = 1e3\n",
+        "train.steps: expected an integer, got float 1000.0 (line {line}) - e.g. steps = 1000",
+    ),
+    (
+        "keys of a prior without its name",
+        '[priors]\nclass_prompt = "a photo of cat"\nnum_images = 4\n',
+        "priors.class_prompt: [priors] holds one table per name, not keys: class_prompt, num_images (line {line}) "
+        "- name the table in its header, e.g. [priors.dog] in place of [priors]",
     ),
     (
         "save step zero",
@@ -359,18 +421,18 @@ CASES = [
     (
         "noise_offset not a number",
         '[train]\nnoise_offset = "small"\n',
-        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 1.0",
+        "train.noise_offset: expected a number, got the string 'small' (line {line}) - e.g. noise_offset = 0.0",
     ),
     # Numbers TOML reads but no lockfile holds.
     (
         "nan learning rate",
         "[train]\nlearning_rate = nan\n",
-        "train.learning_rate: must be a finite number, got nan (line {line}) - e.g. learning_rate = 1.0",
+        "train.learning_rate: must be a finite number, got nan (line {line}) - e.g. learning_rate = 0.0001",
     ),
     (
         "infinite guidance",
         '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nguidance_scale = inf\n',
-        "renders.r.guidance_scale: must be a finite number, got inf (line {line}) - e.g. guidance_scale = 1.0",
+        "renders.r.guidance_scale: must be a finite number, got inf (line {line}) - e.g. guidance_scale = 7.5",
     ),
     (
         "nan blend weight",
@@ -380,12 +442,12 @@ CASES = [
     (
         "steps beyond 64 bits",
         "[subjects.dog.train]\nsteps = 99999999999999999999\n",
-        "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 10",
+        "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 800",
     ),
     (
         "a snapshot step beyond 64 bits",
         "[train]\nsave_steps = [5, 99999999999999999999]\n",
-        "train.save_steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. save_steps = [0, 1]",
+        "train.save_steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. save_steps = [1, 2]",
     ),
     # Optimizers.
     (
@@ -434,6 +496,29 @@ CASES = [
         "train.text_encoder_learning_rate: Prodigy takes one learning rate for every component (or 0, which freezes one); got 0.5 beside learning_rate 1.0 (line {line}) - remove text_encoder_learning_rate: Prodigy finds the step size itself",
     ),
 ]
+
+
+def test_an_output_folder_inside_an_image_folder_is_a_problem(folder):
+    """Outputs there would be read back as training images: every build would retrain on its renders."""
+    inside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "data/dog/out"')
+    assert problems(folder, inside) == [
+        "project.out: the output folder data/dog/out is inside the image folder of subjects.dog (line 4) "
+        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "build/p"'
+    ]
+    (folder / "data/dog/00.png").rename(folder / "00.png")
+    here = GOOD.replace('images = "data/dog"', 'images = "."')
+    assert problems(folder, here) == [
+        "subjects.dog.images: the output folder build/p is inside the image folder of subjects.dog (line 9) "
+        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "../build/p"'
+    ]
+    beside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
+    load_project(_write(folder, beside.replace('images = "data/dog"', 'images = "data/toy"')))
+
+
+def _write(folder, text: str):
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
 
 
 @pytest.mark.parametrize("extra, expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])

@@ -279,3 +279,37 @@ def test_an_unwritable_record_costs_a_line_not_the_build(proj, build, fake_steps
     result, rec = build(proj)
     assert result.ok
     assert any("cannot write the record of this build" in e[2] for e in rec.events if e[0] == "log")
+
+
+def test_a_missing_or_odd_dbl_json_is_said_not_raised(proj, build, fake_steps, capsys):
+    build(proj)
+    out = proj.load().out
+    (out / "adapters" / "dog" / "dbl.json").unlink()
+    (out / "adapters" / "toy" / "dbl.json").write_text('{"log": 5, "prior": "x", "train": [1], "loss": 2}')
+    assert main(["report", str(proj.path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    text = (out / "report.html").read_text(encoding="utf-8")
+    dog = text[text.index('id="train:dog"') :]
+    assert "dbl.json is missing from build/pets/adapters/dog" in dog[: dog.index("</div>")]
+    toy = text[text.index('id="train:toy"') :]
+    assert "No per-step log in its dbl.json." in toy[: toy.index("</div>")]
+
+
+def test_a_pipe_or_device_given_as_output_is_written_through_not_replaced(proj, build, fake_steps):
+    """`-o /dev/stdout` (a link to a pipe), `-o /dev/null`: renaming a temporary file over them would
+    replace the device or the link (as root, /dev/null itself) with a regular file."""
+    import stat
+    import threading
+
+    build(proj)
+    fifo = proj.root / "pipe"
+    os.mkfifo(fifo)
+    link = proj.root / "stdout"
+    link.symlink_to(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert main(["report", str(proj.path), "-o", str(link)]) == 0
+    reader.join(10)
+    assert got and got[0].startswith("<!DOCTYPE html>")
+    assert link.is_symlink() and stat.S_ISFIFO(fifo.stat().st_mode)

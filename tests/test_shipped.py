@@ -113,11 +113,32 @@ def test_init_from_template_then_plan(name, tmp_path, capsys):
     assert main(["init", str(tmp_path / "new"), "--template", name]) == 2  # never overwrites
 
 
+def test_init_in_a_repository_adds_dbl_folders_to_its_gitignore(tmp_path, capsys):
+    (tmp_path / ".gitignore").write_text("node_modules/\n/build\n*.pyc")  # no newline at the end
+    assert main(["init", str(tmp_path), "--template", "subject"]) == 0
+    assert (tmp_path / ".gitignore").read_text() == "node_modules/\n/build\n*.pyc\n.dbl/\n"
+    assert main(["init", str(tmp_path), "--template", "subject_and_style"]) == 0
+    assert (tmp_path / ".gitignore").read_text() == "node_modules/\n/build\n*.pyc\n.dbl/\n"
+
+
+def test_init_where_a_file_takes_a_folder_writes_nothing(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine").write_text("not a folder")
+    assert main(["init", str(tmp_path), "--template", "subject"]) == 2
+    assert (
+        f"{tmp_path / 'data' / 'mine'} is a file, where the project needs a folder" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no half-made project to trip over
+
+
 def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, capsys):
     assert main(["init", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == sorted(p.stem for p in TEMPLATES)
     assert all(len(line.split()) > 1 for line in listed), listed  # each with what it is
+    # the whole first sentence of each comment, which may wrap over several lines, in one column
+    assert all(line.endswith((".", '."')) for line in listed), listed
+    assert len({line.index(line.split()[1], len(line.split()[0])) for line in listed}) == 1, listed
     assert main(["init", str(tmp_path / "new"), "--template", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no template 'nope'; templates: " + ", ".join(sorted(p.stem for p in TEMPLATES)) in err

@@ -108,3 +108,19 @@ def test_gc_reads_the_lockfiles_once_it_holds_the_locks(proj, build, monkeypatch
     done = gc.collect(proj.load())
     assert done.dropped == 1 and replaced - kept  # the edit replaced one entry
     assert set(cache_entries(proj)) == kept  # what only the old lockfile named is gone
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_gc_drops_the_checkpoints_of_steps_no_longer_in_the_project(proj, build, capsys, dry_run):
+    """A train step killed there kept its checkpoints to resume; once its subject is gone (removed, or
+    renamed), nothing resumes them, and they are the largest thing in .dbl/ besides the cache."""
+    build(proj)
+    tmp = proj.root / ".dbl" / "tmp"
+    gone, kept, other = tmp / "pets" / "train-rex", tmp / "pets" / "train-dog", tmp / "twin" / "train-rex"
+    for folder in (gone, kept, other):
+        (folder / "checkpoint-200").mkdir(parents=True)
+        (folder / "checkpoint-200" / "lora.safetensors").write_bytes(b"x" * 100)
+    assert main(["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])) == 0
+    out = capsys.readouterr().out
+    assert f"{'would drop' if dry_run else 'dropped'} train-rex: the work folder of a step no longer" in out
+    assert gone.is_dir() == dry_run and kept.is_dir() and other.is_dir()

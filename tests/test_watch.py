@@ -126,6 +126,27 @@ def test_watch_rebuilds_what_goes_stale_and_survives_a_broken_project(proj, fake
     assert changed == {"changed: pets.toml", "changed: data/toy/02.png"}
 
 
+def test_a_lockfile_that_does_not_read_is_watched_until_it_is_fixed(proj, build, fake_steps, watcher):
+    """The build says: move it aside and build. Doing so is the change that rebuilds, as no edit of the
+    project file or the images is coming."""
+    build(proj)
+    good = proj.lock.read_text()
+    proj.lock.write_text("<<<<<<< HEAD\n" + good)
+    w = watcher()
+    assert any("cannot read the lockfile" in m for m in w.messages), w.messages
+    idle, lines = w.idle_count(), len(w.lines)
+    proj.lock.rename(proj.root / "pets.lock.conflict")
+    w.wait_idle(idle)
+    assert "changed: pets.lock" in w.messages
+    assert any("up to date" in line or "from cache" in line for line in w.lines[lines:]), w.lines[lines:]
+    # the lockfile reads again: the build's own writes of it no longer wake the watch
+    idle = w.idle_count()
+    save(proj.path, proj.path.read_text().replace("sks dog in a park", "sks dog in a forest"))
+    w.wait_idle(idle)
+    time.sleep(0.5)
+    assert w.idle_count() == idle + 1, w.messages
+
+
 def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps):
     entered, release = threading.Event(), threading.Event()
 
@@ -189,6 +210,10 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/.dbl/state")
     assert not t.relevant(f"{root}/build/pets/renders/park/0-0.png")
     assert not t.relevant(f"{root}/data/dogs/00.png")
+    # what no step reads: an editor's swap file beside a caption, a hidden folder
+    assert not t.relevant(f"{root}/data/dog/.05.txt.swp")
+    assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
+    assert t.relevant(f"{root}/data/dog/05.txt")
     assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
 
     # an invalid project: the folders its TOML names are still watched

@@ -301,6 +301,15 @@ def _from_keys(keys: set[str], display: str) -> Family:
     for prefix, kind in UNSUPPORTED_KEYS:
         if any(k.startswith(prefix) for k in keys):
             raise _not_supported(display, f"a {kind} checkpoint")
+    if (
+        keys
+        and not any(k.startswith("model.diffusion_model.") for k in keys)
+        and any(".lora_" in k or k.startswith("lora_") for k in keys)
+    ):
+        raise ModelError(
+            f"base model {display} is a LoRA adapter file (its tensors are {min(keys)}, ...), not a model "
+            "checkpoint; an adapter is trained on a base model, or loaded onto one"
+        )
     return _registry[DEFAULT]
 
 

@@ -44,6 +44,14 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
         )
     elif local and not path.exists():
         check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
+    elif path.is_dir() and not (path / INDEX).is_file():
+        adapter = any((path / sub / "adapter_config.json").is_file() for sub in ("", "unet"))
+        check.problem(
+            key,
+            f"{path} is {'a LoRA adapter folder' if adapter else 'not a diffusers folder'} (it has no {INDEX})",
+            "give the base model the adapters train on: a diffusers folder (model_index.json, unet/, vae/ ...), "
+            "a single-file checkpoint or a hub id",
+        )
     elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
         check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
 

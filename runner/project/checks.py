@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ from runner.imagefiles import IMAGE_SUFFIXES, list_images
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
+TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigger words
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -38,6 +40,16 @@ def read_subject(check, key, name, raw, defaults):
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
     item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
+    if item is not None and TRIGGER in item.instance_prompt:
+        # The prompt of every image without a caption: [trigger] stands for the same words as in captions.
+        if item.trigger is None:
+            check.problem(
+                key + ("instance_prompt",),
+                f"uses {TRIGGER} but no trigger is set",
+                f'set trigger = "sks dog" (the words {TRIGGER} stands for), or write them in the prompt',
+            )
+        else:
+            item = replace(item, instance_prompt=item.instance_prompt.replace(TRIGGER, item.trigger))
     return _resolve_images(check, defaults.project_dir, key, item, required=True)
 
 
@@ -60,6 +72,35 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
 
 
 # --- checks across tables --------------------------------------------------------------------------------
+
+
+def check_out(check, project_dir: Path, settings, tables: dict) -> None:
+    """The output folder must not be inside an input image folder: the next build would read the outputs
+    (a render's PNGs, a prior's class images) as training images, and retrain forever."""
+    from runner import steps
+
+    name = settings.name or check.path.stem
+    out_text = settings.out or f"build/{name}"
+    out = (project_dir / Path(out_text).expanduser()).resolve()
+    for kind in steps.kinds():
+        if not kind.table:
+            continue  # its steps read the folders of another kind's tables
+        for table, spec in tables.get(kind.name, {}).items():
+            for folder in kind.folders(spec):
+                images = Path(folder).resolve()
+                if not out.is_relative_to(images):
+                    continue
+                usual = project_dir / "build" / name
+                elsewhere = (
+                    usual if not usual.resolve().is_relative_to(images) else images.parent / "build" / name
+                )
+                outside = Path(os.path.relpath(elsewhere, project_dir)).as_posix()
+                check.problem(
+                    ("project", "out") if settings.out else (kind.table, table, "images"),
+                    f"the output folder {out_text} is inside the image folder of {kind.table}.{table}",
+                    "the next build would train on its own renders; put the outputs elsewhere, "
+                    f'e.g. out = "{outside}"',
+                )
 
 
 def _known_adapters(tables: dict) -> str:
@@ -142,9 +183,19 @@ def _save_steps(check, key, train) -> None:
         if step >= train.steps:
             check.problem(
                 key("save_steps"),
-                f"step {step} is not before the last step (steps = {train.steps})",
+                f"step {step} is not before the last step ({_beside(check, key, 'save_steps', 'steps', train.steps)})",
                 "the subject's own adapter is the last step's; list earlier steps, or raise steps",
             )
+
+
+def _beside(check, key, field: str, other: str, value, sep: str = " = ") -> str:
+    """`other` and its value, as a problem of `field` names it: by its name where both are set in one
+    table or `other` is left at its default, else by its whole key (a subject's own steps against the
+    [train] save_steps)."""
+    where = key(other)
+    if where[:-1] == key(field)[:-1] or not check.written(where):
+        return f"{other}{sep}{value}"
+    return f"{'.'.join(where)} = {value}"
 
 
 def _buckets(check, key, train) -> None:  # key(field): where that train setting is written
@@ -164,13 +215,13 @@ def _buckets(check, key, train) -> None:  # key(field): where that train setting
     if low > train.resolution:
         check.problem(
             key("bucket_min_side"),
-            f"{train.bucket_min_side} is above resolution {train.resolution}",
+            f"{train.bucket_min_side} is above {_beside(check, key, 'bucket_min_side', 'resolution', train.resolution, ' ')}",
             f"use at most {train.resolution}",
         )
     if high < train.resolution:
         check.problem(
             key("bucket_max_side"),
-            f"{train.bucket_max_side} is below resolution {train.resolution}",
+            f"{train.bucket_max_side} is below {_beside(check, key, 'bucket_max_side', 'resolution', train.resolution, ' ')}",
             f"use at least {train.resolution}",
         )
 

@@ -6,7 +6,7 @@ import difflib
 import math
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,7 @@ class _Checker:
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
             if ok and not raw:
                 self.problem(
-                    key, "must not be empty", f"give at least one value, e.g. {f.name} = {_example(kind)}"
+                    key, "must not be empty", f"give at least one value, e.g. {f.name} = {_example(f)}"
                 )
                 return False, raw
             value = list(raw) if ok else raw
@@ -139,7 +139,7 @@ class _Checker:
             value = tuple((name, float(w)) for name, w in raw.items()) if ok else raw
         if not ok:
             self.problem(
-                key, f"expected {expected}, got {_describe(raw)}", f"e.g. {f.name} = {_example(kind)}"
+                key, f"expected {expected}, got {_describe(raw)}", f"e.g. {f.name} = {_example(f, raw)}"
             )
             return False, raw
         choices = f.metadata.get("choices")
@@ -152,7 +152,7 @@ class _Checker:
         if not self._in_range(key, value, meta.get("minimum"), meta.get("maximum"), meta.get("multiple")):
             return False, value
         if (unusable := _unusable_number(value)) is not None:
-            self.problem(key, unusable, f"e.g. {f.name} = {_example(kind)}")
+            self.problem(key, unusable, f"e.g. {f.name} = {_example(f)}")
             return False, value
         return True, value
 
@@ -250,19 +250,113 @@ def _example_list(f) -> str:
     return "[" + ", ".join(f'"{n}"' for n in names) + "]"
 
 
-def _example(kind: str) -> str:
-    return {
-        "str": '"..."',
-        "int": "10",
-        "float": "1.0",
-        "bool": "true",
-        "list[str]": '["..."]',
-        "list[int]": "[0, 1]",
-        "weights": "{ dog = 1.0 }",
-        "targets": '"attention"',
-        "switch": '"auto"',
-        "prompts": '"a photo of dog"',
-    }[kind]
+# A placeholder of each kind, for a field with no default and no choices.
+_PLACEHOLDERS = {
+    "str": '"..."',
+    "int": "64",
+    "float": "1.0",
+    "bool": "true",
+    "list[str]": '["..."]',
+    "list[int]": "[0, 1]",
+    "weights": "{ dog = 1.0 }",
+    "targets": '"attention"',
+    "switch": '"auto"',
+    "prompts": '"a photo of dog"',
+}
+
+
+def _example(f, raw: Any = None) -> str:
+    """A value of field `f`, as TOML, that the field's own checks accept: the number a string `raw`
+    spells ("512" for an integer), else the field's default (not for a bool), else its first choice,
+    else a placeholder of its kind moved into its range."""
+    kind, meta = f.metadata["type"].rstrip("?"), f.metadata
+    # A switch's default is rarely what a user who wrote one meant: `use_dora = 1` means true.
+    default = None if kind == "bool" else schema.default_of(f)
+    for value in (_spelled(kind, raw), default, *(meta.get("choices") or ())):
+        if _fits(kind, meta, value):
+            return _toml(value)
+    if kind == "int":
+        return _toml(_into_range(64, meta))
+    if kind == "float":
+        return _toml(float(_into_range(1.0, meta)))
+    if kind == "list[int]":
+        first = _into_range(0, meta)
+        return _toml([first, _into_range(first + (meta.get("multiple") or 1), meta)])
+    return _PLACEHOLDERS[kind]
+
+
+def _spelled(kind: str, raw: Any) -> Any:
+    """What a value of the wrong kind most likely meant: the number (or boolean) a string spells, a whole
+    float as an integer, one value for a list of them, a list's one string for a string; else None."""
+    if kind == "list[int]" and not isinstance(raw, list):
+        one = _spelled("int", raw) if not isinstance(raw, int) or isinstance(raw, bool) else raw
+        return None if one is None else [one]
+    if kind == "list[str]" and isinstance(raw, str):
+        return [raw]
+    if kind == "str" and isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        return raw[0]
+    if kind == "int" and isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if not isinstance(raw, str):
+        return None
+    text = raw.strip()
+    if kind == "bool":
+        return {"true": True, "false": False}.get(text.lower())
+    if kind in ("int", "float"):
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def _fits(kind: str, meta: dict, value: Any) -> bool:
+    """Whether `value` passes the checks of a field of this kind and metadata (scalars and int lists)."""
+    if value is None or value is MISSING:
+        return False
+    numeric = (int,) if kind in ("int", "list[int]") else (int, float)
+    if kind in ("int", "float"):
+        ok = isinstance(value, numeric) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind == "list[int]":
+        ok = isinstance(value, list) and bool(value)
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif kind == "list[str]":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "switch":
+        ok = isinstance(value, bool) or value == "auto"
+    else:
+        return False
+    if not ok or (meta.get("choices") and value not in meta["choices"]):
+        return False
+    return all(_into_range(v, meta) == v for v in (value if isinstance(value, list) else [value]))
+
+
+def _into_range(number, meta: dict):
+    """`number` moved to the nearest value within the field's minimum, maximum and multiple."""
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return number
+    low, high, multiple = meta.get("minimum"), meta.get("maximum"), meta.get("multiple")
+    if low is not None:
+        number = max(number, low)
+    if multiple:
+        number = -(-number // multiple) * multiple
+    if high is not None:
+        number = min(number, high)
+    return number
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
 
 
 def load_project(path: Path | str) -> schema.Project:
@@ -325,6 +419,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
         tables[kind.name] = _named(check, data, kind.table, read)
     if settings is not None:
         check_base_model(check, path.parent, settings, data)
+        checks.check_out(check, path.parent, settings, tables)
     for kind in kinds:
         if kind.check is not None:
             kind.check(check, tables)
@@ -350,7 +445,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     if not isinstance(raw, dict):
         check.problem((group,), f"expected tables [{group}.<name>], got {_describe(raw)}")
         return {}
-    result = {}
+    result, loose = {}, []
     for name, table in raw.items():
         key = (group, name)
         if not NAME.match(name):
@@ -358,7 +453,16 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
                 key, f"name '{name}' may only hold letters, digits, '_' and '-'", "rename the table"
             )
             continue
+        if not isinstance(table, dict):  # `[priors]` then `class_prompt = ...`: the table's name left out
+            loose.append(name)
+            continue
         item = read(key, name, table)
         if item is not None:
             result[name] = item
+    if loose:
+        check.problem(
+            (group, loose[0]),
+            f"[{group}] holds one table per name, not keys: {', '.join(loose)}",
+            f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
+        )
     return result

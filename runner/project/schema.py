@@ -197,7 +197,7 @@ class Blend:
     svd_rank: int | None = opt(
         None, "rank of svd methods; default: the largest parent rank", "int?", minimum=1
     )
-    svd_clamp: float | None = opt(None, "quantile clamp of svd methods", "float?", minimum=0)
+    svd_clamp: float | None = opt(None, "quantile clamp of svd methods", "float?", minimum=0, maximum=1)
     density: float | None = opt(
         None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0
     )

@@ -1,9 +1,9 @@
 """Per-image captions: `photo.txt` beside `photo.jpg` is that image's prompt, and caption dropout.
 
 A caption replaces the instance prompt for its image; `[trigger]` in it is replaced by the subject's
-`trigger`. Images without a caption file use the instance prompt. Dropout trains an example on the empty
-prompt with probability `caption_dropout`, decided by the example's own generator (seed, position), so a
-resumed run drops the same examples.
+`trigger`, as it is in the instance prompt when the project is read. Images without a caption file use
+the instance prompt. Dropout trains an example on the empty prompt with probability `caption_dropout`,
+decided by the example's own generator (seed, position), so a resumed run drops the same examples.
 
 torch is imported inside functions.
 """
@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.errors import StepError
-
-TRIGGER = "[trigger]"
+from runner.project.checks import TRIGGER
 
 
 def caption_file(image: Path, extension: str) -> Path:

@@ -141,7 +141,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
     weight (None without a prior)."""
     from PIL import Image
 
-    from runner.images import load_rgb, resize_shorter, to_uint8_tensor
+    from runner.images import check_resized, load_rgb, resize_shorter, shorter_side_size, to_uint8_tensor
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
@@ -168,11 +168,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
         image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=said.append)
         original = (image.height, image.width)
         if sizes is None:
+            check_resized(path, image.size, shorter_side_size(image.size, ts.resolution), ts.resolution)
             image = resize_shorter(image, ts.resolution)
             target = (ts.resolution, ts.resolution)
         else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
             width, height = buckets.assign(image.size, sizes)
             resized, _ = buckets.fill(image.size, (width, height))
+            check_resized(path, image.size, resized, ts.resolution)
             if image.size != resized:
                 image = image.resize(resized, Image.Resampling.BILINEAR)
             target = (height, width)

@@ -9,7 +9,6 @@ import pytest
 
 from runner import lockfile
 from runner.errors import StepError
-from runner.project import ProjectError
 from runner.training.captions import image_prompts
 from tests.conftest import write_image
 
@@ -82,11 +81,23 @@ def test_trigger_in_the_instance_prompt_stands_for_the_trigger(proj, build, fake
     assert proj.load().subjects["toy"].instance_prompt == "a toy in the style of <1>"
     result, _ = build(proj)
     assert result.ok and fake_steps.ran == [] and _fingerprint(proj, "train:toy") == before
+    # Without a trigger it stays as written, as it trained before [trigger] meant anything there.
     proj.edit('trigger = "<1>"\n', "")
-    with pytest.raises(
-        ProjectError, match=r"subjects\.toy\.instance_prompt: uses \[trigger\] but no trigger is set"
-    ):
-        proj.load()
+    assert proj.load().subjects["toy"].instance_prompt == "a toy in the style of [trigger]"
+
+
+def test_trigger_in_a_prompt_without_a_trigger_trains_as_written_with_a_warning(tmp_path):
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    said: list[str] = []
+    assert (
+        image_prompts(files, None, "a photo of [trigger]", None, said.append) == ["a photo of [trigger]"] * 2
+    )
+    assert said == [
+        "warning: the prompt 'a photo of [trigger]' uses [trigger] but the subject sets no trigger: it trains as written"
+    ]
+    said.clear()
+    assert image_prompts(files, None, "a photo of sks dog", None, said.append) == ["a photo of sks dog"] * 2
+    assert said == []
 
 
 def test_caption_dropout_is_a_pure_function_of_seed_and_position():

@@ -40,16 +40,11 @@ def read_subject(check, key, name, raw, defaults):
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
     item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
-    if item is not None and TRIGGER in item.instance_prompt:
+    if item is not None and item.trigger is not None and TRIGGER in item.instance_prompt:
         # The prompt of every image without a caption: [trigger] stands for the same words as in captions.
-        if item.trigger is None:
-            check.problem(
-                key + ("instance_prompt",),
-                f"uses {TRIGGER} but no trigger is set",
-                f'set trigger = "sks dog" (the words {TRIGGER} stands for), or write them in the prompt',
-            )
-        else:
-            item = replace(item, instance_prompt=item.instance_prompt.replace(TRIGGER, item.trigger))
+        # Without a trigger it stays as written (projects that trained so still load and stay fresh), and
+        # the train step says so.
+        item = replace(item, instance_prompt=item.instance_prompt.replace(TRIGGER, item.trigger))
     return _resolve_images(check, defaults.project_dir, key, item, required=True)
 
 

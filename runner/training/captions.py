@@ -43,6 +43,10 @@ def read_caption(path: Path, log) -> str | None:
 
 def image_prompts(files: list[Path], extension: str | None, fallback: str, trigger: str | None, log):
     """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`."""
+    if trigger is None and TRIGGER in fallback and files:
+        log(
+            f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
+        )
     prompts = []
     for image in files:
         caption = None

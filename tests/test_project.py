@@ -503,16 +503,22 @@ def test_an_output_folder_inside_an_image_folder_is_a_problem(folder):
     inside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "data/dog/out"')
     assert problems(folder, inside) == [
         "project.out: the output folder data/dog/out is inside the image folder of subjects.dog (line 4) "
-        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "build/p"'
+        "- the next build would train on the images of its priors and renders; put the outputs elsewhere, e.g. "
+        'out = "build/p"'
     ]
     (folder / "data/dog/00.png").rename(folder / "00.png")
     here = GOOD.replace('images = "data/dog"', 'images = "."')
     assert problems(folder, here) == [
         "subjects.dog.images: the output folder build/p is inside the image folder of subjects.dog (line 9) "
-        '- the next build would train on its own renders; put the outputs elsewhere, e.g. out = "../build/p"'
+        "- the next build would train on the images of its priors and renders; put the outputs elsewhere, e.g. "
+        'out = "../build/p"'
     ]
     beside = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
     load_project(_write(folder, beside.replace('images = "data/dog"', 'images = "data/toy"')))
+    # Adapters alone write no images there: valid, as it was.
+    adapters_only = here.split("[priors.dog]")[0] + here.split('class_prompt = "a photo of dog"\n')[1]
+    adapters_only = adapters_only.split("[renders.park]")[0].replace('prior = "dog"\n', "")
+    assert load_project(_write(folder, adapters_only)).subjects["dog"].images == str(folder)
 
 
 def _write(folder, text: str):

@@ -70,10 +70,14 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
 
 
 def check_out(check, project_dir: Path, settings, tables: dict) -> None:
-    """The output folder must not be inside an input image folder: the next build would read the outputs
-    (a render's PNGs, a prior's class images) as training images, and retrain forever."""
+    """The output folder must not be inside an input image folder where steps write images into it: the
+    next build would read them (a render's PNGs, a prior's class images) as training images, and retrain
+    forever. Without such steps (adapters only) nothing there is read: that stays valid, as it built."""
     from runner import steps
 
+    writers = [k.table for k in steps.kinds() if k.writes_images and tables.get(k.name)]
+    if not writers:
+        return
     name = settings.name or check.path.stem
     out_text = settings.out or f"build/{name}"
     out = (project_dir / Path(out_text).expanduser()).resolve()
@@ -93,7 +97,8 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                 check.problem(
                     ("project", "out") if settings.out else (kind.table, table, "images"),
                     f"the output folder {out_text} is inside the image folder of {kind.table}.{table}",
-                    "the next build would train on its own renders; put the outputs elsewhere, "
+                    f"the next build would train on the images of its {' and '.join(writers)}; put the outputs "
+                    "elsewhere, "
                     f'e.g. out = "{outside}"',
                 )
 

@@ -178,7 +178,9 @@ class Subject:
         "read each image's prompt from the file beside it with this extension, e.g. '.txt'; default: off",
         "str?",
     )
-    trigger: str | None = opt(None, "what [trigger] in a caption or the instance prompt stands for, e.g. 'sks dog'", "str?")
+    trigger: str | None = opt(
+        None, "what [trigger] in a caption or the instance prompt stands for, e.g. 'sks dog'", "str?"
+    )
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 

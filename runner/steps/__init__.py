@@ -123,6 +123,7 @@ class StepKind:
     folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
+    writes_images: bool = False  # its outputs are image files, which an image folder around them would read
     # A kind whose steps come from other kinds' tables, not from a table of its own (`table` is ""):
     # derive(tables) -> {name: spec}, given the tables of the kinds registered before it.
     derive: Callable[[dict], dict] | None = None

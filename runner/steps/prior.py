@@ -158,6 +158,7 @@ def _inputs(i: Inputs) -> dict:
 KIND = register(
     StepKind(
         name="prior",
+        writes_images=True,
         table="priors",
         spec=Prior,
         output_dir="priors",

@@ -223,6 +223,7 @@ def _inputs(i: Inputs) -> dict:
 KIND = register(
     StepKind(
         name="render",
+        writes_images=True,
         table="renders",
         spec=Render,
         output_dir="renders",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import families, tempnames
@@ -29,6 +29,9 @@ class BaseModel:
     # A single file's component configs and tokenizers: a diffusers folder (absolute path) or a hub id,
     # passed to from_single_file as `config`. None: diffusers infers them (and reads them from the hub).
     config: str | None = None
+    # The value as the project file writes it (a local path relative to the project file): what outputs
+    # record, so that the same project in another folder writes the same bytes. Not part of equality.
+    written: str = field(default="", compare=False)
 
     @classmethod
     def parse(
@@ -40,13 +43,13 @@ class BaseModel:
         config: str | None = None,
     ):
         if value in families.builtin_names():
-            return cls("builtin", value, None, allow_pickle)
+            return cls("builtin", value, None, allow_pickle, written=value)
         path = local_path(value, project_dir)
         if path.is_dir():
-            return cls("folder", str(path), None, allow_pickle)
+            return cls("folder", str(path), None, allow_pickle, written=value)
         if path.is_file() or value.endswith(SINGLE_FILE_SUFFIXES):
-            return cls("file", str(path), None, allow_pickle, config_ref(config, project_dir))
-        return cls("hub", value, revision, allow_pickle)
+            return cls("file", str(path), None, allow_pickle, config_ref(config, project_dir), written=value)
+        return cls("hub", value, revision, allow_pickle, written=value)
 
     @classmethod
     def of(cls, settings, project_dir: Path):
@@ -58,6 +61,12 @@ class BaseModel:
             settings.allow_pickle,
             settings.base_model_config,
         )
+
+    @property
+    def recorded(self) -> str:
+        """What an adapter records as its base model (PEFT's `base_model_name_or_path`, dbl.json): a hub id
+        or built-in name as it is, a local folder or file as the project file writes it."""
+        return self.written if self.kind in ("folder", "file") and self.written else self.ref
 
     @property
     def display(self) -> str:

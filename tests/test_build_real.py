@@ -3,6 +3,7 @@ killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uni
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,3 +134,28 @@ def test_the_flow_builds_then_does_nothing(tmp_path):
     second = dbl("build", "projects/flow.toml", cwd=tmp_path)
     assert second.returncode == 0 and second.stdout.strip().endswith("all 6 steps are up to date")
     assert len(second.stdout.strip().splitlines()) == 1
+
+
+def test_a_local_base_model_gives_the_same_bytes_wherever_the_project_lies(tmp_path):
+    """Outputs record a local base model as the project file writes it, not as an absolute path: the
+    same project checked out in two folders builds the same bytes (and so the same lockfile)."""
+    from runner.models import ensure_builtin
+
+    built = []
+    for folder in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        folder.mkdir(parents=True)
+        shutil.copytree(ensure_builtin("tiny-sd"), folder / "model")
+        for i in range(2):
+            write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+        (folder / "p.toml").write_text(
+            '[project]\nbase_model = "./model"\n\n[train]\nresolution = 64\nsteps = 1\ntrain_text_encoder = false\n\n'
+            '[subjects.dog]\nimages = "dog"\ninstance_prompt = "a photo of sks dog"\n'
+        )
+        build_here(folder / "p.toml")
+        out = folder / "build" / "p" / "adapters" / "dog"
+        built.append(
+            {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        )
+    assert json.loads(built[0]["unet/adapter_config.json"])["base_model_name_or_path"] == "./model"
+    assert json.loads(built[0]["dbl.json"])["base_model"] == "./model"
+    assert built[0] == built[1]

@@ -125,7 +125,7 @@ def _base_model_name(parents, ctx: StepContext, family) -> str:
                 value = json.loads(path.read_text()).get("base_model_name_or_path")
                 if value:
                     return value
-    return ctx.models.base.display
+    return ctx.models.base.recorded
 
 
 # --- the kind ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def write_adapter(run: Run, out, subject, stop_at) -> dict:
             out,
             {c.name: run.modules[c.name] for c in run.components},
             adapter_name="default",
-            base_model=run.job.base.ref,
+            base_model=run.job.base.recorded,
             info=provenance.info(run, summary, subject, stop_at),
             name=KOHYA_STEM,
             family=run.job.family,

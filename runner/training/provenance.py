@@ -34,7 +34,7 @@ def info(run, summary: dict, subject, stop_at) -> dict:
     job = run.job
     info = {
         "kind": "train",
-        "base_model": job.base.ref,
+        "base_model": job.base.recorded,
         "base_revision": job.base.revision,
         "prediction_type": run.noise.config.prediction_type,
         "mixed_precision": job.mixed_precision,

@@ -112,6 +112,25 @@ def test_an_image_replaced_while_its_step_runs_never_enters_the_cache(tmp_path):
     )
 
 
+@pytest.mark.parametrize("how", ["was added", "was removed"])
+def test_an_image_added_or_removed_while_its_step_runs_is_said_so(tmp_path, how):
+    p = Proj(tmp_path, PETS)
+    photo = tmp_path / "data" / "toy" / ("new.png" if how == "was added" else "00.png")
+
+    def add_or_remove():
+        if how == "was added":
+            write_image(photo, seed=98)
+        else:
+            photo.unlink()
+
+    result, rec, ran = build_with(p, during("train:toy", add_or_remove))
+    assert "train:toy" in ran and photo.exists() == (how == "was added")  # it really happened meanwhile
+    ends = {e[1]: e for e in rec.events if e[0] == "end"}
+    assert ends["train:toy"][2] == "failed"
+    assert f"data/toy/{photo.name} {how} while the step ran" in ends["train:toy"][3]
+    assert "train:toy" not in lockfile.read(p.lock)
+
+
 def test_an_edit_reverted_while_the_step_runs_is_noticed_too(tmp_path):
     """The step read the edited bytes; the file is back as it was, with its size and mtime: only the
     change time tells."""

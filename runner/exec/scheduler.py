@@ -365,11 +365,20 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     if replaced:
         reporter.log(ev, f"forced: replaced the run-cache entry of these inputs ({replaced})")
     metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
-    changed = stat_snapshot(s.read).changed_since(s.before)
+    after = stat_snapshot(s.read)
+    changed = after.changed_since(s.before)
     if changed:
         ws.cache.drop(s.fp)
+        first = str(changed[0])
+        how = (
+            "was added"
+            if s.before.get(first) is None
+            else "was removed"
+            if after.get(first) is None
+            else "changed"
+        )
         raise StepError(
-            f"{step.id}: {ws.rel(changed[0])} changed while the step ran"
+            f"{step.id}: {ws.rel(changed[0])} {how} while the step ran"
             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
             + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
         )

@@ -407,6 +407,9 @@ def cmd_check(args) -> int:
 
     project = _load(args)
     report = check(project)
+    if not report.mismatches and not report.files:
+        print("nothing to check: the lockfile records no built step yet (`dbl build` builds them)")
+        return EXIT_OK
     if not report.mismatches:
         print(f"all {report.files} files match the lockfile")
         return EXIT_OK

@@ -80,9 +80,11 @@ def test_check_reads_inputs_and_cache_entries(proj, build, capsys):
 
 def test_check_without_a_lockfile_and_when_all_is_well(proj, build, capsys):
     assert main(["check", str(proj.path)]) == 0
-    assert capsys.readouterr().out.startswith("all 0 files match")
+    assert capsys.readouterr().out.startswith("nothing to check: the lockfile records no built step yet")
     build(proj)
     assert main(["check", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("all ") and out.endswith(" files match the lockfile\n") and "all 0 " not in out
 
 
 def test_old_stat_cache_entries_miss(tmp_path):

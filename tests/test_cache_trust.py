@@ -233,8 +233,8 @@ def test_force_replaces_the_cache_entry_and_says_so(tmp_path):
     assert (
         "log",
         "render:base",
-        "forced: replaced the run-cache entry of these inputs (it held different bytes)",
-    ) in rec.events
+        "warning: forced: replaced the run-cache entry of these inputs (it held different bytes)",
+    ) in rec.events  # a warning: shown without -v
 
 
 # --- 6. names are in the output layout, not in cached bytes -------------------------------------------

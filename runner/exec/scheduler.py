@@ -362,8 +362,9 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
     replaced = ws.cache.store(s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force)
-    if replaced:
-        reporter.log(ev, f"forced: replaced the run-cache entry of these inputs ({replaced})")
+    if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
+        shown = WARNING if "different" in replaced else ""
+        reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")
     metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
     after = stat_snapshot(s.read)
     changed = after.changed_since(s.before)

@@ -151,26 +151,13 @@ def hold_a_gib(ctx):
 
 def test_a_worker_between_steps_gives_its_cached_gpu_memory_back(tmp_path):
     from runner.exec.backends import ProcessBackend
-    from runner.exec.job import Hooks, Job
+    from runner.exec.job import Hooks
+    from tests.test_workers import job
 
     backend = ProcessBackend(None)
     try:
         runs = [
-            backend.run(
-                Job(
-                    step_id=f"render:{n}",
-                    kind="render",
-                    name=n,
-                    spec=None,
-                    project=None,
-                    fingerprint=n,
-                    run=f"{__name__}:hold_a_gib",
-                    inputs={},
-                    work=tmp_path / n,
-                    devices=("0",),
-                ),
-                Hooks(),
-            ).metrics
+            backend.run(job(tmp_path, n, run="hold_a_gib", devices=("0",), module=__name__), Hooks()).metrics
             for n in ("a", "b")
         ]
     finally:

@@ -36,7 +36,10 @@ class Options:
         self.jobs = jobs
 
 
-def job(tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, ...] = ()) -> Job:
+def job(
+    tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, ...] = (), module: str = HERE
+) -> Job:
+    """A render step that runs `module:run`, with nothing upstream."""
     return Job(
         step_id=f"render:{name}",
         kind="render",
@@ -44,7 +47,7 @@ def job(tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, .
         spec=None,
         project=None,
         fingerprint=name,
-        run=f"{HERE}:{run}",
+        run=f"{module}:{run}",
         inputs={},
         work=tmp_path / name,
         devices=devices,

@@ -132,6 +132,17 @@ def test_prodigy_with_a_small_learning_rate_is_a_warning(tmp_path, images):
     ), logs
 
 
+def test_a_text_encoder_learning_rate_without_text_encoder_training_is_a_warning(tmp_path, images):
+    instance, _ = images
+    logs = []
+    train = dict(steps=1, train_text_encoder=False, text_encoder_learning_rate=5e-5)
+    _run(train_context(tmp_path, make_subject(instance, train=train), log=logs.append))
+    said = [line for line in logs if "text_encoder_learning_rate" in line]
+    assert said == [
+        "warning: text_encoder_learning_rate is set but train_text_encoder = false: nothing trains with it"
+    ]
+
+
 def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, images):
     instance, _ = images
     ctx = train_context(tmp_path, make_subject(instance, train=dict(optimizer="adamw8bit")))

@@ -101,6 +101,11 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     images, weight = read_images(job, log)
     # A private pipeline when bias training would touch the shared pipeline's weights.
     components = family.trained_components(ts)
+    for setting, gate in sorted(
+        {(c.learning_rate, c.gate) for c in family.components if c not in components}
+    ):
+        if setting and getattr(ts, setting) is not None:
+            log(f"warning: {setting} is set but {gate} = false: nothing trains with it")
     shared = models is not None and not lora.trains_bias(components, job.subject.lora)
     if shared:
         pipe = models.pipeline(dtype)

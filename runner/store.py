@@ -146,6 +146,10 @@ class RunCache:
     one folder) can share the cache safely: whoever renames first wins, and both entries are identical.
     """
 
+    # What `store` says of the entry a forced rerun replaced.
+    HELD_SAME = "it held the same bytes"
+    HELD_DIFFERENT = "it held different bytes"
+
     def __init__(self, root: Path):
         self.root = root
 
@@ -191,7 +195,7 @@ class RunCache:
         replaced = ""
         if intact:  # and replace
             same = old["output_hash"] == meta["output_hash"]
-            replaced = "it held the same bytes" if same else "it held different bytes"
+            replaced = self.HELD_SAME if same else self.HELD_DIFFERENT
             self.drop(fingerprint)
         try:
             os.rename(tmp, entry)

@@ -363,7 +363,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     step = s.p.step
     replaced = ws.cache.store(s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force)
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
-        shown = WARNING if "different" in replaced else ""
+        shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
         reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")
     metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
     after = stat_snapshot(s.read)

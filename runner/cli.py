@@ -268,13 +268,13 @@ def cmd_build(args) -> int:
     from runner.interrupt import StopOnInterrupt, exit_code_for
     from runner.ui import make_reporter
 
-    project = _load(args)
-    verbosity = -1 if args.quiet else 1 if args.verbose else 0
-    reporter = make_reporter("plain" if args.no_progress else "auto", verbosity)
     if args.num_processes is not None and args.num_processes < 1:
         return _usage("--num-processes must be at least 1")
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
+    project = _load(args)
+    verbosity = -1 if args.quiet else 1 if args.verbose else 0
+    reporter = make_reporter("plain" if args.no_progress else "auto", verbosity)
     stop = StopOnInterrupt()
     try:
         with stop:
@@ -341,6 +341,10 @@ def _parallel_problem(args) -> str | None:
         return "--per-gpu must be at least 1"
     if args.ray_address is not None and args.executor != "ray":
         return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
+    if args.gpus is not None:
+        from runner.exec.devices import gpus_problem, parse_gpus
+
+        return gpus_problem(parse_gpus(args.gpus))
     return None
 
 

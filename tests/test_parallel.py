@@ -12,7 +12,7 @@ from pathlib import Path
 from runner import events, executor, lockfile
 from runner.errors import StepError, StepInterrupted
 from runner.exec.backends import ProcessBackend
-from runner.exec.devices import DevicePool, parse_gpus
+from runner.exec.devices import DevicePool, gpus_problem, parse_gpus
 from runner.exec.job import run_job
 from tests.conftest import FakeSteps, Recorder
 
@@ -150,6 +150,21 @@ def test_gpu_lists(monkeypatch):
     assert parse_gpus(None) == ["1", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert parse_gpus(None) == []
+
+
+def test_gpus_that_cuda_would_not_take_are_usage_errors(tmp_path, capsys):
+    """CUDA_VISIBLE_DEVICES stops at the first entry it cannot read: `--gpus 1,two` would have
+    shown the steps one GPU, `--gpus all` none, and they would have run on the CPU without a word."""
+    from runner.cli import main
+
+    assert gpus_problem(["0", "3", "GPU-8932f937-d72c", "MIG-1d5a"]) is None
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "tiny-sd"\n')
+    for given, bad in (("all", "'all'"), ("0,two", "'two'"), ("cuda:0", "'cuda:0'")):
+        assert main(["build", str(path), "-j", "2", "--gpus", given, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--gpus: {bad} is not a GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "p.lock").exists()
 
 
 # --- the scheduler ----------------------------------------------------------------------------------------

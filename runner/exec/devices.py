@@ -56,3 +56,16 @@ def parse_gpus(text: str | None) -> list[str]:
         )
     except OSError:
         return []
+
+
+def gpus_problem(gpus: list[str]) -> str | None:
+    """Why `--gpus` names something CUDA_VISIBLE_DEVICES would not take, or None. CUDA takes indices
+    and UUIDs (`nvidia-smi -L`: GPU-..., MIG-...); it stops at the first entry it cannot read, and a
+    step given no GPU would run on the CPU without a word."""
+    for g in gpus:
+        if not (g.isdigit() or g.startswith(("GPU-", "MIG-"))):
+            return (
+                f"--gpus: {g!r} is not a GPU; give indices or UUIDs (nvidia-smi -L), comma-separated, "
+                "e.g. --gpus 0,1,3"
+            )
+    return None

@@ -195,6 +195,26 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
     assert set(pipe.unet.peft_config) == {"a", "b"}
 
 
+def test_a_numbered_cuda_device_is_checked_and_computes_in_fp16(monkeypatch):
+    import torch
+
+    from runner import models
+
+    with pytest.raises(
+        ValueError, match=re.escape("unknown device 'cuda:x'; use auto, cuda, mps, cpu or cuda:N")
+    ):
+        api.load_pipeline("tiny-sd", device="cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape("device = 'cuda:0' but no CUDA device is available")):
+        api.load_pipeline("tiny-sd", device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=re.escape("device = 'cuda:2' but there are 2 CUDA devices")):
+        api.load_pipeline("tiny-sd", device="cuda:2")
+    assert models.resolve_device("cuda:1") == "cuda:1"
+    assert api._dtype(None, "cuda:1") == api._dtype(None, "cuda") == torch.float16
+
+
 def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
     from PIL import Image
 

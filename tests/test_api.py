@@ -177,6 +177,18 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
             lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "ties", density=0.5, majority_sign_method="x"),
             "majority_sign_method 'x' is not one of total, frequency",
         ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", density=0.5),
+            "density does not apply to method 'cat'; methods that use it: ties, ",
+        ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "linear", svd_rank=2),
+            "svd_rank applies to svd methods only, not 'linear'; svd methods: svd, ties_svd, ",
+        ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", svd_clamp=0.9),
+            "svd_clamp applies to svd methods only, not 'cat'",
+        ),
         (lambda: api.set_adapter(pipe, 5), "name the adapters with a string or a list of strings"),
         (lambda: api.set_adapter(pipe, ["a", "a"]), "'a' named twice"),
         (lambda: api.set_adapter(pipe, "a", weights=0.5), "weights must be a list of numbers"),

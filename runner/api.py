@@ -74,6 +74,9 @@ def load_pipeline(
         )
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
+    if base_model.kind == "hub" and models.looks_local(str(base)):
+        # a path (./models/sd15), not a hub id (owner/name): say so, not what the hub makes of it
+        raise ValueError(f"no such file or folder: {models.local_path(str(base), Path.cwd())}")
     device = models.resolve_device(device)
     pipe = models.load_pipeline(base_model, dtype=_dtype(dtype, device), device=device)
     for name, path in (adapters or {}).items():

@@ -198,6 +198,11 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         (lambda: api.unload_adapter(pipe, None), "no adapter named None is loaded"),
         (lambda: api.load_adapter(pipe, tmp_path / "nope.toml:dog", "x"), "no such project file"),
         (lambda: api.load_pipeline("tiny-sd", device="tpu"), "unknown device 'tpu'"),
+        (
+            lambda: api.load_pipeline(f"{tmp_path}/models/sd15"),
+            f"no such file or folder: {tmp_path}/models/sd15",
+        ),
+        (lambda: api.load_pipeline("./no-such-model", device="cpu"), "no such file or folder: "),
         (lambda: api.load_pipeline("tiny-sd", ["a"], device="cpu"), "adapters maps names to adapter paths"),
     ]
     for call, message in calls:

@@ -22,6 +22,7 @@ and how. torch, diffusers and peft are imported inside the functions.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -58,14 +59,14 @@ def load_pipeline(
     `base` is a hub id, a local diffusers folder, a single-file checkpoint (.safetensors), or "tiny-sd".
     `adapters` maps the names you want to use to adapter paths (see `load_adapter`); they are loaded in
     order and the last one is active, as after diffusers' `load_lora_weights`: pick with `set_adapter`.
-    `device` is "auto" (CUDA, then MPS, then CPU), "cuda", "mps" or "cpu". `dtype` is a torch dtype or
-    "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and fp32 elsewhere. `base_model_config`, for a
+    `device` is "auto" (CUDA, then MPS, then CPU), "cuda" (or "cuda:N"), "mps" or "cpu". `dtype` is a
+    torch dtype or "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and fp32 elsewhere. `base_model_config`, for a
     single-file `base`: a diffusers folder or hub id whose configs and tokenizers describe it, as the
     project file's key of that name.
     """
     from runner import models
 
-    if device not in DEVICES and not str(device).startswith("cuda:"):
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(device)):
         raise ValueError(f"unknown device {device!r}; use {', '.join(DEVICES)} or cuda:N")
     if adapters is not None and not isinstance(adapters, Mapping):
         raise ValueError(
@@ -73,6 +74,9 @@ def load_pipeline(
         )
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
+    if base_model.kind == "hub" and models.looks_local(str(base)):
+        # a path (./models/sd15), not a hub id (owner/name): say so, not what the hub makes of it
+        raise ValueError(f"no such file or folder: {models.local_path(str(base), Path.cwd())}")
     device = models.resolve_device(device)
     pipe = models.load_pipeline(base_model, dtype=_dtype(dtype, device), device=device)
     for name, path in (adapters or {}).items():
@@ -84,7 +88,7 @@ def _dtype(dtype, device: str):
     import torch
 
     if dtype is None:
-        return torch.float16 if device == "cuda" else torch.float32
+        return torch.float16 if device.partition(":")[0] == "cuda" else torch.float32
     if isinstance(dtype, str):
         names = {
             "fp32": torch.float32,

@@ -208,6 +208,17 @@ def _check_method(
         raise AdapterError(f"unknown blend method {method!r}; methods: {', '.join(BLEND_METHODS)}")
     if method in DENSITY_METHODS and (density is None or not 0 < density <= 1):
         raise AdapterError(f"method {method!r} needs density, the fraction of weights kept, in (0, 1]")
+    # PEFT ignores an option its method does not use; asking for one is a mistake to say (as the project
+    # file does).
+    if density is not None and method not in DENSITY_METHODS:
+        raise AdapterError(
+            f"density does not apply to method {method!r}; methods that use it: {', '.join(DENSITY_METHODS)}"
+        )
+    for option, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
+        if value is not None and method not in SVD_METHODS:
+            raise AdapterError(
+                f"{option} applies to svd methods only, not {method!r}; svd methods: {', '.join(SVD_METHODS)}"
+            )
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise AdapterError(f"svd_rank must be a whole number of at least 1, or None; got {svd_rank!r}")
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not 0 <= svd_clamp <= 1):

@@ -27,6 +27,7 @@ class Mismatch:
     path: str  # as shown: relative to the project's folder where it lies below it
     problem: str
     fix: str
+    read: bool = True  # False: missing or unreadable (or the lockfile's own record), so among no files read
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem} - {self.fix}"
@@ -35,7 +36,7 @@ class Mismatch:
 @dataclass
 class Report:
     mismatches: list[Mismatch]
-    files: int  # files read
+    files: int  # files checked: those read, and those found missing or unreadable
 
 
 def check(project: Project) -> Report:
@@ -50,6 +51,7 @@ def check(project: Project) -> Report:
             path.name,
             f"the record of {sid} does not match its digest (a text merge or a hand edit)",
             f"`dbl build` restores or reruns {sid}",
+            read=False,
         )
         for w in caught
         if isinstance(w.message, lockfile.LockfileWarning)
@@ -62,7 +64,8 @@ def check(project: Project) -> Report:
     cached, cache_files = _cache_entries(project, records)
     hasher.save()
     unique = list(dict.fromkeys(found + cached))
-    return Report(unique, hasher.reads + cache_files)
+    unread = {m.path for m in unique if not m.read}
+    return Report(unique, hasher.reads + cache_files + len(unread))
 
 
 def _shown(project: Project, path: Path) -> str:
@@ -89,12 +92,14 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
     for rel, item in sorted(record.get("outputs", {}).items()):
         path = project.dir / rel
         if not path.is_file():
-            found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD))
+            found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD, read=False))
             continue
         before = hasher.cached(path)
         now = _read(hasher, path)
         if now is None:
-            found.append(Mismatch(rel, f"output of {sid} cannot be read", "check its permissions"))
+            found.append(
+                Mismatch(rel, f"output of {sid} cannot be read", "check its permissions", read=False)
+            )
         elif now != item["sha256"]:
             note = _blind(before, item["sha256"])
             found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
@@ -112,12 +117,16 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                 path = folder / rel
                 shown = _shown(project, path)
                 if not path.is_file():
-                    found.append(Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}"))
+                    found.append(
+                        Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}", read=False)
+                    )
                     continue
                 before = hasher.cached(path)
                 now = _read(hasher, path)
                 if now is None:
-                    found.append(Mismatch(shown, f"input of {sid} cannot be read", "check its permissions"))
+                    found.append(
+                        Mismatch(shown, f"input of {sid} cannot be read", "check its permissions", read=False)
+                    )
                 elif now != recorded:
                     note = _blind(before, recorded)
                     problem = f"input of {sid} changed since it was built{note}"
@@ -138,7 +147,8 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     try:
         now = base_model_identity(base, hasher)
     except OSError as exc:
-        return [Mismatch(str(base.ref), f"base model cannot be read ({exc.strerror or exc})", "fix the path")]
+        problem = f"base model cannot be read ({exc.strerror or exc})"
+        return [Mismatch(str(base.ref), problem, "fix the path", read=False)]
     built_with = sorted(
         sid
         for sid, record in records.items()
@@ -175,7 +185,8 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
             f"delete the entry (rm -r {_shown(project, entry)}); a later build reruns {sid} when it needs it"
         )
         if meta is None:
-            found.append(Mismatch(_shown(project, entry), f"run-cache entry of {sid} has no manifest", fix))
+            problem = f"run-cache entry of {sid} has no manifest"
+            found.append(Mismatch(_shown(project, entry), problem, fix, read=False))
             continue
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
@@ -188,5 +199,5 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
                 state = "unreadable"
             if state:
                 problem = f"run-cache copy of {sid}'s output is {state}"
-                found.append(Mismatch(_shown(project, path), problem, fix))
+                found.append(Mismatch(_shown(project, path), problem, fix, read=state == "altered"))
     return found, read

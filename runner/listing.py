@@ -70,8 +70,9 @@ def _loss(metrics: dict) -> str:
         return "nan" if value is None else f"{value:.4g}"
 
     text = f"loss {number(metrics.get('loss_first'))} -> {number(metrics['loss_last'])}"
-    if isinstance(metrics.get("steps"), int):
-        text += f" in {metrics['steps']} steps"
+    steps = metrics.get("steps")
+    if isinstance(steps, int):
+        text += f" in {steps} step{'' if steps == 1 else 's'}"
     return text
 
 

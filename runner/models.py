@@ -135,8 +135,17 @@ def resolve_device(name: str) -> str:
     import torch
 
     if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise ModelError("device = 'cuda' but no CUDA device is available; set device = 'auto' or 'cpu'")
+        if name.partition(":")[0] == "cuda":  # cuda, or cuda:N (the notebook API)
+            if not torch.cuda.is_available():
+                raise ModelError(
+                    f"device = '{name}' but no CUDA device is available; set device = 'auto' or 'cpu'"
+                )
+            index = int(name.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ModelError(
+                    f"device = '{name}' but there are {torch.cuda.device_count()} CUDA devices (cuda:0 "
+                    f"to cuda:{torch.cuda.device_count() - 1})"
+                )
         if name == "mps" and not torch.backends.mps.is_available():
             raise ModelError("device = 'mps' but MPS is not available; set device = 'auto' or 'cpu'")
         return name

@@ -177,6 +177,18 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
             lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "ties", density=0.5, majority_sign_method="x"),
             "majority_sign_method 'x' is not one of total, frequency",
         ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", density=0.5),
+            "density does not apply to method 'cat'; methods that use it: ties, ",
+        ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", "linear", svd_rank=2),
+            "svd_rank applies to svd methods only, not 'linear'; svd methods: svd, ties_svd, ",
+        ),
+        (
+            lambda: api.blend(pipe, {"a": 1.0, "b": 1.0}, "n", svd_clamp=0.9),
+            "svd_clamp applies to svd methods only, not 'cat'",
+        ),
         (lambda: api.set_adapter(pipe, 5), "name the adapters with a string or a list of strings"),
         (lambda: api.set_adapter(pipe, ["a", "a"]), "'a' named twice"),
         (lambda: api.set_adapter(pipe, "a", weights=0.5), "weights must be a list of numbers"),
@@ -186,6 +198,11 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         (lambda: api.unload_adapter(pipe, None), "no adapter named None is loaded"),
         (lambda: api.load_adapter(pipe, tmp_path / "nope.toml:dog", "x"), "no such project file"),
         (lambda: api.load_pipeline("tiny-sd", device="tpu"), "unknown device 'tpu'"),
+        (
+            lambda: api.load_pipeline(f"{tmp_path}/models/sd15"),
+            f"no such file or folder: {tmp_path}/models/sd15",
+        ),
+        (lambda: api.load_pipeline("./no-such-model", device="cpu"), "no such file or folder: "),
         (lambda: api.load_pipeline("tiny-sd", ["a"], device="cpu"), "adapters maps names to adapter paths"),
     ]
     for call, message in calls:
@@ -193,6 +210,26 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
             call()
     assert api.loaded_adapters(pipe) == ["a", "b"]
     assert set(pipe.unet.peft_config) == {"a", "b"}
+
+
+def test_a_numbered_cuda_device_is_checked_and_computes_in_fp16(monkeypatch):
+    import torch
+
+    from runner import models
+
+    with pytest.raises(
+        ValueError, match=re.escape("unknown device 'cuda:x'; use auto, cuda, mps, cpu or cuda:N")
+    ):
+        api.load_pipeline("tiny-sd", device="cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape("device = 'cuda:0' but no CUDA device is available")):
+        api.load_pipeline("tiny-sd", device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=re.escape("device = 'cuda:2' but there are 2 CUDA devices")):
+        api.load_pipeline("tiny-sd", device="cuda:2")
+    assert models.resolve_device("cuda:1") == "cuda:1"
+    assert api._dtype(None, "cuda:1") == api._dtype(None, "cuda") == torch.float16
 
 
 def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811

@@ -107,14 +107,14 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
     from tests.conftest import FakeBackend, FakeSteps, use_backend
 
-    losses = {"train:dog": (0.41234, 0.087123), "train:toy": (0.5, float("nan"))}
+    losses = {"train:dog": (0.41234, 0.087123, 4), "train:toy": (0.5, float("nan"), 1)}
 
     def with_losses(run):
         def step(ctx):
             metrics = run(ctx)
             if ctx.step_id in losses:
-                first, last = losses[ctx.step_id]
-                metrics.update(loss_first=first, loss_last=last, steps=4)
+                first, last, steps = losses[ctx.step_id]
+                metrics.update(loss_first=first, loss_last=last, steps=steps)
             return metrics
 
         return step
@@ -130,7 +130,7 @@ def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
     assert lines[:4] == [
         "prior:dog     fresh  build/pets/priors/dog",
         "train:dog     fresh  build/pets/adapters/dog   loss 0.4123 -> 0.08712 in 4 steps",
-        "train:toy     fresh  build/pets/adapters/toy   loss 0.5 -> nan in 4 steps",
+        "train:toy     fresh  build/pets/adapters/toy   loss 0.5 -> nan in 1 step",
         "blend:mix     fresh  build/pets/blends/mix",
     ]
     assert lines[-1] == "render:base   fresh  build/pets/renders/base"

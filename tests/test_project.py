@@ -544,6 +544,29 @@ def test_problem_messages(folder, extra, expected):
         raise AssertionError(f"{expected!r} not in {found!r}")
 
 
+def test_a_blend_component_of_one_parent_keeps_that_parent_s_rank(folder):
+    # Only dog trains a text encoder: PEFT copies its LoRA into the svd blend at its own rank (4), not at
+    # svd_rank (16), so a linear blend of that blend with dog has equal ranks everywhere.
+    text = GOOD + textwrap.dedent(
+        """
+        [subjects.dog.lora]
+        text_encoder_rank = 4
+        [subjects.toy.train]
+        train_text_encoder = false
+        [subjects.toy.lora]
+        rank = 8
+        [blends.s]
+        adapters = { dog = 1.0, toy = 0.5 }
+        method = "svd"
+        svd_rank = 16
+        [blends.lin]
+        adapters = { s = 1.0, dog = 0.5 }
+        method = "linear"
+        """
+    )
+    assert list(load_project(_write(folder, text)).blends) == ["mix", "s", "lin"]
+
+
 def test_a_render_lists_several_adapters(folder):
     path = folder / "p.toml"
     path.write_text(GOOD + '\n[renders.grid]\nadapters = ["dog", "mix", "none"]\nprompts = ["x"]\n')

@@ -115,3 +115,22 @@ def test_check_reports_a_record_that_does_not_match_its_digest(proj, build, caps
     captured = capsys.readouterr()
     assert "pets.lock: the record of blend:mix does not match its digest" in captured.out
     assert "`dbl build` restores or reruns blend:mix" in captured.out
+
+
+def test_missing_files_count_among_the_files_checked(proj, build, capsys):
+    import shutil
+
+    from runner import lockfile
+
+    build(proj)
+    assert main(["check", str(proj.path)]) == 0
+    checked = int(capsys.readouterr().out.split()[1])  # "all N files match the lockfile"
+    cache = proj.root / ".dbl" / "cache"
+    cached = sum(1 for entry in cache.iterdir() for p in (entry / "files").rglob("*") if p.is_file())
+    outputs = sum(len(r["outputs"]) for r in lockfile.read(proj.root / "pets.lock").values())
+    shutil.rmtree(proj.root / "build")
+    shutil.rmtree(cache)
+    assert main(["check", str(proj.path)]) == 1
+    # The inputs are read as before; the outputs are counted although none could be read.
+    expected = f"{outputs} files of {checked - cached} differ from the lockfile:"
+    assert capsys.readouterr().out.splitlines()[0] == expected

@@ -382,6 +382,8 @@ def adapter_ranks(
         ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
         if not ranks:
             result[c["name"]] = None
+        elif len(ranks) == 1:  # PEFT combines a lone adapter linearly, whatever the method: its rank stays
+            result[c["name"]] = ranks[0]
         elif blend.method == "cat":
             result[c["name"]] = sum(ranks)
         elif blend.method == "svd" or blend.method.endswith("_svd"):

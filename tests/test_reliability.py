@@ -276,6 +276,33 @@ def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypat
     assert result.ok
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_disk_full_while_writing_the_lockfile_leaves_no_temp_file_beside_it(proj, build, monkeypatch):
+    build(proj)
+    before_lock = proj.lock.read_text()
+    proj.edit("sks dog on a beach", "sks dog on the moon")
+    real, failed = os.fsync, []
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".pets.lock.tmp-"):
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result, rec = build(proj)
+    assert failed and result.exit_code == 1  # the lockfile's write really failed
+    failures = [e for e in rec.events if e[0] == "end" and e[2] == FAILED]
+    assert failures and "No space left on device" in failures[0][3]
+    assert proj.lock.read_text() == before_lock
+    assert sorted(p.name for p in proj.root.iterdir() if p.name.startswith(".pets.lock")) == []
+    monkeypatch.setattr(os, "fsync", real)
+    result, _ = build(proj)
+    assert (
+        result.ok and lockfile.read(proj.lock)["render:park"]["inputs"]["prompts"][1] == "sks dog on the moon"
+    )
+
+
 # --- untrusted and odd files ----------------------------------------------------------------------
 
 

@@ -183,15 +183,21 @@ class RunCache:
         tmp = self.root / f".{fingerprint}.tmp-{_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        shutil.move(str(files), str(tmp / "files"))
         meta = {
             "version": MANIFEST_VERSION,
             "outputs": manifest,
             "output_hash": output_hash(manifest),
             "metrics": metrics,
         }
-        (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        fsync_tree(tmp)
+        try:
+            shutil.move(str(files), str(tmp / "files"))
+            (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+        except BaseException:
+            # A full disk: free what was moved or written at once, rather than keep it in a hidden folder
+            # until `dbl gc` (the step fails; it reruns next time).
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replaced = ""
         if intact:  # and replace
             same = old["output_hash"] == meta["output_hash"]

@@ -276,6 +276,27 @@ def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypat
     assert result.ok
 
 
+def test_disk_full_while_storing_in_the_run_cache_frees_the_half_written_entry(proj, build, monkeypatch):
+    from runner import store
+
+    build(proj)
+    before_lock, before = proj.lock.read_text(), outputs(proj.root)
+    proj.edit("sks dog on a beach", "sks dog on the moon")
+    failed = []
+
+    def full(folder):
+        failed.append(folder)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "fsync_tree", full)
+    result, rec = build(proj)
+    assert failed and result.exit_code == 1  # storing the entry really failed
+    failures = [e for e in rec.events if e[0] == "end" and e[2] == FAILED]
+    assert failures and "No space left on device" in failures[0][3]
+    assert outputs(proj.root) == before and proj.lock.read_text() == before_lock
+    assert [p.name for p in (proj.root / ".dbl" / "cache").iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
 def test_disk_full_while_writing_the_lockfile_leaves_no_temp_file_beside_it(proj, build, monkeypatch):
     build(proj)

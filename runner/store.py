@@ -82,12 +82,30 @@ def fsync_tree(folder: Path) -> None:
 
 def copy_tree(src: Path, dst: Path, names: dict[str, str] | None = None) -> None:
     """Copy a folder's files (content only: no metadata to carry between cache and outputs), renaming
-    the files that `names` maps ({relative path in src: relative path in dst})."""
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    the files that `names` maps ({relative path in src: relative path in dst}).
+
+    The first error is raised as it is (shutil.copytree would try every file and raise them all as one
+    list), and what was copied is removed: on a full disk, a step fails with one OS error and no
+    half-copied folder takes space.
+    """
+    try:
+        for root, dirs, files in os.walk(src, onerror=_raise):  # a missing src is an error, as in copytree
+            dirs.sort()
+            folder = dst / Path(root).relative_to(src)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in sorted(files):
+                shutil.copyfile(Path(root) / name, folder / name)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     for old, new in (names or {}).items():
         if old != new and (dst / old).is_file():
             (dst / new).parent.mkdir(parents=True, exist_ok=True)
             os.replace(dst / old, dst / new)
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 class Snapshot(dict):

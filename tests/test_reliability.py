@@ -276,6 +276,29 @@ def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypat
     assert result.ok
 
 
+def test_disk_full_while_copying_outputs_out_is_one_os_error_and_leaves_no_half_copy(
+    proj, build, monkeypatch
+):
+    build(proj)
+    before_lock, before = proj.lock.read_text(), outputs(proj.root)
+    proj.edit("sks dog on a beach", "sks dog on the moon")
+    real, failed = shutil.copyfile, []
+
+    def full(src, dst, *a, **kw):
+        if failed or Path(dst).name == "0-1.png":  # full from the second image on, as a disk fills up
+            failed.append(dst)
+            raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    result, rec = build(proj)
+    assert failed and result.exit_code == 1  # the copy really failed
+    (failure,) = [e[3] for e in rec.events if e[0] == "end" and e[2] == FAILED]
+    assert failure.startswith("[Errno 28] No space left on device") and failure.count("No space") == 1
+    assert outputs(proj.root) == before and proj.lock.read_text() == before_lock
+    assert not list((proj.root / ".dbl" / "tmp" / "pets").glob(".staged-*"))
+
+
 def test_disk_full_while_storing_in_the_run_cache_frees_the_half_written_entry(proj, build, monkeypatch):
     from runner import store
 

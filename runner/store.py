@@ -117,7 +117,9 @@ class Snapshot(dict):
         return sorted(Path(p) for p in set(self) | set(before) if self.get(p) != before.get(p))
 
 
-def stat_snapshot(paths: list[Path]) -> Snapshot:
+def stat_snapshot(paths: list[Path], hidden: bool = True) -> Snapshot:
+    """The Snapshot of every file under `paths`; `hidden=False` leaves out hidden files and folders
+    (those whose name starts with '.'), which no step reads from an image folder."""
     snap = Snapshot()
 
     def add(path: str) -> None:
@@ -132,9 +134,10 @@ def stat_snapshot(paths: list[Path]) -> Snapshot:
         path = Path(path)
         if path.is_dir():
             for root, dirs, names in os.walk(path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
                 for name in names:
-                    add(os.path.join(root, name))
+                    if hidden or not name.startswith("."):
+                        add(os.path.join(root, name))
         else:
             add(str(path))
     return snap

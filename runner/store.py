@@ -319,19 +319,32 @@ def _tag() -> str:
 
 
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:
-    """Put `staged` at `target`, replacing what was there, with two renames."""
+    """Put `staged` at `target`, replacing what was there, with two renames. A `target` on another file
+    system (`out` on another disk) gets `staged` moved beside it first (a copy, while the old outputs stay
+    in place), and the two renames happen there."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _swap(staged, target, trash)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        beside = target.parent / f".{target.name}.staged"
+        shutil.rmtree(beside, ignore_errors=True)
+        shutil.move(str(staged), str(beside))
+        _swap(beside, target, target.parent / f".{target.name}.trash")
+
+
+def _swap(staged: Path, target: Path, trash: Path) -> None:
+    """Rename `target` to `trash` and `staged` to `target`; on failure, the old `target` is put back."""
     shutil.rmtree(trash, ignore_errors=True)
     if target.exists():
         os.rename(target, trash)
     try:
         os.rename(staged, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            if trash.exists() and not target.exists():
-                os.rename(trash, target)  # put the old outputs back
-            raise
-        shutil.move(str(staged), str(target))  # another file system
+    except OSError:
+        if trash.exists() and not target.exists():
+            os.rename(trash, target)  # put the old outputs back
+        raise
     shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -299,6 +299,32 @@ def test_disk_full_while_copying_outputs_out_is_one_os_error_and_leaves_no_half_
     assert not list((proj.root / ".dbl" / "tmp" / "pets").glob(".staged-*"))
 
 
+def test_outputs_on_another_file_system_are_replaced_by_the_next_build(tmp_path, build, monkeypatch):
+    """`out` on another disk than `.dbl/` (a scratch disk, a symlinked build folder): a rename between the
+    two fails with EXDEV, here as there."""
+    disk = tmp_path / "scratch"
+    p = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "scratch/pets"'))
+    real, crossed = os.rename, []
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).is_relative_to(disk) != Path(dst).is_relative_to(disk):
+            crossed.append((src, dst))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result, _ = build(p)
+    assert result.ok and crossed  # the outputs really went to "another file system"
+    p.edit("sks dog on a beach", "sks dog on the moon")
+    result, rec = build(p)
+    assert result.ok, rec.events
+    assert [e[2] for e in rec.events if e[0] == "end" and e[1] == "render:park"] == ["done"]
+    park = disk / "pets" / "renders" / "park"
+    assert "sks dog on the moon" in (park / "1-0.png").read_text()
+    assert sorted(q.name for q in park.parent.iterdir()) == ["base", "mixed", "park"]  # no temp left
+    assert main(["check", str(p.path)]) == 0
+
+
 def test_disk_full_while_storing_in_the_run_cache_frees_the_half_written_entry(proj, build, monkeypatch):
     from runner import store
 

@@ -12,6 +12,7 @@ absent, so the build restores or reruns its step instead of trusting it. Records
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -226,11 +227,17 @@ def write(path: Path, steps: dict[str, dict]) -> None:
     """Write the lockfile atomically: a crash leaves the old file or the new one, never half of one."""
     text = HEADER + dumps({"version": LOCK_VERSION, "steps": with_digests(steps)})
     tmp = path.with_name(f".{path.name}.tmp-{tempnames.suffix()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk or an interrupt: leave no half-written temp file beside the project file.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
 
 

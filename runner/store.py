@@ -82,12 +82,30 @@ def fsync_tree(folder: Path) -> None:
 
 def copy_tree(src: Path, dst: Path, names: dict[str, str] | None = None) -> None:
     """Copy a folder's files (content only: no metadata to carry between cache and outputs), renaming
-    the files that `names` maps ({relative path in src: relative path in dst})."""
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    the files that `names` maps ({relative path in src: relative path in dst}).
+
+    The first error is raised as it is (shutil.copytree would try every file and raise them all as one
+    list), and what was copied is removed: on a full disk, a step fails with one OS error and no
+    half-copied folder takes space.
+    """
+    try:
+        for root, dirs, files in os.walk(src, onerror=_raise):  # a missing src is an error, as in copytree
+            dirs.sort()
+            folder = dst / Path(root).relative_to(src)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in sorted(files):
+                shutil.copyfile(Path(root) / name, folder / name)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     for old, new in (names or {}).items():
         if old != new and (dst / old).is_file():
             (dst / new).parent.mkdir(parents=True, exist_ok=True)
             os.replace(dst / old, dst / new)
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 class Snapshot(dict):
@@ -99,7 +117,9 @@ class Snapshot(dict):
         return sorted(Path(p) for p in set(self) | set(before) if self.get(p) != before.get(p))
 
 
-def stat_snapshot(paths: list[Path]) -> Snapshot:
+def stat_snapshot(paths: list[Path], hidden: bool = True) -> Snapshot:
+    """The Snapshot of every file under `paths`; `hidden=False` leaves out hidden files and folders
+    (those whose name starts with '.'), which no step reads from an image folder."""
     snap = Snapshot()
 
     def add(path: str) -> None:
@@ -114,9 +134,10 @@ def stat_snapshot(paths: list[Path]) -> Snapshot:
         path = Path(path)
         if path.is_dir():
             for root, dirs, names in os.walk(path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
                 for name in names:
-                    add(os.path.join(root, name))
+                    if hidden or not name.startswith("."):
+                        add(os.path.join(root, name))
         else:
             add(str(path))
     return snap
@@ -183,15 +204,21 @@ class RunCache:
         tmp = self.root / f".{fingerprint}.tmp-{_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        shutil.move(str(files), str(tmp / "files"))
         meta = {
             "version": MANIFEST_VERSION,
             "outputs": manifest,
             "output_hash": output_hash(manifest),
             "metrics": metrics,
         }
-        (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        fsync_tree(tmp)
+        try:
+            shutil.move(str(files), str(tmp / "files"))
+            (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            fsync_tree(tmp)
+        except BaseException:
+            # A full disk: free what was moved or written at once, rather than keep it in a hidden folder
+            # until `dbl gc` (the step fails; it reruns next time).
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replaced = ""
         if intact:  # and replace
             same = old["output_hash"] == meta["output_hash"]
@@ -292,19 +319,32 @@ def _tag() -> str:
 
 
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:
-    """Put `staged` at `target`, replacing what was there, with two renames."""
+    """Put `staged` at `target`, replacing what was there, with two renames. A `target` on another file
+    system (`out` on another disk) gets `staged` moved beside it first (a copy, while the old outputs stay
+    in place), and the two renames happen there."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _swap(staged, target, trash)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        beside = target.parent / f".{target.name}.staged"
+        shutil.rmtree(beside, ignore_errors=True)
+        shutil.move(str(staged), str(beside))
+        _swap(beside, target, target.parent / f".{target.name}.trash")
+
+
+def _swap(staged: Path, target: Path, trash: Path) -> None:
+    """Rename `target` to `trash` and `staged` to `target`; on failure, the old `target` is put back."""
     shutil.rmtree(trash, ignore_errors=True)
     if target.exists():
         os.rename(target, trash)
     try:
         os.rename(staged, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            if trash.exists() and not target.exists():
-                os.rename(trash, target)  # put the old outputs back
-            raise
-        shutil.move(str(staged), str(target))  # another file system
+    except OSError:
+        if trash.exists() and not target.exists():
+            os.rename(trash, target)  # put the old outputs back
+        raise
     shutil.rmtree(trash, ignore_errors=True)
 
 

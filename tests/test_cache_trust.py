@@ -131,6 +131,25 @@ def test_an_image_added_or_removed_while_its_step_runs_is_said_so(tmp_path, how)
     assert "train:toy" not in lockfile.read(p.lock)
 
 
+@pytest.mark.parametrize("name", [".DS_Store", ".00.png.swp", ".thumbs/00.png"])
+def test_a_hidden_file_written_beside_the_images_while_their_step_runs_fails_nothing(tmp_path, name):
+    """No step reads hidden files (the image list skips them): a Finder's .DS_Store or an editor's swap
+    file written meanwhile keeps what the step made."""
+    p = Proj(tmp_path, PETS)
+    hidden = tmp_path / "data" / "toy" / name
+
+    def write_hidden():
+        hidden.parent.mkdir(exist_ok=True)
+        hidden.write_bytes(b"not read by any step")
+
+    result, rec, ran = build_with(p, during("train:toy", write_hidden, after_read=True))
+    assert "train:toy" in ran and hidden.is_file()  # written while train:toy ran
+    assert result.ok, rec.events
+    assert "train:toy" in lockfile.read(p.lock)
+    result, rec, ran = build_with(p)
+    assert result.ok and ran == []
+
+
 def test_an_edit_reverted_while_the_step_runs_is_noticed_too(tmp_path):
     """The step read the edited bytes; the file is back as it was, with its size and mtime: only the
     change time tells."""

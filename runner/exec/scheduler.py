@@ -19,14 +19,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runner import events, lockfile, planner, steps
+from runner import events, lockfile, planner, steps, store
 from runner.errors import DblError, StepError, StepInterrupted, UsageError
 from runner.events import WARNING, StepEvent
 from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
 from runner.fingerprint import FileHasher, fingerprint
 from runner.project.schema import Project
-from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir, stat_snapshot
+from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -92,11 +92,16 @@ class Workspace:
         self.hasher.save()
         return lock, planned
 
-    def read_paths(self, step: planner.Step) -> list[Path]:
-        """What a step reads: its input folders, its upstream steps' outputs, a local base model."""
-        paths = [Path(folder) for folder in steps.get(step.kind).folders(step.spec)]
-        paths += [self.output_dir(dep) for dep in step.deps]
-        return paths + self.facts.base_model_paths()
+    def snapshot(self, step: planner.Step) -> store.Snapshot:
+        """The stat of what a step reads: the visible files of its input folders (no step reads a hidden
+        one, and a Finder's .DS_Store or an editor's swap file written meanwhile must not fail it), every
+        file of its upstream steps' outputs and of a local base model."""
+        folders = [Path(folder) for folder in steps.get(step.kind).folders(step.spec)]
+        snap = store.stat_snapshot(folders, hidden=False)
+        snap.update(
+            store.stat_snapshot([self.output_dir(d) for d in step.deps] + self.facts.base_model_paths())
+        )
+        return snap
 
 
 def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], option: str) -> None:
@@ -294,8 +299,7 @@ class Started:
     """A step that must run: what its finish needs once the backend returns."""
 
     p: planner.PlannedStep
-    read: list
-    before: object
+    before: store.Snapshot
     inputs: dict
     fp: str
     begun: float
@@ -321,8 +325,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     """Skip the step (fresh) or restore it from the run-cache and commit it (returns None); or mark it
     running and return what its finish needs. Main thread only."""
     project, step = ws.project, p.step
-    read = ws.read_paths(step)
-    before = stat_snapshot(read)  # before hashing: any change from here on shows in `after`
+    before = ws.snapshot(step)  # before hashing: any change from here on shows in `after`
     ws.facts.forget()  # what the plan hashed may have changed since
     hashes = {d: lock[d]["output_hash"] for d in step.deps}
     inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
@@ -355,7 +358,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
         _ended(ws, step, ev, metrics, clock)
         return None
-    return Started(p, read, before, inputs, fp, begun, clock, force, options.num_processes)
+    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes)
 
 
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
@@ -366,7 +369,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
         reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")
     metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
-    after = stat_snapshot(s.read)
+    after = ws.snapshot(step)
     changed = after.changed_since(s.before)
     if changed:
         ws.cache.drop(s.fp)

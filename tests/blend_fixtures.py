@@ -89,7 +89,7 @@ def project(seed: int = 0):
 
 
 def context(
-    kind: str, spec, out: Path, inputs: dict, models=None, seed: int = 0, progress=None
+    kind: str, spec, out: Path, inputs: dict, models=None, seed: int = 0, progress=None, log=None
 ) -> StepContext:
     out.mkdir(parents=True, exist_ok=True)
     return StepContext(
@@ -103,29 +103,30 @@ def context(
         inputs=dict(inputs),
         models=models or Models(),
         progress=progress or (lambda done, total, **metrics: None),
+        log=log or (lambda message: None),
     )
 
 
 def run_blend(
-    tmp: Path, name: str, parents: dict, inputs: dict, models=None, seed: int = 0, **settings
+    tmp: Path, name: str, parents: dict, inputs: dict, models=None, seed: int = 0, log=None, **settings
 ) -> Path:
     """Run the blend step; `parents` name -> weight, `inputs` step id -> folder. Returns the output folder."""
     from runner.steps import blend
 
     spec = Blend(name=name, adapters=tuple(parents.items()), **settings)
     out = tmp / f"blend-{name}"
-    blend.run(context("blend", spec, out, inputs, models, seed))
+    blend.run(context("blend", spec, out, inputs, models, seed, log=log))
     return out
 
 
-def run_render(tmp: Path, name: str, adapter: str, inputs: dict, models=None, **settings) -> Path:
+def run_render(tmp: Path, name: str, adapter: str, inputs: dict, models=None, log=None, **settings) -> Path:
     from runner.steps import render
 
     settings.setdefault("prompts", ["a photo of sks dog"])
     settings.setdefault("steps", 3)
     spec = Render(name=name, adapter=adapter, **settings)
     out = tmp / f"render-{name}"
-    render.run(context("render", spec, out, inputs, models))
+    render.run(context("render", spec, out, inputs, models, log=log))
     return out
 
 

@@ -48,6 +48,16 @@ def test_none_renders_the_plain_base_pipeline(tmp_path, models):  # noqa: F811
     assert np.abs(_pixels(out / "0-3.png") - want).max() < 1e-3
 
 
+def test_repeated_seeds_are_a_warning(tmp_path, models):  # noqa: F811
+    said = []
+    settings = dict(prompts=PROMPTS[:1], seeds=[2, 1, 2, 1, 0], steps=1)
+    out = run_render(tmp_path, "twice", "none", {}, models, log=said.append, **settings)
+    assert [line for line in said if line.startswith("warning:")] == [
+        "warning: renders.twice.seeds repeats 1, 2: the same images are rendered again, into the same files"
+    ]
+    assert sorted(p.name for p in out.glob("0-*.png")) == ["0-0.png", "0-1.png", "0-2.png"]
+
+
 def test_pixels_match_the_guide_inference_code(tmp_path, adapters, models):  # noqa: F811
     from peft import PeftModel
 

@@ -64,6 +64,17 @@ def run(ctx: StepContext) -> dict:
         # The components some parent has a LoRA on: the denoiser always, the others when present.
         blended = {c.name: getattr(pipe, c.attr) for c in family.components if c.name in errors}
         ranks = {c: int(m.peft_config["blend"].r) for c, m in blended.items()}
+        if spec.svd_rank is not None and spec.method in blending.SVD_METHODS:
+            for c, m in blended.items():
+                have = [
+                    name for key, (name, _, _) in zip(internal, parents, strict=True) if key in m.peft_config
+                ]
+                if len(have) == 1 and ranks[c] > spec.svd_rank:
+                    # PEFT combines a lone adapter linearly, whatever the method: nothing truncates it
+                    ctx.log(
+                        f"warning: blends.{ctx.name}: only {have[0]} has a {c} LoRA, which PEFT copies as it "
+                        f"is: it keeps rank {ranks[c]}, not svd_rank = {spec.svd_rank}"
+                    )
         info = {
             "kind": "blend",
             "weights": [w for _, w, _ in parents],

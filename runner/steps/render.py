@@ -37,6 +37,12 @@ def run(ctx: StepContext) -> dict:
     prompts[f"renders.{ctx.name}.negative_prompt"] = spec.negative_prompt
     for warning in ctx.models.family.long_prompts(pipe, prompts):
         ctx.log(warning)
+    repeated = sorted({seed for seed in spec.seeds if spec.seeds.count(seed) > 1})
+    if repeated:
+        ctx.log(
+            f"warning: renders.{ctx.name}.seeds repeats {', '.join(map(str, repeated))}: the same images are "
+            "rendered again, into the same files"
+        )
     width, height = _size(pipe, spec, ctx.models.family)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)

@@ -228,7 +228,11 @@ class Render:
     steps: int = opt(50, "denoising steps", "int", minimum=1)
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
     seeds: list[int] = opt(
-        [0], "one image per prompt and seed", "list[int]", minimum=INT64[0], maximum=INT64[1]
+        [0],
+        "one image per prompt and seed (a repeated seed renders the same image again: a warning)",
+        "list[int]",
+        minimum=INT64[0],
+        maximum=INT64[1],
     )
     width: int | None = opt(
         None, "image width; default: the base model's native size", "int?", minimum=8, multiple=8

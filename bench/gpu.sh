@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash bench/gpu.sh [sd15|sdxl|run|all]: the benchmarks on one CUDA GPU.
+# bash bench/gpu.sh [sd15|sdxl|run|check|profile|session|all]: the benchmarks on one CUDA GPU.
 #
 # sd15 (the default, about 6 minutes): bench/anchor_bench.py --gpu: SD 1.5 shapes with random weights at
 #   512 px in fp16, prior preservation with 8 given class images, text-encoder LoRA r16, batch 1, 300

@@ -76,7 +76,8 @@ class ProjectSettings:
     """[project]: the base model and what applies to every step."""
 
     base_model: str = opt(
-        doc="hub id, local diffusers folder, single-file checkpoint, or a built-in ('tiny-sd', 'tiny-shapes', 'tiny-sdxl')"
+        doc="hub id, local diffusers folder, single-file checkpoint, or a built-in "
+        "('tiny-sd', 'tiny-sd-v', 'tiny-shapes', 'tiny-sdxl')"
     )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")

@@ -7,11 +7,14 @@ from pathlib import Path
 from runner import steps
 from runner.errors import UsageError
 
+# Where an installed (not editable) dbl has templates/: pyproject.toml makes it the package runner.<this>.
+INSTALLED = "template_files"
+
 
 def folder() -> Path:
     """templates/ of this checkout, or of the installed package."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", here / "templates"):
+    for candidate in (here.parent / "templates", here / INSTALLED):
         if candidate.is_dir():
             return candidate
     raise UsageError("the templates folder is missing from this installation")

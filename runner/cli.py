@@ -109,11 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="subject", help="template name (default: subject; see --list)")
     p.add_argument("--list", action="store_true", help="list the templates")
 
-    p = sub.add_parser("ls", help="list built artifacts and their paths")
+    p = sub.add_parser("ls", help="list every step: its status, output folder and loss")
     project_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("gc", help="drop run-cache entries that no lockfile refers to")
+    p = sub.add_parser(
+        "gc", help="drop run-cache entries no lockfile refers to, and work folders of removed steps"
+    )
     project_arg(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be dropped")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from runner import steps as step_kinds
+from runner.errors import DblError
 from runner.fingerprint import fingerprint
 from runner.project.schema import Project
 
@@ -300,6 +301,7 @@ def plan(
         stale_deps = [d for d in step.deps if planned[d].stale]
         if stale_deps:
             item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps])
+            item.reasons += _own_changes(project, step, record, lock, facts, num_processes)
             if step.id in force:
                 item.reasons.insert(0, "forced")
             planned[step.id] = item
@@ -323,6 +325,21 @@ def plan(
             item.reasons.append("restorable from cache")
         planned[step.id] = item
     return list(planned.values())
+
+
+def _own_changes(project: Project, step: Step, record, lock: dict, facts: Facts, num_processes) -> list[str]:
+    """What changed in a step below a stale upstream step, besides that step: its inputs with the upstream
+    outputs the lockfile records, against its record. Nothing when there is nothing to compare with."""
+    if record is None or any("output_hash" not in lock.get(d, {}) for d in step.deps):
+        return []
+    hashes = {d: lock[d]["output_hash"] for d in step.deps}
+    try:
+        inputs = step_inputs(project, step, facts, hashes, num_processes)
+    except (DblError, OSError):  # said when the step itself is planned, once its upstream steps ran
+        return []
+    if fingerprint(inputs) == record["fingerprint"]:
+        return []
+    return explain(record.get("inputs", {}), inputs)
 
 
 def to_json(planned: list[PlannedStep]) -> dict:

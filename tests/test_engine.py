@@ -56,6 +56,23 @@ def test_blend_weight_reruns_the_blend_and_its_renders(proj, build, fake_steps):
     assert reasons["render:mixed"] == ["upstream blend:mix stale"]
 
 
+def test_a_step_below_a_stale_one_says_its_own_changes_too(proj, build, fake_steps):
+    """Its own change was hidden behind 'upstream ... stale' until the upstream step had run."""
+    build(proj)
+    proj.edit("dog = 1.05", "dog = 1.1")
+    proj.edit('prompts = ["a sks dog toy"]', 'prompts = ["a sks dog toy on a shelf"]')
+    result, rec = build(proj, dry_run=True)
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["render:mixed"] == [
+        "upstream blend:mix stale",
+        "prompts[0] 'a sks dog toy' -> 'a sks dog toy on a shelf'",
+    ]
+    assert reasons["blend:mix"] == ["adapters.dog 1.05 -> 1.1"]
+    proj.edit('prompts = ["a sks dog toy on a shelf"]', 'prompts = ["a sks dog toy"]')
+    result, rec = build(proj, dry_run=True)  # the upstream change alone: nothing more to say
+    assert dict((sid, r) for sid, _, r in rec.planned)["render:mixed"] == ["upstream blend:mix stale"]
+
+
 def test_one_prompt_reruns_that_render_only(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "sks dog on a beach", "sks dog on the moon")
     assert ran == ["render:park"]

@@ -270,7 +270,13 @@ def _render_step(ctx: _Context, sid: str) -> str:
     tables = _table(["", ""], [(k, v) for k, v in settings if v not in (None, "")], header=False)
     if numbers := _numbers(metrics):  # what the step recorded
         tables += _table(["metric", "value"], [(k, _number(v)) for k, v in numbers.items()], css="metrics")
-    for eval_id, scores in _scores_of(ctx, name):  # fidelity scores of eval steps of this render
+    for eval_id, scores, current in _scores_of(ctx, sid):  # fidelity scores of eval steps of this render
+        if not current:  # its scores are of images this render no longer holds
+            tables += (
+                f"<p>{escape(eval_id)} scored an earlier build of this render: run <code>dbl build</code> "
+                "to score this one.</p>"
+            )
+            continue
         rows = [(k, _number(v)) for k, v in _numbers(scores).items()]
         tables += _table([f"fidelity ({eval_id})", "score"], rows, css="metrics")
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
@@ -283,13 +289,16 @@ def _render_step(ctx: _Context, sid: str) -> str:
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
 
 
-def _scores_of(ctx: _Context, render: str) -> list[tuple[str, dict]]:
-    """(eval step id, its recorded scores) of every built eval step that scores `render`."""
+def _scores_of(ctx: _Context, render_id: str) -> list[tuple[str, dict, bool]]:
+    """(eval step id, its recorded scores, whether it scored the render's recorded output) of every built
+    eval step of the render `render_id`. An eval that failed, or did not run, after the render was
+    rebuilt keeps the scores of the render's earlier images."""
+    name, output = render_id.split(":", 1)[1], ctx.lock[render_id].get("output_hash")
     found = []
     for sid, record in ctx.lock.items():
         target = record.get("inputs", {}).get("render")
-        if _kind(ctx.lock, sid) == "eval" and isinstance(target, dict) and target.get("_name") == render:
-            found.append((sid, record.get("metrics", {})))
+        if _kind(ctx.lock, sid) == "eval" and isinstance(target, dict) and target.get("_name") == name:
+            found.append((sid, record.get("metrics", {}), target.get("output") == output))
     return found
 
 

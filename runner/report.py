@@ -277,8 +277,7 @@ def _render_step(ctx: _Context, sid: str) -> str:
                 "to score this one.</p>"
             )
             continue
-        rows = [(k, _number(v)) for k, v in _numbers(scores).items()]
-        tables += _table([f"fidelity ({eval_id})", "score"], rows, css="metrics")
+        tables += _fidelity_table(eval_id, scores, inputs)
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
     about = [caption, f'<div class="row">{tables}</div>']
     parts = [
@@ -300,6 +299,26 @@ def _scores_of(ctx: _Context, render_id: str) -> list[tuple[str, dict, bool]]:
         if _kind(ctx.lock, sid) == "eval" and isinstance(target, dict) and target.get("_name") == name:
             found.append((sid, record.get("metrics", {}), target.get("output") == output))
     return found
+
+
+SCORES = ("subject_fidelity", "class_drift", "prompt_fidelity")  # as the README's tables order them
+
+
+def _fidelity_table(eval_id: str, scores: dict, inputs: dict) -> str:
+    """An eval's scores, one row per adapter in the grid's column order (a render of several adapters
+    is scored per adapter), one column per score."""
+    if isinstance(inputs.get("adapters"), list):
+        names = [str(a.get("_name", "?")) if isinstance(a, dict) else str(a) for a in inputs["adapters"]]
+        per_adapter = {a: _numbers(_mapping(scores.get(a))) for a in names}
+    else:
+        per_adapter = {_adapter_names(inputs) or "?": _numbers(scores)}
+    found = {k for v in per_adapter.values() for k in v}
+    columns = [k for k in SCORES if k in found] + sorted(found - set(SCORES))
+    if not columns:
+        return f"<p>{escape(eval_id)}: nothing to score (no prompt of the render names what it measures).</p>"
+    rows = [(a, *(_number(v.get(k)) for k in columns)) for a, v in per_adapter.items()]
+    headers = [f"fidelity ({eval_id})", *(k.replace("_", " ") for k in columns)]
+    return _table(headers, rows, css="metrics")
 
 
 def _grid_caption(inputs: dict, prompts: list, seeds: list) -> str:

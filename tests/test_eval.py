@@ -106,7 +106,7 @@ def test_the_report_shows_an_evals_scores_beside_its_render(project):
     assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
     page = report.render(load_project(project))
     section = page[page.index('id="render:base"') :]
-    assert "fidelity (eval:base)" in section and "subject_fidelity" in section and "class_drift" in section
+    assert "fidelity (eval:base)" in section and "subject fidelity" in section and "class drift" in section
 
 
 def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project):
@@ -120,5 +120,5 @@ def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project)
     page = report.render(load_project(project))
     section = page[page.index('id="render:base"') :]
     section = section[: section.index("</section>")]
-    assert "fidelity (eval:base)" not in section and "subject_fidelity" not in section
+    assert "fidelity (eval:base)" not in section and "subject fidelity" not in section
     assert "eval:base scored an earlier build of this render" in section

@@ -241,6 +241,26 @@ def test_without_matplotlib_it_says_what_to_install(proj, build, monkeypatch, ca
     assert "pip install 'dbl[report]'" in err and "Traceback" not in err
 
 
+def test_fidelity_scores_of_several_adapters_are_one_row_each_in_the_grids_column_order():
+    from runner import report
+
+    inputs = {"adapters": [{"_name": "dog@200"}, {"_name": "dog@1000"}, {"_name": "none"}]}
+    scores = {
+        "none": {"class_drift": 0.0, "prompt_fidelity": 0.5, "subject_fidelity": 0.0},
+        "dog@1000": {"class_drift": 0.25, "prompt_fidelity": 0.75, "subject_fidelity": 1.0},
+        "dog@200": {"class_drift": 0.0, "prompt_fidelity": 0.5},
+    }
+    page = Page(report._fidelity_table("eval:dog", scores, inputs))
+    cells = [text for text in page.text if text.strip()]
+    assert cells == [
+        *("fidelity (eval:dog)", "subject fidelity", "class drift", "prompt fidelity"),
+        *("dog@200", "0", "0.5"),  # not scored: an empty cell
+        *("dog@1000", "1", "0.25", "0.75"),
+        *("none", "0", "0", "0.5"),
+    ]
+    assert "<td></td>" in report._fidelity_table("eval:dog", scores, inputs)
+
+
 def test_help_names_the_options(capsys):
     assert main(["report", "--help"]) == 0
     out = capsys.readouterr().out

@@ -122,3 +122,33 @@ def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project)
     section = section[: section.index("</section>")]
     assert "fidelity (eval:base)" not in section and "subject fidelity" not in section
     assert "eval:base scored an earlier build of this render" in section
+
+
+def test_what_an_eval_cannot_score_is_a_warning(project):
+    """An identifier that is not a word of letters is in no prompt, and a snapshot is not a subject: both
+    left subject fidelity and class drift out of the scores without a word."""
+    from runner.steps.evaluate import _subject, _warnings
+
+    project.write_text(
+        PROJECT.replace('subject = "ring"\n', 'identifier = "sks1"\n')
+        + '\n[subjects.ring.train]\nsave_steps = [2]\n\n[renders.snap]\nadapter = "ring@2"\nprompts = ["a sks shape"]\n'
+        + '\n[evals.snap]\nrender = "snap"\n'
+    )
+    loaded = load_project(project)
+    said = {
+        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
+    }
+    assert said == {
+        "base": [
+            "identifier 'sks1' is not a word of letters, and prompts are read as such words: no prompt names "
+            "it, so subject fidelity is not counted"
+        ],
+        "snap": [
+            'the render\'s adapter ring@2 is a snapshot of ring, not a subject: set subject = "ring" to score '
+            "subject fidelity and class drift"
+        ],
+    }
+    project.write_text(PROJECT)  # a subject named, a plain identifier: nothing to say
+    loaded = load_project(project)
+    spec = loaded.tables["eval"]["base"]
+    assert _warnings(loaded, spec, _subject(loaded, spec)) == []

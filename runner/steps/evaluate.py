@@ -13,6 +13,7 @@ the built-in `tiny-shapes` model, whose world the measurement knows.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from runner.project.schema import Eval
@@ -40,6 +41,8 @@ def run(ctx: StepContext) -> dict:
     render = ctx.project.tables["render"][spec.render]
     folder = Path(ctx.inputs[f"render:{spec.render}"])
     subject = _subject(ctx.project, spec)
+    for warning in _warnings(ctx.project, spec, subject):
+        ctx.log(f"warning: evals.{ctx.name}: {warning}")
     traits = {}
     if subject is not None:
         photos = []
@@ -77,6 +80,25 @@ def run(ctx: StepContext) -> dict:
         ctx.log(f"{adapter}: {shown}" if several else shown)
     (ctx.out / "scores.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     return metrics
+
+
+def _warnings(project, spec, subject) -> list[str]:
+    """What the eval cannot score as its settings suggest (subject fidelity and class drift, unsaid)."""
+    said = []
+    if not re.fullmatch(r"[a-z]+", spec.identifier.lower()):
+        said.append(
+            f"identifier {spec.identifier!r} is not a word of letters, and prompts are read as such words: "
+            "no prompt names it, so subject fidelity is not counted"
+        )
+    render = project.tables.get("render", {}).get(spec.render)
+    if subject is None and spec.subject is None and render is not None and render.adapters is None:
+        trained, at, _ = render.adapter.partition("@")
+        if at and trained in project.tables.get("train", {}):
+            said.append(
+                f"the render's adapter {render.adapter} is a snapshot of {trained}, not a subject: set "
+                f'subject = "{trained}" to score subject fidelity and class drift'
+            )
+    return said
 
 
 def _deps(project, spec) -> list[str]:

@@ -135,6 +135,12 @@ def test_a_folder_of_another_family_is_refused_by_name(tmp_path, cls, family):
         load_pipeline(base)
 
 
+def test_a_model_index_that_is_not_a_json_object_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="model_index.json is not a diffusers model index .* a JSON list"):
+        families.detect(BaseModel.parse(str(tmp_path), tmp_path))
+
+
 @pytest.mark.parametrize(
     "keys, family",
     [

@@ -282,6 +282,11 @@ def _from_index(index_path: Path | None, display: str) -> Family:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"base model {display}: cannot read {index_path}: {exc}") from None
+    if not isinstance(index, dict):
+        raise ModelError(
+            f"base model {display}: {index_path} is not a diffusers model index (a JSON object with "
+            f"_class_name and the pipeline's components), but a JSON {type(index).__name__}"
+        )
     for family in _registry.values():
         if family.matches_folder(index):
             return family

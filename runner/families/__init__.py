@@ -296,7 +296,13 @@ def _from_index(index_path: Path | None, display: str) -> Family:
     )
     if kind:
         raise _not_supported(display, f"a {cls} ({kind})")
-    return _registry[DEFAULT]
+    default = _registry[DEFAULT]
+    missing = [m for m in (*(c.attr for c in default.components), *default.other_modules) if m not in index]
+    if cls and missing:
+        # Another kind of pipeline (Kandinsky, PixArt, DeepFloyd IF, ...): loading it as sd1 would fail
+        # in the middle of a build with diffusers' complaint about components.
+        raise _not_supported(display, f"a {cls}, without the {', '.join(missing)} of Stable Diffusion")
+    return default
 
 
 def _from_keys(keys: set[str], display: str) -> Family:

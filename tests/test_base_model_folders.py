@@ -1,0 +1,43 @@
+"""Local diffusers folders as base models: the shapes they come in (variant weights only, a missing component)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from runner.models import BaseModel, ensure_builtin, folder_variant, load_pipeline
+
+
+def _fp16_only(src, folder):
+    """A copy of diffusers folder `src` whose weights are all named as save_pretrained(variant="fp16") names them."""
+    shutil.copytree(src, folder)
+    for path in list(folder.rglob("*.safetensors")):
+        path.rename(path.with_name(path.name.replace(".safetensors", ".fp16.safetensors")))
+    return folder
+
+
+def test_the_variant_of_a_folder_is_the_one_some_component_has_alone(tmp_path):
+    for component, names in {
+        "unet": ["diffusion_pytorch_model.fp16.safetensors"],
+        "vae": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"],
+        "text_encoder": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+        "scheduler": [],
+    }.items():
+        (tmp_path / component).mkdir()
+        for name in names:
+            (tmp_path / component / name).write_bytes(b"")
+    assert folder_variant(tmp_path) == "fp16"
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert folder_variant(tmp_path) is None  # plain weights everywhere: loaded as before
+
+
+@pytest.mark.torch
+def test_a_folder_with_fp16_variant_weights_only_loads(tmp_path):
+    """It failed with diffusers' "no file named diffusion_pytorch_model.safetensors found"."""
+    from safetensors.torch import load_file
+
+    folder = _fp16_only(ensure_builtin("tiny-sd"), tmp_path / "fp16")
+    pipe = load_pipeline(BaseModel.parse(str(folder), tmp_path))
+    saved = load_file(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert all(saved[name].equal(value) for name, value in pipe.unet.state_dict().items())

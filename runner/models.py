@@ -15,6 +15,8 @@ from runner import families, tempnames
 from runner.errors import ModelError  # noqa: F401 - re-exported
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+# Pipeline components that load_pipeline passes itself, so a folder need not hold them.
+NOT_LOADED = ("safety_checker",)
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 
 
@@ -233,7 +235,7 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
         family = families.detect(base)
     quiet_libraries()
     dtype = dtype or torch.float32
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(torch_dtype=dtype, **dict.fromkeys(NOT_LOADED), requires_safety_checker=False)
     try:
         with warnings.catch_warnings():
             # diffusers 0.42 renamed torch_dtype to dtype; older supported versions know only torch_dtype.

@@ -41,3 +41,25 @@ def test_a_folder_with_fp16_variant_weights_only_loads(tmp_path):
     pipe = load_pipeline(BaseModel.parse(str(folder), tmp_path))
     saved = load_file(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     assert all(saved[name].equal(value) for name, value in pipe.unet.state_dict().items())
+
+
+def test_a_folder_without_a_component_its_model_index_names_is_a_project_file_error(tmp_path):
+    """It planned, and the build failed with diffusers' "no file named config.json found in directory <folder>"."""
+    from runner.project import ProjectError, load_project
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], '
+        '"vae": ["diffusers", "AutoencoderKL"], "safety_checker": ["stable_diffusion", "SafetyChecker"], '
+        '"feature_extractor": [null, null], "text_encoder": ["transformers", "CLIPTextModel"]}'
+    )
+    (folder / "unet").mkdir()
+    (folder / "text_encoder").mkdir()
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    with pytest.raises(ProjectError, match="project.base_model: .*model has no vae/ folder") as err:
+        load_project(path)
+    assert "safety_checker" not in str(err.value)  # dbl loads without it
+    (folder / "vae").mkdir()
+    load_project(path)

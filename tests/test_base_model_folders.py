@@ -63,3 +63,24 @@ def test_a_folder_without_a_component_its_model_index_names_is_a_project_file_er
     assert "safety_checker" not in str(err.value)  # dbl loads without it
     (folder / "vae").mkdir()
     load_project(path)
+
+
+def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_path):
+    """It planned, and the build failed with "no file named diffusion_pytorch_model.safetensors found"."""
+    from runner.project import ProjectError, load_project
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    path = tmp_path / "p.toml"
+    project = '[project]\nbase_model = "model"\n{}[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n'
+    path.write_text(project.format(""))
+    with pytest.raises(
+        ProjectError, match=r"model/unet holds pickle weights \(.bin\) only.*allow_pickle = true"
+    ):
+        load_project(path)
+    path.write_text(project.format("allow_pickle = true\n"))
+    load_project(path)

@@ -109,12 +109,25 @@ def _check_components(check, base: BaseModel) -> None:
     for name, entry in sorted(index.items()):
         if name.startswith("_") or name in NOT_LOADED or not isinstance(entry, list) or None in entry:
             continue
-        if not Path(base.ref, name).is_dir():
+        folder = Path(base.ref, name)
+        if not folder.is_dir():
             check.problem(
                 ("project", "base_model"),
                 f"{base.ref} has no {name}/ folder, which its {INDEX} names ({entry[-1]})",
                 "copy the whole model folder: every component its model_index.json names",
             )
+        elif not base.allow_pickle and _pickle_weights_only(folder):
+            check.problem(
+                ("project", "base_model"),
+                f"{folder} holds pickle weights (.bin) only, which can run arbitrary code when loaded",
+                "convert the folder to .safetensors (save_pretrained), or set allow_pickle = true in [project] "
+                "if you trust it",
+            )
+
+
+def _pickle_weights_only(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
 
 
 def _check_config_family(check, base: BaseModel, family) -> None:

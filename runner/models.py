@@ -15,6 +15,8 @@ from runner import families, tempnames
 from runner.errors import ModelError  # noqa: F401 - re-exported
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+# Pipeline components that load_pipeline passes itself, so a folder need not hold them.
+NOT_LOADED = ("safety_checker",)
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 
 
@@ -185,6 +187,20 @@ def model_folder(base: BaseModel) -> str:
     return base.ref
 
 
+def folder_variant(folder: Path) -> str | None:
+    """The weights variant ("fp16") to load a local diffusers folder with: the one its components are saved
+    in when some component has variant weights only (`save_pretrained(variant="fp16")`, a download of the
+    fp16 files alone). None when every component has plain weights: variant files beside them are unused."""
+    variants = set()
+    for component in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        names = [p.name.split(".") for p in component.iterdir() if p.name.endswith((".safetensors", ".bin"))]
+        if names and not any(
+            len(parts) == 2 for parts in names
+        ):  # model.safetensors, model-00001-of-00002.bin
+            variants.update(parts[-2] for parts in names)  # model.fp16.safetensors
+    return min(variants, key=lambda v: (v != "fp16", v)) if variants else None
+
+
 def quiet_libraries() -> None:
     """Silence what diffusers and transformers print on every load (progress bars, the torchvision
     notice): dbl shows its own progress."""
@@ -219,7 +235,7 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
         family = families.detect(base)
     quiet_libraries()
     dtype = dtype or torch.float32
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(torch_dtype=dtype, **dict.fromkeys(NOT_LOADED), requires_safety_checker=False)
     try:
         with warnings.catch_warnings():
             # diffusers 0.42 renamed torch_dtype to dtype; older supported versions know only torch_dtype.
@@ -233,6 +249,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                     kwargs["config"] = base.config
                 pipe = family.load_single_file(str(path), **kwargs)
             else:
+                if base.kind == "folder" and (variant := folder_variant(Path(base.ref))):
+                    kwargs["variant"] = variant
                 pipe = family.load_pretrained(
                     model_folder(base),
                     revision=base.revision if base.kind == "hub" else None,

@@ -136,6 +136,26 @@ def test_a_folder_of_another_family_is_refused_by_name(tmp_path, cls, family):
 
 
 @pytest.mark.parametrize(
+    "index",
+    [
+        {"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "movq": ["", ""]},
+        {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]},
+    ],
+)
+def test_a_folder_of_a_pipeline_dbl_does_not_know_is_refused_by_name(tmp_path, index):
+    """It planned as sd1, and the build failed in diffusers ("expected [...] but only {...} were passed")."""
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match=f"is a {index['_class_name']}, without the .*not supported yet"):
+        families.detect(BaseModel.parse(str(tmp_path), tmp_path))
+
+
+def test_a_model_index_that_is_not_a_json_object_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="model_index.json is not a diffusers model index .* a JSON list"):
+        families.detect(BaseModel.parse(str(tmp_path), tmp_path))
+
+
+@pytest.mark.parametrize(
     "keys, family",
     [
         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_l.x"], "SD3"),

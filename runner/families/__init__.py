@@ -282,6 +282,11 @@ def _from_index(index_path: Path | None, display: str) -> Family:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"base model {display}: cannot read {index_path}: {exc}") from None
+    if not isinstance(index, dict):
+        raise ModelError(
+            f"base model {display}: {index_path} is not a diffusers model index (a JSON object with "
+            f"_class_name and the pipeline's components), but a JSON {type(index).__name__}"
+        )
     for family in _registry.values():
         if family.matches_folder(index):
             return family
@@ -291,7 +296,13 @@ def _from_index(index_path: Path | None, display: str) -> Family:
     )
     if kind:
         raise _not_supported(display, f"a {cls} ({kind})")
-    return _registry[DEFAULT]
+    default = _registry[DEFAULT]
+    missing = [m for m in (*(c.attr for c in default.components), *default.other_modules) if m not in index]
+    if cls and missing:
+        # Another kind of pipeline (Kandinsky, PixArt, DeepFloyd IF, ...): loading it as sd1 would fail
+        # in the middle of a build with diffusers' complaint about components.
+        raise _not_supported(display, f"a {cls}, without the {', '.join(missing)} of Stable Diffusion")
+    return default
 
 
 def _from_keys(keys: set[str], display: str) -> Family:

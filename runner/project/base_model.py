@@ -5,10 +5,11 @@ no weights are read, and nothing here imports torch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from runner import families
-from runner.models import PICKLE_SUFFIXES, BaseModel, local_path, looks_local
+from runner.models import NOT_LOADED, PICKLE_SUFFIXES, BaseModel, local_path, looks_local
 from runner.project import schema
 
 LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")
@@ -27,6 +28,7 @@ def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings,
     if family is None:
         return
     check.family = family.name
+    _check_components(check, base)
     _check_config_family(check, base, family)
     _check_family_settings(check, base, family, data)
 
@@ -97,6 +99,35 @@ def _family(check, base: BaseModel):
     except families.ModelError as exc:
         check.problem(("project", "base_model"), str(exc), "use a Stable Diffusion 1.x, 2.x or SDXL model")
         return None
+
+
+def _check_components(check, base: BaseModel) -> None:
+    """Every component a folder's model_index.json names must have its subfolder (a copy that left one out)."""
+    if base.kind != "folder":
+        return
+    index = json.loads(Path(base.ref, INDEX).read_text())  # families.detect read it already
+    for name, entry in sorted(index.items()):
+        if name.startswith("_") or name in NOT_LOADED or not isinstance(entry, list) or None in entry:
+            continue
+        folder = Path(base.ref, name)
+        if not folder.is_dir():
+            check.problem(
+                ("project", "base_model"),
+                f"{base.ref} has no {name}/ folder, which its {INDEX} names ({entry[-1]})",
+                "copy the whole model folder: every component its model_index.json names",
+            )
+        elif not base.allow_pickle and _pickle_weights_only(folder):
+            check.problem(
+                ("project", "base_model"),
+                f"{folder} holds pickle weights (.bin) only, which can run arbitrary code when loaded",
+                "convert the folder to .safetensors (save_pretrained), or set allow_pickle = true in [project] "
+                "if you trust it",
+            )
+
+
+def _pickle_weights_only(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
 
 
 def _check_config_family(check, base: BaseModel, family) -> None:

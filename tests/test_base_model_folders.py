@@ -1,0 +1,86 @@
+"""Local diffusers folders as base models: the shapes they come in (variant weights only, a missing component)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from runner.models import BaseModel, ensure_builtin, folder_variant, load_pipeline
+
+
+def _fp16_only(src, folder):
+    """A copy of diffusers folder `src` whose weights are all named as save_pretrained(variant="fp16") names them."""
+    shutil.copytree(src, folder)
+    for path in list(folder.rglob("*.safetensors")):
+        path.rename(path.with_name(path.name.replace(".safetensors", ".fp16.safetensors")))
+    return folder
+
+
+def test_the_variant_of_a_folder_is_the_one_some_component_has_alone(tmp_path):
+    for component, names in {
+        "unet": ["diffusion_pytorch_model.fp16.safetensors"],
+        "vae": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"],
+        "text_encoder": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+        "scheduler": [],
+    }.items():
+        (tmp_path / component).mkdir()
+        for name in names:
+            (tmp_path / component / name).write_bytes(b"")
+    assert folder_variant(tmp_path) == "fp16"
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert folder_variant(tmp_path) is None  # plain weights everywhere: loaded as before
+
+
+@pytest.mark.torch
+def test_a_folder_with_fp16_variant_weights_only_loads(tmp_path):
+    """It failed with diffusers' "no file named diffusion_pytorch_model.safetensors found"."""
+    from safetensors.torch import load_file
+
+    folder = _fp16_only(ensure_builtin("tiny-sd"), tmp_path / "fp16")
+    pipe = load_pipeline(BaseModel.parse(str(folder), tmp_path))
+    saved = load_file(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert all(saved[name].equal(value) for name, value in pipe.unet.state_dict().items())
+
+
+def test_a_folder_without_a_component_its_model_index_names_is_a_project_file_error(tmp_path):
+    """It planned, and the build failed with diffusers' "no file named config.json found in directory <folder>"."""
+    from runner.project import ProjectError, load_project
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], '
+        '"vae": ["diffusers", "AutoencoderKL"], "safety_checker": ["stable_diffusion", "SafetyChecker"], '
+        '"feature_extractor": [null, null], "text_encoder": ["transformers", "CLIPTextModel"]}'
+    )
+    (folder / "unet").mkdir()
+    (folder / "text_encoder").mkdir()
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    with pytest.raises(ProjectError, match="project.base_model: .*model has no vae/ folder") as err:
+        load_project(path)
+    assert "safety_checker" not in str(err.value)  # dbl loads without it
+    (folder / "vae").mkdir()
+    load_project(path)
+
+
+def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_path):
+    """It planned, and the build failed with "no file named diffusion_pytorch_model.safetensors found"."""
+    from runner.project import ProjectError, load_project
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    path = tmp_path / "p.toml"
+    project = '[project]\nbase_model = "model"\n{}[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n'
+    path.write_text(project.format(""))
+    with pytest.raises(
+        ProjectError, match=r"model/unet holds pickle weights \(.bin\) only.*allow_pickle = true"
+    ):
+        load_project(path)
+    path.write_text(project.format("allow_pickle = true\n"))
+    load_project(path)

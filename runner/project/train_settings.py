@@ -41,7 +41,9 @@ class TrainSettings:
         None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0
     )
     lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = opt(0, "warm-up steps of the schedule", "int", minimum=0)
+    lr_warmup_steps: int = opt(
+        0, "warm-up steps of the schedule (`constant` has none: use `constant_with_warmup`)", "int", minimum=0
+    )
     lr_num_cycles: int = opt(1, "restarts of cosine_with_restarts", "int", minimum=1)
     lr_power: float = opt(1.0, "power of the polynomial schedule", "float")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", "int", minimum=1)

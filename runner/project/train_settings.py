@@ -192,7 +192,7 @@ class LoraSettings:
 
     rank: int = opt(16, "UNet LoRA rank r", "int", minimum=1)
     alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
-    dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
+    dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0, maximum=1)
     bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
     target_modules: list[str] | str = opt(
         ["to_q", "to_v", "query", "value"],
@@ -214,7 +214,7 @@ class LoraSettings:
     )
     text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
     text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
-    text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0)
+    text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0, maximum=1)
     text_encoder_bias: str = opt(
         "none", "text encoder LoRA bias training", choices=("none", "all", "lora_only")
     )
@@ -236,7 +236,11 @@ class LoraSettings:
         None, "SDXL second text encoder LoRA alpha; default: text_encoder_alpha", "float?", minimum=0
     )
     text_encoder_2_dropout: float | None = opt(
-        None, "SDXL second text encoder LoRA dropout; default: text_encoder_dropout", "float?", minimum=0
+        None,
+        "SDXL second text encoder LoRA dropout; default: text_encoder_dropout",
+        "float?",
+        minimum=0,
+        maximum=1,
     )
     text_encoder_2_bias: str | None = opt(
         None,

@@ -368,6 +368,25 @@ def test_a_bad_instance_image_names_the_file(tmp_path, images):
         _run(train_context(tmp_path, make_subject(folder)))
 
 
+def test_pictures_in_formats_dbl_does_not_read_are_named_in_a_warning(tmp_path):
+    """A .jfif (how Windows saves web images), a phone's .heic: skipped, as the fingerprint skips them,
+    but said, so that a folder of them does not train on a part of the photos unnoticed."""
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 2)
+    draw_images(folder / "phone", 2, suffix=".JFIF")
+    (folder / "phone" / "IMG_1.heic").write_bytes(b"not decoded")
+    (folder / "notes.md").write_text("where the photos were taken")
+    said = []
+    images, _ = data.read_images(job_from_context(train_context(tmp_path, make_subject(folder))), said.append)
+    assert [p.name for p in images.instance_files] == ["00.png", "01.png"]
+    assert said == [
+        f"warning: {folder}: not read, as dbl reads .jpg .jpeg .png .webp .bmp .tif .tiff .gif only: "
+        "phone/00.JFIF, phone/01.JFIF, phone/IMG_1.heic; convert them to .jpg or .png to train on them"
+    ]
+
+
 def test_images_are_read_in_parallel_in_file_order_with_their_warnings(tmp_path, monkeypatch):
     """Images are decoded by a thread pool: pixels, sizes and warnings come back in file order, as one
     thread reading them would give them."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images
+from runner.imagefiles import list_images, skipped_images
 from runner.training import buckets
 from runner.training.captions import image_prompts
 
@@ -145,6 +145,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
+    skipped = skipped_images(Path(subject.images))
+    if skipped:
+        log(WARNING + skipped)
     if not instance_files:
         raise StepError(f"train:{subject.name}: no images in {subject.images}")
     class_files = list_images(job.class_dir) if job.class_dir else []

@@ -39,6 +39,11 @@ def run(ctx) -> dict:
     skipped = skipped_images(Path(spec.images)) if spec.images else None
     if skipped:
         ctx.log(WARNING + skipped)
+    if spec.caption_extension and given:
+        from runner.training.captions import missing_captions
+
+        for warning in missing_captions(Path(spec.images), given, spec.caption_extension, "its class prompt"):
+            ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(given):

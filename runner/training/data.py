@@ -20,7 +20,7 @@ from runner.errors import StepError
 from runner.events import WARNING
 from runner.imagefiles import list_images, skipped_images
 from runner.training import buckets
-from runner.training.captions import image_prompts
+from runner.training.captions import image_prompts, missing_captions
 
 # Images decoded at once when a train step reads its images.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -198,6 +198,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
     # A prior step copies the captions of the user's class images beside their copies, as .txt, and
     # writes them for images of several class prompts.
     class_captions = ".txt" if job.prior is not None and job.prior.has_captions else None
+    if subject.caption_extension:
+        for warning in missing_captions(Path(subject.images), instance_files, subject.caption_extension):
+            log(warning)
     prompts = {
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log

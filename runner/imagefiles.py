@@ -25,6 +25,14 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+# Suffixes of pictures that list_images does not read: other names of JPEG (Windows saves web images as
+# .jfif), and formats a phone, a camera or an editor writes. Such a file is skipped, with a warning.
+OTHER_IMAGE_SUFFIXES = (
+    ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".tga", ".psd", ".ppm", ".pgm", ".pbm",
+    ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2",
+)  # fmt: skip
+
+
 def ignored_files(folder: Path) -> list[Path]:
     """Visible files under `folder` that list_images skips because of their suffix."""
     skipped = []
@@ -34,3 +42,17 @@ def ignored_files(folder: Path) -> list[Path]:
             Path(root) / n for n in files if not n.startswith(".") and not n.lower().endswith(IMAGE_SUFFIXES)
         ]
     return sorted(skipped)
+
+
+def skipped_images(folder: Path) -> str | None:
+    """A warning naming the pictures under `folder` that list_images skips (.jfif, .heic, ...), or None:
+    they are not trained on, and a folder of them must not shrink the training set unsaid."""
+    skipped = [p.relative_to(folder).as_posix() for p in ignored_files(folder)]
+    skipped = [name for name in skipped if name.lower().endswith(OTHER_IMAGE_SUFFIXES)]
+    if not skipped:
+        return None
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return (
+        f"{folder}: not read, as dbl reads {' '.join(IMAGE_SUFFIXES)} only: {', '.join(skipped[:5])}{more}; "
+        "convert them to .jpg or .png to train on them"
+    )

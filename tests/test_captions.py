@@ -66,6 +66,50 @@ def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, mess
     assert str(info.value) == f"caption {tmp_path / '03.txt'} {message}"
 
 
+def test_caption_files_that_are_not_read_are_warnings(tmp_path):
+    """A caption whose extension differs in case is not found on a case-sensitive file system; captions
+    under another extension leave every image on the instance prompt. Both said, neither an error."""
+    from runner.training.captions import missing_captions
+
+    files = _folder(tmp_path, {"00.txt": b"a dog on a sofa", "01.TXT": b"a dog asleep", "03.caption": b"x"})
+    assert missing_captions(tmp_path, files, ".txt") == [
+        f"warning: caption {tmp_path / '01.TXT'} is not read: its image's caption is 01.txt"
+    ]
+    assert missing_captions(tmp_path, files, ".cap") == [
+        f"warning: caption_extension = '.cap', but no image in {tmp_path} has a caption file (such as 00.cap "
+        "beside 00.png): every image trains on the instance prompt"
+    ]
+    (tmp_path / "01.TXT").unlink()
+    assert missing_captions(tmp_path, files, ".txt") == []  # images without a caption: as documented
+    many = [write_image(tmp_path / f"{i:02d}.png", seed=i) for i in range(4, 12)]
+    for image in many:
+        image.with_suffix(".Txt").write_text("a dog")
+    said = missing_captions(tmp_path, many, ".txt")
+    assert len(said) == 6 and said[-1] == (
+        "warning: 3 more captions differ from their image's caption name only in case"
+    )
+
+
+@pytest.mark.torch
+def test_a_train_step_says_when_no_image_has_a_caption(tmp_path):
+    from dataclasses import replace
+
+    from runner.training.data import read_images
+    from runner.training.job import job_from_context
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    folder = draw_images(tmp_path / "dog", 2)
+    (folder / "00.caption").write_text("a dog on a sofa")
+    subject = replace(make_subject(folder), caption_extension=".txt")
+    said = []
+    images, _ = read_images(job_from_context(train_context(tmp_path, subject)), said.append)
+    assert images.prompts["instance"] == ["a photo of sks dog"] * 2
+    assert [line for line in said if "caption" in line] == [
+        f"warning: caption_extension = '.txt', but no image in {folder} has a caption file (such as 00.txt "
+        "beside 00.png): every image trains on the instance prompt"
+    ]
+
+
 def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
     files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
     with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):
@@ -254,6 +298,22 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
     prior_step.run(ctx)
     assert sorted(p.name for p in ctx.out.iterdir()) == ["0000.png", "0001.png", "0001.txt"]
     assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"
+
+
+@pytest.mark.torch
+def test_a_prior_says_when_no_given_class_image_has_a_caption(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "01.txt").write_text("a dog on a sofa")
+    logs = []
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".caption")
+    prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    assert [line for line in logs if line.startswith("warning: ")] == [
+        f"warning: caption_extension = '.caption', but no image in {given} has a caption file (such as "
+        "00.caption beside 00.png): every image trains on its class prompt"
+    ]
 
 
 def test_class_image_captions_are_inputs_of_their_prior(proj, build, fake_steps):

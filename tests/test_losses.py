@@ -30,6 +30,23 @@ def test_min_snr_weights_by_hand():
     torch.testing.assert_close(min_snr_weights(alphas_cumprod, t, 100.0, "epsilon"), torch.ones(4))
 
 
+def test_min_snr_weights_are_finite_at_zero_terminal_snr():
+    """A schedule rescaled to zero terminal SNR: SNR is 0 at its last timestep, and min(SNR, gamma) / SNR
+    tends to 1 there (a NaN weight made the loss NaN, and the run fail, for one example in 1000)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from runner.training.losses import min_snr_weights
+
+    alphas_cumprod = DDPMScheduler(rescale_betas_zero_snr=True).alphas_cumprod
+    t = torch.tensor([0, 500, 999])
+    plain = min_snr_weights(alphas_cumprod, t[:2], 5.0, "epsilon")
+    eps = min_snr_weights(alphas_cumprod, t, 5.0, "epsilon")
+    assert eps[2] == 1.0 and torch.equal(eps[:2], plain)  # the other timesteps' weights as they were
+    for prediction_type in ("v_prediction", "sample"):  # min(SNR, gamma) is 0 there: no weight
+        assert min_snr_weights(alphas_cumprod, t, 5.0, prediction_type)[2] == 0.0
+
+
 def test_weighted_loss_weights_each_example_before_each_half_s_mean():
     import torch
 

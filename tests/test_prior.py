@@ -63,6 +63,18 @@ def test_given_images_are_kept_and_topped_up(tmp_path):
     assert files["0001.jpg"] == (given / "01.JPG").read_bytes()
 
 
+def test_given_pictures_in_formats_dbl_does_not_read_are_named_in_a_warning(tmp_path):
+    given = draw_images(tmp_path / "mine", 2)
+    draw_images(given, 1, suffix=".avif")
+    logs = []
+    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)), log=logs.append)
+    assert _run(ctx) == {"generated": 0, "given": 2}
+    assert [line for line in logs if line.startswith("warning: ")] == [
+        f"warning: {given}: not read, as dbl reads .jpg .jpeg .png .webp .bmp .tif .tiff .gif only: 00.avif; "
+        "convert them to .jpg or .png to train on them"
+    ]
+
+
 def test_more_given_images_than_needed_generates_nothing(tmp_path):
     given = draw_images(tmp_path / "mine", 4)
     ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)))

@@ -495,6 +495,27 @@ CASES = [
         '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\ntext_encoder_learning_rate = 0.5\n',
         "train.text_encoder_learning_rate: Prodigy takes one learning rate for every component (or 0, which freezes one); got 0.5 beside learning_rate 1.0 (line {line}) - remove text_encoder_learning_rate: Prodigy finds the step size itself",
     ),
+    # Values the optimizer or the LoRA layers refuse only once the train step has loaded the model.
+    (
+        "adam_beta1 of 1",
+        "[train]\nadam_beta1 = 1.0\n",
+        "train.adam_beta1: must be below 1, got 1.0 (line {line}) - 0.9 and 0.999 are usual",
+    ),
+    (
+        "prodigy adam_beta2 above 1",
+        '[train]\noptimizer = "prodigy"\nadam_beta2 = 1.5\n',
+        "train.adam_beta2: must be below 1, got 1.5 (line {line}) - 0.9 and 0.999 are usual",
+    ),
+    (
+        "lora dropout above 1",
+        "[lora]\ndropout = 1.5\n",
+        "lora.dropout: must be at most 1, got 1.5 (line {line})",
+    ),
+    (
+        "text encoder dropout above 1",
+        "[lora]\ntext_encoder_dropout = 2\n",
+        "lora.text_encoder_dropout: must be at most 1, got 2.0 (line {line})",
+    ),
 ]
 
 

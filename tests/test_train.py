@@ -368,6 +368,53 @@ def test_a_bad_instance_image_names_the_file(tmp_path, images):
         _run(train_context(tmp_path, make_subject(folder)))
 
 
+def test_copies_of_instance_images_are_named_in_a_warning(tmp_path):
+    """A photo saved twice trains twice as often; a subject's photo among the class images (the prior's
+    images pointed at the subject's folder) trains the subject on the class prompt. Both said."""
+    import shutil
+
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 3)
+    shutil.copyfile(folder / "01.png", folder / "01 (1).png")
+    classes = draw_images(tmp_path / "class", 2, seed=5)
+    shutil.copyfile(folder / "02.png", classes / "0002.png")
+    job = job_from_context(
+        train_context(tmp_path, make_subject(folder, prior="dog"), prior=make_prior(), class_dir=classes)
+    )
+    said = []
+    images, _ = data.read_images(job, said.append)
+    assert len(images.instance) == 4 and len(images.classes) == 3  # trained as given
+    assert said == [
+        f"warning: {folder / '01.png'} is a copy of {folder / '01 (1).png'}: the image trains once for each copy",
+        f"warning: class image {classes / '0002.png'} is the instance image {folder / '02.png'}: prior "
+        "preservation trains the subject's photo on the class prompt; keep the subject's photos out of the "
+        "prior's images",
+    ]
+    assert data.copies(images.instance_files, []) == [said[0].removeprefix("warning: ")]
+    assert data.copies(images.instance_files[:1], images.class_files[:2]) == []
+
+
+def test_pictures_in_formats_dbl_does_not_read_are_named_in_a_warning(tmp_path):
+    """A .jfif (how Windows saves web images), a phone's .heic: skipped, as the fingerprint skips them,
+    but said, so that a folder of them does not train on a part of the photos unnoticed."""
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 2)
+    draw_images(folder / "phone", 2, suffix=".JFIF")
+    (folder / "phone" / "IMG_1.heic").write_bytes(b"not decoded")
+    (folder / "notes.md").write_text("where the photos were taken")
+    said = []
+    images, _ = data.read_images(job_from_context(train_context(tmp_path, make_subject(folder))), said.append)
+    assert [p.name for p in images.instance_files] == ["00.png", "01.png"]
+    assert said == [
+        f"warning: {folder}: not read, as dbl reads .jpg .jpeg .png .webp .bmp .tif .tiff .gif only: "
+        "phone/00.JFIF, phone/01.JFIF, phone/IMG_1.heic; convert them to .jpg or .png to train on them"
+    ]
+
+
 def test_images_are_read_in_parallel_in_file_order_with_their_warnings(tmp_path, monkeypatch):
     """Images are decoded by a thread pool: pixels, sizes and warnings come back in file order, as one
     thread reading them would give them."""

@@ -239,6 +239,9 @@ def check_settings(check, subject: str | None, ts) -> None:
     for key in ("snr_gamma", "prodigy_d_coef"):
         if getattr(ts, key) == 0:
             check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
+    for key in ("adam_beta1", "adam_beta2"):  # AdamW and Prodigy refuse a beta of 1 or more
+        if getattr(ts, key) >= 1:
+            check.problem(where(key), f"must be below 1, got {getattr(ts, key)}", "0.9 and 0.999 are usual")
     if ts.optimizer != "prodigy":
         defaults = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
         for key in PRODIGY_KEYS:

@@ -41,7 +41,9 @@ class TrainSettings:
         None, "learning rate of the text encoder LoRA; default: learning_rate", "float?", minimum=0
     )
     lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = opt(0, "warm-up steps of the schedule", "int", minimum=0)
+    lr_warmup_steps: int = opt(
+        0, "warm-up steps of the schedule (`constant` has none: use `constant_with_warmup`)", "int", minimum=0
+    )
     lr_num_cycles: int = opt(1, "restarts of cosine_with_restarts", "int", minimum=1)
     lr_power: float = opt(1.0, "power of the polynomial schedule", "float")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", "int", minimum=1)
@@ -190,7 +192,7 @@ class LoraSettings:
 
     rank: int = opt(16, "UNet LoRA rank r", "int", minimum=1)
     alpha: float = opt(27, "UNet LoRA alpha (scale = alpha / rank)", "float", minimum=0)
-    dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0)
+    dropout: float = opt(0.0, "UNet LoRA dropout", "float", minimum=0, maximum=1)
     bias: str = opt("none", "UNet LoRA bias training", choices=("none", "all", "lora_only"))
     target_modules: list[str] | str = opt(
         ["to_q", "to_v", "query", "value"],
@@ -212,7 +214,7 @@ class LoraSettings:
     )
     text_encoder_rank: int = opt(16, "text encoder LoRA rank", "int", minimum=1)
     text_encoder_alpha: float = opt(17, "text encoder LoRA alpha", "float", minimum=0)
-    text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0)
+    text_encoder_dropout: float = opt(0.0, "text encoder LoRA dropout", "float", minimum=0, maximum=1)
     text_encoder_bias: str = opt(
         "none", "text encoder LoRA bias training", choices=("none", "all", "lora_only")
     )
@@ -234,7 +236,11 @@ class LoraSettings:
         None, "SDXL second text encoder LoRA alpha; default: text_encoder_alpha", "float?", minimum=0
     )
     text_encoder_2_dropout: float | None = opt(
-        None, "SDXL second text encoder LoRA dropout; default: text_encoder_dropout", "float?", minimum=0
+        None,
+        "SDXL second text encoder LoRA dropout; default: text_encoder_dropout",
+        "float?",
+        minimum=0,
+        maximum=1,
     )
     text_encoder_2_bias: str | None = opt(
         None,

@@ -64,6 +64,38 @@ def image_prompts(files: list[Path], extension: str | None, fallback: str, trigg
     return prompts
 
 
+def missing_captions(folder: Path, files: list[Path], extension: str, fallback: str = "the instance prompt"):
+    """Warnings about caption files that are not read: one whose name differs from its image's only in
+    the case of its extension (`03.TXT` beside `03.jpg`, with ".txt"; a case-sensitive file system does
+    not find it), and no caption file at all (a misspelt extension, or captions under another one: the
+    key then does nothing). `fallback` names the prompt the images train on instead."""
+    said, found, names = [], False, {}
+    for image in files:
+        expected = caption_file(image, extension)
+        if expected.is_file():
+            found = True
+            continue
+        if image.parent not in names:
+            names[image.parent] = [p.name for p in image.parent.iterdir()]
+        for name in names[image.parent]:
+            if name.lower() == expected.name.lower() and name != expected.name:
+                said.append(
+                    f"warning: caption {image.parent / name} is not read: its image's caption is {expected.name}"
+                )
+                found = True
+    if len(said) > 5:
+        said[5:] = [
+            f"warning: {len(said) - 5} more captions differ from their image's caption name only in case"
+        ]
+    if files and not found:
+        said.append(
+            f"warning: caption_extension = '{extension}', but no image in {folder} has a caption file "
+            f"(such as {caption_file(files[0], extension).name} beside {files[0].name}): every image trains "
+            f"on {fallback}"
+        )
+    return said
+
+
 def dropped(seed: int, kind: str, position: int, probability: float) -> bool:
     """Whether the example at `position` trains on the empty prompt (its own generator: resumable)."""
     if not probability:

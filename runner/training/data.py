@@ -18,9 +18,9 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images
+from runner.imagefiles import list_images, skipped_images
 from runner.training import buckets
-from runner.training.captions import image_prompts
+from runner.training.captions import image_prompts, missing_captions
 
 # Images decoded at once when a train step reads its images.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -145,6 +145,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
+    skipped = skipped_images(Path(subject.images))
+    if skipped:
+        log(WARNING + skipped)
     if not instance_files:
         raise StepError(f"train:{subject.name}: no images in {subject.images}")
     class_files = list_images(job.class_dir) if job.class_dir else []
@@ -153,6 +156,8 @@ def read_images(job, log) -> tuple[Images, float | None]:
             raise StepError(f"train:{subject.name}: the class images of prior '{job.prior.name}' are missing")
         class_files = class_files[: job.prior.num_images]
     weight = job.prior.loss_weight if job.prior is not None else None
+    for warning in copies(instance_files, class_files):
+        log(WARNING + warning)
     ts = subject.train
     sizes = (
         buckets.bucket_sizes(ts.resolution, ts.bucket_min_side, ts.bucket_max_side, ts.bucket_step)
@@ -195,6 +200,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
     # A prior step copies the captions of the user's class images beside their copies, as .txt, and
     # writes them for images of several class prompts.
     class_captions = ".txt" if job.prior is not None and job.prior.has_captions else None
+    if subject.caption_extension:
+        for warning in missing_captions(Path(subject.images), instance_files, subject.caption_extension):
+            log(warning)
     prompts = {
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
@@ -212,6 +220,36 @@ def read_images(job, log) -> tuple[Images, float | None]:
         if class_files:
             log(f"class {buckets.describe([(w, h) for h, w in images.buckets('class')])}")
     return images, weight
+
+
+def copies(instance_files: list[Path], class_files: list[Path], shown: int = 5) -> list[str]:
+    """Warnings about byte-identical training images: an instance image that is a copy of another (it trains
+    once for each copy), and a class image that is an instance image (prior preservation then trains the
+    subject's photo on the class prompt). Only files of equal size are read and compared."""
+    by_size: dict[int, list[tuple[str, Path]]] = {}
+    for kind, files in (("instance", instance_files), ("class", class_files)):
+        for path in files:
+            by_size.setdefault(path.stat().st_size, []).append((kind, path))
+    said = []
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        first: dict[str, Path] = {}  # sha256 -> the first instance image with those bytes
+        for kind, path in group:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest not in first:
+                if kind == "instance":
+                    first[digest] = path
+            elif kind == "instance":
+                said.append(f"{path} is a copy of {first[digest]}: the image trains once for each copy")
+            else:
+                said.append(
+                    f"class image {path} is the instance image {first[digest]}: prior preservation trains the "
+                    "subject's photo on the class prompt; keep the subject's photos out of the prior's images"
+                )
+    if len(said) > shown:
+        said[shown:] = [f"{len(said) - shown} more images are copies of instance images"]
+    return said
 
 
 def examples_at(positions, order: ExampleOrder, weight) -> list[tuple[str, int, int]]:

@@ -243,6 +243,8 @@ def _optimizer(run: Run) -> None:
             f'warning: optimizer = "prodigy" with learning_rate {ts.learning_rate:g}: Prodigy finds the '
             "step size itself and learning_rate multiplies it; 1.0 is the usual value"
         )
+    for warning in optimizers.schedule_warnings(ts):
+        run.log(warning)
     run.lr_scheduler = get_scheduler(
         ts.lr_scheduler,
         optimizer=run.optimizer,

@@ -48,13 +48,14 @@ def min_snr_weights(alphas_cumprod, timesteps, gamma: float, prediction_type: st
     """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
     Strategy"), one per timestep: the weight that turns the prediction's MSE into min(SNR, gamma) times
     the MSE of x0. Epsilon prediction: min(SNR, gamma) / SNR; v-prediction: min(SNR, gamma) / (SNR + 1);
-    sample (x0) prediction: min(SNR, gamma)."""
+    sample (x0) prediction: min(SNR, gamma). A schedule rescaled to zero terminal SNR
+    (`rescale_betas_zero_snr`) has SNR 0 at its last timestep, where epsilon's weight is its limit, 1."""
     import torch
 
     ratio = snr(alphas_cumprod, timesteps)
     clipped = torch.clamp(ratio, max=gamma)
     if prediction_type == "epsilon":
-        return clipped / ratio
+        return torch.where(ratio > 0, clipped / ratio, torch.ones_like(ratio))
     if prediction_type == "v_prediction":
         return clipped / (ratio + 1)
     return clipped

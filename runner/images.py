@@ -69,6 +69,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if mode == "F" and values.max() <= 1.0:
             top = 1.0
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        transparent = img.info.get("transparency")  # a PNG's one transparent grey (tRNS): on white, as below
+        if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+            gray[values == transparent] = 255
         return Image.fromarray(gray, "L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
         mode in ("P", "L", "RGB") and "transparency" in img.info

@@ -98,6 +98,18 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert 120 <= gray[0] <= 135 and gray[0] == gray[1] == gray[2]
 
 
+def test_a_sixteen_bit_grayscale_png_with_a_transparent_grey_is_composited_on_white(tmp_path):
+    values = np.full((8, 8), 0, dtype=np.uint16)  # black, the grey the file calls transparent
+    values[1, 1] = 32768
+    path = tmp_path / "keyed16.png"
+    Image.fromarray(values).save(path, transparency=0)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I") and img.info.get("transparency") == 0
+    rgb = np.asarray(load_rgb(path))
+    assert tuple(rgb[0, 0]) == (255, 255, 255)
+    assert 120 <= rgb[1, 1, 0] <= 135
+
+
 def test_rgba_is_composited_on_white(tmp_path):
     img = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # fully transparent black
     img.putpixel((0, 0), (255, 0, 0, 255))

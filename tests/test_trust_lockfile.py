@@ -207,3 +207,22 @@ def test_merge_lockfile_with_a_missing_file_writes_nothing(tmp_path, capsys):
     ours = tmp_path / "ours.lock"
     assert main(["merge-lockfile", str(tmp_path / "base"), str(ours), str(tmp_path / "theirs")]) == 2
     assert "no such file" in capsys.readouterr().err and not ours.exists()
+
+
+def test_switching_back_to_a_branch_restores_its_outputs_and_leaves_its_lockfile_as_committed(proj, build):
+    build(proj)
+    committed = lockfile.read(proj.lock)
+    for record in committed.values():  # built by a teammate, an hour's training
+        record["built"], record["duration_s"] = "2020-01-01T00:00:00Z", 3600.0
+    lockfile.write(proj.lock, committed)
+    main_lock, main_project = proj.lock.read_text(), proj.path.read_text()
+    proj.edit("rank = 4", "rank = 6")  # another branch, built
+    result, _ = build(proj)
+    assert result.ok and proj.lock.read_text() != main_lock
+    proj.lock.write_text(main_lock)  # `git checkout main`: the project file and lockfile come back
+    proj.path.write_text(main_project)
+    result, rec = build(proj)
+    assert result.ok and {status for _, status in rec.final} <= {"fresh", "cached"}
+    assert (
+        proj.lock.read_text() == main_lock
+    )  # `git status` is clean: no new record of a build that did not run

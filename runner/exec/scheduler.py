@@ -25,6 +25,7 @@ from runner.events import WARNING, StepEvent
 from runner.exec import backends, lastbuild
 from runner.exec.job import Hooks, Job
 from runner.fingerprint import FileHasher, fingerprint
+from runner.merge import same as same_build
 from runner.project.schema import Project
 from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir
 
@@ -355,7 +356,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     if meta is not None:
         ev.status = events.CACHED
         metrics = meta.get("metrics", {})
-        _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock)
+        _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock, record)
         _ended(ws, step, ev, metrics, clock)
         return None
     return Started(p, before, inputs, fp, begun, clock, force, options.num_processes)
@@ -468,9 +469,22 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
 
 
 def _commit(
-    ws: Workspace, lock: dict, step, inputs, fp: str, meta: dict, metrics: dict, begun: float, seconds: float
+    ws: Workspace,
+    lock: dict,
+    step,
+    inputs,
+    fp: str,
+    meta: dict,
+    metrics: dict,
+    begun: float,
+    seconds: float,
+    restored_over: dict | None = None,
 ) -> None:
-    """Copy the cache entry into the output folder, swap it in, and record it in the lockfile."""
+    """Copy the cache entry into the output folder, swap it in, and record it in the lockfile.
+
+    `restored_over` is the record a restore from the run-cache replaces: where it records this very
+    build (a branch switched back to, outputs deleted), when and how long that build ran stay as they
+    were, so that a committed lockfile is not rewritten by a build that ran nothing."""
     entry = ws.cache.entry(fp) / "files"
     ws.work_root.mkdir(parents=True, exist_ok=True)
     staged = ws.work_root / f".staged-{step.kind}-{step.name}"
@@ -494,6 +508,9 @@ def _commit(
         built=datetime.fromtimestamp(begun, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         duration_s=round(seconds, 3),
     )
+    made = restored_over or {}
+    if same_build(made, lock[step.id]) and "built" in made and "duration_s" in made:
+        lock[step.id].update(built=made["built"], duration_s=made["duration_s"])
     lockfile.write(ws.lock_path, lock)
     ws.hasher.save()
     shutil.rmtree(ws.tmp(step), ignore_errors=True)

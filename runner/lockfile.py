@@ -92,33 +92,38 @@ def lock_path(project_path: Path) -> Path:
     return project_path.with_suffix(".lock")
 
 
-def read(path: Path) -> dict[str, Record]:
-    """The step records of a lockfile, {step id: record}; empty when there is none yet."""
+RECOVER = (
+    "move it aside (or delete it) and run `dbl build`: steps whose outputs are in the run-cache "
+    "are restored, not rerun"
+)
+
+
+def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[str, Record]:
+    """The step records of a lockfile, {step id: record}; empty when there is none yet.
+
+    Messages name the file `label` (default: its path) and end an error with `recover`."""
     if not path.exists():
         return {}
-    recover = (
-        "move it aside (or delete it) and run `dbl build`: steps whose outputs are in the run-cache "
-        "are restored, not rerun"
-    )
+    shown = label or str(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise LockfileError(f"{path}: cannot read the lockfile ({exc}); {recover}") from None
+        raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover}") from None
     version = data.get("version")
     if version != LOCK_VERSION:
         raise LockfileError(
-            f"{path}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"
+            f"{shown}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"
         )
     steps = data.get("steps", {})
     if not isinstance(steps, dict):
-        raise LockfileError(f"{path}: malformed step records; {recover}")
+        raise LockfileError(f"{shown}: malformed step records; {recover}")
     steps, rejected = checked_records(steps)
     if not all(_valid_record(r) for r in steps.values()):
-        raise LockfileError(f"{path}: malformed step records; {recover}")
+        raise LockfileError(f"{shown}: malformed step records; {recover}")
     if rejected:
         warnings.warn(
             LockfileWarning(
-                f"{path}: the record of {', '.join(rejected)} does not match its digest (a text merge "
+                f"{shown}: the record of {', '.join(rejected)} does not match its digest (a text merge "
                 f"or a hand edit mixed it up); treated as not built: `dbl build` restores or reruns "
                 f"{'it' if len(rejected) == 1 else 'them'}",
                 rejected,

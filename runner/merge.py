@@ -43,13 +43,23 @@ def merge_records(base: dict, ours: dict, theirs: dict) -> tuple[dict[str, dict]
     return merged, conflicts
 
 
-def _records(path: Path) -> tuple[dict[str, dict], list[str]]:
-    """A side's records, without those whose digest does not match; and the messages about those."""
+def _records(path: Path, side: str) -> tuple[dict[str, dict], list[str]]:
+    """A side's records, without those whose digest does not match; and the messages about those.
+
+    Messages name the side (base, ours, theirs), not the temporary file git hands over."""
     if not path.exists() or not path.read_bytes().strip():
         return {}, []  # git passes an empty file for a side that has no lockfile
+    # git's --ours and --theirs name the same sides as the driver's %A and %B, in a rebase too.
+    other = {"ours": "theirs", "theirs": "ours"}.get(side)
+    recover = (
+        "git leaves the lockfile in conflict: "
+        + (f"take {other} (`git checkout --{other} PATH`), " if other else "take either side, ")
+        + "then `dbl build` rebuilds what the merged project file needs, restoring from the run-cache "
+        "what it holds"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", lockfile.LockfileWarning)
-        records = lockfile.read(path)
+        records = lockfile.read(path, label=side, recover=recover)
     return records, [str(w.message) for w in caught if issubclass(w.category, lockfile.LockfileWarning)]
 
 
@@ -60,8 +70,8 @@ def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[s
     """
     notes: list[str] = []
     sides = []
-    for path in (base, ours, theirs):
-        records, messages = _records(path)
+    for path, side in ((base, "base"), (ours, "ours"), (theirs, "theirs")):
+        records, messages = _records(path, side)
         sides.append(records)
         notes += messages
     merged, conflicts = merge_records(*sides)

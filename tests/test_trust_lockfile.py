@@ -226,3 +226,23 @@ def test_switching_back_to_a_branch_restores_its_outputs_and_leaves_its_lockfile
     assert (
         proj.lock.read_text() == main_lock
     )  # `git status` is clean: no new record of a build that did not run
+
+
+def test_merge_lockfile_names_the_side_of_a_record_set_aside_or_an_unreadable_lockfile(tmp_path, capsys):
+    # git hands the driver temporary files (.merge_file_XXXXXX): their names tell the user nothing.
+    made = lockfile.record("train", "f", "h", {}, {}, {}, "2020-01-01T00:00:00Z", 1.0)
+    files = {side: tmp_path / f".merge_file_{side[:2]}" for side in ("base", "ours", "theirs")}
+    for path in files.values():
+        lockfile.write(path, {"train:dog": made, "train:toy": made})
+    text = files["theirs"].read_text()
+    files["theirs"].write_text(text.replace("duration_s = 1.0", "duration_s = 2.0", 1))
+    args = ["merge-lockfile", *map(str, files.values())]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "theirs: the record of train:dog does not match its digest" in err, err
+    assert ".merge_file" not in err
+    files["ours"].write_text(CONFLICT + text)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dbl merge-lockfile: ours: cannot read the lockfile"), err
+    assert ".merge_file" not in err and "git checkout --theirs" in err

@@ -106,7 +106,7 @@ def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[s
         return {}
     shown = label or str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover}") from None
     version = data.get("version")
@@ -196,7 +196,7 @@ def referenced_fingerprints(path: Path) -> set[str]:
     if not path.exists():
         return set()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})

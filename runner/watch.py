@@ -344,7 +344,7 @@ def _raw_image_folders(project_path: Path) -> list[str]:
     """The `images` folders a project file's step tables name, read without validating it (best
     effort: an input folder is an `images` key by convention)."""
     try:
-        data = tomllib.loads(project_path.read_text(encoding="utf-8"))
+        data = tomllib.loads(project_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return []
     found = []

@@ -246,3 +246,14 @@ def test_merge_lockfile_names_the_side_of_a_record_set_aside_or_an_unreadable_lo
     err = capsys.readouterr().err
     assert err.startswith("dbl merge-lockfile: ours: cannot read the lockfile"), err
     assert ".merge_file" not in err and "git checkout --theirs" in err
+
+
+def test_a_windows_checkout_with_crlf_and_a_byte_order_mark_stays_up_to_date(proj, build, capsys):
+    build(proj)
+    for path in (proj.path, proj.lock):  # git's autocrlf, then saved by an editor that writes a BOM
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    out, err = plan_lines(proj, capsys)
+    assert out.startswith("all 7 steps are up to date") and not err, out + err
+    assert main(["check", str(proj.path)]) == 0
+    result, rec = build(proj)
+    assert result.ok and all(status == "fresh" for _, status in rec.final)

@@ -368,7 +368,8 @@ def load_project(path: Path | str) -> schema.Project:
         raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
-    text = path.read_text(encoding="utf-8", errors="replace")
+    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -71,6 +71,9 @@ class Facts(Protocol):
     def cached(self, fingerprint: str) -> bool:
         """Whether the run-cache holds outputs for this fingerprint."""
 
+    def restores(self, fingerprint: str) -> str | None:
+        """The output hash a restore of this fingerprint gives, or None when the run-cache cannot."""
+
 
 # --- the graph -------------------------------------------------------------------------------------
 
@@ -296,13 +299,19 @@ def plan(
     `num_processes` is the build's `--num-processes`, if given."""
     force = force or set()
     planned: dict[str, PlannedStep] = {}
+    known: dict[str, str] = {}  # step id -> its output hash after the build, where the plan can tell
     for step in graph(project):
         record = lock.get(step.id)
         stale_deps = [d for d in step.deps if planned[d].stale]
         if stale_deps:
             item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps])
-            item.reasons += _own_changes(project, step, record, lock, facts, num_processes)
-            if step.id in force:
+            if step.id not in force:
+                reasons, after = _behind_stale(project, step, record, lock, known, facts, num_processes)
+                item.reasons += reasons
+                item.restorable = reasons[-1:] == [RESTORABLE]
+                if after is not None:
+                    known[step.id] = after
+            else:
                 item.reasons.insert(0, "forced")
             planned[step.id] = item
             continue
@@ -320,26 +329,54 @@ def plan(
             problem = facts.outputs_intact(record, step.output_dir)
             if problem:
                 item.status, item.reasons = STALE, [problem]
-        if item.stale and step.id not in force and facts.cached(fp):
+        if not item.stale:
+            known[step.id] = record["output_hash"]
+        elif step.id not in force and (restored := facts.restores(fp)) is not None:
             item.restorable = True
-            item.reasons.append("restorable from cache")
+            item.reasons.append(RESTORABLE)
+            known[step.id] = restored
         planned[step.id] = item
     return list(planned.values())
 
 
-def _own_changes(project: Project, step: Step, record, lock: dict, facts: Facts, num_processes) -> list[str]:
-    """What changed in a step below a stale upstream step, besides that step: its inputs with the upstream
-    outputs the lockfile records, against its record. Nothing when there is nothing to compare with."""
-    if record is None or any("output_hash" not in lock.get(d, {}) for d in step.deps):
-        return []
-    hashes = {d: lock[d]["output_hash"] for d in step.deps}
+RESTORABLE = "restorable from cache"
+UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
+
+
+def _behind_stale(
+    project: Project, step: Step, record, lock: dict, known: dict[str, str], facts: Facts, num_processes
+) -> tuple[list[str], str | None]:
+    """What the plan can tell of a step behind stale upstream steps, beside 'upstream ... stale': its
+    reasons, and its output hash after the build where that is known.
+
+    Where every upstream step is fresh or restorable, their outputs' hashes are known, and so are the
+    step's inputs: it will be up to date (the build checks it again once they are restored: the step
+    stays stale in the plan), restorable, or stale with its reasons. Otherwise its own changes are its
+    inputs with the upstream outputs the lockfile records, against its record."""
+    if all(d in known for d in step.deps):
+        hashes = {d: known[d] for d in step.deps}
+    elif record is not None and all("output_hash" in lock.get(d, {}) for d in step.deps):
+        hashes = {d: lock[d]["output_hash"] for d in step.deps}
+    else:
+        return [], None
     try:
         inputs = step_inputs(project, step, facts, hashes, num_processes)
     except (DblError, OSError):  # said when the step itself is planned, once its upstream steps ran
-        return []
-    if fingerprint(inputs) == record["fingerprint"]:
-        return []
-    return explain(record.get("inputs", {}), inputs)
+        return [], None
+    fp = fingerprint(inputs)
+    exact = all(d in known for d in step.deps)
+    if record is not None and record["fingerprint"] == fp:
+        if not exact:  # its own inputs are unchanged: what changes is upstream
+            return [], None
+        problem = facts.outputs_intact(record, step.output_dir)
+        if problem is None:
+            return [UNCHANGED_AFTER_RESTORE], record["output_hash"]
+        reasons = [problem]
+    else:
+        reasons = explain(record.get("inputs", {}), inputs) if record is not None else ["never built"]
+    if exact and (restored := facts.restores(fp)) is not None:
+        return [*reasons, RESTORABLE], restored
+    return reasons, None
 
 
 def to_json(planned: list[PlannedStep]) -> dict:

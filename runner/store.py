@@ -412,6 +412,11 @@ class DiskFacts:
                 return f"output {rel} unreadable"
         return None
 
+    def restores(self, fingerprint: str) -> str | None:
+        """The output hash a restore of this fingerprint gives (as the lockfile records it), or None
+        when the run-cache cannot restore it."""
+        return output_hash(self.cache.manifest(fingerprint)["outputs"]) if self.cached(fingerprint) else None
+
     def cached(self, fingerprint: str) -> bool:
         """Whether the run-cache holds a well-formed entry with every file at its size (not re-hashed:
         a restore verifies the bytes)."""

@@ -437,14 +437,18 @@ def test_a_damaged_manifest_does_not_stop_a_forced_rerun(tmp_path):
 
 
 def test_missing_outputs_say_so_when_their_step_starts(tmp_path):
-    """train:dog is planned behind its prior (whose outputs are gone too); once the prior is back with
-    the same bytes, train:dog's own reason is its missing output, not 'inputs changed'."""
+    """train:dog is planned behind its prior (whose outputs are gone too), and the plan says what the
+    build finds once the prior is back with the same bytes: its missing output, not 'inputs changed'."""
     p = Proj(tmp_path, PETS)
     build_with(p)
     shutil.rmtree(tmp_path / "build/pets/priors/dog")
     shutil.rmtree(tmp_path / "build/pets/adapters/dog")
     _, rec, _ = build_with(p, dry_run=True)
-    assert dict((s, r) for s, _, r in rec.planned)["train:dog"] == ["upstream prior:dog stale"]
+    assert dict((s, r) for s, _, r in rec.planned)["train:dog"] == [
+        "upstream prior:dog stale",
+        "output build/pets/adapters/dog/dbl.json missing",
+        "restorable from cache",
+    ]
     result, rec, ran = build_with(p)
     assert ran == []
     train = next(ev for ev in result.steps if ev.id == "train:dog")

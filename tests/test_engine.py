@@ -73,6 +73,33 @@ def test_a_step_below_a_stale_one_says_its_own_changes_too(proj, build, fake_ste
     assert dict((sid, r) for sid, _, r in rec.planned)["render:mixed"] == ["upstream blend:mix stale"]
 
 
+def test_the_plan_says_what_a_restore_of_upstream_steps_leaves_to_do(proj, build, fake_steps):
+    """Behind a restorable step, the plan knows the upstream outputs: a branch switched back builds
+    nothing, and the plan says so, not 'upstream ... stale' alone."""
+    build(proj)
+    proj.edit("dog = 1.05", "dog = 1.1")
+    build(proj)
+    proj.edit("dog = 1.1", "dog = 1.05")  # back: both builds are in the run-cache
+    _, rec = build(proj, dry_run=True)
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["blend:mix"] == ["adapters.dog 1.1 -> 1.05", "restorable from cache"]
+    assert reasons["render:mixed"] == [
+        "upstream blend:mix stale",
+        "upstream adapter mix changed",
+        "restorable from cache",
+    ]
+    assert build(proj)[0].ok and fake_steps.ran == []
+    shutil.rmtree(proj.root / "build/pets/blends/mix")  # the blend alone: the render is up to date
+    _, rec = build(proj, dry_run=True)
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["render:mixed"] == [
+        "upstream blend:mix stale",
+        "up to date once its upstream steps are restored",
+    ]
+    result, rec = build(proj)
+    assert fake_steps.ran == [] and {e.id: e.status for e in result.steps}["render:mixed"] == FRESH
+
+
 def test_one_prompt_reruns_that_render_only(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "sks dog on a beach", "sks dog on the moon")
     assert ran == ["render:park"]

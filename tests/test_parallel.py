@@ -315,6 +315,30 @@ def test_ctrl_c_twice_cancels_the_running_steps(proj):
     assert not lockfile.read(proj.lock) if proj.lock.exists() else True
 
 
+class InterruptOnSecondStart(Recorder):
+    """The second Ctrl-C lands while the main thread starts a step (or restores it from the run-cache)."""
+
+    def step_start(self, step):
+        super().step_start(step)
+        if sum(1 for e in self.events if e[0] == "start") == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_twice_while_a_step_starts_interrupts_that_step_too(proj):
+    from runner.exec import lastbuild
+
+    result, rec = finish(*start(proj, Gated(FakeSteps()), reporter=InterruptOnSecondStart(), jobs=2))
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    second = [e[1] for e in rec.events if e[0] == "start"][1]  # the step the Ctrl-C landed in
+    status = {s.id: s.status for s in result.steps}
+    assert status[second] == events.INTERRUPTED, status
+    assert events.RUNNING not in status.values(), status
+    assert ("end", second, events.INTERRUPTED, "interrupted") in rec.events
+    outcomes = {row["id"]: row["outcome"] for row in lastbuild.read(proj.load())["steps"]}
+    assert outcomes[second] == "interrupted"
+    assert set(outcomes.values()) <= set(lastbuild.OUTCOMES.values()), outcomes
+
+
 # --- a real worker process that dies ----------------------------------------------------------------------
 
 

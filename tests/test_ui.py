@@ -420,3 +420,39 @@ def test_the_final_line_counts_in_the_singular_and_says_when_nothing_was_built()
         final_text("pets", only_fresh, 0.0, dry_run=False)
         == "pets: nothing to build: 1 up to date, 1 skipped"
     )
+
+
+def test_on_a_narrow_terminal_a_long_step_id_gives_way_to_the_status_and_time():
+    console = Console(record=True, width=40, force_terminal=True)
+    reporter = LiveReporter(console=console, refresh_per_second=1000)
+    long = "render:a_very_long_render_name_for_the_park"
+    steps = [
+        StepEvent("train:dog", "train", "dog", PENDING, ["lora.rank 16 -> 8"]),
+        StepEvent(long, "render", long[7:], PENDING, ["never built"]),
+        StepEvent("train:cat", "train", "cat", PENDING, ["never built"]),
+        StepEvent("prior:dog", "prior", "dog", FRESH),
+    ]
+    reporter.plan("pets", steps)
+    for s in steps[:2]:
+        s.status, s.device = RUNNING, "cpu"
+        reporter.step_start(s)
+    steps[0].done, steps[0].total = 3, 10
+    reporter.step_progress(steps[0])
+    live = Console(record=True, width=40, force_terminal=True)
+    live.print(reporter.renderable())
+    steps[0].status, steps[0].duration_s, steps[0].outputs = DONE, 3.0, Path("build/pets/adapters/dog")
+    steps[1].status, steps[1].duration_s, steps[1].error = FAILED, 2.0, "ImageError: data/x.png: not an image"
+    steps[2].status, steps[2].error = SKIPPED, "upstream train:x failed"
+    for s in steps[:3]:
+        reporter.step_end(s)
+    reporter.finish(steps, 5.0)
+
+    rows = live.export_text().splitlines()[1:]
+    assert len(rows) == 4 and all(len(row) <= 40 for row in rows), rows
+    for row, status in zip(rows, ("running", "running", "pending", "fresh"), strict=True):
+        assert re.search(rf"^\S [^ ]+( @\S+)? +{status} ", row), row
+    assert re.search(r"\d\.\ds$", rows[0]), rows[0]  # its time
+    out = console.export_text()
+    summary = re.sub(r"\s+", " ", out[out.rindex("step ") :])
+    for status in ("done 3.0s cpu build", "failed 2.0s cpu Image", "skipped upstream", "fresh"):
+        assert status in summary, summary

@@ -27,6 +27,13 @@ def fail(ctx):
     raise StepError(f"{ctx.step_id}: it went wrong in {os.getpid()}")
 
 
+def warn(ctx):
+    import warnings
+
+    warnings.warn("mixed_precision = 'fp16' is ignored on the CPU; computing in fp32", stacklevel=2)
+    return {}
+
+
 def stop_at_once(ctx):
     raise StepInterrupted(f"{ctx.step_id}: stopped in {os.getpid()}")
 
@@ -255,3 +262,14 @@ def test_an_error_that_does_not_pickle_comes_back_described_with_its_own_traceba
     assert text.startswith("Unpicklable: holds a lock\n"), text
     assert 'in raise_unpicklable\n    raise Unpicklable("holds a lock")' in text, text
     assert "cannot pickle" not in text, text  # the step's traceback, not that of pickling it
+
+
+def test_a_warning_raised_in_a_worker_is_a_log_line_of_its_step_not_worker_output(tmp_path, backend, capfd):
+    b = backend()
+    lines: list[str] = []
+    for name in ("a", "b"):  # each step says it, though its worker said it before
+        b.run(job(tmp_path, name, run="warn"), Hooks(log=lines.append))
+    warned = [line for line in lines if not line.startswith("running in worker")]
+    assert warned == ["warning: mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"] * 2
+    b.close()
+    assert "UserWarning" not in capfd.readouterr().err  # the worker wrote nothing past the display

@@ -10,12 +10,14 @@ from __future__ import annotations
 import pickle
 import shutil
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.errors import StepError, StepInterrupted
+from runner.events import WARNING
 from runner.fingerprint import FileHasher
 from runner.steps import StepContext, StepFunction, load_run
 from runner.store import file_manifest
@@ -125,7 +127,22 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
 def run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
     """Run the job in a worker and say how it ended, as a pair that pickles: ("done", Outcome),
     ("interrupted", message), ("error", exception) or ("crash", description of an exception that does
-    not pickle). `reported_outcome` turns it back into what `run_job` returns or raises."""
+    not pickle). `reported_outcome` turns it back into what `run_job` returns or raises.
+
+    A Python warning raised while the step runs becomes one of its log lines (`warning: ...`), as the
+    step's own warnings are: the display shows it with the step's name, and not with -q. Written to the
+    worker's standard error, it would land unnamed in the middle of the display. A worker runs one step
+    at a time, so this process's warning display is the step's for as long as it runs."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        hooks.log(f"{WARNING}{message}")
+
+    with warnings.catch_warnings():  # restores the display after the step; shows each warning again
+        warnings.showwarning = show
+        return _run_reported(job, hooks, models)
+
+
+def _run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
     try:
         return "done", run_job(job, hooks, models)
     except StepInterrupted as exc:

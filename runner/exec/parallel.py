@@ -37,9 +37,12 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
     exit_code = sch.EXIT_OK
     stop_dispatch = False
     said_stop = False
+    # The step the main thread is starting, restoring or committing, until it is settled either way: a
+    # second Ctrl-C that lands meanwhile interrupts it too.
+    handling: str | None = None
 
     def dispatch() -> None:
-        nonlocal exit_code
+        nonlocal exit_code, handling
         for p in list(waiting):
             if stop_dispatch or len(running) >= options.jobs:
                 return
@@ -66,12 +69,15 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                 continue
             waiting.remove(p)
             ev.device = _device_name(devices, backend)  # shown from step_start on
+            handling = p.id
             try:
                 started = sch.begin_step(ws, lock, p, ev, options, reporter, p.id in force_ids)
             except Exception as exc:
+                handling = None
                 pool.release(devices)
                 _failed(p, ev, exc)
                 continue
+            handling = None
             if started is None:  # fresh, or restored from the run-cache and committed: nothing ran
                 pool.release(devices)
                 ev.device = ""
@@ -126,11 +132,14 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             pool.release(devices)
             p = started.p
             if kind == "outcome":
+                handling = sid
                 try:
                     sch.finish_step(ws, lock, started, ev, payload, reporter)
                 except Exception as exc:
+                    handling = None
                     _failed(p, ev, exc)
                 else:
+                    handling = None
                     settled.add(sid)
                     reporter.step_end(ev)
             elif isinstance(payload, StepInterrupted):
@@ -153,6 +162,11 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             ev.status, ev.error = events.INTERRUPTED, "cancelled"
             reporter.step_end(ev)
         running.clear()
+        if handling is not None:  # neither committed nor left as it was: interrupted, as in a -j 1 build
+            ev = evs[handling]
+            ev.duration_s = time.time() - ev.started if ev.started else 0.0
+            ev.status, ev.error = events.INTERRUPTED, "interrupted"
+            reporter.step_end(ev)
         return sch.EXIT_INTERRUPTED
     if options.should_stop() and exit_code == sch.EXIT_OK and waiting:
         exit_code = sch.EXIT_INTERRUPTED

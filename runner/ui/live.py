@@ -169,11 +169,13 @@ class LiveReporter:
             rates = dict(self._rate)
             spinners = dict(self._spinners)
         title = Text.assemble((self._project, "bold"), f": {self._todo} of {len(steps)} steps to run")
+        # On a narrow terminal, or beside a long step id, the id and the detail give way (cut short with
+        # an ellipsis, their cells do not wrap); the mark, the status and the time keep their width.
         table = Table.grid(padding=(0, 1))
-        table.add_column(width=1)
+        table.add_column(width=1, no_wrap=True)
+        table.add_column(overflow="ellipsis")
         table.add_column(no_wrap=True)
-        table.add_column(no_wrap=True)
-        table.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        table.add_column(ratio=1, overflow="ellipsis")
         table.add_column(justify="right", no_wrap=True)
         now = time.monotonic()
         for s in steps:
@@ -187,6 +189,8 @@ class LiveReporter:
                 Text.assemble(
                     (s.id, "bold" if s.status == RUNNING else ""),
                     (f" @{s.device}" if s.device and s.status == RUNNING else "", "dim"),
+                    no_wrap=True,
+                    overflow="ellipsis",
                 ),
                 Text(s.status, style=style),
                 _detail(s, rates.get(s.id)),
@@ -209,7 +213,7 @@ def _detail(s: StepEvent, rate: float | None):
     """The fourth column: progress for a running step, why for the others."""
     if s.status == RUNNING:
         if not s.total:
-            return Text(reason_text(s), style="dim")
+            return _cut(reason_text(s), "dim")
         bar = ProgressBar(total=s.total, completed=s.done, width=20)
         count = f"{unit_of(s)[0]} {s.done}/{s.total}"
         extra = metrics_text(s, rate)
@@ -217,23 +221,30 @@ def _detail(s: StepEvent, rate: float | None):
         line.add_row(bar, Text(count + ("  " + extra if extra else ""), no_wrap=True, overflow="ellipsis"))
         return line
     if s.status == FAILED:
-        return Text(first_line(s.error), style="red")
+        return _cut(first_line(s.error), "red")
     if s.status == SKIPPED:
-        return Text(first_line(s.error) or reason_text(s), style="yellow")
+        return _cut(first_line(s.error) or reason_text(s), "yellow")
     if s.status in (DONE, CACHED) and s.outputs:
-        return Text(fmt_path(s.outputs), style="dim")
-    return Text(reason_text(s), style="dim")
+        return _cut(fmt_path(s.outputs), "dim")
+    return _cut(reason_text(s), "dim")
+
+
+def _cut(text: str, style: str) -> Text:
+    """A cell of one line, cut short with an ellipsis where the column is narrower."""
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
 
 
 def summary_table(steps: list[StepEvent]) -> Table:
     """Every step with its status, time and output folder, for the end of a build."""
+    # A long step id or a narrow terminal folds the id and the detail onto more lines; the status and
+    # the time keep their width.
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    table.add_column("step", no_wrap=True)
+    table.add_column("step", overflow="fold")
     table.add_column("status", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     where = any(s.device for s in steps)  # steps ran at once (-j, Ray): on which device or node
     if where:
-        table.add_column("on", no_wrap=True)
+        table.add_column("on", overflow="fold")
     table.add_column("outputs / reason", overflow="fold")
     for s in steps:
         style = STYLES.get(s.status, ("", ""))[1]

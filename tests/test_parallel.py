@@ -297,6 +297,32 @@ def test_ctrl_c_once_starts_nothing_new_and_asks_running_steps_to_stop(proj):
     assert not any(sid in lockfile.read(proj.lock) for sid in running) if proj.lock.exists() else True
 
 
+class CtrlCOnFirstRestore(Recorder):
+    """Ctrl-C (once) as the first step is restored from the run-cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.flag = threading.Event()
+
+    def step_end(self, step):
+        super().step_end(step)
+        if step.status == events.CACHED:
+            self.flag.set()
+
+
+def test_ctrl_c_once_stops_a_run_of_restores(proj):
+    """Restores run in the build's own process, one after another: they went on to the last one."""
+    assert finish(*start(proj, Gated(FakeSteps(), auto=True), jobs=2))[0].ok
+    import shutil
+
+    shutil.rmtree(proj.root / "build")  # every step is restorable, none runs
+    rec = CtrlCOnFirstRestore()
+    result, _ = finish(*start(proj, Gated(FakeSteps()), reporter=rec, jobs=2, should_stop=rec.flag.is_set))
+    assert rec.flag.is_set() and result.exit_code == executor.EXIT_INTERRUPTED
+    restored = [s.id for s in result.steps if s.status == events.CACHED]
+    assert len(restored) == 1 and len(result.steps) > 1, restored
+
+
 class InterruptOnProgress(Recorder):
     """The second Ctrl-C lands while the main thread shows a step's progress."""
 

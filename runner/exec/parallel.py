@@ -44,7 +44,9 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
     def dispatch() -> None:
         nonlocal exit_code, handling
         for p in list(waiting):
-            if stop_dispatch or len(running) >= options.jobs:
+            # A Ctrl-C is read here too: restores run in this process, one after another, and a run of
+            # them would go on to the last.
+            if stop_dispatch or options.should_stop() or len(running) >= options.jobs:
                 return
             ev = evs[p.id]
             blocked = [d for d in p.step.deps if d in failed]

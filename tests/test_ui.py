@@ -456,3 +456,26 @@ def test_on_a_narrow_terminal_a_long_step_id_gives_way_to_the_status_and_time():
     summary = re.sub(r"\s+", " ", out[out.rindex("step ") :])
     for status in ("done 3.0s cpu build", "failed 2.0s cpu Image", "skipped upstream", "fresh"):
         assert status in summary, summary
+
+
+def test_a_plan_taller_than_the_terminal_keeps_its_running_steps_in_view():
+    """rich cut the bottom off a table taller than the terminal: the running steps of a long plan with
+    them."""
+    console = Console(record=True, width=80, height=12, force_terminal=True)
+    reporter = LiveReporter(console=console, refresh_per_second=1000)
+    steps = [StepEvent(f"train:s{i:02}", "train", f"s{i:02}", PENDING, ["never built"]) for i in range(30)]
+    reporter.plan("many", steps)
+    for s in steps[:20]:
+        s.status, s.duration_s = DONE, 1.0
+        reporter.step_end(s)
+    for s in steps[20:22]:
+        s.status = RUNNING
+        reporter.step_start(s)
+    view = Console(record=True, width=80, height=12, force_terminal=True)
+    view.print(reporter.renderable())
+    lines = view.export_text().splitlines()
+    reporter.close()
+    assert len(lines) <= 12, lines
+    shown = [line.split()[1] for line in lines[1:-1]]
+    assert shown == [f"train:s{i}" for i in range(20, 29)], lines  # the running, then the next to run
+    assert lines[-1].strip() == "... and 21 more steps: 20 done, 1 pending", lines[-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -178,7 +179,9 @@ class LiveReporter:
         table.add_column(ratio=1, overflow="ellipsis")
         table.add_column(justify="right", no_wrap=True)
         now = time.monotonic()
-        for s in steps:
+        # The title, and the line that counts the steps left out, beside the rows.
+        shown, left_out = _rows_that_fit(steps, max(3, self.console.size.height - 3))
+        for s in shown:
             icon, style = STYLES.get(s.status, ("?", ""))
             mark = spinners.get(s.id) if s.status == RUNNING else None
             elapsed = now - started[s.id] if s.id in started else s.duration_s
@@ -196,7 +199,11 @@ class LiveReporter:
                 _detail(s, rates.get(s.id)),
                 Text(when, style="dim"),
             )
-        return Group(title, table)
+        if not left_out:
+            return Group(title, table)
+        counts = Counter(s.status for s in left_out)
+        more = ", ".join(f"{n} {status}" for status, n in counts.items())
+        return Group(title, table, Text(f"  ... and {len(left_out)} more steps: {more}", style="dim"))
 
     def _refresh(self) -> None:
         if self._live is not None:
@@ -207,6 +214,25 @@ class LiveReporter:
         if self._live is not None:
             live, self._live = self._live, None
             live.stop()
+
+
+# Which rows a plan taller than the terminal keeps: running steps, then failed ones, then the next to
+# run, then the latest done; fresh and skipped ones last. (rich would cut the table's bottom off, and with
+# it the running steps of a long plan.)
+_KEEP_FIRST = {RUNNING: 0, FAILED: 1, INTERRUPTED: 1, PENDING: 2, DONE: 3, CACHED: 3}
+
+
+def _rows_that_fit(steps: list[StepEvent], rows: int) -> tuple[list[StepEvent], list[StepEvent]]:
+    """(the steps shown, in plan order; those left out) for a table of at most `rows` rows."""
+    if len(steps) <= rows:
+        return steps, []
+
+    def rank(i: int) -> tuple[int, int]:
+        first = _KEEP_FIRST.get(steps[i].status, 4)
+        return first, i if first <= 2 else -i  # the next pending first, the latest done first
+
+    kept = set(sorted(range(len(steps)), key=rank)[:rows])
+    return [s for i, s in enumerate(steps) if i in kept], [s for i, s in enumerate(steps) if i not in kept]
 
 
 def _detail(s: StepEvent, rate: float | None):

@@ -361,12 +361,14 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         model.add_adapter(adapter_name, lora_config)
     else:
         model = PeftModel(model, lora_config, adapter_name=adapter_name)
+    _keep_base_values(model, state, adapter_name)
     try:
         set_peft_model_state_dict(
             model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name
         )
         _check_keys(model, state, adapter_name, sub)
     except Exception as exc:
+        _restore_base_values(model, adapter_name)
         if wrapped_here:
             # PEFT put its layers into the module the pipeline holds; only the wrapper can take them out.
             model.unload()
@@ -379,6 +381,38 @@ def _load_component(model, sub: Path, adapter_name: str, component):
             param.requires_grad_(False)
     model.eval()
     return model
+
+
+# The base model's values of the parameters that adapters trained with bias != "none" overwrite, by
+# adapter name, on the component's PeftModel. PEFT keeps such biases in the base layers themselves (one
+# adapter with bias per model), so removing the adapter puts these back.
+_BASE_VALUES = "_dbl_base_values"
+
+
+def _keep_base_values(model, state: dict, adapter_name: str) -> None:
+    """Keep a copy of the parameters that the adapter's non-LoRA tensors (trained biases) overwrite."""
+    keys = [k for k in state if ".lora_" not in k]
+    if not keys:
+        return
+    params = dict(model.named_parameters())
+    kept = {name: params[name].detach().clone() for k in keys if (name := PEFT_PREFIX + k) in params}
+    if not hasattr(model, _BASE_VALUES):
+        setattr(model, _BASE_VALUES, {})
+    getattr(model, _BASE_VALUES)[adapter_name] = kept
+
+
+def _restore_base_values(model, adapter_name: str | None = None) -> None:
+    """Put back the base model's values that adapter `adapter_name` (None: every adapter) overwrote."""
+    import torch
+
+    kept = getattr(model, _BASE_VALUES, None)
+    if not kept:
+        return
+    params = dict(model.named_parameters())
+    for name in [adapter_name] if adapter_name is not None else list(kept):
+        with torch.no_grad():
+            for param_name, value in kept.pop(name, {}).items():
+                params[param_name].copy_(value)
 
 
 def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> None:
@@ -430,12 +464,14 @@ def set_active(pipe, adapter_name: str | None) -> None:
 def remove_adapter(pipe, adapter_name: str) -> None:
     """Delete one adapter from the pipeline's wrapped components, keeping the others. Those active with
     it stay active; where it was the only active one, the component runs as the base model until another
-    is activated (PEFT on its own would activate another loaded adapter, with a warning)."""
+    is activated (PEFT on its own would activate another loaded adapter, with a warning). Base weights
+    that the adapter overwrote (its trained biases, bias != "none") get their base values back."""
     from peft import PeftModel
 
     for c in families.of(pipe).components:
         model = getattr(pipe, c.attr)
         if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+            _restore_base_values(model, adapter_name)
             if len(model.peft_config) == 1:
                 setattr(pipe, c.attr, model.unload())
                 continue
@@ -458,6 +494,7 @@ def unload_adapters(pipe) -> None:
     for attr in attrs:
         model = getattr(pipe, attr, None)
         if isinstance(model, PeftModel):
+            _restore_base_values(model)
             setattr(pipe, attr, model.unload())
     if any(getattr(getattr(pipe, a, None), "peft_config", None) for a in attrs):
         pipe.unload_lora_weights()

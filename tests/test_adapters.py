@@ -266,6 +266,52 @@ def test_removing_an_adapter_leaves_the_others_as_they_were_and_runs(tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_removing_an_adapter_with_trained_biases_puts_the_base_biases_back(tmp_path):
+    """PEFT keeps the biases of an adapter trained with bias = "all" in the base layers; removing or
+    unloading the adapter gives the base model back (a render after it must not keep its biases)."""
+    import warnings
+
+    import torch
+
+    from runner.adapters import load_adapter_into, remove_adapter, save_adapter, unload_adapters
+
+    pipe = _pipeline()
+    base = _outputs(pipe.unet, pipe.text_encoder)
+    unet_config = dict(r=4, lora_alpha=6, target_modules=["to_q", "to_v"], bias="all")
+    te_config = dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], bias="all")
+    unet, te = _random_lora(pipe, unet_config=unet_config, te_config=te_config)
+    with torch.no_grad():
+        for model in (unet, te):
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.add_(0.3)
+    expected = _outputs(unet, te)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # biases are kept in the PEFT layout only
+        save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
+        plain_unet, plain_te = _random_lora(_pipeline(), seed=1)
+        save_adapter(tmp_path / "toy", {"unet": plain_unet, "text_encoder": plain_te}, base_model="tiny-sd")
+
+    fresh = _pipeline()
+    load_adapter_into(fresh, tmp_path / "dog", "dog")
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    remove_adapter(fresh, "dog")  # the only adapter: the plain modules come back
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+        assert torch.equal(got, want)
+
+    load_adapter_into(fresh, tmp_path / "toy", "toy")
+    load_adapter_into(fresh, tmp_path / "dog", "dog")
+    remove_adapter(fresh, "dog")  # beside another adapter
+    unload_adapters(fresh)
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+        assert torch.equal(got, want)
+    load_adapter_into(fresh, tmp_path / "dog", "dog")
+    unload_adapters(fresh)
+    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_loading_into_the_wrong_model_raises(tmp_path):
     import torch
 

@@ -156,6 +156,7 @@ def blend(
         )
     _check_method(method, density, svd_rank, majority_sign_method, svd_clamp)
     _check_no_dora(pipe, names)
+    _check_no_bias(pipe, names)
 
     errors = {}
     done = []
@@ -243,6 +244,22 @@ def _check_no_dora(pipe, names: Sequence[str]) -> None:
         raise AdapterError(
             f"{', '.join(dict.fromkeys(dora))}: DoRA adapters cannot be blended; DoRA rescales every weight "
             "row by a trained magnitude, so no blend method gives the weighted sum of their changes"
+        )
+
+
+def _check_no_bias(pipe, names: Sequence[str]) -> None:
+    from peft import PeftModel
+
+    trained = [
+        f"{n} ({component} bias = {model.peft_config[n].bias!r})"
+        for n in names
+        for component, model in adapters.lora_modules(pipe).items()
+        if isinstance(model, PeftModel) and n in model.peft_config and model.peft_config[n].bias != "none"
+    ]
+    if trained:
+        raise AdapterError(
+            f"{', '.join(trained)}: adapters trained with biases cannot be blended; a trained bias is no "
+            "low-rank delta, and PEFT keeps it in the base model, where a blend would keep it whole or lose it"
         )
 
 

@@ -244,6 +244,29 @@ def test_blending_dora_adapters_is_refused(dora, tmp_path):
     assert blending.loaded_adapters(pipe) == ["dog", "dog2"]
 
 
+def test_blending_adapters_with_trained_biases_is_refused(tmp_path):
+    """PEFT keeps trained biases in the base model: a blend after a plain adapter lost them (with a
+    relative error of 0), and one after them failed in PEFT's words."""
+    import warnings
+
+    from runner import blending
+    from runner.adapters import save_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # biases are kept in the PEFT layout only
+        save_adapter(tmp_path / "dog", _variant(_pipeline(), bias="all"), base_model="tiny-sd")
+        save_adapter(tmp_path / "toy", _variant(_pipeline(), seed=1), base_model="tiny-sd")
+    pipe = _pipeline()
+    blending.load(pipe, tmp_path / "toy", "toy")
+    blending.load(pipe, tmp_path / "dog", "dog")
+    for order in (["toy", "dog"], ["dog", "toy"]):
+        with pytest.raises(
+            AdapterError, match=r"dog \(unet bias = 'all'\): adapters trained with biases cannot"
+        ):
+            blending.blend(pipe, dict.fromkeys(order, 0.5), "mix")
+    assert blending.loaded_adapters(pipe) == ["toy", "dog"]
+
+
 def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     import torch
 

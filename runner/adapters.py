@@ -344,6 +344,11 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     from peft.utils import set_peft_model_state_dict
 
     config = _read_config(sub / PEFT_CONFIG)
+    if isinstance(config, dict) and config.get("peft_type", "LORA") != "LORA":
+        # LoHa, LoKr, ... (LyCORIS methods in PEFT) hold other matrices than LoRA's A and B.
+        raise AdapterError(
+            f"{sub / PEFT_CONFIG}: a {config['peft_type']} adapter, not a LoRA; dbl loads LoRA adapters only"
+        )
     state = read_adapter_weights(sub.parent, sub.name)
     if component.text_model_level:
         state, config = _translate_level(state, config, model, component.text_model_level)

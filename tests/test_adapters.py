@@ -335,6 +335,21 @@ def test_loading_into_the_wrong_model_raises(tmp_path):
         load_adapter_into(_pipeline(), tmp_path / "dog", "dog")
 
 
+def test_a_peft_folder_of_another_method_is_named_as_such(tmp_path):
+    """A PEFT LoHa folder (a LyCORIS method) was read as a LoRA, and reported as made for another model."""
+    from peft import LoHaConfig, get_peft_model
+
+    from runner.adapters import load_adapter_into
+
+    get_peft_model(_pipeline().unet, LoHaConfig(r=2, alpha=2, target_modules=["to_q"])).save_pretrained(
+        tmp_path / "loha" / "unet"
+    )
+    pipe = _pipeline()
+    with pytest.raises(AdapterError, match="a LOHA adapter, not a LoRA; dbl loads LoRA adapters only"):
+        load_adapter_into(pipe, tmp_path / "loha", "loha")
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+
+
 def test_transformers4_text_encoder_keys_are_translated(tmp_path):
     import torch
 

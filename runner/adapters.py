@@ -163,12 +163,29 @@ def save_adapter(
             stacklevel=2,
         )
 
+    for component, part in parts.items():
+        lora_keys = [k for k in part["state"] if ".lora_" in k]
+        if not family.component(component).denoiser and not any(
+            f".{p}.lora_" in k for k in lora_keys for p in _ATTENTION_PROJECTIONS
+        ):
+            # diffusers tells a text encoder's PEFT state dict by its attention keys: without one it
+            # refuses the file ("Could not automatically infer state dict type").
+            warnings.warn(
+                f"the {component} LoRA has no attention projection ({', '.join(_ATTENTION_PROJECTIONS)}): "
+                f"diffusers' load_lora_weights cannot read {DIFFUSERS_WEIGHTS}; load the PEFT folders or "
+                "the kohya file",
+                stacklevel=2,
+            )
+
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts, family)
     name = name or (info or {}).get("name") or folder.name
     from runner import kohya
 
     kohya.save(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
     _write_json(folder / INFO_FILE, dict(info or {}))
+
+
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # of CLIP's text encoders
 
 
 def _save_diffusers(path: Path, parts: dict, family) -> None:

@@ -397,6 +397,25 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
         assert not getattr(fresh.unet, "peft_config", None)
 
 
+def test_a_text_encoder_lora_without_attention_says_diffusers_cannot_read_its_file(tmp_path):
+    """diffusers 0.42 tells a text encoder's state dict by its attention keys: with LoRA on fc1 alone,
+    load_lora_weights refuses pytorch_lora_weights.safetensors ("Could not automatically infer state
+    dict type"), while the PEFT folders and the kohya file load."""
+    from runner.adapters import DIFFUSERS_WEIGHTS, save_adapter
+
+    pipe = _pipeline()
+    unet, te = _random_lora(pipe, te_config=dict(r=2, lora_alpha=2, target_modules=["fc1"]))
+    with pytest.warns(UserWarning) as caught:
+        save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
+    said = [str(w.message) for w in caught if "attention projection" in str(w.message)]
+    assert said == [
+        "the text_encoder LoRA has no attention projection (q_proj, k_proj, v_proj, out_proj): diffusers' "
+        f"load_lora_weights cannot read {DIFFUSERS_WEIGHTS}; load the PEFT folders or the kohya file"
+    ]
+    with pytest.raises(ValueError, match="infer state dict type"):  # what the warning is about
+        _pipeline().load_lora_weights(str(tmp_path / "dog"), weight_name=DIFFUSERS_WEIGHTS)
+
+
 def test_read_adapter_config_of_an_empty_folder(tmp_path):
     from runner.adapters import read_adapter_config
 

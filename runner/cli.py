@@ -20,6 +20,16 @@ from runner.store import LockHeld
 from runner.ui.streams import survivable_std_streams
 
 
+class _ForceSteps(argparse.Action):
+    """--force STEP...: a repeated --force adds its steps to the earlier ones (argparse would keep the last
+    only); --force alone, anywhere, stands for every step ([])."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest)
+        every = earlier == [] or not values
+        setattr(namespace, self.dest, [] if every else [*(earlier or []), *values])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbl",
@@ -70,13 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         nargs="+",
+        action="extend",
         metavar="STEP",
-        default=(),
+        default=[],
         help="build these steps (and the stale steps they need)",
     )
     p.add_argument(
         "--force",
         nargs="*",
+        action=_ForceSteps,
         metavar="STEP",
         default=None,
         help="rerun these steps (no STEP: all), ignoring the run-cache",

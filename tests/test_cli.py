@@ -276,3 +276,15 @@ def test_a_project_file_named_after_force_or_only_is_the_project(proj, build, ca
     assert "up to date" in capsys.readouterr().out
     assert main(["build", "--only", str(proj.path)]) == 2
     assert f"--only needs a step id: dbl build {proj.path} --only STEP..." in capsys.readouterr().err
+
+
+def test_repeated_only_and_force_add_up(proj, build, capsys):
+    argv = ["build", str(proj.path), "--dry-run", "--no-progress"]
+    assert main([*argv, "--only", "train:toy", "--only", "render:base"]) == 0
+    assert "2 steps would run: train:toy, render:base" in capsys.readouterr().out
+    build(proj)
+    assert main([*argv, "--force", "train:toy", "--force", "train:dog"]) == 0
+    out = capsys.readouterr().out
+    assert "train:toy" in out and "train:dog" in out
+    assert main([*argv, "--force", "train:toy", "--force"]) == 0  # --force alone: every step
+    assert "dry run: 7 steps would run" in capsys.readouterr().out

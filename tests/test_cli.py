@@ -288,3 +288,14 @@ def test_repeated_only_and_force_add_up(proj, build, capsys):
     assert "train:toy" in out and "train:dog" in out
     assert main([*argv, "--force", "train:toy", "--force"]) == 0  # --force alone: every step
     assert "dry run: 7 steps would run" in capsys.readouterr().out
+
+
+def test_unknown_step_ids_are_named_all_at_once_with_what_was_meant(proj, fake_steps, capsys):
+    argv = ["build", str(proj.path), "--dry-run", "--no-progress"]
+    assert main([*argv, "--only", "dog", "train:*", "train:dgo", "--force", "render:prak"]) == 2
+    err = capsys.readouterr().err
+    assert "--force: no step 'render:prak' (did you mean render:park?)" in err
+    assert "'dog' (a step id is kind:name: prior:dog or train:dog?)" in err
+    assert "'train:*' (a step id, not a pattern: train:dog train:toy)" in err
+    assert "'train:dgo' (did you mean train:dog?)" in err
+    assert not fake_steps.ran

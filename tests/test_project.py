@@ -789,3 +789,11 @@ def test_speed_switches_are_auto_true_or_false_and_never_fingerprinted(folder, k
     assert getattr(dog.train, key) == value
     # Not an input of the train fingerprint: a project that wrote true or false keeps its lockfile fresh.
     assert key not in fingerprinted_fields(dog.train)
+
+
+def test_a_file_that_is_not_utf8_loads_as_before_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_bytes(GOOD.replace("a toy", "a caf\xe9 toy").encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"p.toml is not UTF-8 \(line 15\).*save the file as UTF-8"):
+        project = load_project(path)
+    assert project.tables["train"]["toy"].instance_prompt == "a caf\ufffd toy"

@@ -797,3 +797,16 @@ def test_a_file_that_is_not_utf8_loads_as_before_with_a_warning_naming_its_line(
     with pytest.warns(UserWarning, match=r"p.toml is not UTF-8 \(line 15\).*save the file as UTF-8"):
         project = load_project(path)
     assert project.tables["train"]["toy"].instance_prompt == "a caf\ufffd toy"
+
+
+def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):
+    text = "steps = 5\n" + GOOD.replace('prior = "dog"', 'prior = "dog"\nrank = 4')
+    text += "\n[train]\nrank = 8\n[subjects.toy.lora]\nsteps = 3\n"
+    found = problems(folder, text)
+    for wrong in (
+        "unknown key 'steps' (line 1) - it belongs in [train]: move it there",
+        "train: unknown key 'rank' (line 27) - it belongs in [lora]: move it there",
+        "subjects.toy.lora: unknown key 'steps' (line 29) - it belongs in [subjects.toy.train]: move it there",
+        "subjects.dog: unknown key 'rank' (line 13) - it belongs in [subjects.dog.lora]: move it there",
+    ):
+        assert wrong in found, found

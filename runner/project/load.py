@@ -207,6 +207,8 @@ class _Checker:
     def _unknown(self, key: tuple[str, ...], name: str, known: list[str]) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        if (home := schema.home_of(key, name)) is not None:
+            fix = f"it belongs in [{'.'.join(home)}]: move it there"
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )

@@ -11,8 +11,6 @@ step) records them.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import shutil
 import time
 import traceback
@@ -107,41 +105,6 @@ class Workspace:
         return snap
 
 
-def check_step_ids(planned: list[planner.PlannedStep], **ids: tuple[str, ...]) -> None:
-    """Raise one UsageError naming every id given to an option (only=..., force=...) that is no step of
-    the plan, each with what was likely meant (a name without its kind, a pattern, a typo)."""
-    known = [p.id for p in planned]
-    problems = []
-    for option, given in ids.items():
-        option = f"--{option}"
-        unknown = [sid for sid in dict.fromkeys(given) if sid not in known]
-        if unknown:
-            named = ", ".join(f"'{sid}'{_step_hint(sid, known, option)}" for sid in unknown)
-            problems.append(f"{option}: no step {named}")
-    if problems:
-        raise UsageError(f"{'; '.join(problems)}; steps: {', '.join(known) or 'none'}")
-
-
-def _step_hint(sid: str, known: list[str], option: str) -> str:
-    if sid.endswith(".toml"):
-        return f" (the project file goes before {option})"
-    if any(c in sid for c in "*?["):
-        matches = fnmatch.filter(known, sid)
-        return (
-            f" (a step id, not a pattern: {' '.join(matches)})" if matches else " (a step id, not a pattern)"
-        )
-    kind, colon, name = sid.rpartition(":")
-    if not colon:
-        same = [k for k in known if k.partition(":")[2] == sid]
-        return f" (a step id is kind:name: {' or '.join(same)}?)" if same else ""
-    # a misspelt name is compared with the names of its kind (every id of a kind shares its prefix)
-    names = {k.partition(":")[2]: k for k in known if k.startswith(f"{kind}:")}
-    close = (
-        difflib.get_close_matches(name, names, n=1) if names else difflib.get_close_matches(sid, known, n=1)
-    )
-    return f" (did you mean {names.get(close[0], close[0])}?)" if close else ""
-
-
 def backend_name(options: BuildOptions) -> str:
     """The backend that runs the steps: `inline` becomes `process` with -j above 1, since steps at once
     share no process."""
@@ -158,7 +121,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         if options.force is not None and not options.force:
             force_ids = {s.id for s in planner.graph(project)}
         lock, planned = ws.plan(force_ids, options.num_processes)
-        check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
+        planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
         name = backend_name(options)

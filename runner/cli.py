@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_project(arg: str | None) -> Path:
+def find_project(arg: str | None, command: str = "build") -> Path:
     """The project file named, or the only project file in the current folder."""
     if arg:
         return Path(arg)
@@ -167,9 +167,15 @@ def find_project(arg: str | None) -> Path:
         return here[0]
     if Path("dbl.toml").is_file():
         return Path("dbl.toml")
+    if here:
+        names = ", ".join(p.name for p in here)
+        raise SystemExit(
+            _usage(f"several project files here ({names}): name one, e.g. `dbl {command} {here[0].name}`")
+        )
     raise SystemExit(
         _usage(
-            "no project file given, and no single *.toml here: name one, e.g. `dbl build projects/demo.toml`"
+            f"no project file given, and no *.toml here: name one, e.g. `dbl {command} projects/demo.toml`, "
+            "or start one with `dbl init`"
         )
     )
 
@@ -271,7 +277,7 @@ def _load(args):
     from runner.project import ProjectError, load_project
 
     try:
-        return load_project(find_project(args.project))
+        return load_project(find_project(args.project, args.command))
     except ProjectError as exc:
         print(exc.report(), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
@@ -336,7 +342,7 @@ def cmd_watch(args) -> int:
     from runner.ui import make_reporter
     from runner.watch import watch
 
-    path = find_project(args.project)
+    path = find_project(args.project, args.command)
     mode = "plain" if args.no_progress else "auto"
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)

@@ -299,3 +299,13 @@ def test_unknown_step_ids_are_named_all_at_once_with_what_was_meant(proj, fake_s
     assert "'train:*' (a step id, not a pattern: train:dog train:toy)" in err
     assert "'train:dgo' (did you mean train:dog?)" in err
     assert not fake_steps.ran
+
+
+def test_several_project_files_here_are_named_with_the_command_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("pyproject.toml", "pets.toml", "cats.toml"):
+        (tmp_path / name).write_text("")
+    assert main(["ls"]) == 2
+    assert "several project files here (cats.toml, pets.toml): name one, e.g. `dbl ls cats.toml`" in (
+        capsys.readouterr().err
+    )

@@ -176,7 +176,7 @@ CASES = [
     (
         "blend cycle",
         "[blends.a]\nadapters = { b = 1.0 }\n[blends.b]\nadapters = { a = 1.0 }\n",
-        "blends.a.adapters: blend 'a' depends on itself (line {line}) - remove the cycle between blends",
+        "blends.a.adapters: blend 'a' depends on itself: a -> b -> a (line {line}) - remove the cycle between blends",
     ),
     (
         "pickle base",
@@ -810,3 +810,12 @@ def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):
         "subjects.dog: unknown key 'rank' (line 13) - it belongs in [subjects.dog.lora]: move it there",
     ):
         assert wrong in found, found
+
+
+def test_a_blend_cycle_is_one_problem_that_names_its_blends(folder):
+    text = GOOD + "\n[blends.a]\nadapters = { b = 1.0 }\n[blends.b]\nadapters = { dog = 1.0, a = 1.0 }\n"
+    text += "[blends.self]\nadapters = { self = 1.0 }\n"
+    assert problems(folder, text) == [
+        "blends.a.adapters: blend 'a' depends on itself: a -> b -> a (line 25) - remove the cycle between blends",
+        "blends.self.adapters: blend 'self' depends on itself: self -> self (line 29) - remove self from its adapters",
+    ]

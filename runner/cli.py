@@ -103,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
     )
     parallel_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
-    p.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
 
     p = sub.add_parser("plan", help="list the stale steps and why")
     project_arg(p)

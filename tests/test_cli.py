@@ -309,3 +309,9 @@ def test_several_project_files_here_are_named_with_the_command_to_run(tmp_path, 
     assert "several project files here (cats.toml, pets.toml): name one, e.g. `dbl ls cats.toml`" in (
         capsys.readouterr().err
     )
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(proj, fake_steps, capsys):
+    assert main(["build", str(proj.path), "--no-progress", "-q", "-v"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not fake_steps.ran

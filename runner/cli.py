@@ -20,6 +20,16 @@ from runner.store import LockHeld
 from runner.ui.streams import survivable_std_streams
 
 
+class _ForceSteps(argparse.Action):
+    """--force STEP...: a repeated --force adds its steps to the earlier ones (argparse would keep the last
+    only); --force alone, anywhere, stands for every step ([])."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest)
+        every = earlier == [] or not values
+        setattr(namespace, self.dest, [] if every else [*(earlier or []), *values])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbl",
@@ -70,13 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         nargs="+",
+        action="extend",
         metavar="STEP",
-        default=(),
+        default=[],
         help="build these steps (and the stale steps they need)",
     )
     p.add_argument(
         "--force",
         nargs="*",
+        action=_ForceSteps,
         metavar="STEP",
         default=None,
         help="rerun these steps (no STEP: all), ignoring the run-cache",
@@ -91,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
     )
     parallel_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
-    p.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also the steps' log messages")
 
     p = sub.add_parser("plan", help="list the stale steps and why")
     project_arg(p)
@@ -146,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_project(arg: str | None) -> Path:
+def find_project(arg: str | None, command: str = "build") -> Path:
     """The project file named, or the only project file in the current folder."""
     if arg:
         return Path(arg)
@@ -155,9 +168,15 @@ def find_project(arg: str | None) -> Path:
         return here[0]
     if Path("dbl.toml").is_file():
         return Path("dbl.toml")
+    if here:
+        names = ", ".join(p.name for p in here)
+        raise SystemExit(
+            _usage(f"several project files here ({names}): name one, e.g. `dbl {command} {here[0].name}`")
+        )
     raise SystemExit(
         _usage(
-            "no project file given, and no single *.toml here: name one, e.g. `dbl build projects/demo.toml`"
+            f"no project file given, and no *.toml here: name one, e.g. `dbl {command} projects/demo.toml`, "
+            "or start one with `dbl init`"
         )
     )
 
@@ -259,7 +278,7 @@ def _load(args):
     from runner.project import ProjectError, load_project
 
     try:
-        return load_project(find_project(args.project))
+        return load_project(find_project(args.project, args.command))
     except ProjectError as exc:
         print(exc.report(), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
@@ -324,7 +343,7 @@ def cmd_watch(args) -> int:
     from runner.ui import make_reporter
     from runner.watch import watch
 
-    path = find_project(args.project)
+    path = find_project(args.project, args.command)
     mode = "plain" if args.no_progress else "auto"
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)

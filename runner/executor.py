@@ -14,6 +14,6 @@ from runner.exec.scheduler import (  # noqa: F401 - the public names
     BuildResult,
     Workspace,
     build,
-    check_step_ids,
     describe_error,
 )
+from runner.planner import check_step_ids  # noqa: F401 - a public name

@@ -7,11 +7,13 @@ so that a rebuild producing identical bytes stops there.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from runner import steps as step_kinds
-from runner.errors import DblError
+from runner.errors import DblError, UsageError
 from runner.fingerprint import fingerprint
 from runner.project.schema import Project
 
@@ -385,3 +387,38 @@ def to_json(planned: list[PlannedStep]) -> dict:
         "stale": [{"id": p.id, "kind": p.step.kind, "reasons": p.reasons} for p in planned if p.stale],
         "fresh": [p.id for p in planned if not p.stale],
     }
+
+
+def check_step_ids(planned: list[PlannedStep], **ids: tuple[str, ...]) -> None:
+    """Raise one UsageError naming every id given to an option (only=..., force=...) that is no step of
+    the plan, each with what was likely meant (a name without its kind, a pattern, a typo)."""
+    known = [p.id for p in planned]
+    problems = []
+    for option, given in ids.items():
+        option = f"--{option}"
+        unknown = [sid for sid in dict.fromkeys(given) if sid not in known]
+        if unknown:
+            named = ", ".join(f"'{sid}'{_step_hint(sid, known, option)}" for sid in unknown)
+            problems.append(f"{option}: no step {named}")
+    if problems:
+        raise UsageError(f"{'; '.join(problems)}; steps: {', '.join(known) or 'none'}")
+
+
+def _step_hint(sid: str, known: list[str], option: str) -> str:
+    if sid.endswith(".toml"):
+        return f" (the project file goes before {option})"
+    if any(c in sid for c in "*?["):
+        matches = fnmatch.filter(known, sid)
+        return (
+            f" (a step id, not a pattern: {' '.join(matches)})" if matches else " (a step id, not a pattern)"
+        )
+    kind, colon, name = sid.rpartition(":")
+    if not colon:
+        same = [k for k in known if k.partition(":")[2] == sid]
+        return f" (a step id is kind:name: {' or '.join(same)}?)" if same else ""
+    # a misspelt name is compared with the names of its kind (every id of a kind shares its prefix)
+    names = {k.partition(":")[2]: k for k in known if k.startswith(f"{kind}:")}
+    close = (
+        difflib.get_close_matches(name, names, n=1) if names else difflib.get_close_matches(sid, known, n=1)
+    )
+    return f" (did you mean {names.get(close[0], close[0])}?)" if close else ""

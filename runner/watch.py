@@ -117,7 +117,8 @@ def watch(
 
     reporter_factory makes the display of one build. echo prints the watch's own messages (the
     project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
-    or `stop_event`, 2 when the project file's folder does not exist. build_options: more BuildOptions
+    or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
+    a folder's, or no file has it: a misspelt name would be watched for ever). build_options: more BuildOptions
     fields for each build (jobs, gpus, per_gpu, backend).
     """
     stop = stop_event or threading.Event()
@@ -126,6 +127,9 @@ def watch(
     if not path.parent.is_dir():
         say(f"{project_path}: no such folder")
         return 2
+    if not path.is_file():
+        _load(Path(project_path), say)  # says why, as `dbl build` would
+        return EXIT_USAGE
 
     changes = _Changes()
     handler = _Handler(changes)

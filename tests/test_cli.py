@@ -276,3 +276,42 @@ def test_a_project_file_named_after_force_or_only_is_the_project(proj, build, ca
     assert "up to date" in capsys.readouterr().out
     assert main(["build", "--only", str(proj.path)]) == 2
     assert f"--only needs a step id: dbl build {proj.path} --only STEP..." in capsys.readouterr().err
+
+
+def test_repeated_only_and_force_add_up(proj, build, capsys):
+    argv = ["build", str(proj.path), "--dry-run", "--no-progress"]
+    assert main([*argv, "--only", "train:toy", "--only", "render:base"]) == 0
+    assert "2 steps would run: train:toy, render:base" in capsys.readouterr().out
+    build(proj)
+    assert main([*argv, "--force", "train:toy", "--force", "train:dog"]) == 0
+    out = capsys.readouterr().out
+    assert "train:toy" in out and "train:dog" in out
+    assert main([*argv, "--force", "train:toy", "--force"]) == 0  # --force alone: every step
+    assert "dry run: 7 steps would run" in capsys.readouterr().out
+
+
+def test_unknown_step_ids_are_named_all_at_once_with_what_was_meant(proj, fake_steps, capsys):
+    argv = ["build", str(proj.path), "--dry-run", "--no-progress"]
+    assert main([*argv, "--only", "dog", "train:*", "train:dgo", "--force", "render:prak"]) == 2
+    err = capsys.readouterr().err
+    assert "--force: no step 'render:prak' (did you mean render:park?)" in err
+    assert "'dog' (a step id is kind:name: prior:dog or train:dog?)" in err
+    assert "'train:*' (a step id, not a pattern: train:dog train:toy)" in err
+    assert "'train:dgo' (did you mean train:dog?)" in err
+    assert not fake_steps.ran
+
+
+def test_several_project_files_here_are_named_with_the_command_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("pyproject.toml", "pets.toml", "cats.toml"):
+        (tmp_path / name).write_text("")
+    assert main(["ls"]) == 2
+    assert "several project files here (cats.toml, pets.toml): name one, e.g. `dbl ls cats.toml`" in (
+        capsys.readouterr().err
+    )
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(proj, fake_steps, capsys):
+    assert main(["build", str(proj.path), "--no-progress", "-q", "-v"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not fake_steps.ran

@@ -176,7 +176,7 @@ CASES = [
     (
         "blend cycle",
         "[blends.a]\nadapters = { b = 1.0 }\n[blends.b]\nadapters = { a = 1.0 }\n",
-        "blends.a.adapters: blend 'a' depends on itself (line {line}) - remove the cycle between blends",
+        "blends.a.adapters: blend 'a' depends on itself: a -> b -> a (line {line}) - remove the cycle between blends",
     ),
     (
         "pickle base",
@@ -789,3 +789,33 @@ def test_speed_switches_are_auto_true_or_false_and_never_fingerprinted(folder, k
     assert getattr(dog.train, key) == value
     # Not an input of the train fingerprint: a project that wrote true or false keeps its lockfile fresh.
     assert key not in fingerprinted_fields(dog.train)
+
+
+def test_a_file_that_is_not_utf8_loads_as_before_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_bytes(GOOD.replace("a toy", "a caf\xe9 toy").encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"p.toml is not UTF-8 \(line 15\).*save the file as UTF-8"):
+        project = load_project(path)
+    assert project.tables["train"]["toy"].instance_prompt == "a caf\ufffd toy"
+
+
+def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):
+    text = "steps = 5\n" + GOOD.replace('prior = "dog"', 'prior = "dog"\nrank = 4')
+    text += "\n[train]\nrank = 8\n[subjects.toy.lora]\nsteps = 3\n"
+    found = problems(folder, text)
+    for wrong in (
+        "unknown key 'steps' (line 1) - it belongs in [train]: move it there",
+        "train: unknown key 'rank' (line 27) - it belongs in [lora]: move it there",
+        "subjects.toy.lora: unknown key 'steps' (line 29) - it belongs in [subjects.toy.train]: move it there",
+        "subjects.dog: unknown key 'rank' (line 13) - it belongs in [subjects.dog.lora]: move it there",
+    ):
+        assert wrong in found, found
+
+
+def test_a_blend_cycle_is_one_problem_that_names_its_blends(folder):
+    text = GOOD + "\n[blends.a]\nadapters = { b = 1.0 }\n[blends.b]\nadapters = { dog = 1.0, a = 1.0 }\n"
+    text += "[blends.self]\nadapters = { self = 1.0 }\n"
+    assert problems(folder, text) == [
+        "blends.a.adapters: blend 'a' depends on itself: a -> b -> a (line 25) - remove the cycle between blends",
+        "blends.self.adapters: blend 'self' depends on itself: self -> self (line 29) - remove self from its adapters",
+    ]

@@ -221,3 +221,17 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     t = targets_of(proj.path, None)
     assert t.folders == (f"{root}/data/dog", f"{root}/new/toy")
     assert (root, False) in t.watches()  # new/ does not exist: its nearest parent is watched
+
+
+def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fake_steps):
+    messages = []
+    for named in (proj.path.parent, proj.path.with_name("pest.toml")):
+        stop = threading.Event()
+        timer = threading.Timer(1, stop.set)  # the watch would wait for ever: stopped, it returns 0
+        timer.start()
+        code = watch(named, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
+        timer.cancel()
+        assert code == 2
+    assert "a folder, not a project file - name one of: pets.toml" in messages[0]
+    assert "no such project file" in messages[1]
+    assert not fake_steps.ran

@@ -105,14 +105,6 @@ class Workspace:
         return snap
 
 
-def check_step_ids(planned: list[planner.PlannedStep], ids: tuple[str, ...], option: str) -> None:
-    known = [p.id for p in planned]
-    for sid in ids:
-        if sid not in known:
-            hint = f" (the project file goes before {option})" if sid.endswith(".toml") else ""
-            raise UsageError(f"{option}: no step '{sid}'{hint}; steps: {', '.join(known) or 'none'}")
-
-
 def backend_name(options: BuildOptions) -> str:
     """The backend that runs the steps: `inline` becomes `process` with -j above 1, since steps at once
     share no process."""
@@ -129,8 +121,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         if options.force is not None and not options.force:
             force_ids = {s.id for s in planner.graph(project)}
         lock, planned = ws.plan(force_ids, options.num_processes)
-        check_step_ids(planned, tuple(force_ids), "--force")
-        check_step_ids(planned, options.only, "--only")
+        planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
         name = backend_name(options)

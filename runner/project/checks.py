@@ -286,6 +286,7 @@ def _caption_extension(check, key, extension: str | None) -> None:
 def check_blends(check, tables: dict) -> None:
     subjects, blends = tables.get("train", {}), tables.get("blend", {})
     adapters = list(subjects) + list(blends)
+    in_cycles = set()
     for name, blend in blends.items():
         if name in RESERVED_ADAPTERS:
             check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
@@ -295,8 +296,10 @@ def check_blends(check, tables: dict) -> None:
                 check.problem(
                     key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
                 )
-        if _in_cycle(name, blends):
-            check.problem(key, f"blend '{name}' depends on itself", "remove the cycle between blends")
+        if name not in in_cycles and (cycle := _cycle(name, blends)) is not None:
+            in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
+            fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
+            check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)
         _check_blend_method(check, name, blend, subjects, blends)
         for parent, _ in blend.adapters:
             for setting, flagged, what, why, fix in UNBLENDABLE:
@@ -344,17 +347,19 @@ def check_renders(check, tables: dict) -> None:
             seen.add(adapter)
 
 
-def _in_cycle(start: str, blends: dict) -> bool:
-    seen, todo = set(), [p for p, _ in blends[start].adapters]
-    while todo:
-        name = todo.pop()
+def _cycle(start: str, blends: dict) -> list[str] | None:
+    """The blends from `start` back to itself through their parents ([a, b, a]), or None."""
+    paths, seen = [[start, p] for p, _ in reversed(blends[start].adapters)], set()
+    while paths:
+        path = paths.pop()
+        name = path[-1]
         if name == start:
-            return True
+            return path
         if name in seen or name not in blends:
             continue
         seen.add(name)
-        todo += [p for p, _ in blends[name].adapters]
-    return False
+        paths += [path + [p] for p, _ in reversed(blends[name].adapters)]
+    return None
 
 
 def _rank(lora, component: dict) -> int | None:

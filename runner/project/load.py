@@ -6,6 +6,7 @@ import difflib
 import math
 import re
 import sys
+import warnings
 from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,8 @@ class _Checker:
     def _unknown(self, key: tuple[str, ...], name: str, known: list[str]) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        if (home := schema.home_of(key, name)) is not None:
+            fix = f"it belongs in [{'.'.join(home)}]: move it there"
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )
@@ -368,13 +371,32 @@ def load_project(path: Path | str) -> schema.Project:
         raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
-    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    text = _read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProjectError(path, _syntax_problems(text, exc)) from None
     return _validate(path.resolve(), text, data)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text. TOML is UTF-8; a file in another encoding (Latin-1, Windows-1252) still loads as it
+    always has, each byte that is not UTF-8 read as U+FFFD, with a warning: its prompts are not the text
+    the user sees in the editor."""
+    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
+    # read_text, not bytes.decode: its universal newlines are what every project file was read with.
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        warnings.warn(
+            f"{_display(path)} is not UTF-8 (line {line}): what it holds there reads as \ufffd; "
+            "save the file as UTF-8",
+            stacklevel=3,
+        )
+        return path.read_text(encoding="utf-8-sig", errors="replace")
+    return path.read_text(encoding="utf-8-sig")
 
 
 def _syntax_problems(text: str, exc: Exception) -> list[Problem]:

@@ -331,3 +331,18 @@ TABLES = {
     "train": TrainSettings,
     "lora": LoraSettings,
 }
+
+
+def home_of(key: tuple[str, ...], name: str) -> tuple[str, ...] | None:
+    """The settings table a key written in table `key` belongs in, where it is one of another's keys:
+    `steps` above every header or in [project] is a [train] key, `rank` in [subjects.dog] is one of
+    [subjects.dog.lora]. None where it is no settings key, or `key` is no settings or subject table."""
+    homes = {(table,): cls for table, cls in TABLES.items()}
+    if len(key) in (2, 3) and key[0] == "subjects":  # a subject's own overrides first
+        homes = {key[:2] + ("train",): TrainSettings, key[:2] + ("lora",): LoraSettings, **homes}
+    elif len(key) > 1:
+        return None
+    for table, cls in homes.items():
+        if table != key and any(f.name == name for f in keys_of(cls)):
+            return table
+    return None

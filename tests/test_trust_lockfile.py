@@ -257,3 +257,18 @@ def test_a_windows_checkout_with_crlf_and_a_byte_order_mark_stays_up_to_date(pro
     assert main(["check", str(proj.path)]) == 0
     result, rec = build(proj)
     assert result.ok and all(status == "fresh" for _, status in rec.final)
+
+
+def test_a_project_file_renamed_without_its_lockfile_is_told_where_it_lies(proj, build, capsys):
+    """`git mv pets.toml dogs.toml` left pets.lock behind: every step said 'never built', no more."""
+    build(proj)
+    proj.path.rename(proj.root / "dogs.toml")
+    assert main(["plan", str(proj.root / "dogs.toml")]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "pets.lock lies beside dogs.toml, and no pets.toml: if this project file was renamed from it, "
+        "rename the lockfile too (git mv pets.lock dogs.lock)"
+    ) in err, err
+    (proj.root / "pets.lock").rename(proj.root / "dogs.lock")
+    assert main(["plan", str(proj.root / "dogs.toml")]) == 0
+    assert "lies beside" not in capsys.readouterr().err

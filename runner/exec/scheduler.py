@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -89,6 +90,15 @@ class Workspace:
         self, force: set[str] | None = None, num_processes: int | None = None
     ) -> tuple[dict, list[planner.PlannedStep]]:
         lock = lockfile.read(self.lock_path)
+        if not lock and not self.lock_path.exists():
+            for other in sorted(self.project.dir.glob("*.lock")):
+                if not other.with_suffix(".toml").exists():  # a project file renamed without its lockfile?
+                    warnings.warn(
+                        f"{other.name} lies beside {self.project.path.name}, and no {other.stem}.toml: if "
+                        f"this project file was renamed from it, rename the lockfile too (git mv {other.name} "
+                        f"{self.lock_path.name})",
+                        stacklevel=2,
+                    )
         planned = planner.plan(self.project, lock, self.facts, force, num_processes)
         self.hasher.save()
         return lock, planned

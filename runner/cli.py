@@ -160,14 +160,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def find_project(arg: str | None, command: str = "build") -> Path:
-    """The project file named, or the only project file in the current folder."""
-    if arg:
-        return Path(arg)
-    here = sorted(p for p in Path.cwd().glob("*.toml") if p.name != "pyproject.toml")
+    """The project file named, or the only project file of the folder named (default: the current one)."""
+    folder = Path(arg) if arg else Path.cwd()
+    if arg and not folder.is_dir():
+        return folder
+    here = sorted(p for p in folder.glob("*.toml") if p.name != "pyproject.toml")
     if len(here) == 1:
         return here[0]
-    if Path("dbl.toml").is_file():
-        return Path("dbl.toml")
+    if (folder / "dbl.toml").is_file():
+        return folder / "dbl.toml"
+    if arg:
+        return folder  # none or several: loading it says which
     if here:
         names = ", ".join(p.name for p in here)
         raise SystemExit(

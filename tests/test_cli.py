@@ -311,6 +311,16 @@ def test_several_project_files_here_are_named_with_the_command_to_run(tmp_path, 
     )
 
 
+def test_a_folder_with_one_project_file_names_it(proj, capsys):
+    """`dbl plan projects/` as `dbl plan` in that folder: its only project file; several are named."""
+    (proj.root / "pyproject.toml").write_text("")
+    assert main(["plan", str(proj.root)]) == 0
+    assert "train:dog" in capsys.readouterr().out
+    (proj.root / "cats.toml").write_text("")
+    assert main(["plan", str(proj.root)]) == 2
+    assert "a folder, not a project file - name one of: cats.toml, pets.toml" in capsys.readouterr().err
+
+
 def test_quiet_and_verbose_together_is_a_usage_error(proj, fake_steps, capsys):
     assert main(["build", str(proj.path), "--no-progress", "-q", "-v"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err

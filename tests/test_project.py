@@ -819,3 +819,15 @@ def test_a_blend_cycle_is_one_problem_that_names_its_blends(folder):
         "blends.a.adapters: blend 'a' depends on itself: a -> b -> a (line 25) - remove the cycle between blends",
         "blends.self.adapters: blend 'self' depends on itself: self -> self (line 29) - remove self from its adapters",
     ]
+
+
+def test_an_empty_project_file_is_told_where_base_model_goes(tmp_path):
+    from runner.project import ProjectError, load_project
+
+    path = tmp_path / "p.toml"
+    path.write_text("")
+    with pytest.raises(ProjectError) as caught:
+        load_project(path)
+    assert str(caught.value.problems[0]).endswith("add base_model = ... under [project]"), (
+        caught.value.report()
+    )

@@ -194,8 +194,11 @@ class _Checker:
         if base is None:
             for name, f in known.items():
                 if schema.is_required(f) and name not in raw:
+                    where = f" under [{'.'.join(key)}]" if key and not raw else ""  # an empty file, say
                     self.problem(
-                        key, f"missing required key '{name}' ({f.metadata['doc']})", f"add {name} = ..."
+                        key,
+                        f"missing required key '{name}' ({f.metadata['doc']})",
+                        f"add {name} = ...{where}",
                     )
                     ok = False
         if not ok:

@@ -70,9 +70,6 @@ class Facts(Protocol):
         """None when every recorded output exists with its recorded hash, in the step's output folder
         (`output_dir` under the project's `out`), else why not."""
 
-    def cached(self, fingerprint: str) -> bool:
-        """Whether the run-cache holds outputs for this fingerprint."""
-
     def restores(self, fingerprint: str) -> str | None:
         """The output hash a restore of this fingerprint gives, or None when the run-cache cannot."""
 
@@ -355,7 +352,8 @@ def _behind_stale(
     step's inputs: it will be up to date (the build checks it again once they are restored: the step
     stays stale in the plan), restorable, or stale with its reasons. Otherwise its own changes are its
     inputs with the upstream outputs the lockfile records, against its record."""
-    if all(d in known for d in step.deps):
+    exact = all(d in known for d in step.deps)
+    if exact:
         hashes = {d: known[d] for d in step.deps}
     elif record is not None and all("output_hash" in lock.get(d, {}) for d in step.deps):
         hashes = {d: lock[d]["output_hash"] for d in step.deps}
@@ -366,7 +364,6 @@ def _behind_stale(
     except (DblError, OSError):  # said when the step itself is planned, once its upstream steps ran
         return [], None
     fp = fingerprint(inputs)
-    exact = all(d in known for d in step.deps)
     if record is not None and record["fingerprint"] == fp:
         if not exact:  # its own inputs are unchanged: what changes is upstream
             return [], None

@@ -413,18 +413,17 @@ class DiskFacts:
         return None
 
     def restores(self, fingerprint: str) -> str | None:
-        """The output hash a restore of this fingerprint gives (as the lockfile records it), or None
-        when the run-cache cannot restore it."""
-        return output_hash(self.cache.manifest(fingerprint)["outputs"]) if self.cached(fingerprint) else None
-
-    def cached(self, fingerprint: str) -> bool:
-        """Whether the run-cache holds a well-formed entry with every file at its size (not re-hashed:
-        a restore verifies the bytes)."""
+        """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
+        the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore
+        verifies the bytes)."""
         meta = self.cache.manifest(fingerprint)
         if meta is None:
-            return False
+            return None
         files = self.cache.entry(fingerprint) / "files"
         try:
-            return all((files / rel).stat().st_size == item["size"] for rel, item in meta["outputs"].items())
+            intact = all(
+                (files / rel).stat().st_size == item["size"] for rel, item in meta["outputs"].items()
+            )
         except OSError:
-            return False
+            return None
+        return output_hash(meta["outputs"]) if intact else None

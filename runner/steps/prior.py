@@ -15,8 +15,7 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
-from runner.events import WARNING
-from runner.imagefiles import list_images, skipped_images
+from runner.imagefiles import list_images
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -36,13 +35,10 @@ def run(ctx) -> dict:
     spec = ctx.spec
     total = spec.num_images
     given = _given_images(spec)[:total]
-    skipped = skipped_images(Path(spec.images)) if spec.images else None
-    if skipped:
-        ctx.log(WARNING + skipped)
-    if spec.caption_extension and given:
-        from runner.training.captions import missing_captions
+    if spec.images:
+        from runner.training.captions import unread_files
 
-        for warning in missing_captions(Path(spec.images), given, spec.caption_extension, "its class prompt"):
+        for warning in unread_files(Path(spec.images), given, spec.caption_extension, "its class prompt"):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)

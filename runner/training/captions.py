@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.errors import StepError
+from runner.events import WARNING
 from runner.project.checks import TRIGGER
 
 
@@ -94,6 +95,16 @@ def missing_captions(folder: Path, files: list[Path], extension: str, fallback: 
             f"on {fallback}"
         )
     return said
+
+
+def unread_files(folder: Path, files: list[Path], extension: str | None, fallback: str) -> list[str]:
+    """Warnings about what a step does not read of an image folder whose images are `files`: pictures in
+    formats dbl does not read, and caption files (`extension`) it does not find."""
+    from runner.imagefiles import skipped_images
+
+    skipped = skipped_images(folder)
+    said = [WARNING + skipped] if skipped else []
+    return said + (missing_captions(folder, files, extension, fallback) if extension else [])
 
 
 def dropped(seed: int, kind: str, position: int, probability: float) -> bool:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images, skipped_images
+from runner.imagefiles import list_images
 from runner.training import buckets
-from runner.training.captions import image_prompts, missing_captions
+from runner.training.captions import image_prompts, unread_files
 
 # Images decoded at once when a train step reads its images.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -145,9 +145,10 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
-    skipped = skipped_images(Path(subject.images))
-    if skipped:
-        log(WARNING + skipped)
+    for warning in unread_files(
+        Path(subject.images), instance_files, subject.caption_extension, "the instance prompt"
+    ):
+        log(warning)
     if not instance_files:
         raise StepError(f"train:{subject.name}: no images in {subject.images}")
     class_files = list_images(job.class_dir) if job.class_dir else []
@@ -200,9 +201,6 @@ def read_images(job, log) -> tuple[Images, float | None]:
     # A prior step copies the captions of the user's class images beside their copies, as .txt, and
     # writes them for images of several class prompts.
     class_captions = ".txt" if job.prior is not None and job.prior.has_captions else None
-    if subject.caption_extension:
-        for warning in missing_captions(Path(subject.images), instance_files, subject.caption_extension):
-            log(warning)
     prompts = {
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log

@@ -194,10 +194,9 @@ def folder_variant(folder: Path) -> str | None:
     variants = set()
     for component in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         names = [p.name.split(".") for p in component.iterdir() if p.name.endswith((".safetensors", ".bin"))]
-        if names and not any(
-            len(parts) == 2 for parts in names
-        ):  # model.safetensors, model-00001-of-00002.bin
-            variants.update(parts[-2] for parts in names)  # model.fp16.safetensors
+        # model.safetensors and model-00001-of-00002.bin are plain weights; model.fp16.safetensors a variant
+        if names and all(len(parts) > 2 for parts in names):
+            variants.update(parts[-2] for parts in names)
     return min(variants, key=lambda v: (v != "fp16", v)) if variants else None
 
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from runner import lockfile
 from runner.errors import DblError
 from runner.project.schema import Project
-from runner.store import BuildLock, RunCache
+from runner.store import BuildLock, RunCache, work_folder, work_root
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,8 @@ class Collected:
     freed: int  # bytes
     kept: int  # cache entries a lockfile refers to
     leftovers: list[Path]  # folders of builds killed while writing the cache
-    orphans: list[Path] = field(
-        default_factory=list
-    )  # work folders (train checkpoints) of steps no longer in the project
+    # work folders (train checkpoints) of steps no longer in the project
+    orphans: list[Path] = field(default_factory=list)
 
 
 def collect(project: Project, dry_run: bool = False) -> Collected:
@@ -62,13 +61,11 @@ def _orphaned_work(project: Project) -> list[Path]:
     of steps still in the project are kept, and so are other projects' (a build holds its own lock)."""
     from runner import planner
 
-    root = project.state_dir / "tmp" / project.path.stem
+    root = work_root(project)
     if not root.is_dir():
         return []
-    current = {f"{step.kind}-{step.name}" for step in planner.graph(project)}
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in current
-    )
+    current = {work_folder(project, step.kind, step.name) for step in planner.graph(project)}
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in current)
 
 
 def _referenced(project: Project) -> set[str]:

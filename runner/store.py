@@ -318,6 +318,16 @@ def _tag() -> str:
     return tempnames.suffix()
 
 
+def work_root(project) -> Path:
+    """Where a project's steps keep their work folders (a train step's checkpoints to resume from)."""
+    return project.state_dir / "tmp" / project.path.stem
+
+
+def work_folder(project, kind: str, name: str) -> Path:
+    """The work folder of step `kind:name` of `project`."""
+    return work_root(project) / f"{kind}-{name}"
+
+
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:
     """Put `staged` at `target`, replacing what was there, with two renames. A `target` on another file
     system (`out` on another disk) gets `staged` moved beside it first (a copy, while the old outputs stay

@@ -72,10 +72,10 @@ class Workspace:
 
     @property
     def work_root(self) -> Path:
-        return self.state / "tmp" / self.project.path.stem
+        return store.work_root(self.project)
 
     def tmp(self, step: planner.Step) -> Path:
-        return self.work_root / f"{step.kind}-{step.name}"
+        return store.work_folder(self.project, step.kind, step.name)
 
     def output_dir(self, step: planner.Step | str) -> Path:
         """The committed output folder of a step (or step id)."""

@@ -37,6 +37,7 @@ from runner.events import (
 )
 from runner.ui.plain import (
     RateMeter,
+    _count,
     final_text,
     first_line,
     fmt_duration,
@@ -203,7 +204,9 @@ class LiveReporter:
             return Group(title, table)
         counts = Counter(s.status for s in left_out)
         more = ", ".join(f"{n} {status}" for status, n in counts.items())
-        return Group(title, table, Text(f"  ... and {len(left_out)} more steps: {more}", style="dim"))
+        return Group(
+            title, table, Text(f"  ... and {_count(len(left_out), 'more step')}: {more}", style="dim")
+        )
 
     def _refresh(self) -> None:
         if self._live is not None:

@@ -323,6 +323,31 @@ def test_ctrl_c_once_stops_a_run_of_restores(proj):
     assert len(restored) == 1 and len(result.steps) > 1, restored
 
 
+class Devices(Recorder):
+    """Keeps the device each step was shown to start on."""
+
+    def __init__(self):
+        super().__init__()
+        self.on: dict[str, str] = {}
+
+    def step_start(self, step):
+        super().step_start(step)
+        self.on[step.id] = step.device
+
+
+def test_a_restore_is_shown_on_no_device(proj):
+    """A restore copies files in the build's own process: it said `start on cuda:0`."""
+    assert finish(*start(proj, Gated(FakeSteps(), auto=True), jobs=2, gpus=("0", "1")))[0].ok
+    import shutil
+
+    shutil.rmtree(proj.root / "build")
+    rec = Devices()
+    result, _ = finish(*start(proj, Gated(FakeSteps(), auto=True), reporter=rec, jobs=2, gpus=("0", "1")))
+    restored = {s.id for s in result.steps if s.status == events.CACHED}
+    assert restored and restored == set(rec.on), rec.on
+    assert set(rec.on.values()) == {""} and all(s.device == "" for s in result.steps), rec.on
+
+
 class InterruptOnProgress(Recorder):
     """The second Ctrl-C lands while the main thread shows a step's progress."""
 

@@ -345,6 +345,9 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
         ev.reasons = planner.explain(record.get("inputs", {}), inputs)
     ev.status = events.RUNNING
+    device = ev.device
+    if not force and ws.cache.has(fp):  # a restore runs here, on no device
+        ev.device = ""
     reporter.step_start(ev)
     begun = ev.started = time.time()
     clock = time.monotonic()
@@ -354,6 +357,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         if force
         else ws.cache.verify(fp, layout=_layout(kind, step.name), warn=_warner(ws, reporter, ev))
     )
+    ev.device = device if meta is None else ""
     if meta is not None:
         ev.status = events.CACHED
         metrics = meta.get("metrics", {})

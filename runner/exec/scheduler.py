@@ -318,6 +318,9 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter)
     try:
         outcome = backend.run(job, hooks)
+    except Exception:  # failed or interrupted: it resumes from its work folder, if that can be trusted
+        drop_work_if_changed(ws, started, ev, reporter)
+        raise
     finally:
         job.stop_file.unlink(missing_ok=True)
     finish_step(ws, lock, started, ev, outcome, reporter)
@@ -375,6 +378,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     changed = after.changed_since(s.before)
     if changed:
         ws.cache.drop(s.fp)
+        shutil.rmtree(ws.tmp(step), ignore_errors=True)  # see drop_work_if_changed
         first = str(changed[0])
         how = (
             "was added"
@@ -392,6 +396,21 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
     _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, time.monotonic() - s.clock)
     _ended(ws, step, ev, metrics, s.clock)
+
+
+def drop_work_if_changed(ws: Workspace, s: Started, ev: StepEvent, reporter) -> None:
+    """Drop the work folder of a step that failed or was interrupted when what it reads changed while it
+    ran: its checkpoints may hold training on files that are not those of its fingerprint, and the next
+    build, of the files as they are then (even put back as they were), must not resume from them."""
+    changed = ws.snapshot(s.p.step).changed_since(s.before)
+    work = ws.tmp(s.p.step)
+    if changed and work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        reporter.log(
+            ev,
+            f"{WARNING}{ws.rel(changed[0])} changed while the step ran: its work folder is dropped, and "
+            "the next build starts it over",
+        )
 
 
 def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:

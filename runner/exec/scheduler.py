@@ -507,12 +507,12 @@ def _commit(
     were, so that a committed lockfile is not rewritten by a build that ran nothing."""
     entry = ws.cache.entry(fp) / "files"
     ws.work_root.mkdir(parents=True, exist_ok=True)
-    staged = ws.work_root / f".staged-{step.kind}-{step.name}"
+    staged, trash = store.commit_folders(ws.project, step.kind, step.name)
     shutil.rmtree(staged, ignore_errors=True)
     names = _layout(steps.get(step.kind), step.name)
     copy_tree(entry, staged, names)
     target = ws.output_dir(step)
-    replace_dir(staged, target, ws.work_root / f".trash-{step.kind}-{step.name}")
+    replace_dir(staged, target, trash)
     outputs = {}
     for rel, item in meta["outputs"].items():
         path = target / names.get(rel, rel)

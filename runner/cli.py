@@ -423,7 +423,8 @@ def cmd_gc(args) -> int:
     print(f"{verb} {entries}, {done.freed / 1e6:.1f} MB; kept {done.kept}")
     if done.leftovers:
         print(
-            f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache"
+            f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache "
+            "or committing outputs"
         )
     for path in done.orphans:
         print(f"{verb} {path.name}: the work folder of a step no longer in the project")

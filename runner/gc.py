@@ -1,5 +1,6 @@
-"""`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to, and the work
-folders (train checkpoints) of steps no longer in the project.
+"""`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to, the work folders
+(train checkpoints) of steps no longer in the project, and what builds killed while writing the cache or
+committing outputs left behind.
 
 Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
 that cannot be read (a merge conflict, a bad edit) could refer to anything: then nothing is collected.
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 from runner import lockfile
 from runner.errors import DblError
 from runner.project.schema import Project
-from runner.store import BuildLock, RunCache, work_folder, work_root
+from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Collected:
     dropped: int  # cache entries
     freed: int  # bytes
     kept: int  # cache entries a lockfile refers to
-    leftovers: list[Path]  # folders of builds killed while writing the cache
+    leftovers: list[Path]  # folders of builds killed while writing the cache or committing outputs
     # work folders (train checkpoints) of steps no longer in the project
     orphans: list[Path] = field(default_factory=list)
 
@@ -47,7 +48,7 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
             dropped += 1
             if not dry_run:
                 cache.drop(fp)
-        leftovers = cache.leftovers()
+        leftovers = cache.leftovers() + _unfinished_commits(project)
         orphans = _orphaned_work(project)
         if not dry_run:
             for path in leftovers + orphans:
@@ -66,6 +67,16 @@ def _orphaned_work(project: Project) -> list[Path]:
         return []
     current = {work_folder(project, step.kind, step.name) for step in planner.graph(project)}
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in current)
+
+
+def _unfinished_commits(project: Project) -> list[Path]:
+    """What a build killed while committing a step's outputs left beside the work folders: the copy of the
+    new outputs, or the old ones put aside (a whole adapter or render each). Only a running commit reads
+    them, and gc holds every build lock."""
+    root = work_root(project)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(COMMIT_PREFIXES))
 
 
 def _referenced(project: Project) -> set[str]:

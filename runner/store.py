@@ -328,6 +328,15 @@ def work_folder(project, kind: str, name: str) -> Path:
     return work_root(project) / f"{kind}-{name}"
 
 
+COMMIT_PREFIXES = (".staged-", ".trash-")  # beside the work folders, while a step's outputs are committed
+
+
+def commit_folders(project, kind: str, name: str) -> tuple[Path, Path]:
+    """Where committing step `kind:name` copies its new outputs, and where it puts the old ones aside."""
+    staged, trash = COMMIT_PREFIXES
+    return work_root(project) / f"{staged}{kind}-{name}", work_root(project) / f"{trash}{kind}-{name}"
+
+
 def replace_dir(staged: Path, target: Path, trash: Path) -> None:
     """Put `staged` at `target`, replacing what was there, with two renames. A `target` on another file
     system (`out` on another disk) gets `staged` moved beside it first (a copy, while the old outputs stay

@@ -181,6 +181,53 @@ def test_an_edit_reverted_while_the_step_runs_is_noticed_too(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "ending, jobs", [("done", 1), ("interrupted", 1), ("failed", 1), ("interrupted", 2), ("failed", 2)]
+)
+def test_checkpoints_made_from_an_image_edited_meanwhile_are_not_resumed(tmp_path, ending, jobs):
+    """A train step that read a photo edited while it ran (put back as it was since) trained on other files
+    than its fingerprint's: the next build, of the photo as it is, starts over instead of resuming from the
+    checkpoints that step left, however it ended."""
+    from runner.errors import StepError, StepInterrupted
+    from runner.store import work_folder
+
+    p = Proj(tmp_path, PETS)
+    photo = tmp_path / "data" / "toy" / "00.png"
+    original = photo.read_bytes()
+
+    def wrap(run):
+        def step(ctx):
+            if ctx.step_id != "train:toy":
+                return run(ctx)
+            write_image(photo, seed=99)  # edited before the step reads it ...
+            result = run(ctx)
+            (ctx.work / "checkpoint-2").mkdir()  # ... trains on it and checkpoints
+            photo.write_bytes(original)  # ... and put back
+            if ending == "interrupted":
+                raise StepInterrupted("train:toy stopped after step 2 of 4; it resumes from there")
+            if ending == "failed":
+                raise StepError("train:toy: the loss became nan at step 3")
+            return result
+
+        return step
+
+    from runner import executor
+
+    fake, rec = FakeSteps(), Recorder()
+    options = executor.BuildOptions(jobs=jobs, backend_factory=lambda project: FakeBackend(fake, wrap))
+    executor.build(p.load(), options, rec)
+    assert "train:toy" in fake.ran
+    ends = {e[1]: e for e in rec.events if e[0] == "end"}
+    assert ends["train:toy"][2] == ("interrupted" if ending == "interrupted" else "failed")
+    assert not work_folder(p.load(), "train", "toy").exists()
+    if ending != "done":  # a step that completed says so in its error
+        logs = [e[2] for e in rec.events if e[0] == "log" and e[1] == "train:toy"]
+        assert (
+            "warning: data/toy/00.png changed while the step ran: its work folder is dropped, and the next "
+            "build starts it over"
+        ) in logs
+
+
 PHOTOS = [("dog", 0), ("dog", 2), ("toy", 1)]
 
 

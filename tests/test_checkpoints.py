@@ -164,3 +164,25 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_folder(
         )["steps"]
         == 2
     )
+
+
+def test_a_snapshot_that_trains_by_itself_names_itself_when_it_stops(tmp_path, instance):
+    """Its run is the snapshot step's, to the snapshot's step (here 3 of a 4-step cosine schedule), not
+    the subject's train step: the message that says where it stopped (the build report shows it) names it."""
+    import dataclasses
+
+    from runner.steps import snapshot
+
+    subject = make_subject(
+        instance, train=dict(steps=4, lr_scheduler="cosine", save_steps=[3], train_text_encoder=False)
+    )
+    ctx = dataclasses.replace(
+        train_context(tmp_path, subject, should_stop=_stop_at(1)),
+        step_id="snapshot:dog@3",
+        kind="snapshot",
+        name="dog@3",
+        spec=snapshot.Snapshot("dog@3", subject, 3),
+    )
+    with pytest.raises(StepInterrupted) as stopped:
+        snapshot.run(ctx)
+    assert str(stopped.value) == "snapshot:dog@3 stopped after step 1 of 3; it resumes from there"

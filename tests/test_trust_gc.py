@@ -124,3 +124,24 @@ def test_gc_drops_the_checkpoints_of_steps_no_longer_in_the_project(proj, build,
     out = capsys.readouterr().out
     assert f"{'would drop' if dry_run else 'dropped'} train-rex: the work folder of a step no longer" in out
     assert gone.is_dir() == dry_run and kept.is_dir() and other.is_dir()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_gc_drops_the_copies_of_outputs_a_build_killed_while_committing_left(proj, build, capsys, dry_run):
+    """A build killed between copying a step's outputs out of the run-cache and swapping them in leaves a
+    whole adapter or render beside the work folders; if that step never commits again (removed, renamed,
+    or back to what the lockfile records), nothing but gc would drop it."""
+    from runner.store import commit_folders
+
+    build(proj)
+    project = proj.load()
+    staged, _ = commit_folders(project, "train", "rex")
+    _, trash = commit_folders(project, "render", "park")
+    for folder in (staged, trash):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    assert main(["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])) == 0
+    out = capsys.readouterr().out
+    verb = "would drop" if dry_run else "dropped"
+    assert f"{verb} 2 folder(s) left by builds that were killed while writing the cache or committing" in out
+    assert staged.is_dir() == dry_run and trash.is_dir() == dry_run

@@ -100,7 +100,7 @@ def run_processes(job, world: int, hooks) -> dict:
                     logs[rank].seek(0)
                     tail = "".join(logs[rank].readlines()[-15:])
                     raise StepError(
-                        f"train:{job.subject.name}: training process {rank} exited with code "
+                        f"{job.step_id}: training process {rank} exited with code "
                         f"{processes[rank].returncode}\n{tail}"
                     )
             else:

@@ -145,12 +145,14 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                     settled.add(sid)
                     reporter.step_end(ev)
             elif isinstance(payload, StepInterrupted):
+                sch.drop_work_if_changed(ws, started, ev, reporter)
                 ev.duration_s = time.monotonic() - started.clock
                 ev.status, ev.error = events.INTERRUPTED, str(payload) or "interrupted"
                 reporter.step_end(ev)
                 exit_code = sch.EXIT_INTERRUPTED
                 stop_dispatch = True
             else:
+                sch.drop_work_if_changed(ws, started, ev, reporter)
                 ev.duration_s = time.monotonic() - started.clock
                 _failed(p, ev, payload)
             dispatch()

@@ -318,6 +318,9 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter)
     try:
         outcome = backend.run(job, hooks)
+    except Exception:  # failed or interrupted: it resumes from its work folder, if that can be trusted
+        drop_work_if_changed(ws, started, ev, reporter)
+        raise
     finally:
         job.stop_file.unlink(missing_ok=True)
     finish_step(ws, lock, started, ev, outcome, reporter)
@@ -379,6 +382,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     changed = after.changed_since(s.before)
     if changed:
         ws.cache.drop(s.fp)
+        shutil.rmtree(ws.tmp(step), ignore_errors=True)  # see drop_work_if_changed
         first = str(changed[0])
         how = (
             "was added"
@@ -396,6 +400,21 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
     _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, time.monotonic() - s.clock)
     _ended(ws, step, ev, metrics, s.clock)
+
+
+def drop_work_if_changed(ws: Workspace, s: Started, ev: StepEvent, reporter) -> None:
+    """Drop the work folder of a step that failed or was interrupted when what it reads changed while it
+    ran: its checkpoints may hold training on files that are not those of its fingerprint, and the next
+    build, of the files as they are then (even put back as they were), must not resume from them."""
+    changed = ws.snapshot(s.p.step).changed_since(s.before)
+    work = ws.tmp(s.p.step)
+    if changed and work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        reporter.log(
+            ev,
+            f"{WARNING}{ws.rel(changed[0])} changed while the step ran: its work folder is dropped, and "
+            "the next build starts it over",
+        )
 
 
 def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
@@ -492,12 +511,12 @@ def _commit(
     were, so that a committed lockfile is not rewritten by a build that ran nothing."""
     entry = ws.cache.entry(fp) / "files"
     ws.work_root.mkdir(parents=True, exist_ok=True)
-    staged = ws.work_root / f".staged-{step.kind}-{step.name}"
+    staged, trash = store.commit_folders(ws.project, step.kind, step.name)
     shutil.rmtree(staged, ignore_errors=True)
     names = _layout(steps.get(step.kind), step.name)
     copy_tree(entry, staged, names)
     target = ws.output_dir(step)
-    replace_dir(staged, target, ws.work_root / f".trash-{step.kind}-{step.name}")
+    replace_dir(staged, target, trash)
     outputs = {}
     for rel, item in meta["outputs"].items():
         path = target / names.get(rel, rel)

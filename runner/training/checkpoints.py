@@ -93,7 +93,7 @@ def save(job, step: int, trainable, optimizer, lr_scheduler, scaler, history, wo
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise StepError(
-                    f"train:{job.subject.name}: no space left on device while writing checkpoint {final.name} "
+                    f"{job.step_id}: no space left on device while writing checkpoint {final.name} "
                     f"in {job.work}; free some space and build again (it resumes from the last checkpoint)"
                 ) from exc
             raise

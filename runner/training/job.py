@@ -28,6 +28,9 @@ class Job:
     stop_at: int | None = None  # stop after this step (a snapshot of a schedule of more steps)
     snapshots: dict = field(default_factory=dict)  # step -> folder: keep the adapter there on the way
     log_dir: Path | None = None  # TensorBoard event files go here when given
+    # The step this run builds, as its messages name it: "train:dog", or "snapshot:dog@400" for a snapshot
+    # that trains by itself.
+    step_id: str = ""
 
 
 @dataclass
@@ -76,4 +79,5 @@ def job_from_context(ctx) -> Job:
             if step < spec.train.steps
         },
         log_dir=project.out / "logs" / ctx.name if spec.train.log == "tensorboard" else None,
+        step_id=ctx.step_id,
     )

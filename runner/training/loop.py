@@ -423,7 +423,7 @@ def _read_losses(run: Run) -> None:
             ts = run.settings
             kept = checkpoints.checkpoint_dirs(run.job.work)
             raise StepError(
-                f"train:{run.job.subject.name}: the loss became "
+                f"{run.job.step_id}: the loss became "
                 f"{instance if not math.isfinite(instance) else prior} "
                 f"at step {step}; lower learning_rate (now {ts.learning_rate}) or use mixed_precision = "
                 "'bf16' or 'no' (a changed setting trains from the start)"
@@ -460,7 +460,7 @@ def _checkpoint_or_stop(run: Run) -> None:
         )
     if stop:
         raise StepInterrupted(
-            f"train:{run.job.subject.name} stopped after step {run.step} of {ts.steps}; it resumes from there"
+            f"{run.job.step_id} stopped after step {run.step} of {run.job.stop_at or ts.steps}; it resumes from there"
         )
 
 

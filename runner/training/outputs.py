@@ -57,7 +57,7 @@ def log_writer(run: Run):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise StepError(
-            f"train:{run.job.subject.name}: log = 'tensorboard' needs the tensorboard package: "
+            f"{run.job.step_id}: log = 'tensorboard' needs the tensorboard package: "
             f"pip install 'dbl[tensorboard]' ({exc})"
         ) from None
     run.job.log_dir.mkdir(parents=True, exist_ok=True)

@@ -151,3 +151,13 @@ def test_a_build_writes_the_stat_cache_once_not_after_every_step(proj, build, mo
     monkeypatch.setattr(fingerprint.os, "replace", counted)
     result, _ = build(proj)
     assert result.ok and len(saves) <= 2  # after the plan and at the end
+
+
+def test_check_works_out_how_to_show_a_path_only_for_a_mismatch(proj, build, monkeypatch):
+    # Resolving the path of each of thousands of matching images was a good part of `dbl check`.
+    from runner import check
+
+    build(proj)
+    shown = []
+    monkeypatch.setattr(check, "_shown", lambda project, path: shown.append(path) or str(path))
+    assert check.check(proj.load()).mismatches == [] and shown == []

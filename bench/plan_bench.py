@@ -4,8 +4,9 @@
 
 Makes a project of N subjects with M images each (small PNGs), one prior, a blend and a render per
 subject, builds it once with stand-in steps (the engine is what is measured here, not training), then
-times: the first plan (every image hashed), later plans (stat cache), and `dbl plan` / `dbl build` as
-commands, Python start-up included.
+times: the first plan (every image hashed), later plans (stat cache), `dbl plan` / `dbl build` as
+commands, Python start-up included, a lockfile write after one step (what a build pays per step), and
+a build that restores every step from the run-cache (the lockfile moved aside: a revert).
 """
 
 from __future__ import annotations
@@ -131,6 +132,27 @@ def main() -> int:
 
         plan_cmd = timed(lambda: command("plan"), repeat=3)
         build_cmd = timed(lambda: command("build", "--no-progress"), repeat=3)
+
+        from runner import lockfile
+
+        lock_path = path.with_suffix(".lock")
+        lock = lockfile.read(lock_path)
+        lockfile.write(lock_path, lock)
+        first = next(iter(lock))
+
+        def write_after_a_step():
+            lock[first] = {**lock[first], "duration_s": lock[first]["duration_s"] + 1}
+            lockfile.write(lock_path, lock)
+
+        lock_write = timed(write_after_a_step, repeat=5)
+        lock_path.unlink()
+
+        def restore_all():
+            result = executor.build(load_project(path), options, make_reporter("plain", -1))
+            assert {e.status for e in result.steps} == {"cached"}, {e.status for e in result.steps}
+
+        restore = timed(restore_all)
+        lock_size = lock_path.stat().st_size
         steps = 1 + 2 * args.subjects + 1
     figures = {
         "subjects": args.subjects,
@@ -140,6 +162,9 @@ def main() -> int:
         "plan_cached_s": round(warm, 3),
         "dbl_plan_command_s": round(plan_cmd, 3),
         "dbl_build_noop_command_s": round(build_cmd, 3),
+        "lockfile_bytes": lock_size,
+        "lockfile_write_s": round(lock_write, 4),
+        "restore_every_step_s": round(restore, 3),
     }
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -147,6 +172,8 @@ def main() -> int:
         print(f"project: {args.subjects} subjects x {args.images} images, {steps} steps, nothing changed")
         for key in ("plan_first_s", "plan_cached_s", "dbl_plan_command_s", "dbl_build_noop_command_s"):
             print(f"  {key:<26} {figures[key]:8.3f} s")
+        print(f"  {'lockfile_write_s':<26} {figures['lockfile_write_s']:8.4f} s ({lock_size} bytes)")
+        print(f"  {'restore_every_step_s':<26} {figures['restore_every_step_s']:8.3f} s")
     return 0
 
 

@@ -115,22 +115,31 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
             folder = (project.dir / inputs["_folder"]).resolve()
             for rel, recorded in sorted(files.items()):
                 path = folder / rel
-                shown = _shown(project, path)
                 if not path.is_file():
                     found.append(
-                        Mismatch(shown, f"input of {sid} is gone", f"`dbl build` reruns {sid}", read=False)
+                        Mismatch(
+                            _shown(project, path),
+                            f"input of {sid} is gone",
+                            f"`dbl build` reruns {sid}",
+                            read=False,
+                        )
                     )
                     continue
                 before = hasher.cached(path)
                 now = _read(hasher, path)
                 if now is None:
                     found.append(
-                        Mismatch(shown, f"input of {sid} cannot be read", "check its permissions", read=False)
+                        Mismatch(
+                            _shown(project, path),
+                            f"input of {sid} cannot be read",
+                            "check its permissions",
+                            read=False,
+                        )
                     )
                 elif now != recorded:
                     note = _blind(before, recorded)
                     problem = f"input of {sid} changed since it was built{note}"
-                    found.append(Mismatch(shown, problem, f"`dbl build` reruns {sid}"))
+                    found.append(Mismatch(_shown(project, path), problem, f"`dbl build` reruns {sid}"))
         for value in inputs.values():
             found += _images(project, sid, value, hasher)
     return found
@@ -181,12 +190,9 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
             continue  # not cached here (collected, or built on another machine): nothing to check
         entry = cache.entry(fp)
         meta = cache.manifest(fp)
-        fix = (
-            f"delete the entry (rm -r {_shown(project, entry)}); a later build reruns {sid} when it needs it"
-        )
         if meta is None:
             problem = f"run-cache entry of {sid} has no manifest"
-            found.append(Mismatch(_shown(project, entry), problem, fix, read=False))
+            found.append(Mismatch(_shown(project, entry), problem, _delete(project, entry, sid), read=False))
             continue
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
@@ -199,5 +205,10 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
                 state = "unreadable"
             if state:
                 problem = f"run-cache copy of {sid}'s output is {state}"
+                fix = _delete(project, entry, sid)
                 found.append(Mismatch(_shown(project, path), problem, fix, read=state == "altered"))
     return found, read
+
+
+def _delete(project: Project, entry: Path, sid: str) -> str:
+    return f"delete the entry (rm -r {_shown(project, entry)}); a later build reruns {sid} when it needs it"

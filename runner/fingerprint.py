@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class FileHasher:
         self._dirty = False
         self.reads = 0  # files actually read, for tests and benchmarks
         self._save_failed = False
+        self._saved_at = time.monotonic()  # when the state file was last written (or read)
         if state_path is not None and state_path.is_file():
             try:
                 loaded = json.loads(state_path.read_text())
@@ -124,10 +126,16 @@ class FileHasher:
                 result[_name(path, folder)] = self.hash(path)
         return result
 
-    def save(self) -> None:
+    def save(self, max_age_s: float | None = None) -> None:
         """Write the cache. It is only a cache: a full disk or a read-only folder costs a warning
-        (once) and re-reads next time, never the command that was hashing."""
+        (once) and re-reads next time, never the command that was hashing.
+
+        max_age_s: write only when the last write is older than this; otherwise what was hashed since
+        waits for a later save (the file holds every hash, so writing it after each of many quick steps
+        cost more than the steps)."""
         if not self._dirty or self.state_path is None:
+            return
+        if max_age_s is not None and time.monotonic() - self._saved_at < max_age_s:
             return
         tmp = self.state_path.with_name(f"{self.state_path.name}.tmp-{tempnames.suffix()}")
         try:
@@ -148,6 +156,7 @@ class FileHasher:
                 )
             return
         self._dirty = False
+        self._saved_at = time.monotonic()
 
 
 def _name(path: Path, folder: Path) -> str:

@@ -15,14 +15,25 @@ def list_images(folder: Path) -> list[Path]:
     an image suffix (notes, captions); an image-suffixed file that does not decode is an error later,
     when it is read.
     """
-    found = []
+    return [path for _, path in sorted(_images(folder))]
+
+
+def has_images(folder: Path) -> bool:
+    """Whether list_images would find any (it stops at the first)."""
+    return next(_images(folder), None) is not None
+
+
+def _images(folder: Path):
+    """(relative posix path, path) of each image file under `folder`, in no particular order."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # One relative path per folder, not per file: planning a project of many images spent its time here.
+        below = Path(root).relative_to(folder).as_posix()
+        prefix = "" if below == "." else below + "/"
         for name in files:
             if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            found.append(Path(root) / name)
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+            yield prefix + name, Path(root) / name
 
 
 # Suffixes of pictures that list_images does not read: other names of JPEG (Windows saves web images as

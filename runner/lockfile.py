@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -230,7 +231,7 @@ def _valid_record(record: Any) -> bool:
 
 def write(path: Path, steps: dict[str, dict]) -> None:
     """Write the lockfile atomically: a crash leaves the old file or the new one, never half of one."""
-    text = HEADER + dumps({"version": LOCK_VERSION, "steps": with_digests(steps)})
+    text = HEADER + _text(steps)
     tmp = path.with_name(f".{path.name}.tmp-{tempnames.suffix()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -246,13 +247,39 @@ def write(path: Path, steps: dict[str, dict]) -> None:
     _fsync_dir(path.parent)
 
 
-def with_digests(steps: dict[str, dict]) -> dict[str, dict]:
-    """The records, each with its digest (computed afresh: a stale one is never carried over)."""
-    result = {}
-    for sid, record in steps.items():
-        body = {k: v for k, v in record.items() if k != "digest"}
-        result[sid] = {**body, "digest": record_digest(body)}
-    return result
+# Each record's TOML text as the last write made it, by the record's content: a build writes the lockfile
+# after every step, and all records but that step's are as they were, so a write formats one record, not
+# all of them (formatting them all made a build of many steps quadratic).
+_made: dict[bytes, tuple[str, bool]] = {}
+
+
+def _text(steps: dict[str, dict]) -> str:
+    """The lockfile's text: `dumps` of the version and the records, each with its digest (computed afresh:
+    a stale one is never carried over); what the last write formatted is reused."""
+    global _made
+    made, inline, tables = {}, [], []
+    for sid in sorted(steps):
+        # A pickle tells any two different records apart, and costs a fraction of canonical JSON (two
+        # equal records may pickle apart, which only costs formatting one again).
+        key = pickle.dumps((sid, steps[sid]))
+        made[key] = _made.get(key) or _format_record(sid, steps[sid])
+        text, is_inline = made[key]
+        (inline if is_inline else tables).append(text)
+    _made = made
+    body = "\n\n".join(["\n".join(inline)] * bool(inline) + tables)
+    return (
+        dumps({"version": LOCK_VERSION})
+        + "\n[steps]"
+        + ("\n" + body.rstrip("\n") if body.strip() else "")
+        + "\n"
+    )
+
+
+def _format_record(sid: str, record: dict) -> tuple[str, bool]:
+    """One record's text as `dumps` writes it among the steps, and whether it is inline (a small one)."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    record = {**body, "digest": record_digest(body)}
+    return dumps({sid: record}, ("steps",)), _is_leaf_table(record)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from runner import executor, lockfile
 from runner.cli import main
 from runner.events import FAILED
-from runner.imagefiles import list_images
+from runner.imagefiles import has_images, list_images
 from runner.project import ProjectError, load_project
 from tests.conftest import PETS, ROOT, Proj, write_image
 
@@ -417,3 +417,22 @@ def test_hidden_and_non_image_files_are_skipped(tmp_path):
     (folder / "notes.txt").write_text("captions")
     write_image(folder / ".git" / "b.png")
     assert [p.name for p in list_images(folder)] == ["a.png"]
+
+
+def test_images_are_sorted_by_relative_path_and_found_in_subfolders(tmp_path):
+    names = [
+        "b.png",
+        "a.PNG",
+        "a/b.jpg",
+        "a-b.jpg",
+        "a.b/c.png",
+        "A/x.png",
+        "u/v/w.jpeg",
+        "ü.png",
+        "x/.y.png",
+    ]
+    for name in names:
+        write_image(tmp_path / "imgs" / name)
+    found = [p.relative_to(tmp_path / "imgs").as_posix() for p in list_images(tmp_path / "imgs")]
+    assert found == sorted(n for n in names if "/." not in n)
+    assert has_images(tmp_path / "imgs" / "u") and not has_images(tmp_path / "imgs" / "x")

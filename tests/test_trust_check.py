@@ -134,3 +134,30 @@ def test_missing_files_count_among_the_files_checked(proj, build, capsys):
     # The inputs are read as before; the outputs are counted although none could be read.
     expected = f"{outputs} files of {checked - cached} differ from the lockfile:"
     assert capsys.readouterr().out.splitlines()[0] == expected
+
+
+def test_a_build_writes_the_stat_cache_once_not_after_every_step(proj, build, monkeypatch):
+    # The file holds every hash: rewriting it after each of a few hundred quick steps was most of a build.
+    from runner import fingerprint
+
+    saves = []
+    replace = os.replace
+
+    def counted(src, dst):
+        if os.path.basename(dst) == "state":
+            saves.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(fingerprint.os, "replace", counted)
+    result, _ = build(proj)
+    assert result.ok and len(saves) <= 2  # after the plan and at the end
+
+
+def test_check_works_out_how_to_show_a_path_only_for_a_mismatch(proj, build, monkeypatch):
+    # Resolving the path of each of thousands of matching images was a good part of `dbl check`.
+    from runner import check
+
+    build(proj)
+    shown = []
+    monkeypatch.setattr(check, "_shown", lambda project, path: shown.append(path) or str(path))
+    assert check.check(proj.load()).mismatches == [] and shown == []

@@ -39,6 +39,32 @@ def test_any_data_round_trips(data, steps):
     assert tomllib.loads(dumps(document)) == document
 
 
+def digested(steps: dict) -> dict:
+    return {sid: {**r, "digest": lockfile.record_digest(r)} for sid, r in steps.items()}
+
+
+def test_the_lockfile_text_is_dumps_of_the_records_with_their_digests():
+    steps = {
+        "train:dog": {"fingerprint": "f", "output_hash": "o", "inputs": {"ü": [1, 2.5]}, "outputs": {}},
+        "small": {"fingerprint": "g"},  # written inline
+        "render:park": {"fingerprint": "h", "metrics": {"loss": float("inf")}, "outputs": {"a.png": {}}},
+    }
+    # The second text reuses what the first formatted, for the records that did not change.
+    for records in (steps, {**steps, "render:park": {"fingerprint": "i"}}, {}):
+        expected = dumps({"version": lockfile.LOCK_VERSION, "steps": digested(records)})
+        assert lockfile._text(records) == expected
+
+
+def test_a_write_formats_only_the_records_that_changed(tmp_path, monkeypatch):
+    records = {f"train:s{i}": {"fingerprint": f"{i}", "output_hash": "o", "outputs": {}} for i in range(50)}
+    lockfile.write(tmp_path / "p.lock", records)
+    digests = []
+    monkeypatch.setattr(lockfile, "record_digest", lambda r: digests.append(r) or "d")
+    records["train:s7"] = {**records["train:s7"], "output_hash": "p"}
+    lockfile.write(tmp_path / "p.lock", records)
+    assert len(digests) == 1
+
+
 def test_del_character_in_a_prompt_keeps_the_lockfile_readable(tmp_path):
     record = {
         "fingerprint": "f" * 64,

@@ -183,6 +183,34 @@ def test_live_verbose_adds_the_steps_log_messages_and_only_quiet_hides_their_war
     assert "warning" not in quiet
 
 
+def test_live_display_does_not_redraw_after_each_of_many_quick_steps(monkeypatch):
+    # A redraw takes tens of milliseconds: a few hundred steps restored from the run-cache in a second
+    # must not wait for a few hundred redraws (rich's own thread keeps redrawing meanwhile).
+    import threading
+
+    from rich.live import Live
+
+    redraws = []
+    refresh = Live.refresh
+
+    def counted(live):
+        if threading.current_thread() is threading.main_thread():
+            redraws.append(1)
+        refresh(live)
+
+    monkeypatch.setattr(Live, "refresh", counted)
+    steps = [StepEvent(f"render:r{i}", "render", f"r{i}", PENDING) for i in range(200)]
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=0.5)
+    reporter.plan("pets", steps)
+    for s in steps:
+        s.status = RUNNING
+        reporter.step_start(s)
+        s.status = CACHED
+        reporter.step_end(s)
+    reporter.finish(steps, 1.0)
+    assert len(redraws) < 10
+
+
 def test_live_display_keeps_its_own_copy_of_events():
     reporter = LiveReporter(console=recording_console())
     steps = plan_steps()

@@ -31,6 +31,7 @@ from runner.project.schema import Project
 from runner.store import BuildLock, DiskFacts, RunCache, copy_tree, output_hash, replace_dir
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+STATE_SAVE_S = 10.0  # how often a build writes the file-hash cache between steps
 
 
 @dataclass
@@ -536,5 +537,7 @@ def _commit(
     if same_build(made, lock[step.id]) and "built" in made and "duration_s" in made:
         lock[step.id].update(built=made["built"], duration_s=made["duration_s"])
     lockfile.write(ws.lock_path, lock)
-    ws.hasher.save()
+    # The end of the build saves the rest: a killed build loses at most these seconds of hashes, which
+    # the next plan reads again.
+    ws.hasher.save(max_age_s=STATE_SAVE_S)
     shutil.rmtree(ws.tmp(step), ignore_errors=True)

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from runner import families
-from runner.imagefiles import IMAGE_SUFFIXES, list_images
+from runner.imagefiles import IMAGE_SUFFIXES, has_images
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
@@ -57,7 +57,7 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
-    elif required and not list_images(path):
+    elif required and not has_images(path):
         check.problem(
             key + ("images",),
             f"folder {folder} holds no images (.jpg, .png, .webp ...)",

@@ -108,16 +108,17 @@ class LiveReporter:
             self._rates.forget(step.id)
             self._rate[step.id] = None
             self._spinners[step.id] = Spinner("dots", style="cyan")
-        self._refresh()
+        self._refresh_due()
 
     def step_progress(self, step: StepEvent) -> None:
         with self._lock:
             first = self._rate.get(step.id) is None
             self._steps[step.id] = _copy(step, status=RUNNING)
             self._rate[step.id] = self._rates.update(step)
-        # rich's own refresh thread redraws often enough; refresh here only now and then.
-        if first or time.monotonic() - self._last_refresh > 1 / self._refresh_per_second:
+        if first:
             self._refresh()
+        else:
+            self._refresh_due()
 
     def log(self, step: StepEvent | None, message: str) -> None:
         if step is None:
@@ -141,7 +142,7 @@ class LiveReporter:
             head = Text.assemble((f"{step.id} failed", "bold red"), f" after {fmt_duration(step.duration_s)}")
             self.console.print(head)
             self.console.print(Text(step.error.strip() or "(no message)", style="red"))
-        self._refresh()
+        self._refresh_due()
 
     def finish(self, steps: list[StepEvent], duration_s: float) -> None:
         self._stop_live()
@@ -212,6 +213,13 @@ class LiveReporter:
         if self._live is not None:
             self._last_refresh = time.monotonic()
             self._live.refresh()
+
+    def _refresh_due(self) -> None:
+        # rich's own refresh thread redraws often enough; refresh here only now and then. (A redraw of
+        # the table takes tens of milliseconds: after every step start and end, a few hundred steps
+        # restored from the run-cache took longer to show than to restore.)
+        if time.monotonic() - self._last_refresh > 1 / self._refresh_per_second:
+            self._refresh()
 
     def _stop_live(self) -> None:
         if self._live is not None:

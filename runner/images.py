@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from runner.errors import ImageError
 
@@ -34,7 +34,7 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
         with Image.open(path) as img:
             img.seek(0)  # the first frame of an animated GIF / WebP
             img.load()  # decode now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            img = _upright(img)
             rgb = _to_rgb(img)
     except ImageError:
         raise
@@ -56,6 +56,26 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
             f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
         )
     return rgb
+
+
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Not ImageOps.exif_transpose: it also writes the
+    EXIF block back without the tag, which fails (struct.error) on a block with one malformed tag
+    that the camera or editor wrote, though the pixels are fine."""
+    method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    return img if method is None else img.transpose(method)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

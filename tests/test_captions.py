@@ -301,6 +301,24 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
 
 
 @pytest.mark.torch
+def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_path):
+    """The train step reads the prior's copies (priors/<name>/0001.txt); what is wrong with a caption
+    is said of the file the user can fix."""
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "00.txt").write_text(" \n")
+    (given / "01.txt").write_bytes(b"caf\xe9")
+    logs = []
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".txt")
+    with pytest.raises(StepError) as info:
+        prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3)"
+    assert f"warning: caption {given / '00.txt'} is empty; the class prompt 'a photo of dog' is used" in logs
+
+
+@pytest.mark.torch
 def test_a_prior_says_when_no_given_class_image_has_a_caption(tmp_path):
     from runner.steps import prior as prior_step
     from tests.steps_fixtures import draw_images, make_prior, prior_context

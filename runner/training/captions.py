@@ -22,9 +22,9 @@ def caption_file(image: Path, extension: str) -> Path:
     return image.with_suffix(extension)
 
 
-def read_caption(path: Path, log) -> str | None:
-    """The caption in `path`, stripped; None (with a warning) when it is empty. A binary or non-UTF-8
-    file, or one that cannot be read, is an error naming it."""
+def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str | None:
+    """The caption in `path`, stripped; None (with a warning that `fallback` is used) when it is empty. A
+    binary or non-UTF-8 file, or one that cannot be read, is an error naming it."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -37,13 +37,21 @@ def read_caption(path: Path, log) -> str | None:
         raise StepError(f"caption {path} is not UTF-8 text (byte {e.start})") from None
     text = " ".join(text.split())
     if not text:
-        log(f"warning: caption {path} is empty; the instance prompt is used")
+        log(f"warning: caption {path} is empty; {fallback} is used")
         return None
     return text
 
 
-def image_prompts(files: list[Path], extension: str | None, fallback: str, trigger: str | None, log):
-    """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`."""
+def image_prompts(
+    files: list[Path],
+    extension: str | None,
+    fallback: str,
+    trigger: str | None,
+    log,
+    fallback_name: str = "the instance prompt",
+):
+    """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`, which
+    warnings call `fallback_name`."""
     if trigger is None and TRIGGER in fallback and files:
         log(
             f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
@@ -54,7 +62,7 @@ def image_prompts(files: list[Path], extension: str | None, fallback: str, trigg
         if extension:
             path = caption_file(image, extension)
             if path.is_file():
-                caption = read_caption(path, log)
+                caption = read_caption(path, log, fallback_name)
         if caption is not None and TRIGGER in caption:
             if trigger is None:
                 raise StepError(

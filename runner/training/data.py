@@ -205,7 +205,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
         ),
-        "class": image_prompts(class_files, class_captions, job.prior.prompts[0], subject.trigger, log)
+        "class": image_prompts(
+            class_files,
+            class_captions,
+            job.prior.prompts[0],
+            subject.trigger,
+            log,
+            f"the class prompt '{job.prior.prompts[0]}'",
+        )
         if job.prior is not None
         else [],
     }

@@ -56,8 +56,9 @@ def test_an_empty_caption_warns_and_uses_the_instance_prompt(tmp_path):
     [
         (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
         (b"caf\xe9", "is not UTF-8 text (byte 3)"),
+        ("a dog".encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
     ],
-    ids=["binary", "latin-1"],
+    ids=["binary", "latin-1", "utf-16"],
 )
 def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, message):
     files = _folder(tmp_path, {"03.txt": data})

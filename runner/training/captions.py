@@ -10,6 +10,7 @@ torch is imported inside functions.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from runner.errors import StepError
@@ -29,6 +30,8 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str 
         data = path.read_bytes()
     except OSError as e:
         raise StepError(f"caption {path} cannot be read: {e.strerror or e}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode": text, not binary
+        raise StepError(f"caption {path} is UTF-16 text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
         raise StepError(f"caption {path} is a binary file, not text")
     try:

@@ -239,6 +239,18 @@ CASES = [
         "train.bucket_max_side: 256 is below resolution 512 (line {line}) - use at least 512",
     ),
     (
+        "bucket step rounds the default shortest side past the resolution",
+        "[train]\nresolution = 40\nbuckets = true\nbucket_step = 64\n",
+        "train.bucket_step: 64 rounds the shortest bucket side up to 64, past resolution 40 (line {line}) - "
+        "use a step that divides the resolution, e.g. 40",
+    ),
+    (
+        "bucket step rounds a longest side past the resolution",
+        "[train]\nresolution = 40\nbuckets = true\nbucket_max_side = 48\nbucket_step = 32\n",
+        "train.bucket_step: 32 rounds the longest bucket side down to 32, past resolution 40 (line {line}) - "
+        "use a step that divides the resolution, e.g. 8",
+    ),
+    (
         "bucket max side below a subject's own resolution",
         "[train]\nbuckets = true\nbucket_max_side = 512\n[subjects.toy.train]\nresolution = 768\n",
         "train.bucket_max_side: 512 is below subjects.toy.train.resolution = 768 (line {line}) - use at least 768",

@@ -212,17 +212,30 @@ def _buckets(check, key, train) -> None:  # key(field): where that train setting
     low, high, step = bounds(
         train.resolution, train.bucket_min_side, train.bucket_max_side, train.bucket_step
     )
-    if low > train.resolution:
+    min_above = train.bucket_min_side is not None and train.bucket_min_side > train.resolution
+    max_below = train.bucket_max_side is not None and train.bucket_max_side < train.resolution
+    if min_above:
         check.problem(
             key("bucket_min_side"),
             f"{train.bucket_min_side} is above {_beside(check, key, 'bucket_min_side', 'resolution', train.resolution, ' ')}",
             f"use at most {train.resolution}",
         )
-    if high < train.resolution:
+    if max_below:
         check.problem(
             key("bucket_max_side"),
             f"{train.bucket_max_side} is below {_beside(check, key, 'bucket_max_side', 'resolution', train.resolution, ' ')}",
             f"use at least {train.resolution}",
+        )
+    resolution = train.resolution
+    if not (min_above or max_below) and (low > resolution or high < resolution):  # the step rounds past it
+        rounded = (
+            f"shortest bucket side up to {low}" if low > resolution else f"longest bucket side down to {high}"
+        )
+        divisors = [d for d in range(8, min(step, resolution) + 1, 8) if resolution % d == 0]
+        check.problem(
+            key("bucket_step"),
+            f"{step} rounds the {rounded}, past {_beside(check, key, 'bucket_step', 'resolution', resolution, ' ')}",
+            f"use a step that divides the resolution, e.g. {divisors[-1]}",
         )
 
 

@@ -7,6 +7,8 @@ Pillow and numpy are imported here; torch only inside the functions that make te
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,30 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+# What Pillow warns about the file that this thread is decoding (under `files_named_in_warnings`).
+_decoding = threading.local()
+
+
+@contextlib.contextmanager
+def files_named_in_warnings():
+    """While open, a warning Pillow raises as load_rgb decodes a file (corrupt EXIF data ...) is said
+    through that call's `warn`, with the file's path: shown as Pillow raises it, it names no file.
+    Warning display is global, so this is entered once, around the threads that decode."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        said = getattr(_decoding, "said", None)
+        if said is None:
+            shown(message, category, filename, lineno, file, line)
+        else:
+            said.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"PIL\.")  # each file's own, not once a session
+        warnings.showwarning = show
+        yield
+
+
 def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], None] = _warn) -> Image.Image:
     """Decode `path` into an upright 8-bit RGB image (transparent pixels composited on white).
 
@@ -28,6 +54,21 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     upscaled a lot, and look blurry to the model).
     """
     path = Path(path)
+    _decoding.said = []
+    try:
+        rgb = _decode(path)
+    finally:
+        said, _decoding.said = _decoding.said, None
+    for message in said:
+        warn(f"{path}: Pillow warns: {' '.join(message.split())}")
+    if min_side and min(rgb.size) < min_side:
+        warn(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
+        )
+    return rgb
+
+
+def _decode(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: the file is empty (0 bytes); remove it or replace it with the image")
@@ -51,10 +92,6 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
         raise ImageError(
             f"{path}: the image is damaged or truncated ({exc}); re-export or remove it"
         ) from None
-    if min_side and min(rgb.size) < min_side:
-        warn(
-            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
-        )
     return rgb
 
 

@@ -65,14 +65,15 @@ def _given_images(spec) -> list[Path]:
     """The user's class images, each checked to decode (a broken one is an error naming it)."""
     if not spec.images:
         return []
-    from runner.images import load_rgb
+    from runner.images import files_named_in_warnings, load_rgb
 
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
     files = list_images(folder)
-    for path in files[: spec.num_images]:
-        load_rgb(path)
+    with files_named_in_warnings():
+        for path in files[: spec.num_images]:
+            load_rgb(path)
     return files
 
 

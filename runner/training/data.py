@@ -141,7 +141,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
     weight (None without a prior)."""
     from PIL import Image
 
-    from runner.images import check_resized, load_rgb, resize_shorter, shorter_side_size, to_uint8_tensor
+    from runner.images import (
+        check_resized,
+        files_named_in_warnings,
+        load_rgb,
+        resize_shorter,
+        shorter_side_size,
+        to_uint8_tensor,
+    )
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
@@ -188,7 +195,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     def read(kind, files):
         # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
-        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(files)))) as pool:
+        with files_named_in_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(files)))) as pool:
             results = list(pool.map(read_one, files))
         pixels = []
         for index, (original, target, tensor, said) in enumerate(results):

@@ -256,7 +256,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     )
     subject = replace(subject, caption_extension=".txt", trigger="sks dog")
     prior = make_prior(num_images=2, caption_extension=".txt")
-    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin")
+    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin" + ", very" * 80 + " old")
     ctx = train_context(tmp_path, subject, prior=prior, class_dir=classes)
     logs = []
     ctx.log = logs.append
@@ -276,7 +276,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
         ("instance", 1): "a photo of sks dog",
         ("instance", 2): long,
         ("class", 0): "a photo of dog",
-        ("class", 1): "a photo of a dog, sks dog's cousin",
+        ("class", 1): "a photo of a dog, sks dog's cousin" + ", very" * 80 + " old",
     }
     assert used and {(k, i): t for k, i, t in used} == expected
     assert all(expected[(k, i)] == t for k, i, t in used)
@@ -284,7 +284,8 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     # One tokenization of the distinct prompts, each once.
     assert sorted(tokenized[-1]) == sorted(set(expected.values()))
     warning = [m for m in logs if "caption" in m and "tokens" in m]
-    assert len(warning) == 1 and str(instance / "02.txt") in warning[0] and "reads 77" in warning[0]
+    assert len(warning) == 2 and all("reads 77" in line for line in warning)
+    assert str(instance / "02.txt") in warning[0] and str(classes / "01.txt") in warning[1]
 
 
 @pytest.mark.torch

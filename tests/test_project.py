@@ -104,6 +104,12 @@ CASES = [
         "subjects.cat.images: folder data/cat does not exist (line {line}) - put the images in {folder}/data/cat",
     ),
     (
+        "a photo named instead of its folder",
+        '[subjects.cat]\nimages = "data/dog/00.png"\ninstance_prompt = "x"\n',
+        "subjects.cat.images: data/dog/00.png is a file, not a folder (line {line}) - name the folder of the "
+        'images, e.g. images = "data/dog"',
+    ),
+    (
         "bad name",
         '[subjects."my dog"]\nimages = "data/dog"\ninstance_prompt = "x"\n',
         "subjects.my dog: name 'my dog' may only hold letters, digits, '_' and '-' (line {line}) - rename the table",

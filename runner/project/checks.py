@@ -54,9 +54,14 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         return item
     folder = item.images
     path = (project_dir / Path(folder).expanduser()).resolve()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
+    if path.exists() and not path.is_dir():  # one photo named instead of its folder
+        check.problem(
+            key + ("images",),
+            f"{folder} is a file, not a folder",
+            f'name the folder of the images, e.g. images = "{Path(folder).parent.as_posix()}"',
+        )
+    elif not path.is_dir():
+        check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
     elif required and not list_images(path):
         check.problem(
             key + ("images",),

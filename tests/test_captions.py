@@ -302,6 +302,25 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
     assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"
 
 
+def test_a_symlinked_folder_among_the_images_is_named_in_a_warning(tmp_path):
+    """Its photos are not read (symlinked folders are not followed): said, not left out unsaid."""
+    from runner.imagefiles import list_images
+    from runner.training.captions import unread_files
+
+    folder, more = tmp_path / "dog", tmp_path / "more"
+    folder.mkdir()
+    more.mkdir()
+    files = _folder(folder, {})
+    _folder(more, {})
+    (folder / "more").symlink_to(more, target_is_directory=True)
+    (folder / "one.png").symlink_to(more / "00.png")  # a symlinked photo is read
+    assert list_images(folder) == [*files, folder / "one.png"]
+    assert unread_files(folder, list_images(folder), None, "the instance prompt") == [
+        f"warning: {folder}: not read, as dbl follows no symbolic link to a folder: more; copy their images "
+        "in to train on them"
+    ]
+
+
 @pytest.mark.torch
 def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_path):
     """The train step reads the prior's copies (priors/<name>/0001.txt); what is wrong with a caption

@@ -110,11 +110,10 @@ def missing_captions(folder: Path, files: list[Path], extension: str, fallback: 
 
 def unread_files(folder: Path, files: list[Path], extension: str | None, fallback: str) -> list[str]:
     """Warnings about what a step does not read of an image folder whose images are `files`: pictures in
-    formats dbl does not read, and caption files (`extension`) it does not find."""
-    from runner.imagefiles import skipped_images
+    formats dbl does not read, symlinked folders, and caption files (`extension`) it does not find."""
+    from runner.imagefiles import linked_folders, skipped_images
 
-    skipped = skipped_images(folder)
-    said = [WARNING + skipped] if skipped else []
+    said = [WARNING + found for found in (skipped_images(folder), linked_folders(folder)) if found]
     return said + (missing_captions(folder, files, extension, fallback) if extension else [])
 
 

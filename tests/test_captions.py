@@ -111,6 +111,27 @@ def test_a_train_step_says_when_no_image_has_a_caption(tmp_path):
     ]
 
 
+@pytest.mark.torch
+def test_a_train_step_names_the_captions_without_the_trigger(tmp_path):
+    from dataclasses import replace
+
+    from runner.training.data import read_images
+    from runner.training.job import job_from_context
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    folder = draw_images(tmp_path / "dog", 4)
+    (folder / "00.txt").write_text("a photo of [trigger] on a sofa")
+    (folder / "01.txt").write_text("a photo of SKS dog asleep")  # the tokenizer reads it lower-case
+    (folder / "02.txt").write_text("a photo of a dog in the grass")
+    subject = replace(make_subject(folder), caption_extension=".txt", trigger="sks dog")
+    said = []
+    read_images(job_from_context(train_context(tmp_path, subject)), said.append)
+    assert [line for line in said if "caption" in line] == [
+        f"warning: caption {folder / '02.txt'} does not hold the trigger 'sks dog' (or [trigger]): its photo "
+        "trains on words that do not name the subject"
+    ]
+
+
 def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
     files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
     with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):

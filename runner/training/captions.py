@@ -76,6 +76,21 @@ def image_prompts(
     return prompts
 
 
+def unnamed_subject(files: list[Path], prompts: list[str], fallback: str, extension: str, trigger: str):
+    """Warnings about instance captions without the `trigger` (or [trigger]): such a photo trains on words
+    that do not name the subject, teaching them its looks. Compared without case, as CLIP's tokenizer
+    reads it."""
+    said = [
+        f"warning: caption {caption_file(image, extension)} does not hold the trigger '{trigger}' (or "
+        f"{TRIGGER}): its photo trains on words that do not name the subject"
+        for image, prompt in zip(files, prompts, strict=True)
+        if prompt != fallback and trigger.lower() not in prompt.lower()
+    ]
+    if len(said) > 5:
+        said[5:] = [f"warning: {len(said) - 5} more captions do not hold the trigger '{trigger}'"]
+    return said
+
+
 def missing_captions(folder: Path, files: list[Path], extension: str, fallback: str = "the instance prompt"):
     """Warnings about caption files that are not read: one whose name differs from its image's only in
     the case of its extension (`03.TXT` beside `03.jpg`, with ".txt"; a case-sensitive file system does

@@ -20,7 +20,7 @@ from runner.errors import StepError
 from runner.events import WARNING
 from runner.imagefiles import list_images
 from runner.training import buckets
-from runner.training.captions import image_prompts, unread_files
+from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
 # Images decoded at once when a train step reads its images.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -223,6 +223,15 @@ def read_images(job, log) -> tuple[Images, float | None]:
         if job.prior is not None
         else [],
     }
+    if subject.trigger is not None and subject.caption_extension:
+        for warning in unnamed_subject(
+            instance_files,
+            prompts["instance"],
+            subject.instance_prompt,
+            subject.caption_extension,
+            subject.trigger,
+        ):
+            log(warning)
     images = Images(
         read("instance", instance_files), read("class", class_files), instance_files, class_files, prompts
     )

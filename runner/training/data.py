@@ -186,6 +186,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
             target = (ts.resolution, ts.resolution)
         else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
             width, height = buckets.assign(image.size, sizes)
+            lost = buckets.cropped_fraction(image.size, (width, height))
+            if lost > buckets.MAX_CROP:  # an aspect ratio beyond the buckets': much more than a little
+                said.append(
+                    f"{path}: {image.width}x{image.height} pixels fills its nearest bucket, {width}x{height}, "
+                    f"only with {lost:.0%} of it cropped away; crop it to the subject, or widen the buckets "
+                    "with bucket_min_side and bucket_max_side"
+                )
             resized, _ = buckets.fill(image.size, (width, height))
             check_resized(path, image.size, resized, ts.resolution)
             if image.size != resized:

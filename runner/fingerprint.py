@@ -114,7 +114,19 @@ class FileHasher:
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
-        return {_name(p, folder): self.hash(p) for p in files}
+        return {_name(p, folder): self._input(p) for p in files}
+
+    def _input(self, path: Path) -> str:
+        """The hash of an input file; one that cannot be read is an error naming it."""
+        try:
+            return self.hash(path)
+        except OSError as exc:
+            if path.is_symlink() and not path.exists():
+                raise ImageError(
+                    f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix the link or "
+                    "remove it"
+                ) from None
+            raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
     def tree(self, folder: Path) -> dict[str, str]:
         """{relative posix path: sha256} of every file under `folder`, hidden ones included."""

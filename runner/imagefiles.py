@@ -67,3 +67,20 @@ def skipped_images(folder: Path) -> str | None:
         f"{folder}: not read, as dbl reads {' '.join(IMAGE_SUFFIXES)} only: {', '.join(skipped[:5])}{more}; "
         "convert them to .jpg or .png to train on them"
     )
+
+
+def linked_folders(folder: Path) -> str | None:
+    """A warning naming the symlinked folders under `folder`, which list_images does not follow, or None:
+    the photos in them are not trained on, and must not be left out unsaid."""
+    linked = []
+    for root, dirs, _ in os.walk(folder, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        linked += [
+            (Path(root) / d).relative_to(folder).as_posix() for d in dirs if (Path(root) / d).is_symlink()
+        ]
+    if not linked:
+        return None
+    return (
+        f"{folder}: not read, as dbl follows no symbolic link to a folder: {', '.join(sorted(linked))}; "
+        "copy their images in to train on them"
+    )

@@ -7,18 +7,44 @@ Pillow and numpy are imported here; torch only inside the functions that make te
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from runner.errors import ImageError
 
 
 def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+# What Pillow warns about the file that this thread is decoding (under `files_named_in_warnings`).
+_decoding = threading.local()
+
+
+@contextlib.contextmanager
+def files_named_in_warnings():
+    """While open, a warning Pillow raises as load_rgb decodes a file (corrupt EXIF data ...) is said
+    through that call's `warn`, with the file's path: shown as Pillow raises it, it names no file.
+    Warning display is global, so this is entered once, around the threads that decode."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        said = getattr(_decoding, "said", None)
+        if said is None:
+            shown(message, category, filename, lineno, file, line)
+        else:
+            said.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"PIL\.")  # each file's own, not once a session
+        warnings.showwarning = show
+        yield
 
 
 def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], None] = _warn) -> Image.Image:
@@ -28,13 +54,28 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     upscaled a lot, and look blurry to the model).
     """
     path = Path(path)
+    _decoding.said = []
+    try:
+        rgb = _decode(path)
+    finally:
+        said, _decoding.said = _decoding.said, None
+    for message in said:
+        warn(f"{path}: Pillow warns: {' '.join(message.split())}")
+    if min_side and min(rgb.size) < min_side:
+        warn(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
+        )
+    return rgb
+
+
+def _decode(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: the file is empty (0 bytes); remove it or replace it with the image")
         with Image.open(path) as img:
             img.seek(0)  # the first frame of an animated GIF / WebP
             img.load()  # decode now: a truncated file fails here, not later
-            img = ImageOps.exif_transpose(img)
+            img = _upright(img)
             rgb = _to_rgb(img)
     except ImageError:
         raise
@@ -51,11 +92,27 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
         raise ImageError(
             f"{path}: the image is damaged or truncated ({exc}); re-export or remove it"
         ) from None
-    if min_side and min(rgb.size) < min_side:
-        warn(
-            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
-        )
     return rgb
+
+
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Not ImageOps.exif_transpose: it also writes the
+    EXIF block back without the tag, which fails (struct.error) on a block with one malformed tag
+    that the camera or editor wrote, though the pixels are fine."""
+    method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    return img if method is None else img.transpose(method)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

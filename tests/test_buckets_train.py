@@ -139,6 +139,24 @@ def test_a_line_of_pixels_is_refused_by_name_not_blown_up_to_gigabytes(tmp_path,
     assert len(images.instance) == 2
 
 
+def test_an_aspect_ratio_beyond_the_buckets_is_named_with_what_its_crop_loses(tmp_path):
+    """Between neighbouring buckets the crop is a few percent; a panorama wider than the widest bucket
+    loses most of itself, which is said."""
+    from PIL import Image
+
+    (tmp_path / "dog").mkdir()
+    _stripes(tmp_path / "dog" / "0.png", 60, 100)
+    Image.new("RGB", (640, 40), (20, 30, 200)).save(tmp_path / "dog" / "wide.png")
+    said = []
+    read_images(_job(tmp_path, buckets=True)[0], said.append)
+    assert said[0] == (
+        f"warning: {tmp_path / 'dog' / 'wide.png'}: 640x40 pixels fills its nearest bucket, 128x32, only with "
+        "75% of it cropped away; crop it to the subject, or widen the buckets with bucket_min_side and "
+        "bucket_max_side"
+    )
+    assert len(said) == 2 and said[1].startswith("instance buckets: ")  # the portrait fits: nothing said
+
+
 def test_sdxl_conditions_hold_the_files_size_and_the_crop_in_the_bucket(tmp_path):
     (tmp_path / "dog").mkdir()
     _stripes(tmp_path / "dog" / "0.png", 300, 500)

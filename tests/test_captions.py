@@ -56,8 +56,9 @@ def test_an_empty_caption_warns_and_uses_the_instance_prompt(tmp_path):
     [
         (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
         (b"caf\xe9", "is not UTF-8 text (byte 3)"),
+        ("a dog".encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
     ],
-    ids=["binary", "latin-1"],
+    ids=["binary", "latin-1", "utf-16"],
 )
 def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, message):
     files = _folder(tmp_path, {"03.txt": data})
@@ -107,6 +108,27 @@ def test_a_train_step_says_when_no_image_has_a_caption(tmp_path):
     assert [line for line in said if "caption" in line] == [
         f"warning: caption_extension = '.txt', but no image in {folder} has a caption file (such as 00.txt "
         "beside 00.png): every image trains on the instance prompt"
+    ]
+
+
+@pytest.mark.torch
+def test_a_train_step_names_the_captions_without_the_trigger(tmp_path):
+    from dataclasses import replace
+
+    from runner.training.data import read_images
+    from runner.training.job import job_from_context
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    folder = draw_images(tmp_path / "dog", 4)
+    (folder / "00.txt").write_text("a photo of [trigger] on a sofa")
+    (folder / "01.txt").write_text("a photo of SKS dog asleep")  # the tokenizer reads it lower-case
+    (folder / "02.txt").write_text("a photo of a dog in the grass")
+    subject = replace(make_subject(folder), caption_extension=".txt", trigger="sks dog")
+    said = []
+    read_images(job_from_context(train_context(tmp_path, subject)), said.append)
+    assert [line for line in said if "caption" in line] == [
+        f"warning: caption {folder / '02.txt'} does not hold the trigger 'sks dog' (or [trigger]): its photo "
+        "trains on words that do not name the subject"
     ]
 
 
@@ -255,7 +277,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     )
     subject = replace(subject, caption_extension=".txt", trigger="sks dog")
     prior = make_prior(num_images=2, caption_extension=".txt")
-    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin")
+    (classes / "01.txt").write_text("a photo of a dog, [trigger]'s cousin" + ", very" * 80 + " old")
     ctx = train_context(tmp_path, subject, prior=prior, class_dir=classes)
     logs = []
     ctx.log = logs.append
@@ -275,7 +297,7 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
         ("instance", 1): "a photo of sks dog",
         ("instance", 2): long,
         ("class", 0): "a photo of dog",
-        ("class", 1): "a photo of a dog, sks dog's cousin",
+        ("class", 1): "a photo of a dog, sks dog's cousin" + ", very" * 80 + " old",
     }
     assert used and {(k, i): t for k, i, t in used} == expected
     assert all(expected[(k, i)] == t for k, i, t in used)
@@ -283,7 +305,8 @@ def test_each_image_trains_with_its_own_prompt(tmp_path, monkeypatch, train_text
     # One tokenization of the distinct prompts, each once.
     assert sorted(tokenized[-1]) == sorted(set(expected.values()))
     warning = [m for m in logs if "caption" in m and "tokens" in m]
-    assert len(warning) == 1 and str(instance / "02.txt") in warning[0] and "reads 77" in warning[0]
+    assert len(warning) == 2 and all("reads 77" in line for line in warning)
+    assert str(instance / "02.txt") in warning[0] and str(classes / "01.txt") in warning[1]
 
 
 @pytest.mark.torch
@@ -298,6 +321,43 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
     prior_step.run(ctx)
     assert sorted(p.name for p in ctx.out.iterdir()) == ["0000.png", "0001.png", "0001.txt"]
     assert (ctx.out / "0001.txt").read_text() == "a dog on a sofa"
+
+
+def test_a_symlinked_folder_among_the_images_is_named_in_a_warning(tmp_path):
+    """Its photos are not read (symlinked folders are not followed): said, not left out unsaid."""
+    from runner.imagefiles import list_images
+    from runner.training.captions import unread_files
+
+    folder, more = tmp_path / "dog", tmp_path / "more"
+    folder.mkdir()
+    more.mkdir()
+    files = _folder(folder, {})
+    _folder(more, {})
+    (folder / "more").symlink_to(more, target_is_directory=True)
+    (folder / "one.png").symlink_to(more / "00.png")  # a symlinked photo is read
+    assert list_images(folder) == [*files, folder / "one.png"]
+    assert unread_files(folder, list_images(folder), None, "the instance prompt") == [
+        f"warning: {folder}: not read, as dbl follows no symbolic link to a folder: more; copy their images "
+        "in to train on them"
+    ]
+
+
+@pytest.mark.torch
+def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_path):
+    """The train step reads the prior's copies (priors/<name>/0001.txt); what is wrong with a caption
+    is said of the file the user can fix."""
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "00.txt").write_text(" \n")
+    (given / "01.txt").write_bytes(b"caf\xe9")
+    logs = []
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".txt")
+    with pytest.raises(StepError) as info:
+        prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3)"
+    assert f"warning: caption {given / '00.txt'} is empty; the class prompt 'a photo of dog' is used" in logs
 
 
 @pytest.mark.torch

@@ -64,6 +64,41 @@ def test_exif_rotation_is_applied(tmp_path):
     assert top[2] > 200 and top[0] < 60  # the left band is now at the top
 
 
+def test_exif_rotation_is_applied_beside_a_malformed_tag(tmp_path):
+    # Orientation 6 beside tag 0x0123 (GrayResponseCurve, numbers) that some software wrote as the text
+    # "Cam": Pillow reads the block, but cannot write it back (struct.error), which exif_transpose does.
+    exif = (
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02"
+        b"\x01\x23\x00\x02\x00\x00\x00\x04Cam\x00"
+        b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    )
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (60, 30), (255, 0, 0)).save(path, exif=exif)
+    assert load_rgb(path).size == (30, 60)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_comes_out_upright(tmp_path, orientation):
+    upright = Image.new("RGB", (60, 30), (255, 255, 255))
+    upright.paste((255, 0, 0), (0, 0, 10, 10))  # a red top-left corner
+    stored = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }.get(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    (upright if stored is None else upright.transpose(stored)).save(path, exif=exif)
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (30, 60, 3)
+    assert tuple(rgb[2, 2]) == (255, 0, 0) and tuple(rgb[27, 57]) == (255, 255, 255)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -104,6 +104,12 @@ CASES = [
         "subjects.cat.images: folder data/cat does not exist (line {line}) - put the images in {folder}/data/cat",
     ),
     (
+        "a photo named instead of its folder",
+        '[subjects.cat]\nimages = "data/dog/00.png"\ninstance_prompt = "x"\n',
+        "subjects.cat.images: data/dog/00.png is a file, not a folder (line {line}) - name the folder of the "
+        'images, e.g. images = "data/dog"',
+    ),
+    (
         "bad name",
         '[subjects."my dog"]\nimages = "data/dog"\ninstance_prompt = "x"\n',
         "subjects.my dog: name 'my dog' may only hold letters, digits, '_' and '-' (line {line}) - rename the table",
@@ -237,6 +243,18 @@ CASES = [
         "bucket max side below resolution",
         "[train]\nbuckets = true\nbucket_max_side = 256\n",
         "train.bucket_max_side: 256 is below resolution 512 (line {line}) - use at least 512",
+    ),
+    (
+        "bucket step rounds the default shortest side past the resolution",
+        "[train]\nresolution = 40\nbuckets = true\nbucket_step = 64\n",
+        "train.bucket_step: 64 rounds the shortest bucket side up to 64, past resolution 40 (line {line}) - "
+        "use a step that divides the resolution, e.g. 40",
+    ),
+    (
+        "bucket step rounds a longest side past the resolution",
+        "[train]\nresolution = 40\nbuckets = true\nbucket_max_side = 48\nbucket_step = 32\n",
+        "train.bucket_step: 32 rounds the longest bucket side down to 32, past resolution 40 (line {line}) - "
+        "use a step that divides the resolution, e.g. 8",
     ),
     (
         "bucket max side below a subject's own resolution",

@@ -454,6 +454,27 @@ def test_images_are_read_in_parallel_in_file_order_with_their_warnings(tmp_path,
         assert torch.equal(pixels, expected), path
 
 
+def test_what_pillow_warns_about_an_image_is_said_with_its_file(tmp_path, monkeypatch):
+    """A JPEG whose EXIF block is cut short decodes, with a warning of Pillow's: it is one of the step's
+    warnings, naming the file (each of two such files, read by threads at once)."""
+    from PIL import Image
+
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 3)
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    for grey, name in enumerate(("01.jpg", "02.jpg")):
+        Image.new("RGB", (64, 64), (grey, grey, grey)).save(folder / name, exif=exif.tobytes()[:-6])
+    monkeypatch.setattr(data, "DECODE_THREADS", 4)
+    said = []
+    data.read_images(job_from_context(train_context(tmp_path, make_subject(folder))), said.append)
+    assert [line.split(": ")[:3] for line in said] == [
+        ["warning", str(folder / name), "Pillow warns"] for name in ("01.jpg", "02.jpg")
+    ]
+
+
 def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
     """gloo on the CPU: 2 processes x batch 1 see the examples 1 process x batch 2 sees."""
     from runner.adapters import load_adapter_into, lora_delta

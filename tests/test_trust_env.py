@@ -33,6 +33,14 @@ def test_a_file_name_that_is_not_utf8_is_named_in_a_clear_error(proj, capsys):
     assert "b'\\xff.png'" in built.stderr and "Traceback" not in built.stderr
 
 
+def test_a_dangling_symlink_among_the_images_is_named_in_a_clear_error(proj, capsys):
+    (proj.root / "data" / "toy" / "moved.png").symlink_to(proj.root / "gone" / "moved.png")
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "moved.png: a symbolic link to " in err and "which does not exist" in err
+    assert "Errno" not in err and "Traceback" not in err
+
+
 def closed_stdout(*command: str) -> subprocess.CompletedProcess:
     """Run `command` as a shell would run `command >&-`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=os.devnull)

@@ -54,9 +54,14 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         return item
     folder = item.images
     path = (project_dir / Path(folder).expanduser()).resolve()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
+    if path.exists() and not path.is_dir():  # one photo named instead of its folder
+        check.problem(
+            key + ("images",),
+            f"{folder} is a file, not a folder",
+            f'name the folder of the images, e.g. images = "{Path(folder).parent.as_posix()}"',
+        )
+    elif not path.is_dir():
+        check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
     elif required and not has_images(path):
         check.problem(
             key + ("images",),
@@ -212,17 +217,30 @@ def _buckets(check, key, train) -> None:  # key(field): where that train setting
     low, high, step = bounds(
         train.resolution, train.bucket_min_side, train.bucket_max_side, train.bucket_step
     )
-    if low > train.resolution:
+    min_above = train.bucket_min_side is not None and train.bucket_min_side > train.resolution
+    max_below = train.bucket_max_side is not None and train.bucket_max_side < train.resolution
+    if min_above:
         check.problem(
             key("bucket_min_side"),
             f"{train.bucket_min_side} is above {_beside(check, key, 'bucket_min_side', 'resolution', train.resolution, ' ')}",
             f"use at most {train.resolution}",
         )
-    if high < train.resolution:
+    if max_below:
         check.problem(
             key("bucket_max_side"),
             f"{train.bucket_max_side} is below {_beside(check, key, 'bucket_max_side', 'resolution', train.resolution, ' ')}",
             f"use at least {train.resolution}",
+        )
+    resolution = train.resolution
+    if not (min_above or max_below) and (low > resolution or high < resolution):  # the step rounds past it
+        rounded = (
+            f"shortest bucket side up to {low}" if low > resolution else f"longest bucket side down to {high}"
+        )
+        divisors = [d for d in range(8, min(step, resolution) + 1, 8) if resolution % d == 0]
+        check.problem(
+            key("bucket_step"),
+            f"{step} rounds the {rounded}, past {_beside(check, key, 'bucket_step', 'resolution', resolution, ' ')}",
+            f"use a step that divides the resolution, e.g. {divisors[-1]}",
         )
 
 

@@ -36,7 +36,7 @@ def run(ctx) -> dict:
     total = spec.num_images
     given = _given_images(spec)[:total]
     if spec.images:
-        from runner.training.captions import unread_files
+        from runner.training.captions import read_caption, unread_files
 
         for warning in unread_files(Path(spec.images), given, spec.caption_extension, "its class prompt"):
             ctx.log(warning)
@@ -46,6 +46,8 @@ def run(ctx) -> dict:
         shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
         caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
         if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
+            # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
+            read_caption(caption, ctx.log, f"the class prompt '{spec.prompts[0]}'")
             shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
     ctx.progress(len(given), total)
     if missing:
@@ -63,14 +65,15 @@ def _given_images(spec) -> list[Path]:
     """The user's class images, each checked to decode (a broken one is an error naming it)."""
     if not spec.images:
         return []
-    from runner.images import load_rgb
+    from runner.images import files_named_in_warnings, load_rgb
 
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
     files = list_images(folder)
-    for path in files[: spec.num_images]:
-        load_rgb(path)
+    with files_named_in_warnings():
+        for path in files[: spec.num_images]:
+            load_rgb(path)
     return files
 
 

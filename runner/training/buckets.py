@@ -58,6 +58,11 @@ def fill(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int
     return resized, ((resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2)
 
 
+# More of an image than this cropped away to fit its bucket is said: between neighbouring buckets the crop
+# is a few percent, so it takes an aspect ratio beyond the widest or tallest bucket.
+MAX_CROP = 0.25
+
+
 def cropped_fraction(size: tuple[int, int], bucket: tuple[int, int]) -> float:
     """The fraction of the image that the centred crop into `bucket` removes."""
     resized, _ = fill(size, bucket)

@@ -10,6 +10,7 @@ torch is imported inside functions.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from runner.errors import StepError
@@ -22,13 +23,15 @@ def caption_file(image: Path, extension: str) -> Path:
     return image.with_suffix(extension)
 
 
-def read_caption(path: Path, log) -> str | None:
-    """The caption in `path`, stripped; None (with a warning) when it is empty. A binary or non-UTF-8
-    file, or one that cannot be read, is an error naming it."""
+def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str | None:
+    """The caption in `path`, stripped; None (with a warning that `fallback` is used) when it is empty. A
+    binary or non-UTF-8 file, or one that cannot be read, is an error naming it."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise StepError(f"caption {path} cannot be read: {e.strerror or e}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode": text, not binary
+        raise StepError(f"caption {path} is UTF-16 text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
         raise StepError(f"caption {path} is a binary file, not text")
     try:
@@ -37,13 +40,21 @@ def read_caption(path: Path, log) -> str | None:
         raise StepError(f"caption {path} is not UTF-8 text (byte {e.start})") from None
     text = " ".join(text.split())
     if not text:
-        log(f"warning: caption {path} is empty; the instance prompt is used")
+        log(f"warning: caption {path} is empty; {fallback} is used")
         return None
     return text
 
 
-def image_prompts(files: list[Path], extension: str | None, fallback: str, trigger: str | None, log):
-    """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`."""
+def image_prompts(
+    files: list[Path],
+    extension: str | None,
+    fallback: str,
+    trigger: str | None,
+    log,
+    fallback_name: str = "the instance prompt",
+):
+    """The prompt of each image in `files`: its caption (with [trigger] replaced), else `fallback`, which
+    warnings call `fallback_name`."""
     if trigger is None and TRIGGER in fallback and files:
         log(
             f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
@@ -54,7 +65,7 @@ def image_prompts(files: list[Path], extension: str | None, fallback: str, trigg
         if extension:
             path = caption_file(image, extension)
             if path.is_file():
-                caption = read_caption(path, log)
+                caption = read_caption(path, log, fallback_name)
         if caption is not None and TRIGGER in caption:
             if trigger is None:
                 raise StepError(
@@ -63,6 +74,21 @@ def image_prompts(files: list[Path], extension: str | None, fallback: str, trigg
             caption = caption.replace(TRIGGER, trigger)
         prompts.append(fallback if caption is None else caption)
     return prompts
+
+
+def unnamed_subject(files: list[Path], prompts: list[str], fallback: str, extension: str, trigger: str):
+    """Warnings about instance captions without the `trigger` (or [trigger]): such a photo trains on words
+    that do not name the subject, teaching them its looks. Compared without case, as CLIP's tokenizer
+    reads it."""
+    said = [
+        f"warning: caption {caption_file(image, extension)} does not hold the trigger '{trigger}' (or "
+        f"{TRIGGER}): its photo trains on words that do not name the subject"
+        for image, prompt in zip(files, prompts, strict=True)
+        if prompt != fallback and trigger.lower() not in prompt.lower()
+    ]
+    if len(said) > 5:
+        said[5:] = [f"warning: {len(said) - 5} more captions do not hold the trigger '{trigger}'"]
+    return said
 
 
 def missing_captions(folder: Path, files: list[Path], extension: str, fallback: str = "the instance prompt"):
@@ -99,11 +125,10 @@ def missing_captions(folder: Path, files: list[Path], extension: str, fallback: 
 
 def unread_files(folder: Path, files: list[Path], extension: str | None, fallback: str) -> list[str]:
     """Warnings about what a step does not read of an image folder whose images are `files`: pictures in
-    formats dbl does not read, and caption files (`extension`) it does not find."""
-    from runner.imagefiles import skipped_images
+    formats dbl does not read, symlinked folders, and caption files (`extension`) it does not find."""
+    from runner.imagefiles import linked_folders, skipped_images
 
-    skipped = skipped_images(folder)
-    said = [WARNING + skipped] if skipped else []
+    said = [WARNING + found for found in (skipped_images(folder), linked_folders(folder)) if found]
     return said + (missing_captions(folder, files, extension, fallback) if extension else [])
 
 

@@ -20,7 +20,7 @@ from runner.errors import StepError
 from runner.events import WARNING
 from runner.imagefiles import list_images
 from runner.training import buckets
-from runner.training.captions import image_prompts, unread_files
+from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
 # Images decoded at once when a train step reads its images.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -141,7 +141,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
     weight (None without a prior)."""
     from PIL import Image
 
-    from runner.images import check_resized, load_rgb, resize_shorter, shorter_side_size, to_uint8_tensor
+    from runner.images import (
+        check_resized,
+        files_named_in_warnings,
+        load_rgb,
+        resize_shorter,
+        shorter_side_size,
+        to_uint8_tensor,
+    )
 
     subject = job.subject
     instance_files = list_images(Path(subject.images))
@@ -179,6 +186,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
             target = (ts.resolution, ts.resolution)
         else:  # resized to fill its bucket: each side at least the bucket's, the other cropped a little
             width, height = buckets.assign(image.size, sizes)
+            lost = buckets.cropped_fraction(image.size, (width, height))
+            if lost > buckets.MAX_CROP:  # an aspect ratio beyond the buckets': much more than a little
+                said.append(
+                    f"{path}: {image.width}x{image.height} pixels fills its nearest bucket, {width}x{height}, "
+                    f"only with {lost:.0%} of it cropped away; crop it to the subject, or widen the buckets "
+                    "with bucket_min_side and bucket_max_side"
+                )
             resized, _ = buckets.fill(image.size, (width, height))
             check_resized(path, image.size, resized, ts.resolution)
             if image.size != resized:
@@ -188,7 +202,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     def read(kind, files):
         # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
-        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(files)))) as pool:
+        with files_named_in_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(files)))) as pool:
             results = list(pool.map(read_one, files))
         pixels = []
         for index, (original, target, tensor, said) in enumerate(results):
@@ -205,10 +219,26 @@ def read_images(job, log) -> tuple[Images, float | None]:
         "instance": image_prompts(
             instance_files, subject.caption_extension, subject.instance_prompt, subject.trigger, log
         ),
-        "class": image_prompts(class_files, class_captions, job.prior.prompts[0], subject.trigger, log)
+        "class": image_prompts(
+            class_files,
+            class_captions,
+            job.prior.prompts[0],
+            subject.trigger,
+            log,
+            f"the class prompt '{job.prior.prompts[0]}'",
+        )
         if job.prior is not None
         else [],
     }
+    if subject.trigger is not None and subject.caption_extension:
+        for warning in unnamed_subject(
+            instance_files,
+            prompts["instance"],
+            subject.instance_prompt,
+            subject.caption_extension,
+            subject.trigger,
+        ):
+            log(warning)
     images = Images(
         read("instance", instance_files), read("class", class_files), instance_files, class_files, prompts
     )

@@ -118,6 +118,9 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     for image, prompt in zip(images.instance_files, images.prompts["instance"], strict=True):
         if prompt != job.subject.instance_prompt:
             prompts[f"caption {captions.caption_file(image, job.subject.caption_extension)}"] = prompt
+    for image, prompt in zip(images.class_files, images.prompts["class"], strict=True):
+        if prompt not in job.prior.prompts:  # a caption of the user's class images, as the prior copied it
+            prompts[f"caption {captions.caption_file(image, '.txt')}"] = prompt
     for warning in family.long_prompts(pipe, prompts):
         log(warning)
     run = Run(job, hooks, pipe, images, weight, dtype, device, rank, world, components)

@@ -624,6 +624,14 @@ def test_every_problem_is_reported_at_once(folder):
     )
 
 
+def test_a_prior_with_a_problem_is_not_also_missing_for_its_subjects(folder):
+    text = GOOD.replace('class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\nnum_imgs = 3')
+    line = textwrap.dedent(text).splitlines().index("num_imgs = 3") + 1
+    assert problems(folder, text) == [
+        f"priors.dog: unknown key 'num_imgs' (line {line}) - did you mean 'num_images'?"
+    ]
+
+
 def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):
     text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 60\nheight = 0\n'
     found = problems(folder, text)

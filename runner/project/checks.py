@@ -139,7 +139,8 @@ def check_priors(check, tables: dict) -> None:
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
     for name, subject in tables.get("train", {}).items():
-        if subject.prior is not None and subject.prior not in priors:
+        unread = ("priors", subject.prior) in check.unread  # its own problems are said already
+        if subject.prior is not None and subject.prior not in priors and not unread:
             known = ", ".join(priors) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"

@@ -71,6 +71,8 @@ class _Checker:
         # The base model's family as cheap facts tell it (runner.families.detect); None until known, and
         # when it is not known before a download. Cross-table checks read it.
         self.family: str | None = None
+        # Tables the file writes that did not read, by key: a reference to one is not a second problem.
+        self.unread: set[tuple[str, str]] = set()
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
@@ -485,6 +487,8 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
         item = read(key, name, table)
         if item is not None:
             result[name] = item
+        else:
+            check.unread.add(key)
     if loose:
         check.problem(
             (group, loose[0]),

@@ -112,6 +112,32 @@ def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path)
     assert _files(again.out) == _files(whole.out)
 
 
+def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
+    import dataclasses
+
+    earlier = tmp_path / "earlier"  # what the previous build, of num_images = 2, made
+    earlier.mkdir()
+    for path in sorted(draw_images(tmp_path / "drawn", 2).iterdir()):
+        path.rename(earlier / f"00{path.name}")
+    logs = []
+    more = prior_context(
+        tmp_path, make_prior(num_images=3, steps=1, width=32, height=32), earlier=earlier, log=logs.append
+    )
+    _run(more)
+    assert "keeping 2 class images of the previous build" in logs
+    files = _files(more.out)
+    assert list(files) == ["0000.png", "0001.png", "0002.png"]
+    assert files["0001.png"] == (earlier / "0001.png").read_bytes()
+
+    class NoModel:  # fewer images are all there: the base model is not even loaded
+        def pipeline(self):
+            raise AssertionError("loaded the base model")
+
+    fewer = prior_context(tmp_path / "c", make_prior(num_images=2), earlier=earlier)
+    _run(dataclasses.replace(fewer, models=NoModel()))
+    assert _files(fewer.out) == _files(earlier)
+
+
 def test_scheduler_is_swapped_and_restored(tmp_path):
     pipe = model_cache().pipeline()
     before = pipe.scheduler

@@ -807,6 +807,18 @@ def test_a_file_that_is_not_utf8_loads_as_before_with_a_warning_naming_its_line(
     assert project.tables["train"]["toy"].instance_prompt == "a caf\ufffd toy"
 
 
+def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[priors.cat]\nclass_prompt = "a photo of cat"\n')
+    line = path.read_text().splitlines().index("[priors.cat]") + 1
+    with pytest.warns(UserWarning) as said:
+        assert "cat" in load_project(path).priors
+    assert [str(w.message) for w in said] == [
+        f'{path}: priors.cat: no subject uses this prior (line {line}) - add prior = "cat" to a subject, '
+        "or remove it"
+    ]
+
+
 def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):
     text = "steps = 5\n" + GOOD.replace('prior = "dog"', 'prior = "dog"\nrank = 4')
     text += "\n[train]\nrank = 8\n[subjects.toy.lora]\nsteps = 3\n"

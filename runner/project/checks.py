@@ -132,8 +132,15 @@ def _adapter_listing(adapters: dict[str, dict]) -> str:
 
 
 def check_priors(check, tables: dict) -> None:
+    used = {subject.prior for subject in tables.get("train", {}).values()}
     for name, prior in tables.get("prior", {}).items():
         _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
+        if name not in used:  # its class images would be generated for nothing
+            check.note(
+                ("priors", name),
+                "no subject uses this prior",
+                f'add prior = "{name}" to a subject, or remove it',
+            )
 
 
 def check_subjects(check, tables: dict) -> None:

@@ -124,7 +124,7 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
         tmp_path, make_prior(num_images=3, steps=1, width=32, height=32), earlier=earlier, log=logs.append
     )
     _run(more)
-    assert "keeping 2 class images of the previous build" in logs
+    assert logs[:2] == ["0 class images given, 3 to generate", "keeping 2 class images of the previous build"]
     files = _files(more.out)
     assert list(files) == ["0000.png", "0001.png", "0002.png"]
     assert files["0001.png"] == (earlier / "0001.png").read_bytes()

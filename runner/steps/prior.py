@@ -51,7 +51,7 @@ def run(ctx) -> dict:
             shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
     ctx.progress(len(given), total)
     if missing:
-        ctx.log(f"{len(given)} class images given, generating {missing}")
+        ctx.log(f"{len(given)} class images given, {missing} to generate")
         _generate(ctx, range(len(given), total))
     if len(spec.prompts) > 1:
         for index in range(total):

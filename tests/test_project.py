@@ -104,6 +104,11 @@ CASES = [
         "subjects.cat.images: folder data/cat does not exist (line {line}) - put the images in {folder}/data/cat",
     ),
     (
+        "images of a file",
+        '[priors.cat]\nclass_prompt = "a cat"\nimages = "data/dog/00.png"\n',
+        "priors.cat.images: data/dog/00.png is a file, not a folder (line {line}) - give the folder that holds the images",
+    ),
+    (
         "bad name",
         '[subjects."my dog"]\nimages = "data/dog"\ninstance_prompt = "x"\n',
         "subjects.my dog: name 'my dog' may only hold letters, digits, '_' and '-' (line {line}) - rename the table",

@@ -54,9 +54,12 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         return item
     folder = item.images
     path = (project_dir / Path(folder).expanduser()).resolve()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        check.problem(key + ("images",), f"folder {folder} {what}", f"put the images in {path}")
+    if path.exists() and not path.is_dir():  # an image's path, say: it names the folder around it
+        check.problem(
+            key + ("images",), f"{folder} is a file, not a folder", "give the folder that holds the images"
+        )
+    elif not path.is_dir():
+        check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
     elif required and not list_images(path):
         check.problem(
             key + ("images",),

@@ -824,6 +824,22 @@ def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
     ]
 
 
+def test_a_prior_s_caption_extension_without_images_loads_with_a_warning(folder):
+    path = folder / "p.toml"
+    path.write_text(
+        GOOD.replace(
+            'class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\ncaption_extension = ".txt"'
+        )
+    )
+    line = path.read_text().splitlines().index('caption_extension = ".txt"') + 1
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{path}: priors.dog.caption_extension: reads the captions of your own class images, and the prior has "
+        f"none (line {line}) - give them with images = ..., or remove the key"
+    ]
+
+
 def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):
     text = "steps = 5\n" + GOOD.replace('prior = "dog"', 'prior = "dog"\nrank = 4')
     text += "\n[train]\nrank = 8\n[subjects.toy.lora]\nsteps = 3\n"

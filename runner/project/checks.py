@@ -138,6 +138,12 @@ def check_priors(check, tables: dict) -> None:
     used = {subject.prior for subject in tables.get("train", {}).values()}
     for name, prior in tables.get("prior", {}).items():
         _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
+        if prior.caption_extension and not prior.images:  # generated images have their prompt, not captions
+            check.note(
+                ("priors", name, "caption_extension"),
+                "reads the captions of your own class images, and the prior has none",
+                "give them with images = ..., or remove the key",
+            )
         if name not in used:  # its class images would be generated for nothing
             check.note(
                 ("priors", name),

@@ -77,9 +77,11 @@ def test_given_pictures_in_formats_dbl_does_not_read_are_named_in_a_warning(tmp_
 
 def test_more_given_images_than_needed_generates_nothing(tmp_path):
     given = draw_images(tmp_path / "mine", 4)
-    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)))
+    logs = []
+    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)), log=logs.append)
     assert _run(ctx) == {"generated": 0, "given": 2}
     assert list(_files(ctx.out)) == ["0000.png", "0001.png"]
+    assert logs == ["4 class images given, using the first 2 by name (num_images = 2)"]
 
 
 def test_a_broken_given_image_names_the_file(tmp_path):

@@ -36,7 +36,10 @@ def image_seed(seed: int, index: int) -> int:
 def run(ctx) -> dict:
     spec = ctx.spec
     total = spec.num_images
-    given = _given_images(spec)[:total]
+    files = _given_images(spec)
+    given = files[:total]
+    if len(files) > total:  # the rest are not read: say which are
+        ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
     if spec.images:
         from runner.training.captions import unread_files
 

@@ -339,22 +339,6 @@ def test_a_prior_whose_count_alone_changed_is_given_its_previous_images(proj, bu
     assert fake_steps.earlier["prior:dog"] is None  # other images
 
 
-def test_an_interrupted_prior_keeps_its_work_when_only_its_count_changes(proj, build, fake_steps):
-    from runner import store
-
-    fake_steps.fail.add("prior:dog")  # it stopped: its work folder stays
-    build(proj)
-    made = store.work_folder(proj.load(), "prior", "dog") / "generated" / "0000.png"
-    made.parent.mkdir()
-    made.write_text("made before it stopped")
-    proj.edit("num_images = 2", "num_images = 3")
-    build(proj)
-    assert made.is_file()
-    proj.edit("num_images = 3", "num_images = 3\nsteps = 3")  # other images
-    build(proj)
-    assert not made.exists()
-
-
 def test_added_seed_is_explained(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
     assert ran == ["render:park"]

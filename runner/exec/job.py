@@ -40,8 +40,7 @@ class Job:
     devices: tuple[str, ...] = ()  # devices given to the step; empty: the project's `device`
     stop_file: Path | None = None  # its existence asks the step to stop at a safe point
     threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
-    earlier: Path | None = None  # the step's committed outputs, for a kind with a reuse_key
-    work_key: str = ""  # what the work folder belongs to: the fingerprint, or the hash of the reuse key
+    earlier: Path | None = None  # the step's committed outputs, when its kind reuses them (StepKind.reuses)
 
     @property
     def out(self) -> Path:
@@ -74,11 +73,10 @@ def prepare(job: Job) -> None:
     """Make the work folder: kept when it belongs to this fingerprint (a train step resumes from its
     checkpoints), started over otherwise; and an empty output folder inside it."""
     marker = job.work / "fingerprint"
-    key = job.work_key or job.fingerprint
-    if job.work.exists() and (not marker.is_file() or marker.read_text() != key):
+    if job.work.exists() and (not marker.is_file() or marker.read_text() != job.fingerprint):
         shutil.rmtree(job.work)  # checkpoints of other inputs cannot be resumed
     job.work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    marker.write_text(job.fingerprint)
     shutil.rmtree(job.out, ignore_errors=True)
     job.out.mkdir()
 

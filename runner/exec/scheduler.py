@@ -309,7 +309,6 @@ class Started:
     force: bool
     num_processes: int | None = None  # --num-processes, part of a train step's inputs
     earlier: Path | None = None  # the step's committed outputs, for a kind that reuses them
-    work_key: str = ""  # what its work folder belongs to (Job.work_key)
 
 
 def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool, backend) -> None:
@@ -317,7 +316,7 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     started = begin_step(ws, lock, p, ev, options, reporter, force)
     if started is None:
         return
-    job, hooks = make_job(ws, p.step, started, ev, options, reporter)
+    job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter, earlier=started.earlier)
     try:
         outcome = backend.run(job, hooks)
     finally:
@@ -362,15 +361,14 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock, record)
         _ended(ws, step, ev, metrics, clock)
         return None
-    key = fingerprint(kind.reuse_key(inputs)) if kind.reuse_key else fp
-    earlier = None if force else _earlier(ws, kind, step, record, key)
-    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier, key)
+    earlier = None if force else _earlier(ws, kind, step, record, inputs)
+    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier)
 
 
-def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, key: str) -> Path | None:
-    """The step's committed outputs when their inputs have the reuse key of the new ones, and they are as
-    the lockfile recorded them (a file edited since would be reused as if the step had made it)."""
-    if kind.reuse_key is None or not record or fingerprint(kind.reuse_key(record.get("inputs", {}))) != key:
+def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inputs: dict) -> Path | None:
+    """The step's committed outputs when its kind can reuse them for the new inputs and they are as the
+    lockfile recorded them (a file edited since would be reused as if the step had made it)."""
+    if kind.reuses is None or not record or not kind.reuses(record.get("inputs", {}), inputs):
         return None
     if ws.facts.outputs_intact(record, step.output_dir):
         return None
@@ -443,7 +441,7 @@ def _warner(ws: Workspace, reporter, ev):
     return lambda message: reporter.log(ev, WARNING + message)
 
 
-def make_job(ws: Workspace, step, started: Started, ev: StepEvent, options, reporter, devices=()):
+def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=(), earlier=None):
     """The step's Job, and hooks that report its progress and log lines on `reporter`."""
     work = ws.tmp(step)
     job = Job(
@@ -452,7 +450,7 @@ def make_job(ws: Workspace, step, started: Started, ev: StepEvent, options, repo
         name=step.name,
         spec=step.spec,
         project=ws.project,
-        fingerprint=started.fp,
+        fingerprint=fp,
         run=steps.get(step.kind).run_ref,
         inputs={d: ws.output_dir(d) for d in step.deps},
         work=work,
@@ -462,8 +460,7 @@ def make_job(ws: Workspace, step, started: Started, ev: StepEvent, options, repo
         # and so the bytes of what a step writes (a -j 3 build must write what -j 1 writes).
         threads=0,
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
-        earlier=started.earlier,
-        work_key=started.work_key,
+        earlier=earlier,
     )
     job.stop_file.unlink(missing_ok=True)
 

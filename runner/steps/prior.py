@@ -5,9 +5,8 @@ then `NNNN.png` for generated ones. Image i is generated from its own generator,
 seed and i, so a given fingerprint always gives the same set, whatever the batch size. With several
 class prompts, image i is generated with prompt i modulo their number, and every image without a
 caption of its own gets its prompt as `NNNN.txt`, which the train step reads.
-Generated images are first written to the work folder, so an interrupted step keeps what it made, whatever
-the count of the next run; after a change of count alone, those of the previous build (ctx.earlier) are
-kept too, and only new ones generated.
+Generated images are first written to the work folder, so an interrupted step keeps what it made; after a
+change of count alone, those of the previous build (ctx.earlier) are kept, and only new ones generated.
 """
 
 from __future__ import annotations
@@ -176,10 +175,12 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
-def _reuse_key(inputs: dict) -> dict:
-    """All but the count: image i is generated from its own seed, so images 0..n-1 of a larger count are
-    those of count n. (The user's images stay in: they decide which of the previous outputs were generated.)"""
-    return {k: v for k, v in inputs.items() if k != "num_images"}
+def _reuses(previous: dict, inputs: dict) -> bool:
+    """Whether the previous build's class images are this one's: only the count changed (image i is
+    generated from its own seed, so images 0..n-1 of a larger count are those of count n)."""
+    from runner.fingerprint import fingerprint
+
+    return fingerprint({**previous, "num_images": 0}) == fingerprint({**inputs, "num_images": 0})
 
 
 KIND = register(
@@ -196,6 +197,6 @@ KIND = register(
         read=checks.read_prior,
         check=checks.check_priors,
         folders=lambda spec: [spec.images] if spec.images else [],
-        reuse_key=_reuse_key,
+        reuses=_reuses,
     )
 )

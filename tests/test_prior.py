@@ -140,6 +140,22 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
     assert _files(fewer.out) == _files(earlier)
 
 
+def test_a_new_count_draws_again_the_images_of_a_batch_the_counts_do_not_share(tmp_path):
+    """An image's bytes depend on the batch it is drawn in: the short last batch of count 3 ([2]) is not
+    that of count 4 ([2, 3]), so a grown prior gives what a prior of count 4 gives only by drawing it again."""
+    settings = dict(steps=1, width=32, height=32, batch_size=2)
+    three = prior_context(tmp_path / "a", make_prior(num_images=3, **settings))
+    four = prior_context(tmp_path / "b", make_prior(num_images=4, **settings))
+    _run(three), _run(four)
+    logs = []
+    grown = prior_context(
+        tmp_path / "c", make_prior(num_images=4, **settings), earlier=three.out, log=logs.append
+    )
+    _run(grown)
+    assert "keeping 2 class images of the previous build" in logs
+    assert _files(grown.out) == _files(four.out)
+
+
 def test_scheduler_is_swapped_and_restored(tmp_path):
     pipe = model_cache().pipeline()
     before = pipe.scheduler

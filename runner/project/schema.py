@@ -127,7 +127,7 @@ class Prior:
     )
     num_images: int = opt(
         100,
-        "class images used in training; missing ones are generated (a new count keeps those generated before)",
+        "class images used in training; missing ones are generated (a new count keeps the full batches generated before)",
         "int",
         minimum=1,
     )

@@ -127,10 +127,12 @@ class FakeSteps:
     def __init__(self):
         self.ran: list[str] = []
         self.fail: set[str] = set()
+        self.earlier: dict[str, Path | None] = {}  # step id -> the ctx.earlier it ran with
 
     def __call__(self, kind: str):
         def run(ctx):
             self.ran.append(ctx.step_id)
+            self.earlier[ctx.step_id] = ctx.earlier
             if ctx.step_id in self.fail:
                 from runner.steps import StepError
 

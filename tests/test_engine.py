@@ -324,6 +324,21 @@ def test_prior_loss_weight_reruns_train_not_prior(proj, build, fake_steps):
     assert reasons["train:dog"] == ["prior.loss_weight 1.0 -> 0.5"]
 
 
+def test_a_prior_whose_count_alone_changed_is_given_its_previous_images(proj, build, fake_steps):
+    previous = proj.root / "build" / "pets" / "priors" / "dog"
+    ran_after(proj, build, fake_steps, "num_images = 2", "num_images = 3")
+    assert fake_steps.earlier["prior:dog"] == previous
+    build(proj, force=("prior:dog",))
+    assert fake_steps.earlier["prior:dog"] is None
+    (previous / "0000.txt").write_text("edited")
+    proj.edit("num_images = 3", "num_images = 1")
+    build(proj)
+    assert fake_steps.earlier["prior:dog"] is None  # not as the lockfile says
+    proj.edit("num_images = 1", "num_images = 2\nsteps = 3")
+    build(proj)
+    assert fake_steps.earlier["prior:dog"] is None  # other images
+
+
 def test_added_seed_is_explained(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
     assert ran == ["render:park"]

@@ -77,9 +77,11 @@ def test_given_pictures_in_formats_dbl_does_not_read_are_named_in_a_warning(tmp_
 
 def test_more_given_images_than_needed_generates_nothing(tmp_path):
     given = draw_images(tmp_path / "mine", 4)
-    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)))
+    logs = []
+    ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)), log=logs.append)
     assert _run(ctx) == {"generated": 0, "given": 2}
     assert list(_files(ctx.out)) == ["0000.png", "0001.png"]
+    assert logs == ["4 class images given, using the first 2 by name (num_images = 2)"]
 
 
 def test_a_broken_given_image_names_the_file(tmp_path):
@@ -110,6 +112,48 @@ def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path)
     _run(again)
     assert any("reusing 2" in line for line in logs)
     assert _files(again.out) == _files(whole.out)
+
+
+def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
+    import dataclasses
+
+    earlier = tmp_path / "earlier"  # what the previous build, of num_images = 2, made
+    earlier.mkdir()
+    for path in sorted(draw_images(tmp_path / "drawn", 2).iterdir()):
+        path.rename(earlier / f"00{path.name}")
+    logs = []
+    more = prior_context(
+        tmp_path, make_prior(num_images=3, steps=1, width=32, height=32), earlier=earlier, log=logs.append
+    )
+    _run(more)
+    assert logs[:2] == ["0 class images given, 3 to generate", "keeping 2 class images of the previous build"]
+    files = _files(more.out)
+    assert list(files) == ["0000.png", "0001.png", "0002.png"]
+    assert files["0001.png"] == (earlier / "0001.png").read_bytes()
+
+    class NoModel:  # fewer images are all there: the base model is not even loaded
+        def pipeline(self):
+            raise AssertionError("loaded the base model")
+
+    fewer = prior_context(tmp_path / "c", make_prior(num_images=2), earlier=earlier)
+    _run(dataclasses.replace(fewer, models=NoModel()))
+    assert _files(fewer.out) == _files(earlier)
+
+
+def test_a_new_count_draws_again_the_images_of_a_batch_the_counts_do_not_share(tmp_path):
+    """An image's bytes depend on the batch it is drawn in: the short last batch of count 3 ([2]) is not
+    that of count 4 ([2, 3]), so a grown prior gives what a prior of count 4 gives only by drawing it again."""
+    settings = dict(steps=1, width=32, height=32, batch_size=2)
+    three = prior_context(tmp_path / "a", make_prior(num_images=3, **settings))
+    four = prior_context(tmp_path / "b", make_prior(num_images=4, **settings))
+    _run(three), _run(four)
+    logs = []
+    grown = prior_context(
+        tmp_path / "c", make_prior(num_images=4, **settings), earlier=three.out, log=logs.append
+    )
+    _run(grown)
+    assert "keeping 2 class images of the previous build" in logs
+    assert _files(grown.out) == _files(four.out)
 
 
 def test_scheduler_is_swapped_and_restored(tmp_path):

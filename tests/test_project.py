@@ -642,6 +642,14 @@ def test_every_problem_is_reported_at_once(folder):
     )
 
 
+def test_a_prior_with_a_problem_is_not_also_missing_for_its_subjects(folder):
+    text = GOOD.replace('class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\nnum_imgs = 3')
+    line = textwrap.dedent(text).splitlines().index("num_imgs = 3") + 1
+    assert problems(folder, text) == [
+        f"priors.dog: unknown key 'num_imgs' (line {line}) - did you mean 'num_images'?"
+    ]
+
+
 def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):
     text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 60\nheight = 0\n'
     found = problems(folder, text)
@@ -815,6 +823,34 @@ def test_a_file_that_is_not_utf8_loads_as_before_with_a_warning_naming_its_line(
     with pytest.warns(UserWarning, match=r"p.toml is not UTF-8 \(line 15\).*save the file as UTF-8"):
         project = load_project(path)
     assert project.tables["train"]["toy"].instance_prompt == "a caf\ufffd toy"
+
+
+def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[priors.cat]\nclass_prompt = "a photo of cat"\n')
+    line = path.read_text().splitlines().index("[priors.cat]") + 1
+    with pytest.warns(UserWarning) as said:
+        assert "cat" in load_project(path).priors
+    assert [str(w.message) for w in said] == [
+        f'{path}: priors.cat: no subject uses this prior (line {line}) - add prior = "cat" to a subject, '
+        "or remove it"
+    ]
+
+
+def test_a_prior_s_caption_extension_without_images_loads_with_a_warning(folder):
+    path = folder / "p.toml"
+    path.write_text(
+        GOOD.replace(
+            'class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\ncaption_extension = ".txt"'
+        )
+    )
+    line = path.read_text().splitlines().index('caption_extension = ".txt"') + 1
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{path}: priors.dog.caption_extension: reads the captions of your own class images, and the prior has "
+        f"none (line {line}) - give them with images = ..., or remove the key"
+    ]
 
 
 def test_a_key_at_the_wrong_level_names_the_table_it_belongs_in(folder):

@@ -368,6 +368,24 @@ def test_a_bad_instance_image_names_the_file(tmp_path, images):
         _run(train_context(tmp_path, make_subject(folder)))
 
 
+def test_a_prior_of_loss_weight_0_is_named_in_a_warning(tmp_path):
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 1)
+    prior = make_prior(loss_weight=0.0)
+    subject = make_subject(folder, prior="dog")
+    job = job_from_context(
+        train_context(tmp_path, subject, prior=prior, class_dir=draw_images(tmp_path / "class", 1, seed=5))
+    )
+    said = []
+    assert data.read_images(job, said.append)[1] == 0.0
+    assert said == [
+        "warning: priors.dog.loss_weight = 0: its class images cost every step and preserve nothing; "
+        'remove prior = "dog" from [subjects.dog] to train without them'
+    ]
+
+
 def test_copies_of_instance_images_are_named_in_a_warning(tmp_path):
     """A photo saved twice trains twice as often; a subject's photo among the class images (the prior's
     images pointed at the subject's folder) trains the subject on the class prompt. Both said."""

@@ -40,6 +40,7 @@ class Job:
     devices: tuple[str, ...] = ()  # devices given to the step; empty: the project's `device`
     stop_file: Path | None = None  # its existence asks the step to stop at a safe point
     threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
+    earlier: Path | None = None  # the step's committed outputs, when its kind reuses them (StepKind.reuses)
 
     @property
     def out(self) -> Path:
@@ -114,6 +115,7 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         log=hooks.log,
         should_stop=should_stop,
         extra=hooks.extra,
+        earlier=job.earlier,
     )
     metrics = (run or load_run(job.run))(ctx) or {}
     hasher = FileHasher()

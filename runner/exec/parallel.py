@@ -87,7 +87,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                 reporter.step_end(ev)
                 continue
             running[p.id] = (started, devices)
-            job, _ = sch.make_job(ws, p.step, started.fp, ev, options, reporter, devices)
+            job, _ = sch.make_job(ws, p.step, started.fp, ev, options, reporter, devices, started.earlier)
             threading.Thread(target=_work, args=(backend, job, options, inbox), daemon=True).start()
 
     def _failed(p, ev, exc) -> None:

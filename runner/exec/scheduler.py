@@ -309,6 +309,7 @@ class Started:
     clock: float
     force: bool
     num_processes: int | None = None  # --num-processes, part of a train step's inputs
+    earlier: Path | None = None  # the step's committed outputs, for a kind that reuses them
 
 
 def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool, backend) -> None:
@@ -316,7 +317,7 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     started = begin_step(ws, lock, p, ev, options, reporter, force)
     if started is None:
         return
-    job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter)
+    job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter, earlier=started.earlier)
     try:
         outcome = backend.run(job, hooks)
     except Exception:  # failed or interrupted: it resumes from its work folder, if that can be trusted
@@ -368,7 +369,18 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock, record)
         _ended(ws, step, ev, metrics, clock)
         return None
-    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes)
+    earlier = None if force else _earlier(ws, kind, step, record, inputs)
+    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier)
+
+
+def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inputs: dict) -> Path | None:
+    """The step's committed outputs when its kind can reuse them for the new inputs and they are as the
+    lockfile recorded them (a file edited since would be reused as if the step had made it)."""
+    if kind.reuses is None or not record or not kind.reuses(record.get("inputs", {}), inputs):
+        return None
+    if ws.facts.outputs_intact(record, step.output_dir):
+        return None
+    return ws.output_dir(step)
 
 
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
@@ -453,7 +465,7 @@ def _warner(ws: Workspace, reporter, ev):
     return lambda message: reporter.log(ev, WARNING + message)
 
 
-def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=()):
+def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=(), earlier=None):
     """The step's Job, and hooks that report its progress and log lines on `reporter`."""
     work = ws.tmp(step)
     job = Job(
@@ -472,6 +484,7 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
         # and so the bytes of what a step writes (a -j 3 build must write what -j 1 writes).
         threads=0,
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
+        earlier=earlier,
     )
     job.stop_file.unlink(missing_ok=True)
 

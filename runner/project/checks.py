@@ -137,14 +137,28 @@ def _adapter_listing(adapters: dict[str, dict]) -> str:
 
 
 def check_priors(check, tables: dict) -> None:
+    used = {subject.prior for subject in tables.get("train", {}).values()}
     for name, prior in tables.get("prior", {}).items():
         _caption_extension(check, ("priors", name, "caption_extension"), prior.caption_extension)
+        if prior.caption_extension and not prior.images:  # generated images have their prompt, not captions
+            check.note(
+                ("priors", name, "caption_extension"),
+                "reads the captions of your own class images, and the prior has none",
+                "give them with images = ..., or remove the key",
+            )
+        if name not in used:  # its class images would be generated for nothing
+            check.note(
+                ("priors", name),
+                "no subject uses this prior",
+                f'add prior = "{name}" to a subject, or remove it',
+            )
 
 
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
     for name, subject in tables.get("train", {}).items():
-        if subject.prior is not None and subject.prior not in priors:
+        unread = ("priors", subject.prior) in check.unread  # its own problems are said already
+        if subject.prior is not None and subject.prior not in priors and not unread:
             known = ", ".join(priors) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"

@@ -68,14 +68,20 @@ class _Checker:
         self.path = path
         self.lines = LineIndex(text)
         self.problems: list[Problem] = []
+        self.notes: list[Problem] = []  # what loads but is likely a mistake: warnings, once the file loads
         # The base model's family as cheap facts tell it (runner.families.detect); None until known, and
         # when it is not known before a download. Cross-table checks read it.
         self.family: str | None = None
+        # Tables the file writes that did not read, by key: a reference to one is not a second problem.
+        self.unread: set[tuple[str, str]] = set()
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
         if found not in self.problems:  # a [train] value that every subject inherits: said once
             self.problems.append(found)
+
+    def note(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
+        self.notes.append(Problem(".".join(key), message, self.lines.line(key), fix))
 
     def written(self, key: tuple[str, ...]) -> bool:
         """Whether the file sets this very key."""
@@ -452,6 +458,8 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
 
     if check.problems or settings is None:
         raise ProjectError(path, check.problems)
+    for note in check.notes:
+        warnings.warn(f"{_display(path)}: {note}", stacklevel=3)
     return schema.Project(path, settings, train, lora, tables)
 
 
@@ -485,6 +493,8 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
         item = read(key, name, table)
         if item is not None:
             result[name] = item
+        else:
+            check.unread.add(key)
     if loose:
         check.problem(
             (group, loose[0]),

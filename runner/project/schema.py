@@ -125,9 +125,18 @@ class Prior:
         "and trained with prompt i modulo its length",
         type="prompts",
     )
-    num_images: int = opt(100, "class images used in training; missing ones are generated", "int", minimum=1)
+    num_images: int = opt(
+        100,
+        "class images used in training; missing ones are generated (a new count keeps the full batches generated before)",
+        "int",
+        minimum=1,
+    )
     loss_weight: float = opt(1.0, "weight of the prior-preservation loss", "float", minimum=0)
-    images: str | None = opt(None, "folder of your own class images, relative to the project file", "str?")
+    images: str | None = opt(
+        None,
+        "folder of your own class images, relative to the project file; the first num_images by name are used",
+        "str?",
+    )
     caption_extension: str | None = opt(
         None, "read each of your class images' prompt from the file beside it, e.g. '.txt'", "str?"
     )

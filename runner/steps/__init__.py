@@ -44,6 +44,8 @@ class StepContext:
     log: Callable[[str], None] = lambda message: None
     should_stop: Callable[[], bool] = lambda: False
     extra: dict = field(default_factory=dict)
+    # The step's outputs of its previous inputs, when its kind's `reuses` says they serve these ones.
+    earlier: Path | None = None
     # Outputs of other steps that this one made on the way (a train step's snapshots): step id ->
     # (folder, metrics). The scheduler keeps them in the run-cache, where those steps find them.
     extras: dict = field(default_factory=dict)
@@ -127,6 +129,9 @@ class StepKind:
     # A kind whose steps come from other kinds' tables, not from a table of its own (`table` is ""):
     # derive(tables) -> {name: spec}, given the tables of the kinds registered before it.
     derive: Callable[[dict], dict] | None = None
+    # reuses(previous inputs, inputs): whether the outputs of the previous inputs can save work for the
+    # new ones (a prior's class images after a change of count); the step finds them in ctx.earlier.
+    reuses: Callable[[dict, dict], bool] | None = None
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"

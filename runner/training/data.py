@@ -164,6 +164,11 @@ def read_images(job, log) -> tuple[Images, float | None]:
             raise StepError(f"train:{subject.name}: the class images of prior '{job.prior.name}' are missing")
         class_files = class_files[: job.prior.num_images]
     weight = job.prior.loss_weight if job.prior is not None else None
+    if weight == 0:  # every step still encodes and denoises the class images, for a loss that counts nothing
+        log(
+            f"{WARNING}priors.{job.prior.name}.loss_weight = 0: its class images cost every step and preserve "
+            f'nothing; remove prior = "{job.prior.name}" from [subjects.{subject.name}] to train without them'
+        )
     for warning in copies(instance_files, class_files):
         log(WARNING + warning)
     ts = subject.train

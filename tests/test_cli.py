@@ -192,7 +192,7 @@ def test_unreadable_image_is_an_error_without_traceback(proj, capsys):
     os.symlink(proj.root / "nowhere.png", proj.root / "data" / "toy" / "05.png")  # dangling
     code = main(["plan", str(proj.path)])
     err = capsys.readouterr().err
-    assert code == 1 and "05.png" in err and "Traceback" not in err
+    assert code == 2 and "05.png" in err and "Traceback" not in err
 
 
 def test_gc_removes_what_killed_builds_left_in_the_cache(proj, build, capsys):

@@ -57,12 +57,14 @@ class Targets:
 
     def relevant(self, path: str) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
-        are never read (an editor's swap file beside a caption), so they cannot."""
+        are never read (an editor's swap file beside a caption), so they cannot. A folder above an input
+        folder counts: creating it (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
         if any(_within(path, i) for i in self.ignored):
             return False
         return path in (self.project_file, self.lockfile) or any(
-            _within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders
+            (_within(path, f) and not _hidden(os.path.relpath(path, f))) or _within(f, path)
+            for f in self.folders
         )
 
     def watches(self) -> set[tuple[str, bool]]:

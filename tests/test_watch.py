@@ -186,14 +186,15 @@ def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
 
 def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):
     text = proj.path.read_text()
-    save(proj.path, text.replace('images = "data/toy"', 'images = "data/toy2"'))
+    save(proj.path, text.replace('images = "data/toy"', 'images = "data/new/toy2"'))
     w = watcher()
-    assert any("data/toy2 does not exist" in m for m in w.messages), w.messages
+    assert any("data/new/toy2 does not exist" in m for m in w.messages), w.messages
     assert fake_steps.ran == []
 
+    # data/new does not exist either: its creation is the first change seen, and leads to the next
     idle = w.idle_count()
-    write_image(proj.root / "data" / "toy2" / "00.png")
-    write_image(proj.root / "data" / "toy2" / "01.png", seed=1)
+    write_image(proj.root / "data" / "new" / "toy2" / "00.png")
+    write_image(proj.root / "data" / "new" / "toy2" / "01.png", seed=1)
     wait_for(lambda: "render:mixed" in fake_steps.ran, "the build once the folder exists")
     w.wait_idle(idle)
     assert w.close() == 0
@@ -214,6 +215,7 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/data/dog/.05.txt.swp")
     assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
     assert t.relevant(f"{root}/data/dog/05.txt")
+    assert t.relevant(f"{root}/data")  # mv data photos: both input folders are gone
     assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
 
     # an invalid project: the folders its TOML names are still watched
@@ -221,6 +223,8 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     t = targets_of(proj.path, None)
     assert t.folders == (f"{root}/data/dog", f"{root}/new/toy")
     assert (root, False) in t.watches()  # new/ does not exist: its nearest parent is watched
+    assert t.relevant(f"{root}/new")  # and its creation is a change
+    assert not t.relevant(f"{root}/news")
 
 
 def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fake_steps):

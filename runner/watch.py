@@ -50,9 +50,11 @@ class Targets:
 
     project_file: str
     folders: tuple[str, ...]  # input folders; missing ones too
-    ignored: tuple[str, ...]  # outputs and .dbl/: never a reason to rebuild
+    # Outputs, .dbl/ and the lockfile: the build's own writes, never a reason to rebuild (they can lie in
+    # an input folder: photos beside the project file, images = ".").
+    ignored: tuple[str, ...]
     # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
-    # the build asked for. Otherwise each build's own write of it would wake the watch.
+    # the build asked for.
     lockfile: str = ""
 
     def relevant(self, path: str) -> bool:
@@ -60,12 +62,12 @@ class Targets:
         are never read (an editor's swap file beside a caption), so they cannot. A folder above an input
         folder counts: creating it (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
-        if any(_within(path, i) for i in self.ignored):
+        if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
+            return True
+        # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
+        if any(_within(path, i) or _within(i, path) for i in self.ignored):
             return False
-        return path in (self.project_file, self.lockfile) or any(
-            (_within(path, f) and not _hidden(os.path.relpath(path, f))) or _within(f, path)
-            for f in self.folders
-        )
+        return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
 
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: a missing input folder is watched through its
@@ -92,10 +94,10 @@ def targets_of(project_path: Path, project=None) -> Targets:
             for spec in project.tables.get(kind.name, {}).values()
             for folder in kind.folders(spec)
         ]
-        ignored = [project.out, project.state_dir]
+        ignored = [project.out, project.state_dir, lockfile.lock_path(project_path)]
     else:
         named = _raw_image_folders(project_path)
-        ignored = [base / ".dbl"]
+        ignored = [base / ".dbl", lockfile.lock_path(project_path)]
     ignored_s = tuple(_norm(p) for p in ignored)
     folders = []
     for f in named:

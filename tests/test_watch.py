@@ -12,7 +12,7 @@ import pytest
 from runner.ui.plain import PlainReporter
 from runner.watch import targets_of, watch
 
-from .conftest import FakeBackend, use_backend, write_image
+from .conftest import FakeBackend, Proj, use_backend, write_image
 
 LIMIT_S = 20
 
@@ -239,3 +239,20 @@ def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fa
     assert "a folder, not a project file - name one of: pets.toml" in messages[0]
     assert "no such project file" in messages[1]
     assert not fake_steps.ran
+
+
+def test_the_builds_own_lockfile_in_an_image_folder_does_not_wake_the_watch(tmp_path, fake_steps):
+    """Photos beside the project file (images = "."): each build writes the lockfile into the image folder."""
+    proj = Proj(
+        tmp_path,
+        '[project]\nbase_model = "tiny-sd"\n\n[subjects.toy]\nimages = "."\ninstance_prompt = "a toy"\n',
+    )
+    write_image(tmp_path / "00.png")
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        assert fake_steps.ran == ["train:toy"]
+        time.sleep(0.5)
+        assert w.idle_count() == 1, w.messages
+    finally:
+        assert w.close() == 0

@@ -70,12 +70,13 @@ class Targets:
         return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
 
     def watches(self) -> set[tuple[str, bool]]:
-        """(folder, recursive) pairs to schedule: a missing input folder is watched through its
-        nearest existing parent, so that its creation is seen."""
+        """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
+        renaming or replacement shows; a missing one through its nearest existing parent, so that its
+        creation is seen."""
         found = {(os.path.dirname(self.project_file), False)}
         for folder in self.folders:
             if os.path.isdir(folder):
-                found.add((folder, True))
+                found |= {(folder, True), (os.path.dirname(folder), False)}
             else:
                 parent = _existing_parent(folder)
                 if parent:
@@ -138,7 +139,7 @@ def watch(
     changes = _Changes()
     handler = _Handler(changes)
     observer = _make_observer(polling)
-    scheduled: dict[tuple[str, bool], object] = {}
+    scheduled: dict[tuple[str, bool], tuple] = {}  # (folder, recursive) -> (watch, identity)
     workers = _kept_workers(build_options)
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
@@ -338,14 +339,25 @@ def _make_observer(polling: bool):
 
 
 def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]]) -> None:
-    """Make the observer watch exactly `wanted`; folders may come and go between reloads."""
+    """Make the observer watch exactly `wanted`; folders may come and go between reloads. A folder
+    replaced by another of its name (`mv dog dog-old && mv dog-new dog`) is watched anew: the old watch
+    follows the old folder."""
     for key in list(scheduled):
-        if key not in wanted:
-            observer.unschedule(scheduled.pop(key))
+        if key not in wanted or _identity(key[0]) != scheduled[key][1]:
+            observer.unschedule(scheduled.pop(key)[0])
     for key in sorted(wanted - set(scheduled)):
         folder, recursive = key
         with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
-            scheduled[key] = observer.schedule(handler, folder, recursive=recursive)
+            identity = _identity(folder)  # before: a folder replaced meanwhile is watched anew next time
+            scheduled[key] = (observer.schedule(handler, folder, recursive=recursive), identity)
+
+
+def _identity(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _raw_image_folders(project_path: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -174,6 +175,28 @@ def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps):
         assert w.close() == 0
 
 
+def test_an_images_folder_replaced_by_another_is_watched_anew(proj, fake_steps, watcher):
+    """As a script that makes the photos anew does: the new folder is built, and its changes are seen
+    (the old watch follows the old folder)."""
+    toy = proj.root / "data" / "toy"
+    shutil.copytree(toy, proj.root / "toy-new")
+    write_image(proj.root / "toy-new" / "05.png", seed=5)
+    w = watcher()
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    toy.rename(proj.root / "toy-old")
+    (proj.root / "toy-new").rename(toy)
+    w.wait_idle(idle)
+    assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    write_image(toy / "06.png", seed=6)
+    w.wait_idle(idle)
+    assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+    assert w.close() == 0
+
+
 def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
     w = watcher(polling=True)
     fake_steps.ran.clear()
@@ -216,7 +239,13 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
     assert t.relevant(f"{root}/data/dog/05.txt")
     assert t.relevant(f"{root}/data")  # mv data photos: both input folders are gone
-    assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
+    # data/ too, where the input folders' own removal or replacement shows
+    assert t.watches() == {
+        (root, False),
+        (f"{root}/data", False),
+        (f"{root}/data/dog", True),
+        (f"{root}/data/toy", True),
+    }
 
     # an invalid project: the folders its TOML names are still watched
     save(proj.path, proj.path.read_text().replace('images = "data/toy"', 'images = "new/toy"'))

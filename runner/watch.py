@@ -57,15 +57,18 @@ class Targets:
     # the build asked for.
     lockfile: str = ""
 
-    def relevant(self, path: str) -> bool:
+    def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
-        are never read (an editor's swap file beside a caption), so they cannot. A folder above an input
-        folder counts: creating it (`mkdir -p new/dog`) is the first step to a missing input folder."""
+        are never read (an editor's swap file beside a caption), so they cannot; nor can an editor's other
+        temporary files (see _editors_file). A folder above an input folder counts: creating it
+        (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
         if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
             return True
         # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
         if any(_within(path, i) or _within(i, path) for i in self.ignored):
+            return False
+        if not directory and _editors_file(os.path.basename(path)):
             return False
         return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
 
@@ -324,7 +327,7 @@ class _Handler(FileSystemEventHandler):
             return
         targets = self.targets
         for p in (event.src_path, getattr(event, "dest_path", "")):
-            if p and targets.relevant(os.fsdecode(p)):
+            if p and targets.relevant(os.fsdecode(p), event.is_directory):
                 self.changes.add(os.path.normpath(os.fsdecode(p)))
 
 
@@ -402,6 +405,12 @@ def _norm(path) -> str:
 
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
+
+
+def _editors_file(name: str) -> bool:
+    """A backup (`05.txt~`), an Emacs autosave (`#05.txt#`) or vim's test of the folder (`4913`): names
+    that no image or caption file has, as both end in their extension."""
+    return name.endswith(("~", "#")) or "." not in name
 
 
 def _within(path: str, folder: str) -> bool:

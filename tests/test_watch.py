@@ -238,6 +238,9 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/data/dog/.05.txt.swp")
     assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
     assert t.relevant(f"{root}/data/dog/05.txt")
+    # an editor's backup, autosave and test file, written as a caption is saved
+    assert not any(t.relevant(f"{root}/data/dog/{name}") for name in ("05.txt~", "#05.txt#", "4913"))
+    assert t.relevant(f"{root}/data/dog/2024", directory=True)  # a folder of photos: mv 2023 2024
     assert t.relevant(f"{root}/data")  # mv data photos: both input folders are gone
     # data/ too, where the input folders' own removal or replacement shows
     assert t.watches() == {

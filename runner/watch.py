@@ -393,9 +393,10 @@ def _changed_text(paths: list[str], base: Path) -> str:
 
 
 def _relative(path: str, base: Path) -> str:
+    """As the plan names a file: relative to the project's folder, ../ included."""
     try:
-        return Path(path).relative_to(base).as_posix()
-    except ValueError:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive
         return path
 
 

@@ -13,7 +13,7 @@ import pytest
 from runner.ui.plain import PlainReporter
 from runner.watch import targets_of, watch
 
-from .conftest import FakeBackend, Proj, use_backend, write_image
+from .conftest import PETS, FakeBackend, Proj, use_backend, write_image
 
 LIMIT_S = 20
 
@@ -195,6 +195,22 @@ def test_an_images_folder_replaced_by_another_is_watched_anew(proj, fake_steps, 
     w.wait_idle(idle)
     assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
     assert w.close() == 0
+
+
+def test_a_change_outside_the_projects_folder_is_named_as_the_plan_names_it(tmp_path, fake_steps):
+    (tmp_path / "p").mkdir()
+    proj = Proj(tmp_path / "p", PETS.replace('images = "data/toy"', 'images = "../photos/toy"'))
+    for i in range(2):
+        write_image(tmp_path / "photos" / "toy" / f"{i:02d}.png", seed=i)
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        write_image(tmp_path / "photos" / "toy" / "02.png", seed=2)
+        w.wait_idle(1)
+        assert "changed: ../photos/toy/02.png" in w.messages, w.messages
+        assert any("image ../photos/toy/02.png added" in line for line in w.lines), w.lines
+    finally:
+        assert w.close() == 0
 
 
 def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):

@@ -50,28 +50,36 @@ class Targets:
 
     project_file: str
     folders: tuple[str, ...]  # input folders; missing ones too
-    ignored: tuple[str, ...]  # outputs and .dbl/: never a reason to rebuild
+    # Outputs, .dbl/ and the lockfile: the build's own writes, never a reason to rebuild (they can lie in
+    # an input folder: photos beside the project file, images = ".").
+    ignored: tuple[str, ...]
     # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
-    # the build asked for. Otherwise each build's own write of it would wake the watch.
+    # the build asked for.
     lockfile: str = ""
 
-    def relevant(self, path: str) -> bool:
+    def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
-        are never read (an editor's swap file beside a caption), so they cannot."""
+        are never read (an editor's swap file beside a caption), so they cannot; nor can an editor's other
+        temporary files (see _editors_file). A folder above an input folder counts: creating it
+        (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
-        if any(_within(path, i) for i in self.ignored):
+        if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
+            return True
+        # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
+        if any(_within(path, i) or _within(i, path) for i in self.ignored):
             return False
-        return path in (self.project_file, self.lockfile) or any(
-            _within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders
-        )
+        if not directory and _editors_file(os.path.basename(path)):
+            return False
+        return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
 
     def watches(self) -> set[tuple[str, bool]]:
-        """(folder, recursive) pairs to schedule: a missing input folder is watched through its
-        nearest existing parent, so that its creation is seen."""
+        """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
+        renaming or replacement shows; a missing one through its nearest existing parent, so that its
+        creation is seen."""
         found = {(os.path.dirname(self.project_file), False)}
         for folder in self.folders:
             if os.path.isdir(folder):
-                found.add((folder, True))
+                found |= {(folder, True), (os.path.dirname(folder), False)}
             else:
                 parent = _existing_parent(folder)
                 if parent:
@@ -90,10 +98,10 @@ def targets_of(project_path: Path, project=None) -> Targets:
             for spec in project.tables.get(kind.name, {}).values()
             for folder in kind.folders(spec)
         ]
-        ignored = [project.out, project.state_dir]
+        ignored = [project.out, project.state_dir, lockfile.lock_path(project_path)]
     else:
         named = _raw_image_folders(project_path)
-        ignored = [base / ".dbl"]
+        ignored = [base / ".dbl", lockfile.lock_path(project_path)]
     ignored_s = tuple(_norm(p) for p in ignored)
     folders = []
     for f in named:
@@ -134,7 +142,7 @@ def watch(
     changes = _Changes()
     handler = _Handler(changes)
     observer = _make_observer(polling)
-    scheduled: dict[tuple[str, bool], object] = {}
+    scheduled: dict[tuple[str, bool], tuple] = {}  # (folder, recursive) -> (watch, identity)
     workers = _kept_workers(build_options)
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
@@ -319,7 +327,7 @@ class _Handler(FileSystemEventHandler):
             return
         targets = self.targets
         for p in (event.src_path, getattr(event, "dest_path", "")):
-            if p and targets.relevant(os.fsdecode(p)):
+            if p and targets.relevant(os.fsdecode(p), event.is_directory):
                 self.changes.add(os.path.normpath(os.fsdecode(p)))
 
 
@@ -334,14 +342,25 @@ def _make_observer(polling: bool):
 
 
 def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]]) -> None:
-    """Make the observer watch exactly `wanted`; folders may come and go between reloads."""
+    """Make the observer watch exactly `wanted`; folders may come and go between reloads. A folder
+    replaced by another of its name (`mv dog dog-old && mv dog-new dog`) is watched anew: the old watch
+    follows the old folder."""
     for key in list(scheduled):
-        if key not in wanted:
-            observer.unschedule(scheduled.pop(key))
+        if key not in wanted or _identity(key[0]) != scheduled[key][1]:
+            observer.unschedule(scheduled.pop(key)[0])
     for key in sorted(wanted - set(scheduled)):
         folder, recursive = key
         with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
-            scheduled[key] = observer.schedule(handler, folder, recursive=recursive)
+            identity = _identity(folder)  # before: a folder replaced meanwhile is watched anew next time
+            scheduled[key] = (observer.schedule(handler, folder, recursive=recursive), identity)
+
+
+def _identity(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _raw_image_folders(project_path: Path) -> list[str]:
@@ -374,9 +393,10 @@ def _changed_text(paths: list[str], base: Path) -> str:
 
 
 def _relative(path: str, base: Path) -> str:
+    """As the plan names a file: relative to the project's folder, ../ included."""
     try:
-        return Path(path).relative_to(base).as_posix()
-    except ValueError:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive
         return path
 
 
@@ -386,6 +406,12 @@ def _norm(path) -> str:
 
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
+
+
+def _editors_file(name: str) -> bool:
+    """A backup (`05.txt~`), an Emacs autosave (`#05.txt#`) or vim's test of the folder (`4913`): names
+    that no image or caption file has, as both end in their extension."""
+    return name.endswith(("~", "#")) or "." not in name
 
 
 def _within(path: str, folder: str) -> bool:

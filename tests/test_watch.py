@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from runner.ui.plain import PlainReporter
 from runner.watch import targets_of, watch
 
-from .conftest import FakeBackend, use_backend, write_image
+from .conftest import PETS, FakeBackend, Proj, use_backend, write_image
 
 LIMIT_S = 20
 
@@ -174,6 +175,44 @@ def test_a_change_during_a_build_is_handled_after_it(proj, fake_steps):
         assert w.close() == 0
 
 
+def test_an_images_folder_replaced_by_another_is_watched_anew(proj, fake_steps, watcher):
+    """As a script that makes the photos anew does: the new folder is built, and its changes are seen
+    (the old watch follows the old folder)."""
+    toy = proj.root / "data" / "toy"
+    shutil.copytree(toy, proj.root / "toy-new")
+    write_image(proj.root / "toy-new" / "05.png", seed=5)
+    w = watcher()
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    toy.rename(proj.root / "toy-old")
+    (proj.root / "toy-new").rename(toy)
+    w.wait_idle(idle)
+    assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    write_image(toy / "06.png", seed=6)
+    w.wait_idle(idle)
+    assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+    assert w.close() == 0
+
+
+def test_a_change_outside_the_projects_folder_is_named_as_the_plan_names_it(tmp_path, fake_steps):
+    (tmp_path / "p").mkdir()
+    proj = Proj(tmp_path / "p", PETS.replace('images = "data/toy"', 'images = "../photos/toy"'))
+    for i in range(2):
+        write_image(tmp_path / "photos" / "toy" / f"{i:02d}.png", seed=i)
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        write_image(tmp_path / "photos" / "toy" / "02.png", seed=2)
+        w.wait_idle(1)
+        assert "changed: ../photos/toy/02.png" in w.messages, w.messages
+        assert any("image ../photos/toy/02.png added" in line for line in w.lines), w.lines
+    finally:
+        assert w.close() == 0
+
+
 def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
     w = watcher(polling=True)
     fake_steps.ran.clear()
@@ -186,14 +225,15 @@ def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
 
 def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):
     text = proj.path.read_text()
-    save(proj.path, text.replace('images = "data/toy"', 'images = "data/toy2"'))
+    save(proj.path, text.replace('images = "data/toy"', 'images = "data/new/toy2"'))
     w = watcher()
-    assert any("data/toy2 does not exist" in m for m in w.messages), w.messages
+    assert any("data/new/toy2 does not exist" in m for m in w.messages), w.messages
     assert fake_steps.ran == []
 
+    # data/new does not exist either: its creation is the first change seen, and leads to the next
     idle = w.idle_count()
-    write_image(proj.root / "data" / "toy2" / "00.png")
-    write_image(proj.root / "data" / "toy2" / "01.png", seed=1)
+    write_image(proj.root / "data" / "new" / "toy2" / "00.png")
+    write_image(proj.root / "data" / "new" / "toy2" / "01.png", seed=1)
     wait_for(lambda: "render:mixed" in fake_steps.ran, "the build once the folder exists")
     w.wait_idle(idle)
     assert w.close() == 0
@@ -214,13 +254,25 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/data/dog/.05.txt.swp")
     assert not t.relevant(f"{root}/data/dog/.thumbs/05.png")
     assert t.relevant(f"{root}/data/dog/05.txt")
-    assert t.watches() == {(root, False), (f"{root}/data/dog", True), (f"{root}/data/toy", True)}
+    # an editor's backup, autosave and test file, written as a caption is saved
+    assert not any(t.relevant(f"{root}/data/dog/{name}") for name in ("05.txt~", "#05.txt#", "4913"))
+    assert t.relevant(f"{root}/data/dog/2024", directory=True)  # a folder of photos: mv 2023 2024
+    assert t.relevant(f"{root}/data")  # mv data photos: both input folders are gone
+    # data/ too, where the input folders' own removal or replacement shows
+    assert t.watches() == {
+        (root, False),
+        (f"{root}/data", False),
+        (f"{root}/data/dog", True),
+        (f"{root}/data/toy", True),
+    }
 
     # an invalid project: the folders its TOML names are still watched
     save(proj.path, proj.path.read_text().replace('images = "data/toy"', 'images = "new/toy"'))
     t = targets_of(proj.path, None)
     assert t.folders == (f"{root}/data/dog", f"{root}/new/toy")
     assert (root, False) in t.watches()  # new/ does not exist: its nearest parent is watched
+    assert t.relevant(f"{root}/new")  # and its creation is a change
+    assert not t.relevant(f"{root}/news")
 
 
 def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fake_steps):
@@ -235,3 +287,23 @@ def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fa
     assert "a folder, not a project file - name one of: pets.toml" in messages[0]
     assert "no such project file" in messages[1]
     assert not fake_steps.ran
+
+
+# watchdog's inotify observer warns when a folder moved within a recursive watch keeps its watch
+# descriptor, as the build's work folders in .dbl/ do here, and goes on watching
+@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+def test_the_builds_own_lockfile_in_an_image_folder_does_not_wake_the_watch(tmp_path, fake_steps):
+    """Photos beside the project file (images = "."): each build writes the lockfile into the image folder."""
+    proj = Proj(
+        tmp_path,
+        '[project]\nbase_model = "tiny-sd"\n\n[subjects.toy]\nimages = "."\ninstance_prompt = "a toy"\n',
+    )
+    write_image(tmp_path / "00.png")
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        assert fake_steps.ran == ["train:toy"]
+        time.sleep(0.5)
+        assert w.idle_count() == 1, w.messages
+    finally:
+        assert w.close() == 0

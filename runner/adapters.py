@@ -397,7 +397,12 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         # (an adapter added to a wrapped component is deleted by the caller, who sees the wrapper)
         if isinstance(exc, AdapterError):
             raise
-        raise AdapterError(f"{sub}: does not fit the {sub.name} ({_first_line(exc)})") from None
+        # Mostly shapes of another model (an SD 1.x adapter on SDXL): name the one it was trained on.
+        trained_on = config.get("base_model_name_or_path")
+        raise AdapterError(
+            f"{sub}: does not fit the {sub.name} ({_first_line(exc)}); was the adapter trained on a different "
+            "base model?" + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
+        ) from None
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(False)

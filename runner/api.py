@@ -56,7 +56,8 @@ def load_pipeline(
 ):
     """Load a Stable Diffusion pipeline and, optionally, adapters onto it.
 
-    `base` is a hub id, a local diffusers folder, a single-file checkpoint (.safetensors), or "tiny-sd".
+    `base` is a hub id, a local diffusers folder, a single-file checkpoint (.safetensors), or a built-in
+    model ("tiny-sd", "tiny-sdxl", ...); an SDXL model gives an SDXL pipeline.
     `adapters` maps the names you want to use to adapter paths (see `load_adapter`); they are loaded in
     order and the last one is active, as after diffusers' `load_lora_weights`: pick with `set_adapter`.
     `device` is "auto" (CUDA, then MPS, then CPU), "cuda" (or "cuda:N"), "mps" or "cpu". `dtype` is a

@@ -191,19 +191,25 @@ def _flatten(value, prefix: str, out: dict) -> None:
 
 
 def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) -> tuple[list[str], str]:
-    """'<kind> <folder>/<file> added/removed/changed' for each file of two hashed folders, and the folder."""
+    """'<kind> <folder>/<file> added/removed/changed' for each file of two hashed folders (a removed file in
+    the folder it was in), and the folder. Files are compared by their names in the folder (a renamed folder
+    changes nothing), so a project that names another image folder first gets a line that says so."""
     old, new = old or {}, new or {}
-    folder = new.get("_folder") or old.get("_folder") or folder
+    old_folder = old.get("_folder") or folder
+    folder = new.get("_folder") or old_folder
     old_files, new_files = old.get("files", {}), new.get("files", {})
     lines = []
     for rel in sorted(set(old_files) | set(new_files)):
-        label = f"{folder}/{rel}" if folder else rel
+        where = old_folder if rel not in new_files else folder
+        label = f"{where}/{rel}" if where else rel
         if rel not in old_files:
             lines.append(f"{kind} {label} added")
         elif rel not in new_files:
             lines.append(f"{kind} {label} removed")
         elif old_files[rel] != new_files[rel]:
             lines.append(f"{kind} {label} changed")
+    if lines and kind == "image" and old_folder and old_folder != folder:  # captions follow their images
+        lines.insert(0, f"images {old_folder} -> {folder}")
     return lines, folder
 
 

@@ -121,6 +121,16 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
         api.load_adapter(pipe, tmp_path, "nothing")
 
 
+def test_an_sd1_adapter_on_an_sdxl_pipeline_says_which_base_model_it_was_trained_on(adapters):  # noqa: F811
+    """It said only "does not fit the unet (size mismatch for ...)"."""
+    pipe = api.load_pipeline("tiny-sdxl", device="cpu")
+    with pytest.raises(
+        ValueError, match="trained on a different base model\\? Its adapter_config.json names tiny-sd$"
+    ):
+        api.load_adapter(pipe, adapters["c"], "sd1")
+    assert api.loaded_adapters(pipe) == []
+
+
 def _lora_layer_count(module) -> int:
     from peft.tuners.lora import LoraLayer
 

@@ -144,6 +144,21 @@ def test_image_changes_rerun_that_subjects_train(proj, build, fake_steps, change
     assert "train:dog" not in fake_steps.ran and "render:park" not in fake_steps.ran
 
 
+def test_naming_another_image_folder_says_so_and_where_a_removed_image_was(proj, build, fake_steps):
+    """A removed image was named in the new folder (data/toy/02.png removed: toy never had it)."""
+    build(proj)
+    proj.edit('images = "data/dog"', 'images = "data/toy"')
+    result, rec = build(proj)
+    assert result.ok
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["train:dog"] == [
+        "images data/dog -> data/toy",
+        "image data/toy/00.png changed",
+        "image data/toy/01.png changed",
+        "image data/dog/02.png removed",
+    ]
+
+
 def test_touching_a_file_changes_nothing(proj, build, fake_steps):
     build(proj)
     image = proj.root / "data" / "dog" / "00.png"

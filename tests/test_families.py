@@ -169,6 +169,31 @@ def test_a_single_file_of_another_family_is_refused_by_name(tmp_path, keys, fami
         families.detect(BaseModel.parse(str(path), tmp_path))
 
 
+def test_an_sdxl_refiner_is_refused_by_name(tmp_path):
+    """It has no first text encoder: it planned as SDXL, and a train step failed with an AttributeError."""
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "requires_aesthetics_score": True,
+    }
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="is an SDXL refiner .*; dbl trains on SDXL base models"):
+        families.detect(BaseModel.parse(str(tmp_path), tmp_path))
+    refiner_file = [
+        "model.diffusion_model.label_emb.0.0.weight",
+        "conditioner.embedders.0.model.ln_final.weight",
+    ]
+    path = _header_only_safetensors(tmp_path / "refiner.safetensors", refiner_file)
+    with pytest.raises(ModelError, match="is an SDXL refiner"):
+        families.detect(BaseModel.parse(str(path), tmp_path))
+    base_file = [*refiner_file, "conditioner.embedders.1.model.ln_final.weight"]
+    path = _header_only_safetensors(tmp_path / "base.safetensors", base_file)
+    assert families.detect(BaseModel.parse(str(path), tmp_path)).name == "sdxl"
+
+
 @pytest.mark.parametrize(
     "keys",
     [

@@ -122,6 +122,11 @@ class Family:
         """Whether a single-file checkpoint with these tensor names is of this family."""
         return False
 
+    def refusal(self, index: dict | None = None, keys: set[str] | None = None) -> str | None:
+        """Why a model of this family cannot be trained on, from a folder's model_index.json (`index`) or
+        a single file's tensor names (`keys`): e.g. "an SDXL refiner (...)"; None when it can."""
+        return None
+
     # --- built-in models ----------------------------------------------------------------------------
 
     def build_builtin(self, name: str, folder: Path) -> None:
@@ -289,7 +294,7 @@ def _from_index(index_path: Path | None, display: str) -> Family:
         )
     for family in _registry.values():
         if family.matches_folder(index):
-            return family
+            return _unless_refused(family, display, index=index)
     cls = str(index.get("_class_name", ""))
     kind = UNSUPPORTED_CLASSES.get(cls) or next(
         (k for k in ("XL", "StableDiffusion3", "Flux") if k in cls), None
@@ -308,7 +313,7 @@ def _from_index(index_path: Path | None, display: str) -> Family:
 def _from_keys(keys: set[str], display: str) -> Family:
     for family in _registry.values():
         if family.matches_file(keys):
-            return family
+            return _unless_refused(family, display, keys=keys)
     for prefix, kind in UNSUPPORTED_KEYS:
         if any(k.startswith(prefix) for k in keys):
             raise _not_supported(display, f"a {kind} checkpoint")
@@ -322,6 +327,13 @@ def _from_keys(keys: set[str], display: str) -> Family:
             "checkpoint; an adapter is trained on a base model, or loaded onto one"
         )
     return _registry[DEFAULT]
+
+
+def _unless_refused(family: Family, display: str, **facts) -> Family:
+    why = family.refusal(**facts)
+    if why is not None:
+        raise ModelError(f"base model {display} is {why}")
+    return family
 
 
 def _not_supported(display: str, what: str) -> ModelError:

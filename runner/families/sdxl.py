@@ -52,11 +52,27 @@ class SDXL(Family):
 
     def matches_file(self, keys: set[str]) -> bool:
         # The original (Stability "sgm") layout: two conditioner embedders, and the UNet's label_emb
-        # (the pooled-text + time-id embedding). Refiner files have no embedders.0 text encoder.
+        # (the pooled-text + time-id embedding). Refiner files have one embedder: they match, and
+        # `refusal` says what they are.
         return any(k.startswith("conditioner.embedders.1.") for k in keys) or (
             any(k.startswith("model.diffusion_model.label_emb.") for k in keys)
             and any(k.startswith("conditioner.embedders.") for k in keys)
         )
+
+    def refusal(self, index: dict | None = None, keys: set[str] | None = None) -> str | None:
+        # The refiner has the second text encoder alone (model_index.json gives the first as null; its
+        # file has one conditioner embedder), and its UNet is conditioned on an aesthetic score.
+        if index is not None:
+            entry = index.get(TEXT_ENCODER.attr, ())
+            refiner = entry is None or None in entry
+        else:
+            refiner = not any(k.startswith("conditioner.embedders.1.") for k in keys or ())
+        if refiner:
+            return (
+                "an SDXL refiner (it has no first text encoder, and its UNet is conditioned on an aesthetic "
+                "score); dbl trains on SDXL base models and their fine-tunes"
+            )
+        return None
 
     def build_builtin(self, name: str, folder: Path) -> None:
         build_tiny_sdxl(folder, **self.builtins[name])

@@ -1,7 +1,7 @@
 """snapshot:<subject>@<step> - a subject's adapter as it was after that many training steps.
 
 `[train] save_steps = [200, 400]` gives subject `dog` the adapters `dog@200` and `dog@400`
-(`adapters/dog@400/`, every format of a trained adapter), which renders and blends may name like any
+(`adapters/dog@400/`, every format of a trained adapter), which a render may name like any
 adapter. `save_steps` is not an input of the subject's own train step: its final adapter does not
 depend on it.
 

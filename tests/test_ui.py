@@ -211,6 +211,56 @@ def test_live_display_does_not_redraw_after_each_of_many_quick_steps(monkeypatch
     assert len(redraws) < 10
 
 
+def test_live_display_lays_the_table_out_again_only_when_what_it_shows_changes(monkeypatch):
+    # Laying out the table took tens of milliseconds eight times a second, on a CPU that may be training:
+    # with nothing new, the redraws only turn the spinner.
+    from types import SimpleNamespace
+
+    from runner.ui import live
+
+    clock = [1000.0]
+    monkeypatch.setattr(live, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    layouts = []
+    rows_that_fit = live._rows_that_fit
+
+    def counted(*args):  # once a layout
+        layouts.append(1)
+        return rows_that_fit(*args)
+
+    monkeypatch.setattr(live, "_rows_that_fit", counted)
+    screen = Console(record=True, width=100, force_terminal=True, get_time=lambda: clock[0])
+    # rich's own redraws wait 100 s: the test makes its own.
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=0.01)
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    steps[1].status = RUNNING
+    reporter.step_start(steps[1])
+    clock[0] += 60
+    layouts.clear()
+    steps[1].done, steps[1].total = 100, 800
+    reporter.step_progress(steps[1])
+
+    def frames(n: int) -> list[str]:
+        shown = []
+        for _ in range(n):
+            clock[0] += 0.01
+            screen.print(reporter.renderable())
+            shown.append(screen.export_text().splitlines()[2])
+        return shown
+
+    rows = frames(20)
+    assert len(layouts) == 1
+    assert len({row[0] for row in rows}) > 1, rows  # the spinner turns
+    assert {row[1:] for row in rows} == {rows[0][1:]}, rows
+    assert re.search(r"train:dog +running +━+.*step 100/800 +1m00s", rows[0]), rows[0]
+    steps[1].done = 101
+    reporter.step_progress(steps[1])
+    assert "step 101/800" in frames(5)[-1] and len(layouts) == 2
+    clock[0] += 1  # its time shows a second more
+    assert frames(5)[-1].endswith("1m01s") and len(layouts) == 3
+    reporter.close()
+
+
 def test_live_display_keeps_its_own_copy_of_events():
     reporter = LiveReporter(console=recording_console())
     steps = plan_steps()

@@ -6,7 +6,10 @@
       · render:park   pending  upstream train:dog stale
 
 Events may come from any thread; the table is redrawn by rich's refresh thread from a snapshot
-taken under a lock.
+taken under a lock. Laying the table out takes tens of milliseconds, eight times a second, on a CPU
+that may be training: so the lines laid out are kept and laid out again only when what they show has
+changed (an event, the width or height of the terminal, a running step's time), and only the spinners
+are drawn into them afresh.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import threading
 import time
 from collections import Counter
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
+from rich.segment import Segment
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
@@ -79,6 +83,8 @@ class LiveReporter:
         self._spinners: dict[str, Spinner] = {}
         self._up_to_date_line = ""
         self._last_refresh = 0.0
+        self._version = 0  # counts the events that change the table
+        self._laid_out: tuple | None = None  # (what it shows, its lines, {line: running step id})
 
     # Reporter protocol
 
@@ -87,6 +93,7 @@ class LiveReporter:
             self._project = project_name
             self._steps = {s.id: _copy(s) for s in steps}
             self._todo = sum(1 for s in steps if s.status == PENDING)
+            self._version += 1
         if all(s.status == FRESH for s in steps):
             self._up_to_date_line = up_to_date_text(steps)
             self.console.print(self._up_to_date_line, style="green", highlight=False)
@@ -108,6 +115,7 @@ class LiveReporter:
             self._rates.forget(step.id)
             self._rate[step.id] = None
             self._spinners[step.id] = Spinner("dots", style="cyan")
+            self._version += 1
         self._refresh_due()
 
     def step_progress(self, step: StepEvent) -> None:
@@ -115,6 +123,7 @@ class LiveReporter:
             first = self._rate.get(step.id) is None
             self._steps[step.id] = _copy(step, status=RUNNING)
             self._rate[step.id] = self._rates.update(step)
+            self._version += 1
         if first:
             self._refresh()
         else:
@@ -137,6 +146,7 @@ class LiveReporter:
             self._steps[step.id] = step
             self._spinners.pop(step.id, None)
             self._rates.forget(step.id)
+            self._version += 1
         if step.status == FAILED:
             # Printed above the table, so the whole message stays in the scrollback.
             head = Text.assemble((f"{step.id} failed", "bold red"), f" after {fmt_duration(step.duration_s)}")
@@ -166,11 +176,44 @@ class LiveReporter:
 
     def renderable(self):
         """The live table: every step of the plan with its status, progress or reason, and time."""
+        return self
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        with self._lock:
+            version = self._version
+            started = dict(self._started_at)
+            spinners = dict(self._spinners)
+        now = time.monotonic()
+        # What the lines show besides the events: the running steps' times, and the room for them.
+        times = [fmt_duration(now - t) for t in started.values()]
+        shows = (version, times, options.max_width, self.console.size.height)
+        if self._laid_out is not None and self._laid_out[0] == shows:
+            _, lines, running = self._laid_out
+        else:
+            lines, running = self._lay_out(console, options, now, spinners=False)
+            if running is not None:
+                self._laid_out = (shows, lines, running)
+            else:  # a row took more than one line, so where its spinner goes is not known: draw them in
+                lines, running = self._lay_out(console, options, now, spinners=True)[0], {}
+        for i, line in enumerate(lines):
+            step_id = running.get(i)
+            if step_id in spinners:
+                frame = spinners[step_id].render(console.get_time())
+                yield from console.render_lines(frame, options.update_width(1), pad=False)[0]
+                line = list(Segment.divide(line, [1, Segment.get_line_length(line)]))[1]
+            yield from line
+            yield Segment.line()
+
+    def _lay_out(
+        self, console: Console, options: ConsoleOptions, now: float, spinners: bool
+    ) -> tuple[list[list[Segment]], dict[int, str] | None]:
+        """The table's lines, and which line shows which running step (its first cell blank where the
+        spinner goes, unless `spinners`); None for those when a row took more than one line."""
         with self._lock:
             steps = [_copy(s) for s in self._steps.values()]
             started = dict(self._started_at)
             rates = dict(self._rate)
-            spinners = dict(self._spinners)
+            marks = dict(self._spinners) if spinners else {}
         title = Text.assemble((self._project, "bold"), f": {self._todo} of {len(steps)} steps to run")
         # On a narrow terminal, or beside a long step id, the id and the detail give way (cut short with
         # an ellipsis, their cells do not wrap); the mark, the status and the time keep their width.
@@ -180,12 +223,11 @@ class LiveReporter:
         table.add_column(no_wrap=True)
         table.add_column(ratio=1, overflow="ellipsis")
         table.add_column(justify="right", no_wrap=True)
-        now = time.monotonic()
         # The title, and the line that counts the steps left out, beside the rows.
         shown, left_out = _rows_that_fit(steps, max(3, self.console.size.height - 3))
         for s in shown:
             icon, style = STYLES.get(s.status, ("?", ""))
-            mark = spinners.get(s.id) if s.status == RUNNING else None
+            mark = marks.get(s.id) if s.status == RUNNING else None
             elapsed = now - started[s.id] if s.id in started else s.duration_s
             timed = s.status in (RUNNING, DONE, FAILED, INTERRUPTED) or (s.status == CACHED and elapsed)
             when = fmt_duration(elapsed) if timed else ""
@@ -201,13 +243,18 @@ class LiveReporter:
                 _detail(s, rates.get(s.id)),
                 Text(when, style="dim"),
             )
-        if not left_out:
-            return Group(title, table)
-        counts = Counter(s.status for s in left_out)
-        more = ", ".join(f"{n} {status}" for status, n in counts.items())
-        return Group(
-            title, table, Text(f"  ... and {_count(len(left_out), 'more step')}: {more}", style="dim")
-        )
+        top = console.render_lines(title, options, pad=False)
+        rows = console.render_lines(table, options, pad=False)
+        lines = top + rows
+        if left_out:
+            counts = Counter(s.status for s in left_out)
+            more = ", ".join(f"{n} {status}" for status, n in counts.items())
+            more_text = Text(f"  ... and {_count(len(left_out), 'more step')}: {more}", style="dim")
+            lines += console.render_lines(more_text, options, pad=False)
+        if len(rows) != len(shown):
+            return lines, None
+        running = {len(top) + i: s.id for i, s in enumerate(shown) if s.status == RUNNING}
+        return lines, running
 
     def _refresh(self) -> None:
         if self._live is not None:

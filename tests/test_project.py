@@ -650,6 +650,52 @@ def test_a_prior_with_a_problem_is_not_also_missing_for_its_subjects(folder):
     ]
 
 
+@pytest.mark.parametrize(
+    "broken, extra",
+    [
+        ('instance_prompt = "a photo of sks dog"', ""),  # the subject misses its prompt
+        ('prior = "dog"', 'prior = "dog"\nrnak = 4'),  # a key it does not know
+        ("[renders.park]", "[renders.park]\nwidht = 64"),
+        ("adapters = { toy = 1.0, dog = 1.05 }", 'adapters = { toy = 1.0, dog = 1.05 }\nmethod = "lin"'),
+    ],
+    ids=["subject", "subject key", "render", "blend"],
+)
+def test_a_table_with_a_problem_is_not_also_missing_where_it_is_named(folder, broken, extra):
+    text = GOOD.replace(broken, extra) + textwrap.dedent(
+        """
+        [subjects.dog.train]
+        save_steps = [2]
+        [blends.mix2]
+        adapters = { mix = 1.0, dog = 1.0 }
+        [renders.grid]
+        adapters = ["dog", "dog@2", "mix"]
+        prompts = ["x"]
+        [evals.e]
+        render = "park"
+        subject = "dog"
+        identifier = "sks"
+        """
+    )
+    found = problems(folder, text)
+    assert len(found) == 1, found
+
+
+def test_snapshots_of_a_subject_whose_train_table_has_a_problem_are_not_also_missing(folder):
+    text = (
+        GOOD
+        + '\n[subjects.dog.train]\nsave_steps = [2]\nstepz = 4\n[renders.r]\nadapter = "dog@2"\nprompts = ["x"]\n'
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.train"]
+
+
+def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
+    text = (
+        GOOD
+        + '\n[subjects."my toy"]\nimages = "data/toy"\ninstance_prompt = "x"\n[renders.r]\nadapter = "my toy"\nprompts = ["x"]\n'
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.my toy"]
+
+
 def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):
     text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 60\nheight = 0\n'
     found = problems(folder, text)

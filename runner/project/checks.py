@@ -36,6 +36,8 @@ def read_subject(check, key, name, raw, defaults):
     sub_train, sub_lora = defaults.train, defaults.lora
     if "train" in raw:
         sub_train = check.table(key + ("train",), raw["train"], schema.TrainSettings, base=defaults.train)
+        if sub_train is None:  # the subject reads with [train]'s settings: its snapshots are not known
+            check.unread.add(key + ("train",))
     if "lora" in raw:
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
@@ -125,6 +127,16 @@ def adapter_tables(tables: dict) -> dict[str, dict]:
     return found
 
 
+def unread(check, name: str, tables: tuple[str, ...]) -> bool:
+    """Whether `name`, where it names a table of one of `tables` ("subjects", "blends" ...), names one the
+    file writes that did not read, or a snapshot (dog@400) of a subject whose train settings did not: its
+    own problems are said already, and a reference to it is not another."""
+    subject, at, _ = name.partition("@")
+    if at and "snapshots" in tables:
+        return check.did_not_read(("subjects", subject, "train"), ("train",))
+    return check.did_not_read(*((table, name) for table in tables))
+
+
 def _adapter_nouns(adapters: dict[str, dict]) -> str:
     """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
     nouns = [table.removesuffix("s") for table in adapters]
@@ -157,8 +169,11 @@ def check_priors(check, tables: dict) -> None:
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
     for name, subject in tables.get("train", {}).items():
-        unread = ("priors", subject.prior) in check.unread  # its own problems are said already
-        if subject.prior is not None and subject.prior not in priors and not unread:
+        if (
+            subject.prior is not None
+            and subject.prior not in priors
+            and not unread(check, subject.prior, ("priors",))
+        ):
             known = ", ".join(priors) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
@@ -324,7 +339,7 @@ def check_blends(check, tables: dict) -> None:
             check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
-            if parent not in adapters:
+            if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
                 check.problem(
                     key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
                 )
@@ -368,7 +383,7 @@ def check_renders(check, tables: dict) -> None:
         for adapter in render.adapters or [render.adapter]:
             if adapter is None:
                 continue
-            if adapter not in known:
+            if adapter not in known and not unread(check, adapter, (*produced, "snapshots")):
                 check.problem(
                     key + (field,),
                     f"'{adapter}' is not a {_adapter_nouns(produced)}",

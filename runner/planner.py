@@ -215,7 +215,7 @@ def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) ->
 
 
 # The inputs that name an upstream step and hold its output's hash: {"_name": ..., "output": ...}.
-UPSTREAM_KEYS = ("prior", "adapter")
+UPSTREAM_KEYS = ("prior", "adapter", "render")
 
 
 def explain(old: dict, new: dict, said: Collection[str] = ()) -> list[str]:

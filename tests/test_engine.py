@@ -370,3 +370,13 @@ def test_added_seed_is_explained(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
     assert ran == ["render:park"]
     assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == ["seeds 2 -> 3 items +7"]
+
+
+def test_an_eval_names_its_changed_render_not_the_render_s_hash():
+    from runner.planner import explain
+
+    old = {"render": {"_name": "base", "output": "a" * 64}, "identifier": "sks"}
+    assert explain(old, {**old, "render": {"_name": "base", "output": "b" * 64}}) == [
+        "upstream render base changed"
+    ]
+    assert explain(old, {**old, "render": {"_name": "park", "output": "b" * 64}}) == ["render base -> park"]

@@ -45,6 +45,7 @@ class PlannedStep:
     inputs: dict | None = None  # None while an upstream step is stale
     fingerprint: str | None = None
     restorable: bool = False  # the run-cache holds outputs for this fingerprint
+    behind: list[str] = field(default_factory=list)  # the upstream steps that were stale
 
     @property
     def id(self) -> str:
@@ -322,7 +323,7 @@ def plan(
         record = lock.get(step.id)
         stale_deps = [d for d in step.deps if planned[d].stale]
         if stale_deps:
-            item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps])
+            item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps], behind=stale_deps)
             if step.id not in force:
                 reasons, after = _behind_stale(
                     project, step, stale_deps, record, lock, known, facts, num_processes

@@ -688,6 +688,17 @@ def test_snapshots_of_a_subject_whose_train_table_has_a_problem_are_not_also_mis
     assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.train"]
 
 
+def test_a_subject_whose_lora_table_has_a_problem_is_not_also_unblendable(folder):
+    # [lora] would make dog a rank-16 DoRA adapter, beside toy's rank 8: neither is what its own table says.
+    own = "\n[subjects.{}.lora]\nrank = 8\nuse_dora = false\n"
+    text = (
+        GOOD
+        + '\n[lora]\nuse_dora = true\n[blends.mix2]\nadapters = { mix = 1.0, toy = 1.0 }\nmethod = "linear"\n'
+    )
+    text += own.format("dog") + "rnak = 4\n" + own.format("toy")
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.lora"]
+
+
 def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
     text = (
         GOOD

@@ -40,6 +40,8 @@ def read_subject(check, key, name, raw, defaults):
             check.unread.add(key + ("train",))
     if "lora" in raw:
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
+        if sub_lora is None:  # the subject reads with [lora]'s settings, not its own
+            check.unread.add(key + ("lora",))
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
     item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
     if item is not None and item.trigger is not None and TRIGGER in item.instance_prompt:
@@ -347,8 +349,10 @@ def check_blends(check, tables: dict) -> None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
             check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)
-        _check_blend_method(check, name, blend, subjects, blends)
-        for parent, _ in blend.adapters:
+        # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
+        unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends)}
+        _check_blend_method(check, name, blend, subjects, blends, lora_known=not unknown)
+        for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
             for setting, flagged, what, why, fix in UNBLENDABLE:
                 keys = lora_keys(parent, subjects, blends, setting, flagged)
                 if keys:
@@ -357,6 +361,15 @@ def check_blends(check, tables: dict) -> None:
                         f"'{parent}' is {what} ({', '.join(keys)}), {why}",
                         f"{fix}, or render '{parent}' on its own",
                     )
+
+
+def _lora_unread(check, name: str, blends: dict, _depth: int = 0) -> bool:
+    """Whether the [lora] settings of adapter `name`, or of a parent of it, did not read."""
+    if name not in blends:
+        return check.did_not_read(("subjects", name, "lora"), ("lora",))
+    if _depth > len(blends):  # a cycle, said on its own
+        return False
+    return any(_lora_unread(check, parent, blends, _depth + 1) for parent, _ in blends[name].adapters)
 
 
 def check_renders(check, tables: dict) -> None:
@@ -492,7 +505,7 @@ UNBLENDABLE = (
 )
 
 
-def _check_blend_method(check, name, blend, subjects, blends) -> None:
+def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool) -> None:
     key = ("blends", name)
     method = blend.method
     if method in schema.DENSITY_METHODS and blend.density is None:
@@ -518,7 +531,7 @@ def _check_blend_method(check, name, blend, subjects, blends) -> None:
                 f"{option} applies to svd methods only, not '{method}'",
                 'remove it or use method = "svd"',
             )
-    if method in schema.EQUAL_RANK_METHODS:
+    if method in schema.EQUAL_RANK_METHODS and lora_known:
         # Every component the base model's family trains (SDXL's text_encoder_2 too); when the family is
         # not known before a download, every family's.
         family = check.family

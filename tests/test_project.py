@@ -699,6 +699,22 @@ def test_a_subject_whose_lora_table_has_a_problem_is_not_also_unblendable(folder
     assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.lora"]
 
 
+def test_a_train_table_with_a_problem_does_not_make_problems_of_a_subject_s_own_train_keys(folder):
+    # Without [train], dog's keys were checked against the defaults (steps 800, resolution 512).
+    text = GOOD + textwrap.dedent(
+        """
+        [train]
+        steps = 1000
+        resolution = 1024
+        stepz = 3
+        [subjects.dog.train]
+        save_steps = [900]
+        bucket_min_side = 768
+        """
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["train"]
+
+
 def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
     text = (
         GOOD

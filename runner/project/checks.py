@@ -186,6 +186,9 @@ def check_subjects(check, tables: dict) -> None:
             check.problem(
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
+        _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
+        if check.did_not_read(("subjects", name, "train"), ("train",)):
+            continue  # its train settings are [train]'s or the defaults, not the file's: that problem is said
         train_key = partial(_train_key, check, name)
         _buckets(check, train_key, subject.train)
         _save_steps(check, train_key, subject.train)
@@ -196,7 +199,6 @@ def check_subjects(check, tables: dict) -> None:
                 "pip install 'dbl[tensorboard]', or remove the key",
             )
         check_settings(check, name, subject.train)
-        _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:

@@ -68,6 +68,18 @@ def test_good_project_resolves_defaults_and_overrides(folder):
 
 CASES = [
     (
+        "a snapshot at a step the subject does not save",
+        '[renders.r]\nadapter = "dog@400"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@400' is not a subject or blend (line {line}) - add 400 to the save_steps of dog; "
+        "subjects: dog, toy; blends: mix; or 'none'",
+    ),
+    (
+        "a snapshot at the subject's last step",
+        '[renders.r]\nadapter = "dog@800"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@800' is not a subject or blend (line {line}) - step 800 is the last of dog: "
+        "its adapter is 'dog'",
+    ),
+    (
         "unknown key",
         "[subjects.dog.lora]\nrnak = 3\n",
         "subjects.dog.lora: unknown key 'rnak' (line {line}) - did you mean 'rank'?",

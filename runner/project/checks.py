@@ -402,11 +402,27 @@ def check_renders(check, tables: dict) -> None:
                 check.problem(
                     key + (field,),
                     f"'{adapter}' is not a {_adapter_nouns(produced)}",
-                    _adapter_listing(produced) + "; or 'none'",
+                    _adapter_fix(
+                        adapter, tables.get("train", {}), _adapter_listing(produced) + "; or 'none'"
+                    ),
                 )
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
+
+
+def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
+    """The fix of an unknown adapter: the names there are, and for a snapshot (dog@400) of a subject that
+    has none at that step, how to have it."""
+    subject, at, step = name.partition("@")
+    if not at or subject not in subjects or not step.isdigit():
+        return listing
+    steps = subjects[subject].train.steps
+    if int(step) == steps:
+        return f"step {step} is the last of {subject}: its adapter is '{subject}'"
+    if int(step) < steps:
+        return f"add {step} to the save_steps of {subject}; {listing}"
+    return listing
 
 
 def _cycle(start: str, blends: dict) -> list[str] | None:

@@ -153,6 +153,18 @@ def step_inputs(
     return step_kinds.get(step.kind).inputs(context)
 
 
+def reads_outputs(
+    project: Project, step: Step, facts: Facts, hashes: dict, deps, fp: str, num_processes
+) -> bool:
+    """Whether the step's inputs hold the output of one of `deps` (a snapshot's hold its subject's
+    settings, not the adapter of its train step): whether its fingerprint `fp` changes with them."""
+    for dep in deps:
+        other = {**hashes, dep: ""}
+        if fingerprint(step_inputs(project, step, facts, other, num_processes)) != fp:
+            return True
+    return False
+
+
 # --- reasons ---------------------------------------------------------------------------------------
 
 
@@ -364,6 +376,10 @@ RESTORABLE = "restorable from cache"
 UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
 
 
+def not_read(deps: list[str]) -> str:
+    return f"the output of {' and '.join(deps)} is not among its inputs"
+
+
 def _behind_stale(
     project: Project,
     step: Step,
@@ -394,8 +410,11 @@ def _behind_stale(
         return [], None
     fp = fingerprint(inputs)
     if record is not None and record["fingerprint"] == fp:
-        if not exact:  # its own inputs are unchanged: what changes is upstream
-            return [], None
+        if not exact:  # its own inputs are unchanged: what changes is upstream, if it reads it
+            if reads_outputs(project, step, facts, hashes, stale_deps, fp, num_processes):
+                return [], None
+            problem = facts.outputs_intact(record, step.output_dir)
+            return [problem or f"up to date: {not_read(stale_deps)}"], None
         problem = facts.outputs_intact(record, step.output_dir)
         if problem is None:
             return [UNCHANGED_AFTER_RESTORE], record["output_hash"]

@@ -190,6 +190,9 @@ def test_a_step_behind_a_rebuilt_one_says_why_it_is_fresh(notes, reads, edit, re
         steps.register(replace(NOTE, inputs=lambda i: {"version": 1, **i.fields(i.spec, exclude=("after",))}))
     build(notes)
     notes.write_text(PROJECT.replace(*edit))
+    planned = dict((sid, r) for sid, _, r in build(notes, dry_run=True)[1].planned)
+    said = [] if reads else ["up to date: the output of note:first is not among its inputs"]
+    assert planned["note:second"] == ["upstream note:first stale", *said]
     result = executor.build(load_project(notes), executor.BuildOptions(), Recorder())
     second = next(ev for ev in result.steps if ev.id == "note:second")
     assert (second.status, second.reasons) == ("fresh", [reason])

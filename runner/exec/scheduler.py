@@ -375,15 +375,12 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
 
 def _fresh_behind(ws: Workspace, p, hashes: dict[str, str], fp: str, num_processes) -> str:
     """Why a step planned behind stale upstream steps is fresh once they ran: they rebuilt the outputs it
-    reads as they were, or it reads none of their outputs (a snapshot's inputs are its subject's
-    settings, not the adapter of its train step)."""
-    for dep in p.behind:
-        other = {**hashes, dep: ""}  # the fingerprint with another output of this upstream step
-        if fingerprint(planner.step_inputs(ws.project, p.step, ws.facts, other, num_processes)) != fp:
-            return "upstream rebuilt with identical outputs"
+    reads as they were, or it reads none of their outputs."""
     if not p.behind:  # planned stale for its own reasons, which no longer hold
         return "inputs unchanged"
-    return f"the output of {' and '.join(p.behind)} is not among its inputs"
+    if planner.reads_outputs(ws.project, p.step, ws.facts, hashes, p.behind, fp, num_processes):
+        return "upstream rebuilt with identical outputs"
+    return planner.not_read(p.behind)
 
 
 def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inputs: dict) -> Path | None:

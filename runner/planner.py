@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,7 @@ class PlannedStep:
     inputs: dict | None = None  # None while an upstream step is stale
     fingerprint: str | None = None
     restorable: bool = False  # the run-cache holds outputs for this fingerprint
+    behind: list[str] = field(default_factory=list)  # the upstream steps that were stale
 
     @property
     def id(self) -> str:
@@ -151,6 +153,18 @@ def step_inputs(
     return step_kinds.get(step.kind).inputs(context)
 
 
+def reads_outputs(
+    project: Project, step: Step, facts: Facts, hashes: dict, deps, fp: str, num_processes
+) -> bool:
+    """Whether the step's inputs hold the output of one of `deps` (a snapshot's hold its subject's
+    settings, not the adapter of its train step): whether its fingerprint `fp` changes with them."""
+    for dep in deps:
+        other = {**hashes, dep: ""}
+        if fingerprint(step_inputs(project, step, facts, other, num_processes)) != fp:
+            return True
+    return False
+
+
 # --- reasons ---------------------------------------------------------------------------------------
 
 
@@ -213,20 +227,30 @@ def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) ->
     return lines, folder
 
 
-def explain(old: dict, new: dict) -> list[str]:
-    """Readable differences between two steps' inputs, e.g. 'lora.rank 16 -> 8'."""
+# The inputs that name an upstream step and hold its output's hash: {"_name": ..., "output": ...}.
+UPSTREAM_KEYS = ("prior", "adapter", "render")
+
+
+def explain(old: dict, new: dict, said: Collection[str] = ()) -> list[str]:
+    """Readable differences between two steps' inputs, e.g. 'lora.rank 16 -> 8'. `said`: the names of
+    upstream steps whose new outputs are said already ('upstream prior:dog stale'), not said again."""
     # Images, then captions (in the images' folder unless they name their own): one line per file.
     reasons, folder = _file_changes("image", old.get("images"), new.get("images"), "")
     captions, _ = _file_changes("caption", old.get("captions"), new.get("captions"), folder)
     reasons += captions
+    held: list[str] = []  # the changes of upstream outputs in `said`
+
+    def upstream_changed(name: str, line: str) -> None:
+        (held if name in said else reasons).append(line)
+
     # Upstream outputs: named, not hashed.
-    for key in ("prior", "adapter"):
+    for key in UPSTREAM_KEYS:
         o, n = old.get(key), new.get(key)
         if isinstance(o, dict) and isinstance(n, dict):
             if o.get("_name") != n.get("_name"):
                 reasons.append(f"{key} {o.get('_name')} -> {n.get('_name')}")
             elif o.get("output") != n.get("output"):
-                reasons.append(f"upstream {key} {n.get('_name')} changed")
+                upstream_changed(n.get("_name"), f"upstream {key} {n.get('_name')} changed")
     if isinstance(old.get("adapters"), list) and isinstance(new.get("adapters"), list):
         old_named = {a.get("_name"): a for a in old["adapters"]}
         new_named = {a.get("_name"): a for a in new["adapters"]}
@@ -239,17 +263,19 @@ def explain(old: dict, new: dict) -> list[str]:
                     f"adapters.{name} {_short(before.get('weight'))} -> {_short(item.get('weight'))}"
                 )
             elif before.get("output") != item.get("output"):
-                reasons.append(f"upstream {name} changed")
+                upstream_changed(name, f"upstream {name} changed")
         reasons += [f"adapters.{name} removed" for name in old_named if name not in new_named]
-        if not reasons and [a.get("_name") for a in old["adapters"]] != [
-            a.get("_name") for a in new["adapters"]
-        ]:
+        if (
+            not reasons
+            and not held
+            and [a.get("_name") for a in old["adapters"]] != [a.get("_name") for a in new["adapters"]]
+        ):
             reasons.append("adapters reordered")
 
     def rest(inputs: dict) -> dict:
         # What the lines above did not explain; an upstream's own settings (a prior's loss weight) stay.
         kept = {k: v for k, v in inputs.items() if k not in ("images", "adapters")}
-        for key, explained in (("prior", "output"), ("adapter", "output"), ("captions", "files")):
+        for key, explained in [*((k, "output") for k in UPSTREAM_KEYS), ("captions", "files")]:
             both = isinstance(old.get(key), dict) and isinstance(new.get(key), dict)
             kept[key] = {k: v for k, v in inputs[key].items() if k != explained} if both else {}
         return kept
@@ -279,7 +305,7 @@ def explain(old: dict, new: dict) -> list[str]:
         if (o is None) != (n is None) or (isinstance(o, str) or isinstance(n, str)) and o != n:
             label = lambda v: "none" if v in (None, "none") else v.get("_name") if isinstance(v, dict) else v  # noqa: E731
             reasons.append(f"{key} {label(o)} -> {label(n)}")
-    return reasons or ["inputs changed"]
+    return reasons or ([] if held else ["inputs changed"])
 
 
 def _rendered_with(inputs: dict) -> str:
@@ -309,9 +335,11 @@ def plan(
         record = lock.get(step.id)
         stale_deps = [d for d in step.deps if planned[d].stale]
         if stale_deps:
-            item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps])
+            item = PlannedStep(step, STALE, [f"upstream {d} stale" for d in stale_deps], behind=stale_deps)
             if step.id not in force:
-                reasons, after = _behind_stale(project, step, record, lock, known, facts, num_processes)
+                reasons, after = _behind_stale(
+                    project, step, stale_deps, record, lock, known, facts, num_processes
+                )
                 item.reasons += reasons
                 item.restorable = reasons[-1:] == [RESTORABLE]
                 if after is not None:
@@ -348,8 +376,19 @@ RESTORABLE = "restorable from cache"
 UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
 
 
+def not_read(deps: list[str]) -> str:
+    return f"the output of {' and '.join(deps)} is not among its inputs"
+
+
 def _behind_stale(
-    project: Project, step: Step, record, lock: dict, known: dict[str, str], facts: Facts, num_processes
+    project: Project,
+    step: Step,
+    stale_deps: list[str],
+    record,
+    lock: dict,
+    known: dict[str, str],
+    facts: Facts,
+    num_processes,
 ) -> tuple[list[str], str | None]:
     """What the plan can tell of a step behind stale upstream steps, beside 'upstream ... stale': its
     reasons, and its output hash after the build where that is known.
@@ -371,14 +410,18 @@ def _behind_stale(
         return [], None
     fp = fingerprint(inputs)
     if record is not None and record["fingerprint"] == fp:
-        if not exact:  # its own inputs are unchanged: what changes is upstream
-            return [], None
+        if not exact:  # its own inputs are unchanged: what changes is upstream, if it reads it
+            if reads_outputs(project, step, facts, hashes, stale_deps, fp, num_processes):
+                return [], None
+            problem = facts.outputs_intact(record, step.output_dir)
+            return [problem or f"up to date: {not_read(stale_deps)}"], None
         problem = facts.outputs_intact(record, step.output_dir)
         if problem is None:
             return [UNCHANGED_AFTER_RESTORE], record["output_hash"]
         reasons = [problem]
     else:
-        reasons = explain(record.get("inputs", {}), inputs) if record is not None else ["never built"]
+        said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
+        reasons = explain(record.get("inputs", {}), inputs, said) if record is not None else ["never built"]
     if exact and (restored := facts.restores(fp)) is not None:
         return [*reasons, RESTORABLE], restored
     return reasons, None

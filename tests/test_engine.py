@@ -83,11 +83,7 @@ def test_the_plan_says_what_a_restore_of_upstream_steps_leaves_to_do(proj, build
     _, rec = build(proj, dry_run=True)
     reasons = dict((sid, r) for sid, _, r in rec.planned)
     assert reasons["blend:mix"] == ["adapters.dog 1.1 -> 1.05", "restorable from cache"]
-    assert reasons["render:mixed"] == [
-        "upstream blend:mix stale",
-        "upstream adapter mix changed",
-        "restorable from cache",
-    ]
+    assert reasons["render:mixed"] == ["upstream blend:mix stale", "restorable from cache"]
     assert build(proj)[0].ok and fake_steps.ran == []
     shutil.rmtree(proj.root / "build/pets/blends/mix")  # the blend alone: the render is up to date
     _, rec = build(proj, dry_run=True)
@@ -98,6 +94,22 @@ def test_the_plan_says_what_a_restore_of_upstream_steps_leaves_to_do(proj, build
     ]
     result, rec = build(proj)
     assert fake_steps.ran == [] and {e.id: e.status for e in result.steps}["render:mixed"] == FRESH
+
+
+def test_a_stale_upstream_step_is_said_once(proj, build, fake_steps):
+    """'upstream prior:dog stale' says that its output changes: not also 'upstream prior dog changed'."""
+    build(proj)
+    proj.edit('class_prompt = "a photo of dog"', 'class_prompt = "a dog"')
+    build(proj)
+    proj.edit('class_prompt = "a dog"', 'class_prompt = "a photo of dog"')
+    proj.edit("resolution = 64", "resolution = 64\nlearning_rate = 0.001")
+    _, rec = build(proj, dry_run=True)
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["train:dog"] == ["upstream prior:dog stale", "train.learning_rate 0.0001 -> 0.001"]
+    proj.edit("resolution = 64\nlearning_rate = 0.001", "resolution = 64")
+    _, rec = build(proj, dry_run=True)
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["train:dog"] == ["upstream prior:dog stale", "restorable from cache"]
 
 
 def test_one_prompt_reruns_that_render_only(proj, build, fake_steps):
@@ -358,3 +370,13 @@ def test_added_seed_is_explained(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
     assert ran == ["render:park"]
     assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == ["seeds 2 -> 3 items +7"]
+
+
+def test_an_eval_names_its_changed_render_not_the_render_s_hash():
+    from runner.planner import explain
+
+    old = {"render": {"_name": "base", "output": "a" * 64}, "identifier": "sks"}
+    assert explain(old, {**old, "render": {"_name": "base", "output": "b" * 64}}) == [
+        "upstream render base changed"
+    ]
+    assert explain(old, {**old, "render": {"_name": "park", "output": "b" * 64}}) == ["render base -> park"]

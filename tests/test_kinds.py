@@ -4,7 +4,7 @@ reports like the built-in ones."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -166,3 +166,33 @@ def test_a_new_kind_runs_in_a_worker_process_and_is_reported(notes, capsys):
     assert "wrote 2 times" in out
     text = (notes.parent / "build" / "n" / "notes" / "second" / "note.txt").read_text()
     assert text == "hello hello world"
+
+
+@pytest.mark.parametrize(
+    "reads, edit, reason",
+    [
+        (
+            True,
+            ('text = "hello "\ntimes = 2', 'text = "hello hello "'),
+            "upstream rebuilt with identical outputs",
+        ),
+        (False, ("times = 2", "times = 3"), "the output of note:first is not among its inputs"),
+    ],
+    ids=["reads it", "reads it not"],
+)
+def test_a_step_behind_a_rebuilt_one_says_why_it_is_fresh(notes, reads, edit, reason):
+    """A step that runs after another without reading its output (as a snapshot after its train step) is
+    not fresh because that step's outputs came out identical."""
+    from runner import executor
+    from runner.project import load_project
+
+    if not reads:
+        steps.register(replace(NOTE, inputs=lambda i: {"version": 1, **i.fields(i.spec, exclude=("after",))}))
+    build(notes)
+    notes.write_text(PROJECT.replace(*edit))
+    planned = dict((sid, r) for sid, _, r in build(notes, dry_run=True)[1].planned)
+    said = [] if reads else ["up to date: the output of note:first is not among its inputs"]
+    assert planned["note:second"] == ["upstream note:first stale", *said]
+    result = executor.build(load_project(notes), executor.BuildOptions(), Recorder())
+    second = next(ev for ev in result.steps if ev.id == "note:second")
+    assert (second.status, second.reasons) == ("fresh", [reason])

@@ -68,6 +68,18 @@ def test_good_project_resolves_defaults_and_overrides(folder):
 
 CASES = [
     (
+        "a snapshot at a step the subject does not save",
+        '[renders.r]\nadapter = "dog@400"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@400' is not a subject or blend (line {line}) - add 400 to the save_steps of dog; "
+        "subjects: dog, toy; blends: mix; or 'none'",
+    ),
+    (
+        "a snapshot at the subject's last step",
+        '[renders.r]\nadapter = "dog@800"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@800' is not a subject or blend (line {line}) - step 800 is the last of dog: "
+        "its adapter is 'dog'",
+    ),
+    (
         "unknown key",
         "[subjects.dog.lora]\nrnak = 3\n",
         "subjects.dog.lora: unknown key 'rnak' (line {line}) - did you mean 'rank'?",
@@ -648,6 +660,79 @@ def test_a_prior_with_a_problem_is_not_also_missing_for_its_subjects(folder):
     assert problems(folder, text) == [
         f"priors.dog: unknown key 'num_imgs' (line {line}) - did you mean 'num_images'?"
     ]
+
+
+@pytest.mark.parametrize(
+    "broken, extra",
+    [
+        ('instance_prompt = "a photo of sks dog"', ""),  # the subject misses its prompt
+        ('prior = "dog"', 'prior = "dog"\nrnak = 4'),  # a key it does not know
+        ("[renders.park]", "[renders.park]\nwidht = 64"),
+        ("adapters = { toy = 1.0, dog = 1.05 }", 'adapters = { toy = 1.0, dog = 1.05 }\nmethod = "lin"'),
+    ],
+    ids=["subject", "subject key", "render", "blend"],
+)
+def test_a_table_with_a_problem_is_not_also_missing_where_it_is_named(folder, broken, extra):
+    text = GOOD.replace(broken, extra) + textwrap.dedent(
+        """
+        [subjects.dog.train]
+        save_steps = [2]
+        [blends.mix2]
+        adapters = { mix = 1.0, dog = 1.0 }
+        [renders.grid]
+        adapters = ["dog", "dog@2", "mix"]
+        prompts = ["x"]
+        [evals.e]
+        render = "park"
+        subject = "dog"
+        identifier = "sks"
+        """
+    )
+    found = problems(folder, text)
+    assert len(found) == 1, found
+
+
+def test_snapshots_of_a_subject_whose_train_table_has_a_problem_are_not_also_missing(folder):
+    text = (
+        GOOD
+        + '\n[subjects.dog.train]\nsave_steps = [2]\nstepz = 4\n[renders.r]\nadapter = "dog@2"\nprompts = ["x"]\n'
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.train"]
+
+
+def test_a_subject_whose_lora_table_has_a_problem_is_not_also_unblendable(folder):
+    # [lora] would make dog a rank-16 DoRA adapter, beside toy's rank 8: neither is what its own table says.
+    own = "\n[subjects.{}.lora]\nrank = 8\nuse_dora = false\n"
+    text = (
+        GOOD
+        + '\n[lora]\nuse_dora = true\n[blends.mix2]\nadapters = { mix = 1.0, toy = 1.0 }\nmethod = "linear"\n'
+    )
+    text += own.format("dog") + "rnak = 4\n" + own.format("toy")
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.lora"]
+
+
+def test_a_train_table_with_a_problem_does_not_make_problems_of_a_subject_s_own_train_keys(folder):
+    # Without [train], dog's keys were checked against the defaults (steps 800, resolution 512).
+    text = GOOD + textwrap.dedent(
+        """
+        [train]
+        steps = 1000
+        resolution = 1024
+        stepz = 3
+        [subjects.dog.train]
+        save_steps = [900]
+        bucket_min_side = 768
+        """
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["train"]
+
+
+def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
+    text = (
+        GOOD
+        + '\n[subjects."my toy"]\nimages = "data/toy"\ninstance_prompt = "x"\n[renders.r]\nadapter = "my toy"\nprompts = ["x"]\n'
+    )
+    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.my toy"]
 
 
 def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):

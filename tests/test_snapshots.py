@@ -180,6 +180,6 @@ def test_a_render_of_a_snapshot_that_is_not_saved_is_a_project_file_error(tmp_pa
     with pytest.raises(ProjectError) as err:
         load_project(path)
     assert (
-        "renders.pick.adapters: 'dog@4' is not a subject, snapshot or blend (line 30) - subjects: dog; "
-        "snapshots: dog@2; or 'none'"
+        "renders.pick.adapters: 'dog@4' is not a subject, snapshot or blend (line 30) - add 4 to the "
+        "save_steps of dog; subjects: dog; snapshots: dog@2; or 'none'"
     ) in str(err.value)

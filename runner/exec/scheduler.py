@@ -342,7 +342,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         problem = ws.facts.outputs_intact(record, step.output_dir)
         if not problem:
             ev.status = events.FRESH
-            ev.reasons = ["upstream rebuilt with identical outputs"]
+            ev.reasons = [_fresh_behind(ws, p, hashes, fp, options.num_processes)]
             if lockfile.take_names(record, inputs):
                 lockfile.write(ws.lock_path, lock)
             return None
@@ -371,6 +371,16 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         return None
     earlier = None if force else _earlier(ws, kind, step, record, inputs)
     return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier)
+
+
+def _fresh_behind(ws: Workspace, p, hashes: dict[str, str], fp: str, num_processes) -> str:
+    """Why a step planned behind stale upstream steps is fresh once they ran: they rebuilt the outputs it
+    reads as they were, or it reads none of their outputs."""
+    if not p.behind:  # planned stale for its own reasons, which no longer hold
+        return "inputs unchanged"
+    if planner.reads_outputs(ws.project, p.step, ws.facts, hashes, p.behind, fp, num_processes):
+        return "upstream rebuilt with identical outputs"
+    return planner.not_read(p.behind)
 
 
 def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inputs: dict) -> Path | None:

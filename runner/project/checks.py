@@ -36,8 +36,12 @@ def read_subject(check, key, name, raw, defaults):
     sub_train, sub_lora = defaults.train, defaults.lora
     if "train" in raw:
         sub_train = check.table(key + ("train",), raw["train"], schema.TrainSettings, base=defaults.train)
+        if sub_train is None:  # the subject reads with [train]'s settings: its snapshots are not known
+            check.unread.add(key + ("train",))
     if "lora" in raw:
         sub_lora = check.table(key + ("lora",), raw["lora"], schema.LoraSettings, base=defaults.lora)
+        if sub_lora is None:  # the subject reads with [lora]'s settings, not its own
+            check.unread.add(key + ("lora",))
     extra = {"name": name, "train": sub_train or defaults.train, "lora": sub_lora or defaults.lora}
     item = check.table(key, raw, schema.Subject, extra=extra, nested=("train", "lora"))
     if item is not None and item.trigger is not None and TRIGGER in item.instance_prompt:
@@ -125,6 +129,16 @@ def adapter_tables(tables: dict) -> dict[str, dict]:
     return found
 
 
+def unread(check, name: str, tables: tuple[str, ...]) -> bool:
+    """Whether `name`, where it names a table of one of `tables` ("subjects", "blends" ...), names one the
+    file writes that did not read, or a snapshot (dog@400) of a subject whose train settings did not: its
+    own problems are said already, and a reference to it is not another."""
+    subject, at, _ = name.partition("@")
+    if at and "snapshots" in tables:
+        return check.did_not_read(("subjects", subject, "train"), ("train",))
+    return check.did_not_read(*((table, name) for table in tables))
+
+
 def _adapter_nouns(adapters: dict[str, dict]) -> str:
     """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
     nouns = [table.removesuffix("s") for table in adapters]
@@ -157,8 +171,11 @@ def check_priors(check, tables: dict) -> None:
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
     for name, subject in tables.get("train", {}).items():
-        unread = ("priors", subject.prior) in check.unread  # its own problems are said already
-        if subject.prior is not None and subject.prior not in priors and not unread:
+        if (
+            subject.prior is not None
+            and subject.prior not in priors
+            and not unread(check, subject.prior, ("priors",))
+        ):
             known = ", ".join(priors) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
@@ -169,6 +186,9 @@ def check_subjects(check, tables: dict) -> None:
             check.problem(
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
+        _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
+        if check.did_not_read(("subjects", name, "train"), ("train",)):
+            continue  # its train settings are [train]'s or the defaults, not the file's: that problem is said
         train_key = partial(_train_key, check, name)
         _buckets(check, train_key, subject.train)
         _save_steps(check, train_key, subject.train)
@@ -179,7 +199,6 @@ def check_subjects(check, tables: dict) -> None:
                 "pip install 'dbl[tensorboard]', or remove the key",
             )
         check_settings(check, name, subject.train)
-        _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:
@@ -324,7 +343,7 @@ def check_blends(check, tables: dict) -> None:
             check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
-            if parent not in adapters:
+            if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
                 check.problem(
                     key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
                 )
@@ -332,8 +351,10 @@ def check_blends(check, tables: dict) -> None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
             check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)
-        _check_blend_method(check, name, blend, subjects, blends)
-        for parent, _ in blend.adapters:
+        # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
+        unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends)}
+        _check_blend_method(check, name, blend, subjects, blends, lora_known=not unknown)
+        for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
             for setting, flagged, what, why, fix in UNBLENDABLE:
                 keys = lora_keys(parent, subjects, blends, setting, flagged)
                 if keys:
@@ -342,6 +363,15 @@ def check_blends(check, tables: dict) -> None:
                         f"'{parent}' is {what} ({', '.join(keys)}), {why}",
                         f"{fix}, or render '{parent}' on its own",
                     )
+
+
+def _lora_unread(check, name: str, blends: dict, _depth: int = 0) -> bool:
+    """Whether the [lora] settings of adapter `name`, or of a parent of it, did not read."""
+    if name not in blends:
+        return check.did_not_read(("subjects", name, "lora"), ("lora",))
+    if _depth > len(blends):  # a cycle, said on its own
+        return False
+    return any(_lora_unread(check, parent, blends, _depth + 1) for parent, _ in blends[name].adapters)
 
 
 def check_renders(check, tables: dict) -> None:
@@ -368,15 +398,31 @@ def check_renders(check, tables: dict) -> None:
         for adapter in render.adapters or [render.adapter]:
             if adapter is None:
                 continue
-            if adapter not in known:
+            if adapter not in known and not unread(check, adapter, (*produced, "snapshots")):
                 check.problem(
                     key + (field,),
                     f"'{adapter}' is not a {_adapter_nouns(produced)}",
-                    _adapter_listing(produced) + "; or 'none'",
+                    _adapter_fix(
+                        adapter, tables.get("train", {}), _adapter_listing(produced) + "; or 'none'"
+                    ),
                 )
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
+
+
+def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
+    """The fix of an unknown adapter: the names there are, and for a snapshot (dog@400) of a subject that
+    has none at that step, how to have it."""
+    subject, at, step = name.partition("@")
+    if not at or subject not in subjects or not step.isdigit():
+        return listing
+    steps = subjects[subject].train.steps
+    if int(step) == steps:
+        return f"step {step} is the last of {subject}: its adapter is '{subject}'"
+    if int(step) < steps:
+        return f"add {step} to the save_steps of {subject}; {listing}"
+    return listing
 
 
 def _cycle(start: str, blends: dict) -> list[str] | None:
@@ -477,7 +523,7 @@ UNBLENDABLE = (
 )
 
 
-def _check_blend_method(check, name, blend, subjects, blends) -> None:
+def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool) -> None:
     key = ("blends", name)
     method = blend.method
     if method in schema.DENSITY_METHODS and blend.density is None:
@@ -503,7 +549,7 @@ def _check_blend_method(check, name, blend, subjects, blends) -> None:
                 f"{option} applies to svd methods only, not '{method}'",
                 'remove it or use method = "svd"',
             )
-    if method in schema.EQUAL_RANK_METHODS:
+    if method in schema.EQUAL_RANK_METHODS and lora_known:
         # Every component the base model's family trains (SDXL's text_encoder_2 too); when the family is
         # not known before a download, every family's.
         family = check.family

@@ -72,8 +72,9 @@ class _Checker:
         # The base model's family as cheap facts tell it (runner.families.detect); None until known, and
         # when it is not known before a download. Cross-table checks read it.
         self.family: str | None = None
-        # Tables the file writes that did not read, by key: a reference to one is not a second problem.
-        self.unread: set[tuple[str, str]] = set()
+        # Tables the file writes that did not read, by key ([subjects.dog], a whole [subjects], [train]):
+        # their own problems are said, so a reference to one (or to a table inside one) is not another.
+        self.unread: set[tuple[str, ...]] = set()
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
@@ -82,6 +83,10 @@ class _Checker:
 
     def note(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         self.notes.append(Problem(".".join(key), message, self.lines.line(key), fix))
+
+    def did_not_read(self, *keys: tuple[str, ...]) -> bool:
+        """Whether any of these tables, or a table that holds it, is written but did not read."""
+        return any(key[:n] in self.unread for key in keys for n in range(1, len(key) + 1))
 
     def written(self, key: tuple[str, ...]) -> bool:
         """Whether the file sets this very key."""
@@ -434,8 +439,10 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
             check._unknown((), key, top_level)
 
     settings = check.table(("project",), data.get("project", {}), schema.ProjectSettings)
-    train = check.table(("train",), data.get("train", {}), schema.TrainSettings) or schema.TrainSettings()
-    lora = check.table(("lora",), data.get("lora", {}), schema.LoraSettings) or schema.LoraSettings()
+    train = check.table(("train",), data.get("train", {}), schema.TrainSettings)
+    lora = check.table(("lora",), data.get("lora", {}), schema.LoraSettings)
+    check.unread.update((key,) for key, table in (("train", train), ("lora", lora)) if table is None)
+    train, lora = train or schema.TrainSettings(), lora or schema.LoraSettings()
     defaults = Defaults(path.parent, train, lora)
     checks.check_settings(check, None, train)
 
@@ -478,6 +485,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     raw = data.get(group, {})
     if not isinstance(raw, dict):
         check.problem((group,), f"expected tables [{group}.<name>], got {_describe(raw)}")
+        check.unread.add((group,))
         return {}
     result, loose = {}, []
     for name, table in raw.items():
@@ -486,9 +494,11 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             check.problem(
                 key, f"name '{name}' may only hold letters, digits, '_' and '-'", "rename the table"
             )
+            check.unread.add(key)
             continue
         if not isinstance(table, dict):  # `[priors]` then `class_prompt = ...`: the table's name left out
             loose.append(name)
+            check.unread.add(key)
             continue
         item = read(key, name, table)
         if item is not None:

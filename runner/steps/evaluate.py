@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from runner.project import checks
 from runner.project.schema import Eval
 from runner.steps import Inputs, StepContext, StepKind, register
 
@@ -123,13 +124,17 @@ def _inputs(i: Inputs) -> dict:
 def _check(check, tables: dict) -> None:
     renders, subjects = tables.get("render", {}), tables.get("train", {})
     for name, spec in tables.get("eval", {}).items():
-        if spec.render not in renders:
+        if spec.render not in renders and not checks.unread(check, spec.render, ("renders",)):
             check.problem(
                 ("evals", name, "render"),
                 f"'{spec.render}' is not a render",
                 "renders: " + (", ".join(renders) or "none; add a [renders.<name>] table"),
             )
-        if spec.subject is not None and spec.subject not in subjects:
+        if (
+            spec.subject is not None
+            and spec.subject not in subjects
+            and not checks.unread(check, spec.subject, ("subjects",))
+        ):
             check.problem(
                 ("evals", name, "subject"),
                 f"'{spec.subject}' is not a subject",

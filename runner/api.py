@@ -111,26 +111,13 @@ def resolve_adapter_path(path: str | Path) -> Path:
     Accepted: an adapter folder (holds `unet/adapter_config.json`, or its model family's denoiser
     folder: dbl's `adapters/<subject>/` and
     `blends/<name>/`, or the output folder of the PEFT DreamBooth script), or `<project file>:<adapter>`
-    for a subject or blend that project has built (`projects/pets.toml:dog`).
+    for a subject, blend or snapshot that project has built (`projects/pets.toml:dog`,
+    `projects/pets.toml:dog@400`).
     """
     text = str(path)
     project_file, sep, name = text.rpartition(":")
     if sep and project_file.endswith(".toml"):
-        from runner.project import load_project
-
-        project = load_project(project_file)
-        kind = project.adapter_kind(name)
-        if kind is None:
-            known = sorted([*project.subjects, *project.blends])
-            raise ValueError(
-                f"{project_file} has no subject or blend {name!r}; it has: {', '.join(known) or 'none'}"
-            )
-        folder = project.out / ("adapters" if kind == "subject" else "blends") / name
-        if not families.is_adapter_folder(folder):
-            raise ValueError(
-                f"{kind} {name!r} of {project_file} is not built yet ({folder}); run `dbl build {project_file}`"
-            )
-        return folder
+        return _project_adapter(project_file, name)
     folder = Path(path).expanduser()
     if families.is_adapter_folder(folder):
         return folder
@@ -138,8 +125,44 @@ def resolve_adapter_path(path: str | Path) -> Path:
         return folder.parent
     raise ValueError(
         f"{path}: not an adapter folder (expected unet/adapter_config.json inside) "
-        "nor <project file>:<subject or blend>"
+        "nor <project file>:<subject, blend or snapshot>"
     )
+
+
+def _project_adapter(project_file: str, name: str) -> Path:
+    """The output folder of adapter `name` (a subject, blend or snapshot) of a built project."""
+    from runner import steps
+    from runner.project import load_project
+    from runner.project.checks import _adapter_listing, _adapter_nouns, adapter_tables
+
+    project = load_project(project_file)
+    producers = [kind for kind in steps.kinds() if kind.produces_adapter]
+    kind = next((k for k in producers if name in project.tables.get(k.name, {})), None)
+    if kind is None:
+        subject, at, step = name.rpartition("@")
+        if at and step.isdigit() and subject in project.subjects:  # a snapshot no save step gives
+            train = project.subjects[subject].train
+            if int(step) >= train.steps:
+                raise ValueError(
+                    f"subject {subject!r} of {project_file} trains {train.steps} steps, so it keeps no snapshot "
+                    f"at step {step}; its last step's adapter is {subject!r}"
+                )
+            saved = ", ".join(map(str, train.save_steps or ())) or "none"
+            raise ValueError(
+                f"subject {subject!r} of {project_file} keeps no snapshot at step {step} (its save_steps: "
+                f"{saved}); add {step} to its save_steps and run `dbl build {project_file}`"
+            )
+        adapters = adapter_tables(project.tables)
+        raise ValueError(
+            f"{project_file} has no {_adapter_nouns(adapters)} {name!r}; it has {_adapter_listing(adapters)}"
+        )
+    folder = project.out / kind.output_dir / name
+    if not families.is_adapter_folder(folder):
+        noun = kind.table.removesuffix("s") or kind.name
+        raise ValueError(
+            f"{noun} {name!r} of {project_file} is not built yet ({folder}); run `dbl build {project_file}`"
+        )
+    return folder
 
 
 @_value_errors

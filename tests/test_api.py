@@ -250,15 +250,28 @@ def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
     (tmp_path / "p.toml").write_text(
         '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
         '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+        "train = { steps = 40, save_steps = [20] }\n"
     )
+    project = f"{tmp_path}/p.toml"
     with pytest.raises(ValueError, match="not built yet"):
-        api.resolve_adapter_path(f"{tmp_path}/p.toml:dog")
-    with pytest.raises(ValueError, match="no subject or blend 'cat'"):
-        api.resolve_adapter_path(f"{tmp_path}/p.toml:cat")
+        api.resolve_adapter_path(f"{project}:dog")
+    with pytest.raises(ValueError, match=re.escape("snapshot 'dog@20' of " + project + " is not built yet")):
+        api.resolve_adapter_path(f"{project}:dog@20")
+    with pytest.raises(
+        ValueError, match="no subject, snapshot or blend 'cat'; it has subjects: dog; snapshots"
+    ):
+        api.resolve_adapter_path(f"{project}:cat")
+    with pytest.raises(
+        ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@30")
+    with pytest.raises(ValueError, match="trains 40 steps, so it keeps no snapshot at step 40"):
+        api.resolve_adapter_path(f"{project}:dog@40")
     shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
-    assert api.resolve_adapter_path(f"{tmp_path}/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
-    pipe = api.load_pipeline("tiny-sd", {"dog": f"{tmp_path}/p.toml:dog"}, device="cpu")
-    assert api.loaded_adapters(pipe) == ["dog"]
+    shutil.copytree(adapters["b"], tmp_path / "build" / "adapters" / "dog@20")
+    assert api.resolve_adapter_path(f"{project}:dog") == tmp_path / "build" / "adapters" / "dog"
+    pipe = api.load_pipeline("tiny-sd", {"dog": f"{project}:dog", "early": f"{project}:dog@20"}, device="cpu")
+    assert api.loaded_adapters(pipe) == ["dog", "early"]
 
 
 def test_blends_on_an_fp16_pipeline_are_computed_in_fp32(adapters):  # noqa: F811

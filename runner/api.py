@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def resolve_adapter_path(path: str | Path) -> Path:
     folder: dbl's `adapters/<subject>/` and
     `blends/<name>/`, or the output folder of the PEFT DreamBooth script), or `<project file>:<adapter>`
     for a subject, blend or snapshot that project has built (`projects/pets.toml:dog`,
-    `projects/pets.toml:dog@400`).
+    `projects/pets.toml:dog@400`); a stale one is the last build's, with a warning that says why.
     """
     text = str(path)
     project_file, sep, name = text.rpartition(":")
@@ -162,7 +163,29 @@ def _project_adapter(project_file: str, name: str) -> Path:
         raise ValueError(
             f"{noun} {name!r} of {project_file} is not built yet ({folder}); run `dbl build {project_file}`"
         )
+    _warn_if_stale(project, project_file, kind.step_id(name), folder)
     return folder
+
+
+def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> None:
+    """Warn when the adapter in `folder` is not what a build of the project makes now (a setting or an
+    image changed since, or its files did): it still loads, as the last build left it."""
+    from runner.executor import Workspace
+
+    try:
+        _, planned = Workspace(project).plan()
+    except DblError as exc:  # a lockfile that does not read: the folder holds some earlier build
+        warnings.warn(
+            f"cannot tell whether {step_id} is up to date, loading {folder} as it is: {exc}", stacklevel=2
+        )
+        return
+    step = next(p for p in planned if p.id == step_id)
+    if step.stale:
+        warnings.warn(
+            f"{step_id} of {project_file} is stale ({'; '.join(step.reasons)}): loading {folder} as the last "
+            f"build left it; `dbl build {project_file}` brings it up to date",
+            stacklevel=2,
+        )
 
 
 @_value_errors

@@ -285,3 +285,41 @@ def test_blends_on_an_fp16_pipeline_are_computed_in_fp32(adapters):  # noqa: F81
     assert 0.01 < min(lossy.values()) < 1
     dtypes = {p.dtype for n, p in pipe.unet.named_parameters() if ".lora_" in n}
     assert dtypes == {torch.float32}
+
+
+def test_a_stale_or_damaged_adapter_of_a_project_loads_with_a_warning(tmp_path, adapters):  # noqa: F811
+    """It loaded silently what the last build left, whatever the project file said since."""
+    import warnings
+
+    from runner import executor
+    from tests.conftest import FakeBackend, FakeSteps, Recorder, use_backend, write_image
+
+    write_image(tmp_path / "data" / "1.png")
+    project = tmp_path / "p.toml"
+    project.write_text(
+        '[project]\nbase_model = "tiny-sd"\n[subjects.dog]\nimages = "data"\ninstance_prompt = "sks dog"\n'
+    )
+    copy = lambda inner: lambda ctx: shutil.copytree(adapters["a"], ctx.out, dirs_exist_ok=True) and {}  # noqa: E731
+    undo = use_backend(lambda p: FakeBackend(FakeSteps(), copy))
+    try:
+        from runner.project import load_project
+
+        assert executor.build(load_project(project), executor.BuildOptions(), Recorder()).ok
+    finally:
+        undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fresh: no warning
+        folder = api.resolve_adapter_path(f"{project}:dog")
+
+    project.write_text(project.read_text() + "lora = { rank = 8 }\n")
+    with pytest.warns(UserWarning, match=re.escape(f"train:dog of {project} is stale (lora.rank 16 -> 8")):
+        assert api.resolve_adapter_path(f"{project}:dog") == folder
+    project.write_text(project.read_text().replace("lora = { rank = 8 }\n", ""))
+    (folder / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.warns(UserWarning, match="is stale \\(output .*/pytorch_lora_weights.safetensors missing"):
+        api.resolve_adapter_path(f"{project}:dog")
+    project.with_suffix(".lock").write_text("<<<<<<< HEAD\n")
+    with pytest.warns(
+        UserWarning, match="cannot tell whether train:dog is up to date, loading .* as it is: "
+    ):
+        api.resolve_adapter_path(f"{project}:dog")

@@ -99,9 +99,9 @@ def _dtype(dtype, device: str):
             "float16": torch.float16,
         }
         names |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
-        return names[dtype]
+        dtype = names.get(dtype, dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # diffusers ignores a non-dtype
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16 (or a floating torch dtype)")
     return dtype
 
 

@@ -214,6 +214,8 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         ),
         (lambda: api.load_pipeline("./no-such-model", device="cpu"), "no such file or folder: "),
         (lambda: api.load_pipeline("tiny-sd", ["a"], device="cpu"), "adapters maps names to adapter paths"),
+        (lambda: api.load_pipeline("tiny-sd", device="cpu", dtype="half"), "unknown dtype 'half'; use fp32"),
+        (lambda: api.load_pipeline("tiny-sd", device="cpu", dtype=5), "unknown dtype 5; use fp32"),
     ]
     for call, message in calls:
         with pytest.raises(ValueError, match=re.escape(message)):

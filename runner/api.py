@@ -124,6 +124,20 @@ def resolve_adapter_path(path: str | Path) -> Path:
         return folder
     if folder.name in families.component_names() and (folder / "adapter_config.json").is_file():
         return folder.parent
+    if folder.is_file() and folder.suffix == ".toml":
+        raise ValueError(
+            f"{path}: a project file; name one of its adapters, {path}:<subject, blend or snapshot>"
+        )
+    if (
+        folder.is_file()
+    ):  # a kohya or diffusers file: the API loads PEFT folders, which dbl writes beside them
+        holder = next((p for p in folder.parents[:2] if families.is_adapter_folder(p)), None)
+        if holder is not None:
+            raise ValueError(f"{path}: a single file; load the adapter folder that holds it, {holder}")
+        raise ValueError(
+            f"{path}: a single file; the API loads adapter folders (unet/adapter_config.json inside), "
+            "as dbl and the PEFT DreamBooth script write them"
+        )
     raise ValueError(
         f"{path}: not an adapter folder (expected unet/adapter_config.json inside) "
         "nor <project file>:<subject, blend or snapshot>"

@@ -119,6 +119,17 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
     assert api.loaded_adapters(pipe) == ["a"]
     with pytest.raises(ValueError, match="not an adapter folder"):
         api.load_adapter(pipe, tmp_path, "nothing")
+    kohya = adapters["a"] / "a.safetensors"
+    with pytest.raises(
+        ValueError, match=re.escape(f"a single file; load the adapter folder that holds it, {adapters['a']}")
+    ):
+        api.load_adapter(pipe, kohya, "kohya")
+    shutil.copy(kohya, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match="a single file; the API loads adapter folders"):
+        api.load_adapter(pipe, tmp_path / "lora.safetensors", "kohya")
+    (tmp_path / "p.toml").write_text("")
+    with pytest.raises(ValueError, match="a project file; name one of its adapters, .*p.toml:<subject"):
+        api.load_adapter(pipe, tmp_path / "p.toml", "p")
 
 
 def test_an_sd1_adapter_on_an_sdxl_pipeline_says_which_base_model_it_was_trained_on(adapters):  # noqa: F811

@@ -336,3 +336,37 @@ def test_a_stale_or_damaged_adapter_of_a_project_loads_with_a_warning(tmp_path, 
         UserWarning, match="cannot tell whether train:dog is up to date, loading .* as it is: "
     ):
         api.resolve_adapter_path(f"{project}:dog")
+
+
+def test_trained_biases_act_only_while_their_adapter_is_active(tmp_path, adapters):  # noqa: F811
+    """PEFT keeps them in the base layers: they stayed with another adapter active, or with none."""
+    import json
+    import warnings
+
+    import torch
+
+    from runner.adapters import PEFT_WEIGHTS, read_safetensors, write_safetensors
+
+    biased = tmp_path / "biased"
+    shutil.copytree(adapters["c"], biased)
+    config = biased / "unet" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "bias": "all"}))
+    tensors, metadata = read_safetensors(biased / "unet" / PEFT_WEIGHTS)
+    write_safetensors(
+        biased / "unet" / PEFT_WEIGHTS, {**tensors, "base_model.model.conv_out.bias": torch.ones(4)}, metadata
+    )
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "biased": biased}, device="cpu")
+    conv_out = pipe.unet.base_model.model.conv_out
+    base = api.load_pipeline("tiny-sd", device="cpu").unet.conv_out.bias.detach().clone()
+    assert torch.equal(conv_out.bias, torch.ones(4))
+    api.set_adapter(pipe, "a")
+    assert torch.equal(conv_out.bias, base)
+    api.set_adapter(pipe, ["biased", "a"])
+    assert torch.equal(conv_out.bias, torch.ones(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not PEFT's: that the biases stay as trained
+        api.set_adapter(pipe, None)
+    assert torch.equal(conv_out.bias, base)
+    api.set_adapter(pipe, "biased")
+    api.unload_adapter(pipe, "biased")
+    assert torch.equal(pipe.unet.base_model.model.conv_out.bias, base)

@@ -389,6 +389,7 @@ def _load_component(model, sub: Path, adapter_name: str, component):
             model, {PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name
         )
         _check_keys(model, state, adapter_name, sub)
+        _keep_trained_values(model, state, adapter_name)
     except Exception as exc:
         _restore_base_values(model, adapter_name)
         if wrapped_here:
@@ -410,36 +411,82 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     return model
 
 
-# The base model's values of the parameters that adapters trained with bias != "none" overwrite, by
-# adapter name, on the component's PeftModel. PEFT keeps such biases in the base layers themselves (one
-# adapter with bias per model), so removing the adapter puts these back.
-_BASE_VALUES = "_dbl_base_values"
+# PEFT keeps trained biases (bias != "none") in the base layers themselves, where they act whichever
+# adapter is active. dbl keeps, on the component's PeftModel, the base model's values of the parameters
+# they overwrite and each adapter's trained values, and puts in place those of the active adapters.
+_BASE_VALUES = "_dbl_base_values"  # {parameter name: the base model's value}
+_TRAINED_VALUES = "_dbl_trained_values"  # {adapter name: {parameter name: its trained value}}
 
 
 def _keep_base_values(model, state: dict, adapter_name: str) -> None:
-    """Keep a copy of the parameters that the adapter's non-LoRA tensors (trained biases) overwrite."""
-    keys = [k for k in state if ".lora_" not in k]
-    if not keys:
+    """Keep a copy of the base values of the parameters the adapter's non-LoRA tensors (trained biases)
+    overwrite, before it loads."""
+    names = _overwritten(model, state)
+    if not names:
         return
     params = dict(model.named_parameters())
-    kept = {name: params[name].detach().clone() for k in keys if (name := PEFT_PREFIX + k) in params}
-    if not hasattr(model, _BASE_VALUES):
-        setattr(model, _BASE_VALUES, {})
-    getattr(model, _BASE_VALUES)[adapter_name] = kept
+    base = model.__dict__.setdefault(_BASE_VALUES, {})
+    for name in names:
+        base.setdefault(name, params[name].detach().clone())  # not another bias adapter's value
+
+
+def _keep_trained_values(model, state: dict, adapter_name: str) -> None:
+    """Keep a copy of the values the adapter's trained biases gave, once it loaded."""
+    names = _overwritten(model, state)
+    if names:
+        params = dict(model.named_parameters())
+        trained = model.__dict__.setdefault(_TRAINED_VALUES, {})
+        trained[adapter_name] = {name: params[name].detach().clone() for name in names}
+
+
+def _overwritten(model, state: dict) -> list[str]:
+    params = dict(model.named_parameters())
+    return [name for k in state if ".lora_" not in k and (name := PEFT_PREFIX + k) in params]
 
 
 def _restore_base_values(model, adapter_name: str | None = None) -> None:
-    """Put back the base model's values that adapter `adapter_name` (None: every adapter) overwrote."""
+    """Forget the trained values of adapter `adapter_name` (None: of every adapter), and put in place
+    those of the adapters still active, the base model's elsewhere."""
+    trained = model.__dict__.get(_TRAINED_VALUES, {})
+    for name in [adapter_name] if adapter_name is not None else list(trained):
+        trained.pop(name, None)
+    put_trained_values(model, [n for n in active_adapters(model) if n != adapter_name])
+
+
+def put_trained_values(model, names) -> None:
+    """The trained biases of the adapters `names` in the base layers, the base model's values elsewhere
+    (where two of them trained one bias, the last named wins, as the last loaded does in PEFT)."""
     import torch
 
-    kept = getattr(model, _BASE_VALUES, None)
-    if not kept:
+    base = model.__dict__.get(_BASE_VALUES)
+    if not base:
         return
+    trained = model.__dict__.get(_TRAINED_VALUES, {})
     params = dict(model.named_parameters())
-    for name in [adapter_name] if adapter_name is not None else list(kept):
-        with torch.no_grad():
-            for param_name, value in kept.pop(name, {}).items():
+    with torch.no_grad():
+        for param_name, value in base.items():
+            params[param_name].copy_(value)
+        for name in names:
+            for param_name, value in trained.get(name, {}).items():
                 params[param_name].copy_(value)
+
+
+def disable_adapter_layers(model) -> None:
+    """Run a wrapped component as the base model: put_trained_values puts back the base values of the
+    biases, which PEFT warns it leaves as trained."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Careful, disabling adapter layers with bias")
+        model.base_model.disable_adapter_layers()
+
+
+def active_adapters(model) -> list[str]:
+    """The adapters a wrapped component runs with: none while its adapter layers are disabled."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = (m for m in model.modules() if isinstance(m, LoraLayer))
+    if any(layer.disable_adapters for layer in layers):
+        return []
+    return list(model.active_adapters)
 
 
 def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> None:
@@ -479,13 +526,14 @@ def set_active(pipe, adapter_name: str | None) -> None:
         if not isinstance(model, PeftModel):
             continue
         if adapter_name is None:
-            model.base_model.disable_adapter_layers()
+            disable_adapter_layers(model)
         elif adapter_name in model.peft_config:
             model.base_model.enable_adapter_layers()
             model.set_adapter(adapter_name)
         else:
             # A component the adapter does not touch (no text-encoder LoRA) runs as the base model.
-            model.base_model.disable_adapter_layers()
+            disable_adapter_layers(model)
+        put_trained_values(model, active_adapters(model))
 
 
 def remove_adapter(pipe, adapter_name: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -98,9 +99,9 @@ def _dtype(dtype, device: str):
             "float16": torch.float16,
         }
         names |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
-        return names[dtype]
+        dtype = names.get(dtype, dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # diffusers ignores a non-dtype
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16 (or a floating torch dtype)")
     return dtype
 
 
@@ -111,35 +112,94 @@ def resolve_adapter_path(path: str | Path) -> Path:
     Accepted: an adapter folder (holds `unet/adapter_config.json`, or its model family's denoiser
     folder: dbl's `adapters/<subject>/` and
     `blends/<name>/`, or the output folder of the PEFT DreamBooth script), or `<project file>:<adapter>`
-    for a subject or blend that project has built (`projects/pets.toml:dog`).
+    for a subject, blend or snapshot that project has built (`projects/pets.toml:dog`,
+    `projects/pets.toml:dog@400`); a stale one is the last build's, with a warning that says why.
     """
     text = str(path)
     project_file, sep, name = text.rpartition(":")
     if sep and project_file.endswith(".toml"):
-        from runner.project import load_project
-
-        project = load_project(project_file)
-        kind = project.adapter_kind(name)
-        if kind is None:
-            known = sorted([*project.subjects, *project.blends])
-            raise ValueError(
-                f"{project_file} has no subject or blend {name!r}; it has: {', '.join(known) or 'none'}"
-            )
-        folder = project.out / ("adapters" if kind == "subject" else "blends") / name
-        if not families.is_adapter_folder(folder):
-            raise ValueError(
-                f"{kind} {name!r} of {project_file} is not built yet ({folder}); run `dbl build {project_file}`"
-            )
-        return folder
+        return _project_adapter(project_file, name)
     folder = Path(path).expanduser()
     if families.is_adapter_folder(folder):
         return folder
     if folder.name in families.component_names() and (folder / "adapter_config.json").is_file():
         return folder.parent
+    if folder.is_file() and folder.suffix == ".toml":
+        raise ValueError(
+            f"{path}: a project file; name one of its adapters, {path}:<subject, blend or snapshot>"
+        )
+    if (
+        folder.is_file()
+    ):  # a kohya or diffusers file: the API loads PEFT folders, which dbl writes beside them
+        holder = next((p for p in folder.parents[:2] if families.is_adapter_folder(p)), None)
+        if holder is not None:
+            raise ValueError(f"{path}: a single file; load the adapter folder that holds it, {holder}")
+        raise ValueError(
+            f"{path}: a single file; the API loads adapter folders (unet/adapter_config.json inside), "
+            "as dbl and the PEFT DreamBooth script write them"
+        )
     raise ValueError(
         f"{path}: not an adapter folder (expected unet/adapter_config.json inside) "
-        "nor <project file>:<subject or blend>"
+        "nor <project file>:<subject, blend or snapshot>"
     )
+
+
+def _project_adapter(project_file: str, name: str) -> Path:
+    """The output folder of adapter `name` (a subject, blend or snapshot) of a built project."""
+    from runner import steps
+    from runner.project import load_project
+    from runner.project.checks import _adapter_listing, _adapter_nouns, adapter_tables
+
+    project = load_project(project_file)
+    producers = [kind for kind in steps.kinds() if kind.produces_adapter]
+    kind = next((k for k in producers if name in project.tables.get(k.name, {})), None)
+    if kind is None:
+        subject, at, step = name.rpartition("@")
+        if at and step.isdigit() and subject in project.subjects:  # a snapshot no save step gives
+            train = project.subjects[subject].train
+            if int(step) >= train.steps:
+                raise ValueError(
+                    f"subject {subject!r} of {project_file} trains {train.steps} steps, so it keeps no snapshot "
+                    f"at step {step}; its last step's adapter is {subject!r}"
+                )
+            saved = ", ".join(map(str, train.save_steps or ())) or "none"
+            raise ValueError(
+                f"subject {subject!r} of {project_file} keeps no snapshot at step {step} (its save_steps: "
+                f"{saved}); add {step} to its save_steps and run `dbl build {project_file}`"
+            )
+        adapters = adapter_tables(project.tables)
+        raise ValueError(
+            f"{project_file} has no {_adapter_nouns(adapters)} {name!r}; it has {_adapter_listing(adapters)}"
+        )
+    folder = project.out / kind.output_dir / name
+    if not families.is_adapter_folder(folder):
+        noun = kind.table.removesuffix("s") or kind.name
+        raise ValueError(
+            f"{noun} {name!r} of {project_file} is not built yet ({folder}); run `dbl build {project_file}`"
+        )
+    _warn_if_stale(project, project_file, kind.step_id(name), folder)
+    return folder
+
+
+def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> None:
+    """Warn when the adapter in `folder` is not what a build of the project makes now (a setting or an
+    image changed since, or its files did): it still loads, as the last build left it."""
+    from runner.executor import Workspace
+
+    try:
+        _, planned = Workspace(project).plan()
+    except DblError as exc:  # a lockfile that does not read: the folder holds some earlier build
+        warnings.warn(
+            f"cannot tell whether {step_id} is up to date, loading {folder} as it is: {exc}", stacklevel=2
+        )
+        return
+    step = next(p for p in planned if p.id == step_id)
+    if step.stale:
+        warnings.warn(
+            f"{step_id} of {project_file} is stale ({'; '.join(step.reasons)}): loading {folder} as the last "
+            f"build left it; `dbl build {project_file}` brings it up to date",
+            stacklevel=2,
+        )
 
 
 @_value_errors

@@ -101,8 +101,9 @@ def activate_adapters(
         if not isinstance(model, PeftModel):
             continue
         present = [n for n in names if n in model.peft_config]
+        adapters.put_trained_values(model, present)  # trained biases act whichever adapter is active
         if not present:
-            model.base_model.disable_adapter_layers()
+            adapters.disable_adapter_layers(model)
             continue
         model.base_model.enable_adapter_layers()
         model.base_model.set_adapter(present, inference_mode=True)

@@ -119,6 +119,17 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
     assert api.loaded_adapters(pipe) == ["a"]
     with pytest.raises(ValueError, match="not an adapter folder"):
         api.load_adapter(pipe, tmp_path, "nothing")
+    kohya = adapters["a"] / "a.safetensors"
+    with pytest.raises(
+        ValueError, match=re.escape(f"a single file; load the adapter folder that holds it, {adapters['a']}")
+    ):
+        api.load_adapter(pipe, kohya, "kohya")
+    shutil.copy(kohya, tmp_path / "lora.safetensors")
+    with pytest.raises(ValueError, match="a single file; the API loads adapter folders"):
+        api.load_adapter(pipe, tmp_path / "lora.safetensors", "kohya")
+    (tmp_path / "p.toml").write_text("")
+    with pytest.raises(ValueError, match="a project file; name one of its adapters, .*p.toml:<subject"):
+        api.load_adapter(pipe, tmp_path / "p.toml", "p")
 
 
 def test_an_sd1_adapter_on_an_sdxl_pipeline_says_which_base_model_it_was_trained_on(adapters):  # noqa: F811
@@ -214,6 +225,8 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         ),
         (lambda: api.load_pipeline("./no-such-model", device="cpu"), "no such file or folder: "),
         (lambda: api.load_pipeline("tiny-sd", ["a"], device="cpu"), "adapters maps names to adapter paths"),
+        (lambda: api.load_pipeline("tiny-sd", device="cpu", dtype="half"), "unknown dtype 'half'; use fp32"),
+        (lambda: api.load_pipeline("tiny-sd", device="cpu", dtype=5), "unknown dtype 5; use fp32"),
     ]
     for call, message in calls:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -250,15 +263,28 @@ def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
     (tmp_path / "p.toml").write_text(
         '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
         '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+        "train = { steps = 40, save_steps = [20] }\n"
     )
+    project = f"{tmp_path}/p.toml"
     with pytest.raises(ValueError, match="not built yet"):
-        api.resolve_adapter_path(f"{tmp_path}/p.toml:dog")
-    with pytest.raises(ValueError, match="no subject or blend 'cat'"):
-        api.resolve_adapter_path(f"{tmp_path}/p.toml:cat")
+        api.resolve_adapter_path(f"{project}:dog")
+    with pytest.raises(ValueError, match=re.escape("snapshot 'dog@20' of " + project + " is not built yet")):
+        api.resolve_adapter_path(f"{project}:dog@20")
+    with pytest.raises(
+        ValueError, match="no subject, snapshot or blend 'cat'; it has subjects: dog; snapshots"
+    ):
+        api.resolve_adapter_path(f"{project}:cat")
+    with pytest.raises(
+        ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@30")
+    with pytest.raises(ValueError, match="trains 40 steps, so it keeps no snapshot at step 40"):
+        api.resolve_adapter_path(f"{project}:dog@40")
     shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
-    assert api.resolve_adapter_path(f"{tmp_path}/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
-    pipe = api.load_pipeline("tiny-sd", {"dog": f"{tmp_path}/p.toml:dog"}, device="cpu")
-    assert api.loaded_adapters(pipe) == ["dog"]
+    shutil.copytree(adapters["b"], tmp_path / "build" / "adapters" / "dog@20")
+    assert api.resolve_adapter_path(f"{project}:dog") == tmp_path / "build" / "adapters" / "dog"
+    pipe = api.load_pipeline("tiny-sd", {"dog": f"{project}:dog", "early": f"{project}:dog@20"}, device="cpu")
+    assert api.loaded_adapters(pipe) == ["dog", "early"]
 
 
 def test_blends_on_an_fp16_pipeline_are_computed_in_fp32(adapters):  # noqa: F811
@@ -272,3 +298,75 @@ def test_blends_on_an_fp16_pipeline_are_computed_in_fp32(adapters):  # noqa: F81
     assert 0.01 < min(lossy.values()) < 1
     dtypes = {p.dtype for n, p in pipe.unet.named_parameters() if ".lora_" in n}
     assert dtypes == {torch.float32}
+
+
+def test_a_stale_or_damaged_adapter_of_a_project_loads_with_a_warning(tmp_path, adapters):  # noqa: F811
+    """It loaded silently what the last build left, whatever the project file said since."""
+    import warnings
+
+    from runner import executor
+    from tests.conftest import FakeBackend, FakeSteps, Recorder, use_backend, write_image
+
+    write_image(tmp_path / "data" / "1.png")
+    project = tmp_path / "p.toml"
+    project.write_text(
+        '[project]\nbase_model = "tiny-sd"\n[subjects.dog]\nimages = "data"\ninstance_prompt = "sks dog"\n'
+    )
+    copy = lambda inner: lambda ctx: shutil.copytree(adapters["a"], ctx.out, dirs_exist_ok=True) and {}  # noqa: E731
+    undo = use_backend(lambda p: FakeBackend(FakeSteps(), copy))
+    try:
+        from runner.project import load_project
+
+        assert executor.build(load_project(project), executor.BuildOptions(), Recorder()).ok
+    finally:
+        undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fresh: no warning
+        folder = api.resolve_adapter_path(f"{project}:dog")
+
+    project.write_text(project.read_text() + "lora = { rank = 8 }\n")
+    with pytest.warns(UserWarning, match=re.escape(f"train:dog of {project} is stale (lora.rank 16 -> 8")):
+        assert api.resolve_adapter_path(f"{project}:dog") == folder
+    project.write_text(project.read_text().replace("lora = { rank = 8 }\n", ""))
+    (folder / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.warns(UserWarning, match="is stale \\(output .*/pytorch_lora_weights.safetensors missing"):
+        api.resolve_adapter_path(f"{project}:dog")
+    project.with_suffix(".lock").write_text("<<<<<<< HEAD\n")
+    with pytest.warns(
+        UserWarning, match="cannot tell whether train:dog is up to date, loading .* as it is: "
+    ):
+        api.resolve_adapter_path(f"{project}:dog")
+
+
+def test_trained_biases_act_only_while_their_adapter_is_active(tmp_path, adapters):  # noqa: F811
+    """PEFT keeps them in the base layers: they stayed with another adapter active, or with none."""
+    import json
+    import warnings
+
+    import torch
+
+    from runner.adapters import PEFT_WEIGHTS, read_safetensors, write_safetensors
+
+    biased = tmp_path / "biased"
+    shutil.copytree(adapters["c"], biased)
+    config = biased / "unet" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "bias": "all"}))
+    tensors, metadata = read_safetensors(biased / "unet" / PEFT_WEIGHTS)
+    write_safetensors(
+        biased / "unet" / PEFT_WEIGHTS, {**tensors, "base_model.model.conv_out.bias": torch.ones(4)}, metadata
+    )
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "biased": biased}, device="cpu")
+    conv_out = pipe.unet.base_model.model.conv_out
+    base = api.load_pipeline("tiny-sd", device="cpu").unet.conv_out.bias.detach().clone()
+    assert torch.equal(conv_out.bias, torch.ones(4))
+    api.set_adapter(pipe, "a")
+    assert torch.equal(conv_out.bias, base)
+    api.set_adapter(pipe, ["biased", "a"])
+    assert torch.equal(conv_out.bias, torch.ones(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not PEFT's: that the biases stay as trained
+        api.set_adapter(pipe, None)
+    assert torch.equal(conv_out.bias, base)
+    api.set_adapter(pipe, "biased")
+    api.unload_adapter(pipe, "biased")
+    assert torch.equal(pipe.unet.base_model.model.conv_out.bias, base)

@@ -325,14 +325,6 @@ class Project:
     def renders(self) -> dict[str, Render]:
         return self.tables.get("render", {})
 
-    def adapter_kind(self, name: str) -> str | None:
-        """'subject', 'blend', or None for an unknown adapter name."""
-        if name in self.subjects:
-            return "subject"
-        if name in self.blends:
-            return "blend"
-        return None
-
 
 # The tables that are not a step kind's, for the loader and the README (the kinds add their own).
 TABLES = {

@@ -282,8 +282,15 @@ def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
         api.resolve_adapter_path(f"{project}:dog@40")
     shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
     shutil.copytree(adapters["b"], tmp_path / "build" / "adapters" / "dog@20")
-    assert api.resolve_adapter_path(f"{project}:dog") == tmp_path / "build" / "adapters" / "dog"
-    pipe = api.load_pipeline("tiny-sd", {"dog": f"{project}:dog", "early": f"{project}:dog@20"}, device="cpu")
+    # put there by hand: no lockfile says they were built, so they load with a warning
+    with pytest.warns(UserWarning, match="train:dog of .* is stale"):
+        assert api.resolve_adapter_path(f"{project}:dog") == tmp_path / "build" / "adapters" / "dog"
+    with pytest.warns(UserWarning, match="is stale") as said:
+        pipe = api.load_pipeline(
+            "tiny-sd", {"dog": f"{project}:dog", "early": f"{project}:dog@20"}, device="cpu"
+        )
+    stale = {str(w.message).split(" of ")[0] for w in said if "is stale" in str(w.message)}
+    assert stale == {"snapshot:dog@20", "train:dog"}
     assert api.loaded_adapters(pipe) == ["dog", "early"]
 
 

@@ -366,6 +366,8 @@ def plan(
             known[step.id] = record["output_hash"]
         elif step.id not in force and (restored := facts.restores(fp)) is not None:
             item.restorable = True
+            if item.reasons == ["never built"]:  # built, under another name or in another checkout
+                item.reasons = ["not in the lockfile"]
             item.reasons.append(RESTORABLE)
             known[step.id] = restored
         planned[step.id] = item
@@ -423,7 +425,7 @@ def _behind_stale(
         said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
         reasons = explain(record.get("inputs", {}), inputs, said) if record is not None else ["never built"]
     if exact and (restored := facts.restores(fp)) is not None:
-        return [*reasons, RESTORABLE], restored
+        return [*(["not in the lockfile"] if record is None else reasons), RESTORABLE], restored
     return reasons, None
 
 

@@ -380,3 +380,11 @@ def test_an_eval_names_its_changed_render_not_the_render_s_hash():
         "upstream render base changed"
     ]
     assert explain(old, {**old, "render": {"_name": "park", "output": "b" * 64}}) == ["render base -> park"]
+
+
+def test_a_renamed_step_is_restorable_not_never_built(proj, build, fake_steps):
+    """A render renamed: no lockfile record has its new id, but its inputs were built."""
+    ran, rec = ran_after(proj, build, fake_steps, "[renders.park]", "[renders.lawn]")
+    assert ran == []
+    reasons = dict((sid, r) for sid, _, r in rec.planned)
+    assert reasons["render:lawn"] == ["not in the lockfile", "restorable from cache"]

@@ -34,7 +34,7 @@ def test_record_altered_by_hand_is_reported_and_rebuilt(proj, build, capsys):
     assert "fake = true" in text
     proj.lock.write_text(text.replace("fake = true", "fake = false", 1))
     out, err = plan_lines(proj, capsys)
-    assert "blend:mix     never built; restorable from cache" in out  # the first table in the file
+    assert "blend:mix     not in the lockfile; restorable from cache" in out  # the first table in the file
     assert err.count("does not match its digest") == 1 and "blend:mix" in err
     with pytest.warns(lockfile.LockfileWarning, match="blend:mix"):
         result, _ = build(proj)

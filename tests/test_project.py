@@ -50,6 +50,11 @@ def problems(folder, text: str) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
+def problem_keys(folder, text: str) -> list[str]:
+    """The keys of the file's problems, in the order they are said."""
+    return [p.split(":")[0] for p in problems(folder, text)]
+
+
 def test_good_project_resolves_defaults_and_overrides(folder):
     path = folder / "p.toml"
     path.write_text(
@@ -697,7 +702,7 @@ def test_snapshots_of_a_subject_whose_train_table_has_a_problem_are_not_also_mis
         GOOD
         + '\n[subjects.dog.train]\nsave_steps = [2]\nstepz = 4\n[renders.r]\nadapter = "dog@2"\nprompts = ["x"]\n'
     )
-    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.train"]
+    assert problem_keys(folder, text) == ["subjects.dog.train"]
 
 
 def test_a_subject_whose_lora_table_has_a_problem_is_not_also_unblendable(folder):
@@ -708,7 +713,7 @@ def test_a_subject_whose_lora_table_has_a_problem_is_not_also_unblendable(folder
         + '\n[lora]\nuse_dora = true\n[blends.mix2]\nadapters = { mix = 1.0, toy = 1.0 }\nmethod = "linear"\n'
     )
     text += own.format("dog") + "rnak = 4\n" + own.format("toy")
-    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.dog.lora"]
+    assert problem_keys(folder, text) == ["subjects.dog.lora"]
 
 
 def test_a_train_table_with_a_problem_does_not_make_problems_of_a_subject_s_own_train_keys(folder):
@@ -724,7 +729,7 @@ def test_a_train_table_with_a_problem_does_not_make_problems_of_a_subject_s_own_
         bucket_min_side = 768
         """
     )
-    assert [p.split(":")[0] for p in problems(folder, text)] == ["train"]
+    assert problem_keys(folder, text) == ["train"]
 
 
 def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
@@ -732,7 +737,7 @@ def test_a_table_with_a_bad_name_is_not_also_missing_where_it_is_named(folder):
         GOOD
         + '\n[subjects."my toy"]\nimages = "data/toy"\ninstance_prompt = "x"\n[renders.r]\nadapter = "my toy"\nprompts = ["x"]\n'
     )
-    assert [p.split(":")[0] for p in problems(folder, text)] == ["subjects.my toy"]
+    assert problem_keys(folder, text) == ["subjects.my toy"]
 
 
 def test_a_size_off_the_grid_is_reported_beside_its_table_s_other_problems(folder):

@@ -176,7 +176,7 @@ def test_training_lowers_the_instance_loss(tmp_path, images):
         (subset / f.name).write_bytes(f.read_bytes())
     lora = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     subject = make_subject(
-        subset, train=dict(steps=40, learning_rate=2e-2, train_text_encoder=False), lora=lora
+        subset, train=dict(steps=10, learning_rate=5e-2, train_text_encoder=False), lora=lora
     )
     ctx = train_context(tmp_path, subject, base_model=BASE)
     metrics = _run(ctx)

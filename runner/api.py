@@ -148,14 +148,15 @@ def _project_adapter(project_file: str, name: str) -> Path:
     """The output folder of adapter `name` (a subject, blend or snapshot) of a built project."""
     from runner import steps
     from runner.project import load_project
-    from runner.project.checks import _adapter_listing, _adapter_nouns, adapter_tables
+    from runner.project.checks import _adapter_listing, _adapter_nouns, adapter_tables, snapshot_of
 
     project = load_project(project_file)
     producers = [kind for kind in steps.kinds() if kind.produces_adapter]
     kind = next((k for k in producers if name in project.tables.get(k.name, {})), None)
     if kind is None:
-        subject, at, step = name.rpartition("@")
-        if at and step.isdigit() and subject in project.subjects:  # a snapshot no save step gives
+        snapshot = snapshot_of(name, project.subjects)
+        if snapshot is not None:  # a snapshot no save step gives
+            subject, step = snapshot
             train = project.subjects[subject].train
             if int(step) >= train.steps:
                 raise ValueError(

@@ -139,6 +139,15 @@ def unread(check, name: str, tables: tuple[str, ...]) -> bool:
     return check.did_not_read(*((table, name) for table in tables))
 
 
+def snapshot_of(name: str, subjects: dict) -> tuple[str, str] | None:
+    """The subject and the step, as written, where `name` reads as a snapshot (dog@400) of one of
+    `subjects`, whether or not the subject saves one at that step; None for any other name."""
+    subject, at, step = name.partition("@")
+    if at and step.isdigit() and subject in subjects:
+        return subject, step
+    return None
+
+
 def _adapter_nouns(adapters: dict[str, dict]) -> str:
     """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
     nouns = [table.removesuffix("s") for table in adapters]
@@ -414,9 +423,10 @@ def check_renders(check, tables: dict) -> None:
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
     """The fix of an unknown adapter: the names there are, and for a snapshot (dog@400) of a subject that
     has none at that step, how to have it."""
-    subject, at, step = name.partition("@")
-    if not at or subject not in subjects or not step.isdigit():
+    snapshot = snapshot_of(name, subjects)
+    if snapshot is None:
         return listing
+    subject, step = snapshot
     steps = subjects[subject].train.steps
     if int(step) == steps:
         return f"step {step} is the last of {subject}: its adapter is '{subject}'"

@@ -85,6 +85,12 @@ CASES = [
         "its adapter is 'dog'",
     ),
     (
+        "a snapshot step in digits int() does not read",
+        '[renders.r]\nadapter = "dog@²"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@²' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; "
+        "or 'none'",
+    ),
+    (
         "unknown key",
         "[subjects.dog.lora]\nrnak = 3\n",
         "subjects.dog.lora: unknown key 'rnak' (line {line}) - did you mean 'rank'?",

@@ -143,7 +143,7 @@ def snapshot_of(name: str, subjects: dict) -> tuple[str, str] | None:
     """The subject and the step, as written, where `name` reads as a snapshot (dog@400) of one of
     `subjects`, whether or not the subject saves one at that step; None for any other name."""
     subject, at, step = name.partition("@")
-    if at and step.isdigit() and subject in subjects:
+    if at and step.isascii() and step.isdigit() and subject in subjects:  # not "²": int() refuses it
         return subject, step
     return None
 

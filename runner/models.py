@@ -212,10 +212,39 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+_unreachable: dict[str, str | None] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (a failed name lookup or connection, found
+    in at most a few seconds), or None. Without a network, the hub client retries each request for
+    about 20 s; where this says why, loads read the Hugging Face cache alone instead. Through a proxy
+    the hub is not probed (a direct connection says nothing of it). Asked once per process."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if "probe" not in _unreachable:
+        url = urlsplit(constants.ENDPOINT)
+        proxied = url.scheme in urllib.request.getproxies() or "all" in urllib.request.getproxies()
+        why = None
+        if not proxied and url.hostname:
+            try:
+                socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+            except OSError as exc:
+                why = f"{url.hostname} cannot be reached ({exc.strerror or exc})"
+        _unreachable["probe"] = why
+    return _unreachable["probe"]
+
+
 def fetch_hub_index(base: BaseModel) -> None:
     """Put a hub model's model_index.json in the Hugging Face cache (a few hundred bytes), so that its
     family is known before its weights are downloaded; quietly nothing when offline."""
-    if base.kind != "hub":
+    if base.kind != "hub" or hub_unreachable():
         return
     try:
         from huggingface_hub import hf_hub_download
@@ -235,6 +264,14 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
     quiet_libraries()
     dtype = dtype or torch.float32
     kwargs = dict(torch_dtype=dtype, **dict.fromkeys(NOT_LOADED), requires_safety_checker=False)
+    # Without a hub to ask, what a load reads from it (a hub model; a single file's configs) comes from
+    # the Hugging Face cache alone.
+    reads_hub = base.kind == "hub" or (
+        base.kind == "file" and not (base.config and Path(base.config).is_dir())
+    )
+    offline = hub_unreachable() if reads_hub else None
+    if offline:
+        kwargs["local_files_only"] = True
     try:
         with warnings.catch_warnings():
             # diffusers 0.42 renamed torch_dtype to dtype; older supported versions know only torch_dtype.
@@ -260,8 +297,18 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
         raise
     except OSError as exc:
         hint = ""
+        if base.kind == "hub" and offline:  # what diffusers adds says the same at more length
+            raise ModelError(
+                f"cannot load base model {base.display}: it is not in the Hugging Face cache, and {offline}; "
+                "load it once where there is a network, or set base_model to a local diffusers folder"
+            ) from exc
         if base.kind == "hub":
             hint = " (is the id right, and is the network or the Hugging Face cache available?)"
+        elif base.kind == "file" and base.config is None and offline:
+            hint = (
+                f" (diffusers reads a single file's component configs from the hub, and {offline}: set "
+                "base_model_config in [project] to a diffusers folder of the same kind of model)"
+            )
         elif base.kind == "file" and base.config is None:
             hint = (
                 " (diffusers reads a single file's component configs from the hub: without a network, set "

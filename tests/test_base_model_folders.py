@@ -84,3 +84,69 @@ def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_p
         load_project(path)
     path.write_text(project.format("allow_pickle = true\n"))
     load_project(path)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Name lookups fail, as without a network; yields the hosts that were looked up."""
+    import socket
+
+    from runner import models
+
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(models, "_unreachable", {}, raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    return looked_up
+
+
+@pytest.mark.torch
+def test_a_hub_model_loads_from_the_cache_alone_when_the_hub_cannot_be_reached(
+    no_network, tmp_path, monkeypatch
+):
+    """Without a network the hub client retried each request for about 20 s, twice, before the load
+    read the cache; the hub is now asked nothing once one lookup has failed."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    from runner.models import ModelError
+
+    asked = []  # what the hub client requested, each with its retries
+
+    def backoff(method, url, **kwargs):
+        asked.append(url)
+        raise _http.httpx2.ConnectError("no network")
+
+    monkeypatch.setattr(_http, "_http_backoff_base", backoff)
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(ensure_builtin("tiny-sd"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    pipe = load_pipeline(BaseModel.parse("someone/tiny", tmp_path))
+    assert pipe.unet is not None
+    with pytest.raises(ModelError) as error:
+        load_pipeline(BaseModel.parse("someone/not-cached", tmp_path))
+    assert str(error.value) == (
+        "cannot load base model someone/not-cached: it is not in the Hugging Face cache, and huggingface.co "
+        "cannot be reached (Name or service not known); load it once where there is a network, or set "
+        "base_model to a local diffusers folder"
+    )
+    assert asked == [] and no_network[0] == "huggingface.co"
+
+
+def test_through_a_proxy_the_hub_is_not_probed(no_network, monkeypatch):
+    from runner.models import hub_unreachable
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_unreachable() is None and no_network == []

@@ -85,6 +85,11 @@ CASES = [
         "its adapter is 'dog'",
     ),
     (
+        "a NUL character in a path (the OS refuses it: it was an unexpected ValueError)",
+        '[subjects.cat]\nimages = "data/\\u0000dog"\ninstance_prompt = "a photo of sks cat"\n',
+        "subjects.cat.images: holds a NUL character (\\u0000) (line {line}) - remove it",
+    ),
+    (
         "a snapshot step in digits int() does not read",
         '[renders.r]\nadapter = "dog@²"\nprompts = ["x"]\n',
         "renders.r.adapter: 'dog@²' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; "

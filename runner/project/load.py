@@ -154,6 +154,11 @@ class _Checker:
                 key, f"expected {expected}, got {_describe(raw)}", f"e.g. {f.name} = {_example(f, raw)}"
             )
             return False, raw
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            # no path can hold one (the OS refuses it), and no prompt or name means one
+            self.problem(key, "holds a NUL character (\\u0000)", "remove it")
+            return False, value
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)

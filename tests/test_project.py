@@ -927,6 +927,20 @@ def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
     ]
 
 
+def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[renders.Park]\nadapter = "dog"\nprompts = ["x"]\n')
+    lines = path.read_text().splitlines()
+    park, twin = lines.index("[renders.park]") + 1, lines.index("[renders.Park]") + 1
+    with pytest.warns(UserWarning) as said:
+        assert set(load_project(path).renders) == {"park", "Park"}  # a lockfile may hold both: still loads
+    assert [str(w.message) for w in said] == [
+        f"{path}: renders.Park: 'Park' differs only in case from renders.park (line {park}): on macOS and "
+        f"Windows, whose file names ignore case, both would write one output folder (line {twin}) - rename "
+        "one of them"
+    ]
+
+
 def test_a_prior_s_caption_extension_without_images_loads_with_a_warning(folder):
     path = folder / "p.toml"
     path.write_text(

@@ -927,6 +927,24 @@ def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
     ]
 
 
+@pytest.mark.parametrize(
+    "written, said",
+    [
+        ('" "', "is empty: the class images would have no prompt"),
+        ('["a photo of dog", ""]', "prompt 1 is empty: the class images of its turn would have no prompt"),
+    ],
+)
+def test_an_empty_class_prompt_loads_with_a_warning_naming_its_line(folder, written, said):
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('class_prompt = "a photo of dog"', f"class_prompt = {written}"))
+    line = path.read_text().splitlines().index(f"class_prompt = {written}") + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # a project built with it must still load
+    assert [str(w.message) for w in warned] == [
+        f'{path}: priors.dog.class_prompt: {said} (line {line}) - name the class, e.g. "a photo of dog"'
+    ]
+
+
 def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
     path = folder / "p.toml"
     path.write_text(GOOD + '\n[renders.Park]\nadapter = "dog"\nprompts = ["x"]\n')

@@ -160,6 +160,16 @@ def check_priors(check, tables: dict) -> None:
                 "reads the captions of your own class images, and the prior has none",
                 "give them with images = ..., or remove the key",
             )
+        for n, prompt in enumerate(prior.prompts):
+            if not prompt.strip():  # a warning, not an error: a project built so must still load
+                single = isinstance(prior.class_prompt, str)
+                check.note(
+                    ("priors", name, "class_prompt"),
+                    "is empty: the class images would have no prompt"
+                    if single
+                    else f"prompt {n} is empty: the class images of its turn would have no prompt",
+                    f'name the class, e.g. "a photo of {name}"',
+                )
         if name not in used:  # its class images would be generated for nothing
             check.note(
                 ("priors", name),

@@ -186,6 +186,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
         image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=said.append)
         original = (image.height, image.width)
         if sizes is None:
+            lost = buckets.cropped_fraction(image.size, (ts.resolution, ts.resolution))
+            if lost > buckets.MAX_SQUARE_CROP:
+                said.append(
+                    f"{path}: {image.width}x{image.height} pixels fills the square, {ts.resolution}x"
+                    f"{ts.resolution}, only with {lost:.0%} of it cropped away; crop it to the subject, or train "
+                    "with buckets = true"
+                )
             check_resized(path, image.size, shorter_side_size(image.size, ts.resolution), ts.resolution)
             image = resize_shorter(image, ts.resolution)
             target = (ts.resolution, ts.resolution)

@@ -436,3 +436,18 @@ def test_images_are_sorted_by_relative_path_and_found_in_subfolders(tmp_path):
     found = [p.relative_to(tmp_path / "imgs").as_posix() for p in list_images(tmp_path / "imgs")]
     assert found == sorted(n for n in names if "/." not in n)
     assert has_images(tmp_path / "imgs" / "u") and not has_images(tmp_path / "imgs" / "x")
+
+
+def test_one_walk_finds_the_images_and_what_a_step_does_not_read(tmp_path, monkeypatch):
+    from runner import imagefiles
+
+    folder = tmp_path / "imgs"
+    for name in ["b.png", "a/b.jpg", "a/c.heic", "a-b.jfif", "a.png", ".x/y.heic", "z.txt"]:
+        write_image(folder / name)
+    os.symlink(tmp_path, folder / "more")
+    walks, walk = [], os.walk
+    monkeypatch.setattr(os, "walk", lambda *a, **k: walks.append(a) or walk(*a, **k))
+    found = imagefiles.scan(folder)
+    assert len(walks) == 1
+    assert found.images == list_images(folder)
+    assert found.skipped == ["a/c.heic", "a-b.jfif"] and found.linked == ["more"]  # in path order

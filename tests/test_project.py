@@ -785,6 +785,23 @@ def test_empty_images_folder(folder):
     ]
 
 
+def test_a_folder_of_pictures_dbl_does_not_read_says_what_it_holds(folder):
+    (folder / "data/phone").mkdir()
+    for name in ["IMG_1.HEIC", "IMG_2.HEIC", "IMG_3.HEIC", "IMG_4.heic"]:
+        (folder / "data/phone" / name).write_bytes(b"not decoded")
+    (folder / "data/linked").mkdir()
+    (folder / "data/linked/dog").symlink_to(folder / "data/dog", target_is_directory=True)
+    text = "\n[subjects.cat]\nimages = 'data/phone'\ninstance_prompt = 'x'\n"
+    found = problems(folder, GOOD + text + text.replace("cat", "fox").replace("phone", "linked"))
+    assert found == [
+        "subjects.cat.images: folder data/phone holds no images (.jpg, .png, .webp ...), only IMG_1.HEIC, "
+        "IMG_2.HEIC, IMG_3.HEIC and 1 more (line 25) - convert them to .jpg or .png",
+        "subjects.fox.images: folder data/linked holds no images (.jpg, .png, .webp ...), only symbolic links to "
+        "folders, which dbl does not follow: dog (line 29) - copy their images in, or name the folder they "
+        "link to",
+    ]
+
+
 def test_a_key_set_twice_is_named_with_both_lines(folder):
     found = problems(folder, GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nprompts = ["y"]\n')
     assert found == ["renders.r.prompts: set twice, first on line 26 (line 27) - keep one of them"]

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from runner import families
-from runner.imagefiles import IMAGE_SUFFIXES, has_images
+from runner.imagefiles import IMAGE_SUFFIXES, has_images, scan
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
@@ -67,10 +67,16 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
     elif not path.is_dir():
         check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
     elif required and not has_images(path):
+        found = scan(path)
+        unread, fix = "", "add a few photos of the subject"
+        if found.skipped:  # a phone's .heic photos, say: the folder is not empty, only unread
+            more = f" and {len(found.skipped) - 3} more" if len(found.skipped) > 3 else ""
+            unread, fix = f", only {', '.join(found.skipped[:3])}{more}", "convert them to .jpg or .png"
+        elif found.linked:
+            unread = f", only symbolic links to folders, which dbl does not follow: {', '.join(found.linked)}"
+            fix = "copy their images in, or name the folder they link to"
         check.problem(
-            key + ("images",),
-            f"folder {folder} holds no images (.jpg, .png, .webp ...)",
-            "add a few photos of the subject",
+            key + ("images",), f"folder {folder} holds no images (.jpg, .png, .webp ...){unread}", fix
         )
     return replace(item, images=str(path))
 

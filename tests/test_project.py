@@ -962,6 +962,22 @@ def test_an_empty_class_prompt_loads_with_a_warning_naming_its_line(folder, writ
     ]
 
 
+def test_an_empty_instance_prompt_without_captions_loads_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('instance_prompt = "a toy"', 'instance_prompt = ""'))
+    line = path.read_text().splitlines().index('instance_prompt = ""') + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # a project built with it must still load
+    assert [str(w.message) for w in warned] == [
+        f"{path}: subjects.toy.instance_prompt: is empty: the photos would train on no prompt, and no word "
+        f'would call up the subject (line {line}) - give the subject a rare word, e.g. "a photo of sks toy"'
+    ]
+    path.write_text(
+        GOOD.replace('instance_prompt = "a toy"', 'instance_prompt = ""\ncaption_extension = ".txt"')
+    )
+    load_project(path)  # every photo may have its caption: nothing said
+
+
 def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
     path = folder / "p.toml"
     path.write_text(GOOD + '\n[renders.Park]\nadapter = "dog"\nprompts = ["x"]\n')

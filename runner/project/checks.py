@@ -196,6 +196,12 @@ def check_subjects(check, tables: dict) -> None:
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
             )
+        if not subject.instance_prompt.strip() and not subject.caption_extension:
+            check.note(  # a warning, not an error: a project built so must still load
+                ("subjects", name, "instance_prompt"),
+                "is empty: the photos would train on no prompt, and no word would call up the subject",
+                f'give the subject a rare word, e.g. "a photo of sks {name}"',
+            )
         if name in blends:
             check.problem(("blends", name), f"'{name}' is both a subject and a blend", "rename one of them")
         if name in RESERVED_ADAPTERS:

@@ -978,6 +978,19 @@ def test_an_empty_instance_prompt_without_captions_loads_with_a_warning_naming_i
     load_project(path)  # every photo may have its caption: nothing said
 
 
+def test_trigger_in_a_render_prompt_loads_with_a_warning_giving_its_words(folder):
+    path = folder / "p.toml"
+    text = GOOD.replace('prior = "dog"', 'prior = "dog"\ntrigger = "sks dog"')
+    path.write_text(text.replace('prompts = ["sks dog in a park"]', 'prompts = ["[trigger] in a park"]'))
+    line = path.read_text().splitlines().index('prompts = ["[trigger] in a park"]') + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # the render mixes toy and dog: the words of dog's trigger
+    assert [str(w.message) for w in warned] == [
+        f"{path}: renders.park.prompts: [trigger] is rendered as written: only captions and instance prompts "
+        f"replace it (line {line}) - write the words it stands for, e.g. 'sks dog'"
+    ]
+
+
 def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
     path = folder / "p.toml"
     path.write_text(GOOD + '\n[renders.Park]\nadapter = "dog"\nprompts = ["x"]\n')

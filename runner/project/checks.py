@@ -431,6 +431,32 @@ def check_renders(check, tables: dict) -> None:
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
+        _render_trigger(check, key, render, tables)
+
+
+def _render_trigger(check, key, render, tables: dict) -> None:
+    """[trigger] in a render's prompt is drawn as written: only captions and instance prompts replace it."""
+    if not any(TRIGGER in prompt for prompt in render.prompts):
+        return
+    subjects, blends = tables.get("train", {}), tables.get("blend", {})
+    named = [s for a in render.adapters or [render.adapter] for s in _subjects_of(a, subjects, blends)]
+    words = next((subjects[s].trigger for s in named if subjects[s].trigger), None)
+    check.note(
+        key + ("prompts",),
+        f"{TRIGGER} is rendered as written: only captions and instance prompts replace it",
+        f"write the words it stands for, e.g. '{words}'" if words else "write the words it stands for",
+    )
+
+
+def _subjects_of(name: str | None, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
+    """The subjects adapter `name` is trained from: itself, or the parents of a blend."""
+    if name in subjects:
+        return [name]
+    if name not in blends or _depth > len(blends):  # a snapshot, 'none', or a cycle (said on its own)
+        return []
+    return [
+        s for parent, _ in blends[name].adapters for s in _subjects_of(parent, subjects, blends, _depth + 1)
+    ]
 
 
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -104,6 +105,9 @@ class FileHasher:
     def rehash(self, path: Path, st: os.stat_result | None = None) -> str:
         """Read the file whatever the cache says, and remember what was read."""
         st = st or os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            # Reading a named pipe waits for a writer, and a device may never end.
+            raise OSError(f"{path}: not a regular file")
         digest = sha256_file(path)
         self.reads += 1
         self._cache[str(path)] = _stamp(st) + [digest]
@@ -126,6 +130,9 @@ class FileHasher:
                     f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix the link or "
                     "remove it"
                 ) from None
+            if path.exists() and not path.is_file():
+                kind = "a named pipe" if path.is_fifo() else "a device or socket"
+                raise ImageError(f"{path}: {kind}, not a file; an image must be a file: remove it") from None
             raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
     def tree(self, folder: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -25,15 +26,20 @@ def has_images(folder: Path) -> bool:
 
 def _images(folder: Path):
     """(relative posix path, path) of each image file under `folder`, in no particular order."""
+    for prefix, root, _, files in _walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                yield prefix + name, Path(root) / name
+
+
+def _walk(folder: Path):
+    """(relative posix prefix, path, visible folders, visible files) of `folder` and each visible folder
+    under it, following no symlinked folder. Hidden ones (".DS_Store", ".git/") are left out."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # One relative path per folder, not per file: planning a project of many images spent its time here.
         below = Path(root).relative_to(folder).as_posix()
-        prefix = "" if below == "." else below + "/"
-        for name in files:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            yield prefix + name, Path(root) / name
+        yield "" if below == "." else below + "/", root, dirs, [n for n in files if not n.startswith(".")]
 
 
 # Suffixes of pictures that list_images does not read: other names of JPEG (Windows saves web images as
@@ -44,22 +50,37 @@ OTHER_IMAGE_SUFFIXES = (
 )  # fmt: skip
 
 
-def ignored_files(folder: Path) -> list[Path]:
-    """Visible files under `folder` that list_images skips because of their suffix."""
-    skipped = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        skipped += [
-            Path(root) / n for n in files if not n.startswith(".") and not n.lower().endswith(IMAGE_SUFFIXES)
-        ]
-    return sorted(skipped)
+@dataclass(frozen=True)
+class Scan:
+    """What one walk of an image folder finds: the images, and what a step says it does not read."""
+
+    folder: Path
+    images: list[Path]  # as list_images gives them
+    skipped: list[str]  # pictures in formats dbl does not read (.jfif, .heic, ...), relative posix paths
+    linked: list[str]  # symlinked folders, which are not followed, relative posix paths
 
 
-def skipped_images(folder: Path) -> str | None:
-    """A warning naming the pictures under `folder` that list_images skips (.jfif, .heic, ...), or None:
-    they are not trained on, and a folder of them must not shrink the training set unsaid."""
-    skipped = [p.relative_to(folder).as_posix() for p in ignored_files(folder)]
-    skipped = [name for name in skipped if name.lower().endswith(OTHER_IMAGE_SUFFIXES)]
+def scan(folder: Path) -> Scan:
+    """The images of `folder` and the pictures and folders it skips, found in one walk (a step reads all
+    three, and walking a folder of thousands of images three times cost more than the rest)."""
+    images, skipped, linked = [], [], []
+    for prefix, root, dirs, files in _walk(folder):
+        linked += [prefix + d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in files:
+            lower = name.lower()
+            if lower.endswith(IMAGE_SUFFIXES):
+                images.append((prefix + name, Path(root) / name))
+            elif lower.endswith(OTHER_IMAGE_SUFFIXES):
+                skipped.append(prefix + name)
+    # Sorted as paths are, part by part ("a/b" before "a-c").
+    skipped.sort(key=lambda name: name.split("/"))
+    return Scan(folder, [path for _, path in sorted(images)], skipped, sorted(linked))
+
+
+def skipped_images(found: Scan) -> str | None:
+    """A warning naming the pictures that list_images skips (.jfif, .heic, ...), or None: they are not
+    trained on, and a folder of them must not shrink the training set unsaid."""
+    skipped, folder = found.skipped, found.folder
     if not skipped:
         return None
     more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -69,18 +90,12 @@ def skipped_images(folder: Path) -> str | None:
     )
 
 
-def linked_folders(folder: Path) -> str | None:
-    """A warning naming the symlinked folders under `folder`, which list_images does not follow, or None:
-    the photos in them are not trained on, and must not be left out unsaid."""
-    linked = []
-    for root, dirs, _ in os.walk(folder, followlinks=False):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        linked += [
-            (Path(root) / d).relative_to(folder).as_posix() for d in dirs if (Path(root) / d).is_symlink()
-        ]
-    if not linked:
+def linked_folders(found: Scan) -> str | None:
+    """A warning naming the symlinked folders, which list_images does not follow, or None: the photos in
+    them are not trained on, and must not be left out unsaid."""
+    if not found.linked:
         return None
     return (
-        f"{folder}: not read, as dbl follows no symbolic link to a folder: {', '.join(sorted(linked))}; "
+        f"{found.folder}: not read, as dbl follows no symbolic link to a folder: {', '.join(found.linked)}; "
         "copy their images in to train on them"
     )

@@ -376,24 +376,31 @@ class DiskFacts:
         self.cache = cache
         self._base: dict | None = None
         self._images: dict[str, dict] = {}
+        # list_images of each folder, which a subject's images and its captions both need
+        self._listed: dict[str, list[Path]] = {}
+
+    def _list(self, folder: str) -> list[Path]:
+        if folder not in self._listed:
+            self._listed[folder] = list_images(Path(folder))
+        return self._listed[folder]
 
     def images(self, folder: str) -> dict[str, str]:
         if folder not in self._images:
-            self._images[folder] = self.hasher.manifest(Path(folder))
+            self._images[folder] = self.hasher.manifest(Path(folder), self._list(folder))
         return self._images[folder]
 
     def captions(self, folder: str, extension: str) -> dict[str, str]:
         """{relative path: sha256} of the caption files beside the images of `folder`."""
         key = f"{folder}\0{extension}"
         if key not in self._images:
-            root = Path(folder)
-            files = [p.with_suffix(extension) for p in list_images(root)]
-            self._images[key] = self.hasher.manifest(root, [p for p in files if p.is_file()])
+            files = [p.with_suffix(extension) for p in self._list(folder)]
+            self._images[key] = self.hasher.manifest(Path(folder), [p for p in files if p.is_file()])
         return self._images[key]
 
     def forget(self) -> None:
         """Drop what was hashed so far: the next questions look at the files as they are now."""
         self._images.clear()
+        self._listed.clear()
         self._base = None
 
     def base_model_paths(self) -> list[Path]:

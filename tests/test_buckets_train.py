@@ -157,6 +157,21 @@ def test_an_aspect_ratio_beyond_the_buckets_is_named_with_what_its_crop_loses(tm
     assert len(said) == 2 and said[1].startswith("instance buckets: ")  # the portrait fits: nothing said
 
 
+def test_an_aspect_ratio_far_from_square_is_named_with_what_the_square_crop_loses(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "dog").mkdir()
+    _stripes(tmp_path / "dog" / "0.png", 60, 100)  # 3:5 loses 40%, as a photo does: nothing said
+    Image.new("RGB", (640, 40), (20, 30, 200)).save(tmp_path / "dog" / "wide.png")
+    said = []
+    images, _ = read_images(_job(tmp_path)[0], said.append)
+    assert said == [
+        f"warning: {tmp_path / 'dog' / 'wide.png'}: 640x40 pixels fills the square, 64x64, only with 94% of "
+        "it cropped away; crop it to the subject, or train with buckets = true"
+    ]
+    assert images.buckets("instance") == [(64, 64), (64, 64)]
+
+
 def test_sdxl_conditions_hold_the_files_size_and_the_crop_in_the_bucket(tmp_path):
     (tmp_path / "dog").mkdir()
     _stripes(tmp_path / "dog" / "0.png", 300, 500)

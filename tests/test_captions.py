@@ -325,7 +325,7 @@ def test_a_prior_copies_the_captions_of_given_class_images(tmp_path):
 
 def test_a_symlinked_folder_among_the_images_is_named_in_a_warning(tmp_path):
     """Its photos are not read (symlinked folders are not followed): said, not left out unsaid."""
-    from runner.imagefiles import list_images
+    from runner.imagefiles import list_images, scan
     from runner.training.captions import unread_files
 
     folder, more = tmp_path / "dog", tmp_path / "more"
@@ -336,7 +336,7 @@ def test_a_symlinked_folder_among_the_images_is_named_in_a_warning(tmp_path):
     (folder / "more").symlink_to(more, target_is_directory=True)
     (folder / "one.png").symlink_to(more / "00.png")  # a symlinked photo is read
     assert list_images(folder) == [*files, folder / "one.png"]
-    assert unread_files(folder, list_images(folder), None, "the instance prompt") == [
+    assert unread_files(scan(folder), list_images(folder), None, "the instance prompt") == [
         f"warning: {folder}: not read, as dbl follows no symbolic link to a folder: more; copy their images "
         "in to train on them"
     ]

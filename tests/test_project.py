@@ -796,6 +796,23 @@ def test_empty_images_folder(folder):
     ]
 
 
+def test_a_folder_of_pictures_dbl_does_not_read_says_what_it_holds(folder):
+    (folder / "data/phone").mkdir()
+    for name in ["IMG_1.HEIC", "IMG_2.HEIC", "IMG_3.HEIC", "IMG_4.heic"]:
+        (folder / "data/phone" / name).write_bytes(b"not decoded")
+    (folder / "data/linked").mkdir()
+    (folder / "data/linked/dog").symlink_to(folder / "data/dog", target_is_directory=True)
+    text = "\n[subjects.cat]\nimages = 'data/phone'\ninstance_prompt = 'x'\n"
+    found = problems(folder, GOOD + text + text.replace("cat", "fox").replace("phone", "linked"))
+    assert found == [
+        "subjects.cat.images: folder data/phone holds no images (.jpg, .png, .webp ...), only IMG_1.HEIC, "
+        "IMG_2.HEIC, IMG_3.HEIC and 1 more (line 25) - convert them to .jpg or .png",
+        "subjects.fox.images: folder data/linked holds no images (.jpg, .png, .webp ...), only symbolic links to "
+        "folders, which dbl does not follow: dog (line 29) - copy their images in, or name the folder they "
+        "link to",
+    ]
+
+
 def test_a_key_set_twice_is_named_with_both_lines(folder):
     found = problems(folder, GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\nprompts = ["y"]\n')
     assert found == ["renders.r.prompts: set twice, first on line 26 (line 27) - keep one of them"]
@@ -935,6 +952,67 @@ def test_a_prior_no_subject_uses_loads_with_a_warning_naming_its_line(folder):
     assert [str(w.message) for w in said] == [
         f'{path}: priors.cat: no subject uses this prior (line {line}) - add prior = "cat" to a subject, '
         "or remove it"
+    ]
+
+
+@pytest.mark.parametrize(
+    "written, said",
+    [
+        ('" "', "is empty: the class images would have no prompt"),
+        ('["a photo of dog", ""]', "prompt 1 is empty: the class images of its turn would have no prompt"),
+    ],
+)
+def test_an_empty_class_prompt_loads_with_a_warning_naming_its_line(folder, written, said):
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('class_prompt = "a photo of dog"', f"class_prompt = {written}"))
+    line = path.read_text().splitlines().index(f"class_prompt = {written}") + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # a project built with it must still load
+    assert [str(w.message) for w in warned] == [
+        f'{path}: priors.dog.class_prompt: {said} (line {line}) - name the class, e.g. "a photo of dog"'
+    ]
+
+
+def test_an_empty_instance_prompt_without_captions_loads_with_a_warning_naming_its_line(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('instance_prompt = "a toy"', 'instance_prompt = ""'))
+    line = path.read_text().splitlines().index('instance_prompt = ""') + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # a project built with it must still load
+    assert [str(w.message) for w in warned] == [
+        f"{path}: subjects.toy.instance_prompt: is empty: the photos would train on no prompt, and no word "
+        f'would call up the subject (line {line}) - give the subject a rare word, e.g. "a photo of sks toy"'
+    ]
+    path.write_text(
+        GOOD.replace('instance_prompt = "a toy"', 'instance_prompt = ""\ncaption_extension = ".txt"')
+    )
+    load_project(path)  # every photo may have its caption: nothing said
+
+
+def test_trigger_in_a_render_prompt_loads_with_a_warning_giving_its_words(folder):
+    path = folder / "p.toml"
+    text = GOOD.replace('prior = "dog"', 'prior = "dog"\ntrigger = "sks dog"')
+    path.write_text(text.replace('prompts = ["sks dog in a park"]', 'prompts = ["[trigger] in a park"]'))
+    line = path.read_text().splitlines().index('prompts = ["[trigger] in a park"]') + 1
+    with pytest.warns(UserWarning) as warned:
+        load_project(path)  # the render mixes toy and dog: the words of dog's trigger
+    assert [str(w.message) for w in warned] == [
+        f"{path}: renders.park.prompts: [trigger] is rendered as written: only captions and instance prompts "
+        f"replace it (line {line}) - write the words it stands for, e.g. 'sks dog'"
+    ]
+
+
+def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[renders.Park]\nadapter = "dog"\nprompts = ["x"]\n')
+    lines = path.read_text().splitlines()
+    park, twin = lines.index("[renders.park]") + 1, lines.index("[renders.Park]") + 1
+    with pytest.warns(UserWarning) as said:
+        assert set(load_project(path).renders) == {"park", "Park"}  # a lockfile may hold both: still loads
+    assert [str(w.message) for w in said] == [
+        f"{path}: renders.Park: 'Park' differs only in case from renders.park (line {park}): on macOS and "
+        f"Windows, whose file names ignore case, both would write one output folder (line {twin}) - rename "
+        "one of them"
     ]
 
 

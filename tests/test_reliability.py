@@ -436,3 +436,27 @@ def test_images_are_sorted_by_relative_path_and_found_in_subfolders(tmp_path):
     found = [p.relative_to(tmp_path / "imgs").as_posix() for p in list_images(tmp_path / "imgs")]
     assert found == sorted(n for n in names if "/." not in n)
     assert has_images(tmp_path / "imgs" / "u") and not has_images(tmp_path / "imgs" / "x")
+
+
+def test_one_walk_finds_the_images_and_what_a_step_does_not_read(tmp_path, monkeypatch):
+    from runner import imagefiles
+
+    folder = tmp_path / "imgs"
+    for name in ["b.png", "a/b.jpg", "a/c.heic", "a-b.jfif", "a.png", ".x/y.heic", "z.txt"]:
+        write_image(folder / name)
+    os.symlink(tmp_path, folder / "more")
+    walks, walk = [], os.walk
+    monkeypatch.setattr(os, "walk", lambda *a, **k: walks.append(a) or walk(*a, **k))
+    found = imagefiles.scan(folder)
+    assert len(walks) == 1
+    assert found.images == list_images(folder)
+    assert found.skipped == ["a/c.heic", "a-b.jfif"] and found.linked == ["more"]  # in path order
+
+
+def test_a_plan_lists_the_images_of_a_subject_with_captions_once(proj, monkeypatch):
+    proj.edit('"a toy in the style of <1>"', '"a toy in the style of <1>"\ncaption_extension = ".txt"')
+    (proj.root / "data" / "toy" / "01.txt").write_text("a toy on a shelf")
+    toy, walks, walk = proj.root / "data" / "toy", [], os.walk
+    monkeypatch.setattr(os, "walk", lambda folder, **k: walks.append(Path(folder)) or walk(folder, **k))
+    assert main(["plan", str(proj.path)]) == 0
+    assert walks.count(toy) == 2  # one to find an image when the project loads, one for images and captions

@@ -41,6 +41,15 @@ def test_a_dangling_symlink_among_the_images_is_named_in_a_clear_error(proj, cap
     assert "Errno" not in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_named_pipe_among_the_images_is_named_in_a_clear_error(proj, capsys):
+    os.mkfifo(proj.root / "data" / "toy" / "pipe.jpg")  # reading it would wait for a writer forever
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "pipe.jpg: a named pipe, not a file" in err and "remove it" in err
+    assert "Traceback" not in err
+
+
 def closed_stdout(*command: str) -> subprocess.CompletedProcess:
     """Run `command` as a shell would run `command >&-`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=os.devnull)

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from runner import families
-from runner.imagefiles import IMAGE_SUFFIXES, has_images
+from runner.imagefiles import IMAGE_SUFFIXES, has_images, scan
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
@@ -67,10 +67,16 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
     elif not path.is_dir():
         check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
     elif required and not has_images(path):
+        found = scan(path)
+        unread, fix = "", "add a few photos of the subject"
+        if found.skipped:  # a phone's .heic photos, say: the folder is not empty, only unread
+            more = f" and {len(found.skipped) - 3} more" if len(found.skipped) > 3 else ""
+            unread, fix = f", only {', '.join(found.skipped[:3])}{more}", "convert them to .jpg or .png"
+        elif found.linked:
+            unread = f", only symbolic links to folders, which dbl does not follow: {', '.join(found.linked)}"
+            fix = "copy their images in, or name the folder they link to"
         check.problem(
-            key + ("images",),
-            f"folder {folder} holds no images (.jpg, .png, .webp ...)",
-            "add a few photos of the subject",
+            key + ("images",), f"folder {folder} holds no images (.jpg, .png, .webp ...){unread}", fix
         )
     return replace(item, images=str(path))
 
@@ -169,6 +175,16 @@ def check_priors(check, tables: dict) -> None:
                 "reads the captions of your own class images, and the prior has none",
                 "give them with images = ..., or remove the key",
             )
+        for n, prompt in enumerate(prior.prompts):
+            if not prompt.strip():  # a warning, not an error: a project built so must still load
+                single = isinstance(prior.class_prompt, str)
+                check.note(
+                    ("priors", name, "class_prompt"),
+                    "is empty: the class images would have no prompt"
+                    if single
+                    else f"prompt {n} is empty: the class images of its turn would have no prompt",
+                    f'name the class, e.g. "a photo of {name}"',
+                )
         if name not in used:  # its class images would be generated for nothing
             check.note(
                 ("priors", name),
@@ -188,6 +204,12 @@ def check_subjects(check, tables: dict) -> None:
             known = ", ".join(priors) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
+            )
+        if not subject.instance_prompt.strip() and not subject.caption_extension:
+            check.note(  # a warning, not an error: a project built so must still load
+                ("subjects", name, "instance_prompt"),
+                "is empty: the photos would train on no prompt, and no word would call up the subject",
+                f'give the subject a rare word, e.g. "a photo of sks {name}"',
             )
         if name in blends:
             check.problem(("blends", name), f"'{name}' is both a subject and a blend", "rename one of them")
@@ -418,6 +440,32 @@ def check_renders(check, tables: dict) -> None:
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
+        _render_trigger(check, key, render, tables)
+
+
+def _render_trigger(check, key, render, tables: dict) -> None:
+    """[trigger] in a render's prompt is drawn as written: only captions and instance prompts replace it."""
+    if not any(TRIGGER in prompt for prompt in render.prompts):
+        return
+    subjects, blends = tables.get("train", {}), tables.get("blend", {})
+    named = [s for a in render.adapters or [render.adapter] for s in _subjects_of(a, subjects, blends)]
+    words = next((subjects[s].trigger for s in named if subjects[s].trigger), None)
+    check.note(
+        key + ("prompts",),
+        f"{TRIGGER} is rendered as written: only captions and instance prompts replace it",
+        f"write the words it stands for, e.g. '{words}'" if words else "write the words it stands for",
+    )
+
+
+def _subjects_of(name: str | None, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
+    """The subjects adapter `name` is trained from: itself, or the parents of a blend."""
+    if name in subjects:
+        return [name]
+    if name not in blends or _depth > len(blends):  # a snapshot, 'none', or a cycle (said on its own)
+        return []
+    return [
+        s for parent, _ in blends[name].adapters for s in _subjects_of(parent, subjects, blends, _depth + 1)
+    ]
 
 
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:

@@ -510,6 +510,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             result[name] = item
         else:
             check.unread.add(key)
+    _case_twins(check, group, [name for name in raw if NAME.match(name)])
     if loose:
         check.problem(
             (group, loose[0]),
@@ -517,3 +518,18 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
         )
     return result
+
+
+def _case_twins(check: _Checker, group: str, names: list[str]) -> None:
+    """Warn of names that differ only in case: valid, and built apart where file names keep case (a
+    lockfile may hold them), but their steps write one output folder on macOS and Windows."""
+    first: dict[str, str] = {}
+    for name in names:
+        twin = first.setdefault(name.lower(), name)
+        if twin != name:
+            check.note(
+                (group, name),
+                f"'{name}' differs only in case from {group}.{twin} (line {check.lines.line((group, twin))}): "
+                "on macOS and Windows, whose file names ignore case, both would write one output folder",
+                "rename one of them",
+            )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
-from runner.imagefiles import list_images
+from runner.imagefiles import Scan, scan
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -37,14 +37,15 @@ def image_seed(seed: int, index: int) -> int:
 def run(ctx) -> dict:
     spec = ctx.spec
     total = spec.num_images
-    files = _given_images(spec)
+    found = _given_images(spec)
+    files = found.images if found else []
     given = files[:total]
     if len(files) > total:  # the rest are not read: say which are
         ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
-    if spec.images:
+    if found:
         from runner.training.captions import read_caption, unread_files
 
-        for warning in unread_files(Path(spec.images), given, spec.caption_extension, "its class prompt"):
+        for warning in unread_files(found, given, spec.caption_extension, "its class prompt"):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -67,20 +68,21 @@ def run(ctx) -> dict:
     return {"generated": missing, "given": len(given)}
 
 
-def _given_images(spec) -> list[Path]:
-    """The user's class images, each checked to decode (a broken one is an error naming it)."""
+def _given_images(spec) -> Scan | None:
+    """The folder of the user's class images, None without one; each image used is checked to decode
+    (a broken one is an error naming it)."""
     if not spec.images:
-        return []
+        return None
     from runner.images import files_named_in_warnings, load_rgb
 
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
-    files = list_images(folder)
+    found = scan(folder)
     with files_named_in_warnings():
-        for path in files[: spec.num_images]:
+        for path in found.images[: spec.num_images]:
             load_rgb(path)
-    return files
+    return found
 
 
 def _generate(ctx, indices: range) -> None:

@@ -61,6 +61,9 @@ def fill(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int
 # More of an image than this cropped away to fit its bucket is said: between neighbouring buckets the crop
 # is a few percent, so it takes an aspect ratio beyond the widest or tallest bucket.
 MAX_CROP = 0.25
+# The same for the square crop without buckets, where every photo loses its sides: a 4:3 photo a quarter, a
+# 3:2 one a third, as in every DreamBooth recipe. Past a half (wider than 2:1) it is a panorama or a strip.
+MAX_SQUARE_CROP = 0.5
 
 
 def cropped_fraction(size: tuple[int, int], bucket: tuple[int, int]) -> float:

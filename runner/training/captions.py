@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
+from runner.imagefiles import Scan, linked_folders, skipped_images
 from runner.project.checks import TRIGGER
 
 
@@ -123,13 +124,12 @@ def missing_captions(folder: Path, files: list[Path], extension: str, fallback: 
     return said
 
 
-def unread_files(folder: Path, files: list[Path], extension: str | None, fallback: str) -> list[str]:
-    """Warnings about what a step does not read of an image folder whose images are `files`: pictures in
-    formats dbl does not read, symlinked folders, and caption files (`extension`) it does not find."""
-    from runner.imagefiles import linked_folders, skipped_images
-
-    said = [WARNING + found for found in (skipped_images(folder), linked_folders(folder)) if found]
-    return said + (missing_captions(folder, files, extension, fallback) if extension else [])
+def unread_files(found: Scan, files: list[Path], extension: str | None, fallback: str) -> list[str]:
+    """Warnings about what a step does not read of the image folder `found`, whose images it reads are
+    `files`: pictures in formats dbl does not read, symlinked folders, and caption files (`extension`) it
+    does not find."""
+    said = [WARNING + warning for warning in (skipped_images(found), linked_folders(found)) if warning]
+    return said + (missing_captions(found.folder, files, extension, fallback) if extension else [])
 
 
 def dropped(seed: int, kind: str, position: int, probability: float) -> bool:

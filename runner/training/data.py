@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images
+from runner.imagefiles import list_images, scan
 from runner.training import buckets
 from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
@@ -151,10 +151,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
     )
 
     subject = job.subject
-    instance_files = list_images(Path(subject.images))
-    for warning in unread_files(
-        Path(subject.images), instance_files, subject.caption_extension, "the instance prompt"
-    ):
+    found = scan(Path(subject.images))
+    instance_files = found.images
+    for warning in unread_files(found, instance_files, subject.caption_extension, "the instance prompt"):
         log(warning)
     if not instance_files:
         raise StepError(f"train:{subject.name}: no images in {subject.images}")
@@ -186,6 +185,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
         image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=said.append)
         original = (image.height, image.width)
         if sizes is None:
+            lost = buckets.cropped_fraction(image.size, (ts.resolution, ts.resolution))
+            if lost > buckets.MAX_SQUARE_CROP:
+                said.append(
+                    f"{path}: {image.width}x{image.height} pixels fills the square, {ts.resolution}x"
+                    f"{ts.resolution}, only with {lost:.0%} of it cropped away; crop it to the subject, or train "
+                    "with buckets = true"
+                )
             check_resized(path, image.size, shorter_side_size(image.size, ts.resolution), ts.resolution)
             image = resize_shorter(image, ts.resolution)
             target = (ts.resolution, ts.resolution)

@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
-        "gc", help="drop run-cache entries no lockfile refers to, and work folders of removed steps"
+        "gc", help="drop run-cache entries no lockfile refers to, and work folders no step can resume"
     )
     project_arg(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be dropped")
@@ -428,6 +428,10 @@ def cmd_gc(args) -> int:
         )
     for path in done.orphans:
         print(f"{verb} {path.name}: the work folder of a step no longer in the project")
+    for path in done.abandoned:
+        print(
+            f"{verb} {path.name}: a work folder made for inputs its step no longer has (no build resumes it)"
+        )
     return EXIT_OK
 
 

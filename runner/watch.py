@@ -79,11 +79,31 @@ class Targets:
         found = {(os.path.dirname(self.project_file), False)}
         for folder in self.folders:
             if os.path.isdir(folder):
-                found |= {(folder, True), (os.path.dirname(folder), False)}
+                found |= self._below(folder) | {(os.path.dirname(folder), False)}
             else:
                 parent = _existing_parent(folder)
                 if parent:
                     found.add((parent, False))
+        return found
+
+    def _below(self, folder: str) -> set[tuple[str, bool]]:
+        """The watches that cover an existing input folder: one recursive watch, unless the build writes
+        inside it (photos beside the project file: outputs and .dbl/ below them). Then the folder alone,
+        and each subfolder that holds inputs, so that no watch follows the build's own folders as they
+        are made, moved and removed (watchdog warns of those, in the middle of the display); a subfolder
+        created later wakes the watch, which then watches it too."""
+        if not any(_within(i, folder) for i in self.ignored):
+            return {(folder, True)}
+        found = {(folder, False)}
+        with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
+            for entry in os.scandir(folder):
+                path = os.path.join(folder, entry.name)
+                if (
+                    entry.is_dir(follow_symlinks=False)
+                    and not entry.name.startswith(".")
+                    and path not in self.ignored
+                ):
+                    found |= self._below(path)
         return found
 
 

@@ -31,6 +31,7 @@ class Watcher:
             self.code = watch(
                 path,
                 polling=polling,
+                poll_interval=0.2,
                 reporter_factory=lambda: PlainReporter(write=self.lines.append),
                 debounce_s=0.1,
                 stop_event=self.stop,
@@ -221,6 +222,21 @@ def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
     w.wait_idle(idle)
     assert fake_steps.ran == ["render:base"]
     assert w.close() == 0
+
+
+def test_poll_interval_is_an_option_that_polls(proj, monkeypatch, capsys):
+    from runner import watch as watch_module
+    from runner.cli import main
+
+    given = []
+    monkeypatch.setattr(watch_module, "watch", lambda path, **kw: given.append(kw) or 0)
+    assert main(["watch", str(proj.path), "--poll-interval", "0.5"]) == 0
+    assert main(["watch", str(proj.path), "--polling"]) == 0
+    assert [(kw["polling"], kw["poll_interval"]) for kw in given] == [(True, 0.5), (True, 2.0)]
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["watch", str(proj.path), "--poll-interval", bad]) == 2
+    assert "--poll-interval must be a number of seconds above 0" in capsys.readouterr().err
+    assert len(given) == 2
 
 
 def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):

@@ -261,6 +261,32 @@ def test_live_display_lays_the_table_out_again_only_when_what_it_shows_changes(m
     reporter.close()
 
 
+def test_an_event_redraws_nothing_just_after_rich_drew_a_frame(monkeypatch):
+    # rich's thread redraws refresh_per_second times a second; an event redrawing between its frames
+    # laid the table out twice as often.
+    import threading
+
+    from rich.live import Live
+
+    redraws = []
+    refresh = Live.refresh
+
+    def counted(live):
+        if threading.current_thread() is threading.main_thread():
+            redraws.append(1)
+        refresh(live)
+
+    monkeypatch.setattr(Live, "refresh", counted)
+    steps = plan_steps()
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=1)
+    reporter.plan("pets", steps)
+    Console(file=io.StringIO(), width=100).print(reporter.renderable())  # a frame, as rich's thread draws it
+    steps[1].status = RUNNING
+    reporter.step_start(steps[1])
+    assert not redraws
+    reporter.close()
+
+
 def test_live_display_keeps_its_own_copy_of_events():
     reporter = LiveReporter(console=recording_console())
     steps = plan_steps()

@@ -82,7 +82,7 @@ class LiveReporter:
         self._rate: dict[str, float | None] = {}
         self._spinners: dict[str, Spinner] = {}
         self._up_to_date_line = ""
-        self._last_refresh = 0.0
+        self._last_refresh = 0.0  # when a frame was last drawn, by rich's thread or by an event
         self._version = 0  # counts the events that change the table
         self._laid_out: tuple | None = None  # (what it shows, its lines, {line: running step id})
 
@@ -183,7 +183,7 @@ class LiveReporter:
             version = self._version
             started = dict(self._started_at)
             spinners = dict(self._spinners)
-        now = time.monotonic()
+        now = self._last_refresh = time.monotonic()
         # What the lines show besides the events: the running steps' times, and the room for them.
         times = [fmt_duration(now - t) for t in started.values()]
         shows = (version, times, options.max_width, self.console.size.height)
@@ -258,13 +258,13 @@ class LiveReporter:
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._last_refresh = time.monotonic()
             self._live.refresh()
 
     def _refresh_due(self) -> None:
-        # rich's own refresh thread redraws often enough; refresh here only now and then. (A redraw of
-        # the table takes tens of milliseconds: after every step start and end, a few hundred steps
-        # restored from the run-cache took longer to show than to restore.)
+        # rich's own refresh thread redraws often enough; refresh here only when it has drawn nothing for
+        # as long as it waits between redraws. (A redraw of the table takes tens of milliseconds: after
+        # every step start and end, a few hundred steps restored from the run-cache took longer to show
+        # than to restore; and redrawn between the thread's redraws, twice as many.)
         if time.monotonic() - self._last_refresh > 1 / self._refresh_per_second:
             self._refresh()
 

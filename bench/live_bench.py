@@ -6,9 +6,10 @@ The display draws on an in-memory terminal (120 x 50). First, for plans of 10, 1
 quarter done, one training, the rest pending), the CPU time of one redraw as rich's refresh thread
 makes it, after a progress event and with nothing new (the training step running for a minute, so
 its time changes once a second), and, for 100 and 400 steps, one redraw while the steps are restored
-from the run-cache one by one (a step restored between two redraws). Then, for a 351-step plan, the CPU time the display takes per
-second of a long train step that reports progress once and ten times a second (rich's own refresh
-thread redrawing eight times a second meanwhile), against the same loop with no display.
+from the run-cache one by one (a step restored between two redraws). Then, for a 351-step plan, the
+CPU time the display takes per second of a long train step that reports progress once and ten times a
+second (rich's own refresh thread redrawing eight times a second meanwhile), against the same loop
+with no display.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@
 The display draws on an in-memory terminal (120 x 50). First, for plans of 10, 100 and 400 steps (a
 quarter done, one training, the rest pending), the CPU time of one redraw as rich's refresh thread
 makes it, after a progress event and with nothing new (the training step running for a minute, so
-its time changes once a second). Then, for a 351-step plan, the CPU time the display takes per
-second of a long train step that reports progress once and ten times a second (rich's own refresh
-thread redrawing eight times a second meanwhile), against the same loop with no display.
+its time changes once a second), and, for 100 and 400 steps, one redraw while the steps are restored
+from the run-cache one by one (a step restored between two redraws). Then, for a 351-step plan, the
+CPU time the display takes per second of a long train step that reports progress once and ten times a
+second (rich's own refresh thread redrawing eight times a second meanwhile), against the same loop
+with no display.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-from runner.events import DONE, PENDING, RUNNING, StepEvent  # noqa: E402
+from runner.events import CACHED, DONE, PENDING, RUNNING, StepEvent  # noqa: E402
 from runner.ui.live import LiveReporter  # noqa: E402
 
 
@@ -66,6 +68,24 @@ def frame_ms(n: int, event: bool, frames: int = 50) -> float:
     return ms
 
 
+def restore_frame_ms(n: int, frames: int = 50) -> float:
+    """One redraw while a plan of n steps is restored from the run-cache: a step restored between two."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, height=50)
+    reporter = LiveReporter(console=console, refresh_per_second=0.01)
+    steps = plan(n)
+    reporter.plan("bench", steps)
+    t0 = time.process_time()
+    for s in steps[:frames]:
+        s.status = RUNNING
+        reporter.step_start(s)
+        s.status, s.duration_s, s.outputs = CACHED, 0.01, Path(f"build/bench/renders/{s.name}")
+        reporter.step_end(s)
+        reporter._live.refresh()
+    ms = (time.process_time() - t0) / frames * 1000
+    reporter.close()
+    return ms
+
+
 def cpu_per_second(seconds: float, display: bool, per_second: float) -> float:
     """CPU seconds per second of a train step running for a minute, reporting progress `per_second`."""
     if display:
@@ -94,6 +114,8 @@ def main() -> None:
     for n in (10, 100, 400):
         figures[f"redraw_ms_{n}_steps_after_event"] = round(frame_ms(n, event=True), 2)
         figures[f"redraw_ms_{n}_steps_nothing_new"] = round(frame_ms(n, event=False), 2)
+    for n in (100, 400):
+        figures[f"redraw_ms_{n}_steps_restoring"] = round(restore_frame_ms(n), 2)
     for per_second in (1, 10):
         figures[f"cpu_per_s_no_display_{per_second}_it_s"] = round(
             cpu_per_second(args.seconds, display=False, per_second=per_second), 4

@@ -26,12 +26,16 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner import blending, families
 from runner.blending import _lora_layers, relative_error  # noqa: F401 - part of the API
 from runner.errors import DblError
 from runner.project import ProjectError
 from runner.project.schema import DEVICES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _value_errors(fn):
@@ -51,7 +55,7 @@ def _value_errors(fn):
 def load_pipeline(
     base: str,
     adapters: Mapping[str, str | Path] | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     dtype=None,
     base_model_config: str | Path | None = None,
 ):
@@ -61,13 +65,17 @@ def load_pipeline(
     model ("tiny-sd", "tiny-sdxl", ...); an SDXL model gives an SDXL pipeline.
     `adapters` maps the names you want to use to adapter paths (see `load_adapter`); they are loaded in
     order and the last one is active, as after diffusers' `load_lora_weights`: pick with `set_adapter`.
-    `device` is "auto" (CUDA, then MPS, then CPU), "cuda" (or "cuda:N"), "mps" or "cpu". `dtype` is a
-    torch dtype or "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and fp32 elsewhere. `base_model_config`, for a
-    single-file `base`: a diffusers folder or hub id whose configs and tokenizers describe it, as the
-    project file's key of that name.
+    `device` is "auto" (CUDA, then MPS, then CPU), "cuda" (or "cuda:N"), "mps" or "cpu", or one of those
+    as a torch.device. `dtype` is a torch dtype or "fp32" / "fp16" / "bf16"; by default fp16 on CUDA and
+    fp32 elsewhere. `base_model_config`, for a single-file `base`: a diffusers folder or hub id whose
+    configs and tokenizers describe it, as the project file's key of that name.
     """
+    import torch
+
     from runner import models
 
+    if isinstance(device, torch.device):
+        device = str(device)  # torch.device("cuda", 1) is "cuda:1"
     if device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(device)):
         raise ValueError(f"unknown device {device!r}; use {', '.join(DEVICES)} or cuda:N")
     if adapters is not None and not isinstance(adapters, Mapping):

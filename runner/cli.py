@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="rebuild what goes stale as files change")
     project_arg(p)
     p.add_argument("--polling", action="store_true", help="poll the file system (network file systems)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between polls (implies --polling; default: 2)",
+    )
     parallel_args(p)
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
 
@@ -127,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
-        "gc", help="drop run-cache entries no lockfile refers to, and work folders of removed steps"
+        "gc", help="drop run-cache entries no lockfile refers to, and work folders no step can resume"
     )
     project_arg(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be dropped")
@@ -344,15 +350,19 @@ def cmd_plan(args) -> int:
 
 def cmd_watch(args) -> int:
     from runner.ui import make_reporter
-    from runner.watch import watch
+    from runner.watch import POLL_INTERVAL_S, watch
 
     path = find_project(args.project, args.command)
     mode = "plain" if args.no_progress else "auto"
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
+    interval = args.poll_interval
+    if interval is not None and not 0 < interval < float("inf"):  # nan too
+        return _usage("--poll-interval must be a number of seconds above 0")
     return watch(
         path,
-        polling=args.polling,
+        polling=args.polling or interval is not None,
+        poll_interval=interval or POLL_INTERVAL_S,
         reporter_factory=lambda: make_reporter(mode, 0),
         build_options=_parallel_options(args),
     )
@@ -428,6 +438,10 @@ def cmd_gc(args) -> int:
         )
     for path in done.orphans:
         print(f"{verb} {path.name}: the work folder of a step no longer in the project")
+    for path in done.abandoned:
+        print(
+            f"{verb} {path.name}: a work folder made for inputs its step no longer has (no build resumes it)"
+        )
     return EXIT_OK
 
 

@@ -1,5 +1,5 @@
 """`dbl gc`: drop the run-cache entries that no lockfile beside the project refers to, the work folders
-(train checkpoints) of steps no longer in the project, and what builds killed while writing the cache or
+(train checkpoints) no step of the project can resume, and what builds killed while writing the cache or
 committing outputs left behind.
 
 Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
@@ -11,6 +11,7 @@ build lock while it collects, and no entry is dropped between the two.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ class Collected:
     leftovers: list[Path]  # folders of builds killed while writing the cache or committing outputs
     # work folders (train checkpoints) of steps no longer in the project
     orphans: list[Path] = field(default_factory=list)
+    # work folders of steps still in it, made for inputs they no longer have
+    abandoned: list[Path] = field(default_factory=list)
 
 
 def collect(project: Project, dry_run: bool = False) -> Collected:
@@ -50,10 +53,11 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
                 cache.drop(fp)
         leftovers = cache.leftovers() + _unfinished_commits(project)
         orphans = _orphaned_work(project)
+        abandoned = _abandoned_work(project)
         if not dry_run:
-            for path in leftovers + orphans:
+            for path in leftovers + orphans + abandoned:
                 shutil.rmtree(path, ignore_errors=True)
-        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers, orphans)
+        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers, orphans, abandoned)
 
 
 def _orphaned_work(project: Project) -> list[Path]:
@@ -67,6 +71,65 @@ def _orphaned_work(project: Project) -> list[Path]:
         return []
     current = {work_folder(project, step.kind, step.name) for step in planner.graph(project)}
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in current)
+
+
+def _abandoned_work(project: Project) -> list[Path]:
+    """The work folders of steps still in the project that no build of it would resume: a build killed
+    there, then the project changed (or changed back to what the lockfile records, so the step is fresh and
+    never runs to replace them). A build resumes a work folder only where the fingerprint it was made for
+    (its `fingerprint` file) is the step's now. One whose step's fingerprint cannot be told yet (behind a
+    stale step, or an input that does not read) is kept."""
+    from runner import planner
+    from runner.fingerprint import FileHasher
+    from runner.store import DiskFacts
+
+    folders = {}
+    for step in planner.graph(project):
+        folder = work_folder(project, step.kind, step.name)
+        if folder.is_dir():
+            folders[step.id] = folder
+    if not folders:
+        return []
+    hasher = FileHasher(project.state_dir / "state")
+    facts = DiskFacts(project, hasher, RunCache(project.state_dir / "cache"))
+    lock = lockfile.read(lockfile.lock_path(project.path))
+    plans: dict[int | None, dict[str, str | None]] = {}
+
+    def fingerprint(step_id: str, num_processes: int | None) -> str | None:
+        if num_processes not in plans:
+            planned = planner.plan(project, lock, facts, num_processes=num_processes)
+            plans[num_processes] = {p.id: p.fingerprint for p in planned}
+        return plans[num_processes][step_id]
+
+    abandoned = []
+    try:
+        for step_id, folder in folders.items():
+            marker = folder / "fingerprint"
+            made_for = marker.read_text() if marker.is_file() else None  # without one, a build starts over
+            # A train step built with --num-processes N has N in its fingerprint; its checkpoints say N.
+            fps = {fingerprint(step_id, n) for n in {None} | _checkpoint_processes(folder)}
+            if made_for not in fps and None not in fps:
+                abandoned.append(folder)
+    except (DblError, OSError):  # the plan cannot tell (an image that does not read): keep them all
+        return []
+    finally:
+        hasher.save()
+    return sorted(abandoned)
+
+
+def _checkpoint_processes(folder: Path) -> set[int]:
+    """The num_processes recorded by the train checkpoints in a work folder."""
+    from runner.training.checkpoints import STATE, checkpoint_dirs
+
+    found = set()
+    for _, checkpoint in checkpoint_dirs(folder):
+        try:
+            state = json.loads((checkpoint / STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("num_processes"), int):
+            found.add(state["num_processes"])
+    return found
 
 
 def _unfinished_commits(project: Project) -> list[Path]:

@@ -51,7 +51,9 @@ def test_two_adapters_switch_and_blend(adapters):  # noqa: F811
     assert pipe.unet.active_adapters == ["a", "b"]
 
     api.set_adapter(pipe, None)
-    base = api.load_pipeline("tiny-sd", device="cpu")
+    import torch
+
+    base = api.load_pipeline("tiny-sd", device=torch.device("cpu"))  # a torch.device as well as a name
     assert np.array_equal(_image(pipe), _image(base))
 
 
@@ -253,6 +255,11 @@ def test_a_numbered_cuda_device_is_checked_and_computes_in_fp16(monkeypatch):
         api.load_pipeline("tiny-sd", device="cuda:2")
     assert models.resolve_device("cuda:1") == "cuda:1"
     assert api._dtype(None, "cuda:1") == api._dtype(None, "cuda") == torch.float16
+    # a torch.device is taken as its name (it failed with an AttributeError)
+    with pytest.raises(ValueError, match=re.escape("device = 'cuda:2' but there are 2 CUDA devices")):
+        api.load_pipeline("tiny-sd", device=torch.device("cuda", 2))
+    with pytest.raises(ValueError, match=re.escape("unknown device 'xpu'; use auto, cuda, mps, cpu")):
+        api.load_pipeline("tiny-sd", device=torch.device("xpu"))
 
 
 def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from runner import lockfile
 from runner.cli import main
 from runner.store import BuildLock, RunCache
 from tests.test_cli import fake_dbl, wait_for
@@ -45,7 +46,6 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
 
 
 def _dropped(before, proj) -> str:
-    from runner import lockfile
 
     kept = {r["fingerprint"] for r in lockfile.read(proj.lock).values()}
     (gone,) = set(before) - kept
@@ -120,6 +120,7 @@ def test_gc_drops_the_checkpoints_of_steps_no_longer_in_the_project(proj, build,
     for folder in (gone, kept, other):
         (folder / "checkpoint-200").mkdir(parents=True)
         (folder / "checkpoint-200" / "lora.safetensors").write_bytes(b"x" * 100)
+    (kept / "fingerprint").write_text(lockfile.read(proj.lock)["train:dog"]["fingerprint"])  # resumable
     assert main(["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])) == 0
     out = capsys.readouterr().out
     assert f"{'would drop' if dry_run else 'dropped'} train-rex: the work folder of a step no longer" in out
@@ -145,3 +146,38 @@ def test_gc_drops_the_copies_of_outputs_a_build_killed_while_committing_left(pro
     verb = "would drop" if dry_run else "dropped"
     assert f"{verb} 2 folder(s) left by builds that were killed while writing the cache or committing" in out
     assert staged.is_dir() == dry_run and trash.is_dir() == dry_run
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_gc_drops_the_checkpoints_of_inputs_a_step_no_longer_has(proj, build, fake_steps, capsys, dry_run):
+    """A train step that failed (or was killed) with other settings kept its checkpoints; once the project is
+    back to what the lockfile records, the step is fresh and never reruns there, and no build resumes them.
+    One a build of the project as it is would resume (a --force rerun that failed) is kept."""
+    build(proj)
+    tmp = proj.root / ".dbl" / "tmp" / "pets"
+    proj.edit("a photo of sks dog", "a photo of sks dog, sitting")
+    fake_steps.fail = {"train:dog"}
+    build(proj)
+    proj.edit("a photo of sks dog, sitting", "a photo of sks dog")
+    fake_steps.fail = {"train:toy"}
+    build(proj, force={"train:toy"})
+    assert (tmp / "train-dog" / "fingerprint").is_file() and (tmp / "train-toy" / "fingerprint").is_file()
+    assert main(["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])) == 0
+    out = capsys.readouterr().out
+    verb = "would drop" if dry_run else "dropped"
+    assert f"{verb} train-dog: a work folder made for inputs its step no longer has" in out
+    assert "train-toy" not in out
+    assert (tmp / "train-dog").is_dir() == dry_run and (tmp / "train-toy").is_dir()
+
+
+def test_gc_keeps_the_checkpoints_of_a_build_with_num_processes(proj, build, fake_steps, capsys):
+    """--num-processes is in a train step's fingerprint: the checkpoints of a build given it are resumed by
+    the next build given it, and say how many processes wrote them."""
+    build(proj)
+    fake_steps.fail = {"train:dog"}
+    build(proj, force={"train:dog"}, num_processes=2)
+    work = proj.root / ".dbl" / "tmp" / "pets" / "train-dog"
+    (work / "checkpoint-200").mkdir()
+    (work / "checkpoint-200" / "state.json").write_text('{"num_processes": 2}')
+    assert main(["gc", str(proj.path)]) == 0
+    assert "train-dog" not in capsys.readouterr().out and work.is_dir()

@@ -261,6 +261,97 @@ def test_live_display_lays_the_table_out_again_only_when_what_it_shows_changes(m
     reporter.close()
 
 
+def test_an_event_redraws_nothing_just_after_rich_drew_a_frame(monkeypatch):
+    # rich's thread redraws refresh_per_second times a second; an event redrawing between its frames
+    # laid the table out twice as often.
+    import threading
+
+    from rich.live import Live
+
+    redraws = []
+    refresh = Live.refresh
+
+    def counted(live):
+        if threading.current_thread() is threading.main_thread():
+            redraws.append(1)
+        refresh(live)
+
+    monkeypatch.setattr(Live, "refresh", counted)
+    steps = plan_steps()
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=1)
+    reporter.plan("pets", steps)
+    Console(file=io.StringIO(), width=100).print(reporter.renderable())  # a frame, as rich's thread draws it
+    steps[1].status = RUNNING
+    reporter.step_start(steps[1])
+    assert not redraws
+    reporter.close()
+
+
+def test_live_display_lays_out_again_only_the_rows_an_event_changed(monkeypatch):
+    # A build restoring hundreds of steps from the run-cache changes a row or two an event; laying out
+    # every row each redraw cost more CPU than the restores.
+    from rich.text import Text
+
+    steps = [StepEvent(f"render:r{i:02}", "render", f"r{i:02}", PENDING, ["never built"]) for i in range(10)]
+    reporter = LiveReporter(console=recording_console(), refresh_per_second=0.01)
+    reporter.plan("pets", steps)
+    screen = Console(record=True, width=100, force_terminal=True)
+    screen.print(reporter.renderable())
+    drawn = []
+    render = Text.__rich_console__
+
+    def counted(text, console, options):
+        drawn.append(text.plain)
+        return render(text, console, options)
+
+    monkeypatch.setattr(Text, "__rich_console__", counted)
+    steps[0].status, steps[0].outputs = CACHED, Path("out/r00")  # no wider than the rest: same widths
+    reporter.step_end(steps[0])
+    screen.print(reporter.renderable())
+    reporter.close()
+    assert "render:r00" in drawn and "render:r01" not in drawn, drawn
+
+
+def test_live_table_rows_laid_out_one_by_one_are_the_tables():
+    from rich.text import Text
+
+    from runner.ui import live
+
+    def cut(text: str, style: str = "") -> Text:
+        return Text(text, style=style, no_wrap=True, overflow="ellipsis")
+
+    rows = [
+        (
+            Text("✓", style="blue"),
+            cut("render:r00-a-long-name"),
+            Text("cached", style="blue"),
+            cut("build/x"),
+            cut(""),
+        ),
+        (
+            Text("✗", style="red"),
+            cut("train:dog"),
+            Text("failed", style="red"),
+            cut("CUDA out of memory"),
+            cut("12s"),
+        ),
+        (
+            Text("·"),
+            cut("render:park"),
+            Text("pending"),
+            cut("never built; renders.park.prompts changed"),
+            cut(""),
+        ),
+    ]
+    for width in (12, 20, 33, 60, 120):
+        console = Console(width=width, force_terminal=True, color_system="truecolor")
+        table = live._grid()
+        for cells in rows:
+            table.add_row(*cells)
+        whole = console.render_lines(table, console.options, pad=False)
+        assert live._RowLines()(console, console.options, rows) == whole, width
+
+
 def test_live_display_keeps_its_own_copy_of_events():
     reporter = LiveReporter(console=recording_console())
     steps = plan_steps()

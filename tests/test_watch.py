@@ -31,6 +31,7 @@ class Watcher:
             self.code = watch(
                 path,
                 polling=polling,
+                poll_interval=0.2,
                 reporter_factory=lambda: PlainReporter(write=self.lines.append),
                 debounce_s=0.1,
                 stop_event=self.stop,
@@ -223,6 +224,21 @@ def test_polling_observer_sees_an_edit(proj, fake_steps, watcher):
     assert w.close() == 0
 
 
+def test_poll_interval_is_an_option_that_polls(proj, monkeypatch, capsys):
+    from runner import watch as watch_module
+    from runner.cli import main
+
+    given = []
+    monkeypatch.setattr(watch_module, "watch", lambda path, **kw: given.append(kw) or 0)
+    assert main(["watch", str(proj.path), "--poll-interval", "0.5"]) == 0
+    assert main(["watch", str(proj.path), "--polling"]) == 0
+    assert [(kw["polling"], kw["poll_interval"]) for kw in given] == [(True, 0.5), (True, 2.0)]
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["watch", str(proj.path), "--poll-interval", bad]) == 2
+    assert "--poll-interval must be a number of seconds above 0" in capsys.readouterr().err
+    assert len(given) == 2
+
+
 def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):
     text = proj.path.read_text()
     save(proj.path, text.replace('images = "data/toy"', 'images = "data/new/toy2"'))
@@ -289,11 +305,9 @@ def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fa
     assert not fake_steps.ran
 
 
-# watchdog's inotify observer warns when a folder moved within a recursive watch keeps its watch
-# descriptor, as the build's work folders in .dbl/ do here, and goes on watching
-@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
-def test_the_builds_own_lockfile_in_an_image_folder_does_not_wake_the_watch(tmp_path, fake_steps):
-    """Photos beside the project file (images = "."): each build writes the lockfile into the image folder."""
+def test_the_builds_own_lockfile_in_an_image_folder_does_not_wake_the_watch(tmp_path, fake_steps, recwarn):
+    """Photos beside the project file (images = "."): each build writes the lockfile into the image folder,
+    and its outputs and .dbl/ below it."""
     proj = Proj(
         tmp_path,
         '[project]\nbase_model = "tiny-sd"\n\n[subjects.toy]\nimages = "."\ninstance_prompt = "a toy"\n',
@@ -305,5 +319,34 @@ def test_the_builds_own_lockfile_in_an_image_folder_does_not_wake_the_watch(tmp_
         assert fake_steps.ran == ["train:toy"]
         time.sleep(0.5)
         assert w.idle_count() == 1, w.messages
+        # watchdog's inotify observer warns when a folder moved within a recursive watch keeps its watch
+        # descriptor, as the build's work folders would: no watch covers the build's own folders
+        assert not [str(x.message) for x in recwarn if "Callback with id" in str(x.message)]
+        # a subfolder of photos made later is watched once it wakes the watch
+        (tmp_path / "2024").mkdir()
+        w.wait_idle(1)
+        write_image(tmp_path / "2024" / "01.png", seed=1)
+        w.wait_idle(2)
+        assert fake_steps.ran == ["train:toy"] * 2 and "changed: 2024/01.png" in w.messages
     finally:
         assert w.close() == 0
+
+
+def test_photos_beside_the_project_file_are_watched_apart_from_the_builds_folders(tmp_path):
+    """One recursive watch of the project's folder would follow .dbl/ and the outputs as the build makes,
+    moves and removes folders there."""
+    proj = Proj(
+        tmp_path,
+        '[project]\nbase_model = "tiny-sd"\n\n[subjects.toy]\nimages = "."\ninstance_prompt = "a toy"\n',
+    )
+    for folder in ("2023", "build/pets/adapters", "build/old", ".dbl/tmp", ".git"):
+        (tmp_path / folder).mkdir(parents=True)
+    root = str(tmp_path.resolve())
+    assert targets_of(proj.path, proj.load()).watches() == {
+        (root, False),
+        (os.path.dirname(root), False),
+        (f"{root}/2023", True),
+        (f"{root}/build", False),
+        (f"{root}/build/old", True),
+        (f"{root}/data", True),
+    }

@@ -9,7 +9,7 @@ Events may come from any thread; the table is redrawn by rich's refresh thread f
 taken under a lock. Laying the table out takes tens of milliseconds, eight times a second, on a CPU
 that may be training: so the lines laid out are kept and laid out again only when what they show has
 changed (an event, the width or height of the terminal, a running step's time), and only the spinners
-are drawn into them afresh.
+are drawn into them afresh. Even then, only the rows that changed are laid out again (see _RowLines).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ class LiveReporter:
         self._rate: dict[str, float | None] = {}
         self._spinners: dict[str, Spinner] = {}
         self._up_to_date_line = ""
-        self._last_refresh = 0.0
+        self._last_refresh = 0.0  # when a frame was last drawn, by rich's thread or by an event
         self._version = 0  # counts the events that change the table
         self._laid_out: tuple | None = None  # (what it shows, its lines, {line: running step id})
+        self._rows = _RowLines()
 
     # Reporter protocol
 
@@ -183,7 +184,7 @@ class LiveReporter:
             version = self._version
             started = dict(self._started_at)
             spinners = dict(self._spinners)
-        now = time.monotonic()
+        now = self._last_refresh = time.monotonic()
         # What the lines show besides the events: the running steps' times, and the room for them.
         times = [fmt_duration(now - t) for t in started.values()]
         shows = (version, times, options.max_width, self.console.size.height)
@@ -215,36 +216,31 @@ class LiveReporter:
             rates = dict(self._rate)
             marks = dict(self._spinners) if spinners else {}
         title = Text.assemble((self._project, "bold"), f": {self._todo} of {len(steps)} steps to run")
-        # On a narrow terminal, or beside a long step id, the id and the detail give way (cut short with
-        # an ellipsis, their cells do not wrap); the mark, the status and the time keep their width.
-        table = Table.grid(padding=(0, 1))
-        table.add_column(width=1, no_wrap=True)
-        table.add_column(overflow="ellipsis")
-        table.add_column(no_wrap=True)
-        table.add_column(ratio=1, overflow="ellipsis")
-        table.add_column(justify="right", no_wrap=True)
         # The title, and the line that counts the steps left out, beside the rows.
         shown, left_out = _rows_that_fit(steps, max(3, self.console.size.height - 3))
+        cells = []
         for s in shown:
             icon, style = STYLES.get(s.status, ("?", ""))
             mark = marks.get(s.id) if s.status == RUNNING else None
             elapsed = now - started[s.id] if s.id in started else s.duration_s
             timed = s.status in (RUNNING, DONE, FAILED, INTERRUPTED) or (s.status == CACHED and elapsed)
             when = fmt_duration(elapsed) if timed else ""
-            table.add_row(
-                mark or Text(icon, style=style),
-                Text.assemble(
-                    (s.id, "bold" if s.status == RUNNING else ""),
-                    (f" @{s.device}" if s.device and s.status == RUNNING else "", "dim"),
-                    no_wrap=True,
-                    overflow="ellipsis",
-                ),
-                Text(s.status, style=style),
-                _detail(s, rates.get(s.id)),
-                Text(when, style="dim"),
+            cells.append(
+                (
+                    mark or Text(icon, style=style),
+                    Text.assemble(
+                        (s.id, "bold" if s.status == RUNNING else ""),
+                        (f" @{s.device}" if s.device and s.status == RUNNING else "", "dim"),
+                        no_wrap=True,
+                        overflow="ellipsis",
+                    ),
+                    Text(s.status, style=style),
+                    _detail(s, rates.get(s.id)),
+                    Text(when, style="dim"),
+                )
             )
         top = console.render_lines(title, options, pad=False)
-        rows = console.render_lines(table, options, pad=False)
+        rows = self._rows(console, options, cells)
         lines = top + rows
         if left_out:
             counts = Counter(s.status for s in left_out)
@@ -258,13 +254,13 @@ class LiveReporter:
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._last_refresh = time.monotonic()
             self._live.refresh()
 
     def _refresh_due(self) -> None:
-        # rich's own refresh thread redraws often enough; refresh here only now and then. (A redraw of
-        # the table takes tens of milliseconds: after every step start and end, a few hundred steps
-        # restored from the run-cache took longer to show than to restore.)
+        # rich's own refresh thread redraws often enough; refresh here only when it has drawn nothing for
+        # as long as it waits between redraws. (A redraw of the table takes tens of milliseconds: after
+        # every step start and end, a few hundred steps restored from the run-cache took longer to show
+        # than to restore; and redrawn between the thread's redraws, twice as many.)
         if time.monotonic() - self._last_refresh > 1 / self._refresh_per_second:
             self._refresh()
 
@@ -272,6 +268,65 @@ class LiveReporter:
         if self._live is not None:
             live, self._live = self._live, None
             live.stop()
+
+
+def _grid(widths: list[int] | None = None) -> Table:
+    """The live table's columns; with `widths` (rich's for the whole table, the space between columns
+    included), fixed at those, for rows laid out one by one."""
+    fixed = [1, None, None, None, None] if widths is None else [w - (i < 4) for i, w in enumerate(widths)]
+    # On a narrow terminal, or beside a long step id, the id and the detail give way (cut short with
+    # an ellipsis, their cells do not wrap); the mark, the status and the time keep their width.
+    table = Table.grid(padding=(0, 1))
+    table.add_column(width=fixed[0], no_wrap=True)
+    table.add_column(width=fixed[1], overflow="ellipsis")
+    table.add_column(width=fixed[2], no_wrap=True)
+    table.add_column(width=fixed[3], ratio=1, overflow="ellipsis")
+    table.add_column(width=fixed[4], justify="right", no_wrap=True)
+    return table
+
+
+class _RowLines:
+    """The lines of the table's rows, each row laid out again only when it or the columns' widths change:
+    a build restoring hundreds of steps changes a row or two an event, and laying out every row took
+    tens of milliseconds a redraw. A row laid out alone at the widths rich gives the whole table is the
+    row as the table lays it out. The rows of the last few redraws are kept: a column's width comes and
+    goes as steps start and end (the time column's, while no step shown has a time)."""
+
+    FRAMES = 4
+
+    def __init__(self):
+        self._frames: list[dict[tuple, list[list[Segment]]]] = []  # the rows of each redraw, oldest first
+
+    def __call__(self, console: Console, options: ConsoleOptions, rows: list[tuple]) -> list[list[Segment]]:
+        table = _grid()
+        for cells in rows:
+            table.add_row(*cells)
+        widths = table._calculate_column_widths(console, options)  # rich's own (private) measure
+        if any(w < 1 for w in widths[:-1]):  # a terminal too narrow for the space between columns
+            return console.render_lines(table, options, pad=False)
+        frame: dict[tuple, list[list[Segment]]] = {}
+        lines = []
+        for cells in rows:
+            key = _key(cells, widths)
+            found = next((f[key] for f in self._frames if key in f), None) if key else None
+            if found is None:
+                one = _grid(widths)
+                one.add_row(*cells)
+                found = console.render_lines(one, options, pad=False)
+            if key:
+                frame[key] = found
+            lines += found
+        self._frames = [*self._frames[1 - self.FRAMES :], frame]
+        return lines
+
+
+def _key(cells: tuple, widths: list[int]) -> tuple | None:
+    """What a row shows, at what widths; None for a row that changes by itself (a spinner, a progress
+    bar), laid out each time."""
+    if not all(isinstance(cell, Text) for cell in cells):
+        return None
+    shown = tuple((c.plain, str(c.style), tuple(c.spans), c.justify, c.overflow, c.no_wrap) for c in cells)
+    return (*shown, *widths)
 
 
 # Which rows a plan taller than the terminal keeps: running steps, then failed ones, then the next to

@@ -25,6 +25,7 @@ from typing import Any, TypedDict
 
 from runner import tempnames
 from runner.errors import DblError
+from runner.project.lines import conflict_marker
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,17 +100,27 @@ RECOVER = (
 )
 
 
-def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[str, Record]:
+def read(path: Path, label: str | None = None, recover: str | None = None) -> dict[str, Record]:
     """The step records of a lockfile, {step id: record}; empty when there is none yet.
 
-    Messages name the file `label` (default: its path) and end an error with `recover`."""
+    Messages name the file `label` (default: its path) and end an error with `recover` (default: how to
+    resolve a merge conflict git left in it, or else RECOVER)."""
     if not path.exists():
         return {}
     shown = label or str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+        data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover}") from None
+        conflict = conflict_marker(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
+        if conflict is None:
+            raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover or RECOVER}") from None
+        line, marker = conflict
+        raise LockfileError(
+            f"{shown}: cannot read the lockfile: unresolved merge conflict (line {line}: `{marker}`); "
+            f"{recover or _resolve(shown)}"
+        ) from None
+    recover = recover or RECOVER
     version = data.get("version")
     if version != LOCK_VERSION:
         raise LockfileError(
@@ -132,6 +143,15 @@ def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[s
             stacklevel=2,
         )
     return steps
+
+
+def _resolve(path: str) -> str:
+    """How to resolve a merge conflict in the lockfile at `path`: record by record, or by taking one side."""
+    return (
+        "merge it record by record: set up dbl's merge driver (README: 'Lockfiles in git') and run "
+        f"`git checkout -m {path}`; or take one side: `git checkout --ours {path}`; then `dbl build` "
+        "restores or reruns what the merged project file needs"
+    )
 
 
 def take_names(record: dict, inputs: dict) -> bool:

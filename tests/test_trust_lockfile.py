@@ -201,6 +201,18 @@ def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, bui
     assert captured.err.startswith(f"dbl: {proj.lock}: cannot read the lockfile"), captured.err
     assert "Traceback" not in captured.err and not captured.out
     assert CONFLICT in proj.lock.read_text()  # nothing was built over it
+    # git's markers: the conflict is named, with the git commands that resolve it
+    assert "unresolved merge conflict (line 1: `<<<<<<< HEAD`)" in captured.err, captured.err
+    assert f"git checkout -m {proj.lock}" in captured.err and "Lockfiles in git" in captured.err
+
+
+def test_an_unreadable_lockfile_without_git_s_markers_is_moved_aside(proj, build, capsys):
+    build(proj)
+    proj.lock.write_text("[steps\n" + proj.lock.read_text())
+    capsys.readouterr()
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the lockfile (" in err and "move it aside" in err and "merge" not in err, err
 
 
 def test_merge_lockfile_with_a_missing_file_writes_nothing(tmp_path, capsys):

@@ -5,6 +5,7 @@ a step changed on one side only takes that side's record; a step changed on both
 (same fingerprint and outputs) takes ours; a step changed on both sides differently is left out, and
 the next `dbl build` restores it from the run-cache or reruns it for the merged project file. A step
 removed on one side and unchanged on the other is removed. The result replaces OURS, as git expects.
+Another tool's lockfile that the pattern below matches (uv.lock) is merged line by line, as git would.
 
     .gitattributes:  *.lock merge=dbl
     git config merge.dbl.driver "dbl merge-lockfile %O %A %B"
@@ -12,10 +13,14 @@ removed on one side and unchanged on the other is removed. The result replaces O
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 from pathlib import Path
 
 from runner import lockfile
+
+# The top-level keys of a dbl lockfile; uv.lock and Cargo.lock, TOML too, hold others.
+_LOCKFILE_KEYS = {"version", "steps"}
 
 
 def same(a: dict | None, b: dict | None) -> bool:
@@ -77,3 +82,23 @@ def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[s
     merged, conflicts = merge_records(*sides)
     lockfile.write(ours, merged)
     return conflicts, notes
+
+
+def foreign(path: Path) -> bool:
+    """Whether `path` is another tool's lockfile (uv.lock, Cargo.lock, yarn.lock ...), which a
+    `*.lock merge=dbl` sends to the driver too: TOML with other top-level keys, or text that is not TOML
+    and does not hold dbl's header. An empty side (git's stand-in for a missing file) is not."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if not text.strip() or lockfile.HEADER in text:
+        return False
+    try:
+        return not set(lockfile.tomllib.loads(text)) <= _LOCKFILE_KEYS
+    except lockfile.tomllib.TOMLDecodeError:
+        return True
+
+
+def merge_lines(base: Path, ours: Path, theirs: Path) -> int:
+    """Merge three versions of a file line by line into `ours`, as git does without a driver; how many
+    conflicts it left, marked as git marks them."""
+    labels = ["-L", "ours", "-L", "base", "-L", "theirs"]
+    return subprocess.run(["git", "merge-file", *labels, str(ours), str(base), str(theirs)]).returncode

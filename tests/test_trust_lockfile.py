@@ -191,6 +191,25 @@ def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
     assert out.startswith("all 9 steps are up to date") and not err
 
 
+UV_LOCK = 'version = 1\nrequires-python = ">=3.11"\n\n[[package]]\nname = "numpy"\nversion = "2.0.0"\n\n[[package]]\nname = "torch"\nversion = "2.13.0"\n'
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_merge_lockfile_merges_another_tool_s_lockfile_as_git_would(tmp_path, capsys):
+    # `*.lock merge=dbl` also sends uv.lock, Cargo.lock or yarn.lock here: they merge line by line.
+    files = {side: tmp_path / f".merge_file_{side[:2]}" for side in ("base", "ours", "theirs")}
+    files["base"].write_text(UV_LOCK)
+    files["ours"].write_text(UV_LOCK.replace('"2.0.0"', '"2.1.0"'))
+    files["theirs"].write_text(UV_LOCK.replace('"2.13.0"', '"2.14.0"'))
+    args = ["merge-lockfile", *map(str, files.values())]
+    assert main(args) == 0
+    assert files["ours"].read_text() == UV_LOCK.replace('"2.0.0"', '"2.1.0"').replace('"2.13.0"', '"2.14.0"')
+    files["theirs"].write_text(UV_LOCK.replace('"2.0.0"', '"2.2.0"'))
+    assert main(args) == 1  # changed on both sides: git's conflict, with its markers
+    assert "<<<<<<< ours" in files["ours"].read_text()
+    assert "not a dbl lockfile" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["plan"], ["plan", "--json"], ["ls"], ["check"], ["report"], ["build"]])
 def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, build, capsys, command):
     build(proj)

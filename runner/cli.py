@@ -462,8 +462,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge_lockfile(args) -> int:
-    from runner.lockfile import LockfileError
-    from runner.merge import foreign, merge_files, merge_lines
+    from runner.lockfile import LockfileError, foreign
+    from runner.merge import merge_files, merge_lines
 
     missing = [name for name in (args.base, args.ours, args.theirs) if not Path(name).is_file()]
     if missing:

@@ -4,6 +4,7 @@ committing outputs left behind.
 
 Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
 that cannot be read (a merge conflict, a bad edit) could refer to anything: then nothing is collected.
+Other tools' lockfiles beside it (poetry.lock, Cargo.lock) are passed over.
 A build stores its outputs in the cache before its lockfile names them, so gc holds every project's
 build lock while it collects, and no entry is dropped between the two.
 """
@@ -80,9 +81,11 @@ def _unfinished_commits(project: Project) -> list[Path]:
 
 
 def _referenced(project: Project) -> set[str]:
-    """The fingerprints every lockfile beside the project refers to."""
+    """The fingerprints every lockfile beside the project refers to (other tools' .lock files aside)."""
     keep: set[str] = set()
     for lock_path in sorted(project.dir.glob("*.lock")):
+        if lockfile.foreign(lock_path):
+            continue
         try:
             keep |= lockfile.referenced_fingerprints(lock_path)
         except lockfile.LockfileError as exc:

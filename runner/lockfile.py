@@ -90,6 +90,24 @@ def record(
     )
 
 
+# The top-level keys of a lockfile; uv.lock and Cargo.lock, TOML too, hold others.
+_KEYS = {"version", "steps"}
+
+
+def foreign(path: Path) -> bool:
+    """Whether the .lock file at `path` is another tool's (uv.lock, Cargo.lock, poetry.lock, yarn.lock),
+    which may lie beside a project file, or reach the merge driver through `*.lock merge=dbl`: TOML with
+    other top-level keys, or text that is not TOML and does not hold dbl's header. An empty file (git's
+    stand-in for a side without the file) is not."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if not text.strip() or HEADER in text:
+        return False
+    try:
+        return not set(tomllib.loads(text)) <= _KEYS
+    except tomllib.TOMLDecodeError:
+        return True
+
+
 def lock_path(project_path: Path) -> Path:
     return project_path.with_suffix(".lock")
 

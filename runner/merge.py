@@ -19,9 +19,6 @@ from pathlib import Path
 
 from runner import lockfile
 
-# The top-level keys of a dbl lockfile; uv.lock and Cargo.lock, TOML too, hold others.
-_LOCKFILE_KEYS = {"version", "steps"}
-
 
 def same(a: dict | None, b: dict | None) -> bool:
     """Whether two records (or absences) stand for the same build result; when and how long it took aside."""
@@ -82,19 +79,6 @@ def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[s
     merged, conflicts = merge_records(*sides)
     lockfile.write(ours, merged)
     return conflicts, notes
-
-
-def foreign(path: Path) -> bool:
-    """Whether `path` is another tool's lockfile (uv.lock, Cargo.lock, yarn.lock ...), which a
-    `*.lock merge=dbl` sends to the driver too: TOML with other top-level keys, or text that is not TOML
-    and does not hold dbl's header. An empty side (git's stand-in for a missing file) is not."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if not text.strip() or lockfile.HEADER in text:
-        return False
-    try:
-        return not set(lockfile.tomllib.loads(text)) <= _LOCKFILE_KEYS
-    except lockfile.tomllib.TOMLDecodeError:
-        return True
 
 
 def merge_lines(base: Path, ours: Path, theirs: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.cli import main
+from runner.lockfile import HEADER
 from runner.store import BuildLock, RunCache
 from tests.test_cli import fake_dbl, wait_for
 
@@ -25,7 +26,7 @@ def built_twice(proj, build):
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-@pytest.mark.parametrize("which, text", [("pets.lock", None), ("other.lock", "garbage = = =\n")])
+@pytest.mark.parametrize("which, text", [("pets.lock", None), ("other.lock", HEADER + "garbage = = =\n")])
 def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, which, text):
     proj = built_twice
     bad = proj.root / which
@@ -42,6 +43,25 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
     bad.unlink() if which == "other.lock" else bad.write_text(bad.read_text().replace(CONFLICT, ""))
     assert main(args) == 0
     assert cache_entries(proj) == (before if dry_run else sorted(set(before) - {_dropped(before, proj)}))
+
+
+# Other tools' lockfiles, which lie beside a project file in a Python or Rust repository.
+OTHER_TOOLS = {
+    "poetry.lock": '[[package]]\nname = "numpy"\n\n[metadata]\nlock-version = "2.0"\n',
+    "Cargo.lock": 'version = 4\n\n[[package]]\nname = "serde"\n',
+    "uv.lock": 'version = 1\nrequires-python = ">=3.11"\n',
+    "yarn.lock": '# yarn lockfile v1\n\nleft-pad@^1.3.0:\n  version "1.3.0"\n',
+}
+
+
+def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
+    proj = built_twice
+    for name, text in OTHER_TOOLS.items():
+        (proj.root / name).write_text(text)
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 0, capsys.readouterr().err
+    assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
+    assert all((proj.root / name).read_text() == text for name, text in OTHER_TOOLS.items())
 
 
 def _dropped(before, proj) -> str:

@@ -13,7 +13,7 @@ import pytest
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import ROOT
-from tests.test_trust_gc import CONFLICT
+from tests.test_trust_gc import CONFLICT, OTHER_TOOLS
 
 # Two renders whose records differ only in their adapter, output and times: a text merge of their
 # tables can mix them line by line.
@@ -302,4 +302,12 @@ def test_a_project_file_renamed_without_its_lockfile_is_told_where_it_lies(proj,
     ) in err, err
     (proj.root / "pets.lock").rename(proj.root / "dogs.lock")
     assert main(["plan", str(proj.root / "dogs.toml")]) == 0
+    assert "lies beside" not in capsys.readouterr().err
+
+
+def test_other_tools_lockfiles_are_no_renamed_lockfile(proj, capsys):
+    # A project not built yet, in a repository with uv.lock or Cargo.lock beside it.
+    for name, text in OTHER_TOOLS.items():
+        (proj.root / name).write_text(text)
+    assert main(["plan", str(proj.path)]) == 0
     assert "lies beside" not in capsys.readouterr().err

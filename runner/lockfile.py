@@ -96,10 +96,13 @@ _KEYS = {"version", "steps"}
 
 def foreign(path: Path) -> bool:
     """Whether the .lock file at `path` is another tool's (uv.lock, Cargo.lock, poetry.lock, yarn.lock),
-    which may lie beside a project file, or reach the merge driver through `*.lock merge=dbl`: TOML with
-    other top-level keys, or text that is not TOML and does not hold dbl's header. An empty file (git's
-    stand-in for a side without the file) is not."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    which may lie beside a project file, or reach the merge driver through `*.lock merge=dbl`."""
+    return foreign_text(path.read_text(encoding="utf-8-sig", errors="replace"))
+
+
+def foreign_text(text: str) -> bool:
+    """Whether a .lock file's text is another tool's: TOML with other top-level keys, or text that is not
+    TOML and does not hold dbl's header. An empty file (git's stand-in for a side without the file) is not."""
     if not text.strip() or HEADER in text:
         return False
     try:
@@ -235,12 +238,21 @@ def referenced_fingerprints(path: Path) -> set[str]:
     if not path.exists():
         return set()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
+    return fingerprints_in(text, str(path))
+
+
+def fingerprints_in(text: str, shown: str) -> set[str]:
+    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`."""
+    try:
+        data = tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as exc:
+        raise LockfileError(f"{shown}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})
     if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
-        raise LockfileError(f"{path}: not a lockfile of version {LOCK_VERSION}")
+        raise LockfileError(f"{shown}: not a lockfile of version {LOCK_VERSION}")
     return {
         r["fingerprint"]
         for r in steps.values()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from runner.cli import main
@@ -62,6 +64,32 @@ def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
     assert main(["gc", str(proj.path)]) == 0, capsys.readouterr().err
     assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
     assert all((proj.root / name).read_text() == text for name, text in OTHER_TOOLS.items())
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build, capsys):
+    """Hours of training on a branch: gc on another one must not drop them, or checking the branch
+    out again retrains instead of restoring."""
+    from tests.test_trust_lockfile import git, git_env
+
+    env = git_env()
+    git(proj.root, "init", "-q", "-b", "main", env=env)
+    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
+    build(proj)
+    git(proj.root, "add", "-A", env=env)
+    git(proj.root, "commit", "-qm", "base", env=env)
+    git(proj.root, "checkout", "-qb", "snow", env=env)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    git(proj.root, "commit", "-qam", "snow", env=env)
+    git(proj.root, "checkout", "-q", "main", env=env)
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 0
+    assert cache_entries(proj) == before  # the render of the snow branch is kept for it
+    git(proj.root, "branch", "-qD", "snow", env=env)
+    assert main(["gc", str(proj.path)]) == 0
+    assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
+    capsys.readouterr()
 
 
 def _dropped(before, proj) -> str:

@@ -148,10 +148,9 @@ def git(repo, *args, env=None):
     ).stdout
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
-    repo = proj.root
-    env = dict(
+def git_env() -> dict:
+    """An environment where git commits without a user's configuration, and runs this checkout's dbl."""
+    return dict(
         os.environ,
         PYTHONPATH=str(ROOT),
         GIT_AUTHOR_NAME="t",
@@ -161,6 +160,12 @@ def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
         GIT_CONFIG_GLOBAL=os.devnull,
         GIT_CONFIG_NOSYSTEM="1",
     )
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
+    repo = proj.root
+    env = git_env()
     git(repo, "init", "-q", "-b", "main", env=env)
     driver = f"{sys.executable} -m runner merge-lockfile %O %A %B"
     git(repo, "config", "merge.dbl.driver", driver, env=env)

@@ -143,6 +143,12 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
         ) from None
     recover = recover or RECOVER
     version = data.get("version")
+    if type(version) is int and version > LOCK_VERSION:
+        # a teammate's newer dbl wrote it: moving it aside and building would replace their records
+        raise LockfileError(
+            f"{shown}: written by a newer dbl (lockfile version {version}; this dbl reads version "
+            f"{LOCK_VERSION}): upgrade dbl to the version that wrote it"
+        )
     if version != LOCK_VERSION:
         raise LockfileError(
             f"{shown}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"

@@ -239,6 +239,17 @@ def test_an_unreadable_lockfile_without_git_s_markers_is_moved_aside(proj, build
     assert "cannot read the lockfile (" in err and "move it aside" in err and "merge" not in err, err
 
 
+def test_a_lockfile_of_a_newer_dbl_says_to_upgrade_not_to_move_it_aside(proj, build, capsys):
+    # A teammate's newer dbl wrote it: moving it aside and building would replace their records.
+    build(proj)
+    proj.lock.write_text(proj.lock.read_text().replace("version = 1", "version = 2", 1))
+    capsys.readouterr()
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "written by a newer dbl (lockfile version 2; this dbl reads version 1)" in err, err
+    assert "upgrade dbl" in err and "move it aside" not in err, err
+
+
 def test_merge_lockfile_with_a_missing_file_writes_nothing(tmp_path, capsys):
     ours = tmp_path / "ours.lock"
     assert main(["merge-lockfile", str(tmp_path / "base"), str(ours), str(tmp_path / "theirs")]) == 2

@@ -215,6 +215,21 @@ def test_merge_lockfile_merges_another_tool_s_lockfile_as_git_would(tmp_path, ca
     assert "not a dbl lockfile" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("command", ["build", "plan", "ls", "check"])
+def test_dbl_folder_stays_out_of_git_without_a_gitignore(proj, build, command):
+    """A project written by hand (no `dbl init`, so no .gitignore) in a repository, or a clone of one: `git
+    add -A` must not take the run-cache, gigabytes of adapters."""
+    git(proj.root, "init", "-q", env=git_env())
+    if command == "check":  # a teammate's clone: the lockfile, and no .dbl/ yet
+        build(proj)
+        shutil.rmtree(proj.root / ".dbl")
+    build(proj) if command == "build" else main([command, str(proj.path)])
+    untracked = git(proj.root, "status", "--porcelain", "--untracked-files=all", env=git_env()).splitlines()
+    assert not [line for line in untracked if ".dbl/" in line], untracked
+    assert any("pets.lock" in line for line in untracked) == (command in ("build", "check"))
+
+
 @pytest.mark.parametrize("command", [["plan"], ["plan", "--json"], ["ls"], ["check"], ["report"], ["build"]])
 def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, build, capsys, command):
     build(proj)

@@ -103,6 +103,7 @@ class Workspace:
                     )
         planned = planner.plan(self.project, lock, self.facts, force, num_processes)
         self.hasher.save()
+        store.keep_out_of_git(self.state)
         return lock, planned
 
     def snapshot(self, step: planner.Step) -> store.Snapshot:

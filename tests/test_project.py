@@ -772,6 +772,11 @@ def test_a_merge_conflict_left_in_the_project_file_is_named_with_its_fix(folder,
     ]
 
 
+def test_a_separator_in_a_multi_line_string_is_no_merge_conflict(folder):
+    text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["""a dog\n=======\n"""]\nsteps = \n'
+    assert problems(folder, text) == ["invalid TOML: Invalid value at column 9 (line 29) - fix the syntax"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ProjectError, match="no such project file"):
         load_project(tmp_path / "nope.toml")

@@ -72,11 +72,16 @@ _NAMED_MARKERS = ("<<<<<<<", "|||||||", ">>>>>>>")
 
 
 def conflict_marker(text: str) -> tuple[int, str] | None:
-    """The first line of a merge conflict that git left in `text`, as (line number, line); None if none."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line == "=======" or (line[:7] in _NAMED_MARKERS and line[7:8] in ("", " ")):
-            return number, line.rstrip()
-    return None
+    """The first line of a merge conflict that git left in `text`, as (line number, line); None if none.
+    A ======= line alone (in a multi-line string) is none: the conflict's <<<<<<< or >>>>>>> is missing."""
+    found = [
+        (number, line.rstrip())
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line == "=======" or (line[:7] in _NAMED_MARKERS and line[7:8] in ("", " "))
+    ]
+    if not any(line != "=======" for _, line in found):
+        return None
+    return found[0]
 
 
 class LineIndex:

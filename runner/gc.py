@@ -114,7 +114,7 @@ def _referenced(project: Project) -> set[str]:
 
 def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
     """(branch, file name, text) of each .lock file in `folder` as committed at the tip of each local git
-    branch: what switching to that branch brings back, and restores from the run-cache. None outside a
+    branch: what switching to that branch brings back, and restores from the run-cache. Nothing outside a
     git work tree, or without git."""
     refs = _git(folder, "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/") or ""
     found, seen = [], set()

@@ -95,9 +95,15 @@ _KEYS = {"version", "steps"}
 
 
 def foreign(path: Path) -> bool:
-    """Whether the .lock file at `path` is another tool's (uv.lock, Cargo.lock, poetry.lock, yarn.lock),
-    which may lie beside a project file, or reach the merge driver through `*.lock merge=dbl`."""
-    return foreign_text(path.read_text(encoding="utf-8-sig", errors="replace"))
+    """Whether the .lock file at `path` is another tool's (uv.lock, Cargo.lock, poetry.lock, yarn.lock, a
+    folder some tools make as a lock), which may lie beside a project file, or reach the merge driver
+    through `*.lock merge=dbl`. One that cannot be read is not: reading it as a lockfile says why."""
+    if not path.is_file():
+        return True
+    try:
+        return foreign_text(path.read_text(encoding="utf-8-sig", errors="replace"))
+    except OSError:
+        return False
 
 
 def foreign_text(text: str) -> bool:

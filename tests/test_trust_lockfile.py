@@ -337,8 +337,9 @@ def test_a_project_file_renamed_without_its_lockfile_is_told_where_it_lies(proj,
 
 
 def test_other_tools_lockfiles_are_no_renamed_lockfile(proj, capsys):
-    # A project not built yet, in a repository with uv.lock or Cargo.lock beside it.
+    # A project not built yet, in a repository with uv.lock or Cargo.lock beside it, or a tool's lock folder.
     for name, text in OTHER_TOOLS.items():
         (proj.root / name).write_text(text)
+    (proj.root / "pip.lock").mkdir()
     assert main(["plan", str(proj.path)]) == 0
     assert "lies beside" not in capsys.readouterr().err

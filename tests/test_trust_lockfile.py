@@ -142,6 +142,21 @@ def test_merge_rules():
     assert merge_records({"s": a1}, {"s": a2}, {"s": later}) == ({"s": a2}, [])
 
 
+def test_merge_lockfile_says_which_step_one_side_removed_and_the_other_changed(tmp_path, capsys):
+    made = {
+        side: lockfile.record("train", side, side, {}, {}, {}, "2020-01-01T00:00:00Z", 1.0) for side in "ab"
+    }
+    files = {side: tmp_path / side for side in ("base", "ours", "theirs")}
+    lockfile.write(files["base"], {"train:dog": made["a"], "train:toy": made["a"]})
+    lockfile.write(files["ours"], {"train:dog": made["b"]})  # toy removed from the project, dog retrained
+    lockfile.write(files["theirs"], {"train:dog": made["a"], "train:toy": made["b"]})  # toy retrained
+    assert main(["merge-lockfile", *map(str, files.values())]) == 0
+    err = capsys.readouterr().err
+    assert "train:toy removed on one side and changed on the other: left out" in err, err
+    merged = lockfile.read(files["ours"])
+    assert list(merged) == ["train:dog"] and merged["train:dog"]["fingerprint"] == "b"
+
+
 def git(repo, *args, env=None):
     return subprocess.run(
         ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True

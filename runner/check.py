@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import lockfile
+from runner import lockfile, store
 from runner.fingerprint import FileHasher, base_model_identity, sha256_file
 from runner.project.schema import Project
 
@@ -63,6 +63,7 @@ def check(project: Project) -> Report:
     found += _base_model(project, records, hasher)
     cached, cache_files = _cache_entries(project, records)
     hasher.save()
+    store.keep_out_of_git(project.state_dir)
     unique = list(dict.fromkeys(found + cached))
     unread = {m.path for m in unique if not m.read}
     return Report(unique, hasher.reads + cache_files + len(unread))
@@ -180,9 +181,7 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
 def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int]:
     """The run-cache entries the lockfile refers to: each file there against its manifest's sha256.
     Returns the mismatches and the number of files read."""
-    from runner.store import RunCache
-
-    cache = RunCache(project.state_dir / "cache")
+    cache = store.RunCache(project.state_dir / "cache")
     found, read = [], 0
     for sid, record in sorted(records.items()):
         fp = record["fingerprint"]

@@ -476,8 +476,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge_lockfile(args) -> int:
-    from runner.lockfile import LockfileError
-    from runner.merge import merge_files
+    from runner.lockfile import LockfileError, foreign
+    from runner.merge import merge_files, merge_lines
 
     missing = [name for name in (args.base, args.ours, args.theirs) if not Path(name).is_file()]
     if missing:
@@ -486,6 +486,16 @@ def cmd_merge_lockfile(args) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    sides = [Path(args.base), Path(args.ours), Path(args.theirs)]
+    if any(map(foreign, sides)):
+        if merge_lines(*sides) == 0:
+            return EXIT_OK
+        print(
+            "dbl merge-lockfile: not a dbl lockfile (another tool's, which `*.lock merge=dbl` matches too): "
+            "merged line by line, as git does without the driver; resolve its conflicts as usual",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     try:
         conflicts, notes = merge_files(Path(args.base), Path(args.ours), Path(args.theirs))
     except LockfileError as exc:

@@ -2,8 +2,10 @@
 (train checkpoints) no step of the project can resume, and what builds killed while writing the cache or
 committing outputs left behind.
 
-Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept. One
+Every project file in a folder shares its `.dbl/`, so what any of their lockfiles refers to is kept, as
+they are and as committed at the tip of each local git branch (a branch checked out again restores). One
 that cannot be read (a merge conflict, a bad edit) could refer to anything: then nothing is collected.
+Other tools' lockfiles beside it (poetry.lock, Cargo.lock) are passed over.
 A build stores its outputs in the cache before its lockfile names them, so gc holds every project's
 build lock while it collects, and no entry is dropped between the two.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,9 +146,12 @@ def _unfinished_commits(project: Project) -> list[Path]:
 
 
 def _referenced(project: Project) -> set[str]:
-    """The fingerprints every lockfile beside the project refers to."""
+    """The fingerprints every lockfile beside the project refers to (other tools' .lock files aside), as
+    it is and as committed at the tip of each local git branch."""
     keep: set[str] = set()
     for lock_path in sorted(project.dir.glob("*.lock")):
+        if lockfile.foreign(lock_path):
+            continue
         try:
             keep |= lockfile.referenced_fingerprints(lock_path)
         except lockfile.LockfileError as exc:
@@ -155,7 +161,46 @@ def _referenced(project: Project) -> set[str]:
                 f"{lock_path} is unreadable: fix it (a merge conflict: see 'Lockfiles in git' in the "
                 f"README) or move it out of {project.dir}, then run gc again"
             ) from None
+    for branch, name, text in _branch_lockfiles(project.dir):
+        if lockfile.foreign_text(text):
+            continue
+        try:
+            keep |= lockfile.fingerprints_in(text, f"{name} on branch {branch}")
+        except lockfile.LockfileError as exc:
+            raise DblError(
+                f"gc refused: {exc}\n"
+                f"  gc keeps what the lockfiles of every local git branch refer to, so it cannot run while "
+                f"that one is unreadable: fix it on {branch} (or delete the branch), then run gc again"
+            ) from None
     return keep
+
+
+def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
+    """(branch, file name, text) of each .lock file in `folder` as committed at the tip of each local git
+    branch: what switching to that branch brings back, and restores from the run-cache. Nothing outside a
+    git work tree, or without git."""
+    refs = _git(folder, "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/") or ""
+    found, seen = [], set()
+    for commit, branch in (line.split(" ", 1) for line in refs.splitlines()):
+        if commit in seen:
+            continue
+        seen.add(commit)
+        for name in (_git(folder, "ls-tree", "-z", "--name-only", commit, "--", ".") or "").split("\0"):
+            text = _git(folder, "show", f"{commit}:./{name}") if name.endswith(".lock") else None
+            if text is not None:
+                found.append((branch, name, text))
+    return found
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """What a git command prints, run in `folder`; None where it fails (no repository, no git)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, encoding="utf-8", errors="replace"
+        )
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 @contextlib.contextmanager

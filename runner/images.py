@@ -68,6 +68,10 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     return rgb
 
 
+# How the small text file that Git LFS checks out in place of a file it has not fetched begins.
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def _decode(path: Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
@@ -84,6 +88,12 @@ def _decode(path: Path) -> Image.Image:
             f"{path}: the image is too large to decode safely ({exc}); downscale it (a few megapixels is plenty)"
         ) from None
     except UnidentifiedImageError:
+        with path.open("rb") as file:
+            if file.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise ImageError(
+                    f"{path}: a Git LFS pointer, not the image (this clone has not fetched it); run "
+                    "`git lfs pull`"
+                ) from None
         raise ImageError(
             f"{path}: not an image file Pillow can read (is it really a {path.suffix} file?)"
         ) from None

@@ -25,6 +25,7 @@ from typing import Any, TypedDict
 
 from runner import tempnames
 from runner.errors import DblError
+from runner.project.lines import conflict_marker
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,6 +90,33 @@ def record(
     )
 
 
+# The top-level keys of a lockfile; uv.lock and Cargo.lock, TOML too, hold others.
+_KEYS = {"version", "steps"}
+
+
+def foreign(path: Path) -> bool:
+    """Whether the .lock file at `path` is another tool's (uv.lock, Cargo.lock, poetry.lock, yarn.lock, a
+    folder some tools make as a lock), which may lie beside a project file, or reach the merge driver
+    through `*.lock merge=dbl`. One that cannot be read is not: reading it as a lockfile says why."""
+    if not path.is_file():
+        return True
+    try:
+        return foreign_text(path.read_text(encoding="utf-8-sig", errors="replace"))
+    except OSError:
+        return False
+
+
+def foreign_text(text: str) -> bool:
+    """Whether a .lock file's text is another tool's: TOML with other top-level keys, or text that is not
+    TOML and does not hold dbl's header. An empty file (git's stand-in for a side without the file) is not."""
+    if not text.strip() or HEADER in text:
+        return False
+    try:
+        return not set(tomllib.loads(text)) <= _KEYS
+    except tomllib.TOMLDecodeError:
+        return True
+
+
 def lock_path(project_path: Path) -> Path:
     return project_path.with_suffix(".lock")
 
@@ -99,18 +127,34 @@ RECOVER = (
 )
 
 
-def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[str, Record]:
+def read(path: Path, label: str | None = None, recover: str | None = None) -> dict[str, Record]:
     """The step records of a lockfile, {step id: record}; empty when there is none yet.
 
-    Messages name the file `label` (default: its path) and end an error with `recover`."""
+    Messages name the file `label` (default: its path) and end an error with `recover` (default: how to
+    resolve a merge conflict git left in it, or else RECOVER)."""
     if not path.exists():
         return {}
     shown = label or str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+        data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover}") from None
+        conflict = conflict_marker(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
+        if conflict is None:
+            raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover or RECOVER}") from None
+        line, marker = conflict
+        raise LockfileError(
+            f"{shown}: cannot read the lockfile: unresolved merge conflict (line {line}: `{marker}`); "
+            f"{recover or _resolve(shown)}"
+        ) from None
+    recover = recover or RECOVER
     version = data.get("version")
+    if type(version) is int and version > LOCK_VERSION:
+        # a teammate's newer dbl wrote it: moving it aside and building would replace their records
+        raise LockfileError(
+            f"{shown}: written by a newer dbl (lockfile version {version}; this dbl reads version "
+            f"{LOCK_VERSION}): upgrade dbl to the version that wrote it"
+        )
     if version != LOCK_VERSION:
         raise LockfileError(
             f"{shown}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"
@@ -132,6 +176,15 @@ def read(path: Path, label: str | None = None, recover: str = RECOVER) -> dict[s
             stacklevel=2,
         )
     return steps
+
+
+def _resolve(path: str) -> str:
+    """How to resolve a merge conflict in the lockfile at `path`: record by record, or by taking one side."""
+    return (
+        "merge it record by record: set up dbl's merge driver (README: 'Lockfiles in git') and run "
+        f"`git checkout -m {path}`; or take one side: `git checkout --ours {path}`; then `dbl build` "
+        "restores or reruns what the merged project file needs"
+    )
 
 
 def take_names(record: dict, inputs: dict) -> bool:
@@ -197,12 +250,21 @@ def referenced_fingerprints(path: Path) -> set[str]:
     if not path.exists():
         return set()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
+    return fingerprints_in(text, str(path))
+
+
+def fingerprints_in(text: str, shown: str) -> set[str]:
+    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`."""
+    try:
+        data = tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as exc:
+        raise LockfileError(f"{shown}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})
     if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
-        raise LockfileError(f"{path}: not a lockfile of version {LOCK_VERSION}")
+        raise LockfileError(f"{shown}: not a lockfile of version {LOCK_VERSION}")
     return {
         r["fingerprint"]
         for r in steps.values()

@@ -4,7 +4,9 @@ A lockfile is one record per step, so two branches merge record by record, the w
 a step changed on one side only takes that side's record; a step changed on both sides the same way
 (same fingerprint and outputs) takes ours; a step changed on both sides differently is left out, and
 the next `dbl build` restores it from the run-cache or reruns it for the merged project file. A step
-removed on one side and unchanged on the other is removed. The result replaces OURS, as git expects.
+removed on one side and unchanged on the other is removed; one removed on one side and changed on the
+other is left out. The result replaces OURS, as git expects.
+Another tool's lockfile that the pattern below matches (uv.lock) is merged line by line, as git would.
 
     .gitattributes:  *.lock merge=dbl
     git config merge.dbl.driver "dbl merge-lockfile %O %A %B"
@@ -12,6 +14,7 @@ removed on one side and unchanged on the other is removed. The result replaces O
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -64,7 +67,8 @@ def _records(path: Path, side: str) -> tuple[dict[str, dict], list[str]]:
 
 
 def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[str]]:
-    """Merge three lockfiles into `ours`; (steps left out, notes about records set aside).
+    """Merge three lockfiles into `ours`; (steps changed on both sides and left out, notes about records
+    set aside and about steps removed on one side and changed on the other, left out too).
 
     Raises LockfileError when a side cannot be read (git then reports a conflict).
     """
@@ -76,4 +80,14 @@ def merge_files(base: Path, ours: Path, theirs: Path) -> tuple[list[str], list[s
         notes += messages
     merged, conflicts = merge_records(*sides)
     lockfile.write(ours, merged)
-    return conflicts, notes
+    removed = [sid for sid in conflicts if sid not in sides[1] or sid not in sides[2]]
+    if removed:
+        notes.append(f"{', '.join(removed)} removed on one side and changed on the other: left out")
+    return [sid for sid in conflicts if sid not in removed], notes
+
+
+def merge_lines(base: Path, ours: Path, theirs: Path) -> int:
+    """Merge three versions of a file line by line into `ours`, as git does without a driver; how many
+    conflicts it left, marked as git marks them."""
+    labels = ["-L", "ours", "-L", "base", "-L", "theirs"]
+    return subprocess.run(["git", "merge-file", *labels, str(ours), str(base), str(theirs)]).returncode

@@ -6,6 +6,7 @@ old state or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,6 +24,18 @@ from runner.project.schema import Project
 
 class LockHeld(Exception):
     """Another build of the same project is running."""
+
+
+def keep_out_of_git(state_dir: Path) -> None:
+    """Give .dbl/ a .gitignore that ignores all of it, as DVC does its own folder: in a project made without
+    `dbl init` (whose .gitignore names .dbl/), `git add -A` would commit the run-cache, gigabytes of
+    adapters. Never fails a command: a folder it cannot write to is left as it is."""
+    ignore = state_dir / ".gitignore"
+    if state_dir.is_dir() and not ignore.exists():
+        with contextlib.suppress(OSError):
+            ignore.write_text(
+                "# Written by dbl: the run-cache and build state, not for version control.\n*\n"
+            )
 
 
 class BuildLock:

@@ -42,6 +42,12 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
     names = sorted(available())
     if name not in names:
         raise UsageError(f"no template '{name}'; templates: {', '.join(names)}")
+    if target_dir.suffix == ".toml" and not target_dir.is_dir():  # `dbl init pets.toml` meant a file
+        meant = target_dir.with_suffix("")
+        raise UsageError(
+            f"{target_dir}: `dbl init` takes the folder for the new project, not a project file (named after "
+            f"its template: {name}.toml); `dbl init {meant}` makes {meant / f'{name}.toml'}"
+        )
     target = target_dir / f"{name}.toml"
     if target.exists():
         raise UsageError(f"{target} exists already; choose another folder")

@@ -27,6 +27,14 @@ def test_non_image_bytes_with_jpg_suffix_names_the_file(tmp_path):
     assert isinstance(info.value, StepError)
 
 
+def test_a_git_lfs_pointer_says_to_fetch_the_image(tmp_path):
+    # A clone without `git lfs pull` holds, in place of each photo, the text that points to it.
+    path = tmp_path / "dog.png"
+    path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 5120\n")
+    with pytest.raises(ImageError, match="dog.png: a Git LFS pointer, not the image.*`git lfs pull`"):
+        load_rgb(path)
+
+
 def test_truncated_jpeg_names_the_file(tmp_path):
     path = tmp_path / "cut.jpg"
     data = _jpeg_bytes((256, 256))

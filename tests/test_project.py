@@ -763,6 +763,25 @@ def test_invalid_toml_names_the_line(folder):
     assert found == ["invalid TOML: Invalid value at column 14 (line 2) - fix the syntax"]
 
 
+@pytest.mark.parametrize(
+    "theirs",
+    ['negative_prompt = "blurry"', "steps = 30"],  # another key on the other side, or the same one changed
+)
+def test_a_merge_conflict_left_in_the_project_file_is_named_with_its_fix(folder, theirs):
+    # `git merge` of two branches that changed the same lines leaves both sides between git's markers.
+    render = '\n[renders.r]\nadapter = "dog"\nprompts = ["x"]\n<<<<<<< HEAD\nsteps = 20\n=======\n'
+    found = problems(folder, GOOD + render + theirs + "\n>>>>>>> theirs\n")
+    assert found == [
+        "unresolved merge conflict: `<<<<<<< HEAD` (line 27) - keep the lines you want, "
+        "then delete git's marker lines (<<<<<<<, =======, >>>>>>>)"
+    ]
+
+
+def test_a_separator_in_a_multi_line_string_is_no_merge_conflict(folder):
+    text = GOOD + '\n[renders.r]\nadapter = "dog"\nprompts = ["""a dog\n=======\n"""]\nsteps = \n'
+    assert problems(folder, text) == ["invalid TOML: Invalid value at column 9 (line 29) - fix the syntax"]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ProjectError, match="no such project file"):
         load_project(tmp_path / "nope.toml")

@@ -131,6 +131,15 @@ def test_init_where_a_file_takes_a_folder_writes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no half-made project to trip over
 
 
+def test_init_given_a_project_file_name_says_it_takes_a_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "pets.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "pets.toml: `dbl init` takes the folder for the new project, not a project file" in err, err
+    assert "`dbl init pets` makes pets/subject.toml" in err, err
+    assert not list(tmp_path.iterdir())  # no folder named pets.toml
+
+
 def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, capsys):
     assert main(["init", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from runner import lockfile
 from runner.cli import main
+from runner.lockfile import HEADER
 from runner.store import BuildLock, RunCache
 from tests.test_cli import fake_dbl, wait_for
 
@@ -26,7 +29,7 @@ def built_twice(proj, build):
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-@pytest.mark.parametrize("which, text", [("pets.lock", None), ("other.lock", "garbage = = =\n")])
+@pytest.mark.parametrize("which, text", [("pets.lock", None), ("other.lock", HEADER + "garbage = = =\n")])
 def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, which, text):
     proj = built_twice
     bad = proj.root / which
@@ -43,6 +46,52 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
     bad.unlink() if which == "other.lock" else bad.write_text(bad.read_text().replace(CONFLICT, ""))
     assert main(args) == 0
     assert cache_entries(proj) == (before if dry_run else sorted(set(before) - {_dropped(before, proj)}))
+
+
+# Other tools' lockfiles, which lie beside a project file in a Python or Rust repository.
+OTHER_TOOLS = {
+    "poetry.lock": '[[package]]\nname = "numpy"\n\n[metadata]\nlock-version = "2.0"\n',
+    "Cargo.lock": 'version = 4\n\n[[package]]\nname = "serde"\n',
+    "uv.lock": 'version = 1\nrequires-python = ">=3.11"\n',
+    "yarn.lock": '# yarn lockfile v1\n\nleft-pad@^1.3.0:\n  version "1.3.0"\n',
+}
+
+
+def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
+    proj = built_twice
+    for name, text in OTHER_TOOLS.items():
+        (proj.root / name).write_text(text)
+    (proj.root / "pip.lock").mkdir()  # a lock some tools take by making a folder
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 0, capsys.readouterr().err
+    assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
+    assert all((proj.root / name).read_text() == text for name, text in OTHER_TOOLS.items())
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build, capsys):
+    """Hours of training on a branch: gc on another one must not drop them, or checking the branch
+    out again retrains instead of restoring."""
+    from tests.test_trust_lockfile import git, git_env
+
+    env = git_env()
+    git(proj.root, "init", "-q", "-b", "main", env=env)
+    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
+    build(proj)
+    git(proj.root, "add", "-A", env=env)
+    git(proj.root, "commit", "-qm", "base", env=env)
+    git(proj.root, "checkout", "-qb", "snow", env=env)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    git(proj.root, "commit", "-qam", "snow", env=env)
+    git(proj.root, "checkout", "-q", "main", env=env)
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 0
+    assert cache_entries(proj) == before  # the render of the snow branch is kept for it
+    git(proj.root, "branch", "-qD", "snow", env=env)
+    assert main(["gc", str(proj.path)]) == 0
+    assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
+    capsys.readouterr()
 
 
 def _dropped(before, proj) -> str:

@@ -13,7 +13,7 @@ import pytest
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import ROOT
-from tests.test_trust_gc import CONFLICT
+from tests.test_trust_gc import CONFLICT, OTHER_TOOLS
 
 # Two renders whose records differ only in their adapter, output and times: a text merge of their
 # tables can mix them line by line.
@@ -142,16 +142,30 @@ def test_merge_rules():
     assert merge_records({"s": a1}, {"s": a2}, {"s": later}) == ({"s": a2}, [])
 
 
+def test_merge_lockfile_says_which_step_one_side_removed_and_the_other_changed(tmp_path, capsys):
+    made = {
+        side: lockfile.record("train", side, side, {}, {}, {}, "2020-01-01T00:00:00Z", 1.0) for side in "ab"
+    }
+    files = {side: tmp_path / side for side in ("base", "ours", "theirs")}
+    lockfile.write(files["base"], {"train:dog": made["a"], "train:toy": made["a"]})
+    lockfile.write(files["ours"], {"train:dog": made["b"]})  # toy removed from the project, dog retrained
+    lockfile.write(files["theirs"], {"train:dog": made["a"], "train:toy": made["b"]})  # toy retrained
+    assert main(["merge-lockfile", *map(str, files.values())]) == 0
+    err = capsys.readouterr().err
+    assert "train:toy removed on one side and changed on the other: left out" in err, err
+    merged = lockfile.read(files["ours"])
+    assert list(merged) == ["train:dog"] and merged["train:dog"]["fingerprint"] == "b"
+
+
 def git(repo, *args, env=None):
     return subprocess.run(
         ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
     ).stdout
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
-    repo = proj.root
-    env = dict(
+def git_env() -> dict:
+    """An environment where git commits without a user's configuration, and runs this checkout's dbl."""
+    return dict(
         os.environ,
         PYTHONPATH=str(ROOT),
         GIT_AUTHOR_NAME="t",
@@ -161,6 +175,12 @@ def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
         GIT_CONFIG_GLOBAL=os.devnull,
         GIT_CONFIG_NOSYSTEM="1",
     )
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
+    repo = proj.root
+    env = git_env()
     git(repo, "init", "-q", "-b", "main", env=env)
     driver = f"{sys.executable} -m runner merge-lockfile %O %A %B"
     git(repo, "config", "merge.dbl.driver", driver, env=env)
@@ -191,6 +211,40 @@ def test_merge_driver_in_a_real_git_repository(proj, build, capsys):
     assert out.startswith("all 9 steps are up to date") and not err
 
 
+UV_LOCK = 'version = 1\nrequires-python = ">=3.11"\n\n[[package]]\nname = "numpy"\nversion = "2.0.0"\n\n[[package]]\nname = "torch"\nversion = "2.13.0"\n'
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_merge_lockfile_merges_another_tool_s_lockfile_as_git_would(tmp_path, capsys):
+    # `*.lock merge=dbl` also sends uv.lock, Cargo.lock or yarn.lock here: they merge line by line.
+    files = {side: tmp_path / f".merge_file_{side[:2]}" for side in ("base", "ours", "theirs")}
+    files["base"].write_text(UV_LOCK)
+    files["ours"].write_text(UV_LOCK.replace('"2.0.0"', '"2.1.0"'))
+    files["theirs"].write_text(UV_LOCK.replace('"2.13.0"', '"2.14.0"'))
+    args = ["merge-lockfile", *map(str, files.values())]
+    assert main(args) == 0
+    assert files["ours"].read_text() == UV_LOCK.replace('"2.0.0"', '"2.1.0"').replace('"2.13.0"', '"2.14.0"')
+    files["theirs"].write_text(UV_LOCK.replace('"2.0.0"', '"2.2.0"'))
+    assert main(args) == 1  # changed on both sides: git's conflict, with its markers
+    assert "<<<<<<< ours" in files["ours"].read_text()
+    assert "not a dbl lockfile" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("command", ["build", "plan", "ls", "check"])
+def test_dbl_folder_stays_out_of_git_without_a_gitignore(proj, build, command):
+    """A project written by hand (no `dbl init`, so no .gitignore) in a repository, or a clone of one: `git
+    add -A` must not take the run-cache, gigabytes of adapters."""
+    git(proj.root, "init", "-q", env=git_env())
+    if command == "check":  # a teammate's clone: the lockfile, and no .dbl/ yet
+        build(proj)
+        shutil.rmtree(proj.root / ".dbl")
+    build(proj) if command == "build" else main([command, str(proj.path)])
+    untracked = git(proj.root, "status", "--porcelain", "--untracked-files=all", env=git_env()).splitlines()
+    assert not [line for line in untracked if ".dbl/" in line], untracked
+    assert any("pets.lock" in line for line in untracked) == (command in ("build", "check"))
+
+
 @pytest.mark.parametrize("command", [["plan"], ["plan", "--json"], ["ls"], ["check"], ["report"], ["build"]])
 def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, build, capsys, command):
     build(proj)
@@ -201,6 +255,29 @@ def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, bui
     assert captured.err.startswith(f"dbl: {proj.lock}: cannot read the lockfile"), captured.err
     assert "Traceback" not in captured.err and not captured.out
     assert CONFLICT in proj.lock.read_text()  # nothing was built over it
+    # git's markers: the conflict is named, with the git commands that resolve it
+    assert "unresolved merge conflict (line 1: `<<<<<<< HEAD`)" in captured.err, captured.err
+    assert f"git checkout -m {proj.lock}" in captured.err and "Lockfiles in git" in captured.err
+
+
+def test_an_unreadable_lockfile_without_git_s_markers_is_moved_aside(proj, build, capsys):
+    build(proj)
+    proj.lock.write_text("[steps\n" + proj.lock.read_text())
+    capsys.readouterr()
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the lockfile (" in err and "move it aside" in err and "merge" not in err, err
+
+
+def test_a_lockfile_of_a_newer_dbl_says_to_upgrade_not_to_move_it_aside(proj, build, capsys):
+    # A teammate's newer dbl wrote it: moving it aside and building would replace their records.
+    build(proj)
+    proj.lock.write_text(proj.lock.read_text().replace("version = 1", "version = 2", 1))
+    capsys.readouterr()
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "written by a newer dbl (lockfile version 2; this dbl reads version 1)" in err, err
+    assert "upgrade dbl" in err and "move it aside" not in err, err
 
 
 def test_merge_lockfile_with_a_missing_file_writes_nothing(tmp_path, capsys):
@@ -271,4 +348,13 @@ def test_a_project_file_renamed_without_its_lockfile_is_told_where_it_lies(proj,
     ) in err, err
     (proj.root / "pets.lock").rename(proj.root / "dogs.lock")
     assert main(["plan", str(proj.root / "dogs.toml")]) == 0
+    assert "lies beside" not in capsys.readouterr().err
+
+
+def test_other_tools_lockfiles_are_no_renamed_lockfile(proj, capsys):
+    # A project not built yet, in a repository with uv.lock or Cargo.lock beside it, or a tool's lock folder.
+    for name, text in OTHER_TOOLS.items():
+        (proj.root / name).write_text(text)
+    (proj.root / "pip.lock").mkdir()
+    assert main(["plan", str(proj.path)]) == 0
     assert "lies beside" not in capsys.readouterr().err

@@ -93,7 +93,8 @@ class Workspace:
         lock = lockfile.read(self.lock_path)
         if not lock and not self.lock_path.exists():
             for other in sorted(self.project.dir.glob("*.lock")):
-                if not other.with_suffix(".toml").exists():  # a project file renamed without its lockfile?
+                # a project file renamed without its lockfile? (uv.lock, poetry.lock: another tool's)
+                if not other.with_suffix(".toml").exists() and not lockfile.foreign(other):
                     warnings.warn(
                         f"{other.name} lies beside {self.project.path.name}, and no {other.stem}.toml: if "
                         f"this project file was renamed from it, rename the lockfile too (git mv {other.name} "
@@ -102,6 +103,7 @@ class Workspace:
                     )
         planned = planner.plan(self.project, lock, self.facts, force, num_processes)
         self.hasher.save()
+        store.keep_out_of_git(self.state)
         return lock, planned
 
     def snapshot(self, step: planner.Step) -> store.Snapshot:

@@ -66,6 +66,24 @@ def duplicate_keys(text: str) -> list[tuple[tuple[str, ...], int, int]]:
     return found
 
 
+# The lines git writes around the sides of a conflict it leaves to the user: <<<<<<< ours, ||||||| base
+# (with diff3), ======= and >>>>>>> theirs, each side's name after a space.
+_NAMED_MARKERS = ("<<<<<<<", "|||||||", ">>>>>>>")
+
+
+def conflict_marker(text: str) -> tuple[int, str] | None:
+    """The first line of a merge conflict that git left in `text`, as (line number, line); None if none.
+    A ======= line alone (in a multi-line string) is none: the conflict's <<<<<<< or >>>>>>> is missing."""
+    found = [
+        (number, line.rstrip())
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line == "=======" or (line[:7] in _NAMED_MARKERS and line[7:8] in ("", " "))
+    ]
+    if not any(line != "=======" for _, line in found):
+        return None
+    return found[0]
+
+
 class LineIndex:
     """Answers "on which line is this key?" with the nearest enclosing key or table as fallback."""
 

@@ -14,7 +14,7 @@ from typing import Any
 from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
-from runner.project.lines import LineIndex, duplicate_keys
+from runner.project.lines import LineIndex, conflict_marker, duplicate_keys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -419,7 +419,13 @@ def _read_text(path: Path) -> str:
 
 
 def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
-    """A TOML syntax error as a located problem; a key set twice is named, with both of its lines."""
+    """A TOML syntax error as located problems: a merge conflict that git left in the file (whose two
+    sides often set one key twice), else each key set twice with both of its lines, else tomllib's error."""
+    conflict = conflict_marker(text)
+    if conflict:
+        line, marker = conflict
+        fix = "keep the lines you want, then delete git's marker lines (<<<<<<<, =======, >>>>>>>)"
+        return [Problem("", f"unresolved merge conflict: `{marker}`", line, fix)]
     twice = duplicate_keys(text)
     if twice:
         return [

@@ -352,6 +352,23 @@ def test_live_table_rows_laid_out_one_by_one_are_the_tables():
         assert live._RowLines()(console, console.options, rows) == whole, width
 
 
+def test_live_table_rows_are_the_tables_with_a_rich_that_measures_otherwise(monkeypatch):
+    """The rows are laid out one by one at the widths of rich's private Table._calculate_column_widths;
+    a rich without it lays out the whole table each time."""
+    from rich.text import Text
+
+    from runner.ui import live
+
+    assert live._column_widths(live._grid(), Console(), Console().options)  # this rich: rows one by one
+    assert live._column_widths(object(), Console(), Console().options) is None
+    monkeypatch.setattr(live, "_column_widths", lambda *args: None)
+    rows = [(Text("✓"), Text("train:dog"), Text("cached"), Text("build/x"), Text(""))]
+    console = Console(width=60, force_terminal=True)
+    table = live._grid()
+    table.add_row(*rows[0])
+    assert live._RowLines()(console, console.options, rows) == console.render_lines(table, pad=False)
+
+
 def test_live_display_keeps_its_own_copy_of_events():
     reporter = LiveReporter(console=recording_console())
     steps = plan_steps()

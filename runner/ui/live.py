@@ -301,8 +301,8 @@ class _RowLines:
         table = _grid()
         for cells in rows:
             table.add_row(*cells)
-        widths = table._calculate_column_widths(console, options)  # rich's own (private) measure
-        if any(w < 1 for w in widths[:-1]):  # a terminal too narrow for the space between columns
+        widths = _column_widths(table, console, options)
+        if widths is None or any(w < 1 for w in widths[:-1]):  # or too narrow for the space between columns
             return console.render_lines(table, options, pad=False)
         frame: dict[tuple, list[list[Segment]]] = {}
         lines = []
@@ -318,6 +318,16 @@ class _RowLines:
             lines += found
         self._frames = [*self._frames[1 - self.FRAMES :], frame]
         return lines
+
+
+def _column_widths(table: Table, console: Console, options: ConsoleOptions) -> list[int] | None:
+    """The widths rich gives the table's columns, by its own private measure; None from a rich that has
+    it no more (the whole table is then laid out each time, as it shows the same)."""
+    measure = getattr(table, "_calculate_column_widths", None)
+    try:
+        return list(measure(console, options)) if measure else None
+    except TypeError:  # measured with other arguments
+        return None
 
 
 def _key(cells: tuple, widths: list[int]) -> tuple | None:

@@ -7,13 +7,14 @@ import math
 import re
 import sys
 import warnings
-from dataclasses import MISSING, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
+from runner.project.examples import describe, example, example_list
 from runner.project.lines import LineIndex, conflict_marker, duplicate_keys
 
 if sys.version_info >= (3, 11):
@@ -129,7 +130,7 @@ class _Checker:
                     key,
                     f"'{raw}' is not a preset ({', '.join(schema.TARGET_PRESETS)})",
                     f"{hint}{'or give' if hint else 'give'} a list of module names, "
-                    f"e.g. {f.name} = {_example_list(f)}",
+                    f"e.g. {f.name} = {example_list(f)}",
                 )
                 return False, raw
         elif kind in ("list[str]", "list[int]", "targets"):
@@ -137,7 +138,7 @@ class _Checker:
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
             if ok and not raw:
                 self.problem(
-                    key, "must not be empty", f"give at least one value, e.g. {f.name} = {_example(f)}"
+                    key, "must not be empty", f"give at least one value, e.g. {f.name} = {example(f)}"
                 )
                 return False, raw
             value = list(raw) if ok else raw
@@ -151,7 +152,7 @@ class _Checker:
             value = tuple((name, float(w)) for name, w in raw.items()) if ok else raw
         if not ok:
             self.problem(
-                key, f"expected {expected}, got {_describe(raw)}", f"e.g. {f.name} = {_example(f, raw)}"
+                key, f"expected {expected}, got {describe(raw)}", f"e.g. {f.name} = {example(f, raw)}"
             )
             return False, raw
         texts = value if isinstance(value, list) else [value]
@@ -169,7 +170,7 @@ class _Checker:
         if not self._in_range(key, value, meta.get("minimum"), meta.get("maximum"), meta.get("multiple")):
             return False, value
         if (unusable := _unusable_number(value)) is not None:
-            self.problem(key, unusable, f"e.g. {f.name} = {_example(f)}")
+            self.problem(key, unusable, f"e.g. {f.name} = {example(f)}")
             return False, value
         return True, value
 
@@ -191,7 +192,7 @@ class _Checker:
     def table(self, key: tuple[str, ...], raw: Any, cls, base=None, extra: dict | None = None, nested=()):
         """Read a TOML table into dataclass `cls`, on top of `base` (an instance) when given."""
         if not isinstance(raw, dict):
-            self.problem(key, f"expected a table, got {_describe(raw)}", f"write it as [{'.'.join(key)}]")
+            self.problem(key, f"expected a table, got {describe(raw)}", f"write it as [{'.'.join(key)}]")
             return None
         known = {f.name: f for f in schema.keys_of(cls)}
         values: dict[str, Any] = {}
@@ -251,134 +252,6 @@ def _unusable_number(value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
     return None
-
-
-def _describe(raw: Any) -> str:
-    if isinstance(raw, bool):
-        return "true" if raw else "false"
-    if isinstance(raw, str):
-        return f"the string {raw!r}"
-    if isinstance(raw, dict):
-        return "a table"
-    if isinstance(raw, list):
-        return "a list"
-    return f"{type(raw).__name__} {raw!r}"
-
-
-def _example_list(f) -> str:
-    """The field's default list as TOML, else a placeholder."""
-    default = schema.default_of(f)
-    names = default if isinstance(default, list) else ["..."]
-    return "[" + ", ".join(f'"{n}"' for n in names) + "]"
-
-
-# A placeholder of each kind, for a field with no default and no choices.
-_PLACEHOLDERS = {
-    "str": '"..."',
-    "int": "64",
-    "float": "1.0",
-    "bool": "true",
-    "list[str]": '["..."]',
-    "list[int]": "[0, 1]",
-    "weights": "{ dog = 1.0 }",
-    "targets": '"attention"',
-    "switch": '"auto"',
-    "prompts": '"a photo of dog"',
-}
-
-
-def _example(f, raw: Any = None) -> str:
-    """A value of field `f`, as TOML, that the field's own checks accept: the number a string `raw`
-    spells ("512" for an integer), else the field's default (not for a bool), else its first choice,
-    else a placeholder of its kind moved into its range."""
-    kind, meta = f.metadata["type"].rstrip("?"), f.metadata
-    # A switch's default is rarely what a user who wrote one meant: `use_dora = 1` means true.
-    default = None if kind == "bool" else schema.default_of(f)
-    for value in (_spelled(kind, raw), default, *(meta.get("choices") or ())):
-        if _fits(kind, meta, value):
-            return _toml(value)
-    if kind == "int":
-        return _toml(_into_range(64, meta))
-    if kind == "float":
-        return _toml(float(_into_range(1.0, meta)))
-    if kind == "list[int]":
-        first = _into_range(0, meta)
-        return _toml([first, _into_range(first + (meta.get("multiple") or 1), meta)])
-    return _PLACEHOLDERS[kind]
-
-
-def _spelled(kind: str, raw: Any) -> Any:
-    """What a value of the wrong kind most likely meant: the number (or boolean) a string spells, a whole
-    float as an integer, one value for a list of them, a list's one string for a string; else None."""
-    if kind == "list[int]" and not isinstance(raw, list):
-        one = _spelled("int", raw) if not isinstance(raw, int) or isinstance(raw, bool) else raw
-        return None if one is None else [one]
-    if kind == "list[str]" and isinstance(raw, str):
-        return [raw]
-    if kind == "str" and isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
-        return raw[0]
-    if kind == "int" and isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if not isinstance(raw, str):
-        return None
-    text = raw.strip()
-    if kind == "bool":
-        return {"true": True, "false": False}.get(text.lower())
-    if kind in ("int", "float"):
-        try:
-            return int(text) if kind == "int" else float(text)
-        except ValueError:
-            return None
-    return None
-
-
-def _fits(kind: str, meta: dict, value: Any) -> bool:
-    """Whether `value` passes the checks of a field of this kind and metadata (scalars and int lists)."""
-    if value is None or value is MISSING:
-        return False
-    numeric = (int,) if kind in ("int", "list[int]") else (int, float)
-    if kind in ("int", "float"):
-        ok = isinstance(value, numeric) and not isinstance(value, bool) and math.isfinite(value)
-    elif kind == "list[int]":
-        ok = isinstance(value, list) and bool(value)
-        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    elif kind == "list[str]":
-        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "str":
-        ok = isinstance(value, str)
-    elif kind == "switch":
-        ok = isinstance(value, bool) or value == "auto"
-    else:
-        return False
-    if not ok or (meta.get("choices") and value not in meta["choices"]):
-        return False
-    return all(_into_range(v, meta) == v for v in (value if isinstance(value, list) else [value]))
-
-
-def _into_range(number, meta: dict):
-    """`number` moved to the nearest value within the field's minimum, maximum and multiple."""
-    if not isinstance(number, (int, float)) or isinstance(number, bool):
-        return number
-    low, high, multiple = meta.get("minimum"), meta.get("maximum"), meta.get("multiple")
-    if low is not None:
-        number = max(number, low)
-    if multiple:
-        number = -(-number // multiple) * multiple
-    if high is not None:
-        number = min(number, high)
-    return number
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
 
 
 def load_project(path: Path | str) -> schema.Project:
@@ -495,7 +368,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     """Read the tables of one group ([subjects.*] ...), checking their names."""
     raw = data.get(group, {})
     if not isinstance(raw, dict):
-        check.problem((group,), f"expected tables [{group}.<name>], got {_describe(raw)}")
+        check.problem((group,), f"expected tables [{group}.<name>], got {describe(raw)}")
         check.unread.add((group,))
         return {}
     result, loose = {}, []

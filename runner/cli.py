@@ -1,4 +1,5 @@
-"""The `dbl` command: runs the commands `runner.arguments` parses, and gives their exit codes; the work is done elsewhere."""
+"""The `dbl` command: runs the commands runner.arguments parses and gives their exit codes; the work is
+done elsewhere."""
 
 from __future__ import annotations
 

@@ -156,7 +156,7 @@ def _project_adapter(project_file: str, name: str) -> Path:
     """The output folder of adapter `name` (a subject, blend or snapshot) of a built project."""
     from runner import steps
     from runner.project import load_project
-    from runner.project.checks import _adapter_listing, _adapter_nouns, adapter_tables, snapshot_of
+    from runner.project.adapter_checks import _adapter_listing, _adapter_nouns, adapter_tables, snapshot_of
 
     project = load_project(project_file)
     producers = [kind for kind in steps.kinds() if kind.produces_adapter]

@@ -1,4 +1,6 @@
-"""The built-in step kinds' table readers and cross-table checks (see runner.steps).
+"""The built-in step kinds' table readers and cross-table checks of subjects, priors, their train
+settings and the output folder (see runner.steps); those of blends and renders are in
+runner.project.adapter_checks.
 
 Pure like the rest of the project package: a reader turns one raw TOML table into its dataclass, a check
 looks across the tables of a whole file ({kind: {name: table}}) and adds problems to the checker.
@@ -7,13 +9,11 @@ looks across the tables of a whole file ({kind: {name: table}}) and adds problem
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from runner import families
 from runner.imagefiles import IMAGE_SUFFIXES, has_images, scan
 from runner.project import schema
 
@@ -118,23 +118,6 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                 )
 
 
-def _known_adapters(tables: dict) -> str:
-    """The parents a blend may name: subjects and blends."""
-    return _adapter_listing({"subjects": tables.get("train", {}), "blends": tables.get("blend", {})})
-
-
-def adapter_tables(tables: dict) -> dict[str, dict]:
-    """The tables of every kind that produces an adapter (subjects, blends ...), by their table name
-    ("subjects"; "snapshots" for the derived kind), in build order: the names a render may use."""
-    from runner import steps  # at call time: runner.steps imports this module
-
-    found = {}
-    for kind in steps.kinds():
-        if kind.produces_adapter and (kind.table or tables.get(kind.name)):  # derived ones when there are
-            found[kind.table or f"{kind.name}s"] = tables.get(kind.name, {})
-    return found
-
-
 def unread(check, name: str, tables: tuple[str, ...]) -> bool:
     """Whether `name`, where it names a table of one of `tables` ("subjects", "blends" ...), names one the
     file writes that did not read, or a snapshot (dog@400) of a subject whose train settings did not: its
@@ -143,26 +126,6 @@ def unread(check, name: str, tables: tuple[str, ...]) -> bool:
     if at and "snapshots" in tables:
         return check.did_not_read(("subjects", subject, "train"), ("train",))
     return check.did_not_read(*((table, name) for table in tables))
-
-
-def snapshot_of(name: str, subjects: dict) -> tuple[str, str] | None:
-    """The subject and the step, as written, where `name` reads as a snapshot (dog@400) of one of
-    `subjects`, whether or not the subject saves one at that step; None for any other name."""
-    subject, at, step = name.partition("@")
-    if at and step.isascii() and step.isdigit() and subject in subjects:  # not "²": int() refuses it
-        return subject, step
-    return None
-
-
-def _adapter_nouns(adapters: dict[str, dict]) -> str:
-    """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
-    nouns = [table.removesuffix("s") for table in adapters]
-    return " or ".join(nouns) if len(nouns) < 3 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
-
-
-def _adapter_listing(adapters: dict[str, dict]) -> str:
-    parts = [f"{table}: {', '.join(names)}" for table, names in adapters.items() if names]
-    return "; ".join(parts) or "no subjects defined"
 
 
 def check_priors(check, tables: dict) -> None:
@@ -363,270 +326,3 @@ def _caption_extension(check, key, extension: str | None) -> None:
         check.problem(key, f"'{extension}' is not a file extension", "write it with its dot, e.g. '.txt'")
     elif extension.lower().endswith(IMAGE_SUFFIXES):
         check.problem(key, f"'{extension}' is an image extension", "captions are text files, e.g. '.txt'")
-
-
-def check_blends(check, tables: dict) -> None:
-    subjects, blends = tables.get("train", {}), tables.get("blend", {})
-    adapters = list(subjects) + list(blends)
-    in_cycles = set()
-    for name, blend in blends.items():
-        if name in RESERVED_ADAPTERS:
-            check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
-        key = ("blends", name, "adapters")
-        for parent, _ in blend.adapters:
-            if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
-                check.problem(
-                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
-                )
-        if name not in in_cycles and (cycle := _cycle(name, blends)) is not None:
-            in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
-            fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
-            check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)
-        # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
-        unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends)}
-        _check_blend_method(check, name, blend, subjects, blends, lora_known=not unknown)
-        for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
-            for setting, flagged, what, why, fix in UNBLENDABLE:
-                keys = lora_keys(parent, subjects, blends, setting, flagged)
-                if keys:
-                    check.problem(
-                        key + (parent,),
-                        f"'{parent}' is {what} ({', '.join(keys)}), {why}",
-                        f"{fix}, or render '{parent}' on its own",
-                    )
-
-
-def _lora_unread(check, name: str, blends: dict, _depth: int = 0) -> bool:
-    """Whether the [lora] settings of adapter `name`, or of a parent of it, did not read."""
-    if name not in blends:
-        return check.did_not_read(("subjects", name, "lora"), ("lora",))
-    if _depth > len(blends):  # a cycle, said on its own
-        return False
-    return any(_lora_unread(check, parent, blends, _depth + 1) for parent, _ in blends[name].adapters)
-
-
-def check_renders(check, tables: dict) -> None:
-    """A render names one adapter (`adapter`) or several (`adapters`) of any kind that produces one."""
-    produced = adapter_tables(tables)
-    known = {name for names in produced.values() for name in names} | set(RESERVED_ADAPTERS)
-    for name, render in tables.get("render", {}).items():
-        key = ("renders", name)
-        if render.adapter is not None and render.adapters is not None:
-            check.problem(
-                key + ("adapters",),
-                "adapter and adapters are both given",
-                "keep adapter for one adapter, or adapters for one grid column per adapter",
-            )
-        elif render.adapter is None and render.adapters is None:
-            check.problem(
-                key,
-                "missing required key 'adapter' or 'adapters'",
-                "add adapter = \"...\" (a subject, a blend, or 'none' for the base model), or "
-                'adapters = ["...", "..."] for one grid column per adapter',
-            )
-        field = "adapter" if render.adapters is None else "adapters"
-        seen = set()
-        for adapter in render.adapters or [render.adapter]:
-            if adapter is None:
-                continue
-            if adapter not in known and not unread(check, adapter, (*produced, "snapshots")):
-                check.problem(
-                    key + (field,),
-                    f"'{adapter}' is not a {_adapter_nouns(produced)}",
-                    _adapter_fix(
-                        adapter, tables.get("train", {}), _adapter_listing(produced) + "; or 'none'"
-                    ),
-                )
-            elif adapter in seen:
-                check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
-            seen.add(adapter)
-        _render_trigger(check, key, render, tables)
-
-
-def _render_trigger(check, key, render, tables: dict) -> None:
-    """[trigger] in a render's prompt is drawn as written: only captions and instance prompts replace it."""
-    if not any(TRIGGER in prompt for prompt in render.prompts):
-        return
-    subjects, blends = tables.get("train", {}), tables.get("blend", {})
-    named = [s for a in render.adapters or [render.adapter] for s in _subjects_of(a, subjects, blends)]
-    words = next((subjects[s].trigger for s in named if subjects[s].trigger), None)
-    check.note(
-        key + ("prompts",),
-        f"{TRIGGER} is rendered as written: only captions and instance prompts replace it",
-        f"write the words it stands for, e.g. '{words}'" if words else "write the words it stands for",
-    )
-
-
-def _subjects_of(name: str | None, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
-    """The subjects adapter `name` is trained from: itself, or the parents of a blend."""
-    if name in subjects:
-        return [name]
-    if name not in blends or _depth > len(blends):  # a snapshot, 'none', or a cycle (said on its own)
-        return []
-    return [
-        s for parent, _ in blends[name].adapters for s in _subjects_of(parent, subjects, blends, _depth + 1)
-    ]
-
-
-def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
-    """The fix of an unknown adapter: the names there are, and for a snapshot (dog@400) of a subject that
-    has none at that step, how to have it."""
-    snapshot = snapshot_of(name, subjects)
-    if snapshot is None:
-        return listing
-    subject, step = snapshot
-    steps = subjects[subject].train.steps
-    if int(step) == steps:
-        return f"step {step} is the last of {subject}: its adapter is '{subject}'"
-    if int(step) < steps:
-        return f"add {step} to the save_steps of {subject}; {listing}"
-    return listing
-
-
-def _cycle(start: str, blends: dict) -> list[str] | None:
-    """The blends from `start` back to itself through their parents ([a, b, a]), or None."""
-    paths, seen = [[start, p] for p, _ in reversed(blends[start].adapters)], set()
-    while paths:
-        path = paths.pop()
-        name = path[-1]
-        if name == start:
-            return path
-        if name in seen or name not in blends:
-            continue
-        seen.add(name)
-        paths += [path + [p] for p, _ in reversed(blends[name].adapters)]
-    return None
-
-
-def _rank(lora, component: dict) -> int | None:
-    rank = getattr(lora, component["rank_field"])
-    if rank is None and component.get("rank_fallback"):
-        rank = getattr(lora, component["rank_fallback"])
-    return rank
-
-
-def adapter_ranks(
-    name: str, subjects: dict, blends: dict, family: str | None = families.DEFAULT, _depth: int = 0
-) -> dict[str, int | None]:
-    """The LoRA rank of an adapter per component of its family (None: no LoRA on that component; family
-    None: the components of every family)."""
-    components = families.lora_components(family)
-    if name in subjects:
-        s = subjects[name]
-        return {
-            c["name"]: _rank(s.lora, c) if c["gate"] is None or getattr(s.train, c["gate"]) else None
-            for c in components
-        }
-    blend = blends.get(name)
-    if blend is None or _depth > len(blends):
-        return {c["name"]: None for c in components}
-    parents = [adapter_ranks(p, subjects, blends, family, _depth + 1) for p, _ in blend.adapters]
-    result = {}
-    for c in components:
-        ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
-        if not ranks:
-            result[c["name"]] = None
-        elif len(ranks) == 1:  # PEFT combines a lone adapter linearly, whatever the method: its rank stays
-            result[c["name"]] = ranks[0]
-        elif blend.method == "cat":
-            result[c["name"]] = sum(ranks)
-        elif blend.method == "svd" or blend.method.endswith("_svd"):
-            result[c["name"]] = blend.svd_rank or max(ranks)
-        else:
-            result[c["name"]] = ranks[0]
-    return result
-
-
-def lora_keys(name: str, subjects: dict, blends: dict, setting: str, flagged, _depth: int = 0) -> list[str]:
-    """The [lora] keys of `setting` ("use_dora", "bias") whose value `flagged` holds, for adapter `name`
-    or a parent of it (a blend), e.g. ["lora.use_dora = true"]; empty when none. Any family's components
-    count: a key of a component the base model has not is an error of its own."""
-    if name in subjects:
-        subject = subjects[name]
-        seen, found = set(), []
-        for family in families.all():
-            for c in family.components:
-                key = c.setting(setting)
-                if key in seen or not c.trains(subject.train):
-                    continue
-                seen.add(key)
-                value = getattr(subject.lora, key)
-                if value is not None and flagged(value):  # None falls back to a key counted already
-                    found.append(f"lora.{key} = {json.dumps(value)}")
-        return found
-    blend = blends.get(name)
-    if blend is None or _depth > len(blends):
-        return []
-    parents = [p for p, _ in blend.adapters if lora_keys(p, subjects, blends, setting, flagged, _depth + 1)]
-    return [f"a blend of {', '.join(parents)}"] if parents else []
-
-
-# What rules an adapter out of a blend: the [lora] setting, when it does, and why.
-UNBLENDABLE = (
-    (
-        "use_dora",
-        lambda value: value is True,
-        "a DoRA adapter",
-        "which no blend method combines exactly: DoRA rescales every weight row, so its change is not a "
-        "sum of low-rank deltas",
-        "blend LoRA or rsLoRA adapters",
-    ),
-    (
-        "bias",
-        lambda value: value != "none",
-        "trained with biases",
-        "which PEFT blends with no other adapter: a trained bias is no low-rank delta",
-        'blend adapters trained with bias = "none"',
-    ),
-)
-
-
-def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool) -> None:
-    key = ("blends", name)
-    method = blend.method
-    if method in schema.DENSITY_METHODS and blend.density is None:
-        check.problem(
-            key + ("method",),
-            f"method '{method}' needs a density",
-            "add density = 0.5 (fraction of weights kept)",
-        )
-    if blend.density is not None:
-        if method not in schema.DENSITY_METHODS:
-            check.problem(
-                key + ("density",),
-                f"density does not apply to method '{method}'",
-                f"methods that use it: {', '.join(schema.DENSITY_METHODS)}",
-            )
-        elif not 0 < blend.density <= 1:
-            check.problem(key + ("density",), f"must be in (0, 1], got {blend.density}")
-    is_svd = method == "svd" or method.endswith("_svd")
-    for option in ("svd_rank", "svd_clamp"):
-        if getattr(blend, option) is not None and not is_svd:
-            check.problem(
-                key + (option,),
-                f"{option} applies to svd methods only, not '{method}'",
-                'remove it or use method = "svd"',
-            )
-    if method in schema.EQUAL_RANK_METHODS and lora_known:
-        # Every component the base model's family trains (SDXL's text_encoder_2 too); when the family is
-        # not known before a download, every family's.
-        family = check.family
-        parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
-        ranks_of = {p: adapter_ranks(p, subjects, blends, family) for p in parents}
-        components = families.lora_components(family)
-        owner = {c["rank_field"]: c["name"] for c in components}
-        for c in components:
-            component = c["name"]
-            ranks = {p: ranks_of[p][component] for p in parents}
-            ranks = {p: r for p, r in ranks.items() if r is not None}
-            fallback = owner.get(c.get("rank_fallback"))
-            if fallback and ranks == {p: r for p, r in ((p, ranks_of[p][fallback]) for p in parents) if r}:
-                continue  # the ranks it falls back to: said (or fine) for that component already
-            if len(set(ranks.values())) > 1:
-                listed = ", ".join(f"{p} = {r}" for p, r in ranks.items())
-                which = c["rank_field"]
-                check.problem(
-                    key + ("method",),
-                    f"method '{method}' needs equal {component} ranks, got {listed}",
-                    f'give the subjects the same lora.{which}, or use method = "cat" (exact) or "svd"',
-                )

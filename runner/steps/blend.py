@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from runner.errors import AdapterError, StepError
-from runner.project import checks
+from runner.project import adapter_checks
 from runner.project.schema import Blend
 from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step, register
 
@@ -169,7 +169,7 @@ KIND = register(
         deps=_deps,
         doc="combines trained adapters with weights into a new adapter",
         produces_adapter=True,
-        check=checks.check_blends,
+        check=adapter_checks.check_blends,
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("layers", "/s"),
     )

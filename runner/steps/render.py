@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import AdapterError, StepError, StepInterrupted
-from runner.project import checks
+from runner.project import adapter_checks
 from runner.project.schema import Render
 from runner.steps import Inputs, StepContext, StepKind, adapter_step, kinds, register
 
@@ -238,6 +238,6 @@ KIND = register(
         inputs=_inputs,
         deps=_deps,
         doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
-        check=checks.check_renders,
+        check=adapter_checks.check_renders,
     )
 )

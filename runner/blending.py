@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from runner import adapters, families
+from runner import families, pipeline_adapters
 from runner.errors import AdapterError
 from runner.project.schema import BLEND_METHODS, DENSITY_METHODS, EQUAL_RANK_METHODS, MAJORITY_SIGN_METHODS
 
@@ -34,9 +34,9 @@ def load(pipe, folder: Path, name: str) -> None:
     if name in loaded:
         raise AdapterError(f"an adapter named {name!r} is already loaded; loaded: {', '.join(loaded)}")
     try:
-        adapters.load_adapter_into(pipe, folder, name)
+        pipeline_adapters.load_adapter_into(pipe, folder, name)
     except (AdapterError, OSError, ValueError):
-        adapters.remove_adapter(pipe, name)
+        pipeline_adapters.remove_adapter(pipe, name)
         raise
 
 
@@ -47,9 +47,10 @@ def check_name(name) -> None:
 
 
 def unload(pipe, name: str) -> None:
-    """Remove adapter `name` from the pipeline (see adapters.remove_adapter); an unknown name is an error."""
+    """Remove adapter `name` from the pipeline (see pipeline_adapters.remove_adapter); an unknown name is an
+    error."""
     _check_names(pipe, [name])
-    adapters.remove_adapter(pipe, name)
+    pipeline_adapters.remove_adapter(pipe, name)
 
 
 def _finite_weights(weights, what: str) -> list[float]:
@@ -97,13 +98,13 @@ def activate_adapters(
             f"{', '.join(map(repr, twice))} named twice: give each adapter once, at its weight"
         )
     _check_names(pipe, names)
-    for model in adapters.lora_modules(pipe).values():
+    for model in pipeline_adapters.lora_modules(pipe).values():
         if not isinstance(model, PeftModel):
             continue
         present = [n for n in names if n in model.peft_config]
-        adapters.put_trained_values(model, present)  # trained biases act whichever adapter is active
+        pipeline_adapters.put_trained_values(model, present)  # trained biases act whichever adapter is active
         if not present:
-            adapters.disable_adapter_layers(model)
+            pipeline_adapters.disable_adapter_layers(model)
             continue
         model.base_model.enable_adapter_layers()
         model.base_model.set_adapter(present, inference_mode=True)
@@ -162,7 +163,7 @@ def blend(
     errors = {}
     done = []
     try:
-        for component, model in adapters.lora_modules(pipe).items():
+        for component, model in pipeline_adapters.lora_modules(pipe).items():
             if not isinstance(model, PeftModel):
                 continue
             present = [(n, w) for n, w in zip(names, values, strict=True) if n in model.peft_config]
@@ -238,7 +239,7 @@ def _check_no_dora(pipe, names: Sequence[str]) -> None:
     dora = [
         n
         for n in names
-        for model in adapters.lora_modules(pipe).values()
+        for model in pipeline_adapters.lora_modules(pipe).values()
         if isinstance(model, PeftModel) and n in model.peft_config and model.peft_config[n].use_dora
     ]
     if dora:
@@ -254,7 +255,7 @@ def _check_no_bias(pipe, names: Sequence[str]) -> None:
     trained = [
         f"{n} ({component} bias = {model.peft_config[n].bias!r})"
         for n in names
-        for component, model in adapters.lora_modules(pipe).items()
+        for component, model in pipeline_adapters.lora_modules(pipe).items()
         if isinstance(model, PeftModel) and n in model.peft_config and model.peft_config[n].bias != "none"
     ]
     if trained:

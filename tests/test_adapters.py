@@ -204,7 +204,8 @@ def test_kohya_alphas_follow_rank_and_alpha_patterns(tmp_path):
 def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
     import torch
 
-    from runner.adapters import load_adapter_into, remove_adapter, save_adapter, set_active, unload_adapters
+    from runner.adapters import save_adapter
+    from runner.pipeline_adapters import load_adapter_into, remove_adapter, set_active, unload_adapters
 
     pipe = _pipeline()
     base_unet, base_hidden = _outputs(pipe.unet, pipe.text_encoder)
@@ -236,8 +237,9 @@ def test_removing_an_adapter_leaves_the_others_as_they_were_and_runs(tmp_path):
 
     import torch
 
-    from runner.adapters import load_adapter_into, remove_adapter, save_adapter
+    from runner.adapters import save_adapter
     from runner.blending import activate_adapters
+    from runner.pipeline_adapters import load_adapter_into, remove_adapter
 
     pipe = _pipeline()
     base = _outputs(pipe.unet, pipe.text_encoder)
@@ -273,7 +275,8 @@ def test_removing_an_adapter_with_trained_biases_puts_the_base_biases_back(tmp_p
 
     import torch
 
-    from runner.adapters import load_adapter_into, remove_adapter, save_adapter, unload_adapters
+    from runner.adapters import save_adapter
+    from runner.pipeline_adapters import load_adapter_into, remove_adapter, unload_adapters
 
     pipe = _pipeline()
     base = _outputs(pipe.unet, pipe.text_encoder)
@@ -315,7 +318,8 @@ def test_removing_an_adapter_with_trained_biases_puts_the_base_biases_back(tmp_p
 def test_loading_into_the_wrong_model_raises(tmp_path):
     import torch
 
-    from runner.adapters import load_adapter_into, read_safetensors, save_adapter, write_safetensors
+    from runner.adapters import read_safetensors, save_adapter, write_safetensors
+    from runner.pipeline_adapters import load_adapter_into
 
     pipe = _pipeline()
     unet, te = _random_lora(pipe)
@@ -339,7 +343,7 @@ def test_a_peft_folder_of_another_method_is_named_as_such(tmp_path):
     """A PEFT LoHa folder (a LyCORIS method) was read as a LoRA, and reported as made for another model."""
     from peft import LoHaConfig, get_peft_model
 
-    from runner.adapters import load_adapter_into
+    from runner.pipeline_adapters import load_adapter_into
 
     get_peft_model(_pipeline().unet, LoHaConfig(r=2, alpha=2, target_modules=["to_q"])).save_pretrained(
         tmp_path / "loha" / "unet"
@@ -353,7 +357,8 @@ def test_a_peft_folder_of_another_method_is_named_as_such(tmp_path):
 def test_transformers4_text_encoder_keys_are_translated(tmp_path):
     import torch
 
-    from runner.adapters import load_adapter_into, read_safetensors, save_adapter, write_safetensors
+    from runner.adapters import read_safetensors, save_adapter, write_safetensors
+    from runner.pipeline_adapters import load_adapter_into
 
     pipe = _pipeline()
     unet, te = _random_lora(pipe)
@@ -372,7 +377,8 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
     """diffusers reads both single files at the adapter's own strength (alpha != r)."""
     import torch
 
-    from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter, unload_adapters
+    from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter
+    from runner.pipeline_adapters import unload_adapters
 
     pipe = _pipeline()
     # The recipe's text-encoder targets, q_proj and v_proj: diffusers 0.42 recognises a kohya

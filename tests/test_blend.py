@@ -54,7 +54,8 @@ def test_cat_blend_is_the_weighted_sum_of_deltas(tmp_path, adapters, models):  #
 
 
 def test_blend_loads_without_its_parents_in_every_layout(tmp_path, adapters, models):  # noqa: F811
-    from runner.adapters import DIFFUSERS_WEIGHTS, load_adapter_into
+    from runner.adapters import DIFFUSERS_WEIGHTS
+    from runner.pipeline_adapters import load_adapter_into
     from tests.blend_fixtures import fresh_pipeline
 
     out = run_blend(

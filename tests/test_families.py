@@ -264,7 +264,8 @@ def test_a_cached_hub_model_of_another_family_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.torch
 def test_an_adapter_with_a_component_the_model_lacks_is_refused(tmp_path):
-    from runner.adapters import AdapterError, load_adapter_into
+    from runner.adapters import AdapterError
+    from runner.pipeline_adapters import load_adapter_into
     from tests.steps_fixtures import model_cache
 
     for component in ("unet", "text_encoder_2"):

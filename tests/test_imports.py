@@ -22,6 +22,7 @@ ENTRY_POINTS = (
     "runner.families.sdxl",
     "runner.host",
     "runner.models",
+    "runner.pipeline_adapters",
     "runner.project",
     "runner.report",
     "runner.steps",

@@ -54,8 +54,8 @@ def _original(pipe, layout):
 def _merged_deltas(base_model: str, folder, layout: str) -> tuple[dict, dict]:
     """The checkpoint of the base model, and what merging the adapter (PEFT layout) changes in it."""
     from runner import families
-    from runner.adapters import load_adapter_into, set_active
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into, set_active
 
     base = model_cache(base_model).base
     original = _original(load_pipeline(base), layout)

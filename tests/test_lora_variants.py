@@ -119,7 +119,7 @@ def dora(tmp_path_factory):
 def test_dora_loads_through_peft_and_dbl(dora):
     from peft import PeftModel
 
-    from runner.adapters import load_adapter_into
+    from runner.pipeline_adapters import load_adapter_into
 
     folder, expected = dora
     pipe = _pipeline()
@@ -270,7 +270,8 @@ def test_blending_adapters_with_trained_biases_is_refused(tmp_path):
 def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     import torch
 
-    from runner.adapters import load_adapter_into, read_adapter_weights, read_safetensors
+    from runner.adapters import read_adapter_weights, read_safetensors
+    from runner.pipeline_adapters import load_adapter_into
 
     images = draw_images(tmp_path / "dog", 2)
     lora = dict(use_dora=True, text_encoder_use_dora=True, use_rslora=True, target_modules="attention")

@@ -85,8 +85,9 @@ def test_outputs_load_the_way_users_load_them(trained):
     import torch
     from peft import PeftModel
 
-    from runner.adapters import DIFFUSERS_WEIGHTS, load_adapter_into, set_active, unload_adapters
+    from runner.adapters import DIFFUSERS_WEIGHTS
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into, set_active, unload_adapters
 
     dog = trained["a"][0]
     base = model_cache(BASE).base
@@ -164,9 +165,9 @@ def _denoising_loss(pipe, files, resolution=64):
 
 
 def test_training_lowers_the_instance_loss(tmp_path, images):
-    from runner.adapters import load_adapter_into, set_active
     from runner.imagefiles import list_images
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into, set_active
 
     instance, _ = images
     files = list_images(instance)[:2]

@@ -82,8 +82,9 @@ def test_outputs_load_the_way_users_load_them(trained):
     import torch
     from peft import PeftModel
 
-    from runner.adapters import DIFFUSERS_WEIGHTS, unload_adapters
+    from runner.adapters import DIFFUSERS_WEIGHTS
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import unload_adapters
 
     dog, crochet = trained["a"][0], trained["c"][0]
     base = model_cache().base
@@ -175,9 +176,9 @@ def _denoising_loss(pipe, files, resolution=64) -> float:
 
 
 def test_training_lowers_the_instance_loss(tmp_path, images):
-    from runner.adapters import load_adapter_into
     from runner.imagefiles import list_images
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into
 
     instance, _ = images
     files = list_images(instance)[:2]
@@ -495,8 +496,9 @@ def test_what_pillow_warns_about_an_image_is_said_with_its_file(tmp_path, monkey
 
 def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
     """gloo on the CPU: 2 processes x batch 1 see the examples 1 process x batch 2 sees."""
-    from runner.adapters import load_adapter_into, lora_delta
+    from runner.adapters import lora_delta
     from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into
 
     instance, _ = images
     progress = []

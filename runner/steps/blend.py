@@ -29,7 +29,7 @@ from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step
 def run(ctx: StepContext) -> dict:
     import torch
 
-    from runner import adapters, blending
+    from runner import adapters, blending, pipeline_adapters
 
     spec = ctx.spec
     parents = [(name, float(weight), _parent_folder(ctx, name)) for name, weight in spec.adapters]
@@ -39,7 +39,7 @@ def run(ctx: StepContext) -> dict:
     try:
         for key, (name, _, folder) in zip(internal, parents, strict=True):
             try:
-                adapters.load_adapter_into(pipe, folder, key)
+                pipeline_adapters.load_adapter_into(pipe, folder, key)
             except adapters.AdapterError as exc:
                 raise StepError(f"blends.{ctx.name}: cannot load {name!r} from {folder}: {exc}") from exc
         ctx.progress(1, 3)
@@ -100,7 +100,7 @@ def run(ctx: StepContext) -> dict:
     finally:
         if shared:
             for key in ["blend", *internal]:
-                adapters.remove_adapter(pipe, key)
+                pipeline_adapters.remove_adapter(pipe, key)
     ctx.progress(3, 3)
     summary = ", ".join(f"{c} {e:.2e}" for c, e in errors.items())
     ctx.log(f"{spec.method} blend of {', '.join(n for n, _, _ in parents)}: relative error {summary}")

@@ -121,7 +121,7 @@ def run(ctx: StepContext) -> dict:
 def _adapter_loaded(ctx: StepContext, pipe, adapter: str, name: str):
     """Adapter `adapter` loaded into `pipe` as `name` and active at the render's scale, for the block;
     removed after it, whatever happens. 'none' loads nothing."""
-    from runner import adapters, blending
+    from runner import blending, pipeline_adapters
 
     if adapter == "none":
         yield
@@ -131,12 +131,12 @@ def _adapter_loaded(ctx: StepContext, pipe, adapter: str, name: str):
         blending.load(pipe, folder, name)
         blending.activate_adapters(pipe, name, scale=ctx.spec.lora_scale)
     except (AdapterError, ValueError, OSError) as exc:
-        adapters.remove_adapter(pipe, name)
+        pipeline_adapters.remove_adapter(pipe, name)
         raise StepError(f"renders.{ctx.name}: cannot load adapter {adapter!r} from {folder}: {exc}") from exc
     try:
         yield
     finally:
-        adapters.remove_adapter(pipe, name)
+        pipeline_adapters.remove_adapter(pipe, name)
 
 
 def _size(pipe, spec, family) -> tuple[int, int]:

@@ -12,8 +12,8 @@ from runner.exec.scheduler import (  # noqa: F401 - the public names
     EXIT_USAGE,
     BuildOptions,
     BuildResult,
-    Workspace,
     build,
     describe_error,
 )
+from runner.exec.workspace import Workspace  # noqa: F401 - a public name
 from runner.planner import check_step_ids  # noqa: F401 - a public name

@@ -22,6 +22,7 @@ from runner.errors import StepError, StepInterrupted
 from runner.exec import scheduler as sch
 from runner.exec.devices import DevicePool
 from runner.exec.job import Hooks
+from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 
 
 def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> int:
@@ -73,7 +74,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             ev.device = _device_name(devices, backend)  # shown from step_start on
             handling = p.id
             try:
-                started = sch.begin_step(ws, lock, p, ev, options, reporter, p.id in force_ids)
+                started = begin_step(ws, lock, p, ev, options, reporter, p.id in force_ids)
             except Exception as exc:
                 handling = None
                 pool.release(devices)
@@ -87,7 +88,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                 reporter.step_end(ev)
                 continue
             running[p.id] = (started, devices)
-            job, _ = sch.make_job(ws, p.step, started.fp, ev, options, reporter, devices, started.earlier)
+            job, _ = make_job(ws, p.step, started.fp, ev, options, reporter, devices, started.earlier)
             threading.Thread(target=_work, args=(backend, job, options, inbox), daemon=True).start()
 
     def _failed(p, ev, exc) -> None:
@@ -136,7 +137,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             if kind == "outcome":
                 handling = sid
                 try:
-                    sch.finish_step(ws, lock, started, ev, payload, reporter)
+                    finish_step(ws, lock, started, ev, payload, reporter)
                 except Exception as exc:
                     handling = None
                     _failed(p, ev, exc)
@@ -145,14 +146,14 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                     settled.add(sid)
                     reporter.step_end(ev)
             elif isinstance(payload, StepInterrupted):
-                sch.drop_work_if_changed(ws, started, ev, reporter)
+                drop_work_if_changed(ws, started, ev, reporter)
                 ev.duration_s = time.monotonic() - started.clock
                 ev.status, ev.error = events.INTERRUPTED, str(payload) or "interrupted"
                 reporter.step_end(ev)
                 exit_code = sch.EXIT_INTERRUPTED
                 stop_dispatch = True
             else:
-                sch.drop_work_if_changed(ws, started, ev, reporter)
+                drop_work_if_changed(ws, started, ev, reporter)
                 ev.duration_s = time.monotonic() - started.clock
                 _failed(p, ev, payload)
             dispatch()

@@ -287,17 +287,29 @@ def cmd_gc(args) -> int:
     entries = f"{done.dropped} cache entr{'y' if done.dropped == 1 else 'ies'}"
     print(f"{verb} {entries}, {done.freed / 1e6:.1f} MB; kept {done.kept}")
     if done.leftovers:
+        size = _megabytes(sum(done.sizes[path] for path in done.leftovers))
         print(
             f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache "
-            "or committing outputs"
+            f"or committing outputs, {size}"
         )
     for path in done.orphans:
-        print(f"{verb} {path.name}: the work folder of a step no longer in the project")
+        print(
+            f"{verb} {path.name}: the work folder of a step no longer in the project, {_megabytes(done.sizes[path])}"
+        )
     for path in done.abandoned:
         print(
-            f"{verb} {path.name}: a work folder made for inputs its step no longer has (no build resumes it)"
+            f"{verb} {path.name}: a work folder made for inputs its step no longer has (no build resumes it), "
+            f"{_megabytes(done.sizes[path])}"
+        )
+    if done.sizes:
+        print(
+            f"{'would free' if args.dry_run else 'freed'} {_megabytes(done.freed + done.folders_freed)} in all"
         )
     return EXIT_OK
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def cmd_check(args) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ class Collected:
     orphans: list[Path] = field(default_factory=list)
     # work folders of steps still in it, made for inputs they no longer have
     abandoned: list[Path] = field(default_factory=list)
+    sizes: dict[Path, int] = field(default_factory=dict)  # bytes of each folder above
+
+    @property
+    def folders_freed(self) -> int:
+        return sum(self.sizes.values())
 
 
 def collect(project: Project, dry_run: bool = False) -> Collected:
@@ -57,10 +63,22 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
         leftovers = cache.leftovers() + _unfinished_commits(project)
         orphans = _orphaned_work(project)
         abandoned = _abandoned_work(project)
+        sizes = {path: _size(path) for path in leftovers + orphans + abandoned}
         if not dry_run:
-            for path in leftovers + orphans + abandoned:
+            for path in sizes:
                 shutil.rmtree(path, ignore_errors=True)
-        return Collected(dropped, freed, len(keep & set(cache.entries())), leftovers, orphans, abandoned)
+        kept = len(keep & set(cache.entries()))
+        return Collected(dropped, freed, kept, leftovers, orphans, abandoned, sizes)
+
+
+def _size(folder: Path) -> int:
+    """The bytes of the files under `folder` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _orphaned_work(project: Project) -> list[Path]:

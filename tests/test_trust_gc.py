@@ -168,11 +168,13 @@ def test_gc_drops_the_checkpoints_of_steps_no_longer_in_the_project(proj, build,
     gone, kept, other = tmp / "pets" / "train-rex", tmp / "pets" / "train-dog", tmp / "twin" / "train-rex"
     for folder in (gone, kept, other):
         (folder / "checkpoint-200").mkdir(parents=True)
-        (folder / "checkpoint-200" / "lora.safetensors").write_bytes(b"x" * 100)
+        (folder / "checkpoint-200" / "lora.safetensors").write_bytes(b"x" * 300_000)
     (kept / "fingerprint").write_text(lockfile.read(proj.lock)["train:dog"]["fingerprint"])  # resumable
     assert main(["gc", str(proj.path)] + (["--dry-run"] if dry_run else [])) == 0
     out = capsys.readouterr().out
-    assert f"{'would drop' if dry_run else 'dropped'} train-rex: the work folder of a step no longer" in out
+    verb, free = ("would drop", "would free") if dry_run else ("dropped", "freed")
+    assert f"{verb} train-rex: the work folder of a step no longer in the project, 0.3 MB\n" in out
+    assert out.endswith(f"{free} 0.3 MB in all\n")  # the largest thing in .dbl/ counts in what gc frees
     assert gone.is_dir() == dry_run and kept.is_dir() and other.is_dir()
 
 

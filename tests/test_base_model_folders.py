@@ -65,6 +65,28 @@ def test_a_folder_without_a_component_its_model_index_names_is_a_project_file_er
     load_project(path)
 
 
+def test_hidden_files_of_a_base_model_folder_are_named_in_a_warning(tmp_path, recwarn):
+    """They count toward its identity: a git clone's .git/ changes with git commands, and with it every
+    fingerprint that takes the model in."""
+    from runner.project import load_project
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), folder)
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "./model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    load_project(path)
+    assert not recwarn.list
+    (folder / ".git").mkdir()
+    (folder / "unet" / ".DS_Store").write_bytes(b"")
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{path}: project.base_model: {folder} holds hidden files and folders (.git, unet/.DS_Store), which "
+        "count toward the model's identity: when they change (a git command, a new download, Finder), every "
+        "step that uses the model runs again (line 2) - use a copy of the model folder without them"
+    ]
+
+
 def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_path):
     """It planned, and the build failed with "no file named diffusion_pytorch_model.safetensors found"."""
     from runner.project import ProjectError, load_project

@@ -29,6 +29,7 @@ def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings,
         return
     check.family = family.name
     _check_components(check, base)
+    _check_hidden(check, base)
     _check_config_family(check, base, family)
     _check_family_settings(check, base, family, data)
 
@@ -99,6 +100,34 @@ def _family(check, base: BaseModel):
     except families.ModelError as exc:
         check.problem(("project", "base_model"), str(exc), "use a Stable Diffusion 1.x, 2.x or SDXL model")
         return None
+
+
+def _check_hidden(check, base: BaseModel) -> None:
+    """A local folder's hidden files are part of its identity: name those of a folder and its components
+    (a git clone's .git/, the .cache/ of `hf download --local-dir`, Finder's .DS_Store), which change
+    without the model changing, and retrain every step when they do."""
+    folders = [Path(base.ref)] if base.kind == "folder" else []
+    if base.config is not None and Path(base.config).is_dir():
+        folders.append(Path(base.config))
+    for folder in folders:
+        top = sorted(p for p in folder.iterdir() if p.name.startswith("."))
+        below = sorted(
+            p
+            for sub in folder.iterdir()
+            if sub.is_dir() and not sub.name.startswith(".")
+            for p in sub.iterdir()
+            if p.name.startswith(".")
+        )
+        hidden = [p.relative_to(folder).as_posix() for p in top + below]
+        if hidden:
+            more = f" and {len(hidden) - 3} more" if len(hidden) > 3 else ""
+            check.note(
+                ("project", "base_model" if base.kind == "folder" else "base_model_config"),
+                f"{folder} holds hidden files and folders ({', '.join(hidden[:3])}{more}), which count toward the model's "
+                "identity: when they change (a git command, a new download, Finder), every step that uses the "
+                "model runs again",
+                "use a copy of the model folder without them",
+            )
 
 
 def _check_components(check, base: BaseModel) -> None:

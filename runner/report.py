@@ -398,7 +398,13 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     if outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
-        text += f" ({verb} by the last build)"
+        # a rerun that made the recorded bytes again keeps the record of the build that first made them
+        made_then = _when(ctx.outcomes[sid].get("started")) == _when(record.get("built"))
+        text += (
+            f" ({verb} by the last build)"
+            if made_then
+            else f" ({verb} again by the last build, to the same outputs)"
+        )
     return escape(text[0].upper() + text[1:])
 
 

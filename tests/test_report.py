@@ -204,6 +204,24 @@ def test_a_build_that_restores_shows_restored(built, tmp_path):
     assert "restored from the run-cache by the last build" in text
 
 
+@pytest.mark.torch
+def test_a_build_that_reruns_to_the_recorded_outputs_says_so(built, tmp_path):
+    path, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(path.parent, copy, symlinks=True)
+    copied = copy / path.name
+    shutil.rmtree(load_project(copied).out / "renders" / "park")
+    shutil.rmtree(copy / ".dbl" / "cache")  # a fresh clone's: nothing to restore from
+    recorded = lockfile.read(copied.with_suffix(".lock"))["render:park"]
+    assert build(copied)["render:park"] == "done"
+    assert lockfile.read(copied.with_suffix(".lock"))["render:park"] == recorded
+    out = tmp_path / "pages"
+    out.mkdir()
+    assert main(["report", str(copied), "-o", str(out)]) == 0
+    text = (out / "report.html").read_text()
+    assert "rendered again by the last build, to the same outputs" in text
+
+
 @pytest.mark.browser
 @pytest.mark.torch
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")

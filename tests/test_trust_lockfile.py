@@ -305,6 +305,28 @@ def test_switching_back_to_a_branch_restores_its_outputs_and_leaves_its_lockfile
     )  # `git status` is clean: no new record of a build that did not run
 
 
+def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the_lockfile_as_committed(
+    proj, build
+):
+    build(proj)
+    committed = lockfile.read(proj.lock)
+    for record in committed.values():  # built by a teammate, an hour's training
+        record["built"], record["duration_s"] = "2020-01-01T00:00:00Z", 3600.0
+    # ... whose GPU made other bytes of this one (a step that does not reproduce itself)
+    other = committed["render:base"]
+    other["output_hash"] = "0" * 64
+    for item in other["outputs"].values():
+        item["sha256"] = "0" * 64
+    lockfile.write(proj.lock, committed)
+    for folder in ("build", ".dbl"):  # `git clone`: no outputs, no run-cache
+        shutil.rmtree(proj.root / folder)
+    result, rec = build(proj)
+    assert result.ok and {status for _, status in rec.final} == {"done"}
+    rebuilt = lockfile.read(proj.lock)
+    assert {sid for sid in committed if rebuilt[sid] != committed[sid]} == {"render:base"}
+    assert rebuilt["render:base"]["built"] != "2020-01-01T00:00:00Z"  # the new bytes, and when they were made
+
+
 def test_merge_lockfile_names_the_side_of_a_record_set_aside_or_an_unreadable_lockfile(tmp_path, capsys):
     # git hands the driver temporary files (.merge_file_XXXXXX): their names tell the user nothing.
     made = lockfile.record("train", "f", "h", {}, {}, {}, "2020-01-01T00:00:00Z", 1.0)

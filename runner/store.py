@@ -446,7 +446,8 @@ class DiskFacts:
                 if not path.is_file():
                     return f"output {rel} missing"
                 if path.stat().st_size != item.get("size") or self.hasher.hash(path) != item["sha256"]:
-                    return f"output {rel} altered"
+                    # not necessarily edited: after a pull or a checkout, another build's outputs
+                    return f"output {rel} differs from the lockfile's: another build's, or edited"
             except OSError:
                 return f"output {rel} unreadable"
         return None

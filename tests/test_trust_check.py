@@ -32,7 +32,7 @@ def test_plan_notices_an_edit_that_kept_size_and_mtime(proj, build, capsys):
     assert plan(proj, capsys).startswith("all 7 steps are up to date")
     sneaky_edit(proj.root / OUTPUT)
     # ctime moved with the write and the utime, so the stat cache does not answer for the file.
-    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)
+    assert f"render:park  output {OUTPUT} differs from the lockfile's" in plan(proj, capsys)
 
 
 def forge_stat_cache(proj, rel: str) -> None:
@@ -56,7 +56,7 @@ def test_check_finds_what_the_stat_cache_hides_and_tells_plan(proj, build, capsy
     out = capsys.readouterr().out
     assert f"{OUTPUT}: output of render:park differs from the lockfile's sha256" in out
     assert "`dbl plan` could not see it" in out and "run `dbl build`" in out
-    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)  # told by check
+    assert f"render:park  output {OUTPUT} differs from the lockfile's" in plan(proj, capsys)  # told by check
     build(proj)
     assert main(["check", str(proj.path)]) == 0
     assert capsys.readouterr().out.startswith("all ")

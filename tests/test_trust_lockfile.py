@@ -327,6 +327,24 @@ def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the
     assert rebuilt["render:base"]["built"] != "2020-01-01T00:00:00Z"  # the new bytes, and when they were made
 
 
+def test_outputs_of_an_older_build_after_a_pull_are_not_called_edited(proj, build, capsys):
+    build(proj)
+    ours = proj.path.read_text(), proj.lock.read_text()
+    proj.edit("sks dog in a park", "sks dog in a garden")  # a teammate's commit, built
+    build(proj)
+    theirs = proj.path.read_text(), proj.lock.read_text()
+    proj.path.write_text(ours[0])
+    proj.lock.write_text(ours[1])
+    build(proj)  # our outputs, as they were before the pull
+    proj.path.write_text(theirs[0])  # `git pull`
+    proj.lock.write_text(theirs[1])
+    out, _ = plan_lines(proj, capsys)
+    assert (
+        "render:park  output build/pets/renders/park/0-0.png differs from the lockfile's: another "
+        "build's, or edited; restorable from cache" in out
+    ), out
+
+
 def test_merge_lockfile_names_the_side_of_a_record_set_aside_or_an_unreadable_lockfile(tmp_path, capsys):
     # git hands the driver temporary files (.merge_file_XXXXXX): their names tell the user nothing.
     made = lockfile.record("train", "f", "h", {}, {}, {}, "2020-01-01T00:00:00Z", 1.0)

@@ -270,11 +270,12 @@ def cmd_init(args) -> int:
 def cmd_ls(args) -> int:
     from runner import listing
 
-    rows = listing.rows(_load(args))
+    project = _load(args)
+    rows = listing.rows(project)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        for line in listing.table(rows):
+        for line in listing.table(rows, project):
             print(line)
     return EXIT_OK
 

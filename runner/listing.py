@@ -45,10 +45,10 @@ def _built_in(outputs: dict, step_id: str) -> str | None:
     return None
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], project) -> list[str]:
     """The rows as aligned lines: id, status, folder, and the loss where a step trained."""
     width = max((len(r["id"]) for r in rows), default=0)
-    where = [r["path"] or "(not built)" for r in rows]
+    where = [r["path"] or _unrecorded(project, r["id"]) for r in rows]
     where_width = max((len(w) for w in where), default=0)
     lines = []
     for r, w in zip(rows, where, strict=True):
@@ -58,6 +58,17 @@ def table(rows: list[dict]) -> list[str]:
             columns[-1:] = [f"{w:<{where_width}}", loss]
         lines.append("  ".join(columns))
     return lines
+
+
+def _unrecorded(project, step_id: str) -> str:
+    """Where a step the lockfile has no record of stands: its output folder, when files are there (a merge
+    left its record out, another lockfile was checked out), or not built."""
+    from runner import steps
+
+    folder = project.out / steps.output_dir(step_id)
+    if folder.is_dir() and any(folder.iterdir()):
+        return f"{steps.relative(project, folder)} (not in the lockfile)"
+    return "(not built)"
 
 
 def _loss(metrics: dict) -> str:

@@ -104,6 +104,20 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
     assert all(f.startswith(row["path"] + "/") for f in row["files"])
 
 
+def test_ls_shows_the_outputs_of_a_step_the_lockfile_has_no_record_of(proj, build, capsys):
+    from runner import lockfile
+
+    build(proj)
+    records = lockfile.read(proj.lock)
+    del records["render:park"]  # a merge left it out: changed differently on both sides
+    lockfile.write(proj.lock, records)
+    proj.edit("[renders.base]", '[renders.new]\nadapter = "dog"\nprompts = ["a dog"]\n\n[renders.base]')
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "render:park   stale  build/pets/renders/park (not in the lockfile)" in lines
+    assert "render:new    stale  (not built)" in lines
+
+
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
     from tests.conftest import FakeBackend, FakeSteps, use_backend
 

@@ -452,6 +452,13 @@ class DiskFacts:
                 return f"output {rel} unreadable"
         return None
 
+    def has_outputs(self, output_dir: str) -> bool:
+        folder = self.project.out / output_dir
+        try:
+            return any(folder.iterdir())
+        except OSError:  # not there (or not a folder)
+            return False
+
     def restores(self, fingerprint: str) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,9 +105,7 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
     assert all(f.startswith(row["path"] + "/") for f in row["files"])
 
 
-def test_ls_shows_the_outputs_of_a_step_the_lockfile_has_no_record_of(proj, build, capsys):
-    from runner import lockfile
-
+def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build, capsys):
     build(proj)
     records = lockfile.read(proj.lock)
     del records["render:park"]  # a merge left it out: changed differently on both sides
@@ -116,6 +115,13 @@ def test_ls_shows_the_outputs_of_a_step_the_lockfile_has_no_record_of(proj, buil
     lines = capsys.readouterr().out.splitlines()
     assert "render:park   stale  build/pets/renders/park (not in the lockfile)" in lines
     assert "render:new    stale  (not built)" in lines
+    assert main(["plan", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert "render:park  not in the lockfile; restorable from cache" in out
+    shutil.rmtree(proj.root / ".dbl" / "cache")  # a clone's, which never built it
+    assert main(["plan", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert "render:park  not in the lockfile\n" in out and "render:new   never built\n" in out, out
 
 
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):

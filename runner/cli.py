@@ -312,7 +312,7 @@ def cmd_check(args) -> int:
     if not report.mismatches:
         print(f"all {report.files} files match the lockfile")
         return EXIT_OK
-    n = len(report.mismatches)
+    n = sum(m.files for m in report.mismatches)
     print(
         f"{n} file{'s' if n != 1 else ''} of {report.files} differ{'s' if n == 1 else ''} from the lockfile:"
     )

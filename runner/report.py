@@ -142,7 +142,10 @@ def _header(ctx: _Context, last: dict | None) -> str:
 
 def _timeline(ctx: _Context, last: dict | None) -> str:
     if not last:
-        note = f"No record of the last build in {lastbuild.path(ctx.project)} (a build by an older dbl)"
+        note = (
+            f"No record of the last build in {lastbuild.path(ctx.project)}: none ran here yet (a fresh "
+            "clone), or only an older dbl's"
+        )
         return _section(
             "Last build", [f"<p>{escape(note)}; the provenance table says when each step was built.</p>"]
         )

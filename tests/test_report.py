@@ -185,6 +185,13 @@ def test_the_page_fetches_nothing(built):
     assert "<script" not in text and "@import" not in text and "url(http" not in text
 
 
+def test_the_page_of_a_fresh_clone_does_not_blame_an_older_dbl_for_the_missing_timeline(proj):
+    from runner.report import _Context, _timeline
+
+    text = _timeline(_Context(proj.load(), {}, {}), None)
+    assert "none ran here yet (a fresh clone), or only an older dbl&#x27;s" in text, text
+
+
 @pytest.mark.torch
 def test_a_build_that_restores_shows_restored(built, tmp_path):
     path, _ = built

@@ -48,7 +48,7 @@ def _built_in(outputs: dict, step_id: str) -> str | None:
 def table(rows: list[dict], project) -> list[str]:
     """The rows as aligned lines: id, status, folder, and the loss where a step trained."""
     width = max((len(r["id"]) for r in rows), default=0)
-    where = [r["path"] or _unrecorded(project, r["id"]) for r in rows]
+    where = [_where(project, r) for r in rows]
     where_width = max((len(w) for w in where), default=0)
     lines = []
     for r, w in zip(rows, where, strict=True):
@@ -58,6 +58,14 @@ def table(rows: list[dict], project) -> list[str]:
             columns[-1:] = [f"{w:<{where_width}}", loss]
         lines.append("  ".join(columns))
     return lines
+
+
+def _where(project, row: dict) -> str:
+    """The row's folder, said to be missing where it is not there (a fresh clone); or, for a step the
+    lockfile has no record of, `_unrecorded`."""
+    if row["path"] is None:
+        return _unrecorded(project, row["id"])
+    return row["path"] if (project.dir / row["path"]).is_dir() else f"{row['path']} (missing)"
 
 
 def _unrecorded(project, step_id: str) -> str:

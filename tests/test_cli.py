@@ -122,6 +122,9 @@ def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     assert main(["plan", str(proj.path)]) == 0
     out = capsys.readouterr().out
     assert "render:park  not in the lockfile\n" in out and "render:new   never built\n" in out, out
+    shutil.rmtree(proj.root / "build/pets/renders/mixed")  # as in a fresh clone
+    assert main(["ls", str(proj.path)]) == 0
+    assert "render:mixed  stale  build/pets/renders/mixed (missing)" in capsys.readouterr().out.splitlines()
 
 
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):

@@ -69,14 +69,19 @@ def _where(project, row: dict) -> str:
 
 
 def _unrecorded(project, step_id: str) -> str:
-    """Where a step the lockfile has no record of stands: its output folder, when files are there (a merge
-    left its record out, another lockfile was checked out), or not built."""
+    folder = unrecorded_outputs(project, step_id)
+    return f"{folder} (not in the lockfile)" if folder else "(not built)"
+
+
+def unrecorded_outputs(project, step_id: str) -> str | None:
+    """The output folder, relative to the project file, of a step the lockfile has no record of, when files
+    are there (a merge left its record out, another lockfile was checked out); None when there are none."""
     from runner import steps
 
     folder = project.out / steps.output_dir(step_id)
     if folder.is_dir() and any(folder.iterdir()):
-        return f"{steps.relative(project, folder)} (not in the lockfile)"
-    return "(not built)"
+        return steps.relative(project, folder)
+    return None
 
 
 def _loss(metrics: dict) -> str:

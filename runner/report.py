@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, lockfile, planner, plots
+from runner import __version__, listing, lockfile, planner, plots
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
@@ -359,13 +359,18 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
         + (_when(r.get("built")), fmt_duration(r.get("duration_s", 0)))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
-    rows += [(sid, "", "", "", "not built", "") for sid in unbuilt]
+    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "") for sid in unbuilt]
     lead = (
         "<p>From the lockfile: each step's fingerprint (the hash of its inputs) and output hash, the "
         "version of its step kind, and when it was built and how long that took.</p>"
     )
     headers = ["step", "fingerprint", "output hash", "step version", "built", "took"]
     return _section("Provenance", [lead, _table(headers, rows, css="provenance")])
+
+
+def _unrecorded(ctx: _Context, sid: str) -> str:
+    folder = listing.unrecorded_outputs(ctx.project, sid)
+    return f"not in the lockfile (files in {folder})" if folder else "not built"
 
 
 # --- HTML pieces -----------------------------------------------------------------------------------------

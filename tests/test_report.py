@@ -192,6 +192,17 @@ def test_the_page_of_a_fresh_clone_does_not_blame_an_older_dbl_for_the_missing_t
     assert "none ran here yet (a fresh clone), or only an older dbl&#x27;s" in text, text
 
 
+def test_provenance_tells_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build):
+    from runner.report import _Context, _provenance
+
+    build(proj)
+    project = proj.load()
+    (project.out / "renders" / "base").rename(project.out / "renders" / "new")  # a merge left it out
+    text = _provenance(_Context(project, {}, {}), [], ["render:new", "render:other"])
+    assert "<td>not in the lockfile (files in build/pets/renders/new)</td>" in text
+    assert "<td>not built</td>" in text
+
+
 @pytest.mark.torch
 def test_a_build_that_restores_shows_restored(built, tmp_path):
     path, _ = built

@@ -308,7 +308,16 @@ def test_switching_back_to_a_branch_restores_its_outputs_and_leaves_its_lockfile
 def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the_lockfile_as_committed(
     proj, build
 ):
+    def clone() -> None:  # `git clone`: no outputs, no run-cache
+        for folder in ("build", ".dbl"):
+            shutil.rmtree(proj.root / folder)
+
     build(proj)
+    made = proj.lock.read_bytes()
+    clone()
+    result, rec = build(proj)
+    assert result.ok and {status for _, status in rec.final} == {"done"}
+    assert proj.lock.read_bytes() == made
     committed = lockfile.read(proj.lock)
     for record in committed.values():  # built by a teammate, an hour's training
         record["built"], record["duration_s"] = "2020-01-01T00:00:00Z", 3600.0
@@ -318,8 +327,7 @@ def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the
     for item in other["outputs"].values():
         item["sha256"] = "0" * 64
     lockfile.write(proj.lock, committed)
-    for folder in ("build", ".dbl"):  # `git clone`: no outputs, no run-cache
-        shutil.rmtree(proj.root / folder)
+    clone()
     result, rec = build(proj)
     assert result.ok and {status for _, status in rec.final} == {"done"}
     rebuilt = lockfile.read(proj.lock)

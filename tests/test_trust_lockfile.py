@@ -335,6 +335,19 @@ def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the
     assert rebuilt["render:base"]["built"] != "2020-01-01T00:00:00Z"  # the new bytes, and when they were made
 
 
+def test_a_fresh_clone_keeps_a_record_written_before_a_display_key_existed(proj, build):
+    build(proj)
+    records = lockfile.read(proj.lock)
+    del records["render:park"]["inputs"]["adapter"]["_name"]  # as a previous version wrote it
+    lockfile.write(proj.lock, records)
+    made = proj.lock.read_bytes()
+    for folder in ("build", ".dbl"):  # `git clone`
+        shutil.rmtree(proj.root / folder)
+    result, rec = build(proj)
+    assert result.ok and dict(rec.final)["render:park"] == "done"
+    assert proj.lock.read_bytes() == made
+
+
 def test_outputs_of_an_older_build_after_a_pull_are_not_called_edited(proj, build, capsys):
     build(proj)
     ours = proj.path.read_text(), proj.lock.read_text()

@@ -288,7 +288,11 @@ def _commit(
     )
     made = replaced or {}
     if same_build(made, lock[step.id]) and "built" in made and "duration_s" in made:
-        lock[step.id].update(built=made["built"], duration_s=made["duration_s"])
+        # its inputs as recorded too (the same fingerprint): only a name changed since rewrites them, as
+        # for a fresh step, and a display key a previous version did not write stays unwritten
+        kept = {**lock[step.id], "inputs": made.get("inputs", {})}
+        lockfile.take_names(kept, inputs)
+        lock[step.id] = {**kept, "built": made["built"], "duration_s": made["duration_s"]}
     lockfile.write(ws.lock_path, lock)
     # The end of the build saves the rest: a killed build loses at most these seconds of hashes, which
     # the next plan reads again.

@@ -9,6 +9,7 @@ goes into the stat cache, so that the next `dbl plan` or `dbl build` sees any ch
 
 from __future__ import annotations
 
+import posixpath
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class Mismatch:
     problem: str
     fix: str
     read: bool = True  # False: missing or unreadable (or the lockfile's own record), so among no files read
+    files: int = 1  # the files it stands for: all of a step's outputs when their folder is missing
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem} - {self.fix}"
@@ -65,8 +67,8 @@ def check(project: Project) -> Report:
     hasher.save()
     store.keep_out_of_git(project.state_dir)
     unique = list(dict.fromkeys(found + cached))
-    unread = {m.path for m in unique if not m.read}
-    return Report(unique, hasher.reads + cache_files + len(unread))
+    unread = {m.path: m.files for m in unique if not m.read}
+    return Report(unique, hasher.reads + cache_files + sum(unread.values()))
 
 
 def _shown(project: Project, path: Path) -> str:
@@ -89,8 +91,13 @@ def _blind(before: str | None, recorded: str) -> str:
 
 
 def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> list[Mismatch]:
+    outputs = record.get("outputs", {})
+    if outputs and not (project.dir / (folder := _folder(outputs))).is_dir():
+        # a fresh clone, or the folder removed: one line says it, not one per file
+        problem = f"output folder of {sid} is missing ({len(outputs)} file{'s' * (len(outputs) != 1)})"
+        return [Mismatch(folder, problem, REBUILD, read=False, files=len(outputs))]
     found = []
-    for rel, item in sorted(record.get("outputs", {}).items()):
+    for rel, item in sorted(outputs.items()):
         path = project.dir / rel
         if not path.is_file():
             found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD, read=False))
@@ -105,6 +112,11 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
             note = _blind(before, item["sha256"])
             found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
     return found
+
+
+def _folder(outputs: dict) -> str:
+    """The folder that holds all of a step's recorded outputs (their paths relative to the project)."""
+    return posixpath.commonpath([posixpath.dirname(rel) for rel in outputs])
 
 
 def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mismatch]:

@@ -270,11 +270,12 @@ def cmd_init(args) -> int:
 def cmd_ls(args) -> int:
     from runner import listing
 
-    rows = listing.rows(_load(args))
+    project = _load(args)
+    rows = listing.rows(project)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        for line in listing.table(rows):
+        for line in listing.table(rows, project):
             print(line)
     return EXIT_OK
 
@@ -323,7 +324,7 @@ def cmd_check(args) -> int:
     if not report.mismatches:
         print(f"all {report.files} files match the lockfile")
         return EXIT_OK
-    n = len(report.mismatches)
+    n = sum(m.files for m in report.mismatches)
     print(
         f"{n} file{'s' if n != 1 else ''} of {report.files} differ{'s' if n == 1 else ''} from the lockfile:"
     )

@@ -45,10 +45,10 @@ def _built_in(outputs: dict, step_id: str) -> str | None:
     return None
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], project) -> list[str]:
     """The rows as aligned lines: id, status, folder, and the loss where a step trained."""
     width = max((len(r["id"]) for r in rows), default=0)
-    where = [r["path"] or "(not built)" for r in rows]
+    where = [_where(project, r) for r in rows]
     where_width = max((len(w) for w in where), default=0)
     lines = []
     for r, w in zip(rows, where, strict=True):
@@ -58,6 +58,30 @@ def table(rows: list[dict]) -> list[str]:
             columns[-1:] = [f"{w:<{where_width}}", loss]
         lines.append("  ".join(columns))
     return lines
+
+
+def _where(project, row: dict) -> str:
+    """The row's folder, said to be missing where it is not there (a fresh clone); or, for a step the
+    lockfile has no record of, `_unrecorded`."""
+    if row["path"] is None:
+        return _unrecorded(project, row["id"])
+    return row["path"] if (project.dir / row["path"]).is_dir() else f"{row['path']} (missing)"
+
+
+def _unrecorded(project, step_id: str) -> str:
+    folder = unrecorded_outputs(project, step_id)
+    return f"{folder} (not in the lockfile)" if folder else "(not built)"
+
+
+def unrecorded_outputs(project, step_id: str) -> str | None:
+    """The output folder, relative to the project file, of a step the lockfile has no record of, when files
+    are there (a merge left its record out, another lockfile was checked out); None when there are none."""
+    from runner import steps
+
+    folder = project.out / steps.output_dir(step_id)
+    if folder.is_dir() and any(folder.iterdir()):
+        return steps.relative(project, folder)
+    return None
 
 
 def _loss(metrics: dict) -> str:

@@ -75,6 +75,9 @@ class Facts(Protocol):
     def restores(self, fingerprint: str) -> str | None:
         """The output hash a restore of this fingerprint gives, or None when the run-cache cannot."""
 
+    def has_outputs(self, output_dir: str) -> bool:
+        """Whether the step's output folder (`output_dir` under the project's `out`) holds anything."""
+
 
 # --- the graph -------------------------------------------------------------------------------------
 
@@ -355,7 +358,7 @@ def plan(
         if step.id in force:
             item.status, item.reasons = STALE, ["forced"]
         elif record is None:
-            item.status, item.reasons = STALE, ["never built"]
+            item.status, item.reasons = STALE, [unrecorded(step, facts)]
         elif record["fingerprint"] != fp:
             item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
         else:
@@ -366,8 +369,8 @@ def plan(
             known[step.id] = record["output_hash"]
         elif step.id not in force and (restored := facts.restores(fp)) is not None:
             item.restorable = True
-            if item.reasons == ["never built"]:  # built, under another name or in another checkout
-                item.reasons = ["not in the lockfile"]
+            if item.reasons == [NEVER_BUILT]:  # built, under another name or in another checkout
+                item.reasons = [NOT_RECORDED]
             item.reasons.append(RESTORABLE)
             known[step.id] = restored
         planned[step.id] = item
@@ -375,7 +378,15 @@ def plan(
 
 
 RESTORABLE = "restorable from cache"
+NEVER_BUILT = "never built"
+NOT_RECORDED = "not in the lockfile"
 UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
+
+
+def unrecorded(step: Step, facts: Facts) -> str:
+    """Why a step the lockfile has no record of is stale: never built, unless outputs are in its folder (a
+    merge left its record out, another lockfile was checked out)."""
+    return NOT_RECORDED if facts.has_outputs(step.output_dir) else NEVER_BUILT
 
 
 def not_read(deps: list[str]) -> str:
@@ -421,11 +432,13 @@ def _behind_stale(
         if problem is None:
             return [UNCHANGED_AFTER_RESTORE], record["output_hash"]
         reasons = [problem]
-    else:
+    elif record is not None:
         said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
-        reasons = explain(record.get("inputs", {}), inputs, said) if record is not None else ["never built"]
+        reasons = explain(record.get("inputs", {}), inputs, said)
+    else:
+        reasons = [unrecorded(step, facts)]
     if exact and (restored := facts.restores(fp)) is not None:
-        return [*(["not in the lockfile"] if record is None else reasons), RESTORABLE], restored
+        return [*([NOT_RECORDED] if record is None else reasons), RESTORABLE], restored
     return reasons, None
 
 

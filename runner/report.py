@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, lockfile, planner, plots
+from runner import __version__, listing, lockfile, planner, plots
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
@@ -142,7 +142,10 @@ def _header(ctx: _Context, last: dict | None) -> str:
 
 def _timeline(ctx: _Context, last: dict | None) -> str:
     if not last:
-        note = f"No record of the last build in {lastbuild.path(ctx.project)} (a build by an older dbl)"
+        note = (
+            f"No record of the last build in {lastbuild.path(ctx.project)}: none ran here yet (a fresh "
+            "clone), or only an older dbl's"
+        )
         return _section(
             "Last build", [f"<p>{escape(note)}; the provenance table says when each step was built.</p>"]
         )
@@ -356,13 +359,18 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
         + (_when(r.get("built")), fmt_duration(r.get("duration_s", 0)))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
-    rows += [(sid, "", "", "", "not built", "") for sid in unbuilt]
+    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "") for sid in unbuilt]
     lead = (
         "<p>From the lockfile: each step's fingerprint (the hash of its inputs) and output hash, the "
         "version of its step kind, and when it was built and how long that took.</p>"
     )
     headers = ["step", "fingerprint", "output hash", "step version", "built", "took"]
     return _section("Provenance", [lead, _table(headers, rows, css="provenance")])
+
+
+def _unrecorded(ctx: _Context, sid: str) -> str:
+    folder = listing.unrecorded_outputs(ctx.project, sid)
+    return f"not in the lockfile (files in {folder})" if folder else "not built"
 
 
 # --- HTML pieces -----------------------------------------------------------------------------------------
@@ -398,7 +406,13 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     if outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
-        text += f" ({verb} by the last build)"
+        # a rerun that made the recorded bytes again keeps the record of the build that first made them
+        made_then = _when(ctx.outcomes[sid].get("started")) == _when(record.get("built"))
+        text += (
+            f" ({verb} by the last build)"
+            if made_then
+            else f" ({verb} again by the last build, to the same outputs)"
+        )
     return escape(text[0].upper() + text[1:])
 
 

@@ -446,10 +446,18 @@ class DiskFacts:
                 if not path.is_file():
                     return f"output {rel} missing"
                 if path.stat().st_size != item.get("size") or self.hasher.hash(path) != item["sha256"]:
-                    return f"output {rel} altered"
+                    # not necessarily edited: after a pull or a checkout, another build's outputs
+                    return f"output {rel} differs from the lockfile's: another build's, or edited"
             except OSError:
                 return f"output {rel} unreadable"
         return None
+
+    def has_outputs(self, output_dir: str) -> bool:
+        folder = self.project.out / output_dir
+        try:
+            return any(folder.iterdir())
+        except OSError:  # not there (or not a folder)
+            return False
 
     def restores(self, fingerprint: str) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when

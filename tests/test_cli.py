@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,28 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
     row = {r["id"]: r for r in json.loads(capsys.readouterr().out)}["train:dog"]
     assert row["status"] == "stale" and row["path"] == "build/pets/adapters/dog"
     assert all(f.startswith(row["path"] + "/") for f in row["files"])
+
+
+def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build, capsys):
+    build(proj)
+    records = lockfile.read(proj.lock)
+    del records["render:park"]  # a merge left it out: changed differently on both sides
+    lockfile.write(proj.lock, records)
+    proj.edit("[renders.base]", '[renders.new]\nadapter = "dog"\nprompts = ["a dog"]\n\n[renders.base]')
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "render:park   stale  build/pets/renders/park (not in the lockfile)" in lines
+    assert "render:new    stale  (not built)" in lines
+    assert main(["plan", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert "render:park  not in the lockfile; restorable from cache" in out
+    shutil.rmtree(proj.root / ".dbl" / "cache")  # a clone's, which never built it
+    assert main(["plan", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert "render:park  not in the lockfile\n" in out and "render:new   never built\n" in out, out
+    shutil.rmtree(proj.root / "build/pets/renders/mixed")  # as in a fresh clone
+    assert main(["ls", str(proj.path)]) == 0
+    assert "render:mixed  stale  build/pets/renders/mixed (missing)" in capsys.readouterr().out.splitlines()
 
 
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):

@@ -213,7 +213,7 @@ def test_missing_or_altered_output_is_restored(proj, build, fake_steps):
     _, rec = build(proj)
     reasons = dict((sid, r) for sid, _, r in rec.planned)
     assert reasons["train:dog"] == [
-        "output build/pets/adapters/dog/unet/adapter.json altered",
+        "output build/pets/adapters/dog/unet/adapter.json differs from the lockfile's: another build's, or edited",
         "restorable from cache",
     ]
     assert fake_steps.ran == [] and out.read_text() != "tampered"

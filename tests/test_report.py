@@ -185,6 +185,24 @@ def test_the_page_fetches_nothing(built):
     assert "<script" not in text and "@import" not in text and "url(http" not in text
 
 
+def test_the_page_of_a_fresh_clone_does_not_blame_an_older_dbl_for_the_missing_timeline(proj):
+    from runner.report import _Context, _timeline
+
+    text = _timeline(_Context(proj.load(), {}, {}), None)
+    assert "none ran here yet (a fresh clone), or only an older dbl&#x27;s" in text, text
+
+
+def test_provenance_tells_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build):
+    from runner.report import _Context, _provenance
+
+    build(proj)
+    project = proj.load()
+    (project.out / "renders" / "base").rename(project.out / "renders" / "new")  # a merge left it out
+    text = _provenance(_Context(project, {}, {}), [], ["render:new", "render:other"])
+    assert "<td>not in the lockfile (files in build/pets/renders/new)</td>" in text
+    assert "<td>not built</td>" in text
+
+
 @pytest.mark.torch
 def test_a_build_that_restores_shows_restored(built, tmp_path):
     path, _ = built
@@ -202,6 +220,24 @@ def test_a_build_that_restores_shows_restored(built, tmp_path):
     text = (out / "report.html").read_text()
     assert '<span class="outcome restored">restored</span>' in text
     assert "restored from the run-cache by the last build" in text
+
+
+@pytest.mark.torch
+def test_a_build_that_reruns_to_the_recorded_outputs_says_so(built, tmp_path):
+    path, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(path.parent, copy, symlinks=True)
+    copied = copy / path.name
+    shutil.rmtree(load_project(copied).out / "renders" / "park")
+    shutil.rmtree(copy / ".dbl" / "cache")  # a fresh clone's: nothing to restore from
+    recorded = lockfile.read(copied.with_suffix(".lock"))["render:park"]
+    assert build(copied)["render:park"] == "done"
+    assert lockfile.read(copied.with_suffix(".lock"))["render:park"] == recorded
+    out = tmp_path / "pages"
+    out.mkdir()
+    assert main(["report", str(copied), "-o", str(out)]) == 0
+    text = (out / "report.html").read_text()
+    assert "rendered again by the last build, to the same outputs" in text
 
 
 @pytest.mark.browser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from runner.check import REBUILD
 from runner.cli import main
 from runner.fingerprint import FileHasher
 
@@ -32,7 +33,7 @@ def test_plan_notices_an_edit_that_kept_size_and_mtime(proj, build, capsys):
     assert plan(proj, capsys).startswith("all 7 steps are up to date")
     sneaky_edit(proj.root / OUTPUT)
     # ctime moved with the write and the utime, so the stat cache does not answer for the file.
-    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)
+    assert f"render:park  output {OUTPUT} differs from the lockfile's" in plan(proj, capsys)
 
 
 def forge_stat_cache(proj, rel: str) -> None:
@@ -56,7 +57,7 @@ def test_check_finds_what_the_stat_cache_hides_and_tells_plan(proj, build, capsy
     out = capsys.readouterr().out
     assert f"{OUTPUT}: output of render:park differs from the lockfile's sha256" in out
     assert "`dbl plan` could not see it" in out and "run `dbl build`" in out
-    assert f"render:park  output {OUTPUT} altered" in plan(proj, capsys)  # told by check
+    assert f"render:park  output {OUTPUT} differs from the lockfile's" in plan(proj, capsys)  # told by check
     build(proj)
     assert main(["check", str(proj.path)]) == 0
     assert capsys.readouterr().out.startswith("all ")
@@ -134,6 +135,21 @@ def test_missing_files_count_among_the_files_checked(proj, build, capsys):
     # The inputs are read as before; the outputs are counted although none could be read.
     expected = f"{outputs} files of {checked - cached} differ from the lockfile:"
     assert capsys.readouterr().out.splitlines()[0] == expected
+
+
+def test_check_says_a_missing_output_folder_in_one_line_and_a_missing_file_in_its_own(proj, build, capsys):
+    import shutil
+
+    build(proj)
+    shutil.rmtree(proj.root / "build/pets/adapters/dog")  # as in a fresh clone
+    (proj.root / OUTPUT).unlink()
+    assert main(["check", str(proj.path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 files of ")  # the adapter's two files, and the render's one
+    assert lines[1:3] == [
+        f"  {OUTPUT}: output of render:park is missing - {REBUILD}",
+        f"  build/pets/adapters/dog: output folder of train:dog is missing (2 files) - {REBUILD}",
+    ]
 
 
 def test_a_build_writes_the_stat_cache_once_not_after_every_step(proj, build, monkeypatch):

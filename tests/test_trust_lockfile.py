@@ -305,6 +305,67 @@ def test_switching_back_to_a_branch_restores_its_outputs_and_leaves_its_lockfile
     )  # `git status` is clean: no new record of a build that did not run
 
 
+def test_a_fresh_clone_that_reruns_every_step_to_the_recorded_outputs_leaves_the_lockfile_as_committed(
+    proj, build
+):
+    def clone() -> None:  # `git clone`: no outputs, no run-cache
+        for folder in ("build", ".dbl"):
+            shutil.rmtree(proj.root / folder)
+
+    build(proj)
+    made = proj.lock.read_bytes()
+    clone()
+    result, rec = build(proj)
+    assert result.ok and {status for _, status in rec.final} == {"done"}
+    assert proj.lock.read_bytes() == made
+    committed = lockfile.read(proj.lock)
+    for record in committed.values():  # built by a teammate, an hour's training
+        record["built"], record["duration_s"] = "2020-01-01T00:00:00Z", 3600.0
+    # ... whose GPU made other bytes of this one (a step that does not reproduce itself)
+    other = committed["render:base"]
+    other["output_hash"] = "0" * 64
+    for item in other["outputs"].values():
+        item["sha256"] = "0" * 64
+    lockfile.write(proj.lock, committed)
+    clone()
+    result, rec = build(proj)
+    assert result.ok and {status for _, status in rec.final} == {"done"}
+    rebuilt = lockfile.read(proj.lock)
+    assert {sid for sid in committed if rebuilt[sid] != committed[sid]} == {"render:base"}
+    assert rebuilt["render:base"]["built"] != "2020-01-01T00:00:00Z"  # the new bytes, and when they were made
+
+
+def test_a_fresh_clone_keeps_a_record_written_before_a_display_key_existed(proj, build):
+    build(proj)
+    records = lockfile.read(proj.lock)
+    del records["render:park"]["inputs"]["adapter"]["_name"]  # as a previous version wrote it
+    lockfile.write(proj.lock, records)
+    made = proj.lock.read_bytes()
+    for folder in ("build", ".dbl"):  # `git clone`
+        shutil.rmtree(proj.root / folder)
+    result, rec = build(proj)
+    assert result.ok and dict(rec.final)["render:park"] == "done"
+    assert proj.lock.read_bytes() == made
+
+
+def test_outputs_of_an_older_build_after_a_pull_are_not_called_edited(proj, build, capsys):
+    build(proj)
+    ours = proj.path.read_text(), proj.lock.read_text()
+    proj.edit("sks dog in a park", "sks dog in a garden")  # a teammate's commit, built
+    build(proj)
+    theirs = proj.path.read_text(), proj.lock.read_text()
+    proj.path.write_text(ours[0])
+    proj.lock.write_text(ours[1])
+    build(proj)  # our outputs, as they were before the pull
+    proj.path.write_text(theirs[0])  # `git pull`
+    proj.lock.write_text(theirs[1])
+    out, _ = plan_lines(proj, capsys)
+    assert (
+        "render:park  output build/pets/renders/park/0-0.png differs from the lockfile's: another "
+        "build's, or edited; restorable from cache" in out
+    ), out
+
+
 def test_merge_lockfile_names_the_side_of_a_record_set_aside_or_an_unreadable_lockfile(tmp_path, capsys):
     # git hands the driver temporary files (.merge_file_XXXXXX): their names tell the user nothing.
     made = lockfile.record("train", "f", "h", {}, {}, {}, "2020-01-01T00:00:00Z", 1.0)

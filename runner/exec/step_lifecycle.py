@@ -53,6 +53,7 @@ class Started:
     force: bool
     num_processes: int | None = None  # --num-processes, part of a train step's inputs
     earlier: Path | None = None  # the step's committed outputs, for a kind that reuses them
+    recorded: dict | None = None  # the step's record in the lockfile when it started
 
 
 def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, force: bool):
@@ -97,7 +98,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _ended(ws, step, ev, metrics, clock)
         return None
     earlier = None if force else _earlier(ws, kind, step, record, inputs)
-    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier)
+    return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier, record)
 
 
 def _fresh_behind(ws: Workspace, p, hashes: dict[str, str], fp: str, num_processes) -> str:
@@ -148,7 +149,8 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
         )
     ev.status = events.DONE
     _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
-    _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, time.monotonic() - s.clock)
+    seconds = time.monotonic() - s.clock
+    _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
     _ended(ws, step, ev, metrics, s.clock)
 
 
@@ -253,13 +255,14 @@ def _commit(
     metrics: dict,
     begun: float,
     seconds: float,
-    restored_over: dict | None = None,
+    replaced: dict | None = None,
 ) -> None:
     """Copy the cache entry into the output folder, swap it in, and record it in the lockfile.
 
-    `restored_over` is the record a restore from the run-cache replaces: where it records this very
-    build (a branch switched back to, outputs deleted), when and how long that build ran stay as they
-    were, so that a committed lockfile is not rewritten by a build that ran nothing."""
+    `replaced` is the record this one replaces: where it records this very build (a branch switched back
+    to, outputs deleted, a fresh clone whose deterministic steps ran again to the recorded bytes), when
+    and how long that build ran stay as they were, so that a committed lockfile is not rewritten by a
+    build that made nothing new."""
     entry = ws.cache.entry(fp) / "files"
     ws.work_root.mkdir(parents=True, exist_ok=True)
     staged, trash = store.commit_folders(ws.project, step.kind, step.name)
@@ -283,9 +286,13 @@ def _commit(
         built=datetime.fromtimestamp(begun, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         duration_s=round(seconds, 3),
     )
-    made = restored_over or {}
+    made = replaced or {}
     if same_build(made, lock[step.id]) and "built" in made and "duration_s" in made:
-        lock[step.id].update(built=made["built"], duration_s=made["duration_s"])
+        # its inputs as recorded too (the same fingerprint): only a name changed since rewrites them, as
+        # for a fresh step, and a display key a previous version did not write stays unwritten
+        kept = {**lock[step.id], "inputs": made.get("inputs", {})}
+        lockfile.take_names(kept, inputs)
+        lock[step.id] = {**kept, "built": made["built"], "duration_s": made["duration_s"]}
     lockfile.write(ws.lock_path, lock)
     # The end of the build saves the rest: a killed build loses at most these seconds of hashes, which
     # the next plan reads again.

@@ -183,9 +183,9 @@ def test_live_verbose_adds_the_steps_log_messages_and_only_quiet_hides_their_war
     assert "warning" not in quiet
 
 
-def test_live_display_does_not_redraw_after_each_of_many_quick_steps(monkeypatch):
-    # A redraw takes tens of milliseconds: a few hundred steps restored from the run-cache in a second
-    # must not wait for a few hundred redraws (rich's own thread keeps redrawing meanwhile).
+def _count_event_redraws(monkeypatch) -> list:
+    """A list that gains an item each time the live display redraws from an event (the main thread), not
+    from rich's refresh thread."""
     import threading
 
     from rich.live import Live
@@ -199,6 +199,13 @@ def test_live_display_does_not_redraw_after_each_of_many_quick_steps(monkeypatch
         refresh(live)
 
     monkeypatch.setattr(Live, "refresh", counted)
+    return redraws
+
+
+def test_live_display_does_not_redraw_after_each_of_many_quick_steps(monkeypatch):
+    # A redraw takes tens of milliseconds: a few hundred steps restored from the run-cache in a second
+    # must not wait for a few hundred redraws (rich's own thread keeps redrawing meanwhile).
+    redraws = _count_event_redraws(monkeypatch)
     steps = [StepEvent(f"render:r{i}", "render", f"r{i}", PENDING) for i in range(200)]
     reporter = LiveReporter(console=recording_console(), refresh_per_second=0.5)
     reporter.plan("pets", steps)
@@ -264,19 +271,7 @@ def test_live_display_lays_the_table_out_again_only_when_what_it_shows_changes(m
 def test_an_event_redraws_nothing_just_after_rich_drew_a_frame(monkeypatch):
     # rich's thread redraws refresh_per_second times a second; an event redrawing between its frames
     # laid the table out twice as often.
-    import threading
-
-    from rich.live import Live
-
-    redraws = []
-    refresh = Live.refresh
-
-    def counted(live):
-        if threading.current_thread() is threading.main_thread():
-            redraws.append(1)
-        refresh(live)
-
-    monkeypatch.setattr(Live, "refresh", counted)
+    redraws = _count_event_redraws(monkeypatch)
     steps = plan_steps()
     reporter = LiveReporter(console=recording_console(), refresh_per_second=1)
     reporter.plan("pets", steps)

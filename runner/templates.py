@@ -69,7 +69,7 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
             raise UsageError(
                 f"{path} is a file, where the project needs a folder; choose another folder"
             ) from None
-    target.write_text(text.replace(f"projects/{name}.toml", str(target)))
+    target.write_text(text)  # its first line, `# dbl build <name>.toml`, runs it from its folder
     _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
     return target, made
 

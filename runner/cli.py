@@ -339,7 +339,8 @@ def cmd_report(args) -> int:
 
     project = _load(args)
     path = report.write(project, args.output)
-    print(f"wrote {path}")
+    # Written through to a pipe or device (-o /dev/stdout), stdout may be the page itself.
+    print(f"wrote {path}", file=sys.stdout if path.is_file() else sys.stderr)
     return EXIT_OK
 
 

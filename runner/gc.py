@@ -172,6 +172,11 @@ def _referenced(project: Project) -> set[str]:
             continue
         try:
             keep |= lockfile.referenced_fingerprints(lock_path)
+        except lockfile.NewerLockfileError as exc:
+            raise DblError(
+                f"gc refused: {exc}\n"
+                f"  gc keeps what every lockfile beside the project refers to, and cannot read what this one does"
+            ) from None
         except lockfile.LockfileError as exc:
             raise DblError(
                 f"gc refused: {exc}\n"

@@ -40,6 +40,17 @@ class LockfileError(DblError):
     """A lockfile that cannot be read; the message says how to recover."""
 
 
+class NewerLockfileError(LockfileError):
+    """A lockfile of a later version than this dbl reads: a teammate's newer dbl wrote it, and moving it
+    aside and building would replace their records."""
+
+    def __init__(self, shown: str, version: int):
+        super().__init__(
+            f"{shown}: written by a newer dbl (lockfile version {version}; this dbl reads version "
+            f"{LOCK_VERSION}): upgrade dbl to the version that wrote it"
+        )
+
+
 class LockfileWarning(UserWarning):
     """Step records of a lockfile that were set aside (their digest does not match)."""
 
@@ -150,11 +161,7 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
     recover = recover or RECOVER
     version = data.get("version")
     if type(version) is int and version > LOCK_VERSION:
-        # a teammate's newer dbl wrote it: moving it aside and building would replace their records
-        raise LockfileError(
-            f"{shown}: written by a newer dbl (lockfile version {version}; this dbl reads version "
-            f"{LOCK_VERSION}): upgrade dbl to the version that wrote it"
-        )
+        raise NewerLockfileError(shown, version)
     if version != LOCK_VERSION:
         raise LockfileError(
             f"{shown}: lockfile version {version!r}, this dbl reads version {LOCK_VERSION}; {recover}"
@@ -263,6 +270,8 @@ def fingerprints_in(text: str, shown: str) -> set[str]:
     except tomllib.TOMLDecodeError as exc:
         raise LockfileError(f"{shown}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})
+    if type(data.get("version")) is int and data["version"] > LOCK_VERSION:
+        raise NewerLockfileError(shown, data["version"])
     if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
         raise LockfileError(f"{shown}: not a lockfile of version {LOCK_VERSION}")
     return {

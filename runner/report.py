@@ -39,12 +39,13 @@ def write(project, output: Path | str | None = None) -> Path:
     if target.is_dir() or str(output).endswith(("/", os.sep)):
         target = target / "report.html"
     page = render(project)
-    if target.is_symlink():
-        target = target.resolve()  # the file it points to is the report, not the link
+    # Asked through the link: /dev/stdout's target, /proc/self/fd/1, resolves to "pipe:[...]", no path.
     if target.exists() and not target.is_file():  # /dev/stdout, a pipe, /dev/null: written through,
         with open(target, "w", encoding="utf-8") as out:  # never renamed over
             out.write(page)
         return target
+    if target.is_symlink():
+        target = target.resolve()  # the file it points to is the report, not the link
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -125,14 +125,17 @@ def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project)
 
 
 def test_what_an_eval_cannot_score_is_a_warning(project):
-    """An identifier that is not a word of letters is in no prompt, and a snapshot is not a subject: both
-    left subject fidelity and class drift out of the scores without a word."""
+    """An identifier that is not a word of letters is in no prompt, a snapshot is not a subject, and a
+    render of several adapters has no default subject: each left subject fidelity and class drift out of
+    the scores without a word."""
     from runner.steps.evaluate import _subject, _warnings
 
     project.write_text(
         PROJECT.replace('subject = "ring"\n', 'identifier = "sks1"\n')
         + '\n[subjects.ring.train]\nsave_steps = [2]\n\n[renders.snap]\nadapter = "ring@2"\nprompts = ["a sks shape"]\n'
         + '\n[evals.snap]\nrender = "snap"\n'
+        + '\n[renders.side]\nadapters = ["none", "ring@2", "ring"]\nprompts = ["a sks shape"]\n'
+        + '\n[evals.side]\nrender = "side"\n'
     )
     loaded = load_project(project)
     said = {
@@ -146,6 +149,10 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
         "snap": [
             'the render\'s adapter ring@2 is a snapshot of ring, not a subject: set subject = "ring" to score '
             "subject fidelity and class drift"
+        ],
+        "side": [
+            'the render has several adapters, so none is the subject by default: set subject = "ring" to '
+            "score subject fidelity and class drift"
         ],
     }
     project.write_text(PROJECT)  # a subject named, a plain identifier: nothing to say

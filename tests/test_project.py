@@ -150,7 +150,7 @@ CASES = [
     (
         "unknown blend parent",
         "[blends.duo]\nadapters = { dog = 1.0, cat = 0.5 }\n",
-        "blends.duo.adapters.cat: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix, duo",
+        "blends.duo.adapters.cat: 'cat' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix",
     ),
     (
         "unknown render adapter",

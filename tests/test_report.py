@@ -369,3 +369,26 @@ def test_a_pipe_or_device_given_as_output_is_written_through_not_replaced(proj, 
     reader.join(10)
     assert got and got[0].startswith("<!DOCTYPE html>")
     assert link.is_symlink() and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_dev_stdout_on_a_pipe_gets_the_page_and_nothing_else(proj, build, fake_steps, capsys):
+    """`dbl report -o /dev/stdout | ...`: the link /proc/self/fd/1 names an anonymous pipe, which
+    resolves to no path; the page goes down the pipe, and where it went is said on stderr."""
+    import threading
+
+    build(proj)
+    read_end, write_end = os.pipe()
+    got = []
+    reader = threading.Thread(
+        target=lambda: got.append(os.fdopen(read_end, encoding="utf-8").read()), daemon=True
+    )
+    reader.start()
+    try:
+        assert main(["report", str(proj.path), "-o", f"/proc/self/fd/{write_end}"]) == 0
+    finally:
+        os.close(write_end)
+    reader.join(10)
+    assert got and got[0].startswith("<!DOCTYPE html>") and got[0].rstrip().endswith("</html>")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "wrote" in captured.err

@@ -48,6 +48,18 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
     assert cache_entries(proj) == (before if dry_run else sorted(set(before) - {_dropped(before, proj)}))
 
 
+def test_gc_refuses_a_newer_dbls_lockfile_and_says_to_upgrade(built_twice, capsys):
+    """A teammate's newer lockfile is no broken one: moving it aside would lose their records."""
+    proj = built_twice
+    proj.lock.write_text(proj.lock.read_text().replace("version = 1\n", "version = 2\n", 1))
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert "written by a newer dbl (lockfile version 2" in err and "upgrade dbl" in err
+    assert "move it out" not in err and "merge conflict" not in err
+    assert cache_entries(proj) == before
+
+
 # Other tools' lockfiles, which lie beside a project file in a Python or Rust repository.
 OTHER_TOOLS = {
     "poetry.lock": '[[package]]\nname = "numpy"\n\n[metadata]\nlock-version = "2.0"\n',

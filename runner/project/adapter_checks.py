@@ -14,9 +14,10 @@ from runner.project import schema
 from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, unread
 
 
-def _known_adapters(tables: dict) -> str:
-    """The parents a blend may name: subjects and blends."""
-    return _adapter_listing({"subjects": tables.get("train", {}), "blends": tables.get("blend", {})})
+def _known_adapters(tables: dict, blend: str) -> str:
+    """The parents blend `blend` may name: subjects and the other blends (itself would be a cycle)."""
+    others = [name for name in tables.get("blend", {}) if name != blend]
+    return _adapter_listing({"subjects": tables.get("train", {}), "blends": others})
 
 
 def adapter_tables(tables: dict) -> dict[str, dict]:
@@ -62,7 +63,7 @@ def check_blends(check, tables: dict) -> None:
         for parent, _ in blend.adapters:
             if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
                 check.problem(
-                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables)
+                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables, name)
                 )
         if name not in in_cycles and (cycle := _cycle(name, blends)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend

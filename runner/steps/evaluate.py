@@ -92,13 +92,26 @@ def _warnings(project, spec, subject) -> list[str]:
             "no prompt names it, so subject fidelity is not counted"
         )
     render = project.tables.get("render", {}).get(spec.render)
-    if subject is None and spec.subject is None and render is not None and render.adapters is None:
+    if subject is not None or spec.subject is not None or render is None:
+        return said
+    subjects = project.tables.get("train", {})
+    if render.adapters is None:
         trained, at, _ = render.adapter.partition("@")
-        if at and trained in project.tables.get("train", {}):
+        if at and trained in subjects:
             said.append(
                 f"the render's adapter {render.adapter} is a snapshot of {trained}, not a subject: set "
                 f'subject = "{trained}" to score subject fidelity and class drift'
             )
+        return said
+    # Several adapters give no default subject: which of them the identifier stands for is not said.
+    named = [name.partition("@")[0] for name in render.adapters]
+    trained = list(dict.fromkeys(name for name in named if name in subjects))
+    if trained:
+        choice = " or ".join(f'"{name}"' for name in trained)
+        said.append(
+            f"the render has several adapters, so none is the subject by default: set subject = {choice} "
+            "to score subject fidelity and class drift"
+        )
     return said
 
 

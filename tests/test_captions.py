@@ -51,6 +51,20 @@ def test_an_empty_caption_warns_and_uses_the_instance_prompt(tmp_path):
     assert seen == [f"warning: caption {tmp_path / '01.txt'} is empty; the instance prompt is used"]
 
 
+def test_many_empty_captions_are_named_in_a_few_lines(tmp_path):
+    files = [write_image(tmp_path / f"{i:02d}.png", seed=i) for i in range(6)]
+    for i in range(6):
+        (tmp_path / f"{i:02d}.txt").write_text("\n")
+    seen = []
+    assert image_prompts(files, ".txt", "p", None, seen.append) == ["p"] * 6
+    assert seen == [
+        f"warning: caption {tmp_path / f'{i:02d}.txt'} is empty; the instance prompt is used"
+        for i in range(3)
+    ] + [
+        f"warning: 3 more captions in {tmp_path} are empty; the instance prompt is used: 03.txt, 04.txt, 05.txt"
+    ]
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -358,6 +372,24 @@ def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_p
         prior_step.run(prior_context(tmp_path, spec, log=logs.append))
     assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3)"
     assert f"warning: caption {given / '00.txt'} is empty; the class prompt 'a photo of dog' is used" in logs
+
+
+@pytest.mark.torch
+def test_a_prior_names_many_empty_captions_in_a_few_lines(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 5, size=(8, 8))
+    for i in range(5):
+        (given / f"{i:02d}.txt").write_text("")
+    logs = []
+    spec = make_prior(num_images=5, images=str(given), caption_extension=".txt")
+    prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    empty = [line for line in logs if "empty" in line]
+    assert empty[3:] == [
+        f"warning: 2 more captions in {given} are empty; the class prompt 'a photo of dog' is used: 03.txt, 04.txt"
+    ]
+    assert len(empty) == 4
 
 
 @pytest.mark.torch

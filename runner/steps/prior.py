@@ -35,6 +35,8 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def run(ctx) -> dict:
+    from runner.training.captions import empty_captions, kept_in, read_caption, unread_files
+
     spec = ctx.spec
     total = spec.num_images
     found = _given_images(spec)
@@ -43,19 +45,22 @@ def run(ctx) -> dict:
     if len(files) > total:  # the rest are not read: say which are
         ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
     if found:
-        from runner.training.captions import read_caption, unread_files
-
         for warning in unread_files(found, given, spec.caption_extension, "its class prompt"):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(given):
-        shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
-        caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
-        if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
-            # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
-            read_caption(caption, ctx.log, f"the class prompt '{spec.prompts[0]}'")
-            shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
+    empty, fallback = [], f"the class prompt '{spec.prompts[0]}'"
+    try:
+        for index, path in enumerate(given):
+            shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
+            caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
+            if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
+                # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
+                read_caption(caption, kept_in(empty, caption), fallback)
+                shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
+    finally:  # what was found before a caption that fails is still said
+        for warning in empty_captions(empty, fallback):
+            ctx.log(warning)
     ctx.progress(len(given), total)
     if missing:
         ctx.log(f"{len(given)} class images given, {missing} to generate")

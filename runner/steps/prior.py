@@ -18,7 +18,8 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
-from runner.imagefiles import Scan, scan
+from runner.events import WARNING
+from runner.imagefiles import Scan, said_of_many, scan
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -39,7 +40,7 @@ def run(ctx) -> dict:
 
     spec = ctx.spec
     total = spec.num_images
-    found = _given_images(spec)
+    found = _given_images(spec, ctx.log)
     files = found.images if found else []
     given = files[:total]
     if len(files) > total:  # the rest are not read: say which are
@@ -73,9 +74,9 @@ def run(ctx) -> dict:
     return {"generated": missing, "given": len(given)}
 
 
-def _given_images(spec) -> Scan | None:
+def _given_images(spec, log) -> Scan | None:
     """The folder of the user's class images, None without one; each image used is checked to decode
-    (a broken one is an error naming it)."""
+    (a broken one is an error naming it), and what Pillow warns of it is said in the step's log."""
     if not spec.images:
         return None
     from runner.images import files_named_in_warnings, load_rgb
@@ -83,11 +84,21 @@ def _given_images(spec) -> Scan | None:
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
-    found = scan(folder)
+    found, said = scan(folder), {}
     with files_named_in_warnings():
         for path in found.images[: spec.num_images]:
-            load_rgb(path)
+            load_rgb(path, warn=_kept_in(said, path))
+    for what, files in said.items():  # the images that share a warning, in a few lines
+        for warning in said_of_many(
+            files, lambda count, folder, what=what: f"{count} more images in {folder}: {what}"
+        ):
+            log(WARNING + warning)
     return found
+
+
+def _kept_in(said: dict, path: Path):
+    """A `warn` for load_rgb of `path` that keeps its warning in `said`, by what it says of the file."""
+    return lambda warning: said.setdefault(warning.removeprefix(f"{path}: "), []).append((path, warning, ""))
 
 
 def _generate(ctx, indices: range) -> None:

@@ -65,6 +65,30 @@ def test_many_empty_captions_are_named_in_a_few_lines(tmp_path):
     ]
 
 
+def test_many_long_captions_are_named_in_a_few_lines(tmp_path):
+    from types import SimpleNamespace
+
+    from runner import families
+    from runner.training.captions import long_captions
+
+    def tokenizer(prompt, truncation):  # a token a word, with the start and end tokens
+        return SimpleNamespace(input_ids=[0, *prompt.split(), 0])
+
+    tokenizer.model_max_length = 4
+    pipe = SimpleNamespace(tokenizer=tokenizer)
+    captions = {tmp_path / f"{i}.txt": "a b c" + " d" * i for i in range(6)}  # 5 + i tokens
+    said = long_captions(families.get("sd1"), pipe, captions)
+    assert said[:3] == [
+        f"warning: caption {tmp_path / f'{i}.txt'} is {5 + i} tokens; the text encoder reads 4, so the end is "
+        f"cut off: {captions[tmp_path / f'{i}.txt']!r}"
+        for i in range(3)
+    ]
+    assert said[3:] == [
+        f"warning: 3 more captions in {tmp_path} are longer than the 4 tokens the text encoder reads, so their "
+        "ends are cut off: 3.txt (8 tokens), 4.txt (9 tokens), 5.txt (10 tokens)"
+    ]
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

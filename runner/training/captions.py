@@ -94,6 +94,23 @@ def empty_captions(found: list[tuple[Path, str, str]], fallback: str) -> list[st
     )
 
 
+def long_captions(family, pipe, captions: dict[Path, str]) -> list[str]:
+    """A warning for each caption (file -> its prompt) longer than the text encoder reads; many in a few
+    lines, which name each file with its token count."""
+    found = []
+    for path, prompt in captions.items():
+        for warning in family.long_prompts(pipe, {f"caption {path}": prompt}):
+            found.append((path, warning, f"{family.token_count(pipe, prompt)} tokens"))
+    limit = family.token_limit(pipe) if found else 0
+    return said_of_many(
+        found,
+        lambda count, folder: (
+            f"warning: {count} more captions in {folder} are longer than the {limit} tokens "
+            "the text encoder reads, so their ends are cut off"
+        ),
+    )
+
+
 def unnamed_subject(files: list[Path], prompts: list[str], fallback: str, extension: str, trigger: str):
     """Warnings about instance captions without the `trigger` (or [trigger]): such a photo trains on words
     that do not name the subject, teaching them its looks. Compared without case, as CLIP's tokenizer

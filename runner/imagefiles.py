@@ -99,3 +99,22 @@ def linked_folders(found: Scan) -> str | None:
         f"{found.folder}: not read, as dbl follows no symbolic link to a folder: {', '.join(found.linked)}; "
         "copy their images in to train on them"
     )
+
+
+# A warning that many images share is said in full for this many, then in one line for the rest: a prior's
+# 200 class images, all cropped, would otherwise say 200 lines and bury everything else.
+SAID_IN_FULL = 3
+
+
+def said_of_many(found: list[tuple[Path, str, str]], more) -> list[str]:
+    """The warnings of one kind: `found` holds (file, warning, detail) of each file, in order. The first
+    SAID_IN_FULL are said as they are; then one line, `more(count, folder)` followed by the path in
+    `folder` of each other file and its detail, so that every file can still be found."""
+    if len(found) <= SAID_IN_FULL + 1:  # a line for one more file is no shorter than its warning
+        return [warning for _, warning, _ in found]
+    rest = found[SAID_IN_FULL:]
+    folder = Path(os.path.commonpath([path.parent for path, _, _ in rest]))
+    names = ", ".join(
+        path.relative_to(folder).as_posix() + (f" ({detail})" if detail else "") for path, _, detail in rest
+    )
+    return [warning for _, warning, _ in found[:SAID_IN_FULL]] + [f"{more(len(rest), folder)}: {names}"]

@@ -62,10 +62,13 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     for message in said:
         warn(f"{path}: Pillow warns: {' '.join(message.split())}")
     if min_side and min(rgb.size) < min_side:
-        warn(
-            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is small for training at this resolution; it will be upscaled"
-        )
+        warn(small_image(path, rgb.size))
     return rgb
+
+
+def small_image(path: Path, size: tuple[int, int]) -> str:
+    """The warning about an image too small for the resolution (see load_rgb's `min_side`)."""
+    return f"{path}: {size[0]}x{size[1]} pixels is small for training at this resolution; it will be upscaled"
 
 
 # How the small text file that Git LFS checks out in place of a file it has not fetched begins.

@@ -172,6 +172,51 @@ def test_an_aspect_ratio_far_from_square_is_named_with_what_the_square_crop_lose
     assert images.buckets("instance") == [(64, 64), (64, 64)]
 
 
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_many_images_that_lose_most_of_themselves_are_named_in_a_few_lines(tmp_path, bucketed):
+    """A prior's 200 class images, all cropped, must not say 200 lines: three in full, then one line
+    naming every other file, with what it loses."""
+    from PIL import Image
+
+    (tmp_path / "dog" / "more").mkdir(parents=True)
+    names = [f"{i}.png" for i in range(5)] + ["more/5.png", "more/6.png"]
+    for name in names:
+        Image.new("RGB", (640, 40), (20, 30, 200)).save(tmp_path / "dog" / name)
+    said = []
+    read_images(_job(tmp_path, buckets=bucketed)[0], said.append)
+    crops = [line for line in said if "cropped away" in line]
+    fills = (
+        "fills its nearest bucket, 128x32, only with 75%"
+        if bucketed
+        else "fills the square, 64x64, only with 94%"
+    )
+    assert [line.split(": ")[1] for line in crops[:3]] == [str(tmp_path / "dog" / name) for name in names[:3]]
+    assert all(fills in line for line in crops[:3])
+    lost = "75%" if bucketed else "94%"
+    assert crops[3].startswith(f"warning: 4 more images in {tmp_path / 'dog'} fill ")
+    assert crops[3].endswith(f": 3.png ({lost}), 4.png ({lost}), more/5.png ({lost}), more/6.png ({lost})")
+    assert len(crops) == 4
+
+
+def test_many_small_images_are_named_in_a_few_lines(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "dog").mkdir()
+    for i in range(6):
+        Image.new("RGB", (12, 12 + i)).save(tmp_path / "dog" / f"{i}.png")
+    said = []
+    read_images(_job(tmp_path)[0], said.append)
+    assert said[:3] == [
+        f"warning: {tmp_path / 'dog' / f'{i}.png'}: 12x{12 + i} pixels is small for training at this resolution; "
+        "it will be upscaled"
+        for i in range(3)
+    ]
+    assert said[3:] == [
+        f"warning: 3 more images in {tmp_path / 'dog'} are small for training at this resolution; they will be "
+        "upscaled: 3.png (12x15), 4.png (12x16), 5.png (12x17)"
+    ]
+
+
 def test_sdxl_conditions_hold_the_files_size_and_the_crop_in_the_bucket(tmp_path):
     (tmp_path / "dog").mkdir()
     _stripes(tmp_path / "dog" / "0.png", 300, 500)

@@ -51,6 +51,44 @@ def test_an_empty_caption_warns_and_uses_the_instance_prompt(tmp_path):
     assert seen == [f"warning: caption {tmp_path / '01.txt'} is empty; the instance prompt is used"]
 
 
+def test_many_empty_captions_are_named_in_a_few_lines(tmp_path):
+    files = [write_image(tmp_path / f"{i:02d}.png", seed=i) for i in range(6)]
+    for i in range(6):
+        (tmp_path / f"{i:02d}.txt").write_text("\n")
+    seen = []
+    assert image_prompts(files, ".txt", "p", None, seen.append) == ["p"] * 6
+    assert seen == [
+        f"warning: caption {tmp_path / f'{i:02d}.txt'} is empty; the instance prompt is used"
+        for i in range(3)
+    ] + [
+        f"warning: 3 more captions in {tmp_path} are empty; the instance prompt is used: 03.txt, 04.txt, 05.txt"
+    ]
+
+
+def test_many_long_captions_are_named_in_a_few_lines(tmp_path):
+    from types import SimpleNamespace
+
+    from runner import families
+    from runner.training.captions import long_captions
+
+    def tokenizer(prompt, truncation):  # a token a word, with the start and end tokens
+        return SimpleNamespace(input_ids=[0, *prompt.split(), 0])
+
+    tokenizer.model_max_length = 4
+    pipe = SimpleNamespace(tokenizer=tokenizer)
+    captions = {tmp_path / f"{i}.txt": "a b c" + " d" * i for i in range(6)}  # 5 + i tokens
+    said = long_captions(families.get("sd1"), pipe, captions)
+    assert said[:3] == [
+        f"warning: caption {tmp_path / f'{i}.txt'} is {5 + i} tokens; the text encoder reads 4, so the end is "
+        f"cut off: {captions[tmp_path / f'{i}.txt']!r}"
+        for i in range(3)
+    ]
+    assert said[3:] == [
+        f"warning: 3 more captions in {tmp_path} are longer than the 4 tokens the text encoder reads, so their "
+        "ends are cut off: 3.txt (8 tokens), 4.txt (9 tokens), 5.txt (10 tokens)"
+    ]
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -358,6 +396,24 @@ def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_p
         prior_step.run(prior_context(tmp_path, spec, log=logs.append))
     assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3)"
     assert f"warning: caption {given / '00.txt'} is empty; the class prompt 'a photo of dog' is used" in logs
+
+
+@pytest.mark.torch
+def test_a_prior_names_many_empty_captions_in_a_few_lines(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 5, size=(8, 8))
+    for i in range(5):
+        (given / f"{i:02d}.txt").write_text("")
+    logs = []
+    spec = make_prior(num_images=5, images=str(given), caption_extension=".txt")
+    prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    empty = [line for line in logs if "empty" in line]
+    assert empty[3:] == [
+        f"warning: 2 more captions in {given} are empty; the class prompt 'a photo of dog' is used: 03.txt, 04.txt"
+    ]
+    assert len(empty) == 4
 
 
 @pytest.mark.torch

@@ -91,6 +91,25 @@ def test_a_broken_given_image_names_the_file(tmp_path):
         _run(prior_context(tmp_path, make_prior(num_images=3, images=str(given))))
 
 
+def test_what_pillow_warns_about_given_images_is_in_the_steps_log_in_a_few_lines(tmp_path):
+    """Not printed outside the step's log (unmarked, and shown even with -q), and not a line per image."""
+    from PIL import Image
+
+    given = tmp_path / "mine"
+    given.mkdir()
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, i, i)).save(given / f"{i}.jpg", exif=exif.tobytes()[:-6])
+    logs = []
+    _run(prior_context(tmp_path, make_prior(num_images=5, images=str(given)), log=logs.append))
+    assert [line.split(": ")[:3] for line in logs[:3]] == [
+        ["warning", str(given / f"{i}.jpg"), "Pillow warns"] for i in range(3)
+    ]
+    warns = logs[0].split(": ", 2)[2]
+    assert logs[3:] == [f"warning: 2 more images in {given}: {warns}: 3.jpg, 4.jpg"]
+
+
 def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path):
     whole = prior_context(tmp_path / "a", make_prior(num_images=3, batch_size=1, steps=1))
     _run(whole)

@@ -494,6 +494,25 @@ def test_what_pillow_warns_about_an_image_is_said_with_its_file(tmp_path, monkey
     ]
 
 
+def test_what_pillow_warns_about_many_images_is_said_in_a_few_lines(tmp_path):
+    from PIL import Image
+
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 6)
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    for i in range(6):
+        (folder / f"{i:02d}.png").unlink()
+        Image.new("RGB", (64, 64), (i, i, i)).save(folder / f"{i:02d}.jpg", exif=exif.tobytes()[:-6])
+    said = []
+    data.read_images(job_from_context(train_context(tmp_path, make_subject(folder))), said.append)
+    assert [line.split(": ")[1] for line in said[:3]] == [str(folder / f"{i:02d}.jpg") for i in range(3)]
+    warns = said[0].split(": ", 2)[2]  # Pillow warns: ...
+    assert said[3:] == [f"warning: 3 more images in {folder}: {warns}: 03.jpg, 04.jpg, 05.jpg"]
+
+
 def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
     """gloo on the CPU: 2 processes x batch 1 see the examples 1 process x batch 2 sees."""
     from runner.adapters import lora_delta

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
-from runner.imagefiles import Scan, scan
+from runner.events import WARNING
+from runner.imagefiles import Scan, said_of_many, scan
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -35,27 +36,32 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def run(ctx) -> dict:
+    from runner.training.captions import empty_captions, kept_in, read_caption, unread_files
+
     spec = ctx.spec
     total = spec.num_images
-    found = _given_images(spec)
+    found = _given_images(spec, ctx.log)
     files = found.images if found else []
     given = files[:total]
     if len(files) > total:  # the rest are not read: say which are
         ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
     if found:
-        from runner.training.captions import read_caption, unread_files
-
         for warning in unread_files(found, given, spec.caption_extension, "its class prompt"):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(given):
-        shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
-        caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
-        if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
-            # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
-            read_caption(caption, ctx.log, f"the class prompt '{spec.prompts[0]}'")
-            shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
+    empty, fallback = [], f"the class prompt '{spec.prompts[0]}'"
+    try:
+        for index, path in enumerate(given):
+            shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
+            caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
+            if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
+                # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
+                read_caption(caption, kept_in(empty, caption), fallback)
+                shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
+    finally:  # what was found before a caption that fails is still said
+        for warning in empty_captions(empty, fallback):
+            ctx.log(warning)
     ctx.progress(len(given), total)
     if missing:
         ctx.log(f"{len(given)} class images given, {missing} to generate")
@@ -68,9 +74,9 @@ def run(ctx) -> dict:
     return {"generated": missing, "given": len(given)}
 
 
-def _given_images(spec) -> Scan | None:
+def _given_images(spec, log) -> Scan | None:
     """The folder of the user's class images, None without one; each image used is checked to decode
-    (a broken one is an error naming it)."""
+    (a broken one is an error naming it), and what Pillow warns of it is said in the step's log."""
     if not spec.images:
         return None
     from runner.images import files_named_in_warnings, load_rgb
@@ -78,11 +84,21 @@ def _given_images(spec) -> Scan | None:
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
-    found = scan(folder)
+    found, said = scan(folder), {}
     with files_named_in_warnings():
         for path in found.images[: spec.num_images]:
-            load_rgb(path)
+            load_rgb(path, warn=_kept_in(said, path))
+    for what, files in said.items():  # the images that share a warning, in a few lines
+        for warning in said_of_many(
+            files, lambda count, folder, what=what: f"{count} more images in {folder}: {what}"
+        ):
+            log(WARNING + warning)
     return found
+
+
+def _kept_in(said: dict, path: Path):
+    """A `warn` for load_rgb of `path` that keeps its warning in `said`, by what it says of the file."""
+    return lambda warning: said.setdefault(warning.removeprefix(f"{path}: "), []).append((path, warning, ""))
 
 
 def _generate(ctx, indices: range) -> None:

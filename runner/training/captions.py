@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import Scan, linked_folders, skipped_images
+from runner.imagefiles import Scan, linked_folders, said_of_many, skipped_images
 from runner.project.checks import TRIGGER
 
 
@@ -60,21 +60,55 @@ def image_prompts(
         log(
             f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
         )
-    prompts = []
-    for image in files:
-        caption = None
-        if extension:
-            path = caption_file(image, extension)
-            if path.is_file():
-                caption = read_caption(path, log, fallback_name)
-        if caption is not None and TRIGGER in caption:
-            if trigger is None:
-                raise StepError(
-                    f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set"
-                )
-            caption = caption.replace(TRIGGER, trigger)
-        prompts.append(fallback if caption is None else caption)
+    prompts, empty = [], []
+    try:
+        for image in files:
+            caption = None
+            if extension:
+                path = caption_file(image, extension)
+                if path.is_file():
+                    caption = read_caption(path, kept_in(empty, path), fallback_name)
+            if caption is not None and TRIGGER in caption:
+                if trigger is None:
+                    raise StepError(
+                        f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set"
+                    )
+                caption = caption.replace(TRIGGER, trigger)
+            prompts.append(fallback if caption is None else caption)
+    finally:  # what was found before a caption that fails is still said
+        for warning in empty_captions(empty, fallback_name):
+            log(warning)
     return prompts
+
+
+def kept_in(found: list, path: Path):
+    """A `log` for read_caption of `path` that keeps its warning in `found`, for empty_captions."""
+    return lambda warning: found.append((path, warning, ""))
+
+
+def empty_captions(found: list[tuple[Path, str, str]], fallback: str) -> list[str]:
+    """The warnings of read_caption about empty captions, (caption, warning, "") each: many in a few lines."""
+    return said_of_many(
+        found,
+        lambda count, folder: f"warning: {count} more captions in {folder} are empty; {fallback} is used",
+    )
+
+
+def long_captions(family, pipe, captions: dict[Path, str]) -> list[str]:
+    """A warning for each caption (file -> its prompt) longer than the text encoder reads; many in a few
+    lines, which name each file with its token count."""
+    found = []
+    for path, prompt in captions.items():
+        for warning in family.long_prompts(pipe, {f"caption {path}": prompt}):
+            found.append((path, warning, f"{family.token_count(pipe, prompt)} tokens"))
+    limit = family.token_limit(pipe) if found else 0
+    return said_of_many(
+        found,
+        lambda count, folder: (
+            f"warning: {count} more captions in {folder} are longer than the {limit} tokens "
+            "the text encoder reads, so their ends are cut off"
+        ),
+    )
 
 
 def unnamed_subject(files: list[Path], prompts: list[str], fallback: str, extension: str, trigger: str):

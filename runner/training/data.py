@@ -14,11 +14,12 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images, scan
+from runner.imagefiles import list_images, said_of_many, scan
 from runner.training import buckets
 from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
@@ -147,6 +148,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
         load_rgb,
         resize_shorter,
         shorter_side_size,
+        small_image,
         to_uint8_tensor,
     )
 
@@ -180,17 +182,26 @@ def read_images(job, log) -> tuple[Images, float | None]:
 
     def read_one(path):
         """(original size, target size, pixels, warnings) of one image; run in a thread pool, so its
-        warnings are kept and said in order afterwards."""
-        said: list[str] = []
-        image = load_rgb(path, min_side=max(1, ts.resolution // 4), warn=said.append)
+        warnings, (kind, file, warning, detail), are kept and said in order afterwards."""
+        said: list[tuple[str, Path, str, str]] = []
+        image = load_rgb(
+            path, warn=lambda warning: said.append((warning.removeprefix(f"{path}: "), path, warning, ""))
+        )
         original = (image.height, image.width)
+        if min(image.size) < max(1, ts.resolution // 4):
+            said.append(("small", path, small_image(path, image.size), f"{image.width}x{image.height}"))
         if sizes is None:
             lost = buckets.cropped_fraction(image.size, (ts.resolution, ts.resolution))
             if lost > buckets.MAX_SQUARE_CROP:
                 said.append(
-                    f"{path}: {image.width}x{image.height} pixels fills the square, {ts.resolution}x"
-                    f"{ts.resolution}, only with {lost:.0%} of it cropped away; crop it to the subject, or train "
-                    "with buckets = true"
+                    (
+                        "square",
+                        path,
+                        f"{path}: {image.width}x{image.height} pixels fills the square, {ts.resolution}x"
+                        f"{ts.resolution}, only with {lost:.0%} of it cropped away; crop it to the subject, or train "
+                        "with buckets = true",
+                        f"{lost:.0%}",
+                    )
                 )
             check_resized(path, image.size, shorter_side_size(image.size, ts.resolution), ts.resolution)
             image = resize_shorter(image, ts.resolution)
@@ -200,9 +211,14 @@ def read_images(job, log) -> tuple[Images, float | None]:
             lost = buckets.cropped_fraction(image.size, (width, height))
             if lost > buckets.MAX_CROP:  # an aspect ratio beyond the buckets': much more than a little
                 said.append(
-                    f"{path}: {image.width}x{image.height} pixels fills its nearest bucket, {width}x{height}, "
-                    f"only with {lost:.0%} of it cropped away; crop it to the subject, or widen the buckets "
-                    "with bucket_min_side and bucket_max_side"
+                    (
+                        "bucket",
+                        path,
+                        f"{path}: {image.width}x{image.height} pixels fills its nearest bucket, {width}x{height}, "
+                        f"only with {lost:.0%} of it cropped away; crop it to the subject, or widen the buckets "
+                        "with bucket_min_side and bucket_max_side",
+                        f"{lost:.0%}",
+                    )
                 )
             resized, _ = buckets.fill(image.size, (width, height))
             check_resized(path, image.size, resized, ts.resolution)
@@ -215,12 +231,15 @@ def read_images(job, log) -> tuple[Images, float | None]:
         # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
         with files_named_in_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(files)))) as pool:
             results = list(pool.map(read_one, files))
-        pixels = []
-        for index, (original, target, tensor, said) in enumerate(results):
-            for message in said:
-                log(WARNING + message)
+        pixels, said = [], {}
+        for index, (original, target, tensor, warnings) in enumerate(results):
+            for what, *warning in warnings:
+                said.setdefault(what, []).append(warning)
             originals[(kind, index)], targets[(kind, index)] = original, target
             pixels.append(tensor)
+        for what, found in said.items():
+            for message in said_of_many(found, partial(_more, what)):
+                log(WARNING + message)
         return pixels
 
     # A prior step copies the captions of the user's class images beside their copies, as .txt, and
@@ -259,6 +278,24 @@ def read_images(job, log) -> tuple[Images, float | None]:
         if class_files:
             log(f"class {buckets.describe([(w, h) for h, w in images.buckets('class')])}")
     return images, weight
+
+
+def _more(what: str, count: int, folder: Path) -> str:
+    """How the line for the images past the first few that share a warning of read_images begins."""
+    if what == "small":
+        return f"{count} more images in {folder} are small for training at this resolution; they will be upscaled"
+    if what == "square":
+        return (
+            f"{count} more images in {folder} fill the square only with over {buckets.MAX_SQUARE_CROP:.0%} of "
+            "them cropped away (crop them to the subject, or train with buckets = true)"
+        )
+    if what == "bucket":
+        return (
+            f"{count} more images in {folder} fill their nearest bucket only with over {buckets.MAX_CROP:.0%} of "
+            "them cropped away (crop them to the subject, or widen the buckets with bucket_min_side and "
+            "bucket_max_side)"
+        )
+    return f"{count} more images in {folder}: {what}"  # what Pillow warns
 
 
 def copies(instance_files: list[Path], class_files: list[Path], shown: int = 5) -> list[str]:

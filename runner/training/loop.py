@@ -115,13 +115,14 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     prompts = {f"subjects.{job.subject.name}.instance_prompt": job.subject.instance_prompt}
     if job.prior is not None:
         prompts.update(job.prior.prompt_keys())
+    captioned = {}
     for image, prompt in zip(images.instance_files, images.prompts["instance"], strict=True):
         if prompt != job.subject.instance_prompt:
-            prompts[f"caption {captions.caption_file(image, job.subject.caption_extension)}"] = prompt
+            captioned[captions.caption_file(image, job.subject.caption_extension)] = prompt
     for image, prompt in zip(images.class_files, images.prompts["class"], strict=True):
         if prompt not in job.prior.prompts:  # a caption of the user's class images, as the prior copied it
-            prompts[f"caption {captions.caption_file(image, '.txt')}"] = prompt
-    for warning in family.long_prompts(pipe, prompts):
+            captioned[captions.caption_file(image, ".txt")] = prompt
+    for warning in family.long_prompts(pipe, prompts) + captions.long_captions(family, pipe, captioned):
         log(warning)
     run = Run(job, hooks, pipe, images, weight, dtype, device, rank, world, components)
     try:

@@ -268,6 +268,11 @@ def fingerprints_in(text: str, shown: str) -> set[str]:
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
+        if (conflict := conflict_marker(text)) is not None:
+            line, marker = conflict
+            raise LockfileError(
+                f"{shown}: cannot read the lockfile: unresolved merge conflict (line {line}: `{marker}`)"
+            ) from None
         raise LockfileError(f"{shown}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})
     if type(data.get("version")) is int and data["version"] > LOCK_VERSION:

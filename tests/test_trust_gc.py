@@ -40,6 +40,11 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
     assert main(args) == 2
     captured = capsys.readouterr()
     assert f"{bad}: cannot read the lockfile" in captured.err and "gc refused" in captured.err
+    if text is None:  # git's markers: said as what they are, not as a TOML parse error
+        assert (
+            f"{bad}: cannot read the lockfile: unresolved merge conflict (line 1: `<<<<<<< HEAD`)"
+            in captured.err
+        )
     assert "move it out of" in captured.err and "Lockfiles in git" in captured.err
     assert not captured.out
     assert cache_entries(proj) == before

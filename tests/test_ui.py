@@ -498,7 +498,13 @@ def test_plain_dry_run_and_interruption():
     steps = plan_steps()
     reporter.plan("pets", steps)
     reporter.finish(steps, 0.1)
-    assert lines[-1].endswith("pets: dry run: 3 steps would run: train:dog, blend:mix, render:park")
+    assert [line[9:] for line in lines[1:]] == [  # why each would run, as the live table and plan say
+        "train:dog    would run (lora.rank 16 -> 8)",
+        "blend:mix    would run (upstream train:dog stale)",
+        "render:park  would run (renders.park.prompts changed)",
+        "pets: dry run: 3 steps would run: train:dog, blend:mix, render:park",
+    ]
+    lines.clear()
 
     steps = plan_steps()
     reporter.plan("pets", steps)

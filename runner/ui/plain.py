@@ -282,7 +282,12 @@ class PlainReporter:
     def finish(self, steps: list[StepEvent], duration_s: float) -> None:
         if self._up_to_date_line and all(s.status == FRESH for s in steps):
             return  # the plan said it in one line
-        self._line(final_text(self._project, steps, duration_s, is_dry_run(steps)))
+        dry_run = is_dry_run(steps)
+        if dry_run and self.verbosity == 0:  # why each would run (-v said it with the plan)
+            for s in steps:
+                if s.status == PENDING:
+                    self._line(f"{self._id(s)}would run" + (f" ({reason_text(s)})" if s.reasons else ""))
+        self._line(final_text(self._project, steps, duration_s, dry_run))
 
     def close(self) -> None:
         pass

@@ -1073,6 +1073,15 @@ def test_a_blend_cycle_is_one_problem_that_names_its_blends(folder):
     ]
 
 
+def test_a_blend_named_like_a_subject_is_one_problem_not_a_cycle_too(folder):
+    text = (
+        GOOD + "\n[blends.dog]\nadapters = { dog = 1.0 }\n[blends.a]\nadapters = { dog = 1.0, mix = 1.0 }\n"
+    )
+    assert problems(folder, text) == [
+        "blends.dog: 'dog' is both a subject and a blend (line 24) - rename one of them",
+    ]
+
+
 def test_an_empty_project_file_is_told_where_base_model_goes(tmp_path):
     from runner.project import ProjectError, load_project
 

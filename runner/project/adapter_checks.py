@@ -65,7 +65,9 @@ def check_blends(check, tables: dict) -> None:
                 check.problem(
                     key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables, name)
                 )
-        if name not in in_cycles and (cycle := _cycle(name, blends)) is not None:
+        # A blend named like a subject is a problem of its own: which one its parent `dog` means is unknown.
+        own = {n: b for n, b in blends.items() if n not in subjects}
+        if name in own and name not in in_cycles and (cycle := _cycle(name, own)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
             check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)

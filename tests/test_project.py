@@ -1035,6 +1035,18 @@ def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
     ]
 
 
+def test_a_name_windows_keeps_for_a_device_loads_with_a_warning(folder):
+    path = folder / "p.toml"
+    path.write_text(GOOD + '\n[renders.CON]\nadapter = "dog"\nprompts = ["x"]\n')
+    line = path.read_text().splitlines().index("[renders.CON]") + 1
+    with pytest.warns(UserWarning) as said:
+        assert "CON" in load_project(path).renders  # valid where it was built
+    assert [str(w.message) for w in said] == [
+        f"{path}: renders.CON: 'CON' is a device name on Windows, where no folder can have it: its outputs "
+        f"could not be written there (line {line}) - rename it"
+    ]
+
+
 def test_a_prior_s_caption_extension_without_images_loads_with_a_warning(folder):
     path = folder / "p.toml"
     path.write_text(

@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Names Windows gives its devices, in any case: no file or folder may be called so.
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{n}" for d in ("com", "lpt") for n in range(1, 10))}
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,14 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
         else:
             check.unread.add(key)
     _case_twins(check, group, [name for name in raw if NAME.match(name)])
+    for name in raw:
+        if name.lower() in WINDOWS_RESERVED:
+            check.note(
+                (group, name),
+                f"'{name}' is a device name on Windows, where no folder can have it: its outputs could not "
+                "be written there",
+                "rename it",
+            )
     if loose:
         check.problem(
             (group, loose[0]),

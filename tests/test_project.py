@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 
 import pytest
@@ -1033,6 +1034,20 @@ def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
         f"Windows, whose file names ignore case, both would write one output folder (line {twin}) - rename "
         "one of them"
     ]
+
+
+def test_empty_images_loads_as_the_project_folder_with_a_warning(folder):
+    path = folder / "p.toml"
+    text = '[project]\nbase_model = "tiny-sd"\n[subjects.toy]\nimages = ""\ninstance_prompt = "a sks toy"\n'
+    path.write_text(text)
+    with pytest.warns(UserWarning) as said:
+        assert load_project(path).subjects["toy"].images == str(folder)  # as it loaded before
+    assert [str(w.message) for w in said] == [
+        f"{path}: subjects.toy.images: is empty, which names the project file's folder and every image below "
+        'it (line 4) - write images = "." if that is meant, or name the folder of the images'
+    ]
+    shutil.rmtree(folder / "data")  # no image below it: said as the folder '.', not ''
+    assert "subjects.toy.images: folder . holds no images" in "\n".join(problems(folder, text))
 
 
 def test_a_name_windows_keeps_for_a_device_loads_with_a_warning(folder):

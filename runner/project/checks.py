@@ -58,6 +58,13 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         return item
     folder = item.images
     path = (project_dir / Path(folder).expanduser()).resolve()
+    if not folder:  # reads as the project file's folder, which a user who wrote it rarely means
+        check.note(
+            key + ("images",),
+            "is empty, which names the project file's folder and every image below it",
+            'write images = "." if that is meant, or name the folder of the images',
+        )
+        folder = "."
     if path.exists() and not path.is_dir():  # one photo named instead of its folder
         check.problem(
             key + ("images",),

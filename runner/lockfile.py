@@ -150,13 +150,11 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
         text = path.read_text(encoding="utf-8-sig")
         data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        conflict = conflict_marker(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
+        conflict = _conflict(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
         if conflict is None:
             raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover or RECOVER}") from None
-        line, marker = conflict
         raise LockfileError(
-            f"{shown}: cannot read the lockfile: unresolved merge conflict (line {line}: `{marker}`); "
-            f"{recover or _resolve(shown)}"
+            f"{shown}: cannot read the lockfile: {conflict}; {recover or _resolve(shown)}"
         ) from None
     recover = recover or RECOVER
     version = data.get("version")
@@ -183,6 +181,14 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
             stacklevel=2,
         )
     return steps
+
+
+def _conflict(text: str) -> str | None:
+    """'unresolved merge conflict (line 57: `<<<<<<< HEAD`)' where git left one in a lockfile's text."""
+    if (found := conflict_marker(text)) is None:
+        return None
+    line, marker = found
+    return f"unresolved merge conflict (line {line}: `{marker}`)"
 
 
 def _resolve(path: str) -> str:
@@ -268,11 +274,8 @@ def fingerprints_in(text: str, shown: str) -> set[str]:
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
-        if (conflict := conflict_marker(text)) is not None:
-            line, marker = conflict
-            raise LockfileError(
-                f"{shown}: cannot read the lockfile: unresolved merge conflict (line {line}: `{marker}`)"
-            ) from None
+        if (conflict := _conflict(text)) is not None:
+            raise LockfileError(f"{shown}: cannot read the lockfile: {conflict}") from None
         raise LockfileError(f"{shown}: cannot read the lockfile ({exc})") from None
     steps = data.get("steps", {})
     if type(data.get("version")) is int and data["version"] > LOCK_VERSION:

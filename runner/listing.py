@@ -77,11 +77,10 @@ def unrecorded_outputs(project, step_id: str) -> str | None:
     """The output folder, relative to the project file, of a step the lockfile has no record of, when files
     are there (a merge left its record out, another lockfile was checked out); None when there are none."""
     from runner import steps
+    from runner.store import has_files
 
     folder = project.out / steps.output_dir(step_id)
-    if folder.is_dir() and any(folder.iterdir()):
-        return steps.relative(project, folder)
-    return None
+    return steps.relative(project, folder) if has_files(folder) else None
 
 
 def _loss(metrics: dict) -> str:

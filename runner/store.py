@@ -38,6 +38,14 @@ def keep_out_of_git(state_dir: Path) -> None:
             )
 
 
+def has_files(folder: Path) -> bool:
+    """Whether `folder` holds anything; False where it is not there, or is no folder."""
+    try:
+        return any(folder.iterdir())
+    except OSError:
+        return False
+
+
 class BuildLock:
     """An exclusive lock on one project's builds: a flock on `.dbl/build-<stem>.lock`.
 
@@ -453,11 +461,7 @@ class DiskFacts:
         return None
 
     def has_outputs(self, output_dir: str) -> bool:
-        folder = self.project.out / output_dir
-        try:
-            return any(folder.iterdir())
-        except OSError:  # not there (or not a folder)
-            return False
+        return has_files(self.project.out / output_dir)
 
     def restores(self, fingerprint: str) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -118,3 +119,17 @@ def said_of_many(found: list[tuple[Path, str, str]], more) -> list[str]:
         path.relative_to(folder).as_posix() + (f" ({detail})" if detail else "") for path, _, detail in rest
     )
     return [warning for _, warning, _ in found[:SAID_IN_FULL]] + [f"{more(len(rest), folder)}: {names}"]
+
+
+def said_by_kind(found: list[tuple[str, Path, str, str]], more) -> list[str]:
+    """said_of_many of each kind of warning in `found`, (kind, file, warning, detail) each, in the order
+    the kinds first come; `more(kind, count, folder)` begins the line for a kind's other files."""
+    kinds: dict[str, list[tuple[Path, str, str]]] = {}
+    for kind, *warning in found:
+        kinds.setdefault(kind, []).append(tuple(warning))
+    return [line for kind, files in kinds.items() for line in said_of_many(files, partial(more, kind))]
+
+
+def more_images(what: str, count: int, folder: Path) -> str:
+    """How the line for the other images that a warning of their own (what Pillow says) names begins."""
+    return f"{count} more images in {folder}: {what}"

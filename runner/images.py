@@ -66,6 +66,12 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     return rgb
 
 
+def kept_warnings(said: list, path: Path) -> Callable[[str], None]:
+    """A `warn` for load_rgb of `path` that keeps each warning in `said` as runner.imagefiles.said_by_kind
+    takes it: its kind is what it says of the file, the same for each file it is said of."""
+    return lambda warning: said.append((warning.removeprefix(f"{path}: "), path, warning, ""))
+
+
 def small_image(path: Path, size: tuple[int, int]) -> str:
     """The warning about an image too small for the resolution (see load_rgb's `min_side`)."""
     return f"{path}: {size[0]}x{size[1]} pixels is small for training at this resolution; it will be upscaled"

@@ -19,7 +19,7 @@ from pathlib import Path
 from runner import pnginfo
 from runner.errors import StepError, StepInterrupted
 from runner.events import WARNING
-from runner.imagefiles import Scan, said_of_many, scan
+from runner.imagefiles import Scan, more_images, said_by_kind, scan
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -79,26 +79,18 @@ def _given_images(spec, log) -> Scan | None:
     (a broken one is an error naming it), and what Pillow warns of it is said in the step's log."""
     if not spec.images:
         return None
-    from runner.images import files_named_in_warnings, load_rgb
+    from runner.images import files_named_in_warnings, kept_warnings, load_rgb
 
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
-    found, said = scan(folder), {}
+    found, said = scan(folder), []
     with files_named_in_warnings():
         for path in found.images[: spec.num_images]:
-            load_rgb(path, warn=_kept_in(said, path))
-    for what, files in said.items():  # the images that share a warning, in a few lines
-        for warning in said_of_many(
-            files, lambda count, folder, what=what: f"{count} more images in {folder}: {what}"
-        ):
-            log(WARNING + warning)
+            load_rgb(path, warn=kept_warnings(said, path))
+    for warning in said_by_kind(said, more_images):  # the images that share a warning, in a few lines
+        log(WARNING + warning)
     return found
-
-
-def _kept_in(said: dict, path: Path):
-    """A `warn` for load_rgb of `path` that keeps its warning in `said`, by what it says of the file."""
-    return lambda warning: said.setdefault(warning.removeprefix(f"{path}: "), []).append((path, warning, ""))
 
 
 def _generate(ctx, indices: range) -> None:

@@ -14,12 +14,11 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images, said_of_many, scan
+from runner.imagefiles import list_images, more_images, said_by_kind, scan
 from runner.training import buckets
 from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
@@ -145,6 +144,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
     from runner.images import (
         check_resized,
         files_named_in_warnings,
+        kept_warnings,
         load_rgb,
         resize_shorter,
         shorter_side_size,
@@ -184,9 +184,7 @@ def read_images(job, log) -> tuple[Images, float | None]:
         """(original size, target size, pixels, warnings) of one image; run in a thread pool, so its
         warnings, (kind, file, warning, detail), are kept and said in order afterwards."""
         said: list[tuple[str, Path, str, str]] = []
-        image = load_rgb(
-            path, warn=lambda warning: said.append((warning.removeprefix(f"{path}: "), path, warning, ""))
-        )
+        image = load_rgb(path, warn=kept_warnings(said, path))
         original = (image.height, image.width)
         if min(image.size) < max(1, ts.resolution // 4):
             said.append(("small", path, small_image(path, image.size), f"{image.width}x{image.height}"))
@@ -231,15 +229,13 @@ def read_images(job, log) -> tuple[Images, float | None]:
         # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
         with files_named_in_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(files)))) as pool:
             results = list(pool.map(read_one, files))
-        pixels, said = [], {}
+        pixels, said = [], []
         for index, (original, target, tensor, warnings) in enumerate(results):
-            for what, *warning in warnings:
-                said.setdefault(what, []).append(warning)
+            said += warnings
             originals[(kind, index)], targets[(kind, index)] = original, target
             pixels.append(tensor)
-        for what, found in said.items():
-            for message in said_of_many(found, partial(_more, what)):
-                log(WARNING + message)
+        for message in said_by_kind(said, _more):
+            log(WARNING + message)
         return pixels
 
     # A prior step copies the captions of the user's class images beside their copies, as .txt, and
@@ -295,7 +291,7 @@ def _more(what: str, count: int, folder: Path) -> str:
             "them cropped away (crop them to the subject, or widen the buckets with bucket_min_side and "
             "bucket_max_side)"
         )
-    return f"{count} more images in {folder}: {what}"  # what Pillow warns
+    return more_images(what, count, folder)  # what Pillow warns
 
 
 def copies(instance_files: list[Path], class_files: list[Path], shown: int = 5) -> list[str]:

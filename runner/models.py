@@ -5,6 +5,7 @@ Everything here imports torch and diffusers inside functions, so that importing 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -212,33 +213,31 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-_unreachable: dict[str, str | None] = {}
-
-
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached from here (a failed name lookup or connection, found
     in at most a few seconds), or None. Without a network, the hub client retries each request for
-    about 20 s; where this says why, loads read the Hugging Face cache alone instead. Through a proxy
-    the hub is not probed (a direct connection says nothing of it). Asked once per process."""
+    about 20 s; where this says why, loads read the Hugging Face cache alone instead."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _probe_hub(constants.ENDPOINT)
+
+
+@functools.cache
+def _probe_hub(endpoint: str) -> str | None:
+    """Why a connection to `endpoint` fails, or None; asked once per process. Through a proxy the hub is
+    not probed (a direct connection says nothing of it)."""
     import socket
     import urllib.request
     from urllib.parse import urlsplit
 
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if "probe" not in _unreachable:
-        url = urlsplit(constants.ENDPOINT)
-        proxied = url.scheme in urllib.request.getproxies() or "all" in urllib.request.getproxies()
-        why = None
-        if not proxied and url.hostname:
-            try:
-                socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
-            except OSError as exc:
-                why = f"{url.hostname} cannot be reached ({exc.strerror or exc})"
-        _unreachable["probe"] = why
-    return _unreachable["probe"]
+    url, proxies = urlsplit(endpoint), urllib.request.getproxies()
+    if url.scheme in proxies or "all" in proxies or not url.hostname:
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as exc:
+        return f"{url.hostname} cannot be reached ({exc.strerror or exc})"
+    return None
 
 
 def fetch_hub_index(base: BaseModel) -> None:

@@ -122,12 +122,13 @@ def no_network(monkeypatch):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(models, "_unreachable", {}, raising=False)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.delenv("ALL_PROXY", raising=False)
     monkeypatch.delenv("all_proxy", raising=False)
-    return looked_up
+    models._probe_hub.cache_clear()  # probed afresh here, and again after
+    yield looked_up
+    models._probe_hub.cache_clear()
 
 
 @pytest.mark.torch

@@ -110,22 +110,19 @@ def _check_hidden(check, base: BaseModel) -> None:
     if base.config is not None and Path(base.config).is_dir():
         folders.append(Path(base.config))
     for folder in folders:
-        top = sorted(p for p in folder.iterdir() if p.name.startswith("."))
-        below = sorted(
-            p
-            for sub in folder.iterdir()
-            if sub.is_dir() and not sub.name.startswith(".")
-            for p in sub.iterdir()
-            if p.name.startswith(".")
+        entries = sorted(folder.iterdir())
+        components = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        hidden = [p.name for p in entries if p.name.startswith(".")]
+        hidden += sorted(
+            f"{c.name}/{p.name}" for c in components for p in c.iterdir() if p.name.startswith(".")
         )
-        hidden = [p.relative_to(folder).as_posix() for p in top + below]
         if hidden:
             more = f" and {len(hidden) - 3} more" if len(hidden) > 3 else ""
             check.note(
                 ("project", "base_model" if base.kind == "folder" else "base_model_config"),
-                f"{folder} holds hidden files and folders ({', '.join(hidden[:3])}{more}), which count toward the model's "
-                "identity: when they change (a git command, a new download, Finder), every step that uses the "
-                "model runs again",
+                f"{folder} holds hidden files and folders ({', '.join(hidden[:3])}{more}), which count toward "
+                "the model's identity: when they change (a git command, a new download, Finder), every step "
+                "that uses the model runs again",
                 "use a copy of the model folder without them",
             )
 

@@ -113,9 +113,10 @@ def _check_hidden(check, base: BaseModel) -> None:
         entries = sorted(folder.iterdir())
         components = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         hidden = [p.name for p in entries if p.name.startswith(".")]
-        hidden += sorted(
-            f"{c.name}/{p.name}" for c in components for p in c.iterdir() if p.name.startswith(".")
-        )
+        # sorted as paths are, part by part: a component's hidden files together, in the components' order
+        hidden += [
+            f"{c.name}/{p.name}" for c in components for p in sorted(c.iterdir()) if p.name.startswith(".")
+        ]
         if hidden:
             more = f" and {len(hidden) - 3} more" if len(hidden) > 3 else ""
             check.note(

@@ -136,9 +136,8 @@ def resolve_adapter_path(path: str | Path) -> Path:
         raise ValueError(
             f"{path}: a project file; name one of its adapters, {path}:<subject, blend or snapshot>"
         )
-    if (
-        folder.is_file()
-    ):  # a kohya or diffusers file: the API loads PEFT folders, which dbl writes beside them
+    if folder.is_file():
+        # a kohya or diffusers file: the API loads PEFT folders, which dbl writes beside them
         holder = next((p for p in folder.parents[:2] if families.is_adapter_folder(p)), None)
         if holder is not None:
             raise ValueError(f"{path}: a single file; load the adapter folder that holds it, {holder}")

@@ -203,40 +203,43 @@ def test_provenance_tells_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     assert "<td>not built</td>" in text
 
 
+def _without_park(built, tmp_path: Path) -> Path:
+    """A copy of the built project whose render:park outputs are gone; its project file."""
+    path, _ = built
+    shutil.copytree(path.parent, tmp_path / "copy", symlinks=True)
+    copied = tmp_path / "copy" / path.name
+    shutil.rmtree(load_project(copied).out / "renders" / "park")
+    return copied
+
+
+def _page(path: Path, tmp_path: Path) -> str:
+    """The report of the project file at `path`, written to a folder of its own."""
+    out = tmp_path / "pages"
+    out.mkdir()
+    assert main(["report", str(path), "-o", str(out)]) == 0
+    return (out / "report.html").read_text()
+
+
 @pytest.mark.torch
 def test_a_build_that_restores_shows_restored(built, tmp_path):
-    path, _ = built
-    copy = tmp_path / "copy"
-    shutil.copytree(path.parent, copy, symlinks=True)
-    copied = copy / path.name
-    shutil.rmtree(load_project(copied).out / "renders" / "park")
+    copied = _without_park(built, tmp_path)
     assert build(copied)["render:park"] == "cached"
     record = lastbuild.read(load_project(copied))
     outcome = {row["id"]: row["outcome"] for row in record["steps"]}
     assert outcome["render:park"] == "restored" and outcome["train:dog"] == "fresh"
-    out = tmp_path / "pages"
-    out.mkdir()
-    assert main(["report", str(copied), "-o", str(out)]) == 0
-    text = (out / "report.html").read_text()
+    text = _page(copied, tmp_path)
     assert '<span class="outcome restored">restored</span>' in text
     assert "restored from the run-cache by the last build" in text
 
 
 @pytest.mark.torch
 def test_a_build_that_reruns_to_the_recorded_outputs_says_so(built, tmp_path):
-    path, _ = built
-    copy = tmp_path / "copy"
-    shutil.copytree(path.parent, copy, symlinks=True)
-    copied = copy / path.name
-    shutil.rmtree(load_project(copied).out / "renders" / "park")
-    shutil.rmtree(copy / ".dbl" / "cache")  # a fresh clone's: nothing to restore from
+    copied = _without_park(built, tmp_path)
+    shutil.rmtree(copied.parent / ".dbl" / "cache")  # a fresh clone's: nothing to restore from
     recorded = lockfile.read(copied.with_suffix(".lock"))["render:park"]
     assert build(copied)["render:park"] == "done"
     assert lockfile.read(copied.with_suffix(".lock"))["render:park"] == recorded
-    out = tmp_path / "pages"
-    out.mkdir()
-    assert main(["report", str(copied), "-o", str(out)]) == 0
-    text = (out / "report.html").read_text()
+    text = _page(copied, tmp_path)
     assert "rendered again by the last build, to the same outputs" in text
 
 

@@ -164,6 +164,13 @@ def save_adapter(
             stacklevel=2,
         )
 
+    if any("dora_scale" in layer for part in parts.values() for layer in part["layers"].values()):
+        warnings.warn(
+            "DoRA: the kohya file (<name>.safetensors) holds each magnitude per output row, as ComfyUI and "
+            "Forge read it; A1111 reads dora_scale per input column and would apply the file with scrambled "
+            "weights, without a message: use it in ComfyUI or Forge, not A1111",
+            stacklevel=2,
+        )
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts, family)
     name = name or (info or {}).get("name") or folder.name
     from runner import kohya

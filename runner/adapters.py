@@ -164,20 +164,13 @@ def save_adapter(
             stacklevel=2,
         )
 
-    for component, part in parts.items():
-        lora_keys = [k for k in part["state"] if ".lora_" in k]
-        if not family.component(component).denoiser and not any(
-            f".{p}.lora_" in k for k in lora_keys for p in _ATTENTION_PROJECTIONS
-        ):
-            # diffusers tells a text encoder's PEFT state dict by its attention keys: without one it
-            # refuses the file ("Could not automatically infer state dict type").
-            warnings.warn(
-                f"the {component} LoRA has no attention projection ({', '.join(_ATTENTION_PROJECTIONS)}): "
-                f"diffusers' load_lora_weights cannot read {DIFFUSERS_WEIGHTS}; load the PEFT folders or "
-                "the kohya file",
-                stacklevel=2,
-            )
-
+    if any("dora_scale" in layer for part in parts.values() for layer in part["layers"].values()):
+        warnings.warn(
+            "DoRA: the kohya file (<name>.safetensors) holds each magnitude per output row, as ComfyUI and "
+            "Forge read it; A1111 reads dora_scale per input column and would apply the file with scrambled "
+            "weights, without a message: use it in ComfyUI or Forge, not A1111",
+            stacklevel=2,
+        )
     _save_diffusers(folder / DIFFUSERS_WEIGHTS, parts, family)
     name = name or (info or {}).get("name") or folder.name
     from runner import kohya
@@ -192,11 +185,22 @@ _ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # of CLIP's
 def _save_diffusers(path: Path, parts: dict, family) -> None:
     tensors, adapter_metadata = {}, {}
     for component, part in parts.items():
+        encoder = not family.component(component).denoiser
+        # diffusers tells a text encoder's state dict in PEFT's layout (`lora_A`) by its attention keys
+        # and refuses one without ("Could not automatically infer state dict type"); its own layout
+        # (`lora_linear_layer.down`) it reads whatever the modules.
+        own_layout = encoder and not any(
+            f".{p}.lora_" in k for k in part["state"] for p in _ATTENTION_PROJECTIONS
+        )
         for key, value in part["state"].items():
-            if key.endswith(".lora_magnitude_vector") and not family.component(component).denoiser:
+            if key.endswith(".lora_magnitude_vector") and encoder:
                 # diffusers hands text encoders to transformers' load_adapter, which (transformers 5) puts
                 # the adapter's name after `lora_*` and keeps the rest: DoRA's magnitude needs `.weight`.
                 key += ".weight"
+            if own_layout:
+                key = key.replace(".lora_A.", ".lora_linear_layer.down.").replace(
+                    ".lora_B.", ".lora_linear_layer.up."
+                )
             if ".lora_" in key:
                 tensors[f"{component}.{key}"] = value
         for key, value in part["config"].items():

@@ -11,8 +11,10 @@ Those loaders compute the weight as (W + delta) * dora_scale / ||W||, each outpu
 norm of the base weight's row, whereas DoRA (PEFT, the paper) divides by the norm of W + delta. So the
 file holds magnitude * ||W|| / ||W + delta|| per row, which gives the trained weights exactly there.
 Loaders that divide by ||W + delta|| (LyCORIS with wd_on_out) would need the magnitude itself; A1111's
-built-in LoRA support decomposes on the input axis only and cannot apply these files; diffusers 0.42
-drops `dora_scale` keys with a warning (load its own file, pytorch_lora_weights.safetensors, instead).
+built-in LoRA support decomposes on the input axis only: it divides by the column norms, shaped (1, in),
+which torch broadcasts against this (out, 1) scale into a full matrix, so it applies these files with
+scrambled weights and no error (runner.adapters warns when one is saved); diffusers 0.42 drops
+`dora_scale` keys with a warning (load its own file, pytorch_lora_weights.safetensors, instead).
 
 torch is imported inside functions.
 """

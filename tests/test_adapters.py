@@ -403,23 +403,35 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
         assert not getattr(fresh.unet, "peft_config", None)
 
 
-def test_a_text_encoder_lora_without_attention_says_diffusers_cannot_read_its_file(tmp_path):
-    """diffusers 0.42 tells a text encoder's state dict by its attention keys: with LoRA on fc1 alone,
-    load_lora_weights refuses pytorch_lora_weights.safetensors ("Could not automatically infer state
-    dict type"), while the PEFT folders and the kohya file load."""
-    from runner.adapters import DIFFUSERS_WEIGHTS, save_adapter
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_text_encoder_lora_without_attention_loads_from_the_diffusers_file(tmp_path, use_dora):
+    """diffusers 0.42 tells a text encoder's PEFT-layout keys (`lora_A`) by its attention projections and
+    refused a file with LoRA on the MLP alone ("Could not automatically infer state dict type"); such an
+    encoder's keys are written in diffusers' own layout (`lora_linear_layer.down`), which it reads."""
+    import warnings
+
+    import torch
+
+    from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter
 
     pipe = _pipeline()
-    unet, te = _random_lora(pipe, te_config=dict(r=2, lora_alpha=2, target_modules=["fc1"]))
-    with pytest.warns(UserWarning) as caught:
+    te_config = dict(r=2, lora_alpha=3, target_modules=["fc1", "fc2"], use_dora=use_dora)
+    unet, te = _random_lora(pipe, te_config=te_config)
+    expected_unet, expected_hidden = _outputs(unet, te)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
-    said = [str(w.message) for w in caught if "attention projection" in str(w.message)]
-    assert said == [
-        "the text_encoder LoRA has no attention projection (q_proj, k_proj, v_proj, out_proj): diffusers' "
-        f"load_lora_weights cannot read {DIFFUSERS_WEIGHTS}; load the PEFT folders or the kohya file"
-    ]
-    with pytest.raises(ValueError, match="infer state dict type"):  # what the warning is about
-        _pipeline().load_lora_weights(str(tmp_path / "dog"), weight_name=DIFFUSERS_WEIGHTS)
+    assert not [w for w in caught if "diffusers" in str(w.message)]  # nothing to warn of any more
+    tensors, _ = read_safetensors(tmp_path / "dog" / DIFFUSERS_WEIGHTS)
+    assert "text_encoder.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight" in tensors
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
+    fresh = _pipeline()
+    base_hidden = _outputs(fresh.unet, fresh.text_encoder)[1]
+    fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=DIFFUSERS_WEIGHTS, adapter_name="dog")
+    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    assert not torch.allclose(got_hidden, base_hidden, atol=1e-3)  # the encoder's LoRA loaded
+    torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-4)
 
 
 def test_read_adapter_config_of_an_empty_folder(tmp_path):

@@ -185,3 +185,45 @@ def test_a1111_block_arithmetic_finds_the_unet_modules_of_a_real_block_layout(tm
         torch.testing.assert_close(got[key], delta, rtol=1e-4, atol=1e-6, msg=key)
     comfy, unused = comfyui_deltas(lora, base, layout, comfyui_unet_config(dict(unet.config)))
     assert unused == [] and set(comfy) == set(want)
+
+
+def test_sdxl_added_conditioning_lora_loads_in_diffusers_comfyui_and_a1111(tmp_path):
+    """SDXL's added-conditioning MLP (add_embedding, targeted by "linear_1" and "linear_2" with the time
+    embedding) goes into the kohya file under its original name, label_emb: diffusers' kohya reader
+    mangled `lora_unet_add_embedding_linear_1` and dropped it without a word, and A1111 found no such
+    layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from runner import families
+    from runner.adapters import save_adapter
+    from runner.models import load_pipeline
+    from tests.single_file import _unet_to_original
+
+    base_model = model_cache("tiny-sdxl").base
+    family = families.detect(base_model)
+    unet = load_pipeline(base_model).unet
+    torch.manual_seed(0)
+    base = {k: v.clone() for k, v in _unet_to_original(unet).items()}
+    config = LoraConfig(r=2, lora_alpha=3, target_modules=["linear_1", "linear_2"], init_lora_weights=False)
+    model = get_peft_model(unet, config)
+    save_adapter(tmp_path / "a", {"unet": model}, base_model="tiny-sdxl", name="a", family=family)
+    merged = model.merge_and_unload()
+    want = {k: v - base[k] for k, v in _unet_to_original(merged).items() if not torch.equal(v, base[k])}
+    assert {k.split(".")[2] for k in want} == {"label_emb", "time_embed"}
+
+    lora = _kohya(tmp_path / "a" / "a.safetensors")
+    got, unused = comfyui_deltas(lora, base, "sdxl", comfyui_unet_config(dict(unet.config)))
+    assert unused == [] and set(got) == set(want)
+    got, unused = a1111_deltas(lora, base, "sdxl", unet.config.layers_per_block + 1)
+    assert unused == [] and set(got) == set(want)
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta, rtol=1e-4, atol=1e-6, msg=key)
+
+    pipe = load_pipeline(base_model)
+    pipe.load_lora_weights(str(tmp_path / "a"), weight_name="a.safetensors")
+    pipe.fuse_lora()
+    for name in ("add_embedding.linear_1", "add_embedding.linear_2", "time_embedding.linear_1"):
+        fused = pipe.unet.get_submodule(name).get_base_layer().weight
+        torch.testing.assert_close(fused, merged.get_submodule(name).weight, rtol=0, atol=1e-5, msg=name)
+    assert "lora_unet_label_emb_0_0.lora_down.weight" in lora

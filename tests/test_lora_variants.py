@@ -354,3 +354,36 @@ def test_sdxl_dora_on_every_component_in_every_format(tmp_path):
     pipe.load_lora_weights(str(ctx.out), weight_name=DIFFUSERS_WEIGHTS, adapter_name="dog")
     same(outputs(pipe), "diffusers file")
     same(outputs(_comfyui_apply(load_pipeline(base), ctx.out / "kohya.safetensors", "sdxl")), "kohya file")
+
+
+def test_saving_a_dora_adapter_warns_that_a1111_scrambles_its_kohya_file(tmp_path):
+    """A1111 (extensions-builtin/Lora/network.py apply_weight_decompose) divides W + delta by its column
+    norms, shaped (1, in), and multiplies by dora_scale: with the (out, 1) scale of this file torch
+    broadcasts both into a full matrix, so it loads without an error and with the wrong weights."""
+    import warnings
+
+    import torch
+
+    from runner import families
+    from runner.adapters import read_safetensors, save_adapter
+
+    modules = _variant(_pipeline(), use_dora=True, text_encoder_use_dora=True)
+    with pytest.warns(UserWarning, match=r"DoRA: the kohya file .* not A1111"):
+        save_adapter(tmp_path / "dog", modules, base_model="tiny-sd")
+    plain = _variant(_pipeline())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a plain LoRA is fine in A1111: no warning
+        save_adapter(tmp_path / "toy", plain, base_model="tiny-sd")
+
+    tensors, _ = read_safetensors(tmp_path / "dog" / "dog.safetensors")
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert families.get("sd1").kohya_name("unet", path) == name
+    layer = modules["unet"].base_model.model.get_submodule(path)
+    weight = layer.get_base_layer().weight.detach()
+    trained = layer.get_delta_weight("default").detach() + weight  # PEFT's DoRA merge, as rendered
+    down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+    merged = weight + up @ down * float(tensors[f"{name}.alpha"]) / down.shape[0]
+    columns = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True).transpose(0, 1)
+    a1111 = merged * (tensors[f"{name}.dora_scale"] / columns)
+    assert a1111.shape == weight.shape and not torch.allclose(a1111, trained, atol=1e-2)

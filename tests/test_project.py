@@ -229,6 +229,20 @@ CASES = [
         "subjects.none: 'none' is reserved for rendering the base model (line {line}) - rename it",
     ),
     (
+        "subject named like the diffusers file",
+        '[subjects.pytorch_lora_weights]\nimages = "data/dog"\ninstance_prompt = "x"\n',
+        "subjects.pytorch_lora_weights: 'pytorch_lora_weights' would name the kohya file "
+        "pytorch_lora_weights.safetensors, which replaces the diffusers file pytorch_lora_weights.safetensors "
+        "in the same folder (line {line}) - rename it",
+    ),
+    (
+        "blend named like the diffusers file, in another case",
+        "[blends.PyTorch_LoRA_Weights]\nadapters = { dog = 1.0, toy = 1.0 }\n",
+        "blends.PyTorch_LoRA_Weights: 'PyTorch_LoRA_Weights' would name the kohya file "
+        "PyTorch_LoRA_Weights.safetensors, which replaces the diffusers file pytorch_lora_weights.safetensors "
+        "in the same folder (line {line}) - rename it",
+    ),
+    (
         "caption extension without a dot",
         '[subjects.cat]\nimages = "data/dog"\ninstance_prompt = "x"\ncaption_extension = "txt"\n',
         "subjects.cat.caption_extension: 'txt' is not a file extension (line {line}) - write it with its dot, e.g. '.txt'",
@@ -1119,3 +1133,10 @@ def test_an_empty_project_file_is_told_where_base_model_goes(tmp_path):
     assert str(caught.value.problems[0]).endswith("add base_model = ... under [project]"), (
         caught.value.report()
     )
+
+
+def test_the_name_refused_for_kohya_files_is_the_diffusers_file_s():
+    from runner.adapters import DIFFUSERS_WEIGHTS
+    from runner.project.checks import DIFFUSERS_STEM
+
+    assert f"{DIFFUSERS_STEM}.safetensors" == DIFFUSERS_WEIGHTS

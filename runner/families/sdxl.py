@@ -36,6 +36,10 @@ TEXT_ENCODER_2 = replace(
     fallback_prefix="text_encoder_",
 )
 _UNUSED_KWARGS = ("safety_checker", "requires_safety_checker")
+# The added-conditioning MLP (pooled text and time ids) under its original name: diffusers' kohya reader
+# and A1111 drop the diffusers name `lora_unet_add_embedding_linear_1` (diffusers mangles it, A1111 finds
+# no such layer), while both, and ComfyUI, map `lora_unet_label_emb_0_0`.
+_KOHYA_UNET_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 class SDXL(Family):
@@ -125,6 +129,11 @@ class SDXL(Family):
         embeddings = hidden.repeat_interleave(batch, dim=0).to(dtype)
         extra = self.denoiser_kwargs((hidden, pooled.to(dtype)), batch, conditions)
         return modules[UNET.name](noisy.to(dtype), timesteps, embeddings, **extra).sample
+
+    def kohya_name(self, component: str, path: str) -> str:
+        if component == UNET.name:
+            path = _KOHYA_UNET_NAMES.get(path, path)
+        return super().kohya_name(component, path)
 
     def kohya_metadata(self, configs: dict[str, dict], denoiser_base) -> dict[str, str]:
         encoders = {TEXT_ENCODER.name: "ss_text_encoder", TEXT_ENCODER_2.name: "ss_text_encoder_2"}

@@ -19,6 +19,20 @@ from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
 TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigger words
+# An adapter's kohya file is `<name>.safetensors` beside the diffusers file: this name would overwrite it
+# (on macOS and Windows, whose file names ignore case, in any case). runner.adapters.DIFFUSERS_WEIGHTS.
+DIFFUSERS_STEM = "pytorch_lora_weights"
+
+
+def check_file_name(check, group: str, name: str) -> None:
+    """A subject or blend whose kohya file would be named like its folder's diffusers file."""
+    if name.lower() == DIFFUSERS_STEM:
+        check.problem(
+            (group, name),
+            f"'{name}' would name the kohya file {name}.safetensors, which replaces the diffusers file "
+            f"{DIFFUSERS_STEM}.safetensors in the same folder",
+            "rename it",
+        )
 
 
 # --- readers -----------------------------------------------------------------------------------------
@@ -187,6 +201,7 @@ def check_subjects(check, tables: dict) -> None:
             check.problem(
                 ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
             )
+        check_file_name(check, "subjects", name)
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
         if check.did_not_read(("subjects", name, "train"), ("train",)):
             continue  # its train settings are [train]'s or the defaults, not the file's: that problem is said

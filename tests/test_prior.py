@@ -133,6 +133,23 @@ def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path)
     assert _files(again.out) == _files(whole.out)
 
 
+def test_a_kill_between_the_images_of_a_batch_resumes_to_the_uninterrupted_bytes(tmp_path):
+    """A SIGKILL between two images of a batch leaves part of it; an image's bytes depend on the batch it is
+    drawn in, so the rest of that batch is drawn again with it, as the uninterrupted run drew it."""
+    settings = dict(num_images=4, batch_size=4, steps=2, width=32, height=32)
+    whole = prior_context(tmp_path / "a", make_prior(**settings))
+    _run(whole)
+    work = tmp_path / "b" / "work"
+    (work / "generated").mkdir(parents=True)
+    for name in ("0000.png", "0001.png"):  # what the killed build had saved of its one batch
+        (work / "generated" / name).write_bytes((whole.out / name).read_bytes())
+    logs = []
+    again = prior_context(tmp_path / "b", make_prior(**settings), work=work, log=logs.append)
+    _run(again)
+    assert _files(again.out) == _files(whole.out)
+    assert not any("reusing" in line for line in logs), logs  # no whole batch was there to reuse
+
+
 def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
     import dataclasses
 

@@ -92,6 +92,12 @@ def stoppable_step(ctx):
     raise AssertionError("never asked to stop")
 
 
+def threads_step(ctx):
+    """FakeSteps' outputs; records the OMP_NUM_THREADS it runs with."""
+    (records_dir(ctx) / f"omp-{ctx.kind}-{ctx.name}").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
+    return FakeSteps()(ctx.kind)(ctx)
+
+
 def fake_ray(run: str):
     from runner.exec.ray_backend import RayBackend
 
@@ -352,6 +358,16 @@ def built(folder: Path):
 
 
 @pytest.mark.torch
+def test_steps_of_a_local_instance_take_the_builds_thread_count(ray_instance, proj, monkeypatch):
+    """OMP_NUM_THREADS of the build's environment sets the thread count of an inline build's steps, and so
+    their bytes: a step on a local Ray instance takes it too, not Ray's one thread a task, nor torch's own."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    result, _ = build(proj, run="threads_step")
+    assert result.exit_code == 0, result.steps
+    seen = {p.name: p.read_text() for p in (proj.root / "records").glob("omp-*")}
+    assert len(seen) == 7 and set(seen.values()) == {"3"}, seen
+
+
 def test_ray_builds_the_bytes_and_lockfile_of_an_inline_build(ray_instance, tmp_path):
     inline, on_ray = tmp_path / "inline", tmp_path / "ray"
     result = executor.build(tiny_project(inline), executor.BuildOptions(), Recorder())

@@ -230,7 +230,10 @@ class RayBackend:
         options = {"num_gpus": gpus, "name": f"dbl {sid}"}
         if not gpus:
             options["scheduling_strategy"] = "SPREAD"  # CPU steps use every core of their node
-        ref = self._task.options(**options).remote(job, self._mailbox)
+        # A local instance's workers run on this machine: they take the thread count this process's
+        # environment gives (OMP_NUM_THREADS), as the steps of an inline build do.
+        omp = os.environ.get("OMP_NUM_THREADS") if self._address in LOCAL else None
+        ref = self._task.options(**options).remote(job, self._mailbox, omp)
         self._live[sid] = ref
         self._where.pop(sid, None)
         try:
@@ -314,13 +317,17 @@ class RayBackend:
         self._ray = None
 
 
-def _run_in_worker(job: Job, mailbox) -> tuple:
+def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
     """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
-    ("done", Outcome), ("interrupted", message), ("error", exception) or ("crash", text)."""
+    ("done", Outcome), ("interrupted", message), ("error", exception) or ("crash", text). `omp`: the
+    build's own OMP_NUM_THREADS, for a worker of a local instance."""
     import ray
 
     if job.threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(job.threads)
+    elif omp is not None:
+        # Ray leaves a value the worker inherited, but it cannot be told from one Ray set: the build's.
+        os.environ["OMP_NUM_THREADS"] = omp
     else:
         # Ray sets OMP_NUM_THREADS to the CPUs a task reserved (1); steps keep torch's own thread count
         # as they do in a build's own process, since the thread count changes the bytes they write.

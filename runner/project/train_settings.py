@@ -180,7 +180,8 @@ class TrainSettings:
     )
     cache_latents: bool = opt(
         True,
-        "encode each image once and reuse its latents (same result when crops are fixed)",
+        "encode each image once and reuse its latents (the same result when crops are fixed, up to rounding:"
+        " the cache encodes images in batches, which moves the weights by about 1e-6)",
         "bool",
         fingerprint=False,
     )

@@ -66,8 +66,11 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
     fp = fingerprint(inputs)
     record = lock.get(step.id)
+    kind = steps.get(step.kind)
     if not force and record and record["fingerprint"] == fp:
-        problem = ws.facts.outputs_intact(record, step.output_dir)
+        problem = ws.facts.outputs_intact(record, step.output_dir) or steps.renamed(
+            kind, record.get("inputs", {}), inputs
+        )
         if not problem:
             ev.status = events.FRESH
             ev.reasons = [_fresh_behind(ws, p, hashes, fp, options.num_processes)]
@@ -84,11 +87,15 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     reporter.step_start(ev)
     begun = ev.started = time.time()
     clock = time.monotonic()
-    kind = steps.get(step.kind)
     meta = (
         None
         if force
-        else ws.cache.verify(fp, layout=_layout(kind, step.name), warn=_warner(ws, reporter, ev))
+        else ws.cache.verify(
+            fp,
+            layout=_layout(kind, step.name),
+            warn=_warner(ws, reporter, ev),
+            names=steps.names_of(kind, inputs),
+        )
     )
     ev.device = device if meta is None else ""
     if meta is not None:
@@ -124,7 +131,10 @@ def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inp
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
-    replaced = ws.cache.store(s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force)
+    names = steps.names_of(steps.get(step.kind), s.inputs)
+    replaced = ws.cache.store(
+        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, names=names
+    )
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
         reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")

@@ -132,6 +132,10 @@ class StepKind:
     # reuses(previous inputs, inputs): whether the outputs of the previous inputs can save work for the
     # new ones (a prior's class images after a change of count); the step finds them in ctx.earlier.
     reuses: Callable[[dict, dict], bool] | None = None
+    # named(inputs) -> {key: name}: the names among its inputs (display keys, in no fingerprint) that its
+    # outputs carry, as a render's images name its adapters. Outputs made under other names are stale
+    # though the fingerprint is the same, and the run-cache restores an entry only under its own names.
+    named: Callable[[dict], dict] | None = None
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"
@@ -188,6 +192,34 @@ def adapter_step(project, name: str) -> str:
         if kind.produces_adapter and name in project.tables.get(kind.name, {}):
             return kind.step_id(name)
     raise KeyError(f"no adapter named {name!r}")
+
+
+def names_of(kind: StepKind, inputs: dict) -> dict | None:
+    """The names a step's outputs carry (see StepKind.named); None for a kind whose outputs carry none."""
+    return kind.named(inputs) if kind.named is not None else None
+
+
+def renamed(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
+    """Why outputs made from the `recorded` inputs are not those of `inputs`, of the same fingerprint: a
+    name they carry changed ("adapter 'dog' -> 'rex', which its outputs name"). None when none did. A name
+    the record does not hold (written by an older version) is taken as the current one."""
+    if kind.named is None:
+        return None
+    old, new = kind.named(recorded), kind.named(inputs)
+    changed = [
+        f"{key} {_listed(old[key])} -> {_listed(value)}"
+        for key, value in new.items()
+        if old.get(key) is not None and None not in _as_list(old[key]) and old[key] != value
+    ]
+    return f"{'; '.join(changed)}, which its outputs name" if changed else None
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _listed(value) -> str:
+    return ", ".join(repr(v) for v in _as_list(value))
 
 
 def load_run(ref: str) -> StepFunction:

@@ -120,6 +120,23 @@ def test_a_folder_linked_into_a_base_model_folder_is_named_in_a_warning(tmp_path
     assert not recwarn.list
 
 
+def test_a_link_to_nothing_in_a_base_model_folder_is_named_with_its_fix(tmp_path, capsys):
+    """An interrupted download leaves links to files that are not there: the model's identity cannot be
+    read. It said `[Errno 2] No such file or directory` and exited 1, as for a failed step."""
+    from runner.cli import EXIT_USAGE, main
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), folder)
+    (folder / "unet" / "extra.safetensors").symlink_to("../blobs/0a1b")
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "./model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    assert main(["plan", str(path)]) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dbl: {folder}/unet/extra.safetensors: a symbolic link to ../blobs/0a1b, which does not exist; fix "
+        "the link or remove it"
+    )
+
+
 def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_path):
     """It planned, and the build failed with "no file named diffusion_pytorch_model.safetensors found"."""
     from runner.project import ProjectError, load_project

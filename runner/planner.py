@@ -72,9 +72,10 @@ class Facts(Protocol):
         """None when every recorded output exists with its recorded hash, in the step's output folder
         (`output_dir` under the project's `out`), else why not."""
 
-    def restores(self, fingerprint: str, names: dict | None = None) -> str | None:
+    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
         """The output hash a restore of this fingerprint gives, or None when the run-cache cannot (with
-        `names`, the names its outputs carry: when it holds none made under them)."""
+        `unhashed`, the values out of the fingerprint its outputs depend on: when it holds none made
+        under them)."""
 
     def has_outputs(self, output_dir: str) -> bool:
         """Whether the step's output folder (`output_dir` under the project's `out`) holds anything."""
@@ -364,7 +365,7 @@ def plan(
             item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
         else:
             kind = step_kinds.get(step.kind)
-            problem = facts.outputs_intact(record, step.output_dir) or step_kinds.renamed(
+            problem = facts.outputs_intact(record, step.output_dir) or step_kinds.unhashed_change(
                 kind, record.get("inputs", {}), inputs
             )
             if problem:
@@ -388,7 +389,7 @@ UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
 
 
 def _restores(facts: Facts, step: Step, fp: str, inputs: dict) -> str | None:
-    return facts.restores(fp, step_kinds.names_of(step_kinds.get(step.kind), inputs))
+    return facts.restores(fp, step_kinds.unhashed_of(step_kinds.get(step.kind), inputs))
 
 
 def unrecorded(step: Step, facts: Facts) -> str:
@@ -430,8 +431,10 @@ def _behind_stale(
     except (DblError, OSError):  # said when the step itself is planned, once its upstream steps ran
         return [], None
     fp = fingerprint(inputs)
-    renamed = record and step_kinds.renamed(step_kinds.get(step.kind), record.get("inputs", {}), inputs)
-    if record is not None and record["fingerprint"] == fp and not renamed:
+    changed = record and step_kinds.unhashed_change(
+        step_kinds.get(step.kind), record.get("inputs", {}), inputs
+    )
+    if record is not None and record["fingerprint"] == fp and not changed:
         if not exact:  # its own inputs are unchanged: what changes is upstream, if it reads it
             if reads_outputs(project, step, facts, hashes, stale_deps, fp, num_processes):
                 return [], None
@@ -441,8 +444,8 @@ def _behind_stale(
         if problem is None:
             return [UNCHANGED_AFTER_RESTORE], record["output_hash"]
         reasons = [problem]
-    elif renamed:
-        reasons = [renamed]
+    elif changed:
+        reasons = [changed]
     elif record is not None:
         said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
         reasons = explain(record.get("inputs", {}), inputs, said)

@@ -452,19 +452,19 @@ def test_a_render_of_a_renamed_adapter_names_it_as_a_clean_build_does(tmp_path):
 def test_a_run_cache_entry_restores_only_under_the_names_it_was_made_with(tmp_path):
     cache = RunCache(tmp_path / "cache")
     files, manifest = _files(tmp_path / "dog", "Lora: dog")
-    cache.store("fp", files, manifest, {}, names={"adapter": "dog"})
-    assert cache.verify("fp", names={"adapter": "dog"}) is not None
-    assert cache.verify("fp", names={"adapter": "rex"}) is None
+    cache.store("fp", files, manifest, {}, unhashed={"adapter": "dog"})
+    assert cache.verify("fp", unhashed={"adapter": "dog"}) is not None
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is None
     assert cache.verify("fp") is not None  # kept: a rename back restores it
     files, manifest = _files(tmp_path / "rex", "Lora: rex")
-    assert cache.store("fp", files, manifest, {}, names={"adapter": "rex"}) == ""  # replaced, unsaid
-    assert cache.verify("fp", names={"adapter": "rex"}) is not None
+    assert cache.store("fp", files, manifest, {}, unhashed={"adapter": "rex"}) == ""  # replaced, unsaid
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is not None
     assert (cache.entry("fp") / "files" / "a.bin").read_text() == "Lora: rex"
     # An entry made before names were kept with it holds unknown ones: it restores no render.
     del_names = json.loads((cache.entry("fp") / "manifest.json").read_text())
-    del del_names["names"]
+    del del_names["unhashed"]
     (cache.entry("fp") / "manifest.json").write_text(json.dumps(del_names))
-    assert cache.verify("fp", names={"adapter": "rex"}) is None
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is None
 
 
 def test_an_entry_written_before_names_left_the_cache_fits_only_its_own_name(tmp_path):

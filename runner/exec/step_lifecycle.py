@@ -68,7 +68,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     record = lock.get(step.id)
     kind = steps.get(step.kind)
     if not force and record and record["fingerprint"] == fp:
-        problem = ws.facts.outputs_intact(record, step.output_dir) or steps.renamed(
+        problem = ws.facts.outputs_intact(record, step.output_dir) or steps.unhashed_change(
             kind, record.get("inputs", {}), inputs
         )
         if not problem:
@@ -94,7 +94,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
             fp,
             layout=_layout(kind, step.name),
             warn=_warner(ws, reporter, ev),
-            names=steps.names_of(kind, inputs),
+            unhashed=steps.unhashed_of(kind, inputs),
         )
     )
     ev.device = device if meta is None else ""
@@ -131,9 +131,9 @@ def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inp
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
-    names = steps.names_of(steps.get(step.kind), s.inputs)
+    unhashed = steps.unhashed_of(steps.get(step.kind), s.inputs)
     replaced = ws.cache.store(
-        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, names=names
+        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, unhashed=unhashed
     )
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""

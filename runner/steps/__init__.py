@@ -132,10 +132,13 @@ class StepKind:
     # reuses(previous inputs, inputs): whether the outputs of the previous inputs can save work for the
     # new ones (a prior's class images after a change of count); the step finds them in ctx.earlier.
     reuses: Callable[[dict, dict], bool] | None = None
-    # named(inputs) -> {key: name}: the names among its inputs (display keys, in no fingerprint) that its
-    # outputs carry, as a render's images name its adapters. Outputs made under other names are stale
-    # though the fingerprint is the same, and the run-cache restores an entry only under its own names.
-    named: Callable[[dict], dict] | None = None
+    # unhashed(inputs) -> {what: value}: display values among its inputs (`_` keys, in no fingerprint) that
+    # its outputs depend on all the same: a render's images name its adapters; a train step reads its
+    # prior's class prompt for class images without captions, where the prior's outputs do not hold it.
+    # Outputs made under other values are stale though the fingerprint is the same (the plan says
+    # "<what> <old> -> <new>, <unhashed_use>"), and the run-cache restores an entry only under its own.
+    unhashed: Callable[[dict], dict] | None = None
+    unhashed_use: str = "which its outputs name"  # how its outputs depend on them, said after a change
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"
@@ -194,24 +197,25 @@ def adapter_step(project, name: str) -> str:
     raise KeyError(f"no adapter named {name!r}")
 
 
-def names_of(kind: StepKind, inputs: dict) -> dict | None:
-    """The names a step's outputs carry (see StepKind.named); None for a kind whose outputs carry none."""
-    return kind.named(inputs) if kind.named is not None else None
+def unhashed_of(kind: StepKind, inputs: dict) -> dict | None:
+    """The values out of the fingerprint that a step's outputs depend on (see StepKind.unhashed); None
+    for a kind whose outputs depend on none."""
+    return kind.unhashed(inputs) if kind.unhashed is not None else None
 
 
-def renamed(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
+def unhashed_change(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
     """Why outputs made from the `recorded` inputs are not those of `inputs`, of the same fingerprint: a
-    name they carry changed ("adapter 'dog' -> 'rex', which its outputs name"). None when none did. A name
-    the record does not hold (written by an older version) is taken as the current one."""
-    if kind.named is None:
+    value they depend on out of it changed ("adapter 'dog' -> 'rex', which its outputs name"). None when
+    none did. A value the record does not hold (written by an older version) is taken as the current one."""
+    if kind.unhashed is None:
         return None
-    old, new = kind.named(recorded), kind.named(inputs)
+    old, new = kind.unhashed(recorded), kind.unhashed(inputs)
     changed = [
         f"{key} {_listed(old[key])} -> {_listed(value)}"
         for key, value in new.items()
         if old.get(key) is not None and None not in _as_list(old[key]) and old[key] != value
     ]
-    return f"{'; '.join(changed)}, which its outputs name" if changed else None
+    return f"{'; '.join(changed)}, {kind.unhashed_use}" if changed else None
 
 
 def _as_list(value) -> list:

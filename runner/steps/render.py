@@ -226,7 +226,7 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
-def _named(inputs: dict) -> dict:
+def _unhashed(inputs: dict) -> dict:
     """The adapter names a render's outputs carry: in each image's Lora field, and with `adapters`, as the
     folders of their images and the labels of the grid's columns."""
     if isinstance(inputs.get("adapters"), list):
@@ -248,6 +248,6 @@ KIND = register(
         deps=_deps,
         doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
         check=adapter_checks.check_renders,
-        named=_named,
+        unhashed=_unhashed,
     )
 )

@@ -74,7 +74,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         if not problem:
             ev.status = events.FRESH
             ev.reasons = [_fresh_behind(ws, p, hashes, fp, options.num_processes)]
-            if lockfile.take_names(record, inputs):
+            if lockfile.take_names(record, inputs) or steps.take_unhashed(kind, record, inputs):
                 lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]
@@ -192,11 +192,13 @@ def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, 
             continue
         hashes = {d: lock[d]["output_hash"] for d in step.deps if d in lock and d != s.p.step.id}
         try:
-            fp = fingerprint(planner.step_inputs(ws.project, step, ws.facts, hashes, s.num_processes))
+            inputs = planner.step_inputs(ws.project, step, ws.facts, hashes, s.num_processes)
         except KeyError:  # it reads an output that is not built: it will run by itself
             continue
-        if ws.cache.manifest(fp) is None:
-            ws.cache.store(fp, Path(folder), manifest, metrics)
+        fp, unhashed = fingerprint(inputs), steps.unhashed_of(steps.get(step.kind), inputs)
+        held = ws.cache.manifest(fp)
+        if held is None or (unhashed is not None and held.get("unhashed") != unhashed):
+            ws.cache.store(fp, Path(folder), manifest, metrics, unhashed=unhashed)
             reporter.log(ev, f"kept {step_id} in the run-cache")
 
 

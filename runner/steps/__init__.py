@@ -90,6 +90,15 @@ class Inputs:
         files = self.facts.captions(folder, extension)
         return {"_folder": relative(self.project, folder), "files": files} if files else {}
 
+    def blank_captions(self, folder: str, extension: str) -> set[str]:
+        """The caption files beside a folder's images that hold no words, as `captions` names them: the
+        train step reads its fallback prompt for their images."""
+        return {
+            name
+            for name, sha in self.facts.captions(folder, extension).items()
+            if _blank(Path(folder) / name, sha)
+        }
+
     def output(self, step_id: str) -> str:
         return self.upstream[step_id]
 
@@ -99,6 +108,19 @@ class Inputs:
         from runner.project.schema import fingerprinted_fields
 
         return {k: v for k, v in fingerprinted_fields(obj).items() if k not in exclude}
+
+
+_BLANK: dict[str, bool] = {}  # caption sha256 -> whether it holds no words: files are read once per content
+
+
+def _blank(path: Path, sha: str) -> bool:
+    if sha not in _BLANK:
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError):  # not a caption the train step reads: it fails, naming it
+            return False
+        _BLANK[sha] = not text.split()
+    return _BLANK[sha]
 
 
 def relative(project, path) -> str:
@@ -199,8 +221,8 @@ def adapter_step(project, name: str) -> str:
 
 def unhashed_of(kind: StepKind, inputs: dict) -> dict | None:
     """The values out of the fingerprint that a step's outputs depend on (see StepKind.unhashed); None
-    for a kind whose outputs depend on none."""
-    return kind.unhashed(inputs) if kind.unhashed is not None else None
+    where they depend on none (its run-cache entry then restores as every entry did before)."""
+    return (kind.unhashed(inputs) or None) if kind.unhashed is not None else None
 
 
 def unhashed_change(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
@@ -216,6 +238,19 @@ def unhashed_change(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
         if old.get(key) is not None and None not in _as_list(old[key]) and old[key] != value
     ]
     return f"{'; '.join(changed)}, {kind.unhashed_use}" if changed else None
+
+
+def take_unhashed(kind: StepKind, record: dict, inputs: dict) -> bool:
+    """Give a record of these very inputs (the same fingerprint) the values out of it that its outputs
+    depend on, where it lacks them (written by an older version, which is taken to have made them under
+    the current ones); whether it did. From then on, a change of them is seen."""
+    if kind.unhashed is None:
+        return False
+    old = kind.unhashed(record.get("inputs", {}))
+    if all(old.get(key) is not None and None not in _as_list(old[key]) for key in kind.unhashed(inputs)):
+        return False
+    record["inputs"] = inputs
+    return True
 
 
 def _as_list(value) -> list:

@@ -6,6 +6,8 @@ started by runner.exec.launcher.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from runner import families
 from runner.project import checks
 from runner.project.schema import Subject
@@ -80,13 +82,50 @@ def _inputs(i: Inputs) -> dict:
             captions["trigger"] = spec.trigger
         inputs["captions"] = captions
     if spec.prior:
+        prior = i.project.priors[spec.prior]
         inputs["prior"] = {
             "_name": spec.prior,
             "output": i.output(f"prior:{spec.prior}"),
-            "loss_weight": i.project.priors[spec.prior].loss_weight,
+            "loss_weight": prior.loss_weight,
         }
+        if _reads_unheld_prompt(i, prior):  # display-only: a project built before keeps its fingerprint
+            inputs["prior"]["_class_prompt"] = prior.prompts[0]
     return inputs
 
+
+def _reads_unheld_prompt(i: Inputs, prior) -> bool:
+    """Whether training reads the prior's first class prompt, which it gives class images without a
+    caption (or with an empty one), where the prior's outputs do not hold it: no class image is generated
+    from it and no caption written of it. Then it is in neither the prior's output hash nor the train
+    step's fingerprint."""
+    count, ext = len(prior.prompts), prior.caption_extension
+    given = sorted(i.facts.images(prior.images))[: prior.num_images] if prior.images else []
+    captions = i.facts.captions(prior.images, ext) if ext and given else {}
+    blank = i.blank_captions(prior.images, ext) if captions else set()
+    reads = held = False
+    for index in range(prior.num_images):
+        caption = (
+            PurePosixPath(given[index]).with_suffix(ext).as_posix() if index < len(given) and ext else None
+        )
+        if index >= len(given) or caption not in captions:
+            # Generated (its image records its prompt), or given without a caption: with several prompts,
+            # the prior writes its prompt beside it; with one, training reads the prompt for it.
+            held |= (index >= len(given) or count > 1) and index % count == 0
+            reads |= count == 1
+        else:
+            reads |= caption in blank
+    return reads and not held
+
+
+def _unhashed(inputs: dict) -> dict:
+    """The class prompt training read for class images without captions, where only the train step's
+    inputs hold it (see _reads_unheld_prompt)."""
+    prior = inputs.get("prior")
+    prompt = prior.get("_class_prompt") if isinstance(prior, dict) else None
+    return {"prior's class prompt": prompt} if prompt is not None else {}
+
+
+UNHASHED_USE = "which training reads for class images without captions"
 
 KIND = register(
     StepKind(
@@ -105,5 +144,7 @@ KIND = register(
         folders=lambda spec: [spec.images],
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
+        unhashed=_unhashed,
+        unhashed_use=UNHASHED_USE,
     )
 )

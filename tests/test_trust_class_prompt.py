@@ -37,7 +37,8 @@ def real_prior(run):
             folder = ctx.inputs[f"prior:{spec.name}"]
             files = sorted(p for p in folder.iterdir() if p.suffix != ".txt")
             extension = ".txt" if spec.has_captions else None
-            prompts = image_prompts(files, extension, spec.prompts[0], None, lambda message: None)
+            trigger = ctx.spec.trigger
+            prompts = image_prompts(files, extension, spec.prompts[0], trigger, lambda message: None)
             (ctx.out / "class_prompts.json").write_text(json.dumps(prompts))
         return result
 
@@ -141,6 +142,17 @@ def test_a_lockfile_written_before_the_class_prompt_was_kept_stays_fresh(tmp_pat
     assert REASON in dict((s, r) for s, _, r in rec.planned)["train:dog"]
 
 
+def train_inputs(p: Proj) -> dict:
+    from runner import planner
+    from runner.fingerprint import FileHasher
+    from runner.store import DiskFacts, RunCache
+
+    loaded = p.load()
+    facts = DiskFacts(loaded, FileHasher(p.root / "hashes.json"), RunCache(p.root / "cache"))
+    step = next(s for s in planner.graph(loaded) if s.id == "train:dog")
+    return planner.step_inputs(loaded, step, facts, {"prior:dog": "0" * 64})
+
+
 @pytest.mark.parametrize(
     "num_images, prompts, captions, kept",
     [
@@ -157,15 +169,31 @@ def test_a_lockfile_written_before_the_class_prompt_was_kept_stays_fresh(tmp_pat
 def test_the_class_prompt_is_kept_where_only_the_train_step_holds_it(
     tmp_path, num_images, prompts, captions, kept
 ):
-    from runner import planner
-    from runner.fingerprint import FileHasher
-    from runner.store import DiskFacts, RunCache
-
     p = project(tmp_path, captions, prompts)
     p.edit("num_images = 2", f"num_images = {num_images}")
-    loaded = p.load()
-    facts = DiskFacts(loaded, FileHasher(tmp_path / "hashes.json"), RunCache(tmp_path / "cache"))
-    step = next(s for s in planner.graph(loaded) if s.id == "train:dog")
-    inputs = planner.step_inputs(loaded, step, facts, {"prior:dog": "0" * 64})
+    inputs = train_inputs(p)
     assert ("_class_prompt" in inputs["prior"]) == kept
     assert inputs["prior"].get("_class_prompt", "a photo of dog") == "a photo of dog"
+
+
+def test_a_changed_trigger_retrains_where_only_class_captions_use_it(tmp_path):
+    """[trigger] in a class caption is the subject's trigger, which its fingerprint holds only with
+    captions of its own."""
+    p = project(tmp_path / "p", {0: "a photo of [trigger] next to a bag", 1: "a bag"})
+    p.edit('prior = "dog"', 'prior = "dog"\ntrigger = "sks"')
+    build(p)
+    first = adapter(p.root)
+    p.edit('trigger = "sks"', 'trigger = "zzz"')
+    result, rec, ran = build(p)
+    assert result.ok and ran[:1] == ["train:dog"]
+    reasons = dict((s, r) for s, _, r in rec.planned)["train:dog"]
+    assert "trigger 'sks' -> 'zzz', which replaces [trigger] in class captions" in reasons
+    assert adapter(p.root) != first
+    assert adapter(p.root) == clean_build(tmp_path / "clean", p)
+
+
+def test_a_class_prompt_written_beside_its_images_with_trigger_keeps_the_trigger(tmp_path):
+    p = project(tmp_path, None, '["a photo of dog", "a photo of [trigger] dog"]')
+    assert "_trigger" not in train_inputs(p)["prior"]  # the subject has no trigger: nothing replaces it
+    p.edit('prior = "dog"', 'prior = "dog"\ntrigger = "sks"')
+    assert train_inputs(p)["prior"]["_trigger"] == "sks"

@@ -90,13 +90,12 @@ class Inputs:
         files = self.facts.captions(folder, extension)
         return {"_folder": relative(self.project, folder), "files": files} if files else {}
 
-    def blank_captions(self, folder: str, extension: str) -> set[str]:
-        """The caption files beside a folder's images that hold no words, as `captions` names them: the
-        train step reads its fallback prompt for their images."""
+    def caption_texts(self, folder: str, extension: str) -> dict[str, str | None]:
+        """The words of each caption file beside a folder's images, as `captions` names them ("" for an
+        empty one, whose image trains on a fallback prompt; None for one the train step cannot read)."""
         return {
-            name
+            name: _words(Path(folder) / name, sha)
             for name, sha in self.facts.captions(folder, extension).items()
-            if _blank(Path(folder) / name, sha)
         }
 
     def output(self, step_id: str) -> str:
@@ -110,17 +109,16 @@ class Inputs:
         return {k: v for k, v in fingerprinted_fields(obj).items() if k not in exclude}
 
 
-_BLANK: dict[str, bool] = {}  # caption sha256 -> whether it holds no words: files are read once per content
+_WORDS: dict[str, str | None] = {}  # caption sha256 -> its words: a caption is read once per content
 
 
-def _blank(path: Path, sha: str) -> bool:
-    if sha not in _BLANK:
+def _words(path: Path, sha: str) -> str | None:
+    if sha not in _WORDS:
         try:
-            text = path.read_bytes().decode("utf-8-sig")
+            _WORDS[sha] = " ".join(path.read_bytes().decode("utf-8-sig").split())
         except (OSError, UnicodeDecodeError):  # not a caption the train step reads: it fails, naming it
-            return False
-        _BLANK[sha] = not text.split()
-    return _BLANK[sha]
+            return None
+    return _WORDS[sha]
 
 
 def relative(project, path) -> str:
@@ -158,9 +156,10 @@ class StepKind:
     # its outputs depend on all the same: a render's images name its adapters; a train step reads its
     # prior's class prompt for class images without captions, where the prior's outputs do not hold it.
     # Outputs made under other values are stale though the fingerprint is the same (the plan says
-    # "<what> <old> -> <new>, <unhashed_use>"), and the run-cache restores an entry only under its own.
+    # "<what> <old> -> <new>, <unhashed_use(what)>"), and the run-cache restores an entry only under its own.
     unhashed: Callable[[dict], dict] | None = None
-    unhashed_use: str = "which its outputs name"  # how its outputs depend on them, said after a change
+    # unhashed_use(what): how its outputs depend on that value, said after a change of it
+    unhashed_use: Callable[[str], str] = lambda what: "which its outputs name"
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"
@@ -233,11 +232,11 @@ def unhashed_change(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
         return None
     old, new = kind.unhashed(recorded), kind.unhashed(inputs)
     changed = [
-        f"{key} {_listed(old[key])} -> {_listed(value)}"
+        f"{key} {_listed(old[key])} -> {_listed(value)}, {kind.unhashed_use(key)}"
         for key, value in new.items()
         if old.get(key) is not None and None not in _as_list(old[key]) and old[key] != value
     ]
-    return f"{'; '.join(changed)}, {kind.unhashed_use}" if changed else None
+    return "; ".join(changed) or None
 
 
 def take_unhashed(kind: StepKind, record: dict, inputs: dict) -> bool:

@@ -99,6 +99,6 @@ KIND = register(
         derive=_derive,
         # A snapshot is trained as its subject is: on the class prompt of the subject's train step.
         unhashed=train_kind.KIND.unhashed,
-        unhashed_use=train_kind.UNHASHED_USE,
+        unhashed_use=train_kind.KIND.unhashed_use,
     )
 )

@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 
 from runner import families
 from runner.project import checks
+from runner.project.checks import TRIGGER
 from runner.project.schema import Subject
 from runner.steps import KOHYA_STEM, Inputs, StepKind, register
 
@@ -88,44 +89,51 @@ def _inputs(i: Inputs) -> dict:
             "output": i.output(f"prior:{spec.prior}"),
             "loss_weight": prior.loss_weight,
         }
-        if _reads_unheld_prompt(i, prior):  # display-only: a project built before keeps its fingerprint
-            inputs["prior"]["_class_prompt"] = prior.prompts[0]
+        # Display-only (out of the fingerprint): a project built before keeps its fingerprint.
+        inputs["prior"].update(_unheld(i, prior, None if "trigger" in captions else spec.trigger))
     return inputs
 
 
-def _reads_unheld_prompt(i: Inputs, prior) -> bool:
-    """Whether training reads the prior's first class prompt, which it gives class images without a
-    caption (or with an empty one), where the prior's outputs do not hold it: no class image is generated
-    from it and no caption written of it. Then it is in neither the prior's output hash nor the train
-    step's fingerprint."""
+def _unheld(i: Inputs, prior, trigger: str | None) -> dict:
+    """What training reads for the class images that neither the prior's outputs nor the train step's
+    fingerprint hold. The prior's first class prompt, which images without a caption (or with an empty
+    one) train on, where no class image is generated from it and no caption written of it; and the
+    subject's `trigger` (where its fingerprint lacks it), which replaces [trigger] in class captions."""
     count, ext = len(prior.prompts), prior.caption_extension
     given = sorted(i.facts.images(prior.images))[: prior.num_images] if prior.images else []
-    captions = i.facts.captions(prior.images, ext) if ext and given else {}
-    blank = i.blank_captions(prior.images, ext) if captions else set()
-    reads = held = False
+    texts = i.caption_texts(prior.images, ext) if ext and given else {}
+    reads = held = triggered = False
     for index in range(prior.num_images):
         caption = (
             PurePosixPath(given[index]).with_suffix(ext).as_posix() if index < len(given) and ext else None
         )
-        if index >= len(given) or caption not in captions:
+        if index >= len(given) or caption not in texts:
             # Generated (its image records its prompt), or given without a caption: with several prompts,
             # the prior writes its prompt beside it; with one, training reads the prompt for it.
             held |= (index >= len(given) or count > 1) and index % count == 0
             reads |= count == 1
+            triggered |= count > 1 and TRIGGER in prior.prompt_of(index)
         else:
-            reads |= caption in blank
-    return reads and not held
+            reads |= texts[caption] == ""
+            triggered |= TRIGGER in (texts[caption] or "")
+    found = {"_class_prompt": prior.prompts[0]} if reads and not held else {}
+    if triggered and trigger is not None:
+        found["_trigger"] = trigger
+    return found
+
+
+USES = {
+    "prior's class prompt": "which training reads for class images without captions",
+    "trigger": f"which replaces {TRIGGER} in class captions",
+}
 
 
 def _unhashed(inputs: dict) -> dict:
-    """The class prompt training read for class images without captions, where only the train step's
-    inputs hold it (see _reads_unheld_prompt)."""
-    prior = inputs.get("prior")
-    prompt = prior.get("_class_prompt") if isinstance(prior, dict) else None
-    return {"prior's class prompt": prompt} if prompt is not None else {}
+    """The values of _unheld that the train step's inputs hold."""
+    prior = inputs.get("prior") if isinstance(inputs.get("prior"), dict) else {}
+    found = {"prior's class prompt": prior.get("_class_prompt"), "trigger": prior.get("_trigger")}
+    return {what: value for what, value in found.items() if value is not None}
 
-
-UNHASHED_USE = "which training reads for class images without captions"
 
 KIND = register(
     StepKind(
@@ -145,6 +153,6 @@ KIND = register(
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         unhashed=_unhashed,
-        unhashed_use=UNHASHED_USE,
+        unhashed_use=USES.__getitem__,
     )
 )

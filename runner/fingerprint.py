@@ -120,8 +120,8 @@ class FileHasher:
         files = list_images(folder) if files is None else files
         return {_name(p, folder): self._input(p) for p in files}
 
-    def _input(self, path: Path) -> str:
-        """The hash of an input file; one that cannot be read is an error naming it."""
+    def _input(self, path: Path, what: str = "an image") -> str:
+        """The hash of an input file (`what` it must be); one that cannot be read is an error naming it."""
         try:
             return self.hash(path)
         except OSError as exc:
@@ -132,17 +132,19 @@ class FileHasher:
                 ) from None
             if path.exists() and not path.is_file():
                 kind = "a named pipe" if path.is_fifo() else "a device or socket"
-                raise ImageError(f"{path}: {kind}, not a file; an image must be a file: remove it") from None
+                raise ImageError(f"{path}: {kind}, not a file; {what} must be a file: remove it") from None
             raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
-    def tree(self, folder: Path) -> dict[str, str]:
-        """{relative posix path: sha256} of every file under `folder`, hidden ones included."""
+    def tree(self, folder: Path, what: str = "a file") -> dict[str, str]:
+        """{relative posix path: sha256} of every file under `folder`, hidden ones included. One that
+        cannot be read (a link to a file that is gone, as an interrupted download leaves) is an error
+        naming it and the fix; `what` says what each must be."""
         result = {}
         for root, dirs, names in os.walk(folder):
             dirs.sort()
             for name in sorted(names):
                 path = Path(root) / name
-                result[_name(path, folder)] = self.hash(path)
+                result[_name(path, folder)] = self._input(path, what)
         return result
 
     def save(self, max_age_s: float | None = None) -> None:
@@ -215,6 +217,9 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
         return rev
 
 
+MODEL_FILE = "each entry of a model folder"
+
+
 def base_model_identity(base, hasher: FileHasher) -> dict:
     """What makes a base model itself: a built-in's name and version, a hub id and revision, or content.
 
@@ -235,13 +240,13 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
     elif base.kind == "file":
         identity = {"file_sha256": hasher.hash(Path(base.ref))}
     else:
-        identity = {"folder_sha256": manifest_hash(hasher.tree(Path(base.ref)))}
+        identity = {"folder_sha256": manifest_hash(hasher.tree(Path(base.ref), MODEL_FILE))}
     if family is not None:
         identity["_family" if family.name == families.DEFAULT else "family"] = family.name
     config = getattr(base, "config", None)
     if config is not None:
         if Path(config).is_dir():
-            identity["config"] = {"folder_sha256": manifest_hash(hasher.tree(Path(config)))}
+            identity["config"] = {"folder_sha256": manifest_hash(hasher.tree(Path(config), MODEL_FILE))}
         else:
             identity["config"] = {"hub": config, "revision": hub_revision(config, None)}
     return identity

@@ -72,8 +72,10 @@ class Facts(Protocol):
         """None when every recorded output exists with its recorded hash, in the step's output folder
         (`output_dir` under the project's `out`), else why not."""
 
-    def restores(self, fingerprint: str) -> str | None:
-        """The output hash a restore of this fingerprint gives, or None when the run-cache cannot."""
+    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
+        """The output hash a restore of this fingerprint gives, or None when the run-cache cannot (with
+        `unhashed`, the values out of the fingerprint its outputs depend on: when it holds none made
+        under them)."""
 
     def has_outputs(self, output_dir: str) -> bool:
         """Whether the step's output folder (`output_dir` under the project's `out`) holds anything."""
@@ -362,12 +364,15 @@ def plan(
         elif record["fingerprint"] != fp:
             item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
         else:
-            problem = facts.outputs_intact(record, step.output_dir)
+            kind = step_kinds.get(step.kind)
+            problem = facts.outputs_intact(record, step.output_dir) or step_kinds.unhashed_change(
+                kind, record.get("inputs", {}), inputs
+            )
             if problem:
                 item.status, item.reasons = STALE, [problem]
         if not item.stale:
             known[step.id] = record["output_hash"]
-        elif step.id not in force and (restored := facts.restores(fp)) is not None:
+        elif step.id not in force and (restored := _restores(facts, step, fp, inputs)) is not None:
             item.restorable = True
             if item.reasons == [NEVER_BUILT]:  # built, under another name or in another checkout
                 item.reasons = [NOT_RECORDED]
@@ -381,6 +386,10 @@ RESTORABLE = "restorable from cache"
 NEVER_BUILT = "never built"
 NOT_RECORDED = "not in the lockfile"
 UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
+
+
+def _restores(facts: Facts, step: Step, fp: str, inputs: dict) -> str | None:
+    return facts.restores(fp, step_kinds.unhashed_of(step_kinds.get(step.kind), inputs))
 
 
 def unrecorded(step: Step, facts: Facts) -> str:
@@ -422,7 +431,10 @@ def _behind_stale(
     except (DblError, OSError):  # said when the step itself is planned, once its upstream steps ran
         return [], None
     fp = fingerprint(inputs)
-    if record is not None and record["fingerprint"] == fp:
+    changed = record and step_kinds.unhashed_change(
+        step_kinds.get(step.kind), record.get("inputs", {}), inputs
+    )
+    if record is not None and record["fingerprint"] == fp and not changed:
         if not exact:  # its own inputs are unchanged: what changes is upstream, if it reads it
             if reads_outputs(project, step, facts, hashes, stale_deps, fp, num_processes):
                 return [], None
@@ -432,12 +444,14 @@ def _behind_stale(
         if problem is None:
             return [UNCHANGED_AFTER_RESTORE], record["output_hash"]
         reasons = [problem]
+    elif changed:
+        reasons = [changed]
     elif record is not None:
         said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
         reasons = explain(record.get("inputs", {}), inputs, said)
     else:
         reasons = [unrecorded(step, facts)]
-    if exact and (restored := facts.restores(fp)) is not None:
+    if exact and (restored := _restores(facts, step, fp, inputs)) is not None:
         return [*([NOT_RECORDED] if record is None else reasons), RESTORABLE], restored
     return reasons, None
 

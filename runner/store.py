@@ -210,15 +210,24 @@ class RunCache:
         return meta if _well_formed(meta) else None
 
     def store(
-        self, fingerprint: str, files: Path, manifest: dict, metrics: dict, replace: bool = False
+        self,
+        fingerprint: str,
+        files: Path,
+        manifest: dict,
+        metrics: dict,
+        replace: bool = False,
+        unhashed: dict | None = None,
     ) -> str:
         """Move the folder `files` into the cache under `fingerprint`. An intact entry that is there
         already is kept, unless `replace` (a forced rerun): then it is replaced, and what the old one
-        held is described in the returned text ("" when nothing was replaced)."""
+        held is described in the returned text ("" when nothing was replaced). `unhashed`: the values out
+        of the fingerprint the files depend on (StepKind.unhashed), kept with them; an entry made under
+        other values is replaced."""
         entry = self.entry(fingerprint)
         old = self.manifest(fingerprint)
         intact = old is not None and self.verify(fingerprint) is not None  # a damaged one is dropped
-        if intact and not replace:
+        other = intact and unhashed is not None and old.get("unhashed") != unhashed
+        if intact and not replace and not other:
             shutil.rmtree(files, ignore_errors=True)
             return ""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -231,6 +240,8 @@ class RunCache:
             "output_hash": output_hash(manifest),
             "metrics": metrics,
         }
+        if unhashed is not None:
+            meta["unhashed"] = unhashed
         try:
             shutil.move(str(files), str(tmp / "files"))
             (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -241,9 +252,9 @@ class RunCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         replaced = ""
-        if intact:  # and replace
+        if intact:  # and replace, or made under other values
             same = old["output_hash"] == meta["output_hash"]
-            replaced = self.HELD_SAME if same else self.HELD_DIFFERENT
+            replaced = (self.HELD_SAME if same else self.HELD_DIFFERENT) if replace else ""
             self.drop(fingerprint)
         try:
             os.rename(tmp, entry)
@@ -262,10 +273,16 @@ class RunCache:
         return replaced
 
     def verify(
-        self, fingerprint: str, layout: dict[str, str] | None = None, warn=lambda message: None
+        self,
+        fingerprint: str,
+        layout: dict[str, str] | None = None,
+        warn=lambda message: None,
+        unhashed: dict | None = None,
     ) -> dict | None:
         """The entry's manifest if every file is there with its hash, else None. A damaged entry is
-        reported through `warn`, with its path, and dropped.
+        reported through `warn`, with its path, and dropped. With `unhashed` (the values out of the
+        fingerprint a step's outputs depend on), an entry made under others, or under unrecorded ones, is
+        None too (and kept).
 
         `layout` maps output files named after a step (cache name -> output name); an entry written
         before such names were kept out of the cache holds the output names, and only fits a step of
@@ -293,6 +310,8 @@ class RunCache:
         old_layout = meta.get("version", 1) < MANIFEST_VERSION
         if old_layout and layout and not all(v in meta["outputs"] for v in layout.values()):
             return None  # an older entry whose files carry another step's name
+        if unhashed is not None and meta.get("unhashed") != unhashed:
+            return None
         return meta
 
     def drop(self, fingerprint: str) -> None:
@@ -463,12 +482,12 @@ class DiskFacts:
     def has_outputs(self, output_dir: str) -> bool:
         return has_files(self.project.out / output_dir)
 
-    def restores(self, fingerprint: str) -> str | None:
+    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore
-        verifies the bytes)."""
+        verifies the bytes), or, with `unhashed`, none made under these values."""
         meta = self.cache.manifest(fingerprint)
-        if meta is None:
+        if meta is None or (unhashed is not None and meta.get("unhashed") != unhashed):
             return None
         files = self.cache.entry(fingerprint) / "files"
         try:

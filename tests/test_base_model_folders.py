@@ -87,6 +87,56 @@ def test_hidden_files_of_a_base_model_folder_are_named_in_a_warning(tmp_path, re
     ]
 
 
+def test_a_folder_linked_into_a_base_model_folder_is_named_in_a_warning(tmp_path, recwarn):
+    """The model's identity reads no linked folder, so the VAE behind `vae -> ../vae-a`, linked to
+    another, changed no fingerprint: every step stayed up to date, with images of the other VAE."""
+    from runner.fingerprint import FileHasher, base_model_identity
+    from runner.models import BaseModel
+    from runner.project import load_project
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), folder)
+    shutil.move(folder / "vae", tmp_path / "vae-a")
+    shutil.copytree(tmp_path / "vae-a", tmp_path / "vae-b")
+    (tmp_path / "vae-b" / "config.json").write_text("{}")
+    (folder / "vae").symlink_to("../vae-a")
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "./model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    identity = base_model_identity(BaseModel("folder", str(folder)), FileHasher())
+    (folder / "vae").unlink()
+    (folder / "vae").symlink_to("../vae-b")
+    assert base_model_identity(BaseModel("folder", str(folder)), FileHasher()) == identity  # unseen
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{path}: project.base_model: {folder} links to folders (vae) whose files are not part of the model's "
+        "identity: when what they hold changes, no step that uses the model runs again (line 2) - put a copy "
+        "of each linked folder in its place (cp -rL), or run the steps again with --force"
+    ]
+    (folder / "vae").unlink()
+    shutil.copytree(tmp_path / "vae-a", folder / "vae")
+    recwarn.clear()
+    load_project(path)
+    assert not recwarn.list
+
+
+def test_a_link_to_nothing_in_a_base_model_folder_is_named_with_its_fix(tmp_path, capsys):
+    """An interrupted download leaves links to files that are not there: the model's identity cannot be
+    read. It said `[Errno 2] No such file or directory` and exited 1, as for a failed step."""
+    from runner.cli import EXIT_USAGE, main
+
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_builtin("tiny-sd"), folder)
+    (folder / "unet" / "extra.safetensors").symlink_to("../blobs/0a1b")
+    path = tmp_path / "p.toml"
+    path.write_text('[project]\nbase_model = "./model"\n[renders.r]\nadapter = "none"\nprompts = ["a cat"]\n')
+    assert main(["plan", str(path)]) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dbl: {folder}/unet/extra.safetensors: a symbolic link to ../blobs/0a1b, which does not exist; fix "
+        "the link or remove it"
+    )
+
+
 def test_a_folder_with_pickle_weights_only_is_refused_without_allow_pickle(tmp_path):
     """It planned, and the build failed with "no file named diffusion_pytorch_model.safetensors found"."""
     from runner.project import ProjectError, load_project

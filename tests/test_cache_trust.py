@@ -323,7 +323,7 @@ def test_a_renamed_subject_is_restored_under_its_new_name(tmp_path):
     text = p.path.read_text().replace("[subjects.dog]", "[subjects.rex]").replace("dog = 1.05", "rex = 1.05")
     p.path.write_text(text.replace('adapter = "dog"', 'adapter = "rex"'))
     result, rec, ran = build_with(p, kohya_train)
-    assert ran == []  # restored, not trained
+    assert ran == ["render:park"]  # restored, not trained; the render names its adapter in its images
     rex = tmp_path / "build/pets/adapters/rex"
     assert sorted(f.name for f in rex.iterdir()) == ["dbl.json", "rex.safetensors", "unet"]
     assert not (tmp_path / "build/pets/adapters/dog").exists()
@@ -399,6 +399,72 @@ def test_two_subjects_with_the_same_inputs_share_an_entry_and_keep_their_names(t
     assert (tmp_path / "build/pets/adapters/twin/twin.safetensors").read_bytes() == (
         tmp_path / "build/pets/adapters/toy/toy.safetensors"
     ).read_bytes()
+
+
+def naming_render(run):
+    """The fake steps, with renders that name their adapters in their images, as the real one's Lora field
+    and its per-adapter folders do."""
+
+    def step(ctx):
+        result = kohya_train(run)(ctx)
+        if ctx.kind == "render":
+            for image in ctx.out.glob("*.png"):
+                image.write_text(f"{image.read_text()} Lora: {','.join(ctx.spec.adapter_names)}")
+        return result
+
+    return step
+
+
+def _rename_dog(p: Proj, new: str) -> None:
+    old = "dog" if new == "rex" else "rex"
+    text = p.path.read_text().replace(f"[subjects.{old}]", f"[subjects.{new}]")
+    text = text.replace(f"{old} = 1.05", f"{new} = 1.05")
+    p.path.write_text(text.replace(f'adapter = "{old}"', f'adapter = "{new}"'))
+
+
+def test_a_render_of_a_renamed_adapter_names_it_as_a_clean_build_does(tmp_path):
+    """A render's images name their adapter, which is in no fingerprint: after a rename, keeping the
+    render, or restoring the entry made under the old name, would keep images that name a subject the
+    project no longer has. It runs again, and a rename back does too, to a clean build's bytes each time."""
+    p = Proj(tmp_path, PETS)
+    build_with(p, naming_render)
+    image = tmp_path / "build/pets/renders/park/0-0.png"
+    made = {"dog": image.read_bytes()}
+    for turn, name in enumerate(("rex", "dog", "rex")):
+        _rename_dog(p, name)
+        result, rec, ran = build_with(p, naming_render)
+        assert result.ok and ran == ["render:park"]  # the train step comes back from the run-cache
+        reasons = {s: r for s, _, r in rec.planned}
+        old = "dog" if name == "rex" else "rex"
+        assert f"adapter {old!r} -> {name!r}, which its outputs name" in reasons["render:park"]
+        assert image.read_text().endswith(f"Lora: {name}")
+        made.setdefault(name, image.read_bytes())
+        assert image.read_bytes() == made[name]
+        clean = tmp_path / f"clean-{turn}"
+        clean.mkdir()
+        fresh = Proj(clean, p.path.read_text())
+        build_with(fresh, naming_render)
+        assert (clean / "build/pets/renders/park/0-0.png").read_bytes() == image.read_bytes()
+        _, _, ran = build_with(p, naming_render)
+        assert ran == []
+
+
+def test_a_run_cache_entry_restores_only_under_the_names_it_was_made_with(tmp_path):
+    cache = RunCache(tmp_path / "cache")
+    files, manifest = _files(tmp_path / "dog", "Lora: dog")
+    cache.store("fp", files, manifest, {}, unhashed={"adapter": "dog"})
+    assert cache.verify("fp", unhashed={"adapter": "dog"}) is not None
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is None
+    assert cache.verify("fp") is not None  # kept: a rename back restores it
+    files, manifest = _files(tmp_path / "rex", "Lora: rex")
+    assert cache.store("fp", files, manifest, {}, unhashed={"adapter": "rex"}) == ""  # replaced, unsaid
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is not None
+    assert (cache.entry("fp") / "files" / "a.bin").read_text() == "Lora: rex"
+    # An entry made before names were kept with it holds unknown ones: it restores no render.
+    del_names = json.loads((cache.entry("fp") / "manifest.json").read_text())
+    del del_names["unhashed"]
+    (cache.entry("fp") / "manifest.json").write_text(json.dumps(del_names))
+    assert cache.verify("fp", unhashed={"adapter": "rex"}) is None
 
 
 def test_an_entry_written_before_names_left_the_cache_fits_only_its_own_name(tmp_path):

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from runner import events, lockfile, planner
+from runner import events, lockfile, planner, steps
 from runner.errors import DblError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild
@@ -134,12 +134,14 @@ def blocked_by(evs: dict[str, StepEvent], dep: str) -> str:
 def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
     """Fresh steps whose record names what has been renamed since (an image folder, a parent subject or
     blend: display keys, in no fingerprint) take the current names, so that the lockfile reads true and
-    `dbl check` reads the files the project names. Nothing runs."""
+    `dbl check` reads the files the project names; those that lack a value out of the fingerprint their
+    outputs depend on (written by an older version) take the current one. Nothing runs."""
     renamed = False
     for p in planned:
         record = lock.get(p.id)
         if not p.stale and record is not None and p.inputs is not None:
-            renamed |= lockfile.take_names(record, p.inputs)
+            kind = steps.get(p.step.kind)
+            renamed |= lockfile.take_names(record, p.inputs) or steps.take_unhashed(kind, record, p.inputs)
     if renamed and not dry_run:
         lockfile.write(ws.lock_path, lock)
 

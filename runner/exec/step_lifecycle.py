@@ -66,12 +66,15 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
     fp = fingerprint(inputs)
     record = lock.get(step.id)
+    kind = steps.get(step.kind)
     if not force and record and record["fingerprint"] == fp:
-        problem = ws.facts.outputs_intact(record, step.output_dir)
+        problem = ws.facts.outputs_intact(record, step.output_dir) or steps.unhashed_change(
+            kind, record.get("inputs", {}), inputs
+        )
         if not problem:
             ev.status = events.FRESH
             ev.reasons = [_fresh_behind(ws, p, hashes, fp, options.num_processes)]
-            if lockfile.take_names(record, inputs):
+            if lockfile.take_names(record, inputs) or steps.take_unhashed(kind, record, inputs):
                 lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]
@@ -84,11 +87,15 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     reporter.step_start(ev)
     begun = ev.started = time.time()
     clock = time.monotonic()
-    kind = steps.get(step.kind)
     meta = (
         None
         if force
-        else ws.cache.verify(fp, layout=_layout(kind, step.name), warn=_warner(ws, reporter, ev))
+        else ws.cache.verify(
+            fp,
+            layout=_layout(kind, step.name),
+            warn=_warner(ws, reporter, ev),
+            unhashed=steps.unhashed_of(kind, inputs),
+        )
     )
     ev.device = device if meta is None else ""
     if meta is not None:
@@ -124,7 +131,10 @@ def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inp
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
-    replaced = ws.cache.store(s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force)
+    unhashed = steps.unhashed_of(steps.get(step.kind), s.inputs)
+    replaced = ws.cache.store(
+        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, unhashed=unhashed
+    )
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
         reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")
@@ -182,11 +192,13 @@ def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, 
             continue
         hashes = {d: lock[d]["output_hash"] for d in step.deps if d in lock and d != s.p.step.id}
         try:
-            fp = fingerprint(planner.step_inputs(ws.project, step, ws.facts, hashes, s.num_processes))
+            inputs = planner.step_inputs(ws.project, step, ws.facts, hashes, s.num_processes)
         except KeyError:  # it reads an output that is not built: it will run by itself
             continue
-        if ws.cache.manifest(fp) is None:
-            ws.cache.store(fp, Path(folder), manifest, metrics)
+        fp, unhashed = fingerprint(inputs), steps.unhashed_of(steps.get(step.kind), inputs)
+        held = ws.cache.manifest(fp)
+        if held is None or (unhashed is not None and held.get("unhashed") != unhashed):
+            ws.cache.store(fp, Path(folder), manifest, metrics, unhashed=unhashed)
             reporter.log(ev, f"kept {step_id} in the run-cache")
 
 

@@ -6,6 +6,7 @@ no weights are read, and nothing here imports torch.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from runner import families
@@ -30,6 +31,7 @@ def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings,
     check.family = family.name
     _check_components(check, base)
     _check_hidden(check, base)
+    _check_linked(check, base)
     _check_config_family(check, base, family)
     _check_family_settings(check, base, family, data)
 
@@ -125,6 +127,30 @@ def _check_hidden(check, base: BaseModel) -> None:
                 "the model's identity: when they change (a git command, a new download, Finder), every step "
                 "that uses the model runs again",
                 "use a copy of the model folder without them",
+            )
+
+
+def _check_linked(check, base: BaseModel) -> None:
+    """A folder linked into a local model folder (`vae -> ../sd-vae-ft-mse`) is loaded with the model, but
+    its files are not part of the model's identity, which reads no linked folder: name those links, as a
+    change behind one (another VAE linked in) runs no step again."""
+    folders = [Path(base.ref)] if base.kind == "folder" else []
+    if base.config is not None and Path(base.config).is_dir():
+        folders.append(Path(base.config))
+    for folder in folders:
+        linked = [
+            Path(root, name).relative_to(folder).as_posix()
+            for root, dirs, _ in os.walk(folder)
+            for name in sorted(dirs)
+            if os.path.islink(os.path.join(root, name))
+        ]
+        if linked:
+            more = f" and {len(linked) - 3} more" if len(linked) > 3 else ""
+            check.note(
+                ("project", "base_model" if base.kind == "folder" else "base_model_config"),
+                f"{folder} links to folders ({', '.join(sorted(linked)[:3])}{more}) whose files are not part "
+                "of the model's identity: when what they hold changes, no step that uses the model runs again",
+                "put a copy of each linked folder in its place (cp -rL), or run the steps again with --force",
             )
 
 

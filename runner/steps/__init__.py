@@ -90,6 +90,14 @@ class Inputs:
         files = self.facts.captions(folder, extension)
         return {"_folder": relative(self.project, folder), "files": files} if files else {}
 
+    def caption_texts(self, folder: str, extension: str) -> dict[str, str | None]:
+        """The words of each caption file beside a folder's images, as `captions` names them ("" for an
+        empty one, whose image trains on a fallback prompt; None for one the train step cannot read)."""
+        return {
+            name: _words(Path(folder) / name, sha)
+            for name, sha in self.facts.captions(folder, extension).items()
+        }
+
     def output(self, step_id: str) -> str:
         return self.upstream[step_id]
 
@@ -99,6 +107,18 @@ class Inputs:
         from runner.project.schema import fingerprinted_fields
 
         return {k: v for k, v in fingerprinted_fields(obj).items() if k not in exclude}
+
+
+_WORDS: dict[str, str | None] = {}  # caption sha256 -> its words: a caption is read once per content
+
+
+def _words(path: Path, sha: str) -> str | None:
+    if sha not in _WORDS:
+        try:
+            _WORDS[sha] = " ".join(path.read_bytes().decode("utf-8-sig").split())
+        except (OSError, UnicodeDecodeError):  # not a caption the train step reads: it fails, naming it
+            return None
+    return _WORDS[sha]
 
 
 def relative(project, path) -> str:
@@ -132,6 +152,14 @@ class StepKind:
     # reuses(previous inputs, inputs): whether the outputs of the previous inputs can save work for the
     # new ones (a prior's class images after a change of count); the step finds them in ctx.earlier.
     reuses: Callable[[dict, dict], bool] | None = None
+    # unhashed(inputs) -> {what: value}: display values among its inputs (`_` keys, in no fingerprint) that
+    # its outputs depend on all the same: a render's images name its adapters; a train step reads its
+    # prior's class prompt for class images without captions, where the prior's outputs do not hold it.
+    # Outputs made under other values are stale though the fingerprint is the same (the plan says
+    # "<what> <old> -> <new>, <unhashed_use(what)>"), and the run-cache restores an entry only under its own.
+    unhashed: Callable[[dict], dict] | None = None
+    # unhashed_use(what): how its outputs depend on that value, said after a change of it
+    unhashed_use: Callable[[str], str] = lambda what: "which its outputs name"
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"
@@ -188,6 +216,48 @@ def adapter_step(project, name: str) -> str:
         if kind.produces_adapter and name in project.tables.get(kind.name, {}):
             return kind.step_id(name)
     raise KeyError(f"no adapter named {name!r}")
+
+
+def unhashed_of(kind: StepKind, inputs: dict) -> dict | None:
+    """The values out of the fingerprint that a step's outputs depend on (see StepKind.unhashed); None
+    where they depend on none (its run-cache entry then restores as every entry did before)."""
+    return (kind.unhashed(inputs) or None) if kind.unhashed is not None else None
+
+
+def unhashed_change(kind: StepKind, recorded: dict, inputs: dict) -> str | None:
+    """Why outputs made from the `recorded` inputs are not those of `inputs`, of the same fingerprint: a
+    value they depend on out of it changed ("adapter 'dog' -> 'rex', which its outputs name"). None when
+    none did. A value the record does not hold (written by an older version) is taken as the current one."""
+    if kind.unhashed is None:
+        return None
+    old, new = kind.unhashed(recorded), kind.unhashed(inputs)
+    changed = [
+        f"{key} {_listed(old[key])} -> {_listed(value)}, {kind.unhashed_use(key)}"
+        for key, value in new.items()
+        if old.get(key) is not None and None not in _as_list(old[key]) and old[key] != value
+    ]
+    return "; ".join(changed) or None
+
+
+def take_unhashed(kind: StepKind, record: dict, inputs: dict) -> bool:
+    """Give a record of these very inputs (the same fingerprint) the values out of it that its outputs
+    depend on, where it lacks them (written by an older version, which is taken to have made them under
+    the current ones); whether it did. From then on, a change of them is seen."""
+    if kind.unhashed is None:
+        return False
+    old = kind.unhashed(record.get("inputs", {}))
+    if all(old.get(key) is not None and None not in _as_list(old[key]) for key in kind.unhashed(inputs)):
+        return False
+    record["inputs"] = inputs
+    return True
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _listed(value) -> str:
+    return ", ".join(repr(v) for v in _as_list(value))
 
 
 def load_run(ref: str) -> StepFunction:

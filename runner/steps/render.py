@@ -226,6 +226,15 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
+def _unhashed(inputs: dict) -> dict:
+    """The adapter names a render's outputs carry: in each image's Lora field, and with `adapters`, as the
+    folders of their images and the labels of the grid's columns."""
+    if isinstance(inputs.get("adapters"), list):
+        return {"adapters": [a.get("_name") if isinstance(a, dict) else None for a in inputs["adapters"]]}
+    adapter = inputs.get("adapter")
+    return {"adapter": adapter.get("_name") if isinstance(adapter, dict) else adapter}
+
+
 KIND = register(
     StepKind(
         name="render",
@@ -239,5 +248,6 @@ KIND = register(
         deps=_deps,
         doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
         check=adapter_checks.check_renders,
+        unhashed=_unhashed,
     )
 )

@@ -97,5 +97,8 @@ KIND = register(
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         derive=_derive,
+        # A snapshot is trained as its subject is: on the class prompt of the subject's train step.
+        unhashed=train_kind.KIND.unhashed,
+        unhashed_use=train_kind.KIND.unhashed_use,
     )
 )

@@ -6,8 +6,11 @@ started by runner.exec.launcher.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from runner import families
 from runner.project import checks
+from runner.project.checks import TRIGGER
 from runner.project.schema import Subject
 from runner.steps import KOHYA_STEM, Inputs, StepKind, register
 
@@ -80,12 +83,56 @@ def _inputs(i: Inputs) -> dict:
             captions["trigger"] = spec.trigger
         inputs["captions"] = captions
     if spec.prior:
+        prior = i.project.priors[spec.prior]
         inputs["prior"] = {
             "_name": spec.prior,
             "output": i.output(f"prior:{spec.prior}"),
-            "loss_weight": i.project.priors[spec.prior].loss_weight,
+            "loss_weight": prior.loss_weight,
         }
+        # Display-only (out of the fingerprint): a project built before keeps its fingerprint.
+        inputs["prior"].update(_unheld(i, prior, None if "trigger" in captions else spec.trigger))
     return inputs
+
+
+def _unheld(i: Inputs, prior, trigger: str | None) -> dict:
+    """What training reads for the class images that neither the prior's outputs nor the train step's
+    fingerprint hold. The prior's first class prompt, which images without a caption (or with an empty
+    one) train on, where no class image is generated from it and no caption written of it; and the
+    subject's `trigger` (where its fingerprint lacks it), which replaces [trigger] in class captions."""
+    count, ext = len(prior.prompts), prior.caption_extension
+    given = sorted(i.facts.images(prior.images))[: prior.num_images] if prior.images else []
+    texts = i.caption_texts(prior.images, ext) if ext and given else {}
+    reads = held = triggered = False
+    for index in range(prior.num_images):
+        caption = (
+            PurePosixPath(given[index]).with_suffix(ext).as_posix() if index < len(given) and ext else None
+        )
+        if index >= len(given) or caption not in texts:
+            # Generated (its image records its prompt), or given without a caption: with several prompts,
+            # the prior writes its prompt beside it; with one, training reads the prompt for it.
+            held |= (index >= len(given) or count > 1) and index % count == 0
+            reads |= count == 1
+            triggered |= count > 1 and TRIGGER in prior.prompt_of(index)
+        else:
+            reads |= texts[caption] == ""
+            triggered |= TRIGGER in (texts[caption] or "")
+    found = {"_class_prompt": prior.prompts[0]} if reads and not held else {}
+    if triggered and trigger is not None:
+        found["_trigger"] = trigger
+    return found
+
+
+USES = {
+    "prior's class prompt": "which training reads for class images without captions",
+    "trigger": f"which replaces {TRIGGER} in class captions",
+}
+
+
+def _unhashed(inputs: dict) -> dict:
+    """The values of _unheld that the train step's inputs hold."""
+    prior = inputs.get("prior") if isinstance(inputs.get("prior"), dict) else {}
+    found = {"prior's class prompt": prior.get("_class_prompt"), "trigger": prior.get("_trigger")}
+    return {what: value for what, value in found.items() if value is not None}
 
 
 KIND = register(
@@ -105,5 +152,7 @@ KIND = register(
         folders=lambda spec: [spec.images],
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
+        unhashed=_unhashed,
+        unhashed_use=USES.__getitem__,
     )
 )

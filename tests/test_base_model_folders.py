@@ -223,3 +223,48 @@ def test_through_a_proxy_the_hub_is_not_probed(no_network, monkeypatch):
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert hub_unreachable() is None and no_network == []
+
+
+def test_a_build_identifies_a_hub_model_not_cached_yet_by_the_commit_its_steps_load(tmp_path, monkeypatch):
+    """Before planning, a build fetches the model's index: planned before, a model not cached yet was
+    revision 'main' of SD 1.x, and the next build, finding the commit and family its download cached,
+    ran every step again."""
+    import huggingface_hub
+    from PIL import Image
+
+    from runner import executor, models
+    from runner.project import load_project
+    from runner.store import DiskFacts
+    from tests.conftest import Recorder
+
+    commit = "c" * 40
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_unreachable", lambda: None)
+    fetched = []
+
+    def download(repo_id, filename, revision=None, **kwargs):  # what the hub client leaves in the cache
+        fetched.append((repo_id, filename, revision))
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        index = repo / "snapshots" / commit / filename
+        index.write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    identities = []
+    base_model = DiskFacts.base_model
+    monkeypatch.setattr(
+        DiskFacts, "base_model", lambda self: identities.append(base_model(self)) or identities[-1]
+    )
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "someone/xl"\n[subjects.dog]\nimages = "data"\ninstance_prompt = "sks dog"\n'
+    )
+    executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(dry_run=True), Recorder())
+    assert fetched == [("someone/xl", "model_index.json", None)]
+    assert identities and all(
+        i == {"hub": "someone/xl", "revision": commit, "family": "sdxl"} for i in identities
+    )

@@ -64,6 +64,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     """Build what is stale. Raises LockHeld, LockfileError, UsageError; step failures are results."""
     ws = Workspace(project)
     with BuildLock(project):
+        _fetch_hub_index(project)
         force_ids = set(options.force or ())
         if options.force is not None and not options.force:
             force_ids = {s.id for s in planner.graph(project)}
@@ -78,6 +79,16 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
             return _run(ws, lock, planned, options, reporter, force_ids, backend)
         finally:
             backend.close()
+
+
+def _fetch_hub_index(project: Project) -> None:
+    """Put a hub base model's model_index.json in the Hugging Face cache before planning (quietly nothing
+    offline). Its identity is the commit its revision resolves to there, and its family is read there:
+    a model not cached yet would be planned as revision 'main' of SD 1.x, and once its steps had
+    downloaded it, the next build would find another identity and run every step again."""
+    from runner.models import BaseModel, fetch_hub_index
+
+    fetch_hub_index(BaseModel.of(project.settings, project.dir))
 
 
 def _resolve(project: Project, options: BuildOptions, backend) -> BuildOptions:

@@ -265,6 +265,8 @@ def test_a_build_identifies_a_hub_model_not_cached_yet_by_the_commit_its_steps_l
     )
     executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(dry_run=True), Recorder())
     assert fetched == [("someone/xl", "model_index.json", None)]
+    executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(dry_run=True), Recorder())
+    assert len(fetched) == 1  # cached now: the build asks the hub nothing before its steps
     assert identities and all(
         i == {"hub": "someone/xl", "revision": commit, "family": "sdxl"} for i in identities
     )

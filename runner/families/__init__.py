@@ -277,7 +277,7 @@ def detect(base) -> Family:
         if path.suffix.lower() == ".safetensors" and path.is_file():
             return _from_keys(safetensors_keys(path), base.display)
         return _registry[DEFAULT]
-    return _from_index(_cached_hub_index(base.ref, base.revision), base.display)
+    return _from_index(cached_hub_index(base.ref, base.revision), base.display)
 
 
 def _from_index(index_path: Path | None, display: str) -> Family:
@@ -357,7 +357,9 @@ def safetensors_keys(path: Path) -> set[str]:
     return {k for k in header if k != "__metadata__"}
 
 
-def _cached_hub_index(repo_id: str, revision: str | None) -> Path | None:
+def cached_hub_index(repo_id: str, revision: str | None) -> Path | None:
+    """Where a hub model's model_index.json is in the Hugging Face cache, for the commit its revision
+    resolves to there (the file is not there when the model is not cached)."""
     import os
 
     from runner.fingerprint import hub_revision

@@ -94,7 +94,7 @@ def _family(check, base: BaseModel):
     """The base model's family (runner.families.detect), or None when it is not known before a download. A
     model dbl cannot train (SD3, Flux) or cannot read is a problem of base_model."""
     if base.kind == "hub":
-        index = families._cached_hub_index(base.ref, base.revision)
+        index = families.cached_hub_index(base.ref, base.revision)
         if index is None or not index.is_file():
             return None
     try:

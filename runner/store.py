@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from runner import tempnames
+from runner.exchange import exchange
 from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, sha256_file
 from runner.imagefiles import list_images
 from runner.models import BaseModel
@@ -375,8 +376,13 @@ def replace_dir(staged: Path, target: Path, trash: Path) -> None:
 
 
 def _swap(staged: Path, target: Path, trash: Path) -> None:
-    """Rename `target` to `trash` and `staged` to `target`; on failure, the old `target` is put back."""
+    """Exchange `staged` and `target` in one step, then remove the old outputs (now at `staged`): a build
+    killed at any moment leaves the old outputs or the new ones. Where the system cannot exchange, rename
+    `target` to `trash` and `staged` to `target`; on failure, the old `target` is put back."""
     shutil.rmtree(trash, ignore_errors=True)
+    if target.exists() and exchange(staged, target):
+        shutil.rmtree(staged, ignore_errors=True)
+        return
     if target.exists():
         os.rename(target, trash)
     try:

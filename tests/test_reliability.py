@@ -215,6 +215,66 @@ def test_sigkill_sweep(tmp_path, reference, target):
         crash_then_recover(tmp_path / str(n), reference, target, n)
 
 
+def recorded_outputs_problems(root: Path) -> list[str]:
+    """The outputs the lockfile records that are not on disk as recorded."""
+    from runner.fingerprint import sha256_file
+
+    problems = []
+    for sid, record in lockfile.read(root / "pets.lock").items():
+        for rel, item in record["outputs"].items():
+            if not (root / rel).is_file() or sha256_file(root / rel) != item["sha256"]:
+                problems.append(f"{sid}: {rel}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A built project, to rebuild with a change in copies of it."""
+    root = tmp_path_factory.mktemp("built")
+    assert fake_build(Proj(root, PETS).path).returncode == 0
+    return root
+
+
+# A rebuild of one render calls os.rename twice to store its outputs in the run-cache, then twice more to
+# swap them in where the system cannot exchange two folders in one step.
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_a_build_killed_while_replacing_outputs_leaves_those_the_lockfile_records(tmp_path, built, n):
+    """Killed at each rename of a rebuild that replaces a render's outputs, the build leaves every output
+    the lockfile records in place: never the old folder moved aside and the new one not yet in."""
+    root = tmp_path / "p"
+    shutil.copytree(built, root)
+    project = root / "pets.toml"
+    project.write_text(project.read_text().replace('"a dog"', '"a cat"'))  # render:base reruns
+    done = fake_build(project, crash=f"os:rename:{n}")
+    if n == 1:
+        assert done.returncode in (-9, 137), f"os.rename was never called\n{done.stderr}"
+    if done.returncode == 0:
+        return
+    assert done.returncode in (-9, 137), done.stderr
+    assert recorded_outputs_problems(root) == [], f"killed at rename {n}"
+
+
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
+def test_replacing_outputs_leaves_the_new_ones_and_nothing_else(tmp_path, monkeypatch, can_exchange):
+    from runner import exchange, store
+
+    swapped = []
+
+    def exchanging(a, b):
+        swapped.append(can_exchange)
+        return can_exchange and exchange.exchange(a, b)
+
+    monkeypatch.setattr(store, "exchange", exchanging)
+    staged, target, trash = tmp_path / ".staged-x", tmp_path / "out" / "x", tmp_path / ".trash-x"
+    for folder, text in ((staged, "new"), (target, "old")):
+        folder.mkdir(parents=True)
+        (folder / f"{text}.txt").write_text(text)
+    store.replace_dir(staged, target, trash)
+    assert swapped == [can_exchange]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the old outputs nor a temp left
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 
 

@@ -254,6 +254,20 @@ def test_a_build_killed_while_replacing_outputs_leaves_those_the_lockfile_record
     assert recorded_outputs_problems(root) == [], f"killed at rename {n}"
 
 
+def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the_project(tmp_path):
+    """Killed after writing the lockfile's temp file, before renaming it: the temp file, beside the
+    project file where `git add -A` would commit it, is gone after the next build."""
+    p = Proj(tmp_path, PETS)
+    # os.replace: the file-hash cache after planning, then the lockfile after the first step
+    killed = fake_build(p.path, crash="os:replace:2")
+    assert killed.returncode in (-9, 137), killed.stderr
+    left = list(tmp_path.glob(".pets.lock.tmp-*"))
+    assert left, sorted(q.name for q in tmp_path.iterdir())  # it was killed with the temp file written
+    assert fake_build(p.path).returncode == 0
+    assert not left[0].exists()
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == [".dbl"]
+
+
 @pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
 def test_replacing_outputs_leaves_the_new_ones_and_nothing_else(tmp_path, monkeypatch, can_exchange):
     from runner import exchange, store

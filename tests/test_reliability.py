@@ -235,23 +235,49 @@ def built(tmp_path_factory):
     return root
 
 
-# A rebuild of one render calls os.rename twice to store its outputs in the run-cache, then twice more to
-# swap them in where the system cannot exchange two folders in one step.
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_a_build_killed_while_replacing_outputs_leaves_those_the_lockfile_records(tmp_path, built, n):
-    """Killed at each rename of a rebuild that replaces a render's outputs, the build leaves every output
-    the lockfile records in place: never the old folder moved aside and the new one not yet in."""
+def kill_a_rebuild(tmp_path, built, target: str, n: int) -> subprocess.CompletedProcess:
+    """Rebuild a copy of `built` with render:base changed, killed on the n-th call of `target`."""
     root = tmp_path / "p"
     shutil.copytree(built, root)
     project = root / "pets.toml"
     project.write_text(project.read_text().replace('"a dog"', '"a cat"'))  # render:base reruns
-    done = fake_build(project, crash=f"os:rename:{n}")
+    return fake_build(project, crash=f"{target}:{n}")
+
+
+# Where a rebuild of one render replaces its outputs: os.rename stores them in the run-cache (twice), then
+# swaps them in (twice more where the system cannot exchange two folders in one step); the old outputs
+# are removed (shutil.rmtree) and the new ones hashed for the next plan (the rebuild's last reads).
+REPLACE_POINTS = [("os:rename", n) for n in (1, 2, 3, 4)] + [
+    ("shutil:rmtree", 5),
+    ("runner.fingerprint:sha256_file", 19),
+]
+
+
+@pytest.mark.parametrize("target, n", REPLACE_POINTS, ids=[f"{t}:{n}" for t, n in REPLACE_POINTS])
+def test_a_build_killed_while_replacing_outputs_leaves_those_the_lockfile_records(tmp_path, built, target, n):
+    """Killed while it replaces a render's outputs, the build leaves the outputs the lockfile records in
+    place: never the old folder moved aside and the new one not yet in, nor the new one in place while
+    the lockfile still names the old (`dbl check` would call it edited)."""
+    done = kill_a_rebuild(tmp_path, built, target, n)
     if n == 1:
-        assert done.returncode in (-9, 137), f"os.rename was never called\n{done.stderr}"
+        assert done.returncode in (-9, 137), f"{target} was never called\n{done.stderr}"
     if done.returncode == 0:
-        return
+        return  # the rebuild calls it fewer times now
     assert done.returncode in (-9, 137), done.stderr
-    assert recorded_outputs_problems(root) == [], f"killed at rename {n}"
+    assert recorded_outputs_problems(tmp_path / "p") == [], f"killed at {target} call {n}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["os:rename", "shutil:rmtree", "runner.fingerprint:sha256_file"])
+def test_a_build_killed_anywhere_while_replacing_outputs_leaves_those_the_lockfile_records(
+    tmp_path, built, target
+):
+    counted = kill_a_rebuild(tmp_path / "count", built, target, 0)
+    calls = int(counted.stdout.rsplit("CALLS ", 1)[1])
+    for n in range(1, calls + 1):
+        done = kill_a_rebuild(tmp_path / str(n), built, target, n)
+        assert done.returncode in (-9, 137), done.stderr
+        assert recorded_outputs_problems(tmp_path / str(n) / "p") == [], f"killed at {target} call {n}"
 
 
 def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the_project(tmp_path):
@@ -283,10 +309,12 @@ def test_replacing_outputs_leaves_the_new_ones_and_nothing_else(tmp_path, monkey
     for folder, text in ((staged, "new"), (target, "old")):
         folder.mkdir(parents=True)
         (folder / f"{text}.txt").write_text(text)
-    store.replace_dir(staged, target, trash)
+    old = store.replace_dir(staged, target, trash)
     assert swapped == [can_exchange]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the old outputs nor a temp left
+    assert [p.name for p in old.iterdir()] == ["old.txt"]  # removed by the caller, once recorded
+    shutil.rmtree(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp left
 
 
 # --- concurrency ----------------------------------------------------------------------------------

@@ -115,6 +115,18 @@ class FileHasher:
         self._dirty = True
         return digest
 
+    def moved(self, old: Path, new: Path) -> None:
+        """Carry the hash of `old` over to `new`, the same file renamed with its folder (which keeps its
+        inode, size and times), without reading it; a file the stat shows to be another is read."""
+        entry = self._cache.pop(str(old), None)
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == _stamp(os.stat(new)):
+            self._cache[str(new)] = entry
+            self._dirty = True
+            if str(old) in self._read_now:
+                self._read_now.add(str(new))
+        else:
+            self.hash(new)
+
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files

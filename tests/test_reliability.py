@@ -215,6 +215,108 @@ def test_sigkill_sweep(tmp_path, reference, target):
         crash_then_recover(tmp_path / str(n), reference, target, n)
 
 
+def recorded_outputs_problems(root: Path) -> list[str]:
+    """The outputs the lockfile records that are not on disk as recorded."""
+    from runner.fingerprint import sha256_file
+
+    problems = []
+    for sid, record in lockfile.read(root / "pets.lock").items():
+        for rel, item in record["outputs"].items():
+            if not (root / rel).is_file() or sha256_file(root / rel) != item["sha256"]:
+                problems.append(f"{sid}: {rel}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A built project, to rebuild with a change in copies of it."""
+    root = tmp_path_factory.mktemp("built")
+    assert fake_build(Proj(root, PETS).path).returncode == 0
+    return root
+
+
+def kill_a_rebuild(tmp_path, built, target: str, n: int) -> subprocess.CompletedProcess:
+    """Rebuild a copy of `built` with render:base changed, killed on the n-th call of `target`."""
+    root = tmp_path / "p"
+    shutil.copytree(built, root)
+    project = root / "pets.toml"
+    project.write_text(project.read_text().replace('"a dog"', '"a cat"'))  # render:base reruns
+    return fake_build(project, crash=f"{target}:{n}")
+
+
+# Where a rebuild of one render replaces its outputs: os.rename stores them in the run-cache (twice), then
+# swaps them in (twice more where the system cannot exchange two folders in one step); the old outputs
+# are removed (shutil.rmtree) and the new ones hashed for the next plan (the rebuild's last reads).
+REPLACE_POINTS = [("os:rename", n) for n in (1, 2, 3, 4)] + [
+    ("shutil:rmtree", 5),
+    ("runner.fingerprint:sha256_file", 19),
+]
+
+
+@pytest.mark.parametrize("target, n", REPLACE_POINTS, ids=[f"{t}:{n}" for t, n in REPLACE_POINTS])
+def test_a_build_killed_while_replacing_outputs_leaves_those_the_lockfile_records(tmp_path, built, target, n):
+    """Killed while it replaces a render's outputs, the build leaves the outputs the lockfile records in
+    place: never the old folder moved aside and the new one not yet in, nor the new one in place while
+    the lockfile still names the old (`dbl check` would call it edited)."""
+    done = kill_a_rebuild(tmp_path, built, target, n)
+    if n == 1:
+        assert done.returncode in (-9, 137), f"{target} was never called\n{done.stderr}"
+    if done.returncode == 0:
+        return  # the rebuild calls it fewer times now
+    assert done.returncode in (-9, 137), done.stderr
+    assert recorded_outputs_problems(tmp_path / "p") == [], f"killed at {target} call {n}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["os:rename", "shutil:rmtree", "runner.fingerprint:sha256_file"])
+def test_a_build_killed_anywhere_while_replacing_outputs_leaves_those_the_lockfile_records(
+    tmp_path, built, target
+):
+    counted = kill_a_rebuild(tmp_path / "count", built, target, 0)
+    calls = int(counted.stdout.rsplit("CALLS ", 1)[1])
+    for n in range(1, calls + 1):
+        done = kill_a_rebuild(tmp_path / str(n), built, target, n)
+        assert done.returncode in (-9, 137), done.stderr
+        assert recorded_outputs_problems(tmp_path / str(n) / "p") == [], f"killed at {target} call {n}"
+
+
+def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the_project(tmp_path):
+    """Killed after writing the lockfile's temp file, before renaming it: the temp file, beside the
+    project file where `git add -A` would commit it, is gone after the next build."""
+    p = Proj(tmp_path, PETS)
+    # os.replace: the file-hash cache after planning, then the lockfile after the first step
+    killed = fake_build(p.path, crash="os:replace:2")
+    assert killed.returncode in (-9, 137), killed.stderr
+    left = list(tmp_path.glob(".pets.lock.tmp-*"))
+    assert left, sorted(q.name for q in tmp_path.iterdir())  # it was killed with the temp file written
+    assert fake_build(p.path).returncode == 0
+    assert not left[0].exists()
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == [".dbl"]
+
+
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
+def test_replacing_outputs_leaves_the_new_ones_and_nothing_else(tmp_path, monkeypatch, can_exchange):
+    from runner import exchange, store
+
+    swapped = []
+
+    def exchanging(a, b):
+        swapped.append(can_exchange)
+        return can_exchange and exchange.exchange(a, b)
+
+    monkeypatch.setattr(store, "exchange", exchanging)
+    staged, target, trash = tmp_path / ".staged-x", tmp_path / "out" / "x", tmp_path / ".trash-x"
+    for folder, text in ((staged, "new"), (target, "old")):
+        folder.mkdir(parents=True)
+        (folder / f"{text}.txt").write_text(text)
+    old = store.replace_dir(staged, target, trash)
+    assert swapped == [can_exchange]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in old.iterdir()] == ["old.txt"]  # removed by the caller, once recorded
+    shutil.rmtree(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp left
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     """Build what is stale. Raises LockHeld, LockfileError, UsageError; step failures are results."""
     ws = Workspace(project)
     with BuildLock(project):
+        lockfile.drop_leftover_temps(ws.lock_path)
         _fetch_hub_index(project)
         force_ids = set(options.force or ())
         if options.force is not None and not options.force:

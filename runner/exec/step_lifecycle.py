@@ -281,13 +281,18 @@ def _commit(
     shutil.rmtree(staged, ignore_errors=True)
     names = _layout(steps.get(step.kind), step.name)
     copy_tree(entry, staged, names)
+    files = [names.get(rel, rel) for rel in meta["outputs"]]
+    for name in files:  # hashed here, before the swap, so that the next plan need not re-read outputs
+        ws.hasher.hash(staged / name)
     target = ws.output_dir(step)
-    replace_dir(staged, target, trash)
+    old = replace_dir(staged, target, trash)
+    # From here until the lockfile names them, the new outputs are in place under the old record: only
+    # stats and the lockfile's own write happen in between.
+    for name in files:
+        ws.hasher.moved(staged / name, target / name)
     outputs = {}
     for rel, item in meta["outputs"].items():
-        path = target / names.get(rel, rel)
-        ws.hasher.hash(path)  # prime the stat cache: the next plan need not re-read outputs
-        outputs[ws.rel(path)] = {"sha256": item["sha256"], "size": item["size"]}
+        outputs[ws.rel(target / names.get(rel, rel))] = {"sha256": item["sha256"], "size": item["size"]}
     lock[step.id] = lockfile.record(
         kind=step.kind,
         fingerprint=fp,
@@ -306,6 +311,7 @@ def _commit(
         lockfile.take_names(kept, inputs)
         lock[step.id] = {**kept, "built": made["built"], "duration_s": made["duration_s"]}
     lockfile.write(ws.lock_path, lock)
+    shutil.rmtree(old, ignore_errors=True)
     # The end of the build saves the rest: a killed build loses at most these seconds of hashes, which
     # the next plan reads again.
     ws.hasher.save(max_age_s=STATE_SAVE_S)

@@ -29,6 +29,9 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("project", nargs="?", help="project file (default: the only *.toml here, or dbl.toml)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    def num_processes_arg(p, help):
+        p.add_argument("--num-processes", type=int, metavar="N", help=help)
+
     def parallel_args(p):
         p.add_argument(
             "--executor",
@@ -86,9 +89,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="after a failure, go on with the steps that do not depend on it",
     )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
-    p.add_argument(
-        "--num-processes", type=int, metavar="N", help="run train steps as N data-parallel processes"
-    )
+    num_processes_arg(p, "run train steps as N data-parallel processes")
     parallel_args(p)
     loudness = p.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="only failures and the final line")
@@ -97,6 +98,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="list the stale steps and why")
     project_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    num_processes_arg(
+        p, "plan for train steps run as N data-parallel processes, as dbl build --num-processes N"
+    )
 
     p = sub.add_parser("watch", help="rebuild what goes stale as files change")
     project_arg(p)
@@ -107,6 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between polls (implies --polling; default: 2)",
     )
+    num_processes_arg(p, "run train steps as N data-parallel processes")
     parallel_args(p)
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
 

@@ -187,8 +187,10 @@ def cmd_build(args) -> int:
 def cmd_plan(args) -> int:
     from runner import executor, planner
 
+    if args.num_processes is not None and args.num_processes < 1:
+        return _usage("--num-processes must be at least 1")
     project = _load(args)
-    _, planned = executor.Workspace(project).plan()
+    _, planned = executor.Workspace(project).plan(num_processes=args.num_processes)
     if args.json:
         print(json.dumps(planner.to_json(planned), indent=2))
         return EXIT_OK
@@ -209,6 +211,8 @@ def cmd_watch(args) -> int:
 
     path = find_project(args.project, args.command)
     mode = "plain" if args.no_progress else "auto"
+    if args.num_processes is not None and args.num_processes < 1:
+        return _usage("--num-processes must be at least 1")
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
     interval = args.poll_interval
@@ -219,7 +223,7 @@ def cmd_watch(args) -> int:
         polling=args.polling or interval is not None,
         poll_interval=interval or POLL_INTERVAL_S,
         reporter_factory=lambda: make_reporter(mode, 0),
-        build_options=_parallel_options(args),
+        build_options={**_parallel_options(args), "num_processes": args.num_processes},
     )
 
 

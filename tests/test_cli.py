@@ -348,3 +348,13 @@ def test_quiet_and_verbose_together_is_a_usage_error(proj, fake_steps, capsys):
     assert main(["build", str(proj.path), "--no-progress", "-q", "-v"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
     assert not fake_steps.ran
+
+
+def test_plan_takes_the_num_processes_a_build_was_run_with(proj, build, capsys):
+    build(proj, num_processes=2)  # the train steps' fingerprints hold the processes they ran with
+    assert main(["plan", str(proj.path), "--num-processes", "2"]) == 0
+    assert capsys.readouterr().out == "all 7 steps are up to date\n"
+    assert main(["plan", str(proj.path)]) == 0
+    assert "train:dog" in capsys.readouterr().out  # as a plain build would: it would train again
+    assert main(["plan", str(proj.path), "--num-processes", "0"]) == 2
+    assert "--num-processes must be at least 1" in capsys.readouterr().err

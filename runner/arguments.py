@@ -123,6 +123,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list every step: its status, output folder and loss")
     project_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    num_processes_arg(p, "the status of a build with dbl build --num-processes N")
 
     p = sub.add_parser(
         "gc", help="drop run-cache entries no lockfile refers to, and work folders no step can resume"

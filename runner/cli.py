@@ -274,8 +274,10 @@ def cmd_init(args) -> int:
 def cmd_ls(args) -> int:
     from runner import listing
 
+    if args.num_processes is not None and args.num_processes < 1:
+        return _usage("--num-processes must be at least 1")
     project = _load(args)
-    rows = listing.rows(project)
+    rows = listing.rows(project, args.num_processes)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 
 
-def rows(project) -> list[dict]:
+def rows(project, num_processes: int | None = None) -> list[dict]:
     """One row a step, in build order: id, kind, status, output folder, files, when built, metrics
-    (JSON-safe: a diverged loss, NaN, is None)."""
+    (JSON-safe: a diverged loss, NaN, is None). A status is that of a build with `num_processes`."""
     from runner import executor
 
     ws = executor.Workspace(project)
-    lock, planned = ws.plan()
+    lock, planned = ws.plan(num_processes=num_processes)
     found = []
     for p in planned:
         record = lock.get(p.id)

@@ -356,5 +356,9 @@ def test_plan_takes_the_num_processes_a_build_was_run_with(proj, build, capsys):
     assert capsys.readouterr().out == "all 7 steps are up to date\n"
     assert main(["plan", str(proj.path)]) == 0
     assert "train:dog" in capsys.readouterr().out  # as a plain build would: it would train again
+    assert main(["ls", str(proj.path), "--num-processes", "2"]) == 0
+    assert " stale " not in capsys.readouterr().out
+    assert main(["ls", str(proj.path)]) == 0
+    assert "train:dog     stale" in capsys.readouterr().out
     assert main(["plan", str(proj.path), "--num-processes", "0"]) == 2
     assert "--num-processes must be at least 1" in capsys.readouterr().err

@@ -408,7 +408,11 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
         # a rerun that made the recorded bytes again keeps the record of the build that first made them
-        made_then = _when(ctx.outcomes[sid].get("started")) == _when(record.get("built"))
+        # (a last-build file of an older dbl does not say so: the times tell, to the second)
+        row = ctx.outcomes[sid]
+        made_then = (
+            not row["remade"] if "remade" in row else _when(row.get("started")) == _when(record.get("built"))
+        )
         text += (
             f" ({verb} by the last build)"
             if made_then

@@ -13,6 +13,7 @@ the lockfile: it describes one build on one machine, not what was built.
 
 `outcome` is ran, restored (from the run-cache), fresh (nothing to do), skipped, failed or interrupted;
 `on` is the device or node a worker ran the step on (empty when it ran in the build's own process).
+`remade` (a step that ran, only when true): it made again the very outputs the lockfile records.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def record(steps: list[events.StepEvent], started: float, seconds: float, exit_c
         if ev.started:
             row.update(started=_iso(ev.started), offset_s=round(ev.started - started, 3))
             row["seconds"] = round(ev.duration_s, 3)
+        if ev.remade:
+            row["remade"] = True
         if ev.device:
             row["on"] = ev.device
         if ev.reasons:

@@ -160,7 +160,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     ev.status = events.DONE
     _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
     seconds = time.monotonic() - s.clock
-    _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
+    ev.remade = _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
     _ended(ws, step, ev, metrics, s.clock)
 
 
@@ -268,13 +268,13 @@ def _commit(
     begun: float,
     seconds: float,
     replaced: dict | None = None,
-) -> None:
+) -> bool:
     """Copy the cache entry into the output folder, swap it in, and record it in the lockfile.
 
     `replaced` is the record this one replaces: where it records this very build (a branch switched back
     to, outputs deleted, a fresh clone whose deterministic steps ran again to the recorded bytes), when
     and how long that build ran stay as they were, so that a committed lockfile is not rewritten by a
-    build that made nothing new."""
+    build that made nothing new; whether it did keep that record."""
     entry = ws.cache.entry(fp) / "files"
     ws.work_root.mkdir(parents=True, exist_ok=True)
     staged, trash = store.commit_folders(ws.project, step.kind, step.name)
@@ -304,7 +304,8 @@ def _commit(
         duration_s=round(seconds, 3),
     )
     made = replaced or {}
-    if same_build(made, lock[step.id]) and "built" in made and "duration_s" in made:
+    kept_record = same_build(made, lock[step.id]) and "built" in made and "duration_s" in made
+    if kept_record:
         # its inputs as recorded too (the same fingerprint): only a name changed since rewrites them, as
         # for a fresh step, and a display key a previous version did not write stays unwritten
         kept = {**lock[step.id], "inputs": made.get("inputs", {})}
@@ -316,3 +317,4 @@ def _commit(
     # the next plan reads again.
     ws.hasher.save(max_age_s=STATE_SAVE_S)
     shutil.rmtree(ws.tmp(step), ignore_errors=True)
+    return kept_record

@@ -196,7 +196,9 @@ def cmd_plan(args) -> int:
         return EXIT_OK
     stale = [p for p in planned if p.stale]
     if not stale:
-        print(f"all {len(planned)} steps are up to date")
+        from runner.ui.plain import up_to_date_text
+
+        print(up_to_date_text(planned))  # the words of `dbl build`
         return EXIT_OK
     width = max(len(p.id) for p in stale)
     print(f"{len(stale)} of {len(planned)} steps stale:")

@@ -41,8 +41,11 @@ def write(project, output: Path | str | None = None) -> Path:
     page = render(project)
     # Asked through the link: /dev/stdout's target, /proc/self/fd/1, resolves to "pipe:[...]", no path.
     if target.exists() and not target.is_file():  # /dev/stdout, a pipe, /dev/null: written through,
-        with open(target, "w", encoding="utf-8") as out:  # never renamed over
-            out.write(page)
+        try:
+            with open(target, "w", encoding="utf-8") as out:  # never renamed over
+                out.write(page)
+        except BrokenPipeError:  # the reader had read what it wanted (`| head`): not a failure
+            pass
         return target
     if target.is_symlink():
         target = target.resolve()  # the file it points to is the report, not the link

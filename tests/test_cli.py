@@ -64,6 +64,21 @@ def test_plan_text_and_up_to_date_line(proj, build, capsys):
     assert capsys.readouterr().out == "all 7 steps are up to date\n"
 
 
+def test_plan_of_one_step_or_none_says_what_build_says(tmp_path, build, capsys):
+    from tests.conftest import Proj
+
+    one = Proj(
+        tmp_path,
+        '[project]\nbase_model = "tiny-sd"\n[subjects.toy]\nimages = "data/toy"\ninstance_prompt = "a toy"\n',
+    )
+    build(one)
+    assert main(["plan", str(one.path)]) == 0
+    assert capsys.readouterr().out == "the one step is up to date\n"
+    one.path.write_text('[project]\nbase_model = "tiny-sd"\n')
+    assert main(["plan", str(one.path)]) == 0
+    assert capsys.readouterr().out == "nothing to build: the project defines no steps\n"
+
+
 def test_build_twice_prints_one_line(proj, fake_steps, capsys):
     assert main(["build", str(proj.path), "--no-progress"]) == 0
     capsys.readouterr()

@@ -377,6 +377,35 @@ def test_a_pipe_or_device_given_as_output_is_written_through_not_replaced(proj, 
     assert link.is_symlink() and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_reader_that_goes_away_is_not_an_error(proj, build, fake_steps, capsys):
+    """`dbl report -o /dev/stdout | head -1`: the reader closes the pipe with most of the page unread,
+    which is what the reader wanted, not a failure of dbl (`dbl ls | head` says nothing either)."""
+    import fcntl
+    import termios
+    import threading
+
+    build(proj)
+    fifo = proj.root / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that dbl's open does not wait
+    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ: the page cannot fit, so dbl's write blocks
+    codes = []
+    writer = threading.Thread(target=lambda: codes.append(main(["report", str(proj.path), "-o", str(fifo)])))
+    writer.start()
+    pending = bytearray(4)
+    for _ in range(1000):  # until dbl has filled the pipe and waits on it
+        fcntl.ioctl(reader, termios.FIONREAD, pending)
+        if int.from_bytes(pending, sys.byteorder) >= 4096:
+            break
+        writer.join(0.01)
+    assert int.from_bytes(pending, sys.byteorder) >= 4096, "the page went through: nothing was cut off"
+    os.close(reader)  # the reader goes away
+    writer.join(10)
+    assert codes == [0]
+    assert "Broken pipe" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
 def test_dev_stdout_on_a_pipe_gets_the_page_and_nothing_else(proj, build, fake_steps, capsys):
     """`dbl report -o /dev/stdout | ...`: the link /proc/self/fd/1 names an anonymous pipe, which

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 from runner.events import (
@@ -136,7 +136,8 @@ def counts_text(steps: list[StepEvent]) -> str:
     return ", ".join(parts) or "no steps"
 
 
-def up_to_date_text(steps: list[StepEvent]) -> str:
+def up_to_date_text(steps: Sized) -> str:
+    """What a build or a plan with nothing stale says; `steps`: the project's steps."""
     if not steps:
         return "nothing to build: the project defines no steps"
     return f"all {len(steps)} steps are up to date" if len(steps) != 1 else "the one step is up to date"

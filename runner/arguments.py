@@ -117,7 +117,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="start a project from a template")
     p.add_argument("dir", nargs="?", default=".", help="folder for the new project (default: here)")
-    p.add_argument("--template", default="subject", help="template name (default: subject; see --list)")
+    p.add_argument(
+        "--template", default="subject", metavar="NAME", help="template name (default: subject; see --list)"
+    )
     p.add_argument("--list", action="store_true", help="list the templates")
 
     p = sub.add_parser("ls", help="list every step: its status, output folder and loss")

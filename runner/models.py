@@ -350,7 +350,7 @@ def check_all_loaded(pipe, folder: Path, display: str) -> None:
             raise ModelError(
                 f"base model {display}: {len(wrong)} of the weights saved in {path} did not load under "
                 f"transformers {transformers.__version__} (first: {wrong[0]}), so {path.parent.name} "
-                "would be random: install the transformers dbl declares (pip install 'transformers>=5.6,<6')"
+                "would be random: install the transformers dbl declares (pip install 'transformers>=5.15,<6')"
             )
 
 

@@ -314,9 +314,44 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                 "base_model_config in [project] to a diffusers folder of the same kind of model)"
             )
         raise ModelError(f"cannot load base model {base.display}{hint}: {exc}") from exc
+    if base.kind == "builtin":
+        check_all_loaded(pipe, Path(model_folder(base)), base.display)
     pipe.set_progress_bar_config(disable=True)
     pipe._dbl_family = family  # read back by runner.families.of(pipe)
     return pipe.to(device)
+
+
+def check_all_loaded(pipe, folder: Path, display: str) -> None:
+    """Refuse a pipeline whose modules do not hold every weight saved in `folder`.
+
+    transformers only warns about a saved weight it cannot place, and leaves that part of the model at
+    random: a transformers before 5.6 does so with a text encoder saved by 5.6 or later (which dropped
+    CLIPTextModel's `text_model.` level). Training on it runs, and is wrong. The built-in models are a
+    few MB, so reading their weights again costs nothing."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*/*.safetensors")):
+        module = getattr(pipe, path.parent.name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        # The one layout change between supported versions, which newer versions read both ways.
+        loaded = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+        with safe_open(str(path), framework="pt") as saved:
+            wrong = [
+                key
+                for key in saved.keys()  # noqa: SIM118 - a safe_open handle is not a mapping
+                if (have := loaded.get(key.removeprefix("text_model."))) is None
+                or not torch.equal(saved.get_tensor(key).to(have.device, have.dtype), have)
+            ]
+        if wrong:
+            import transformers
+
+            raise ModelError(
+                f"base model {display}: {len(wrong)} of the weights saved in {path} did not load under "
+                f"transformers {transformers.__version__} (first: {wrong[0]}), so {path.parent.name} "
+                "would be random: install the transformers dbl declares (pip install 'transformers>=5.15,<6')"
+            )
 
 
 class ModelCache:

@@ -270,3 +270,26 @@ def test_a_build_identifies_a_hub_model_not_cached_yet_by_the_commit_its_steps_l
     assert identities and all(
         i == {"hub": "someone/xl", "revision": commit, "family": "sdxl"} for i in identities
     )
+
+
+@pytest.mark.torch
+def test_a_built_in_model_whose_text_encoder_does_not_load_is_an_error_not_random_weights(
+    tmp_path, monkeypatch
+):
+    """A transformers before 5.6 reading a tiny-sd saved by 5.6 or later (no `text_model.` level) only
+    warned and trained on a random text encoder. Keys no version places stand in for that layout here."""
+    from safetensors.torch import load_file, save_file
+
+    from runner.errors import ModelError
+
+    home = tmp_path / "home"
+    shutil.copytree(ensure_builtin("tiny-sd"), home / "models" / ensure_builtin("tiny-sd").name)
+    monkeypatch.setenv("DBL_HOME", str(home))
+    weights = ensure_builtin("tiny-sd") / "text_encoder" / "model.safetensors"
+    assert weights.is_relative_to(home)
+    save_file({f"clip.{key}": value for key, value in load_file(weights).items()}, weights)
+
+    with pytest.raises(
+        ModelError, match=r"did not load under transformers .* so text_encoder would be random"
+    ):
+        load_pipeline(BaseModel(kind="builtin", ref="tiny-sd"))

@@ -1044,9 +1044,9 @@ def test_names_that_differ_only_in_case_load_with_a_warning_naming_both(folder):
     with pytest.warns(UserWarning) as said:
         assert set(load_project(path).renders) == {"park", "Park"}  # a lockfile may hold both: still loads
     assert [str(w.message) for w in said] == [
-        f"{path}: renders.Park: 'Park' differs only in case from renders.park (line {park}): on macOS and "
-        f"Windows, whose file names ignore case, both would write one output folder (line {twin}) - rename "
-        "one of them"
+        f"{path}: renders.Park: 'Park' differs only in case from renders.park, whose table is at line {park}: "
+        f"on macOS and Windows, whose file names ignore case, both would write one output folder (line {twin}) "
+        "- rename one of them"
     ]
 
 

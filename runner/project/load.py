@@ -418,7 +418,8 @@ def _case_twins(check: _Checker, group: str, names: list[str]) -> None:
         if twin != name:
             check.note(
                 (group, name),
-                f"'{name}' differs only in case from {group}.{twin} (line {check.lines.line((group, twin))}): "
+                f"'{name}' differs only in case from {group}.{twin}, whose table is at line "
+                f"{check.lines.line((group, twin))}: "
                 "on macOS and Windows, whose file names ignore case, both would write one output folder",
                 "rename one of them",
             )

@@ -47,6 +47,13 @@ def has_files(folder: Path) -> bool:
         return False
 
 
+def made_under(meta: dict, unhashed: dict | None) -> bool:
+    """Whether a run-cache entry (its manifest) was made under `unhashed`, the values out of the
+    fingerprint its outputs depend on (StepKind.unhashed); None, for a kind whose outputs depend on none,
+    fits every entry."""
+    return unhashed is None or meta.get("unhashed") == unhashed
+
+
 class BuildLock:
     """An exclusive lock on one project's builds: a flock on `.dbl/build-<stem>.lock`.
 
@@ -227,7 +234,7 @@ class RunCache:
         entry = self.entry(fingerprint)
         old = self.manifest(fingerprint)
         intact = old is not None and self.verify(fingerprint) is not None  # a damaged one is dropped
-        other = intact and unhashed is not None and old.get("unhashed") != unhashed
+        other = intact and not made_under(old, unhashed)
         if intact and not replace and not other:
             shutil.rmtree(files, ignore_errors=True)
             return ""
@@ -297,6 +304,8 @@ class RunCache:
             warn(f"run-cache entry {entry} is damaged (manifest.json unreadable); dropped it")
             self.drop(fingerprint)
             return None
+        if not made_under(meta, unhashed):
+            return None  # before its files are read: an entry of other values is not restored, whole or not
         files = entry / "files"
         for rel, item in meta["outputs"].items():
             path = files / rel
@@ -311,8 +320,6 @@ class RunCache:
         old_layout = meta.get("version", 1) < MANIFEST_VERSION
         if old_layout and layout and not all(v in meta["outputs"] for v in layout.values()):
             return None  # an older entry whose files carry another step's name
-        if unhashed is not None and meta.get("unhashed") != unhashed:
-            return None
         return meta
 
     def drop(self, fingerprint: str) -> None:
@@ -495,7 +502,7 @@ class DiskFacts:
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore
         verifies the bytes), or, with `unhashed`, none made under these values."""
         meta = self.cache.manifest(fingerprint)
-        if meta is None or (unhashed is not None and meta.get("unhashed") != unhashed):
+        if meta is None or not made_under(meta, unhashed):
             return None
         files = self.cache.entry(fingerprint) / "files"
         try:

@@ -197,7 +197,7 @@ def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, 
             continue
         fp, unhashed = fingerprint(inputs), steps.unhashed_of(steps.get(step.kind), inputs)
         held = ws.cache.manifest(fp)
-        if held is None or (unhashed is not None and held.get("unhashed") != unhashed):
+        if held is None or not store.made_under(held, unhashed):
             ws.cache.store(fp, Path(folder), manifest, metrics, unhashed=unhashed)
             reporter.log(ev, f"kept {step_id} in the run-cache")
 

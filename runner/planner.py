@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from runner import lockfile
 from runner import steps as step_kinds
 from runner.errors import DblError, UsageError
 from runner.fingerprint import fingerprint
@@ -364,10 +365,7 @@ def plan(
         elif record["fingerprint"] != fp:
             item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
         else:
-            kind = step_kinds.get(step.kind)
-            problem = facts.outputs_intact(record, step.output_dir) or step_kinds.unhashed_change(
-                kind, record.get("inputs", {}), inputs
-            )
+            problem = record_problem(facts, step, record, inputs)
             if problem:
                 item.status, item.reasons = STALE, [problem]
         if not item.stale:
@@ -386,6 +384,22 @@ RESTORABLE = "restorable from cache"
 NEVER_BUILT = "never built"
 NOT_RECORDED = "not in the lockfile"
 UNCHANGED_AFTER_RESTORE = "up to date once its upstream steps are restored"
+
+
+def record_problem(facts: Facts, step: Step, record: dict, inputs: dict) -> str | None:
+    """Why the outputs a record of the same fingerprint as `inputs` names are not theirs: missing or
+    altered, or made under other values out of the fingerprint (StepKind.unhashed); None when they are."""
+    return facts.outputs_intact(record, step.output_dir) or step_kinds.unhashed_change(
+        step_kinds.get(step.kind), record.get("inputs", {}), inputs
+    )
+
+
+def take_current(step: Step, record: dict, inputs: dict) -> bool:
+    """Give the record of a fresh step the current values of what its fingerprint leaves out: renamed
+    display keys, and unhashed values an older version did not record; whether it changed."""
+    return lockfile.take_names(record, inputs) or step_kinds.take_unhashed(
+        step_kinds.get(step.kind), record, inputs
+    )
 
 
 def _restores(facts: Facts, step: Step, fp: str, inputs: dict) -> str | None:

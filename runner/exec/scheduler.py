@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from runner import events, lockfile, planner, steps
+from runner import events, lockfile, planner
 from runner.errors import DblError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild
@@ -155,8 +155,7 @@ def _renamed(ws: Workspace, lock: dict, planned, dry_run: bool) -> None:
     for p in planned:
         record = lock.get(p.id)
         if not p.stale and record is not None and p.inputs is not None:
-            kind = steps.get(p.step.kind)
-            renamed |= lockfile.take_names(record, p.inputs) or steps.take_unhashed(kind, record, p.inputs)
+            renamed |= planner.take_current(p.step, record, p.inputs)
     if renamed and not dry_run:
         lockfile.write(ws.lock_path, lock)
 

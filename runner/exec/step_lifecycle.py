@@ -66,15 +66,12 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     inputs = planner.step_inputs(project, step, ws.facts, hashes, options.num_processes)
     fp = fingerprint(inputs)
     record = lock.get(step.id)
-    kind = steps.get(step.kind)
     if not force and record and record["fingerprint"] == fp:
-        problem = ws.facts.outputs_intact(record, step.output_dir) or steps.unhashed_change(
-            kind, record.get("inputs", {}), inputs
-        )
+        problem = planner.record_problem(ws.facts, step, record, inputs)
         if not problem:
             ev.status = events.FRESH
             ev.reasons = [_fresh_behind(ws, p, hashes, fp, options.num_processes)]
-            if lockfile.take_names(record, inputs) or steps.take_unhashed(kind, record, inputs):
+            if planner.take_current(step, record, inputs):
                 lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]
@@ -87,6 +84,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
     reporter.step_start(ev)
     begun = ev.started = time.time()
     clock = time.monotonic()
+    kind = steps.get(step.kind)
     meta = (
         None
         if force

@@ -113,10 +113,13 @@ _WORDS: dict[str, str | None] = {}  # caption sha256 -> its words: a caption is 
 
 
 def _words(path: Path, sha: str) -> str | None:
+    """A caption's words as the train step reads them (runner.training.captions.read_caption)."""
+    from runner.training.captions import read_caption
+
     if sha not in _WORDS:
         try:
-            _WORDS[sha] = " ".join(path.read_bytes().decode("utf-8-sig").split())
-        except (OSError, UnicodeDecodeError):  # not a caption the train step reads: it fails, naming it
+            _WORDS[sha] = read_caption(path, log=lambda message: None) or ""
+        except StepError:  # not a caption the train step reads: it fails, naming it
             return None
     return _WORDS[sha]
 

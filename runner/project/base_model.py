@@ -108,10 +108,7 @@ def _check_hidden(check, base: BaseModel) -> None:
     """A local folder's hidden files are part of its identity: name those of a folder and its components
     (a git clone's .git/, the .cache/ of `hf download --local-dir`, Finder's .DS_Store), which change
     without the model changing, and retrain every step when they do."""
-    folders = [Path(base.ref)] if base.kind == "folder" else []
-    if base.config is not None and Path(base.config).is_dir():
-        folders.append(Path(base.config))
-    for folder in folders:
+    for folder, key in _local_folders(base):
         entries = sorted(folder.iterdir())
         components = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         hidden = [p.name for p in entries if p.name.startswith(".")]
@@ -120,10 +117,9 @@ def _check_hidden(check, base: BaseModel) -> None:
             f"{c.name}/{p.name}" for c in components for p in sorted(c.iterdir()) if p.name.startswith(".")
         ]
         if hidden:
-            more = f" and {len(hidden) - 3} more" if len(hidden) > 3 else ""
             check.note(
-                ("project", "base_model" if base.kind == "folder" else "base_model_config"),
-                f"{folder} holds hidden files and folders ({', '.join(hidden[:3])}{more}), which count toward "
+                key,
+                f"{folder} holds hidden files and folders ({_first_three(hidden)}), which count toward "
                 "the model's identity: when they change (a git command, a new download, Finder), every step "
                 "that uses the model runs again",
                 "use a copy of the model folder without them",
@@ -134,10 +130,7 @@ def _check_linked(check, base: BaseModel) -> None:
     """A folder linked into a local model folder (`vae -> ../sd-vae-ft-mse`) is loaded with the model, but
     its files are not part of the model's identity, which reads no linked folder: name those links, as a
     change behind one (another VAE linked in) runs no step again."""
-    folders = [Path(base.ref)] if base.kind == "folder" else []
-    if base.config is not None and Path(base.config).is_dir():
-        folders.append(Path(base.config))
-    for folder in folders:
+    for folder, key in _local_folders(base):
         linked = [
             Path(root, name).relative_to(folder).as_posix()
             for root, dirs, _ in os.walk(folder)
@@ -145,13 +138,26 @@ def _check_linked(check, base: BaseModel) -> None:
             if os.path.islink(os.path.join(root, name))
         ]
         if linked:
-            more = f" and {len(linked) - 3} more" if len(linked) > 3 else ""
             check.note(
-                ("project", "base_model" if base.kind == "folder" else "base_model_config"),
-                f"{folder} links to folders ({', '.join(sorted(linked)[:3])}{more}) whose files are not part "
+                key,
+                f"{folder} links to folders ({_first_three(sorted(linked))}) whose files are not part "
                 "of the model's identity: when what they hold changes, no step that uses the model runs again",
                 "put a copy of each linked folder in its place (cp -rL), or run the steps again with --force",
             )
+
+
+def _local_folders(base: BaseModel) -> list[tuple[Path, tuple[str, str]]]:
+    """The local folders whose content is the model's identity, each with the key that names it: the model
+    folder (base_model) and a base_model_config folder."""
+    folders = [(Path(base.ref), ("project", "base_model"))] if base.kind == "folder" else []
+    if base.config is not None and Path(base.config).is_dir():
+        folders.append((Path(base.config), ("project", "base_model_config")))
+    return folders
+
+
+def _first_three(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
 
 
 def _check_components(check, base: BaseModel) -> None:

@@ -78,15 +78,20 @@ def scan(folder: Path) -> Scan:
     return Scan(folder, [path for _, path in sorted(images)], skipped, sorted(linked))
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """The first `shown` of `names`, and how many more: "a.heic, b.heic, c.heic and 4 more"."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{', '.join(names[:shown])}{more}"
+
+
 def skipped_images(found: Scan) -> str | None:
     """A warning naming the pictures that list_images skips (.jfif, .heic, ...), or None: they are not
     trained on, and a folder of them must not shrink the training set unsaid."""
     skipped, folder = found.skipped, found.folder
     if not skipped:
         return None
-    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     return (
-        f"{folder}: not read, as dbl reads {' '.join(IMAGE_SUFFIXES)} only: {', '.join(skipped[:5])}{more}; "
+        f"{folder}: not read, as dbl reads {' '.join(IMAGE_SUFFIXES)} only: {few(skipped, 5)}; "
         "convert them to .jpg or .png to train on them"
     )
 

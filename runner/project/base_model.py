@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from runner import families
+from runner.imagefiles import few
 from runner.models import NOT_LOADED, PICKLE_SUFFIXES, BaseModel, local_path, looks_local
 from runner.project import schema
 
@@ -119,7 +120,7 @@ def _check_hidden(check, base: BaseModel) -> None:
         if hidden:
             check.note(
                 key,
-                f"{folder} holds hidden files and folders ({_first_three(hidden)}), which count toward "
+                f"{folder} holds hidden files and folders ({few(hidden)}), which count toward "
                 "the model's identity: when they change (a git command, a new download, Finder), every step "
                 "that uses the model runs again",
                 "use a copy of the model folder without them",
@@ -140,7 +141,7 @@ def _check_linked(check, base: BaseModel) -> None:
         if linked:
             check.note(
                 key,
-                f"{folder} links to folders ({_first_three(sorted(linked))}) whose files are not part "
+                f"{folder} links to folders ({few(sorted(linked))}) whose files are not part "
                 "of the model's identity: when what they hold changes, no step that uses the model runs again",
                 "put a copy of each linked folder in its place (cp -rL), or run the steps again with --force",
             )
@@ -153,11 +154,6 @@ def _local_folders(base: BaseModel) -> list[tuple[Path, tuple[str, str]]]:
     if base.config is not None and Path(base.config).is_dir():
         folders.append((Path(base.config), ("project", "base_model_config")))
     return folders
-
-
-def _first_three(names: list[str]) -> str:
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return f"{', '.join(names[:3])}{more}"
 
 
 def _check_components(check, base: BaseModel) -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from runner.imagefiles import IMAGE_SUFFIXES, has_images, scan
+from runner.imagefiles import IMAGE_SUFFIXES, few, has_images, scan
 from runner.project import schema
 
 RESERVED_ADAPTERS = ("none",)
@@ -91,8 +91,7 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         found = scan(path)
         unread, fix = "", "add a few photos of the subject"
         if found.skipped:  # a phone's .heic photos, say: the folder is not empty, only unread
-            more = f" and {len(found.skipped) - 3} more" if len(found.skipped) > 3 else ""
-            unread, fix = f", only {', '.join(found.skipped[:3])}{more}", "convert them to .jpg or .png"
+            unread, fix = f", only {few(found.skipped)}", "convert them to .jpg or .png"
         elif found.linked:
             unread = f", only symbolic links to folders, which dbl does not follow: {', '.join(found.linked)}"
             fix = "copy their images in, or name the folder they link to"

@@ -100,6 +100,8 @@ def _main(argv: list[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if (problem := _project_among_step_ids(args)) is not None:
         return _usage(problem)
+    if getattr(args, "num_processes", None) is not None and args.num_processes < 1:  # build, plan, watch, ls
+        return _usage("--num-processes must be at least 1")
     if not args.command:
         make_parser().print_help()
         return EXIT_USAGE
@@ -153,8 +155,6 @@ def cmd_build(args) -> int:
     from runner.interrupt import StopOnInterrupt, exit_code_for
     from runner.ui import make_reporter
 
-    if args.num_processes is not None and args.num_processes < 1:
-        return _usage("--num-processes must be at least 1")
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
     project = _load(args)
@@ -187,8 +187,6 @@ def cmd_build(args) -> int:
 def cmd_plan(args) -> int:
     from runner import executor, planner
 
-    if args.num_processes is not None and args.num_processes < 1:
-        return _usage("--num-processes must be at least 1")
     project = _load(args)
     _, planned = executor.Workspace(project).plan(num_processes=args.num_processes)
     if args.json:
@@ -213,8 +211,6 @@ def cmd_watch(args) -> int:
 
     path = find_project(args.project, args.command)
     mode = "plain" if args.no_progress else "auto"
-    if args.num_processes is not None and args.num_processes < 1:
-        return _usage("--num-processes must be at least 1")
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
     interval = args.poll_interval
@@ -276,8 +272,6 @@ def cmd_init(args) -> int:
 def cmd_ls(args) -> int:
     from runner import listing
 
-    if args.num_processes is not None and args.num_processes < 1:
-        return _usage("--num-processes must be at least 1")
     project = _load(args)
     rows = listing.rows(project, args.num_processes)
     if args.json:

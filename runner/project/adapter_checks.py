@@ -11,7 +11,7 @@ import json
 
 from runner import families
 from runner.project import schema
-from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_file_name, unread
+from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_adapter_name, unread
 
 
 def _known_adapters(tables: dict, blend: str) -> str:
@@ -57,9 +57,7 @@ def check_blends(check, tables: dict) -> None:
     adapters = list(subjects) + list(blends)
     in_cycles = set()
     for name, blend in blends.items():
-        if name in RESERVED_ADAPTERS:
-            check.problem(("blends", name), f"'{name}' is reserved for rendering the base model", "rename it")
-        check_file_name(check, "blends", name)
+        check_adapter_name(check, "blends", name)
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
             if parent not in adapters and not unread(check, parent, ("subjects", "blends")):

@@ -24,8 +24,11 @@ TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigg
 DIFFUSERS_STEM = "pytorch_lora_weights"
 
 
-def check_file_name(check, group: str, name: str) -> None:
-    """A subject or blend whose kohya file would be named like its folder's diffusers file."""
+def check_adapter_name(check, group: str, name: str) -> None:
+    """A subject's or blend's name that cannot name an adapter: "none" (the base model in a render), or one
+    whose kohya file would be named like its folder's diffusers file."""
+    if name in RESERVED_ADAPTERS:
+        check.problem((group, name), f"'{name}' is reserved for rendering the base model", "rename it")
     if name.lower() == DIFFUSERS_STEM:
         check.problem(
             (group, name),
@@ -196,11 +199,7 @@ def check_subjects(check, tables: dict) -> None:
             )
         if name in blends:
             check.problem(("blends", name), f"'{name}' is both a subject and a blend", "rename one of them")
-        if name in RESERVED_ADAPTERS:
-            check.problem(
-                ("subjects", name), f"'{name}' is reserved for rendering the base model", "rename it"
-            )
-        check_file_name(check, "subjects", name)
+        check_adapter_name(check, "subjects", name)
         _caption_extension(check, ("subjects", name, "caption_extension"), subject.caption_extension)
         if check.did_not_read(("subjects", name, "train"), ("train",)):
             continue  # its train settings are [train]'s or the defaults, not the file's: that problem is said

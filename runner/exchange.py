@@ -1,10 +1,11 @@
-"""Swap two folders in one step, where the system can: what lets a commit replace a step's outputs with
-no moment at which neither the old nor the new ones are in place."""
+"""Replace a step's outputs with its new ones: the two folders are swapped in one step where the system
+can, so that there is no moment at which neither the old nor the new ones are in place."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,3 +35,40 @@ def exchange(a: Path, b: Path) -> bool:
     if code in _UNSUPPORTED:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def replace_dir(staged: Path, target: Path, trash: Path) -> Path:
+    """Put `staged` at `target`, replacing what was there. A `target` on another file system (`out` on
+    another disk) gets `staged` moved beside it first (a copy, while the old outputs stay in place), and the
+    swap happens there. Returns the folder that holds the old outputs now (it may not exist): the caller
+    removes it once the lockfile records the new ones, so that a build killed before then has had the least
+    time with outputs the lockfile does not name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _swap(staged, target, trash)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        beside = target.parent / f".{target.name}.staged"
+        shutil.rmtree(beside, ignore_errors=True)
+        shutil.move(str(staged), str(beside))
+        return _swap(beside, target, target.parent / f".{target.name}.trash")
+
+
+def _swap(staged: Path, target: Path, trash: Path) -> Path:
+    """Exchange `staged` and `target` in one step (the old outputs are then at `staged`): a build killed at
+    any moment leaves the old outputs or the new ones. Where the system cannot exchange, rename `target` to
+    `trash` and `staged` to `target`; on failure, the old `target` is put back. Returns where the old
+    outputs are."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if target.exists() and exchange(staged, target):
+        return staged
+    if target.exists():
+        os.rename(target, trash)
+    try:
+        os.rename(staged, target)
+    except OSError:
+        if trash.exists() and not target.exists():
+            os.rename(trash, target)  # put the old outputs back
+        raise
+    return trash

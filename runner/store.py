@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from runner import tempnames
-from runner.exchange import exchange
 from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, sha256_file
 from runner.imagefiles import list_images
 from runner.models import BaseModel
@@ -383,43 +382,6 @@ def commit_folders(project, kind: str, name: str) -> tuple[Path, Path]:
     """Where committing step `kind:name` copies its new outputs, and where it puts the old ones aside."""
     staged, trash = COMMIT_PREFIXES
     return work_root(project) / f"{staged}{kind}-{name}", work_root(project) / f"{trash}{kind}-{name}"
-
-
-def replace_dir(staged: Path, target: Path, trash: Path) -> Path:
-    """Put `staged` at `target`, replacing what was there. A `target` on another file system (`out` on
-    another disk) gets `staged` moved beside it first (a copy, while the old outputs stay in place), and the
-    swap happens there. Returns the folder that holds the old outputs now (it may not exist): the caller
-    removes it once the lockfile records the new ones, so that a build killed before then has had the least
-    time with outputs the lockfile does not name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return _swap(staged, target, trash)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        beside = target.parent / f".{target.name}.staged"
-        shutil.rmtree(beside, ignore_errors=True)
-        shutil.move(str(staged), str(beside))
-        return _swap(beside, target, target.parent / f".{target.name}.trash")
-
-
-def _swap(staged: Path, target: Path, trash: Path) -> Path:
-    """Exchange `staged` and `target` in one step (the old outputs are then at `staged`): a build killed at
-    any moment leaves the old outputs or the new ones. Where the system cannot exchange, rename `target` to
-    `trash` and `staged` to `target`; on failure, the old `target` is put back. Returns where the old
-    outputs are."""
-    shutil.rmtree(trash, ignore_errors=True)
-    if target.exists() and exchange(staged, target):
-        return staged
-    if target.exists():
-        os.rename(target, trash)
-    try:
-        os.rename(staged, target)
-    except OSError:
-        if trash.exists() and not target.exists():
-            os.rename(trash, target)  # put the old outputs back
-        raise
-    return trash
 
 
 class DiskFacts:

@@ -373,7 +373,7 @@ def test_added_seed_is_explained(proj, build, fake_steps):
 
 
 def test_an_eval_names_its_changed_render_not_the_render_s_hash():
-    from runner.planner import explain
+    from runner.reasons import explain
 
     old = {"render": {"_name": "base", "output": "a" * 64}, "identifier": "sks"}
     assert explain(old, {**old, "render": {"_name": "base", "output": "b" * 64}}) == [

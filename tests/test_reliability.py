@@ -156,8 +156,8 @@ CRASH_POINTS = [
     ("runner.store:file_manifest", 2),
     ("runner.store:fsync_tree", 1),
     ("runner.store:fsync_tree", 4),
-    ("runner.store:replace_dir", 1),
-    ("runner.store:replace_dir", 3),
+    ("runner.exchange:replace_dir", 1),
+    ("runner.exchange:replace_dir", 3),
     ("os:rename", 2),
     ("os:rename", 5),
     ("os:fsync", 3),
@@ -165,7 +165,7 @@ CRASH_POINTS = [
     ("runner.lockfile:_fsync_dir", 6),
     ("runner.lockfile:dumps", 4),
 ]
-SWEEP_TARGETS = ("os:rename", "os:replace", "os:fsync", "runner.store:replace_dir")
+SWEEP_TARGETS = ("os:rename", "os:replace", "os:fsync", "runner.exchange:replace_dir")
 
 
 def calls_in_a_build(tmp_path, target: str) -> int:
@@ -296,20 +296,20 @@ def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the
 
 @pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
 def test_replacing_outputs_leaves_the_new_ones_and_nothing_else(tmp_path, monkeypatch, can_exchange):
-    from runner import exchange, store
+    from runner import exchange
 
-    swapped = []
+    swapped, really_exchange = [], exchange.exchange
 
     def exchanging(a, b):
         swapped.append(can_exchange)
-        return can_exchange and exchange.exchange(a, b)
+        return can_exchange and really_exchange(a, b)
 
-    monkeypatch.setattr(store, "exchange", exchanging)
+    monkeypatch.setattr(exchange, "exchange", exchanging)
     staged, target, trash = tmp_path / ".staged-x", tmp_path / "out" / "x", tmp_path / ".trash-x"
     for folder, text in ((staged, "new"), (target, "old")):
         folder.mkdir(parents=True)
         (folder / f"{text}.txt").write_text(text)
-    old = store.replace_dir(staged, target, trash)
+    old = exchange.replace_dir(staged, target, trash)
     assert swapped == [can_exchange]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert [p.name for p in old.iterdir()] == ["old.txt"]  # removed by the caller, once recorded

@@ -20,11 +20,13 @@ from pathlib import Path
 from runner import events, lockfile, planner, steps, store
 from runner.errors import StepError
 from runner.events import WARNING, StepEvent
+from runner.exchange import replace_dir
 from runner.exec.job import Hooks, Job
 from runner.exec.workspace import Workspace
 from runner.fingerprint import fingerprint
 from runner.merge import same as same_build
-from runner.store import RunCache, copy_tree, output_hash, replace_dir
+from runner.reasons import explain
+from runner.store import RunCache, copy_tree, output_hash
 
 STATE_SAVE_S = 10.0  # how often a build writes the file-hash cache between steps
 
@@ -76,7 +78,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
             return None
         ev.reasons = [problem]
     elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
-        ev.reasons = planner.explain(record.get("inputs", {}), inputs)
+        ev.reasons = explain(record.get("inputs", {}), inputs)
     ev.status = events.RUNNING
     device = ev.device
     if not force and ws.cache.has(fp):  # a restore runs here, on no device

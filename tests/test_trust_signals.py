@@ -219,3 +219,45 @@ def test_die_with_parent_notices_a_parent_already_gone(tmp_path):
         assert done.returncode == -signal.SIGTERM and "still here" not in done.stdout
     else:
         assert done.returncode == 0
+
+
+# Ctrl-C while Python still imports dbl's modules (the first tenth of a second of every command).
+CTRL_C_DURING_IMPORT = textwrap.dedent(
+    """
+    import os, signal, sys
+
+    class CtrlCOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "runner.cli":
+                print("SIGINT SENT", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    sys.meta_path.insert(0, CtrlCOnImport())
+    from runner.console import main
+    sys.argv = ["dbl", "--version"]
+    raise SystemExit(main())
+    """
+)
+
+
+def test_ctrl_c_while_dbl_is_imported_ends_quietly_with_130():
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_DURING_IMPORT],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SIGINT SENT" in done.stderr  # the signal really came during the import
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert done.stderr.rstrip().endswith("dbl: interrupted")
+
+
+def test_the_entry_point_exits_130_as_the_scheduler_does():
+    from runner import console
+    from runner.exec import scheduler
+
+    assert console.EXIT_INTERRUPTED == scheduler.EXIT_INTERRUPTED

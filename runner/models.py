@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runner import families, tempnames
 from runner.errors import ModelError  # noqa: F401 - re-exported
+from runner.fingerprint import hub_revision
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 # Pipeline components that load_pipeline passes itself, so a folder need not hold them.
@@ -241,9 +242,13 @@ def _probe_hub(endpoint: str) -> str | None:
 
 
 def fetch_hub_index(base: BaseModel) -> None:
-    """Put a hub model's model_index.json in the Hugging Face cache (a few hundred bytes), so that its
-    family is known before its weights are downloaded; quietly nothing when offline."""
-    if base.kind != "hub" or hub_unreachable():
+    """Put a hub model's model_index.json in the Hugging Face cache (a few hundred bytes) where it is not
+    there yet, so that its family and commit are known before its weights are downloaded; quietly nothing
+    when offline. A cached model is left as it is: fetching would move its branch (`refs/main`) to the hub's
+    newest commit, another one than the build planned with."""
+    if base.kind != "hub" or families.cached_hub_index(base.ref, base.revision).is_file():
+        return
+    if hub_unreachable():
         return
     try:
         from huggingface_hub import hf_hub_download
@@ -288,7 +293,9 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                     kwargs["variant"] = variant
                 pipe = family.load_pretrained(
                     model_folder(base),
-                    revision=base.revision if base.kind == "hub" else None,
+                    # The commit the model's identity names, not its branch: outputs are always
+                    # made from the weights their record names, whatever the hub's branch is now.
+                    revision=hub_revision(base.ref, base.revision) if base.kind == "hub" else None,
                     use_safetensors=None if base.allow_pickle else True,
                     **kwargs,
                 )

@@ -293,3 +293,47 @@ def test_a_built_in_model_whose_text_encoder_does_not_load_is_an_error_not_rando
         ModelError, match=r"did not load under transformers .* so text_encoder would be random"
     ):
         load_pipeline(BaseModel(kind="builtin", ref="tiny-sd"))
+
+
+def test_a_cached_hub_model_loads_the_commit_its_identity_names(tmp_path, monkeypatch):
+    """A step asked the hub for the model's index before loading, which moved the cache's `main` to the
+    hub's newest commit, and loaded `main`: outputs made from other weights than the commit their record
+    (and their run-cache entry) names. A cached model is left as it is, and loaded by its commit."""
+    import huggingface_hub
+
+    from runner import families, models
+    from runner.fingerprint import FileHasher, base_model_identity
+
+    planned, newer = "a" * 40, "b" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "snapshots" / planned).mkdir(parents=True)
+    (repo / "snapshots" / planned / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline"}'
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(planned)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_unreachable", lambda: None)  # a network
+    fetched = []
+
+    def download(repo_id, filename, revision=None, **kwargs):  # the hub has a newer main
+        fetched.append(filename)
+        (repo / "refs" / "main").write_text(newer)
+        return str(repo / "snapshots" / planned / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    loaded = []
+
+    def load_pretrained(self, folder, **kwargs):
+        loaded.append((folder, kwargs["revision"]))
+        raise models.ModelError("not loaded in this test")
+
+    monkeypatch.setattr(families.Family, "load_pretrained", load_pretrained)
+    base = models.BaseModel.parse("someone/tiny", tmp_path)
+    identity = base_model_identity(base, FileHasher(tmp_path / "hashes.json"))
+    assert identity["revision"] == planned
+    cache = models.ModelCache(base, device="cpu")
+    with pytest.raises(models.ModelError, match="not loaded in this test"):
+        cache.pipeline()
+    assert loaded == [("someone/tiny", planned)] and fetched == []
+    assert (repo / "refs" / "main").read_text() == planned

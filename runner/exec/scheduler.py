@@ -83,16 +83,13 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
 
 
 def _fetch_hub_index(project: Project) -> None:
-    """Put a hub base model's model_index.json in the Hugging Face cache before planning (quietly nothing
-    offline). Its identity is the commit its revision resolves to there, and its family is read there:
-    a model not cached yet would be planned as revision 'main' of SD 1.x, and once its steps had
-    downloaded it, the next build would find another identity and run every step again."""
-    from runner import families
+    """Put a hub base model's model_index.json in the Hugging Face cache before planning, where it is not
+    there yet (quietly nothing offline). Its identity is the commit its revision resolves to there, and its
+    family is read there: a model not cached yet would be planned as revision 'main' of SD 1.x, and once
+    its steps had downloaded it, the next build would find another identity and run every step again."""
     from runner.models import BaseModel, fetch_hub_index
 
-    base = BaseModel.of(project.settings, project.dir)
-    if base.kind == "hub" and not families.cached_hub_index(base.ref, base.revision).is_file():
-        fetch_hub_index(base)  # once: a cached model's build asks no network before its steps
+    fetch_hub_index(BaseModel.of(project.settings, project.dir))  # a cached model's build asks no network
 
 
 def _resolve(project: Project, options: BuildOptions, backend) -> BuildOptions:

@@ -357,7 +357,7 @@ def safetensors_keys(path: Path) -> set[str]:
     return {k for k in header if k != "__metadata__"}
 
 
-def cached_hub_index(repo_id: str, revision: str | None) -> Path | None:
+def cached_hub_index(repo_id: str, revision: str | None) -> Path:
     """Where a hub model's model_index.json is in the Hugging Face cache, for the commit its revision
     resolves to there (the file is not there when the model is not cached)."""
     import os

@@ -273,3 +273,16 @@ def test_a_warning_raised_in_a_worker_is_a_log_line_of_its_step_not_worker_outpu
     assert warned == ["warning: mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"] * 2
     b.close()
     assert "UserWarning" not in capfd.readouterr().err  # the worker wrote nothing past the display
+
+
+def test_a_warning_raised_in_an_inline_step_is_a_log_line_of_its_step(tmp_path, capfd):
+    """In the build's own process (the inline backend, the default on one device) a step's warning went
+    to standard error as a bare `dbl: warning:` line without the step's name, shown even with -q."""
+    from runner.exec.backends import InlineBackend
+
+    b = InlineBackend(None)
+    lines: list[str] = []
+    for name in ("a", "b"):  # each step says it, as in a worker
+        b.run(job(tmp_path, name, run="warn"), Hooks(log=lines.append))
+    assert lines == ["warning: mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"] * 2
+    assert "ignored on the CPU" not in capfd.readouterr().err

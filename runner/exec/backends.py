@@ -38,6 +38,7 @@ from runner.exec.job import (
     reported_outcome,
     run_job,
     run_reported,
+    warnings_as_step_lines,
 )
 
 
@@ -110,7 +111,8 @@ class InlineBackend:
         self.models = LazyModels(project)
 
     def run(self, job: Job, hooks: Hooks) -> Outcome:
-        return run_job(job, hooks, self.models)
+        with warnings_as_step_lines(hooks):  # as a worker's: the step's lines, not bare ones on stderr
+            return run_job(job, hooks, self.models)
 
     def close(self) -> None:
         pass

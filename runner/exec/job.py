@@ -7,6 +7,7 @@ process, checks the inputs and stores the outputs; workers never touch the lockf
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import shutil
 import traceback
@@ -136,12 +137,22 @@ def run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
     worker's standard error, it would land unnamed in the middle of the display. A worker runs one step
     at a time, so this process's warning display is the step's for as long as it runs."""
 
+    with warnings_as_step_lines(hooks):
+        return _run_reported(job, hooks, models)
+
+
+@contextlib.contextmanager
+def warnings_as_step_lines(hooks: Hooks):
+    """Python warnings raised while a step runs become its log lines (`warning: ...`), in a worker and in
+    the build's own process alike (see `run_reported`); the display is restored after the step, and each
+    warning is shown again for the next one."""
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         hooks.log(f"{WARNING}{message}")
 
-    with warnings.catch_warnings():  # restores the display after the step; shows each warning again
+    with warnings.catch_warnings():
         warnings.showwarning = show
-        return _run_reported(job, hooks, models)
+        yield
 
 
 def _run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:

@@ -27,7 +27,10 @@ class SharedModels:
     """A stand-in for the build's ModelCache holding one already-loaded pipeline."""
 
     def __init__(self, pipe, base, device, dtype):
+        from runner import families
+
         self._pipe, self.base, self.device, self.dtype = pipe, base, device, dtype
+        self.family = families.of(pipe)
 
     def pipeline(self, dtype=None):
         return self._pipe

@@ -434,3 +434,20 @@ def test_trained_encoders_embed_the_prompt_as_the_adapter_loaded_in_diffusers_do
         assert (pooled_embeds - plain[1]).abs().max() > 1e-4, weights
         torch.testing.assert_close(hidden, embeds, atol=1e-5, rtol=1e-4, msg=weights)
         torch.testing.assert_close(pooled, pooled_embeds, atol=1e-5, rtol=1e-4, msg=weights)
+
+
+def test_an_edm_scheduled_model_is_refused_rather_than_trained_on_a_default_schedule():
+    """Playground v2.5 is an SDXL UNet with an EDM scheduler: its config has sigmas and no betas, so
+    DDPMScheduler.from_config would make the default linear betas and train on them without a word."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from runner.errors import StepError
+    from runner.training.loop import _noise_scheduler
+
+    run = SimpleNamespace(pipe=SimpleNamespace(scheduler=EDMDPMSolverMultistepScheduler()))
+    with pytest.raises(StepError, match="EDMDPMSolverMultistepScheduler, an EDM noise schedule"):
+        _noise_scheduler(run)
+    euler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    run = SimpleNamespace(pipe=SimpleNamespace(scheduler=euler))
+    _noise_scheduler(run)
+    assert run.noise.betas[-1].item() == pytest.approx(0.012)

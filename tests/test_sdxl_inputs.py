@@ -491,3 +491,38 @@ def test_latents_are_encoded_in_fp32_whatever_the_vae_dtype(tmp_path):
     torch.testing.assert_close(std, want.std[0], atol=1e-5, rtol=1e-5)
     (low, _), _ = moments(vae, vae_fp32=False)  # control: the bf16 pass is measurably elsewhere
     assert (low - want.mean[0]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["render", "prior"])
+def test_renders_and_priors_condition_the_unet_on_the_size_they_draw(tmp_path, kind):
+    """At inference the pipeline conditions on (height, width, 0, 0, height, width) of the size asked
+    for: a wide render, and a prior at its own size, draw at that size and say it to the UNet."""
+    import torch
+    from PIL import Image
+
+    from runner.steps import prior
+    from tests.blend_fixtures import context, run_render
+
+    cache = model_cache("tiny-sdxl")
+    unet = cache.pipeline().unet
+    seen = []
+    hook = unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True
+    )
+    try:
+        if kind == "render":
+            out = run_render(tmp_path, "wide", "none", {}, cache, steps=1, seeds=[0], width=64, height=48)
+        else:
+            out = tmp_path / "prior"
+            spec = make_prior(num_images=1, steps=1, width=48, height=64)
+            prior.run(context("prior", spec, out, {}, cache))
+    finally:
+        hook.remove()
+    (image,) = [p for p in out.glob("*.png") if p.name != "grid.png"]
+    width, height = Image.open(image).size
+    assert (width, height) == ((64, 48) if kind == "render" else (48, 64))
+    # One call: the prompt's and the negative's rows (classifier-free guidance) alike.
+    (time_ids,) = seen
+    assert time_ids.tolist() == [[height, width, 0, 0, height, width]] * 2
+    assert time_ids.dtype == torch.float32

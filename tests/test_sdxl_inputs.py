@@ -59,8 +59,9 @@ def folders(tmp_path_factory):
     _picture(dog / "0.png", 97, 70, 0)  # landscape, an odd overhang: crop rounding shows
     _picture(dog / "1.jpg", 90, 70, 1, orientation=6)  # 70x90 upright (portrait)
     _picture(dog / "2.png", 64, 64, 2)
-    _picture(classes / "0.png", 80, 64, 3)  # sizes of their own (the recipe gives the instance's)
-    _picture(classes / "1.png", 64, 100, 4)
+    # Sizes of their own (the recipe gives the instance's), and buckets no instance image has.
+    _picture(classes / "0.png", 112, 48, 3)
+    _picture(classes / "1.png", 48, 112, 4)
     for name, caption in (("0", "sks dog on grass"), ("1", "sks dog, close up"), ("2", "a photo of sks dog")):
         (dog / f"{name}.txt").write_text(caption)
     return dog, classes
@@ -160,7 +161,7 @@ def _bucket(size, resolution):
 
 
 def _example(pipe, path, kind, position, train):
-    """One example as the recipe makes it: (latents, noise, timestep, time ids)."""
+    """One example as the recipe makes it: (latents, noise, timestep, time ids, flipped)."""
     import torch
     from PIL import Image, ImageOps
 
@@ -313,6 +314,8 @@ def test_one_sdxl_step_feeds_the_unet_what_the_recipe_computes(tmp_path, folders
     if case == "random-crop-flip":  # the draws of this seed cover what the case is about
         assert {e[4] for e in examples} == {True, False}
         assert len({e[3][3] for e in examples}) > 1
+    else:  # the class half has a bucket of its own: two UNet calls
+        assert len(calls) == 2
 
 
 @pytest.mark.slow

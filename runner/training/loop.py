@@ -195,6 +195,12 @@ def _order(run: Run):
 def _noise_scheduler(run: Run) -> None:
     from diffusers import DDPMScheduler
 
+    kind = type(run.pipe.scheduler).__name__
+    if "EDM" in kind:  # its config has sigmas, no betas: DDPM's default schedule would train unsaid
+        raise StepError(
+            f"the base model's scheduler is {kind}, an EDM noise schedule (Playground v2.5 has one); dbl "
+            "trains models with a DDPM beta schedule: Stable Diffusion 1.x, 2.x, SDXL and their fine-tunes"
+        )
     run.noise = DDPMScheduler.from_config(run.pipe.scheduler.config)
     prediction_type = run.noise.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:

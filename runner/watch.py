@@ -313,13 +313,14 @@ class _Changes:
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._paths: list[str] = []
+        # A dict, in the order first seen: unpacking 20,000 photos sends as many events, and a list's
+        # membership test made each one slower than the last (6 s of CPU before the watch woke).
+        self._paths: dict[str, None] = {}
         self._last = 0.0
 
     def add(self, path: str) -> None:
         with self._cond:
-            if path not in self._paths:
-                self._paths.append(path)
+            self._paths[path] = None
             self._last = time.monotonic()
             self._cond.notify_all()
 
@@ -334,7 +335,7 @@ class _Changes:
                 if stop.is_set():
                     return None
                 self._cond.wait(min(debounce_s - quiet, 0.1))
-            paths, self._paths = self._paths, []
+            paths, self._paths = list(self._paths), {}
             return paths
 
 

@@ -11,13 +11,15 @@ is reported and the watch goes on; the folders it names are watched anyway, so t
 missing folder wakes it.
 
 The watch ends with exit code 0 on Ctrl-C or when `stop_event` is set: leaving is the normal way
-to end a watch, not a failure.
+to end a watch, not a failure. SIGTERM and SIGHUP (`docker stop`, a closed terminal) end it the same
+way, resting or building, with the exit code they give `dbl build` (143, 129).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from runner import lockfile, steps
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
+from runner.interrupt import exit_code_for
 from runner.store import LockHeld
 
 try:
@@ -150,8 +153,9 @@ def watch(
     display of one build. echo prints the watch's own messages (the
     project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
     or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
-    a folder's, or no file has it: a misspelt name would be watched for ever). build_options: more BuildOptions
-    fields for each build (jobs, gpus, per_gpu, backend).
+    a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when stopped by
+    SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus, per_gpu,
+    backend).
     """
     stop = stop_event or threading.Event()
     say = echo or _print
@@ -170,27 +174,29 @@ def watch(
     workers = _kept_workers(build_options)
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
+    signals: list[int] = []  # the stop signals received, the first one first
     observer.start()
     try:
-        project = _load(path, say)
-        while not stop.is_set():
-            handler.targets = targets_of(path, project)
-            _reschedule(observer, handler, scheduled, handler.targets.watches())
-            code = None
-            if project is not None:
-                code = _build_when_free(project, reporter_factory, stop, say, build_options)
-            if code == EXIT_INTERRUPTED:
-                break  # the build was interrupted (Ctrl-C): leave the watch too
-            if code == EXIT_LOCKFILE:
-                handler.targets = replace(handler.targets, lockfile=_norm(lockfile.lock_path(path)))
-            if stop.is_set():
-                break
-            say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
-            changed = changes.wait(debounce_s, stop)
-            if changed is None:
-                break
-            say(f"changed: {_changed_text(changed, path.parent)}")
+        with _stopped_by_signals(stop, signals):
             project = _load(path, say)
+            while not stop.is_set():
+                handler.targets = targets_of(path, project)
+                _reschedule(observer, handler, scheduled, handler.targets.watches())
+                code = None
+                if project is not None:
+                    code = _build_when_free(project, reporter_factory, stop, say, build_options, signals)
+                if code == EXIT_INTERRUPTED:
+                    break  # the build was interrupted (Ctrl-C): leave the watch too
+                if code == EXIT_LOCKFILE:
+                    handler.targets = replace(handler.targets, lockfile=_norm(lockfile.lock_path(path)))
+                if stop.is_set():
+                    break
+                say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
+                changed = changes.wait(debounce_s, stop)
+                if changed is None:
+                    break
+                say(f"changed: {_changed_text(changed, path.parent)}")
+                project = _load(path, say)
     except KeyboardInterrupt:
         pass
     finally:
@@ -198,7 +204,7 @@ def watch(
         observer.join(timeout=5)
         if workers is not None:
             workers.backend.close()
-    return 0
+    return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 
 # --- the loop's parts -------------------------------------------------------------------------------
@@ -231,6 +237,29 @@ def _kept_workers(build_options: dict | None) -> _KeptBackend | None:
     return _KeptBackend(ProcessBackend(None, options))
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event, signals: list[int]):
+    """SIGTERM and SIGHUP stop a resting watch as Ctrl-C does, through the cleanup that ends its workers
+    (their default action killed the watch where it stood: a `-j` watch's worker processes were left to
+    notice, and Python warned of a leaked semaphore). During a build, the build's own handlers take
+    over: its step stops at a safe point."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def handle(signum, frame) -> None:
+        signals.append(signum)
+        stop.set()
+
+    found = (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP"))  # no SIGHUP on Windows
+    previous = {signum: signal.signal(signum, handle) for signum in found if signum is not None}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _load(path: Path, say: Callable[[str], None]):
     """The project, or None after reporting why it cannot be used."""
     from runner.project import ProjectError, load_project
@@ -250,12 +279,13 @@ def _build_when_free(
     stop: threading.Event,
     say: Callable[[str], None],
     extra: dict | None = None,
+    signals: list[int] | None = None,
 ) -> int:
     """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
     it, so that a change made meanwhile is not lost."""
     from runner.store import BuildLock
 
-    code = _build(project, reporter_factory, stop, say, extra)
+    code = _build(project, reporter_factory, stop, say, extra, signals)
     while code == EXIT_LOCKED and not stop.is_set():
         say("building when it ends")
         while not stop.wait(LOCK_POLL_S):
@@ -266,7 +296,7 @@ def _build_when_free(
                 continue
         else:
             break  # stopped while waiting
-        code = _build(project, reporter_factory, stop, say, extra)
+        code = _build(project, reporter_factory, stop, say, extra, signals)
     return code
 
 
@@ -276,15 +306,18 @@ def _build(
     stop: threading.Event,
     say: Callable[[str], None],
     extra: dict | None = None,
+    signals: list[int] | None = None,
 ) -> int:
-    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on."""
+    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on.
+    The stop signal that interrupted the build, if any, is added to `signals`."""
     from runner import executor
     from runner.interrupt import StopOnInterrupt
 
     reporter = reporter_factory()
+    interrupt = StopOnInterrupt()
     try:
         # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
-        with StopOnInterrupt() as interrupt:
+        with interrupt:
             options = executor.BuildOptions(
                 should_stop=lambda: stop.is_set() or interrupt.requested(), **(extra or {})
             )
@@ -305,6 +338,8 @@ def _build(
         say(f"build crashed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
+        if interrupt.signum is not None and signals is not None:
+            signals.append(interrupt.signum)
         reporter.close()
 
 

@@ -23,22 +23,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from runner import lockfile, steps
+from runner import lockfile
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
 from runner.interrupt import exit_code_for
 from runner.store import LockHeld
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from runner.watch_targets import Targets, norm, targets_of
 
 # Event types that mean a file's content or presence changed (not opened, not read).
 CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
@@ -47,93 +43,6 @@ CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
 POLL_INTERVAL_S = 2.0
 EXIT_LOCKFILE = -1  # within the watch: the build found the lockfile unreadable (a usage error outside)
 LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries again
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What a project's watch looks at. All paths absolute and resolved."""
-
-    project_file: str
-    folders: tuple[str, ...]  # input folders; missing ones too
-    # Outputs, .dbl/ and the lockfile: the build's own writes, never a reason to rebuild (they can lie in
-    # an input folder: photos beside the project file, images = ".").
-    ignored: tuple[str, ...]
-    # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
-    # the build asked for.
-    lockfile: str = ""
-
-    def relevant(self, path: str, directory: bool = False) -> bool:
-        """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
-        are never read (an editor's swap file beside a caption), so they cannot; nor can an editor's other
-        temporary files (see _editors_file). A folder above an input folder counts: creating it
-        (`mkdir -p new/dog`) is the first step to a missing input folder."""
-        path = os.path.normpath(path)
-        if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
-            return True
-        # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
-        if any(_within(path, i) or _within(i, path) for i in self.ignored):
-            return False
-        if not directory and _editors_file(os.path.basename(path)):
-            return False
-        return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
-
-    def watches(self) -> set[tuple[str, bool]]:
-        """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
-        renaming or replacement shows; a missing one through its nearest existing parent, so that its
-        creation is seen."""
-        found = {(os.path.dirname(self.project_file), False)}
-        for folder in self.folders:
-            if os.path.isdir(folder):
-                found |= self._below(folder) | {(os.path.dirname(folder), False)}
-            else:
-                parent = _existing_parent(folder)
-                if parent:
-                    found.add((parent, False))
-        return found
-
-    def _below(self, folder: str) -> set[tuple[str, bool]]:
-        """The watches that cover an existing input folder: one recursive watch, unless the build writes
-        inside it (photos beside the project file: outputs and .dbl/ below them). Then the folder alone,
-        and each subfolder that holds inputs, so that no watch follows the build's own folders as they
-        are made, moved and removed (watchdog warns of those, in the middle of the display); a subfolder
-        created later wakes the watch, which then watches it too."""
-        if not any(_within(i, folder) for i in self.ignored):
-            return {(folder, True)}
-        found = {(folder, False)}
-        with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
-            for entry in os.scandir(folder):
-                path = os.path.join(folder, entry.name)
-                if (
-                    entry.is_dir(follow_symlinks=False)
-                    and not entry.name.startswith(".")
-                    and path not in self.ignored
-                ):
-                    found |= self._below(path)
-        return found
-
-
-def targets_of(project_path: Path, project=None) -> Targets:
-    """The watch targets of a loaded project, or, for an invalid one, of whatever its TOML names."""
-    project_path = Path(project_path).resolve()
-    base = project_path.parent
-    if project is not None:
-        named = [
-            folder
-            for kind in steps.kinds()
-            for spec in project.tables.get(kind.name, {}).values()
-            for folder in kind.folders(spec)
-        ]
-        ignored = [project.out, project.state_dir, lockfile.lock_path(project_path)]
-    else:
-        named = _raw_image_folders(project_path)
-        ignored = [base / ".dbl", lockfile.lock_path(project_path)]
-    ignored_s = tuple(_norm(p) for p in ignored)
-    folders = []
-    for f in named:
-        p = _norm(base / Path(f).expanduser())
-        if not any(_within(p, i) for i in ignored_s) and p not in folders:
-            folders.append(p)
-    return Targets(_norm(project_path), tuple(sorted(folders)), ignored_s)
 
 
 def watch(
@@ -188,7 +97,7 @@ def watch(
                 if code == EXIT_INTERRUPTED:
                     break  # the build was interrupted (Ctrl-C): leave the watch too
                 if code == EXIT_LOCKFILE:
-                    handler.targets = replace(handler.targets, lockfile=_norm(lockfile.lock_path(path)))
+                    handler.targets = replace(handler.targets, lockfile=norm(lockfile.lock_path(path)))
                 if stop.is_set():
                     break
                 say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
@@ -423,23 +332,6 @@ def _identity(folder: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _raw_image_folders(project_path: Path) -> list[str]:
-    """The `images` folders a project file's step tables name, read without validating it (best
-    effort: an input folder is an `images` key by convention)."""
-    try:
-        data = tomllib.loads(project_path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return []
-    found = []
-    for kind in steps.kinds():
-        tables = data.get(kind.table)
-        if isinstance(tables, dict):
-            for table in tables.values():
-                if isinstance(table, dict) and isinstance(table.get("images"), str):
-                    found.append(table["images"])
-    return found
-
-
 def _watched_text(targets: Targets) -> str:
     n = len(targets.folders)
     folders = f" and {n} input folder{'s' if n != 1 else ''}" if n else ""
@@ -458,33 +350,6 @@ def _relative(path: str, base: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:  # another drive
         return path
-
-
-def _norm(path) -> str:
-    return os.path.normpath(str(Path(path).resolve()))
-
-
-def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
-
-
-def _editors_file(name: str) -> bool:
-    """A backup (`05.txt~`), an Emacs autosave (`#05.txt#`) or vim's test of the folder (`4913`): names
-    that no image or caption file has, as both end in their extension."""
-    return name.endswith(("~", "#")) or "." not in name
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _existing_parent(path: str) -> str | None:
-    parent = os.path.dirname(path)
-    while parent and not os.path.isdir(parent):
-        if os.path.dirname(parent) == parent:
-            return None
-        parent = os.path.dirname(parent)
-    return parent or None
 
 
 def _print(message: str) -> None:

@@ -68,7 +68,9 @@ def watch(
     """
     stop = stop_event or threading.Event()
     say = echo or _print
-    path = Path(project_path).resolve()
+    # As named, links and all: each reload follows them anew (`ln -sf exp4.toml dbl.toml`).
+    given = Path(os.path.abspath(project_path))
+    path = given.resolve()
     if not path.parent.is_dir():
         say(f"{project_path}: no such folder")
         return 2
@@ -87,9 +89,9 @@ def watch(
     observer.start()
     try:
         with _stopped_by_signals(stop, signals):
-            project = _load(path, say)
+            project = _load(given, say)
             while not stop.is_set():
-                handler.targets = targets_of(path, project)
+                handler.targets = targets_of(given, project)
                 _reschedule(observer, handler, scheduled, handler.targets.watches())
                 code = None
                 if project is not None:
@@ -97,15 +99,16 @@ def watch(
                 if code == EXIT_INTERRUPTED:
                     break  # the build was interrupted (Ctrl-C): leave the watch too
                 if code == EXIT_LOCKFILE:
-                    handler.targets = replace(handler.targets, lockfile=norm(lockfile.lock_path(path)))
+                    lock = norm(lockfile.lock_path(given.resolve()))
+                    handler.targets = replace(handler.targets, lockfile=lock)
                 if stop.is_set():
                     break
                 say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
                 changed = changes.wait(debounce_s, stop)
                 if changed is None:
                     break
-                say(f"changed: {_changed_text(changed, path.parent)}")
-                project = _load(path, say)
+                say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
+                project = _load(given, say)
     except KeyboardInterrupt:
         pass
     finally:

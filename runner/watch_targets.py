@@ -29,6 +29,10 @@ class Targets:
     # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
     # the build asked for.
     lockfile: str = ""
+    # The symbolic links on the way to the project file and the input folders, each named in its folder
+    # with that folder's links resolved: retargeting one (`ln -sfn dog-2025 photos/dog`) changes what
+    # the build reads, and shows only in the link's folder.
+    links: tuple[str, ...] = ()
 
     def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
@@ -36,7 +40,9 @@ class Targets:
         temporary files (see _editors_file). A folder above an input folder counts: creating it
         (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
-        if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
+        if path in (self.project_file, self.lockfile, *self.links) or any(
+            _within(f, path) for f in self.folders
+        ):
             return True
         # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
         if any(_within(path, i) or _within(i, path) for i in self.ignored):
@@ -50,6 +56,7 @@ class Targets:
         renaming or replacement shows; a missing one through its nearest existing parent, so that its
         creation is seen."""
         found = {(os.path.dirname(self.project_file), False)}
+        found |= {(os.path.dirname(link), False) for link in self.links}
         for folder in self.folders:
             if os.path.isdir(folder):
                 found |= self._below(folder) | {(os.path.dirname(folder), False)}
@@ -81,9 +88,12 @@ class Targets:
 
 
 def targets_of(project_path: Path, project=None) -> Targets:
-    """The watch targets of a loaded project, or, for an invalid one, of whatever its TOML names."""
-    project_path = Path(project_path).resolve()
+    """The watch targets of a loaded project, or, for an invalid one, of whatever its TOML names.
+    `project_path` as the user named it: a link on the way to it is watched."""
+    given = Path(os.path.abspath(project_path))
+    project_path = given.resolve()
     base = project_path.parent
+    raw = _raw_image_folders(project_path)
     if project is not None:
         named = [
             folder
@@ -93,7 +103,7 @@ def targets_of(project_path: Path, project=None) -> Targets:
         ]
         ignored = [project.out, project.state_dir, lockfile.lock_path(project_path)]
     else:
-        named = _raw_image_folders(project_path)
+        named = raw
         ignored = [base / ".dbl", lockfile.lock_path(project_path)]
     ignored_s = tuple(norm(p) for p in ignored)
     folders = []
@@ -101,7 +111,26 @@ def targets_of(project_path: Path, project=None) -> Targets:
         p = norm(base / Path(f).expanduser())
         if not any(_within(p, i) for i in ignored_s) and p not in folders:
             folders.append(p)
-    return Targets(norm(project_path), tuple(sorted(folders)), ignored_s)
+    # a loaded project's folders are resolved: their links are found on the way its TOML names them
+    links = {link for named in [given, *(base / Path(f).expanduser() for f in raw)] for link in _links(named)}
+    return Targets(norm(project_path), tuple(sorted(folders)), ignored_s, links=tuple(sorted(links)))
+
+
+def _links(path: Path) -> list[str]:
+    """The symbolic links on the way to absolute `path` (itself included), each named in its folder with
+    that folder's links resolved, as the observer of that folder names it. A link in the root folder
+    (macOS's /tmp and /var) is left out: watching / for it would watch the whole disk."""
+    found = []
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        step = current / part
+        if os.path.islink(step) and current.parent != current:
+            found.append(str(step))
+        try:
+            current = step.resolve()
+        except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+            break
+    return found
 
 
 def _raw_image_folders(project_path: Path) -> list[str]:

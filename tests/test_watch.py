@@ -425,3 +425,35 @@ def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj,
     code, messages = watch_in_main_thread(proj, in_render_park, signal.SIGTERM)
     assert code == 143
     assert not any(m.startswith("watching ") for m in messages)  # the build's end was the watch's
+
+
+def test_a_retargeted_link_to_the_project_file_or_an_images_folder_is_built(tmp_path, fake_steps):
+    """`ln -sfn` swaps what the build reads, and shows only in the link's own folder."""
+    proj = Proj(tmp_path, PETS.replace('images = "data/toy"', 'images = "photos/toy"'))
+    for name in ("toy-2024", "toy-2025"):
+        for i in range(2 if name == "toy-2024" else 3):
+            write_image(tmp_path / "library" / name / f"{i:02d}.png", seed=i)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "toy").symlink_to(tmp_path / "library" / "toy-2024")
+    (tmp_path / "current.toml").symlink_to(proj.path)
+    w = Watcher(tmp_path / "current.toml")
+    try:
+        w.wait_idle(0)
+        fake_steps.ran.clear()
+        (tmp_path / "photos" / "new").symlink_to(tmp_path / "library" / "toy-2025")
+        os.replace(tmp_path / "photos" / "new", tmp_path / "photos" / "toy")
+        w.wait_idle(1)
+        assert "changed: photos/toy" in w.messages, w.messages
+        assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+
+        fake_steps.ran.clear()
+        (tmp_path / "other.toml").write_text(
+            proj.path.read_text().replace("sks dog in a park", "sks dog at sea")
+        )
+        (tmp_path / "new.toml").symlink_to(tmp_path / "other.toml")
+        os.replace(tmp_path / "new.toml", tmp_path / "current.toml")
+        w.wait_idle(2)
+        assert "render:park" in fake_steps.ran, w.messages
+        assert (tmp_path / "build" / "other" / "renders" / "park").is_dir()
+    finally:
+        assert w.close() == 0

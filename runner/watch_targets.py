@@ -33,6 +33,9 @@ class Targets:
     # with that folder's links resolved: retargeting one (`ln -sfn dog-2025 photos/dog`) changes what
     # the build reads, and shows only in the link's folder.
     links: tuple[str, ...] = ()
+    # The files that links among the inputs lead to (a training set linked from a photo library): an
+    # edit of one shows only in its own folder, where a step reads it through the link.
+    linked: frozenset[str] = frozenset()
 
     def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
@@ -40,9 +43,9 @@ class Targets:
         temporary files (see _editors_file). A folder above an input folder counts: creating it
         (`mkdir -p new/dog`) is the first step to a missing input folder."""
         path = os.path.normpath(path)
-        if path in (self.project_file, self.lockfile, *self.links) or any(
-            _within(f, path) for f in self.folders
-        ):
+        if path in (self.project_file, self.lockfile, *self.links) or path in self.linked:
+            return True
+        if any(_within(f, path) for f in self.folders):
             return True
         # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
         if any(_within(path, i) or _within(i, path) for i in self.ignored):
@@ -57,6 +60,9 @@ class Targets:
         creation is seen."""
         found = {(os.path.dirname(self.project_file), False)}
         found |= {(os.path.dirname(link), False) for link in self.links}
+        found |= {
+            (folder, False) for folder in {os.path.dirname(f) for f in self.linked} if os.path.isdir(folder)
+        }
         for folder in self.folders:
             if os.path.isdir(folder):
                 found |= self._below(folder) | {(os.path.dirname(folder), False)}
@@ -113,7 +119,28 @@ def targets_of(project_path: Path, project=None) -> Targets:
             folders.append(p)
     # a loaded project's folders are resolved: their links are found on the way its TOML names them
     links = {link for named in [given, *(base / Path(f).expanduser() for f in raw)] for link in _links(named)}
-    return Targets(norm(project_path), tuple(sorted(folders)), ignored_s, links=tuple(sorted(links)))
+    linked = frozenset(f for folder in folders for f in _linked_files(folder, ignored_s))
+    return Targets(
+        norm(project_path), tuple(sorted(folders)), ignored_s, links=tuple(sorted(links)), linked=linked
+    )
+
+
+def _linked_files(folder: str, ignored: tuple[str, ...]) -> set[str]:
+    """Where the links to files in `folder` and its visible subfolders lead (resolved), as a step reads
+    them: it follows a link to a file, not one to a folder. A dangling link counts: creating the file
+    it names adds an image."""
+    found, pending = set(), [folder]
+    while pending:
+        with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
+            for entry in os.scandir(pending.pop()):
+                if entry.name.startswith(".") or entry.path in ignored:
+                    continue
+                if entry.is_symlink():
+                    if not entry.is_dir():
+                        found.add(os.path.realpath(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return found
 
 
 def _links(path: Path) -> list[str]:

@@ -457,3 +457,18 @@ def test_a_retargeted_link_to_the_project_file_or_an_images_folder_is_built(tmp_
         assert (tmp_path / "build" / "other" / "renders" / "park").is_dir()
     finally:
         assert w.close() == 0
+
+
+def test_an_edit_of_a_photo_that_a_link_in_an_images_folder_leads_to_is_built(proj, fake_steps, watcher):
+    """A training set linked from a photo library: the edit shows in the library's folder alone."""
+    library = proj.root / "library"
+    write_image(library / "toy-a.png", seed=7)
+    (proj.root / "data" / "toy" / "02.png").symlink_to(library / "toy-a.png")
+    w = watcher()
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    write_image(library / "toy-a.png", seed=8)
+    w.wait_idle(idle)
+    assert "changed: library/toy-a.png" in w.messages, w.messages
+    assert fake_steps.ran == ["train:toy"]  # the fake train step's output is that of the same names
+    assert (os.path.realpath(library), False) in targets_of(proj.path, proj.load()).watches()

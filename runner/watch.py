@@ -337,8 +337,9 @@ def _identity(folder: str) -> tuple[int, int] | None:
 
 def _watched_text(targets: Targets) -> str:
     n = len(targets.folders)
-    folders = f" and {n} input folder{'s' if n != 1 else ''}" if n else ""
-    return f"{Path(targets.project_file).name}{folders}"
+    parts = [Path(targets.project_file).name] + ([f"{n} input folder{'s' if n != 1 else ''}"] if n else [])
+    parts += ["the base model"] if targets.models else []
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
 def _changed_text(paths: list[str], base: Path) -> str:

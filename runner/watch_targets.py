@@ -36,6 +36,9 @@ class Targets:
     # The files that links among the inputs lead to (a training set linked from a photo library): an
     # edit of one shows only in its own folder, where a step reads it through the link.
     linked: frozenset[str] = frozenset()
+    # A local base model (a folder, or a single file) and a local base_model_config folder: every file
+    # of theirs, hidden ones too, is part of the model's identity. Missing ones too.
+    models: tuple[str, ...] = ()
 
     def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
@@ -45,7 +48,9 @@ class Targets:
         path = os.path.normpath(path)
         if path in (self.project_file, self.lockfile, *self.links) or path in self.linked:
             return True
-        if any(_within(f, path) for f in self.folders):
+        if any(_within(f, path) for f in self.folders + self.models):
+            return True
+        if any(_within(path, m) for m in self.models):
             return True
         # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
         if any(_within(path, i) or _within(i, path) for i in self.ignored):
@@ -63,6 +68,11 @@ class Targets:
         found |= {
             (folder, False) for folder in {os.path.dirname(f) for f in self.linked} if os.path.isdir(folder)
         }
+        for model in self.models:
+            if os.path.isdir(model):
+                found |= {(model, True), (os.path.dirname(model), False)}
+            elif parent := _existing_parent(model):
+                found.add((parent, False))
         for folder in self.folders:
             if os.path.isdir(folder):
                 found |= self._below(folder) | {(os.path.dirname(folder), False)}
@@ -99,7 +109,8 @@ def targets_of(project_path: Path, project=None) -> Targets:
     given = Path(os.path.abspath(project_path))
     project_path = given.resolve()
     base = project_path.parent
-    raw = _raw_image_folders(project_path)
+    data = _raw_toml(project_path)
+    raw = _raw_image_folders(data)
     if project is not None:
         named = [
             folder
@@ -121,8 +132,32 @@ def targets_of(project_path: Path, project=None) -> Targets:
     links = {link for named in [given, *(base / Path(f).expanduser() for f in raw)] for link in _links(named)}
     linked = frozenset(f for folder in folders for f in _linked_files(folder, ignored_s))
     return Targets(
-        norm(project_path), tuple(sorted(folders)), ignored_s, links=tuple(sorted(links)), linked=linked
+        norm(project_path),
+        tuple(sorted(folders)),
+        ignored_s,
+        links=tuple(sorted(links)),
+        linked=linked,
+        models=_local_models(data, base),
     )
+
+
+def _local_models(data: dict, base: Path) -> tuple[str, ...]:
+    """The local base model and base_model_config a project file names, as the loader tells a local one
+    from a hub id or a built-in name; read from the TOML, so that an invalid project's (a model folder
+    not copied in yet) are watched too."""
+    from runner import families
+    from runner.models import SINGLE_FILE_SUFFIXES, local_path, looks_local
+
+    table = data.get("project")
+    found = []
+    for key in ("base_model", "base_model_config"):
+        value = table.get(key) if isinstance(table, dict) else None
+        if not isinstance(value, str) or not value or value in families.builtin_names():
+            continue
+        path = local_path(value, base)
+        if path.exists() or looks_local(value) or value.endswith(SINGLE_FILE_SUFFIXES):
+            found.append(norm(path))
+    return tuple(found)
 
 
 def _linked_files(folder: str, ignored: tuple[str, ...]) -> set[str]:
@@ -160,13 +195,17 @@ def _links(path: Path) -> list[str]:
     return found
 
 
-def _raw_image_folders(project_path: Path) -> list[str]:
+def _raw_toml(project_path: Path) -> dict:
+    """The project file's TOML, not validated; empty where it does not read."""
+    try:
+        return tomllib.loads(project_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _raw_image_folders(data: dict) -> list[str]:
     """The `images` folders a project file's step tables name, read without validating it (best
     effort: an input folder is an `images` key by convention)."""
-    try:
-        data = tomllib.loads(project_path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return []
     found = []
     for kind in steps.kinds():
         tables = data.get(kind.table)

@@ -472,3 +472,30 @@ def test_an_edit_of_a_photo_that_a_link_in_an_images_folder_leads_to_is_built(pr
     assert "changed: library/toy-a.png" in w.messages, w.messages
     assert fake_steps.ran == ["train:toy"]  # the fake train step's output is that of the same names
     assert (os.path.realpath(library), False) in targets_of(proj.path, proj.load()).watches()
+
+
+def test_a_local_base_model_is_watched_every_file_of_it(tmp_path, fake_steps):
+    """Its files are its identity: a new fine-tune saved over it makes every step that uses it stale."""
+    proj = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "models/sd"'))
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    t = targets_of(proj.path, None)
+    root = str(tmp_path.resolve())
+    assert t.models == (f"{root}/models/sd",)
+    assert {(f"{root}/models/sd", True), (f"{root}/models", False)} <= t.watches()
+    assert t.relevant(f"{root}/models/sd/unet/diffusion_pytorch_model.safetensors")
+    assert t.relevant(f"{root}/models/sd/.cache/huggingface/download/unet.lock")  # hidden files count too
+    assert not t.relevant(f"{root}/models/other/model_index.json")
+
+    # a single file that is not there yet: the watch says so, and wakes once it is saved
+    proj.path.write_text(PETS.replace('base_model = "tiny-sd"', 'base_model = "models/sd.safetensors"'))
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        assert "no such file or folder" in w.messages[0]
+        (tmp_path / "models" / "sd.safetensors").write_bytes(b"not a checkpoint yet")
+        w.wait_idle(1)
+        assert "changed: models/sd.safetensors" in w.messages, w.messages
+        assert "not a readable .safetensors file" in w.messages[-2]
+        assert w.messages[-1] == "watching pets.toml, 2 input folders and the base model (Ctrl-C to stop)"
+    finally:
+        assert w.close() == 0

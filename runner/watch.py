@@ -2,9 +2,10 @@
 
 One loop, in the caller's thread: load the project, build what is stale, wait for a change, repeat.
 A watchdog observer (a PollingObserver with `--polling`, for network and container mounts where
-file events do not arrive) watches the project file and every input folder the project names: the
-subjects' and priors' images. Outputs, `.dbl/` and the lockfile are never watched, so a build does
-not wake the watcher. Changes are debounced; a change that arrives while a build runs is kept and
+file events do not arrive) watches the project file, every input folder the project names (the
+subjects' and priors' images) and a local base model (see runner.watch_targets). Outputs and `.dbl/`
+are never watched, so a build does not wake the watcher; nor does the lockfile while it holds what the
+last build left in it. Changes are debounced; a change that arrives while a build runs is kept and
 handled when that build ends. So is a change that arrives while another build (a manual `dbl build`)
 holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
 is reported and the watch goes on; the folders it names are watched anyway, so that creating a
@@ -23,7 +24,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
@@ -34,7 +34,7 @@ from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
 from runner.interrupt import exit_code_for
 from runner.store import LockHeld
-from runner.watch_targets import Targets, norm, targets_of
+from runner.watch_targets import Targets, targets_of
 
 # Event types that mean a file's content or presence changed (not opened, not read).
 CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
@@ -98,13 +98,11 @@ def watch(
                     code = _build_when_free(project, reporter_factory, stop, say, build_options, signals)
                 if code == EXIT_INTERRUPTED:
                     break  # the build was interrupted (Ctrl-C): leave the watch too
-                if code == EXIT_LOCKFILE:
-                    lock = norm(lockfile.lock_path(given.resolve()))
-                    handler.targets = replace(handler.targets, lockfile=lock)
+                left = _read(handler.targets.lockfile)  # the lockfile as the build left it
                 if stop.is_set():
                     break
                 say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
-                changed = changes.wait(debounce_s, stop)
+                changed = _next_change(changes, debounce_s, stop, handler.targets.lockfile, left)
                 if changed is None:
                     break
                 say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
@@ -284,6 +282,26 @@ class _Changes:
                 self._cond.wait(min(debounce_s - quiet, 0.1))
             paths, self._paths = list(self._paths), {}
             return paths
+
+
+def _next_change(
+    changes: _Changes, debounce_s: float, stop, lock: str, left: bytes | None
+) -> list[str] | None:
+    """The next changes, less the lockfile while it holds what the last build left in it: the build
+    writes it after every step, and those writes, seen once the build ends, are its own."""
+    while (changed := changes.wait(debounce_s, stop)) is not None:
+        changed = [p for p in changed if p != lock or _read(lock) != left]
+        if changed:
+            return changed
+    return None
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 class _Handler(FileSystemEventHandler):

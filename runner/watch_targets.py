@@ -26,8 +26,8 @@ class Targets:
     # Outputs, .dbl/ and the lockfile: the build's own writes, never a reason to rebuild (they can lie in
     # an input folder: photos beside the project file, images = ".").
     ignored: tuple[str, ...]
-    # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
-    # the build asked for.
+    # The lockfile: changed by other hands (`git checkout main -- pets.lock`, a merge conflict resolved
+    # or moved aside), it can make steps stale; the watch tells its own builds' writes by their content.
     lockfile: str = ""
     # The symbolic links on the way to the project file and the input folders, each named in its folder
     # with that folder's links resolved: retargeting one (`ln -sfn dog-2025 photos/dog`) changes what
@@ -135,6 +135,7 @@ def targets_of(project_path: Path, project=None) -> Targets:
         norm(project_path),
         tuple(sorted(folders)),
         ignored_s,
+        lockfile=norm(lockfile.lock_path(project_path)),
         links=tuple(sorted(links)),
         linked=linked,
         models=_local_models(data, base),

@@ -263,7 +263,7 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert t.folders == (f"{root}/data/dog", f"{root}/data/toy")
     assert t.relevant(f"{root}/pets.toml")
     assert t.relevant(f"{root}/data/dog/05.png")
-    assert not t.relevant(f"{root}/pets.lock")
+    assert t.relevant(f"{root}/pets.lock")  # a change by other hands; the builds' own are told by content
     assert not t.relevant(f"{root}/.dbl/state")
     assert not t.relevant(f"{root}/build/pets/renders/park/0-0.png")
     assert not t.relevant(f"{root}/data/dogs/00.png")
@@ -499,3 +499,26 @@ def test_a_local_base_model_is_watched_every_file_of_it(tmp_path, fake_steps):
         assert w.messages[-1] == "watching pets.toml, 2 input folders and the base model (Ctrl-C to stop)"
     finally:
         assert w.close() == 0
+
+
+def test_a_lockfile_put_back_by_other_hands_is_built_for_and_the_builds_own_writes_are_not(
+    proj, fake_steps, watcher
+):
+    """`git checkout HEAD -- pets.lock` while watching: its records no longer match the outputs."""
+    w = watcher()
+    committed = proj.lock.read_text()
+    idle = w.idle_count()
+    save(proj.path, proj.path.read_text().replace("sks dog in a park", "sks dog in a forest"))
+    w.wait_idle(idle)
+    time.sleep(0.5)  # the build wrote the lockfile after its step: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+
+    idle, lines = w.idle_count(), len(w.lines)
+    proj.lock.write_text(committed)
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: pets.lock"
+    assert any("render:park" in line and "restored from cache" in line for line in w.lines[lines:]), w.lines
+    assert "sks dog in a forest" in proj.lock.read_text()
+    time.sleep(0.5)
+    assert w.idle_count() == idle + 1, w.messages
+    assert w.close() == 0

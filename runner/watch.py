@@ -319,6 +319,10 @@ class _Handler(FileSystemEventHandler):
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p and targets.relevant(os.fsdecode(p), event.is_directory):
                 self.changes.add(os.path.normpath(os.fsdecode(p)))
+        # `rm -rf build` or `mv build build-old`: no build removes its outputs' folder, only a user does
+        src = os.path.normpath(os.fsdecode(event.src_path))
+        if event.is_directory and event.event_type in ("deleted", "moved") and targets.holds_outputs(src):
+            self.changes.add(src)
 
 
 def _make_observer(polling: bool, interval: float):

@@ -39,6 +39,7 @@ class Targets:
     # A local base model (a folder, or a single file) and a local base_model_config folder: every file
     # of theirs, hidden ones too, is part of the model's identity. Missing ones too.
     models: tuple[str, ...] = ()
+    out: str = ""  # the project's outputs folder (a loaded project's)
 
     def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
@@ -58,6 +59,10 @@ class Targets:
         if not directory and _editors_file(os.path.basename(path)):
             return False
         return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
+
+    def holds_outputs(self, folder: str) -> bool:
+        """Whether `folder` is the outputs' folder or one above it, but not the project's own folder."""
+        return bool(self.out) and _within(self.out, folder) and not _within(self.project_file, folder)
 
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
@@ -139,6 +144,7 @@ def targets_of(project_path: Path, project=None) -> Targets:
         links=tuple(sorted(links)),
         linked=linked,
         models=_local_models(data, base),
+        out=norm(project.out) if project is not None else "",
     )
 
 

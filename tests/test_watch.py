@@ -522,3 +522,18 @@ def test_a_lockfile_put_back_by_other_hands_is_built_for_and_the_builds_own_writ
     time.sleep(0.5)
     assert w.idle_count() == idle + 1, w.messages
     assert w.close() == 0
+
+
+def test_the_outputs_folder_removed_while_watching_is_built_again(proj, fake_steps, watcher):
+    w = watcher()
+    fake_steps.ran.clear()
+    idle, lines = w.idle_count(), len(w.lines)
+    shutil.rmtree(proj.root / "build")
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: build"
+    assert (proj.root / "build" / "pets" / "renders" / "park" / "0-0.png").is_file()
+    assert any("7 from cache" in line for line in w.lines[lines:]), w.lines[lines:]
+    assert fake_steps.ran == []
+    time.sleep(0.5)  # the build made build/ anew: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+    assert w.close() == 0

@@ -2,40 +2,39 @@
 
 One loop, in the caller's thread: load the project, build what is stale, wait for a change, repeat.
 A watchdog observer (a PollingObserver with `--polling`, for network and container mounts where
-file events do not arrive) watches the project file and every input folder the project names: the
-subjects' and priors' images. Outputs, `.dbl/` and the lockfile are never watched, so a build does
-not wake the watcher. Changes are debounced; a change that arrives while a build runs is kept and
+file events do not arrive) watches the project file, every input folder the project names (the
+subjects' and priors' images) and a local base model (see runner.watch_targets). Outputs and `.dbl/`
+are never watched, so a build does not wake the watcher; nor does the lockfile while it holds what the
+last build left in it. Changes are debounced; a change that arrives while a build runs is kept and
 handled when that build ends. So is a change that arrives while another build (a manual `dbl build`)
 holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
 is reported and the watch goes on; the folders it names are watched anyway, so that creating a
 missing folder wakes it.
 
 The watch ends with exit code 0 on Ctrl-C or when `stop_event` is set: leaving is the normal way
-to end a watch, not a failure.
+to end a watch, not a failure. SIGTERM and SIGHUP (`docker stop`, a closed terminal) end it the same
+way, resting or building, with the exit code they give `dbl build` (143, 129).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from runner import lockfile, steps
+from runner import lockfile
 from runner.errors import DblError
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
+from runner.interrupt import exit_code_for
 from runner.store import LockHeld
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from runner.watch_targets import Targets, targets_of
 
 # Event types that mean a file's content or presence changed (not opened, not read).
 CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
@@ -44,93 +43,6 @@ CHANGE_EVENTS = ("created", "deleted", "moved", "modified", "closed")
 POLL_INTERVAL_S = 2.0
 EXIT_LOCKFILE = -1  # within the watch: the build found the lockfile unreadable (a usage error outside)
 LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries again
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What a project's watch looks at. All paths absolute and resolved."""
-
-    project_file: str
-    folders: tuple[str, ...]  # input folders; missing ones too
-    # Outputs, .dbl/ and the lockfile: the build's own writes, never a reason to rebuild (they can lie in
-    # an input folder: photos beside the project file, images = ".").
-    ignored: tuple[str, ...]
-    # The lockfile, while it does not read: moving it aside (or resolving its merge conflict) is the fix
-    # the build asked for.
-    lockfile: str = ""
-
-    def relevant(self, path: str, directory: bool = False) -> bool:
-        """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
-        are never read (an editor's swap file beside a caption), so they cannot; nor can an editor's other
-        temporary files (see _editors_file). A folder above an input folder counts: creating it
-        (`mkdir -p new/dog`) is the first step to a missing input folder."""
-        path = os.path.normpath(path)
-        if path in (self.project_file, self.lockfile) or any(_within(f, path) for f in self.folders):
-            return True
-        # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
-        if any(_within(path, i) or _within(i, path) for i in self.ignored):
-            return False
-        if not directory and _editors_file(os.path.basename(path)):
-            return False
-        return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
-
-    def watches(self) -> set[tuple[str, bool]]:
-        """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
-        renaming or replacement shows; a missing one through its nearest existing parent, so that its
-        creation is seen."""
-        found = {(os.path.dirname(self.project_file), False)}
-        for folder in self.folders:
-            if os.path.isdir(folder):
-                found |= self._below(folder) | {(os.path.dirname(folder), False)}
-            else:
-                parent = _existing_parent(folder)
-                if parent:
-                    found.add((parent, False))
-        return found
-
-    def _below(self, folder: str) -> set[tuple[str, bool]]:
-        """The watches that cover an existing input folder: one recursive watch, unless the build writes
-        inside it (photos beside the project file: outputs and .dbl/ below them). Then the folder alone,
-        and each subfolder that holds inputs, so that no watch follows the build's own folders as they
-        are made, moved and removed (watchdog warns of those, in the middle of the display); a subfolder
-        created later wakes the watch, which then watches it too."""
-        if not any(_within(i, folder) for i in self.ignored):
-            return {(folder, True)}
-        found = {(folder, False)}
-        with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
-            for entry in os.scandir(folder):
-                path = os.path.join(folder, entry.name)
-                if (
-                    entry.is_dir(follow_symlinks=False)
-                    and not entry.name.startswith(".")
-                    and path not in self.ignored
-                ):
-                    found |= self._below(path)
-        return found
-
-
-def targets_of(project_path: Path, project=None) -> Targets:
-    """The watch targets of a loaded project, or, for an invalid one, of whatever its TOML names."""
-    project_path = Path(project_path).resolve()
-    base = project_path.parent
-    if project is not None:
-        named = [
-            folder
-            for kind in steps.kinds()
-            for spec in project.tables.get(kind.name, {}).values()
-            for folder in kind.folders(spec)
-        ]
-        ignored = [project.out, project.state_dir, lockfile.lock_path(project_path)]
-    else:
-        named = _raw_image_folders(project_path)
-        ignored = [base / ".dbl", lockfile.lock_path(project_path)]
-    ignored_s = tuple(_norm(p) for p in ignored)
-    folders = []
-    for f in named:
-        p = _norm(base / Path(f).expanduser())
-        if not any(_within(p, i) for i in ignored_s) and p not in folders:
-            folders.append(p)
-    return Targets(_norm(project_path), tuple(sorted(folders)), ignored_s)
 
 
 def watch(
@@ -150,12 +62,15 @@ def watch(
     display of one build. echo prints the watch's own messages (the
     project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
     or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
-    a folder's, or no file has it: a misspelt name would be watched for ever). build_options: more BuildOptions
-    fields for each build (jobs, gpus, per_gpu, backend).
+    a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when stopped by
+    SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus, per_gpu,
+    backend).
     """
     stop = stop_event or threading.Event()
     say = echo or _print
-    path = Path(project_path).resolve()
+    # As named, links and all: each reload follows them anew (`ln -sf exp4.toml dbl.toml`).
+    given = Path(os.path.abspath(project_path))
+    path = given.resolve()
     if not path.parent.is_dir():
         say(f"{project_path}: no such folder")
         return 2
@@ -170,27 +85,28 @@ def watch(
     workers = _kept_workers(build_options)
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
+    signals: list[int] = []  # the stop signals received, the first one first
     observer.start()
     try:
-        project = _load(path, say)
-        while not stop.is_set():
-            handler.targets = targets_of(path, project)
-            _reschedule(observer, handler, scheduled, handler.targets.watches())
-            code = None
-            if project is not None:
-                code = _build_when_free(project, reporter_factory, stop, say, build_options)
-            if code == EXIT_INTERRUPTED:
-                break  # the build was interrupted (Ctrl-C): leave the watch too
-            if code == EXIT_LOCKFILE:
-                handler.targets = replace(handler.targets, lockfile=_norm(lockfile.lock_path(path)))
-            if stop.is_set():
-                break
-            say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
-            changed = changes.wait(debounce_s, stop)
-            if changed is None:
-                break
-            say(f"changed: {_changed_text(changed, path.parent)}")
-            project = _load(path, say)
+        with _stopped_by_signals(stop, signals):
+            project = _load(given, say)
+            while not stop.is_set():
+                handler.targets = targets_of(given, project)
+                _reschedule(observer, handler, scheduled, handler.targets.watches())
+                code = None
+                if project is not None:
+                    code = _build_when_free(project, reporter_factory, stop, say, build_options, signals)
+                if code == EXIT_INTERRUPTED:
+                    break  # the build was interrupted (Ctrl-C): leave the watch too
+                left = _read(handler.targets.lockfile)  # the lockfile as the build left it
+                if stop.is_set():
+                    break
+                say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
+                changed = _next_change(changes, debounce_s, stop, handler.targets.lockfile, left)
+                if changed is None:
+                    break
+                say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
+                project = _load(given, say)
     except KeyboardInterrupt:
         pass
     finally:
@@ -198,7 +114,7 @@ def watch(
         observer.join(timeout=5)
         if workers is not None:
             workers.backend.close()
-    return 0
+    return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 
 # --- the loop's parts -------------------------------------------------------------------------------
@@ -231,6 +147,29 @@ def _kept_workers(build_options: dict | None) -> _KeptBackend | None:
     return _KeptBackend(ProcessBackend(None, options))
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event, signals: list[int]):
+    """SIGTERM and SIGHUP stop a resting watch as Ctrl-C does, through the cleanup that ends its workers
+    (their default action killed the watch where it stood: a `-j` watch's worker processes were left to
+    notice, and Python warned of a leaked semaphore). During a build, the build's own handlers take
+    over: its step stops at a safe point."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def handle(signum, frame) -> None:
+        signals.append(signum)
+        stop.set()
+
+    found = (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP"))  # no SIGHUP on Windows
+    previous = {signum: signal.signal(signum, handle) for signum in found if signum is not None}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _load(path: Path, say: Callable[[str], None]):
     """The project, or None after reporting why it cannot be used."""
     from runner.project import ProjectError, load_project
@@ -250,12 +189,13 @@ def _build_when_free(
     stop: threading.Event,
     say: Callable[[str], None],
     extra: dict | None = None,
+    signals: list[int] | None = None,
 ) -> int:
     """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
     it, so that a change made meanwhile is not lost."""
     from runner.store import BuildLock
 
-    code = _build(project, reporter_factory, stop, say, extra)
+    code = _build(project, reporter_factory, stop, say, extra, signals)
     while code == EXIT_LOCKED and not stop.is_set():
         say("building when it ends")
         while not stop.wait(LOCK_POLL_S):
@@ -266,7 +206,7 @@ def _build_when_free(
                 continue
         else:
             break  # stopped while waiting
-        code = _build(project, reporter_factory, stop, say, extra)
+        code = _build(project, reporter_factory, stop, say, extra, signals)
     return code
 
 
@@ -276,15 +216,18 @@ def _build(
     stop: threading.Event,
     say: Callable[[str], None],
     extra: dict | None = None,
+    signals: list[int] | None = None,
 ) -> int:
-    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on."""
+    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on.
+    The stop signal that interrupted the build, if any, is added to `signals`."""
     from runner import executor
     from runner.interrupt import StopOnInterrupt
 
     reporter = reporter_factory()
+    interrupt = StopOnInterrupt()
     try:
         # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
-        with StopOnInterrupt() as interrupt:
+        with interrupt:
             options = executor.BuildOptions(
                 should_stop=lambda: stop.is_set() or interrupt.requested(), **(extra or {})
             )
@@ -305,6 +248,8 @@ def _build(
         say(f"build crashed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
+        if interrupt.signum is not None and signals is not None:
+            signals.append(interrupt.signum)
         reporter.close()
 
 
@@ -313,13 +258,14 @@ class _Changes:
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._paths: list[str] = []
+        # A dict, in the order first seen: unpacking 20,000 photos sends as many events, and a list's
+        # membership test made each one slower than the last (6 s of CPU before the watch woke).
+        self._paths: dict[str, None] = {}
         self._last = 0.0
 
     def add(self, path: str) -> None:
         with self._cond:
-            if path not in self._paths:
-                self._paths.append(path)
+            self._paths[path] = None
             self._last = time.monotonic()
             self._cond.notify_all()
 
@@ -334,8 +280,28 @@ class _Changes:
                 if stop.is_set():
                     return None
                 self._cond.wait(min(debounce_s - quiet, 0.1))
-            paths, self._paths = self._paths, []
+            paths, self._paths = list(self._paths), {}
             return paths
+
+
+def _next_change(
+    changes: _Changes, debounce_s: float, stop, lock: str, left: bytes | None
+) -> list[str] | None:
+    """The next changes, less the lockfile while it holds what the last build left in it: the build
+    writes it after every step, and those writes, seen once the build ends, are its own."""
+    while (changed := changes.wait(debounce_s, stop)) is not None:
+        changed = [p for p in changed if p != lock or _read(lock) != left]
+        if changed:
+            return changed
+    return None
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 class _Handler(FileSystemEventHandler):
@@ -353,6 +319,10 @@ class _Handler(FileSystemEventHandler):
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p and targets.relevant(os.fsdecode(p), event.is_directory):
                 self.changes.add(os.path.normpath(os.fsdecode(p)))
+        # `rm -rf build` or `mv build build-old`: no build removes its outputs' folder, only a user does
+        src = os.path.normpath(os.fsdecode(event.src_path))
+        if event.is_directory and event.event_type in ("deleted", "moved") and targets.holds_outputs(src):
+            self.changes.add(src)
 
 
 def _make_observer(polling: bool, interval: float):
@@ -387,27 +357,11 @@ def _identity(folder: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _raw_image_folders(project_path: Path) -> list[str]:
-    """The `images` folders a project file's step tables name, read without validating it (best
-    effort: an input folder is an `images` key by convention)."""
-    try:
-        data = tomllib.loads(project_path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return []
-    found = []
-    for kind in steps.kinds():
-        tables = data.get(kind.table)
-        if isinstance(tables, dict):
-            for table in tables.values():
-                if isinstance(table, dict) and isinstance(table.get("images"), str):
-                    found.append(table["images"])
-    return found
-
-
 def _watched_text(targets: Targets) -> str:
     n = len(targets.folders)
-    folders = f" and {n} input folder{'s' if n != 1 else ''}" if n else ""
-    return f"{Path(targets.project_file).name}{folders}"
+    parts = [Path(targets.project_file).name] + ([f"{n} input folder{'s' if n != 1 else ''}"] if n else [])
+    parts += ["the base model"] if targets.models else []
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
 def _changed_text(paths: list[str], base: Path) -> str:
@@ -422,33 +376,6 @@ def _relative(path: str, base: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:  # another drive
         return path
-
-
-def _norm(path) -> str:
-    return os.path.normpath(str(Path(path).resolve()))
-
-
-def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
-
-
-def _editors_file(name: str) -> bool:
-    """A backup (`05.txt~`), an Emacs autosave (`#05.txt#`) or vim's test of the folder (`4913`): names
-    that no image or caption file has, as both end in their extension."""
-    return name.endswith(("~", "#")) or "." not in name
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _existing_parent(path: str) -> str | None:
-    parent = os.path.dirname(path)
-    while parent and not os.path.isdir(parent):
-        if os.path.dirname(parent) == parent:
-            return None
-        parent = os.path.dirname(parent)
-    return parent or None
 
 
 def _print(message: str) -> None:

@@ -49,3 +49,34 @@ def test_an_unknown_backend_is_a_usage_error(proj, fake_steps):
 
     with pytest.raises(UsageError, match="no executor backend 'gpu-farm'; backends: inline, process, ray"):
         executor.build(proj.load(), executor.BuildOptions(backend="gpu-farm"), Recorder())
+
+
+def test_a_local_base_model_saved_anew_between_builds_of_one_process_is_loaded_anew(tmp_path, monkeypatch):
+    """dbl watch, or a script's builds: a new fine-tune saved into the same folder has a new identity, so
+    its steps run again, and they must run with its weights, not with those loaded before."""
+    from types import SimpleNamespace
+
+    from runner import models
+    from runner.exec.backends import LazyModels
+
+    loads = []
+
+    class Cache:
+        def __init__(self, base, device, mixed_precision):
+            loads.append(base)
+            self.load = len(loads)
+
+    monkeypatch.setattr(models, "ModelCache", Cache)
+    monkeypatch.setattr(LazyModels, "_shared", {})
+    folder = tmp_path / "models" / "sd"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "weights.safetensors").write_bytes(b"first")
+    settings = SimpleNamespace(
+        base_model="models/sd", revision=None, allow_pickle=False, base_model_config=None, device="cpu",
+        mixed_precision="no",
+    )  # fmt: skip
+    project = SimpleNamespace(settings=settings, dir=tmp_path)
+    assert [LazyModels(project).load for _ in range(2)] == [1, 1]  # one build after another: kept
+    (folder / "unet" / "weights.safetensors").write_bytes(b"other")
+    assert LazyModels(project).load == 2

@@ -89,17 +89,47 @@ class LazyModels:
 
     def __init__(self, project):
         self._project = project
+        self._key = None
 
     def __getattr__(self, name):
         from runner.models import BaseModel, ModelCache
 
         s = self._project.settings
         base = BaseModel.of(s, self._project.dir)
-        key = (base, s.device, s.mixed_precision)
-        if key not in self._shared:
+        if self._key is None:  # once per build (per step in a worker): the files as this build found them
+            self._key = (base, model_files_stamp(base), s.device, s.mixed_precision)
+        if self._key not in self._shared:
             self._shared.clear()
-            self._shared[key] = ModelCache(base, s.device, s.mixed_precision)
-        return getattr(self._shared[key], name)
+            self._shared[self._key] = ModelCache(base, s.device, s.mixed_precision)
+        return getattr(self._shared[self._key], name)
+
+
+def model_files_stamp(base) -> tuple:
+    """What tells a loaded base model from its files as they are now, at the cost of a stat per file:
+    a local model's files by size, mtime, inode and change time (as the file-hash cache knows them), a
+    hub model by the commit its revision names in the local cache. A base model's name alone kept a
+    watch (or a script's builds) training and rendering with the weights it had loaded before a new
+    fine-tune was saved into the same folder, under the new one's fingerprint."""
+    from runner.fingerprint import hub_revision
+
+    if base.kind == "builtin":
+        return ()
+    if base.kind == "hub":
+        return (hub_revision(base.ref, base.revision),)
+    stamps = []
+    for root in [base.ref] + ([base.config] if base.config else []):
+        if os.path.isfile(root):
+            files = [root]
+        elif os.path.isdir(root):
+            files = [os.path.join(folder, f) for folder, _, names in os.walk(root) for f in names]
+        else:
+            files = []
+            stamps.append((root, hub_revision(root, None)))  # a base_model_config hub id
+        for path in files:
+            with contextlib.suppress(OSError):  # gone meanwhile: loading it says so
+                st = os.stat(path)
+                stamps.append((path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+    return tuple(sorted(stamps))
 
 
 class InlineBackend:

@@ -1,0 +1,127 @@
+"""`dbl watch` and the inputs beyond the project file and image folders: links, a local base model, the
+lockfile and the outputs' folder changed by other hands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from runner.watch import targets_of
+from tests import test_watch
+from tests.conftest import PETS, Proj, write_image
+from tests.test_watch import Watcher, save
+
+watcher = test_watch.watcher  # the fixture
+
+
+def test_a_retargeted_link_to_the_project_file_or_an_images_folder_is_built(tmp_path, fake_steps):
+    """`ln -sfn` swaps what the build reads, and shows only in the link's own folder."""
+    proj = Proj(tmp_path, PETS.replace('images = "data/toy"', 'images = "photos/toy"'))
+    for name in ("toy-2024", "toy-2025"):
+        for i in range(2 if name == "toy-2024" else 3):
+            write_image(tmp_path / "library" / name / f"{i:02d}.png", seed=i)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "toy").symlink_to(tmp_path / "library" / "toy-2024")
+    (tmp_path / "current.toml").symlink_to(proj.path)
+    w = Watcher(tmp_path / "current.toml")
+    try:
+        w.wait_idle(0)
+        fake_steps.ran.clear()
+        (tmp_path / "photos" / "new").symlink_to(tmp_path / "library" / "toy-2025")
+        os.replace(tmp_path / "photos" / "new", tmp_path / "photos" / "toy")
+        w.wait_idle(1)
+        assert "changed: photos/toy" in w.messages, w.messages
+        assert sorted(fake_steps.ran) == ["blend:mix", "render:mixed", "train:toy"]
+
+        fake_steps.ran.clear()
+        (tmp_path / "other.toml").write_text(
+            proj.path.read_text().replace("sks dog in a park", "sks dog at sea")
+        )
+        (tmp_path / "new.toml").symlink_to(tmp_path / "other.toml")
+        os.replace(tmp_path / "new.toml", tmp_path / "current.toml")
+        w.wait_idle(2)
+        assert "render:park" in fake_steps.ran, w.messages
+        assert (tmp_path / "build" / "other" / "renders" / "park").is_dir()
+    finally:
+        assert w.close() == 0
+
+
+def test_an_edit_of_a_photo_that_a_link_in_an_images_folder_leads_to_is_built(proj, fake_steps, watcher):
+    """A training set linked from a photo library: the edit shows in the library's folder alone."""
+    library = proj.root / "library"
+    write_image(library / "toy-a.png", seed=7)
+    (proj.root / "data" / "toy" / "02.png").symlink_to(library / "toy-a.png")
+    w = watcher()
+    fake_steps.ran.clear()
+    idle = w.idle_count()
+    write_image(library / "toy-a.png", seed=8)
+    w.wait_idle(idle)
+    assert "changed: library/toy-a.png" in w.messages, w.messages
+    assert fake_steps.ran == ["train:toy"]  # the fake train step's output is that of the same names
+    assert (os.path.realpath(library), False) in targets_of(proj.path, proj.load()).watches()
+
+
+def test_a_local_base_model_is_watched_every_file_of_it(tmp_path, fake_steps):
+    """Its files are its identity: a new fine-tune saved over it makes every step that uses it stale."""
+    proj = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "models/sd"'))
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    t = targets_of(proj.path, None)
+    root = str(tmp_path.resolve())
+    assert t.models == (f"{root}/models/sd",)
+    assert {(f"{root}/models/sd", True), (f"{root}/models", False)} <= t.watches()
+    assert t.relevant(f"{root}/models/sd/unet/diffusion_pytorch_model.safetensors")
+    assert t.relevant(f"{root}/models/sd/.cache/huggingface/download/unet.lock")  # hidden files count too
+    assert not t.relevant(f"{root}/models/other/model_index.json")
+
+    # a single file that is not there yet: the watch says so, and wakes once it is saved
+    proj.path.write_text(PETS.replace('base_model = "tiny-sd"', 'base_model = "models/sd.safetensors"'))
+    w = Watcher(proj.path)
+    try:
+        w.wait_idle(0)
+        assert "no such file or folder" in w.messages[0]
+        (tmp_path / "models" / "sd.safetensors").write_bytes(b"not a checkpoint yet")
+        w.wait_idle(1)
+        assert "changed: models/sd.safetensors" in w.messages, w.messages
+        assert "not a readable .safetensors file" in w.messages[-2]
+        assert w.messages[-1] == "watching pets.toml, 2 input folders and the base model (Ctrl-C to stop)"
+    finally:
+        assert w.close() == 0
+
+
+def test_a_lockfile_put_back_by_other_hands_is_built_for_and_the_builds_own_writes_are_not(
+    proj, fake_steps, watcher
+):
+    """`git checkout HEAD -- pets.lock` while watching: its records no longer match the outputs."""
+    w = watcher()
+    committed = proj.lock.read_text()
+    idle = w.idle_count()
+    save(proj.path, proj.path.read_text().replace("sks dog in a park", "sks dog in a forest"))
+    w.wait_idle(idle)
+    time.sleep(0.5)  # the build wrote the lockfile after its step: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+
+    idle, lines = w.idle_count(), len(w.lines)
+    proj.lock.write_text(committed)
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: pets.lock"
+    assert any("render:park" in line and "restored from cache" in line for line in w.lines[lines:]), w.lines
+    assert "sks dog in a forest" in proj.lock.read_text()
+    time.sleep(0.5)
+    assert w.idle_count() == idle + 1, w.messages
+    assert w.close() == 0
+
+
+def test_the_outputs_folder_removed_while_watching_is_built_again(proj, fake_steps, watcher):
+    w = watcher()
+    fake_steps.ran.clear()
+    idle, lines = w.idle_count(), len(w.lines)
+    shutil.rmtree(proj.root / "build")
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: build"
+    assert (proj.root / "build" / "pets" / "renders" / "park" / "0-0.png").is_file()
+    assert any("7 from cache" in line for line in w.lines[lines:]), w.lines[lines:]
+    assert fake_steps.ran == []
+    time.sleep(0.5)  # the build made build/ anew: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+    assert w.close() == 0

@@ -1,0 +1,77 @@
+"""`dbl watch` stopped by SIGTERM or SIGHUP: run in the main thread, where signal handlers are set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from runner.ui.plain import PlainReporter
+from runner.watch import watch
+from tests.conftest import FakeBackend, Proj, use_backend
+from tests.test_watch import LIMIT_S, wait_for
+
+
+class Killed(Exception):
+    """What the signal's default action would have done: ended the watch where it stood."""
+
+
+def watch_in_main_thread(proj: Proj, send, signum: int) -> tuple[int, list[str]]:
+    """Run the watch here (signal handlers are the main thread's), `send` the signal from another thread
+    when it returns True, and give the exit code and what the watch said."""
+    messages: list[str] = []
+
+    def kill_when_ready():
+        wait_for(lambda: send(messages), f"the moment to send the signal; the watch said {messages}")
+        os.kill(os.getpid(), signum)
+
+    def killed(signum, frame):
+        raise Killed
+
+    previous = signal.signal(signum, killed)
+    sender = threading.Thread(target=kill_when_ready, daemon=True)
+    sender.start()
+    try:
+        code = watch(proj.path, reporter_factory=PlainReporter, debounce_s=0.1, echo=messages.append)
+    finally:
+        sender.join(LIMIT_S)
+        assert signal.getsignal(signum) is killed  # the watch put the handler back
+        signal.signal(signum, previous)
+    return code, messages
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_or_sighup_ends_a_resting_watch_with_its_exit_code(proj, fake_steps, signum, code):
+    """`docker stop`, `kill` or a closed terminal: the watch ends through its cleanup (the observer
+    stopped, the workers ended) with the code `dbl build` gives."""
+    watching = lambda messages: any(m.startswith("watching ") for m in messages)  # noqa: E731
+    before = set(threading.enumerate())
+    assert watch_in_main_thread(proj, watching, signum)[0] == code
+    assert set(threading.enumerate()) <= before  # the observer's threads ended
+
+
+def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj, fake_steps):
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_park(run):
+        def slow(ctx):
+            if ctx.step_id == "render:park":
+                entered.set()
+                release.wait(LIMIT_S)
+            return run(ctx)
+
+        return slow
+
+    use_backend(lambda project: FakeBackend(fake_steps, slow_park))  # undone by fake_steps
+
+    def in_render_park(messages):
+        if entered.is_set():
+            threading.Timer(0.3, release.set).start()
+            return True
+        return False
+
+    code, messages = watch_in_main_thread(proj, in_render_park, signal.SIGTERM)
+    assert code == 143
+    assert not any(m.startswith("watching ") for m in messages)  # the build's end was the watch's

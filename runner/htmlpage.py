@@ -83,4 +83,5 @@ table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #
 img.grid { max-width: 100%; image-rendering: pixelated; min-width: 256px; border: 1px solid #ccc; }
 .caption { font-size: 13px; color: #444; } .caption ol { margin: 2px 0; }
 .outcome { padding: 0 6px; border-radius: 3px; color: #fff; }
+.stale { color: #a33; font-weight: 600; }
 """ + "".join(f".outcome.{o} {{ background: {c}; }}\n" for o, c in plots.OUTCOME_COLOURS.items())

@@ -9,10 +9,14 @@ The page holds, from the lockfile, the adapters' `dbl.json` and the record of th
   the eval steps that score it;
 - per blend: its parents and weights, its method and the errors it recorded;
 - the timeline of the last build (ran, restored, failed, skipped; when, how long, on which device);
-- provenance: the base model, the dbl version, every step's fingerprint and build time.
+- provenance: the base model, the dbl version, every step's fingerprint and build time;
+
+and, where the project file has changed since, which of what it shows is stale (as `dbl plan` says), or
+no longer in the project.
 
 Nothing is fetched when the page is opened: plots (drawn by matplotlib, as SVG) and images are data
-URIs in the page, and the styles are in it. Only files are read: no hashing, no model loading.
+URIs in the page, and the styles are in it. Only files are read, and hashed where the plan must (as
+`dbl plan`): no model loading.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def render(project) -> str:
     outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
     order = [s.id for s in planner.graph(project)]
     ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
-    ctx = _Context(project, lock, outcomes)
+    ctx = _Context(project, lock, outcomes, _stale(project))
 
     def of(kind: str, show) -> list[str]:
         return [show(ctx, sid) for sid in ids if _kind(lock, sid) == kind]
@@ -92,8 +96,11 @@ def render(project) -> str:
 
 
 class _Context:
-    def __init__(self, project, lock: dict, outcomes: dict):
+    def __init__(self, project, lock: dict, outcomes: dict, stale: dict[str, list[str]] | str | None = None):
         self.project, self.lock, self.outcomes = project, lock, outcomes
+        # {step id: why} of the steps the project file now asks otherwise of, or why that is not known
+        self.stale = stale if stale is not None else {}
+        self.current = {step.id for step in planner.graph(project)}
 
     def output(self, sid: str, name: str) -> Path | None:
         """The recorded output of step `sid` whose path ends in `name` (None when there is none)."""
@@ -110,6 +117,35 @@ class _Context:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def _stale(project) -> dict[str, list[str]] | str:
+    """{step id: reasons} of the steps `dbl plan` calls stale: the page shows what the lockfile records
+    of them, which is no longer what the project file asks for. A string says why no plan could be made."""
+    from runner.exec.workspace import Workspace
+
+    try:
+        _, planned = Workspace(project).plan()
+    except (DblError, OSError) as exc:
+        return str(exc)
+    return {p.id: list(p.reasons) for p in planned if p.stale}
+
+
+def _now(ctx: _Context, sid: str) -> str:
+    """A line that says so when what the page shows of step `sid` is not what the project asks for now."""
+    if sid not in ctx.current:
+        text = (
+            f"{sid} is no longer in the project file (removed or renamed): this is what was last built under "
+            "that name, and the next <code>dbl build</code> removes it."
+        )
+    elif isinstance(ctx.stale, dict) and sid in ctx.stale:
+        text = (
+            f"Stale: {escape('; '.join(ctx.stale[sid]))}. This is what the last build made; "
+            "<code>dbl build</code> brings it up to date."
+        )
+    else:
+        return ""
+    return f'<p class="stale">{text}</p>'
 
 
 def _mapping(value) -> dict:
@@ -134,6 +170,7 @@ def _header(ctx: _Context, last: dict | None) -> str:
         ("lockfile", f"{lockfile.lock_path(project.path).name} (schema version {lockfile.LOCK_VERSION})"),
         ("base model", "; ".join(bases) or "(no step records one)"),
         ("outputs", str(project.out)),
+        ("now", _summary(ctx)),
     ]
     if last:
         rows.append(
@@ -144,6 +181,18 @@ def _header(ctx: _Context, last: dict | None) -> str:
         )
     rows.append(("this page", f"dbl {__version__}, {htmlpage.when(datetime.now(timezone.utc).isoformat())}"))
     return htmlpage.section("Project", [htmlpage.table(["", ""], rows, header=False)])
+
+
+def _summary(ctx: _Context) -> str:
+    """Whether the lockfile's record, which the page shows, is what the project file asks for now."""
+    if isinstance(ctx.stale, str):
+        return f"not known which steps are stale ({ctx.stale})"
+    said = [f"{len(ctx.stale)} of {len(ctx.current)} steps stale"] if ctx.stale else []
+    if gone := [sid for sid in ctx.lock if sid not in ctx.current]:
+        said.append(f"{len(gone)} no longer in the project file")
+    if not said:
+        return "up to date with the project file"
+    return ", ".join(said) + ": marked where shown; `dbl build` brings them up to date"
 
 
 def _timeline(ctx: _Context, last: dict | None) -> str:
@@ -219,7 +268,7 @@ def _subject(ctx: _Context, sid: str) -> str:
     facts_table = htmlpage.table(["", ""], [(k, v) for k, v in facts if v not in (None, "")], header=False)
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'trained')}</p>",
+        f"<p>{_built(ctx, sid, record, 'trained')}</p>{_now(ctx, sid)}",
         f'<div class="row">{plot}{facts_table}</div>',
     ]
     for table in ("train", "lora"):
@@ -249,7 +298,7 @@ def _blend(ctx: _Context, sid: str) -> str:
     parents = ", ".join(f"{a.get('_name', '?')} × {a.get('weight')}" for a in inputs.get("adapters", []))
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'blended')}</p>",
+        f"<p>{_built(ctx, sid, record, 'blended')}</p>{_now(ctx, sid)}",
         f"<p>{escape(parents)}, method <code>{escape(str(inputs.get('method', '?')))}</code></p>",
     ]
     per_component = {k: v for k, v in metrics.items() if isinstance(v, dict)}
@@ -295,12 +344,13 @@ def _render_step(ctx: _Context, sid: str) -> str:
                 "to score this one.</p>"
             )
             continue
+        tables += _now(ctx, eval_id).replace("Stale:", f"{escape(eval_id)} is stale:", 1)
         tables += _fidelity_table(eval_id, scores, inputs)
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
     about = [caption, f'<div class="row">{tables}</div>']
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'rendered')}</p>",
+        f"<p>{_built(ctx, sid, record, 'rendered')}</p>{_now(ctx, sid)}",
         f'<div class="row">{image}<div>{"".join(about)}</div></div>',
     ]
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
@@ -371,16 +421,25 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
             r.get("output_hash", "")[:12],
             r.get("inputs", {}).get("version", ""),
         )
-        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)))
+        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), _state(ctx, sid))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
-    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "") for sid in unbuilt]
+    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "", "") for sid in unbuilt]
     lead = (
         "<p>From the lockfile: each step's fingerprint (the hash of its inputs) and output hash, the "
-        "version of its step kind, and when it was built and how long that took.</p>"
+        "version of its step kind, when it was built and how long that took, and whether the project file "
+        "still asks for it (`dbl plan` says why a step is stale).</p>"
     )
-    headers = ["step", "fingerprint", "output hash", "step version", "built", "took"]
+    headers = ["step", "fingerprint", "output hash", "step version", "built", "took", "now"]
     return htmlpage.section("Provenance", [lead, htmlpage.table(headers, rows, css="provenance")])
+
+
+def _state(ctx: _Context, sid: str) -> str:
+    if sid not in ctx.current:
+        return "not in the project file"
+    if isinstance(ctx.stale, str):
+        return ""
+    return "stale" if sid in ctx.stale else "up to date"
 
 
 def _unrecorded(ctx: _Context, sid: str) -> str:

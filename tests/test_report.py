@@ -427,3 +427,62 @@ def test_dev_stdout_on_a_pipe_gets_the_page_and_nothing_else(proj, build, fake_s
     assert got and got[0].startswith("<!DOCTYPE html>") and got[0].rstrip().endswith("</html>")
     captured = capsys.readouterr()
     assert captured.out == "" and "wrote" in captured.err
+
+
+def _item(text: str, sid: str) -> str:
+    """The page's block of step `sid`."""
+    start = text.index(f'id="{sid}"')
+    return text[start : min(text.find(end, start) % len(text) for end in ('<div class="item"', "</section>"))]
+
+
+def test_what_the_project_file_changed_since_the_build_is_marked_stale_not_shown_as_current(
+    proj, build, fake_steps
+):
+    build(proj)
+    proj.edit("sks dog in a park", "sks dog in a garden")  # a prompt changed
+    proj.edit("[subjects.toy]", "[subjects.teddy]")  # a subject renamed
+    proj.edit("toy = 1.0", "teddy = 1.0")
+    from runner import report
+
+    text = report.render(proj.load())
+    park = _item(text, "render:park")
+    assert '<p class="stale">Stale: prompts[0]' in park and "sks dog in a garden" in park
+    assert "render:park is no longer" not in park
+    assert "train:toy is no longer in the project file (removed or renamed)" in _item(text, "train:toy")
+    for fresh in ("train:dog", "render:base"):
+        assert 'class="stale"' not in _item(text, fresh), fresh
+    assert "upstream train:teddy stale" in _item(text, "blend:mix")
+    cells = [c for c in Page(text[text.index('id="provenance"') :]).text if c.strip()]
+    assert cells[cells.index("render:park") + 6] == "stale"
+    assert cells[cells.index("render:base") + 6] == "up to date"
+    assert cells[cells.index("train:toy") + 6] == "not in the project file"
+    assert "4 of 7 steps stale, 1 no longer in the project file" in text  # teddy, mix, park, mixed; toy
+
+    build(proj)  # built as asked: nothing is marked
+    text = report.render(proj.load())
+    assert 'class="stale"' not in text and "up to date with the project file" in text
+
+
+def test_scores_of_an_eval_the_project_now_sets_otherwise_are_marked_stale_with_why(proj):
+    """Scores of the render's very images, under an identifier the project no longer names, are shown
+    beside the grid but marked stale; those of an eval the project has no more say so too."""
+    from runner.report import _Context, _render_step
+
+    render = {"inputs": {"adapter": "none", "prompts": ["a dog"], "seeds": [0]}, "output_hash": "abc"}
+    scored = {"kind": "eval", "inputs": {"render": {"_name": "base", "output": "abc"}}}
+    lock = {
+        "render:base": render,
+        "eval:base": {**scored, "metrics": {"prompt_fidelity": 0.5}},
+        "eval:old": {**scored, "metrics": {"prompt_fidelity": 0.25}},
+    }
+    ctx = _Context(proj.load(), lock, {}, {"eval:base": ["identifier 'sks' -> 'zwx'"]})
+    ctx.current.add("eval:base")
+    text = _render_step(ctx, "render:base")
+    assert '<p class="stale">Stale' not in text  # the render is as asked
+    marked = text.index(
+        '<p class="stale">eval:base is stale: identifier &#x27;sks&#x27; -&gt; &#x27;zwx&#x27;'
+    )
+    assert marked < text.index("fidelity (eval:base)")
+    gone = text.index('<p class="stale">eval:old is no longer in the project file')
+    assert gone < text.index("fidelity (eval:old)")
+    assert text.count('class="stale"') == 2

@@ -21,6 +21,7 @@ URIs in the page, and the styles are in it. Only files are read, and hashed wher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -52,10 +53,18 @@ def write(project, output: Path | str | None = None) -> Path:
         return target
     if target.is_symlink():
         target = target.resolve()  # the file it points to is the report, not the link
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # said of the page asked for, not of the temporary file beside it or a folder on the way
+        blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise DblError(f"cannot write the report to {target}: {why}; give -o a path you can write") from None
     return target
 
 

@@ -486,3 +486,14 @@ def test_scores_of_an_eval_the_project_now_sets_otherwise_are_marked_stale_with_
     gone = text.index('<p class="stale">eval:old is no longer in the project file')
     assert gone < text.index("fidelity (eval:old)")
     assert text.count('class="stale"') == 2
+
+
+def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build, fake_steps, capsys):
+    build(proj)
+    (proj.root / "notes").write_text("a file, not a folder")
+    target = proj.root / "notes" / "review" / "pets.html"
+    assert main(["report", str(proj.path), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report to {target}: {proj.root / 'notes'} is a file, not a folder" in err
+    assert "Errno" not in err and ".tmp" not in err
+    assert (proj.root / "notes").read_text() == "a file, not a folder"

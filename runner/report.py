@@ -293,10 +293,12 @@ def _subject(ctx: _Context, sid: str) -> str:
                 htmlpage.when(ctx.lock[s].get("built")),
                 _loss_text(ctx.lock[s].get("metrics", {})),
                 _folder(ctx, s),
+                _state(ctx, s),
             )
             for _, s in sorted(snapshots.items())
         ]
-        parts.append("<h4>Snapshots</h4>" + htmlpage.table(["snapshot", "built", "loss", "folder"], rows))
+        headers = ["snapshot", "built", "loss", "folder", "now"]
+        parts.append("<h4>Snapshots</h4>" + htmlpage.table(headers, rows))
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
 
 

@@ -497,3 +497,14 @@ def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build,
     assert f"cannot write the report to {target}: {proj.root / 'notes'} is a file, not a folder" in err
     assert "Errno" not in err and ".tmp" not in err
     assert (proj.root / "notes").read_text() == "a file, not a folder"
+
+
+def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(proj, build, fake_steps):
+    from runner.report import _Context, _subject
+
+    build(proj)
+    lock = lockfile.read(proj.lock)  # dog@2 was built when save_steps had 2; it has [3] now
+    lock["snapshot:dog@2"] = {"kind": "snapshot", "metrics": {"loss_last": 0.5}, "outputs": {}}
+    text = _subject(_Context(proj.load(), lock, {}, {}), "train:dog")
+    cells = [c for c in Page(text[text.index("<h4>Snapshots") :]).text if c.strip()]
+    assert cells[cells.index("now") + 1 :] == ["snapshot:dog@2", "0.5", "not in the project file"]

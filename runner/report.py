@@ -149,7 +149,7 @@ def _now(ctx: _Context, sid: str) -> str:
         )
     elif isinstance(ctx.stale, dict) and sid in ctx.stale:
         text = (
-            f"Stale: {escape('; '.join(ctx.stale[sid]))}. This is what the last build made; "
+            f"Stale: {escape('; '.join(ctx.stale[sid]))}. Shown as the lockfile records it; "
             "<code>dbl build</code> brings it up to date."
         )
     else:
@@ -465,19 +465,13 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     if outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
-        # a rerun that made the recorded bytes again keeps the record of the build that first made them
-        # (a last-build file of an older dbl does not say so: the times tell, to the second)
         row = ctx.outcomes[sid]
-        made_then = (
-            not row["remade"]
-            if "remade" in row
-            else htmlpage.when(row.get("started")) == htmlpage.when(record.get("built"))
-        )
-        text += (
-            f" ({verb} by the last build)"
-            if made_then
-            else f" ({verb} again by the last build, to the same outputs)"
-        )
+        if row.get("remade"):  # a rerun to the recorded bytes keeps the record of the build that made them
+            text += f" ({verb} again by the last build, to the same outputs)"
+        elif htmlpage.when(row.get("started")) == htmlpage.when(record.get("built")):
+            text += f" ({verb} by the last build)"
+        else:  # a lockfile checked out since (or an older dbl's record of a rerun): not its outputs
+            text += f" (by an earlier build; the last build {verb} it too)"
     return escape(text[0].upper() + text[1:])
 
 

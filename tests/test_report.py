@@ -508,3 +508,19 @@ def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(pro
     text = _subject(_Context(proj.load(), lock, {}, {}), "train:dog")
     cells = [c for c in Page(text[text.index("<h4>Snapshots") :]).text if c.strip()]
     assert cells[cells.index("now") + 1 :] == ["snapshot:dog@2", "0.5", "not in the project file"]
+
+
+def test_a_record_of_an_earlier_build_is_not_called_the_last_builds(proj, build, fake_steps):
+    """A lockfile checked out after the build (another branch's, or an earlier commit's) records other
+    builds of the steps the last build ran: they are not said to be its outputs, or the same as its."""
+    from runner import report
+
+    build(proj)
+    lock = lockfile.read(proj.lock)
+    lock["train:dog"]["built"] = "2026-01-02T03:04:05Z"  # as an earlier commit's lockfile has it
+    lockfile.write(proj.lock, lock)
+    text = _item(report.render(proj.load()), "train:dog")
+    assert "Built 2026-01-02 03:04:05 UTC in " in text
+    assert "(by an earlier build; the last build trained it too)" in text
+    assert "again by the last build" not in text
+    assert "(trained by the last build)" in _item(report.render(proj.load()), "train:toy")

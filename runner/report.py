@@ -196,12 +196,15 @@ def _summary(ctx: _Context) -> str:
     """Whether the lockfile's record, which the page shows, is what the project file asks for now."""
     if isinstance(ctx.stale, str):
         return f"not known which steps are stale ({ctx.stale})"
-    said = [f"{len(ctx.stale)} of {len(ctx.current)} steps stale"] if ctx.stale else []
+    stale = [sid for sid in ctx.stale if sid in ctx.lock]
+    said = [f"{len(stale)} of {len(ctx.current)} steps stale (marked where shown)"] if stale else []
+    if unbuilt := [sid for sid in ctx.current if sid not in ctx.lock]:
+        said.append(f"{len(unbuilt)} not built")
     if gone := [sid for sid in ctx.lock if sid not in ctx.current]:
         said.append(f"{len(gone)} no longer in the project file")
     if not said:
         return "up to date with the project file"
-    return ", ".join(said) + ": marked where shown; `dbl build` brings them up to date"
+    return ", ".join(said) + ": `dbl build` brings them up to date"
 
 
 def _timeline(ctx: _Context, last: dict | None) -> str:

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, htmlpage, listing, lockfile, planner, plots
+from runner import __version__, htmlpage, listing, lockfile, planner, plots, reportnow
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
@@ -82,7 +82,7 @@ def render(project) -> str:
     outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
     order = [s.id for s in planner.graph(project)]
     ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
-    ctx = _Context(project, lock, outcomes, _stale(project))
+    ctx = _Context(project, lock, outcomes, reportnow.stale(project))
 
     def of(kind: str, show) -> list[str]:
         return [show(ctx, sid) for sid in ids if _kind(lock, sid) == kind]
@@ -128,35 +128,6 @@ class _Context:
         return data if isinstance(data, dict) else {}
 
 
-def _stale(project) -> dict[str, list[str]] | str:
-    """{step id: reasons} of the steps `dbl plan` calls stale: the page shows what the lockfile records
-    of them, which is no longer what the project file asks for. A string says why no plan could be made."""
-    from runner.exec.workspace import Workspace
-
-    try:
-        _, planned = Workspace(project).plan()
-    except (DblError, OSError) as exc:
-        return str(exc)
-    return {p.id: list(p.reasons) for p in planned if p.stale}
-
-
-def _now(ctx: _Context, sid: str) -> str:
-    """A line that says so when what the page shows of step `sid` is not what the project asks for now."""
-    if sid not in ctx.current:
-        text = (
-            f"{sid} is no longer in the project file (removed or renamed): this is what was last built under "
-            "that name, and the next <code>dbl build</code> removes it."
-        )
-    elif isinstance(ctx.stale, dict) and sid in ctx.stale:
-        text = (
-            f"Stale: {escape('; '.join(ctx.stale[sid]))}. Shown as the lockfile records it; "
-            "<code>dbl build</code> brings it up to date."
-        )
-    else:
-        return ""
-    return f'<p class="stale">{text}</p>'
-
-
 def _mapping(value) -> dict:
     """A table of dbl.json, or {} where a hand-edited (or foreign) file has something else there."""
     return value if isinstance(value, dict) else {}
@@ -179,7 +150,7 @@ def _header(ctx: _Context, last: dict | None) -> str:
         ("lockfile", f"{lockfile.lock_path(project.path).name} (schema version {lockfile.LOCK_VERSION})"),
         ("base model", "; ".join(bases) or "(no step records one)"),
         ("outputs", str(project.out)),
-        ("now", _summary(ctx)),
+        ("now", reportnow.summary(ctx)),
     ]
     if last:
         rows.append(
@@ -190,21 +161,6 @@ def _header(ctx: _Context, last: dict | None) -> str:
         )
     rows.append(("this page", f"dbl {__version__}, {htmlpage.when(datetime.now(timezone.utc).isoformat())}"))
     return htmlpage.section("Project", [htmlpage.table(["", ""], rows, header=False)])
-
-
-def _summary(ctx: _Context) -> str:
-    """Whether the lockfile's record, which the page shows, is what the project file asks for now."""
-    if isinstance(ctx.stale, str):
-        return f"not known which steps are stale ({ctx.stale})"
-    stale = [sid for sid in ctx.stale if sid in ctx.lock]
-    said = [f"{len(stale)} of {len(ctx.current)} steps stale (marked where shown)"] if stale else []
-    if unbuilt := [sid for sid in ctx.current if sid not in ctx.lock]:
-        said.append(f"{len(unbuilt)} not built")
-    if gone := [sid for sid in ctx.lock if sid not in ctx.current]:
-        said.append(f"{len(gone)} no longer in the project file")
-    if not said:
-        return "up to date with the project file"
-    return ", ".join(said) + ": `dbl build` brings them up to date"
 
 
 def _timeline(ctx: _Context, last: dict | None) -> str:
@@ -280,7 +236,7 @@ def _subject(ctx: _Context, sid: str) -> str:
     facts_table = htmlpage.table(["", ""], [(k, v) for k, v in facts if v not in (None, "")], header=False)
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'trained')}</p>{_now(ctx, sid)}",
+        f"<p>{_built(ctx, sid, record, 'trained')}</p>{reportnow.line(ctx, sid)}",
         f'<div class="row">{plot}{facts_table}</div>',
     ]
     for table in ("train", "lora"):
@@ -296,7 +252,7 @@ def _subject(ctx: _Context, sid: str) -> str:
                 htmlpage.when(ctx.lock[s].get("built")),
                 _loss_text(ctx.lock[s].get("metrics", {})),
                 _folder(ctx, s),
-                _state(ctx, s),
+                reportnow.state(ctx, s),
             )
             for _, s in sorted(snapshots.items())
         ]
@@ -312,7 +268,7 @@ def _blend(ctx: _Context, sid: str) -> str:
     parents = ", ".join(f"{a.get('_name', '?')} × {a.get('weight')}" for a in inputs.get("adapters", []))
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'blended')}</p>{_now(ctx, sid)}",
+        f"<p>{_built(ctx, sid, record, 'blended')}</p>{reportnow.line(ctx, sid)}",
         f"<p>{escape(parents)}, method <code>{escape(str(inputs.get('method', '?')))}</code></p>",
     ]
     per_component = {k: v for k, v in metrics.items() if isinstance(v, dict)}
@@ -358,13 +314,13 @@ def _render_step(ctx: _Context, sid: str) -> str:
                 "to score this one.</p>"
             )
             continue
-        tables += _now(ctx, eval_id).replace("Stale:", f"{escape(eval_id)} is stale:", 1)
+        tables += reportnow.line(ctx, eval_id).replace("Stale:", f"{escape(eval_id)} is stale:", 1)
         tables += _fidelity_table(eval_id, scores, inputs)
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
     about = [caption, f'<div class="row">{tables}</div>']
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'rendered')}</p>{_now(ctx, sid)}",
+        f"<p>{_built(ctx, sid, record, 'rendered')}</p>{reportnow.line(ctx, sid)}",
         f'<div class="row">{image}<div>{"".join(about)}</div></div>',
     ]
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
@@ -435,7 +391,7 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
             r.get("output_hash", "")[:12],
             r.get("inputs", {}).get("version", ""),
         )
-        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), _state(ctx, sid))
+        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), reportnow.state(ctx, sid))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
     rows += [(sid, "", "", "", _unrecorded(ctx, sid), "", "") for sid in unbuilt]
@@ -446,14 +402,6 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
     )
     headers = ["step", "fingerprint", "output hash", "step version", "built", "took", "now"]
     return htmlpage.section("Provenance", [lead, htmlpage.table(headers, rows, css="provenance")])
-
-
-def _state(ctx: _Context, sid: str) -> str:
-    if sid not in ctx.current:
-        return "not in the project file"
-    if isinstance(ctx.stale, str):
-        return ""
-    return "stale" if sid in ctx.stale else "up to date"
 
 
 def _unrecorded(ctx: _Context, sid: str) -> str:

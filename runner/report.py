@@ -83,6 +83,7 @@ def render(project) -> str:
     order = [s.id for s in planner.graph(project)]
     ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
     ctx = _Context(project, lock, outcomes, reportnow.stale(project))
+    ctx.after = reportnow.built_after(lock, last)
 
     def of(kind: str, show) -> list[str]:
         return [show(ctx, sid) for sid in ids if _kind(lock, sid) == kind]
@@ -107,6 +108,7 @@ def render(project) -> str:
 class _Context:
     def __init__(self, project, lock: dict, outcomes: dict, stale: dict[str, list[str]] | str | None = None):
         self.project, self.lock, self.outcomes = project, lock, outcomes
+        self.after: set[str] = set()  # steps built since the last recorded build, by one unrecorded
         # {step id: why} of the steps the project file now asks otherwise of, or why that is not known
         self.stale = stale if stale is not None else {}
         self.current = {step.id for step in planner.graph(project)}
@@ -179,6 +181,11 @@ def _timeline(ctx: _Context, last: dict | None) -> str:
         f"<p>{htmlpage.when(last.get('started'))}, {fmt_duration(last.get('seconds', 0))}, exit code "
         f"{last.get('exit_code')}, executor {escape(where)}: {escape(summary)}.</p>"
     )
+    if ctx.after:
+        lead += (
+            f'<p class="stale">{len(ctx.after)} of the steps in the lockfile were built after this build, by '
+            "one that left no record of itself (still running, or killed before it ended).</p>"
+        )
     timed = [r for r in steps if "offset_s" in r]
     chart = htmlpage.img(plots.timeline_svg(timed), "timeline of the last build") if timed else ""
     worker = "build process" if backend == "inline" else f"{backend} worker"
@@ -413,7 +420,9 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     """'Built <when> in 4m40s', and what the last build did with the step."""
     text = f"built {htmlpage.when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
     outcome = ctx.outcomes.get(sid, {}).get("outcome")
-    if outcome == "restored":
+    if sid in ctx.after:
+        text += " (by a build after the last recorded one, which left no record: still running, or killed)"
+    elif outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
         row = ctx.outcomes[sid]

@@ -4,6 +4,7 @@ and after an edit of the project file, a rename or a checkout, that record is no
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from html import escape
 
 from runner.errors import DblError
@@ -60,3 +61,24 @@ def state(ctx, sid: str) -> str:
     if isinstance(ctx.stale, str):
         return ""
     return "stale" if sid in ctx.stale else "up to date"
+
+
+def built_after(lock: dict, last: dict | None) -> set[str]:
+    """The steps the lockfile records as built after the last recorded build ended: by a build that has
+    not recorded itself, still running or killed before it ended (the record is written at the end)."""
+    try:
+        ended = _time(last["started"]) + timedelta(seconds=float(last.get("seconds", 0)))
+    except (KeyError, TypeError, ValueError):
+        return set()
+    later = set()
+    for sid, record in lock.items():
+        try:  # `built` is when the step began, to the second: after the end, by another build
+            if _time(record["built"]) > ended:
+                later.add(sid)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return later
+
+
+def _time(iso: str) -> datetime:
+    return datetime.fromisoformat(str(iso).replace("Z", "+00:00"))

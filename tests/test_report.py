@@ -525,3 +525,23 @@ def test_a_record_of_an_earlier_build_is_not_called_the_last_builds(proj, build,
     assert "(by an earlier build; the last build trained it too)" in text
     assert "again by the last build" not in text
     assert "(trained by the last build)" in _item(report.render(proj.load()), "train:toy")
+
+
+def test_steps_built_after_the_last_recorded_build_are_not_called_its_own(proj, build, fake_steps):
+    """A build killed (or still running) has written its steps' records but not its own: the record of the
+    build before it is no account of those steps."""
+    from runner import report
+
+    build(proj)
+    last = lastbuild.read(proj.load())
+    lock = lockfile.read(proj.lock)
+    lock["train:dog"]["built"] = "2099-01-01T00:00:00Z"  # committed by a later build, then killed
+    lockfile.write(proj.lock, lock)
+    text = report.render(proj.load())
+    dog = _item(text, "train:dog")
+    assert "(by a build after the last recorded one, which left no record: still running, or killed)" in dog
+    assert "by the last build" not in dog and "by an earlier build" not in dog
+    assert "(trained by the last build)" in _item(text, "train:toy")
+    timeline = text[text.index('id="last-build"') :]
+    assert "1 of the steps in the lockfile were built after this build" in timeline
+    assert last["steps"]  # the record the page read is the build before

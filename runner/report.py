@@ -315,6 +315,9 @@ def _render_step(ctx: _Context, sid: str) -> str:
             ["metric", "value"], [(k, htmlpage.number(v)) for k, v in numbers.items()], css="metrics"
         )
     for eval_id, scores, current in _scores_of(ctx, sid):  # fidelity scores of eval steps of this render
+        if not current and eval_id not in ctx.current:  # the next build removes it: nothing to score
+            tables += reportnow.line(ctx, eval_id)
+            continue
         if not current:  # its scores are of images this render no longer holds
             tables += (
                 f"<p>{escape(eval_id)} scored an earlier build of this render: run <code>dbl build</code> "

@@ -126,3 +126,15 @@ def test_steps_built_after_the_last_recorded_build_are_not_called_its_own(proj, 
     timeline = text[text.index('id="last-build"') :]
     assert "1 of the steps in the lockfile were built after this build" in timeline
     assert last["steps"]  # the record the page read is the build before
+
+
+def test_an_eval_no_longer_in_the_project_is_not_said_to_score_the_next_build(proj):
+    from runner.report import _Context, _render_step
+
+    render = {"inputs": {"adapter": "none", "prompts": ["a dog"], "seeds": [0]}, "output_hash": "new"}
+    scored = {"kind": "eval", "inputs": {"render": {"_name": "base", "output": "old"}}, "metrics": {}}
+    text = _render_step(
+        _Context(proj.load(), {"render:base": render, "eval:old": scored}, {}, {}), "render:base"
+    )
+    assert "eval:old is no longer in the project file" in text
+    assert "run <code>dbl build</code> to score this one" not in text

@@ -141,8 +141,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="write an HTML page of the build: loss curves, render grids, blends, the last build's timeline",
         description="Write one self-contained HTML page of what the lockfile says was built: each "
         "subject's loss curves, settings, training time and snapshots; each render's grid; each blend's "
-        "recorded errors; the timeline of the last build; provenance. Needs matplotlib: "
-        "pip install 'dbl[report]'.",
+        "recorded errors; the timeline of the last build; provenance; and what `dbl plan` calls stale "
+        "since. Needs matplotlib: pip install 'dbl[report]'.",
     )
     project_arg(p)
     p.add_argument(

@@ -9,15 +9,19 @@ The page holds, from the lockfile, the adapters' `dbl.json` and the record of th
   the eval steps that score it;
 - per blend: its parents and weights, its method and the errors it recorded;
 - the timeline of the last build (ran, restored, failed, skipped; when, how long, on which device);
-- provenance: the base model, the dbl version, every step's fingerprint and build time.
+- provenance: the base model, the dbl version, every step's fingerprint and build time;
+
+and, where the project file has changed since, which of what it shows is stale (as `dbl plan` says), or
+no longer in the project.
 
 Nothing is fetched when the page is opened: plots (drawn by matplotlib, as SVG) and images are data
-URIs in the page, and the styles are in it. Only files are read: no hashing, no model loading.
+URIs in the page, and the styles are in it. Only files are read, and hashed where the plan must (as
+`dbl plan`): no model loading.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import os
 from collections import Counter
@@ -25,7 +29,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, listing, lockfile, planner, plots
+from runner import __version__, htmlpage, listing, lockfile, planner, plots, reportnow
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
@@ -49,10 +53,18 @@ def write(project, output: Path | str | None = None) -> Path:
         return target
     if target.is_symlink():
         target = target.resolve()  # the file it points to is the report, not the link
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # said of the page asked for, not of the temporary file beside it or a folder on the way
+        blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise DblError(f"cannot write the report to {target}: {why}; give -o a path you can write") from None
     return target
 
 
@@ -70,31 +82,36 @@ def render(project) -> str:
     outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
     order = [s.id for s in planner.graph(project)]
     ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
-    ctx = _Context(project, lock, outcomes)
+    ctx = _Context(project, lock, outcomes, reportnow.stale(project))
+    ctx.after = reportnow.built_after(lock, last)
 
     def of(kind: str, show) -> list[str]:
         return [show(ctx, sid) for sid in ids if _kind(lock, sid) == kind]
 
     sections = [
         _header(ctx, last),
-        _section("Subjects", of("train", _subject)),
-        _section("Renders", of("render", _render_step)),
-        _section("Blends", of("blend", _blend)),
+        htmlpage.section("Subjects", of("train", _subject)),
+        htmlpage.section("Renders", of("render", _render_step)),
+        htmlpage.section("Blends", of("blend", _blend)),
         _timeline(ctx, last),
         _provenance(ctx, ids, [sid for sid in order if sid not in lock]),
     ]
     title = escape(f"dbl report: {project.name}")
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-        f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
+        f"<style>{htmlpage.CSS}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
         + "\n".join(sections)
         + "\n</body>\n</html>\n"
     )
 
 
 class _Context:
-    def __init__(self, project, lock: dict, outcomes: dict):
+    def __init__(self, project, lock: dict, outcomes: dict, stale: dict[str, list[str]] | str | None = None):
         self.project, self.lock, self.outcomes = project, lock, outcomes
+        self.after: set[str] = set()  # steps built since the last recorded build, by one unrecorded
+        # {step id: why} of the steps the project file now asks otherwise of, or why that is not known
+        self.stale = stale if stale is not None else {}
+        self.current = {step.id for step in planner.graph(project)}
 
     def output(self, sid: str, name: str) -> Path | None:
         """The recorded output of step `sid` whose path ends in `name` (None when there is none)."""
@@ -128,20 +145,24 @@ def _kind(lock: dict, sid: str) -> str:
 def _header(ctx: _Context, last: dict | None) -> str:
     project, records = ctx.project, ctx.lock.values()
     bases = sorted(
-        {_plain(r["inputs"]["base_model"]) for r in records if "base_model" in r.get("inputs", {})}
+        {htmlpage.plain(r["inputs"]["base_model"]) for r in records if "base_model" in r.get("inputs", {})}
     )
     rows = [
         ("project file", str(project.path)),
         ("lockfile", f"{lockfile.lock_path(project.path).name} (schema version {lockfile.LOCK_VERSION})"),
         ("base model", "; ".join(bases) or "(no step records one)"),
         ("outputs", str(project.out)),
+        ("now", reportnow.summary(ctx)),
     ]
     if last:
         rows.append(
-            ("last build", f"dbl {last.get('dbl')} on {last.get('host')}, {_when(last.get('started'))}")
+            (
+                "last build",
+                f"dbl {last.get('dbl')} on {last.get('host')}, {htmlpage.when(last.get('started'))}",
+            )
         )
-    rows.append(("this page", f"dbl {__version__}, {_when(datetime.now(timezone.utc).isoformat())}"))
-    return _section("Project", [_table(["", ""], rows, header=False)])
+    rows.append(("this page", f"dbl {__version__}, {htmlpage.when(datetime.now(timezone.utc).isoformat())}"))
+    return htmlpage.section("Project", [htmlpage.table(["", ""], rows, header=False)])
 
 
 def _timeline(ctx: _Context, last: dict | None) -> str:
@@ -150,34 +171,39 @@ def _timeline(ctx: _Context, last: dict | None) -> str:
             f"No record of the last build in {lastbuild.path(ctx.project)}: none ran here yet (a fresh "
             "clone), or only an older dbl's"
         )
-        return _section(
+        return htmlpage.section(
             "Last build", [f"<p>{escape(note)}; the provenance table says when each step was built.</p>"]
         )
     steps, backend = last["steps"], str(last.get("backend"))
     summary = ", ".join(f"{n} {outcome}" for outcome, n in Counter(r["outcome"] for r in steps).items())
     where = backend + (f", -j {last['jobs']}" if last.get("jobs", 1) != 1 else "")
     lead = (
-        f"<p>{_when(last.get('started'))}, {fmt_duration(last.get('seconds', 0))}, exit code "
+        f"<p>{htmlpage.when(last.get('started'))}, {fmt_duration(last.get('seconds', 0))}, exit code "
         f"{last.get('exit_code')}, executor {escape(where)}: {escape(summary)}.</p>"
     )
+    if ctx.after:
+        lead += (
+            f'<p class="stale">{len(ctx.after)} of the steps in the lockfile were built after this build, by '
+            "one that left no record of itself (still running, or killed before it ended).</p>"
+        )
     timed = [r for r in steps if "offset_s" in r]
-    chart = _img(plots.timeline_svg(timed), "timeline of the last build") if timed else ""
+    chart = htmlpage.img(plots.timeline_svg(timed), "timeline of the last build") if timed else ""
     worker = "build process" if backend == "inline" else f"{backend} worker"
     rows = [
         (
             r["id"],
             f'<span class="outcome {escape(r["outcome"])}">{escape(r["outcome"])}</span>',
-            _when(r.get("started")),
+            htmlpage.when(r.get("started")),
             fmt_duration(r["seconds"]) if "seconds" in r else "",
             r.get("on") or (worker if r["outcome"] in ("ran", "failed", "interrupted") else ""),
             r.get("error") or "; ".join(r.get("reasons", [])),
         )
         for r in steps
     ]
-    table = _table(
+    table = htmlpage.table(
         ["step", "outcome", "started", "took", "on", "why / error"], rows, raw=(1,), css="timeline"
     )
-    return _section("Last build", [lead, chart, table])
+    return htmlpage.section("Last build", [lead, chart, table])
 
 
 def _subject(ctx: _Context, sid: str) -> str:
@@ -193,7 +219,7 @@ def _subject(ctx: _Context, sid: str) -> str:
     if recorded is None or not recorded.is_file():
         plot = f"<p>dbl.json is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
     elif isinstance(log.get("instance_loss"), list) and log["instance_loss"]:
-        plot = _img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
+        plot = htmlpage.img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
     else:
         plot = "<p>No per-step log in its dbl.json.</p>"
     class_prompt = prior.get("class_prompt")
@@ -214,24 +240,31 @@ def _subject(ctx: _Context, sid: str) -> str:
         ("seed", info.get("seed")),
         ("processes", info.get("num_processes")),
     ]
-    facts_table = _table(["", ""], [(k, v) for k, v in facts if v not in (None, "")], header=False)
+    facts_table = htmlpage.table(["", ""], [(k, v) for k, v in facts if v not in (None, "")], header=False)
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'trained')}</p>",
+        f"<p>{_built(ctx, sid, record, 'trained')}</p>{reportnow.line(ctx, sid)}",
         f'<div class="row">{plot}{facts_table}</div>',
     ]
     for table in ("train", "lora"):
-        rows = [(k, _plain(v)) for k, v in sorted(_mapping(info.get(table)).items()) if v is not None]
+        rows = [(k, htmlpage.plain(v)) for k, v in sorted(_mapping(info.get(table)).items()) if v is not None]
         if rows:
             parts.append(
-                f"<details><summary>[{table}] settings</summary>{_table(['key', 'value'], rows)}</details>"
+                f"<details><summary>[{table}] settings</summary>{htmlpage.table(['key', 'value'], rows)}</details>"
             )
     if snapshots:
         rows = [
-            (s, _when(ctx.lock[s].get("built")), _loss_text(ctx.lock[s].get("metrics", {})), _folder(ctx, s))
+            (
+                s,
+                htmlpage.when(ctx.lock[s].get("built")),
+                _loss_text(ctx.lock[s].get("metrics", {})),
+                _folder(ctx, s),
+                reportnow.state(ctx, s),
+            )
             for _, s in sorted(snapshots.items())
         ]
-        parts.append("<h4>Snapshots</h4>" + _table(["snapshot", "built", "loss", "folder"], rows))
+        headers = ["snapshot", "built", "loss", "folder", "now"]
+        parts.append("<h4>Snapshots</h4>" + htmlpage.table(headers, rows))
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
 
 
@@ -242,18 +275,20 @@ def _blend(ctx: _Context, sid: str) -> str:
     parents = ", ".join(f"{a.get('_name', '?')} × {a.get('weight')}" for a in inputs.get("adapters", []))
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'blended')}</p>",
+        f"<p>{_built(ctx, sid, record, 'blended')}</p>{reportnow.line(ctx, sid)}",
         f"<p>{escape(parents)}, method <code>{escape(str(inputs.get('method', '?')))}</code></p>",
     ]
     per_component = {k: v for k, v in metrics.items() if isinstance(v, dict)}
     components = sorted({c for v in per_component.values() for c in v})
     if components:
         keys = sorted(per_component)
-        rows = [(c, *(_number(per_component[k].get(c)) for k in keys)) for c in components]
-        parts.append(_table(["component", *(k.replace("_", " ") for k in keys)], rows, css="blend-errors"))
-    flat = {k: v for k, v in _numbers(metrics).items() if "." not in k}
+        rows = [(c, *(htmlpage.number(per_component[k].get(c)) for k in keys)) for c in components]
+        parts.append(
+            htmlpage.table(["component", *(k.replace("_", " ") for k in keys)], rows, css="blend-errors")
+        )
+    flat = {k: v for k, v in htmlpage.numbers(metrics).items() if "." not in k}
     if flat:
-        parts.append(_table(["metric", "value"], [(k, _number(v)) for k, v in flat.items()]))
+        parts.append(htmlpage.table(["metric", "value"], [(k, htmlpage.number(v)) for k, v in flat.items()]))
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
 
 
@@ -263,7 +298,7 @@ def _render_step(ctx: _Context, sid: str) -> str:
     name = sid.split(":", 1)[1]
     grid = ctx.output(sid, "grid.png")
     if grid is not None and grid.is_file():
-        image = _img(grid.read_bytes(), f"grid of {name}", mime="image/png", css="grid")
+        image = htmlpage.img(grid.read_bytes(), f"grid of {name}", mime="image/png", css="grid")
     else:
         image = f"<p>grid.png is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
     settings = [
@@ -274,22 +309,28 @@ def _render_step(ctx: _Context, sid: str) -> str:
         ("guidance scale", inputs.get("guidance_scale")),
         ("lora scale", inputs.get("lora_scale")),
     ]
-    tables = _table(["", ""], [(k, v) for k, v in settings if v not in (None, "")], header=False)
-    if numbers := _numbers(metrics):  # what the step recorded
-        tables += _table(["metric", "value"], [(k, _number(v)) for k, v in numbers.items()], css="metrics")
+    tables = htmlpage.table(["", ""], [(k, v) for k, v in settings if v not in (None, "")], header=False)
+    if numbers := htmlpage.numbers(metrics):  # what the step recorded
+        tables += htmlpage.table(
+            ["metric", "value"], [(k, htmlpage.number(v)) for k, v in numbers.items()], css="metrics"
+        )
     for eval_id, scores, current in _scores_of(ctx, sid):  # fidelity scores of eval steps of this render
+        if not current and eval_id not in ctx.current:  # the next build removes it: nothing to score
+            tables += reportnow.line(ctx, eval_id)
+            continue
         if not current:  # its scores are of images this render no longer holds
             tables += (
                 f"<p>{escape(eval_id)} scored an earlier build of this render: run <code>dbl build</code> "
                 "to score this one.</p>"
             )
             continue
+        tables += reportnow.line(ctx, eval_id).replace("Stale:", f"{escape(eval_id)} is stale:", 1)
         tables += _fidelity_table(eval_id, scores, inputs)
     caption = _grid_caption(inputs, list(inputs.get("prompts", [])), list(inputs.get("seeds", [])))
     about = [caption, f'<div class="row">{tables}</div>']
     parts = [
         f"<h3>{escape(name)}</h3>",
-        f"<p>{_built(ctx, sid, record, 'rendered')}</p>",
+        f"<p>{_built(ctx, sid, record, 'rendered')}</p>{reportnow.line(ctx, sid)}",
         f'<div class="row">{image}<div>{"".join(about)}</div></div>',
     ]
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
@@ -316,16 +357,16 @@ def _fidelity_table(eval_id: str, scores: dict, inputs: dict) -> str:
     is scored per adapter), one column per score."""
     if isinstance(inputs.get("adapters"), list):
         names = [str(a.get("_name", "?")) if isinstance(a, dict) else str(a) for a in inputs["adapters"]]
-        per_adapter = {a: _numbers(_mapping(scores.get(a))) for a in names}
+        per_adapter = {a: htmlpage.numbers(_mapping(scores.get(a))) for a in names}
     else:
-        per_adapter = {_adapter_names(inputs) or "?": _numbers(scores)}
+        per_adapter = {_adapter_names(inputs) or "?": htmlpage.numbers(scores)}
     found = {k for v in per_adapter.values() for k in v}
     columns = [k for k in SCORES if k in found] + sorted(found - set(SCORES))
     if not columns:
         return f"<p>{escape(eval_id)}: nothing to score (no prompt of the render names what it measures).</p>"
-    rows = [(a, *(_number(v.get(k)) for k in columns)) for a, v in per_adapter.items()]
+    rows = [(a, *(htmlpage.number(v.get(k)) for k in columns)) for a, v in per_adapter.items()]
     headers = [f"fidelity ({eval_id})", *(k.replace("_", " ") for k in columns)]
-    return _table(headers, rows, css="metrics")
+    return htmlpage.table(headers, rows, css="metrics")
 
 
 def _grid_caption(inputs: dict, prompts: list, seeds: list) -> str:
@@ -360,16 +401,17 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
             r.get("output_hash", "")[:12],
             r.get("inputs", {}).get("version", ""),
         )
-        + (_when(r.get("built")), fmt_duration(r.get("duration_s", 0)))
+        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), reportnow.state(ctx, sid))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
-    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "") for sid in unbuilt]
+    rows += [(sid, "", "", "", _unrecorded(ctx, sid), "", "") for sid in unbuilt]
     lead = (
         "<p>From the lockfile: each step's fingerprint (the hash of its inputs) and output hash, the "
-        "version of its step kind, and when it was built and how long that took.</p>"
+        "version of its step kind, when it was built and how long that took, and whether the project file "
+        "still asks for it (`dbl plan` says why a step is stale).</p>"
     )
-    headers = ["step", "fingerprint", "output hash", "step version", "built", "took"]
-    return _section("Provenance", [lead, _table(headers, rows, css="provenance")])
+    headers = ["step", "fingerprint", "output hash", "step version", "built", "took", "now"]
+    return htmlpage.section("Provenance", [lead, htmlpage.table(headers, rows, css="provenance")])
 
 
 def _unrecorded(ctx: _Context, sid: str) -> str:
@@ -377,50 +419,22 @@ def _unrecorded(ctx: _Context, sid: str) -> str:
     return f"not in the lockfile (files in {folder})" if folder else "not built"
 
 
-# --- HTML pieces -----------------------------------------------------------------------------------------
-
-
-def _section(title: str, parts: list[str]) -> str:
-    body = "\n".join(p for p in parts if p) or "<p>None in the lockfile.</p>"
-    anchor = title.lower().replace(" ", "-")
-    return f'<section id="{anchor}">\n<h2>{escape(title)}</h2>\n{body}\n</section>'
-
-
-def _img(data: bytes, alt: str, mime: str = "image/svg+xml", css: str = "plot") -> str:
-    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return f'<img class="{css}" alt="{escape(alt)}" src="{uri}">'
-
-
-def _table(
-    headers: list[str], rows: list[tuple], raw: tuple[int, ...] = (), css: str = "", header: bool = True
-) -> str:
-    """A table of `rows`; the cells whose index is in `raw` are HTML already, every other is escaped."""
-    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>" if header else ""
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c if i in raw else escape(str(c))}</td>" for i, c in enumerate(row)) + "</tr>"
-        for row in rows
-    )
-    return f'<table class="{css}">{head}{body}</table>'
-
-
 def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     """'Built <when> in 4m40s', and what the last build did with the step."""
-    text = f"built {_when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
+    text = f"built {htmlpage.when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
     outcome = ctx.outcomes.get(sid, {}).get("outcome")
-    if outcome == "restored":
+    if sid in ctx.after:
+        text += " (by a build after the last recorded one, which left no record: still running, or killed)"
+    elif outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
-        # a rerun that made the recorded bytes again keeps the record of the build that first made them
-        # (a last-build file of an older dbl does not say so: the times tell, to the second)
         row = ctx.outcomes[sid]
-        made_then = (
-            not row["remade"] if "remade" in row else _when(row.get("started")) == _when(record.get("built"))
-        )
-        text += (
-            f" ({verb} by the last build)"
-            if made_then
-            else f" ({verb} again by the last build, to the same outputs)"
-        )
+        if row.get("remade"):  # a rerun to the recorded bytes keeps the record of the build that made them
+            text += f" ({verb} again by the last build, to the same outputs)"
+        elif htmlpage.when(row.get("started")) == htmlpage.when(record.get("built")):
+            text += f" ({verb} by the last build)"
+        else:  # a lockfile checked out since (or an older dbl's record of a rerun): not its outputs
+            text += f" (by an earlier build; the last build {verb} it too)"
     return escape(text[0].upper() + text[1:])
 
 
@@ -430,61 +444,8 @@ def _folder(ctx: _Context, sid: str) -> str:
     return Path(common).parent.as_posix() if len(outputs) == 1 else common
 
 
-def _when(iso: str | None) -> str:
-    if not iso:
-        return ""
-    try:
-        when = datetime.fromisoformat(str(iso).replace("Z", "+00:00")).astimezone(timezone.utc)
-    except ValueError:
-        return str(iso)
-    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _plain(value) -> str:
-    """A recorded value as short text: dicts as 'key=value, ...', lists comma-separated."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k.lstrip('_')}={_plain(v)}" for k, v in sorted(value.items()))
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_plain(v) for v in value)
-    return str(value)
-
-
-def _numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Every number in `metrics` (nested tables as dotted keys), as recorded: none is made up here."""
-    found: dict[str, float] = {}
-    for key, value in sorted(metrics.items()):
-        if isinstance(value, dict):
-            found.update(_numbers(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[prefix + key] = value
-    return found
-
-
-def _number(value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "" if value is None else str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.3e}"
-
-
 def _loss_text(metrics: dict) -> str:
     if "loss_last" not in metrics:
         return ""
-    first = f"{_number(metrics['loss_first'])} -> " if metrics.get("loss_first") is not None else ""
-    return first + _number(metrics["loss_last"])
-
-
-CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
-       color: #222; padding: 0 16px; }
-h1 { font-size: 22px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
-h3 { margin-bottom: 4px; } code { background: #f3f3f3; padding: 0 3px; }
-table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ddd; padding: 2px 8px;
-       text-align: left; vertical-align: top; } th { background: #f6f6f6; }
-.item { margin-bottom: 28px; } img.plot { max-width: 100%; display: block; }
-.row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
-img.grid { max-width: 100%; image-rendering: pixelated; min-width: 256px; border: 1px solid #ccc; }
-.caption { font-size: 13px; color: #444; } .caption ol { margin: 2px 0; }
-.outcome { padding: 0 6px; border-radius: 3px; color: #fff; }
-""" + "".join(f".outcome.{o} {{ background: {c}; }}\n" for o, c in plots.OUTCOME_COLOURS.items())
+    first = f"{htmlpage.number(metrics['loss_first'])} -> " if metrics.get("loss_first") is not None else ""
+    return first + htmlpage.number(metrics["loss_last"])

@@ -159,3 +159,17 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
     loaded = load_project(project)
     spec = loaded.tables["eval"]["base"]
     assert _warnings(loaded, spec, _subject(loaded, spec)) == []
+
+
+def test_an_identifier_no_prompt_names_is_a_warning(project):
+    """The cross's prompts say 'zwx'; the identifier left at its default, 'sks', is in none of them, and
+    subject fidelity was left out of the scores without a word."""
+    from runner.steps.evaluate import _subject, _warnings
+
+    project.write_text(PROJECT.replace('subject = "ring"', 'subject = "ring"\nidentifier = "zwx"'))
+    loaded = load_project(project)
+    spec = loaded.tables["eval"]["base"]
+    assert _warnings(loaded, spec, _subject(loaded, spec)) == [
+        "no prompt of renders.base names the identifier 'zwx', so subject fidelity is not counted: set "
+        "identifier to the word that stands for ring (its instance prompt: 'a sks shape')"
+    ]

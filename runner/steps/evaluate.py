@@ -92,6 +92,15 @@ def _warnings(project, spec, subject) -> list[str]:
             "no prompt names it, so subject fidelity is not counted"
         )
     render = project.tables.get("render", {}).get(spec.render)
+    named = render is not None and any(
+        spec.identifier.lower() in re.findall(r"[a-z]+", prompt.lower()) for prompt in render.prompts
+    )
+    if subject is not None and render is not None and not said and not named:
+        said.append(
+            f"no prompt of renders.{spec.render} names the identifier {spec.identifier!r}, so subject "
+            f"fidelity is not counted: set identifier to the word that stands for {subject.name} "
+            f"(its instance prompt: {subject.instance_prompt!r})"
+        )
     if subject is not None or spec.subject is not None or render is None:
         return said
     subjects = project.tables.get("train", {})

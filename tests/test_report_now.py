@@ -1,0 +1,140 @@
+"""`dbl report` tells what it shows from what the project asks for now: steps stale since the build,
+steps no longer in the project, records another build made (a lockfile checked out, a build killed before
+it recorded itself); and an output path it cannot write. With fake steps: milliseconds."""
+
+from __future__ import annotations
+
+from runner import lockfile
+from runner.cli import main
+from runner.exec import lastbuild
+from tests.test_report import Page
+
+
+def _item(text: str, sid: str) -> str:
+    """The page's block of step `sid`."""
+    start = text.index(f'id="{sid}"')
+    return text[start : min(text.find(end, start) % len(text) for end in ('<div class="item"', "</section>"))]
+
+
+def test_what_the_project_file_changed_since_the_build_is_marked_stale_not_shown_as_current(
+    proj, build, fake_steps
+):
+    build(proj)
+    proj.edit("sks dog in a park", "sks dog in a garden")  # a prompt changed
+    proj.edit("[subjects.toy]", "[subjects.teddy]")  # a subject renamed
+    proj.edit("toy = 1.0", "teddy = 1.0")
+    from runner import report
+
+    text = report.render(proj.load())
+    park = _item(text, "render:park")
+    assert '<p class="stale">Stale: prompts[0]' in park and "sks dog in a garden" in park
+    assert "render:park is no longer" not in park
+    assert "train:toy is no longer in the project file (removed or renamed)" in _item(text, "train:toy")
+    for fresh in ("train:dog", "render:base"):
+        assert 'class="stale"' not in _item(text, fresh), fresh
+    assert "upstream train:teddy stale" in _item(text, "blend:mix")
+    cells = [c for c in Page(text[text.index('id="provenance"') :]).text if c.strip()]
+    assert cells[cells.index("render:park") + 6] == "stale"
+    assert cells[cells.index("render:base") + 6] == "up to date"
+    assert cells[cells.index("train:toy") + 6] == "not in the project file"
+    # mix, park, mixed; teddy; toy
+    assert "3 of 7 steps stale (marked where shown), 1 not built, 1 no longer in the project file" in text
+
+    build(proj)  # built as asked: nothing is marked
+    text = report.render(proj.load())
+    assert 'class="stale"' not in text and "up to date with the project file" in text
+
+
+def test_scores_of_an_eval_the_project_now_sets_otherwise_are_marked_stale_with_why(proj):
+    """Scores of the render's very images, under an identifier the project no longer names, are shown
+    beside the grid but marked stale; those of an eval the project has no more say so too."""
+    from runner.report import _Context, _render_step
+
+    render = {"inputs": {"adapter": "none", "prompts": ["a dog"], "seeds": [0]}, "output_hash": "abc"}
+    scored = {"kind": "eval", "inputs": {"render": {"_name": "base", "output": "abc"}}}
+    lock = {
+        "render:base": render,
+        "eval:base": {**scored, "metrics": {"prompt_fidelity": 0.5}},
+        "eval:old": {**scored, "metrics": {"prompt_fidelity": 0.25}},
+    }
+    ctx = _Context(proj.load(), lock, {}, {"eval:base": ["identifier 'sks' -> 'zwx'"]})
+    ctx.current.add("eval:base")
+    text = _render_step(ctx, "render:base")
+    assert '<p class="stale">Stale' not in text  # the render is as asked
+    marked = text.index(
+        '<p class="stale">eval:base is stale: identifier &#x27;sks&#x27; -&gt; &#x27;zwx&#x27;'
+    )
+    assert marked < text.index("fidelity (eval:base)")
+    gone = text.index('<p class="stale">eval:old is no longer in the project file')
+    assert gone < text.index("fidelity (eval:old)")
+    assert text.count('class="stale"') == 2
+
+
+def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build, fake_steps, capsys):
+    build(proj)
+    (proj.root / "notes").write_text("a file, not a folder")
+    target = proj.root / "notes" / "review" / "pets.html"
+    assert main(["report", str(proj.path), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report to {target}: {proj.root / 'notes'} is a file, not a folder" in err
+    assert "Errno" not in err and ".tmp" not in err
+    assert (proj.root / "notes").read_text() == "a file, not a folder"
+
+
+def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(proj, build, fake_steps):
+    from runner.report import _Context, _subject
+
+    build(proj)
+    lock = lockfile.read(proj.lock)  # dog@2 was built when save_steps had 2; it has [3] now
+    lock["snapshot:dog@2"] = {"kind": "snapshot", "metrics": {"loss_last": 0.5}, "outputs": {}}
+    text = _subject(_Context(proj.load(), lock, {}, {}), "train:dog")
+    cells = [c for c in Page(text[text.index("<h4>Snapshots") :]).text if c.strip()]
+    assert cells[cells.index("now") + 1 :] == ["snapshot:dog@2", "0.5", "not in the project file"]
+
+
+def test_a_record_of_an_earlier_build_is_not_called_the_last_builds(proj, build, fake_steps):
+    """A lockfile checked out after the build (another branch's, or an earlier commit's) records other
+    builds of the steps the last build ran: they are not said to be its outputs, or the same as its."""
+    from runner import report
+
+    build(proj)
+    lock = lockfile.read(proj.lock)
+    lock["train:dog"]["built"] = "2026-01-02T03:04:05Z"  # as an earlier commit's lockfile has it
+    lockfile.write(proj.lock, lock)
+    text = _item(report.render(proj.load()), "train:dog")
+    assert "Built 2026-01-02 03:04:05 UTC in " in text
+    assert "(by an earlier build; the last build trained it too)" in text
+    assert "again by the last build" not in text
+    assert "(trained by the last build)" in _item(report.render(proj.load()), "train:toy")
+
+
+def test_steps_built_after_the_last_recorded_build_are_not_called_its_own(proj, build, fake_steps):
+    """A build killed (or still running) has written its steps' records but not its own: the record of the
+    build before it is no account of those steps."""
+    from runner import report
+
+    build(proj)
+    last = lastbuild.read(proj.load())
+    lock = lockfile.read(proj.lock)
+    lock["train:dog"]["built"] = "2099-01-01T00:00:00Z"  # committed by a later build, then killed
+    lockfile.write(proj.lock, lock)
+    text = report.render(proj.load())
+    dog = _item(text, "train:dog")
+    assert "(by a build after the last recorded one, which left no record: still running, or killed)" in dog
+    assert "by the last build" not in dog and "by an earlier build" not in dog
+    assert "(trained by the last build)" in _item(text, "train:toy")
+    timeline = text[text.index('id="last-build"') :]
+    assert "1 of the steps in the lockfile were built after this build" in timeline
+    assert last["steps"]  # the record the page read is the build before
+
+
+def test_an_eval_no_longer_in_the_project_is_not_said_to_score_the_next_build(proj):
+    from runner.report import _Context, _render_step
+
+    render = {"inputs": {"adapter": "none", "prompts": ["a dog"], "seeds": [0]}, "output_hash": "new"}
+    scored = {"kind": "eval", "inputs": {"render": {"_name": "base", "output": "old"}}, "metrics": {}}
+    text = _render_step(
+        _Context(proj.load(), {"render:base": render, "eval:old": scored}, {}, {}), "render:base"
+    )
+    assert "eval:old is no longer in the project file" in text
+    assert "run <code>dbl build</code> to score this one" not in text

@@ -1140,3 +1140,15 @@ def test_the_name_refused_for_kohya_files_is_the_diffusers_file_s():
     from runner.project.checks import DIFFUSERS_STEM
 
     assert f"{DIFFUSERS_STEM}.safetensors" == DIFFUSERS_WEIGHTS
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_lines_are_counted_as_toml_counts_them(folder, separator):
+    # TOML ends a line at "\n" only: a prompt or comment pasted from a web page may hold a Unicode line
+    # separator, and the lines after it are still numbered as an editor numbers them.
+    text = GOOD.replace('"a photo of dog"', f'"a photo{separator}of dog"  # it is{separator}here')
+    text += '\n[train]\nsteps = "800"\n'
+    line = text.split("\n").index('steps = "800"') + 1
+    assert problems(folder, text) == [
+        f"train.steps: expected an integer, got the string '800' (line {line}) - e.g. steps = 800"
+    ]

@@ -312,7 +312,7 @@ def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
         message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
     else:  # "(at end of document)"
         message = re.sub(r"\s*\(at end of document\)$", " at the end of the file", str(exc))
-        line = max(1, len(text.splitlines()))
+        line = max(1, text.count("\n") + (not text.endswith("\n")))  # as TOML counts lines
     return [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]
 
 

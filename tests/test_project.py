@@ -1152,3 +1152,16 @@ def test_lines_are_counted_as_toml_counts_them(folder, separator):
     assert problems(folder, text) == [
         f"train.steps: expected an integer, got the string '800' (line {line}) - e.g. steps = 800"
     ]
+
+
+def test_a_value_with_a_line_break_or_terminal_code_is_said_on_one_line(folder):
+    # A problem quotes the value; written as is, a line break splits the report and an escape
+    # sequence recolours the terminal.
+    text = GOOD + '\n[renders.r]\nadapter = "dog\\n\\u001b[31m\\u2028"\nprompts = ["x"]\n'
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    lines = info.value.report().split("\n")
+    assert len(lines) == 2 and all(line.isprintable() for line in lines)  # the head line, one problem
+    assert "'dog\\n\\x1b[31m\\u2028' is not a subject or blend" in lines[1]

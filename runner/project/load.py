@@ -40,7 +40,16 @@ class Problem:
         where = f" (line {self.line})" if self.line else ""
         fix = f" - {self.fix}" if self.fix else ""
         key = f"{self.key}: " if self.key else ""
-        return f"{key}{self.message}{where}{fix}"
+        return visible(f"{key}{self.message}{where}{fix}")
+
+
+def visible(text: str) -> str:
+    """`text` with each character a terminal would not show as itself written as its escape (\\n, \\x1b,
+    \\u2028): a name or value quoted from the file may hold a line break, which would split a problem
+    over lines, or a terminal's colour code, which would recolour the report."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ProjectError(Exception):
@@ -53,7 +62,7 @@ class ProjectError(Exception):
 
     def report(self) -> str:
         count = len(self.problems)
-        head = f"{_display(self.path)}: {count} problem{'s' if count != 1 else ''}"
+        head = visible(f"{_display(self.path)}: {count} problem{'s' if count != 1 else ''}")
         return "\n".join([head] + [f"  {p}" for p in self.problems])
 
 

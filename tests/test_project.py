@@ -260,7 +260,7 @@ CASES = [
     (
         "class prompts not strings",
         '[priors.cat]\nclass_prompt = ["a cat", 3]\n',
-        'priors.cat.class_prompt: expected a string, or a list of strings, got a list (line {line}) - e.g. class_prompt = "a photo of dog"',
+        'priors.cat.class_prompt: expected a string, or a list of strings, got a list of strings and integers (line {line}) - e.g. class_prompt = "a photo of dog"',
     ),
     (
         "no class prompt in the list",
@@ -363,12 +363,34 @@ CASES = [
     (
         "a list of one where a string is expected",
         '[renders.r]\nadapter = ["dog"]\nprompts = ["x"]\n',
-        'renders.r.adapter: expected a string, got a list (line {line}) - e.g. adapter = "dog"',
+        'renders.r.adapter: expected a string, got a list of strings (line {line}) - e.g. adapter = "dog"',
     ),
     (
         "a whole number written as a float",
         "[train]\nsteps = 1e3\n",
         "train.steps: expected an integer, got float 1000.0 (line {line}) - e.g. steps = 1000",
+    ),
+    (
+        "a date where a number is expected",
+        "[train]\nsteps = 2024-01-02\n",
+        "train.steps: expected an integer, got the date 2024-01-02 (line {line}) - e.g. steps = 800",
+    ),
+    (
+        "a whole number beyond 64 bits written as a float",
+        "[lora]\nrank = 1e300\n",
+        "lora.rank: expected an integer, got float 1e+300 (line {line}) - e.g. rank = 16",
+    ),
+    (
+        "a long string where a number is expected",
+        f'[train]\nsteps = "{"x" * 70}"\n',
+        f"train.steps: expected an integer, got the string '{'x' * 60}'... (70 characters) (line {{line}}) "
+        "- e.g. steps = 800",
+    ),
+    (
+        "seeds of two kinds",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = [0, "1"]\n',
+        "renders.r.seeds: expected a list of integers, got a list of integers and strings (line {line}) "
+        "- e.g. seeds = [0]",
     ),
     (
         "keys of a prior without its name",
@@ -421,7 +443,7 @@ CASES = [
     (
         "text_encoder_use_rslora not a bool",
         "[lora]\ntext_encoder_use_rslora = []\n",
-        "lora.text_encoder_use_rslora: expected true or false, got a list (line {line}) - e.g. text_encoder_use_rslora = true",
+        "lora.text_encoder_use_rslora: expected true or false, got an empty list (line {line}) - e.g. text_encoder_use_rslora = true",
     ),
     (
         "text_encoder_2_use_dora on SD 1.x",

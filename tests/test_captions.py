@@ -3,6 +3,7 @@ caption files."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,10 @@ def test_many_long_captions_are_named_in_a_few_lines(tmp_path):
         (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
         (b"caf\xe9", "is not UTF-8 text (byte 3)"),
         ("a dog".encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
+        ("a dog".encode("utf-32"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
+        (codecs.BOM_UTF32_BE + "a dog".encode("utf-32-be"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
     ],
-    ids=["binary", "latin-1", "utf-16"],
+    ids=["binary", "latin-1", "utf-16", "utf-32", "utf-32-be"],
 )
 def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, message):
     files = _folder(tmp_path, {"03.txt": data})

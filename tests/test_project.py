@@ -1187,3 +1187,59 @@ def test_a_value_with_a_line_break_or_terminal_code_is_said_on_one_line(folder):
     lines = info.value.report().split("\n")
     assert len(lines) == 2 and all(line.isprintable() for line in lines)  # the head line, one problem
     assert "'dog\\n\\x1b[31m\\u2028' is not a subject or blend" in lines[1]
+
+
+LONG = "x" * 300
+
+
+@pytest.mark.parametrize(
+    "old, new, key, message",
+    [
+        (
+            'images = "data/dog"',
+            f'images = "data/{LONG}"',
+            "subjects.dog.images",
+            "holds a name of 300 bytes",
+        ),
+        ('images = "data/dog"', f'images = "{"ab/" * 1500}"', "subjects.dog.images", "is 4500 bytes long"),
+        (
+            'base_model = "tiny-sd"',
+            f'base_model = "{LONG}"',
+            "project.base_model",
+            "holds a name of 300 bytes",
+        ),
+        (
+            'base_model = "tiny-sd"',
+            f'base_model = "models/{LONG}.safetensors"',
+            "project.base_model",
+            "holds a name",
+        ),
+        (
+            'prior = "dog"',
+            f'prior = "dog"\ncaption_extension = ".{LONG}"',
+            "subjects.dog.caption_extension",
+            "holds",
+        ),
+        ('base_model = "tiny-sd"', f'base_model = "tiny-sd"\nout = "{LONG}"', "project.out", "holds a name"),
+        (
+            'class_prompt = "a photo of dog"',
+            f'class_prompt = "a"\nimages = "{LONG}"',
+            "priors.dog.images",
+            "holds",
+        ),
+    ],
+    ids=["images", "deep images", "hub id", "checkpoint", "caption extension", "out", "class images"],
+)
+def test_a_path_too_long_for_the_file_system_is_a_problem_of_its_key(folder, old, new, key, message):
+    # The OS refuses to look such a path up (ENAMETOOLONG): it was an OSError and exit 1, naming no key.
+    found = problems(folder, GOOD.replace(old, new))
+    assert len(found) == 1 and found[0].startswith(f"{key}: {message}") and found[0].endswith("- shorten it")
+
+
+def test_a_hub_id_longer_than_the_hub_allows_is_no_hub_id(folder):
+    # Each part under the file system's limit, but its cache folder (models--owner--name) over it.
+    hub_id = f"{'o' * 127}/{'n' * 127}"
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{hub_id}"'))
+    assert found == [
+        f"project.base_model: '{hub_id}' is neither a folder nor a hub id (owner/name) (line 3) - check the path or id"
+    ]

@@ -58,8 +58,19 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
             "give the base model the adapters train on: a diffusers folder (model_index.json, unet/, vae/ ...), "
             "a single-file checkpoint or a hub id",
         )
-    elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
+    elif (
+        not local
+        and not path.exists()
+        and value not in families.builtin_names()
+        and not _hub_id_shaped(value)
+    ):
         check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
+
+
+def _hub_id_shaped(value: str) -> bool:
+    """Whether `value` can be a hub id: `name` or `owner/name`, each at most 96 characters (the hub's limit;
+    a longer one names a cache folder too long for the file system to look up)."""
+    return value.count("/") <= 1 and all(len(part) <= 96 for part in value.split("/"))
 
 
 _KINDS = {"builtin": "a built-in model", "folder": "a diffusers folder", "hub": "a hub model"}

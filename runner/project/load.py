@@ -171,6 +171,10 @@ class _Checker:
             # no path can hold one (the OS refuses it), and no prompt or name means one
             self.problem(key, "holds a NUL character (\\u0000)", "remove it")
             return False, value
+        if f.name in PATH_KEYS and isinstance(value, str) and (too_long := _too_long(value)):
+            # the OS refuses to look such a path up at all (ENAMETOOLONG), where a missing one is said
+            self.problem(key, too_long, "shorten it")
+            return False, value
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -243,6 +247,22 @@ class _Checker:
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )
+
+
+# The keys whose value names a file or folder (a hub id, for base_model, names a cache folder) or, for a
+# caption extension, ends one; and the longest name of one, and path, that file systems allow (UTF-8 bytes).
+PATH_KEYS = ("images", "out", "base_model", "base_model_config", "caption_extension")
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _too_long(path: str) -> str | None:
+    """What makes `path` longer than any file system allows, or None."""
+    if len(path.encode()) > PATH_MAX:
+        return f"is {len(path.encode())} bytes long; a path holds {PATH_MAX} at most"
+    for name in re.split(r"[/\\]", path):
+        if len(name.encode()) > NAME_MAX:
+            return f"holds a name of {len(name.encode())} bytes ('{name[:20]}...'); a file or folder name holds {NAME_MAX} at most"
+    return None
 
 
 def _unusable_number(value: Any) -> str | None:

@@ -1243,3 +1243,36 @@ def test_a_hub_id_longer_than_the_hub_allows_is_no_hub_id(folder):
     assert found == [
         f"project.base_model: '{hub_id}' is neither a folder nor a hub id (owner/name) (line 3) - check the path or id"
     ]
+
+
+@pytest.mark.parametrize(
+    "old, new, key, step",
+    [
+        ('images = "data/dog"', 'images = "adapters/dog"', "subjects.dog.images", "train:dog"),
+        (
+            'class_prompt = "a photo of dog"',
+            'class_prompt = "a"\nimages = "priors/dog/mine"',
+            "priors.dog.images",
+            "prior:dog",
+        ),
+    ],
+    ids=["photos", "class images"],
+)
+def test_an_image_folder_inside_a_step_s_output_folder_is_a_problem(folder, old, new, key, step):
+    # With out = "." the train step's outputs replace adapters/dog/: the photos kept there were deleted.
+    shown = new.split('images = "')[1].rstrip('"')
+    write_image(folder / shown / "00.png")
+    text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."').replace(old, new)
+    found = problems(folder, text)
+    assert [p for p in found if p.startswith(key)] == [
+        f"{key}: folder {shown} lies in the output folder of {step}, which its outputs replace: a build deletes "
+        f"the images in it (line {textwrap.dedent(text).split(chr(10)).index(new.split(chr(10))[-1]) + 1}) - move "
+        "the images to a folder of their own, or set out in [project] to another folder"
+    ]
+
+
+def test_an_image_folder_beside_the_outputs_is_no_problem(folder):
+    write_image(folder / "adapters/mine/00.png")  # a folder no step of the project writes
+    text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
+    (folder / "p.toml").write_text(text.replace('images = "data/toy"', 'images = "adapters/mine"'))
+    assert load_project(folder / "p.toml").tables["train"]["toy"].images == str(folder / "adapters/mine")

@@ -113,12 +113,13 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
     forever. Without such steps (adapters only) nothing there is read: that stays valid, as it built."""
     from runner import steps
 
-    writers = [k.table for k in steps.kinds() if k.writes_images and tables.get(k.name)]
-    if not writers:
-        return
     name = settings.name or check.path.stem
     out_text = settings.out or f"build/{name}"
     out = (project_dir / Path(out_text).expanduser()).resolve()
+    _inputs_outside_outputs(check, project_dir, out, tables)
+    writers = [k.table for k in steps.kinds() if k.writes_images and tables.get(k.name)]
+    if not writers:
+        return
     for kind in steps.kinds():
         if not kind.table:
             continue  # its steps read the folders of another kind's tables
@@ -139,6 +140,33 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                     "elsewhere, "
                     f'e.g. out = "{outside}"',
                 )
+
+
+def _inputs_outside_outputs(check, project_dir: Path, out: Path, tables: dict) -> None:
+    """No input image folder may lie in the output folder of a step (`out = "."` beside photos kept in
+    adapters/dog/): the step's outputs replace that folder, and the photos in it were deleted."""
+    from runner import steps
+
+    written = {}  # a step's output folder -> its step id
+    for kind in steps.kinds():
+        for table_name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            written[out / kind.output_dir / table_name] = f"{kind.name}:{table_name}"
+            for step in getattr(getattr(spec, "train", None), "save_steps", None) or ():
+                written[out / kind.output_dir / f"{table_name}@{step}"] = f"snapshot:{table_name}@{step}"
+    for kind in steps.kinds():
+        for table_name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            for folder in kind.folders(spec):
+                images = Path(folder).resolve()
+                for output, step_id in written.items():
+                    if images.is_relative_to(output):
+                        shown = Path(os.path.relpath(images, project_dir)).as_posix()
+                        check.problem(
+                            (kind.table, table_name, "images"),
+                            f"folder {shown} lies in the output folder of {step_id}, which its outputs replace: "
+                            "a build deletes the images in it",
+                            "move the images to a folder of their own, or set out in [project] to another folder",
+                        )
+                        break
 
 
 def unread(check, name: str, tables: tuple[str, ...]) -> bool:

@@ -1276,3 +1276,24 @@ def test_an_image_folder_beside_the_outputs_is_no_problem(folder):
     text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
     (folder / "p.toml").write_text(text.replace('images = "data/toy"', 'images = "adapters/mine"'))
     assert load_project(folder / "p.toml").tables["train"]["toy"].images == str(folder / "adapters/mine")
+
+
+@pytest.mark.parametrize(
+    "out, file, key, fix",
+    [
+        ('out = "notes.txt"', "notes.txt", "project.out", 'name a folder in out = "..."'),
+        ('out = "notes.txt/outputs"', "notes.txt", "project.out", 'name a folder in out = "..."'),
+        (None, "build", "project", 'move build away, or set out = "..." in [project]'),
+    ],
+    ids=["out", "inside a file", "default"],
+)
+def test_an_output_folder_that_cannot_be_made_is_a_problem(folder, out, file, key, fix):
+    # The build ran its first step, then could not store its outputs ("Not a directory").
+    (folder / file).write_text("#!/bin/sh\n")
+    text = GOOD.replace('base_model = "tiny-sd"', f'base_model = "tiny-sd"\n{out}') if out else GOOD
+    found = problems(folder, text)
+    shown = out.split('"')[1] if out else "build/p"
+    line = 4 if out else 2
+    assert found == [
+        f"{key}: the output folder {shown} cannot be made: {file} is a file (line {line}) - {fix}"
+    ]

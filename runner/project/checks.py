@@ -116,6 +116,7 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
     name = settings.name or check.path.stem
     out_text = settings.out or f"build/{name}"
     out = (project_dir / Path(out_text).expanduser()).resolve()
+    _out_can_be_made(check, project_dir, settings, out, out_text)
     _inputs_outside_outputs(check, project_dir, out, tables)
     writers = [k.table for k in steps.kinds() if k.writes_images and tables.get(k.name)]
     if not writers:
@@ -140,6 +141,25 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                     "elsewhere, "
                     f'e.g. out = "{outside}"',
                 )
+
+
+def _out_can_be_made(check, project_dir: Path, settings, out: Path, out_text: str) -> None:
+    """The output folder, or the folder it would be made in, must not be a file (a script named `build`
+    beside the project): the build ran its first step, for hours maybe, then could not store its outputs."""
+    try:
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is None or existing.is_dir():
+            return
+    except OSError:  # a folder that cannot be looked into: the build says what it finds there
+        return
+    shown = Path(os.path.relpath(existing, project_dir)).as_posix()
+    check.problem(
+        ("project", "out") if settings.out else ("project",),
+        f"the output folder {out_text} cannot be made: {shown} is a file",
+        'name a folder in out = "..."'
+        if settings.out
+        else f'move {shown} away, or set out = "..." in [project]',
+    )
 
 
 def _inputs_outside_outputs(check, project_dir: Path, out: Path, tables: dict) -> None:

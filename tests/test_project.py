@@ -1297,3 +1297,13 @@ def test_an_output_folder_that_cannot_be_made_is_a_problem(folder, out, file, ke
     assert found == [
         f"{key}: the output folder {shown} cannot be made: {file} is a file (line {line}) - {fix}"
     ]
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_base_model_is_said_to_be_empty(folder, value):
+    # Read as a path, it named the project's own folder: "<folder> is not a diffusers folder".
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    assert found == [
+        "project.base_model: is empty (line 3) - name the model the adapters train on: a hub id, a local diffusers "
+        "folder, a single-file checkpoint or a built-in (tiny-sd, tiny-sd-v, tiny-shapes, tiny-sdxl)"
+    ]

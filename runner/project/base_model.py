@@ -42,7 +42,16 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
     key = ("project", "base_model")
     local = value.startswith((".", "/", "~")) or value.endswith((".safetensors",) + PICKLE_SUFFIXES)
     path = local_path(value, project_dir)
-    if value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
+    if (
+        not value.strip()
+    ):  # read as a path, it named the project's own folder: "... is not a diffusers folder"
+        check.problem(
+            key,
+            "is empty",
+            "name the model the adapters train on: a hub id, a local diffusers folder, a single-file checkpoint "
+            f"or a built-in ({', '.join(families.builtin_names())})",
+        )
+    elif value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
         check.problem(
             key,
             f"'{value}' is a pickle checkpoint, which can run arbitrary code when loaded",

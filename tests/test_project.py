@@ -371,6 +371,17 @@ CASES = [
         "train.steps: expected an integer, got float 1000.0 (line {line}) - e.g. steps = 1000",
     ),
     (
+        "a named table written as an array of tables",
+        '[[renders.r2]]\nadapter = "dog"\nprompts = ["x"]\n',
+        "renders.r2: expected a table, got a list of tables (line {line}) - write it as [renders.r2]",
+    ),
+    (
+        "tables written as an array of tables",
+        '[[evals]]\nrender = "park"\n',
+        "evals: expected tables [evals.<name>], got a list of tables (line {line}) - name each in its header, "
+        "e.g. [evals.dog] in place of [[evals]]",
+    ),
+    (
         "a date where a number is expected",
         "[train]\nsteps = 2024-01-02\n",
         "train.steps: expected an integer, got the date 2024-01-02 (line {line}) - e.g. steps = 800",

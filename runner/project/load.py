@@ -399,7 +399,12 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     """Read the tables of one group ([subjects.*] ...), checking their names."""
     raw = data.get(group, {})
     if not isinstance(raw, dict):
-        check.problem((group,), f"expected tables [{group}.<name>], got {describe(raw)}")
+        fix = (
+            f"name each in its header, e.g. [{group}.dog] in place of [[{group}]]"
+            if _tables_array(raw)
+            else ""
+        )
+        check.problem((group,), f"expected tables [{group}.<name>], got {describe(raw)}", fix)
         check.unread.add((group,))
         return {}
     result, loose = {}, []
@@ -409,6 +414,10 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             check.problem(
                 key, f"name '{name}' may only hold letters, digits, '_' and '-'", "rename the table"
             )
+            check.unread.add(key)
+            continue
+        if _tables_array(table):  # [[subjects.dog]], as pyproject.toml's [[tool...]]: a list of tables
+            check.problem(key, f"expected a table, got {describe(table)}", f"write it as [{group}.{name}]")
             check.unread.add(key)
             continue
         if not isinstance(table, dict):  # `[priors]` then `class_prompt = ...`: the table's name left out
@@ -436,6 +445,11 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
         )
     return result
+
+
+def _tables_array(raw: Any) -> bool:
+    """Whether `raw` is what a [[header]] makes: a list of tables."""
+    return isinstance(raw, list) and bool(raw) and all(isinstance(item, dict) for item in raw)
 
 
 def _case_twins(check: _Checker, group: str, names: list[str]) -> None:

@@ -382,6 +382,18 @@ CASES = [
         "e.g. [evals.dog] in place of [[evals]]",
     ),
     (
+        "a look-alike letter in a key",
+        "[train]\nst\u0435ps = 5\n",
+        "invalid TOML: Expected '=' after a key in a key/value pair at column 3 (line {line}) - column 3 holds "
+        "U+0435 (CYRILLIC SMALL LETTER IE), which TOML does not take there: type it again in plain ASCII",
+    ),
+    (
+        "a no-break space pasted before a key",
+        "[train]\n\u00a0steps = 5\n",
+        "invalid TOML: Invalid statement at column 1 (line {line}) - column 1 holds U+00A0 (NO-BREAK SPACE), which "
+        "an editor does not show: delete it",
+    ),
+    (
         "a date where a number is expected",
         "[train]\nsteps = 2024-01-02\n",
         "train.steps: expected an integer, got the date 2024-01-02 (line {line}) - e.g. steps = 800",

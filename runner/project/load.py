@@ -6,6 +6,7 @@ import difflib
 import math
 import re
 import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -337,12 +338,30 @@ def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
             for key, first, second in twice
         ]
     found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
+    fix = "fix the syntax"
     if found:
         message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
+        fix = _odd_character(text, line, int(found.group(3))) or fix
     else:  # "(at end of document)"
         message = re.sub(r"\s*\(at end of document\)$", " at the end of the file", str(exc))
         line = max(1, text.count("\n") + (not text.endswith("\n")))  # as TOML counts lines
-    return [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]
+    return [Problem("", f"invalid TOML: {message}", line, fix)]
+
+
+def _odd_character(text: str, line: int, column: int) -> str | None:
+    """The fix for a syntax error at a character that is not ASCII: a look-alike letter in a key (a Cyrillic
+    'а'), a no-break space pasted from a web page, a byte-order mark where two files were joined. Each
+    looks right in an editor, so "fix the syntax" does not say what to fix."""
+    lines = text.split("\n")
+    if not (1 <= line <= len(lines) and 1 <= column <= len(lines[line - 1])):
+        return None
+    char = lines[line - 1][column - 1]
+    if char.isascii():
+        return None
+    what = f"U+{ord(char):04X} ({unicodedata.name(char, 'unnamed')})"
+    if not char.isprintable():
+        return f"column {column} holds {what}, which an editor does not show: delete it"
+    return f"column {column} holds {what}, which TOML does not take there: type it again in plain ASCII"
 
 
 def _validate(path: Path, text: str, data: dict) -> schema.Project:

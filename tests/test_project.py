@@ -1330,3 +1330,17 @@ def test_an_empty_base_model_is_said_to_be_empty(folder, value):
         "project.base_model: is empty (line 3) - name the model the adapters train on: a hub id, a local diffusers "
         "folder, a single-file checkpoint or a built-in (tiny-sd, tiny-sd-v, tiny-shapes, tiny-sdxl)"
     ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_project_file_in_utf16_says_to_save_it_as_utf8(folder, encoding):
+    # Windows PowerShell's `>` writes UTF-16; read as UTF-8 every other byte was junk, and the problem
+    # was an invalid statement at column 1.
+    path = folder / "p.toml"
+    path.write_bytes(GOOD.encode(encoding))
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    name = encoding.upper()
+    assert [str(p) for p in info.value.problems] == [
+        f"the file is {name} text, not UTF-8 (line 1) - save it as UTF-8"
+    ]

@@ -6,7 +6,6 @@ import difflib
 import math
 import re
 import sys
-import unicodedata
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +15,9 @@ from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
 from runner.project.examples import describe, example, example_list
-from runner.project.lines import LineIndex, conflict_marker, duplicate_keys
+from runner.project.lines import LineIndex
+from runner.project.problems import Problem, ProjectError, display
+from runner.project.source import read_text, syntax_problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,52 +27,6 @@ else:  # pragma: no cover
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Names Windows gives its devices, in any case: no file or folder may be called so.
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{n}" for d in ("com", "lpt") for n in range(1, 10))}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a project file: where, what, and how to fix it."""
-
-    key: str  # dotted key, e.g. "subjects.rex.lora"
-    message: str
-    line: int | None = None
-    fix: str = ""
-
-    def __str__(self) -> str:
-        where = f" (line {self.line})" if self.line else ""
-        fix = f" - {self.fix}" if self.fix else ""
-        key = f"{self.key}: " if self.key else ""
-        return visible(f"{key}{self.message}{where}{fix}")
-
-
-def visible(text: str) -> str:
-    """`text` with each character a terminal would not show as itself written as its escape (\\n, \\x1b,
-    \\u2028): a name or value quoted from the file may hold a line break, which would split a problem
-    over lines, or a terminal's colour code, which would recolour the report."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-class ProjectError(Exception):
-    """A project file that cannot be used; str() is the full report, one problem a line."""
-
-    def __init__(self, path: Path | str, problems: list[Problem]):
-        self.path = Path(path)
-        self.problems = problems
-        super().__init__(self.report())
-
-    def report(self) -> str:
-        count = len(self.problems)
-        head = visible(f"{_display(self.path)}: {count} problem{'s' if count != 1 else ''}")
-        return "\n".join([head] + [f"  {p}" for p in self.problems])
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 class _Checker:
@@ -295,73 +250,12 @@ def load_project(path: Path | str) -> schema.Project:
         raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
-    text = _read_text(path)
+    text = read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ProjectError(path, _syntax_problems(text, exc)) from None
+        raise ProjectError(path, syntax_problems(text, exc)) from None
     return _validate(path.resolve(), text, data)
-
-
-def _read_text(path: Path) -> str:
-    """The file's text. TOML is UTF-8; a file in another encoding (Latin-1, Windows-1252) still loads as it
-    always has, each byte that is not UTF-8 read as U+FFFD, with a warning: its prompts are not the text
-    the user sees in the editor."""
-    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
-    # read_text, not bytes.decode: its universal newlines are what every project file was read with.
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        warnings.warn(
-            f"{_display(path)} is not UTF-8 (line {line}): what it holds there reads as \ufffd; "
-            "save the file as UTF-8",
-            stacklevel=3,
-        )
-        return path.read_text(encoding="utf-8-sig", errors="replace")
-    return path.read_text(encoding="utf-8-sig")
-
-
-def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
-    """A TOML syntax error as located problems: a merge conflict that git left in the file (whose two
-    sides often set one key twice), else each key set twice with both of its lines, else tomllib's error."""
-    conflict = conflict_marker(text)
-    if conflict:
-        line, marker = conflict
-        fix = "keep the lines you want, then delete git's marker lines (<<<<<<<, =======, >>>>>>>)"
-        return [Problem("", f"unresolved merge conflict: `{marker}`", line, fix)]
-    twice = duplicate_keys(text)
-    if twice:
-        return [
-            Problem(".".join(key), f"set twice, first on line {first}", second, "keep one of them")
-            for key, first, second in twice
-        ]
-    found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
-    fix = "fix the syntax"
-    if found:
-        message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
-        fix = _odd_character(text, line, int(found.group(3))) or fix
-    else:  # "(at end of document)"
-        message = re.sub(r"\s*\(at end of document\)$", " at the end of the file", str(exc))
-        line = max(1, text.count("\n") + (not text.endswith("\n")))  # as TOML counts lines
-    return [Problem("", f"invalid TOML: {message}", line, fix)]
-
-
-def _odd_character(text: str, line: int, column: int) -> str | None:
-    """The fix for a syntax error at a character that is not ASCII: a look-alike letter in a key (a Cyrillic
-    'а'), a no-break space pasted from a web page, a byte-order mark where two files were joined. Each
-    looks right in an editor, so "fix the syntax" does not say what to fix."""
-    lines = text.split("\n")
-    if not (1 <= line <= len(lines) and 1 <= column <= len(lines[line - 1])):
-        return None
-    char = lines[line - 1][column - 1]
-    if char.isascii():
-        return None
-    what = f"U+{ord(char):04X} ({unicodedata.name(char, 'unnamed')})"
-    if not char.isprintable():
-        return f"column {column} holds {what}, which an editor does not show: delete it"
-    return f"column {column} holds {what}, which TOML does not take there: type it again in plain ASCII"
 
 
 def _validate(path: Path, text: str, data: dict) -> schema.Project:
@@ -400,7 +294,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     if check.problems or settings is None:
         raise ProjectError(path, check.problems)
     for note in check.notes:
-        warnings.warn(f"{_display(path)}: {note}", stacklevel=3)
+        warnings.warn(f"{display(path)}: {note}", stacklevel=3)
     return schema.Project(path, settings, train, lora, tables)
 
 

@@ -508,6 +508,12 @@ CASES = [
         '[subjects.toy.lora]\nbias = "lora_only"\n',
         "blends.mix.adapters.toy: 'toy' is trained with biases (lora.bias = \"lora_only\"), which PEFT blends with no other adapter: a trained bias is no low-rank delta (line {line}) - blend adapters trained with bias = \"none\", or render 'toy' on its own",
     ),
+    (
+        "adam_epsilon zero",  # every LoRA trained so failed at its first step, the loss nan
+        "[subjects.toy.train]\nadam_epsilon = 0.0\n",
+        "subjects.toy.train.adam_epsilon: must be greater than 0, got 0.0 (line {line}) - 1e-08 is usual; with 0, "
+        "the first step divides 0 by 0 and the loss becomes nan",
+    ),
     # Loss and noise.
     (
         "snr_gamma zero",

@@ -1350,3 +1350,11 @@ def test_a_project_file_in_utf16_says_to_save_it_as_utf8(folder, encoding):
     assert [str(p) for p in info.value.problems] == [
         f"the file is {name} text, not UTF-8 (line 1) - save it as UTF-8"
     ]
+
+
+def test_a_quoted_header_is_said_once_with_the_unquoted_one_to_write(folder):
+    # ["subjects.toy"] is one top-level table named "subjects.toy": the blend that names toy is no other problem.
+    found = problems(folder, GOOD.replace("[subjects.toy]", '["subjects.toy"]'))
+    assert found == [
+        "unknown key 'subjects.toy' (line 13) - the quotes make it one name; without them it names toy in [subjects]"
+    ]

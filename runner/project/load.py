@@ -200,6 +200,10 @@ class _Checker:
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         if (home := schema.home_of(key, name)) is not None:
             fix = f"it belongs in [{'.'.join(home)}]: move it there"
+        dotted = tuple(name.split("."))
+        if len(dotted) > 1 and dotted[0] in known:  # ["subjects.dog"]: a quoted header is one name
+            fix = f"the quotes make it one name; without them it names {dotted[-1]} in [{'.'.join(key + dotted[:-1])}]"
+            self.unread.add(key + dotted)  # a reference to subjects.dog is not another problem
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )

@@ -1358,3 +1358,30 @@ def test_a_quoted_header_is_said_once_with_the_unquoted_one_to_write(folder):
     assert found == [
         "unknown key 'subjects.toy' (line 13) - the quotes make it one name; without them it names toy in [subjects]"
     ]
+
+
+def test_a_name_too_long_for_its_step_s_folders_is_a_problem(folder):
+    # The step made .dbl/tmp/<stem>/render-<name>, and on commit .staged-render-<name>: over 255 bytes,
+    # "[Errno 36] File name too long", after a train step's work was done.
+    render, subject = "r" * 241, "d" * 238
+    text = f"""
+    [project]
+    base_model = "tiny-sd"
+
+    [subjects.{subject}]
+    images = "data/dog"
+    instance_prompt = "a photo of sks dog"
+    [subjects.{subject}.train]
+    save_steps = [400]
+
+    [renders.{render}]
+    adapter = "none"
+    prompts = ["a dog"]
+    """
+    assert problems(folder, text) == [
+        f"subjects.{subject}: a name of 238 characters is too long: the folder .staged-snapshot-<name>@400 that "
+        "a build makes would be 259 bytes, over the 255 a file name holds (line 5) - shorten it to 234 characters "
+        "at most",
+        f"renders.{render}: a name of 241 characters is too long: the folder .staged-render-<name> that a build "
+        "makes would be 256 bytes, over the 255 a file name holds (line 11) - shorten it to 240 characters at most",
+    ]

@@ -143,6 +143,33 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                 )
 
 
+def check_name_lengths(check, tables: dict) -> None:
+    """A step's name ends up in the name of its work folder and, while its outputs are committed, of a
+    folder `.staged-<kind>-<name>` (runner.store): one over the 255 bytes a file name holds stopped the step,
+    the longest names only once its work was done."""
+    from runner import steps
+    from runner.store import COMMIT_PREFIXES
+
+    prefix = max(COMMIT_PREFIXES, key=len)
+    for kind in steps.kinds():
+        for name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            save_steps = getattr(getattr(spec, "train", None), "save_steps", None) or ()
+            named = [(kind.name, "")] + [("snapshot", f"@{step}") for step in save_steps]  # dog@400
+            for step_kind, suffix in named:
+                length = len(f"{prefix}{step_kind}-{name}{suffix}".encode())
+                if length > NAME_MAX:
+                    check.problem(
+                        (kind.table, name),
+                        f"a name of {len(name)} characters is too long: the folder {prefix}{step_kind}-<name>{suffix} "
+                        f"that a build makes would be {length} bytes, over the {NAME_MAX} a file name holds",
+                        f"shorten it to {len(name) - (length - NAME_MAX)} characters at most",
+                    )
+                    break
+
+
+NAME_MAX = 255  # bytes of one file or folder name
+
+
 def _out_can_be_made(check, project_dir: Path, settings, out: Path, out_text: str) -> None:
     """The output folder, or the folder it would be made in, must not be a file (a script named `build`
     beside the project): the build ran its first step, for hours maybe, then could not store its outputs."""

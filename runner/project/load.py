@@ -291,6 +291,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     if settings is not None:
         check_base_model(check, path.parent, settings, data)
         checks.check_out(check, path.parent, settings, tables)
+    checks.check_name_lengths(check, tables)
     for kind in kinds:
         if kind.check is not None:
             kind.check(check, tables)

@@ -1385,3 +1385,30 @@ def test_a_name_too_long_for_its_step_s_folders_is_a_problem(folder):
         f"renders.{render}: a name of 241 characters is too long: the folder .staged-render-<name> that a build "
         "makes would be 256 bytes, over the 255 a file name holds (line 11) - shorten it to 240 characters at most",
     ]
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../../x", "names the output folder build/<name>, which would be outside build/"),
+        ("/tmp/x", "names the output folder build/<name>, which would be outside build/"),
+        (
+            "n" * 300,
+            "names the output folder build/<name>, and holds a name over the 255 bytes a file name holds",
+        ),
+    ],
+    ids=["up", "absolute", "too long"],
+)
+def test_a_project_name_that_cannot_name_the_output_folder_is_a_problem(folder, name, problem):
+    # Without out, the outputs go to build/<name>: "../../x" wrote them two folders above the project's.
+    found = problems(
+        folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "tiny-sd"\nname = "{name}"')
+    )
+    assert found == [f"project.name: '{name}' {problem} (line 4) - rename the project, or set out = \"...\""]
+
+
+def test_a_project_name_with_a_slash_still_names_a_folder_in_build(folder):
+    (folder / "p.toml").write_text(
+        GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nname = "team/dog"')
+    )
+    assert load_project(folder / "p.toml").out == folder / "build" / "team" / "dog"

@@ -115,6 +115,13 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
 
     name = settings.name or check.path.stem
     out_text = settings.out or f"build/{name}"
+    build = (project_dir / "build").resolve()
+    if not settings.out and settings.name and (problem := _unusable_folder(build, settings.name)):
+        # name = "../../x" wrote the outputs two folders above the project's
+        check.problem(
+            ("project", "name"), f"'{settings.name}' {problem}", 'rename the project, or set out = "..."'
+        )
+        return
     out = (project_dir / Path(out_text).expanduser()).resolve()
     _out_can_be_made(check, project_dir, settings, out, out_text)
     _inputs_outside_outputs(check, project_dir, out, tables)
@@ -168,6 +175,15 @@ def check_name_lengths(check, tables: dict) -> None:
 
 
 NAME_MAX = 255  # bytes of one file or folder name
+
+
+def _unusable_folder(build: Path, name: str) -> str | None:
+    """Why the default output folder build/<name> cannot be made of the project's name, or None."""
+    if any(len(part.encode()) > NAME_MAX for part in Path(name).parts):
+        return f"names the output folder build/<name>, and holds a name over the {NAME_MAX} bytes a file name holds"
+    if not (build / name).resolve().is_relative_to(build):
+        return "names the output folder build/<name>, which would be outside build/"
+    return None
 
 
 def _out_can_be_made(check, project_dir: Path, settings, out: Path, out_text: str) -> None:

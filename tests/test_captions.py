@@ -175,8 +175,12 @@ def test_a_train_step_names_the_captions_without_the_trigger(tmp_path):
 
 def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
     files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
-    with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):
+    with pytest.raises(StepError) as info:
         image_prompts(files, ".txt", "p", None, print)
+    assert str(info.value) == (
+        f"caption {tmp_path / '00.txt'} uses [trigger] but no trigger is set; set trigger in the subject's table "
+        '(what [trigger] stands for, e.g. trigger = "sks dog"), or write those words in the caption'
+    )
 
 
 def test_trigger_in_the_instance_prompt_stands_for_the_trigger(proj, build, fake_steps):

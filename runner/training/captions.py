@@ -76,7 +76,9 @@ def image_prompts(
             if caption is not None and TRIGGER in caption:
                 if trigger is None:
                     raise StepError(
-                        f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set"
+                        f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set; set "
+                        f'trigger in the subject\'s table (what {TRIGGER} stands for, e.g. trigger = "sks dog"), or '
+                        "write those words in the caption"
                     )
                 caption = caption.replace(TRIGGER, trigger)
             prompts.append(fallback if caption is None else caption)

@@ -581,3 +581,20 @@ def test_half_precision_ignored_on_a_cpu_is_said_once_not_once_per_step(monkeypa
             with warnings.catch_warnings():  # as loading a pipeline does
                 pass
     assert shown == ["mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"]
+
+
+def test_an_image_that_is_a_symlink_loop_is_named_as_one(tmp_path):
+    # a.png -> b.png -> a.png: was "a symbolic link to b.png, which does not exist", though b.png is there.
+    from runner.errors import ImageError
+    from runner.fingerprint import FileHasher
+
+    folder = tmp_path / "imgs"
+    write_image(folder / "00.png")
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    with pytest.raises(ImageError) as info:
+        FileHasher().manifest(folder)
+    assert (
+        str(info.value)
+        == f"{folder / 'a.png'}: a symbolic link to b.png, which leads back to it; fix the link or remove it"
+    )

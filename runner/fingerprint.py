@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -137,6 +138,11 @@ class FileHasher:
         try:
             return self.hash(path)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a.png -> b.png -> a.png: it exists, and leads nowhere
+                raise ImageError(
+                    f"{path}: a symbolic link to {os.readlink(path)}, which leads back to it; fix the link or "
+                    "remove it"
+                ) from None
             if path.is_symlink() and not path.exists():
                 raise ImageError(
                     f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix the link or "

@@ -8,6 +8,7 @@ Pillow and numpy are imported here; torch only inside the functions that make te
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -59,11 +60,28 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
         rgb = _decode(path)
     finally:
         said, _decoding.said = _decoding.said, None
-    for message in said:
-        warn(f"{path}: Pillow warns: {' '.join(message.split())}")
+    for message in _distinct(said):
+        warn(f"{path}: Pillow warns: {message}")
     if min_side and min(rgb.size) < min_side:
         warn(small_image(path, rgb.size))
     return rgb
+
+
+def _distinct(messages: list[str]) -> list[str]:
+    """Pillow's warnings about one file, each said once. Pillow reads a TIFF's tags three times while
+    decoding it, warning each time, and warns once for each damaged tag of a file ('Skipping tag 270',
+    'Skipping tag 305'): a damaged file said dozens of lines. Those that differ in their numbers alone are
+    said once, with how many more there were."""
+    alike: dict[str, list[str]] = {}
+    for message in messages:
+        message = " ".join(message.split())
+        found = alike.setdefault(re.sub(r"\d+", "#", message), [])
+        if message not in found:
+            found.append(message)
+    return [
+        found[0] + (f" (and {len(found) - 1} more like it)" if len(found) > 1 else "")
+        for found in alike.values()
+    ]
 
 
 def kept_warnings(said: list, path: Path) -> Callable[[str], None]:

@@ -160,16 +160,25 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
+# The mixed precisions resolve_dtype has said it ignores on the CPU in this process. Python's own "once per
+# place" forgets what it said whenever a warnings filter is restored, as loading each pipeline does: a
+# build said it again for every step that loads the base model.
+_IGNORED_SAID: set[str] = set()
+
+
 def resolve_dtype(mixed_precision: str, device: str):
-    """The compute dtype for frozen weights. On a CPU, half precision is ignored with a warning."""
+    """The compute dtype for frozen weights. On a CPU, half precision is ignored with a warning (once)."""
     import torch
 
     if mixed_precision == "no":
         return torch.float32
     if device == "cpu":
-        warnings.warn(
-            f"mixed_precision = '{mixed_precision}' is ignored on the CPU; computing in fp32", stacklevel=2
-        )
+        if mixed_precision not in _IGNORED_SAID:
+            _IGNORED_SAID.add(mixed_precision)
+            warnings.warn(
+                f"mixed_precision = '{mixed_precision}' is ignored on the CPU; computing in fp32",
+                stacklevel=2,
+            )
         return torch.float32
     return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 

@@ -3,6 +3,7 @@ caption files."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,10 @@ def test_many_long_captions_are_named_in_a_few_lines(tmp_path):
         (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
         (b"caf\xe9", "is not UTF-8 text (byte 3)"),
         ("a dog".encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
+        ("a dog".encode("utf-32"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
+        (codecs.BOM_UTF32_BE + "a dog".encode("utf-32-be"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
     ],
-    ids=["binary", "latin-1", "utf-16"],
+    ids=["binary", "latin-1", "utf-16", "utf-32", "utf-32-be"],
 )
 def test_a_binary_or_non_utf8_caption_is_an_error_naming_it(tmp_path, data, message):
     files = _folder(tmp_path, {"03.txt": data})
@@ -172,8 +175,12 @@ def test_a_train_step_names_the_captions_without_the_trigger(tmp_path):
 
 def test_trigger_without_a_trigger_key_is_an_error(tmp_path):
     files = _folder(tmp_path, {"00.txt": b"[trigger] on grass"})
-    with pytest.raises(StepError, match=r"00\.txt uses \[trigger\] but no trigger is set"):
+    with pytest.raises(StepError) as info:
         image_prompts(files, ".txt", "p", None, print)
+    assert str(info.value) == (
+        f"caption {tmp_path / '00.txt'} uses [trigger] but no trigger is set; set trigger in the subject's table "
+        '(what [trigger] stands for, e.g. trigger = "sks dog"), or write those words in the caption'
+    )
 
 
 def test_trigger_in_the_instance_prompt_stands_for_the_trigger(proj, build, fake_steps):

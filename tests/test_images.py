@@ -195,6 +195,38 @@ def test_tiny_images_warn(tmp_path):
     assert len(warnings) == 1
 
 
+def _tiff_with_damaged_tags(path, tags):
+    """An 8x8 TIFF whose `tags` (ASCII tags) claim more data than the file holds."""
+    import struct
+
+    from PIL import TiffImagePlugin
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag in tags:
+        info[tag] = "a value written out of line"
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(out, "TIFF", tiffinfo=info)
+    data = bytearray(out.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] in tags:
+            data[entry + 4 : entry + 8] = struct.pack("<I", 1 << 20)  # its count: a megabyte
+    path.write_bytes(bytes(data))
+
+
+def test_what_pillow_warns_about_a_damaged_file_is_said_once(tmp_path):
+    # Pillow reads a TIFF's tags three times as it decodes it, and warns for each damaged tag each time.
+    from runner.images import files_named_in_warnings
+
+    path = tmp_path / "scan.tif"
+    _tiff_with_damaged_tags(path, (270, 305))
+    said = []
+    with files_named_in_warnings():
+        assert load_rgb(path, warn=said.append).size == (8, 8)
+    assert said == [f"{path}: Pillow warns: Tag data larger than file. Skipping tag 270 (and 1 more like it)"]
+
+
 def test_resize_shorter_side_and_center_crop_offsets():
     img = Image.new("RGB", (300, 200))
     resized = resize_shorter(img, 64)

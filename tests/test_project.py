@@ -260,7 +260,7 @@ CASES = [
     (
         "class prompts not strings",
         '[priors.cat]\nclass_prompt = ["a cat", 3]\n',
-        'priors.cat.class_prompt: expected a string, or a list of strings, got a list (line {line}) - e.g. class_prompt = "a photo of dog"',
+        'priors.cat.class_prompt: expected a string, or a list of strings, got a list of strings and integers (line {line}) - e.g. class_prompt = "a photo of dog"',
     ),
     (
         "no class prompt in the list",
@@ -363,12 +363,57 @@ CASES = [
     (
         "a list of one where a string is expected",
         '[renders.r]\nadapter = ["dog"]\nprompts = ["x"]\n',
-        'renders.r.adapter: expected a string, got a list (line {line}) - e.g. adapter = "dog"',
+        'renders.r.adapter: expected a string, got a list of strings (line {line}) - e.g. adapter = "dog"',
     ),
     (
         "a whole number written as a float",
         "[train]\nsteps = 1e3\n",
         "train.steps: expected an integer, got float 1000.0 (line {line}) - e.g. steps = 1000",
+    ),
+    (
+        "a named table written as an array of tables",
+        '[[renders.r2]]\nadapter = "dog"\nprompts = ["x"]\n',
+        "renders.r2: expected a table, got a list of tables (line {line}) - write it as [renders.r2]",
+    ),
+    (
+        "tables written as an array of tables",
+        '[[evals]]\nrender = "park"\n',
+        "evals: expected tables [evals.<name>], got a list of tables (line {line}) - name each in its header, "
+        "e.g. [evals.dog] in place of [[evals]]",
+    ),
+    (
+        "a look-alike letter in a key",
+        "[train]\nst\u0435ps = 5\n",
+        "invalid TOML: Expected '=' after a key in a key/value pair at column 3 (line {line}) - column 3 holds "
+        "U+0435 (CYRILLIC SMALL LETTER IE), which TOML does not take there: type it again in plain ASCII",
+    ),
+    (
+        "a no-break space pasted before a key",
+        "[train]\n\u00a0steps = 5\n",
+        "invalid TOML: Invalid statement at column 1 (line {line}) - column 1 holds U+00A0 (NO-BREAK SPACE), which "
+        "an editor does not show: delete it",
+    ),
+    (
+        "a date where a number is expected",
+        "[train]\nsteps = 2024-01-02\n",
+        "train.steps: expected an integer, got the date 2024-01-02 (line {line}) - e.g. steps = 800",
+    ),
+    (
+        "a whole number beyond 64 bits written as a float",
+        "[lora]\nrank = 1e300\n",
+        "lora.rank: expected an integer, got float 1e+300 (line {line}) - e.g. rank = 16",
+    ),
+    (
+        "a long string where a number is expected",
+        f'[train]\nsteps = "{"x" * 70}"\n',
+        f"train.steps: expected an integer, got the string '{'x' * 60}'... (70 characters) (line {{line}}) "
+        "- e.g. steps = 800",
+    ),
+    (
+        "seeds of two kinds",
+        '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = [0, "1"]\n',
+        "renders.r.seeds: expected a list of integers, got a list of integers and strings (line {line}) "
+        "- e.g. seeds = [0]",
     ),
     (
         "keys of a prior without its name",
@@ -421,7 +466,7 @@ CASES = [
     (
         "text_encoder_use_rslora not a bool",
         "[lora]\ntext_encoder_use_rslora = []\n",
-        "lora.text_encoder_use_rslora: expected true or false, got a list (line {line}) - e.g. text_encoder_use_rslora = true",
+        "lora.text_encoder_use_rslora: expected true or false, got an empty list (line {line}) - e.g. text_encoder_use_rslora = true",
     ),
     (
         "text_encoder_2_use_dora on SD 1.x",
@@ -462,6 +507,12 @@ CASES = [
         "a bias-trained adapter in a blend",
         '[subjects.toy.lora]\nbias = "lora_only"\n',
         "blends.mix.adapters.toy: 'toy' is trained with biases (lora.bias = \"lora_only\"), which PEFT blends with no other adapter: a trained bias is no low-rank delta (line {line}) - blend adapters trained with bias = \"none\", or render 'toy' on its own",
+    ),
+    (
+        "adam_epsilon zero",  # every LoRA trained so failed at its first step, the loss nan
+        "[subjects.toy.train]\nadam_epsilon = 0.0\n",
+        "subjects.toy.train.adam_epsilon: must be greater than 0, got 0.0 (line {line}) - 1e-08 is usual; with 0, "
+        "the first step divides 0 by 0 and the loss becomes nan",
     ),
     # Loss and noise.
     (
@@ -1140,3 +1191,224 @@ def test_the_name_refused_for_kohya_files_is_the_diffusers_file_s():
     from runner.project.checks import DIFFUSERS_STEM
 
     assert f"{DIFFUSERS_STEM}.safetensors" == DIFFUSERS_WEIGHTS
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_lines_are_counted_as_toml_counts_them(folder, separator):
+    # TOML ends a line at "\n" only: a prompt or comment pasted from a web page may hold a Unicode line
+    # separator, and the lines after it are still numbered as an editor numbers them.
+    text = GOOD.replace('"a photo of dog"', f'"a photo{separator}of dog"  # it is{separator}here')
+    text += '\n[train]\nsteps = "800"\n'
+    line = text.split("\n").index('steps = "800"') + 1
+    assert problems(folder, text) == [
+        f"train.steps: expected an integer, got the string '800' (line {line}) - e.g. steps = 800"
+    ]
+
+
+def test_a_value_with_a_line_break_or_terminal_code_is_said_on_one_line(folder):
+    # A problem quotes the value; written as is, a line break splits the report and an escape
+    # sequence recolours the terminal.
+    text = GOOD + '\n[renders.r]\nadapter = "dog\\n\\u001b[31m\\u2028"\nprompts = ["x"]\n'
+    path = folder / "p.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    lines = info.value.report().split("\n")
+    assert len(lines) == 2 and all(line.isprintable() for line in lines)  # the head line, one problem
+    assert "'dog\\n\\x1b[31m\\u2028' is not a subject or blend" in lines[1]
+
+
+LONG = "x" * 300
+
+
+@pytest.mark.parametrize(
+    "old, new, key, message",
+    [
+        (
+            'images = "data/dog"',
+            f'images = "data/{LONG}"',
+            "subjects.dog.images",
+            "holds a name of 300 bytes",
+        ),
+        ('images = "data/dog"', f'images = "{"ab/" * 1500}"', "subjects.dog.images", "is 4500 bytes long"),
+        (
+            'base_model = "tiny-sd"',
+            f'base_model = "{LONG}"',
+            "project.base_model",
+            "holds a name of 300 bytes",
+        ),
+        (
+            'base_model = "tiny-sd"',
+            f'base_model = "models/{LONG}.safetensors"',
+            "project.base_model",
+            "holds a name",
+        ),
+        (
+            'prior = "dog"',
+            f'prior = "dog"\ncaption_extension = ".{LONG}"',
+            "subjects.dog.caption_extension",
+            "holds",
+        ),
+        ('base_model = "tiny-sd"', f'base_model = "tiny-sd"\nout = "{LONG}"', "project.out", "holds a name"),
+        (
+            'class_prompt = "a photo of dog"',
+            f'class_prompt = "a"\nimages = "{LONG}"',
+            "priors.dog.images",
+            "holds",
+        ),
+    ],
+    ids=["images", "deep images", "hub id", "checkpoint", "caption extension", "out", "class images"],
+)
+def test_a_path_too_long_for_the_file_system_is_a_problem_of_its_key(folder, old, new, key, message):
+    # The OS refuses to look such a path up (ENAMETOOLONG): it was an OSError and exit 1, naming no key.
+    found = problems(folder, GOOD.replace(old, new))
+    assert len(found) == 1 and found[0].startswith(f"{key}: {message}") and found[0].endswith("- shorten it")
+
+
+def test_a_hub_id_longer_than_the_hub_allows_is_no_hub_id(folder):
+    # Each part under the file system's limit, but its cache folder (models--owner--name) over it.
+    hub_id = f"{'o' * 127}/{'n' * 127}"
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{hub_id}"'))
+    assert found == [
+        f"project.base_model: '{hub_id}' is neither a folder nor a hub id (owner/name) (line 3) - check the path or id"
+    ]
+
+
+@pytest.mark.parametrize(
+    "old, new, key, step",
+    [
+        ('images = "data/dog"', 'images = "adapters/dog"', "subjects.dog.images", "train:dog"),
+        (
+            'class_prompt = "a photo of dog"',
+            'class_prompt = "a"\nimages = "priors/dog/mine"',
+            "priors.dog.images",
+            "prior:dog",
+        ),
+    ],
+    ids=["photos", "class images"],
+)
+def test_an_image_folder_inside_a_step_s_output_folder_is_a_problem(folder, old, new, key, step):
+    # With out = "." the train step's outputs replace adapters/dog/: the photos kept there were deleted.
+    shown = new.split('images = "')[1].rstrip('"')
+    write_image(folder / shown / "00.png")
+    text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."').replace(old, new)
+    found = problems(folder, text)
+    assert [p for p in found if p.startswith(key)] == [
+        f"{key}: folder {shown} lies in the output folder of {step}, which its outputs replace: a build deletes "
+        f"the images in it (line {textwrap.dedent(text).split(chr(10)).index(new.split(chr(10))[-1]) + 1}) - move "
+        "the images to a folder of their own, or set out in [project] to another folder"
+    ]
+
+
+def test_an_image_folder_beside_the_outputs_is_no_problem(folder):
+    write_image(folder / "adapters/mine/00.png")  # a folder no step of the project writes
+    text = GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "."')
+    (folder / "p.toml").write_text(text.replace('images = "data/toy"', 'images = "adapters/mine"'))
+    assert load_project(folder / "p.toml").tables["train"]["toy"].images == str(folder / "adapters/mine")
+
+
+@pytest.mark.parametrize(
+    "out, file, key, fix",
+    [
+        ('out = "notes.txt"', "notes.txt", "project.out", 'name a folder in out = "..."'),
+        ('out = "notes.txt/outputs"', "notes.txt", "project.out", 'name a folder in out = "..."'),
+        (None, "build", "project", 'move build away, or set out = "..." in [project]'),
+    ],
+    ids=["out", "inside a file", "default"],
+)
+def test_an_output_folder_that_cannot_be_made_is_a_problem(folder, out, file, key, fix):
+    # The build ran its first step, then could not store its outputs ("Not a directory").
+    (folder / file).write_text("#!/bin/sh\n")
+    text = GOOD.replace('base_model = "tiny-sd"', f'base_model = "tiny-sd"\n{out}') if out else GOOD
+    found = problems(folder, text)
+    shown = out.split('"')[1] if out else "build/p"
+    line = 4 if out else 2
+    assert found == [
+        f"{key}: the output folder {shown} cannot be made: {file} is a file (line {line}) - {fix}"
+    ]
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_base_model_is_said_to_be_empty(folder, value):
+    # Read as a path, it named the project's own folder: "<folder> is not a diffusers folder".
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    assert found == [
+        "project.base_model: is empty (line 3) - name the model the adapters train on: a hub id, a local diffusers "
+        "folder, a single-file checkpoint or a built-in (tiny-sd, tiny-sd-v, tiny-shapes, tiny-sdxl)"
+    ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_project_file_in_utf16_says_to_save_it_as_utf8(folder, encoding):
+    # Windows PowerShell's `>` writes UTF-16; read as UTF-8 every other byte was junk, and the problem
+    # was an invalid statement at column 1.
+    path = folder / "p.toml"
+    path.write_bytes(GOOD.encode(encoding))
+    with pytest.raises(ProjectError) as info:
+        load_project(path)
+    name = encoding.upper()
+    assert [str(p) for p in info.value.problems] == [
+        f"the file is {name} text, not UTF-8 (line 1) - save it as UTF-8"
+    ]
+
+
+def test_a_quoted_header_is_said_once_with_the_unquoted_one_to_write(folder):
+    # ["subjects.toy"] is one top-level table named "subjects.toy": the blend that names toy is no other problem.
+    found = problems(folder, GOOD.replace("[subjects.toy]", '["subjects.toy"]'))
+    assert found == [
+        "unknown key 'subjects.toy' (line 13) - the quotes make it one name; without them it names toy in [subjects]"
+    ]
+
+
+def test_a_name_too_long_for_its_step_s_folders_is_a_problem(folder):
+    # The step made .dbl/tmp/<stem>/render-<name>, and on commit .staged-render-<name>: over 255 bytes,
+    # "[Errno 36] File name too long", after a train step's work was done.
+    render, subject = "r" * 241, "d" * 238
+    text = f"""
+    [project]
+    base_model = "tiny-sd"
+
+    [subjects.{subject}]
+    images = "data/dog"
+    instance_prompt = "a photo of sks dog"
+    [subjects.{subject}.train]
+    save_steps = [400]
+
+    [renders.{render}]
+    adapter = "none"
+    prompts = ["a dog"]
+    """
+    assert problems(folder, text) == [
+        f"subjects.{subject}: a name of 238 characters is too long: the folder .staged-snapshot-<name>@400 that "
+        "a build makes would be 259 bytes, over the 255 a file name holds (line 5) - shorten it to 234 characters "
+        "at most",
+        f"renders.{render}: a name of 241 characters is too long: the folder .staged-render-<name> that a build "
+        "makes would be 256 bytes, over the 255 a file name holds (line 11) - shorten it to 240 characters at most",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../../x", "names the output folder build/<name>, which would be outside build/"),
+        ("/tmp/x", "names the output folder build/<name>, which would be outside build/"),
+        (
+            "n" * 300,
+            "names the output folder build/<name>, and holds a name over the 255 bytes a file name holds",
+        ),
+    ],
+    ids=["up", "absolute", "too long"],
+)
+def test_a_project_name_that_cannot_name_the_output_folder_is_a_problem(folder, name, problem):
+    # Without out, the outputs go to build/<name>: "../../x" wrote them two folders above the project's.
+    found = problems(
+        folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "tiny-sd"\nname = "{name}"')
+    )
+    assert found == [f"project.name: '{name}' {problem} (line 4) - rename the project, or set out = \"...\""]
+
+
+def test_a_project_name_with_a_slash_still_names_a_folder_in_build(folder):
+    (folder / "p.toml").write_text(
+        GOOD.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nname = "team/dog"')
+    )
+    assert load_project(folder / "p.toml").out == folder / "build" / "team" / "dog"

@@ -562,3 +562,39 @@ def test_a_plan_lists_the_images_of_a_subject_with_captions_once(proj, monkeypat
     monkeypatch.setattr(os, "walk", lambda folder, **k: walks.append(Path(folder)) or walk(folder, **k))
     assert main(["plan", str(proj.path)]) == 0
     assert walks.count(toy) == 2  # one to find an image when the project loads, one for images and captions
+
+
+def test_half_precision_ignored_on_a_cpu_is_said_once_not_once_per_step(monkeypatch):
+    # Every step that loads the base model resolves the dtype; loading a pipeline restores a warnings
+    # filter, after which Python's own once-per-place says the warning again.
+    import warnings
+
+    from runner import models
+
+    monkeypatch.setattr(models, "_IGNORED_SAID", set(), raising=False)  # said before, in this process
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+        for _ in range(3):
+            models.resolve_dtype("fp16", "cpu")
+            with warnings.catch_warnings():  # as loading a pipeline does
+                pass
+    assert shown == ["mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"]
+
+
+def test_an_image_that_is_a_symlink_loop_is_named_as_one(tmp_path):
+    # a.png -> b.png -> a.png: was "a symbolic link to b.png, which does not exist", though b.png is there.
+    from runner.errors import ImageError
+    from runner.fingerprint import FileHasher
+
+    folder = tmp_path / "imgs"
+    write_image(folder / "00.png")
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    with pytest.raises(ImageError) as info:
+        FileHasher().manifest(folder)
+    assert (
+        str(info.value)
+        == f"{folder / 'a.png'}: a symbolic link to b.png, which leads back to it; fix the link or remove it"
+    )

@@ -42,7 +42,16 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
     key = ("project", "base_model")
     local = value.startswith((".", "/", "~")) or value.endswith((".safetensors",) + PICKLE_SUFFIXES)
     path = local_path(value, project_dir)
-    if value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
+    if (
+        not value.strip()
+    ):  # read as a path, it named the project's own folder: "... is not a diffusers folder"
+        check.problem(
+            key,
+            "is empty",
+            "name the model the adapters train on: a hub id, a local diffusers folder, a single-file checkpoint "
+            f"or a built-in ({', '.join(families.builtin_names())})",
+        )
+    elif value.lower().endswith(PICKLE_SUFFIXES) and not settings.allow_pickle:
         check.problem(
             key,
             f"'{value}' is a pickle checkpoint, which can run arbitrary code when loaded",
@@ -58,8 +67,19 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
             "give the base model the adapters train on: a diffusers folder (model_index.json, unet/, vae/ ...), "
             "a single-file checkpoint or a hub id",
         )
-    elif not local and not path.exists() and value not in families.builtin_names() and value.count("/") > 1:
+    elif (
+        not local
+        and not path.exists()
+        and value not in families.builtin_names()
+        and not _hub_id_shaped(value)
+    ):
         check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
+
+
+def _hub_id_shaped(value: str) -> bool:
+    """Whether `value` can be a hub id: `name` or `owner/name`, each at most 96 characters (the hub's limit;
+    a longer one names a cache folder too long for the file system to look up)."""
+    return value.count("/") <= 1 and all(len(part) <= 96 for part in value.split("/"))
 
 
 _KINDS = {"builtin": "a built-in model", "folder": "a diffusers folder", "hub": "a hub model"}

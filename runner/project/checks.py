@@ -113,12 +113,21 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
     forever. Without such steps (adapters only) nothing there is read: that stays valid, as it built."""
     from runner import steps
 
+    name = settings.name or check.path.stem
+    out_text = settings.out or f"build/{name}"
+    build = (project_dir / "build").resolve()
+    if not settings.out and settings.name and (problem := _unusable_folder(build, settings.name)):
+        # name = "../../x" wrote the outputs two folders above the project's
+        check.problem(
+            ("project", "name"), f"'{settings.name}' {problem}", 'rename the project, or set out = "..."'
+        )
+        return
+    out = (project_dir / Path(out_text).expanduser()).resolve()
+    _out_can_be_made(check, project_dir, settings, out, out_text)
+    _inputs_outside_outputs(check, project_dir, out, tables)
     writers = [k.table for k in steps.kinds() if k.writes_images and tables.get(k.name)]
     if not writers:
         return
-    name = settings.name or check.path.stem
-    out_text = settings.out or f"build/{name}"
-    out = (project_dir / Path(out_text).expanduser()).resolve()
     for kind in steps.kinds():
         if not kind.table:
             continue  # its steps read the folders of another kind's tables
@@ -139,6 +148,88 @@ def check_out(check, project_dir: Path, settings, tables: dict) -> None:
                     "elsewhere, "
                     f'e.g. out = "{outside}"',
                 )
+
+
+def check_name_lengths(check, tables: dict) -> None:
+    """A step's name ends up in the name of its work folder and, while its outputs are committed, of a
+    folder `.staged-<kind>-<name>` (runner.store): one over the 255 bytes a file name holds stopped the step,
+    the longest names only once its work was done."""
+    from runner import steps
+    from runner.store import COMMIT_PREFIXES
+
+    prefix = max(COMMIT_PREFIXES, key=len)
+    for kind in steps.kinds():
+        for name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            save_steps = getattr(getattr(spec, "train", None), "save_steps", None) or ()
+            named = [(kind.name, "")] + [("snapshot", f"@{step}") for step in save_steps]  # dog@400
+            for step_kind, suffix in named:
+                length = len(f"{prefix}{step_kind}-{name}{suffix}".encode())
+                if length > NAME_MAX:
+                    check.problem(
+                        (kind.table, name),
+                        f"a name of {len(name)} characters is too long: the folder {prefix}{step_kind}-<name>{suffix} "
+                        f"that a build makes would be {length} bytes, over the {NAME_MAX} a file name holds",
+                        f"shorten it to {len(name) - (length - NAME_MAX)} characters at most",
+                    )
+                    break
+
+
+NAME_MAX = 255  # bytes of one file or folder name
+
+
+def _unusable_folder(build: Path, name: str) -> str | None:
+    """Why the default output folder build/<name> cannot be made of the project's name, or None."""
+    if any(len(part.encode()) > NAME_MAX for part in Path(name).parts):
+        return f"names the output folder build/<name>, and holds a name over the {NAME_MAX} bytes a file name holds"
+    if not (build / name).resolve().is_relative_to(build):
+        return "names the output folder build/<name>, which would be outside build/"
+    return None
+
+
+def _out_can_be_made(check, project_dir: Path, settings, out: Path, out_text: str) -> None:
+    """The output folder, or the folder it would be made in, must not be a file (a script named `build`
+    beside the project): the build ran its first step, for hours maybe, then could not store its outputs."""
+    try:
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is None or existing.is_dir():
+            return
+    except OSError:  # a folder that cannot be looked into: the build says what it finds there
+        return
+    shown = Path(os.path.relpath(existing, project_dir)).as_posix()
+    check.problem(
+        ("project", "out") if settings.out else ("project",),
+        f"the output folder {out_text} cannot be made: {shown} is a file",
+        'name a folder in out = "..."'
+        if settings.out
+        else f'move {shown} away, or set out = "..." in [project]',
+    )
+
+
+def _inputs_outside_outputs(check, project_dir: Path, out: Path, tables: dict) -> None:
+    """No input image folder may lie in the output folder of a step (`out = "."` beside photos kept in
+    adapters/dog/): the step's outputs replace that folder, and the photos in it were deleted."""
+    from runner import steps
+
+    written = {}  # a step's output folder -> its step id
+    for kind in steps.kinds():
+        for table_name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            written[out / kind.output_dir / table_name] = f"{kind.name}:{table_name}"
+            for step in getattr(getattr(spec, "train", None), "save_steps", None) or ():
+                written[out / kind.output_dir / f"{table_name}@{step}"] = f"snapshot:{table_name}@{step}"
+    for kind in steps.kinds():
+        for table_name, spec in tables.get(kind.name, {}).items() if kind.table else ():
+            for folder in kind.folders(spec):
+                images = Path(folder).resolve()
+                for output, step_id in written.items():
+                    if images.is_relative_to(output):
+                        shown = Path(os.path.relpath(images, project_dir)).as_posix()
+                        check.problem(
+                            (kind.table, table_name, "images"),
+                            f"folder {shown} lies in the output folder of {step_id}, which its outputs replace: "
+                            "a build deletes the images in it",
+                            "move the images to a folder of their own, or set out in [project] to another folder",
+                        )
+                        break
 
 
 def unread(check, name: str, tables: tuple[str, ...]) -> bool:
@@ -301,7 +392,7 @@ def check_settings(check, subject: str | None, ts) -> None:
     def where(key):
         return _where(check, subject, "train", key)
 
-    for key in ("snr_gamma", "prodigy_d_coef"):
+    for key in ("snr_gamma", "prodigy_d_coef", "adam_epsilon"):
         if getattr(ts, key) == 0:
             check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
     for key in ("adam_beta1", "adam_beta2"):  # AdamW and Prodigy refuse a beta of 1 or more
@@ -336,6 +427,8 @@ def check_settings(check, subject: str | None, ts) -> None:
 _POSITIVE_FIX = {
     "snr_gamma": "5.0 is usual; leave snr_gamma out to weight every timestep alike",
     "prodigy_d_coef": "1.0 is Prodigy's default; 0.5 to 2 are usual",
+    # a LoRA's A matrices have no gradient at the first step (B starts at 0): their update is 0 / 0
+    "adam_epsilon": "1e-08 is usual; with 0, the first step divides 0 by 0 and the loss becomes nan",
 }
 
 

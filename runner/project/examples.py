@@ -3,6 +3,7 @@ checks accept, and how a wrong value reads (`got the string 'many'`)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import MISSING
 from typing import Any
@@ -11,15 +12,44 @@ from runner.project import schema
 
 
 def describe(raw: Any) -> str:
+    """How a value of the wrong kind reads in a problem: `the string 'many'`, `a list of strings and
+    integers`, `the date 2024-01-02`."""
     if isinstance(raw, bool):
         return "true" if raw else "false"
     if isinstance(raw, str):
+        if len(raw) > _LONGEST:  # a pasted paragraph: its start tells which value it is
+            return f"the string {raw[:_LONGEST]!r}... ({len(raw)} characters)"
         return f"the string {raw!r}"
     if isinstance(raw, dict):
         return "a table"
     if isinstance(raw, list):
-        return "a list"
+        # "a list" alone, where a list of another kind is expected, does not tell what is wrong with it
+        kinds = list(dict.fromkeys(_kind(item) for item in raw))
+        if not kinds:
+            return "an empty list"
+        return (
+            f"a list of {', '.join(kinds[:-1])} and {kinds[-1]}"
+            if len(kinds) > 1
+            else f"a list of {kinds[0]}"
+        )
+    if isinstance(raw, (datetime.date, datetime.time)):  # TOML's dates and times (datetime is a date)
+        what = "the date and time" if isinstance(raw, datetime.datetime) else f"the {type(raw).__name__}"
+        return f"{what} {raw.isoformat()}"
     return f"{type(raw).__name__} {raw!r}"
+
+
+_LONGEST = 60
+
+
+def _kind(item: Any) -> str:
+    """The kind of a list's item, in the plural: strings, integers, lists ..."""
+    if isinstance(item, bool):
+        return "booleans"
+    if isinstance(item, (datetime.date, datetime.time)):
+        return "dates and times"
+    return {str: "strings", int: "integers", float: "floats", list: "lists", dict: "tables"}.get(
+        type(item), type(item).__name__
+    )
 
 
 def example_list(f) -> str:
@@ -96,6 +126,8 @@ def _fits(kind: str, meta: dict, value: Any) -> bool:
     numeric = (int,) if kind in ("int", "list[int]") else (int, float)
     if kind in ("int", "float"):
         ok = isinstance(value, numeric) and not isinstance(value, bool) and math.isfinite(value)
+        # `rank = 1e300` spells a whole number, but none that a lockfile can hold
+        ok = ok and (not isinstance(value, int) or schema.INT64[0] <= value <= schema.INT64[1])
     elif kind == "list[int]":
         ok = isinstance(value, list) and bool(value)
         ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)

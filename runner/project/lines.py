@@ -16,6 +16,13 @@ _KEYVAL = re.compile(
 _INLINE_KEY = re.compile(r"""[{,]\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)\s*=""")
 
 
+def numbered_lines(text: str):
+    """(1-based number, line) of each line as TOML counts them: a line ends at "\n" only. str.splitlines
+    also ends one at U+2028, U+0085 and the like, which a TOML string or comment may hold (a prompt
+    pasted from a web page): every line after one was named a line too far."""
+    return enumerate(text.split("\n"), start=1)
+
+
 def _split_key(text: str) -> list[str]:
     parts = re.findall(r""""([^"]*)"|'([^']*)'|([A-Za-z0-9_\-]+)""", text)
     return [a or b or c for a, b, c in parts]
@@ -25,7 +32,7 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each dotted key (as a tuple) and each table header to its 1-based line number."""
     found: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in numbered_lines(text):
         header = _HEADER.match(line)
         if header:
             table = tuple(_split_key(header.group(1)))
@@ -49,7 +56,7 @@ def duplicate_keys(text: str) -> list[tuple[tuple[str, ...], int, int]]:
     seen: dict[tuple[str, ...], int] = {}
     found = []
     table: tuple[str, ...] = ()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in numbered_lines(text):
         header = _HEADER.match(line)
         if header:
             table = tuple(_split_key(header.group(1)))
@@ -76,7 +83,7 @@ def conflict_marker(text: str) -> tuple[int, str] | None:
     A ======= line alone (in a multi-line string) is none: the conflict's <<<<<<< or >>>>>>> is missing."""
     found = [
         (number, line.rstrip())
-        for number, line in enumerate(text.splitlines(), start=1)
+        for number, line in numbered_lines(text)
         if line == "=======" or (line[:7] in _NAMED_MARKERS and line[7:8] in ("", " "))
     ]
     if not any(line != "=======" for _, line in found):

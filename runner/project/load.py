@@ -15,7 +15,9 @@ from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
 from runner.project.examples import describe, example, example_list
-from runner.project.lines import LineIndex, conflict_marker, duplicate_keys
+from runner.project.lines import LineIndex
+from runner.project.problems import Problem, ProjectError, display
+from runner.project.source import read_text, syntax_problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,43 +27,6 @@ else:  # pragma: no cover
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Names Windows gives its devices, in any case: no file or folder may be called so.
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{n}" for d in ("com", "lpt") for n in range(1, 10))}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a project file: where, what, and how to fix it."""
-
-    key: str  # dotted key, e.g. "subjects.rex.lora"
-    message: str
-    line: int | None = None
-    fix: str = ""
-
-    def __str__(self) -> str:
-        where = f" (line {self.line})" if self.line else ""
-        fix = f" - {self.fix}" if self.fix else ""
-        key = f"{self.key}: " if self.key else ""
-        return f"{key}{self.message}{where}{fix}"
-
-
-class ProjectError(Exception):
-    """A project file that cannot be used; str() is the full report, one problem a line."""
-
-    def __init__(self, path: Path | str, problems: list[Problem]):
-        self.path = Path(path)
-        self.problems = problems
-        super().__init__(self.report())
-
-    def report(self) -> str:
-        count = len(self.problems)
-        head = f"{_display(self.path)}: {count} problem{'s' if count != 1 else ''}"
-        return "\n".join([head] + [f"  {p}" for p in self.problems])
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 class _Checker:
@@ -162,6 +127,10 @@ class _Checker:
             # no path can hold one (the OS refuses it), and no prompt or name means one
             self.problem(key, "holds a NUL character (\\u0000)", "remove it")
             return False, value
+        if f.name in PATH_KEYS and isinstance(value, str) and (too_long := _too_long(value)):
+            # the OS refuses to look such a path up at all (ENAMETOOLONG), where a missing one is said
+            self.problem(key, too_long, "shorten it")
+            return False, value
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -231,9 +200,29 @@ class _Checker:
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         if (home := schema.home_of(key, name)) is not None:
             fix = f"it belongs in [{'.'.join(home)}]: move it there"
+        dotted = tuple(name.split("."))
+        if len(dotted) > 1 and dotted[0] in known:  # ["subjects.dog"]: a quoted header is one name
+            fix = f"the quotes make it one name; without them it names {dotted[-1]} in [{'.'.join(key + dotted[:-1])}]"
+            self.unread.add(key + dotted)  # a reference to subjects.dog is not another problem
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )
+
+
+# The keys whose value names a file or folder (a hub id, for base_model, names a cache folder) or, for a
+# caption extension, ends one; and the longest name of one, and path, that file systems allow (UTF-8 bytes).
+PATH_KEYS = ("images", "out", "base_model", "base_model_config", "caption_extension")
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _too_long(path: str) -> str | None:
+    """What makes `path` longer than any file system allows, or None."""
+    if len(path.encode()) > PATH_MAX:
+        return f"is {len(path.encode())} bytes long; a path holds {PATH_MAX} at most"
+    for name in re.split(r"[/\\]", path):
+        if len(name.encode()) > NAME_MAX:
+            return f"holds a name of {len(name.encode())} bytes ('{name[:20]}...'); a file or folder name holds {NAME_MAX} at most"
+    return None
 
 
 def _unusable_number(value: Any) -> str | None:
@@ -265,55 +254,12 @@ def load_project(path: Path | str) -> schema.Project:
         raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
-    text = _read_text(path)
+    text = read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ProjectError(path, _syntax_problems(text, exc)) from None
+        raise ProjectError(path, syntax_problems(text, exc)) from None
     return _validate(path.resolve(), text, data)
-
-
-def _read_text(path: Path) -> str:
-    """The file's text. TOML is UTF-8; a file in another encoding (Latin-1, Windows-1252) still loads as it
-    always has, each byte that is not UTF-8 read as U+FFFD, with a warning: its prompts are not the text
-    the user sees in the editor."""
-    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
-    # read_text, not bytes.decode: its universal newlines are what every project file was read with.
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        warnings.warn(
-            f"{_display(path)} is not UTF-8 (line {line}): what it holds there reads as \ufffd; "
-            "save the file as UTF-8",
-            stacklevel=3,
-        )
-        return path.read_text(encoding="utf-8-sig", errors="replace")
-    return path.read_text(encoding="utf-8-sig")
-
-
-def _syntax_problems(text: str, exc: Exception) -> list[Problem]:
-    """A TOML syntax error as located problems: a merge conflict that git left in the file (whose two
-    sides often set one key twice), else each key set twice with both of its lines, else tomllib's error."""
-    conflict = conflict_marker(text)
-    if conflict:
-        line, marker = conflict
-        fix = "keep the lines you want, then delete git's marker lines (<<<<<<<, =======, >>>>>>>)"
-        return [Problem("", f"unresolved merge conflict: `{marker}`", line, fix)]
-    twice = duplicate_keys(text)
-    if twice:
-        return [
-            Problem(".".join(key), f"set twice, first on line {first}", second, "keep one of them")
-            for key, first, second in twice
-        ]
-    found = re.search(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", str(exc))
-    if found:
-        message, line = f"{found.group(1)} at column {found.group(3)}", int(found.group(2))
-    else:  # "(at end of document)"
-        message = re.sub(r"\s*\(at end of document\)$", " at the end of the file", str(exc))
-        line = max(1, len(text.splitlines()))
-    return [Problem("", f"invalid TOML: {message}", line, "fix the syntax")]
 
 
 def _validate(path: Path, text: str, data: dict) -> schema.Project:
@@ -345,6 +291,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     if settings is not None:
         check_base_model(check, path.parent, settings, data)
         checks.check_out(check, path.parent, settings, tables)
+    checks.check_name_lengths(check, tables)
     for kind in kinds:
         if kind.check is not None:
             kind.check(check, tables)
@@ -352,7 +299,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
     if check.problems or settings is None:
         raise ProjectError(path, check.problems)
     for note in check.notes:
-        warnings.warn(f"{_display(path)}: {note}", stacklevel=3)
+        warnings.warn(f"{display(path)}: {note}", stacklevel=3)
     return schema.Project(path, settings, train, lora, tables)
 
 
@@ -370,7 +317,12 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
     """Read the tables of one group ([subjects.*] ...), checking their names."""
     raw = data.get(group, {})
     if not isinstance(raw, dict):
-        check.problem((group,), f"expected tables [{group}.<name>], got {describe(raw)}")
+        fix = (
+            f"name each in its header, e.g. [{group}.dog] in place of [[{group}]]"
+            if _tables_array(raw)
+            else ""
+        )
+        check.problem((group,), f"expected tables [{group}.<name>], got {describe(raw)}", fix)
         check.unread.add((group,))
         return {}
     result, loose = {}, []
@@ -380,6 +332,10 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             check.problem(
                 key, f"name '{name}' may only hold letters, digits, '_' and '-'", "rename the table"
             )
+            check.unread.add(key)
+            continue
+        if _tables_array(table):  # [[subjects.dog]], as pyproject.toml's [[tool...]]: a list of tables
+            check.problem(key, f"expected a table, got {describe(table)}", f"write it as [{group}.{name}]")
             check.unread.add(key)
             continue
         if not isinstance(table, dict):  # `[priors]` then `class_prompt = ...`: the table's name left out
@@ -407,6 +363,11 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
         )
     return result
+
+
+def _tables_array(raw: Any) -> bool:
+    """Whether `raw` is what a [[header]] makes: a list of tables."""
+    return isinstance(raw, list) and bool(raw) and all(isinstance(item, dict) for item in raw)
 
 
 def _case_twins(check: _Checker, group: str, names: list[str]) -> None:

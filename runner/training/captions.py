@@ -31,8 +31,13 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str 
         data = path.read_bytes()
     except OSError as e:
         raise StepError(f"caption {path} cannot be read: {e.strerror or e}") from None
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode": text, not binary
-        raise StepError(f"caption {path} is UTF-16 text, not UTF-8; save it as UTF-8")
+    # Notepad's "Unicode": text, not binary. UTF-32's marks first: the little-endian one begins with UTF-16's.
+    for name, marks in (
+        ("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+        ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)),
+    ):
+        if data.startswith(marks):
+            raise StepError(f"caption {path} is {name} text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
         raise StepError(f"caption {path} is a binary file, not text")
     try:
@@ -71,7 +76,9 @@ def image_prompts(
             if caption is not None and TRIGGER in caption:
                 if trigger is None:
                     raise StepError(
-                        f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set"
+                        f"caption {caption_file(image, extension)} uses {TRIGGER} but no trigger is set; set "
+                        f'trigger in the subject\'s table (what {TRIGGER} stands for, e.g. trigger = "sks dog"), or '
+                        "write those words in the caption"
                     )
                 caption = caption.replace(TRIGGER, trigger)
             prompts.append(fallback if caption is None else caption)

@@ -1,0 +1,52 @@
+"""A project file's problems: where each is, what is wrong, how to fix it, and the report of them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a project file: where, what, and how to fix it."""
+
+    key: str  # dotted key, e.g. "subjects.rex.lora"
+    message: str
+    line: int | None = None
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line else ""
+        fix = f" - {self.fix}" if self.fix else ""
+        key = f"{self.key}: " if self.key else ""
+        return visible(f"{key}{self.message}{where}{fix}")
+
+
+def visible(text: str) -> str:
+    """`text` with each character a terminal would not show as itself written as its escape (\\n, \\x1b,
+    \\u2028): a name or value quoted from the file may hold a line break, which would split a problem
+    over lines, or a terminal's colour code, which would recolour the report."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class ProjectError(Exception):
+    """A project file that cannot be used; str() is the full report, one problem a line."""
+
+    def __init__(self, path: Path | str, problems: list[Problem]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(self.report())
+
+    def report(self) -> str:
+        count = len(self.problems)
+        head = visible(f"{display(self.path)}: {count} problem{'s' if count != 1 else ''}")
+        return "\n".join([head] + [f"  {p}" for p in self.problems])
+
+
+def display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

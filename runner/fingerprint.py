@@ -84,8 +84,9 @@ class FileHasher:
             except (OSError, ValueError):
                 self._cache = {}  # a broken cache is only a slower start
 
-    def hash(self, path: Path) -> str:
-        st = os.stat(path)
+    def hash(self, path: Path, st: os.stat_result | None = None) -> str:
+        """The file's sha256; `st`, its stat when the caller has just taken it (one stat a file)."""
+        st = st or os.stat(path)
         key = str(path)
         cached = self._cache.get(key)
         trusted = key in self._read_now or not self.reread

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from runner import lockfile
+from runner import lockfile, lockmemo
 from runner.errors import DblError
 from runner.project.schema import Project
 from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
@@ -113,7 +113,8 @@ def _abandoned_work(project: Project) -> list[Path]:
         return []
     hasher = FileHasher(project.state_dir / "state")
     facts = DiskFacts(project, hasher, RunCache(project.state_dir / "cache"))
-    lock = lockfile.read(lockfile.lock_path(project.path))
+    lock_path = lockfile.lock_path(project.path)
+    lock = lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path))
     plans: dict[int | None, dict[str, str | None]] = {}
 
     def fingerprint(step_id: str, num_processes: int | None) -> str | None:

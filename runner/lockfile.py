@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, TypedDict
 
-from runner import tempnames
+from runner import lockmemo, tempnames
 from runner.errors import DblError
 from runner.project.lines import conflict_marker
 
@@ -138,16 +138,23 @@ RECOVER = (
 )
 
 
-def read(path: Path, label: str | None = None, recover: str | None = None) -> dict[str, Record]:
+def read(
+    path: Path, label: str | None = None, recover: str | None = None, memo: Path | None = None
+) -> dict[str, Record]:
     """The step records of a lockfile, {step id: record}; empty when there is none yet.
 
     Messages name the file `label` (default: its path) and end an error with `recover` (default: how to
-    resolve a merge conflict git left in it, or else RECOVER)."""
+    resolve a merge conflict git left in it, or else RECOVER). `memo`: where the parse of its text is kept
+    (runner.lockmemo), so that an unchanged lockfile is not parsed again."""
     if not path.exists():
         return {}
     shown = label or str(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
+        known = lockmemo.recall(memo, text) if memo is not None else None
+        if known is not None:
+            _warn_rejected(shown, known[1])
+            return known[0]
         data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         conflict = _conflict(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
@@ -170,6 +177,13 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
     steps, rejected = checked_records(steps)
     if not all(_valid_record(r) for r in steps.values()):
         raise LockfileError(f"{shown}: malformed step records; {recover}")
+    if memo is not None:
+        lockmemo.remember(memo, text, steps, rejected)
+    _warn_rejected(shown, rejected)
+    return steps
+
+
+def _warn_rejected(shown: str, rejected: list[str]) -> None:
     if rejected:
         warnings.warn(
             LockfileWarning(
@@ -178,9 +192,8 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
                 f"{'it' if len(rejected) == 1 else 'them'}",
                 rejected,
             ),
-            stacklevel=2,
+            stacklevel=3,
         )
-    return steps
 
 
 def _conflict(text: str) -> str | None:

@@ -164,3 +164,29 @@ def test_a_ladder_of_blends_over_a_dora_adapter_names_it_as_before(tmp_path):
     ]
     assert "'b1' is a DoRA adapter (a blend of b0)" in said[2]
 
+
+@pytest.mark.skipif(__import__("shutil").which("git") is None, reason="needs git")
+def test_gc_reads_a_lockfile_that_many_branches_hold_once(proj, build, monkeypatch, capsys):
+    """gc keeps what every local branch's lockfile refers to; branches that did not touch the lockfile
+    hold the same one, which was fetched and parsed once per branch (minutes for many branches of a
+    large project)."""
+    from runner import lockfile
+    from runner.cli import main
+    from tests.test_trust_lockfile import git, git_env
+
+    env = git_env()
+    git(proj.root, "init", "-q", "-b", "main", env=env)
+    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
+    build(proj)
+    git(proj.root, "add", "-A", env=env)
+    git(proj.root, "commit", "-qm", "base", env=env)
+    for n in range(4):
+        git(proj.root, "checkout", "-qb", f"idea-{n}", "main", env=env)
+        (proj.root / "notes.txt").write_text(f"idea {n}\n")
+        git(proj.root, "add", "notes.txt", env=env)
+        git(proj.root, "commit", "-qm", f"idea {n}", env=env)
+    toml = _CountingToml()
+    monkeypatch.setattr(lockfile, "tomllib", toml)
+    assert main(["gc", "--dry-run", str(proj.path)]) == 0
+    assert "would drop 0 cache entries" in capsys.readouterr().out
+    assert toml.parsed == 2  # the lockfile beside the project, and the one all five branches hold

@@ -172,7 +172,9 @@ def _referenced(project: Project) -> set[str]:
         if lockfile.foreign(lock_path):
             continue
         try:
-            keep |= lockfile.referenced_fingerprints(lock_path)
+            keep |= lockfile.referenced_fingerprints(
+                lock_path, lockmemo.memo_path(project.state_dir, lock_path)
+            )
         except lockfile.NewerLockfileError as exc:
             raise DblError(
                 f"gc refused: {exc}\n"
@@ -191,7 +193,9 @@ def _referenced(project: Project) -> set[str]:
             continue
         parsed.add(text)
         try:
-            keep |= lockfile.fingerprints_in(text, f"{name} on branch {branch}")
+            # the branch's lockfile is often the one beside the project, whose parse `read` kept
+            memo = lockmemo.memo_path(project.state_dir, project.dir / name)
+            keep |= lockfile.fingerprints_in(text, f"{name} on branch {branch}", memo)
         except lockfile.LockfileError as exc:
             raise DblError(
                 f"gc refused: {exc}\n"

@@ -153,8 +153,8 @@ def read(
         text = path.read_text(encoding="utf-8-sig")
         known = lockmemo.recall(memo, text) if memo is not None else None
         if known is not None:
-            _warn_rejected(shown, known[1])
-            return known[0]
+            _warn_rejected(shown, known["rejected"])
+            return known["steps"]
         data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         conflict = _conflict(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
@@ -174,11 +174,12 @@ def read(
     steps = data.get("steps", {})
     if not isinstance(steps, dict):
         raise LockfileError(f"{shown}: malformed step records; {recover}")
+    referenced = _fingerprints(steps)
     steps, rejected = checked_records(steps)
     if not all(_valid_record(r) for r in steps.values()):
         raise LockfileError(f"{shown}: malformed step records; {recover}")
     if memo is not None:
-        lockmemo.remember(memo, text, steps, rejected)
+        lockmemo.remember(memo, text, steps, rejected, referenced)
     _warn_rejected(shown, rejected)
     return steps
 
@@ -270,20 +271,24 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-def referenced_fingerprints(path: Path) -> set[str]:
+def referenced_fingerprints(path: Path, memo: Path | None = None) -> set[str]:
     """Every fingerprint a lockfile's records name, those whose digest does not match included (the
-    run-cache entry of such a record is what restores it). Raises LockfileError like `read`."""
+    run-cache entry of such a record is what restores it). Raises LockfileError like `read`. `memo`: as
+    for `read`."""
     if not path.exists():
         return set()
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
-    return fingerprints_in(text, str(path))
+    return fingerprints_in(text, str(path), memo)
 
 
-def fingerprints_in(text: str, shown: str) -> set[str]:
-    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`."""
+def fingerprints_in(text: str, shown: str, memo: Path | None = None) -> set[str]:
+    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`. A text `read` kept the parse
+    of in `memo` is not parsed again (one that parsed has no error to name)."""
+    if memo is not None and (known := lockmemo.recall(memo, text.removeprefix("\ufeff"))) is not None:
+        return set(known["referenced"])
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
@@ -295,6 +300,10 @@ def fingerprints_in(text: str, shown: str) -> set[str]:
         raise NewerLockfileError(shown, data["version"])
     if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
         raise LockfileError(f"{shown}: not a lockfile of version {LOCK_VERSION}")
+    return _fingerprints(steps)
+
+
+def _fingerprints(steps: dict) -> set[str]:
     return {
         r["fingerprint"]
         for r in steps.values()

@@ -29,9 +29,10 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def recall(memo: Path, text: str) -> tuple[dict, list[str]] | None:
-    """(records, ids of the records set aside) as parsed from `text` before, or None when no parse of
-    this very text is kept (none yet, another text's, or a memo that does not read)."""
+def recall(memo: Path, text: str) -> dict | None:
+    """What was kept of `text` before, or None when no parse of this very text is kept (none yet, another
+    text's, or a memo that does not read): {"steps": records, "rejected": ids of the records set aside,
+    "referenced": every fingerprint the records name, those set aside included}."""
     try:
         kept = json.loads(memo.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -40,20 +41,21 @@ def recall(memo: Path, text: str) -> tuple[dict, list[str]] | None:
         isinstance(kept, dict) and kept.get("version") == VERSION and kept.get("sha256") == _digest(text)
     ):
         return None
-    steps, rejected = kept.get("steps"), kept.get("rejected")
-    if not isinstance(steps, dict) or not isinstance(rejected, list):
+    fields = {"steps": dict, "rejected": list, "referenced": list}
+    if not all(isinstance(kept.get(key), kind) for key, kind in fields.items()):
         return None
-    return steps, rejected
+    return kept
 
 
-def remember(memo: Path, text: str, steps: dict, rejected: list[str]) -> None:
+def remember(memo: Path, text: str, steps: dict, rejected: list[str], referenced: set[str]) -> None:
     """Keep the parse of `text` for the next `recall`. Only speed is at stake: a folder that is not there
     (no build made `.dbl/` yet, which would then lack its .gitignore), a full disk, or records JSON cannot
     hold (a date a hand edit left unquoted) keep nothing."""
     if not memo.parent.is_dir():
         return
+    kept = {"steps": steps, "rejected": rejected, "referenced": sorted(referenced)}
     try:
-        body = json.dumps({"version": VERSION, "sha256": _digest(text), "steps": steps, "rejected": rejected})
+        body = json.dumps({"version": VERSION, "sha256": _digest(text), **kept})
     except (TypeError, ValueError):
         return
     tmp = memo.with_name(f"{memo.name}.tmp-{tempnames.suffix()}")

@@ -190,3 +190,20 @@ def test_gc_reads_a_lockfile_that_many_branches_hold_once(proj, build, monkeypat
     assert main(["gc", "--dry-run", str(proj.path)]) == 0
     assert "would drop 0 cache entries" in capsys.readouterr().out
     assert toml.parsed == 2  # the lockfile beside the project, and the one all five branches hold
+
+
+def test_gc_after_a_plan_parses_no_lockfile(proj, build, monkeypatch, capsys):
+    """gc takes the fingerprints a lockfile refers to from the parse a plan kept of it."""
+    from runner import lockfile
+    from runner.cli import main
+
+    build(proj)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)  # the beach render's entry stays in the run-cache, now referred to by nothing
+    assert main(["plan", str(proj.path)]) == 0
+    toml = _CountingToml()
+    monkeypatch.setattr(lockfile, "tomllib", toml)
+    assert main(["gc", "--dry-run", str(proj.path)]) == 0
+    assert toml.parsed == 0
+    monkeypatch.undo()
+    assert "would drop 1 cache entry" in capsys.readouterr().out

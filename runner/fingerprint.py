@@ -128,6 +128,13 @@ class FileHasher:
         else:
             self.hash(new)
 
+    def forget(self, paths) -> None:
+        """Drop the hashes of files that are gone (a step's outputs its new ones replaced), so that the
+        state file holds the files there are, not every file a project ever had."""
+        for path in paths:
+            if self._cache.pop(str(path), None) is not None:
+                self._dirty = True
+
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,26 @@ def test_gc_after_a_plan_parses_no_lockfile(proj, build, monkeypatch, capsys):
     assert toml.parsed == 0
     monkeypatch.undo()
     assert "would drop 1 cache entry" in capsys.readouterr().out
+
+
+def test_the_file_hash_cache_forgets_outputs_a_rebuild_removed(proj, build):
+    """Each render of other seeds or prompts left the hashes of its old images in .dbl/state, which every
+    command loads and every build writes: it grew with every file a project ever had."""
+    import json
+
+    build(proj)
+    state = proj.root / ".dbl" / "state"
+    old = {
+        str(proj.root / rel) for rel in executor.Workspace(proj.load()).plan()[0]["render:park"]["outputs"]
+    }
+    assert old <= set(json.loads(state.read_text())["files"])
+    proj.edit("seeds = [0, 1]", "seeds = [2, 3]")
+    build(proj)
+    kept = json.loads(state.read_text())["files"]
+    assert [path for path in kept if not Path(path).exists()] == []
+    now = executor.Workspace(proj.load()).plan()[0]["render:park"]["outputs"]
+    assert {str(proj.root / rel) for rel in now} <= set(kept)
+    proj.edit('[renders.base]\nadapter = "none"\nprompts = ["a dog"]\n', "")  # a step removed
+    build(proj)
+    kept = json.loads(state.read_text())["files"]
+    assert [path for path in kept if not Path(path).exists()] == []

@@ -231,3 +231,17 @@ def test_the_file_hash_cache_forgets_outputs_a_rebuild_removed(proj, build):
     build(proj)
     kept = json.loads(state.read_text())["files"]
     assert [path for path in kept if not Path(path).exists()] == []
+
+
+@pytest.mark.parametrize("values", [(1, 1.0, True, 1), (0.0, -0.0, 0, False)])
+def test_a_lockfile_written_again_shows_each_value_as_it_is_now(tmp_path, values):
+    """A write formats again only the records that changed; a value that changes to an equal one of
+    another type (1 -> 1.0 -> true) or sign (0.0 -> -0.0) is a change."""
+    from runner import lockfile
+
+    path = tmp_path / "p.lock"
+    for value in values:
+        record = lockfile.record("train", "f" * 64, "h" * 64, {"x": value}, {}, {"m": value}, "now", 1.0)
+        lockfile.write(path, {"train:dog": record})
+        assert lockfile.read(path)["train:dog"]["inputs"]["x"] == value
+        assert repr(lockfile.read(path)["train:dog"]["metrics"]["m"]) == repr(value)

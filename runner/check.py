@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import lockfile, store
+from runner import lockfile, lockmemo, store
 from runner.fingerprint import FileHasher, base_model_identity, sha256_file
 from runner.project.schema import Project
 
@@ -46,7 +46,7 @@ def check(project: Project) -> Report:
     path = lockfile.lock_path(project.path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", lockfile.LockfileWarning)
-        records = lockfile.read(path)
+        records = lockfile.read(path, memo=lockmemo.memo_path(project.state_dir, path))
     hasher = FileHasher(project.state_dir / "state", reread=True)
     found = [
         Mismatch(

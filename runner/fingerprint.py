@@ -85,8 +85,9 @@ class FileHasher:
             except (OSError, ValueError):
                 self._cache = {}  # a broken cache is only a slower start
 
-    def hash(self, path: Path) -> str:
-        st = os.stat(path)
+    def hash(self, path: Path, st: os.stat_result | None = None) -> str:
+        """The file's sha256; `st`, its stat when the caller has just taken it (one stat a file)."""
+        st = st or os.stat(path)
         key = str(path)
         cached = self._cache.get(key)
         trusted = key in self._read_now or not self.reread
@@ -127,6 +128,13 @@ class FileHasher:
                 self._read_now.add(str(new))
         else:
             self.hash(new)
+
+    def forget(self, paths) -> None:
+        """Drop the hashes of files that are gone (a step's outputs its new ones replaced), so that the
+        state file holds the files there are, not every file a project ever had."""
+        for path in paths:
+            if self._cache.pop(str(path), None) is not None:
+                self._dirty = True
 
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""

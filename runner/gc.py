@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from runner import lockfile
+from runner import lockfile, lockmemo
 from runner.errors import DblError
 from runner.project.schema import Project
 from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
@@ -113,7 +113,8 @@ def _abandoned_work(project: Project) -> list[Path]:
         return []
     hasher = FileHasher(project.state_dir / "state")
     facts = DiskFacts(project, hasher, RunCache(project.state_dir / "cache"))
-    lock = lockfile.read(lockfile.lock_path(project.path))
+    lock_path = lockfile.lock_path(project.path)
+    lock = lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path))
     plans: dict[int | None, dict[str, str | None]] = {}
 
     def fingerprint(step_id: str, num_processes: int | None) -> str | None:
@@ -171,7 +172,9 @@ def _referenced(project: Project) -> set[str]:
         if lockfile.foreign(lock_path):
             continue
         try:
-            keep |= lockfile.referenced_fingerprints(lock_path)
+            keep |= lockfile.referenced_fingerprints(
+                lock_path, lockmemo.memo_path(project.state_dir, lock_path)
+            )
         except lockfile.NewerLockfileError as exc:
             raise DblError(
                 f"gc refused: {exc}\n"
@@ -184,11 +187,15 @@ def _referenced(project: Project) -> set[str]:
                 f"{lock_path} is unreadable: fix it (a merge conflict: see 'Lockfiles in git' in the "
                 f"README) or move it out of {project.dir}, then run gc again"
             ) from None
+    parsed: set[str] = set()  # texts read already: most branches hold the same lockfile
     for branch, name, text in _branch_lockfiles(project.dir):
-        if lockfile.foreign_text(text):
+        if text in parsed or lockfile.foreign_text(text):
             continue
+        parsed.add(text)
         try:
-            keep |= lockfile.fingerprints_in(text, f"{name} on branch {branch}")
+            # the branch's lockfile is often the one beside the project, whose parse `read` kept
+            memo = lockmemo.memo_path(project.state_dir, project.dir / name)
+            keep |= lockfile.fingerprints_in(text, f"{name} on branch {branch}", memo)
         except lockfile.LockfileError as exc:
             raise DblError(
                 f"gc refused: {exc}\n"
@@ -203,15 +210,20 @@ def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
     branch: what switching to that branch brings back, and restores from the run-cache. Nothing outside a
     git work tree, or without git."""
     refs = _git(folder, "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/") or ""
-    found, seen = [], set()
+    found, seen, texts = [], set(), {}
     for commit, branch in (line.split(" ", 1) for line in refs.splitlines()):
         if commit in seen:
             continue
         seen.add(commit)
-        for name in (_git(folder, "ls-tree", "-z", "--name-only", commit, "--", ".") or "").split("\0"):
-            text = _git(folder, "show", f"{commit}:./{name}") if name.endswith(".lock") else None
-            if text is not None:
-                found.append((branch, name, text))
+        for entry in (_git(folder, "ls-tree", "-z", commit, "--", ".") or "").split("\0"):
+            about, _, name = entry.partition("\t")  # "<mode> blob <object id>\t<name>"
+            _, kind, blob = (about.split(" ") + ["", ""])[:3]
+            if kind != "blob" or not name.endswith(".lock"):
+                continue
+            if blob not in texts:  # one read of each content, however many branches hold it
+                texts[blob] = _git(folder, "cat-file", "blob", blob)
+            if texts[blob] is not None:
+                found.append((branch, name, texts[blob]))
     return found
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import marshal
 import math
 import os
 import pickle
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, TypedDict
 
-from runner import tempnames
+from runner import lockmemo, tempnames
 from runner.errors import DblError
 from runner.project.lines import conflict_marker
 
@@ -138,16 +139,23 @@ RECOVER = (
 )
 
 
-def read(path: Path, label: str | None = None, recover: str | None = None) -> dict[str, Record]:
+def read(
+    path: Path, label: str | None = None, recover: str | None = None, memo: Path | None = None
+) -> dict[str, Record]:
     """The step records of a lockfile, {step id: record}; empty when there is none yet.
 
     Messages name the file `label` (default: its path) and end an error with `recover` (default: how to
-    resolve a merge conflict git left in it, or else RECOVER)."""
+    resolve a merge conflict git left in it, or else RECOVER). `memo`: where the parse of its text is kept
+    (runner.lockmemo), so that an unchanged lockfile is not parsed again."""
     if not path.exists():
         return {}
     shown = label or str(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
+        known = lockmemo.recall(memo, text) if memo is not None else None
+        if known is not None:
+            _warn_rejected(shown, known["rejected"])
+            return known["steps"]
         data = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         conflict = _conflict(text) if isinstance(exc, tomllib.TOMLDecodeError) else None
@@ -167,9 +175,17 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
     steps = data.get("steps", {})
     if not isinstance(steps, dict):
         raise LockfileError(f"{shown}: malformed step records; {recover}")
+    referenced = _fingerprints(steps)
     steps, rejected = checked_records(steps)
     if not all(_valid_record(r) for r in steps.values()):
         raise LockfileError(f"{shown}: malformed step records; {recover}")
+    if memo is not None:
+        lockmemo.remember(memo, text, steps, rejected, referenced)
+    _warn_rejected(shown, rejected)
+    return steps
+
+
+def _warn_rejected(shown: str, rejected: list[str]) -> None:
     if rejected:
         warnings.warn(
             LockfileWarning(
@@ -178,9 +194,8 @@ def read(path: Path, label: str | None = None, recover: str | None = None) -> di
                 f"{'it' if len(rejected) == 1 else 'them'}",
                 rejected,
             ),
-            stacklevel=2,
+            stacklevel=3,
         )
-    return steps
 
 
 def _conflict(text: str) -> str | None:
@@ -257,20 +272,24 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-def referenced_fingerprints(path: Path) -> set[str]:
+def referenced_fingerprints(path: Path, memo: Path | None = None) -> set[str]:
     """Every fingerprint a lockfile's records name, those whose digest does not match included (the
-    run-cache entry of such a record is what restores it). Raises LockfileError like `read`."""
+    run-cache entry of such a record is what restores it). Raises LockfileError like `read`. `memo`: as
+    for `read`."""
     if not path.exists():
         return set()
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise LockfileError(f"{path}: cannot read the lockfile ({exc})") from None
-    return fingerprints_in(text, str(path))
+    return fingerprints_in(text, str(path), memo)
 
 
-def fingerprints_in(text: str, shown: str) -> set[str]:
-    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`."""
+def fingerprints_in(text: str, shown: str, memo: Path | None = None) -> set[str]:
+    """`referenced_fingerprints` of a lockfile's text; errors name it `shown`. A text `read` kept the parse
+    of in `memo` is not parsed again (one that parsed has no error to name)."""
+    if memo is not None and (known := lockmemo.recall(memo, text.removeprefix("\ufeff"))) is not None:
+        return set(known["referenced"])
     try:
         data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
@@ -282,6 +301,10 @@ def fingerprints_in(text: str, shown: str) -> set[str]:
         raise NewerLockfileError(shown, data["version"])
     if data.get("version") != LOCK_VERSION or not isinstance(steps, dict):
         raise LockfileError(f"{shown}: not a lockfile of version {LOCK_VERSION}")
+    return _fingerprints(steps)
+
+
+def _fingerprints(steps: dict) -> set[str]:
     return {
         r["fingerprint"]
         for r in steps.values()
@@ -349,9 +372,7 @@ def _text(steps: dict[str, dict]) -> str:
     global _made
     made, inline, tables = {}, [], []
     for sid in sorted(steps):
-        # A pickle tells any two different records apart, and costs a fraction of canonical JSON (two
-        # equal records may pickle apart, which only costs formatting one again).
-        key = pickle.dumps((sid, steps[sid]))
+        key = _record_key(sid, steps[sid])
         made[key] = _made.get(key) or _format_record(sid, steps[sid])
         text, is_inline = made[key]
         (inline if is_inline else tables).append(text)
@@ -363,6 +384,17 @@ def _text(steps: dict[str, dict]) -> str:
         + ("\n" + body.rstrip("\n") if body.strip() else "")
         + "\n"
     )
+
+
+def _record_key(sid: str, record: dict) -> bytes:
+    """Bytes that tell any two different records apart, 1, 1.0 and True too, at a fraction of the cost of
+    canonical JSON: marshal's (a third of pickle's, which a write of a large lockfile spent half its time
+    on), or pickle's for what marshal cannot hold. Two equal records may give different bytes, which only
+    costs formatting one again."""
+    try:
+        return b"m" + marshal.dumps((sid, record))
+    except ValueError:
+        return b"p" + pickle.dumps((sid, record))
 
 
 def _format_record(sid: str, record: dict) -> tuple[str, bool]:

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from runner import __version__, htmlpage, listing, lockfile, planner, plots, reportnow
+from runner import __version__, htmlpage, listing, lockfile, lockmemo, planner, plots, reportnow
 from runner.errors import DblError
 from runner.exec import lastbuild
 from runner.ui.plain import fmt_duration
@@ -71,7 +71,7 @@ def write(project, output: Path | str | None = None) -> Path:
 def render(project) -> str:
     """The report page of `project` as HTML text."""
     lock_path = lockfile.lock_path(project.path)
-    lock = lockfile.read(lock_path)
+    lock = lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path))
     if not lock:
         raise DblError(
             f"{project.path}: nothing is built yet (no step in {lock_path.name}): "

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from runner.fingerprint import FileHasher, base_model_identity, manifest_hash, s
 from runner.imagefiles import list_images
 from runner.models import BaseModel
 from runner.project.schema import Project
+
+# What Path.is_file takes for "not there" rather than an error: a missing file or folder, a loop of links.
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 
 
 class LockHeld(Exception):
@@ -447,9 +451,14 @@ class DiskFacts:
         for rel, item in sorted(outputs.items()):
             path = self.project.dir / rel
             try:
-                if not path.is_file():
-                    return f"output {rel} missing"
-                if path.stat().st_size != item.get("size") or self.hasher.hash(path) != item["sha256"]:
+                # One stat a file, which the hasher's cache reuses: a plan of many outputs did three.
+                st = os.stat(path)
+            except OSError as exc:
+                return f"output {rel} {'missing' if exc.errno in _NOT_THERE else 'unreadable'}"
+            if not stat.S_ISREG(st.st_mode):
+                return f"output {rel} missing"
+            try:
+                if st.st_size != item.get("size") or self.hasher.hash(path, st) != item["sha256"]:
                     # not necessarily edited: after a pull or a checkout, another build's outputs
                     return f"output {rel} differs from the lockfile's: another build's, or edited"
             except OSError:

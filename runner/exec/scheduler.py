@@ -133,8 +133,10 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
         )
         if owned and folder.is_dir() and folder.is_relative_to(ws.project.out):
             shutil.rmtree(folder, ignore_errors=True)
+            ws.hasher.forget(ws.project.dir / rel for rel in record.get("outputs", {}))
             reporter.log(None, f"removed {ws.rel(folder)}: {sid} is no longer in the project")
     lockfile.write(ws.lock_path, lock)
+    ws.hasher.save()  # a build with nothing else to do saves it nowhere else
 
 
 def blocked_by(evs: dict[str, StepEvent], dep: str) -> str:

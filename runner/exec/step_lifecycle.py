@@ -313,6 +313,10 @@ def _commit(
         lock[step.id] = {**kept, "built": made["built"], "duration_s": made["duration_s"]}
     lockfile.write(ws.lock_path, lock)
     shutil.rmtree(old, ignore_errors=True)
+    # the outputs the new ones did not replace (an image of a seed no longer rendered) are gone
+    ws.hasher.forget(
+        ws.project.dir / rel for rel in (replaced or {}).get("outputs", {}) if rel not in outputs
+    )
     # The end of the build saves the rest: a killed build loses at most these seconds of hashes, which
     # the next plan reads again.
     ws.hasher.save(max_age_s=STATE_SAVE_S)

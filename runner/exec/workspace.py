@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from runner import lockfile, planner, steps, store
+from runner import lockfile, lockmemo, planner, steps, store
 from runner.fingerprint import FileHasher
 from runner.project.schema import Project
 from runner.store import DiskFacts, RunCache
@@ -42,7 +42,7 @@ class Workspace:
     def plan(
         self, force: set[str] | None = None, num_processes: int | None = None
     ) -> tuple[dict, list[planner.PlannedStep]]:
-        lock = lockfile.read(self.lock_path)
+        lock = lockfile.read(self.lock_path, memo=lockmemo.memo_path(self.state, self.lock_path))
         if not lock and not self.lock_path.exists():
             for other in sorted(self.project.dir.glob("*.lock")):
                 # a project file renamed without its lockfile? (uv.lock, poetry.lock: another tool's)

@@ -84,13 +84,18 @@ def check_blends(check, tables: dict) -> None:
                     )
 
 
-def _lora_unread(check, name: str, blends: dict, _depth: int = 0) -> bool:
+def _lora_unread(check, name: str, blends: dict, _depth: int = 0, _memo: dict | None = None) -> bool:
     """Whether the [lora] settings of adapter `name`, or of a parent of it, did not read."""
     if name not in blends:
         return check.did_not_read(("subjects", name, "lora"), ("lora",))
     if _depth > len(blends):  # a cycle, said on its own
         return False
-    return any(_lora_unread(check, parent, blends, _depth + 1) for parent, _ in blends[name].adapters)
+    memo = {} if _memo is None else _memo
+    if (name, _depth) not in memo:
+        memo[name, _depth] = any(
+            _lora_unread(check, parent, blends, _depth + 1, memo) for parent, _ in blends[name].adapters
+        )
+    return memo[name, _depth]
 
 
 def check_renders(check, tables: dict) -> None:
@@ -145,15 +150,24 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     )
 
 
-def _subjects_of(name: str | None, subjects: dict, blends: dict, _depth: int = 0) -> list[str]:
-    """The subjects adapter `name` is trained from: itself, or the parents of a blend."""
+def _subjects_of(
+    name: str | None, subjects: dict, blends: dict, _depth: int = 0, _memo: dict | None = None
+) -> list[str]:
+    """The subjects adapter `name` is trained from: itself, or the parents of a blend; each once, in the
+    order its parents name them."""
     if name in subjects:
         return [name]
     if name not in blends or _depth > len(blends):  # a snapshot, 'none', or a cycle (said on its own)
         return []
-    return [
-        s for parent, _ in blends[name].adapters for s in _subjects_of(parent, subjects, blends, _depth + 1)
-    ]
+    memo = {} if _memo is None else _memo
+    if (name, _depth) not in memo:
+        found = (
+            s
+            for parent, _ in blends[name].adapters
+            for s in _subjects_of(parent, subjects, blends, _depth + 1, memo)
+        )
+        memo[name, _depth] = list(dict.fromkeys(found))
+    return memo[name, _depth]
 
 
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
@@ -194,7 +208,12 @@ def _rank(lora, component: dict) -> int | None:
 
 
 def adapter_ranks(
-    name: str, subjects: dict, blends: dict, family: str | None = families.DEFAULT, _depth: int = 0
+    name: str,
+    subjects: dict,
+    blends: dict,
+    family: str | None = families.DEFAULT,
+    _depth: int = 0,
+    _memo: dict | None = None,
 ) -> dict[str, int | None]:
     """The LoRA rank of an adapter per component of its family (None: no LoRA on that component; family
     None: the components of every family)."""
@@ -208,7 +227,11 @@ def adapter_ranks(
     blend = blends.get(name)
     if blend is None or _depth > len(blends):
         return {c["name"]: None for c in components}
-    parents = [adapter_ranks(p, subjects, blends, family, _depth + 1) for p, _ in blend.adapters]
+    # Each blend's ranks once per depth: blends of blends that share parents made this exponential.
+    memo = {} if _memo is None else _memo
+    if (name, _depth) in memo:
+        return dict(memo[name, _depth])
+    parents = [adapter_ranks(p, subjects, blends, family, _depth + 1, memo) for p, _ in blend.adapters]
     result = {}
     for c in components:
         ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
@@ -222,10 +245,13 @@ def adapter_ranks(
             result[c["name"]] = blend.svd_rank or max(ranks)
         else:
             result[c["name"]] = ranks[0]
-    return result
+    memo[name, _depth] = result
+    return dict(result)
 
 
-def lora_keys(name: str, subjects: dict, blends: dict, setting: str, flagged, _depth: int = 0) -> list[str]:
+def lora_keys(
+    name: str, subjects: dict, blends: dict, setting: str, flagged, _depth: int = 0, _memo: dict | None = None
+) -> list[str]:
     """The [lora] keys of `setting` ("use_dora", "bias") whose value `flagged` holds, for adapter `name`
     or a parent of it (a blend), e.g. ["lora.use_dora = true"]; empty when none. Any family's components
     count: a key of a component the base model has not is an error of its own."""
@@ -245,8 +271,13 @@ def lora_keys(name: str, subjects: dict, blends: dict, setting: str, flagged, _d
     blend = blends.get(name)
     if blend is None or _depth > len(blends):
         return []
-    parents = [p for p, _ in blend.adapters if lora_keys(p, subjects, blends, setting, flagged, _depth + 1)]
-    return [f"a blend of {', '.join(parents)}"] if parents else []
+    memo = {} if _memo is None else _memo
+    if (name, _depth) not in memo:
+        parents = [
+            p for p, _ in blend.adapters if lora_keys(p, subjects, blends, setting, flagged, _depth + 1, memo)
+        ]
+        memo[name, _depth] = [f"a blend of {', '.join(parents)}"] if parents else []
+    return list(memo[name, _depth])
 
 
 # What rules an adapter out of a blend: the [lora] setting, when it does, and why.

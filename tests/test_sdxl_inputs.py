@@ -302,7 +302,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_sdxl_step_feeds_the_unet_what_the_recipe_computes(tmp_path, folders, case):
     dog, classes = folders
@@ -318,7 +317,6 @@ def test_one_sdxl_step_feeds_the_unet_what_the_recipe_computes(tmp_path, folders
         assert len(calls) == 2
 
 
-@pytest.mark.slow
 def test_v_prediction_captions_and_min_snr_on_sdxl(tmp_path_factory, tmp_path, folders):
     dog, classes = folders
     base = _v_base(tmp_path_factory)
@@ -408,7 +406,6 @@ def test_time_ids_name_the_crop_the_unet_sees(folders, center_crop, buckets):
         assert len({left for i, _, left in seen if i == 0}) > 2
 
 
-@pytest.mark.slow
 def test_trained_encoders_embed_the_prompt_as_the_adapter_loaded_in_diffusers_does(tmp_path, folders):
     """At step 2 the prompt embeddings and pooled embeddings come from both LoRA'd text encoders: the
     same as diffusers' pipeline gives with the step-1 adapter loaded by load_lora_weights (diffusers file
@@ -500,7 +497,6 @@ def test_latents_are_encoded_in_fp32_whatever_the_vae_dtype(tmp_path):
     assert (bf16 - want.mean[0]).abs().max() > 1e-3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["render", "prior"])
 def test_renders_and_priors_condition_the_unet_on_the_size_they_draw(tmp_path, kind):
     """At inference the pipeline conditions on (height, width, 0, 0, height, width) of the size asked

@@ -144,6 +144,29 @@ def test_an_sd1_adapter_on_an_sdxl_pipeline_says_which_base_model_it_was_trained
     assert api.loaded_adapters(pipe) == []
 
 
+@pytest.mark.parametrize("where", ["fresh pipeline", "beside another adapter"])
+@pytest.mark.parametrize("config", ["target modules of another model", "a JSON list"])
+def test_a_config_that_does_not_fit_names_its_file(tmp_path, adapters, where, config):  # noqa: F811
+    """PEFT's own ValueError ("Target modules {...} not found in the base model") named no file, and a
+    config that is no JSON object failed with an AttributeError."""
+    import json
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["a"], bad)
+    path = bad / "text_encoder" / "adapter_config.json"
+    if config.startswith("target"):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": ["to_q", "to_k"]}))
+        expected = re.escape(f"{bad / 'text_encoder'}: does not fit the text_encoder (Target modules")
+    else:
+        path.write_text("[]")
+        expected = re.escape(f"{path}: not a LoRA config")
+    before = {"a": adapters["a"]} if where.startswith("beside") else {}
+    pipe = api.load_pipeline("tiny-sd", before, device="cpu")
+    with pytest.raises(ValueError, match=expected):
+        api.load_adapter(pipe, bad, "bad")
+    assert api.loaded_adapters(pipe) == list(before)
+
+
 def _lora_layer_count(module) -> int:
     from peft.tuners.lora import LoraLayer
 

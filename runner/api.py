@@ -84,6 +84,9 @@ def load_pipeline(
         )
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
+    if base_model.kind == "file" and Path(base_model.ref).suffix == ".toml":
+        # diffusers would try it as a checkpoint and blame the hub or the file's weights
+        raise ValueError(f"{base}: a project file, not a base model; {_base_of_project(base)}")
     if base_model.kind == "hub" and models.looks_local(str(base)):
         # a path (./models/sd15), not a hub id (owner/name): say so, not what the hub makes of it
         raise ValueError(f"no such file or folder: {models.local_path(str(base), Path.cwd())}")
@@ -92,6 +95,19 @@ def load_pipeline(
     for name, path in (adapters or {}).items():
         load_adapter(pipe, path, name)
     return pipe
+
+
+def _base_of_project(project_file: str) -> str:
+    """Which base model to give for the project file `project_file`, as much as it can tell."""
+    from runner import models
+    from runner.project import load_project
+
+    try:
+        project = load_project(project_file)
+    except ProjectError:
+        return "give the base model its [project] base_model names"
+    base = models.BaseModel.of(project.settings, Path(project.path).parent)
+    return f"give its [project] base_model, {base.display!r}, and its adapters as {project_file}:<name>"
 
 
 def _dtype(dtype, device: str):

@@ -407,3 +407,20 @@ def test_trained_biases_act_only_while_their_adapter_is_active(tmp_path, adapter
     api.set_adapter(pipe, "biased")
     api.unload_adapter(pipe, "biased")
     assert torch.equal(pipe.unet.base_model.model.conv_out.bias, base)
+
+
+def test_a_project_file_as_the_base_model_says_which_base_model_to_give(tmp_path, monkeypatch):
+    """diffusers tried it as a single-file checkpoint: "cannot load base model p.toml (diffusers reads a
+    single file's component configs from the hub ...)"."""
+    (tmp_path / "p.toml").write_text('[project]\nbase_model = "tiny-sd"\n')
+    (tmp_path / "bad.toml").write_text("[project\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "p.toml: a project file, not a base model; give its [project] base_model, 'tiny-sd', "
+        ),
+    ):
+        api.load_pipeline("p.toml", device="cpu")
+    with pytest.raises(ValueError, match="bad.toml: a project file, not a base model; give the base model"):
+        api.load_pipeline("bad.toml", device="cpu")

@@ -22,6 +22,7 @@ and how. torch, diffusers and peft are imported inside the functions.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -82,6 +83,12 @@ def load_pipeline(
         raise ValueError(
             f"adapters maps names to adapter paths, e.g. {{'dog': 'build/pets/adapters/dog'}}; got {adapters!r}"
         )
+    if not isinstance(base, (str, os.PathLike)):
+        raise ValueError(f"base is a hub id, a built-in model name or a path; got {base!r}")
+    is_path = isinstance(base, os.PathLike)  # a Path is local, even where its text reads as owner/name
+    base = os.fspath(base)
+    if is_path and not models.local_path(base, Path.cwd()).exists():
+        raise ValueError(f"no such file or folder: {models.local_path(base, Path.cwd())}")
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
     if base_model.kind == "file" and Path(base_model.ref).suffix == ".toml":
@@ -139,7 +146,9 @@ def resolve_adapter_path(path: str | Path) -> Path:
     for a subject, blend or snapshot that project has built (`projects/pets.toml:dog`,
     `projects/pets.toml:dog@400`); a stale one is the last build's, with a warning that says why.
     """
-    text = str(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"an adapter path is a folder or <project file>:<name>; got {path!r}")
+    text = os.fspath(path)
     project_file, sep, name = text.rpartition(":")
     if sep and project_file.endswith(".toml"):
         return _project_adapter(project_file, name)

@@ -424,3 +424,19 @@ def test_a_project_file_as_the_base_model_says_which_base_model_to_give(tmp_path
         api.load_pipeline("p.toml", device="cpu")
     with pytest.raises(ValueError, match="bad.toml: a project file, not a base model; give the base model"):
         api.load_pipeline("bad.toml", device="cpu")
+
+
+def test_a_base_model_or_adapter_path_of_another_type_raises_value_error(tmp_path, monkeypatch):
+    """A Path that does not exist failed with AttributeError ('PosixPath' object has no attribute
+    'endswith'); None, a TypeError from deep in pathlib."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=re.escape(f"no such file or folder: {tmp_path / 'models' / 'sd15'}")
+    ):
+        api.load_pipeline(Path("models/sd15"), device="cpu")  # owner/name as text, but a Path is local
+    with pytest.raises(ValueError, match="base is a hub id, a built-in model name or a path; got None"):
+        api.load_pipeline(None, device="cpu")
+    with pytest.raises(ValueError, match="an adapter path is a folder or <project file>:<name>; got None"):
+        api.resolve_adapter_path(None)

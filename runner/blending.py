@@ -41,9 +41,17 @@ def load(pipe, folder: Path, name: str) -> None:
 
 
 def check_name(name) -> None:
-    """An adapter's name becomes a module name: a non-empty string without '.'."""
+    """An adapter's name becomes a module name: a non-empty string without '.', and no attribute of the
+    torch ModuleDict that PEFT keeps each adapter's layers in (torch refuses 'keys', 'training', ...)."""
+    import torch
+
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterError(f"{name!r} cannot name an adapter: give a non-empty string without '.'")
+    if hasattr(torch.nn.ModuleDict(), name):
+        raise AdapterError(
+            f"{name!r} cannot name an adapter: torch keeps adapters in a ModuleDict, which has an attribute "
+            f"of that name; give another name (e.g. {name + '_lora'!r})"
+        )
 
 
 def unload(pipe, name: str) -> None:

@@ -440,3 +440,18 @@ def test_a_base_model_or_adapter_path_of_another_type_raises_value_error(tmp_pat
         api.load_pipeline(None, device="cpu")
     with pytest.raises(ValueError, match="an adapter path is a folder or <project file>:<name>; got None"):
         api.resolve_adapter_path(None)
+
+
+@pytest.mark.parametrize("name", ["training", "keys", "update"])
+def test_a_name_torch_cannot_hold_raises_value_error(adapters, name):  # noqa: F811
+    """torch's ModuleDict refuses its own attribute names: a KeyError ("attribute 'training' already
+    exists") from deep inside PEFT."""
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    with pytest.raises(
+        ValueError, match=f"'{name}' cannot name an adapter: torch keeps adapters in a ModuleDict"
+    ):
+        api.load_adapter(pipe, adapters["b"], name)
+    with pytest.raises(ValueError, match=f"'{name}' cannot name an adapter"):
+        api.blend(pipe, {"a": 1.0}, name)
+    assert api.loaded_adapters(pipe) == ["a"]
+    api.load_adapter(pipe, adapters["b"], f"{name}_lora")  # the name it suggests

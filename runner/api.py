@@ -151,7 +151,7 @@ def resolve_adapter_path(path: str | Path) -> Path:
     text = os.fspath(path)
     project_file, sep, name = text.rpartition(":")
     if sep and project_file.endswith(".toml"):
-        return _project_adapter(project_file, name)
+        return _project_adapter(str(Path(project_file).expanduser()), name)  # ~ as in an adapter folder
     folder = Path(path).expanduser()
     if families.is_adapter_folder(folder):
         return folder

@@ -455,3 +455,20 @@ def test_a_name_torch_cannot_hold_raises_value_error(adapters, name):  # noqa: F
         api.blend(pipe, {"a": 1.0}, name)
     assert api.loaded_adapters(pipe) == ["a"]
     api.load_adapter(pipe, adapters["b"], f"{name}_lora")  # the name it suggests
+
+
+def test_a_project_file_under_home_is_found_as_an_adapter_folder_is(tmp_path, adapters, monkeypatch):  # noqa: F811
+    """`~/p.toml:dog` said "no such project file" where `~/build/adapters/dog` loaded."""
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+    )
+    shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
+    assert api.resolve_adapter_path("~/build/adapters/dog") == tmp_path / "build" / "adapters" / "dog"
+    with pytest.warns(UserWarning, match="is stale"):  # put there by hand
+        assert api.resolve_adapter_path("~/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"

@@ -472,3 +472,21 @@ def test_a_project_file_under_home_is_found_as_an_adapter_folder_is(tmp_path, ad
     assert api.resolve_adapter_path("~/build/adapters/dog") == tmp_path / "build" / "adapters" / "dog"
     with pytest.warns(UserWarning, match="is stale"):  # put there by hand
         assert api.resolve_adapter_path("~/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
+
+
+def test_numpy_and_torch_numbers_are_weights(adapters):  # noqa: F811
+    """A float32 weight (np.float32(0.5), an array from np.linspace) was refused as "must be finite
+    numbers; got np.float32(0.5)", and an array of weights as "not a list"."""
+    import torch
+
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    api.set_adapter(pipe, ["a", "b"], weights=[1.0, 0.5], scale=0.5)
+    plain = _image(pipe)
+    api.set_adapter(pipe, ["a", "b"], weights=np.array([1.0, 0.5], dtype=np.float32), scale=np.float32(0.5))
+    assert np.array_equal(_image(pipe), plain)
+    api.set_adapter(pipe, ["a", "b"], weights=[torch.tensor(1.0), np.int64(0)], scale=torch.tensor(0.5))
+    assert not np.array_equal(_image(pipe), plain)
+    errors = api.blend(pipe, {"a": np.float32(1.0), "b": np.float64(0.5)}, "ab", "svd", svd_rank=np.int64(2))
+    assert set(errors) == {"unet", "text_encoder"}
+    with pytest.raises(ValueError, match="weights must be finite numbers; got nan"):
+        api.set_adapter(pipe, ["a", "b"], weights=np.array([np.nan, 1.0]))

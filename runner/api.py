@@ -52,6 +52,21 @@ def _value_errors(fn):
     return wrapper
 
 
+def _check_pipe(pipe) -> None:
+    """`pipe` must be a pipeline with its family's denoiser (not None, which the functions that change
+    a pipeline return, nor one of its modules)."""
+    if getattr(pipe, families.of(pipe).denoiser.attr, None) is not None:
+        return
+    if pipe is None:
+        raise ValueError(
+            "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change the "
+            "pipeline in place and return nothing; keep the one load_pipeline returned"
+        )
+    raise ValueError(
+        f"pipe must be a diffusers pipeline, as load_pipeline returns it; got a {type(pipe).__name__}"
+    )
+
+
 @_value_errors
 def load_pipeline(
     base: str,
@@ -243,6 +258,7 @@ def load_adapter(pipe, path: str | Path, name: str) -> None:
     the name is taken, and when any adapter tensor matches no module of the model (an adapter made for
     another base model, or saved under other module names), instead of rendering the base model.
     """
+    _check_pipe(pipe)
     folder = resolve_adapter_path(path)
     blending.load(pipe, folder, name)
     set_adapter(pipe, name)
@@ -250,6 +266,7 @@ def load_adapter(pipe, path: str | Path, name: str) -> None:
 
 def loaded_adapters(pipe) -> list[str]:
     """Names of the adapters loaded on the pipeline, in load order."""
+    _check_pipe(pipe)
     return blending.loaded_adapters(pipe)
 
 
@@ -266,6 +283,7 @@ def set_adapter(
     `lora_scale` of renders). A component that holds none of the named adapters (an adapter trained
     without text encoder) runs as the base model. `None` or `[]` turns every adapter off.
     """
+    _check_pipe(pipe)
     blending.activate_adapters(pipe, name_or_names, weights, scale)
 
 
@@ -274,6 +292,7 @@ def unload_adapter(pipe, name: str) -> None:
     """Remove one adapter from the pipeline; the plain base modules come back when it was the last. The
     adapters active with it stay active; where it was the only active one, the pipeline runs as the base
     model until `set_adapter` names another. An unknown name raises ValueError."""
+    _check_pipe(pipe)
     blending.unload(pipe, name)
 
 
@@ -306,6 +325,7 @@ def blend(
     weight changes, per component (0 for cat up to float error). The blend is activated unless
     `activate=False`.
     """
+    _check_pipe(pipe)
     return blending.blend(
         pipe,
         weights,

@@ -490,3 +490,22 @@ def test_numpy_and_torch_numbers_are_weights(adapters):  # noqa: F811
     assert set(errors) == {"unet", "text_encoder"}
     with pytest.raises(ValueError, match="weights must be finite numbers; got nan"):
         api.set_adapter(pipe, ["a", "b"], weights=np.array([np.nan, 1.0]))
+
+
+def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
+    """`pipe = api.load_adapter(pipe, ...)` makes pipe None; the next call failed with "AttributeError:
+    'NoneType' object has no attribute 'unet'", and so did a module given for the pipeline."""
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    in_place = "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change"
+    for call in (
+        lambda p: api.load_adapter(p, adapters["b"], "b"),
+        lambda p: api.set_adapter(p, "a"),
+        lambda p: api.blend(p, {"a": 1.0}, "a2"),
+        lambda p: api.unload_adapter(p, "a"),
+        api.loaded_adapters,
+    ):
+        with pytest.raises(ValueError, match=in_place):
+            call(None)
+    with pytest.raises(ValueError, match="must be a diffusers pipeline, .*; got a PeftModel"):
+        api.set_adapter(pipe.unet, "a")
+    assert api.loaded_adapters(pipe) == ["a"]

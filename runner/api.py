@@ -203,9 +203,18 @@ def _project_adapter(project_file: str, name: str) -> Path:
     if kind is None:
         snapshot = snapshot_of(name, project.subjects)
         if snapshot is not None:  # a snapshot no save step gives
-            subject, step = snapshot
-            train = project.subjects[subject].train
-            if int(step) >= train.steps:
+            subject, written = snapshot
+            step, train = int(written), project.subjects[subject].train
+            if str(step) != written and step in (train.save_steps or ()):
+                raise ValueError(
+                    f"{project_file} names that snapshot {subject}@{step}, without leading zeros"
+                )
+            if step < 1:
+                raise ValueError(
+                    f"subject {subject!r} of {project_file} keeps snapshots of steps 1 to {train.steps - 1} "
+                    f"only; step 0 is the base model"
+                )
+            if step >= train.steps:
                 raise ValueError(
                     f"subject {subject!r} of {project_file} trains {train.steps} steps, so it keeps no snapshot "
                     f"at step {step}; its last step's adapter is {subject!r}"

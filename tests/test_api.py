@@ -509,3 +509,28 @@ def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
     with pytest.raises(ValueError, match="must be a diffusers pipeline, .*; got a PeftModel"):
         api.set_adapter(pipe.unet, "a")
     assert api.loaded_adapters(pipe) == ["a"]
+
+
+def test_a_snapshot_written_with_leading_zeros_or_at_step_0_is_named_as_the_project_names_it(tmp_path):
+    """`p.toml:dog@020` said "add 020 to its save_steps" of a subject whose save_steps are [20]; `dog@0`
+    said to add 0, which save_steps refuses."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+        "train = { steps = 40, save_steps = [20] }\n"
+    )
+    project = f"{tmp_path}/p.toml"
+    with pytest.raises(
+        ValueError, match=re.escape(f"{project} names that snapshot dog@20, without leading zeros")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@020")
+    with pytest.raises(ValueError, match="keeps snapshots of steps 1 to 39 only; step 0 is the base model"):
+        api.resolve_adapter_path(f"{project}:dog@0")
+    with pytest.raises(
+        ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30 ")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@030")

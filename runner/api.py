@@ -185,10 +185,35 @@ def resolve_adapter_path(path: str | Path) -> Path:
             f"{path}: a single file; the API loads adapter folders (unet/adapter_config.json inside), "
             "as dbl and the PEFT DreamBooth script write them"
         )
-    raise ValueError(
-        f"{path}: not an adapter folder (expected unet/adapter_config.json inside) "
-        "nor <project file>:<subject, blend or snapshot>"
+    raise ValueError(_not_an_adapter(folder, text))
+
+
+def _not_an_adapter(folder: Path, path: str) -> str:
+    """Why `folder` (written `path`) is no adapter, and the adapters nearest it."""
+
+    def adapters_in(parent: Path) -> list[str]:
+        if not parent.is_dir():
+            return []
+        return sorted(p.name for p in parent.iterdir() if families.is_adapter_folder(p))
+
+    expected = (
+        "an adapter folder (unet/adapter_config.json inside) or <project file>:<subject, blend or snapshot>"
     )
+    if not folder.exists():
+        beside = adapters_in(folder.parent)
+        return f"{path}: no such file or folder; give {expected}" + (
+            f"; adapters beside it: {', '.join(beside)}" if beside else ""
+        )
+    inside = adapters_in(folder)
+    if inside:
+        return f"{path}: a folder of adapters, not one; name one of them: {', '.join(inside)}"
+    single = sorted(p.name for p in folder.glob("*.safetensors"))
+    if single:
+        return (
+            f"{path}: holds single files ({', '.join(single)}), not an adapter folder; give {expected}, "
+            "or load a single file with diffusers' load_lora_weights"
+        )
+    return f"{path}: not {expected}"
 
 
 def _project_adapter(project_file: str, name: str) -> Path:

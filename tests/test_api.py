@@ -119,7 +119,7 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
     with pytest.raises(ValueError, match="match no module"):
         api.load_adapter(pipe, bad, "bad")
     assert api.loaded_adapters(pipe) == ["a"]
-    with pytest.raises(ValueError, match="not an adapter folder"):
+    with pytest.raises(ValueError, match="a folder of adapters, not one; name one of them: bad"):
         api.load_adapter(pipe, tmp_path, "nothing")
     kohya = adapters["a"] / "a.safetensors"
     with pytest.raises(
@@ -534,3 +534,21 @@ def test_a_snapshot_written_with_leading_zeros_or_at_step_0_is_named_as_the_proj
         ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30 ")
     ):
         api.resolve_adapter_path(f"{project}:dog@030")
+
+
+def test_a_path_that_is_no_adapter_says_what_is_there(tmp_path, adapters):  # noqa: F811
+    """A typo (adapters/dgo) said "not an adapter folder" as if the folder were there."""
+    shutil.copytree(adapters["a"], tmp_path / "adapters" / "dog")
+    with pytest.raises(
+        ValueError, match="dgo: no such file or folder; give an adapter folder .*; adapters beside it: dog$"
+    ):
+        api.resolve_adapter_path(tmp_path / "adapters" / "dgo")
+    (tmp_path / "civitai").mkdir()
+    shutil.copy(adapters["a"] / "a.safetensors", tmp_path / "civitai" / "dog.safetensors")
+    with pytest.raises(
+        ValueError, match=r"holds single files \(dog.safetensors\), .* diffusers' load_lora_weights"
+    ):
+        api.resolve_adapter_path(tmp_path / "civitai")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: not an adapter folder"):
+        api.resolve_adapter_path(tmp_path / "empty")

@@ -109,6 +109,8 @@ def load_pipeline(
     if base_model.kind == "file" and Path(base_model.ref).suffix == ".toml":
         # diffusers would try it as a checkpoint and blame the hub or the file's weights
         raise ValueError(f"{base}: a project file, not a base model; {_base_of_project(base)}")
+    if base_model.kind == "folder":
+        _refuse_adapter_folder(Path(base_model.ref), base)
     if base_model.kind == "hub" and models.looks_local(str(base)):
         # a path (./models/sd15), not a hub id (owner/name): say so, not what the hub makes of it
         raise ValueError(f"no such file or folder: {models.local_path(str(base), Path.cwd())}")
@@ -117,6 +119,23 @@ def load_pipeline(
     for name, path in (adapters or {}).items():
         load_adapter(pipe, path, name)
     return pipe
+
+
+def _refuse_adapter_folder(folder: Path, base: str) -> None:
+    """An adapter folder (or one of its components) given as the base model: say which base model it
+    was trained on, instead of diffusers' "no file named model_index.json"."""
+    import json
+
+    holder = folder if families.is_adapter_folder(folder) else folder.parent
+    if not families.is_adapter_folder(holder):
+        return
+    configs = sorted(holder.glob("*/adapter_config.json"))
+    try:
+        trained_on = json.loads(configs[0].read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    hint = f"give the base model it was trained on ({trained_on})" if trained_on else "give a base model"
+    raise ValueError(f"{base}: an adapter folder, not a base model; {hint}, and {holder} in adapters")
 
 
 def _base_of_project(project_file: str) -> str:

@@ -552,3 +552,16 @@ def test_a_path_that_is_no_adapter_says_what_is_there(tmp_path, adapters):  # no
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: not an adapter folder"):
         api.resolve_adapter_path(tmp_path / "empty")
+
+
+def test_an_adapter_folder_as_the_base_model_says_which_base_model_to_give(adapters):  # noqa: F811
+    """It said "cannot load base model ...: Error no file named model_index.json found"."""
+    for given in (adapters["a"], adapters["a"] / "unet"):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"{given}: an adapter folder, not a base model; give the base model it was trained on "
+                f"(tiny-sd), and {adapters['a']} in adapters"
+            ),
+        ):
+            api.load_pipeline(str(given), device="cpu")

@@ -233,9 +233,12 @@ def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> Non
     names = {c.name for c in family.components}
     foreign = [p.parent.name for p in sorted(folder.glob(f"*/{PEFT_CONFIG}")) if p.parent.name not in names]
     if foreign:
+        config = _read_config(folder / family.denoiser.name / PEFT_CONFIG)
+        trained_on = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         raise AdapterError(
             f"{folder}: has {', '.join(foreign)}, which a {family.name} base model does not have; "
             "was the adapter trained on another model family?"
+            + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
         )
     for c in family.components:
         if (folder / c.name / PEFT_CONFIG).is_file():

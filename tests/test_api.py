@@ -565,3 +565,24 @@ def test_an_adapter_folder_as_the_base_model_says_which_base_model_to_give(adapt
             ),
         ):
             api.load_pipeline(str(given), device="cpu")
+
+
+def test_an_adapter_of_another_family_names_the_base_model_it_was_trained_on(tmp_path, adapters):  # noqa: F811
+    """An SDXL adapter (text_encoder_2/) on an SD 1.x pipeline named neither; the README promises both."""
+    import json
+
+    xl = tmp_path / "xl"
+    shutil.copytree(adapters["a"], xl)
+    shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
+    config = xl / "unet" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "tiny-sdxl"}))
+    pipe = api.load_pipeline("tiny-sd", device="cpu")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{xl}: has text_encoder_2, which a sd1 base model does not have; was the adapter trained on another "
+            "model family? Its adapter_config.json names tiny-sdxl"
+        ),
+    ):
+        api.load_adapter(pipe, xl, "xl")
+    assert api.loaded_adapters(pipe) == []

@@ -22,6 +22,7 @@ and how. torch, diffusers and peft are imported inside the functions.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,21 @@ def _value_errors(fn):
             raise ValueError(str(exc)) from None
 
     return wrapper
+
+
+def _check_pipe(pipe) -> None:
+    """`pipe` must be a pipeline with its family's denoiser (not None, which the functions that change
+    a pipeline return, nor one of its modules)."""
+    if getattr(pipe, families.of(pipe).denoiser.attr, None) is not None:
+        return
+    if pipe is None:
+        raise ValueError(
+            "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change the "
+            "pipeline in place and return nothing; keep the one load_pipeline returned"
+        )
+    raise ValueError(
+        f"pipe must be a diffusers pipeline, as load_pipeline returns it; got a {type(pipe).__name__}"
+    )
 
 
 @_value_errors
@@ -82,8 +98,19 @@ def load_pipeline(
         raise ValueError(
             f"adapters maps names to adapter paths, e.g. {{'dog': 'build/pets/adapters/dog'}}; got {adapters!r}"
         )
+    if not isinstance(base, (str, os.PathLike)):
+        raise ValueError(f"base is a hub id, a built-in model name or a path; got {base!r}")
+    is_path = isinstance(base, os.PathLike)  # a Path is local, even where its text reads as owner/name
+    base = os.fspath(base)
+    if is_path and not models.local_path(base, Path.cwd()).exists():
+        raise ValueError(f"no such file or folder: {models.local_path(base, Path.cwd())}")
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
+    if base_model.kind == "file" and Path(base_model.ref).suffix == ".toml":
+        # diffusers would try it as a checkpoint and blame the hub or the file's weights
+        raise ValueError(f"{base}: a project file, not a base model; {_base_of_project(base)}")
+    if base_model.kind == "folder":
+        _refuse_adapter_folder(Path(base_model.ref), base)
     if base_model.kind == "hub" and models.looks_local(str(base)):
         # a path (./models/sd15), not a hub id (owner/name): say so, not what the hub makes of it
         raise ValueError(f"no such file or folder: {models.local_path(str(base), Path.cwd())}")
@@ -92,6 +119,36 @@ def load_pipeline(
     for name, path in (adapters or {}).items():
         load_adapter(pipe, path, name)
     return pipe
+
+
+def _refuse_adapter_folder(folder: Path, base: str) -> None:
+    """An adapter folder (or one of its components) given as the base model: say which base model it
+    was trained on, instead of diffusers' "no file named model_index.json"."""
+    import json
+
+    holder = folder if families.is_adapter_folder(folder) else folder.parent
+    if not families.is_adapter_folder(holder):
+        return
+    configs = sorted(holder.glob("*/adapter_config.json"))
+    try:
+        trained_on = json.loads(configs[0].read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    hint = f"give the base model it was trained on ({trained_on})" if trained_on else "give a base model"
+    raise ValueError(f"{base}: an adapter folder, not a base model; {hint}, and {holder} in adapters")
+
+
+def _base_of_project(project_file: str) -> str:
+    """Which base model to give for the project file `project_file`, as much as it can tell."""
+    from runner import models
+    from runner.project import load_project
+
+    try:
+        project = load_project(project_file)
+    except ProjectError:
+        return "give the base model its [project] base_model names"
+    base = models.BaseModel.of(project.settings, Path(project.path).parent)
+    return f"give its [project] base_model, {base.display!r}, and its adapters as {project_file}:<name>"
 
 
 def _dtype(dtype, device: str):
@@ -123,10 +180,12 @@ def resolve_adapter_path(path: str | Path) -> Path:
     for a subject, blend or snapshot that project has built (`projects/pets.toml:dog`,
     `projects/pets.toml:dog@400`); a stale one is the last build's, with a warning that says why.
     """
-    text = str(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"an adapter path is a folder or <project file>:<name>; got {path!r}")
+    text = os.fspath(path)
     project_file, sep, name = text.rpartition(":")
     if sep and project_file.endswith(".toml"):
-        return _project_adapter(project_file, name)
+        return _project_adapter(str(Path(project_file).expanduser()), name)  # ~ as in an adapter folder
     folder = Path(path).expanduser()
     if families.is_adapter_folder(folder):
         return folder
@@ -145,10 +204,35 @@ def resolve_adapter_path(path: str | Path) -> Path:
             f"{path}: a single file; the API loads adapter folders (unet/adapter_config.json inside), "
             "as dbl and the PEFT DreamBooth script write them"
         )
-    raise ValueError(
-        f"{path}: not an adapter folder (expected unet/adapter_config.json inside) "
-        "nor <project file>:<subject, blend or snapshot>"
+    raise ValueError(_not_an_adapter(folder, text))
+
+
+def _not_an_adapter(folder: Path, path: str) -> str:
+    """Why `folder` (written `path`) is no adapter, and the adapters nearest it."""
+
+    def adapters_in(parent: Path) -> list[str]:
+        if not parent.is_dir():
+            return []
+        return sorted(p.name for p in parent.iterdir() if families.is_adapter_folder(p))
+
+    expected = (
+        "an adapter folder (unet/adapter_config.json inside) or <project file>:<subject, blend or snapshot>"
     )
+    if not folder.exists():
+        beside = adapters_in(folder.parent)
+        return f"{path}: no such file or folder; give {expected}" + (
+            f"; adapters beside it: {', '.join(beside)}" if beside else ""
+        )
+    inside = adapters_in(folder)
+    if inside:
+        return f"{path}: a folder of adapters, not one; name one of them: {', '.join(inside)}"
+    single = sorted(p.name for p in folder.glob("*.safetensors"))
+    if single:
+        return (
+            f"{path}: holds single files ({', '.join(single)}), not an adapter folder; give {expected}, "
+            "or load a single file with diffusers' load_lora_weights"
+        )
+    return f"{path}: not {expected}"
 
 
 def _project_adapter(project_file: str, name: str) -> Path:
@@ -163,9 +247,18 @@ def _project_adapter(project_file: str, name: str) -> Path:
     if kind is None:
         snapshot = snapshot_of(name, project.subjects)
         if snapshot is not None:  # a snapshot no save step gives
-            subject, step = snapshot
-            train = project.subjects[subject].train
-            if int(step) >= train.steps:
+            subject, written = snapshot
+            step, train = int(written), project.subjects[subject].train
+            if str(step) != written and step in (train.save_steps or ()):
+                raise ValueError(
+                    f"{project_file} names that snapshot {subject}@{step}, without leading zeros"
+                )
+            if step < 1:
+                raise ValueError(
+                    f"subject {subject!r} of {project_file} keeps snapshots of steps 1 to {train.steps - 1} "
+                    f"only; step 0 is the base model"
+                )
+            if step >= train.steps:
                 raise ValueError(
                     f"subject {subject!r} of {project_file} trains {train.steps} steps, so it keeps no snapshot "
                     f"at step {step}; its last step's adapter is {subject!r}"
@@ -218,6 +311,7 @@ def load_adapter(pipe, path: str | Path, name: str) -> None:
     the name is taken, and when any adapter tensor matches no module of the model (an adapter made for
     another base model, or saved under other module names), instead of rendering the base model.
     """
+    _check_pipe(pipe)
     folder = resolve_adapter_path(path)
     blending.load(pipe, folder, name)
     set_adapter(pipe, name)
@@ -225,6 +319,7 @@ def load_adapter(pipe, path: str | Path, name: str) -> None:
 
 def loaded_adapters(pipe) -> list[str]:
     """Names of the adapters loaded on the pipeline, in load order."""
+    _check_pipe(pipe)
     return blending.loaded_adapters(pipe)
 
 
@@ -241,6 +336,7 @@ def set_adapter(
     `lora_scale` of renders). A component that holds none of the named adapters (an adapter trained
     without text encoder) runs as the base model. `None` or `[]` turns every adapter off.
     """
+    _check_pipe(pipe)
     blending.activate_adapters(pipe, name_or_names, weights, scale)
 
 
@@ -249,6 +345,7 @@ def unload_adapter(pipe, name: str) -> None:
     """Remove one adapter from the pipeline; the plain base modules come back when it was the last. The
     adapters active with it stay active; where it was the only active one, the pipeline runs as the base
     model until `set_adapter` names another. An unknown name raises ValueError."""
+    _check_pipe(pipe)
     blending.unload(pipe, name)
 
 
@@ -281,6 +378,7 @@ def blend(
     weight changes, per component (0 for cat up to float error). The blend is activated unless
     `activate=False`.
     """
+    _check_pipe(pipe)
     return blending.blend(
         pipe,
         weights,

@@ -8,6 +8,7 @@ from the pipeline's model family. torch and peft are imported inside the functio
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,9 +42,17 @@ def load(pipe, folder: Path, name: str) -> None:
 
 
 def check_name(name) -> None:
-    """An adapter's name becomes a module name: a non-empty string without '.'."""
+    """An adapter's name becomes a module name: a non-empty string without '.', and no attribute of the
+    torch ModuleDict that PEFT keeps each adapter's layers in (torch refuses 'keys', 'training', ...)."""
+    import torch
+
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterError(f"{name!r} cannot name an adapter: give a non-empty string without '.'")
+    if hasattr(torch.nn.ModuleDict(), name):
+        raise AdapterError(
+            f"{name!r} cannot name an adapter: torch keeps adapters in a ModuleDict, which has an attribute "
+            f"of that name; give another name (e.g. {name + '_lora'!r})"
+        )
 
 
 def unload(pipe, name: str) -> None:
@@ -54,12 +63,17 @@ def unload(pipe, name: str) -> None:
 
 
 def _finite_weights(weights, what: str) -> list[float]:
-    """`weights` as floats; each must be a finite number."""
+    """`weights` as floats; each must be a finite number. Notebook values count: numpy numbers and arrays,
+    torch tensors."""
+    if getattr(weights, "ndim", None) == 1 and hasattr(weights, "tolist"):
+        weights = weights.tolist()  # a numpy array or torch tensor of weights
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise AdapterError(f"{what} must be a list of numbers, one per adapter; got {weights!r}")
     values = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if getattr(w, "ndim", None) == 0 and hasattr(w, "item"):
+            w = w.item()  # a 0-d array or tensor
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise AdapterError(f"{what} must be finite numbers; got {w!r}")
         values.append(float(w))
     return values
@@ -157,6 +171,7 @@ def blend(
             f"an adapter named {name!r} is already loaded; pick another name or unload it first"
         )
     _check_method(method, density, svd_rank, majority_sign_method, svd_clamp)
+    svd_rank = None if svd_rank is None else int(svd_rank)  # a numpy integer too
     _check_no_dora(pipe, names)
     _check_no_bias(pipe, names)
 
@@ -222,7 +237,9 @@ def _check_method(
             raise AdapterError(
                 f"{option} applies to svd methods only, not {method!r}; svd methods: {', '.join(SVD_METHODS)}"
             )
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (
+        isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral) or svd_rank < 1
+    ):
         raise AdapterError(f"svd_rank must be a whole number of at least 1, or None; got {svd_rank!r}")
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not 0 <= svd_clamp <= 1):
         # a quantile of the singular vectors' entries (torch.quantile fails past 1, in its own words)

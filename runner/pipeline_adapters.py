@@ -77,7 +77,9 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     from peft.utils import set_peft_model_state_dict
 
     config = _read_config(sub / PEFT_CONFIG)
-    if isinstance(config, dict) and config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict):
+        raise AdapterError(f"{sub / PEFT_CONFIG}: not a LoRA config (a JSON object of LoraConfig's fields)")
+    if config.get("peft_type", "LORA") != "LORA":
         # LoHa, LoKr, ... (LyCORIS methods in PEFT) hold other matrices than LoRA's A and B.
         raise AdapterError(
             f"{sub / PEFT_CONFIG}: a {config['peft_type']} adapter, not a LoRA; dbl loads LoRA adapters only"
@@ -93,12 +95,17 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         raise AdapterError(f"{sub / PEFT_CONFIG}: not a LoRA config PEFT accepts ({exc})") from None
 
     wrapped_here = not isinstance(model, PeftModel)
-    if not wrapped_here:
-        if adapter_name in model.peft_config:
-            raise AdapterError(f"the {sub.name} already has an adapter named '{adapter_name}'")
-        model.add_adapter(adapter_name, lora_config)
-    else:
-        model = PeftModel(model, lora_config, adapter_name=adapter_name)
+    if not wrapped_here and adapter_name in model.peft_config:
+        raise AdapterError(f"the {sub.name} already has an adapter named '{adapter_name}'")
+    try:
+        if wrapped_here:
+            model = PeftModel(model, lora_config, adapter_name=adapter_name)
+        else:
+            model.add_adapter(adapter_name, lora_config)
+    except ValueError as exc:
+        # PEFT finds none of the config's target modules (an adapter of another model), or none named:
+        # its message names neither the file nor the model the adapter was made for.
+        raise AdapterError(_misfit(sub, exc, config)) from None
     _keep_base_values(model, state, adapter_name)
     try:
         set_peft_model_state_dict(
@@ -115,16 +122,22 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         if isinstance(exc, AdapterError):
             raise
         # Mostly shapes of another model (an SD 1.x adapter on SDXL): name the one it was trained on.
-        trained_on = config.get("base_model_name_or_path")
-        raise AdapterError(
-            f"{sub}: does not fit the {sub.name} ({_first_line(exc)}); was the adapter trained on a different "
-            "base model?" + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
-        ) from None
+        raise AdapterError(_misfit(sub, exc, config)) from None
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(False)
     model.eval()
     return model
+
+
+def _misfit(sub: Path, exc: Exception, config: dict) -> str:
+    """What to say when the adapter in `sub` does not fit its component: the cause, and the base model
+    its config names."""
+    trained_on = config.get("base_model_name_or_path")
+    return (
+        f"{sub}: does not fit the {sub.name} ({_first_line(exc)}); was the adapter trained on a different "
+        "base model?" + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
+    )
 
 
 # PEFT keeps trained biases (bias != "none") in the base layers themselves, where they act whichever
@@ -220,9 +233,12 @@ def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> Non
     names = {c.name for c in family.components}
     foreign = [p.parent.name for p in sorted(folder.glob(f"*/{PEFT_CONFIG}")) if p.parent.name not in names]
     if foreign:
+        config = _read_config(folder / family.denoiser.name / PEFT_CONFIG)
+        trained_on = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         raise AdapterError(
             f"{folder}: has {', '.join(foreign)}, which a {family.name} base model does not have; "
             "was the adapter trained on another model family?"
+            + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
         )
     for c in family.components:
         if (folder / c.name / PEFT_CONFIG).is_file():

@@ -119,7 +119,7 @@ def test_a_mismatched_adapter_raises(tmp_path, adapters):  # noqa: F811
     with pytest.raises(ValueError, match="match no module"):
         api.load_adapter(pipe, bad, "bad")
     assert api.loaded_adapters(pipe) == ["a"]
-    with pytest.raises(ValueError, match="not an adapter folder"):
+    with pytest.raises(ValueError, match="a folder of adapters, not one; name one of them: bad"):
         api.load_adapter(pipe, tmp_path, "nothing")
     kohya = adapters["a"] / "a.safetensors"
     with pytest.raises(
@@ -142,6 +142,29 @@ def test_an_sd1_adapter_on_an_sdxl_pipeline_says_which_base_model_it_was_trained
     ):
         api.load_adapter(pipe, adapters["c"], "sd1")
     assert api.loaded_adapters(pipe) == []
+
+
+@pytest.mark.parametrize("where", ["fresh pipeline", "beside another adapter"])
+@pytest.mark.parametrize("config", ["target modules of another model", "a JSON list"])
+def test_a_config_that_does_not_fit_names_its_file(tmp_path, adapters, where, config):  # noqa: F811
+    """PEFT's own ValueError ("Target modules {...} not found in the base model") named no file, and a
+    config that is no JSON object failed with an AttributeError."""
+    import json
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["a"], bad)
+    path = bad / "text_encoder" / "adapter_config.json"
+    if config.startswith("target"):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": ["to_q", "to_k"]}))
+        expected = re.escape(f"{bad / 'text_encoder'}: does not fit the text_encoder (Target modules")
+    else:
+        path.write_text("[]")
+        expected = re.escape(f"{path}: not a LoRA config")
+    before = {"a": adapters["a"]} if where.startswith("beside") else {}
+    pipe = api.load_pipeline("tiny-sd", before, device="cpu")
+    with pytest.raises(ValueError, match=expected):
+        api.load_adapter(pipe, bad, "bad")
+    assert api.loaded_adapters(pipe) == list(before)
 
 
 def _lora_layer_count(module) -> int:
@@ -384,3 +407,182 @@ def test_trained_biases_act_only_while_their_adapter_is_active(tmp_path, adapter
     api.set_adapter(pipe, "biased")
     api.unload_adapter(pipe, "biased")
     assert torch.equal(pipe.unet.base_model.model.conv_out.bias, base)
+
+
+def test_a_project_file_as_the_base_model_says_which_base_model_to_give(tmp_path, monkeypatch):
+    """diffusers tried it as a single-file checkpoint: "cannot load base model p.toml (diffusers reads a
+    single file's component configs from the hub ...)"."""
+    (tmp_path / "p.toml").write_text('[project]\nbase_model = "tiny-sd"\n')
+    (tmp_path / "bad.toml").write_text("[project\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "p.toml: a project file, not a base model; give its [project] base_model, 'tiny-sd', "
+        ),
+    ):
+        api.load_pipeline("p.toml", device="cpu")
+    with pytest.raises(ValueError, match="bad.toml: a project file, not a base model; give the base model"):
+        api.load_pipeline("bad.toml", device="cpu")
+
+
+def test_a_base_model_or_adapter_path_of_another_type_raises_value_error(tmp_path, monkeypatch):
+    """A Path that does not exist failed with AttributeError ('PosixPath' object has no attribute
+    'endswith'); None, a TypeError from deep in pathlib."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=re.escape(f"no such file or folder: {tmp_path / 'models' / 'sd15'}")
+    ):
+        api.load_pipeline(Path("models/sd15"), device="cpu")  # owner/name as text, but a Path is local
+    with pytest.raises(ValueError, match="base is a hub id, a built-in model name or a path; got None"):
+        api.load_pipeline(None, device="cpu")
+    with pytest.raises(ValueError, match="an adapter path is a folder or <project file>:<name>; got None"):
+        api.resolve_adapter_path(None)
+
+
+@pytest.mark.parametrize("name", ["training", "keys", "update"])
+def test_a_name_torch_cannot_hold_raises_value_error(adapters, name):  # noqa: F811
+    """torch's ModuleDict refuses its own attribute names: a KeyError ("attribute 'training' already
+    exists") from deep inside PEFT."""
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    with pytest.raises(
+        ValueError, match=f"'{name}' cannot name an adapter: torch keeps adapters in a ModuleDict"
+    ):
+        api.load_adapter(pipe, adapters["b"], name)
+    with pytest.raises(ValueError, match=f"'{name}' cannot name an adapter"):
+        api.blend(pipe, {"a": 1.0}, name)
+    assert api.loaded_adapters(pipe) == ["a"]
+    api.load_adapter(pipe, adapters["b"], f"{name}_lora")  # the name it suggests
+
+
+def test_a_project_file_under_home_is_found_as_an_adapter_folder_is(tmp_path, adapters, monkeypatch):  # noqa: F811
+    """`~/p.toml:dog` said "no such project file" where `~/build/adapters/dog` loaded."""
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+    )
+    shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")
+    assert api.resolve_adapter_path("~/build/adapters/dog") == tmp_path / "build" / "adapters" / "dog"
+    with pytest.warns(UserWarning, match="is stale"):  # put there by hand
+        assert api.resolve_adapter_path("~/p.toml:dog") == tmp_path / "build" / "adapters" / "dog"
+
+
+def test_numpy_and_torch_numbers_are_weights(adapters):  # noqa: F811
+    """A float32 weight (np.float32(0.5), an array from np.linspace) was refused as "must be finite
+    numbers; got np.float32(0.5)", and an array of weights as "not a list"."""
+    import torch
+
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    api.set_adapter(pipe, ["a", "b"], weights=[1.0, 0.5], scale=0.5)
+    plain = _image(pipe)
+    api.set_adapter(pipe, ["a", "b"], weights=np.array([1.0, 0.5], dtype=np.float32), scale=np.float32(0.5))
+    assert np.array_equal(_image(pipe), plain)
+    api.set_adapter(pipe, ["a", "b"], weights=[torch.tensor(1.0), np.int64(0)], scale=torch.tensor(0.5))
+    assert not np.array_equal(_image(pipe), plain)
+    errors = api.blend(pipe, {"a": np.float32(1.0), "b": np.float64(0.5)}, "ab", "svd", svd_rank=np.int64(2))
+    assert set(errors) == {"unet", "text_encoder"}
+    with pytest.raises(ValueError, match="weights must be finite numbers; got nan"):
+        api.set_adapter(pipe, ["a", "b"], weights=np.array([np.nan, 1.0]))
+
+
+def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
+    """`pipe = api.load_adapter(pipe, ...)` makes pipe None; the next call failed with "AttributeError:
+    'NoneType' object has no attribute 'unet'", and so did a module given for the pipeline."""
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
+    in_place = "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change"
+    for call in (
+        lambda p: api.load_adapter(p, adapters["b"], "b"),
+        lambda p: api.set_adapter(p, "a"),
+        lambda p: api.blend(p, {"a": 1.0}, "a2"),
+        lambda p: api.unload_adapter(p, "a"),
+        api.loaded_adapters,
+    ):
+        with pytest.raises(ValueError, match=in_place):
+            call(None)
+    with pytest.raises(ValueError, match="must be a diffusers pipeline, .*; got a PeftModel"):
+        api.set_adapter(pipe.unet, "a")
+    assert api.loaded_adapters(pipe) == ["a"]
+
+
+def test_a_snapshot_written_with_leading_zeros_or_at_step_0_is_named_as_the_project_names_it(tmp_path):
+    """`p.toml:dog@020` said "add 020 to its save_steps" of a subject whose save_steps are [20]; `dog@0`
+    said to add 0, which save_steps refuses."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
+    (tmp_path / "p.toml").write_text(
+        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
+        "train = { steps = 40, save_steps = [20] }\n"
+    )
+    project = f"{tmp_path}/p.toml"
+    with pytest.raises(
+        ValueError, match=re.escape(f"{project} names that snapshot dog@20, without leading zeros")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@020")
+    with pytest.raises(ValueError, match="keeps snapshots of steps 1 to 39 only; step 0 is the base model"):
+        api.resolve_adapter_path(f"{project}:dog@0")
+    with pytest.raises(
+        ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30 ")
+    ):
+        api.resolve_adapter_path(f"{project}:dog@030")
+
+
+def test_a_path_that_is_no_adapter_says_what_is_there(tmp_path, adapters):  # noqa: F811
+    """A typo (adapters/dgo) said "not an adapter folder" as if the folder were there."""
+    shutil.copytree(adapters["a"], tmp_path / "adapters" / "dog")
+    with pytest.raises(
+        ValueError, match="dgo: no such file or folder; give an adapter folder .*; adapters beside it: dog$"
+    ):
+        api.resolve_adapter_path(tmp_path / "adapters" / "dgo")
+    (tmp_path / "civitai").mkdir()
+    shutil.copy(adapters["a"] / "a.safetensors", tmp_path / "civitai" / "dog.safetensors")
+    with pytest.raises(
+        ValueError, match=r"holds single files \(dog.safetensors\), .* diffusers' load_lora_weights"
+    ):
+        api.resolve_adapter_path(tmp_path / "civitai")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: not an adapter folder"):
+        api.resolve_adapter_path(tmp_path / "empty")
+
+
+def test_an_adapter_folder_as_the_base_model_says_which_base_model_to_give(adapters):  # noqa: F811
+    """It said "cannot load base model ...: Error no file named model_index.json found"."""
+    for given in (adapters["a"], adapters["a"] / "unet"):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"{given}: an adapter folder, not a base model; give the base model it was trained on "
+                f"(tiny-sd), and {adapters['a']} in adapters"
+            ),
+        ):
+            api.load_pipeline(str(given), device="cpu")
+
+
+def test_an_adapter_of_another_family_names_the_base_model_it_was_trained_on(tmp_path, adapters):  # noqa: F811
+    """An SDXL adapter (text_encoder_2/) on an SD 1.x pipeline named neither; the README promises both."""
+    import json
+
+    xl = tmp_path / "xl"
+    shutil.copytree(adapters["a"], xl)
+    shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
+    config = xl / "unet" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "tiny-sdxl"}))
+    pipe = api.load_pipeline("tiny-sd", device="cpu")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{xl}: has text_encoder_2, which a sd1 base model does not have; was the adapter trained on another "
+            "model family? Its adapter_config.json names tiny-sdxl"
+        ),
+    ):
+        api.load_adapter(pipe, xl, "xl")
+    assert api.loaded_adapters(pipe) == []

@@ -166,6 +166,54 @@ def test_a_ladder_of_blends_over_a_dora_adapter_names_it_as_before(tmp_path):
     assert "'b1' is a DoRA adapter (a blend of b0)" in said[2]
 
 
+def _blend_chain(depth: int, child_first: bool) -> str:
+    """Blends each of the one before (c1 = c0 + dog, c2 = c1 + dog ...), written c0 first or last."""
+    lines = [
+        '[project]\nbase_model = "tiny-sd"\n',
+        '[subjects.dog]\nimages = "data/dog"\ninstance_prompt = "a photo of sks dog"\n',
+        '[subjects.toy]\nimages = "data/toy"\ninstance_prompt = "a toy"\n',
+    ]
+    order = reversed(range(depth)) if child_first else range(depth)
+    for k in order:
+        parent = "toy" if k == 0 else f"c{k - 1}"
+        lines.append(f"[blends.c{k}]\nadapters = {{ {parent} = 0.9, dog = 0.1 }}\n")
+    lines.append(f'[renders.r]\nadapter = "c{depth - 1}"\nprompts = ["sks dog on a beach"]\n')
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_a_chain_of_blends_deeper_than_the_stack_loads_and_plans(tmp_path, child_first):
+    """A chain of about 330 blends, each on the one before, ended `dbl plan` in a RecursionError: the
+    checks of blends and the ordering of steps walked the chain one call deeper per blend. The stack is
+    cut to 150 frames more than the test's own here, so that 200 blends are deeper than it."""
+    import inspect
+    import sys
+
+    from runner import planner
+    from runner.project import load_project
+    from tests.conftest import write_image
+
+    write_image(tmp_path / "data/dog/00.png")
+    write_image(tmp_path / "data/toy/00.png")
+    path = tmp_path / "p.toml"
+    path.write_text(_blend_chain(200, child_first))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 150)
+    try:
+        project = load_project(path)
+        steps = planner.graph(project)
+    finally:
+        sys.setrecursionlimit(limit)
+    order = [step.id for step in steps]
+    assert len(project.tables["blend"]) == 200
+    assert (
+        order.index("blend:c0")
+        < order.index("blend:c1")
+        < order.index("blend:c199")
+        < order.index("render:r")
+    )
+
+
 @pytest.mark.skipif(__import__("shutil").which("git") is None, reason="needs git")
 def test_gc_reads_a_lockfile_that_many_branches_hold_once(proj, build, monkeypatch, capsys):
     """gc keeps what every local branch's lockfile refers to; branches that did not touch the lockfile

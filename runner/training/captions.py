@@ -107,7 +107,7 @@ def long_captions(family, pipe, captions: dict[Path, str]) -> list[str]:
     found = []
     for path, prompt in captions.items():
         for warning in family.long_prompts(pipe, {f"caption {path}": prompt}):
-            found.append((path, warning, f"{family.token_count(pipe, prompt)} tokens"))
+            found.append((path, warning, family.tokens_said(pipe, prompt)))
     limit = family.token_limit(pipe) if found else 0
     return said_of_many(
         found,

@@ -25,7 +25,7 @@ def _tokenizers():
 
 
 def _captions(limit: int) -> list[str]:
-    """Normal captions and ones at every edge of where a long one is cut (8 characters a kept token)."""
+    """Normal captions and ones at every edge of where a huge one is cut."""
     rng = random.Random(0)
     words = ["a", "photo", "of", "sks", "dog", "on", "the", "beach,", "circle", "red", "2024", "!!", "'s"]
     odd = [
@@ -41,16 +41,19 @@ def _captions(limit: int) -> list[str]:
         "x\u00a0y",
     ]
     captions = ["", "a photo of sks dog", "a  photo\tof\nsks dog ", " lead", "trail ", "ΣΑΣ ΟΔΟΣ"]
-    edge = 8 * limit
-    for length in [*range(edge - 3, edge + 4), 2 * edge, 5 * edge, 40 * edge]:
+    edge, huge = 8 * limit, families.COUNTED_CHARS  # where a cut is looked for, and from what length
+    for length in [*range(edge - 3, edge + 4), *range(huge - 3, huge + 4), huge + edge, 2 * huge, 5 * huge]:
         for pool in (words, words + odd):
             text = ""
             while len(text) < length:
                 text += rng.choice(pool) + rng.choice([" ", " ", " ", "  ", ""])
             captions.append(text[:length])
-    captions.append("x" * (3 * edge))  # no space to cut at
-    captions.append(" " * (3 * edge) + "dog " * edge)  # no token before the first cut
-    captions.append("\x1c " * (3 * edge) + "dog " * edge)  # a character the tokenizer drops, many times
+    captions.append("x" * (huge + 3 * edge))  # no space to cut at
+    captions.append(" " * (huge + 3 * edge) + "dog " * edge)  # no token before the first cut
+    captions.append(
+        "\x1c " * (huge + 3 * edge) + "dog " * edge
+    )  # a character the tokenizer drops, many times
+    captions.append("dog " * (huge // 4) + "x" * (3 * huge))  # the cut in the last word of the start
     return captions
 
 
@@ -60,6 +63,7 @@ def test_captions_train_on_the_token_ids_of_the_whole_caption(name, family):
     tokenizer = _tokenizers()[name]
     pipe = SimpleNamespace(tokenizer=tokenizer, tokenizer_2=tokenizer)
     captions = _captions(tokenizer.model_max_length)
+    assert sum(families.read_part(tokenizer, c) != c for c in captions) > 10  # cut: the case to prove
     ids = families.get(family).tokenize(pipe, captions, "cpu")
     whole = tokenizer(
         captions,

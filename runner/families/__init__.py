@@ -242,7 +242,8 @@ UNSUPPORTED_KEYS = (
 
 
 # Characters of a prompt whose tokens are counted for the warning that it is longer than the text
-# encoder reads: a caption of megabytes took seconds to count, several times over.
+# encoder reads (a caption of megabytes took seconds to count, several times over); a longer prompt is
+# tokenized in part (read_part). Some 2,000 tokens: far beyond any caption written to be read.
 COUNTED_CHARS = 10_000
 
 
@@ -258,8 +259,12 @@ def read_part(tokenizer, prompt: str) -> str:
     """The start of `prompt` whose tokens are the prompt's first tokens, more of them than `tokenizer`
     keeps (model_max_length): so many, truncated, are the prompt's. A caption of megabytes took minutes
     to tokenize, for its first 77 tokens. Cut at a space, which no CLIP token spans and which its text
-    cleaning keeps; the whole prompt where no such start is shorter (a prompt of a few hundred
-    characters: every normal caption)."""
+    cleaning keeps; the whole prompt where no such start is shorter, and for every prompt of up to
+    COUNTED_CHARS characters, which keep their ids byte for byte whatever the tokenizer: with ftfy
+    installed, CLIPTokenizer's mending of mojibake (cafÃ©) weighs the whole text, so a start of it could
+    read otherwise."""
+    if len(prompt) <= COUNTED_CHARS:
+        return prompt
     limit = tokenizer.model_max_length
     size = 8 * limit
     while size < len(prompt):

@@ -11,7 +11,7 @@ torch is imported inside functions.
 from __future__ import annotations
 
 import codecs
-import unicodedata
+import re
 from pathlib import Path
 
 from runner.errors import StepError
@@ -54,7 +54,7 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt", odd=Non
     if not text:
         log(f"warning: caption {path} is empty; {fallback} is used")
         return None
-    if controls := sorted({c for c in text if unicodedata.category(c) == "Cc"}):
+    if controls := sorted(set(_CONTROLS.findall(text))):
         # A terminal's colour codes (ESC[31m) or a stray keystroke, which the file shows no sign of.
         names = ", ".join(_control_name(c) for c in controls)
         (odd or log)(
@@ -64,6 +64,7 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt", odd=Non
     return text
 
 
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: C0, DEL and C1
 _C0 = "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC"
 
 

@@ -64,3 +64,20 @@ def test_many_captions_with_control_characters_are_said_in_a_few_lines(tmp_path)
     assert said[-1].startswith(
         f"warning: {12 - len(said) + 1} more captions in {tmp_path} hold control characters"
     )
+
+
+@pytest.mark.torch
+def test_a_prior_names_the_users_caption_file_that_holds_control_characters(tmp_path):
+    from runner.steps import prior as prior_step
+    from tests.steps_fixtures import draw_images, make_prior, prior_context
+
+    given = draw_images(tmp_path / "given", 2, size=(64, 64))
+    (given / "00.txt").write_bytes(b"a photo of dog\x07")
+    (given / "01.txt").write_text("a photo of dog")
+    logs = []
+    spec = make_prior(num_images=2, images=str(given), caption_extension=".txt")
+    prior_step.run(prior_context(tmp_path, spec, log=logs.append))
+    assert [line for line in logs if "control" in line] == [
+        f"warning: caption {given / '00.txt'} holds control characters (BEL), which train as written: remove "
+        "them if they are not meant"
+    ]

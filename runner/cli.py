@@ -141,13 +141,16 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _load(args):
+    from runner.exec.workspace import check_state_dir
     from runner.project import ProjectError, load_project
 
     try:
-        return load_project(find_project(args.project, args.command))
+        project = load_project(find_project(args.project, args.command))
     except ProjectError as exc:
         print(exc.report(), file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    check_state_dir(project)  # before any command reads or writes there
+    return project
 
 
 def cmd_build(args) -> int:

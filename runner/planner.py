@@ -96,19 +96,26 @@ def graph(project: Project) -> list[Step]:
     result: list[Step] = []
     placed: set[str] = set()
 
-    def place(step: Step, visiting: frozenset = frozenset()) -> None:
-        if step.id in placed:
-            return
-        if step.id in visiting:  # the loader rejects cycles; never loop on one
-            raise ValueError(f"step {step.id} depends on itself")
-        for dep in step.deps:
-            if dep in declared:
-                place(declared[dep], visiting | {step.id})
-        placed.add(step.id)
-        result.append(step)
-
-    for step in declared.values():
-        place(step)
+    # Depth first on a stack of its own, each step after its deps in their order: a chain of blends
+    # written parent after child (c999 first) went past Python's recursion limit.
+    for first in declared.values():
+        if first.id in placed:
+            continue
+        path, deps, on_path = [first], [iter(first.deps)], {first.id}
+        while path:
+            dep = next((d for d in deps[-1] if d in declared and d not in placed), None)
+            if dep is None:
+                done = path.pop()
+                deps.pop()
+                on_path.discard(done.id)
+                placed.add(done.id)
+                result.append(done)
+            elif dep in on_path:  # the loader rejects cycles; never loop on one
+                raise ValueError(f"step {dep} depends on itself")
+            else:
+                on_path.add(dep)
+                path.append(declared[dep])
+                deps.append(iter(declared[dep].deps))
     return result
 
 

@@ -90,6 +90,9 @@ def watch(
     try:
         with _stopped_by_signals(stop, signals):
             project = _load(given, say)
+            if (broken := _state_dir_problem(project)) is not None:
+                say(broken)  # no change the watch sees would mend it
+                return EXIT_USAGE
             while not stop.is_set():
                 handler.targets = targets_of(given, project)
                 _reschedule(observer, handler, scheduled, handler.targets.watches())
@@ -180,6 +183,18 @@ def _load(path: Path, say: Callable[[str], None]):
         say(str(exc))
     except (OSError, UnicodeDecodeError) as exc:  # an editor's save in progress
         say(f"{path.name}: cannot read: {exc}")
+    return None
+
+
+def _state_dir_problem(project) -> str | None:
+    """Why the project's `.dbl/` cannot be used (a file where a folder should be), or None."""
+    from runner.exec.workspace import check_state_dir
+
+    try:
+        if project is not None:
+            check_state_dir(project)
+    except DblError as exc:
+        return str(exc)
     return None
 
 

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import ROOT
@@ -44,6 +46,22 @@ def test_bad_project_exits_2_without_traceback(proj, capsys):
     assert "lora: unknown key 'rnak'" in err and "did you mean 'rank'?" in err
     assert "Traceback" not in err
     assert main(["build", str(proj.path), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("where", [".dbl", ".dbl/cache", ".dbl/tmp", ".dbl/tmp/pets"])
+def test_a_file_where_dbl_keeps_a_folder_is_named_with_its_fix(proj, fake_steps, capsys, where):
+    """A file named .dbl beside the project (or .dbl/tmp ...) ended build and gc in "[Errno 17] File
+    exists", exit 1, and no fix."""
+    blocked = proj.root / where
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("")
+    for command in ("plan", "build", "ls", "check", "gc", "report"):
+        assert main([command, str(proj.path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"dbl: {blocked} is a file, where dbl keeps" in err, (command, err)
+        assert "move or delete it, and dbl makes the folder again" in err
+    assert not fake_steps.ran
+    assert blocked.is_file()
 
 
 def test_missing_project_and_bad_usage(tmp_path, capsys, monkeypatch):

@@ -291,6 +291,23 @@ def test_targets_are_the_inputs_never_the_outputs(proj):
     assert not t.relevant(f"{root}/news")
 
 
+def test_a_file_named_dbl_ends_the_watch_with_exit_2_and_the_fix(proj, fake_steps):
+    """Each build of the watch crashed on "[Errno 17] File exists" and it watched on, for a change that
+    could not come: .dbl is not watched."""
+    (proj.root / ".dbl").write_text("")
+    messages, stop = [], threading.Event()
+    timer = threading.Timer(5, stop.set)  # the watch would wait for ever: stopped, it returns 0
+    timer.start()
+    code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
+    timer.cancel()
+    assert code == 2
+    assert messages == [
+        f"{proj.root / '.dbl'} is a file, where dbl keeps its run-cache and build state in a folder: move "
+        "or delete it, and dbl makes the folder again"
+    ]
+    assert not fake_steps.ran
+
+
 def test_a_folder_or_a_misspelt_project_file_ends_the_watch_with_exit_2(proj, fake_steps):
     messages = []
     for named in (proj.path.parent, proj.path.with_name("pest.toml")):

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from runner import lockfile, lockmemo, planner, steps, store
+from runner.errors import DblError
 from runner.fingerprint import FileHasher
 from runner.project.schema import Project
 from runner.store import DiskFacts, RunCache
@@ -16,6 +17,7 @@ class Workspace:
     """The paths and stores of one project: lockfile, .dbl/ state, run-cache, outputs."""
 
     def __init__(self, project: Project):
+        check_state_dir(project)
         self.project = project
         self.lock_path = lockfile.lock_path(project.path)
         self.state = project.state_dir
@@ -68,3 +70,20 @@ class Workspace:
             store.stat_snapshot([self.output_dir(d) for d in step.deps] + self.facts.base_model_paths())
         )
         return snap
+
+
+def check_state_dir(project: Project) -> None:
+    """Raise DblError where `.dbl/`, or a folder dbl keeps in it, is a file (or another non-folder): every
+    write there failed with a bare "[Errno 17] File exists" that named no fix."""
+    kept = (
+        (project.state_dir, "its run-cache and build state"),
+        (project.state_dir / "cache", "its run-cache"),
+        (project.state_dir / "tmp", "the work folders of steps"),
+        (store.work_root(project), f"the work folders of {project.path.name}'s steps"),
+    )
+    for path, what in kept:
+        if path.exists() and not path.is_dir():
+            raise DblError(
+                f"{path} is a file, where dbl keeps {what} in a folder: move or delete it, and dbl makes "
+                "the folder again"
+            )

@@ -167,8 +167,16 @@ class Family:
         return pipe.tokenizer.model_max_length
 
     def token_count(self, pipe, prompt: str) -> int:
-        """How many tokens `prompt` is, start and end tokens included, before any truncation."""
-        return len(pipe.tokenizer(prompt, truncation=False).input_ids)
+        """How many tokens `prompt` is, start and end tokens included, before any truncation; for a
+        prompt longer than COUNTED_CHARS, how many its first COUNTED_CHARS characters are (see
+        tokens_said)."""
+        return len(pipe.tokenizer(counted_part(prompt), truncation=False).input_ids)
+
+    def tokens_said(self, pipe, prompt: str) -> str:
+        """How many tokens `prompt` is, in words: "90 tokens", or "over 2000 tokens" where only a part
+        of it is counted."""
+        count = self.token_count(pipe, prompt) if prompt else 0
+        return f"{count} tokens" if counted_part(prompt) == prompt else f"over {count} tokens"
 
     def long_prompts(self, pipe, prompts: dict[str, str]) -> list[str]:
         """A warning for each prompt (by its project-file key) longer than the text encoder reads."""
@@ -177,8 +185,9 @@ class Family:
         for key, prompt in prompts.items():
             count = self.token_count(pipe, prompt) if prompt else 0
             if count > limit:
+                said = f"{count}" if counted_part(prompt) == prompt else f"over {count}"
                 found.append(
-                    f"warning: {key} is {count} tokens; the text encoder reads {limit}, so the end is cut "
+                    f"warning: {key} is {said} tokens; the text encoder reads {limit}, so the end is cut "
                     f"off: {prompt[-40:]!r}"
                 )
         return found
@@ -230,6 +239,43 @@ UNSUPPORTED_KEYS = (
     ("model.diffusion_model.double_blocks.", "Flux"),
     ("double_blocks.", "Flux"),
 )
+
+
+# Characters of a prompt whose tokens are counted for the warning that it is longer than the text
+# encoder reads (a caption of megabytes took seconds to count, several times over); a longer prompt is
+# tokenized in part (read_part). Some 2,000 tokens: far beyond any caption written to be read.
+COUNTED_CHARS = 10_000
+
+
+def counted_part(prompt: str) -> str:
+    """`prompt`, or its first COUNTED_CHARS characters (to the next space, or cut there)."""
+    if len(prompt) <= COUNTED_CHARS:
+        return prompt
+    cut = prompt.find(" ", COUNTED_CHARS)
+    return prompt[: cut if cut >= 0 else COUNTED_CHARS]
+
+
+def read_part(tokenizer, prompt: str) -> str:
+    """The start of `prompt` whose tokens are the prompt's first tokens, more of them than `tokenizer`
+    keeps (model_max_length): so many, truncated, are the prompt's. A caption of megabytes took minutes
+    to tokenize, for its first 77 tokens. Cut at a space, which no CLIP token spans and which its text
+    cleaning keeps; the whole prompt where no such start is shorter, and for every prompt of up to
+    COUNTED_CHARS characters, which keep their ids byte for byte whatever the tokenizer: with ftfy
+    installed, CLIPTokenizer's mending of mojibake (cafÃ©) weighs the whole text, so a start of it could
+    read otherwise."""
+    if len(prompt) <= COUNTED_CHARS:
+        return prompt
+    limit = tokenizer.model_max_length
+    size = 8 * limit
+    while size < len(prompt):
+        cut = prompt.find(" ", size)
+        if cut < 0:
+            break
+        part = prompt[:cut]
+        if len(tokenizer(part, truncation=False).input_ids) > limit:
+            return part
+        size = 2 * cut
+    return prompt
 
 
 def register(family: Family) -> Family:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from runner.families import Component, Family, register, tiny_shapes
+from runner.families import Component, Family, read_part, register, tiny_shapes
 
 # Bump when the tiny-sd recipe below changes: it is part of the base model identity.
 TINY_SD_VERSION = 1
@@ -97,7 +97,7 @@ class SD1(Family):
 
     def tokenize(self, pipe, prompts: list[str], device):
         return pipe.tokenizer(
-            prompts,
+            [read_part(pipe.tokenizer, prompt) for prompt in prompts],
             padding="max_length",
             max_length=pipe.tokenizer.model_max_length,
             truncation=True,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from runner.families import Family, register, sd1
+from runner.families import Family, read_part, register, sd1
 from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_lora_metadata
 from runner.host import to_device
 
@@ -97,7 +97,7 @@ class SDXL(Family):
     def tokenize(self, pipe, prompts: list[str], device):
         return tuple(
             tokenizer(
-                prompts,
+                [read_part(tokenizer, prompt) for prompt in prompts],
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,

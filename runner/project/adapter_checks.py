@@ -56,6 +56,9 @@ def check_blends(check, tables: dict) -> None:
     subjects, blends = tables.get("train", {}), tables.get("blend", {})
     adapters = list(subjects) + list(blends)
     in_cycles = set()
+    unread_memo, ranks_memo, keys_memo = {}, {}, {}  # what each walk found, for the next blend's
+    # A blend named like a subject is a problem of its own: which one its parent `dog` means is unknown.
+    own = {n: b for n, b in blends.items() if n not in subjects}
     for name, blend in blends.items():
         check_adapter_name(check, "blends", name)
         key = ("blends", name, "adapters")
@@ -64,18 +67,18 @@ def check_blends(check, tables: dict) -> None:
                 check.problem(
                     key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables, name)
                 )
-        # A blend named like a subject is a problem of its own: which one its parent `dog` means is unknown.
-        own = {n: b for n, b in blends.items() if n not in subjects}
         if name in own and name not in in_cycles and (cycle := _cycle(name, own)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
             check.problem(key, f"blend '{name}' depends on itself: {' -> '.join(cycle)}", fix)
         # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
-        unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends)}
-        _check_blend_method(check, name, blend, subjects, blends, lora_known=not unknown)
+        unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends, unread_memo)}
+        _check_blend_method(check, name, blend, subjects, blends, not unknown, ranks_memo)
         for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
             for setting, flagged, what, why, fix in UNBLENDABLE:
-                keys = lora_keys(parent, subjects, blends, setting, flagged)
+                keys = lora_keys(
+                    parent, subjects, blends, setting, flagged, keys_memo.setdefault(setting, {})
+                )
                 if keys:
                     check.problem(
                         key + (parent,),
@@ -84,18 +87,67 @@ def check_blends(check, tables: dict) -> None:
                     )
 
 
-def _lora_unread(check, name: str, blends: dict, _depth: int = 0, _memo: dict | None = None) -> bool:
+def _lora_unread(check, name: str, blends: dict, memo: dict | None = None) -> bool:
     """Whether the [lora] settings of adapter `name`, or of a parent of it, did not read."""
-    if name not in blends:
-        return check.did_not_read(("subjects", name, "lora"), ("lora",))
-    if _depth > len(blends):  # a cycle, said on its own
-        return False
-    memo = {} if _memo is None else _memo
-    if (name, _depth) not in memo:
-        memo[name, _depth] = any(
-            _lora_unread(check, parent, blends, _depth + 1, memo) for parent, _ in blends[name].adapters
-        )
-    return memo[name, _depth]
+    return fold_blends(
+        name,
+        blends,
+        leaf=lambda n: check.did_not_read(("subjects", n, "lora"), ("lora",)),
+        combine=lambda n, found: any(found),
+        cut=False,
+        memo=memo,
+    )
+
+
+def fold_blends(name, blends: dict, leaf, combine, cut, memo: dict | None = None):
+    """A value of adapter `name` found from its parents': leaf(n) for an adapter that is not in `blends`,
+    combine(n, [the value of each parent, in order]) for one that is, and `cut` for a blend deeper than
+    there are blends (a cycle, said on its own). On a stack of its own: a chain of a few hundred blends
+    went past Python's recursion limit. `memo` keeps each blend's value for the next call with the same
+    blends, leaf and combine (a check of every blend of a chain walked it once per blend)."""
+    memo = {} if memo is None else memo
+    todo, on_path = [(name, False)], set()
+    while todo:
+        n, parents_done = todo.pop()
+        if n in memo:
+            continue
+        if n not in blends:
+            memo[n] = leaf(n)
+        elif parents_done:
+            on_path.discard(n)
+            memo[n] = combine(n, [memo[p] for p, _ in blends[n].adapters])
+        elif n in on_path:  # a cycle: its values depend on how deep the walk goes
+            return _fold_by_depth(name, blends, leaf, combine, cut)
+        else:
+            on_path.add(n)
+            todo.append((n, True))
+            todo += [(p, False) for p, _ in reversed(blends[n].adapters) if p not in memo]
+    return memo[name]
+
+
+def _fold_by_depth(name, blends: dict, leaf, combine, cut):
+    """fold_blends through a cycle: each blend's value once per depth, down to as many as there are."""
+    found: dict[tuple[str, int], object] = {}
+    todo = [(name, 0)]
+    while todo:
+        n, depth = todo[-1]
+        if (n, depth) in found:
+            todo.pop()
+        elif n not in blends:
+            found[n, depth] = leaf(n)
+            todo.pop()
+        elif depth > len(blends):
+            found[n, depth] = cut
+            todo.pop()
+        else:
+            parents = [(p, depth + 1) for p, _ in blends[n].adapters]
+            waiting = [p for p in parents if p not in found]
+            if waiting:
+                todo += reversed(waiting)  # the first parent first, as a recursive walk would
+            else:
+                found[n, depth] = combine(n, [found[p] for p in parents])
+                todo.pop()
+    return found[name, 0]
 
 
 def check_renders(check, tables: dict) -> None:
@@ -150,24 +202,16 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     )
 
 
-def _subjects_of(
-    name: str | None, subjects: dict, blends: dict, _depth: int = 0, _memo: dict | None = None
-) -> list[str]:
+def _subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
     """The subjects adapter `name` is trained from: itself, or the parents of a blend; each once, in the
     order its parents name them."""
-    if name in subjects:
-        return [name]
-    if name not in blends or _depth > len(blends):  # a snapshot, 'none', or a cycle (said on its own)
-        return []
-    memo = {} if _memo is None else _memo
-    if (name, _depth) not in memo:
-        found = (
-            s
-            for parent, _ in blends[name].adapters
-            for s in _subjects_of(parent, subjects, blends, _depth + 1, memo)
-        )
-        memo[name, _depth] = list(dict.fromkeys(found))
-    return memo[name, _depth]
+    return fold_blends(
+        name,
+        {n: b for n, b in blends.items() if n not in subjects},
+        leaf=lambda n: [n] if n in subjects else [],  # else a snapshot or 'none'
+        combine=lambda n, found: list(dict.fromkeys(s for names in found for s in names)),
+        cut=[],
+    )
 
 
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
@@ -187,16 +231,22 @@ def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
 
 def _cycle(start: str, blends: dict) -> list[str] | None:
     """The blends from `start` back to itself through their parents ([a, b, a]), or None."""
-    paths, seen = [[start, p] for p, _ in reversed(blends[start].adapters)], set()
-    while paths:
-        path = paths.pop()
-        name = path[-1]
+    # Each step on the way holds the one before it, (name, (name before, ...)): the path is spelled out
+    # only for the cycle found (a copy of it at each step took seconds for a chain of 1000 blends).
+    todo, seen = [(p, (start, None)) for p, _ in reversed(blends[start].adapters)], set()
+    while todo:
+        step = todo.pop()
+        name = step[0]
         if name == start:
-            return path
+            path = []
+            while step is not None:
+                path.append(step[0])
+                step = step[1]
+            return path[::-1]
         if name in seen or name not in blends:
             continue
         seen.add(name)
-        paths += [path + [p] for p, _ in reversed(blends[name].adapters)]
+        todo += [(p, step) for p, _ in reversed(blends[name].adapters)]
     return None
 
 
@@ -208,55 +258,54 @@ def _rank(lora, component: dict) -> int | None:
 
 
 def adapter_ranks(
-    name: str,
-    subjects: dict,
-    blends: dict,
-    family: str | None = families.DEFAULT,
-    _depth: int = 0,
-    _memo: dict | None = None,
+    name: str, subjects: dict, blends: dict, family: str | None = families.DEFAULT, memo: dict | None = None
 ) -> dict[str, int | None]:
     """The LoRA rank of an adapter per component of its family (None: no LoRA on that component; family
     None: the components of every family)."""
     components = families.lora_components(family)
-    if name in subjects:
-        s = subjects[name]
+    none = {c["name"]: None for c in components}
+
+    def leaf(n: str) -> dict[str, int | None]:
+        if n not in subjects:
+            return none
+        s = subjects[n]
         return {
             c["name"]: _rank(s.lora, c) if c["gate"] is None or getattr(s.train, c["gate"]) else None
             for c in components
         }
-    blend = blends.get(name)
-    if blend is None or _depth > len(blends):
-        return {c["name"]: None for c in components}
+
+    def combine(n: str, parents: list[dict]) -> dict[str, int | None]:
+        blend, result = blends[n], {}
+        for c in components:
+            ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
+            if not ranks:
+                result[c["name"]] = None
+            elif len(ranks) == 1:  # PEFT blends a lone adapter linearly, any method: rank stays
+                result[c["name"]] = ranks[0]
+            elif blend.method == "cat":
+                result[c["name"]] = sum(ranks)
+            elif blend.method == "svd" or blend.method.endswith("_svd"):
+                result[c["name"]] = blend.svd_rank or max(ranks)
+            else:
+                result[c["name"]] = ranks[0]
+        return result
+
     # Each blend's ranks once per depth: blends of blends that share parents made this exponential.
-    memo = {} if _memo is None else _memo
-    if (name, _depth) in memo:
-        return dict(memo[name, _depth])
-    parents = [adapter_ranks(p, subjects, blends, family, _depth + 1, memo) for p, _ in blend.adapters]
-    result = {}
-    for c in components:
-        ranks = [r[c["name"]] for r in parents if r[c["name"]] is not None]
-        if not ranks:
-            result[c["name"]] = None
-        elif len(ranks) == 1:  # PEFT combines a lone adapter linearly, whatever the method: its rank stays
-            result[c["name"]] = ranks[0]
-        elif blend.method == "cat":
-            result[c["name"]] = sum(ranks)
-        elif blend.method == "svd" or blend.method.endswith("_svd"):
-            result[c["name"]] = blend.svd_rank or max(ranks)
-        else:
-            result[c["name"]] = ranks[0]
-    memo[name, _depth] = result
-    return dict(result)
+    own = {n: b for n, b in blends.items() if n not in subjects}
+    return dict(fold_blends(name, own, leaf, combine, cut=none, memo=memo))
 
 
 def lora_keys(
-    name: str, subjects: dict, blends: dict, setting: str, flagged, _depth: int = 0, _memo: dict | None = None
+    name: str, subjects: dict, blends: dict, setting: str, flagged, memo: dict | None = None
 ) -> list[str]:
     """The [lora] keys of `setting` ("use_dora", "bias") whose value `flagged` holds, for adapter `name`
     or a parent of it (a blend), e.g. ["lora.use_dora = true"]; empty when none. Any family's components
     count: a key of a component the base model has not is an error of its own."""
-    if name in subjects:
-        subject = subjects[name]
+
+    def leaf(n: str) -> list[str]:
+        if n not in subjects:
+            return []
+        subject = subjects[n]
         seen, found = set(), []
         for family in families.all():
             for c in family.components:
@@ -268,16 +317,13 @@ def lora_keys(
                 if value is not None and flagged(value):  # None falls back to a key counted already
                     found.append(f"lora.{key} = {json.dumps(value)}")
         return found
-    blend = blends.get(name)
-    if blend is None or _depth > len(blends):
-        return []
-    memo = {} if _memo is None else _memo
-    if (name, _depth) not in memo:
-        parents = [
-            p for p, _ in blend.adapters if lora_keys(p, subjects, blends, setting, flagged, _depth + 1, memo)
-        ]
-        memo[name, _depth] = [f"a blend of {', '.join(parents)}"] if parents else []
-    return list(memo[name, _depth])
+
+    def combine(n: str, found: list[list[str]]) -> list[str]:
+        parents = [p for (p, _), keys in zip(blends[n].adapters, found, strict=True) if keys]
+        return [f"a blend of {', '.join(parents)}"] if parents else []
+
+    own = {n: b for n, b in blends.items() if n not in subjects}
+    return list(fold_blends(name, own, leaf, combine, cut=[], memo=memo))
 
 
 # What rules an adapter out of a blend: the [lora] setting, when it does, and why.
@@ -300,7 +346,7 @@ UNBLENDABLE = (
 )
 
 
-def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool) -> None:
+def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool, ranks_memo: dict) -> None:
     key = ("blends", name)
     method = blend.method
     if method in schema.DENSITY_METHODS and blend.density is None:
@@ -331,7 +377,7 @@ def _check_blend_method(check, name, blend, subjects, blends, lora_known: bool) 
         # not known before a download, every family's.
         family = check.family
         parents = [p for p, _ in blend.adapters if p in subjects or p in blends]
-        ranks_of = {p: adapter_ranks(p, subjects, blends, family) for p in parents}
+        ranks_of = {p: adapter_ranks(p, subjects, blends, family, ranks_memo) for p in parents}
         components = families.lora_components(family)
         owner = {c["rank_field"]: c["name"] for c in components}
         for c in components:

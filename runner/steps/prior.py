@@ -36,7 +36,7 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def run(ctx) -> dict:
-    from runner.training.captions import empty_captions, kept_in, read_caption, unread_files
+    from runner.training.captions import empty_captions, kept_in, odd_captions, read_caption, unread_files
 
     spec = ctx.spec
     total = spec.num_images
@@ -50,17 +50,17 @@ def run(ctx) -> dict:
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    empty, fallback = [], f"the class prompt '{spec.prompts[0]}'"
+    empty, odd, fallback = [], [], f"the class prompt '{spec.prompts[0]}'"
     try:
         for index, path in enumerate(given):
             shutil.copyfile(path, ctx.out / f"{index:04d}{path.suffix.lower()}")
             caption = path.with_suffix(spec.caption_extension) if spec.caption_extension else None
             if caption is not None and caption.is_file():  # beside its copy, as .txt: the train step reads it
                 # Read here, so that an unreadable or empty caption is named as the user's file, not its copy.
-                read_caption(caption, kept_in(empty, caption), fallback)
+                read_caption(caption, kept_in(empty, caption), fallback, kept_in(odd, caption))
                 shutil.copyfile(caption, ctx.out / f"{index:04d}{CLASS_CAPTION}")
     finally:  # what was found before a caption that fails is still said
-        for warning in empty_captions(empty, fallback):
+        for warning in empty_captions(empty, fallback) + odd_captions(odd):
             ctx.log(warning)
     ctx.progress(len(given), total)
     if missing:

@@ -11,6 +11,7 @@ torch is imported inside functions.
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 
 from runner.errors import StepError
@@ -24,9 +25,10 @@ def caption_file(image: Path, extension: str) -> Path:
     return image.with_suffix(extension)
 
 
-def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str | None:
+def read_caption(path: Path, log, fallback: str = "the instance prompt", odd=None) -> str | None:
     """The caption in `path`, stripped; None (with a warning that `fallback` is used) when it is empty. A
-    binary or non-UTF-8 file, or one that cannot be read, is an error naming it."""
+    binary or non-UTF-8 file, or one that cannot be read, is an error naming it. Control characters in
+    it are said to `odd` (default: `log`), and kept."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -39,6 +41,10 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str 
         if data.startswith(marks):
             raise StepError(f"caption {path} is {name} text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
+        if _utf16_without_mark(data):  # Windows tools' "Unicode" with its mark left off
+            raise StepError(
+                f"caption {path} looks like UTF-16 text without a byte-order mark, not UTF-8; save it as UTF-8"
+            )
         raise StepError(f"caption {path} is a binary file, not text")
     try:
         text = data.decode("utf-8-sig")
@@ -48,7 +54,41 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt") -> str 
     if not text:
         log(f"warning: caption {path} is empty; {fallback} is used")
         return None
+    if controls := sorted(set(_CONTROLS.findall(text))):
+        # A terminal's colour codes (ESC[31m) or a stray keystroke, which the file shows no sign of.
+        names = ", ".join(_control_name(c) for c in controls)
+        (odd or log)(
+            f"warning: caption {path} holds control characters ({names}), which train as written: remove "
+            "them if they are not meant"
+        )
     return text
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: C0, DEL and C1
+_C0 = "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC"
+
+
+def _control_name(char: str) -> str:
+    names = _C0.split()
+    return names[ord(char)] if ord(char) < len(names) else "DEL" if char == "\x7f" else f"U+{ord(char):04X}"
+
+
+def _utf16_without_mark(data: bytes) -> bool:
+    """Whether `data` reads as printable UTF-16 text in either byte order, each of its zero bytes the high
+    byte of a character (Latin text: every other byte); a binary file does not."""
+    if len(data) % 2:
+        return False
+    zeros = {i % 2 for i, byte in enumerate(data) if byte == 0}
+    for order, high in (("utf-16-le", 1), ("utf-16-be", 0)):
+        if zeros != {high}:
+            continue
+        try:
+            text = data.decode(order)
+        except UnicodeDecodeError:
+            continue
+        if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+            return True
+    return False
 
 
 def image_prompts(
@@ -65,14 +105,14 @@ def image_prompts(
         log(
             f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
         )
-    prompts, empty = [], []
+    prompts, empty, odd = [], [], []
     try:
         for image in files:
             caption = None
             if extension:
                 path = caption_file(image, extension)
                 if path.is_file():
-                    caption = read_caption(path, kept_in(empty, path), fallback_name)
+                    caption = read_caption(path, kept_in(empty, path), fallback_name, kept_in(odd, path))
             if caption is not None and TRIGGER in caption:
                 if trigger is None:
                     raise StepError(
@@ -83,7 +123,7 @@ def image_prompts(
                 caption = caption.replace(TRIGGER, trigger)
             prompts.append(fallback if caption is None else caption)
     finally:  # what was found before a caption that fails is still said
-        for warning in empty_captions(empty, fallback_name):
+        for warning in empty_captions(empty, fallback_name) + odd_captions(odd):
             log(warning)
     return prompts
 
@@ -101,13 +141,21 @@ def empty_captions(found: list[tuple[Path, str, str]], fallback: str) -> list[st
     )
 
 
+def odd_captions(found: list[tuple[Path, str, str]]) -> list[str]:
+    """The warnings of read_caption about control characters, (caption, warning, "") each: many in a few
+    lines."""
+    return said_of_many(
+        found, lambda count, folder: f"warning: {count} more captions in {folder} hold control characters"
+    )
+
+
 def long_captions(family, pipe, captions: dict[Path, str]) -> list[str]:
     """A warning for each caption (file -> its prompt) longer than the text encoder reads; many in a few
     lines, which name each file with its token count."""
     found = []
     for path, prompt in captions.items():
         for warning in family.long_prompts(pipe, {f"caption {path}": prompt}):
-            found.append((path, warning, f"{family.token_count(pipe, prompt)} tokens"))
+            found.append((path, warning, family.tokens_said(pipe, prompt)))
     limit = family.token_limit(pipe) if found else 0
     return said_of_many(
         found,

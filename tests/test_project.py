@@ -86,6 +86,18 @@ CASES = [
         "its adapter is 'dog'",
     ),
     (
+        "a snapshot the subject saves, written with a leading zero (it said to add 0400 to save_steps)",
+        '[subjects.dog.train]\nsave_steps = [400]\n[renders.r]\nadapter = "dog@0400"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@0400' is not a subject, snapshot or blend (line {line}) - write it without leading "
+        "zeros: 'dog@400'",
+    ),
+    (
+        "a snapshot at step 0 (it said to add 0 to save_steps, which refuses it)",
+        '[renders.r]\nadapter = "dog@0"\nprompts = ["x"]\n',
+        "renders.r.adapter: 'dog@0' is not a subject or blend (line {line}) - step 0 is dog's base model: "
+        "write 'none' for the base model alone; subjects: dog, toy; blends: mix; or 'none'",
+    ),
+    (
         "a NUL character in a path (the OS refuses it: it was an unexpected ValueError)",
         '[subjects.cat]\nimages = "data/\\u0000dog"\ninstance_prompt = "a photo of sks cat"\n',
         "subjects.cat.images: holds a NUL character (\\u0000) (line {line}) - remove it",

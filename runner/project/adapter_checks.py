@@ -220,11 +220,15 @@ def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
     snapshot = snapshot_of(name, subjects)
     if snapshot is None:
         return listing
-    subject, step = snapshot
-    steps = subjects[subject].train.steps
-    if int(step) == steps:
+    subject, written = snapshot
+    step, train = int(written), subjects[subject].train
+    if str(step) != written and step in (train.save_steps or ()):
+        return f"write it without leading zeros: '{subject}@{step}'"
+    if step == 0:
+        return f"step 0 is {subject}'s base model: write 'none' for the base model alone; {listing}"
+    if step == train.steps:
         return f"step {step} is the last of {subject}: its adapter is '{subject}'"
-    if int(step) < steps:
+    if step < train.steps:
         return f"add {step} to the save_steps of {subject}; {listing}"
     return listing
 

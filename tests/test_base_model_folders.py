@@ -337,3 +337,32 @@ def test_a_cached_hub_model_loads_the_commit_its_identity_names(tmp_path, monkey
         cache.pipeline()
     assert loaded == [("someone/tiny", planned)] and fetched == []
     assert (repo / "refs" / "main").read_text() == planned
+
+
+def test_a_single_files_hub_configs_load_at_the_commit_its_identity_names(tmp_path, monkeypatch):
+    """`base_model_config` as a hub id is part of the identity by the commit its main names in the cache;
+    from_single_file fetched its configs at the hub's main, which may be a newer commit."""
+    from runner import families, models
+    from runner.fingerprint import FileHasher, base_model_identity
+
+    planned = "a" * 40
+    repo = tmp_path / "hub" / "models--someone--configs"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(planned)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_unreachable", lambda: None)  # a network
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    loaded = []
+
+    def load_single_file(self, path, **kwargs):
+        loaded.append((kwargs["config"], kwargs.get("revision")))
+        raise models.ModelError("not loaded in this test")
+
+    monkeypatch.setattr(families.Family, "load_single_file", load_single_file)
+    base = models.BaseModel.parse("model.safetensors", tmp_path, config="someone/configs")
+    monkeypatch.setattr(families, "detect", lambda b: families.get("sd1"))
+    identity = base_model_identity(base, FileHasher(tmp_path / "hashes.json"))
+    assert identity["config"] == {"hub": "someone/configs", "revision": planned}
+    with pytest.raises(models.ModelError, match="not loaded in this test"):
+        models.load_pipeline(base, family=families.get("sd1"))
+    assert loaded == [("someone/configs", planned)]

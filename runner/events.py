@@ -35,6 +35,7 @@ class StepEvent:
     device: str = ""  # where it ran when steps run at once: "cuda:0", "cpu", "node-2 cuda:1"
     started: float = 0.0  # time.time() when it began to run or restore; 0 when it did not
     remade: bool = False  # it ran again to the very outputs the lockfile records (its record kept)
+    output_hash: str = ""  # the output hash the lockfile recorded for what it ran or restored
 
 
 # A step's log line that starts so is a warning: the displays show it without -v.

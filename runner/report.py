@@ -422,13 +422,18 @@ def _unrecorded(ctx: _Context, sid: str) -> str:
 def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     """'Built <when> in 4m40s', and what the last build did with the step."""
     text = f"built {htmlpage.when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
-    outcome = ctx.outcomes.get(sid, {}).get("outcome")
+    row = ctx.outcomes.get(sid, {})
+    outcome = row.get("outcome")
+    # a lockfile checked out since records other outputs than the last build did (an older dbl's record
+    # of the build does not say which it recorded: it is taken at its word)
+    other = "output_hash" in row and row["output_hash"] != record.get("output_hash")
     if sid in ctx.after:
         text += " (by a build after the last recorded one, which left no record: still running, or killed)"
+    elif outcome in ("ran", "restored") and other:
+        text += f" (by an earlier build; the last build {verb if outcome == 'ran' else outcome} it too)"
     elif outcome == "restored":
         text += " (restored from the run-cache by the last build)"
     elif outcome == "ran":
-        row = ctx.outcomes[sid]
         if row.get("remade"):  # a rerun to the recorded bytes keeps the record of the build that made them
             text += f" ({verb} again by the last build, to the same outputs)"
         elif htmlpage.when(row.get("started")) == htmlpage.when(record.get("built")):

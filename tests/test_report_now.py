@@ -138,3 +138,34 @@ def test_an_eval_no_longer_in_the_project_is_not_said_to_score_the_next_build(pr
     )
     assert "eval:old is no longer in the project file" in text
     assert "run <code>dbl build</code> to score this one" not in text
+
+
+def test_a_step_the_last_build_restored_is_not_credited_with_a_checked_out_record(proj, build, fake_steps):
+    """The last build restored train:dog from the run-cache; a lockfile checked out since records other
+    outputs of it, which that build did not put there."""
+    from runner import report
+
+    build(proj)  # rank 4: the lockfile to be checked out later
+    checked_in = proj.lock.read_bytes()
+    proj.edit("rank = 4", "rank = 8")
+    build(proj)
+    proj.edit("rank = 8", "rank = 4")
+    build(proj)
+    proj.edit("rank = 4", "rank = 8")
+    build(proj)  # restores rank 8 from the run-cache
+    row = {r["id"]: r for r in lastbuild.read(proj.load())["steps"]}["train:dog"]
+    assert row["outcome"] == "restored"
+    assert "(restored from the run-cache by the last build)" in _item(report.render(proj.load()), "train:dog")
+
+    proj.lock.write_bytes(checked_in)  # rank 4's outputs, as the checked-out commit records them
+    dog = _item(report.render(proj.load()), "train:dog")
+    assert "by the last build" not in dog
+    assert "(by an earlier build; the last build restored it too)" in dog
+    assert row["output_hash"] != lockfile.read(proj.lock)["train:dog"]["output_hash"]
+
+    # A record written before the output hashes were kept is taken at its word, as it was.
+    last = lastbuild.read(proj.load())
+    for r in last["steps"]:
+        r.pop("output_hash", None)
+    lastbuild.write(proj.load(), last)
+    assert "(restored from the run-cache by the last build)" in _item(report.render(proj.load()), "train:dog")

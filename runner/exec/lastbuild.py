@@ -14,6 +14,9 @@ the lockfile: it describes one build on one machine, not what was built.
 `outcome` is ran, restored (from the run-cache), fresh (nothing to do), skipped, failed or interrupted;
 `on` is the device or node a worker ran the step on (empty when it ran in the build's own process).
 `remade` (a step that ran, only when true): it made again the very outputs the lockfile records.
+`output_hash` (a step it ran or restored): the output hash it recorded in the lockfile; a lockfile checked
+out since may record other outputs of the step, which this build did not make. A record written before it
+was kept lacks it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def record(steps: list[events.StepEvent], started: float, seconds: float, exit_c
             row["seconds"] = round(ev.duration_s, 3)
         if ev.remade:
             row["remade"] = True
+        if ev.output_hash:
+            row["output_hash"] = ev.output_hash
         if ev.device:
             row["on"] = ev.device
         if ev.reasons:

@@ -102,7 +102,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         ev.status = events.CACHED
         metrics = meta.get("metrics", {})
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock, record)
-        _ended(ws, step, ev, metrics, clock)
+        _ended(ws, lock, step, ev, metrics, clock)
         return None
     earlier = None if force else _earlier(ws, kind, step, record, inputs)
     return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier, record)
@@ -161,7 +161,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     _keep_extras(ws, lock, s, ev, outcome, reporter)  # before the commit removes the work folder
     seconds = time.monotonic() - s.clock
     ev.remade = _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
-    _ended(ws, step, ev, metrics, s.clock)
+    _ended(ws, lock, step, ev, metrics, s.clock)
 
 
 def drop_work_if_changed(ws: Workspace, s: Started, ev: StepEvent, reporter) -> None:
@@ -202,9 +202,10 @@ def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, 
             reporter.log(ev, f"kept {step_id} in the run-cache")
 
 
-def _ended(ws: Workspace, step, ev: StepEvent, metrics: dict, clock: float) -> None:
+def _ended(ws: Workspace, lock: dict, step, ev: StepEvent, metrics: dict, clock: float) -> None:
     ev.duration_s = time.monotonic() - clock
     ev.outputs = ws.output_dir(step)
+    ev.output_hash = lock[step.id]["output_hash"]  # which record is this build's, once another replaces it
     ev.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from runner import tempnames
 from runner.errors import ImageError
-from runner.imagefiles import list_images
+from runner.imagefiles import list_images, unreadable
 
 CHUNK = 1 << 20
 
@@ -139,7 +139,15 @@ class FileHasher:
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
-        return {_name(p, folder): self._input(p) for p in files}
+        result, errors = {}, []
+        for path in files:
+            try:
+                result[_name(path, folder)] = self._input(path)
+            except ImageError as exc:  # each file said, not the first alone
+                errors.append(str(exc))
+        if errors:
+            raise ImageError(unreadable(errors))
+        return result
 
     def _input(self, path: Path, what: str = "an image") -> str:
         """The hash of an input file (`what` it must be); one that cannot be read is an error naming it."""

@@ -202,3 +202,19 @@ def test_scheduler_is_swapped_and_restored(tmp_path):
 
     with Image.open(ctx.out / "0000.png") as img:
         assert "Sampler: Euler a" in img.text["parameters"]
+
+
+def test_every_broken_given_image_is_named_in_one_error(tmp_path):
+    from runner.errors import ImageError
+
+    given = draw_images(tmp_path / "mine", 2)
+    (given / "a.png").write_bytes(b"")
+    (given / "b.jpg").write_text("not a photo")
+    (given / "c.png").write_bytes((given / "00.png").read_bytes()[:100])
+    with pytest.raises(ImageError) as info:
+        _run(prior_context(tmp_path, make_prior(num_images=5, images=str(given))))
+    lines = str(info.value).split("\n  ")
+    assert lines[0] == "3 images cannot be read; fix or remove each:"
+    assert [line.split(": ")[0] for line in lines[1:]] == [
+        str(given / name) for name in ("a.png", "b.jpg", "c.png")
+    ]

@@ -594,7 +594,33 @@ def test_an_image_that_is_a_symlink_loop_is_named_as_one(tmp_path):
     os.symlink("a.png", folder / "b.png")
     with pytest.raises(ImageError) as info:
         FileHasher().manifest(folder)
-    assert (
-        str(info.value)
-        == f"{folder / 'a.png'}: a symbolic link to b.png, which leads back to it; fix the link or remove it"
+    assert (  # b.png is one as well, named in the same error
+        f"{folder / 'a.png'}: a symbolic link to b.png, which leads back to it; fix the link or remove it"
+        in str(info.value).split("\n  ")
     )
+
+
+def test_every_unreadable_image_is_named_in_one_error_past_a_few_how_many_more(tmp_path):
+    # Was the first alone, found as the build planned: one broken link a build.
+    from runner.errors import ImageError
+    from runner.fingerprint import FileHasher
+
+    folder = tmp_path / "imgs"
+    write_image(folder / "00.png")
+    for name in "abcdefg":
+        os.symlink(f"{name}{name}.png", folder / f"{name}.png")
+        os.symlink(f"{name}.png", folder / f"{name}{name}.png")
+    with pytest.raises(ImageError) as info:
+        FileHasher().manifest(folder)
+    lines = str(info.value).split("\n  ")
+    assert lines[0] == "14 images cannot be read; fix or remove each:"
+    assert lines[1:] == [
+        f"{folder / name}: a symbolic link to {target}, which leads back to it; fix the link or remove it"
+        for name, target in [
+            ("a.png", "aa.png"),
+            ("aa.png", "a.png"),
+            ("b.png", "bb.png"),
+            ("bb.png", "b.png"),
+            ("c.png", "cc.png"),
+        ]
+    ] + ["and 9 more"]

@@ -593,3 +593,33 @@ def test_losses_read_back_every_few_steps_give_the_same_log(tmp_path, images, mo
     assert outputs[3] == outputs[1]
     assert calls[1][1:] == [(step, True) for step in range(1, 6)]
     assert calls[3][1:] == [(1, False), (2, False), (3, True), (4, False), (5, True)]
+
+
+def _break_three(folder: Path) -> list[str]:
+    """An empty, a truncated and a not-an-image file among `folder`'s images; what the error says of each."""
+    good = (folder / "00.png").read_bytes()
+    (folder / "01.png").write_bytes(b"")
+    (folder / "02.png").write_bytes(good[: len(good) // 2])
+    (folder / "03.jpg").write_text("not a photo")
+    return [
+        f"{folder / '01.png'}: the file is empty",
+        f"{folder / '02.png'}: the image is damaged or truncated",
+        f"{folder / '03.jpg'}: not an image file",
+    ]
+
+
+def test_every_broken_photo_of_a_subject_is_named_in_one_error(tmp_path):
+    # Was the first alone: fixing three photos took three builds, each loading the model first.
+    from runner.errors import ImageError
+    from runner.training import data
+    from runner.training.job import job_from_context
+
+    folder = draw_images(tmp_path / "dog", 5)
+    (folder / "03.png").unlink()
+    said = _break_three(folder)
+    job = job_from_context(train_context(tmp_path, make_subject(folder)))
+    with pytest.raises(ImageError) as info:
+        data.read_images(job, print)
+    lines = str(info.value).split("\n")
+    assert lines[0] == "3 images cannot be read; fix or remove each:"
+    assert [line.strip()[: len(start)] for line, start in zip(lines[1:], said, strict=True)] == said

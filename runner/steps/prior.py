@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 from runner import pnginfo
-from runner.errors import StepError, StepInterrupted
+from runner.errors import ImageError, StepError, StepInterrupted
 from runner.events import WARNING
-from runner.imagefiles import Scan, more_images, said_by_kind, scan
+from runner.imagefiles import Scan, more_images, said_by_kind, scan, unreadable
 from runner.project import checks
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
@@ -84,10 +84,15 @@ def _given_images(spec, log) -> Scan | None:
     folder = Path(spec.images)
     if not folder.is_dir():
         raise StepError(f"prior:{spec.name}: images folder {folder} does not exist")
-    found, said = scan(folder), []
+    found, said, errors = scan(folder), [], []
     with files_named_in_warnings():
         for path in found.images[: spec.num_images]:
-            load_rgb(path, warn=kept_warnings(said, path))
+            try:
+                load_rgb(path, warn=kept_warnings(said, path))
+            except ImageError as exc:  # read on: every broken image is named in one error
+                errors.append(str(exc))
+    if errors:
+        raise ImageError(unreadable(errors))
     for warning in said_by_kind(said, more_images):  # the images that share a warning, in a few lines
         log(WARNING + warning)
     return found

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.errors import StepError
+from runner.errors import ImageError, StepError
 from runner.events import WARNING
-from runner.imagefiles import list_images, more_images, said_by_kind, scan
+from runner.imagefiles import list_images, more_images, said_by_kind, scan, unreadable
 from runner.training import buckets
 from runner.training.captions import image_prompts, unnamed_subject, unread_files
 
@@ -225,10 +225,21 @@ def read_images(job, log) -> tuple[Images, float | None]:
             target = (height, width)
         return original, target, to_uint8_tensor(image), said
 
+    def read_or_error(path):
+        """read_one's result, or the ImageError that names `path`: the others are read on, so that one
+        error names every broken image of the folder."""
+        try:
+            return read_one(path)
+        except ImageError as exc:
+            return exc
+
     def read(kind, files):
         # Pillow decodes and resizes without the GIL: the images of a step are read a few at a time.
         with files_named_in_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(files)))) as pool:
-            results = list(pool.map(read_one, files))
+            results = list(pool.map(read_or_error, files))
+        errors = [str(result) for result in results if isinstance(result, ImageError)]
+        if errors:
+            raise ImageError(unreadable(errors))
         pixels, said = [], []
         for index, (original, target, tensor, warnings) in enumerate(results):
             said += warnings

@@ -296,7 +296,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                 _check_pickle(path, base.allow_pickle)
                 if base.config is not None:
                     kwargs["config"] = base.config
-                    if not Path(base.config).is_dir():  # a hub id: its configs at the commit the identity names
+                    # A hub id: its configs at the commit the identity names.
+                    if not Path(base.config).is_dir():
                         kwargs["revision"] = hub_revision(base.config, None)
                 pipe = family.load_single_file(str(path), **kwargs)
             else:

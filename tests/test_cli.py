@@ -64,6 +64,20 @@ def test_a_file_where_dbl_keeps_a_folder_is_named_with_its_fix(proj, fake_steps,
     assert blocked.is_file()
 
 
+def test_a_dangling_link_where_dbl_keeps_a_folder_is_named_with_its_fix(proj, fake_steps, capsys):
+    """A .dbl linked to a folder on a disk not mounted: build said "[Errno 17] File exists", exit 1."""
+    (proj.root / ".dbl").symlink_to(proj.root / "unmounted" / "dbl-state")
+    for command in ("plan", "build", "gc"):
+        assert main([command, str(proj.path)]) == 2, command
+        err = capsys.readouterr().err
+        assert (
+            f"dbl: {proj.root / '.dbl'} is a link to {proj.root / 'unmounted' / 'dbl-state'}, which does not exist"
+            in err
+        )
+        assert "make that folder, or delete the link" in err
+    assert not fake_steps.ran
+
+
 def test_missing_project_and_bad_usage(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "nope.toml"]) == 2

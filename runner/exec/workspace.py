@@ -3,6 +3,7 @@ are, the plan against them, and the stat of what a step reads."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -86,4 +87,9 @@ def check_state_dir(project: Project) -> None:
             raise DblError(
                 f"{path} is a file, where dbl keeps {what} in a folder: move or delete it, and dbl makes "
                 "the folder again"
+            )
+        if path.is_symlink() and not path.exists():  # mkdir says "File exists" of a dangling link too
+            raise DblError(
+                f"{path} is a link to {os.readlink(path)}, which does not exist, where dbl keeps {what}: "
+                "make that folder, or delete the link and dbl makes the folder again"
             )

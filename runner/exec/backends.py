@@ -106,30 +106,23 @@ class LazyModels:
 
 def model_files_stamp(base) -> tuple:
     """What tells a loaded base model from its files as they are now, at the cost of a stat per file:
-    a local model's files by size, mtime, inode and change time (as the file-hash cache knows them), a
-    hub model by the commit its revision names in the local cache. A base model's name alone kept a
-    watch (or a script's builds) training and rendering with the weights it had loaded before a new
-    fine-tune was saved into the same folder, under the new one's fingerprint."""
+    a local model's files by size, mtime, change time and inode (the stat snapshot a step's inputs are
+    checked with), a hub model by the commit its revision names in the local cache. A base model's name
+    alone kept a watch (or a script's builds) training and rendering with the weights it had loaded before
+    a new fine-tune was saved into the same folder, under the new one's fingerprint."""
     from runner.fingerprint import hub_revision
+    from runner.store import stat_snapshot
 
     if base.kind == "builtin":
         return ()
     if base.kind == "hub":
         return (hub_revision(base.ref, base.revision),)
-    stamps = []
-    for root in [base.ref] + ([base.config] if base.config else []):
-        if os.path.isfile(root):
-            files = [root]
-        elif os.path.isdir(root):
-            files = [os.path.join(folder, f) for folder, _, names in os.walk(root) for f in names]
-        else:
-            files = []
-            stamps.append((root, hub_revision(root, None)))  # a base_model_config hub id
-        for path in files:
-            with contextlib.suppress(OSError):  # gone meanwhile: loading it says so
-                st = os.stat(path)
-                stamps.append((path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
-    return tuple(sorted(stamps))
+    local, config = [base.ref], ()
+    if base.config and os.path.isdir(base.config):
+        local.append(base.config)
+    elif base.config:
+        config = ((base.config, hub_revision(base.config, None)),)  # a base_model_config hub id
+    return config + tuple(sorted(stat_snapshot(local).items()))
 
 
 class InlineBackend:

@@ -42,9 +42,8 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
     key = ("project", "base_model")
     local = value.startswith((".", "/", "~")) or value.endswith((".safetensors",) + PICKLE_SUFFIXES)
     path = local_path(value, project_dir)
-    if (
-        not value.strip()
-    ):  # read as a path, it named the project's own folder: "... is not a diffusers folder"
+    # Read as a path, an empty value named the project's own folder: "... is not a diffusers folder".
+    if not value.strip():
         check.problem(
             key,
             "is empty",

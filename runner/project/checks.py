@@ -174,7 +174,8 @@ def check_name_lengths(check, tables: dict) -> None:
                     break
 
 
-NAME_MAX = 255  # bytes of one file or folder name
+# The longest name of a file or folder, and path, that file systems allow (UTF-8 bytes).
+NAME_MAX, PATH_MAX = 255, 4096
 
 
 def _unusable_folder(build: Path, name: str) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
+from runner.project.checks import NAME_MAX, PATH_MAX
 from runner.project.examples import describe, example, example_list
 from runner.project.lines import LineIndex
 from runner.project.problems import Problem, ProjectError, display
@@ -210,9 +211,8 @@ class _Checker:
 
 
 # The keys whose value names a file or folder (a hub id, for base_model, names a cache folder) or, for a
-# caption extension, ends one; and the longest name of one, and path, that file systems allow (UTF-8 bytes).
+# caption extension, ends one.
 PATH_KEYS = ("images", "out", "base_model", "base_model_config", "caption_extension")
-NAME_MAX, PATH_MAX = 255, 4096
 
 
 def _too_long(path: str) -> str | None:

@@ -19,14 +19,8 @@ def read_text(path: Path) -> str:
     # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
     # read_text, not bytes.decode: its universal newlines are what every project file was read with.
     data = path.read_bytes()
-    for name, marks in (
-        ("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
-        ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)),
-    ):
-        if data.startswith(marks):  # Windows PowerShell's `>` writes UTF-16: every other byte reads as junk
-            raise ProjectError(
-                path, [Problem("", f"the file is {name} text, not UTF-8", 1, "save it as UTF-8")]
-            )
+    if name := wide_unicode(data):  # Windows PowerShell's `>` writes UTF-16: every other byte reads as junk
+        raise ProjectError(path, [Problem("", f"the file is {name} text, not UTF-8", 1, "save it as UTF-8")])
     try:
         data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -38,6 +32,19 @@ def read_text(path: Path) -> str:
         )
         return path.read_text(encoding="utf-8-sig", errors="replace")
     return path.read_text(encoding="utf-8-sig")
+
+
+def wide_unicode(data: bytes) -> str | None:
+    """ "UTF-32" or "UTF-16" where `data` begins with that encoding's byte-order mark, else None: the
+    "Unicode" of Notepad and of Windows PowerShell, text that is not UTF-8. UTF-32's marks are looked for
+    first: the little-endian one begins with UTF-16's."""
+    for name, marks in (
+        ("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+        ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)),
+    ):
+        if data.startswith(marks):
+            return name
+    return None
 
 
 def syntax_problems(text: str, exc: Exception) -> list[Problem]:

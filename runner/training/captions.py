@@ -10,7 +10,6 @@ torch is imported inside functions.
 
 from __future__ import annotations
 
-import codecs
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from runner.errors import StepError
 from runner.events import WARNING
 from runner.imagefiles import Scan, linked_folders, said_of_many, skipped_images
 from runner.project.checks import TRIGGER
+from runner.project.source import wide_unicode
 
 
 def caption_file(image: Path, extension: str) -> Path:
@@ -33,13 +33,8 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt", odd=Non
         data = path.read_bytes()
     except OSError as e:
         raise StepError(f"caption {path} cannot be read: {e.strerror or e}") from None
-    # Notepad's "Unicode": text, not binary. UTF-32's marks first: the little-endian one begins with UTF-16's.
-    for name, marks in (
-        ("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
-        ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)),
-    ):
-        if data.startswith(marks):
-            raise StepError(f"caption {path} is {name} text, not UTF-8; save it as UTF-8")
+    if name := wide_unicode(data):  # Notepad's "Unicode": text, not binary
+        raise StepError(f"caption {path} is {name} text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
         if _utf16_without_mark(data):  # Windows tools' "Unicode" with its mark left off
             raise StepError(

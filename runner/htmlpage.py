@@ -37,10 +37,16 @@ def when(iso: str | None) -> str:
     if not iso:
         return ""
     try:
-        when = datetime.fromisoformat(str(iso).replace("Z", "+00:00")).astimezone(timezone.utc)
+        when = parse_time(iso).astimezone(timezone.utc)
     except ValueError:
         return str(iso)
     return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def parse_time(iso) -> datetime:
+    """A time as the lockfile and the last-build record write it ("2026-12-02T15:11:21Z"). Raises
+    ValueError."""
+    return datetime.fromisoformat(str(iso).replace("Z", "+00:00"))
 
 
 def plain(value) -> str:

@@ -4,10 +4,11 @@ and after an edit of the project file, a rename or a checkout, that record is no
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from html import escape
 
 from runner.errors import DblError
+from runner.htmlpage import parse_time
 
 
 def stale(project) -> dict[str, list[str]] | str:
@@ -67,18 +68,14 @@ def built_after(lock: dict, last: dict | None) -> set[str]:
     """The steps the lockfile records as built after the last recorded build ended: by a build that has
     not recorded itself, still running or killed before it ended (the record is written at the end)."""
     try:
-        ended = _time(last["started"]) + timedelta(seconds=float(last.get("seconds", 0)))
+        ended = parse_time(last["started"]) + timedelta(seconds=float(last.get("seconds", 0)))
     except (KeyError, TypeError, ValueError):
         return set()
     later = set()
     for sid, record in lock.items():
         try:  # `built` is when the step began, to the second: after the end, by another build
-            if _time(record["built"]) > ended:
+            if parse_time(record["built"]) > ended:
                 later.add(sid)
         except (KeyError, TypeError, ValueError):
             continue
     return later
-
-
-def _time(iso: str) -> datetime:
-    return datetime.fromisoformat(str(iso).replace("Z", "+00:00"))

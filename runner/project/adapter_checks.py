@@ -57,8 +57,7 @@ def check_blends(check, tables: dict) -> None:
     adapters = list(subjects) + list(blends)
     in_cycles = set()
     unread_memo, ranks_memo, keys_memo = {}, {}, {}  # what each walk found, for the next blend's
-    # A blend named like a subject is a problem of its own: which one its parent `dog` means is unknown.
-    own = {n: b for n, b in blends.items() if n not in subjects}
+    own = _own_blends(blends, subjects)
     for name, blend in blends.items():
         check_adapter_name(check, "blends", name)
         key = ("blends", name, "adapters")
@@ -97,6 +96,13 @@ def _lora_unread(check, name: str, blends: dict, memo: dict | None = None) -> bo
         cut=False,
         memo=memo,
     )
+
+
+def _own_blends(blends: dict, subjects: dict) -> dict:
+    """The blends a walk from an adapter to its parents goes through: those not named like a subject. A
+    blend named like one is a problem of its own (which one a parent `dog` means is unknown); a walk
+    reads the name as the subject."""
+    return {n: b for n, b in blends.items() if n not in subjects}
 
 
 def fold_blends(name, blends: dict, leaf, combine, cut, memo: dict | None = None):
@@ -207,7 +213,7 @@ def _subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
     order its parents name them."""
     return fold_blends(
         name,
-        {n: b for n, b in blends.items() if n not in subjects},
+        _own_blends(blends, subjects),
         leaf=lambda n: [n] if n in subjects else [],  # else a snapshot or 'none'
         combine=lambda n, found: list(dict.fromkeys(s for names in found for s in names)),
         cut=[],
@@ -294,9 +300,7 @@ def adapter_ranks(
                 result[c["name"]] = ranks[0]
         return result
 
-    # Each blend's ranks once per depth: blends of blends that share parents made this exponential.
-    own = {n: b for n, b in blends.items() if n not in subjects}
-    return dict(fold_blends(name, own, leaf, combine, cut=none, memo=memo))
+    return dict(fold_blends(name, _own_blends(blends, subjects), leaf, combine, cut=none, memo=memo))
 
 
 def lora_keys(
@@ -326,8 +330,7 @@ def lora_keys(
         parents = [p for (p, _), keys in zip(blends[n].adapters, found, strict=True) if keys]
         return [f"a blend of {', '.join(parents)}"] if parents else []
 
-    own = {n: b for n, b in blends.items() if n not in subjects}
-    return list(fold_blends(name, own, leaf, combine, cut=[], memo=memo))
+    return list(fold_blends(name, _own_blends(blends, subjects), leaf, combine, cut=[], memo=memo))
 
 
 # What rules an adapter out of a blend: the [lora] setting, when it does, and why.

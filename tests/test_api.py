@@ -285,7 +285,8 @@ def test_a_numbered_cuda_device_is_checked_and_computes_in_fp16(monkeypatch):
         api.load_pipeline("tiny-sd", device=torch.device("xpu"))
 
 
-def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
+def _dog_project(tmp_path) -> str:
+    """A project file, not built, of a subject dog trained 40 steps with a snapshot at step 20."""
     from PIL import Image
 
     (tmp_path / "data").mkdir()
@@ -295,7 +296,11 @@ def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
         '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
         "train = { steps = 40, save_steps = [20] }\n"
     )
-    project = f"{tmp_path}/p.toml"
+    return f"{tmp_path}/p.toml"
+
+
+def test_adapter_by_project_file(tmp_path, adapters):  # noqa: F811
+    project = _dog_project(tmp_path)
     with pytest.raises(ValueError, match="not built yet"):
         api.resolve_adapter_path(f"{project}:dog")
     with pytest.raises(ValueError, match=re.escape("snapshot 'dog@20' of " + project + " is not built yet")):
@@ -514,16 +519,7 @@ def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
 def test_a_snapshot_written_with_leading_zeros_or_at_step_0_is_named_as_the_project_names_it(tmp_path):
     """`p.toml:dog@020` said "add 020 to its save_steps" of a subject whose save_steps are [20]; `dog@0`
     said to add 0, which save_steps refuses."""
-    from PIL import Image
-
-    (tmp_path / "data").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "1.png")
-    (tmp_path / "p.toml").write_text(
-        '[project]\nbase_model = "tiny-sd"\nout = "build"\n'
-        '[subjects.dog]\nimages = "data"\ninstance_prompt = "a photo of sks dog"\n'
-        "train = { steps = 40, save_steps = [20] }\n"
-    )
-    project = f"{tmp_path}/p.toml"
+    project = _dog_project(tmp_path)
     with pytest.raises(
         ValueError, match=re.escape(f"{project} names that snapshot dog@20, without leading zeros")
     ):

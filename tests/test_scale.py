@@ -221,14 +221,10 @@ def test_gc_reads_a_lockfile_that_many_branches_hold_once(proj, build, monkeypat
     large project)."""
     from runner import lockfile
     from runner.cli import main
-    from tests.test_trust_lockfile import git, git_env
+    from tests.test_trust_lockfile import built_on_main, git, git_env
 
     env = git_env()
-    git(proj.root, "init", "-q", "-b", "main", env=env)
-    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
-    build(proj)
-    git(proj.root, "add", "-A", env=env)
-    git(proj.root, "commit", "-qm", "base", env=env)
+    built_on_main(proj, build, env)
     for n in range(4):
         git(proj.root, "checkout", "-qb", f"idea-{n}", "main", env=env)
         (proj.root / "notes.txt").write_text(f"idea {n}\n")

@@ -89,14 +89,10 @@ def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
 def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build, capsys):
     """Hours of training on a branch: gc on another one must not drop them, or checking the branch
     out again retrains instead of restoring."""
-    from tests.test_trust_lockfile import git, git_env
+    from tests.test_trust_lockfile import built_on_main, git, git_env
 
     env = git_env()
-    git(proj.root, "init", "-q", "-b", "main", env=env)
-    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
-    build(proj)
-    git(proj.root, "add", "-A", env=env)
-    git(proj.root, "commit", "-qm", "base", env=env)
+    built_on_main(proj, build, env)
     git(proj.root, "checkout", "-qb", "snow", env=env)
     proj.edit("sks dog on a beach", "sks dog in the snow")
     build(proj)

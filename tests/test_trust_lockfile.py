@@ -163,6 +163,16 @@ def git(repo, *args, env=None):
     ).stdout
 
 
+def built_on_main(proj, build, env) -> None:
+    """`proj` built, in a git repository of its own whose branch main holds its project file and lockfile
+    (outputs and .dbl/ ignored)."""
+    git(proj.root, "init", "-q", "-b", "main", env=env)
+    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
+    build(proj)
+    git(proj.root, "add", "-A", env=env)
+    git(proj.root, "commit", "-qm", "base", env=env)
+
+
 def git_env() -> dict:
     """An environment where git commits without a user's configuration, and runs this checkout's dbl."""
     return dict(

@@ -205,16 +205,21 @@ def test_worker_that_did_not_ask_survives_its_parent(tmp_path):
         os.kill(pid, signal.SIGKILL)
 
 
-def test_die_with_parent_notices_a_parent_already_gone(tmp_path):
-    code = "import sys\nfrom runner.interrupt import die_with_parent\ndie_with_parent(1)\nprint('still here')"
-    done = subprocess.run(
+def python_of_this_checkout(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -c code` with this checkout's dbl, its output kept."""
+    return subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
+
+
+def test_die_with_parent_notices_a_parent_already_gone(tmp_path):
+    code = "import sys\nfrom runner.interrupt import die_with_parent\ndie_with_parent(1)\nprint('still here')"
+    done = python_of_this_checkout(code, timeout=30)
     if sys.platform.startswith("linux"):
         assert done.returncode == -signal.SIGTERM and "still here" not in done.stdout
     else:
@@ -242,14 +247,7 @@ CTRL_C_DURING_IMPORT = textwrap.dedent(
 
 
 def test_ctrl_c_while_dbl_is_imported_ends_quietly_with_130():
-    done = subprocess.run(
-        [sys.executable, "-c", CTRL_C_DURING_IMPORT],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = python_of_this_checkout(CTRL_C_DURING_IMPORT, timeout=60)
     assert "SIGINT SENT" in done.stderr  # the signal really came during the import
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr

@@ -239,26 +239,31 @@ def _project_adapter(project_file: str, name: str) -> Path:
     """The output folder of adapter `name` (a subject, blend or snapshot) of a built project."""
     from runner import steps
     from runner.project import load_project
-    from runner.project.adapter_checks import _adapter_listing, _adapter_nouns, adapter_tables, snapshot_of
+    from runner.project.adapter_checks import (
+        _adapter_listing,
+        _adapter_nouns,
+        adapter_tables,
+        missing_snapshot,
+    )
 
     project = load_project(project_file)
     producers = [kind for kind in steps.kinds() if kind.produces_adapter]
     kind = next((k for k in producers if name in project.tables.get(k.name, {})), None)
     if kind is None:
-        snapshot = snapshot_of(name, project.subjects)
-        if snapshot is not None:  # a snapshot no save step gives
-            subject, written = snapshot
-            step, train = int(written), project.subjects[subject].train
-            if str(step) != written and step in (train.save_steps or ()):
+        missing = missing_snapshot(name, project.subjects)
+        if missing is not None:  # a snapshot no save step gives
+            case, subject, step = missing
+            train = project.subjects[subject].train
+            if case == "zeros":
                 raise ValueError(
                     f"{project_file} names that snapshot {subject}@{step}, without leading zeros"
                 )
-            if step < 1:
+            if case == "base":
                 raise ValueError(
                     f"subject {subject!r} of {project_file} keeps snapshots of steps 1 to {train.steps - 1} "
                     f"only; step 0 is the base model"
                 )
-            if step >= train.steps:
+            if case in ("last", "past"):
                 raise ValueError(
                     f"subject {subject!r} of {project_file} trains {train.steps} steps, so it keeps no snapshot "
                     f"at step {step}; its last step's adapter is {subject!r}"

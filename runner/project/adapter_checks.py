@@ -41,6 +41,29 @@ def snapshot_of(name: str, subjects: dict) -> tuple[str, str] | None:
     return None
 
 
+def missing_snapshot(name: str, subjects: dict) -> tuple[str, str, int] | None:
+    """Why snapshot `name` (dog@400) of one of `subjects` names no adapter, as (case, subject, step): 'zeros'
+    (a saved step written with leading zeros), 'base' (step 0: the base model), 'last' (the last step: the
+    subject's own adapter), 'past' (beyond the last) or 'unsaved' (a step not in save_steps). None where
+    `name` is no snapshot of a subject."""
+    snapshot = snapshot_of(name, subjects)
+    if snapshot is None:
+        return None
+    subject, written = snapshot
+    step, train = int(written), subjects[subject].train
+    if str(step) != written and step in (train.save_steps or ()):
+        case = "zeros"
+    elif step == 0:
+        case = "base"
+    elif step == train.steps:
+        case = "last"
+    elif step > train.steps:
+        case = "past"
+    else:
+        case = "unsaved"
+    return case, subject, step
+
+
 def _adapter_nouns(adapters: dict[str, dict]) -> str:
     """'subject or blend' for the tables {"subjects": ..., "blends": ...}."""
     nouns = [table.removesuffix("s") for table in adapters]
@@ -223,18 +246,14 @@ def _subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
 def _adapter_fix(name: str, subjects: dict, listing: str) -> str:
     """The fix of an unknown adapter: the names there are, and for a snapshot (dog@400) of a subject that
     has none at that step, how to have it."""
-    snapshot = snapshot_of(name, subjects)
-    if snapshot is None:
-        return listing
-    subject, written = snapshot
-    step, train = int(written), subjects[subject].train
-    if str(step) != written and step in (train.save_steps or ()):
+    case, subject, step = missing_snapshot(name, subjects) or (None, None, None)
+    if case == "zeros":
         return f"write it without leading zeros: '{subject}@{step}'"
-    if step == 0:
+    if case == "base":
         return f"step 0 is {subject}'s base model: write 'none' for the base model alone; {listing}"
-    if step == train.steps:
+    if case == "last":
         return f"step {step} is the last of {subject}: its adapter is '{subject}'"
-    if step < train.steps:
+    if case == "unsaved":
         return f"add {step} to the save_steps of {subject}; {listing}"
     return listing
 

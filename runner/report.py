@@ -399,7 +399,7 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
             sid,
             r.get("fingerprint", "")[:12],
             r.get("output_hash", "")[:12],
-            r.get("inputs", {}).get("version", ""),
+            _version(r.get("inputs", {}).get("version", "")),
         )
         + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), reportnow.state(ctx, sid))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
@@ -412,6 +412,14 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
     )
     headers = ["step", "fingerprint", "output hash", "step version", "built", "took", "now"]
     return htmlpage.section("Provenance", [lead, htmlpage.table(headers, rows, css="provenance")])
+
+
+def _version(version) -> str:
+    """A step kind's version as the provenance table shows it; an eval records its kind's and that of its
+    measures ([1, 1]): '1 (measures 1)'."""
+    if isinstance(version, list) and len(version) == 2:
+        return f"{version[0]} (measures {version[1]})"
+    return str(version)
 
 
 def _unrecorded(ctx: _Context, sid: str) -> str:

@@ -203,6 +203,28 @@ def test_provenance_tells_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     assert "<td>not built</td>" in text
 
 
+def test_provenance_shows_an_evals_version_and_that_of_its_measures_in_words(proj):
+    from runner.report import _Context, _provenance
+
+    lock = {
+        "eval:base": {
+            "kind": "eval",
+            "fingerprint": "f" * 64,
+            "output_hash": "a" * 64,
+            "inputs": {"version": [1, 2]},
+        },
+        "render:base": {
+            "kind": "render",
+            "fingerprint": "e" * 64,
+            "output_hash": "b" * 64,
+            "inputs": {"version": 3},
+        },
+    }
+    cells = Page(_provenance(_Context(proj.load(), lock, {}), list(lock), [])).text
+    assert cells[cells.index("eval:base") + 3] == "1 (measures 2)"
+    assert cells[cells.index("render:base") + 3] == "3"
+
+
 def _without_park(built, tmp_path: Path) -> Path:
     """A copy of the built project whose render:park outputs are gone; its project file."""
     path, _ = built

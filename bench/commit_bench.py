@@ -2,7 +2,7 @@
 disk), and the commit (copied into the output folder, each copy hashed, the lockfile written).
 
     python bench/commit_bench.py                          # a render of 50 images, then of 400
-    python bench/commit_bench.py --files 400 --size 20000 --repeat 5
+    python bench/commit_bench.py --files 400 --size 20000 --repeat 5 [--json]
 
 Each file is SIZE random bytes (a 64 px PNG is about 10 kB, a LoRA adapter a few MB). A fresh folder is made
 for every repeat, as a step makes one; the median of the repeats is printed.
@@ -11,6 +11,7 @@ for every repeat, as a step makes one; the median of the repeats is printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -50,7 +51,9 @@ def main(argv=None) -> None:
     parser.add_argument("--files", type=int, action="append", help="files a step wrote (default: 50 and 400)")
     parser.add_argument("--size", type=int, default=20000, help="bytes a file")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args(argv)
+    figures = []
     for files in args.files or [50, 400]:
         runs = [once(files, args.size) for _ in range(args.repeat)]
         store = statistics.median(r[0] for r in runs)
@@ -58,6 +61,9 @@ def main(argv=None) -> None:
         print(
             f"{files} files of {args.size} bytes: store in the run-cache {store:.3f} s, copy and hash {commit:.3f} s"
         )
+        figures.append({"files": files, "size": args.size, "store_s": store, "copy_and_hash_s": commit})
+    if args.json:
+        print(json.dumps({"commits": figures}, indent=2))
 
 
 if __name__ == "__main__":

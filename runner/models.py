@@ -350,6 +350,8 @@ def check_all_loaded(pipe, folder: Path, display: str) -> None:
     import torch
     from safetensors import safe_open
 
+    from runner.safetensors_io import same_values
+
     for path in sorted(folder.glob("*/*.safetensors")):
         module = getattr(pipe, path.parent.name, None)
         if not isinstance(module, torch.nn.Module):
@@ -361,7 +363,7 @@ def check_all_loaded(pipe, folder: Path, display: str) -> None:
                 key
                 for key in saved.keys()  # noqa: SIM118 - a safe_open handle is not a mapping
                 if (have := loaded.get(key.removeprefix("text_model."))) is None
-                or not torch.equal(saved.get_tensor(key).to(have.device, have.dtype), have)
+                or not same_values(saved.get_tensor(key).to(have.device, have.dtype), have)
             ]
         if wrong:
             import transformers

@@ -366,3 +366,47 @@ def test_a_single_files_hub_configs_load_at_the_commit_its_identity_names(tmp_pa
     with pytest.raises(models.ModelError, match="not loaded in this test"):
         models.load_pipeline(base, family=families.get("sd1"))
     assert loaded == [("someone/configs", planned)]
+
+
+@pytest.mark.torch
+def test_a_built_in_weight_that_loaded_with_another_value_is_an_error():
+    """Where a saved weight's name is found but its value is not what the file holds (the layout change
+    leaves a CLIP layer at random under the name it would have), the load is refused too."""
+    import torch
+
+    from runner.errors import ModelError
+    from runner.models import check_all_loaded
+
+    pipe = load_pipeline(BaseModel(kind="builtin", ref="tiny-sd"))
+    folder = ensure_builtin("tiny-sd")
+    check_all_loaded(pipe, folder, "tiny-sd")  # as loaded: nothing to say
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(ModelError, match=r"1 of the weights saved in .*unet.* did not load"):
+        check_all_loaded(pipe, folder, "tiny-sd")
+
+
+@pytest.mark.torch
+def test_same_values_answers_as_torch_equal():
+    import torch
+
+    from runner.safetensors_io import same_values
+
+    a = torch.arange(40000, dtype=torch.float32).reshape(200, 200)
+    nan = a.clone()
+    nan[3, 4] = float("nan")
+    zero = torch.zeros(5)
+    pairs = [
+        (a, a.clone()),
+        (a, a + torch.eye(200)),  # a few values differ
+        (a, a.reshape(400, 100)),  # the same values, another shape
+        (nan, nan.clone()),  # NaN equals nothing, itself neither
+        (zero, -zero),  # -0.0 equals 0.0
+        (a.half(), a.half().clone()),
+        (a.bfloat16(), a.bfloat16() + 1),  # not a numpy dtype: torch compares it
+        (a.double(), a.double().clone()),
+        (torch.nn.Parameter(a.clone()), a),
+    ]
+    for x, y in pairs:
+        assert same_values(x, y) == torch.equal(x, y), (x.dtype, x.shape, y.shape)
+    assert [same_values(x, y) for x, y in pairs] == [True, False, False, False, True, True, False, True, True]

@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 SMALLEST = {
+    "commit_bench": ["--files", "2", "--size", "10", "--repeat", "1", "--json"],
     "prior_bench": ["--images", "1", "--steps", "1", "--repeat", "1", "--json"],
     "render_bench": ["--prompts", "1", "--seeds", "1", "--steps", "1", "--repeat", "1", "--json"],
     "train_bench": ["--steps", "1", "--warmup", "1", "--resolution", "32", "--json", "{out}"],

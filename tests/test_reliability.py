@@ -449,6 +449,43 @@ def test_disk_full_while_storing_in_the_run_cache_frees_the_half_written_entry(p
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_a_run_cache_entry_is_flushed_file_by_file_several_at_once(tmp_path, monkeypatch):
+    """Each fsync waits for a journal commit: one file after the other, storing a render of hundreds of
+    images took seconds. Every file is flushed, each while another flush waits too; an error is raised."""
+    import threading
+
+    from runner import store
+
+    files = [tmp_path / f"{i:04d}.png" for i in range(5)] + [tmp_path / "grid" / "grid.png"]
+    for path in files:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"image")
+    real, met = os.fsync, threading.Barrier(2, timeout=1)
+    flushed, together = [], []
+
+    def fsync(fd):
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        try:
+            met.wait()  # passes only when a second flush is under way
+            together.append(True)
+        except threading.BrokenBarrierError:
+            together.append(False)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.fsync_tree(tmp_path)
+    assert sorted(flushed) == sorted(files)
+    assert together == [True] * len(files)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.fsync_tree(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
 def test_disk_full_while_writing_the_lockfile_leaves_no_temp_file_beside_it(proj, build, monkeypatch):
     build(proj)
     before_lock = proj.lock.read_text()

@@ -86,9 +86,10 @@ def watch(
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
     signals: list[int] = []  # the stop signals received, the first one first
-    observer.start()
-    try:
-        with _stopped_by_signals(stop, signals):
+    # The cleanup too: a SIGTERM while the workers end (after a Ctrl-C) killed the watch where it stood.
+    with _stopped_by_signals(stop, signals):
+        observer.start()
+        try:
             project = _load(given, say)
             if (broken := _state_dir_problem(project)) is not None:
                 say(broken)  # no change the watch sees would mend it
@@ -110,13 +111,13 @@ def watch(
                     break
                 say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
                 project = _load(given, say)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
-        if workers is not None:
-            workers.backend.close()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            if workers is not None:
+                workers.backend.close()
     return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 

@@ -147,6 +147,9 @@ def test_one_steps_output_folder_removed_while_watching_is_built_again(proj, fak
     assert any("3 from cache" in line for line in w.lines), w.lines[lines:]
     time.sleep(1.0)  # the restores put the folders back: that woke nothing
     assert w.idle_count() == idle + 1, w.messages
+    shutil.rmtree(proj.root / "build" / "pets" / "renders" / "base")  # in the renders/ the build made anew
+    w.wait_idle(idle + 1)
+    assert w.messages[-2] == "changed: build/pets/renders/base"
     assert w.close() == 0
 
 

@@ -6,8 +6,9 @@ file events do not arrive) watches the project file, every input folder the proj
 subjects' and priors' images) and a local base model (see runner.watch_targets). `.dbl/` and the
 insides of the outputs are never watched, so a build does not wake the watcher; only the folders above
 each step's output folder are, where one removed by hand shows (a commit swaps it for an instant, but it
-is back when the build ends). Nor does the lockfile wake it while it holds what the last build left in it. Changes are debounced; a change that arrives while a build runs is kept and
-handled when that build ends. So is a change that arrives while another build (a manual `dbl build`)
+is back when the build ends). Nor does the lockfile wake it while it holds what the last build left in
+it. Changes are debounced; a change that arrives while a build runs is kept and handled when that build
+ends. So is a change that arrives while another build (a manual `dbl build`)
 holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
 is reported and the watch goes on; the folders it names are watched anyway, so that creating a
 missing folder wakes it.

@@ -99,7 +99,13 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         raise AdapterError(f"the {sub.name} already has an adapter named '{adapter_name}'")
     try:
         if wrapped_here:
-            model = PeftModel(model, lora_config, adapter_name=adapter_name)
+            with warnings.catch_warnings():
+                # PEFT asks transformers' deprecated is_gradient_checkpointing: a FutureWarning at each load
+                # (every load_pipeline of a notebook's loop), about neither the adapter nor the user's code
+                warnings.filterwarnings(
+                    "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+                )
+                model = PeftModel(model, lora_config, adapter_name=adapter_name)
         else:
             model.add_adapter(adapter_name, lora_config)
     except ValueError as exc:

@@ -3,10 +3,12 @@
 One loop, in the caller's thread: load the project, build what is stale, wait for a change, repeat.
 A watchdog observer (a PollingObserver with `--polling`, for network and container mounts where
 file events do not arrive) watches the project file, every input folder the project names (the
-subjects' and priors' images) and a local base model (see runner.watch_targets). Outputs and `.dbl/`
-are never watched, so a build does not wake the watcher; nor does the lockfile while it holds what the
-last build left in it. Changes are debounced; a change that arrives while a build runs is kept and
-handled when that build ends. So is a change that arrives while another build (a manual `dbl build`)
+subjects' and priors' images) and a local base model (see runner.watch_targets). `.dbl/` and the
+insides of the outputs are never watched, so a build does not wake the watcher; only the folders above
+each step's output folder are, where one removed by hand shows (a commit swaps it for an instant, but it
+is back when the build ends). Nor does the lockfile wake it while it holds what the last build left in
+it. Changes are debounced; a change that arrives while a build runs is kept and handled when that build
+ends. So is a change that arrives while another build (a manual `dbl build`)
 holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
 is reported and the watch goes on; the folders it names are watched anyway, so that creating a
 missing folder wakes it.
@@ -86,9 +88,10 @@ def watch(
     if workers is not None:
         build_options = {**build_options, "backend_factory": lambda project: workers}
     signals: list[int] = []  # the stop signals received, the first one first
-    observer.start()
-    try:
-        with _stopped_by_signals(stop, signals):
+    # The cleanup too: a SIGTERM while the workers end (after a Ctrl-C) killed the watch where it stood.
+    with _stopped_by_signals(stop, signals):
+        observer.start()
+        try:
             project = _load(given, say)
             if (broken := _state_dir_problem(project)) is not None:
                 say(broken)  # no change the watch sees would mend it
@@ -104,19 +107,21 @@ def watch(
                 left = _read(handler.targets.lockfile)  # the lockfile as the build left it
                 if stop.is_set():
                     break
+                # the folders the build made (build/pets/renders/ of a first build), where outputs removed show
+                _reschedule(observer, handler, scheduled, handler.targets.watches())
                 say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
-                changed = _next_change(changes, debounce_s, stop, handler.targets.lockfile, left)
+                changed = _next_change(changes, debounce_s, stop, handler.targets, left)
                 if changed is None:
                     break
                 say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
                 project = _load(given, say)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
-        if workers is not None:
-            workers.backend.close()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            if workers is not None:
+                workers.backend.close()
     return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 
@@ -300,15 +305,24 @@ class _Changes:
 
 
 def _next_change(
-    changes: _Changes, debounce_s: float, stop, lock: str, left: bytes | None
+    changes: _Changes, debounce_s: float, stop, targets: Targets, left: bytes | None
 ) -> list[str] | None:
-    """The next changes, less the lockfile while it holds what the last build left in it: the build
-    writes it after every step, and those writes, seen once the build ends, are its own."""
+    """The next changes, less the build's own: the lockfile while it holds what the last build left in it
+    (the build writes it after every step), and a step's output folder removed that is back (a commit
+    swaps the old outputs out and the new ones in), both seen once the build ends."""
     while (changed := changes.wait(debounce_s, stop)) is not None:
-        changed = [p for p in changed if p != lock or _read(lock) != left]
+        changed = [p for p in changed if _not_the_builds(p, targets, left)]
         if changed:
             return changed
     return None
+
+
+def _not_the_builds(path: str, targets: Targets, left: bytes | None) -> bool:
+    if path == targets.lockfile:
+        return _read(path) != left
+    if targets.holds_step_outputs(path) and not targets.holds_outputs(path):
+        return targets.outputs_gone(path)
+    return True
 
 
 def _read(path: str) -> bytes | None:
@@ -334,9 +348,11 @@ class _Handler(FileSystemEventHandler):
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p and targets.relevant(os.fsdecode(p), event.is_directory):
                 self.changes.add(os.path.normpath(os.fsdecode(p)))
-        # `rm -rf build` or `mv build build-old`: no build removes its outputs' folder, only a user does
+        # `rm -rf build` or `mv build build-old`: no build removes its outputs' folder, only a user does;
+        # nor one step's (`rm -rf build/pets/renders/park`), but for the instant a commit swaps it
         src = os.path.normpath(os.fsdecode(event.src_path))
-        if event.is_directory and event.event_type in ("deleted", "moved") and targets.holds_outputs(src):
+        removed = event.is_directory and event.event_type in ("deleted", "moved")
+        if removed and (targets.holds_outputs(src) or targets.holds_step_outputs(src)):
             self.changes.add(src)
 
 
@@ -380,9 +396,25 @@ def _watched_text(targets: Targets) -> str:
 
 
 def _changed_text(paths: list[str], base: Path) -> str:
+    paths = _outermost(paths)
     shown = [_relative(p, base) for p in paths[:3]]
     more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
     return ", ".join(shown) + more
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """`paths` less those inside another of them: `rm -rf build` is one change, not one per step's folder."""
+    given = set(paths)
+
+    def inside_another(path: str) -> bool:
+        parent = os.path.dirname(path)
+        while parent != path:
+            if parent in given:
+                return True
+            path, parent = parent, os.path.dirname(parent)
+        return False
+
+    return [p for p in paths if not inside_another(p)]
 
 
 def _relative(path: str, base: Path) -> str:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import lockfile, steps
+from runner import lockfile, planner, steps
 
 try:
     import tomllib
@@ -40,6 +40,10 @@ class Targets:
     # of theirs, hidden ones too, is part of the model's identity. Missing ones too.
     models: tuple[str, ...] = ()
     out: str = ""  # the project's outputs folder (a loaded project's)
+    # Each step's output folder (a loaded project's): one removed by hand (`rm -rf build/pets/renders/park`)
+    # leaves its step stale. A build's commits remove them too, for an instant (swapped with the new
+    # outputs): the watch tells those by the folder being back once the build has ended (see outputs_gone).
+    outputs: tuple[str, ...] = ()
 
     def relevant(self, path: str, directory: bool = False) -> bool:
         """Whether a change at `path` can make a step stale. Hidden files and folders in an input folder
@@ -64,6 +68,15 @@ class Targets:
         """Whether `folder` is the outputs' folder or one above it, but not the project's own folder."""
         return bool(self.out) and _within(self.out, folder) and not _within(self.project_file, folder)
 
+    def holds_step_outputs(self, folder: str) -> bool:
+        """Whether `folder` is a step's output folder or one above it inside the outputs' folder
+        (`renders/`)."""
+        return _within(folder, self.out) and any(_within(o, folder) for o in self.outputs)
+
+    def outputs_gone(self, folder: str) -> bool:
+        """Whether a step's output folder at or below `folder` is missing now."""
+        return any(_within(o, folder) and not os.path.isdir(o) for o in self.outputs)
+
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
         renaming or replacement shows; a missing one through its nearest existing parent, so that its
@@ -78,6 +91,7 @@ class Targets:
                 found |= {(model, True), (os.path.dirname(model), False)}
             elif parent := _existing_parent(model):
                 found.add((parent, False))
+        found |= {(folder, False) for folder in self._above_outputs()}
         for folder in self.folders:
             if os.path.isdir(folder):
                 found |= self._below(folder) | {(os.path.dirname(folder), False)}
@@ -85,6 +99,20 @@ class Targets:
                 parent = _existing_parent(folder)
                 if parent:
                     found.add((parent, False))
+        return found
+
+    def _above_outputs(self) -> set[str]:
+        """The existing folders where a step's output folder, or a folder above it, removed shows: from the
+        outputs folder's parent down to each output folder's parent. Never one of the output folders, which
+        each build's commits swap: no watch follows them."""
+        found: set[str] = set()
+        top = os.path.dirname(self.out)
+        for output in self.outputs:
+            folder = os.path.dirname(output)
+            while _within(folder, top) and folder not in found:
+                if os.path.isdir(folder):
+                    found.add(folder)
+                folder = os.path.dirname(folder)
         return found
 
     def _below(self, folder: str) -> set[tuple[str, bool]]:
@@ -145,7 +173,14 @@ def targets_of(project_path: Path, project=None) -> Targets:
         linked=linked,
         models=_local_models(data, base),
         out=norm(project.out) if project is not None else "",
+        outputs=_output_folders(project),
     )
+
+
+def _output_folders(project) -> tuple[str, ...]:
+    if project is None:
+        return ()
+    return tuple(sorted({norm(project.out / step.output_dir) for step in planner.graph(project)}))
 
 
 def _local_models(data: dict, base: Path) -> tuple[str, ...]:

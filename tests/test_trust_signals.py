@@ -259,3 +259,44 @@ def test_the_entry_point_exits_130_as_the_scheduler_does():
     from runner.exec import scheduler
 
     assert console.EXIT_INTERRUPTED == scheduler.EXIT_INTERRUPTED
+
+
+# A stop signal while the command exits: its exit handlers, and what followed them, the interpreter's
+# teardown of torch and every other module, took a second or two after each build.
+SIGNAL_WHILE_EXITING = textwrap.dedent(
+    """
+    import atexit, os, signal, sys, time
+
+    def signal_while_exiting():
+        print("SIGNAL SENT", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.{signal})
+        time.sleep(5)
+
+    atexit.register(signal_while_exiting)
+    from runner.console import main
+    sys.argv = ["dbl", "--version"]
+    raise SystemExit(main())
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_dbl_exits_ends_it_with_dbl_s_exit_code(signum):
+    done = python_of_this_checkout(SIGNAL_WHILE_EXITING.format(signal=signum.name), timeout=60)
+    assert "SIGNAL SENT" in done.stderr  # the signal really came as the process was exiting
+    assert done.returncode == 128 + signum, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert done.stdout.startswith("dbl ")  # what the command printed is all there
+
+
+def test_the_command_s_exit_handlers_run_and_its_exit_code_stays():
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('EXIT HANDLER RAN', flush=True))\n"
+        "from runner.console import main\n"
+        "sys.argv = ['dbl', 'plan', 'no-such-project.toml']\n"
+        "raise SystemExit(main())"
+    )
+    done = python_of_this_checkout(code, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "EXIT HANDLER RAN" in done.stdout and "no-such-project.toml" in done.stderr

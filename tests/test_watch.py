@@ -364,6 +364,8 @@ def test_photos_beside_the_project_file_are_watched_apart_from_the_builds_folder
         (os.path.dirname(root), False),
         (f"{root}/2023", True),
         (f"{root}/build", False),
+        (f"{root}/build/pets", False),  # where a step's output folder removed shows
+        (f"{root}/build/pets/adapters", False),
         (f"{root}/build/old", True),
         (f"{root}/data", True),
     }

@@ -7,6 +7,8 @@ import os
 import shutil
 import time
 
+import pytest
+
 from runner.watch import targets_of
 from tests import test_watch
 from tests.conftest import PETS, Proj, write_image
@@ -123,5 +125,42 @@ def test_the_outputs_folder_removed_while_watching_is_built_again(proj, fake_ste
     assert any("7 from cache" in line for line in w.lines[lines:]), w.lines[lines:]
     assert fake_steps.ran == []
     time.sleep(0.5)  # the build made build/ anew: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+    assert w.close() == 0
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_one_steps_output_folder_removed_while_watching_is_built_again(proj, fake_steps, watcher, polling):
+    w = watcher(polling)
+    fake_steps.ran.clear()
+    idle, lines = w.idle_count(), len(w.lines)
+    shutil.rmtree(proj.root / "build" / "pets" / "renders" / "park")
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: build/pets/renders/park"
+    assert (proj.root / "build" / "pets" / "renders" / "park" / "0-0.png").is_file()
+    assert any("render:park" in line and "restored from cache" in line for line in w.lines[lines:])
+    assert fake_steps.ran == []
+    idle = w.idle_count()
+    shutil.rmtree(proj.root / "build" / "pets" / "renders")  # the folder above several steps' folders
+    w.wait_idle(idle)
+    assert w.messages[-2] == "changed: build/pets/renders"
+    assert any("3 from cache" in line for line in w.lines), w.lines[lines:]
+    time.sleep(1.0)  # the restores put the folders back: that woke nothing
+    assert w.idle_count() == idle + 1, w.messages
+    shutil.rmtree(proj.root / "build" / "pets" / "renders" / "base")  # in the renders/ the build made anew
+    w.wait_idle(idle + 1)
+    assert w.messages[-2] == "changed: build/pets/renders/base"
+    assert w.close() == 0
+
+
+def test_a_builds_own_commits_of_output_folders_do_not_wake_the_watch(proj, fake_steps, watcher):
+    """A commit swaps a step's output folder with the new one: for an instant the old one is gone."""
+    w = watcher()
+    idle = w.idle_count()
+    proj.edit("rank = 4", "rank = 8")  # train, blend and render steps run again, each committed anew
+    w.wait_idle(idle)
+    assert "train:dog" in fake_steps.ran and "render:park" in fake_steps.ran
+    time.sleep(1.0)
+    assert [m for m in w.messages if m.startswith("changed: ")] == ["changed: pets.toml"]
     assert w.idle_count() == idle + 1, w.messages
     assert w.close() == 0

@@ -75,3 +75,45 @@ def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj,
     code, messages = watch_in_main_thread(proj, in_render_park, signal.SIGTERM)
     assert code == 143
     assert not any(m.startswith("watching ") for m in messages)  # the build's end was the watch's
+
+
+def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, monkeypatch):
+    """A Ctrl-C, then `docker stop` while the watch ends its observer and its worker processes: the
+    cleanup goes on, and the exit code is SIGTERM's."""
+    from runner import watch as watch_module
+
+    make_observer = watch_module._make_observer
+    sent = []
+
+    def observer_stopped_with_a_sigterm(*args):
+        observer = make_observer(*args)
+        stop = observer.stop
+
+        def stop_and_signal():
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            stop()
+
+        observer.stop = stop_and_signal
+        return observer
+
+    monkeypatch.setattr(watch_module, "_make_observer", observer_stopped_with_a_sigterm)
+    stop = threading.Event()
+    messages: list[str] = []
+
+    def stop_when_resting():
+        wait_for(lambda: any(m.startswith("watching ") for m in messages), f"the watch to rest: {messages}")
+        stop.set()  # as a Ctrl-C at rest does
+
+    threading.Thread(target=stop_when_resting, daemon=True).start()
+
+    def killed(signum, frame):
+        raise Killed
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent  # the signal really came during the cleanup
+    assert code == 143

@@ -34,6 +34,15 @@ def warn(ctx):
     return {}
 
 
+def library_notice(ctx):
+    import warnings
+
+    warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=2)
+    warnings.warn("a module-level function is deprecated", DeprecationWarning, stacklevel=2)
+    warnings.warn("mixed_precision = 'fp16' is ignored on the CPU; computing in fp32", stacklevel=2)
+    return {}
+
+
 def stop_at_once(ctx):
     raise StepInterrupted(f"{ctx.step_id}: stopped in {os.getpid()}")
 
@@ -286,3 +295,19 @@ def test_a_warning_raised_in_an_inline_step_is_a_log_line_of_its_step(tmp_path, 
         b.run(job(tmp_path, name, run="warn"), Hooks(log=lines.append))
     assert lines == ["warning: mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"] * 2
     assert "ignored on the CPU" not in capfd.readouterr().err
+
+
+def test_a_librarys_notice_of_its_future_changes_is_no_line_of_a_step_built_from_a_script(tmp_path, capfd):
+    """`executor.build` from a notebook, where no filter hides a library's deprecation notices: each build
+    showed transformers' `is_gradient_checkpointing is deprecated` as a warning of its train and render
+    steps, as if the project had a problem."""
+    import warnings
+
+    from runner.exec.backends import InlineBackend
+
+    lines: list[str] = []
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # a notebook's filters: none of the `dbl` command's
+        InlineBackend(None).run(job(tmp_path, "a", run="library_notice"), Hooks(log=lines.append))
+    assert lines == ["warning: mixed_precision = 'fp16' is ignored on the CPU; computing in fp32"]
+    assert "deprecated" not in capfd.readouterr().err

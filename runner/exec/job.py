@@ -152,6 +152,9 @@ def warnings_as_step_lines(hooks: Hooks):
 
     with warnings.catch_warnings():
         warnings.showwarning = show
+        # as the `dbl` command and its workers do, for a build started from a script or a notebook too,
+        # which set no filter: a library's notice of its own future changes is no line of the step
+        quiet_library_notices()
         yield
 
 

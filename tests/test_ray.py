@@ -22,6 +22,7 @@ from tests.conftest import FakeSteps, Recorder, write_image
 pytestmark = pytest.mark.ray
 
 STRIP = ("built", "duration_s")
+SIGTERM_BEFORE_RAY: list = []  # this process's SIGTERM handler before ray_instance connected
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def ray_instance(tmp_path_factory):
     os.environ["DBL_TEST_HOME"] = home
     saved = os.environ.get("DBL_HOME")
     os.environ["DBL_HOME"] = home
+    SIGTERM_BEFORE_RAY.append(signal.getsignal(signal.SIGTERM))
     try:
         connect(num_cpus=2, num_gpus=4)
     finally:
@@ -180,6 +182,31 @@ def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
 
     with pytest.raises(UsageError, match="leave --gpus out with --ray-address"):
         connect("auto", gpus=("0",))
+
+
+def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
+    """ray.init puts in a SIGTERM handler of its own (exit 1, after a C++ stack dump): the build's stop
+    request is put back, so that SIGTERM stops a Ray build at a safe point with exit 143."""
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    def init(**_):
+        signal.signal(signal.SIGTERM, lambda *a: None)
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    mine = lambda *a: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        ray_backend.connect("10.0.0.5:6379")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_local_instance_leaves_the_sigterm_handler_as_it_was(ray_instance):
+    assert SIGTERM_BEFORE_RAY and signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
 
 
 def test_what_a_step_reserves(proj):

@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -66,16 +67,33 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
     if ray.is_initialized():
         return
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
-    if address not in LOCAL:
-        try:
-            ray.init(address=address, **common)
-        except ConnectionError as exc:
-            raise UsageError(
-                f"cannot reach a Ray cluster at {address!r} ({exc}); start one with `ray start --head`, "
-                "or leave --ray-address out to start a local Ray instance"
-            ) from None
+    with _keeping_sigterm():
+        if address not in LOCAL:
+            try:
+                ray.init(address=address, **common)
+            except ConnectionError as exc:
+                raise UsageError(
+                    f"cannot reach a Ray cluster at {address!r} ({exc}); start one with `ray start "
+                    "--head`, or leave --ray-address out to start a local Ray instance"
+                ) from None
+            return
+        _start_local(ray, gpus, common)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm():
+    """ray.init replaces this process's SIGTERM handler (its own exits with code 1, after Ray's C++ code
+    has printed a stack dump): the build's handler is put back, so that SIGTERM (`timeout`, Slurm,
+    `docker stop`) stops a Ray build at its steps' safe points and exits 143, as it does any build."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    _start_local(ray, gpus, common)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:

@@ -205,6 +205,46 @@ def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
+def no_ray_init():
+    from types import SimpleNamespace
+
+    def init(**_):
+        raise AssertionError("ray.init was called")
+
+    return SimpleNamespace(is_initialized=lambda: False, init=init)
+
+
+def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, monkeypatch, capsys):
+    """ray.init retries an address that refuses connections for minutes, printing Ray's warnings."""
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        begun = time.monotonic()
+        assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
+        assert time.monotonic() - begun < 5
+        err = capsys.readouterr().err
+        assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
+        assert "Traceback" not in err
+
+
+def test_a_cluster_address_that_is_not_one_is_a_usage_error(proj, monkeypatch, capsys):
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    for address in ("head-node", "10.0.0.5"):
+        assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
+        err = capsys.readouterr().err
+        assert f"--ray-address {address!r} is not a Ray cluster's address: give HOST:PORT" in err, err
+
+
 def test_a_local_instance_leaves_the_sigterm_handler_as_it_was(ray_instance):
     assert SIGTERM_BEFORE_RAY and signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
 

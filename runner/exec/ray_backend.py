@@ -40,6 +40,7 @@ POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
 WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
 LOCAL = (None, "", "local")  # --ray-address values that start a local instance
+CONNECT_TIMEOUT_S = 10.0  # a cluster's address that answers nothing in this time is an error
 
 
 def import_ray():
@@ -69,15 +70,51 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
     with _keeping_sigterm():
         if address not in LOCAL:
+            _check_reachable(address)
             try:
                 ray.init(address=address, **common)
             except ConnectionError as exc:
-                raise UsageError(
-                    f"cannot reach a Ray cluster at {address!r} ({exc}); start one with `ray start "
-                    "--head`, or leave --ray-address out to start a local Ray instance"
-                ) from None
+                raise UsageError(_unreachable(address, str(exc))) from None
             return
         _start_local(ray, gpus, common)
+
+
+def _unreachable(address: str, why: str) -> str:
+    return (
+        f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
+        "leave --ray-address out to start a local Ray instance"
+    )
+
+
+def _check_reachable(address: str) -> None:
+    """A UsageError at once where nothing answers at the cluster's address: ray.init would retry it for
+    minutes, printing Ray's own warnings, before it gave up. "auto" is looked up as Ray looks it up
+    (RAY_ADDRESS, else the cluster `ray start` last started here)."""
+    if address.startswith("ray://"):
+        target = address.removeprefix("ray://").partition("/")[0]
+    else:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray version: ray.init says what it finds
+            return
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except ValueError:
+            raise UsageError(
+                f"--ray-address {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
+                "node's, port 6379 unless `ray start --port` said otherwise), ray://HOST:PORT or auto"
+            ) from None
+        if target is None:  # "auto" found none: ray.init says so
+            return
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"--ray-address {address!r}: the port is missing (HOST:PORT, 6379 by default)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise UsageError(_unreachable(address, f"{target}: {why}")) from None
 
 
 @contextlib.contextmanager

@@ -173,6 +173,24 @@ def test_without_ray_installed_the_error_says_how_to_install_it(proj, monkeypatc
     assert "pip install 'dbl[ray]'" in err and "Traceback" not in err
 
 
+def test_a_ray_that_does_not_import_is_a_usage_error_naming_the_fix(proj, monkeypatch, tmp_path, capsys):
+    """A broken install (here a ray package whose import fails) is said with its fix, not as an
+    unexpected ImportError (exit 1)."""
+    import sys
+
+    from runner.cli import main
+
+    shim = tmp_path / "shim" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("libray.so: cannot open shared object file")\n')
+    monkeypatch.syspath_prepend(str(shim.parent))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Ray, which is installed but does not import (libray.so: cannot open shared object" in err, err
+    assert "pip install --force-reinstall 'dbl[ray]'" in err and "Traceback" not in err
+
+
 def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
     from runner.cli import main
 

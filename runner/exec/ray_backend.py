@@ -47,8 +47,13 @@ def import_ray():
     """Ray, or a UsageError that says how to install it."""
     if importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray needs Ray, which is not installed: pip install 'dbl[ray]'")
-    import ray
-
+    try:
+        import ray
+    except ImportError as exc:  # a broken install: a dependency missing, or of a version Ray cannot use
+        raise UsageError(
+            f"--executor ray needs Ray, which is installed but does not import ({exc}): reinstall it, "
+            "pip install --force-reinstall 'dbl[ray]'"
+        ) from None
     return ray
 
 

@@ -100,6 +100,17 @@ def threads_step(ctx):
     return FakeSteps()(ctx.kind)(ctx)
 
 
+class TwoArguments(Exception):
+    """Pickles, but does not load: loading calls __init__ with the message alone."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+
+
+def two_arguments_step(ctx):
+    raise TwoArguments("dog/03.jpg", "the pixels do not decode")
+
+
 def fake_ray(run: str):
     from runner.exec.ray_backend import RayBackend
 
@@ -326,6 +337,15 @@ def test_a_killed_worker_fails_its_step_with_a_message_naming_it(ray_instance, p
         f"render:base: its Ray worker on node {socket.gethostname()} died"
     )
     assert "render:base" not in (lockfile.read(proj.lock) if proj.lock.exists() else {})
+
+
+def test_a_step_error_that_does_not_load_reads_as_in_an_inline_build(ray_instance, proj):
+    """Ray failed to load it in the build's process, and said so with a traceback of its own code."""
+    result, _ = build(proj, run="two_arguments_step", only=("render:base",))
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and failed == {
+        "render:base": "TwoArguments: dog/03.jpg: the pixels do not decode (run with --debug for the traceback)"
+    }, failed
 
 
 def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, proj):

@@ -379,7 +379,7 @@ class RayBackend:
 
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
     """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
-    ("done", Outcome), ("interrupted", message), ("error", exception) or ("crash", text). `omp`: the
+    ("done", Outcome), ("interrupted", message) or ("error", exception). `omp`: the
     build's own OMP_NUM_THREADS, for a worker of a local instance."""
     import ray
 

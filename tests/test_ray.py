@@ -111,6 +111,22 @@ def two_arguments_step(ctx):
     raise TwoArguments("dog/03.jpg", "the pixels do not decode")
 
 
+class MissingOnTheNode:
+    """Loads in the build's process only, as a job would on a node where dbl is not installed."""
+
+    def __init__(self, driver: int | None = None):
+        self.driver = driver or os.getpid()
+
+    def __reduce__(self):
+        return (load_missing, (self.driver,))
+
+
+def load_missing(driver: int):
+    if os.getpid() != driver:
+        raise ModuleNotFoundError("No module named 'runner'")
+    return MissingOnTheNode(driver)
+
+
 def fake_ray(run: str):
     from runner.exec.ray_backend import RayBackend
 
@@ -345,6 +361,24 @@ def test_a_step_error_that_does_not_load_reads_as_in_an_inline_build(ray_instanc
     failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
     assert result.exit_code == 1 and failed == {
         "render:base": "TwoArguments: dog/03.jpg: the pixels do not decode (run with --debug for the traceback)"
+    }, failed
+
+
+def test_a_job_that_a_worker_cannot_load_fails_in_one_line_that_says_why(ray_instance, proj):
+    """Ray's error held its traceback, in terminal colours, under two wrappers of its own."""
+    from runner.exec.ray_backend import RayBackend
+
+    class Unloadable(RayBackend):
+        def run(self, job, hooks):
+            return super().run(dataclasses.replace(job, inputs={"x": MissingOnTheNode()}), hooks)
+
+    opts = executor.BuildOptions(backend="ray", only=("render:base",))
+    opts = dataclasses.replace(opts, backend_factory=lambda project: Unloadable(project, opts))
+    result = executor.build(proj.load(), opts, Recorder())
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and failed == {
+        "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'runner' "
+        "(dbl, the same version, must be installed on every node of the cluster)"
     }, failed
 
 

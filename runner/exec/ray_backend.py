@@ -193,6 +193,26 @@ def _lost(exceptions) -> tuple:
     return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
 
 
+def _root_cause(exc: BaseException) -> str:
+    """What went wrong under Ray's wrappers of it (a task error holds a system error that holds the
+    error), in one line: their texts carry Ray's own tracebacks and terminal colours."""
+    from ray.exceptions import RayError
+
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) or getattr(exc, "client_exc", None)
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    if isinstance(exc, BaseException) and not isinstance(exc, RayError):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        lines = str(exc).strip().splitlines()
+        text = lines[0] if lines else type(exc).__name__
+    if "No module named" in text:
+        text += " (dbl, the same version, must be installed on every node of the cluster)"
+    return text
+
+
 class RayBackend:
     """Each step a Ray task: Ray places it on a node with the GPUs it asks for."""
 
@@ -339,7 +359,7 @@ class RayBackend:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _WorkerLost(f"{sid}: its Ray worker{on} died ({first})") from None
         except exceptions.RayError as exc:
-            raise StepError(f"{sid}: Ray could not run it: {type(exc).__name__}: {exc}") from None
+            raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
         return result
 

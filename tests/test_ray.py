@@ -294,6 +294,31 @@ def test_a_local_instance_leaves_the_sigterm_handler_as_it_was(ray_instance):
     assert SIGTERM_BEFORE_RAY and signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
 
 
+def test_a_local_instance_does_not_say_that_ray_turned_token_authentication_on(monkeypatch, capsys):
+    """Ray said so on every build, -q or not; that it is off is still said."""
+    import logging
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    said = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    handler = logging.StreamHandler()  # as Ray's own handler writes to standard error
+    said.addHandler(handler)
+
+    def init(**_):
+        said.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        said.warning("Token authentication is disabled for this Ray cluster. Anyone with network access")
+
+    try:
+        ray_backend._start_local(SimpleNamespace(init=init), None, {})
+    finally:
+        said.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "is disabled" in err and "is enabled" not in err, err
+    assert said.filters == []
+
+
 def test_what_a_step_reserves(proj):
     """A step's share of a GPU is 1/--per-gpu; a train step of P processes takes P whole GPUs."""
     from types import SimpleNamespace

@@ -151,9 +151,12 @@ def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
     if gpus is not None:  # Ray offers the GPUs it is shown
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         common.setdefault("num_gpus", len(gpus))
+    notices = logging.getLogger(TOKEN_NOTICES)
+    notices.addFilter(_token_enabled_notice)
     try:
         ray.init(address="local", include_dashboard=False, **common)
     finally:
+        notices.removeFilter(_token_enabled_notice)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -161,6 +164,16 @@ def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
                 os.environ[key] = value
         if cluster_mode is not None:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+TOKEN_NOTICES = "ray._private.authentication.authentication_token_setup"
+
+
+def _token_enabled_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's warning that it turned token authentication on, which a local instance said on
+    every build (and with -q): there is nothing to do about it. Its warning that authentication is off
+    stays."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 class Mailbox:

@@ -272,7 +272,7 @@ def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, 
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         begun = time.monotonic()
         assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
-        assert time.monotonic() - begun < 5
+        assert time.monotonic() - begun < 60  # not the minutes of retries
         err = capsys.readouterr().err
         assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
         assert "Traceback" not in err
@@ -288,6 +288,41 @@ def test_a_cluster_address_that_is_not_one_is_a_usage_error(proj, monkeypatch, c
         assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
         err = capsys.readouterr().err
         assert f"--ray-address {address!r} is not a Ray cluster's address: give HOST:PORT" in err, err
+
+
+def test_ray_address_in_the_environment_names_the_cluster(proj, monkeypatch, capsys):
+    """As it does for ray.init (`ray job submit` sets it for its command): a build there started a local
+    instance of its own, beside the cluster and sharing its GPUs; --ray-address local still starts one."""
+    from types import SimpleNamespace
+
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
+    assert "give --ray-address local or unset RAY_ADDRESS to start a local Ray instance" in err, err
+    assert main(["build", str(proj.path), "--executor", "ray", "--gpus", "0", "--no-progress"]) == 2
+    assert f"leave --gpus out with RAY_ADDRESS={address} in the environment" in capsys.readouterr().err
+
+    started = []
+
+    def init(**options):
+        started.append(options["address"])
+        raise RuntimeError("started")
+
+    monkeypatch.setattr(
+        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+    )
+    with pytest.raises(RuntimeError, match="started"):
+        ray_backend.RayBackend(proj.load(), executor.BuildOptions(ray_address="local")).start()
+    assert started == ["local"]
 
 
 def test_a_local_instance_leaves_the_sigterm_handler_as_it_was(ray_instance):

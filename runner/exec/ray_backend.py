@@ -1,7 +1,8 @@
 """The `ray` backend: each step a Ray task, on a node of a Ray cluster or of a local Ray instance.
 
 `dbl build --executor ray` starts a local Ray instance (listening on 127.0.0.1 only, no dashboard);
-`--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one.
+`--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one;
+without --ray-address, the environment's RAY_ADDRESS names the cluster, as it does for ray.init.
 Ray is imported only here, and only once a step runs: it is the optional extra `dbl[ray]`.
 
 - A step's task reserves its GPUs (`num_gpus`: 1/--per-gpu for a step, P for a train step of
@@ -67,7 +68,7 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
     if address not in LOCAL and gpus is not None:
         raise UsageError(
             "--gpus picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
-            "`ray start --num-gpus` gave them: leave --gpus out with --ray-address"
+            f"`ray start --num-gpus` gave them: leave --gpus out with {_named_by(address)}"
         )
     ray = import_ray()
     if ray.is_initialized():
@@ -84,10 +85,27 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
         _start_local(ray, gpus, common)
 
 
+def _option(address: str) -> str:
+    return "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--ray-address"
+
+
+def _named_by(address: str) -> str:
+    """Where the cluster's address came from, for messages: --ray-address, or the environment's
+    RAY_ADDRESS (see RayBackend)."""
+    if os.environ.get("RAY_ADDRESS") == address:
+        return f"RAY_ADDRESS={address} in the environment (unset it, or give --ray-address local)"
+    return "--ray-address"
+
+
 def _unreachable(address: str, why: str) -> str:
+    local = (
+        "give --ray-address local or unset RAY_ADDRESS"
+        if os.environ.get("RAY_ADDRESS") == address
+        else "leave --ray-address out"
+    )
     return (
         f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
-        "leave --ray-address out to start a local Ray instance"
+        f"{local} to start a local Ray instance"
     )
 
 
@@ -106,14 +124,14 @@ def _check_reachable(address: str) -> None:
             target = canonicalize_bootstrap_address(address)
         except ValueError:
             raise UsageError(
-                f"--ray-address {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
+                f"{_option(address)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
                 "node's, port 6379 unless `ray start --port` said otherwise), ray://HOST:PORT or auto"
             ) from None
         if target is None:  # "auto" found none: ray.init says so
             return
     host, _, port = target.rpartition(":")
     if not port.isdigit():
-        raise UsageError(f"--ray-address {address!r}: the port is missing (HOST:PORT, 6379 by default)")
+        raise UsageError(f"{_option(address)} {address!r}: the port is missing (HOST:PORT, 6379 by default)")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
@@ -236,7 +254,9 @@ class RayBackend:
         if importlib.util.find_spec("ray") is None:
             import_ray()  # raises the UsageError that says how to install it
         self._device = project.settings.device
-        self._address = getattr(options, "ray_address", None)
+        # Without --ray-address, RAY_ADDRESS names the cluster, as it does for ray.init (`ray job submit`
+        # sets it for its command): a local instance there would share the cluster's GPUs unseen.
+        self._address = getattr(options, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
         self._gpus = getattr(options, "gpus", None)
         self._per_gpu = getattr(options, "per_gpu", 1) or 1
         self._ray = None

@@ -278,6 +278,35 @@ def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, 
         assert "Traceback" not in err
 
 
+def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(monkeypatch):
+    """Ray sends no token to a cluster named by its address, unless RAY_AUTH_MODE=token, and a cluster that
+    asks for one only says that it could not connect."""
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+
+    def init(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(
+        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+    )
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    # A port that answers (on every address: Ray asks at the machine's), and ray.init is turned away there.
+    with socket.socket() as head:
+        head.bind(("", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with pytest.raises(UsageError, match="set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token"):
+            ray_backend.connect(address)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set: the token was sent, and that is not it
+        with pytest.raises(UsageError) as info:
+            ray_backend.connect(address)
+    assert "Failed to connect to Ray cluster" in str(info.value) and "RAY_AUTH_MODE" not in str(info.value)
+
+
 def test_a_cluster_address_that_is_not_one_is_a_usage_error(proj, monkeypatch, capsys):
     from runner.cli import main
     from runner.exec import ray_backend

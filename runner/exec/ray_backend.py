@@ -80,7 +80,7 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
             try:
                 ray.init(address=address, **common)
             except ConnectionError as exc:
-                raise UsageError(_unreachable(address, str(exc))) from None
+                raise UsageError(_unreachable(address, str(exc)) + _token_hint(address)) from None
             return
         _start_local(ray, gpus, common)
 
@@ -106,6 +106,18 @@ def _unreachable(address: str, why: str) -> str:
     return (
         f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
         f"{local} to start a local Ray instance"
+    )
+
+
+def _token_hint(address: str) -> str:
+    """Ray sends its token to a cluster it finds itself ("auto") but not to one named by its address, and
+    says nothing of it when that cluster turns it away: `ray start` turns token authentication on where
+    ~/.ray/auth_token exists."""
+    if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    return (
+        "; if the cluster asks for a token (`ray start` asks for one where ~/.ray/auth_token exists), set "
+        "RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
     )
 
 

@@ -94,6 +94,20 @@ def stoppable_step(ctx):
     raise AssertionError("never asked to stop")
 
 
+def mailbox_killing_step(ctx):
+    """The first step SIGKILLs the build's mailbox actor (a sibling of this worker, under this node's
+    raylet) and says its pid; every step then runs as FakeSteps' do."""
+    import psutil
+
+    pid_file = records_dir(ctx) / "pid-mailbox"
+    if not pid_file.exists():
+        raylet = psutil.Process(os.getpid()).parent()
+        (mailbox,) = [c for c in raylet.children() if c.cmdline()[:1] == ["ray::Mailbox"]]
+        mailbox.kill()
+        pid_file.write_text(str(mailbox.pid))
+    return FakeSteps()(ctx.kind)(ctx)
+
+
 def threads_step(ctx):
     """FakeSteps' outputs; records the OMP_NUM_THREADS it runs with."""
     (records_dir(ctx) / f"omp-{ctx.kind}-{ctx.name}").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
@@ -469,6 +483,17 @@ def test_a_job_that_a_worker_cannot_load_fails_in_one_line_that_says_why(ray_ins
         "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'runner' "
         "(dbl, the same version, must be installed on every node of the cluster)"
     }, failed
+
+
+def test_the_steps_after_a_lost_mailbox_are_still_seen(ray_instance, proj):
+    """The actor that carries the steps' progress and log lines is started again when its process dies:
+    the steps after it ran unseen, without `running on node` or where they ran."""
+    result, rec = build(proj, run="mailbox_killing_step", only=("train:toy", "render:base"), jobs=1)
+    assert result.exit_code == 0, result.steps
+    assert gone(int((proj.root / "records" / "pid-mailbox").read_text())), "the mailbox was not killed"
+    second = [e[1] for e in rec.events if e[0] == "start"][1]
+    assert any(e[:2] == ("log", second) and "running on node" in e[2] for e in rec.events), rec.events
+    assert next(s for s in result.steps if s.id == second).device.startswith(socket.gethostname())
 
 
 def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, proj):

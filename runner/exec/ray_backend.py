@@ -286,7 +286,9 @@ class RayBackend:
                 connect(self._address, self._gpus)
                 import ray
 
-                self._mailbox = ray.remote(num_cpus=0, max_restarts=0)(Mailbox).remote()
+                # Started again if its process dies (killed, its node lost): the events it held are lost,
+                # but the steps after them are seen.
+                self._mailbox = ray.remote(num_cpus=0, max_restarts=-1)(Mailbox).remote()
                 # max_calls=1: a fresh worker process per step, so that no two steps share GPUs, models
                 # or CUDA_VISIBLE_DEVICES; max_retries=0: a lost worker is handled below, where it is said.
                 self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)

@@ -292,6 +292,23 @@ def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, 
         assert "Traceback" not in err
 
 
+def test_auto_without_a_cluster_is_a_usage_error_that_says_how_to_start_one(proj, monkeypatch, capsys):
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    from ray._private import services
+
+    def none_found(address, *_):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", none_found)  # whatever runs here
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach a Ray cluster at 'auto' (Could not find any running Ray instance.); start one" in err
+
+
 def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(monkeypatch):
     """Ray sends no token to a cluster named by its address, unless RAY_AUTH_MODE=token, and a cluster that
     asks for one only says that it could not connect."""

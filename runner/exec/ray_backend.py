@@ -134,6 +134,8 @@ def _check_reachable(address: str) -> None:
             return
         try:
             target = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto", and no cluster found
+            raise UsageError(_unreachable(address, str(exc))) from None
         except ValueError:
             raise UsageError(
                 f"{_option(address)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "

@@ -523,6 +523,37 @@ def test_the_lines_after_a_lost_mailbox_are_still_seen(ray_instance, proj):
     assert ("log", "render:base", "said after the mailbox was lost") in rec.events, rec.events
 
 
+def test_a_step_lost_before_it_started_is_not_said_to_have_had_a_worker_that_died(proj):
+    """Its node's raylet was killed before the step's worker started: `its Ray worker died` named
+    neither node nor worker, there being none."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray import exceptions
+
+    from runner.exec.job import Hooks
+    from runner.exec.ray_backend import RayBackend, _WorkerLost
+
+    def get(ref, timeout=None):
+        if ref == "events":
+            return []
+        raise exceptions.LocalRayletDiedError()
+
+    fake = SimpleNamespace(wait=lambda refs, timeout: (refs, []), get=get)
+    backend = RayBackend(proj.load(), executor.BuildOptions())
+    backend._mailbox = SimpleNamespace(take=SimpleNamespace(remote=lambda sid: "events"))
+    job = SimpleNamespace(step_id="render:base", stop_file=None)
+    with pytest.raises(_WorkerLost) as info:
+        backend._wait(fake, "task", job, Hooks(), 0)
+    assert str(info.value) == (
+        "render:base: Ray lost it before it started (The task's local raylet died. Check raylet.out for "
+        "more information.)"
+    )
+    backend._where["render:base"] = "gpu-node-2 cuda:1"  # said by its worker, once started
+    with pytest.raises(_WorkerLost, match=r"^render:base: its Ray worker on node gpu-node-2 died \(The"):
+        backend._wait(fake, "task", job, Hooks(), 0)
+
+
 def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, proj):
     box = kill_when_started(proj, "train-toy")
     result, rec = build(proj, run="killed_step", only=("train:toy",))

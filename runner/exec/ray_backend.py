@@ -404,9 +404,10 @@ class RayBackend:
                 f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
             ) from None
         except _lost(exceptions) as exc:
-            on = f" on node {where.split()[0]}" if where else ""
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise _WorkerLost(f"{sid}: its Ray worker{on} died ({first})") from None
+            if not where:  # lost before its worker said where it runs (its node, or the worker starting)
+                raise _WorkerLost(f"{sid}: Ray lost it before it started ({first})") from None
+            raise _WorkerLost(f"{sid}: its Ray worker on node {where.split()[0]} died ({first})") from None
         except exceptions.RayError as exc:
             raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned

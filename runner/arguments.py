@@ -44,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
             "--ray-address",
             metavar="ADDR",
             help="with --executor ray: the cluster to join, 'auto' (the one this machine belongs to) or "
-            "HOST:PORT (default: start a local Ray instance)",
+            "HOST:PORT (default: RAY_ADDRESS if set, else start a local Ray instance)",
         )
         p.add_argument(
             "-j",

@@ -3,6 +3,7 @@ told of; the steps run on the CPU). The build's process stays the one writer."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ from tests.conftest import FakeSteps, Recorder, write_image
 pytestmark = pytest.mark.ray
 
 STRIP = ("built", "duration_s")
+SIGTERM_BEFORE_RAY: list = []  # this process's SIGTERM handler before ray_instance connected
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def ray_instance(tmp_path_factory):
     os.environ["DBL_TEST_HOME"] = home
     saved = os.environ.get("DBL_HOME")
     os.environ["DBL_HOME"] = home
+    SIGTERM_BEFORE_RAY.append(signal.getsignal(signal.SIGTERM))
     try:
         connect(num_cpus=2, num_gpus=4)
     finally:
@@ -92,10 +95,62 @@ def stoppable_step(ctx):
     raise AssertionError("never asked to stop")
 
 
+def mailbox_killing_step(ctx):
+    """SIGKILLs the build's mailbox actor (a sibling of this worker, under this node's raylet), says its
+    pid, and once another has started says a log line."""
+    import psutil
+
+    raylet = psutil.Process(os.getpid()).parent()
+
+    def mailboxes():
+        found = []
+        for child in raylet.children():
+            with contextlib.suppress(psutil.Error):  # one that ended meanwhile, or the killed one's zombie
+                if child.cmdline()[:1] == ["ray::Mailbox"]:
+                    found.append(child.pid)
+        return found
+
+    (pid,) = mailboxes()
+    os.kill(pid, signal.SIGKILL)
+    (records_dir(ctx) / "pid-mailbox").write_text(str(pid))
+    deadline = time.monotonic() + 30
+    while set(mailboxes()) <= {pid} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ctx.log("said after the mailbox was lost")
+    return FakeSteps()(ctx.kind)(ctx)
+
+
 def threads_step(ctx):
     """FakeSteps' outputs; records the OMP_NUM_THREADS it runs with."""
     (records_dir(ctx) / f"omp-{ctx.kind}-{ctx.name}").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
     return FakeSteps()(ctx.kind)(ctx)
+
+
+class TwoArguments(Exception):
+    """Pickles, but does not load: loading calls __init__ with the message alone."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+
+
+def two_arguments_step(ctx):
+    raise TwoArguments("dog/03.jpg", "the pixels do not decode")
+
+
+class MissingOnTheNode:
+    """Loads in the build's process only, as a job would on a node where dbl is not installed."""
+
+    def __init__(self, driver: int | None = None):
+        self.driver = driver or os.getpid()
+
+    def __reduce__(self):
+        return (load_missing, (self.driver,))
+
+
+def load_missing(driver: int):
+    if os.getpid() != driver:
+        raise ModuleNotFoundError("No module named 'runner'")
+    return MissingOnTheNode(driver)
 
 
 def fake_ray(run: str):
@@ -171,6 +226,24 @@ def test_without_ray_installed_the_error_says_how_to_install_it(proj, monkeypatc
     assert "pip install 'dbl[ray]'" in err and "Traceback" not in err
 
 
+def test_a_ray_that_does_not_import_is_a_usage_error_naming_the_fix(proj, monkeypatch, tmp_path, capsys):
+    """A broken install (here a ray package whose import fails) is said with its fix, not as an
+    unexpected ImportError (exit 1)."""
+    import sys
+
+    from runner.cli import main
+
+    shim = tmp_path / "shim" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("libray.so: cannot open shared object file")\n')
+    monkeypatch.syspath_prepend(str(shim.parent))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Ray, which is installed but does not import (libray.so: cannot open shared object" in err, err
+    assert "pip install --force-reinstall 'dbl[ray]'" in err and "Traceback" not in err
+
+
 def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
     from runner.cli import main
 
@@ -180,6 +253,177 @@ def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
 
     with pytest.raises(UsageError, match="leave --gpus out with --ray-address"):
         connect("auto", gpus=("0",))
+
+
+def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
+    """ray.init puts in a SIGTERM handler of its own (exit 1, after a C++ stack dump): the build's stop
+    request is put back, so that SIGTERM stops a Ray build at a safe point with exit 143."""
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    def init(**_):
+        signal.signal(signal.SIGTERM, lambda *a: None)
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    mine = lambda *a: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        ray_backend.connect("10.0.0.5:6379")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def no_ray_init():
+    from types import SimpleNamespace
+
+    def init(**_):
+        raise AssertionError("ray.init was called")
+
+    return SimpleNamespace(is_initialized=lambda: False, init=init)
+
+
+def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, monkeypatch, capsys):
+    """ray.init retries an address that refuses connections for minutes, printing Ray's warnings."""
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        begun = time.monotonic()
+        assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
+        assert time.monotonic() - begun < 60  # not the minutes of retries
+        err = capsys.readouterr().err
+        assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
+        assert "Traceback" not in err
+
+
+def test_auto_without_a_cluster_is_a_usage_error_that_says_how_to_start_one(proj, monkeypatch, capsys):
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    from ray._private import services
+
+    def none_found(address, *_):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", none_found)  # whatever runs here
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach a Ray cluster at 'auto' (Could not find any running Ray instance.); start one" in err
+
+
+def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(monkeypatch):
+    """Ray sends no token to a cluster named by its address, unless RAY_AUTH_MODE=token, and a cluster that
+    asks for one only says that it could not connect."""
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+
+    def init(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(
+        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+    )
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    # A port that answers (on every address: Ray asks at the machine's), and ray.init is turned away there.
+    with socket.socket() as head:
+        head.bind(("", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with pytest.raises(UsageError, match="set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token"):
+            ray_backend.connect(address)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set: the token was sent, and that is not it
+        with pytest.raises(UsageError) as info:
+            ray_backend.connect(address)
+    assert "Failed to connect to Ray cluster" in str(info.value) and "RAY_AUTH_MODE" not in str(info.value)
+
+
+def test_a_cluster_address_that_is_not_one_is_a_usage_error(proj, monkeypatch, capsys):
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    for address in ("head-node", "10.0.0.5"):
+        assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
+        err = capsys.readouterr().err
+        assert f"--ray-address {address!r} is not a Ray cluster's address: give HOST:PORT" in err, err
+
+
+def test_ray_address_in_the_environment_names_the_cluster(proj, monkeypatch, capsys):
+    """As it does for ray.init (`ray job submit` sets it for its command): a build there started a local
+    instance of its own, beside the cluster and sharing its GPUs; --ray-address local still starts one."""
+    from types import SimpleNamespace
+
+    from runner.cli import main
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
+    assert "give --ray-address local or unset RAY_ADDRESS to start a local Ray instance" in err, err
+    assert main(["build", str(proj.path), "--executor", "ray", "--gpus", "0", "--no-progress"]) == 2
+    assert f"leave --gpus out with RAY_ADDRESS={address} in the environment" in capsys.readouterr().err
+
+    started = []
+
+    def init(**options):
+        started.append(options["address"])
+        raise RuntimeError("started")
+
+    monkeypatch.setattr(
+        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+    )
+    with pytest.raises(RuntimeError, match="started"):
+        ray_backend.RayBackend(proj.load(), executor.BuildOptions(ray_address="local")).start()
+    assert started == ["local"]
+
+
+def test_a_local_instance_leaves_the_sigterm_handler_as_it_was(ray_instance):
+    assert SIGTERM_BEFORE_RAY and signal.getsignal(signal.SIGTERM) is SIGTERM_BEFORE_RAY[0]
+
+
+def test_a_local_instance_does_not_say_that_ray_turned_token_authentication_on(monkeypatch, capsys):
+    """Ray said so on every build, -q or not; that it is off is still said."""
+    import logging
+    from types import SimpleNamespace
+
+    from runner.exec import ray_backend
+
+    pytest.importorskip("ray")
+    said = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    handler = logging.StreamHandler()  # as Ray's own handler writes to standard error
+    said.addHandler(handler)
+
+    def init(**_):
+        said.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        said.warning("Token authentication is disabled for this Ray cluster. Anyone with network access")
+
+    try:
+        ray_backend._start_local(SimpleNamespace(init=init), None, {})
+    finally:
+        said.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "is disabled" in err and "is enabled" not in err, err
+    assert said.filters == []
 
 
 def test_what_a_step_reserves(proj):
@@ -241,6 +485,73 @@ def test_a_killed_worker_fails_its_step_with_a_message_naming_it(ray_instance, p
         f"render:base: its Ray worker on node {socket.gethostname()} died"
     )
     assert "render:base" not in (lockfile.read(proj.lock) if proj.lock.exists() else {})
+
+
+def test_a_step_error_that_does_not_load_reads_as_in_an_inline_build(ray_instance, proj):
+    """Ray failed to load it in the build's process, and said so with a traceback of its own code."""
+    result, _ = build(proj, run="two_arguments_step", only=("render:base",))
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and failed == {
+        "render:base": "TwoArguments: dog/03.jpg: the pixels do not decode (run with --debug for the traceback)"
+    }, failed
+
+
+def test_a_job_that_a_worker_cannot_load_fails_in_one_line_that_says_why(ray_instance, proj):
+    """Ray's error held its traceback, in terminal colours, under two wrappers of its own."""
+    from runner.exec.ray_backend import RayBackend
+
+    class Unloadable(RayBackend):
+        def run(self, job, hooks):
+            return super().run(dataclasses.replace(job, inputs={"x": MissingOnTheNode()}), hooks)
+
+    opts = executor.BuildOptions(backend="ray", only=("render:base",))
+    opts = dataclasses.replace(opts, backend_factory=lambda project: Unloadable(project, opts))
+    result = executor.build(proj.load(), opts, Recorder())
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and failed == {
+        "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'runner' "
+        "(dbl, the same version, must be installed on every node of the cluster)"
+    }, failed
+
+
+def test_the_lines_after_a_lost_mailbox_are_still_seen(ray_instance, proj):
+    """The actor that carries the steps' progress and log lines is started again when its process dies:
+    the rest of the build ran unseen."""
+    result, rec = build(proj, run="mailbox_killing_step", only=("render:base",))
+    assert result.exit_code == 0, result.steps
+    assert gone(int((proj.root / "records" / "pid-mailbox").read_text())), "the mailbox was not killed"
+    assert ("log", "render:base", "said after the mailbox was lost") in rec.events, rec.events
+
+
+def test_a_step_lost_before_it_started_is_not_said_to_have_had_a_worker_that_died(proj):
+    """Its node's raylet was killed before the step's worker started: `its Ray worker died` named
+    neither node nor worker, there being none."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray import exceptions
+
+    from runner.exec.job import Hooks
+    from runner.exec.ray_backend import RayBackend, _WorkerLost
+
+    def get(ref, timeout=None):
+        if ref == "events":
+            return []
+        raise exceptions.LocalRayletDiedError()
+
+    fake = SimpleNamespace(wait=lambda refs, timeout: (refs, []), get=get)
+    backend = RayBackend(proj.load(), executor.BuildOptions())
+    backend._mailbox = SimpleNamespace(take=SimpleNamespace(remote=lambda sid: "events"))
+    job = SimpleNamespace(step_id="render:base", stop_file=None)
+    with pytest.raises(_WorkerLost) as info:
+        backend._wait(fake, "task", job, Hooks(), 0)
+    assert str(info.value) == (
+        "render:base: Ray lost it before it started (The task's local raylet died. Check raylet.out for "
+        "more information.)"
+    )
+    backend._where["render:base"] = "gpu-node-2 cuda:1"  # said by its worker, once started
+    with pytest.raises(_WorkerLost, match=r"^render:base: its Ray worker on node gpu-node-2 died \(The"):
+        backend._wait(fake, "task", job, Hooks(), 0)
 
 
 def test_a_killed_train_worker_runs_once_more_from_its_checkpoint(ray_instance, proj):

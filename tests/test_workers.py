@@ -263,14 +263,43 @@ def raise_unpicklable(ctx):
     raise Unpicklable("holds a lock")
 
 
-def test_an_error_that_does_not_pickle_comes_back_described_with_its_own_traceback(tmp_path, backend):
+class TwoArguments(Exception):
+    """Pickles, but does not load: loading calls __init__ with the message alone."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+
+
+def raise_two_arguments(ctx):
+    raise TwoArguments("dog/03.jpg", "the pixels do not decode")
+
+
+@pytest.mark.parametrize(
+    ("run", "message", "line"),
+    [
+        ("raise_unpicklable", "Unpicklable: holds a lock", 'raise Unpicklable("holds a lock")'),
+        (
+            "raise_two_arguments",
+            "TwoArguments: dog/03.jpg: the pixels do not decode",
+            'raise TwoArguments("dog/03.jpg", "the pixels do not decode")',
+        ),
+    ],
+)
+def test_an_error_that_does_not_pickle_comes_back_described_as_an_inline_one(
+    tmp_path, backend, run, message, line
+):
+    """Its type and message, the traceback (the step's own) with --debug; one that pickles but does not
+    load came back as the TypeError of loading it."""
+    from runner.exec.scheduler import describe_error
+
     b = backend()
-    with pytest.raises(StepError) as info:
-        b.run(job(tmp_path, "a", run="raise_unpicklable"), Hooks())
-    text = str(info.value)
-    assert text.startswith("Unpicklable: holds a lock\n"), text
-    assert 'in raise_unpicklable\n    raise Unpicklable("holds a lock")' in text, text
-    assert "cannot pickle" not in text, text  # the step's traceback, not that of pickling it
+    with pytest.raises(Exception) as info:
+        b.run(job(tmp_path, "a", run=run), Hooks())
+    assert describe_error(info.value, debug=False) == f"{message} (run with --debug for the traceback)"
+    trace = describe_error(info.value, debug=True)
+    assert trace.startswith("Traceback (most recent call last):") and trace.endswith(message), trace
+    assert f"in {run}\n    {line}" in trace, trace
+    assert "pickle" not in trace, trace  # the step's traceback, not that of pickling it
 
 
 def test_a_warning_raised_in_a_worker_is_a_log_line_of_its_step_not_worker_output(tmp_path, backend, capfd):

@@ -277,7 +277,7 @@ class _Worker:
 
 def _receive(worker: _Worker, job: Job, hooks: Hooks) -> tuple[str, object]:
     """Pass the step's progress and log lines on until its end: ("done", Outcome), ("interrupted",
-    message), ("error", exception) or ("crash", description). A worker that dies is a StepError; one whose
+    message) or ("error", exception). A worker that dies is a StepError; one whose
     build stops waiting (KeyboardInterrupt) is terminated."""
     conn, process = worker.conn, worker.process
     try:

@@ -127,10 +127,22 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
     return Outcome(job.out, file_manifest(job.out, hasher), metrics, extras)
 
 
+class StepCrash(Exception):
+    """A step's exception that a worker cannot send back as it is (it does not pickle and load): its type's
+    name, message and traceback, which the scheduler shows as it would the exception's own."""
+
+    def __init__(self, kind: str, message: str, trace: str):
+        super().__init__(kind, message, trace)
+        self.kind, self.message, self.trace = kind, message, trace
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
 def run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
     """Run the job in a worker and say how it ended, as a pair that pickles: ("done", Outcome),
-    ("interrupted", message), ("error", exception) or ("crash", description of an exception that does
-    not pickle). `reported_outcome` turns it back into what `run_job` returns or raises.
+    ("interrupted", message) or ("error", exception: a StepCrash for one that does not pickle).
+    `reported_outcome` turns it back into what `run_job` returns or raises.
 
     A Python warning raised while the step runs becomes one of its log lines (`warning: ...`), as the
     step's own warnings are: the display shows it with the step's name, and not with -q. Written to the
@@ -165,9 +177,11 @@ def _run_reported(job: Job, hooks: Hooks, models) -> tuple[str, Any]:
         return "interrupted", str(exc)
     except Exception as exc:
         try:
-            pickle.dumps(exc)
+            # Loaded too: an exception whose __init__ takes other arguments than its message pickles, but
+            # fails to load in the build's process, which then sees only that TypeError.
+            pickle.loads(pickle.dumps(exc))
         except Exception:
-            return "crash", f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
+            return "error", StepCrash(type(exc).__name__, str(exc), "".join(traceback.format_exception(exc)))
         return "error", exc  # the scheduler describes it as it would an inline failure
 
 

@@ -1,7 +1,8 @@
 """The `ray` backend: each step a Ray task, on a node of a Ray cluster or of a local Ray instance.
 
 `dbl build --executor ray` starts a local Ray instance (listening on 127.0.0.1 only, no dashboard);
-`--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one.
+`--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one;
+without --ray-address, the environment's RAY_ADDRESS names the cluster, as it does for ray.init.
 Ray is imported only here, and only once a step runs: it is the optional extra `dbl[ray]`.
 
 - A step's task reserves its GPUs (`num_gpus`: 1/--per-gpu for a step, P for a train step of
@@ -27,6 +28,7 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,14 +41,20 @@ POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
 WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
 LOCAL = (None, "", "local")  # --ray-address values that start a local instance
+CONNECT_TIMEOUT_S = 10.0  # a cluster's address that answers nothing in this time is an error
 
 
 def import_ray():
     """Ray, or a UsageError that says how to install it."""
     if importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray needs Ray, which is not installed: pip install 'dbl[ray]'")
-    import ray
-
+    try:
+        import ray
+    except ImportError as exc:  # a broken install: a dependency missing, or of a version Ray cannot use
+        raise UsageError(
+            f"--executor ray needs Ray, which is installed but does not import ({exc}): reinstall it, "
+            "pip install --force-reinstall 'dbl[ray]'"
+        ) from None
     return ray
 
 
@@ -60,22 +68,106 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
     if address not in LOCAL and gpus is not None:
         raise UsageError(
             "--gpus picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
-            "`ray start --num-gpus` gave them: leave --gpus out with --ray-address"
+            f"`ray start --num-gpus` gave them: leave --gpus out with {_named_by(address)}"
         )
     ray = import_ray()
     if ray.is_initialized():
         return
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
-    if address not in LOCAL:
+    with _keeping_sigterm():
+        if address not in LOCAL:
+            _check_reachable(address)
+            try:
+                ray.init(address=address, **common)
+            except ConnectionError as exc:
+                raise UsageError(_unreachable(address, str(exc)) + _token_hint(address)) from None
+            return
+        _start_local(ray, gpus, common)
+
+
+def _option(address: str) -> str:
+    return "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--ray-address"
+
+
+def _named_by(address: str) -> str:
+    """Where the cluster's address came from, for messages: --ray-address, or the environment's
+    RAY_ADDRESS (see RayBackend)."""
+    if os.environ.get("RAY_ADDRESS") == address:
+        return f"RAY_ADDRESS={address} in the environment (unset it, or give --ray-address local)"
+    return "--ray-address"
+
+
+def _unreachable(address: str, why: str) -> str:
+    local = (
+        "give --ray-address local or unset RAY_ADDRESS"
+        if os.environ.get("RAY_ADDRESS") == address
+        else "leave --ray-address out"
+    )
+    return (
+        f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
+        f"{local} to start a local Ray instance"
+    )
+
+
+def _token_hint(address: str) -> str:
+    """Ray sends its token to a cluster it finds itself ("auto") but not to one named by its address, and
+    says nothing of it when that cluster turns it away: `ray start` turns token authentication on where
+    ~/.ray/auth_token exists."""
+    if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    return (
+        "; if the cluster asks for a token (`ray start` asks for one where ~/.ray/auth_token exists), set "
+        "RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+    )
+
+
+def _check_reachable(address: str) -> None:
+    """A UsageError at once where nothing answers at the cluster's address: ray.init would retry it for
+    minutes, printing Ray's own warnings, before it gave up. "auto" is looked up as Ray looks it up
+    (RAY_ADDRESS, else the cluster `ray start` last started here)."""
+    if address.startswith("ray://"):
+        target = address.removeprefix("ray://").partition("/")[0]
+    else:
         try:
-            ray.init(address=address, **common)
-        except ConnectionError as exc:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray version: ray.init says what it finds
+            return
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto", and no cluster found
+            raise UsageError(_unreachable(address, str(exc))) from None
+        except ValueError:
             raise UsageError(
-                f"cannot reach a Ray cluster at {address!r} ({exc}); start one with `ray start --head`, "
-                "or leave --ray-address out to start a local Ray instance"
+                f"{_option(address)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
+                "node's, port 6379 unless `ray start --port` said otherwise), ray://HOST:PORT or auto"
             ) from None
+        if target is None:  # "auto" found none: ray.init says so
+            return
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"{_option(address)} {address!r}: the port is missing (HOST:PORT, 6379 by default)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise UsageError(_unreachable(address, f"{target}: {why}")) from None
+
+
+@contextlib.contextmanager
+def _keeping_sigterm():
+    """ray.init replaces this process's SIGTERM handler (its own exits with code 1, after Ray's C++ code
+    has printed a stack dump): the build's handler is put back, so that SIGTERM (`timeout`, Slurm,
+    `docker stop`) stops a Ray build at its steps' safe points and exits 143, as it does any build."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    _start_local(ray, gpus, common)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
@@ -91,9 +183,12 @@ def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
     if gpus is not None:  # Ray offers the GPUs it is shown
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         common.setdefault("num_gpus", len(gpus))
+    notices = logging.getLogger(TOKEN_NOTICES)
+    notices.addFilter(_token_enabled_notice)
     try:
         ray.init(address="local", include_dashboard=False, **common)
     finally:
+        notices.removeFilter(_token_enabled_notice)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -101,6 +196,16 @@ def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
                 os.environ[key] = value
         if cluster_mode is not None:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+TOKEN_NOTICES = "ray._private.authentication.authentication_token_setup"
+
+
+def _token_enabled_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's warning that it turned token authentication on, which a local instance said on
+    every build (and with -q): there is nothing to do about it. Its warning that authentication is off
+    stays."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 class Mailbox:
@@ -133,6 +238,26 @@ def _lost(exceptions) -> tuple:
     return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
 
 
+def _root_cause(exc: BaseException) -> str:
+    """What went wrong under Ray's wrappers of it (a task error holds a system error that holds the
+    error), in one line: their texts carry Ray's own tracebacks and terminal colours."""
+    from ray.exceptions import RayError
+
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) or getattr(exc, "client_exc", None)
+        if inner is None or inner is exc:
+            break
+        exc = inner
+    if isinstance(exc, BaseException) and not isinstance(exc, RayError):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        lines = str(exc).strip().splitlines()
+        text = lines[0] if lines else type(exc).__name__
+    if "No module named" in text:
+        text += " (dbl, the same version, must be installed on every node of the cluster)"
+    return text
+
+
 class RayBackend:
     """Each step a Ray task: Ray places it on a node with the GPUs it asks for."""
 
@@ -143,7 +268,9 @@ class RayBackend:
         if importlib.util.find_spec("ray") is None:
             import_ray()  # raises the UsageError that says how to install it
         self._device = project.settings.device
-        self._address = getattr(options, "ray_address", None)
+        # Without --ray-address, RAY_ADDRESS names the cluster, as it does for ray.init (`ray job submit`
+        # sets it for its command): a local instance there would share the cluster's GPUs unseen.
+        self._address = getattr(options, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
         self._gpus = getattr(options, "gpus", None)
         self._per_gpu = getattr(options, "per_gpu", 1) or 1
         self._ray = None
@@ -161,7 +288,9 @@ class RayBackend:
                 connect(self._address, self._gpus)
                 import ray
 
-                self._mailbox = ray.remote(num_cpus=0, max_restarts=0)(Mailbox).remote()
+                # Started again if its process dies (killed, its node lost): the events it held are lost,
+                # but the steps after them are seen.
+                self._mailbox = ray.remote(num_cpus=0, max_restarts=-1)(Mailbox).remote()
                 # max_calls=1: a fresh worker process per step, so that no two steps share GPUs, models
                 # or CUDA_VISIBLE_DEVICES; max_retries=0: a lost worker is handled below, where it is said.
                 self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)
@@ -275,11 +404,12 @@ class RayBackend:
                 f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
             ) from None
         except _lost(exceptions) as exc:
-            on = f" on node {where.split()[0]}" if where else ""
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise _WorkerLost(f"{sid}: its Ray worker{on} died ({first})") from None
+            if not where:  # lost before its worker said where it runs (its node, or the worker starting)
+                raise _WorkerLost(f"{sid}: Ray lost it before it started ({first})") from None
+            raise _WorkerLost(f"{sid}: its Ray worker on node {where.split()[0]} died ({first})") from None
         except exceptions.RayError as exc:
-            raise StepError(f"{sid}: Ray could not run it: {type(exc).__name__}: {exc}") from None
+            raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
         return result
 
@@ -319,7 +449,7 @@ class RayBackend:
 
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
     """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
-    ("done", Outcome), ("interrupted", message), ("error", exception) or ("crash", text). `omp`: the
+    ("done", Outcome), ("interrupted", message) or ("error", exception). `omp`: the
     build's own OMP_NUM_THREADS, for a worker of a local instance."""
     import ray
 

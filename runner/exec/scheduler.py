@@ -18,6 +18,7 @@ from runner import events, lockfile, planner
 from runner.errors import DblError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild
+from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
 from runner.project.schema import Project
@@ -230,6 +231,8 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
 
 
 def describe_error(exc: BaseException, debug: bool) -> str:
+    if isinstance(exc, StepCrash):  # raised in a worker: its traceback is the worker's
+        return exc.trace.rstrip() if debug else f"{exc} (run with --debug for the traceback)"
     if debug:
         return "".join(traceback.format_exception(exc)).rstrip()
     if isinstance(exc, (DblError, OSError)):

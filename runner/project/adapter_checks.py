@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from runner import families
-from runner.project import schema
+from runner.project import schema, unused
 from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_adapter_name, unread
 
 
@@ -73,6 +73,7 @@ def check_blends(check, tables: dict) -> None:
         # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
         unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends, unread_memo)}
         _check_blend_method(check, name, blend, subjects, blends, not unknown, ranks_memo)
+        unused.note_blend(check, ("blends", name), blend)
         for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
             for setting, flagged, what, why, fix in UNBLENDABLE:
                 keys = lora_keys(
@@ -192,6 +193,7 @@ def check_renders(check, tables: dict) -> None:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
         _render_trigger(check, key, render, tables)
+        unused.note_render(check, key, render)
 
 
 def _render_trigger(check, key, render, tables: dict) -> None:

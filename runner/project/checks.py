@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from runner.imagefiles import IMAGE_SUFFIXES, few, has_images, scan
-from runner.project import schema
+from runner.project import schema, unused
 
 RESERVED_ADAPTERS = ("none",)
 TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigger words
@@ -263,6 +263,7 @@ def check_priors(check, tables: dict) -> None:
                     else f"prompt {n} is empty: the class images of its turn would have no prompt",
                     f'name the class, e.g. "a photo of {name}"',
                 )
+        unused.note_unguided_negative(check, ("priors", name), prior)
         if name not in used:  # its class images would be generated for nothing
             check.note(
                 ("priors", name),
@@ -305,6 +306,7 @@ def check_subjects(check, tables: dict) -> None:
                 "pip install 'dbl[tensorboard]', or remove the key",
             )
         check_settings(check, name, subject.train)
+    unused.note_subjects(check, tables.get("train", {}))
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:

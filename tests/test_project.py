@@ -103,6 +103,12 @@ CASES = [
         "subjects.cat.images: holds a NUL character (\\u0000) (line {line}) - remove it",
     ),
     (
+        "a snapshot its subject saves, named in a blend",
+        '[subjects.dog.train]\nsave_steps = [400]\n[blends.duo]\nadapters = { "dog@400" = 1.0, toy = 1.0 }\n',
+        "blends.duo.adapters.dog@400: 'dog@400' is a snapshot of dog, and a blend combines subjects and "
+        "blends only (line {line}) - blend 'dog' (its last step), or render 'dog@400' on its own",
+    ),
+    (
         "a snapshot step in digits int() does not read",
         '[renders.r]\nadapter = "dog@²"\nprompts = ["x"]\n',
         "renders.r.adapter: 'dog@²' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; "

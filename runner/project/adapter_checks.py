@@ -63,9 +63,7 @@ def check_blends(check, tables: dict) -> None:
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
             if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
-                check.problem(
-                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables, name)
-                )
+                check.problem(key + (parent,), *_unknown_parent(parent, tables, name))
         if name in own and name not in in_cycles and (cycle := _cycle(name, own)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
@@ -85,6 +83,21 @@ def check_blends(check, tables: dict) -> None:
                         f"'{parent}' is {what} ({', '.join(keys)}), {why}",
                         f"{fix}, or render '{parent}' on its own",
                     )
+
+
+def _unknown_parent(parent: str, tables: dict, blend: str) -> tuple[str, str]:
+    """The problem and fix of a blend's parent that is no subject or blend. A snapshot its subject saves
+    (dog@400, which a render may name) is said as one: that it is not listed among the subjects tells a
+    user who wrote it nothing."""
+    subjects = tables.get("train", {})
+    snapshot = snapshot_of(parent, subjects)
+    if snapshot is not None and int(snapshot[1]) in (subjects[snapshot[0]].train.save_steps or ()):
+        subject = snapshot[0]
+        return (
+            f"'{parent}' is a snapshot of {subject}, and a blend combines subjects and blends only",
+            f"blend '{subject}' (its last step), or render '{parent}' on its own",
+        )
+    return f"'{parent}' is not a subject or blend", _known_adapters(tables, blend)
 
 
 def _lora_unread(check, name: str, blends: dict, memo: dict | None = None) -> bool:

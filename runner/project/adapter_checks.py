@@ -214,7 +214,7 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     if not any(TRIGGER in prompt for prompt in render.prompts):
         return
     subjects, blends = tables.get("train", {}), tables.get("blend", {})
-    named = [s for a in render.adapters or [render.adapter] for s in _subjects_of(a, subjects, blends)]
+    named = [s for a in render.adapters or [render.adapter] for s in subjects_of(a, subjects, blends)]
     words = next((subjects[s].trigger for s in named if subjects[s].trigger), None)
     check.note(
         key + ("prompts",),
@@ -223,7 +223,7 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     )
 
 
-def _subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
+def subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
     """The subjects adapter `name` is trained from: itself, or the parents of a blend; each once, in the
     order its parents name them."""
     return fold_blends(

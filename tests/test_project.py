@@ -596,6 +596,19 @@ CASES = [
         'subjects.toy.train.prodigy_safeguard_warmup: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_safeguard_warmup',
     ),
     (
+        "a [train] prodigy key beside a subject's own optimizer",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\nprodigy_d_coef = 2.0\n[subjects.toy.train]\n'
+        'optimizer = "adamw"\n',
+        'train.prodigy_d_coef: applies to optimizer = "prodigy" only, and the optimizer is "adamw" '
+        '(subjects.toy.train.optimizer) (line {line}) - set optimizer = "prodigy", or remove prodigy_d_coef',
+    ),
+    (
+        "[train] 8-bit Adam beside a subject's Prodigy",
+        '[train]\nuse_8bit_adam = true\n[subjects.toy.train]\noptimizer = "prodigy"\nlearning_rate = 1.0\n',
+        'train.use_8bit_adam: asks for 8-bit AdamW, but the optimizer is "prodigy" (subjects.toy.train.optimizer) '
+        "(line {line}) - remove use_8bit_adam",
+    ),
+    (
         "prodigy bias correction without prodigy",
         '[train]\noptimizer = "adamw8bit"\nprodigy_use_bias_correction = true\n',
         'train.prodigy_use_bias_correction: applies to optimizer = "prodigy" only, and the optimizer is "adamw8bit" (line {line}) - set optimizer = "prodigy", or remove prodigy_use_bias_correction',

@@ -395,6 +395,12 @@ def check_settings(check, subject: str | None, ts) -> None:
     def where(key):
         return _where(check, subject, "train", key)
 
+    def the_optimizer(key) -> str:
+        """The optimizer as a problem of `key` names it: by its whole key where the subject sets it in
+        another table than `key` (a [train] key that a subject's own optimizer makes wrong)."""
+        said, at = f'the optimizer is "{ts.optimizer}"', where("optimizer")
+        return f"{said} ({'.'.join(at)})" if at[:-1] != where(key)[:-1] and check.written(at) else said
+
     for key in ("snr_gamma", "prodigy_d_coef", "adam_epsilon"):
         if getattr(ts, key) == 0:
             check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
@@ -407,14 +413,14 @@ def check_settings(check, subject: str | None, ts) -> None:
             if getattr(ts, key) != schema.default_of(defaults[key]):
                 check.problem(
                     where(key),
-                    f'applies to optimizer = "prodigy" only, and the optimizer is "{ts.optimizer}"',
+                    f'applies to optimizer = "prodigy" only, and {the_optimizer(key)}',
                     f'set optimizer = "prodigy", or remove {key}',
                 )
         return
     if ts.use_8bit_adam:
         check.problem(
             where("use_8bit_adam"),
-            'asks for 8-bit AdamW, but the optimizer is "prodigy"',
+            f"asks for 8-bit AdamW, but {the_optimizer('use_8bit_adam')}",
             "remove use_8bit_adam",
         )
     lr = ts.text_encoder_learning_rate

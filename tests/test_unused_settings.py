@@ -107,3 +107,19 @@ def test_text_encoder_lora_settings_without_text_encoder_training_are_said(folde
     own = "[subjects.dog.train]\ntrain_text_encoder = false\n[subjects.dog.lora]\ntext_encoder_use_dora = true\n"
     assert [w.split(":")[0] for w in said(folder, own)] == ["subjects.dog.lora.text_encoder_use_dora"]
     assert said(folder, "[lora]\ntext_encoder_rank = 8\n") == []
+
+
+def test_an_alpha_of_0_that_scales_a_trained_lora_is_said(folder):
+    """alpha / rank = 0: the LoRA's output is multiplied by 0, its B matrices get no gradient and the
+    adapter came out all zeros, without a word."""
+    text = "[lora]\nalpha = 0\ntext_encoder_alpha = 0\n"
+    assert [w.split(" - ")[0] for w in said(folder, text)] == [
+        f"lora.alpha: is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and changes no "
+        f"image (line {line_of(folder, 'alpha = 0')})",
+        f"lora.text_encoder_alpha: is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and "
+        f"changes no image (line {line_of(folder, 'text_encoder_alpha = 0')})",
+    ]
+    # DoRA's magnitudes train at any scale; an untrained text encoder's alpha is said as unused.
+    dora = "[train]\ntrain_text_encoder = false\n[lora]\nalpha = 0\nuse_dora = true\ntext_encoder_alpha = 0\n"
+    assert [w.split(":")[0] for w in said(folder, dora)] == ["lora.text_encoder_alpha"]
+    assert "has no effect" in said(folder, dora)[0]

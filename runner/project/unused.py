@@ -47,12 +47,14 @@ def note_blend(check, key: tuple[str, ...], blend) -> None:
 
 
 def note_subjects(check, subjects: dict) -> None:
-    """Bucket bounds where buckets are off, and text-encoder LoRA settings where the text encoder is not
-    trained. A key of [train] or [lora] that every subject inherits is unused only where no subject that
-    reads it uses it: said once, at the key the file writes."""
+    """Bucket bounds where buckets are off, text-encoder LoRA settings where the text encoder is not
+    trained, and an alpha of 0 (DoRA aside, whose magnitudes still train). A key of [train] or [lora]
+    that every subject inherits is unused only where no subject that reads it uses it: said once, at the
+    key the file writes."""
     used: dict[tuple[str, ...], bool] = {}  # each written key: whether a subject that reads it uses it
+    scaled_out: dict[tuple[str, ...], None] = {}  # alphas of 0 where they scale a trained LoRA, in order
     for name, subject in subjects.items():
-        train = subject.train
+        train, lora = subject.train, subject.lora
         if check.did_not_read(("subjects", name, "train"), ("train",), ("subjects", name, "lora"), ("lora",)):
             continue  # its settings are not the file's: that problem is said
         for field in BUCKET_KEYS:
@@ -62,6 +64,29 @@ def note_subjects(check, subjects: dict) -> None:
         for field in (f.name for f in schema.keys_of(schema.LoraSettings)):
             if field.startswith("text_encoder_") and (where := _written(check, name, "lora", field)):
                 used[where] = used.get(where, False) or train.train_text_encoder
+        for field, dora, trained in (
+            ("alpha", lora.use_dora, True),
+            ("text_encoder_alpha", lora.text_encoder_use_dora, train.train_text_encoder),
+            (
+                "text_encoder_2_alpha",
+                _or(lora.text_encoder_2_use_dora, lora.text_encoder_use_dora),
+                train.train_text_encoder,
+            ),
+        ):
+            # A text_encoder_2_alpha of 0 that is not written is text_encoder_alpha's: said there.
+            if (
+                getattr(lora, field) == 0
+                and trained
+                and not dora
+                and (at := _written(check, name, "lora", field))
+            ):
+                scaled_out[at] = None
+    for where in scaled_out:
+        check.note(
+            where,
+            "is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and changes no image",
+            "use alpha = rank for a scale of 1 (the recipe: rank 16, alpha 27)",
+        )
     for where, is_used in used.items():
         if is_used:
             continue
@@ -74,6 +99,11 @@ def note_subjects(check, subjects: dict) -> None:
                 "has no effect: train_text_encoder = false, so no text-encoder LoRA is trained",
                 "set train_text_encoder = true, or remove it",
             )
+
+
+def _or(value, fallback):
+    """A text_encoder_2_* setting: its own value, or the text_encoder_* one it defaults to."""
+    return fallback if value is None else value
 
 
 def _written(check, subject: str, table: str, field: str) -> tuple[str, ...] | None:

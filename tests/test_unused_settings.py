@@ -123,3 +123,14 @@ def test_an_alpha_of_0_that_scales_a_trained_lora_is_said(folder):
     dora = "[train]\ntrain_text_encoder = false\n[lora]\nalpha = 0\nuse_dora = true\ntext_encoder_alpha = 0\n"
     assert [w.split(":")[0] for w in said(folder, dora)] == ["lora.text_encoder_alpha"]
     assert "has no effect" in said(folder, dora)[0]
+
+
+def test_a_learning_rate_of_0_that_trains_nothing_is_said(folder):
+    """learning_rate = 0 is allowed (a text-encoder-only run sets text_encoder_learning_rate), but alone
+    it trained an adapter of zeros without a word."""
+    assert said(folder, "[train]\nlearning_rate = 0\n") == [
+        "train.learning_rate: is 0, and no text_encoder_learning_rate trains the text encoder: nothing "
+        f"learns, and the adapter changes no image (line {line_of(folder, 'learning_rate = 0')}) - 1e-4 is "
+        "the recipe's (1.0 for Prodigy)"
+    ]
+    assert said(folder, "[train]\nlearning_rate = 0\ntext_encoder_learning_rate = 1e-4\n") == []

@@ -48,10 +48,12 @@ def note_blend(check, key: tuple[str, ...], blend) -> None:
 
 def note_subjects(check, subjects: dict) -> None:
     """Bucket bounds where buckets are off, text-encoder LoRA settings where the text encoder is not
-    trained, and an alpha of 0 (DoRA aside, whose magnitudes still train). A key of [train] or [lora]
+    trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
+    train at an alpha of 0). A key of [train] or [lora]
     that every subject inherits is unused only where no subject that reads it uses it: said once, at the
     key the file writes."""
     used: dict[tuple[str, ...], bool] = {}  # each written key: whether a subject that reads it uses it
+    frozen: dict[tuple[str, ...], None] = {}  # learning rates of 0 where nothing else trains
     scaled_out: dict[tuple[str, ...], None] = {}  # alphas of 0 where they scale a trained LoRA, in order
     for name, subject in subjects.items():
         train, lora = subject.train, subject.lora
@@ -81,6 +83,21 @@ def note_subjects(check, subjects: dict) -> None:
                 and (at := _written(check, name, "lora", field))
             ):
                 scaled_out[at] = None
+        te_rate = (
+            train.learning_rate
+            if train.text_encoder_learning_rate is None
+            else train.text_encoder_learning_rate
+        )
+        if train.learning_rate == 0 and not (train.train_text_encoder and te_rate):
+            at = _written(check, name, "train", "learning_rate")
+            frozen[at] = None
+    for where in frozen:
+        check.note(
+            where,
+            "is 0, and no text_encoder_learning_rate trains the text encoder: nothing learns, and the adapter "
+            "changes no image",
+            "1e-4 is the recipe's (1.0 for Prodigy)",
+        )
     for where in scaled_out:
         check.note(
             where,

@@ -134,3 +134,12 @@ def test_a_learning_rate_of_0_that_trains_nothing_is_said(folder):
         "the recipe's (1.0 for Prodigy)"
     ]
     assert said(folder, "[train]\nlearning_rate = 0\ntext_encoder_learning_rate = 1e-4\n") == []
+
+
+def test_a_blend_parent_of_weight_0_is_said(folder):
+    text = '[subjects.toy]\nimages = "data/toy"\ninstance_prompt = "a toy"\n[blends.mix]\nadapters = { dog = 0.0, toy = 1.0 }\n'
+    assert said(folder, text) == [
+        "blends.mix.adapters.dog: 'dog' has weight 0, which leaves it out of the blend (line "
+        f"{line_of(folder, 'adapters = { dog = 0.0, toy = 1.0 }')}) - give it a weight, or remove 'dog' from the "
+        "blend's adapters"
+    ]

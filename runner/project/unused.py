@@ -37,7 +37,14 @@ def note_render(check, key: tuple[str, ...], render) -> None:
 
 
 def note_blend(check, key: tuple[str, ...], blend) -> None:
-    """majority_sign_method written for a method without TIES' sign election."""
+    """A parent of weight 0, and majority_sign_method written for a method without TIES' sign election."""
+    for parent, weight in blend.adapters:
+        if weight == 0:
+            check.note(
+                key + ("adapters", parent),
+                f"'{parent}' has weight 0, which leaves it out of the blend",
+                f"give it a weight, or remove '{parent}' from the blend's adapters",
+            )
     if check.written(key + ("majority_sign_method",)) and blend.method not in SIGN_METHODS:
         check.note(
             key + ("majority_sign_method",),

@@ -161,6 +161,35 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
     assert _warnings(loaded, spec, _subject(loaded, spec)) == []
 
 
+def test_a_render_of_the_base_model_or_a_blend_for_the_subject_s_prompts_is_a_warning(project):
+    """Without `subject`, an eval of a render of 'none' or of a blend whose prompts name the identifier
+    left subject fidelity and class drift out of the scores without a word."""
+    from runner.steps.evaluate import _subject, _warnings
+
+    project.write_text(
+        PROJECT.replace('subject = "ring"\n', "")
+        + '\n[subjects.toy]\nimages = "ring"\ninstance_prompt = "a zwx shape"\n'
+        + "\n[blends.mix]\nadapters = { toy = 1.0, ring = 1.0 }\n"
+        + '\n[renders.mixed]\nadapter = "mix"\nprompts = ["a sks shape"]\n\n[evals.mixed]\nrender = "mixed"\n'
+        + '\n[renders.plain]\nadapter = "none"\nprompts = ["a shape"]\n\n[evals.plain]\nrender = "plain"\n'
+    )
+    loaded = load_project(project)
+    said = {
+        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
+    }
+    assert said == {
+        "base": [
+            "the render draws the base model ('none'), not a subject, for prompts that name 'sks': set "
+            'subject = "ring" or "toy" to score subject fidelity and class drift'
+        ],
+        "mixed": [
+            "the render draws blend mix, not a subject, for prompts that name 'sks': set "
+            'subject = "toy" or "ring" to score subject fidelity and class drift'
+        ],
+        "plain": [],  # the class prompt alone: the base model's prompt fidelity is what is asked
+    }
+
+
 def test_an_identifier_no_prompt_names_is_a_warning(project):
     """The cross's prompts say 'zwx'; the identifier left at its default, 'sks', is in none of them, and
     subject fidelity was left out of the scores without a word."""

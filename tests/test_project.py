@@ -103,6 +103,12 @@ CASES = [
         "subjects.cat.images: holds a NUL character (\\u0000) (line {line}) - remove it",
     ),
     (
+        "a snapshot its subject saves, named in a blend",
+        '[subjects.dog.train]\nsave_steps = [400]\n[blends.duo]\nadapters = { "dog@400" = 1.0, toy = 1.0 }\n',
+        "blends.duo.adapters.dog@400: 'dog@400' is a snapshot of dog, and a blend combines subjects and "
+        "blends only (line {line}) - blend 'dog' (its last step), or render 'dog@400' on its own",
+    ),
+    (
         "a snapshot step in digits int() does not read",
         '[renders.r]\nadapter = "dog@²"\nprompts = ["x"]\n',
         "renders.r.adapter: 'dog@²' is not a subject or blend (line {line}) - subjects: dog, toy; blends: mix; "
@@ -588,6 +594,19 @@ CASES = [
         "a subject's prodigy key without prodigy",
         '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\n[subjects.toy.train]\noptimizer = "adamw"\nprodigy_safeguard_warmup = true\n',
         'subjects.toy.train.prodigy_safeguard_warmup: applies to optimizer = "prodigy" only, and the optimizer is "adamw" (line {line}) - set optimizer = "prodigy", or remove prodigy_safeguard_warmup',
+    ),
+    (
+        "a [train] prodigy key beside a subject's own optimizer",
+        '[train]\noptimizer = "prodigy"\nlearning_rate = 1.0\nprodigy_d_coef = 2.0\n[subjects.toy.train]\n'
+        'optimizer = "adamw"\n',
+        'train.prodigy_d_coef: applies to optimizer = "prodigy" only, and the optimizer is "adamw" '
+        '(subjects.toy.train.optimizer) (line {line}) - set optimizer = "prodigy", or remove prodigy_d_coef',
+    ),
+    (
+        "[train] 8-bit Adam beside a subject's Prodigy",
+        '[train]\nuse_8bit_adam = true\n[subjects.toy.train]\noptimizer = "prodigy"\nlearning_rate = 1.0\n',
+        'train.use_8bit_adam: asks for 8-bit AdamW, but the optimizer is "prodigy" (subjects.toy.train.optimizer) '
+        "(line {line}) - remove use_8bit_adam",
     ),
     (
         "prodigy bias correction without prodigy",

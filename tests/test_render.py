@@ -259,3 +259,25 @@ def test_grid_labels_are_scaled_for_large_images():
     small = make_grid([[c.resize((64, 64)) for c in cells]], labels=["dog@200", "dog"])
     assert grid.width == 2 * 512 and grid.height - 512 == 2 * (small.height - 64)
     assert make_grid([cells], labels=["dog@200", "dog"]).tobytes() == grid.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["render", "prior"])
+def test_more_steps_than_ddim_takes_fail_naming_the_key_and_the_fix(tmp_path, models, kind):  # noqa: F811
+    """tiny-sd's own scheduler, DDIM, takes at most its 1000 training timesteps: steps = 1001 failed as the
+    first image started, with diffusers' ValueError and no key."""
+    from runner.errors import StepError
+    from runner.project.schema import Prior
+    from runner.steps import prior
+    from tests.blend_fixtures import context
+
+    with pytest.raises(StepError) as info:
+        if kind == "render":
+            run_render(tmp_path, "long", "none", {}, models, steps=1001)
+        else:
+            spec = Prior(name="dog", class_prompt="a dog", num_images=1, steps=1001)
+            prior.run(context("prior", spec, tmp_path / "prior", {}, models))
+    key = "renders.long.steps" if kind == "render" else "priors.dog.steps"
+    assert str(info.value) == (
+        f"{key}: 1001 steps are more than DDIM takes: at most the 1000 timesteps the model was trained with "
+        '- use at most 1000, or scheduler = "euler", which takes more'
+    )

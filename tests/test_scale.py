@@ -125,7 +125,7 @@ def test_blends_of_blends_that_share_parents_are_checked_in_polynomial_time(tmp_
     write_image(tmp_path / "data/dog/00.png")
     write_image(tmp_path / "data/toy/00.png")
     calls = Counter()
-    for name in ("lora_keys", "_lora_unread", "_subjects_of", "adapter_ranks"):
+    for name in ("lora_keys", "_lora_unread", "subjects_of", "adapter_ranks"):
         real = getattr(adapter_checks, name)
 
         def counting(*args, _real=real, _name=name, **kwargs):

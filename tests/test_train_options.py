@@ -231,3 +231,23 @@ def test_a_target_module_that_matches_nothing_says_which_and_what_there_is(tmp_p
     pipe = ctx.models.pipeline(ctx.models.dtype)  # the build's shared pipeline: left without LoRA layers
     assert not any("lora" in name for name, _ in pipe.unet.named_modules())
     assert not any("lora" in name for name, _ in pipe.text_encoder.named_modules())
+
+
+def test_a_target_module_problem_names_the_table_that_sets_it(tmp_path, images):
+    """A subject's own [subjects.dog.lora] target_modules that matched nothing was said as
+    'lora.target_modules', a key the file may not have: the key is the subject's where its value is not
+    the project-wide [lora]'s."""
+    from dataclasses import replace
+
+    instance, _ = images
+    subject = make_subject(instance, train=dict(steps=1), lora=dict(target_modules=["nonexistent_mod"]))
+    for project_lora, key in (
+        (None, "subjects.dog.lora.target_modules"),
+        (subject.lora, "lora.target_modules"),
+    ):
+        ctx = train_context(tmp_path / key, subject)
+        if project_lora is not None:  # the value written in [lora], which the subject inherits
+            ctx = replace(ctx, project=replace(ctx.project, lora=project_lora))
+        with pytest.raises(StepError) as raised:
+            _run(ctx)
+        assert str(raised.value).startswith(f"{key}: 'nonexistent_mod' names no module of the unet;")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from runner import families
-from runner.project import schema
+from runner.project import schema, unused
 from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_adapter_name, unread
 
 
@@ -86,9 +86,7 @@ def check_blends(check, tables: dict) -> None:
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
             if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
-                check.problem(
-                    key + (parent,), f"'{parent}' is not a subject or blend", _known_adapters(tables, name)
-                )
+                check.problem(key + (parent,), *_unknown_parent(parent, tables, name))
         if name in own and name not in in_cycles and (cycle := _cycle(name, own)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
@@ -96,6 +94,7 @@ def check_blends(check, tables: dict) -> None:
         # A parent whose [lora] did not read has unknown ranks and kind of LoRA: its problem is said.
         unknown = {parent for parent, _ in blend.adapters if _lora_unread(check, parent, blends, unread_memo)}
         _check_blend_method(check, name, blend, subjects, blends, not unknown, ranks_memo)
+        unused.note_blend(check, ("blends", name), blend)
         for parent in (parent for parent, _ in blend.adapters if parent not in unknown):
             for setting, flagged, what, why, fix in UNBLENDABLE:
                 keys = lora_keys(
@@ -107,6 +106,21 @@ def check_blends(check, tables: dict) -> None:
                         f"'{parent}' is {what} ({', '.join(keys)}), {why}",
                         f"{fix}, or render '{parent}' on its own",
                     )
+
+
+def _unknown_parent(parent: str, tables: dict, blend: str) -> tuple[str, str]:
+    """The problem and fix of a blend's parent that is no subject or blend. A snapshot its subject saves
+    (dog@400, which a render may name) is said as one: that it is not listed among the subjects tells a
+    user who wrote it nothing."""
+    subjects = tables.get("train", {})
+    snapshot = snapshot_of(parent, subjects)
+    if snapshot is not None and int(snapshot[1]) in (subjects[snapshot[0]].train.save_steps or ()):
+        subject = snapshot[0]
+        return (
+            f"'{parent}' is a snapshot of {subject}, and a blend combines subjects and blends only",
+            f"blend '{subject}' (its last step), or render '{parent}' on its own",
+        )
+    return f"'{parent}' is not a subject or blend", _known_adapters(tables, blend)
 
 
 def _lora_unread(check, name: str, blends: dict, memo: dict | None = None) -> bool:
@@ -215,6 +229,7 @@ def check_renders(check, tables: dict) -> None:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")
             seen.add(adapter)
         _render_trigger(check, key, render, tables)
+        unused.note_render(check, key, render)
 
 
 def _render_trigger(check, key, render, tables: dict) -> None:
@@ -222,7 +237,7 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     if not any(TRIGGER in prompt for prompt in render.prompts):
         return
     subjects, blends = tables.get("train", {}), tables.get("blend", {})
-    named = [s for a in render.adapters or [render.adapter] for s in _subjects_of(a, subjects, blends)]
+    named = [s for a in render.adapters or [render.adapter] for s in subjects_of(a, subjects, blends)]
     words = next((subjects[s].trigger for s in named if subjects[s].trigger), None)
     check.note(
         key + ("prompts",),
@@ -231,7 +246,7 @@ def _render_trigger(check, key, render, tables: dict) -> None:
     )
 
 
-def _subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
+def subjects_of(name: str | None, subjects: dict, blends: dict) -> list[str]:
     """The subjects adapter `name` is trained from: itself, or the parents of a blend; each once, in the
     order its parents name them."""
     return fold_blends(

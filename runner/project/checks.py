@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from runner.imagefiles import IMAGE_SUFFIXES, few, has_images, scan
-from runner.project import schema
+from runner.project import schema, unused
 
 RESERVED_ADAPTERS = ("none",)
 TRIGGER = "[trigger]"  # in a caption or an instance prompt: the subject's trigger words
@@ -263,6 +263,7 @@ def check_priors(check, tables: dict) -> None:
                     else f"prompt {n} is empty: the class images of its turn would have no prompt",
                     f'name the class, e.g. "a photo of {name}"',
                 )
+        unused.note_unguided_negative(check, ("priors", name), prior)
         if name not in used:  # its class images would be generated for nothing
             check.note(
                 ("priors", name),
@@ -305,6 +306,7 @@ def check_subjects(check, tables: dict) -> None:
                 "pip install 'dbl[tensorboard]', or remove the key",
             )
         check_settings(check, name, subject.train)
+    unused.note_subjects(check, tables.get("train", {}))
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:
@@ -393,6 +395,12 @@ def check_settings(check, subject: str | None, ts) -> None:
     def where(key):
         return _where(check, subject, "train", key)
 
+    def the_optimizer(key) -> str:
+        """The optimizer as a problem of `key` names it: by its whole key where the subject sets it in
+        another table than `key` (a [train] key that a subject's own optimizer makes wrong)."""
+        said, at = f'the optimizer is "{ts.optimizer}"', where("optimizer")
+        return f"{said} ({'.'.join(at)})" if at[:-1] != where(key)[:-1] and check.written(at) else said
+
     for key in ("snr_gamma", "prodigy_d_coef", "adam_epsilon"):
         if getattr(ts, key) == 0:
             check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
@@ -405,14 +413,14 @@ def check_settings(check, subject: str | None, ts) -> None:
             if getattr(ts, key) != schema.default_of(defaults[key]):
                 check.problem(
                     where(key),
-                    f'applies to optimizer = "prodigy" only, and the optimizer is "{ts.optimizer}"',
+                    f'applies to optimizer = "prodigy" only, and {the_optimizer(key)}',
                     f'set optimizer = "prodigy", or remove {key}',
                 )
         return
     if ts.use_8bit_adam:
         check.problem(
             where("use_8bit_adam"),
-            'asks for 8-bit AdamW, but the optimizer is "prodigy"',
+            f"asks for 8-bit AdamW, but {the_optimizer('use_8bit_adam')}",
             "remove use_8bit_adam",
         )
     lr = ts.text_encoder_learning_rate

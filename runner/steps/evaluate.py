@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from runner.project import checks
+from runner.project.adapter_checks import subjects_of
 from runner.project.schema import Eval
 from runner.steps import Inputs, StepContext, StepKind, register
 
@@ -110,6 +111,14 @@ def _warnings(project, spec, subject) -> list[str]:
             said.append(
                 f"the render's adapter {render.adapter} is a snapshot of {trained}, not a subject: set "
                 f'subject = "{trained}" to score subject fidelity and class drift'
+            )
+        elif named and subjects:  # the base model or a blend drawn for prompts that name the subject
+            blended = subjects_of(render.adapter, subjects, project.tables.get("blend", {}))
+            what = "the base model ('none')" if render.adapter == "none" else f"blend {render.adapter}"
+            choice = " or ".join(f'"{name}"' for name in blended or subjects)
+            said.append(
+                f"the render draws {what}, not a subject, for prompts that name {spec.identifier!r}: set "
+                f"subject = {choice} to score subject fidelity and class drift"
             )
         return said
     # Several adapters give no default subject: which of them the identifier stands for is not said.

@@ -140,7 +140,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
     """Generate class images `todo` into `done_dir`, `finished` of the prior's images being there."""
     import torch
 
-    from runner.schedulers import make_scheduler, sampler_name
+    from runner.schedulers import check_steps, make_scheduler, sampler_name
 
     spec, seed = ctx.spec, ctx.project.settings.seed
     pipe = ctx.models.pipeline()
@@ -156,6 +156,10 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
             except ValueError as exc:
                 raise StepError(f"prior:{spec.name}: {exc}") from None
         sampler = sampler_name(spec.scheduler, pipe.scheduler)
+        try:
+            check_steps(pipe.scheduler, spec.steps)
+        except ValueError as exc:
+            raise StepError(f"priors.{spec.name}.steps: {exc}") from None
         ctx.progress(finished, spec.num_images)
         for start in range(0, len(todo), spec.batch_size):
             if ctx.should_stop():

@@ -59,6 +59,10 @@ def run(ctx: StepContext) -> dict:
             except ValueError as exc:
                 raise StepError(f"renders.{ctx.name}.scheduler: {exc}") from exc
         sampler = schedulers.sampler_name(spec.scheduler, pipe.scheduler)
+        try:
+            schedulers.check_steps(pipe.scheduler, spec.steps)
+        except ValueError as exc:
+            raise StepError(f"renders.{ctx.name}.steps: {exc}") from None
 
         for column, adapter in enumerate(names):
             folder = ctx.out / adapter if several else ctx.out

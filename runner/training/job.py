@@ -26,11 +26,20 @@ class Job:
     out: Path  # where the adapter is written
     fingerprint: str = ""
     stop_at: int | None = None  # stop after this step (a snapshot of a schedule of more steps)
+    # The project's [lora]: a key of the subject's whose value differs is written in its own table.
+    lora_defaults: Any = None
     snapshots: dict = field(default_factory=dict)  # step -> folder: keep the adapter there on the way
     log_dir: Path | None = None  # TensorBoard event files go here when given
     # The step this run builds, as its messages name it: "train:dog", or "snapshot:dog@400" for a snapshot
     # that trains by itself.
     step_id: str = ""
+
+    def lora_key(self, field: str) -> str:
+        """Where a problem of the subject's LoRA setting `field` points: its own [subjects.<name>.lora]
+        table where its value is not the project-wide [lora]'s (so it is written there), else [lora]."""
+        subject, defaults = self.subject, self.lora_defaults
+        own = defaults is not None and getattr(subject.lora, field) != getattr(defaults, field)
+        return f"subjects.{subject.name}.lora.{field}" if own else f"lora.{field}"
 
 
 @dataclass
@@ -80,4 +89,5 @@ def job_from_context(ctx) -> Job:
         },
         log_dir=project.out / "logs" / ctx.name if spec.train.log == "tensorboard" else None,
         step_id=ctx.step_id,
+        lora_defaults=getattr(project, "lora", None),
     )

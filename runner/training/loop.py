@@ -136,7 +136,10 @@ def _train(run: Run) -> dict:
     ts = run.settings
     _noise_scheduler(run)  # the base model's own noise schedule and prediction type
     # 2. LoRA on the components that train; their parameters in fp32.
-    run.modules = lora.add_lora(run.pipe, run.job.family, run.components, run.job.subject.lora, run.job.seed)
+    job = run.job
+    run.modules = lora.add_lora(
+        run.pipe, job.family, run.components, job.subject.lora, job.seed, job.lora_key
+    )
     try:
         run.trainable = lora.trainable_parameters(run.modules, run.components)
         speed.choose(run)  # gradient checkpointing, CUDA graphs, compiling

@@ -53,8 +53,11 @@ def trains_bias(components, lora_settings) -> bool:
     return any(c.value(lora_settings, "bias") != "none" for c in components)
 
 
-def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
-    """Freeze the pipeline's modules and wrap each of `components` in a LoRA PeftModel.
+def add_lora(
+    pipe, family, components, lora_settings, seed: int, key_of=lambda field: f"lora.{field}"
+) -> dict:
+    """Freeze the pipeline's modules and wrap each of `components` in a LoRA PeftModel. `key_of(field)` is
+    the key a problem of a LoRA setting names.
 
     Returns component name -> module, the wrapped ones for `components`, the plain ones for the others.
     """
@@ -72,7 +75,8 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
         torch.manual_seed(derive_seed(seed, "lora-init"))
         configs = {c.name: lora_config(c, lora_settings, modules[c.name]) for c in components}
         for c in components:  # all checked before any is wrapped: PEFT changes the modules in place
-            _check_targets(c, lora_settings, sorted(configs[c.name].target_modules or []), modules[c.name])
+            targets = sorted(configs[c.name].target_modules or [])
+            _check_targets(c, lora_settings, targets, modules[c.name], key_of)
         try:
             for c in components:
                 modules[c.name] = get_peft_model(modules[c.name], configs[c.name])
@@ -82,7 +86,7 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
     return modules
 
 
-def _check_targets(component, lora_settings, targets: list[str], model) -> None:
+def _check_targets(component, lora_settings, targets: list[str], model, key_of) -> None:
     """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
     Where none does, PEFT fails in its own words; this says which key, and what the layers are named.
     (A target that matches nothing beside one that does is allowed, as PEFT allows it: the default names
@@ -96,7 +100,7 @@ def _check_targets(component, lora_settings, targets: list[str], model) -> None:
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, layers)})
     raise StepError(
-        f"lora.{key}: {', '.join(map(repr, targets)) or 'the list'} names no module of the "
+        f"{key_of(key)}: {', '.join(map(repr, targets)) or 'the list'} names no module of the "
         f"{component.name}; its layers are named {', '.join(names[:24])}{', ...' if len(names) > 24 else ''}; "
         f"or use a preset: {', '.join(TARGET_PRESETS)}"
     )

@@ -1,0 +1,139 @@
+"""Settings that another setting of the file leaves without effect: the project builds as if they were
+left out, which a user who wrote them rarely means. Each is a warning, not an error, so that a project
+built so still loads and stays fresh. Called by the checks of the tables they belong to."""
+
+from __future__ import annotations
+
+from runner.project import schema
+
+# The blend methods whose sign election majority_sign_method chooses (PEFT reads it for these only).
+SIGN_METHODS = tuple(m for m in schema.BLEND_METHODS if "ties" in m)
+
+BUCKET_KEYS = ("bucket_min_side", "bucket_max_side", "bucket_step")
+
+
+def note_unguided_negative(check, key: tuple[str, ...], spec) -> None:
+    """A negative prompt acts only through classifier-free guidance, which diffusers turns off at a
+    guidance_scale of 1 or less: the images come out as without it (a render, or a prior's generation)."""
+    if spec.negative_prompt and spec.guidance_scale <= 1:
+        check.note(
+            key + ("negative_prompt",),
+            f"has no effect: guidance_scale = {spec.guidance_scale:g} turns classifier-free guidance off, "
+            "and the negative prompt acts only through it",
+            "raise guidance_scale above 1 (7.5 is usual), or remove negative_prompt",
+        )
+
+
+def note_render(check, key: tuple[str, ...], render) -> None:
+    """A render's lora_scale where it draws the base model alone, and its unguided negative prompt."""
+    adapters = render.adapters or [render.adapter]
+    if check.written(key + ("lora_scale",)) and all(a == "none" for a in adapters):
+        check.note(
+            key + ("lora_scale",),
+            "has no effect: the render draws the base model alone ('none'), with no adapter to scale",
+            "name an adapter, or remove lora_scale",
+        )
+    note_unguided_negative(check, key, render)
+
+
+def note_blend(check, key: tuple[str, ...], blend) -> None:
+    """A parent of weight 0, and majority_sign_method written for a method without TIES' sign election."""
+    for parent, weight in blend.adapters:
+        if weight == 0:
+            check.note(
+                key + ("adapters", parent),
+                f"'{parent}' has weight 0, which leaves it out of the blend",
+                f"give it a weight, or remove '{parent}' from the blend's adapters",
+            )
+    if check.written(key + ("majority_sign_method",)) and blend.method not in SIGN_METHODS:
+        check.note(
+            key + ("majority_sign_method",),
+            f"has no effect: method '{blend.method}' elects no signs",
+            f"methods that use it: {', '.join(SIGN_METHODS)}; or remove it",
+        )
+
+
+def note_subjects(check, subjects: dict) -> None:
+    """Bucket bounds where buckets are off, text-encoder LoRA settings where the text encoder is not
+    trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
+    train at an alpha of 0). A key of [train] or [lora]
+    that every subject inherits is unused only where no subject that reads it uses it: said once, at the
+    key the file writes."""
+    used: dict[tuple[str, ...], bool] = {}  # each written key: whether a subject that reads it uses it
+    frozen: dict[tuple[str, ...], None] = {}  # learning rates of 0 where nothing else trains
+    scaled_out: dict[tuple[str, ...], None] = {}  # alphas of 0 where they scale a trained LoRA, in order
+    for name, subject in subjects.items():
+        train, lora = subject.train, subject.lora
+        if check.did_not_read(("subjects", name, "train"), ("train",), ("subjects", name, "lora"), ("lora",)):
+            continue  # its settings are not the file's: that problem is said
+        for field in BUCKET_KEYS:
+            where = _written(check, name, "train", field)
+            if where is not None:
+                used[where] = used.get(where, False) or train.buckets
+        for field in (f.name for f in schema.keys_of(schema.LoraSettings)):
+            if field.startswith("text_encoder_") and (where := _written(check, name, "lora", field)):
+                used[where] = used.get(where, False) or train.train_text_encoder
+        for field, dora, trained in (
+            ("alpha", lora.use_dora, True),
+            ("text_encoder_alpha", lora.text_encoder_use_dora, train.train_text_encoder),
+            (
+                "text_encoder_2_alpha",
+                _or(lora.text_encoder_2_use_dora, lora.text_encoder_use_dora),
+                train.train_text_encoder,
+            ),
+        ):
+            # A text_encoder_2_alpha of 0 that is not written is text_encoder_alpha's: said there.
+            if (
+                getattr(lora, field) == 0
+                and trained
+                and not dora
+                and (at := _written(check, name, "lora", field))
+            ):
+                scaled_out[at] = None
+        te_rate = (
+            train.learning_rate
+            if train.text_encoder_learning_rate is None
+            else train.text_encoder_learning_rate
+        )
+        if train.learning_rate == 0 and not (train.train_text_encoder and te_rate):
+            at = _written(check, name, "train", "learning_rate")
+            frozen[at] = None
+    for where in frozen:
+        check.note(
+            where,
+            "is 0, and no text_encoder_learning_rate trains the text encoder: nothing learns, and the adapter "
+            "changes no image",
+            "1e-4 is the recipe's (1.0 for Prodigy)",
+        )
+    for where in scaled_out:
+        check.note(
+            where,
+            "is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and changes no image",
+            "use alpha = rank for a scale of 1 (the recipe: rank 16, alpha 27)",
+        )
+    for where, is_used in used.items():
+        if is_used:
+            continue
+        field = where[-1]
+        if field in BUCKET_KEYS:
+            check.note(where, "has no effect: buckets are off", "set buckets = true, or remove it")
+        else:
+            check.note(
+                where,
+                "has no effect: train_text_encoder = false, so no text-encoder LoRA is trained",
+                "set train_text_encoder = true, or remove it",
+            )
+
+
+def _or(value, fallback):
+    """A text_encoder_2_* setting: its own value, or the text_encoder_* one it defaults to."""
+    return fallback if value is None else value
+
+
+def _written(check, subject: str, table: str, field: str) -> tuple[str, ...] | None:
+    """The key a subject reads `field` of [<table>] from, where the file writes it: its own table's, else
+    the project-wide one; None where neither is written."""
+    for where in (("subjects", subject, table, field), (table, field)):
+        if check.written(where):
+            return where
+    return None

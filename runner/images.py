@@ -67,6 +67,11 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     return rgb
 
 
+def decodes(path: Path) -> None:
+    """Raise the ImageError that load_rgb raises for `path`, if any (what Pillow warns is not said)."""
+    _decode(Path(path))
+
+
 def _distinct(messages: list[str]) -> list[str]:
     """Pillow's warnings about one file, each said once. Pillow reads a TIFF's tags three times while
     decoding it, warning each time, and warns once for each damaged tag of a file ('Skipping tag 270',

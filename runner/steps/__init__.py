@@ -146,6 +146,9 @@ class StepKind:
     read: Callable | None = None  # custom table reader (nested overrides), see runner.project.load
     check: Callable | None = None  # cross-table checks: check(checker, tables) adds problems
     folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
+    # The user's images it decodes, as (folder, how many of its images by name; None: all): the build
+    # checks that they decode before any step runs (runner.exec.preflight).
+    decodes: Callable[[Any], list[tuple[str, int | None]]] = lambda spec: []
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
     writes_images: bool = False  # its outputs are image files, which an image folder around them would read

@@ -94,6 +94,7 @@ KIND = register(
         doc="keeps a subject's adapter after a number of training steps (its save_steps)",
         produces_adapter=True,
         folders=lambda spec: [spec.subject.images],
+        decodes=lambda spec: [(spec.subject.images, None)],
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         derive=_derive,

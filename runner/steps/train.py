@@ -150,6 +150,7 @@ KIND = register(
         read=checks.read_subject,
         check=checks.check_subjects,
         folders=lambda spec: [spec.images],
+        decodes=lambda spec: [(spec.images, None)],
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         unhashed=_unhashed,

@@ -1,0 +1,108 @@
+"""What a build finds before any step runs: broken images, named all at once, before a model loads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runner.events import FAILED, SKIPPED
+from tests.conftest import write_image
+
+
+def _decoded(monkeypatch) -> list:
+    """The files the build's check decodes, from now on."""
+    from runner import images
+
+    seen, decodes = [], images.decodes
+    monkeypatch.setattr(images, "decodes", lambda path: seen.append(path.name) or decodes(path))
+    return seen
+
+
+def test_a_link_loop_and_an_empty_photo_are_named_by_one_build(proj, build):
+    # The loop was found as the build planned, the empty photo only by the step: two builds to learn both.
+    from runner.errors import ImageError
+
+    toy, dog = proj.root / "data" / "toy", proj.root / "data" / "dog"
+    os.symlink("b.png", toy / "a.png")
+    os.symlink("a.png", toy / "b.png")
+    (dog / "01.png").write_bytes(b"")
+    (dog / "02.png").write_text("not a photo")
+    with pytest.raises(ImageError) as info:
+        build(proj)
+    lines = str(info.value).split("\n  ")
+    assert lines[0] == "4 images cannot be read; fix or remove each:"
+    assert [line.split(": ")[0] for line in lines[1:]] == [
+        str(toy / "a.png"),
+        str(toy / "b.png"),
+        str(dog / "01.png"),
+        str(dog / "02.png"),
+    ]
+    assert "the file is empty (0 bytes)" in lines[3]
+
+
+def test_a_broken_photo_fails_its_step_before_the_prior_generates(proj, build, fake_steps):
+    # Was found when train:dog read it, after prior:dog had loaded the model and generated class images.
+    dog = proj.root / "data" / "dog"
+    good = (dog / "00.png").read_bytes()
+    (dog / "01.png").write_bytes(good[: len(good) // 2])
+    (dog / "02.png").write_bytes(b"")
+    result, rec = build(proj)
+    assert not result.ok and result.exit_code == 1
+    assert fake_steps.ran == []  # no step ran: not the prior, not the toy's train step
+    ended = {event[1]: event[2:] for event in rec.events if event[0] == "end"}
+    status, error = ended["train:dog"]
+    assert status == FAILED
+    assert error.split("\n  ")[0] == "2 images cannot be read; fix or remove each:"
+    assert [line.split(": ")[0] for line in error.split("\n  ")[1:]] == [
+        str(dog / "01.png"),
+        str(dog / "02.png"),
+    ]
+    assert ended["render:park"] == (SKIPPED, "upstream train:dog failed")
+    assert dict(rec.final)["prior:dog"] == SKIPPED
+
+
+def test_with_keep_going_the_steps_that_do_not_need_a_broken_photo_run(proj, build, fake_steps):
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    assert fake_steps.ran == ["prior:dog", "train:toy", "render:base"]
+    final = dict(rec.final)
+    assert final["train:dog"] == FAILED
+    assert final["blend:mix"] == final["render:mixed"] == final["render:park"] == SKIPPED
+
+
+def test_images_a_build_read_before_are_not_decoded_again(proj, build, monkeypatch):
+    decoded = _decoded(monkeypatch)
+    assert build(proj)[0].ok
+    assert sorted(decoded) == ["00.png", "00.png", "01.png", "01.png", "02.png"]  # dog's three, toy's two
+    decoded.clear()
+    proj.edit("rank = 4", "rank = 8")
+    write_image(proj.root / "data" / "dog" / "03.png", seed=7)
+    result, _ = build(proj)
+    assert result.ok
+    assert decoded == ["03.png"]  # only the new one: the others are in the lockfile's records
+
+
+def test_given_class_images_are_checked_as_far_as_the_prior_reads_them(proj, build, fake_steps):
+    given = proj.root / "class"
+    write_image(given / "a.png")
+    (given / "b.png").write_bytes(b"")  # the third by name: not read while num_images = 2
+    write_image(given / "0.png", seed=3)
+    proj.edit("num_images = 2", 'num_images = 2\nimages = "class"')
+    result, _ = build(proj)
+    assert result.ok  # b.png is not read: a build of it today succeeds
+    proj.edit("num_images = 2", "num_images = 3")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and "prior:dog" not in fake_steps.ran
+    error = next(event[3] for event in rec.events if event[0] == "end" and event[1] == "prior:dog")
+    assert error.startswith(f"{given / 'b.png'}: the file is empty")
+
+
+def test_a_build_that_restores_every_step_decodes_no_image(proj, build, monkeypatch):
+    assert build(proj)[0].ok
+    proj.lock.unlink()  # no record vouches for the photos; the run-cache holds every step
+    decoded = _decoded(monkeypatch)
+    result, rec = build(proj)
+    assert result.ok and all(status == "cached" for _, status in rec.final)
+    assert decoded == []

@@ -106,3 +106,56 @@ def test_a_build_that_restores_every_step_decodes_no_image(proj, build, monkeypa
     result, rec = build(proj)
     assert result.ok and all(status == "cached" for _, status in rec.final)
     assert decoded == []
+
+
+def _ended(rec) -> dict:
+    return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_that_name_no_module_fail_the_train_steps_before_any_step_runs(proj, build, fake_steps):
+    # Were found when train:dog started: after prior:dog had loaded the model and generated class images.
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_kk", "to_vv"]')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    for subject in ("dog", "toy"):  # the first component found wrong, as the train step says it
+        status, error = ended[f"train:{subject}"]
+        assert status == FAILED
+        assert error.startswith(
+            "lora.target_modules: 'to_kk', 'to_vv' names no module of the unet; its layers "
+        )
+    assert dict(rec.final)["prior:dog"] == SKIPPED
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_of_the_text_encoder_are_checked_as_well(proj, build, fake_steps):
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    status, error = _ended(rec)["train:dog"]
+    assert error.startswith("lora.text_encoder_target_modules: 'q_prj' names no module of the text_encoder")
+    assert "train:toy" in fake_steps.ran and "train:dog" not in fake_steps.ran
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_that_name_some_module_build_as_they_did(proj, build, fake_steps):
+    # PEFT allows a name that matches nothing beside one that does (the default names two generations of
+    # attention modules): such a project trains today, and must not be refused.
+    proj.edit(
+        "alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_kk"]\ntext_encoder_target_modules = ["fc1"]'
+    )
+    result, _ = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran
+
+
+def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypatch):
+    from runner.exec import preflight
+
+    monkeypatch.setattr(
+        preflight, "_skeletons", lambda *a: pytest.fail("made modules to check default targets")
+    )
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_v", "query", "value"]')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntarget_modules = "attention"')
+    assert build(proj)[0].ok

@@ -1,8 +1,10 @@
-"""Before any step runs: the user's images that the steps to run decode, each checked to decode.
+"""Before any step runs: what would fail a step to run, found without loading a model.
 
 A broken photo was found by the step that reads it: after a prior step had loaded the model and spent
 minutes generating class images, or after another subject had trained. Here every image such a step
-will decode is decoded once, before any model is loaded, and each broken one is named.
+will decode is decoded once, before any model is loaded, and each broken one is named. So is a
+`target_modules` list that names no module of the model (a typo, `to_kk`), found from the model's
+configs alone: its modules are made on torch's meta device, which holds no weights.
 
 Decoding costs about a hundred times the hash of a file, so an image whose content a build decoded before
 is not decoded again: the lockfile's records hold the hashes of the images that their steps read
@@ -11,12 +13,13 @@ successfully (a record is written only when its step succeeded).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runner import steps
+from runner import families, steps
 from runner.errors import ImageError
 from runner.fingerprint import FileHasher
 from runner.imagefiles import list_images, unreadable
@@ -101,3 +104,87 @@ def every_broken_image(hasher: FileHasher, lock: dict, project_steps: list, foun
     )
     said = list(dict.fromkeys([*found.each, *broken.values()]))
     return ImageError(unreadable(said), said)
+
+
+def target_errors(project, to_run: list) -> dict[str, str]:
+    """{step id: its error} of the steps of `to_run` (planner.Steps) whose `target_modules` names no module
+    of a component they train, as the train step would say it. Only lists written in the project file are
+    checked (a preset names the modules of its family); where the model's configs cannot be read here (a
+    single file, a hub model not downloaded yet), nothing is said and the train step checks."""
+    subjects = {}
+    for step in to_run:
+        subject = steps.get(step.kind).trains(step.spec)
+        if subject is not None:
+            subjects[step.id] = subject
+    from runner.models import BaseModel
+
+    base = BaseModel.of(project.settings, project.dir)
+    family = families.detect(base)
+    if not any(_written(c, s) for s in subjects.values() for c in family.trained_components(s.train)):
+        return {}  # nothing to check: torch is not imported
+    modules = _skeletons(base, family)
+    if modules is None:
+        return {}
+    from runner.errors import StepError
+    from runner.training import lora
+
+    errors = {}
+    for sid, subject in subjects.items():
+        for c in family.trained_components(subject.train):
+            if not _written(c, subject):
+                continue
+            model = modules[c.attr]
+            targets = lora.target_modules(c, c.value(subject.lora, "target_modules"), model)
+            try:
+                lora.check_targets(c, subject.lora, sorted(set(targets)), model)
+            except StepError as exc:
+                errors[sid] = str(exc)
+                break
+    return errors
+
+
+def _written(component, subject) -> bool:
+    """Whether the subject's `target_modules` of `component` is a list other than the default."""
+    value = component.value(subject.lora, "target_modules")
+    return not isinstance(value, str) and list(value) != list(component.default_targets)
+
+
+def _skeletons(base, family) -> dict | None:
+    """{pipeline attribute: module} of the family's LoRA components, made from their configs on the meta
+    device (no weights); None where the configs are not at hand, or do not make the modules."""
+    from runner.models import ensure_builtin
+
+    if base.kind == "builtin":
+        folder = ensure_builtin(base.ref)  # made once, as the first step to load it would
+    elif base.kind == "folder":
+        folder = Path(base.ref)
+    elif base.kind == "hub":
+        folder = families.cached_hub_index(base.ref, base.revision).parent
+    else:  # a single file: its modules depend on how diffusers reads it
+        return None
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        import diffusers
+        import torch
+        import transformers
+
+        from runner.models import quiet_libraries
+
+        quiet_libraries()
+        modules = {}
+        for c in family.components:
+            library, name = index[c.attr]
+            config = folder / c.attr
+            with torch.device("meta"):
+                if library == "diffusers":
+                    cls = getattr(diffusers, name)
+                    modules[c.attr] = cls.from_config(cls.load_config(config))
+                elif library == "transformers":
+                    modules[c.attr] = getattr(transformers, name)(
+                        transformers.AutoConfig.from_pretrained(config)
+                    )
+                else:
+                    return None
+        return modules
+    except Exception:  # noqa: BLE001 - not known here: the train step checks, as it always did
+        return None

@@ -180,7 +180,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
         return BuildResult(True, EXIT_OK, list(evs.values()))
     graph = [p.step for p in planned]
     failed: set[str] = set()
-    todo, exit_code = _fail_on_images(ws, lock, todo, evs, options, reporter, graph, failed)
+    todo, exit_code = _fail_before_start(ws, lock, todo, evs, options, reporter, graph, failed)
     options = _resolve(ws.project, options, backend) if todo else options
 
     if todo and options.jobs > 1:
@@ -235,10 +235,14 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     return BuildResult(exit_code == EXIT_OK, exit_code, list(evs.values()))
 
 
-def _fail_on_images(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str]):
-    """Fail the steps of `todo` that would fail on a broken image, before any step runs (and loads a
-    model); the steps after them are skipped. The steps left to run, and the exit code so far."""
-    errors = preflight.failing_steps(ws.hasher, lock, [p.step for p in todo if not p.restorable])
+def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str]):
+    """Fail the steps of `todo` that would fail on a broken image or on LoRA targets that name no module,
+    before any step runs (and loads a model); the steps after them are skipped. The steps left to run, and
+    the exit code so far."""
+    running = [p.step for p in todo if not p.restorable]
+    errors = preflight.failing_steps(ws.hasher, lock, running)
+    for sid, error in preflight.target_errors(ws.project, running).items():
+        errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error
     if not errors:
         return todo, EXIT_OK
     failed |= set(errors)

@@ -149,6 +149,7 @@ class StepKind:
     # The user's images it decodes, as (folder, how many of its images by name; None: all): the build
     # checks that they decode before any step runs (runner.exec.preflight).
     decodes: Callable[[Any], list[tuple[str, int | None]]] = lambda spec: []
+    trains: Callable[[Any], Any] = lambda spec: None  # the subject (schema.Subject) whose LoRA it trains
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
     writes_images: bool = False  # its outputs are image files, which an image folder around them would read

@@ -95,6 +95,7 @@ KIND = register(
         produces_adapter=True,
         folders=lambda spec: [spec.subject.images],
         decodes=lambda spec: [(spec.subject.images, None)],
+        trains=lambda spec: spec.subject,
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         derive=_derive,

@@ -151,6 +151,7 @@ KIND = register(
         check=checks.check_subjects,
         folders=lambda spec: [spec.images],
         decodes=lambda spec: [(spec.images, None)],
+        trains=lambda spec: spec,
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         unhashed=_unhashed,

@@ -72,7 +72,7 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
         torch.manual_seed(derive_seed(seed, "lora-init"))
         configs = {c.name: lora_config(c, lora_settings, modules[c.name]) for c in components}
         for c in components:  # all checked before any is wrapped: PEFT changes the modules in place
-            _check_targets(c, lora_settings, sorted(configs[c.name].target_modules or []), modules[c.name])
+            check_targets(c, lora_settings, sorted(configs[c.name].target_modules or []), modules[c.name])
         try:
             for c in components:
                 modules[c.name] = get_peft_model(modules[c.name], configs[c.name])
@@ -82,7 +82,7 @@ def add_lora(pipe, family, components, lora_settings, seed: int) -> dict:
     return modules
 
 
-def _check_targets(component, lora_settings, targets: list[str], model) -> None:
+def check_targets(component, lora_settings, targets: list[str], model) -> None:
     """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
     Where none does, PEFT fails in its own words; this says which key, and what the layers are named.
     (A target that matches nothing beside one that does is allowed, as PEFT allows it: the default names

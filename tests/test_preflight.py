@@ -159,3 +159,43 @@ def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypa
     proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_v", "query", "value"]')
     proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntarget_modules = "attention"')
     assert build(proj)[0].ok
+
+
+def test_an_optimizer_this_machine_cannot_run_fails_the_train_steps_before_any_step_runs(
+    proj, build, fake_steps
+):
+    # Was found when train:dog built its optimizer: after prior:dog had generated class images.
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    assert _ended(rec)["train:dog"] == (
+        FAILED,
+        'optimizer = "adamw8bit" needs a CUDA device (bitsandbytes); use the default adamw on this machine',
+    )
+
+
+def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, build, fake_steps, monkeypatch):
+    from runner.training import optimizers
+
+    monkeypatch.setattr(optimizers, "_installed", lambda package: package != "prodigyopt")
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "prodigy"')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
+    status, error = _ended(rec)["train:toy"]
+    assert error == "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+
+
+def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj, build, fake_steps):
+    from tests.conftest import FakeBackend
+
+    class Cluster(FakeBackend):
+        places_steps = True
+
+        def default_jobs(self) -> int:
+            return 1
+
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
+    result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
+    assert result.ok and "train:dog" in fake_steps.ran  # its workers may have CUDA and bitsandbytes

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runner import families, steps
-from runner.errors import ImageError
+from runner.errors import ImageError, ModelError
 from runner.fingerprint import FileHasher
 from runner.imagefiles import list_images, unreadable
 
@@ -140,6 +140,33 @@ def target_errors(project, to_run: list) -> dict[str, str]:
             except StepError as exc:
                 errors[sid] = str(exc)
                 break
+    return errors
+
+
+def optimizer_errors(project, to_run: list) -> dict[str, str]:
+    """{step id: its error} of the steps of `to_run` (planner.Steps) that train with an optimizer that
+    cannot run on this machine (a package not installed, no CUDA device), as the train step would say it.
+    For steps run on this machine only: a cluster's workers may have what this one lacks."""
+    from runner.training.optimizers import unavailable
+
+    device: list[str] = []
+
+    def resolved() -> str:  # torch is imported only for an optimizer that needs a device
+        from runner.models import resolve_device
+
+        if not device:
+            device.append(resolve_device(project.settings.device))
+        return device[0]
+
+    errors = {}
+    for step in to_run:
+        subject = steps.get(step.kind).trains(step.spec)
+        try:
+            why = unavailable(subject.train, resolved) if subject is not None else None
+        except ModelError:  # a device that is not there: the step says so, as it always did
+            continue
+        if why:
+            errors[step.id] = why
     return errors
 
 

@@ -180,7 +180,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
         return BuildResult(True, EXIT_OK, list(evs.values()))
     graph = [p.step for p in planned]
     failed: set[str] = set()
-    todo, exit_code = _fail_before_start(ws, lock, todo, evs, options, reporter, graph, failed)
+    todo, exit_code = _fail_before_start(ws, lock, todo, evs, options, reporter, graph, failed, backend)
     options = _resolve(ws.project, options, backend) if todo else options
 
     if todo and options.jobs > 1:
@@ -235,13 +235,16 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     return BuildResult(exit_code == EXIT_OK, exit_code, list(evs.values()))
 
 
-def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str]):
-    """Fail the steps of `todo` that would fail on a broken image or on LoRA targets that name no module,
-    before any step runs (and loads a model); the steps after them are skipped. The steps left to run, and
-    the exit code so far."""
+def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str], backend):
+    """Fail the steps of `todo` that would fail on a broken image, on LoRA targets that name no module or
+    on an optimizer this machine cannot run, before any step runs (and loads a model); the steps after
+    them are skipped. The steps left to run, and the exit code so far."""
     running = [p.step for p in todo if not p.restorable]
     errors = preflight.failing_steps(ws.hasher, lock, running)
-    for sid, error in preflight.target_errors(ws.project, running).items():
+    found = [preflight.target_errors(ws.project, running)]
+    if not getattr(backend, "places_steps", False):  # a cluster's workers may have what this machine lacks
+        found.append(preflight.optimizer_errors(ws.project, running))
+    for sid, error in [item for more in found for item in more.items()]:
         errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error
     if not errors:
         return todo, EXIT_OK

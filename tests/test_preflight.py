@@ -199,3 +199,15 @@ def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj
     proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
     result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
     assert result.ok and "train:dog" in fake_steps.ran  # its workers may have CUDA and bitsandbytes
+
+
+def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj, build, fake_steps):
+    # Was found when train:dog read its captions: after prior:dog had generated class images.
+    proj.edit('prior = "dog"', 'prior = "dog"\ncaption_extension = ".txt"')
+    caption = proj.root / "data" / "dog" / "01.txt"
+    caption.write_bytes(b"a photo of sks dog \xff on grass")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    assert _ended(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19)")
+    caption.write_text("a photo of sks dog on grass")
+    assert build(proj)[0].ok

@@ -2,8 +2,8 @@
 
 A broken photo was found by the step that reads it: after a prior step had loaded the model and spent
 minutes generating class images, or after another subject had trained. Here every image such a step
-will decode is decoded once, before any model is loaded, and each broken one is named. So is a
-`target_modules` list that names no module of the model (a typo, `to_kk`), found from the model's
+will decode is decoded once, before any model is loaded, and each broken one is named. So is a caption
+it cannot read, an optimizer this machine cannot run, and a `target_modules` list that names no module of the model (a typo, `to_kk`), found from the model's
 configs alone: its modules are made on torch's meta device, which holds no weights.
 
 Decoding costs about a hundred times the hash of a file, so an image whose content a build decoded before
@@ -93,6 +93,31 @@ def failing_steps(hasher: FileHasher, lock: dict, to_run: list) -> dict[str, str
         if said:
             errors[sid] = unreadable(said)
     return errors
+
+
+def caption_errors(to_run: list) -> dict[str, str]:
+    """{step id: its error} of the steps of `to_run` (planner.Steps) that train on a caption file that
+    cannot be read as a caption (binary, not UTF-8, [trigger] without a trigger), as the train step says
+    it. Caption files are small: each is read, as the plan reads only their hashes."""
+    from runner.errors import StepError
+    from runner.training.captions import image_prompts
+
+    errors = {}
+    for step in to_run:
+        subject = steps.get(step.kind).trains(step.spec)
+        if subject is None or not subject.caption_extension:
+            continue
+        try:
+            image_prompts(
+                images_of(step), subject.caption_extension, subject.instance_prompt, subject.trigger, _quiet
+            )
+        except StepError as exc:
+            errors[step.id] = str(exc)
+    return errors
+
+
+def _quiet(message: str) -> None:
+    """What reading captions warns of is said by the train step that reads them, not twice."""
 
 
 def every_broken_image(hasher: FileHasher, lock: dict, project_steps: list, found: ImageError) -> ImageError:

@@ -211,3 +211,23 @@ def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj
     assert _ended(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19)")
     caption.write_text("a photo of sks dog on grass")
     assert build(proj)[0].ok
+
+
+def test_a_scheduler_this_machine_cannot_make_fails_its_step_before_any_step_runs(
+    proj, build, fake_steps, monkeypatch
+):
+    # A render's was found once every train step before it had run; a prior's once it had loaded the model.
+    from runner import schedulers
+
+    monkeypatch.setattr(schedulers, "_installed", lambda package: package != "scipy")
+    proj.edit('prompts = ["a dog"]', 'prompts = ["a dog"]\nscheduler = "lms"')
+    proj.edit("num_images = 2", 'num_images = 2\nscheduler = "lms"')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    assert fake_steps.ran == [
+        "train:toy"
+    ]  # the prior failed, and so did render:base; train:dog needs the prior
+    ended, lms = _ended(rec), "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
+    assert ended["render:base"] == (FAILED, f"renders.base.scheduler: {lms}")
+    assert ended["prior:dog"] == (FAILED, f"prior:dog: {lms}")
+    assert ended["train:dog"] == (SKIPPED, "upstream prior:dog failed")

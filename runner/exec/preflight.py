@@ -3,8 +3,9 @@
 A broken photo was found by the step that reads it: after a prior step had loaded the model and spent
 minutes generating class images, or after another subject had trained. Here every image such a step
 will decode is decoded once, before any model is loaded, and each broken one is named. So is a caption
-it cannot read, an optimizer this machine cannot run, and a `target_modules` list that names no module of the model (a typo, `to_kk`), found from the model's
-configs alone: its modules are made on torch's meta device, which holds no weights.
+it cannot read, an optimizer or scheduler this machine cannot run, and a `target_modules` list that
+names no module of the model (a typo, `to_kk`), found from the model's configs alone: its modules are
+made on torch's meta device, which holds no weights.
 
 Decoding costs about a hundred times the hash of a file, so an image whose content a build decoded before
 is not decoded again: the lockfile's records hold the hashes of the images that their steps read
@@ -168,15 +169,13 @@ def target_errors(project, to_run: list) -> dict[str, str]:
     return errors
 
 
-def optimizer_errors(project, to_run: list) -> dict[str, str]:
-    """{step id: its error} of the steps of `to_run` (planner.Steps) that train with an optimizer that
-    cannot run on this machine (a package not installed, no CUDA device), as the train step would say it.
-    For steps run on this machine only: a cluster's workers may have what this one lacks."""
-    from runner.training.optimizers import unavailable
-
+def machine_errors(project, to_run: list) -> dict[str, str]:
+    """{step id: its error} of the steps of `to_run` (planner.Steps) that cannot run on this machine (an
+    optimizer or a scheduler whose package is not installed, no CUDA device), as each step would say it
+    (StepKind.missing). For steps run on this machine only: a cluster's workers may have what it lacks."""
     device: list[str] = []
 
-    def resolved() -> str:  # torch is imported only for an optimizer that needs a device
+    def resolved() -> str:  # torch is imported only for a step that needs to know the device
         from runner.models import resolve_device
 
         if not device:
@@ -185,9 +184,8 @@ def optimizer_errors(project, to_run: list) -> dict[str, str]:
 
     errors = {}
     for step in to_run:
-        subject = steps.get(step.kind).trains(step.spec)
         try:
-            why = unavailable(subject.train, resolved) if subject is not None else None
+            why = steps.get(step.kind).missing(step.spec, resolved)
         except ModelError:  # a device that is not there: the step says so, as it always did
             continue
         if why:

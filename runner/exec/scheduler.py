@@ -237,7 +237,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
 
 def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str], backend):
     """Fail the steps of `todo` that would fail on a broken image or caption, on LoRA targets that name
-    no module or on an optimizer this machine cannot run, before any step runs (and loads a model); the
+    no module or on an optimizer or scheduler this machine cannot run, before any step runs (and loads a model); the
     steps after them are skipped. The steps left to run, and the exit code so far."""
     running = [p.step for p in todo if not p.restorable]
     if not running:
@@ -245,7 +245,7 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
     errors = preflight.failing_steps(ws.hasher, lock, running)
     found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running)]
     if not getattr(backend, "places_steps", False):  # a cluster's workers may have what this machine lacks
-        found.append(preflight.optimizer_errors(ws.project, running))
+        found.append(preflight.machine_errors(ws.project, running))
     for sid, error in [item for more in found for item in more.items()]:
         errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error
     if not errors:

@@ -96,6 +96,7 @@ KIND = register(
         folders=lambda spec: [spec.subject.images],
         decodes=lambda spec: [(spec.subject.images, None)],
         trains=lambda spec: spec.subject,
+        missing=lambda spec, device: train_kind.optimizer_missing(spec.subject.train, device),
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         derive=_derive,

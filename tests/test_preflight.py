@@ -231,3 +231,30 @@ def test_a_scheduler_this_machine_cannot_make_fails_its_step_before_any_step_run
     assert ended["render:base"] == (FAILED, f"renders.base.scheduler: {lms}")
     assert ended["prior:dog"] == (FAILED, f"prior:dog: {lms}")
     assert ended["train:dog"] == (SKIPPED, "upstream prior:dog failed")
+
+
+@pytest.mark.torch  # imports diffusers
+def test_a_hub_model_of_which_only_the_index_is_downloaded_is_not_asked_for_its_configs(
+    tmp_path, monkeypatch
+):
+    # diffusers and transformers read a config folder that is not there from the hub: without a network,
+    # the build would wait on its retries. The train step checks the targets once the model is there.
+    import json
+
+    import diffusers
+
+    from runner import families
+    from runner.exec import preflight
+    from runner.models import BaseModel
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--owner--sd"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    (repo / "snapshots" / commit / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked = classmethod(lambda cls, *a, **k: pytest.fail(f"asked for the configs of {a}"))
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "load_config", asked)
+    assert preflight._skeletons(BaseModel("hub", "owner/sd"), families.get("sd1")) is None

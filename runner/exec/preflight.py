@@ -225,6 +225,8 @@ def _skeletons(base, family) -> dict | None:
         for c in family.components:
             library, name = index[c.attr]
             config = folder / c.attr
+            if not (config / "config.json").is_file():  # a hub model not downloaded: never ask the hub
+                return None
             with torch.device("meta"):
                 if library == "diffusers":
                     cls = getattr(diffusers, name)

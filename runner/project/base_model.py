@@ -82,7 +82,7 @@ def _hub_id_shaped(value: str) -> bool:
     return value.count("/") <= 1 and all(len(part) <= 96 for part in value.split("/"))
 
 
-_KINDS = {
+KINDS = {
     "builtin": "a built-in model",
     "folder": "a diffusers folder",
     "hub": "a hub model",
@@ -99,7 +99,7 @@ def _check_revision(check, project_dir: Path, settings: schema.ProjectSettings) 
     if base.kind != "hub":
         check.note(
             ("project", "revision"),
-            f"applies to a hub base_model only; '{settings.base_model}' is {_KINDS[base.kind]}: it is ignored",
+            f"applies to a hub base_model only; '{settings.base_model}' is {KINDS[base.kind]}: it is ignored",
             "remove revision (nothing rebuilds)",
         )
 
@@ -113,7 +113,7 @@ def _check_config(check, project_dir: Path, settings: schema.ProjectSettings) ->
     if base.kind != "file":
         check.problem(
             key,
-            f"applies to a single-file base_model only; '{settings.base_model}' is {_KINDS[base.kind]}, "
+            f"applies to a single-file base_model only; '{settings.base_model}' is {KINDS[base.kind]}, "
             "which has its own configs",
             "remove base_model_config",
         )

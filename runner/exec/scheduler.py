@@ -237,8 +237,8 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
 
 def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str], backend):
     """Fail the steps of `todo` that would fail on a broken image or caption, on LoRA targets that name
-    no module or on an optimizer or scheduler this machine cannot run, before any step runs (and loads a model); the
-    steps after them are skipped. The steps left to run, and the exit code so far."""
+    no module, or on an optimizer or scheduler this machine cannot run: before any step runs (and loads a
+    model). The steps after them are skipped. The steps left to run, and the exit code so far."""
     running = [p.step for p in todo if not p.restorable]
     if not running:
         return todo, EXIT_OK

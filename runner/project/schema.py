@@ -82,8 +82,8 @@ class ProjectSettings:
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
     revision: str | None = opt(
         None,
-        "hub revision (branch, tag or commit) of a hub base_model (of another base model it is ignored, with a "
-        "warning)",
+        "hub revision (branch, tag or commit) of a hub base_model (of another base model it is ignored, "
+        "with a warning)",
         "str?",
     )
     base_model_config: str | None = opt(

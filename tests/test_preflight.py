@@ -258,3 +258,13 @@ def test_a_hub_model_of_which_only_the_index_is_downloaded_is_not_asked_for_its_
     asked = classmethod(lambda cls, *a, **k: pytest.fail(f"asked for the configs of {a}"))
     monkeypatch.setattr(diffusers.UNet2DConditionModel, "load_config", asked)
     assert preflight._skeletons(BaseModel("hub", "owner/sd"), families.get("sd1")) is None
+
+
+def test_a_build_that_fails_before_any_step_records_how_it_ran(proj, build):
+    # Recorded "jobs": null, which the report showed as "-j None".
+    import json
+
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    assert build(proj)[0].exit_code == 1
+    last = json.loads((proj.root / ".dbl" / "last-build-pets.json").read_text())
+    assert (last["jobs"], last["exit_code"]) == (1, 1)

@@ -181,7 +181,8 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     graph = [p.step for p in planned]
     failed: set[str] = set()
     todo, exit_code = _fail_before_start(ws, lock, todo, evs, options, reporter, graph, failed, backend)
-    options = _resolve(ws.project, options, backend) if todo else options
+    # Nothing left to run: no backend to start (a cluster to join), and the build ran one step at a time
+    options = _resolve(ws.project, options, backend) if todo else replace(options, jobs=options.jobs or 1)
 
     if todo and options.jobs > 1:
         from runner.exec import parallel

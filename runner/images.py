@@ -67,9 +67,10 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     return rgb
 
 
-def decodes(path: Path) -> None:
-    """Raise the ImageError that load_rgb raises for `path`, if any (what Pillow warns is not said)."""
-    _decode(Path(path))
+def decodes(path: Path) -> tuple[int, int]:
+    """The (width, height) of `path` upright, as load_rgb gives it; or the ImageError that load_rgb raises
+    (what Pillow warns is not said)."""
+    return _decode(Path(path)).size
 
 
 def _distinct(messages: list[str]) -> list[str]:

@@ -268,3 +268,40 @@ def test_a_build_that_fails_before_any_step_records_how_it_ran(proj, build):
     assert build(proj)[0].exit_code == 1
     last = json.loads((proj.root / ".dbl" / "last-build-pets.json").read_text())
     assert (last["jobs"], last["exit_code"]) == (1, 1)
+
+
+def test_a_photo_of_an_extreme_aspect_ratio_fails_its_train_step_before_any_step_runs(
+    proj, build, fake_steps
+):
+    # Was found when train:dog resized it: after prior:dog had generated class images.
+    from PIL import Image
+
+    dog = proj.root / "data" / "dog"
+    Image.new("RGB", (10000, 1)).save(dog / "01.png")  # 640000 x 64 at resolution 64
+    (dog / "02.png").write_bytes(b"")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    status, error = _ended(rec)["train:dog"]
+    lines = error.split("\n  ")
+    assert lines[0] == "2 images cannot be read; fix or remove each:"
+    assert lines[1] == (
+        f"{dog / '01.png'}: 10000x1 pixels (an aspect ratio of 10000:1) would be 640000x64 pixels at resolution "
+        "64, too large to train on; crop it to the part that shows the subject, or remove it"
+    )
+    assert lines[2].startswith(f"{dog / '02.png'}: the file is empty")
+
+
+def test_with_buckets_the_size_of_its_bucket_is_checked(proj, build, fake_steps):
+    from PIL import Image
+
+    proj.edit("steps = 4", "steps = 4\nbuckets = true")
+    photo = proj.root / "data" / "toy" / "01.png"
+    Image.new("RGB", (10000, 1)).save(photo)  # fills a bucket of height 32: 320000 x 32, not too large
+    assert build(proj)[0].ok
+    Image.new("RGB", (40000, 1)).save(photo)  # 1280000 x 32
+    result, rec = build(proj)
+    status, error = _ended(rec)["train:toy"]
+    assert status == FAILED and error.startswith(
+        f"{photo}: 40000x1 pixels (an aspect ratio of 40000:1) would be "
+    )
+    assert error.endswith("too large to train on; crop it to the part that shows the subject, or remove it")

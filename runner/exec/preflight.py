@@ -53,9 +53,12 @@ def images_of(step) -> list[Path]:
     return files
 
 
-def broken_images(hasher: FileHasher, files: list[Path], known: set[str]) -> dict[Path, str]:
+def broken_images(
+    hasher: FileHasher, files: list[Path], known: set[str], sizes: dict | None = None
+) -> dict[Path, str]:
     """{file: what is wrong with it} of the `files` that cannot be read or do not decode. A file whose
-    sha256 is in `known` decoded before and is not decoded again."""
+    sha256 is in `known` decoded before and is not decoded again; each file decoded now puts its upright
+    (width, height) in `sizes`."""
     from runner.images import decodes
 
     broken, todo = {}, []
@@ -66,34 +69,66 @@ def broken_images(hasher: FileHasher, files: list[Path], known: set[str]) -> dic
         except ImageError as exc:  # a link that leads nowhere, a named pipe ...
             broken[path] = str(exc)
 
-    def decode(path: Path) -> str | None:
+    def decode(path: Path) -> tuple[int, int] | str:
         try:
-            decodes(path)
+            return decodes(path)
         except ImageError as exc:
             return str(exc)
-        return None
 
     # What Pillow warns of a file is said by the step that reads it, not twice. Pillow decodes without
     # the GIL: a few images at a time.
     with warnings.catch_warnings(), ThreadPoolExecutor(min(DECODE_THREADS, max(1, len(todo)))) as pool:
         warnings.simplefilter("ignore")
-        for path, error in zip(todo, pool.map(decode, todo), strict=True):
-            if error is not None:
-                broken[path] = error
+        for path, found in zip(todo, pool.map(decode, todo), strict=True):
+            if isinstance(found, str):
+                broken[path] = found
+            elif sizes is not None:
+                sizes[path] = found
     return broken
 
 
 def failing_steps(hasher: FileHasher, lock: dict, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that would fail on an image: each
-    error names every broken image the step reads, as the step would say it."""
+    error names every broken image the step reads, as the step would say it. Of an image decoded here, a
+    train step's error also names a size it cannot be resized to (an extreme aspect ratio)."""
     files = {step.id: images_of(step) for step in to_run}
-    broken = broken_images(hasher, [f for found in files.values() for f in found], decoded_before(lock))
+    sizes: dict[Path, tuple[int, int]] = {}
+    all_files = [f for found in files.values() for f in found]
+    broken = broken_images(hasher, all_files, decoded_before(lock), sizes)
     errors = {}
-    for sid, found in files.items():
-        said = [broken[path] for path in found if path in broken]
+    for step in to_run:
+        subject = steps.get(step.kind).trains(step.spec)
+        said = []
+        for path in files[step.id]:
+            if path in broken:
+                said.append(broken[path])
+            elif (
+                subject is not None
+                and path in sizes
+                and (why := _too_large(path, sizes[path], subject.train))
+            ):
+                said.append(why)
         if said:
-            errors[sid] = unreadable(said)
+            errors[step.id] = unreadable(said)
     return errors
+
+
+def _too_large(path: Path, size: tuple[int, int], ts) -> str | None:
+    """What a train step of [train] settings `ts` says of an upright image of `size` whose resized copy
+    would be too large to train on (runner.training.data.read_images resizes it so), or None."""
+    from runner.images import check_resized, shorter_side_size
+    from runner.training import buckets
+
+    if ts.buckets:
+        sizes = buckets.bucket_sizes(ts.resolution, ts.bucket_min_side, ts.bucket_max_side, ts.bucket_step)
+        resized, _ = buckets.fill(size, buckets.assign(size, sizes))
+    else:
+        resized = shorter_side_size(size, ts.resolution)
+    try:
+        check_resized(path, size, resized, ts.resolution)
+    except ImageError as exc:
+        return str(exc)
+    return None
 
 
 def caption_errors(to_run: list) -> dict[str, str]:

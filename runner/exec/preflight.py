@@ -15,7 +15,6 @@ successfully (a record is written only when its step succeeded).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,8 +23,6 @@ from runner import families, steps
 from runner.errors import ImageError, ModelError
 from runner.fingerprint import FileHasher
 from runner.imagefiles import list_images, unreadable
-
-DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def decoded_before(lock: dict) -> set[str]:
@@ -60,6 +57,7 @@ def broken_images(
     sha256 is in `known` decoded before and is not decoded again; each file decoded now puts its upright
     (width, height) in `sizes`."""
     from runner.images import decodes
+    from runner.training.data import DECODE_THREADS  # as many at once as the train step decodes
 
     broken, todo = {}, []
     for path in dict.fromkeys(files):

@@ -106,6 +106,14 @@ def load_pipeline(
         raise ValueError(f"no such file or folder: {models.local_path(base, Path.cwd())}")
     config = str(base_model_config) if base_model_config is not None else None
     base_model = models.BaseModel.parse(base, Path.cwd(), config=config)
+    if config is not None and base_model.kind != "file":
+        from runner.project.base_model import KINDS
+
+        warnings.warn(  # as the project file's key, which is an error there; a call that ran must still run
+            f"base_model_config applies to a single-file base only; {base!r} is {KINDS[base_model.kind]}, "
+            "which has its own configs: base_model_config is ignored",
+            stacklevel=3,  # the caller's line, past _value_errors
+        )
     if base_model.kind == "file" and Path(base_model.ref).suffix == ".toml":
         # diffusers would try it as a checkpoint and blame the hub or the file's weights
         raise ValueError(f"{base}: a project file, not a base model; {_base_of_project(base)}")

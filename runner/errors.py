@@ -20,7 +20,12 @@ class StepInterrupted(Exception):
 
 
 class ImageError(StepError):
-    """An image file that cannot be used; the message names the file."""
+    """An image file that cannot be used; the message names the file. `each`: what is wrong with each
+    file, where the message names several (the message alone where it names one)."""
+
+    def __init__(self, message: str, each: list[str] | None = None):
+        super().__init__(message)
+        self.each = list(each) if each else [message]
 
 
 class AdapterError(StepError):

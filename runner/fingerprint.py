@@ -142,14 +142,14 @@ class FileHasher:
         result, errors = {}, []
         for path in files:
             try:
-                result[_name(path, folder)] = self._input(path)
+                result[_name(path, folder)] = self.input_hash(path)
             except ImageError as exc:  # each file said, not the first alone
                 errors.append(str(exc))
         if errors:
-            raise ImageError(unreadable(errors))
+            raise ImageError(unreadable(errors), errors)
         return result
 
-    def _input(self, path: Path, what: str = "an image") -> str:
+    def input_hash(self, path: Path, what: str = "an image") -> str:
         """The hash of an input file (`what` it must be); one that cannot be read is an error naming it."""
         try:
             return self.hash(path)
@@ -178,7 +178,7 @@ class FileHasher:
             dirs.sort()
             for name in sorted(names):
                 path = Path(root) / name
-                result[_name(path, folder)] = self._input(path, what)
+                result[_name(path, folder)] = self.input_hash(path, what)
         return result
 
     def save(self, max_age_s: float | None = None) -> None:

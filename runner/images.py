@@ -67,6 +67,12 @@ def load_rgb(path: Path, *, min_side: int | None = None, warn: Callable[[str], N
     return rgb
 
 
+def decodes(path: Path) -> tuple[int, int]:
+    """The (width, height) of `path` upright, as load_rgb gives it; or the ImageError that load_rgb raises
+    (what Pillow warns is not said)."""
+    return _decode(Path(path)).size
+
+
 def _distinct(messages: list[str]) -> list[str]:
     """Pillow's warnings about one file, each said once. Pillow reads a TIFF's tags three times while
     decoding it, warning each time, and warns once for each damaged tag of a file ('Skipping tag 270',

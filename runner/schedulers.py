@@ -5,6 +5,7 @@ Importing this module is cheap; diffusers is imported only when a scheduler is m
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 # name -> (diffusers class, config overrides, A1111 sampler name). The A1111 names are what image
@@ -66,13 +67,8 @@ def make_scheduler(name: str | None, base_config):
     if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SAMPLERS)}")
     cls_name, overrides, _ = SAMPLERS[name]
-    if cls_name == "LMSDiscreteScheduler":
-        try:
-            import scipy  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
-            ) from None
+    if why := missing(name):
+        raise ValueError(why)
     cls = getattr(diffusers, cls_name)
     return cls.from_config(base_config, **overrides)
 
@@ -92,6 +88,18 @@ def check_steps(scheduler, steps: int) -> None:
             f'timesteps the model was trained with - use at most {limit}, or scheduler = "euler", which '
             "takes more"
         ) from None
+
+
+def missing(name: str | None) -> str | None:
+    """Why scheduler `name` cannot be made here (a package it needs is not installed), or None."""
+    lms = name in SAMPLERS and SAMPLERS[name][0] == "LMSDiscreteScheduler"
+    if lms and not _installed("scipy"):
+        return "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
+    return None
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def sampler_name(name: str | None, scheduler=None) -> str:

@@ -582,3 +582,15 @@ def test_an_adapter_of_another_family_names_the_base_model_it_was_trained_on(tmp
     ):
         api.load_adapter(pipe, xl, "xl")
     assert api.loaded_adapters(pipe) == []
+
+
+def test_base_model_config_of_a_base_that_is_not_a_single_file_is_said_to_be_ignored():
+    # Was dropped without a word; the project file's key of that name is an error there.
+    with pytest.warns(UserWarning) as warned:
+        pipe = api.load_pipeline("tiny-sd", device="cpu", base_model_config="configs/sd15")
+    assert [str(w.message) for w in warned] == [
+        "base_model_config applies to a single-file base only; 'tiny-sd' is a built-in model, which has its "
+        "own configs: base_model_config is ignored"
+    ]
+    assert warned[0].filename == __file__  # the caller's line
+    assert type(pipe).__name__ == "StableDiffusionPipeline"

@@ -1000,6 +1000,33 @@ def test_base_model_config_problems(folder, base, config, index, expected):
     assert problems(folder, text) == [expected.format(folder=folder)]
 
 
+@pytest.mark.parametrize(
+    "base, kind", [("tiny-sd", "a built-in model"), ("model.safetensors", "a single-file checkpoint")]
+)
+def test_a_revision_of_a_base_model_not_on_the_hub_loads_with_a_warning_naming_its_line(folder, base, kind):
+    # Was ignored without a word: the revision names a commit of a hub model, and no other has one.
+    _single_file(folder / "model.safetensors", SD1_KEYS)
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('base_model = "tiny-sd"', f'base_model = "{base}"\nrevision = "v2"'))
+    with pytest.warns(UserWarning) as warned:
+        project = load_project(path)  # a project built with it must still load
+    assert [str(w.message) for w in warned] == [
+        f"{path}: project.revision: applies to a hub base_model only; '{base}' is {kind}: it is ignored "
+        "(line 4) - remove revision (nothing rebuilds)"
+    ]
+    assert project.settings.revision == "v2"
+
+
+def test_a_revision_of_a_hub_model_loads_without_a_word(folder):
+    import warnings
+
+    path = folder / "p.toml"
+    path.write_text(GOOD.replace('base_model = "tiny-sd"', 'base_model = "owner/model"\nrevision = "v2"'))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_project(path).settings.revision == "v2"
+
+
 def test_base_model_config_of_a_single_file_resolves_to_its_folder(folder):
     import json
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from runner import events, lockfile, planner
-from runner.errors import DblError, StepInterrupted, UsageError
+from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
-from runner.exec import backends, lastbuild
+from runner.exec import backends, lastbuild, preflight
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -70,7 +70,11 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         force_ids = set(options.force or ())
         if options.force is not None and not options.force:
             force_ids = {s.id for s in planner.graph(project)}
-        lock, planned = ws.plan(force_ids, options.num_processes)
+        try:
+            lock, planned = ws.plan(force_ids, options.num_processes)
+        except ImageError as found:  # every broken image at once, not those of the first folder alone
+            lock = lockfile.read(ws.lock_path)
+            raise preflight.every_broken_image(ws.hasher, lock, planner.graph(project), found) from None
         planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
@@ -175,15 +179,18 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     if not todo or options.dry_run:
         reporter.finish(list(evs.values()), time.monotonic() - started)
         return BuildResult(True, EXIT_OK, list(evs.values()))
-    options = _resolve(ws.project, options, backend)
-
-    failed: set[str] = set()
-    exit_code = EXIT_OK
     graph = [p.step for p in planned]
-    if options.jobs > 1:
+    failed: set[str] = set()
+    todo, exit_code = _fail_before_start(ws, lock, todo, evs, options, reporter, graph, failed, backend)
+    # Nothing left to run: no backend to start (a cluster to join), and the build ran one step at a time
+    options = _resolve(ws.project, options, backend) if todo else replace(options, jobs=options.jobs or 1)
+
+    if todo and options.jobs > 1:
         from runner.exec import parallel
 
-        exit_code = parallel.run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph)
+        exit_code = (
+            parallel.run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) or exit_code
+        )
         todo = []
     for p in todo:
         ev = evs[p.id]
@@ -228,6 +235,37 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
         reporter.log(None, problem)
     reporter.finish(list(evs.values()), seconds)
     return BuildResult(exit_code == EXIT_OK, exit_code, list(evs.values()))
+
+
+def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str], backend):
+    """Fail the steps of `todo` that would fail on a broken image or caption, on LoRA targets that name
+    no module, or on an optimizer or scheduler this machine cannot run: before any step runs (and loads a
+    model). The steps after them are skipped. The steps left to run, and the exit code so far."""
+    running = [p.step for p in todo if not p.restorable]
+    if not running:
+        return todo, EXIT_OK
+    errors = preflight.failing_steps(ws.hasher, lock, running)
+    found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running)]
+    if not getattr(backend, "places_steps", False):  # a cluster's workers may have what this machine lacks
+        found.append(preflight.machine_errors(ws.project, running))
+    for sid, error in [item for more in found for item in more.items()]:
+        errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error
+    if not errors:
+        return todo, EXIT_OK
+    failed |= set(errors)
+    behind = planner.dependents(graph, set(errors))
+    for p in todo:
+        ev = evs[p.id]
+        if p.id in errors:
+            ev.status, ev.error = events.FAILED, errors[p.id]
+        elif p.id in behind:
+            dep = next(d for d in p.step.deps if d in errors or d in behind)
+            ev.status, ev.error = events.SKIPPED, blocked_by(evs, dep)
+            failed.add(p.id)
+        else:
+            continue
+        reporter.step_end(ev)
+    return ([p for p in todo if p.id not in failed] if options.keep_going else []), EXIT_FAILED
 
 
 def describe_error(exc: BaseException, debug: bool) -> str:

@@ -23,6 +23,7 @@ def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings,
     before = len(check.problems)
     _check_value(check, project_dir, settings)
     _check_config(check, project_dir, settings)
+    _check_revision(check, project_dir, settings)
     if len(check.problems) > before:
         return
     base = BaseModel.of(settings, project_dir)
@@ -81,7 +82,26 @@ def _hub_id_shaped(value: str) -> bool:
     return value.count("/") <= 1 and all(len(part) <= 96 for part in value.split("/"))
 
 
-_KINDS = {"builtin": "a built-in model", "folder": "a diffusers folder", "hub": "a hub model"}
+KINDS = {
+    "builtin": "a built-in model",
+    "folder": "a diffusers folder",
+    "hub": "a hub model",
+    "file": "a single-file checkpoint",
+}
+
+
+def _check_revision(check, project_dir: Path, settings: schema.ProjectSettings) -> None:
+    """A revision names a commit of a hub model; of any other base model it is ignored, which a project
+    built so must still load: a warning."""
+    if settings.revision is None or not settings.base_model.strip():
+        return
+    base = BaseModel.parse(settings.base_model, project_dir, settings.revision, settings.allow_pickle)
+    if base.kind != "hub":
+        check.note(
+            ("project", "revision"),
+            f"applies to a hub base_model only; '{settings.base_model}' is {KINDS[base.kind]}: it is ignored",
+            "remove revision (nothing rebuilds)",
+        )
 
 
 def _check_config(check, project_dir: Path, settings: schema.ProjectSettings) -> None:
@@ -93,7 +113,7 @@ def _check_config(check, project_dir: Path, settings: schema.ProjectSettings) ->
     if base.kind != "file":
         check.problem(
             key,
-            f"applies to a single-file base_model only; '{settings.base_model}' is {_KINDS[base.kind]}, "
+            f"applies to a single-file base_model only; '{settings.base_model}' is {KINDS[base.kind]}, "
             "which has its own configs",
             "remove base_model_config",
         )

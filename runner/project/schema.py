@@ -80,7 +80,12 @@ class ProjectSettings:
         "('tiny-sd', 'tiny-sd-v', 'tiny-shapes', 'tiny-sdxl')"
     )
     name: str | None = opt(None, "project name; default: the file's stem", "str?", fingerprint=False)
-    revision: str | None = opt(None, "hub revision (branch, tag or commit) of base_model", "str?")
+    revision: str | None = opt(
+        None,
+        "hub revision (branch, tag or commit) of a hub base_model (of another base model it is ignored, "
+        "with a warning)",
+        "str?",
+    )
     base_model_config: str | None = opt(
         None,
         "for a single-file base_model: a local diffusers folder or hub id of the same kind of model, whose "

@@ -146,6 +146,14 @@ class StepKind:
     read: Callable | None = None  # custom table reader (nested overrides), see runner.project.load
     check: Callable | None = None  # cross-table checks: check(checker, tables) adds problems
     folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
+    # The user's images it decodes, as (folder, how many of its images by name; None: all): the build
+    # checks that they decode before any step runs (runner.exec.preflight).
+    decodes: Callable[[Any], list[tuple[str, int | None]]] = lambda spec: []
+    trains: Callable[[Any], Any] = lambda spec: None  # the subject (schema.Subject) whose LoRA it trains
+    # missing(spec, device) -> why a step cannot run on this machine (a package not installed, no CUDA
+    # device), as the step says it, or None; `device()` names the device the step would use (asking may
+    # import torch). The build asks before any step runs.
+    missing: Callable[[Any, Callable[[], str]], str | None] = lambda spec, device: None
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
     writes_images: bool = False  # its outputs are image files, which an image folder around them would read

@@ -136,6 +136,17 @@ def _same_batches(ctx, indices: range) -> int:
     return indices.start + shared // size * size
 
 
+def _scheduler_error(spec, why) -> str:
+    return f"prior:{spec.name}: {why}"
+
+
+def _missing(spec, device) -> str | None:
+    from runner.schedulers import missing
+
+    why = missing(spec.scheduler)
+    return _scheduler_error(spec, why) if why else None
+
+
 def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
     """Generate class images `todo` into `done_dir`, `finished` of the prior's images being there."""
     import torch
@@ -154,7 +165,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
             try:
                 pipe.scheduler = make_scheduler(spec.scheduler, own_scheduler.config)
             except ValueError as exc:
-                raise StepError(f"prior:{spec.name}: {exc}") from None
+                raise StepError(_scheduler_error(spec, exc)) from None
         sampler = sampler_name(spec.scheduler, pipe.scheduler)
         try:
             check_steps(pipe.scheduler, spec.steps)
@@ -240,6 +251,8 @@ KIND = register(
         read=checks.read_prior,
         check=checks.check_priors,
         folders=lambda spec: [spec.images] if spec.images else [],
+        decodes=lambda spec: [(spec.images, spec.num_images)] if spec.images else [],
+        missing=_missing,
         reuses=_reuses,
     )
 )

@@ -57,7 +57,7 @@ def run(ctx: StepContext) -> dict:
             try:
                 pipe.scheduler = schedulers.make_scheduler(spec.scheduler, saved_scheduler.config)
             except ValueError as exc:
-                raise StepError(f"renders.{ctx.name}.scheduler: {exc}") from exc
+                raise StepError(_scheduler_error(ctx.name, exc)) from exc
         sampler = schedulers.sampler_name(spec.scheduler, pipe.scheduler)
         try:
             schedulers.check_steps(pipe.scheduler, spec.steps)
@@ -208,6 +208,17 @@ def _label_strip(labels: list[str], width: int):
 # --- the kind ------------------------------------------------------------------------------------------
 
 
+def _scheduler_error(name: str, why) -> str:
+    return f"renders.{name}.scheduler: {why}"
+
+
+def _missing(spec, device) -> str | None:
+    from runner.schedulers import missing
+
+    why = missing(spec.scheduler)
+    return _scheduler_error(spec.name, why) if why else None
+
+
 def _deps(project, spec) -> list[str]:
     return [adapter_step(project, name) for name in spec.adapter_names if name != "none"]
 
@@ -253,5 +264,6 @@ KIND = register(
         doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
         check=adapter_checks.check_renders,
         unhashed=_unhashed,
+        missing=_missing,
     )
 )

@@ -34,6 +34,13 @@ def run(ctx) -> dict:
     return metrics
 
 
+def optimizer_missing(train_settings, device) -> str | None:
+    """Why the optimizer of these [train] settings cannot run here (see StepKind.missing)."""
+    from runner.training.optimizers import unavailable
+
+    return unavailable(train_settings, device)
+
+
 def snapshot_metrics(folder) -> dict:
     """What the lockfile records of a snapshot, from its dbl.json."""
     import json
@@ -150,6 +157,9 @@ KIND = register(
         read=checks.read_subject,
         check=checks.check_subjects,
         folders=lambda spec: [spec.images],
+        decodes=lambda spec: [(spec.images, None)],
+        trains=lambda spec: spec,
+        missing=lambda spec, device: optimizer_missing(spec.train, device),
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         unhashed=_unhashed,

@@ -35,11 +35,7 @@ class Job:
     step_id: str = ""
 
     def lora_key(self, field: str) -> str:
-        """Where a problem of the subject's LoRA setting `field` points: its own [subjects.<name>.lora]
-        table where its value is not the project-wide [lora]'s (so it is written there), else [lora]."""
-        subject, defaults = self.subject, self.lora_defaults
-        own = defaults is not None and getattr(subject.lora, field) != getattr(defaults, field)
-        return f"subjects.{subject.name}.lora.{field}" if own else f"lora.{field}"
+        return lora_key(self.subject, self.lora_defaults, field)
 
 
 @dataclass
@@ -91,3 +87,10 @@ def job_from_context(ctx) -> Job:
         step_id=ctx.step_id,
         lora_defaults=getattr(project, "lora", None),
     )
+
+
+def lora_key(subject, defaults, field: str) -> str:
+    """Where a problem of the subject's LoRA setting `field` points: its own [subjects.<name>.lora] table
+    where its value is not the project-wide [lora]'s `defaults` (so it is written there), else [lora]."""
+    own = defaults is not None and getattr(subject.lora, field) != getattr(defaults, field)
+    return f"subjects.{subject.name}.lora.{field}" if own else f"lora.{field}"

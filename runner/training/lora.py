@@ -76,7 +76,7 @@ def add_lora(
         configs = {c.name: lora_config(c, lora_settings, modules[c.name]) for c in components}
         for c in components:  # all checked before any is wrapped: PEFT changes the modules in place
             targets = sorted(configs[c.name].target_modules or [])
-            _check_targets(c, lora_settings, targets, modules[c.name], key_of)
+            check_targets(c, lora_settings, targets, modules[c.name], key_of)
         try:
             for c in components:
                 modules[c.name] = get_peft_model(modules[c.name], configs[c.name])
@@ -86,7 +86,9 @@ def add_lora(
     return modules
 
 
-def _check_targets(component, lora_settings, targets: list[str], model, key_of) -> None:
+def check_targets(
+    component, lora_settings, targets: list[str], model, key_of=lambda field: f"lora.{field}"
+) -> None:
     """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
     Where none does, PEFT fails in its own words; this says which key, and what the layers are named.
     (A target that matches nothing beside one that does is allowed, as PEFT allows it: the default names

@@ -15,6 +15,7 @@ inside the builders.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 from collections.abc import Callable
 
@@ -39,23 +40,29 @@ def adamw_implementation(devices: list[str]) -> dict:
 
 
 def _adamw8bit(groups, ts, device):
-    asked = "use_8bit_adam = true" if ts.use_8bit_adam else 'optimizer = "adamw8bit"'
-    if not device.startswith("cuda"):
-        raise StepError(f"{asked} needs a CUDA device (bitsandbytes); use the default adamw on this machine")
+    if why := _adamw8bit_missing(ts, lambda: device):
+        raise StepError(why)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise StepError(f"{asked} needs bitsandbytes: pip install bitsandbytes") from None
+        raise StepError(_adamw8bit_missing(ts, lambda: device, installed=False)) from None
     return bnb.optim.AdamW8bit(groups, **_adam_kwargs(ts))
+
+
+def _adamw8bit_missing(ts, device: Callable[[], str], installed: bool | None = None) -> str | None:
+    asked = "use_8bit_adam = true" if ts.use_8bit_adam else 'optimizer = "adamw8bit"'
+    if not device().startswith("cuda"):
+        return f"{asked} needs a CUDA device (bitsandbytes); use the default adamw on this machine"
+    if not (_installed("bitsandbytes") if installed is None else installed):
+        return f"{asked} needs bitsandbytes: pip install bitsandbytes"
+    return None
 
 
 def _prodigy(groups, ts, device):
     try:
         from prodigyopt import Prodigy
     except ImportError:
-        raise StepError(
-            "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
-        ) from None
+        raise StepError(_prodigy_missing(ts, lambda: device, installed=False)) from None
     kwargs = _adam_kwargs(ts)
     # Prodigy prints a line when weight decay is on; the build's display owns the terminal.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -76,7 +83,27 @@ def _adam_kwargs(ts) -> dict:
     return dict(betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon)
 
 
+def _prodigy_missing(ts, device: Callable[[], str], installed: bool | None = None) -> str | None:
+    if not (_installed("prodigyopt") if installed is None else installed):
+        return "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+    return None
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy}
+# missing(ts, device, installed=None): why the optimizer cannot run here (a package not installed, no CUDA
+# device), or None; `device()` names the device, asked only by an optimizer that needs one. The build asks
+# before any step runs, so that a train step does not fail on it after a prior step's work.
+MISSING: dict[str, Callable] = {"adamw8bit": _adamw8bit_missing, "prodigy": _prodigy_missing}
+
+
+def unavailable(ts, device: Callable[[], str]) -> str | None:
+    """Why the optimizer [train] `ts` asks for cannot run here on the device `device()` names, or None."""
+    missing = MISSING.get(optimizer_name(ts))
+    return missing(ts, device) if missing is not None else None
 
 
 def optimizer_name(ts) -> str:

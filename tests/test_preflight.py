@@ -1,0 +1,309 @@
+"""What a build finds before any step runs: broken images, named all at once, before a model loads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runner.events import FAILED, SKIPPED
+from tests.conftest import write_image
+
+
+def _decoded(monkeypatch) -> list:
+    """The files the build's check decodes, from now on."""
+    from runner import images
+
+    seen, decodes = [], images.decodes
+    monkeypatch.setattr(images, "decodes", lambda path: seen.append(path.name) or decodes(path))
+    return seen
+
+
+def test_a_link_loop_and_an_empty_photo_are_named_by_one_build(proj, build):
+    # The loop was found as the build planned, the empty photo only by the step: two builds to learn both.
+    from runner.errors import ImageError
+
+    toy, dog = proj.root / "data" / "toy", proj.root / "data" / "dog"
+    os.symlink("b.png", toy / "a.png")
+    os.symlink("a.png", toy / "b.png")
+    (dog / "01.png").write_bytes(b"")
+    (dog / "02.png").write_text("not a photo")
+    with pytest.raises(ImageError) as info:
+        build(proj)
+    lines = str(info.value).split("\n  ")
+    assert lines[0] == "4 images cannot be read; fix or remove each:"
+    assert [line.split(": ")[0] for line in lines[1:]] == [
+        str(toy / "a.png"),
+        str(toy / "b.png"),
+        str(dog / "01.png"),
+        str(dog / "02.png"),
+    ]
+    assert "the file is empty (0 bytes)" in lines[3]
+
+
+def test_a_broken_photo_fails_its_step_before_the_prior_generates(proj, build, fake_steps):
+    # Was found when train:dog read it, after prior:dog had loaded the model and generated class images.
+    dog = proj.root / "data" / "dog"
+    good = (dog / "00.png").read_bytes()
+    (dog / "01.png").write_bytes(good[: len(good) // 2])
+    (dog / "02.png").write_bytes(b"")
+    result, rec = build(proj)
+    assert not result.ok and result.exit_code == 1
+    assert fake_steps.ran == []  # no step ran: not the prior, not the toy's train step
+    ended = {event[1]: event[2:] for event in rec.events if event[0] == "end"}
+    status, error = ended["train:dog"]
+    assert status == FAILED
+    assert error.split("\n  ")[0] == "2 images cannot be read; fix or remove each:"
+    assert [line.split(": ")[0] for line in error.split("\n  ")[1:]] == [
+        str(dog / "01.png"),
+        str(dog / "02.png"),
+    ]
+    assert ended["render:park"] == (SKIPPED, "upstream train:dog failed")
+    assert dict(rec.final)["prior:dog"] == SKIPPED
+
+
+def test_with_keep_going_the_steps_that_do_not_need_a_broken_photo_run(proj, build, fake_steps):
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    assert fake_steps.ran == ["prior:dog", "train:toy", "render:base"]
+    final = dict(rec.final)
+    assert final["train:dog"] == FAILED
+    assert final["blend:mix"] == final["render:mixed"] == final["render:park"] == SKIPPED
+
+
+def test_images_a_build_read_before_are_not_decoded_again(proj, build, monkeypatch):
+    decoded = _decoded(monkeypatch)
+    assert build(proj)[0].ok
+    assert sorted(decoded) == ["00.png", "00.png", "01.png", "01.png", "02.png"]  # dog's three, toy's two
+    decoded.clear()
+    proj.edit("rank = 4", "rank = 8")
+    write_image(proj.root / "data" / "dog" / "03.png", seed=7)
+    result, _ = build(proj)
+    assert result.ok
+    assert decoded == ["03.png"]  # only the new one: the others are in the lockfile's records
+
+
+def test_given_class_images_are_checked_as_far_as_the_prior_reads_them(proj, build, fake_steps):
+    given = proj.root / "class"
+    write_image(given / "a.png")
+    (given / "b.png").write_bytes(b"")  # the third by name: not read while num_images = 2
+    write_image(given / "0.png", seed=3)
+    proj.edit("num_images = 2", 'num_images = 2\nimages = "class"')
+    result, _ = build(proj)
+    assert result.ok  # b.png is not read: a build of it today succeeds
+    proj.edit("num_images = 2", "num_images = 3")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and "prior:dog" not in fake_steps.ran
+    error = next(event[3] for event in rec.events if event[0] == "end" and event[1] == "prior:dog")
+    assert error.startswith(f"{given / 'b.png'}: the file is empty")
+
+
+def test_a_build_that_restores_every_step_decodes_no_image(proj, build, monkeypatch):
+    assert build(proj)[0].ok
+    proj.lock.unlink()  # no record vouches for the photos; the run-cache holds every step
+    decoded = _decoded(monkeypatch)
+    result, rec = build(proj)
+    assert result.ok and all(status == "cached" for _, status in rec.final)
+    assert decoded == []
+
+
+def _ended(rec) -> dict:
+    return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_that_name_no_module_fail_the_train_steps_before_any_step_runs(proj, build, fake_steps):
+    # Were found when train:dog started: after prior:dog had loaded the model and generated class images.
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_kk", "to_vv"]')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    for subject in ("dog", "toy"):  # the first component found wrong, as the train step says it
+        status, error = ended[f"train:{subject}"]
+        assert status == FAILED
+        assert error.startswith(
+            "lora.target_modules: 'to_kk', 'to_vv' names no module of the unet; its layers "
+        )
+    assert dict(rec.final)["prior:dog"] == SKIPPED
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_of_the_text_encoder_are_checked_as_well(proj, build, fake_steps):
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    status, error = _ended(rec)["train:dog"]
+    # The key the subject's own [subjects.dog.lora] sets, as the train step names it
+    key = "subjects.dog.lora.text_encoder_target_modules"
+    assert error.startswith(f"{key}: 'q_prj' names no module of the text_encoder")
+    assert "train:toy" in fake_steps.ran and "train:dog" not in fake_steps.ran
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_lora_targets_that_name_some_module_build_as_they_did(proj, build, fake_steps):
+    # PEFT allows a name that matches nothing beside one that does (the default names two generations of
+    # attention modules): such a project trains today, and must not be refused.
+    proj.edit(
+        "alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_kk"]\ntext_encoder_target_modules = ["fc1"]'
+    )
+    result, _ = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran
+
+
+def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypatch):
+    from runner.exec import preflight
+
+    monkeypatch.setattr(
+        preflight, "_skeletons", lambda *a: pytest.fail("made modules to check default targets")
+    )
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_v", "query", "value"]')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntarget_modules = "attention"')
+    assert build(proj)[0].ok
+
+
+def test_an_optimizer_this_machine_cannot_run_fails_the_train_steps_before_any_step_runs(
+    proj, build, fake_steps
+):
+    # Was found when train:dog built its optimizer: after prior:dog had generated class images.
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    assert _ended(rec)["train:dog"] == (
+        FAILED,
+        'optimizer = "adamw8bit" needs a CUDA device (bitsandbytes); use the default adamw on this machine',
+    )
+
+
+def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, build, fake_steps, monkeypatch):
+    from runner.training import optimizers
+
+    monkeypatch.setattr(optimizers, "_installed", lambda package: package != "prodigyopt")
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "prodigy"')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
+    status, error = _ended(rec)["train:toy"]
+    assert error == "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+
+
+def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj, build, fake_steps):
+    from tests.conftest import FakeBackend
+
+    class Cluster(FakeBackend):
+        places_steps = True
+
+        def default_jobs(self) -> int:
+            return 1
+
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
+    result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
+    assert result.ok and "train:dog" in fake_steps.ran  # its workers may have CUDA and bitsandbytes
+
+
+def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj, build, fake_steps):
+    # Was found when train:dog read its captions: after prior:dog had generated class images.
+    proj.edit('prior = "dog"', 'prior = "dog"\ncaption_extension = ".txt"')
+    caption = proj.root / "data" / "dog" / "01.txt"
+    caption.write_bytes(b"a photo of sks dog \xff on grass")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    assert _ended(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19)")
+    caption.write_text("a photo of sks dog on grass")
+    assert build(proj)[0].ok
+
+
+def test_a_scheduler_this_machine_cannot_make_fails_its_step_before_any_step_runs(
+    proj, build, fake_steps, monkeypatch
+):
+    # A render's was found once every train step before it had run; a prior's once it had loaded the model.
+    from runner import schedulers
+
+    monkeypatch.setattr(schedulers, "_installed", lambda package: package != "scipy")
+    proj.edit('prompts = ["a dog"]', 'prompts = ["a dog"]\nscheduler = "lms"')
+    proj.edit("num_images = 2", 'num_images = 2\nscheduler = "lms"')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1
+    assert fake_steps.ran == [
+        "train:toy"
+    ]  # the prior failed, and so did render:base; train:dog needs the prior
+    ended, lms = _ended(rec), "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
+    assert ended["render:base"] == (FAILED, f"renders.base.scheduler: {lms}")
+    assert ended["prior:dog"] == (FAILED, f"prior:dog: {lms}")
+    assert ended["train:dog"] == (SKIPPED, "upstream prior:dog failed")
+
+
+@pytest.mark.torch  # imports diffusers
+def test_a_hub_model_of_which_only_the_index_is_downloaded_is_not_asked_for_its_configs(
+    tmp_path, monkeypatch
+):
+    # diffusers and transformers read a config folder that is not there from the hub: without a network,
+    # the build would wait on its retries. The train step checks the targets once the model is there.
+    import json
+
+    import diffusers
+
+    from runner import families
+    from runner.exec import preflight
+    from runner.models import BaseModel
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--owner--sd"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    (repo / "snapshots" / commit / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked = classmethod(lambda cls, *a, **k: pytest.fail(f"asked for the configs of {a}"))
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "load_config", asked)
+    assert preflight._skeletons(BaseModel("hub", "owner/sd"), families.get("sd1")) is None
+
+
+def test_a_build_that_fails_before_any_step_records_how_it_ran(proj, build):
+    # Recorded "jobs": null, which the report showed as "-j None".
+    import json
+
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    assert build(proj)[0].exit_code == 1
+    last = json.loads((proj.root / ".dbl" / "last-build-pets.json").read_text())
+    assert (last["jobs"], last["exit_code"]) == (1, 1)
+
+
+def test_a_photo_of_an_extreme_aspect_ratio_fails_its_train_step_before_any_step_runs(
+    proj, build, fake_steps
+):
+    # Was found when train:dog resized it: after prior:dog had generated class images.
+    from PIL import Image
+
+    dog = proj.root / "data" / "dog"
+    Image.new("RGB", (10000, 1)).save(dog / "01.png")  # 640000 x 64 at resolution 64
+    (dog / "02.png").write_bytes(b"")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    status, error = _ended(rec)["train:dog"]
+    lines = error.split("\n  ")
+    assert lines[0] == "2 images cannot be read; fix or remove each:"
+    assert lines[1] == (
+        f"{dog / '01.png'}: 10000x1 pixels (an aspect ratio of 10000:1) would be 640000x64 pixels at resolution "
+        "64, too large to train on; crop it to the part that shows the subject, or remove it"
+    )
+    assert lines[2].startswith(f"{dog / '02.png'}: the file is empty")
+
+
+def test_with_buckets_the_size_of_its_bucket_is_checked(proj, build, fake_steps):
+    from PIL import Image
+
+    proj.edit("steps = 4", "steps = 4\nbuckets = true")
+    photo = proj.root / "data" / "toy" / "01.png"
+    Image.new("RGB", (10000, 1)).save(photo)  # fills a bucket of height 32: 320000 x 32, not too large
+    assert build(proj)[0].ok
+    Image.new("RGB", (40000, 1)).save(photo)  # 1280000 x 32
+    result, rec = build(proj)
+    status, error = _ended(rec)["train:toy"]
+    assert status == FAILED and error.startswith(
+        f"{photo}: 40000x1 pixels (an aspect ratio of 40000:1) would be "
+    )
+    assert error.endswith("too large to train on; crop it to the part that shows the subject, or remove it")

@@ -137,10 +137,7 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
         + '\n[renders.side]\nadapters = ["none", "ring@2", "ring"]\nprompts = ["a sks shape"]\n'
         + '\n[evals.side]\nrender = "side"\n'
     )
-    loaded = load_project(project)
-    said = {
-        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
-    }
+    said = _eval_warnings(project)
     assert said == {
         "base": [
             "identifier 'sks1' is not a word of letters, and prompts are read as such words: no prompt names "
@@ -161,11 +158,19 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
     assert _warnings(loaded, spec, _subject(loaded, spec)) == []
 
 
+def _eval_warnings(project) -> dict[str, list[str]]:
+    """{eval name: what its step warns of} for the project file `project`."""
+    from runner.steps.evaluate import _subject, _warnings
+
+    loaded = load_project(project)
+    return {
+        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
+    }
+
+
 def test_a_render_of_the_base_model_or_a_blend_for_the_subject_s_prompts_is_a_warning(project):
     """Without `subject`, an eval of a render of 'none' or of a blend whose prompts name the identifier
     left subject fidelity and class drift out of the scores without a word."""
-    from runner.steps.evaluate import _subject, _warnings
-
     project.write_text(
         PROJECT.replace('subject = "ring"\n', "")
         + '\n[subjects.toy]\nimages = "ring"\ninstance_prompt = "a zwx shape"\n'
@@ -173,10 +178,7 @@ def test_a_render_of_the_base_model_or_a_blend_for_the_subject_s_prompts_is_a_wa
         + '\n[renders.mixed]\nadapter = "mix"\nprompts = ["a sks shape"]\n\n[evals.mixed]\nrender = "mixed"\n'
         + '\n[renders.plain]\nadapter = "none"\nprompts = ["a shape"]\n\n[evals.plain]\nrender = "plain"\n'
     )
-    loaded = load_project(project)
-    said = {
-        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
-    }
+    said = _eval_warnings(project)
     assert said == {
         "base": [
             "the render draws the base model ('none'), not a subject, for prompts that name 'sks': set "

@@ -109,6 +109,26 @@ def test_text_encoder_lora_settings_without_text_encoder_training_are_said(folde
     assert said(folder, "[lora]\ntext_encoder_rank = 8\n") == []
 
 
+def test_several_unused_keys_of_one_table_are_said_in_one_warning(folder):
+    """Three text_encoder_* keys with the text encoder off gave three warnings that said the same."""
+    text = (
+        "[train]\ntrain_text_encoder = false\nbucket_min_side = 256\nbucket_max_side = 1024\n"
+        '[lora]\ntext_encoder_rank = 8\ntext_encoder_alpha = 8\ntext_encoder_target_modules = ["q_proj"]\n'
+    )
+    found = said(folder, text)
+    targets = line_of(folder, 'text_encoder_target_modules = ["q_proj"]')
+    assert found == [
+        f"train: bucket_min_side (line {line_of(folder, 'bucket_min_side = 256')}) and bucket_max_side "
+        f"(line {line_of(folder, 'bucket_max_side = 1024')}) have no effect: buckets are off - set buckets = "
+        "true, or remove them",
+        f"lora: text_encoder_rank (line {line_of(folder, 'text_encoder_rank = 8')}), text_encoder_alpha "
+        f"(line {line_of(folder, 'text_encoder_alpha = 8')}) and text_encoder_target_modules (line "
+        f"{targets}) have no effect: "
+        "train_text_encoder = false, so no text-encoder LoRA is trained - set train_text_encoder = true, "
+        "or remove them",
+    ]
+
+
 def test_an_alpha_of_0_that_scales_a_trained_lora_is_said(folder):
     """alpha / rank = 0: the LoRA's output is multiplied by 0, its B matrices get no gradient and the
     adapter came out all zeros, without a word."""

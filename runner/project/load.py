@@ -50,8 +50,13 @@ class _Checker:
         if found not in self.problems:  # a [train] value that every subject inherits: said once
             self.problems.append(found)
 
-    def note(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
-        self.notes.append(Problem(".".join(key), message, self.lines.line(key), fix))
+    def note(self, key: tuple[str, ...], message: str, fix: str = "", *, at_line: bool = True) -> None:
+        """A warning about `key`; `at_line` False where the message names the lines itself (several keys
+        of one table)."""
+        self.notes.append(Problem(".".join(key), message, self.lines.line(key) if at_line else None, fix))
+
+    def line(self, key: tuple[str, ...]) -> int | None:
+        return self.lines.line(key)
 
     def did_not_read(self, *keys: tuple[str, ...]) -> bool:
         """Whether any of these tables, or a table that holds it, is written but did not read."""

@@ -111,18 +111,28 @@ def note_subjects(check, subjects: dict) -> None:
             "is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and changes no image",
             "use alpha = rank for a scale of 1 (the recipe: rank 16, alpha 27)",
         )
+    unused: dict[tuple[tuple[str, ...], bool], list[tuple[str, ...]]] = {}  # (table, bucket key?): keys
     for where, is_used in used.items():
-        if is_used:
-            continue
-        field = where[-1]
-        if field in BUCKET_KEYS:
-            check.note(where, "has no effect: buckets are off", "set buckets = true, or remove it")
+        if not is_used:
+            unused.setdefault((where[:-1], where[-1] in BUCKET_KEYS), []).append(where)
+    for (table, bucket), keys in unused.items():
+        if bucket:
+            why, fix = "buckets are off", "set buckets = true, or remove"
         else:
-            check.note(
-                where,
-                "has no effect: train_text_encoder = false, so no text-encoder LoRA is trained",
-                "set train_text_encoder = true, or remove it",
-            )
+            why = "train_text_encoder = false, so no text-encoder LoRA is trained"
+            fix = "set train_text_encoder = true, or remove"
+        _note_keys(check, table, keys, f"{'has' if len(keys) == 1 else 'have'} no effect: {why}", fix)
+
+
+def _note_keys(check, table: tuple[str, ...], keys: list[tuple[str, ...]], message: str, fix: str) -> None:
+    """One warning for keys of `table` that are unused for one reason: a line per key was a wall of
+    repeats for a user who wrote several text_encoder_* settings. Each key is named with its line."""
+    if len(keys) == 1:
+        check.note(keys[0], message, f"{fix} it")
+        return
+    named = [f"{key[-1]} (line {check.line(key)})" for key in keys]
+    listed = f"{', '.join(named[:-1])} and {named[-1]}"
+    check.note(table, f"{listed} {message}", f"{fix} them", at_line=False)
 
 
 def _or(value, fallback):

@@ -129,6 +129,20 @@ def test_several_unused_keys_of_one_table_are_said_in_one_warning(folder):
     ]
 
 
+def test_a_caption_dropout_of_1_that_drops_every_prompt_is_said(folder):
+    """caption_dropout = 1.0 is allowed (0 to 1) but trains every example on the empty prompt: the rare
+    word never learns the subject, without a word."""
+    text = "[train]\ncaption_dropout = 1.0\n"
+    assert said(folder, text) == [
+        "train.caption_dropout: is 1: every example trains on the empty prompt, so no word of the instance "
+        f"prompt (or a caption) learns to call up the subject (line {line_of(folder, 'caption_dropout = 1.0')})"
+        " - 0.1 is usual; remove caption_dropout to keep every prompt"
+    ]
+    assert said(folder, "[train]\ncaption_dropout = 0.99\n") == []
+    own = "[subjects.dog.train]\ncaption_dropout = 1\n"
+    assert [w.split(":")[0] for w in said(folder, own)] == ["subjects.dog.train.caption_dropout"]
+
+
 def test_an_alpha_of_0_that_scales_a_trained_lora_is_said(folder):
     """alpha / rank = 0: the LoRA's output is multiplied by 0, its B matrices get no gradient and the
     adapter came out all zeros, without a word."""

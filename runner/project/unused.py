@@ -56,12 +56,13 @@ def note_blend(check, key: tuple[str, ...], blend) -> None:
 def note_subjects(check, subjects: dict) -> None:
     """Bucket bounds where buckets are off, text-encoder LoRA settings where the text encoder is not
     trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
-    train at an alpha of 0). A key of [train] or [lora]
+    train at an alpha of 0), and a caption_dropout of 1 that drops every prompt. A key of [train] or [lora]
     that every subject inherits is unused only where no subject that reads it uses it: said once, at the
     key the file writes."""
     used: dict[tuple[str, ...], bool] = {}  # each written key: whether a subject that reads it uses it
     frozen: dict[tuple[str, ...], None] = {}  # learning rates of 0 where nothing else trains
     scaled_out: dict[tuple[str, ...], None] = {}  # alphas of 0 where they scale a trained LoRA, in order
+    all_dropped: dict[tuple[str, ...], None] = {}  # caption_dropout = 1: no example keeps its prompt
     for name, subject in subjects.items():
         train, lora = subject.train, subject.lora
         if check.did_not_read(("subjects", name, "train"), ("train",), ("subjects", name, "lora"), ("lora",)):
@@ -90,6 +91,8 @@ def note_subjects(check, subjects: dict) -> None:
                 and (at := _written(check, name, "lora", field))
             ):
                 scaled_out[at] = None
+        if train.caption_dropout == 1 and (at := _written(check, name, "train", "caption_dropout")):
+            all_dropped[at] = None
         te_rate = (
             train.learning_rate
             if train.text_encoder_learning_rate is None
@@ -112,6 +115,13 @@ def note_subjects(check, subjects: dict) -> None:
             "use alpha = rank for a scale of 1 (the recipe: rank 16, alpha 27)",
         )
     unused: dict[tuple[tuple[str, ...], bool], list[tuple[str, ...]]] = {}  # (table, bucket key?): keys
+    for where in all_dropped:
+        check.note(
+            where,
+            "is 1: every example trains on the empty prompt, so no word of the instance prompt (or a caption) "
+            "learns to call up the subject",
+            "0.1 is usual; remove caption_dropout to keep every prompt",
+        )
     for where, is_used in used.items():
         if not is_used:
             unused.setdefault((where[:-1], where[-1] in BUCKET_KEYS), []).append(where)

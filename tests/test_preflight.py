@@ -307,3 +307,41 @@ def test_with_buckets_the_size_of_its_bucket_is_checked(proj, build, fake_steps)
         f"{photo}: 40000x1 pixels (an aspect ratio of 40000:1) would be "
     )
     assert error.endswith("too large to train on; crop it to the part that shows the subject, or remove it")
+
+
+def test_a_snapshot_that_fails_as_its_train_step_does_is_skipped_not_failed_again(proj, build, fake_steps):
+    # snapshot:dog@2 reads the photos train:dog reads: the same error was said twice, word for word.
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.train]\nsave_steps = [2]')
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    assert ended["train:dog"][0] == FAILED and "01.png" in ended["train:dog"][1]
+    assert ended["snapshot:dog@2"] == (SKIPPED, "upstream train:dog failed")
+    assert [e[1] for e in rec.events if e[0] == "end" and e[2] == FAILED] == ["train:dog"]
+
+
+def test_a_step_behind_a_failing_one_keeps_an_error_of_its_own(proj, build, fake_steps):
+    # The prior's class image and the subject's photo are both broken: a build names both.
+    given = proj.root / "class"
+    write_image(given / "a.png")
+    (given / "b.png").write_bytes(b"")
+    proj.edit("num_images = 2", 'num_images = 2\nimages = "class"')
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj)
+    ended = _ended(rec)
+    assert ended["prior:dog"][0] == ended["train:dog"][0] == FAILED
+    assert "01.png" in ended["train:dog"][1] and "b.png" in ended["prior:dog"][1]
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_target_typo_of_a_subject_with_snapshots_is_said_once(proj, build, fake_steps):
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_kk"]')
+    proj.edit("steps = 4", "steps = 4\nsave_steps = [2]")
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    for subject in ("dog", "toy"):
+        assert ended[f"train:{subject}"][0] == FAILED
+        assert ended[f"train:{subject}"][1].startswith("lora.target_modules: 'to_kk' names no module")
+        assert ended[f"snapshot:{subject}@2"] == (SKIPPED, f"upstream train:{subject} failed")

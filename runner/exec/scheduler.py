@@ -252,6 +252,8 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
         errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error
     if not errors:
         return todo, EXIT_OK
+    for sid in _said_upstream(graph, errors):
+        del errors[sid]  # skipped below, as depending on the step that says it
     failed |= set(errors)
     behind = planner.dependents(graph, set(errors))
     for p in todo:
@@ -266,6 +268,19 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
             continue
         reporter.step_end(ev)
     return ([p for p in todo if p.id not in failed] if options.keep_going else []), EXIT_FAILED
+
+
+def _said_upstream(graph, errors: dict[str, str]) -> list[str]:
+    """The steps of `errors` whose every line a step they depend on says already: a snapshot of a subject
+    whose train step fails on the same photo or LoRA target repeated its error word for word. A step
+    that fails for a reason of its own keeps its error, so that every broken file is named at once."""
+    found = []
+    for sid, error in errors.items():
+        above = planner.upstream(graph, {sid}) - {sid}
+        said = {line for up in above if up in errors for line in errors[up].splitlines()}
+        if set(error.splitlines()) <= said:
+            found.append(sid)
+    return found
 
 
 def describe_error(exc: BaseException, debug: bool) -> str:

@@ -152,6 +152,19 @@ def test_lora_targets_that_name_some_module_build_as_they_did(proj, build, fake_
     assert result.ok and "train:dog" in fake_steps.ran
 
 
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_target_that_names_no_module_beside_one_that_does_is_warned_of_once(proj, build, fake_steps):
+    # ["to_q", "to_kk"] trained to_q alone, without a word: a typo the user never learned of.
+    proj.edit("alpha = 8", 'alpha = 8\ntarget_modules = ["to_q", "to_kk"]')
+    result, rec = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran
+    warned = [e[2] for e in rec.events if e[0] == "log" and "names no module" in e[2]]
+    assert warned == [  # both subjects read [lora]'s list: said once
+        "warning: lora.target_modules: 'to_kk' names no module of the unet, so it trains nothing (the other "
+        "names do) - check the spelling, or remove it"
+    ]
+
+
 def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypatch):
     from runner.exec import preflight
 

@@ -166,11 +166,13 @@ def every_broken_image(hasher: FileHasher, lock: dict, project_steps: list, foun
     return ImageError(unreadable(said), said)
 
 
-def target_errors(project, to_run: list) -> dict[str, str]:
+def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) whose `target_modules` names no module
     of a component they train, as the train step would say it. Only lists written in the project file are
     checked (a preset names the modules of its family); where the model's configs cannot be read here (a
-    single file, a hub model not downloaded yet), nothing is said and the train step checks."""
+    single file, a hub model not downloaded yet), nothing is said and the train step checks. A name of a
+    list that matches nothing beside one that does is allowed (PEFT allows it), but it is most often a typo
+    (`["to_q", "to_kk"]` trains to_q alone): `notes` gets a warning for each such key, once."""
     subjects = {}
     for step in to_run:
         subject = steps.get(step.kind).trains(step.spec)
@@ -196,13 +198,30 @@ def target_errors(project, to_run: list) -> dict[str, str]:
                 continue
             model = modules[c.attr]
             targets = lora.target_modules(c, c.value(subject.lora, "target_modules"), model)
+            key_of = functools.partial(lora_key, subject, getattr(project, "lora", None))
             try:
-                key_of = functools.partial(lora_key, subject, getattr(project, "lora", None))
                 lora.check_targets(c, subject.lora, sorted(set(targets)), model, key_of)
             except StepError as exc:
                 errors[sid] = str(exc)
                 break
+            note = _unmatched(c, subject, targets, model, key_of) if notes is not None else None
+            if note and note not in notes:  # a [lora] list that every subject (and snapshot) reads: once
+                notes.append(note)
     return errors
+
+
+def _unmatched(component, subject, targets: list[str], model, key_of) -> str | None:
+    """The warning for the names of `targets` that match no module of `model`, where others do; or None."""
+    paths = [path for path, _ in model.named_modules()]
+    missing = [t for t in dict.fromkeys(targets) if not any(p == t or p.endswith(f".{t}") for p in paths)]
+    if not missing:
+        return None
+    key = key_of(component.field_of(subject.lora, "target_modules"))
+    return (
+        f"warning: {key}: {', '.join(map(repr, missing))} names no module of the {component.name}, so "
+        f"{'it trains' if len(missing) == 1 else 'they train'} nothing (the other names do) - check the "
+        f"spelling, or remove {'it' if len(missing) == 1 else 'them'}"
+    )
 
 
 def machine_errors(project, to_run: list) -> dict[str, str]:

@@ -245,7 +245,10 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
     if not running:
         return todo, EXIT_OK
     errors = preflight.failing_steps(ws.hasher, lock, running)
-    found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running)]
+    notes: list[str] = []
+    found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running, notes)]
+    for note in notes:
+        reporter.log(None, note)
     if not getattr(backend, "places_steps", False):  # a cluster's workers may have what this machine lacks
         found.append(preflight.machine_errors(ws.project, running))
     for sid, error in [item for more in found for item in more.items()]:

@@ -18,6 +18,7 @@ from runner import events, lockfile, planner
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
+from runner.exec.devices import gpus_for_device
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -78,6 +79,8 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
+        if (problem := gpus_for_device(options.gpus, project.settings.device)) is not None:
+            raise UsageError(f"{project.path.name}: {problem}")
         name = backend_name(options)
         factory = options.backend_factory or (lambda p: backends.create(name, p, options))
         backend = factory(project)

@@ -10,7 +10,10 @@ from runner.cli import main
 from runner.errors import UsageError
 from runner.exec import devices
 from runner.exec.devices import gpus_for_device, gpus_missing, gpus_problem
+from runner.exec.job import run_job
+from runner.exec.scheduler import backend_name
 from runner.project import load_project
+from tests.conftest import FakeSteps, Recorder
 
 
 @pytest.fixture
@@ -84,3 +87,29 @@ def test_gpus_with_a_project_that_uses_none_is_a_usage_error(machine, project, c
     with pytest.raises(UsageError, match="uses no CUDA GPU"):
         executor.build(load_project(path), executor.BuildOptions(gpus=("0",)), None)
     assert gpus_for_device(None, device) is None and gpus_for_device(("0",), "auto") is None
+
+
+class Recording:
+    """Runs FakeSteps in this process and keeps the GPUs each step was given."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.fake, self.devices = FakeSteps(), {}
+
+    def run(self, job, hooks):
+        self.devices[job.step_id] = job.devices
+        return run_job(job, hooks, models=None, run=self.fake(job.kind))
+
+    def close(self):
+        pass
+
+
+def test_gpus_without_j_are_the_gpus_the_steps_run_on(proj):
+    """`dbl build --gpus 1` ran every step in the build's process, on whichever GPU CUDA picked first."""
+    backend = Recording()
+    options = executor.BuildOptions(backend_factory=lambda p: backend, gpus=("1",))
+    assert executor.build(proj.load(), options, Recorder()).ok
+    assert backend.devices and set(backend.devices.values()) == {("1",)}
+    assert backend_name(executor.BuildOptions(gpus=("1",))) == "process"  # a worker that sees GPU 1
+    assert backend_name(executor.BuildOptions()) == "inline"

@@ -3,6 +3,8 @@ is a usage error before anything runs, never steps run on the CPU and shown `on 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from runner import executor
@@ -113,3 +115,17 @@ def test_gpus_without_j_are_the_gpus_the_steps_run_on(proj):
     assert backend.devices and set(backend.devices.values()) == {("1",)}
     assert backend_name(executor.BuildOptions(gpus=("1",))) == "process"  # a worker that sees GPU 1
     assert backend_name(executor.BuildOptions()) == "inline"
+
+
+def test_the_default_gpus_are_cuda_indices_not_device_node_numbers(monkeypatch):
+    """A container given the host's GPUs 2 and 3 has /dev/nvidia2 and /dev/nvidia3, which CUDA calls 0 and
+    1: `-j 2` gave its workers CUDA_VISIBLE_DEVICES=2 and 3, which show no GPU there."""
+    from runner.exec.devices import parse_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    listdir, dev = os.listdir, ["nvidia3", "nvidiactl", "nvidia2", "nvidia-uvm", "null"]
+    monkeypatch.setattr(os, "listdir", lambda path=".": dev if path == "/dev" else listdir(path))
+    assert parse_gpus(None) == ["0", "1"]
+    assert gpus_missing(parse_gpus(None)) is None and "it has 2: 0, 1" in gpus_missing(["2"])
+    dev.append("dxg")  # WSL: GPUs without device nodes, none to count
+    assert parse_gpus(None) == [] and gpus_missing(["2"]) is None

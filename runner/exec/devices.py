@@ -45,17 +45,9 @@ def parse_gpus(text: str | None) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    try:  # without importing torch: the driver's device nodes
-        return sorted(
-            (
-                n[len("nvidia") :]
-                for n in os.listdir("/dev")
-                if n[len("nvidia") :].isdigit() and n.startswith("nvidia")
-            ),
-            key=int,
-        )
-    except OSError:
-        return []
+    # Without importing torch: the driver's device nodes, one a GPU. CUDA numbers the GPUs it is shown
+    # 0, 1, ...; a container given the host's GPU 3 has /dev/nvidia3, which is its CUDA GPU 0.
+    return [str(i) for i in range(len(_device_nodes() or ()))]
 
 
 def gpus_problem(gpus: list[str]) -> str | None:

@@ -129,3 +129,12 @@ def test_the_default_gpus_are_cuda_indices_not_device_node_numbers(monkeypatch):
     assert gpus_missing(parse_gpus(None)) is None and "it has 2: 0, 1" in gpus_missing(["2"])
     dev.append("dxg")  # WSL: GPUs without device nodes, none to count
     assert parse_gpus(None) == [] and gpus_missing(["2"]) is None
+
+
+@pytest.mark.parametrize("given", ["", ",", " , "])
+def test_gpus_naming_no_gpu_is_a_usage_error(machine, project, capsys, given):
+    """`-j 2 --gpus ,` gave the steps no GPU: their workers saw every GPU, used the first, and were
+    shown `on cpu`."""
+    machine(["nvidia0"])
+    assert main(["build", str(project()), "-j", "2", "--gpus", given, "--no-progress"]) == 2
+    assert "--gpus names no GPU; leave it out" in capsys.readouterr().err

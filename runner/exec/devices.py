@@ -54,6 +54,11 @@ def gpus_problem(gpus: list[str]) -> str | None:
     """Why `--gpus` names something CUDA_VISIBLE_DEVICES would not take, or None. CUDA takes indices
     and UUIDs (`nvidia-smi -L`: GPU-..., MIG-...); it stops at the first entry it cannot read, and a
     step given no GPU would run on the CPU without a word."""
+    if not gpus:  # its steps would be given no GPU, see every one, and be shown on the CPU
+        return (
+            '--gpus names no GPU; leave it out to share out every visible GPU, or set device = "cpu" in '
+            "[project] to use none"
+        )
     for g in gpus:
         if not (g.isdigit() or g.startswith(("GPU-", "MIG-"))):
             return (

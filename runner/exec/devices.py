@@ -45,27 +45,85 @@ def parse_gpus(text: str | None) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    try:  # without importing torch: the driver's device nodes
-        return sorted(
-            (
-                n[len("nvidia") :]
-                for n in os.listdir("/dev")
-                if n[len("nvidia") :].isdigit() and n.startswith("nvidia")
-            ),
-            key=int,
-        )
-    except OSError:
-        return []
+    # Without importing torch: the driver's device nodes, one a GPU. CUDA numbers the GPUs it is shown
+    # 0, 1, ...; a container given the host's GPU 3 has /dev/nvidia3, which is its CUDA GPU 0.
+    return [str(i) for i in range(len(_device_nodes() or ()))]
 
 
 def gpus_problem(gpus: list[str]) -> str | None:
     """Why `--gpus` names something CUDA_VISIBLE_DEVICES would not take, or None. CUDA takes indices
     and UUIDs (`nvidia-smi -L`: GPU-..., MIG-...); it stops at the first entry it cannot read, and a
     step given no GPU would run on the CPU without a word."""
+    if not gpus:  # its steps would be given no GPU, see every one, and be shown on the CPU
+        return (
+            '--gpus names no GPU; leave it out to share out every visible GPU, or set device = "cpu" in '
+            "[project] to use none"
+        )
     for g in gpus:
         if not (g.isdigit() or g.startswith(("GPU-", "MIG-"))):
             return (
                 f"--gpus: {g!r} is not a GPU; give indices or UUIDs (nvidia-smi -L), comma-separated, "
                 "e.g. --gpus 0,1,3"
             )
+    twice = sorted({g for g in gpus if gpus.count(g) > 1})
+    if twice:  # a local Ray instance would count each entry as a GPU of its own
+        return (
+            f"--gpus: {', '.join(twice)} named twice; name each GPU once (--per-gpu K lets K steps share one)"
+        )
     return None
+
+
+def _device_nodes() -> list[str] | None:
+    """The driver's /dev/nvidiaN nodes, one a GPU; None where they cannot tell (WSL has none: /dev/dxg)."""
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return None
+    if "dxg" in names:
+        return None
+    return [n for n in names if n.startswith("nvidia") and n[len("nvidia") :].isdigit()]
+
+
+def gpus_missing(gpus: list[str]) -> str | None:
+    """Why this machine cannot show the steps the GPUs `--gpus` names, or None (also where it cannot
+    tell). A worker given a GPU that is not there sees no CUDA device: with device = "auto" its steps
+    ran on the CPU and were shown `on cuda:0`."""
+    if not gpus:
+        return None
+    given = ",".join(gpus)
+    fix = "leave --gpus out to run on the CPU"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # the environment's choice of GPUs stands: --gpus picks among them
+        shown = parse_gpus(None)
+        if not shown:
+            return f"--gpus {given}: CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this build; {fix}"
+        if all(g.isdigit() for g in shown):
+            outside = [g for g in gpus if g.isdigit() and g not in shown]
+            if outside:
+                return (
+                    f"--gpus {given}: GPU {outside[0]} is not among those CUDA_VISIBLE_DEVICES={visible} "
+                    f"shows this build ({', '.join(shown)}); name those, or leave --gpus out to use them all"
+                )
+        return None
+    nodes = _device_nodes()
+    if nodes is None:
+        return None
+    if not nodes:
+        return f"--gpus {given}: this machine has no CUDA GPU {gpus[0]} (it shows none); {fix}"
+    beyond = [g for g in gpus if g.isdigit() and int(g) >= len(nodes)]
+    if beyond:
+        return (
+            f"--gpus {given}: this machine has no CUDA GPU {beyond[0]} (it has {len(nodes)}: "
+            f"{', '.join(str(i) for i in range(len(nodes)))}); leave --gpus out to use them all"
+        )
+    return None
+
+
+def gpus_for_device(gpus: tuple[str, ...] | None, device: str) -> str | None:
+    """Why `--gpus` means nothing for a project's `device`, or None: a CPU or MPS project uses no GPU."""
+    if not gpus or not device.startswith(("cpu", "mps")):
+        return None
+    return (
+        f'--gpus {",".join(gpus)}: device = "{device}" in [project] uses no CUDA GPU; leave --gpus out, '
+        'or set device = "auto" or "cuda" to run on the GPUs'
+    )

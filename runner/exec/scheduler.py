@@ -18,6 +18,7 @@ from runner import events, lockfile, planner
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
+from runner.exec.devices import gpus_for_device
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -41,7 +42,7 @@ class BuildOptions:
     # Steps at once; above 1 each runs in a worker (the `process` backend by default). None: 1, or as
     # many as the backend has room for when it places steps itself (ray).
     jobs: int | None = None
-    gpus: tuple[str, ...] | None = None  # GPUs to share out when jobs > 1; None: all visible ones
+    gpus: tuple[str, ...] | None = None  # GPUs to share out; None: all visible ones when jobs > 1
     per_gpu: int = 1  # steps that may share one GPU at once
     ray_address: str | None = None  # the ray backend's cluster: None a local instance, "auto", HOST:PORT
 
@@ -55,8 +56,8 @@ class BuildResult:
 
 def backend_name(options: BuildOptions) -> str:
     """The backend that runs the steps: `inline` becomes `process` with -j above 1, since steps at once
-    share no process."""
-    if options.backend == "inline" and (options.jobs or 1) > 1:
+    share no process, and with --gpus, since only a process started for them sees only those GPUs."""
+    if options.backend == "inline" and ((options.jobs or 1) > 1 or options.gpus):
         return "process"
     return options.backend
 
@@ -78,6 +79,8 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
+        if (problem := gpus_for_device(options.gpus, project.settings.device)) is not None:
+            raise UsageError(f"{project.path.name}: {problem}")
         name = backend_name(options)
         factory = options.backend_factory or (lambda p: backends.create(name, p, options))
         backend = factory(project)
@@ -185,7 +188,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     # Nothing left to run: no backend to start (a cluster to join), and the build ran one step at a time
     options = _resolve(ws.project, options, backend) if todo else replace(options, jobs=options.jobs or 1)
 
-    if todo and options.jobs > 1:
+    if todo and (options.jobs > 1 or options.gpus):  # --gpus: the steps take theirs from the pool
         from runner.exec import parallel
 
         exit_code = (

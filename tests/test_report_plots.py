@@ -3,6 +3,7 @@ milliseconds."""
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -52,3 +53,33 @@ def test_the_moving_mean_of_a_long_run_takes_no_time():
     start = time.process_time()
     plots._smooth(values)
     assert time.process_time() - start < 1.0  # summed window by window: 4 s
+
+
+def _header(svg: bytes) -> bytes:
+    """The <svg> element's opening tag: the plot's size and view box."""
+    start = svg.index(b"<svg ")
+    return svg[start : svg.index(b">", start)]
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda: plots.loss_svg("dog", {"instance_loss": [0.3, 0.2, 0.25, 0.1], "prior_loss": [0.2] * 4}, [2]),
+        lambda: plots.timeline_svg([{"id": "train:dog", "outcome": "ran", "offset_s": 0, "seconds": 3}]),
+    ],
+    ids=["loss", "timeline"],
+)
+def test_a_plot_is_drawn_once_and_cropped_as_tight_crops_it(draw, monkeypatch):
+    mpl = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures, draws, svg_of = [], [], plots._svg
+    monkeypatch.setattr(plots, "_svg", lambda fig: figures.append(fig) or svg_of(fig))
+    drawn = Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda fig, renderer: draws.append(fig) or drawn(fig, renderer))
+    svg = draw()
+    assert len(figures) == 1 and len(draws) == 1  # measuring it for the crop drew it once more
+    tight = io.BytesIO()
+    with mpl.rc_context({"svg.hashsalt": "dbl", "svg.fonttype": "path"}):
+        figures[0].savefig(tight, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    assert b'width="' in _header(svg) and _header(svg) == _header(tight.getvalue())

@@ -4,6 +4,7 @@ build gives the same bytes."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 from runner.errors import DblError
@@ -71,6 +72,23 @@ def _smooth(values: list[float]) -> list[float]:
         else:
             smooth.append(total / n)
     return smooth
+
+
+def unreadable(log: dict) -> str:
+    """What in a dbl.json's per-step log is not a loss ('instance_loss[3] = null, not a number'), or ''.
+    A log written or edited by hand may hold anything; the page then says so rather than fail."""
+    for key in ("instance_loss", "prior_loss"):
+        values = log.get(key)
+        if not values:
+            continue
+        if not isinstance(values, list):
+            return f"{key} = {json.dumps(values)[:40]}, not a list of numbers"
+        for i, value in enumerate(values):
+            try:
+                float(value)
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
+                return f"{key}[{i}] = {json.dumps(value)[:40]}, not a number"
+    return ""
 
 
 def loss_svg(name: str, log: dict, snapshots: list[int]) -> bytes:

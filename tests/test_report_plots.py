@@ -4,6 +4,7 @@ milliseconds."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import time
@@ -83,3 +84,23 @@ def test_a_plot_is_drawn_once_and_cropped_as_tight_crops_it(draw, monkeypatch):
     with mpl.rc_context({"svg.hashsalt": "dbl", "svg.fonttype": "path"}):
         figures[0].savefig(tight, format="svg", metadata={"Date": None}, bbox_inches="tight")
     assert b'width="' in _header(svg) and _header(svg) == _header(tight.getvalue())
+
+
+def test_a_loss_log_that_holds_something_else_than_numbers_is_said_and_the_page_written(
+    proj, build, fake_steps, capsys
+):
+    from runner.cli import main
+
+    build(proj)
+    out = proj.load().out
+    log = {"instance_loss": [0.3, None, 0.2], "prior_loss": [0.1, 0.2, 0.1]}
+    (out / "adapters" / "dog" / "dbl.json").write_text(json.dumps({"log": log}))
+    log = {"instance_loss": [0.3, 0.25, 0.2], "prior_loss": 4}
+    (out / "adapters" / "toy" / "dbl.json").write_text(json.dumps({"log": log}))
+    assert main(["report", str(proj.path)]) == 0
+    assert "Error" not in capsys.readouterr().err
+    text = (out / "report.html").read_text(encoding="utf-8")
+    dog = text[text.index('id="train:dog"') :]
+    assert "its dbl.json holds instance_loss[1] = null, not a number" in dog[: dog.index("</div>")]
+    toy = text[text.index('id="train:toy"') :]
+    assert "its dbl.json holds prior_loss = 4, not a list of numbers" in toy[: toy.index("</div>")]

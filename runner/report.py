@@ -219,7 +219,10 @@ def _subject(ctx: _Context, sid: str) -> str:
     if recorded is None or not recorded.is_file():
         plot = f"<p>dbl.json is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
     elif isinstance(log.get("instance_loss"), list) and log["instance_loss"]:
-        plot = htmlpage.img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
+        if odd := plots.unreadable(log):
+            plot = f"<p>No loss plot: its dbl.json holds {escape(odd)}.</p>"
+        else:
+            plot = htmlpage.img(plots.loss_svg(name, log, sorted(snapshots)), f"loss curves of {name}")
     else:
         plot = "<p>No per-step log in its dbl.json.</p>"
     class_prompt = prior.get("class_prompt")

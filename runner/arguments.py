@@ -44,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
             "--ray-address",
             metavar="ADDR",
             help="with --executor ray: the cluster to join, 'auto' (the one this machine belongs to) or "
-            "HOST:PORT (default: RAY_ADDRESS if set, else start a local Ray instance)",
+            "HOST:PORT, or 'local' to start a local Ray instance (default: RAY_ADDRESS if set, else local)",
         )
         p.add_argument(
             "-j",
@@ -58,7 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--gpus",
             metavar="LIST",
-            help="GPUs to share out with -j, e.g. 0,1,3 (default: every visible CUDA device)",
+            help="GPUs the steps run on, e.g. 0,1,3, shared out among -j steps; without -j, one step at a "
+            "time in a worker process (default: every visible CUDA device)",
         )
         p.add_argument(
             "--per-gpu", type=int, default=1, metavar="K", help="how many steps may share one GPU (default 1)"

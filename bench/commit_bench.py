@@ -47,7 +47,7 @@ def once(files: int, size: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, action="append", help="files a step wrote (default: 50 and 400)")
     parser.add_argument("--size", type=int, default=20000, help="bytes a file")
     parser.add_argument("--repeat", type=int, default=5)

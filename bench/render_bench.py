@@ -106,7 +106,7 @@ def notebook_render(adapter: Path, out: Path, prompts, seeds, steps, device="cpu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)

@@ -58,7 +58,7 @@ def make(workdir: Path, subjects: int, steps: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--steps", type=int, default=1000, help="loss log length of each subject")
     parser.add_argument("--workdir", type=Path, help="where to build the project (default: a temp folder)")

@@ -101,7 +101,7 @@ def build_demo(workdir: Path) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--page", type=Path, help="check this page (default: build the demo and report it)")
     parser.add_argument(
         "--workdir", type=Path, help="where to copy and build the demo (default: a temp folder)"

@@ -138,3 +138,58 @@ def test_gpus_naming_no_gpu_is_a_usage_error(machine, project, capsys, given):
     machine(["nvidia0"])
     assert main(["build", str(project()), "-j", "2", "--gpus", given, "--no-progress"]) == 2
     assert "--gpus names no GPU; leave it out" in capsys.readouterr().err
+
+
+class _Conn:
+    """The worker's end of its pipe: what it sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "device", "said"),
+    [
+        (("0",), "cpu", [("where", "cpu")]),  # given a GPU torch cannot see: it ran on the CPU
+        ((), "cuda", [("where", "cuda")]),  # given none (none found), torch chose CUDA all the same
+        (("1", "3"), "cuda", []),  # where it was told: shown `on cuda:1,3` as the build gave them
+        ((), "cpu", []),
+    ],
+)
+def test_a_worker_says_the_device_its_step_loads_the_model_on_where_it_is_not_the_one_given(
+    proj, monkeypatch, gpus, device, said
+):
+    # The step was shown (and recorded) `on cuda:0` from the GPUs given, whatever torch chose.
+    from types import SimpleNamespace
+
+    from runner import models
+    from runner.exec import backends
+
+    monkeypatch.setattr(backends.LazyModels, "_shared", {})
+    monkeypatch.setattr(
+        models, "ModelCache", lambda base, dev, mp: SimpleNamespace(device=device, pipeline=lambda: "pipe")
+    )
+    conn = _Conn()
+    lazy = backends.LazyModels(proj.load(), backends._said_where(conn, gpus))
+    assert lazy.pipeline() == lazy.pipeline() == "pipe"
+    assert conn.sent == said  # once a step
+
+
+def test_the_process_backend_passes_where_its_worker_says_its_step_runs(proj):
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from runner.exec import backends
+    from runner.exec.job import Hooks
+
+    ours, theirs = multiprocessing.Pipe()
+    theirs.send(("where", "cpu"))
+    theirs.send(("done", "the outcome"))
+    worker = SimpleNamespace(conn=ours, process=SimpleNamespace(is_alive=lambda: True))
+    places = []
+    job = SimpleNamespace(step_id="train:dog", stop_file=None)
+    assert backends._receive(worker, job, Hooks(where=places.append)) == ("done", "the outcome")
+    assert places == ["cpu"]

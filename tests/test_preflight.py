@@ -358,3 +358,54 @@ def test_a_target_typo_of_a_subject_with_snapshots_is_said_once(proj, build, fak
         assert ended[f"train:{subject}"][0] == FAILED
         assert ended[f"train:{subject}"][1].startswith("lora.target_modules: 'to_kk' names no module")
         assert ended[f"snapshot:{subject}@2"] == (SKIPPED, f"upstream train:{subject} failed")
+
+
+def _no_cuda(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_device_cuda_on_a_machine_without_cuda_is_said_once_before_any_step_runs(
+    proj, fake_steps, monkeypatch, capsys
+):
+    # Each step that ran failed on it, exit 1, after the build had begun, and none named the file or line.
+    from runner.cli import main
+
+    _no_cuda(monkeypatch)
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
+    assert main(["build", str(proj.path), "--no-progress", "--keep-going"]) == 2
+    assert fake_steps.ran == []
+    said = [line for line in capsys.readouterr().err.splitlines() if "CUDA" in line]
+    assert said == [
+        f'dbl: {proj.path}: project.device: device = "cuda", but this machine has no CUDA device (line 4) - '
+        'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
+    ]
+
+
+def test_device_cuda_is_not_refused_for_steps_a_cluster_places_or_that_load_no_model(
+    proj, build, fake_steps, monkeypatch
+):
+    from tests.conftest import FakeBackend
+
+    class Cluster(FakeBackend):
+        places_steps = True
+
+        def default_jobs(self) -> int:
+            return 1
+
+    _no_cuda(monkeypatch)
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
+    result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
+    assert result.ok and "train:dog" in fake_steps.ran  # its nodes may have GPUs
+    assert preflight_device(proj, ["eval"]) is None
+    assert preflight_device(proj, ["train"]) is not None
+
+
+def preflight_device(proj, kinds: list[str]):
+    """What the build says of the project's device, where steps of these kinds run."""
+    from types import SimpleNamespace
+
+    from runner.exec.preflight import device_problem
+
+    return device_problem(proj.load(), [SimpleNamespace(kind=kind) for kind in kinds])

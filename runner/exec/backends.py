@@ -87,9 +87,10 @@ class LazyModels:
 
     _shared: dict = {}  # one base model held at a time, across builds of one process (dbl watch)
 
-    def __init__(self, project):
+    def __init__(self, project, loaded: Callable[[str], None] | None = None):
         self._project = project
         self._key = None
+        self._loaded = loaded  # told the device torch resolved, once, when the step loads the model
 
     def __getattr__(self, name):
         from runner.models import BaseModel, ModelCache
@@ -101,7 +102,11 @@ class LazyModels:
         if self._key not in self._shared:
             self._shared.clear()
             self._shared[self._key] = ModelCache(base, s.device, s.mixed_precision)
-        return getattr(self._shared[self._key], name)
+        cache = self._shared[self._key]
+        if name == "pipeline" and self._loaded is not None:  # not `device`: a blend reads it, runs on the CPU
+            self._loaded, loaded = None, self._loaded
+            loaded(cache.device)
+        return getattr(cache, name)
 
 
 def model_files_stamp(base) -> tuple:
@@ -303,6 +308,8 @@ def _receive(worker: _Worker, job: Job, hooks: Hooks) -> tuple[str, object]:
                 hooks.progress(done, total, **metrics)
             elif kind == "log":
                 hooks.log(payload)
+            elif kind == "where":
+                hooks.where(payload)
             else:
                 return kind, payload
     except BaseException:
@@ -345,9 +352,25 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
             job = None
         if job is None:
             _exit()
-        result = run_reported(job, hooks, LazyModels(job.project))  # the model stays loaded for the next
+        models = LazyModels(job.project, _said_where(conn, devices))  # the model stays loaded for the next
+        result = run_reported(job, hooks, models)
         _release_cached_gpu_memory()
         conn.send(result)
+
+
+def _said_where(conn, gpus: tuple[str, ...]) -> Callable[[str], None]:
+    """What a worker given `gpus` does with the device its step loads the model on: the build shows the
+    step on the GPUs it gave (the CPU where none), and is told the device torch chose where that differs
+    (no CUDA device under the GPUs given, or CUDA where none was given)."""
+    from runner.exec.devices import shown
+
+    given = shown("cuda" if gpus else "cpu", gpus)
+
+    def loaded(device: str) -> None:
+        if shown(device, gpus) != given:
+            conn.send(("where", shown(device, gpus)))
+
+    return loaded
 
 
 def _release_cached_gpu_memory() -> None:

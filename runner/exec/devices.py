@@ -127,3 +127,11 @@ def gpus_for_device(gpus: tuple[str, ...] | None, device: str) -> str | None:
         f'--gpus {",".join(gpus)}: device = "{device}" in [project] uses no CUDA GPU; leave --gpus out, '
         'or set device = "auto" or "cuda" to run on the GPUs'
     )
+
+
+def shown(device: str, gpus: tuple[str, ...]) -> str:
+    """How a step's device is shown ("on cuda:1,3"): `device` as torch resolved it (cuda, mps, cpu) in a
+    process given `gpus` (CUDA_VISIBLE_DEVICES: shown by their numbers on this machine, not torch's)."""
+    if not device.startswith("cuda"):
+        return device
+    return f"cuda:{','.join(gpus)}" if gpus else device

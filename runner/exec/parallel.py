@@ -20,7 +20,7 @@ import time
 from runner import events, planner
 from runner.errors import StepError, StepInterrupted
 from runner.exec import scheduler as sch
-from runner.exec.devices import DevicePool
+from runner.exec.devices import DevicePool, shown
 from runner.exec.job import Hooks
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 
@@ -193,7 +193,7 @@ def _device_name(devices: tuple[str, ...], backend) -> str:
     if getattr(backend, "places_steps", False):
         return ""  # known once the step is placed: the backend says so through hooks.where
     where = getattr(backend, "node", "")
-    gpu = ("cuda:" + ",".join(devices)) if devices else "cpu"
+    gpu = shown("cuda" if devices else "cpu", devices)  # a worker says so where torch chose otherwise
     return f"{where} {gpu}".strip()
 
 

@@ -224,6 +224,36 @@ def _unmatched(component, subject, targets: list[str], model, key_of) -> str | N
     )
 
 
+def device_problem(project, to_run: list) -> str | None:
+    """Why this machine lacks the project's `device` ("cuda" or "mps"), where a step of `to_run`
+    (planner.Steps) loads the model on it; else None. Each such step failed on it after the build had
+    begun, one by one, and none named the project file: it is the project's setting, said once. For steps
+    run on this machine only: a cluster's workers may have the device."""
+    device = project.settings.device
+    if device in ("auto", "cpu") or not any(steps.get(step.kind).loads_model for step in to_run):
+        return None  # torch is not imported
+    from runner.models import resolve_device
+    from runner.project.lines import LineIndex
+    from runner.project.problems import Problem, ProjectError, display
+    from runner.project.source import read_text
+
+    try:
+        resolve_device(device)
+    except ModelError:
+        pass
+    else:
+        return None
+    try:
+        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
+            warnings.simplefilter("ignore")
+            line = LineIndex(read_text(project.path)).line(("project", "device"))
+    except (OSError, ProjectError):  # the file went, or changed, since it loaded: the key alone
+        line = None
+    what = f'device = "{device}", but this machine has no {"CUDA" if device == "cuda" else "MPS"} device'
+    fix = 'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
+    return f"{display(project.path)}: {Problem('project.device', what, line, fix)}"
+
+
 def machine_errors(project, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that cannot run on this machine (an
     optimizer or a scheduler whose package is not installed, no CUDA device), as each step would say it

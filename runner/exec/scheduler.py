@@ -243,16 +243,20 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
 def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph, failed: set[str], backend):
     """Fail the steps of `todo` that would fail on a broken image or caption, on LoRA targets that name
     no module, or on an optimizer or scheduler this machine cannot run: before any step runs (and loads a
-    model). The steps after them are skipped. The steps left to run, and the exit code so far."""
+    model). The steps after them are skipped. The steps left to run, and the exit code so far. Raises a
+    UsageError where this machine lacks the project's device."""
     running = [p.step for p in todo if not p.restorable]
     if not running:
         return todo, EXIT_OK
+    places = getattr(backend, "places_steps", False)  # a cluster's workers may have what this machine lacks
+    if not places and (problem := preflight.device_problem(ws.project, running)) is not None:
+        raise UsageError(problem)  # the project's setting: said once, as a project problem (exit 2)
     errors = preflight.failing_steps(ws.hasher, lock, running)
     notes: list[str] = []
     found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running, notes)]
     for note in notes:
         reporter.log(None, note)
-    if not getattr(backend, "places_steps", False):  # a cluster's workers may have what this machine lacks
+    if not places:
         found.append(preflight.machine_errors(ws.project, running))
     for sid, error in [item for more in found for item in more.items()]:
         errors[sid] = f"{errors[sid]}\n{error}" if sid in errors else error

@@ -154,6 +154,9 @@ class StepKind:
     # device), as the step says it, or None; `device()` names the device the step would use (asking may
     # import torch). The build asks before any step runs.
     missing: Callable[[Any, Callable[[], str]], str | None] = lambda spec, device: None
+    # Its steps load the base model on the project's `device`: a build checks that this machine has that
+    # device before any step runs (runner.exec.preflight).
+    loads_model: bool = True
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
     unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
     writes_images: bool = False  # its outputs are image files, which an image folder around them would read

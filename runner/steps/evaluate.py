@@ -186,5 +186,6 @@ KIND = register(
         doc="scores a render of the shapes world: subject fidelity, prompt fidelity, class drift",
         check=_check,
         unit=("images", "img/s"),
+        loads_model=False,  # it scores image files
     )
 )

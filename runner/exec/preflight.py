@@ -212,8 +212,10 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
 
 def _unmatched(component, subject, targets: list[str], model, key_of) -> str | None:
     """The warning for the names of `targets` that match no module of `model`, where others do; or None."""
-    paths = [path for path, _ in model.named_modules()]
-    missing = [t for t in dict.fromkeys(targets) if not any(p == t or p.endswith(f".{t}") for p in paths)]
+    from runner.training.lora import matched_targets
+
+    matched = matched_targets(targets, model)
+    missing = [t for t in dict.fromkeys(targets) if t not in matched]
     if not missing:
         return None
     key = key_of(component.field_of(subject.lora, "target_modules"))

@@ -29,6 +29,18 @@ def lora_config(component, lora_settings, model=None):
     )
 
 
+def names_module(name: str, path: str) -> bool:
+    """Whether target `name` names the module at `path`, as PEFT matches them: the whole path or its last
+    parts."""
+    return path == name or path.endswith(f".{name}")
+
+
+def matched_targets(targets: list[str], model) -> set[str]:
+    """The names of `targets` that name some module of `model`."""
+    paths = [path for path, _ in model.named_modules()]
+    return {t for t in targets if any(names_module(t, p) for p in paths)}
+
+
 def target_modules(component, value, model) -> list[str]:
     """The module names of a `target_modules` setting: a list as written, a preset as the component
     names it. `all-linear` keeps the names whose modules in `model` are all linear layers (a transformer
@@ -43,7 +55,7 @@ def target_modules(component, value, model) -> list[str]:
     linear: dict[str, set[bool]] = {}
     for path, module in model.named_modules():
         for name in names:
-            if path == name or path.endswith(f".{name}"):
+            if names_module(name, path):
                 linear.setdefault(name, set()).add(isinstance(module, torch.nn.Linear))
     return [name for name in names if linear.get(name) == {True}]
 
@@ -95,8 +107,7 @@ def check_targets(
     both diffusers' current and older attention modules.)"""
     import torch
 
-    paths = [path for path, _ in model.named_modules()]
-    if any(p == t or p.endswith(f".{t}") for t in targets for p in paths):
+    if matched_targets(targets, model):
         return
     key = component.field_of(lora_settings, "target_modules")
     layers = (torch.nn.Linear, torch.nn.Conv2d)

@@ -178,6 +178,8 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
         subject = steps.get(step.kind).trains(step.spec)
         if subject is not None:
             subjects[step.id] = subject
+    if not subjects:  # no step trains: the base model's family is not looked up
+        return {}
     from runner.models import BaseModel
 
     base = BaseModel.of(project.settings, project.dir)
@@ -273,8 +275,8 @@ def machine_errors(project, to_run: list) -> dict[str, str]:
     for step in to_run:
         try:
             why = steps.get(step.kind).missing(step.spec, resolved)
-        except ModelError:  # a device that is not there: the step says so, as it always did
-            continue
+        except ModelError:  # a device that is not there: device_problem says so, for the steps that load
+            continue  # the model; a step that loads none would not ask
         if why:
             errors[step.id] = why
     return errors

@@ -114,7 +114,6 @@ def note_subjects(check, subjects: dict) -> None:
             "is 0, which scales the LoRA by 0 (alpha / rank): it learns nothing and changes no image",
             "use alpha = rank for a scale of 1 (the recipe: rank 16, alpha 27)",
         )
-    unused: dict[tuple[tuple[str, ...], bool], list[tuple[str, ...]]] = {}  # (table, bucket key?): keys
     for where in all_dropped:
         check.note(
             where,
@@ -122,6 +121,7 @@ def note_subjects(check, subjects: dict) -> None:
             "learns to call up the subject",
             "0.1 is usual; remove caption_dropout to keep every prompt",
         )
+    unused: dict[tuple[tuple[str, ...], bool], list[tuple[str, ...]]] = {}  # (table, bucket key?): keys
     for where, is_used in used.items():
         if not is_used:
             unused.setdefault((where[:-1], where[-1] in BUCKET_KEYS), []).append(where)

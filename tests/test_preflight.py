@@ -108,6 +108,41 @@ def test_a_build_that_restores_every_step_decodes_no_image(proj, build, monkeypa
     assert decoded == []
 
 
+EVAL = """
+[evals.base]
+render = "base"
+subject = "dog"
+"""
+
+
+def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj, build, fake_steps):
+    # Was found when eval:base read the photos to score subject fidelity, after render:base had drawn.
+    proj.edit("[renders.base]", EVAL + "\n[renders.base]")
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj, only=("eval:base",))
+    assert result.exit_code == 1
+    assert fake_steps.ran == []
+    status, error = _ended(rec)["eval:base"]
+    assert status == FAILED
+    assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
+
+
+def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj, build, monkeypatch):
+    proj.edit("[renders.base]", EVAL + "\n[renders.base]")
+    decoded = _decoded(monkeypatch)
+    assert build(proj)[0].ok
+    # dog's three photos, read by train:dog and eval:base, decoded once; toy's two
+    assert sorted(decoded) == ["00.png", "00.png", "01.png", "01.png", "02.png"]
+    proj.lock.unlink()
+    decoded.clear()
+    assert build(proj, only=("eval:base",), force=("eval:base",))[0].ok
+    assert sorted(decoded) == ["00.png", "01.png", "02.png"]  # no record vouches for them now
+    decoded.clear()
+    proj.edit('subject = "dog"', 'subject = "dog"\nidentifier = "zwx"')
+    assert build(proj, only=("eval:base",))[0].ok
+    assert decoded == []  # the eval's record holds their hashes: it read them
+
+
 def _ended(rec) -> dict:
     return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
 

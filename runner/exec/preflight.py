@@ -28,24 +28,28 @@ from runner.imagefiles import list_images, unreadable
 
 def decoded_before(lock: dict) -> set[str]:
     """The sha256 of each image that a recorded step decoded: its `images` input, of which a step with a
-    `num_images` (a prior's given class images) read the first that many by name."""
+    `num_images` (a prior's given class images) read the first that many by name, and an eval's `subject`
+    (the subject's photos)."""
     found: set[str] = set()
     for record in lock.values():
         inputs = record.get("inputs", {}) if isinstance(record, dict) else {}
-        images = inputs.get("images") if isinstance(inputs, dict) else None
-        files = images.get("files") if isinstance(images, dict) else None
-        if not isinstance(files, dict):
+        if not isinstance(inputs, dict):
             continue
-        count = inputs.get("num_images")
-        names = sorted(files)[:count] if isinstance(count, int) else files
-        found.update(files[name] for name in names if isinstance(files[name], str))
+        for key in ("images", "subject"):
+            images = inputs.get(key)
+            files = images.get("files") if isinstance(images, dict) else None
+            if not isinstance(files, dict):
+                continue
+            count = inputs.get("num_images") if key == "images" else None
+            names = sorted(files)[:count] if isinstance(count, int) else files
+            found.update(files[name] for name in names if isinstance(files[name], str))
     return found
 
 
-def images_of(step) -> list[Path]:
+def images_of(project, step) -> list[Path]:
     """The user's image files that `step` (a planner.Step) decodes, in the order it reads them."""
     files = []
-    for folder, count in steps.get(step.kind).decodes(step.spec):
+    for folder, count in steps.get(step.kind).decodes(project, step.spec):
         found = list_images(Path(folder))
         files += found if count is None else found[:count]
     return files
@@ -86,11 +90,11 @@ def broken_images(
     return broken
 
 
-def failing_steps(hasher: FileHasher, lock: dict, to_run: list) -> dict[str, str]:
+def failing_steps(hasher: FileHasher, lock: dict, project, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that would fail on an image: each
     error names every broken image the step reads, as the step would say it. Of an image decoded here, a
     train step's error also names a size it cannot be resized to (an extreme aspect ratio)."""
-    files = {step.id: images_of(step) for step in to_run}
+    files = {step.id: images_of(project, step) for step in to_run}
     sizes: dict[Path, tuple[int, int]] = {}
     all_files = [f for found in files.values() for f in found]
     broken = broken_images(hasher, all_files, decoded_before(lock), sizes)
@@ -130,7 +134,7 @@ def _too_large(path: Path, size: tuple[int, int], ts) -> str | None:
     return None
 
 
-def caption_errors(to_run: list) -> dict[str, str]:
+def caption_errors(project, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that train on a caption file that
     cannot be read as a caption (binary, not UTF-8, [trigger] without a trigger), as the train step says
     it. Caption files are small: each is read, as the plan reads only their hashes."""
@@ -144,7 +148,11 @@ def caption_errors(to_run: list) -> dict[str, str]:
             continue
         try:
             image_prompts(
-                images_of(step), subject.caption_extension, subject.instance_prompt, subject.trigger, _quiet
+                images_of(project, step),
+                subject.caption_extension,
+                subject.instance_prompt,
+                subject.trigger,
+                _quiet,
             )
         except StepError as exc:
             errors[step.id] = str(exc)
@@ -155,12 +163,14 @@ def _quiet(message: str) -> None:
     """What reading captions warns of is said by the train step that reads them, not twice."""
 
 
-def every_broken_image(hasher: FileHasher, lock: dict, project_steps: list, found: ImageError) -> ImageError:
+def every_broken_image(
+    hasher: FileHasher, lock: dict, project, project_steps: list, found: ImageError
+) -> ImageError:
     """The error that names every broken image the project's steps read, where planning stopped at
     `found` (the files of one folder that cannot be read): a build that named only those had the user
     fix them, build again, and only then learn of a photo that does not decode."""
     broken = broken_images(
-        hasher, [f for step in project_steps for f in images_of(step)], decoded_before(lock)
+        hasher, [f for step in project_steps for f in images_of(project, step)], decoded_before(lock)
     )
     said = list(dict.fromkeys([*found.each, *broken.values()]))
     return ImageError(unreadable(said), said)

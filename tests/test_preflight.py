@@ -7,6 +7,7 @@ import os
 import pytest
 
 from runner.events import FAILED, SKIPPED
+from runner.project.problems import display
 from tests.conftest import write_image
 
 
@@ -194,9 +195,10 @@ def test_a_target_that_names_no_module_beside_one_that_does_is_warned_of_once(pr
     result, rec = build(proj)
     assert result.ok and "train:dog" in fake_steps.ran
     warned = [e[2] for e in rec.events if e[0] == "log" and "names no module" in e[2]]
-    assert warned == [  # both subjects read [lora]'s list: said once
-        "warning: lora.target_modules: 'to_kk' names no module of the unet, so it trains nothing (the other "
-        "names do) - check the spelling, or remove it"
+    line = proj.path.read_text().split("\n").index('target_modules = ["to_q", "to_kk"]') + 1
+    assert warned == [  # both subjects read [lora]'s list: said once, as a warning of the file
+        f"warning: {display(proj.path)}: lora.target_modules: 'to_kk' names no module of the unet, so it "
+        f"trains nothing (the other names do) (line {line}) - check the spelling, or remove it"
     ]
 
 

@@ -216,13 +216,13 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
             except StepError as exc:
                 errors[sid] = str(exc)
                 break
-            note = _unmatched(c, subject, targets, model, key_of) if notes is not None else None
+            note = _unmatched(project, c, subject, targets, model, key_of) if notes is not None else None
             if note and note not in notes:  # a [lora] list that every subject (and snapshot) reads: once
                 notes.append(note)
     return errors
 
 
-def _unmatched(component, subject, targets: list[str], model, key_of) -> str | None:
+def _unmatched(project, component, subject, targets: list[str], model, key_of) -> str | None:
     """The warning for the names of `targets` that match no module of `model`, where others do; or None."""
     from runner.training.lora import matched_targets
 
@@ -230,12 +230,36 @@ def _unmatched(component, subject, targets: list[str], model, key_of) -> str | N
     missing = [t for t in dict.fromkeys(targets) if t not in matched]
     if not missing:
         return None
-    key = key_of(component.field_of(subject.lora, "target_modules"))
-    return (
-        f"warning: {key}: {', '.join(map(repr, missing))} names no module of the {component.name}, so "
-        f"{'it trains' if len(missing) == 1 else 'they train'} nothing (the other names do) - check the "
-        f"spelling, or remove {'it' if len(missing) == 1 else 'them'}"
+    one = len(missing) == 1
+    return _warning(
+        project,
+        key_of(component.field_of(subject.lora, "target_modules")),
+        f"{', '.join(map(repr, missing))} names no module of the {component.name}, so "
+        f"{'it trains' if one else 'they train'} nothing (the other names do)",
+        f"check the spelling, or remove {'it' if one else 'them'}",
     )
+
+
+def _warning(project, key: str, what: str, fix: str) -> str:
+    """A warning about the project file's `key`, said as those of loading it are: file, key, line, fix."""
+    from runner.project.problems import Problem, display
+
+    return f"warning: {display(project.path)}: {Problem(key, what, _line(project, key), fix)}"
+
+
+def _line(project, key: str) -> int | None:
+    """The line of `key` (dotted) in the project file; None where the file went, or changed, since it
+    loaded (the key alone is said then)."""
+    from runner.project.lines import LineIndex
+    from runner.project.problems import ProjectError
+    from runner.project.source import read_text
+
+    try:
+        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
+            warnings.simplefilter("ignore")
+            return LineIndex(read_text(project.path)).line(key)
+    except (OSError, ProjectError):
+        return None
 
 
 def device_problem(project, to_run: list) -> str | None:
@@ -247,9 +271,7 @@ def device_problem(project, to_run: list) -> str | None:
     if device in ("auto", "cpu") or not any(steps.get(step.kind).loads_model for step in to_run):
         return None  # torch is not imported
     from runner.models import resolve_device
-    from runner.project.lines import LineIndex
-    from runner.project.problems import Problem, ProjectError, display
-    from runner.project.source import read_text
+    from runner.project.problems import Problem, display
 
     try:
         resolve_device(device)
@@ -257,12 +279,7 @@ def device_problem(project, to_run: list) -> str | None:
         pass
     else:
         return None
-    try:
-        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
-            warnings.simplefilter("ignore")
-            line = LineIndex(read_text(project.path)).line(("project", "device"))
-    except (OSError, ProjectError):  # the file went, or changed, since it loaded: the key alone
-        line = None
+    line = _line(project, "project.device")
     what = f'device = "{device}", but this machine has no {"CUDA" if device == "cuda" else "MPS"} device'
     fix = 'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
     return f"{display(project.path)}: {Problem('project.device', what, line, fix)}"

@@ -202,6 +202,35 @@ def test_a_target_that_names_no_module_beside_one_that_does_is_warned_of_once(pr
     ]
 
 
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_rank_as_wide_as_every_targeted_layer_is_warned_of_with_its_line(proj, build, fake_steps):
+    # tiny-sd's to_q layers are 64 x 64, its to_v layers 32 x 64 and 64 x 64; its q_proj layers 32 x 32.
+    proj.edit("rank = 4", 'rank = 64\ntarget_modules = ["to_q", "to_v"]\ntext_encoder_rank = 32')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_proj"]')
+    result, rec = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran  # a warning: the adapters are still valid
+    warned = [e[2] for e in rec.events if e[0] == "log" and "full rank" in e[2]]
+    lines = proj.path.read_text().split("\n")
+    assert [w.split(" is at least")[0] for w in warned] == [  # each key once, though two subjects read [lora]
+        f"warning: {display(proj.path)}: lora.rank: 64",
+        f"warning: {display(proj.path)}: lora.text_encoder_rank: 32",
+    ]
+    assert warned[0].endswith(
+        f"(at most 64): each update is full rank, with more parameters than the layer it adapts (the results "
+        f"are valid) (line {lines.index('rank = 64') + 1}) - use a rank below 64, or target wider layers"
+    )
+    assert f"(line {lines.index('text_encoder_rank = 32') + 1})" in warned[1]
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_rank_below_the_widest_targeted_layer_is_not_warned_of(proj, build, fake_steps):
+    proj.edit("rank = 4", 'rank = 63\ntarget_modules = ["to_q", "to_v"]\ntext_encoder_rank = 31')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_proj"]')
+    result, rec = build(proj)
+    assert result.ok
+    assert not [e for e in rec.events if e[0] == "log" and "full rank" in e[2]]
+
+
 def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypatch):
     from runner.exec import preflight
 

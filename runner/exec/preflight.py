@@ -5,7 +5,8 @@ minutes generating class images, or after another subject had trained. Here ever
 will decode is decoded once, before any model is loaded, and each broken one is named. So is a caption
 it cannot read, an optimizer or scheduler this machine cannot run, and a `target_modules` list that
 names no module of the model (a typo, `to_kk`), found from the model's configs alone: its modules are
-made on torch's meta device, which holds no weights.
+made on torch's meta device, which holds no weights. Of those modules, the warnings of a target name that
+matches nothing and of a rank as wide as every targeted layer.
 
 Decoding costs about a hundred times the hash of a file, so an image whose content a build decoded before
 is not decoded again: the lockfile's records hold the hashes of the images that their steps read
@@ -182,7 +183,8 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
     checked (a preset names the modules of its family); where the model's configs cannot be read here (a
     single file, a hub model not downloaded yet), nothing is said and the train step checks. A name of a
     list that matches nothing beside one that does is allowed (PEFT allows it), but it is most often a typo
-    (`["to_q", "to_kk"]` trains to_q alone): `notes` gets a warning for each such key, once."""
+    (`["to_q", "to_kk"]` trains to_q alone): `notes` gets a warning for each such key, once; and one for
+    a rank at least as wide as every layer the list names (see _full_rank)."""
     subjects = {}
     for step in to_run:
         subject = steps.get(step.kind).trains(step.spec)
@@ -216,10 +218,48 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
             except StepError as exc:
                 errors[sid] = str(exc)
                 break
-            note = _unmatched(project, c, subject, targets, model, key_of) if notes is not None else None
-            if note and note not in notes:  # a [lora] list that every subject (and snapshot) reads: once
-                notes.append(note)
+            if notes is None:
+                continue
+            for note in (
+                _unmatched(project, c, subject, targets, model, key_of),
+                _full_rank(project, c, subject, targets, model, key_of),
+            ):
+                if note and note not in notes:  # a [lora] key that every subject (and snapshot) reads: once
+                    notes.append(note)
     return errors
+
+
+def _full_rank(project, component, subject, targets: list[str], model, key_of) -> str | None:
+    """The warning for a rank at least the smaller side of every layer that `targets` names in `model`,
+    or None. A LoRA of rank r on a d_in x d_out layer updates it at rank min(r, d_in, d_out): from
+    min(d_in, d_out) on, the update is full rank, and its r * (d_in + d_out) parameters are more than the
+    layer's own. Said where it holds for every layer: where a wider one is named, the rank still bounds
+    that layer's update."""
+    import torch
+
+    from runner.training.lora import names_module
+
+    widths = []
+    for path, module in model.named_modules():
+        if not any(names_module(t, path) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            widths.append(min(module.in_features, module.out_features))
+        elif isinstance(module, torch.nn.Conv2d):  # PEFT's update: out x (in * kernel height * width)
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            widths.append(min(module.in_channels * kernel, module.out_channels))
+    rank = component.value(subject.lora, "rank")
+    if not widths or rank < max(widths):
+        return None
+    widest = max(widths)
+    return _warning(
+        project,
+        key_of(component.field_of(subject.lora, "rank")),
+        f"{rank} is at least the smaller side of every layer of the {component.name} that target_modules "
+        f"names (at most {widest}): each update is full rank, with more parameters than the layer it "
+        "adapts (the results are valid)",
+        f"use a rank below {widest}, or target wider layers",
+    )
 
 
 def _unmatched(project, component, subject, targets: list[str], model, key_of) -> str | None:

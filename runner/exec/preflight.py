@@ -257,8 +257,7 @@ def _full_rank(project, component, subject, targets: list[str], model, key_of) -
         project,
         key_of(component.field_of(subject.lora, "rank")),
         f"{rank} is at least the smaller side of every layer of the {component.name} that target_modules "
-        f"names (at most {widest}): each update is full rank, with more parameters than the layer it "
-        "adapts (the results are valid)",
+        f"names (at most {widest}): each update is full rank, with more parameters than the layer it adapts",
         f"use a rank below {widest}, or target wider layers",
     )
 

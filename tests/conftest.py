@@ -157,6 +157,8 @@ class FakeSteps:
                 parts = [(d.name, (d / "unet" / "adapter.json").read_text()) for d in ctx.inputs.values()]
                 (ctx.out / "unet").mkdir()
                 (ctx.out / "unet" / "adapter.json").write_text(json.dumps([parts, list(spec.adapters)]))
+            elif kind == "eval":
+                (ctx.out / "scores.json").write_text(json.dumps({"identifier": spec.identifier}))
             else:
                 for i, prompt in enumerate(spec.prompts):
                     for seed in spec.seeds:

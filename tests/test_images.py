@@ -266,3 +266,59 @@ def test_real_photos_decode():
     assert files
     for path in files:
         assert load_rgb(path).mode == "RGB"
+
+
+def _photo_jpeg(size=(256, 192), **save) -> bytes:
+    """A JPEG of noise-like content, so that damage to its entropy-coded data is damage to pixels."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([(xx * 7 + yy * 3) % 256, (xx * yy) % 256, (xx ^ yy) % 256], axis=-1).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    buf = io.BytesIO()
+    (image.convert(save.pop("mode")) if "mode" in save else image).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def test_the_check_decodes_a_jpeg_at_an_eighth_and_finds_what_a_full_decode_finds(tmp_path, monkeypatch):
+    from PIL import ExifTags, JpegImagePlugin
+
+    from runner.images import decodes
+
+    scaled = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile,
+        "draft",
+        lambda self, mode, size: scaled.append(size) or draft(self, mode, size),
+    )
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # upright, the picture is on its side: 192 x 256
+    good = {
+        "baseline": _photo_jpeg(),
+        "progressive": _photo_jpeg(progressive=True),
+        "gray": _photo_jpeg(mode="L"),
+        "cmyk": _photo_jpeg(mode="CMYK"),
+        "sideways": _photo_jpeg(exif=exif),
+    }
+    for name, data in good.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        assert decodes(path) == load_rgb(path).size, name
+    assert scaled == [(32, 24)] * len(good)  # each decoded at an eighth of 256 x 192
+    data = good["baseline"]
+    scan = data.index(b"\xff\xda")
+    broken = {
+        "half": data[: len(data) // 2],
+        "no-end": data[:-2],
+        "header": data[: scan + 20],
+        "garbage": data[: scan + 400] + bytes(range(256)) * 2 + data[scan + 912 :],
+        "progressive-cut": good["progressive"][: len(good["progressive"]) * 3 // 4],
+    }
+    for name, data in broken.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        with pytest.raises(ImageError) as full:
+            load_rgb(path)
+        with pytest.raises(ImageError) as checked:
+            decodes(path)
+        assert str(checked.value) == str(full.value), name

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from runner.events import FAILED, SKIPPED
+from runner.project.problems import display
 from tests.conftest import write_image
 
 
@@ -108,6 +109,41 @@ def test_a_build_that_restores_every_step_decodes_no_image(proj, build, monkeypa
     assert decoded == []
 
 
+EVAL = """
+[evals.base]
+render = "base"
+subject = "dog"
+"""
+
+
+def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj, build, fake_steps):
+    # Was found when eval:base read the photos to score subject fidelity, after render:base had drawn.
+    proj.edit("[renders.base]", EVAL + "\n[renders.base]")
+    (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
+    result, rec = build(proj, only=("eval:base",))
+    assert result.exit_code == 1
+    assert fake_steps.ran == []
+    status, error = _ended(rec)["eval:base"]
+    assert status == FAILED
+    assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
+
+
+def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj, build, monkeypatch):
+    proj.edit("[renders.base]", EVAL + "\n[renders.base]")
+    decoded = _decoded(monkeypatch)
+    assert build(proj)[0].ok
+    # dog's three photos, read by train:dog and eval:base, decoded once; toy's two
+    assert sorted(decoded) == ["00.png", "00.png", "01.png", "01.png", "02.png"]
+    proj.lock.unlink()
+    decoded.clear()
+    assert build(proj, only=("eval:base",), force=("eval:base",))[0].ok
+    assert sorted(decoded) == ["00.png", "01.png", "02.png"]  # no record vouches for them now
+    decoded.clear()
+    proj.edit('subject = "dog"', 'subject = "dog"\nidentifier = "zwx"')
+    assert build(proj, only=("eval:base",))[0].ok
+    assert decoded == []  # the eval's record holds their hashes: it read them
+
+
 def _ended(rec) -> dict:
     return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
 
@@ -159,10 +195,40 @@ def test_a_target_that_names_no_module_beside_one_that_does_is_warned_of_once(pr
     result, rec = build(proj)
     assert result.ok and "train:dog" in fake_steps.ran
     warned = [e[2] for e in rec.events if e[0] == "log" and "names no module" in e[2]]
-    assert warned == [  # both subjects read [lora]'s list: said once
-        "warning: lora.target_modules: 'to_kk' names no module of the unet, so it trains nothing (the other "
-        "names do) - check the spelling, or remove it"
+    line = proj.path.read_text().split("\n").index('target_modules = ["to_q", "to_kk"]') + 1
+    assert warned == [  # both subjects read [lora]'s list: said once, as a warning of the file
+        f"warning: {display(proj.path)}: lora.target_modules: 'to_kk' names no module of the unet, so it "
+        f"trains nothing (the other names do) (line {line}) - check the spelling, or remove it"
     ]
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_rank_as_wide_as_every_targeted_layer_is_warned_of_with_its_line(proj, build, fake_steps):
+    # tiny-sd's to_q layers are 64 x 64, its to_v layers 32 x 64 and 64 x 64; its q_proj layers 32 x 32.
+    proj.edit("rank = 4", 'rank = 64\ntarget_modules = ["to_q", "to_v"]\ntext_encoder_rank = 32')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_proj"]')
+    result, rec = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran  # a warning: the adapters are still valid
+    warned = [e[2] for e in rec.events if e[0] == "log" and "full rank" in e[2]]
+    lines = proj.path.read_text().split("\n")
+    assert [w.split(" is at least")[0] for w in warned] == [  # each key once, though two subjects read [lora]
+        f"warning: {display(proj.path)}: lora.rank: 64",
+        f"warning: {display(proj.path)}: lora.text_encoder_rank: 32",
+    ]
+    assert warned[0].endswith(
+        "(at most 64): each update is full rank, with more parameters than the layer it adapts "
+        f"(line {lines.index('rank = 64') + 1}) - use a rank below 64, or target wider layers"
+    )
+    assert f"(line {lines.index('text_encoder_rank = 32') + 1})" in warned[1]
+
+
+@pytest.mark.torch  # makes the tiny model's modules, without weights
+def test_a_rank_below_the_widest_targeted_layer_is_not_warned_of(proj, build, fake_steps):
+    proj.edit("rank = 4", 'rank = 63\ntarget_modules = ["to_q", "to_v"]\ntext_encoder_rank = 31')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_proj"]')
+    result, rec = build(proj)
+    assert result.ok
+    assert not [e for e in rec.events if e[0] == "log" and "full rank" in e[2]]
 
 
 def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypatch):

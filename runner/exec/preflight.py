@@ -5,9 +5,11 @@ minutes generating class images, or after another subject had trained. Here ever
 will decode is decoded once, before any model is loaded, and each broken one is named. So is a caption
 it cannot read, an optimizer or scheduler this machine cannot run, and a `target_modules` list that
 names no module of the model (a typo, `to_kk`), found from the model's configs alone: its modules are
-made on torch's meta device, which holds no weights.
+made on torch's meta device, which holds no weights. Of those modules, the warnings of a target name that
+matches nothing and of a rank as wide as every targeted layer.
 
-Decoding costs about a hundred times the hash of a file, so an image whose content a build decoded before
+Decoding costs tens of times the hash of a file (a JPEG is decoded at an eighth of its size, which finds
+the same damage: runner.images.decodes), so an image whose content a build decoded before
 is not decoded again: the lockfile's records hold the hashes of the images that their steps read
 successfully (a record is written only when its step succeeded).
 """
@@ -28,24 +30,28 @@ from runner.imagefiles import list_images, unreadable
 
 def decoded_before(lock: dict) -> set[str]:
     """The sha256 of each image that a recorded step decoded: its `images` input, of which a step with a
-    `num_images` (a prior's given class images) read the first that many by name."""
+    `num_images` (a prior's given class images) read the first that many by name, and an eval's `subject`
+    (the subject's photos)."""
     found: set[str] = set()
     for record in lock.values():
         inputs = record.get("inputs", {}) if isinstance(record, dict) else {}
-        images = inputs.get("images") if isinstance(inputs, dict) else None
-        files = images.get("files") if isinstance(images, dict) else None
-        if not isinstance(files, dict):
+        if not isinstance(inputs, dict):
             continue
-        count = inputs.get("num_images")
-        names = sorted(files)[:count] if isinstance(count, int) else files
-        found.update(files[name] for name in names if isinstance(files[name], str))
+        for key in ("images", "subject"):
+            images = inputs.get(key)
+            files = images.get("files") if isinstance(images, dict) else None
+            if not isinstance(files, dict):
+                continue
+            count = inputs.get("num_images") if key == "images" else None
+            names = sorted(files)[:count] if isinstance(count, int) else files
+            found.update(files[name] for name in names if isinstance(files[name], str))
     return found
 
 
-def images_of(step) -> list[Path]:
+def images_of(project, step) -> list[Path]:
     """The user's image files that `step` (a planner.Step) decodes, in the order it reads them."""
     files = []
-    for folder, count in steps.get(step.kind).decodes(step.spec):
+    for folder, count in steps.get(step.kind).decodes(project, step.spec):
         found = list_images(Path(folder))
         files += found if count is None else found[:count]
     return files
@@ -86,11 +92,11 @@ def broken_images(
     return broken
 
 
-def failing_steps(hasher: FileHasher, lock: dict, to_run: list) -> dict[str, str]:
+def failing_steps(hasher: FileHasher, lock: dict, project, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that would fail on an image: each
     error names every broken image the step reads, as the step would say it. Of an image decoded here, a
     train step's error also names a size it cannot be resized to (an extreme aspect ratio)."""
-    files = {step.id: images_of(step) for step in to_run}
+    files = {step.id: images_of(project, step) for step in to_run}
     sizes: dict[Path, tuple[int, int]] = {}
     all_files = [f for found in files.values() for f in found]
     broken = broken_images(hasher, all_files, decoded_before(lock), sizes)
@@ -130,7 +136,7 @@ def _too_large(path: Path, size: tuple[int, int], ts) -> str | None:
     return None
 
 
-def caption_errors(to_run: list) -> dict[str, str]:
+def caption_errors(project, to_run: list) -> dict[str, str]:
     """{step id: its error} of the steps of `to_run` (planner.Steps) that train on a caption file that
     cannot be read as a caption (binary, not UTF-8, [trigger] without a trigger), as the train step says
     it. Caption files are small: each is read, as the plan reads only their hashes."""
@@ -144,7 +150,11 @@ def caption_errors(to_run: list) -> dict[str, str]:
             continue
         try:
             image_prompts(
-                images_of(step), subject.caption_extension, subject.instance_prompt, subject.trigger, _quiet
+                images_of(project, step),
+                subject.caption_extension,
+                subject.instance_prompt,
+                subject.trigger,
+                _quiet,
             )
         except StepError as exc:
             errors[step.id] = str(exc)
@@ -155,12 +165,14 @@ def _quiet(message: str) -> None:
     """What reading captions warns of is said by the train step that reads them, not twice."""
 
 
-def every_broken_image(hasher: FileHasher, lock: dict, project_steps: list, found: ImageError) -> ImageError:
+def every_broken_image(
+    hasher: FileHasher, lock: dict, project, project_steps: list, found: ImageError
+) -> ImageError:
     """The error that names every broken image the project's steps read, where planning stopped at
     `found` (the files of one folder that cannot be read): a build that named only those had the user
     fix them, build again, and only then learn of a photo that does not decode."""
     broken = broken_images(
-        hasher, [f for step in project_steps for f in images_of(step)], decoded_before(lock)
+        hasher, [f for step in project_steps for f in images_of(project, step)], decoded_before(lock)
     )
     said = list(dict.fromkeys([*found.each, *broken.values()]))
     return ImageError(unreadable(said), said)
@@ -172,7 +184,8 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
     checked (a preset names the modules of its family); where the model's configs cannot be read here (a
     single file, a hub model not downloaded yet), nothing is said and the train step checks. A name of a
     list that matches nothing beside one that does is allowed (PEFT allows it), but it is most often a typo
-    (`["to_q", "to_kk"]` trains to_q alone): `notes` gets a warning for each such key, once."""
+    (`["to_q", "to_kk"]` trains to_q alone): `notes` gets a warning for each such key, once; and one for
+    a rank at least as wide as every layer the list names (see _full_rank)."""
     subjects = {}
     for step in to_run:
         subject = steps.get(step.kind).trains(step.spec)
@@ -206,13 +219,50 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
             except StepError as exc:
                 errors[sid] = str(exc)
                 break
-            note = _unmatched(c, subject, targets, model, key_of) if notes is not None else None
-            if note and note not in notes:  # a [lora] list that every subject (and snapshot) reads: once
-                notes.append(note)
+            if notes is None:
+                continue
+            for note in (
+                _unmatched(project, c, subject, targets, model, key_of),
+                _full_rank(project, c, subject, targets, model, key_of),
+            ):
+                if note and note not in notes:  # a [lora] key that every subject (and snapshot) reads: once
+                    notes.append(note)
     return errors
 
 
-def _unmatched(component, subject, targets: list[str], model, key_of) -> str | None:
+def _full_rank(project, component, subject, targets: list[str], model, key_of) -> str | None:
+    """The warning for a rank at least the smaller side of every layer that `targets` names in `model`,
+    or None. A LoRA of rank r on a d_in x d_out layer updates it at rank min(r, d_in, d_out): from
+    min(d_in, d_out) on, the update is full rank, and its r * (d_in + d_out) parameters are more than the
+    layer's own. Said where it holds for every layer: where a wider one is named, the rank still bounds
+    that layer's update."""
+    import torch
+
+    from runner.training.lora import names_module
+
+    widths = []
+    for path, module in model.named_modules():
+        if not any(names_module(t, path) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            widths.append(min(module.in_features, module.out_features))
+        elif isinstance(module, torch.nn.Conv2d):  # PEFT's update: out x (in * kernel height * width)
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            widths.append(min(module.in_channels * kernel, module.out_channels))
+    rank = component.value(subject.lora, "rank")
+    if not widths or rank < max(widths):
+        return None
+    widest = max(widths)
+    return _warning(
+        project,
+        key_of(component.field_of(subject.lora, "rank")),
+        f"{rank} is at least the smaller side of every layer of the {component.name} that target_modules "
+        f"names (at most {widest}): each update is full rank, with more parameters than the layer it adapts",
+        f"use a rank below {widest}, or target wider layers",
+    )
+
+
+def _unmatched(project, component, subject, targets: list[str], model, key_of) -> str | None:
     """The warning for the names of `targets` that match no module of `model`, where others do; or None."""
     from runner.training.lora import matched_targets
 
@@ -220,12 +270,36 @@ def _unmatched(component, subject, targets: list[str], model, key_of) -> str | N
     missing = [t for t in dict.fromkeys(targets) if t not in matched]
     if not missing:
         return None
-    key = key_of(component.field_of(subject.lora, "target_modules"))
-    return (
-        f"warning: {key}: {', '.join(map(repr, missing))} names no module of the {component.name}, so "
-        f"{'it trains' if len(missing) == 1 else 'they train'} nothing (the other names do) - check the "
-        f"spelling, or remove {'it' if len(missing) == 1 else 'them'}"
+    one = len(missing) == 1
+    return _warning(
+        project,
+        key_of(component.field_of(subject.lora, "target_modules")),
+        f"{', '.join(map(repr, missing))} names no module of the {component.name}, so "
+        f"{'it trains' if one else 'they train'} nothing (the other names do)",
+        f"check the spelling, or remove {'it' if one else 'them'}",
     )
+
+
+def _warning(project, key: str, what: str, fix: str) -> str:
+    """A warning about the project file's `key`, said as those of loading it are: file, key, line, fix."""
+    from runner.project.problems import Problem, display
+
+    return f"warning: {display(project.path)}: {Problem(key, what, _line(project, key), fix)}"
+
+
+def _line(project, key: str) -> int | None:
+    """The line of `key` (dotted) in the project file; None where the file went, or changed, since it
+    loaded (the key alone is said then)."""
+    from runner.project.lines import LineIndex
+    from runner.project.problems import ProjectError
+    from runner.project.source import read_text
+
+    try:
+        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
+            warnings.simplefilter("ignore")
+            return LineIndex(read_text(project.path)).line(key)
+    except (OSError, ProjectError):
+        return None
 
 
 def device_problem(project, to_run: list) -> str | None:
@@ -237,9 +311,7 @@ def device_problem(project, to_run: list) -> str | None:
     if device in ("auto", "cpu") or not any(steps.get(step.kind).loads_model for step in to_run):
         return None  # torch is not imported
     from runner.models import resolve_device
-    from runner.project.lines import LineIndex
-    from runner.project.problems import Problem, ProjectError, display
-    from runner.project.source import read_text
+    from runner.project.problems import Problem, display
 
     try:
         resolve_device(device)
@@ -247,12 +319,7 @@ def device_problem(project, to_run: list) -> str | None:
         pass
     else:
         return None
-    try:
-        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
-            warnings.simplefilter("ignore")
-            line = LineIndex(read_text(project.path)).line(("project", "device"))
-    except (OSError, ProjectError):  # the file went, or changed, since it loaded: the key alone
-        line = None
+    line = _line(project, "project.device")
     what = f'device = "{device}", but this machine has no {"CUDA" if device == "cuda" else "MPS"} device'
     fix = 'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
     return f"{display(project.path)}: {Problem('project.device', what, line, fix)}"

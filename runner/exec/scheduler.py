@@ -75,7 +75,9 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
             lock, planned = ws.plan(force_ids, options.num_processes)
         except ImageError as found:  # every broken image at once, not those of the first folder alone
             lock = lockfile.read(ws.lock_path)
-            raise preflight.every_broken_image(ws.hasher, lock, planner.graph(project), found) from None
+            raise preflight.every_broken_image(
+                ws.hasher, lock, project, planner.graph(project), found
+            ) from None
         planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
@@ -251,9 +253,12 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
     places = getattr(backend, "places_steps", False)  # a cluster's workers may have what this machine lacks
     if not places and (problem := preflight.device_problem(ws.project, running)) is not None:
         raise UsageError(problem)  # the project's setting: said once, as a project problem (exit 2)
-    errors = preflight.failing_steps(ws.hasher, lock, running)
+    errors = preflight.failing_steps(ws.hasher, lock, ws.project, running)
     notes: list[str] = []
-    found = [preflight.caption_errors(running), preflight.target_errors(ws.project, running, notes)]
+    found = [
+        preflight.caption_errors(ws.project, running),
+        preflight.target_errors(ws.project, running, notes),
+    ]
     for note in notes:
         reporter.log(None, note)
     if not places:

@@ -146,9 +146,9 @@ class StepKind:
     read: Callable | None = None  # custom table reader (nested overrides), see runner.project.load
     check: Callable | None = None  # cross-table checks: check(checker, tables) adds problems
     folders: Callable[[Any], list[str]] = lambda spec: []  # input folders it reads: watched, and checked
-    # The user's images it decodes, as (folder, how many of its images by name; None: all): the build
-    # checks that they decode before any step runs (runner.exec.preflight).
-    decodes: Callable[[Any], list[tuple[str, int | None]]] = lambda spec: []
+    # decodes(project, spec): the user's images it decodes, as (folder, how many of its images by name;
+    # None: all): the build checks that they decode before any step runs (runner.exec.preflight).
+    decodes: Callable[[Any, Any], list[tuple[str, int | None]]] = lambda project, spec: []
     trains: Callable[[Any], Any] = lambda spec: None  # the subject (schema.Subject) whose LoRA it trains
     # missing(spec, device) -> why a step cannot run on this machine (a package not installed, no CUDA
     # device), as the step says it, or None; `device()` names the device the step would use (asking may

@@ -185,6 +185,10 @@ KIND = register(
         deps=_deps,
         doc="scores a render of the shapes world: subject fidelity, prompt fidelity, class drift",
         check=_check,
+        # the subject's photos, which it reads to find the subject's traits
+        decodes=lambda project, spec: (
+            [(subject.images, None)] if (subject := _subject(project, spec)) else []
+        ),
         unit=("images", "img/s"),
         loads_model=False,  # it scores image files
     )

@@ -251,7 +251,7 @@ KIND = register(
         read=checks.read_prior,
         check=checks.check_priors,
         folders=lambda spec: [spec.images] if spec.images else [],
-        decodes=lambda spec: [(spec.images, spec.num_images)] if spec.images else [],
+        decodes=lambda project, spec: [(spec.images, spec.num_images)] if spec.images else [],
         missing=_missing,
         reuses=_reuses,
     )

@@ -255,8 +255,8 @@ def _read_config(path: Path) -> dict:
 
 def trained_on(folder: Path, components: Iterable[str] | None = None) -> str | None:
     """The base model an adapter folder was trained on, as its PEFT configs name it
-    (`base_model_name_or_path`): the first that names one of `components`' configs (default: those the
-    folder holds, the last component first, whose config diffusers' LoRA guide reads).
+    (`base_model_name_or_path`): the value of the first of `components`' configs that names one (default:
+    the components the folder holds, the last first, as the DreamBooth-LoRA guide reads the last one's).
 
     None where none names one. A config that is missing, unreadable, not a JSON object, or names no
     string names none: the answer serves messages and defaults, and a load that needs the config says

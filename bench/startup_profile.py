@@ -103,9 +103,9 @@ def main(argv=None) -> None:
         PHASES["load the project file and plan (hash images and base model)"] = time.perf_counter() - clock
         assert any(p.id == "train:dog" for p in planned)
 
-        import runner.models as models_module
+        from runner.models import loading
 
-        models_module.load_pipeline = timed("load the base model", models_module.load_pipeline)
+        loading.load_pipeline = timed("load the base model", loading.load_pipeline)  # as ModelCache calls it
         loop.read_images = timed("read the images (decode, resize)", loop.read_images)
         lora.add_lora = timed("add LoRA", lora.add_lora)
         speed.choose = timed("choose checkpointing, CUDA graphs, compiling", speed.choose)

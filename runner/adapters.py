@@ -24,6 +24,7 @@ import enum
 import json
 import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 from runner import families
@@ -248,8 +249,28 @@ def read_adapter_config(folder: Path) -> dict[str, dict]:
 def _read_config(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not a readable adapter config ({exc})") from None
+
+
+def trained_on(folder: Path, components: Iterable[str] | None = None) -> str | None:
+    """The base model an adapter folder was trained on, as its PEFT configs name it
+    (`base_model_name_or_path`): the value of the first of `components`' configs that names one (default:
+    the components the folder holds, the last first, as the DreamBooth-LoRA guide reads the last one's).
+
+    None where none names one. A config that is missing, unreadable, not a JSON object, or names no
+    string names none: the answer serves messages and defaults, and a load that needs the config says
+    what is wrong with it."""
+    folder = Path(folder)
+    for component in reversed(families.adapter_components(folder)) if components is None else components:
+        try:
+            config = _read_config(folder / component / PEFT_CONFIG)
+        except AdapterError:
+            continue
+        value = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _denoiser_folder(family=None) -> str:

@@ -132,17 +132,13 @@ def load_pipeline(
 def _refuse_adapter_folder(folder: Path, base: str) -> None:
     """An adapter folder (or one of its components) given as the base model: say which base model it
     was trained on, instead of diffusers' "no file named model_index.json"."""
-    import json
+    from runner.adapters import trained_on
 
     holder = folder if families.is_adapter_folder(folder) else folder.parent
     if not families.is_adapter_folder(holder):
         return
-    configs = sorted(holder.glob("*/adapter_config.json"))
-    try:
-        trained_on = json.loads(configs[0].read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        trained_on = None
-    hint = f"give the base model it was trained on ({trained_on})" if trained_on else "give a base model"
+    base_model = trained_on(holder)
+    hint = f"give the base model it was trained on ({base_model})" if base_model else "give a base model"
     raise ValueError(f"{base}: an adapter folder, not a base model; {hint}, and {holder} in adapters")
 
 

@@ -18,6 +18,7 @@ from runner.adapters import (
     _first_line,
     _read_config,
     read_adapter_weights,
+    trained_on,
 )
 from runner.errors import AdapterError
 
@@ -111,7 +112,7 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     except ValueError as exc:
         # PEFT finds none of the config's target modules (an adapter of another model), or none named:
         # its message names neither the file nor the model the adapter was made for.
-        raise AdapterError(_misfit(sub, exc, config)) from None
+        raise AdapterError(_misfit(sub, exc)) from None
     _keep_base_values(model, state, adapter_name)
     try:
         set_peft_model_state_dict(
@@ -128,7 +129,7 @@ def _load_component(model, sub: Path, adapter_name: str, component):
         if isinstance(exc, AdapterError):
             raise
         # Mostly shapes of another model (an SD 1.x adapter on SDXL): name the one it was trained on.
-        raise AdapterError(_misfit(sub, exc, config)) from None
+        raise AdapterError(_misfit(sub, exc)) from None
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(False)
@@ -136,14 +137,20 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     return model
 
 
-def _misfit(sub: Path, exc: Exception, config: dict) -> str:
+def _misfit(sub: Path, exc: Exception) -> str:
     """What to say when the adapter in `sub` does not fit its component: the cause, and the base model
     its config names."""
-    trained_on = config.get("base_model_name_or_path")
     return (
         f"{sub}: does not fit the {sub.name} ({_first_line(exc)}); was the adapter trained on a different "
-        "base model?" + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
+        "base model?" + _names(sub.parent, [sub.name])
     )
+
+
+def _names(folder: Path, components=None) -> str:
+    """The end of a message that names the base model the adapter in `folder` was trained on, where its
+    configs of `components` name one ("" where none does)."""
+    base = trained_on(folder, components)
+    return f" Its {PEFT_CONFIG} names {base}" if base else ""
 
 
 # PEFT keeps trained biases (bias != "none") in the base layers themselves, where they act whichever
@@ -239,12 +246,9 @@ def load_adapter_into(pipe, folder: Path, adapter_name: str, family=None) -> Non
     names = {c.name for c in family.components}
     foreign = [p.parent.name for p in sorted(folder.glob(f"*/{PEFT_CONFIG}")) if p.parent.name not in names]
     if foreign:
-        config = _read_config(folder / family.denoiser.name / PEFT_CONFIG)
-        trained_on = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         raise AdapterError(
             f"{folder}: has {', '.join(foreign)}, which a {family.name} base model does not have; "
-            "was the adapter trained on another model family?"
-            + (f" Its {PEFT_CONFIG} names {trained_on}" if trained_on else "")
+            "was the adapter trained on another model family?" + _names(folder, [family.denoiser.name])
         )
     for c in family.components:
         if (folder / c.name / PEFT_CONFIG).is_file():

@@ -163,7 +163,7 @@ def no_network(monkeypatch):
     """Name lookups fail, as without a network; yields the hosts that were looked up."""
     import socket
 
-    from runner import models
+    from runner.models import hub
 
     looked_up = []
 
@@ -176,9 +176,9 @@ def no_network(monkeypatch):
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.delenv("ALL_PROXY", raising=False)
     monkeypatch.delenv("all_proxy", raising=False)
-    models._probe_hub.cache_clear()  # probed afresh here, and again after
+    hub._probe_hub.cache_clear()  # probed afresh here, and again after
     yield looked_up
-    models._probe_hub.cache_clear()
+    hub._probe_hub.cache_clear()
 
 
 @pytest.mark.torch
@@ -239,7 +239,7 @@ def test_a_build_identifies_a_hub_model_not_cached_yet_by_the_commit_its_steps_l
 
     commit = "c" * 40
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(models.hub, "hub_unreachable", lambda: None)
     fetched = []
 
     def download(repo_id, filename, revision=None, **kwargs):  # what the hub client leaves in the cache
@@ -313,7 +313,7 @@ def test_a_cached_hub_model_loads_the_commit_its_identity_names(tmp_path, monkey
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(planned)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_unreachable", lambda: None)  # a network
+    monkeypatch.setattr(models.hub, "hub_unreachable", lambda: None)  # a network
     fetched = []
 
     def download(repo_id, filename, revision=None, **kwargs):  # the hub has a newer main
@@ -350,7 +350,7 @@ def test_a_single_files_hub_configs_load_at_the_commit_its_identity_names(tmp_pa
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(planned)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_unreachable", lambda: None)  # a network
+    monkeypatch.setattr(models.hub, "hub_unreachable", lambda: None)  # a network
     (tmp_path / "model.safetensors").write_bytes(b"")
     loaded = []
 

@@ -330,7 +330,7 @@ def test_warnings_raised_in_dbl_read_as_one_line_and_a_librarys_as_python_prints
 
     shown_as_python = []
     monkeypatch.setattr(cli, "_show_library_warning", lambda *args: shown_as_python.append(args[0]))
-    ours = str(Path(runner.__file__).parent / "models.py")
+    ours = str(Path(runner.__file__).parent / "models" / "loading.py")
     cli._show_warning("mixed precision ignored", UserWarning, ours, 9)
     assert capsys.readouterr().err == "dbl: warning: mixed precision ignored\n"
     cli._show_warning("a library's", UserWarning, w.__file__, 9)

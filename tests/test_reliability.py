@@ -608,7 +608,7 @@ def test_half_precision_ignored_on_a_cpu_is_said_once_not_once_per_step(monkeypa
 
     from runner import models
 
-    monkeypatch.setattr(models, "_IGNORED_SAID", set(), raising=False)  # said before, in this process
+    monkeypatch.setattr(models.loading, "_IGNORED_SAID", set())  # said before, in this process
     shown = []
     with warnings.catch_warnings():
         warnings.simplefilter("default")

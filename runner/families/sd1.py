@@ -276,3 +276,89 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
 
 
 FAMILY = register(SD1())
+
+
+# --- Stable Diffusion 1.5 shapes, random weights (benchmarks) ---------------------------------------
+
+
+def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
+    """A pipeline with Stable Diffusion 1.5's architecture (860M-parameter UNet, its VAE and CLIP ViT-L/14
+    text encoder) and seeded random weights: real memory and compute for benchmarks, no download.
+
+    Built in memory on `device` (fast on a GPU). Its pictures are noise; the tokenizer is tiny-sd's
+    character-level one, whose ids all fall inside CLIP's vocabulary.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from runner.models.loading import quiet_libraries
+
+    quiet_libraries()
+    dtype = dtype or torch.float32
+    vocab = _tiny_tokenizer_vocab()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            sample_size=512,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            )
+        )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.to(dtype),
+        vae=vae.to(dtype),
+        text_encoder=text_encoder.to(dtype),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -17,7 +17,6 @@ error ||delta_blend - sum(w_i * delta_i)||_F / ||sum(w_i * delta_i)||_F per comp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from runner.errors import AdapterError, StepError
@@ -129,14 +128,11 @@ def _fp32_cpu_pipeline(ctx: StepContext, torch):
 def _base_model_name(parents, ctx: StepContext, family) -> str:
     # What the parents' PEFT configs say, so that the guide's inference code finds the same base model
     # (the guide reads the last component's: the text encoder's, for sd1).
-    for _, _, folder in parents:
-        for component in reversed(family.components):
-            path = folder / component.name / "adapter_config.json"
-            if path.is_file():
-                value = json.loads(path.read_text()).get("base_model_name_or_path")
-                if value:
-                    return value
-    return ctx.models.base.recorded
+    from runner.adapters import trained_on
+
+    components = [c.name for c in reversed(family.components)]
+    named = (trained_on(folder, components) for _, _, folder in parents)
+    return next((base for base in named if base), ctx.models.base.recorded)
 
 
 # --- the kind ------------------------------------------------------------------------------------------

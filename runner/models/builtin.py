@@ -1,0 +1,39 @@
+"""The built-in models (see runner.families): made in code on first use, kept in a per-user folder."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from runner import families, tempnames
+
+
+def dbl_home() -> Path:
+    """Per-user folder for things dbl makes once and reuses (the built-in models)."""
+    return Path(os.environ.get("DBL_HOME", Path.home() / ".cache" / "dbl"))
+
+
+_tiny_lock = threading.Lock()
+
+
+def ensure_builtin(name: str) -> Path:
+    """Return the folder of a built-in model, making it on first use (atomically)."""
+    family = families.for_builtin(name)
+    folder = dbl_home() / "models" / family.builtin_folder_name(name)
+    if (folder / "model_index.json").is_file():
+        return folder
+    with _tiny_lock:
+        if (folder / "model_index.json").is_file():
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{tempnames.suffix()}"
+        family.build_builtin(name, tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # Another process finished first; its copy is identical.
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -164,6 +164,7 @@ CRASH_POINTS = [
     ("runner.lockfile:_fsync_dir", 1),
     ("runner.lockfile:_fsync_dir", 6),
     ("runner.lockfile:dumps", 4),
+    ("os:replace", 1),  # the file-hash cache's write after planning, killed before its rename
 ]
 SWEEP_TARGETS = ("os:rename", "os:replace", "os:fsync", "runner.exchange:replace_dir")
 
@@ -195,6 +196,21 @@ def crash_then_recover(tmp_path, reference, target: str, n: int) -> None:
     assert set(lockfile.read(p.lock)) == set(ALL_STEPS)
     # A step is run twice at most: once in the killed build, once to finish it.
     assert all(sid not in before or sid not in recorded for sid in ran_again)
+    # What the kill left half-written is gone: the build removes its temp files, `dbl gc` the temp folders
+    # of the run-cache (whose entries can be large: it says what it frees).
+    assert [q for q in temp_names(tmp_path) if not q.startswith(".dbl/cache/")] == []
+    assert main(["gc", str(p.path)]) == 0
+    assert temp_names(tmp_path) == []
+
+
+def temp_names(root: Path) -> list[str]:
+    """The temp files and folders under `root` that an atomic write or a commit of outputs makes."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if any(mark in name for mark in (".tmp-", ".trash-", ".staged")):
+                found.append(Path(folder, name).relative_to(root).as_posix())
+    return sorted(found)
 
 
 ALL_STEPS = ["prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"]

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from runner import events, lockfile, planner
+from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
@@ -67,6 +67,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     ws = Workspace(project)
     with BuildLock(project):
         lockfile.drop_leftover_temps(ws.lock_path)
+        tempnames.drop_left_files(project.state_dir)  # the file-hash cache's, a lockfile parse's
         _fetch_hub_index(project)
         force_ids = set(options.force or ())
         if options.force is not None and not options.force:

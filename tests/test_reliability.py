@@ -296,6 +296,24 @@ def test_a_build_killed_anywhere_while_replacing_outputs_leaves_those_the_lockfi
         assert recorded_outputs_problems(tmp_path / str(n) / "p") == [], f"killed at {target} call {n}"
 
 
+def test_the_next_build_removes_the_old_outputs_a_build_killed_after_recording_the_new_ones_left(
+    tmp_path, built
+):
+    """Killed after the lockfile names a render's new outputs, before it removed the old ones it had put
+    aside in .dbl/tmp/: the step is up to date, and the next build removes them (a whole render or adapter
+    each) rather than leave them to `dbl gc`."""
+    done = kill_a_rebuild(tmp_path, built, "shutil:rmtree", 5)
+    assert done.returncode in (-9, 137), done.stderr
+    root = tmp_path / "p"
+    left = [q for q in temp_names(root) if q.startswith(".dbl/tmp/pets/.")]
+    # the old outputs: where the two folders were exchanged (Linux), or put aside by a rename
+    assert left in ([".dbl/tmp/pets/.staged-render-base"], [".dbl/tmp/pets/.trash-render-base"]), left
+    again = fake_build(root / "pets.toml")
+    assert again.returncode == 0 and "all 7 steps are up to date" in again.stdout, again.stdout
+    assert temp_names(root) == []
+    assert recorded_outputs_problems(root) == []
+
+
 def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the_project(tmp_path):
     """Killed after writing the lockfile's temp file, before renaming it: the temp file, beside the
     project file where `git add -A` would commit it, is gone after the next build."""

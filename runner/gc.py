@@ -60,7 +60,7 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
             dropped += 1
             if not dry_run:
                 cache.drop(fp)
-        leftovers = cache.leftovers() + _unfinished_commits(project)
+        leftovers = cache.leftovers() + unfinished_commits(project)
         orphans = _orphaned_work(project)
         abandoned = _abandoned_work(project)
         sizes = {path: _size(path) for path in leftovers + orphans + abandoned}
@@ -154,10 +154,10 @@ def _checkpoint_processes(folder: Path) -> set[int]:
     return found
 
 
-def _unfinished_commits(project: Project) -> list[Path]:
+def unfinished_commits(project: Project) -> list[Path]:
     """What a build killed while committing a step's outputs left beside the work folders: the copy of the
     new outputs, or the old ones put aside (a whole adapter or render each). Only a running commit reads
-    them, and gc holds every build lock."""
+    them, and gc holds every build lock (a build removes them too, under its own)."""
     root = work_root(project)
     if not root.is_dir():
         return []

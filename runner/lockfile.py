@@ -335,11 +335,7 @@ def drop_leftover_temps(path: Path) -> None:
     """Remove the temp files of the lockfile `path` that builds killed while writing it left beside it
     (only this host's, of processes that are gone): `git add -A` would commit them. Called by a build
     under its lock."""
-    prefix = f".{path.name}.tmp-"  # not a glob: a project file may be named pets[1].toml
-    for leftover in path.parent.iterdir():
-        if leftover.name.startswith(prefix) and tempnames.left_by_dead_process(leftover.name):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+    tempnames.drop_left_files(path.parent, f".{path.name}.tmp-")  # not a glob: pets[1].toml is a name
 
 
 def write(path: Path, steps: dict[str, dict]) -> None:

@@ -8,9 +8,11 @@ leftover of a dead process from the work of a live one, and judges only what its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+from pathlib import Path
 
 # `.tmp-` or `.trash-`, then `<random>-<host>-<pid>`; older names lack the host (`<random>-<pid>`, `<pid>`).
 _SUFFIX = re.compile(r"\.(?:tmp|trash)-(?:[0-9a-f]{6}-)?(?:(?P<host>[A-Za-z0-9._-]+?)-)?(?P<pid>\d+)$")
@@ -45,6 +47,22 @@ def left_by_dead_process(name: str) -> bool:
     if made_on is not None and made_on != host():
         return False
     return not _alive(pid)
+
+
+def drop_left_files(folder: Path, prefix: str = "") -> None:
+    """Remove the temp files directly in `folder` (those whose name starts with `prefix`) that processes of
+    this host left when they were killed while writing them (the file-hash cache, a lockfile, the parse of
+    one): an atomic write that never reached its rename. A live process's temp file, and another host's,
+    are left alone."""
+    try:
+        names = [entry for entry in os.scandir(folder) if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in names:
+        if ".tmp-" in entry.name and left_by_dead_process(entry.name):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
 
 
 def _alive(pid: int) -> bool:

@@ -310,6 +310,24 @@ def test_gc_judges_only_the_leftovers_of_its_own_host(proj, build, capsys):
     assert not ours.exists() and theirs.exists()
 
 
+def test_a_build_removes_the_temp_files_of_dead_builds_in_dbl_and_no_others(proj, build):
+    """The file-hash cache and a lockfile's parse are written aside, then renamed: a build removes what a
+    killed one left, never the temp file of a live process (this one) or of another host (a Ray node)."""
+    from runner import tempnames
+
+    build(proj)
+    state = proj.root / ".dbl"
+    dead = state / f"state.tmp-a1b2c3-{tempnames.host()}-999999999"
+    parse = state / f"parsed-{proj.lock.name}.json.tmp-a1b2c3-{tempnames.host()}-999999999"
+    alive = state / f"state.tmp-{tempnames.suffix()}"
+    theirs = state / "state.tmp-a1b2c3-other-node-7-999999999"
+    for path in (dead, parse, alive, theirs):
+        path.write_text("{")
+    build(proj)
+    assert not dead.exists() and not parse.exists()
+    assert alive.exists() and theirs.exists()
+
+
 def test_temp_names_carry_a_random_part_the_host_and_the_pid():
     from runner import tempnames
 

@@ -60,11 +60,12 @@ def test_uncompiling_a_module_leaves_it_as_it_was(tmp_path, monkeypatch):
 def test_a_compiled_denoiser_trains_the_same_adapter_to_rounding(tmp_path, images_for_compile, monkeypatch):
     """Three steps on tiny-sd with the UNet compiled (minutes on a CPU: inductor compiles the forward and
     the backward) and not: the same losses to 1e-4 and the same adapter to rounding, the log says which,
-    and the shared pipeline's UNet runs eagerly again afterwards."""
+    and the shared pipeline's UNet runs eagerly again afterwards. A compiled run stopped after its
+    checkpoint resumes, compiled again, to the bytes of the uninterrupted compiled run."""
     import torch
 
     from runner.adapters import lora_delta
-    from runner.steps import train
+    from runner.steps import StepInterrupted, train
     from runner.training.compiling import is_compiled
     from tests.steps_fixtures import make_subject, model_cache, train_context
 
@@ -73,12 +74,26 @@ def test_a_compiled_denoiser_trains_the_same_adapter_to_rounding(tmp_path, image
     runs = {}
     for setting, line in ((False, "compile: off (set in [train])"), (True, "compile: on (set in [train])")):
         logs = []
-        subject = make_subject(instance, train=dict(steps=3, train_text_encoder=False, compile=setting))
+        subject = make_subject(
+            instance, train=dict(steps=3, train_text_encoder=False, compile=setting, checkpoint_every=2)
+        )
         ctx = train_context(tmp_path, subject, work=tmp_path / f"work-{setting}", log=logs.append)
         train.run(ctx)
         assert line in logs
         runs[setting] = ctx.out
     assert not is_compiled(model_cache().pipeline().unet)
+    # Stopped after step 2's checkpoint, then resumed (from inductor's cache: seconds, not minutes).
+    stops = []
+    stopped = train_context(
+        tmp_path, subject, work=tmp_path / "resumed", should_stop=lambda: stops.append(1) or len(stops) == 2
+    )
+    with pytest.raises(StepInterrupted, match="after step 2"):
+        train.run(stopped)
+    logs = []
+    resumed = train_context(tmp_path, subject, work=tmp_path / "resumed", log=logs.append)
+    train.run(resumed)
+    assert "resuming from checkpoint-2" in logs and "compile: on (set in [train])" in logs
+    assert _files(resumed.out) == _files(runs[True])
     eager, compiled = (
         json.loads((runs[s] / "dbl.json").read_text())["log"]["instance_loss"] for s in (False, True)
     )
@@ -131,3 +146,9 @@ def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning_and_the_same_
     warnings = [line for line in logs[True] if line.startswith("warning: compiling the denoiser failed")]
     assert len(warnings) == 1 and "no C compiler here" in warnings[0]
     assert outputs[True] == outputs[False]
+
+
+def _files(folder):
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }

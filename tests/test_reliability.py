@@ -164,6 +164,7 @@ CRASH_POINTS = [
     ("runner.lockfile:_fsync_dir", 1),
     ("runner.lockfile:_fsync_dir", 6),
     ("runner.lockfile:dumps", 4),
+    ("os:replace", 1),  # the file-hash cache's write after planning, killed before its rename
 ]
 SWEEP_TARGETS = ("os:rename", "os:replace", "os:fsync", "runner.exchange:replace_dir")
 
@@ -195,6 +196,21 @@ def crash_then_recover(tmp_path, reference, target: str, n: int) -> None:
     assert set(lockfile.read(p.lock)) == set(ALL_STEPS)
     # A step is run twice at most: once in the killed build, once to finish it.
     assert all(sid not in before or sid not in recorded for sid in ran_again)
+    # What the kill left half-written is gone: the build removes its temp files, `dbl gc` the temp folders
+    # of the run-cache (whose entries can be large: it says what it frees).
+    assert [q for q in temp_names(tmp_path) if not q.startswith(".dbl/cache/")] == []
+    assert main(["gc", str(p.path)]) == 0
+    assert temp_names(tmp_path) == []
+
+
+def temp_names(root: Path) -> list[str]:
+    """The temp files and folders under `root` that an atomic write or a commit of outputs makes."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if any(mark in name for mark in (".tmp-", ".trash-", ".staged")):
+                found.append(Path(folder, name).relative_to(root).as_posix())
+    return sorted(found)
 
 
 ALL_STEPS = ["prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"]
@@ -278,6 +294,24 @@ def test_a_build_killed_anywhere_while_replacing_outputs_leaves_those_the_lockfi
         done = kill_a_rebuild(tmp_path / str(n), built, target, n)
         assert done.returncode in (-9, 137), done.stderr
         assert recorded_outputs_problems(tmp_path / str(n) / "p") == [], f"killed at {target} call {n}"
+
+
+def test_the_next_build_removes_the_old_outputs_a_build_killed_after_recording_the_new_ones_left(
+    tmp_path, built
+):
+    """Killed after the lockfile names a render's new outputs, before it removed the old ones it had put
+    aside in .dbl/tmp/: the step is up to date, and the next build removes them (a whole render or adapter
+    each) rather than leave them to `dbl gc`."""
+    done = kill_a_rebuild(tmp_path, built, "shutil:rmtree", 5)
+    assert done.returncode in (-9, 137), done.stderr
+    root = tmp_path / "p"
+    left = [q for q in temp_names(root) if q.startswith(".dbl/tmp/pets/.")]
+    # the old outputs: where the two folders were exchanged (Linux), or put aside by a rename
+    assert left in ([".dbl/tmp/pets/.staged-render-base"], [".dbl/tmp/pets/.trash-render-base"]), left
+    again = fake_build(root / "pets.toml")
+    assert again.returncode == 0 and "all 7 steps are up to date" in again.stdout, again.stdout
+    assert temp_names(root) == []
+    assert recorded_outputs_problems(root) == []
 
 
 def test_the_next_build_removes_the_temp_lockfile_a_killed_build_left_beside_the_project(tmp_path):

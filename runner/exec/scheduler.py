@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from runner import events, lockfile, planner
+from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
@@ -22,6 +22,7 @@ from runner.exec.devices import gpus_for_device
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
+from runner.gc import unfinished_commits
 from runner.project.schema import Project
 from runner.store import BuildLock
 
@@ -67,6 +68,9 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     ws = Workspace(project)
     with BuildLock(project):
         lockfile.drop_leftover_temps(ws.lock_path)
+        tempnames.drop_left_files(project.state_dir)  # the file-hash cache's, a lockfile parse's
+        for folder in unfinished_commits(project):  # the old outputs, once the lockfile named the new ones
+            shutil.rmtree(folder, ignore_errors=True)
         _fetch_hub_index(project)
         force_ids = set(options.force or ())
         if options.force is not None and not options.force:

@@ -80,6 +80,10 @@ def watch(
         _load(Path(project_path), say)  # says why, as `dbl build` would
         return EXIT_USAGE
 
+    if (refused := _backend_problem(build_options)) is not None:
+        say(refused)
+        return EXIT_USAGE
+
     changes = _Changes()
     handler = _Handler(changes)
     observer = _make_observer(polling, poll_interval)
@@ -93,7 +97,7 @@ def watch(
         observer.start()
         try:
             project = _load(given, say)
-            if (broken := _state_dir_problem(project)) is not None:
+            if (broken := _state_dir_problem(project) or _gpus_problem(project, build_options)) is not None:
                 say(broken)  # no change the watch sees would mend it
                 return EXIT_USAGE
             while not stop.is_set():
@@ -201,6 +205,32 @@ def _state_dir_problem(project) -> str | None:
     except DblError as exc:
         return str(exc)
     return None
+
+
+def _backend_problem(build_options: dict | None) -> str | None:
+    """Why no build can run on the executor the watch was given (`--executor inlin`), or None: every
+    build would be refused the same way, as `dbl build` refuses it (exit 2)."""
+    from runner.exec import backends
+
+    options = build_options or {}
+    if options.get("backend_factory") is None:
+        try:
+            backends.factory(options.get("backend", "inline"))
+        except DblError as exc:
+            return str(exc)
+    return None
+
+
+def _gpus_problem(project, build_options: dict | None) -> str | None:
+    """Why the project the watch starts on cannot be given its GPUs (`--gpus` with device = "cpu"), or
+    None: a usage error of `dbl build` (exit 2), where the watch would refuse every build the same way.
+    A project edited to that device while watched is refused by its build, and the watch goes on."""
+    from runner.exec.devices import gpus_for_device
+
+    gpus = (build_options or {}).get("gpus")
+    if project is None or (problem := gpus_for_device(gpus, project.settings.device)) is None:
+        return None
+    return f"{project.path.name}: {problem}"
 
 
 def _build_when_free(

@@ -380,3 +380,39 @@ def test_thousands_of_changes_at_once_are_gathered_quickly_each_once_in_order():
         changes.add(path)
     assert time.process_time() - started < 1
     assert changes.wait(0, threading.Event()) == paths
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (
+            {"gpus": ("0",)},
+            'pets.toml: --gpus 0: device = "cpu" in [project] uses no CUDA GPU; leave --gpus out',
+        ),
+        ({"backend": "inlin"}, "no executor backend 'inlin'; backends: inline, process"),
+    ],
+)
+def test_options_no_build_can_use_end_the_watch_with_exit_2(proj, fake_steps, monkeypatch, options, said):
+    """`dbl watch --gpus 0` on a CPU project said why its build was refused, then watched on: every
+    rebuild was refused the same way, for an option no edit of the project's inputs could change."""
+    from runner.exec import devices
+
+    monkeypatch.setattr(devices, "_device_nodes", lambda: ["nvidia0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    save(
+        proj.path,
+        proj.path.read_text().replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"'),
+    )
+    messages, stop = [], threading.Event()
+    timer = threading.Timer(5, stop.set)  # the watch would wait for ever: stopped, it returns 0
+    timer.start()
+    code = watch(
+        proj.path,
+        reporter_factory=PlainReporter,
+        stop_event=stop,
+        echo=messages.append,
+        build_options=options,
+    )
+    timer.cancel()
+    assert (code, len(messages)) == (2, 1) and said in messages[0], messages
+    assert not fake_steps.ran and not (proj.root / "pets.lock").exists()

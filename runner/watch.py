@@ -122,10 +122,11 @@ def watch(
         except KeyboardInterrupt:
             pass
         finally:
-            observer.stop()
-            observer.join(timeout=5)
-            if workers is not None:
-                workers.backend.close()
+            with _ctrl_c_waits():
+                observer.stop()
+                observer.join(timeout=5)
+                if workers is not None:
+                    workers.backend.close()
     return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 
@@ -180,6 +181,21 @@ def _stopped_by_signals(stop: threading.Event, signals: list[int]):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _ctrl_c_waits():
+    """A Ctrl-C while the watch ends its observer and its workers (a few seconds at most) lets them end:
+    it raised out of the cleanup, left the workers to notice, and ended the watch with 130, where a watch
+    stopped by Ctrl-C ends with 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _load(path: Path, say: Callable[[str], None]):

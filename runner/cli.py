@@ -224,7 +224,7 @@ def cmd_watch(args) -> int:
         polling=args.polling or interval is not None,
         poll_interval=interval or POLL_INTERVAL_S,
         reporter_factory=lambda: make_reporter(mode, 0),
-        build_options={**_parallel_options(args), "num_processes": args.num_processes},
+        build_options={**_parallel_options(args), "num_processes": args.num_processes, "debug": args.debug},
     )
 
 

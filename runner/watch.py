@@ -311,7 +311,12 @@ def _build(
         say(str(exc))
         return EXIT_USAGE
     except Exception as exc:  # a bug in one build must not end the watch
-        say(f"build crashed: {type(exc).__name__}: {exc}")
+        if (extra or {}).get("debug"):
+            import traceback
+
+            say("build crashed: " + "".join(traceback.format_exception(exc)).rstrip())
+        else:
+            say(f"build crashed: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return EXIT_FAILED
     finally:
         if interrupt.signum is not None and signals is not None:

@@ -416,3 +416,64 @@ def test_options_no_build_can_use_end_the_watch_with_exit_2(proj, fake_steps, mo
     timer.cancel()
     assert (code, len(messages)) == (2, 1) and said in messages[0], messages
     assert not fake_steps.ran and not (proj.root / "pets.lock").exists()
+
+
+def test_watch_debug_shows_a_failing_steps_traceback(proj, monkeypatch):
+    """A step that failed in a watch said `(run with --debug for the traceback)`, and `dbl watch --debug`
+    took the option and showed none."""
+    from runner import watch as watch_module
+    from runner.cli import main
+
+    from .conftest import FakeSteps
+
+    def broken(run):
+        def step(ctx):
+            if ctx.step_id == "render:park":
+                raise RuntimeError("the render broke")
+            return run(ctx)
+
+        return step
+
+    undo = use_backend(lambda project: FakeBackend(FakeSteps(), broken))
+    lines: list[str] = []
+    real_watch = watch_module.watch
+
+    def once(path, **kw):  # the watch as `dbl watch` starts it, stopped after its first build
+        stop = threading.Event()
+
+        def reporter():
+            shown = PlainReporter(write=lines.append)
+            shown.close = stop.set  # the build's end
+            return shown
+
+        kw["reporter_factory"] = reporter
+        return real_watch(path, **kw, stop_event=stop, echo=lines.append)
+
+    monkeypatch.setattr(watch_module, "watch", once)
+    try:
+        assert main(["watch", str(proj.path), "--no-progress"]) == 0
+        assert any("(run with --debug for the traceback)" in line for line in lines), lines
+        lines.clear()
+        assert main(["watch", str(proj.path), "--no-progress", "--debug"]) == 0
+    finally:
+        undo()
+    said = "\n".join(lines)
+    assert "Traceback (most recent call last)" in said and "RuntimeError: the render broke" in said
+
+
+def test_a_crashed_build_of_the_watch_says_how_to_see_its_traceback(proj, monkeypatch):
+    from runner import executor
+    from runner.watch import _build
+
+    def crash(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(executor, "build", crash)
+    said: list[str] = []
+    for debug in (False, True):
+        assert _build(proj.load(), PlainReporter, threading.Event(), said.append, {"debug": debug}) == 1
+    assert said[0] == "build crashed: RuntimeError: a bug (run with --debug for the traceback)"
+    assert (
+        said[1].startswith("build crashed: Traceback (most recent call last)")
+        and "RuntimeError: a bug" in said[1]
+    )

@@ -80,7 +80,7 @@ def watch(
         _load(Path(project_path), say)  # says why, as `dbl build` would
         return EXIT_USAGE
 
-    if (refused := _backend_problem(build_options)) is not None:
+    if (refused := _options_problem(build_options)) is not None:
         say(refused)
         return EXIT_USAGE
 
@@ -223,17 +223,23 @@ def _state_dir_problem(project) -> str | None:
     return None
 
 
-def _backend_problem(build_options: dict | None) -> str | None:
-    """Why no build can run on the executor the watch was given (`--executor inlin`), or None: every
-    build would be refused the same way, as `dbl build` refuses it (exit 2)."""
+def _options_problem(build_options: dict | None) -> str | None:
+    """Why no build can run with the options the watch was given (`--executor inlin`, `--gpus 0,0`), or
+    None: every build would be refused the same way, as `dbl build` refuses it (exit 2)."""
     from runner.exec import backends
+    from runner.exec.devices import gpus_refused
 
     options = build_options or {}
-    if options.get("backend_factory") is None:
+    mine = options.get("backend_factory") is None
+    if mine:
         try:
             backends.factory(options.get("backend", "inline"))
         except DblError as exc:
             return str(exc)
+    if options.get("gpus") is not None:
+        return gpus_refused(
+            options["gpus"], options.get("backend", "inline"), options.get("ray_address"), mine
+        )
     return None
 
 

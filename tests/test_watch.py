@@ -390,6 +390,8 @@ def test_thousands_of_changes_at_once_are_gathered_quickly_each_once_in_order():
             'pets.toml: --gpus 0: device = "cpu" in [project] uses no CUDA GPU; leave --gpus out',
         ),
         ({"backend": "inlin"}, "no executor backend 'inlin'; backends: inline, process"),
+        ({"gpus": ("0", "0")}, "--gpus: 0 named twice"),
+        ({"gpus": ("1",)}, "--gpus 1: this machine has no CUDA GPU 1 (it has 1: 0)"),
     ],
 )
 def test_options_no_build_can_use_end_the_watch_with_exit_2(proj, fake_steps, monkeypatch, options, said):

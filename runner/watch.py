@@ -21,6 +21,7 @@ way, resting or building, with the exit code they give `dbl build` (143, 129).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -414,6 +415,7 @@ class _Handler(FileSystemEventHandler):
 
 
 def _make_observer(polling: bool, interval: float):
+    logging.getLogger("watchdog.observers.inotify").addFilter(_stopped_emitter_notice)
     if polling:
         from watchdog.observers.polling import PollingObserver
 
@@ -421,6 +423,12 @@ def _make_observer(polling: bool, interval: float):
     from watchdog.observers import Observer
 
     return Observer()
+
+
+def _stopped_emitter_notice(record: logging.LogRecord) -> bool:
+    """False for watchdog's error that an emitter being stopped was woken (by the events that removing its
+    watch sends): printed as the watch ended, or as it stopped watching a folder; nothing is lost."""
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]]) -> None:

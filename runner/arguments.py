@@ -26,7 +26,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def project_arg(p):
-        p.add_argument("project", nargs="?", help="project file (default: the only *.toml here, or dbl.toml)")
+        p.add_argument(
+            "project",
+            nargs="?",
+            metavar="PROJECT",
+            help="project file (default: the only *.toml here, or dbl.toml)",
+        )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def num_processes_arg(p, help):
@@ -37,8 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
             "--executor",
             default="inline",
             metavar="NAME",
-            help="where steps run: inline (in this process, the default), process (a worker process "
-            "each) or ray (Ray tasks on a local Ray instance or a cluster; pip install 'dbl[ray]')",
+            help="where steps run: inline (in this process, the default), process (in worker processes, "
+            "each kept for the steps after its own) or ray (Ray tasks on a local Ray instance or a cluster; pip install 'dbl[ray]')",
         )
         p.add_argument(
             "--ray-address",
@@ -117,7 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
 
     p = sub.add_parser("init", help="start a project from a template")
-    p.add_argument("dir", nargs="?", default=".", help="folder for the new project (default: here)")
+    p.add_argument(
+        "dir", nargs="?", default=".", metavar="DIR", help="folder for the new project (default: here)"
+    )
     p.add_argument(
         "--template", default="subject", metavar="NAME", help="template name (default: subject; see --list)"
     )
@@ -155,7 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("merge-lockfile", help="git merge driver for lockfiles (see the README)")
-    p.add_argument("base", help="the common ancestor's lockfile (git's %%O)")
-    p.add_argument("ours", help="our lockfile, replaced by the merge (git's %%A)")
-    p.add_argument("theirs", help="their lockfile (git's %%B)")
+    p.add_argument("base", metavar="BASE", help="the common ancestor's lockfile (git's %%O)")
+    p.add_argument("ours", metavar="OURS", help="our lockfile, replaced by the merge (git's %%A)")
+    p.add_argument("theirs", metavar="THEIRS", help="their lockfile (git's %%B)")
     return parser

@@ -224,7 +224,7 @@ def cmd_watch(args) -> int:
         polling=args.polling or interval is not None,
         poll_interval=interval or POLL_INTERVAL_S,
         reporter_factory=lambda: make_reporter(mode, 0),
-        build_options={**_parallel_options(args), "num_processes": args.num_processes},
+        build_options={**_parallel_options(args), "num_processes": args.num_processes, "debug": args.debug},
     )
 
 
@@ -236,15 +236,9 @@ def _parallel_problem(args) -> str | None:
     if args.ray_address is not None and args.executor != "ray":
         return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
     if args.gpus is not None:
-        from runner.exec.devices import gpus_missing, gpus_problem, parse_gpus
+        from runner.exec.devices import gpus_refused, parse_gpus
 
-        gpus = parse_gpus(args.gpus)
-        cluster = (
-            args.executor == "ray"
-            and (args.ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-        )
-        # A cluster's GPUs are its nodes' (connecting says --gpus has no place there), not this machine's.
-        return gpus_problem(gpus) or (None if cluster else gpus_missing(gpus))
+        return gpus_refused(parse_gpus(args.gpus), args.executor, args.ray_address)
     return None
 
 

@@ -21,6 +21,7 @@ way, resting or building, with the exit code they give `dbl build` (143, 129).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -80,6 +81,10 @@ def watch(
         _load(Path(project_path), say)  # says why, as `dbl build` would
         return EXIT_USAGE
 
+    if (refused := _options_problem(build_options)) is not None:
+        say(refused)
+        return EXIT_USAGE
+
     changes = _Changes()
     handler = _Handler(changes)
     observer = _make_observer(polling, poll_interval)
@@ -93,7 +98,7 @@ def watch(
         observer.start()
         try:
             project = _load(given, say)
-            if (broken := _state_dir_problem(project)) is not None:
+            if (broken := _state_dir_problem(project) or _gpus_problem(project, build_options)) is not None:
                 say(broken)  # no change the watch sees would mend it
                 return EXIT_USAGE
             while not stop.is_set():
@@ -118,10 +123,11 @@ def watch(
         except KeyboardInterrupt:
             pass
         finally:
-            observer.stop()
-            observer.join(timeout=5)
-            if workers is not None:
-                workers.backend.close()
+            with _ctrl_c_waits():
+                observer.stop()
+                observer.join(timeout=5)
+                if workers is not None:
+                    workers.backend.close()
     return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 
@@ -178,6 +184,21 @@ def _stopped_by_signals(stop: threading.Event, signals: list[int]):
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _ctrl_c_waits():
+    """A Ctrl-C while the watch ends its observer and its workers (a few seconds at most) lets them end:
+    it raised out of the cleanup, left the workers to notice, and ended the watch with 130, where a watch
+    stopped by Ctrl-C ends with 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _load(path: Path, say: Callable[[str], None]):
     """The project, or None after reporting why it cannot be used."""
     from runner.project import ProjectError, load_project
@@ -201,6 +222,38 @@ def _state_dir_problem(project) -> str | None:
     except DblError as exc:
         return str(exc)
     return None
+
+
+def _options_problem(build_options: dict | None) -> str | None:
+    """Why no build can run with the options the watch was given (`--executor inlin`, `--gpus 0,0`), or
+    None: every build would be refused the same way, as `dbl build` refuses it (exit 2)."""
+    from runner.exec import backends
+    from runner.exec.devices import gpus_refused
+
+    options = build_options or {}
+    mine = options.get("backend_factory") is None
+    if mine:
+        try:
+            backends.factory(options.get("backend", "inline"))
+        except DblError as exc:
+            return str(exc)
+    if options.get("gpus") is not None:
+        return gpus_refused(
+            options["gpus"], options.get("backend", "inline"), options.get("ray_address"), mine
+        )
+    return None
+
+
+def _gpus_problem(project, build_options: dict | None) -> str | None:
+    """Why the project the watch starts on cannot be given its GPUs (`--gpus` with device = "cpu"), or
+    None: a usage error of `dbl build` (exit 2), where the watch would refuse every build the same way.
+    A project edited to that device while watched is refused by its build, and the watch goes on."""
+    from runner.exec.devices import gpus_for_device
+
+    gpus = (build_options or {}).get("gpus")
+    if project is None or (problem := gpus_for_device(gpus, project.settings.device)) is None:
+        return None
+    return f"{project.path.name}: {problem}"
 
 
 def _build_when_free(
@@ -265,7 +318,12 @@ def _build(
         say(str(exc))
         return EXIT_USAGE
     except Exception as exc:  # a bug in one build must not end the watch
-        say(f"build crashed: {type(exc).__name__}: {exc}")
+        if (extra or {}).get("debug"):
+            import traceback
+
+            say("build crashed: " + "".join(traceback.format_exception(exc)).rstrip())
+        else:
+            say(f"build crashed: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return EXIT_FAILED
     finally:
         if interrupt.signum is not None and signals is not None:
@@ -357,6 +415,7 @@ class _Handler(FileSystemEventHandler):
 
 
 def _make_observer(polling: bool, interval: float):
+    logging.getLogger("watchdog.observers.inotify").addFilter(_stopped_emitter_notice)
     if polling:
         from watchdog.observers.polling import PollingObserver
 
@@ -364,6 +423,12 @@ def _make_observer(polling: bool, interval: float):
     from watchdog.observers import Observer
 
     return Observer()
+
+
+def _stopped_emitter_notice(record: logging.LogRecord) -> bool:
+    """False for watchdog's error that an emitter being stopped was woken (by the events that removing its
+    watch sends): printed as the watch ended, or as it stopped watching a folder; nothing is lost."""
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 def _reschedule(observer, handler, scheduled: dict, wanted: set[tuple[str, bool]]) -> None:

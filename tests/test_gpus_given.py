@@ -193,3 +193,40 @@ def test_the_process_backend_passes_where_its_worker_says_its_step_runs(proj):
     job = SimpleNamespace(step_id="train:dog", stop_file=None)
     assert backends._receive(worker, job, Hooks(where=places.append)) == ("done", "the outcome")
     assert places == ["cpu"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "said"),
+    [
+        (("0",), "--gpus 0: this machine has no CUDA GPU 0 (it shows none); leave --gpus out"),
+        (("0", "0"), "--gpus: 0 named twice"),
+        ((), "--gpus names no GPU; leave it out"),
+        (("x",), "--gpus: 'x' is not a GPU"),
+        ((0,), 'give each GPU as a string, e.g. gpus=("0", "1")'),
+        ("0,1", 'give each GPU as a string, e.g. gpus=("0", "1")'),
+    ],
+)
+def test_the_python_api_refuses_the_gpus_the_command_line_refuses(machine, project, gpus, said):
+    """`executor.build(..., BuildOptions(gpus=...))` took what `dbl build --gpus` refuses, and ran the
+    steps on the CPU (a dry run said they would run)."""
+    machine([])
+    path = project()
+    options = executor.BuildOptions(gpus=gpus, jobs=2, dry_run=True)
+    with pytest.raises(UsageError) as refused:
+        executor.build(load_project(path), options, Recorder())
+    assert said in str(refused.value)
+    assert not (path.parent / "p.lock").exists() and not (path.parent / ".dbl").exists()
+
+
+def test_the_python_api_checks_the_gpus_against_the_machine_only_for_its_own_backends(machine, proj):
+    """A backend made by the caller (or a Ray cluster) has GPUs of its own: only their form is checked."""
+    machine([])
+    backend = Recording()
+    options = executor.BuildOptions(backend_factory=lambda p: backend, gpus=("1",))
+    assert executor.build(proj.load(), options, Recorder()).ok
+    with pytest.raises(UsageError, match="named twice"):
+        executor.build(
+            proj.load(), executor.BuildOptions(backend_factory=lambda p: backend, gpus=("1", "1")), None
+        )
+    assert devices.gpus_refused(("3",), "ray", "auto") is None
+    assert "no CUDA GPU 3" in devices.gpus_refused(("3",), "ray", "local")

@@ -117,3 +117,49 @@ def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, mo
         signal.signal(signal.SIGTERM, previous)
     assert sent  # the signal really came during the cleanup
     assert code == 143
+
+
+def test_a_second_ctrl_c_while_the_watch_cleans_up_lets_it_end_with_0(proj, fake_steps, monkeypatch):
+    """A Ctrl-C at rest, then another while the watch ends its observer and its workers: it raised out of
+    the cleanup, left the workers to notice, and the watch ended `dbl: interrupted` with exit code 130,
+    where a watch stopped by Ctrl-C ends with 0."""
+    from runner import watch as watch_module
+
+    make_observer = watch_module._make_observer
+    sent, observers = [], []
+
+    def observer_stopped_with_a_ctrl_c(*args):
+        observer = make_observer(*args)
+        stop = observer.stop
+        observers.append(observer)
+
+        def stop_and_signal():
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            stop()
+
+        observer.stop = stop_and_signal
+        return observer
+
+    monkeypatch.setattr(watch_module, "_make_observer", observer_stopped_with_a_ctrl_c)
+    stop = threading.Event()
+    messages: list[str] = []
+
+    def stop_when_resting():
+        wait_for(lambda: any(m.startswith("watching ") for m in messages), f"the watch to rest: {messages}")
+        stop.set()  # as a Ctrl-C at rest does
+
+    threading.Thread(target=stop_when_resting, daemon=True).start()
+
+    def killed(signum, frame):
+        raise Killed  # as Python's own handler raises KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, killed)
+    try:
+        code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
+        assert signal.getsignal(signal.SIGINT) is killed  # the watch put the handler back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent  # the signal really came during the cleanup
+    assert code == 0
+    assert not observers[0].is_alive()  # the cleanup went on to its end

@@ -119,6 +119,21 @@ def gpus_missing(gpus: list[str]) -> str | None:
     return None
 
 
+def gpus_refused(
+    gpus, backend: str = "inline", ray_address: str | None = None, machine: bool = True
+) -> str | None:
+    """Why a build cannot be given these GPUs (`--gpus`, BuildOptions.gpus), or None: not a list of GPU
+    names (gpus_problem), or, where `machine`, one this machine does not show (gpus_missing). A Ray
+    cluster's GPUs are its nodes' (connecting says --gpus has no place there), not this machine's."""
+    if isinstance(gpus, str) or not all(isinstance(g, str) for g in gpus):
+        return (
+            f'gpus={gpus!r}: give each GPU as a string, e.g. gpus=("0", "1") (--gpus 0,1 on the command line)'
+        )
+    gpus = list(gpus)
+    cluster = backend == "ray" and (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+    return gpus_problem(gpus) or (None if cluster or not machine else gpus_missing(gpus))
+
+
 def gpus_for_device(gpus: tuple[str, ...] | None, device: str) -> str | None:
     """Why `--gpus` means nothing for a project's `device`, or None: a CPU or MPS project uses no GPU."""
     if not gpus or not device.startswith(("cpu", "mps")):

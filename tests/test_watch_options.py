@@ -1,0 +1,132 @@
+"""`dbl watch` with options: those no build can use end it at its start; --debug reaches its builds; its
+observer ends without a word."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from runner.ui.plain import PlainReporter
+from runner.watch import watch
+
+from .conftest import FakeBackend, use_backend
+from .test_watch import save
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (
+            {"gpus": ("0",)},
+            'pets.toml: --gpus 0: device = "cpu" in [project] uses no CUDA GPU; leave --gpus out',
+        ),
+        ({"backend": "inlin"}, "no executor backend 'inlin'; backends: inline, process"),
+        ({"gpus": ("0", "0")}, "--gpus: 0 named twice"),
+        ({"gpus": ("1",)}, "--gpus 1: this machine has no CUDA GPU 1 (it has 1: 0)"),
+    ],
+)
+def test_options_no_build_can_use_end_the_watch_with_exit_2(proj, fake_steps, monkeypatch, options, said):
+    """`dbl watch --gpus 0` on a CPU project said why its build was refused, then watched on: every
+    rebuild was refused the same way, for an option no edit of the project's inputs could change."""
+    from runner.exec import devices
+
+    monkeypatch.setattr(devices, "_device_nodes", lambda: ["nvidia0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    save(
+        proj.path,
+        proj.path.read_text().replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"'),
+    )
+    messages, stop = [], threading.Event()
+    timer = threading.Timer(5, stop.set)  # the watch would wait for ever: stopped, it returns 0
+    timer.start()
+    code = watch(
+        proj.path,
+        reporter_factory=PlainReporter,
+        stop_event=stop,
+        echo=messages.append,
+        build_options=options,
+    )
+    timer.cancel()
+    assert (code, len(messages)) == (2, 1) and said in messages[0], messages
+    assert not fake_steps.ran and not (proj.root / "pets.lock").exists()
+
+
+def test_watch_debug_shows_a_failing_steps_traceback(proj, monkeypatch):
+    """A step that failed in a watch said `(run with --debug for the traceback)`, and `dbl watch --debug`
+    took the option and showed none."""
+    from runner import watch as watch_module
+    from runner.cli import main
+
+    from .conftest import FakeSteps
+
+    def broken(run):
+        def step(ctx):
+            if ctx.step_id == "render:park":
+                raise RuntimeError("the render broke")
+            return run(ctx)
+
+        return step
+
+    undo = use_backend(lambda project: FakeBackend(FakeSteps(), broken))
+    lines: list[str] = []
+    real_watch = watch_module.watch
+
+    def once(path, **kw):  # the watch as `dbl watch` starts it, stopped after its first build
+        stop = threading.Event()
+
+        def reporter():
+            shown = PlainReporter(write=lines.append)
+            shown.close = stop.set  # the build's end
+            return shown
+
+        kw["reporter_factory"] = reporter
+        return real_watch(path, **kw, stop_event=stop, echo=lines.append)
+
+    monkeypatch.setattr(watch_module, "watch", once)
+    try:
+        assert main(["watch", str(proj.path), "--no-progress"]) == 0
+        assert any("(run with --debug for the traceback)" in line for line in lines), lines
+        lines.clear()
+        assert main(["watch", str(proj.path), "--no-progress", "--debug"]) == 0
+    finally:
+        undo()
+    said = "\n".join(lines)
+    assert "Traceback (most recent call last)" in said and "RuntimeError: the render broke" in said
+
+
+def test_a_crashed_build_of_the_watch_says_how_to_see_its_traceback(proj, monkeypatch):
+    from runner import executor
+    from runner.watch import _build
+
+    def crash(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(executor, "build", crash)
+    said: list[str] = []
+    for debug in (False, True):
+        assert _build(proj.load(), PlainReporter, threading.Event(), said.append, {"debug": debug}) == 1
+    assert said[0] == "build crashed: RuntimeError: a bug (run with --debug for the traceback)"
+    assert (
+        said[1].startswith("build crashed: Traceback (most recent call last)")
+        and "RuntimeError: a bug" in said[1]
+    )
+
+
+def test_an_emitter_stopped_with_the_watch_says_nothing(tmp_path, caplog):
+    """A watch ended by Ctrl-C printed `InotifyEmitter.queue_events() called when the thread is inactive`:
+    the events that removing its watches sends woke an emitter already stopped (watchdog logs it as an
+    error; nothing is lost, the watch is ending)."""
+    pytest.importorskip("watchdog.observers.inotify")
+    from watchdog.observers.api import EventQueue, ObservedWatch
+    from watchdog.observers.inotify import InotifyEmitter
+
+    from runner.watch import _make_observer
+
+    _make_observer(False, 2.0)  # as the watch makes its observer
+    emitter = InotifyEmitter(EventQueue(), ObservedWatch(str(tmp_path), recursive=False))
+    emitter.on_thread_start()
+    emitter.on_thread_stop()  # the observer stopped: what read_event returns now finds no watch group
+    caplog.set_level("DEBUG")
+    emitter.queue_events(0)
+    assert "called when the thread is inactive" not in caplog.text

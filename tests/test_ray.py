@@ -30,7 +30,7 @@ SIGTERM_BEFORE_RAY: list = []  # this process's SIGTERM handler before ray_insta
 def ray_instance(tmp_path_factory):
     """A local Ray instance of 2 CPUs and 4 (fake) GPUs, started as `--executor ray` starts one."""
     ray = pytest.importorskip("ray")
-    from runner.exec.ray_backend import connect
+    from runner.exec.ray_connect import connect
 
     # Ray's workers inherit this process's environment when it starts: built-in models go where the
     # other tests keep theirs (see conftest), never into the home folder.
@@ -249,7 +249,7 @@ def test_ray_options_that_cannot_go_together_are_usage_errors(proj, capsys):
 
     assert main(["build", str(proj.path), "--ray-address", "auto"]) == 2
     assert "--ray-address is for --executor ray" in capsys.readouterr().err
-    from runner.exec.ray_backend import connect
+    from runner.exec.ray_connect import connect
 
     with pytest.raises(UsageError, match="leave --gpus out with --ray-address"):
         connect("auto", gpus=("0",))
@@ -260,17 +260,17 @@ def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
     request is put back, so that SIGTERM stops a Ray build at a safe point with exit 143."""
     from types import SimpleNamespace
 
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     def init(**_):
         signal.signal(signal.SIGTERM, lambda *a: None)
 
     fake = SimpleNamespace(is_initialized=lambda: False, init=init)
-    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(ray_connect, "import_ray", lambda: fake)
     mine = lambda *a: None  # noqa: E731
     previous = signal.signal(signal.SIGTERM, mine)
     try:
-        ray_backend.connect("10.0.0.5:6379")
+        ray_connect.connect("10.0.0.5:6379")
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -288,10 +288,10 @@ def no_ray_init():
 def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, monkeypatch, capsys):
     """ray.init retries an address that refuses connections for minutes, printing Ray's warnings."""
     from runner.cli import main
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     pytest.importorskip("ray")
-    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -306,7 +306,7 @@ def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, 
 
 def test_auto_without_a_cluster_is_a_usage_error_that_says_how_to_start_one(proj, monkeypatch, capsys):
     from runner.cli import main
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     pytest.importorskip("ray")
     from ray._private import services
@@ -315,7 +315,7 @@ def test_auto_without_a_cluster_is_a_usage_error_that_says_how_to_start_one(proj
         raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(services, "canonicalize_bootstrap_address", none_found)  # whatever runs here
-    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
     assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", "auto"]) == 2
     err = capsys.readouterr().err
     assert "cannot reach a Ray cluster at 'auto' (Could not find any running Ray instance.); start one" in err
@@ -326,7 +326,7 @@ def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(mo
     asks for one only says that it could not connect."""
     from types import SimpleNamespace
 
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     pytest.importorskip("ray")
 
@@ -334,7 +334,7 @@ def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(mo
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
 
     monkeypatch.setattr(
-        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+        ray_connect, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
     )
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     # A port that answers (on every address: Ray asks at the machine's), and ray.init is turned away there.
@@ -343,19 +343,19 @@ def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(mo
         head.listen()
         address = f"127.0.0.1:{head.getsockname()[1]}"
         with pytest.raises(UsageError, match="set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token"):
-            ray_backend.connect(address)
+            ray_connect.connect(address)
         monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set: the token was sent, and that is not it
         with pytest.raises(UsageError) as info:
-            ray_backend.connect(address)
+            ray_connect.connect(address)
     assert "Failed to connect to Ray cluster" in str(info.value) and "RAY_AUTH_MODE" not in str(info.value)
 
 
 def test_a_cluster_address_that_is_not_one_is_a_usage_error(proj, monkeypatch, capsys):
     from runner.cli import main
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     pytest.importorskip("ray")
-    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
     for address in ("head-node", "10.0.0.5"):
         assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
         err = capsys.readouterr().err
@@ -368,14 +368,14 @@ def test_ray_address_in_the_environment_names_the_cluster(proj, monkeypatch, cap
     from types import SimpleNamespace
 
     from runner.cli import main
-    from runner.exec import ray_backend
+    from runner.exec import ray_backend, ray_connect
 
     pytest.importorskip("ray")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("RAY_ADDRESS", address)
-    monkeypatch.setattr(ray_backend, "import_ray", no_ray_init)
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
     assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach a Ray cluster at '{address}'" in err and "Connection refused" in err, err
@@ -390,7 +390,7 @@ def test_ray_address_in_the_environment_names_the_cluster(proj, monkeypatch, cap
         raise RuntimeError("started")
 
     monkeypatch.setattr(
-        ray_backend, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+        ray_connect, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
     )
     with pytest.raises(RuntimeError, match="started"):
         ray_backend.RayBackend(proj.load(), executor.BuildOptions(ray_address="local")).start()
@@ -406,7 +406,7 @@ def test_a_local_instance_does_not_say_that_ray_turned_token_authentication_on(m
     import logging
     from types import SimpleNamespace
 
-    from runner.exec import ray_backend
+    from runner.exec import ray_connect
 
     pytest.importorskip("ray")
     said = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -418,7 +418,7 @@ def test_a_local_instance_does_not_say_that_ray_turned_token_authentication_on(m
         said.warning("Token authentication is disabled for this Ray cluster. Anyone with network access")
 
     try:
-        ray_backend._start_local(SimpleNamespace(init=init), None, {})
+        ray_connect._start_local(SimpleNamespace(init=init), None, {})
     finally:
         said.removeHandler(handler)
     err = capsys.readouterr().err

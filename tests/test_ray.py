@@ -487,6 +487,23 @@ def test_a_killed_worker_fails_its_step_with_a_message_naming_it(ray_instance, p
     assert "render:base" not in (lockfile.read(proj.lock) if proj.lock.exists() else {})
 
 
+def test_rays_own_paragraph_on_a_lost_worker_goes_to_standard_error(ray_instance, proj, capfd):
+    """Ray prints a `(raylet)` paragraph when a worker dies; on standard output it broke scripts that
+    read the build's output there."""
+    box = kill_when_started(proj, "render-base")
+    result, _ = build(proj, run="killed_step", only=("render:base",))
+    box["thread"].join(10)
+    assert gone(box["pid"]) and result.exit_code == 1, "the worker was not killed"
+    out = err = ""
+    deadline = time.monotonic() + 15  # Ray says it from a thread of its own, when the error reaches it
+    while "(raylet)" not in out + err and time.monotonic() < deadline:
+        time.sleep(0.2)
+        said = capfd.readouterr()
+        out, err = out + said.out, err + said.err
+    assert "(raylet)" in err and "A worker died or was killed" in err, (out, err)
+    assert "(raylet)" not in out, out
+
+
 def test_a_step_error_that_does_not_load_reads_as_in_an_inline_build(ray_instance, proj):
     """Ray failed to load it in the build's process, and said so with a traceback of its own code."""
     result, _ = build(proj, run="two_arguments_step", only=("render:base",))

@@ -49,6 +49,7 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
     if ray.is_initialized():
         return
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
+    _ray_output_to_stderr()
     with _keeping_sigterm():
         if address not in LOCAL:
             _check_reachable(address)
@@ -58,6 +59,25 @@ def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **i
                 raise UsageError(_unreachable(address, str(exc)) + _token_hint(address)) from None
             return
         _start_local(ray, gpus, common)
+
+
+def _ray_output_to_stderr() -> None:
+    """Ray prints what its cluster reports to the build (a `(raylet)` paragraph when a worker dies, even
+    with log_to_driver off) on standard output, among the build's own lines and where scripts read them:
+    it goes to standard error, with Ray's other warnings."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "to_stderr", False):
+        return
+
+    def to_stderr(data, *args, **kwargs):
+        return printer({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
 
 
 def _option(address: str) -> str:

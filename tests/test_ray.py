@@ -304,6 +304,65 @@ def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, 
         assert "Traceback" not in err
 
 
+@contextlib.contextmanager
+def serving(answer: bytes | None):
+    """A port (on every address: Ray asks at the machine's) whose server sends `answer` to each connection
+    and closes it; None: it accepts and says nothing. Yields 127.0.0.1:PORT."""
+    server = socket.socket()
+    server.bind(("", 0))
+    server.listen()
+    held = []
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                if answer is None:
+                    held.append(conn)
+                    continue
+                with conn:
+                    conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+HTTP2_SETTINGS = bytes(3) + b"\x04" + bytes(5)  # the empty SETTINGS frame a gRPC server opens with
+
+
+def test_an_address_where_something_else_answers_is_a_usage_error_within_seconds(proj, monkeypatch, capsys):
+    """ray.init retried a web server's port (or one that says nothing) for minutes, printing Ray's
+    warnings about a GCS it could not reach."""
+    from runner.cli import main
+    from runner.exec import ray_connect
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
+    for answer, why in (
+        (b"HTTP/1.0 400 Bad request\r\n\r\n", "it answered 'HTTP/1.0 400 Bad request'"),
+        (None, "it said nothing in 5s"),
+    ):
+        with serving(answer) as address:
+            begun = time.monotonic()
+            assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
+            assert time.monotonic() - begun < 10
+        err = capsys.readouterr().err
+        assert f"--ray-address {address!r} is not a Ray cluster's address (" in err, err
+        assert why in err and "the head node's port, 6379 unless `ray start --port`" in err, err
+        assert "Traceback" not in err
+
+
+def test_the_address_of_a_ray_cluster_is_taken_for_one(ray_instance):
+    from runner.exec.ray_connect import _check_reachable
+
+    _check_reachable(ray_instance.get_runtime_context().gcs_address)
+
+
 def test_auto_without_a_cluster_is_a_usage_error_that_says_how_to_start_one(proj, monkeypatch, capsys):
     from runner.cli import main
     from runner.exec import ray_connect
@@ -337,11 +396,8 @@ def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(mo
         ray_connect, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
     )
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    # A port that answers (on every address: Ray asks at the machine's), and ray.init is turned away there.
-    with socket.socket() as head:
-        head.bind(("", 0))
-        head.listen()
-        address = f"127.0.0.1:{head.getsockname()[1]}"
+    # A port that answers as a gRPC server does, and ray.init is turned away there.
+    with serving(HTTP2_SETTINGS) as address:
         with pytest.raises(UsageError, match="set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token"):
             ray_connect.connect(address)
         monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set: the token was sent, and that is not it

@@ -17,6 +17,7 @@ from runner.errors import UsageError
 
 LOCAL = (None, "", "local")  # --ray-address values that start a local instance
 CONNECT_TIMEOUT_S = 10.0  # a cluster's address that answers nothing in this time is an error
+ANSWER_TIMEOUT_S = 5.0  # a service there that does not open as a gRPC server in this time is not Ray
 
 
 def import_ray():
@@ -142,11 +143,49 @@ def _check_reachable(address: str) -> None:
     if not port.isdigit():
         raise UsageError(f"{_option(address)} {address!r}: the port is missing (HOST:PORT, 6379 by default)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
+            other = _not_grpc(conn)
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
         raise UsageError(_unreachable(address, f"{target}: {why}")) from None
+    if other:
+        raise UsageError(
+            f"{_option(address)} {address!r} is not a Ray cluster's address ({target}: {other}); check its "
+            "host and port: the head node's port, 6379 unless `ray start --port` said otherwise (with "
+            "ray://, the Ray Client server's, 10001 by default)"
+        )
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)  # and empty SETTINGS
+
+
+def _not_grpc(conn: socket.socket) -> str:
+    """What the service on `conn` says, where it is not a gRPC server (as the head node's GCS and the Ray
+    Client server are), else "": ray.init retries one for minutes, printing Ray's own warnings. A gRPC
+    server opens with a SETTINGS frame; with RAY_USE_TLS it opens TLS first, and is not asked."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return ""
+    conn.settimeout(ANSWER_TIMEOUT_S)
+    said = b""
+    try:
+        conn.sendall(HTTP2_PREFACE)
+        while len(said) < 9 and (more := conn.recv(9 - len(said))):
+            said += more
+    except TimeoutError:
+        if not said:
+            return f"it said nothing in {ANSWER_TIMEOUT_S:g}s"
+    except OSError as exc:  # reset: it turned the preface away
+        if not said:
+            return f"it closed the connection ({exc.strerror or exc})"
+    if len(said) == 9 and said[3] == 4:  # an HTTP/2 frame header, of type SETTINGS
+        return ""
+    if not said:
+        return "it closed the connection"
+    with contextlib.suppress(OSError):  # the rest of its first line
+        conn.settimeout(0.5)
+        said += conn.recv(200)
+    first = said.decode("latin-1").splitlines()[0] if said.strip() else repr(said)
+    return f"it answered {first.strip()[:60]!r}"
 
 
 @contextlib.contextmanager

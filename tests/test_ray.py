@@ -90,6 +90,7 @@ def stoppable_step(ctx):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if ctx.should_stop():
+            (records_dir(ctx) / f"stopped-{ctx.kind}-{ctx.name}").touch()
             raise StepInterrupted(f"{ctx.step_id}: stopped at a safe point")
         time.sleep(0.05)
     raise AssertionError("never asked to stop")
@@ -686,6 +687,73 @@ def test_ctrl_c_twice_ends_the_running_workers(ray_instance, proj):
     assert cancelled and all(s.error == "cancelled" for s in cancelled)
     pids = [int(f.read_text()) for f in (proj.root / "records").glob("pid-*") if f.read_text()]
     assert pids and all(gone(pid) for pid in pids), "a cancelled worker lives on"
+
+
+HEAD_KILLED = """
+import json, os, sys, threading, time
+from pathlib import Path
+
+import psutil
+
+from runner import events, lockfile
+from runner.exec import ray_backend
+from tests.conftest import PETS, Proj
+from tests.test_ray import build, pids_of
+
+ray_backend.HEAD_LOST_S = 3.0
+proj = Proj(Path(sys.argv[1]), PETS)
+ray_backend.connect(num_cpus=2)
+result, _ = build(proj, only=("prior:dog",))
+before = proj.lock.read_bytes()
+killed = {}
+
+def kill_the_head():
+    pids_of(proj, 2)  # train:toy and render:base run
+    (head,) = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+    head.kill()
+    killed["at"] = time.monotonic()
+
+threading.Thread(target=kill_the_head, daemon=True).start()
+result, _ = build(proj, run="stoppable_step", only=("train:toy", "render:base"), jobs=2)
+ended = time.monotonic()
+print(json.dumps({
+    "exit": result.exit_code,
+    "failed": {s.id: s.error for s in result.steps if s.status == events.FAILED},
+    "after_s": ended - killed["at"],
+    "lock_kept": proj.lock.read_bytes() == before,
+    "stopped": sorted(p.name for p in (proj.root / "records").glob("stopped-*")),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_lost_head_ends_the_build_with_its_summary_before_ray_ends_the_process(tmp_path):
+    """Ray ended the build's process from its C++ code a minute after the head's GCS was lost (exit 1, no
+    summary, and a train step that could have saved a checkpoint did not)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path / "dbl-home")
+    env = {**os.environ, "DBL_HOME": home, "PYTHONPATH": str(Path(__file__).parents[1])}
+    begun = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HEAD_KILLED, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - begun
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["exit"] == 1 and said["lock_kept"], said
+    assert set(said["failed"]) == {"train:toy", "render:base"}, said
+    for error in said["failed"].values():
+        assert "the Ray cluster's head is lost (its GCS at " in error, said
+        assert "has not answered for 3s); rerun the build once it is back" in error, said
+    assert said["stopped"] == ["stopped-render-base", "stopped-train-toy"], said  # at a safe point
+    assert said["after_s"] < 20 and took < 60, (said, took)  # well before Ray's minute
 
 
 # --- real steps on tiny-sd ------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - c
 POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
 WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
+HEAD_ASKED_EVERY_S = (
+    2.0  # how often a build with running steps asks the cluster's head (its GCS) if it is there
+)
+HEAD_LOST_S = (
+    15.0  # a head that has not answered for this long is lost (Ray ends the build's process at 60 s)
+)
+HEAD_LOST_STOP_S = 25.0  # then the running steps have this long to stop at a safe point (a train step saves)
 
 
 class Mailbox:
@@ -113,6 +120,10 @@ class RayBackend:
         self._task = None
         self._live: dict[str, object] = {}  # step id -> the ObjectRef of its running task
         self._where: dict[str, str] = {}  # step id -> "node cuda:0", once placed
+        self._asking = threading.Lock()
+        self._asked = 0.0  # when the cluster's head was last asked
+        self._silent_since: float | None = None  # when it first did not answer, since it last did
+        self._lost = ""  # what to say once the head is lost
 
     # --- the cluster ----------------------------------------------------------------------------------
 
@@ -130,6 +141,31 @@ class RayBackend:
                 self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)
                 self._ray = ray
             return self._ray
+
+    def _head_lost(self, ray) -> str:
+        """What to say once the cluster's head (its GCS) has not answered for HEAD_LOST_S, else "". Ray ends
+        the build's process itself a minute after, from its C++ code: without the build's summary, and
+        while a train step could still have saved a checkpoint."""
+        now = time.monotonic()
+        if self._lost or now - self._asked < HEAD_ASKED_EVERY_S or not self._asking.acquire(blocking=False):
+            return self._lost
+        try:
+            self._asked = now
+            client = ray._private.worker.global_worker.gcs_client
+            client.internal_kv_exists(b"dbl", b"dbl", timeout=HEAD_ASKED_EVERY_S)
+            self._silent_since = None
+        except AttributeError:  # another Ray version: Ray's own minute stays
+            self._asked = math.inf
+        except (ray.exceptions.RpcError, TimeoutError):
+            self._silent_since = self._silent_since or now
+            if time.monotonic() - self._silent_since >= HEAD_LOST_S:
+                self._lost = (
+                    f"the Ray cluster's head is lost (its GCS at {client.address} has not answered for "
+                    f"{HEAD_LOST_S:g}s); rerun the build once it is back"
+                )
+        finally:
+            self._asking.release()
+        return self._lost
 
     def _uses_gpus(self) -> bool:
         if self._device.startswith(("cpu", "mps")):
@@ -161,6 +197,8 @@ class RayBackend:
     def run(self, job: Job, hooks: Hooks) -> Outcome:
         from runner.training.checkpoints import checkpoint_dirs
 
+        if self._lost:  # Ray would wait for the head to place it
+            raise StepError(f"{job.step_id}: not started: {self._lost}")
         gpus = self.gpus_for(job)
         self._check_placeable(job, gpus)
         retried = False
@@ -168,6 +206,8 @@ class RayBackend:
             try:
                 return self._run_once(job, hooks, gpus)
             except _WorkerLost as lost:
+                if self._lost:
+                    raise StepError(f"{job.step_id}: {self._lost}") from None
                 checkpoints = checkpoint_dirs(job.work) if job.kind == "train" else []
                 if retried or not checkpoints or hooks.should_stop():
                     raise StepError(str(lost)) from None
@@ -206,6 +246,8 @@ class RayBackend:
             raise
         finally:
             self._live.pop(sid, None)
+        if self._lost and result[0] != "done":  # stopped at a safe point, or failed, as the head was lost
+            raise StepError(f"{sid}: {self._lost}")
         return reported_outcome(*result)
 
     def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
@@ -214,14 +256,19 @@ class RayBackend:
         sid = job.step_id
         submitted = noted = time.monotonic()
         stopping = False
+        lost_at = None
         while True:
             if hooks.should_stop() and not stopping:
                 stopping = True
-                if job.stop_file is not None:
-                    job.stop_file.parent.mkdir(parents=True, exist_ok=True)
-                    job.stop_file.touch()
+                self._ask_to_stop(job)
                 if sid not in self._where:
                     ray.cancel(ref)  # not started yet: it never will
+            if self._head_lost(ray):  # asked to stop at a safe point, until Ray ends this process
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    self._ask_to_stop(job)
+                if sid not in self._where or time.monotonic() - lost_at > HEAD_LOST_STOP_S:
+                    raise StepError(f"{sid}: {self._lost}")
             ready, _ = ray.wait([ref], timeout=POLL_S)
             self._deliver(ray, sid, hooks)
             if ready:
@@ -246,6 +293,12 @@ class RayBackend:
             raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
         return result
+
+    @staticmethod
+    def _ask_to_stop(job: Job) -> None:
+        if job.stop_file is not None:
+            job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            job.stop_file.touch()
 
     def _deliver(self, ray, sid: str, hooks: Hooks) -> None:
         """Hand the step's waiting events to its hooks."""
@@ -276,8 +329,11 @@ class RayBackend:
         build (`dbl watch`); Ray ends a local instance when the process exits."""
         if self._ray is None:
             return
-        self.cancel()
-        self._ray.kill(self._mailbox)
+        if self._lost:  # nothing to cancel or kill without the head; the next build connects afresh
+            self._ray.shutdown()
+        else:
+            self.cancel()
+            self._ray.kill(self._mailbox)
         self._ray = None
 
 

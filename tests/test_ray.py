@@ -672,6 +672,29 @@ def test_ctrl_c_once_stops_running_steps_at_a_safe_point_and_cancels_the_waiting
     assert not lockfile.read(proj.lock) if proj.lock.exists() else True
 
 
+def test_ctrl_c_once_stops_a_step_that_started_before_the_build_heard_of_it_at_a_safe_point(
+    ray_instance, proj
+):
+    """The first Ctrl-C cancelled a step whose worker had started it less than a poll before (Ray interrupts
+    it anywhere): here the build never hears of its start."""
+
+    class Unheard(fake_ray("stoppable_step")):
+        def _deliver(self, ray, sid, hooks):
+            super()._deliver(ray, sid, hooks)
+            self._where.pop(sid, None)
+
+    (proj.root / "records").mkdir()
+    asked = threading.Event()
+    threading.Thread(target=lambda: (pids_of(proj, 1), asked.set()), daemon=True).start()
+    opts = executor.BuildOptions(backend="ray", only=("render:base",), should_stop=asked.is_set)
+    opts = dataclasses.replace(opts, backend_factory=lambda project: Unheard(project, opts))
+    result = executor.build(proj.load(), opts, Recorder())
+    stopped = {s.id: s.error for s in result.steps if s.status == events.INTERRUPTED}
+    assert result.exit_code == executor.EXIT_INTERRUPTED
+    assert stopped == {"render:base": "render:base: stopped at a safe point"}, stopped
+    assert (proj.root / "records" / "stopped-render-base").is_file()
+
+
 class InterruptOnProgress(Recorder):
     """The second Ctrl-C lands while the main thread shows a step's progress (once it has said its pid)."""
 

@@ -246,6 +246,8 @@ class RayBackend:
             raise
         finally:
             self._live.pop(sid, None)
+            if job.stop_file is not None:
+                begun_file(job.stop_file).unlink(missing_ok=True)
         if self._lost and result[0] != "done":  # stopped at a safe point, or failed, as the head was lost
             raise StepError(f"{sid}: {self._lost}")
         return reported_outcome(*result)
@@ -261,7 +263,7 @@ class RayBackend:
             if hooks.should_stop() and not stopping:
                 stopping = True
                 self._ask_to_stop(job)
-                if sid not in self._where:
+                if not self._begun(job):
                     ray.cancel(ref)  # not started yet: it never will
             if self._head_lost(ray):  # asked to stop at a safe point, until Ray ends this process
                 if lost_at is None:
@@ -293,6 +295,14 @@ class RayBackend:
             raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
         return result
+
+    def _begun(self, job: Job) -> bool:
+        """Whether the step's worker has begun it; asked once its stop file is there. The worker leaves
+        its begun file before it looks for the stop file: one that has not will see it, and not begin.
+        What its worker said arrives a poll late: a step begun meanwhile was cancelled, anywhere in its work."""
+        if job.stop_file is None:
+            return job.step_id in self._where
+        return begun_file(job.stop_file).exists()
 
     @staticmethod
     def _ask_to_stop(job: Job) -> None:
@@ -337,6 +347,11 @@ class RayBackend:
         self._ray = None
 
 
+def begun_file(stop_file):
+    """The file a step's worker leaves as it begins the step, beside the step's stop file."""
+    return stop_file.with_name(stop_file.name.replace(".stop-", ".begun-", 1))
+
+
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
     """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
     ("done", Outcome), ("interrupted", message) or ("error", exception). `omp`: the
@@ -371,6 +386,11 @@ def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
             last[0] = now
             send("progress", (done, total, metrics))
 
+    if job.stop_file is not None:  # see RayBackend._begun; no ray.get here: it would lend out the CPU
+        job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        begun_file(job.stop_file).touch()
+        if job.stop_file.exists():
+            return ("interrupted", f"{sid}: stopped before it started")
     send("where", where)
     gpus = f", GPUs {','.join(gpu_ids)}" if gpu_ids else ""
     send("log", f"running on node {node} (worker pid {os.getpid()}{gpus})")

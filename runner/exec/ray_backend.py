@@ -3,7 +3,8 @@
 `dbl build --executor ray` starts a local Ray instance (listening on 127.0.0.1 only, no dashboard);
 `--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one;
 without --ray-address, the environment's RAY_ADDRESS names the cluster, as it does for ray.init.
-Ray is imported only here, and only once a step runs: it is the optional extra `dbl[ray]`.
+Ray is imported only here and in ray_connect (which connects), and only once a step runs: it is the
+optional extra `dbl[ray]`.
 
 - A step's task reserves its GPUs (`num_gpus`: 1/--per-gpu for a step, P for a train step of
   num_processes = P; none on a CPU project), so Ray picks its node and GPUs; the task runs in a fresh
@@ -25,187 +26,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
 
-from runner.errors import StepError, StepInterrupted, UsageError
+from runner.errors import StepError, StepInterrupted
 from runner.exec.backends import LazyModels, quiet_openmp, register
 from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, reported_outcome, run_reported
+from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - connect: tests, scripts
 
 POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
 WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
-LOCAL = (None, "", "local")  # --ray-address values that start a local instance
-CONNECT_TIMEOUT_S = 10.0  # a cluster's address that answers nothing in this time is an error
-
-
-def import_ray():
-    """Ray, or a UsageError that says how to install it."""
-    if importlib.util.find_spec("ray") is None:
-        raise UsageError("--executor ray needs Ray, which is not installed: pip install 'dbl[ray]'")
-    try:
-        import ray
-    except ImportError as exc:  # a broken install: a dependency missing, or of a version Ray cannot use
-        raise UsageError(
-            f"--executor ray needs Ray, which is installed but does not import ({exc}): reinstall it, "
-            "pip install --force-reinstall 'dbl[ray]'"
-        ) from None
-    return ray
-
-
-def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **init) -> None:
-    """Connect this process to Ray, unless it is connected already.
-
-    `address` None (or "local"): start a local instance that listens on 127.0.0.1 only, without a
-    dashboard; `gpus` restricts it to these GPUs of this machine. Else join that cluster ("auto",
-    "HOST:PORT", "ray://HOST:PORT"). `init`: more ray.init arguments (num_cpus, num_gpus: tests).
-    """
-    if address not in LOCAL and gpus is not None:
-        raise UsageError(
-            "--gpus picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
-            f"`ray start --num-gpus` gave them: leave --gpus out with {_named_by(address)}"
-        )
-    ray = import_ray()
-    if ray.is_initialized():
-        return
-    common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
-    with _keeping_sigterm():
-        if address not in LOCAL:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, **common)
-            except ConnectionError as exc:
-                raise UsageError(_unreachable(address, str(exc)) + _token_hint(address)) from None
-            return
-        _start_local(ray, gpus, common)
-
-
-def _option(address: str) -> str:
-    return "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--ray-address"
-
-
-def _named_by(address: str) -> str:
-    """Where the cluster's address came from, for messages: --ray-address, or the environment's
-    RAY_ADDRESS (see RayBackend)."""
-    if os.environ.get("RAY_ADDRESS") == address:
-        return f"RAY_ADDRESS={address} in the environment (unset it, or give --ray-address local)"
-    return "--ray-address"
-
-
-def _unreachable(address: str, why: str) -> str:
-    local = (
-        "give --ray-address local or unset RAY_ADDRESS"
-        if os.environ.get("RAY_ADDRESS") == address
-        else "leave --ray-address out"
-    )
-    return (
-        f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
-        f"{local} to start a local Ray instance"
-    )
-
-
-def _token_hint(address: str) -> str:
-    """Ray sends its token to a cluster it finds itself ("auto") but not to one named by its address, and
-    says nothing of it when that cluster turns it away: `ray start` turns token authentication on where
-    ~/.ray/auth_token exists."""
-    if address == "auto" or os.environ.get("RAY_AUTH_MODE"):
-        return ""
-    return (
-        "; if the cluster asks for a token (`ray start` asks for one where ~/.ray/auth_token exists), set "
-        "RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
-    )
-
-
-def _check_reachable(address: str) -> None:
-    """A UsageError at once where nothing answers at the cluster's address: ray.init would retry it for
-    minutes, printing Ray's own warnings, before it gave up. "auto" is looked up as Ray looks it up
-    (RAY_ADDRESS, else the cluster `ray start` last started here)."""
-    if address.startswith("ray://"):
-        target = address.removeprefix("ray://").partition("/")[0]
-    else:
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-        except ImportError:  # another Ray version: ray.init says what it finds
-            return
-        try:
-            target = canonicalize_bootstrap_address(address)
-        except ConnectionError as exc:  # "auto", and no cluster found
-            raise UsageError(_unreachable(address, str(exc))) from None
-        except ValueError:
-            raise UsageError(
-                f"{_option(address)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
-                "node's, port 6379 unless `ray start --port` said otherwise), ray://HOST:PORT or auto"
-            ) from None
-        if target is None:  # "auto" found none: ray.init says so
-            return
-    host, _, port = target.rpartition(":")
-    if not port.isdigit():
-        raise UsageError(f"{_option(address)} {address!r}: the port is missing (HOST:PORT, 6379 by default)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise UsageError(_unreachable(address, f"{target}: {why}")) from None
-
-
-@contextlib.contextmanager
-def _keeping_sigterm():
-    """ray.init replaces this process's SIGTERM handler (its own exits with code 1, after Ray's C++ code
-    has printed a stack dump): the build's handler is put back, so that SIGTERM (`timeout`, Slurm,
-    `docker stop`) stops a Ray build at its steps' safe points and exits 143, as it does any build."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler not set from Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _start_local(ray, gpus: tuple[str, ...] | None, common: dict) -> None:
-    # On Linux Ray advertises and listens on the machine's network address; in its single-machine mode
-    # (the one it uses on macOS and Windows) every part of it listens on 127.0.0.1 only.
-    from ray._private import ray_constants
-
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "CUDA_VISIBLE_DEVICES")}
-    cluster_mode = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
-    if cluster_mode is not None:
-        ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which has read it already
-    if gpus is not None:  # Ray offers the GPUs it is shown
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        common.setdefault("num_gpus", len(gpus))
-    notices = logging.getLogger(TOKEN_NOTICES)
-    notices.addFilter(_token_enabled_notice)
-    try:
-        ray.init(address="local", include_dashboard=False, **common)
-    finally:
-        notices.removeFilter(_token_enabled_notice)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if cluster_mode is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
-
-
-TOKEN_NOTICES = "ray._private.authentication.authentication_token_setup"
-
-
-def _token_enabled_notice(record: logging.LogRecord) -> bool:
-    """False for Ray's warning that it turned token authentication on, which a local instance said on
-    every build (and with -q): there is nothing to do about it. Its warning that authentication is off
-    stays."""
-    return not record.getMessage().startswith("Token authentication is enabled")
+HEAD_ASKED_EVERY_S = (
+    2.0  # how often a build with running steps asks the cluster's head (its GCS) if it is there
+)
+HEAD_LOST_S = (
+    15.0  # a head that has not answered for this long is lost (Ray ends the build's process at 60 s)
+)
+HEAD_LOST_STOP_S = 25.0  # then the running steps have this long to stop at a safe point (a train step saves)
 
 
 class Mailbox:
@@ -279,6 +120,10 @@ class RayBackend:
         self._task = None
         self._live: dict[str, object] = {}  # step id -> the ObjectRef of its running task
         self._where: dict[str, str] = {}  # step id -> "node cuda:0", once placed
+        self._asking = threading.Lock()
+        self._asked = 0.0  # when the cluster's head was last asked
+        self._silent_since: float | None = None  # when it first did not answer, since it last did
+        self._lost = ""  # what to say once the head is lost
 
     # --- the cluster ----------------------------------------------------------------------------------
 
@@ -296,6 +141,31 @@ class RayBackend:
                 self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)
                 self._ray = ray
             return self._ray
+
+    def _head_lost(self, ray) -> str:
+        """What to say once the cluster's head (its GCS) has not answered for HEAD_LOST_S, else "". Ray ends
+        the build's process itself a minute after, from its C++ code: without the build's summary, and
+        while a train step could still have saved a checkpoint."""
+        now = time.monotonic()
+        if self._lost or now - self._asked < HEAD_ASKED_EVERY_S or not self._asking.acquire(blocking=False):
+            return self._lost
+        try:
+            self._asked = now
+            client = ray._private.worker.global_worker.gcs_client
+            client.internal_kv_exists(b"dbl", b"dbl", timeout=HEAD_ASKED_EVERY_S)
+            self._silent_since = None
+        except AttributeError:  # another Ray version: Ray's own minute stays
+            self._asked = math.inf
+        except (ray.exceptions.RpcError, TimeoutError):
+            self._silent_since = self._silent_since or now
+            if time.monotonic() - self._silent_since >= HEAD_LOST_S:
+                self._lost = (
+                    f"the Ray cluster's head is lost (its GCS at {client.address} has not answered for "
+                    f"{HEAD_LOST_S:g}s); rerun the build once it is back"
+                )
+        finally:
+            self._asking.release()
+        return self._lost
 
     def _uses_gpus(self) -> bool:
         if self._device.startswith(("cpu", "mps")):
@@ -327,6 +197,8 @@ class RayBackend:
     def run(self, job: Job, hooks: Hooks) -> Outcome:
         from runner.training.checkpoints import checkpoint_dirs
 
+        if self._lost:  # Ray would wait for the head to place it
+            raise StepError(f"{job.step_id}: not started: {self._lost}")
         gpus = self.gpus_for(job)
         self._check_placeable(job, gpus)
         retried = False
@@ -334,6 +206,8 @@ class RayBackend:
             try:
                 return self._run_once(job, hooks, gpus)
             except _WorkerLost as lost:
+                if self._lost:
+                    raise StepError(f"{job.step_id}: {self._lost}") from None
                 checkpoints = checkpoint_dirs(job.work) if job.kind == "train" else []
                 if retried or not checkpoints or hooks.should_stop():
                     raise StepError(str(lost)) from None
@@ -372,6 +246,10 @@ class RayBackend:
             raise
         finally:
             self._live.pop(sid, None)
+            if job.stop_file is not None:
+                begun_file(job.stop_file).unlink(missing_ok=True)
+        if self._lost and result[0] != "done":  # stopped at a safe point, or failed, as the head was lost
+            raise StepError(f"{sid}: {self._lost}")
         return reported_outcome(*result)
 
     def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
@@ -380,14 +258,19 @@ class RayBackend:
         sid = job.step_id
         submitted = noted = time.monotonic()
         stopping = False
+        lost_at = None
         while True:
             if hooks.should_stop() and not stopping:
                 stopping = True
-                if job.stop_file is not None:
-                    job.stop_file.parent.mkdir(parents=True, exist_ok=True)
-                    job.stop_file.touch()
-                if sid not in self._where:
+                self._ask_to_stop(job)
+                if not self._begun(job):
                     ray.cancel(ref)  # not started yet: it never will
+            if self._head_lost(ray):  # asked to stop at a safe point, until Ray ends this process
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    self._ask_to_stop(job)
+                if sid not in self._where or time.monotonic() - lost_at > HEAD_LOST_STOP_S:
+                    raise StepError(f"{sid}: {self._lost}")
             ready, _ = ray.wait([ref], timeout=POLL_S)
             self._deliver(ray, sid, hooks)
             if ready:
@@ -412,6 +295,20 @@ class RayBackend:
             raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
         self._deliver(ray, sid, hooks)  # the worker's last events arrived before it returned
         return result
+
+    def _begun(self, job: Job) -> bool:
+        """Whether the step's worker has begun it; asked once its stop file is there. The worker leaves
+        its begun file before it looks for the stop file: one that has not will see it, and not begin.
+        What its worker said arrives a poll late: a step begun meanwhile was cancelled, anywhere in its work."""
+        if job.stop_file is None:
+            return job.step_id in self._where
+        return begun_file(job.stop_file).exists()
+
+    @staticmethod
+    def _ask_to_stop(job: Job) -> None:
+        if job.stop_file is not None:
+            job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            job.stop_file.touch()
 
     def _deliver(self, ray, sid: str, hooks: Hooks) -> None:
         """Hand the step's waiting events to its hooks."""
@@ -442,9 +339,17 @@ class RayBackend:
         build (`dbl watch`); Ray ends a local instance when the process exits."""
         if self._ray is None:
             return
-        self.cancel()
-        self._ray.kill(self._mailbox)
+        if self._lost:  # nothing to cancel or kill without the head; the next build connects afresh
+            self._ray.shutdown()
+        else:
+            self.cancel()
+            self._ray.kill(self._mailbox)
         self._ray = None
+
+
+def begun_file(stop_file):
+    """The file a step's worker leaves as it begins the step, beside the step's stop file."""
+    return stop_file.with_name(stop_file.name.replace(".stop-", ".begun-", 1))
 
 
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
@@ -481,6 +386,11 @@ def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
             last[0] = now
             send("progress", (done, total, metrics))
 
+    if job.stop_file is not None:  # see RayBackend._begun; no ray.get here: it would lend out the CPU
+        job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        begun_file(job.stop_file).touch()
+        if job.stop_file.exists():
+            return ("interrupted", f"{sid}: stopped before it started")
     send("where", where)
     gpus = f", GPUs {','.join(gpu_ids)}" if gpu_ids else ""
     send("log", f"running on node {node} (worker pid {os.getpid()}{gpus})")

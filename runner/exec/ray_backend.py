@@ -40,13 +40,12 @@ from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - c
 POLL_S = 0.2  # how often the build's process asks for a running step's events
 PROGRESS_EVERY_S = 0.25  # a worker sends progress at most this often (and always the last one)
 WAITING_NOTE_S = 30.0  # a step Ray has not placed yet is mentioned this often
-HEAD_ASKED_EVERY_S = (
-    2.0  # how often a build with running steps asks the cluster's head (its GCS) if it is there
-)
-HEAD_LOST_S = (
-    15.0  # a head that has not answered for this long is lost (Ray ends the build's process at 60 s)
-)
-HEAD_LOST_STOP_S = 25.0  # then the running steps have this long to stop at a safe point (a train step saves)
+# How often a build with running steps asks the cluster's head (its GCS) if it is there; after how long
+# without an answer the head is lost (Ray itself ends the build's process at 60 s); and how long the
+# running steps then have to stop at a safe point (a train step saves a checkpoint).
+HEAD_ASKED_EVERY_S = 2.0
+HEAD_LOST_S = 15.0
+HEAD_LOST_STOP_S = 25.0
 
 
 class Mailbox:

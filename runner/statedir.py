@@ -232,6 +232,6 @@ class DiskFacts:
     def has_outputs(self, output_dir: str) -> bool:
         return has_files(self.project.out / output_dir)
 
-    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
+    def restores(self, fingerprint: str, unhashed: dict | None = None, since: int = 0) -> str | None:
         """The output hash a restore of this fingerprint gives (see RunCache.restores)."""
-        return self.cache.restores(fingerprint, unhashed)
+        return self.cache.restores(fingerprint, unhashed, since)

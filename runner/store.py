@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from runner import tempnames
@@ -32,11 +33,11 @@ from runner.statedir import (  # noqa: F401
 )
 
 
-def made_under(meta: dict, unhashed: dict | None) -> bool:
-    """Whether a run-cache entry (its manifest) was made under `unhashed`, the values out of the
-    fingerprint its outputs depend on (StepKind.unhashed); None, for a kind whose outputs depend on none,
-    fits every entry."""
-    return unhashed is None or meta.get("unhashed") == unhashed
+def made_under(meta: dict, unhashed: dict | None, since: int = 0) -> bool:
+    """Whether a run-cache entry (its manifest) fits a step: made under `unhashed`, the values out of the
+    fingerprint its outputs depend on (StepKind.unhashed; None, for a kind whose outputs depend on none,
+    fits every entry), and in epoch `since` or later (see EPOCH; 0 fits every entry)."""
+    return (unhashed is None or meta.get("unhashed") == unhashed) and epoch_of(meta) >= since
 
 
 FSYNC_THREADS = 8  # files fsync_tree flushes at once
@@ -98,8 +99,47 @@ def output_hash(manifest: dict[str, dict]) -> str:
     return manifest_hash({rel: item["sha256"] for rel, item in manifest.items()})
 
 
-# 2: files named after a step are kept under their kind's cache names (see StepKind.layout).
+# The layout of an entry. 2: files named after a step are kept under their kind's cache names (see
+# StepKind.layout). Optional keys added since (`made_by`) leave it as it is: every version of dbl reads a
+# manifest's keys by name and passes over the others, and one that met a higher number would take the entry
+# for its own layout all the same.
 MANIFEST_VERSION = 2
+
+# What made an entry, in its manifest as `"made_by": {"dbl": "<version>", "epoch": EPOCH}`, so that a fix can
+# tell the entries made before it from those made after.
+#
+# EPOCH goes up by one with each fix after which some entries made before it may hold wrong bytes (outputs
+# made from other weights than their fingerprint names, say), and only then: such a fix bumps EPOCH and adds
+# to DISTRUSTED the new number and which steps it affects. An entry of an earlier epoch is then not restored
+# for those steps (they run again, and their entry is replaced); every other entry restores as before.
+# An entry with no stamp was made before stamps were written, and counts as epoch 0.
+#
+# 1: the first stamp. Every entry of epoch 1 or later was made after the fixes that load a cached hub model
+# at the commit its identity names, and a local base model saved anew since a process loaded it; entries of
+# epoch 0 may hold outputs of other weights, and a rule (1, <steps on such base models>) would skip them.
+EPOCH = 1
+
+# (epoch, applies): a step for which `applies(kind, inputs)` (its kind and fingerprint inputs) holds restores
+# no entry of an epoch below `epoch`. Empty: every entry restores.
+DISTRUSTED: tuple[tuple[int, Callable[[str, dict], bool]], ...] = ()
+
+
+def trusted_since(kind: str, inputs: dict) -> int:
+    """The earliest epoch whose run-cache entries a step (`kind`, its fingerprint `inputs`) restores."""
+    return max((epoch for epoch, applies in DISTRUSTED if applies(kind, inputs)), default=0)
+
+
+def epoch_of(meta: dict) -> int:
+    """The epoch a run-cache entry (its manifest) was made in; 0 for one with no stamp."""
+    stamp = meta.get("made_by")
+    epoch = stamp.get("epoch") if isinstance(stamp, dict) else None
+    return epoch if type(epoch) is int else 0
+
+
+def _made_by() -> dict:
+    import runner
+
+    return {"dbl": runner.__version__, "epoch": EPOCH}
 
 
 class RunCache:
@@ -139,16 +179,17 @@ class RunCache:
         metrics: dict,
         replace: bool = False,
         unhashed: dict | None = None,
+        since: int = 0,
     ) -> str:
         """Move the folder `files` into the cache under `fingerprint`. An intact entry that is there
         already is kept, unless `replace` (a forced rerun): then it is replaced, and what the old one
         held is described in the returned text ("" when nothing was replaced). `unhashed`: the values out
         of the fingerprint the files depend on (StepKind.unhashed), kept with them; an entry made under
-        other values is replaced."""
+        other values, or before epoch `since` (see EPOCH), is replaced. The manifest says what made it."""
         entry = self.entry(fingerprint)
         old = self.manifest(fingerprint)
         intact = old is not None and self.verify(fingerprint) is not None  # a damaged one is dropped
-        other = intact and not made_under(old, unhashed)
+        other = intact and not made_under(old, unhashed, since)
         if intact and not replace and not other:
             shutil.rmtree(files, ignore_errors=True)
             return ""
@@ -161,6 +202,7 @@ class RunCache:
             "outputs": manifest,
             "output_hash": output_hash(manifest),
             "metrics": metrics,
+            "made_by": _made_by(),
         }
         if unhashed is not None:
             meta["unhashed"] = unhashed
@@ -174,7 +216,7 @@ class RunCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         replaced = ""
-        if intact:  # and replace, or made under other values
+        if intact:  # and replace, or made under other values or before `since`
             same = old["output_hash"] == meta["output_hash"]
             replaced = (self.HELD_SAME if same else self.HELD_DIFFERENT) if replace else ""
             self.drop(fingerprint)
@@ -200,11 +242,12 @@ class RunCache:
         layout: dict[str, str] | None = None,
         warn=lambda message: None,
         unhashed: dict | None = None,
+        since: int = 0,
     ) -> dict | None:
         """The entry's manifest if every file is there with its hash, else None. A damaged entry is
         reported through `warn`, with its path, and dropped. With `unhashed` (the values out of the
         fingerprint a step's outputs depend on), an entry made under others, or under unrecorded ones, is
-        None too (and kept).
+        None too (and kept); so is one made before epoch `since` (see EPOCH).
 
         `layout` maps output files named after a step (cache name -> output name); an entry written
         before such names were kept out of the cache holds the output names, and only fits a step of
@@ -218,7 +261,7 @@ class RunCache:
             warn(f"run-cache entry {entry} is damaged (manifest.json unreadable); dropped it")
             self.drop(fingerprint)
             return None
-        if not made_under(meta, unhashed):
+        if not made_under(meta, unhashed, since):
             return None  # before its files are read: an entry of other values is not restored, whole or not
         files = entry / "files"
         for rel, item in meta["outputs"].items():
@@ -236,12 +279,13 @@ class RunCache:
             return None  # an older entry whose files carry another step's name
         return meta
 
-    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
+    def restores(self, fingerprint: str, unhashed: dict | None = None, since: int = 0) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore
-        verifies the bytes), or, with `unhashed`, none made under these values."""
+        verifies the bytes), or, with `unhashed`, none made under these values, or none made in epoch
+        `since` or later."""
         meta = self.manifest(fingerprint)
-        if meta is None or not made_under(meta, unhashed):
+        if meta is None or not made_under(meta, unhashed, since):
             return None
         files = self.entry(fingerprint) / "files"
         try:

@@ -194,6 +194,8 @@ class RunCache:
             shutil.rmtree(files, ignore_errors=True)
             return ""
         self.root.mkdir(parents=True, exist_ok=True)
+        # What builds of this host killed while storing left (an entry's size each) goes now, not at `dbl gc`.
+        tempnames.drop_left_folders(self.root)
         tmp = self.root / f".{fingerprint}.tmp-{_tag()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from runner import lockfile
+from runner import lockfile, store
 from runner import steps as step_kinds
 from runner.errors import DblError, UsageError
 from runner.fingerprint import fingerprint
@@ -73,10 +73,10 @@ class Facts(Protocol):
         """None when every recorded output exists with its recorded hash, in the step's output folder
         (`output_dir` under the project's `out`), else why not."""
 
-    def restores(self, fingerprint: str, unhashed: dict | None = None) -> str | None:
+    def restores(self, fingerprint: str, unhashed: dict | None = None, since: int = 0) -> str | None:
         """The output hash a restore of this fingerprint gives, or None when the run-cache cannot (with
         `unhashed`, the values out of the fingerprint its outputs depend on: when it holds none made
-        under them)."""
+        under them; with `since`, none made in that epoch or later, see runner.store.EPOCH)."""
 
     def has_outputs(self, output_dir: str) -> bool:
         """Whether the step's output folder (`output_dir` under the project's `out`) holds anything."""
@@ -259,7 +259,8 @@ def take_current(step: Step, record: dict, inputs: dict) -> bool:
 
 
 def _restores(facts: Facts, step: Step, fp: str, inputs: dict) -> str | None:
-    return facts.restores(fp, step_kinds.unhashed_of(step_kinds.get(step.kind), inputs))
+    unhashed = step_kinds.unhashed_of(step_kinds.get(step.kind), inputs)
+    return facts.restores(fp, unhashed, store.trusted_since(step.kind, inputs))
 
 
 def unrecorded(step: Step, facts: Facts) -> str:

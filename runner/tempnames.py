@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -63,6 +64,23 @@ def drop_left_files(folder: Path, prefix: str = "") -> None:
             with contextlib.suppress(OSError):
                 if entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
+
+
+def drop_left_folders(folder: Path, prefix: str = ".") -> list[Path]:
+    """Remove the temp and trash folders directly in `folder` (those whose name starts with `prefix`) that
+    processes of this host left when they were killed while writing them (a run-cache entry, a checkpoint,
+    a built-in model), and return them. A live process's folder, and another host's, are left alone."""
+    try:
+        found = [entry for entry in os.scandir(folder) if entry.name.startswith(prefix)]
+    except OSError:
+        return []
+    dropped = []
+    for entry in found:
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False) and left_by_dead_process(entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                dropped.append(Path(entry.path))
+    return dropped
 
 
 def _alive(pid: int) -> bool:

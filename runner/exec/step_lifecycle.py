@@ -95,6 +95,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
             layout=_layout(kind, step.name),
             warn=_warner(ws, reporter, ev),
             unhashed=steps.unhashed_of(kind, inputs),
+            since=store.trusted_since(step.kind, inputs),
         )
     )
     ev.device = device if meta is None else ""
@@ -132,8 +133,9 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
     unhashed = steps.unhashed_of(steps.get(step.kind), s.inputs)
+    since = store.trusted_since(step.kind, s.inputs)
     replaced = ws.cache.store(
-        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, unhashed=unhashed
+        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
     )
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
@@ -196,9 +198,9 @@ def _keep_extras(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, 
         except KeyError:  # it reads an output that is not built: it will run by itself
             continue
         fp, unhashed = fingerprint(inputs), steps.unhashed_of(steps.get(step.kind), inputs)
-        held = ws.cache.manifest(fp)
-        if held is None or not store.made_under(held, unhashed):
-            ws.cache.store(fp, Path(folder), manifest, metrics, unhashed=unhashed)
+        held, since = ws.cache.manifest(fp), store.trusted_since(step.kind, inputs)
+        if held is None or not store.made_under(held, unhashed, since):
+            ws.cache.store(fp, Path(folder), manifest, metrics, unhashed=unhashed, since=since)
             reporter.log(ev, f"kept {step_id} in the run-cache")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -27,13 +28,18 @@ def ensure_builtin(name: str) -> Path:
         if (folder / "model_index.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
+        # Models a process of this host was killed while making (nothing else would ever remove them).
+        tempnames.drop_left_folders(folder.parent)
         tmp = folder.parent / f".{folder.name}.tmp-{tempnames.suffix()}"
-        family.build_builtin(name, tmp)
         try:
+            family.build_builtin(name, tmp)
             os.replace(tmp, folder)
         except OSError:
-            # Another process finished first; its copy is identical.
-            import shutil
-
+            # Another process finished first; its copy is identical. (Or the making failed: raised below.)
             shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "model_index.json").is_file():
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder

@@ -58,6 +58,8 @@ def save(job, step: int, trainable, optimizer, lr_scheduler, scaler, history, wo
         tmp = job.work / f".{final.name}.tmp-{tempnames.suffix()}"
         try:
             job.work.mkdir(parents=True, exist_ok=True)
+            # a checkpoint a run killed while writing it left (nothing else removes it while the step is unfinished)
+            tempnames.drop_left_folders(job.work, f".{CHECKPOINT_PREFIX}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             weights = {f"{c}/{n}": p.detach() for c, group in trainable.items() for n, p in group.items()}

@@ -1,0 +1,123 @@
+"""What a process killed while writing a folder leaves (a run-cache entry, a checkpoint, a built-in model) is
+removed at the next write of the same kind, when the process was of this host and is gone; a live
+process's folder, and another host's, stay."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import tempnames
+from tests.conftest import PETS, Proj
+from tests.test_reliability import fake_build
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended."""
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def plant(folder: Path, name: str, dead_pid: int) -> dict[str, Path]:
+    """A temp folder `.<name>.tmp-...` with a file in it, as a killed write leaves one: of a dead process of
+    this host, of this live one, and of a process of another host (with the dead pid: it may live there)."""
+    owners = {
+        "dead": f"{tempnames.host()}-{dead_pid}",
+        "live": f"{tempnames.host()}-{os.getpid()}",
+        "other host": f"elsewhere-{dead_pid}",
+    }
+    planted = {}
+    for who, owner in owners.items():
+        path = folder / f".{name}.tmp-{os.urandom(3).hex()}-{owner}"
+        path.mkdir(parents=True)
+        (path / "half-written").write_bytes(b"\0" * 1000)
+        planted[who] = path
+    assert tempnames.left_by_dead_process(planted["dead"].name)
+    assert not tempnames.left_by_dead_process(planted["live"].name)
+    assert not tempnames.left_by_dead_process(planted["other host"].name)
+    return planted
+
+
+def left(planted: dict[str, Path]) -> set[str]:
+    return {who for who, path in planted.items() if path.exists()}
+
+
+def test_a_store_into_the_run_cache_removes_the_temp_folders_of_killed_stores(proj, build, dead_pid):
+    cache = proj.root / ".dbl" / "cache"
+    planted = plant(cache, "0" * 64, dead_pid)
+    trash = cache / f".{'1' * 64}.trash-abcdef-{tempnames.host()}-{dead_pid}"
+    trash.mkdir()
+    result, _ = build(proj)
+    assert result.ok
+    assert left(planted) == {"live", "other host"} and not trash.exists()
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 7  # the entries themselves
+
+
+def test_a_build_after_one_killed_while_storing_leaves_no_temp_folder_in_the_cache(tmp_path):
+    p = Proj(tmp_path, PETS)
+    killed = fake_build(p.path, crash="runner.store:fsync_tree:2")
+    assert killed.returncode in (-9, 137), killed.stderr
+    cache = tmp_path / ".dbl" / "cache"
+    assert [q for q in cache.iterdir() if ".tmp-" in q.name]  # the kill really left one
+    assert fake_build(p.path).returncode == 0
+    assert [q.name for q in cache.iterdir() if q.name.startswith(".")] == []  # no `dbl gc` needed
+
+
+def test_making_a_built_in_model_removes_those_killed_processes_were_making(tmp_path, monkeypatch, dead_pid):
+    from runner import families
+    from runner.models import ensure_builtin
+
+    monkeypatch.setenv("DBL_HOME", str(tmp_path))
+    family = families.for_builtin("tiny-sd")
+    made = []
+
+    def build_builtin(name, folder):
+        made.append(name)
+        folder.mkdir()
+        (folder / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(family, "build_builtin", build_builtin)
+    planted = plant(tmp_path / "models", family.builtin_folder_name("tiny-sd"), dead_pid)
+    folder = ensure_builtin("tiny-sd")
+    assert made == ["tiny-sd"] and (folder / "model_index.json").is_file()
+    assert left(planted) == {"live", "other host"}
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith(".")) == [folder.name]
+
+
+def test_a_built_in_model_that_fails_to_make_leaves_no_temp_folder(tmp_path, monkeypatch):
+    from runner import families
+    from runner.models import ensure_builtin
+
+    monkeypatch.setenv("DBL_HOME", str(tmp_path))
+    family = families.for_builtin("tiny-sd")
+    failed = []
+
+    def build_builtin(name, folder):
+        folder.mkdir()
+        (folder / "unet").mkdir()
+        failed.append(folder)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(family, "build_builtin", build_builtin)
+    with pytest.raises(OSError, match="No space left"):
+        ensure_builtin("tiny-sd")
+    assert failed and list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.torch
+def test_a_checkpoint_save_removes_the_checkpoints_killed_runs_were_writing(tmp_path, dead_pid):
+    from runner.steps import train
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    images = draw_images(tmp_path / "images" / "dog", 2, size=(64, 64))
+    subject = make_subject(images, train=dict(steps=2, checkpoint_every=1, train_text_encoder=False))
+    ctx = train_context(tmp_path / "run", subject)
+    planted = plant(ctx.work, "checkpoint-1", dead_pid)
+    train.run(ctx)
+    assert left(planted) == {"live", "other host"}

@@ -1,0 +1,65 @@
+"""Warnings a step says about a key of the project file name the file and the key's line, as those of
+loading it do, wherever the step runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import runner
+from runner.project import load_project
+from runner.project.problems import Source, display
+
+TEXT = '[project]\nbase_model = "tiny-sd"\n\n[renders.dog]\nadapter = "none"\nprompts = ["a", "b"]\n'
+
+
+def test_a_key_s_warning_names_the_file_and_line_as_loading_does(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(TEXT)
+    source = load_project(path).source
+    assert source.warning("renders.dog.prompts[1]", "is long", "shorten it") == (
+        f"warning: {display(path)}: renders.dog.prompts[1]: is long (line 6) - shorten it"
+    )
+    assert source.warning("renders.dog", "says", at="renders.dog.adapter").endswith(
+        "renders.dog: says (line 5)"
+    )
+
+
+def test_a_project_sent_to_a_worker_in_another_folder_says_it_the_same(tmp_path):
+    """A worker process or a Ray task gets the project pickled; it may run in another folder, where the
+    file is not (another machine): it says the file as the build's process showed it, and the line."""
+    path = tmp_path / "p.toml"
+    path.write_text(TEXT)
+    project = load_project(path)
+    here = Source.of(project).warning("renders.dog.prompts[0]", "is long")
+    (tmp_path / "project.pickle").write_bytes(pickle.dumps(project))
+    path.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import pickle, sys; from runner.project.problems import Source; "
+        "p = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(Source.of(p).warning('renders.dog.prompts[0]', 'is long'))"
+    )
+    said = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "project.pickle")],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(Path(runner.__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert said == here and here.endswith("renders.dog.prompts[0]: is long (line 6)")
+
+
+def test_a_project_made_by_hand_names_its_file_without_a_line(tmp_path):
+    from types import SimpleNamespace
+
+    project = SimpleNamespace(path=tmp_path / "p.toml")
+    assert Source.of(project).warning("renders.dog.seeds", "repeats 1") == (
+        f"warning: {display(tmp_path / 'p.toml')}: renders.dog.seeds: repeats 1"
+    )
+    assert Source.of(SimpleNamespace()).warning("blends.mix", "only a") == "warning: blends.mix: only a"

@@ -206,3 +206,24 @@ def test_an_identifier_no_prompt_names_is_a_warning(project):
         "(line 18) - set identifier to the word that stands for ring (its instance prompt: 'a sks shape')"
     ]
 
+
+def test_a_subject_photo_broken_after_the_check_names_its_file(project, monkeypatch, capsys):
+    """The build checks the photos before any step runs; one damaged after that check (replaced while
+    the render ran) failed the eval saying only Pillow's 'image file is truncated'."""
+    from runner.steps import evaluate
+
+    photo = project.parent / "ring" / "1.png"
+    scored = evaluate.run
+
+    def damaged_then_scored(ctx):  # after the check before the build, as the step begins
+        data = photo.read_bytes()
+        photo.write_bytes(data[: len(data) // 2])
+        return scored(ctx)
+
+    monkeypatch.setattr(evaluate, "run", damaged_then_scored)
+    size = photo.stat().st_size
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 1
+    assert photo.stat().st_size < size  # it was damaged after the check
+    said = capsys.readouterr()
+    assert f"{photo}: the image is damaged or truncated (image file is truncated" in said.out + said.err
+    assert "Traceback" not in said.out + said.err

@@ -38,6 +38,7 @@ def run(ctx: StepContext) -> dict:
 
     from runner import fidelity
     from runner.imagefiles import list_images
+    from runner.images import named_errors
 
     spec = ctx.spec
     render = ctx.project.tables["render"][spec.render]
@@ -47,7 +48,9 @@ def run(ctx: StepContext) -> dict:
     if subject is not None:
         photos = []
         for path in list_images(Path(subject.images)):
-            with Image.open(path) as image:
+            # decoded as Pillow gives it, not made upright as training makes it: the scores stay as they
+            # were; a photo broken since the build checked it names its file
+            with named_errors(path), Image.open(path) as image:
                 photos.append(image.convert("RGB"))
         traits = fidelity.subject_traits(photos)
         ctx.log(
@@ -62,7 +65,7 @@ def run(ctx: StepContext) -> dict:
         for index, prompt in enumerate(render.prompts):
             for seed in render.seeds:
                 path = (folder / adapter if several else folder) / f"{index}-{seed}.png"
-                with Image.open(path) as image:
+                with named_errors(path), Image.open(path) as image:
                     items.append((prompt, image.convert("RGB")))
                 done += 1
                 ctx.progress(done, total)

@@ -3,14 +3,18 @@ loading it do, wherever the step runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import runner
 from runner.project import load_project
+from runner.project.lines import LineIndex
 from runner.project.problems import Source, display
 
 TEXT = '[project]\nbase_model = "tiny-sd"\n\n[renders.dog]\nadapter = "none"\nprompts = ["a", "b"]\n'
@@ -63,3 +67,30 @@ def test_a_project_made_by_hand_names_its_file_without_a_line(tmp_path):
         f"warning: {display(tmp_path / 'p.toml')}: renders.dog.seeds: repeats 1"
     )
     assert Source.of(SimpleNamespace()).warning("blends.mix", "only a") == "warning: blends.mix: only a"
+
+
+@pytest.mark.torch
+def test_a_train_step_names_the_line_of_an_instance_prompt_longer_than_the_text_encoder_reads(tmp_path):
+    """The train step says it of the subject's instance prompt in the file's own form, with its line."""
+    pytest.importorskip("torch")
+    from runner.steps import train
+    from runner.training.job import job_from_context
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    long = "a photo of sks dog " * 6  # 84 tokens to tiny-sd, and its start and end tokens
+    subject = dataclasses.replace(
+        make_subject(draw_images(tmp_path / "dog", 1), train=dict(steps=1, train_text_encoder=False)),
+        instance_prompt=long,
+    )
+    text = (
+        f'[project]\nbase_model = "tiny-sd"\n\n[subjects.dog]\nimages = "dog"\ninstance_prompt = "{long}"\n'
+    )
+    said = []
+    ctx = train_context(tmp_path, subject, log=said.append)
+    ctx.project = dataclasses.replace(ctx.project, source=Source("p.toml", LineIndex(text)))
+    assert job_from_context(ctx).source is ctx.project.source  # what a train worker process is sent
+    train.run(ctx)
+    assert [line for line in said if "tokens" in line] == [
+        "warning: p.toml: subjects.dog.instance_prompt: is 86 tokens; the text encoder reads 77, so the end "
+        f"is cut off: {long[-40:]!r} (line 6)"
+    ]

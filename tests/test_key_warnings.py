@@ -94,3 +94,23 @@ def test_a_train_step_names_the_line_of_an_instance_prompt_longer_than_the_text_
         "warning: p.toml: subjects.dog.instance_prompt: is 86 tokens; the text encoder reads 77, so the end "
         f"is cut off: {long[-40:]!r} (line 6)"
     ]
+
+
+@pytest.mark.torch
+def test_a_prior_step_names_the_line_of_a_class_prompt_of_its_list(tmp_path):
+    """A class prompt of a list is named by its place in the list, at the line of class_prompt."""
+    pytest.importorskip("torch")
+    from runner.steps import prior
+    from tests.steps_fixtures import make_prior, prior_context
+
+    long = "a photo of dog " * 7  # 77 tokens to tiny-sd, and its start and end tokens
+    spec = make_prior(class_prompt=("a photo of dog", long), num_images=2, steps=1, batch_size=2)
+    text = f'[project]\nbase_model = "tiny-sd"\n\n[priors.dog]\nclass_prompt = ["a photo of dog", "{long}"]\n'
+    said = []
+    ctx = prior_context(tmp_path, spec, log=said.append)
+    ctx.project = dataclasses.replace(ctx.project, source=Source("p.toml", LineIndex(text)))
+    prior.run(ctx)
+    assert [line for line in said if "tokens" in line] == [
+        "warning: p.toml: priors.dog.class_prompt[1]: is 79 tokens; the text encoder reads 77, so the end "
+        f"is cut off: {long[-40:]!r} (line 5)"
+    ]

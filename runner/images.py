@@ -138,7 +138,7 @@ _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 def _decode(path: Path) -> Image.Image:
-    try:
+    with named_errors(path):
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: the file is empty (0 bytes); remove it or replace it with the image")
         with Image.open(path) as img:
@@ -146,6 +146,17 @@ def _decode(path: Path) -> Image.Image:
             img.load()  # decode now: a truncated file fails here, not later
             img = _upright(img)
             rgb = _to_rgb(img)
+    return rgb
+
+
+@contextlib.contextmanager
+def named_errors(path: Path):
+    """What reading `path` raises in the block, as the ImageError naming the file that load_rgb raises: for
+    a reader that decodes an image its own way (Pillow's message alone, "image file is truncated", named
+    no file)."""
+    path = Path(path)
+    try:
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -167,7 +178,6 @@ def _decode(path: Path) -> Image.Image:
         raise ImageError(
             f"{path}: the image is damaged or truncated ({exc}); re-export or remove it"
         ) from None
-    return rgb
 
 
 # EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).

@@ -84,12 +84,13 @@ class Models:
         return self._pipe
 
 
-def project(seed: int = 0):
-    return SimpleNamespace(settings=ProjectSettings(base_model=BASE, seed=seed), seed=seed)
+def project(seed: int = 0, source=None):
+    """A project's settings; with `source` (runner.project.problems.Source), its file as warnings name it."""
+    return SimpleNamespace(settings=ProjectSettings(base_model=BASE, seed=seed), seed=seed, source=source)
 
 
 def context(
-    kind: str, spec, out: Path, inputs: dict, models=None, seed: int = 0, progress=None, log=None
+    kind: str, spec, out: Path, inputs: dict, models=None, seed: int = 0, progress=None, log=None, source=None
 ) -> StepContext:
     out.mkdir(parents=True, exist_ok=True)
     return StepContext(
@@ -97,7 +98,7 @@ def context(
         kind=kind,
         name=spec.name,
         spec=spec,
-        project=project(seed),
+        project=project(seed, source),
         work=out.parent,
         out=out,
         inputs=dict(inputs),
@@ -108,14 +109,22 @@ def context(
 
 
 def run_blend(
-    tmp: Path, name: str, parents: dict, inputs: dict, models=None, seed: int = 0, log=None, **settings
+    tmp: Path,
+    name: str,
+    parents: dict,
+    inputs: dict,
+    models=None,
+    seed: int = 0,
+    log=None,
+    source=None,
+    **settings,
 ) -> Path:
     """Run the blend step; `parents` name -> weight, `inputs` step id -> folder. Returns the output folder."""
     from runner.steps import blend
 
     spec = Blend(name=name, adapters=tuple(parents.items()), **settings)
     out = tmp / f"blend-{name}"
-    blend.run(context("blend", spec, out, inputs, models, seed, log=log))
+    blend.run(context("blend", spec, out, inputs, models, seed, log=log, source=source))
     return out
 
 

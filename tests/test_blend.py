@@ -90,16 +90,30 @@ def test_svd_below_the_summed_rank_reports_its_error(tmp_path, adapters, models)
 
 
 def test_an_svd_blend_says_when_a_lone_parent_keeps_its_rank(tmp_path, adapters, models):  # noqa: F811
-    """Only `a` has a text-encoder LoRA: PEFT copies it whole, so svd_rank cannot shrink it."""
+    """Only `a` has a text-encoder LoRA: PEFT copies it whole, so svd_rank cannot shrink it. Said as the
+    project file's warnings are: its file, and the line of svd_rank."""
+    from runner.project.lines import LineIndex
+    from runner.project.problems import Source
+
+    text = '[blends.ac]\nadapters = { a = 1.0, c = 1.0 }\nmethod = "svd"\n\nsvd_rank = 2\n'
     inputs = {"train:a": adapters["a"], "train:c": adapters["c"]}
     said = []
+    source = Source("p.toml", LineIndex(text))
     out = run_blend(
-        tmp_path, "ac", {"a": 1.0, "c": 1.0}, inputs, models, log=said.append, method="svd", svd_rank=2
+        tmp_path,
+        "ac",
+        {"a": 1.0, "c": 1.0},
+        inputs,
+        models,
+        log=said.append,
+        source=source,
+        method="svd",
+        svd_rank=2,
     )
     assert _info(out)["rank"] == {"unet": 2, "text_encoder": 4}
     assert [line for line in said if line.startswith("warning:")] == [
-        "warning: blends.ac: only a has a text_encoder LoRA, which PEFT copies as it is: it keeps rank 4, "
-        "not svd_rank = 2"
+        "warning: p.toml: blends.ac: only a has a text_encoder LoRA, which PEFT copies as it is: it keeps "
+        "rank 4, not svd_rank = 2 (line 5)"
     ]
     said.clear()  # a lone parent within svd_rank: nothing to say
     run_blend(

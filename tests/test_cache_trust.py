@@ -587,12 +587,15 @@ def test_num_processes_from_the_command_line_is_in_the_fingerprint(tmp_path):
 # --- 11. a prompt longer than the text encoder reads ----------------------------------------------------
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_is_a_warning_with_its_token_count(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("jobs", [None, 2])
+def test_a_prompt_longer_than_the_text_encoder_reads_is_a_warning_with_its_token_count(tmp_path, jobs):
+    """Named as the project file's warnings are, with the file and the line of the prompt, by a step in a
+    worker process (-j 2) as by one in the build's own: from the file as it loaded (a line added above it
+    since is not counted)."""
     pytest.importorskip("torch")
     from runner import executor
     from runner.project import load_project
+    from runner.project.problems import display
 
     long = "a photo of a dog " * 8  # tiny-sd reads characters: 8 x 12 + start and end = 98 tokens
     path = tmp_path / "p.toml"
@@ -600,9 +603,11 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_a_warning_with_its_token
         f'[project]\nbase_model = "tiny-sd"\n[renders.base]\nadapter = "none"\nprompts = ["a dog", "{long}"]\nsteps = 1\n'
     )
     rec = Recorder()
-    assert executor.build(load_project(path), executor.BuildOptions(), rec).ok
+    project = load_project(path)
+    path.write_text("# a comment added since\n" + path.read_text())
+    assert executor.build(project, executor.BuildOptions(jobs=jobs), rec).ok
     logged = [e[2] for e in rec.events if e[0] == "log" and "warning" in e[2]]
     assert logged == [
-        "warning: renders.base.prompts[1] is 98 tokens; the text encoder reads 77, so the end is cut off: "
-        + repr(long[-40:])
+        f"warning: {display(path)}: renders.base.prompts[1]: is 98 tokens; the text encoder reads 77, so the "
+        f"end is cut off: {long[-40:]!r} (line 5)"
     ]

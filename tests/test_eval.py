@@ -6,6 +6,7 @@ in test_shapes.py, and on tiny-shapes' renders in test_tiny_shapes.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -127,9 +128,7 @@ def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project)
 def test_what_an_eval_cannot_score_is_a_warning(project):
     """An identifier that is not a word of letters is in no prompt, a snapshot is not a subject, and a
     render of several adapters has no default subject: each left subject fidelity and class drift out of
-    the scores without a word."""
-    from runner.steps.evaluate import _subject, _warnings
-
+    the scores without a word. Each is said as the file loads, with its line."""
     project.write_text(
         PROJECT.replace('subject = "ring"\n', 'identifier = "sks1"\n')
         + '\n[subjects.ring.train]\nsave_steps = [2]\n\n[renders.snap]\nadapter = "ring@2"\nprompts = ["a sks shape"]\n'
@@ -138,34 +137,45 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
         + '\n[evals.side]\nrender = "side"\n'
     )
     said = _eval_warnings(project)
-    assert said == {
-        "base": [
-            "identifier 'sks1' is not a word of letters, and prompts are read as such words: no prompt names "
-            "it, so subject fidelity is not counted"
-        ],
-        "snap": [
-            'the render\'s adapter ring@2 is a snapshot of ring, not a subject: set subject = "ring" to score '
-            "subject fidelity and class drift"
-        ],
-        "side": [
-            'the render has several adapters, so none is the subject by default: set subject = "ring" to '
-            "score subject fidelity and class drift"
-        ],
-    }
+    assert said == [
+        "evals.base: identifier 'sks1' is not a word of letters, and prompts are read as such words: no "
+        "prompt names it, so subject fidelity is not counted (line 17)",  # the line of identifier
+        "evals.snap: the render's adapter ring@2 is a snapshot of ring, not a subject (line 27) - set "
+        'subject = "ring" to score subject fidelity and class drift',  # the line of render
+        "evals.side: the render has several adapters, so none is the subject by default (line 34) - set "
+        'subject = "ring" to score subject fidelity and class drift',
+    ]
+    lines = project.read_text().split("\n")
+    assert [lines[n - 1] for n in (17, 27, 34)] == [
+        'identifier = "sks1"',
+        'render = "snap"',
+        'render = "side"',
+    ]
     project.write_text(PROJECT)  # a subject named, a plain identifier: nothing to say
-    loaded = load_project(project)
-    spec = loaded.tables["eval"]["base"]
-    assert _warnings(loaded, spec, _subject(loaded, spec)) == []
+    assert _eval_warnings(project) == []
 
 
-def _eval_warnings(project) -> dict[str, list[str]]:
-    """{eval name: what its step warns of} for the project file `project`."""
-    from runner.steps.evaluate import _subject, _warnings
+def _eval_warnings(project) -> list[str]:
+    """What loading the project file `project` warns of about its evals, without the file's name."""
+    import warnings
 
-    loaded = load_project(project)
-    return {
-        name: _warnings(loaded, spec, _subject(loaded, spec)) for name, spec in loaded.tables["eval"].items()
-    }
+    from runner.project.problems import display
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        load_project(project)
+    head = f"{display(project)}: "
+    return [str(w.message).removeprefix(head) for w in said if head + "evals." in str(w.message)]
+
+
+def test_what_an_eval_cannot_score_is_said_before_the_build_not_by_its_step(project, capsys):
+    """The warning needs no model: `dbl plan` says it, and the eval step does not say it again."""
+    project.write_text(PROJECT.replace('subject = "ring"\n', 'subject = "ring"\nidentifier = "sks1"\n'))
+    assert main(["plan", str(project)]) == 0
+    assert "evals.base: identifier 'sks1' is not a word of letters" in capsys.readouterr().err
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("identifier 'sks1' is not a word of letters") == 1
 
 
 def test_a_render_of_the_base_model_or_a_blend_for_the_subject_s_prompts_is_a_warning(project):
@@ -179,28 +189,41 @@ def test_a_render_of_the_base_model_or_a_blend_for_the_subject_s_prompts_is_a_wa
         + '\n[renders.plain]\nadapter = "none"\nprompts = ["a shape"]\n\n[evals.plain]\nrender = "plain"\n'
     )
     said = _eval_warnings(project)
-    assert said == {
-        "base": [
-            "the render draws the base model ('none'), not a subject, for prompts that name 'sks': set "
-            'subject = "ring" or "toy" to score subject fidelity and class drift'
-        ],
-        "mixed": [
-            "the render draws blend mix, not a subject, for prompts that name 'sks': set "
-            'subject = "toy" or "ring" to score subject fidelity and class drift'
-        ],
-        "plain": [],  # the class prompt alone: the base model's prompt fidelity is what is asked
-    }
+    assert [re.sub(r" \(line \d+\)", "", line) for line in said] == [
+        "evals.base: the render draws the base model ('none'), not a subject, for prompts that name 'sks' - "
+        'set subject = "ring" or "toy" to score subject fidelity and class drift',
+        "evals.mixed: the render draws blend mix, not a subject, for prompts that name 'sks' - set "
+        'subject = "toy" or "ring" to score subject fidelity and class drift',
+    ]  # evals.plain: the class prompt alone: the base model's prompt fidelity is what is asked
 
 
 def test_an_identifier_no_prompt_names_is_a_warning(project):
     """The cross's prompts say 'zwx'; the identifier left at its default, 'sks', is in none of them, and
     subject fidelity was left out of the scores without a word."""
-    from runner.steps.evaluate import _subject, _warnings
-
     project.write_text(PROJECT.replace('subject = "ring"', 'subject = "ring"\nidentifier = "zwx"'))
-    loaded = load_project(project)
-    spec = loaded.tables["eval"]["base"]
-    assert _warnings(loaded, spec, _subject(loaded, spec)) == [
-        "no prompt of renders.base names the identifier 'zwx', so subject fidelity is not counted: set "
-        "identifier to the word that stands for ring (its instance prompt: 'a sks shape')"
+    assert _eval_warnings(project) == [
+        "evals.base: no prompt of renders.base names the identifier 'zwx', so subject fidelity is not counted "
+        "(line 18) - set identifier to the word that stands for ring (its instance prompt: 'a sks shape')"
     ]
+
+
+def test_a_subject_photo_broken_after_the_check_names_its_file(project, monkeypatch, capsys):
+    """The build checks the photos before any step runs; one damaged after that check (replaced while
+    the render ran) failed the eval saying only Pillow's 'image file is truncated'."""
+    from runner.steps import evaluate
+
+    photo = project.parent / "ring" / "1.png"
+    scored = evaluate.run
+
+    def damaged_then_scored(ctx):  # after the check before the build, as the step begins
+        data = photo.read_bytes()
+        photo.write_bytes(data[: len(data) // 2])
+        return scored(ctx)
+
+    monkeypatch.setattr(evaluate, "run", damaged_then_scored)
+    size = photo.stat().st_size
+    assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 1
+    assert photo.stat().st_size < size  # it was damaged after the check
+    said = capsys.readouterr()
+    assert f"{photo}: the image is damaged or truncated (image file is truncated" in said.out + said.err
+    assert "Traceback" not in said.out + said.err

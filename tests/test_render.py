@@ -48,13 +48,26 @@ def test_none_renders_the_plain_base_pipeline(tmp_path, models):  # noqa: F811
     assert np.abs(_pixels(out / "0-3.png") - want).max() < 1e-3
 
 
-def test_repeated_seeds_are_a_warning(tmp_path, models):  # noqa: F811
+def test_repeated_seeds_are_a_warning_as_the_file_loads(tmp_path, models):  # noqa: F811
+    """Said with the file and line, before any step runs (it needs no model), and not again by the step."""
+    from runner.project import load_project
+    from runner.project.problems import display
+
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sd"\n\n[renders.twice]\nadapter = "none"\nprompts = ["a dog"]\n'
+        "seeds = [2, 1, 2, 1, 0]\n"
+    )
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{display(path)}: renders.twice.seeds: repeats 1, 2: the same images are rendered again, into the "
+        "same files (line 7) - list each seed once"
+    ]
     said = []
     settings = dict(prompts=PROMPTS[:1], seeds=[2, 1, 2, 1, 0], steps=1)
     out = run_render(tmp_path, "twice", "none", {}, models, log=said.append, **settings)
-    assert [line for line in said if line.startswith("warning:")] == [
-        "warning: renders.twice.seeds repeats 1, 2: the same images are rendered again, into the same files"
-    ]
+    assert [line for line in said if line.startswith("warning:")] == []
     assert sorted(p.name for p in out.glob("0-*.png")) == ["0-0.png", "0-1.png", "0-2.png"]
 
 

@@ -178,18 +178,18 @@ class Family:
         count = self.token_count(pipe, prompt) if prompt else 0
         return f"{count} tokens" if counted_part(prompt) == prompt else f"over {count} tokens"
 
-    def long_prompts(self, pipe, prompts: dict[str, str]) -> list[str]:
-        """A warning for each prompt (by its project-file key) longer than the text encoder reads."""
+    def long_prompts(self, pipe, prompts: dict[str, str], source=None) -> list[str]:
+        """A warning for each prompt longer than the text encoder reads. `prompts` are by their key in the
+        project file, whose `source` (runner.project.problems.Source) names the file and the key's line;
+        without it, by what names them ("caption data/dog/0.txt")."""
         limit = self.token_limit(pipe)
         found = []
         for key, prompt in prompts.items():
             count = self.token_count(pipe, prompt) if prompt else 0
             if count > limit:
                 said = f"{count}" if counted_part(prompt) == prompt else f"over {count}"
-                found.append(
-                    f"warning: {key} is {said} tokens; the text encoder reads {limit}, so the end is cut "
-                    f"off: {prompt[-40:]!r}"
-                )
+                what = f"is {said} tokens; the text encoder reads {limit}, so the end is cut off: {prompt[-40:]!r}"
+                found.append(source.warning(key, what) if source is not None else f"warning: {key} {what}")
         return found
 
     def encode_prompts(self, modules: dict, token_ids):

@@ -17,7 +17,7 @@ from runner.project.base_model import check_base_model
 from runner.project.checks import NAME_MAX, PATH_MAX
 from runner.project.examples import describe, example, example_list
 from runner.project.lines import LineIndex
-from runner.project.problems import Problem, ProjectError, display
+from runner.project.problems import Problem, ProjectError, Source, display
 from runner.project.source import read_text, syntax_problems
 
 if sys.version_info >= (3, 11):
@@ -50,10 +50,19 @@ class _Checker:
         if found not in self.problems:  # a [train] value that every subject inherits: said once
             self.problems.append(found)
 
-    def note(self, key: tuple[str, ...], message: str, fix: str = "", *, at_line: bool = True) -> None:
-        """A warning about `key`; `at_line` False where the message names the lines itself (several keys
-        of one table)."""
-        self.notes.append(Problem(".".join(key), message, self.lines.line(key) if at_line else None, fix))
+    def note(
+        self,
+        key: tuple[str, ...],
+        message: str,
+        fix: str = "",
+        *,
+        at_line: bool = True,
+        at: tuple[str, ...] | None = None,
+    ) -> None:
+        """A warning about `key`, at its line or at that of `at` (a key inside it, where the file writes
+        it); `at_line` False where the message names the lines itself (several keys of one table)."""
+        line = self.lines.line(at or key) if at_line else None
+        self.notes.append(Problem(".".join(key), message, line, fix))
 
     def line(self, key: tuple[str, ...]) -> int | None:
         return self.lines.line(key)
@@ -305,7 +314,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
         raise ProjectError(path, check.problems)
     for note in check.notes:
         warnings.warn(f"{display(path)}: {note}", stacklevel=3)
-    return schema.Project(path, settings, train, lora, tables)
+    return schema.Project(path, settings, train, lora, tables, Source(display(path), check.lines))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from runner.project.lines import LineIndex
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,33 @@ def display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A loaded project file as its warnings name it: the file as it was shown when it loaded, and the
+    lines of its keys then. A project carries it (schema.Project.source), so that a step that warns about
+    a key while it runs, in a worker process or on another machine, names the file and line as the
+    build's own process would, without reading the file again."""
+
+    shown: str
+    lines: LineIndex
+
+    @classmethod
+    def of(cls, project) -> Source:
+        """The source of `project`; of one made by hand, not loaded, its file (if it has one) without lines."""
+        found = getattr(project, "source", None)
+        if found is not None:
+            return found
+        path = getattr(project, "path", None)
+        return cls(display(path) if path is not None else "", LineIndex(""))
+
+    def line(self, key: str) -> int | None:
+        """The line of the dotted `key`; of an item of a list (`prompts[1]`), the line of the list's key."""
+        return self.lines.line(re.sub(r"\[\d+\]", "", key))
+
+    def warning(self, key: str, what: str, fix: str = "", *, at: str | None = None) -> str:
+        """A warning about the project file's `key`, said as those of loading it are: `warning: file:
+        key: what (line N) - fix`; the line is that of `at` where given."""
+        where = f"{visible(self.shown)}: " if self.shown else ""
+        return f"warning: {where}{Problem(key, what, self.line(at or key), fix)}"

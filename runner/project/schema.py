@@ -244,7 +244,7 @@ class Render:
     guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
     seeds: list[int] = opt(
         [0],
-        "one image per prompt and seed (a repeated seed renders the same image again: a warning)",
+        "one image per prompt and seed (a repeated seed renders the same image again: a warning as the file loads)",
         "list[int]",
         minimum=INT64[0],
         maximum=INT64[1],
@@ -296,6 +296,9 @@ class Project:
     train: TrainSettings
     lora: LoraSettings
     tables: dict[str, dict[str, Any]]  # step kind -> {name: its table}, in file order
+    # The file as its warnings name it, with its keys' lines (problems.Source); None for one made by hand.
+    # Not part of what the project says: two loads of one content compare equal wherever their keys sit.
+    source: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dir(self):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runner.errors import AdapterError, StepError
 from runner.project import adapter_checks
+from runner.project.problems import Source
 from runner.project.schema import Blend
 from runner.steps import KOHYA_STEM, Inputs, StepContext, StepKind, adapter_step, register
 
@@ -71,8 +72,12 @@ def run(ctx: StepContext) -> dict:
                 if len(have) == 1 and ranks[c] > spec.svd_rank:
                     # PEFT combines a lone adapter linearly, whatever the method: nothing truncates it
                     ctx.log(
-                        f"warning: blends.{ctx.name}: only {have[0]} has a {c} LoRA, which PEFT copies as it "
-                        f"is: it keeps rank {ranks[c]}, not svd_rank = {spec.svd_rank}"
+                        Source.of(ctx.project).warning(
+                            f"blends.{ctx.name}",
+                            f"only {have[0]} has a {c} LoRA, which PEFT copies as it is: it keeps rank "
+                            f"{ranks[c]}, not svd_rank = {spec.svd_rank}",
+                            at=f"blends.{ctx.name}.svd_rank",
+                        )
                     )
         info = {
             "kind": "blend",

@@ -22,12 +22,12 @@ from runner.project.schema import Eval
 from runner.steps import Inputs, StepContext, StepKind, register
 
 
-def _subject(project, spec):
-    """The subject table the identifier stands for, or None."""
-    subjects = project.tables.get("train", {})
+def _subject(tables: dict, spec):
+    """The subject table the identifier stands for, or None; `tables` are a project's (Project.tables)."""
+    subjects = tables.get("train", {})
     if spec.subject is not None:
         return subjects.get(spec.subject)
-    render = project.tables.get("render", {}).get(spec.render)
+    render = tables.get("render", {}).get(spec.render)
     if render is not None and render.adapters is None and render.adapter in subjects:
         return subjects[render.adapter]
     return None
@@ -38,18 +38,19 @@ def run(ctx: StepContext) -> dict:
 
     from runner import fidelity
     from runner.imagefiles import list_images
+    from runner.images import named_errors
 
     spec = ctx.spec
     render = ctx.project.tables["render"][spec.render]
     folder = Path(ctx.inputs[f"render:{spec.render}"])
-    subject = _subject(ctx.project, spec)
-    for warning in _warnings(ctx.project, spec, subject):
-        ctx.log(f"warning: evals.{ctx.name}: {warning}")
+    subject = _subject(ctx.project.tables, spec)
     traits = {}
     if subject is not None:
         photos = []
         for path in list_images(Path(subject.images)):
-            with Image.open(path) as image:
+            # decoded as Pillow gives it, not made upright as training makes it: the scores stay as they
+            # were; a photo broken since the build checked it names its file
+            with named_errors(path), Image.open(path) as image:
                 photos.append(image.convert("RGB"))
         traits = fidelity.subject_traits(photos)
         ctx.log(
@@ -64,7 +65,7 @@ def run(ctx: StepContext) -> dict:
         for index, prompt in enumerate(render.prompts):
             for seed in render.seeds:
                 path = (folder / adapter if several else folder) / f"{index}-{seed}.png"
-                with Image.open(path) as image:
+                with named_errors(path), Image.open(path) as image:
                     items.append((prompt, image.convert("RGB")))
                 done += 1
                 ctx.progress(done, total)
@@ -84,41 +85,61 @@ def run(ctx: StepContext) -> dict:
     return metrics
 
 
-def _warnings(project, spec, subject) -> list[str]:
-    """What the eval cannot score as its settings suggest (subject fidelity and class drift, unsaid)."""
+# The fix of a warning that the eval has no subject whose fidelity it could score
+_SET_SUBJECT = "set subject = {} to score subject fidelity and class drift"
+
+
+def _warnings(tables: dict, spec) -> list[tuple[str, str, str]]:
+    """What the eval cannot score as its settings suggest (subject fidelity and class drift, unsaid), as
+    (the key whose line it is, what, fix). Said as the file loads: it needs no model."""
     said = []
     if not re.fullmatch(r"[a-z]+", spec.identifier.lower()):
         said.append(
-            f"identifier {spec.identifier!r} is not a word of letters, and prompts are read as such words: "
-            "no prompt names it, so subject fidelity is not counted"
+            (
+                "identifier",
+                f"identifier {spec.identifier!r} is not a word of letters, and prompts are read as such "
+                "words: no prompt names it, so subject fidelity is not counted",
+                "",
+            )
         )
-    render = project.tables.get("render", {}).get(spec.render)
+    subject = _subject(tables, spec)
+    render = tables.get("render", {}).get(spec.render)
     named = render is not None and any(
         spec.identifier.lower() in re.findall(r"[a-z]+", prompt.lower()) for prompt in render.prompts
     )
     if subject is not None and render is not None and not said and not named:
         said.append(
-            f"no prompt of renders.{spec.render} names the identifier {spec.identifier!r}, so subject "
-            f"fidelity is not counted: set identifier to the word that stands for {subject.name} "
-            f"(its instance prompt: {subject.instance_prompt!r})"
+            (
+                "identifier",
+                f"no prompt of renders.{spec.render} names the identifier {spec.identifier!r}, so subject "
+                "fidelity is not counted",
+                f"set identifier to the word that stands for {subject.name} "
+                f"(its instance prompt: {subject.instance_prompt!r})",
+            )
         )
     if subject is not None or spec.subject is not None or render is None:
         return said
-    subjects = project.tables.get("train", {})
+    subjects = tables.get("train", {})
     if render.adapters is None:
         trained, at, _ = render.adapter.partition("@")
         if at and trained in subjects:
             said.append(
-                f"the render's adapter {render.adapter} is a snapshot of {trained}, not a subject: set "
-                f'subject = "{trained}" to score subject fidelity and class drift'
+                (
+                    "render",
+                    f"the render's adapter {render.adapter} is a snapshot of {trained}, not a subject",
+                    _SET_SUBJECT.format(f'"{trained}"'),
+                )
             )
         elif named and subjects:  # the base model or a blend drawn for prompts that name the subject
-            blended = subjects_of(render.adapter, subjects, project.tables.get("blend", {}))
+            blended = subjects_of(render.adapter, subjects, tables.get("blend", {}))
             what = "the base model ('none')" if render.adapter == "none" else f"blend {render.adapter}"
             choice = " or ".join(f'"{name}"' for name in blended or subjects)
             said.append(
-                f"the render draws {what}, not a subject, for prompts that name {spec.identifier!r}: set "
-                f"subject = {choice} to score subject fidelity and class drift"
+                (
+                    "render",
+                    f"the render draws {what}, not a subject, for prompts that name {spec.identifier!r}",
+                    _SET_SUBJECT.format(choice),
+                )
             )
         return said
     # Several adapters give no default subject: which of them the identifier stands for is not said.
@@ -127,8 +148,11 @@ def _warnings(project, spec, subject) -> list[str]:
     if trained:
         choice = " or ".join(f'"{name}"' for name in trained)
         said.append(
-            f"the render has several adapters, so none is the subject by default: set subject = {choice} "
-            "to score subject fidelity and class drift"
+            (
+                "render",
+                "the render has several adapters, so none is the subject by default",
+                _SET_SUBJECT.format(choice),
+            )
         )
     return said
 
@@ -146,7 +170,7 @@ def _inputs(i: Inputs) -> dict:
         "render": {"_name": spec.render, "output": i.output(f"render:{spec.render}")},
         "identifier": spec.identifier,
     }
-    subject = _subject(i.project, spec)
+    subject = _subject(i.project.tables, spec)
     if subject is not None:
         inputs["subject"] = i.images(subject.images)
     return inputs
@@ -171,6 +195,8 @@ def _check(check, tables: dict) -> None:
                 f"'{spec.subject}' is not a subject",
                 "subjects: " + (", ".join(subjects) or "none"),
             )
+        for at, what, fix in _warnings(tables, spec):
+            check.note(("evals", name), what, fix, at=("evals", name, at))
 
 
 KIND = register(
@@ -187,7 +213,7 @@ KIND = register(
         check=_check,
         # the subject's photos, which it reads to find the subject's traits
         decodes=lambda project, spec: (
-            [(subject.images, None)] if (subject := _subject(project, spec)) else []
+            [(subject.images, None)] if (subject := _subject(project.tables, spec)) else []
         ),
         unit=("images", "img/s"),
         loads_model=False,  # it scores image files

@@ -21,6 +21,7 @@ from runner.errors import ImageError, StepError, StepInterrupted
 from runner.events import WARNING
 from runner.imagefiles import Scan, more_images, said_by_kind, scan, unreadable
 from runner.project import checks
+from runner.project.problems import Source
 from runner.project.schema import Prior
 from runner.steps import Inputs, StepKind, register
 
@@ -157,7 +158,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
     pipe = ctx.models.pipeline()
     prompts = spec.prompt_keys()
     prompts[f"priors.{spec.name}.negative_prompt"] = spec.negative_prompt
-    for warning in ctx.models.family.long_prompts(pipe, prompts):
+    for warning in ctx.models.family.long_prompts(pipe, prompts, Source.of(ctx.project)):
         ctx.log(warning)
     own_scheduler = pipe.scheduler
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from runner import pnginfo
 from runner.errors import AdapterError, StepError, StepInterrupted
 from runner.project import adapter_checks
+from runner.project.problems import Source
 from runner.project.schema import Render
 from runner.steps import Inputs, StepContext, StepKind, adapter_step, kinds, register
 
@@ -35,14 +36,8 @@ def run(ctx: StepContext) -> dict:
     pipe = ctx.models.pipeline()
     prompts = {f"renders.{ctx.name}.prompts[{i}]": prompt for i, prompt in enumerate(spec.prompts)}
     prompts[f"renders.{ctx.name}.negative_prompt"] = spec.negative_prompt
-    for warning in ctx.models.family.long_prompts(pipe, prompts):
+    for warning in ctx.models.family.long_prompts(pipe, prompts, Source.of(ctx.project)):
         ctx.log(warning)
-    repeated = sorted({seed for seed in spec.seeds if spec.seeds.count(seed) > 1})
-    if repeated:
-        ctx.log(
-            f"warning: renders.{ctx.name}.seeds repeats {', '.join(map(str, repeated))}: the same images are "
-            "rendered again, into the same files"
-        )
     width, height = _size(pipe, spec, ctx.models.family)
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
@@ -219,6 +214,20 @@ def _missing(spec, device) -> str | None:
     return _scheduler_error(spec.name, why) if why else None
 
 
+def _check(check, tables: dict) -> None:
+    adapter_checks.check_renders(check, tables)
+    for name, spec in tables.get("render", {}).items():
+        # said as the file loads, not when the step runs: the user can fix it before the build begins
+        repeated = sorted({seed for seed in spec.seeds if spec.seeds.count(seed) > 1})
+        if repeated:
+            check.note(
+                ("renders", name, "seeds"),
+                f"repeats {', '.join(map(str, repeated))}: the same images are rendered again, into the "
+                "same files",
+                "list each seed once",
+            )
+
+
 def _deps(project, spec) -> list[str]:
     return [adapter_step(project, name) for name in spec.adapter_names if name != "none"]
 
@@ -262,7 +271,7 @@ KIND = register(
         inputs=_inputs,
         deps=_deps,
         doc="renders a prompt batch with a subject, a blend or the base model, or with several side by side",
-        check=adapter_checks.check_renders,
+        check=_check,
         unhashed=_unhashed,
         missing=_missing,
     )

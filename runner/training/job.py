@@ -33,6 +33,8 @@ class Job:
     # The step this run builds, as its messages name it: "train:dog", or "snapshot:dog@400" for a snapshot
     # that trains by itself.
     step_id: str = ""
+    # The project file as warnings about its keys name it, with their lines (runner.project.problems.Source)
+    source: Any = None
 
     def lora_key(self, field: str) -> str:
         return lora_key(self.subject, self.lora_defaults, field)
@@ -50,6 +52,7 @@ class Hooks:
 def job_from_context(ctx) -> Job:
     """The Job of a train step's context (runner.steps.StepContext)."""
     from runner.models import BaseModel, ModelCache
+    from runner.project.problems import Source
 
     spec, project = ctx.spec, ctx.project
     settings = project.settings
@@ -86,6 +89,7 @@ def job_from_context(ctx) -> Job:
         log_dir=project.out / "logs" / ctx.name if spec.train.log == "tensorboard" else None,
         step_id=ctx.step_id,
         lora_defaults=getattr(project, "lora", None),
+        source=Source.of(project),
     )
 
 

@@ -122,7 +122,8 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     for image, prompt in zip(images.class_files, images.prompts["class"], strict=True):
         if prompt not in job.prior.prompts:  # a caption of the user's class images, as the prior copied it
             captioned[captions.caption_file(image, ".txt")] = prompt
-    for warning in family.long_prompts(pipe, prompts) + captions.long_captions(family, pipe, captioned):
+    said = family.long_prompts(pipe, prompts, job.source) + captions.long_captions(family, pipe, captioned)
+    for warning in said:
         log(warning)
     run = Run(job, hooks, pipe, images, weight, dtype, device, rank, world, components)
     try:

@@ -102,19 +102,22 @@ def mailbox_killing_step(ctx):
 
     raylet = psutil.Process(os.getpid()).parent()
 
-    def mailboxes():
-        found = []
+    def mailboxes() -> dict[int, float]:
+        """{pid: start time} of the live mailbox actors; an earlier build's may not have ended yet."""
+        found = {}
         for child in raylet.children():
             with contextlib.suppress(psutil.Error):  # one that ended meanwhile, or the killed one's zombie
-                if child.cmdline()[:1] == ["ray::Mailbox"]:
-                    found.append(child.pid)
+                if child.cmdline()[:1] == ["ray::Mailbox"] and child.status() != psutil.STATUS_ZOMBIE:
+                    found[child.pid] = child.create_time()
         return found
 
-    (pid,) = mailboxes()
+    deadline = time.monotonic() + 30
+    while not (before := mailboxes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = max(before, key=before.get)  # this build's: the newest
     os.kill(pid, signal.SIGKILL)
     (records_dir(ctx) / "pid-mailbox").write_text(str(pid))
-    deadline = time.monotonic() + 30
-    while set(mailboxes()) <= {pid} and time.monotonic() < deadline:
+    while not set(mailboxes()) - set(before) and time.monotonic() < deadline + 30:
         time.sleep(0.05)
     ctx.log("said after the mailbox was lost")
     return FakeSteps()(ctx.kind)(ctx)

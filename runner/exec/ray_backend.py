@@ -133,8 +133,9 @@ class RayBackend:
                 import ray
 
                 # Started again if its process dies (killed, its node lost): the events it held are lost,
-                # but the steps after them are seen.
-                self._mailbox = ray.remote(num_cpus=0, max_restarts=-1)(Mailbox).remote()
+                # but the steps after them are seen; a call sent while it died is sent again once it is
+                # back (max_task_retries), rather than failing unseen.
+                self._mailbox = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Mailbox).remote()
                 # max_calls=1: a fresh worker process per step, so that no two steps share GPUs, models
                 # or CUDA_VISIBLE_DEVICES; max_retries=0: a lost worker is handled below, where it is said.
                 self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)

@@ -87,3 +87,26 @@ def test_a_blend_the_adapters_cannot_make_names_the_blend_s_line(tmp_path, model
         )
     assert str(info.value).startswith("p.toml: blends.mix: svd_rank 1000 exceeds the size"), str(info.value)
     assert str(info.value).endswith("(line 4)")
+
+
+def test_a_prior_s_size_the_vae_cannot_draw_fails_before_its_first_image(tmp_path, models, monkeypatch):  # noqa: F811
+    """diffusers draws such a side rounded down to the VAE's scale, without a word: 64 px, not 72."""
+    from runner.errors import StepError
+    from runner.project.schema import Prior
+    from runner.steps import prior
+
+    monkeypatch.setattr(models.pipeline(), "vae_scale_factor", 16)
+    text = (
+        '[project]\nbase_model = "tiny-sd"\n\n[priors.dog]\nclass_prompt = "a dog"\nnum_images = 1\nsteps = 2\n'
+        "width = 64\nheight = 72\n"
+    )
+    spec = Prior(name="dog", class_prompt="a dog", num_images=1, steps=2, width=64, height=72)
+    with pytest.raises(StepError) as info:
+        prior.run(
+            context("prior", spec, tmp_path / "prior", {}, models, source=Source("p.toml", LineIndex(text)))
+        )
+    assert str(info.value) == (
+        "p.toml: priors.dog: width and height must be multiples of 16 for this base model (got 64x72) "
+        "(line 9) - use width = 64 and height = 64, say"
+    )
+    assert not list((tmp_path / "prior").rglob("*.png"))

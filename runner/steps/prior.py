@@ -153,6 +153,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
     import torch
 
     from runner.schedulers import make_scheduler, sampler_name, too_many_steps
+    from runner.steps.render import image_size
 
     spec, seed = ctx.spec, ctx.project.settings.seed
     pipe = ctx.models.pipeline()
@@ -171,6 +172,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
         sampler = sampler_name(spec.scheduler, pipe.scheduler)
         if found := too_many_steps(pipe.scheduler, spec.steps):
             raise StepError(source.problem(f"priors.{spec.name}.steps", *found))
+        image_size(pipe, spec, ctx.models.family, source, f"priors.{spec.name}")  # before the first image
         ctx.progress(finished, spec.num_images)
         for start in range(0, len(todo), spec.batch_size):
             if ctx.should_stop():

@@ -39,7 +39,7 @@ def run(ctx: StepContext) -> dict:
     for warning in ctx.models.family.long_prompts(pipe, prompts, Source.of(ctx.project)):
         ctx.log(warning)
     source = Source.of(ctx.project)
-    width, height = _size(pipe, spec, ctx.models.family, source, f"renders.{ctx.name}")
+    width, height = image_size(pipe, spec, ctx.models.family, source, f"renders.{ctx.name}")
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
     names = spec.adapter_names
@@ -143,9 +143,9 @@ def _adapter_loaded(ctx: StepContext, pipe, adapter: str, name: str):
         pipeline_adapters.remove_adapter(pipe, name)
 
 
-def _size(pipe, spec, family, source: Source, key: str) -> tuple[int, int]:
-    """The render's width and height; an error at the render's `key` (at the line of the side that is
-    wrong) where the base model's VAE cannot draw them."""
+def image_size(pipe, spec, family, source: Source, key: str) -> tuple[int, int]:
+    """The width and height of the images of `spec` (a render's or a prior's table, at `key`); an error at
+    the line of the side that is wrong where the base model's VAE cannot draw them."""
     native = family.native_size(pipe)
     width, height = spec.width or native, spec.height or native
     step = pipe.vae_scale_factor

@@ -73,21 +73,22 @@ def make_scheduler(name: str | None, base_config):
     return cls.from_config(base_config, **overrides)
 
 
-def check_steps(scheduler, steps: int) -> None:
-    """Raise ValueError, with the fix, where `scheduler` cannot take `steps` denoising steps. DDIM and DDPM
-    take at most the model's training timesteps (1000 for Stable Diffusion) and said so only as the first
-    image started, in diffusers' words; a copy is tried, so the pipeline's own scheduler is left as it is."""
+def too_many_steps(scheduler, steps: int) -> tuple[str, str] | None:
+    """(what, fix) where `scheduler` cannot take `steps` denoising steps, else None. DDIM and DDPM take at
+    most the model's training timesteps (1000 for Stable Diffusion) and said so only as the first image
+    started, in diffusers' words; a copy is tried, so the pipeline's own scheduler is left as it is."""
     import copy
 
     try:
         copy.deepcopy(scheduler).set_timesteps(steps)
     except ValueError:
         limit = getattr(scheduler.config, "num_train_timesteps", None)
-        raise ValueError(
+        return (
             f"{steps} steps are more than {sampler_name(None, scheduler)} takes: at most the {limit} "
-            f'timesteps the model was trained with - use at most {limit}, or scheduler = "euler", which '
-            "takes more"
-        ) from None
+            "timesteps the model was trained with",
+            f'use at most {limit}, or scheduler = "euler", which takes more',
+        )
+    return None
 
 
 def missing(name: str | None) -> str | None:

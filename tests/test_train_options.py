@@ -120,67 +120,6 @@ def test_prodigy_without_prodigyopt_says_how_to_install_it(tmp_path, images, mon
         _run(ctx)
 
 
-def test_prodigy_with_a_small_learning_rate_is_a_warning(tmp_path, images):
-    instance, _ = images
-    logs = []
-    train = dict(steps=1, train_text_encoder=False, optimizer="prodigy", learning_rate=1e-4)
-    _run(train_context(tmp_path, make_subject(instance, train=train), log=logs.append))
-    assert any(
-        line.startswith('warning: optimizer = "prodigy" with learning_rate 0.0001')
-        and "1.0 is the usual" in line
-        for line in logs
-    ), logs
-
-
-def test_a_text_encoder_learning_rate_without_text_encoder_training_is_a_warning(tmp_path, images):
-    instance, _ = images
-    logs = []
-    train = dict(steps=1, train_text_encoder=False, text_encoder_learning_rate=5e-5)
-    _run(train_context(tmp_path, make_subject(instance, train=train), log=logs.append))
-    said = [line for line in logs if "text_encoder_learning_rate" in line]
-    assert said == [
-        "warning: text_encoder_learning_rate is set but train_text_encoder = false: nothing trains with it"
-    ]
-
-
-def test_schedule_keys_the_schedule_does_not_take_are_warnings(tmp_path, images):
-    instance, _ = images
-    logs = []
-    train = dict(steps=1, train_text_encoder=False, lr_warmup_steps=5, lr_power=2.0)
-    _run(train_context(tmp_path, make_subject(instance, train=train), log=logs.append))
-    assert [line for line in logs if line.startswith("warning: lr_")] == [
-        'warning: lr_warmup_steps = 5 does nothing with lr_scheduler = "constant": the rate is '
-        'learning_rate from the first step; "constant_with_warmup" warms up',
-        'warning: lr_power = 2 applies to lr_scheduler = "polynomial" only, and the schedule is "constant"',
-    ]
-
-
-@pytest.mark.parametrize(
-    "train, expected",
-    [
-        (
-            dict(lr_scheduler="linear", lr_warmup_steps=10, steps=10),
-            ["lr_warmup_steps = 10 is not below the 10 steps of the run"],
-        ),
-        (
-            dict(lr_scheduler="cosine", lr_num_cycles=3),
-            ['lr_num_cycles = 3 applies to lr_scheduler = "cosine_with'],
-        ),
-        (dict(lr_scheduler="cosine_with_restarts", lr_num_cycles=3, lr_warmup_steps=5), []),
-        (dict(lr_scheduler="polynomial", lr_power=2.0, lr_warmup_steps=5), []),
-        (dict(lr_scheduler="constant_with_warmup", lr_warmup_steps=5), []),
-    ],
-)
-def test_schedule_warnings_name_the_key_the_schedule_ignores(train, expected):
-    from runner.project.schema import TrainSettings
-    from runner.training.optimizers import schedule_warnings
-
-    said = schedule_warnings(TrainSettings(**train))
-    assert len(said) == len(expected)
-    for line, start in zip(said, expected, strict=True):
-        assert line.startswith("warning: " + start), line
-
-
 def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, images):
     instance, _ = images
     ctx = train_context(tmp_path, make_subject(instance, train=dict(optimizer="adamw8bit")))

@@ -307,6 +307,7 @@ def check_subjects(check, tables: dict) -> None:
             )
         check_settings(check, name, subject.train)
     unused.note_subjects(check, tables.get("train", {}))
+    unused.note_schedules(check, tables.get("train", {}))
 
 
 def _train_key(check, subject: str, field: str) -> tuple[str, ...]:

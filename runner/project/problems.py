@@ -81,5 +81,10 @@ class Source:
     def warning(self, key: str, what: str, fix: str = "", *, at: str | None = None) -> str:
         """A warning about the project file's `key`, said as those of loading it are: `warning: file:
         key: what (line N) - fix`; the line is that of `at` where given."""
+        return f"warning: {self.problem(key, what, fix, at=at)}"
+
+    def problem(self, key: str, what: str, fix: str = "", *, at: str | None = None) -> str:
+        """A step's error about the project file's `key`, said as the file's own problems are: `file: key:
+        what (line N) - fix`; the line is that of `at` where given."""
         where = f"{visible(self.shown)}: " if self.shown else ""
-        return f"warning: {where}{Problem(key, what, self.line(at or key), fix)}"
+        return f"{where}{Problem(key, what, self.line(at or key), fix)}"

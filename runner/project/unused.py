@@ -54,8 +54,8 @@ def note_blend(check, key: tuple[str, ...], blend) -> None:
 
 
 def note_subjects(check, subjects: dict) -> None:
-    """Bucket bounds where buckets are off, text-encoder LoRA settings where the text encoder is not
-    trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
+    """Bucket bounds where buckets are off, text-encoder LoRA settings (and text_encoder_learning_rate)
+    where the text encoder is not trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
     train at an alpha of 0), and a caption_dropout of 1 that drops every prompt. A key of [train] or [lora]
     that every subject inherits is unused only where no subject that reads it uses it: said once, at the
     key the file writes."""
@@ -71,8 +71,12 @@ def note_subjects(check, subjects: dict) -> None:
             where = _written(check, name, "train", field)
             if where is not None:
                 used[where] = used.get(where, False) or train.buckets
-        for field in (f.name for f in schema.keys_of(schema.LoraSettings)):
-            if field.startswith("text_encoder_") and (where := _written(check, name, "lora", field)):
+        for table, field in [("train", "text_encoder_learning_rate")] + [
+            ("lora", f.name)
+            for f in schema.keys_of(schema.LoraSettings)
+            if f.name.startswith("text_encoder_")
+        ]:
+            if where := _written(check, name, table, field):
                 used[where] = used.get(where, False) or train.train_text_encoder
         for field, dora, trained in (
             ("alpha", lora.use_dora, True),
@@ -132,6 +136,77 @@ def note_subjects(check, subjects: dict) -> None:
             why = "train_text_encoder = false, so no text-encoder LoRA is trained"
             fix = "set train_text_encoder = true, or remove"
         _note_keys(check, table, keys, f"{'has' if len(keys) == 1 else 'have'} no effect: {why}", fix)
+
+
+# The schedules that read a key of the schedule; lr_warmup_steps is read by every schedule but "constant"
+_SCHEDULE_KEYS = {"lr_num_cycles": "cosine_with_restarts", "lr_power": "polynomial"}
+
+
+def note_schedules(check, subjects: dict) -> None:
+    """Keys of the learning-rate schedule that the schedule a subject trains with does not take (diffusers'
+    schedules drop them unsaid), a warm-up not shorter than the run, and Prodigy with a learning rate far
+    below its usual 1.0. They need no model, so they are said as the file loads, at the key the subject
+    reads: a [train] key that every subject inherits once, and unused only where no subject uses it."""
+    schedules: dict[tuple[str, ...], dict[str, None]] = {}  # each written key: the schedules that read it
+    used: dict[tuple[str, ...], bool] = {}
+    said: dict[tuple[tuple[str, ...], str, str], None] = {}  # (key, what, fix), in order
+    for name, subject in subjects.items():
+        train = subject.train
+        if check.did_not_read(("subjects", name, "train"), ("train",)):
+            continue  # its settings are not the file's: that problem is said
+        for field in ("lr_warmup_steps", *_SCHEDULE_KEYS):
+            where = _written(check, name, "train", field)
+            if where is None:
+                continue
+            value = getattr(train, field)
+            if field == "lr_warmup_steps":
+                uses = value == 0 or train.lr_scheduler != "constant"
+            else:
+                uses = (
+                    value == schema.default_of(_TRAIN_KEYS[field])
+                    or train.lr_scheduler == _SCHEDULE_KEYS[field]
+                )
+            used[where] = used.get(where, False) or uses
+            schedules.setdefault(where, {})[train.lr_scheduler] = None
+        warmup = _written(check, name, "train", "lr_warmup_steps")
+        if warmup and train.lr_scheduler != "constant" and train.lr_warmup_steps >= train.steps:
+            said[
+                (
+                    warmup,
+                    f"{train.lr_warmup_steps} is not below the {train.steps} steps of the run: the rate never "
+                    "reaches learning_rate",
+                    "use fewer warm-up steps than steps",
+                )
+            ] = None
+        if train.optimizer == "prodigy" and train.learning_rate < 0.1:
+            rate = _written(check, name, "train", "learning_rate")
+            where = rate or _written(check, name, "train", "optimizer")
+            what = "Prodigy finds the step size itself and learning_rate multiplies it"
+            if rate is None:
+                what = f"Prodigy with learning_rate {train.learning_rate:g} (the default): {what}"
+            else:
+                what = f'is {train.learning_rate:g} with optimizer = "prodigy": {what}'
+            said[(where, what, "1.0 is the usual value")] = None
+    for where, is_used in used.items():
+        if is_used:
+            continue
+        named = " and ".join(f'"{s}"' for s in schedules[where])
+        schedule = f"the schedule is {named}" if len(schedules[where]) == 1 else f"the schedules are {named}"
+        if where[-1] == "lr_warmup_steps":
+            what = (
+                'has no effect with lr_scheduler = "constant": the rate is learning_rate from the first step'
+            )
+            fix = 'lr_scheduler = "constant_with_warmup" warms up; or remove lr_warmup_steps'
+        else:
+            wanted = _SCHEDULE_KEYS[where[-1]]
+            what = f'has no effect: it applies to lr_scheduler = "{wanted}" only, and {schedule}'
+            fix = f'set lr_scheduler = "{wanted}", or remove {where[-1]}'
+        said[(where, what, fix)] = None
+    for where, what, fix in said:
+        check.note(where, what, fix)
+
+
+_TRAIN_KEYS = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
 
 
 def _note_keys(check, table: tuple[str, ...], keys: list[tuple[str, ...]], message: str, fix: str) -> None:

@@ -41,7 +41,13 @@ def run(ctx: StepContext) -> dict:
             try:
                 pipeline_adapters.load_adapter_into(pipe, folder, key)
             except adapters.AdapterError as exc:
-                raise StepError(f"blends.{ctx.name}: cannot load {name!r} from {folder}: {exc}") from exc
+                raise StepError(
+                    Source.of(ctx.project).problem(
+                        f"blends.{ctx.name}",
+                        f"cannot load {name!r} from {folder}: {exc}",
+                        at=f"blends.{ctx.name}.adapters",
+                    )
+                ) from exc
         ctx.progress(1, 3)
         try:
             errors = blending.blend(
@@ -57,7 +63,7 @@ def run(ctx: StepContext) -> dict:
                 activate=False,
             )
         except (AdapterError, ValueError) as exc:
-            raise StepError(f"blends.{ctx.name}: {exc}") from exc
+            raise StepError(Source.of(ctx.project).problem(f"blends.{ctx.name}", str(exc))) from exc
         ctx.progress(2, 3)
 
         family = ctx.models.family

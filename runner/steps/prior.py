@@ -152,13 +152,15 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
     """Generate class images `todo` into `done_dir`, `finished` of the prior's images being there."""
     import torch
 
-    from runner.schedulers import check_steps, make_scheduler, sampler_name
+    from runner.schedulers import make_scheduler, sampler_name, too_many_steps
+    from runner.steps.render import image_size
 
     spec, seed = ctx.spec, ctx.project.settings.seed
     pipe = ctx.models.pipeline()
     prompts = spec.prompt_keys()
     prompts[f"priors.{spec.name}.negative_prompt"] = spec.negative_prompt
-    for warning in ctx.models.family.long_prompts(pipe, prompts, Source.of(ctx.project)):
+    source = Source.of(ctx.project)
+    for warning in ctx.models.family.long_prompts(pipe, prompts, source):
         ctx.log(warning)
     own_scheduler = pipe.scheduler
     try:
@@ -166,12 +168,11 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
             try:
                 pipe.scheduler = make_scheduler(spec.scheduler, own_scheduler.config)
             except ValueError as exc:
-                raise StepError(_scheduler_error(spec, exc)) from None
+                raise StepError(source.problem(f"priors.{spec.name}.scheduler", str(exc))) from None
         sampler = sampler_name(spec.scheduler, pipe.scheduler)
-        try:
-            check_steps(pipe.scheduler, spec.steps)
-        except ValueError as exc:
-            raise StepError(f"priors.{spec.name}.steps: {exc}") from None
+        if found := too_many_steps(pipe.scheduler, spec.steps):
+            raise StepError(source.problem(f"priors.{spec.name}.steps", *found))
+        image_size(pipe, spec, ctx.models.family, source, f"priors.{spec.name}")  # before the first image
         ctx.progress(finished, spec.num_images)
         for start in range(0, len(todo), spec.batch_size):
             if ctx.should_stop():

@@ -38,7 +38,8 @@ def run(ctx: StepContext) -> dict:
     prompts[f"renders.{ctx.name}.negative_prompt"] = spec.negative_prompt
     for warning in ctx.models.family.long_prompts(pipe, prompts, Source.of(ctx.project)):
         ctx.log(warning)
-    width, height = _size(pipe, spec, ctx.models.family)
+    source = Source.of(ctx.project)
+    width, height = image_size(pipe, spec, ctx.models.family, source, f"renders.{ctx.name}")
     jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
     names = spec.adapter_names
@@ -52,12 +53,10 @@ def run(ctx: StepContext) -> dict:
             try:
                 pipe.scheduler = schedulers.make_scheduler(spec.scheduler, saved_scheduler.config)
             except ValueError as exc:
-                raise StepError(_scheduler_error(ctx.name, exc)) from exc
+                raise StepError(source.problem(f"renders.{ctx.name}.scheduler", str(exc))) from exc
         sampler = schedulers.sampler_name(spec.scheduler, pipe.scheduler)
-        try:
-            schedulers.check_steps(pipe.scheduler, spec.steps)
-        except ValueError as exc:
-            raise StepError(f"renders.{ctx.name}.steps: {exc}") from None
+        if found := schedulers.too_many_steps(pipe.scheduler, spec.steps):
+            raise StepError(source.problem(f"renders.{ctx.name}.steps", *found))
 
         for column, adapter in enumerate(names):
             folder = ctx.out / adapter if several else ctx.out
@@ -131,20 +130,35 @@ def _adapter_loaded(ctx: StepContext, pipe, adapter: str, name: str):
         blending.activate_adapters(pipe, name, scale=ctx.spec.lora_scale)
     except (AdapterError, ValueError, OSError) as exc:
         pipeline_adapters.remove_adapter(pipe, name)
-        raise StepError(f"renders.{ctx.name}: cannot load adapter {adapter!r} from {folder}: {exc}") from exc
+        raise StepError(
+            Source.of(ctx.project).problem(
+                f"renders.{ctx.name}",
+                f"cannot load adapter {adapter!r} from {folder}: {exc}",
+                at=f"renders.{ctx.name}.{'adapter' if ctx.spec.adapters is None else 'adapters'}",
+            )
+        ) from exc
     try:
         yield
     finally:
         pipeline_adapters.remove_adapter(pipe, name)
 
 
-def _size(pipe, spec, family) -> tuple[int, int]:
+def image_size(pipe, spec, family, source: Source, key: str) -> tuple[int, int]:
+    """The width and height of the images of `spec` (a render's or a prior's table, at `key`); an error at
+    the line of the side that is wrong where the base model's VAE cannot draw them."""
     native = family.native_size(pipe)
     width, height = spec.width or native, spec.height or native
     step = pipe.vae_scale_factor
     if width % step or height % step:
+        side = "width" if spec.width and width % step else "height" if spec.height and height % step else None
+        near = [f"{max(step, n // step * step)}" for n in (width, height)]
         raise StepError(
-            f"width and height must be multiples of {step} for this base model (got {width}x{height})"
+            source.problem(
+                key,
+                f"width and height must be multiples of {step} for this base model (got {width}x{height})",
+                f"use width = {near[0]} and height = {near[1]}, say",
+                at=f"{key}.{side}" if side else None,
+            )
         )
     return width, height
 

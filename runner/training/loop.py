@@ -100,12 +100,8 @@ def train(job: Job, hooks: Hooks, models=None, rank: int = 0, world: int = 1) ->
     # 1. Images, read once.
     images, weight = read_images(job, log)
     # A private pipeline when bias training would touch the shared pipeline's weights.
+    # A learning rate of a component that does not train is said as the file loads (project.unused).
     components = family.trained_components(ts)
-    for setting, gate in sorted(
-        {(c.learning_rate, c.gate) for c in family.components if c not in components}
-    ):
-        if setting and getattr(ts, setting) is not None:
-            log(f"warning: {setting} is set but {gate} = false: nothing trains with it")
     shared = models is not None and not lora.trains_bias(components, job.subject.lora)
     if shared:
         pipe = models.pipeline(dtype)
@@ -252,13 +248,7 @@ def _optimizer(run: Run) -> None:
 
     ts = run.settings
     run.optimizer = optimizers.make_optimizer(run.trainable, run.components, ts, run.device)
-    if optimizers.optimizer_name(ts) == "prodigy" and ts.learning_rate < 0.1:
-        run.log(
-            f'warning: optimizer = "prodigy" with learning_rate {ts.learning_rate:g}: Prodigy finds the '
-            "step size itself and learning_rate multiplies it; 1.0 is the usual value"
-        )
-    for warning in optimizers.schedule_warnings(ts):
-        run.log(warning)
+    # Keys the schedule does not take, and Prodigy's small learning rate, are said as the file loads.
     run.lr_scheduler = get_scheduler(
         ts.lr_scheduler,
         optimizer=run.optimizer,

@@ -111,33 +111,6 @@ def optimizer_name(ts) -> str:
     return "adamw8bit" if ts.use_8bit_adam and ts.optimizer == "adamw" else ts.optimizer
 
 
-def schedule_warnings(ts) -> list[str]:
-    """What the [train] keys of the learning-rate schedule leave undone with the schedule asked for:
-    diffusers' schedules take only the arguments of their own shape and drop the others unsaid."""
-    said = []
-    if ts.lr_warmup_steps and ts.lr_scheduler == "constant":
-        said.append(
-            f'lr_warmup_steps = {ts.lr_warmup_steps} does nothing with lr_scheduler = "constant": '
-            'the rate is learning_rate from the first step; "constant_with_warmup" warms up'
-        )
-    elif ts.lr_warmup_steps >= ts.steps:
-        said.append(
-            f"lr_warmup_steps = {ts.lr_warmup_steps} is not below the {ts.steps} steps of the run: the "
-            "rate never reaches learning_rate"
-        )
-    if ts.lr_num_cycles != 1 and ts.lr_scheduler != "cosine_with_restarts":
-        said.append(
-            f'lr_num_cycles = {ts.lr_num_cycles} applies to lr_scheduler = "cosine_with_restarts" only, '
-            f'and the schedule is "{ts.lr_scheduler}"'
-        )
-    if ts.lr_power != 1 and ts.lr_scheduler != "polynomial":
-        said.append(
-            f'lr_power = {ts.lr_power:g} applies to lr_scheduler = "polynomial" only, '
-            f'and the schedule is "{ts.lr_scheduler}"'
-        )
-    return ["warning: " + line for line in said]
-
-
 def make_optimizer(trainable: dict, components, ts, device):
     """The [train] optimizer with one parameter group per component, each at its learning rate."""
     groups = []

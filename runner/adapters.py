@@ -105,7 +105,9 @@ def _component_export(module, adapter_name: str) -> dict:
     return {"config": config_dict, "state": state, "layers": layers}
 
 
-def _base_module(module):
+def unwrapped(module):
+    """The model under a PEFT wrapper (`PeftModel.get_base_model()`), or `module` itself where it is not
+    wrapped: the model whose module paths LoRA layers are named by, when saved and when loaded."""
     from peft import PeftModel
 
     return module.get_base_model() if isinstance(module, PeftModel) else module
@@ -176,7 +178,7 @@ def save_adapter(
     name = name or (info or {}).get("name") or folder.name
     from runner import kohya
 
-    kohya.save(folder / f"{name}.safetensors", parts, _base_module(modules[family.denoiser.name]), family)
+    kohya.save(folder / f"{name}.safetensors", parts, unwrapped(modules[family.denoiser.name]), family)
     _write_json(folder / INFO_FILE, dict(info or {}))
 
 
@@ -240,13 +242,17 @@ def kohya_name(component: str, path: str, family=None) -> str:
 def read_adapter_config(folder: Path) -> dict[str, dict]:
     """component -> its PEFT adapter_config.json, for the components the folder holds."""
     folder = Path(folder)
-    configs = {c: _read_config(folder / c / PEFT_CONFIG) for c in families.adapter_components(folder)}
+    configs = {
+        c: read_component_config(folder / c / PEFT_CONFIG) for c in families.adapter_components(folder)
+    }
     if not families.is_adapter_folder(folder):
         raise AdapterError(f"{folder}: no adapter here (expected {_denoiser_folder()}/{PEFT_CONFIG})")
     return configs
 
 
-def _read_config(path: Path) -> dict:
+def read_component_config(path: Path) -> dict:
+    """One component's PEFT `adapter_config.json`, parsed: any JSON value, the caller checks its shape. AdapterError naming
+    the file where it cannot be read or is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -264,7 +270,7 @@ def trained_on(folder: Path, components: Iterable[str] | None = None) -> str | N
     folder = Path(folder)
     for component in reversed(families.adapter_components(folder)) if components is None else components:
         try:
-            config = _read_config(folder / component / PEFT_CONFIG)
+            config = read_component_config(folder / component / PEFT_CONFIG)
         except AdapterError:
             continue
         value = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -285,12 +291,13 @@ def read_adapter_weights(folder: Path, component: str) -> dict:
     try:
         tensors, _ = read_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - safetensors has its own error type: a truncated or foreign file
-        raise AdapterError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({exception_line(exc)})") from None
     return {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of `exc`'s message that says something (torch heads its list with "...:")."""
+def exception_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message that says something (torch heads its list with "...:"): how an
+    AdapterError quotes what torch, peft or safetensors said of a file that does not fit or cannot be read."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(exc).__name__)
 

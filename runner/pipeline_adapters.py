@@ -14,17 +14,17 @@ from runner import families
 from runner.adapters import (
     PEFT_CONFIG,
     PEFT_PREFIX,
-    _base_module,
-    _first_line,
-    _read_config,
+    exception_line,
     read_adapter_weights,
+    read_component_config,
     trained_on,
+    unwrapped,
 )
 from runner.errors import AdapterError
 
 
 def _module_paths(model) -> set[str]:
-    return {name.removeprefix(PEFT_PREFIX) for name, _ in _base_module(model).named_modules()}
+    return {name.removeprefix(PEFT_PREFIX) for name, _ in unwrapped(model).named_modules()}
 
 
 def _translate_level(state: dict, config: dict, model, level: str) -> tuple[dict, dict]:
@@ -77,7 +77,7 @@ def _load_component(model, sub: Path, adapter_name: str, component):
     from peft import LoraConfig, PeftModel
     from peft.utils import set_peft_model_state_dict
 
-    config = _read_config(sub / PEFT_CONFIG)
+    config = read_component_config(sub / PEFT_CONFIG)
     if not isinstance(config, dict):
         raise AdapterError(f"{sub / PEFT_CONFIG}: not a LoRA config (a JSON object of LoraConfig's fields)")
     if config.get("peft_type", "LORA") != "LORA":
@@ -141,7 +141,7 @@ def _misfit(sub: Path, exc: Exception) -> str:
     """What to say when the adapter in `sub` does not fit its component: the cause, and the base model
     its config names."""
     return (
-        f"{sub}: does not fit the {sub.name} ({_first_line(exc)}); was the adapter trained on a different "
+        f"{sub}: does not fit the {sub.name} ({exception_line(exc)}); was the adapter trained on a different "
         "base model?" + _names(sub.parent, [sub.name])
     )
 

@@ -112,6 +112,12 @@ class Proj:
         return self.path.with_suffix(".lock")
 
 
+def output_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root`/build, by its path there: what a build made, to compare builds with."""
+    out = root / "build"
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def proj(tmp_path):
     return Proj(tmp_path, PETS)

@@ -278,13 +278,13 @@ def test_gc_removes_what_killed_builds_left_in_the_cache(proj, build, capsys):
 
 def test_plan_and_build_refuse_an_sd3_or_flux_single_file(proj, capsys):
     """Exit 2 before any step runs, with the model-family message; not a failed train step."""
-    from tests.test_project import _single_file
+    from tests.single_file import keys_only_file
 
     for keys, kind in (
         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "SD3"),
         (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "Flux"),
     ):
-        _single_file(proj.root / f"{kind}.safetensors", keys)
+        keys_only_file(proj.root / f"{kind}.safetensors", keys)
         proj.path.write_text(proj.path.read_text().replace('"tiny-sd"', f'"{kind}.safetensors"', 1))
         for command in (["plan"], ["build", "--no-progress"]):
             assert main([command[0], str(proj.path), *command[1:]]) == 2

@@ -13,7 +13,7 @@ import pytest
 
 from runner import tempnames
 from tests.conftest import PETS, Proj
-from tests.test_reliability import fake_build
+from tests.test_reliability_crashes import fake_build
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from runner import lockfile
+from tests.cache_trust_fixtures import build_with
 from tests.conftest import PETS, Proj, write_image
-from tests.test_cache_trust import build_with
 
 CLASS_IMAGES = 'class_prompt = "a photo of dog"\nnum_images = 2\nimages = "data/cls"'
 REASON = "prior's class prompt 'a photo of dog' -> 'a photo of a cat', which training reads for class images without captions"

@@ -6,7 +6,10 @@ import ast
 import inspect
 import time
 
+import pytest
+
 from runner import watch as watch_module
+from runner import watch_builds, watch_changes
 from runner.store import BuildLock
 from tests.test_watch import LIMIT_S, save, wait_for, watcher  # noqa: F401 (a fixture)
 
@@ -43,8 +46,9 @@ def watch_module_watcher(proj):
     return Watcher(proj.path)
 
 
-def test_watch_matches_errors_by_type_and_uses_the_exit_code_constants():
-    tree = ast.parse(inspect.getsource(watch_module))
+@pytest.mark.parametrize("module", [watch_module, watch_builds, watch_changes], ids=lambda m: m.__name__)
+def test_watch_matches_errors_by_type_and_uses_the_exit_code_constants(module):
+    tree = ast.parse(inspect.getsource(module))
     numbers = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int}
     assert 130 not in numbers
     by_name = [

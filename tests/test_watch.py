@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from runner.ui.plain import PlainReporter
-from runner.watch import _Changes, targets_of, watch
+from runner.watch import targets_of, watch
+from runner.watch_changes import Changes
 
 from .conftest import PETS, FakeBackend, Proj, use_backend, write_image
 
@@ -373,7 +374,7 @@ def test_photos_beside_the_project_file_are_watched_apart_from_the_builds_folder
 
 def test_thousands_of_changes_at_once_are_gathered_quickly_each_once_in_order():
     """Unpacking a folder of 30,000 class images sends as many events, on the observer's thread."""
-    changes = _Changes()
+    changes = Changes()
     paths = [f"/p/data/dog/{i:05d}.png" for i in range(30_000)]
     started = time.process_time()
     for path in paths + paths[:10]:

@@ -97,7 +97,7 @@ def test_watch_debug_shows_a_failing_steps_traceback(proj, monkeypatch):
 
 def test_a_crashed_build_of_the_watch_says_how_to_see_its_traceback(proj, monkeypatch):
     from runner import executor
-    from runner.watch import _build
+    from runner.watch_builds import build_once
 
     def crash(*args):
         raise RuntimeError("a bug")
@@ -105,7 +105,7 @@ def test_a_crashed_build_of_the_watch_says_how_to_see_its_traceback(proj, monkey
     monkeypatch.setattr(executor, "build", crash)
     said: list[str] = []
     for debug in (False, True):
-        assert _build(proj.load(), PlainReporter, threading.Event(), said.append, {"debug": debug}) == 1
+        assert build_once(proj.load(), PlainReporter, threading.Event(), said.append, {"debug": debug}) == 1
     assert said[0] == "build crashed: RuntimeError: a bug (run with --debug for the traceback)"
     assert (
         said[1].startswith("build crashed: Traceback (most recent call last)")
@@ -121,9 +121,9 @@ def test_an_emitter_stopped_with_the_watch_says_nothing(tmp_path, caplog):
     from watchdog.observers.api import EventQueue, ObservedWatch
     from watchdog.observers.inotify import InotifyEmitter
 
-    from runner.watch import _make_observer
+    from runner.watch_changes import make_observer
 
-    _make_observer(False, 2.0)  # as the watch makes its observer
+    make_observer(False, 2.0)  # as the watch makes its observer
     emitter = InotifyEmitter(EventQueue(), ObservedWatch(str(tmp_path), recursive=False))
     emitter.on_thread_start()
     emitter.on_thread_stop()  # the observer stopped: what read_event returns now finds no watch group

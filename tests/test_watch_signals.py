@@ -82,7 +82,7 @@ def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, mo
     cleanup goes on, and the exit code is SIGTERM's."""
     from runner import watch as watch_module
 
-    make_observer = watch_module._make_observer
+    make_observer = watch_module.make_observer
     sent = []
 
     def observer_stopped_with_a_sigterm(*args):
@@ -97,7 +97,7 @@ def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, mo
         observer.stop = stop_and_signal
         return observer
 
-    monkeypatch.setattr(watch_module, "_make_observer", observer_stopped_with_a_sigterm)
+    monkeypatch.setattr(watch_module, "make_observer", observer_stopped_with_a_sigterm)
     stop = threading.Event()
     messages: list[str] = []
 
@@ -125,7 +125,7 @@ def test_a_second_ctrl_c_while_the_watch_cleans_up_lets_it_end_with_0(proj, fake
     where a watch stopped by Ctrl-C ends with 0."""
     from runner import watch as watch_module
 
-    make_observer = watch_module._make_observer
+    make_observer = watch_module.make_observer
     sent, observers = [], []
 
     def observer_stopped_with_a_ctrl_c(*args):
@@ -141,7 +141,7 @@ def test_a_second_ctrl_c_while_the_watch_cleans_up_lets_it_end_with_0(proj, fake
         observer.stop = stop_and_signal
         return observer
 
-    monkeypatch.setattr(watch_module, "_make_observer", observer_stopped_with_a_ctrl_c)
+    monkeypatch.setattr(watch_module, "make_observer", observer_stopped_with_a_ctrl_c)
     stop = threading.Event()
     messages: list[str] = []
 

@@ -1,0 +1,179 @@
+"""One build of `dbl watch`, and what is checked before the first: the options and the project the watch
+starts on, refused as `dbl build` refuses them; the worker processes kept from build to build; a build that
+waits for another build of the project (a manual `dbl build`) to end, and a crash reported, not raised, so
+that the watch goes on. The loop that calls these is runner.watch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from runner import lockfile
+from runner.errors import DblError
+from runner.events import Reporter
+from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
+from runner.store import LockHeld
+
+EXIT_LOCKFILE = -1  # within the watch: the build found the lockfile unreadable (a usage error outside)
+LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries again
+
+
+class _KeptBackend:
+    """A backend that lives as long as the watch: each build's close() leaves it as it is."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def close(self) -> None:
+        pass
+
+
+def kept_workers(build_options: dict | None) -> _KeptBackend | None:
+    """For builds whose steps run in worker processes (-j, --executor process): one process backend for
+    the whole watch, so that its workers, and the base model each has loaded, serve build after build as
+    the build's own process does for inline builds."""
+    from runner import executor
+    from runner.exec.backends import ProcessBackend
+    from runner.exec.scheduler import backend_name
+
+    options = executor.BuildOptions(**(build_options or {}))
+    if options.backend_factory is not None or backend_name(options) != ProcessBackend.name:
+        return None
+    return _KeptBackend(ProcessBackend(None, options))
+
+
+def load_or_report(path: Path, say: Callable[[str], None]):
+    """The project, or None after reporting why it cannot be used."""
+    from runner.project import ProjectError, load_project
+
+    try:
+        return load_project(path)
+    except ProjectError as exc:
+        say(str(exc))
+    except (OSError, UnicodeDecodeError) as exc:  # an editor's save in progress
+        say(f"{path.name}: cannot read: {exc}")
+    return None
+
+
+def state_dir_problem(project) -> str | None:
+    """Why the project's `.dbl/` cannot be used (a file where a folder should be), or None."""
+    from runner.exec.workspace import check_state_dir
+
+    try:
+        if project is not None:
+            check_state_dir(project)
+    except DblError as exc:
+        return str(exc)
+    return None
+
+
+def options_problem(build_options: dict | None) -> str | None:
+    """Why no build can run with the options the watch was given (`--executor inlin`, `--gpus 0,0`), or
+    None: every build would be refused the same way, as `dbl build` refuses it (exit 2)."""
+    from runner.exec import backends
+    from runner.exec.devices import gpus_refused
+
+    options = build_options or {}
+    mine = options.get("backend_factory") is None
+    if mine:
+        try:
+            backends.factory(options.get("backend", "inline"))
+        except DblError as exc:
+            return str(exc)
+    if options.get("gpus") is not None:
+        return gpus_refused(
+            options["gpus"], options.get("backend", "inline"), options.get("ray_address"), mine
+        )
+    return None
+
+
+def gpus_problem(project, build_options: dict | None) -> str | None:
+    """Why the project the watch starts on cannot be given its GPUs (`--gpus` with device = "cpu"), or
+    None: a usage error of `dbl build` (exit 2), where the watch would refuse every build the same way.
+    A project edited to that device while watched is refused by its build, and the watch goes on."""
+    from runner.exec.devices import gpus_for_device
+
+    gpus = (build_options or {}).get("gpus")
+    if project is None or (problem := gpus_for_device(gpus, project.settings.device)) is None:
+        return None
+    return f"{project.path.name}: {problem}"
+
+
+def build_when_free(
+    project,
+    reporter_factory: Callable[[], Reporter],
+    stop: threading.Event,
+    say: Callable[[str], None],
+    extra: dict | None = None,
+    signals: list[int] | None = None,
+) -> int:
+    """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
+    it, so that a change made meanwhile is not lost."""
+    from runner.store import BuildLock
+
+    code = build_once(project, reporter_factory, stop, say, extra, signals)
+    while code == EXIT_LOCKED and not stop.is_set():
+        say("building when it ends")
+        while not stop.wait(LOCK_POLL_S):
+            try:
+                with BuildLock(project):
+                    break
+            except LockHeld:
+                continue
+        else:
+            break  # stopped while waiting
+        code = build_once(project, reporter_factory, stop, say, extra, signals)
+    return code
+
+
+def build_once(
+    project,
+    reporter_factory: Callable[[], Reporter],
+    stop: threading.Event,
+    say: Callable[[str], None],
+    extra: dict | None = None,
+    signals: list[int] | None = None,
+) -> int:
+    """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on.
+    The stop signal that interrupted the build, if any, is added to `signals`."""
+    from runner import executor
+    from runner.interrupt import StopOnInterrupt
+
+    reporter = reporter_factory()
+    interrupt = StopOnInterrupt()
+    try:
+        # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
+        with interrupt:
+            options = executor.BuildOptions(
+                should_stop=lambda: stop.is_set() or interrupt.requested(), **(extra or {})
+            )
+            code = executor.build(project, options, reporter).exit_code
+        return EXIT_INTERRUPTED if interrupt.requested() else code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except LockHeld as exc:
+        say(str(exc))
+        return EXIT_LOCKED
+    except lockfile.LockfileError as exc:
+        say(str(exc))
+        return EXIT_LOCKFILE
+    except DblError as exc:
+        say(str(exc))
+        return EXIT_USAGE
+    except Exception as exc:  # a bug in one build must not end the watch
+        if (extra or {}).get("debug"):
+            import traceback
+
+            say("build crashed: " + "".join(traceback.format_exception(exc)).rstrip())
+        else:
+            say(f"build crashed: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return EXIT_FAILED
+    finally:
+        if interrupt.signum is not None and signals is not None:
+            signals.append(interrupt.signum)
+        reporter.close()

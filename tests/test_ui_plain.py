@@ -1,0 +1,176 @@
+"""The plain display: timestamped lines, for logs and for terminals that are not one."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from runner.events import FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, StepEvent
+from runner.ui import make_reporter
+from runner.ui.live import LiveReporter
+from runner.ui.plain import PlainReporter, fmt_duration
+from tests.ui_fixtures import all_fresh, plan_steps, recording_console, run_build
+
+TIME = r"\d\d:\d\d:\d\d "
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plain_lines(verbosity: int = 0, fail: bool = False) -> list[str]:
+    lines: list[str] = []
+    clock = Clock()
+
+    def tick():
+        clock.now += 1
+
+    reporter = PlainReporter(verbosity=verbosity, write=lines.append, clock=clock)
+    run_build(reporter, fail=fail, progress_hook=tick)
+    for line in lines:
+        assert re.match(TIME, line), line
+    return [line[9:] for line in lines]
+
+
+def test_plain_lines_tell_the_build_in_order():
+    lines = plain_lines()
+    assert lines[0] == "pets: 3 of 4 steps to run"
+    assert lines[1] == "train:dog    start (lora.rank 16 -> 8)"
+    progress = [line for line in lines if line.startswith("train:dog    step ")]
+    # throttled: one line per tenth of the run, not one per event
+    assert len(progress) == 10
+    assert progress[0] == "train:dog    step 80/800 (10%)  loss 0.242"
+    assert "step 480/800 (60%)  loss 0.202  " in progress[5] and "it/s  eta " in progress[5]
+    assert "train:dog    done in 5m01s -> build/pets/adapters/dog" in lines
+    assert "blend:mix    restored from cache -> build/pets/blends/mix" in lines
+    assert "render:park  done in 3.5s -> build/pets/renders/park" in lines
+    assert lines[-1] == "pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"
+    assert not any("saved checkpoint" in line for line in lines)
+
+
+def test_plain_progress_also_every_thirty_seconds():
+    lines: list[str] = []
+    clock = Clock()
+    reporter = PlainReporter(write=lines.append, clock=clock)
+    step = StepEvent("train:dog", "train", "dog", PENDING)
+    reporter.plan("pets", [step])
+    reporter.step_start(step)
+    for done in range(1, 40):  # 40 of 10_000 steps: never a tenth, but 39 s
+        step.done, step.total = done, 10_000
+        clock.now += 1
+        reporter.step_progress(step)
+    progress = [line for line in lines if " step " in line]
+    assert len(progress) == 1 and "step 30/10000 (0%)" in progress[0] and "1 it/s" in progress[0]
+
+
+def test_plain_failure_and_quiet_mode():
+    lines = plain_lines(fail=True)
+    assert "train:dog    FAILED after 12s: CUDA out of memory" in lines
+    assert "             lower train.batch_size or turn on gradient_checkpointing" in lines
+    assert "blend:mix    skipped (upstream train:dog failed)" in lines
+    assert lines[-1] == "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped"
+
+    quiet = plain_lines(verbosity=-1, fail=True)
+    assert quiet == [
+        "train:dog    FAILED after 12s: CUDA out of memory",
+        "             lower train.batch_size or turn on gradient_checkpointing",
+        "pets: FAILED in 5m20s: train:dog; 1 up to date, 1 failed, 2 skipped",
+    ]
+    assert plain_lines(verbosity=-1) == ["pets: built in 5m20s: 2 ran, 1 from cache, 1 up to date"]
+
+
+def test_a_failure_without_a_duration_is_timed_by_the_display():
+    lines: list[str] = []
+    clock = Clock()
+    plain = PlainReporter(write=lines.append, clock=clock)
+    console = recording_console()
+    live = LiveReporter(console=console)
+    steps = plan_steps()
+    for reporter in (plain, live):
+        reporter.plan("pets", steps)
+        reporter.step_start(steps[1])
+    clock.now += 75
+    time.sleep(0.05)
+    steps[1].status, steps[1].error = FAILED, "boom"
+    for reporter in (plain, live):
+        reporter.step_end(steps[1])
+        reporter.finish(steps, 80)
+        reporter.close()
+    assert lines[-2].endswith("train:dog    FAILED after 1m15s: boom")
+    assert re.search(r"train:dog\s+failed\s+0\.\ds\s+boom", console.export_text())
+
+
+def test_plain_verbose_lists_the_plan_and_log_messages():
+    lines = plain_lines(verbosity=1)
+    assert "prior:dog    fresh" in lines
+    assert "blend:mix    pending (upstream train:dog stale)" in lines
+    assert "train:dog    saved checkpoint-800" in lines
+
+
+def test_plain_shows_the_steps_warnings_unless_quiet():
+    warning = "train:dog    warning: caption 01.txt is empty; the instance prompt is used"
+    assert warning in plain_lines(verbosity=0) and warning in plain_lines(verbosity=1)
+    assert "train:dog    saved checkpoint-800" not in plain_lines(verbosity=0)
+    assert not any("warning" in line for line in plain_lines(verbosity=-1))
+
+
+def test_plain_says_nothing_stale_in_one_line():
+    for verbosity in (-1, 0, 1):
+        lines: list[str] = []
+        reporter = PlainReporter(verbosity=verbosity, write=lines.append)
+        reporter.plan("pets", all_fresh())
+        reporter.log(None, "all 3 steps are up to date")
+        reporter.finish(all_fresh(), 0.01)
+        reporter.close()
+        assert [line[9:] for line in lines] == ["all 3 steps are up to date"]
+
+
+def test_plain_dry_run_and_interruption():
+    lines: list[str] = []
+    reporter = PlainReporter(write=lines.append)
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    reporter.finish(steps, 0.1)
+    assert [line[9:] for line in lines[1:]] == [  # why each would run, as the live table and plan say
+        "train:dog    would run (lora.rank 16 -> 8)",
+        "blend:mix    would run (upstream train:dog stale)",
+        "render:park  would run (renders.park.prompts changed)",
+        "pets: dry run: 3 steps would run: train:dog, blend:mix, render:park",
+    ]
+    lines.clear()
+
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    steps[1].status = RUNNING
+    reporter.step_start(steps[1])
+    steps[1].status, steps[1].duration_s = INTERRUPTED, 40
+    reporter.step_end(steps[1])
+    for s in steps[2:]:
+        s.status = SKIPPED
+    reporter.finish(steps, 41)
+    assert lines[-2].endswith("train:dog    interrupted after 40s")
+    assert lines[-1].endswith("pets: interrupted after 41s; 1 up to date, 1 interrupted, 2 skipped")
+
+
+def test_plain_through_make_reporter_off_a_terminal(capsys):
+    reporter = make_reporter("auto", 0)  # pytest's captured stdout is no terminal
+    assert isinstance(reporter, PlainReporter)
+    run_build(reporter)
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    assert re.search(TIME + r"pets: built in 5m20s", out)
+
+
+def test_durations():
+    assert [fmt_duration(s) for s in (0.04, 3.5, 12, 59.6, 303, 7500)] == [
+        "0.0s",
+        "3.5s",
+        "12s",
+        "1m00s",
+        "5m03s",
+        "2h05m",
+    ]

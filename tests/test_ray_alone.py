@@ -1,0 +1,130 @@
+"""`--executor ray` without the shared local Ray instance of tests/test_ray.py: what a step reserves, a
+step whose node Ray lost before its worker started (Ray faked), and a cluster's head (its GCS) lost mid-build
+(a Ray instance of its own, in a process of its own, a part of which the test kills)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import executor
+
+pytestmark = pytest.mark.ray
+
+
+def test_what_a_step_reserves(proj):
+    """A step's share of a GPU is 1/--per-gpu; a train step of P processes takes P whole GPUs."""
+    from types import SimpleNamespace
+
+    from runner.exec.ray_backend import RayBackend
+
+    pytest.importorskip("ray")
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
+    backend = RayBackend(proj.load(), executor.BuildOptions(per_gpu=3))
+    step = lambda kind, processes=1: SimpleNamespace(kind=kind, num_processes=processes)  # noqa: E731
+    assert backend.gpus_for(step("render")) == backend.gpus_for(step("train")) == 0.3333
+    assert backend.gpus_for(step("train", 2)) == 2 and backend.gpus_for(step("render", 2)) == 0.3333
+    proj.edit('device = "cuda"', 'device = "cpu"')
+    assert RayBackend(proj.load(), executor.BuildOptions()).gpus_for(step("train", 2)) == 0
+
+
+def test_a_step_lost_before_it_started_is_not_said_to_have_had_a_worker_that_died(proj):
+    """Its node's raylet was killed before the step's worker started: `its Ray worker died` named
+    neither node nor worker, there being none."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray import exceptions
+
+    from runner.exec.job import Hooks
+    from runner.exec.ray_backend import RayBackend, _WorkerLost
+
+    def get(ref, timeout=None):
+        if ref == "events":
+            return []
+        raise exceptions.LocalRayletDiedError()
+
+    fake = SimpleNamespace(wait=lambda refs, timeout: (refs, []), get=get)
+    backend = RayBackend(proj.load(), executor.BuildOptions())
+    backend._mailbox = SimpleNamespace(take=SimpleNamespace(remote=lambda sid: "events"))
+    job = SimpleNamespace(step_id="render:base", stop_file=None)
+    with pytest.raises(_WorkerLost) as info:
+        backend._wait(fake, "task", job, Hooks(), 0)
+    assert str(info.value) == (
+        "render:base: Ray lost it before it started (The task's local raylet died. Check raylet.out for "
+        "more information.)"
+    )
+    backend._where["render:base"] = "gpu-node-2 cuda:1"  # said by its worker, once started
+    with pytest.raises(_WorkerLost, match=r"^render:base: its Ray worker on node gpu-node-2 died \(The"):
+        backend._wait(fake, "task", job, Hooks(), 0)
+
+
+HEAD_KILLED = """
+import json, os, sys, threading, time
+from pathlib import Path
+
+import psutil
+
+from runner import events, lockfile
+from runner.exec import ray_backend
+from tests.conftest import PETS, Proj
+from tests.test_ray import build, pids_of
+
+ray_backend.HEAD_LOST_S = 3.0
+proj = Proj(Path(sys.argv[1]), PETS)
+ray_backend.connect(num_cpus=2)
+result, _ = build(proj, only=("prior:dog",))
+before = proj.lock.read_bytes()
+killed = {}
+
+def kill_the_head():
+    pids_of(proj, 2)  # train:toy and render:base run
+    (head,) = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+    head.kill()
+    killed["at"] = time.monotonic()
+
+threading.Thread(target=kill_the_head, daemon=True).start()
+result, _ = build(proj, run="stoppable_step", only=("train:toy", "render:base"), jobs=2)
+ended = time.monotonic()
+print(json.dumps({
+    "exit": result.exit_code,
+    "failed": {s.id: s.error for s in result.steps if s.status == events.FAILED},
+    "after_s": ended - killed["at"],
+    "lock_kept": proj.lock.read_bytes() == before,
+    "stopped": sorted(p.name for p in (proj.root / "records").glob("stopped-*")),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_lost_head_ends_the_build_with_its_summary_before_ray_ends_the_process(tmp_path):
+    """Ray ended the build's process from its C++ code a minute after the head's GCS was lost (exit 1, no
+    summary, and a train step that could have saved a checkpoint did not)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path / "dbl-home")
+    env = {**os.environ, "DBL_HOME": home, "PYTHONPATH": str(Path(__file__).parents[1])}
+    begun = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HEAD_KILLED, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - begun
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["exit"] == 1 and said["lock_kept"], said
+    assert set(said["failed"]) == {"train:toy", "render:base"}, said
+    for error in said["failed"].values():
+        assert "the Ray cluster's head is lost (its GCS at " in error, said
+        assert "has not answered for 3s); rerun the build once it is back" in error, said
+    assert said["stopped"] == ["stopped-render-base", "stopped-train-toy"], said  # at a safe point
+    assert said["after_s"] < 20 and took < 60, (said, took)  # well before Ray's minute

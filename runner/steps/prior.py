@@ -137,15 +137,11 @@ def _same_batches(ctx, indices: range) -> int:
     return indices.start + shared // size * size
 
 
-def _scheduler_error(spec, why) -> str:
-    return f"prior:{spec.name}: {why}"
-
-
-def _missing(spec, device) -> str | None:
+def _missing(spec, device, source: Source) -> str | None:
     from runner.schedulers import missing
 
-    why = missing(spec.scheduler)
-    return _scheduler_error(spec, why) if why else None
+    found = missing(spec.scheduler)
+    return source.problem(f"priors.{spec.name}.scheduler", *found) if found else None
 
 
 def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:

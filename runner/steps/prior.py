@@ -47,7 +47,8 @@ def run(ctx) -> dict:
     if len(files) > total:  # the rest are not read: say which are
         ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
     if found:
-        for warning in unread_files(found, given, spec.caption_extension, "its class prompt"):
+        key = (Source.of(ctx.project), f"priors.{spec.name}.caption_extension")
+        for warning in unread_files(found, given, spec.caption_extension, "its class prompt", key):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)

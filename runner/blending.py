@@ -299,9 +299,12 @@ def _check_ranks(model, component: str, present, method: str, svd_rank: int | No
             if isinstance(layer, LoraLayer) and any(n in layer.lora_A for n, _ in present)
         )
         if rank > smallest[0]:
-            raise AdapterError(
+            error = AdapterError(
                 f"svd_rank {rank} exceeds the size {smallest[0]} of {component} module {smallest[1]}"
             )
+            if svd_rank:  # the option given: a blend step names its key's line (the default is no key's)
+                error.option, error.fix = "svd_rank", f"use svd_rank = {smallest[0]} or less"
+            raise error
 
 
 def _max_rank(config) -> int:

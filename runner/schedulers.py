@@ -91,11 +91,12 @@ def too_many_steps(scheduler, steps: int) -> tuple[str, str] | None:
     return None
 
 
-def missing(name: str | None) -> str | None:
-    """Why scheduler `name` cannot be made here (a package it needs is not installed), or None."""
+def missing(name: str | None) -> tuple[str, str] | None:
+    """(what, fix) where scheduler `name` cannot be made here (a package it needs is not installed), else
+    None."""
     lms = name in SAMPLERS and SAMPLERS[name][0] == "LMSDiscreteScheduler"
     if lms and not _installed("scipy"):
-        return "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
+        return "scheduler 'lms' needs scipy", "pip install scipy, or pick another scheduler"
     return None
 
 

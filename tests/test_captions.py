@@ -133,26 +133,6 @@ def test_caption_files_that_are_not_read_are_warnings(tmp_path):
 
 
 @pytest.mark.torch
-def test_a_train_step_says_when_no_image_has_a_caption(tmp_path):
-    from dataclasses import replace
-
-    from runner.training.data import read_images
-    from runner.training.job import job_from_context
-    from tests.steps_fixtures import draw_images, make_subject, train_context
-
-    folder = draw_images(tmp_path / "dog", 2)
-    (folder / "00.caption").write_text("a dog on a sofa")
-    subject = replace(make_subject(folder), caption_extension=".txt")
-    said = []
-    images, _ = read_images(job_from_context(train_context(tmp_path, subject)), said.append)
-    assert images.prompts["instance"] == ["a photo of sks dog"] * 2
-    assert [line for line in said if "caption" in line] == [
-        f"warning: caption_extension = '.txt', but no image in {folder} has a caption file (such as 00.txt "
-        "beside 00.png): every image trains on the instance prompt"
-    ]
-
-
-@pytest.mark.torch
 def test_a_train_step_names_the_captions_without_the_trigger(tmp_path):
     from dataclasses import replace
 
@@ -421,22 +401,6 @@ def test_a_prior_names_many_empty_captions_in_a_few_lines(tmp_path):
         f"warning: 2 more captions in {given} are empty; the class prompt 'a photo of dog' is used: 03.txt, 04.txt"
     ]
     assert len(empty) == 4
-
-
-@pytest.mark.torch
-def test_a_prior_says_when_no_given_class_image_has_a_caption(tmp_path):
-    from runner.steps import prior as prior_step
-    from tests.steps_fixtures import draw_images, make_prior, prior_context
-
-    given = draw_images(tmp_path / "given", 2, size=(64, 64))
-    (given / "01.txt").write_text("a dog on a sofa")
-    logs = []
-    spec = make_prior(num_images=2, images=str(given), caption_extension=".caption")
-    prior_step.run(prior_context(tmp_path, spec, log=logs.append))
-    assert [line for line in logs if line.startswith("warning: ")] == [
-        f"warning: caption_extension = '.caption', but no image in {given} has a caption file (such as "
-        "00.caption beside 00.png): every image trains on its class prompt"
-    ]
 
 
 def test_class_image_captions_are_inputs_of_their_prior(proj, build, fake_steps):

@@ -308,9 +308,10 @@ def test_a_scheduler_this_machine_cannot_make_fails_its_step_before_any_step_run
     assert fake_steps.ran == [
         "train:toy"
     ]  # the prior failed, and so did render:base; train:dog needs the prior
-    ended, lms = _ended(rec), "scheduler 'lms' needs scipy: pip install scipy (or pick another scheduler)"
-    assert ended["render:base"] == (FAILED, f"renders.base.scheduler: {lms}")
-    assert ended["prior:dog"] == (FAILED, f"prior:dog: {lms}")
+    ended, shown = _ended(rec), display(proj.path)
+    lms = "scheduler 'lms' needs scipy (line {line}) - pip install scipy, or pick another scheduler"
+    assert ended["render:base"] == (FAILED, f"{shown}: renders.base.scheduler: {lms.format(line=42)}")
+    assert ended["prior:dog"] == (FAILED, f"{shown}: priors.dog.scheduler: {lms.format(line=16)}")
     assert ended["train:dog"] == (SKIPPED, "upstream prior:dog failed")
 
 

@@ -65,7 +65,7 @@ def test_a_size_the_vae_cannot_draw_names_the_line_of_the_side(tmp_path, models,
     )
 
 
-def test_a_blend_the_adapters_cannot_make_names_the_blend_s_line(tmp_path, models, adapters):  # noqa: F811
+def test_an_svd_rank_the_adapters_modules_cannot_take_names_its_line(tmp_path, models, adapters):  # noqa: F811
     """The sizes of the model's modules are the model's: an svd_rank past them fails in the step."""
     from runner.errors import StepError
     from tests.blend_fixtures import run_blend
@@ -85,8 +85,9 @@ def test_a_blend_the_adapters_cannot_make_names_the_blend_s_line(tmp_path, model
             method="svd",
             svd_rank=1000,
         )
-    assert str(info.value).startswith("p.toml: blends.mix: svd_rank 1000 exceeds the size"), str(info.value)
-    assert str(info.value).endswith("(line 4)")
+    said = str(info.value)  # the line of svd_rank, not of the blend's table
+    assert said.startswith("p.toml: blends.mix: svd_rank 1000 exceeds the size 32 of unet module "), said
+    assert said.endswith(" (line 7) - use svd_rank = 32 or less"), said
 
 
 def test_a_prior_s_size_the_vae_cannot_draw_fails_before_its_first_image(tmp_path, models, monkeypatch):  # noqa: F811

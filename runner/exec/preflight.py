@@ -338,10 +338,12 @@ def machine_errors(project, to_run: list) -> dict[str, str]:
             device.append(resolve_device(project.settings.device))
         return device[0]
 
-    errors = {}
+    from runner.project.problems import Source
+
+    errors, source = {}, Source.of(project)
     for step in to_run:
         try:
-            why = steps.get(step.kind).missing(step.spec, resolved)
+            why = steps.get(step.kind).missing(step.spec, resolved, source)
         except ModelError:  # a device that is not there: device_problem says so, for the steps that load
             continue  # the model; a step that loads none would not ask
         if why:

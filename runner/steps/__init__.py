@@ -150,10 +150,11 @@ class StepKind:
     # None: all): the build checks that they decode before any step runs (runner.exec.preflight).
     decodes: Callable[[Any, Any], list[tuple[str, int | None]]] = lambda project, spec: []
     trains: Callable[[Any], Any] = lambda spec: None  # the subject (schema.Subject) whose LoRA it trains
-    # missing(spec, device) -> why a step cannot run on this machine (a package not installed, no CUDA
-    # device), as the step says it, or None; `device()` names the device the step would use (asking may
-    # import torch). The build asks before any step runs.
-    missing: Callable[[Any, Callable[[], str]], str | None] = lambda spec, device: None
+    # missing(spec, device, source) -> why a step cannot run on this machine (a package not installed, no
+    # CUDA device), as the step says it, or None; `device()` names the device the step would use (asking
+    # may import torch); `source` (problems.Source) names the project file's keys and lines. The build asks
+    # before any step runs.
+    missing: Callable[[Any, Callable[[], str], Any], str | None] = lambda spec, device, source: None
     # Its steps load the base model on the project's `device`: a build checks that this machine has that
     # device before any step runs (runner.exec.preflight).
     loads_model: bool = True

@@ -63,7 +63,15 @@ def run(ctx: StepContext) -> dict:
                 activate=False,
             )
         except (AdapterError, ValueError) as exc:
-            raise StepError(Source.of(ctx.project).problem(f"blends.{ctx.name}", str(exc))) from exc
+            option = getattr(exc, "option", None)  # an error about one option names its line
+            raise StepError(
+                Source.of(ctx.project).problem(
+                    f"blends.{ctx.name}",
+                    str(exc),
+                    getattr(exc, "fix", ""),
+                    at=f"blends.{ctx.name}.{option}" if option else None,
+                )
+            ) from exc
         ctx.progress(2, 3)
 
         family = ctx.models.family

@@ -47,7 +47,8 @@ def run(ctx) -> dict:
     if len(files) > total:  # the rest are not read: say which are
         ctx.log(f"{len(files)} class images given, using the first {total} by name (num_images = {total})")
     if found:
-        for warning in unread_files(found, given, spec.caption_extension, "its class prompt"):
+        key = (Source.of(ctx.project), f"priors.{spec.name}.caption_extension")
+        for warning in unread_files(found, given, spec.caption_extension, "its class prompt", key):
             ctx.log(warning)
     missing = total - len(given)
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -137,15 +138,11 @@ def _same_batches(ctx, indices: range) -> int:
     return indices.start + shared // size * size
 
 
-def _scheduler_error(spec, why) -> str:
-    return f"prior:{spec.name}: {why}"
-
-
-def _missing(spec, device) -> str | None:
+def _missing(spec, device, source: Source) -> str | None:
     from runner.schedulers import missing
 
-    why = missing(spec.scheduler)
-    return _scheduler_error(spec, why) if why else None
+    found = missing(spec.scheduler)
+    return source.problem(f"priors.{spec.name}.scheduler", *found) if found else None
 
 
 def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:

@@ -217,15 +217,11 @@ def _label_strip(labels: list[str], width: int):
 # --- the kind ------------------------------------------------------------------------------------------
 
 
-def _scheduler_error(name: str, why) -> str:
-    return f"renders.{name}.scheduler: {why}"
-
-
-def _missing(spec, device) -> str | None:
+def _missing(spec, device, source: Source) -> str | None:
     from runner.schedulers import missing
 
-    why = missing(spec.scheduler)
-    return _scheduler_error(spec.name, why) if why else None
+    found = missing(spec.scheduler)
+    return source.problem(f"renders.{spec.name}.scheduler", *found) if found else None
 
 
 def _check(check, tables: dict) -> None:

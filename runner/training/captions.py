@@ -176,11 +176,14 @@ def unnamed_subject(files: list[Path], prompts: list[str], fallback: str, extens
     return said
 
 
-def missing_captions(folder: Path, files: list[Path], extension: str, fallback: str = "the instance prompt"):
+def missing_captions(
+    folder: Path, files: list[Path], extension: str, fallback: str = "the instance prompt", key=None
+):
     """Warnings about caption files that are not read: one whose name differs from its image's only in
     the case of its extension (`03.TXT` beside `03.jpg`, with ".txt"; a case-sensitive file system does
     not find it), and no caption file at all (a misspelt extension, or captions under another one: the
-    key then does nothing). `fallback` names the prompt the images train on instead."""
+    key then does nothing). `fallback` names the prompt the images train on instead. `key`, (Source,
+    dotted key) of the caption_extension, names the file and its line in the latter."""
     said, found, names = [], False, {}
     for image in files:
         expected = caption_file(image, extension)
@@ -200,20 +203,24 @@ def missing_captions(folder: Path, files: list[Path], extension: str, fallback: 
             f"warning: {len(said) - 5} more captions differ from their image's caption name only in case"
         ]
     if files and not found:
-        said.append(
-            f"warning: caption_extension = '{extension}', but no image in {folder} has a caption file "
-            f"(such as {caption_file(files[0], extension).name} beside {files[0].name}): every image trains "
-            f"on {fallback}"
+        what = (
+            f"caption_extension = '{extension}', but no image in {folder} has a caption file (such as "
+            f"{caption_file(files[0], extension).name} beside {files[0].name}): every image trains on {fallback}"
         )
+        if key is None:
+            said.append(WARNING + what)
+        else:
+            source, dotted = key
+            said.append(source.warning(dotted, what, "check the extension against the caption files' names"))
     return said
 
 
-def unread_files(found: Scan, files: list[Path], extension: str | None, fallback: str) -> list[str]:
+def unread_files(found: Scan, files: list[Path], extension: str | None, fallback: str, key=None) -> list[str]:
     """Warnings about what a step does not read of the image folder `found`, whose images it reads are
     `files`: pictures in formats dbl does not read, symlinked folders, and caption files (`extension`) it
-    does not find."""
+    does not find; `key`, (Source, dotted key) of the caption_extension, names its file and line."""
     said = [WARNING + warning for warning in (skipped_images(found), linked_folders(found)) if warning]
-    return said + (missing_captions(found.folder, files, extension, fallback) if extension else [])
+    return said + (missing_captions(found.folder, files, extension, fallback, key) if extension else [])
 
 
 def dropped(seed: int, kind: str, position: int, probability: float) -> bool:

@@ -155,7 +155,9 @@ def read_images(job, log) -> tuple[Images, float | None]:
     subject = job.subject
     found = scan(Path(subject.images))
     instance_files = found.images
-    for warning in unread_files(found, instance_files, subject.caption_extension, "the instance prompt"):
+    source = getattr(job, "source", None)  # a Job made by hand may have none
+    key = None if source is None else (source, f"subjects.{subject.name}.caption_extension")
+    for warning in unread_files(found, instance_files, subject.caption_extension, "the instance prompt", key):
         log(warning)
     if not instance_files:
         raise StepError(f"train:{subject.name}: no images in {subject.images}")

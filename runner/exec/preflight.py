@@ -282,24 +282,9 @@ def _unmatched(project, component, subject, targets: list[str], model, key_of) -
 
 def _warning(project, key: str, what: str, fix: str) -> str:
     """A warning about the project file's `key`, said as those of loading it are: file, key, line, fix."""
-    from runner.project.problems import Problem, display
+    from runner.project.problems import Source
 
-    return f"warning: {display(project.path)}: {Problem(key, what, _line(project, key), fix)}"
-
-
-def _line(project, key: str) -> int | None:
-    """The line of `key` (dotted) in the project file; None where the file went, or changed, since it
-    loaded (the key alone is said then)."""
-    from runner.project.lines import LineIndex
-    from runner.project.problems import ProjectError
-    from runner.project.source import read_text
-
-    try:
-        with warnings.catch_warnings():  # what reading the file warns of was said as it loaded
-            warnings.simplefilter("ignore")
-            return LineIndex(read_text(project.path)).line(key)
-    except (OSError, ProjectError):
-        return None
+    return Source.of(project).warning(key, what, fix)
 
 
 def device_problem(project, to_run: list) -> str | None:
@@ -311,7 +296,7 @@ def device_problem(project, to_run: list) -> str | None:
     if device in ("auto", "cpu") or not any(steps.get(step.kind).loads_model for step in to_run):
         return None  # torch is not imported
     from runner.models import resolve_device
-    from runner.project.problems import Problem, display
+    from runner.project.problems import Source
 
     try:
         resolve_device(device)
@@ -319,10 +304,9 @@ def device_problem(project, to_run: list) -> str | None:
         pass
     else:
         return None
-    line = _line(project, "project.device")
     what = f'device = "{device}", but this machine has no {"CUDA" if device == "cuda" else "MPS"} device'
     fix = 'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
-    return f"{display(project.path)}: {Problem('project.device', what, line, fix)}"
+    return Source.of(project).problem("project.device", what, fix)
 
 
 def machine_errors(project, to_run: list) -> dict[str, str]:

@@ -18,7 +18,7 @@ from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
-from runner.exec.devices import gpus_for_device
+from runner.exec.devices import gpus_for_device, gpus_refused
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -64,7 +64,15 @@ def backend_name(options: BuildOptions) -> str:
 
 
 def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:
-    """Build what is stale. Raises LockHeld, LockfileError, UsageError; step failures are results."""
+    """Build what is stale. Raises LockHeld, LockfileError, UsageError (options no build can use, as `dbl
+    build` refuses them: the GPUs given are checked against this machine unless a `backend_factory` or a
+    Ray cluster places the steps); step failures are results."""
+    if options.gpus is not None:
+        problem = gpus_refused(
+            options.gpus, options.backend, options.ray_address, options.backend_factory is None
+        )
+        if problem is not None:
+            raise UsageError(problem)
     ws = Workspace(project)
     with BuildLock(project):
         lockfile.drop_leftover_temps(ws.lock_path)

@@ -55,10 +55,10 @@ def note_blend(check, key: tuple[str, ...], blend) -> None:
 
 def note_subjects(check, subjects: dict) -> None:
     """Bucket bounds where buckets are off, text-encoder LoRA settings (and text_encoder_learning_rate)
-    where the text encoder is not trained, and an alpha or a learning rate of 0 that leaves the adapter untrained (DoRA's magnitudes
-    train at an alpha of 0), and a caption_dropout of 1 that drops every prompt. A key of [train] or [lora]
-    that every subject inherits is unused only where no subject that reads it uses it: said once, at the
-    key the file writes."""
+    where the text encoder is not trained, and an alpha or a learning rate of 0 that leaves the adapter
+    untrained (DoRA's magnitudes train at an alpha of 0), and a caption_dropout of 1 that drops every
+    prompt. A key of [train] or [lora] that every subject inherits is unused only where no subject that
+    reads it uses it: said once, at the key the file writes."""
     used: dict[tuple[str, ...], bool] = {}  # each written key: whether a subject that reads it uses it
     frozen: dict[tuple[str, ...], None] = {}  # learning rates of 0 where nothing else trains
     scaled_out: dict[tuple[str, ...], None] = {}  # alphas of 0 where they scale a trained LoRA, in order
@@ -140,6 +140,7 @@ def note_subjects(check, subjects: dict) -> None:
 
 # The schedules that read a key of the schedule; lr_warmup_steps is read by every schedule but "constant"
 _SCHEDULE_KEYS = {"lr_num_cycles": "cosine_with_restarts", "lr_power": "polynomial"}
+_TRAIN_KEYS = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
 
 
 def note_schedules(check, subjects: dict) -> None:
@@ -204,9 +205,6 @@ def note_schedules(check, subjects: dict) -> None:
         said[(where, what, fix)] = None
     for where, what, fix in said:
         check.note(where, what, fix)
-
-
-_TRAIN_KEYS = {f.name: f for f in schema.keys_of(schema.TrainSettings)}
 
 
 def _note_keys(check, table: tuple[str, ...], keys: list[tuple[str, ...]], message: str, fix: str) -> None:

@@ -54,16 +54,17 @@ def _value_errors(fn):
 
 def _check_pipe(pipe) -> None:
     """`pipe` must be a pipeline with its family's denoiser (not None, which the functions that change
-    a pipeline return, nor one of its modules)."""
+    a pipeline return, nor blend's errors, nor one of its modules)."""
     if getattr(pipe, families.of(pipe).denoiser.attr, None) is not None:
         return
     if pipe is None:
         raise ValueError(
-            "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change the "
+            "pipe is None, not a pipeline: load_adapter, set_adapter and unload_adapter change the "
             "pipeline in place and return nothing; keep the one load_pipeline returned"
         )
+    hint = ": blend returns the blend's errors, not the pipeline" if isinstance(pipe, dict) else ""
     raise ValueError(
-        f"pipe must be a diffusers pipeline, as load_pipeline returns it; got a {type(pipe).__name__}"
+        f"pipe must be a diffusers pipeline, as load_pipeline returns it; got a {type(pipe).__name__}{hint}"
     )
 
 

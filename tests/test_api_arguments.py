@@ -131,7 +131,7 @@ def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
     """`pipe = api.load_adapter(pipe, ...)` makes pipe None; the next call failed with "AttributeError:
     'NoneType' object has no attribute 'unet'", and so did a module given for the pipeline."""
     pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"]}, device="cpu")
-    in_place = "pipe is None, not a pipeline: load_adapter, set_adapter, blend and unload_adapter change"
+    in_place = "pipe is None, not a pipeline: load_adapter, set_adapter and unload_adapter change"
     for call in (
         lambda p: api.load_adapter(p, adapters["b"], "b"),
         lambda p: api.set_adapter(p, "a"),
@@ -144,6 +144,9 @@ def test_what_is_not_a_pipeline_raises_value_error(adapters):  # noqa: F811
     with pytest.raises(ValueError, match="must be a diffusers pipeline, .*; got a PeftModel"):
         api.set_adapter(pipe.unet, "a")
     assert api.loaded_adapters(pipe) == ["a"]
+    errors = api.blend(pipe, {"a": 1.0}, "a3")  # `pipe = api.blend(...)` makes pipe the blend's errors
+    with pytest.raises(ValueError, match=r"got a dict: blend returns the blend's errors, not the pipeline"):
+        api.set_adapter(errors, "a")
 
 
 def test_an_adapter_folder_as_the_base_model_says_which_base_model_to_give(adapters):  # noqa: F811

@@ -14,8 +14,8 @@
 #   recipe's loop written out, class images/s, render images/s. PHOTOS=folder picks the instance photos.
 # check (about a minute): the gpu tests (python -m pytest -m gpu tests/test_gpu.py): the flow in fp16 on
 #   CUDA, and CUDA graphs against eager passes.
-# profile (about a minute): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
-#   optimizer step goes.
+# profile (about two minutes): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
+#   optimizer step goes, in the train step alone and in a whole `dbl build` whose prior generates 8 class images.
 # session: sd15, then check, then profile: every GPU figure of one session in one call (about 9 minutes);
 #   a part that fails does not stop the next ones.
 # all: sd15, sdxl and run.
@@ -60,6 +60,8 @@ check() {
 profile() {
     python3 bench/startup_profile.py --device cuda --model sd15-random --resolution 512 --mixed-precision fp16 \
         --json "$out/startup-profile.json"
+    python3 bench/startup_profile.py --build --device cuda --model sd15-random --resolution 512 \
+        --mixed-precision fp16 --class-images 8 --json "$out/startup-build-profile.json"
 }
 
 case "$which" in

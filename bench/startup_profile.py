@@ -2,11 +2,19 @@
 
     python bench/startup_profile.py                       # tiny-sd on the CPU, the DreamBench dog photos
     python bench/startup_profile.py --device cuda --model sd15-random --resolution 512 --mixed-precision fp16
+    python bench/startup_profile.py --build               # a whole `dbl build`, its prior generating
 
 Runs in a fresh process: the library imports, planning (the fingerprints: hashing the images and the base
 model), then the train step itself, each of its phases timed by wrapping the function that does it (model
-load, reading the images, LoRA, prompts, latents, optimizer, the first step). The phases are timed where they
-are called, so nested work is counted once, in the phase that calls it. `--json PATH` writes them too.
+load, reading the images, LoRA, prompts, latents, optimizer, the first step). A phase's time is its own: what
+it calls that is another phase counts in that one. `--json PATH` writes them too.
+
+`--build` times a whole `dbl build` of a fresh one-subject project from process start to the train step's
+first optimizer step, as the command runs it: importing dbl, loading and planning the project, the checks
+before any step (every image decoded once), the prior step generating `--class-images` class images
+(`--prior-steps` denoising steps each; loading the base model, saving the images), hashing and committing
+its outputs, then the train step's phases. `--model` is then a base_model value (or sd15-random, saved
+once as a diffusers folder under /tmp); a folder's files are hashed as a first build hashes them.
 """
 
 from __future__ import annotations
@@ -24,20 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES: dict[str, float] = {}
+_RUNNING: list[float] = []  # of each timed call under way, the time its nested timed calls took
+STOPPED: list[float] = []  # when the first optimizer step ended: later calls are not counted
 
 
 def timed(name: str, fn):
-    """`fn`, adding its time to PHASES[name] (the first call only when name ends with ' (first)')."""
+    """`fn`, adding its own time (less that of the timed calls it makes) to PHASES[name]; the first call
+    only when name ends with ' (first)'."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if name.endswith("(first)") and name in PHASES:
+        if (name.endswith("(first)") and name in PHASES) or STOPPED:
             return fn(*args, **kwargs)
         clock = time.perf_counter()
+        _RUNNING.append(0.0)
         try:
             return fn(*args, **kwargs)
         finally:
-            PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - clock
+            spent = time.perf_counter() - clock
+            nested = _RUNNING.pop()
+            if _RUNNING:
+                _RUNNING[-1] += spent
+            if not STOPPED:
+                PHASES[name] = PHASES.get(name, 0.0) + spent - nested
 
     return wrapper
 
@@ -58,6 +75,115 @@ def write_project(folder: Path, photos: Path, class_images: int, resolution: int
     return path
 
 
+def build_project(folder: Path, photos: Path, model: str, args) -> Path:
+    """A one-subject project whose prior generates its class images, for --build."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_bench import prepare_data
+
+    prepare_data(folder / "data", 0, photos)
+    path = folder / "p.toml"
+    path.write_text(
+        f'[project]\nbase_model = "{model}"\ndevice = "{args.device}"\n'
+        f'mixed_precision = "{args.mixed_precision}"\n'
+        f"[train]\nresolution = {args.resolution}\nsteps = 1\ncheckpoint_every = 0\n"
+        f'[priors.dog]\nclass_prompt = "a photo of dog"\nnum_images = {args.class_images}\n'
+        f"steps = {args.prior_steps}\nwidth = {args.resolution}\nheight = {args.resolution}\n"
+        '[subjects.dog]\nimages = "data/instance"\ninstance_prompt = "a photo of sks dog"\nprior = "dog"\n'
+    )
+    return path
+
+
+def profile_build(args) -> None:
+    """--build: `dbl build` of a fresh project, from process start to the first optimizer step."""
+    clock = time.perf_counter()
+    from runner import cli
+
+    PHASES["import dbl (the command line)"] = time.perf_counter() - clock
+    model = args.model
+    if model == "sd15-random":  # SD 1.5's architecture, saved once as a diffusers folder
+        sys.path.insert(0, str(ROOT / "bench"))
+        from anchor_bench import build_sd15
+
+        folder = Path(tempfile.gettempdir()) / "dbl-sd15-profile-model"
+        if not (folder / "model_index.json").is_file():
+            build_sd15(folder, args.device)
+        model = str(folder)
+
+    clock = time.perf_counter()
+    import diffusers
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from runner import families
+    from runner.models import BaseModel, quiet_libraries
+
+    quiet_libraries()  # as a step does before it loads a model
+    base = BaseModel.parse(model, ROOT)
+    getattr(diffusers, families.detect(base).pipeline_class)  # the pipeline's module and its components'
+    PHASES["imports (torch, diffusers, transformers, peft, the pipeline's classes)"] = (
+        time.perf_counter() - clock
+    )
+
+    from runner import pnginfo, project
+    from runner.exec import job, scheduler, workspace
+    from runner.models import loading
+    from runner.steps import prior
+    from runner.training import loop, lora, speed
+
+    def first_step_done(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            result = fn(*a, **kw)
+            if not STOPPED:
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                STOPPED.append(time.perf_counter())
+            return result
+
+        return wrapper
+
+    project.load_project = timed("load the project file", project.load_project)
+    workspace.Workspace.plan = timed("plan (hash the images and the base model)", workspace.Workspace.plan)
+    scheduler._fail_before_start = timed(
+        "checks before any step (decode every image, LoRA targets)", scheduler._fail_before_start
+    )
+    loading.load_pipeline = timed("load the base model", loading.load_pipeline)
+    prior.run = timed("prior step: generate the class images", prior.run)
+    pnginfo.save_png = timed("prior step: save the class images", pnginfo.save_png)
+    job.file_manifest = timed("hash a step's outputs", job.file_manifest)
+    scheduler.finish_step = timed("store and commit a step's outputs", scheduler.finish_step)
+    loop.read_images = timed("train step: read the images (decode, resize)", loop.read_images)
+    lora.add_lora = timed("train step: add LoRA", lora.add_lora)
+    speed.choose = timed("train step: choose checkpointing, CUDA graphs, compiling", speed.choose)
+    loop._encode_prompts = timed("train step: encode the prompts", loop._encode_prompts)
+    loop.LatentCache = timed("train step: VAE-encode the images (latent cache)", loop.LatentCache)
+    loop._optimizer = timed("train step: optimizer and LR schedule", loop._optimizer)
+    loop._forward_backward = timed("train step: first forward and backward (first)", loop._forward_backward)
+    loop._optimizer_step = first_step_done(
+        timed("train step: first optimizer step (first)", loop._optimizer_step)
+    )
+
+    with tempfile.TemporaryDirectory(prefix="dbl-startup-") as tmp:
+        path = build_project(Path(tmp), args.photos, model, args)
+        begun = time.perf_counter()
+        code = cli.main(["build", str(path), "--no-progress"])
+        if code != 0 or not STOPPED:
+            raise SystemExit(f"dbl build ended with {code} before a first train step")
+    counted = sum(PHASES.values())
+    PHASES["the rest (the scheduler, the lockfile, the display, the steps' own code)"] = (
+        STOPPED[0] - START - counted
+    )
+    width = max(map(len, PHASES))
+    for name, seconds in PHASES.items():
+        print(f"{name:{width}}  {seconds:7.3f} s")
+    print(f"{'dbl build to the first optimizer step':{width}}  {STOPPED[0] - begun:7.3f} s")
+    print(f"{'process start to the first optimizer step':{width}}  {STOPPED[0] - START:7.3f} s")
+    if args.json:
+        figures = {"phases": PHASES, "to_first_step_s": STOPPED[0] - START}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-sd", help="a base_model value, or sd15-random")
@@ -67,7 +193,11 @@ def main(argv=None) -> None:
     parser.add_argument("--class-images", type=int, default=20)
     parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "dreambench" / "dog")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--build", action="store_true", help="profile a whole `dbl build` with a prior")
+    parser.add_argument("--prior-steps", type=int, default=10, help="--build: denoising steps a class image")
     args = parser.parse_args(argv)
+    if args.build:
+        return profile_build(args)
 
     clock = time.perf_counter()
     import diffusers  # noqa: F401

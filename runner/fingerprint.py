@@ -136,6 +136,18 @@ class FileHasher:
             if self._cache.pop(str(path), None) is not None:
                 self._dirty = True
 
+    def take(self, other: FileHasher, roots: list[Path]) -> bool:
+        """Copy the entries of `other` for the files under `roots` (files, or folders) that differ from this
+        cache's; whether any did. Each stays keyed by its file's stat: one of a file changed since misses."""
+        names, prefixes = {str(r) for r in roots}, tuple(str(r) + os.sep for r in roots)
+        changed = False
+        for key, entry in other._cache.items():
+            if (key in names or key.startswith(prefixes)) and self._cache.get(key) != entry:
+                self._cache[key] = entry
+                changed = True
+        self._dirty |= changed
+        return changed
+
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
@@ -254,6 +266,25 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
 MODEL_FILE = "each entry of a model folder"
 
 
+@contextlib.contextmanager
+def _model_hashes(hasher: FileHasher, roots: list[Path]):
+    """While open, `hasher` knows the hashes of the files under `roots` that dbl's per-user cache of model
+    file hashes holds (`$DBL_HOME/model-hashes`); what it reads meanwhile is kept there. So a project that
+    names a model folder another one hashed (a second project, a fresh clone) does not read its gigabytes
+    again. A cache that cannot be saved there is only slower: no warning."""
+    from runner.models.builtin import dbl_home
+
+    shared = FileHasher(dbl_home() / "model-hashes") if roots else None
+    if shared is not None:
+        hasher.take(shared, roots)
+    before = hasher.reads
+    yield
+    if shared is not None and hasher.reads > before and shared.take(hasher, roots):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StateCacheWarning)
+            shared.save()
+
+
 def base_model_identity(base, hasher: FileHasher) -> dict:
     """What makes a base model itself: a built-in's name and version, a hub id and revision, or content.
 
@@ -261,6 +292,14 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
     existed keep their fingerprints; any other family is part of the identity. A single file's
     base_model_config is part of it when set (a folder by its content, a hub id by its revision).
     """
+    config = getattr(base, "config", None)
+    roots = [Path(base.ref)] if base.kind in ("file", "folder") else []
+    roots += [Path(config)] if config is not None and Path(config).is_dir() else []
+    with _model_hashes(hasher, roots):
+        return _identity(base, hasher, config)
+
+
+def _identity(base, hasher: FileHasher, config: str | None) -> dict:
     from runner import families  # light: no torch
 
     try:
@@ -277,7 +316,6 @@ def base_model_identity(base, hasher: FileHasher) -> dict:
         identity = {"folder_sha256": manifest_hash(hasher.tree(Path(base.ref), MODEL_FILE))}
     if family is not None:
         identity["_family" if family.name == families.DEFAULT else "family"] = family.name
-    config = getattr(base, "config", None)
     if config is not None:
         if Path(config).is_dir():
             identity["config"] = {"folder_sha256": manifest_hash(hasher.tree(Path(config), MODEL_FILE))}

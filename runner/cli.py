@@ -287,11 +287,17 @@ def cmd_ls(args) -> int:
 
 def cmd_gc(args) -> int:
     from runner.gc import collect
+    from runner.store import maker
 
     done = collect(_load(args), dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"
     entries = f"{done.dropped} cache entr{'y' if done.dropped == 1 else 'ies'}"
     print(f"{verb} {entries}, {done.freed / 1e6:.1f} MB; kept {done.kept}")
+    for fp, entry in done.distrusted.items():
+        print(
+            f"{verb} the entry of {entry.step} ({fp[:12]}, {maker(entry.made_by)}): this dbl restores no "
+            f"entry of it made before epoch {entry.since}, which may hold wrong outputs, {_megabytes(entry.size)}"
+        )
     if done.leftovers:
         size = _megabytes(sum(done.sizes[path] for path in done.leftovers))
         print(

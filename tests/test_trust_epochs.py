@@ -58,3 +58,16 @@ def test_gc_keeps_the_entries_of_the_epoch_their_step_trusts(distrusted, capsys,
     assert main(["gc", str(proj.path)]) == 0
     assert capsys.readouterr().out == "dropped 0 cache entries, 0.0 MB; kept 7\n"
     assert set(manifests(proj)) == set(recorded.values())
+
+
+def test_check_counts_the_entries_no_build_restores_and_names_what_made_each(distrusted, capsys, monkeypatch):
+    proj = distrusted
+    assert main(["check", str(proj.path)]) == 0  # no file differs: the entries are as they were made
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("all ") and out[0].endswith(" files match the lockfile")
+    assert out[1].startswith("3 run-cache entries the lockfile refers to are of an epoch this dbl no longer")
+    assert "`dbl gc` drops them" in out[1]
+    assert out[2:] == [f"  {sid}: made before entries were stamped (epoch 0)" for sid in sorted(RENDERS)]
+    monkeypatch.setattr(store, "DISTRUSTED", ())  # nothing distrusted: the one line as before
+    assert main(["check", str(proj.path)]) == 0
+    assert capsys.readouterr().out.splitlines() == out[:1]

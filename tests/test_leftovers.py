@@ -121,3 +121,38 @@ def test_a_checkpoint_save_removes_the_checkpoints_killed_runs_were_writing(tmp_
     planted = plant(ctx.work, "checkpoint-1", dead_pid)
     train.run(ctx)
     assert left(planted) == {"live", "other host"}
+
+
+@pytest.mark.torch
+def test_a_train_step_that_saves_no_checkpoint_removes_those_killed_runs_were_writing(tmp_path, dead_pid):
+    """Swept as the step starts (looking for a checkpoint to resume), not only at its next checkpoint."""
+    from runner.steps import train
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    images = draw_images(tmp_path / "images" / "dog", 2, size=(64, 64))
+    subject = make_subject(images, train=dict(steps=2, checkpoint_every=0, train_text_encoder=False))
+    ctx = train_context(tmp_path / "run", subject)
+    planted = plant(ctx.work, "checkpoint-1", dead_pid)
+    train.run(ctx)
+    assert not [p for p in ctx.work.iterdir() if p.name.startswith("checkpoint-")]  # it saved none
+    assert left(planted) == {"live", "other host"}
+
+
+def test_loading_a_built_in_model_removes_those_killed_processes_were_making(tmp_path, monkeypatch, dead_pid):
+    """Not only making one: a model made once is loaded by every later build."""
+    from runner import families
+    from runner.models import builtin, ensure_builtin
+
+    monkeypatch.setenv("DBL_HOME", str(tmp_path))
+    monkeypatch.setattr(builtin, "_swept", set(), raising=False)  # as in a new process
+    family = families.for_builtin("tiny-sd")
+    folder = tmp_path / "models" / family.builtin_folder_name("tiny-sd")
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")  # made before
+    monkeypatch.setattr(family, "build_builtin", lambda name, folder: pytest.fail("made again"))
+    planted = plant(folder.parent, family.builtin_folder_name("tiny-sd"), dead_pid)
+    assert ensure_builtin("tiny-sd") == folder
+    assert left(planted) == {"live", "other host"}
+    again = plant(folder.parent, "tiny-sd-v2", dead_pid)  # once a process: later loads scan nothing
+    assert ensure_builtin("tiny-sd") == folder
+    assert left(again) == {"dead", "live", "other host"}

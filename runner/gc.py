@@ -81,7 +81,7 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
             dropped += 1
             if not dry_run:
                 cache.drop(fp)
-        leftovers = cache.leftovers() + unfinished_commits(project)
+        leftovers = cache.leftovers() + unfinished_commits(project) + _left_beside_outputs(project)
         orphans = _orphaned_work(project)
         abandoned = _abandoned_work(project)
         sizes = {path: _size(path) for path in leftovers + orphans + abandoned}
@@ -225,6 +225,26 @@ def _records(project: Project, branches: list[tuple[str, str, str]]) -> list[dic
     for text in dict.fromkeys(text for _, _, text in branches if not lockfile.foreign_text(text)):
         found.append(lockfile.read_text_records(text))
     return found
+
+
+def _left_beside_outputs(project: Project) -> list[Path]:
+    """What builds of this host killed while committing outputs to an `out` on another file system left
+    beside them (runner.exchange: the new outputs moved there, or the old ones put aside), where their
+    process is gone: no build lock covers that folder."""
+    from runner import planner, tempnames
+
+    folders = {(project.out / step.output_dir).parent for step in planner.graph(project)}
+    found = []
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            found += [
+                Path(e.path)
+                for e in os.scandir(folder)
+                if e.name.startswith(".")
+                and e.is_dir(follow_symlinks=False)
+                and tempnames.left_by_dead_process(e.name)
+            ]
+    return sorted(found)
 
 
 def _referenced(project: Project, branches: list[tuple[str, str, str]]) -> set[str]:

@@ -4,6 +4,8 @@ process's folder, and another host's, stay."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import exchange as exchange_module
 from runner import tempnames
 from tests.conftest import PETS, Proj
 from tests.test_reliability_crashes import fake_build
@@ -156,3 +159,84 @@ def test_loading_a_built_in_model_removes_those_killed_processes_were_making(tmp
     again = plant(folder.parent, "tiny-sd-v2", dead_pid)  # once a process: later loads scan nothing
     assert ensure_builtin("tiny-sd") == folder
     assert left(again) == {"dead", "live", "other host"}
+
+
+@pytest.fixture
+def on_scratch(tmp_path, monkeypatch):
+    """A project whose `out` is on "another file system" than `.dbl/`: a rename between the two fails with
+    EXDEV, as there. Returns the project and the renames that crossed."""
+    disk = tmp_path / "scratch"
+    p = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "scratch/pets"'))
+    real, crossed = os.rename, []
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).is_relative_to(disk) != Path(dst).is_relative_to(disk):
+            crossed.append((src, dst))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    def exchange(a, b):
+        if Path(a).is_relative_to(disk) != Path(b).is_relative_to(disk):
+            crossed.append((a, b))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(a), None, str(b))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    real_exchange = exchange_module.exchange
+    monkeypatch.setattr(exchange_module, "exchange", exchange)
+    return p, crossed
+
+
+def killed_committing_park(p: Proj, build, monkeypatch, dead_pid) -> list[Path]:
+    """Build the project with render:park's new outputs stopped as a kill would stop them: moved beside the old
+    ones, not yet swapped in, by a process that has ended. Returns what it left there."""
+    from runner import exchange
+
+    real_swap = exchange._swap
+
+    def killed(staged, target, trash):
+        if target.name == "park" and staged.parent == target.parent:
+            raise SystemExit("killed")  # nothing after this runs, as after a SIGKILL
+        return real_swap(staged, target, trash)
+
+    with monkeypatch.context() as m:
+        m.setattr(exchange, "_swap", killed)
+        m.setattr(tempnames, "suffix", lambda: f"abcdef-{tempnames.host()}-{dead_pid}")
+        p.edit("sks dog on a beach", "sks dog on the moon")
+        with contextlib.suppress(SystemExit):  # however the build takes it, it ends there
+            assert not build(p)[0].ok
+    renders = p.root / "scratch" / "pets" / "renders"
+    left_there = [q for q in renders.iterdir() if q.name.startswith(".")]
+    assert left_there and all(q.name.startswith(".park.") for q in left_there)  # the kill really left them
+    assert (renders / "park" / "1-0.png").is_file()  # the old outputs are in place
+    p.edit("sks dog on the moon", "sks dog on a beach")  # park is as its lockfile records it again
+    return left_there
+
+
+def test_outputs_on_another_file_system_a_killed_commit_leaves_goes_at_the_next_commit_beside(
+    on_scratch, build, monkeypatch, dead_pid
+):
+    p, crossed = on_scratch
+    assert build(p)[0].ok and crossed  # the outputs really went to "another file system"
+    killed_committing_park(p, build, monkeypatch, dead_pid)
+    p.edit('prompts = ["a sks dog toy"]', 'prompts = ["a sks dog toy", "a toy"]')  # another render, not park
+    result, rec = build(p)
+    assert result.ok and [sid for sid, status in rec.final if status == "done"] == ["render:mixed"]
+    renders = p.root / "scratch" / "pets" / "renders"
+    assert sorted(q.name for q in renders.iterdir()) == ["base", "mixed", "park"]
+
+
+def test_outputs_on_another_file_system_gc_drops_what_a_killed_commit_left(
+    on_scratch, build, monkeypatch, dead_pid, capsys
+):
+    from runner.cli import main
+
+    p, _ = on_scratch
+    assert build(p)[0].ok
+    left_there = killed_committing_park(p, build, monkeypatch, dead_pid)
+    assert main(["gc", "--dry-run", str(p.path)]) == 0
+    assert f"would drop {len(left_there)} folder(s) left by builds" in capsys.readouterr().out
+    assert all(q.exists() for q in left_there)
+    assert main(["gc", str(p.path)]) == 0
+    renders = p.root / "scratch" / "pets" / "renders"
+    assert sorted(q.name for q in renders.iterdir()) == ["base", "mixed", "park"]

@@ -5,6 +5,7 @@ how many there are."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -71,3 +72,26 @@ def test_check_counts_the_entries_no_build_restores_and_names_what_made_each(dis
     monkeypatch.setattr(store, "DISTRUSTED", ())  # nothing distrusted: the one line as before
     assert main(["check", str(proj.path)]) == 0
     assert capsys.readouterr().out.splitlines() == out[:1]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_judges_the_entries_of_other_branches_lockfiles_by_their_records(proj, build, capsys, monkeypatch):
+    from tests.test_trust_lockfile import built_on_main, git, git_env
+
+    env = git_env()
+    built_on_main(proj, build, env)
+    git(proj.root, "checkout", "-qb", "snow", env=env)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    git(proj.root, "commit", "-qam", "snow", env=env)
+    snow_park = by_step(proj)["render:park"]
+    git(proj.root, "checkout", "-q", "main", env=env)
+    assert snow_park not in by_step(proj).values()  # the snow branch's lockfile alone refers to it
+    unstamp(proj)
+    monkeypatch.setattr(store, "EPOCH", 2)
+    monkeypatch.setattr(store, "DISTRUSTED", ((2, lambda kind, inputs: kind == "render"),))
+    assert main(["gc", str(proj.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dropped 4 cache entries") and out.count("dropped the entry of render:park") == 2
+    assert f"dropped the entry of render:park ({snow_park[:12]}," in out
+    assert set(manifests(proj)) == {fp for sid, fp in by_step(proj).items() if sid not in RENDERS}

@@ -143,11 +143,11 @@ def epoch_of(meta: dict) -> int:
 
 
 def maker(stamp: dict) -> str:
-    """What made a run-cache entry, said from its manifest's `made_by`: "made by dbl 0.1.0 (epoch 1)"."""
+    """What made a run-cache entry, said from its manifest's `made_by`: "made by dbl 0.1.0, epoch 1"."""
     epoch = epoch_of({"made_by": stamp})
     if isinstance(stamp, dict) and isinstance(stamp.get("dbl"), str):
-        return f"made by dbl {stamp['dbl']} (epoch {epoch})"
-    return f"made in epoch {epoch}" if epoch else "made before entries were stamped (epoch 0)"
+        return f"made by dbl {stamp['dbl']}, epoch {epoch}"
+    return f"made in epoch {epoch}" if epoch else "made before entries were stamped, epoch 0"
 
 
 def _made_by() -> dict:

@@ -34,7 +34,7 @@ def test_gc_drops_the_entries_no_build_restores_and_dry_run_lists_them(distruste
     assert out.startswith("would drop 3 cache entries") and "kept 4" in out
     for sid in sorted(RENDERS):
         fp = recorded[sid]
-        assert f"would drop the entry of {sid} ({fp[:12]}, made before entries were stamped (epoch 0))" in out
+        assert f"would drop the entry of {sid} ({fp[:12]}, made before entries were stamped, epoch 0)" in out
     assert "restores no entry of it made before epoch 2" in out
     assert set(manifests(proj)) == set(recorded.values())  # dry: nothing dropped
     assert main(["gc", str(proj.path)]) == 0
@@ -68,7 +68,7 @@ def test_check_counts_the_entries_no_build_restores_and_names_what_made_each(dis
     assert out[0].startswith("all ") and out[0].endswith(" files match the lockfile")
     assert out[1].startswith("3 run-cache entries the lockfile refers to are of an epoch this dbl no longer")
     assert "`dbl gc` drops them" in out[1]
-    assert out[2:] == [f"  {sid}: made before entries were stamped (epoch 0)" for sid in sorted(RENDERS)]
+    assert out[2:] == [f"  {sid}: made before entries were stamped, epoch 0" for sid in sorted(RENDERS)]
     monkeypatch.setattr(store, "DISTRUSTED", ())  # nothing distrusted: the one line as before
     assert main(["check", str(proj.path)]) == 0
     assert capsys.readouterr().out.splitlines() == out[:1]
@@ -95,3 +95,10 @@ def test_gc_judges_the_entries_of_other_branches_lockfiles_by_their_records(proj
     assert out.startswith("dropped 4 cache entries") and out.count("dropped the entry of render:park") == 2
     assert f"dropped the entry of render:park ({snow_park[:12]}," in out
     assert set(manifests(proj)) == {fp for sid, fp in by_step(proj).items() if sid not in RENDERS}
+
+
+def test_what_made_an_entry_is_said_from_any_stamp():
+    assert store.maker({"dbl": "0.1.0", "epoch": 1}) == "made by dbl 0.1.0, epoch 1"
+    assert store.maker(None) == store.maker({}) == "made before entries were stamped, epoch 0"
+    assert store.maker({"epoch": 3}) == "made in epoch 3"
+    assert store.maker("x") == "made before entries were stamped, epoch 0"

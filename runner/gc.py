@@ -64,10 +64,9 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
     Raises DblError for an unreadable lockfile and LockHeld while a build runs."""
     cache = RunCache(project.state_dir / "cache")
     with _all_build_locks(project):
+        # Read under the locks: a build that just ended has written its own.
         branches = _branch_lockfiles(project.dir)
-        keep = _referenced(
-            project, branches
-        )  # read under the locks: a build that just ended has written its own
+        keep = _referenced(project, branches)
         distrusted = _distrusted(project, cache, keep, branches)
         keep -= set(distrusted)
         dropped, freed = 0, 0

@@ -142,7 +142,7 @@ def epoch_of(meta: dict) -> int:
     return epoch if type(epoch) is int else 0
 
 
-def maker(stamp: dict) -> str:
+def maker(stamp: object) -> str:
     """What made a run-cache entry, said from its manifest's `made_by`: "made by dbl 0.1.0, epoch 1"."""
     epoch = epoch_of({"made_by": stamp})
     if isinstance(stamp, dict) and isinstance(stamp.get("dbl"), str):

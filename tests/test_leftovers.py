@@ -1,6 +1,7 @@
-"""What a process killed while writing a folder leaves (a run-cache entry, a checkpoint, a built-in model) is
-removed at the next write of the same kind, when the process was of this host and is gone; a live
-process's folder, and another host's, stay."""
+"""What a process killed while writing a folder leaves (a run-cache entry, a checkpoint, a built-in model, outputs
+committed to another file system) is removed at the next write of the same kind, or sooner where a build
+passes by anyway (a train step's start, a built-in model's first load), when the process was of this host and
+is gone; a live process's folder, and another host's, stay."""
 
 from __future__ import annotations
 

@@ -241,3 +241,27 @@ def test_outputs_on_another_file_system_gc_drops_what_a_killed_commit_left(
     assert main(["gc", str(p.path)]) == 0
     renders = p.root / "scratch" / "pets" / "renders"
     assert sorted(q.name for q in renders.iterdir()) == ["base", "mixed", "park"]
+
+
+def test_outputs_on_another_file_system_an_earlier_versions_names_go_at_the_next_commit(
+    tmp_path, monkeypatch
+):
+    """An earlier version named what it left beside the outputs `.<name>.staged` and `.<name>.trash`, with no
+    pid: the next commit of that step still removes them, as that version did."""
+    real = os.rename
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).parent != Path(dst).parent and "out" in (Path(src).parent.name, Path(dst).parent.name):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(exchange_module, "exchange", lambda a, b: False)
+    staged, target = tmp_path / ".staged-x", tmp_path / "out" / "x"
+    for folder in (staged, target, target.parent / ".x.staged", target.parent / ".x.trash"):
+        folder.mkdir(parents=True)
+        (folder / "f.txt").write_text(folder.name)
+    old = exchange_module.replace_dir(staged, target, tmp_path / ".trash-x")
+    assert old.parent == target.parent and old.name.startswith(".x.trash-")  # put aside beside it
+    assert (target / "f.txt").read_text() == ".staged-x" and (old / "f.txt").read_text() == "x"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([old.name, "x"])

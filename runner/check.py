@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import lockfile, lockmemo, store
@@ -39,6 +39,9 @@ class Mismatch:
 class Report:
     mismatches: list[Mismatch]
     files: int  # files checked: those read, and those found missing or unreadable
+    # (step id, its run-cache entry's made_by) of the entries the lockfile refers to that no build restores:
+    # made in an epoch before the one their step trusts (see runner.store.EPOCH)
+    distrusted: list[tuple[str, dict | None]] = field(default_factory=list)
 
 
 def check(project: Project) -> Report:
@@ -63,12 +66,12 @@ def check(project: Project) -> Report:
         found += _outputs(project, sid, record, hasher)
         found += _images(project, sid, record.get("inputs", {}), hasher)
     found += _base_model(project, records, hasher)
-    cached, cache_files = _cache_entries(project, records)
+    cached, cache_files, distrusted = _cache_entries(project, records)
     hasher.save()
     store.keep_out_of_git(project.state_dir)
     unique = list(dict.fromkeys(found + cached))
     unread = {m.path: m.files for m in unique if not m.read}
-    return Report(unique, hasher.reads + cache_files + sum(unread.values()))
+    return Report(unique, hasher.reads + cache_files + sum(unread.values()), distrusted)
 
 
 def _shown(project: Project, path: Path) -> str:
@@ -190,11 +193,13 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     ]
 
 
-def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int]:
+def _cache_entries(
+    project: Project, records: dict
+) -> tuple[list[Mismatch], int, list[tuple[str, dict | None]]]:
     """The run-cache entries the lockfile refers to: each file there against its manifest's sha256.
-    Returns the mismatches and the number of files read."""
+    Returns the mismatches, the number of files read, and the entries no build restores (Report.distrusted)."""
     cache = store.RunCache(project.state_dir / "cache")
-    found, read = [], 0
+    found, read, distrusted = [], 0, []
     for sid, record in sorted(records.items()):
         fp = record["fingerprint"]
         if not cache.entry(fp).exists():
@@ -205,6 +210,11 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
             problem = f"run-cache entry of {sid} has no manifest"
             found.append(Mismatch(_shown(project, entry), problem, _delete(project, entry, sid), read=False))
             continue
+        inputs = record.get("inputs", {})
+        if isinstance(inputs, dict) and store.distrusted(
+            meta, record.get("kind") or sid.partition(":")[0], inputs
+        ):
+            distrusted.append((sid, meta.get("made_by")))
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
             try:
@@ -218,7 +228,7 @@ def _cache_entries(project: Project, records: dict) -> tuple[list[Mismatch], int
                 problem = f"run-cache copy of {sid}'s output is {state}"
                 fix = _delete(project, entry, sid)
                 found.append(Mismatch(_shown(project, path), problem, fix, read=state == "altered"))
-    return found, read
+    return found, read, distrusted
 
 
 def _delete(project: Project, entry: Path, sid: str) -> str:

@@ -287,11 +287,17 @@ def cmd_ls(args) -> int:
 
 def cmd_gc(args) -> int:
     from runner.gc import collect
+    from runner.store import maker
 
     done = collect(_load(args), dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"
     entries = f"{done.dropped} cache entr{'y' if done.dropped == 1 else 'ies'}"
     print(f"{verb} {entries}, {done.freed / 1e6:.1f} MB; kept {done.kept}")
+    for fp, entry in done.distrusted.items():
+        print(
+            f"{verb} the entry of {entry.step} ({fp[:12]}, {maker(entry.made_by)}): this dbl restores no "
+            f"entry of it made before epoch {entry.since}, which may hold wrong outputs, {_megabytes(entry.size)}"
+        )
     if done.leftovers:
         size = _megabytes(sum(done.sizes[path] for path in done.leftovers))
         print(
@@ -328,6 +334,7 @@ def cmd_check(args) -> int:
         return EXIT_OK
     if not report.mismatches:
         print(f"all {report.files} files match the lockfile")
+        _say_distrusted(report.distrusted)
         return EXIT_OK
     n = sum(m.files for m in report.mismatches)
     print(
@@ -336,7 +343,24 @@ def cmd_check(args) -> int:
     for mismatch in report.mismatches:
         print(f"  {mismatch}")
     print("the file-hash cache now knows; `dbl plan` shows what to rebuild")
+    _say_distrusted(report.distrusted)
     return EXIT_FAILED
+
+
+def _say_distrusted(distrusted: list[tuple[str, dict | None]]) -> None:
+    """The run-cache entries `dbl check` found that no build restores (runner.check.Report.distrusted)."""
+    from runner.store import maker
+
+    if not distrusted:
+        return
+    n = len(distrusted)
+    print(
+        f"{n} run-cache entr{'y' if n == 1 else 'ies'} the lockfile refers to {'is' if n == 1 else 'are'} "
+        f"of an epoch this dbl no longer restores (a fix found such entries may hold wrong outputs): "
+        f"the steps run again when their outputs are needed, and `dbl gc` drops {'it' if n == 1 else 'them'}:"
+    )
+    for sid, made_by in distrusted:
+        print(f"  {sid}: {maker(made_by)}")
 
 
 def cmd_report(args) -> int:

@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from runner import tempnames
+
 _AT_FDCWD = -100  # from <fcntl.h>: paths relative to the working directory
 _RENAME_EXCHANGE = 2  # from <linux/fs.h>
 # The system or the file system cannot exchange (an old kernel or C library, NFS, some FUSE file systems):
@@ -49,10 +51,21 @@ def replace_dir(staged: Path, target: Path, trash: Path) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        beside = target.parent / f".{target.name}.staged"
-        shutil.rmtree(beside, ignore_errors=True)
+        # Beside the outputs no build lock covers these names (another project may write to the same `out`):
+        # they carry the host and pid, and what a killed process of this host left here goes now, whatever
+        # step it was committing; `dbl gc` removes them too.
+        tempnames.drop_left_folders(target.parent)
+        for legacy in (".staged", ".trash"):  # an earlier version's names, with no pid
+            shutil.rmtree(target.parent / f".{target.name}{legacy}", ignore_errors=True)
+        stem = f".{target.name[:NAME_KEPT]}"
+        beside = target.parent / f"{stem}.tmp-{tempnames.suffix()}"
         shutil.move(str(staged), str(beside))
-        return _swap(beside, target, target.parent / f".{target.name}.trash")
+        return _swap(beside, target, target.parent / f"{stem}.trash-{tempnames.suffix()}")
+
+
+# The part of an output folder's name its temp names beside it keep: enough to tell whose they are, and short
+# enough that the host and pid after it fit the 255 bytes of a file name.
+NAME_KEPT = 100
 
 
 def _swap(staged: Path, target: Path, trash: Path) -> Path:

@@ -17,14 +17,25 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from runner import lockfile, lockmemo
+from runner import lockfile, lockmemo, store
 from runner.errors import DblError
 from runner.project.schema import Project
 from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
+
+
+@dataclass
+class Distrusted:
+    """A run-cache entry a lockfile refers to, made in an epoch before the one its step trusts."""
+
+    step: str  # the id of a step that names it
+    made_by: dict | None  # its manifest's stamp
+    since: int  # the earliest epoch whose entries the step restores
+    size: int = 0  # bytes
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class Collected:
     # work folders of steps still in it, made for inputs they no longer have
     abandoned: list[Path] = field(default_factory=list)
     sizes: dict[Path, int] = field(default_factory=dict)  # bytes of each folder above
+    # cache entries a lockfile refers to that no longer restore (see runner.store.EPOCH), among `dropped`
+    distrusted: dict[str, Distrusted] = field(default_factory=dict)  # by fingerprint
 
     @property
     def folders_freed(self) -> int:
@@ -51,16 +64,23 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
     Raises DblError for an unreadable lockfile and LockHeld while a build runs."""
     cache = RunCache(project.state_dir / "cache")
     with _all_build_locks(project):
-        keep = _referenced(project)  # read under the locks: a build that just ended has written its own
+        # Read under the locks: a build that just ended has written its own.
+        branches = _branch_lockfiles(project.dir)
+        keep = _referenced(project, branches)
+        distrusted = _distrusted(project, cache, keep, branches)
+        keep -= set(distrusted)
         dropped, freed = 0, 0
         for fp in cache.entries():
             if fp in keep:
                 continue
-            freed += sum(f.stat().st_size for f in cache.entry(fp).rglob("*") if f.is_file())
+            size = sum(f.stat().st_size for f in cache.entry(fp).rglob("*") if f.is_file())
+            if fp in distrusted:
+                distrusted[fp].size = size
+            freed += size
             dropped += 1
             if not dry_run:
                 cache.drop(fp)
-        leftovers = cache.leftovers() + unfinished_commits(project)
+        leftovers = cache.leftovers() + unfinished_commits(project) + _left_beside_outputs(project)
         orphans = _orphaned_work(project)
         abandoned = _abandoned_work(project)
         sizes = {path: _size(path) for path in leftovers + orphans + abandoned}
@@ -68,7 +88,7 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
             for path in sizes:
                 shutil.rmtree(path, ignore_errors=True)
         kept = len(keep & set(cache.entries()))
-        return Collected(dropped, freed, kept, leftovers, orphans, abandoned, sizes)
+        return Collected(dropped, freed, kept, leftovers, orphans, abandoned, sizes, distrusted)
 
 
 def _size(folder: Path) -> int:
@@ -164,9 +184,72 @@ def unfinished_commits(project: Project) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(COMMIT_PREFIXES))
 
 
-def _referenced(project: Project) -> set[str]:
+def _distrusted(
+    project: Project, cache: RunCache, keep: set[str], branches: list[tuple[str, str, str]]
+) -> dict[str, Distrusted]:
+    """The entries in `keep` that no step naming them restores: made in an epoch before the one their step
+    trusts since a fix found such entries made wrong (runner.store.DISTRUSTED), by fingerprint. An entry
+    that one record trusts is kept. Nothing is read while no fix distrusts any entry."""
+    if not store.DISTRUSTED:
+        return {}
+    since: dict[str, tuple[int, str]] = {}  # the earliest epoch any record of the entry trusts
+    for records in _records(project, branches):
+        for sid, record in sorted(records.items()):
+            if not isinstance(record, dict):
+                continue
+            fp, inputs = record.get("fingerprint"), record.get("inputs", {})
+            if not isinstance(fp, str) or fp not in keep or not isinstance(inputs, dict):
+                continue
+            epoch = store.trusted_since(record.get("kind") or sid.partition(":")[0], inputs)
+            if fp not in since or epoch < since[fp][0]:
+                since[fp] = (epoch, sid)
+    found = {}
+    for fp, (epoch, sid) in sorted(since.items()):
+        meta = cache.manifest(fp) if epoch else None
+        if meta is not None and store.epoch_of(meta) < epoch:
+            found[fp] = Distrusted(sid, meta.get("made_by"), epoch)
+    return found
+
+
+def _records(project: Project, branches: list[tuple[str, str, str]]) -> list[dict[str, dict]]:
+    """The step records of every lockfile `_referenced` read (those whose digest does not match left out)."""
+    found = []
+    for lock_path in sorted(project.dir.glob("*.lock")):
+        if not lockfile.foreign(lock_path):
+            # A record that does not match its digest is for `dbl build` to report; one that is malformed
+            # judges nothing, and what it refers to is kept.
+            with warnings.catch_warnings(), contextlib.suppress(lockfile.LockfileError):
+                warnings.simplefilter("ignore", lockfile.LockfileWarning)
+                found.append(lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path)))
+    for text in dict.fromkeys(text for _, _, text in branches if not lockfile.foreign_text(text)):
+        found.append(lockfile.read_text_records(text))
+    return found
+
+
+def _left_beside_outputs(project: Project) -> list[Path]:
+    """What builds of this host killed while committing outputs to an `out` on another file system left
+    beside them (runner.exchange: the new outputs moved there, or the old ones put aside), where their
+    process is gone: no build lock covers that folder."""
+    from runner import planner, tempnames
+
+    folders = {(project.out / step.output_dir).parent for step in planner.graph(project)}
+    found = []
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            found += [
+                Path(e.path)
+                for e in os.scandir(folder)
+                if e.name.startswith(".")
+                and e.is_dir(follow_symlinks=False)
+                and tempnames.left_by_dead_process(e.name)
+            ]
+    return sorted(found)
+
+
+def _referenced(project: Project, branches: list[tuple[str, str, str]]) -> set[str]:
     """The fingerprints every lockfile beside the project refers to (other tools' .lock files aside), as
-    it is and as committed at the tip of each local git branch."""
+    it is and as committed at the tip of each local git branch (`branches`: `_branch_lockfiles` of its
+    folder)."""
     keep: set[str] = set()
     for lock_path in sorted(project.dir.glob("*.lock")):
         if lockfile.foreign(lock_path):
@@ -188,7 +271,7 @@ def _referenced(project: Project) -> set[str]:
                 f"README) or move it out of {project.dir}, then run gc again"
             ) from None
     parsed: set[str] = set()  # texts read already: most branches hold the same lockfile
-    for branch, name, text in _branch_lockfiles(project.dir):
+    for branch, name, text in branches:
         if text in parsed or lockfile.foreign_text(text):
             continue
         parsed.add(text)

@@ -129,11 +129,25 @@ def trusted_since(kind: str, inputs: dict) -> int:
     return max((epoch for epoch, applies in DISTRUSTED if applies(kind, inputs)), default=0)
 
 
+def distrusted(meta: dict, kind: str, inputs: dict) -> bool:
+    """Whether a run-cache entry (its manifest) is of an epoch before the earliest its step (`kind`, its
+    fingerprint `inputs`, as its lockfile record holds them) trusts: it never restores for that step."""
+    return epoch_of(meta) < trusted_since(kind, inputs)
+
+
 def epoch_of(meta: dict) -> int:
     """The epoch a run-cache entry (its manifest) was made in; 0 for one with no stamp."""
     stamp = meta.get("made_by")
     epoch = stamp.get("epoch") if isinstance(stamp, dict) else None
     return epoch if type(epoch) is int else 0
+
+
+def maker(stamp: object) -> str:
+    """What made a run-cache entry, said from its manifest's `made_by`: "made by dbl 0.1.0, epoch 1"."""
+    epoch = epoch_of({"made_by": stamp})
+    if isinstance(stamp, dict) and isinstance(stamp.get("dbl"), str):
+        return f"made by dbl {stamp['dbl']}, epoch {epoch}"
+    return f"made in epoch {epoch}" if epoch else "made before entries were stamped, epoch 0"
 
 
 def _made_by() -> dict:

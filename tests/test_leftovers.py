@@ -1,9 +1,12 @@
-"""What a process killed while writing a folder leaves (a run-cache entry, a checkpoint, a built-in model) is
-removed at the next write of the same kind, when the process was of this host and is gone; a live
-process's folder, and another host's, stay."""
+"""What a process killed while writing a folder leaves (a run-cache entry, a checkpoint, a built-in model, outputs
+committed to another file system) is removed at the next write of the same kind, or sooner where a build
+passes by anyway (a train step's start, a built-in model's first load), when the process was of this host and
+is gone; a live process's folder, and another host's, stay."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import exchange as exchange_module
 from runner import tempnames
 from tests.conftest import PETS, Proj
 from tests.test_reliability_crashes import fake_build
@@ -121,3 +125,143 @@ def test_a_checkpoint_save_removes_the_checkpoints_killed_runs_were_writing(tmp_
     planted = plant(ctx.work, "checkpoint-1", dead_pid)
     train.run(ctx)
     assert left(planted) == {"live", "other host"}
+
+
+@pytest.mark.torch
+def test_a_train_step_that_saves_no_checkpoint_removes_those_killed_runs_were_writing(tmp_path, dead_pid):
+    """Swept as the step starts (looking for a checkpoint to resume), not only at its next checkpoint."""
+    from runner.steps import train
+    from tests.steps_fixtures import draw_images, make_subject, train_context
+
+    images = draw_images(tmp_path / "images" / "dog", 2, size=(64, 64))
+    subject = make_subject(images, train=dict(steps=2, checkpoint_every=0, train_text_encoder=False))
+    ctx = train_context(tmp_path / "run", subject)
+    planted = plant(ctx.work, "checkpoint-1", dead_pid)
+    train.run(ctx)
+    assert not [p for p in ctx.work.iterdir() if p.name.startswith("checkpoint-")]  # it saved none
+    assert left(planted) == {"live", "other host"}
+
+
+def test_loading_a_built_in_model_removes_those_killed_processes_were_making(tmp_path, monkeypatch, dead_pid):
+    """Not only making one: a model made once is loaded by every later build."""
+    from runner import families
+    from runner.models import builtin, ensure_builtin
+
+    monkeypatch.setenv("DBL_HOME", str(tmp_path))
+    monkeypatch.setattr(builtin, "_swept", set(), raising=False)  # as in a new process
+    family = families.for_builtin("tiny-sd")
+    folder = tmp_path / "models" / family.builtin_folder_name("tiny-sd")
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")  # made before
+    monkeypatch.setattr(family, "build_builtin", lambda name, folder: pytest.fail("made again"))
+    planted = plant(folder.parent, family.builtin_folder_name("tiny-sd"), dead_pid)
+    assert ensure_builtin("tiny-sd") == folder
+    assert left(planted) == {"live", "other host"}
+    again = plant(folder.parent, "tiny-sd-v2", dead_pid)  # once a process: later loads scan nothing
+    assert ensure_builtin("tiny-sd") == folder
+    assert left(again) == {"dead", "live", "other host"}
+
+
+@pytest.fixture
+def on_scratch(tmp_path, monkeypatch):
+    """A project whose `out` is on "another file system" than `.dbl/`: a rename between the two fails with
+    EXDEV, as there. Returns the project and the renames that crossed."""
+    disk = tmp_path / "scratch"
+    p = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "scratch/pets"'))
+    real, crossed = os.rename, []
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).is_relative_to(disk) != Path(dst).is_relative_to(disk):
+            crossed.append((src, dst))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    def exchange(a, b):
+        if Path(a).is_relative_to(disk) != Path(b).is_relative_to(disk):
+            crossed.append((a, b))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(a), None, str(b))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    real_exchange = exchange_module.exchange
+    monkeypatch.setattr(exchange_module, "exchange", exchange)
+    return p, crossed
+
+
+def killed_committing_park(p: Proj, build, monkeypatch, dead_pid) -> list[Path]:
+    """Build the project with render:park's new outputs stopped as a kill would stop them: moved beside the old
+    ones, not yet swapped in, by a process that has ended. Returns what it left there."""
+    from runner import exchange
+
+    real_swap = exchange._swap
+
+    def killed(staged, target, trash):
+        if target.name == "park" and staged.parent == target.parent:
+            raise SystemExit("killed")  # nothing after this runs, as after a SIGKILL
+        return real_swap(staged, target, trash)
+
+    with monkeypatch.context() as m:
+        m.setattr(exchange, "_swap", killed)
+        m.setattr(tempnames, "suffix", lambda: f"abcdef-{tempnames.host()}-{dead_pid}")
+        p.edit("sks dog on a beach", "sks dog on the moon")
+        with contextlib.suppress(SystemExit):  # however the build takes it, it ends there
+            assert not build(p)[0].ok
+    renders = p.root / "scratch" / "pets" / "renders"
+    left_there = [q for q in renders.iterdir() if q.name.startswith(".")]
+    assert left_there and all(q.name.startswith(".park.") for q in left_there)  # the kill really left them
+    assert (renders / "park" / "1-0.png").is_file()  # the old outputs are in place
+    p.edit("sks dog on the moon", "sks dog on a beach")  # park is as its lockfile records it again
+    return left_there
+
+
+def test_outputs_on_another_file_system_a_killed_commit_leaves_goes_at_the_next_commit_beside(
+    on_scratch, build, monkeypatch, dead_pid
+):
+    p, crossed = on_scratch
+    assert build(p)[0].ok and crossed  # the outputs really went to "another file system"
+    killed_committing_park(p, build, monkeypatch, dead_pid)
+    p.edit('prompts = ["a sks dog toy"]', 'prompts = ["a sks dog toy", "a toy"]')  # another render, not park
+    result, rec = build(p)
+    assert result.ok and [sid for sid, status in rec.final if status == "done"] == ["render:mixed"]
+    renders = p.root / "scratch" / "pets" / "renders"
+    assert sorted(q.name for q in renders.iterdir()) == ["base", "mixed", "park"]
+
+
+def test_outputs_on_another_file_system_gc_drops_what_a_killed_commit_left(
+    on_scratch, build, monkeypatch, dead_pid, capsys
+):
+    from runner.cli import main
+
+    p, _ = on_scratch
+    assert build(p)[0].ok
+    left_there = killed_committing_park(p, build, monkeypatch, dead_pid)
+    assert main(["gc", "--dry-run", str(p.path)]) == 0
+    assert f"would drop {len(left_there)} folder(s) left by builds" in capsys.readouterr().out
+    assert all(q.exists() for q in left_there)
+    assert main(["gc", str(p.path)]) == 0
+    renders = p.root / "scratch" / "pets" / "renders"
+    assert sorted(q.name for q in renders.iterdir()) == ["base", "mixed", "park"]
+
+
+def test_outputs_on_another_file_system_an_earlier_versions_names_go_at_the_next_commit(
+    tmp_path, monkeypatch
+):
+    """An earlier version named what it left beside the outputs `.<name>.staged` and `.<name>.trash`, with no
+    pid: the next commit of that step still removes them, as that version did."""
+    real = os.rename
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).parent != Path(dst).parent and "out" in (Path(src).parent.name, Path(dst).parent.name):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(exchange_module, "exchange", lambda a, b: False)
+    staged, target = tmp_path / ".staged-x", tmp_path / "out" / "x"
+    for folder in (staged, target, target.parent / ".x.staged", target.parent / ".x.trash"):
+        folder.mkdir(parents=True)
+        (folder / "f.txt").write_text(folder.name)
+    old = exchange_module.replace_dir(staged, target, tmp_path / ".trash-x")
+    assert old.parent == target.parent and old.name.startswith(".x.trash-")  # put aside beside it
+    assert (target / "f.txt").read_text() == ".staged-x" and (old / "f.txt").read_text() == "x"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([old.name, "x"])

@@ -16,6 +16,7 @@ def dbl_home() -> Path:
 
 
 _tiny_lock = threading.Lock()
+_swept: set[Path] = set()  # the models folders this process removed killed processes' leftovers from
 
 
 def ensure_builtin(name: str) -> Path:
@@ -23,6 +24,11 @@ def ensure_builtin(name: str) -> Path:
     family = families.for_builtin(name)
     folder = dbl_home() / "models" / family.builtin_folder_name(name)
     if (folder / "model_index.json").is_file():
+        if folder.parent not in _swept:
+            # Models a process of this host was killed while making: gone at the first load of a process,
+            # not only when a model is next made, which may be never (a scan of a folder of a few entries).
+            _swept.add(folder.parent)
+            tempnames.drop_left_folders(folder.parent)
         return folder
     with _tiny_lock:
         if (folder / "model_index.json").is_file():

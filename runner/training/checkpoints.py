@@ -136,6 +136,10 @@ def resume(work: Path, fingerprint: str, log, trainable, optimizer, lr_scheduler
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
 
+    if rank == 0:
+        # A checkpoint a run killed while writing it left: gone as the step starts, rather than at its next
+        # checkpoint, which a step may never save (one scan of the work folder, as checkpoint_dirs makes).
+        tempnames.drop_left_folders(work, f".{CHECKPOINT_PREFIX}")
     for step, folder in reversed(checkpoint_dirs(work)):
         try:
             state = json.loads((folder / STATE).read_text())

@@ -169,3 +169,22 @@ def test_a_step_the_last_build_restored_is_not_credited_with_a_checked_out_recor
         r.pop("output_hash", None)
     lastbuild.write(proj.load(), last)
     assert "(restored from the run-cache by the last build)" in _item(report.render(proj.load()), "train:dog")
+
+
+def test_the_top_of_the_page_counts_records_a_merge_left_out_apart_from_steps_never_built(
+    proj, build, fake_steps
+):
+    """After a merge whose driver left two records out, their outputs are still there: the top of the page
+    says they are not in the lockfile, as the provenance table does, not that they were never built."""
+    from runner import report
+
+    build(proj)
+    lock = lockfile.read(proj.lock)
+    del lock["render:park"], lock["render:base"]  # changed differently on both sides of a merge
+    lockfile.write(proj.lock, lock)
+    proj.edit("[renders.base]", "[renders.fresh]")  # and one step that no build has made
+    text = report.render(proj.load())
+    top = text[: text.index('id="subjects"')]
+    assert "1 not in the lockfile (its outputs are there: a merge left its record out)" in top, top
+    assert "1 not built" in top
+    assert "<td>not in the lockfile (files in build/pets/renders/park)</td>" in text

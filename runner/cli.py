@@ -380,7 +380,7 @@ def cmd_merge_lockfile(args) -> int:
     if conflicts:
         print(
             f"dbl merge-lockfile: {', '.join(conflicts)} changed differently on both sides: left out; "
-            "`dbl build` restores or reruns them for the merged project file",
+            f"`dbl build` restores or reruns {'it' if len(conflicts) == 1 else 'them'} for the merged project file",
             file=sys.stderr,
         )
     return EXIT_OK

@@ -173,6 +173,7 @@ def cmd_build(args) -> int:
                 keep_going=args.keep_going,
                 num_processes=args.num_processes,
                 should_stop=stop.requested,
+                stop_signal=lambda: stop.signum,
                 debug=args.debug,
                 **_parallel_options(args),
             )

@@ -4,6 +4,8 @@ it recorded itself); and an output path it cannot write. With fake steps: millis
 
 from __future__ import annotations
 
+import re
+
 from runner import lockfile
 from runner.cli import main
 from runner.exec import lastbuild
@@ -188,3 +190,21 @@ def test_the_top_of_the_page_counts_records_a_merge_left_out_apart_from_steps_ne
     assert "1 not in the lockfile (its outputs are there: a merge left its record out)" in top, top
     assert "1 not built" in top
     assert "<td>not in the lockfile (files in build/pets/renders/park)</td>" in text
+
+
+def test_a_hand_edited_record_of_an_older_lockfile_is_shown_as_written(proj, build, fake_steps):
+    """A record without a digest (a lockfile an earlier dbl wrote) is read as it is, even hand-edited:
+    a duration that is not a number is shown as written, not a crash of the page."""
+    from runner import report
+
+    build(proj)
+    text = proj.lock.read_text()
+    start = text.index('[steps."train:dog"]')
+    record = text[start : text.index("\n[steps.", start + 1)]
+    edited = re.sub(r'digest = "[0-9a-f]+"\n', "", record)
+    edited = re.sub(r"duration_s = [0-9.e-]+", 'duration_s = "about an hour"', edited)
+    assert edited != record and "digest" not in edited
+    proj.lock.write_text(text.replace(record, edited))
+    assert "train:dog" in lockfile.read(proj.lock)  # read as it is: no digest to check
+    text = report.render(proj.load())
+    assert "in about an hour" in _item(text, "train:dog")

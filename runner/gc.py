@@ -238,12 +238,15 @@ def _branch_refs(folder: Path) -> str:
             capture_output=True,
             encoding="utf-8",
             errors="replace",
+            env={**os.environ, "LC_ALL": "C"},  # git's own words, untranslated, to tell "no repository"
         )
     except OSError:
         return ""
     if done.returncode == 0:
         return done.stdout
-    if not any((d / ".git").exists() for d in (folder, *folder.parents)):
+    if "not a git repository" in done.stderr or not any(
+        (d / ".git").exists() for d in (folder, *folder.parents)
+    ):
         return ""
     said = "\n".join(f"    {line}" for line in done.stderr.strip().splitlines())
     raise DblError(

@@ -134,6 +134,13 @@ def test_gc_refuses_when_git_cannot_read_the_branches_it_keeps_for(proj, build, 
     assert cache_entries(proj) == before  # the render of the snow branch is kept for it
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_takes_a_stray_git_folder_that_git_does_not_call_a_repository_for_none(built_twice, capsys):
+    (built_twice.root / ".git").mkdir()  # empty: left over, not a repository to git
+    assert main(["gc", str(built_twice.path)]) == 0
+    assert capsys.readouterr().out.startswith("dropped 1 cache entry")
+
+
 def _dropped(before, proj) -> str:
 
     kept = {r["fingerprint"] for r in lockfile.read(proj.lock).values()}

@@ -173,6 +173,7 @@ def cmd_build(args) -> int:
                 keep_going=args.keep_going,
                 num_processes=args.num_processes,
                 should_stop=stop.requested,
+                stop_signal=lambda: stop.signum,
                 debug=args.debug,
                 **_parallel_options(args),
             )
@@ -404,7 +405,7 @@ def cmd_merge_lockfile(args) -> int:
     if conflicts:
         print(
             f"dbl merge-lockfile: {', '.join(conflicts)} changed differently on both sides: left out; "
-            "`dbl build` restores or reruns them for the merged project file",
+            f"`dbl build` restores or reruns {'it' if len(conflicts) == 1 else 'them'} for the merged project file",
             file=sys.stderr,
         )
     return EXIT_OK

@@ -292,7 +292,7 @@ def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
     """(branch, file name, text) of each .lock file in `folder` as committed at the tip of each local git
     branch: what switching to that branch brings back, and restores from the run-cache. Nothing outside a
     git work tree, or without git."""
-    refs = _git(folder, "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/") or ""
+    refs = _branch_refs(folder)
     found, seen, texts = [], set(), {}
     for commit, branch in (line.split(" ", 1) for line in refs.splitlines()):
         if commit in seen:
@@ -308,6 +308,35 @@ def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
             if texts[blob] is not None:
                 found.append((branch, name, texts[blob]))
     return found
+
+
+def _branch_refs(folder: Path) -> str:
+    """'<commit> <branch>' lines of the local branches of the repository `folder` is in; none outside a git
+    work tree, or without git. A repository git refuses to read (one another user owns, as in a container;
+    one a newer git made) hides its branches: gc refuses rather than drop what they need."""
+    try:
+        done = subprocess.run(
+            ["git", "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/"],
+            cwd=folder,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            env={**os.environ, "LC_ALL": "C"},  # git's own words, untranslated, to tell "no repository"
+        )
+    except OSError:
+        return ""
+    if done.returncode == 0:
+        return done.stdout
+    if "not a git repository" in done.stderr or not any(
+        (d / ".git").exists() for d in (folder, *folder.parents)
+    ):
+        return ""
+    said = "\n".join(f"    {line}" for line in done.stderr.strip().splitlines())
+    raise DblError(
+        f"gc refused: git cannot read the branches of the repository {folder} is in:\n{said}\n"
+        "  gc keeps what the lockfiles of every local git branch refer to, so it cannot run while git cannot "
+        "read them: do what git says, then run gc again"
+    )
 
 
 def _git(folder: Path, *args: str) -> str | None:

@@ -89,8 +89,12 @@ def _loss(metrics: dict) -> str:
     if "loss_last" not in metrics:
         return ""
 
-    def number(value) -> str:
-        return "nan" if value is None else f"{value:.4g}"
+    def number(value) -> str:  # a hand-edited record of a lockfile without digests: as written
+        if value is None:
+            return "nan"
+        return (
+            f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+        )
 
     text = f"loss {number(metrics.get('loss_first'))} -> {number(metrics['loss_last'])}"
     steps = metrics.get("steps")

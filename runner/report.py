@@ -404,7 +404,7 @@ def _provenance(ctx: _Context, ids: list[str], unbuilt: list[str]) -> str:
             r.get("output_hash", "")[:12],
             _version(r.get("inputs", {}).get("version", "")),
         )
-        + (htmlpage.when(r.get("built")), fmt_duration(r.get("duration_s", 0)), reportnow.state(ctx, sid))
+        + (htmlpage.when(r.get("built")), _took(r.get("duration_s", 0)), reportnow.state(ctx, sid))
         for sid, r in ((sid, ctx.lock[sid]) for sid in ids)
     ]
     rows += [(sid, "", "", "", _unrecorded(ctx, sid), "", "") for sid in unbuilt]
@@ -432,7 +432,7 @@ def _unrecorded(ctx: _Context, sid: str) -> str:
 
 def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
     """'Built <when> in 4m40s', and what the last build did with the step."""
-    text = f"built {htmlpage.when(record.get('built'))} in {fmt_duration(record.get('duration_s', 0))}"
+    text = f"built {htmlpage.when(record.get('built'))} in {_took(record.get('duration_s', 0))}"
     row = ctx.outcomes.get(sid, {})
     outcome = row.get("outcome")
     # a lockfile checked out since records other outputs than the last build did (an older dbl's record
@@ -452,6 +452,14 @@ def _built(ctx: _Context, sid: str, record: dict, verb: str) -> str:
         else:  # a lockfile checked out since (or an older dbl's record of a rerun): not its outputs
             text += f" (by an earlier build; the last build {verb} it too)"
     return escape(text[0].upper() + text[1:])
+
+
+def _took(seconds) -> str:
+    """A record's duration as the page shows it; one that is not a number (a hand-edited record of a
+    lockfile without digests, read as it is) as written."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return str(seconds)
+    return fmt_duration(seconds)
 
 
 def _folder(ctx: _Context, sid: str) -> str:

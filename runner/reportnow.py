@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from html import escape
 
+from runner import listing
 from runner.errors import DblError
 from runner.htmlpage import parse_time
 
@@ -46,7 +47,14 @@ def summary(ctx) -> str:
         return f"not known which steps are stale ({ctx.stale})"
     stale = [sid for sid in ctx.stale if sid in ctx.lock]
     said = [f"{len(stale)} of {len(ctx.current)} steps stale (marked where shown)"] if stale else []
-    if unbuilt := [sid for sid in ctx.current if sid not in ctx.lock]:
+    unrecorded = [sid for sid in ctx.current if sid not in ctx.lock]
+    if left_out := [sid for sid in unrecorded if listing.unrecorded_outputs(ctx.project, sid)]:
+        one = len(left_out) == 1
+        said.append(
+            f"{len(left_out)} not in the lockfile ({'its' if one else 'their'} outputs are there: a merge "
+            f"left {'its record' if one else 'their records'} out)"
+        )
+    if unbuilt := [sid for sid in unrecorded if sid not in left_out]:
         said.append(f"{len(unbuilt)} not built")
     if gone := [sid for sid in ctx.lock if sid not in ctx.current]:
         said.append(f"{len(gone)} no longer in the project file")

@@ -150,7 +150,9 @@ def build_once(
         # The first Ctrl-C lets the running step stop at a safe point (a train step saves a checkpoint).
         with interrupt:
             options = executor.BuildOptions(
-                should_stop=lambda: stop.is_set() or interrupt.requested(), **(extra or {})
+                should_stop=lambda: stop.is_set() or interrupt.requested(),
+                stop_signal=lambda: interrupt.signum,
+                **(extra or {}),
             )
             code = executor.build(project, options, reporter).exit_code
         return EXIT_INTERRUPTED if interrupt.requested() else code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,22 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
     row = {r["id"]: r for r in json.loads(capsys.readouterr().out)}["train:dog"]
     assert row["status"] == "stale" and row["path"] == "build/pets/adapters/dog"
     assert all(f.startswith(row["path"] + "/") for f in row["files"])
+
+
+def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build, capsys):
+    """A record without a digest (a lockfile an earlier dbl wrote) is read as it is, even hand-edited."""
+    build(proj)
+    records = lockfile.read(proj.lock)
+    records["train:dog"]["metrics"] = {"loss_first": 0.5, "loss_last": "low", "steps": "three"}
+    lockfile.write(proj.lock, records)
+    text = proj.lock.read_text()
+    start = text.index('[steps."train:dog"]')
+    end = text.index("\n[steps.", start + 1)
+    record = text[start:end]
+    proj.lock.write_text(text[:start] + re.sub(r'digest = "[0-9a-f]+"\n', "", record) + text[end:])
+    assert lockfile.read(proj.lock)["train:dog"]["metrics"]["loss_last"] == "low"  # no digest to check
+    assert main(["ls", str(proj.path)]) == 0
+    assert "loss 0.5 -> low" in capsys.readouterr().out
 
 
 def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build, capsys):

@@ -4,6 +4,8 @@ it recorded itself); and an output path it cannot write. With fake steps: millis
 
 from __future__ import annotations
 
+import re
+
 from runner import lockfile
 from runner.cli import main
 from runner.exec import lastbuild
@@ -169,3 +171,40 @@ def test_a_step_the_last_build_restored_is_not_credited_with_a_checked_out_recor
         r.pop("output_hash", None)
     lastbuild.write(proj.load(), last)
     assert "(restored from the run-cache by the last build)" in _item(report.render(proj.load()), "train:dog")
+
+
+def test_the_top_of_the_page_counts_records_a_merge_left_out_apart_from_steps_never_built(
+    proj, build, fake_steps
+):
+    """After a merge whose driver left two records out, their outputs are still there: the top of the page
+    says they are not in the lockfile, as the provenance table does, not that they were never built."""
+    from runner import report
+
+    build(proj)
+    lock = lockfile.read(proj.lock)
+    del lock["render:park"], lock["render:base"]  # changed differently on both sides of a merge
+    lockfile.write(proj.lock, lock)
+    proj.edit("[renders.base]", "[renders.fresh]")  # and one step that no build has made
+    text = report.render(proj.load())
+    top = text[: text.index('id="subjects"')]
+    assert "1 not in the lockfile (its outputs are there: a merge left its record out)" in top, top
+    assert "1 not built" in top
+    assert "<td>not in the lockfile (files in build/pets/renders/park)</td>" in text
+
+
+def test_a_hand_edited_record_of_an_older_lockfile_is_shown_as_written(proj, build, fake_steps):
+    """A record without a digest (a lockfile an earlier dbl wrote) is read as it is, even hand-edited:
+    a duration that is not a number is shown as written, not a crash of the page."""
+    from runner import report
+
+    build(proj)
+    text = proj.lock.read_text()
+    start = text.index('[steps."train:dog"]')
+    record = text[start : text.index("\n[steps.", start + 1)]
+    edited = re.sub(r'digest = "[0-9a-f]+"\n', "", record)
+    edited = re.sub(r"duration_s = [0-9.e-]+", 'duration_s = "about an hour"', edited)
+    assert edited != record and "digest" not in edited
+    proj.lock.write_text(text.replace(record, edited))
+    assert "train:dog" in lockfile.read(proj.lock)  # read as it is: no digest to check
+    text = report.render(proj.load())
+    assert "in about an hour" in _item(text, "train:dog")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -105,6 +106,39 @@ def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build,
     assert main(["gc", str(proj.path)]) == 0
     assert cache_entries(proj) == sorted(set(before) - {_dropped(before, proj)})
     capsys.readouterr()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_refuses_when_git_cannot_read_the_branches_it_keeps_for(proj, build, capsys):
+    """A repository git will not read (owned by another user, as in a container; made by a newer git)
+    hides the other branches' lockfiles: gc must not take that for no repository and drop their entries."""
+    from tests.test_trust_lockfile import built_on_main, git, git_env
+
+    env = git_env()
+    built_on_main(proj, build, env)
+    git(proj.root, "checkout", "-qb", "snow", env=env)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    git(proj.root, "commit", "-qam", "snow", env=env)
+    git(proj.root, "checkout", "-q", "main", env=env)
+    git(proj.root, "config", "core.repositoryformatversion", "1", env=env)
+    git(proj.root, "config", "extensions.fromanewergit", "true", env=env)
+    with pytest.raises(subprocess.CalledProcessError):
+        git(proj.root, "branch", env=env)  # git really refuses the repository now
+    before = cache_entries(proj)
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["gc", str(proj.path), *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert "gc refused: git cannot read the branches of" in err, err
+        assert "fromanewergit" in err  # git's own words, which name the fix
+    assert cache_entries(proj) == before  # the render of the snow branch is kept for it
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_gc_takes_a_stray_git_folder_that_git_does_not_call_a_repository_for_none(built_twice, capsys):
+    (built_twice.root / ".git").mkdir()  # empty: left over, not a repository to git
+    assert main(["gc", str(built_twice.path)]) == 0
+    assert capsys.readouterr().out.startswith("dropped 1 cache entry")
 
 
 def _dropped(before, proj) -> str:

@@ -157,6 +157,24 @@ def test_merge_lockfile_says_which_step_one_side_removed_and_the_other_changed(t
     assert list(merged) == ["train:dog"] and merged["train:dog"]["fingerprint"] == "b"
 
 
+def test_merge_lockfile_says_it_of_one_step_left_out_and_them_of_several(tmp_path, capsys):
+    made = {
+        side: lockfile.record("train", side, side, {}, {}, {}, "2020-01-01T00:00:00Z", 1.0) for side in "abc"
+    }
+    files = {side: tmp_path / side for side in ("base", "ours", "theirs")}
+    for steps, said in ((["train:dog"], "train:dog"), (["train:dog", "train:toy"], "train:dog, train:toy")):
+        lockfile.write(files["base"], {sid: made["a"] for sid in steps})
+        lockfile.write(files["ours"], {sid: made["b"] for sid in steps})
+        lockfile.write(files["theirs"], {sid: made["c"] for sid in steps})
+        assert main(["merge-lockfile", *map(str, files.values())]) == 0
+        err = capsys.readouterr().err
+        which = "it" if len(steps) == 1 else "them"
+        assert (
+            f"{said} changed differently on both sides: left out; `dbl build` restores or reruns {which} "
+            "for the merged project file"
+        ) in err, err
+
+
 def git(repo, *args, env=None):
     return subprocess.run(
         ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runner import lockfile
+from runner.exec import lastbuild
 from tests.conftest import ROOT
 
 # A build with fake steps in which one step waits, checking for a stop request, and writes down
@@ -93,6 +94,8 @@ def test_signal_stops_the_build_at_a_safe_point(proj, tmp_path, signum, code):
     assert f"{signal.Signals(signum).name}: stopping at the next safe point" in err
     assert "Traceback" not in err
     assert set(lockfile.read(proj.lock)) == {"prior:dog", "train:dog"}  # reads, with what finished
+    # dbl report's "Last build" says the exit code the shell, Slurm or docker saw, not Ctrl-C's
+    assert lastbuild.read(proj.load())["exit_code"] == code
 
 
 HIDE, SHOW = b"\x1b[?25l", b"\x1b[?25h"

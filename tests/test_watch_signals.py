@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from runner.exec import lastbuild
 from runner.ui.plain import PlainReporter
 from runner.watch import watch
 from tests.conftest import FakeBackend, Proj, use_backend
@@ -75,6 +76,7 @@ def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj,
     code, messages = watch_in_main_thread(proj, in_render_park, signal.SIGTERM)
     assert code == 143
     assert not any(m.startswith("watching ") for m in messages)  # the build's end was the watch's
+    assert lastbuild.read(proj.load())["exit_code"] == 143  # as dbl report says of the last build
 
 
 def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, monkeypatch):

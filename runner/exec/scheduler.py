@@ -23,6 +23,7 @@ from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
 from runner.gc import unfinished_commits
+from runner.interrupt import exit_code_for
 from runner.project.schema import Project
 from runner.store import BuildLock
 
@@ -37,6 +38,9 @@ class BuildOptions:
     keep_going: bool = False  # after a failure, go on with the steps that do not depend on it
     num_processes: int | None = None  # overrides [project] num_processes for train steps
     should_stop: Callable[[], bool] = lambda: False  # True once the user asked to stop (Ctrl-C)
+    # The signal that asked to stop, if any (SIGTERM from `timeout` or Slurm): the build's record for
+    # `dbl report` says the exit code it implies (128 + its number), as the process exits with
+    stop_signal: Callable[[], int | None] = lambda: None
     debug: bool = False  # show tracebacks of failing steps
     backend: str = "inline"  # where steps run: see runner.exec.backends
     backend_factory: Callable | None = None  # a backend instance maker (tests), instead of `backend`
@@ -247,7 +251,10 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
             ev.status = events.SKIPPED
     ws.hasher.save()
     seconds = time.monotonic() - started
-    what = lastbuild.record(list(evs.values()), began, seconds, exit_code, backend.name, options.jobs)
+    recorded = exit_code
+    if exit_code == EXIT_INTERRUPTED and (signum := options.stop_signal()) is not None:
+        recorded = exit_code_for(signum)
+    what = lastbuild.record(list(evs.values()), began, seconds, recorded, backend.name, options.jobs)
     if problem := lastbuild.write(ws.project, what):
         reporter.log(None, problem)
     reporter.finish(list(evs.values()), seconds)

@@ -250,9 +250,27 @@ def test_an_optimizer_this_machine_cannot_run_fails_the_train_steps_before_any_s
     proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
+    line = _line(proj, 'optimizer = "adamw8bit"')
     assert _ended(rec)["train:dog"] == (
         FAILED,
-        'optimizer = "adamw8bit" needs a CUDA device (bitsandbytes); use the default adamw on this machine',
+        f'{display(proj.path)}: train.optimizer: "adamw8bit" needs a CUDA device (bitsandbytes) '
+        f"(line {line}) - use the default adamw on this machine",
+    )
+
+
+def _line(proj, text: str) -> int:
+    return proj.path.read_text().split("\n").index(text) + 1
+
+
+def test_an_optimizer_a_subject_sets_is_named_at_its_own_key(proj, build, fake_steps):
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.train]\nuse_8bit_adam = true')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1 and "train:toy" in fake_steps.ran  # [train]'s adamw runs here
+    assert _ended(rec)["train:dog"] == (
+        FAILED,
+        f"{display(proj.path)}: subjects.dog.train.use_8bit_adam: 8-bit AdamW needs a CUDA device "
+        f"(bitsandbytes) (line {_line(proj, 'use_8bit_adam = true')}) - use the default adamw on this machine",
     )
 
 
@@ -264,7 +282,11 @@ def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, bu
     result, rec = build(proj, keep_going=True)
     assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
     status, error = _ended(rec)["train:toy"]
-    assert error == "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+    line = _line(proj, 'optimizer = "prodigy"')
+    assert error == (
+        f'{display(proj.path)}: train.optimizer: "prodigy" needs the prodigyopt package (line {line}) '
+        "- pip install 'dbl[prodigy]'"
+    )
 
 
 def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj, build, fake_steps):

@@ -167,3 +167,20 @@ def test_a_project_file_s_problems_are_said_on_standard_error_and_the_watch_goes
     assert main(["build", str(proj.path)]) == 2
     report = capsys.readouterr().err
     assert "unknown key 'rnak'" in report and watched.err == report, watched
+
+
+def test_a_project_edited_to_use_no_gpu_is_refused_in_the_command_line_s_words(proj, fake_steps, monkeypatch):
+    """A build given its GPUs by the watch (`dbl watch --gpus 0`) says them as the command line does."""
+    from runner.exec import devices
+    from runner.watch_builds import build_once
+
+    monkeypatch.setattr(devices, "_device_nodes", lambda: ["nvidia0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    said: list[str] = []
+    assert build_once(proj.load(), PlainReporter, threading.Event(), said.append, {"gpus": ("0",)}) == 2
+    assert said == [
+        'pets.toml: --gpus 0: device = "cpu" in [project] uses no CUDA GPU; leave --gpus out, or set '
+        'device = "auto" or "cuda" to run on the GPUs'
+    ]
+    assert not fake_steps.ran

@@ -128,6 +128,23 @@ def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj
     assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
 
 
+def test_a_broken_photo_fails_each_step_that_reads_it_and_skips_those_after_them(proj, build, fake_steps):
+    """eval:base scores render:base (the base model) against dog's photos, which it reads itself: it does
+    not wait for train:dog, so it fails on the photo too, or it would render and then fail. eval:park
+    scores a render of dog's adapter: it is skipped after train:dog, and the photo is named once for it."""
+    proj.edit("[renders.base]", EVAL + '\n[evals.park]\nrender = "park"\n\n[renders.base]')
+    dog = proj.root / "data" / "dog"
+    good = (dog / "00.png").read_bytes()
+    (dog / "01.png").write_bytes(good[: len(good) // 2])
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    said = f"{dog / '01.png'}: the image is damaged or truncated"
+    assert ended["train:dog"][0] == ended["eval:base"][0] == FAILED
+    assert ended["train:dog"][1].startswith(said) and ended["eval:base"][1].startswith(said)
+    assert ended["eval:park"] == (SKIPPED, "upstream render:park skipped")
+
+
 def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj, build, monkeypatch):
     proj.edit("[renders.base]", EVAL + "\n[renders.base]")
     decoded = _decoded(monkeypatch)

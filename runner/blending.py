@@ -299,11 +299,14 @@ def _check_ranks(model, component: str, present, method: str, svd_rank: int | No
             if isinstance(layer, LoraLayer) and any(n in layer.lora_A for n, _ in present)
         )
         if rank > smallest[0]:
+            given = "" if svd_rank else " (the default: the largest parent rank)"
             error = AdapterError(
-                f"svd_rank {rank} exceeds the size {smallest[0]} of {component} module {smallest[1]}"
+                f"svd_rank {rank}{given} exceeds the size {smallest[0]} of {component} module {smallest[1]}"
             )
-            if svd_rank:  # the option given: a blend step names its key's line (the default is no key's)
-                error.option, error.fix = "svd_rank", f"use svd_rank = {smallest[0]} or less"
+            # A blend step names the key's line; left at its default, the key is to be written: no line of
+            # its own, and the fix says where.
+            error.option, error.unwritten = "svd_rank", not svd_rank
+            error.fix = f"{'use' if svd_rank else 'set'} svd_rank = {smallest[0]} or less"
             raise error
 
 

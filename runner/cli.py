@@ -161,6 +161,8 @@ def cmd_build(args) -> int:
     if (problem := _parallel_problem(args)) is not None:
         return _usage(problem)
     project = _load(args)
+    if (problem := _device_problem(args, project)) is not None:
+        return _usage(problem)
     verbosity = -1 if args.quiet else 1 if args.verbose else 0
     reporter = make_reporter("plain" if args.no_progress else "auto", verbosity)
     stop = StopOnInterrupt()
@@ -241,6 +243,15 @@ def _parallel_problem(args) -> str | None:
 
         return gpus_refused(parse_gpus(args.gpus), args.executor, args.ray_address)
     return None
+
+
+def _device_problem(args, project) -> str | None:
+    """Why the project's `device` takes no --gpus, in the command line's words (a build refuses it too, in
+    the Python API's)."""
+    from runner.exec.devices import gpus_for_device
+
+    problem = gpus_for_device(_parallel_options(args)["gpus"], project.settings.device)
+    return f"{project.path.name}: {problem}" if problem is not None else None
 
 
 def _parallel_options(args) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -68,8 +69,9 @@ def watch(
     """Build `project_path`, then rebuild what goes stale each time its inputs change.
 
     polling: poll every `poll_interval` seconds instead of using OS events. reporter_factory makes the
-    display of one build. echo prints the watch's own messages (the
-    project's problems, what changed); default: standard output. Returns 0 when stopped by Ctrl-C
+    display of one build. echo prints the watch's own messages (what it watches, what changed, the
+    project's problems, what ends it); default: standard output, and standard error for the project's
+    problems and what ends the watch at its start, as `dbl build` prints them. Returns 0 when stopped by Ctrl-C
     or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
     a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when stopped by
     SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus, per_gpu,
@@ -77,18 +79,17 @@ def watch(
     """
     stop = stop_event or threading.Event()
     say = echo or _print
+    problems = echo or _problems  # the project file's, said as `dbl build` says them
+    refuse = echo or _refuse  # what ends the watch at its start, said as `dbl build` says it
     # As named, links and all: each reload follows them anew (`ln -sf exp4.toml dbl.toml`).
     given = Path(os.path.abspath(project_path))
     path = given.resolve()
-    if not path.parent.is_dir():
-        say(f"{project_path}: no such folder")
-        return 2
-    if not path.is_file():
-        load_or_report(Path(project_path), say)  # says why, as `dbl build` would
+    if not path.is_file():  # its folder missing too
+        load_or_report(Path(project_path), problems)  # says why, as `dbl build` would
         return EXIT_USAGE
 
     if (refused := options_problem(build_options)) is not None:
-        say(refused)
+        refuse(refused)
         return EXIT_USAGE
 
     changes = Changes()
@@ -103,9 +104,9 @@ def watch(
     with _stopped_by_signals(stop, signals):
         observer.start()
         try:
-            project = load_or_report(given, say)
+            project = load_or_report(given, problems)
             if (broken := state_dir_problem(project) or gpus_problem(project, build_options)) is not None:
-                say(broken)  # no change the watch sees would mend it
+                refuse(broken)  # no change the watch sees would mend it
                 return EXIT_USAGE
             while not stop.is_set():
                 handler.targets = targets_of(given, project)
@@ -125,7 +126,7 @@ def watch(
                 if changed is None:
                     break
                 say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
-                project = load_or_report(given, say)
+                project = load_or_report(given, problems)
         except KeyboardInterrupt:
             pass
         finally:
@@ -220,3 +221,11 @@ def _relative(path: str, base: Path) -> str:
 
 def _print(message: str) -> None:
     print(message, flush=True)
+
+
+def _problems(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _refuse(message: str) -> None:
+    print(f"dbl: {message}", file=sys.stderr, flush=True)

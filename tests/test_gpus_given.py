@@ -86,8 +86,12 @@ def test_gpus_with_a_project_that_uses_none_is_a_usage_error(machine, project, c
     assert main(["build", str(path), "-j", "2", "--gpus", "0,1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f'p.toml: --gpus 0,1: device = "{device}" in [project] uses no CUDA GPU; leave --gpus out' in err
-    with pytest.raises(UsageError, match="uses no CUDA GPU"):
+    with pytest.raises(UsageError) as refused:
         executor.build(load_project(path), executor.BuildOptions(gpus=("0",)), None)
+    assert str(refused.value) == (  # the Python API's words
+        f"p.toml: gpus=('0',): device = \"{device}\" in [project] uses no CUDA GPU; leave gpus out, or set "
+        'device = "auto" or "cuda" to run on the GPUs'
+    )
     assert gpus_for_device(None, device) is None and gpus_for_device(("0",), "auto") is None
 
 
@@ -198,10 +202,13 @@ def test_the_process_backend_passes_where_its_worker_says_its_step_runs(proj):
 @pytest.mark.parametrize(
     ("gpus", "said"),
     [
-        (("0",), "--gpus 0: this machine has no CUDA GPU 0 (it shows none); leave --gpus out"),
-        (("0", "0"), "--gpus: 0 named twice"),
-        ((), "--gpus names no GPU; leave it out"),
-        (("x",), "--gpus: 'x' is not a GPU"),
+        (("0",), "gpus=('0',): this machine has no CUDA GPU 0 (it shows none); leave gpus out"),
+        (("0", "0"), "gpus: 0 named twice; name each GPU once (per_gpu=K lets K steps share one)"),
+        ((), "gpus=() names no GPU; leave it out"),
+        (
+            ("x",),
+            """gpus: 'x' is not a GPU; give indices or UUIDs (nvidia-smi -L), e.g. gpus=("0", "1", "3")""",
+        ),
         ((0,), 'give each GPU as a string, e.g. gpus=("0", "1")'),
         ("0,1", 'give each GPU as a string, e.g. gpus=("0", "1")'),
     ],
@@ -214,7 +221,7 @@ def test_the_python_api_refuses_the_gpus_the_command_line_refuses(machine, proje
     options = executor.BuildOptions(gpus=gpus, jobs=2, dry_run=True)
     with pytest.raises(UsageError) as refused:
         executor.build(load_project(path), options, Recorder())
-    assert said in str(refused.value)
+    assert said in str(refused.value) and "--" not in str(refused.value)  # the API's words, not --gpus
     assert not (path.parent / "p.lock").exists() and not (path.parent / ".dbl").exists()
 
 

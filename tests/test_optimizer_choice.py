@@ -30,3 +30,26 @@ def test_a_cpu_train_step_builds_the_plain_loop():
     optimizer = make_optimizer({"unet": {"w": param}}, [Component()], TrainSettings(), "cpu")
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["foreach"] is False and not optimizer.defaults["fused"]
+
+
+def test_adamw8bit_on_cuda_without_bitsandbytes_names_the_key_that_asks_for_it(proj, build, monkeypatch):
+    from runner.exec import preflight
+    from runner.project.problems import display
+    from runner.training import optimizers
+
+    monkeypatch.setattr(optimizers, "_installed", lambda package: package != "bitsandbytes")
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.train]\noptimizer = "adamw8bit"')
+    project = proj.load()
+    monkeypatch.setattr("runner.models.resolve_device", lambda device: "cuda")  # a machine with CUDA
+    to_run = [s for s in _steps(project) if s.id in ("train:dog", "train:toy")]
+    line = proj.path.read_text().split("\n").index('optimizer = "adamw8bit"') + 1
+    assert preflight.machine_errors(project, to_run) == {
+        "train:dog": f'{display(proj.path)}: subjects.dog.train.optimizer: "adamw8bit" needs bitsandbytes '
+        f"(line {line}) - pip install bitsandbytes"
+    }
+
+
+def _steps(project):
+    from runner.planner import graph
+
+    return graph(project)

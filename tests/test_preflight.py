@@ -128,6 +128,23 @@ def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj
     assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
 
 
+def test_a_broken_photo_fails_each_step_that_reads_it_and_skips_those_after_them(proj, build, fake_steps):
+    """eval:base scores render:base (the base model) against dog's photos, which it reads itself: it does
+    not wait for train:dog, so it fails on the photo too, or it would render and then fail. eval:park
+    scores a render of dog's adapter: it is skipped after train:dog, and the photo is named once for it."""
+    proj.edit("[renders.base]", EVAL + '\n[evals.park]\nrender = "park"\n\n[renders.base]')
+    dog = proj.root / "data" / "dog"
+    good = (dog / "00.png").read_bytes()
+    (dog / "01.png").write_bytes(good[: len(good) // 2])
+    result, rec = build(proj)
+    assert result.exit_code == 1 and fake_steps.ran == []
+    ended = _ended(rec)
+    said = f"{dog / '01.png'}: the image is damaged or truncated"
+    assert ended["train:dog"][0] == ended["eval:base"][0] == FAILED
+    assert ended["train:dog"][1].startswith(said) and ended["eval:base"][1].startswith(said)
+    assert ended["eval:park"] == (SKIPPED, "upstream render:park skipped")
+
+
 def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj, build, monkeypatch):
     proj.edit("[renders.base]", EVAL + "\n[renders.base]")
     decoded = _decoded(monkeypatch)
@@ -250,9 +267,27 @@ def test_an_optimizer_this_machine_cannot_run_fails_the_train_steps_before_any_s
     proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
+    line = _line(proj, 'optimizer = "adamw8bit"')
     assert _ended(rec)["train:dog"] == (
         FAILED,
-        'optimizer = "adamw8bit" needs a CUDA device (bitsandbytes); use the default adamw on this machine',
+        f'{display(proj.path)}: train.optimizer: "adamw8bit" needs a CUDA device (bitsandbytes) '
+        f"(line {line}) - use the default adamw on this machine",
+    )
+
+
+def _line(proj, text: str) -> int:
+    return proj.path.read_text().split("\n").index(text) + 1
+
+
+def test_an_optimizer_a_subject_sets_is_named_at_its_own_key(proj, build, fake_steps):
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.train]\nuse_8bit_adam = true')
+    result, rec = build(proj, keep_going=True)
+    assert result.exit_code == 1 and "train:toy" in fake_steps.ran  # [train]'s adamw runs here
+    assert _ended(rec)["train:dog"] == (
+        FAILED,
+        f"{display(proj.path)}: subjects.dog.train.use_8bit_adam: 8-bit AdamW needs a CUDA device "
+        f"(bitsandbytes) (line {_line(proj, 'use_8bit_adam = true')}) - use the default adamw on this machine",
     )
 
 
@@ -264,7 +299,11 @@ def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, bu
     result, rec = build(proj, keep_going=True)
     assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
     status, error = _ended(rec)["train:toy"]
-    assert error == "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+    line = _line(proj, 'optimizer = "prodigy"')
+    assert error == (
+        f'{display(proj.path)}: train.optimizer: "prodigy" needs the prodigyopt package (line {line}) '
+        "- pip install 'dbl[prodigy]'"
+    )
 
 
 def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj, build, fake_steps):

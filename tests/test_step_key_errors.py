@@ -111,3 +111,33 @@ def test_a_prior_s_size_the_vae_cannot_draw_fails_before_its_first_image(tmp_pat
         "(line 9) - use width = 64 and height = 64, say"
     )
     assert not list((tmp_path / "prior").rglob("*.png"))
+
+
+def test_a_default_svd_rank_the_adapters_modules_cannot_take_says_what_to_set(tmp_path, models):  # noqa: F811
+    """Left out, svd_rank is the largest parent rank: a rank wider than a module (the full-rank warning's
+    case) fails the blend, and the fix is to set the key, which the blend's table does not hold yet."""
+    from runner.errors import StepError
+    from tests.blend_fixtures import make_adapter, run_blend
+
+    wide = {
+        n: make_adapter(tmp_path / n, seed=s, rank=40, text_encoder=False) for n, s in (("a", 1), ("b", 2))
+    }
+    text = (
+        '[project]\nbase_model = "tiny-sd"\n\n[blends.mix]\nadapters = { a = 1.0, b = 1.0 }\nmethod = "svd"\n'
+    )
+    with pytest.raises(StepError) as info:
+        run_blend(
+            tmp_path,
+            "mix",
+            {"a": 1.0, "b": 1.0},
+            {"train:a": wide["a"], "train:b": wide["b"]},
+            models,
+            source=Source("p.toml", LineIndex(text)),
+            method="svd",
+        )
+    said = str(info.value)  # the line of the blend's table: no svd_rank is written
+    assert said.startswith(
+        "p.toml: blends.mix: svd_rank 40 (the default: the largest parent rank) exceeds the size 32 of unet "
+        "module "
+    ), said
+    assert said.endswith(" (line 4) - set svd_rank = 32 or less in [blends.mix]"), said

@@ -116,14 +116,17 @@ def test_prodigy_without_prodigyopt_says_how_to_install_it(tmp_path, images, mon
     instance, _ = images
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import prodigyopt raises ImportError
     ctx = train_context(tmp_path, make_subject(instance, train=dict(train_text_encoder=False, **PRODIGY)))
-    with pytest.raises(StepError, match=r"needs the prodigyopt package: pip install 'dbl\[prodigy\]'"):
+    with pytest.raises(
+        StepError,
+        match=r"train.optimizer: \"prodigy\" needs the prodigyopt package - pip install 'dbl\[prodigy\]'",
+    ):
         _run(ctx)
 
 
 def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, images):
     instance, _ = images
     ctx = train_context(tmp_path, make_subject(instance, train=dict(optimizer="adamw8bit")))
-    with pytest.raises(StepError, match='optimizer = "adamw8bit" needs a CUDA device'):
+    with pytest.raises(StepError, match='train.optimizer: "adamw8bit" needs a CUDA device'):
         _run(ctx)
 
 

@@ -3,6 +3,7 @@ observer ends without a word."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -130,3 +131,56 @@ def test_an_emitter_stopped_with_the_watch_says_nothing(tmp_path, caplog):
     caplog.set_level("DEBUG")
     emitter.queue_events(0)
     assert "called when the thread is inactive" not in caplog.text
+
+
+def test_what_ends_the_watch_at_its_start_is_said_on_standard_error_as_build_says_it(proj, capsys):
+    """Were printed on standard output without `dbl:`, where `dbl build` prints them on standard error."""
+    from runner.cli import main
+
+    shutil.copytree(proj.root / "data", proj.root / "state" / "data")
+    (proj.root / "state" / "pets.toml").write_text(proj.path.read_text())
+    (proj.root / "state" / ".dbl").write_text("")  # a file where the state folder goes
+    for args in (
+        [str(proj.root / "nowhere" / "pets.toml")],  # no such folder
+        [str(proj.path.with_name("pest.toml"))],  # a misspelt project file
+        [str(proj.path), "--executor", "inlin"],
+        [str(proj.root / "state" / "pets.toml")],
+    ):
+        built = main(["build", *args, "--no-progress"]), capsys.readouterr()
+        watched = main(["watch", *args, "--no-progress"]), capsys.readouterr()
+        assert built[0] == watched[0] == 2, args
+        assert watched[1].out == "" and watched[1].err == built[1].err, args
+        assert built[1].err.startswith(("dbl: ", "nowhere", "pest.toml", str(proj.root))), built[1].err
+
+
+def test_a_project_file_s_problems_are_said_on_standard_error_and_the_watch_goes_on(proj, capsys):
+    from runner.cli import main
+
+    proj.edit("rank = 4", "rnak = 4")
+    stop = threading.Event()
+    timer = threading.Timer(2, stop.set)  # the watch waits for a fix: stopped, it returns 0
+    timer.start()
+    code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop)
+    timer.cancel()
+    watched = capsys.readouterr()
+    assert code == 0 and "watching " in watched.out
+    assert main(["build", str(proj.path)]) == 2
+    report = capsys.readouterr().err
+    assert "unknown key 'rnak'" in report and watched.err == report, watched
+
+
+def test_a_project_edited_to_use_no_gpu_is_refused_in_the_command_line_s_words(proj, fake_steps, monkeypatch):
+    """A build given its GPUs by the watch (`dbl watch --gpus 0`) says them as the command line does."""
+    from runner.exec import devices
+    from runner.watch_builds import build_once
+
+    monkeypatch.setattr(devices, "_device_nodes", lambda: ["nvidia0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
+    said: list[str] = []
+    assert build_once(proj.load(), PlainReporter, threading.Event(), said.append, {"gpus": ("0",)}) == 2
+    assert said == [
+        'pets.toml: --gpus 0: device = "cpu" in [project] uses no CUDA GPU; leave --gpus out, or set '
+        'device = "auto" or "cuda" to run on the GPUs'
+    ]
+    assert not fake_steps.ran

@@ -50,25 +50,36 @@ def parse_gpus(text: str | None) -> list[str]:
     return [str(i) for i in range(len(_device_nodes() or ()))]
 
 
-def gpus_problem(gpus: list[str]) -> str | None:
+def _words(api: bool) -> tuple[str, str, str]:
+    """How a message names the GPU options: (the option, how to share a GPU, an example), as the command
+    line spells them (`--gpus`) or, where `api`, as BuildOptions does (`gpus=`)."""
+    if api:
+        return "gpus", "per_gpu=K", 'e.g. gpus=("0", "1", "3")'
+    return "--gpus", "--per-gpu K", "comma-separated, e.g. --gpus 0,1,3"
+
+
+def _given(gpus: list[str], api: bool) -> str:
+    """The GPUs as they were given: `--gpus 0,1`, or `gpus=('0', '1')` to the Python API."""
+    return f"gpus={tuple(gpus)!r}" if api else f"--gpus {','.join(gpus)}"
+
+
+def gpus_problem(gpus: list[str], api: bool = False) -> str | None:
     """Why `--gpus` names something CUDA_VISIBLE_DEVICES would not take, or None. CUDA takes indices
     and UUIDs (`nvidia-smi -L`: GPU-..., MIG-...); it stops at the first entry it cannot read, and a
-    step given no GPU would run on the CPU without a word."""
+    step given no GPU would run on the CPU without a word. `api`: said in BuildOptions' words."""
+    option, share, example = _words(api)
     if not gpus:  # its steps would be given no GPU, see every one, and be shown on the CPU
         return (
-            '--gpus names no GPU; leave it out to share out every visible GPU, or set device = "cpu" in '
-            "[project] to use none"
+            f"{'gpus=()' if api else option} names no GPU; leave it out to share out every visible GPU, or set "
+            'device = "cpu" in [project] to use none'
         )
     for g in gpus:
         if not (g.isdigit() or g.startswith(("GPU-", "MIG-"))):
-            return (
-                f"--gpus: {g!r} is not a GPU; give indices or UUIDs (nvidia-smi -L), comma-separated, "
-                "e.g. --gpus 0,1,3"
-            )
+            return f"{option}: {g!r} is not a GPU; give indices or UUIDs (nvidia-smi -L), {example}"
     twice = sorted({g for g in gpus if gpus.count(g) > 1})
     if twice:  # a local Ray instance would count each entry as a GPU of its own
         return (
-            f"--gpus: {', '.join(twice)} named twice; name each GPU once (--per-gpu K lets K steps share one)"
+            f"{option}: {', '.join(twice)} named twice; name each GPU once ({share} lets K steps share one)"
         )
     return None
 
@@ -84,63 +95,63 @@ def _device_nodes() -> list[str] | None:
     return [n for n in names if n.startswith("nvidia") and n[len("nvidia") :].isdigit()]
 
 
-def gpus_missing(gpus: list[str]) -> str | None:
+def gpus_missing(gpus: list[str], api: bool = False) -> str | None:
     """Why this machine cannot show the steps the GPUs `--gpus` names, or None (also where it cannot
     tell). A worker given a GPU that is not there sees no CUDA device: with device = "auto" its steps
-    ran on the CPU and were shown `on cuda:0`."""
+    ran on the CPU and were shown `on cuda:0`. `api`: said in BuildOptions' words."""
     if not gpus:
         return None
-    given = ",".join(gpus)
-    fix = "leave --gpus out to run on the CPU"
+    given, option = _given(gpus, api), _words(api)[0]
+    fix = f"leave {option} out to run on the CPU"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # the environment's choice of GPUs stands: --gpus picks among them
         shown = parse_gpus(None)
         if not shown:
-            return f"--gpus {given}: CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this build; {fix}"
+            return f"{given}: CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this build; {fix}"
         if all(g.isdigit() for g in shown):
             outside = [g for g in gpus if g.isdigit() and g not in shown]
             if outside:
                 return (
-                    f"--gpus {given}: GPU {outside[0]} is not among those CUDA_VISIBLE_DEVICES={visible} "
-                    f"shows this build ({', '.join(shown)}); name those, or leave --gpus out to use them all"
+                    f"{given}: GPU {outside[0]} is not among those CUDA_VISIBLE_DEVICES={visible} "
+                    f"shows this build ({', '.join(shown)}); name those, or leave {option} out to use them all"
                 )
         return None
     nodes = _device_nodes()
     if nodes is None:
         return None
     if not nodes:
-        return f"--gpus {given}: this machine has no CUDA GPU {gpus[0]} (it shows none); {fix}"
+        return f"{given}: this machine has no CUDA GPU {gpus[0]} (it shows none); {fix}"
     beyond = [g for g in gpus if g.isdigit() and int(g) >= len(nodes)]
     if beyond:
         return (
-            f"--gpus {given}: this machine has no CUDA GPU {beyond[0]} (it has {len(nodes)}: "
-            f"{', '.join(str(i) for i in range(len(nodes)))}); leave --gpus out to use them all"
+            f"{given}: this machine has no CUDA GPU {beyond[0]} (it has {len(nodes)}: "
+            f"{', '.join(str(i) for i in range(len(nodes)))}); leave {option} out to use them all"
         )
     return None
 
 
 def gpus_refused(
-    gpus, backend: str = "inline", ray_address: str | None = None, machine: bool = True
+    gpus, backend: str = "inline", ray_address: str | None = None, machine: bool = True, api: bool = False
 ) -> str | None:
     """Why a build cannot be given these GPUs (`--gpus`, BuildOptions.gpus), or None: not a list of GPU
     names (gpus_problem), or, where `machine`, one this machine does not show (gpus_missing). A Ray
-    cluster's GPUs are its nodes' (connecting says --gpus has no place there), not this machine's."""
+    cluster's GPUs are its nodes' (connecting says --gpus has no place there), not this machine's.
+    `api`: said in BuildOptions' words (`gpus=`), for a script; else in the command line's (`--gpus`)."""
     if isinstance(gpus, str) or not all(isinstance(g, str) for g in gpus):
-        return (
-            f'gpus={gpus!r}: give each GPU as a string, e.g. gpus=("0", "1") (--gpus 0,1 on the command line)'
-        )
+        return f'gpus={gpus!r}: give each GPU as a string, e.g. gpus=("0", "1")'
     gpus = list(gpus)
     cluster = backend == "ray" and (ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    return gpus_problem(gpus) or (None if cluster or not machine else gpus_missing(gpus))
+    return gpus_problem(gpus, api) or (None if cluster or not machine else gpus_missing(gpus, api))
 
 
-def gpus_for_device(gpus: tuple[str, ...] | None, device: str) -> str | None:
-    """Why `--gpus` means nothing for a project's `device`, or None: a CPU or MPS project uses no GPU."""
+def gpus_for_device(gpus: tuple[str, ...] | None, device: str, api: bool = False) -> str | None:
+    """Why `--gpus` means nothing for a project's `device`, or None: a CPU or MPS project uses no GPU.
+    `api`: said in BuildOptions' words."""
     if not gpus or not device.startswith(("cpu", "mps")):
         return None
     return (
-        f'--gpus {",".join(gpus)}: device = "{device}" in [project] uses no CUDA GPU; leave --gpus out, '
-        'or set device = "auto" or "cuda" to run on the GPUs'
+        f'{_given(list(gpus), api)}: device = "{device}" in [project] uses no CUDA GPU; leave '
+        f'{_words(api)[0]} out, or set device = "auto" or "cuda" to run on the GPUs'
     )
 
 

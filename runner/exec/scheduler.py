@@ -72,8 +72,8 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     build` refuses them: the GPUs given are checked against this machine unless a `backend_factory` or a
     Ray cluster places the steps); step failures are results."""
     if options.gpus is not None:
-        problem = gpus_refused(
-            options.gpus, options.backend, options.ray_address, options.backend_factory is None
+        problem = gpus_refused(  # the command line asked before, in its own words
+            options.gpus, options.backend, options.ray_address, options.backend_factory is None, api=True
         )
         if problem is not None:
             raise UsageError(problem)
@@ -97,7 +97,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
         planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
         if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
             raise UsageError("-j and --per-gpu must be at least 1")
-        if (problem := gpus_for_device(options.gpus, project.settings.device)) is not None:
+        if (problem := gpus_for_device(options.gpus, project.settings.device, api=True)) is not None:
             raise UsageError(f"{project.path.name}: {problem}")
         name = backend_name(options)
         factory = options.backend_factory or (lambda p: backends.create(name, p, options))

@@ -64,12 +64,14 @@ def run(ctx: StepContext) -> dict:
             )
         except (AdapterError, ValueError) as exc:
             option = getattr(exc, "option", None)  # an error about one option names its line
+            fix = getattr(exc, "fix", "")
+            if option and getattr(
+                exc, "unwritten", False
+            ):  # left at its default: the table is where to set it
+                option, fix = None, f"{fix} in [blends.{ctx.name}]"
             raise StepError(
                 Source.of(ctx.project).problem(
-                    f"blends.{ctx.name}",
-                    str(exc),
-                    getattr(exc, "fix", ""),
-                    at=f"blends.{ctx.name}.{option}" if option else None,
+                    f"blends.{ctx.name}", str(exc), fix, at=f"blends.{ctx.name}.{option}" if option else None
                 )
             ) from exc
         ctx.progress(2, 3)

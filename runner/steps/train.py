@@ -34,11 +34,16 @@ def run(ctx) -> dict:
     return metrics
 
 
-def optimizer_missing(train_settings, device) -> str | None:
-    """Why the optimizer of these [train] settings cannot run here (see StepKind.missing)."""
-    from runner.training.optimizers import unavailable
+def optimizer_missing(subject, device, source) -> str | None:
+    """Why the optimizer of the subject's [train] settings cannot run here (see StepKind.missing), at the
+    key of the project file that asks for it."""
+    from runner.training.job import train_key
+    from runner.training.optimizers import asked_key, unavailable
 
-    return unavailable(train_settings, device)
+    found = unavailable(subject.train, device)
+    if found is None:
+        return None
+    return source.problem(train_key(subject, source, asked_key(subject.train)), *found)
 
 
 def snapshot_metrics(folder) -> dict:
@@ -159,7 +164,7 @@ KIND = register(
         folders=lambda spec: [spec.images],
         decodes=lambda project, spec: [(spec.images, None)],
         trains=lambda spec: spec,
-        missing=lambda spec, device, source: optimizer_missing(spec.train, device),
+        missing=optimizer_missing,
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
         unit=("step", "it/s"),
         unhashed=_unhashed,

@@ -39,6 +39,13 @@ class Job:
     def lora_key(self, field: str) -> str:
         return lora_key(self.subject, self.lora_defaults, field)
 
+    def train_problem(self, field: str, what: str, fix: str) -> str:
+        """The run's error about the subject's train setting `field`, with the project file's key and line."""
+        from runner.project.problems import Source
+
+        source = Source.of(self)
+        return source.problem(train_key(self.subject, source, field), what, fix)
+
 
 @dataclass
 class Hooks:
@@ -98,3 +105,10 @@ def lora_key(subject, defaults, field: str) -> str:
     where its value is not the project-wide [lora]'s `defaults` (so it is written there), else [lora]."""
     own = defaults is not None and getattr(subject.lora, field) != getattr(defaults, field)
     return f"subjects.{subject.name}.lora.{field}" if own else f"lora.{field}"
+
+
+def train_key(subject, source, field: str) -> str:
+    """Where a problem of the subject's train setting `field` points: its own [subjects.<name>.train] table
+    where the project file (`source`, a problems.Source) writes it there, else [train]."""
+    own = ("subjects", subject.name, "train", field)
+    return ".".join(own) if source.lines.has(own) else f"train.{field}"

@@ -19,6 +19,7 @@ Randomness: see runner.training.data. torch, diffusers and peft are imported ins
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ def _optimizer(run: Run) -> None:
     from diffusers.optimization import get_scheduler
 
     ts = run.settings
-    run.optimizer = optimizers.make_optimizer(run.trainable, run.components, ts, run.device)
+    say = functools.partial(run.job.train_problem, optimizers.asked_key(ts))
+    run.optimizer = optimizers.make_optimizer(run.trainable, run.components, ts, run.device, say)
     # Keys the schedule does not take, and Prodigy's small learning rate, are said as the file loads.
     run.lr_scheduler = get_scheduler(
         ts.lr_scheduler,

@@ -40,21 +40,21 @@ def adamw_implementation(devices: list[str]) -> dict:
 
 
 def _adamw8bit(groups, ts, device):
-    if why := _adamw8bit_missing(ts, lambda: device):
-        raise StepError(why)
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise StepError(_adamw8bit_missing(ts, lambda: device, installed=False)) from None
+        raise StepError(said(*_adamw8bit_missing(ts, lambda: device, installed=False))) from None
     return bnb.optim.AdamW8bit(groups, **_adam_kwargs(ts))
 
 
-def _adamw8bit_missing(ts, device: Callable[[], str], installed: bool | None = None) -> str | None:
-    asked = "use_8bit_adam = true" if ts.use_8bit_adam else 'optimizer = "adamw8bit"'
+def _adamw8bit_missing(
+    ts, device: Callable[[], str], installed: bool | None = None
+) -> tuple[str, str] | None:
+    asked = "8-bit AdamW" if asked_key(ts) == "use_8bit_adam" else '"adamw8bit"'
     if not device().startswith("cuda"):
-        return f"{asked} needs a CUDA device (bitsandbytes); use the default adamw on this machine"
+        return f"{asked} needs a CUDA device (bitsandbytes)", "use the default adamw on this machine"
     if not (_installed("bitsandbytes") if installed is None else installed):
-        return f"{asked} needs bitsandbytes: pip install bitsandbytes"
+        return f"{asked} needs bitsandbytes", "pip install bitsandbytes"
     return None
 
 
@@ -62,7 +62,7 @@ def _prodigy(groups, ts, device):
     try:
         from prodigyopt import Prodigy
     except ImportError:
-        raise StepError(_prodigy_missing(ts, lambda: device, installed=False)) from None
+        raise StepError(said(*_prodigy_missing(ts, lambda: device, installed=False))) from None
     kwargs = _adam_kwargs(ts)
     # Prodigy prints a line when weight decay is on; the build's display owns the terminal.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -83,10 +83,15 @@ def _adam_kwargs(ts) -> dict:
     return dict(betas=(ts.adam_beta1, ts.adam_beta2), weight_decay=ts.adam_weight_decay, eps=ts.adam_epsilon)
 
 
-def _prodigy_missing(ts, device: Callable[[], str], installed: bool | None = None) -> str | None:
+def _prodigy_missing(ts, device: Callable[[], str], installed: bool | None = None) -> tuple[str, str] | None:
     if not (_installed("prodigyopt") if installed is None else installed):
-        return "optimizer = \"prodigy\" needs the prodigyopt package: pip install 'dbl[prodigy]'"
+        return '"prodigy" needs the prodigyopt package', "pip install 'dbl[prodigy]'"
     return None
+
+
+def said(what: str, fix: str) -> str:
+    """A missing optimizer's (what, fix) as a step says it where it knows no project file."""
+    return f"{what} - {fix}"
 
 
 def _installed(package: str) -> bool:
@@ -94,14 +99,16 @@ def _installed(package: str) -> bool:
 
 
 OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy}
-# missing(ts, device, installed=None): why the optimizer cannot run here (a package not installed, no CUDA
-# device), or None; `device()` names the device, asked only by an optimizer that needs one. The build asks
-# before any step runs, so that a train step does not fail on it after a prior step's work.
+# missing(ts, device, installed=None): (what, fix) where the optimizer cannot run here (a package not
+# installed, no CUDA device), or None; `device()` names the device, asked only by an optimizer that needs
+# one; `what` names the value of the key that asked for it (asked_key). The build asks before any step
+# runs, so that a train step does not fail on it after a prior step's work.
 MISSING: dict[str, Callable] = {"adamw8bit": _adamw8bit_missing, "prodigy": _prodigy_missing}
 
 
-def unavailable(ts, device: Callable[[], str]) -> str | None:
-    """Why the optimizer [train] `ts` asks for cannot run here on the device `device()` names, or None."""
+def unavailable(ts, device: Callable[[], str]) -> tuple[str, str] | None:
+    """(what, fix) where the optimizer [train] `ts` asks for cannot run here on the device `device()`
+    names, or None."""
     missing = MISSING.get(optimizer_name(ts))
     return missing(ts, device) if missing is not None else None
 
@@ -111,8 +118,17 @@ def optimizer_name(ts) -> str:
     return "adamw8bit" if ts.use_8bit_adam and ts.optimizer == "adamw" else ts.optimizer
 
 
-def make_optimizer(trainable: dict, components, ts, device):
-    """The [train] optimizer with one parameter group per component, each at its learning rate."""
+def asked_key(ts) -> str:
+    """The [train] key that asks for the optimizer: `use_8bit_adam` where it is true and the optimizer is
+    adamw8bit, else `optimizer`."""
+    return "use_8bit_adam" if ts.use_8bit_adam and optimizer_name(ts) == "adamw8bit" else "optimizer"
+
+
+def make_optimizer(trainable: dict, components, ts, device, say: Callable[[str, str], str] = said):
+    """The [train] optimizer with one parameter group per component, each at its learning rate. Where it
+    cannot run here, a StepError says why: `say(what, fix)` words it (with the project file's key)."""
+    if found := unavailable(ts, lambda: device):
+        raise StepError(say(*found))
     groups = []
     for c in components:
         lr = getattr(ts, c.learning_rate) if c.learning_rate else None

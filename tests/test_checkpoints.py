@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import StepError, StepInterrupted
+from tests.folders import folder_bytes
 from tests.steps_fixtures import draw_images, make_subject, train_context
 
 pytestmark = pytest.mark.torch
@@ -21,12 +22,6 @@ def _run(ctx):
     from runner.steps import train
 
     return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def _stop_at(n: int):
@@ -54,7 +49,7 @@ def whole(tmp_path_factory, subject):
     """The bytes of an uninterrupted run."""
     ctx = train_context(tmp_path_factory.mktemp("whole"), subject)
     _run(ctx)
-    return _files(ctx.out)
+    return folder_bytes(ctx.out)
 
 
 def _truncate(path: Path) -> None:
@@ -98,7 +93,7 @@ def test_a_damaged_checkpoint_is_reported_once_and_the_run_starts_over(tmp_path,
     reports = [line for line in logs if "damaged" in line]
     assert len(reports) == 1 and str(folder) in reports[0], logs
     assert metrics["resumed_from"] is None
-    assert _files(again.out) == whole
+    assert folder_bytes(again.out) == whole
     assert not folder.exists()  # reported once: the next build does not meet it again
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from runner import events, executor, lockfile
 from tests.conftest import FakeSteps, Recorder, write_image
+from tests.folders import folder_bytes
 
 pytestmark = pytest.mark.ray
 
@@ -455,7 +456,7 @@ def tiny_project(folder: Path):
 
 def built(folder: Path):
     out = folder / "build" / "p"
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    files = folder_bytes(out)
     records = {
         k: {f: v for f, v in r.items() if f not in STRIP} for k, r in lockfile.read(folder / "p.lock").items()
     }

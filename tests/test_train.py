@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from runner.steps import KOHYA_STEM, StepError, StepInterrupted
+from tests.folders import folder_bytes
 from tests.steps_fixtures import DREAMBENCH, draw_images, make_prior, make_subject, model_cache, train_context
 
 pytestmark = pytest.mark.torch
@@ -17,12 +17,6 @@ def _run(ctx):
     from runner.steps import train
 
     return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +128,7 @@ def test_outputs_load_the_way_users_load_them(trained):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(trained):
-    a, b, c = (_files(trained[k][0]) for k in "abc")
+    a, b, c = (folder_bytes(trained[k][0]) for k in "abc")
     assert a == b
     assert a["unet/adapter_model.safetensors"] != c["unet/adapter_model.safetensors"]
     info = json.loads(a["dbl.json"])
@@ -234,7 +228,7 @@ def test_interrupted_and_resumed_run_gives_the_same_bytes(tmp_path, images):
     metrics = _run(again)
     assert "resuming from checkpoint-3" in logs
     assert metrics["resumed_from"] == 3
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, monkeypatch):
@@ -421,7 +415,7 @@ def test_the_log_says_whether_gradient_checkpointing_is_on_and_it_changes_no_res
         ctx = train_context(tmp_path, subject, work=tmp_path / f"work-{setting}", log=logs.append)
         _run(ctx)
         assert line in logs
-        outputs[setting] = _files(ctx.out)
+        outputs[setting] = folder_bytes(ctx.out)
     # Recomputed activations are the same numbers; dbl.json records neither setting.
     assert outputs["auto"] == outputs[True]
 
@@ -445,7 +439,7 @@ def test_losses_read_back_every_few_steps_give_the_same_log(tmp_path, images, mo
             progress=lambda done, total, seen=progress, **m: seen.append((done, "loss" in m)),
         )
         _run(ctx)
-        outputs[every] = _files(ctx.out)
+        outputs[every] = folder_bytes(ctx.out)
     assert outputs[3] == outputs[1]
     assert calls[1][1:] == [(step, True) for step in range(1, 6)]
     assert calls[3][1:] == [(1, False), (2, False), (3, True), (4, False), (5, True)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
 
 from runner.steps import StepError, StepInterrupted
+from tests.folders import folder_bytes
 from tests.steps_fixtures import draw_images, make_prior, make_subject, train_context
 
 pytestmark = pytest.mark.torch
@@ -19,12 +19,6 @@ def _run(ctx):
     from runner.steps import train
 
     return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tm
     )
     assert _run(again)["resumed_from"] == 3
     assert "resuming from checkpoint-3" in logs
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_min_snr_and_offset_noise_change_what_is_learned(tmp_path, images):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner.steps import KOHYA_STEM
-from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, train_context
+from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, run_train, train_context
 
 pytestmark = pytest.mark.torch
 
@@ -19,12 +19,6 @@ TE_TARGETS = dict(
     text_encoder_2_rank=3,
     text_encoder_2_alpha=3,
 )
-
-
-def _run(ctx):
-    from runner.steps import train
-
-    return train.run(ctx)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def trained(tmp_path_factory, images):
         )
         tmp = tmp_path_factory.mktemp(f"sdxl-{label}")
         ctx = train_context(tmp, subject, prior=prior, class_dir=classes, base_model=BASE, seed=seed)
-        outs[label] = (ctx.out, _run(ctx))
+        outs[label] = (ctx.out, run_train(ctx))
     return outs
 
 
@@ -180,7 +174,7 @@ def test_training_lowers_the_instance_loss(tmp_path, images):
         subset, train=dict(steps=10, learning_rate=5e-2, train_text_encoder=False), lora=lora
     )
     ctx = train_context(tmp_path, subject, base_model=BASE)
-    metrics = _run(ctx)
+    metrics = run_train(ctx)
     assert not (ctx.out / "text_encoder").exists() and not (ctx.out / "text_encoder_2").exists()
     pipe = load_pipeline(model_cache(BASE).base)
     before = _denoising_loss(pipe, files)
@@ -445,6 +439,6 @@ def test_captions_train_on_sdxl(tmp_path, images, train_text_encoder):
     )
     subject = dataclasses.replace(subject, caption_extension=".txt", trigger="sks dog")
     ctx = train_context(tmp_path, subject, base_model=BASE)
-    metrics = _run(ctx)
+    metrics = run_train(ctx)
     assert metrics["steps"] == 2
     assert (ctx.out / "unet" / "adapter_model.safetensors").is_file()

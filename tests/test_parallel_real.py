@@ -15,7 +15,7 @@ import pytest
 from runner import lockfile
 from tests.conftest import write_image
 from tests.folders import folder_bytes
-from tests.test_build_real import build_here, dbl
+from tests.real_builds import build_here, dbl
 
 pytestmark = pytest.mark.torch
 

@@ -12,7 +12,7 @@ from runner.exec import lastbuild
 from runner.ui.plain import PlainReporter
 from runner.watch import watch
 from tests.conftest import FakeBackend, Proj, use_backend
-from tests.test_watch import LIMIT_S, wait_for
+from tests.watch_fixtures import LIMIT_S, wait_for
 
 
 class Killed(Exception):

@@ -220,7 +220,7 @@ def pid_notes(tmp_path):
 def test_a_watch_keeps_its_workers_from_one_build_to_the_next_and_ends_them(pid_notes):
     from runner.ui.plain import PlainReporter
     from runner.watch import watch
-    from tests.test_watch import save, wait_for
+    from tests.watch_fixtures import save, wait_for
 
     stop = threading.Event()
     messages: list[str] = []

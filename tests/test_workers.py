@@ -208,7 +208,7 @@ def pid_notes(tmp_path):
     import dataclasses
 
     from runner import steps
-    from tests.test_kinds import NOTE
+    from tests.note_kind import NOTE
 
     steps.register(dataclasses.replace(NOTE, run=run_note_in))
     path = tmp_path / "n.toml"

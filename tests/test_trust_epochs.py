@@ -11,7 +11,7 @@ import pytest
 
 from runner import store
 from runner.cli import main
-from tests.test_cache_stamps import by_step, manifests, unstamp
+from tests.cache_trust_fixtures import by_step, manifests, unstamp
 
 RENDERS = {"render:park", "render:mixed", "render:base"}
 

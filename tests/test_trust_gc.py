@@ -11,8 +11,8 @@ from runner import lockfile
 from runner.cli import main
 from runner.lockfile import HEADER
 from runner.store import BuildLock, RunCache
+from tests.fake_build import fake_dbl, wait_for
 from tests.lockfile_fixtures import CONFLICT, OTHER_TOOLS, git, snow_branch
-from tests.test_cli import fake_dbl, wait_for
 
 
 def cache_entries(proj) -> list[str]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.folders import folder_bytes
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED_DATA = ROOT.parent / "shared" / "data" / "dreambench"
@@ -114,8 +116,7 @@ class Proj:
 
 def output_bytes(root: Path) -> dict[str, bytes]:
     """Every file under `root`/build, by its path there: what a build made, to compare builds with."""
-    out = root / "build"
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return folder_bytes(root / "build")
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@
 never kills, and prints "CALLS <n>" at the end: how often MODULE.FUNC was called;
 --slow makes one step sleep, so that a test can act while it runs. Every step that runs is appended
 to the file named by $FAKE_STEPS_LOG.
+
+Tests start it with fake_dbl (any command) or fake_build (`dbl build PROJECT --no-progress`), and read what
+it prints with wait_for: `from tests.fake_build import fake_dbl, wait_for`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,43 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-from tests.conftest import FakeBackend, FakeSteps, use_backend
+from tests.conftest import ROOT, FakeBackend, FakeSteps, use_backend
+
+
+def fake_dbl(*args, crash=None, slow=None, log=None, wait=True, **kw):
+    """`dbl ARGS` run by this script in a process of its own: the finished process, or with wait=False the
+    running one (`kw` go to subprocess.run)."""
+    cmd = [sys.executable, "-m", "tests.fake_build"]
+    if crash:
+        cmd += ["--crash", crash]
+    if slow:
+        cmd += ["--slow", slow]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=str(log or os.devnull))
+    cmd += ["--", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+def fake_build(project: Path, *extra, crash: str | None = None, log: Path | None = None):
+    """`dbl build PROJECT --no-progress EXTRA` run by this script in a process of its own, finished."""
+    return fake_dbl("build", project, "--no-progress", *extra, crash=crash, log=log)
+
+
+def wait_for(proc, text: str) -> None:
+    """Read the running `proc`'s output until it has printed `text`."""
+    seen = []
+    while text not in "".join(seen):
+        line = proc.stdout.readline()
+        assert line, f"process ended before printing {text!r}: {''.join(seen)}"
+        seen.append(line)
 
 
 def main() -> int:

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from runner.project.schema import LoraSettings, Prior, Project, ProjectSettings, Subject, TrainSettings
 from runner.steps import StepContext
@@ -137,3 +138,28 @@ def prior_context(tmp_path: Path, prior, *, seed=0, **kw):
 
 def replace(spec, **changes):
     return dataclasses.replace(spec, **changes)
+
+
+def run_train(ctx) -> dict:
+    """The train step on `ctx`: its metrics (the step's module, and torch, are imported here, on first use)."""
+    from runner.steps import train
+
+    return train.run(ctx)
+
+
+def stop_at(n: int):
+    """A should_stop for a step context that says stop on its n-th call (the step asks after each step)."""
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) == n
+
+    return should_stop
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory):
+    """Three instance images (80x64) and four class images (64x64), drawn once per test module."""
+    root = tmp_path_factory.mktemp("images")
+    return draw_images(root / "dog", 3, size=(80, 64)), draw_images(root / "class", 4, size=(64, 64), seed=7)

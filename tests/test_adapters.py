@@ -8,15 +8,9 @@ import struct
 import pytest
 
 from runner.adapters import AdapterError
-from tests.steps_fixtures import model_cache
+from tests.adapter_outputs import denoiser_outputs, tiny_sd_pipeline
 
 pytestmark = pytest.mark.torch
-
-
-def _pipeline():
-    from runner.models import load_pipeline
-
-    return load_pipeline(model_cache().base)
 
 
 def _random_lora(pipe, *, unet_config=None, te_config=None, seed=0, adapter_name="default"):
@@ -34,26 +28,6 @@ def _random_lora(pipe, *, unet_config=None, te_config=None, seed=0, adapter_name
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.3)
     return unet, te
-
-
-def _inputs(seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(1, 4, 16, 16, generator=g),
-        torch.tensor([321]),
-        torch.randint(0, 400, (1, 77), generator=g),
-    )
-
-
-def _outputs(unet, te):
-    import torch
-
-    x, t, ids = _inputs()
-    with torch.no_grad():
-        hidden = te(ids)[0]
-        return unet(x, t, hidden).sample, hidden
 
 
 def test_safetensors_writer_is_deterministic_and_readable(tmp_path):
@@ -85,7 +59,7 @@ def test_safetensors_writer_is_deterministic_and_readable(tmp_path):
 def test_layouts_and_configs(tmp_path):
     from runner.adapters import read_adapter_config, read_safetensors, save_adapter
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet, te = _random_lora(pipe)
     save_adapter(
         tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd", info={"b": 1, "a": [1, 2]}
@@ -129,7 +103,7 @@ def test_layouts_and_configs(tmp_path):
 def test_same_weights_same_bytes_and_only_the_named_adapter(tmp_path):
     from runner.adapters import read_safetensors, save_adapter
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet, te = _random_lora(pipe, adapter_name="dog")
     save_adapter(
         tmp_path / "a" / "x",
@@ -163,7 +137,7 @@ def test_kohya_alphas_follow_rank_and_alpha_patterns(tmp_path):
 
     from runner.adapters import kohya_name, lora_delta, read_safetensors, save_adapter
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet_config = dict(
         r=4,
         lora_alpha=6,
@@ -207,17 +181,17 @@ def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
     from runner.adapters import save_adapter
     from runner.pipeline_adapters import load_adapter_into, remove_adapter, set_active, unload_adapters
 
-    pipe = _pipeline()
-    base_unet, base_hidden = _outputs(pipe.unet, pipe.text_encoder)
+    pipe = tiny_sd_pipeline()
+    base_unet, base_hidden = denoiser_outputs(pipe.unet, pipe.text_encoder)
     unet, te = _random_lora(pipe)
-    expected_unet, expected_hidden = _outputs(unet, te)
+    expected_unet, expected_hidden = denoiser_outputs(unet, te)
     save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
 
-    fresh = _pipeline()
+    fresh = tiny_sd_pipeline()
     load_adapter_into(fresh, tmp_path / "dog", "dog")
     load_adapter_into(fresh, tmp_path / "dog", "dog2")
     set_active(fresh, "dog2")
-    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    got_unet, got_hidden = denoiser_outputs(fresh.unet, fresh.text_encoder)
     torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-5)
     with pytest.raises(AdapterError, match="already has an adapter named 'dog'"):
@@ -226,7 +200,7 @@ def test_load_adapter_into_matches_the_live_model_and_unloads(tmp_path):
     assert set(fresh.unet.peft_config) == {"dog"}
     unload_adapters(fresh)
     assert type(fresh.unet).__name__ == "UNet2DConditionModel"
-    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    got_unet, got_hidden = denoiser_outputs(fresh.unet, fresh.text_encoder)
     assert torch.equal(got_unet, base_unet) and torch.equal(got_hidden, base_hidden)
 
 
@@ -241,18 +215,18 @@ def test_removing_an_adapter_leaves_the_others_as_they_were_and_runs(tmp_path):
     from runner.blending import activate_adapters
     from runner.pipeline_adapters import load_adapter_into, remove_adapter
 
-    pipe = _pipeline()
-    base = _outputs(pipe.unet, pipe.text_encoder)
+    pipe = tiny_sd_pipeline()
+    base = denoiser_outputs(pipe.unet, pipe.text_encoder)
     unet, te = _random_lora(pipe)
-    expected = _outputs(unet, te)
+    expected = denoiser_outputs(unet, te)
     save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
 
-    fresh = _pipeline()
+    fresh = tiny_sd_pipeline()
     for name in ("dog", "dog2", "toy"):
         load_adapter_into(fresh, tmp_path / "dog", name)
     activate_adapters(fresh, ["dog2", "toy"], [1.0, 0.0])
     remove_adapter(fresh, "dog")  # the wrapper's own adapter name, which PEFT kept on the deleted one
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
     activate_adapters(fresh, "dog2")
@@ -261,10 +235,10 @@ def test_removing_an_adapter_leaves_the_others_as_they_were_and_runs(tmp_path):
         remove_adapter(fresh, "dog2")
     assert not [w for w in seen if "was active" in str(w.message)], [str(w.message) for w in seen]
     assert set(fresh.unet.peft_config) == set(fresh.text_encoder.peft_config) == {"toy"}
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
         assert torch.equal(got, want)
     activate_adapters(fresh, "toy")
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -278,8 +252,8 @@ def test_removing_an_adapter_with_trained_biases_puts_the_base_biases_back(tmp_p
     from runner.adapters import save_adapter
     from runner.pipeline_adapters import load_adapter_into, remove_adapter, unload_adapters
 
-    pipe = _pipeline()
-    base = _outputs(pipe.unet, pipe.text_encoder)
+    pipe = tiny_sd_pipeline()
+    base = denoiser_outputs(pipe.unet, pipe.text_encoder)
     unet_config = dict(r=4, lora_alpha=6, target_modules=["to_q", "to_v"], bias="all")
     te_config = dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], bias="all")
     unet, te = _random_lora(pipe, unet_config=unet_config, te_config=te_config)
@@ -288,30 +262,30 @@ def test_removing_an_adapter_with_trained_biases_puts_the_base_biases_back(tmp_p
             for name, param in model.named_parameters():
                 if name.endswith(".bias"):
                     param.add_(0.3)
-    expected = _outputs(unet, te)
+    expected = denoiser_outputs(unet, te)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # biases are kept in the PEFT layout only
         save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
-        plain_unet, plain_te = _random_lora(_pipeline(), seed=1)
+        plain_unet, plain_te = _random_lora(tiny_sd_pipeline(), seed=1)
         save_adapter(tmp_path / "toy", {"unet": plain_unet, "text_encoder": plain_te}, base_model="tiny-sd")
 
-    fresh = _pipeline()
+    fresh = tiny_sd_pipeline()
     load_adapter_into(fresh, tmp_path / "dog", "dog")
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     remove_adapter(fresh, "dog")  # the only adapter: the plain modules come back
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
         assert torch.equal(got, want)
 
     load_adapter_into(fresh, tmp_path / "toy", "toy")
     load_adapter_into(fresh, tmp_path / "dog", "dog")
     remove_adapter(fresh, "dog")  # beside another adapter
     unload_adapters(fresh)
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
         assert torch.equal(got, want)
     load_adapter_into(fresh, tmp_path / "dog", "dog")
     unload_adapters(fresh)
-    for got, want in zip(_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
+    for got, want in zip(denoiser_outputs(fresh.unet, fresh.text_encoder), base, strict=True):
         assert torch.equal(got, want)
 
 
@@ -321,7 +295,7 @@ def test_loading_into_the_wrong_model_raises(tmp_path):
     from runner.adapters import read_safetensors, save_adapter, write_safetensors
     from runner.pipeline_adapters import load_adapter_into
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet, te = _random_lora(pipe)
     save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     # Rename the modules as another architecture would have them: nothing would load.
@@ -329,14 +303,14 @@ def test_loading_into_the_wrong_model_raises(tmp_path):
     tensors, meta = read_safetensors(path)
     write_safetensors(path, {k.replace("transformer_blocks", "blocks"): v for k, v in tensors.items()}, meta)
     with pytest.raises(AdapterError, match="match no module"):
-        load_adapter_into(_pipeline(), tmp_path / "dog", "dog")
+        load_adapter_into(tiny_sd_pipeline(), tmp_path / "dog", "dog")
     # A shape mismatch (a different width) is caught too.
     tensors = {
         k: (torch.zeros(v.shape[0], v.shape[1] + 1) if "lora_A" in k else v) for k, v in tensors.items()
     }
     write_safetensors(path, tensors, meta)
     with pytest.raises((AdapterError, RuntimeError)):
-        load_adapter_into(_pipeline(), tmp_path / "dog", "dog")
+        load_adapter_into(tiny_sd_pipeline(), tmp_path / "dog", "dog")
 
 
 def test_a_peft_folder_of_another_method_is_named_as_such(tmp_path):
@@ -345,10 +319,10 @@ def test_a_peft_folder_of_another_method_is_named_as_such(tmp_path):
 
     from runner.pipeline_adapters import load_adapter_into
 
-    get_peft_model(_pipeline().unet, LoHaConfig(r=2, alpha=2, target_modules=["to_q"])).save_pretrained(
-        tmp_path / "loha" / "unet"
-    )
-    pipe = _pipeline()
+    get_peft_model(
+        tiny_sd_pipeline().unet, LoHaConfig(r=2, alpha=2, target_modules=["to_q"])
+    ).save_pretrained(tmp_path / "loha" / "unet")
+    pipe = tiny_sd_pipeline()
     with pytest.raises(AdapterError, match="a LOHA adapter, not a LoRA; dbl loads LoRA adapters only"):
         load_adapter_into(pipe, tmp_path / "loha", "loha")
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
@@ -360,17 +334,19 @@ def test_transformers4_text_encoder_keys_are_translated(tmp_path):
     from runner.adapters import read_safetensors, save_adapter, write_safetensors
     from runner.pipeline_adapters import load_adapter_into
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet, te = _random_lora(pipe)
-    expected = _outputs(unet, te)[1]
+    expected = denoiser_outputs(unet, te)[1]
     save_adapter(tmp_path / "old", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     path = tmp_path / "old" / "text_encoder" / "adapter_model.safetensors"
     tensors, meta = read_safetensors(path)
     old = {k.replace("base_model.model.", "base_model.model.text_model."): v for k, v in tensors.items()}
     write_safetensors(path, old, meta)
-    fresh = _pipeline()
+    fresh = tiny_sd_pipeline()
     load_adapter_into(fresh, tmp_path / "old", "old")
-    torch.testing.assert_close(_outputs(fresh.unet, fresh.text_encoder)[1], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        denoiser_outputs(fresh.unet, fresh.text_encoder)[1], expected, rtol=0, atol=1e-5
+    )
 
 
 def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
@@ -380,11 +356,11 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
     from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter
     from runner.pipeline_adapters import unload_adapters
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     # The recipe's text-encoder targets, q_proj and v_proj: diffusers 0.42 recognises a kohya
     # text-encoder LoRA only with out_proj, which the file completes with zero-valued entries.
     unet, te = _random_lora(pipe, te_config=dict(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"]))
-    expected_unet, expected_hidden = _outputs(unet, te)
+    expected_unet, expected_hidden = denoiser_outputs(unet, te)
     save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
     kohya, _ = read_safetensors(tmp_path / "dog" / "dog.safetensors")
     for layer in range(2):  # every attention block has all four projections (A1111 on SD 2.x wants them)
@@ -394,9 +370,9 @@ def test_diffusers_and_kohya_files_load_in_diffusers(tmp_path):
         assert not kohya[f"{block}_out_proj.lora_up.weight"].any()
         assert kohya[f"{block}_q_proj.lora_up.weight"].any()
     for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
-        fresh = _pipeline()
+        fresh = tiny_sd_pipeline()
         fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=weight_name, adapter_name="dog")
-        got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+        got_unet, got_hidden = denoiser_outputs(fresh.unet, fresh.text_encoder)
         torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-4, msg=weight_name)
         torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-4, msg=weight_name)
         unload_adapters(fresh)
@@ -414,10 +390,10 @@ def test_a_text_encoder_lora_without_attention_loads_from_the_diffusers_file(tmp
 
     from runner.adapters import DIFFUSERS_WEIGHTS, read_safetensors, save_adapter
 
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     te_config = dict(r=2, lora_alpha=3, target_modules=["fc1", "fc2"], use_dora=use_dora)
     unet, te = _random_lora(pipe, te_config=te_config)
-    expected_unet, expected_hidden = _outputs(unet, te)
+    expected_unet, expected_hidden = denoiser_outputs(unet, te)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         save_adapter(tmp_path / "dog", {"unet": unet, "text_encoder": te}, base_model="tiny-sd")
@@ -425,10 +401,10 @@ def test_a_text_encoder_lora_without_attention_loads_from_the_diffusers_file(tmp
     tensors, _ = read_safetensors(tmp_path / "dog" / DIFFUSERS_WEIGHTS)
     assert "text_encoder.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight" in tensors
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in tensors
-    fresh = _pipeline()
-    base_hidden = _outputs(fresh.unet, fresh.text_encoder)[1]
+    fresh = tiny_sd_pipeline()
+    base_hidden = denoiser_outputs(fresh.unet, fresh.text_encoder)[1]
     fresh.load_lora_weights(str(tmp_path / "dog"), weight_name=DIFFUSERS_WEIGHTS, adapter_name="dog")
-    got_unet, got_hidden = _outputs(fresh.unet, fresh.text_encoder)
+    got_unet, got_hidden = denoiser_outputs(fresh.unet, fresh.text_encoder)
     assert not torch.allclose(got_hidden, base_hidden, atol=1e-3)  # the encoder's LoRA loaded
     torch.testing.assert_close(got_hidden, expected_hidden, rtol=0, atol=1e-4)
     torch.testing.assert_close(got_unet, expected_unet, rtol=0, atol=1e-4)

@@ -8,6 +8,7 @@ import pytest
 
 from runner import lockfile
 from tests.conftest import ROOT, Recorder
+from tests.folders import folder_bytes
 
 pytestmark = pytest.mark.torch
 
@@ -25,7 +26,7 @@ def build_flow(folder, backend: str):
         ["prior:dog", "train:dog", "train:toy", "blend:toy_dog", "render:dog", "render:toy_dog"]
     )
     out = folder / "build" / "flow"
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    files = folder_bytes(out)
     records = lockfile.read(path.with_suffix(".lock"))
     for record in records.values():  # when and how long it ran differ from build to build
         del record["built"], record["duration_s"]

@@ -16,8 +16,8 @@ from runner.project.schema import Subject, TrainSettings
 from runner.training.buckets import bucket_sizes
 from runner.training.data import BucketOrder, read_images
 from runner.training.latents import LatentCache
+from tests.real_builds import adapter_bytes, build_here, stop_during_training
 from tests.steps_fixtures import DREAMBENCH
-from tests.test_build_real import adapter_bytes, build_here, dbl
 
 pytestmark = pytest.mark.torch
 
@@ -332,17 +332,7 @@ def test_buckets_train_and_resume_to_the_same_bytes_after_a_kill(tmp_path):
     assert "train:dog class buckets: 2 images 80x48" in logs, logs
 
     killed = tmp_path / "killed"
-    proc = dbl("build", project(killed), "--no-progress", cwd=killed, wait=False)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 12/24" in line:  # past checkpoint-10
-            proc.send_signal(signal.SIGKILL)
-            break
-    else:
-        raise AssertionError("".join(seen))
-    proc.stdout.read()
-    proc.wait(timeout=120)
+    proc, seen = stop_during_training(project(killed), killed, "step 12/24")  # past checkpoint-10
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     assert "train:dog" not in lockfile.read(killed / "p.lock")
 

@@ -4,80 +4,16 @@ killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uni
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from runner import lockfile
 from tests.conftest import ROOT, write_image
+from tests.real_builds import adapter_bytes, build_here, dbl, project, stop_during_training
 
 pytestmark = pytest.mark.torch
-
-PROJECT = """
-[project]
-base_model = "tiny-sd"
-
-[train]
-resolution = 64
-steps = 20
-checkpoint_every = 5
-
-[lora]
-rank = 4
-alpha = 8
-text_encoder_rank = 4
-text_encoder_alpha = 4
-
-[subjects.dog]
-images = "dog"
-instance_prompt = "a photo of sks dog"
-"""
-
-
-def dbl(*args, cwd, wait=True):
-    """`dbl ARGS` in a process of its own, computing with as many threads as this one: its bytes are then
-    those of a build in this process (build_here), whose float sums the thread count orders."""
-    import torch
-
-    cmd = [sys.executable, "-m", "runner", *map(str, args)]
-    env = dict(
-        os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads())
-    )
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def build_here(path) -> list[str]:
-    """`dbl build PATH -v` in this process (no interpreter to start): the log lines; the build must pass."""
-    from runner import executor
-    from runner.project import load_project
-    from tests.conftest import Recorder
-
-    recorder = Recorder()
-    result = executor.build(load_project(path), executor.BuildOptions(), recorder)
-    assert result.ok, [(s.id, s.error) for s in result.steps if s.error]
-    return [f"{e[1]} {e[2]}" for e in recorder.events if e[0] == "log"]
-
-
-def project(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "p.toml").write_text(textwrap.dedent(PROJECT))
-    for i in range(3):
-        write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
-    return folder / "p.toml"
-
-
-def adapter_bytes(folder):
-    out = folder / "build" / "p" / "adapters" / "dog"
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +23,9 @@ def reference(tmp_path_factory):
     return adapter_bytes(folder)
 
 
-def stop_during_training(tmp_path, sig) -> tuple[subprocess.Popen, list[str]]:
-    path = project(tmp_path)
-    proc = dbl("build", path, "--no-progress", cwd=tmp_path, wait=False)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 12/20" in line:  # past checkpoint-10
-            proc.send_signal(sig)
-            break
-    else:
-        raise AssertionError("".join(seen))
-    seen += proc.stdout.readlines()
-    proc.wait(timeout=120)
-    return proc, seen
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_or_interrupted_training_resumes_to_the_same_adapter(tmp_path, reference, sig):
-    proc, seen = stop_during_training(tmp_path, sig)
+    proc, seen = stop_during_training(project(tmp_path), tmp_path, "step 12/20", sig)  # past checkpoint-10
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), "".join(seen)
     assert "train:dog" not in lockfile.read(tmp_path / "p.lock")
     work = tmp_path / ".dbl" / "tmp" / "p" / "train-dog"
@@ -152,10 +72,7 @@ def test_a_local_base_model_gives_the_same_bytes_wherever_the_project_lies(tmp_p
             '[subjects.dog]\nimages = "dog"\ninstance_prompt = "a photo of sks dog"\n'
         )
         build_here(folder / "p.toml")
-        out = folder / "build" / "p" / "adapters" / "dog"
-        built.append(
-            {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-        )
+        built.append(adapter_bytes(folder))
     assert json.loads(built[0]["unet/adapter_config.json"])["base_model_name_or_path"] == "./model"
     assert json.loads(built[0]["dbl.json"])["base_model"] == "./model"
     assert built[0] == built[1]

@@ -3,32 +3,13 @@ were made wrong can skip those made before it; entries made before stamps restor
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import runner
-from runner import lockfile, store
+from runner import store
 from runner.cli import main
-from runner.store import RunCache
+from tests.cache_trust_fixtures import by_step, manifests, unstamp
 from tests.conftest import Proj
-
-
-def manifests(p: Proj) -> dict[str, dict]:
-    cache = RunCache(p.root / ".dbl" / "cache")
-    return {fp: json.loads((cache.entry(fp) / "manifest.json").read_text()) for fp in cache.entries()}
-
-
-def by_step(p: Proj) -> dict[str, str]:
-    """{step id: fingerprint} as the lockfile records them."""
-    return {sid: record["fingerprint"] for sid, record in lockfile.read(p.lock).items()}
-
-
-def unstamp(p: Proj) -> None:
-    """Make every entry look as an earlier version of dbl wrote it."""
-    cache = RunCache(p.root / ".dbl" / "cache")
-    for fp, meta in manifests(p).items():
-        del meta["made_by"]
-        (cache.entry(fp) / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def as_a_fresh_clone(p: Proj) -> None:

@@ -9,9 +9,8 @@ import textwrap
 import pytest
 
 from runner import lockfile
-from tests.conftest import write_image
+from tests.real_builds import adapter_bytes, dbl, project, stop_during_training
 from tests.steps_fixtures import DREAMBENCH
-from tests.test_build_real import adapter_bytes, dbl
 
 pytestmark = pytest.mark.torch
 
@@ -39,14 +38,11 @@ trigger = "sks dog"
 """
 
 
-def project(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "p.toml").write_text(textwrap.dedent(PROJECT))
-    for i in range(3):
-        write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+def captioned(folder):
+    path = project(folder, PROJECT)
     (folder / "dog" / "0.txt").write_text("a photo of [trigger] on a red sofa")
     (folder / "dog" / "2.txt").write_text("[trigger] in the snow")
-    return folder / "p.toml"
+    return path
 
 
 # Slow (about 35 s): killing and resuming a real build is covered by tests/test_build_real.py, and caption
@@ -54,21 +50,11 @@ def project(folder):
 @pytest.mark.slow
 def test_captions_with_dropout_resume_to_the_same_adapter_after_a_kill(tmp_path):
     reference = tmp_path / "uninterrupted"
-    done = dbl("build", project(reference), "--no-progress", cwd=reference)
+    done = dbl("build", captioned(reference), "--no-progress", cwd=reference)
     assert done.returncode == 0, done.stdout + done.stderr
 
     killed = tmp_path / "killed"
-    proc = dbl("build", project(killed), "--no-progress", cwd=killed, wait=False)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 12/30" in line:  # past checkpoint-10
-            proc.send_signal(signal.SIGKILL)
-            break
-    else:
-        raise AssertionError("".join(seen))
-    proc.stdout.read()
-    proc.wait(timeout=120)
+    proc, seen = stop_during_training(captioned(killed), killed, "step 12/30")  # past checkpoint-10
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     assert "train:dog" not in lockfile.read(killed / "p.lock")
 

@@ -12,31 +12,10 @@ from pathlib import Path
 import pytest
 
 from runner.errors import StepError, StepInterrupted
-from tests.steps_fixtures import draw_images, make_subject, train_context
+from tests.folders import folder_bytes
+from tests.steps_fixtures import draw_images, make_subject, run_train, stop_at, train_context
 
 pytestmark = pytest.mark.torch
-
-
-def _run(ctx):
-    from runner.steps import train
-
-    return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def _stop_at(n: int):
-    calls = []
-
-    def should_stop():
-        calls.append(1)
-        return len(calls) == n
-
-    return should_stop
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +32,8 @@ def subject(instance):
 def whole(tmp_path_factory, subject):
     """The bytes of an uninterrupted run."""
     ctx = train_context(tmp_path_factory.mktemp("whole"), subject)
-    _run(ctx)
-    return _files(ctx.out)
+    run_train(ctx)
+    return folder_bytes(ctx.out)
 
 
 def _truncate(path: Path) -> None:
@@ -82,9 +61,9 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_reported_once_and_the_run_starts_over(tmp_path, subject, whole, damage):
-    first = train_context(tmp_path, subject, should_stop=_stop_at(2))
+    first = train_context(tmp_path, subject, should_stop=stop_at(2))
     with pytest.raises(StepInterrupted):
-        _run(first)
+        run_train(first)
     folder = first.work / "checkpoint-2"
     assert json.loads((folder / "state.json").read_text())["sha256"].keys() == {
         "lora.safetensors",
@@ -94,27 +73,27 @@ def test_a_damaged_checkpoint_is_reported_once_and_the_run_starts_over(tmp_path,
 
     logs = []
     again = train_context(tmp_path, subject, log=logs.append)
-    metrics = _run(again)
+    metrics = run_train(again)
     reports = [line for line in logs if "damaged" in line]
     assert len(reports) == 1 and str(folder) in reports[0], logs
     assert metrics["resumed_from"] is None
-    assert _files(again.out) == whole
+    assert folder_bytes(again.out) == whole
     assert not folder.exists()  # reported once: the next build does not meet it again
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, subject, whole):
-    first = train_context(tmp_path, subject, should_stop=_stop_at(2))
+    first = train_context(tmp_path, subject, should_stop=stop_at(2))
     with pytest.raises(StepInterrupted):
-        _run(first)
+        run_train(first)
     shutil.copytree(first.work / "checkpoint-2", tmp_path / "kept")
-    second = train_context(tmp_path, subject, should_stop=_stop_at(1))
+    second = train_context(tmp_path, subject, should_stop=stop_at(1))
     with pytest.raises(StepInterrupted, match="after step 3"):
-        _run(second)
+        run_train(second)
     shutil.copytree(tmp_path / "kept", first.work / "checkpoint-2")  # as if the cleanup had not run
     _truncate(first.work / "checkpoint-3" / "lora.safetensors")
 
     logs = []
-    metrics = _run(train_context(tmp_path, subject, log=logs.append))
+    metrics = run_train(train_context(tmp_path, subject, log=logs.append))
     assert [line for line in logs if "damaged" in line] == [
         f"damaged checkpoint {first.work / 'checkpoint-3'}: lora.safetensors does not match its sha256 in "
         "state.json (truncated or altered); skipping it"
@@ -148,7 +127,7 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_folder(
         make_subject(subject.images, train=dict(steps=2, checkpoint_every=1, train_text_encoder=False)),
     )
     with pytest.raises(StepError, match="no space left on device") as caught:
-        _run(ctx)
+        run_train(ctx)
     monkeypatch.undo()
     assert any(
         isinstance(e, OSError) and e.errno == errno.ENOSPC for e in raised
@@ -157,7 +136,7 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_folder(
     assert not list(ctx.work.glob(".checkpoint-*")) and not list(ctx.work.glob("checkpoint-*"))
     # The disk has room again: the next build trains from the start and succeeds.
     assert (
-        _run(
+        run_train(
             train_context(
                 tmp_path, make_subject(subject.images, train=dict(steps=2, train_text_encoder=False))
             )
@@ -177,7 +156,7 @@ def test_a_snapshot_that_trains_by_itself_names_itself_when_it_stops(tmp_path, i
         instance, train=dict(steps=4, lr_scheduler="cosine", save_steps=[3], train_text_encoder=False)
     )
     ctx = dataclasses.replace(
-        train_context(tmp_path, subject, should_stop=_stop_at(1)),
+        train_context(tmp_path, subject, should_stop=stop_at(1)),
         step_id="snapshot:dog@3",
         kind="snapshot",
         name="dog@3",

@@ -7,37 +7,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from runner import lockfile
 from runner.cli import main
-from tests.conftest import ROOT
-
-
-def fake_dbl(*args, crash=None, slow=None, log=None, wait=True, **kw):
-    cmd = [sys.executable, "-m", "tests.fake_build"]
-    if crash:
-        cmd += ["--crash", crash]
-    if slow:
-        cmd += ["--slow", slow]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=str(log or os.devnull))
-    cmd += ["--", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kw)
-
-
-def wait_for(proc, text: str) -> None:
-    seen = []
-    while text not in "".join(seen):
-        line = proc.stdout.readline()
-        assert line, f"process ended before printing {text!r}: {''.join(seen)}"
-        seen.append(line)
+from tests.fake_build import fake_dbl, wait_for
 
 
 def test_bad_project_exits_2_without_traceback(proj, capsys):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from runner.training.compiling import compiling, describe
+from tests.folders import folder_bytes
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_a_compiled_denoiser_trains_the_same_adapter_to_rounding(tmp_path, image
     resumed = train_context(tmp_path, subject, work=tmp_path / "resumed", log=logs.append)
     train.run(resumed)
     assert "resuming from checkpoint-2" in logs and "compile: on (set in [train])" in logs
-    assert _files(resumed.out) == _files(runs[True])
+    assert folder_bytes(resumed.out) == folder_bytes(runs[True])
     eager, compiled = (
         json.loads((runs[s] / "dbl.json").read_text())["log"]["instance_loss"] for s in (False, True)
     )
@@ -146,9 +147,3 @@ def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning_and_the_same_
     warnings = [line for line in logs[True] if line.startswith("warning: compiling the denoiser failed")]
     assert len(warnings) == 1 and "no C compiler here" in warnings[0]
     assert outputs[True] == outputs[False]
-
-
-def _files(folder):
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }

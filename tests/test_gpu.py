@@ -152,12 +152,12 @@ def hold_a_gib(ctx):
 def test_a_worker_between_steps_gives_its_cached_gpu_memory_back(tmp_path):
     from runner.exec.backends import ProcessBackend
     from runner.exec.job import Hooks
-    from tests.test_workers import job
+    from tests.worker_jobs import render_job
 
     backend = ProcessBackend(None)
     try:
         runs = [
-            backend.run(job(tmp_path, n, run="hold_a_gib", devices=("0",), module=__name__), Hooks()).metrics
+            backend.run(render_job(tmp_path, n, f"{__name__}:hold_a_gib", devices=("0",)), Hooks()).metrics
             for n in ("a", "b")
         ]
     finally:

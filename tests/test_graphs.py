@@ -14,6 +14,7 @@ import contextlib
 import pytest
 
 from runner.training import graphs
+from tests.folders import folder_bytes
 from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, train_context
 
 CUDA = dict(buckets=False, checkpointing=False, dropout=0.0, compile_setting="auto")
@@ -260,9 +261,7 @@ def _build(tmp_path, name, base_model, train):
         log=logs.append,
     )
     train_step.run(ctx)
-    files = {
-        p.relative_to(ctx.out).as_posix(): p.read_bytes() for p in sorted(ctx.out.rglob("*")) if p.is_file()
-    }
+    files = folder_bytes(ctx.out)
     return files, logs
 
 

@@ -17,7 +17,7 @@ import pytest
 from runner import exchange as exchange_module
 from runner import tempnames
 from tests.conftest import PETS, Proj
-from tests.test_reliability_crashes import fake_build
+from tests.fake_build import fake_build
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 
 from runner.adapters import AdapterError
+from tests.adapter_outputs import denoiser_outputs, tiny_sd_pipeline
 from tests.steps_fixtures import FAST_LORA, draw_images, make_subject, model_cache, train_context
 
 pytestmark = pytest.mark.torch
-
-
-def _pipeline():
-    from runner.models import load_pipeline
-
-    return load_pipeline(model_cache().base)
 
 
 def _variant(pipe, seed=0, **lora):
@@ -37,26 +32,6 @@ def _variant(pipe, seed=0, **lora):
                 elif "lora_magnitude_vector" in name:
                     param.mul_(1 + 0.3 * torch.randn(param.shape, generator=g))
     return {name: module.eval() for name, module in modules.items()}
-
-
-def _inputs():
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return (
-        torch.randn(1, 4, 16, 16, generator=g),
-        torch.tensor([321]),
-        torch.randint(0, 400, (1, 77), generator=g),
-    )
-
-
-def _outputs(unet, te):
-    import torch
-
-    x, t, ids = _inputs()
-    with torch.no_grad():
-        hidden = te(ids)[0]
-        return unet(x, t, hidden).sample, hidden
 
 
 def _assert_same(got, expected, what):
@@ -110,8 +85,8 @@ def dora(tmp_path_factory):
         target_modules="attention",
         text_encoder_target_modules=["q_proj", "v_proj"],
     )
-    modules = _variant(_pipeline(), **lora)
-    expected = _outputs(modules["unet"], modules["text_encoder"])
+    modules = _variant(tiny_sd_pipeline(), **lora)
+    expected = denoiser_outputs(modules["unet"], modules["text_encoder"])
     save_adapter(folder, modules, base_model="tiny-sd")
     return folder, expected
 
@@ -122,14 +97,14 @@ def test_dora_loads_through_peft_and_dbl(dora):
     from runner.pipeline_adapters import load_adapter_into
 
     folder, expected = dora
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet = PeftModel.from_pretrained(pipe.unet, folder / "unet")
     te = PeftModel.from_pretrained(pipe.text_encoder, folder / "text_encoder")
     assert unet.peft_config["default"].use_dora and unet.peft_config["default"].use_rslora
-    _assert_same(_outputs(unet, te), expected, "PeftModel.from_pretrained")
-    pipe = _pipeline()
+    _assert_same(denoiser_outputs(unet, te), expected, "PeftModel.from_pretrained")
+    pipe = tiny_sd_pipeline()
     load_adapter_into(pipe, folder, "dog")
-    _assert_same(_outputs(pipe.unet, pipe.text_encoder), expected, "load_adapter_into")
+    _assert_same(denoiser_outputs(pipe.unet, pipe.text_encoder), expected, "load_adapter_into")
 
 
 def test_dora_loads_through_the_diffusers_file(dora):
@@ -139,9 +114,9 @@ def test_dora_loads_through_the_diffusers_file(dora):
     tensors, _ = read_safetensors(folder / DIFFUSERS_WEIGHTS)
     assert any(k.startswith("unet.") and k.endswith(".lora_magnitude_vector") for k in tensors)
     assert any(k.startswith("text_encoder.") and k.endswith(".lora_magnitude_vector.weight") for k in tensors)
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(folder), weight_name=DIFFUSERS_WEIGHTS, adapter_name="dog")
-    _assert_same(_outputs(pipe.unet, pipe.text_encoder), expected, "load_lora_weights")
+    _assert_same(denoiser_outputs(pipe.unet, pipe.text_encoder), expected, "load_lora_weights")
 
 
 def test_dora_kohya_file_gives_the_trained_weights_in_comfyui(dora):
@@ -160,13 +135,13 @@ def test_dora_kohya_file_gives_the_trained_weights_in_comfyui(dora):
     # rsLoRA: kohya scales by alpha / rank, so alpha is written as alpha * sqrt(rank) (8 * sqrt(4) = 16).
     assert float(tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k.alpha"]) == 16.0
     assert meta["ss_network_alpha"] == "16"
-    pipe = _comfyui_apply(_pipeline(), folder / "dog.safetensors")
-    _assert_same(_outputs(pipe.unet, pipe.text_encoder), expected, "ComfyUI's weight decomposition")
+    pipe = _comfyui_apply(tiny_sd_pipeline(), folder / "dog.safetensors")
+    _assert_same(denoiser_outputs(pipe.unet, pipe.text_encoder), expected, "ComfyUI's weight decomposition")
     # diffusers 0.42 drops dora_scale keys from kohya files (with a warning), so it loads only the low-rank
     # part there; the README sends diffusers users to pytorch_lora_weights.safetensors.
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(str(folder), weight_name="dog.safetensors", adapter_name="dog")
-    got = _outputs(pipe.unet, pipe.text_encoder)
+    got = denoiser_outputs(pipe.unet, pipe.text_encoder)
     assert not torch.allclose(got[0], expected[0], atol=1e-4), (
         "diffusers reads dora_scale now: update the README"
     )
@@ -183,8 +158,8 @@ def test_rslora_on_all_linear_layers_loads_in_every_format(tmp_path):
         target_modules="all-linear",
         text_encoder_target_modules="all-linear",
     )
-    modules = _variant(_pipeline(), **lora)
-    expected = _outputs(modules["unet"], modules["text_encoder"])
+    modules = _variant(tiny_sd_pipeline(), **lora)
+    expected = denoiser_outputs(modules["unet"], modules["text_encoder"])
     save_adapter(tmp_path / "dog", modules, base_model="tiny-sd")
     configs = read_adapter_config(tmp_path / "dog")
     # tiny-sd's proj_in and proj_out are 1x1 convolutions (SD 1.x): all-linear leaves them out.
@@ -195,16 +170,16 @@ def test_rslora_on_all_linear_layers_loads_in_every_format(tmp_path):
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     )
     assert configs["unet"]["use_rslora"] and configs["text_encoder"]["use_rslora"]
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet = PeftModel.from_pretrained(pipe.unet, tmp_path / "dog" / "unet")
     te = PeftModel.from_pretrained(pipe.text_encoder, tmp_path / "dog" / "text_encoder")
-    _assert_same(_outputs(unet, te), expected, "PEFT")
+    _assert_same(denoiser_outputs(unet, te), expected, "PEFT")
     for weight_name in (DIFFUSERS_WEIGHTS, "dog.safetensors"):
-        pipe = _pipeline()
+        pipe = tiny_sd_pipeline()
         pipe.load_lora_weights(str(tmp_path / "dog"), weight_name=weight_name, adapter_name="dog")
-        _assert_same(_outputs(pipe.unet, pipe.text_encoder), expected, weight_name)
-    pipe = _comfyui_apply(_pipeline(), tmp_path / "dog" / "dog.safetensors")
-    _assert_same(_outputs(pipe.unet, pipe.text_encoder), expected, "kohya, applied by hand")
+        _assert_same(denoiser_outputs(pipe.unet, pipe.text_encoder), expected, weight_name)
+    pipe = _comfyui_apply(tiny_sd_pipeline(), tmp_path / "dog" / "dog.safetensors")
+    _assert_same(denoiser_outputs(pipe.unet, pipe.text_encoder), expected, "kohya, applied by hand")
 
 
 def test_all_linear_takes_proj_in_and_out_where_they_are_linear():
@@ -236,7 +211,7 @@ def test_blending_dora_adapters_is_refused(dora, tmp_path):
     from runner import blending
 
     folder, _ = dora
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     blending.load(pipe, folder, "dog")
     blending.load(pipe, folder, "dog2")
     with pytest.raises(AdapterError, match="dog, dog2: DoRA adapters cannot be blended"):
@@ -254,9 +229,9 @@ def test_blending_adapters_with_trained_biases_is_refused(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # biases are kept in the PEFT layout only
-        save_adapter(tmp_path / "dog", _variant(_pipeline(), bias="all"), base_model="tiny-sd")
-        save_adapter(tmp_path / "toy", _variant(_pipeline(), seed=1), base_model="tiny-sd")
-    pipe = _pipeline()
+        save_adapter(tmp_path / "dog", _variant(tiny_sd_pipeline(), bias="all"), base_model="tiny-sd")
+        save_adapter(tmp_path / "toy", _variant(tiny_sd_pipeline(), seed=1), base_model="tiny-sd")
+    pipe = tiny_sd_pipeline()
     blending.load(pipe, tmp_path / "toy", "toy")
     blending.load(pipe, tmp_path / "dog", "dog")
     for order in (["toy", "dog"], ["dog", "toy"]):
@@ -283,7 +258,7 @@ def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     magnitudes = {k: v for k, v in state.items() if k.endswith(".lora_magnitude_vector")}
     assert magnitudes and len(magnitudes) == sum(k.endswith(".lora_A.weight") for k in state)
     # Trained: the magnitudes moved away from the base weights' row norms they start at.
-    pipe = _pipeline()
+    pipe = tiny_sd_pipeline()
     unet = pipe.unet
     moved = 0.0
     for key, value in magnitudes.items():
@@ -296,7 +271,7 @@ def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     )
     load_adapter_into(pipe, ctx.out, "dog")
     assert pipe.unet.peft_config["dog"].use_dora
-    assert torch.isfinite(_outputs(pipe.unet, pipe.text_encoder)[0]).all()
+    assert torch.isfinite(denoiser_outputs(pipe.unet, pipe.text_encoder)[0]).all()
 
 
 def test_sdxl_dora_on_every_component_in_every_format(tmp_path):
@@ -367,10 +342,10 @@ def test_saving_a_dora_adapter_warns_that_a1111_scrambles_its_kohya_file(tmp_pat
     from runner import families
     from runner.adapters import read_safetensors, save_adapter
 
-    modules = _variant(_pipeline(), use_dora=True, text_encoder_use_dora=True)
+    modules = _variant(tiny_sd_pipeline(), use_dora=True, text_encoder_use_dora=True)
     with pytest.warns(UserWarning, match=r"DoRA: the kohya file .* not A1111"):
         save_adapter(tmp_path / "dog", modules, base_model="tiny-sd")
-    plain = _variant(_pipeline())
+    plain = _variant(tiny_sd_pipeline())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a plain LoRA is fine in A1111: no warning
         save_adapter(tmp_path / "toy", plain, base_model="tiny-sd")

@@ -15,6 +15,7 @@ from runner.exec.backends import ProcessBackend
 from runner.exec.devices import DevicePool, gpus_problem, parse_gpus
 from runner.exec.job import run_job
 from tests.conftest import FakeSteps, Recorder
+from tests.folders import folder_bytes
 
 STRIP = ("built", "duration_s")
 
@@ -106,8 +107,7 @@ def records(path):
 
 
 def outputs(root: Path) -> dict:
-    out = root / "out"
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return folder_bytes(root / "out")
 
 
 def deps_of(proj) -> dict:

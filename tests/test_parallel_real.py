@@ -14,7 +14,8 @@ import pytest
 
 from runner import lockfile
 from tests.conftest import write_image
-from tests.test_build_real import build_here, dbl
+from tests.folders import folder_bytes
+from tests.real_builds import build_here, dbl
 
 pytestmark = pytest.mark.torch
 
@@ -65,7 +66,7 @@ def project(folder, dog_steps: int = 6):
 
 def built(folder):
     out = folder / "build" / "p"
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    files = folder_bytes(out)
     records = lockfile.read(folder / "p.lock")
     for record in records.values():
         del record["built"], record["duration_s"]

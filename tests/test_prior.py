@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.steps import StepError, StepInterrupted
+from tests.folders import folder_bytes
 from tests.steps_fixtures import draw_images, make_prior, model_cache, prior_context
 
 pytestmark = pytest.mark.torch
@@ -16,17 +17,13 @@ def _run(ctx):
     return prior.run(ctx)
 
 
-def _files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_generates_the_missing_images(tmp_path):
     progress = []
     ctx = prior_context(
         tmp_path, make_prior(num_images=3, batch_size=2), progress=lambda d, t, **m: progress.append((d, t))
     )
     assert _run(ctx) == {"generated": 3, "given": 0}
-    files = _files(ctx.out)
+    files = folder_bytes(ctx.out)
     assert list(files) == ["0000.png", "0001.png", "0002.png"]
     assert progress[-1] == (3, 3)
     from PIL import Image
@@ -47,7 +44,7 @@ def test_same_images_whatever_the_batch_size(tmp_path):
     import numpy as np
     from PIL import Image
 
-    for name in _files(one.out):
+    for name in folder_bytes(one.out):
         a = np.asarray(Image.open(one.out / name), dtype=np.int16)
         b = np.asarray(Image.open(three.out / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1, name  # batched matmuls may round the last bit differently
@@ -57,7 +54,7 @@ def test_given_images_are_kept_and_topped_up(tmp_path):
     given = draw_images(tmp_path / "mine", 2, suffix=".JPG")
     ctx = prior_context(tmp_path, make_prior(num_images=3, images=str(given), steps=1))
     assert _run(ctx) == {"generated": 1, "given": 2}
-    files = _files(ctx.out)
+    files = folder_bytes(ctx.out)
     assert list(files) == ["0000.jpg", "0001.jpg", "0002.png"]
     assert files["0000.jpg"] == (given / "00.JPG").read_bytes()
     assert files["0001.jpg"] == (given / "01.JPG").read_bytes()
@@ -80,7 +77,7 @@ def test_more_given_images_than_needed_generates_nothing(tmp_path):
     logs = []
     ctx = prior_context(tmp_path, make_prior(num_images=2, images=str(given)), log=logs.append)
     assert _run(ctx) == {"generated": 0, "given": 2}
-    assert list(_files(ctx.out)) == ["0000.png", "0001.png"]
+    assert list(folder_bytes(ctx.out)) == ["0000.png", "0001.png"]
     assert logs == ["4 class images given, using the first 2 by name (num_images = 2)"]
 
 
@@ -130,7 +127,7 @@ def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path)
     )
     _run(again)
     assert any("reusing 2" in line for line in logs)
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_a_kill_between_the_images_of_a_batch_resumes_to_the_uninterrupted_bytes(tmp_path):
@@ -146,7 +143,7 @@ def test_a_kill_between_the_images_of_a_batch_resumes_to_the_uninterrupted_bytes
     logs = []
     again = prior_context(tmp_path / "b", make_prior(**settings), work=work, log=logs.append)
     _run(again)
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
     assert not any("reusing" in line for line in logs), logs  # no whole batch was there to reuse
 
 
@@ -163,7 +160,7 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
     )
     _run(more)
     assert logs[:2] == ["0 class images given, 3 to generate", "keeping 2 class images of the previous build"]
-    files = _files(more.out)
+    files = folder_bytes(more.out)
     assert list(files) == ["0000.png", "0001.png", "0002.png"]
     assert files["0001.png"] == (earlier / "0001.png").read_bytes()
 
@@ -173,7 +170,7 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
 
     fewer = prior_context(tmp_path / "c", make_prior(num_images=2), earlier=earlier)
     _run(dataclasses.replace(fewer, models=NoModel()))
-    assert _files(fewer.out) == _files(earlier)
+    assert folder_bytes(fewer.out) == folder_bytes(earlier)
 
 
 def test_a_new_count_draws_again_the_images_of_a_batch_the_counts_do_not_share(tmp_path):
@@ -189,7 +186,7 @@ def test_a_new_count_draws_again_the_images_of_a_batch_the_counts_do_not_share(t
     )
     _run(grown)
     assert "keeping 2 class images of the previous build" in logs
-    assert _files(grown.out) == _files(four.out)
+    assert folder_bytes(grown.out) == folder_bytes(four.out)
 
 
 def test_scheduler_is_swapped_and_restored(tmp_path):

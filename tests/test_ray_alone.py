@@ -72,7 +72,7 @@ import psutil
 from runner import events, lockfile
 from runner.exec import ray_backend
 from tests.conftest import PETS, Proj
-from tests.test_ray import build, pids_of
+from tests.ray_fixtures import build, pids_of
 
 ray_backend.HEAD_LOST_S = 3.0
 proj = Proj(Path(sys.argv[1]), PETS)

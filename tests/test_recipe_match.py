@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_build_real import dbl
+from tests.real_builds import dbl
 
 SEED, STEPS, LR = 3, 5, 1e-3
 SUBJECT = ROOT / "projects" / "shapes" / "ring"

@@ -15,16 +15,7 @@ import pytest
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import PETS, ROOT, Proj, output_bytes
-
-
-def fake_build(project: Path, *extra, crash: str | None = None, log: Path | None = None):
-    cmd = (
-        [sys.executable, "-m", "tests.fake_build"]
-        + (["--crash", crash] if crash else [])
-        + ["--", "build", str(project), "--no-progress", *extra]
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_STEPS_LOG=str(log or os.devnull))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+from tests.fake_build import fake_build
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from runner.cli import main
 from runner.exec import lastbuild
 from runner.project import load_project
 from tests.conftest import ROOT, Recorder, write_image
+from tests.report_page import Page
 
 PROJECT = """
 [project]
@@ -67,26 +67,6 @@ adapters = ["dog@2", "mix", "none"]
 prompts = ["a sks dog toy"]
 steps = 2
 """
-
-
-class Page(HTMLParser):
-    """The parts of a page the tests look at: every tag with its attributes, and the text."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.feed(text)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def images(self, css: str) -> list[dict]:
-        return [a for t, a in self.tags if t == "img" and css in a.get("class", "").split()]
 
 
 def write_project(folder: Path) -> Path:

@@ -9,7 +9,7 @@ import re
 from runner import lockfile
 from runner.cli import main
 from runner.exec import lastbuild
-from tests.test_report import Page
+from tests.report_page import Page
 
 
 def _item(text: str, sid: str) -> str:

@@ -221,7 +221,7 @@ def test_gc_reads_a_lockfile_that_many_branches_hold_once(proj, build, monkeypat
     large project)."""
     from runner import lockfile
     from runner.cli import main
-    from tests.test_trust_lockfile import built_on_main, git, git_env
+    from tests.lockfile_fixtures import built_on_main, git, git_env
 
     env = git_env()
     built_on_main(proj, build, env)

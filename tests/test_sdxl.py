@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner.steps import KOHYA_STEM
-from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, train_context
+from tests.steps_fixtures import draw_images, make_prior, make_subject, model_cache, run_train, train_context
 
 pytestmark = pytest.mark.torch
 
@@ -19,12 +19,6 @@ TE_TARGETS = dict(
     text_encoder_2_rank=3,
     text_encoder_2_alpha=3,
 )
-
-
-def _run(ctx):
-    from runner.steps import train
-
-    return train.run(ctx)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def trained(tmp_path_factory, images):
         )
         tmp = tmp_path_factory.mktemp(f"sdxl-{label}")
         ctx = train_context(tmp, subject, prior=prior, class_dir=classes, base_model=BASE, seed=seed)
-        outs[label] = (ctx.out, _run(ctx))
+        outs[label] = (ctx.out, run_train(ctx))
     return outs
 
 
@@ -180,7 +174,7 @@ def test_training_lowers_the_instance_loss(tmp_path, images):
         subset, train=dict(steps=10, learning_rate=5e-2, train_text_encoder=False), lora=lora
     )
     ctx = train_context(tmp_path, subject, base_model=BASE)
-    metrics = _run(ctx)
+    metrics = run_train(ctx)
     assert not (ctx.out / "text_encoder").exists() and not (ctx.out / "text_encoder_2").exists()
     pipe = load_pipeline(model_cache(BASE).base)
     before = _denoising_loss(pipe, files)
@@ -329,41 +323,25 @@ def test_a_killed_sdxl_build_resumes_to_the_same_adapter(tmp_path):
     import signal
 
     from runner import lockfile
-    from tests import test_build_real as real
+    from tests.real_builds import PROJECT, adapter_bytes, dbl, project, stop_during_training
 
-    project = real.PROJECT.replace('"tiny-sd"', '"tiny-sdxl"').replace(
+    text = PROJECT.replace('"tiny-sd"', '"tiny-sdxl"').replace(
         "text_encoder_alpha = 4", "text_encoder_alpha = 4\ntext_encoder_2_rank = 2"
     )
-    folders = {}
-    for label in ("whole", "killed"):
-        folder = tmp_path / label
-        folder.mkdir()
-        (folder / "p.toml").write_text(project)
-        for i in range(3):
-            real.write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
-        folders[label] = folder
-    done = real.dbl("build", "p.toml", "--no-progress", cwd=folders["whole"])
+    folders = {label: project(tmp_path / label, text).parent for label in ("whole", "killed")}
+    done = dbl("build", "p.toml", "--no-progress", cwd=folders["whole"])
     assert done.returncode == 0, done.stdout + done.stderr
-    reference = real.adapter_bytes(folders["whole"])
+    reference = adapter_bytes(folders["whole"])
     assert {"unet/adapter_model.safetensors", "text_encoder_2/adapter_model.safetensors"} <= set(reference)
 
     folder = folders["killed"]
-    proc = real.dbl("build", "p.toml", "--no-progress", cwd=folder, wait=False)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 12/" in line:  # past checkpoint-10
-            proc.send_signal(signal.SIGKILL)
-            break
-    else:
-        raise AssertionError("".join(seen))
-    proc.wait(timeout=120)
+    proc, seen = stop_during_training("p.toml", folder, "step 12/")  # past checkpoint-10
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     assert "train:dog" not in lockfile.read(folder / "p.lock")
-    again = real.dbl("build", "p.toml", "--no-progress", "-v", cwd=folder)
+    again = dbl("build", "p.toml", "--no-progress", "-v", cwd=folder)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming from checkpoint-" in again.stdout
-    assert real.adapter_bytes(folder) == reference
+    assert adapter_bytes(folder) == reference
 
 
 def test_class_images_are_generated_with_the_sdxl_pipeline(tmp_path):
@@ -445,6 +423,6 @@ def test_captions_train_on_sdxl(tmp_path, images, train_text_encoder):
     )
     subject = dataclasses.replace(subject, caption_extension=".txt", trigger="sks dog")
     ctx = train_context(tmp_path, subject, base_model=BASE)
-    metrics = _run(ctx)
+    metrics = run_train(ctx)
     assert metrics["steps"] == 2
     assert (ctx.out / "unet" / "adapter_model.safetensors").is_file()

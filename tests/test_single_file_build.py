@@ -65,7 +65,7 @@ def _project(folder, single_file, text=PROJECT):
 
 
 def _dbl(*args, cwd):
-    from tests.test_build_real import dbl
+    from tests.real_builds import dbl
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # the subprocess inherits it: nothing may come from the hub
     try:

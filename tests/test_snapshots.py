@@ -10,6 +10,7 @@ import pytest
 from runner import executor, lockfile
 from runner.project import load_project
 from tests.conftest import Recorder, write_image
+from tests.folders import folder_bytes
 
 pytestmark = pytest.mark.torch
 
@@ -57,12 +58,6 @@ def build(path, **options):
     result = executor.build(load_project(path), executor.BuildOptions(**options), rec)
     assert result.ok, rec.events
     return {e.id: e for e in result.steps}, [e[2] for e in rec.events if e[0] == "log"]
-
-
-def folder_bytes(folder):
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 RENDER = """

@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from runner.steps import KOHYA_STEM, StepError, StepInterrupted
-from tests.steps_fixtures import DREAMBENCH, draw_images, make_prior, make_subject, model_cache, train_context
+from tests import steps_fixtures
+from tests.folders import folder_bytes
+from tests.steps_fixtures import (
+    DREAMBENCH,
+    make_prior,
+    make_subject,
+    model_cache,
+    run_train,
+    stop_at,
+    train_context,
+)
 
 pytestmark = pytest.mark.torch
 
 
-def _run(ctx):
-    from runner.steps import train
-
-    return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    return draw_images(root / "dog", 3, size=(80, 64)), draw_images(root / "class", 4, size=(64, 64), seed=7)
+images = steps_fixtures.train_images  # the fixture, as `images`
 
 
 # The recipe's text-encoder targets (q_proj, v_proj): the kohya file must load in diffusers with them.
@@ -45,7 +39,7 @@ def trained(tmp_path_factory, images):
     for label, seed in (("a", 0), ("b", 0), ("c", 1)):
         tmp = tmp_path_factory.mktemp(f"train-{label}")
         ctx = train_context(tmp, subject, prior=prior, class_dir=classes, seed=seed)
-        outs[label] = (ctx.out, _run(ctx))
+        outs[label] = (ctx.out, run_train(ctx))
     return outs
 
 
@@ -134,7 +128,7 @@ def test_outputs_load_the_way_users_load_them(trained):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(trained):
-    a, b, c = (_files(trained[k][0]) for k in "abc")
+    a, b, c = (folder_bytes(trained[k][0]) for k in "abc")
     assert a == b
     assert a["unet/adapter_model.safetensors"] != c["unet/adapter_model.safetensors"]
     info = json.loads(a["dbl.json"])
@@ -192,7 +186,7 @@ def test_training_lowers_the_instance_loss(tmp_path, images):
         subset, train=dict(steps=20, learning_rate=1e-2, train_text_encoder=False), lora=lora
     )
     ctx = train_context(tmp_path, subject)
-    metrics = _run(ctx)
+    metrics = run_train(ctx)
     assert not (ctx.out / "text_encoder").exists()
     pipe = load_pipeline(model_cache().base)
     before = _denoising_loss(pipe, files)
@@ -213,28 +207,22 @@ def test_interrupted_and_resumed_run_gives_the_same_bytes(tmp_path, images):
         lora=dict(dropout=0.1, text_encoder_dropout=0.1),
     )
     whole = train_context(tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w1")
-    _run(whole)
-
-    calls = []
-
-    def stop_after_three():
-        calls.append(1)
-        return len(calls) == 3
+    run_train(whole)
 
     first = train_context(
-        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_after_three
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_at(3)
     )
     with pytest.raises(StepInterrupted, match="after step 3"):
-        _run(first)
+        run_train(first)
     assert sorted(p.name for p in (tmp_path / "w2").glob("checkpoint-*")) == ["checkpoint-3"]
     logs = []
     again = train_context(
         tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", log=logs.append
     )
-    metrics = _run(again)
+    metrics = run_train(again)
     assert "resuming from checkpoint-3" in logs
     assert metrics["resumed_from"] == 3
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, monkeypatch):
@@ -257,7 +245,7 @@ def test_nan_loss_is_an_error_and_keeps_the_last_checkpoint(tmp_path, images, mo
     subject = make_subject(instance, train=dict(steps=4, checkpoint_every=1, train_text_encoder=False))
     ctx = train_context(tmp_path, subject)
     with pytest.raises(StepError, match="loss became nan at step 3") as raised:
-        _run(ctx)
+        run_train(ctx)
     assert str(raised.value).endswith("checkpoint-2, the last good checkpoint, is kept")
     assert sorted(p.name for p in ctx.work.glob("checkpoint-*")) == ["checkpoint-2"]
     assert torch.isfinite(
@@ -287,7 +275,7 @@ def test_non_finite_latents_of_random_crops_stop_the_run_with_the_vaes_error(tmp
     )
     ctx = train_context(tmp_path, subject)
     with pytest.raises(StepError, match="non-finite latents"):
-        _run(ctx)
+        run_train(ctx)
     assert len(calls) == 3  # the poisoned encoding was step 3's
     assert sorted(p.name for p in ctx.work.glob("checkpoint-*")) == ["checkpoint-2"]
 
@@ -301,7 +289,9 @@ def test_shared_pipeline_is_left_as_found(tmp_path, images):
     te_keys = set(pipe.text_encoder.state_dict())
     unet_cls, te_cls = type(pipe.unet), type(pipe.text_encoder)
     flags = [p.requires_grad for p in pipe.unet.parameters()]
-    _run(train_context(tmp_path, make_subject(instance, train=dict(steps=2, gradient_checkpointing=True))))
+    run_train(
+        train_context(tmp_path, make_subject(instance, train=dict(steps=2, gradient_checkpointing=True)))
+    )
     assert type(pipe.unet) is unet_cls and type(pipe.text_encoder) is te_cls
     assert set(pipe.unet.state_dict()) == set(unet_before)
     assert set(pipe.text_encoder.state_dict()) == te_keys
@@ -325,8 +315,8 @@ def test_cached_latents_and_checkpointing_do_not_change_the_result(tmp_path, ima
     )
     logs = []
     slow.log = logs.append
-    _run(fast)
-    _run(slow)
+    run_train(fast)
+    run_train(slow)
     assert any("encoded per step for 3" in line for line in logs)
     a, b = lora_delta(fast.out, "unet"), lora_delta(slow.out, "unet")
     for key in a:
@@ -347,7 +337,7 @@ def test_v_prediction_trains_on_velocity(tmp_path, images, monkeypatch):
     monkeypatch.setattr(DDPMScheduler, "get_velocity", spy)
     subject = make_subject(instance, train=dict(steps=3, train_text_encoder=False))
     ctx = train_context(tmp_path, subject, base_model="tiny-sd-v")
-    _run(ctx)
+    run_train(ctx)
     assert calls == [1, 1, 1]
     assert json.loads((ctx.out / "dbl.json").read_text())["prediction_type"] == "v_prediction"
 
@@ -356,7 +346,7 @@ def test_8bit_adam_without_cuda_is_a_clear_error(tmp_path, images):
     instance, _ = images
     ctx = train_context(tmp_path, make_subject(instance, train=dict(use_8bit_adam=True)))
     with pytest.raises(StepError, match="use_8bit_adam"):
-        _run(ctx)
+        run_train(ctx)
 
 
 def test_a_bad_instance_image_names_the_file(tmp_path, images):
@@ -366,7 +356,7 @@ def test_a_bad_instance_image_names_the_file(tmp_path, images):
     (folder / "ok.png").write_bytes((instance / "00.png").read_bytes())
     (folder / "broken.jpg").write_bytes(b"\x00not a jpeg")
     with pytest.raises(StepError, match="broken.jpg"):
-        _run(train_context(tmp_path, make_subject(folder)))
+        run_train(train_context(tmp_path, make_subject(folder)))
 
 
 def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
@@ -383,7 +373,7 @@ def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
         num_processes=2,
         progress=lambda done, total, **m: progress.append(done),
     )
-    metrics = _run(two)
+    metrics = run_train(two)
     assert metrics["steps"] == 2 and progress[-1] == 2
     load_adapter_into(load_pipeline(model_cache().base), two.out, "dog")
     one = train_context(
@@ -391,7 +381,7 @@ def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
         make_subject(instance, train=dict(steps=2, batch_size=2, train_text_encoder=False)),
         work=tmp_path / "one",
     )
-    _run(one)
+    run_train(one)
     a, b = lora_delta(two.out, "unet"), lora_delta(one.out, "unet")
     for key in a:
         # Adam magnifies last-bit differences of the all-reduced gradients; other data would differ by 100%.
@@ -401,7 +391,7 @@ def test_two_processes_train_an_adapter_that_loads(tmp_path, images):
 @pytest.mark.skipif(not (DREAMBENCH / "dog").is_dir(), reason="no dreambench photos")
 def test_real_photos_train(tmp_path):
     subject = make_subject(DREAMBENCH / "dog", train=dict(steps=2, train_text_encoder=False))
-    metrics = _run(train_context(tmp_path, subject))
+    metrics = run_train(train_context(tmp_path, subject))
     assert metrics["steps"] == 2
 
 
@@ -419,9 +409,9 @@ def test_the_log_says_whether_gradient_checkpointing_is_on_and_it_changes_no_res
             instance, train=dict(steps=2, gradient_checkpointing=setting, checkpoint_every=every)
         )
         ctx = train_context(tmp_path, subject, work=tmp_path / f"work-{setting}", log=logs.append)
-        _run(ctx)
+        run_train(ctx)
         assert line in logs
-        outputs[setting] = _files(ctx.out)
+        outputs[setting] = folder_bytes(ctx.out)
     # Recomputed activations are the same numbers; dbl.json records neither setting.
     assert outputs["auto"] == outputs[True]
 
@@ -444,8 +434,8 @@ def test_losses_read_back_every_few_steps_give_the_same_log(tmp_path, images, mo
             work=tmp_path / f"work-{every}",
             progress=lambda done, total, seen=progress, **m: seen.append((done, "loss" in m)),
         )
-        _run(ctx)
-        outputs[every] = _files(ctx.out)
+        run_train(ctx)
+        outputs[every] = folder_bytes(ctx.out)
     assert outputs[3] == outputs[1]
     assert calls[1][1:] == [(step, True) for step in range(1, 6)]
     assert calls[3][1:] == [(1, False), (2, False), (3, True), (4, False), (5, True)]

@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
 
 from runner.steps import StepError, StepInterrupted
-from tests.steps_fixtures import draw_images, make_prior, make_subject, train_context
+from tests import steps_fixtures
+from tests.folders import folder_bytes
+from tests.steps_fixtures import make_prior, make_subject, run_train, stop_at, train_context
 
 pytestmark = pytest.mark.torch
 
 
-def _run(ctx):
-    from runner.steps import train
-
-    return train.run(ctx)
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    return draw_images(root / "dog", 3, size=(80, 64)), draw_images(root / "class", 4, size=(64, 64), seed=7)
+images = steps_fixtures.train_images  # the fixture, as `images`
 
 
 PRODIGY = dict(optimizer="prodigy", learning_rate=1.0, prodigy_d_coef=2.0, prodigy_use_bias_correction=True)
@@ -58,24 +44,18 @@ def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tm
         lora=dict(use_dora=True, text_encoder_use_dora=True),
     )
     whole = train_context(tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w1")
-    metrics = _run(whole)
+    metrics = run_train(whole)
     assert capsys.readouterr().out == ""  # Prodigy's own print is kept off the build's display
     # It trained: the B matrices left their zero start.
     state = read_adapter_weights(whole.out, "unet")
     assert max(float(v.abs().max()) for k, v in state.items() if ".lora_B." in k) > 0
     assert metrics["steps"] == 5
 
-    calls = []
-
-    def stop_after_three():
-        calls.append(1)
-        return len(calls) == 3
-
     first = train_context(
-        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_after_three
+        tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", should_stop=stop_at(3)
     )
     with pytest.raises(StepInterrupted, match="after step 3"):
-        _run(first)
+        run_train(first)
     saved = torch.load(tmp_path / "w2" / "checkpoint-3" / "training_state.pt", weights_only=True)
     group = saved["optimizer"]["param_groups"][0]
     # Prodigy's step-size estimate and its statistics are in the checkpoint.
@@ -85,9 +65,9 @@ def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tm
     again = train_context(
         tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", log=logs.append
     )
-    assert _run(again)["resumed_from"] == 3
+    assert run_train(again)["resumed_from"] == 3
     assert "resuming from checkpoint-3" in logs
-    assert _files(again.out) == _files(whole.out)
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_min_snr_and_offset_noise_change_what_is_learned(tmp_path, images):
@@ -105,7 +85,7 @@ def test_min_snr_and_offset_noise_change_what_is_learned(tmp_path, images):
         train = dict(steps=2, batch_size=2, train_text_encoder=False, **train)
         subject = make_subject(instance, train=train)
         ctx = train_context(tmp_path / label, subject)
-        _run(ctx)
+        run_train(ctx)
         outs[label] = read_adapter_weights(ctx.out, "unet")
     for label in ("snr", "offset"):
         assert any(not v.equal(outs["plain"][k]) for k, v in outs[label].items()), label
@@ -120,14 +100,14 @@ def test_prodigy_without_prodigyopt_says_how_to_install_it(tmp_path, images, mon
         StepError,
         match=r"train.optimizer: \"prodigy\" needs the prodigyopt package - pip install 'dbl\[prodigy\]'",
     ):
-        _run(ctx)
+        run_train(ctx)
 
 
 def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, images):
     instance, _ = images
     ctx = train_context(tmp_path, make_subject(instance, train=dict(optimizer="adamw8bit")))
     with pytest.raises(StepError, match='train.optimizer: "adamw8bit" needs a CUDA device'):
-        _run(ctx)
+        run_train(ctx)
 
 
 def test_prodigy_is_quiet_while_it_is_made(capsys):
@@ -167,7 +147,7 @@ def test_a_target_module_that_matches_nothing_says_which_and_what_there_is(tmp_p
         tmp_path, make_subject(instance, train=dict(steps=1, train_text_encoder=True), lora=lora)
     )
     with pytest.raises(StepError, match=expected) as raised:
-        _run(ctx)
+        run_train(ctx)
     # What there is to name instead: the layers of that component.
     assert ("q_proj" if "text_encoder" in expected else "to_q") in str(raised.value)
     pipe = ctx.models.pipeline(ctx.models.dtype)  # the build's shared pipeline: left without LoRA layers
@@ -191,5 +171,5 @@ def test_a_target_module_problem_names_the_table_that_sets_it(tmp_path, images):
         if project_lora is not None:  # the value written in [lora], which the subject inherits
             ctx = replace(ctx, project=replace(ctx.project, lora=project_lora))
         with pytest.raises(StepError) as raised:
-            _run(ctx)
+            run_train(ctx)
         assert str(raised.value).startswith(f"{key}: 'nonexistent_mod' names no module of the unet;")

@@ -14,7 +14,7 @@ import pytest
 from runner import lockfile
 from runner.cli import main
 from tests.conftest import ROOT, write_image
-from tests.test_cli import fake_dbl
+from tests.fake_build import fake_dbl
 
 ALL = {"prior:dog", "train:dog", "train:toy", "blend:mix", "render:park", "render:mixed", "render:base"}
 

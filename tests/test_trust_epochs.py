@@ -11,7 +11,7 @@ import pytest
 
 from runner import store
 from runner.cli import main
-from tests.test_cache_stamps import by_step, manifests, unstamp
+from tests.cache_trust_fixtures import by_step, manifests, unstamp
 
 RENDERS = {"render:park", "render:mixed", "render:base"}
 
@@ -76,14 +76,9 @@ def test_check_counts_the_entries_no_build_restores_and_names_what_made_each(dis
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_gc_judges_the_entries_of_other_branches_lockfiles_by_their_records(proj, build, capsys, monkeypatch):
-    from tests.test_trust_lockfile import built_on_main, git, git_env
+    from tests.lockfile_fixtures import git, snow_branch
 
-    env = git_env()
-    built_on_main(proj, build, env)
-    git(proj.root, "checkout", "-qb", "snow", env=env)
-    proj.edit("sks dog on a beach", "sks dog in the snow")
-    build(proj)
-    git(proj.root, "commit", "-qam", "snow", env=env)
+    env = snow_branch(proj, build)
     snow_park = by_step(proj)["render:park"]
     git(proj.root, "checkout", "-q", "main", env=env)
     assert snow_park not in by_step(proj).values()  # the snow branch's lockfile alone refers to it

@@ -11,9 +11,8 @@ from runner import lockfile
 from runner.cli import main
 from runner.lockfile import HEADER
 from runner.store import BuildLock, RunCache
-from tests.test_cli import fake_dbl, wait_for
-
-CONFLICT = '<<<<<<< HEAD\n[steps."render:x"]\n=======\n[steps."render:y"]\n>>>>>>> theirs\n'
+from tests.fake_build import fake_dbl, wait_for
+from tests.lockfile_fixtures import CONFLICT, OTHER_TOOLS, git, snow_branch
 
 
 def cache_entries(proj) -> list[str]:
@@ -66,15 +65,6 @@ def test_gc_refuses_a_newer_dbls_lockfile_and_says_to_upgrade(built_twice, capsy
     assert cache_entries(proj) == before
 
 
-# Other tools' lockfiles, which lie beside a project file in a Python or Rust repository.
-OTHER_TOOLS = {
-    "poetry.lock": '[[package]]\nname = "numpy"\n\n[metadata]\nlock-version = "2.0"\n',
-    "Cargo.lock": 'version = 4\n\n[[package]]\nname = "serde"\n',
-    "uv.lock": 'version = 1\nrequires-python = ">=3.11"\n',
-    "yarn.lock": '# yarn lockfile v1\n\nleft-pad@^1.3.0:\n  version "1.3.0"\n',
-}
-
-
 def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
     proj = built_twice
     for name, text in OTHER_TOOLS.items():
@@ -90,14 +80,7 @@ def test_gc_passes_over_other_tools_lockfiles(built_twice, capsys):
 def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build, capsys):
     """Hours of training on a branch: gc on another one must not drop them, or checking the branch
     out again retrains instead of restoring."""
-    from tests.test_trust_lockfile import built_on_main, git, git_env
-
-    env = git_env()
-    built_on_main(proj, build, env)
-    git(proj.root, "checkout", "-qb", "snow", env=env)
-    proj.edit("sks dog on a beach", "sks dog in the snow")
-    build(proj)
-    git(proj.root, "commit", "-qam", "snow", env=env)
+    env = snow_branch(proj, build)
     git(proj.root, "checkout", "-q", "main", env=env)
     before = cache_entries(proj)
     assert main(["gc", str(proj.path)]) == 0
@@ -112,14 +95,7 @@ def test_gc_keeps_what_the_lockfile_of_every_local_branch_refers_to(proj, build,
 def test_gc_refuses_when_git_cannot_read_the_branches_it_keeps_for(proj, build, capsys):
     """A repository git will not read (owned by another user, as in a container; made by a newer git)
     hides the other branches' lockfiles: gc must not take that for no repository and drop their entries."""
-    from tests.test_trust_lockfile import built_on_main, git, git_env
-
-    env = git_env()
-    built_on_main(proj, build, env)
-    git(proj.root, "checkout", "-qb", "snow", env=env)
-    proj.edit("sks dog on a beach", "sks dog in the snow")
-    build(proj)
-    git(proj.root, "commit", "-qam", "snow", env=env)
+    env = snow_branch(proj, build)
     git(proj.root, "checkout", "-q", "main", env=env)
     git(proj.root, "config", "core.repositoryformatversion", "1", env=env)
     git(proj.root, "config", "extensions.fromanewergit", "true", env=env)

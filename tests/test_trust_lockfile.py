@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import pytest
 
 from runner import lockfile
 from runner.cli import main
-from tests.conftest import ROOT
-from tests.test_trust_gc import CONFLICT, OTHER_TOOLS
+from tests.lockfile_fixtures import CONFLICT, OTHER_TOOLS, git, git_env
 
 # Two renders whose records differ only in their adapter, output and times: a text merge of their
 # tables can mix them line by line.
@@ -173,36 +171,6 @@ def test_merge_lockfile_says_it_of_one_step_left_out_and_them_of_several(tmp_pat
             f"{said} changed differently on both sides: left out; `dbl build` restores or reruns {which} "
             "for the merged project file"
         ) in err, err
-
-
-def git(repo, *args, env=None):
-    return subprocess.run(
-        ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
-    ).stdout
-
-
-def built_on_main(proj, build, env) -> None:
-    """`proj` built, in a git repository of its own whose branch main holds its project file and lockfile
-    (outputs and .dbl/ ignored)."""
-    git(proj.root, "init", "-q", "-b", "main", env=env)
-    (proj.root / ".gitignore").write_text(".dbl/\nbuild/\n")
-    build(proj)
-    git(proj.root, "add", "-A", env=env)
-    git(proj.root, "commit", "-qm", "base", env=env)
-
-
-def git_env() -> dict:
-    """An environment where git commits without a user's configuration, and runs this checkout's dbl."""
-    return dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-        GIT_CONFIG_GLOBAL=os.devnull,
-        GIT_CONFIG_NOSYSTEM="1",
-    )
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

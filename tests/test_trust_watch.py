@@ -11,10 +11,13 @@ import pytest
 from runner import watch as watch_module
 from runner import watch_builds, watch_changes
 from runner.store import BuildLock
-from tests.test_watch import LIMIT_S, save, wait_for, watcher  # noqa: F401 (a fixture)
+from tests import watch_fixtures
+from tests.watch_fixtures import LIMIT_S, Watcher, save, wait_for
+
+watcher = watch_fixtures.watcher  # the fixture
 
 
-def test_a_change_while_another_build_holds_the_lock_is_built_when_it_ends(proj, fake_steps, watcher):  # noqa: F811
+def test_a_change_while_another_build_holds_the_lock_is_built_when_it_ends(proj, fake_steps, watcher):
     w = watcher()
     fake_steps.ran.clear()
     with BuildLock(proj.load()):  # a manual `dbl build` of the same project
@@ -30,7 +33,7 @@ def test_a_change_while_another_build_holds_the_lock_is_built_when_it_ends(proj,
     assert w.close() == 0
 
 
-def test_a_watch_stopped_while_waiting_for_the_lock_ends(proj, fake_steps, watcher):  # noqa: F811
+def test_a_watch_stopped_while_waiting_for_the_lock_ends(proj, fake_steps, watcher):
     with BuildLock(proj.load()):
         w = watch_module_watcher(proj)
         wait_for(lambda: "building when it ends" in w.messages, f"the watch to wait; it said {w.messages}")
@@ -41,8 +44,6 @@ def test_a_watch_stopped_while_waiting_for_the_lock_ends(proj, fake_steps, watch
 
 
 def watch_module_watcher(proj):
-    from tests.test_watch import Watcher
-
     return Watcher(proj.path)
 
 

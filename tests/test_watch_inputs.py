@@ -10,11 +10,11 @@ import time
 import pytest
 
 from runner.watch import targets_of
-from tests import test_watch
+from tests import watch_fixtures
 from tests.conftest import PETS, Proj, write_image
-from tests.test_watch import Watcher, save
+from tests.watch_fixtures import Watcher, save
 
-watcher = test_watch.watcher  # the fixture
+watcher = watch_fixtures.watcher  # the fixture
 
 
 def test_a_retargeted_link_to_the_project_file_or_an_images_folder_is_built(tmp_path, fake_steps):

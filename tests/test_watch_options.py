@@ -12,7 +12,7 @@ from runner.ui.plain import PlainReporter
 from runner.watch import watch
 
 from .conftest import FakeBackend, use_backend
-from .test_watch import save
+from .watch_fixtures import save
 
 
 @pytest.mark.parametrize(

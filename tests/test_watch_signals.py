@@ -12,7 +12,7 @@ from runner.exec import lastbuild
 from runner.ui.plain import PlainReporter
 from runner.watch import watch
 from tests.conftest import FakeBackend, Proj, use_backend
-from tests.test_watch import LIMIT_S, wait_for
+from tests.watch_fixtures import LIMIT_S, wait_for
 
 
 class Killed(Exception):
@@ -79,27 +79,29 @@ def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj,
     assert lastbuild.read(proj.load())["exit_code"] == 143  # as dbl report says of the last build
 
 
-def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, monkeypatch):
-    """A Ctrl-C, then `docker stop` while the watch ends its observer and its worker processes: the
-    cleanup goes on, and the exit code is SIGTERM's."""
+def watch_signalled_during_cleanup(proj, monkeypatch, signum: int):
+    """Run the watch here until it rests, stop it as a Ctrl-C at rest does, and send `signum` while it stops its
+    observer: the exit code, the signals sent, the observers made, and whether the watch put the handler
+    back."""
     from runner import watch as watch_module
 
     make_observer = watch_module.make_observer
-    sent = []
+    sent, observers = [], []
 
-    def observer_stopped_with_a_sigterm(*args):
+    def observer_stopped_with_a_signal(*args):
         observer = make_observer(*args)
         stop = observer.stop
+        observers.append(observer)
 
         def stop_and_signal():
-            sent.append(signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
             stop()
 
         observer.stop = stop_and_signal
         return observer
 
-    monkeypatch.setattr(watch_module, "make_observer", observer_stopped_with_a_sigterm)
+    monkeypatch.setattr(watch_module, "make_observer", observer_stopped_with_a_signal)
     stop = threading.Event()
     messages: list[str] = []
 
@@ -110,13 +112,21 @@ def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, mo
     threading.Thread(target=stop_when_resting, daemon=True).start()
 
     def killed(signum, frame):
-        raise Killed
+        raise Killed  # as Python's own handler raises KeyboardInterrupt on SIGINT
 
-    previous = signal.signal(signal.SIGTERM, killed)
+    previous = signal.signal(signum, killed)
     try:
         code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
+        kept = signal.getsignal(signum) is killed
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+    return code, sent, observers, kept
+
+
+def test_sigterm_while_the_watch_cleans_up_ends_it_with_143(proj, fake_steps, monkeypatch):
+    """A Ctrl-C, then `docker stop` while the watch ends its observer and its worker processes: the
+    cleanup goes on, and the exit code is SIGTERM's."""
+    code, sent, _, _ = watch_signalled_during_cleanup(proj, monkeypatch, signal.SIGTERM)
     assert sent  # the signal really came during the cleanup
     assert code == 143
 
@@ -125,43 +135,8 @@ def test_a_second_ctrl_c_while_the_watch_cleans_up_lets_it_end_with_0(proj, fake
     """A Ctrl-C at rest, then another while the watch ends its observer and its workers: it raised out of
     the cleanup, left the workers to notice, and the watch ended `dbl: interrupted` with exit code 130,
     where a watch stopped by Ctrl-C ends with 0."""
-    from runner import watch as watch_module
-
-    make_observer = watch_module.make_observer
-    sent, observers = [], []
-
-    def observer_stopped_with_a_ctrl_c(*args):
-        observer = make_observer(*args)
-        stop = observer.stop
-        observers.append(observer)
-
-        def stop_and_signal():
-            sent.append(signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            stop()
-
-        observer.stop = stop_and_signal
-        return observer
-
-    monkeypatch.setattr(watch_module, "make_observer", observer_stopped_with_a_ctrl_c)
-    stop = threading.Event()
-    messages: list[str] = []
-
-    def stop_when_resting():
-        wait_for(lambda: any(m.startswith("watching ") for m in messages), f"the watch to rest: {messages}")
-        stop.set()  # as a Ctrl-C at rest does
-
-    threading.Thread(target=stop_when_resting, daemon=True).start()
-
-    def killed(signum, frame):
-        raise Killed  # as Python's own handler raises KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, killed)
-    try:
-        code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
-        assert signal.getsignal(signal.SIGINT) is killed  # the watch put the handler back
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    code, sent, observers, kept = watch_signalled_during_cleanup(proj, monkeypatch, signal.SIGINT)
+    assert kept  # the watch put the handler back
     assert sent  # the signal really came during the cleanup
     assert code == 0
     assert not observers[0].is_alive()  # the cleanup went on to its end

@@ -14,6 +14,7 @@ import pytest
 from runner.errors import StepError, StepInterrupted
 from runner.exec.backends import ProcessBackend
 from runner.exec.job import Hooks, Job
+from tests.worker_jobs import render_job
 
 HERE = __name__
 
@@ -52,22 +53,9 @@ class Options:
         self.jobs = jobs
 
 
-def job(
-    tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, ...] = (), module: str = HERE
-) -> Job:
-    """A render step that runs `module:run`, with nothing upstream."""
-    return Job(
-        step_id=f"render:{name}",
-        kind="render",
-        name=name,
-        spec=None,
-        project=None,
-        fingerprint=name,
-        run=f"{module}:{run}",
-        inputs={},
-        work=tmp_path / name,
-        devices=devices,
-    )
+def job(tmp_path: Path, name: str, run: str = "write_pid", devices: tuple[str, ...] = ()) -> Job:
+    """A render step that runs this module's function `run`, with nothing upstream."""
+    return render_job(tmp_path, name, f"{HERE}:{run}", devices)
 
 
 def alive(pid: int) -> bool:
@@ -208,7 +196,7 @@ def pid_notes(tmp_path):
     import dataclasses
 
     from runner import steps
-    from tests.test_kinds import NOTE
+    from tests.note_kind import NOTE
 
     steps.register(dataclasses.replace(NOTE, run=run_note_in))
     path = tmp_path / "n.toml"
@@ -220,7 +208,7 @@ def pid_notes(tmp_path):
 def test_a_watch_keeps_its_workers_from_one_build_to_the_next_and_ends_them(pid_notes):
     from runner.ui.plain import PlainReporter
     from runner.watch import watch
-    from tests.test_watch import save, wait_for
+    from tests.watch_fixtures import save, wait_for
 
     stop = threading.Event()
     messages: list[str] = []

@@ -1,0 +1,86 @@
+"""`dbl watch` run in a thread, with what it said, for the watch tests: started by the fixture `watcher` on
+the project `proj` with fake steps, or made by hand.
+
+Import by name (`from tests.watch_fixtures import Watcher, save, wait_for, watcher`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.ui.plain import PlainReporter
+from runner.watch import watch
+
+LIMIT_S = 20
+
+
+class Watcher:
+    """`watch` in a thread, with what it said and what its builds printed."""
+
+    def __init__(self, path: Path, polling: bool = False):
+        self.messages: list[str] = []
+        self.lines: list[str] = []
+        self.stop = threading.Event()
+        self.code: int | None = None
+
+        def run():
+            self.code = watch(
+                path,
+                polling=polling,
+                poll_interval=0.2,
+                reporter_factory=lambda: PlainReporter(write=self.lines.append),
+                debounce_s=0.1,
+                stop_event=self.stop,
+                echo=self.messages.append,
+            )
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def idle_count(self) -> int:
+        """How many times the loop went back to waiting: once after each build or report."""
+        return sum(1 for m in self.messages if m.startswith("watching "))
+
+    def wait_idle(self, after: int) -> None:
+        wait_for(lambda: self.idle_count() > after, f"the watch to settle; it said {self.messages}")
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join(LIMIT_S)
+        assert not self.thread.is_alive(), "the watch did not stop"
+        return self.code
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + LIMIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def save(path: Path, text: str) -> None:
+    """Save as editors do: write a temporary file, then rename it over the old one."""
+    tmp = path.with_name(f".{path.name}.swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def watcher(proj, fake_steps):
+    started = []
+
+    def start(polling: bool = False) -> Watcher:
+        w = Watcher(proj.path, polling)
+        started.append(w)
+        w.wait_idle(0)
+        return w
+
+    yield start
+    for w in started:
+        w.stop.set()
+        w.thread.join(LIMIT_S)

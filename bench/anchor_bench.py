@@ -83,10 +83,10 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
     """SDXL base 1.0's architecture with seeded random weights, saved in fp16 as a diffusers folder. The
     tokenizers are tiny-sdxl's character-level ones, whose ids fall inside CLIP's vocabulary."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from runner.families.sd1 import _tiny_tokenizer_vocab, clip_vit_l_config, special_token_ids
+    from runner.families.sd1 import _tiny_tokenizer_vocab, clip_vit_l_config, sd_vae, special_token_ids
     from runner.families.sdxl import sdxl_pipeline
 
     vocab = _tiny_tokenizer_vocab()
@@ -106,15 +106,7 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-        vae = AutoencoderKL(
-            sample_size=1024,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            scaling_factor=0.13025,
-        )
+        vae = sd_vae(sample_size=1024, scaling_factor=0.13025)
         text_encoder = CLIPTextModel(clip_vit_l_config(vocab))
         text_encoder_2 = CLIPTextModelWithProjection(
             CLIPTextConfig(

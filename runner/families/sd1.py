@@ -221,6 +221,24 @@ def clip_vit_l_config(vocab: dict[str, int]):
     )
 
 
+def sd_vae(sample_size: int, scaling_factor: float):
+    """Stable Diffusion's VAE, with fresh weights (seed torch before calling): SD 1.x's and SDXL's share the
+    architecture and differ in their native size and latent scaling factor."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=scaling_factor,
+    )
+
+
 def tiny_scheduler(prediction_type: str = "epsilon"):
     """The DDIM scheduler of the built-in SD 1.x models (tiny-sd, tiny-sd-v, tiny-shapes), with Stable
     Diffusion's noise schedule. Part of what those models are: change it with their versions."""
@@ -330,7 +348,7 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
     character-level one, whose ids all fall inside CLIP's vocabulary.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from runner.models.loading import quiet_libraries
@@ -356,17 +374,7 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-        vae = AutoencoderKL(
-            sample_size=512,
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            scaling_factor=0.18215,
-        )
+        vae = sd_vae(sample_size=512, scaling_factor=0.18215)
         text_encoder = CLIPTextModel(clip_vit_l_config(vocab))
     scheduler = PNDMScheduler(
         beta_start=0.00085,

@@ -83,19 +83,13 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
     """SDXL base 1.0's architecture with seeded random weights, saved in fp16 as a diffusers folder. The
     tokenizers are tiny-sdxl's character-level ones, whose ids fall inside CLIP's vocabulary."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from runner.families.sd1 import _tiny_tokenizer_vocab
+    from runner.families.sd1 import _tiny_tokenizer_vocab, clip_vit_l_config, sd_vae, special_token_ids
+    from runner.families.sdxl import sdxl_pipeline
 
     vocab = _tiny_tokenizer_vocab()
-    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
-    ids["pad_token_id"] = ids["eos_token_id"]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -112,27 +106,8 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-        vae = AutoencoderKL(
-            sample_size=1024,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            scaling_factor=0.13025,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                **ids,
-            )
-        )
+        vae = sd_vae(sample_size=1024, scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(clip_vit_l_config(vocab))
         text_encoder_2 = CLIPTextModelWithProjection(
             CLIPTextConfig(
                 vocab_size=49408,
@@ -142,28 +117,10 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
                 num_attention_heads=20,
                 hidden_act="gelu",
                 projection_dim=1280,
-                **ids,
+                **special_token_ids(vocab),
             )
         )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.half(),
-        text_encoder=text_encoder.half(),
-        text_encoder_2=text_encoder_2.half(),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        unet=unet.half(),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    pipe = sdxl_pipeline(unet.half(), vae.half(), text_encoder.half(), text_encoder_2.half())
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

@@ -180,16 +180,97 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def _tiny_tokenizer_vocab() -> dict[str, int]:
-    # A character-level CLIP vocabulary: every byte, alone and at the end of a word. No merges are
-    # needed, so any prompt tokenizes, and no file has to be downloaded.
+def byte_vocab() -> dict[str, int]:
+    """The start of the built-in CLIP vocabularies: every byte, alone and at the end of a word."""
     vocab: dict[str, int] = {}
     for suffix in ("", "</w>"):
         for ch in _byte_alphabet():
             vocab[ch + suffix] = len(vocab)
+    return vocab
+
+
+def _tiny_tokenizer_vocab() -> dict[str, int]:
+    # A character-level CLIP vocabulary. No merges are needed, so any prompt tokenizes, and no file has
+    # to be downloaded.
+    vocab = byte_vocab()
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return vocab
+
+
+def special_token_ids(vocab: dict[str, int]) -> dict[str, int]:
+    """A CLIPTextConfig's start, end and padding token ids in `vocab` (CLIP pads with its end token)."""
+    eos = vocab["<|endoftext|>"]
+    return {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": eos, "pad_token_id": eos}
+
+
+def clip_vit_l_config(vocab: dict[str, int]):
+    """The configuration of CLIP ViT-L/14's text encoder: SD 1.x's, and SDXL's first (random weights)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        **special_token_ids(vocab),
+    )
+
+
+def sd_vae(sample_size: int, scaling_factor: float):
+    """Stable Diffusion's VAE, with fresh weights (seed torch before calling): SD 1.x's and SDXL's share the
+    architecture and differ in their native size and latent scaling factor."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_scheduler(prediction_type: str = "epsilon"):
+    """The DDIM scheduler of the built-in SD 1.x models (tiny-sd, tiny-sd-v, tiny-shapes), with Stable
+    Diffusion's noise schedule. Part of what those models are: change it with their versions."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline of these modules, with no safety checker (the built-in and benchmark
+    models have none)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def tiny_vae():
@@ -215,11 +296,10 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
     so loading it runs exactly the code that loads a real model. Native size: 64 x 64 pixels.
     """
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = _tiny_tokenizer_vocab()
-    eos = vocab["<|endoftext|>"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
@@ -246,32 +326,11 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> None:
                 num_attention_heads=4,
                 max_position_embeddings=77,
                 layer_norm_eps=1e-5,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=eos,
-                pad_token_id=eos,
+                **special_token_ids(vocab),
             )
         )
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(unet, vae, text_encoder, tokenizer, tiny_scheduler(prediction_type))
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -289,8 +348,8 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
     character-level one, whose ids all fall inside CLIP's vocabulary.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from runner.models.loading import quiet_libraries
 
@@ -315,32 +374,8 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-        vae = AutoencoderKL(
-            sample_size=512,
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
+        vae = sd_vae(sample_size=512, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(clip_vit_l_config(vocab))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -350,15 +385,7 @@ def sd15_random_pipeline(device: str = "cpu", dtype=None, seed: int = 0):
         skip_prk_steps=True,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet.to(dtype),
-        vae=vae.to(dtype),
-        text_encoder=text_encoder.to(dtype),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pipe = sd_pipeline(unet.to(dtype), vae.to(dtype), text_encoder.to(dtype), tokenizer, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from runner.families import Family, read_part, register, sd1
-from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_lora_metadata
+from runner.families.sd1 import _tiny_tokenizer_vocab, kohya_lora_metadata, special_token_ids
 from runner.host import to_device
 
 # Bump when the tiny-sdxl recipe below changes: it is part of the base model identity.
@@ -151,15 +151,10 @@ def build_tiny_sdxl(folder: Path) -> None:
     32-wide text encoders, 80 = 6 * 8 + 32 added inputs). Native size: 64 x 64 pixels.
     """
     import torch
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = _tiny_tokenizer_vocab()
-    eos = vocab["<|endoftext|>"]
 
     def text_config():
         return CLIPTextConfig(
@@ -172,9 +167,7 @@ def build_tiny_sdxl(folder: Path) -> None:
             layer_norm_eps=1e-5,
             hidden_act="gelu",
             projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos,
-            pad_token_id=eos,
+            **special_token_ids(vocab),
         )
 
     with torch.random.fork_rng(devices=[]):
@@ -202,6 +195,16 @@ def build_tiny_sdxl(folder: Path) -> None:
         text_encoder = CLIPTextModel(text_config())
         torch.manual_seed(1)
         text_encoder_2 = CLIPTextModelWithProjection(text_config())
+    sdxl_pipeline(unet, vae, text_encoder, text_encoder_2).save_pretrained(folder, safe_serialization=True)
+
+
+def sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
+    """A StableDiffusionXLPipeline of these modules with SDXL base's scheduler and, for both text encoders,
+    tiny-sd's character-level tokenizer (the built-in and benchmark models)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    vocab = _tiny_tokenizer_vocab()
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -211,7 +214,7 @@ def build_tiny_sdxl(folder: Path) -> None:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    pipe = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -222,7 +225,6 @@ def build_tiny_sdxl(folder: Path) -> None:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
 
 
 FAMILY = register(SDXL())

@@ -31,12 +31,9 @@ WORDS = (
 def tokenizer_files() -> tuple[dict[str, int], list[str]]:
     """A CLIP BPE vocabulary and merges in which every word of WORDS is one token; any other word
     (the identifier "sks", a rare shape) falls apart into characters, which no training caption has."""
-    from runner.families.sd1 import _byte_alphabet
+    from runner.families.sd1 import byte_vocab
 
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for ch in _byte_alphabet():
-            vocab[ch + suffix] = len(vocab)
+    vocab = byte_vocab()
     ranks: dict[tuple[str, str], int] = {}
     pending = list(WORDS)
     while pending:  # add merges until BPE, which applies them by rank, makes each word one token
@@ -89,6 +86,8 @@ def make_modules(vocab_size: int, unet_channels: tuple[int, int] = UNET_CHANNELS
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from runner.families.sd1 import special_token_ids
+
     vocab, _ = tokenizer_files()
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -122,27 +121,17 @@ def make_modules(vocab_size: int, unet_channels: tuple[int, int] = UNET_CHANNELS
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
             layer_norm_eps=1e-5,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
+            **special_token_ids(vocab),
         )
     )
     return unet, vae, text_encoder
 
 
 def make_scheduler():
-    from diffusers import DDIMScheduler
+    """The scheduler it trains and ships with: the built-in SD 1.x models' DDIM."""
+    from runner.families.sd1 import tiny_scheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return tiny_scheduler()
 
 
 def weights_sha256() -> str:
@@ -162,10 +151,10 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
 def build(folder: Path) -> None:
     """Write the tiny-shapes pipeline, with its trained weights, to `folder` as a diffusers folder."""
     import torch
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     from runner.errors import ModelError
+    from runner.families.sd1 import sd_pipeline
 
     if not WEIGHTS.is_file():
         raise ModelError(
@@ -181,16 +170,7 @@ def build(folder: Path) -> None:
         part = {k.removeprefix(prefix): v.float() for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
     vae.register_to_config(scaling_factor=float(meta))
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(unet, vae, text_encoder, tokenizer, make_scheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

@@ -71,6 +71,18 @@ DENSITY_METHODS = tuple(m for m in BLEND_METHODS if m.startswith(("ties", "dare"
 INT64 = (-(2**63), 2**63 - 1)
 
 
+def _generation_opt(key: str):
+    """A generation setting that [priors.*] and [renders.*] both take, declared once for the two."""
+    if key == "guidance_scale":
+        return opt(7.5, "classifier-free guidance scale", "float", minimum=0)
+    if key == "scheduler":
+        return opt(
+            None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
+        )
+    assert key in ("width", "height"), key
+    return opt(None, f"image {key}; default: the base model's native size", "int?", minimum=8, multiple=8)
+
+
 @dataclass(frozen=True)
 class ProjectSettings:
     """[project]: the base model and what applies to every step."""
@@ -147,16 +159,10 @@ class Prior:
     )
     negative_prompt: str = opt("", "negative prompt for generation")
     steps: int = opt(50, "denoising steps per generated image", "int", minimum=1)
-    guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
-    width: int | None = opt(
-        None, "image width; default: the base model's native size", "int?", minimum=8, multiple=8
-    )
-    height: int | None = opt(
-        None, "image height; default: the base model's native size", "int?", minimum=8, multiple=8
-    )
-    scheduler: str | None = opt(
-        None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
-    )
+    guidance_scale: float = _generation_opt("guidance_scale")
+    width: int | None = _generation_opt("width")
+    height: int | None = _generation_opt("height")
+    scheduler: str | None = _generation_opt("scheduler")
     batch_size: int = opt(4, "images generated at once", "int", minimum=1, fingerprint=False)
 
     @property
@@ -241,7 +247,7 @@ class Render:
     prompts: list[str] = opt(doc="prompts to render", type="list[str]")
     negative_prompt: str = opt("", "negative prompt")
     steps: int = opt(50, "denoising steps", "int", minimum=1)
-    guidance_scale: float = opt(7.5, "classifier-free guidance scale", "float", minimum=0)
+    guidance_scale: float = _generation_opt("guidance_scale")
     seeds: list[int] = opt(
         [0],
         "one image per prompt and seed (a repeated seed renders the same image again: a warning as the file loads)",
@@ -249,15 +255,9 @@ class Render:
         minimum=INT64[0],
         maximum=INT64[1],
     )
-    width: int | None = opt(
-        None, "image width; default: the base model's native size", "int?", minimum=8, multiple=8
-    )
-    height: int | None = opt(
-        None, "image height; default: the base model's native size", "int?", minimum=8, multiple=8
-    )
-    scheduler: str | None = opt(
-        None, "sampler; default: the base model's own ('lms' needs scipy)", "str?", choices=SCHEDULERS
-    )
+    width: int | None = _generation_opt("width")
+    height: int | None = _generation_opt("height")
+    scheduler: str | None = _generation_opt("scheduler")
     batch_size: int = opt(
         1,
         "images per forward pass (the same pixels as one at a time, up to rounding)",

@@ -379,6 +379,14 @@ def cmd_report(args) -> int:
     from runner import report
 
     project = _load(args)
+    if args.output == "-":  # standard output, as for most tools; ./- names a file of that name
+        page = report.render(project)
+        try:
+            sys.stdout.write(page)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader had read what it wanted
+            pass
+        return EXIT_OK
     path = report.write(project, args.output)
     # Written through to a pipe or device (-o /dev/stdout), stdout may be the page itself.
     print(f"wrote {path}", file=sys.stdout if path.is_file() else sys.stderr)

@@ -184,3 +184,20 @@ def test_a_project_edited_to_use_no_gpu_is_refused_in_the_command_line_s_words(p
         'device = "auto" or "cuda" to run on the GPUs'
     ]
     assert not fake_steps.ran
+
+
+def test_a_build_s_errors_are_said_on_standard_error_as_build_says_them(proj, capsys):
+    """A watched build's error (here a lockfile that does not read) was printed on standard output
+    without `dbl:`, where `dbl build` prints it on standard error."""
+    from runner.cli import main
+
+    proj.path.with_suffix(".lock").write_text("schema = [\n")
+    built = main(["build", str(proj.path), "--no-progress"]), capsys.readouterr()
+    assert built[0] == 2 and built[1].err.startswith("dbl: "), built
+    stop = threading.Event()
+    timer = threading.Timer(2, stop.set)  # the watch waits for a fix: stopped, it returns 0
+    timer.start()
+    watch(proj.path, reporter_factory=PlainReporter, stop_event=stop)
+    timer.cancel()
+    watched = capsys.readouterr()
+    assert built[1].err in watched.err and built[1].err.strip() not in watched.out, watched

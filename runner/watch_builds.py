@@ -149,7 +149,7 @@ def build_once(
     from runner.interrupt import StopOnInterrupt
 
     if (problem := gpus_problem(project, extra)) is not None:  # a project edited to device = "cpu"
-        say(problem)  # in the command line's words: the build would say it in the Python API's
+        say(problem)  # in the command line's words, before the reporter starts
         return EXIT_USAGE
     reporter = reporter_factory()
     interrupt = StopOnInterrupt()

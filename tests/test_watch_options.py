@@ -201,3 +201,34 @@ def test_a_build_s_errors_are_said_on_standard_error_as_build_says_them(proj, ca
     timer.cancel()
     watched = capsys.readouterr()
     assert built[1].err in watched.err and built[1].err.strip() not in watched.out, watched
+
+
+def test_a_dbl_that_became_a_file_while_watched_is_said_as_build_says_it(proj, fake_steps, capsys):
+    """The next build's refusal went to standard output without `dbl:`; `dbl build` and the watch's start
+    say it on standard error, with `dbl:`."""
+    import time
+
+    from runner.cli import main
+
+    from .test_watch import wait_for
+
+    stop = threading.Event()
+    watching = threading.Thread(
+        target=lambda: watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, debounce_s=0.1),
+        daemon=True,
+    )
+    watching.start()
+    said = []
+    wait_for(lambda: said.append(capsys.readouterr()) or "watching " in said[-1].out, "the first build")
+    shutil.rmtree(proj.root / ".dbl")
+    (proj.root / ".dbl").write_text("")  # a file where the state folder goes
+    proj.edit("rank = 4", "rank = 8")
+    wait_for(lambda: said.append(capsys.readouterr()) or ".dbl" in said[-1].err, "the refused build")
+    time.sleep(0.2)
+    stop.set()
+    watching.join(20)
+    err = "".join(s.err for s in said) + capsys.readouterr().err
+    out = "".join(s.out for s in said)
+    assert main(["build", str(proj.path), "--no-progress"]) == 2
+    built = capsys.readouterr().err
+    assert built.startswith("dbl: ") and built in err and built.strip() not in out, (built, err, out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -301,7 +302,8 @@ def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> No
         _, planned = Workspace(project).plan()
     except DblError as exc:  # a lockfile that does not read: the folder holds some earlier build
         warnings.warn(
-            f"cannot tell whether {step_id} is up to date, loading {folder} as it is: {exc}", stacklevel=2
+            f"cannot tell whether {step_id} is up to date, loading {folder} as it is: {exc}",
+            stacklevel=_caller_level(),
         )
         return
     step = next(p for p in planned if p.id == step_id)
@@ -309,8 +311,21 @@ def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> No
         warnings.warn(
             f"{step_id} of {project_file} is stale ({'; '.join(step.reasons)}): loading {folder} as the last "
             f"build left it; `dbl build {project_file}` brings it up to date",
-            stacklevel=2,
+            stacklevel=_caller_level(),
         )
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that makes a warning of the function calling this point at the line that called
+    dbl: the first frame outside the package, however many API functions lie between (load_pipeline,
+    load_adapter, resolve_adapter_path, each wrapped). Within dbl alone, the function's own caller."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 @_value_errors

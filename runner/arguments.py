@@ -157,7 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="PATH",
-        help="where to write the page: a file, or a folder to put report.html in "
+        help="where to write the page: a file, a folder to put report.html in, or - for standard output "
         "(default: report.html in the project's build folder, <out>/report.html)",
     )
 

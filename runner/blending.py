@@ -62,9 +62,9 @@ def unload(pipe, name: str) -> None:
     pipeline_adapters.remove_adapter(pipe, name)
 
 
-def _finite_weights(weights, what: str) -> list[float]:
+def _finite_weights(weights, what: str, single: bool = False) -> list[float]:
     """`weights` as floats; each must be a finite number. Notebook values count: numpy numbers and arrays,
-    torch tensors."""
+    torch tensors. `single`: `what` names one number (scale), given here as a list of one."""
     if getattr(weights, "ndim", None) == 1 and hasattr(weights, "tolist"):
         weights = weights.tolist()  # a numpy array or torch tensor of weights
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
@@ -74,7 +74,9 @@ def _finite_weights(weights, what: str) -> list[float]:
         if getattr(w, "ndim", None) == 0 and hasattr(w, "item"):
             w = w.item()  # a 0-d array or tensor
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise AdapterError(f"{what} must be finite numbers; got {w!r}")
+            raise AdapterError(
+                f"{what} must be {'a finite number' if single else 'finite numbers'}; got {w!r}"
+            )
         values.append(float(w))
     return values
 
@@ -103,9 +105,9 @@ def activate_adapters(
         raise AdapterError(f"name the adapters with a string or a list of strings; got {name_or_names!r}")
     names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names or [])
     weights = [1.0] * len(names) if weights is None else _finite_weights(weights, "weights")
-    (scale,) = _finite_weights([scale], "scale")
+    (scale,) = _finite_weights([scale], "scale", single=True)
     if len(weights) != len(names):
-        raise AdapterError(f"{len(names)} adapters but {len(weights)} weights")
+        raise AdapterError(f"{_count(len(names), 'adapter')} but {_count(len(weights), 'weight')}")
     twice = sorted({n for n in names if names.count(n) > 1}, key=str)
     if twice:
         raise AdapterError(
@@ -131,9 +133,16 @@ def _check_names(pipe, names: Sequence[str]) -> None:
     loaded = loaded_adapters(pipe)
     unknown = [n for n in names if n not in loaded]
     if unknown:
+        nouns = "adapter named" if len(unknown) == 1 else "adapters named"
         raise AdapterError(
-            f"no adapter named {', '.join(map(repr, unknown))} is loaded; loaded: {', '.join(loaded) or 'none'}"
+            f"no {nouns} {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} loaded; "
+            f"loaded: {', '.join(loaded) or 'none'}"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless n is 1: 1 adapter, 2 adapters."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def blend(

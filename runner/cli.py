@@ -232,10 +232,10 @@ def cmd_watch(args) -> int:
 
 
 def _parallel_problem(args) -> str | None:
-    if args.jobs is not None and args.jobs < 1:
-        return "-j must be at least 1"
-    if args.per_gpu < 1:
-        return "--per-gpu must be at least 1"
+    from runner.exec.devices import counts_problem
+
+    if (problem := counts_problem(args.jobs, args.per_gpu)) is not None:
+        return problem
     if args.ray_address is not None and args.executor != "ray":
         return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
     if args.gpus is not None:
@@ -259,6 +259,7 @@ def _parallel_options(args) -> dict:
 
     gpus = tuple(parse_gpus(args.gpus)) if args.gpus is not None else None
     return {
+        "command_line": True,  # a build's messages name -j, --gpus, ... rather than BuildOptions' fields
         "backend": args.executor,
         "ray_address": args.ray_address,
         "jobs": args.jobs,
@@ -379,6 +380,14 @@ def cmd_report(args) -> int:
     from runner import report
 
     project = _load(args)
+    if args.output == "-":  # standard output, as for most tools; ./- names a file of that name
+        page = report.render(project)
+        try:
+            sys.stdout.write(page)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader had read what it wanted
+            pass
+        return EXIT_OK
     path = report.write(project, args.output)
     # Written through to a pipe or device (-o /dev/stdout), stdout may be the page itself.
     print(f"wrote {path}", file=sys.stdout if path.is_file() else sys.stderr)

@@ -298,15 +298,14 @@ def _branch_lockfiles(folder: Path) -> list[tuple[str, str, str]]:
         if commit in seen:
             continue
         seen.add(commit)
-        for entry in (_git(folder, "ls-tree", "-z", commit, "--", ".") or "").split("\0"):
+        for entry in _git(folder, branch, "ls-tree", "-z", commit, "--", ".").split("\0"):
             about, _, name = entry.partition("\t")  # "<mode> blob <object id>\t<name>"
             _, kind, blob = (about.split(" ") + ["", ""])[:3]
             if kind != "blob" or not name.endswith(".lock"):
                 continue
             if blob not in texts:  # one read of each content, however many branches hold it
-                texts[blob] = _git(folder, "cat-file", "blob", blob)
-            if texts[blob] is not None:
-                found.append((branch, name, texts[blob]))
+                texts[blob] = _git(folder, branch, "cat-file", "blob", blob)
+            found.append((branch, name, texts[blob]))
     return found
 
 
@@ -339,15 +338,32 @@ def _branch_refs(folder: Path) -> str:
     )
 
 
-def _git(folder: Path, *args: str) -> str | None:
-    """What a git command prints, run in `folder`; None where it fails (no repository, no git)."""
+def _git(folder: Path, branch: str, *args: str) -> str:
+    """What a git command that reads `branch` prints, run in `folder`. Where it fails (a damaged repository,
+    a partial clone offline) the branch's lockfiles cannot be read, and what they refer to cannot be told
+    from the rest: gc refuses (DblError), as it does for a lockfile that does not read, rather than drop
+    entries that checking the branch out would restore."""
     try:
         done = subprocess.run(
-            ["git", *args], cwd=folder, capture_output=True, encoding="utf-8", errors="replace"
+            ["git", *args],
+            cwd=folder,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            env={**os.environ, "LC_ALL": "C"},
         )
-    except OSError:
-        return None
-    return done.stdout if done.returncode == 0 else None
+        if done.returncode == 0:
+            return done.stdout
+        why = done.stderr.strip() or f"exit code {done.returncode}"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    said = "\n".join(f"    {line}" for line in why.splitlines())
+    raise DblError(
+        f"gc refused: git cannot read the lockfiles of branch {branch} (git {args[0]}):\n{said}\n"
+        "  gc keeps what the lockfiles of every local git branch refer to, so it cannot run while git cannot "
+        f"read that branch: repair it (`git fsck` names what is missing) or delete it (git branch -D {branch}), "
+        "then run gc again"
+    )
 
 
 @contextlib.contextmanager

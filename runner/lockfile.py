@@ -162,7 +162,7 @@ def read(
         if conflict is None:
             raise LockfileError(f"{shown}: cannot read the lockfile ({exc}); {recover or RECOVER}") from None
         raise LockfileError(
-            f"{shown}: cannot read the lockfile: {conflict}; {recover or _resolve(shown)}"
+            f"{shown}: cannot read the lockfile: {conflict}; {recover or _resolve(shown, path)}"
         ) from None
     recover = recover or RECOVER
     version = data.get("version")
@@ -206,12 +206,21 @@ def _conflict(text: str) -> str | None:
     return f"unresolved merge conflict (line {line}: `{marker}`)"
 
 
-def _resolve(path: str) -> str:
-    """How to resolve a merge conflict in the lockfile at `path`: record by record, or by taking one side."""
+def _resolve(path: str, file: Path) -> str:
+    """How to resolve a merge conflict in the lockfile `file` (shown as `path`): record by record, with what
+    dbl's merge driver still lacks here, or by taking one side."""
+    from runner.merge import driver_setup
+
+    setup = driver_setup(file)
+    if setup is None:
+        merge = f"merge it record by record with dbl's merge driver, set up here: `git checkout -m {path}`"
+    elif setup[0]:  # half set up: what is missing, and the command that adds it
+        merge = f"{setup[0]}; to merge it record by record, run {setup[1]}, then `git checkout -m {path}`"
+    else:
+        merge = f"merge it record by record: {setup[1]} and run `git checkout -m {path}`"
     return (
-        "merge it record by record: set up dbl's merge driver (README: 'Lockfiles in git') and run "
-        f"`git checkout -m {path}`; or take one side: `git checkout --ours {path}`; then `dbl build` "
-        "restores or reruns what the merged project file needs"
+        f"{merge}; or take one side: `git checkout --ours {path}`; then `dbl build` restores or reruns "
+        "what the merged project file needs"
     )
 
 

@@ -20,6 +20,47 @@ from pathlib import Path
 
 from runner import lockfile
 
+DRIVER = "dbl merge-lockfile %O %A %B"
+
+
+def driver_setup(lock: Path) -> tuple[str, str] | None:
+    """(what went wrong, the command that fixes it) where dbl's merge driver is half set up for the
+    lockfile `lock`; ("", how to set it up) where it is not, or git cannot tell; None where it is. Half of
+    it is the trap: git merges a file whose attribute names an undefined driver line by line, without a
+    word, and a driver no attribute names is never run. Two git calls, made only for a lockfile git left
+    a conflict in."""
+    attribute = _git(lock.parent, "check-attr", "merge", "--", lock.name)
+    named = attribute is not None and attribute.rstrip().endswith(": merge: dbl")
+    defined = attribute is not None and bool(
+        (_git(lock.parent, "config", "--get", "merge.dbl.driver") or "").strip()
+    )
+    if named and defined:
+        return None
+    if named:  # git config is not cloned: every clone sets it up once
+        return (
+            f"git merged it line by line: .gitattributes gives {lock.name} merge=dbl, but this clone's git "
+            "config has no such driver",
+            f'`git config merge.dbl.driver "{DRIVER}"`',
+        )
+    if defined:
+        return (
+            "git merged it line by line: this clone's git config has dbl's merge driver, but no "
+            f".gitattributes line gives {lock.name} merge=dbl",
+            "`echo '*.lock merge=dbl' >> .gitattributes` (and commit it)",
+        )
+    return "", "set up dbl's merge driver (README: 'Lockfiles in git')"
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """What a git command prints, run in `folder`; None where it fails (no git, no repository)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, encoding="utf-8", errors="replace"
+        )
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
 
 def same(a: dict | None, b: dict | None) -> bool:
     """Whether two records (or absences) stand for the same build result; when and how long it took aside."""

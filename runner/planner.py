@@ -335,13 +335,14 @@ def to_json(planned: list[PlannedStep]) -> dict:
     }
 
 
-def check_step_ids(planned: list[PlannedStep], **ids: tuple[str, ...]) -> None:
+def check_step_ids(planned: list[PlannedStep], api: bool = False, **ids: tuple[str, ...]) -> None:
     """Raise one UsageError naming every id given to an option (only=..., force=...) that is no step of
-    the plan, each with what was likely meant (a name without its kind, a pattern, a typo)."""
+    the plan, each with what was likely meant (a name without its kind, a pattern, a typo). The options
+    are named as the command line spells them (`--only`), or, where `api`, as BuildOptions does (`only`)."""
     known = [p.id for p in planned]
     problems = []
     for option, given in ids.items():
-        option = f"--{option}"
+        option = option if api else f"--{option}"
         unknown = [sid for sid in dict.fromkeys(given) if sid not in known]
         if unknown:
             named = ", ".join(f"'{sid}'{_step_hint(sid, known, option)}" for sid in unknown)
@@ -352,7 +353,11 @@ def check_step_ids(planned: list[PlannedStep], **ids: tuple[str, ...]) -> None:
 
 def _step_hint(sid: str, known: list[str], option: str) -> str:
     if sid.endswith(".toml"):
-        return f" (the project file goes before {option})"
+        return (
+            f" (the project file goes before {option})"
+            if option.startswith("-")
+            else " (a project file, not a step id)"
+        )
     if any(c in sid for c in "*?["):
         matches = fnmatch.filter(known, sid)
         return (

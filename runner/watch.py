@@ -71,7 +71,7 @@ def watch(
     polling: poll every `poll_interval` seconds instead of using OS events. reporter_factory makes the
     display of one build. echo prints the watch's own messages (what it watches, what changed, the
     project's problems, what ends it); default: standard output, and standard error for the project's
-    problems and what ends the watch at its start, as `dbl build` prints them. Returns 0 when stopped by Ctrl-C
+    problems, what ends the watch at its start and why a build did not run, as `dbl build` prints them. Returns 0 when stopped by Ctrl-C
     or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
     a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when stopped by
     SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus, per_gpu,
@@ -80,7 +80,8 @@ def watch(
     stop = stop_event or threading.Event()
     say = echo or _print
     problems = echo or _problems  # the project file's, said as `dbl build` says them
-    refuse = echo or _refuse  # what ends the watch at its start, said as `dbl build` says it
+    # what ends the watch at its start, and why a build did not run, said as `dbl build` says it
+    refuse = echo or _refuse
     # As named, links and all: each reload follows them anew (`ln -sf exp4.toml dbl.toml`).
     given = Path(os.path.abspath(project_path))
     path = given.resolve()
@@ -113,7 +114,9 @@ def watch(
                 reschedule(observer, handler, scheduled, handler.targets.watches())
                 code = None
                 if project is not None:
-                    code = build_when_free(project, reporter_factory, stop, say, build_options, signals)
+                    code = build_when_free(
+                        project, reporter_factory, stop, say, build_options, signals, fail=refuse
+                    )
                 if code == EXIT_INTERRUPTED:
                     break  # the build was interrupted (Ctrl-C): leave the watch too
                 left = file_bytes(handler.targets.lockfile)  # the lockfile as the build left it

@@ -111,12 +111,15 @@ def build_when_free(
     say: Callable[[str], None],
     extra: dict | None = None,
     signals: list[int] | None = None,
+    fail: Callable[[str], None] | None = None,
 ) -> int:
     """Build; while another build (a manual `dbl build`) holds the lock, wait for it and build after
-    it, so that a change made meanwhile is not lost."""
+    it, so that a change made meanwhile is not lost. `say` tells of the wait; `fail` (default `say`)
+    says why a build did not run, as `dbl build` says it."""
     from runner.store import BuildLock
 
-    code = build_once(project, reporter_factory, stop, say, extra, signals)
+    fail = fail or say
+    code = build_once(project, reporter_factory, stop, fail, extra, signals)
     while code == EXIT_LOCKED and not stop.is_set():
         say("building when it ends")
         while not stop.wait(LOCK_POLL_S):
@@ -127,7 +130,7 @@ def build_when_free(
                 continue
         else:
             break  # stopped while waiting
-        code = build_once(project, reporter_factory, stop, say, extra, signals)
+        code = build_once(project, reporter_factory, stop, fail, extra, signals)
     return code
 
 
@@ -140,12 +143,13 @@ def build_once(
     signals: list[int] | None = None,
 ) -> int:
     """Run what is stale; the build's exit code. A crash is reported, not raised: the watch goes on.
-    The stop signal that interrupted the build, if any, is added to `signals`."""
+    `say` says why the build did not run or crashed. The stop signal that interrupted the build, if
+    any, is added to `signals`."""
     from runner import executor
     from runner.interrupt import StopOnInterrupt
 
     if (problem := gpus_problem(project, extra)) is not None:  # a project edited to device = "cpu"
-        say(problem)  # in the command line's words: the build would say it in the Python API's
+        say(problem)  # in the command line's words, before the reporter starts
         return EXIT_USAGE
     reporter = reporter_factory()
     interrupt = StopOnInterrupt()

@@ -48,7 +48,7 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
         (lambda: api.set_adapter(pipe, ["a", "a"]), "'a' named twice"),
         (lambda: api.set_adapter(pipe, "a", weights=0.5), "weights must be a list of numbers"),
         (lambda: api.set_adapter(pipe, "a", weights=[inf]), "weights must be finite numbers; got inf"),
-        (lambda: api.set_adapter(pipe, "a", scale=nan), "scale must be finite numbers; got nan"),
+        (lambda: api.set_adapter(pipe, "a", scale=nan), "scale must be a finite number; got nan"),
         (lambda: api.unload_adapter(pipe, "ghost"), "no adapter named 'ghost' is loaded; loaded: a, b"),
         (lambda: api.unload_adapter(pipe, None), "no adapter named None is loaded"),
         (lambda: api.load_adapter(pipe, tmp_path / "nope.toml:dog", "x"), "no such project file"),
@@ -67,6 +67,21 @@ def test_bad_arguments_raise_value_errors_that_say_what_to_give(tmp_path, adapte
             call()
     assert api.loaded_adapters(pipe) == ["a", "b"]
     assert set(pipe.unet.peft_config) == {"a", "b"}
+
+
+def test_counts_in_messages_agree_with_their_nouns(adapters):  # noqa: F811
+    """`set_adapter(pipe, "a", weights=[1, 2])` said "1 adapters but 2 weights"."""
+    pipe = api.load_pipeline("tiny-sd", {"a": adapters["a"], "b": adapters["b"]}, device="cpu")
+    calls = [
+        (lambda: api.set_adapter(pipe, "a", weights=[1.0, 2.0]), "1 adapter but 2 weights"),
+        (lambda: api.set_adapter(pipe, ["a", "b"], weights=[1.0]), "2 adapters but 1 weight"),
+        (lambda: api.set_adapter(pipe, ["x", "y"]), "no adapters named 'x', 'y' are loaded; loaded: a, b"),
+        (lambda: api.set_adapter(pipe, "a", scale=float("nan")), "scale must be a finite number; got nan"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message
 
 
 def test_a_numbered_cuda_device_is_checked_and_computes_in_fp16(monkeypatch):

@@ -126,3 +126,20 @@ def test_a_snapshot_written_with_leading_zeros_or_at_step_0_is_named_as_the_proj
         ValueError, match=re.escape("keeps no snapshot at step 30 (its save_steps: 20); add 30 ")
     ):
         api.resolve_adapter_path(f"{project}:dog@030")
+
+
+def test_the_stale_adapter_warning_points_at_the_caller_s_line(tmp_path, adapters):  # noqa: F811
+    """`warnings` showed a line of dbl's own code (runner/api.py) as where the stale adapter was asked
+    for, whichever API function the notebook called."""
+    import warnings
+
+    project = _dog_project(tmp_path)
+    shutil.copytree(adapters["a"], tmp_path / "build" / "adapters" / "dog")  # by hand: stale
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        api.resolve_adapter_path(f"{project}:dog")
+        pipe = api.load_pipeline("tiny-sd", {"dog": f"{project}:dog"}, device="cpu")
+        api.load_adapter(pipe, f"{project}:dog", "again")
+    stale = [w for w in said if "is stale" in str(w.message)]
+    assert len(stale) == 3
+    assert [w.filename for w in stale] == [__file__] * 3, [(w.filename, w.lineno) for w in stale]

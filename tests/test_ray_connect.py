@@ -75,7 +75,7 @@ def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
         signal.signal(signal.SIGTERM, lambda *a: None)
 
     fake = SimpleNamespace(is_initialized=lambda: False, init=init)
-    monkeypatch.setattr(ray_connect, "import_ray", lambda: fake)
+    monkeypatch.setattr(ray_connect, "import_ray", lambda api=False: fake)
     mine = lambda *a: None  # noqa: E731
     previous = signal.signal(signal.SIGTERM, mine)
     try:
@@ -85,7 +85,7 @@ def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
-def no_ray_init():
+def no_ray_init(api=False):
     from types import SimpleNamespace
 
     def init(**_):
@@ -196,7 +196,7 @@ def test_a_cluster_that_turns_the_build_away_is_said_to_maybe_ask_for_a_token(mo
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
 
     monkeypatch.setattr(
-        ray_connect, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+        ray_connect, "import_ray", lambda api=False: SimpleNamespace(is_initialized=lambda: False, init=init)
     )
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     # A port that answers as a gRPC server does, and ray.init is turned away there.
@@ -249,7 +249,7 @@ def test_ray_address_in_the_environment_names_the_cluster(proj, monkeypatch, cap
         raise RuntimeError("started")
 
     monkeypatch.setattr(
-        ray_connect, "import_ray", lambda: SimpleNamespace(is_initialized=lambda: False, init=init)
+        ray_connect, "import_ray", lambda api=False: SimpleNamespace(is_initialized=lambda: False, init=init)
     )
     with pytest.raises(RuntimeError, match="started"):
         ray_backend.RayBackend(proj.load(), executor.BuildOptions(ray_address="local")).start()

@@ -429,3 +429,16 @@ def test_dev_stdout_on_a_pipe_gets_the_page_and_nothing_else(proj, build, fake_s
     assert got and got[0].startswith("<!DOCTYPE html>") and got[0].rstrip().endswith("</html>")
     captured = capsys.readouterr()
     assert captured.out == "" and "wrote" in captured.err
+
+
+def test_a_dash_as_output_writes_the_page_to_standard_output(proj, build, fake_steps, capsys, monkeypatch):
+    """`dbl report -o - > page.html` wrote a file named `-` in the current folder; `-` is standard output,
+    as for most tools, and `./-` still names a file of that name."""
+    build(proj)
+    monkeypatch.chdir(proj.root)
+    assert main(["report", str(proj.path), "-o", "-"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("<!DOCTYPE html>") and captured.out.rstrip().endswith("</html>")
+    assert not (proj.root / "-").exists() and "wrote" not in captured.out
+    assert main(["report", str(proj.path), "-o", "./-"]) == 0
+    assert (proj.root / "-").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

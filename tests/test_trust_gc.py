@@ -111,6 +111,34 @@ def test_gc_refuses_when_git_cannot_read_the_branches_it_keeps_for(proj, build, 
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("missing", ["snow^{tree}", "snow:pets.lock"])
+def test_gc_refuses_when_git_cannot_read_a_branch_s_lockfile(proj, build, capsys, missing):
+    """A branch whose tree or lockfile git cannot read (a damaged repository, a partial clone offline)
+    was passed over in silence, and gc dropped the entries that branch's lockfile needs."""
+    from tests.test_trust_lockfile import built_on_main, git, git_env
+
+    env = git_env()
+    built_on_main(proj, build, env)
+    git(proj.root, "checkout", "-qb", "snow", env=env)
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    build(proj)
+    git(proj.root, "commit", "-qam", "snow", env=env)
+    git(proj.root, "checkout", "-q", "main", env=env)
+    gone = subprocess.run(
+        ["git", "rev-parse", missing], cwd=proj.root, capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
+    (proj.root / ".git" / "objects" / gone[:2] / gone[2:]).unlink()  # loose: the repository is not packed
+    with pytest.raises(subprocess.CalledProcessError):
+        git(proj.root, "cat-file", "-e", gone, env=env)  # git really cannot read it now
+    before = cache_entries(proj)
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["gc", str(proj.path), *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert "gc refused: git cannot read" in err and "branch snow" in err, err
+    assert cache_entries(proj) == before  # the render of the snow branch is kept for it
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_gc_takes_a_stray_git_folder_that_git_does_not_call_a_repository_for_none(built_twice, capsys):
     (built_twice.root / ".git").mkdir()  # empty: left over, not a repository to git
     assert main(["gc", str(built_twice.path)]) == 0

@@ -256,6 +256,36 @@ def test_every_command_over_an_unreadable_lockfile_says_so_and_exits_2(proj, bui
     assert f"git checkout -m {proj.lock}" in captured.err and "Lockfiles in git" in captured.err
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("present", ["attributes", "config", "both"])
+def test_a_conflict_with_the_merge_driver_half_set_up_says_what_is_missing(
+    proj, capsys, monkeypatch, present
+):
+    """`.gitattributes` names merge=dbl but git has no merge.dbl.driver (a fresh clone: git config is not
+    cloned), or the reverse: git merged the lockfile line by line without a word, and dbl said only "set up
+    dbl's merge driver", as if none of it were there."""
+    for key, value in git_env().items():
+        monkeypatch.setenv(key, value)  # no user's or system's git config
+    git(proj.root, "init", "-q", "-b", "main")
+    if present in ("attributes", "both"):
+        (proj.root / ".gitattributes").write_text("*.lock merge=dbl\n")
+    if present in ("config", "both"):
+        git(proj.root, "config", "merge.dbl.driver", "dbl merge-lockfile %O %A %B")
+    proj.lock.write_text(CONFLICT)
+    assert main(["plan", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "unresolved merge conflict (line 1: `<<<<<<< HEAD`)" in err and f"git checkout -m {proj.lock}" in err
+    )
+    said = {
+        "attributes": 'git config merge.dbl.driver "dbl merge-lockfile %O %A %B"',
+        "config": "echo '*.lock merge=dbl' >> .gitattributes",
+        "both": "with dbl's merge driver, set up here: `git checkout -m",
+    }
+    assert said[present] in err, err
+    assert all(words not in err for other, words in said.items() if other != present), err
+
+
 def test_an_unreadable_lockfile_without_git_s_markers_is_moved_aside(proj, build, capsys):
     build(proj)
     proj.lock.write_text("[steps\n" + proj.lock.read_text())

@@ -184,3 +184,51 @@ def test_a_project_edited_to_use_no_gpu_is_refused_in_the_command_line_s_words(p
         'device = "auto" or "cuda" to run on the GPUs'
     ]
     assert not fake_steps.ran
+
+
+def test_a_build_s_errors_are_said_on_standard_error_as_build_says_them(proj, capsys):
+    """A watched build's error (here a lockfile that does not read) was printed on standard output
+    without `dbl:`, where `dbl build` prints it on standard error."""
+    from runner.cli import main
+
+    proj.path.with_suffix(".lock").write_text("schema = [\n")
+    built = main(["build", str(proj.path), "--no-progress"]), capsys.readouterr()
+    assert built[0] == 2 and built[1].err.startswith("dbl: "), built
+    stop = threading.Event()
+    timer = threading.Timer(2, stop.set)  # the watch waits for a fix: stopped, it returns 0
+    timer.start()
+    watch(proj.path, reporter_factory=PlainReporter, stop_event=stop)
+    timer.cancel()
+    watched = capsys.readouterr()
+    assert built[1].err in watched.err and built[1].err.strip() not in watched.out, watched
+
+
+def test_a_dbl_that_became_a_file_while_watched_is_said_as_build_says_it(proj, fake_steps, capsys):
+    """The next build's refusal went to standard output without `dbl:`; `dbl build` and the watch's start
+    say it on standard error, with `dbl:`."""
+    import time
+
+    from runner.cli import main
+
+    from .test_watch import wait_for
+
+    stop = threading.Event()
+    watching = threading.Thread(
+        target=lambda: watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, debounce_s=0.1),
+        daemon=True,
+    )
+    watching.start()
+    said = []
+    wait_for(lambda: said.append(capsys.readouterr()) or "watching " in said[-1].out, "the first build")
+    shutil.rmtree(proj.root / ".dbl")
+    (proj.root / ".dbl").write_text("")  # a file where the state folder goes
+    proj.edit("rank = 4", "rank = 8")
+    wait_for(lambda: said.append(capsys.readouterr()) or ".dbl" in said[-1].err, "the refused build")
+    time.sleep(0.2)
+    stop.set()
+    watching.join(20)
+    err = "".join(s.err for s in said) + capsys.readouterr().err
+    out = "".join(s.out for s in said)
+    assert main(["build", str(proj.path), "--no-progress"]) == 2
+    built = capsys.readouterr().err
+    assert built.startswith("dbl: ") and built in err and built.strip() not in out, (built, err, out)

@@ -84,6 +84,20 @@ def gpus_problem(gpus: list[str], api: bool = False) -> str | None:
     return None
 
 
+def counts_problem(jobs, per_gpu, api: bool = False) -> str | None:
+    """Why `-j` (BuildOptions.jobs) or `--per-gpu` (per_gpu) is no count of steps, or None. `api`: said in
+    BuildOptions' words (`jobs=`), for a script; else in the command line's (`-j`), which takes numbers only."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        if not api:
+            return "-j must be at least 1"
+        return f"jobs={jobs!r}: give the number of steps to run at once, at least 1 (None: one, or as many as Ray has room for)"
+    if isinstance(per_gpu, bool) or not isinstance(per_gpu, int) or per_gpu < 1:
+        if not api:
+            return "--per-gpu must be at least 1"
+        return f"per_gpu={per_gpu!r}: give the number of steps that may share one GPU, at least 1"
+    return None
+
+
 def _device_nodes() -> list[str] | None:
     """The driver's /dev/nvidiaN nodes, one a GPU; None where they cannot tell (WSL has none: /dev/dxg)."""
     try:

@@ -62,7 +62,8 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             need = _gpus_needed(p, ws, options)
             if not pool.fits(need):
                 waiting.remove(p)
-                _fail(ev, StepError(f"{p.id}: needs {need} GPUs; --gpus gives {len(pool.devices)}"), options)
+                given = "--gpus" if options.command_line else "gpus"
+                _fail(ev, StepError(f"{p.id}: needs {need} GPUs; {given} gives {len(pool.devices)}"), options)
                 reporter.step_end(ev)
                 failed.add(p.id)
                 exit_code = sch.EXIT_FAILED

@@ -105,8 +105,10 @@ class RayBackend:
     places_steps = True  # Ray chooses nodes and GPUs: the scheduler shares out none itself
 
     def __init__(self, project, options=None):
+        # a script's options are named as BuildOptions names them (gpus=), the command line's as it does
+        self._api = not getattr(options, "command_line", False)
         if importlib.util.find_spec("ray") is None:
-            import_ray()  # raises the UsageError that says how to install it
+            import_ray(self._api)  # raises the UsageError that says how to install it
         self._device = project.settings.device
         # Without --ray-address, RAY_ADDRESS names the cluster, as it does for ray.init (`ray job submit`
         # sets it for its command): a local instance there would share the cluster's GPUs unseen.
@@ -129,7 +131,7 @@ class RayBackend:
     def _connect(self):
         with self._lock:
             if self._ray is None:
-                connect(self._address, self._gpus)
+                connect(self._address, self._gpus, self._api)
                 import ray
 
                 # Started again if its process dies (killed, its node lost): the events it held are lost,

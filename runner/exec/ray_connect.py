@@ -20,44 +20,63 @@ CONNECT_TIMEOUT_S = 10.0  # a cluster's address that answers nothing in this tim
 ANSWER_TIMEOUT_S = 5.0  # a service there that does not open as a gRPC server in this time is not Ray
 
 
-def import_ray():
-    """Ray, or a UsageError that says how to install it."""
+def _words(api: bool) -> tuple[str, str, str]:
+    """How a message names the Ray options: (the executor, the cluster's address, the GPUs), as the command
+    line spells them (`--executor ray`) or, where `api`, as BuildOptions does (`backend="ray"`)."""
+    if api:
+        return 'backend="ray"', "ray_address", "gpus"
+    return "--executor ray", "--ray-address", "--gpus"
+
+
+def _local(api: bool) -> str:
+    """The address option set to start a local instance: `--ray-address local`, `ray_address="local"`."""
+    return 'ray_address="local"' if api else "--ray-address local"
+
+
+def import_ray(api: bool = False):
+    """Ray, or a UsageError that says how to install it. `api`: said in BuildOptions' words."""
+    executor = _words(api)[0]
     if importlib.util.find_spec("ray") is None:
-        raise UsageError("--executor ray needs Ray, which is not installed: pip install 'dbl[ray]'")
+        raise UsageError(f"{executor} needs Ray, which is not installed: pip install 'dbl[ray]'")
     try:
         import ray
     except ImportError as exc:  # a broken install: a dependency missing, or of a version Ray cannot use
         raise UsageError(
-            f"--executor ray needs Ray, which is installed but does not import ({exc}): reinstall it, "
+            f"{executor} needs Ray, which is installed but does not import ({exc}): reinstall it, "
             "pip install --force-reinstall 'dbl[ray]'"
         ) from None
     return ray
 
 
-def connect(address: str | None = None, gpus: tuple[str, ...] | None = None, **init) -> None:
+def connect(
+    address: str | None = None, gpus: tuple[str, ...] | None = None, api: bool = False, **init
+) -> None:
     """Connect this process to Ray, unless it is connected already.
 
     `address` None (or "local"): start a local instance that listens on 127.0.0.1 only, without a
     dashboard; `gpus` restricts it to these GPUs of this machine. Else join that cluster ("auto",
-    "HOST:PORT", "ray://HOST:PORT"). `init`: more ray.init arguments (num_cpus, num_gpus: tests).
+    "HOST:PORT", "ray://HOST:PORT"). `api`: usage errors in BuildOptions' words (`gpus`, `ray_address`),
+    else in the command line's (`--gpus`, `--ray-address`). `init`: more ray.init arguments (num_cpus,
+    num_gpus: tests).
     """
     if address not in LOCAL and gpus is not None:
+        option = _words(api)[2]
         raise UsageError(
-            "--gpus picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
-            f"`ray start --num-gpus` gave them: leave --gpus out with {_named_by(address)}"
+            f"{option} picks GPUs of this machine; the nodes of a Ray cluster offer the GPUs that "
+            f"`ray start --num-gpus` gave them: leave {option} out with {_named_by(address, api)}"
         )
-    ray = import_ray()
+    ray = import_ray(api)
     if ray.is_initialized():
         return
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
     _ray_output_to_stderr()
     with _keeping_sigterm():
         if address not in LOCAL:
-            _check_reachable(address)
+            _check_reachable(address, api)
             try:
                 ray.init(address=address, **common)
             except ConnectionError as exc:
-                raise UsageError(_unreachable(address, str(exc)) + _token_hint(address)) from None
+                raise UsageError(_unreachable(address, str(exc), api) + _token_hint(address)) from None
             return
         _start_local(ray, gpus, common)
 
@@ -81,23 +100,23 @@ def _ray_output_to_stderr() -> None:
     worker.print_to_stdstream = to_stderr
 
 
-def _option(address: str) -> str:
-    return "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "--ray-address"
+def _option(address: str, api: bool = False) -> str:
+    return "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else _words(api)[1]
 
 
-def _named_by(address: str) -> str:
-    """Where the cluster's address came from, for messages: --ray-address, or the environment's
-    RAY_ADDRESS (see RayBackend)."""
+def _named_by(address: str, api: bool = False) -> str:
+    """Where the cluster's address came from, for messages: --ray-address (ray_address), or the
+    environment's RAY_ADDRESS (see RayBackend)."""
     if os.environ.get("RAY_ADDRESS") == address:
-        return f"RAY_ADDRESS={address} in the environment (unset it, or give --ray-address local)"
-    return "--ray-address"
+        return f"RAY_ADDRESS={address} in the environment (unset it, or give {_local(api)})"
+    return _words(api)[1]
 
 
-def _unreachable(address: str, why: str) -> str:
+def _unreachable(address: str, why: str, api: bool = False) -> str:
     local = (
-        "give --ray-address local or unset RAY_ADDRESS"
+        f"give {_local(api)} or unset RAY_ADDRESS"
         if os.environ.get("RAY_ADDRESS") == address
-        else "leave --ray-address out"
+        else f"leave {_words(api)[1]} out"
     )
     return (
         f"cannot reach a Ray cluster at {address!r} ({why}); start one with `ray start --head`, or "
@@ -117,7 +136,7 @@ def _token_hint(address: str) -> str:
     )
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, api: bool = False) -> None:
     """A UsageError at once where nothing answers at the cluster's address: ray.init would retry it for
     minutes, printing Ray's own warnings, before it gave up. "auto" is looked up as Ray looks it up
     (RAY_ADDRESS, else the cluster `ray start` last started here)."""
@@ -131,26 +150,28 @@ def _check_reachable(address: str) -> None:
         try:
             target = canonicalize_bootstrap_address(address)
         except ConnectionError as exc:  # "auto", and no cluster found
-            raise UsageError(_unreachable(address, str(exc))) from None
+            raise UsageError(_unreachable(address, str(exc), api)) from None
         except ValueError:
             raise UsageError(
-                f"{_option(address)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
+                f"{_option(address, api)} {address!r} is not a Ray cluster's address: give HOST:PORT (the head "
                 "node's, port 6379 unless `ray start --port` said otherwise), ray://HOST:PORT or auto"
             ) from None
         if target is None:  # "auto" found none: ray.init says so
             return
     host, _, port = target.rpartition(":")
     if not port.isdigit():
-        raise UsageError(f"{_option(address)} {address!r}: the port is missing (HOST:PORT, 6379 by default)")
+        raise UsageError(
+            f"{_option(address, api)} {address!r}: the port is missing (HOST:PORT, 6379 by default)"
+        )
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
             other = _not_grpc(conn)
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-        raise UsageError(_unreachable(address, f"{target}: {why}")) from None
+        raise UsageError(_unreachable(address, f"{target}: {why}", api)) from None
     if other:
         raise UsageError(
-            f"{_option(address)} {address!r} is not a Ray cluster's address ({target}: {other}); check its "
+            f"{_option(address, api)} {address!r} is not a Ray cluster's address ({target}: {other}); check its "
             "host and port: the head node's port, 6379 unless `ray start --port` said otherwise (with "
             "ray://, the Ray Client server's, 10001 by default)"
         )

@@ -18,7 +18,7 @@ from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
-from runner.exec.devices import gpus_for_device, gpus_refused
+from runner.exec.devices import counts_problem, gpus_for_device, gpus_refused
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -50,6 +50,9 @@ class BuildOptions:
     gpus: tuple[str, ...] | None = None  # GPUs to share out; None: all visible ones when jobs > 1
     per_gpu: int = 1  # steps that may share one GPU at once
     ray_address: str | None = None  # the ray backend's cluster: None a local instance, "auto", HOST:PORT
+    # Set by dbl's command line: a usage error names its options (-j, --gpus, --only); else these fields
+    # (jobs=, gpus=, only=), as a script gave them.
+    command_line: bool = False
 
 
 @dataclass
@@ -71,12 +74,23 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     """Build what is stale. Raises LockHeld, LockfileError, UsageError (options no build can use, as `dbl
     build` refuses them: the GPUs given are checked against this machine unless a `backend_factory` or a
     Ray cluster places the steps); step failures are results."""
+    api = not options.command_line
     if options.gpus is not None:
         problem = gpus_refused(  # the command line asked before, in its own words
-            options.gpus, options.backend, options.ray_address, options.backend_factory is None, api=True
+            options.gpus, options.backend, options.ray_address, options.backend_factory is None, api=api
         )
         if problem is not None:
             raise UsageError(problem)
+    if (problem := counts_problem(options.jobs, options.per_gpu, api)) is not None:
+        raise UsageError(problem)
+    n = options.num_processes
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UsageError(
+            f"num_processes={n!r}: give the processes a train step runs with, at least 1 (None: the "
+            "project's num_processes)"
+            if api
+            else "--num-processes must be at least 1"
+        )
     ws = Workspace(project)
     with BuildLock(project):
         lockfile.drop_leftover_temps(ws.lock_path)
@@ -94,10 +108,8 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
             raise preflight.every_broken_image(
                 ws.hasher, lock, project, planner.graph(project), found
             ) from None
-        planner.check_step_ids(planned, force=tuple(options.force or ()), only=options.only)
-        if (options.jobs is not None and options.jobs < 1) or options.per_gpu < 1:
-            raise UsageError("-j and --per-gpu must be at least 1")
-        if (problem := gpus_for_device(options.gpus, project.settings.device, api=True)) is not None:
+        planner.check_step_ids(planned, api=api, force=tuple(options.force or ()), only=options.only)
+        if (problem := gpus_for_device(options.gpus, project.settings.device, api=api)) is not None:
             raise UsageError(f"{project.path.name}: {problem}")
         name = backend_name(options)
         factory = options.backend_factory or (lambda p: backends.create(name, p, options))

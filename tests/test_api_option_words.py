@@ -1,0 +1,89 @@
+"""A build's option errors in the words of whoever gave the options: BuildOptions' fields (`jobs=`,
+`only`, `gpus`, `ray_address`) to a script, the command line's options (`-j`, `--only`, `--gpus`,
+`--ray-address`) to `dbl build`."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from runner import executor
+from runner.cli import main
+from runner.errors import UsageError
+from tests.conftest import Recorder
+
+
+def refused(proj, **options) -> str:
+    with pytest.raises(UsageError) as raised:
+        executor.build(proj.load(), executor.BuildOptions(**options), Recorder())
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"jobs": 0}, "jobs=0: give the number of steps to run at once, at least 1"),
+        ({"jobs": "2"}, "jobs='2': give the number of steps to run at once, at least 1"),
+        ({"per_gpu": 0}, "per_gpu=0: give the number of steps that may share one GPU, at least 1"),
+        ({"num_processes": 0}, "num_processes=0: give the processes a train step runs with, at least 1"),
+    ],
+)
+def test_counts_a_script_gives_are_refused_in_its_words(proj, fake_steps, options, said):
+    """`BuildOptions(jobs=0)` was told "-j and --per-gpu must be at least 1", options it never gave."""
+    message = refused(proj, **options)
+    assert message.startswith(said) and "--" not in message and "-j" not in message, message
+    assert not proj.lock.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("args", "said"), [(["-j", "0"], "-j must"), (["--per-gpu", "0"], "--per-gpu must")])
+def test_the_command_line_says_its_own_options(proj, fake_steps, capsys, args, said):
+    assert main(["build", str(proj.path), *args, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"dbl: {said} be at least 1\n"
+
+
+def test_step_ids_a_script_gives_are_refused_in_its_words(proj, fake_steps, capsys):
+    message = refused(proj, only=("train:dgo",), force=("pets.toml",))
+    assert message.startswith("force: no step 'pets.toml' (a project file, not a step id); only: no step "), (
+        message
+    )
+    assert "'train:dgo' (did you mean train:dog?)" in message and "--" not in message, message
+    assert main(["build", str(proj.path), "--only", "train:dgo", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("dbl: --only: no step 'train:dgo' (did you mean train:dog?)")
+
+
+@pytest.mark.ray
+def test_ray_options_a_script_gives_are_refused_in_its_words(proj, monkeypatch, capsys):
+    """`BuildOptions(backend="ray", ray_address=..., gpus=...)` was told to leave out --gpus, and to leave
+    --ray-address out."""
+    from runner.exec import ray_connect
+    from tests.test_ray_connect import no_ray_init
+
+    pytest.importorskip("ray")
+    message = refused(proj, backend="ray", ray_address="auto", gpus=("0",))
+    assert "gpus picks GPUs of this machine" in message and "leave gpus out with ray_address" in message
+    assert "--" not in message.replace("--num-gpus", ""), message
+    monkeypatch.setattr(ray_connect, "import_ray", no_ray_init)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    message = refused(proj, backend="ray", ray_address=address)
+    assert "cannot reach a Ray cluster" in message and "leave ray_address out" in message, message
+    assert "--ray-address" not in message, message
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    message = refused(proj, backend="ray")
+    assert 'give ray_address="local" or unset RAY_ADDRESS' in message, message
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    assert "give --ray-address local or unset RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_a_missing_ray_is_said_in_the_script_s_words(proj, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    assert refused(proj, backend="ray").startswith("""backend="ray" needs Ray, which is not installed""")
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")

@@ -183,7 +183,11 @@ def _check(check, tables: dict) -> None:
             check.problem(
                 ("evals", name, "render"),
                 f"'{spec.render}' is not a render",
-                "renders: " + (", ".join(renders) or "none; add a [renders.<name>] table"),
+                "renders: "
+                + (
+                    ", ".join(checks.listed(check, "renders", renders))
+                    or "none; add a [renders.<name>] table"
+                ),
             )
         if (
             spec.subject is not None
@@ -193,7 +197,7 @@ def _check(check, tables: dict) -> None:
             check.problem(
                 ("evals", name, "subject"),
                 f"'{spec.subject}' is not a subject",
-                "subjects: " + (", ".join(subjects) or "none"),
+                "subjects: " + (", ".join(checks.listed(check, "subjects", subjects)) or "none"),
             )
         for at, what, fix in _warnings(tables, spec):
             check.note(("evals", name), what, fix, at=("evals", name, at))

@@ -125,9 +125,17 @@ class _Checker:
                 return False, raw
             value = list(raw) if ok else raw
         elif kind == "weights":
-            ok = isinstance(raw, dict) and all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) for w in raw.values()
-            )
+            number = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool)  # noqa: E731
+            wrong = [(name, w) for name, w in raw.items() if not number(w)] if isinstance(raw, dict) else []
+            if wrong:  # the table is right, one weight is not: "got a table" would not tell which
+                name, w = wrong[0]
+                self.problem(
+                    key,
+                    f"the weight of {name} must be a number, got {describe(w)}",
+                    f"e.g. {f.name} = {example(f)}",
+                )
+                return False, raw
+            ok = isinstance(raw, dict)
             if ok and not raw:
                 self.problem(key, "names no adapter", "e.g. adapters = { dog = 1.0, toy = 0.8 }")
                 return False, raw

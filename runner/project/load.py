@@ -118,6 +118,8 @@ class _Checker:
         elif kind in ("list[str]", "list[int]", "targets"):
             item = int if kind == "list[int]" else str
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
+            if ok and not raw and f.metadata.get("empty_is_none"):
+                return True, None
             if ok and not raw:
                 self.problem(
                     key, "must not be empty", f"give at least one value, e.g. {f.name} = {example(f)}"
@@ -136,6 +138,8 @@ class _Checker:
                 )
                 return False, raw
             ok = isinstance(raw, dict)
+            if ok and not raw and f.metadata.get("empty_is_none"):
+                return True, None
             if ok and not raw:
                 self.problem(key, "names no adapter", "e.g. adapters = { dog = 1.0, toy = 0.8 }")
                 return False, raw

@@ -348,3 +348,49 @@ def test_names_listed_as_known_include_tables_with_problems_of_their_own(folder)
     assert "subjects.dog.prior: 'dgo' is not a prior (line 11) - priors: dog\n" in said + "\n"
     assert "evals.park.render: 'prak' is not a render (line 25) - renders: park\n" in said + "\n"
     assert "blends.mix.adapters.dgo: 'dgo' is not a subject or blend (line 18) - subjects: dog, toy" in said
+
+
+def test_a_table_with_a_problem_still_has_its_references_checked(folder):  # noqa: F811
+    """A render whose prompts had a problem said nothing of its adapter that no table has, until the prompts
+    were fixed: a second run for a second problem. The same for a subject's prior, a blend's parents and an
+    eval's render and subject."""
+    found = problems(
+        folder,
+        """
+        [project]
+        base_model = "tiny-sd"
+
+        [subjects.dog]
+        images = "data/dog"
+        instance_prompt = 1
+        prior = "dgo"
+
+        [blends.mix]
+        adapters = { dgo = 1.0 }
+        method = "cta"
+
+        [renders.park]
+        adapter = "dgo"
+        prompts = "a photo"
+
+        [renders.grid]
+        adapters = ["dog", "mxi"]
+        prompts = "a photo"
+
+        [evals.park]
+        render = "prak"
+        subject = "dgo"
+        identifier = 3
+        """,
+    )
+    keys = [problem.split(": ")[0] for problem in found]
+    for key in (
+        "subjects.dog.prior",
+        "blends.mix.adapters.dgo",
+        "renders.park.adapter",
+        "renders.grid.adapters",
+        "evals.park.render",
+        "evals.park.subject",
+    ):
+        assert key in keys, found
+    assert "renders.grid.adapters: 'mxi' is not a subject or blend (line 19)" in "\n".join(found)

@@ -11,7 +11,14 @@ import json
 
 from runner import families
 from runner.project import schema, unused
-from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_adapter_name, listed, unread
+from runner.project.checks import (
+    RESERVED_ADAPTERS,
+    TRIGGER,
+    check_adapter_name,
+    listed,
+    unread,
+    unread_references,
+)
 
 
 def _known_adapters(check, tables: dict, blend: str) -> str:
@@ -83,6 +90,9 @@ def check_blends(check, tables: dict) -> None:
     in_cycles = set()
     unread_memo, ranks_memo, keys_memo = {}, {}, {}  # what each walk found, for the next blend's
     own = _own_blends(blends, subjects)
+    for name, parent in unread_references(check, "blends", "adapters"):
+        if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
+            check.problem(("blends", name, "adapters", parent), *_unknown_parent(check, parent, tables, name))
     for name, blend in blends.items():
         check_adapter_name(check, "blends", name)
         key = ("blends", name, "adapters")
@@ -200,6 +210,14 @@ def check_renders(check, tables: dict) -> None:
     produced = adapter_tables(tables)
     known = {name for names in produced.values() for name in names} | set(RESERVED_ADAPTERS)
     written = {table: listed(check, table, names) for table, names in produced.items()}
+    for field in ("adapter", "adapters"):
+        for name, adapter in unread_references(check, "renders", field):
+            if adapter not in known and not unread(check, adapter, (*produced, "snapshots")):
+                check.problem(
+                    ("renders", name, field),
+                    f"'{adapter}' is not a {_adapter_nouns(produced)}",
+                    _adapter_fix(adapter, tables.get("train", {}), _adapter_listing(written) + "; or 'none'"),
+                )
     for name, render in tables.get("render", {}).items():
         key = ("renders", name)
         if render.adapter is not None and render.adapters is not None:

@@ -265,6 +265,20 @@ def listed(check, group: str, names) -> list[str]:
     return sorted(names + sorted(others), key=lambda name: check.line((group, name)) or 0)
 
 
+def unread_references(check, group: str, field: str):
+    """(table, name) for each name that `field` of a table of `group` gives (a string, a list of them, or the
+    keys of a table) where the table did not read for a problem elsewhere in it: one run says that problem
+    and those of its references. A `field` with a problem of its own gives none."""
+    said = {problem.key for problem in check.problems}
+    for (table_group, table), raw in check.unread_tables.items():
+        if table_group != group or any(k.startswith(f"{group}.{table}.{field}") for k in said):
+            continue
+        value = raw.get(field)
+        for name in [value] if isinstance(value, str) else value if isinstance(value, (list, dict)) else []:
+            if isinstance(name, str):
+                yield table, name
+
+
 def check_priors(check, tables: dict) -> None:
     used = {subject.prior for subject in tables.get("train", {}).values()}
     for name, prior in tables.get("prior", {}).items():
@@ -296,6 +310,10 @@ def check_priors(check, tables: dict) -> None:
 
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
+    for name, prior in unread_references(check, "subjects", "prior"):
+        if prior not in priors and not unread(check, prior, ("priors",)):
+            known = ", ".join(listed(check, "priors", priors)) or "none defined"
+            check.problem(("subjects", name, "prior"), f"'{prior}' is not a prior", f"priors: {known}")
     for name, subject in tables.get("train", {}).items():
         if (
             subject.prior is not None

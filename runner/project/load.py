@@ -44,6 +44,8 @@ class _Checker:
         # Tables the file writes that did not read, by key ([subjects.dog], a whole [subjects], [train]):
         # their own problems are said, so a reference to one (or to a table inside one) is not another.
         self.unread: set[tuple[str, ...]] = set()
+        # The raw TOML of each [group.name] table among them: the names it gives are checked all the same.
+        self.unread_tables: dict[tuple[str, ...], dict] = {}
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
@@ -373,6 +375,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             result[name] = item
         else:
             check.unread.add(key)
+            check.unread_tables[key] = table
     _case_twins(check, group, [name for name in raw if NAME.match(name)])
     for name in raw:
         if name.lower() in WINDOWS_RESERVED:

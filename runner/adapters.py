@@ -168,8 +168,8 @@ def save_adapter(
         )
 
     if any("dora_scale" in layer for part in parts.values() for layer in part["layers"].values()):
-        warnings.warn(
-            "DoRA: the kohya file (<name>.safetensors) holds each magnitude per output row, as ComfyUI and "
+        warnings.warn(  # a step's kohya file is named after its adapter only as it is copied out
+            "DoRA: the adapter's kohya file holds each magnitude per output row, as ComfyUI and "
             "Forge read it; A1111 reads dora_scale per input column and would apply the file with scrambled "
             "weights, without a message: use it in ComfyUI or Forge, not A1111",
             stacklevel=2,

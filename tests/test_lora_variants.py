@@ -343,7 +343,8 @@ def test_saving_a_dora_adapter_warns_that_a1111_scrambles_its_kohya_file(tmp_pat
     from runner.adapters import read_safetensors, save_adapter
 
     modules = _variant(tiny_sd_pipeline(), use_dora=True, text_encoder_use_dora=True)
-    with pytest.warns(UserWarning, match=r"DoRA: the kohya file .* not A1111"):
+    # it named the file "(<name>.safetensors)", a placeholder the user's folder holds no file of
+    with pytest.warns(UserWarning, match=r"DoRA: the adapter's kohya file holds .* not A1111"):
         save_adapter(tmp_path / "dog", modules, base_model="tiny-sd")
     plain = _variant(tiny_sd_pipeline())
     with warnings.catch_warnings():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.project_fixtures import assert_problem_said, folder  # noqa: F401 (a fixture)
+from tests.project_fixtures import assert_problem_said, folder, problems  # noqa: F401 (a fixture)
 
 CASES = [
     (
@@ -287,3 +287,110 @@ CASES = [
 @pytest.mark.parametrize("extra, expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_problem_messages(folder, extra, expected):  # noqa: F811
     assert_problem_said(folder, extra, expected)
+
+
+def test_a_table_with_a_problem_still_has_its_images_folder_checked(folder):  # noqa: F811
+    """A typo in one key of a subject (or prior) also said its missing images folder only once the typo was
+    fixed, a second run later: every problem of the file is said at once."""
+    found = problems(
+        folder,
+        """
+        [project]
+        base_model = "tiny-sd"
+
+        [priors.cat]
+        class_prompt = 3
+        images = "data/cats"
+
+        [subjects.dog]
+        images = "data/dgo"
+        instance_promt = "a photo of sks dog"
+        """,
+    )
+    assert "priors.cat.images: folder data/cats does not exist (line 7)" in " ".join(found)
+    assert "subjects.dog.images: folder data/dgo does not exist (line 10)" in " ".join(found)
+    assert len(found) == 5, found  # class_prompt, the unknown key, the missing instance_prompt, two folders
+
+
+def test_names_listed_as_known_include_tables_with_problems_of_their_own(folder):  # noqa: F811
+    """A reference to a name the file does not have listed the known names without those whose tables had
+    a problem: "priors: none defined" beside a [priors.dog] whose class_prompt was wrong."""
+    found = problems(
+        folder,
+        """
+        [project]
+        base_model = "tiny-sd"
+
+        [priors.dog]
+        class_prompt = 3
+
+        [subjects.dog]
+        images = "data/dog"
+        instance_prompt = "a photo of sks dog"
+        prior = "dgo"
+
+        [subjects.toy]
+        images = "data/toy"
+        instance_prompt = 4
+
+        [blends.mix]
+        adapters = { dgo = 1.0 }
+
+        [renders.park]
+        adapter = "dog"
+        prompts = "a photo"
+
+        [evals.park]
+        render = "prak"
+        """,
+    )
+    said = "\n".join(found)
+    assert "subjects.dog.prior: 'dgo' is not a prior (line 11) - priors: dog\n" in said + "\n"
+    assert "evals.park.render: 'prak' is not a render (line 25) - renders: park\n" in said + "\n"
+    assert "blends.mix.adapters.dgo: 'dgo' is not a subject or blend (line 18) - subjects: dog, toy" in said
+
+
+def test_a_table_with_a_problem_still_has_its_references_checked(folder):  # noqa: F811
+    """A render whose prompts had a problem said nothing of its adapter that no table has, until the prompts
+    were fixed: a second run for a second problem. The same for a subject's prior, a blend's parents and an
+    eval's render and subject."""
+    found = problems(
+        folder,
+        """
+        [project]
+        base_model = "tiny-sd"
+
+        [subjects.dog]
+        images = "data/dog"
+        instance_prompt = 1
+        prior = "dgo"
+
+        [blends.mix]
+        adapters = { dgo = 1.0 }
+        method = "cta"
+
+        [renders.park]
+        adapter = "dgo"
+        prompts = "a photo"
+
+        [renders.grid]
+        adapters = ["dog", "mxi"]
+        prompts = "a photo"
+
+        [evals.park]
+        render = "prak"
+        subject = "dgo"
+        identifier = 3
+        """,
+    )
+    keys = [problem.split(": ")[0] for problem in found]
+    for key in (
+        "subjects.dog.prior",
+        "blends.mix.adapters.dgo",
+        "renders.park.adapter",
+        "renders.grid.adapters",
+        "evals.park.render",
+        "evals.park.subject",
+    ):
+        assert key in keys, found
+    assert "renders.grid.adapters: 'mxi' is not a subject or blend (line 19)" in "\n".join(found)

@@ -231,6 +231,18 @@ CASES = [
         "blends.b.adapters: the weight of toy must be a finite number, got nan (line {line}) - e.g. adapters = {{ dog = 1.0 }}",
     ),
     (
+        "a blend weight written as a string (it said 'expected a table ..., got a table')",
+        '[blends.b]\nadapters = { dog = 1.0, toy = "0.8" }\n',
+        "blends.b.adapters: the weight of toy must be a number, got the string '0.8' (line {line}) - e.g. "
+        "adapters = {{ dog = 1.0 }}",
+    ),
+    (
+        "a blend weight written as a list",
+        "[blends.b]\nadapters = { dog = [1] }\n",
+        "blends.b.adapters: the weight of dog must be a number, got a list of integers (line {line}) - e.g. "
+        "adapters = {{ dog = 1.0 }}",
+    ),
+    (
         "steps beyond 64 bits",
         "[subjects.dog.train]\nsteps = 99999999999999999999\n",
         "subjects.dog.train.steps: must fit in 64 bits, got 99999999999999999999 (line {line}) - e.g. steps = 800",

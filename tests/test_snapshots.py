@@ -178,3 +178,18 @@ def test_a_render_of_a_snapshot_that_is_not_saved_is_a_project_file_error(tmp_pa
         "renders.pick.adapters: 'dog@4' is not a subject, snapshot or blend (line 30) - add 4 to the "
         "save_steps of dog; subjects: dog; snapshots: dog@2; or 'none'"
     ) in str(err.value)
+
+
+def test_an_empty_save_steps_turns_off_the_snapshots_of_train_for_one_subject(tmp_path):
+    """[train] save_steps = [2], and one subject of 2 steps: its inherited save step is its last, an error,
+    and `save_steps = []`, the way to turn it off, was refused as 'must not be empty'."""
+    path = write(tmp_path, train="save_steps = [2]")
+    write_image(tmp_path / "cat" / "0.png", size=64)
+    cat = '\n[subjects.cat]\nimages = "cat"\ninstance_prompt = "a photo of sks cat"\ntrain = { steps = 2, %s }\n'
+    path.write_text(path.read_text() + cat % "save_steps = []")
+    project = load_project(path)
+    assert project.tables["train"]["cat"].train.save_steps is None  # as if [train] had none
+    assert list(project.tables["snapshot"]) == ["dog@2"]
+    path.write_text(path.read_text().replace("save_steps = []", "random_flip = true"))
+    with pytest.raises(Exception, match=r"save_steps: step 2 is not before the last step \(subjects.cat"):
+        load_project(path)  # what it would be without the key

@@ -11,13 +11,22 @@ import json
 
 from runner import families
 from runner.project import schema, unused
-from runner.project.checks import RESERVED_ADAPTERS, TRIGGER, check_adapter_name, unread
+from runner.project.checks import (
+    RESERVED_ADAPTERS,
+    TRIGGER,
+    check_adapter_name,
+    listed,
+    unread,
+    unread_references,
+)
 
 
-def _known_adapters(tables: dict, blend: str) -> str:
+def _known_adapters(check, tables: dict, blend: str) -> str:
     """The parents blend `blend` may name: subjects and the other blends (itself would be a cycle)."""
-    others = [name for name in tables.get("blend", {}) if name != blend]
-    return _adapter_listing({"subjects": tables.get("train", {}), "blends": others})
+    others = [name for name in listed(check, "blends", tables.get("blend", {})) if name != blend]
+    return _adapter_listing(
+        {"subjects": listed(check, "subjects", tables.get("train", {})), "blends": others}
+    )
 
 
 def adapter_tables(tables: dict) -> dict[str, dict]:
@@ -81,12 +90,15 @@ def check_blends(check, tables: dict) -> None:
     in_cycles = set()
     unread_memo, ranks_memo, keys_memo = {}, {}, {}  # what each walk found, for the next blend's
     own = _own_blends(blends, subjects)
+    for name, parent in unread_references(check, "blends", "adapters"):
+        if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
+            check.problem(("blends", name, "adapters", parent), *_unknown_parent(check, parent, tables, name))
     for name, blend in blends.items():
         check_adapter_name(check, "blends", name)
         key = ("blends", name, "adapters")
         for parent, _ in blend.adapters:
             if parent not in adapters and not unread(check, parent, ("subjects", "blends")):
-                check.problem(key + (parent,), *_unknown_parent(parent, tables, name))
+                check.problem(key + (parent,), *_unknown_parent(check, parent, tables, name))
         if name in own and name not in in_cycles and (cycle := _cycle(name, own)) is not None:
             in_cycles.update(cycle)  # one cycle is one problem, said at its first blend
             fix = f"remove {name} from its adapters" if len(cycle) == 2 else "remove the cycle between blends"
@@ -108,7 +120,7 @@ def check_blends(check, tables: dict) -> None:
                     )
 
 
-def _unknown_parent(parent: str, tables: dict, blend: str) -> tuple[str, str]:
+def _unknown_parent(check, parent: str, tables: dict, blend: str) -> tuple[str, str]:
     """The problem and fix of a blend's parent that is no subject or blend. A snapshot its subject saves
     (dog@400, which a render may name) is said as one: that it is not listed among the subjects tells a
     user who wrote it nothing."""
@@ -120,7 +132,7 @@ def _unknown_parent(parent: str, tables: dict, blend: str) -> tuple[str, str]:
             f"'{parent}' is a snapshot of {subject}, and a blend combines subjects and blends only",
             f"blend '{subject}' (its last step), or render '{parent}' on its own",
         )
-    return f"'{parent}' is not a subject or blend", _known_adapters(tables, blend)
+    return f"'{parent}' is not a subject or blend", _known_adapters(check, tables, blend)
 
 
 def _lora_unread(check, name: str, blends: dict, memo: dict | None = None) -> bool:
@@ -197,6 +209,15 @@ def check_renders(check, tables: dict) -> None:
     """A render names one adapter (`adapter`) or several (`adapters`) of any kind that produces one."""
     produced = adapter_tables(tables)
     known = {name for names in produced.values() for name in names} | set(RESERVED_ADAPTERS)
+    written = {table: listed(check, table, names) for table, names in produced.items()}
+    for field in ("adapter", "adapters"):
+        for name, adapter in unread_references(check, "renders", field):
+            if adapter not in known and not unread(check, adapter, (*produced, "snapshots")):
+                check.problem(
+                    ("renders", name, field),
+                    f"'{adapter}' is not a {_adapter_nouns(produced)}",
+                    _adapter_fix(adapter, tables.get("train", {}), _adapter_listing(written) + "; or 'none'"),
+                )
     for name, render in tables.get("render", {}).items():
         key = ("renders", name)
         if render.adapter is not None and render.adapters is not None:
@@ -221,9 +242,7 @@ def check_renders(check, tables: dict) -> None:
                 check.problem(
                     key + (field,),
                     f"'{adapter}' is not a {_adapter_nouns(produced)}",
-                    _adapter_fix(
-                        adapter, tables.get("train", {}), _adapter_listing(produced) + "; or 'none'"
-                    ),
+                    _adapter_fix(adapter, tables.get("train", {}), _adapter_listing(written) + "; or 'none'"),
                 )
             elif adapter in seen:
                 check.problem(key + (field,), f"'{adapter}' is listed twice", "list each adapter once")

@@ -43,7 +43,7 @@ def check_adapter_name(check, group: str, name: str) -> None:
 
 def read_prior(check, key, name, raw, defaults):
     item = check.table(key, raw, schema.Prior, extra={"name": name})
-    return _resolve_images(check, defaults.project_dir, key, item, required=False)
+    return _resolve_images(check, defaults.project_dir, key, item, raw, required=False)
 
 
 def read_subject(check, key, name, raw, defaults):
@@ -66,14 +66,25 @@ def read_subject(check, key, name, raw, defaults):
         # Without a trigger it stays as written (projects that trained so still load and stay fresh), and
         # the train step says so.
         item = replace(item, instance_prompt=item.instance_prompt.replace(TRIGGER, item.trigger))
-    return _resolve_images(check, defaults.project_dir, key, item, required=True)
+    return _resolve_images(check, defaults.project_dir, key, item, raw, required=True)
 
 
-def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, required: bool):
-    """Make an images folder absolute and check it holds images."""
-    if item is None or item.images is None:
+def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, raw: dict, required: bool):
+    """Make an images folder absolute and check it holds images. The folder of a table that did not read (a
+    typo in another of its keys) is checked too, so that one run says every problem of the file."""
+    if item is None:
+        folder = raw.get("images")
+        said = ".".join(key + ("images",)) in {problem.key for problem in check.problems}
+        if isinstance(folder, str) and not said:
+            _check_folder(check, project_dir, key, folder, required)
+        return None
+    if item.images is None:
         return item
-    folder = item.images
+    return replace(item, images=str(_check_folder(check, project_dir, key, item.images, required)))
+
+
+def _check_folder(check, project_dir: Path, key: tuple[str, ...], folder: str, required: bool) -> Path:
+    """The images folder `folder` of table `key`, absolute; a problem where it is no folder of images."""
     path = (project_dir / Path(folder).expanduser()).resolve()
     if not folder:  # reads as the project file's folder, which a user who wrote it rarely means
         check.note(
@@ -101,7 +112,7 @@ def _resolve_images(check, project_dir: Path, key: tuple[str, ...], item, requir
         check.problem(
             key + ("images",), f"folder {folder} holds no images (.jpg, .png, .webp ...){unread}", fix
         )
-    return replace(item, images=str(path))
+    return path
 
 
 # --- checks across tables --------------------------------------------------------------------------------
@@ -243,6 +254,31 @@ def unread(check, name: str, tables: tuple[str, ...]) -> bool:
     return check.did_not_read(*((table, name) for table in tables))
 
 
+def listed(check, group: str, names) -> list[str]:
+    """`names` of `group`'s tables ("priors") with those the file writes that did not read, in the file's
+    order: the names a reference may give, as a fix lists them (a table with a problem of its own is still
+    there: its problem is said)."""
+    names = list(names)
+    others = [key[1] for key in check.unread if len(key) == 2 and key[0] == group and key[1] not in names]
+    if not others:
+        return names
+    return sorted(names + sorted(others), key=lambda name: check.line((group, name)) or 0)
+
+
+def unread_references(check, group: str, field: str):
+    """(table, name) for each name that `field` of a table of `group` gives (a string, a list of them, or the
+    keys of a table) where the table did not read for a problem elsewhere in it: one run says that problem
+    and those of its references. A `field` with a problem of its own gives none."""
+    said = {problem.key for problem in check.problems}
+    for (table_group, table), raw in check.unread_tables.items():
+        if table_group != group or any(k.startswith(f"{group}.{table}.{field}") for k in said):
+            continue
+        value = raw.get(field)
+        for name in [value] if isinstance(value, str) else value if isinstance(value, (list, dict)) else []:
+            if isinstance(name, str):
+                yield table, name
+
+
 def check_priors(check, tables: dict) -> None:
     used = {subject.prior for subject in tables.get("train", {}).values()}
     for name, prior in tables.get("prior", {}).items():
@@ -274,13 +310,17 @@ def check_priors(check, tables: dict) -> None:
 
 def check_subjects(check, tables: dict) -> None:
     priors, blends = tables.get("prior", {}), tables.get("blend", {})
+    for name, prior in unread_references(check, "subjects", "prior"):
+        if prior not in priors and not unread(check, prior, ("priors",)):
+            known = ", ".join(listed(check, "priors", priors)) or "none defined"
+            check.problem(("subjects", name, "prior"), f"'{prior}' is not a prior", f"priors: {known}")
     for name, subject in tables.get("train", {}).items():
         if (
             subject.prior is not None
             and subject.prior not in priors
             and not unread(check, subject.prior, ("priors",))
         ):
-            known = ", ".join(priors) or "none defined"
+            known = ", ".join(listed(check, "priors", priors)) or "none defined"
             check.problem(
                 ("subjects", name, "prior"), f"'{subject.prior}' is not a prior", f"priors: {known}"
             )

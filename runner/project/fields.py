@@ -29,8 +29,10 @@ def opt(
     maximum=None,
     omit_default=False,
     multiple=None,
+    empty_is_none=False,
 ):
-    """Declare a project-file key. Without a default the key is required."""
+    """Declare a project-file key. Without a default the key is required. `empty_is_none`: an empty list
+    reads as the key's default, None (how a subject turns off a list [train] gives it)."""
     meta = {
         "doc": doc,
         "type": type,
@@ -40,6 +42,7 @@ def opt(
         "multiple": multiple,
         "fingerprint": fingerprint,
         "omit_default": omit_default,
+        "empty_is_none": empty_is_none,
     }
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)

@@ -44,6 +44,8 @@ class _Checker:
         # Tables the file writes that did not read, by key ([subjects.dog], a whole [subjects], [train]):
         # their own problems are said, so a reference to one (or to a table inside one) is not another.
         self.unread: set[tuple[str, ...]] = set()
+        # The raw TOML of each [group.name] table among them: the names it gives are checked all the same.
+        self.unread_tables: dict[tuple[str, ...], dict] = {}
 
     def problem(self, key: tuple[str, ...], message: str, fix: str = "") -> None:
         found = Problem(".".join(key), message, self.lines.line(key), fix)
@@ -118,6 +120,8 @@ class _Checker:
         elif kind in ("list[str]", "list[int]", "targets"):
             item = int if kind == "list[int]" else str
             ok = isinstance(raw, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in raw)
+            if ok and not raw and f.metadata.get("empty_is_none"):
+                return True, None
             if ok and not raw:
                 self.problem(
                     key, "must not be empty", f"give at least one value, e.g. {f.name} = {example(f)}"
@@ -125,9 +129,19 @@ class _Checker:
                 return False, raw
             value = list(raw) if ok else raw
         elif kind == "weights":
-            ok = isinstance(raw, dict) and all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) for w in raw.values()
-            )
+            number = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool)  # noqa: E731
+            wrong = [(name, w) for name, w in raw.items() if not number(w)] if isinstance(raw, dict) else []
+            if wrong:  # the table is right, one weight is not: "got a table" would not tell which
+                name, w = wrong[0]
+                self.problem(
+                    key,
+                    f"the weight of {name} must be a number, got {describe(w)}",
+                    f"e.g. {f.name} = {example(f)}",
+                )
+                return False, raw
+            ok = isinstance(raw, dict)
+            if ok and not raw and f.metadata.get("empty_is_none"):
+                return True, None
             if ok and not raw:
                 self.problem(key, "names no adapter", "e.g. adapters = { dog = 1.0, toy = 0.8 }")
                 return False, raw
@@ -361,6 +375,7 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             result[name] = item
         else:
             check.unread.add(key)
+            check.unread_tables[key] = table
     _case_twins(check, group, [name for name in raw if NAME.match(name)])
     for name in raw:
         if name.lower() in WINDOWS_RESERVED:

@@ -163,11 +163,12 @@ class TrainSettings:
     save_steps: list[int] | None = opt(
         None,
         "also keep the adapter at these steps, as adapters/<subject>@<step>/ (a render may name "
-        "'<subject>@<step>'); default: none",
+        "'<subject>@<step>'; [] keeps none, where [train] gives some); default: none",
         "list[int]?",
         minimum=1,
         fingerprint=False,
         omit_default=True,
+        empty_is_none=True,
     )
     log: str | None = opt(
         None,

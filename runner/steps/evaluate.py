@@ -178,12 +178,26 @@ def _inputs(i: Inputs) -> dict:
 
 def _check(check, tables: dict) -> None:
     renders, subjects = tables.get("render", {}), tables.get("train", {})
+    for name, render in checks.unread_references(check, "evals", "render"):
+        if render not in renders and not checks.unread(check, render, ("renders",)):
+            known = (
+                ", ".join(checks.listed(check, "renders", renders)) or "none; add a [renders.<name>] table"
+            )
+            check.problem(("evals", name, "render"), f"'{render}' is not a render", f"renders: {known}")
+    for name, subject in checks.unread_references(check, "evals", "subject"):
+        if subject not in subjects and not checks.unread(check, subject, ("subjects",)):
+            known = ", ".join(checks.listed(check, "subjects", subjects)) or "none"
+            check.problem(("evals", name, "subject"), f"'{subject}' is not a subject", f"subjects: {known}")
     for name, spec in tables.get("eval", {}).items():
         if spec.render not in renders and not checks.unread(check, spec.render, ("renders",)):
             check.problem(
                 ("evals", name, "render"),
                 f"'{spec.render}' is not a render",
-                "renders: " + (", ".join(renders) or "none; add a [renders.<name>] table"),
+                "renders: "
+                + (
+                    ", ".join(checks.listed(check, "renders", renders))
+                    or "none; add a [renders.<name>] table"
+                ),
             )
         if (
             spec.subject is not None
@@ -193,7 +207,7 @@ def _check(check, tables: dict) -> None:
             check.problem(
                 ("evals", name, "subject"),
                 f"'{spec.subject}' is not a subject",
-                "subjects: " + (", ".join(subjects) or "none"),
+                "subjects: " + (", ".join(checks.listed(check, "subjects", subjects)) or "none"),
             )
         for at, what, fix in _warnings(tables, spec):
             check.note(("evals", name), what, fix, at=("evals", name, at))

@@ -11,6 +11,7 @@ step) records them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -19,12 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner import events, lockfile, planner, steps, store
-from runner.errors import StepError
+from runner.errors import DblError, StepError
 from runner.events import WARNING, StepEvent
 from runner.exchange import replace_dir
 from runner.exec.job import Hooks, Job
 from runner.exec.workspace import Workspace
-from runner.fingerprint import fingerprint
+from runner.fingerprint import FileHasher, fingerprint
 from runner.merge import same as same_build
 from runner.reasons import explain
 from runner.store import RunCache, output_hash
@@ -143,7 +144,11 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     # those of the bytes committed, and of those read from the step's folder, which is then moved (renamed)
     # into the run-cache.
     staged = _staging(ws, step)
-    manifest = store.stage(outcome.out, staged, _layout(kind, step.name), ws.hasher)
+    try:
+        manifest = store.stage(outcome.out, staged, _layout(kind, step.name), ws.hasher)
+    except OSError:
+        _keep_after_failed_copy(ws, s, outcome, unhashed, since)
+        raise
     replaced = ws.cache.store(
         s.fp, outcome.out, manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
     )
@@ -184,6 +189,19 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     seconds = time.monotonic() - s.clock
     ev.remade = _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
     _ended(ws, lock, step, ev, metrics, s.clock)
+
+
+def _keep_after_failed_copy(ws: Workspace, s: Started, outcome, unhashed, since: int) -> None:
+    """A full disk as the outputs were copied out: keep them in the run-cache all the same (a rename, and a
+    manifest of a few bytes), so that the next build restores them rather than running the step again;
+    unless what the step read changed meanwhile. Only what can be is kept: the copy's error is the step's."""
+    if ws.snapshot(s.p.step).changed_since(s.before):
+        return
+    with contextlib.suppress(OSError, DblError):
+        manifest = store.file_manifest(outcome.out, FileHasher())
+        ws.cache.store(
+            s.fp, outcome.out, manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
+        )
 
 
 def _staging(ws: Workspace, step) -> Path:

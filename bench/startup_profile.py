@@ -125,8 +125,8 @@ def profile_build(args) -> None:
         time.perf_counter() - clock
     )
 
-    from runner import pnginfo, project
-    from runner.exec import job, scheduler, workspace
+    from runner import pnginfo, project, store
+    from runner.exec import scheduler, workspace
     from runner.models import loading
     from runner.steps import prior
     from runner.training import loop, lora, speed
@@ -151,7 +151,7 @@ def profile_build(args) -> None:
     loading.load_pipeline = timed("load the base model", loading.load_pipeline)
     prior.run = timed("prior step: generate the class images", prior.run)
     pnginfo.save_png = timed("prior step: save the class images", pnginfo.save_png)
-    job.file_manifest = timed("hash a step's outputs", job.file_manifest)
+    store.stage = timed("copy out and hash a step's outputs", store.stage)
     scheduler.finish_step = timed("store and commit a step's outputs", scheduler.finish_step)
     loop.read_images = timed("train step: read the images (decode, resize)", loop.read_images)
     lora.add_lora = timed("train step: add LoRA", lora.add_lora)

@@ -56,6 +56,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_hashed(src: Path, dst: Path) -> tuple[str, os.stat_result]:
+    """Copy the file `src` to a new file `dst`, hashing each chunk as it is written: the sha256 of the bytes
+    `dst` holds (whatever `src` holds before or after), and the stat of `dst` once they are written. One read
+    where a copy and a hash of the copy are two."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(src, "rb", buffering=0) as fin, open(dst, "xb") as fout:
+        while n := fin.readinto(buffer):
+            digest.update(view[:n])
+            fout.write(view[:n])
+        fout.flush()
+        return digest.hexdigest(), os.fstat(fout.fileno())
+
+
 class FileHasher:
     """sha256 of files, cached by (path, size, mtime_ns, inode, ctime_ns) in a JSON state file.
 
@@ -117,6 +132,13 @@ class FileHasher:
         self._dirty = True
         return digest
 
+    def wrote(self, path: Path, st: os.stat_result, digest: str) -> None:
+        """Remember `digest` as the hash of `path`, a file this process has just written and hashed the bytes
+        of as it wrote them (copy_hashed), `st` its stat after the last write: no later hash re-reads it."""
+        self._cache[str(path)] = _stamp(st) + [digest]
+        self._read_now.add(str(path))
+        self._dirty = True
+
     def moved(self, old: Path, new: Path) -> None:
         """Carry the hash of `old` over to `new`, the same file renamed with its folder (which keeps its
         inode, size and times), without reading it; a file the stat shows to be another is read."""
@@ -154,7 +176,7 @@ class FileHasher:
         result, errors = {}, []
         for path in files:
             try:
-                result[_name(path, folder)] = self.input_hash(path)
+                result[recorded_name(path, folder)] = self.input_hash(path)
             except ImageError as exc:  # each file said, not the first alone
                 errors.append(str(exc))
         if errors:
@@ -190,7 +212,7 @@ class FileHasher:
             dirs.sort()
             for name in sorted(names):
                 path = Path(root) / name
-                result[_name(path, folder)] = self.input_hash(path, what)
+                result[recorded_name(path, folder)] = self.input_hash(path, what)
         return result
 
     def save(self, max_age_s: float | None = None) -> None:
@@ -226,7 +248,7 @@ class FileHasher:
         self._saved_at = time.monotonic()
 
 
-def _name(path: Path, folder: Path) -> str:
+def recorded_name(path: Path, folder: Path) -> str:
     """`path` relative to `folder`, as the lockfile records it; a name that is not UTF-8 cannot be."""
     rel = path.relative_to(folder).as_posix()
     try:

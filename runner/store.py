@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from runner import tempnames
-from runner.fingerprint import FileHasher, manifest_hash, sha256_file
+from runner.fingerprint import FileHasher, copy_hashed, manifest_hash, recorded_name, sha256_file
 
 # The build lock, work folders and file facts live in runner.statedir; their names are kept here too, where
 # the rest of dbl (and scripts) have always imported them from.
@@ -59,28 +60,48 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def copy_tree(src: Path, dst: Path, names: dict[str, str] | None = None) -> None:
-    """Copy a folder's files (content only: no metadata to carry between cache and outputs), renaming
-    the files that `names` maps ({relative path in src: relative path in dst}).
+def stage(src: Path, dst: Path, names: dict[str, str], hasher: FileHasher) -> dict[str, dict]:
+    """Copy a folder's files into the new folder `dst` (content only: no metadata to carry between cache and
+    outputs), renaming those that `names` maps ({relative path in src: relative path in dst}), and hash each
+    as it is written: {relative path in src: {sha256, size}} of the bytes `dst` holds now. `hasher` keeps
+    each hash by its copy's stat, so that no plan re-reads them: every byte is read once.
 
-    The first error is raised as it is (shutil.copytree would try every file and raise them all as one
-    list), and what was copied is removed: on a full disk, a step fails with one OS error and no
-    half-copied folder takes space.
+    The first error is raised as it is, and what was copied is removed: on a full disk, a step fails with
+    one OS error and no half-copied folder takes space. A file that is not a regular one (a named pipe, a
+    link to nothing) is an error that names it.
     """
+    manifest, written = {}, []
     try:
-        for root, dirs, files in os.walk(src, onerror=_raise):  # a missing src is an error, as in copytree
+        for root, dirs, files in os.walk(src, onerror=_raise):  # a missing src is an error
             dirs.sort()
-            folder = dst / Path(root).relative_to(src)
-            folder.mkdir(parents=True, exist_ok=True)
+            (dst / Path(root).relative_to(src)).mkdir(parents=True, exist_ok=True)
             for name in sorted(files):
-                shutil.copyfile(Path(root) / name, folder / name)
+                path = Path(root) / name
+                rel = recorded_name(path, src)
+                _regular(path, hasher)
+                target = dst / names.get(rel, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written.append(target)
+                digest, st = copy_hashed(path, target)
+                hasher.wrote(target, st, digest)
+                manifest[rel] = {"sha256": digest, "size": st.st_size}
     except BaseException:
+        hasher.forget(written)
         shutil.rmtree(dst, ignore_errors=True)
         raise
-    for old, new in (names or {}).items():
-        if old != new and (dst / old).is_file():
-            (dst / new).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(dst / old, dst / new)
+    return manifest
+
+
+def _regular(path: Path, hasher: FileHasher) -> None:
+    """Raise the hasher's error naming `path` and the fix unless it is a regular file (opening a named pipe
+    waits for a writer)."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return
+    except OSError:
+        pass
+    hasher.input_hash(path, "a file")  # raises
+    raise OSError(f"{path}: not a regular file")
 
 
 def _raise(error: OSError) -> None:
@@ -263,9 +284,11 @@ class RunCache:
         warn=lambda message: None,
         unhashed: dict | None = None,
         since: int = 0,
+        read: bool = True,
     ) -> dict | None:
         """The entry's manifest if every file is there with its hash, else None. A damaged entry is
-        reported through `warn`, with its path, and dropped. With `unhashed` (the values out of the
+        reported through `warn`, with its path, and dropped. `read=False` checks each file's size, not its
+        hash: for a caller that hashes the bytes as it copies them (a restore, see `stage`). With `unhashed` (the values out of the
         fingerprint a step's outputs depend on), an entry made under others, or under unrecorded ones, is
         None too (and kept); so is one made before epoch `since` (see EPOCH).
 
@@ -289,7 +312,7 @@ class RunCache:
             if (
                 not path.is_file()
                 or path.stat().st_size != item["size"]
-                or sha256_file(path) != item["sha256"]
+                or (read and sha256_file(path) != item["sha256"])
             ):
                 warn(f"run-cache entry {entry} is damaged ({rel} missing or altered); dropped it")
                 self.drop(fingerprint)

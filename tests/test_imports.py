@@ -60,3 +60,29 @@ def test_each_entry_point_imports_first():
         [sys.executable, "-c", script, *ENTRY_POINTS], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_commands_that_build_nothing_load_no_torch(tmp_path):
+    """`dbl plan`, `ls`, `check` and `report` answer without torch, diffusers, transformers or peft (seconds of
+    imports), each run in a fresh child of one interpreter."""
+    from tests.conftest import PETS, Proj
+
+    project = Proj(tmp_path, PETS).path
+    script = (
+        "import os, sys\n"
+        "from runner.cli import main\n"
+        "loaded = {}\n"
+        "for command in ('plan', 'ls', 'check', 'report'):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        main([command, sys.argv[1]])\n"
+        "        heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
+        "        print('LOADED', command, heavy, flush=True)\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(project)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    loaded = [line for line in done.stdout.splitlines() if line.startswith("LOADED")]
+    assert loaded == [f"LOADED {c} []" for c in ("plan", "ls", "check", "report")], done.stdout + done.stderr

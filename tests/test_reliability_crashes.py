@@ -27,12 +27,13 @@ def reference(tmp_path_factory):
     return output_bytes(root)
 
 
-# (function that is killed on its N-th call, N): hashing, step outputs, the run-cache, committing
-# outputs (between the two renames too), and writing the lockfile.
+# (function that is killed on its N-th call, N): hashing, step outputs (copied out and hashed), the run-cache,
+# committing outputs (between the two renames too), and writing the lockfile.
 CRASH_POINTS = [
     ("runner.fingerprint:sha256_file", 1),
-    ("runner.fingerprint:sha256_file", 9),
-    ("runner.store:file_manifest", 2),
+    ("runner.fingerprint:sha256_file", 5),
+    ("runner.store:stage", 2),
+    ("runner.store:copy_hashed", 9),
     ("runner.store:fsync_tree", 1),
     ("runner.store:fsync_tree", 4),
     ("runner.exchange:replace_dir", 1),

@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from runner import lockfile
+from runner import lockfile, store
 from runner.cli import main
 from runner.events import FAILED
 from tests.conftest import PETS, Proj, output_bytes
 
 
-def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypatch):
+def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, fake_steps, monkeypatch):
     build(proj)
     before_lock = proj.lock.read_text()
     before = output_bytes(proj.root)
     proj.edit("sks dog on a beach", "sks dog on the moon")
-    real = shutil.copyfile
+    real = store.copy_hashed
     calls = {"n": 0}
 
     def full(src, dst, *a, **kw):
@@ -30,15 +29,16 @@ def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device", str(dst))
         return real(src, dst, *a, **kw)
 
-    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(store, "copy_hashed", full)
     result, rec = build(proj)
     assert result.exit_code == 1
     failures = [e for e in rec.events if e[0] == "end" and e[2] == FAILED]
     assert failures and "No space left on device" in failures[0][3]
     assert output_bytes(proj.root) == before and proj.lock.read_text() == before_lock
-    monkeypatch.setattr(shutil, "copyfile", real)
+    monkeypatch.setattr(store, "copy_hashed", real)
     result, _ = build(proj)
     assert result.ok
+    assert fake_steps.ran == []  # what the step made was kept in the run-cache: restored, not run again
 
 
 def test_disk_full_while_copying_outputs_out_is_one_os_error_and_leaves_no_half_copy(
@@ -47,7 +47,7 @@ def test_disk_full_while_copying_outputs_out_is_one_os_error_and_leaves_no_half_
     build(proj)
     before_lock, before = proj.lock.read_text(), output_bytes(proj.root)
     proj.edit("sks dog on a beach", "sks dog on the moon")
-    real, failed = shutil.copyfile, []
+    real, failed = store.copy_hashed, []
 
     def full(src, dst, *a, **kw):
         if failed or Path(dst).name == "0-1.png":  # full from the second image on, as a disk fills up
@@ -55,7 +55,7 @@ def test_disk_full_while_copying_outputs_out_is_one_os_error_and_leaves_no_half_
             raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
         return real(src, dst, *a, **kw)
 
-    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(store, "copy_hashed", full)
     result, rec = build(proj)
     assert failed and result.exit_code == 1  # the copy really failed
     (failure,) = [e[3] for e in rec.events if e[0] == "end" and e[2] == FAILED]

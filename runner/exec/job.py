@@ -1,8 +1,8 @@
 """A step to run, as plain data, and what running it means wherever it runs.
 
 A `Job` holds everything a worker needs and pickles: no callbacks, no live models. `run_job` runs it:
-the step's code in its work folder, then a manifest of what it wrote. The scheduler, in the build's own
-process, checks the inputs and stores the outputs; workers never touch the lockfile.
+the step's code in its work folder. The scheduler, in the build's own process, checks the inputs, hashes
+and stores the outputs; workers never touch the lockfile.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ class Hooks:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a step produced: its output folder (job.out), a manifest of it, and its metrics."""
+    """What a step produced: its output folder (job.out), and its metrics. The build's process hashes the
+    folder's files as it copies them out to be committed (runner.store.stage): one read of each byte."""
 
     out: Path
-    manifest: dict[str, dict]
     metrics: dict
     # Outputs of other steps made on the way: step id -> (folder, manifest, metrics).
     extras: dict = field(default_factory=dict)
@@ -93,7 +93,8 @@ def quiet_library_notices() -> None:
 
 
 def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> Outcome:
-    """Run the step's code (`run`, default: the job's) into `job.out` and hash what it wrote."""
+    """Run the step's code (`run`, default: the job's) into `job.out`, and hash the outputs it made for other
+    steps (`Outcome.extras`, which go to the run-cache only)."""
     prepare(job)
 
     def should_stop() -> bool:
@@ -124,7 +125,7 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         step_id: (folder, file_manifest(folder, hasher), extra_metrics)
         for step_id, (folder, extra_metrics) in ctx.extras.items()
     }
-    return Outcome(job.out, file_manifest(job.out, hasher), metrics, extras)
+    return Outcome(job.out, metrics, extras)
 
 
 class StepCrash(Exception):

@@ -11,6 +11,8 @@ step) records them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,15 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner import events, lockfile, planner, steps, store
-from runner.errors import StepError
+from runner.errors import DblError, StepError
 from runner.events import WARNING, StepEvent
 from runner.exchange import replace_dir
 from runner.exec.job import Hooks, Job
 from runner.exec.workspace import Workspace
-from runner.fingerprint import fingerprint
+from runner.fingerprint import FileHasher, fingerprint
 from runner.merge import same as same_build
 from runner.reasons import explain
-from runner.store import RunCache, copy_tree, output_hash
+from runner.store import RunCache, output_hash
 
 STATE_SAVE_S = 10.0  # how often a build writes the file-hash cache between steps
 
@@ -96,8 +98,11 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
             warn=_warner(ws, reporter, ev),
             unhashed=steps.unhashed_of(kind, inputs),
             since=store.trusted_since(step.kind, inputs),
+            read=False,  # its bytes are hashed as they are copied out, next
         )
     )
+    if meta is not None and not _stage_entry(ws, step, fp, meta, _warner(ws, reporter, ev)):
+        meta = None
     ev.device = device if meta is None else ""
     if meta is not None:
         ev.status = events.CACHED
@@ -132,20 +137,40 @@ def _earlier(ws: Workspace, kind: steps.StepKind, step, record: dict | None, inp
 def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, reporter) -> None:
     """Keep what the backend produced: check the inputs did not change, store, commit. Main thread only."""
     step = s.p.step
-    unhashed = steps.unhashed_of(steps.get(step.kind), s.inputs)
+    kind = steps.get(step.kind)
+    unhashed = steps.unhashed_of(kind, s.inputs)
     since = store.trusted_since(step.kind, s.inputs)
+    # The outputs are copied out to be committed and hashed as they are copied, in one read: the hashes are
+    # those of the bytes committed, and of those read from the step's folder, which is then moved (renamed)
+    # into the run-cache.
+    staged = _staging(ws, step)
+    try:
+        manifest = store.stage(outcome.out, staged, _layout(kind, step.name), ws.hasher)
+    except OSError:
+        _keep_after_failed_copy(ws, s, outcome, unhashed, since)
+        raise
     replaced = ws.cache.store(
-        s.fp, outcome.out, outcome.manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
+        s.fp, outcome.out, manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
     )
     if replaced:  # different bytes from the same inputs: the step does not reproduce itself; say so always
         shown = WARNING if replaced == RunCache.HELD_DIFFERENT else ""
         reporter.log(ev, f"{shown}forced: replaced the run-cache entry of these inputs ({replaced})")
     metrics, meta = outcome.metrics, ws.cache.manifest(s.fp)
+    if meta is None:  # no entry could be put in place: the staged files are still these bytes
+        meta = {"outputs": manifest}
+    elif meta["outputs"] != manifest:  # another build stored these inputs first, with other bytes: as a
+        _unstage(ws, staged)  # restore would, commit those, which the run-cache holds
+        if not _stage_entry(ws, step, s.fp, meta, _warner(ws, reporter, ev)):
+            raise StepError(
+                f"{step.id}: the run-cache entry of its inputs changed as it was copied out; its outputs were "
+                "not kept. Run dbl build again"
+            )
     after = ws.snapshot(step)
     changed = after.changed_since(s.before)
     if changed:
         ws.cache.drop(s.fp)
         shutil.rmtree(ws.tmp(step), ignore_errors=True)  # see drop_work_if_changed
+        _unstage(ws, staged)
         first = str(changed[0])
         how = (
             "was added"
@@ -164,6 +189,51 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
     seconds = time.monotonic() - s.clock
     ev.remade = _commit(ws, lock, step, s.inputs, s.fp, meta, metrics, s.begun, seconds, s.recorded)
     _ended(ws, lock, step, ev, metrics, s.clock)
+
+
+def _keep_after_failed_copy(ws: Workspace, s: Started, outcome, unhashed, since: int) -> None:
+    """A full disk as the outputs were copied out: keep them in the run-cache all the same (a rename, and a
+    manifest of a few bytes), so that the next build restores them rather than running the step again;
+    unless what the step read changed meanwhile. Only what can be is kept: the copy's error is the step's."""
+    if ws.snapshot(s.p.step).changed_since(s.before):
+        return
+    with contextlib.suppress(OSError, DblError):
+        manifest = store.file_manifest(outcome.out, FileHasher())
+        ws.cache.store(
+            s.fp, outcome.out, manifest, outcome.metrics, replace=s.force, unhashed=unhashed, since=since
+        )
+
+
+def _staging(ws: Workspace, step) -> Path:
+    """The empty place where a step's new outputs are put together before they replace its old ones."""
+    ws.work_root.mkdir(parents=True, exist_ok=True)
+    staged, _ = store.commit_folders(ws.project, step.kind, step.name)
+    shutil.rmtree(staged, ignore_errors=True)
+    return staged
+
+
+def _unstage(ws: Workspace, staged: Path) -> None:
+    """Remove staged outputs that will not be committed, and their hashes."""
+    ws.hasher.forget(Path(root) / name for root, _, files in os.walk(staged) for name in files)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _stage_entry(ws: Workspace, step, fp: str, meta: dict, warn) -> bool:
+    """Copy a run-cache entry's files out to be committed, hashing them as they are copied (the one read of
+    a restore): whether they are the bytes its manifest records. An entry altered since is dropped, said
+    through `warn`, and nothing is staged."""
+    entry = ws.cache.entry(fp)
+    staged = _staging(ws, step)
+    copied = store.stage(entry / "files", staged, _layout(steps.get(step.kind), step.name), ws.hasher)
+    if all(
+        rel in copied and (copied[rel]["sha256"], copied[rel]["size"]) == (item["sha256"], item["size"])
+        for rel, item in meta["outputs"].items()
+    ):
+        return True
+    _unstage(ws, staged)
+    warn(f"run-cache entry {entry} is damaged (a file altered); dropped it")
+    ws.cache.drop(fp)
+    return False
 
 
 def drop_work_if_changed(ws: Workspace, s: Started, ev: StepEvent, reporter) -> None:
@@ -272,21 +342,16 @@ def _commit(
     seconds: float,
     replaced: dict | None = None,
 ) -> bool:
-    """Copy the cache entry into the output folder, swap it in, and record it in the lockfile.
+    """Swap the staged outputs (see `stage`: `meta` records them) into the output folder, and record them in
+    the lockfile.
 
     `replaced` is the record this one replaces: where it records this very build (a branch switched back
     to, outputs deleted, a fresh clone whose deterministic steps ran again to the recorded bytes), when
     and how long that build ran stay as they were, so that a committed lockfile is not rewritten by a
     build that made nothing new; whether it did keep that record."""
-    entry = ws.cache.entry(fp) / "files"
-    ws.work_root.mkdir(parents=True, exist_ok=True)
     staged, trash = store.commit_folders(ws.project, step.kind, step.name)
-    shutil.rmtree(staged, ignore_errors=True)
     names = _layout(steps.get(step.kind), step.name)
-    copy_tree(entry, staged, names)
     files = [names.get(rel, rel) for rel in meta["outputs"]]
-    for name in files:  # hashed here, before the swap, so that the next plan need not re-read outputs
-        ws.hasher.hash(staged / name)
     target = ws.output_dir(step)
     old = replace_dir(staged, target, trash)
     # From here until the lockfile names them, the new outputs are in place under the old record: only

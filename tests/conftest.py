@@ -24,6 +24,11 @@ def _dbl_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DBL_HOME", home)
 
 
+def step_ends(rec) -> dict:
+    """{step id: (status, error)} of each step's end a recorded build said."""
+    return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
+
+
 def write_image(path: Path, seed: int = 0, size: int = 16) -> Path:
     """A small deterministic PNG (no Pillow needed: written by hand)."""
     import struct

@@ -8,7 +8,7 @@ import pytest
 
 from runner.events import FAILED, SKIPPED
 from runner.project.problems import display
-from tests.conftest import write_image
+from tests.conftest import step_ends, write_image
 
 
 def _decoded(monkeypatch) -> list:
@@ -123,7 +123,7 @@ def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj
     result, rec = build(proj, only=("eval:base",))
     assert result.exit_code == 1
     assert fake_steps.ran == []
-    status, error = _ended(rec)["eval:base"]
+    status, error = step_ends(rec)["eval:base"]
     assert status == FAILED
     assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
 
@@ -138,7 +138,7 @@ def test_a_broken_photo_fails_each_step_that_reads_it_and_skips_those_after_them
     (dog / "01.png").write_bytes(good[: len(good) // 2])
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    ended = _ended(rec)
+    ended = step_ends(rec)
     said = f"{dog / '01.png'}: the image is damaged or truncated"
     assert ended["train:dog"][0] == ended["eval:base"][0] == FAILED
     assert ended["train:dog"][1].startswith(said) and ended["eval:base"][1].startswith(said)
@@ -161,10 +161,6 @@ def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj,
     assert decoded == []  # the eval's record holds their hashes: it read them
 
 
-def _ended(rec) -> dict:
-    return {event[1]: event[2:] for event in rec.events if event[0] == "end"}
-
-
 @pytest.mark.torch  # makes the tiny model's modules, without weights
 def test_lora_targets_that_name_no_module_fail_the_train_steps_before_any_step_runs(proj, build, fake_steps):
     # Were found when train:dog started: after prior:dog had loaded the model and generated class images.
@@ -172,7 +168,7 @@ def test_lora_targets_that_name_no_module_fail_the_train_steps_before_any_step_r
     proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    ended = _ended(rec)
+    ended = step_ends(rec)
     for subject in ("dog", "toy"):  # the first component found wrong, as the train step says it
         status, error = ended[f"train:{subject}"]
         assert status == FAILED
@@ -187,7 +183,7 @@ def test_lora_targets_of_the_text_encoder_are_checked_as_well(proj, build, fake_
     proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.lora]\ntext_encoder_target_modules = ["q_prj"]')
     result, rec = build(proj, keep_going=True)
     assert result.exit_code == 1
-    status, error = _ended(rec)["train:dog"]
+    status, error = step_ends(rec)["train:dog"]
     # The key the subject's own [subjects.dog.lora] sets, as the train step names it
     key = "subjects.dog.lora.text_encoder_target_modules"
     assert error.startswith(f"{key}: 'q_prj' names no module of the text_encoder")
@@ -259,68 +255,6 @@ def test_default_targets_and_presets_load_no_model_configs(proj, build, monkeypa
     assert build(proj)[0].ok
 
 
-def test_an_optimizer_this_machine_cannot_run_fails_the_train_steps_before_any_step_runs(
-    proj, build, fake_steps
-):
-    # Was found when train:dog built its optimizer: after prior:dog had generated class images.
-    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
-    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
-    result, rec = build(proj)
-    assert result.exit_code == 1 and fake_steps.ran == []
-    line = _line(proj, 'optimizer = "adamw8bit"')
-    assert _ended(rec)["train:dog"] == (
-        FAILED,
-        f'{display(proj.path)}: train.optimizer: "adamw8bit" needs a CUDA device (bitsandbytes) '
-        f"(line {line}) - use the default adamw on this machine",
-    )
-
-
-def _line(proj, text: str) -> int:
-    return proj.path.read_text().split("\n").index(text) + 1
-
-
-def test_an_optimizer_a_subject_sets_is_named_at_its_own_key(proj, build, fake_steps):
-    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
-    proj.edit('prior = "dog"', 'prior = "dog"\n[subjects.dog.train]\nuse_8bit_adam = true')
-    result, rec = build(proj, keep_going=True)
-    assert result.exit_code == 1 and "train:toy" in fake_steps.ran  # [train]'s adamw runs here
-    assert _ended(rec)["train:dog"] == (
-        FAILED,
-        f"{display(proj.path)}: subjects.dog.train.use_8bit_adam: 8-bit AdamW needs a CUDA device "
-        f"(bitsandbytes) (line {_line(proj, 'use_8bit_adam = true')}) - use the default adamw on this machine",
-    )
-
-
-def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, build, fake_steps, monkeypatch):
-    from runner.training import optimizers
-
-    monkeypatch.setattr(optimizers, "_installed", lambda package: package != "prodigyopt")
-    proj.edit("steps = 4", 'steps = 4\noptimizer = "prodigy"')
-    result, rec = build(proj, keep_going=True)
-    assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
-    status, error = _ended(rec)["train:toy"]
-    line = _line(proj, 'optimizer = "prodigy"')
-    assert error == (
-        f'{display(proj.path)}: train.optimizer: "prodigy" needs the prodigyopt package (line {line}) '
-        "- pip install 'dbl[prodigy]'"
-    )
-
-
-def test_steps_a_cluster_places_are_not_refused_for_what_this_machine_lacks(proj, build, fake_steps):
-    from tests.conftest import FakeBackend
-
-    class Cluster(FakeBackend):
-        places_steps = True
-
-        def default_jobs(self) -> int:
-            return 1
-
-    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cpu"')
-    proj.edit("steps = 4", 'steps = 4\noptimizer = "adamw8bit"')
-    result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
-    assert result.ok and "train:dog" in fake_steps.ran  # its workers may have CUDA and bitsandbytes
-
-
 def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj, build, fake_steps):
     # Was found when train:dog read its captions: after prior:dog had generated class images.
     proj.edit('prior = "dog"', 'prior = "dog"\ncaption_extension = ".txt"')
@@ -328,57 +262,9 @@ def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj
     caption.write_bytes(b"a photo of sks dog \xff on grass")
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    assert _ended(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19)")
+    assert step_ends(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19)")
     caption.write_text("a photo of sks dog on grass")
     assert build(proj)[0].ok
-
-
-def test_a_scheduler_this_machine_cannot_make_fails_its_step_before_any_step_runs(
-    proj, build, fake_steps, monkeypatch
-):
-    # A render's was found once every train step before it had run; a prior's once it had loaded the model.
-    from runner import schedulers
-
-    monkeypatch.setattr(schedulers, "_installed", lambda package: package != "scipy")
-    proj.edit('prompts = ["a dog"]', 'prompts = ["a dog"]\nscheduler = "lms"')
-    proj.edit("num_images = 2", 'num_images = 2\nscheduler = "lms"')
-    result, rec = build(proj, keep_going=True)
-    assert result.exit_code == 1
-    assert fake_steps.ran == [
-        "train:toy"
-    ]  # the prior failed, and so did render:base; train:dog needs the prior
-    ended, shown = _ended(rec), display(proj.path)
-    lms = "scheduler 'lms' needs scipy (line {line}) - pip install scipy, or pick another scheduler"
-    assert ended["render:base"] == (FAILED, f"{shown}: renders.base.scheduler: {lms.format(line=42)}")
-    assert ended["prior:dog"] == (FAILED, f"{shown}: priors.dog.scheduler: {lms.format(line=16)}")
-    assert ended["train:dog"] == (SKIPPED, "upstream prior:dog failed")
-
-
-@pytest.mark.torch  # imports diffusers
-def test_a_hub_model_of_which_only_the_index_is_downloaded_is_not_asked_for_its_configs(
-    tmp_path, monkeypatch
-):
-    # diffusers and transformers read a config folder that is not there from the hub: without a network,
-    # the build would wait on its retries. The train step checks the targets once the model is there.
-    import json
-
-    import diffusers
-
-    from runner import families
-    from runner.exec import preflight
-    from runner.models import BaseModel
-
-    commit = "a" * 40
-    repo = tmp_path / "hub" / "models--owner--sd"
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    index = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
-    (repo / "snapshots" / commit / "model_index.json").write_text(json.dumps(index))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    asked = classmethod(lambda cls, *a, **k: pytest.fail(f"asked for the configs of {a}"))
-    monkeypatch.setattr(diffusers.UNet2DConditionModel, "load_config", asked)
-    assert preflight._skeletons(BaseModel("hub", "owner/sd"), families.get("sd1")) is None
 
 
 def test_a_build_that_fails_before_any_step_records_how_it_ran(proj, build):
@@ -402,7 +288,7 @@ def test_a_photo_of_an_extreme_aspect_ratio_fails_its_train_step_before_any_step
     (dog / "02.png").write_bytes(b"")
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    status, error = _ended(rec)["train:dog"]
+    status, error = step_ends(rec)["train:dog"]
     lines = error.split("\n  ")
     assert lines[0] == "2 images cannot be read; fix or remove each:"
     assert lines[1] == (
@@ -421,7 +307,7 @@ def test_with_buckets_the_size_of_its_bucket_is_checked(proj, build, fake_steps)
     assert build(proj)[0].ok
     Image.new("RGB", (40000, 1)).save(photo)  # 1280000 x 32
     result, rec = build(proj)
-    status, error = _ended(rec)["train:toy"]
+    status, error = step_ends(rec)["train:toy"]
     assert status == FAILED and error.startswith(
         f"{photo}: 40000x1 pixels (an aspect ratio of 40000:1) would be "
     )
@@ -434,7 +320,7 @@ def test_a_snapshot_that_fails_as_its_train_step_does_is_skipped_not_failed_agai
     (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    ended = _ended(rec)
+    ended = step_ends(rec)
     assert ended["train:dog"][0] == FAILED and "01.png" in ended["train:dog"][1]
     assert ended["snapshot:dog@2"] == (SKIPPED, "upstream train:dog failed")
     assert [e[1] for e in rec.events if e[0] == "end" and e[2] == FAILED] == ["train:dog"]
@@ -448,7 +334,7 @@ def test_a_step_behind_a_failing_one_keeps_an_error_of_its_own(proj, build, fake
     proj.edit("num_images = 2", 'num_images = 2\nimages = "class"')
     (proj.root / "data" / "dog" / "01.png").write_bytes(b"")
     result, rec = build(proj)
-    ended = _ended(rec)
+    ended = step_ends(rec)
     assert ended["prior:dog"][0] == ended["train:dog"][0] == FAILED
     assert "01.png" in ended["train:dog"][1] and "b.png" in ended["prior:dog"][1]
 
@@ -459,59 +345,8 @@ def test_a_target_typo_of_a_subject_with_snapshots_is_said_once(proj, build, fak
     proj.edit("steps = 4", "steps = 4\nsave_steps = [2]")
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    ended = _ended(rec)
+    ended = step_ends(rec)
     for subject in ("dog", "toy"):
         assert ended[f"train:{subject}"][0] == FAILED
         assert ended[f"train:{subject}"][1].startswith("lora.target_modules: 'to_kk' names no module")
         assert ended[f"snapshot:{subject}@2"] == (SKIPPED, f"upstream train:{subject} failed")
-
-
-def _no_cuda(monkeypatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-def test_device_cuda_on_a_machine_without_cuda_is_said_once_before_any_step_runs(
-    proj, fake_steps, monkeypatch, capsys
-):
-    # Each step that ran failed on it, exit 1, after the build had begun, and none named the file or line.
-    from runner.cli import main
-
-    _no_cuda(monkeypatch)
-    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
-    assert main(["build", str(proj.path), "--no-progress", "--keep-going"]) == 2
-    assert fake_steps.ran == []
-    said = [line for line in capsys.readouterr().err.splitlines() if "CUDA" in line]
-    assert said == [
-        f'dbl: {proj.path}: project.device: device = "cuda", but this machine has no CUDA device (line 4) - '
-        'set device = "cpu", or "auto" (the GPU where there is one, else the CPU), in [project]'
-    ]
-
-
-def test_device_cuda_is_not_refused_for_steps_a_cluster_places_or_that_load_no_model(
-    proj, build, fake_steps, monkeypatch
-):
-    from tests.conftest import FakeBackend
-
-    class Cluster(FakeBackend):
-        places_steps = True
-
-        def default_jobs(self) -> int:
-            return 1
-
-    _no_cuda(monkeypatch)
-    proj.edit('base_model = "tiny-sd"', 'base_model = "tiny-sd"\ndevice = "cuda"')
-    result, _ = build(proj, backend_factory=lambda project: Cluster(fake_steps))
-    assert result.ok and "train:dog" in fake_steps.ran  # its nodes may have GPUs
-    assert preflight_device(proj, ["eval"]) is None
-    assert preflight_device(proj, ["train"]) is not None
-
-
-def preflight_device(proj, kinds: list[str]):
-    """What the build says of the project's device, where steps of these kinds run."""
-    from types import SimpleNamespace
-
-    from runner.exec.preflight import device_problem
-
-    return device_problem(proj.load(), [SimpleNamespace(kind=kind) for kind in kinds])

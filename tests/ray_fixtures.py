@@ -134,3 +134,13 @@ def pids_of(proj, n: int) -> list[int]:
         assert time.monotonic() < deadline, "the steps never started"
         time.sleep(0.05)
     return [int(f.read_text()) for f in files]
+
+
+def no_ray_init(api=False):
+    """A stand-in for runner.exec.ray_connect.import_ray: a Ray whose init must not be called."""
+    from types import SimpleNamespace
+
+    def init(**_):
+        raise AssertionError("ray.init was called")
+
+    return SimpleNamespace(is_initialized=lambda: False, init=init)

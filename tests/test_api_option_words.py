@@ -57,7 +57,7 @@ def test_ray_options_a_script_gives_are_refused_in_its_words(proj, monkeypatch, 
     """`BuildOptions(backend="ray", ray_address=..., gpus=...)` was told to leave out --gpus, and to leave
     --ray-address out."""
     from runner.exec import ray_connect
-    from tests.test_ray_connect import no_ray_init
+    from tests.ray_fixtures import no_ray_init
 
     pytest.importorskip("ray")
     message = refused(proj, backend="ray", ray_address="auto", gpus=("0",))

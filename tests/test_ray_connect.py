@@ -15,6 +15,7 @@ import pytest
 from runner import executor
 from runner.errors import UsageError
 from tests.conftest import Recorder
+from tests.ray_fixtures import no_ray_init
 
 pytestmark = pytest.mark.ray
 
@@ -83,15 +84,6 @@ def test_connecting_keeps_the_builds_sigterm_handler(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def no_ray_init(api=False):
-    from types import SimpleNamespace
-
-    def init(**_):
-        raise AssertionError("ray.init was called")
-
-    return SimpleNamespace(is_initialized=lambda: False, init=init)
 
 
 def test_a_cluster_address_where_nothing_listens_is_a_usage_error_at_once(proj, monkeypatch, capsys):

@@ -12,7 +12,7 @@ from runner.cli import main
 from runner.lockfile import HEADER
 from runner.store import BuildLock, RunCache
 from tests.fake_build import fake_dbl, wait_for
-from tests.lockfile_fixtures import CONFLICT, OTHER_TOOLS, built_on_main, git, git_env, snow_branch
+from tests.lockfile_fixtures import CONFLICT, OTHER_TOOLS, git, snow_branch
 
 
 def cache_entries(proj) -> list[str]:
@@ -115,12 +115,7 @@ def test_gc_refuses_when_git_cannot_read_the_branches_it_keeps_for(proj, build, 
 def test_gc_refuses_when_git_cannot_read_a_branch_s_lockfile(proj, build, capsys, missing):
     """A branch whose tree or lockfile git cannot read (a damaged repository, a partial clone offline)
     was passed over in silence, and gc dropped the entries that branch's lockfile needs."""
-    env = git_env()
-    built_on_main(proj, build, env)
-    git(proj.root, "checkout", "-qb", "snow", env=env)
-    proj.edit("sks dog on a beach", "sks dog in the snow")
-    build(proj)
-    git(proj.root, "commit", "-qam", "snow", env=env)
+    env = snow_branch(proj, build)
     git(proj.root, "checkout", "-q", "main", env=env)
     gone = subprocess.run(
         ["git", "rev-parse", missing], cwd=proj.root, capture_output=True, text=True, check=True, env=env

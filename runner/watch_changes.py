@@ -58,7 +58,10 @@ def next_change(
 ) -> list[str] | None:
     """The next changes, less the build's own: the lockfile while it holds what the last build left in it
     (the build writes it after every step), and a step's output folder removed that is back (a commit
-    swaps the old outputs out and the new ones in), both seen once the build ends."""
+    swaps the old outputs out and the new ones in), both seen once the build ends. The outputs' folder
+    removed (`rm -rf build`) counts only while an output under it is still missing: the watch of the
+    removed folder itself can say so late, after the build that the first word of it woke has made every
+    output again."""
     while (changed := changes.wait(debounce_s, stop)) is not None:
         changed = [p for p in changed if _not_the_builds(p, targets, left)]
         if changed:
@@ -69,7 +72,7 @@ def next_change(
 def _not_the_builds(path: str, targets: Targets, left: bytes | None) -> bool:
     if path == targets.lockfile:
         return file_bytes(path) != left
-    if targets.holds_step_outputs(path) and not targets.holds_outputs(path):
+    if targets.holds_step_outputs(path) or targets.holds_outputs(path):
         return targets.outputs_gone(path)
     return True
 

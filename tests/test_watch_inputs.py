@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 
 import pytest
 
 from runner.watch import targets_of
+from runner.watch_changes import Changes, next_change
 from tests import watch_fixtures
 from tests.conftest import PETS, Proj, write_image
 from tests.watch_fixtures import Watcher, save
@@ -127,6 +129,23 @@ def test_the_outputs_folder_removed_while_watching_is_built_again(proj, fake_ste
     time.sleep(0.5)  # the build made build/ anew: that woke nothing
     assert w.idle_count() == idle + 1, w.messages
     assert w.close() == 0
+
+
+def test_word_of_the_outputs_folder_removed_that_comes_after_its_rebuild_wakes_nothing(
+    proj, build, fake_steps
+):
+    """The watch of build/ itself can say it was removed after the build that the first word woke has
+    made every output again (a loaded machine): that late word is no change."""
+    build(proj)
+    targets = targets_of(proj.path, proj.load())
+    changes = Changes()
+    changes.add(targets.out)  # build/, said late: every output is there
+    changes.add(targets.project_file)
+    assert next_change(changes, 0, threading.Event(), targets, None) == [targets.project_file]
+
+    shutil.rmtree(proj.root / "build" / "pets" / "renders" / "park")
+    changes.add(targets.out)  # said as it happens: an output under it is missing
+    assert next_change(changes, 0, threading.Event(), targets, None) == [targets.out]
 
 
 @pytest.mark.parametrize("polling", [False, True])

@@ -122,7 +122,7 @@ def test_a_local_instance_listens_on_127_0_0_1_only(ray_instance):
 
 
 def test_steps_at_once_get_different_gpus_and_say_where_they_ran(ray_instance, proj):
-    result, rec = build(proj, jobs=4, num_processes=2)
+    result, rec = build(proj, run="overlapping_step", jobs=4, num_processes=2)
     assert result.exit_code == 0, result.steps
     runs = [json.loads(p.read_text()) for p in sorted((proj.root / "records").glob("*.json"))]
     assert len(runs) == 7

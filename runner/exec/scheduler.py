@@ -289,6 +289,7 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
     found = [
         preflight.caption_errors(ws.project, running),
         preflight.target_errors(ws.project, running, notes),
+        preflight.step_count_errors(ws.project, running),
     ]
     for note in notes:
         reporter.log(None, note)

@@ -61,6 +61,16 @@ def test_a_step_forced_outside_what_only_selects_is_refused_in_the_words_of_each
     assert "train:dog" in capsys.readouterr().out
 
 
+def test_the_steps_only_leaves_out_are_said_skipped_in_the_words_of_each(proj, fake_steps, capsys):
+    result = executor.build(proj.load(), executor.BuildOptions(only=("train:toy",)), Recorder())
+    skipped = {s.id: s.reasons for s in result.steps if s.status == "skipped"}
+    assert skipped and all(reasons == ["not selected by only"] for reasons in skipped.values()), skipped
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    argv = ["build", str(proj.path), "--no-progress", "-v", "--only", "render:base"]
+    assert main(argv) == 0
+    assert "(not selected by --only)" in capsys.readouterr().out
+
+
 def test_step_ids_a_script_gives_are_refused_in_its_words(proj, fake_steps, capsys):
     message = refused(proj, only=("train:dgo",), force=("pets.toml",))
     assert message.startswith("force: no step 'pets.toml' (a project file, not a step id); only: no step "), (

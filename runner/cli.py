@@ -192,22 +192,36 @@ def cmd_build(args) -> int:
 
 def cmd_plan(args) -> int:
     from runner import executor, planner
+    from runner.exec.scheduler import removed_steps
 
     project = _load(args)
-    _, planned = executor.Workspace(project).plan(num_processes=args.num_processes)
+    ws = executor.Workspace(project)
+    lock, planned = ws.plan(num_processes=args.num_processes)
+    removed = [
+        (sid, ws.rel(folder) if folder else None)
+        for sid, folder in removed_steps(ws, lock, {p.id for p in planned})
+    ]
     if args.json:
-        print(json.dumps(planner.to_json(planned), indent=2))
+        data = planner.to_json(planned)
+        data["removed"] = [{"id": sid, "outputs": folder} for sid, folder in removed]
+        print(json.dumps(data, indent=2))
         return EXIT_OK
     stale = [p for p in planned if p.stale]
     if not stale:
         from runner.ui.plain import up_to_date_text
 
         print(up_to_date_text(planned))  # the words of `dbl build`
-        return EXIT_OK
-    width = max(len(p.id) for p in stale)
-    print(f"{len(stale)} of {len(planned)} steps stale:")
-    for p in stale:
-        print(f"  {p.id:<{width}}  {'; '.join(p.reasons)}")
+    else:
+        width = max(len(p.id) for p in stale)
+        print(f"{len(stale)} of {len(planned)} steps stale:")
+        for p in stale:
+            print(f"  {p.id:<{width}}  {'; '.join(p.reasons)}")
+    if removed:
+        width = max(len(sid) for sid, _ in removed)
+        print(f"{len(removed)} {'step' if len(removed) == 1 else 'steps'} no longer in the project:")
+        for sid, folder in removed:
+            what = f"the next build removes {folder}" if folder else "the next build drops its record"
+            print(f"  {sid:<{width}}  {what}")
     return EXIT_OK
 
 

@@ -349,6 +349,25 @@ def check_step_ids(planned: list[PlannedStep], api: bool = False, **ids: tuple[s
             problems.append(f"{option}: no step {named}")
     if problems:
         raise UsageError(f"{'; '.join(problems)}; steps: {', '.join(known) or 'none'}")
+    _check_forced_are_selected(planned, ids.get("force") or (), ids.get("only") or (), api)
+
+
+def _check_forced_are_selected(
+    planned: list[PlannedStep], force: tuple[str, ...], only: tuple[str, ...], api: bool
+) -> None:
+    """A step forced outside what `only` selects would be skipped without a word: refuse it instead."""
+    if not force or not only:
+        return
+    selected = upstream([p.step for p in planned], set(only))
+    outside = [sid for sid in dict.fromkeys(force) if sid not in selected]
+    if outside:
+        f, o = ("force", "only") if api else ("--force", "--only")
+        them = ", ".join(outside)
+        raise UsageError(
+            f"{f}: {them} {'is' if len(outside) == 1 else 'are'} not among the steps {o} selects "
+            f"({', '.join(dict.fromkeys(only))} and the steps {'it needs' if len(only) == 1 else 'they need'}), "
+            f"so {'it' if len(outside) == 1 else 'they'} would not run; add {them} to {o}, or leave {o} out"
+        )
 
 
 def _step_hint(sid: str, known: list[str], option: str) -> str:

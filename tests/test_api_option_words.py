@@ -42,6 +42,35 @@ def test_the_command_line_says_its_own_options(proj, fake_steps, capsys, args, s
     assert capsys.readouterr().err == f"dbl: {said} be at least 1\n"
 
 
+def test_a_step_forced_outside_what_only_selects_is_refused_in_the_words_of_each(proj, fake_steps, capsys):
+    """`--only render:park --force train:toy` skipped train:toy without a word (said with -v alone)."""
+    message = refused(proj, only=("render:park",), force=("train:toy", "train:dog"))
+    assert message == (
+        "force: train:toy is not among the steps only selects (render:park and the steps it needs), so it "
+        "would not run; add train:toy to only, or leave only out"
+    ), message
+    assert not proj.lock.exists()  # refused before anything was written
+    argv = ["build", str(proj.path), "--no-progress", "--only", "render:park", "render:base"]
+    assert main([*argv, "--force", "train:toy", "blend:mix"]) == 2
+    assert capsys.readouterr().err == (
+        "dbl: --force: train:toy, blend:mix are not among the steps --only selects (render:park, render:base "
+        "and the steps they need), so they would not run; add train:toy, blend:mix to --only, or leave --only "
+        "out\n"
+    )
+    assert main([*argv, "--force", "train:dog", "--dry-run"]) == 0  # needed by render:park: it runs
+    assert "train:dog" in capsys.readouterr().out
+
+
+def test_the_steps_only_leaves_out_are_said_skipped_in_the_words_of_each(proj, fake_steps, capsys):
+    result = executor.build(proj.load(), executor.BuildOptions(only=("train:toy",)), Recorder())
+    skipped = {s.id: s.reasons for s in result.steps if s.status == "skipped"}
+    assert skipped and all(reasons == ["not selected by only"] for reasons in skipped.values()), skipped
+    proj.edit("sks dog on a beach", "sks dog in the snow")
+    argv = ["build", str(proj.path), "--no-progress", "-v", "--only", "render:base"]
+    assert main(argv) == 0
+    assert "(not selected by --only)" in capsys.readouterr().out
+
+
 def test_step_ids_a_script_gives_are_refused_in_its_words(proj, fake_steps, capsys):
     message = refused(proj, only=("train:dgo",), force=("pets.toml",))
     assert message.startswith("force: no step 'pets.toml' (a project file, not a step id); only: no step "), (

@@ -84,7 +84,11 @@ def test_plan_of_one_step_or_none_says_what_build_says(tmp_path, build, capsys):
     assert capsys.readouterr().out == "the one step is up to date\n"
     one.path.write_text('[project]\nbase_model = "tiny-sd"\n')
     assert main(["plan", str(one.path)]) == 0
-    assert capsys.readouterr().out == "nothing to build: the project defines no steps\n"
+    assert capsys.readouterr().out == (
+        "nothing to build: the project defines no steps\n"
+        "1 step no longer in the project:\n"
+        "  train:toy  the next build removes build/pets/adapters/toy\n"
+    )
 
 
 def test_build_twice_prints_one_line(proj, fake_steps, capsys):

@@ -302,6 +302,30 @@ def test_removed_step_is_dropped_from_lockfile(proj, build):
     assert "render:base" not in lockfile.read(proj.lock)
 
 
+def test_plan_and_a_dry_run_say_what_the_next_build_removes(proj, build, capsys):
+    """They said nothing of a step removed from the project, whose outputs the next build deletes."""
+    from runner.cli import main
+
+    build(proj)
+    proj.edit('[renders.base]\nadapter = "none"\nprompts = ["a dog"]', "")
+    assert main(["plan", str(proj.path)]) == 0
+    assert capsys.readouterr().out == (
+        "all 6 steps are up to date\n"
+        "1 step no longer in the project:\n"
+        "  render:base  the next build removes build/pets/renders/base\n"
+    )
+    assert main(["plan", str(proj.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == [
+        {"id": "render:base", "outputs": "build/pets/renders/base"}
+    ]
+    assert main(["build", str(proj.path), "--dry-run", "--no-progress"]) == 0
+    assert "would remove build/pets/renders/base: render:base is no longer in the project" in (
+        capsys.readouterr().out
+    )
+    assert (proj.root / "build" / "pets" / "renders" / "base").is_dir()  # a dry run removes nothing
+    assert "render:base" in lockfile.read(proj.lock)
+
+
 def test_names_are_not_fingerprinted(proj, build, fake_steps):
     build(proj)
     proj.edit("[renders.park]", "[renders.garden]")
@@ -342,6 +366,7 @@ def test_plan_json_shape(proj, build, capsys):
         {"id": "render:mixed", "kind": "render", "reasons": ["upstream blend:mix stale"]},
     ]
     assert data["fresh"] == ["prior:dog", "train:dog", "train:toy", "render:park", "render:base"]
+    assert data["removed"] == []
 
 
 def test_prior_loss_weight_reruns_train_not_prior(proj, build, fake_steps):

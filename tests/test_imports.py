@@ -86,3 +86,18 @@ def test_the_commands_that_build_nothing_load_no_torch(tmp_path):
     )
     loaded = [line for line in done.stdout.splitlines() if line.startswith("LOADED")]
     assert loaded == [f"LOADED {c} []" for c in ("plan", "ls", "check", "report")], done.stdout + done.stderr
+
+
+def test_importing_dbl_keeps_mkl_to_the_thread_count_it_was_given_unless_told_otherwise():
+    """oneMKL gives the same bytes run after run only with a thread count it does not change at run
+    time; a process that imports dbl sets that before any step computes, and a value set wins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DYNAMIC", "OMP_DYNAMIC")}
+    code = "import os, runner; print(os.environ['MKL_DYNAMIC'], os.environ['OMP_DYNAMIC'])"
+    run = [sys.executable, "-c", code]
+    said = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert said == "FALSE FALSE\n"
+    env["MKL_DYNAMIC"] = "TRUE"
+    said = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert said == "TRUE FALSE\n"

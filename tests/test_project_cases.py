@@ -289,6 +289,17 @@ def test_problem_messages(folder, extra, expected):  # noqa: F811
     assert_problem_said(folder, extra, expected)
 
 
+def test_a_misspelt_required_key_is_one_problem_not_two(folder):  # noqa: F811
+    """`imagse = ...` was also said as the missing `images`: the one fix, said twice."""
+    text = '[project]\nbase_model = "tiny-sd"\n[subjects.dog]\nimagse = "dog"\ninstance_prompt = "x"\n'
+    assert problems(folder, text) == ["subjects.dog: unknown key 'imagse' (line 4) - did you mean 'images'?"]
+    text = '[project]\nbase_model = "tiny-sd"\n[subjects.dog]\nflavour = "dog"\ninstance_prompt = "x"\n'
+    assert [p.split(" (")[0] for p in problems(folder, text)] == [  # no key taken for it: both said
+        "subjects.dog: unknown key 'flavour'",
+        "subjects.dog: missing required key 'images'",
+    ]
+
+
 def test_a_table_with_a_problem_still_has_its_images_folder_checked(folder):  # noqa: F811
     """A typo in one key of a subject (or prior) also said its missing images folder only once the typo was
     fixed, a second run later: every problem of the file is said at once."""
@@ -309,7 +320,7 @@ def test_a_table_with_a_problem_still_has_its_images_folder_checked(folder):  # 
     )
     assert "priors.cat.images: folder data/cats does not exist (line 7)" in " ".join(found)
     assert "subjects.dog.images: folder data/dgo does not exist (line 10)" in " ".join(found)
-    assert len(found) == 5, found  # class_prompt, the unknown key, the missing instance_prompt, two folders
+    assert len(found) == 4, found  # class_prompt, the misspelt instance_prompt, two folders
 
 
 def test_names_listed_as_known_include_tables_with_problems_of_their_own(folder):  # noqa: F811

@@ -1,12 +1,13 @@
 """Before any step runs: what would fail a step to run, found without loading a model.
 
 A broken photo was found by the step that reads it: after a prior step had loaded the model and spent
-minutes generating class images, or after another subject had trained. Here every image such a step
-will decode is decoded once, before any model is loaded, and each broken one is named. So is a caption
-it cannot read, an optimizer or scheduler this machine cannot run, and a `target_modules` list that
-names no module of the model (a typo, `to_kk`), found from the model's configs alone: its modules are
-made on torch's meta device, which holds no weights. Of those modules, the warnings of a target name that
-matches nothing and of a rank as wide as every targeted layer.
+minutes generating class images, or after another subject had trained. Here every image such a step will
+decode is decoded once, before any model is loaded, and each broken one is named. So is a caption it
+cannot read, an optimizer or scheduler this machine cannot run, more denoising steps than a scheduler
+takes, and a `target_modules` list that names no module of the model (a typo, `to_kk`), found from the
+model's configs alone: its modules are made on torch's meta device, which holds no weights. Of those
+modules, the warnings of a target name that matches nothing and of a rank as wide as every targeted
+layer.
 
 Decoding costs tens of times the hash of a file (a JPEG is decoded at an eighth of its size, which finds
 the same damage: runner.images.decodes), so an image whose content a build decoded before
@@ -344,15 +345,8 @@ def _written(component, subject) -> bool:
 def _skeletons(base, family) -> dict | None:
     """{pipeline attribute: module} of the family's LoRA components, made from their configs on the meta
     device (no weights); None where the configs are not at hand, or do not make the modules."""
-    from runner.models import ensure_builtin
-
-    if base.kind == "builtin":
-        folder = ensure_builtin(base.ref)  # made once, as the first step to load it would
-    elif base.kind == "folder":
-        folder = Path(base.ref)
-    elif base.kind == "hub":
-        folder = families.cached_hub_index(base.ref, base.revision).parent
-    else:  # a single file: its modules depend on how diffusers reads it
+    folder = _model_folder(base)
+    if folder is None:  # a single file: its modules depend on how diffusers reads it
         return None
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -382,3 +376,50 @@ def _skeletons(base, family) -> dict | None:
         return modules
     except Exception:  # noqa: BLE001 - not known here: the train step checks, as it always did
         return None
+
+
+def _model_folder(base) -> Path | None:
+    """The folder of the base model's configs: a built-in model's, a local folder, a hub model's cached
+    snapshot; None for a single file."""
+    from runner.models import ensure_builtin
+
+    if base.kind == "builtin":
+        return ensure_builtin(base.ref)  # made once, as the first step to load it would
+    if base.kind == "folder":
+        return Path(base.ref)
+    if base.kind == "hub":
+        return families.cached_hub_index(base.ref, base.revision).parent
+    return None
+
+
+def step_count_errors(project, to_run: list) -> dict[str, str]:
+    """{step id: its error} of the prior and render steps of `to_run` whose `steps` their scheduler cannot
+    take (DDIM and DDPM: at most the model's training timesteps, 1000 for Stable Diffusion), found from
+    the base model's scheduler config, as the step would say it once it had loaded the model. Every
+    scheduler takes as many steps as the model's training timesteps: only more are looked at."""
+    from runner.models import BaseModel
+    from runner.project.problems import Source
+
+    asking = [s for s in to_run if s.kind in ("prior", "render")]
+    if not asking:
+        return {}
+    try:
+        folder = _model_folder(BaseModel.of(project.settings, project.dir))
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) if folder else None
+    except (OSError, ValueError, ModelError):  # not at hand: the step checks, as it always did
+        return {}
+    limit = config.get("num_train_timesteps") if isinstance(config, dict) else None
+    if not isinstance(limit, int) or all(s.spec.steps <= limit for s in asking):
+        return {}
+    from runner.schedulers import make_scheduler, too_many_steps
+
+    errors, source = {}, Source.of(project)
+    for step in (s for s in asking if s.spec.steps > limit):
+        try:
+            scheduler = make_scheduler(step.spec.scheduler, config)
+        except (ValueError, AttributeError):  # the step says why it cannot make it
+            continue
+        if found := too_many_steps(scheduler, step.spec.steps):
+            table = "priors" if step.kind == "prior" else "renders"
+            errors[step.id] = source.problem(f"{table}.{step.spec.name}.steps", *found)
+    return errors

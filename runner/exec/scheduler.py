@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError
@@ -155,21 +156,40 @@ def _event(p: planner.PlannedStep) -> StepEvent:
     )
 
 
-def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_run: bool) -> None:
-    """Steps gone from the project (removed or renamed): drop their records and their output folders."""
-    removed = sorted(set(lock) - current)
-    if not removed or dry_run:
-        return
-    for sid in removed:
-        record = lock.pop(sid)
+def removed_steps(ws: Workspace, lock: dict, current: set[str]) -> list[tuple[str, Path | None]]:
+    """(step id, its output folder that the next build removes, or None) of each step the lockfile records
+    that is gone from the project (removed or renamed). A folder is removed only where the record names
+    outputs in it and it lies in the project's outputs folder."""
+    found = []
+    for sid in sorted(set(lock) - current):
+        record = lock[sid]
         try:
             folder = ws.output_dir(sid)
         except KeyError:  # a kind this dbl does not know
+            found.append((sid, None))
             continue
         owned = any(
             (ws.project.dir / rel).resolve().is_relative_to(folder) for rel in record.get("outputs", {})
         )
-        if owned and folder.is_dir() and folder.is_relative_to(ws.project.out):
+        found.append(
+            (sid, folder if owned and folder.is_dir() and folder.is_relative_to(ws.project.out) else None)
+        )
+    return found
+
+
+def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_run: bool) -> None:
+    """Steps gone from the project (removed or renamed): drop their records and their output folders."""
+    removed = removed_steps(ws, lock, current)
+    if dry_run:
+        for sid, folder in removed:
+            if folder is not None:
+                reporter.log(None, f"would remove {ws.rel(folder)}: {sid} is no longer in the project")
+        return
+    if not removed:
+        return
+    for sid, folder in removed:
+        record = lock.pop(sid)
+        if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
             ws.hasher.forget(ws.project.dir / rel for rel in record.get("outputs", {}))
             reporter.log(None, f"removed {ws.rel(folder)}: {sid} is no longer in the project")
@@ -206,7 +226,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     for p in planned:
         if selected is not None and p.id not in selected and p.stale:
             evs[p.id].status = events.SKIPPED
-            evs[p.id].reasons = ["not selected by --only"]
+            evs[p.id].reasons = ["not selected by --only" if options.command_line else "not selected by only"]
     reporter.plan(ws.project.name, list(evs.values()))
     todo = [p for p in planned if evs[p.id].status == events.PENDING]
     if not todo or options.dry_run:
@@ -289,6 +309,7 @@ def _fail_before_start(ws: Workspace, lock, todo, evs, options, reporter, graph,
     found = [
         preflight.caption_errors(ws.project, running),
         preflight.target_errors(ws.project, running, notes),
+        preflight.step_count_errors(ws.project, running),
     ]
     for note in notes:
         reporter.log(None, note)

@@ -197,12 +197,13 @@ class _Checker:
         known = {f.name: f for f in schema.keys_of(cls)}
         values: dict[str, Any] = {}
         ok = True
+        meant: set[str] = set()  # the keys an unknown one is taken for (`imagse`: did you mean 'images'?)
         for name, item in raw.items():
             if name in nested:
                 continue
             f = known.get(name)
             if f is None:
-                self._unknown(key, name, list(known) + list(nested))
+                meant.add(self._unknown(key, name, list(known) + list(nested)))
                 ok = False
                 continue
             good, value = self.value(key + (name,), item, f)
@@ -210,7 +211,7 @@ class _Checker:
             values[name] = value
         if base is None:
             for name, f in known.items():
-                if schema.is_required(f) and name not in raw:
+                if schema.is_required(f) and name not in raw and name not in meant:  # said once
                     where = f" under [{'.'.join(key)}]" if key and not raw else ""  # an empty file, say
                     self.problem(
                         key,
@@ -224,7 +225,8 @@ class _Checker:
             return replace(base, **values)
         return cls(**(extra or {}), **values)
 
-    def _unknown(self, key: tuple[str, ...], name: str, known: list[str]) -> None:
+    def _unknown(self, key: tuple[str, ...], name: str, known: list[str]) -> str | None:
+        """Report the unknown key `name`; returns the known key it is taken for, if any."""
         close = difflib.get_close_matches(name, known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
         if (home := schema.home_of(key, name)) is not None:
@@ -236,6 +238,7 @@ class _Checker:
         self.problems.append(
             Problem(".".join(key), f"unknown key '{name}'", self.lines.line(key + (name,)), fix)
         )
+        return close[0] if fix.startswith("did you mean") else None
 
 
 # The keys whose value names a file or folder (a hub id, for base_model, names a cache folder) or, for a

@@ -122,7 +122,8 @@ def test_the_outputs_folder_removed_while_watching_is_built_again(proj, fake_ste
     idle, lines = w.idle_count(), len(w.lines)
     shutil.rmtree(proj.root / "build")
     w.wait_idle(idle)
-    assert w.messages[-2] == "changed: build"
+    # build, or on a loaded machine the folder under it whose watch said so first
+    assert w.messages[-2].startswith("changed: build"), w.messages
     assert (proj.root / "build" / "pets" / "renders" / "park" / "0-0.png").is_file()
     assert any("7 from cache" in line for line in w.lines[lines:]), w.lines[lines:]
     assert fake_steps.ran == []

@@ -125,3 +125,18 @@ def test_the_optimizer_registry_is_the_schema_s_choices():
     from runner.training.optimizers import OPTIMIZERS
 
     assert tuple(OPTIMIZERS) == schema.OPTIMIZERS
+
+
+def test_a_subject_turns_off_the_snr_gamma_and_log_train_gives_it(proj, build, fake_steps):
+    """[train] snr_gamma = 5.0 and log = "tensorboard" reached every subject, with no way for one to leave
+    them: snr_gamma = 0 was refused, and log knew no other value."""
+    build(proj)
+    old = 'instance_prompt = "a toy in the style of <1>"'
+    proj.edit("[train]\n", '[train]\nsnr_gamma = 5.0\nlog = "tensorboard"\n')
+    proj.edit(old, f'{old}\n[subjects.toy.train]\nsnr_gamma = 0\nlog = "none"')
+    project = proj.load()
+    toy, dog = project.subjects["toy"].train, project.subjects["dog"].train
+    assert (toy.snr_gamma, toy.log) == (None, None) and (dog.snr_gamma, dog.log) == (5.0, "tensorboard")
+    result, rec = build(proj)
+    assert result.ok and "train:dog" in fake_steps.ran and "train:toy" not in fake_steps.ran  # as before
+    assert dict((sid, r) for sid, _, r in rec.planned)["train:dog"] == ["train.snr_gamma set to 5.0"]

@@ -442,7 +442,7 @@ def check_settings(check, subject: str | None, ts) -> None:
         said, at = f'the optimizer is "{ts.optimizer}"', where("optimizer")
         return f"{said} ({'.'.join(at)})" if at[:-1] != where(key)[:-1] and check.written(at) else said
 
-    for key in ("snr_gamma", "prodigy_d_coef", "adam_epsilon"):
+    for key in ("prodigy_d_coef", "adam_epsilon"):
         if getattr(ts, key) == 0:
             check.problem(where(key), "must be greater than 0, got 0.0", _POSITIVE_FIX[key])
     for key in ("adam_beta1", "adam_beta2"):  # AdamW and Prodigy refuse a beta of 1 or more
@@ -475,7 +475,6 @@ def check_settings(check, subject: str | None, ts) -> None:
 
 
 _POSITIVE_FIX = {
-    "snr_gamma": "5.0 is usual; leave snr_gamma out to weight every timestep alike",
     "prodigy_d_coef": "1.0 is Prodigy's default; 0.5 to 2 are usual",
     # a LoRA's A matrices have no gradient at the first step (B starts at 0): their update is 0 / 0
     "adam_epsilon": "1e-08 is usual; with 0, the first step divides 0 by 0 and the loss becomes nan",

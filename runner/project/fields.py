@@ -30,9 +30,11 @@ def opt(
     omit_default=False,
     multiple=None,
     empty_is_none=False,
+    off=None,
 ):
     """Declare a project-file key. Without a default the key is required. `empty_is_none`: an empty list
-    reads as the key's default, None (how a subject turns off a list [train] gives it)."""
+    reads as the key's default, None (how a subject turns off a list [train] gives it); so does the
+    value `off` (0, "none") of a key whose default is None."""
     meta = {
         "doc": doc,
         "type": type,
@@ -43,6 +45,7 @@ def opt(
         "fingerprint": fingerprint,
         "omit_default": omit_default,
         "empty_is_none": empty_is_none,
+        "off": off,
     }
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)

@@ -87,6 +87,9 @@ class _Checker:
         expected = schema.TYPES[kind]
         if raw is None and optional:
             return True, None
+        off = f.metadata.get("off")
+        if off is not None and raw == off and type(raw) is not bool:  # 0 is not false
+            return True, None  # how a subject turns off what [train] gives it
         ok = True
         value = raw
         if kind == "str":
@@ -161,6 +164,8 @@ class _Checker:
             self.problem(key, too_long, "shorten it")
             return False, value
         choices = f.metadata.get("choices")
+        if choices and isinstance(f.metadata.get("off"), str):
+            choices = (*choices, f.metadata["off"])  # log = "none"
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""

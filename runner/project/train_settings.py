@@ -110,10 +110,12 @@ class TrainSettings:
     )
     snr_gamma: float | None = opt(
         None,
-        "min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 is usual; default: off",
+        "min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 is usual; 0 turns it off (a "
+        "subject's, where [train] gives one); default: off",
         "float?",
         minimum=0,
         omit_default=True,
+        off=0,
     )
     noise_offset: float = opt(
         0.0,
@@ -173,9 +175,11 @@ class TrainSettings:
     log: str | None = opt(
         None,
         "also write the per-step losses, learning rate and step time as TensorBoard event files under "
-        "<out>/logs/<subject>/ (needs the tensorboard package)",
+        '<out>/logs/<subject>/ (needs the tensorboard package); "none" turns it off (a subject\'s, where '
+        "[train] sets it)",
         "str?",
         choices=("tensorboard",),
+        off="none",
         fingerprint=False,
         omit_default=True,
     )

@@ -151,7 +151,9 @@ def test_an_address_where_something_else_answers_is_a_usage_error_within_seconds
         with serving(answer) as address:
             begun = time.monotonic()
             assert main(["build", str(proj.path), "--executor", "ray", "--ray-address", address]) == 2
-            assert time.monotonic() - begun < 10
+            assert (
+                time.monotonic() - begun < 30
+            )  # not the minutes of retries (5 s of them, on a loaded machine)
         err = capsys.readouterr().err
         assert f"--ray-address {address!r} is not a Ray cluster's address (" in err, err
         assert why in err and "the head node's port, 6379 unless `ray start --port`" in err, err

@@ -416,10 +416,10 @@ def step_count_errors(project, to_run: list) -> dict[str, str]:
     errors, source = {}, Source.of(project)
     for step in (s for s in asking if s.spec.steps > limit):
         try:
-            scheduler = make_scheduler(step.spec.scheduler, config)
-        except (ValueError, AttributeError):  # the step says why it cannot make it
+            found = too_many_steps(make_scheduler(step.spec.scheduler, config), step.spec.steps)
+        except Exception:  # noqa: BLE001 - a scheduler it cannot make or try here: the step says why
             continue
-        if found := too_many_steps(scheduler, step.spec.steps):
+        if found:
             table = "priors" if step.kind == "prior" else "renders"
             errors[step.id] = source.problem(f"{table}.{step.spec.name}.steps", *found)
     return errors

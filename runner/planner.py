@@ -335,6 +335,12 @@ def to_json(planned: list[PlannedStep]) -> dict:
     }
 
 
+def option_name(field: str, api: bool) -> str:
+    """How a message names the build option `field` (a BuildOptions field: only, force, gpus): as a script
+    gave it (`only`), where `api`, else as the command line spells it (`--only`)."""
+    return field if api else "--" + field.replace("_", "-")
+
+
 def check_step_ids(planned: list[PlannedStep], api: bool = False, **ids: tuple[str, ...]) -> None:
     """Raise one UsageError naming every id given to an option (only=..., force=...) that is no step of
     the plan, each with what was likely meant (a name without its kind, a pattern, a typo). The options
@@ -342,7 +348,7 @@ def check_step_ids(planned: list[PlannedStep], api: bool = False, **ids: tuple[s
     known = [p.id for p in planned]
     problems = []
     for option, given in ids.items():
-        option = option if api else f"--{option}"
+        option = option_name(option, api)
         unknown = [sid for sid in dict.fromkeys(given) if sid not in known]
         if unknown:
             named = ", ".join(f"'{sid}'{_step_hint(sid, known, option)}" for sid in unknown)
@@ -361,7 +367,7 @@ def _check_forced_are_selected(
     selected = upstream([p.step for p in planned], set(only))
     outside = [sid for sid in dict.fromkeys(force) if sid not in selected]
     if outside:
-        f, o = ("force", "only") if api else ("--force", "--only")
+        f, o = option_name("force", api), option_name("only", api)
         them = ", ".join(outside)
         raise UsageError(
             f"{f}: {them} {'is' if len(outside) == 1 else 'are'} not among the steps {o} selects "

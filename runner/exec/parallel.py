@@ -62,7 +62,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
             need = _gpus_needed(p, ws, options)
             if not pool.fits(need):
                 waiting.remove(p)
-                given = "--gpus" if options.command_line else "gpus"
+                given = planner.option_name("gpus", not options.command_line)
                 _fail(ev, StepError(f"{p.id}: needs {need} GPUs; {given} gives {len(pool.devices)}"), options)
                 reporter.step_end(ev)
                 failed.add(p.id)

@@ -226,7 +226,7 @@ def _run(ws, lock, planned, options, reporter, force_ids, backend) -> BuildResul
     for p in planned:
         if selected is not None and p.id not in selected and p.stale:
             evs[p.id].status = events.SKIPPED
-            evs[p.id].reasons = ["not selected by --only" if options.command_line else "not selected by only"]
+            evs[p.id].reasons = [f"not selected by {planner.option_name('only', not options.command_line)}"]
     reporter.plan(ws.project.name, list(evs.values()))
     todo = [p for p in planned if evs[p.id].status == events.PENDING]
     if not todo or options.dry_run:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 
 from runner import lockfile, lockmemo, store
 from runner.errors import DblError
+from runner.merge import run_git
 from runner.project.schema import Project
 from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
 
@@ -313,15 +313,8 @@ def _branch_refs(folder: Path) -> str:
     """'<commit> <branch>' lines of the local branches of the repository `folder` is in; none outside a git
     work tree, or without git. A repository git refuses to read (one another user owns, as in a container;
     one a newer git made) hides its branches: gc refuses rather than drop what they need."""
-    try:
-        done = subprocess.run(
-            ["git", "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/"],
-            cwd=folder,
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            env={**os.environ, "LC_ALL": "C"},  # git's own words, untranslated, to tell "no repository"
-        )
+    try:  # in git's own words, untranslated, to tell "no repository"
+        done = run_git(folder, "for-each-ref", "--format=%(objectname) %(refname:short)", "refs/heads/")
     except OSError:
         return ""
     if done.returncode == 0:
@@ -344,14 +337,7 @@ def _git(folder: Path, branch: str, *args: str) -> str:
     from the rest: gc refuses (DblError), as it does for a lockfile that does not read, rather than drop
     entries that checking the branch out would restore."""
     try:
-        done = subprocess.run(
-            ["git", *args],
-            cwd=folder,
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            env={**os.environ, "LC_ALL": "C"},
-        )
+        done = run_git(folder, *args)
         if done.returncode == 0:
             return done.stdout
         why = done.stderr.strip() or f"exit code {done.returncode}"

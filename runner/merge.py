@@ -14,6 +14,7 @@ Another tool's lockfile that the pattern below matches (uv.lock) is merged line 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -51,12 +52,23 @@ def driver_setup(lock: Path) -> tuple[str, str] | None:
     return "", "set up dbl's merge driver (README: 'Lockfiles in git')"
 
 
+def run_git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`git ARGS` run in `folder`, its output as text and its messages in git's own words (untranslated,
+    so that callers can tell them apart). Raises OSError where git cannot be run."""
+    return subprocess.run(
+        ["git", *args],
+        cwd=folder,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env={**os.environ, "LC_ALL": "C"},
+    )
+
+
 def _git(folder: Path, *args: str) -> str | None:
     """What a git command prints, run in `folder`; None where it fails (no git, no repository)."""
     try:
-        done = subprocess.run(
-            ["git", *args], cwd=folder, capture_output=True, encoding="utf-8", errors="replace"
-        )
+        done = run_git(folder, *args)
     except OSError:
         return None
     return done.stdout if done.returncode == 0 else None

@@ -286,11 +286,11 @@ class RunCache:
         since: int = 0,
         read: bool = True,
     ) -> dict | None:
-        """The entry's manifest if every file is there with its hash, else None. A damaged entry is
-        reported through `warn`, with its path, and dropped. `read=False` checks each file's size, not its
-        hash: for a caller that hashes the bytes as it copies them (a restore, see `stage`). With `unhashed` (the values out of the
-        fingerprint a step's outputs depend on), an entry made under others, or under unrecorded ones, is
-        None too (and kept); so is one made before epoch `since` (see EPOCH).
+        """The entry's manifest if every file is there with its hash, else None. A damaged entry is reported
+        through `warn`, with its path, and dropped. `read=False` checks each file's size, not its hash: for
+        a caller that hashes the bytes as it copies them (a restore, see `stage`). With `unhashed` (the
+        values out of the fingerprint a step's outputs depend on), an entry made under others, or under
+        unrecorded ones, is None too (and kept); so is one made before epoch `since` (see EPOCH).
 
         `layout` maps output files named after a step (cache name -> output name); an entry written
         before such names were kept out of the cache holds the output names, and only fits a step of

@@ -69,13 +69,13 @@ def watch(
     """Build `project_path`, then rebuild what goes stale each time its inputs change.
 
     polling: poll every `poll_interval` seconds instead of using OS events. reporter_factory makes the
-    display of one build. echo prints the watch's own messages (what it watches, what changed, the
-    project's problems, what ends it); default: standard output, and standard error for the project's
-    problems, what ends the watch at its start and why a build did not run, as `dbl build` prints them. Returns 0 when stopped by Ctrl-C
-    or `stop_event`, 2 when there is no project file to watch (its folder does not exist, the name is
-    a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when stopped by
-    SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus, per_gpu,
-    backend).
+    display of one build. echo prints the watch's own messages (what it watches, what changed, the project's
+    problems, what ends it); default: standard output, and standard error for the project's problems, what
+    ends the watch at its start and why a build did not run, as `dbl build` prints them. Returns 0 when
+    stopped by Ctrl-C or `stop_event`, 2 when there is no project file to watch (its folder does not exist,
+    the name is a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when
+    stopped by SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus,
+    per_gpu, backend).
     """
     stop = stop_event or threading.Event()
     say = echo or _print

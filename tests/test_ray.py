@@ -172,7 +172,7 @@ def test_rays_own_paragraph_on_a_lost_worker_goes_to_standard_error(ray_instance
     box["thread"].join(10)
     assert gone(box["pid"]) and result.exit_code == 1, "the worker was not killed"
     out = err = ""
-    deadline = time.monotonic() + 15  # Ray says it from a thread of its own, when the error reaches it
+    deadline = time.monotonic() + 60  # Ray says it from a thread of its own, when the error reaches it
     while "(raylet)" not in out + err and time.monotonic() < deadline:
         time.sleep(0.2)
         said = capfd.readouterr()

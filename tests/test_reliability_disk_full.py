@@ -123,7 +123,7 @@ def test_a_run_cache_entry_is_flushed_file_by_file_several_at_once(tmp_path, mon
     for path in files:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"image")
-    real, met = os.fsync, threading.Barrier(2, timeout=1)
+    real, met = os.fsync, threading.Barrier(2, timeout=30)
     flushed, together = [], []
 
     def fsync(fd):

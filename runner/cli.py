@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from runner.arguments import make_parser
-from runner.errors import DblError
+from runner.errors import DblError, os_words
 from runner.exec.job import quiet_library_notices
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
@@ -128,7 +128,7 @@ def _main(argv: list[str] | None) -> int:
     except OSError as exc:  # an unreadable input, a full disk outside any step
         if getattr(args, "debug", False):
             raise
-        print(f"dbl: {exc}", file=sys.stderr)
+        print(f"dbl: {os_words(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
         if getattr(args, "debug", False):

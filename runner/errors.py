@@ -38,3 +38,12 @@ class ModelError(DblError):
 
 class UsageError(DblError):
     """Bad command-line input (an unknown step id ...)."""
+
+
+def os_words(exc: OSError) -> str:
+    """An OSError as `path: reason` (`a -> b: reason` for a rename) where it names its file, without the
+    `[Errno N]` that says nothing to a user; else its own words."""
+    if not exc.strerror or exc.filename is None:
+        return str(exc)
+    names = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{names}: {exc.strerror}"

@@ -69,8 +69,17 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
             raise UsageError(
                 f"{path} is a file, where the project needs a folder; choose another folder"
             ) from None
-    target.write_text(text)  # its first line, `# dbl build <name>.toml`, runs it from its folder
-    _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
+        except OSError as exc:  # a folder above that is missing and cannot be made, or one not writable
+            raise UsageError(
+                f"cannot make the folder {path} ({exc.strerror or exc}); choose a folder you can write"
+            ) from None
+    try:
+        target.write_text(text)  # its first line, `# dbl build <name>.toml`, runs it from its folder
+        _ignore(target_dir / ".gitignore", (".dbl/", "build/"))
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write {exc.filename or target} ({exc.strerror or exc}); choose a folder you can write"
+        ) from None
     return target, made
 
 

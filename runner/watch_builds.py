@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner import lockfile
-from runner.errors import DblError
+from runner.errors import DblError, os_words
 from runner.events import Reporter
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE
 from runner.store import LockHeld
@@ -179,6 +179,8 @@ def build_once(
             import traceback
 
             say("build crashed: " + "".join(traceback.format_exception(exc)).rstrip())
+        elif isinstance(exc, OSError):  # a full disk or an unreadable file outside any step, as build says it
+            say(os_words(exc))
         else:
             say(f"build crashed: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return EXIT_FAILED

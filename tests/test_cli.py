@@ -54,6 +54,34 @@ def test_a_dangling_link_where_dbl_keeps_a_folder_is_named_with_its_fix(proj, fa
     assert not fake_steps.ran
 
 
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (
+            FileNotFoundError(2, "No such file or directory", "/x/p.lock"),
+            "dbl: /x/p.lock: No such file or directory",
+        ),
+        (
+            OSError(18, "Invalid cross-device link", "/a", None, "/b"),
+            "dbl: /a -> /b: Invalid cross-device link",
+        ),
+        (OSError("no file named"), "dbl: no file named"),
+    ],
+)
+def test_an_os_error_outside_any_step_names_its_file_without_its_number(
+    proj, capsys, monkeypatch, error, said
+):
+    from runner import cli
+
+    def plan(args):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "plan", plan)
+    assert main(["plan", str(proj.path)]) == 1
+    err = capsys.readouterr().err
+    assert err == said + "\n", err
+
+
 def test_missing_project_and_bad_usage(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "nope.toml"]) == 2

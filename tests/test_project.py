@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +202,14 @@ def test_a_separator_in_a_multi_line_string_is_no_merge_conflict(folder):  # noq
 def test_missing_file(tmp_path):
     with pytest.raises(ProjectError, match="no such project file"):
         load_project(tmp_path / "nope.toml")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="makes a named pipe")
+def test_a_named_pipe_or_device_is_no_project_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe.toml")  # reading it would wait for a writer
+    for path in (tmp_path / "pipe.toml", Path(os.devnull)):
+        with pytest.raises(ProjectError, match="not a regular file - name a project file"):
+            load_project(path)
 
 
 def test_a_folder_is_no_project_file_and_its_project_files_are_named(tmp_path):

@@ -131,6 +131,32 @@ def test_init_where_a_file_takes_a_folder_writes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no half-made project to trip over
 
 
+def test_init_where_a_folder_cannot_be_made_or_written_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    def mkdir(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pathlib.Path, "mkdir", mkdir)
+        assert main(["init", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"cannot make the folder {tmp_path / 'new'} (Permission denied); choose a folder you can write" in err
+    )
+    assert "Traceback" not in err and "Errno" not in err, err
+
+    def write_text(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    assert main(["init", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'full' / 'subject.toml'} (No space left on device)" in err, err
+    assert not (tmp_path / "full" / "subject.toml").exists()
+
+
 def test_init_given_a_project_file_name_says_it_takes_a_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["init", "pets.toml"]) == 2

@@ -114,6 +114,21 @@ def test_a_crashed_build_of_the_watch_says_how_to_see_its_traceback(proj, monkey
     )
 
 
+def test_an_os_error_of_a_watched_build_is_said_as_build_says_it(proj, monkeypatch):
+    import errno
+
+    from runner import executor
+    from runner.watch_builds import build_once
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(proj.lock))
+
+    monkeypatch.setattr(executor, "build", full)
+    said: list[str] = []
+    assert build_once(proj.load(), PlainReporter, threading.Event(), said.append) == 1
+    assert said == [f"{proj.lock}: No space left on device"]
+
+
 def test_an_emitter_stopped_with_the_watch_says_nothing(tmp_path, caplog):
     """A watch ended by Ctrl-C printed `InotifyEmitter.queue_events() called when the thread is inactive`:
     the events that removing its watches sends woke an emitter already stopped (watchdog logs it as an

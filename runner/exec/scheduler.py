@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runner import events, lockfile, planner, tempnames
-from runner.errors import DblError, ImageError, StepInterrupted, UsageError
+from runner.errors import DblError, ImageError, StepInterrupted, UsageError, os_words
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
 from runner.exec.devices import counts_problem, gpus_for_device, gpus_refused
@@ -355,7 +355,9 @@ def describe_error(exc: BaseException, debug: bool) -> str:
         return exc.trace.rstrip() if debug else f"{exc} (run with --debug for the traceback)"
     if debug:
         return "".join(traceback.format_exception(exc)).rstrip()
-    if isinstance(exc, (DblError, OSError)):
+    if isinstance(exc, OSError):
+        return os_words(exc)
+    if isinstance(exc, DblError):
         return str(exc)
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 

@@ -289,6 +289,8 @@ def load_project(path: Path | str) -> schema.Project:
         fix = f"name one of: {', '.join(inside)}" if inside else "run `dbl init` in it to start one"
         raise ProjectError(path, [Problem("", "a folder, not a project file", None, fix)])
     if not path.is_file():
+        if path.exists():  # /dev/null, a named pipe, a socket: nothing a build could read again unchanged
+            raise ProjectError(path, [Problem("", "not a regular file", None, "name a project file (.toml)")])
         raise ProjectError(path, [Problem("", "no such project file", None, "run `dbl init` to start one")])
     text = read_text(path)
     try:

@@ -166,3 +166,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("ours", metavar="OURS", help="our lockfile, replaced by the merge (git's %%A)")
     p.add_argument("theirs", metavar="THEIRS", help="their lockfile (git's %%B)")
     return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of `command` (`build`, `plan` ...) within `make_parser()`'s; the top level's for None."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from runner.arguments import make_parser
+from runner.arguments import command_parser, make_parser
 from runner.errors import DblError, os_words
 from runner.exec.job import quiet_library_notices
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
@@ -93,9 +93,19 @@ def _project_among_step_ids(args) -> str | None:
     return None
 
 
+def _parse(argv: list[str] | None):
+    """The command line's arguments; words no option takes are refused with the usage of the command
+    they were given to (`dbl plan --dry-run`: `dbl plan`'s), not the top level's list of commands."""
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
     try:
-        args = make_parser().parse_args(argv)
+        args = _parse(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if (problem := _project_among_step_ids(args)) is not None:

@@ -82,6 +82,19 @@ def test_an_os_error_outside_any_step_names_its_file_without_its_number(
     assert err == said + "\n", err
 
 
+def test_an_option_a_command_lacks_is_refused_with_that_commands_usage(capsys):
+    """`dbl plan --dry-run` printed the top level's usage (`dbl [-h] [--version] COMMAND ...`), which does
+    not say what `dbl plan` takes."""
+    assert main(["plan", "p.toml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("usage: dbl plan [-h]") and "dbl plan: error: unrecognized arguments: --dry-run" in err
+    )
+    assert main(["--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dbl [-h]") and "dbl: error: unrecognized arguments: --bogus" in err
+
+
 def test_missing_project_and_bad_usage(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "nope.toml"]) == 2

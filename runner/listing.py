@@ -85,7 +85,8 @@ def unrecorded_outputs(project, step_id: str) -> str | None:
 
 def _loss(metrics: dict) -> str:
     """'loss 0.4123 -> 0.08712 in 800 steps' for a step that trained (its metrics have loss_last): the
-    mean loss over the first and the last tenth of its steps."""
+    mean loss over the first and the last tenth of its steps, to four significant digits, kept where they
+    are zeros (2.209 -> 2.200, not 2.2)."""
     if "loss_last" not in metrics:
         return ""
 
@@ -93,7 +94,7 @@ def _loss(metrics: dict) -> str:
         if value is None:
             return "nan"
         return (
-            f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+            f"{value:#.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
         )
 
     text = f"loss {number(metrics.get('loss_first'))} -> {number(metrics['loss_last'])}"

@@ -186,7 +186,7 @@ def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build
     proj.lock.write_text(text[:start] + re.sub(r'digest = "[0-9a-f]+"\n', "", record) + text[end:])
     assert lockfile.read(proj.lock)["train:dog"]["metrics"]["loss_last"] == "low"  # no digest to check
     assert main(["ls", str(proj.path)]) == 0
-    assert "loss 0.5 -> low" in capsys.readouterr().out
+    assert "loss 0.5000 -> low" in capsys.readouterr().out
 
 
 def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build, capsys):
@@ -237,7 +237,7 @@ def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
     assert lines[:4] == [
         "prior:dog     fresh  build/pets/priors/dog",
         "train:dog     fresh  build/pets/adapters/dog   loss 0.4123 -> 0.08712 in 4 steps",
-        "train:toy     fresh  build/pets/adapters/toy   loss 0.5 -> nan in 1 step",
+        "train:toy     fresh  build/pets/adapters/toy   loss 0.5000 -> nan in 1 step",
         "blend:mix     fresh  build/pets/blends/mix",
     ]
     assert lines[-1] == "render:base   fresh  build/pets/renders/base"

@@ -43,8 +43,8 @@ def test_plain_lines_tell_the_build_in_order():
     progress = [line for line in lines if line.startswith("train:dog    step ")]
     # throttled: one line per tenth of the run, not one per event
     assert len(progress) == 10
-    assert progress[0] == "train:dog    step 80/800 (10%)  loss 0.242"
-    assert "step 480/800 (60%)  loss 0.202  " in progress[5] and "it/s  eta " in progress[5]
+    assert progress[0] == "train:dog    step 80/800 (10%)  loss 0.2420"
+    assert "step 480/800 (60%)  loss 0.2020  " in progress[5] and "it/s  eta " in progress[5]
     assert "train:dog    done in 5m01s -> build/pets/adapters/dog" in lines
     assert "blend:mix    restored from cache -> build/pets/blends/mix" in lines
     assert "render:park  done in 3.5s -> build/pets/renders/park" in lines

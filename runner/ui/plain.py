@@ -78,7 +78,7 @@ def metrics_text(step: StepEvent, rate: float | None) -> str:
     parts = []
     m = step.metrics or {}
     if isinstance(m.get("loss"), (int, float)):
-        parts.append(f"loss {m['loss']:.4g}")
+        parts.append(f"loss {m['loss']:#.4g}")
     if isinstance(m.get("lr"), (int, float)):
         parts.append(f"lr {m['lr']:.2g}")
     given = next((m[k] for k in RATE_KEYS if isinstance(m.get(k), (int, float))), None)

@@ -83,21 +83,20 @@ def unrecorded_outputs(project, step_id: str) -> str | None:
     return steps.relative(project, folder) if has_files(folder) else None
 
 
+def loss_number(value) -> str:
+    """A loss to four significant digits, kept where they are zeros (2.200, not 2.2); a hand-edited record
+    of a lockfile without digests as written; none as nan."""
+    if value is None:
+        return "nan"
+    return f"{value:#.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
 def _loss(metrics: dict) -> str:
     """'loss 0.4123 -> 0.08712 in 800 steps' for a step that trained (its metrics have loss_last): the
-    mean loss over the first and the last tenth of its steps, to four significant digits, kept where they
-    are zeros (2.209 -> 2.200, not 2.2)."""
+    mean loss over the first and the last tenth of its steps."""
     if "loss_last" not in metrics:
         return ""
-
-    def number(value) -> str:  # a hand-edited record of a lockfile without digests: as written
-        if value is None:
-            return "nan"
-        return (
-            f"{value:#.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
-        )
-
-    text = f"loss {number(metrics.get('loss_first'))} -> {number(metrics['loss_last'])}"
+    text = f"loss {loss_number(metrics.get('loss_first'))} -> {loss_number(metrics['loss_last'])}"
     steps = metrics.get("steps")
     if isinstance(steps, int):
         text += f" in {steps} step{'' if steps == 1 else 's'}"

@@ -471,5 +471,7 @@ def _folder(ctx: _Context, sid: str) -> str:
 def _loss_text(metrics: dict) -> str:
     if "loss_last" not in metrics:
         return ""
-    first = f"{htmlpage.number(metrics['loss_first'])} -> " if metrics.get("loss_first") is not None else ""
-    return first + htmlpage.number(metrics["loss_last"])
+    first = (
+        f"{listing.loss_number(metrics['loss_first'])} -> " if metrics.get("loss_first") is not None else ""
+    )
+    return first + listing.loss_number(metrics["loss_last"])

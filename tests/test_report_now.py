@@ -91,7 +91,7 @@ def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(pro
     lock["snapshot:dog@2"] = {"kind": "snapshot", "metrics": {"loss_last": 0.5}, "outputs": {}}
     text = _subject(_Context(proj.load(), lock, {}, {}), "train:dog")
     cells = [c for c in Page(text[text.index("<h4>Snapshots") :]).text if c.strip()]
-    assert cells[cells.index("now") + 1 :] == ["snapshot:dog@2", "0.5", "not in the project file"]
+    assert cells[cells.index("now") + 1 :] == ["snapshot:dog@2", "0.5000", "not in the project file"]
 
 
 def test_a_record_of_an_earlier_build_is_not_called_the_last_builds(proj, build, fake_steps):

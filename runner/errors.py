@@ -41,9 +41,11 @@ class UsageError(DblError):
 
 
 def os_words(exc: OSError) -> str:
-    """An OSError as `path: reason` (`a -> b: reason` for a rename) where it names its file, without the
-    `[Errno N]` that says nothing to a user; else its own words."""
-    if not exc.strerror or exc.filename is None:
+    """An OSError as `path: reason` (`a -> b: reason` for a rename), or its reason alone where it names no
+    file, without the `[Errno N]` that says nothing to a user; else its own words."""
+    if not exc.strerror:
         return str(exc)
+    if exc.filename is None:
+        return exc.strerror
     names = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
     return f"{names}: {exc.strerror}"

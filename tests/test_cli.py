@@ -65,6 +65,7 @@ def test_a_dangling_link_where_dbl_keeps_a_folder_is_named_with_its_fix(proj, fa
             OSError(18, "Invalid cross-device link", "/a", None, "/b"),
             "dbl: /a -> /b: Invalid cross-device link",
         ),
+        (OSError(28, "No space left on device"), "dbl: No space left on device"),
         (OSError("no file named"), "dbl: no file named"),
     ],
 )

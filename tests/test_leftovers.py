@@ -16,6 +16,7 @@ import pytest
 
 from runner import exchange as exchange_module
 from runner import tempnames
+from runner.errors import ModelError
 from tests.conftest import PETS, Proj
 from tests.fake_build import fake_build
 
@@ -109,9 +110,28 @@ def test_a_built_in_model_that_fails_to_make_leaves_no_temp_folder(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(family, "build_builtin", build_builtin)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ModelError) as raised:
         ensure_builtin("tiny-sd")
+    assert str(raised.value) == (
+        f"cannot write the built-in model tiny-sd to {tmp_path / 'models' / 'tiny-sd-v1'} (No space left on "
+        f"device); set DBL_HOME to a folder you can write (DBL_HOME is {tmp_path})"
+    )
     assert failed and list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_dbl_home_that_cannot_be_made_is_named_with_its_fix(tmp_path, monkeypatch):
+    from runner.models import ensure_builtin
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DBL_HOME", str(tmp_path / "file" / "home"))
+    with pytest.raises(
+        ModelError, match=r"cannot write the built-in model tiny-sd to .*file/home/models/tiny-sd-v1"
+    ):
+        ensure_builtin("tiny-sd")
+    monkeypatch.delenv("DBL_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "file"))
+    with pytest.raises(ModelError, match=r"\(DBL_HOME is not set, so it is ~/.cache/dbl\)$"):
+        ensure_builtin("tiny-sd")
 
 
 @pytest.mark.torch

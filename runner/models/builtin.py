@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from runner import families, tempnames
+from runner.errors import ModelError
 
 
 def dbl_home() -> Path:
@@ -33,19 +34,32 @@ def ensure_builtin(name: str) -> Path:
     with _tiny_lock:
         if (folder / "model_index.json").is_file():
             return folder
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(name, folder, exc) from None
         # Models a process of this host was killed while making (nothing else would ever remove them).
         tempnames.drop_left_folders(folder.parent)
         tmp = folder.parent / f".{folder.name}.tmp-{tempnames.suffix()}"
         try:
             family.build_builtin(name, tmp)
             os.replace(tmp, folder)
-        except OSError:
+        except OSError as exc:
             # Another process finished first; its copy is identical. (Or the making failed: raised below.)
             shutil.rmtree(tmp, ignore_errors=True)
             if not (folder / "model_index.json").is_file():
-                raise
+                raise _unwritable(name, folder, exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder
+
+
+def _unwritable(name: str, folder: Path, exc: OSError) -> ModelError:
+    """The built-in model cannot be written where dbl keeps it: say where, why, and how to move it."""
+    home = os.environ.get("DBL_HOME")
+    now = f"DBL_HOME is {home}" if home else "DBL_HOME is not set, so it is ~/.cache/dbl"
+    return ModelError(
+        f"cannot write the built-in model {name} to {folder} ({exc.strerror or exc}); set DBL_HOME to a "
+        f"folder you can write ({now})"
+    )

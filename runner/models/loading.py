@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from runner import families
-from runner.errors import ModelError
+from runner.errors import ModelError, os_words
 from runner.fingerprint import hub_revision
 from runner.models import hub
 from runner.models.builtin import ensure_builtin
@@ -175,7 +175,7 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
                 " (diffusers reads a single file's component configs from the hub: without a network, set "
                 "base_model_config in [project] to a diffusers folder of the same kind of model)"
             )
-        raise ModelError(f"cannot load base model {base.display}{hint}: {exc}") from exc
+        raise ModelError(f"cannot load base model {base.display}{hint}: {os_words(exc)}") from exc
     if base.kind == "builtin":
         check_all_loaded(pipe, Path(model_folder(base)), base.display)
     pipe.set_progress_bar_config(disable=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 from runner import __version__, htmlpage, listing, lockfile, lockmemo, planner, plots, reportnow
 from runner.errors import DblError
 from runner.exec import lastbuild
-from runner.ui.plain import fmt_duration
+from runner.ui.plain import fmt_duration, fmt_path
 
 
 def write(project, output: Path | str | None = None) -> Path:
@@ -73,9 +73,10 @@ def render(project) -> str:
     lock_path = lockfile.lock_path(project.path)
     lock = lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path))
     if not lock:
+        shown = fmt_path(project.path)  # as the user would type it here
         raise DblError(
-            f"{project.path}: nothing is built yet (no step in {lock_path.name}): "
-            f"run `dbl build {project.path}` first, then `dbl report`"
+            f"{shown}: nothing is built yet (no step in {lock_path.name}): run `dbl build {shown}` first, then "
+            "`dbl report`"
         )
     plots.require_matplotlib()  # fail before any work when it is missing
     last = lastbuild.read(project)

@@ -271,10 +271,17 @@ def test_chromium_opens_the_page_without_errors(built, tmp_path):
 # --- without torch: errors, and the record of the last build (fake steps) -------------------------------
 
 
-def test_an_unbuilt_project_says_so(proj, capsys):
+def test_an_unbuilt_project_says_so(proj, capsys, monkeypatch):
     assert main(["report", str(proj.path)]) == 2
     err = capsys.readouterr().err
     assert "nothing is built yet" in err and f"dbl build {proj.path}" in err and "Traceback" not in err
+    monkeypatch.chdir(proj.root)  # the project file as it would be typed there
+    assert main(["report", proj.path.name]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"dbl: {proj.path.name}: nothing is built yet (no step in {proj.lock.name}): run `dbl build {proj.path.name}` first, then `dbl report`\n"
+    )
 
 
 def test_without_matplotlib_it_says_what_to_install(proj, build, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 from runner.events import FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, StepEvent
 from runner.ui import make_reporter
@@ -102,6 +103,47 @@ def test_a_failure_without_a_duration_is_timed_by_the_display():
         reporter.close()
     assert lines[-2].endswith("train:dog    FAILED after 1m15s: boom")
     assert re.search(r"train:dog\s+failed\s+0\.\ds\s+boom", console.export_text())
+
+
+def test_files_below_the_working_folder_are_named_relative_to_it_as_outputs_are(tmp_path, monkeypatch):
+    """A step names its files absolutely (`/home/u/p/dog/a.png: the file is empty`) where the build's
+    lines name outputs relative to the working folder (`-> build/p/adapters/dog`): both as typed here."""
+    from runner.ui.plain import fmt_paths_in
+
+    monkeypatch.chdir(tmp_path)
+    here = str(Path.cwd())
+    assert fmt_paths_in(f"{here}/dog/a.png: empty; caption '{here}/c d.txt' ({here}/x)") == (
+        "dog/a.png: empty; caption 'c d.txt' (x)"
+    )
+    for kept in (f"/elsewhere{here}/a.png", f"{here}-other/a.png", here, f"word{here}/a", "no path at all"):
+        assert fmt_paths_in(kept) == kept
+
+    lines: list[str] = []
+    plain = PlainReporter(write=lines.append, verbosity=1)
+    console = recording_console()
+    live = LiveReporter(console=console, verbosity=1)
+    steps = plan_steps()
+    for reporter in (plain, live):
+        reporter.plan("pets", steps)
+        reporter.step_start(steps[1])
+        reporter.log(steps[1], f"warning: {here}/dog/tiny.jpg: 1x1 pixels is small")
+    steps[1].status, steps[1].error = FAILED, f"{here}/dog/empty.png: the file is empty (0 bytes)"
+    for reporter in (plain, live):
+        reporter.step_end(steps[1])
+        reporter.finish(steps, 1)
+        reporter.close()
+    assert any(line.endswith("train:dog    warning: dog/tiny.jpg: 1x1 pixels is small") for line in lines), (
+        lines
+    )
+    assert any(
+        line.endswith("train:dog    FAILED after 0.0s: dog/empty.png: the file is empty (0 bytes)")
+        for line in lines
+    ), lines
+    shown = console.export_text()
+    assert (
+        "dog/tiny.jpg: 1x1" in shown and "dog/empty.png: the file is empty" in shown and here not in shown
+    ), shown
+    assert steps[1].error.startswith(here)  # the event itself, which a script reads, keeps the whole path
 
 
 def test_plain_verbose_lists_the_plan_and_log_messages():

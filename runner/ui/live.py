@@ -46,6 +46,7 @@ from runner.ui.plain import (
     first_line,
     fmt_duration,
     fmt_path,
+    fmt_paths_in,
     is_dry_run,
     metrics_text,
     reason_text,
@@ -136,14 +137,14 @@ class LiveReporter:
                 return
             self.console.print(Text(message.rstrip(), style="yellow"))
         elif shown(message, self.verbosity):
-            self.console.print(Text.assemble((f"{step.id}  ", "dim"), message.rstrip()))
+            self.console.print(Text.assemble((f"{step.id}  ", "dim"), fmt_paths_in(message).rstrip()))
 
     def step_end(self, step: StepEvent) -> None:
         with self._lock:
             begun = self._started_at.pop(step.id, None)
             # A step that failed or was interrupted may come without its duration: measure it here.
             seconds = step.duration_s or (time.monotonic() - begun if begun is not None else 0.0)
-            step = _copy(step, duration_s=seconds)
+            step = _copy(step, duration_s=seconds, error=fmt_paths_in(step.error))
             self._steps[step.id] = step
             self._spinners.pop(step.id, None)
             self._rates.forget(step.id)
@@ -399,9 +400,9 @@ def summary_table(steps: list[StepEvent]) -> Table:
         style = STYLES.get(s.status, ("", ""))[1]
         ran = s.status in (DONE, FAILED, INTERRUPTED)
         if s.status == FAILED:
-            detail = Text(first_line(s.error), style="red")
+            detail = Text(first_line(fmt_paths_in(s.error)), style="red")
         elif s.status == SKIPPED:
-            detail = Text(first_line(s.error) or reason_text(s), style="yellow")
+            detail = Text(first_line(fmt_paths_in(s.error)) or reason_text(s), style="yellow")
         elif s.outputs:
             detail = Text(fmt_path(s.outputs))
         else:

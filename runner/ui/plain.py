@@ -11,6 +11,8 @@ No rich here: the formatting helpers below are shared with the live display.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sized
@@ -61,6 +63,26 @@ def fmt_path(path: Path | str | None) -> str:
         return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except (ValueError, OSError):
         return str(p)
+
+
+_PATH_START = r"(?<![\w.~/\\-])"  # where a path may begin: not inside a word or another path
+
+
+def fmt_paths_in(text: str) -> str:
+    """`text` with the absolute paths in it that lie below the working folder written relative to it, as
+    `fmt_path` writes an output folder: a step names its files absolutely (it may run in a worker of
+    another folder), and a build's lines name them as the user would type them here."""
+    if not text or os.sep not in text:
+        return text
+    try:
+        bases = {os.getcwd(), str(Path.cwd().resolve())}
+    except OSError:  # the working folder was removed
+        return text
+    for base in sorted(bases, key=len, reverse=True):
+        prefix = base.rstrip(os.sep) + os.sep
+        if prefix != os.sep:
+            text = re.sub(_PATH_START + re.escape(prefix), "", text)
+    return text
 
 
 def unit_of(step: StepEvent) -> tuple[str, str]:
@@ -247,7 +269,7 @@ class PlainReporter:
             for line in message.rstrip().splitlines():
                 self._line(line)
         elif shown(message, self.verbosity):
-            for line in message.rstrip().splitlines():
+            for line in fmt_paths_in(message).rstrip().splitlines():
                 self._line(f"{self._id(step)}{line}")
 
     def step_end(self, step: StepEvent) -> None:
@@ -260,7 +282,7 @@ class PlainReporter:
         out = f" -> {fmt_path(step.outputs)}" if step.outputs else ""
         reasons = f" ({reason_text(step)})" if step.reasons and step.id not in self._started else ""
         if step.status == FAILED:
-            lines = step.error.strip().splitlines() or ["(no message)"]
+            lines = fmt_paths_in(step.error).strip().splitlines() or ["(no message)"]
             self._line(f"{self._id(step)}FAILED after {took}: {lines[0]}")
             for line in lines[1:]:
                 self._line(f"{' ' * (self._width + 2)}{line}")
@@ -272,7 +294,7 @@ class PlainReporter:
         elif step.status == CACHED:
             text = f"restored from cache{reasons}{out}"
         elif step.status == SKIPPED:
-            why = first_line(step.error) or reason_text(step)
+            why = first_line(fmt_paths_in(step.error)) or reason_text(step)
             text = "skipped" + (f" ({why})" if why else "")
         elif step.status == INTERRUPTED:
             text = f"interrupted after {took}"

@@ -119,6 +119,24 @@ def test_a_built_in_model_that_fails_to_make_leaves_no_temp_folder(tmp_path, mon
     assert failed and list((tmp_path / "models").iterdir()) == []
 
 
+@pytest.mark.torch
+def test_making_a_built_in_model_prints_nothing(tmp_path):
+    """A fresh DBL_HOME's first build printed transformers' torchvision notices and a `Writing model shards`
+    progress bar above its steps, from making the built-in model (in a process of its own: the notices
+    are said once a process)."""
+    code = "from runner.models import ensure_builtin\nprint(ensure_builtin('tiny-sd').name)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, DBL_HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "models" / "tiny-sd-v1" / "model_index.json").is_file()  # it really made one
+    assert (done.stdout, done.stderr) == ("tiny-sd-v1\n", "")
+
+
 def test_a_dbl_home_that_cannot_be_made_is_named_with_its_fix(tmp_path, monkeypatch):
     from runner.models import ensure_builtin
 

@@ -41,6 +41,9 @@ def ensure_builtin(name: str) -> Path:
         # Models a process of this host was killed while making (nothing else would ever remove them).
         tempnames.drop_left_folders(folder.parent)
         tmp = folder.parent / f".{folder.name}.tmp-{tempnames.suffix()}"
+        from runner.models.loading import quiet_libraries
+
+        quiet_libraries()  # what the libraries print as the model is made and saved: progress bars, notices
         try:
             family.build_builtin(name, tmp)
             os.replace(tmp, folder)

@@ -168,9 +168,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each command (`build`, `plan` ...) within `make_parser()`'s."""
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
 def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    """The parser of `command` (`build`, `plan` ...) within `make_parser()`'s; the top level's for None."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
-    return parser
+    """The parser of `command` within `make_parser()`'s; the top level's for None."""
+    return commands(parser).get(command, parser)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.arguments import make_parser
+from runner.arguments import commands, make_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,8 +30,7 @@ def synopsis() -> dict[str, str]:
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    (sub,) = (a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    return commands(make_parser())
 
 
 def test_every_command_is_in_the_readme():

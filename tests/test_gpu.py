@@ -164,3 +164,18 @@ def test_a_worker_between_steps_gives_its_cached_gpu_memory_back(tmp_path):
         backend.close()
     assert runs[0]["pid"] == runs[1]["pid"]  # one worker ran both
     assert runs[1]["reserved_at_start"] < 1 << 30, runs  # the first step's freed GiB went back to the card
+
+
+def test_a_pipeline_is_read_straight_onto_the_gpu_with_the_weights_a_cpu_load_has():
+    from runner.models import BaseModel, load_pipeline, loading
+
+    assert loading.loads_straight_to("cuda")
+    base = BaseModel(kind="builtin", ref="tiny-sd")
+    on_cpu = load_pipeline(base, dtype=torch.float16)
+    on_gpu = load_pipeline(base, dtype=torch.float16, device="cuda")
+    assert on_gpu.hf_device_map == "cuda"  # diffusers placed the weights as it read them
+    for name in ("unet", "vae", "text_encoder"):
+        want = getattr(on_cpu, name).state_dict()
+        for key, value in getattr(on_gpu, name).state_dict().items():
+            assert value.device.type == "cuda", (name, key)
+            assert value.cpu().equal(want[key]), (name, key)

@@ -110,8 +110,19 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def loads_straight_to(device: str) -> bool:
+    """Whether diffusers can place a pipeline's weights on `device` as it reads them (`device_map`), rather
+    than reading them into host memory and copying them over: an accelerator named by its type alone
+    ("cuda", the device `auto` picks). The CPU is where weights are read anyway; diffusers' pipelines do
+    not take an indexed device ("cuda:1"), which is then loaded on the CPU and moved ("balanced" is a
+    strategy of spreading a pipeline over several devices, not a device)."""
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+
+    return device in SUPPORTED_DEVICE_MAP and device not in ("cpu", "balanced")
+
+
 def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None):
-    """Load the pipeline of a base model (its family's class), without safety checker."""
+    """Load the pipeline of a base model (its family's class), without safety checker, on `device`."""
     import torch
 
     if family is None:
@@ -146,6 +157,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
             else:
                 if base.kind == "folder" and (variant := folder_variant(Path(base.ref))):
                     kwargs["variant"] = variant
+                if loads_straight_to(device):
+                    kwargs["device_map"] = device
                 pipe = family.load_pretrained(
                     model_folder(base),
                     # The commit the model's identity names, not its branch: outputs are always

@@ -1,0 +1,53 @@
+"""Weights read straight onto the device a step runs on (diffusers' `device_map`), not read into host
+memory and copied. On a GPU that is "cuda"; here the CPU stands in for it, through the same code."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner import families
+from runner.models import BaseModel, load_pipeline, loading
+
+
+def test_only_a_device_diffusers_places_weights_on_is_loaded_onto_directly():
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+
+    assert not loading.loads_straight_to("cpu")  # weights are read there anyway
+    assert not loading.loads_straight_to("cuda:1")  # diffusers' pipelines refuse an indexed device
+    assert not loading.loads_straight_to("balanced")  # a strategy, not a device
+    for device in SUPPORTED_DEVICE_MAP:
+        if device not in ("cpu", "balanced"):  # "cuda" on a CUDA machine, "mps" on a Mac
+            assert loading.loads_straight_to(device)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_a_pipeline_loaded_onto_its_device_holds_the_same_weights_and_still_moves(model, monkeypatch):
+    import torch
+
+    base = BaseModel(kind="builtin", ref=model)
+    ordinary = load_pipeline(base)
+    family = families.of(ordinary)
+    passed = []
+    load_pretrained = type(family).load_pretrained
+
+    def spy(self, folder, **kwargs):
+        passed.append(kwargs.get("device_map"))
+        return load_pretrained(self, folder, **kwargs)
+
+    monkeypatch.setattr(type(family), "load_pretrained", spy)
+    monkeypatch.setattr(loading, "loads_straight_to", lambda device: device == "cpu")
+    direct = load_pipeline(base, dtype=torch.float16)
+
+    assert passed == ["cpu"]
+    assert direct.hf_device_map == "cpu"  # diffusers placed the weights as it read them
+    for name in ("unet", "vae", "text_encoder"):
+        have, want = getattr(direct, name).state_dict(), getattr(ordinary, name).state_dict()
+        assert have.keys() == want.keys()
+        for key, value in want.items():
+            assert have[key].device.type == "cpu"
+            assert have[key].dtype == (value.dtype if not value.is_floating_point() else torch.float16), key
+            assert have[key].equal(value.to(have[key].dtype)), key
+    # A pipeline placed on one device by type is still moved as any other (renders and blends move it).
+    assert direct.to(dtype=torch.float32).unet.dtype == torch.float32

@@ -15,7 +15,8 @@
 # check (about a minute): the gpu tests (python -m pytest -m gpu tests/test_gpu.py): the flow in fp16 on
 #   CUDA, and CUDA graphs against eager passes.
 # profile (about two minutes): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
-#   optimizer step goes, in the train step alone and in a whole `dbl build` whose prior generates 8 class images.
+#   optimizer step goes, in the train step alone and in a whole `dbl build` whose prior generates 8 class images,
+#   and the base model read straight onto the GPU against read on the CPU and moved (3 loads each).
 # session: sd15, then check, then profile: every GPU figure of one session in one call (about 9 minutes);
 #   a part that fails does not stop the next ones.
 # all: sd15, sdxl and run.
@@ -62,6 +63,8 @@ profile() {
         --json "$out/startup-profile.json"
     python3 bench/startup_profile.py --build --device cuda --model sd15-random --resolution 512 \
         --mixed-precision fp16 --class-images 8 --json "$out/startup-build-profile.json"
+    python3 bench/startup_profile.py --compare-load 3 --device cuda --model sd15-random --mixed-precision fp16 \
+        --json "$out/load-compare.json"
 }
 
 case "$which" in

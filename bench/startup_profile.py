@@ -15,6 +15,11 @@ before any step (every image decoded once), the prior step generating `--class-i
 (`--prior-steps` denoising steps each; loading the base model, saving the images), hashing and committing
 its outputs, then the train step's phases. `--model` is then a base_model value (or sd15-random, saved
 once as a diffusers folder under /tmp); a folder's files are hashed as a first build hashes them.
+
+`--compare-load N` loads the base model N times each way, alternated, after one load that warms the page
+cache: read straight onto `--device` (diffusers' device_map, what a step does on CUDA) and read into host
+memory then moved (what it did before, and still does for an indexed device). On the CPU the first is
+diffusers' device_map "cpu": the same code path, nothing to gain.
 """
 
 from __future__ import annotations
@@ -93,21 +98,62 @@ def build_project(folder: Path, photos: Path, model: str, args) -> Path:
     return path
 
 
+def saved_model(args) -> str:
+    """The base_model value --build and --compare-load load: sd15-random is saved once as a diffusers folder."""
+    if args.model != "sd15-random":
+        return args.model
+    sys.path.insert(0, str(ROOT / "bench"))
+    from anchor_bench import build_sd15
+
+    folder = Path(tempfile.gettempdir()) / "dbl-sd15-profile-model"
+    if not (folder / "model_index.json").is_file():
+        build_sd15(folder, args.device)
+    return str(folder)
+
+
+def compare_load(args) -> None:
+    """--compare-load: the base model read straight onto the device against read on the CPU and moved."""
+    import torch
+
+    from runner.models import BaseModel, load_pipeline, loading, resolve_dtype
+
+    base = BaseModel.parse(saved_model(args), ROOT)
+    dtype = resolve_dtype(args.mixed_precision, args.device)
+    ways = {"straight onto the device": lambda device: True, "on the CPU, then moved": lambda device: False}
+    times: dict[str, list[float]] = {way: [] for way in ways}
+
+    def load(decide) -> float:
+        loading.loads_straight_to = decide
+        clock = time.perf_counter()
+        pipe = load_pipeline(base, dtype=dtype, device=args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - clock
+        assert pipe.unet.device.type == torch.device(args.device).type
+        del pipe
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return seconds
+
+    load(ways["on the CPU, then moved"])  # the page cache holds the files for both from here on
+    for _ in range(args.compare_load):
+        for way, decide in ways.items():
+            times[way].append(load(decide))
+    width = max(map(len, ways))
+    print(f"load {base.display} on {args.device} in {str(dtype).removeprefix('torch.')}:")
+    for way, seconds in times.items():
+        print(f"  {way:{width}}  {' '.join(f'{s:.3f}' for s in seconds)} s (best {min(seconds):.3f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"load_s": times}, indent=2) + "\n")
+
+
 def profile_build(args) -> None:
     """--build: `dbl build` of a fresh project, from process start to the first optimizer step."""
     clock = time.perf_counter()
     from runner import cli
 
     PHASES["import dbl (the command line)"] = time.perf_counter() - clock
-    model = args.model
-    if model == "sd15-random":  # SD 1.5's architecture, saved once as a diffusers folder
-        sys.path.insert(0, str(ROOT / "bench"))
-        from anchor_bench import build_sd15
-
-        folder = Path(tempfile.gettempdir()) / "dbl-sd15-profile-model"
-        if not (folder / "model_index.json").is_file():
-            build_sd15(folder, args.device)
-        model = str(folder)
+    model = saved_model(args)  # SD 1.5's architecture, saved once as a diffusers folder
 
     clock = time.perf_counter()
     import diffusers
@@ -195,9 +241,14 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build", action="store_true", help="profile a whole `dbl build` with a prior")
     parser.add_argument("--prior-steps", type=int, default=10, help="--build: denoising steps a class image")
+    parser.add_argument(
+        "--compare-load", type=int, metavar="N", help="time N loads straight onto the device against N moved"
+    )
     args = parser.parse_args(argv)
     if args.build:
         return profile_build(args)
+    if args.compare_load:
+        return compare_load(args)
 
     clock = time.perf_counter()
     import diffusers  # noqa: F401

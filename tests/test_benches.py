@@ -25,6 +25,7 @@ SMALLEST = {
     "startup_profile": ["--resolution", "32", "--json", "{out}"],
     "startup_profile --build": ["--build", "--resolution", "32", "--class-images", "1", "--prior-steps", "1"]
     + ["--json", "{out}"],
+    "startup_profile --compare-load": ["--compare-load", "1", "--json", "{out}"],
 }
 
 

@@ -9,16 +9,19 @@ from runner import families
 from runner.models import BaseModel, load_pipeline, loading
 
 
-def test_only_a_device_diffusers_places_weights_on_is_loaded_onto_directly():
+def test_only_a_gpu_named_as_diffusers_takes_it_is_loaded_onto_directly(monkeypatch):
     pytest.importorskip("diffusers")
-    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+    from diffusers.pipelines import pipeline_utils
 
+    monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cuda", "cpu"])  # a CUDA machine's
+    assert loading.loads_straight_to("cuda")
     assert not loading.loads_straight_to("cpu")  # weights are read there anyway
     assert not loading.loads_straight_to("cuda:1")  # diffusers' pipelines refuse an indexed device
     assert not loading.loads_straight_to("balanced")  # a strategy, not a device
-    for device in SUPPORTED_DEVICE_MAP:
-        if device not in ("cpu", "balanced"):  # "cuda" on a CUDA machine, "mps" on a Mac
-            assert loading.loads_straight_to(device)
+    monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "mps", "cpu"])  # a Mac's
+    assert not loading.loads_straight_to("mps")  # its memory is the host's: nothing to gain
+    monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cpu"])  # a diffusers without it
+    assert not loading.loads_straight_to("cuda")
 
 
 @pytest.mark.torch

@@ -111,14 +111,13 @@ def quiet_libraries() -> None:
 
 
 def loads_straight_to(device: str) -> bool:
-    """Whether diffusers can place a pipeline's weights on `device` as it reads them (`device_map`), rather
-    than reading them into host memory and copying them over: an accelerator named by its type alone
-    ("cuda", the device `auto` picks). The CPU is where weights are read anyway; diffusers' pipelines do
-    not take an indexed device ("cuda:1"), which is then loaded on the CPU and moved ("balanced" is a
-    strategy of spreading a pipeline over several devices, not a device)."""
+    """Whether the weights of a pipeline for `device` are read straight onto it (diffusers' `device_map`),
+    rather than into host memory and copied over: a CUDA device named by its type alone ("cuda", the
+    device of a step on one GPU), the one device diffusers' pipelines take of those dbl runs on. An
+    indexed device ("cuda:1") is loaded on the CPU and moved; so is MPS, whose memory is the host's."""
     from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
 
-    return device in SUPPORTED_DEVICE_MAP and device not in ("cpu", "balanced")
+    return device == "cuda" and device in SUPPORTED_DEVICE_MAP
 
 
 def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from runner.ui.plain import fmt_path
+
 
 def rows(project, num_processes: int | None = None) -> list[dict]:
     """One row a step, in build order: id, kind, status, output folder, files, when built, metrics
@@ -61,16 +63,18 @@ def table(rows: list[dict], project) -> list[str]:
 
 
 def _where(project, row: dict) -> str:
-    """The row's folder, said to be missing where it is not there (a fresh clone); or, for a step the
-    lockfile has no record of, `_unrecorded`."""
+    """The row's folder as typed here (relative to the current folder when below it; a row's `path` is
+    relative to the project file), said to be missing where it is not there (a fresh clone); or, for a
+    step the lockfile has no record of, `_unrecorded`."""
     if row["path"] is None:
         return _unrecorded(project, row["id"])
-    return row["path"] if (project.dir / row["path"]).is_dir() else f"{row['path']} (missing)"
+    folder = project.dir / row["path"]
+    return fmt_path(folder) if folder.is_dir() else f"{fmt_path(folder)} (missing)"
 
 
 def _unrecorded(project, step_id: str) -> str:
     folder = unrecorded_outputs(project, step_id)
-    return f"{folder} (not in the lockfile)" if folder else "(not built)"
+    return f"{fmt_path(project.dir / folder)} (not in the lockfile)" if folder else "(not built)"
 
 
 def unrecorded_outputs(project, step_id: str) -> str | None:

@@ -174,6 +174,28 @@ def test_ls_shows_a_stale_step_where_its_last_build_put_it(proj, build, capsys):
     assert all(f.startswith(row["path"] + "/") for f in row["files"])
 
 
+def test_ls_names_folders_as_typed_here_and_its_json_relative_to_the_project_file(
+    proj, build, capsys, monkeypatch
+):
+    """From another folder, `dbl ls` names each output folder as a build's lines do (the path to type here),
+    not relative to the project file; --json keeps the project file's paths, as its lockfile records them."""
+    build(proj)
+    shutil.rmtree(proj.root / "build" / "pets" / "renders" / "mixed")
+    monkeypatch.chdir(proj.root.parent)
+    here = proj.root.name
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"prior:dog     fresh  {here}/build/pets/priors/dog" in lines
+    assert f"render:mixed  stale  {here}/build/pets/renders/mixed (missing)" in lines
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["prior:dog"]["path"] == "build/pets/priors/dog"
+    (proj.root / "elsewhere").mkdir()
+    monkeypatch.chdir(proj.root / "elsewhere")  # not above the project: its folders are named in full
+    assert main(["ls", str(proj.path)]) == 0
+    assert f"prior:dog     fresh  {proj.root / 'build/pets/priors/dog'}" in capsys.readouterr().out.splitlines()
+
+
 def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build, capsys):
     """A record without a digest (a lockfile an earlier dbl wrote) is read as it is, even hand-edited."""
     build(proj)
@@ -190,7 +212,10 @@ def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build
     assert "loss 0.5000 -> low" in capsys.readouterr().out
 
 
-def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(proj, build, capsys):
+def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_built(
+    proj, build, capsys, monkeypatch
+):
+    monkeypatch.chdir(proj.root)
     build(proj)
     records = lockfile.read(proj.lock)
     del records["render:park"]  # a merge left it out: changed differently on both sides
@@ -212,8 +237,10 @@ def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     assert "render:mixed  stale  build/pets/renders/mixed (missing)" in capsys.readouterr().out.splitlines()
 
 
-def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys):
+def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys, monkeypatch):
     from tests.conftest import FakeBackend, FakeSteps, use_backend
+
+    monkeypatch.chdir(proj.root)
 
     losses = {"train:dog": (0.41234, 0.087123, 4), "train:toy": (0.5, float("nan"), 1)}
 

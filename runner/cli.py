@@ -17,6 +17,7 @@ from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK,
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
 from runner.store import LockHeld
+from runner.ui.plain import fmt_path
 from runner.ui.streams import survivable_std_streams
 
 
@@ -377,8 +378,8 @@ def cmd_check(args) -> int:
     print(
         f"{n} file{'s' if n != 1 else ''} of {report.files} differ{'s' if n == 1 else ''} from the lockfile:"
     )
-    for mismatch in report.mismatches:
-        print(f"  {mismatch}")
+    for m in report.mismatches:  # named as typed here, as a build's lines name files
+        print(f"  {fmt_path(project.dir / m.path)}: {m.problem} - {m.fix}")
     print("the file-hash cache now knows; `dbl plan` shows what to rebuild")
     _say_distrusted(report.distrusted)
     return EXIT_FAILED

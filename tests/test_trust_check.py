@@ -137,12 +137,15 @@ def test_missing_files_count_among_the_files_checked(proj, build, capsys):
     assert capsys.readouterr().out.splitlines()[0] == expected
 
 
-def test_check_says_a_missing_output_folder_in_one_line_and_a_missing_file_in_its_own(proj, build, capsys):
+def test_check_says_a_missing_output_folder_in_one_line_and_a_missing_file_in_its_own(
+    proj, build, capsys, monkeypatch
+):
     import shutil
 
     build(proj)
     shutil.rmtree(proj.root / "build/pets/adapters/dog")  # as in a fresh clone
     (proj.root / OUTPUT).unlink()
+    monkeypatch.chdir(proj.root)
     assert main(["check", str(proj.path)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("3 files of ")  # the adapter's two files, and the render's one
@@ -150,6 +153,11 @@ def test_check_says_a_missing_output_folder_in_one_line_and_a_missing_file_in_it
         f"  {OUTPUT}: output of render:park is missing - {REBUILD}",
         f"  build/pets/adapters/dog: output folder of train:dog is missing (2 files) - {REBUILD}",
     ]
+    # From the folder above, the files are named as typed there, as a build's lines name them.
+    monkeypatch.chdir(proj.root.parent)
+    assert main(["check", str(proj.path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"  {proj.root.name}/{OUTPUT}: output of render:park is missing - {REBUILD}", lines
 
 
 def test_a_build_writes_the_stat_cache_once_not_after_every_step(proj, build, monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 from runner import lockfile, lockmemo, store
 from runner.fingerprint import FileHasher, base_model_identity, sha256_file
 from runner.project.schema import Project
+from runner.ui.plain import fmt_path
 
 REBUILD = "run `dbl build`: it restores the recorded outputs from the run-cache or reruns the step"
 
@@ -25,7 +26,7 @@ REBUILD = "run `dbl build`: it restores the recorded outputs from the run-cache 
 class Mismatch:
     """A file that is not what the lockfile (or the run-cache's manifest) says it is."""
 
-    path: str  # as shown: relative to the project's folder where it lies below it
+    path: str  # as typed here: relative to the current folder where it lies below it (`fmt_path`)
     problem: str
     fix: str
     read: bool = True  # False: missing or unreadable (or the lockfile's own record), so among no files read
@@ -53,7 +54,7 @@ def check(project: Project) -> Report:
     hasher = FileHasher(project.state_dir / "state", reread=True)
     found = [
         Mismatch(
-            path.name,
+            fmt_path(path),
             f"the record of {sid} does not match its digest (a text merge or a hand edit)",
             f"`dbl build` restores or reruns {sid}",
             read=False,
@@ -74,13 +75,6 @@ def check(project: Project) -> Report:
     return Report(unique, hasher.reads + cache_files + sum(unread.values()), distrusted)
 
 
-def _shown(project: Project, path: Path) -> str:
-    try:
-        return path.resolve().relative_to(project.dir.resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def _read(hasher: FileHasher, path: Path) -> str | None:
     try:
         return hasher.hash(path)
@@ -98,22 +92,23 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
     if outputs and not (project.dir / (folder := _folder(outputs))).is_dir():
         # a fresh clone, or the folder removed: one line says it, not one per file
         problem = f"output folder of {sid} is missing ({len(outputs)} file{'s' * (len(outputs) != 1)})"
-        return [Mismatch(folder, problem, REBUILD, read=False, files=len(outputs))]
+        return [Mismatch(fmt_path(project.dir / folder), problem, REBUILD, read=False, files=len(outputs))]
     found = []
     for rel, item in sorted(outputs.items()):
         path = project.dir / rel
         if not path.is_file():
-            found.append(Mismatch(rel, f"output of {sid} is missing", REBUILD, read=False))
+            found.append(Mismatch(fmt_path(path), f"output of {sid} is missing", REBUILD, read=False))
             continue
         before = hasher.cached(path)
         now = _read(hasher, path)
         if now is None:
             found.append(
-                Mismatch(rel, f"output of {sid} cannot be read", "check its permissions", read=False)
+                Mismatch(fmt_path(path), f"output of {sid} cannot be read", "check its permissions", read=False)
             )
         elif now != item["sha256"]:
             note = _blind(before, item["sha256"])
-            found.append(Mismatch(rel, f"output of {sid} differs from the lockfile's sha256{note}", REBUILD))
+            problem = f"output of {sid} differs from the lockfile's sha256{note}"
+            found.append(Mismatch(fmt_path(path), problem, REBUILD))
     return found
 
 
@@ -134,7 +129,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                 if not path.is_file():
                     found.append(
                         Mismatch(
-                            _shown(project, path),
+                            fmt_path(path),
                             f"input of {sid} is gone",
                             f"`dbl build` reruns {sid}",
                             read=False,
@@ -146,7 +141,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                 if now is None:
                     found.append(
                         Mismatch(
-                            _shown(project, path),
+                            fmt_path(path),
                             f"input of {sid} cannot be read",
                             "check its permissions",
                             read=False,
@@ -155,7 +150,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                 elif now != recorded:
                     note = _blind(before, recorded)
                     problem = f"input of {sid} changed since it was built{note}"
-                    found.append(Mismatch(_shown(project, path), problem, f"`dbl build` reruns {sid}"))
+                    found.append(Mismatch(fmt_path(path), problem, f"`dbl build` reruns {sid}"))
         for value in inputs.values():
             found += _images(project, sid, value, hasher)
     return found
@@ -173,7 +168,7 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
         now = base_model_identity(base, hasher)
     except OSError as exc:
         problem = f"base model cannot be read ({exc.strerror or exc})"
-        return [Mismatch(str(base.ref), problem, "fix the path", read=False)]
+        return [Mismatch(fmt_path(Path(base.ref)), problem, "fix the path", read=False)]
     built_with = sorted(
         sid
         for sid, record in records.items()
@@ -186,7 +181,7 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
     steps = ", ".join(built_with)
     return [
         Mismatch(
-            _shown(project, Path(base.ref)),
+            fmt_path(Path(base.ref)),
             f"base model content differs from what {steps} {'was' if len(built_with) == 1 else 'were'} built with",
             "`dbl build` reruns the steps that use it",
         )
@@ -208,7 +203,7 @@ def _cache_entries(
         meta = cache.manifest(fp)
         if meta is None:
             problem = f"run-cache entry of {sid} has no manifest"
-            found.append(Mismatch(_shown(project, entry), problem, _delete(project, entry, sid), read=False))
+            found.append(Mismatch(fmt_path(entry), problem, _delete(entry, sid), read=False))
             continue
         inputs = record.get("inputs", {})
         if isinstance(inputs, dict) and store.distrusted(
@@ -226,10 +221,10 @@ def _cache_entries(
                 state = "unreadable"
             if state:
                 problem = f"run-cache copy of {sid}'s output is {state}"
-                fix = _delete(project, entry, sid)
-                found.append(Mismatch(_shown(project, path), problem, fix, read=state == "altered"))
+                fix = _delete(entry, sid)
+                found.append(Mismatch(fmt_path(path), problem, fix, read=state == "altered"))
     return found, read, distrusted
 
 
-def _delete(project: Project, entry: Path, sid: str) -> str:
-    return f"delete the entry (rm -r {_shown(project, entry)}); a later build reruns {sid} when it needs it"
+def _delete(entry: Path, sid: str) -> str:
+    return f"delete the entry (rm -r {fmt_path(entry)}); a later build reruns {sid} when it needs it"

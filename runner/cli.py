@@ -17,7 +17,6 @@ from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK,
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
 from runner.store import LockHeld
-from runner.ui.plain import fmt_path
 from runner.ui.streams import survivable_std_streams
 
 
@@ -378,8 +377,8 @@ def cmd_check(args) -> int:
     print(
         f"{n} file{'s' if n != 1 else ''} of {report.files} differ{'s' if n == 1 else ''} from the lockfile:"
     )
-    for m in report.mismatches:  # named as typed here, as a build's lines name files
-        print(f"  {fmt_path(project.dir / m.path)}: {m.problem} - {m.fix}")
+    for mismatch in report.mismatches:
+        print(f"  {mismatch}")
     print("the file-hash cache now knows; `dbl plan` shows what to rebuild")
     _say_distrusted(report.distrusted)
     return EXIT_FAILED

@@ -63,7 +63,8 @@ def test_check_finds_what_the_stat_cache_hides_and_tells_plan(proj, build, capsy
     assert capsys.readouterr().out.startswith("all ")
 
 
-def test_check_reads_inputs_and_cache_entries(proj, build, capsys):
+def test_check_reads_inputs_and_cache_entries(proj, build, capsys, monkeypatch):
+    monkeypatch.chdir(proj.root)  # the files and the command to delete an entry are named as typed here
     build(proj)
     image = proj.root / "data" / "dog" / "01.png"
     sneaky_edit(image)
@@ -76,6 +77,11 @@ def test_check_reads_inputs_and_cache_entries(proj, build, capsys):
     out = capsys.readouterr().out
     assert "data/dog/01.png: input of train:dog changed since it was built" in out
     assert "run-cache copy of" in out and "altered" in out and "rm -r .dbl/cache/" in out
+    monkeypatch.chdir(proj.root.parent)  # from the folder above: the command to type there
+    assert main(["check", str(proj.path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{proj.root.name}/data/dog/01.png: input of train:dog" in out
+    assert f"rm -r {proj.root.name}/.dbl/cache/" in out
     assert "train:dog" in plan(proj, capsys)
 
 
@@ -183,5 +189,5 @@ def test_check_works_out_how_to_show_a_path_only_for_a_mismatch(proj, build, mon
 
     build(proj)
     shown = []
-    monkeypatch.setattr(check, "_shown", lambda project, path: shown.append(path) or str(path))
+    monkeypatch.setattr(check, "fmt_path", lambda path: shown.append(path) or str(path))
     assert check.check(proj.load()).mismatches == [] and shown == []

@@ -429,8 +429,9 @@ def print_table(report: dict) -> None:
         if report["gradient_checkpointing"] == "both"
         else "each tool's defaults"
     )
+    precision = {"no": "fp32"}.get(report["mixed_precision"], report["mixed_precision"])
     print(
-        f"\n{name} ({report['shape']} shapes), {report['resolution']} px, {report['mixed_precision']}, "
+        f"\n{name} ({report['shape']} shapes), {report['resolution']} px, {precision}, "
         f"{report['steps']} steps ({report['warmup']} untimed), batch 1 + 1 class image, LoRA rank {RANK} "
         f"on the UNet and the text encoders, {checkpointing}"
     )

@@ -437,7 +437,12 @@ def print_table(report: dict) -> None:
     )
     columns = list(results)
     ratios = [v for v in columns if v != "anchor"] if "anchor" in results else []
-    header = "".join(f"{LABELS[v]:>12}" for v in columns) + "".join(f"{v + '/script':>16}" for v in ratios)
+    width = max(
+        (len(v + "/script") + 2 for v in ratios), default=0
+    )  # a ratio's column: its name and two spaces
+    header = "".join(f"{LABELS[v]:>12}" for v in columns) + "".join(
+        f"{v + '/script':>{width}}" for v in ratios
+    )
     print(f"{'figure':24}{header}")
     rows = [
         ("train steps/s", "steps_per_s", "higher"),
@@ -447,7 +452,7 @@ def print_table(report: dict) -> None:
     ]
     for label, key, better in rows:
         cells = "".join(f"{results[v][key]:12.2f}" for v in columns)
-        cells += "".join(f"{results[v][key] / results['anchor'][key]:15.2f}x" for v in ratios)
+        cells += "".join(f"{results[v][key] / results['anchor'][key]:{width - 1}.2f}x" for v in ratios)
         print(f"{label:24}{cells}  ({better} is better)")
     for variant in columns:
         if results[variant].get("choices"):

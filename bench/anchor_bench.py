@@ -437,9 +437,7 @@ def print_table(report: dict) -> None:
     )
     columns = list(results)
     ratios = [v for v in columns if v != "anchor"] if "anchor" in results else []
-    width = max(
-        (len(v + "/script") + 2 for v in ratios), default=0
-    )  # a ratio's column: its name and two spaces
+    width = max((len(v + "/script") + 2 for v in ratios), default=0)  # a ratio's name and two spaces
     header = "".join(f"{LABELS[v]:>12}" for v in columns) + "".join(
         f"{v + '/script':>{width}}" for v in ratios
     )

@@ -215,7 +215,13 @@ def test_a_folder_without_model_index_is_a_project_file_error(tmp_path):
     write_image(tmp_path / "img" / "0.png")
     (tmp_path / "adapters" / "dog" / "unet").mkdir(parents=True)
     (tmp_path / "adapters" / "dog" / "unet" / "adapter_config.json").write_text("{}")
-    for base, what in (("img", "not a diffusers folder"), ("adapters/dog", "a LoRA adapter folder")):
+    (tmp_path / "peft").mkdir()  # one module's PEFT folder, as PeftModel.save_pretrained writes it
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    for base, what in (
+        ("img", "not a diffusers folder"),
+        ("adapters/dog", "a LoRA adapter folder"),
+        ("peft", "a LoRA adapter folder"),
+    ):
         path = tmp_path / "p.toml"
         path.write_text(
             f'[project]\nbase_model = "./{base}"\n[subjects.dog]\nimages = "img"\ninstance_prompt = "sks"\n'

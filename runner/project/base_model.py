@@ -60,7 +60,7 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
     elif local and not path.exists():
         check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
     elif path.is_dir() and not (path / INDEX).is_file():
-        adapter = any((path / sub / "adapter_config.json").is_file() for sub in ("", "unet"))
+        adapter = families.is_adapter_folder(path) or (path / families.PEFT_CONFIG).is_file()
         check.problem(
             key,
             f"{path} is {'a LoRA adapter folder' if adapter else 'not a diffusers folder'} (it has no {INDEX})",

@@ -103,7 +103,9 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
         now = _read(hasher, path)
         if now is None:
             found.append(
-                Mismatch(fmt_path(path), f"output of {sid} cannot be read", "check its permissions", read=False)
+                Mismatch(
+                    fmt_path(path), f"output of {sid} cannot be read", "check its permissions", read=False
+                )
             )
         elif now != item["sha256"]:
             note = _blind(before, item["sha256"])

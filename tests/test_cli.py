@@ -193,7 +193,9 @@ def test_ls_names_folders_as_typed_here_and_its_json_relative_to_the_project_fil
     (proj.root / "elsewhere").mkdir()
     monkeypatch.chdir(proj.root / "elsewhere")  # not above the project: its folders are named in full
     assert main(["ls", str(proj.path)]) == 0
-    assert f"prior:dog     fresh  {proj.root / 'build/pets/priors/dog'}" in capsys.readouterr().out.splitlines()
+    assert (
+        f"prior:dog     fresh  {proj.root / 'build/pets/priors/dog'}" in capsys.readouterr().out.splitlines()
+    )
 
 
 def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build, capsys):

@@ -3,6 +3,7 @@
     python bench/parallel_bench.py                  # tiny-sd, 4 subjects on the CPU: -j 1, then -j 2
     python bench/parallel_bench.py --gpu            # and SD 1.5 shapes on one GPU (also when CUDA is there)
     python bench/parallel_bench.py --gpu --skip-cpu --gpu-steps 200
+    python bench/parallel_bench.py --ray            # the CPU comparison, and -j N on a local Ray instance
 
 Every build is the `dbl build` command in a fresh project folder (Python start-up, model loading and every
 step included); only the built-in model (or the SD 1.5-shaped one) is made beforehand, once. The figure
@@ -14,7 +15,9 @@ that instead of running steps at once.
 - CPU: tiny-sd, `--subjects` subjects (a train step and a render each): `-j 1`, then `-j 1 --executor
   process` (the steps in a worker process: what starting one and loading its models costs, once), then
   `-j --jobs`. On a machine of few cores, where one step keeps every core busy, -j cannot win: the
-  steps share the same cores and each worker loads its own models.
+  steps share the same cores and each worker loads its own models. `--ray` adds `-j --jobs --executor
+  ray`: a local Ray instance started by the build, and a fresh Ray worker for each step, which imports
+  the libraries and loads its models again.
 - GPU: SD 1.5 shapes with random weights (saved once as a diffusers folder), 512 px, fp16; 4 and then
   8 subjects, each `-j 1` then `-j N --per-gpu N` (N = the subjects), every step sharing one GPU.
   Targets: 0.3 for 4 subjects, 0.2 for 8.
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also the SD 1.5-shaped projects on one GPU")
     parser.add_argument("--gpu-steps", type=int, default=100, help="train steps per subject on the GPU")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU projects")
+    parser.add_argument("--ray", action="store_true", help="the CPU comparison on a local Ray instance too")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -167,7 +171,12 @@ def main(argv=None) -> int:
             label = f"tiny-sd, {args.subjects} subjects, CPU"
             # One step at a time in a worker process each: what a worker costs (start-up, loading models).
             workers = ("-j", "1", "--executor", "process")
-            rows += compare(tmp, label, head, args.subjects, 64, 10, workers, ("-j", str(args.jobs)))
+            # Untimed: the first build of a session reads the libraries from disk and timed -j 1 slower.
+            timed_build(make_project(tmp / "warm-up", head, 1, 64, 10), "-j", "1")
+            variants = [workers, ("-j", str(args.jobs))]
+            if args.ray:
+                variants.append(("-j", str(args.jobs), "--executor", "ray"))
+            rows += compare(tmp, label, head, args.subjects, 64, 10, *variants)
         if args.gpu or _cuda():
             model = sd15_model(tmp / "sd15-random")
             head = SD15.format(model=model.as_posix(), steps=args.gpu_steps)

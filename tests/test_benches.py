@@ -22,6 +22,7 @@ SMALLEST = {
     "plan_bench": ["--subjects", "2", "--images", "2", "--json"],
     "live_bench": ["--seconds", "1", "--json"],
     "parallel_bench": ["--subjects", "2", "--steps", "1", "--json", "{out}"],
+    "parallel_bench --ray": ["--subjects", "1", "--steps", "1", "--ray", "--json", "{out}"],
     "startup_profile": ["--resolution", "32", "--json", "{out}"],
     "startup_profile --build": ["--build", "--resolution", "32", "--class-images", "1", "--prior-steps", "1"]
     + ["--json", "{out}"],
@@ -33,6 +34,8 @@ SMALLEST = {
 def test_a_benchmark_runs_and_prints_its_figures(tmp_path, name):
     out = tmp_path / "figures.json"
     args = [a.format(out=out) for a in SMALLEST[name]]
+    if "--ray" in args:
+        pytest.importorskip("ray")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{name.split()[0]}.py"), *args],
         cwd=tmp_path,
@@ -46,3 +49,5 @@ def test_a_benchmark_runs_and_prints_its_figures(tmp_path, name):
     else:
         figures = json.loads(done.stdout[done.stdout.index("{") :])
     assert figures, f"{name} printed no figures"
+    if "--ray" in args:
+        assert any("--executor ray" in row["flags"] for row in figures["results"]), figures

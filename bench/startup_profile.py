@@ -245,8 +245,11 @@ def main(argv=None) -> None:
         "--compare-load", type=int, metavar="N", help="time N loads straight onto the device against N moved"
     )
     args = parser.parse_args(argv)
-    if args.build:
+    if args.build:  # the build hides the libraries' notices itself
         return profile_build(args)
+    from runner.exec.job import quiet_library_notices
+
+    quiet_library_notices()  # as a build's process does: no FutureWarning of a library among the figures
     if args.compare_load:
         return compare_load(args)
 

@@ -68,6 +68,26 @@ def test_plain_progress_also_every_thirty_seconds():
     assert len(progress) == 1 and "step 30/10000 (0%)" in progress[0] and "1 it/s" in progress[0]
 
 
+def test_every_kinds_rate_names_what_it_counts():
+    """'layers 2/3 (66%)  1 layers/s', not '1 /s': a rate says its unit, whatever the step kind."""
+    from runner import steps
+
+    for kind in steps.kinds():
+        _, rate = kind.unit
+        assert rate.endswith("/s") and len(rate) > 2, (kind.name, rate)
+    lines: list[str] = []
+    clock = Clock()
+    reporter = PlainReporter(write=lines.append, clock=clock)
+    step = StepEvent("blend:mix", "blend", "mix", PENDING)
+    reporter.plan("pets", [step])
+    reporter.step_start(step)
+    for done in range(1, 4):
+        step.done, step.total = done, 3
+        clock.now += 1
+        reporter.step_progress(step)
+    assert lines[-1].endswith("blend:mix  layers 3/3 (100%)  1 layers/s"), lines
+
+
 def test_plain_failure_and_quiet_mode():
     lines = plain_lines(fail=True)
     assert "train:dog    FAILED after 12s: CUDA out of memory" in lines

@@ -104,7 +104,7 @@ def explain(old: dict, new: dict, said: Collection[str] = ()) -> list[str]:
                     f"adapters.{name} {_short(before.get('weight'))} -> {_short(item.get('weight'))}"
                 )
             elif before.get("output") != item.get("output"):
-                upstream_changed(name, f"upstream {name} changed")
+                upstream_changed(name, f"upstream adapter {name} changed")
         reasons += [f"adapters.{name} removed" for name in old_named if name not in new_named]
         if (
             not reasons

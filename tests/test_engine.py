@@ -407,6 +407,20 @@ def test_an_eval_names_its_changed_render_not_the_render_s_hash():
     assert explain(old, {**old, "render": {"_name": "park", "output": "b" * 64}}) == ["render base -> park"]
 
 
+def test_a_blend_names_its_changed_parent_as_a_render_names_its_adapter():
+    """'upstream adapter dog changed' for a blend's parent, as for a render's adapter: not 'upstream dog
+    changed', which does not say what dog is."""
+    from runner.reasons import explain
+
+    old = {"adapters": [{"_name": "dog", "weight": 1.0, "output": "a" * 64}], "method": "cat"}
+    new = {**old, "adapters": [{"_name": "dog", "weight": 1.0, "output": "b" * 64}]}
+    assert explain(old, new) == ["upstream adapter dog changed"]
+    render = {"adapter": {"_name": "dog", "output": "a" * 64}}
+    assert explain(render, {"adapter": {"_name": "dog", "output": "b" * 64}}) == [
+        "upstream adapter dog changed"
+    ]
+
+
 def test_a_renamed_step_is_restorable_not_never_built(proj, build, fake_steps):
     """A render renamed: no lockfile record has its new id, but its inputs were built."""
     ran, rec = ran_after(proj, build, fake_steps, "[renders.park]", "[renders.lawn]")

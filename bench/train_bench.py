@@ -321,6 +321,9 @@ def run_baseline(args, instance: Path, classes: Path) -> dict:
 def child(args) -> None:
     import torch
 
+    from runner.models import quiet_libraries
+
+    quiet_libraries()  # as a build does: none of the libraries' notices among the figures
     instance, classes = Path(args.data) / "instance", Path(args.data) / "class"
     if args.threads:
         torch.set_num_threads(args.threads)

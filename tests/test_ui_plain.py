@@ -53,17 +53,24 @@ def test_plain_lines_tell_the_build_in_order():
     assert not any("saved checkpoint" in line for line in lines)
 
 
-def test_plain_progress_also_every_thirty_seconds():
+def progress_lines(step_id: str, done: int, total: int) -> list[str]:
+    """The plain lines of one step that reports steps 1 .. `done` of `total`, a second apart."""
     lines: list[str] = []
     clock = Clock()
     reporter = PlainReporter(write=lines.append, clock=clock)
-    step = StepEvent("train:dog", "train", "dog", PENDING)
+    kind, name = step_id.split(":")
+    step = StepEvent(step_id, kind, name, PENDING)
     reporter.plan("pets", [step])
     reporter.step_start(step)
-    for done in range(1, 40):  # 40 of 10_000 steps: never a tenth, but 39 s
-        step.done, step.total = done, 10_000
+    for n in range(1, done + 1):
+        step.done, step.total = n, total
         clock.now += 1
         reporter.step_progress(step)
+    return lines
+
+
+def test_plain_progress_also_every_thirty_seconds():
+    lines = progress_lines("train:dog", 39, 10_000)  # never a tenth of the run, but 39 s
     progress = [line for line in lines if " step " in line]
     assert len(progress) == 1 and "step 30/10000 (0%)" in progress[0] and "1 it/s" in progress[0]
 
@@ -75,16 +82,7 @@ def test_every_kinds_rate_names_what_it_counts():
     for kind in steps.kinds():
         _, rate = kind.unit
         assert rate.endswith("/s") and len(rate) > 2, (kind.name, rate)
-    lines: list[str] = []
-    clock = Clock()
-    reporter = PlainReporter(write=lines.append, clock=clock)
-    step = StepEvent("blend:mix", "blend", "mix", PENDING)
-    reporter.plan("pets", [step])
-    reporter.step_start(step)
-    for done in range(1, 4):
-        step.done, step.total = done, 3
-        clock.now += 1
-        reporter.step_progress(step)
+    lines = progress_lines("blend:mix", 3, 3)
     assert lines[-1].endswith("blend:mix  layers 3/3 (100%)  1 layers/s"), lines
 
 

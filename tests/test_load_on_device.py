@@ -13,9 +13,8 @@ def test_only_a_gpu_named_as_diffusers_takes_it_is_loaded_onto_directly(monkeypa
     pytest.importorskip("diffusers")
     from diffusers.pipelines import pipeline_utils
 
-    monkeypatch.setattr(
-        pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cuda", "cpu"]
-    )  # a CUDA machine's
+    # The devices diffusers' pipelines take on a CUDA machine:
+    monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cuda", "cpu"])
     assert loading.loads_straight_to("cuda")
     assert not loading.loads_straight_to("cpu")  # weights are read there anyway
     assert not loading.loads_straight_to("cuda:1")  # diffusers' pipelines refuse an indexed device

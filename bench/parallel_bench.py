@@ -16,8 +16,8 @@ that instead of running steps at once.
   process` (the steps in a worker process: what starting one and loading its models costs, once), then
   `-j --jobs`. On a machine of few cores, where one step keeps every core busy, -j cannot win: the
   steps share the same cores and each worker loads its own models. `--ray` adds `-j --jobs --executor
-  ray`: a local Ray instance started by the build, and a fresh Ray worker for each step, which imports
-  the libraries and loads its models again.
+  ray`: a local Ray instance started by the build, whose workers are kept from step to step as -j keeps
+  its processes.
 - GPU: SD 1.5 shapes with random weights (saved once as a diffusers folder), 512 px, fp16; 4 and then
   8 subjects, each `-j 1` then `-j N --per-gpu N` (N = the subjects), every step sharing one GPU.
   Targets: 0.3 for 4 subjects, 0.2 for 8.

@@ -43,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
             default="inline",
             metavar="NAME",
             help="where steps run: inline (in this process, the default), process (in worker processes, "
-            "each kept for the steps after its own) or ray (Ray tasks on a local Ray instance or a cluster; pip install 'dbl[ray]')",
+            "each kept for the steps after its own) or ray (Ray workers, kept likewise, on a local Ray instance or a cluster; pip install 'dbl[ray]')",
         )
         p.add_argument(
             "--ray-address",

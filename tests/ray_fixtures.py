@@ -52,6 +52,34 @@ def _recorded(ctx, begun: float):
     return metrics
 
 
+def pid_step(ctx):
+    """FakeSteps' outputs; records the pid of its worker and when it began and ended."""
+    begun = time.time()
+    record = {"pid": os.getpid(), "begun": begun}
+    metrics = FakeSteps()(ctx.kind)(ctx)
+    record["ended"] = time.time()
+    (records_dir(ctx) / f"run-{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
+    return metrics
+
+
+def second_fails_step(ctx):
+    """pid_step, but the second step to run (of a build of one step at a time) fails with a StepError."""
+    from runner.errors import StepError
+
+    if len(list(records_dir(ctx).glob("run-*.json"))) == 1:
+        record = {"pid": os.getpid(), "begun": time.time(), "ended": time.time(), "failed": True}
+        (records_dir(ctx) / f"run-{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
+        raise StepError(f"{ctx.step_id} failed on purpose")
+    return pid_step(ctx)
+
+
+def runs_of(proj) -> dict[str, dict]:
+    """What pid_step recorded: {"kind-name": {"pid", "begun", "ended"}}."""
+    return {
+        f.name[4:-5]: json.loads(f.read_text()) for f in sorted((proj.root / "records").glob("run-*.json"))
+    }
+
+
 def killed_step(ctx):
     """Says its pid, then waits to be killed; a train step that finds its checkpoint finishes instead."""
     if ctx.kind == "train" and (ctx.work / "checkpoint-2").is_dir():

@@ -18,7 +18,7 @@ import pytest
 from runner import events, executor, lockfile
 from tests.conftest import Recorder, write_image
 from tests.folders import folder_bytes
-from tests.ray_fixtures import build, fake_ray, pids_of
+from tests.ray_fixtures import build, fake_ray, pids_of, runs_of
 
 pytestmark = pytest.mark.ray
 
@@ -145,6 +145,58 @@ def test_steps_at_once_get_different_gpus_and_say_where_they_ran(ray_instance, p
     logs = [e[2] for e in rec.events if e[0] == "log"]
     assert sum(f"running on node {host}" in m for m in logs) == 7
     assert set(lockfile.read(proj.lock)) == {r["id"] for r in runs}
+
+
+def test_steps_one_after_another_run_in_one_kept_worker(ray_instance, proj):
+    """A worker is kept for the build's next steps, as -j keeps its processes: the imports and the model
+    load are paid once, not once a step."""
+    result, rec = build(proj, run="pid_step", jobs=1, only=("prior:dog", "train:dog", "train:toy"))
+    assert result.exit_code == 0, result.steps
+    runs = runs_of(proj)
+    assert set(runs) == {"prior-dog", "train-dog", "train-toy"}
+    assert len({r["pid"] for r in runs.values()}) == 1, runs
+    assert gone(runs["prior-dog"]["pid"]), "the build's end left its worker alive"
+
+
+def test_the_worker_of_a_failed_step_is_not_kept(ray_instance, proj):
+    result, _ = build(proj, run="second_fails_step", jobs=1, keep_going=True)
+    failed = [s.id for s in result.steps if s.status == events.FAILED]
+    assert result.exit_code == 1 and len(failed) == 1, result.steps
+    runs = runs_of(proj)
+    (failure,) = [r for r in runs.values() if r.get("failed")]
+    after = [r for r in runs.values() if r["begun"] > failure["ended"]]
+    before = [r for r in runs.values() if r["ended"] < failure["begun"]]
+    assert len(before) == 1 and after, runs  # steps ran on both sides of the failure
+    assert before[0]["pid"] == failure["pid"], "the first step's worker was not kept"
+    assert failure["pid"] not in {r["pid"] for r in after}, runs
+    assert gone(failure["pid"])
+
+
+class KillsTheWorkerBetweenSteps(Recorder):
+    """SIGKILLs the worker of the first step once it has ended, while the worker is idle."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj, self.killed = proj, None
+
+    def step_end(self, step):
+        super().step_end(step)
+        if self.killed is None:
+            self.killed = next(iter(runs_of(self.proj).values()))["pid"]
+            os.kill(self.killed, signal.SIGKILL)
+            assert gone(self.killed)
+
+
+def test_a_kept_worker_killed_while_idle_is_replaced_unseen(ray_instance, proj):
+    rec = KillsTheWorkerBetweenSteps(proj)
+    result, _ = build(proj, run="pid_step", reporter=rec, jobs=1, only=("prior:dog", "train:toy"))
+    assert rec.killed is not None, "no worker was killed"
+    assert result.exit_code == 0, result.steps
+    runs = runs_of(proj)
+    assert len(runs) == 2 and rec.killed in {r["pid"] for r in runs.values()}
+    assert len({r["pid"] for r in runs.values()}) == 2, runs
+    logs = [e[2] for e in rec.events if e[0] == "log"]
+    assert not any("died" in m or "lost" in m for m in logs), logs
 
 
 def test_a_killed_worker_fails_its_step_with_a_message_naming_it(ray_instance, proj):
@@ -358,9 +410,13 @@ def test_ray_builds_the_bytes_and_lockfile_of_an_inline_build(ray_instance, tmp_
     inline, on_ray = tmp_path / "inline", tmp_path / "ray"
     result = executor.build(tiny_project(inline), executor.BuildOptions(), Recorder())
     assert result.exit_code == 0, result.steps
-    result = executor.build(tiny_project(on_ray), executor.BuildOptions(backend="ray", jobs=2), Recorder())
+    rec = Recorder()
+    result = executor.build(tiny_project(on_ray), executor.BuildOptions(backend="ray", jobs=2), rec)
     assert result.exit_code == 0, [(s.id, s.error) for s in result.steps]
     assert {s.status for s in result.steps} == {events.DONE}
     files, records = built(on_ray)
     assert len(records) == 4 and len(files) > 10
     assert built(inline) == (files, records)
+    said = [e[2] for e in rec.events if e[0] == "log" and "(worker pid" in e[2]]
+    pids = {line.split("(worker pid ")[1].split(",")[0].rstrip(")") for line in said}
+    assert len(said) == 4 and len(pids) < 4, said  # a worker kept its model for a later step

@@ -7,8 +7,8 @@ through the callbacks as they happen.
 - `inline` (the default): in the build's own process, sharing one loaded base model between steps.
 - `process`: steps in worker processes, each kept for the steps after it with its base model loaded;
   events come back over a pipe. What several-at-once and cluster backends build on.
-- `ray` (runner/exec/ray_backend.py): each step a Ray task on a node of a Ray cluster, or of a local Ray
-  instance; Ray decides where each step runs and on which GPUs.
+- `ray` (runner/exec/ray_backend.py): each step in a Ray worker (an actor, kept for the steps after it) on
+  a node of a Ray cluster, or of a local Ray instance; Ray decides where each step runs and on which GPUs.
 
 A factory is called with the project and the build's options (`BuildOptions`: -j, --gpus, --per-gpu,
 --ray-address). A backend may have a `start()`, called once before its first step (a problem there is a

@@ -1,4 +1,4 @@
-"""The `ray` backend: each step a Ray task, on a node of a Ray cluster or of a local Ray instance.
+"""The `ray` backend: each step in a Ray worker, on a node of a Ray cluster or of a local Ray instance.
 
 `dbl build --executor ray` starts a local Ray instance (listening on 127.0.0.1 only, no dashboard);
 `--ray-address auto` joins the cluster this machine belongs to, `--ray-address HOST:PORT` another one;
@@ -6,17 +6,20 @@ without --ray-address, the environment's RAY_ADDRESS names the cluster, as it do
 Ray is imported only here and in ray_connect (which connects), and only once a step runs: it is the
 optional extra `dbl[ray]`.
 
-- A step's task reserves its GPUs (`num_gpus`: 1/--per-gpu for a step, P for a train step of
-  num_processes = P; none on a CPU project), so Ray picks its node and GPUs; the task runs in a fresh
-  worker process of its own (its CUDA_VISIBLE_DEVICES and its models are its own) and runs `run_job`
-  there, with the models loaded in that worker.
+- A step runs in a Ray actor, a worker process that reserves GPUs (`num_gpus`: 1/--per-gpu for a step,
+  P for a train step of num_processes = P; none on a CPU project) and a CPU, so Ray picks its node and
+  GPUs and sets its CUDA_VISIBLE_DEVICES. A worker runs one step at a time and is kept for the build's
+  next steps that ask for what it holds, with its base model loaded (as `-j` keeps its processes): a
+  step takes an idle worker of its kind, or starts one, and idle workers of another kind make way for a
+  new one (they hold the GPUs it may need). A worker whose step did not end well is not kept; the
+  build's end ends them all.
 - Progress and log lines go to a small mailbox actor, which the build's process polls; the outcome is
-  the task's return value. Only the build's process stores outputs, writes the lockfile and draws.
+  the return value of the worker's call. Only the build's process stores outputs, writes the lockfile and draws.
 - Paths are the same everywhere: the project folder, its images, a local base model and `.dbl/` must be
   on a file system every node mounts at the same path (the step writes its outputs into its work folder
   under `.dbl/tmp/`, and the build's process moves them into the run-cache).
-- The first Ctrl-C touches the step's stop file (a train step saves a checkpoint and stops) and cancels
-  the tasks that have not started; the second cancels every task (`ray.cancel(force=True)`).
+- The first Ctrl-C touches the step's stop file (a train step saves a checkpoint and stops) and ends
+  the workers of the steps that have not begun; the second ends every worker (`ray.kill`).
 - A worker that dies (killed, out of memory, its node lost) fails its step with a message that names the
   step and the node. A train step that left a checkpoint runs once more, and resumes from it.
 """
@@ -33,7 +36,7 @@ import threading
 import time
 
 from runner.errors import StepError, StepInterrupted
-from runner.exec.backends import LazyModels, quiet_openmp, register
+from runner.exec.backends import LazyModels, _release_cached_gpu_memory, quiet_openmp, register
 from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, reported_outcome, run_reported
 from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - connect: tests, scripts
 
@@ -63,12 +66,32 @@ class Mailbox:
 
 
 class _WorkerLost(Exception):
-    """The step's worker died (killed, out of memory, its node lost)."""
+    """The step's worker died (killed, out of memory, its node lost); `began`: after it began the step."""
+
+    def __init__(self, message: str, began: bool = True):
+        super().__init__(message)
+        self.began = began
+
+
+class _IdleWorkerLost(Exception):
+    """A kept worker was found dead as it was given a step (killed, or its node lost, while idle)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    """A Ray actor that runs steps, and what it holds: `key` = (GPUs reserved, thread count). `ready`: the
+    answer to its first call, there once Ray has placed it and it has started."""
+
+    actor: object
+    key: tuple
+    ready: object
+    placed: bool = False
 
 
 def _lost(exceptions) -> tuple:
-    """Ray's errors for a task whose worker or node went away (those this Ray version has)."""
+    """Ray's errors for a step whose worker or node went away (those this Ray version has)."""
     names = (
+        "RayActorError",
         "WorkerCrashedError",
         "NodeDiedError",
         "LocalRayletDiedError",
@@ -99,7 +122,8 @@ def _root_cause(exc: BaseException) -> str:
 
 
 class RayBackend:
-    """Each step a Ray task: Ray places it on a node with the GPUs it asks for."""
+    """Each step in a Ray actor: Ray places it on a node with the GPUs it asks for; the build keeps it for
+    its next steps."""
 
     name = "ray"
     places_steps = True  # Ray chooses nodes and GPUs: the scheduler shares out none itself
@@ -118,8 +142,11 @@ class RayBackend:
         self._ray = None
         self._lock = threading.Lock()
         self._mailbox = None
-        self._task = None
-        self._live: dict[str, object] = {}  # step id -> the ObjectRef of its running task
+        self._worker_class = None
+        self._workers = threading.Lock()  # guards the three below
+        self._idle: list[_Worker] = []  # kept workers between steps, the oldest first
+        self._busy: dict[str, _Worker] = {}  # step id -> the worker given it, until it ends
+        self._ended: set[str] = set()  # steps whose worker the build ended (Ctrl-C): interrupted, not lost
         self._where: dict[str, str] = {}  # step id -> "node cuda:0", once placed
         self._asking = threading.Lock()
         self._asked = 0.0  # when the cluster's head was last asked
@@ -138,9 +165,8 @@ class RayBackend:
                 # but the steps after them are seen; a call sent while it died is sent again once it is
                 # back (max_task_retries), rather than failing unseen.
                 self._mailbox = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Mailbox).remote()
-                # max_calls=1: a fresh worker process per step, so that no two steps share GPUs, models
-                # or CUDA_VISIBLE_DEVICES; max_retries=0: a lost worker is handled below, where it is said.
-                self._task = ray.remote(max_calls=1, max_retries=0)(_run_in_worker)
+                # No restarts, no retries: a lost worker is handled below, where it is said.
+                self._worker_class = ray.remote(max_restarts=0, max_task_retries=0)(StepWorker)
                 self._ray = ray
             return self._ray
 
@@ -207,6 +233,8 @@ class RayBackend:
         while True:
             try:
                 return self._run_once(job, hooks, gpus)
+            except _IdleWorkerLost:
+                continue  # another worker, or a new one
             except _WorkerLost as lost:
                 if self._lost:
                     raise StepError(f"{job.step_id}: {self._lost}") from None
@@ -232,27 +260,81 @@ class RayBackend:
     def _run_once(self, job: Job, hooks: Hooks, gpus: float) -> Outcome:
         ray = self._connect()
         sid = job.step_id
-        options = {"num_gpus": gpus, "name": f"dbl {sid}"}
-        if not gpus:
-            options["scheduling_strategy"] = "SPREAD"  # CPU steps use every core of their node
+        worker, kept = self._take(job, gpus)
         # A local instance's workers run on this machine: they take the thread count this process's
         # environment gives (OMP_NUM_THREADS), as the steps of an inline build do.
         omp = os.environ.get("OMP_NUM_THREADS") if self._address in LOCAL else None
-        ref = self._task.options(**options).remote(job, self._mailbox, omp)
-        self._live[sid] = ref
+        ref = worker.actor.run.options(name=f"dbl {sid}").remote(job, self._mailbox, omp)
         self._where.pop(sid, None)
+        result = None
         try:
             result = self._wait(ray, ref, job, hooks, gpus)
+        except _WorkerLost as lost:
+            if kept and not lost.began:
+                raise _IdleWorkerLost() from None
+            raise
         except (KeyboardInterrupt, SystemExit):
-            ray.cancel(ref, force=True)  # a second Ctrl-C in a build of one step at a time
+            self._end(sid)  # a second Ctrl-C in a build of one step at a time
             raise
         finally:
-            self._live.pop(sid, None)
+            self._give_back(sid, reusable=result is not None and result[0] == "done")
             if job.stop_file is not None:
                 begun_file(job.stop_file).unlink(missing_ok=True)
         if self._lost and result[0] != "done":  # stopped at a safe point, or failed, as the head was lost
             raise StepError(f"{sid}: {self._lost}")
         return reported_outcome(*result)
+
+    def _take(self, job: Job, gpus: float) -> tuple[_Worker, bool]:
+        """A worker for the step: an idle one that holds what it asks for (and True), or a new one. Idle
+        workers of another kind end first: they hold GPUs (and a CPU) the new one may need."""
+        key = (gpus, job.threads)
+        with self._workers:
+            worker = next((w for w in self._idle if w.key == key), None)
+            kept = worker is not None
+            if kept:
+                self._idle.remove(worker)
+            else:
+                for other in self._idle:
+                    self._ray.kill(other.actor, no_restart=True)
+                self._idle.clear()
+                options = {"num_gpus": gpus, "num_cpus": 1}
+                if not gpus:
+                    options["scheduling_strategy"] = "SPREAD"  # CPU steps use every core of their node
+                actor = self._worker_class.options(**options).remote()
+                worker = _Worker(actor, key, actor.ready.remote())
+            self._busy[job.step_id] = worker
+            self._ended.discard(job.step_id)
+        return worker, kept
+
+    def _give_back(self, sid: str, reusable: bool) -> None:
+        """Keep the step's worker for the next steps if it ended well and no new worker waits for Ray to
+        place it (an idle one would keep it waiting for what it holds), else end it."""
+        with self._workers:
+            worker = self._busy.pop(sid, None)
+            if worker is None:
+                return
+            if reusable and sid not in self._ended and all(self._placed(w) for w in self._busy.values()):
+                self._idle.append(worker)
+                return
+        with contextlib.suppress(Exception):  # dead already
+            self._ray.kill(worker.actor, no_restart=True)
+
+    def _placed(self, worker: _Worker) -> bool:
+        if not worker.placed:
+            done, _ = self._ray.wait([worker.ready], timeout=0)
+            worker.placed = bool(done)
+        return worker.placed
+
+    def _end(self, sid: str) -> None:
+        """End the worker of a step now, wherever it is in its work (or before it began): the step is
+        interrupted, not lost."""
+        with self._workers:
+            worker = self._busy.get(sid)
+            if worker is None:
+                return
+            self._ended.add(sid)
+        with contextlib.suppress(Exception):
+            self._ray.kill(worker.actor, no_restart=True)
 
     def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
         from ray import exceptions
@@ -266,7 +348,7 @@ class RayBackend:
                 stopping = True
                 self._ask_to_stop(job)
                 if not self._begun(job):
-                    ray.cancel(ref)  # not started yet: it never will
+                    self._end(sid)  # not begun yet: it never will
             if self._head_lost(ray):  # asked to stop at a safe point, until Ray ends this process
                 if lost_at is None:
                     lost_at = time.monotonic()
@@ -284,14 +366,16 @@ class RayBackend:
         where = self._where.get(sid, "")
         try:
             result = ray.get(ref)
-        except exceptions.TaskCancelledError:
-            raise StepInterrupted(
-                f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
-            ) from None
-        except _lost(exceptions) as exc:
+        except (exceptions.TaskCancelledError, *_lost(exceptions)) as exc:
+            if sid in self._ended or isinstance(exc, exceptions.TaskCancelledError):
+                raise StepInterrupted(
+                    f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
+                ) from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not where:  # lost before its worker said where it runs (its node, or the worker starting)
-                raise _WorkerLost(f"{sid}: Ray lost it before it started ({first})") from None
+                raise _WorkerLost(
+                    f"{sid}: Ray lost it before it started ({first})", began=self._begun(job)
+                ) from None
             raise _WorkerLost(f"{sid}: its Ray worker on node {where.split()[0]} died ({first})") from None
         except exceptions.RayError as exc:
             raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
@@ -330,21 +414,26 @@ class RayBackend:
             # "end": the worker's last event, which it waits for
 
     def cancel(self) -> None:
-        """End every running step's task at once (the second Ctrl-C)."""
+        """End every running step's worker at once (the second Ctrl-C)."""
         if self._ray is None:
             return
-        for ref in list(self._live.values()):
-            self._ray.cancel(ref, force=True)
+        for sid in list(self._busy):
+            self._end(sid)
 
     def close(self) -> None:
-        """Cancel what still runs and drop the mailbox. The Ray connection stays for this process's next
-        build (`dbl watch`); Ray ends a local instance when the process exits."""
+        """End the workers and drop the mailbox. The Ray connection stays for this process's next build
+        (`dbl watch`); Ray ends a local instance when the process exits."""
         if self._ray is None:
             return
-        if self._lost:  # nothing to cancel or kill without the head; the next build connects afresh
+        with self._workers:
+            workers = [*self._idle, *self._busy.values()]
+            self._idle.clear()
+        if self._lost:  # nothing to end without the head; the next build connects afresh
             self._ray.shutdown()
         else:
-            self.cancel()
+            for worker in workers:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(worker.actor, no_restart=True)
             self._ray.kill(self._mailbox)
         self._ray = None
 
@@ -354,10 +443,24 @@ def begun_file(stop_file):
     return stop_file.with_name(stop_file.name.replace(".stop-", ".begun-", 1))
 
 
+class StepWorker:
+    """A build's Ray worker (an actor): runs the steps it is given one after another, its base model kept
+    loaded from one to the next, as a `-j` worker process does."""
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, job: Job, mailbox, omp: str | None = None) -> tuple:
+        try:
+            return _run_in_worker(job, mailbox, omp)
+        finally:
+            _release_cached_gpu_memory()  # a worker between steps keeps its model, not torch's cache
+
+
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
-    """The Ray task: run the job in this (fresh) worker process, its events to the mailbox. Returns
-    ("done", Outcome), ("interrupted", message) or ("error", exception). `omp`: the
-    build's own OMP_NUM_THREADS, for a worker of a local instance."""
+    """Run the job in this worker process, its events to the mailbox. Returns ("done", Outcome),
+    ("interrupted", message) or ("error", exception). `omp`: the build's own OMP_NUM_THREADS, for a
+    worker of a local instance (the same for every step of a worker: torch reads it when it starts)."""
     import ray
 
     if job.threads:

@@ -25,7 +25,8 @@ def test_generates_the_missing_images(tmp_path):
     assert _run(ctx) == {"generated": 3, "given": 0}
     files = folder_bytes(ctx.out)
     assert list(files) == ["0000.png", "0001.png", "0002.png"]
-    assert progress[-1] == (3, 3)
+    # after the given images, as the drawing begins, then once a batch
+    assert progress == [(0, 3), (0, 3), (2, 3), (3, 3)]
     from PIL import Image
 
     with Image.open(ctx.out / "0000.png") as img:

@@ -185,7 +185,9 @@ def test_same_settings_same_bytes_and_explicit_size(tmp_path, models):  # noqa: 
         )
 
 
-def test_progress_per_image(tmp_path, models):  # noqa: F811
+def test_progress_at_the_start_and_once_a_batch(tmp_path, models):  # noqa: F811
+    """A batch's images are drawn together: said one by one, they gave the display the rate of one image
+    per batch, then that of a burst."""
     from runner.project.schema import Render
     from runner.steps import render
     from tests.blend_fixtures import context
@@ -195,7 +197,7 @@ def test_progress_per_image(tmp_path, models):  # noqa: F811
     render.run(
         context("render", spec, tmp_path / "out", {}, models, progress=lambda d, t, **m: seen.append((d, t)))
     )
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert seen == [(0, 4), (3, 4), (4, 4)]
 
 
 def test_a_stop_request_interrupts_and_restores_the_pipeline(tmp_path, adapters, models):  # noqa: F811

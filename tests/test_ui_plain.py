@@ -75,6 +75,21 @@ def test_plain_progress_also_every_thirty_seconds():
     assert len(progress) == 1 and "step 30/10000 (0%)" in progress[0] and "1 it/s" in progress[0]
 
 
+def test_a_rate_is_measured_from_when_the_count_begins_to_move():
+    """A prior says 0 of 8 as it copies the given images, loads its model, says 0 of 8 again and draws 4
+    images in 2 s: 2 img/s, not 4 images over the model's load as well."""
+    from runner.ui.plain import RateMeter
+
+    clock = Clock()
+    meter = RateMeter(clock)
+    step = StepEvent("prior:dog", "prior", "dog", PENDING, total=8)
+    seen = []
+    for now, done in ((0, 0), (30, 0), (32, 4), (34, 8)):
+        clock.now, step.done = now, done
+        seen.append(meter.update(step))
+    assert seen == [None, None, 2.0, 2.0]
+
+
 def test_every_kinds_rate_names_what_it_counts():
     """'layers 2/3 (66%)  1 layers/s', not '1 /s': a rate says its unit, whatever the step kind."""
     from runner import steps

@@ -204,7 +204,7 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
                 # Class images are training inputs read once: fast compression beats small files.
                 pnginfo.save_png(image, done_dir / f"{i:04d}.png", params, compress_level=1)
                 finished += 1
-                ctx.progress(finished, spec.num_images)
+            ctx.progress(finished, spec.num_images)  # once a batch: its images are drawn together
     finally:
         pipe.scheduler = own_scheduler
 

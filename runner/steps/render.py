@@ -58,6 +58,9 @@ def run(ctx: StepContext) -> dict:
         if found := schedulers.too_many_steps(pipe.scheduler, spec.steps):
             raise StepError(source.problem(f"renders.{ctx.name}.steps", *found))
 
+        # Progress at the start, then once a batch: a batch's images are drawn together, and said one by one
+        # they made the display's rate that of one image per batch, then of a burst.
+        ctx.progress(0, total)
         for column, adapter in enumerate(names):
             folder = ctx.out / adapter if several else ctx.out
             folder.mkdir(exist_ok=True)
@@ -97,7 +100,7 @@ def run(ctx: StepContext) -> dict:
                         )
                         pnginfo.save_png(image, folder / f"{index}-{seed}.png", params)
                         images[(adapter, index, seed)] = image
-                        ctx.progress(len(images), total)
+                    ctx.progress(len(images), total)
     finally:
         pipe.scheduler = saved_scheduler
 

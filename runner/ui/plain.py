@@ -121,7 +121,9 @@ def first_line(text: str) -> str:
 
 
 class RateMeter:
-    """Measures each step's progress speed from the progress events themselves."""
+    """Measures each step's progress speed from the progress events themselves, from the last event before
+    its count first moved: a step that says its count before it loads a model (a prior, after copying the
+    given class images) and again as its work begins is measured from the second."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -130,7 +132,10 @@ class RateMeter:
     def update(self, step: StepEvent) -> float | None:
         now = self._clock()
         t0, done0 = self._start.setdefault(step.id, (now, step.done))
-        if now - t0 < 1e-6 or step.done <= done0:
+        if step.done <= done0:
+            self._start[step.id] = (now, done0)  # not begun yet: the work starts from here
+            return None
+        if now - t0 < 1e-6:
             return None
         return (step.done - done0) / (now - t0)
 

@@ -260,6 +260,34 @@ def test_a_job_that_a_worker_cannot_load_fails_in_one_line_that_says_why(ray_ins
     }, failed
 
 
+def test_a_worker_that_cannot_start_fails_its_step_in_one_line_that_says_why(
+    ray_instance, proj, tmp_path, monkeypatch
+):
+    """A node without dbl cannot load the worker's class: Ray said so in a paragraph with its traceback."""
+    folder = tmp_path / "here-only"
+    folder.mkdir()
+    (folder / "dbl_here_only.py").write_text(
+        "from runner.exec.ray_backend import StepWorker\n\n\nclass Worker(StepWorker):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))  # this process's path only: Ray's workers do not have it
+    import dbl_here_only
+
+    class Unstartable(fake_ray("fake_step")):
+        def _connect(self):
+            ray = super()._connect()
+            self._worker_class = ray.remote(max_restarts=0, max_task_retries=0)(dbl_here_only.Worker)
+            return ray
+
+    opts = executor.BuildOptions(backend="ray", only=("render:base",))
+    opts = dataclasses.replace(opts, backend_factory=lambda project: Unstartable(project, opts))
+    result = executor.build(proj.load(), opts, Recorder())
+    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
+    assert result.exit_code == 1 and failed == {
+        "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'dbl_here_only' "
+        "(dbl, the same version, must be installed on every node of the cluster)"
+    }, failed
+
+
 def test_the_lines_after_a_lost_mailbox_are_still_seen(ray_instance, proj):
     """The actor that carries the steps' progress and log lines is started again when its process dies:
     the rest of the build ran unseen."""

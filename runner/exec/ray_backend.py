@@ -31,6 +31,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -104,18 +105,24 @@ def _lost(exceptions) -> tuple:
 def _root_cause(exc: BaseException) -> str:
     """What went wrong under Ray's wrappers of it (a task error holds a system error that holds the
     error), in one line: their texts carry Ray's own tracebacks and terminal colours."""
-    from ray.exceptions import RayError
+    from ray.exceptions import RayActorError, RayError
 
-    for _ in range(10):
-        inner = getattr(exc, "cause", None) or getattr(exc, "client_exc", None)
-        if inner is None or inner is exc:
-            break
-        exc = inner
-    if isinstance(exc, BaseException) and not isinstance(exc, RayError):
-        text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False):
+        # The worker did not start: the error its start raised is the last one in Ray's text of it.
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.findall(r"^(\w+(?:Error|Exception): .*)$", plain, re.M)
+        text = found[-1] if found else plain.strip().splitlines()[0]
     else:
-        lines = str(exc).strip().splitlines()
-        text = lines[0] if lines else type(exc).__name__
+        for _ in range(10):
+            inner = getattr(exc, "cause", None) or getattr(exc, "client_exc", None)
+            if inner is None or inner is exc:
+                break
+            exc = inner
+        if isinstance(exc, BaseException) and not isinstance(exc, RayError):
+            text = f"{type(exc).__name__}: {exc}"
+        else:
+            lines = str(exc).strip().splitlines()
+            text = lines[0] if lines else type(exc).__name__
     if "No module named" in text:
         text += " (dbl, the same version, must be installed on every node of the cluster)"
     return text
@@ -371,6 +378,8 @@ class RayBackend:
                 raise StepInterrupted(
                     f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
                 ) from None
+            if getattr(exc, "actor_init_failed", False):  # its worker could not start (dbl not on its node)
+                raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not where:  # lost before its worker said where it runs (its node, or the worker starting)
                 raise _WorkerLost(

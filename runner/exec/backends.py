@@ -354,7 +354,7 @@ def _serve(conn, parent_pid: int, devices: tuple[str, ...], threads: int) -> Non
             _exit()
         models = LazyModels(job.project, _said_where(conn, devices))  # the model stays loaded for the next
         result = run_reported(job, hooks, models)
-        _release_cached_gpu_memory()
+        release_cached_gpu_memory()
         conn.send(result)
 
 
@@ -373,7 +373,7 @@ def _said_where(conn, gpus: tuple[str, ...]) -> Callable[[str], None]:
     return loaded
 
 
-def _release_cached_gpu_memory() -> None:
+def release_cached_gpu_memory() -> None:
     """Give the GPU memory torch keeps cached, but no longer uses, back to the card: a worker waiting for
     its next step must not hold memory that steps in other processes on the same GPU need (a train step
     of several processes, another worker). The loaded base model stays."""

@@ -14,7 +14,7 @@ optional extra `dbl[ray]`.
   new one (they hold the GPUs it may need). A worker whose step did not end well is not kept; the
   build's end ends them all.
 - Progress and log lines go to a small mailbox actor, which the build's process polls; the outcome is
-  the return value of the worker's call. Only the build's process stores outputs, writes the lockfile and draws.
+  what the worker's call returns. Only the build's process stores outputs, writes the lockfile and draws.
 - Paths are the same everywhere: the project folder, its images, a local base model and `.dbl/` must be
   on a file system every node mounts at the same path (the step writes its outputs into its work folder
   under `.dbl/tmp/`, and the build's process moves them into the run-cache).
@@ -37,7 +37,7 @@ import threading
 import time
 
 from runner.errors import StepError, StepInterrupted
-from runner.exec.backends import LazyModels, _release_cached_gpu_memory, quiet_openmp, register
+from runner.exec.backends import LazyModels, quiet_openmp, register, release_cached_gpu_memory
 from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, reported_outcome, run_reported
 from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - connect: tests, scripts
 
@@ -463,7 +463,7 @@ class StepWorker:
         try:
             return _run_in_worker(job, mailbox, omp)
         finally:
-            _release_cached_gpu_memory()  # a worker between steps keeps its model, not torch's cache
+            release_cached_gpu_memory()  # a worker between steps keeps its model, not torch's cache
 
 
 def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:

@@ -91,14 +91,17 @@ def test_a_rate_is_measured_from_when_the_count_begins_to_move():
 
 
 def test_every_kinds_rate_names_what_it_counts():
-    """'layers 2/3 (66%)  1 layers/s', not '1 /s': a rate says its unit, whatever the step kind."""
+    """'images 2/4 (50%)  1 img/s', not '1 /s': a rate says its unit, whatever the step kind; a blend counts
+    its three stages (parents loaded, merged, saved), of unequal length: no rate, no eta."""
     from runner import steps
 
     for kind in steps.kinds():
         _, rate = kind.unit
-        assert rate.endswith("/s") and len(rate) > 2, (kind.name, rate)
-    lines = progress_lines("blend:mix", 3, 3)
-    assert lines[-1].endswith("blend:mix  layers 3/3 (100%)  1 layers/s"), lines
+        assert rate == "" if kind.name == "blend" else rate.endswith("/s") and len(rate) > 2, (kind.name, rate)
+    lines = progress_lines("render:park", 2, 4)
+    assert lines[-1].endswith("render:park  images 2/4 (50%)  1 img/s  eta 2.0s"), lines
+    lines = progress_lines("blend:mix", 2, 3)
+    assert lines[-1].endswith("blend:mix  stage 2/3 (66%)"), lines
 
 
 def test_plain_failure_and_quiet_mode():

@@ -159,7 +159,8 @@ class StepKind:
     # device before any step runs (runner.exec.preflight).
     loads_model: bool = True
     layout: Callable[[str], dict[str, str]] | None = None  # output files named after the step: cache -> out
-    unit: tuple[str, str] = ("images", "img/s")  # what its progress counts, and the rate's unit
+    # What its progress counts, and the rate's unit; "" for none: a count of unequal stages has no rate or eta.
+    unit: tuple[str, str] = ("images", "img/s")
     writes_images: bool = False  # its outputs are image files, which an image folder around them would read
     # A kind whose steps come from other kinds' tables, not from a table of its own (`table` is ""):
     # derive(tables) -> {name: spec}, given the tables of the kinds registered before it.

@@ -188,6 +188,6 @@ KIND = register(
         produces_adapter=True,
         check=adapter_checks.check_blends,
         layout=lambda name: {f"{KOHYA_STEM}.safetensors": f"{name}.safetensors"},
-        unit=("layers", "layers/s"),
+        unit=("stage", ""),  # its parents loaded, merged, saved
     )
 )

@@ -105,7 +105,7 @@ def metrics_text(step: StepEvent, rate: float | None) -> str:
         parts.append(f"lr {m['lr']:.2g}")
     given = next((m[k] for k in RATE_KEYS if isinstance(m.get(k), (int, float))), None)
     rate = given if given is not None else rate
-    if rate:
+    if rate and unit_of(step)[1]:
         parts.append(f"{rate:.3g} {unit_of(step)[1]}")
         if step.total and step.done < step.total:
             parts.append(f"eta {fmt_duration((step.total - step.done) / rate)}")

@@ -95,9 +95,9 @@ def test_every_kinds_rate_names_what_it_counts():
     its three stages (parents loaded, merged, saved), of unequal length: no rate, no eta."""
     from runner import steps
 
-    for kind in steps.kinds():
-        _, rate = kind.unit
-        assert rate == "" if kind.name == "blend" else rate.endswith("/s") and len(rate) > 2, (kind.name, rate)
+    rates = {kind.name: kind.unit[1] for kind in steps.kinds()}
+    assert rates.pop("blend") == ""
+    assert all(rate.endswith("/s") and len(rate) > 2 for rate in rates.values()), rates
     lines = progress_lines("render:park", 2, 4)
     assert lines[-1].endswith("render:park  images 2/4 (50%)  1 img/s  eta 2.0s"), lines
     lines = progress_lines("blend:mix", 2, 3)

@@ -102,6 +102,15 @@ def gone(pid: int, wait_s: float = 30) -> bool:
         time.sleep(0.1)
 
 
+def failed_alone(proj, step_id: str, backend_class) -> dict[str, str]:
+    """{step id: error} of the failed steps of a build of `step_id` alone by `backend_class`, which fails."""
+    opts = executor.BuildOptions(backend="ray", only=(step_id,))
+    opts = dataclasses.replace(opts, backend_factory=lambda project: backend_class(project, opts))
+    result = executor.build(proj.load(), opts, Recorder())
+    assert result.exit_code == 1, result.steps
+    return {s.id: s.error for s in result.steps if s.status == events.FAILED}
+
+
 # --- tests ----------------------------------------------------------------------------------------------
 
 
@@ -250,11 +259,8 @@ def test_a_job_that_a_worker_cannot_load_fails_in_one_line_that_says_why(ray_ins
         def run(self, job, hooks):
             return super().run(dataclasses.replace(job, inputs={"x": MissingOnTheNode()}), hooks)
 
-    opts = executor.BuildOptions(backend="ray", only=("render:base",))
-    opts = dataclasses.replace(opts, backend_factory=lambda project: Unloadable(project, opts))
-    result = executor.build(proj.load(), opts, Recorder())
-    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
-    assert result.exit_code == 1 and failed == {
+    failed = failed_alone(proj, "render:base", Unloadable)
+    assert failed == {
         "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'runner' "
         "(dbl, the same version, must be installed on every node of the cluster)"
     }, failed
@@ -278,11 +284,8 @@ def test_a_worker_that_cannot_start_fails_its_step_in_one_line_that_says_why(
             self._worker_class = ray.remote(max_restarts=0, max_task_retries=0)(dbl_here_only.Worker)
             return ray
 
-    opts = executor.BuildOptions(backend="ray", only=("render:base",))
-    opts = dataclasses.replace(opts, backend_factory=lambda project: Unstartable(project, opts))
-    result = executor.build(proj.load(), opts, Recorder())
-    failed = {s.id: s.error for s in result.steps if s.status == events.FAILED}
-    assert result.exit_code == 1 and failed == {
+    failed = failed_alone(proj, "render:base", Unstartable)
+    assert failed == {
         "render:base": "render:base: Ray could not run it: ModuleNotFoundError: No module named 'dbl_here_only' "
         "(dbl, the same version, must be installed on every node of the cluster)"
     }, failed

@@ -99,7 +99,7 @@ def watch(
     scheduled: dict[tuple[str, bool], tuple] = {}  # (folder, recursive) -> (watch, identity)
     workers = kept_workers(build_options)
     if workers is not None:
-        build_options = {**build_options, "backend_factory": lambda project: workers}
+        build_options = {**build_options, "backend_factory": workers}
     signals: list[int] = []  # the stop signals received, the first one first
     # The cleanup too: a SIGTERM while the workers end (after a Ctrl-C) killed the watch where it stood.
     with _stopped_by_signals(stop, signals):
@@ -137,7 +137,7 @@ def watch(
                 observer.stop()
                 observer.join(timeout=5)
                 if workers is not None:
-                    workers.backend.close()
+                    workers.end()
     return exit_code_for(signals[0]) if signals and signals[0] != signal.SIGINT else 0
 
 

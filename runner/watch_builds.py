@@ -21,30 +21,52 @@ LOCK_POLL_S = 0.25  # how often a watch whose build found the lock held tries ag
 
 
 class _KeptBackend:
-    """A backend that lives as long as the watch: each build's close() leaves it as it is."""
+    """A backend that lives as long as the watch, made by the first build that runs a step; the builds'
+    backend_factory. Each build's close() ends only what was the build's own (the backend's `build_ended`),
+    and each next build tells it its project (`next_build`): the workers stay."""
 
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, make: Callable):
+        self._make = make
+        self.backend = None
+
+    def __call__(self, project):
+        if self.backend is None:
+            self.backend = self._make(project)
+        elif (next_build := getattr(self.backend, "next_build", None)) is not None:
+            next_build(project)
+        return self
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
     def close(self) -> None:
-        pass
+        if (ended := getattr(self.backend, "build_ended", None)) is not None:
+            ended()
+
+    def end(self) -> None:
+        """The watch's end: end the backend and its workers."""
+        if self.backend is not None:
+            self.backend.close()
 
 
 def kept_workers(build_options: dict | None) -> _KeptBackend | None:
-    """For builds whose steps run in worker processes (-j, --executor process): one process backend for
-    the whole watch, so that its workers, and the base model each has loaded, serve build after build as
-    the build's own process does for inline builds."""
+    """For builds whose steps run in workers (-j, --executor process or ray): one backend for the whole
+    watch, so that its workers, and the base model each has loaded, serve build after build as the build's
+    own process does for inline builds."""
     from runner import executor
     from runner.exec.backends import ProcessBackend
+    from runner.exec.ray_backend import RayBackend
     from runner.exec.scheduler import backend_name
 
     options = executor.BuildOptions(**(build_options or {}))
-    if options.backend_factory is not None or backend_name(options) != ProcessBackend.name:
+    if options.backend_factory is not None:
         return None
-    return _KeptBackend(ProcessBackend(None, options))
+    name = backend_name(options)
+    if name == ProcessBackend.name:
+        return _KeptBackend(lambda project: ProcessBackend(None, options))
+    if name == RayBackend.name:
+        return _KeptBackend(lambda project: RayBackend(project, options))
+    return None
 
 
 def load_or_report(path: Path, say: Callable[[str], None]):

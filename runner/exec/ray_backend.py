@@ -12,7 +12,7 @@ optional extra `dbl[ray]`.
   next steps that ask for what it holds, with its base model loaded (as `-j` keeps its processes): a
   step takes an idle worker of its kind, or starts one, and idle workers of another kind make way for a
   new one (they hold the GPUs it may need). A worker whose step did not end well is not kept; the
-  build's end ends them all.
+  build's end ends them all (a watch's end, for `dbl watch`: next_build, build_ended).
 - Progress and log lines go to a small mailbox actor, which the build's process polls; the outcome is
   what the worker's call returns. Only the build's process stores outputs, writes the lockfile and draws.
 - Paths are the same everywhere: the project folder, its images, a local base model and `.dbl/` must be
@@ -421,6 +421,21 @@ class RayBackend:
                 self._where[sid] = payload
                 hooks.where(payload)
             # "end": the worker's last event, which it waits for
+
+    # --- the builds of a watch ------------------------------------------------------------------------
+
+    def next_build(self, project) -> None:
+        """A watch's next build, of `project` as it is now: the workers kept by the builds before serve it."""
+        self._device = project.settings.device
+        self._where.clear()
+        self._ended.clear()
+
+    def build_ended(self) -> None:
+        """A watch's build ended: its workers are kept for the next, unless the cluster's head was lost
+        (the next build connects afresh)."""
+        if self._lost:
+            self.close()
+            self._lost, self._silent_since, self._asked = "", None, 0.0
 
     def cancel(self) -> None:
         """End every running step's worker at once (the second Ctrl-C)."""

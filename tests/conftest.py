@@ -129,6 +129,21 @@ def proj(tmp_path):
     return Proj(tmp_path, PETS)
 
 
+@pytest.fixture
+def pid_notes(tmp_path):
+    """A project of one note, `n.toml`, whose step writes the pid of its worker after its text "one"."""
+    import dataclasses
+
+    from runner import steps
+    from tests.note_kind import NOTE, run_note_with_pid
+
+    steps.register(dataclasses.replace(NOTE, run=run_note_with_pid))
+    path = tmp_path / "n.toml"
+    path.write_text('[project]\nbase_model = "tiny-sd"\n\n[notes.a]\ntext = "one"\n')
+    yield path
+    steps.unregister("note")
+
+
 class FakeSteps:
     """Stand-ins for the four step kinds: fast, deterministic, and they record what ran.
 

@@ -32,6 +32,14 @@ def run_note(ctx) -> dict:
     return {"chars": len(ctx.spec.text) * ctx.spec.times}
 
 
+def run_note_with_pid(ctx) -> dict:
+    """A note's text followed by the pid of the process that wrote it (a worker's, in a build with workers)."""
+    import os
+
+    (ctx.out / "note.txt").write_text(f"{ctx.spec.text} {os.getpid()}")
+    return {}
+
+
 def note_inputs(i: steps.Inputs) -> dict:
     inputs = {"version": 1, **i.fields(i.spec, exclude=("after",))}
     if i.spec.after:

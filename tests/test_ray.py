@@ -426,65 +426,15 @@ def built(folder: Path):
     return files, records
 
 
-WATCHED = """
-[project]
-base_model = "tiny-sd"
+def test_a_watch_keeps_its_ray_workers_from_one_build_to_the_next_and_ends_them(ray_instance, pid_notes):
+    """As a -j watch keeps its worker processes: the second build's step runs in the worker the first
+    build's step left (with the base model it loaded, for a step that loads one)."""
+    from tests.watch_fixtures import worker_kept_by_a_watch
 
-[renders.one]
-adapter = "none"
-prompts = ["a red cube"]
-steps = 1
-seeds = [0]
-"""
-
-
-def test_a_watch_keeps_its_ray_workers_from_one_build_to_the_next_and_ends_them(ray_instance, tmp_path):
-    """As a -j watch keeps its worker processes: the second build's step runs in the worker, and with the
-    model, that the first build's step left."""
-    from runner.ui.plain import PlainReporter
-    from runner.watch import watch
-    from tests.watch_fixtures import save, wait_for
-
-    path = tmp_path / "w.toml"
-    path.write_text(textwrap.dedent(WATCHED))
-    stop = threading.Event()
-    lines: list[str] = []
-    messages: list[str] = []
-    thread = threading.Thread(
-        target=watch,
-        args=(path,),
-        kwargs=dict(
-            reporter_factory=lambda: PlainReporter(verbosity=1, write=lines.append),  # its log lines too
-            debounce_s=0.1,
-            stop_event=stop,
-            echo=messages.append,
-            build_options={"backend": "ray", "jobs": 1},
-        ),
-        daemon=True,
+    pid = worker_kept_by_a_watch(
+        pid_notes, {"backend": "ray", "jobs": 1}, lambda pid: not gone(pid, wait_s=0)
     )
-
-    def pids() -> list[int]:
-        return [
-            int(line.split("(worker pid ")[1].split(",")[0].rstrip(")"))
-            for line in lines
-            if "(worker pid " in line
-        ]
-
-    thread.start()
-    try:
-        wait_for(lambda: sum(m.startswith("watching") for m in messages) == 1, f"the first build: {lines}")
-        assert len(pids()) == 1, lines
-        save(path, path.read_text().replace("seeds = [0]", "seeds = [1]"))
-        wait_for(lambda: sum(m.startswith("watching") for m in messages) == 2, f"the second build: {lines}")
-        first, second = pids()
-        assert first == second, lines  # the same worker
-        assert (tmp_path / "build" / "w" / "renders" / "one" / "0-1.png").is_file()
-        assert not gone(first, wait_s=0)
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not thread.is_alive()
-    assert gone(first), "the watch's Ray worker outlived it"
+    assert gone(pid), "the watch's Ray worker outlived it"
 
 
 @pytest.mark.torch

@@ -186,59 +186,11 @@ def test_a_worker_that_dies_before_reading_its_step_is_reported_as_dead(tmp_path
 # --- dbl watch: its builds share the workers ----------------------------------------------------------------
 
 
-def run_note_in(ctx) -> dict:
-    (ctx.out / "note.txt").write_text(f"{ctx.spec.text} {os.getpid()}")
-    return {}
-
-
-@pytest.fixture
-def pid_notes(tmp_path):
-    import dataclasses
-
-    from runner import steps
-    from tests.note_kind import NOTE
-
-    steps.register(dataclasses.replace(NOTE, run=run_note_in))
-    path = tmp_path / "n.toml"
-    path.write_text('[project]\nbase_model = "tiny-sd"\n\n[notes.a]\ntext = "one"\n')
-    yield path
-    steps.unregister("note")
-
-
 def test_a_watch_keeps_its_workers_from_one_build_to_the_next_and_ends_them(pid_notes):
-    from runner.ui.plain import PlainReporter
-    from runner.watch import watch
-    from tests.watch_fixtures import save, wait_for
+    from tests.watch_fixtures import worker_kept_by_a_watch
 
-    stop = threading.Event()
-    messages: list[str] = []
-    thread = threading.Thread(
-        target=watch,
-        args=(pid_notes,),
-        kwargs=dict(
-            reporter_factory=lambda: PlainReporter(write=lambda line: None),
-            debounce_s=0.1,
-            stop_event=stop,
-            echo=messages.append,
-            build_options={"jobs": 2},
-        ),
-        daemon=True,
-    )
-    thread.start()
-    note = pid_notes.parent / "build" / "n" / "notes" / "a" / "note.txt"
-    try:
-        wait_for(lambda: note.exists() and any(m.startswith("watching") for m in messages), "the first build")
-        text, first = note.read_text().split()
-        assert text == "one" and int(first) != os.getpid()
-        save(pid_notes, pid_notes.read_text().replace('"one"', '"two"'))
-        wait_for(lambda: note.read_text().startswith("two"), f"the second build; the watch said {messages}")
-        assert note.read_text().split()[1] == first  # the same worker
-        assert alive(int(first))
-    finally:
-        stop.set()
-        thread.join(20)
-    assert not thread.is_alive()
-    assert wait_gone(int(first)), "the watch's worker outlived it"
+    pid = worker_kept_by_a_watch(pid_notes, {"jobs": 2}, alive)
+    assert wait_gone(pid), "the watch's worker outlived it"
 
 
 class Unpicklable(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ LIMIT_S = 20
 class Watcher:
     """`watch` in a thread, with what it said and what its builds printed."""
 
-    def __init__(self, path: Path, polling: bool = False):
+    def __init__(self, path: Path, polling: bool = False, build_options: dict | None = None):
         self.messages: list[str] = []
         self.lines: list[str] = []
         self.stop = threading.Event()
@@ -36,6 +37,7 @@ class Watcher:
                 debounce_s=0.1,
                 stop_event=self.stop,
                 echo=self.messages.append,
+                build_options=build_options,
             )
 
         self.thread = threading.Thread(target=run, daemon=True)
@@ -61,6 +63,25 @@ def wait_for(condition, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def worker_kept_by_a_watch(path: Path, build_options: dict, alive: Callable[[int], bool]) -> int:
+    """Watch the project of the fixture `pid_notes` at `path` with `build_options`, and edit its note once
+    the first build is done: the second build's step must run in the first one's worker, alive until the
+    watch ends. Returns that worker's pid, once the watch has ended."""
+    w = Watcher(path, build_options=build_options)
+    note = path.parent / "build" / "n" / "notes" / "a" / "note.txt"
+    try:
+        w.wait_idle(0)
+        text, first = note.read_text().split()
+        assert text == "one" and int(first) != os.getpid()
+        save(path, path.read_text().replace('"one"', '"two"'))
+        wait_for(lambda: note.read_text().startswith("two"), f"the second build; the watch said {w.messages}")
+        assert note.read_text().split()[1] == first  # the same worker
+        assert alive(int(first))
+    finally:
+        w.close()
+    return int(first)
 
 
 def save(path: Path, text: str) -> None:

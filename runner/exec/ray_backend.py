@@ -302,7 +302,7 @@ class RayBackend:
                 self._idle.remove(worker)
             else:
                 for other in self._idle:
-                    self._ray.kill(other.actor, no_restart=True)
+                    self._kill(other)
                 self._idle.clear()
                 options = {"num_gpus": gpus, "num_cpus": 1}
                 if not gpus:
@@ -323,10 +323,10 @@ class RayBackend:
             if reusable and sid not in self._ended and all(self._placed(w) for w in self._busy.values()):
                 self._idle.append(worker)
                 return
-        with contextlib.suppress(Exception):  # dead already
-            self._ray.kill(worker.actor, no_restart=True)
+        self._kill(worker)
 
     def _placed(self, worker: _Worker) -> bool:
+        """Whether Ray has placed the worker and it has started (asked without waiting)."""
         if not worker.placed:
             done, _ = self._ray.wait([worker.ready], timeout=0)
             worker.placed = bool(done)
@@ -340,7 +340,11 @@ class RayBackend:
             if worker is None:
                 return
             self._ended.add(sid)
-        with contextlib.suppress(Exception):
+        self._kill(worker)
+
+    def _kill(self, worker: _Worker) -> None:
+        """End the worker's process, wherever it is (ending a dead one is nothing)."""
+        with contextlib.suppress(Exception):  # the connection gone with the cluster's head
             self._ray.kill(worker.actor, no_restart=True)
 
     def _wait(self, ray, ref, job: Job, hooks: Hooks, gpus: float) -> tuple:
@@ -373,8 +377,8 @@ class RayBackend:
         where = self._where.get(sid, "")
         try:
             result = ray.get(ref)
-        except (exceptions.TaskCancelledError, *_lost(exceptions)) as exc:
-            if sid in self._ended or isinstance(exc, exceptions.TaskCancelledError):
+        except _lost(exceptions) as exc:
+            if sid in self._ended:  # its worker ended by the build (Ctrl-C): Ray says it died
                 raise StepInterrupted(
                     f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
                 ) from None
@@ -456,8 +460,7 @@ class RayBackend:
             self._ray.shutdown()
         else:
             for worker in workers:
-                with contextlib.suppress(Exception):
-                    self._ray.kill(worker.actor, no_restart=True)
+                self._kill(worker)
             self._ray.kill(self._mailbox)
         self._ray = None
 

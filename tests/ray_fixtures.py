@@ -26,7 +26,7 @@ def records_dir(ctx) -> Path:
 
 
 def fake_step(ctx):
-    """FakeSteps' outputs, after a pause; records when and on which GPUs."""
+    """FakeSteps' outputs, after a pause; records when, on which GPUs and in which worker (records/*.json)."""
     begun = time.time()
     time.sleep(0.2)
     return _recorded(ctx, begun)
@@ -47,37 +47,33 @@ def overlapping_step(ctx):
 
 def _recorded(ctx, begun: float):
     metrics = FakeSteps()(ctx.kind)(ctx)
-    record = {"id": ctx.step_id, "devices": list(ctx.devices), "begun": begun, "ended": time.time()}
+    record = {
+        "id": ctx.step_id,
+        "devices": list(ctx.devices),
+        "pid": os.getpid(),
+        "begun": begun,
+        "ended": time.time(),
+    }
     (records_dir(ctx) / f"{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
     return metrics
 
 
-def pid_step(ctx):
-    """FakeSteps' outputs; records the pid of its worker and when it began and ended."""
-    begun = time.time()
-    record = {"pid": os.getpid(), "begun": begun}
-    metrics = FakeSteps()(ctx.kind)(ctx)
-    record["ended"] = time.time()
-    (records_dir(ctx) / f"run-{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
-    return metrics
-
-
 def second_fails_step(ctx):
-    """pid_step, but the second step to run (of a build of one step at a time) fails with a StepError."""
+    """fake_step, but the second step to run (of a build of one step at a time) fails with a StepError,
+    recorded with "failed"."""
     from runner.errors import StepError
 
-    if len(list(records_dir(ctx).glob("run-*.json"))) == 1:
-        record = {"pid": os.getpid(), "begun": time.time(), "ended": time.time(), "failed": True}
-        (records_dir(ctx) / f"run-{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
+    if len(list(records_dir(ctx).glob("*.json"))) == 1:
+        record = {"id": ctx.step_id, "pid": os.getpid(), "begun": time.time(), "failed": True}
+        record["ended"] = time.time()
+        (records_dir(ctx) / f"{ctx.kind}-{ctx.name}.json").write_text(json.dumps(record))
         raise StepError(f"{ctx.step_id} failed on purpose")
-    return pid_step(ctx)
+    return fake_step(ctx)
 
 
 def runs_of(proj) -> dict[str, dict]:
-    """What pid_step recorded: {"kind-name": {"pid", "begun", "ended"}}."""
-    return {
-        f.name[4:-5]: json.loads(f.read_text()) for f in sorted((proj.root / "records").glob("run-*.json"))
-    }
+    """What fake_step recorded: {"kind-name": {"id", "pid", "begun", "ended", ...}}."""
+    return {f.stem: json.loads(f.read_text()) for f in sorted((proj.root / "records").glob("*.json"))}
 
 
 def killed_step(ctx):

@@ -159,7 +159,7 @@ def test_steps_at_once_get_different_gpus_and_say_where_they_ran(ray_instance, p
 def test_steps_one_after_another_run_in_one_kept_worker(ray_instance, proj):
     """A worker is kept for the build's next steps, as -j keeps its processes: the imports and the model
     load are paid once, not once a step."""
-    result, rec = build(proj, run="pid_step", jobs=1, only=("prior:dog", "train:dog", "train:toy"))
+    result, rec = build(proj, run="fake_step", jobs=1, only=("prior:dog", "train:dog", "train:toy"))
     assert result.exit_code == 0, result.steps
     runs = runs_of(proj)
     assert set(runs) == {"prior-dog", "train-dog", "train-toy"}
@@ -198,7 +198,7 @@ class KillsTheWorkerBetweenSteps(Recorder):
 
 def test_a_kept_worker_killed_while_idle_is_replaced_unseen(ray_instance, proj):
     rec = KillsTheWorkerBetweenSteps(proj)
-    result, _ = build(proj, run="pid_step", reporter=rec, jobs=1, only=("prior:dog", "train:toy"))
+    result, _ = build(proj, run="fake_step", reporter=rec, jobs=1, only=("prior:dog", "train:toy"))
     assert rec.killed is not None, "no worker was killed"
     assert result.exit_code == 0, result.steps
     runs = runs_of(proj)

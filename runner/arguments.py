@@ -117,6 +117,14 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between polls (implies --polling; default: 2)",
     )
+    p.add_argument(
+        "--keep-loaded",
+        type=float,
+        default=10.0,
+        metavar="MINUTES",
+        help="minutes without a change after which the loaded base model and the idle workers are let go "
+        "(default: 10; 0: after each build; inf: never)",
+    )
     num_processes_arg(p, "run train steps as N data-parallel processes")
     parallel_args(p)
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")

@@ -246,12 +246,15 @@ def cmd_watch(args) -> int:
     interval = args.poll_interval
     if interval is not None and not 0 < interval < float("inf"):  # nan too
         return _usage("--poll-interval must be a number of seconds above 0")
+    if not args.keep_loaded >= 0:  # nan too
+        return _usage("--keep-loaded must be a number of minutes, 0 or more (inf: never let go)")
     return watch(
         path,
         polling=args.polling or interval is not None,
         poll_interval=interval or POLL_INTERVAL_S,
         reporter_factory=lambda: make_reporter(mode, 0),
         build_options={**_parallel_options(args), "num_processes": args.num_processes, "debug": args.debug},
+        keep_loaded_s=args.keep_loaded * 60,
     )
 
 

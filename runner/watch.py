@@ -11,7 +11,8 @@ it. Changes are debounced; a change that arrives while a build runs is kept and 
 ends. So is a change that arrives while another build (a manual `dbl build`)
 holds the project's lock: the watch waits for the lock to free, then builds. An invalid project file
 is reported and the watch goes on; the folders it names are watched anyway, so that creating a
-missing folder wakes it.
+missing folder wakes it. The base model a build loaded (in this process, or in the workers kept for the
+next build) is let go after `keep_loaded_s` without a change.
 
 The watch ends with exit code 0 on Ctrl-C or when `stop_event` is set: leaving is the normal way
 to end a watch, not a failure. SIGTERM and SIGHUP (`docker stop`, a closed terminal) end it the same
@@ -54,6 +55,11 @@ from runner.watch_changes import (
 )
 from runner.watch_targets import Targets, targets_of
 
+# How long a watch with nothing to build keeps the base model its builds loaded (and the workers that hold
+# it, with -j or --executor ray): a rebuild within it starts at once; after it, the memory and the GPUs
+# are free for other work.
+KEEP_LOADED_S = 600.0
+
 
 def watch(
     project_path: Path,
@@ -65,6 +71,7 @@ def watch(
     stop_event: threading.Event | None = None,
     echo: Callable[[str], None] | None = None,
     build_options: dict | None = None,
+    keep_loaded_s: float = KEEP_LOADED_S,
 ) -> int:
     """Build `project_path`, then rebuild what goes stale each time its inputs change.
 
@@ -75,7 +82,8 @@ def watch(
     stopped by Ctrl-C or `stop_event`, 2 when there is no project file to watch (its folder does not exist,
     the name is a folder's, or no file has it: a misspelt name would be watched for ever), 143 or 129 when
     stopped by SIGTERM or SIGHUP. build_options: more BuildOptions fields for each build (jobs, gpus,
-    per_gpu, backend).
+    per_gpu, backend). keep_loaded_s: after that many seconds without a change, the base model a build
+    loaded (in this process, or in the workers kept for the next build) is let go; inf keeps it.
     """
     stop = stop_event or threading.Event()
     say = echo or _print
@@ -125,7 +133,10 @@ def watch(
                 # the folders the build made (build/pets/renders/ of a first build), where outputs removed show
                 reschedule(observer, handler, scheduled, handler.targets.watches())
                 say(f"watching {_watched_text(handler.targets)} (Ctrl-C to stop)")
-                changed = next_change(changes, debounce_s, stop, handler.targets, left)
+                idle = None
+                if keep_loaded_s != float("inf"):
+                    idle = (keep_loaded_s, lambda: _let_go(workers, keep_loaded_s, say))
+                changed = next_change(changes, debounce_s, stop, handler.targets, left, idle)
                 if changed is None:
                     break
                 say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
@@ -180,6 +191,30 @@ def _ctrl_c_waits():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# --- what the watch holds between builds --------------------------------------------------------------
+
+
+def _let_go(workers, seconds: float, say: Callable[[str], None]) -> None:
+    """No change for `seconds`: end the kept workers and drop the base model this process holds, and say
+    so when there was something to let go of."""
+    from runner.exec.backends import LazyModels
+
+    ended = workers.let_go() if workers is not None else 0
+    held = LazyModels.let_go()
+    if not (ended or held):
+        return
+    why = f"no change for {_duration(seconds)}" if seconds > 0 else "--keep-loaded 0"
+    if ended:
+        which = "the idle worker" if ended == 1 else f"the {ended} idle workers"
+        say(f"{why}: ended {which} and the base model loaded there (the next build starts them again)")
+    else:
+        say(f"{why}: let go of the loaded base model (the next build loads it again)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds < 60 else f"{seconds / 60:g} min"
 
 
 # --- what the watch says -----------------------------------------------------------------------------

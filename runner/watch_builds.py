@@ -48,6 +48,16 @@ class _KeptBackend:
         if self.backend is not None:
             self.backend.close()
 
+    def let_go(self) -> int:
+        """End the backend and its workers (the watch has had nothing to build for a while); the next build
+        that runs a step makes another. How many idle workers there were."""
+        if self.backend is None:
+            return 0
+        kept = self.backend.kept()
+        self.backend.close()
+        self.backend = None
+        return kept
+
 
 def kept_workers(build_options: dict | None) -> _KeptBackend | None:
     """For builds whose steps run in workers (-j, --executor process or ray): one backend for the whole

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from watchdog.events import FileSystemEventHandler
 
@@ -38,13 +39,19 @@ class Changes:
             self._last = time.monotonic()
             self._cond.notify_all()
 
-    def wait(self, debounce_s: float, stop: threading.Event) -> list[str] | None:
-        """Block until something changed and then nothing for `debounce_s`; None once `stop` is set."""
+    def wait(
+        self, debounce_s: float, stop: threading.Event, timeout: float | None = None
+    ) -> list[str] | None:
+        """Block until something changed and then nothing for `debounce_s`; None once `stop` is set, and []
+        when `timeout` seconds pass without a change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._paths:
                 if stop.is_set():
                     return None
-                self._cond.wait(0.1)
+                if deadline is not None and (left := deadline - time.monotonic()) <= 0:
+                    return []
+                self._cond.wait(0.1 if deadline is None else min(left, 0.1))
             while (quiet := time.monotonic() - self._last) < debounce_s:
                 if stop.is_set():
                     return None
@@ -54,19 +61,32 @@ class Changes:
 
 
 def next_change(
-    changes: Changes, debounce_s: float, stop, targets: Targets, left: bytes | None
+    changes: Changes,
+    debounce_s: float,
+    stop,
+    targets: Targets,
+    left: bytes | None,
+    idle: tuple[float, Callable[[], None]] | None = None,
 ) -> list[str] | None:
     """The next changes, less the build's own: the lockfile while it holds what the last build left in it
     (the build writes it after every step), and a step's output folder removed that is back (a commit
     swaps the old outputs out and the new ones in), both seen once the build ends. The outputs' folder
     removed (`rm -rf build`) counts only while an output under it is still missing: the watch of the
     removed folder itself can say so late, after the build that the first word of it woke has made every
-    output again."""
-    while (changed := changes.wait(debounce_s, stop)) is not None:
+    output again. None once `stop` is set. idle: (seconds, call): `call()` once that long has passed
+    without a change that counts."""
+    deadline = None if idle is None else time.monotonic() + idle[0]
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if (changed := changes.wait(debounce_s, stop, timeout)) is None:
+            return None
+        if not changed:  # idle that long
+            deadline = None
+            idle[1]()
+            continue
         changed = [p for p in changed if _not_the_builds(p, targets, left)]
         if changed:
             return changed
-    return None
 
 
 def _not_the_builds(path: str, targets: Targets, left: bytes | None) -> bool:

@@ -437,6 +437,12 @@ def test_a_watch_keeps_its_ray_workers_from_one_build_to_the_next_and_ends_them(
     assert gone(pid), "the watch's Ray worker outlived it"
 
 
+def test_a_watch_ends_its_idle_ray_workers_after_keep_loaded_and_starts_new_ones(ray_instance, pid_notes):
+    from tests.watch_fixtures import workers_let_go_by_a_watch
+
+    workers_let_go_by_a_watch(pid_notes, {"backend": "ray", "jobs": 1}, gone)
+
+
 @pytest.mark.torch
 def test_steps_of_a_local_instance_take_the_builds_thread_count(ray_instance, proj, monkeypatch):
     """OMP_NUM_THREADS of the build's environment sets the thread count of an inline build's steps, and so

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
 import time
+import weakref
+
+import pytest
 
 from runner.ui.plain import PlainReporter
 from runner.watch import targets_of, watch
@@ -168,6 +172,57 @@ def test_poll_interval_is_an_option_that_polls(proj, monkeypatch, capsys):
         assert main(["watch", str(proj.path), "--poll-interval", bad]) == 2
     assert "--poll-interval must be a number of seconds above 0" in capsys.readouterr().err
     assert len(given) == 2
+
+
+def test_keep_loaded_is_an_option_in_minutes(proj, monkeypatch, capsys):
+    from runner import watch as watch_module
+    from runner.cli import main
+
+    given = []
+    monkeypatch.setattr(watch_module, "watch", lambda path, **kw: given.append(kw) or 0)
+    for words in (["--keep-loaded", "0.5"], [], ["--keep-loaded", "0"], ["--keep-loaded", "inf"]):
+        assert main(["watch", str(proj.path), *words]) == 0
+    assert [kw["keep_loaded_s"] for kw in given] == [30, 600, 0, float("inf")]
+    for bad in ("-1", "nan"):
+        assert main(["watch", str(proj.path), "--keep-loaded", bad]) == 2
+    assert "--keep-loaded must be a number of minutes, 0 or more" in capsys.readouterr().err
+    assert len(given) == 4
+
+
+@pytest.mark.torch
+def test_an_inline_watch_lets_go_of_the_base_model_it_loaded_once_nothing_changes_for_a_while(
+    tmp_path, monkeypatch
+):
+    """Its memory is freed (nothing else holds the model), and the next build loads it again."""
+    from runner.exec.backends import LazyModels
+
+    class Held(dict):
+        """The base-model cache of this process, with a weak reference to each model loaded."""
+
+        loaded: list[weakref.ref] = []
+
+        def __setitem__(self, key, cache):
+            self.loaded.append(weakref.ref(cache))
+            super().__setitem__(key, cache)
+
+    monkeypatch.setattr(LazyModels, "_shared", Held())
+    path = tmp_path / "r.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sd"\n\n[renders.base]\nadapter = "none"\nprompts = ["a dog"]\n'
+        "steps = 2\nwidth = 32\nheight = 32\n"
+    )
+    said = "no change for 0.3 s: let go of the loaded base model (the next build loads it again)"
+    w = Watcher(path, keep_loaded_s=0.3)
+    try:
+        wait_for(lambda: said in w.messages, f"the model let go; the watch said {w.messages}")
+        gc.collect()
+        assert len(Held.loaded) == 1 and Held.loaded[0]() is None, "the model let go is still held"
+        save(path, path.read_text().replace("a dog", "a cat"))
+        wait_for(lambda: w.messages.count(said) == 2, f"a second build and let-go; it said {w.messages}")
+    finally:
+        assert w.close() == 0
+    assert len(Held.loaded) == 2, "the second build did not load the model again"
+    assert (tmp_path / "build" / "r" / "renders" / "base").is_dir()
 
 
 def test_a_missing_images_folder_is_watched_through_its_parent(proj, fake_steps, watcher):

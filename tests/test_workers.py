@@ -193,6 +193,12 @@ def test_a_watch_keeps_its_workers_from_one_build_to_the_next_and_ends_them(pid_
     assert wait_gone(pid), "the watch's worker outlived it"
 
 
+def test_a_watch_ends_its_idle_workers_after_keep_loaded_and_starts_new_ones(pid_notes):
+    from tests.watch_fixtures import workers_let_go_by_a_watch
+
+    workers_let_go_by_a_watch(pid_notes, {"jobs": 2}, wait_gone)
+
+
 class Unpicklable(Exception):
     def __init__(self, message):
         super().__init__(message)

@@ -22,7 +22,13 @@ LIMIT_S = 20
 class Watcher:
     """`watch` in a thread, with what it said and what its builds printed."""
 
-    def __init__(self, path: Path, polling: bool = False, build_options: dict | None = None):
+    def __init__(
+        self,
+        path: Path,
+        polling: bool = False,
+        build_options: dict | None = None,
+        keep_loaded_s: float = float("inf"),
+    ):
         self.messages: list[str] = []
         self.lines: list[str] = []
         self.stop = threading.Event()
@@ -38,6 +44,7 @@ class Watcher:
                 stop_event=self.stop,
                 echo=self.messages.append,
                 build_options=build_options,
+                keep_loaded_s=keep_loaded_s,
             )
 
         self.thread = threading.Thread(target=run, daemon=True)
@@ -82,6 +89,30 @@ def worker_kept_by_a_watch(path: Path, build_options: dict, alive: Callable[[int
     finally:
         w.close()
     return int(first)
+
+
+def workers_let_go_by_a_watch(path: Path, build_options: dict, gone: Callable[[int], bool]) -> None:
+    """Watch the project of the fixture `pid_notes` at `path` with `build_options`, keeping what a build
+    loaded for 0.3 s: the first build's worker is ended once that passes without a change, and a build
+    after it (the note edited) runs in a new worker, ended with the watch."""
+    w = Watcher(path, build_options=build_options, keep_loaded_s=0.3)
+    note = path.parent / "build" / "n" / "notes" / "a" / "note.txt"
+    said = "no change for 0.3 s: ended the idle worker and the base model loaded there"
+    try:
+        w.wait_idle(0)
+        first = int(note.read_text().split()[1])
+        wait_for(
+            lambda: any(m.startswith(said) for m in w.messages), f"the worker let go; it said {w.messages}"
+        )
+        assert gone(first), "the idle worker was not ended"
+        save(path, path.read_text().replace('"one"', '"two"'))
+        wait_for(lambda: note.read_text().startswith("two"), f"the second build; the watch said {w.messages}")
+        second = int(note.read_text().split()[1])
+        assert second not in (first, os.getpid())
+        assert sum(m.startswith(said) for m in w.messages) >= 1
+    finally:
+        w.close()
+    assert gone(second), "the second worker outlived the watch"
 
 
 def save(path: Path, text: str) -> None:

@@ -108,6 +108,19 @@ class LazyModels:
             loaded(cache.device)
         return getattr(cache, name)
 
+    @classmethod
+    def let_go(cls) -> bool:
+        """Drop the base model this process holds (a watch with nothing to build for a while), freeing its
+        memory; the next step loads it again. Whether one was held."""
+        held = bool(cls._shared)
+        if held:
+            cls._shared.clear()
+            import gc
+
+            gc.collect()  # the pipeline's modules refer to each other
+            release_cached_gpu_memory()
+        return held
+
 
 def model_files_stamp(base) -> tuple:
     """What tells a loaded base model from its files as they are now, at the cost of a stat per file:
@@ -223,6 +236,11 @@ class ProcessBackend:
                 self._idle.append(worker)
                 return
         worker.stop()
+
+    def kept(self) -> int:
+        """How many workers are kept, idle, for the next steps."""
+        with self._lock:
+            return len(self._idle)
 
     def cancel(self) -> None:
         """Terminate every worker (the second Ctrl-C when steps run at once)."""

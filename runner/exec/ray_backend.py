@@ -441,6 +441,11 @@ class RayBackend:
             self.close()
             self._lost, self._silent_since, self._asked = "", None, 0.0
 
+    def kept(self) -> int:
+        """How many workers are kept, idle, for the next steps."""
+        with self._workers:
+            return len(self._idle)
+
     def cancel(self) -> None:
         """End every running step's worker at once (the second Ctrl-C)."""
         if self._ray is None:

@@ -208,7 +208,7 @@ def _let_go(workers, seconds: float, say: Callable[[str], None]) -> None:
     why = f"no change for {_duration(seconds)}" if seconds > 0 else "--keep-loaded 0"
     if ended:
         which = "the idle worker" if ended == 1 else f"the {ended} idle workers"
-        say(f"{why}: ended {which} and the base model loaded there (the next build starts them again)")
+        say(f"{why}: ended {which} and the base model they had loaded (the next build starts them again)")
     else:
         say(f"{why}: let go of the loaded base model (the next build loads it again)")
 

@@ -49,12 +49,13 @@ class _KeptBackend:
             self.backend.close()
 
     def let_go(self) -> int:
-        """End the backend and its workers (the watch has had nothing to build for a while); the next build
-        that runs a step makes another. How many idle workers there were."""
+        """End the backend and its workers (the watch has had nothing to build for a while), and leave what
+        it connected to (`leave`: a local Ray instance stops); the next build that runs a step makes
+        another. How many idle workers there were."""
         if self.backend is None:
             return 0
         kept = self.backend.kept()
-        self.backend.close()
+        getattr(self.backend, "leave", self.backend.close)()
         self.backend = None
         return kept
 

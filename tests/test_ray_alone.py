@@ -100,6 +100,57 @@ print(json.dumps({
 """
 
 
+LET_GO = """
+import dataclasses, json, sys
+from pathlib import Path
+
+import psutil
+import ray
+
+from runner import steps
+from tests.note_kind import NOTE, run_note_with_pid
+from tests.watch_fixtures import Watcher, save, wait_for
+
+steps.register(dataclasses.replace(NOTE, run=run_note_with_pid))
+path = Path(sys.argv[1]) / "n.toml"
+path.write_text('[project]\\nbase_model = "tiny-sd"\\n\\n[notes.a]\\ntext = "one"\\n')
+note = path.parent / "build" / "n" / "notes" / "a" / "note.txt"
+heads = lambda: [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+w = Watcher(path, build_options={"backend": "ray", "jobs": 1}, keep_loaded_s=0.5)
+try:
+    w.wait_idle(0)
+    first = {"note": note.read_text(), "heads": heads()}
+    wait_for(lambda: any(m.startswith("no change for 0.5 s: ended the idle worker") for m in w.messages), "let go")
+    wait_for(lambda: not heads(), "the local instance to stop")
+    let_go = {"connected": ray.is_initialized(), "heads": heads()}
+    save(path, path.read_text().replace('"one"', '"two"'))
+    wait_for(lambda: note.read_text().startswith("two"), "the second build")
+finally:
+    code = w.close()
+print(json.dumps({"first": first, "let_go": let_go, "second": note.read_text(), "code": code, "said": w.messages}))
+"""
+
+
+def test_a_watch_that_let_go_of_its_ray_workers_stops_the_local_instance_it_started(tmp_path):
+    """A local Ray instance's processes hold some 650 MB: a watch with nothing to build for --keep-loaded
+    minutes stops the one its first build started, and its next build starts another."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path / "dbl-home")
+    env = {**os.environ, "DBL_HOME": home, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", LET_GO, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["first"]["note"].startswith("one ") and len(said["first"]["heads"]) == 1, said
+    assert said["let_go"] == {"connected": False, "heads": []}, said
+    assert said["second"].startswith("two ") and said["code"] == 0, said
+    assert said["second"].split()[1] != said["first"]["note"].split()[1], said  # a new worker
+
+
 @pytest.mark.slow
 def test_a_lost_head_ends_the_build_with_its_summary_before_ray_ends_the_process(tmp_path):
     """Ray ended the build's process from its C++ code a minute after the head's GCS was lost (exit 1, no

@@ -50,8 +50,8 @@ def import_ray(api: bool = False):
 
 def connect(
     address: str | None = None, gpus: tuple[str, ...] | None = None, api: bool = False, **init
-) -> None:
-    """Connect this process to Ray, unless it is connected already.
+) -> bool:
+    """Connect this process to Ray, unless it is connected already; whether this call connected it.
 
     `address` None (or "local"): start a local instance that listens on 127.0.0.1 only, without a
     dashboard; `gpus` restricts it to these GPUs of this machine. Else join that cluster ("auto",
@@ -67,7 +67,7 @@ def connect(
         )
     ray = import_ray(api)
     if ray.is_initialized():
-        return
+        return False
     common = {"log_to_driver": False, "logging_level": logging.WARNING, **init}
     _ray_output_to_stderr()
     with _keeping_sigterm():
@@ -77,8 +77,9 @@ def connect(
                 ray.init(address=address, **common)
             except ConnectionError as exc:
                 raise UsageError(_unreachable(address, str(exc), api) + _token_hint(address)) from None
-            return
-        _start_local(ray, gpus, common)
+        else:
+            _start_local(ray, gpus, common)
+    return True
 
 
 def _ray_output_to_stderr() -> None:

@@ -1,6 +1,8 @@
 """`--executor ray` without the shared local Ray instance of tests/test_ray.py: what a step reserves, a
-step whose node Ray lost before its worker started (Ray faked), and a cluster's head (its GCS) lost mid-build
-(a Ray instance of its own, in a process of its own, a part of which the test kills)."""
+step whose node Ray lost before its worker started (Ray faked), a cluster's head (its GCS) lost mid-build
+(a Ray instance of its own, in a process of its own, a part of which the test kills), a watch that stops
+the local instance it started, and a build through a Ray Client address (`ray://`) of a head started by
+`ray start`."""
 
 from __future__ import annotations
 
@@ -179,3 +181,103 @@ def test_a_lost_head_ends_the_build_with_its_summary_before_ray_ends_the_process
         assert "has not answered for 3s); rerun the build once it is back" in error, said
     assert said["stopped"] == ["stopped-render-base", "stopped-train-toy"], said  # at a safe point
     assert said["after_s"] < 20 and took < 60, (said, took)  # well before Ray's minute
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int, head, log: Path, wait_s: float = 60) -> None:
+    """Wait until something listens on the port of 127.0.0.1 (the head started by `ray start`, which
+    writes `log`)."""
+    import socket
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        assert head.poll() is None, f"ray start ended with {head.returncode}: {log.read_text()[-3000:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port} after {wait_s}s"
+            time.sleep(0.2)
+
+
+def end_head(head, temp_dir: Path) -> None:
+    """Kill a head started by `ray start --block` and every process it started (SIGTERM drains the node for
+    30 s first), and assert that none is left."""
+    import signal
+
+    import psutil
+
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(30)
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for p in left:
+        p.kill()
+    assert not [p.pid for p in left], "processes of the head outside its process group"
+
+
+@pytest.mark.slow
+def test_a_build_through_a_ray_client_address_makes_the_bytes_of_an_inline_build(tmp_path):
+    """`--ray-address ray://HOST:PORT` (Ray Client, how a laptop reaches a remote cluster): a head started
+    with `ray start --head`, as a user starts one, and projects/flow.toml built through it."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from runner import lockfile
+    from tests.conftest import ROOT
+    from tests.folders import folder_bytes
+
+    pytest.importorskip("ray")
+    home = os.environ.get("DBL_TEST_HOME") or str(tmp_path / "dbl-home")
+    # No token: the head is this test's, on 127.0.0.1 (Ray's token, where one is asked for, is the user's).
+    env = {**os.environ, "DBL_HOME": home, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, client = free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "2"]
+        + ["--node-ip-address", "127.0.0.1", "--port", str(gcs), "--ray-client-server-port", str(client)]
+        + ["--include-dashboard", "false", "--temp-dir", str(temp)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "ray-start.txt").open("w"),
+        start_new_session=True,
+    )
+    built = {}
+    try:
+        answers(client, head, tmp_path / "ray-start.txt")
+        for how, flags in {
+            "inline": [],
+            "client": ["--executor", "ray", "--ray-address", f"ray://127.0.0.1:{client}", "-j", "2"],
+        }.items():
+            folder = tmp_path / how
+            shutil.copytree(ROOT / "projects", folder)
+            done = subprocess.run(
+                [sys.executable, "-m", "runner", "build", str(folder / "flow.toml"), "--no-progress", *flags],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            assert "flow: built in" in done.stdout and "6 ran" in done.stdout, done.stdout[-2000:]
+            records = lockfile.read(folder / "flow.lock")
+            for record in records.values():
+                del record["built"], record["duration_s"]
+            built[how] = (folder_bytes(folder / "build" / "flow"), records)
+            if how == "client":  # each step said the node it ran on: in a worker of the head's node
+                assert len(re.findall(r" done in \S+ on \S+ cpu -> ", done.stdout)) == 6, done.stdout[-2000:]
+    finally:
+        end_head(head, temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert len(built["inline"][0]) == 33 and len(built["inline"][1]) == 6
+    assert built["client"] == built["inline"]

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 
 from runner.errors import UsageError
 
@@ -74,7 +75,9 @@ def connect(
         if address not in LOCAL:
             _check_reachable(address, api)
             try:
-                ray.init(address=address, **common)
+                with warnings.catch_warnings():  # said below, with what to do
+                    warnings.filterwarnings("ignore", "Ray Client connection timed out")
+                    ray.init(address=address, **common)
             except ConnectionError as exc:
                 raise UsageError(_unreachable(address, str(exc), api) + _token_hint(address)) from None
         else:

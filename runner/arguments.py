@@ -48,8 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--ray-address",
             metavar="ADDR",
-            help="with --executor ray: the cluster to join, 'auto' (the one this machine belongs to) or "
-            "HOST:PORT, or 'local' to start a local Ray instance (default: RAY_ADDRESS if set, else local)",
+            help="with --executor ray: the cluster to join, 'auto' (the one this machine belongs to), "
+            "HOST:PORT or ray://HOST:PORT (Ray Client, from outside the cluster), or 'local' to start a "
+            "local Ray instance (default: RAY_ADDRESS if set, else local)",
         )
         p.add_argument(
             "-j",

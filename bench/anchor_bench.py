@@ -124,25 +124,18 @@ def build_sdxl(folder: Path, device: str, seed: int = 0) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def build_sd15(folder: Path, device: str, seed: int = 0) -> None:
-    """SD 1.5's architecture with seeded random weights (runner.models.sd15_random_pipeline), saved in
-    fp16 as a diffusers folder."""
-    import torch
-
-    from runner.models import sd15_random_pipeline
-
-    pipe = sd15_random_pipeline(device=device, dtype=torch.float16, seed=seed)
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
 def build_model(folder: Path, args) -> Path:
     """The model folder: a built-in tiny model for the rehearsal, else the family's shapes built once."""
     if args.shape == "tiny":
         from runner.models import ensure_builtin
 
         return ensure_builtin("tiny-sd" if args.family == "sd15" else "tiny-sdxl")
+    if args.family == "sd15":
+        from bench.common import saved_sd15_random
+
+        return saved_sd15_random(folder, args.device)
     if not (folder / "model_index.json").is_file():
-        (build_sd15 if args.family == "sd15" else build_sdxl)(folder, args.device)
+        build_sdxl(folder, args.device)
     return folder
 
 

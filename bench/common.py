@@ -1,7 +1,10 @@
-"""What the benchmarks share: drawn pictures to train on, and the peak memory of a process tree."""
+"""What the benchmarks share: drawn pictures to train on, SD 1.5's architecture saved with random weights,
+and the peak memory of a process tree."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,3 +38,22 @@ def peak_rss(process, interval_s: float = 0.05) -> int:
             pass
         time.sleep(interval_s)
     return peak
+
+
+def saved_sd15_random(folder: Path, device: str, seed: int = 0) -> Path:
+    """SD 1.5's architecture with seeded random weights (runner.models.sd15_random_pipeline), saved in fp16
+    as a diffusers folder: made on `device` (fast on a GPU) the first time, and kept. Saved beside it and
+    renamed, so that a killed save leaves no folder that looks whole."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+
+    from runner.models import sd15_random_pipeline
+
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe = sd15_random_pipeline(device=device, dtype=torch.float16, seed=seed)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, folder)
+    return folder

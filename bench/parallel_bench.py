@@ -134,16 +134,6 @@ def compare(tmp: Path, label: str, head: str, subjects: int, size: int, render_s
     return rows
 
 
-def sd15_model(folder: Path) -> Path:
-    """SD 1.5's architecture with seeded random weights, saved as a diffusers folder (fp16)."""
-    import torch
-
-    from runner.models import sd15_random_pipeline
-
-    sd15_random_pipeline(device="cuda", dtype=torch.float16).save_pretrained(folder)
-    return folder
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,7 +168,9 @@ def main(argv=None) -> int:
                 variants.append(("-j", str(args.jobs), "--executor", "ray"))
             rows += compare(tmp, label, head, args.subjects, 64, 10, *variants)
         if args.gpu or _cuda():
-            model = sd15_model(tmp / "sd15-random")
+            from bench.common import saved_sd15_random
+
+            model = saved_sd15_random(tmp / "sd15-random", "cuda")
             head = SD15.format(model=model.as_posix(), steps=args.gpu_steps)
             for n in (4, 8):
                 label = f"SD 1.5 shapes, {n} subjects, 1 GPU"

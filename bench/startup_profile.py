@@ -102,13 +102,9 @@ def saved_model(args) -> str:
     """The base_model value --build and --compare-load load: sd15-random is saved once as a diffusers folder."""
     if args.model != "sd15-random":
         return args.model
-    sys.path.insert(0, str(ROOT / "bench"))
-    from anchor_bench import build_sd15
+    from bench.common import saved_sd15_random
 
-    folder = Path(tempfile.gettempdir()) / "dbl-sd15-profile-model"
-    if not (folder / "model_index.json").is_file():
-        build_sd15(folder, args.device)
-    return str(folder)
+    return str(saved_sd15_random(Path(tempfile.gettempdir()) / "dbl-sd15-profile-model", args.device))
 
 
 def compare_load(args) -> None:

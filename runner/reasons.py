@@ -31,9 +31,14 @@ def _changed(key: str, old, new) -> list[str]:
             ]
         added = [_short(v) for v in new if v not in old]
         removed = [_short(v) for v in old if v not in new]
-        parts = [f"{key} {len(old)} -> {len(new)} items"]
-        parts += [f"+{v}" for v in added] + [f"-{v}" for v in removed]
-        return [" ".join(parts)]
+        which = [
+            f"{word} {', '.join(values)}"
+            for word, values in (("added", added), ("removed", removed))
+            if values
+        ]
+        # "+7" read as seven more seeds: the values added and removed are named as such
+        more = f" ({'; '.join(which)})" if which else ""
+        return [f"{key} {len(old)} -> {len(new)} item{'' if len(new) == 1 else 's'}{more}"]
     return [f"{key} {_short(old)} -> {_short(new)}"]
 
 

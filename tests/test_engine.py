@@ -394,7 +394,13 @@ def test_a_prior_whose_count_alone_changed_is_given_its_previous_images(proj, bu
 def test_added_seed_is_explained(proj, build, fake_steps):
     ran, rec = ran_after(proj, build, fake_steps, "seeds = [0, 1]", "seeds = [0, 1, 7]")
     assert ran == ["render:park"]
-    assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == ["seeds 2 -> 3 items +7"]
+    assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == ["seeds 2 -> 3 items (added 7)"]
+    proj.edit("seeds = [0, 1, 7]", "seeds = [5]")
+    result, rec = build(proj)
+    assert result.ok
+    assert dict((sid, r) for sid, _, r in rec.planned)["render:park"] == [
+        "seeds 3 -> 1 item (added 5; removed 0, 1, 7)"
+    ]
 
 
 def test_an_eval_names_its_changed_render_not_the_render_s_hash():

@@ -197,20 +197,21 @@ def _ctrl_c_waits():
 
 
 def _let_go(workers, seconds: float, say: Callable[[str], None]) -> None:
-    """No change for `seconds`: end the kept workers and drop the base model this process holds, and say
-    so when there was something to let go of."""
+    """No change for `seconds`: end the kept workers (and a local Ray instance the watch started) and drop
+    the base model this process holds, and say so when there was something to let go of."""
     from runner.exec.backends import LazyModels
 
-    ended = workers.let_go() if workers is not None else 0
+    ended, also = workers.let_go() if workers is not None else (0, "")
     held = LazyModels.let_go()
-    if not (ended or held):
-        return
     why = f"no change for {_duration(seconds)}" if seconds > 0 else "--keep-loaded 0"
     if ended:
-        which = "the idle worker" if ended == 1 else f"the {ended} idle workers"
-        say(f"{why}: ended {which} and the base model they had loaded (the next build starts them again)")
-    else:
+        who, pronoun = ("the idle worker", "it") if ended == 1 else (f"the {ended} idle workers", "they")
+        gone = [who, f"the base model {pronoun} had loaded", *([also] if also else [])]
+        say(f"{why}: ended {', '.join(gone[:-1])} and {gone[-1]} (the next build starts them again)")
+    elif held:
         say(f"{why}: let go of the loaded base model (the next build loads it again)")
+    elif also:
+        say(f"{why}: stopped {also} (the next build starts it again)")
 
 
 def _duration(seconds: float) -> str:

@@ -48,16 +48,19 @@ class _KeptBackend:
         if self.backend is not None:
             self.backend.close()
 
-    def let_go(self) -> int:
+    def let_go(self) -> tuple[int, str]:
         """End the backend and its workers (the watch has had nothing to build for a while), and leave what
         it connected to (`leave`: a local Ray instance stops); the next build that runs a step makes
-        another. How many idle workers there were."""
+        another. How many idle workers there were, and what else ended ("the local Ray instance", or "")."""
         if self.backend is None:
-            return 0
+            return 0, ""
         kept = self.backend.kept()
-        getattr(self.backend, "leave", self.backend.close)()
+        leave = getattr(self.backend, "leave", None)
+        if leave is None:
+            self.backend.close()
+        also = leave() if leave is not None else ""
         self.backend = None
-        return kept
+        return kept, also
 
 
 def kept_workers(build_options: dict | None) -> _KeptBackend | None:

@@ -122,7 +122,7 @@ w = Watcher(path, build_options={"backend": "ray", "jobs": 1}, keep_loaded_s=0.5
 try:
     w.wait_idle(0)
     first = {"note": note.read_text(), "heads": heads()}
-    wait_for(lambda: any(m.startswith("no change for 0.5 s: ended the idle worker") for m in w.messages), "let go")
+    wait_for(lambda: any(m.startswith("no change for 0.5 s: ended") for m in w.messages), "let go")
     wait_for(lambda: not heads(), "the local instance to stop")
     let_go = {"connected": ray.is_initialized(), "heads": heads()}
     save(path, path.read_text().replace('"one"', '"two"'))
@@ -151,6 +151,10 @@ def test_a_watch_that_let_go_of_its_ray_workers_stops_the_local_instance_it_star
     assert said["let_go"] == {"connected": False, "heads": []}, said
     assert said["second"].startswith("two ") and said["code"] == 0, said
     assert said["second"].split()[1] != said["first"]["note"].split()[1], said  # a new worker
+    assert (
+        "no change for 0.5 s: ended the idle worker, the base model it had loaded and the local Ray instance "
+        "(the next build starts them again)"
+    ) in said["said"], said
 
 
 @pytest.mark.slow

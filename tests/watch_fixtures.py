@@ -97,7 +97,9 @@ def workers_let_go_by_a_watch(path: Path, build_options: dict, gone: Callable[[i
     after it (the note edited) runs in a new worker, ended with the watch."""
     w = Watcher(path, build_options=build_options, keep_loaded_s=0.3)
     note = path.parent / "build" / "n" / "notes" / "a" / "note.txt"
-    said = "no change for 0.3 s: ended the idle worker and the base model they had loaded"
+    said = (
+        "no change for 0.3 s: ended the idle worker and the base model it had loaded (the next build starts"
+    )
     try:
         w.wait_idle(0)
         first = int(note.read_text().split()[1])

@@ -447,14 +447,17 @@ class RayBackend:
         with self._workers:
             return len(self._idle)
 
-    def leave(self) -> None:
+    def leave(self) -> str:
         """End the workers and, where this backend connected the process to Ray, the connection: a local
         instance it started stops (its processes hold some 650 MB). A watch with nothing to build for a
-        while holds nothing; its next build connects afresh."""
+        while holds nothing; its next build connects afresh. What else ended, for the watch to say: "the
+        local Ray instance", or ""."""
         ray = self._ray
         self.close()
-        if ray is not None and self._connected_here:
-            ray.shutdown()
+        if ray is None or not self._connected_here:
+            return ""
+        ray.shutdown()
+        return "the local Ray instance" if self._address in LOCAL else ""
 
     def cancel(self) -> None:
         """End every running step's worker at once (the second Ctrl-C)."""

@@ -296,3 +296,120 @@ def test_more_steps_than_ddim_takes_fail_naming_the_key_and_the_fix(tmp_path, mo
         f"{key}: 1001 steps are more than DDIM takes: at most the 1000 timesteps the model was trained with "
         '- use at most 1000, or scheduler = "euler", which takes more'
     )
+
+
+# --- after a change of prompts or seeds: the images of batches drawn before are kept ------------------------
+
+EDITED = """
+[project]
+base_model = "tiny-sd"
+
+[renders.plain]
+adapter = "none"
+prompts = {prompts}
+seeds = {seeds}
+steps = 2
+width = 32
+height = 32
+batch_size = {size}
+
+[renders.side]
+adapters = ["none"]
+prompts = {prompts}
+seeds = {seeds}
+steps = 2
+width = 32
+height = 32
+batch_size = {size}
+"""
+
+
+def _build_render(folder, **settings):
+    """Build the project EDITED with `settings` in `folder` (made if new): the outputs, the lockfile's
+    records less when they ran, and what the render steps logged."""
+    from runner import executor, lockfile
+    from runner.project import load_project
+    from tests.conftest import Recorder
+    from tests.folders import folder_bytes
+
+    folder.mkdir(exist_ok=True)
+    path = folder / "p.toml"
+    path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in settings.items()}))
+    rec = Recorder()
+    result = executor.build(load_project(path), executor.BuildOptions(), rec)
+    assert result.ok, rec.events
+    records = lockfile.read(folder / "p.lock")
+    for record in records.values():
+        del record["built"], record["duration_s"]
+    said = [e[2] for e in rec.events if e[0] == "log" and e[2].startswith(("kept ", "rendered "))]
+    return folder_bytes(folder / "build" / "p"), records, said
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_after_new_prompts_the_images_of_batches_drawn_before_are_kept_as_a_clean_build_draws_them(
+    tmp_path, size
+):
+    """Prompts reordered, one replaced: with batches of one image, or of one prompt's two seeds, the four
+    images of the two prompts kept are copied, the two of the new one drawn, and the outputs and records
+    are a clean build's, byte for byte (grid and folders of `adapters` included)."""
+    first = dict(prompts=["a dog", "a red cat", "a boat"], seeds=[0, 3], size=size)
+    _build_render(tmp_path / "edited", **first)
+    edited = dict(first, prompts=["a boat", "a dog", "a green bird"])
+    files, records, said = _build_render(tmp_path / "edited", **edited)
+    assert (
+        said
+        == [
+            "kept 4 images of the previous build, drawn in the same batches",
+            "rendered 2 images of 32x32 with DDIM",
+        ]
+        * 2
+    )
+    assert (files, records) == _build_render(tmp_path / "clean", **edited)[:2]
+    assert len(files) == 2 * 7 and records["render:plain"]["metrics"]["batch_size"] == size
+
+
+def test_images_are_kept_only_from_the_same_batches(tmp_path):
+    """A seed added to batches of two moves every batch after the first prompt's: those are drawn again.
+    A batch size changed (in no fingerprint) keeps nothing: it changes the rounding of every image."""
+    first = dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=2)
+    _build_render(tmp_path / "edited", **first)
+    more = dict(first, seeds=[0, 3, 5])  # batches (dog 0, dog 3) (dog 5, boat 0) (boat 3, boat 5)
+    files, records, said = _build_render(tmp_path / "edited", **more)
+    assert said[:2] == [
+        "kept 2 images of the previous build, drawn in the same batches",
+        "rendered 4 images of 32x32 with DDIM",
+    ]
+    assert (files, records) == _build_render(tmp_path / "clean", **more)[:2]
+    other = dict(more, prompts=["a boat", "a dog"], size=1)
+    files, records, said = _build_render(tmp_path / "edited", **other)
+    assert said[:1] == ["rendered 6 images of 32x32 with DDIM"]
+    assert (files, records) == _build_render(tmp_path / "clean-1", **other)[:2]
+
+
+def test_what_a_render_keeps_from_the_previous_build():
+    """Its images serve only renders whose every other input, and adapter name, is the same; a record
+    without the batch size it was drawn at (a build by an earlier dbl) gives nothing."""
+    from types import SimpleNamespace
+
+    from runner.steps.render import _drawn_before, _reuses
+
+    dog = {
+        "version": 1,
+        "adapter": {"_name": "dog", "output": "ab"},
+        "prompts": ["a"],
+        "seeds": [0],
+        "steps": 2,
+    }
+    assert _reuses(dog, {**dog, "prompts": ["b", "a"], "seeds": [1]})
+    assert not _reuses(dog, {**dog, "steps": 3})
+    assert not _reuses(dog, {**dog, "adapter": {"_name": "pup", "output": "ab"}})  # its images say "dog"
+    inputs = {**dog, "prompts": ["a", "b"], "seeds": [0, 1, 2]}
+    ctx = SimpleNamespace(earlier="out", spec=SimpleNamespace(batch_size=2))
+    ctx.earlier_record = {"inputs": inputs, "metrics": {"batch_size": 2}}
+    assert _drawn_before(ctx) == {
+        (("a", 0), ("a", 1)): [(0, 0), (0, 1)],
+        (("a", 2), ("b", 0)): [(0, 2), (1, 0)],
+        (("b", 1), ("b", 2)): [(1, 1), (1, 2)],
+    }
+    ctx.earlier_record = {"inputs": inputs, "metrics": {}}
+    assert _drawn_before(ctx) == {}

@@ -42,6 +42,7 @@ class Job:
     stop_file: Path | None = None  # its existence asks the step to stop at a safe point
     threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
     earlier: Path | None = None  # the step's committed outputs, when its kind reuses them (StepKind.reuses)
+    earlier_record: dict | None = None  # the lockfile's record of those outputs: their inputs and metrics
 
     @property
     def out(self) -> Path:
@@ -118,6 +119,7 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         should_stop=should_stop,
         extra=hooks.extra,
         earlier=job.earlier,
+        earlier_record=job.earlier_record,
     )
     metrics = (run or load_run(job.run))(ctx) or {}
     hasher = FileHasher()

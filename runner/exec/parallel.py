@@ -89,7 +89,7 @@ def run(ws, lock, todo, evs, options, reporter, force_ids, backend, graph) -> in
                 reporter.step_end(ev)
                 continue
             running[p.id] = (started, devices)
-            job, _ = make_job(ws, p.step, started.fp, ev, options, reporter, devices, started.earlier)
+            job, _ = make_job(ws, started, ev, options, reporter, devices)
             threading.Thread(target=_work, args=(backend, job, options, inbox), daemon=True).start()
 
     def _failed(p, ev, exc) -> None:

@@ -367,7 +367,7 @@ def _run_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, fo
     started = begin_step(ws, lock, p, ev, options, reporter, force)
     if started is None:
         return
-    job, hooks = make_job(ws, p.step, started.fp, ev, options, reporter, earlier=started.earlier)
+    job, hooks = make_job(ws, started, ev, options, reporter)
     try:
         outcome = backend.run(job, hooks)
     except Exception:  # failed or interrupted: it resumes from its work folder, if that can be trusted

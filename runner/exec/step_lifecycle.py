@@ -289,8 +289,9 @@ def _warner(ws: Workspace, reporter, ev):
     return lambda message: reporter.log(ev, WARNING + message)
 
 
-def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, devices=(), earlier=None):
-    """The step's Job, and hooks that report its progress and log lines on `reporter`."""
+def make_job(ws: Workspace, started: Started, ev: StepEvent, options, reporter, devices=()):
+    """The started step's Job, and hooks that report its progress and log lines on `reporter`."""
+    step = started.p.step
     work = ws.tmp(step)
     job = Job(
         step_id=step.id,
@@ -298,7 +299,7 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
         name=step.name,
         spec=step.spec,
         project=ws.project,
-        fingerprint=fp,
+        fingerprint=started.fp,
         run=steps.get(step.kind).run_ref,
         inputs={d: ws.output_dir(d) for d in step.deps},
         work=work,
@@ -308,7 +309,8 @@ def make_job(ws: Workspace, step, fp: str, ev: StepEvent, options, reporter, dev
         # and so the bytes of what a step writes (a -j 3 build must write what -j 1 writes).
         threads=0,
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
-        earlier=earlier,
+        earlier=started.earlier,
+        earlier_record=started.recorded if started.earlier is not None else None,
     )
     job.stop_file.unlink(missing_ok=True)
 

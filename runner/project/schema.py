@@ -244,7 +244,10 @@ class Render:
         "give this or adapter",
         "list[str]?",
     )
-    prompts: list[str] = opt(doc="prompts to render", type="list[str]")
+    prompts: list[str] = opt(
+        doc="prompts to render (after new prompts or seeds, the images of batches drawn before are kept)",
+        type="list[str]",
+    )
     negative_prompt: str = opt("", "negative prompt")
     steps: int = opt(50, "denoising steps", "int", minimum=1)
     guidance_scale: float = _generation_opt("guidance_scale")

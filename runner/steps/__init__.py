@@ -46,6 +46,8 @@ class StepContext:
     extra: dict = field(default_factory=dict)
     # The step's outputs of its previous inputs, when its kind's `reuses` says they serve these ones.
     earlier: Path | None = None
+    # The lockfile's record of those outputs (their inputs and metrics), as the build found it.
+    earlier_record: dict | None = None
     # Outputs of other steps that this one made on the way (a train step's snapshots): step id ->
     # (folder, metrics). The scheduler keeps them in the run-cache, where those steps find them.
     extras: dict = field(default_factory=dict)

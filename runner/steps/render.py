@@ -12,11 +12,17 @@ unloaded before the next; a swapped scheduler is put back. Every image has its o
 seeded by its seed, so its pixels do not depend on `batch_size`, on the other images of the
 batch, or on the device that made the latents - up to the rounding of batched kernels (about 1e-6
 before quantization, so at most one level of 255 at a rare pixel).
+
+After a change of its prompts or seeds alone, the images of the previous build (ctx.earlier) that were drawn
+in a batch this build draws again, the same prompts and seeds in the same order at the same batch size, are
+kept rather than drawn: they are the bytes drawing them would give. Editing one prompt of a batch of many
+redraws that prompt's images (and those of the batches it shares), not the whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 from runner import pnginfo
@@ -46,6 +52,7 @@ def run(ctx: StepContext) -> dict:
     several = spec.adapters is not None  # one subfolder and one grid column per adapter
     total = len(jobs) * len(names)
 
+    kept = _drawn_before(ctx)  # the previous build's batches: (prompt, seed) pairs -> its (index, seed) files
     saved_scheduler = pipe.scheduler
     images = {}  # (adapter, prompt index, seed) -> image
     try:
@@ -61,6 +68,7 @@ def run(ctx: StepContext) -> dict:
         # Progress at the start, then once a batch: a batch's images are drawn together, and said one by one
         # they made the display's rate that of one image per batch, then of a burst.
         ctx.progress(0, total)
+        reused = 0
         for column, adapter in enumerate(names):
             folder = ctx.out / adapter if several else ctx.out
             folder.mkdir(exist_ok=True)
@@ -75,6 +83,16 @@ def run(ctx: StepContext) -> dict:
                             f"render:{ctx.name} stopped after {len(images)} of {total} images"
                         )
                     batch = jobs[start : start + spec.batch_size]
+                    before = kept.get(tuple((prompt, seed) for _, prompt, seed in batch))
+                    if before is not None:
+                        earlier = ctx.earlier / adapter if several else ctx.earlier
+                        for (index, _, seed), (was, _) in zip(batch, before, strict=True):
+                            path = folder / f"{index}-{seed}.png"
+                            shutil.copyfile(earlier / f"{was}-{seed}.png", path)
+                            images[(adapter, index, seed)] = _opened(path)
+                        reused += len(batch)
+                        ctx.progress(len(images), total)
+                        continue
                     generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
                     out = pipe(
                         prompt=[prompt for _, prompt, _ in batch],
@@ -114,8 +132,47 @@ def run(ctx: StepContext) -> dict:
             [[images[(names[0], i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))]
         )
     pnginfo.save_png(grid, ctx.out / "grid.png")
-    ctx.log(f"rendered {total} images of {width}x{height} with {sampler}")
-    return {"images": total, "width": width, "height": height, "sampler": sampler}
+    if reused:
+        ctx.log(f"kept {reused} images of the previous build, drawn in the same batches")
+    ctx.log(f"rendered {total - reused} images of {width}x{height} with {sampler}")
+    # batch_size, in no fingerprint: the batches the images were drawn in, for the next build to reuse
+    return {
+        "images": total,
+        "width": width,
+        "height": height,
+        "sampler": sampler,
+        "batch_size": spec.batch_size,
+    }
+
+
+def _drawn_before(ctx: StepContext) -> dict[tuple, list[tuple[int, int]]]:
+    """The batches the previous build drew, when its images serve this build (`_reuses`, and the same batch
+    size: an image's rounding depends on its batch): (prompt, seed) of each image of a batch, in order ->
+    the (prompt index, seed) of the files it left."""
+    record = ctx.earlier_record or {}
+    if ctx.earlier is None or record.get("metrics", {}).get("batch_size") != ctx.spec.batch_size:
+        return {}
+    before = record.get("inputs", {})
+    jobs = [
+        (i, prompt, seed)
+        for i, prompt in enumerate(before.get("prompts", []))
+        for seed in before.get("seeds", [])
+    ]
+    drawn = {}
+    for start in range(0, len(jobs), ctx.spec.batch_size):
+        batch = jobs[start : start + ctx.spec.batch_size]
+        drawn.setdefault(
+            tuple((prompt, seed) for _, prompt, seed in batch), [(i, seed) for i, _, seed in batch]
+        )
+    return drawn
+
+
+def _opened(path: Path):
+    """The image of a PNG this step wrote, read whole (the file may be replaced before the grid is made)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 @contextlib.contextmanager
@@ -263,6 +320,17 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
+def _reuses(previous: dict, inputs: dict) -> bool:
+    """Whether the previous build's images can serve this one: only the prompts or the seeds changed (not
+    the adapters' names either, which the images carry)."""
+    from runner.fingerprint import fingerprint
+
+    def rest(i: dict) -> str:
+        return fingerprint({**i, "prompts": [], "seeds": []})
+
+    return rest(previous) == rest(inputs) and _unhashed(previous) == _unhashed(inputs)
+
+
 def _unhashed(inputs: dict) -> dict:
     """The adapter names a render's outputs carry: in each image's Lora field, and with `adapters`, as the
     folders of their images and the labels of the grid's columns."""
@@ -287,5 +355,6 @@ KIND = register(
         check=_check,
         unhashed=_unhashed,
         missing=_missing,
+        reuses=_reuses,
     )
 )

@@ -1,4 +1,5 @@
-"""The render step: the pixels of the guide's inference code, A1111 parameters, grid, batch-invariance."""
+"""The render step: the pixels of the guide's inference code, A1111 parameters, grid, batch-invariance, and the
+images of the previous build kept after a change of prompts or seeds."""
 
 from __future__ import annotations
 
@@ -413,3 +414,56 @@ def test_what_a_render_keeps_from_the_previous_build():
     }
     ctx.earlier_record = {"inputs": inputs, "metrics": {}}
     assert _drawn_before(ctx) == {}
+
+
+def test_prompts_reordered_draw_nothing_and_progress_starts_at_the_images_kept(tmp_path):
+    """Batches of one image: every image is kept (no adapter loaded, nothing drawn), and the first progress
+    event already counts them, so that the display's rate is that of the images drawn."""
+    from runner import executor
+    from runner.project import load_project
+    from tests.conftest import Recorder
+
+    first = dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=1)
+    _build_render(tmp_path / "edited", **first)
+    swapped = dict(first, prompts=["a boat", "a dog"])
+    files, records, said = _build_render(tmp_path / "edited", **swapped)
+    assert said == ["kept 4 images of the previous build, drawn in the same batches"] * 2
+    assert (files, records) == _build_render(tmp_path / "clean", **swapped)[:2]
+    grown = dict(swapped, seeds=[0, 3, 5])
+    path = tmp_path / "edited" / "p.toml"
+    path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in grown.items()}))
+    counts = []
+
+    class Progress(Recorder):
+        def step_progress(self, step):
+            if step.id == "render:plain":
+                counts.append((step.done, step.total))
+
+    assert executor.build(load_project(path), executor.BuildOptions(), Progress()).ok
+    assert counts[0] == (4, 6) and counts[-1] == (6, 6), counts
+
+
+def test_an_image_gone_between_the_builds_check_and_the_render_is_drawn_with_its_batch(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from runner.steps import render
+
+    first = dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=2)
+    _build_render(tmp_path / "edited", **first)
+    copied, real = [], shutil.copyfile
+
+    def copy_but_the_first(src, dst, **kwargs):  # of the previous build's images
+        if "renders" in Path(src).parts and not copied.append(src) and len(copied) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(src))
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(render.shutil, "copyfile", copy_but_the_first)
+    edited = dict(first, prompts=["a boat", "a dog", "a bird"])
+    files, records, said = _build_render(tmp_path / "edited", **edited)
+    assert len(copied) > 1 and said[:2] == [
+        "kept 2 images of the previous build, drawn in the same batches",
+        "rendered 4 images of 32x32 with DDIM",
+    ]
+    monkeypatch.undo()
+    assert (files, records) == _build_render(tmp_path / "clean", **edited)[:2]

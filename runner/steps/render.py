@@ -52,9 +52,12 @@ def run(ctx: StepContext) -> dict:
     several = spec.adapters is not None  # one subfolder and one grid column per adapter
     total = len(jobs) * len(names)
 
-    kept = _drawn_before(ctx)  # the previous build's batches: (prompt, seed) pairs -> its (index, seed) files
     saved_scheduler = pipe.scheduler
     images = {}  # (adapter, prompt index, seed) -> image
+    batches = [jobs[start : start + spec.batch_size] for start in range(0, len(jobs), spec.batch_size)]
+    # First the images of the previous build that serve this one, so that the display's rate is that of
+    # the images drawn.
+    reused = _keep_drawn(ctx, batches, names, images)
     try:
         if spec.scheduler is not None:
             try:
@@ -67,9 +70,13 @@ def run(ctx: StepContext) -> dict:
 
         # Progress at the start, then once a batch: a batch's images are drawn together, and said one by one
         # they made the display's rate that of one image per batch, then of a burst.
-        ctx.progress(0, total)
-        reused = 0
+        ctx.progress(len(images), total)
         for column, adapter in enumerate(names):
+            todo = [
+                batch for batch in batches if any((adapter, i, seed) not in images for i, _, seed in batch)
+            ]
+            if not todo:  # every image kept: no need to load the adapter
+                continue
             folder = ctx.out / adapter if several else ctx.out
             folder.mkdir(exist_ok=True)
             # One adapter at a time, removed before the next is loaded: the pipeline is left as found.
@@ -77,22 +84,11 @@ def run(ctx: StepContext) -> dict:
                 ctx, pipe, adapter, f"dbl-render-{ctx.name}" + (f"-{column}" if several else "")
             ):
                 lora_field = None if adapter == "none" else f"{adapter}:{spec.lora_scale:g}"
-                for start in range(0, len(jobs), spec.batch_size):
+                for batch in todo:
                     if ctx.should_stop():
                         raise StepInterrupted(
                             f"render:{ctx.name} stopped after {len(images)} of {total} images"
                         )
-                    batch = jobs[start : start + spec.batch_size]
-                    before = kept.get(tuple((prompt, seed) for _, prompt, seed in batch))
-                    if before is not None:
-                        earlier = ctx.earlier / adapter if several else ctx.earlier
-                        for (index, _, seed), (was, _) in zip(batch, before, strict=True):
-                            path = folder / f"{index}-{seed}.png"
-                            shutil.copyfile(earlier / f"{was}-{seed}.png", path)
-                            images[(adapter, index, seed)] = _opened(path)
-                        reused += len(batch)
-                        ctx.progress(len(images), total)
-                        continue
                     generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
                     out = pipe(
                         prompt=[prompt for _, prompt, _ in batch],
@@ -134,7 +130,8 @@ def run(ctx: StepContext) -> dict:
     pnginfo.save_png(grid, ctx.out / "grid.png")
     if reused:
         ctx.log(f"kept {reused} images of the previous build, drawn in the same batches")
-    ctx.log(f"rendered {total - reused} images of {width}x{height} with {sampler}")
+    if reused < total:
+        ctx.log(f"rendered {total - reused} images of {width}x{height} with {sampler}")
     # batch_size, in no fingerprint: the batches the images were drawn in, for the next build to reuse
     return {
         "images": total,
@@ -143,6 +140,34 @@ def run(ctx: StepContext) -> dict:
         "sampler": sampler,
         "batch_size": spec.batch_size,
     }
+
+
+def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], images: dict) -> int:
+    """Copy into ctx.out the previous build's images of the `batches` (of (prompt index, prompt, seed)) it
+    drew the same way, for each adapter of `names`, and add them to `images`; how many."""
+    drawn = _drawn_before(ctx)
+    if not drawn:
+        return 0
+    several = ctx.spec.adapters is not None
+    kept = 0
+    for adapter in names:
+        folder, earlier = (ctx.out / adapter, ctx.earlier / adapter) if several else (ctx.out, ctx.earlier)
+        for batch in batches:
+            before = drawn.get(tuple((prompt, seed) for _, prompt, seed in batch))
+            if before is None:
+                continue
+            folder.mkdir(exist_ok=True)
+            try:
+                for (index, _, seed), (was, _) in zip(batch, before, strict=True):
+                    path = folder / f"{index}-{seed}.png"
+                    shutil.copyfile(earlier / f"{was}-{seed}.png", path)
+                    images[(adapter, index, seed)] = _opened(path)
+            except OSError:  # removed or replaced since the build checked it: the batch is drawn
+                for index, _, seed in batch:
+                    images.pop((adapter, index, seed), None)
+                continue
+            kept += len(batch)
+    return kept
 
 
 def _drawn_before(ctx: StepContext) -> dict[tuple, list[tuple[int, int]]]:

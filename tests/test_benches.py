@@ -18,6 +18,7 @@ SMALLEST = {
     "commit_bench": ["--files", "2", "--size", "10", "--repeat", "1", "--json"],
     "prior_bench": ["--images", "1", "--steps", "1", "--repeat", "1", "--json"],
     "render_bench": ["--prompts", "1", "--seeds", "1", "--steps", "1", "--repeat", "1", "--json"],
+    "edit_bench": ["--prompts", "2", "--seeds", "1", "--steps", "1", "--json"],
     "train_bench": ["--steps", "1", "--warmup", "1", "--resolution", "32", "--json", "{out}"],
     "plan_bench": ["--subjects", "2", "--images", "2", "--json"],
     "live_bench": ["--seconds", "1", "--json"],

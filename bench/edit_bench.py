@@ -1,0 +1,122 @@
+"""How long a rebuild takes after one prompt of a render batch is edited, on tiny-sd.
+
+    python bench/edit_bench.py [--prompts 8] [--seeds 4] [--steps 20] [--batch-size 1] [--json]
+
+A project of one render (the base model, `--prompts` x `--seeds` images) is built, one prompt is edited,
+and the build that follows is timed: dbl keeps the images of the batches it drew before and draws the
+edited prompt's. Against it, the same edit built with `--force` on the render, which draws the whole batch
+again (what a render did before it kept images). Both run in this process after a first build, with the
+base model loaded, as in `dbl watch`. The two builds' outputs are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROJECT = """[project]
+base_model = "tiny-sd"
+
+[renders.batch]
+adapter = "none"
+prompts = {prompts}
+seeds = {seeds}
+steps = {steps}
+batch_size = {batch_size}
+"""
+
+
+def write(path: Path, prompts: list[str], args) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        PROJECT.format(
+            prompts=json.dumps(prompts),
+            seeds=json.dumps(list(range(args.seeds))),
+            steps=args.steps,
+            batch_size=args.batch_size,
+        )
+    )
+    return path
+
+
+def build(path: Path, force: bool = False) -> tuple[float, list[str]]:
+    """Seconds to build the project at `path`, and what its render logged of the images kept and drawn."""
+    from runner import executor
+    from runner.project import load_project
+
+    said: list[str] = []
+
+    class Reporter:
+        def plan(self, *a): ...
+        def step_start(self, *a): ...
+        def step_progress(self, *a): ...
+        def step_end(self, *a): ...
+        def finish(self, *a): ...
+        def close(self): ...
+
+        def log(self, step, message):
+            if message.startswith(("kept ", "rendered ")):
+                said.append(message)
+
+    project = load_project(path)
+    clock = time.perf_counter()
+    result = executor.build(
+        project, executor.BuildOptions(force=("render:batch",) if force else None), Reporter()
+    )
+    seconds = time.perf_counter() - clock
+    if not result.ok:
+        raise SystemExit(f"the build of {path} failed: {[s.error for s in result.steps if s.error]}")
+    return seconds, said
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print only the JSON")
+    args = parser.parse_args()
+
+    from runner.models.loading import quiet_libraries
+    from tests.folders import folder_bytes
+
+    quiet_libraries()
+    prompts = [f"a photo of thing number {i}" for i in range(args.prompts)]
+    edited = list(prompts)
+    edited[args.prompts // 2] = "a photo of something else"
+    figures = {"images": args.prompts * args.seeds, "steps": args.steps, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {way: Path(tmp) / way for way in ("kept", "drawn")}
+        for folder in folders.values():
+            build(write(folder / "p.toml", prompts, args))  # the first one also loads the model
+        for way, folder in folders.items():
+            seconds, said = build(write(folder / "p.toml", edited, args), force=way == "drawn")
+            figures[f"{way}_s"] = seconds
+            figures[f"{way}_said"] = said
+        same = folder_bytes(folders["kept"] / "build" / "p") == folder_bytes(folders["drawn"] / "build" / "p")
+    figures["same_bytes"] = same
+    figures["speedup"] = figures["drawn_s"] / figures["kept_s"]
+    if not args.json:
+        print(
+            f"one prompt of {args.prompts} edited, {args.seeds} seeds, {args.steps} steps, tiny-sd on this machine:\n"
+            f"  images of unchanged batches kept  {figures['kept_s']:6.2f} s  ({'; '.join(figures['kept_said'])})\n"
+            f"  the whole batch drawn again       {figures['drawn_s']:6.2f} s  ({'; '.join(figures['drawn_said'])})\n"
+            f"  {figures['speedup']:.1f}x; the same bytes: {same}"
+        )
+    print(json.dumps(figures, indent=None if args.json else 2))
+    if not same:
+        raise SystemExit("the outputs differ")
+
+
+if __name__ == "__main__":
+    main()

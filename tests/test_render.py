@@ -301,28 +301,20 @@ def test_more_steps_than_ddim_takes_fail_naming_the_key_and_the_fix(tmp_path, mo
 
 # --- after a change of prompts or seeds: the images of batches drawn before are kept ------------------------
 
-EDITED = """
-[project]
-base_model = "tiny-sd"
-
-[renders.plain]
-adapter = "none"
-prompts = {prompts}
-seeds = {seeds}
-steps = 2
-width = 32
-height = 32
-batch_size = {size}
-
-[renders.side]
-adapters = ["none"]
-prompts = {prompts}
+SETTINGS = """prompts = {prompts}
 seeds = {seeds}
 steps = 2
 width = 32
 height = 32
 batch_size = {size}
 """
+# One render of one adapter, and one of `adapters` (its images in a folder per adapter).
+EDITED = (
+    '[project]\nbase_model = "tiny-sd"\n\n[renders.plain]\nadapter = "none"\n'
+    + SETTINGS
+    + '\n[renders.side]\nadapters = ["none"]\n'
+    + SETTINGS
+)
 
 
 def _build_render(folder, **settings):

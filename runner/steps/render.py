@@ -46,15 +46,14 @@ def run(ctx: StepContext) -> dict:
         ctx.log(warning)
     source = Source.of(ctx.project)
     width, height = image_size(pipe, spec, ctx.models.family, source, f"renders.{ctx.name}")
-    jobs = [(i, prompt, seed) for i, prompt in enumerate(spec.prompts) for seed in spec.seeds]
     model_name = pnginfo.model_name(ctx.models.base)
     names = spec.adapter_names
     several = spec.adapters is not None  # one subfolder and one grid column per adapter
-    total = len(jobs) * len(names)
+    batches = _batches(spec.prompts, spec.seeds, spec.batch_size)
+    total = len(spec.prompts) * len(spec.seeds) * len(names)
 
     saved_scheduler = pipe.scheduler
     images = {}  # (adapter, prompt index, seed) -> image
-    batches = [jobs[start : start + spec.batch_size] for start in range(0, len(jobs), spec.batch_size)]
     # First the images of the previous build that serve this one, so that the display's rate is that of
     # the images drawn.
     reused = _keep_drawn(ctx, batches, names, images)
@@ -178,18 +177,19 @@ def _drawn_before(ctx: StepContext) -> dict[tuple, list[tuple[int, int]]]:
     if ctx.earlier is None or record.get("metrics", {}).get("batch_size") != ctx.spec.batch_size:
         return {}
     before = record.get("inputs", {})
-    jobs = [
-        (i, prompt, seed)
-        for i, prompt in enumerate(before.get("prompts", []))
-        for seed in before.get("seeds", [])
-    ]
     drawn = {}
-    for start in range(0, len(jobs), ctx.spec.batch_size):
-        batch = jobs[start : start + ctx.spec.batch_size]
+    for batch in _batches(before.get("prompts", []), before.get("seeds", []), ctx.spec.batch_size):
         drawn.setdefault(
             tuple((prompt, seed) for _, prompt, seed in batch), [(i, seed) for i, _, seed in batch]
         )
     return drawn
+
+
+def _batches(prompts: list[str], seeds: list[int], size: int) -> list[list[tuple[int, str, int]]]:
+    """The images of `prompts` x `seeds`, (prompt index, prompt, seed), in the batches of `size` they are
+    drawn in, every seed of the first prompt first."""
+    jobs = [(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+    return [jobs[start : start + size] for start in range(0, len(jobs), size)]
 
 
 def _opened(path: Path):

@@ -55,10 +55,11 @@ class _KeptBackend:
         if self.backend is None:
             return 0, ""
         kept = self.backend.kept()
-        leave = getattr(self.backend, "leave", None)
-        if leave is None:
+        if (leave := getattr(self.backend, "leave", None)) is not None:
+            also = leave()
+        else:
             self.backend.close()
-        also = leave() if leave is not None else ""
+            also = ""
         self.backend = None
         return kept, also
 

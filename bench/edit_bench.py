@@ -50,30 +50,21 @@ def build(path: Path, force: bool = False) -> tuple[float, list[str]]:
     """Seconds to build the project at `path`, and what its render logged of the images kept and drawn."""
     from runner import executor
     from runner.project import load_project
+    from runner.ui.plain import PlainReporter
 
-    said: list[str] = []
-
-    class Reporter:
-        def plan(self, *a): ...
-        def step_start(self, *a): ...
-        def step_progress(self, *a): ...
-        def step_end(self, *a): ...
-        def finish(self, *a): ...
-        def close(self): ...
-
-        def log(self, step, message):
-            if message.startswith(("kept ", "rendered ")):
-                said.append(message)
-
+    lines: list[str] = []  # "12:00:01 render:batch  kept 28 images ..."
     project = load_project(path)
     clock = time.perf_counter()
     result = executor.build(
-        project, executor.BuildOptions(force=("render:batch",) if force else None), Reporter()
+        project,
+        executor.BuildOptions(force=("render:batch",) if force else None),
+        PlainReporter(verbosity=1, write=lines.append),
     )
     seconds = time.perf_counter() - clock
     if not result.ok:
         raise SystemExit(f"the build of {path} failed: {[s.error for s in result.steps if s.error]}")
-    return seconds, said
+    said = [line.split(None, 2)[-1] for line in lines if " render:batch " in line]
+    return seconds, [message for message in said if message.startswith(("kept ", "rendered "))]
 
 
 def main() -> None:

@@ -65,23 +65,20 @@ class _KeptBackend:
 
 
 def kept_workers(build_options: dict | None) -> _KeptBackend | None:
-    """For builds whose steps run in workers (-j, --executor process or ray): one backend for the whole
-    watch, so that its workers, and the base model each has loaded, serve build after build as the build's
-    own process does for inline builds."""
+    """For builds whose steps run in workers (a backend whose `keeps_workers` is true: -j, --executor
+    process or ray): one backend for the whole watch, so that its workers, and the base model each has
+    loaded, serve build after build as the build's own process does for inline builds."""
     from runner import executor
-    from runner.exec.backends import ProcessBackend
-    from runner.exec.ray_backend import RayBackend
+    from runner.exec import backends
     from runner.exec.scheduler import backend_name
 
     options = executor.BuildOptions(**(build_options or {}))
     if options.backend_factory is not None:
         return None
-    name = backend_name(options)
-    if name == ProcessBackend.name:
-        return _KeptBackend(lambda project: ProcessBackend(None, options))
-    if name == RayBackend.name:
-        return _KeptBackend(lambda project: RayBackend(project, options))
-    return None
+    factory = backends.factory(backend_name(options))
+    if not getattr(factory, "keeps_workers", False):
+        return None
+    return _KeptBackend(lambda project: factory(project, options))
 
 
 def load_or_report(path: Path, say: Callable[[str], None]):

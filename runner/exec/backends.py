@@ -12,10 +12,11 @@ through the callbacks as they happen.
 
 A factory is called with the project and the build's options (`BuildOptions`: -j, --gpus, --per-gpu,
 --ray-address). A backend may have a `start()`, called once before its first step (a problem there is a
-usage error). One that `dbl watch` keeps from build to build (runner.watch_builds) says how many workers it
-keeps idle (`kept()`), and may have a `leave()` that ends more than `close()` does when the watch lets go.
-One whose `places_steps` is true chooses devices itself: the scheduler then shares out no GPUs, and asks
-its `default_jobs()` how many steps to run at once when -j is not given.
+usage error). One whose `keeps_workers` is true `dbl watch` keeps from build to build
+(runner.watch_builds); it says how many workers it keeps idle (`kept()`), and may have a `leave()` that
+ends more than `close()` does when the watch lets go. One whose `places_steps` is true chooses devices
+itself: the scheduler then shares out no GPUs, and asks its `default_jobs()` how many steps to run at once
+when -j is not given.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class ProcessBackend:
     """
 
     name = "process"
+    keeps_workers = True  # a watch keeps it from build to build (runner.watch_builds)
 
     def __init__(self, project, options=None):
         self._context = multiprocessing.get_context("spawn")

@@ -134,6 +134,7 @@ class RayBackend:
 
     name = "ray"
     places_steps = True  # Ray chooses nodes and GPUs: the scheduler shares out none itself
+    keeps_workers = True  # a watch keeps it from build to build (runner.watch_builds)
 
     def __init__(self, project, options=None):
         # a script's options are named as BuildOptions names them (gpus=), the command line's as it does

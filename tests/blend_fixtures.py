@@ -99,7 +99,7 @@ def context(
         name=spec.name,
         spec=spec,
         project=project(seed, source),
-        work=out.parent,
+        work=out.parent / f"{out.name}-work",  # a render's own, as each fingerprint has its own
         out=out,
         inputs=dict(inputs),
         models=models or Models(),

@@ -433,7 +433,7 @@ def test_several_class_prompts_take_turns_and_each_class_image_trains_with_its_o
     prompts = ["a photo of dog", "a dog on grass"]
     spec = make_prior(num_images=3, images=str(given), class_prompt=prompts, steps=1)
     ctx = prior_context(tmp_path, spec)
-    assert prior_step.run(ctx) == {"generated": 2, "given": 1}
+    assert prior_step.run(ctx) == {"generated": 2, "given": 1, "batch_size": 2}
     names = sorted(p.name for p in ctx.out.iterdir())
     assert names == ["0000.png", "0000.txt", "0001.png", "0001.txt", "0002.png", "0002.txt"]
     # Image i's prompt is prompt i modulo two; the given image has no caption, so it gets its turn's.

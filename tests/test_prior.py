@@ -22,7 +22,7 @@ def test_generates_the_missing_images(tmp_path):
     ctx = prior_context(
         tmp_path, make_prior(num_images=3, batch_size=2), progress=lambda d, t, **m: progress.append((d, t))
     )
-    assert _run(ctx) == {"generated": 3, "given": 0}
+    assert _run(ctx) == {"generated": 3, "given": 0, "batch_size": 2}
     files = folder_bytes(ctx.out)
     assert list(files) == ["0000.png", "0001.png", "0002.png"]
     # after the given images, as the drawing begins, then once a batch
@@ -54,7 +54,7 @@ def test_same_images_whatever_the_batch_size(tmp_path):
 def test_given_images_are_kept_and_topped_up(tmp_path):
     given = draw_images(tmp_path / "mine", 2, suffix=".JPG")
     ctx = prior_context(tmp_path, make_prior(num_images=3, images=str(given), steps=1))
-    assert _run(ctx) == {"generated": 1, "given": 2}
+    assert _run(ctx) == {"generated": 1, "given": 2, "batch_size": 2}
     files = folder_bytes(ctx.out)
     assert list(files) == ["0000.jpg", "0001.jpg", "0002.png"]
     assert files["0000.jpg"] == (given / "00.JPG").read_bytes()
@@ -134,18 +134,48 @@ def test_interrupted_generation_keeps_its_images_and_finishes_the_same(tmp_path)
 def test_a_kill_between_the_images_of_a_batch_resumes_to_the_uninterrupted_bytes(tmp_path):
     """A SIGKILL between two images of a batch leaves part of it; an image's bytes depend on the batch it is
     drawn in, so the rest of that batch is drawn again with it, as the uninterrupted run drew it."""
-    settings = dict(num_images=4, batch_size=4, steps=2, width=32, height=32)
+    settings = dict(num_images=4, batch_size=2, steps=2, width=32, height=32)
     whole = prior_context(tmp_path / "a", make_prior(**settings))
     _run(whole)
-    work = tmp_path / "b" / "work"
-    (work / "generated").mkdir(parents=True)
-    for name in ("0000.png", "0001.png"):  # what the killed build had saved of its one batch
-        (work / "generated" / name).write_bytes((whole.out / name).read_bytes())
+    work, calls = tmp_path / "b" / "work", []
+    first = prior_context(
+        tmp_path / "b",
+        make_prior(**settings),
+        work=work,
+        should_stop=lambda: calls.append(1) or len(calls) > 1,
+    )
+    with pytest.raises(StepInterrupted):
+        _run(first)
+    (work / "generated" / "0001.png").unlink()  # what a kill as the batch was saved leaves
+    assert [p.name for p in (work / "generated").glob("*.png")] == ["0000.png"]
     logs = []
     again = prior_context(tmp_path / "b", make_prior(**settings), work=work, log=logs.append)
     _run(again)
     assert folder_bytes(again.out) == folder_bytes(whole.out)
     assert not any("reusing" in line for line in logs), logs  # no whole batch was there to reuse
+
+
+def test_images_drawn_at_another_batch_size_are_not_resumed_from(tmp_path):
+    """The batch size is in no fingerprint, but an image's rounding depends on its batch: what an interrupted
+    run drew at batch size 1 is not mixed into a run at batch size 3, which ends as a clean run of it."""
+    settings = dict(num_images=3, steps=2, width=32, height=32)
+    whole = prior_context(tmp_path / "a", make_prior(batch_size=3, **settings))
+    _run(whole)
+    work, calls = tmp_path / "b" / "work", []
+    first = prior_context(
+        tmp_path / "b",
+        make_prior(batch_size=1, **settings),
+        work=work,
+        should_stop=lambda: calls.append(1) or len(calls) > 2,
+    )
+    with pytest.raises(StepInterrupted):
+        _run(first)
+    assert len(list((work / "generated").glob("*.png"))) == 2
+    logs = []
+    again = prior_context(tmp_path / "b", make_prior(batch_size=3, **settings), work=work, log=logs.append)
+    _run(again)
+    assert not any("reusing" in line for line in logs), logs
+    assert folder_bytes(again.out) == folder_bytes(whole.out)
 
 
 def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
@@ -156,8 +186,13 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
     for path in sorted(draw_images(tmp_path / "drawn", 2).iterdir()):
         path.rename(earlier / f"00{path.name}")
     logs = []
+    drawn_at = {"metrics": {"batch_size": 2}}  # the previous build's record
     more = prior_context(
-        tmp_path, make_prior(num_images=3, steps=1, width=32, height=32), earlier=earlier, log=logs.append
+        tmp_path,
+        make_prior(num_images=3, steps=1, width=32, height=32),
+        earlier=earlier,
+        earlier_record=drawn_at,
+        log=logs.append,
     )
     _run(more)
     assert logs[:2] == ["0 class images given, 3 to generate", "keeping 2 class images of the previous build"]
@@ -166,10 +201,12 @@ def test_a_new_count_keeps_the_images_of_the_previous_build(tmp_path):
     assert files["0001.png"] == (earlier / "0001.png").read_bytes()
 
     class NoModel:  # fewer images are all there: the base model is not even loaded
+        base = model_cache().base
+
         def pipeline(self):
             raise AssertionError("loaded the base model")
 
-    fewer = prior_context(tmp_path / "c", make_prior(num_images=2), earlier=earlier)
+    fewer = prior_context(tmp_path / "c", make_prior(num_images=2), earlier=earlier, earlier_record=drawn_at)
     _run(dataclasses.replace(fewer, models=NoModel()))
     assert folder_bytes(fewer.out) == folder_bytes(earlier)
 
@@ -180,13 +217,39 @@ def test_a_new_count_draws_again_the_images_of_a_batch_the_counts_do_not_share(t
     settings = dict(steps=1, width=32, height=32, batch_size=2)
     three = prior_context(tmp_path / "a", make_prior(num_images=3, **settings))
     four = prior_context(tmp_path / "b", make_prior(num_images=4, **settings))
-    _run(three), _run(four)
+    made, _ = _run(three), _run(four)
     logs = []
     grown = prior_context(
-        tmp_path / "c", make_prior(num_images=4, **settings), earlier=three.out, log=logs.append
+        tmp_path / "c",
+        make_prior(num_images=4, **settings),
+        earlier=three.out,
+        earlier_record={"metrics": made},
+        log=logs.append,
     )
     _run(grown)
     assert "keeping 2 class images of the previous build" in logs
+    assert folder_bytes(grown.out) == folder_bytes(four.out)
+
+
+@pytest.mark.parametrize("record", [{"batch_size": 1}, {}], ids=["another batch size", "none recorded"])
+def test_a_new_count_keeps_nothing_drawn_at_another_batch_size(tmp_path, record):
+    """The previous build drew its images at batch size 1 (in its record; the batch size is in no
+    fingerprint), or said nothing of it (a build by a version that did not record it): none of them is
+    kept, since at batch size 2 their rounding differs."""
+    settings = dict(steps=1, width=32, height=32, batch_size=2)
+    two = prior_context(tmp_path / "a", make_prior(num_images=2, **dict(settings, batch_size=1)))
+    four = prior_context(tmp_path / "b", make_prior(num_images=4, **settings))
+    _run(two), _run(four)
+    logs = []
+    grown = prior_context(
+        tmp_path / "c",
+        make_prior(num_images=4, **settings),
+        earlier=two.out,
+        earlier_record={"metrics": record},
+        log=logs.append,
+    )
+    _run(grown)
+    assert not any("keeping" in line for line in logs), logs
     assert folder_bytes(grown.out) == folder_bytes(four.out)
 
 

@@ -334,7 +334,7 @@ def _build_render(folder, **settings):
     records = lockfile.read(folder / "p.lock")
     for record in records.values():
         del record["built"], record["duration_s"]
-    said = [e[2] for e in rec.events if e[0] == "log" and e[2].startswith(("kept ", "rendered "))]
+    said = [e[2] for e in rec.events if e[0] == "log" and e[2].startswith(("reusing ", "kept ", "rendered "))]
     return folder_bytes(folder / "build" / "p"), records, said
 
 
@@ -459,3 +459,97 @@ def test_an_image_gone_between_the_builds_check_and_the_render_is_drawn_with_its
     ]
     monkeypatch.undo()
     assert (files, records) == _build_render(tmp_path / "clean", **edited)[:2]
+
+
+# --- an interrupted render resumes --------------------------------------------------------------------------
+
+
+def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
+    """Stopped after its first batch, a build keeps the images it drew in the work folder; the next build
+    draws only the other batches, and its outputs and record are those of an uninterrupted build."""
+    from runner import executor
+    from runner.project import load_project
+    from tests.conftest import Recorder
+
+    settings = dict(prompts=["a dog", "a boat", "a bird"], seeds=[0, 3], size=2)
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    path = folder / "p.toml"
+    path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in settings.items()}))
+    stop = []
+
+    class StopAfterABatch(Recorder):
+        def step_progress(self, step):
+            if step.id == "render:plain" and step.done == 2:
+                stop.append(step.done)
+
+    result = executor.build(
+        load_project(path), executor.BuildOptions(should_stop=lambda: bool(stop)), StopAfterABatch()
+    )
+    assert stop and not result.ok
+    work = list((folder / ".dbl").rglob("drawn"))
+    assert [sorted(p.name for p in w.glob("*.png")) for w in work] == [["0-0.png", "0-3.png"]], work
+    files, records, said = _build_render(folder, **settings)
+    assert said[:2] == [
+        "reusing 2 images drawn by an interrupted run",
+        "rendered 4 images of 32x32 with DDIM",
+    ]
+    assert not list((folder / ".dbl").rglob("drawn"))  # the work folder goes with the commit
+    assert (files, records) == _build_render(tmp_path / "clean", **settings)[:2]
+
+
+@pytest.mark.parametrize("change", ["none", "batch_size", "adapter name"])
+def test_a_resumed_render_keeps_whole_batches_drawn_as_this_attempt_draws_them(tmp_path, models, change):  # noqa: F811
+    """Of a batch a kill cut short, nothing is kept: its images are drawn again together. Images drawn at
+    another batch size (their rounding differs) or under other adapter names (their parameters name them),
+    neither in the fingerprint, are not kept either."""
+    import shutil
+
+    from runner.project.schema import Render
+    from runner.steps import render
+    from tests.blend_fixtures import context
+    from tests.folders import folder_bytes
+
+    spec = Render(
+        name="p",
+        adapter="none",
+        prompts=["a dog", "a boat"],
+        seeds=[0, 3],
+        steps=2,
+        width=32,
+        height=32,
+        batch_size=2,
+    )
+    whole = context("render", spec, tmp_path / "whole" / "out", {}, models)
+    render.run(whole)
+    done = []  # the images done, at the start and after each batch
+    ctx = context(
+        "render", spec, tmp_path / "resumed" / "out", {}, models, progress=lambda d, t: done.append(d)
+    )
+    ctx.should_stop = lambda: len(done) == 2  # after the first batch
+    with pytest.raises(render.StepInterrupted):
+        render.run(ctx)
+    assert done == [0, 2]
+    (ctx.work / "drawn" / "1-0.png").write_bytes((whole.out / "1-0.png").read_bytes())  # half a batch
+    shutil.rmtree(ctx.out)
+    ctx.out.mkdir()
+    if change == "batch_size":
+        import dataclasses
+
+        ctx.spec = spec = dataclasses.replace(spec, batch_size=1)
+        whole = context("render", spec, tmp_path / "whole-1" / "out", {}, models)
+        render.run(whole)
+    if change == "adapter name":
+        import json
+
+        marker = ctx.work / "drawn" / "drawn-with.json"
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "adapters": ["other"]}))
+    logs = []
+    ctx.log, ctx.should_stop = logs.append, lambda: False
+    done.clear()
+    render.run(ctx)
+    if change == "none":  # one batch drawn
+        assert done == [2, 4] and logs[0] == "reusing 2 images drawn by an interrupted run"
+    else:
+        assert done[0] == 0 and not any("reusing" in line for line in logs), logs
+    assert folder_bytes(ctx.out) == folder_bytes(whole.out)

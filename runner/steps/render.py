@@ -17,11 +17,16 @@ After a change of its prompts or seeds alone, the images of the previous build (
 in a batch this build draws again, the same prompts and seeds in the same order at the same batch size, are
 kept rather than drawn: they are the bytes drawing them would give. Editing one prompt of a batch of many
 redraws that prompt's images (and those of the batches it shares), not the whole batch.
+
+Images are drawn into the work folder first (`drawn/`, kept across attempts of one fingerprint), so a render
+interrupted or killed resumes: the next attempt keeps the batches it finished and draws the rest, by whole
+batches, as an uninterrupted render draws them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 
@@ -54,8 +59,12 @@ def run(ctx: StepContext) -> dict:
 
     saved_scheduler = pipe.scheduler
     images = {}  # (adapter, prompt index, seed) -> image
-    # First the images of the previous build that serve this one, so that the display's rate is that of
-    # the images drawn.
+    # First the images an interrupted attempt drew and those of the previous build that serve this one, so
+    # that the display's rate is that of the images drawn.
+    drawn = drawn_folder(
+        ctx.work / "drawn", {"batch_size": spec.batch_size, "adapters": names, "model": model_name}
+    )
+    resumed = _resume(ctx, batches, names, drawn, images)
     reused = _keep_drawn(ctx, batches, names, images)
     try:
         if spec.scheduler is not None:
@@ -78,6 +87,8 @@ def run(ctx: StepContext) -> dict:
                 continue
             folder = ctx.out / adapter if several else ctx.out
             folder.mkdir(exist_ok=True)
+            first = drawn / adapter if several else drawn
+            first.mkdir(exist_ok=True)
             # One adapter at a time, removed before the next is loaded: the pipeline is left as found.
             with _adapter_loaded(
                 ctx, pipe, adapter, f"dbl-render-{ctx.name}" + (f"-{column}" if several else "")
@@ -111,7 +122,8 @@ def run(ctx: StepContext) -> dict:
                             model=model_name,
                             lora=lora_field,
                         )
-                        pnginfo.save_png(image, folder / f"{index}-{seed}.png", params)
+                        pnginfo.save_png(image, first / f"{index}-{seed}.png", params)
+                        shutil.copyfile(first / f"{index}-{seed}.png", folder / f"{index}-{seed}.png")
                         images[(adapter, index, seed)] = image
                     ctx.progress(len(images), total)
     finally:
@@ -127,10 +139,12 @@ def run(ctx: StepContext) -> dict:
             [[images[(names[0], i, seed)] for seed in spec.seeds] for i in range(len(spec.prompts))]
         )
     pnginfo.save_png(grid, ctx.out / "grid.png")
+    if resumed:
+        ctx.log(f"reusing {resumed} images drawn by an interrupted run")
     if reused:
         ctx.log(f"kept {reused} images of the previous build, drawn in the same batches")
-    if reused < total:
-        ctx.log(f"rendered {total - reused} images of {width}x{height} with {sampler}")
+    if resumed + reused < total:
+        ctx.log(f"rendered {total - resumed - reused} images of {width}x{height} with {sampler}")
     # batch_size, in no fingerprint: the batches the images were drawn in, for the next build to reuse
     return {
         "images": total,
@@ -141,9 +155,52 @@ def run(ctx: StepContext) -> dict:
     }
 
 
+def drawn_folder(folder: Path, drawn_with: dict) -> Path:
+    """`folder`, into which a step draws its images before it copies them out: in its work folder, kept across
+    the attempts of one fingerprint, so that an interrupted step resumes. Emptied where the images in it were
+    drawn with other `drawn_with` settings, which are in no fingerprint but in the images' bytes: the batch
+    size (an image's rounding depends on its batch), the names of the base model and adapters (in their
+    parameters and folders)."""
+    marker = folder / "drawn-with.json"
+    try:
+        same = json.loads(marker.read_text()) == drawn_with
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(drawn_with))
+    return folder
+
+
+def _resume(ctx: StepContext, batches: list[list[tuple]], names: list[str], drawn: Path, images: dict) -> int:
+    """Copy into ctx.out the images an interrupted attempt drew into `drawn`, by whole batches (a batch a kill
+    cut short is drawn again, as the uninterrupted render draws it), and add them to `images`; how many."""
+    several = ctx.spec.adapters is not None
+    resumed = 0
+    for adapter in names:
+        source, folder = (drawn / adapter, ctx.out / adapter) if several else (drawn, ctx.out)
+        for batch in batches:
+            paths = [source / f"{index}-{seed}.png" for index, _, seed in batch]
+            if not all(path.is_file() for path in paths):
+                continue
+            folder.mkdir(exist_ok=True)
+            try:
+                for (index, _, seed), path in zip(batch, paths, strict=True):
+                    images[(adapter, index, seed)] = _opened(path)
+                    shutil.copyfile(path, folder / path.name)
+            except OSError:  # unreadable: the batch is drawn again
+                for index, _, seed in batch:
+                    images.pop((adapter, index, seed), None)
+                continue
+            resumed += len(batch)
+    return resumed
+
+
 def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], images: dict) -> int:
     """Copy into ctx.out the previous build's images of the `batches` (of (prompt index, prompt, seed)) it
-    drew the same way, for each adapter of `names`, and add them to `images`; how many."""
+    drew the same way, for each adapter of `names`, and add them to `images` (those not there yet); how
+    many."""
     drawn = _drawn_before(ctx)
     if not drawn:
         return 0
@@ -153,7 +210,7 @@ def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], 
         folder, earlier = (ctx.out / adapter, ctx.earlier / adapter) if several else (ctx.out, ctx.earlier)
         for batch in batches:
             before = drawn.get(tuple((prompt, seed) for _, prompt, seed in batch))
-            if before is None:
+            if before is None or all((adapter, index, seed) in images for index, _, seed in batch):
                 continue
             folder.mkdir(exist_ok=True)
             try:

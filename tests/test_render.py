@@ -553,3 +553,54 @@ def test_a_resumed_render_keeps_whole_batches_drawn_as_this_attempt_draws_them(t
     else:
         assert done[0] == 0 and not any("reusing" in line for line in logs), logs
     assert folder_bytes(ctx.out) == folder_bytes(whole.out)
+
+
+def test_with_a_seed_listed_twice_a_file_two_batches_draw_is_drawn_again(tmp_path, models):  # noqa: F811
+    """Seed 0 twice in batches of three: the boat's image of seed 0 is drawn by the first batch, then again,
+    alone, by the second, whose bytes stay. Its file does not say which batch drew it, so neither batch is
+    kept: a render stopped after the first draws both again, as an uninterrupted one does."""
+    import shutil
+
+    from runner.project.schema import Render
+    from runner.steps import render
+    from tests.blend_fixtures import context
+    from tests.folders import folder_bytes
+
+    spec = Render(
+        name="p",
+        adapter="none",
+        prompts=["a dog", "a boat"],
+        seeds=[0, 0],
+        steps=2,
+        width=32,
+        height=32,
+        batch_size=3,
+    )
+    whole = context("render", spec, tmp_path / "whole" / "out", {}, models)
+    render.run(whole)
+    done = []
+    ctx = context(
+        "render", spec, tmp_path / "resumed" / "out", {}, models, progress=lambda d, t: done.append(d)
+    )
+    ctx.should_stop = lambda: len(done) == 2  # after the first batch
+    with pytest.raises(render.StepInterrupted):
+        render.run(ctx)
+    shutil.rmtree(ctx.out)
+    ctx.out.mkdir()
+    ctx.should_stop = lambda: False
+    done.clear()
+    render.run(ctx)
+    assert done == [0, 3, 4]
+    assert folder_bytes(ctx.out) == folder_bytes(whole.out)
+
+
+@pytest.mark.filterwarnings("ignore:.*repeats 0:UserWarning")  # said as the file loads
+def test_a_file_the_previous_build_drew_twice_is_not_kept(tmp_path):
+    """Seeds 0, 3, 0 in batches of two: the previous build drew the dog's seed 0 first with seed 3, then
+    alone, which its file holds. With seeds 0, 3, the batch (0, 3) is drawn again, not kept from that file."""
+    first = dict(prompts=["a dog"], seeds=[0, 3, 0], size=2)
+    _build_render(tmp_path / "edited", **first)
+    edited = dict(first, seeds=[0, 3])
+    files, records, said = _build_render(tmp_path / "edited", **edited)
+    assert said == ["rendered 2 images of 32x32 with DDIM"] * 2
+    assert (files, records) == _build_render(tmp_path / "clean", **edited)[:2]

@@ -78,7 +78,8 @@ def run(ctx: StepContext) -> dict:
 
         # Progress at the start, then once a batch: a batch's images are drawn together, and said one by one
         # they made the display's rate that of one image per batch, then of a burst.
-        ctx.progress(len(images), total)
+        done = resumed + reused  # images, as `total` counts them: a seed listed twice, twice
+        ctx.progress(done, total)
         for column, adapter in enumerate(names):
             todo = [
                 batch for batch in batches if any((adapter, i, seed) not in images for i, _, seed in batch)
@@ -97,7 +98,7 @@ def run(ctx: StepContext) -> dict:
                 for batch in todo:
                     if ctx.should_stop():
                         raise StepInterrupted(
-                            f"render:{ctx.name} stopped after {len(images)} of {total} images"
+                            f"render:{ctx.name} stopped after {done} of {total} images"
                         )
                     generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
                     out = pipe(
@@ -125,7 +126,8 @@ def run(ctx: StepContext) -> dict:
                         pnginfo.save_png(image, first / f"{index}-{seed}.png", params)
                         shutil.copyfile(first / f"{index}-{seed}.png", folder / f"{index}-{seed}.png")
                         images[(adapter, index, seed)] = image
-                    ctx.progress(len(images), total)
+                    done += len(batch)
+                    ctx.progress(done, total)
     finally:
         pipe.scheduler = saved_scheduler
 
@@ -180,7 +182,7 @@ def _resume(ctx: StepContext, batches: list[list[tuple]], names: list[str], draw
     resumed = 0
     for adapter in names:
         source, folder = (drawn / adapter, ctx.out / adapter) if several else (drawn, ctx.out)
-        for batch in batches:
+        for batch in _drawn_once(batches):
             paths = [source / f"{index}-{seed}.png" for index, _, seed in batch]
             if not all(path.is_file() for path in paths):
                 continue
@@ -208,7 +210,7 @@ def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], 
     kept = 0
     for adapter in names:
         folder, earlier = (ctx.out / adapter, ctx.earlier / adapter) if several else (ctx.out, ctx.earlier)
-        for batch in batches:
+        for batch in _drawn_once(batches):
             before = drawn.get(tuple((prompt, seed) for _, prompt, seed in batch))
             if before is None or all((adapter, index, seed) in images for index, _, seed in batch):
                 continue
@@ -235,7 +237,9 @@ def _drawn_before(ctx: StepContext) -> dict[tuple, list[tuple[int, int]]]:
         return {}
     before = record.get("inputs", {})
     drawn = {}
-    for batch in _batches(before.get("prompts", []), before.get("seeds", []), ctx.spec.batch_size):
+    for batch in _drawn_once(
+        _batches(before.get("prompts", []), before.get("seeds", []), ctx.spec.batch_size)
+    ):
         drawn.setdefault(
             tuple((prompt, seed) for _, prompt, seed in batch), [(i, seed) for i, _, seed in batch]
         )
@@ -247,6 +251,19 @@ def _batches(prompts: list[str], seeds: list[int], size: int) -> list[list[tuple
     drawn in, every seed of the first prompt first."""
     jobs = [(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
     return [jobs[start : start + size] for start in range(0, len(jobs), size)]
+
+
+def _drawn_once(batches: list[list[tuple[int, str, int]]]) -> list[list[tuple[int, str, int]]]:
+    """The batches none of whose images another batch draws too. With a seed listed twice, two batches may
+    draw the same image into the same file, the last one's bytes staying: such a file does not say which
+    batch drew it, so those batches are drawn again rather than kept."""
+    batch_of: dict[tuple[int, int], set[int]] = {}
+    for b, batch in enumerate(batches):
+        for index, _, seed in batch:
+            batch_of.setdefault((index, seed), set()).add(b)
+    return [
+        batch for b, batch in enumerate(batches) if all(batch_of[(i, seed)] == {b} for i, _, seed in batch)
+    ]
 
 
 def _opened(path: Path):

@@ -115,7 +115,7 @@ def compare_load(args) -> None:
 
     base = BaseModel.parse(saved_model(args), ROOT)
     dtype = resolve_dtype(args.mixed_precision, args.device)
-    ways = {"straight onto the device": lambda device: True, "on the CPU, then moved": lambda device: False}
+    ways = {"straight onto the device": lambda device: device, "on the CPU, then moved": lambda device: None}
     times: dict[str, list[float]] = {way: [] for way in ways}
 
     def load(decide) -> float:

@@ -169,7 +169,7 @@ def test_a_worker_between_steps_gives_its_cached_gpu_memory_back(tmp_path):
 def test_a_pipeline_is_read_straight_onto_the_gpu_with_the_weights_a_cpu_load_has():
     from runner.models import BaseModel, load_pipeline, loading
 
-    assert loading.loads_straight_to("cuda")
+    assert loading.loads_straight_to("cuda") == "cuda"
     base = BaseModel(kind="builtin", ref="tiny-sd")
     on_cpu = load_pipeline(base, dtype=torch.float16)
     on_gpu = load_pipeline(base, dtype=torch.float16, device="cuda")
@@ -179,3 +179,20 @@ def test_a_pipeline_is_read_straight_onto_the_gpu_with_the_weights_a_cpu_load_ha
         for key, value in getattr(on_gpu, name).state_dict().items():
             assert value.device.type == "cuda", (name, key)
             assert value.cpu().equal(want[key]), (name, key)
+
+
+def test_a_rank_reads_the_pipeline_straight_onto_its_own_gpu():
+    """A rank of a multi-GPU step loads onto "cuda:<rank>", having made it the current device: the weights
+    are read onto it, not into host memory, and land there (on a second GPU too, where there is one)."""
+    from runner.models import BaseModel, load_pipeline
+
+    base = BaseModel(kind="builtin", ref="tiny-sd")
+    for index in range(min(2, torch.cuda.device_count())):
+        torch.cuda.set_device(index)
+        try:
+            pipe = load_pipeline(base, dtype=torch.float16, device=f"cuda:{index}")
+        finally:
+            torch.cuda.set_device(0)
+        assert pipe.hf_device_map == "cuda"
+        devices = {value.device for value in pipe.unet.state_dict().values()}
+        assert devices == {torch.device("cuda", index)}, devices

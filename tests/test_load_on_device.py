@@ -11,18 +11,27 @@ from runner.models import BaseModel, load_pipeline, loading
 
 def test_only_a_gpu_named_as_diffusers_takes_it_is_loaded_onto_directly(monkeypatch):
     pytest.importorskip("diffusers")
+    import torch
     from diffusers.pipelines import pipeline_utils
 
     # The devices diffusers' pipelines take on a CUDA machine:
     monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cuda", "cpu"])
-    assert loading.loads_straight_to("cuda")
-    assert not loading.loads_straight_to("cpu")  # weights are read there anyway
-    assert not loading.loads_straight_to("cuda:1")  # diffusers' pipelines refuse an indexed device
-    assert not loading.loads_straight_to("balanced")  # a strategy, not a device
+    assert loading.loads_straight_to("cuda") == "cuda"
+    assert loading.loads_straight_to("cpu") is None  # weights are read there anyway
+    assert loading.loads_straight_to("balanced") is None  # a strategy, not a device
+    # An indexed device, which diffusers' pipelines refuse, is read onto "cuda" where that is the current
+    # device (as a rank of a multi-GPU step sets it), torch putting "cuda" tensors there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert loading.loads_straight_to("cuda:1") == "cuda"
+    assert loading.loads_straight_to("cuda:0") is None  # read on the CPU and moved
+    assert loading.loads_straight_to("cuda:x") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.loads_straight_to("cuda:0") is None
     monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "mps", "cpu"])  # a Mac's
-    assert not loading.loads_straight_to("mps")  # its memory is the host's: nothing to gain
+    assert loading.loads_straight_to("mps") is None  # its memory is the host's: nothing to gain
     monkeypatch.setattr(pipeline_utils, "SUPPORTED_DEVICE_MAP", ["balanced", "cpu"])  # a diffusers without it
-    assert not loading.loads_straight_to("cuda")
+    assert loading.loads_straight_to("cuda") is None
 
 
 @pytest.mark.torch
@@ -41,7 +50,7 @@ def test_a_pipeline_loaded_onto_its_device_holds_the_same_weights_and_still_move
         return load_pretrained(self, folder, **kwargs)
 
     monkeypatch.setattr(type(family), "load_pretrained", spy)
-    monkeypatch.setattr(loading, "loads_straight_to", lambda device: device == "cpu")
+    monkeypatch.setattr(loading, "loads_straight_to", lambda device: "cpu" if device == "cpu" else None)
     direct = load_pipeline(base, dtype=torch.float16)
 
     assert passed == ["cpu"]

@@ -110,14 +110,24 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def loads_straight_to(device: str) -> bool:
-    """Whether the weights of a pipeline for `device` are read straight onto it (diffusers' `device_map`),
-    rather than into host memory and copied over: a CUDA device named by its type alone ("cuda", the
-    device of a step on one GPU), the one device diffusers' pipelines take of those dbl runs on. An
-    indexed device ("cuda:1") is loaded on the CPU and moved; so is MPS, whose memory is the host's."""
+def loads_straight_to(device: str) -> str | None:
+    """Where the weights of a pipeline for `device` are read straight onto (diffusers' `device_map`), rather
+    than into host memory and copied over: None where they are not. A CUDA device by its type alone ("cuda",
+    the device of a step on one GPU) is the one device diffusers' pipelines take of those dbl runs on; an
+    indexed one ("cuda:1", a rank of a multi-GPU step) is read onto "cuda" where it is the current device,
+    as a rank's is (torch puts "cuda" tensors there), and otherwise onto the CPU and moved. So is MPS,
+    whose memory is the host's."""
     from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
 
-    return device == "cuda" and device in SUPPORTED_DEVICE_MAP
+    if "cuda" not in SUPPORTED_DEVICE_MAP or device.split(":")[0] != "cuda":
+        return None
+    if device == "cuda":
+        return "cuda"
+    import torch
+
+    index = device.partition(":")[2]
+    current = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return "cuda" if index.isdigit() and int(index) == current else None
 
 
 def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None):
@@ -156,8 +166,8 @@ def load_pipeline(base: BaseModel, dtype=None, device: str = "cpu", family=None)
             else:
                 if base.kind == "folder" and (variant := folder_variant(Path(base.ref))):
                     kwargs["variant"] = variant
-                if loads_straight_to(device):
-                    kwargs["device_map"] = device
+                if onto := loads_straight_to(device):
+                    kwargs["device_map"] = onto
                 pipe = family.load_pretrained(
                     model_folder(base),
                     # The commit the model's identity names, not its branch: outputs are always

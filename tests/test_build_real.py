@@ -1,5 +1,6 @@
-"""Real steps on tiny-sd through the `dbl` command: projects/flow.toml end to end, and a training that is
-killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uninterrupted run."""
+"""Real steps on tiny-sd through the `dbl` command: projects/flow.toml end to end, a training that is
+killed (SIGKILL) or interrupted (Ctrl-C) and resumes to the very bytes of an uninterrupted run, and a
+render killed midway that keeps the batches it drew and ends with the same bytes."""
 
 from __future__ import annotations
 
@@ -76,3 +77,37 @@ def test_a_local_base_model_gives_the_same_bytes_wherever_the_project_lies(tmp_p
     assert json.loads(built[0]["unet/adapter_config.json"])["base_model_name_or_path"] == "./model"
     assert json.loads(built[0]["dbl.json"])["base_model"] == "./model"
     assert built[0] == built[1]
+
+
+RENDER = """
+[project]
+base_model = "tiny-sd"
+
+[renders.r]
+adapter = "none"
+prompts = ["a dog", "a boat", "a bird", "a cat", "a car", "a tree"]
+seeds = [0, 1]
+steps = 8
+width = 32
+height = 32
+batch_size = 2
+"""
+
+
+def test_a_killed_render_keeps_the_batches_it_drew_and_ends_with_the_uninterrupted_bytes(tmp_path):
+    from tests.folders import folder_bytes
+
+    clean = tmp_path / "clean"
+    build_here(project(clean, RENDER))
+    proc, seen = stop_during_training(
+        project(tmp_path / "killed", RENDER), tmp_path / "killed", "images 4/12"
+    )
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert "render:r" not in lockfile.read(tmp_path / "killed" / "p.lock")
+    drawn = sorted(p.name for p in (tmp_path / "killed").glob(".dbl/tmp/p/render-r/drawn/*.png"))
+    assert len(drawn) >= 4 and drawn[:4] == ["0-0.png", "0-1.png", "1-0.png", "1-1.png"], drawn
+    logs = build_here(tmp_path / "killed" / "p.toml")
+    kept = len(drawn) // 2 * 2  # whole batches: one cut short by the kill is drawn again
+    assert f"render:r reusing {kept} images drawn by an interrupted run" in logs, logs
+    renders = "build/p/renders/r"
+    assert folder_bytes(tmp_path / "killed" / renders) == folder_bytes(clean / renders)

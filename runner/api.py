@@ -297,6 +297,7 @@ def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> No
     """Warn when the adapter in `folder` is not what a build of the project makes now (a setting or an
     image changed since, or its files did): it still loads, as the last build left it."""
     from runner.executor import Workspace
+    from runner.ui.plain import reason_text
 
     try:
         _, planned = Workspace(project).plan()
@@ -309,7 +310,7 @@ def _warn_if_stale(project, project_file: str, step_id: str, folder: Path) -> No
     step = next(p for p in planned if p.id == step_id)
     if step.stale:
         warnings.warn(
-            f"{step_id} of {project_file} is stale ({'; '.join(step.reasons)}): loading {folder} as the last "
+            f"{step_id} of {project_file} is stale ({reason_text(step)}): loading {folder} as the last "
             f"build left it; `dbl build {project_file}` brings it up to date",
             stacklevel=_caller_level(),
         )

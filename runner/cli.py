@@ -222,10 +222,12 @@ def cmd_plan(args) -> int:
 
         print(up_to_date_text(planned))  # the words of `dbl build`
     else:
+        from runner.ui.plain import reason_text
+
         width = max(len(p.id) for p in stale)
         print(f"{len(stale)} of {len(planned)} steps stale:")
         for p in stale:
-            print(f"  {p.id:<{width}}  {'; '.join(p.reasons)}")
+            print(f"  {p.id:<{width}}  {reason_text(p)}")
     if removed:
         width = max(len(sid) for sid, _ in removed)
         print(f"{len(removed)} {'step' if len(removed) == 1 else 'steps'} no longer in the project:")

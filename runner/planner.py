@@ -219,7 +219,7 @@ def plan(
         elif record is None:
             item.status, item.reasons = STALE, [unrecorded(step, facts)]
         elif record["fingerprint"] != fp:
-            item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs)
+            item.status, item.reasons = STALE, explain(record.get("inputs", {}), inputs, base=project.dir)
         else:
             problem = record_problem(facts, step, record, inputs)
             if problem:
@@ -319,7 +319,7 @@ def _behind_stale(
         reasons = [changed]
     elif record is not None:
         said = {d.partition(":")[2] for d in stale_deps}  # a step id is kind:name
-        reasons = explain(record.get("inputs", {}), inputs, said)
+        reasons = explain(record.get("inputs", {}), inputs, said, base=project.dir)
     else:
         reasons = [unrecorded(step, facts)]
     if exact and (restored := _restores(facts, step, fp, inputs)) is not None:

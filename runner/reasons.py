@@ -9,6 +9,33 @@ from __future__ import annotations
 from collections.abc import Collection
 
 
+class Naming(str):
+    """A reason that names files or folders of the project. As a str, its words name them relative to the
+    project file's folder, as the lockfile and `plan --json` record them; `template`, `paths` and `base`
+    (the project file's folder) let a display name them as typed where it runs (runner.ui.plain.said_here).
+    Made by `naming`."""
+
+    template: str
+    paths: tuple[str, ...]
+    base: str
+
+    def __new__(cls, template: str, paths: tuple[str, ...], base: str):
+        self = super().__new__(cls, template.format(*paths))
+        self.template, self.paths, self.base = template, tuple(paths), base
+        return self
+
+    def __reduce__(self):
+        return type(self), (self.template, self.paths, self.base)
+
+
+def naming(template: str, *paths: str, base=None) -> str:
+    """`template` (with a `{}` for each path) with `paths`, relative to the project file's folder `base`:
+    a Naming where `base` is given, else a plain str."""
+    if base is None:
+        return template.format(*paths)
+    return Naming(template, paths, str(base))
+
+
 def _short(value) -> str:
     text = (
         repr(value)
@@ -50,10 +77,13 @@ def _flatten(value, prefix: str, out: dict) -> None:
         out[prefix] = value
 
 
-def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) -> tuple[list[str], str]:
+def _file_changes(
+    kind: str, old: dict | None, new: dict | None, folder: str, base=None
+) -> tuple[list[str], str]:
     """'<kind> <folder>/<file> added/removed/changed' for each file of two hashed folders (a removed file in
     the folder it was in), and the folder. Files are compared by their names in the folder (a renamed folder
-    changes nothing), so a project that names another image folder first gets a line that says so."""
+    changes nothing), so a project that names another image folder first gets a line that says so. `base`:
+    the project file's folder, which the paths are relative to (see `naming`)."""
     old, new = old or {}, new or {}
     old_folder = old.get("_folder") or folder
     folder = new.get("_folder") or old_folder
@@ -63,13 +93,13 @@ def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) ->
         where = old_folder if rel not in new_files else folder
         label = f"{where}/{rel}" if where else rel
         if rel not in old_files:
-            lines.append(f"{kind} {label} added")
+            lines.append(naming(f"{kind} {{}} added", label, base=base))
         elif rel not in new_files:
-            lines.append(f"{kind} {label} removed")
+            lines.append(naming(f"{kind} {{}} removed", label, base=base))
         elif old_files[rel] != new_files[rel]:
-            lines.append(f"{kind} {label} changed")
+            lines.append(naming(f"{kind} {{}} changed", label, base=base))
     if lines and kind == "image" and old_folder and old_folder != folder:  # captions follow their images
-        lines.insert(0, f"images {old_folder} -> {folder}")
+        lines.insert(0, naming("images {} -> {}", old_folder, folder, base=base))
     return lines, folder
 
 
@@ -77,12 +107,13 @@ def _file_changes(kind: str, old: dict | None, new: dict | None, folder: str) ->
 UPSTREAM_KEYS = ("prior", "adapter", "render")
 
 
-def explain(old: dict, new: dict, said: Collection[str] = ()) -> list[str]:
+def explain(old: dict, new: dict, said: Collection[str] = (), base=None) -> list[str]:
     """Readable differences between two steps' inputs, e.g. 'lora.rank 16 -> 8'. `said`: the names of
-    upstream steps whose new outputs are said already ('upstream prior:dog stale'), not said again."""
+    upstream steps whose new outputs are said already ('upstream prior:dog stale'), not said again. `base`:
+    the project file's folder, where the lines that name files say them from (see `naming`)."""
     # Images, then captions (in the images' folder unless they name their own): one line per file.
-    reasons, folder = _file_changes("image", old.get("images"), new.get("images"), "")
-    captions, _ = _file_changes("caption", old.get("captions"), new.get("captions"), folder)
+    reasons, folder = _file_changes("image", old.get("images"), new.get("images"), "", base)
+    captions, _ = _file_changes("caption", old.get("captions"), new.get("captions"), folder, base)
     reasons += captions
     held: list[str] = []  # the changes of upstream outputs in `said`
 

@@ -18,6 +18,7 @@ from runner.fingerprint import FileHasher, base_model_identity
 from runner.imagefiles import list_images
 from runner.models import BaseModel
 from runner.project.schema import Project
+from runner.reasons import naming
 
 if TYPE_CHECKING:
     from runner.store import RunCache
@@ -210,23 +211,29 @@ class DiskFacts:
         outputs = record.get("outputs", {})
         folder = relative(self.project, self.project.out / output_dir)
         elsewhere = [rel for rel in outputs if not rel.startswith(f"{folder}/")]
+        base = self.project.dir
         if elsewhere:  # [project] out or name changed: the folder the outputs belong in is another
-            return f"outputs in {os.path.commonpath([os.path.dirname(r) for r in elsewhere])}, not {folder}"
+            was = os.path.commonpath([os.path.dirname(r) for r in elsewhere])
+            return naming("outputs in {}, not {}", was, folder, base=base)
         for rel, item in sorted(outputs.items()):
             path = self.project.dir / rel
             try:
                 # One stat a file, which the hasher's cache reuses: a plan of many outputs did three.
                 st = os.stat(path)
             except OSError as exc:
-                return f"output {rel} {'missing' if exc.errno in _NOT_THERE else 'unreadable'}"
+                return naming(
+                    f"output {{}} {'missing' if exc.errno in _NOT_THERE else 'unreadable'}", rel, base=base
+                )
             if not stat.S_ISREG(st.st_mode):
-                return f"output {rel} missing"
+                return naming("output {} missing", rel, base=base)
             try:
                 if st.st_size != item.get("size") or self.hasher.hash(path, st) != item["sha256"]:
                     # not necessarily edited: after a pull or a checkout, another build's outputs
-                    return f"output {rel} differs from the lockfile's: another build's, or edited"
+                    return naming(
+                        "output {} differs from the lockfile's: another build's, or edited", rel, base=base
+                    )
             except OSError:
-                return f"output {rel} unreadable"
+                return naming("output {} unreadable", rel, base=base)
         return None
 
     def has_outputs(self, output_dir: str) -> bool:

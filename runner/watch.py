@@ -139,7 +139,7 @@ def watch(
                 changed = next_change(changes, debounce_s, stop, handler.targets, left, idle)
                 if changed is None:
                     break
-                say(f"changed: {_changed_text(changed, Path(handler.targets.project_file).parent)}")
+                say(f"changed: {_changed_text(changed)}")
                 project = load_or_report(given, problems)
         except KeyboardInterrupt:
             pass
@@ -228,9 +228,12 @@ def _watched_text(targets: Targets) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
-def _changed_text(paths: list[str], base: Path) -> str:
+def _changed_text(paths: list[str]) -> str:
+    """The files that changed, named as the plan's reasons and a build's lines name them (`fmt_path`)."""
+    from runner.ui.plain import fmt_path
+
     paths = _outermost(paths)
-    shown = [_relative(p, base) for p in paths[:3]]
+    shown = [fmt_path(p) for p in paths[:3]]
     more = f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""
     return ", ".join(shown) + more
 
@@ -248,14 +251,6 @@ def _outermost(paths: list[str]) -> list[str]:
         return False
 
     return [p for p in paths if not inside_another(p)]
-
-
-def _relative(path: str, base: Path) -> str:
-    """As the plan names a file: relative to the project's folder, ../ included."""
-    try:
-        return Path(os.path.relpath(path, base)).as_posix()
-    except ValueError:  # another drive
-        return path
 
 
 def _print(message: str) -> None:

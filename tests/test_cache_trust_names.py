@@ -3,6 +3,7 @@ image folder or output folder is restored under its new name, as a clean build n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_a_new_output_folder_gets_the_outputs_from_the_cache_and_the_lockfile_fo
     build_with(p, kohya_train)
     p.edit("[project]\n", f"[project]\n{edit}\n")
     folder = "build/pets2" if "name" in edit else "elsewhere"
-    assert main(["plan", str(p.path)]) == 0
+    with contextlib.chdir(p.root):  # where the plan names folders as the lockfile does
+        assert main(["plan", str(p.path)]) == 0
     out = capsys.readouterr().out
     reasons = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[1:]}
     assert (

@@ -198,6 +198,34 @@ def test_ls_names_folders_as_typed_here_and_its_json_relative_to_the_project_fil
     )
 
 
+def test_plan_and_build_name_the_files_their_reasons_speak_of_as_typed_here(proj, build, capsys, monkeypatch):
+    """From another folder, the reasons of `dbl plan` and of a build's lines name the files they speak of as
+    a build's other lines do (the path to type here); `plan --json` keeps them relative to the project file,
+    as the lockfile records inputs and outputs."""
+    from tests.conftest import write_image
+
+    build(proj)
+    write_image(proj.root / "data" / "dog" / "01.png", seed=7)
+    (proj.root / "build" / "pets" / "renders" / "base" / "0-0.png").unlink()
+    monkeypatch.chdir(proj.root.parent)
+    here = proj.root.name
+    assert main(["plan", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  train:dog     image {here}/data/dog/01.png changed" in lines, lines
+    assert (
+        f"  render:base   output {here}/build/pets/renders/base/0-0.png missing; restorable from cache"
+        in lines
+    )
+    assert main(["plan", str(proj.path), "--json"]) == 0
+    stale = {s["id"]: s["reasons"] for s in json.loads(capsys.readouterr().out)["stale"]}
+    assert stale["train:dog"] == ["image data/dog/01.png changed"]
+    assert stale["render:base"] == ["output build/pets/renders/base/0-0.png missing", "restorable from cache"]
+    assert main(["build", str(proj.path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"train:dog     start (image {here}/data/dog/01.png changed)" in out, out
+    assert f"render:base   start (output {here}/build/pets/renders/base/0-0.png missing)" in out, out
+
+
 def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build, capsys):
     """A record without a digest (a lockfile an earlier dbl wrote) is read as it is, even hand-edited."""
     build(proj)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -24,7 +25,9 @@ def sneaky_edit(path) -> None:
 
 
 def plan(proj, capsys) -> str:
-    assert main(["plan", str(proj.path)]) == 0
+    """`dbl plan` from the project's folder, where its reasons name files as the lockfile does."""
+    with contextlib.chdir(proj.root):
+        assert main(["plan", str(proj.path)]) == 0
     return capsys.readouterr().out
 
 

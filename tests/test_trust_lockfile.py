@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,9 @@ RENDER_Y = '\n[renders.y]\nadapter = "toy"\nprompts = ["a dog"]\n'
 
 
 def plan_lines(proj, capsys) -> tuple[str, str]:
-    assert main(["plan", str(proj.path)]) == 0
+    """`dbl plan` from the project's folder, where its reasons name files as the lockfile does."""
+    with contextlib.chdir(proj.root):
+        assert main(["plan", str(proj.path)]) == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 

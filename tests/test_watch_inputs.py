@@ -17,6 +17,8 @@ from tests.conftest import PETS, Proj, write_image
 from tests.watch_fixtures import Watcher, save
 
 watcher = watch_fixtures.watcher  # the fixture
+pytestmark = pytest.mark.usefixtures("in_the_projects_folder")
+in_the_projects_folder = watch_fixtures.in_the_projects_folder
 
 
 def test_a_retargeted_link_to_the_project_file_or_an_images_folder_is_built(tmp_path, fake_steps):

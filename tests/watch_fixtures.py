@@ -125,6 +125,14 @@ def save(path: Path, text: str) -> None:
 
 
 @pytest.fixture
+def in_the_projects_folder(tmp_path, monkeypatch):
+    """Run from tmp_path, the folder of the tests' projects, as `dbl watch` mostly is: the files it says
+    changed, named as a build's lines name them (relative to the current folder), read as the project
+    file names them."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
 def watcher(proj, fake_steps):
     started = []
 

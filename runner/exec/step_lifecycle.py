@@ -80,7 +80,7 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
             return None
         ev.reasons = [problem]
     elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
-        ev.reasons = explain(record.get("inputs", {}), inputs)
+        ev.reasons = explain(record.get("inputs", {}), inputs, base=ws.project.dir)
     ev.status = events.RUNNING
     device = ev.device
     if not force and ws.cache.has(fp):  # a restore runs here, on no device

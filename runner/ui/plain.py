@@ -30,6 +30,7 @@ from runner.events import (
     StepEvent,
     shown,
 )
+from runner.reasons import Naming
 
 # A progress line every this fraction of a step, or after this many seconds without one.
 PROGRESS_FRACTION = 0.1
@@ -55,10 +56,16 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_path(path: Path | str | None) -> str:
-    """A path relative to the working folder when it lies below it, else as given."""
+    """A path relative to the working folder when it lies below it, else as given. Through the links it
+    names where it can (a linked folder of photos is named by its link, as the project file names it),
+    else through the folders they lead to (a working folder reached through a link)."""
     if path is None:
         return ""
     p = Path(path)
+    try:
+        return Path(os.path.abspath(p)).relative_to(os.getcwd()).as_posix()
+    except (ValueError, OSError):
+        pass
     try:
         return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except (ValueError, OSError):
@@ -112,8 +119,18 @@ def metrics_text(step: StepEvent, rate: float | None) -> str:
     return "  ".join(parts)
 
 
-def reason_text(step: StepEvent) -> str:
-    return "; ".join(step.reasons)
+def said_here(reason: str) -> str:
+    """A reason as said to the user: the files it names (a `reasons.Naming`) as `fmt_path` names them, relative
+    to the working folder, like the other paths of a build's lines; it records them relative to the project
+    file."""
+    if isinstance(reason, Naming):
+        return reason.template.format(*(fmt_path(Path(reason.base) / path) for path in reason.paths))
+    return reason
+
+
+def reason_text(step) -> str:
+    """The reasons of a step (a StepEvent or a planned step) as said to the user."""
+    return "; ".join(map(said_here, step.reasons))
 
 
 def first_line(text: str) -> str:

@@ -498,41 +498,51 @@ def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
     assert (files, records) == _build_render(tmp_path / "clean", **settings)[:2]
 
 
+def _small_render(**settings):
+    """A render of two prompts with the base model, at 32x32 in 2 steps."""
+    from runner.project.schema import Render
+
+    return Render(
+        name="p", adapter="none", prompts=["a dog", "a boat"], steps=2, width=32, height=32, **settings
+    )
+
+
+def _stopped_after_a_batch(tmp_path, cache, spec):
+    """`spec` rendered whole, and a render of it stopped after its first batch, its output folder emptied as a
+    new attempt finds it: (the whole render's context, the stopped one's, the images it said done, at the
+    start and after each batch)."""
+    import shutil
+
+    from runner.steps import render
+    from tests.blend_fixtures import context
+
+    whole = context("render", spec, tmp_path / "whole" / "out", {}, cache)
+    render.run(whole)
+    done = []
+    ctx = context(
+        "render", spec, tmp_path / "resumed" / "out", {}, cache, progress=lambda d, t: done.append(d)
+    )
+    ctx.should_stop = lambda: len(done) == 2
+    with pytest.raises(render.StepInterrupted):
+        render.run(ctx)
+    shutil.rmtree(ctx.out)
+    ctx.out.mkdir()
+    return whole, ctx, done
+
+
 @pytest.mark.parametrize("change", ["none", "batch_size", "adapter name"])
 def test_a_resumed_render_keeps_whole_batches_drawn_as_this_attempt_draws_them(tmp_path, models, change):  # noqa: F811
     """Of a batch a kill cut short, nothing is kept: its images are drawn again together. Images drawn at
     another batch size (their rounding differs) or under other adapter names (their parameters name them),
     neither in the fingerprint, are not kept either."""
-    import shutil
-
-    from runner.project.schema import Render
     from runner.steps import render
     from tests.blend_fixtures import context
     from tests.folders import folder_bytes
 
-    spec = Render(
-        name="p",
-        adapter="none",
-        prompts=["a dog", "a boat"],
-        seeds=[0, 3],
-        steps=2,
-        width=32,
-        height=32,
-        batch_size=2,
-    )
-    whole = context("render", spec, tmp_path / "whole" / "out", {}, models)
-    render.run(whole)
-    done = []  # the images done, at the start and after each batch
-    ctx = context(
-        "render", spec, tmp_path / "resumed" / "out", {}, models, progress=lambda d, t: done.append(d)
-    )
-    ctx.should_stop = lambda: len(done) == 2  # after the first batch
-    with pytest.raises(render.StepInterrupted):
-        render.run(ctx)
+    spec = _small_render(seeds=[0, 3], batch_size=2)
+    whole, ctx, done = _stopped_after_a_batch(tmp_path, models, spec)
     assert done == [0, 2]
     (ctx.work / "drawn" / "1-0.png").write_bytes((whole.out / "1-0.png").read_bytes())  # half a batch
-    shutil.rmtree(ctx.out)
-    ctx.out.mkdir()
     if change == "batch_size":
         import dataclasses
 
@@ -559,34 +569,10 @@ def test_with_a_seed_listed_twice_a_file_two_batches_draw_is_drawn_again(tmp_pat
     """Seed 0 twice in batches of three: the boat's image of seed 0 is drawn by the first batch, then again,
     alone, by the second, whose bytes stay. Its file does not say which batch drew it, so neither batch is
     kept: a render stopped after the first draws both again, as an uninterrupted one does."""
-    import shutil
-
-    from runner.project.schema import Render
     from runner.steps import render
-    from tests.blend_fixtures import context
     from tests.folders import folder_bytes
 
-    spec = Render(
-        name="p",
-        adapter="none",
-        prompts=["a dog", "a boat"],
-        seeds=[0, 0],
-        steps=2,
-        width=32,
-        height=32,
-        batch_size=3,
-    )
-    whole = context("render", spec, tmp_path / "whole" / "out", {}, models)
-    render.run(whole)
-    done = []
-    ctx = context(
-        "render", spec, tmp_path / "resumed" / "out", {}, models, progress=lambda d, t: done.append(d)
-    )
-    ctx.should_stop = lambda: len(done) == 2  # after the first batch
-    with pytest.raises(render.StepInterrupted):
-        render.run(ctx)
-    shutil.rmtree(ctx.out)
-    ctx.out.mkdir()
+    whole, ctx, done = _stopped_after_a_batch(tmp_path, models, _small_render(seeds=[0, 0], batch_size=3))
     ctx.should_stop = lambda: False
     done.clear()
     render.run(ctx)

@@ -207,23 +207,18 @@ def cmd_plan(args) -> int:
     project = _load(args)
     ws = executor.Workspace(project)
     lock, planned = ws.plan(num_processes=args.num_processes)
-    removed = [
-        (sid, ws.rel(folder) if folder else None)
-        for sid, folder in removed_steps(ws, lock, {p.id for p in planned})
-    ]
-    if args.json:
+    removed = removed_steps(ws, lock, {p.id for p in planned})
+    if args.json:  # paths relative to the project file, as the lockfile records them
         data = planner.to_json(planned)
-        data["removed"] = [{"id": sid, "outputs": folder} for sid, folder in removed]
+        data["removed"] = [{"id": sid, "outputs": folder and ws.rel(folder)} for sid, folder in removed]
         print(json.dumps(data, indent=2))
         return EXIT_OK
+    from runner.ui.plain import fmt_path, reason_text, up_to_date_text
+
     stale = [p for p in planned if p.stale]
     if not stale:
-        from runner.ui.plain import up_to_date_text
-
         print(up_to_date_text(planned))  # the words of `dbl build`
     else:
-        from runner.ui.plain import reason_text
-
         width = max(len(p.id) for p in stale)
         print(f"{len(stale)} of {len(planned)} steps stale:")
         for p in stale:
@@ -232,7 +227,9 @@ def cmd_plan(args) -> int:
         width = max(len(sid) for sid, _ in removed)
         print(f"{len(removed)} {'step' if len(removed) == 1 else 'steps'} no longer in the project:")
         for sid, folder in removed:
-            what = f"the next build removes {folder}" if folder else "the next build drops its record"
+            what = (
+                f"the next build removes {fmt_path(folder)}" if folder else "the next build drops its record"
+            )
             print(f"  {sid:<{width}}  {what}")
     return EXIT_OK
 

@@ -26,7 +26,10 @@ def kohya_train(run):
     return step
 
 
-def test_a_renamed_subject_is_restored_under_its_new_name(tmp_path):
+def test_a_renamed_subject_is_restored_under_its_new_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(
+        tmp_path
+    )  # the project's folder, where the build's lines name its folders as written here
     p = Proj(tmp_path, PETS)
     build_with(p, kohya_train)
     assert (tmp_path / "build/pets/adapters/dog/dog.safetensors").is_file()

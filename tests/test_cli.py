@@ -114,8 +114,10 @@ def test_plan_text_and_up_to_date_line(proj, build, capsys):
     assert capsys.readouterr().out == "all 7 steps are up to date\n"
 
 
-def test_plan_of_one_step_or_none_says_what_build_says(tmp_path, build, capsys):
+def test_plan_of_one_step_or_none_says_what_build_says(tmp_path, build, capsys, monkeypatch):
     from tests.conftest import Proj
+
+    monkeypatch.chdir(tmp_path)  # the project's folder: the folders it names, as written here
 
     one = Proj(
         tmp_path,
@@ -200,30 +202,35 @@ def test_ls_names_folders_as_typed_here_and_its_json_relative_to_the_project_fil
 
 def test_plan_and_build_name_the_files_their_reasons_speak_of_as_typed_here(proj, build, capsys, monkeypatch):
     """From another folder, the reasons of `dbl plan` and of a build's lines name the files they speak of as
-    a build's other lines do (the path to type here); `plan --json` keeps them relative to the project file,
-    as the lockfile records inputs and outputs."""
+    a build's other lines do (the path to type here), and so do the folders of removed steps; `plan --json`
+    keeps them relative to the project file, as the lockfile records inputs and outputs."""
     from tests.conftest import write_image
 
     build(proj)
     write_image(proj.root / "data" / "dog" / "01.png", seed=7)
     (proj.root / "build" / "pets" / "renders" / "base" / "0-0.png").unlink()
+    proj.edit('[renders.mixed]\nadapter = "mix"\nprompts = ["a sks dog toy"]\n', "")
     monkeypatch.chdir(proj.root.parent)
     here = proj.root.name
     assert main(["plan", str(proj.path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert f"  train:dog     image {here}/data/dog/01.png changed" in lines, lines
-    assert (
-        f"  render:base   output {here}/build/pets/renders/base/0-0.png missing; restorable from cache"
-        in lines
+    said = dict(
+        line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")
     )
+    assert said["train:dog"] == f"image {here}/data/dog/01.png changed", said
+    missing = f"output {here}/build/pets/renders/base/0-0.png missing"
+    assert said["render:base"] == f"{missing}; restorable from cache"
+    assert said["render:mixed"] == f"the next build removes {here}/build/pets/renders/mixed"
     assert main(["plan", str(proj.path), "--json"]) == 0
-    stale = {s["id"]: s["reasons"] for s in json.loads(capsys.readouterr().out)["stale"]}
+    plan = json.loads(capsys.readouterr().out)
+    stale = {s["id"]: s["reasons"] for s in plan["stale"]}
     assert stale["train:dog"] == ["image data/dog/01.png changed"]
     assert stale["render:base"] == ["output build/pets/renders/base/0-0.png missing", "restorable from cache"]
+    assert plan["removed"] == [{"id": "render:mixed", "outputs": "build/pets/renders/mixed"}]
     assert main(["build", str(proj.path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"train:dog     start (image {here}/data/dog/01.png changed)" in out, out
-    assert f"render:base   start (output {here}/build/pets/renders/base/0-0.png missing)" in out, out
+    assert f"train:dog    start (image {here}/data/dog/01.png changed)" in out, out
+    assert f"render:base  start ({missing})" in out, out
+    assert f"removed {here}/build/pets/renders/mixed: render:mixed is no longer in the project" in out, out
 
 
 def test_ls_shows_a_hand_edited_loss_of_an_older_lockfile_as_written(proj, build, capsys):

@@ -302,9 +302,12 @@ def test_removed_step_is_dropped_from_lockfile(proj, build):
     assert "render:base" not in lockfile.read(proj.lock)
 
 
-def test_plan_and_a_dry_run_say_what_the_next_build_removes(proj, build, capsys):
-    """They said nothing of a step removed from the project, whose outputs the next build deletes."""
+def test_plan_and_a_dry_run_say_what_the_next_build_removes(proj, build, capsys, monkeypatch):
+    """They said nothing of a step removed from the project, whose outputs the next build deletes. They name
+    its folder as typed from the current folder, here the project's."""
     from runner.cli import main
+
+    monkeypatch.chdir(proj.root)
 
     build(proj)
     proj.edit('[renders.base]\nadapter = "none"\nprompts = ["a dog"]', "")

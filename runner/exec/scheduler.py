@@ -27,6 +27,7 @@ from runner.gc import unfinished_commits
 from runner.interrupt import exit_code_for
 from runner.project.schema import Project
 from runner.store import BuildLock
+from runner.ui.plain import fmt_path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -183,7 +184,7 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
     if dry_run:
         for sid, folder in removed:
             if folder is not None:
-                reporter.log(None, f"would remove {ws.rel(folder)}: {sid} is no longer in the project")
+                reporter.log(None, f"would remove {fmt_path(folder)}: {sid} is no longer in the project")
         return
     if not removed:
         return
@@ -192,7 +193,7 @@ def _forget_removed(ws: Workspace, lock: dict, current: set[str], reporter, dry_
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
             ws.hasher.forget(ws.project.dir / rel for rel in record.get("outputs", {}))
-            reporter.log(None, f"removed {ws.rel(folder)}: {sid} is no longer in the project")
+            reporter.log(None, f"removed {fmt_path(folder)}: {sid} is no longer in the project")
     lockfile.write(ws.lock_path, lock)
     ws.hasher.save()  # a build with nothing else to do saves it nowhere else
 

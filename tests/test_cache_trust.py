@@ -166,13 +166,15 @@ def test_an_edit_reverted_while_the_step_runs_is_noticed_too(tmp_path):
 @pytest.mark.parametrize(
     "ending, jobs", [("done", 1), ("interrupted", 1), ("failed", 1), ("interrupted", 2), ("failed", 2)]
 )
-def test_checkpoints_made_from_an_image_edited_meanwhile_are_not_resumed(tmp_path, ending, jobs):
+def test_checkpoints_made_from_an_image_edited_meanwhile_are_not_resumed(tmp_path, ending, jobs, monkeypatch):
     """A train step that read a photo edited while it ran (put back as it was since) trained on other files
     than its fingerprint's: the next build, of the photo as it is, starts over instead of resuming from the
-    checkpoints that step left, however it ended."""
+    checkpoints that step left, however it ended. (Run from the project's folder: the photo is named from
+    there.)"""
     from runner.errors import StepError, StepInterrupted
     from runner.store import work_folder
 
+    monkeypatch.chdir(tmp_path)
     p = Proj(tmp_path, PETS)
     photo = tmp_path / "data" / "toy" / "00.png"
     original = photo.read_bytes()

@@ -29,6 +29,7 @@ from runner.fingerprint import FileHasher, fingerprint
 from runner.merge import same as same_build
 from runner.reasons import explain
 from runner.store import RunCache, output_hash
+from runner.ui.plain import fmt_path
 
 STATE_SAVE_S = 10.0  # how often a build writes the file-hash cache between steps
 
@@ -180,7 +181,7 @@ def finish_step(ws: Workspace, lock: dict, s: Started, ev: StepEvent, outcome, r
             else "changed"
         )
         raise StepError(
-            f"{step.id}: {ws.rel(changed[0])} {how} while the step ran"
+            f"{step.id}: {fmt_path(changed[0])} {how} while the step ran"
             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
             + "; its outputs were not kept. Run dbl build again to build from the files as they are now"
         )
@@ -246,7 +247,7 @@ def drop_work_if_changed(ws: Workspace, s: Started, ev: StepEvent, reporter) -> 
         shutil.rmtree(work, ignore_errors=True)
         reporter.log(
             ev,
-            f"{WARNING}{ws.rel(changed[0])} changed while the step ran: its work folder is dropped, and "
+            f"{WARNING}{fmt_path(changed[0])} changed while the step ran: its work folder is dropped, and "
             "the next build starts it over",
         )
 

@@ -590,3 +590,113 @@ def test_a_file_the_previous_build_drew_twice_is_not_kept(tmp_path):
     files, records, said = _build_render(tmp_path / "edited", **edited)
     assert said == ["rendered 2 images of 32x32 with DDIM"] * 2
     assert (files, records) == _build_render(tmp_path / "clean", **edited)[:2]
+
+
+# --- with `adapters`: the columns of the adapters rendered with before are kept --------------------------------
+
+
+def test_which_adapters_a_render_of_several_keeps_images_of():
+    """An adapter's images depend on it alone (its name and outputs), not on the grid's other columns."""
+    from runner.steps.render import _reuses, _same_adapters
+
+    def side(*columns, **changes):
+        listed = [{"_name": name, "output": output} for name, output in columns]
+        return {"version": 1, "adapters": listed, "prompts": ["a"], "seeds": [0], "steps": 2, **changes}
+
+    before = side(("dog", "h1"), ("none", "none"))
+    assert _same_adapters(before, side(("cat", "h2"), ("none", "none"), ("dog", "h1"))) == {"dog", "none"}
+    assert _same_adapters(before, side(("dog", "h3"), ("none", "none"))) == {"none"}  # dog retrained
+    assert _same_adapters(before, side(("rex", "h1"))) == set()  # renamed: its images say "dog"
+    assert _reuses(before, side(("dog", "h3"), ("none", "none"), prompts=["b"]))
+    assert not _reuses(before, side(("rex", "h1")))
+    assert not _reuses(before, side(("dog", "h1"), ("none", "none"), steps=3))
+    assert not _reuses(before, {"version": 1, "adapter": "none", "prompts": ["a"], "seeds": [0], "steps": 2})
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_several_adapters_keep_the_columns_rendered_before(tmp_path, adapters, models, size):  # noqa: F811
+    """[a, none] then [b, none, a], `a` the same: the images of `a` and of the base model are kept, those of
+    `b` drawn, and the outputs are those of a clean render; with `a` retrained, its images are drawn again."""
+    import dataclasses
+
+    from runner.steps import render
+    from tests.blend_fixtures import context
+    from tests.folders import folder_bytes
+
+    inputs = {"train:a": adapters["a"], "train:b": adapters["b"]}
+
+    def fingerprint_inputs(spec, outputs):
+        listed = [{"_name": name, "output": outputs.get(name, "none")} for name in spec.adapters]
+        return {"version": 1, "adapters": listed, "prompts": spec.prompts, "seeds": spec.seeds}
+
+    first = _small_render(seeds=[0, 3], batch_size=size)
+    first = dataclasses.replace(first, adapter=None, adapters=["a", "none"])
+    before = context("render", first, tmp_path / "before" / "out", inputs, models)
+    render.run(before)
+    record = {"inputs": fingerprint_inputs(first, {"a": "ha"}), "metrics": {"batch_size": size}}
+    spec = dataclasses.replace(first, adapters=["b", "none", "a"])
+    clean = context("render", spec, tmp_path / "clean" / "out", inputs, models)
+    render.run(clean)
+    for a_output, kept in (("ha", 8), ("ha2", 4)):  # `a` as it was, then retrained
+        logs = []
+        ctx = context("render", spec, tmp_path / f"after-{a_output}" / "out", inputs, models, log=logs.append)
+        ctx.earlier, ctx.earlier_record = before.out, record
+        ctx.fingerprint_inputs = fingerprint_inputs(spec, {"a": a_output, "b": "hb"})
+        render.run(ctx)
+        assert logs[:2] == [
+            f"kept {kept} images of the previous build, drawn in the same batches",
+            f"rendered {12 - kept} images of 32x32 with DDIM",
+        ]
+        if a_output == "ha":
+            assert folder_bytes(ctx.out) == folder_bytes(clean.out)
+
+
+SIDE = """[project]
+base_model = "tiny-sd"
+
+[train]
+resolution = 64
+steps = 1
+train_text_encoder = false
+
+[subjects.dog]
+images = "dog"
+instance_prompt = "a photo of sks dog"
+
+[renders.side]
+adapters = {adapters}
+prompts = ["a dog", "a boat"]
+seeds = [0]
+steps = 2
+width = 32
+height = 32
+"""
+
+
+def test_a_build_that_adds_an_adapter_to_a_grid_draws_only_its_column(tmp_path):
+    """Through `dbl build`: `adapters = ["none"]`, then `["dog", "none"]`: the base model's images are kept,
+    the dog's drawn, and the render's outputs and record are those of a clean build."""
+    from runner import executor, lockfile
+    from runner.project import load_project
+    from tests.conftest import Recorder, write_image
+    from tests.folders import folder_bytes
+
+    def build(folder, columns):
+        if not (folder / "dog").is_dir():
+            for i in range(2):
+                write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
+        (folder / "p.toml").write_text(SIDE.format(adapters=columns))
+        rec = Recorder()
+        assert executor.build(load_project(folder / "p.toml"), executor.BuildOptions(), rec).ok, rec.events
+        record = lockfile.read(folder / "p.lock")["render:side"]
+        del record["built"], record["duration_s"]
+        said = [e[2] for e in rec.events if e[0] == "log" and e[1] == "render:side"]
+        return folder_bytes(folder / "build" / "p" / "renders" / "side"), record, said
+
+    build(tmp_path / "edited", '["none"]')
+    files, record, said = build(tmp_path / "edited", '["dog", "none"]')
+    assert [line for line in said if line.startswith(("kept", "rendered"))] == [
+        "kept 2 images of the previous build, drawn in the same batches",
+        "rendered 2 images of 32x32 with DDIM",
+    ]
+    assert (files, record) == build(tmp_path / "clean", '["dog", "none"]')[:2]

@@ -43,6 +43,9 @@ class Job:
     threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
     earlier: Path | None = None  # the step's committed outputs, when its kind reuses them (StepKind.reuses)
     earlier_record: dict | None = None  # the lockfile's record of those outputs: their inputs and metrics
+    fingerprint_inputs: dict | None = (
+        None  # what the step's fingerprint is made of, as the lockfile records it
+    )
 
     @property
     def out(self) -> Path:
@@ -120,6 +123,7 @@ def run_job(job: Job, hooks: Hooks, models, run: StepFunction | None = None) -> 
         extra=hooks.extra,
         earlier=job.earlier,
         earlier_record=job.earlier_record,
+        fingerprint_inputs=job.fingerprint_inputs,
     )
     metrics = (run or load_run(job.run))(ctx) or {}
     hasher = FileHasher()

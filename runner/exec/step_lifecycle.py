@@ -312,6 +312,7 @@ def make_job(ws: Workspace, started: Started, ev: StepEvent, options, reporter, 
         stop_file=ws.work_root / f".stop-{step.kind}-{step.name}",
         earlier=started.earlier,
         earlier_record=started.recorded if started.earlier is not None else None,
+        fingerprint_inputs=started.inputs,
     )
     job.stop_file.unlink(missing_ok=True)
 

@@ -241,7 +241,7 @@ class Render:
     adapters: list[str] | None = opt(
         None,
         "several adapters (or 'none'), each rendering every prompt and seed into a column of grid.png; "
-        "give this or adapter",
+        "give this or adapter (after a change, the images of those rendered with before are kept)",
         "list[str]?",
     )
     prompts: list[str] = opt(

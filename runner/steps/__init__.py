@@ -48,6 +48,9 @@ class StepContext:
     earlier: Path | None = None
     # The lockfile's record of those outputs (their inputs and metrics), as the build found it.
     earlier_record: dict | None = None
+    # What the step's fingerprint is made of (its kind's `inputs`), as the lockfile will record it: to compare
+    # with earlier_record's inputs.
+    fingerprint_inputs: dict | None = None
     # Outputs of other steps that this one made on the way (a train step's snapshots): step id ->
     # (folder, metrics). The scheduler keeps them in the run-cache, where those steps find them.
     extras: dict = field(default_factory=dict)

@@ -16,7 +16,9 @@ before quantization, so at most one level of 255 at a rare pixel).
 After a change of its prompts or seeds alone, the images of the previous build (ctx.earlier) that were drawn
 in a batch this build draws again, the same prompts and seeds in the same order at the same batch size, are
 kept rather than drawn: they are the bytes drawing them would give. Editing one prompt of a batch of many
-redraws that prompt's images (and those of the batches it shares), not the whole batch.
+redraws that prompt's images (and those of the batches it shares), not the whole batch. With `adapters`,
+this holds column by column: after an adapter is added, removed or retrained, the images of each adapter
+the previous build rendered with too (the same name and outputs) are kept as well.
 
 Images are drawn into the work folder first (`drawn/`, kept across attempts of one fingerprint), so a render
 interrupted or killed resumes: the next attempt keeps the batches it finished and draws the rest, by whole
@@ -205,6 +207,9 @@ def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], 
     if not drawn:
         return 0
     several = ctx.spec.adapters is not None
+    if several:  # the columns of the adapters the previous build rendered with too
+        same = _same_adapters(ctx.earlier_record["inputs"], ctx.fingerprint_inputs or {})
+        names = [a for a in names if a in same]
     kept = 0
     for adapter in names:
         folder, earlier = (ctx.out / adapter, ctx.earlier / adapter) if several else (ctx.out, ctx.earlier)
@@ -419,13 +424,34 @@ def _inputs(i: Inputs) -> dict:
 
 def _reuses(previous: dict, inputs: dict) -> bool:
     """Whether the previous build's images can serve this one: only the prompts or the seeds changed (not
-    the adapters' names either, which the images carry)."""
+    the adapter's name either, which its images carry); with `adapters`, also which adapters it renders
+    with, where one of them is the same adapter (its name and its outputs: `_same_adapters`)."""
     from runner.fingerprint import fingerprint
 
     def rest(i: dict) -> str:
-        return fingerprint({**i, "prompts": [], "seeds": []})
+        kept = {**i, "prompts": [], "seeds": []}
+        if isinstance(kept.get("adapters"), list):
+            kept["adapters"] = []  # compared adapter by adapter
+        return fingerprint(kept)
 
-    return rest(previous) == rest(inputs) and _unhashed(previous) == _unhashed(inputs)
+    if rest(previous) != rest(inputs):
+        return False
+    if isinstance(inputs.get("adapters"), list):
+        return bool(_same_adapters(previous, inputs))
+    return _unhashed(previous) == _unhashed(inputs)
+
+
+def _same_adapters(previous: dict, inputs: dict) -> set[str]:
+    """The adapters of `adapters` that both inputs render with, by the same name and from the same outputs:
+    each adapter's images depend on it alone, not on the other columns of the grid."""
+
+    def named(i: dict) -> set[tuple]:
+        listed = i.get("adapters")
+        if not isinstance(listed, list):
+            return set()
+        return {(a.get("_name"), a.get("output")) for a in listed if isinstance(a, dict)}
+
+    return {name for name, _ in named(previous) & named(inputs)}
 
 
 def _unhashed(inputs: dict) -> dict:

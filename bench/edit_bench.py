@@ -37,23 +37,8 @@ batch_size = {batch_size}
 """
 
 
-# --edit adapters: two subjects, and a grid of some of them
-GRID = """[project]
-base_model = "tiny-sd"
-
-[train]
-resolution = 64
-steps = 1
-train_text_encoder = false
-
-[subjects.dog]
-images = "dog"
-instance_prompt = "a photo of sks dog"
-
-[subjects.cat]
-images = "cat"
-instance_prompt = "a photo of sks cat"
-
+# --edit adapters: a grid of some of two subjects (tests.real_builds.subjects_trained_in_a_step)
+GRID = """
 [renders.batch]
 adapters = {adapters}
 prompts = {prompts}
@@ -74,13 +59,10 @@ def write(path: Path, prompts: list[str], args, adapters: list[str] | None = Non
     if adapters is None:
         path.write_text(PROJECT.format(**settings))
         return path
-    from tests.conftest import write_image
+    from tests.real_builds import subjects_trained_in_a_step
 
-    for n, subject in enumerate(("dog", "cat")):
-        for i in range(2):
-            if not (path.parent / subject / f"{i}.png").is_file():
-                write_image(path.parent / subject / f"{i}.png", seed=10 * n + i, size=64)
-    path.write_text(GRID.format(adapters=json.dumps(adapters), **settings))
+    subjects = subjects_trained_in_a_step(path.parent, "dog", "cat")
+    path.write_text(subjects + GRID.format(adapters=json.dumps(adapters), **settings))
     return path
 
 

@@ -651,18 +651,7 @@ def test_several_adapters_keep_the_columns_rendered_before(tmp_path, adapters, m
             assert folder_bytes(ctx.out) == folder_bytes(clean.out)
 
 
-SIDE = """[project]
-base_model = "tiny-sd"
-
-[train]
-resolution = 64
-steps = 1
-train_text_encoder = false
-
-[subjects.dog]
-images = "dog"
-instance_prompt = "a photo of sks dog"
-
+SIDE = """
 [renders.side]
 adapters = {adapters}
 prompts = ["a dog", "a boat"]
@@ -678,14 +667,15 @@ def test_a_build_that_adds_an_adapter_to_a_grid_draws_only_its_column(tmp_path):
     the dog's drawn, and the render's outputs and record are those of a clean build."""
     from runner import executor, lockfile
     from runner.project import load_project
-    from tests.conftest import Recorder, write_image
+    from tests.conftest import Recorder
     from tests.folders import folder_bytes
+    from tests.real_builds import subjects_trained_in_a_step
 
     def build(folder, columns):
-        if not (folder / "dog").is_dir():
-            for i in range(2):
-                write_image(folder / "dog" / f"{i}.png", seed=i, size=64)
-        (folder / "p.toml").write_text(SIDE.format(adapters=columns))
+        folder.mkdir(exist_ok=True)
+        (folder / "p.toml").write_text(
+            subjects_trained_in_a_step(folder, "dog") + SIDE.format(adapters=columns)
+        )
         rec = Recorder()
         assert executor.build(load_project(folder / "p.toml"), executor.BuildOptions(), rec).ok, rec.events
         record = lockfile.read(folder / "p.lock")["render:side"]

@@ -130,7 +130,9 @@ def test_an_interrupted_prior_resumes_from_the_whole_batches_it_drew_as_it_draws
         work=work,
         should_stop=lambda: calls.append(1) or len(calls) > 2 // first_size,  # after two images
     )
-    with pytest.raises(StepInterrupted):
+    with pytest.raises(
+        StepInterrupted, match=r"^prior:dog stopped after 2 of 4 images; the next build keeps them"
+    ):
         _run(first)
     assert sorted(p.name for p in (work / "generated").glob("*.png")) == ["0000.png", "0001.png"]
     if killed:

@@ -209,7 +209,9 @@ def test_a_stop_request_interrupts_and_restores_the_pipeline(tmp_path, adapters,
     spec = Render(name="s", adapter="a", prompts=PROMPTS, seeds=[0], steps=1, scheduler="heun")
     ctx = context("render", spec, tmp_path / "out", {"train:a": adapters["a"]}, models)
     ctx.should_stop = lambda: bool(list(ctx.out.iterdir()))  # stop once the first image is written
-    with pytest.raises(StepInterrupted):
+    with pytest.raises(
+        StepInterrupted, match=r"^render:s stopped after 1 of 2 images; the next build keeps them"
+    ):
         render.run(ctx)
     pipe = models.pipeline()
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from runner.events import CACHED, FAILED, PENDING, RUNNING, StepEvent
+from runner.events import CACHED, FAILED, INTERRUPTED, PENDING, RUNNING, StepEvent
 from runner.ui.live import LiveReporter
 from tests.ui_fixtures import all_fresh, plan_steps, recording_console, run_build, text_of
 
@@ -47,6 +47,26 @@ def test_live_display_shows_images_of_a_render():
     text = text_of(reporter.renderable())
     reporter.close()
     assert re.search(r"render:park\s+running\s+━+.*images 3/8", text)
+
+
+def test_live_display_says_what_an_interrupted_step_said_as_it_stopped():
+    """In the table and in the summary: what the next build does with the interrupted step's work."""
+    console = recording_console()
+    reporter = LiveReporter(console=console)
+    steps = plan_steps()
+    reporter.plan("pets", steps)
+    render = steps[3]
+    render.status = RUNNING
+    reporter.step_start(render)
+    render.status, render.duration_s = INTERRUPTED, 9.6
+    render.error = "render:park stopped after 14 of 16 images; the next build keeps them and draws the rest"
+    reporter.step_end(render)
+    said = "stopped after 14 of 16 images; the next build keeps them"  # the rest cut or folded
+    assert re.search(r"render:park\s+interrupted\s+" + re.escape(said), text_of(reporter.renderable()))
+    reporter.finish(steps, 10)
+    reporter.close()
+    out = console.export_text()
+    assert re.search(r"render:park\s+interrupted\s+9\.6s\s+" + re.escape(said), out[out.rindex("step ") :])
 
 
 def test_live_display_reports_a_failure_with_its_whole_message():

@@ -226,12 +226,19 @@ def test_plain_dry_run_and_interruption():
     steps[1].status = RUNNING
     reporter.step_start(steps[1])
     steps[1].status, steps[1].duration_s = INTERRUPTED, 40
+    steps[1].error = "interrupted"  # a KeyboardInterrupt, which says nothing
     reporter.step_end(steps[1])
     for s in steps[2:]:
         s.status = SKIPPED
     reporter.finish(steps, 41)
     assert lines[-2].endswith("train:dog    interrupted after 40s")
     assert lines[-1].endswith("pets: interrupted after 41s; 1 up to date, 1 interrupted, 2 skipped")
+    # what the step said as it stopped, less its id: what the next build does with it
+    steps[1].error = "train:dog stopped after step 12 of 20; it resumes from there"
+    reporter.step_end(steps[1])
+    assert lines[-1].endswith(
+        "train:dog    interrupted after 40s (stopped after step 12 of 20; it resumes from there)"
+    )
 
 
 def test_plain_through_make_reporter_off_a_terminal(capsys):

@@ -185,7 +185,8 @@ def _draw(ctx, todo: list[int], done_dir: Path, finished: int) -> None:
         for start in range(0, len(todo), spec.batch_size):
             if ctx.should_stop():
                 raise StepInterrupted(
-                    f"prior:{spec.name} stopped after {finished} of {spec.num_images} images"
+                    f"prior:{spec.name} stopped after {finished} of {spec.num_images} images; the next build "
+                    "keeps them and draws the rest"
                 )
             batch = todo[start : start + spec.batch_size]
             generators = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in batch]

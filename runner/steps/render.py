@@ -99,7 +99,10 @@ def run(ctx: StepContext) -> dict:
                 lora_field = None if adapter == "none" else f"{adapter}:{spec.lora_scale:g}"
                 for batch in todo:
                     if ctx.should_stop():
-                        raise StepInterrupted(f"render:{ctx.name} stopped after {done} of {total} images")
+                        raise StepInterrupted(
+                            f"render:{ctx.name} stopped after {done} of {total} images; the next build keeps "
+                            "them and draws the rest"
+                        )
                     generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
                     out = pipe(
                         prompt=[prompt for _, prompt, _ in batch],

@@ -133,6 +133,13 @@ def reason_text(step) -> str:
     return "; ".join(map(said_here, step.reasons))
 
 
+def stop_text(step: StepEvent) -> str:
+    """What an interrupted step said as it stopped, less its id (`stopped after step 12 of 20; it resumes
+    from there`); '' where it said nothing of its own."""
+    said = first_line(fmt_paths_in(step.error or "")).removeprefix(f"{step.id} ")
+    return "" if said == "interrupted" else said
+
+
 def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
@@ -319,7 +326,8 @@ class PlainReporter:
             why = first_line(fmt_paths_in(step.error)) or reason_text(step)
             text = "skipped" + (f" ({why})" if why else "")
         elif step.status == INTERRUPTED:
-            text = f"interrupted after {took}"
+            said = stop_text(step)
+            text = f"interrupted after {took}" + (f" ({said})" if said else "")
         else:
             text = f"{step.status}{reasons}{out}"
         self._line(f"{self._id(step)}{text}")

@@ -81,6 +81,10 @@ class Facts(Protocol):
     def has_outputs(self, output_dir: str) -> bool:
         """Whether the step's output folder (`output_dir` under the project's `out`) holds anything."""
 
+    def resumable(self, step: Step, fingerprint: str) -> str | None:
+        """What an interrupted run of the step left for the next one to go on from, where its work folder was
+        made for `fingerprint` (StepKind.resumable), or None."""
+
 
 # --- the graph -------------------------------------------------------------------------------------
 
@@ -232,6 +236,8 @@ def plan(
                 item.reasons = [NOT_RECORDED]
             item.reasons.append(RESTORABLE)
             known[step.id] = restored
+        elif left := facts.resumable(step, fp):  # an interrupted run's checkpoints or images
+            item.reasons.append(left)
         planned[step.id] = item
     return list(planned.values())
 

@@ -236,6 +236,20 @@ class DiskFacts:
                 return naming("output {} unreadable", rel, base=base)
         return None
 
+    def resumable(self, step, fingerprint: str) -> str | None:
+        from runner import steps
+
+        kind = steps.get(step.kind)
+        work = work_folder(self.project, step.kind, step.name)
+        if kind.resumable is None:
+            return None
+        try:  # the marker runner.exec.job.prepare writes: the work folder of another fingerprint is dropped
+            if (work / "fingerprint").read_text() != fingerprint:
+                return None
+        except OSError:
+            return None
+        return kind.resumable(work, step.spec)
+
     def has_outputs(self, output_dir: str) -> bool:
         return has_files(self.project.out / output_dir)
 

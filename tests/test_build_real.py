@@ -17,6 +17,15 @@ from tests.real_builds import adapter_bytes, build_here, dbl, project, stop_duri
 pytestmark = pytest.mark.torch
 
 
+def _planned(path) -> dict[str, list[str]]:
+    """The reasons `dbl plan` gives for each stale step of the project file at `path`."""
+    from runner import executor
+    from runner.project import load_project
+
+    _, planned = executor.Workspace(load_project(path)).plan()
+    return {p.id: list(p.reasons) for p in planned if p.stale}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
@@ -37,6 +46,11 @@ def test_killed_or_interrupted_training_resumes_to_the_same_adapter(tmp_path, re
         "checkpoint-13",
         "checkpoint-15",
     )
+    said = _planned(tmp_path / "p.toml")["train:dog"]
+    assert said == [
+        "never built",
+        f"resumes from its checkpoint at step {int(checkpoints[-1].split('-')[1])}",
+    ]
     logs = build_here(tmp_path / "p.toml")
     assert any("resuming from checkpoint-" in line for line in logs), logs
     assert adapter_bytes(tmp_path) == reference
@@ -106,8 +120,10 @@ def test_a_killed_render_keeps_the_batches_it_drew_and_ends_with_the_uninterrupt
     assert "render:r" not in lockfile.read(tmp_path / "killed" / "p.lock")
     drawn = sorted(p.name for p in (tmp_path / "killed").glob(".dbl/tmp/p/render-r/drawn/*.png"))
     assert len(drawn) >= 4 and drawn[:4] == ["0-0.png", "0-1.png", "1-0.png", "1-1.png"], drawn
-    logs = build_here(tmp_path / "killed" / "p.toml")
     kept = len(drawn) // 2 * 2  # whole batches: one cut short by the kill is drawn again
+    said = _planned(tmp_path / "killed" / "p.toml")["render:r"]
+    assert said == ["never built", f"keeps {kept} of 12 images an interrupted run drew"]
+    logs = build_here(tmp_path / "killed" / "p.toml")
     assert f"render:r reusing {kept} images drawn by an interrupted run" in logs, logs
     renders = "build/p/renders/r"
     assert folder_bytes(tmp_path / "killed" / renders) == folder_bytes(clean / renders)

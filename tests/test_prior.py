@@ -234,3 +234,38 @@ def test_every_broken_given_image_is_named_in_one_error(tmp_path):
     assert [line.split(": ")[0] for line in lines[1:]] == [
         str(given / name) for name in ("a.png", "b.jpg", "c.png")
     ]
+
+
+@pytest.mark.filterwarnings("ignore:.*no subject uses this prior:UserWarning")
+def test_the_plan_says_how_many_class_images_an_interrupted_run_left(tmp_path):
+    """After a build stopped midway, `dbl plan` says what the next one keeps of the class images generated
+    (past the one given); after an edit of the prior's inputs, nothing: that work folder is not resumed."""
+    from runner import executor
+    from runner.project import load_project
+    from tests.conftest import Recorder, write_image
+
+    write_image(tmp_path / "class" / "0.png", seed=1, size=32)
+    path = tmp_path / "p.toml"
+    text = (
+        '[project]\nbase_model = "tiny-sd"\n\n[priors.dog]\nclass_prompt = "a photo of dog"\nimages = "class"\n'
+        "num_images = 4\nsteps = 1\nwidth = 32\nheight = 32\nbatch_size = 1\n"
+    )
+    path.write_text(text)
+    stop = []
+
+    class StopAfterTwo(Recorder):
+        def step_progress(self, step):
+            if step.done >= 3:  # the given one and two generated
+                stop.append(step.done)
+
+    assert not executor.build(
+        load_project(path), executor.BuildOptions(should_stop=lambda: bool(stop)), StopAfterTwo()
+    ).ok
+
+    def reasons():
+        _, planned = executor.Workspace(load_project(path)).plan()
+        return [p.reasons for p in planned]
+
+    assert reasons() == [["never built", "keeps 2 of 3 class images an interrupted run generated"]]
+    path.write_text(text.replace("num_images = 4", "num_images = 5"))
+    assert reasons() == [["never built"]]

@@ -425,6 +425,31 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
+def _resumable(work: Path, spec: Render) -> str | None:
+    """How many images an interrupted run drew that the next one keeps: whole batches of this batch size, for
+    the adapters it renders with (see `drawn_folder`)."""
+    drawn = work / "drawn"
+    try:
+        about = json.loads((drawn / "drawn-with.json").read_text())
+    except (OSError, ValueError):
+        return None
+    names = spec.adapter_names
+    if not isinstance(about, dict) or (about.get("batch_size"), about.get("adapters")) != (
+        spec.batch_size,
+        names,
+    ):
+        return None
+    batches = _drawn_once(_batches(spec.prompts, spec.seeds, spec.batch_size))
+    kept = 0
+    for adapter in names:
+        folder = drawn / adapter if spec.adapters is not None else drawn
+        kept += sum(
+            len(b) for b in batches if all((folder / f"{i}-{seed}.png").is_file() for i, _, seed in b)
+        )
+    total = len(spec.prompts) * len(spec.seeds) * len(names)
+    return f"keeps {kept} of {total} images an interrupted run drew" if kept else None
+
+
 def _reuses(previous: dict, inputs: dict) -> bool:
     """Whether the previous build's images can serve this one: only the prompts or the seeds changed (not
     the adapter's name either, which its images carry); with `adapters`, also which adapters it renders
@@ -482,5 +507,6 @@ KIND = register(
         unhashed=_unhashed,
         missing=_missing,
         reuses=_reuses,
+        resumable=_resumable,
     )
 )

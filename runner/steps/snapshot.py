@@ -103,5 +103,6 @@ KIND = register(
         # A snapshot is trained as its subject is: on the class prompt of the subject's train step.
         unhashed=train_kind.KIND.unhashed,
         unhashed_use=train_kind.KIND.unhashed_use,
+        resumable=train_kind.resumable,
     )
 )

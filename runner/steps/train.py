@@ -147,6 +147,14 @@ def _unhashed(inputs: dict) -> dict:
     return {what: value for what, value in found.items() if value is not None}
 
 
+def resumable(work, spec) -> str | None:
+    """The newest complete checkpoint an interrupted run left in `work`, which the next run resumes from."""
+    from runner.training.checkpoints import STATE, checkpoint_dirs
+
+    saved = [step for step, folder in checkpoint_dirs(work) if (folder / STATE).is_file()]
+    return f"resumes from its checkpoint at step {saved[-1]}" if saved else None
+
+
 KIND = register(
     StepKind(
         name="train",
@@ -169,5 +177,6 @@ KIND = register(
         unit=("step", "it/s"),
         unhashed=_unhashed,
         unhashed_use=USES.__getitem__,
+        resumable=resumable,
     )
 )

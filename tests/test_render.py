@@ -554,7 +554,7 @@ def test_a_resumed_render_keeps_whole_batches_drawn_as_this_attempt_draws_them(t
     if change == "adapter name":
         import json
 
-        marker = ctx.work / "drawn" / "drawn-with.json"
+        marker = ctx.work / "drawn" / render.DRAWN_WITH
         marker.write_text(json.dumps({**json.loads(marker.read_text()), "adapters": ["other"]}))
     logs = []
     ctx.log, ctx.should_stop = logs.append, lambda: False

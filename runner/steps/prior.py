@@ -13,6 +13,7 @@ in the batches both counts share are kept, and only the rest generated.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -143,11 +144,11 @@ def _whole_batches(folder: Path, indices: range, size: int) -> set[int]:
 
 def _resumable(work: Path, spec: Prior) -> str | None:
     """How many class images an interrupted run generated that the next one keeps (see `_generate`)."""
-    import json
+    from runner.steps.render import DRAWN_WITH
 
     folder = work / "generated"
     try:
-        about = json.loads((folder / "drawn-with.json").read_text())
+        about = json.loads((folder / DRAWN_WITH).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(about, dict) or about.get("batch_size") != spec.batch_size:

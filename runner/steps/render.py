@@ -160,13 +160,17 @@ def run(ctx: StepContext) -> dict:
     }
 
 
+# In a folder of drawn images: what they were drawn with, of what no fingerprint holds (see `drawn_folder`).
+DRAWN_WITH = "drawn-with.json"
+
+
 def drawn_folder(folder: Path, drawn_with: dict) -> Path:
     """`folder`, into which a step draws its images before it copies them out: in its work folder, kept across
     the attempts of one fingerprint, so that an interrupted step resumes. Emptied where the images in it were
     drawn with other `drawn_with` settings, which are in no fingerprint but in the images' bytes: the batch
     size (an image's rounding depends on its batch), the names of the base model and adapters (in their
     parameters and folders)."""
-    marker = folder / "drawn-with.json"
+    marker = folder / DRAWN_WITH
     try:
         same = json.loads(marker.read_text()) == drawn_with
     except (OSError, ValueError):
@@ -430,7 +434,7 @@ def _resumable(work: Path, spec: Render) -> str | None:
     the adapters it renders with (see `drawn_folder`)."""
     drawn = work / "drawn"
     try:
-        about = json.loads((drawn / "drawn-with.json").read_text())
+        about = json.loads((drawn / DRAWN_WITH).read_text())
     except (OSError, ValueError):
         return None
     names = spec.adapter_names

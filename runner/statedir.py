@@ -248,7 +248,7 @@ class DiskFacts:
                 return None
         except OSError:
             return None
-        return kind.resumable(work, step.spec)
+        return kind.resumable(work, step.spec, self.project)
 
     def has_outputs(self, output_dir: str) -> bool:
         return has_files(self.project.out / output_dir)

@@ -267,5 +267,10 @@ def test_the_plan_says_how_many_class_images_an_interrupted_run_left(tmp_path):
         return [p.reasons for p in planned]
 
     assert reasons() == [["never built", "keeps 2 of 3 class images an interrupted run generated"]]
+    marker = next(tmp_path.glob(".dbl/tmp/p/prior-dog/generated/drawn-with.json"))
+    drawn_with = marker.read_text()
+    marker.write_text(drawn_with.replace('"tiny-sd"', '"another-model"'))  # drawn under another name
+    assert reasons() == [["never built"]]
+    marker.write_text(drawn_with)
     path.write_text(text.replace("num_images = 4", "num_images = 5"))
     assert reasons() == [["never built"]]

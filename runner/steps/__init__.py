@@ -181,10 +181,10 @@ class StepKind:
     unhashed: Callable[[dict], dict] | None = None
     # unhashed_use(what): how its outputs depend on that value, said after a change of it
     unhashed_use: Callable[[str], str] = lambda what: "which its outputs name"
-    # resumable(work folder, spec): what an interrupted run of the step's inputs left in its work folder for
-    # the next one to go on from, in a few words for the plan ("resumes from its checkpoint at step 400"),
-    # or None. Asked only of a work folder made for the fingerprint the step has now.
-    resumable: Callable[[Path, Any], str | None] | None = None
+    # resumable(work folder, spec, project): what an interrupted run of the step's inputs left in its work
+    # folder for the next one to go on from, in a few words for the plan ("resumes from its checkpoint at
+    # step 400"), or None. Asked only of a work folder made for the fingerprint the step has now.
+    resumable: Callable[[Path, Any, Any], str | None] | None = None
 
     def step_id(self, name: str) -> str:
         return f"{self.name}:{name}"

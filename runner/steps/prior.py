@@ -13,7 +13,6 @@ in the batches both counts share are kept, and only the rest generated.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -142,16 +141,12 @@ def _whole_batches(folder: Path, indices: range, size: int) -> set[int]:
     return there
 
 
-def _resumable(work: Path, spec: Prior) -> str | None:
+def _resumable(work: Path, spec: Prior, project) -> str | None:
     """How many class images an interrupted run generated that the next one keeps (see `_generate`)."""
-    from runner.steps.render import DRAWN_WITH
+    from runner.steps.render import drawn_as_now
 
     folder = work / "generated"
-    try:
-        about = json.loads((folder / DRAWN_WITH).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(about, dict) or about.get("batch_size") != spec.batch_size:
+    if not drawn_as_now(folder, {"batch_size": spec.batch_size}, project):
         return None
     if spec.images and not Path(spec.images).is_dir():
         return None

@@ -429,19 +429,25 @@ def _inputs(i: Inputs) -> dict:
     return inputs
 
 
-def _resumable(work: Path, spec: Render) -> str | None:
+def drawn_as_now(folder: Path, drawn_with: dict, project) -> bool:
+    """Whether the images in `folder` were drawn with `drawn_with` (see `drawn_folder`) and the name the
+    project's base model has now: those the step's next run keeps."""
+    from runner.models import BaseModel
+
+    try:
+        about = json.loads((folder / DRAWN_WITH).read_text())
+    except (OSError, ValueError):
+        return False
+    model = pnginfo.model_name(BaseModel.of(project.settings, project.dir))
+    return about == {**drawn_with, "model": model}
+
+
+def _resumable(work: Path, spec: Render, project) -> str | None:
     """How many images an interrupted run drew that the next one keeps: whole batches of this batch size, for
     the adapters it renders with (see `drawn_folder`)."""
     drawn = work / "drawn"
-    try:
-        about = json.loads((drawn / DRAWN_WITH).read_text())
-    except (OSError, ValueError):
-        return None
     names = spec.adapter_names
-    if not isinstance(about, dict) or (about.get("batch_size"), about.get("adapters")) != (
-        spec.batch_size,
-        names,
-    ):
+    if not drawn_as_now(drawn, {"batch_size": spec.batch_size, "adapters": names}, project):
         return None
     batches = _drawn_once(_batches(spec.prompts, spec.seeds, spec.batch_size))
     kept = 0

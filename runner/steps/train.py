@@ -147,7 +147,7 @@ def _unhashed(inputs: dict) -> dict:
     return {what: value for what, value in found.items() if value is not None}
 
 
-def resumable(work, spec) -> str | None:
+def resumable(work, spec, project) -> str | None:
     """The newest complete checkpoint an interrupted run left in `work`, which the next run resumes from."""
     from runner.training.checkpoints import STATE, checkpoint_dirs
 

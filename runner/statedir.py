@@ -240,9 +240,9 @@ class DiskFacts:
         from runner import steps
 
         kind = steps.get(step.kind)
-        work = work_folder(self.project, step.kind, step.name)
         if kind.resumable is None:
             return None
+        work = work_folder(self.project, step.kind, step.name)
         try:  # the marker runner.exec.job.prepare writes: the work folder of another fingerprint is dropped
             if (work / "fingerprint").read_text() != fingerprint:
                 return None

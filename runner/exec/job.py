@@ -43,9 +43,8 @@ class Job:
     threads: int = 0  # CPU threads for torch in a worker sharing the cores with others; 0: torch's own
     earlier: Path | None = None  # the step's committed outputs, when its kind reuses them (StepKind.reuses)
     earlier_record: dict | None = None  # the lockfile's record of those outputs: their inputs and metrics
-    fingerprint_inputs: dict | None = (
-        None  # what the step's fingerprint is made of, as the lockfile records it
-    )
+    # what the step's fingerprint is made of, as the lockfile records it
+    fingerprint_inputs: dict | None = None
 
     @property
     def out(self) -> Path:

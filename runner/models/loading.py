@@ -119,13 +119,13 @@ def loads_straight_to(device: str) -> str | None:
     whose memory is the host's."""
     from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
 
-    if "cuda" not in SUPPORTED_DEVICE_MAP or device.split(":")[0] != "cuda":
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or "cuda" not in SUPPORTED_DEVICE_MAP:
         return None
     if device == "cuda":
         return "cuda"
     import torch
 
-    index = device.partition(":")[2]
     current = torch.cuda.current_device() if torch.cuda.is_available() else None
     return "cuda" if index.isdigit() and int(index) == current else None
 

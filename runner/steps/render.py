@@ -88,9 +88,8 @@ def run(ctx: StepContext) -> dict:
             ]
             if not todo:  # every image kept: no need to load the adapter
                 continue
-            folder = ctx.out / adapter if several else ctx.out
+            folder, first = _column(ctx.out, adapter, spec), _column(drawn, adapter, spec)
             folder.mkdir(exist_ok=True)
-            first = drawn / adapter if several else drawn
             first.mkdir(exist_ok=True)
             # One adapter at a time, removed before the next is loaded: the pipeline is left as found.
             with _adapter_loaded(
@@ -170,39 +169,31 @@ def drawn_folder(folder: Path, drawn_with: dict) -> Path:
     drawn with other `drawn_with` settings, which are in no fingerprint but in the images' bytes: the batch
     size (an image's rounding depends on its batch), the names of the base model and adapters (in their
     parameters and folders)."""
-    marker = folder / DRAWN_WITH
-    try:
-        same = json.loads(marker.read_text()) == drawn_with
-    except (OSError, ValueError):
-        same = False
-    if not same:
+    if _drawn_with(folder) != drawn_with:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(drawn_with))
+        (folder / DRAWN_WITH).write_text(json.dumps(drawn_with))
     return folder
+
+
+def _drawn_with(folder: Path):
+    """What the images in `folder` were drawn with (see `drawn_folder`), or None where it does not say."""
+    try:
+        return json.loads((folder / DRAWN_WITH).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _resume(ctx: StepContext, batches: list[list[tuple]], names: list[str], drawn: Path, images: dict) -> int:
     """Copy into ctx.out the images an interrupted attempt drew into `drawn`, by whole batches (a batch a kill
     cut short is drawn again, as the uninterrupted render draws it), and add them to `images`; how many."""
-    several = ctx.spec.adapters is not None
     resumed = 0
     for adapter in names:
-        source, folder = (drawn / adapter, ctx.out / adapter) if several else (drawn, ctx.out)
-        for batch in _drawn_once(batches):
-            paths = [source / f"{index}-{seed}.png" for index, _, seed in batch]
-            if not all(path.is_file() for path in paths):
-                continue
-            folder.mkdir(exist_ok=True)
-            try:
-                for (index, _, seed), path in zip(batch, paths, strict=True):
-                    images[(adapter, index, seed)] = _opened(path)
-                    shutil.copyfile(path, folder / path.name)
-            except OSError:  # unreadable: the batch is drawn again
-                for index, _, seed in batch:
-                    images.pop((adapter, index, seed), None)
-                continue
-            resumed += len(batch)
+        source = _column(drawn, adapter, ctx.spec)
+        for batch in _whole(source, batches):
+            sources = [source / f"{index}-{seed}.png" for index, _, seed in batch]
+            if _copy_batch(batch, sources, _column(ctx.out, adapter, ctx.spec), adapter, images):
+                resumed += len(batch)
     return resumed
 
 
@@ -213,29 +204,51 @@ def _keep_drawn(ctx: StepContext, batches: list[list[tuple]], names: list[str], 
     drawn = _drawn_before(ctx)
     if not drawn:
         return 0
-    several = ctx.spec.adapters is not None
-    if several:  # the columns of the adapters the previous build rendered with too
+    if ctx.spec.adapters is not None:  # the columns of the adapters the previous build rendered with too
         same = _same_adapters(ctx.earlier_record["inputs"], ctx.fingerprint_inputs or {})
         names = [a for a in names if a in same]
     kept = 0
     for adapter in names:
-        folder, earlier = (ctx.out / adapter, ctx.earlier / adapter) if several else (ctx.out, ctx.earlier)
+        earlier = _column(ctx.earlier, adapter, ctx.spec)
         for batch in _drawn_once(batches):
             before = drawn.get(tuple((prompt, seed) for _, prompt, seed in batch))
             if before is None or all((adapter, index, seed) in images for index, _, seed in batch):
                 continue
-            folder.mkdir(exist_ok=True)
-            try:
-                for (index, _, seed), (was, _) in zip(batch, before, strict=True):
-                    path = folder / f"{index}-{seed}.png"
-                    shutil.copyfile(earlier / f"{was}-{seed}.png", path)
-                    images[(adapter, index, seed)] = _opened(path)
-            except OSError:  # removed or replaced since the build checked it: the batch is drawn
-                for index, _, seed in batch:
-                    images.pop((adapter, index, seed), None)
-                continue
-            kept += len(batch)
+            sources = [earlier / f"{was}-{seed}.png" for was, seed in before]
+            if _copy_batch(batch, sources, _column(ctx.out, adapter, ctx.spec), adapter, images):
+                kept += len(batch)
     return kept
+
+
+def _copy_batch(batch: list[tuple], sources: list[Path], folder: Path, adapter: str, images: dict) -> bool:
+    """Copy the images of `batch` (for `adapter`) from `sources` into `folder`, and add them to `images` as
+    read from the copies; False, with none of them added, where one cannot be copied or read (removed or
+    replaced since the build checked it): the batch is drawn."""
+    folder.mkdir(exist_ok=True)
+    try:
+        for (index, _, seed), source in zip(batch, sources, strict=True):
+            path = folder / f"{index}-{seed}.png"
+            shutil.copyfile(source, path)
+            images[(adapter, index, seed)] = _opened(path)
+    except OSError:
+        for index, _, seed in batch:
+            images.pop((adapter, index, seed), None)
+        return False
+    return True
+
+
+def _column(root: Path, adapter: str, spec: Render) -> Path:
+    """Where `adapter`'s images are under `root`: a folder of its own with `adapters`, else `root` itself."""
+    return root / adapter if spec.adapters is not None else root
+
+
+def _whole(folder: Path, batches: list[list[tuple]]) -> list[list[tuple]]:
+    """The batches drawn once (`_drawn_once`) whose every image is in `folder`."""
+    return [
+        batch
+        for batch in _drawn_once(batches)
+        if all((folder / f"{index}-{seed}.png").is_file() for index, _, seed in batch)
+    ]
 
 
 def _drawn_before(ctx: StepContext) -> dict[tuple, list[tuple[int, int]]]:
@@ -434,12 +447,8 @@ def drawn_as_now(folder: Path, drawn_with: dict, project) -> bool:
     project's base model has now: those the step's next run keeps."""
     from runner.models import BaseModel
 
-    try:
-        about = json.loads((folder / DRAWN_WITH).read_text())
-    except (OSError, ValueError):
-        return False
     model = pnginfo.model_name(BaseModel.of(project.settings, project.dir))
-    return about == {**drawn_with, "model": model}
+    return _drawn_with(folder) == {**drawn_with, "model": model}
 
 
 def _resumable(work: Path, spec: Render, project) -> str | None:
@@ -449,13 +458,8 @@ def _resumable(work: Path, spec: Render, project) -> str | None:
     names = spec.adapter_names
     if not drawn_as_now(drawn, {"batch_size": spec.batch_size, "adapters": names}, project):
         return None
-    batches = _drawn_once(_batches(spec.prompts, spec.seeds, spec.batch_size))
-    kept = 0
-    for adapter in names:
-        folder = drawn / adapter if spec.adapters is not None else drawn
-        kept += sum(
-            len(b) for b in batches if all((folder / f"{i}-{seed}.png").is_file() for i, _, seed in b)
-        )
+    batches = _batches(spec.prompts, spec.seeds, spec.batch_size)
+    kept = sum(len(batch) for adapter in names for batch in _whole(_column(drawn, adapter, spec), batches))
     total = len(spec.prompts) * len(spec.seeds) * len(names)
     return f"keeps {kept} of {total} images an interrupted run drew" if kept else None
 

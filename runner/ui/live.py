@@ -375,8 +375,8 @@ def _detail(s: StepEvent, rate: float | None):
         return _cut(first_line(s.error), "red")
     if s.status == SKIPPED:
         return _cut(first_line(s.error) or reason_text(s), "yellow")
-    if s.status == INTERRUPTED and stop_text(s):
-        return _cut(stop_text(s), "magenta")
+    if s.status == INTERRUPTED and (said := stop_text(s)):
+        return _cut(said, "magenta")
     if s.status in (DONE, CACHED) and s.outputs:
         return _cut(fmt_path(s.outputs), "dim")
     return _cut(reason_text(s), "dim")
@@ -406,8 +406,8 @@ def summary_table(steps: list[StepEvent]) -> Table:
             detail = Text(first_line(fmt_paths_in(s.error)), style="red")
         elif s.status == SKIPPED:
             detail = Text(first_line(fmt_paths_in(s.error)) or reason_text(s), style="yellow")
-        elif s.status == INTERRUPTED and stop_text(s):
-            detail = Text(stop_text(s), style="magenta")
+        elif s.status == INTERRUPTED and (said := stop_text(s)):
+            detail = Text(said, style="magenta")
         elif s.outputs:
             detail = Text(fmt_path(s.outputs))
         else:

@@ -53,6 +53,7 @@ def write(project, output: Path | str | None = None) -> Path:
         return target
     if target.is_symlink():
         target = target.resolve()  # the file it points to is the report, not the link
+    _refuse_what_the_build_reads(project, target)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,34 @@ def write(project, output: Path | str | None = None) -> Path:
         why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
         raise DblError(f"cannot write the report to {target}: {why}; give -o a path you can write") from None
     return target
+
+
+def _refuse_what_the_build_reads(project, target: Path) -> None:
+    """Raise DblError where writing the page to `target` would overwrite what the project reads or made:
+    the project file, its lockfile, dbl's state folder, an input folder's file, a local base model's, or
+    a step's output. A mistyped `-o pets.toml` must not replace the project with HTML."""
+    from runner.watch_targets import within, norm, targets_of
+
+    path = norm(target)
+    watched = targets_of(project.path, project)
+    what = None
+    if path == watched.project_file:
+        what = "the project file"
+    elif path == watched.lockfile:
+        what = "the project's lockfile"
+    elif within(path, norm(project.state_dir)):
+        what = f"in dbl's state folder {fmt_path(project.state_dir)}"
+    elif path in watched.linked or any(within(path, f) for f in watched.folders):
+        what = "in a folder the project reads its images from"
+    elif any(within(path, m) for m in watched.models):
+        what = "part of the base model"
+    elif any(within(path, o) for o in watched.outputs):
+        what = "in a step's output folder"
+    if what:
+        raise DblError(
+            f"cannot write the report to {fmt_path(target)}: it is {what}; give -o another path"
+            f" (the default is {fmt_path(project.out / 'report.html')})"
+        )
 
 
 def render(project) -> str:

@@ -53,29 +53,29 @@ class Targets:
         path = os.path.normpath(path)
         if path in (self.project_file, self.lockfile, *self.links) or path in self.linked:
             return True
-        if any(_within(f, path) for f in self.folders + self.models):
+        if any(within(f, path) for f in self.folders + self.models):
             return True
-        if any(_within(path, m) for m in self.models):
+        if any(within(path, m) for m in self.models):
             return True
         # a folder the build makes to hold its outputs (build/ of build/pets) is no input either
-        if any(_within(path, i) or _within(i, path) for i in self.ignored):
+        if any(within(path, i) or within(i, path) for i in self.ignored):
             return False
         if not directory and _editors_file(os.path.basename(path)):
             return False
-        return any(_within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
+        return any(within(path, f) and not _hidden(os.path.relpath(path, f)) for f in self.folders)
 
     def holds_outputs(self, folder: str) -> bool:
         """Whether `folder` is the outputs' folder or one above it, but not the project's own folder."""
-        return bool(self.out) and _within(self.out, folder) and not _within(self.project_file, folder)
+        return bool(self.out) and within(self.out, folder) and not within(self.project_file, folder)
 
     def holds_step_outputs(self, folder: str) -> bool:
         """Whether `folder` is a step's output folder or one above it inside the outputs' folder
         (`renders/`)."""
-        return _within(folder, self.out) and any(_within(o, folder) for o in self.outputs)
+        return within(folder, self.out) and any(within(o, folder) for o in self.outputs)
 
     def outputs_gone(self, folder: str) -> bool:
         """Whether a step's output folder at or below `folder` is missing now."""
-        return any(_within(o, folder) and not os.path.isdir(o) for o in self.outputs)
+        return any(within(o, folder) and not os.path.isdir(o) for o in self.outputs)
 
     def watches(self) -> set[tuple[str, bool]]:
         """(folder, recursive) pairs to schedule: an input folder, and its parent, where its own removal,
@@ -109,7 +109,7 @@ class Targets:
         top = os.path.dirname(self.out)
         for output in self.outputs:
             folder = os.path.dirname(output)
-            while _within(folder, top) and folder not in found:
+            while within(folder, top) and folder not in found:
                 if os.path.isdir(folder):
                     found.add(folder)
                 folder = os.path.dirname(folder)
@@ -121,7 +121,7 @@ class Targets:
         and each subfolder that holds inputs, so that no watch follows the build's own folders as they
         are made, moved and removed (watchdog warns of those, in the middle of the display); a subfolder
         created later wakes the watch, which then watches it too."""
-        if not any(_within(i, folder) for i in self.ignored):
+        if not any(within(i, folder) for i in self.ignored):
             return {(folder, True)}
         found = {(folder, False)}
         with contextlib.suppress(OSError):  # removed meanwhile; the next reload looks again
@@ -159,7 +159,7 @@ def targets_of(project_path: Path, project=None) -> Targets:
     folders = []
     for f in named:
         p = norm(base / Path(f).expanduser())
-        if not any(_within(p, i) for i in ignored_s) and p not in folders:
+        if not any(within(p, i) for i in ignored_s) and p not in folders:
             folders.append(p)
     # a loaded project's folders are resolved: their links are found on the way its TOML names them
     links = {link for named in [given, *(base / Path(f).expanduser() for f in raw)] for link in _links(named)}
@@ -273,7 +273,8 @@ def _editors_file(name: str) -> bool:
     return name.endswith(("~", "#")) or "." not in name
 
 
-def _within(path: str, folder: str) -> bool:
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (both normalised, as norm gives them)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 

@@ -83,6 +83,33 @@ def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build,
     assert (proj.root / "notes").read_text() == "a file, not a folder"
 
 
+def test_an_output_path_on_what_the_build_reads_or_made_is_refused_and_left_as_it_was(
+    proj, build, fake_steps, capsys
+):
+    """A mistyped `-o pets.toml` would replace the project file with HTML."""
+    build(proj)
+    out = proj.root / "build" / "pets"
+    said = {
+        proj.path: "it is the project file",
+        proj.lock: "it is the project's lockfile",
+        proj.root / "data" / "dog" / "00.png": "it is in a folder the project reads its images from",
+        proj.root / "data" / "dog" / "notes.html": "it is in a folder the project reads its images from",
+        proj.root / ".dbl" / "page.html": "it is in dbl's state folder",
+        next((out / "renders" / "park").iterdir()): "it is in a step's output folder",
+    }
+    for target, why in said.items():
+        before = target.read_bytes() if target.exists() else None
+        assert main(["report", str(proj.path), "-o", str(target)]) == 2, target
+        err = capsys.readouterr().err
+        assert f"cannot write the report to {target}: {why}" in err, err
+        assert "give -o another path (the default is" in err
+        assert (target.read_bytes() if target.exists() else None) == before, target
+    assert lockfile.read(proj.lock)  # still the lockfile
+    for fine in (proj.root / "pets.html", out / "report.html", out):
+        assert main(["report", str(proj.path), "-o", str(fine)]) == 0, fine
+    assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
 def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(proj, build, fake_steps):
     from runner.report import _Context, _subject
 

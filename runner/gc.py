@@ -27,6 +27,11 @@ from runner.merge import run_git
 from runner.project.schema import Project
 from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 
 @dataclass
 class Distrusted:
@@ -214,16 +219,37 @@ def _distrusted(
 def _records(project: Project, branches: list[tuple[str, str, str]]) -> list[dict[str, dict]]:
     """The step records of every lockfile `_referenced` read (those whose digest does not match left out)."""
     found = []
-    for lock_path in sorted(project.dir.glob("*.lock")):
-        if not lockfile.foreign(lock_path):
-            # A record that does not match its digest is for `dbl build` to report; one that is malformed
-            # judges nothing, and what it refers to is kept.
-            with warnings.catch_warnings(), contextlib.suppress(lockfile.LockfileError):
-                warnings.simplefilter("ignore", lockfile.LockfileWarning)
-                found.append(lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path)))
+    for lock_path in _lockfiles(project):
+        # A record that does not match its digest is for `dbl build` to report; one that is malformed
+        # judges nothing, and what it refers to is kept.
+        with warnings.catch_warnings(), contextlib.suppress(lockfile.LockfileError):
+            warnings.simplefilter("ignore", lockfile.LockfileWarning)
+            found.append(lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path)))
     for text in dict.fromkeys(text for _, _, text in branches if not lockfile.foreign_text(text)):
         found.append(lockfile.read_text_records(text))
     return found
+
+
+def _lockfiles(project: Project) -> list[Path]:
+    """The .lock files beside the project that are dbl's: its own and those of the other project files
+    there, however damaged (zeros a crash left, a file cut off), and any other that reads as dbl's.
+    Another tool's (uv.lock, Cargo.lock beside Cargo.toml) are not."""
+    own = lockfile.lock_path(project.path)
+    return [
+        path
+        for path in sorted(project.dir.glob("*.lock"))
+        if path == own or _a_project_file(path.with_suffix(".toml")) or not lockfile.foreign(path)
+    ]
+
+
+def _a_project_file(path: Path) -> bool:
+    """Whether `path` is a dbl project file: TOML whose [project] table names a base model."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data.get("project"), dict) and "base_model" in data["project"]
 
 
 def _left_beside_outputs(project: Project) -> list[Path]:
@@ -251,9 +277,7 @@ def _referenced(project: Project, branches: list[tuple[str, str, str]]) -> set[s
     it is and as committed at the tip of each local git branch (`branches`: `_branch_lockfiles` of its
     folder)."""
     keep: set[str] = set()
-    for lock_path in sorted(project.dir.glob("*.lock")):
-        if lockfile.foreign(lock_path):
-            continue
+    for lock_path in _lockfiles(project):
         try:
             keep |= lockfile.referenced_fingerprints(
                 lock_path, lockmemo.memo_path(project.state_dir, lock_path)

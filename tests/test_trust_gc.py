@@ -53,6 +53,28 @@ def test_gc_refuses_with_an_unreadable_lockfile(built_twice, capsys, dry_run, wh
     assert cache_entries(proj) == (before if dry_run else sorted(set(before) - {_dropped(before, proj)}))
 
 
+@pytest.mark.parametrize("which", ["pets.lock", "other.lock"])
+@pytest.mark.parametrize("damage", ["zeros", "cut off"])
+def test_gc_refuses_when_a_projects_lockfile_is_damaged_past_telling_whose_it_is(
+    built_twice, capsys, which, damage
+):
+    """Zeros a crash left, or a file cut off before dbl's header: not TOML and no header, which is how
+    another tool's .lock reads; but it is the lockfile of a project file beside it, and gc must not drop
+    what it referred to."""
+    proj = built_twice
+    bad = proj.root / which
+    if which == "other.lock":
+        (proj.root / "other.toml").write_text('[project]\nbase_model = "tiny-sd"\n')
+    text = proj.lock.read_text()
+    bad.write_bytes(b"\0" * 2000 if damage == "zeros" else text[text.index("[") :][:-40].encode()[:60])
+    assert lockfile.foreign(bad)  # as another tool's reads
+    before = cache_entries(proj)
+    assert main(["gc", str(proj.path)]) == 2
+    err = capsys.readouterr().err
+    assert f"gc refused: {bad}: cannot read the lockfile" in err, err
+    assert cache_entries(proj) == before
+
+
 def test_gc_refuses_a_newer_dbls_lockfile_and_says_to_upgrade(built_twice, capsys):
     """A teammate's newer lockfile is no broken one: moving it aside would lose their records."""
     proj = built_twice

@@ -263,6 +263,9 @@ def checked_records(steps: dict) -> tuple[dict[str, dict], list[str]]:
     """
     kept, rejected = {}, []
     for sid, record in steps.items():
+        if not _written_by_dbl(record):  # a hand edit's bare date (`built = 2026-12-04T02:01:57Z`)
+            rejected.append(sid)
+            continue
         if isinstance(record, dict) and "digest" in record:
             record = dict(record)
             if record.pop("digest") != record_digest(record):
@@ -270,6 +273,16 @@ def checked_records(steps: dict) -> tuple[dict[str, dict], list[str]]:
                 continue
         kept[sid] = record
     return kept, sorted(rejected)
+
+
+def _written_by_dbl(value: Any) -> bool:
+    """Whether `value` holds only what dbl writes: tables, arrays, strings, numbers and booleans (no TOML
+    date or time, which no record has and JSON cannot hold)."""
+    if isinstance(value, dict):
+        return all(_written_by_dbl(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_written_by_dbl(v) for v in value)
+    return isinstance(value, (str, int, float, bool))
 
 
 def _without_none(value: Any) -> Any:

@@ -44,6 +44,33 @@ def test_record_altered_by_hand_is_reported_and_rebuilt(proj, build, capsys):
     assert "up to date" in out and not err
 
 
+@pytest.mark.parametrize("digests", [True, False])
+def test_a_bare_toml_date_put_in_a_record_by_hand_is_a_record_not_built(proj, build, capsys, digests):
+    """`built = 2026-12-04T02:01:57Z`, unquoted: valid TOML, a date no record holds. Every command said
+    `unexpected TypeError` (the digest is taken of the record as JSON); the record is a hand edit."""
+    import re
+
+    build(proj)
+    text = proj.lock.read_text()
+    if not digests:  # a previous version's lockfile, whose records have none
+        text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("digest = "))
+    edited, n = re.subn(r'^built = "([^"]+)"', r"built = \1", text, count=1, flags=re.M)
+    assert n == 1
+    proj.lock.write_text(edited)
+    said = ""
+    for command in ("plan", "ls", "check"):
+        assert main([command, str(proj.path)]) in (0, 1), command
+        err = capsys.readouterr().err
+        assert "unexpected" not in err, err
+        said += err  # a lockfile's warning is said once in a process
+    assert "the record of blend:mix does not match its digest" in said, said
+    assert main(["gc", "--dry-run", str(proj.path)]) == 0
+    with pytest.warns(lockfile.LockfileWarning, match="blend:mix"):
+        result, _ = build(proj)
+    assert result.ok and [s.status for s in result.steps if s.id == "blend:mix"] == ["cached"]
+    assert not re.search(r"^built = \d", proj.lock.read_text(), flags=re.M)
+
+
 def test_records_without_digest_from_the_previous_version_stay_fresh(proj, build, capsys):
     build(proj)
     lines = [line for line in proj.lock.read_text().splitlines() if not line.startswith("digest = ")]

@@ -73,7 +73,7 @@ def _refuse_what_the_build_reads(project, target: Path) -> None:
     """Raise DblError where writing the page to `target` would overwrite what the project reads or made:
     the project file, its lockfile, dbl's state folder, an input folder's file, a local base model's, or
     a step's output. A mistyped `-o pets.toml` must not replace the project with HTML."""
-    from runner.watch_targets import within, norm, targets_of
+    from runner.watch_targets import norm, targets_of, within
 
     path = norm(target)
     watched = targets_of(project.path, project)

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from runner.errors import StepError
 from runner.project import load_project
 from tests.conftest import write_image
 from tests.project_fixtures import GOOD, folder, problems, write_project  # noqa: F401 (a fixture)
@@ -42,6 +43,55 @@ def test_empty_images_folder(folder):  # noqa: F811
     assert found == [
         "subjects.cat.images: folder data/empty holds no images (.jpg, .png, .webp ...) (line 25) - add a few photos of the subject"
     ]
+
+
+def test_an_images_folder_that_cannot_be_read_says_so_not_that_it_is_empty(folder, monkeypatch):  # noqa: F811
+    import os
+
+    from runner.project import checks
+
+    access = os.access
+    dog = str(folder / "data/dog")
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: str(path) != dog and access(path, mode))
+    assert problems(folder, GOOD) == [
+        "subjects.dog.images: folder data/dog cannot be read (permission denied) (line 9) "
+        "- give read access to it (chmod u+rx data/dog)"
+    ]
+
+
+def test_a_folder_below_an_images_folder_that_cannot_be_read_is_an_error_naming_it(
+    folder,  # noqa: F811
+    monkeypatch,
+    capsys,
+):
+    """It was left out without a word: the subject trained on the images it could list."""
+    import errno
+    import os
+
+    from runner.cli import main
+    from runner.imagefiles import list_images
+
+    write_image(folder / "data/toy/more/01.png")
+    path = write_project(folder, GOOD)
+    assert main(["plan", str(path)]) == 0
+    capsys.readouterr()
+    scandir = os.scandir
+    more = str(folder / "data/toy/more")
+
+    def unlistable(path="."):
+        if os.fspath(path) == more:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    with pytest.raises(StepError, match="more: the folder cannot be read"):
+        list_images(folder / "data/toy")
+    for command in ("plan", "build"):
+        assert main([command, str(path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"dbl: {more}: the folder cannot be read (Permission denied); give read access to it" in err, (
+            err
+        )
 
 
 def test_a_folder_of_pictures_dbl_does_not_read_says_what_it_holds(folder):  # noqa: F811

@@ -101,6 +101,12 @@ def _check_folder(check, project_dir: Path, key: tuple[str, ...], folder: str, r
         )
     elif not path.is_dir():
         check.problem(key + ("images",), f"folder {folder} does not exist", f"put the images in {path}")
+    elif not os.access(path, os.R_OK | os.X_OK):
+        check.problem(
+            key + ("images",),
+            f"folder {folder} cannot be read (permission denied)",
+            f"give read access to it (chmod u+rx {folder})",
+        )
     elif required and not has_images(path):
         found = scan(path)
         unread, fix = "", "add a few photos of the subject"

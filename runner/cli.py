@@ -17,6 +17,7 @@ from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK,
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
 from runner.store import LockHeld
+from runner.ui.plain import fmt_paths_in
 from runner.ui.streams import survivable_std_streams
 
 
@@ -133,7 +134,7 @@ def _main(argv: list[str] | None) -> int:
     except DblError as exc:  # an input the user must fix (a project or lockfile), found before any step ran
         if getattr(args, "debug", False):
             raise
-        print(f"dbl: {exc}", file=sys.stderr)
+        print(f"dbl: {fmt_paths_in(str(exc))}", file=sys.stderr)  # files named as the user would type them
         return EXIT_USAGE
     except OSError as exc:  # an unreadable input, a full disk outside any step
         if getattr(args, "debug", False):

@@ -93,8 +93,11 @@ def test_many_long_captions_are_named_in_a_few_lines(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, not text"),
-        (b"caf\xe9", "is not UTF-8 text (byte 3)"),
+        (
+            b"\x89PNG\r\n\x1a\n\x00\x00",
+            "is a binary file, not text; write the caption as UTF-8 text, or remove it",
+        ),
+        (b"caf\xe9", "is not UTF-8 text (byte 3); save it as UTF-8"),
         ("a dog".encode("utf-16"), "is UTF-16 text, not UTF-8; save it as UTF-8"),
         ("a dog".encode("utf-32"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
         (codecs.BOM_UTF32_BE + "a dog".encode("utf-32-be"), "is UTF-32 text, not UTF-8; save it as UTF-8"),
@@ -381,7 +384,7 @@ def test_a_prior_names_the_users_caption_file_when_it_is_empty_or_not_text(tmp_p
     spec = make_prior(num_images=2, images=str(given), caption_extension=".txt")
     with pytest.raises(StepError) as info:
         prior_step.run(prior_context(tmp_path, spec, log=logs.append))
-    assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3)"
+    assert str(info.value) == f"caption {given / '01.txt'} is not UTF-8 text (byte 3); save it as UTF-8"
     assert f"warning: caption {given / '00.txt'} is empty; the class prompt 'a photo of dog' is used" in logs
 
 

@@ -345,6 +345,41 @@ def test_a_project_file_in_utf16_says_to_save_it_as_utf8(folder, encoding):  # n
     ]
 
 
+def test_a_project_file_in_utf16_without_its_byte_order_mark_says_to_save_it_as_utf8(folder):  # noqa: F811
+    # Read as UTF-8 it was `Found invalid character '\x00' at column 2`.
+    path = folder / "p.toml"
+    for encoding in ("utf-16-le", "utf-16-be"):
+        path.write_bytes(GOOD.encode(encoding))
+        with pytest.raises(ProjectError) as info:
+            load_project(path)
+        assert [str(p) for p in info.value.problems] == [
+            "the file looks like UTF-16 text without a byte-order mark, not UTF-8 (line 1) - save it as UTF-8"
+        ]
+
+
+def test_a_project_file_that_cannot_be_read_is_a_problem_of_the_file_exit_2(folder, monkeypatch, capsys):  # noqa: F811
+    """Without read permission it was `dbl: p.toml: Permission denied`, exit 1, as a failed step."""
+    import errno
+    import pathlib
+
+    from runner.cli import main
+
+    path = write_project(folder, GOOD)
+    read_bytes = pathlib.Path.read_bytes
+
+    def unreadable(self):
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", unreadable)
+    for command in ("plan", "build", "ls", "check"):
+        assert main([command, str(path)]) == 2, command
+        assert capsys.readouterr().err == (
+            f"{path}: 1 problem\n  cannot be read (Permission denied) - give read access to it (chmod u+r)\n"
+        )
+
+
 def test_a_quoted_header_is_said_once_with_the_unquoted_one_to_write(folder):  # noqa: F811
     # ["subjects.toy"] is one top-level table named "subjects.toy": the blend that names toy is no other problem.
     found = problems(folder, GOOD.replace("[subjects.toy]", '["subjects.toy"]'))

@@ -18,9 +18,31 @@ def read_text(path: Path) -> str:
     the user sees in the editor."""
     # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not TOML, and not the user's text.
     # read_text, not bytes.decode: its universal newlines are what every project file was read with.
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # no read permission: a problem of the file, as a missing one is
+        raise ProjectError(
+            path,
+            [
+                Problem(
+                    "", f"cannot be read ({exc.strerror or exc})", None, "give read access to it (chmod u+r)"
+                )
+            ],
+        ) from None
     if name := wide_unicode(data):  # Windows PowerShell's `>` writes UTF-16: every other byte reads as junk
         raise ProjectError(path, [Problem("", f"the file is {name} text, not UTF-8", 1, "save it as UTF-8")])
+    if b"\x00" in data and utf16_without_mark(data):  # the same, its byte-order mark left off
+        raise ProjectError(
+            path,
+            [
+                Problem(
+                    "",
+                    "the file looks like UTF-16 text without a byte-order mark, not UTF-8",
+                    1,
+                    "save it as UTF-8",
+                )
+            ],
+        )
     try:
         data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -45,6 +67,24 @@ def wide_unicode(data: bytes) -> str | None:
         if data.startswith(marks):
             return name
     return None
+
+
+def utf16_without_mark(data: bytes) -> bool:
+    """Whether `data` reads as printable UTF-16 text in either byte order, each of its zero bytes the high
+    byte of a character (Latin text: every other byte); a binary file does not."""
+    if len(data) % 2:
+        return False
+    zeros = {i % 2 for i, byte in enumerate(data) if byte == 0}
+    for order, high in (("utf-16-le", 1), ("utf-16-be", 0)):
+        if zeros != {high}:
+            continue
+        try:
+            text = data.decode(order)
+        except UnicodeDecodeError:
+            continue
+        if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+            return True
+    return False
 
 
 def syntax_problems(text: str, exc: Exception) -> list[Problem]:

@@ -17,7 +17,7 @@ from runner.errors import StepError
 from runner.events import WARNING
 from runner.imagefiles import Scan, linked_folders, said_of_many, skipped_images
 from runner.project.checks import TRIGGER
-from runner.project.source import wide_unicode
+from runner.project.source import utf16_without_mark, wide_unicode
 
 
 def caption_file(image: Path, extension: str) -> Path:
@@ -36,15 +36,17 @@ def read_caption(path: Path, log, fallback: str = "the instance prompt", odd=Non
     if name := wide_unicode(data):  # Notepad's "Unicode": text, not binary
         raise StepError(f"caption {path} is {name} text, not UTF-8; save it as UTF-8")
     if b"\x00" in data:
-        if _utf16_without_mark(data):  # Windows tools' "Unicode" with its mark left off
+        if utf16_without_mark(data):  # Windows tools' "Unicode" with its mark left off
             raise StepError(
                 f"caption {path} looks like UTF-16 text without a byte-order mark, not UTF-8; save it as UTF-8"
             )
-        raise StepError(f"caption {path} is a binary file, not text")
+        raise StepError(
+            f"caption {path} is a binary file, not text; write the caption as UTF-8 text, or remove it"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise StepError(f"caption {path} is not UTF-8 text (byte {e.start})") from None
+        raise StepError(f"caption {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     text = " ".join(text.split())
     if not text:
         log(f"warning: caption {path} is empty; {fallback} is used")
@@ -66,24 +68,6 @@ _C0 = "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 D
 def _control_name(char: str) -> str:
     names = _C0.split()
     return names[ord(char)] if ord(char) < len(names) else "DEL" if char == "\x7f" else f"U+{ord(char):04X}"
-
-
-def _utf16_without_mark(data: bytes) -> bool:
-    """Whether `data` reads as printable UTF-16 text in either byte order, each of its zero bytes the high
-    byte of a character (Latin text: every other byte); a binary file does not."""
-    if len(data) % 2:
-        return False
-    zeros = {i % 2 for i, byte in enumerate(data) if byte == 0}
-    for order, high in (("utf-16-le", 1), ("utf-16-be", 0)):
-        if zeros != {high}:
-            continue
-        try:
-            text = data.decode(order)
-        except UnicodeDecodeError:
-            continue
-        if text.strip() and all(c.isprintable() or c.isspace() for c in text):
-            return True
-    return False
 
 
 def image_prompts(

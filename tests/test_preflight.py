@@ -262,7 +262,10 @@ def test_a_caption_the_train_step_cannot_read_fails_it_before_any_step_runs(proj
     caption.write_bytes(b"a photo of sks dog \xff on grass")
     result, rec = build(proj)
     assert result.exit_code == 1 and fake_steps.ran == []
-    assert step_ends(rec)["train:dog"] == (FAILED, f"caption {caption} is not UTF-8 text (byte 19); save it as UTF-8")
+    assert step_ends(rec)["train:dog"] == (
+        FAILED,
+        f"caption {caption} is not UTF-8 text (byte 19); save it as UTF-8",
+    )
     caption.write_text("a photo of sks dog on grass")
     assert build(proj)[0].ok
 

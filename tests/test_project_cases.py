@@ -68,7 +68,11 @@ CASES = [
         '[train]\nlr_scheduler = "cosin"\n',
         "train.lr_scheduler: 'cosin' is not one of constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial (line {line}) - did you mean 'cosine'?",
     ),
-    ("below minimum", "[lora]\nrank = 0\n", "lora.rank: must be at least 1, got 0 (line {line})"),
+    (
+        "below minimum",
+        "[lora]\nrank = 0\n",
+        "lora.rank: must be at least 1, got 0 (line {line}) - e.g. rank = 16",
+    ),
     (
         "missing key",
         '[subjects.cat]\nimages = "data/dog"\n',
@@ -138,7 +142,7 @@ CASES = [
     (
         "svd clamp is a quantile",
         '[blends.t]\nadapters = { dog = 1.0, toy = 1.0 }\nmethod = "svd"\nsvd_clamp = 5\n',
-        "blends.t.svd_clamp: must be at most 1, got 5.0 (line {line})",
+        "blends.t.svd_clamp: must be at most 1, got 5.0 (line {line}) - e.g. svd_clamp = 0.99",
     ),
     (
         "density needed",
@@ -158,7 +162,7 @@ CASES = [
     (
         "size multiple of 8",
         '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nwidth = 100\n',
-        "renders.r.width: must be a multiple of 8, got 100 (line {line})",
+        "renders.r.width: must be a multiple of 8, got 100 (line {line}) - e.g. width = 104",
     ),
     (
         "blend cycle",
@@ -173,7 +177,7 @@ CASES = [
     (
         "seed out of range",
         '[renders.r]\nadapter = "dog"\nprompts = ["x"]\nseeds = [0, 18446744073709551616]\n',
-        "renders.r.seeds: must be at most 9223372036854775807, got 18446744073709551616 (line {line})",
+        "renders.r.seeds: must be at most 9223372036854775807, got 18446744073709551616 (line {line}) - e.g. seeds = [0]",
     ),
     (
         "reserved name",
@@ -264,7 +268,7 @@ CASES = [
     (
         "resolution in [train] named there",
         "[train]\nresolution = 100\n",
-        "train.resolution: must be a multiple of 8, got 100 (line {line})",
+        "train.resolution: must be a multiple of 8, got 100 (line {line}) - e.g. resolution = 104",
     ),
     (
         "save step at the last step",

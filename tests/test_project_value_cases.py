@@ -103,7 +103,7 @@ CASES = [
     (
         "save step zero",
         "[train]\nsave_steps = [0]\n",
-        "train.save_steps: must be at least 1, got 0 (line {line})",
+        "train.save_steps: must be at least 1, got 0 (line {line}) - e.g. save_steps = [1, 2]",
     ),
     (
         "unknown log",
@@ -122,9 +122,15 @@ CASES = [
         'train.compile: expected true, false or "auto", got int 1 (line {line}) - e.g. compile = "auto"',
     ),
     (
+        # At 8192 every image was refused as too large to train on: "crop it", which cannot help.
+        "resolution above what any image trains at",
+        "[train]\nresolution = 8192\n",
+        "train.resolution: must be at most 5792, got 8192 (line {line}) - e.g. resolution = 512",
+    ),
+    (
         "caption dropout above 1",
         "[train]\ncaption_dropout = 1.5\n",
-        "train.caption_dropout: must be at most 1, got 1.5 (line {line})",
+        "train.caption_dropout: must be at most 1, got 1.5 (line {line}) - e.g. caption_dropout = 0.1",
     ),
     # LoRA variants and targets.
     (
@@ -197,12 +203,12 @@ CASES = [
     (
         "snr_gamma negative",
         "[subjects.dog.train]\nsnr_gamma = -5\n",
-        "subjects.dog.train.snr_gamma: must be at least 0, got -5.0 (line {line})",
+        "subjects.dog.train.snr_gamma: must be at least 0, got -5.0 (line {line}) - e.g. snr_gamma = 5.0",
     ),
     (
         "noise_offset negative",
         "[train]\nnoise_offset = -0.1\n",
-        "train.noise_offset: must be at least 0, got -0.1 (line {line})",
+        "train.noise_offset: must be at least 0, got -0.1 (line {line}) - e.g. noise_offset = 0.0",
     ),
     (
         "noise_offset not a number",
@@ -289,7 +295,7 @@ CASES = [
     (
         "prodigy_beta3 above 1",
         '[train]\noptimizer = "prodigy"\nprodigy_beta3 = 1.5\n',
-        "train.prodigy_beta3: must be at most 1, got 1.5 (line {line})",
+        "train.prodigy_beta3: must be at most 1, got 1.5 (line {line}) - e.g. prodigy_beta3 = 0.99",
     ),
     (
         "prodigy_use_bias_correction not a bool",
@@ -320,12 +326,12 @@ CASES = [
     (
         "lora dropout above 1",
         "[lora]\ndropout = 1.5\n",
-        "lora.dropout: must be at most 1, got 1.5 (line {line})",
+        "lora.dropout: must be at most 1, got 1.5 (line {line}) - e.g. dropout = 0.0",
     ),
     (
         "text encoder dropout above 1",
         "[lora]\ntext_encoder_dropout = 2\n",
-        "lora.text_encoder_dropout: must be at most 1, got 2.0 (line {line})",
+        "lora.text_encoder_dropout: must be at most 1, got 2.0 (line {line}) - e.g. text_encoder_dropout = 0.0",
     ),
 ]
 
@@ -333,3 +339,11 @@ CASES = [
 @pytest.mark.parametrize("extra, expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_problem_messages(folder, extra, expected):  # noqa: F811
     assert_problem_said(folder, extra, expected)
+
+
+def test_the_largest_resolution_is_the_largest_whose_square_image_trains():
+    from runner.images import MAX_RESIZED_PIXELS
+    from runner.project.train_settings import MAX_RESOLUTION
+
+    assert MAX_RESOLUTION % 8 == 0
+    assert MAX_RESOLUTION**2 <= MAX_RESIZED_PIXELS < (MAX_RESOLUTION + 8) ** 2

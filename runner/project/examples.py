@@ -76,12 +76,12 @@ _PLACEHOLDERS = {
 
 def example(f, raw: Any = None) -> str:
     """A value of field `f`, as TOML, that the field's own checks accept: the number a string `raw`
-    spells ("512" for an integer), else the field's default (not for a bool), else its first choice,
-    else a placeholder of its kind moved into its range."""
+    spells ("512" for an integer), else the field's default (not for a bool), else the example it
+    declares, else its first choice, else a placeholder of its kind moved into its range."""
     kind, meta = f.metadata["type"].rstrip("?"), f.metadata
     # A switch's default is rarely what a user who wrote one meant: `use_dora = 1` means true.
     default = None if kind == "bool" else schema.default_of(f)
-    for value in (_spelled(kind, raw), default, *(meta.get("choices") or ())):
+    for value in (_spelled(kind, raw), default, meta.get("example"), *(meta.get("choices") or ())):
         if _fits(kind, meta, value):
             return _toml(value)
     if kind == "int":
@@ -144,6 +144,13 @@ def _fits(kind: str, meta: dict, value: Any) -> bool:
     if not ok or (meta.get("choices") and value not in meta["choices"]):
         return False
     return all(_into_range(v, meta) == v for v in (value if isinstance(value, list) else [value]))
+
+
+def nearest(value, meta: dict) -> str:
+    """`value` (a number, or a list of them) moved into the field's range, as TOML: the fix to suggest."""
+    if isinstance(value, list):
+        return _toml([_into_range(v, meta) for v in value])
+    return _toml(_into_range(value, meta))
 
 
 def _into_range(number, meta: dict):

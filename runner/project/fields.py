@@ -7,6 +7,7 @@
 - `choices`: the allowed values, if the set is closed;
 - `minimum`, `maximum`: the allowed range of a number (of every item, for a list), if bounded;
 - `multiple`: what a number must be a multiple of (a size in pixels: 8, the VAE's factor), if anything;
+- `example`: a value to suggest in a fix, for a key whose default (None, off) suggests nothing;
 - `fingerprint`: False for settings that do not change a step's result (display, checkpointing);
 - `omit_default`: True for keys added after the first release: they are fingerprinted only when set
   away from their default, so that the steps of existing projects keep their fingerprints (and their
@@ -31,6 +32,7 @@ def opt(
     multiple=None,
     empty_is_none=False,
     off=None,
+    example=None,
 ):
     """Declare a project-file key. Without a default the key is required. `empty_is_none`: an empty list
     reads as the key's default, None (how a subject turns off a list [train] gives it); so does the
@@ -46,6 +48,7 @@ def opt(
         "omit_default": omit_default,
         "empty_is_none": empty_is_none,
         "off": off,
+        "example": example,
     }
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)

@@ -15,7 +15,7 @@ from runner import steps
 from runner.project import checks, schema
 from runner.project.base_model import check_base_model
 from runner.project.checks import NAME_MAX, PATH_MAX
-from runner.project.examples import describe, example, example_list
+from runner.project.examples import describe, example, example_list, nearest
 from runner.project.lines import LineIndex
 from runner.project.problems import Problem, ProjectError, Source, display
 from runner.project.source import read_text, syntax_problems
@@ -171,27 +171,37 @@ class _Checker:
             hint = f"did you mean '{close[0]}'? " if close else ""
             self.problem(key, f"'{value}' is not one of {', '.join(map(str, choices))}", f"{hint}".strip())
             return False, value
-        meta = f.metadata
-        if not self._in_range(key, value, meta.get("minimum"), meta.get("maximum"), meta.get("multiple")):
+        if not self._in_range(key, value, f):
             return False, value
         if (unusable := _unusable_number(value)) is not None:
             self.problem(key, unusable, f"e.g. {f.name} = {example(f)}")
             return False, value
         return True, value
 
-    def _in_range(self, key, value, minimum, maximum, multiple=None) -> bool:
+    def _in_range(self, key, value, f) -> bool:
+        """Whether `value` (each number of it) is within field `f`'s minimum, maximum and multiple; a
+        problem where it is not, whose fix is the nearest multiple (`width = 104` for 100), or else an example
+        (the nearest bound can be a value no one means: `caption_dropout = 1` drops every prompt)."""
+        meta = f.metadata
+        minimum, maximum, multiple = meta.get("minimum"), meta.get("maximum"), meta.get("multiple")
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, (int, float)):
                 continue
             if minimum is not None and number < minimum:
-                self.problem(key, f"must be at least {minimum}, got {number}")
+                wrong = f"must be at least {minimum}, got {number}"
+            elif maximum is not None and number > maximum:
+                wrong = f"must be at most {maximum}, got {number}"
+            elif multiple is not None and number % multiple:
+                self.problem(
+                    key,
+                    f"must be a multiple of {multiple}, got {number}",
+                    f"e.g. {f.name} = {nearest(value, meta)}",
+                )
                 return False
-            if maximum is not None and number > maximum:
-                self.problem(key, f"must be at most {maximum}, got {number}")
-                return False
-            if multiple is not None and number % multiple:
-                self.problem(key, f"must be a multiple of {multiple}, got {number}")
-                return False
+            else:
+                continue
+            self.problem(key, wrong, f"e.g. {f.name} = {example(f)}")
+            return False
         return True
 
     def table(self, key: tuple[str, ...], raw: Any, cls, base=None, extra: dict | None = None, nested=()):

@@ -220,9 +220,11 @@ class Blend:
     svd_rank: int | None = opt(
         None, "rank of svd methods; default: the largest parent rank", "int?", minimum=1
     )
-    svd_clamp: float | None = opt(None, "quantile clamp of svd methods", "float?", minimum=0, maximum=1)
+    svd_clamp: float | None = opt(
+        None, "quantile clamp of svd methods", "float?", minimum=0, maximum=1, example=0.99
+    )
     density: float | None = opt(
-        None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0
+        None, "fraction of weights kept (ties, dare_*, magnitude_prune)", "float?", minimum=0, example=0.5
     )
     majority_sign_method: str = opt("total", "sign election of ties methods", choices=MAJORITY_SIGN_METHODS)
 

@@ -19,6 +19,11 @@ LR_SCHEDULERS = (
 )
 
 
+# The largest multiple of 8 whose square fits runner.images.MAX_RESIZED_PIXELS: at a larger resolution
+# every image is too large to train on.
+MAX_RESOLUTION = 5792
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """[train] and [subjects.<name>.train]: the training loop."""
@@ -28,6 +33,7 @@ class TrainSettings:
         "training image size in pixels (images are resized, then cropped square)",
         "int",
         minimum=8,
+        maximum=MAX_RESOLUTION,
         multiple=8,
     )
     steps: int = opt(800, "optimizer steps (the recipe's max_train_steps)", "int", minimum=1)
@@ -101,6 +107,7 @@ class TrainSettings:
         minimum=0,
         maximum=1,
         omit_default=True,
+        example=0.99,
     )
     prodigy_use_bias_correction: bool = opt(
         False, "Prodigy: Adam's bias correction of the step size", "bool", omit_default=True
@@ -116,6 +123,7 @@ class TrainSettings:
         minimum=0,
         omit_default=True,
         off=0,
+        example=5.0,
     )
     noise_offset: float = opt(
         0.0,
@@ -132,6 +140,7 @@ class TrainSettings:
         "float?",
         minimum=0,
         maximum=1,
+        example=0.1,
     )
     buckets: bool = opt(
         False,
@@ -247,6 +256,7 @@ class LoraSettings:
         "float?",
         minimum=0,
         maximum=1,
+        example=0.0,
     )
     text_encoder_2_bias: str | None = opt(
         None,

@@ -137,3 +137,53 @@ def test_an_empty_base_model_is_said_to_be_empty(folder, value):  # noqa: F811
         "project.base_model: is empty (line 3) - name the model the adapters train on: a hub id, a local diffusers "
         "folder, a single-file checkpoint or a built-in (tiny-sd, tiny-sd-v, tiny-shapes, tiny-sdxl)"
     ]
+
+
+GIVE = "give the base model the adapters train on: a single-file checkpoint, a diffusers folder or a hub id"
+
+
+@pytest.mark.parametrize("name", ["p.toml", "data/dog/00.png", "model"])
+def test_a_file_that_is_no_checkpoint_is_said_to_be_none(folder, name):  # noqa: F811
+    """The project file, a photo, a file of text: each passed the plan, and the train step failed with
+    diffusers' words about configs on the hub."""
+    if name == "model":
+        (folder / "model").write_text("not weights")
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{name}"'))
+    assert found == [
+        f"project.base_model: {folder / name} is not a model checkpoint (.safetensors, .ckpt ...) (line 3) - {GIVE}"
+    ]
+
+
+def test_a_checkpoint_named_without_its_suffix_still_loads(folder):  # noqa: F811
+    """A file whose bytes begin as a checkpoint does (a safetensors header, torch.save's zip, a pickle)
+    names a single-file model, as it always has."""
+    from tests.project_fixtures import write_project
+
+    for head in (b"\x10\x00\x00\x00\x00\x00\x00\x00{}", b"PK\x03\x04", b"\x80\x02"):
+        (folder / "model").write_bytes(head + b"\0" * 16)
+        project = load_project(
+            write_project(folder, GOOD.replace('base_model = "tiny-sd"', 'base_model = "model"'))
+        )
+        assert project.settings.base_model == "model"
+
+
+def test_a_base_model_that_is_no_regular_file_is_said_to_be_none(folder):  # noqa: F811
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', 'base_model = "/dev/null"'))
+    assert found == [f"project.base_model: /dev/null is not a regular file (line 3) - {GIVE}"]
+
+
+@pytest.mark.parametrize("value", ["tiny-sd ", " runwayml/stable-diffusion-v1-5"])
+def test_a_name_with_spaces_around_it_says_the_name_without(folder, value):  # noqa: F811
+    # It failed in the train step: `HFValidationError: Repo id must use alphanumeric chars ...: 'tiny-sd '`.
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    assert found == [
+        f"project.base_model: '{value}' has spaces around the name (line 3) - base_model = \"{value.strip()}\""
+    ]
+
+
+@pytest.mark.parametrize("value", ["my org/my model", "owner/name?rev=1", "a/b/c"])
+def test_a_name_no_hub_id_can_be_is_no_hub_id(folder, value):  # noqa: F811
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    assert found == [
+        f"project.base_model: '{value}' is neither a folder nor a hub id (owner/name) (line 3) - check the path or id"
+    ]

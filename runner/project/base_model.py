@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from runner import families
 from runner.imagefiles import few
-from runner.models import NOT_LOADED, PICKLE_SUFFIXES, BaseModel, local_path, looks_local
+from runner.models import (
+    NOT_LOADED,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_SUFFIXES,
+    BaseModel,
+    local_path,
+    looks_local,
+)
 from runner.project import schema
 
 LORA_KEYS = ("rank", "alpha", "dropout", "bias", "target_modules", "use_dora", "use_rslora")
@@ -59,6 +67,10 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
         )
     elif local and not path.exists():
         check.problem(key, f"no such file or folder: {path}", "check the path (relative to the project file)")
+    elif path.exists() and not path.is_dir() and not path.is_file():  # /dev/null, a named pipe
+        check.problem(key, f"{path} is not a regular file", _GIVE_A_MODEL)
+    elif path.is_file() and not value.lower().endswith(SINGLE_FILE_SUFFIXES) and not _checkpoint_bytes(path):
+        check.problem(key, f"{path} is not a model checkpoint (.safetensors, .ckpt ...)", _GIVE_A_MODEL)
     elif path.is_dir() and not (path / INDEX).is_file():
         adapter = families.is_adapter_folder(path) or (path / families.PEFT_CONFIG).is_file()
         check.problem(
@@ -67,19 +79,41 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
             "give the base model the adapters train on: a diffusers folder (model_index.json, unet/, vae/ ...), "
             "a single-file checkpoint or a hub id",
         )
-    elif (
-        not local
-        and not path.exists()
-        and value not in families.builtin_names()
-        and not _hub_id_shaped(value)
-    ):
-        check.problem(key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id")
+    elif not local and not path.exists() and value not in families.builtin_names():
+        if value != value.strip() and (
+            value.strip() in families.builtin_names() or _hub_id_shaped(value.strip())
+        ):
+            check.problem(key, f"'{value}' has spaces around the name", f'base_model = "{value.strip()}"')
+        elif not _hub_id_shaped(value):
+            check.problem(
+                key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id"
+            )
+
+
+_GIVE_A_MODEL = (
+    "give the base model the adapters train on: a single-file checkpoint, a diffusers folder or a hub id"
+)
+
+
+def _checkpoint_bytes(path: Path) -> bool:
+    """Whether the file at `path` begins as a checkpoint does, whatever its name: a safetensors header (its
+    length, then JSON), a zip archive (torch.save) or a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return True  # said where it is read, with why
+    return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _hub_id_shaped(value: str) -> bool:
-    """Whether `value` can be a hub id: `name` or `owner/name`, each at most 96 characters (the hub's limit;
-    a longer one names a cache folder too long for the file system to look up)."""
-    return value.count("/") <= 1 and all(len(part) <= 96 for part in value.split("/"))
+    """Whether `value` can be a hub id: `name` or `owner/name` of letters, digits, `-`, `_` and `.`, each at
+    most 96 characters (the hub's limit; a longer one names a cache folder too long for the file system to
+    look up)."""
+    return bool(_HUB_ID.fullmatch(value)) and all(len(part) <= 96 for part in value.split("/"))
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?", re.ASCII)
 
 
 KINDS = {

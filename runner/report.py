@@ -50,6 +50,10 @@ def write(project, output: Path | str | None = None) -> Path:
                 out.write(page)
         except BrokenPipeError:  # the reader had read what it wanted (`| head`): not a failure
             pass
+        except OSError as exc:  # /dev/full
+            raise DblError(
+                f"cannot write the report to {target}: {exc.strerror or exc}; give -o a path you can write"
+            ) from None
         return target
     if target.is_symlink():
         target = target.resolve()  # the file it points to is the report, not the link

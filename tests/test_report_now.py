@@ -83,6 +83,20 @@ def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build,
     assert (proj.root / "notes").read_text() == "a file, not a folder"
 
 
+def test_a_device_that_cannot_take_the_page_is_said_of_that_device(proj, build, fake_steps, capsys):
+    """`-o /dev/full`: `dbl: No space left on device`, exit 1, named no path."""
+    import os
+
+    if not os.path.exists("/dev/full"):
+        import pytest
+
+        pytest.skip("needs /dev/full")
+    build(proj)
+    assert main(["report", str(proj.path), "-o", "/dev/full"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report to /dev/full: No space left on device; give -o a path you can write" in err
+
+
 def test_an_output_path_on_what_the_build_reads_or_made_is_refused_and_left_as_it_was(
     proj, build, fake_steps, capsys
 ):

@@ -66,8 +66,12 @@ def create(name: str, target_dir: Path) -> tuple[Path, list[str]]:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
+            # the file in the way: `path` itself, or a folder on the way to it (`dbl init notes.txt/new`)
+            blocking = next(
+                (p for p in reversed([path, *path.parents]) if p.exists() and not p.is_dir()), path
+            )
             raise UsageError(
-                f"{path} is a file, where the project needs a folder; choose another folder"
+                f"{blocking} is a file, where the project needs a folder; choose another folder"
             ) from None
         except OSError as exc:  # a folder above that is missing and cannot be made, or one not writable
             raise UsageError(

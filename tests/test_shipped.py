@@ -131,6 +131,13 @@ def test_init_where_a_file_takes_a_folder_writes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no half-made project to trip over
 
 
+def test_init_below_a_file_names_that_file(tmp_path, capsys):
+    (tmp_path / "notes").write_text("a file")
+    assert main(["init", str(tmp_path / "notes" / "new")]) == 2
+    assert f"dbl: {tmp_path / 'notes'} is a file, where the project needs a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "a file"
+
+
 def test_init_where_a_folder_cannot_be_made_or_written_says_so(tmp_path, capsys, monkeypatch):
     import errno
     import pathlib

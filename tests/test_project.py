@@ -380,6 +380,17 @@ def test_a_project_file_that_cannot_be_read_is_a_problem_of_the_file_exit_2(fold
         )
 
 
+def test_a_prior_written_without_its_name_is_one_problem_not_also_each_reference_to_it(folder):  # noqa: F811
+    # The subject's `prior = "dog"` was said too: "'dog' is not a prior - priors: class_prompt, num_images".
+    text = GOOD.replace("[priors.dog]", "[priors]").replace(
+        'class_prompt = "a photo of dog"', 'class_prompt = "a photo of dog"\nnum_images = 4'
+    )
+    assert problems(folder, text) == [
+        "priors.class_prompt: [priors] holds one table per name, not keys: class_prompt, num_images (line 6) "
+        "- name the table in its header, e.g. [priors.dog] in place of [priors]"
+    ]
+
+
 def test_a_quoted_header_is_said_once_with_the_unquoted_one_to_write(folder):  # noqa: F811
     # ["subjects.toy"] is one top-level table named "subjects.toy": the blend that names toy is no other problem.
     found = problems(folder, GOOD.replace("[subjects.toy]", '["subjects.toy"]'))

@@ -411,6 +411,8 @@ def _named(check: _Checker, data: dict, group: str, read) -> dict:
             f"[{group}] holds one table per name, not keys: {', '.join(loose)}",
             f"name the table in its header, e.g. [{group}.dog] in place of [{group}]",
         )
+        # the table whose name was left out is unread: a reference to it (prior = "dog") is no other problem
+        check.unread.add((group,))
     return result
 
 

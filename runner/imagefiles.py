@@ -94,16 +94,14 @@ def few(names: list[str], shown: int = 3) -> str:
     return f"{', '.join(names[:shown])}{more}"
 
 
-def unreadable(errors: list[str], shown: int = 5) -> str:
-    """One error for the images of a folder that cannot be read, from what each one's error says (its file
-    first): all of them, so that one build names every broken photo rather than one a build, each build
-    loading the model first. Past `shown`, how many more, as `few` says it."""
+def unreadable(errors: list[str], shown: int = 5, what: str = "images cannot be read") -> str:
+    """One error for the images of a folder that cannot be read (or the files `what` says), from what each
+    one's error says (its file first): all of them, so that one build names every broken photo rather than
+    one a build, each build loading the model first. Past `shown`, how many more, as `few` says it."""
     if len(errors) == 1:
         return errors[0]
     more = [f"and {len(errors) - shown} more"] if len(errors) > shown else []
-    return f"{len(errors)} images cannot be read; fix or remove each:\n  " + "\n  ".join(
-        errors[:shown] + more
-    )
+    return f"{len(errors)} {what}; fix or remove each:\n  " + "\n  ".join(errors[:shown] + more)
 
 
 def skipped_images(found: Scan) -> str | None:

@@ -463,3 +463,26 @@ def test_several_class_prompts_take_turns_and_each_class_image_trains_with_its_o
     assert sorted(p.name for p in one.out.iterdir()) == ["0000.png", "0001.png"]
     job = SimpleNamespace(subject=job.subject, prior=one.spec, class_dir=one.out)
     assert read_images(job, print)[0].prompts["class"] == ["a photo of dog"] * 2
+
+
+def test_every_caption_that_cannot_be_used_is_said_in_one_error(tmp_path):
+    """They were said one a build, each build loading the model first; the images that cannot be read
+    are said all at once."""
+    files = _folder(
+        tmp_path,
+        {
+            "00.txt": b"caf\xe9",
+            "01.txt": b"fine",
+            "02.txt": b"\x89PNG\r\n\x1a\n\x00\x00",
+            "03.txt": b"[trigger] dog",
+        },
+    )
+    with pytest.raises(StepError) as info:
+        image_prompts(files, ".txt", "p", None, print)
+    assert str(info.value).splitlines() == [
+        "3 captions cannot be used; fix or remove each:",
+        f"  caption {tmp_path / '00.txt'} is not UTF-8 text (byte 3); save it as UTF-8",
+        f"  caption {tmp_path / '02.txt'} is a binary file, not text; write the caption as UTF-8 text, or remove it",
+        f"  caption {tmp_path / '03.txt'} uses [trigger] but no trigger is set; set trigger in the subject's table "
+        '(what [trigger] stands for, e.g. trigger = "sks dog"), or write those words in the caption',
+    ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.errors import StepError
 from runner.events import WARNING
-from runner.imagefiles import Scan, linked_folders, said_of_many, skipped_images
+from runner.imagefiles import Scan, linked_folders, said_of_many, skipped_images, unreadable
 from runner.project.checks import TRIGGER
 from runner.project.source import utf16_without_mark, wide_unicode
 
@@ -84,10 +84,10 @@ def image_prompts(
         log(
             f"warning: the prompt '{fallback}' uses {TRIGGER} but the subject sets no trigger: it trains as written"
         )
-    prompts, empty, odd = [], [], []
-    try:
-        for image in files:
-            caption = None
+    prompts, empty, odd, errors = [], [], [], []
+    for image in files:
+        caption = None
+        try:
             if extension:
                 path = caption_file(image, extension)
                 if path.is_file():
@@ -100,10 +100,14 @@ def image_prompts(
                         "write those words in the caption"
                     )
                 caption = caption.replace(TRIGGER, trigger)
-            prompts.append(fallback if caption is None else caption)
-    finally:  # what was found before a caption that fails is still said
-        for warning in empty_captions(empty, fallback_name) + odd_captions(odd):
-            log(warning)
+        except StepError as exc:  # every caption that fails is said in one error, not one a build
+            errors.append(str(exc))
+        prompts.append(fallback if caption is None else caption)
+    # what was found besides the captions that fail is still said
+    for warning in empty_captions(empty, fallback_name) + odd_captions(odd):
+        log(warning)
+    if errors:
+        raise StepError(unreadable(errors, what="captions cannot be used"))
     return prompts
 
 

@@ -187,20 +187,17 @@ class _Checker:
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, (int, float)):
                 continue
+            fix = f"e.g. {f.name} = {example(f)}"
             if minimum is not None and number < minimum:
                 wrong = f"must be at least {minimum}, got {number}"
             elif maximum is not None and number > maximum:
                 wrong = f"must be at most {maximum}, got {number}"
             elif multiple is not None and number % multiple:
-                self.problem(
-                    key,
-                    f"must be a multiple of {multiple}, got {number}",
-                    f"e.g. {f.name} = {nearest(value, meta)}",
-                )
-                return False
+                wrong = f"must be a multiple of {multiple}, got {number}"
+                fix = f"e.g. {f.name} = {nearest(value, meta)}"
             else:
                 continue
-            self.problem(key, wrong, f"e.g. {f.name} = {example(f)}")
+            self.problem(key, wrong, fix)
             return False
         return True
 

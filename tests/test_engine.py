@@ -267,6 +267,24 @@ def test_force_reruns_ignoring_the_cache(proj, build, fake_steps):
     assert fake_steps.ran == ALL
 
 
+def test_a_forced_step_starts_saying_forced_even_behind_another_forced_step(proj, build, fake_steps):
+    """Behind a forced upstream its inputs are known only as it starts, and the same as recorded: it said
+    `inputs changed`, which nothing had."""
+    from runner import executor
+    from tests.conftest import Recorder
+
+    class Reasons(Recorder):
+        def step_start(self, step):
+            super().step_start(step)
+            self.events.append(("reasons", step.id, list(step.reasons)))
+
+    build(proj)
+    rec = Reasons()
+    assert executor.build(proj.load(), executor.BuildOptions(force=("train:toy", "blend:mix")), rec).ok
+    said = {e[1]: e[2] for e in rec.events if e[0] == "reasons"}
+    assert said == {"train:toy": ["forced"], "blend:mix": ["forced"]}
+
+
 def test_unknown_step_id_is_a_usage_error(proj, build):
     from runner.executor import UsageError
 

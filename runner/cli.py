@@ -17,7 +17,7 @@ from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK,
 from runner.fingerprint import StateCacheWarning
 from runner.lockfile import LockfileWarning
 from runner.store import LockHeld
-from runner.ui.plain import fmt_paths_in
+from runner.ui.plain import fmt_path, fmt_paths_in
 from runner.ui.streams import survivable_std_streams
 
 
@@ -417,7 +417,7 @@ def cmd_report(args) -> int:
         return EXIT_OK
     path = report.write(project, args.output)
     # Written through to a pipe or device (-o /dev/stdout), stdout may be the page itself.
-    print(f"wrote {path}", file=sys.stdout if path.is_file() else sys.stderr)
+    print(f"wrote {fmt_path(path)}", file=sys.stdout if path.is_file() else sys.stderr)
     return EXIT_OK
 
 

@@ -223,7 +223,10 @@ def _duration(seconds: float) -> str:
 
 def _watched_text(targets: Targets) -> str:
     n = len(targets.folders)
-    parts = [Path(targets.project_file).name] + ([f"{n} input folder{'s' if n != 1 else ''}"] if n else [])
+    from runner.ui.plain import fmt_path
+
+    # named as the user would type it here, as the changes are (`changed: dog/01.png`)
+    parts = [fmt_path(targets.project_file)] + ([f"{n} input folder{'s' if n != 1 else ''}"] if n else [])
     parts += ["the base model"] if targets.models else []
     return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 

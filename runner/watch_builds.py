@@ -102,7 +102,9 @@ def state_dir_problem(project) -> str | None:
         if project is not None:
             check_state_dir(project)
     except DblError as exc:
-        return str(exc)
+        from runner.ui.plain import fmt_paths_in
+
+        return fmt_paths_in(str(exc))  # as `dbl build` names the folder
     return None
 
 

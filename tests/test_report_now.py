@@ -4,6 +4,7 @@ it recorded itself); and an output path it cannot write. With fake steps: millis
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from runner import lockfile
@@ -94,7 +95,9 @@ def test_a_device_that_cannot_take_the_page_is_said_of_that_device(proj, build, 
     build(proj)
     assert main(["report", str(proj.path), "-o", "/dev/full"]) == 2
     err = capsys.readouterr().err
-    assert "cannot write the report to /dev/full: No space left on device; give -o a path you can write" in err
+    assert (
+        "cannot write the report to /dev/full: No space left on device; give -o a path you can write" in err
+    )
 
 
 def test_an_output_path_on_what_the_build_reads_or_made_is_refused_and_left_as_it_was(
@@ -121,6 +124,9 @@ def test_an_output_path_on_what_the_build_reads_or_made_is_refused_and_left_as_i
     assert lockfile.read(proj.lock)  # still the lockfile
     for fine in (proj.root / "pets.html", out / "report.html", out):
         assert main(["report", str(proj.path), "-o", str(fine)]) == 0, fine
+    with contextlib.chdir(proj.root):  # the page written is named as the user would type it here
+        assert main(["report", str(proj.path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "wrote build/pets/report.html"
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 

@@ -293,10 +293,13 @@ def test_a_file_named_dbl_ends_the_watch_with_exit_2_and_the_fix(proj, fake_step
     code = watch(proj.path, reporter_factory=PlainReporter, stop_event=stop, echo=messages.append)
     timer.cancel()
     assert code == 2
-    assert messages == [
-        f"{proj.root / '.dbl'} is a file, where dbl keeps its run-cache and build state in a folder: move "
-        "or delete it, and dbl makes the folder again"
-    ]
+    assert (
+        messages
+        == [
+            ".dbl is a file, where dbl keeps its run-cache and build state in a folder: move "
+            "or delete it, and dbl makes the folder again"  # named from the current folder, as `dbl build` names it
+        ]
+    )
     assert not fake_steps.ran
 
 
@@ -386,3 +389,16 @@ def test_thousands_of_changes_at_once_are_gathered_each_once_in_order_without_co
         changes.add(path)
     assert _ComparedPath.compared <= 100, _ComparedPath.compared  # a hash collision now and then
     assert changes.wait(0, threading.Event()) == paths
+
+
+def test_the_watch_names_its_project_file_from_the_current_folder(tmp_path, monkeypatch):
+    """From another folder it said `watching pets.toml`, a file not there, beside `changed: p/dog/01.png`."""
+    from runner.watch import _watched_text
+    from runner.watch_targets import Targets
+
+    targets = Targets(str(tmp_path / "p" / "pets.toml"), (str(tmp_path / "p" / "dog"),), ())
+    monkeypatch.chdir(tmp_path)
+    assert _watched_text(targets) == "p/pets.toml and 1 input folder"
+    (tmp_path / "p").mkdir()
+    monkeypatch.chdir(tmp_path / "p")
+    assert _watched_text(targets) == "pets.toml and 1 input folder"

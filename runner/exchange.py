@@ -59,8 +59,28 @@ def replace_dir(staged: Path, target: Path, trash: Path) -> Path:
             shutil.rmtree(target.parent / f".{target.name}{legacy}", ignore_errors=True)
         stem = f".{target.name[:NAME_KEPT]}"
         beside = target.parent / f"{stem}.tmp-{tempnames.suffix()}"
-        shutil.move(str(staged), str(beside))
+        _move_across(staged, beside)
         return _swap(beside, target, target.parent / f"{stem}.trash-{tempnames.suffix()}")
+
+
+def _move_across(staged: Path, beside: Path) -> None:
+    """Copy the folder `staged` to `beside`, on another file system, then remove it. A copy that fails (a
+    full disk) leaves nothing at `beside`, and raises the first file's OSError with the folder it was
+    copying into (shutil.move collected every file's error into one list, and left the part it copied)."""
+    try:
+        beside.mkdir()
+        for root, dirs, files in os.walk(staged):
+            into = beside / Path(root).relative_to(staged)
+            for name in dirs:
+                (into / name).mkdir()
+            for name in files:
+                shutil.copy2(Path(root) / name, into / name)
+    except BaseException as exc:
+        shutil.rmtree(beside, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            raise OSError(exc.errno, exc.strerror, str(beside.parent)) from None
+        raise
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 # The part of an output folder's name its temp names beside it keep: enough to tell whose they are, and short

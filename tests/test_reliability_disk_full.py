@@ -12,7 +12,7 @@ import pytest
 from runner import lockfile, store
 from runner.cli import main
 from runner.events import FAILED
-from tests.conftest import PETS, Proj, output_bytes
+from tests.conftest import PETS, Proj, folder_bytes, output_bytes
 
 
 def test_disk_full_while_committing_keeps_earlier_outputs(proj, build, fake_steps, monkeypatch):
@@ -89,6 +89,51 @@ def test_outputs_on_another_file_system_are_replaced_by_the_next_build(tmp_path,
     assert "sks dog on the moon" in (park / "1-0.png").read_text()
     assert sorted(q.name for q in park.parent.iterdir()) == ["base", "mixed", "park"]  # no temp left
     assert main(["check", str(p.path)]) == 0
+
+
+def test_disk_full_while_copying_to_outputs_on_another_file_system_leaves_nothing_half_copied(
+    tmp_path, build, monkeypatch
+):
+    """The copy beside the outputs failed with shutil's list of every file's error as its message, and
+    the part it had copied stayed there, on the disk that was full."""
+    import shutil
+
+    disk = tmp_path / "scratch"
+    p = Proj(tmp_path, PETS.replace('base_model = "tiny-sd"', 'base_model = "tiny-sd"\nout = "scratch/pets"'))
+    real_rename, real_copy, copied = os.rename, shutil.copyfile, []
+
+    def rename(src, dst, *a, **kw):
+        if Path(src).is_relative_to(disk) != Path(dst).is_relative_to(disk):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real_rename(src, dst, *a, **kw)
+
+    def copyfile(src, dst, *a, **kw):
+        if Path(dst).is_relative_to(disk) and "park" in str(dst) and copied:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the second file of a render
+        copied.append(dst)
+        return real_copy(src, dst, *a, **kw)
+
+    def exchange(a, b):
+        if Path(a).is_relative_to(disk) != Path(b).is_relative_to(disk):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(a), None, str(b))
+        return real_exchange(a, b)
+
+    from runner import exchange as exchange_module
+
+    real_exchange = exchange_module.exchange
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(exchange_module, "exchange", exchange)
+    assert build(p)[0].ok
+    before_lock, before = p.lock.read_text(), folder_bytes(disk)
+    p.edit("sks dog on a beach", "sks dog on the moon")
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    copied.clear()
+    result, rec = build(p)
+    assert result.exit_code == 1 and copied  # a file was copied, the next one failed
+    (failure,) = [e[3] for e in rec.events if e[0] == "end" and e[2] == FAILED]
+    assert failure == f"{disk / 'pets' / 'renders'}: No space left on device", failure
+    assert folder_bytes(disk) == before and p.lock.read_text() == before_lock  # nothing half-copied left
+    assert sorted(q.name for q in (disk / "pets" / "renders").iterdir()) == ["base", "mixed", "park"]
 
 
 def test_disk_full_while_storing_in_the_run_cache_frees_the_half_written_entry(proj, build, monkeypatch):

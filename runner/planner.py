@@ -236,7 +236,7 @@ def plan(
                 item.reasons = [NOT_RECORDED]
             item.reasons.append(RESTORABLE)
             known[step.id] = restored
-        elif left := facts.resumable(step, fp):  # an interrupted run's checkpoints or images
+        elif step.id not in force and (left := facts.resumable(step, fp)):  # an interrupted run's work
             item.reasons.append(left)
         planned[step.id] = item
     return list(planned.values())

@@ -500,6 +500,37 @@ def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
     assert (files, records) == _build_render(tmp_path / "clean", **settings)[:2]
 
 
+def test_a_forced_render_after_an_interrupted_one_draws_every_image_again(tmp_path):
+    """`--force` reruns a step from the start, to compare its bytes with what it made before: it kept the
+    images an interrupted attempt had drawn (and a train step resumed from its checkpoints)."""
+    from runner import executor
+    from runner.project import load_project
+    from tests.conftest import Recorder
+
+    settings = dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=2)
+    path = tmp_path / "p.toml"
+    path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in settings.items()}))
+    stop = []
+
+    class StopAfterABatch(Recorder):
+        def step_progress(self, step):
+            if step.id == "render:plain" and step.done == 2:
+                stop.append(step.done)
+
+    options = executor.BuildOptions(should_stop=lambda: bool(stop), only=("render:plain",))
+    assert not executor.build(load_project(path), options, StopAfterABatch()).ok
+    assert [p.name for p in tmp_path.joinpath(".dbl").rglob("drawn/*.png")] != []  # it drew a batch
+    rec = Recorder()
+    forced = executor.BuildOptions(force=("render:plain",), only=("render:plain",), dry_run=True)
+    assert executor.build(load_project(path), forced, rec).ok
+    assert [r for sid, _, r in rec.planned if sid == "render:plain"] == [["forced"]]
+    rec = Recorder()
+    assert executor.build(load_project(path), executor.BuildOptions(force=("render:plain",)), rec).ok
+    said = [e[2] for e in rec.events if e[0] == "log" and e[1] == "render:plain"]
+    assert not [line for line in said if line.startswith("reusing ")], said
+    assert "rendered 4 images of 32x32 with DDIM" in said
+
+
 def _small_render(**settings):
     """A render of two prompts with the base model, at 32x32 in 2 steps."""
     from runner.project.schema import Render

@@ -115,6 +115,10 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
         _commit(ws, lock, step, inputs, fp, meta, metrics, begun, time.monotonic() - clock, record)
         _ended(ws, lock, step, ev, metrics, clock)
         return None
+    if force:
+        # A rerun from the start, as asked: not resumed from an interrupted attempt's checkpoints or images,
+        # which a suspect state would be among, and whose bytes the rerun is to be compared with.
+        shutil.rmtree(ws.tmp(step), ignore_errors=True)
     earlier = None if force else _earlier(ws, kind, step, record, inputs)
     return Started(p, before, inputs, fp, begun, clock, force, options.num_processes, earlier, record)
 

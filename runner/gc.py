@@ -25,7 +25,7 @@ from runner import lockfile, lockmemo, store
 from runner.errors import DblError
 from runner.merge import run_git
 from runner.project.schema import Project
-from runner.store import COMMIT_PREFIXES, BuildLock, RunCache, work_folder, work_root
+from runner.store import COMMIT_PREFIXES, BuildLock, LockHeld, RunCache, work_folder, work_root
 
 try:
     import tomllib
@@ -384,6 +384,15 @@ def _all_build_locks(project: Project):
         stems.add(held.name[len("build-") : -len(".lock")])
     with contextlib.ExitStack() as stack:
         for stem in sorted(stems):
-            other = SimpleNamespace(state_dir=project.state_dir, path=project.dir / f"{stem}.toml")
-            stack.enter_context(BuildLock(project if stem == project.path.stem else other))
+            if stem == project.path.stem:
+                stack.enter_context(BuildLock(project))
+                continue
+            lock = BuildLock(SimpleNamespace(state_dir=project.state_dir, path=project.dir / f"{stem}.toml"))
+            try:
+                stack.enter_context(lock)
+            except LockHeld:  # said of that project, not as "another build of this project"
+                raise LockHeld(
+                    f"a build of {stem}.toml is running ({lock.holder()}), which shares .dbl/ with this project "
+                    "and may restore from any of its entries; wait for it or stop it"
+                ) from None
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -190,7 +191,10 @@ def test_gc_holds_the_locks_of_projects_sharing_the_cache(proj, build, capsys):
 
     with BuildLock(load_project(twin)):
         assert main(["gc", str(proj.path)]) == 3
-    assert "another build" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # said of that project's build: it said "another build of this project", which no build of it was
+    assert f"dbl: a build of twin.toml is running (pid {os.getpid()} on" in err, err
+    assert "which shares .dbl/ with this project" in err and "this project is running" not in err
     assert main(["gc", str(proj.path)]) == 0
 
 

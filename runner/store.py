@@ -251,10 +251,12 @@ class RunCache:
             shutil.move(str(files), str(tmp / "files"))
             (tmp / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             fsync_tree(tmp)
-        except BaseException:
+        except BaseException as exc:
             # A full disk: free what was moved or written at once, rather than keep it in a hidden folder
             # until `dbl gc` (the step fails; it reruns next time).
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.strerror and not exc.filename:  # a write names no file
+                raise OSError(exc.errno, exc.strerror, str(self.root)) from None
             raise
         replaced = ""
         if intact:  # and replace, or made under other values or before `since`

@@ -466,17 +466,13 @@ def test_an_image_gone_between_the_builds_check_and_the_render_is_drawn_with_its
 # --- an interrupted render resumes --------------------------------------------------------------------------
 
 
-def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
-    """Stopped after its first batch, a build keeps the images it drew in the work folder; the next build
-    draws only the other batches, and its outputs and record are those of an uninterrupted build."""
+def _stopped_after_its_first_batch(path, settings: dict) -> None:
+    """The project EDITED with `settings` written at `path`, and a build of it stopped after render:plain's
+    first batch of two images."""
     from runner import executor
     from runner.project import load_project
     from tests.conftest import Recorder
 
-    settings = dict(prompts=["a dog", "a boat", "a bird"], seeds=[0, 3], size=2)
-    folder = tmp_path / "stopped"
-    folder.mkdir()
-    path = folder / "p.toml"
     path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in settings.items()}))
     stop = []
 
@@ -485,10 +481,17 @@ def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
             if step.id == "render:plain" and step.done == 2:
                 stop.append(step.done)
 
-    result = executor.build(
-        load_project(path), executor.BuildOptions(should_stop=lambda: bool(stop)), StopAfterABatch()
-    )
-    assert stop and not result.ok
+    options = executor.BuildOptions(should_stop=lambda: bool(stop))
+    assert not executor.build(load_project(path), options, StopAfterABatch()).ok and stop
+
+
+def test_an_interrupted_render_resumes_from_the_batches_it_finished(tmp_path):
+    """Stopped after its first batch, a build keeps the images it drew in the work folder; the next build
+    draws only the other batches, and its outputs and record are those of an uninterrupted build."""
+    settings = dict(prompts=["a dog", "a boat", "a bird"], seeds=[0, 3], size=2)
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    _stopped_after_its_first_batch(folder / "p.toml", settings)
     work = list((folder / ".dbl").rglob("drawn"))
     assert [sorted(p.name for p in w.glob("*.png")) for w in work] == [["0-0.png", "0-3.png"]], work
     files, records, said = _build_render(folder, **settings)
@@ -507,18 +510,8 @@ def test_a_forced_render_after_an_interrupted_one_draws_every_image_again(tmp_pa
     from runner.project import load_project
     from tests.conftest import Recorder
 
-    settings = dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=2)
     path = tmp_path / "p.toml"
-    path.write_text(EDITED.format(**{k: repr(v).replace("'", '"') for k, v in settings.items()}))
-    stop = []
-
-    class StopAfterABatch(Recorder):
-        def step_progress(self, step):
-            if step.id == "render:plain" and step.done == 2:
-                stop.append(step.done)
-
-    options = executor.BuildOptions(should_stop=lambda: bool(stop), only=("render:plain",))
-    assert not executor.build(load_project(path), options, StopAfterABatch()).ok
+    _stopped_after_its_first_batch(path, dict(prompts=["a dog", "a boat"], seeds=[0, 3], size=2))
     assert [p.name for p in tmp_path.joinpath(".dbl").rglob("drawn/*.png")] != []  # it drew a batch
     rec = Recorder()
     forced = executor.BuildOptions(force=("render:plain",), only=("render:plain",), dry_run=True)

@@ -157,7 +157,7 @@ def watch(
 
 @contextlib.contextmanager
 def _stopped_by_signals(stop: threading.Event, signals: list[int]):
-    """SIGTERM and SIGHUP stop a resting watch as Ctrl-C does, through the cleanup that ends its workers
+    """SIGTERM and SIGHUP (and SIGINT, where it was ignored) stop a resting watch as Ctrl-C does, through the cleanup that ends its workers
     (their default action killed the watch where it stood: a `-j` watch's worker processes were left to
     notice, and Python warned of a leaked semaphore). During a build, the build's own handlers take
     over: its step stops at a safe point."""
@@ -169,7 +169,12 @@ def _stopped_by_signals(stop: threading.Event, signals: list[int]):
         signals.append(signum)
         stop.set()
 
-    found = (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP"))  # no SIGHUP on Windows
+    names = ["SIGTERM", "SIGHUP"]  # no SIGHUP on Windows
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A watch a script started in the background (`dbl watch &`) inherits SIGINT ignored: `kill -INT`
+        # stops it as Ctrl-C does, as it stops `dbl build` started so.
+        names.append("SIGINT")
+    found = (getattr(signal, name, None) for name in names)
     previous = {signum: signal.signal(signum, handle) for signum in found if signum is not None}
     try:
         yield

@@ -53,6 +53,36 @@ def test_sigterm_or_sighup_ends_a_resting_watch_with_its_exit_code(proj, fake_st
     assert set(threading.enumerate()) <= before  # the observer's threads ended
 
 
+def test_sigint_ends_a_resting_watch_that_inherited_it_ignored_with_0(proj, fake_steps):
+    """`dbl watch &` in a script starts with SIGINT ignored: `kill -INT` left it watching, where it stops
+    `dbl build` started so. It ends as Ctrl-C ends it, with 0, and SIGINT is ignored again after."""
+    messages: list[str] = []
+
+    def kill_when_watching():
+        wait_for(
+            lambda: any(m.startswith("watching ") for m in messages), f"the watch to rest; it said {messages}"
+        )
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sender = threading.Thread(target=kill_when_watching, daemon=True)
+    sender.start()
+    stop = threading.Event()
+    timer = threading.Timer(LIMIT_S, stop.set)  # the watch would wait for ever: stopped, it returns 0 too
+    timer.start()
+    try:
+        code = watch(
+            proj.path, reporter_factory=PlainReporter, debounce_s=0.1, echo=messages.append, stop_event=stop
+        )
+        assert timer.is_alive()  # the signal ended it, not the timer
+    finally:
+        timer.cancel()
+        sender.join(LIMIT_S)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the watch put it back
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0
+
+
 def test_sigterm_during_a_build_stops_its_step_and_ends_the_watch_with_143(proj, fake_steps):
     entered, release = threading.Event(), threading.Event()
 

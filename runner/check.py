@@ -67,7 +67,7 @@ def check(project: Project) -> Report:
         found += _outputs(project, sid, record, hasher)
         found += _images(project, sid, record.get("inputs", {}), hasher)
     found += _base_model(project, records, hasher)
-    cached, cache_files, distrusted = _cache_entries(project, records)
+    cached, cache_files, distrusted = _cache_entries(project, records, hasher)
     hasher.save()
     store.keep_out_of_git(project.state_dir)
     unique = list(dict.fromkeys(found + cached))
@@ -191,9 +191,10 @@ def _base_model(project: Project, records: dict, hasher: FileHasher) -> list[Mis
 
 
 def _cache_entries(
-    project: Project, records: dict
+    project: Project, records: dict, hasher: FileHasher
 ) -> tuple[list[Mismatch], int, list[tuple[str, dict | None]]]:
-    """The run-cache entries the lockfile refers to: each file there against its manifest's sha256.
+    """The run-cache entries the lockfile refers to: each file there against its manifest's sha256. A file
+    found altered goes to `hasher`, so that `dbl plan` knows its entry does not restore.
     Returns the mismatches, the number of files read, and the entries no build restores (Report.distrusted)."""
     cache = store.RunCache(project.state_dir / "cache")
     found, read, distrusted = [], 0, []
@@ -215,8 +216,12 @@ def _cache_entries(
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel
             try:
-                state = "altered" if sha256_file(path) != item.get("sha256") else None
+                st = path.stat()
+                digest = sha256_file(path)
+                state = "altered" if digest != item.get("sha256") else None
                 read += 1
+                if state:  # only these: every file of the cache in the hash cache would slow each plan
+                    hasher.wrote(path, st, digest)
             except FileNotFoundError:
                 state = "missing"
             except OSError:

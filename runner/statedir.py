@@ -254,5 +254,6 @@ class DiskFacts:
         return has_files(self.project.out / output_dir)
 
     def restores(self, fingerprint: str, unhashed: dict | None = None, since: int = 0) -> str | None:
-        """The output hash a restore of this fingerprint gives (see RunCache.restores)."""
-        return self.cache.restores(fingerprint, unhashed, since)
+        """The output hash a restore of this fingerprint gives (see RunCache.restores); none where a file of the
+        entry is known to be altered."""
+        return self.cache.restores(fingerprint, unhashed, since, known=self.hasher.cached)

@@ -324,18 +324,23 @@ class RunCache:
             return None  # an older entry whose files carry another step's name
         return meta
 
-    def restores(self, fingerprint: str, unhashed: dict | None = None, since: int = 0) -> str | None:
+    def restores(
+        self, fingerprint: str, unhashed: dict | None = None, since: int = 0, known=None
+    ) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore
         verifies the bytes), or, with `unhashed`, none made under these values, or none made in epoch
-        `since` or later."""
+        `since` or later. `known(path)`: the hash a file is known to have without reading it, or None (a
+        file `dbl check` found altered is known not to restore)."""
         meta = self.manifest(fingerprint)
         if meta is None or not made_under(meta, unhashed, since):
             return None
         files = self.entry(fingerprint) / "files"
         try:
             intact = all(
-                (files / rel).stat().st_size == item["size"] for rel, item in meta["outputs"].items()
+                (files / rel).stat().st_size == item["size"]
+                and (known is None or known(files / rel) in (None, item["sha256"]))
+                for rel, item in meta["outputs"].items()
             )
         except OSError:
             return None

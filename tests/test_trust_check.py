@@ -88,6 +88,24 @@ def test_check_reads_inputs_and_cache_entries(proj, build, capsys, monkeypatch):
     assert "train:dog" in plan(proj, capsys)
 
 
+def test_a_run_cache_entry_check_found_altered_is_not_called_restorable(proj, build, capsys):
+    """The plan checks an entry's files by their sizes: after `dbl check` had found one altered (its size
+    kept), the plan still said `restorable from cache`, and the build then found the damage and reran."""
+    from runner import lockfile
+
+    build(proj)
+    entry = proj.root / ".dbl" / "cache" / lockfile.read(proj.lock)["render:park"]["fingerprint"]
+    sneaky_edit(entry / "files" / "0-0.png")
+    (proj.root / OUTPUT).unlink()
+    assert f"render:park  output {OUTPUT} missing; restorable from cache" in plan(proj, capsys)  # blind to it
+    assert main(["check", str(proj.path)]) == 1
+    assert "run-cache copy of render:park's output is altered" in capsys.readouterr().out
+    said = plan(proj, capsys)
+    assert f"render:park  output {OUTPUT} missing\n" in said and "restorable" not in said, said
+    result, rec = build(proj)
+    assert result.ok and [e[2] for e in rec.events if e[0] == "end" and e[1] == "render:park"] == ["done"]
+
+
 def test_check_without_a_lockfile_and_when_all_is_well(proj, build, capsys):
     assert main(["check", str(proj.path)]) == 0
     assert capsys.readouterr().out.startswith("nothing to check: the lockfile records no built step yet")

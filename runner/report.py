@@ -42,9 +42,14 @@ def write(project, output: Path | str | None = None) -> Path:
     target = project.out / "report.html" if output is None else Path(output)
     if target.is_dir() or str(output).endswith(("/", os.sep)):
         target = target / "report.html"
-    page = render(project)
     # Asked through the link: /dev/stdout's target, /proc/self/fd/1, resolves to "pipe:[...]", no path.
-    if target.exists() and not target.is_file():  # /dev/stdout, a pipe, /dev/null: written through,
+    written_through = target.exists() and not target.is_file()  # /dev/stdout, a pipe, /dev/null
+    if not written_through:
+        if target.is_symlink():
+            target = target.resolve()  # the file it points to is the report, not the link
+        _refuse_what_the_build_reads(project, target)  # before the page is made, which takes a while
+    page = render(project)
+    if written_through:
         try:
             with open(target, "w", encoding="utf-8") as out:  # never renamed over
                 out.write(page)
@@ -55,9 +60,6 @@ def write(project, output: Path | str | None = None) -> Path:
                 f"cannot write the report to {target}: {exc.strerror or exc}; give -o a path you can write"
             ) from None
         return target
-    if target.is_symlink():
-        target = target.resolve()  # the file it points to is the report, not the link
-    _refuse_what_the_build_reads(project, target)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -187,17 +187,15 @@ class _Checker:
         for number in value if isinstance(value, list) else [value]:
             if not isinstance(number, (int, float)):
                 continue
-            fix = f"e.g. {f.name} = {example(f)}"
             if minimum is not None and number < minimum:
-                wrong = f"must be at least {minimum}, got {number}"
+                wrong, fix = f"must be at least {minimum}, got {number}", example(f)
             elif maximum is not None and number > maximum:
-                wrong = f"must be at most {maximum}, got {number}"
+                wrong, fix = f"must be at most {maximum}, got {number}", example(f)
             elif multiple is not None and number % multiple:
-                wrong = f"must be a multiple of {multiple}, got {number}"
-                fix = f"e.g. {f.name} = {nearest(value, meta)}"
+                wrong, fix = f"must be a multiple of {multiple}, got {number}", nearest(value, meta)
             else:
                 continue
-            self.problem(key, wrong, fix)
+            self.problem(key, wrong, f"e.g. {f.name} = {fix}")
             return False
         return True
 

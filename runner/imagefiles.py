@@ -38,14 +38,14 @@ def _images(folder: Path):
 def _walk(folder: Path):
     """(relative posix prefix, path, visible folders, visible files) of `folder` and each visible folder
     under it, following no symlinked folder. Hidden ones (".DS_Store", ".git/") are left out."""
-    for root, dirs, files in os.walk(folder, followlinks=False, onerror=_unreadable):
+    for root, dirs, files in os.walk(folder, followlinks=False, onerror=_unlistable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # One relative path per folder, not per file: planning a project of many images spent its time here.
         below = Path(root).relative_to(folder).as_posix()
         yield "" if below == "." else below + "/", root, dirs, [n for n in files if not n.startswith(".")]
 
 
-def _unreadable(exc: OSError) -> None:
+def _unlistable(exc: OSError) -> None:
     """A folder the walk cannot list: an error naming it, never images left out without a word."""
     raise ImageError(
         f"{exc.filename}: the folder cannot be read ({exc.strerror or exc}); give read access to it "

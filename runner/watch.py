@@ -157,9 +157,9 @@ def watch(
 
 @contextlib.contextmanager
 def _stopped_by_signals(stop: threading.Event, signals: list[int]):
-    """SIGTERM and SIGHUP (and SIGINT, where it was ignored) stop a resting watch as Ctrl-C does, through the cleanup that ends its workers
-    (their default action killed the watch where it stood: a `-j` watch's worker processes were left to
-    notice, and Python warned of a leaked semaphore). During a build, the build's own handlers take
+    """SIGTERM and SIGHUP (and SIGINT, where it was ignored) stop a resting watch as Ctrl-C does, through
+    the cleanup that ends its workers (their default action killed the watch where it stood: a `-j` watch's
+    worker processes were left to notice, and Python warned of a leaked semaphore). During a build, the build's own handlers take
     over: its step stops at a safe point."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set in the main thread
@@ -227,9 +227,9 @@ def _duration(seconds: float) -> str:
 
 
 def _watched_text(targets: Targets) -> str:
-    n = len(targets.folders)
     from runner.ui.plain import fmt_path
 
+    n = len(targets.folders)
     # named as the user would type it here, as the changes are (`changed: dog/01.png`)
     parts = [fmt_path(targets.project_file)] + ([f"{n} input folder{'s' if n != 1 else ''}"] if n else [])
     parts += ["the base model"] if targets.models else []

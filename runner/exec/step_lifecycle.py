@@ -80,12 +80,10 @@ def begin_step(ws: Workspace, lock: dict, p, ev: StepEvent, options, reporter, f
                 lockfile.write(ws.lock_path, lock)
             return None
         ev.reasons = [problem]
-    elif (
-        p.inputs is None and record and not force
-    ):  # planned behind a stale upstream: now the inputs are known
-        ev.reasons = explain(record.get("inputs", {}), inputs, base=ws.project.dir)
     elif force:  # its inputs may be the same, and it runs anyway: said so, not "inputs changed"
         ev.reasons = ["forced"]
+    elif p.inputs is None and record:  # planned behind a stale upstream: now the inputs are known
+        ev.reasons = explain(record.get("inputs", {}), inputs, base=ws.project.dir)
     ev.status = events.RUNNING
     device = ev.device
     if not force and ws.cache.has(fp):  # a restore runs here, on no device

@@ -325,7 +325,11 @@ class RunCache:
         return meta
 
     def restores(
-        self, fingerprint: str, unhashed: dict | None = None, since: int = 0, known=None
+        self,
+        fingerprint: str,
+        unhashed: dict | None = None,
+        since: int = 0,
+        known: Callable[[Path], str | None] | None = None,
     ) -> str | None:
         """The output hash a restore of this fingerprint gives (as the lockfile records it), or None when
         the run-cache holds no well-formed entry with every file at its size (not re-hashed: a restore

@@ -21,28 +21,13 @@ def read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:  # no read permission: a problem of the file, as a missing one is
-        raise ProjectError(
-            path,
-            [
-                Problem(
-                    "", f"cannot be read ({exc.strerror or exc})", None, "give read access to it (chmod u+r)"
-                )
-            ],
-        ) from None
+        unread = f"cannot be read ({exc.strerror or exc})"
+        raise ProjectError(path, [Problem("", unread, None, "give read access to it (chmod u+r)")]) from None
     if name := wide_unicode(data):  # Windows PowerShell's `>` writes UTF-16: every other byte reads as junk
         raise ProjectError(path, [Problem("", f"the file is {name} text, not UTF-8", 1, "save it as UTF-8")])
     if b"\x00" in data and utf16_without_mark(data):  # the same, its byte-order mark left off
-        raise ProjectError(
-            path,
-            [
-                Problem(
-                    "",
-                    "the file looks like UTF-16 text without a byte-order mark, not UTF-8",
-                    1,
-                    "save it as UTF-8",
-                )
-            ],
-        )
+        wide = "the file looks like UTF-16 text without a byte-order mark, not UTF-8"
+        raise ProjectError(path, [Problem("", wide, 1, "save it as UTF-8")])
     try:
         data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -5,7 +5,10 @@ it recorded itself); and an output path it cannot write. With fake steps: millis
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+
+import pytest
 
 from runner import lockfile
 from runner.cli import main
@@ -84,14 +87,9 @@ def test_an_output_path_that_cannot_be_written_is_said_of_that_path(proj, build,
     assert (proj.root / "notes").read_text() == "a file, not a folder"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_device_that_cannot_take_the_page_is_said_of_that_device(proj, build, fake_steps, capsys):
     """`-o /dev/full`: `dbl: No space left on device`, exit 1, named no path."""
-    import os
-
-    if not os.path.exists("/dev/full"):
-        import pytest
-
-        pytest.skip("needs /dev/full")
     build(proj)
     assert main(["report", str(proj.path), "-o", "/dev/full"]) == 2
     err = capsys.readouterr().err

@@ -29,12 +29,14 @@ def _module_paths(model) -> set[str]:
 
 def _translate_level(state: dict, config: dict, model, level: str) -> tuple[dict, dict]:
     """Rewrite a module level (`text_model.`) in keys and patterns to match the model at hand: some
-    library versions have it and some do not (transformers 4 vs 5)."""
+    library versions have it and some do not (transformers 4 vs 5). A key of a module beside the level
+    (CLIPTextModelWithProjection's text_projection) stays as it is."""
     paths = _module_paths(model)
     has_level = any(p.startswith(level) for p in paths)
+    beside = {p for p in paths if p and "." not in p}  # the model's top-level modules
 
     def fix(key: str) -> str:
-        if has_level and not key.startswith(level):
+        if has_level and not key.startswith(level) and key.split(".", 1)[0] not in beside:
             return level + key
         if not has_level:
             return key.removeprefix(level)

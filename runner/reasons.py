@@ -160,9 +160,18 @@ def explain(old: dict, new: dict, said: Collection[str] = (), base=None) -> list
     flat_old, flat_new = {}, {}
     _flatten(rest(old), "", flat_old)
     _flatten(rest(new), "", flat_new)
-    for key in sorted(set(flat_old) | set(flat_new)):
-        if key.rsplit(".", 1)[-1].startswith("_"):
+    changed = {
+        k
+        for k in set(flat_old) | set(flat_new)
+        if flat_old.get(k, _NONE) != flat_new.get(k, _NONE) and not k.rsplit(".", 1)[-1].startswith("_")
+    }
+    for key in sorted(changed):
+        if key in DBL_CHANGES:
+            if not changed - set(DBL_CHANGES) - {"version"}:  # else the settings' lines say why
+                reasons.append(DBL_CHANGES[key])
             continue
+        if key == "base_model.family" and any(k.startswith("base_model.") for k in changed - {key}):
+            continue  # another base model: its own line says so, the family follows
         if key not in flat_old:
             reasons.append(f"{key} set to {_short(flat_new[key])}")
         elif key not in flat_new:
@@ -183,6 +192,15 @@ def explain(old: dict, new: dict, said: Collection[str] = (), base=None) -> list
             label = lambda v: "none" if v in (None, "none") else v.get("_name") if isinstance(v, dict) else v  # noqa: E731
             reasons.append(f"{key} {label(o)} -> {label(n)}")
     return reasons or ([] if held else ["inputs changed"])
+
+
+_NONE = object()
+
+# Inputs that say how dbl makes a step's outputs (bumped when a fix gives other bytes), in words.
+DBL_CHANGES = {
+    "family_training": "dbl trains this model family differently now",
+    "kohya_names": "the kohya file names the LoRA on text_projection as its loaders read it",
+}
 
 
 def _rendered_with(inputs: dict) -> str:

@@ -100,8 +100,10 @@ def _open_clip_as_transformers(state: dict) -> dict:
         elif match and match.group(2) in _OPEN_CLIP_LAYER:
             layer, name, kind = match.groups()
             out[f"text_model.encoder.layers.{layer}.{_OPEN_CLIP_LAYER[name]}.{kind}"] = value
+        elif key == "text_projection":  # a plain parameter applied as x @ p: a Linear's weight transposed
+            out["text_projection.weight"] = value.transpose(0, 1)
         else:
-            out[key] = value  # embeddings, ln_final, text_projection: no LoRA targets
+            out[key] = value  # embeddings, ln_final: no LoRA targets
     return out
 
 
@@ -237,6 +239,8 @@ def comfyui_key_map(model_weights: dict, unet_config: dict) -> dict[str, str]:
             k = f"clip_g.transformer.text_model.encoder.layers.{b}.{linear}.weight"
             if k in model_weights:
                 key_map[f"lora_te2_{name}" if clip_l_present else f"lora_te_{name}"] = k
+    if "clip_g.transformer.text_projection.weight" in model_weights:
+        key_map["lora_te2_text_projection"] = "clip_g.transformer.text_projection.weight"
     return key_map
 
 
@@ -255,13 +259,16 @@ def comfyui_deltas(lora: dict, original: dict, layout: str, unet_config: dict) -
         loaded.update(name + part for part in LORA_PARTS if name + part in lora)
         source, rows = back[target]
         delta = lora_delta(weights, model[target].shape)
+        if source.endswith("text_projection"):  # ComfyUI's weight is the checkpoint's transposed
+            delta = delta.transpose(0, 1)
         full = deltas.setdefault(source, original[source].new_zeros(original[source].shape).float())
         full[rows] += delta
     return deltas, sorted(set(lora) - loaded)
 
 
 def _comfyui_to_original(original: dict, layout: str) -> dict:
-    """ComfyUI weight name -> (checkpoint weight name, rows): q/k/v of OpenCLIP are row slices of in_proj."""
+    """ComfyUI weight name -> (checkpoint weight name, rows): q/k/v of OpenCLIP are row slices of in_proj
+    (and OpenCLIP's text_projection is the transpose of ComfyUI's weight: see comfyui_deltas)."""
     back = {}
     for key, value in original.items():
         model = comfyui_model_weights({key: value}, layout)

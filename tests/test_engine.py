@@ -454,3 +454,16 @@ def test_a_renamed_step_is_restorable_not_never_built(proj, build, fake_steps):
     assert ran == []
     reasons = dict((sid, r) for sid, _, r in rec.planned)
     assert reasons["render:lawn"] == ["not in the lockfile", "restorable from cache"]
+
+
+def test_another_base_model_is_one_line_not_its_family_s_inputs_too():
+    """SDXL -> SD 1.x: the base model's line says it; the family and its training version follow it and
+    are not said again under their internal names."""
+    from runner.reasons import explain
+
+    sdxl = {"base_model": {"builtin": "tiny-sdxl", "family": "sdxl"}, "family_training": 2, "seed": 0}
+    sd1 = {"base_model": {"builtin": "tiny-sd", "_family": "sd1"}, "seed": 0}
+    assert explain(sdxl, sd1) == ["base_model.builtin 'tiny-sdxl' -> 'tiny-sd'"]
+    assert explain(sd1, sdxl) == ["base_model.builtin 'tiny-sd' -> 'tiny-sdxl'"]
+    # A fix that gives other bytes, alone: said in words.
+    assert explain({**sdxl, "family_training": 1}, sdxl) == ["dbl trains this model family differently now"]

@@ -227,3 +227,81 @@ def test_sdxl_added_conditioning_lora_loads_in_diffusers_comfyui_and_a1111(tmp_p
         fused = pipe.unet.get_submodule(name).get_base_layer().weight
         torch.testing.assert_close(fused, merged.get_submodule(name).weight, rtol=0, atol=1e-5, msg=name)
     assert "lora_unet_label_emb_0_0.lora_down.weight" in lora
+
+
+def test_sdxl_text_projection_lora_loads_in_diffusers_and_comfyui(tmp_path):
+    """A LoRA on the second text encoder's text_projection, which sits beside its text_model level: the
+    kohya file names it `lora_te2_text_projection`, as ComfyUI and diffusers map it (under text_model_
+    diffusers dropped it, or failed to read the file). A1111 takes no LoRA there (a plain parameter in its
+    model): it leaves that key alone, and the rest of the file loads."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from runner import families
+    from runner.adapters import save_adapter
+    from runner.models import load_pipeline
+    from tests.single_file import original_state_dict
+
+    base_model = model_cache("tiny-sdxl").base
+    family = families.detect(base_model)
+    pipe = load_pipeline(base_model)
+    base = {k: v.clone() for k, v in original_state_dict(pipe, "sdxl").items()}
+    torch.manual_seed(0)
+    unet = get_peft_model(pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
+    te2 = get_peft_model(
+        pipe.text_encoder_2,
+        LoraConfig(r=2, lora_alpha=3, target_modules=["text_projection", "q_proj"], init_lora_weights=False),
+    )
+    save_adapter(tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family)
+    pipe.unet, pipe.text_encoder_2 = unet.merge_and_unload(), te2.merge_and_unload()
+    merged = original_state_dict(pipe, "sdxl")
+    want = {k: v - base[k] for k, v in merged.items() if not torch.equal(v, base[k])}
+    assert "conditioner.embedders.1.model.text_projection" in want
+
+    lora = _kohya(tmp_path / "a" / "a.safetensors")
+    assert "lora_te2_text_projection.lora_down.weight" in lora
+    assert not any("text_model_text_projection" in k for k in lora)
+    got, unused = comfyui_deltas(lora, base, "sdxl", comfyui_unet_config(dict(pipe.unet.config)))
+    assert unused == [] and {k for k, d in got.items() if d.abs().max() > 0} == set(want)
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta, rtol=1e-4, atol=1e-6, msg=key)
+    got, unused = a1111_deltas(lora, base, "sdxl", pipe.unet.config.layers_per_block + 1)
+    assert {k.split(".")[0] for k in unused} == {"lora_te2_text_projection"}
+    changed = {k for k, d in got.items() if d.abs().max() > 0}
+    assert changed == set(want) - {"conditioner.embedders.1.model.text_projection"}
+
+    fresh = load_pipeline(base_model)
+    fresh.load_lora_weights(str(tmp_path / "a"), weight_name="a.safetensors")
+    fresh.fuse_lora()
+    fused = fresh.text_encoder_2.get_submodule("text_projection")
+    fused = getattr(fused, "base_layer", fused).weight
+    torch.testing.assert_close(fused, pipe.text_encoder_2.text_projection.weight, rtol=0, atol=1e-5)
+
+
+def test_sdxl_text_projection_lora_loads_back_into_dbl(tmp_path):
+    """dbl's own loader (renders, blends, runner.api) puts a text_projection LoRA where it was trained, not
+    under a text_model level the module is beside."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from runner import families
+    from runner.adapters import save_adapter
+    from runner.models import load_pipeline
+    from runner.pipeline_adapters import load_adapter_into, set_active
+
+    base_model = model_cache("tiny-sdxl").base
+    pipe = load_pipeline(base_model)
+    torch.manual_seed(0)
+    unet = get_peft_model(pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
+    te2 = get_peft_model(
+        pipe.text_encoder_2, LoraConfig(r=2, lora_alpha=3, target_modules=["text_projection"], init_lora_weights=False)
+    )
+    family = families.detect(base_model)
+    save_adapter(tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family)
+    want = te2.merge_and_unload().text_projection.weight
+
+    fresh = load_pipeline(base_model)
+    load_adapter_into(fresh, tmp_path / "a", "a")
+    set_active(fresh, "a")
+    merged = fresh.text_encoder_2.merge_and_unload()
+    torch.testing.assert_close(merged.text_projection.weight, want, rtol=0, atol=1e-6)

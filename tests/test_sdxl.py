@@ -426,3 +426,38 @@ def test_captions_train_on_sdxl(tmp_path, images, train_text_encoder):
     metrics = run_train(ctx)
     assert metrics["steps"] == 2
     assert (ctx.out / "unet" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:.*has no effect")
+def test_only_a_text_projection_lora_is_fingerprinted_for_its_kohya_name(tmp_path):
+    """The kohya name of a LoRA on text_encoder_2's text_projection was fixed: those train steps, and no
+    others, have an input that says so, and a plan from a lockfile without it says why in words."""
+    from runner import executor
+    from runner.project import load_project
+    from runner.reasons import explain
+
+    draw_images(tmp_path / "dog", 1)
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[project]\nbase_model = "tiny-sdxl"\n\n'
+        '[subjects.dog]\nimages = "dog"\ninstance_prompt = "sks dog"\n'
+        '[subjects.dog.lora]\ntext_encoder_2_target_modules = ["q_proj", "text_projection"]\n\n'
+        '[subjects.toy]\nimages = "dog"\ninstance_prompt = "sks toy"\n'
+        '[subjects.toy.lora]\ntext_encoder_target_modules = ["q_proj", "v_proj", "fc1"]\n\n'
+        '[subjects.cat]\nimages = "dog"\ninstance_prompt = "sks cat"\n'
+        '[subjects.cat.lora]\ntext_encoder_target_modules = ["q_proj", "text_projection"]\n'
+        '[subjects.cat.train]\ntrain_text_encoder = false\n'
+    )
+    _, planned = executor.Workspace(load_project(path)).plan()
+    inputs = {p.id: p.inputs for p in planned}
+    # cat's text encoders do not train; toy's text_encoder_2 follows text_encoder_ (no text_projection)
+    assert [sid for sid, i in inputs.items() if "kohya_names" in i] == ["train:dog"]
+    old = {k: v for k, v in inputs["train:dog"].items() if k != "kohya_names"}
+    assert explain(old, inputs["train:dog"]) == [
+        "the kohya file names the LoRA on text_projection as its loaders read it"
+    ]
+    # Added with the setting that needs it: the setting says why.
+    before = {**old, "lora": {**old["lora"], "text_encoder_2_target_modules": ["q_proj"]}}
+    assert explain(before, inputs["train:dog"]) == [
+        "lora.text_encoder_2_target_modules 1 -> 2 items (added 'text_projection')"
+    ]

@@ -39,6 +39,8 @@ class Component:
     gate: str | None = None  # a TrainSettings flag that must be true for it to train ("train_text_encoder")
     learning_rate: str | None = None  # a TrainSettings field for its own learning rate (None: the default)
     text_model_level: str = ""  # a module level that some library versions add ("text_model.")
+    # Modules beside that level, never under it (CLIPTextModelWithProjection's text_projection).
+    beside_level: tuple[str, ...] = ()
     # Settings prefix to read when this component's own setting is left out (None in the project file).
     fallback_prefix: str | None = None
     # Projections of one attention block that kohya loaders want together: A1111 applies a LoRA to an
@@ -213,7 +215,7 @@ class Family:
 
     def kohya_name(self, component: str, path: str) -> str:
         c = self.component(component)
-        if c.text_model_level:
+        if c.text_model_level and path.split(".", 1)[0] not in c.beside_level:
             path = c.text_model_level + path.removeprefix(c.text_model_level)
         return c.kohya_prefix + path.replace(".", "_")
 

@@ -34,6 +34,7 @@ TEXT_ENCODER_2 = replace(
     settings_prefix="text_encoder_2_",
     kohya_prefix="lora_te2_",
     fallback_prefix="text_encoder_",
+    beside_level=("text_projection",),
 )
 _UNUSED_KWARGS = ("safety_checker", "requires_safety_checker")
 # The added-conditioning MLP (pooled text and time ids) under its original name: diffusers' kohya reader

@@ -87,6 +87,9 @@ def _inputs(i: Inputs) -> dict:
     family = inputs["base_model"].get("family")  # set for families other than the default
     if family is not None and families.get(family).training_version > 1:
         inputs["family_training"] = families.get(family).training_version
+    if _lora_beside_level(families.get(family or families.DEFAULT), spec):
+        # 2: such a LoRA's kohya name no longer carries the text_model_ level it is beside (loaders drop it)
+        inputs["kohya_names"] = 2
     # Only when caption files exist: a subject without them keeps the fingerprint it had before captions.
     captions = i.captions(spec.images, spec.caption_extension) if spec.caption_extension else {}
     if captions:
@@ -104,6 +107,16 @@ def _inputs(i: Inputs) -> dict:
         # Display-only (out of the fingerprint): a project built before keeps its fingerprint.
         inputs["prior"].update(_unheld(i, prior, None if "trigger" in captions else spec.trigger))
     return inputs
+
+
+def _lora_beside_level(family, spec) -> bool:
+    """Whether the subject trains a LoRA on a text encoder module beside its text_model level (SDXL's
+    text_projection), whose kohya name changed: the train steps of those only are fingerprinted anew."""
+    for c in family.trained_components(spec.train):
+        targets = c.value(spec.lora, "target_modules")
+        if c.beside_level and not isinstance(targets, str) and set(targets) & set(c.beside_level):
+            return True
+    return False
 
 
 def _unheld(i: Inputs, prior, trigger: str | None) -> dict:

@@ -131,9 +131,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
 
     p = sub.add_parser("init", help="start a project from a template")
-    p.add_argument(
-        "dir", nargs="?", default=".", metavar="DIR", help="folder for the new project (default: here)"
-    )
+    p.add_argument("dir", nargs="?", metavar="DIR", help="folder for the new project (default: here)")
     p.add_argument(
         "--template", default="subject", metavar="NAME", help="template name (default: subject; see --list)"
     )

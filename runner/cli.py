@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
 from pathlib import Path
 
 from runner.arguments import command_parser, make_parser
-from runner.errors import DblError, os_words
+from runner.errors import DblError, UsageError, os_words
 from runner.exec.job import quiet_library_notices
 from runner.executor import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from runner.fingerprint import StateCacheWarning
@@ -299,16 +300,21 @@ def cmd_init(args) -> int:
     from runner import templates
 
     if args.list:
+        if args.dir is not None:
+            raise UsageError(
+                f"dbl init --list lists the templates and makes no project: leave out {args.dir}"
+            )
         listed = templates.available()
         width = max(map(len, listed), default=0)
         for name, about in listed.items():
             print(f"{name:<{width}}  {about}")
         return EXIT_OK
-    target, made = templates.create(args.template, Path(args.dir))
+    folder = Path(args.dir or ".")
+    target, made = templates.create(args.template, folder)
     print(f"created {target}")
     for images in made:
-        print(f"  put your photos in {Path(args.dir) / images}/")
-    print(f"then: dbl build {target}")
+        print(f"  put your photos in {folder / images}/")
+    print(f"then: dbl build {shlex.quote(str(target))}")
     return EXIT_OK
 
 

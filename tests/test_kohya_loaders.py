@@ -247,12 +247,16 @@ def test_sdxl_text_projection_lora_loads_in_diffusers_and_comfyui(tmp_path):
     pipe = load_pipeline(base_model)
     base = {k: v.clone() for k, v in original_state_dict(pipe, "sdxl").items()}
     torch.manual_seed(0)
-    unet = get_peft_model(pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
+    unet = get_peft_model(
+        pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False)
+    )
     te2 = get_peft_model(
         pipe.text_encoder_2,
         LoraConfig(r=2, lora_alpha=3, target_modules=["text_projection", "q_proj"], init_lora_weights=False),
     )
-    save_adapter(tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family)
+    save_adapter(
+        tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family
+    )
     pipe.unet, pipe.text_encoder_2 = unet.merge_and_unload(), te2.merge_and_unload()
     merged = original_state_dict(pipe, "sdxl")
     want = {k: v - base[k] for k, v in merged.items() if not torch.equal(v, base[k])}
@@ -292,12 +296,17 @@ def test_sdxl_text_projection_lora_loads_back_into_dbl(tmp_path):
     base_model = model_cache("tiny-sdxl").base
     pipe = load_pipeline(base_model)
     torch.manual_seed(0)
-    unet = get_peft_model(pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
+    unet = get_peft_model(
+        pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False)
+    )
     te2 = get_peft_model(
-        pipe.text_encoder_2, LoraConfig(r=2, lora_alpha=3, target_modules=["text_projection"], init_lora_weights=False)
+        pipe.text_encoder_2,
+        LoraConfig(r=2, lora_alpha=3, target_modules=["text_projection"], init_lora_weights=False),
     )
     family = families.detect(base_model)
-    save_adapter(tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family)
+    save_adapter(
+        tmp_path / "a", {"unet": unet, "text_encoder_2": te2}, base_model="tiny-sdxl", name="a", family=family
+    )
     want = te2.merge_and_unload().text_projection.weight
 
     fresh = load_pipeline(base_model)

@@ -446,7 +446,7 @@ def test_only_a_text_projection_lora_is_fingerprinted_for_its_kohya_name(tmp_pat
         '[subjects.toy.lora]\ntext_encoder_target_modules = ["q_proj", "v_proj", "fc1"]\n\n'
         '[subjects.cat]\nimages = "dog"\ninstance_prompt = "sks cat"\n'
         '[subjects.cat.lora]\ntext_encoder_target_modules = ["q_proj", "text_projection"]\n'
-        '[subjects.cat.train]\ntrain_text_encoder = false\n'
+        "[subjects.cat.train]\ntrain_text_encoder = false\n"
     )
     _, planned = executor.Workspace(load_project(path)).plan()
     inputs = {p.id: p.inputs for p in planned}

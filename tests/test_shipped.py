@@ -164,6 +164,54 @@ def test_init_where_a_folder_cannot_be_made_or_written_says_so(tmp_path, capsys,
     assert not (tmp_path / "full" / "subject.toml").exists()
 
 
+def test_init_keeps_a_gitignore_in_another_encoding_and_leaves_nothing_when_it_cannot_read_it(
+    tmp_path, capsys
+):
+    """A .gitignore that is not UTF-8 (git takes its bytes as they are) gets dbl's folders added, its own
+    bytes kept; one that cannot be read stops init before it has made a folder or written a file."""
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / ".gitignore").write_bytes(b"caf\xe9/\n")
+    assert main(["init", str(tmp_path / "latin")]) == 0
+    assert (tmp_path / "latin" / ".gitignore").read_bytes() == b"caf\xe9/\n.dbl/\nbuild/\n"
+    assert (tmp_path / "latin" / "subject.toml").is_file()
+
+    (tmp_path / "odd" / ".gitignore").mkdir(parents=True)
+    assert main(["init", str(tmp_path / "odd")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'odd' / '.gitignore'} (Is a directory)" in err, err
+    assert sorted(p.name for p in (tmp_path / "odd").iterdir()) == [".gitignore"]  # nothing made
+    assert main(["init", str(tmp_path / "odd"), "--template", "subject"]) == 2  # and still so
+
+
+def test_init_that_fails_late_takes_away_the_folders_it_made(tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    made = []
+    real_open = pathlib.Path.open
+
+    def failing_open(self, mode="r", *args, **kwargs):
+        if self.name == ".gitignore" and "a" in mode:
+            made.extend(p for p in (tmp_path / "new").rglob("*"))
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", failing_open)
+    assert main(["init", str(tmp_path / "new" / "inner")]) == 2
+    assert "Disk quota exceeded" in capsys.readouterr().err
+    assert any(p.name == "subject.toml" for p in made)  # it got that far, and took it back
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_names_a_dangling_link_and_quotes_the_command_it_prints(tmp_path, capsys):
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert main(["init", str(tmp_path / "gone")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which does not exist" in err, err
+    assert main(["init", str(tmp_path / "my pets")]) == 0
+    assert f"then: dbl build '{tmp_path / 'my pets' / 'subject.toml'}'" in capsys.readouterr().out
+
+
 def test_init_given_a_project_file_name_says_it_takes_a_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["init", "pets.toml"]) == 2
@@ -185,6 +233,13 @@ def test_init_lists_the_templates_and_names_them_for_an_unknown_one(tmp_path, ca
     err = capsys.readouterr().err
     assert "no template 'nope'; templates: " + ", ".join(sorted(p.stem for p in TEMPLATES)) in err
     assert not (tmp_path / "new").exists()
+    assert main(["init", str(tmp_path / "new"), "--template", "subjct"]) == 2
+    assert "no template 'subjct'; did you mean 'subject'? templates: " in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "new"), "--template", "subject.toml"]) == 0  # the file's name
+    assert (tmp_path / "new" / "subject.toml").is_file()
+    assert main(["init", str(tmp_path / "other"), "--list"]) == 2
+    assert "dbl init --list lists the templates and makes no project" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_readme_reference_is_the_schema():

@@ -254,6 +254,26 @@ def test_sdxl_files_and_folders_are_sdxl(tmp_path):
     assert families.detect(BaseModel.parse(str(tmp_path / "folder"), tmp_path)).name == "sdxl"
 
 
+@pytest.mark.parametrize(
+    "cls, addition, said",
+    [
+        ("StableDiffusionPipeline", "text_time", "'text_time', as sdxl models have; fix _class_name in"),
+        ("StableDiffusionXLPipeline", None, "None, as sd1 models have; fix _class_name in"),
+    ],
+)
+def test_a_folder_whose_index_names_another_family_than_its_unet_is_refused(tmp_path, cls, addition, said):
+    """An SDXL UNet under a StableDiffusionPipeline index trained as sd1 and failed in diffusers
+    ("argument of type 'NoneType' is not iterable"); the index is what to fix."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": addition}))
+    with pytest.raises(ModelError, match="has addition_embed_type ") as err:
+        families.detect(BaseModel.parse(str(tmp_path), tmp_path))
+    assert said in str(err.value)
+    (tmp_path / "unet" / "config.json").write_text("{not json")  # left to the loading, which names it
+    assert families.detect(BaseModel.parse(str(tmp_path), tmp_path)).pipeline_class == cls
+
+
 def test_a_cached_hub_model_of_another_family_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     for name, cls in (("sd3", "StableDiffusion3Pipeline"), ("xl", "StableDiffusionXLPipeline")):

@@ -99,6 +99,8 @@ class Family:
     # Bump when training on this family gives other bytes for the same inputs: a train step's input
     # (left out at 1, so the fingerprints made before it existed stay).
     training_version: int = 1
+    # The UNet config's addition_embed_type of this family's models (SDXL's "text_time"; None: none).
+    denoiser_addition: str | None = None
 
     # --- components -------------------------------------------------------------------------------
 
@@ -342,6 +344,7 @@ def _from_index(index_path: Path | None, display: str) -> Family:
         )
     for family in _registry.values():
         if family.matches_folder(index):
+            _check_denoiser(family, index_path, index, display)
             return _unless_refused(family, display, index=index)
     cls = str(index.get("_class_name", ""))
     kind = UNSUPPORTED_CLASSES.get(cls) or next(
@@ -356,6 +359,28 @@ def _from_index(index_path: Path | None, display: str) -> Family:
         # in the middle of a build with diffusers' complaint about components.
         raise _not_supported(display, f"a {cls}, without the {', '.join(missing)} of Stable Diffusion")
     return default
+
+
+def _check_denoiser(family: Family, index_path: Path, index: dict, display: str) -> None:
+    """The UNet beside model_index.json is conditioned as `family`'s are (`addition_embed_type`): a
+    folder whose index names another pipeline (an SDXL UNet under StableDiffusionPipeline) would fail in
+    the middle of training, in diffusers' words. A UNet config that is missing or unreadable is left to
+    the loading, which names it."""
+    config = index_path.parent / "unet" / "config.json"
+    try:
+        found = json.loads(config.read_text()).get("addition_embed_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if found == family.denoiser_addition:
+        return
+    other = next((f for f in _registry.values() if f.denoiser_addition == found), None)
+    raise ModelError(
+        f"base model {display}: {index_path.name} names a {index.get('_class_name')} ({family.name}), but its "
+        f"UNet ({config}) has addition_embed_type {found!r}"
+        + (f", as {other.name} models have" if other else "")
+        + f"; fix _class_name in {index_path}"
+        + (f" ({other.pipeline_class} for {other.name})" if other else "")
+    )
 
 
 def _from_keys(keys: set[str], display: str) -> Family:

@@ -187,3 +187,41 @@ def test_a_name_no_hub_id_can_be_is_no_hub_id(folder, value):  # noqa: F811
     assert found == [
         f"project.base_model: '{value}' is neither a folder nor a hub id (owner/name) (line 3) - check the path or id"
     ]
+
+
+@pytest.mark.parametrize(
+    "value, meant", [("tiny_sdxl", "tiny-sdxl"), ("Tiny-SD", "tiny-sd"), ("tiny-shape", "tiny-shapes")]
+)
+def test_a_mistyped_built_in_name_says_which_it_looks_like(folder, value, meant, monkeypatch, tmp_path):  # noqa: F811
+    """It planned as a hub id without an owner, and the build failed: not in the Hugging Face cache. A model
+    of that name in the cache is one, and plans."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    found = problems(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    assert found == [
+        f"project.base_model: '{value}' is not a built-in model, nor a hub model in the local cache (a hub id has "
+        f'an owner: owner/name) (line 3) - did you mean base_model = "{meant}"?'
+    ]
+    snapshot = tmp_path / "hub" / f"models--{value}" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (tmp_path / "hub" / f"models--{value}" / "refs").mkdir()
+    (tmp_path / "hub" / f"models--{value}" / "refs" / "main").write_text("abc")
+    from tests.project_fixtures import write_project
+
+    project = load_project(
+        write_project(folder, GOOD.replace('base_model = "tiny-sd"', f'base_model = "{value}"'))
+    )
+    assert project.settings.base_model == value
+
+
+def test_a_built_in_name_as_a_single_file_s_config_is_refused_at_plan_time(folder):  # noqa: F811
+    """It planned, and the build tried the hub for 'tiny-sdxl'."""
+    keys_only_file(folder / "model.safetensors", ["model.diffusion_model.input_blocks.0.0.weight"])
+    found = problems(
+        folder, GOOD.replace('"tiny-sd"', '"model.safetensors"\nbase_model_config = "tiny-sdxl"')
+    )
+    assert found == [
+        "project.base_model_config: 'tiny-sdxl' is a built-in model, which describes only itself: a single file's "
+        "config is read from a diffusers folder or a hub model (line 4) - give the diffusers folder that holds "
+        "model_index.json, unet/, text_encoder/ ..., or a hub id"
+    ]

@@ -5,6 +5,7 @@ no weights are read, and nothing here imports torch.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -88,6 +89,28 @@ def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> 
             check.problem(
                 key, f"'{value}' is neither a folder nor a hub id (owner/name)", "check the path or id"
             )
+        elif (meant := _builtin_typo(value, settings.revision)) is not None:
+            check.problem(
+                key,
+                f"'{value}' is not a built-in model, nor a hub model in the local cache (a hub id has an owner: "
+                "owner/name)",
+                f'did you mean base_model = "{meant}"?',
+            )
+
+
+def _builtin_typo(value: str, revision: str | None) -> str | None:
+    """The built-in model that `value`, a name without an owner that the Hugging Face cache does not hold,
+    looks mistyped from (`tiny_sdxl`, `Tiny-SD`); None where it looks like none."""
+    if "/" in value:
+        return None
+    names = families.builtin_names()
+    plain = {name.replace("_", "-").lower(): name for name in names}
+    meant = plain.get(value.replace("_", "-").lower()) or next(
+        iter(difflib.get_close_matches(value, names, n=1, cutoff=0.8)), None
+    )
+    if meant is None or families.cached_hub_index(value, revision).is_file():
+        return None
+    return meant
 
 
 _GIVE_A_MODEL = (
@@ -153,9 +176,17 @@ def _check_config(check, project_dir: Path, settings: schema.ProjectSettings) ->
         )
         return
     path = local_path(value, project_dir)
+    fix = "give the diffusers folder that holds model_index.json, unet/, text_encoder/ ..., or a hub id"
+    if not path.exists() and value in families.builtin_names():
+        check.problem(
+            key,
+            f"'{value}' is a built-in model, which describes only itself: a single file's config is read from a "
+            "diffusers folder or a hub model",
+            fix,
+        )
+        return
     if not path.exists() and not looks_local(value):
         return  # a hub id: known once it is downloaded
-    fix = "give the diffusers folder that holds model_index.json, unet/, text_encoder/ ..., or a hub id"
     if not path.exists():
         check.problem(key, f"no such folder: {path}", fix)
     elif not path.is_dir():

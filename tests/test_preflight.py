@@ -172,9 +172,13 @@ def test_lora_targets_that_name_no_module_fail_the_train_steps_before_any_step_r
     for subject in ("dog", "toy"):  # the first component found wrong, as the train step says it
         status, error = ended[f"train:{subject}"]
         assert status == FAILED
+        line = proj.path.read_text().split("\n").index('target_modules = ["to_kk", "to_vv"]') + 1
         assert error.startswith(
-            "lora.target_modules: 'to_kk', 'to_vv' names no module of the unet; its layers "
+            f"{display(proj.path)}: lora.target_modules: 'to_kk', 'to_vv' names no module of the unet (its "
+            "layers are named "
         )
+        assert f"(line {line}) - name some of those, or use a preset: qv, attention, all-linear" in error
+        assert "to_out.0" in error and ", 0," not in error  # named as a target names them
     assert dict(rec.final)["prior:dog"] == SKIPPED
 
 
@@ -186,7 +190,7 @@ def test_lora_targets_of_the_text_encoder_are_checked_as_well(proj, build, fake_
     status, error = step_ends(rec)["train:dog"]
     # The key the subject's own [subjects.dog.lora] sets, as the train step names it
     key = "subjects.dog.lora.text_encoder_target_modules"
-    assert error.startswith(f"{key}: 'q_prj' names no module of the text_encoder")
+    assert error.startswith(f"{display(proj.path)}: {key}: 'q_prj' names no module of the text_encoder")
     assert "train:toy" in fake_steps.ran and "train:dog" not in fake_steps.ran
 
 
@@ -351,5 +355,7 @@ def test_a_target_typo_of_a_subject_with_snapshots_is_said_once(proj, build, fak
     ended = step_ends(rec)
     for subject in ("dog", "toy"):
         assert ended[f"train:{subject}"][0] == FAILED
-        assert ended[f"train:{subject}"][1].startswith("lora.target_modules: 'to_kk' names no module")
+        assert ended[f"train:{subject}"][1].startswith(
+            f"{display(proj.path)}: lora.target_modules: 'to_kk' names no module"
+        )
         assert ended[f"snapshot:{subject}@2"] == (SKIPPED, f"upstream train:{subject} failed")

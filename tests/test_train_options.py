@@ -172,4 +172,5 @@ def test_a_target_module_problem_names_the_table_that_sets_it(tmp_path, images):
             ctx = replace(ctx, project=replace(ctx.project, lora=project_lora))
         with pytest.raises(StepError) as raised:
             run_train(ctx)
-        assert str(raised.value).startswith(f"{key}: 'nonexistent_mod' names no module of the unet;")
+        said = str(raised.value)  # with the project file, as the plan says its problems
+        assert f"project.toml: {key}: 'nonexistent_mod' names no module of the unet (its layers" in said, said

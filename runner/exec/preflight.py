@@ -204,10 +204,11 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
     if modules is None:
         return {}
     from runner.errors import StepError
+    from runner.project.problems import Source
     from runner.training import lora
     from runner.training.job import lora_key
 
-    errors = {}
+    errors, source = {}, Source.of(project)
     for sid, subject in subjects.items():
         for c in family.trained_components(subject.train):
             if not _written(c, subject):
@@ -216,7 +217,7 @@ def target_errors(project, to_run: list, notes: list[str] | None = None) -> dict
             targets = lora.target_modules(c, c.value(subject.lora, "target_modules"), model)
             key_of = functools.partial(lora_key, subject, getattr(project, "lora", None))
             try:
-                lora.check_targets(c, subject.lora, sorted(set(targets)), model, key_of)
+                lora.check_targets(c, subject.lora, sorted(set(targets)), model, key_of, source.problem)
             except StepError as exc:
                 errors[sid] = str(exc)
                 break

@@ -39,6 +39,12 @@ class Job:
     def lora_key(self, field: str) -> str:
         return lora_key(self.subject, self.lora_defaults, field)
 
+    def problem(self, key: str, what: str, fix: str) -> str:
+        """The run's error about the project file's `key`, with the file and the key's line."""
+        from runner.project.problems import Source
+
+        return Source.of(self).problem(key, what, fix)
+
     def train_problem(self, field: str, what: str, fix: str) -> str:
         """The run's error about the subject's train setting `field`, with the project file's key and line."""
         from runner.project.problems import Source

@@ -136,7 +136,7 @@ def _train(run: Run) -> dict:
     # 2. LoRA on the components that train; their parameters in fp32.
     job = run.job
     run.modules = lora.add_lora(
-        run.pipe, job.family, run.components, job.subject.lora, job.seed, job.lora_key
+        run.pipe, job.family, run.components, job.subject.lora, job.seed, job.lora_key, job.problem
     )
     try:
         run.trainable = lora.trainable_parameters(run.modules, run.components)

@@ -66,10 +66,16 @@ def trains_bias(components, lora_settings) -> bool:
 
 
 def add_lora(
-    pipe, family, components, lora_settings, seed: int, key_of=lambda field: f"lora.{field}"
+    pipe,
+    family,
+    components,
+    lora_settings,
+    seed: int,
+    key_of=lambda field: f"lora.{field}",
+    say=lambda key, what, fix: f"{key}: {what} - {fix}",
 ) -> dict:
     """Freeze the pipeline's modules and wrap each of `components` in a LoRA PeftModel. `key_of(field)` is
-    the key a problem of a LoRA setting names.
+    the key a problem of a LoRA setting names, and `say(key, what, fix)` words it (see check_targets).
 
     Returns component name -> module, the wrapped ones for `components`, the plain ones for the others.
     """
@@ -88,7 +94,7 @@ def add_lora(
         configs = {c.name: lora_config(c, lora_settings, modules[c.name]) for c in components}
         for c in components:  # all checked before any is wrapped: PEFT changes the modules in place
             targets = sorted(configs[c.name].target_modules or [])
-            check_targets(c, lora_settings, targets, modules[c.name], key_of)
+            check_targets(c, lora_settings, targets, modules[c.name], key_of, say)
         try:
             for c in components:
                 modules[c.name] = get_peft_model(modules[c.name], configs[c.name])
@@ -99,10 +105,16 @@ def add_lora(
 
 
 def check_targets(
-    component, lora_settings, targets: list[str], model, key_of=lambda field: f"lora.{field}"
+    component,
+    lora_settings,
+    targets: list[str],
+    model,
+    key_of=lambda field: f"lora.{field}",
+    say: Callable[[str, str, str], str] = lambda key, what, fix: f"{key}: {what} - {fix}",
 ) -> None:
     """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
-    Where none does, PEFT fails in its own words; this says which key, and what the layers are named.
+    Where none does, PEFT fails in its own words; this says which key, and what the layers are named, as
+    `say(key, what, fix)` words it (the project file and line, where the caller knows them).
     (A target that matches nothing beside one that does is allowed, as PEFT allows it: the default names
     both diffusers' current and older attention modules.)"""
     import torch
@@ -111,12 +123,23 @@ def check_targets(
         return
     key = component.field_of(lora_settings, "target_modules")
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, layers)})
+    names = sorted({_layer_name(p) for p, m in model.named_modules() if isinstance(m, layers)})
+    listed = ", ".join(names[:24]) + (", ..." if len(names) > 24 else "")
     raise StepError(
-        f"{key_of(key)}: {', '.join(map(repr, targets)) or 'the list'} names no module of the "
-        f"{component.name}; its layers are named {', '.join(names[:24])}{', ...' if len(names) > 24 else ''}; "
-        f"or use a preset: {', '.join(TARGET_PRESETS)}"
+        say(
+            key_of(key),
+            f"{', '.join(map(repr, targets)) or 'the list'} names no module of the {component.name} (its layers "
+            f"are named {listed})",
+            f"name some of those, or use a preset: {', '.join(TARGET_PRESETS)}",
+        )
     )
+
+
+def _layer_name(path: str) -> str:
+    """A module's name as a target names it: its last part, with the one before where that is an index
+    (`to_out.0`, not `0`)."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def trainable_parameters(modules: dict, components) -> dict[str, dict]:

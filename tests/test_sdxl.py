@@ -461,3 +461,42 @@ def test_only_a_text_projection_lora_is_fingerprinted_for_its_kohya_name(tmp_pat
     assert explain(before, inputs["train:dog"]) == [
         "lora.text_encoder_2_target_modules 1 -> 2 items (added 'text_projection')"
     ]
+
+
+def test_an_sdxl_model_at_the_default_resolution_is_warned_of(tmp_path):
+    """SDXL trained at 1024 px; a project that leaves resolution out trains at [train]'s default, 512: a
+    warning at base_model, gone once resolution is set ([train], or every subject's own)."""
+    import shutil
+    import warnings
+
+    from runner.models.builtin import ensure_builtin
+    from runner.project import load_project
+
+    shutil.copytree(ensure_builtin(BASE), tmp_path / "xl")
+    draw_images(tmp_path / "dog", 1)
+    path = tmp_path / "p.toml"
+    text = '[project]\nbase_model = "xl"\n\n[subjects.dog]\nimages = "dog"\ninstance_prompt = "sks dog"\n'
+    for written, warned in (
+        ("", True),
+        ("[train]\nresolution = 1024\n", False),
+        ("[subjects.dog.train]\nresolution = 768\n", False),
+    ):
+        path.write_text(text + written)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_project(path)
+        said = [str(w.message) for w in caught if "trained at 1024 px" in str(w.message)]
+        assert said == (
+            [
+                f"{path}: project.base_model: is an sdxl model, trained at 1024 px, and [train] resolution is "
+                "512 px by default (line 2) - set resolution = 1024 in [train] (or the size the model was "
+                "fine-tuned at)"
+            ]
+            if warned
+            else []
+        ), written
+    path.write_text(text.replace('"xl"', f'"{BASE}"'))  # a built-in: small, and left alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_project(path)
+    assert not [w for w in caught if "trained at 1024 px" in str(w.message)]

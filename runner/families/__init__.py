@@ -99,6 +99,8 @@ class Family:
     # Bump when training on this family gives other bytes for the same inputs: a train step's input
     # (left out at 1, so the fingerprints made before it existed stay).
     training_version: int = 1
+    # The image size the family's real models were trained at, where [train]'s default is not it.
+    native_resolution: int | None = None
     # The UNet config's addition_embed_type of this family's models (SDXL's "text_time"; None: none).
     denoiser_addition: str | None = None
 

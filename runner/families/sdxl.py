@@ -55,6 +55,7 @@ class SDXL(Family):
     # 2: the size conditioning holds each image's size as read from its file, as SDXL was trained.
     training_version = 2
     denoiser_addition = "text_time"
+    native_resolution = 1024
 
     def matches_file(self, keys: set[str]) -> bool:
         # The original (Stability "sgm") layout: two conditioner embedders, and the UNet's label_emb

@@ -45,6 +45,7 @@ def check_base_model(check, project_dir: Path, settings: schema.ProjectSettings,
     _check_linked(check, base)
     _check_config_family(check, base, family)
     _check_family_settings(check, base, family, data)
+    _check_native_size(check, base, family, data)
 
 
 def _check_value(check, project_dir: Path, settings: schema.ProjectSettings) -> None:
@@ -305,6 +306,32 @@ def _check_config_family(check, base: BaseModel, family) -> None:
             f"{base.config} describes a {other.name} model, but base_model {base.display} is {family.name}",
             f"give the diffusers folder of a {family.name} model",
         )
+
+
+def _check_native_size(check, base: BaseModel, family, data: dict) -> None:
+    """A model of a family trained at another size than [train]'s default resolution (SDXL at 1024 px),
+    trained by a subject that does not set resolution: a warning (the default stays, so that a project
+    built so keeps its fingerprints). Built-in models are small and left alone."""
+    native = family.native_resolution
+    if native is None or base.kind == "builtin" or native == schema.TrainSettings().resolution:
+        return
+    train = data.get("train")
+    if isinstance(train, dict) and "resolution" in train:
+        return
+    subjects = data.get("subjects")
+    tables = (
+        [t.get("train") for t in subjects.values() if isinstance(t, dict)]
+        if isinstance(subjects, dict)
+        else []
+    )
+    if all(isinstance(t, dict) and "resolution" in t for t in tables):
+        return
+    check.note(
+        ("project", "base_model"),
+        f"is an {family.name} model, trained at {native} px, and [train] resolution is "
+        f"{schema.TrainSettings().resolution} px by default",
+        f"set resolution = {native} in [train] (or the size the model was fine-tuned at)",
+    )
 
 
 def _check_family_settings(check, base: BaseModel, family, data: dict) -> None:

@@ -122,6 +122,42 @@ def test_an_svd_blend_says_when_a_lone_parent_keeps_its_rank(tmp_path, adapters,
     assert not [line for line in said if line.startswith("warning:")]
 
 
+def test_a_linear_blend_far_from_the_weighted_sum_is_warned_of(tmp_path, adapters, models):  # noqa: F811
+    """linear adds the A and the B matrices apart, so unrelated parents give mostly cross terms: the blend
+    changes the weights in other ways than the weighted sum would. The relative error was said in the
+    verbose log only; above 0.5 it is a warning at the blend's method. cat, exact, never warns."""
+    from runner.project.lines import LineIndex
+    from runner.project.problems import Source
+
+    text = '[blends.m]\nadapters = { a = 1.0, b = 1.0 }\nmethod = "linear"\n'
+    inputs = {"train:a": adapters["a"], "train:b": adapters["b"]}
+    said = []
+    source = Source("p.toml", LineIndex(text))
+    out = run_blend(
+        tmp_path, "m", {"a": 1.0, "b": 1.0}, inputs, models, log=said.append, source=source, method="linear"
+    )
+    errors = _info(out)["relative_error"]
+    far = {c: e for c, e in errors.items() if e > 0.5}
+    assert far, errors  # these parents are unrelated: the cross terms dominate
+    assert (
+        [line for line in said if line.startswith("warning:")]
+        == [
+            "warning: p.toml: blends.m: the linear blend is far from the weighted sum of its parents' changes "
+            "(relative error "
+            + ", ".join(
+                f"{e:.2f} on the {c}" for c, e in sorted(far.items(), key=lambda ce: ce[0] != "unet")
+            )  # the unet first
+            + ") (line 3) - method = "
+            '"cat" is exact'
+        ]
+    )
+    said.clear()
+    run_blend(
+        tmp_path, "c", {"a": 1.0, "b": 1.0}, inputs, models, log=said.append, source=source, method="cat"
+    )
+    assert not [line for line in said if line.startswith("warning:")]
+
+
 @pytest.mark.parametrize(
     "method, density",
     [

@@ -124,7 +124,26 @@ def run(ctx: StepContext) -> dict:
     ctx.progress(3, 3)
     summary = ", ".join(f"{c} {e:.2e}" for c, e in errors.items())
     ctx.log(f"{spec.method} blend of {', '.join(n for n, _, _ in parents)}: relative error {summary}")
+    far = {c: e for c, e in errors.items() if e > FAR}
+    if spec.method in APPROXIMATING and far:
+        ctx.log(
+            Source.of(ctx.project).warning(
+                f"blends.{ctx.name}",
+                f"the {spec.method} blend is far from the weighted sum of its parents' changes (relative error "
+                + ", ".join(f"{e:.2f} on the {c}" for c, e in far.items())
+                + ")",
+                'method = "cat" is exact',
+                at=f"blends.{ctx.name}.method",
+            )
+        )
     return {"relative_error": errors, "rank": ranks}
+
+
+# Methods whose result is meant as the weighted sum of the parents' changes but can be far from it
+# without the user asking for less (ties and dare drop parts of it by design, svd to the rank asked), and
+# the relative error from which such a blend is said to be far from it.
+APPROXIMATING = ("linear",)
+FAR = 0.5
 
 
 def _parent_folder(ctx: StepContext, name: str) -> Path:

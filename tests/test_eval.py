@@ -155,8 +155,10 @@ def test_what_an_eval_cannot_score_is_a_warning(project):
     assert _eval_warnings(project) == []
 
 
-def _eval_warnings(project) -> list[str]:
-    """What loading the project file `project` warns of about its evals, without the file's name."""
+def _eval_warnings(project, world: bool = False) -> list[str]:
+    """What loading the project file `project` warns of about its evals, without the file's name; the
+    warning that its model is not tiny-shapes (these tests render tiny-sd, which is quicker) only where
+    `world`."""
     import warnings
 
     from runner.project.problems import display
@@ -165,7 +167,23 @@ def _eval_warnings(project) -> list[str]:
         warnings.simplefilter("always")
         load_project(project)
     head = f"{display(project)}: "
-    return [str(w.message).removeprefix(head) for w in said if head + "evals." in str(w.message)]
+    return [
+        str(w.message).removeprefix(head)
+        for w in said
+        if head + "evals." in str(w.message) and (world or "world of coloured shapes" not in str(w.message))
+    ]
+
+
+def test_evals_of_another_model_than_tiny_shapes_are_warned_of_once(project):
+    """Their scores read the shapes world: on another model they say nothing of what was learned."""
+    project.write_text(PROJECT + '\n[evals.again]\nrender = "base"\nsubject = "ring"\n')
+    assert _eval_warnings(project, world=True) == [
+        "evals.base: evals score renders of the built-in tiny-shapes model, whose world of coloured shapes "
+        "they know; base_model 'tiny-sd' draws other pictures, which they cannot tell apart (line 15) - "
+        'remove the [evals] tables, or use base_model = "tiny-shapes"'
+    ]
+    project.write_text(PROJECT.replace('"tiny-sd"', '"tiny-shapes"'))
+    assert _eval_warnings(project, world=True) == []
 
 
 def test_what_an_eval_cannot_score_is_said_before_the_build_not_by_its_step(project, capsys):

@@ -41,6 +41,7 @@ class _Checker:
         # The base model's family as cheap facts tell it (runner.families.detect); None until known, and
         # when it is not known before a download. Cross-table checks read it.
         self.family: str | None = None
+        self.base_model: str | None = None  # [project] base_model as written, once [project] has read
         # Tables the file writes that did not read, by key ([subjects.dog], a whole [subjects], [train]):
         # their own problems are said, so a reference to one (or to a table inside one) is not another.
         self.unread: set[tuple[str, ...]] = set()
@@ -332,6 +333,7 @@ def _validate(path: Path, text: str, data: dict) -> schema.Project:
             read = lambda key, name, raw, kind=kind: check.table(key, raw, kind.spec, extra={"name": name})  # noqa: E731
         tables[kind.name] = _named(check, data, kind.table, read)
     if settings is not None:
+        check.base_model = settings.base_model
         check_base_model(check, path.parent, settings, data)
         checks.check_out(check, path.parent, settings, tables)
     checks.check_name_lengths(check, tables)

@@ -211,6 +211,17 @@ def _check(check, tables: dict) -> None:
             )
         for at, what, fix in _warnings(tables, spec):
             check.note(("evals", name), what, fix, at=("evals", name, at))
+    evals = list(tables.get("eval", {}))
+    if evals and check.base_model is not None and check.base_model != SHAPES_MODEL:
+        check.note(
+            ("evals", evals[0]),
+            f"evals score renders of the built-in {SHAPES_MODEL} model, whose world of coloured shapes they "
+            f"know; base_model '{check.base_model}' draws other pictures, which they cannot tell apart",
+            f'remove the [evals] tables, or use base_model = "{SHAPES_MODEL}"',
+        )
+
+
+SHAPES_MODEL = "tiny-shapes"  # the model whose world runner.fidelity knows
 
 
 KIND = register(

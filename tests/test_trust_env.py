@@ -63,7 +63,9 @@ def closed_stdout(*command: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("display", [[], ["--no-progress"]], ids=["auto", "plain"])
+@pytest.mark.parametrize(
+    "display", [[], ["--no-progress"], ["--no-progress", "-j", "2"]], ids=["auto", "plain", "workers"]
+)
 def test_build_with_stdout_closed(proj, display):
     probe = closed_stdout(sys.executable, "-c", "import sys; print(sys.stdout is None, file=sys.stderr)")
     assert probe.stderr.strip() == "True"  # the descriptor really is closed

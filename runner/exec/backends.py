@@ -409,8 +409,10 @@ def _exit() -> None:
     semaphores); the interpreter's teardown of every module, a second or two with torch loaded, does not:
     the build waits for its workers to end."""
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # None where the build's were closed (`dbl build >&-`)
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(0)
 
 

@@ -161,6 +161,9 @@ class RayBackend:
         self._asked = 0.0  # when the cluster's head was last asked
         self._silent_since: float | None = None  # when it first did not answer, since it last did
         self._lost = ""  # what to say once the head is lost
+        # The cluster's GPUs as a build's start found them: a step asks no more (the call has no timeout,
+        # and with the head lost between two steps it would wait until Ray ends the process).
+        self._cluster_gpus: float | None = None
 
     # --- the cluster ----------------------------------------------------------------------------------
 
@@ -204,10 +207,15 @@ class RayBackend:
             self._asking.release()
         return self._lost
 
+    def _gpus_in_cluster(self) -> float:
+        if self._cluster_gpus is None:
+            self._cluster_gpus = self._connect().cluster_resources().get("GPU", 0)
+        return self._cluster_gpus
+
     def _uses_gpus(self) -> bool:
         if self._device.startswith(("cpu", "mps")):
             return False
-        return self._device != "auto" or self._connect().cluster_resources().get("GPU", 0) > 0
+        return self._device != "auto" or self._gpus_in_cluster() > 0
 
     def gpus_for(self, job: Job) -> float:
         """What the step's task reserves: P GPUs for a train step of P processes, else 1/--per-gpu."""
@@ -219,15 +227,17 @@ class RayBackend:
     def default_jobs(self) -> int:
         """Steps at once without -j: each GPU of the cluster × --per-gpu, or one step per node on CPUs."""
         ray = self._connect()
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = self._gpus_in_cluster()
         if gpus and self._uses_gpus():
             return max(1, int(gpus * self._per_gpu))
         return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
     def start(self) -> None:
         """Connect before the first step (a cluster that cannot be reached is a usage error, not a
-        failure of each step)."""
+        failure of each step), and see what GPUs the cluster has."""
         self._connect()
+        self._cluster_gpus = None
+        self._gpus_in_cluster()
 
     # --- one step -------------------------------------------------------------------------------------
 
@@ -433,6 +443,7 @@ class RayBackend:
     def next_build(self, project) -> None:
         """A watch's next build, of `project` as it is now: the workers kept by the builds before serve it."""
         self._device = project.settings.device
+        self._cluster_gpus = None  # nodes may have come or gone since: start() looks again
         self._where.clear()
         self._ended.clear()
 
@@ -481,7 +492,7 @@ class RayBackend:
             for worker in workers:
                 self._kill(worker)
             self._ray.kill(self._mailbox)
-        self._ray = None
+        self._ray, self._cluster_gpus = None, None
 
 
 def begun_file(stop_file):

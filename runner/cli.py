@@ -350,6 +350,8 @@ def cmd_gc(args) -> int:
             f"{verb} {len(done.leftovers)} folder(s) left by builds that were killed while writing the cache "
             f"or committing outputs, {size}"
         )
+    if done.signals:
+        print(f"{verb} {len(done.signals)} stop or begun file(s) of steps, left by builds that were killed")
     for path in done.orphans:
         print(
             f"{verb} {path.name}: the work folder of a step no longer in the project, {_megabytes(done.sizes[path])}"

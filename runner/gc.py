@@ -58,6 +58,7 @@ class Collected:
     sizes: dict[Path, int] = field(default_factory=dict)  # bytes of each folder above
     # cache entries a lockfile refers to that no longer restore (see runner.store.EPOCH), among `dropped`
     distrusted: dict[str, Distrusted] = field(default_factory=dict)  # by fingerprint
+    signals: list[Path] = field(default_factory=list)  # steps' stop and begun files left by killed builds
 
     @property
     def folders_freed(self) -> int:
@@ -89,11 +90,14 @@ def collect(project: Project, dry_run: bool = False) -> Collected:
         orphans = _orphaned_work(project)
         abandoned = _abandoned_work(project)
         sizes = {path: _size(path) for path in leftovers + orphans + abandoned}
+        signals = _step_signals(project)
         if not dry_run:
             for path in sizes:
                 shutil.rmtree(path, ignore_errors=True)
+            for path in signals:
+                path.unlink(missing_ok=True)
         kept = len(keep & set(cache.entries()))
-        return Collected(dropped, freed, kept, leftovers, orphans, abandoned, sizes, distrusted)
+        return Collected(dropped, freed, kept, leftovers, orphans, abandoned, sizes, distrusted, signals)
 
 
 def _size(folder: Path) -> int:
@@ -104,6 +108,19 @@ def _size(folder: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
+
+
+def _step_signals(project: Project) -> list[Path]:
+    """The stop and begun files of steps (`.stop-train-dog`: Ctrl-C's request that a step stop at a safe
+    point; `.begun-train-dog`: a Ray worker's note that it began one) left beside the work folders by a
+    build that was killed: each step's next run removes its own, but a step that never runs again keeps
+    them. No build runs while gc does."""
+    root = work_root(project)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.glob(".[sb]*-*") if p.name.startswith((".stop-", ".begun-")) and p.is_file()
+    )
 
 
 def _orphaned_work(project: Project) -> list[Path]:

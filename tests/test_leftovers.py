@@ -303,3 +303,28 @@ def test_outputs_on_another_file_system_an_earlier_versions_names_go_at_the_next
     assert old.parent == target.parent and old.name.startswith(".x.trash-")  # put aside beside it
     assert (target / "f.txt").read_text() == ".staged-x" and (old / "f.txt").read_text() == "x"
     assert sorted(p.name for p in target.parent.iterdir()) == sorted([old.name, "x"])
+
+
+def test_gc_drops_the_stop_and_begun_files_a_killed_build_left(proj, build, capsys):
+    """A build killed (SIGKILL) while steps ran leaves their `.stop-*` (a Ctrl-C's request) and `.begun-*`
+    (a Ray worker's note) files beside the work folders; each step's next run removes its own, and gc
+    those of steps that never run again. Other files there stay."""
+    from runner.cli import main
+    from runner.store import work_root
+
+    assert build(proj)[0].ok
+    root = work_root(proj.load())
+    root.mkdir(parents=True, exist_ok=True)
+    left_there = [root / ".stop-train-dog", root / ".begun-render-park"]
+    for path in left_there:
+        path.write_text("")
+    (root / ".stopwatch").write_text("not dbl's")
+    assert main(["gc", "--dry-run", str(proj.path)]) == 0
+    assert (
+        "would drop 2 stop or begun file(s) of steps, left by builds that were killed"
+        in capsys.readouterr().out
+    )
+    assert all(p.exists() for p in left_there)
+    assert main(["gc", str(proj.path)]) == 0
+    assert "dropped 2 stop or begun file(s)" in capsys.readouterr().out
+    assert not any(p.exists() for p in left_there) and (root / ".stopwatch").exists()

@@ -210,8 +210,9 @@ def _work(backend, job, options, inbox: queue.Queue) -> None:
     try:
         outcome = backend.run(job, hooks)
     except BaseException as exc:  # noqa: BLE001 - reported on the main thread
-        inbox.put(("error", sid, exc))
+        ended = ("error", sid, exc)
     else:
-        inbox.put(("outcome", sid, outcome))
-    finally:
-        job.stop_file.unlink(missing_ok=True)
+        ended = ("outcome", sid, outcome)
+    # Before the end is told: the build may end, and this daemon thread with it, once the last one is.
+    job.stop_file.unlink(missing_ok=True)
+    inbox.put(ended)

@@ -328,7 +328,7 @@ def test_ctrl_c_once_stops_running_steps_at_a_safe_point_and_cancels_the_waiting
     assert result.exit_code == executor.EXIT_INTERRUPTED
     stopped = {s.id: s.error for s in result.steps if s.status == events.INTERRUPTED}
     assert set(stopped) == {"prior:dog", "train:toy", "render:base"}, stopped
-    errors = sorted(e.split(": ", 1)[1] for e in stopped.values())
+    errors = sorted(e.removeprefix(sid).removeprefix(":").strip() for sid, e in stopped.items())
     assert errors == ["stopped at a safe point"] * 2 + ["stopped before it started"], stopped
     assert not lockfile.read(proj.lock) if proj.lock.exists() else True
 

@@ -37,6 +37,7 @@ import threading
 import time
 
 from runner.errors import StepError, StepInterrupted
+from runner.events import WARNING
 from runner.exec.backends import LazyModels, quiet_openmp, register, release_cached_gpu_memory
 from runner.exec.job import Hooks, Job, Outcome, quiet_library_notices, reported_outcome, run_reported
 from runner.exec.ray_connect import LOCAL, connect, import_ray  # noqa: F401 - connect: tests, scripts
@@ -261,7 +262,8 @@ class RayBackend:
                 if retried or not checkpoints or hooks.should_stop():
                     raise StepError(str(lost)) from None
                 retried = True
-                hooks.log(f"{lost}; running it once more, from {checkpoints[-1][1].name}")
+                # a warning: said without -v, as the lost worker is (Ray's own lines say it too)
+                hooks.log(f"{WARNING}{lost}; running it once more, from {checkpoints[-1][1].name}")
 
     def _check_placeable(self, job: Job, gpus: float) -> None:
         """A local instance has no autoscaler: a step that needs more GPUs than it has would wait forever."""
@@ -392,7 +394,7 @@ class RayBackend:
         except _lost(exceptions) as exc:
             if sid in self._ended:  # its worker ended by the build (Ctrl-C): Ray says it died
                 raise StepInterrupted(
-                    f"{sid}: cancelled" if where else f"{sid}: stopped before it started"
+                    f"{sid} cancelled" if where else f"{sid} stopped before it started"
                 ) from None
             if getattr(exc, "actor_init_failed", False):  # its worker could not start (dbl not on its node)
                 raise StepError(f"{sid}: Ray could not run it: {_root_cause(exc)}") from None
@@ -552,7 +554,7 @@ def _run_in_worker(job: Job, mailbox, omp: str | None = None) -> tuple:
         job.stop_file.parent.mkdir(parents=True, exist_ok=True)
         begun_file(job.stop_file).touch()
         if job.stop_file.exists():
-            return ("interrupted", f"{sid}: stopped before it started")
+            return ("interrupted", f"{sid} stopped before it started")
     send("where", where)
     gpus = f", GPUs {','.join(gpu_ids)}" if gpu_ids else ""
     send("log", f"running on node {node} (worker pid {os.getpid()}{gpus})")

@@ -260,10 +260,23 @@ def cmd_watch(args) -> int:
 
 
 def _parallel_problem(args) -> str | None:
+    """Why the parallel options cannot build, known before the project is read: said at once, whether or
+    not anything is stale (a watch's first build may have nothing to run)."""
+    import importlib.util
+
+    from runner.exec import backends
     from runner.exec.devices import counts_problem
 
     if (problem := counts_problem(args.jobs, args.per_gpu)) is not None:
         return problem
+    try:
+        backends.factory(args.executor)
+        if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+            from runner.exec.ray_connect import import_ray
+
+            import_ray()  # says how to install it
+    except UsageError as exc:
+        return str(exc)
     if args.ray_address is not None and args.executor != "ray":
         return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
     if args.gpus is not None:

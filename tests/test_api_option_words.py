@@ -116,3 +116,25 @@ def test_a_missing_ray_is_said_in_the_script_s_words(proj, monkeypatch, capsys):
     assert refused(proj, backend="ray").startswith("""backend="ray" needs Ray, which is not installed""")
     assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")
+
+
+def test_a_missing_ray_or_unknown_executor_is_refused_with_nothing_to_build(proj, build, monkeypatch, capsys):
+    """Up to date, a build asked for no backend, and a watch started with a missing Ray or a mistyped
+    executor, saying so only at its first rebuild: both refuse at once, as they do with steps to run."""
+    import importlib.util
+
+    assert build(proj)[0].ok
+    assert main(["build", str(proj.path), "--no-progress"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["build", str(proj.path), "--executor", "inlin", "--no-progress"]) == 2
+    assert "dbl: no executor backend 'inlin'; backends: inline, process, ray" in capsys.readouterr().err
+    assert main(["watch", str(proj.path), "--executor", "inlin"]) == 2
+    assert "dbl: no executor backend 'inlin'" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    assert main(["build", str(proj.path), "--executor", "ray", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")
+    assert main(["watch", str(proj.path), "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")

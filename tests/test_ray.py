@@ -156,6 +156,25 @@ def test_steps_at_once_get_different_gpus_and_say_where_they_ran(ray_instance, p
     assert set(lockfile.read(proj.lock)) == {r["id"] for r in runs}
 
 
+def test_the_cluster_s_gpus_are_asked_once_a_build_not_once_a_step(ray_instance, proj, monkeypatch):
+    """ray.cluster_resources has no timeout: asked as each step started, with the cluster's head lost
+    between two steps, the build waited until Ray ended its process, without its summary."""
+    import ray
+
+    asked = []
+    real = ray.cluster_resources
+
+    def cluster_resources():
+        asked.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(ray, "cluster_resources", cluster_resources)
+    result, _ = build(proj, run="fake_step", jobs=2)
+    assert result.exit_code == 0, result.steps
+    assert len(runs_of(proj)) == 7  # seven steps started
+    assert asked == ["MainThread"], asked  # at the build's start, by the scheduler
+
+
 def test_steps_one_after_another_run_in_one_kept_worker(ray_instance, proj):
     """A worker is kept for the build's next steps, as -j keeps its processes: the imports and the model
     load are paid once, not once a step."""

@@ -312,8 +312,8 @@ def _check_native_size(check, base: BaseModel, family, data: dict) -> None:
     """A model of a family trained at another size than [train]'s default resolution (SDXL at 1024 px),
     trained by a subject that does not set resolution: a warning (the default stays, so that a project
     built so keeps its fingerprints). Built-in models are small and left alone."""
-    native = family.native_resolution
-    if native is None or base.kind == "builtin" or native == schema.TrainSettings().resolution:
+    native, default = family.native_resolution, schema.TrainSettings().resolution
+    if native is None or base.kind == "builtin" or native == default:
         return
     train = data.get("train")
     if isinstance(train, dict) and "resolution" in train:
@@ -329,7 +329,7 @@ def _check_native_size(check, base: BaseModel, family, data: dict) -> None:
     check.note(
         ("project", "base_model"),
         f"is an {family.name} model, trained at {native} px, and [train] resolution is "
-        f"{schema.TrainSettings().resolution} px by default",
+        f"{default} px by default",
         f"set resolution = {native} in [train] (or the size the model was fine-tuned at)",
     )
 

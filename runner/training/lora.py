@@ -72,7 +72,7 @@ def add_lora(
     lora_settings,
     seed: int,
     key_of=lambda field: f"lora.{field}",
-    say=lambda key, what, fix: f"{key}: {what} - {fix}",
+    say=None,
 ) -> dict:
     """Freeze the pipeline's modules and wrap each of `components` in a LoRA PeftModel. `key_of(field)` is
     the key a problem of a LoRA setting names, and `say(key, what, fix)` words it (see check_targets).
@@ -110,7 +110,7 @@ def check_targets(
     targets: list[str],
     model,
     key_of=lambda field: f"lora.{field}",
-    say: Callable[[str, str, str], str] = lambda key, what, fix: f"{key}: {what} - {fix}",
+    say: Callable[[str, str, str], str] | None = None,
 ) -> None:
     """Some target names a module of `model` (as PEFT matches them: the whole path or its last parts).
     Where none does, PEFT fails in its own words; this says which key, and what the layers are named, as
@@ -125,6 +125,7 @@ def check_targets(
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     names = sorted({_layer_name(p) for p, m in model.named_modules() if isinstance(m, layers)})
     listed = ", ".join(names[:24]) + (", ..." if len(names) > 24 else "")
+    say = say or (lambda key, what, fix: f"{key}: {what} - {fix}")  # without the project file's place
     raise StepError(
         say(
             key_of(key),

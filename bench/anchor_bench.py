@@ -45,6 +45,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def child(variant: str, stats: Path, rest: list[str], anchor: Path) -> int:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[float] = []
+    loads: list[float] = []  # when each model's from_pretrained returned
     cuda = torch.cuda.is_available()
 
     def stamp(optimizer, args, kwargs):
@@ -236,10 +238,11 @@ def child(variant: str, stats: Path, rest: list[str], anchor: Path) -> int:
 
     def write():
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-        stats.write_text(json.dumps({"start": start, "stamps": stamps, "cuda_peak_mb": peak}))
+        stats.write_text(json.dumps({"start": start, "stamps": stamps, "loads": loads, "cuda_peak_mb": peak}))
 
     register_optimizer_step_post_hook(stamp)
     atexit.register(write)
+    stamp_loads(loads)
     if variant != "anchor":
         from runner.cli import main
 
@@ -251,6 +254,23 @@ def child(variant: str, stats: Path, rest: list[str], anchor: Path) -> int:
     sys.argv = [str(anchor), *rest]
     runpy.run_path(str(anchor), run_name="__main__")
     return 0
+
+
+def stamp_loads(loads: list[float]) -> None:
+    """Append the time to `loads` whenever a model's weights are loaded: diffusers' ModelMixin and
+    transformers' PreTrainedModel from_pretrained, which both tools call (dbl through the pipeline's)."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    for owner in (ModelMixin, PreTrainedModel):
+        load = owner.from_pretrained.__func__
+
+        def from_pretrained(cls, *args, _load=load, **kwargs):
+            model = _load(cls, *args, **kwargs)
+            loads.append(time.perf_counter())
+            return model
+
+        owner.from_pretrained = classmethod(from_pretrained)
 
 
 def declare_torchvision_operators() -> None:
@@ -273,6 +293,10 @@ def declare_torchvision_operators() -> None:
         declare_torchvision_operators.library = library  # kept alive: dropping it undoes the definitions
 
 
+class Failed(Exception):
+    """A variant that did not run to its end: the others still run."""
+
+
 def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dict:
     """One variant in a fresh process: its figures, with the peak RSS of its process tree."""
     from bench.common import peak_rss
@@ -285,16 +309,30 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
     began = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        peak = peak_rss(process)
+        timer = threading.Timer(args.timeout, process.kill) if args.timeout else None
+        if timer:
+            timer.start()
+        try:
+            peak = peak_rss(process)
+        finally:
+            if timer:
+                timer.cancel()
     wall = time.perf_counter() - began
+    if args.timeout and wall >= args.timeout:
+        raise Failed(
+            f"{variant} ran past --timeout {args.timeout:g} s and was stopped; the end of {log}:\n"
+            + log.read_text()[-2000:]
+        )
     if process.returncode != 0 or not stats.is_file():
         tail = log.read_text()[-4000:]
-        raise SystemExit(f"{variant} failed (exit {process.returncode}); the end of {log}:\n{tail}")
+        raise Failed(f"{variant} failed (exit {process.returncode}); the end of {log}:\n{tail}")
     data = json.loads(stats.read_text())
     stamps = data["stamps"]
     if len(stamps) <= warmup:
-        raise SystemExit(f"{variant}: {len(stamps)} optimizer steps seen, not more than --warmup {warmup}")
+        raise Failed(f"{variant}: {len(stamps)} optimizer steps seen, not more than --warmup {warmup}")
     loop = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - data["start"]
+    # The base model is loaded when the last model load before the first step returned.
+    loaded = max((t for t in data["loads"] if t < stamps[0]), default=None)
     return {
         "variant": variant,
         "steps": len(stamps),
@@ -302,6 +340,8 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
         "cuda_peak_mb": data["cuda_peak_mb"],
         "peak_rss_mb": peak / 2**20,
         "first_step_s": stamps[0] - data["start"],
+        "loaded_s": None if loaded is None else loaded - data["start"],
+        "load_to_first_step_s": None if loaded is None else stamps[0] - loaded,
         "wall_s": wall,
         # What dbl chose for itself, as its log says (compile, CUDA graphs, checkpointing, fallbacks).
         "choices": [
@@ -345,7 +385,10 @@ def main(argv=None) -> int:
         help="what to run: dbl (its defaults), dbl-eager (cuda_graphs and compile off), dbl-compile (compile "
         "on, cuda_graphs off), anchor (the script)",
     )
-    parser.add_argument("--out", type=Path, help="write the JSON here too")
+    parser.add_argument("--out", type=Path, help="write the JSON here too (after each variant)")
+    parser.add_argument(
+        "--timeout", type=float, help="stop a variant after this many seconds; the next ones still run"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -384,17 +427,36 @@ def main(argv=None) -> int:
     instance = draw_images(work / "instance", 5, args.resolution, seed=1)
     classes = draw_images(work / "class", args.class_images, args.resolution, seed=2)
 
-    results = {}
+    results, failures = {}, {}
     for variant in args.variants:
         if variant == "anchor":
             python, rest = args.anchor_python, anchor_args(work, model, instance, classes, args)
         else:
             project = dbl_project(work, model, instance, classes, args, variant)
             python, rest = sys.executable, [str(project)]
-        results[variant] = measure(variant, python, rest, work, args)
+        try:
+            results[variant] = measure(variant, python, rest, work, args)
+        except Failed as failure:
+            failures[variant] = str(failure)
+            print(failure, flush=True)
+            continue
         print(f"{variant}: {results[variant]}", flush=True)
+        if args.out:  # what has run so far, should a later variant never end
+            args.out.write_text(json.dumps(summary(args, results, failures), indent=2) + "\n")
 
-    report = {
+    report = summary(args, results, failures)
+    print(json.dumps(report, indent=2))
+    if results:
+        print_table(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
+        print("failed: " + ", ".join(failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
+def summary(args, results: dict, failures: dict) -> dict:
+    return {
         "family": args.family,
         "shape": args.shape,
         "device": args.device,
@@ -405,12 +467,8 @@ def main(argv=None) -> int:
         "gradient_checkpointing": "both" if args.checkpointing else "defaults",
         "class_images": args.class_images,
         "results": results,
+        "failures": failures,
     }
-    print(json.dumps(report, indent=2))
-    print_table(report)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
 
 
 def print_table(report: dict) -> None:
@@ -439,11 +497,18 @@ def print_table(report: dict) -> None:
         ("train steps/s", "steps_per_s", "higher"),
         ("peak GPU memory MB" if memory == "cuda_peak_mb" else "peak RSS MB", memory, "lower"),
         ("time to first step s", "first_step_s", "lower"),
+        ("load to first step s", "load_to_first_step_s", "lower"),
         ("wall time s", "wall_s", "lower"),
     ]
     for label, key, better in rows:
-        cells = "".join(f"{results[v][key]:12.2f}" for v in columns)
-        cells += "".join(f"{results[v][key] / results['anchor'][key]:{width - 1}.2f}x" for v in ratios)
+        figures = {v: results[v][key] for v in columns}
+        cells = "".join(f"{'-':>12}" if figures[v] is None else f"{figures[v]:12.2f}" for v in columns)
+        cells += "".join(
+            f"{'-':>{width}}"
+            if None in (figures[v], figures["anchor"]) or not figures["anchor"]
+            else f"{figures[v] / figures['anchor']:{width - 1}.2f}x"
+            for v in ratios
+        )
         print(f"{label:24}{cells}  ({better} is better)")
     for variant in columns:
         if results[variant].get("choices"):

@@ -17,8 +17,9 @@
 # profile (about two minutes): bench/startup_profile.py at SD 1.5 shapes: where the time before the first
 #   optimizer step goes, in the train step alone and in a whole `dbl build` whose prior generates 8 class images,
 #   and the base model read straight onto the GPU against read on the CPU and moved (3 loads each).
-# session: sd15, then check, then profile: every GPU figure of one session in one call (about 9 minutes);
-#   a part that fails does not stop the next ones.
+# session: every GPU figure of one session in one call, within SESSION_S seconds (default 480): dbl against
+#   the script at SD 1.5 shapes, the gpu tests, dbl eager, the start-up profile, dbl compile, the load
+#   comparison, each under the time left; a part that fails does not stop the next ones.
 # all: sd15, sdxl and run.
 #
 # Wheels in .whl/ (diffusers, peft, ...) are installed first when the machine lacks them. Results go
@@ -35,16 +36,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/site:$PWD"
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# REHEARSE=1: the same parts on the CPU with tiny models (anchor_bench --cpu-rehearsal), to try this script.
+mode=--gpu device=cuda model=sd15-random size=512
+if [ -n "${REHEARSE:-}" ]; then mode=--cpu-rehearsal device=cpu model=tiny-sd size=64; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [ -n "${REHEARSE:-}" ]
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 out="${OUT:-/tmp}"
 
-anchor() {  # the comparison with diffusers' script for one family
-    local family="$1" args=(--gpu --family "$1" --work "/tmp/dbl-$1-bench")
-    if [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
+anchor() {  # the comparison with diffusers' script for one family: anchor FAMILY [JSON-NAME [VARIANT...]]
+    local family="$1" name="${2:-$1-bench}" args=("$mode" --family "$1" --work "/tmp/dbl-$1-bench")
+    shift; shift || true
+    if [ "$#" -gt 0 ]; then args+=(--variants "$@");
+    elif [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
     if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
     if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
-    python3 bench/anchor_bench.py "${args[@]}" --out "$out/$family-bench.json"
+    if [ -n "${VARIANT_TIMEOUT:-}" ]; then args+=(--timeout "$VARIANT_TIMEOUT"); fi
+    python3 bench/anchor_bench.py "${args[@]}" --out "$out/$name.json"
 }
 
 table() {  # bench/run.py's table
@@ -74,11 +81,28 @@ case "$which" in
     profile) profile ;;
     all) anchor sd15; anchor sdxl; table ;;
     session)
-        # The figures first; each part runs whatever an earlier one did, and the failures are listed last.
-        failed=()
-        anchor sd15 || failed+=(sd15)
-        check || failed+=(check)
-        profile || failed+=(profile)
-        if [ "${#failed[@]}" -gt 0 ]; then echo "failed: ${failed[*]}" >&2; exit 1; fi
+        # The acceptance figures first, then the tests, then the rest, within SESSION_S seconds (default
+        # 480) in all: each part gets what is left, runs whatever an earlier one did, and the failures and
+        # the parts left out are listed last. Each dbl variant's and the script's log land in $out/logs.tgz.
+        failed=() deadline=$((SECONDS + ${SESSION_S:-480}))
+        left() { echo $((deadline - SECONDS)); }
+        part() {  # part NAME COMMAND...: the command under what time is left
+            local name="$1"; shift
+            if [ "$(left)" -lt 20 ]; then failed+=("$name (no time left)"); return; fi
+            echo "== $name ($(left) s left)"
+            timeout -k 5 "$(left)" bash -c '"$@"' part "$@" || failed+=("$name")
+        }
+        export -f anchor check
+        export out mode
+        VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-240}" part "sd15: dbl against the script" anchor sd15 sd15-bench dbl anchor
+        part "gpu tests" check
+        VARIANT_TIMEOUT=120 part "sd15: dbl eager" anchor sd15 sd15-eager dbl-eager
+        part "start-up profile" python3 bench/startup_profile.py --device "$device" --model "$model" \
+            --resolution "$size" --mixed-precision fp16 --json "$out/startup-profile.json"
+        VARIANT_TIMEOUT=180 part "sd15: dbl compile" anchor sd15 sd15-compile dbl-compile
+        part "load compare" python3 bench/startup_profile.py --compare-load 3 --device "$device" --model "$model" \
+            --mixed-precision fp16 --json "$out/load-compare.json"
+        (cd /tmp/dbl-sd15-bench && tar -czf "$out/logs.tgz" ./*.log) || true
+        if [ "${#failed[@]}" -gt 0 ]; then printf 'failed: %s\n' "${failed[@]}" >&2; exit 1; fi
         ;;
 esac

@@ -226,6 +226,12 @@ def profile_build(args) -> None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
+def default_photos() -> Path:
+    """The DreamBench dog photos: in the checkout's shared/ (what travels to a GPU machine) or the one beside it."""
+    folders = [base / "shared" / "data" / "dreambench" / "dog" for base in (ROOT, ROOT.parent)]
+    return next((f for f in folders if f.is_dir()), folders[-1])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-sd", help="a base_model value, or sd15-random")
@@ -233,7 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--class-images", type=int, default=20)
-    parser.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "data" / "dreambench" / "dog")
+    parser.add_argument(
+        "--photos", type=Path, default=default_photos(), help="default: shared/data/dreambench/dog"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build", action="store_true", help="profile a whole `dbl build` with a prior")
     parser.add_argument("--prior-steps", type=int, default=10, help="--build: denoising steps a class image")

@@ -8,6 +8,7 @@
 #   with its defaults, each in its own process: whole wall time, steps/s
 #   after the first 20, peak GPU memory (torch.cuda.max_memory_allocated in both) and time to the first
 #   step. Needs the script: shared/anchors/ in the checkout, or ANCHOR=path. STEPS=n changes the steps.
+#   VARIANTS="dbl anchor" runs those alone; VARIANT_TIMEOUT=s stops one that runs longer.
 # sdxl (about 5 minutes): the same at SDXL shapes, 1024 px, bf16, 50 steps, gradient checkpointing in both,
 #   against train_dreambooth_lora_sdxl.py.
 # run: bench/run.py's table: train steps/s, peak CUDA memory and time to the first step for dbl and the
@@ -47,6 +48,7 @@ anchor() {  # the comparison with diffusers' script for one family: anchor FAMIL
     local family="$1" name="${2:-$1-bench}" args=("$mode" --family "$1" --work "/tmp/dbl-$1-bench")
     shift; shift || true
     if [ "$#" -gt 0 ]; then args+=(--variants "$@");
+    elif [ -n "${VARIANTS:-}" ]; then read -ra chosen <<<"$VARIANTS"; args+=(--variants "${chosen[@]}");
     elif [ "$family" = sd15 ]; then args+=(--variants dbl dbl-eager dbl-compile anchor); fi
     if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
     if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi

@@ -64,6 +64,25 @@ def timed(name: str, fn):
     return wrapper
 
 
+def time_graph_capture(prefix: str) -> None:
+    """Phases inside the CUDA graphs' capture (torch.cuda.make_graphed_callables): its warm-up and
+    recorded passes' backward (autograd.grad), its waits for the device, the freeing of cached memory
+    before each recording, and each graph's instantiation; the forward passes are what is left of it."""
+    import torch
+
+    from runner.training import graphs
+
+    graphs._make_graphed = timed(
+        prefix + "CUDA graphs: capture (forward passes, the rest)", graphs._make_graphed
+    )
+    torch.autograd.grad = timed(prefix + "CUDA graphs: backward passes (autograd.grad)", torch.autograd.grad)
+    torch.cuda.synchronize = timed(prefix + "waits for the device (synchronize)", torch.cuda.synchronize)
+    torch.cuda.empty_cache = timed(prefix + "CUDA graphs: free cached memory", torch.cuda.empty_cache)
+    torch.cuda.CUDAGraph.capture_end = timed(
+        prefix + "CUDA graphs: end the recording (instantiate)", torch.cuda.CUDAGraph.capture_end
+    )
+
+
 def write_project(folder: Path, photos: Path, class_images: int, resolution: int, model: str, args) -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
     from train_bench import prepare_data
@@ -202,14 +221,15 @@ def profile_build(args) -> None:
     loop.LatentCache = timed("train step: VAE-encode the images (latent cache)", loop.LatentCache)
     loop._optimizer = timed("train step: optimizer and LR schedule", loop._optimizer)
     loop._forward_backward = timed("train step: first forward and backward (first)", loop._forward_backward)
+    time_graph_capture("train step: ")
     loop._optimizer_step = first_step_done(
         timed("train step: first optimizer step (first)", loop._optimizer_step)
     )
 
     with tempfile.TemporaryDirectory(prefix="dbl-startup-") as tmp:
-        path = build_project(Path(tmp), args.photos, model, args)
+        path = args.project or build_project(Path(tmp), args.photos, model, args)
         begun = time.perf_counter()
-        code = cli.main(["build", str(path), "--no-progress"])
+        code = cli.main(["build", str(path), "--no-progress", *(["--force"] if args.project else [])])
         if code != 0 or not STOPPED:
             raise SystemExit(f"dbl build ended with {code} before a first train step")
     counted = sum(PHASES.values())
@@ -245,6 +265,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build", action="store_true", help="profile a whole `dbl build` with a prior")
     parser.add_argument("--prior-steps", type=int, default=10, help="--build: denoising steps a class image")
+    parser.add_argument(
+        "--project", type=Path, help="--build: profile `dbl build --force` of this project file instead"
+    )
     parser.add_argument(
         "--compare-load", type=int, metavar="N", help="time N loads straight onto the device against N moved"
     )
@@ -302,6 +325,7 @@ def main(argv=None) -> None:
         loop._optimizer = timed("optimizer and LR schedule", loop._optimizer)
         loop._forward_backward = timed("first forward and backward (first)", loop._forward_backward)
         loop._optimizer_step = timed("first optimizer step (first)", loop._optimizer_step)
+        time_graph_capture("")
         if args.model == "sd15-random":
             sys.path.insert(0, str(ROOT / "bench"))
             from train_bench import FixedModels

@@ -20,12 +20,15 @@ gradients; dbl decides by itself, `gradient_checkpointing = "auto"`, and replays
 (torch.compile instead of CUDA graphs); each dbl variant's choices are printed under the table.
 SDXL: gradient checkpointing in both. dbl runs as `dbl build` on a project file.
 Each runs in its own process, timed from inside by a global optimizer-step hook (after a CUDA
-synchronize):
+synchronize), after each has run `--machine-warmup` steps once unmeasured (a fresh machine's first
+process to train reads the CUDA libraries from disk, seconds that the later ones do not pay):
 
     steps/s               steps after the first `--warmup`, over the time they took (the steady part)
     peak GPU memory MB    torch.cuda.max_memory_allocated, the same call in both processes
                           (on the CPU: the process tree's peak RSS)
     time to first step    from the process start: imports, loading, preparing data, compiling
+    load to first step    from the end of the last model load (diffusers' ModelMixin or transformers'
+                          PreTrainedModel from_pretrained) to the first step, the same hook in both
     wall time             the whole process, start to exit: also saving (the script also reloads the
                           pipeline at the end)
 
@@ -385,6 +388,12 @@ def main(argv=None) -> int:
         help="what to run: dbl (its defaults), dbl-eager (cuda_graphs and compile off), dbl-compile (compile "
         "on, cuda_graphs off), anchor (the script)",
     )
+    parser.add_argument(
+        "--machine-warmup",
+        type=int,
+        help="first run each variant for this many steps, unmeasured, so that none pays for the machine's "
+        "first reads of the CUDA libraries; default: 3 (rehearsal: 1), 0 for none",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON here too (after each variant)")
     parser.add_argument(
         "--timeout", type=float, help="stop a variant after this many seconds; the next ones still run"
@@ -409,6 +418,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if rehearsal else job["warmup"])
     args.mixed_precision = args.mixed_precision or ("no" if rehearsal else job["mixed_precision"])
     args.checkpointing = job["checkpointing"]
+    if args.machine_warmup is None:
+        args.machine_warmup = 1 if rehearsal else 3
     if args.gpu:
         import torch
 
@@ -427,6 +438,8 @@ def main(argv=None) -> int:
     instance = draw_images(work / "instance", 5, args.resolution, seed=1)
     classes = draw_images(work / "class", args.class_images, args.resolution, seed=2)
 
+    if args.machine_warmup:
+        warm_up(args, model, instance, classes, work / "warm-up")
     results, failures = {}, {}
     for variant in args.variants:
         if variant == "anchor":
@@ -455,6 +468,25 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+def warm_up(args, model: Path, instance: Path, classes: Path, work: Path) -> None:
+    """Run each variant for a few steps, unmeasured, before any is measured. A fresh machine's first process
+    to train on its GPU reads the CUDA libraries from disk (seconds; 9 s on an H200 that measured dbl
+    first), where the ones after find them in memory: warming both up leaves neither paying for it."""
+    work.mkdir(parents=True, exist_ok=True)
+    warm = argparse.Namespace(**{**vars(args), "steps": args.machine_warmup, "warmup": 0})
+    began = time.perf_counter()
+    for variant in args.variants:
+        if variant == "anchor":
+            python, rest = args.anchor_python, anchor_args(work, model, instance, classes, warm)
+        else:
+            python, rest = sys.executable, [str(dbl_project(work, model, instance, classes, warm, variant))]
+        try:
+            measure(variant, python, rest, work, warm)
+        except Failed as failure:  # the measured run says so again
+            print(f"warm-up: {failure}", flush=True)
+    print(f"warm-up: {args.machine_warmup} step(s) of each, {time.perf_counter() - began:.0f}s", flush=True)
+
+
 def summary(args, results: dict, failures: dict) -> dict:
     return {
         "family": args.family,
@@ -466,6 +498,7 @@ def summary(args, results: dict, failures: dict) -> dict:
         "warmup": args.warmup,
         "gradient_checkpointing": "both" if args.checkpointing else "defaults",
         "class_images": args.class_images,
+        "machine_warmup_steps": args.machine_warmup,
         "results": results,
         "failures": failures,
     }

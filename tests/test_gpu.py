@@ -196,3 +196,20 @@ def test_a_rank_reads_the_pipeline_straight_onto_its_own_gpu():
         assert pipe.hf_device_map == "cuda"
         devices = {value.device for value in pipe.unet.state_dict().values()}
         assert devices == {torch.device("cuda", index)}, devices
+
+
+def test_the_vae_leaves_the_gpu_while_the_denoiser_trains_on_cached_latents(tmp_path, monkeypatch):
+    """Every latent cached: the VAE's weights wait in host memory during the steps, and are back on the GPU
+    for the renders of the same build (which decode with it)."""
+    from runner.training import loop
+
+    seen = []
+    real_step = loop._optimizer_step
+
+    def step(run, *args):
+        seen.append(next(run.pipe.vae.parameters()).device.type)
+        return real_step(run, *args)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+    test_the_flow_builds_in_fp16_on_cuda(tmp_path)  # renders after training, on the shared pipeline
+    assert seen and set(seen) == {"cpu"}, seen

@@ -308,3 +308,26 @@ def test_gradient_accumulation_through_the_graphs_memory_writes_the_eager_adapte
     spoiled, _ = _build(tmp_path, "spoiled", "tiny-sd", train)
     assert capture.calls == 12
     assert spoiled["unet/adapter_model.safetensors"] != eager["unet/adapter_model.safetensors"]
+
+
+def test_torchs_warning_about_the_warm_up_stream_is_not_a_builds_warning():
+    """make_graphed_callables warms up on its own stream, and torch warns that the gradient accumulators
+    were made on another: once the graphs are installed that warning is not shown; others still are."""
+    import warnings
+
+    import torch
+
+    module = torch.nn.Linear(2, 2)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        graphed = graphs.GraphedDenoiser(module, print)
+        stream = "The AccumulateGrad node's stream does not match the stream of the node that produced it."
+        warnings.warn(stream, UserWarning, stacklevel=1)
+        assert len(shown) == 1  # shown before the graphs are installed
+        graphed.install()
+        try:
+            warnings.warn(stream, UserWarning, stacklevel=1)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        finally:
+            graphed.remove()
+    assert [str(w.message) for w in shown] == [stream, "another warning"]

@@ -439,3 +439,47 @@ def test_losses_read_back_every_few_steps_give_the_same_log(tmp_path, images, mo
     assert outputs[3] == outputs[1]
     assert calls[1][1:] == [(step, True) for step in range(1, 6)]
     assert calls[3][1:] == [(1, False), (2, False), (3, True), (4, False), (5, True)]
+
+
+class _Placed:
+    """A stand-in VAE: one parameter, and every device it is moved to."""
+
+    def __init__(self):
+        import torch
+
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.moves = []
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+@pytest.mark.parametrize(
+    "device, uncached, parks", [("cuda", 0, True), ("cuda:1", 0, True), ("cuda", 2, False), ("cpu", 0, False)]
+)
+def test_the_vae_waits_in_host_memory_while_a_gpu_trains_on_cached_latents(device, uncached, parks):
+    """No step uses the VAE when every latent is cached: on a CUDA device it leaves the GPU for the run
+    (and comes back to where it was after); images encoded at each step keep it there, and so does a CPU."""
+    from types import SimpleNamespace
+
+    from runner.training import loop
+
+    vae = _Placed()
+    run = SimpleNamespace(
+        device=device,
+        pipe=SimpleNamespace(vae=vae),
+        latents=SimpleNamespace(uncached_images=uncached),
+        vae_home=None,
+    )
+    loop._park_vae(run)
+    assert vae.moves == (["cpu"] if parks else [])
+    assert (run.vae_home is not None) == parks
+    loop._unpark_vae(run)
+    assert vae.moves == (["cpu", "cpu"] if parks else [])  # back where it was (the CPU, in this test)
+    assert run.vae_home is None
+    loop._unpark_vae(run)  # a second call moves nothing
+    assert len(vae.moves) == (2 if parks else 0)

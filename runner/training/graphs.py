@@ -65,6 +65,9 @@ def describe(on: bool, why: str) -> str:
     return switches.describe("cuda graphs", on, why)
 
 
+ACCUMULATE_GRAD_STREAM = "The AccumulateGrad node's stream does not match"
+
+
 def _signature(args) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
 
@@ -99,6 +102,13 @@ class GraphedDenoiser:
                 p.grad = p.grad.clone()
 
     def install(self) -> None:
+        import warnings
+
+        # make_graphed_callables warms the passes up on a stream of its own, and torch then warns (at
+        # length, as a build's warning) that the parameters' gradient accumulators were made on another
+        # stream and that this "may break CUDA graph capture". A capture that fails says so itself, and the
+        # replayed passes train what the eager ones train (tests/test_gpu.py): here it says nothing.
+        warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM, category=UserWarning)
         self.original = self.module.forward
         self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
 

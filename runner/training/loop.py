@@ -57,6 +57,7 @@ class Run:
     noise: Any = None  # the DDPM scheduler that adds noise
     token_ids: Any = None
     prompts: Any = None  # prompt embeddings, when no text encoder trains
+    vae_home: Any = None  # the VAE's device while it waits in host memory (_park_vae)
     # With captions or caption dropout: each distinct prompt's row in token_ids (and prompts); else None.
     rows: dict | None = None
     latents: LatentCache | None = None
@@ -148,6 +149,7 @@ def _train(run: Run) -> dict:
             run.pipe.vae, run.images, ts, run.device, run.dtype, vae_fp32=run.job.family.vae_fp32
         )
         run.log(run.latents.describe())
+        _park_vae(run)
         # Optimizer and schedule; 5. resume from the newest good checkpoint.
         _optimizer(run)
         _resume(run)
@@ -173,8 +175,26 @@ def _train(run: Run) -> dict:
     finally:
         if run.writer is not None:
             run.writer.close()
+        _unpark_vae(run)
         speed.undo(run)
         lora.remove_lora(run.modules, run.checkpointing)
+
+
+def _park_vae(run: Run) -> None:
+    """Where every image's latents are cached, no step uses the VAE: on a CUDA device its weights wait in
+    host memory while the run trains (the step's peak of GPU memory lower by as much, 160 MB for SD 1.5),
+    and go back when it ends, for the build's next steps that share the pipeline."""
+    if run.latents.uncached_images or not str(run.device).startswith("cuda"):
+        return
+    vae = run.pipe.vae
+    run.vae_home = next(vae.parameters()).device
+    vae.to("cpu")
+
+
+def _unpark_vae(run: Run) -> None:
+    if run.vae_home is not None:
+        run.pipe.vae.to(run.vae_home)
+        run.vae_home = None
 
 
 def readback_interval(device: str) -> int:

@@ -195,7 +195,8 @@ class TrainSettings:
     cache_latents: bool = opt(
         True,
         "encode each image once and reuse its latents (the same result when crops are fixed, up to rounding:"
-        " the cache encodes images in batches, which moves the weights by about 1e-6)",
+        " the cache encodes images in batches, which moves the weights by about 1e-6; on a GPU, where every"
+        " image's latents are cached, the VAE's weights wait in host memory while the steps run)",
         "bool",
         fingerprint=False,
     )

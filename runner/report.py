@@ -75,10 +75,15 @@ def write(project, output: Path | str | None = None) -> Path:
     return target
 
 
+# A report's page starts with its doctype and title: the bytes read to know one (a long project name aside).
+REPORT_HEAD_BYTES = 1024
+
+
 def _refuse_what_the_build_reads(project, target: Path) -> None:
     """Raise DblError where writing the page to `target` would overwrite what the project reads or made:
-    the project file, its lockfile, dbl's state folder, an input folder's file, a local base model's, or
-    a step's output. A mistyped `-o pets.toml` must not replace the project with HTML."""
+    the project file, its lockfile, dbl's state folder, an input folder's file, a local base model's, a
+    step's output, or any other file that is not a report page. A mistyped `-o pets.toml` must not replace
+    the project with HTML, nor `-o ../cats/cats.lock` another project's lockfile."""
     from runner.watch_targets import norm, targets_of, within
 
     path = norm(target)
@@ -96,11 +101,23 @@ def _refuse_what_the_build_reads(project, target: Path) -> None:
         what = "part of the base model"
     elif any(within(path, o) for o in watched.outputs):
         what = "in a step's output folder"
+    elif target.is_file() and not _is_a_report(target):
+        what = "a file that is not a page `dbl report` wrote (another project's file, say)"
     if what:
         raise DblError(
             f"cannot write the report to {fmt_path(target)}: it is {what}; give -o another path"
             f" (the default is {fmt_path(project.out / 'report.html')})"
         )
+
+
+def _is_a_report(path: Path) -> bool:
+    """Whether the file at `path` is a page `dbl report` wrote (which another report may replace)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(REPORT_HEAD_BYTES)
+    except OSError:
+        return False  # not readable: writing over it would fail too, and say why
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>dbl report: " in head
 
 
 def render(project) -> str:

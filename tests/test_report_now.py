@@ -128,6 +128,36 @@ def test_an_output_path_on_what_the_build_reads_or_made_is_refused_and_left_as_i
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_an_output_path_on_another_projects_file_or_any_file_not_a_report_is_refused(
+    proj, build, fake_steps, capsys
+):
+    """`-o ../cats/cats.lock` would replace a sibling project's lockfile: any existing file that is not a
+    page `dbl report` wrote is left as it was; an earlier report is replaced."""
+    build(proj)
+    sibling = proj.root.parent / "cats"
+    sibling.mkdir()
+    files = {
+        sibling / "cats.toml": '[project]\nbase_model = "tiny-sd"\n',
+        sibling / "cats.lock": '{"version": 1}\n',
+        proj.root / "notes.html": "<!DOCTYPE html>\n<title>my notes</title>\n",
+        proj.root / "empty.html": "",
+    }
+    for target, text in files.items():
+        target.write_text(text)
+        assert main(["report", str(proj.path), "-o", str(target)]) == 2, target
+        err = capsys.readouterr().err
+        assert (
+            f"cannot write the report to {target}: it is a file that is not a page `dbl report` wrote" in err
+        )
+        assert target.read_text() == text, target
+    page = proj.root / "pets.html"
+    assert main(["report", str(proj.path), "-o", str(page)]) == 0  # a new file
+    first = page.read_text(encoding="utf-8")
+    page.write_text(first.replace("</body>", "<p>an edit</p></body>"), encoding="utf-8")
+    assert main(["report", str(proj.path), "-o", str(page)]) == 0  # a report: replaced
+    assert page.read_text(encoding="utf-8") == first
+
+
 def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(proj, build, fake_steps):
     from runner.report import _Context, _subject
 

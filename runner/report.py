@@ -32,6 +32,7 @@ from pathlib import Path
 from runner import __version__, htmlpage, listing, lockfile, lockmemo, planner, plots, reportnow
 from runner.errors import DblError
 from runner.exec import lastbuild
+from runner.fingerprint import FileHasher
 from runner.ui.plain import fmt_duration, fmt_path
 
 
@@ -165,6 +166,8 @@ class _Context:
         # {step id: why} of the steps the project file now asks otherwise of, or why that is not known
         self.stale = stale if stale is not None else {}
         self.current = {step.id for step in planner.graph(project)}
+        self.hasher = FileHasher(project.state_dir / "state")  # the build's hashes: a stat a file
+        self.lock_name = lockfile.lock_path(project.path).name
 
     def output(self, sid: str, name: str) -> Path | None:
         """The recorded output of step `sid` whose path ends in `name` (None when there is none)."""
@@ -173,9 +176,23 @@ class _Context:
                 return self.project.dir / rel
         return None
 
+    def as_recorded(self, sid: str, path: Path) -> bool:
+        """Whether the file at `path`, an output of `sid`, holds the bytes the lockfile records (not those
+        of another build: a lockfile checked out from another commit, say)."""
+        entry = self.lock[sid].get("outputs", {}).get(path.relative_to(self.project.dir).as_posix())
+        if not isinstance(entry, dict):
+            return False
+        try:
+            st = path.stat()
+            return st.st_size == entry.get("size") and self.hasher.hash(path, st) == entry.get("sha256")
+        except OSError:
+            return False
+
     def info(self, sid: str) -> dict:
-        """The step's dbl.json, or {} when it has none or it does not read."""
+        """The step's dbl.json, or {} when it has none, it does not read, or it is another build's."""
         path = self.output(sid, "dbl.json")
+        if path is not None and not self.as_recorded(sid, path):
+            return {}
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path else {}
         except (OSError, ValueError):
@@ -271,6 +288,8 @@ def _subject(ctx: _Context, sid: str) -> str:
     recorded = ctx.output(sid, "dbl.json")
     if recorded is None or not recorded.is_file():
         plot = f"<p>dbl.json is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
+    elif not ctx.as_recorded(sid, recorded):
+        plot = f"<p>{_not_recorded('dbl.json', ctx, sid)}</p>"
     elif isinstance(log.get("instance_loss"), list) and log["instance_loss"]:
         if odd := plots.unreadable(log):
             plot = f"<p>No loss plot: its dbl.json holds {escape(odd)}.</p>"
@@ -353,8 +372,10 @@ def _render_step(ctx: _Context, sid: str) -> str:
     inputs, metrics = record.get("inputs", {}), record.get("metrics", {})
     name = sid.split(":", 1)[1]
     grid = ctx.output(sid, "grid.png")
-    if grid is not None and grid.is_file():
+    if grid is not None and grid.is_file() and ctx.as_recorded(sid, grid):
         image = htmlpage.img(grid.read_bytes(), f"grid of {name}", mime="image/png", css="grid")
+    elif grid is not None and grid.is_file():
+        image = f"<p>{_not_recorded('grid.png', ctx, sid)}</p>"
     else:
         image = f"<p>grid.png is missing from {escape(_folder(ctx, sid))}: run <code>dbl build</code>.</p>"
     settings = [
@@ -513,6 +534,14 @@ def _took(seconds) -> str:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         return str(seconds)
     return fmt_duration(seconds)
+
+
+def _not_recorded(name: str, ctx: _Context, sid: str) -> str:
+    return (
+        f"The {escape(name)} in {escape(_folder(ctx, sid))} is not the one {escape(ctx.lock_name)} records "
+        "(another build wrote it, or it was edited): run <code>dbl build</code> to make the recorded one, or "
+        "<code>dbl check</code> to see what differs."
+    )
 
 
 def _folder(ctx: _Context, sid: str) -> str:

@@ -17,7 +17,7 @@ from runner.cli import main
 from runner.exec import lastbuild
 from runner.project import load_project
 from tests.conftest import ROOT, Recorder, write_image
-from tests.report_page import Page
+from tests.report_page import Page, record_as_built
 
 PROJECT = """
 [project]
@@ -357,6 +357,7 @@ def test_a_missing_or_odd_dbl_json_is_said_not_raised(proj, build, fake_steps, c
     out = proj.load().out
     (out / "adapters" / "dog" / "dbl.json").unlink()
     (out / "adapters" / "toy" / "dbl.json").write_text('{"log": 5, "prior": "x", "train": [1], "loss": 2}')
+    record_as_built(proj.lock, proj.root, out / "adapters" / "toy" / "dbl.json")  # written so by a build
     assert main(["report", str(proj.path)]) == 0
     assert "Traceback" not in capsys.readouterr().err
     text = (out / "report.html").read_text(encoding="utf-8")

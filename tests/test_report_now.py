@@ -283,3 +283,34 @@ def test_a_hand_edited_record_of_an_older_lockfile_is_shown_as_written(proj, bui
     assert "train:dog" in lockfile.read(proj.lock)  # read as it is: no digest to check
     text = report.render(proj.load())
     assert "in about an hour" in _item(text, "train:dog")
+
+
+def test_an_output_on_disk_that_another_build_wrote_is_not_shown_as_the_recorded_one(proj, build, fake_steps):
+    """The lockfile checked out from another commit, the outputs on disk left by this one: the page shows
+    no grid, loss plot or facts of bytes the lockfile does not record, and says why."""
+    import hashlib
+
+    from runner.report import _Context, _render_step, _subject
+
+    build(proj)
+    lock = lockfile.read(proj.lock)
+    grid = proj.root / "build" / "pets" / "renders" / "park" / "grid.png"
+    grid.write_bytes(b"\x89PNG the recorded grid")
+    rel = grid.relative_to(proj.root).as_posix()
+    lock["render:park"]["outputs"][rel] = {
+        "sha256": hashlib.sha256(grid.read_bytes()).hexdigest(),
+        "size": grid.stat().st_size,
+    }
+    info = proj.root / "build" / "pets" / "adapters" / "dog" / "dbl.json"
+    info.write_text('{"instance_prompt": "a prompt of another build", "steps": 123}')  # not as recorded
+    ctx = _Context(proj.load(), lock, {}, {})
+    assert "data:image/png;base64," in _render_step(ctx, "render:park")  # the recorded bytes: shown
+
+    grid.write_bytes(b"\x89PNG another build's grid")
+    ctx = _Context(proj.load(), lock, {}, {})
+    text = _render_step(ctx, "render:park")
+    assert "data:image/png;base64," not in text
+    assert "The grid.png in build/pets/renders/park is not the one pets.lock records" in text
+    text = _subject(ctx, "train:dog")
+    assert "The dbl.json in build/pets/adapters/dog is not the one pets.lock records" in text
+    assert "a prompt of another build" not in text and "123" not in text

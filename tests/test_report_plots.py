@@ -11,6 +11,7 @@ import random
 import pytest
 
 from runner import plots
+from tests.report_page import record_as_built
 
 
 def _windows(values: list[float]) -> list[float]:
@@ -108,6 +109,8 @@ def test_a_loss_log_that_holds_something_else_than_numbers_is_said_and_the_page_
     (out / "adapters" / "dog" / "dbl.json").write_text(json.dumps({"log": log}))
     log = {"instance_loss": [0.3, 0.25, 0.2], "prior_loss": 4}
     (out / "adapters" / "toy" / "dbl.json").write_text(json.dumps({"log": log}))
+    infos = [out / "adapters" / name / "dbl.json" for name in ("dog", "toy")]
+    record_as_built(proj.lock, proj.root, *infos)  # as a build (of another tool, say) wrote them
     assert main(["report", str(proj.path)]) == 0
     assert "Error" not in capsys.readouterr().err
     text = (out / "report.html").read_text(encoding="utf-8")

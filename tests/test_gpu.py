@@ -65,7 +65,12 @@ def _train_on_cuda(folder, flow, graphs: bool, accumulation: int = 1):
     out = folder / "build" / "p" / "adapters" / "dog"
     losses = json.loads((out / "dbl.json").read_text())["log"]["instance_loss"]
     logs = [e[2] for e in recorder.events if e[0] == "log" and e[1] == "train:dog"]
-    return losses, load_file(str(out / "unet" / "adapter_model.safetensors")), logs
+    weights = {
+        f"{component}.{key}": value
+        for component in ("unet", "text_encoder")
+        for key, value in load_file(str(out / component / "adapter_model.safetensors")).items()
+    }
+    return losses, weights, logs
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -76,13 +81,15 @@ def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path, accumulation):
     assert "cuda graphs: off (set in [train])" in eager_logs
     assert "cuda graphs: on (set in [train])" in logs
     assert "cuda graphs: captured the denoiser's forward and backward" in logs
-    assert not any("capturing CUDA graphs failed" in line for line in logs)
-    # The replayed kernels are the eager ones: the same losses and weights, to rounding.
+    assert "cuda graphs: captured the text encoder's forward and backward" in logs
+    assert not any("CUDA graphs" in line and "failed" in line for line in logs), logs
+    # The replayed kernels are the eager ones: the same losses and weights (both adapters), to rounding.
     assert graphed == pytest.approx(eager, rel=1e-3)
     for key, value in eager_weights.items():
         other = graphed_weights[key]
         assert float((other - value).norm()) <= 1e-3 * float(value.norm()) + 1e-6, key
     assert any(float(v.abs().max()) > 0 for k, v in graphed_weights.items() if "lora_B" in k)
+    assert any(k.startswith("text_encoder.") for k in graphed_weights)
 
 
 def test_between_loss_read_backs_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):

@@ -71,8 +71,9 @@ class StandIn:
 
 class StaticReplay:
     """A capture with make_graphed_callables' memory: fixed input, output and gradient tensors that each
-    replay overwrites, gradients handed to autograd as detached views of them. An eager pass stands in for
-    the graph's replay, so what differs from an eager run is the memory handling alone."""
+    replay overwrites, gradients handed to autograd as detached views of them, and the answer rebuilt from
+    its tensors as the module gives it (a text encoder's model output). An eager pass stands in for the
+    graph's replay, so what differs from an eager run is the memory handling alone."""
 
     def __init__(self):
         self.captures = 0
@@ -80,12 +81,14 @@ class StaticReplay:
 
     def __call__(self, module, sample_args):
         import torch
+        from torch.utils import _pytree as pytree
 
         self.captures += 1
         surface = tuple(sample_args) + tuple(module.parameters())
         wanted = [i for i, t in enumerate(surface) if t.requires_grad]
         with torch.enable_grad():
-            static_out = module(*sample_args).detach().clone()
+            leaves, spec = pytree.tree_flatten(module(*sample_args))
+        static_outs = [leaf.detach().clone() for leaf in leaves]
         static_grads = {i: torch.zeros_like(surface[i]) for i in wanted}
         replay = self
 
@@ -95,23 +98,36 @@ class StaticReplay:
                 for static, given in zip(sample_args, inputs[: len(sample_args)], strict=True):
                     static.copy_(given)
                 with torch.enable_grad():
-                    out = module(*sample_args)
-                ctx.out = out
-                static_out.copy_(out.detach())
-                return static_out.detach()
+                    ctx.outs = pytree.tree_leaves(module(*sample_args))
+                for static, out in zip(static_outs, ctx.outs, strict=True):
+                    static.copy_(out.detach())
+                return tuple(static.detach() for static in static_outs)
 
             @staticmethod
-            def backward(ctx, grad):
-                grads = torch.autograd.grad(ctx.out, [surface[i] for i in wanted], grad, allow_unused=True)
-                for i, g in zip(wanted, grads, strict=True):
-                    static_grads[i].copy_(g if g is not None else torch.zeros_like(static_grads[i]))
+            def backward(ctx, *grads):
+                pairs = [
+                    (o, g) for o, g in zip(ctx.outs, grads, strict=True) if o.requires_grad and g is not None
+                ]
+                found = torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    [surface[i] for i in wanted],
+                    [g for _, g in pairs],
+                    allow_unused=True,
+                )
+                unused = set()  # no gradient reaches them: None, as make_graphed_callables answers
+                for i, g in zip(wanted, found, strict=True):
+                    if g is None:
+                        unused.add(i)
+                    else:
+                        static_grads[i].copy_(g)
                 return tuple(
-                    static_grads[i].detach() if i in static_grads else None for i in range(len(surface))
+                    static_grads[i].detach() if i in static_grads and i not in unused else None
+                    for i in range(len(surface))
                 )
 
         def run(*args):
             replay.calls += 1
-            return Graphed.apply(*args, *surface[len(sample_args) :])
+            return pytree.tree_unflatten(list(Graphed.apply(*args, *surface[len(sample_args) :])), spec)
 
         return run
 
@@ -285,10 +301,15 @@ def test_training_through_the_graph_writes_the_eager_adapter(tmp_path, monkeypat
     _force_graphs(monkeypatch, capture)
     through, logs = _build(tmp_path, "graphed", base_model, {})
     assert "cuda graphs: on (auto: on cuda, static shapes)" in logs
-    assert "cuda graphs: captured the denoiser's forward and backward" in logs
-    assert capture.captures == 1 and capture.calls == 3  # every step's pass went through it
+    encoders = "the text encoders'" if base_model == "tiny-sdxl" else "the text encoder's"
+    assert [line for line in logs if "captured" in line] == [
+        f"cuda graphs: captured {encoders} forward and backward",
+        "cuda graphs: captured the denoiser's forward and backward",
+    ]  # in the order they run: the text encoders' embeddings go into the denoiser
+    assert capture.captures == 2 and capture.calls == 6  # every step's passes went through both
     assert through == eager
-    assert "forward" not in vars(model_cache(base_model).pipeline().unet)
+    pipe = model_cache(base_model).pipeline()
+    assert all("forward" not in vars(getattr(pipe, name)) for name in ["unet", "text_encoder"])
 
 
 @pytest.mark.torch
@@ -302,12 +323,15 @@ def test_gradient_accumulation_through_the_graphs_memory_writes_the_eager_adapte
     _force_graphs(monkeypatch, capture)
     through, logs = _build(tmp_path, "graphed", "tiny-sd", train)
     assert "cuda graphs: captured the denoiser's forward and backward" in logs
-    assert capture.calls == 6  # 3 steps of 2 micro-batches, through the graph's memory
+    assert "cuda graphs: captured the text encoder's forward and backward" in logs
+    assert capture.calls == 12  # 3 steps of 2 micro-batches, each through both graphs' memory
     assert through == eager
-    monkeypatch.setattr(graphs.GraphedDenoiser, "own_gradients", lambda self: None)
-    spoiled, _ = _build(tmp_path, "spoiled", "tiny-sd", train)
-    assert capture.calls == 12
-    assert spoiled["unet/adapter_model.safetensors"] != eager["unet/adapter_model.safetensors"]
+    for graphed, component in [(graphs.GraphedDenoiser, "unet"), (graphs.GraphedPrompts, "text_encoder")]:
+        with monkeypatch.context() as m:
+            m.setattr(graphed, "own_gradients", lambda self: None)
+            spoiled, _ = _build(tmp_path, f"spoiled-{component}", "tiny-sd", train)
+        weights = f"{component}/adapter_model.safetensors"
+        assert spoiled[weights] != eager[weights], component
 
 
 def test_torchs_warning_about_the_warm_up_stream_is_not_a_builds_warning():

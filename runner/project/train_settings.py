@@ -69,8 +69,9 @@ class TrainSettings:
     )
     cuda_graphs: bool | str = opt(
         "auto",
-        "replay the denoiser's forward and backward as CUDA graphs (one launch a pass; the eager result); "
-        "auto: on on CUDA without buckets, gradient checkpointing, UNet LoRA dropout or compile = true",
+        "replay the denoiser's forward and backward, and the training text encoders', as CUDA graphs (one "
+        "launch a pass; the eager result); auto: on on CUDA without buckets, gradient checkpointing, UNet "
+        "LoRA dropout or compile = true",
         "switch",
         fingerprint=False,
     )

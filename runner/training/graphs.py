@@ -27,6 +27,7 @@ operation CUDA cannot record), the log says why and the run goes on eagerly from
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from runner.training import switches
@@ -72,23 +73,20 @@ def _signature(args) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
 
 
-class GraphedDenoiser:
-    """Runs a LoRA-wrapped denoiser's training passes as CUDA graphs, in place: `install` makes the
-    module's own forward capture at the first call and replay after; `remove` restores it.
+class _Graphed:
+    """A LoRA-wrapped module's training passes as CUDA graphs, in place: `install` makes the module's own
+    forward capture at its first call and replay after; `remove` restores it. Its subclasses say how the
+    module is called. `capture(module, sample_args)` makes the graphed callable
+    (torch.cuda.make_graphed_callables; a test may stand in its own)."""
 
-    The denoiser is called as the families call it, `module(sample, timestep, encoder_hidden_states,
-    added_cond_kwargs=None)`, and answers as the module does (`.sample`, or a tuple with
-    return_dict=False). `capture(module, sample_args)` makes the graphed callable
-    (torch.cuda.make_graphed_callables; a test may stand in its own).
-    """
+    what = "the module"  # in the log: "captured <what>'s forward and backward"
 
     def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
         self.module, self.log = module, log
         self.capture = capture or _make_graphed
         self.original = None  # the module's own forward
-        self.graphed = None  # positional tensors -> prediction
+        self.graphed = None  # positional tensors -> what the module answers
         self.signature = None
-        self.added_keys: tuple[str, ...] = ()
         self.failed = False
         self.replays = 0
 
@@ -118,6 +116,68 @@ class GraphedDenoiser:
             self.original = None
         self.graphed = None  # frees the graphs' memory pool with them
 
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def _replay(self, positional_of: Callable, args: tuple, eager: Callable):
+        """The graph's answer to `args` (captured first, from `positional_of()`, the module called with
+        tensors only), or `eager()` where it cannot answer: other shapes, a failed capture or first
+        replay."""
+        if self.graphed is None and not self._capture(positional_of(), args):
+            return eager()
+        if _signature(args) != self.signature:
+            return eager()
+        try:
+            answer = self.graphed(*args)
+        except Exception as exc:  # noqa: BLE001 - the first replay, as a capture, may fail; the eager pass works
+            if self.replays:
+                raise
+            self._give_up("replaying", exc)
+            return eager()
+        self.replays += 1
+        return answer
+
+    def _capture(self, positional, args) -> bool:
+        """Capture the graphs with `args`' shapes; on failure, say why and stay eager."""
+        import torch
+
+        sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        device_type = args[0].device.type
+        try:
+            # make_graphed_callables asks for autocast without its cast cache; the casts are recorded.
+            with torch.autocast(
+                device_type,
+                dtype=torch.get_autocast_dtype(device_type),
+                enabled=torch.is_autocast_enabled(device_type),
+                cache_enabled=False,
+            ):
+                self.graphed = self.capture(positional, sample_args)
+        except Exception as exc:  # noqa: BLE001 - any failure to record leaves the eager pass, which works
+            self._give_up("capturing", exc)
+            return False
+        self.signature = _signature(args)
+        whose = self.what + ("'" if self.what.endswith("s") else "'s")
+        self.log(f"cuda graphs: captured {whose} forward and backward")
+        return True
+
+    def _give_up(self, doing: str, exc: BaseException) -> None:
+        """Say why the graphs failed; the passes run eagerly from now on."""
+        self.failed, self.graphed = True, None
+        of = "" if isinstance(self, GraphedDenoiser) else f"of {self.what} "
+        self.log(f"warning: {doing} CUDA graphs {of}failed ({switches.reason(exc)}); it runs without")
+
+
+class GraphedDenoiser(_Graphed):
+    """The denoiser, called as the families call it, `module(sample, timestep, encoder_hidden_states,
+    added_cond_kwargs=None)`, answering as the module does (`.sample`, or a tuple with return_dict=False).
+    """
+
+    what = "the denoiser"
+
+    def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
+        super().__init__(module, log, capture)
+        self.added_keys: tuple[str, ...] = ()
+
     def forward(
         self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True, **rest
     ):
@@ -135,51 +195,50 @@ class GraphedDenoiser:
         args = (sample, timestep, encoder_hidden_states, *(added_cond_kwargs[k] for k in keys))
         if self.graphed is None:
             self.added_keys = keys
-            if not self._capture(args):
-                return eager()
-        if keys != self.added_keys or _signature(args) != self.signature:
+        elif keys != self.added_keys:
             return eager()
-        try:
-            prediction = self.graphed(*args)
-        except Exception as exc:  # noqa: BLE001 - the first replay, as a capture, may fail; the eager pass works
-            if self.replays:
-                raise
-            self._give_up("replaying", exc)
-            return eager()
-        self.replays += 1
+        positional = functools.partial(_positional, self.module, self.original, keys)
+        prediction = self._replay(positional, args, eager)
+        if not torch.is_tensor(prediction):  # the eager answer, as the module gives it
+            return prediction
         if not return_dict:
             return (prediction,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=prediction)
 
-    def _capture(self, args) -> bool:
-        """Capture the graphs with `args`' shapes; on failure, say why and stay eager."""
+
+class GraphedPrompts(_Graphed):
+    """The embeddings of the prompts by the text encoders that train, as the family makes them
+    (`family.encode_prompts(modules, token_ids)`: token ids in, the embeddings the denoiser takes out), as
+    one graph: called with the token ids (a tensor, or a tuple of them for SDXL's two encoders), it
+    answers what encode_prompts answers. Only those embeddings are the graph's outputs, so a layer whose
+    output no embedding uses (SDXL's first encoder's last) gets no gradient, as in an eager pass."""
+
+    def __init__(self, family, modules: dict, encoders: list[str], log, capture: Callable | None = None):
+        super().__init__(_encoders(modules, encoders), log, capture)
+        self.family, self.modules = family, modules
+        self.what = "the text encoder" if len(encoders) == 1 else "the text encoders"
+
+    def install(self) -> None:  # nothing to put in place: the loop calls this object
+        import warnings
+
+        warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM, category=UserWarning)
+
+    def remove(self) -> None:
+        self.graphed = None
+
+    def __call__(self, token_ids):
         import torch
 
-        positional = _positional(self.module, self.original, self.added_keys)
-        sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-        device_type = args[0].device.type
-        try:
-            # make_graphed_callables asks for autocast without its cast cache; the casts are recorded.
-            with torch.autocast(
-                device_type,
-                dtype=torch.get_autocast_dtype(device_type),
-                enabled=torch.is_autocast_enabled(device_type),
-                cache_enabled=False,
-            ):
-                self.graphed = self.capture(positional, sample_args)
-        except Exception as exc:  # noqa: BLE001 - any failure to record leaves the eager pass, which works
-            self._give_up("capturing", exc)
-            return False
-        self.signature = _signature(args)
-        self.log("cuda graphs: captured the denoiser's forward and backward")
-        return True
+        def eager():
+            return self.family.encode_prompts(self.modules, token_ids)
 
-    def _give_up(self, doing: str, exc: BaseException) -> None:
-        """Say why the graphs failed; the passes run eagerly from now on."""
-        self.failed, self.graphed = True, None
-        self.log(f"warning: {doing} CUDA graphs failed ({switches.reason(exc)}); it runs without")
+        args = tuple(token_ids) if isinstance(token_ids, tuple) else (token_ids,)
+        if self.failed or not torch.is_grad_enabled() or not all(torch.is_tensor(a) for a in args):
+            return eager()
+        positional = functools.partial(_prompts_positional, self.family, self.modules, self.module)
+        return self._replay(positional, args, eager)
 
 
 def _positional(module, forward, added_keys):
@@ -200,6 +259,31 @@ def _positional(module, forward, added_keys):
             return self.call(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
     return Positional(module, forward, added_keys)
+
+
+def _encoders(modules: dict, names: list[str]):
+    """The text encoders `names` of `modules` as one module, whose parameters are theirs."""
+    import torch
+
+    return torch.nn.ModuleDict({name: modules[name] for name in names})
+
+
+def _prompts_positional(family, modules: dict, encoders):
+    """encode_prompts called with token ids alone, as make_graphed_callables calls it (torch imported
+    here); `encoders` (the text encoders' ModuleDict) holds the graphs' parameters."""
+    import torch
+
+    class Positional(torch.nn.Module):
+        """The family's encode_prompts, called with the token ids alone."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoders = encoders  # a submodule: its parameters are the graphs' parameters
+
+        def forward(self, *token_ids):
+            return family.encode_prompts(modules, token_ids if len(token_ids) > 1 else token_ids[0])
+
+    return Positional()
 
 
 def _make_graphed(module, sample_args):

@@ -70,9 +70,10 @@ class Run:
     resumed_from: int | None = None
     writer: Any = None  # TensorBoard's SummaryWriter, when the subject asks for logs
     # How the step is made fast (runner.training.speed): gradient checkpointing, as chosen for this run;
-    # the denoiser's CUDA graphs, when captured; the modules compiled.
+    # the CUDA graphs of the denoiser and of each text encoder that trains; the modules compiled.
     checkpointing: bool = False
-    graphs: Any = None
+    graphs: list = field(default_factory=list)
+    prompt_graphs: Any = None  # the text encoders' graphs (in `graphs` too): embeds the prompts
     compiled: list = field(default_factory=list)
     # Losses stay on the device until read back (every `readback_every` steps): (losses, lr) of each step.
     pending: list = field(default_factory=list)
@@ -322,11 +323,7 @@ def _forward_backward(run: Run, order: ExampleOrder):
         )
         with autocast:  # prompts are embedded here when a text encoder trains
             if run.rows is None:  # [instance prompt, class prompt], each for `batch` examples
-                prompts = (
-                    run.prompts
-                    if run.prompts is not None
-                    else family.encode_prompts(run.modules, run.token_ids)
-                )
+                prompts = run.prompts if run.prompts is not None else _embed(run, run.token_ids)
             else:  # one prompt per example
                 prompts = _example_prompts(run, positions, order)
         preds, targets = [], []
@@ -366,8 +363,9 @@ def _forward_backward(run: Run, order: ExampleOrder):
             loss, instance_loss, prior_loss = prior_preservation_loss(preds, targets, run.weight, weights)
         scaled = loss / accum
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-        if run.graphs is not None and micro == 0 and accum > 1:
-            run.graphs.own_gradients()  # before the next replay overwrites them
+        if micro == 0 and accum > 1:
+            for graphed in run.graphs:
+                graphed.own_gradients()  # before the next replay overwrites them
         sums += torch.stack([instance_loss.detach(), prior_loss.detach()]).to(sums.dtype)
     return sums / accum  # on the device: read back by _read_losses
 
@@ -380,8 +378,16 @@ def _example_prompts(run: Run, positions, order: ExampleOrder):
     if run.prompts is not None:  # frozen text encoder: every distinct prompt was embedded once
         return _take(run.prompts, to_device(rows, run.device))
     needed = sorted(set(rows))
-    embedded = run.job.family.encode_prompts(run.modules, _take(run.token_ids, to_device(needed, run.device)))
+    embedded = _embed(run, _take(run.token_ids, to_device(needed, run.device)))
     return _take(embedded, to_device([needed.index(row) for row in rows], run.device))
+
+
+def _embed(run: Run, token_ids):
+    """The prompts' embeddings by the text encoders that train: through their CUDA graphs where captured
+    (a call of other shapes, such as a step's distinct captions, runs eagerly)."""
+    if run.prompt_graphs is not None:
+        return run.prompt_graphs(token_ids)
+    return run.job.family.encode_prompts(run.modules, token_ids)
 
 
 def _take(value, rows):

@@ -56,17 +56,24 @@ def _graphs(run: Run) -> None:
         compile_setting=ts.compile,
     )
     run.log(graphs.describe(on, why))
-    if on:
-        run.graphs = graphs.GraphedDenoiser(run.modules[_denoiser(run).name], run.log)
-        run.graphs.install()
+    if not on:
+        return
+    run.graphs = [graphs.GraphedDenoiser(run.modules[_denoiser(run).name], run.log)]
+    encoders = [c for c in run.components if not c.denoiser]  # the text encoders that train
+    if any(c.value(run.job.subject.lora, "dropout") for c in encoders):
+        run.log("cuda graphs: the text encoders run eagerly (their LoRA dropout draws random masks)")
+    elif encoders:
+        names = [c.name for c in encoders]
+        run.prompt_graphs = graphs.GraphedPrompts(run.job.family, run.modules, names, run.log)
+        run.graphs.append(run.prompt_graphs)
+    for graphed in run.graphs:
+        graphed.install()
 
 
 def _compile(run: Run) -> None:
     """As set, or with "auto" as the device and the shapes ask."""
     ts = run.settings
-    on, why = compiling.compiling(
-        ts.compile, run.device, buckets=bool(ts.buckets), graphs=run.graphs is not None
-    )
+    on, why = compiling.compiling(ts.compile, run.device, buckets=bool(ts.buckets), graphs=bool(run.graphs))
     run.log(compiling.describe(on, why))
     if on:
         module = run.modules[_denoiser(run).name].base_model.model  # inside the LoRA wrapper
@@ -98,6 +105,6 @@ def _uncompile(run: Run) -> None:
 def undo(run: Run) -> None:
     """The denoiser runs eagerly again, with its own forward."""
     _uncompile(run)
-    if run.graphs is not None:
-        run.graphs.remove()
-        run.graphs = None
+    for graphed in run.graphs:
+        graphed.remove()
+    run.graphs, run.prompt_graphs = [], None

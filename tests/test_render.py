@@ -3,6 +3,8 @@ images of the previous build kept after a change of prompts or seeds."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,27 @@ def test_repeated_seeds_are_a_warning_as_the_file_loads(tmp_path, models):  # no
     out = run_render(tmp_path, "twice", "none", {}, models, log=said.append, **settings)
     assert [line for line in said if line.startswith("warning:")] == []
     assert sorted(p.name for p in out.glob("0-*.png")) == ["0-0.png", "0-1.png", "0-2.png"]
+
+
+def test_seed_minus_one_is_said_to_be_a_seed_not_a_random_one(tmp_path):
+    """Other tools read -1 as "a random seed": here it is a seed, and the file's load says so (once)."""
+    from runner.project import load_project
+    from runner.project.problems import display
+
+    path = tmp_path / "p.toml"
+    text = '[project]\nbase_model = "tiny-sd"\n\n[renders.r]\nadapter = "none"\nprompts = ["a dog"]\n'
+    path.write_text(text + "seeds = [-1, 4]\n")
+    with pytest.warns(UserWarning) as said:
+        load_project(path)
+    assert [str(w.message) for w in said] == [
+        f"{display(path)}: renders.r.seeds: -1 is a seed like any other here, not a random one: it renders "
+        "the same image at every build (line 7) - give the seeds to render (a build is reproducible); add "
+        "seeds to see more images"
+    ]
+    path.write_text(text + "seeds = [-2, 4]\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_project(path)  # another negative seed: nothing to say
 
 
 def test_pixels_match_the_guide_inference_code(tmp_path, adapters, models):  # noqa: F811

@@ -255,7 +255,8 @@ class Render:
     guidance_scale: float = _generation_opt("guidance_scale")
     seeds: list[int] = opt(
         [0],
-        "one image per prompt and seed (a repeated seed renders the same image again: a warning as the file loads)",
+        "one image per prompt and seed (a repeated seed renders the same image again, and -1 is a seed, not"
+        " a random one: a warning as the file loads)",
         "list[int]",
         minimum=INT64[0],
         maximum=INT64[1],

@@ -418,6 +418,13 @@ def _check(check, tables: dict) -> None:
                 "same files",
                 "list each seed once",
             )
+        if -1 in spec.seeds:  # other tools' "a random seed": here a seed like any other
+            check.note(
+                ("renders", name, "seeds"),
+                "-1 is a seed like any other here, not a random one: it renders the same image at every "
+                "build",
+                "give the seeds to render (a build is reproducible); add seeds to see more images",
+            )
 
 
 def _deps(project, spec) -> list[str]:

@@ -8,7 +8,8 @@
 #   with its defaults, each in its own process: whole wall time, steps/s
 #   after the first 20, peak GPU memory (torch.cuda.max_memory_allocated in both) and time to the first
 #   step. Needs the script: shared/anchors/ in the checkout, or ANCHOR=path. STEPS=n changes the steps.
-#   VARIANTS="dbl anchor" runs those alone; VARIANT_TIMEOUT=s stops one that runs longer.
+#   VARIANTS="dbl anchor" runs those alone; VARIANT_TIMEOUT=s stops one that runs longer; MACHINE_WARMUP=n
+#   sets the unmeasured steps each variant runs first (default 3; 0 on a machine that has trained already).
 # sdxl (about 5 minutes): the same at SDXL shapes, 1024 px, bf16, 50 steps, gradient checkpointing in both,
 #   against train_dreambooth_lora_sdxl.py.
 # run: bench/run.py's table: train steps/s, peak CUDA memory and time to the first step for dbl and the
@@ -53,6 +54,7 @@ anchor() {  # the comparison with diffusers' script for one family: anchor FAMIL
     if [ -n "${ANCHOR:-}" ]; then args+=(--anchor "$ANCHOR"); fi
     if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
     if [ -n "${VARIANT_TIMEOUT:-}" ]; then args+=(--timeout "$VARIANT_TIMEOUT"); fi
+    if [ -n "${MACHINE_WARMUP:-}" ]; then args+=(--machine-warmup "$MACHINE_WARMUP"); fi
     python3 bench/anchor_bench.py "${args[@]}" --out "$out/$name.json"
 }
 
@@ -98,10 +100,11 @@ case "$which" in
         export out mode
         VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-240}" part "sd15: dbl against the script" anchor sd15 sd15-bench dbl anchor
         part "gpu tests" check
-        VARIANT_TIMEOUT=120 part "sd15: dbl eager" anchor sd15 sd15-eager dbl-eager
+        # The comparison warmed the machine up (its CUDA libraries read): the later variants start as they are.
+        MACHINE_WARMUP=0 VARIANT_TIMEOUT=120 part "sd15: dbl eager" anchor sd15 sd15-eager dbl-eager
         part "start-up profile" python3 bench/startup_profile.py --device "$device" --model "$model" \
             --resolution "$size" --mixed-precision fp16 --json "$out/startup-profile.json"
-        VARIANT_TIMEOUT=180 part "sd15: dbl compile" anchor sd15 sd15-compile dbl-compile
+        MACHINE_WARMUP=0 VARIANT_TIMEOUT=180 part "sd15: dbl compile" anchor sd15 sd15-compile dbl-compile
         part "load compare" python3 bench/startup_profile.py --compare-load 3 --device "$device" --model "$model" \
             --mixed-precision fp16 --json "$out/load-compare.json"
         (cd /tmp/dbl-sd15-bench && tar -czf "$out/logs.tgz" ./*.log) || true

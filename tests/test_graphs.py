@@ -261,12 +261,20 @@ def test_a_failed_capture_or_first_replay_is_said_and_the_passes_run_eagerly(lor
     assert said == logs
 
 
-def _build(tmp_path, name, base_model, train):
+def _build(tmp_path, name, base_model, train, captions: dict | None = None):
+    """A train step's outputs and log; `captions`: {image index: its caption} (.txt beside the image)."""
+    import dataclasses
+
     from runner.steps import train as train_step
 
-    instance = draw_images(tmp_path / "dog", 2, size=(64, 64))
+    instance = draw_images(tmp_path / "dog", max(2, len(captions or ())), size=(64, 64))
     classes = draw_images(tmp_path / "class", 2, size=(64, 64), seed=7)
-    subject = make_subject(instance, prior="dog", train=dict(steps=3, **train))
+    subject = make_subject(instance, prior="dog", train={"steps": 3, **train})
+    if captions:
+        images = sorted(instance.glob("*.png"))
+        for index, caption in captions.items():
+            images[index].with_suffix(".txt").write_text(caption)
+        subject = dataclasses.replace(subject, caption_extension=".txt")
     logs = []
     ctx = train_context(
         tmp_path / name,
@@ -310,6 +318,47 @@ def test_training_through_the_graph_writes_the_eager_adapter(tmp_path, monkeypat
     assert through == eager
     pipe = model_cache(base_model).pipeline()
     assert all("forward" not in vars(getattr(pipe, name)) for name in ["unet", "text_encoder"])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "captions, shapes_seen",
+    [
+        ({0: "sks dog on the grass", 1: "sks dog asleep"}, 1),  # two rows at every step, which differ
+        ({0: "a photo of dog", 1: "sks dog on the grass", 2: "sks dog asleep"}, 2),  # 0: the class prompt
+    ],
+    ids=["other-rows", "other-shapes"],
+)
+def test_captions_go_through_the_prompts_graph_or_eagerly_and_train_the_eager_adapter(
+    tmp_path, monkeypatch, captions, shapes_seen
+):
+    """With captions, a step embeds its distinct prompts: its instance image's caption and the class
+    prompt, one row where they are the same. The graph, captured at the first step, replays the steps
+    whose token ids have its shape, whatever their captions; the others embed eagerly. Together they train
+    the eager adapter, byte for byte."""
+    from runner.training import loop
+
+    train = dict(steps=8)
+    eager, _ = _build(tmp_path, "eager", "tiny-sd", train, captions)
+    calls = []
+    real_embed = loop._embed
+
+    def embed(run, ids):
+        calls.append((tuple(ids.shape), tuple(ids.flatten().tolist())))
+        return real_embed(run, ids)
+
+    monkeypatch.setattr(loop, "_embed", embed)
+    capture = StaticReplay()
+    _force_graphs(monkeypatch, capture)
+    through, logs = _build(tmp_path, "graphed", "tiny-sd", train, captions)
+    assert "cuda graphs: captured the text encoder's forward and backward" in logs
+    shapes = [shape for shape, _ in calls]
+    assert len(set(shapes)) == shapes_seen, shapes
+    replayed = [ids for shape, ids in calls if shape == shapes[0]]  # the first call's shape, captured
+    assert capture.calls == 8 + len(replayed)  # the denoiser at every step, the prompts at those
+    if shapes_seen == 1:
+        assert len(set(replayed)) == 2  # replayed with either caption
+    assert through == eager
 
 
 @pytest.mark.torch

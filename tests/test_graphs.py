@@ -404,3 +404,30 @@ def test_torchs_warning_about_the_warm_up_stream_is_not_a_builds_warning():
         finally:
             graphed.remove()
     assert [str(w.message) for w in shown] == [stream, "another warning"]
+
+
+def test_a_failed_capture_of_the_prompts_graph_names_it_and_they_are_embedded_eagerly():
+    import torch
+
+    class Family:
+        def encode_prompts(self, modules, token_ids):
+            return modules["text_encoder"](token_ids)
+
+    torch.manual_seed(0)
+    modules = {"text_encoder": torch.nn.Embedding(10, 4), "unet": torch.nn.Linear(4, 4)}
+    ids = torch.tensor([[1, 2], [3, 4]])
+    expected = modules["text_encoder"](ids)
+    capture, logs = StandIn(fail=RuntimeError("operation not permitted when stream is capturing")), []
+    graphed = graphs.GraphedPrompts(Family(), modules, ["text_encoder"], logs.append, capture=capture)
+    graphed.install()
+    for _ in range(2):
+        assert torch.equal(graphed(ids), expected)
+    ((module, sample_args),) = capture.captures  # tried once; its parameters are the text encoder's alone
+    assert {id(p) for p in module.parameters()} == {id(p) for p in modules["text_encoder"].parameters()}
+    assert torch.equal(sample_args[0], ids)
+    assert logs == [
+        "warning: capturing CUDA graphs of the text encoder failed (RuntimeError: operation not permitted "
+        "when stream is capturing); it runs without"
+    ]
+    with torch.no_grad():  # no gradients: never through the graphs
+        assert torch.equal(graphed(ids), expected)

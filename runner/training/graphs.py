@@ -1,5 +1,5 @@
-"""Whether the denoiser's forward and backward are captured as CUDA graphs (`[train] cuda_graphs`), and
-capturing them. torch is imported inside functions.
+"""Whether the denoiser's forward and backward, and those of the text encoders that train, are captured as
+CUDA graphs (`[train] cuda_graphs`), and capturing them. torch is imported inside functions.
 
 A small batch leaves a big GPU waiting on kernel launches, not on arithmetic: an SD 1.5 step launches
 thousands of kernels, each a few microseconds of host time. A CUDA graph records a pass's launches once
@@ -19,9 +19,13 @@ The graph's backward leaves the parameters' gradients in its own memory, which t
 overwrites; with gradient accumulation they are copied out after a step's first micro-batch
 (`own_gradients`), and the later ones add to the copies.
 
+The text encoders that train are a second graph, of the family's embedding of the prompts (token ids in,
+the embeddings out: `GraphedPrompts`), unless their LoRA dropout draws masks; a step whose distinct
+prompts (captions) make other shapes embeds them eagerly.
+
 "auto" captures where all of these hold; `true` asks for it, and the log says why it is off where one does
-not hold. The denoiser is captured at the first step, with that step's inputs; a later call whose inputs
-differ in shape or kind (none in training) runs eagerly. Where capturing or the first replay fails (an
+not hold. Each graph is captured at the first step, with that step's inputs; a later call whose inputs
+differ in shape or kind runs eagerly. Where capturing or the first replay fails (an
 operation CUDA cannot record), the log says why and the run goes on eagerly from the same step.
 """
 
@@ -69,6 +73,16 @@ def describe(on: bool, why: str) -> str:
 ACCUMULATE_GRAD_STREAM = "The AccumulateGrad node's stream does not match"
 
 
+def _quiet_the_warm_up_stream() -> None:
+    """make_graphed_callables warms the passes up on a stream of its own, and torch then warns (at length,
+    as a build's warning) that the parameters' gradient accumulators were made on another stream and that
+    this "may break CUDA graph capture". A capture that fails says so itself, and the replayed passes
+    train what the eager ones train (tests/test_gpu.py): here it says nothing."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM, category=UserWarning)
+
+
 def _signature(args) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
 
@@ -100,13 +114,7 @@ class _Graphed:
                 p.grad = p.grad.clone()
 
     def install(self) -> None:
-        import warnings
-
-        # make_graphed_callables warms the passes up on a stream of its own, and torch then warns (at
-        # length, as a build's warning) that the parameters' gradient accumulators were made on another
-        # stream and that this "may break CUDA graph capture". A capture that fails says so itself, and the
-        # replayed passes train what the eager ones train (tests/test_gpu.py): here it says nothing.
-        warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM, category=UserWarning)
+        _quiet_the_warm_up_stream()
         self.original = self.module.forward
         self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
 
@@ -163,8 +171,14 @@ class _Graphed:
     def _give_up(self, doing: str, exc: BaseException) -> None:
         """Say why the graphs failed; the passes run eagerly from now on."""
         self.failed, self.graphed = True, None
-        of = "" if isinstance(self, GraphedDenoiser) else f"of {self.what} "
-        self.log(f"warning: {doing} CUDA graphs {of}failed ({switches.reason(exc)}); it runs without")
+        self.log(
+            f"warning: {doing} CUDA graphs {self.failing}failed ({switches.reason(exc)}); it runs without"
+        )
+
+    @property
+    def failing(self) -> str:
+        """What a failure names, before "failed": the graphs of what."""
+        return f"of {self.what} "
 
 
 class GraphedDenoiser(_Graphed):
@@ -173,6 +187,7 @@ class GraphedDenoiser(_Graphed):
     """
 
     what = "the denoiser"
+    failing = ""  # "capturing CUDA graphs failed": the graphs, as they were first the denoiser's alone
 
     def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
         super().__init__(module, log, capture)
@@ -221,9 +236,7 @@ class GraphedPrompts(_Graphed):
         self.what = "the text encoder" if len(encoders) == 1 else "the text encoders"
 
     def install(self) -> None:  # nothing to put in place: the loop calls this object
-        import warnings
-
-        warnings.filterwarnings("ignore", message=ACCUMULATE_GRAD_STREAM, category=UserWarning)
+        _quiet_the_warm_up_stream()
 
     def remove(self) -> None:
         self.graphed = None

@@ -421,6 +421,9 @@ def test_what_a_render_keeps_from_the_previous_build():
     assert _reuses(dog, {**dog, "prompts": ["b", "a"], "seeds": [1]})
     assert not _reuses(dog, {**dog, "steps": 3})
     assert not _reuses(dog, {**dog, "adapter": {"_name": "pup", "output": "ab"}})  # its images say "dog"
+    assert not _reuses({**dog, "lora_scale": 1.0}, {**dog, "lora_scale": 0.8})  # the adapter scaled otherwise
+    base = {**dog, "adapter": "none", "lora_scale": 1.0}
+    assert _reuses(base, {**base, "lora_scale": 0.8})  # no adapter: nothing is scaled
     inputs = {**dog, "prompts": ["a", "b"], "seeds": [0, 1, 2]}
     ctx = SimpleNamespace(earlier="out", spec=SimpleNamespace(batch_size=2))
     ctx.earlier_record = {"inputs": inputs, "metrics": {"batch_size": 2}}
@@ -660,6 +663,11 @@ def test_which_adapters_a_render_of_several_keeps_images_of():
     assert not _reuses(before, side(("rex", "h1")))
     assert not _reuses(before, side(("dog", "h1"), ("none", "none"), steps=3))
     assert not _reuses(before, {"version": 1, "adapter": "none", "prompts": ["a"], "seeds": [0], "steps": 2})
+    # Another lora_scale: the base model's column alone is kept, the adapters' are drawn again.
+    scaled = side(("dog", "h1"), ("none", "none"), lora_scale=0.5)
+    assert _same_adapters({**before, "lora_scale": 1.0}, scaled) == {"none"}
+    assert _reuses({**before, "lora_scale": 1.0}, scaled)
+    assert not _reuses(side(("dog", "h1"), lora_scale=1.0), side(("dog", "h1"), lora_scale=0.5))
 
 
 @pytest.mark.parametrize("size", [1, 2])
@@ -698,6 +706,47 @@ def test_several_adapters_keep_the_columns_rendered_before(tmp_path, adapters, m
         ]
         if a_output == "ha":
             assert folder_bytes(ctx.out) == folder_bytes(clean.out)
+
+
+def test_another_lora_scale_keeps_the_base_models_column_and_draws_the_adapters(tmp_path, adapters, models):  # noqa: F811
+    """[a, none] rendered at lora_scale 1, then at 0.5: the base model's images are kept (no adapter scales
+    them), `a`'s drawn again; the outputs are those of a clean render at 0.5."""
+    import dataclasses
+
+    from runner.steps import render
+    from tests.blend_fixtures import context
+    from tests.folders import folder_bytes
+
+    inputs = {"train:a": adapters["a"]}
+
+    def fingerprint_inputs(spec):
+        listed = [{"_name": name, "output": "ha" if name == "a" else "none"} for name in spec.adapters]
+        return {
+            "version": 1,
+            "adapters": listed,
+            "prompts": spec.prompts,
+            "seeds": spec.seeds,
+            "lora_scale": spec.lora_scale,
+        }
+
+    first = dataclasses.replace(_small_render(seeds=[0, 3]), adapter=None, adapters=["a", "none"])
+    before = context("render", first, tmp_path / "before" / "out", inputs, models)
+    render.run(before)
+    spec = dataclasses.replace(first, lora_scale=0.5)
+    clean = context("render", spec, tmp_path / "clean" / "out", inputs, models)
+    render.run(clean)
+    logs = []
+    ctx = context("render", spec, tmp_path / "after" / "out", inputs, models, log=logs.append)
+    ctx.earlier = before.out
+    ctx.earlier_record = {"inputs": fingerprint_inputs(first), "metrics": {"batch_size": first.batch_size}}
+    ctx.fingerprint_inputs = fingerprint_inputs(spec)
+    render.run(ctx)
+    assert logs[:2] == [
+        "kept 4 images of the previous build, drawn in the same batches",
+        "rendered 4 images of 32x32 with DDIM",
+    ]
+    assert folder_bytes(ctx.out) == folder_bytes(clean.out)
+    assert folder_bytes(ctx.out)["a/0-0.png"] != folder_bytes(before.out)["a/0-0.png"]  # `a` was scaled anew
 
 
 SIDE = """

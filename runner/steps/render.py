@@ -474,11 +474,12 @@ def _resumable(work: Path, spec: Render, project) -> str | None:
 def _reuses(previous: dict, inputs: dict) -> bool:
     """Whether the previous build's images can serve this one: only the prompts or the seeds changed (not
     the adapter's name either, which its images carry); with `adapters`, also which adapters it renders
-    with, where one of them is the same adapter (its name and its outputs: `_same_adapters`)."""
+    with, where one of them is the same adapter (its name and its outputs: `_same_adapters`). The base
+    model's images (`none`) do not depend on `lora_scale`: they serve across a change of it."""
     from runner.fingerprint import fingerprint
 
     def rest(i: dict) -> str:
-        kept = {**i, "prompts": [], "seeds": []}
+        kept = {**i, "prompts": [], "seeds": [], "lora_scale": None}
         if isinstance(kept.get("adapters"), list):
             kept["adapters"] = []  # compared adapter by adapter
         return fingerprint(kept)
@@ -487,12 +488,15 @@ def _reuses(previous: dict, inputs: dict) -> bool:
         return False
     if isinstance(inputs.get("adapters"), list):
         return bool(_same_adapters(previous, inputs))
-    return _unhashed(previous) == _unhashed(inputs)
+    if _unhashed(previous) != _unhashed(inputs):
+        return False
+    return _scaled_alike(previous, inputs) or inputs.get("adapter") == "none"
 
 
 def _same_adapters(previous: dict, inputs: dict) -> set[str]:
     """The adapters of `adapters` that both inputs render with, by the same name and from the same outputs:
-    each adapter's images depend on it alone, not on the other columns of the grid."""
+    each adapter's images depend on it alone, not on the other columns of the grid; after a change of
+    `lora_scale`, `none` alone (no adapter scales the base model's images)."""
 
     def named(i: dict) -> set[tuple]:
         listed = i.get("adapters")
@@ -500,7 +504,12 @@ def _same_adapters(previous: dict, inputs: dict) -> set[str]:
             return set()
         return {(a.get("_name"), a.get("output")) for a in listed if isinstance(a, dict)}
 
-    return {name for name, _ in named(previous) & named(inputs)}
+    same = {name for name, _ in named(previous) & named(inputs)}
+    return same if _scaled_alike(previous, inputs) else same & {"none"}
+
+
+def _scaled_alike(previous: dict, inputs: dict) -> bool:
+    return previous.get("lora_scale") == inputs.get("lora_scale")
 
 
 def _unhashed(inputs: dict) -> dict:

@@ -125,14 +125,14 @@ def render(project) -> str:
     """The report page of `project` as HTML text."""
     lock_path = lockfile.lock_path(project.path)
     lock = lockfile.read(lock_path, memo=lockmemo.memo_path(project.state_dir, lock_path))
-    if not lock:
+    last = lastbuild.read(project)
+    if not lock and not (last or {}).get("steps"):  # a first build that failed has a timeline to show
         shown = fmt_path(project.path)  # as the user would type it here
         raise DblError(
             f"{shown}: nothing is built yet (no step in {lock_path.name}): run `dbl build {shown}` first, then "
             "`dbl report`"
         )
     plots.require_matplotlib()  # fail before any work when it is missing
-    last = lastbuild.read(project)
     outcomes = {row["id"]: row for row in (last or {}).get("steps", [])}
     order = [s.id for s in planner.graph(project)]
     ids = [sid for sid in order if sid in lock] + sorted(set(lock) - set(order))
@@ -219,7 +219,7 @@ def _header(ctx: _Context, last: dict | None) -> str:
     )
     rows = [
         ("project file", str(project.path)),
-        ("lockfile", f"{lockfile.lock_path(project.path).name} (schema version {lockfile.LOCK_VERSION})"),
+        ("lockfile", _lockfile_line(ctx)),
         ("base model", "; ".join(bases) or "(no step records one)"),
         ("outputs", str(project.out)),
         ("now", reportnow.summary(ctx)),
@@ -534,6 +534,12 @@ def _took(seconds) -> str:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         return str(seconds)
     return fmt_duration(seconds)
+
+
+def _lockfile_line(ctx: _Context) -> str:
+    if not ctx.lock:  # a first build that failed: it recorded nothing
+        return f"{ctx.lock_name} (no step recorded yet)"
+    return f"{ctx.lock_name} (schema version {lockfile.LOCK_VERSION})"
 
 
 def _not_recorded(name: str, ctx: _Context, sid: str) -> str:

@@ -284,6 +284,23 @@ def test_an_unbuilt_project_says_so(proj, capsys, monkeypatch):
     )
 
 
+def test_a_first_build_that_failed_has_a_page_of_its_timeline(proj, build, fake_steps, capsys):
+    """No step recorded, but the last build's record says what ran and why it failed: the page shows it
+    (and that nothing is built), rather than refusing as for a project never built."""
+    from runner import planner
+
+    fake_steps.fail.update(step.id for step in planner.graph(proj.load()))  # every step that runs fails
+    result, _ = build(proj, keep_going=True)
+    assert not result.ok and not lockfile.read(proj.lock)  # the build recorded no step
+    assert main(["report", str(proj.path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    page = Page((proj.load().out / "report.html").read_text(encoding="utf-8"))
+    text = " ".join(page.text)
+    assert "prior:dog failed on purpose" in text  # the timeline's error
+    assert f"{proj.lock.name} (no step recorded yet)" in text
+    assert "None in the lockfile." in text
+
+
 def test_without_matplotlib_it_says_what_to_install(proj, build, monkeypatch, capsys):
     build(proj)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails

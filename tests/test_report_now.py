@@ -155,7 +155,11 @@ def test_an_output_path_on_another_projects_file_or_any_file_not_a_report_is_ref
     first = page.read_text(encoding="utf-8")
     page.write_text(first.replace("</body>", "<p>an edit</p></body>"), encoding="utf-8")
     assert main(["report", str(proj.path), "-o", str(page)]) == 0  # a report: replaced
-    assert page.read_text(encoding="utf-8") == first
+    again = page.read_text(encoding="utf-8")
+    assert "<p>an edit</p>" not in again
+    # The same page but for the time it was made (the second may have turned between the two).
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+    assert stamp.sub("", again) == stamp.sub("", first)
 
 
 def test_a_snapshot_the_project_no_longer_asks_for_says_so_under_its_subject(proj, build, fake_steps):

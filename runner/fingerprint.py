@@ -110,6 +110,13 @@ class FileHasher:
             return cached[4]
         return self.rehash(path, st)
 
+    def matches(self, path: Path, item: dict, st: os.stat_result | None = None) -> bool:
+        """Whether the file at `path` holds the bytes a lockfile output entry ({"sha256", "size"}) records:
+        its size first, then its hash (a stat in all where the cache knows the file). `st`, its stat when
+        the caller has just taken it. OSError where the file cannot be read."""
+        st = st or os.stat(path)
+        return st.st_size == item.get("size") and self.hash(path, st) == item.get("sha256")
+
     def cached(self, path: Path) -> str | None:
         """The hash the cache would answer for `path` without reading it (None: it would read it)."""
         entry = self._cache.get(str(path))

@@ -183,8 +183,7 @@ class _Context:
         if not isinstance(entry, dict):
             return False
         try:
-            st = path.stat()
-            return st.st_size == entry.get("size") and self.hasher.hash(path, st) == entry.get("sha256")
+            return self.hasher.matches(path, entry)
         except OSError:
             return False
 

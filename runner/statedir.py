@@ -227,7 +227,7 @@ class DiskFacts:
             if not stat.S_ISREG(st.st_mode):
                 return naming("output {} missing", rel, base=base)
             try:
-                if st.st_size != item.get("size") or self.hasher.hash(path, st) != item["sha256"]:
+                if not self.hasher.matches(path, item, st):
                     # not necessarily edited: after a pull or a checkout, another build's outputs
                     return naming(
                         "output {} differs from the lockfile's: another build's, or edited", rel, base=base

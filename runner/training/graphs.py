@@ -88,17 +88,16 @@ def _signature(args) -> tuple:
 
 
 class _Graphed:
-    """A LoRA-wrapped module's training passes as CUDA graphs, in place: `install` makes the module's own
-    forward capture at its first call and replay after; `remove` restores it. Its subclasses say how the
-    module is called. `capture(module, sample_args)` makes the graphed callable
-    (torch.cuda.make_graphed_callables; a test may stand in its own)."""
+    """LoRA-wrapped modules' training passes as CUDA graphs, captured at the first call and replayed after;
+    its subclasses say how the module is called. `install` before the run, `remove` after (which frees the
+    graphs). `capture(module, sample_args)` makes the graphed callable (torch.cuda.make_graphed_callables;
+    a test may stand in its own)."""
 
     what = "the module"  # in the log: "captured <what>'s forward and backward"
 
     def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
         self.module, self.log = module, log
         self.capture = capture or _make_graphed
-        self.original = None  # the module's own forward
         self.graphed = None  # positional tensors -> what the module answers
         self.signature = None
         self.failed = False
@@ -115,17 +114,9 @@ class _Graphed:
 
     def install(self) -> None:
         _quiet_the_warm_up_stream()
-        self.original = self.module.forward
-        self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
 
     def remove(self) -> None:
-        if self.original is not None:
-            del self.module.forward
-            self.original = None
         self.graphed = None  # frees the graphs' memory pool with them
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError
 
     def _replay(self, positional_of: Callable, args: tuple, eager: Callable):
         """The graph's answer to `args` (captured first, from `positional_of()`, the module called with
@@ -191,7 +182,21 @@ class GraphedDenoiser(_Graphed):
 
     def __init__(self, module, log: Callable[[str], None], capture: Callable | None = None):
         super().__init__(module, log, capture)
+        self.original = None  # the module's own forward
         self.added_keys: tuple[str, ...] = ()
+
+    def install(self) -> None:
+        """In place: the module's own forward goes through the graphs from now on."""
+        super().install()
+        self.original = self.module.forward
+        self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
+
+    def remove(self) -> None:
+        """The module's own forward again."""
+        if self.original is not None:
+            del self.module.forward
+            self.original = None
+        super().remove()
 
     def forward(
         self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True, **rest
@@ -235,13 +240,7 @@ class GraphedPrompts(_Graphed):
         self.family, self.modules = family, modules
         self.what = "the text encoder" if len(encoders) == 1 else "the text encoders"
 
-    def install(self) -> None:  # nothing to put in place: the loop calls this object
-        _quiet_the_warm_up_stream()
-
-    def remove(self) -> None:
-        self.graphed = None
-
-    def __call__(self, token_ids):
+    def __call__(self, token_ids):  # nothing is put in place: the loop calls this object
         import torch
 
         def eager():

@@ -312,7 +312,13 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
     began = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        timer = threading.Timer(args.timeout, process.kill) if args.timeout else None
+        stopped = threading.Event()
+
+        def stop():
+            stopped.set()
+            process.kill()
+
+        timer = threading.Timer(args.timeout, stop) if args.timeout else None
         if timer:
             timer.start()
         try:
@@ -321,7 +327,7 @@ def measure(variant: str, python: str, rest: list[str], work: Path, args) -> dic
             if timer:
                 timer.cancel()
     wall = time.perf_counter() - began
-    if args.timeout and wall >= args.timeout:
+    if stopped.is_set():
         raise Failed(
             f"{variant} ran past --timeout {args.timeout:g} s and was stopped; the end of {log}:\n"
             + log.read_text()[-2000:]
@@ -442,11 +448,7 @@ def main(argv=None) -> int:
         warm_up(args, model, instance, classes, work / "warm-up")
     results, failures = {}, {}
     for variant in args.variants:
-        if variant == "anchor":
-            python, rest = args.anchor_python, anchor_args(work, model, instance, classes, args)
-        else:
-            project = dbl_project(work, model, instance, classes, args, variant)
-            python, rest = sys.executable, [str(project)]
+        python, rest = command(variant, work, model, instance, classes, args)
         try:
             results[variant] = measure(variant, python, rest, work, args)
         except Failed as failure:
@@ -468,6 +470,14 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+def command(variant: str, work: Path, model: Path, instance: Path, classes: Path, args) -> tuple[str, list]:
+    """(the python, the arguments after `--`) of one variant's process: the script, or `dbl build` of its
+    project file, written into `work`."""
+    if variant == "anchor":
+        return args.anchor_python, anchor_args(work, model, instance, classes, args)
+    return sys.executable, [str(dbl_project(work, model, instance, classes, args, variant))]
+
+
 def warm_up(args, model: Path, instance: Path, classes: Path, work: Path) -> None:
     """Run each variant for a few steps, unmeasured, before any is measured. A fresh machine's first process
     to train on its GPU reads the CUDA libraries from disk (seconds; 9 s on an H200 that measured dbl
@@ -476,10 +486,7 @@ def warm_up(args, model: Path, instance: Path, classes: Path, work: Path) -> Non
     warm = argparse.Namespace(**{**vars(args), "steps": args.machine_warmup, "warmup": 0})
     began = time.perf_counter()
     for variant in args.variants:
-        if variant == "anchor":
-            python, rest = args.anchor_python, anchor_args(work, model, instance, classes, warm)
-        else:
-            python, rest = sys.executable, [str(dbl_project(work, model, instance, classes, warm, variant))]
+        python, rest = command(variant, work, model, instance, classes, warm)
         try:
             measure(variant, python, rest, work, warm)
         except Failed as failure:  # the measured run says so again

@@ -40,7 +40,6 @@ def make_parser() -> argparse.ArgumentParser:
     def parallel_args(p):
         p.add_argument(
             "--executor",
-            default="inline",
             metavar="NAME",
             help="where steps run: inline (in this process, the default), process (in worker processes, "
             "each kept for the steps after its own) or ray (Ray workers, kept likewise, on a local Ray instance or a cluster; pip install 'dbl[ray]')",

@@ -269,21 +269,35 @@ def _parallel_problem(args) -> str | None:
 
     if (problem := counts_problem(args.jobs, args.per_gpu)) is not None:
         return problem
+    executor = _executor(args)
     try:
-        backends.factory(args.executor)
-        if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+        backends.factory(executor)
+        if executor == "ray" and importlib.util.find_spec("ray") is None:
             from runner.exec.ray_connect import import_ray
 
             import_ray()  # says how to install it
     except UsageError as exc:
         return str(exc)
-    if args.ray_address is not None and args.executor != "ray":
-        return f"--ray-address is for --executor ray (this build's executor: {args.executor})"
+    if args.ray_address is not None and executor != "ray":
+        return f"--ray-address is for --executor ray (this build's executor: {executor})"
+    if args.executor == "inline" and ((args.jobs or 1) > 1 or args.gpus is not None):
+        given = f"-j {args.jobs}" if (args.jobs or 1) > 1 else f"--gpus {args.gpus}"
+        return (
+            f"--executor inline runs the steps in this process, one at a time, and {given} needs worker "
+            "processes: give --executor process, or leave out --executor (inline is the default without "
+            "-j and --gpus)"
+        )
     if args.gpus is not None:
         from runner.exec.devices import gpus_refused, parse_gpus
 
-        return gpus_refused(parse_gpus(args.gpus), args.executor, args.ray_address)
+        return gpus_refused(parse_gpus(args.gpus), executor, args.ray_address)
     return None
+
+
+def _executor(args) -> str:
+    """The executor backend the command line names: inline where --executor is not given (which -j above 1
+    and --gpus make `process`); one given is taken as said."""
+    return args.executor or "inline"
 
 
 def _device_problem(args, project) -> str | None:
@@ -301,7 +315,7 @@ def _parallel_options(args) -> dict:
     gpus = tuple(parse_gpus(args.gpus)) if args.gpus is not None else None
     return {
         "command_line": True,  # a build's messages name -j, --gpus, ... rather than BuildOptions' fields
-        "backend": args.executor,
+        "backend": _executor(args),
         "ray_address": args.ray_address,
         "jobs": args.jobs,
         "gpus": gpus,

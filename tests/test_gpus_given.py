@@ -121,6 +121,20 @@ def test_gpus_without_j_are_the_gpus_the_steps_run_on(proj):
     assert backend_name(executor.BuildOptions()) == "inline"
 
 
+@pytest.mark.parametrize("given, said", [(["-j", "2"], "-j 2"), (["--gpus", "0"], "--gpus 0")])
+def test_inline_named_with_j_or_gpus_is_a_usage_error(machine, project, capsys, given, said):
+    """`--executor inline -j 2` ran its steps in worker processes, though inline had been asked for by name."""
+    machine(["nvidia0"])
+    path = project()
+    assert main(["build", str(path), "--executor", "inline", *given, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--executor inline runs the steps in this process, one at a time, and {said} needs worker" in err
+    assert "give --executor process, or leave out --executor" in err and "Traceback" not in err
+    assert not (path.parent / "p.lock").exists()
+    assert main(["build", str(path), *given, "--dry-run", "--no-progress"]) == 0  # inline by default: process
+    assert main(["build", str(path), "--executor", "inline", "-j", "1", "--dry-run", "--no-progress"]) == 0
+
+
 def test_the_default_gpus_are_cuda_indices_not_device_node_numbers(monkeypatch):
     """A container given the host's GPUs 2 and 3 has /dev/nvidia2 and /dev/nvidia3, which CUDA calls 0 and
     1: `-j 2` gave its workers CUDA_VISIBLE_DEVICES=2 and 3, which show no GPU there."""

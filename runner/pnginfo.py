@@ -36,7 +36,7 @@ def parameters_text(
     fields = [
         f"Steps: {steps}",
         f"Sampler: {sampler}",
-        f"CFG scale: {guidance_scale:g}",
+        f"CFG scale: {number(guidance_scale)}",
         f"Seed: {seed}",
         f"Size: {width}x{height}",
         f"Model: {model}",
@@ -45,6 +45,13 @@ def parameters_text(
         fields.append(f"Lora: {lora}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def number(value: float) -> str:
+    """A float as the parameters text writes it: short (7.5, 7, 1e-05) and exact: 6 significant digits
+    where they give the value back, else every digit it needs (0.123456789, not 0.123457)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def save_png(image, path: Path, parameters: str | None = None, compress_level: int = 6) -> None:

@@ -95,7 +95,7 @@ def run(ctx: StepContext) -> dict:
             with _adapter_loaded(
                 ctx, pipe, adapter, f"dbl-render-{ctx.name}" + (f"-{column}" if several else "")
             ):
-                lora_field = None if adapter == "none" else f"{adapter}:{spec.lora_scale:g}"
+                lora_field = None if adapter == "none" else f"{adapter}:{pnginfo.number(spec.lora_scale)}"
                 for batch in todo:
                     if ctx.should_stop():
                         raise StepInterrupted(

@@ -10,7 +10,9 @@ from runner.ui.plain import fmt_path
 
 def rows(project, num_processes: int | None = None) -> list[dict]:
     """One row a step, in build order: id, kind, status, output folder, files, when built, metrics
-    (JSON-safe: a diverged loss, NaN, is None). A status is that of a build with `num_processes`."""
+    (JSON-safe: a diverged loss, NaN, is None), and for a step the lockfile has no record of, the output
+    folder where files are there all the same (else None). A status is that of a build with
+    `num_processes`."""
     from runner import executor
 
     ws = executor.Workspace(project)
@@ -29,6 +31,7 @@ def rows(project, num_processes: int | None = None) -> list[dict]:
                 "files": sorted(record["outputs"]) if record else [],
                 "built": record.get("built") if record else None,
                 "metrics": _finite(record.get("metrics", {})) if record else {},
+                "unrecorded_path": None if record else unrecorded_outputs(project, p.id),
             }
         )
     return found
@@ -65,16 +68,13 @@ def table(rows: list[dict], project) -> list[str]:
 def _where(project, row: dict) -> str:
     """The row's folder as typed here (relative to the current folder when below it; a row's `path` is
     relative to the project file), said to be missing where it is not there (a fresh clone); or, for a
-    step the lockfile has no record of, `_unrecorded`."""
+    step the lockfile has no record of, its folder said not to be in the lockfile where files are there,
+    else "(not built)"."""
     if row["path"] is None:
-        return _unrecorded(project, row["id"])
+        found = row["unrecorded_path"]
+        return f"{fmt_path(project.dir / found)} (not in the lockfile)" if found else "(not built)"
     folder = project.dir / row["path"]
     return fmt_path(folder) if folder.is_dir() else f"{fmt_path(folder)} (missing)"
-
-
-def _unrecorded(project, step_id: str) -> str:
-    folder = unrecorded_outputs(project, step_id)
-    return f"{fmt_path(project.dir / folder)} (not in the lockfile)" if folder else "(not built)"
 
 
 def unrecorded_outputs(project, step_id: str) -> str | None:

@@ -262,6 +262,12 @@ def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     lines = capsys.readouterr().out.splitlines()
     assert "render:park   stale  build/pets/renders/park (not in the lockfile)" in lines
     assert "render:new    stale  (not built)" in lines
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["render:park"]["path"] is None and rows["render:new"]["path"] is None
+    assert rows["render:park"]["unrecorded_path"] == "build/pets/renders/park"
+    assert rows["render:new"]["unrecorded_path"] is None
+    assert rows["render:base"]["unrecorded_path"] is None  # recorded: its folder is `path`
     assert main(["plan", str(proj.path)]) == 0
     out = capsys.readouterr().out
     assert "render:park  not in the lockfile; restorable from cache" in out

@@ -372,7 +372,7 @@ def _render_step(ctx: _Context, sid: str) -> str:
     name = sid.split(":", 1)[1]
     grid = ctx.output(sid, "grid.png")
     if grid is not None and grid.is_file() and ctx.as_recorded(sid, grid):
-        image = htmlpage.img(grid.read_bytes(), f"grid of {name}", mime="image/png", css="grid")
+        image = _grid_image(grid.read_bytes(), f"grid of {name}", _folder(ctx, sid))
     elif grid is not None and grid.is_file():
         image = f"<p>{_not_recorded('grid.png', ctx, sid)}</p>"
     else:
@@ -410,6 +410,42 @@ def _render_step(ctx: _Context, sid: str) -> str:
         f'<div class="row">{image}<div>{"".join(about)}</div></div>',
     ]
     return f'<div class="item" id="{escape(sid)}">' + "\n".join(parts) + "</div>"
+
+
+# A grid.png up to this size is in the page as it is; a larger one as a JPEG preview at most PREVIEW_SIDE
+# pixels on its longest side (a 4 x 4 grid of 512 px images is a PNG of several MB, and a page of ten of
+# them would take a while to open or attach), the page naming the file for the full size.
+EMBED_WHOLE_BYTES = 1_000_000
+PREVIEW_SIDE = 1600
+PREVIEW_QUALITY = 90
+
+
+def _grid_image(data: bytes, alt: str, folder: str) -> str:
+    """The grid's <img>: the PNG itself where it is small enough, else a JPEG preview and a line that says
+    so and where the full grid is."""
+    if len(data) <= EMBED_WHOLE_BYTES:
+        return htmlpage.img(data, alt, mime="image/png", css="grid")
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as grid:
+            width, height = grid.size
+            scale = min(1.0, PREVIEW_SIDE / max(width, height))
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            preview = grid.convert("RGB")
+            if size != preview.size:
+                preview = preview.resize(size, Image.Resampling.LANCZOS)
+            out = io.BytesIO()
+            preview.save(out, format="JPEG", quality=PREVIEW_QUALITY)
+    except (OSError, ValueError, Image.DecompressionBombError):  # not a picture PIL reads: shown as it is
+        return htmlpage.img(data, alt, mime="image/png", css="grid")
+    note = (
+        f"A {size[0]}×{size[1]} JPEG preview of grid.png ({width}×{height}, "
+        f"{len(data) / 1e6:.1f} MB), which is in {folder}."
+    )
+    return f'<div>{htmlpage.img(out.getvalue(), alt, mime="image/jpeg", css="grid")}<p>{escape(note)}</p></div>'
 
 
 def _scores_of(ctx: _Context, render_id: str) -> list[tuple[str, dict, bool]]:

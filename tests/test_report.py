@@ -133,6 +133,50 @@ def test_every_render_grid_is_in_the_page_with_its_rows_and_columns(built):
 
 
 @pytest.mark.torch
+def test_a_large_grid_is_a_jpeg_preview_that_names_the_file(built, monkeypatch):
+    """Every grid went into the page as its PNG: a 4 x 4 grid of 512 px images is several MB, and a page
+    of a dozen renders weighed as much as their grids together."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from runner import report
+
+    path, _ = built
+    monkeypatch.setattr(report, "EMBED_WHOLE_BYTES", 0)  # the tiny grids count as large
+    monkeypatch.setattr(report, "PREVIEW_SIDE", 40)
+    text = report.render(load_project(path))
+    grids = Page(text).images("grid")
+    assert len(grids) == 2
+    lock = lockfile.read(lockfile.lock_path(path))
+    for sid, grid in zip(("render:park", "render:compare"), grids, strict=True):
+        assert grid["src"].startswith("data:image/jpeg;base64,")
+        rel = next(o for o in lock[sid]["outputs"] if o.endswith("grid.png"))
+        with Image.open(path.parent / rel) as whole:
+            full = whole.size
+        with Image.open(io.BytesIO(base64.b64decode(grid["src"].split(",", 1)[1]))) as preview:
+            assert preview.format == "JPEG" and max(preview.size) == 40
+            assert abs(preview.size[0] / preview.size[1] - full[0] / full[1]) < 0.1
+            shown = preview.size
+        folder = rel.rsplit("/", 1)[0]
+        assert f"A {shown[0]}×{shown[1]} JPEG preview of grid.png ({full[0]}×{full[1]}, " in text
+        assert f"which is in {folder}." in text
+    monkeypatch.setattr(report, "PREVIEW_SIDE", 10_000)  # never made larger than the grid
+    grids = Page(report.render(load_project(path))).images("grid")
+    with Image.open(io.BytesIO(base64.b64decode(grids[0]["src"].split(",", 1)[1]))) as preview:
+        assert preview.size == _grid_size(path, lock)
+
+
+def _grid_size(path: Path, lock: dict) -> tuple[int, int]:
+    from PIL import Image
+
+    rel = next(o for o in lock["render:park"]["outputs"] if o.endswith("grid.png"))
+    with Image.open(path.parent / rel) as grid:
+        return grid.size
+
+
+@pytest.mark.torch
 def test_blends_show_their_recorded_errors(built):
     path, text = built
     errors = lockfile.read(lockfile.lock_path(path))["blend:mix"]["metrics"]["relative_error"]

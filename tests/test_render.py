@@ -302,6 +302,23 @@ def test_grid_labels_are_scaled_for_large_images():
     assert make_grid([cells], labels=["dog@200", "dog"]).tobytes() == grid.tobytes()
 
 
+def test_a_name_wider_than_its_column_keeps_its_start_and_end():
+    """Names were cut at the column's edge: dog_blend_strong and dog_blend_stronger both showed as
+    "dog_blend_" over a 64 px column, two columns that looked the same."""
+    from PIL import Image, ImageFont
+
+    from runner.steps.render import _fitted, make_grid
+
+    cells = [Image.new("RGB", (64, 64)) for _ in range(2)]
+    grid = make_grid([cells], labels=["dog_blend_strong", "dog_blend_stronger"])
+    top = grid.height - 64
+    assert grid.crop((0, 0, 64, top)).tobytes() != grid.crop((64, 0, 128, top)).tobytes()
+    font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    assert _fitted("dog_blend_stronger", font, 60) == "dog_...ger"
+    assert font.getlength(_fitted("dog_blend_stronger", font, 60)) <= 60
+    assert _fitted("dog@200", font, 60) == "dog@200"  # a name that fits is drawn as before: the same bytes
+
+
 @pytest.mark.parametrize("kind", ["render", "prior"])
 def test_more_steps_than_ddim_takes_fail_naming_the_key_and_the_fix(tmp_path, models, kind):  # noqa: F811
     """tiny-sd's own scheduler, DDIM, takes at most its 1000 training timesteps: steps = 1001 failed as the

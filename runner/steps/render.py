@@ -379,13 +379,16 @@ def make_grid(rows: list[list], labels: list[str] | None = None):
 
 
 def _label_strip(labels: list[str], width: int):
-    """White names on black, one per column of `width` pixels, cut at the column's edge, in Pillow's
-    built-in bitmap font (the same pixels on every machine), scaled up by whole pixels for large images."""
+    """White names on black, one per column of `width` pixels, in Pillow's built-in bitmap font (the same
+    pixels on every machine), scaled up by whole pixels for large images. A name wider than its column
+    keeps its start and its end around "...", which is where names that differ differ
+    (dog_blend_strong, dog_blend_stronger)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
     scale, pad = max(1, width // 256), 2
     small = -(-width // scale)  # a column's width before scaling, rounded up
+    labels = [_fitted(label, font, small - 2 * pad) for label in labels]
     height = max(font.getbbox(label)[3] for label in labels) + 2 * pad
     strip = Image.new("RGB", (width * len(labels), height * scale))
     for x, label in enumerate(labels):
@@ -394,6 +397,22 @@ def _label_strip(labels: list[str], width: int):
         cell = cell.resize((small * scale, height * scale), Image.NEAREST)
         strip.paste(cell.crop((0, 0, width, height * scale)), (x * width, 0))
     return strip
+
+
+def _fitted(label: str, font, room: int) -> str:
+    """`label` where it is at most `room` pixels wide in `font`, else its first and last characters around
+    "...", as many as fit (the start one more than the end where they are odd)."""
+    if font.getlength(label) <= room:
+        return label
+
+    def cut(keep: int) -> str:
+        head = -(-keep // 2)
+        return label[:head] + "..." + (label[len(label) - (keep - head) :] if keep > head else "")
+
+    keep = len(label) - 1
+    while keep > 0 and font.getlength(cut(keep)) > room:
+        keep -= 1
+    return cut(keep)
 
 
 # --- the kind ------------------------------------------------------------------------------------------

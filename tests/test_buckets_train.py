@@ -336,7 +336,11 @@ def test_buckets_train_and_resume_to_the_same_bytes_after_a_kill(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     assert "train:dog" not in lockfile.read(killed / "p.lock")
 
-    assert "train:dog resuming from checkpoint-10" in build_here(killed / "p.toml")
+    # The kill lands once this process reads the line; on a loaded machine the build may have saved a
+    # later checkpoint (every 5 steps) by then, and resuming from that one must give the same bytes too.
+    logs = build_here(killed / "p.toml")
+    resumed = [line for line in logs if "train:dog resuming from checkpoint-" in line]
+    assert len(resumed) == 1 and resumed[0].rsplit("-", 1)[1] in ("10", "15", "20"), logs
     assert adapter_bytes(killed) == adapter_bytes(reference)
 
 

@@ -10,6 +10,7 @@ import os
 import stat
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from runner.errors import ImageError
 from runner.imagefiles import list_images, unreadable
 
 CHUNK = 1 << 20
+# Files hashed at once (FileHasher.read_ahead): enough to keep an SSD busy, each thread reading in order.
+HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 class StateCacheWarning(UserWarning):
@@ -103,12 +106,44 @@ class FileHasher:
     def hash(self, path: Path, st: os.stat_result | None = None) -> str:
         """The file's sha256; `st`, its stat when the caller has just taken it (one stat a file)."""
         st = st or os.stat(path)
+        return self._known(path, st) or self.rehash(path, st)
+
+    def _known(self, path: Path, st: os.stat_result) -> str | None:
+        """The hash the cache holds for the file whose stat is `st`, where it may answer (None: read it)."""
         key = str(path)
         cached = self._cache.get(key)
         trusted = key in self._read_now or not self.reread
         if trusted and isinstance(cached, list) and len(cached) == 5 and cached[:4] == _stamp(st):
             return cached[4]
-        return self.rehash(path, st)
+        return None
+
+    def read_ahead(self, paths: list[Path]) -> None:
+        """Hash at once, on threads, the files of `paths` that `hash` would read (regular files the cache
+        has no current entry for): sha256 and the reads let go of the interpreter, so a model folder's
+        files take about as long as the largest of them, not as all of them one after another. What
+        cannot be hashed here is left as it is, for `hash` to read and say why."""
+        todo = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and self._known(path, st) is None:
+                todo.append((path, st))
+        if len(todo) < 2:
+            return
+
+        def read(item):
+            try:
+                return sha256_file(item[0])
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
+            for (path, st), digest in zip(todo, pool.map(read, todo), strict=True):
+                if digest is not None:
+                    self.reads += 1
+                    self._store(path, st, digest)
 
     def matches(self, path: Path, item: dict, st: os.stat_result | None = None) -> bool:
         """Whether the file at `path` holds the bytes a lockfile output entry ({"sha256", "size"}) records:
@@ -134,17 +169,20 @@ class FileHasher:
             raise OSError(f"{path}: not a regular file")
         digest = sha256_file(path)
         self.reads += 1
+        self._store(path, st, digest)
+        return digest
+
+    def _store(self, path: Path, st: os.stat_result, digest: str) -> None:
+        """Remember `digest` as what the file at `path` held when its stat was `st` (taken before it was
+        read: a file written since then misses, and is read again)."""
         self._cache[str(path)] = _stamp(st) + [digest]
         self._read_now.add(str(path))
         self._dirty = True
-        return digest
 
     def wrote(self, path: Path, st: os.stat_result, digest: str) -> None:
         """Remember `digest` as the hash of `path`, a file this process has just written and hashed the bytes
         of as it wrote them (copy_hashed), `st` its stat after the last write: no later hash re-reads it."""
-        self._cache[str(path)] = _stamp(st) + [digest]
-        self._read_now.add(str(path))
-        self._dirty = True
+        self._store(path, st, digest)
 
     def moved(self, old: Path, new: Path) -> None:
         """Carry the hash of `old` over to `new`, the same file renamed with its folder (which keeps its
@@ -180,6 +218,7 @@ class FileHasher:
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
+        self.read_ahead(files)
         result, errors = {}, []
         for path in files:
             try:
@@ -214,13 +253,12 @@ class FileHasher:
         """{relative posix path: sha256} of every file under `folder`, hidden ones included. One that
         cannot be read (a link to a file that is gone, as an interrupted download leaves) is an error
         naming it and the fix; `what` says what each must be."""
-        result = {}
+        files = []
         for root, dirs, names in os.walk(folder):
             dirs.sort()
-            for name in sorted(names):
-                path = Path(root) / name
-                result[recorded_name(path, folder)] = self.input_hash(path, what)
-        return result
+            files += [Path(root) / name for name in sorted(names)]
+        self.read_ahead(files)
+        return {recorded_name(path, folder): self.input_hash(path, what) for path in files}
 
     def save(self, max_age_s: float | None = None) -> None:
         """Write the cache. It is only a cache: a full disk or a read-only folder costs a warning

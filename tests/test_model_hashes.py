@@ -8,6 +8,8 @@ import os
 import shutil
 import warnings
 
+import pytest
+
 from runner.executor import Workspace
 from runner.fingerprint import FileHasher
 from runner.project import load_project
@@ -85,3 +87,47 @@ def test_a_home_that_cannot_be_written_costs_no_warning(tmp_path, monkeypatch):
     assert first.hasher.reads == 3
     shutil.rmtree(tmp_path / "a" / ".dbl")
     assert _plan(tmp_path, "b", model).hasher.reads == 3  # nothing kept, nothing broken
+
+
+def test_a_model_folders_files_are_hashed_at_once_and_as_one_by_one(tmp_path, monkeypatch):
+    """A first build read a model folder's files one after another: SD 1.5's UNet, text encoder and VAE
+    took their sum, not about the largest alone. Each read here waits until another is under way, so
+    reading them one by one would break the barrier rather than pass."""
+    import threading
+
+    from runner import fingerprint
+
+    folder = _model(tmp_path)
+    (folder / "vae").mkdir()
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"vae" * 1000)
+    one_by_one = FileHasher().tree(folder)
+
+    monkeypatch.setattr(fingerprint, "HASH_THREADS", 2)
+    both = threading.Barrier(2, timeout=10)
+    read = fingerprint.sha256_file
+    waited = []
+
+    def sha256_file(path):
+        if path.suffix == ".safetensors":
+            waited.append(both.wait())  # raises BrokenBarrierError where the other read never starts
+        return read(path)
+
+    monkeypatch.setattr(fingerprint, "sha256_file", sha256_file)
+    hasher = FileHasher()
+    assert hasher.tree(folder) == one_by_one
+    assert sorted(waited) == [0, 1] and hasher.reads == 4  # both weights read together, every file once
+    assert hasher.tree(folder) == one_by_one and hasher.reads == 4  # then known: nothing read again
+
+
+def test_a_file_that_cannot_be_read_ahead_is_said_as_before(tmp_path):
+    from runner.errors import ImageError
+
+    folder = _model(tmp_path)
+    (folder / "text_encoder").mkdir()
+    (folder / "text_encoder" / "model.safetensors").symlink_to(folder / "gone.safetensors")
+    with pytest.raises(ImageError) as said:
+        FileHasher().tree(folder, "a file of the model")
+    assert str(said.value) == (
+        f"{folder / 'text_encoder' / 'model.safetensors'}: a symbolic link to {folder / 'gone.safetensors'}, "
+        "which does not exist; fix the link or remove it"
+    )

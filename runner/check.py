@@ -82,6 +82,14 @@ def _read(hasher: FileHasher, path: Path) -> str | None:
         return None
 
 
+def _read_ahead(hasher: FileHasher, paths: list[Path]) -> dict[Path, str | None]:
+    """What the stat cache vouched for at each of `paths` (for `_blind`), before their files are read at
+    once (FileHasher.read_ahead), which then answers for them."""
+    known = {path: hasher.cached(path) for path in paths}
+    hasher.read_ahead(paths)
+    return known
+
+
 def _blind(before: str | None, recorded: str) -> str:
     # The stat cache still vouched for the recorded content: plan could not have seen this change.
     return "; its size and times are unchanged, so `dbl plan` could not see it" if before == recorded else ""
@@ -94,12 +102,14 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
         problem = f"output folder of {sid} is missing ({len(outputs)} file{'s' * (len(outputs) != 1)})"
         return [Mismatch(fmt_path(project.dir / folder), problem, REBUILD, read=False, files=len(outputs))]
     found = []
+    paths = {rel: project.dir / rel for rel in sorted(outputs)}
+    known = _read_ahead(hasher, list(paths.values()))
     for rel, item in sorted(outputs.items()):
-        path = project.dir / rel
+        path = paths[rel]
         if not path.is_file():
             found.append(Mismatch(fmt_path(path), f"output of {sid} is missing", REBUILD, read=False))
             continue
-        before = hasher.cached(path)
+        before = known[path]
         now = _read(hasher, path)
         if now is None:
             found.append(
@@ -126,6 +136,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
         files = inputs.get("files")
         if isinstance(inputs.get("_folder"), str) and isinstance(files, dict):
             folder = (project.dir / inputs["_folder"]).resolve()
+            known = _read_ahead(hasher, [folder / rel for rel in sorted(files)])
             for rel, recorded in sorted(files.items()):
                 path = folder / rel
                 if not path.is_file():
@@ -138,7 +149,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                         )
                     )
                     continue
-                before = hasher.cached(path)
+                before = known[path]
                 now = _read(hasher, path)
                 if now is None:
                     found.append(

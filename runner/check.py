@@ -75,19 +75,18 @@ def check(project: Project) -> Report:
     return Report(unique, hasher.reads + cache_files + sum(unread.values()), distrusted)
 
 
-def _read(hasher: FileHasher, path: Path) -> str | None:
+def _read(hasher: FileHasher, path: Path, st=None) -> str | None:
     try:
-        return hasher.hash(path)
+        return hasher.hash(path, st)
     except OSError:
         return None
 
 
-def _read_ahead(hasher: FileHasher, paths: list[Path]) -> dict[Path, str | None]:
+def _read_ahead(hasher: FileHasher, paths: list[Path]) -> tuple[dict[Path, str | None], dict]:
     """What the stat cache vouched for at each of `paths` (for `_blind`), before their files are read at
-    once (FileHasher.read_ahead), which then answers for them."""
+    once (FileHasher.read_ahead), which then answers for them; and the stats it took."""
     known = {path: hasher.cached(path) for path in paths}
-    hasher.read_ahead(paths)
-    return known
+    return known, hasher.read_ahead(paths)
 
 
 def _blind(before: str | None, recorded: str) -> str:
@@ -103,14 +102,14 @@ def _outputs(project: Project, sid: str, record: dict, hasher: FileHasher) -> li
         return [Mismatch(fmt_path(project.dir / folder), problem, REBUILD, read=False, files=len(outputs))]
     found = []
     paths = {rel: project.dir / rel for rel in sorted(outputs)}
-    known = _read_ahead(hasher, list(paths.values()))
+    known, stats = _read_ahead(hasher, list(paths.values()))
     for rel, item in sorted(outputs.items()):
         path = paths[rel]
         if not path.is_file():
             found.append(Mismatch(fmt_path(path), f"output of {sid} is missing", REBUILD, read=False))
             continue
         before = known[path]
-        now = _read(hasher, path)
+        now = _read(hasher, path, stats.get(path))
         if now is None:
             found.append(
                 Mismatch(
@@ -136,7 +135,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
         files = inputs.get("files")
         if isinstance(inputs.get("_folder"), str) and isinstance(files, dict):
             folder = (project.dir / inputs["_folder"]).resolve()
-            known = _read_ahead(hasher, [folder / rel for rel in sorted(files)])
+            known, stats = _read_ahead(hasher, [folder / rel for rel in sorted(files)])
             for rel, recorded in sorted(files.items()):
                 path = folder / rel
                 if not path.is_file():
@@ -150,7 +149,7 @@ def _images(project: Project, sid: str, inputs, hasher: FileHasher) -> list[Mism
                     )
                     continue
                 before = known[path]
-                now = _read(hasher, path)
+                now = _read(hasher, path, stats.get(path))
                 if now is None:
                     found.append(
                         Mismatch(

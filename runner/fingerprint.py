@@ -117,21 +117,22 @@ class FileHasher:
             return cached[4]
         return None
 
-    def read_ahead(self, paths: list[Path]) -> None:
+    def read_ahead(self, paths: list[Path]) -> dict[Path, os.stat_result]:
         """Hash at once, on threads, the files of `paths` that `hash` would read (regular files the cache
         has no current entry for): sha256 and the reads let go of the interpreter, so a model folder's
         files take about as long as the largest of them, not as all of them one after another. What
-        cannot be hashed here is left as it is, for `hash` to read and say why."""
-        todo = []
+        cannot be hashed here is left as it is, for `hash` to read and say why. The stats taken, by path:
+        handed to `hash`, no file is stat'ed twice."""
+        stats, todo = {}, []
         for path in paths:
             try:
-                st = os.stat(path)
+                st = stats[path] = os.stat(path)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode) and self._known(path, st) is None:
                 todo.append((path, st))
         if len(todo) < 2:
-            return
+            return stats
 
         def read(item):
             try:
@@ -144,6 +145,7 @@ class FileHasher:
                 if digest is not None:
                     self.reads += 1
                     self._store(path, st, digest)
+        return stats
 
     def matches(self, path: Path, item: dict, st: os.stat_result | None = None) -> bool:
         """Whether the file at `path` holds the bytes a lockfile output entry ({"sha256", "size"}) records:
@@ -218,21 +220,22 @@ class FileHasher:
     def manifest(self, folder: Path, files: list[Path] | None = None) -> dict[str, str]:
         """{relative posix path: sha256} of `files` (default: the images of `folder`)."""
         files = list_images(folder) if files is None else files
-        self.read_ahead(files)
+        stats = self.read_ahead(files)
         result, errors = {}, []
         for path in files:
             try:
-                result[recorded_name(path, folder)] = self.input_hash(path)
+                result[recorded_name(path, folder)] = self.input_hash(path, st=stats.get(path))
             except ImageError as exc:  # each file said, not the first alone
                 errors.append(str(exc))
         if errors:
             raise ImageError(unreadable(errors), errors)
         return result
 
-    def input_hash(self, path: Path, what: str = "an image") -> str:
-        """The hash of an input file (`what` it must be); one that cannot be read is an error naming it."""
+    def input_hash(self, path: Path, what: str = "an image", st: os.stat_result | None = None) -> str:
+        """The hash of an input file (`what` it must be; `st`, its stat when just taken); one that cannot
+        be read is an error naming it."""
         try:
-            return self.hash(path)
+            return self.hash(path, st)
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a.png -> b.png -> a.png: it exists, and leads nowhere
                 raise ImageError(
@@ -257,8 +260,8 @@ class FileHasher:
         for root, dirs, names in os.walk(folder):
             dirs.sort()
             files += [Path(root) / name for name in sorted(names)]
-        self.read_ahead(files)
-        return {recorded_name(path, folder): self.input_hash(path, what) for path in files}
+        stats = self.read_ahead(files)
+        return {recorded_name(path, folder): self.input_hash(path, what, stats.get(path)) for path in files}
 
     def save(self, max_age_s: float | None = None) -> None:
         """Write the cache. It is only a cache: a full disk or a read-only folder costs a warning

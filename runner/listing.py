@@ -12,8 +12,11 @@ def rows(project, num_processes: int | None = None) -> list[dict]:
     """One row a step, in build order: id, kind, status, output folder, files, when built, metrics
     (JSON-safe: a diverged loss, NaN, is None), and for a step the lockfile has no record of, the output
     folder where files are there all the same (else None). A status is that of a build with
-    `num_processes`."""
+    `num_processes`; the steps the lockfile records that the project no longer has come last, "removed",
+    with the folder the next build removes (None where it removes none, only the record)."""
     from runner import executor
+
+    from runner.exec.scheduler import removed_steps
 
     ws = executor.Workspace(project)
     lock, planned = ws.plan(num_processes=num_processes)
@@ -32,6 +35,20 @@ def rows(project, num_processes: int | None = None) -> list[dict]:
                 "built": record.get("built") if record else None,
                 "metrics": _finite(record.get("metrics", {})) if record else {},
                 "unrecorded_path": None if record else unrecorded_outputs(project, p.id),
+            }
+        )
+    for sid, folder in removed_steps(ws, lock, {p.id for p in planned}):
+        record = lock[sid]
+        found.append(
+            {
+                "id": sid,
+                "kind": record.get("kind") or sid.split(":", 1)[0],
+                "status": "removed",  # no longer in the project: the next build removes `path`
+                "path": ws.rel(folder) if folder is not None else None,
+                "files": sorted(record.get("outputs", {})),
+                "built": record.get("built"),
+                "metrics": _finite(record.get("metrics", {})),
+                "unrecorded_path": None,
             }
         )
     return found
@@ -55,9 +72,10 @@ def table(rows: list[dict], project) -> list[str]:
     width = max((len(r["id"]) for r in rows), default=0)
     where = [_where(project, r) for r in rows]
     where_width = max((len(w) for w in where), default=0)
+    status_width = max((len(r["status"]) for r in rows), default=0)
     lines = []
     for r, w in zip(rows, where, strict=True):
-        columns = [f"{r['id']:<{width}}", f"{r['status']:<5}", w]
+        columns = [f"{r['id']:<{width}}", f"{r['status']:<{status_width}}", w]
         loss = _loss(r["metrics"])
         if loss:  # a fourth column, lined up, on the rows that have one
             columns[-1:] = [f"{w:<{where_width}}", loss]
@@ -70,6 +88,9 @@ def _where(project, row: dict) -> str:
     relative to the project file), said to be missing where it is not there (a fresh clone); or, for a
     step the lockfile has no record of, its folder said not to be in the lockfile where files are there,
     else "(not built)"."""
+    if row["status"] == "removed":
+        folder = project.dir / row["path"] if row["path"] is not None else None
+        return f"{fmt_path(folder)} (the next build removes it)" if folder else "(the next build drops its record)"
     if row["path"] is None:
         found = row["unrecorded_path"]
         return f"{fmt_path(project.dir / found)} (not in the lockfile)" if found else "(not built)"

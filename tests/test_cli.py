@@ -280,6 +280,27 @@ def test_ls_and_plan_tell_a_step_the_lockfile_has_no_record_of_from_one_never_bu
     assert "render:mixed  stale  build/pets/renders/mixed (missing)" in capsys.readouterr().out.splitlines()
 
 
+def test_ls_lists_the_steps_the_next_build_removes(proj, build, capsys, monkeypatch):
+    """A step taken out of the project was left out of `dbl ls`, though the next build deletes its folder."""
+    monkeypatch.chdir(proj.root)
+    build(proj)
+    proj.edit('[renders.park]\nadapter = "dog"\nprompts = ["sks dog in a park", "sks dog on a beach"]\nseeds = [0, 1]\n', "")
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "render:park   removed  build/pets/renders/park (the next build removes it)" in lines
+    assert "prior:dog     fresh    build/pets/priors/dog" in lines  # the status column made room
+    assert main(["ls", str(proj.path), "--json"]) == 0
+    row = {r["id"]: r for r in json.loads(capsys.readouterr().out)}["render:park"]
+    assert row["status"] == "removed" and row["kind"] == "render" and row["path"] == "build/pets/renders/park"
+    assert row["files"] and row["built"]
+    build(proj)
+    assert not (proj.root / "build" / "pets" / "renders" / "park").exists()
+    assert main(["ls", str(proj.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any("render:park" in line for line in lines)
+    assert "prior:dog     fresh  build/pets/priors/dog" in lines  # as wide as ever without one
+
+
 def test_ls_shows_the_first_and_last_loss_of_trained_steps(proj, capsys, monkeypatch):
     from tests.conftest import FakeBackend, FakeSteps, use_backend
 

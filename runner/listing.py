@@ -15,7 +15,6 @@ def rows(project, num_processes: int | None = None) -> list[dict]:
     `num_processes`; the steps the lockfile records that the project no longer has come last, "removed",
     with the folder the next build removes (None where it removes none, only the record)."""
     from runner import executor
-
     from runner.exec.scheduler import removed_steps
 
     ws = executor.Workspace(project)
@@ -90,7 +89,11 @@ def _where(project, row: dict) -> str:
     else "(not built)"."""
     if row["status"] == "removed":
         folder = project.dir / row["path"] if row["path"] is not None else None
-        return f"{fmt_path(folder)} (the next build removes it)" if folder else "(the next build drops its record)"
+        return (
+            f"{fmt_path(folder)} (the next build removes it)"
+            if folder
+            else "(the next build drops its record)"
+        )
     if row["path"] is None:
         found = row["unrecorded_path"]
         return f"{fmt_path(project.dir / found)} (not in the lockfile)" if found else "(not built)"

@@ -445,7 +445,9 @@ def _grid_image(data: bytes, alt: str, folder: str) -> str:
         f"A {size[0]}×{size[1]} JPEG preview of grid.png ({width}×{height}, "
         f"{len(data) / 1e6:.1f} MB), which is in {folder}."
     )
-    return f'<div>{htmlpage.img(out.getvalue(), alt, mime="image/jpeg", css="grid")}<p>{escape(note)}</p></div>'
+    return (
+        f"<div>{htmlpage.img(out.getvalue(), alt, mime='image/jpeg', css='grid')}<p>{escape(note)}</p></div>"
+    )
 
 
 def _scores_of(ctx: _Context, render_id: str) -> list[tuple[str, dict, bool]]:

@@ -284,7 +284,10 @@ def test_ls_lists_the_steps_the_next_build_removes(proj, build, capsys, monkeypa
     """A step taken out of the project was left out of `dbl ls`, though the next build deletes its folder."""
     monkeypatch.chdir(proj.root)
     build(proj)
-    proj.edit('[renders.park]\nadapter = "dog"\nprompts = ["sks dog in a park", "sks dog on a beach"]\nseeds = [0, 1]\n', "")
+    proj.edit(
+        '[renders.park]\nadapter = "dog"\nprompts = ["sks dog in a park", "sks dog on a beach"]\nseeds = [0, 1]\n',
+        "",
+    )
     assert main(["ls", str(proj.path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "render:park   removed  build/pets/renders/park (the next build removes it)" in lines

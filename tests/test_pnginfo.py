@@ -9,7 +9,14 @@ from runner.pnginfo import number, parameters_text
 
 @pytest.mark.parametrize(
     "value, text",
-    [(7.5, "7.5"), (7.0, "7"), (1e-05, "1e-05"), (0.8, "0.8"), (0.123456789, "0.123456789"), (7.1234567, "7.1234567")],
+    [
+        (7.5, "7.5"),
+        (7.0, "7"),
+        (1e-05, "1e-05"),
+        (0.8, "0.8"),
+        (0.123456789, "0.123456789"),
+        (7.1234567, "7.1234567"),
+    ],
 )
 def test_a_float_is_written_short_and_exact(value, text):
     assert number(value) == text

@@ -261,7 +261,8 @@ def test_a_build_identifies_a_hub_model_not_cached_yet_by_the_commit_its_steps_l
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
     (tmp_path / "p.toml").write_text(
-        '[project]\nbase_model = "someone/xl"\n[subjects.dog]\nimages = "data"\ninstance_prompt = "sks dog"\n'
+        '[project]\nbase_model = "someone/xl"\n[train]\nresolution = 1024\n'  # SDXL's size, found once fetched
+        '[subjects.dog]\nimages = "data"\ninstance_prompt = "sks dog"\n'
     )
     executor.build(load_project(tmp_path / "p.toml"), executor.BuildOptions(dry_run=True), Recorder())
     assert fetched == [("someone/xl", "model_index.json", None)]

@@ -45,7 +45,7 @@ def test_a_package_an_optimizer_needs_is_asked_for_before_any_step_runs(proj, bu
     from runner.training import optimizers
 
     monkeypatch.setattr(optimizers, "_installed", lambda package: package != "prodigyopt")
-    proj.edit("steps = 4", 'steps = 4\noptimizer = "prodigy"')
+    proj.edit("steps = 4", 'steps = 4\noptimizer = "prodigy"\nlearning_rate = 1.0')  # Prodigy's own rate
     result, rec = build(proj, keep_going=True)
     assert result.exit_code == 1 and fake_steps.ran == ["prior:dog", "render:base"]
     status, error = step_ends(rec)["train:toy"]

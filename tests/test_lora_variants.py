@@ -87,7 +87,9 @@ def dora(tmp_path_factory):
     )
     modules = _variant(tiny_sd_pipeline(), **lora)
     expected = denoiser_outputs(modules["unet"], modules["text_encoder"])
-    with pytest.warns(UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"):
+    with pytest.warns(
+        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
+    ):
         save_adapter(folder, modules, base_model="tiny-sd")
     return folder, expected
 

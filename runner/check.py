@@ -219,9 +219,7 @@ def _cache_entries(
             found.append(Mismatch(fmt_path(entry), problem, _delete(entry, sid), read=False))
             continue
         inputs = record.get("inputs", {})
-        if isinstance(inputs, dict) and store.distrusted(
-            meta, record.get("kind") or sid.partition(":")[0], inputs
-        ):
+        if isinstance(inputs, dict) and store.distrusted(meta, lockfile.record_kind(sid, record), inputs):
             distrusted.append((sid, meta.get("made_by")))
         for rel, item in sorted(meta.get("outputs", {}).items()):
             path = entry / "files" / rel

@@ -222,7 +222,7 @@ def _distrusted(
             fp, inputs = record.get("fingerprint"), record.get("inputs", {})
             if not isinstance(fp, str) or fp not in keep or not isinstance(inputs, dict):
                 continue
-            epoch = store.trusted_since(record.get("kind") or sid.partition(":")[0], inputs)
+            epoch = store.trusted_since(lockfile.record_kind(sid, record), inputs)
             if fp not in since or epoch < since[fp][0]:
                 since[fp] = (epoch, sid)
     found = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from runner import lockfile
 from runner.ui.plain import fmt_path
 
 
@@ -41,7 +42,7 @@ def rows(project, num_processes: int | None = None) -> list[dict]:
         found.append(
             {
                 "id": sid,
-                "kind": record.get("kind") or sid.split(":", 1)[0],
+                "kind": lockfile.record_kind(sid, record),
                 "status": "removed",  # no longer in the project: the next build removes `path`
                 "path": ws.rel(folder) if folder is not None else None,
                 "files": sorted(record.get("outputs", {})),

@@ -224,6 +224,11 @@ def _resolve(path: str, file: Path) -> str:
     )
 
 
+def record_kind(sid: str, record: dict) -> str:
+    """The step kind of the record of step `sid`: its `kind`, else the id's prefix (`render:park`)."""
+    return record.get("kind") or sid.partition(":")[0]
+
+
 def take_names(record: dict, inputs: dict) -> bool:
     """Give a record of these very inputs (the same fingerprint) their current names (display keys:
     `_folder`, `_name`), where a name it holds has changed; whether it did. A display key the record

@@ -205,7 +205,7 @@ def _mapping(value) -> dict:
 
 
 def _kind(lock: dict, sid: str) -> str:
-    return lock[sid].get("kind") or sid.split(":", 1)[0]
+    return lockfile.record_kind(sid, lock[sid])
 
 
 # --- sections --------------------------------------------------------------------------------------------

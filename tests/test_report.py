@@ -150,11 +150,12 @@ def test_a_large_grid_is_a_jpeg_preview_that_names_the_file(built, monkeypatch):
     grids = Page(text).images("grid")
     assert len(grids) == 2
     lock = lockfile.read(lockfile.lock_path(path))
+    sizes = {}
     for sid, grid in zip(("render:park", "render:compare"), grids, strict=True):
         assert grid["src"].startswith("data:image/jpeg;base64,")
         rel = next(o for o in lock[sid]["outputs"] if o.endswith("grid.png"))
         with Image.open(path.parent / rel) as whole:
-            full = whole.size
+            full = sizes[sid] = whole.size
         with Image.open(io.BytesIO(base64.b64decode(grid["src"].split(",", 1)[1]))) as preview:
             assert preview.format == "JPEG" and max(preview.size) == 40
             assert abs(preview.size[0] / preview.size[1] - full[0] / full[1]) < 0.1
@@ -165,15 +166,7 @@ def test_a_large_grid_is_a_jpeg_preview_that_names_the_file(built, monkeypatch):
     monkeypatch.setattr(report, "PREVIEW_SIDE", 10_000)  # never made larger than the grid
     grids = Page(report.render(load_project(path))).images("grid")
     with Image.open(io.BytesIO(base64.b64decode(grids[0]["src"].split(",", 1)[1]))) as preview:
-        assert preview.size == _grid_size(path, lock)
-
-
-def _grid_size(path: Path, lock: dict) -> tuple[int, int]:
-    from PIL import Image
-
-    rel = next(o for o in lock["render:park"]["outputs"] if o.endswith("grid.png"))
-    with Image.open(path.parent / rel) as grid:
-        return grid.size
+        assert preview.size == sizes["render:park"]
 
 
 @pytest.mark.torch

@@ -407,7 +407,7 @@ def _fitted(label: str, font, room: int) -> str:
 
     def cut(keep: int) -> str:
         head = -(-keep // 2)
-        return label[:head] + "..." + (label[len(label) - (keep - head) :] if keep > head else "")
+        return label[:head] + "..." + label[len(label) - (keep - head) :]
 
     keep = len(label) - 1
     while keep > 0 and font.getlength(cut(keep)) > room:

@@ -20,6 +20,9 @@ once as a diffusers folder under /tmp); a folder's files are hashed as a first b
 cache: read straight onto `--device` (diffusers' device_map, what a step does on CUDA) and read into host
 memory then moved (what it did before, and still does for an indexed device). On the CPU the first is
 diffusers' device_map "cpu": the same code path, nothing to gain.
+
+`--graph-warm-ups N` sets the passes each CUDA graph's capture warms up with (dbl's default is 1, torch's 3),
+to time what the others would cost.
 """
 
 from __future__ import annotations
@@ -271,7 +274,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--compare-load", type=int, metavar="N", help="time N loads straight onto the device against N moved"
     )
+    parser.add_argument(
+        "--graph-warm-ups", type=int, metavar="N", help="warm-up passes before each CUDA graph's recording"
+    )
     args = parser.parse_args(argv)
+    if args.graph_warm_ups is not None:
+        from runner.training import graphs
+
+        graphs.WARM_UP_PASSES = args.graph_warm_ups
     if args.build:  # the build hides the libraries' notices itself
         return profile_build(args)
     from runner.exec.job import quiet_library_notices

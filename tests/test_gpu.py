@@ -83,11 +83,22 @@ def test_cuda_graphs_train_what_the_eager_passes_train(tmp_path, accumulation):
     assert "cuda graphs: captured the denoiser's forward and backward" in logs
     assert "cuda graphs: captured the text encoder's forward and backward" in logs
     assert not any("CUDA graphs" in line and "failed" in line for line in logs), logs
-    # The replayed kernels are the eager ones: the same losses and weights (both adapters), to rounding.
+    # The replayed kernels are the eager ones, to rounding: cuBLAS may pick other fp16 algorithms for the
+    # recorded stream. The losses agree to 1e-3; AdamW moves a weight by about the learning rate whatever
+    # its gradient's size, so after 20 steps the weights (both adapters) differ by a few tenths of a percent
+    # (0.19% on an H200, where two eager runs agree bit for bit). A replay of stale inputs or lost gradients leaves them tens of percent apart; the
+    # lora_B weights start at zero, so theirs is a share of what training moved them.
     assert graphed == pytest.approx(eager, rel=1e-3)
-    for key, value in eager_weights.items():
-        other = graphed_weights[key]
-        assert float((other - value).norm()) <= 1e-3 * float(value.norm()) + 1e-6, key
+    deviations = {
+        key: float((graphed_weights[key] - value).norm()) / (float(value.norm()) + 1e-6)
+        for key, value in eager_weights.items()
+    }
+    worst = max(deviations, key=deviations.get)
+    print(
+        f"graphed against eager: losses within {max(abs(g / e - 1) for g, e in zip(graphed, eager, strict=True)):.2e}, "
+        f"weights within {deviations[worst]:.2e} ({worst})"
+    )
+    assert deviations[worst] <= 1e-2, (worst, deviations[worst])
     assert any(float(v.abs().max()) > 0 for k, v in graphed_weights.items() if "lora_B" in k)
     assert any(k.startswith("text_encoder.") for k in graphed_weights)
 

@@ -3,8 +3,9 @@ CUDA graphs (`[train] cuda_graphs`), and capturing them. torch is imported insid
 
 A small batch leaves a big GPU waiting on kernel launches, not on arithmetic: an SD 1.5 step launches
 thousands of kernels, each a few microseconds of host time. A CUDA graph records a pass's launches once
-and replays them as one, so the host no longer paces the device. Capturing costs a few warm-up passes (no
-compiling), and replaying runs the very kernels the eager pass runs, so the result is the eager one.
+and replays them as one, so the host no longer paces the device. Capturing costs a warm-up pass and a
+recorded one (no compiling), and replaying runs the kernels the eager pass runs, so the result is the eager
+one to rounding (cuBLAS may pick other algorithms for a recorded stream).
 
 A graph replays fixed shapes on fixed memory, so it is captured where every step has the same shapes and
 nothing in the pass draws random numbers or waits for the host:
@@ -35,6 +36,12 @@ import functools
 from collections.abc import Callable
 
 from runner.training import switches
+
+# Passes make_graphed_callables runs before recording, on a stream of its own (not the one it records on):
+# the first loads the kernels and makes the libraries' handles. A second or third (torch's default is 3,
+# for DistributedDataParallel's buckets) initialises nothing more here: on an H200 the graphs train the
+# same weights after 1 as after 3.
+WARM_UP_PASSES = 1
 
 
 def choose(
@@ -301,4 +308,6 @@ def _prompts_positional(family, modules: dict, encoders):
 def _make_graphed(module, sample_args):
     import torch
 
-    return torch.cuda.make_graphed_callables(module, sample_args, allow_unused_input=True)
+    return torch.cuda.make_graphed_callables(
+        module, sample_args, num_warmup_iters=WARM_UP_PASSES, allow_unused_input=True
+    )

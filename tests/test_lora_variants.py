@@ -256,7 +256,10 @@ def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     ctx = train_context(tmp_path, make_subject(images, train=dict(steps=2), lora=lora))
     from runner.steps import train
 
-    train.run(ctx)
+    with pytest.warns(
+        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
+    ):
+        train.run(ctx)
     state = read_adapter_weights(ctx.out, "unet")
     magnitudes = {k: v for k, v in state.items() if k.endswith(".lora_magnitude_vector")}
     assert magnitudes and len(magnitudes) == sum(k.endswith(".lora_A.weight") for k in state)
@@ -310,7 +313,10 @@ def test_sdxl_dora_on_every_component_in_every_format(tmp_path):
     ctx = train_context(tmp_path, make_subject(images, train=train, lora=lora), base_model="tiny-sdxl")
     from runner.steps import train as train_step
 
-    train_step.run(ctx)
+    with pytest.warns(
+        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
+    ):
+        train_step.run(ctx)
     configs = read_adapter_config(ctx.out)
     assert "proj_in" in configs["unet"]["target_modules"] and "ff.net.2" in configs["unet"]["target_modules"]
     assert all(c["use_dora"] and c["use_rslora"] for c in configs.values()) and len(configs) == 3

@@ -315,7 +315,7 @@ def _parallel_options(args) -> dict:
     gpus = tuple(parse_gpus(args.gpus)) if args.gpus is not None else None
     return {
         "command_line": True,  # a build's messages name -j, --gpus, ... rather than BuildOptions' fields
-        "backend": _executor(args),
+        "backend": args.executor,  # None: inline, or process with -j above 1 or --gpus
         "ray_address": args.ray_address,
         "jobs": args.jobs,
         "gpus": gpus,

@@ -111,20 +111,20 @@ def state_dir_problem(project) -> str | None:
 def options_problem(build_options: dict | None) -> str | None:
     """Why no build can run with the options the watch was given (`--executor inlin`, `--gpus 0,0`), or
     None: every build would be refused the same way, as `dbl build` refuses it (exit 2)."""
+    from runner import executor
     from runner.exec import backends
     from runner.exec.devices import gpus_refused
+    from runner.exec.scheduler import backend_name
 
-    options = build_options or {}
-    mine = options.get("backend_factory") is None
+    options = executor.BuildOptions(**(build_options or {}))
+    mine = options.backend_factory is None
     if mine:
         try:
-            backends.factory(options.get("backend", "inline"))
+            backends.factory(backend_name(options))
         except DblError as exc:
             return str(exc)
-    if options.get("gpus") is not None:
-        return gpus_refused(
-            options["gpus"], options.get("backend", "inline"), options.get("ray_address"), mine
-        )
+    if options.gpus is not None:
+        return gpus_refused(options.gpus, options.backend, options.ray_address, mine)
     return None
 
 

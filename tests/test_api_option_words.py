@@ -138,3 +138,29 @@ def test_a_missing_ray_or_unknown_executor_is_refused_with_nothing_to_build(proj
     assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")
     assert main(["watch", str(proj.path), "--executor", "ray"]) == 2
     assert capsys.readouterr().err.startswith("dbl: --executor ray needs Ray, which is not installed")
+
+
+@pytest.mark.parametrize(("options", "given"), [({"jobs": 2}, "jobs=2"), ({"gpus": ("0",)}, "gpus=('0',)")])
+def test_the_inline_backend_named_with_workers_is_refused_as_the_command_line_refuses_it(
+    proj, fake_steps, capsys, options, given
+):
+    """`BuildOptions(backend="inline", jobs=2)` ran the steps two at a time in worker processes, the
+    `process` backend, where `dbl build --executor inline -j 2` is a usage error."""
+    message = refused(proj, backend="inline", **options)
+    assert message.startswith(
+        f'backend="inline" runs the steps in this process, one at a time, and {given} '
+    ), message
+    assert 'give backend="process", or leave backend out' in message and "--" not in message, message
+    assert not proj.lock.exists()  # refused before anything was written
+    assert main(["build", str(proj.path), "--executor", "inline", "-j", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("dbl: --executor inline runs the steps in this process")
+
+
+@pytest.mark.parametrize(
+    ("options", "backend"),
+    [({}, "inline"), ({"jobs": 2}, "process"), ({"gpus": ("0",)}, "process"), ({"backend": "ray"}, "ray")],
+)
+def test_a_build_without_a_backend_runs_inline_unless_it_needs_workers(options, backend):
+    from runner.exec.scheduler import backend_name
+
+    assert backend_name(executor.BuildOptions(**options)) == backend

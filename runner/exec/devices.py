@@ -145,7 +145,7 @@ def gpus_missing(gpus: list[str], api: bool = False) -> str | None:
 
 
 def gpus_refused(
-    gpus, backend: str = "inline", ray_address: str | None = None, machine: bool = True, api: bool = False
+    gpus, backend: str | None = None, ray_address: str | None = None, machine: bool = True, api: bool = False
 ) -> str | None:
     """Why a build cannot be given these GPUs (`--gpus`, BuildOptions.gpus), or None: not a list of GPU
     names (gpus_problem), or, where `machine`, one this machine does not show (gpus_missing). A Ray

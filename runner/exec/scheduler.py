@@ -44,7 +44,9 @@ class BuildOptions:
     # `dbl report` says the exit code it implies (128 + its number), as the process exits with
     stop_signal: Callable[[], int | None] = lambda: None
     debug: bool = False  # show tracebacks of failing steps
-    backend: str = "inline"  # where steps run: see runner.exec.backends
+    # Where steps run (see runner.exec.backends). None: `inline`, or `process` with jobs above 1 or gpus;
+    # "inline" given with either is refused (it runs the steps in the build's own process, one at a time).
+    backend: str | None = None
     backend_factory: Callable | None = None  # a backend instance maker (tests), instead of `backend`
     # Steps at once; above 1 each runs in a worker (the `process` backend by default). None: 1, or as
     # many as the backend has room for when it places steps itself (ray).
@@ -65,11 +67,28 @@ class BuildResult:
 
 
 def backend_name(options: BuildOptions) -> str:
-    """The backend that runs the steps: `inline` becomes `process` with -j above 1, since steps at once
-    share no process, and with --gpus, since only a process started for them sees only those GPUs."""
-    if options.backend == "inline" and ((options.jobs or 1) > 1 or options.gpus):
-        return "process"
-    return options.backend
+    """The backend that runs the steps: the one given, else `inline`, or `process` with -j above 1, since
+    steps at once share no process, and with --gpus, since only a process started for them sees only those
+    GPUs."""
+    if options.backend is not None:
+        return options.backend
+    return "process" if _needs_workers(options) else "inline"
+
+
+def _needs_workers(options: BuildOptions) -> bool:
+    return (options.jobs or 1) > 1 or options.gpus is not None
+
+
+def _inline_refused(options: BuildOptions) -> str | None:
+    """Why backend="inline" cannot run these options, or None (`dbl build` refuses `--executor inline`
+    with -j or --gpus itself, in its own words)."""
+    if options.backend != "inline" or not _needs_workers(options):
+        return None
+    given = f"jobs={options.jobs}" if (options.jobs or 1) > 1 else f"gpus={options.gpus!r}"
+    return (
+        f'backend="inline" runs the steps in this process, one at a time, and {given} needs worker '
+        'processes: give backend="process", or leave backend out (inline without jobs and gpus)'
+    )
 
 
 def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:
@@ -77,6 +96,8 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     build` refuses them: the GPUs given are checked against this machine unless a `backend_factory` or a
     Ray cluster places the steps); step failures are results."""
     api = not options.command_line
+    if (problem := _inline_refused(options)) is not None:
+        raise UsageError(problem)
     if options.gpus is not None:
         problem = gpus_refused(  # the command line asked before, in its own words
             options.gpus, options.backend, options.ray_address, options.backend_factory is None, api=api

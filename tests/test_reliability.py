@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,12 +110,16 @@ def test_mutated_project_files_give_clean_errors_or_plans(tmp_path_factory, text
     path = folder / "pets.toml"
     path.write_text(text)
     try:
-        project = load_project(path)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            project = load_project(path)
     except ProjectError as exc:
         assert exc.problems
         for problem in exc.problems:
             assert problem.key or problem.line, str(problem)
         return
+    for warning in said:  # a file that loads may be warned of (a prior no subject uses): in its name
+        assert str(warning.message).startswith(f"{path}: "), str(warning.message)
     _, planned = executor.Workspace(project).plan()
     assert planned or not (project.priors or project.subjects or project.renders)
 

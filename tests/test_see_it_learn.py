@@ -32,6 +32,16 @@ def ring_project(folder, prior: bool) -> str:
         f"{class_words} on a {bg} background" for bg in BACKGROUNDS
     ]
     shutil.copytree(ROOT / "projects" / "shapes" / "ring", folder / "ring")
+    prior_table = (
+        f"""[priors.shape]
+class_prompt = {json.dumps(klass.class_prompt)}
+num_images = {klass.num_images}
+steps = {klass.steps}
+guidance_scale = {klass.guidance_scale}
+"""
+        if prior
+        else ""  # a prior no subject uses is warned of
+    )
     return f"""
 [project]
 base_model = "tiny-shapes"
@@ -50,12 +60,7 @@ target_modules = {json.dumps(lora.target_modules)}
 text_encoder_rank = {lora.text_encoder_rank}
 text_encoder_alpha = {lora.text_encoder_alpha}
 
-[priors.shape]
-class_prompt = {json.dumps(klass.class_prompt)}
-num_images = {klass.num_images}
-steps = {klass.steps}
-guidance_scale = {klass.guidance_scale}
-
+{prior_table}
 [subjects.ring]
 images = "ring"
 caption_extension = "{ring.caption_extension}"

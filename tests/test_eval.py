@@ -101,13 +101,15 @@ def test_an_eval_of_an_unknown_render_or_subject_is_a_project_error(project, edi
     assert message in str(err.value)
 
 
+# The project warns that its evals score renders of tiny-sd, as this module's are.
+TINY_SD_EVALS = "evals score renders of the built-in tiny-shapes model"
+
+
 def test_the_report_shows_an_evals_scores_beside_its_render(project):
     from runner import report
 
     assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
-    with pytest.warns(
-        UserWarning, match="evals score renders of the built-in tiny-shapes model"
-    ):  # this module's renders are tiny-sd's
+    with pytest.warns(UserWarning, match=TINY_SD_EVALS):
         loaded = load_project(project)
     page = report.render(loaded)
     section = page[page.index('id="render:base"') :]
@@ -122,9 +124,7 @@ def test_the_report_leaves_out_scores_of_an_earlier_build_of_the_render(project)
     assert main(["build", str(project), "--only", "eval:base", "--no-progress"]) == 0
     project.write_text(project.read_text().replace("steps = 2", "steps = 3"))
     assert main(["build", str(project), "--only", "render:base", "--no-progress"]) == 0
-    with pytest.warns(
-        UserWarning, match="evals score renders of the built-in tiny-shapes model"
-    ):  # this module's renders are tiny-sd's
+    with pytest.warns(UserWarning, match=TINY_SD_EVALS):
         loaded = load_project(project)
     page = report.render(loaded)
     section = page[page.index('id="render:base"') :]

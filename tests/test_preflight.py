@@ -116,19 +116,13 @@ subject = "dog"
 """
 # The project warns that these evals score tiny-sd's renders, whose prompts do not name the identifier
 # (tests/test_eval.py asserts both): what the tests with EVAL look at is which photos are read.
-EVAL_WARNINGS = [
-    pytest.mark.filterwarnings("ignore:.*evals score renders of the built-in tiny-shapes model:UserWarning"),
-    pytest.mark.filterwarnings("ignore:.*so subject fidelity is not counted:UserWarning"),
-]
+EVAL_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:.*evals score renders of the built-in tiny-shapes model:UserWarning",
+    "ignore:.*so subject fidelity is not counted:UserWarning",
+)
 
 
-def _with_eval(test):
-    for mark in EVAL_WARNINGS:
-        test = mark(test)
-    return test
-
-
-@_with_eval
+@EVAL_WARNINGS
 def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj, build, fake_steps):
     # Was found when eval:base read the photos to score subject fidelity, after render:base had drawn.
     proj.edit("[renders.base]", EVAL + "\n[renders.base]")
@@ -141,7 +135,7 @@ def test_a_broken_photo_of_an_evals_subject_fails_it_before_its_render_runs(proj
     assert error.startswith(f"{proj.root / 'data' / 'dog' / '01.png'}: the file is empty")
 
 
-@_with_eval
+@EVAL_WARNINGS
 def test_a_broken_photo_fails_each_step_that_reads_it_and_skips_those_after_them(proj, build, fake_steps):
     """eval:base scores render:base (the base model) against dog's photos, which it reads itself: it does
     not wait for train:dog, so it fails on the photo too, or it would render and then fail. eval:park
@@ -159,7 +153,7 @@ def test_a_broken_photo_fails_each_step_that_reads_it_and_skips_those_after_them
     assert ended["eval:park"] == (SKIPPED, "upstream render:park skipped")
 
 
-@_with_eval
+@EVAL_WARNINGS
 def test_an_evals_photos_are_decoded_once_and_not_again_after_it_read_them(proj, build, monkeypatch):
     proj.edit("[renders.base]", EVAL + "\n[renders.base]")
     decoded = _decoded(monkeypatch)

@@ -14,7 +14,7 @@ nothing in the pass draws random numbers or waits for the host:
 - no gradient checkpointing (it recomputes the forward pass inside the backward one);
 - no UNet LoRA dropout (its random masks would differ from an eager run's);
 - not `compile = true`: a compiled denoiser has fused its launches already. Under "auto", graphs come
-  first and compiling only where they cannot serve: capturing costs a few passes, compiling a minute.
+  first and compiling only where they cannot serve: capturing costs two passes, compiling a minute.
 
 The graph's backward leaves the parameters' gradients in its own memory, which the next replay
 overwrites; with gradient accumulation they are copied out after a step's first micro-batch

@@ -265,7 +265,7 @@ def _parallel_problem(args) -> str | None:
     import importlib.util
 
     from runner.exec import backends
-    from runner.exec.devices import counts_problem
+    from runner.exec.devices import counts_problem, inline_problem
 
     if (problem := counts_problem(args.jobs, args.per_gpu)) is not None:
         return problem
@@ -280,13 +280,8 @@ def _parallel_problem(args) -> str | None:
         return str(exc)
     if args.ray_address is not None and executor != "ray":
         return f"--ray-address is for --executor ray (this build's executor: {executor})"
-    if args.executor == "inline" and ((args.jobs or 1) > 1 or args.gpus is not None):
-        given = f"-j {args.jobs}" if (args.jobs or 1) > 1 else f"--gpus {args.gpus}"
-        return (
-            f"--executor inline runs the steps in this process, one at a time, and {given} needs worker "
-            "processes: give --executor process, or leave out --executor (inline is the default without "
-            "-j and --gpus)"
-        )
+    if (problem := inline_problem(args.executor, args.jobs, args.gpus)) is not None:
+        return problem
     if args.gpus is not None:
         from runner.exec.devices import gpus_refused, parse_gpus
 

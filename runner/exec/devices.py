@@ -98,6 +98,33 @@ def counts_problem(jobs, per_gpu, api: bool = False) -> str | None:
     return None
 
 
+def needs_workers(jobs, gpus) -> bool:
+    """Whether steps need worker processes: several at once (-j above 1; BuildOptions.jobs), or given GPUs
+    (--gpus; gpus), which only a process started for them sees alone."""
+    return (jobs or 1) > 1 or gpus is not None
+
+
+def inline_problem(backend, jobs, gpus, api: bool = False) -> str | None:
+    """Why the inline backend, named (`--executor inline`; backend="inline"), cannot run these options, or
+    None: it runs the steps in the build's own process, one at a time. `api`: said in BuildOptions' words,
+    for a script; else in the command line's (`gpus` as typed)."""
+    if backend != "inline" or not needs_workers(jobs, gpus):
+        return None
+    several = (jobs or 1) > 1
+    if api:
+        given = f"jobs={jobs}" if several else f"gpus={gpus!r}"
+        return (
+            f'backend="inline" runs the steps in this process, one at a time, and {given} needs worker '
+            'processes: give backend="process", or leave backend out (inline without jobs and gpus)'
+        )
+    given = f"-j {jobs}" if several else f"--gpus {gpus}"
+    return (
+        f"--executor inline runs the steps in this process, one at a time, and {given} needs worker "
+        "processes: give --executor process, or leave out --executor (inline is the default without "
+        "-j and --gpus)"
+    )
+
+
 def _device_nodes() -> list[str] | None:
     """The driver's /dev/nvidiaN nodes, one a GPU; None where they cannot tell (WSL has none: /dev/dxg)."""
     try:

@@ -19,7 +19,7 @@ from runner import events, lockfile, planner, tempnames
 from runner.errors import DblError, ImageError, StepInterrupted, UsageError, os_words
 from runner.events import StepEvent
 from runner.exec import backends, lastbuild, preflight
-from runner.exec.devices import counts_problem, gpus_for_device, gpus_refused
+from runner.exec.devices import counts_problem, gpus_for_device, gpus_refused, inline_problem, needs_workers
 from runner.exec.job import StepCrash
 from runner.exec.step_lifecycle import begin_step, drop_work_if_changed, finish_step, make_job
 from runner.exec.workspace import Workspace
@@ -72,23 +72,7 @@ def backend_name(options: BuildOptions) -> str:
     GPUs."""
     if options.backend is not None:
         return options.backend
-    return "process" if _needs_workers(options) else "inline"
-
-
-def _needs_workers(options: BuildOptions) -> bool:
-    return (options.jobs or 1) > 1 or options.gpus is not None
-
-
-def _inline_refused(options: BuildOptions) -> str | None:
-    """Why backend="inline" cannot run these options, or None (`dbl build` refuses `--executor inline`
-    with -j or --gpus itself, in its own words)."""
-    if options.backend != "inline" or not _needs_workers(options):
-        return None
-    given = f"jobs={options.jobs}" if (options.jobs or 1) > 1 else f"gpus={options.gpus!r}"
-    return (
-        f'backend="inline" runs the steps in this process, one at a time, and {given} needs worker '
-        'processes: give backend="process", or leave backend out (inline without jobs and gpus)'
-    )
+    return "process" if needs_workers(options.jobs, options.gpus) else "inline"
 
 
 def build(project: Project, options: BuildOptions, reporter: events.Reporter) -> BuildResult:
@@ -96,7 +80,7 @@ def build(project: Project, options: BuildOptions, reporter: events.Reporter) ->
     build` refuses them: the GPUs given are checked against this machine unless a `backend_factory` or a
     Ray cluster places the steps); step failures are results."""
     api = not options.command_line
-    if (problem := _inline_refused(options)) is not None:
+    if (problem := inline_problem(options.backend, options.jobs, options.gpus, api)) is not None:
         raise UsageError(problem)
     if options.gpus is not None:
         problem = gpus_refused(  # the command line asked before, in its own words

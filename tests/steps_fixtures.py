@@ -24,6 +24,9 @@ FAST_TRAIN = dict(
     checkpoint_every=0,
     center_crop=True,
 )
+# What saving a DoRA adapter warns of: its kohya file is for ComfyUI and Forge, not A1111.
+DORA_KOHYA_NOTE = "DoRA: the adapter's kohya file holds each magnitude per output row"
+
 FAST_LORA = dict(rank=4, alpha=8, text_encoder_rank=2, text_encoder_alpha=3)
 
 

@@ -7,7 +7,14 @@ import pytest
 
 from runner.adapters import AdapterError
 from tests.adapter_outputs import denoiser_outputs, tiny_sd_pipeline
-from tests.steps_fixtures import FAST_LORA, draw_images, make_subject, model_cache, train_context
+from tests.steps_fixtures import (
+    DORA_KOHYA_NOTE,
+    FAST_LORA,
+    draw_images,
+    make_subject,
+    model_cache,
+    train_context,
+)
 
 pytestmark = pytest.mark.torch
 
@@ -87,9 +94,7 @@ def dora(tmp_path_factory):
     )
     modules = _variant(tiny_sd_pipeline(), **lora)
     expected = denoiser_outputs(modules["unet"], modules["text_encoder"])
-    with pytest.warns(
-        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
-    ):
+    with pytest.warns(UserWarning, match=DORA_KOHYA_NOTE):
         save_adapter(folder, modules, base_model="tiny-sd")
     return folder, expected
 
@@ -256,9 +261,7 @@ def test_a_dora_subject_trains_its_magnitudes_and_loads(tmp_path):
     ctx = train_context(tmp_path, make_subject(images, train=dict(steps=2), lora=lora))
     from runner.steps import train
 
-    with pytest.warns(
-        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
-    ):
+    with pytest.warns(UserWarning, match=DORA_KOHYA_NOTE):
         train.run(ctx)
     state = read_adapter_weights(ctx.out, "unet")
     magnitudes = {k: v for k, v in state.items() if k.endswith(".lora_magnitude_vector")}
@@ -313,9 +316,7 @@ def test_sdxl_dora_on_every_component_in_every_format(tmp_path):
     ctx = train_context(tmp_path, make_subject(images, train=train, lora=lora), base_model="tiny-sdxl")
     from runner.steps import train as train_step
 
-    with pytest.warns(
-        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
-    ):
+    with pytest.warns(UserWarning, match=DORA_KOHYA_NOTE):
         train_step.run(ctx)
     configs = read_adapter_config(ctx.out)
     assert "proj_in" in configs["unet"]["target_modules"] and "ff.net.2" in configs["unet"]["target_modules"]

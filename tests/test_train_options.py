@@ -11,7 +11,7 @@ import pytest
 from runner.steps import StepError, StepInterrupted
 from tests import steps_fixtures
 from tests.folders import folder_bytes
-from tests.steps_fixtures import make_prior, make_subject, run_train, stop_at, train_context
+from tests.steps_fixtures import DORA_KOHYA_NOTE, make_prior, make_subject, run_train, stop_at, train_context
 
 pytestmark = pytest.mark.torch
 
@@ -44,9 +44,7 @@ def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tm
         lora=dict(use_dora=True, text_encoder_use_dora=True),
     )
     whole = train_context(tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w1")
-    with pytest.warns(
-        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
-    ):
+    with pytest.warns(UserWarning, match=DORA_KOHYA_NOTE):
         metrics = run_train(whole)
     assert capsys.readouterr().out == ""  # Prodigy's own print is kept off the build's display
     # It trained: the B matrices left their zero start.
@@ -68,9 +66,7 @@ def test_prodigy_with_min_snr_offset_noise_and_dora_resumes_to_the_same_bytes(tm
     again = train_context(
         tmp_path, subject, prior=prior, class_dir=classes, work=tmp_path / "w2", log=logs.append
     )
-    with pytest.warns(
-        UserWarning, match="DoRA: the adapter's kohya file holds each magnitude per output row"
-    ):
+    with pytest.warns(UserWarning, match=DORA_KOHYA_NOTE):
         assert run_train(again)["resumed_from"] == 3
     assert "resuming from checkpoint-3" in logs
     assert folder_bytes(again.out) == folder_bytes(whole.out)

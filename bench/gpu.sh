@@ -20,9 +20,10 @@
 #   optimizer step goes, in the train step alone and in a whole `dbl build` whose prior generates 8 class images,
 #   and the base model read straight onto the GPU against read on the CPU and moved (3 loads each).
 # session: every GPU figure of one session in one call, within SESSION_S seconds (default 480): dbl against
-#   the script at SD 1.5 shapes (about 275 s on a fresh H200), the gpu tests (about 55 s), the start-up
-#   profile (about 35 s), dbl eager, dbl compile, the load comparison, each under the time left; a part
-#   that fails does not stop the next ones.
+#   the script at SD 1.5 shapes (195-275 s on a fresh H200), the gpu tests (40-55 s), the start-up
+#   profile (20-35 s), dbl eager (about 75 s), dbl compile (about 240 s with an empty compile cache: it
+#   compiles for nearly 3 minutes), the load comparison (about 30 s), each under the time left; a part
+#   that fails does not stop the next ones. All of them take about 650 s; 480 leaves out the last two.
 # all: sd15, sdxl and run.
 #
 # Wheels in .whl/ (diffusers, peft, ...) are installed first when the machine lacks them. Results go
@@ -105,7 +106,7 @@ case "$which" in
             --resolution "$size" --mixed-precision fp16 --json "$out/startup-profile.json"
         # The comparison warmed the machine up (its CUDA libraries read): the later variants start as they are.
         MACHINE_WARMUP=0 VARIANT_TIMEOUT=120 part "sd15: dbl eager" anchor sd15 sd15-eager dbl-eager
-        MACHINE_WARMUP=0 VARIANT_TIMEOUT=180 part "sd15: dbl compile" anchor sd15 sd15-compile dbl-compile
+        MACHINE_WARMUP=0 VARIANT_TIMEOUT=260 part "sd15: dbl compile" anchor sd15 sd15-compile dbl-compile
         part "load compare" python3 bench/startup_profile.py --compare-load 3 --device "$device" --model "$model" \
             --mixed-precision fp16 --json "$out/load-compare.json"
         (cd /tmp/dbl-sd15-bench && tar -czf "$out/logs.tgz" ./*.log) || true

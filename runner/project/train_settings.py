@@ -63,7 +63,8 @@ class TrainSettings:
     compile: bool | str = opt(
         "auto",
         "compile the denoiser with torch.compile (fewer, fused kernels a step; same result to rounding); "
-        "auto: on on CUDA without buckets, where CUDA graphs are off",
+        "auto: off (compiling takes minutes, which a run of a few thousand steps does not earn back; "
+        "true for long runs)",
         "switch",
         fingerprint=False,
     )

@@ -13,8 +13,8 @@ nothing in the pass draws random numbers or waits for the host:
 - a CUDA device, and no buckets (each bucket has its shapes);
 - no gradient checkpointing (it recomputes the forward pass inside the backward one);
 - no UNet LoRA dropout (its random masks would differ from an eager run's);
-- not `compile = true`: a compiled denoiser has fused its launches already. Under "auto", graphs come
-  first and compiling only where they cannot serve: capturing costs two passes, compiling a minute.
+- not `compile = true`: a compiled denoiser has fused its launches already. Under "auto" the graphs
+  serve and nothing compiles: capturing costs two passes, compiling minutes.
 
 The graph's backward leaves the parameters' gradients in its own memory, which the next replay
 overwrites; with gradient accumulation they are copied out after a step's first micro-batch

@@ -21,5 +21,5 @@ def reason(exc: BaseException) -> str:
 
 
 def describe(label: str, on: bool, why: str) -> str:
-    """The log line of a choice, e.g. `compile: on (auto: on cuda)`."""
+    """The log line of a choice, e.g. `cuda graphs: on (auto: on cuda, static shapes)`."""
     return f"{label}: {'on' if on else 'off'} ({why})"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+NEGATIVE = "Negative prompt:"  # the line that starts the negative prompt in the parameters text
+
 
 def model_name(base) -> str:
     """The base model as images name it: a hub id or built-in name, or a local model's folder or file
@@ -30,9 +32,9 @@ def parameters_text(
     lora: str | None = None,
 ) -> str:
     """The A1111 `parameters` text of one image, which image browsers and A1111's PNG Info read."""
-    lines = [prompt]
+    lines = [readable_prompt(prompt)]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
+        lines.append(f"{NEGATIVE} {negative_prompt}")
     fields = [
         f"Steps: {steps}",
         f"Sampler: {sampler}",
@@ -45,6 +47,22 @@ def parameters_text(
         fields.append(f"Lora: {lora}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def readable_prompt(prompt: str) -> str:
+    """`prompt` as the parameters text holds it. The format has no escape: readers take a line that starts
+    with "Negative prompt:" (after its spaces) for the start of the negative prompt. Such a line of the
+    prompt is joined to the one before it by a space, which the text encoder reads as it reads the line
+    break (CLIP's tokenizer folds any run of whitespace into one space); other prompts stay as they are. A
+    prompt whose first line starts so has no line before it, and is written as it is."""
+    lines = prompt.split("\n")
+    kept = lines[:1]
+    for line in lines[1:]:
+        if line.strip().startswith(NEGATIVE):
+            kept[-1] = f"{kept[-1]} {line}"
+        else:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def number(value: float) -> str:
